@@ -8,6 +8,8 @@ checked per family, the ``quantization_config``, the ``*.safetensors`` tensors, 
 - :mod:`~fi_engine.checkpoint.safetensors`: ``*.safetensors`` read (and written, for tests).
 - :mod:`~fi_engine.checkpoint.quantization`: the ``quantization_config`` read by name (the FP8 layouts served, the
   rest refused); :mod:`~fi_engine.checkpoint.fp8_weights`: e4m3 codes and a projection's weight and scales.
+- :mod:`~fi_engine.checkpoint.mxfp4_weights`: MXFP4 (e2m1 codes, e8m0 scales per 32 values) decoded to bfloat16, and
+  gpt-oss's MXFP4 expert weights read in a bfloat16 checkpoint's layout.
 """
 
 from typing import Any

@@ -5,7 +5,7 @@ model-family kernel wheel: its attention-sink modules, bfloat16, head_dim 64, wi
 
     from fi_engine.models.gpt_oss import GptOssEngine
 
-    with GptOssEngine("/path/to/gpt-oss-20b-bf16", max_batch=8, cuda_graph=True) as engine:
+    with GptOssEngine("/path/to/gpt-oss-20b", max_batch=8, cuda_graph=True) as engine:  # as published (MXFP4)
         result = engine.generate([[200006, 17360, 200008]], max_new_tokens=32)
 
 What differs from Llama (transformers' ``GptOssForCausalLM``):
@@ -57,14 +57,21 @@ rows. The O and expert-down outputs are partial sums, summed by the fused all-re
 Llama's; their biases (``o_proj.bias``, the routing-weighted ``down_proj_bias``) are added on rank 0 only (the other
 ranks' MoE layers get a zero down bias), so the sum has each once.
 
-Only bfloat16 checkpoints (the sink modules are bfloat16); MXFP4 checkpoints (the published ones) are refused with
-the recipe for a bfloat16 copy (docs/engine.md: gpt-oss).
+Checkpoints: bfloat16 (the sink modules are bfloat16), or the published MXFP4 ones (``quantization_config``
+``{"quant_method": "mxfp4", ...}``: each expert's ``gate_up_proj`` / ``down_proj`` as ``*_blocks`` and ``*_scales``,
+everything else bfloat16). An MXFP4 checkpoint's experts are dequantized to bfloat16 on the host while it is read
+(:mod:`~fi_engine.checkpoint.mxfp4_weights`, numpy, one expert at a time: exact, the values a bfloat16 conversion
+of the checkpoint holds, in its layout), then served as that bfloat16 checkpoint is (:func:`read_experts`). So the
+GPU holds bfloat16 experts either way: gpt-oss-20b's take 38 GB (10 GB as MXFP4 on disk), gpt-oss-120b's 229 GB,
+more than one GPU holds. Other quantizations are refused naming ``quantization_config``, and MXFP4 tensors other than
+the experts' naming the tensor.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -82,6 +89,7 @@ from ..checkpoint.family_configs import (
     refuse_quantized,
     rope_settings,
 )
+from ..checkpoint.mxfp4_weights import declares_mxfp4, read_mxfp4_experts
 from ..checkpoint.safetensors import Checkpoint
 from ..kernels import flashinfer as kernels
 from ..runtime.engine import Engine
@@ -102,17 +110,25 @@ __all__ = [
     "expert_matrices",
     "gpt_oss_config",
     "gpt_oss_settings",
+    "read_experts",
     "rope_cos_sin_cache",
     "shard_experts",
 ]
 
 # ---------------------------------------------------------------------------------------------- config
 
-MXFP4_HELP = (
-    "this engine serves bfloat16 gpt-oss weights only; make a bfloat16 copy once with transformers: "
-    "GptOssForCausalLM.from_pretrained(path, quantization_config=Mxfp4Config(dequantize=True), "
-    "torch_dtype=torch.bfloat16).save_pretrained(out_dir), then load out_dir"
+QUANTIZED_HELP = (
+    "this engine serves gpt-oss in bfloat16, or with MXFP4 experts (quant_method 'mxfp4', the published "
+    "checkpoints); serve a bfloat16 copy: load the model with transformers, save_pretrained it in bfloat16 and drop "
+    "quantization_config"
 )
+
+
+def check_quantization(d: dict[str, Any], source: str) -> None:
+    """Refuse a ``quantization_config`` other than MXFP4's (ValueError naming the key and the way out)."""
+    check_dict(d, source)
+    if not declares_mxfp4(d.get("quantization_config")):
+        refuse_quantized(d, source, QUANTIZED_HELP)
 
 
 @dataclass(frozen=True)
@@ -175,14 +191,14 @@ def gpt_oss_config(d: Any, source: str = "config") -> LlamaConfig:
     (:meth:`~fi_engine.checkpoint.config.LlamaConfig.shared`, with ``GptOssConfig``'s defaults for those left out),
     the experts (128 by default, renormalized), the rotary base alone (the YaRN scaling is
     :attr:`GptOssSettings.yarn`, applied through a cos/sin cache) and :class:`GptOssSettings` in ``family``.
-    Refused by name (ValueError): a ``quantization_config`` (MXFP4: with the recipe for a bfloat16 copy), no
-    attention biases, rotary types other than ``default``/``yarn``, bad windows or limits."""
+    Refused by name (ValueError): a ``quantization_config`` other than MXFP4's (``quant_method: "mxfp4"``, served:
+    :func:`read_experts`), no attention biases, rotary types other than ``default``/``yarn``, bad windows or limits."""
     check_dict(d, source)
     if d.get("model_type") != "gpt_oss":  # another family's config (fi_engine.models.registry.read_config picks it)
         raise ValueError(
             f"{source}: model_type {show(d.get('model_type'))} is not gpt_oss; read it with its family's reader"
         )
-    refuse_quantized(d, source, MXFP4_HELP)
+    check_quantization(d, source)
     d = {"head_dim": 64, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, **d}  # GptOssConfig's defaults
     moe = MoEConfig.from_dict(d, source, default_experts=128)
     rope = RopeConfig(theta=number(rope_settings(d), "rope_theta", source, 150000.0))
@@ -193,7 +209,7 @@ def gpt_oss_config(d: Any, source: str = "config") -> LlamaConfig:
 def gpt_oss_settings(d: dict[str, Any], num_layers: int, source: str) -> GptOssSettings:
     """gpt-oss's settings (defaults: ``GptOssConfig``'s)."""
     check_dict(d, source)
-    refuse_quantized(d, source, MXFP4_HELP)
+    check_quantization(d, source)
     if not flag(d, "attention_bias", source, True):
         raise ValueError(f"{source}: attention_bias=false is not supported (gpt-oss projections carry biases)")
     window = positive_int(d, "sliding_window", source, 128)
@@ -263,11 +279,21 @@ def rope_cos_sin_cache(cfg: LlamaConfig, positions: int) -> np.ndarray:
     return (np.concatenate([np.cos(angles), np.sin(angles)], axis=1) * np.float32(scale)).astype(np.float32)
 
 
+# the tensors an MXFP4 gpt-oss checkpoint may hold in MXFP4: its experts' weights (modules_to_not_convert: the rest)
+MXFP4_TENSOR = re.compile(r"model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)_(blocks|scales)")
+
+
 def check_checkpoint(ckpt: Checkpoint) -> str:
-    """The checkpoint's dtype, which must be bfloat16 and unquantized (ValueError naming the tensor otherwise)."""
-    quantized = next((n for n in ckpt.tensors if n.endswith(("_blocks", "_scales"))), None)
+    """The checkpoint's dtype, which must be bfloat16, with the experts' weights in bfloat16 or MXFP4 (ValueError
+    naming the tensor otherwise: another tensor in MXFP4, a float16 or float32 checkpoint)."""
+    mxfp4 = (n for n in ckpt.tensors if n.endswith(("_blocks", "_scales")) and not MXFP4_TENSOR.fullmatch(n))
+    quantized = next(mxfp4, None)
     if quantized is not None:
-        raise ValueError(f"model: tensor {quantized!r} is MXFP4-quantized; {MXFP4_HELP}")
+        raise ValueError(
+            f"model: tensor {quantized!r} looks MXFP4-quantized; only the experts' gate_up_proj and down_proj are "
+            f"served in MXFP4 (the published layout: attention, router, embedding and LM head stay bfloat16). "
+            f"{QUANTIZED_HELP}"
+        )
     dtype = ckpt.info("model.embed_tokens.weight").dtype
     if dtype != "bfloat16":
         raise ValueError(
@@ -327,8 +353,10 @@ def shard_experts(
         rank, parts: this rank of ``parts``; ``parts`` must divide ``I``.
 
     Returns ``(gate_up [E, H, 2I/N], gate_up_bias [E, 2I/N], down [E, I/N, H])``: intermediate columns
-    ``[r * I/N, (r + 1) * I/N)``, i.e. interleaved columns ``[2r * I/N, 2(r + 1) * I/N)``. Every rank's experts
-    give a partial sum of each expert's down projection (without its bias, which one rank adds).
+    ``[r * I/N, (r + 1) * I/N)``, i.e. interleaved columns ``[2r * I/N, 2(r + 1) * I/N)``, as slices of the
+    arguments (views, no copy: :func:`expert_matrices` makes the contiguous matrices from them, reading the
+    checkpoint's memory-mapped or dequantized weights once). Every rank's experts give a partial sum of each expert's
+    down projection (without its bias, which one rank adds).
     """
     from ..layers.tensor_parallel import MAX_PARTS
 
@@ -348,10 +376,52 @@ def shard_experts(
         raise ValueError(f"parts: {parts} does not divide the experts' {i} intermediate columns")
     step = i // parts
     lo, hi = rank * step, (rank + 1) * step
+    return gate_up[:, :, 2 * lo : 2 * hi], gate_up_bias[:, 2 * lo : 2 * hi], down[:, lo:hi]
+
+
+def host_f32(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Tensor ``name`` (bfloat16 or float32; shape checked) as float32: biases and sinks."""
+    info = ckpt.info(name)
+    arr = ckpt.array(name, shape)
+    if info.dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"model: tensor {name!r} is {info.dtype}, expected bfloat16 or float32")
+    return bf16_to_f32(arr) if info.dtype == "bfloat16" else np.asarray(arr, np.float32)
+
+
+def expert_weight(ckpt: Checkpoint, name: str, shape: tuple[int, int, int]) -> np.ndarray:
+    """Expert weight ``name`` (``experts.gate_up_proj`` or ``experts.down_proj``) of ``shape`` as bfloat16 bits:
+    the tensor itself in a bfloat16 checkpoint, dequantized from ``name + "_blocks"`` / ``"_scales"`` in an MXFP4
+    one (:func:`~fi_engine.checkpoint.mxfp4_weights.read_mxfp4_experts`: the same values in the same layout)."""
+    if name in ckpt:
+        if name + "_blocks" in ckpt:
+            raise ValueError(f"model: the checkpoint holds {name!r} both in bfloat16 and in MXFP4 ({name}_blocks)")
+        dtype = ckpt.info(name).dtype
+        if dtype != "bfloat16":
+            raise ValueError(f"model: tensor {name!r} is {dtype}, the embedding is bfloat16; gpt-oss's experts are "
+                             f"bfloat16 or MXFP4")  # fmt: skip
+        return ckpt.array(name, shape)
+    if name + "_blocks" in ckpt:
+        return read_mxfp4_experts(ckpt, name, shape)
+    raise ValueError(f"model: the checkpoint has no tensor {name!r} (bfloat16) nor {name + '_blocks'!r} (MXFP4)")
+
+
+def read_experts(
+    ckpt: Checkpoint, layer: int, num_experts: int, hidden: int, intermediate: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Layer ``layer``'s experts in the bfloat16 checkpoint's layout (what :func:`shard_experts` and
+    :func:`expert_matrices` take), from a bfloat16 checkpoint or an MXFP4 one alike.
+
+    Returns ``(gate_up [E, H, 2I], gate_up_bias [E, 2I], down [E, I, H])``: the weights as bfloat16 bits (uint16; an
+    MXFP4 checkpoint's dequantized exactly, as transposed views: see
+    :func:`~fi_engine.checkpoint.mxfp4_weights.read_mxfp4_experts`), the bias as float32 (stored bfloat16 or float32).
+    ValueError naming the tensor: missing, misshapen, another dtype, malformed MXFP4.
+    """
+    e, h, i = num_experts, hidden, intermediate
+    m = f"model.layers.{layer}.mlp.experts."
     return (
-        np.ascontiguousarray(gate_up[:, :, 2 * lo : 2 * hi]),
-        np.ascontiguousarray(gate_up_bias[:, 2 * lo : 2 * hi]),
-        np.ascontiguousarray(down[:, lo:hi]),
+        expert_weight(ckpt, m + "gate_up_proj", (e, h, 2 * i)),
+        host_f32(ckpt, m + "gate_up_proj_bias", (e, 2 * i)),
+        expert_weight(ckpt, m + "down_proj", (e, i, h)),
     )
 
 
@@ -389,15 +459,8 @@ class GptOss(MoEPaths, SettingsFamily, ModelFamily):
         w = WeightLoader.for_engine(eng, ckpt, dtype)  # every upload kept alive by eng.device_arrays
         eng.moe_layers = []
 
-        def host_f32(name: str, shape: tuple[int, ...]) -> np.ndarray:  # biases and sinks, as float32
-            info = ckpt.info(name)
-            arr = ckpt.array(name, shape)
-            if info.dtype not in ("bfloat16", "float32"):
-                raise ValueError(f"model: tensor {name!r} is {info.dtype}, expected bfloat16 or float32")
-            return bf16_to_f32(arr) if info.dtype == "bfloat16" else np.asarray(arr, np.float32)
-
         def f32(name: str, shape: tuple[int, ...]) -> Any:  # on the device
-            return w.upload(host_f32(name, shape))
+            return w.upload(host_f32(ckpt, name, shape))
 
         w.embedding_and_head(eng, c)
         self.with_bias = r == 0  # the row-parallel outputs' biases: once in the ranks' sum
@@ -427,21 +490,16 @@ class GptOss(MoEPaths, SettingsFamily, ModelFamily):
             self.bqkv.append(w.ptr(np.concatenate([segment(w.get(f"{a}{x}.bias", (k,)), r, n) for x, k in shapes])))
             eng.wo.append(w.ptr(columns(w.get(a + "o_proj.weight", (h, hq * d)), r, n)))
             self.bo.append(w.ptr(w.get(a + "o_proj.bias", (h,))))  # added by rank 0 only
-            sinks = w.upload(segment(host_f32(a + "sinks", (hq,)), r, n))
+            sinks = w.upload(segment(host_f32(ckpt, a + "sinks", (hq,)), r, n))
             self.sinks.append(kernels.descriptor(sinks.data.ptr, sinks.shape, "float32", eng.device, owner=sinks))
             eng.ln1.append(w.vector(w.get(p + "input_layernorm.weight", (h,))))
             eng.ln2.append(w.vector(w.get(p + "post_attention_layernorm.weight", (h,))))
             m = p + "mlp."
-            experts = shard_experts(  # this rank's slice of every expert's intermediate columns
-                w.get(m + "experts.gate_up_proj", (e, h, 2 * i_size)),
-                bf16_to_f32(w.get(m + "experts.gate_up_proj_bias", (e, 2 * i_size))),
-                w.get(m + "experts.down_proj", (e, i_size, h)),
-                r,
-                n,
-            )
+            # this rank's slice of every expert's intermediate columns, from bfloat16 or MXFP4 weights alike
+            experts = shard_experts(*read_experts(ckpt, i, e, h, i_size), r, n)
             w_gu, b_gu, w_down = expert_matrices(*experts)
             weights = MoEWeights(w.upload(w.get(m + "router.weight", (e, h))), w.upload(w_gu), w.upload(w_down))
-            b_down = host_f32(m + "experts.down_proj_bias", (e, h))
+            b_down = host_f32(ckpt, m + "experts.down_proj_bias", (e, h))
             b_down = b_down if self.with_bias else np.zeros_like(b_down)  # rank 0's partial sum carries it
             biases = MoEBiases(f32(m + "router.bias", (e,)), w.upload(b_gu), w.upload(b_down))
             eng.moe_layers.append(
@@ -566,7 +624,8 @@ class GptOss(MoEPaths, SettingsFamily, ModelFamily):
 
 
 class GptOssEngine(Engine):
-    """A bfloat16 gpt-oss checkpoint on one GPU or ``tensor_parallel`` GPUs; arguments and serving API as
+    """A gpt-oss checkpoint (bfloat16, or with MXFP4 experts: dequantized to bfloat16 while read) on one GPU or
+    ``tensor_parallel`` GPUs; arguments and serving API as
     :class:`~fi_engine.models.llama.LlamaEngine`, plus:
 
     Args:

@@ -159,6 +159,7 @@ class Request:
     # token from its pass and is no decode row (Scheduler.admit; Scheduler.chunk_tokens)
     chunk_end: int | None = None
     draft: tuple[int, ...] = ()  # speculative decoding: the tokens fed after its last one in the pass being staged
+    speculative: bool = True  # speculative decoding may draft for it (its sampling's speculative_decoding)
     drafted: int = 0  # speculative decoding: draft tokens verified since its last output (the step API's), and ...
     accepted: int = 0  # ... how many of them were accepted
     hit: int = 0  # prompt tokens found in the prefix cache at admission (their K/V computed by an earlier request)
@@ -679,6 +680,7 @@ class Scheduler:
             queued_at=time.perf_counter(),
             asks=sampling if asking else None,
             grammar=grammar,
+            speculative=sampling is None or sampling.speculative_decoding,
         )
         self._next_id += 1
         self.pending.append(r)

@@ -51,6 +51,9 @@ class SamplingParams:
     the first of which ends the request (even one whose ``eos_token_ids`` are ``()``). It is checked here as a
     non-empty str only; the engine compiles it against its checkpoint's tokenizer when the request is added
     (:class:`fi_engine.text.grammar.GrammarTokenizer`).
+
+    ``speculative_decoding`` (default True): False keeps the request out of speculative decoding where the engine
+    speculates (``ServingLoop.speculative_tokens``): it is never drafted for, and decodes one token a step.
     """
 
     temperature: float = 0.0
@@ -66,6 +69,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     grammar: str | None = None
+    speculative_decoding: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
@@ -97,6 +101,10 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
         if self.grammar is not None and not isinstance(self.grammar, str):
             raise TypeError(f"grammar: expected None or a grammar's text (a str), got {type(self.grammar).__name__}")
+        if not isinstance(self.speculative_decoding, bool):
+            raise TypeError(
+                f"speculative_decoding: expected True or False, got {type(self.speculative_decoding).__name__}"
+            )
         if self.grammar == "":
             raise ValueError("grammar: expected None or a grammar's text (fi_engine.text.grammar), got ''")
 

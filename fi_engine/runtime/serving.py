@@ -29,11 +29,11 @@ from ..kernels.flashinfer import stream_scope
 from ..text.grammar import GrammarMatcher, GrammarTokenizer
 from ..values import arg_int
 from .kv_cache import KVCacheManager
-from .logits_processing import LogitsProcessor, PendingLogprobs, PendingPromptLogprobs
+from .logits_processing import LogitsProcessor, PendingLogprobs, PendingPromptLogprobs, logprobs_of_rows
 from .model_runner import ModelRunner
 from .paging import Request, Scheduler, pages_for, prefill_slots
 from .sampling import Draws, Sampler
-from .sampling_params import SamplingParams, asks_processing, sampling_arg
+from .sampling_params import SamplingParams, asks_processing, sampling_arg, sets_controls
 from .speculation import (
     DraftModelProposer,
     DraftPolicy,
@@ -44,7 +44,7 @@ from .speculation import (
     speculative_config_arg,
     tokenizer_difference,
 )
-from .stepping import FinishReason, NewRequest, StepEngineBase, StepOutput
+from .stepping import FinishReason, NewRequest, StepEngineBase, StepOutput, TokenLogprobs
 
 __all__ = ["GenerationResult", "delay_factor_arg", "mixed_prefill_arg", "overlap_steps_arg"]
 
@@ -352,11 +352,11 @@ class ServingLoop(StepEngineBase):
         speculated (its draws stay its own). A step verifies drafts only where the policy expects the pass to pay
         (:class:`~fi_engine.runtime.speculation.DraftPolicy`: a verifying pass, with its drafting, costs more than a
         decode step, and text the drafts do not predict gains nothing); a step that does not, or where no request
-        has a draft, is an ordinary decode step, as is one with a request that asks for logprobs or controls (not
-        speculated yet). The greedy choices are computed by the prefill's kernels (equal to the decode step's
-        within bfloat16 rounding, so a near tie may go the other way). ``speculation_stats`` counts the passes,
-        drafted and accepted tokens. Where :attr:`prefix_caching` applies (the Llama pass on one GPU); ValueError
-        naming what stands in the way elsewhere or for a count out of range."""
+        has a draft, is an ordinary decode step, as is one with a request that sets a sampling control (not
+        speculated yet; logprobs are read from the pass's rows). The greedy choices are computed by the prefill's
+        kernels (equal to the decode step's within bfloat16 rounding, so a near tie may go the other way).
+        ``speculation_stats`` counts the passes, drafted and accepted tokens. Where :attr:`prefix_caching` applies (the
+        Llama pass on one GPU); ValueError naming what stands in the way elsewhere or for a count out of range."""
         return 0 if self._proposer is None else self._proposer.k
 
     @speculative_tokens.setter
@@ -500,16 +500,20 @@ class ServingLoop(StepEngineBase):
             draft.close()
 
     def _speculates(self, sched: Scheduler) -> bool:
-        """Whether this step may verify drafts: speculation on, and no request asks for logprobs or controls."""
-        return self._proposer is not None and not sched.processed
+        """Whether this step may verify drafts: speculation on, and no request sets a sampling control (logprobs are
+        read from the pass's rows: :meth:`_pass_logprobs`)."""
+        if self._proposer is None:
+            return False
+        return not sched.processed or not any(r.asks is not None and sets_controls(r.asks) for r in sched.active)
 
     speculation_max_rows = 16
     """Speculative decoding drafts only while at most this many requests decode (beyond, the drafting's host time and
     the verifying pass's rows cost more than they give; vLLM's ``speculative_disable_by_batch_size``)."""
 
     def _draft_limits(self, sched: Scheduler) -> list[tuple[Request, int]] | None:
-        """Each decoding request with the most tokens it may draft this step (0: none: it is seeded, or the policy
-        holds it back, or it is one token from its limit: its last token is never fed back), or None where more
+        """Each decoding request with the most tokens it may draft this step (0: none: it is seeded or asked for no
+        speculation, or the policy holds it back, or it is one token from its limit: its last token is never fed
+        back), or None where more
         than :attr:`speculation_max_rows` (or none) decode."""
         live = [r for r in sched.slots if r is not None and r.decoding]
         if not live or len(live) > self.speculation_max_rows:
@@ -517,8 +521,8 @@ class ServingLoop(StepEngineBase):
         out: list[tuple[Request, int]] = []
         for r in live:
             # (a seeded request keeps its draws: whether a pass runs depends on timings)
-            seeded = r.sampling is not None and r.sampling.seed is not None
-            left = 0 if seeded or not self._policy.drafts(r) else r.max_new_tokens - len(r.output) - 1
+            held = not r.speculative or (r.sampling is not None and r.sampling.seed is not None)
+            left = 0 if held or not self._policy.drafts(r) else r.max_new_tokens - len(r.output) - 1
             out.append((r, max(0, left)))
         return out
 
@@ -590,6 +594,7 @@ class ServingLoop(StepEngineBase):
             _, _, full = runner.run_prefill(live, 0, slots, 0, all_logits=True, last_head=False)
             bounds = runner.prefill_arrays["qo_indptr"][: len(live) + 1].tolist()  # each request's rows
             choices = self._row_choices(full, live, bounds)
+            logprobs = self._pass_logprobs(full, live, bounds, choices)
         finally:
             for r in live:
                 r.draft = ()
@@ -604,7 +609,10 @@ class ServingLoop(StepEngineBase):
             r.drafted += len(draft)
             r.accepted += len(tokens) - 1
             n = 0
+            rows = logprobs.get(id(r))
             for t in tokens:  # one at a time: an end-of-sequence token or the limit ends it there
+                if rows is not None:
+                    r.logprobs.append(rows[n])
                 sched.record([r], [t])
                 n += 1
                 if r.finished:
@@ -613,6 +621,31 @@ class ServingLoop(StepEngineBase):
             got[r] = n
         self._timed_record(verify=True)
         return (time.perf_counter() - t0) * 1e6, got  # (the wait for the pass included)
+
+    def _pass_logprobs(
+        self, full: Any, live: Sequence[Request], bounds: Sequence[int], choices: Sequence[int]
+    ) -> dict[int, list[TokenLogprobs]]:
+        """The log-probabilities a verifying pass gives the requests that ask for them (``logprobs``; no control: such
+        a step does not verify, :meth:`_speculates`), by ``id`` of the request: one
+        :class:`~fi_engine.runtime.stepping.TokenLogprobs` per row of its (the row's choice's, and the top N), from
+        the raw logits ``full`` as a decode step's are (reads the device)."""
+        asking = [
+            (b, r, r.asks.logprobs) for b, r in enumerate(live) if r.asks is not None and r.asks.logprobs is not None
+        ]
+        if not asking:
+            return {}
+        cp = self.runner.cupy
+        rows = [i for b, _, _ in asking for i in range(bounds[b], bounds[b + 1])]
+        raw = full[cp.asarray(rows, dtype=np.int64)]
+        lse, top_ids, top_values = logprobs_of_rows(cp, raw, max(n for _, _, n in asking))
+        chosen = raw[cp.arange(len(rows)), cp.asarray([choices[i] for i in rows], dtype=np.int64)] - lse
+        owners = [r for b, r, _ in asking for _ in range(bounds[b], bounds[b + 1])]
+        pending = PendingLogprobs(owners, rows, raw, lse, top_ids, top_values, cp.asnumpy, chosen)
+        entries = pending.resolve()
+        out: dict[int, list[TokenLogprobs]] = {}
+        for r, entry in zip(owners, entries, strict=True):
+            out.setdefault(id(r), []).append(entry)
+        return out
 
     def _row_choices(self, full: Any, live: Sequence[Request], bounds: Sequence[int]) -> list[int]:
         """Each row's choice of a verifying pass's float32 logits ``full`` ``[rows, vocab]`` (``live``: its requests,
@@ -1382,6 +1415,8 @@ class ServingLoop(StepEngineBase):
         :meth:`warm_serving`). Returns the launched pass and, with ``all_logits``, the float32 logits of every row (on
         the device)."""
         runner, sampler = self.runner, self.sampler
+        if self._proposer is not None:
+            self._untimed()
         ahead = 1 if behind else 0
         if riders:
             sched.grow_pages(riders, ahead)  # each rider's next token may open a page
@@ -1534,6 +1569,15 @@ class ServingLoop(StepEngineBase):
             self._policy.timed(True, pending + excess)
         else:
             self._policy.timed(False, interval)
+
+    def _untimed(self) -> None:
+        """With speculation: other work (a prefill pass, the caller's time between ``generate`` calls) comes before
+        the next decode step or pass, so the time until its record is not its cost: the policy times from that record
+        on (a pass waiting for the step after it is charged as it stands)."""
+        pending, self._pass_s = self._pass_s, None
+        if pending is not None:
+            self._policy.timed(True, pending)
+        self._recorded_at = None
 
     @staticmethod
     def _keep_logprobs(pending: PendingLogprobs, taking: Sequence[Request]) -> None:

@@ -176,7 +176,7 @@ class DraftPolicy:
     draft) and get the same answers."""
 
     def __init__(
-        self, prior: float = 0.5, explore: int = 16, min_rate: float = 0.15, explore_budget: float = 0.04
+        self, prior: float = 0.5, explore: int = 32, min_rate: float = 0.15, explore_budget: float = 0.04
     ) -> None:
         if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not 0.0 <= prior <= 1.0:
             raise ValueError(f"prior: expected an acceptance rate in [0, 1], got {prior!r:.40}")

@@ -115,6 +115,7 @@ class ParsedRequest:
     tool_name: str | None = None
     parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
+    speculative_decoding: bool = True
 
     def seeds(self) -> list[int]:
         """One seed per choice: the request's ``seed`` + i (each choice samples its own), or fresh random ones."""
@@ -271,6 +272,7 @@ def _common(
         "min_tokens": min_tokens,
         "logit_bias": _logit_bias(body),
         "response_format": _response_format(body),
+        "speculative_decoding": _bool(body, "speculative_decoding", True),
     }
 
 

@@ -249,6 +249,7 @@ class _Handlers:
             logprobs=parsed.logprobs,
             prompt_logprobs=parsed.logprobs if parsed.echo else None,
             grammar=grammar,
+            speculative_decoding=parsed.speculative_decoding,
         )
         prompts, limits, samplings, choices = [], [], [], []
         for i, prompt in enumerate(ids):

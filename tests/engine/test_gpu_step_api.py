@@ -665,6 +665,35 @@ def test_logprobs_are_the_log_softmax_of_the_engines_own_logits(engine):
     assert free_pages(engine) == capacity(engine)
 
 
+def test_logprobs_come_with_speculation_from_the_verifying_passes_rows(engine):
+    """With speculation on (prompt lookup, prompts that repeat a block), a request that asks for logprobs is
+    speculated: passes ran, and each token's log-probability and top 3 are those of the engine's own logits
+    (teacher forcing, within 0.1), its tokens the same as without speculation."""
+    block = prompts((23,), VOCAB, seed=65)[0]
+    ps = [block * 3, block * 2 + block[:9]]
+    sp = SamplingParams(logprobs=3)
+    plain = engine.generate(ps, 20, eos_token_ids=()).tokens
+    engine.speculative_tokens = 4
+    engine.speculation_policy = DraftPolicy()
+    before = engine.speculation_stats.passes
+    try:
+        rids = [engine.add_request(p, 20, sampling=sp, eos_token_ids=()) for p in ps]
+        got = drain(engine)
+    finally:
+        engine.speculative_tokens = 0
+    assert engine.speculation_stats.passes > before
+    for p, rid, want in zip(ps, rids, plain, strict=True):
+        tokens = tokens_of(got[rid])
+        entries = [e for o in got[rid] for e in (o.logprobs or ())]
+        assert tokens == want and len(entries) == len(tokens) == 20
+        lg = engine.prefill_logits([p + tokens[:-1]])[0]
+        for t, (tok, entry) in enumerate(zip(tokens, entries, strict=True)):
+            ref = log_softmax(lg[len(p) - 1 + t])
+            assert entry.logprob == pytest.approx(ref[tok], abs=0.1), t
+            assert len(entry.top) == 3 and all(v == pytest.approx(ref[i], abs=0.1) for i, v in entry.top)
+    assert free_pages(engine) == capacity(engine)
+
+
 def test_sampling_controls_choose_what_the_reference_chooses_from_the_engines_logits(engine):
     """Greedy requests with controls, in one batch with one that has none: each token is what the stand-in's
     reference (helpers.fake_engine.next_token: vLLM's order of bias, min_tokens, penalties) picks from the

@@ -269,6 +269,18 @@ def test_every_control_reaches_the_engine(served: Served) -> None:
         0.25, -0.5, 1.3, 0.1, 2,
     )  # fmt: skip
     assert s.logit_bias == ((9, -100.0), (17, 3.0)) and s.logprobs is None
+    assert s.speculative_decoding is True  # (the default: speculated where the engine speculates)
+
+
+def test_speculative_decoding_can_be_turned_off_per_request(served: Served) -> None:
+    served.client.completions.create(
+        model=MODEL, prompt=[5, 6], max_tokens=3, extra_body={"speculative_decoding": False}
+    )
+    assert served.engine.added[-1][3].speculative_decoding is False
+    with pytest.raises(openai.BadRequestError, match="speculative_decoding"):
+        served.client.completions.create(
+            model=MODEL, prompt=[5, 6], max_tokens=3, extra_body={"speculative_decoding": "off"}
+        )
 
 
 CONTROLS = {  # request fields (the token "T" stands for a pool token also in the prompt) and the field under test

@@ -344,6 +344,7 @@ def bare_engine(rt: FakeRuntime | None, max_batch=4, max_tokens=512):
     r._prefill_graph_cache = {}
     r.prefill_graph_failures = {}
     e._next_rows = None
+    e._proposer = None  # (no speculation)
     r.stream_ptr = 1234
     r.config = SimpleNamespace(hidden_size=8, vocab_size=1000)
     r._playout = prefill_layout(max_tokens, max_batch, num_pages + max_batch, padded=True)

@@ -1258,6 +1258,92 @@ def test_speculation_gives_the_same_tokens_in_fewer_steps(overlap, pipelined) ->
     assert e.scheduler.allocator.num_free == e.scheduler.allocator.capacity  # every page back
 
 
+class _DeviceRows(np.ndarray):
+    """A verifying pass's logits as the stand-in's device array: numpy, with CuPy's ``get``."""
+
+    def get(self, stream=None):
+        return np.asarray(self)
+
+
+def test_a_request_that_asks_for_logprobs_is_speculated_and_gets_each_rows_logprobs() -> None:
+    """A pass's rows give a request that asks for logprobs (and no control) its tokens' log-probabilities: the
+    log-softmax of each row's raw logits at the token it took, and the top N, as a decode step gives them; a request
+    that sets a control keeps the step from verifying."""
+    vocab = 1000
+    e, _ = speculating_engine(repeating, 4)
+    e.runner.cupy = SimpleNamespace(
+        asarray=np.asarray, arange=np.arange, log=np.log, exp=np.exp, argsort=np.argsort,
+        take_along_axis=np.take_along_axis, asnumpy=np.asarray, cuda=e.runner.cupy.cuda,
+    )  # fmt: skip
+    rows_seen: list[np.ndarray] = []
+
+    def run_prefill(rows, riders_behind, slots, ahead, all_logits=False, last_head=True):
+        fill_prefill(rows, PS, e.runner.prefill_arrays)
+        logits = []
+        for r in rows:
+            history = [*r.prompt, *r.output]
+            for d in (None, *r.draft):
+                if d is not None:
+                    history.append(d)
+                choice = repeating(history)
+                row = -0.25 * np.abs(np.arange(vocab, dtype=np.float32) - choice)  # its peak at the choice
+                row[(choice * 7) % vocab] += 0.1 * (len(history) % 5)  # and some other shape per position
+                logits.append(row)
+        full = np.stack(logits).view(_DeviceRows)
+        rows_seen.append(np.asarray(full))
+        return None, 0, full
+
+    e.runner.run_prefill = run_prefill
+    e.runner.vocab_shard = None
+    rid = e.add_request([1, 2, 3, 4, 5, 6, 7] * 2, 30, sampling=SamplingParams(logprobs=2))
+    req = e._requests[rid]
+    while e.has_unfinished:
+        e.step()
+    stats = e.speculation_stats
+    # (the stand-in's prefill and decode steps give no logprobs: the entries are the passes' own, one per token taken)
+    assert stats.passes > 0 and len(req.logprobs) == stats.tokens > stats.passes
+    seen = np.concatenate(rows_seen)
+    m = seen.max(axis=1, keepdims=True)
+    ref = seen - (np.log(np.exp(seen - m).sum(axis=1, keepdims=True)) + m)  # float64 log-softmax of each row
+    by_row = {}
+    for row in ref:  # each row's choice (its argmax) with its log-probability and its top 2
+        order = np.argsort(-row, kind="stable")[:2]
+        by_row.setdefault(int(order[0]), []).append([(int(t), float(row[t])) for t in order])
+    for lp in req.logprobs:  # each entry is some row's: its token the row's argmax, the values within 1e-5
+        token = lp.top[0][0]
+        assert any(
+            abs(lp.logprob - top[0][1]) < 1e-5
+            and [t for t, _ in lp.top] == [t for t, _ in top]
+            and all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(lp.top, top, strict=True))
+            for top in by_row[token]
+        ), lp
+    # a request that sets a control keeps the step from verifying
+    passes = e.speculation_stats.passes
+    e.add_request([1, 2, 3, 4, 5, 6, 7] * 2, 20, sampling=SamplingParams(min_tokens=3))
+    while e.has_unfinished:
+        e.step()
+    assert e.speculation_stats.passes == passes
+
+
+def test_a_request_that_asks_for_no_speculation_is_never_drafted_for() -> None:
+    e, _ = speculating_engine(repeating, 4)
+    off = e.add_request([1, 2, 3, 4, 5, 6, 7] * 2, 30, sampling=SamplingParams(speculative_decoding=False))
+    on = e.add_request([1, 2, 3, 4, 5, 6, 7] * 2, 30)
+    fed: list[dict[int, int]] = []
+    run_prefill = e.runner.run_prefill
+
+    def watched(rows, *args, **kwargs):
+        fed.append({r.rid: len(r.draft) for r in rows})
+        return run_prefill(rows, *args, **kwargs)
+
+    e.runner.run_prefill = watched
+    while e.has_unfinished:
+        e.step()
+    assert fed and all(f.get(off, 0) == 0 for f in fed) and any(f.get(on, 0) > 0 for f in fed)
+    with pytest.raises(TypeError, match="speculative_decoding: expected True or False, got str"):
+        SamplingParams(speculative_decoding="no")
+
+
 def test_a_draft_stops_at_the_request_limit_and_speculation_is_checked(monkeypatch) -> None:
     e, passes = speculating_engine(repeating, 8)
     rid = e.add_request([1, 2, 3, 4, 5, 6, 7] * 2, 5)
@@ -1282,7 +1368,10 @@ def wandering(history) -> int:
 def test_speculation_stops_verifying_drafts_that_are_not_accepted() -> None:
     def run(k: int):
         e, passes = speculating_engine(wandering, k, pass_cost=3.0)
-        e._policy.explore_budget = 0.2  # (a pass that gives nothing every 16 steps loses 2 / 16 of the time)
+        policy = serving.DraftPolicy(explore=16, explore_budget=0.2)  # (a pass giving nothing: 2 / 16 of the time)
+        policy.decode_s, policy.verify_s = 1.0, 3.0
+        policy.timed = lambda verify, seconds: None
+        e.speculation_policy = policy
         rids = [e.add_request([1, 2, 3, 4, 5], 60) for _ in range(2)]
         got: dict[int, list[int]] = {r: [] for r in rids}
         steps = 0
@@ -1454,3 +1543,20 @@ def test_a_draft_model_is_checked_when_set(tmp_path) -> None:
     replacement = draft_engine(wandering)
     e.draft_model = replacement  # the old one closed, the drafts now the new one's
     assert getattr(other, "closed_runner", False) and e.speculative_config["model"] == "draft-checkpoint"
+
+
+def test_the_policy_times_only_steps_that_follow_one_another() -> None:
+    """Other work before a step (a prefill pass, the caller's time between generate calls) is not its cost:
+    ``_untimed`` (called as a prefill pass is launched) charges a pass waiting for its next step as it stands, and the
+    next record starts the clock instead of giving a sample."""
+    e = bare_engine()
+    e.speculative_tokens = 2
+    policy = e.speculation_policy
+    e._recorded_at = time.perf_counter() - 5.0  # a record 5 s ago (then a prefill pass, or the caller's time)
+    e._pass_s = 0.3  # a pass waiting for the step after it
+    e._untimed()
+    assert policy.verify_s == 0.3 and e._recorded_at is None and e._pass_s is None
+    e._timed_record(verify=False)  # the first record after: the clock starts, no sample of 5 s
+    assert policy.decode_s is None and e._recorded_at is not None
+    e._timed_record(verify=False)
+    assert policy.decode_s is not None and policy.decode_s < 1.0

@@ -29,6 +29,8 @@ same from a checkout, a plain copy or an unpacked sdist. No test module imports 
 - :mod:`helpers.random_llama`: a random small Llama checkpoint written with numpy alone (GPU tests without torch);
 - :mod:`helpers.fp8_checkpoints`, :mod:`helpers.int4_checkpoints`: a 16-bit Llama checkpoint's projections written in
   the published FP8 layouts, or as AWQ / GPTQ int4 with packers of their own, and what they dequantize to;
+- :mod:`helpers.mxfp4_checkpoints`: MXFP4 packing from the format's definition, and a random small gpt-oss
+  written with MXFP4 experts and as the same weights in bfloat16;
 - :mod:`helpers.checkpoints`: random small transformers checkpoints (seed 0, random norm weights) and their
   float32 reference, for the GPU engine tests;
 - :mod:`helpers.yardstick`: the engine against the float32 reference: prompts, reference logits, the greedy token

@@ -784,7 +784,7 @@ from helpers.comm_args import (  # noqa: E402 - the comm builders (the fixture p
 )
 
 from fi_engine.checkpoint import config as model_config  # noqa: E402
-from fi_engine.checkpoint import deepseek_config, family_configs  # noqa: E402
+from fi_engine.checkpoint import deepseek_config, family_configs, mxfp4_weights  # noqa: E402
 from fi_engine.kernels import cuda_sources  # noqa: E402
 from fi_engine.layers import deepseek_routing, moe, moe_routing, tensor_parallel  # noqa: E402
 from fi_engine.models import deepseek, gemma2, gpt_oss, llama, mla_weights  # noqa: E402
@@ -1884,6 +1884,15 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
+    "checkpoint.mxfp4_weights.dequantize_mxfp4": lambda: [
+        (
+            "dequantize_mxfp4",
+            Entry(
+                mxfp4_weights.dequantize_mxfp4,
+                lambda: dict(blocks=np.zeros((2, 3, 16), np.uint8), scales=np.full((2, 3), 127, np.uint8)),
+            ),
+        )
+    ],
     "models.gpt_oss.shard_experts": lambda: [
         (
             "shard_experts",
@@ -2245,6 +2254,13 @@ EXEMPT: dict[str, str] = {
     "type is served then); its refusals in package/test_adding_a_model.py",
     "models.gpt_oss.check_checkpoint": "reads a safetensors checkpoint (Checkpoint, above): "
     "engine/test_family_configs.py",
+    **dict.fromkeys(
+        ["models.gpt_oss.read_experts", "checkpoint.mxfp4_weights.read_mxfp4_experts"],
+        "reads a Checkpoint: every malformed or missing MXFP4 tensor refused by name in "
+        "engine/test_mxfp4_weights.py (test_malformed_mxfp4_experts_are_refused_naming_the_tensor)",
+    ),
+    "checkpoint.mxfp4_weights.declares_mxfp4": "takes any value (a config's quantization_config, whatever its type) "
+    "and answers a bool, never raising: engine/test_mxfp4_weights.py::test_other_quantizations_are_refused_by_name",
     "models.weights.WeightLoader": "uploads through the caller's CuPy module onto a GPU: the GPU model suites",
     "watchdog.bootstrap": "opens sockets to rank 0 (its DistEnv comes from read_env, above): comm/test_watchdog.py",
     "layers.tensor_parallel.ResidualAllReduce": "over AllReduceFusionWorkspace, Communicator: "
