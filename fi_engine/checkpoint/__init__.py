@@ -1,13 +1,15 @@
 """What a checkpoint directory holds, read on the host with numpy only (no GPU): ``config.json`` parsed and
-checked per family, the ``quantization_config``, the ``*.safetensors`` tensors, FP8 weights' codes and scales.
+checked per family, the ``quantization_config``, the ``*.safetensors`` tensors, quantized weights' codes and scales.
 
 - :mod:`~fi_engine.checkpoint.config`: a Llama-architecture ``config.json`` (Llama, Qwen3, Mixtral, Qwen3-MoE;
   the fields other Llama-architecture families share), parsed and checked; :mod:`~fi_engine.checkpoint.family_configs`:
   readers of the settings such a family adds (each family reads its own in ``fi_engine.models.<family>``);
   :mod:`~fi_engine.checkpoint.deepseek_config`: DeepSeek-V2/V3's (MLA, group-limited routing, YaRN).
 - :mod:`~fi_engine.checkpoint.safetensors`: ``*.safetensors`` read (and written, for tests).
-- :mod:`~fi_engine.checkpoint.quantization`: the ``quantization_config`` read by name (the FP8 layouts served, the
-  rest refused); :mod:`~fi_engine.checkpoint.fp8_weights`: e4m3 codes and a projection's weight and scales.
+- :mod:`~fi_engine.checkpoint.quantization`: the ``quantization_config`` read by name (the FP8 and AWQ / GPTQ int4
+  layouts served, the rest refused); :mod:`~fi_engine.checkpoint.fp8_weights`: e4m3 codes and a projection's weight
+  and scales; :mod:`~fi_engine.checkpoint.int4_weights`: a projection's packed int4 weight, zeros and scales,
+  unpacked and dequantized.
 - :mod:`~fi_engine.checkpoint.mxfp4_weights`: MXFP4 (e2m1 codes, e8m0 scales per 32 values) decoded to bfloat16, and
   gpt-oss's MXFP4 expert weights read in a bfloat16 checkpoint's layout.
 """
