@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.serve import MODEL, Served
+from helpers.serve import MODEL, Served, run_doc_example
 from helpers.text_checkpoints import WEATHER_TOOL
 
 pytest.importorskip("tokenizers")
@@ -39,6 +39,11 @@ CALL_HEADER = "<|start|>assistant<|channel|>commentary to=functions.get_weather 
 # how gpt-oss answers, and how it calls get_weather(city="Paris") (each ends with a stop token of the checkpoint)
 ANSWERS = (
     f"<|channel|>analysis<|message|>{THOUGHT}<|end|><|start|>assistant<|channel|>final<|message|>{ANSWER}<|return|>"
+)
+# harmony's guide's example of a reply
+GUIDE_REPLY = (
+    '<|channel|>analysis<|message|>User asks: "What is 2 + 2?" Simple arithmetic. Provide answer.<|end|>'
+    "<|start|>assistant<|channel|>final<|message|>2 + 2 = 4.<|return|>"
 )
 CALLS = f'<|channel|>analysis<|message|>Need the weather tool.<|end|>{CALL_HEADER}{{"city": "Paris"}}<|call|>'
 
@@ -265,3 +270,15 @@ def test_logprobs_cover_every_token_the_markers_included(harmony: Harmony, serve
     entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert len(entries) == chunks[-1].usage.completion_tokens == len(harmony.tokens(ANSWERS))
     assert b"".join(bytes(e.bytes) for e in entries) == ANSWERS.encode()
+
+
+def test_the_docs_example(harmony: Harmony, capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/engine-text.md's harmony example as written, against the stand-in answering it as the guide does."""
+    asked = [{"role": "user", "content": "What is 2 + 2?"}]
+    s = harmony.serve({harmony.prompt(asked, tools=None): harmony.tokens(GUIDE_REPLY)})
+    try:
+        names = run_doc_example("### gpt-oss replies (harmony)", s.url, model="./gpt-oss-20b")
+    finally:
+        s.close()
+    assert names["message"].content == "2 + 2 = 4."
+    assert capsys.readouterr().out == '2 + 2 = 4.\nUser asks: "What is 2 + 2?" Simple arithmetic. Provide answer.\n'

@@ -72,14 +72,17 @@ class Served:
         self.service.close(timeout=1.0)
 
 
-def run_doc_example(heading: str, url: str) -> None:
+def run_doc_example(heading: str, url: str, model: str = "./SmolLM2-135M-Instruct") -> dict[str, Any]:
     """Run the first Python block after ``heading`` in docs/engine-text.md against the server at ``url``: the
-    block's ``"http://localhost:8000/v1"`` and ``"./SmolLM2-135M-Instruct"`` become ``url`` and :data:`MODEL`."""
+    block's ``"http://localhost:8000/v1"`` and ``"<model>"`` become ``url`` and :data:`MODEL`. Its globals after
+    the run."""
     from pathlib import Path
 
     doc = (Path(__file__).parents[2] / "docs" / "engine-text.md").read_text(encoding="utf-8")
     start = doc.index("```python\n", doc.index(heading)) + 10
     code = doc[start : doc.index("```", start)]
-    assert '"http://localhost:8000/v1"' in code and 'MODEL = "./SmolLM2-135M-Instruct"' in code
+    assert '"http://localhost:8000/v1"' in code and f'MODEL = "{model}"' in code
     code = code.replace('"http://localhost:8000/v1"', repr(f"{url}/v1"))
-    exec(compile(code.replace('"./SmolLM2-135M-Instruct"', repr(MODEL)), "docs/engine-text.md", "exec"), {})
+    names: dict[str, Any] = {}
+    exec(compile(code.replace(f'"{model}"', repr(MODEL)), "docs/engine-text.md", "exec"), names)
+    return names
