@@ -116,6 +116,12 @@ def test_include_reasoning_false_drops_the_reasoning(served: Served, streamed: b
         assert message.content == ANSWER and extra(message) is None
 
 
+def test_a_bad_include_reasoning_is_named(served: Served) -> None:
+    with pytest.raises(openai.BadRequestError, match="include_reasoning: expected true or false") as caught:
+        served.client.chat.completions.create(model=MODEL, messages=ASK, extra_body={"include_reasoning": "no"})
+    assert caught.value.body["param"] == "include_reasoning"
+
+
 def test_keeping_special_tokens_still_shows_no_marker(served: Served) -> None:
     """skip_special_tokens false (vLLM's field) keeps the other special tokens, but the answer is still read."""
     out = served.client.chat.completions.create(model=MODEL, messages=ASK, extra_body={"skip_special_tokens": False})
