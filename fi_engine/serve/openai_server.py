@@ -93,7 +93,7 @@ class _Choice:
     ids: list[int] = field(default_factory=list)
     entries: list[TokenLogprobs | None] = field(default_factory=list)
     offset: int = 0
-    tools: ToolCallParser | None = None  # reads the reply (a chat with tools, or any harmony chat)
+    reader: ToolCallParser | None = None  # reads the reply (a chat with tools, or any harmony chat)
     reads_calls: bool = True  # False: calls the reply makes are dropped (harmony with tool_choice "none")
     reasoning: bool = True  # False: the reply's reasoning is dropped (include_reasoning)
     parallel: bool = True  # False: the first call only (parallel_tool_calls)
@@ -101,12 +101,12 @@ class _Choice:
 
     def read(self, text: str, end: bool) -> tuple[str, str, list[ToolCall]]:
         """The content, the reasoning and the tool calls of the reply's next ``text`` (``end``: the reply ended)."""
-        assert self.tools is not None
-        content, calls = self.tools.feed(text)
+        assert self.reader is not None
+        content, calls = self.reader.feed(text)
         if end:
-            rest, late = self.tools.finish()
+            rest, late = self.reader.finish()
             content, calls = content + rest, calls + late
-        reasoning = self.tools.take_reasoning()
+        reasoning = self.reader.take_reasoning()
         if not self.reads_calls:
             calls = []
         if not self.parallel:
@@ -274,7 +274,7 @@ class _Handlers:
                         echo,
                         prompt,
                         generates=limit > 0,
-                        tools=None if fmt is None else ToolCallParser(fmt, lead),
+                        reader=None if fmt is None else ToolCallParser(fmt, lead),
                         reads_calls=reads_calls,
                         reasoning=parsed.include_reasoning,
                         parallel=parsed.parallel_tool_calls,
@@ -417,7 +417,7 @@ class _Handlers:
             text, logprobs = self._shape(parsed, choice, r, chat)
             finish = r.finish_reason if choice.generates else "length"
             calls, thought = None, ""
-            if choice.tools is not None:  # the reply's content is what the reader leaves of it
+            if choice.reader is not None:  # the reply's content is what the reader leaves of it
                 text, thought, found = choice.read(text, end=True)
                 if found:
                     text, calls = text.strip(), [tool_call_body(c) for c in found]
@@ -462,8 +462,8 @@ class _Handlers:
                     cached[index] = delta.num_cached_tokens
                 text, logprobs = self._shape(parsed, choice, delta, chat)
                 finish = delta.finish_reason if choice.generates or delta.finish_reason is None else "length"
-                if choice.tools is not None:
-                    for event in _tool_chunks(rid, parsed.model, created, index, choice, text, finish, logprobs):
+                if choice.reader is not None:
+                    for event in _read_chunks(rid, parsed.model, created, index, choice, text, finish, logprobs):
                         yield _sse(event)
                     continue
                 if not text and finish is None:
@@ -493,7 +493,7 @@ class _Handlers:
         yield b"data: [DONE]\n\n"
 
 
-def _tool_chunks(
+def _read_chunks(
     rid: str,
     model: str,
     created: int,

@@ -83,6 +83,13 @@ REPLIES = {
         "",
         [],
     ),
+    "malformed: markers out of place (a body interrupted, messages without <|start|>, markers inside a body)": (
+        "<|channel|>analysis<|message|>Think<|channel|>final<|message|>A<|constrain|>json<|start|>assistant"
+        "<|channel|>final<|message|>B<|message|>!<|end|><|message|>C<|end|><|channel|>analysis<|message|>D<|return|>",
+        "Ajson\nB!\nC",
+        "Think\nD",
+        [],
+    ),
     "a reply not in harmony at all": ("Just plain text, no markers.", "Just plain text, no markers.", "", []),
 }
 
