@@ -81,7 +81,9 @@ class ParsedRequest:
     the prompt's alone.
 
     ``tools`` (chat): the function tools as given; ``tool_choice``: ``"none"``, ``"auto"`` (the default with
-    tools), ``"required"`` or ``"named"`` (the function ``tool_name``).
+    tools), ``"required"`` or ``"named"`` (the function ``tool_name``). ``include_reasoning`` (chat, vLLM's
+    extension): a reasoning model's reasoning (a harmony reply's analysis channel) is answered as
+    ``reasoning_content``; false drops it.
 
     ``response_format``: the format the output must follow (``json_object`` or ``json_schema``, its shape checked),
     None: free text."""
@@ -114,6 +116,7 @@ class ParsedRequest:
     tool_choice: str = "none"
     tool_name: str | None = None
     parallel_tool_calls: bool = True
+    include_reasoning: bool = True
     response_format: dict[str, Any] | None = None
     speculative_decoding: bool = True
 
@@ -415,6 +418,7 @@ def parse_chat(body: Any, models: Sequence[str]) -> ParsedRequest:
         tool_choice=tool_choice,
         tool_name=tool_name,
         parallel_tool_calls=_bool(body, "parallel_tool_calls", True),
+        include_reasoning=_bool(body, "include_reasoning", True),
         **common,
     )
 
@@ -530,13 +534,17 @@ def chat_body(
     choices: Sequence[Choice],
     usage: dict[str, Any],
     tool_calls: Sequence[list[dict[str, Any]] | None] | None = None,
+    reasoning: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """A ``chat.completion`` object: ``choices`` as (assistant text, finish reason, logprobs) in index order, and
-    each one's ``tool_calls`` where it called tools (its content then None when empty)."""
+    """A ``chat.completion`` object: ``choices`` as (assistant text, finish reason, logprobs) in index order, each
+    one's ``tool_calls`` where it called tools (its content then None when empty) and its ``reasoning_content``
+    where ``reasoning`` gives it some."""
     listed = []
     for i, (text, why, logprobs) in enumerate(choices):
         calls = tool_calls[i] if tool_calls is not None else None
         message: dict[str, Any] = {"role": "assistant", "content": (text or None) if calls else text}
+        if reasoning is not None and reasoning[i]:
+            message["reasoning_content"] = reasoning[i]
         if calls:
             message["tool_calls"] = calls
         listed.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": why})

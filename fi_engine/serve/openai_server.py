@@ -32,6 +32,7 @@ from typing import Any
 from ..runtime.sampling_params import SamplingParams
 from ..runtime.stepping import TokenLogprobs
 from ..text.grammar import GrammarTokenizer, response_format_grammar
+from ..text.harmony import MARKERS
 from ..text.tool_calls import ToolCall, ToolCallParser, call_format, opener
 from .openai_protocol import (
     CHAT_CHUNK,
@@ -92,21 +93,26 @@ class _Choice:
     ids: list[int] = field(default_factory=list)
     entries: list[TokenLogprobs | None] = field(default_factory=list)
     offset: int = 0
-    tools: ToolCallParser | None = None  # reads the reply for tool calls (chat with tools)
+    reader: ToolCallParser | None = None  # reads the reply (a chat with tools, or any harmony chat)
+    reads_calls: bool = True  # False: calls the reply makes are dropped (harmony with tool_choice "none")
+    reasoning: bool = True  # False: the reply's reasoning is dropped (include_reasoning)
     parallel: bool = True  # False: the first call only (parallel_tool_calls)
     called: int = 0  # calls sent so far
 
-    def calls(self, text: str, end: bool) -> tuple[str, list[ToolCall]]:
-        """The content and the tool calls of the reply's next ``text`` (``end``: the reply ended)."""
-        assert self.tools is not None
-        content, calls = self.tools.feed(text)
+    def read(self, text: str, end: bool) -> tuple[str, str, list[ToolCall]]:
+        """The content, the reasoning and the tool calls of the reply's next ``text`` (``end``: the reply ended)."""
+        assert self.reader is not None
+        content, calls = self.reader.feed(text)
         if end:
-            rest, late = self.tools.finish()
+            rest, late = self.reader.finish()
             content, calls = content + rest, calls + late
+        reasoning = self.reader.take_reasoning()
+        if not self.reads_calls:
+            calls = []
         if not self.parallel:
             calls = calls[: max(0, 1 - self.called)]
         self.called += len(calls)
-        return content, calls
+        return content, (reasoning if self.reasoning else ""), calls
 
 
 @dataclass
@@ -216,7 +222,7 @@ class _Handlers:
         if codec is None:
             raise APIError("this server has no tokenizer: it serves token-id prompts only", "prompt")
         try:
-            fmt, lead = self._tool_format(parsed)
+            fmt, lead, reads_calls = self._reading(parsed)
             if parsed.messages is not None:  # the template renders the tools; a forced call's start follows
                 text = codec.render_chat(
                     parsed.messages, parsed.add_generation_prompt, parsed.tools, **parsed.template_kwargs
@@ -267,9 +273,16 @@ class _Handlers:
                 prompts.append(prompt)
                 limits.append(max(limit, 1))  # max_tokens 0 (echo): one token generated, left out of the answer
                 samplings.append(replace(controls, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
-                parser = None if fmt is None else ToolCallParser(fmt, lead)
                 choices.append(
-                    _Choice(echo, prompt, generates=limit > 0, tools=parser, parallel=parsed.parallel_tool_calls)
+                    _Choice(
+                        echo,
+                        prompt,
+                        generates=limit > 0,
+                        reader=None if fmt is None else ToolCallParser(fmt, lead),
+                        reads_calls=reads_calls,
+                        reasoning=parsed.include_reasoning,
+                        parallel=parsed.parallel_tool_calls,
+                    )
                 )
         try:
             streams = service.submit_many(
@@ -279,6 +292,7 @@ class _Handlers:
                 stop=parsed.stop,
                 eos_token_ids=() if parsed.ignore_eos else None,
                 skip_special_tokens=parsed.skip_special_tokens,
+                keep_special_tokens=MARKERS if fmt == "harmony" else (),  # the reader needs them; none reach the answer
             )
         except QueueFullError as exc:
             raise APIError(str(exc), None, status=429, type="rate_limit_error", code="rate_limit_exceeded") from None
@@ -324,24 +338,29 @@ class _Handlers:
             grammars.check(grammar)
         return grammar
 
-    def _tool_format(self, parsed: ParsedRequest) -> tuple[str | None, str]:
-        """The tool-call format of the checkpoint's chat template when the reply is to be read for calls (None:
-        not, ``tool_choice`` "none" or no tools) and the text that starts the reply (a call's start when
-        ``tool_choice`` forces one). 400 naming ``tools`` when the template shows no format the server reads."""
-        template = self.service.codec.chat_template if self.service.codec is not None else None
-        if parsed.tool_choice == "none" or template is None:
-            return None, ""
-        fmt = call_format(template.templates[template.pick(has_tools=True)])
+    def _reading(self, parsed: ParsedRequest) -> tuple[str | None, str, bool]:
+        """How a chat's reply is read: its format (None: the reply is its content, as it comes), the text that
+        starts it (a call's start when ``tool_choice`` forces one) and whether calls are taken from it. A reply in
+        harmony (gpt-oss) is always read, for its channels; another format only when tools may be called. 400
+        naming ``tools`` when they may be and the chat template shows no format the server reads."""
+        codec = self.service.codec
+        template = codec.chat_template if codec is not None and parsed.messages is not None else None
+        if template is None:
+            return None, "", False
+        fmt = call_format(template.templates[template.pick(has_tools=parsed.tools is not None)])
+        reads_calls = parsed.tool_choice != "none"
+        if fmt != "harmony" and not reads_calls:
+            return None, "", False
         if fmt is None:
             raise APIError(
                 f"tools: the chat template of {template.source} shows no tool-call format this server reads "
-                f'(Hermes-style <tool_call> blocks, Llama 3.1 JSON); send tool_choice: "none" or no tools',
+                f'(Hermes-style <tool_call> blocks, Llama 3.1 JSON, harmony); send tool_choice: "none" or no tools',
                 "tools",
                 code="unsupported_value",
             )
-        if parsed.tool_choice == "auto":
-            return fmt, ""
-        return fmt, opener(fmt, parsed.tool_name)
+        if parsed.tool_choice in ("none", "auto"):
+            return fmt, "", reads_calls
+        return fmt, opener(fmt, parsed.tool_name), True
 
     def _shape(
         self, parsed: ParsedRequest, choice: _Choice, part: Any, chat: bool
@@ -397,19 +416,21 @@ class _Handlers:
         usage = usage_body(submitted.prompt_tokens, generated, _cached([r.num_cached_tokens for r in done], parsed.n))
         answers: list[Choice] = []
         tool_calls: list[list[dict[str, Any]] | None] = []
+        reasoning: list[str] = []
         for r, choice in zip(done, choices, strict=True):
             text, logprobs = self._shape(parsed, choice, r, chat)
             finish = r.finish_reason if choice.generates else "length"
-            calls = None
-            if choice.tools is not None:
-                content, found = choice.calls(text, end=True)
+            calls, thought = None, ""
+            if choice.reader is not None:  # the reply's content is what the reader leaves of it
+                text, thought, found = choice.read(text, end=True)
                 if found:
-                    text, calls = content.strip(), [tool_call_body(c) for c in found]
+                    text, calls = text.strip(), [tool_call_body(c) for c in found]
                     finish = "tool_calls" if finish == "stop" else finish
             answers.append((text, finish, logprobs))
             tool_calls.append(calls)
+            reasoning.append(thought)
         if chat:
-            body = chat_body(rid, parsed.model, answers, usage, tool_calls)
+            body = chat_body(rid, parsed.model, answers, usage, tool_calls, reasoning)
         else:
             body = completion_body(rid, parsed.model, answers, usage)
         self.service.metrics.response(200)
@@ -445,8 +466,8 @@ class _Handlers:
                     cached[index] = delta.num_cached_tokens
                 text, logprobs = self._shape(parsed, choice, delta, chat)
                 finish = delta.finish_reason if choice.generates or delta.finish_reason is None else "length"
-                if choice.tools is not None:
-                    for event in _tool_chunks(rid, parsed.model, created, index, choice, text, finish, logprobs):
+                if choice.reader is not None:
+                    for event in _read_chunks(rid, parsed.model, created, index, choice, text, finish, logprobs):
                         yield _sse(event)
                     continue
                 if not text and finish is None:
@@ -476,7 +497,7 @@ class _Handlers:
         yield b"data: [DONE]\n\n"
 
 
-def _tool_chunks(
+def _read_chunks(
     rid: str,
     model: str,
     created: int,
@@ -486,13 +507,14 @@ def _tool_chunks(
     finish: str | None,
     logprobs: dict[str, Any] | None,
 ) -> list[dict[str, Any]]:
-    """The chunks of a streamed reply read for tool calls, for its next ``text``: the content settled (with the
-    logprobs), then each call completed as OpenAI streams one (its id, type and name, then its arguments), then
-    the finish (``"tool_calls"`` when the reply called tools and stopped)."""
-    content, calls = choice.calls(text, end=finish is not None)
+    """The chunks of a streamed reply that is read (for tool calls, or for its harmony channels), for its next
+    ``text``: the reasoning and the content settled (with the logprobs), then each call completed as OpenAI streams
+    one (its id, type and name, then its arguments), then the finish (``"tool_calls"`` when the reply called tools
+    and stopped)."""
+    content, reasoning, calls = choice.read(text, end=finish is not None)
     events = []
-    if content or logprobs is not None:
-        delta = {"content": content} if content else {}
+    if content or reasoning or logprobs is not None:
+        delta = ({"reasoning_content": reasoning} if reasoning else {}) | ({"content": content} if content else {})
         events.append(choice_chunk(CHAT_CHUNK, rid, model, created, index, {"delta": delta}, None, None, logprobs))
     for k, call in enumerate(calls, start=choice.called - len(calls)):
         head = {"index": k, **tool_call_body(call, arguments="")}

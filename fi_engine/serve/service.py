@@ -487,6 +487,7 @@ class GenerationService:
         eos_token_ids: Sequence[int] | None = None,
         skip_special_tokens: bool = True,
         add_special_tokens: bool = True,
+        keep_special_tokens: Sequence[str] = (),
     ) -> RequestStream:
         """Queue one request and return its stream at once.
 
@@ -498,6 +499,8 @@ class GenerationService:
             stop: stop strings (one, or a list); they need a codec.
             eos_token_ids: the ids that end it (None: the engine's, i.e. the checkpoint's; ``()``: none).
             skip_special_tokens: leave special tokens out of the text.
+            keep_special_tokens: special tokens (texts) kept in the text all the same (a harmony reply's markers,
+                :data:`fi_engine.text.harmony.MARKERS`, which the server reads the reply by).
 
         Raises:
             TypeError/ValueError naming the argument; :class:`QueueFullError`; :class:`ServiceClosedError`.
@@ -510,6 +513,7 @@ class GenerationService:
             eos_token_ids=eos_token_ids,
             skip_special_tokens=skip_special_tokens,
             add_special_tokens=add_special_tokens,
+            keep_special_tokens=keep_special_tokens,
         )[0]
 
     def submit_many(
@@ -522,6 +526,7 @@ class GenerationService:
         eos_token_ids: Sequence[int] | None = None,
         skip_special_tokens: bool = True,
         add_special_tokens: bool = True,
+        keep_special_tokens: Sequence[str] = (),
     ) -> list[RequestStream]:
         """Queue several requests all or none (an API request with ``n > 1`` or a list of prompts): the same
         arguments as :meth:`submit`, one prompt, limit and sampling per request; :class:`QueueFullError` when
@@ -561,7 +566,7 @@ class GenerationService:
             if self.codec is not None:
                 sampling = samplings[i]  # its min_tokens hold back the stop strings too
                 least = 0 if sampling is None else sampling.min_tokens
-                detok = self.codec.detokenizer(ids, stops, skip_special_tokens, least)
+                detok = self.codec.detokenizer(ids, stops, skip_special_tokens, least, keep_special_tokens)
             streams.append(RequestStream(self, ids, detok))
         with self._wakeup:
             if self._closing or self.error is not None:

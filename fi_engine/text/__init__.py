@@ -5,7 +5,8 @@ detokenization, on the host (no GPU).
 - :mod:`~fi_engine.text.tokenizer`: ``tokenizer.json`` and the special tokens; :mod:`~fi_engine.text.chat`: the chat
   template, rendered as transformers renders it; :mod:`~fi_engine.text.generation_config`: EOS ids and sampling
   defaults; :mod:`~fi_engine.text.detokenize`: incremental detokenization and stop strings;
-  :mod:`~fi_engine.text.tool_calls`: the tool calls in a model's reply.
+  :mod:`~fi_engine.text.tool_calls`: the tool calls in a model's reply; :mod:`~fi_engine.text.harmony`: a gpt-oss
+  reply's channels (answer, reasoning, calls).
 - :mod:`~fi_engine.text.model_files`: the checkpoint's small files read with clear errors;
   :mod:`~fi_engine.text.optional`: ``tokenizers`` / ``jinja2`` imported on first use;
   :mod:`~fi_engine.text.args`: their argument checks.

@@ -118,8 +118,14 @@ class TextCodec:
         stop: str | Sequence[str] = (),
         skip_special_tokens: bool = True,
         min_tokens: int = 0,
+        keep_special_tokens: Sequence[str] = (),
     ) -> IncrementalDetokenizer:
         """A fresh :class:`~fi_engine.text.detokenize.IncrementalDetokenizer` for one request's generated tokens."""
         return IncrementalDetokenizer(
-            self.tokenizer, prompt_ids, skip_special_tokens=skip_special_tokens, stop=stop, min_tokens=min_tokens
+            self.tokenizer,
+            prompt_ids,
+            skip_special_tokens=skip_special_tokens,
+            stop=stop,
+            min_tokens=min_tokens,
+            keep_special_tokens=keep_special_tokens,
         )

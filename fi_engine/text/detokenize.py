@@ -107,6 +107,10 @@ class IncrementalDetokenizer:
             and an int ``vocab_size``).
         prompt_ids: the prompt's token ids (its last few give the first generated token its context).
         skip_special_tokens: leave special tokens (EOS, ``<|im_end|>``, ...) out of the text.
+        keep_special_tokens: special tokens (their texts) kept in the text all the same, where
+            ``skip_special_tokens`` leaves the others out: the markers of a harmony reply, which its reader needs
+            (:data:`fi_engine.text.harmony.MARKERS`). Texts that are not tokens of the vocabulary are ignored; the
+            tokenizer then needs ``token_id(text)`` and ``special_ids()`` too.
         stop: stop strings (see :class:`StopStrings`); :attr:`stopped` names the one that ended the text.
         min_tokens: stop strings are looked for only in the text that the tokens after the first ``min_tokens``
             add (vLLM's rule: a request's ``min_tokens`` holds back its stop strings as well as its EOS).
@@ -120,6 +124,7 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         stop: str | Sequence[str] = (),
         min_tokens: int = 0,
+        keep_special_tokens: Sequence[str] = (),
     ) -> None:
         vocab_size = getattr(tokenizer, "vocab_size", None)
         if (
@@ -137,6 +142,9 @@ class IncrementalDetokenizer:
         self._decode = getattr(tokenizer, "_decode_checked", None) or tokenizer.decode
         self._vocab_size = vocab_size
         self._skip = arg_flag("skip_special_tokens", skip_special_tokens)
+        # the special ids left out by hand (the window's other ids decoded with their special tokens), where some
+        # are kept; None: the decoder leaves them all out (or keeps them all)
+        self._dropped = _dropped_ids(tokenizer, keep_special_tokens, self._skip)
         self._stops = StopStrings(stop)
         if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or not 0 <= min_tokens <= MAX_SIZE:
             raise ValueError(f"min_tokens: expected an int in [0, {MAX_SIZE}], got {show(min_tokens)}")
@@ -202,12 +210,18 @@ class IncrementalDetokenizer:
         U+FFFD here, as in the full decode; a stop string's possible start is released)."""
         return self._stops.feed(self._settled(final=True)) + self._stops.finish()
 
+    def _text(self, ids: list[int]) -> str:
+        """The text of ``ids``, special tokens left out as asked."""
+        if self._dropped is None:
+            return str(self._decode(ids, skip_special_tokens=self._skip))
+        dropped = self._dropped
+        return str(self._decode([i for i in ids if i not in dropped], skip_special_tokens=False))
+
     def _settled(self, final: bool) -> str:
-        decode = self._decode
         before = self._before
         if before is None:
-            before = self._before = decode(self._ids[: self._read], skip_special_tokens=self._skip)
-        after = decode(self._ids, skip_special_tokens=self._skip)
+            before = self._before = self._text(self._ids[: self._read])
+        after = self._text(self._ids)
         if not final and after.endswith(REPLACEMENT):
             return ""  # an unfinished UTF-8 sequence: wait for the tokens that complete it
         # the window's old text is normally a prefix of its new text; where the new token changed it (the
@@ -220,6 +234,25 @@ class IncrementalDetokenizer:
         self._read = len(self._ids)
         self._before = None
         return delta
+
+
+def _dropped_ids(tokenizer: Any, keep: Any, skip: bool) -> frozenset[int] | None:
+    """The special ids to leave out when the special tokens ``keep`` (texts) stay in: None when none is kept or
+    none is skipped."""
+    if isinstance(keep, (str, bytes)) or not isinstance(keep, Sequence):
+        raise TypeError(f"keep_special_tokens: expected a list of token texts, got {type(keep).__name__}")
+    for i, text in enumerate(keep):
+        if not isinstance(text, str):
+            raise TypeError(f"keep_special_tokens[{i}]: expected a str, got {type(text).__name__}")
+    if not keep or not skip:
+        return None
+    if not (callable(getattr(tokenizer, "token_id", None)) and callable(getattr(tokenizer, "special_ids", None))):
+        raise TypeError(
+            f"tokenizer: keeping special tokens needs a fi_engine.text.tokenizer.Tokenizer (token_id() and "
+            f"special_ids()), got {type(tokenizer).__name__}"
+        )
+    kept = {tokenizer.token_id(text) for text in keep}
+    return frozenset(tokenizer.special_ids()) - kept
 
 
 def _common_prefix(a: str, b: str) -> int:

@@ -80,6 +80,7 @@ class Tokenizer:
         self.source = Path(source)
         self.vocab_size: int = int(backend.get_vocab_size(with_added_tokens=True))
         self._pieces: dict[int, tuple[str, bytes]] = {}  # token_piece's answers
+        self._special_ids: frozenset[int] | None = None  # special_ids' answer
 
     @classmethod
     def from_dir(cls, model_dir: Any) -> Tokenizer:
@@ -125,6 +126,13 @@ class Tokenizer:
         not a token."""
         text = self.special_tokens.get(arg_text("token_name", token_name))
         return None if text is None else self.token_id(text)
+
+    def special_ids(self) -> frozenset[int]:
+        """The ids of the added tokens marked special: those that ``skip_special_tokens`` leaves out of a decode."""
+        if self._special_ids is None:
+            added = self._backend.get_added_tokens_decoder()
+            self._special_ids = frozenset(int(i) for i, token in added.items() if token.special)
+        return self._special_ids
 
     @property
     def bos_token_id(self) -> int | None:

@@ -1,10 +1,15 @@
-"""Tool calls in a model's output, in the two formats the chat templates of the served families ask for:
+"""Tool calls in a model's output, in the three formats the chat templates of the served families ask for:
 
 - ``"hermes"`` (Qwen 2.5 / Qwen3, Hermes, SmolLM3): each call a JSON object ``{"name": ..., "arguments": {...}}``
   between ``<tool_call>`` and ``</tool_call>``, any number of them, text around them being the reply's content;
 - ``"llama3_json"`` (Llama 3.1 / 3.2 / 3.3 with custom tools): the whole reply is the call, a JSON object
   ``{"name": ..., "parameters": {...}}`` (after ``<|python_tag|>`` when the model writes it and the text keeps
-  special tokens); several calls separated by ``;``.
+  special tokens); several calls separated by ``;``;
+- ``"harmony"`` (gpt-oss): each call a message of its own, ``<|channel|>commentary to=functions.NAME
+  <|constrain|>json<|message|>{...}<|call|>``, in a reply whose other messages are its reasoning and its answer
+  (read by :class:`~fi_engine.text.harmony.HarmonyReader`: the text must keep those special tokens). Its content is
+  the answer only; :meth:`~ToolCallParser.take_reasoning` gives the reasoning. A call whose arguments are not a
+  JSON object is dropped: it was addressed to a tool, so its text is no content either.
 
 :func:`call_format` tells the format from the checkpoint's chat template; :class:`ToolCallParser` reads a reply
 piece by piece as it streams (:meth:`~ToolCallParser.feed`, :meth:`~ToolCallParser.finish`): content is let out as
@@ -20,10 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .args import arg_text
+from .harmony import CHANNEL, CONSTRAIN, FUNCTIONS, MESSAGE, HarmonyParts, HarmonyReader
 
 __all__ = ["FORMATS", "ToolCall", "ToolCallParser", "call_format", "opener"]
 
-FORMATS = ("hermes", "llama3_json")
+FORMATS = ("hermes", "llama3_json", "harmony")
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
 
@@ -40,6 +46,8 @@ class ToolCall:
 def call_format(template: str) -> str | None:
     """The tool-call format a chat template (its jinja source) asks the model for, or None when it shows none."""
     template = arg_text("template", template)
+    if CHANNEL in template:  # harmony marks every message's channel
+        return "harmony"
     if HERMES_OPEN in template:
         return "hermes"
     if PYTHON_TAG in template or '"parameters"' in template:
@@ -51,6 +59,9 @@ def opener(fmt: str, function: str | None = None) -> str:
     """The text that starts a call in format ``fmt`` (of the function named ``function``, when given): written
     after the prompt, the model's reply continues it."""
     fmt = _format(fmt)
+    if fmt == "harmony":  # the header of a call message; named, the whole header (the reply writes the arguments)
+        head = f"{CHANNEL}commentary to={FUNCTIONS}"
+        return head if function is None else f"{head}{arg_text('function', function)} {CONSTRAIN}json{MESSAGE}"
     key = "arguments" if fmt == "hermes" else "parameters"
     head = (
         ""
@@ -113,6 +124,8 @@ class ToolCallParser:
         self._held = ""  # text not settled yet
         self._inside = False  # hermes: within a <tool_call> block; llama3_json: the reply is a call
         self._decided = False  # llama3_json: whether the reply's first character was seen
+        self._harmony = HarmonyReader() if self.fmt == "harmony" else None
+        self._reasoning: list[str] = []  # harmony: reasoning read and not yet taken
         if prefix:
             content, _ = self.feed(prefix)
             if content:
@@ -120,6 +133,8 @@ class ToolCallParser:
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
         """The content settled and the calls completed by the next piece ``text``."""
+        if self._harmony is not None:
+            return self._harmony_parts(self._harmony.feed(text))
         self._held += arg_text("text", text)
         if self.fmt == "llama3_json":
             return self._feed_json(), []
@@ -150,7 +165,10 @@ class ToolCallParser:
         return self._content("".join(content)), calls
 
     def finish(self) -> tuple[str, list[ToolCall]]:
-        """The content and calls left at the end of the reply (a call cut short is content)."""
+        """The content and calls left at the end of the reply (a call cut short is content; harmony: a call cut
+        short whose arguments parse is a call)."""
+        if self._harmony is not None:
+            return self._harmony_parts(self._harmony.finish())
         held, self._held = self._held, ""
         if self.fmt == "llama3_json":
             if not self._inside:
@@ -168,6 +186,19 @@ class ToolCallParser:
             return HERMES_OPEN + held, []
         self.calls.append(call)
         return "", [call]
+
+    def take_reasoning(self) -> str:
+        """The reasoning read since the last call (harmony's analysis channel); ``""`` in the formats without one."""
+        reasoning, self._reasoning = "".join(self._reasoning), []
+        return reasoning
+
+    def _harmony_parts(self, parts: HarmonyParts) -> tuple[str, list[ToolCall]]:
+        """A harmony piece's content and calls (each a JSON object's arguments, ``{}`` where the model wrote none);
+        its reasoning kept for :meth:`take_reasoning`."""
+        self._reasoning.append(parts.reasoning)
+        calls = [c for name, args in parts.calls if (c := _call({"name": name, "arguments": args.strip() or "{}"}))]
+        self.calls += calls
+        return parts.content, calls
 
     def _content(self, text: str) -> str:
         """Content as given, but none of the blank text between and after calls (their separators)."""

@@ -120,6 +120,41 @@ def test_special_tokens_are_skipped_or_kept(tokenizer: Tokenizer) -> None:
     assert "".join(stream(tokenizer, ids, skip_special_tokens=False)[0]) == "done<|im_end|>"
 
 
+def test_chosen_special_tokens_are_kept_and_the_others_skipped(tokenizer: Tokenizer) -> None:
+    """keep_special_tokens (a harmony reply's markers, for its reader): the kept ones stay in the text, every other
+    special token is left out, whether the tokens come one by one or together; unknown texts are ignored."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.token_id("<|endoftext|>")
+    assert eos is not None and pad is not None and tokenizer.special_ids() == {eos, pad}
+    ids = [*tokenizer.encode("héllo"), eos, *tokenizer.encode(" 😀"), pad]
+    keep = ["<|im_end|>", "<|not a token|>"]
+    deltas, tail = stream(tokenizer, ids, keep_special_tokens=keep)
+    assert "".join(deltas) + tail == "héllo<|im_end|> 😀"
+    together = IncrementalDetokenizer(tokenizer, keep_special_tokens=keep)
+    assert together.push_many(ids) + together.finish() == "héllo<|im_end|> 😀"
+    assert "".join(stream(tokenizer, ids, keep_special_tokens=["<|endoftext|>"])[0]) == "héllo 😀<|endoftext|>"
+    # with skip_special_tokens false every special token stays, kept or not
+    assert "".join(stream(tokenizer, ids, skip_special_tokens=False, keep_special_tokens=keep)[0]) == tokenizer.decode(
+        ids, skip_special_tokens=False
+    )
+
+
+def test_bad_kept_special_tokens_are_named(tokenizer: Tokenizer) -> None:
+    with pytest.raises(TypeError, match="keep_special_tokens: expected a list of token texts, got str"):
+        IncrementalDetokenizer(tokenizer, keep_special_tokens="<|im_end|>")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"keep_special_tokens\[1\]: expected a str, got int"):
+        IncrementalDetokenizer(tokenizer, keep_special_tokens=["<|im_end|>", 5])  # type: ignore[list-item]
+
+    class Plain:  # decodes, but cannot say which tokens are special
+        vocab_size = tokenizer.vocab_size
+
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            return tokenizer.decode(ids, skip_special_tokens)
+
+    with pytest.raises(TypeError, match=r"tokenizer: keeping special tokens needs .*special_ids\(\)\), got Plain"):
+        IncrementalDetokenizer(Plain(), keep_special_tokens=["<|im_end|>"])
+    assert IncrementalDetokenizer(Plain(), keep_special_tokens=[]).push(40) == tokenizer.decode([40])
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=40))
 def test_any_text_streams_back_exactly(tokenizer: Tokenizer, text: str) -> None:

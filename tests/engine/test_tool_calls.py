@@ -131,4 +131,5 @@ def test_the_format_is_told_from_the_real_templates() -> None:
         "qwen3": "hermes",
         "gemma2": None,
         "smollm2": None,
+        "gpt-oss": "harmony",
     }

