@@ -141,6 +141,10 @@ class DecoderShape:
         linear_bytes(1, 1, self.weights, self.block)  # the format and block checked
 
 
+DEQUANTIZED_AT_LOAD = ("awq", "gptq", "mxfp4")
+"""The ``quant_method`` values whose weights the engine dequantizes to 16-bit as it reads them (what a step reads)."""
+
+
 def shape_from_config(cfg: Any) -> DecoderShape:
     """The :class:`DecoderShape` of a Hugging Face ``config.json`` dict: ``hidden_size``, ``intermediate_size``
     (``moe_intermediate_size`` where a MoE config has it), ``num_hidden_layers``, ``num_attention_heads``,
@@ -150,8 +154,9 @@ def shape_from_config(cfg: Any) -> DecoderShape:
     ``weight_block_size``); sliding windows from ``layer_types`` (``sliding_attention``) and ``sliding_window`` (a
     ``sliding_window`` without ``layer_types`` counts as full attention: the KV bytes of a long context are then
     over-counted).
-    ValueError naming the key for what it cannot model (a missing size, another quantization, shared experts,
-    DeepSeek's latent attention)."""
+    AWQ / GPTQ int4 and MXFP4 checkpoints (:data:`DEQUANTIZED_AT_LOAD`) count as 16-bit: the engine dequantizes them
+    as it reads them. ValueError naming the key for what it cannot model (a missing size, another quantization,
+    shared experts, DeepSeek's latent attention)."""
     from fi_engine.checkpoint.quantization import fp8_scheme
 
     if not isinstance(cfg, dict):
@@ -171,8 +176,11 @@ def shape_from_config(cfg: Any) -> DecoderShape:
     experts = cfg.get(experts_key) or 0
     moe_size = "moe_intermediate_size" if experts and cfg.get("moe_intermediate_size") else "intermediate_size"
     weights, block = "16-bit", (128, 128)
-    if cfg.get("quantization_config") is not None:
-        scheme = fp8_scheme(cfg["quantization_config"], "config")
+    quantization = cfg.get("quantization_config")
+    if isinstance(quantization, dict) and quantization.get("quant_method") in DEQUANTIZED_AT_LOAD:
+        quantization = None  # (the engine dequantizes these to 16-bit as it reads them: a step reads 16-bit weights)
+    if quantization is not None:
+        scheme = fp8_scheme(quantization, "config")
         if scheme is None:
             raise ValueError("config: 'quantization_config' is not FP8: only 16-bit and FP8 weights are modelled")
         if scheme.scales == "block":

@@ -12,7 +12,8 @@
   N``, N front-end processes over one engine process (:mod:`fi_engine.serve.api_servers`). The engine steps with
   ``overlap_steps``, the scheduler delay, ``mixed_prefill`` and ``prefix_caching`` where the engine serves it
   (``fi_engine.runtime.serving.ServingLoop``); the start-up line says whether prefix caching is on and names
-  quantized weights (FP8, AWQ/GPTQ int4), which ``/v1/models`` reports as ``quantization`` (their ``quant_method``).
+  quantized weights (FP8, AWQ/GPTQ int4, MXFP4), which ``/v1/models`` reports as ``quantization`` (their
+  ``quant_method``).
 
 ``fi-ffi generate ARGS`` (the binding's command, where this subcommand lived) runs ``python -m fi_engine generate
 ARGS``. With ``--tp N`` this command starts its ranks through ``fi-ffi launch`` (the binding's launcher, a
@@ -29,6 +30,7 @@ import os
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from .kernels.system import FiFFIError
@@ -741,12 +743,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _quantized_weights(model: str) -> Any:
     """The layout of the checkpoint's quantized weights as its family's config reader finds it (an ``Fp8Scheme`` or
-    ``Int4Scheme`` of :mod:`fi_engine.checkpoint.quantization`, which ``describe()`` themselves), or None for 16-bit
-    weights; ValueError for a config the family refuses."""
+    ``Int4Scheme`` of :mod:`fi_engine.checkpoint.quantization`, or gpt-oss's ``Mxfp4Scheme``, which ``describe()``
+    themselves), or None for 16-bit weights; ValueError for a config the family refuses."""
     from .models.registry import read_config
 
     config = read_config(model)
-    return getattr(config, "int4", None) or getattr(config, "fp8", None)
+    scheme = getattr(config, "int4", None) or getattr(config, "fp8", None)
+    if scheme is None:  # gpt-oss reads its MXFP4 experts per tensor: the config.json the reader accepted says so
+        from .checkpoint.mxfp4_weights import mxfp4_scheme
+
+        raw = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+        scheme = mxfp4_scheme(raw.get("quantization_config") if isinstance(raw, dict) else None)
+    return scheme
 
 
 def _serve_api_servers(

@@ -35,13 +35,14 @@ checkpoint as it serves that bfloat16 copy.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .safetensors import Checkpoint
 
-__all__ = ["E2M1", "declares_mxfp4", "dequantize_mxfp4", "read_mxfp4_experts"]
+__all__ = ["E2M1", "Mxfp4Scheme", "declares_mxfp4", "dequantize_mxfp4", "mxfp4_scheme", "read_mxfp4_experts"]
 
 BLOCK = 32  # values per block (one scale each)
 
@@ -169,3 +170,20 @@ def declares_mxfp4(q: Any) -> bool:
     """Whether ``q``, a config's ``quantization_config`` value, declares MXFP4 (``quant_method: "mxfp4"``, the
     published gpt-oss checkpoints' and transformers' ``Mxfp4Config``)."""
     return isinstance(q, dict) and q.get("quant_method") == "mxfp4"
+
+
+@dataclass(frozen=True)
+class Mxfp4Scheme:
+    """A checkpoint's MXFP4 experts (gpt-oss's published layout) as the server reports them: ``method`` its
+    ``quant_method`` (``/v1/models``), :meth:`describe` the start-up line's words."""
+
+    method: str = "mxfp4"
+
+    def describe(self) -> str:
+        """The layout in words, as the start-up line names it."""
+        return "MXFP4 experts (e2m1 values, an e8m0 scale per 32), dequantized to bfloat16 at load"
+
+
+def mxfp4_scheme(q: Any) -> Mxfp4Scheme | None:
+    """The :class:`Mxfp4Scheme` a ``quantization_config`` value declares (:func:`declares_mxfp4`), else None."""
+    return Mxfp4Scheme() if declares_mxfp4(q) else None

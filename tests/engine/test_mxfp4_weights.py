@@ -260,3 +260,15 @@ def test_inputs_not_a_multiple_of_32_and_missing_experts_are_refused(tmp_path: P
     f16 = tiny_checkpoint(tmp_path, {GU: np.zeros((E, H, 2 * INTER), np.float16)})
     with pytest.raises(ValueError, match=r"gate_up_proj' is float16, the embedding is bfloat16"):
         read_experts(f16, 0, E, H, INTER)
+
+
+def test_serve_names_mxfp4_experts_in_its_start_up_line_and_models(tmp_path: Path) -> None:
+    """``fi-engine serve``'s start-up line and ``/v1/models`` name the weights it serves (``cli._quantized_weights``):
+    MXFP4 experts for the published layout, nothing for the bfloat16 copy."""
+    from fi_engine import cli
+
+    mx, bf = write_gpt_oss_pair(tmp_path, SMALL, seed=5)
+    scheme = cli._quantized_weights(str(mx))
+    assert scheme is not None and scheme.method == "mxfp4"
+    assert scheme.describe() == "MXFP4 experts (e2m1 values, an e8m0 scale per 32), dequantized to bfloat16 at load"
+    assert cli._quantized_weights(str(bf)) is None

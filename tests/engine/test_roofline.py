@@ -181,8 +181,12 @@ def test_shape_from_config_of_other_layouts() -> None:
     qwen3_moe.update(model_type="qwen3_moe", num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768)
     qwen = roofline.shape_from_config(qwen3_moe)  # transformers 4's key, each expert's own size
     assert (qwen.experts, qwen.top_k, qwen.intermediate) == (128, 8, 768)
+    # MXFP4 experts, AWQ / GPTQ int4: dequantized to 16-bit as the engine reads them, so a step reads 16-bit weights
+    assert roofline.shape_from_config(GPT_OSS) == oss
+    awq = {**CONFIG_8B, "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128}}
+    assert roofline.shape_from_config(awq) == roofline.shape_from_config(CONFIG_8B)
     with pytest.raises(ValueError, match="'quantization_config' is not FP8"):
-        roofline.shape_from_config(GPT_OSS)  # MXFP4 experts
+        roofline.shape_from_config({**CONFIG_8B, "quantization_config": {"quant_method": "bitsandbytes"}})
     with pytest.raises(ValueError, match="config: missing 'vocab_size'"):
         roofline.shape_from_config({k: v for k, v in CONFIG_8B.items() if k != "vocab_size"})
     with pytest.raises(ValueError, match="'kv_lora_rank': latent attention and shared experts are not modelled"):

@@ -2299,6 +2299,9 @@ EXEMPT: dict[str, str] = {
         "reads a Checkpoint: every malformed or missing MXFP4 tensor refused by name in "
         "engine/test_mxfp4_weights.py (test_malformed_mxfp4_experts_are_refused_naming_the_tensor)",
     ),
+    "checkpoint.mxfp4_weights.mxfp4_scheme": "takes any value and answers a scheme or None, never raising, as "
+    "declares_mxfp4 (below): engine/test_mxfp4_weights.py::test_serve_names_mxfp4_experts_in_its_start_up_line",
+    "checkpoint.mxfp4_weights.Mxfp4Scheme": "a record of one constant field (the quant_method the server reports)",
     "checkpoint.mxfp4_weights.declares_mxfp4": "takes any value (a config's quantization_config, whatever its type) "
     "and answers a bool, never raising: engine/test_mxfp4_weights.py::test_other_quantizations_are_refused_by_name",
     "models.weights.WeightLoader": "uploads through the caller's CuPy module onto a GPU: the GPU model suites",
