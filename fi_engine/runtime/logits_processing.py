@@ -146,13 +146,7 @@ class LogitsProcessor:
         pending = None
         want = [(i, r) for i, r in asking if r.asks is not None and r.asks.logprobs is not None]
         if want:
-            idx = cp.asarray([i for i, _ in want], dtype=np.int32)
-            raw = logits[idx]  # a copy: the controls below change the buffer
-            top_n = max(r.asks.logprobs or 0 for _, r in want if r.asks is not None)
-            lse, top_ids, top_values = logprobs_of_rows(cp, raw, top_n)
-            pending = PendingLogprobs(
-                [r for _, r in want], [i for i, _ in want], raw, lse, top_ids, top_values, self._host
-            )
+            pending = self.pending_logprobs(logits, want)  # (of a copy: the controls below change the buffer)
         grammar = [(i, r.grammar) for i, r in asking if r.grammar is not None]
         if grammar:
             masks = np.stack([m.bitmask(self.vocab_size) for _, m in grammar])
@@ -165,6 +159,16 @@ class LogitsProcessor:
             changed = True
             self._control_row(i, r, sp)
         return pending, changed
+
+    def pending_logprobs(self, logits: Any, want: Sequence[tuple[int, Request]]) -> PendingLogprobs:
+        """The raw log-probabilities of rows of float32 ``logits`` ``[rows, vocab]`` (a decode step's, or a verifying
+        pass's), ``want`` their ``(row, request)`` pairs, each request asking for ``logprobs``: the rows copied, their
+        log-sum-exp and the top N (the most any of them wants); the chosen tokens' follow (:meth:`chosen`)."""
+        cp = self.cupy
+        raw = logits[cp.asarray([i for i, _ in want], dtype=np.int32)]
+        top_n = max(r.asks.logprobs or 0 for _, r in want if r.asks is not None)
+        lse, top_ids, top_values = logprobs_of_rows(cp, raw, top_n)
+        return PendingLogprobs([r for _, r in want], [i for i, _ in want], raw, lse, top_ids, top_values, self._host)
 
     def prompt_logprobs(self, logits: Any, spans: Sequence[tuple[Request, int]]) -> PendingPromptLogprobs:
         """The prompt log-probabilities of the requests in ``spans`` (each with the row where its prompt's rows begin

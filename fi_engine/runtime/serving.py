@@ -29,7 +29,7 @@ from ..kernels.flashinfer import stream_scope
 from ..text.grammar import GrammarMatcher, GrammarTokenizer
 from ..values import arg_int
 from .kv_cache import KVCacheManager
-from .logits_processing import LogitsProcessor, PendingLogprobs, PendingPromptLogprobs, logprobs_of_rows
+from .logits_processing import LogitsProcessor, PendingLogprobs, PendingPromptLogprobs
 from .model_runner import ModelRunner
 from .paging import Request, Scheduler, pages_for, prefill_slots
 from .sampling import Draws, Sampler
@@ -513,8 +513,7 @@ class ServingLoop(StepEngineBase):
     def _draft_limits(self, sched: Scheduler) -> list[tuple[Request, int]] | None:
         """Each decoding request with the most tokens it may draft this step (0: none: it is seeded or asked for no
         speculation, or the policy holds it back, or it is one token from its limit: its last token is never fed
-        back), or None where more
-        than :attr:`speculation_max_rows` (or none) decode."""
+        back), or None where more than :attr:`speculation_max_rows` (or none) decode."""
         live = [r for r in sched.slots if r is not None and r.decoding]
         if not live or len(live) > self.speculation_max_rows:
             return None
@@ -629,21 +628,18 @@ class ServingLoop(StepEngineBase):
         a step does not verify, :meth:`_speculates`), by ``id`` of the request: one
         :class:`~fi_engine.runtime.stepping.TokenLogprobs` per row of its (the row's choice's, and the top N), from
         the raw logits ``full`` as a decode step's are (reads the device)."""
-        asking = [
-            (b, r, r.asks.logprobs) for b, r in enumerate(live) if r.asks is not None and r.asks.logprobs is not None
+        want = [
+            (i, r)
+            for b, r in enumerate(live)
+            if r.asks is not None and r.asks.logprobs is not None
+            for i in range(bounds[b], bounds[b + 1])
         ]
-        if not asking:
+        if not want:
             return {}
-        cp = self.runner.cupy
-        rows = [i for b, _, _ in asking for i in range(bounds[b], bounds[b + 1])]
-        raw = full[cp.asarray(rows, dtype=np.int64)]
-        lse, top_ids, top_values = logprobs_of_rows(cp, raw, max(n for _, _, n in asking))
-        chosen = raw[cp.arange(len(rows)), cp.asarray([choices[i] for i in rows], dtype=np.int64)] - lse
-        owners = [r for b, r, _ in asking for _ in range(bounds[b], bounds[b + 1])]
-        pending = PendingLogprobs(owners, rows, raw, lse, top_ids, top_values, cp.asnumpy, chosen)
-        entries = pending.resolve()
+        pending = self.processor.pending_logprobs(full, want)
+        self.processor.chosen(pending, self.runner.cupy.asarray(choices, dtype=np.int32))
         out: dict[int, list[TokenLogprobs]] = {}
-        for r, entry in zip(owners, entries, strict=True):
+        for (_, r), entry in zip(want, pending.resolve(), strict=True):
             out.setdefault(id(r), []).append(entry)
         return out
 
