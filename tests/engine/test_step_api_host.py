@@ -22,6 +22,7 @@ from fi_engine.models.llama import LlamaEngine
 from fi_engine.runtime import serving
 from fi_engine.runtime.engine import Engine
 from fi_engine.runtime.kv_cache import KVCacheManager
+from fi_engine.runtime.logits_processing import LogitsProcessor
 from fi_engine.runtime.paging import (
     PageAllocator,
     Request,
@@ -1219,10 +1220,29 @@ def speculating_engine(model, k: int, pass_cost: float = 1.0, overlap: bool = Fa
 
     e.runner.run_prefill = run_prefill
     e.speculative_tokens = k
-    # the device's time stands in too: a pass costs `pass_cost` decode steps (the stand-ins' own times are noise)
-    e._policy.decode_s, e._policy.verify_s = 1.0, pass_cost
-    e._policy.timed = lambda verify, seconds: None
+    fixed_costs(e, pass_cost)
     return e, passes
+
+
+def fixed_costs(e, pass_cost: float, policy=None) -> None:
+    """The device's time stands in too: ``e``'s policy (``policy``, or a fresh one) has a decode step cost 1 and a
+    pass ``pass_cost``, and keeps them (the stand-ins' own times are noise)."""
+    policy = serving.DraftPolicy() if policy is None else policy
+    policy.decode_s, policy.verify_s = 1.0, pass_cost
+    policy.timed = lambda verify, seconds: None
+    e.speculation_policy = policy
+
+
+def step_to_the_end(e, rids) -> tuple[list[list[int]], int]:
+    """``e.step()`` until nothing is unfinished: the tokens of each request of ``rids`` (in that order), and the
+    calls it took."""
+    got: dict[int, list[int]] = {r: [] for r in rids}
+    steps = 0
+    while e.has_unfinished:
+        for o in e.step():
+            got[o.rid] += o.token_ids
+        steps += 1
+    return [got[r] for r in rids], steps
 
 
 @pytest.mark.parametrize(("overlap", "pipelined"), [(False, False), (True, False), (True, True)])
@@ -1295,6 +1315,7 @@ def test_a_request_that_asks_for_logprobs_is_speculated_and_gets_each_rows_logpr
 
     e.runner.run_prefill = run_prefill
     e.runner.vocab_shard = None
+    e.processor = LogitsProcessor(e.runner.cupy, None, vocab, frozenset({EOS}))
     rid = e.add_request([1, 2, 3, 4, 5, 6, 7] * 2, 30, sampling=SamplingParams(logprobs=2))
     req = e._requests[rid]
     while e.has_unfinished:
@@ -1367,19 +1388,11 @@ def wandering(history) -> int:
 
 def test_speculation_stops_verifying_drafts_that_are_not_accepted() -> None:
     def run(k: int):
-        e, passes = speculating_engine(wandering, k, pass_cost=3.0)
-        policy = serving.DraftPolicy(explore=16, explore_budget=0.2)  # (a pass giving nothing: 2 / 16 of the time)
-        policy.decode_s, policy.verify_s = 1.0, 3.0
-        policy.timed = lambda verify, seconds: None
-        e.speculation_policy = policy
-        rids = [e.add_request([1, 2, 3, 4, 5], 60) for _ in range(2)]
-        got: dict[int, list[int]] = {r: [] for r in rids}
-        steps = 0
-        while e.has_unfinished:
-            for o in e.step():
-                got[o.rid] += o.token_ids
-            steps += 1
-        return [got[r] for r in rids], steps, passes, e
+        e, passes = speculating_engine(wandering, k)
+        # (a pass giving nothing every 16 steps: 2 / 16 of the time)
+        fixed_costs(e, 3.0, serving.DraftPolicy(explore=16, explore_budget=0.2))
+        tokens, steps = step_to_the_end(e, [e.add_request([1, 2, 3, 4, 5], 60) for _ in range(2)])
+        return tokens, steps, passes, e
 
     plain, plain_steps, _, _ = run(0)
     fast, steps, passes, e = run(4)
@@ -1472,15 +1485,9 @@ def test_a_draft_model_gives_the_same_tokens_in_fewer_steps(overlap, pipelined, 
         if draft is not None:
             e.draft_model = draft
         e.speculative_tokens = k
-        e._policy.decode_s, e._policy.verify_s = 1.0, 1.0
-        rids = [e.add_request(p, 40) for p in prompts]
-        got: dict[int, list[int]] = {r: [] for r in rids}
-        steps = 0
-        while e.has_unfinished:
-            for o in e.step():
-                got[o.rid] += o.token_ids
-            steps += 1
-        return [got[r] for r in rids], steps, passes, e
+        fixed_costs(e, 1.0)
+        tokens, steps = step_to_the_end(e, [e.add_request(p, 40) for p in prompts])
+        return tokens, steps, passes, e
 
     plain, plain_steps, _, _ = run(0)
     ngram, _, ngram_passes, _ = run(4)
