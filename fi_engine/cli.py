@@ -30,7 +30,6 @@ import os
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from .kernels.system import FiFFIError
@@ -750,10 +749,10 @@ def _quantized_weights(model: str) -> Any:
     config = read_config(model)
     scheme = getattr(config, "int4", None) or getattr(config, "fp8", None)
     if scheme is None:  # gpt-oss reads its MXFP4 experts per tensor: the config.json the reader accepted says so
+        from .checkpoint.config import read_config_json
         from .checkpoint.mxfp4_weights import mxfp4_scheme
 
-        raw = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
-        scheme = mxfp4_scheme(raw.get("quantization_config") if isinstance(raw, dict) else None)
+        scheme = mxfp4_scheme(read_config_json(model)[0].get("quantization_config"))
     return scheme
 
 
