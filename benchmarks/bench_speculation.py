@@ -28,7 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -81,80 +83,82 @@ def text_prompts(model: Path, kind: str, batch: int) -> tuple[list[list[int]], t
     return prompts, tuple(codec.eos_token_ids)
 
 
-def first_layers(source: Path, folder: Path, layers: int) -> Path:
-    """A copy of the checkpoint ``source`` with only its first ``layers`` decoder layers (the embedding, final norm
-    and head kept; ``num_hidden_layers`` set), written into ``folder`` byte for byte: each tensor's bytes as stored
-    (tensors that share bytes in the source share them in the copy), the tokenizer files beside."""
-    files = sorted(source.glob("*.safetensors"))
-    kept: dict[str, dict[str, object]] = {}
-    chunks: dict[tuple[int, int, int], tuple[int, int]] = {}  # (file, start, end) -> (offset, size) in the copy
-    offset = 0
-    for n, path in enumerate(files):
-        with path.open("rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        for name, info in header.items():
-            if name == "__metadata__":
+def _layer(name: str) -> int | None:
+    """The decoder layer a tensor name belongs to (``model.layers.N.``), or None."""
+    parts = name.split(".")
+    return int(parts[parts.index("layers") + 1]) if "layers" in parts else None
+
+
+def copy_checkpoint(
+    source: Path,
+    folder: Path,
+    keep: Callable[[str], bool] = lambda name: True,
+    zero: Callable[[str], bool] = lambda name: False,
+    **config: Any,
+) -> Path:
+    """A copy of the checkpoint ``source`` in ``folder``: the tensors whose names ``keep`` selects, byte for byte as
+    stored (tensors that share bytes in the source share them in the copy), those ``zero`` selects as zeros (one
+    block per dtype and shape); ``config.json`` with ``config``'s keys set, and the tokenizer files beside."""
+    from fi_engine.checkpoint.safetensors import DTYPES, read_header
+
+    codes = {name: code for code, (name, _) in DTYPES.items()}
+    # where the copy's bytes come from (a file and offset, or zeros of a dtype and shape) -> (offset in the copy,
+    # size, the file or None for zeros, the offset there)
+    chunks: dict[tuple[Any, ...], tuple[int, int, Path | None, int]] = {}
+    header: dict[str, dict[str, Any]] = {}
+    for path in sorted(source.glob("*.safetensors")):
+        for name, info in read_header(path).items():
+            if not keep(name):
                 continue
-            parts = name.split(".")
-            if "layers" in parts and int(parts[parts.index("layers") + 1]) >= layers:
-                continue
-            start, end = info["data_offsets"]
-            if (n, start, end) not in chunks:
-                chunks[(n, start, end)] = (offset, end - start)
-                offset += end - start
-            at, size = chunks[(n, start, end)]
-            kept[name] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [at, at + size]}
-    raw = json.dumps(kept, separators=(",", ":")).encode()
+            silent = zero(name)
+            key = ("zeros", info.dtype, info.shape) if silent else (info.path, info.offset)
+            if key not in chunks:
+                at = sum(chunk[1] for chunk in chunks.values())
+                chunks[key] = (at, info.nbytes, None if silent else info.path, info.offset)
+            at, size = chunks[key][:2]
+            header[name] = {"dtype": codes[info.dtype], "shape": list(info.shape), "data_offsets": [at, at + size]}
+    raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / "model.safetensors").open("wb") as out:
         out.write(len(raw).to_bytes(8, "little") + raw)
-        for (n, start, end), _ in sorted(chunks.items(), key=lambda item: item[1][0]):
-            with files[n].open("rb") as f:
-                data_start = 8 + int.from_bytes(f.read(8), "little")
-                f.seek(data_start + start)
-                out.write(f.read(end - start))
-    config = json.loads((source / "config.json").read_text())
-    config["num_hidden_layers"] = layers
-    (folder / "config.json").write_text(json.dumps(config))
+        for _, size, origin, offset in chunks.values():  # (in the order of their offsets in the copy)
+            if origin is None:
+                out.write(bytes(size))
+                continue
+            with origin.open("rb") as f:
+                f.seek(offset)
+                out.write(f.read(size))
+    settings = json.loads((source / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**settings, **config}))
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         if (source / name).is_file():
             (folder / name).write_bytes((source / name).read_bytes())
     return folder
 
 
+def first_layers(source: Path, folder: Path, layers: int) -> Path:
+    """A copy of the checkpoint ``source`` with only its first ``layers`` decoder layers (the embedding, final norm
+    and head kept; ``num_hidden_layers`` set), written into ``folder`` byte for byte (:func:`copy_checkpoint`)."""
+
+    def kept(name: str) -> bool:
+        n = _layer(name)
+        return n is None or n < layers
+
+    return copy_checkpoint(source, folder, keep=kept, num_hidden_layers=layers)
+
+
 def silent_after(source: Path, folder: Path, live: int) -> Path:
-    """A copy of the checkpoint ``source`` (written by ``bench_llama_tp.py --make``: one file) whose layers from
-    ``live`` on add nothing to the residual stream (their ``o_proj`` and ``down_proj`` zero): it computes what its
-    first ``live`` layers compute, at the cost of all of them. With ``--draft-layers live`` its draft then agrees with
-    it (up to the kernels' rounding): the speed of a draft model whose drafts are accepted, at its cost."""
-    path = source / "model.safetensors"
-    with path.open("rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-        data = f.read()
-    zeros: dict[tuple[str, tuple[int, ...]], list[int]] = {}
-    tail = len(data)
-    for name, info in header.items():
-        parts = name.split(".")
-        if "layers" in parts and int(parts[parts.index("layers") + 1]) >= live and parts[-2] in ("o_proj", "down_proj"):
-            start, end = info["data_offsets"]
-            key = (info["dtype"], tuple(info["shape"]))
-            if key not in zeros:
-                zeros[key] = [tail, tail + end - start]
-                tail += end - start
-            info["data_offsets"] = zeros[key]
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "model.safetensors").open("wb") as out:
-        out.write(len(raw).to_bytes(8, "little") + raw + data)
-        for start, end in zeros.values():
-            out.write(bytes(end - start))
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (source / name).is_file():
-            (folder / name).write_bytes((source / name).read_bytes())
-    return folder
+    """A copy of the checkpoint ``source`` whose layers from ``live`` on add nothing to the residual stream (their
+    ``o_proj`` and ``down_proj`` zero): it computes what its first ``live`` layers compute, at the cost of all of them.
+    With ``--draft-layers live`` its draft then agrees with it (up to the kernels' rounding): the speed of a draft
+    model whose drafts are accepted, at its cost."""
+
+    def silenced(name: str) -> bool:
+        n = _layer(name)
+        return n is not None and n >= live and name.split(".")[-2] in ("o_proj", "down_proj")
+
+    return copy_checkpoint(source, folder, zero=silenced)
 
 
 def main(argv: list[str] | None = None) -> int:
