@@ -11,6 +11,7 @@ line gives with a measured copy beside it; ``--hbm-tbs`` sets another figure. No
 
     python3 benchmarks/bench_llama_tp.py --make /tmp/llama8b            # write the random checkpoint once (~16 GB)
     python3 benchmarks/bench_llama_tp.py --make /tmp/llama8b-fp8 --fp8 block   # e4m3 projections, 128x128 scales
+    python3 benchmarks/bench_llama_tp.py --make /tmp/llama8b-awq --int4 awq     # AWQ int4 projections, groups of 128
     python3 benchmarks/bench_llama_tp.py --make /tmp/smollm2 --shape smollm2-135m --layers 30 --tokenizer-from DIR
     python3 benchmarks/bench_llama_tp.py --model /tmp/llama8b --tp 1,2,4 [--json PATH]
     python3 benchmarks/bench_llama_tp.py --model /tmp/llama8b --tp 1,2 --batches 32 --modes graph \
@@ -108,15 +109,28 @@ FP8_CONFIGS = {  # --fp8 LAYOUT: the quantization_config its published checkpoin
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+INT4_CONFIGS = {  # --int4 METHOD: the quantization_config AutoAWQ / GPTQModel write (groups of 128)
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True},
+}
+
+
 def make(
-    folder: Path, layers: int, fp8: str | None = None, shape: str = "8b", tokenizer_from: Path | None = None
+    folder: Path,
+    layers: int,
+    fp8: str | None = None,
+    shape: str = "8b",
+    tokenizer_from: Path | None = None,
+    int4: str | None = None,
 ) -> None:
     """A random bfloat16 checkpoint written fast, whatever its depth: one random block per tensor shape, and every
     tensor of that shape (each layer's, the embedding's and the LM head's) points at the same bytes of the file
     (fi_ffi's reader allows it; the ``safetensors`` package would not). The file holds about 1.3 GB for the 8B shape
     at any depth, while the engine still uploads every tensor to a buffer of its own, so the GPU reads as much per
     step as with distinct weights (the values do not matter for timing). ``shape``: a key of ``SHAPES``;
-    ``tokenizer_from``: a folder whose tokenizer files are copied beside the weights (a servable text checkpoint)."""
+    ``tokenizer_from``: a folder whose tokenizer files are copied beside the weights (a servable text checkpoint).
+    ``int4``: the projections as AWQ or GPTQ int4 (random codes, every zero 8, float16 scales of 2**-7: weights of
+    bf16 scale) in groups of 128."""
     cfg: dict[str, Any] = {
         "model_type": "llama",
         "max_position_embeddings": 8192,
@@ -159,6 +173,18 @@ def make(
                 shapes[name] = ("F8_E4M3", shape)  # type: ignore[assignment]
                 suffix = "weight_scale_inv" if fp8 == "block" else "weight_scale"
                 shapes[name[: -len("weight")] + suffix] = ("F32", scale_shape)  # type: ignore[assignment]
+    if int4 is not None:
+        cfg["quantization_config"] = INT4_CONFIGS[int4]
+        for name, shape in list(shapes.items()):
+            if name.rsplit(".", 2)[-2] in _PROJECTIONS:
+                n, k = shape
+                base = name[: -len("weight")]
+                del shapes[name]
+                packed = (k, n // 8) if int4 == "awq" else (k // 8, n)
+                shapes[base + "qweight"] = ("I32", packed)  # type: ignore[assignment]
+                shapes[base + "qzeros"] = ("I32-zeros", (k // 128, n // 8))  # type: ignore[assignment]
+                shapes[base + "scales"] = ("F16", (k // 128, n))  # type: ignore[assignment]
+    words = np.random.default_rng(2).integers(0, 1 << 32, 1 << 22, dtype=np.uint64).astype(np.uint32).view(np.int32)
     blobs: dict[tuple[Any, ...], tuple[int, np.ndarray]] = {}  # (dtype, shape) -> (offset, data)
     offset = 0
     header: dict[str, object] = {}
@@ -168,6 +194,12 @@ def make(
             size = int(np.prod(shape))
             if dtype == "F8_E4M3":
                 arr = np.resize(codes, size)
+            elif dtype == "I32":
+                arr = np.resize(words, size)
+            elif dtype == "I32-zeros":
+                arr = np.full(size, 0x88888888, np.uint32).view(np.int32)  # every zero 8
+            elif dtype == "F16":
+                arr = np.full(size, 2.0**-7, np.float16)
             elif dtype == "F32":
                 arr = np.full(size, 2.0**-8, np.float32)  # e4m3 codes up to 15.x, times 2**-8: weights of bf16 scale
             else:
@@ -175,7 +207,8 @@ def make(
             blobs[(dtype, shape)] = (offset, arr)
             offset += arr.nbytes
         at, arr = blobs[(dtype, shape)]
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [at, at + arr.nbytes]}
+        stored = dtype.split("-")[0]  # ("I32-zeros": an int32 tensor of other contents than the weights')
+        header[name] = {"dtype": stored, "shape": list(shape), "data_offsets": [at, at + arr.nbytes]}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     folder.mkdir(parents=True, exist_ok=True)
@@ -469,6 +502,7 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="8b", help="with --make: the model's shapes")
     ap.add_argument("--tokenizer-from", type=Path, help="with --make: copy this folder's tokenizer files beside it")
     ap.add_argument("--fp8", choices=sorted(FP8_CONFIGS), help="with --make: e4m3 projections in this scale layout")
+    ap.add_argument("--int4", choices=sorted(INT4_CONFIGS), help="with --make: int4 projections in this layout")
     ap.add_argument("--make-mixtral", type=Path, help="write a random Mixtral-shaped checkpoint here and exit")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--model", type=Path)
@@ -521,7 +555,7 @@ def main() -> None:
     add_hbm_tbs_argument(ap)
     args = ap.parse_args()
     if args.make:
-        make(args.make, args.layers, args.fp8, args.shape, args.tokenizer_from)
+        make(args.make, args.layers, args.fp8, args.shape, args.tokenizer_from, args.int4)
         return
     if args.make_mixtral:
         from bench_mixtral import make_checkpoint  # beside this file (the script's folder is on sys.path)

@@ -55,7 +55,7 @@ import numpy as np
 
 from fi_engine.values import MAX_SIZE, arg_int, show
 
-WEIGHT_FORMATS = ("16-bit", "fp8-row", "fp8-block")
+WEIGHT_FORMATS = ("16-bit", "fp8-row", "fp8-block", "int4")
 
 # ---------------------------------------------------------------------------------------------------------------
 # the numerator: bytes one decode step reads
@@ -65,7 +65,9 @@ def linear_bytes(n: int, k: int, weights: str = "16-bit", block: tuple[int, int]
     """The bytes of one linear layer's weight ``[n, k]`` (``n`` output rows, ``k`` input columns) in format
     ``weights``: ``"16-bit"`` (bfloat16/float16, ``2 n k``), ``"fp8-row"`` (e4m3 and one float32 scale per output
     row, ``n k + 4 n``; per-tensor scales count so too: the engine keeps them as one per row) or ``"fp8-block"``
-    (e4m3 and one float32 scale per ``block`` of rows x columns, ``n k + 4 ceil(n / bn) ceil(k / bk)``)."""
+    (e4m3 and one float32 scale per ``block`` of rows x columns, ``n k + 4 ceil(n / bn) ceil(k / bk)``) or ``"int4"``
+    (AWQ / GPTQ as the engine's int4 GEMV reads them: half a byte per weight and a 4-byte record, scale and zero, per
+    row and group of ``bk`` inputs, ``n k / 2 + 4 n ceil(k / bk)``; a group of the whole row: ``bk`` >= ``k``)."""
     n = arg_int("n", n, 1, MAX_SIZE)
     k = arg_int("k", k, 1, MAX_SIZE)
     if weights == "16-bit":
@@ -77,6 +79,9 @@ def linear_bytes(n: int, k: int, weights: str = "16-bit", block: tuple[int, int]
             raise TypeError(f"block: expected a (rows, columns) tuple of two ints, e.g. (128, 128), got {show(block)}")
         bn, bk = (arg_int("block", b, 1, MAX_SIZE) for b in block)
         return n * k + 4 * -(-n // bn) * -(-k // bk)
+    if weights == "int4":
+        bk = arg_int("block", block[1] if isinstance(block, tuple) and len(block) == 2 else block, 1, MAX_SIZE)
+        return n * k // 2 + 4 * n * -(-k // bk)
     raise ValueError(f"weights: expected one of {', '.join(WEIGHT_FORMATS)}, got {show(weights)}")
 
 
@@ -113,7 +118,7 @@ class DecoderShape:
         experts: routed experts per layer (0: a dense MLP); ``top_k`` of them per row.
         weights: the projections' format (:data:`WEIGHT_FORMATS`, see :func:`linear_bytes`); the router, norms and
             LM head are 16-bit in every format (FP8 checkpoints leave them so).
-        block: the ``fp8-block`` scales' block, (rows, columns).
+        block: the ``fp8-block`` scales' block, (rows, columns); for ``int4``, (1, the inputs of a group).
         window, window_layers: ``window_layers`` of the layers attend to the last ``window`` tokens only.
     """
 
@@ -141,7 +146,7 @@ class DecoderShape:
         linear_bytes(1, 1, self.weights, self.block)  # the format and block checked
 
 
-DEQUANTIZED_AT_LOAD = ("awq", "gptq", "mxfp4")
+DEQUANTIZED_AT_LOAD = ("mxfp4",)
 """The ``quant_method`` values whose weights the engine dequantizes to 16-bit as it reads them (what a step reads)."""
 
 
@@ -154,9 +159,10 @@ def shape_from_config(cfg: Any) -> DecoderShape:
     ``weight_block_size``); sliding windows from ``layer_types`` (``sliding_attention``) and ``sliding_window`` (a
     ``sliding_window`` without ``layer_types`` counts as full attention: the KV bytes of a long context are then
     over-counted).
-    AWQ / GPTQ int4 and MXFP4 checkpoints (:data:`DEQUANTIZED_AT_LOAD`) count as 16-bit: the engine dequantizes them
-    as it reads them. ValueError naming the key for what it cannot model (a missing size, another quantization,
-    shared experts, DeepSeek's latent attention)."""
+    AWQ / GPTQ checkpoints count as ``int4`` in groups of their ``group_size`` (the engine's int4 GEMV reads them as
+    stored); MXFP4 ones (:data:`DEQUANTIZED_AT_LOAD`) as 16-bit: the engine dequantizes them as it reads them.
+    ValueError naming the key for what it cannot model (a missing size, another quantization, shared experts,
+    DeepSeek's latent attention)."""
     from fi_engine.checkpoint.quantization import fp8_scheme
 
     if not isinstance(cfg, dict):
@@ -179,6 +185,10 @@ def shape_from_config(cfg: Any) -> DecoderShape:
     quantization = cfg.get("quantization_config")
     if isinstance(quantization, dict) and quantization.get("quant_method") in DEQUANTIZED_AT_LOAD:
         quantization = None  # (the engine dequantizes these to 16-bit as it reads them: a step reads 16-bit weights)
+    if isinstance(quantization, dict) and quantization.get("quant_method") in ("awq", "gptq"):
+        group = quantization.get("group_size", 128)
+        weights, block = "int4", (1, MAX_SIZE if group == -1 else arg_int("config 'group_size'", group, 1, MAX_SIZE))
+        quantization = None
     if quantization is not None:
         scheme = fp8_scheme(quantization, "config")
         if scheme is None:

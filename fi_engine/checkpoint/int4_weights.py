@@ -1,7 +1,9 @@
-"""AWQ and GPTQ int4 weights on the host: reading one projection's packed 4-bit weight, zeros and scales from a
-checkpoint in the layout its ``quantization_config`` names (:func:`read_int4_linear`), and dequantizing them to the
-model's 16-bit type (:meth:`Int4Matrix.dequantized`), which is how the engine serves them: W16A16 after load, with the
-memory and speed of 16-bit weights. A value module: nothing here touches a GPU.
+"""AWQ and GPTQ int4 weights: reading one projection's packed 4-bit weight, zeros and scales from a checkpoint in the
+layout its ``quantization_config`` names (:func:`read_int4_linear`), laying them out for the engine's int4 GEMV
+(:meth:`Int4Matrix.gemv_layout`, how the engine serves them by default: half a byte a weight), or dequantizing them
+to the model's 16-bit type (:meth:`Int4Matrix.dequantized`: W16A16 after load, with the memory and speed of 16-bit
+weights). A value module: nothing here touches a GPU unless handed CuPy (``xp``), which the engine's loader does to
+unpack and lay out the weights on the GPU.
 
 A projection ``<p>`` (e.g. ``model.layers.0.self_attn.q_proj``) of ``k`` inputs and ``n`` outputs (a 16-bit
 checkpoint's ``<p>.weight`` is ``[n, k]``) is stored as three tensors; ``G = ceil(k / group_size)`` groups of
@@ -28,14 +30,16 @@ would.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from .quantization import Int4Scheme
 from .safetensors import Checkpoint
 
-__all__ = ["AWQ_ORDER", "Int4Matrix", "read_int4_linear"]
+__all__ = ["AWQ_ORDER", "GEMV_TILE", "Int4Matrix", "decode_gemv_layout", "read_int4_linear"]
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 """AWQ's interleave: the 4-bit field ``j`` of an int32 (bits ``4j .. 4j+3``) holds column ``AWQ_ORDER[j]`` of the
@@ -47,22 +51,29 @@ _WAY_OUT = "serve a bfloat16 copy of this checkpoint"
 _LEVELS = np.arange(16, dtype=np.float32)  # the sixteen codes
 
 
-def _fields(packed: np.ndarray) -> np.ndarray:
+def array_module(a: Any) -> Any:
+    """The array module of ``a``: numpy for a numpy array, else the package its type comes from (CuPy for a CuPy
+    array: the readers and the layout below run on either, the engine's loader on the GPU)."""
+    return np if isinstance(a, np.ndarray) else sys.modules[type(a).__module__.split(".")[0]]
+
+
+def _fields(packed: Any) -> Any:
     """uint8 ``[..., m, 8]``: the eight 4-bit fields of each int32 of ``packed`` ``[..., m]``, the lowest bits first.
     Unpacked a byte at a time (the int32 little-endian, as safetensors stores it: byte ``b`` holds fields ``2b``
     and ``2b + 1``), a quarter of the memory traffic of shifting whole words."""
-    as_bytes = np.ascontiguousarray(packed, dtype="<i4").view(np.uint8).reshape(*packed.shape, 4)
-    out = np.empty((*as_bytes.shape, 2), np.uint8)
-    np.bitwise_and(as_bytes, 0xF, out=out[..., 0])
-    np.right_shift(as_bytes, 4, out=out[..., 1])
+    xp = array_module(packed)
+    as_bytes = xp.ascontiguousarray(packed, dtype="<i4").view(np.uint8).reshape(*packed.shape, 4)
+    out = xp.empty((*as_bytes.shape, 2), np.uint8)
+    xp.bitwise_and(as_bytes, 0xF, out=out[..., 0])
+    xp.right_shift(as_bytes, 4, out=out[..., 1])
     return out.reshape(*packed.shape, 8)
 
 
-def _float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+def _float32(raw: Any, dtype: str) -> Any:
     """A checkpoint array of ``dtype`` (bfloat16 as uint16 bits) as float32."""
     if dtype == "bfloat16":
-        return (np.asarray(raw).astype(np.uint32) << 16).view(np.float32)
-    return np.asarray(raw).astype(np.float32)
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32)
 
 
 def _to_16bit(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -112,6 +123,106 @@ class Int4Matrix:
             raise ValueError(f"the dequantized weight has values that are not finite in {dtype} (scales too large)")
         return np.ascontiguousarray(out)
 
+    def rows(self, start: int, stop: int) -> Int4Matrix:
+        """Output rows ``[start, stop)`` (a column-parallel shard), their zeros and scales with them."""
+        xp = array_module(self.codes)
+        return Int4Matrix(
+            xp.ascontiguousarray(self.codes[start:stop]),
+            xp.ascontiguousarray(self.zeros[:, start:stop]),
+            xp.ascontiguousarray(self.scales[:, start:stop]),
+            self.group_size,
+        )
+
+    def columns(self, start: int, stop: int) -> Int4Matrix:
+        """Inputs ``[start, stop)`` (a row-parallel shard) and their groups' zeros and scales. ValueError where the
+        shard does not begin and end on group boundaries (its groups would be cut), naming the group size."""
+        g = self.group_size
+        k = self.codes.shape[1]
+        if start % g or (stop % g and stop != k):
+            raise ValueError(
+                f"the inputs [{start}, {stop}) do not begin and end on the {g}-input groups of the int4 weight"
+            )
+        lo, hi = start // g, -(-stop // g)
+        if g == k:  # one group of the whole row: the shard keeps it, the same scale over fewer inputs
+            lo, hi, g = 0, 1, stop - start
+        xp = array_module(self.codes)
+        return Int4Matrix(
+            xp.ascontiguousarray(self.codes[:, start:stop]),
+            xp.ascontiguousarray(self.zeros[lo:hi]),
+            xp.ascontiguousarray(self.scales[lo:hi]),
+            g,
+        )
+
+    @staticmethod
+    def stacked(parts: list[Int4Matrix]) -> Int4Matrix:
+        """The matrices' output rows one after the other (q, k and v; gate and up). ValueError where their inputs
+        or group sizes differ."""
+        first = parts[0]
+        for m in parts[1:]:
+            if m.codes.shape[1] != first.codes.shape[1] or m.group_size != first.group_size:
+                raise ValueError(
+                    f"int4 weights of {m.codes.shape[1]} inputs in groups of {m.group_size} cannot be stacked with "
+                    f"ones of {first.codes.shape[1]} in groups of {first.group_size}"
+                )
+        xp = array_module(first.codes)
+        return Int4Matrix(
+            xp.concatenate([m.codes for m in parts]),
+            xp.concatenate([m.zeros for m in parts], axis=1),
+            xp.concatenate([m.scales for m in parts], axis=1),
+            first.group_size,
+        )
+
+    def gemv_layout(self) -> tuple[np.ndarray, np.ndarray]:
+        """The weight as the engine's int4 GEMV reads it (``csrc/int4_gemv.cu``, whose opening comment is the
+        layout's definition): ``(weights, records)``, uint8 ``[n, k / 2]`` (the codes of each row in 128-input tiles,
+        reordered for the tensor cores' fragments, two to a byte) and uint32 ``[n, G]`` (each group's float32 scale
+        rounded to 16 significant bits -- 16-bit scales are exact -- with the group's zero in its low 8 bits).
+        ValueError where the GEMV cannot take the shape (the caller dequantizes instead): ``k`` not a multiple of
+        128, or groups that are neither the whole row nor a power of two of at least 64 inputs."""
+        n, k = self.codes.shape
+        g = self.group_size
+        if k % GEMV_TILE or not (g == k or (g >= 64 and g & (g - 1) == 0 and k % g == 0)):
+            raise ValueError(
+                f"the int4 GEMV takes k a multiple of {GEMV_TILE} in groups of a power of two >= 64 inputs or one "
+                f"group a row; got k {k} in groups of {g}"
+            )
+        xp = array_module(self.codes)
+        # codes [n, tile, q, t, e] (input 128 tile + 16 q + 4 t + e) -> [n, tile, t, word, field]
+        a = self.codes.reshape(n, k // GEMV_TILE, 8, 4, 4).transpose(0, 1, 3, 2, 4)
+        fields = a[:, :, :, xp.asarray(_FIELD_STEP), xp.asarray(_FIELD_E)]  # [n, tile, t, 4 words, 8 fields]
+        pairs = fields.reshape(n, k // GEMV_TILE, 4, 4, 4, 2)  # (fields 2b, 2b + 1) -> byte b of the word
+        weights = (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8).reshape(n, k // 2)
+        bits = xp.ascontiguousarray(self.scales.T, np.float32).view(np.uint32).astype(np.uint64)
+        rounded = ((bits + 0x80) & 0xFFFFFF00).astype(np.uint32)  # to nearest (a carry moves into the exponent)
+        records = rounded | self.zeros.T.astype(np.uint32)
+        return xp.ascontiguousarray(weights), xp.ascontiguousarray(records)
+
+
+GEMV_TILE = 128
+"""The inputs of one tile of the int4 GEMV's layout (:meth:`Int4Matrix.gemv_layout`): ``k`` is a multiple of it."""
+
+# field f (0..7) of lane word v holds step 2 v + _STEP[f] and input e = _E[f] of that step (csrc/int4_gemv.cu)
+_STEP = np.array([0, 0, 1, 1, 0, 0, 1, 1])
+_E = np.array([0, 2, 0, 2, 1, 3, 1, 3])
+_FIELD_STEP = 2 * np.arange(4)[:, None] + _STEP[None, :]  # [word, field] -> step q of the tile
+_FIELD_E = np.broadcast_to(_E, (4, 8))
+
+
+def decode_gemv_layout(weights: np.ndarray, records: np.ndarray, k: int) -> np.ndarray:
+    """float32 ``[n, k]``: what :meth:`Int4Matrix.gemv_layout`'s ``(weights, records)`` stand for, each weight
+    ``(code - zero) * scale`` read back from the layout (the reference the GPU kernels' tests compare with)."""
+    n = weights.shape[0]
+    low, high = weights & 0xF, weights >> 4
+    fields = np.stack([low, high], axis=-1).reshape(n, k // GEMV_TILE, 4, 4, 8)  # [n, tile, t, word, field]
+    laid = np.empty((n, k // GEMV_TILE, 4, 8, 4), np.uint8)  # [n, tile, t, q, e]
+    laid[:, :, :, _FIELD_STEP, _FIELD_E] = fields
+    codes = laid.transpose(0, 1, 3, 2, 4).reshape(n, k)
+    groups = records.shape[1]
+    scales = (records & 0xFFFFFF00).view(np.float32)
+    zeros = (records & 0xFF).astype(np.float32)
+    per_input = np.repeat(np.arange(groups), k // groups)
+    return (codes.astype(np.float32) - zeros[:, per_input]) * scales[:, per_input]
+
 
 def _tensor(ckpt: Checkpoint, name: str, dtypes: tuple[str, ...], shape: tuple[int, ...], want: str) -> np.ndarray:
     """Tensor ``name`` of one of ``dtypes`` and of ``shape``; ValueError naming it, what was expected and the fix."""
@@ -125,11 +236,15 @@ def _tensor(ckpt: Checkpoint, name: str, dtypes: tuple[str, ...], shape: tuple[i
     return np.asarray(ckpt.array(name))
 
 
-def read_int4_linear(ckpt: Checkpoint, scheme: Int4Scheme, prefix: str, shape: tuple[int, int]) -> Int4Matrix:
+def read_int4_linear(
+    ckpt: Checkpoint, scheme: Int4Scheme, prefix: str, shape: tuple[int, int], xp: Any = np
+) -> Int4Matrix:
     """The int4 projection ``prefix`` of ``shape`` ``(n, k)`` (outputs, inputs: a 16-bit ``<prefix>.weight``'s)
-    read from ``ckpt`` in ``scheme``'s layout (the module docstring) and unpacked. ValueError naming the tensor, what
-    was expected and the fix: a tensor missing, of another dtype or shape, ``n`` (or GPTQ's ``k``) not a multiple of 8,
-    a scale that is not finite, a GPTQ ``g_idx`` that is not ``i // group_size``."""
+    read from ``ckpt`` in ``scheme``'s layout (the module docstring) and unpacked with array module ``xp`` (numpy;
+    or CuPy: the packed tensors are copied to the GPU as stored and unpacked there, the matrix's arrays CuPy's).
+    ValueError naming the tensor, what was expected and the fix: a tensor missing, of another dtype or shape, ``n``
+    (or GPTQ's ``k``) not a multiple of 8, a scale that is not finite, a GPTQ ``g_idx`` that is not
+    ``i // group_size``."""
     n, k = shape
     awq = scheme.method == "awq"
     g = k if scheme.group_size == -1 else scheme.group_size
@@ -140,18 +255,20 @@ def read_int4_linear(ckpt: Checkpoint, scheme: Int4Scheme, prefix: str, shape: t
             f"model: {prefix!r} has {n} outputs and {k} inputs; int4 packs eight {packed} to an int32, so they must "
             f"be a multiple of 8; {scheme.method.upper()} cannot hold this shape"
         )
+    order = xp.asarray(_AWQ_FIELD_OF_COLUMN)
     if awq:  # [k, n/8, 8] (input i, column 8c + AWQ_ORDER[j]) -> [n/8, 8, k] with the eight columns in order
-        fields = _fields(_tensor(ckpt, prefix + ".qweight", ("int32",), (k, n // 8), "AWQ-packed weights"))
-        codes = fields.transpose(1, 2, 0)[:, _AWQ_FIELD_OF_COLUMN, :].reshape(n, k)
+        fields = _fields(xp.asarray(_tensor(ckpt, prefix + ".qweight", ("int32",), (k, n // 8), "AWQ-packed weights")))
+        codes = fields.transpose(1, 2, 0)[:, order, :].reshape(n, k)
     else:  # [k/8, n, 8] (input 8r + j, column o) -> [n, k/8, 8]
-        fields = _fields(_tensor(ckpt, prefix + ".qweight", ("int32",), (k // 8, n), "GPTQ-packed weights"))
-        codes = np.ascontiguousarray(fields.transpose(1, 0, 2)).reshape(n, k)
-    zero_fields = _fields(_tensor(ckpt, prefix + ".qzeros", ("int32",), (groups, n // 8), "packed zeros"))
-    zeros = (zero_fields[..., _AWQ_FIELD_OF_COLUMN] if awq else zero_fields).reshape(groups, n) + scheme.zero_offset
+        qweight = _tensor(ckpt, prefix + ".qweight", ("int32",), (k // 8, n), "GPTQ-packed weights")
+        codes = xp.ascontiguousarray(_fields(xp.asarray(qweight)).transpose(1, 0, 2)).reshape(n, k)
+    packed_zeros = _tensor(ckpt, prefix + ".qzeros", ("int32",), (groups, n // 8), "packed zeros")
+    zero_fields = _fields(xp.asarray(packed_zeros))
+    zeros = (zero_fields[..., order] if awq else zero_fields).reshape(groups, n) + scheme.zero_offset
     scale_name = prefix + ".scales"
-    raw = _tensor(ckpt, scale_name, _SCALE_TYPES, (groups, n), "one scale per group and output")
+    raw = xp.asarray(_tensor(ckpt, scale_name, _SCALE_TYPES, (groups, n), "one scale per group and output"))
     scales = _float32(raw, ckpt.info(scale_name).dtype)
-    if not np.isfinite(scales).all():
+    if not bool(xp.isfinite(scales).all()):
         raise ValueError(f"model: tensor {scale_name!r} holds a scale that is not finite")
     if not awq and prefix + ".g_idx" in ckpt:
         g_idx = _tensor(ckpt, prefix + ".g_idx", ("int32", "int64"), (k,), "each input's group")
@@ -160,4 +277,4 @@ def read_int4_linear(ckpt: Checkpoint, scheme: Int4Scheme, prefix: str, shape: t
                 f"model: tensor {prefix + '.g_idx'!r} does not give input i the group i // {g} (act-order groups, "
                 f"which this engine does not serve); {_WAY_OUT}"
             )
-    return Int4Matrix(np.ascontiguousarray(codes), zeros.astype(np.uint8), scales, g)
+    return Int4Matrix(xp.ascontiguousarray(codes), zeros.astype(np.uint8), scales, g)

@@ -69,7 +69,7 @@ class Int4Scheme:
         """The layout in words, as the start-up line and the refusals name it."""
         name = "AWQ" if self.method == "awq" else "GPTQ" if self.zero_offset else "GPTQ v2"
         groups = "one group per column" if self.group_size == -1 else f"groups of {self.group_size}"
-        return f"{name} int4 weights ({groups}), dequantized to 16-bit at load"
+        return f"{name} int4 weights ({groups}), read as stored by the int4 GEMV"
 
 
 def _show(value: Any) -> str:

@@ -41,6 +41,7 @@ from .cublas import (
 )
 from .cuda_sources import functions, source
 from .fp8_linear import FP8_GEMV_MAX_ROWS, PAIR_MAX_ROWS, PAIR_ROPE, PAIR_SILU
+from .int4_linear import INT4_GEMV_MAX_ROWS
 
 __all__ = [
     "ADD_NORM",
@@ -327,6 +328,8 @@ class Dense:
     # Dense without its GPU __init__)
     _fp8: Any = None
     _fp8_weights: Mapping[int, Any] = MappingProxyType({})
+    _int4: Any = None  # and no int4 weight until add_int4_weight
+    _int4_weights: Mapping[int, Any] = MappingProxyType({})
 
     pdl = True
     """The prepared GEMV launches (the fused decode step's) use programmatic dependent launch on Hopper and later:
@@ -425,6 +428,8 @@ class Dense:
         # by device address (empty: no FP8 weight)
         self._fp8 = None
         self._fp8_weights = MappingProxyType({})
+        self._int4 = None  # the int4 weights' (int4_linear.Int4Linears, made by the first add_int4_weight)
+        self._int4_weights = MappingProxyType({})
         self._flush: Any = None  # 64 MiB written between timed runs: each reads its weight from HBM, not L2
         try:  # the small-row GEMV (see linear); a GPU or driver it cannot serve leaves it off
             from fi_ffi.cuda import libcuda, libcuda_ffi
@@ -663,6 +668,15 @@ class Dense:
             if packed:
                 fn, grid, threads, params, values = packed
                 return self._prepared(fn, grid, threads, 0, params, values, "fp8 gemv", pdl=True)
+        int4 = self._int4_weights.get(w)
+        if int4 is not None:
+            if self.gemv and rows <= min(INT4_GEMV_MAX_ROWS, self.int4_gemv_max_rows):
+                self._check_quantized_call(int4, "int4", n, k, ab_type, c_type)
+                packed = self._int4.gemv(rows, x, x_ld, int4, y, y_ld, ab_type == CUDA_R_16BF, c_type == CUDA_R_32F)
+                if packed:
+                    fn, grid, threads, params, values = packed
+                    return self._prepared(fn, grid, threads, 0, params, values, "int4 gemv", pdl=True)
+            return lambda: self.linear(*args)
         packed = self._pack_gemv(args) if fp8 is None and self.gemv and rows <= GEMV_MAX_ROWS else ()
         if not packed:
             return lambda: self.linear(*args)
@@ -784,6 +798,8 @@ class Dense:
         if fn is None:
             why = "compiled (closed, or NVRTC refused them)" if not self._fused_fns else "for these types"
             raise ValueError(f"ab_type, c_type: no fused GEMV {why} ({ab_type}, {c_type}, mode {mode})")
+        if self._int4_weights and w in self._int4_weights:
+            raise ValueError("w: the fused GEMVs read 16-bit or FP8 weights; this one is registered as int4")
         fp8 = self._fp8_weights.get(w) if self._fp8_weights else None
         if fp8 is not None:  # e4m3 weights: the same prologue before the FP8 GEMV (fp8_linear)
             if mode & _PAIRS:
@@ -1063,11 +1079,16 @@ class Dense:
         Linear weight); pointers as ints, leading dimensions (row strides) in elements; ``ab_type``/``c_type``:
         cudaDataType_t of x and w / of y. Accumulates in float32 (as torch's float16/bfloat16 matmul).
         ``accumulate``: ``y += x @ w.T`` (y's old values join the float32 sum). A ``w`` registered with
-        :meth:`add_fp8_weight` is read as e4m3 times its scales."""
+        :meth:`add_fp8_weight` is read as e4m3 times its scales, one registered with :meth:`add_int4_weight` as int4."""
         if self._fp8_weights:  # empty unless FP8 weights were registered: one truth test on the 16-bit path
             fp8 = self._fp8_weights.get(w)
             if fp8 is not None:
                 self._fp8_linear(rows, x, x_ld, fp8, n, k, y, y_ld, ab_type, c_type, accumulate)
+                return
+        if self._int4_weights:  # (the same for int4 weights)
+            int4 = self._int4_weights.get(w)
+            if int4 is not None:
+                self._int4_linear(rows, x, x_ld, int4, n, k, y, y_ld, ab_type, c_type, accumulate)
                 return
         if (
             self.gemv
@@ -1267,11 +1288,17 @@ class Dense:
 
     @staticmethod
     def _check_fp8_call(fp8: Any, n: int, k: int, ab_type: int, c_type: int) -> None:
-        if (n, k) != (fp8.n, fp8.k):
-            raise ValueError(f"n, k: the FP8 weight at 0x{fp8.w:x} is [{fp8.n}, {fp8.k}], the call says [{n}, {k}]")
+        Dense._check_quantized_call(fp8, "FP8", n, k, ab_type, c_type)
+
+    @staticmethod
+    def _check_quantized_call(wt: Any, kind: str, n: int, k: int, ab_type: int, c_type: int) -> None:
+        """ValueError where a call over the registered ``kind`` weight ``wt`` (FP8, int4) gives other shapes or
+        types than it serves."""
+        if (n, k) != (wt.n, wt.k):
+            raise ValueError(f"n, k: the {kind} weight at 0x{wt.w:x} is [{wt.n}, {wt.k}], the call says [{n}, {k}]")
         if ab_type not in (CUDA_R_16BF, CUDA_R_16F) or c_type not in (ab_type, CUDA_R_32F):
             raise ValueError(
-                f"ab_type, c_type: FP8 weights take bfloat16 or float16 activations and give the same type or "
+                f"ab_type, c_type: {kind} weights take bfloat16 or float16 activations and give the same type or "
                 f"float32, got cudaDataType {ab_type} -> {c_type}"
             )
 
@@ -1304,6 +1331,71 @@ class Dense:
         if gemv and self._fp8_gemv(rows, x, x_ld, fp8, y, y_ld, bf16, c_type):
             return
         weight = self._fp8.dequantize(fp8, bf16, self._null)
+        on, self.gemv = self.gemv, False  # the 16-bit GEMM (cuBLASLt / cuBLAS) on the dequantized scratch
+        try:
+            self.linear(rows, x, x_ld, weight, n, k, y, y_ld, ab_type, c_type, accumulate)
+        finally:
+            self.gemv = on
+
+    def add_int4_weight(self, w: int, n: int, k: int, records: int, group_size: int) -> None:
+        """Serve the int4 weight ``[n, k]`` at device address ``w`` in the int4 GEMV's layout (``[n, k / 2]`` bytes
+        with its uint32 ``records`` ``[n, k / group_size]``: :meth:`~fi_engine.checkpoint.int4_weights.Int4Matrix.
+        gemv_layout`): from now on :meth:`linear` (and :meth:`prepared_linear`) with this ``w`` compute ``x @
+        ((code - zero) * scale).T`` (:mod:`~fi_engine.kernels.int4_linear`: a GEMV reading the codes for at most
+        :attr:`int4_gemv_max_rows` rows, else the weight dequantized into a 16-bit scratch and the 16-bit GEMM).
+        ``n`` and ``k`` as the calls pass them. Register before any step (the scratch may grow); the weight must
+        stay allocated until :meth:`remove_int4_weight` or :meth:`close`. ValueError naming a bad argument (see
+        ``Int4Linears.add``); RuntimeError where the GPU cannot run the GEMV."""
+        if self._int4 is None:
+            from .int4_linear import Int4Linears
+
+            self._int4 = Int4Linears(self._launch, self._driver_ffi, self._stream)
+        self._int4.add(w, n, k, records, group_size)
+        self._int4_weights = self._int4.weights
+
+    def remove_int4_weight(self, w: int) -> None:
+        """Undo :meth:`add_int4_weight` for ``w`` (before freeing it); unknown addresses: nothing happens."""
+        if self._int4 is not None:
+            self._int4.remove(w)
+
+    @property
+    def serves_int4(self) -> bool:
+        """Whether any weight was registered with :meth:`add_int4_weight`."""
+        return bool(self._int4_weights)
+
+    def has_int4_weight(self, w: int) -> bool:
+        """Whether the weight at device address ``w`` is registered as int4 (:meth:`add_int4_weight`)."""
+        return w in self._int4_weights
+
+    int4_gemv_max_rows = INT4_GEMV_MAX_ROWS
+    """Linears of int4 weights over at most this many rows (and no ``accumulate``) run the int4 GEMV, reading the
+    codes as stored; more rows dequantize the weight into a 16-bit scratch matrix and run the 16-bit GEMM. Read at
+    each call and when a call site is packed."""
+
+    def _int4_linear(
+        self,
+        rows: int,
+        x: int,
+        x_ld: int,
+        int4: Any,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        c_type: int,
+        accumulate: bool,
+    ) -> None:
+        """:meth:`linear` of a registered int4 weight: the int4 GEMV for at most :attr:`int4_gemv_max_rows` rows,
+        else dequantize + 16-bit GEMM."""
+        self._check_quantized_call(int4, "int4", n, k, ab_type, c_type)
+        bf16 = ab_type == CUDA_R_16BF
+        if not accumulate and rows <= min(INT4_GEMV_MAX_ROWS, self.int4_gemv_max_rows) and self.gemv:
+            packed = self._int4.gemv(rows, x, x_ld, int4, y, y_ld, bf16, c_type == CUDA_R_32F)
+            if packed:
+                self._int4.run_gemv(packed, self._null)
+                return
+        weight = self._int4.dequantize(int4, bf16, self._null)
         on, self.gemv = self.gemv, False  # the 16-bit GEMM (cuBLASLt / cuBLAS) on the dequantized scratch
         try:
             self.linear(rows, x, x_ld, weight, n, k, y, y_ld, ab_type, c_type, accumulate)
@@ -1478,6 +1570,8 @@ class Dense:
         self._fused_fns = {}  # fused_linear refuses after close (fused_fits is False)
         if self._fp8 is not None:
             self._fp8.close()
+        if self._int4 is not None:
+            self._int4.close()
         self._lt_shape = None
         lt, self._lt = self._lt, None  # `lt = True` after close cannot bring back a destroyed cuBLASLt handle
         if lt is not None:

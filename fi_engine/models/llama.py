@@ -10,9 +10,10 @@ CuPy for device memory and two small kernels.
     print(result.tokens, result.tokens_per_s, result.host_us_per_step)
 
 The model (``config.json`` + ``*.safetensors``, float16 or bfloat16; dense models also with FP8 projections, or AWQ /
-GPTQ int4 ones dequantized to the 16-bit type as they are read): token embedding; per layer RMSNorm,
-fused QKV projection, (Qwen3: per-head RMSNorm of q and k,) RoPE (plain or Llama 3.1 scaled) on q and k, K/V
-appended to the paged cache, attention (causal batch prefill, or batch decode) with GQA, output projection, fused
+GPTQ int4 ones, served as stored by the engine's int4 GEMV where it takes their shape, else dequantized to the 16-bit
+type as they are read: :attr:`~fi_engine.runtime.model_runner.ModelRunner.int4_as_stored`): token embedding; per
+layer RMSNorm, fused QKV projection, (Qwen3: per-head RMSNorm of q and k,) RoPE (plain or Llama 3.1 scaled) on q and
+k, K/V appended to the paged cache, attention (causal batch prefill, or batch decode) with GQA, output projection, fused
 residual-add + RMSNorm, fused gate/up projection, SiLU-and-mul, down projection (Mixtral, Qwen3-MoE: the
 mixture-of-experts layer of :mod:`fi_engine.layers.moe` instead); final RMSNorm; LM head (tied to the embedding or
 not) with float32 logits; greedy argmax or top-k/top-p sampling. Model types: ``llama``, ``qwen3``, ``mixtral``,
@@ -96,8 +97,6 @@ class Llama(MoEPaths, ModelFamily):
         self.check_moe_path(cfg)
 
     def load(self, eng: ModelRunner, ckpt: Checkpoint) -> None:
-        from ..layers.tensor_parallel import columns, rows
-
         c = eng.model_config  # the checkpoint's shapes; this rank keeps its shard
         hq, hk, d, h, inter = c.num_qo_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size
         r, n = eng.rank, eng.tensor_parallel
@@ -108,8 +107,10 @@ class Llama(MoEPaths, ModelFamily):
                 f"model: weights are {dtype}; this engine serves float16 or bfloat16 checkpoints "
                 f"(save the model in one of them)"
             )
-        # every upload kept alive by eng.device_arrays; AWQ/GPTQ int4 projections dequantized to dtype as read
+        # every upload kept alive by eng.device_arrays; AWQ/GPTQ int4 projections kept int4 for the int4 GEMV
+        # (ModelRunner.int4_as_stored) or dequantized to dtype as read
         w = WeightLoader.for_engine(eng, ckpt, dtype, c.int4)
+        int4_dense = eng.dense if c.int4 is not None and eng.int4_as_stored else None
         vs = eng.vocab_shard
         fp8 = c.fp8  # an Fp8Scheme: the projections are e4m3 (fi_engine.checkpoint.fp8_weights), the rest 16-bit
 
@@ -139,13 +140,10 @@ class Llama(MoEPaths, ModelFamily):
                 eng.wqkv.append(fp8_linear(qkv_parts))
                 eng.wo.append(fp8_linear([(a + "o_proj", (h, hq * d))]))
             else:
-                qkv = [
-                    rows(w.linear(p + "self_attn.q_proj", (hq * d, h)), r, n),
-                    rows(w.linear(p + "self_attn.k_proj", (hk * d, h)), r, n),
-                    rows(w.linear(p + "self_attn.v_proj", (hk * d, h)), r, n),
-                ]
-                eng.wqkv.append(w.ptr(np.concatenate(qkv)))
-                eng.wo.append(w.ptr(columns(w.linear(p + "self_attn.o_proj", (h, hq * d)), r, n)))
+                a = p + "self_attn."
+                qkv_parts = [(a + "q_proj", (hq * d, h)), (a + "k_proj", (hk * d, h)), (a + "v_proj", (hk * d, h))]
+                eng.wqkv.append(w.projection(int4_dense, qkv_parts, r, n, 0))
+                eng.wo.append(w.projection(int4_dense, [(a + "o_proj", (h, hq * d))], r, n, 1))
             if c.qk_norm:  # per head_dim: every rank keeps the whole vector
                 eng.q_norm.append(w.vector(w.get(p + "self_attn.q_norm.weight", (d,))))
                 eng.k_norm.append(w.vector(w.get(p + "self_attn.k_norm.weight", (d,))))
@@ -155,12 +153,9 @@ class Llama(MoEPaths, ModelFamily):
                 eng.wgu.append(fp8_linear([(p + "mlp.gate_proj", (inter, h)), (p + "mlp.up_proj", (inter, h))]))
                 eng.wd.append(fp8_linear([(p + "mlp.down_proj", (h, inter))]))
             else:
-                gate_up = [
-                    rows(w.linear(p + "mlp.gate_proj", (inter, h)), r, n),
-                    rows(w.linear(p + "mlp.up_proj", (inter, h)), r, n),
-                ]
-                eng.wgu.append(w.ptr(np.concatenate(gate_up)))
-                eng.wd.append(w.ptr(columns(w.linear(p + "mlp.down_proj", (h, inter)), r, n)))
+                gate_up = [(p + "mlp.gate_proj", (inter, h)), (p + "mlp.up_proj", (inter, h))]
+                eng.wgu.append(w.projection(int4_dense, gate_up, r, n, 0))
+                eng.wd.append(w.projection(int4_dense, [(p + "mlp.down_proj", (h, inter))], r, n, 1))
             eng.ln1.append(w.vector(w.get(p + "input_layernorm.weight", (h,))))
             eng.ln2.append(w.vector(w.get(p + "post_attention_layernorm.weight", (h,))))
         eng.final_norm = w.vector(w.get("model.norm.weight", (h,)))

@@ -1,6 +1,6 @@
 """Checkpoint tensors onto the GPU for the family engines (Llama, Gemma 2, gpt-oss, DeepSeek): dtype-checked reads
-(a projection's AWQ/GPTQ int4 weight dequantized to the 16-bit type), uploads kept alive by the engine, and fi_ffi
-descriptors of weight vectors."""
+(a projection's AWQ/GPTQ int4 weight kept int4 for the engine's int4 GEMV, or dequantized to the 16-bit type),
+uploads kept alive by the engine, and fi_ffi descriptors of weight vectors."""
 
 from __future__ import annotations
 
@@ -68,6 +68,60 @@ class WeightLoader:
         except ValueError as exc:
             raise ValueError(f"model: {prefix!r}: {exc}; serve a bfloat16 copy of this checkpoint") from None
 
+    def projection(self, dense: Any, parts: list[tuple[str, tuple[int, int]]], rank: int, ranks: int, axis: int) -> int:
+        """The device address of the projections ``parts`` (``(prefix, (n, k))`` each: q, k and v; gate and up)
+        stacked by output rows, each cut to this rank's shard: ``axis`` 0 its block of output rows
+        (column-parallel), 1 its block of inputs (row-parallel); ``ranks`` 1 keeps them whole. Int4 projections stay
+        int4, in the int4 GEMV's layout and registered with ``dense``
+        (:meth:`~fi_engine.kernels.dense.Dense.add_int4_weight`), where ``dense`` is given (the engine serves int4
+        as stored), every part is int4 and the GEMV takes the stack's shape and its GPU; otherwise each part is read
+        as :meth:`linear` reads it (int4 dequantized) and the stack uploaded in the 16-bit type."""
+        from ..layers.tensor_parallel import columns, rows
+
+        stored = self._int4_projection(dense, parts, rank, ranks, axis) if dense is not None else None
+        if stored is not None:
+            return stored
+        cut = rows if axis == 0 else columns
+        shards = [cut(self.linear(prefix, shape), rank, ranks) for prefix, shape in parts]
+        return self.ptr(shards[0] if len(shards) == 1 else np.concatenate(shards))
+
+    def _int4_projection(
+        self, dense: Any, parts: list[tuple[str, tuple[int, int]]], rank: int, ranks: int, axis: int
+    ) -> int | None:
+        """:meth:`projection` kept int4 (its device address), or None where it cannot be (the caller dequantizes)."""
+        if self.int4 is None or any(prefix + ".qweight" not in self.ckpt for prefix, _ in parts):
+            return None
+        from ..checkpoint.int4_weights import Int4Matrix, read_int4_linear
+
+        # unpacked and laid out on the GPU where the loader uploads with CuPy (an 8B model: seconds, not minutes of
+        # numpy); the host tests' stand-in uploads are numpy's
+        xp = self.cp if hasattr(self.cp, "concatenate") else np
+        shards = []
+        for prefix, shape in parts:
+            m = read_int4_linear(self.ckpt, self.int4, prefix, shape, xp)
+            size = shape[axis]
+            if size % ranks:
+                return None  # (the 16-bit path's cut names the shape)
+            lo, hi = rank * size // ranks, (rank + 1) * size // ranks
+            try:
+                shards.append(m.rows(lo, hi) if axis == 0 else m.columns(lo, hi))
+            except ValueError:  # a shard that cuts a group
+                return None
+        matrix = Int4Matrix.stacked(shards) if len(shards) > 1 else shards[0]
+        try:
+            weights, records = matrix.gemv_layout()
+        except ValueError:  # a shape the GEMV does not take
+            return None
+        w, r = self.upload(weights), self.upload(records)
+        n, k = matrix.codes.shape
+        try:
+            dense.add_int4_weight(int(w.data.ptr), n, k, int(r.data.ptr), matrix.group_size)
+        except RuntimeError:  # a GPU the GEMV cannot run on
+            self.keep.remove(w)
+            self.keep.remove(r)
+            return None
+        return int(w.data.ptr)
+
     def mismatch_hint(self, got: str) -> str:
         """What :meth:`get`'s refusal of a tensor of dtype ``got`` adds after naming it (a subclass may say more)."""
         return "; mixed-precision checkpoints are not supported"
@@ -88,9 +142,9 @@ class WeightLoader:
         eng.lm_head = eng.embed if tied else self.ptr(table("lm_head.weight"))
         eng.head_rows = c.vocab_size if vs is None else vs.rows
 
-    def upload(self, arr: np.ndarray) -> Any:
-        """A device copy of ``arr`` (kept alive with the engine)."""
-        dev = self.cp.asarray(np.ascontiguousarray(arr))
+    def upload(self, arr: Any) -> Any:
+        """A device copy of ``arr`` (kept alive with the engine; a device array already: itself, kept)."""
+        dev = self.cp.asarray(np.ascontiguousarray(arr) if isinstance(arr, np.ndarray) else arr)
         self.keep.append(dev)
         return dev
 

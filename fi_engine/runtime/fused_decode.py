@@ -148,8 +148,8 @@ class FusedDecode(RunnerState):
 
         from ..kernels.dense import ADD_NORM, NORM, SILU
 
-        if self.dense.serves_fp8 and not self.dense.fp8_fused:
-            return self._fp8_fused_calls(v, rows)
+        if (self.dense.serves_fp8 and not self.dense.fp8_fused) or self.dense.serves_int4:
+            return self._fp8_fused_calls(v, rows)  # (int4 weights: no fused GEMV reads them)
         c, b, dense, s = self.config, self.buffers, self.dense, self.stream_ptr
         h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, self.gemm_type
         x, qkv, attn, gu, act = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr, b.act.data.ptr
@@ -234,7 +234,8 @@ class FusedDecode(RunnerState):
         return embed, layers, head
 
     def _fp8_fused_calls(self, v: SimpleNamespace, rows: int) -> tuple[Any, list[tuple[list[Any], list[Any]]], Any]:
-        """:meth:`_fused_calls` over FP8 weights (``Dense.fp8_epilogues``; dense layers): per layer the input norm as
+        """:meth:`_fused_calls` over FP8 weights (``Dense.fp8_epilogues``; dense layers), and over int4 weights (every
+        GEMV the int4 GEMV, RoPE, the KV append and SiLU launches of their own: 9 a layer): per layer the input norm as
         a launch of its own (``fused_add_rmsnorm`` in place, ``h += x`` and ``x`` its norm; the first layer's
         ``rmsnorm`` of the embedding rows), the QKV GEMV with RoPE and the KV append as its epilogue
         (``Dense.prepared_fp8_qkv_rope``), the attention, the O GEMV, the post-attention norm, the gate/up GEMV

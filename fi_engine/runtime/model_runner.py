@@ -77,6 +77,14 @@ class ModelRunner(StepGraphs, FusedDecode, Storage):
     plans order their copies on the stream: ``ModelFamily.plans_ahead``).
     """
 
+    int4_as_stored = True
+    """AWQ / GPTQ int4 projections (the dense Llama family's) stay int4 on the GPU, read by the engine's int4 GEMV
+    (:mod:`~fi_engine.kernels.int4_linear`: about a quarter of a 16-bit weight's bytes a decode step); False:
+    dequantized to the 16-bit type at load, as a 16-bit checkpoint is served. A projection the GEMV cannot take
+    (inputs not a multiple of 128, groups neither a power of two >= 64 nor the whole row, a tensor-parallel shard
+    that cuts a group, a GPU below SM 8.0) is dequantized either way. Read at load (set it on the class, before the
+    engine is made, to compare)."""
+
     def __init__(self, family: ModelFamily, model_dir: str | Path, settings: EngineSettings) -> None:
         self._configure(family, model_dir, settings)
         _require_gpu(settings.device)  # before CuPy: its CUDARuntimeError would name neither the cause nor the fix

@@ -6,13 +6,17 @@ has its seven projections per layer quantized to int4 and written the way the pu
 (helpers.int4_checkpoints): AWQ (GEMM packing, groups of 128, untied LM head), GPTQ v1 (symmetric, groups of 64, the
 zeros stored minus one, tied head) and GPTQ v2 (asymmetric, groups of 128, untied head). Each is also written as a
 float16 checkpoint of exactly the weights it dequantizes to (``(q - z) * s`` in float32, rounded once to float16: the
-CPU suite, tests/engine/test_int4_weights.py, proves the reader computes the same bits). The engine dequantizes the
-int4 projections as it reads them and then serves 16-bit weights, so on the two checkpoints it runs the same kernels
-over the same bits:
+CPU suite, tests/engine/test_int4_weights.py, proves the reader computes the same bits).
 
-- prefill logits (``prefill_logits``, 5 prompts of 1 to 50 tokens), eager and with CUDA graphs: **bit-equal** (the
-  tolerance is zero: a single weight read differently would show);
-- greedy decoding (4 rows, then 1 row, eager and as the decode CUDA graph): the same tokens, step for step;
+- prefill logits (``prefill_logits``, 5 prompts of 1 to 50 tokens: 107 rows), eager and with CUDA graphs:
+  **bit-equal** to the dequantized checkpoint's (the tolerance is zero: a single weight read differently would show).
+  A prefill of more than 32 rows dequantizes each int4 weight on the GPU into the same float16 bits and runs the same
+  GEMM over them;
+- greedy decoding with the projections dequantized at load (``ModelRunner.int4_as_stored`` False; 4 rows, then 1
+  row, eager and as the decode CUDA graph): the same tokens as the dequantized checkpoint, step for step;
+- greedy decoding served as stored (the int4 GEMV, the default): each token the dequantized checkpoint's top choice
+  at that position up to a near tie (the GEMV's sums are float32 over the exact weights, so its logits are not the
+  float16 copy's bits); a short prefill (the GEMV too) within 2 % of its logits;
 - the int4 model is not the original: its logits differ from the unquantized float16 model's (by the 4-bit rounding,
   printed), so the comparison above is not of two copies of one checkpoint.
 """
@@ -34,6 +38,7 @@ from helpers.random_llama import VOCAB, save_random_llama  # noqa: E402
 from helpers.yardstick import prompts  # noqa: E402
 
 from fi_engine.models.llama import LlamaEngine  # noqa: E402
+from fi_engine.runtime.model_runner import ModelRunner  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -80,14 +85,59 @@ def test_prefill_logits_equal_the_dequantized_float16_checkpoints(checkpoints, g
     assert off > 0.0
 
 
+@pytest.fixture
+def dequantize_at_load():  # type: ignore[no-untyped-def]
+    """The engines made inside dequantize their int4 projections at load (``ModelRunner.int4_as_stored`` False)."""
+    ModelRunner.int4_as_stored = False
+    try:
+        yield
+    finally:
+        ModelRunner.int4_as_stored = True
+
+
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
-def test_greedy_decoding_gives_the_dequantized_checkpoints_tokens(checkpoints, graph: bool) -> None:  # type: ignore[no-untyped-def]
+def test_dequantized_at_load_greedy_decoding_gives_the_dequantized_checkpoints_tokens(
+    checkpoints, graph: bool, dequantize_at_load
+) -> None:  # type: ignore[no-untyped-def]
     int4, dequantized, _ = checkpoints
     for lens, new in (((5, 16, 29, 50), [17, 12, 17, 9]), ((11,), [24])):  # 4 rows; 1 row
         ps = prompts(lens, VOCAB, seed=2)
         tokens = []
         for path in (int4, dequantized):
             with LlamaEngine(path, max_batch=len(ps), page_size=16, cuda_graph=graph) as engine:
+                assert not engine.runner.dense.serves_int4
                 tokens.append(engine.generate(ps, new, eos_token_ids=()).tokens)
         assert [len(t) for t in tokens[0]] == new
         assert tokens[0] == tokens[1]
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_the_int4_gemv_decodes_what_the_dequantized_checkpoint_ranks_first(checkpoints, graph: bool) -> None:  # type: ignore[no-untyped-def]
+    """Served as stored (the int4 GEMV, whose sums are float32 over the exact weights, where the float16 copy rounds
+    each weight): every greedy token, 4 rows then 1, in the fused eager step and the decode graph, is the top token
+    of the dequantized checkpoint's own logits at that position (teacher forcing), up to a near tie of
+    ``TIE`` = 2 % of that row's largest logit magnitude; and the prefill of fewer than 33 tokens (also the GEMV)
+    stays within the same 2 % of the dequantized checkpoint's logits."""
+    int4, dequantized, _ = checkpoints
+    runs = []
+    for lens, new in (((5, 16, 29, 50), [17, 12, 17, 9]), ((11,), [24])):
+        ps = prompts(lens, VOCAB, seed=2)
+        with LlamaEngine(int4, max_batch=len(ps), page_size=16, cuda_graph=graph) as engine:
+            assert engine.runner.dense.serves_int4
+            runs.append((ps, engine.generate(ps, new, eos_token_ids=()).tokens))
+            short = engine.prefill_logits(prompts((3, 9, 14), VOCAB, seed=4))  # 26 rows: the GEMV
+    worst, ties = 0.0, 0
+    with LlamaEngine(dequantized, max_batch=4, page_size=16, cuda_graph=False) as ref_engine:
+        for got, want in zip(short, ref_engine.prefill_logits(prompts((3, 9, 14), VOCAB, seed=4)), strict=True):
+            scale = float(np.abs(want).max())
+            assert float(np.abs(got - want).max()) <= 0.02 * scale
+        for ps, tokens in runs:
+            for p, toks in zip(ps, tokens, strict=True):
+                lg = ref_engine.prefill_logits([p + toks[:-1]])[0]
+                for t, tok in enumerate(toks):
+                    row = lg[len(p) - 1 + t]
+                    gap = float(row.max() - row[tok])
+                    worst = max(worst, gap)
+                    ties += gap > 0
+                    assert gap <= 0.02 * float(np.abs(row).max()), (t, gap)
+    print(f"int4 GEMV: {ties} tokens not the reference's first choice (largest gap {worst:.4f})")

@@ -668,7 +668,10 @@ def test_logprobs_are_the_log_softmax_of_the_engines_own_logits(engine):
 def test_logprobs_come_with_speculation_from_the_verifying_passes_rows(engine):
     """With speculation on (prompt lookup, prompts that repeat a block), a request that asks for logprobs is
     speculated: passes ran, and each token's log-probability and top 3 are those of the engine's own logits
-    (teacher forcing, within 0.1), its tokens the same as without speculation."""
+    (teacher forcing), its tokens the same as without speculation. Within 0.1 plus 1 % of the value: the repeated
+    block makes the random model sure of its tokens (the others' log-probabilities reach -80 and below), and the
+    verifying pass's hidden rows differ from prefill_logits' by the bfloat16 rounding of their different kernels, which
+    moves a logit in proportion to its size (measured on an H100: 0.5 at -81 where the chosen token's was exact)."""
     block = prompts((23,), VOCAB, seed=65)[0]
     ps = [block * 3, block * 2 + block[:9]]
     sp = SamplingParams(logprobs=3)
@@ -690,7 +693,8 @@ def test_logprobs_come_with_speculation_from_the_verifying_passes_rows(engine):
         for t, (tok, entry) in enumerate(zip(tokens, entries, strict=True)):
             ref = log_softmax(lg[len(p) - 1 + t])
             assert entry.logprob == pytest.approx(ref[tok], abs=0.1), t
-            assert len(entry.top) == 3 and all(v == pytest.approx(ref[i], abs=0.1) for i, v in entry.top)
+            assert len(entry.top) == 3 and entry.top[0][0] == tok  # (greedy: the top one)
+            assert all(v == pytest.approx(ref[i], abs=0.1 + 0.01 * abs(ref[i])) for i, v in entry.top), entry.top
     assert free_pages(engine) == capacity(engine)
 
 

@@ -33,7 +33,7 @@ from helpers.int4_checkpoints import (
 from helpers.random_llama import bf16_bits, save_random_llama
 
 from fi_engine.checkpoint.config import LlamaConfig
-from fi_engine.checkpoint.int4_weights import AWQ_ORDER, Int4Matrix, read_int4_linear
+from fi_engine.checkpoint.int4_weights import AWQ_ORDER, Int4Matrix, decode_gemv_layout, read_int4_linear
 from fi_engine.checkpoint.quantization import Int4Scheme, int4_scheme
 from fi_engine.checkpoint.safetensors import Checkpoint, write_safetensors
 
@@ -229,11 +229,11 @@ def test_published_int4_configs_are_read_by_name(q: dict[str, Any], want: Int4Sc
 def test_a_dense_int4_checkpoint_is_served(model_type: str, q: dict[str, Any]) -> None:
     c = LlamaConfig.from_dict({**BASE, "model_type": model_type, "quantization_config": q})
     assert c.int4 == int4_scheme(q, "config") and c.fp8 is None
-    assert "dequantized to 16-bit at load" in c.int4.describe()
+    assert "read as stored by the int4 GEMV" in c.int4.describe()
 
 
 def test_the_description_names_the_layout() -> None:
-    assert Int4Scheme("awq", 128).describe() == "AWQ int4 weights (groups of 128), dequantized to 16-bit at load"
+    assert Int4Scheme("awq", 128).describe() == "AWQ int4 weights (groups of 128), read as stored by the int4 GEMV"
     assert Int4Scheme("gptq", 64, 1).describe().startswith("GPTQ int4 weights (groups of 64)")
     assert Int4Scheme("gptq", -1, 0).describe().startswith("GPTQ v2 int4 weights (one group per column)")
 
@@ -324,14 +324,29 @@ def _dir(tmp_path: Path, name: str) -> Path:
     return tmp_path / name
 
 
-def _load(path: Path, rank: int = 0, tensor_parallel: int = 1) -> tuple[SimpleNamespace, HostArrays]:
-    """``Llama.load`` of ``path`` into a stand-in engine (``rank`` of ``tensor_parallel``; the LM head whole)."""
+class Int4Registry:
+    """Stands in for the GPU's Dense where the load registers int4 weights (``add_int4_weight``): keeps each
+    registration's values by weight address."""
+
+    def __init__(self) -> None:
+        self.weights: dict[int, tuple[int, int, int, int]] = {}  # w -> (n, k, records, group_size)
+
+    def add_int4_weight(self, w: int, n: int, k: int, records: int, group_size: int) -> None:
+        self.weights[w] = (n, k, records, group_size)
+
+
+def _load(
+    path: Path, rank: int = 0, tensor_parallel: int = 1, dense: Int4Registry | None = None
+) -> tuple[SimpleNamespace, HostArrays]:
+    """``Llama.load`` of ``path`` into a stand-in engine (``rank`` of ``tensor_parallel``; the LM head whole); with
+    ``dense`` the engine serves int4 as stored (``int4_as_stored``) and registers those weights there, else it
+    dequantizes them at load."""
     from fi_engine.models.llama import Llama
 
     host = HostArrays()
     eng = SimpleNamespace(
         model_config=LlamaConfig.from_dir(path), rank=rank, tensor_parallel=tensor_parallel, vocab_shard=None,
-        cupy=host, device=0,
+        cupy=host, device=0, int4_as_stored=dense is not None, dense=dense,
     )  # fmt: skip
     Llama().load(eng, Checkpoint(path))  # type: ignore[arg-type]
     return eng, host
@@ -448,8 +463,8 @@ def test_an_int4_checkpoint_loads_the_bytes_of_its_dequantized_float16_copy(
 
 @pytest.mark.parametrize(
     ("q", "words", "method"),
-    [(AUTOAWQ, ", AWQ int4 weights (groups of 128), dequantized to 16-bit at load)", "awq"),
-     (GPTQMODEL_V2, ", GPTQ v2 int4 weights (groups of 64), dequantized to 16-bit at load)", "gptq"),
+    [(AUTOAWQ, ", AWQ int4 weights (groups of 128), read as stored by the int4 GEMV)", "awq"),
+     (GPTQMODEL_V2, ", GPTQ v2 int4 weights (groups of 64), read as stored by the int4 GEMV)", "gptq"),
      (None, ", chunked prefill off)", None)],
     ids=["awq", "gptq", "16-bit"],
 )  # fmt: skip
@@ -477,3 +492,109 @@ def test_serve_names_the_weights_in_its_start_up_line_and_models(  # type: ignor
     line = capsys.readouterr().err.strip()
     assert line.startswith("fi-engine serve: serving ") and line.endswith(words), line
     assert handed["quantization"] == method
+
+
+# ---- int4 kept as stored: the int4 GEMV's layout ------------------------------------------------------------------
+
+
+def _where_the_kernel_reads(c: int) -> tuple[int, int]:
+    """(byte of the row, nibble 0 low / 1 high) where csrc/int4_gemv.cu reads the code of input ``c``, written out
+    from that file's layout comment: 128-input tiles of 64 bytes; lane t's 16 bytes at 16 t hold inputs 16 q + 4 t
+    + e; word v holds steps 2 v and 2 v + 1, fields 0, 4, 1, 5 step 2 v's e = 0..3 and 2, 6, 3, 7 step 2 v + 1's."""
+    tile, r = divmod(c, 128)
+    q, t, e = r // 16, (r % 16) // 4, r % 4
+    v, odd = divmod(q, 2)
+    field = [0, 4, 1, 5][e] + 2 * odd
+    return 64 * tile + 16 * t + 4 * v + field // 2, field % 2
+
+
+def test_the_gemv_layout_puts_each_code_where_the_kernel_reads_it() -> None:
+    rng = np.random.default_rng(11)
+    n, k = 3, 384
+    codes = rng.integers(0, 16, (n, k)).astype(np.uint8)
+    zeros = rng.integers(0, 17, (3, n)).astype(np.uint8)
+    scales = _scales(rng, (3, n))
+    weights, records = Int4Matrix(codes, zeros, scales, 128).gemv_layout()
+    assert weights.shape == (n, k // 2) and weights.dtype == np.uint8 and records.shape == (n, 3)
+    for j in range(n):
+        for c in range(k):
+            byte, high = _where_the_kernel_reads(c)
+            assert (weights[j, byte] >> (4 * high)) & 0xF == codes[j, c], (j, c)
+    # a record: the float32 scale's bits with the zero in the low byte (float16 scales leave those bits clear)
+    bits = scales.T.astype(np.float32).view(np.uint32)
+    assert not (bits & 0xFF).any() and np.array_equal(records, bits | zeros.T)
+
+
+def test_a_float32_scale_keeps_16_significant_bits_rounded_to_nearest() -> None:
+    s = np.array([[1 + 2**-20, 1 + 2**-15 + 2**-17, 1 - 2**-16]], np.float32)  # 1 group, 3 rows
+    m = Int4Matrix(np.full((3, 128), 9, np.uint8), np.array([[8, 8, 8]], np.uint8), s, 128)
+    w = decode_gemv_layout(*m.gemv_layout(), 128)
+    assert w[:, 0].tolist() == [1.0, 1 + 2**-15, 1 - 2**-16]  # (the last one is exact in 16 significant bits)
+
+
+@pytest.mark.parametrize(
+    ("k", "group_size"),
+    [(64, 64), (192, 64), (256, 32), (384, 96), (256, 384)],
+    ids=["k64", "k192", "g32", "g96", "g>k"],
+)
+def test_shapes_the_gemv_does_not_take_are_refused_by_the_layout(k: int, group_size: int) -> None:
+    groups = max(1, -(-k // group_size))
+    m = Int4Matrix(np.zeros((8, k), np.uint8), np.zeros((groups, 8), np.uint8), np.ones((groups, 8), np.float32),
+                   group_size)  # fmt: skip
+    with pytest.raises(ValueError, match="the int4 GEMV takes k a multiple of 128"):
+        m.gemv_layout()
+
+
+@pytest.mark.parametrize(
+    ("method", "group_size", "dtype", "v1"),
+    [("awq", 128, "float16", True), ("awq", 64, "bfloat16", True), ("gptq", 128, "float16", True),
+     ("gptq", 64, "bfloat16", False), ("gptq", -1, "float16", True)],
+    ids=["awq-g128", "awq-g64-bf16", "gptq-g128", "gptq-v2-g64-bf16", "gptq-one-group"],
+)  # fmt: skip
+def test_the_llama_load_keeps_int4_projections_in_the_gemv_layout(
+    tmp_path: Path, method: str, group_size: int, dtype: str, v1: bool
+) -> None:
+    """``int4_as_stored``: every projection is uploaded in the int4 GEMV's layout and registered with the Dense
+    (its shape and group size), q/k/v and gate/up stacked by rows, and the layout stands for exactly the float32
+    weights the checkpoint dequantizes to; the embedding and head stay 16-bit."""
+    src = save_random_llama(_dir(tmp_path, "src"), dtype, 64, (4, 2), 256, 384, False, tied=False)
+    deq = write_int4_copy(src, tmp_path / "int4", method, group_size, sym=v1, v1=v1)
+    dense = Int4Registry()
+    eng, host = _load(tmp_path / "int4", dense=dense)
+    g = 256 if group_size == -1 else group_size
+    for i in range(4):
+
+        def w(*names: str, p: str = f"model.layers.{i}.") -> np.ndarray:
+            return np.concatenate([deq[p + name + ".weight"] for name in names])
+
+        for ptr, want, k, group in (
+            (eng.wqkv[i], w("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), 256, g),
+            (eng.wo[i], w("self_attn.o_proj"), 256, g),
+            (eng.wgu[i], w("mlp.gate_proj", "mlp.up_proj"), 256, g),
+            (eng.wd[i], w("mlp.down_proj"), 384, 384 if group_size == -1 else g),
+        ):
+            n, k_, records, group_size_ = dense.weights[ptr]
+            assert (n, k_, group_size_) == (want.shape[0], k, group)
+            assert host.by_ptr[ptr].shape == (n, k // 2) and host.by_ptr[records].shape == (n, k // group)
+            assert np.array_equal(decode_gemv_layout(host.by_ptr[ptr], host.by_ptr[records], k), want)
+    assert len(dense.weights) == 16 and eng.lm_head not in dense.weights
+    assert np.array_equal(host.by_ptr[eng.lm_head], np.asarray(Checkpoint(tmp_path / "int4").array("lm_head.weight")))
+
+
+def test_a_tensor_parallel_shard_that_cuts_a_group_is_dequantized(tmp_path: Path) -> None:
+    """Rank 1 of 2 with groups of 128: q/k/v and gate/up split by rows and o's 256 inputs in two whole groups stay
+    int4; down's 384 inputs split at 192, inside a group, so that projection is dequantized (16-bit) instead."""
+    src = save_random_llama(_dir(tmp_path, "src"), "float16", 64, (4, 2), 256, 384, False)
+    deq = write_int4_copy(src, tmp_path / "int4", "awq", 128)
+    dense = Int4Registry()
+    eng, host = _load(tmp_path / "int4", rank=1, tensor_parallel=2, dense=dense)
+    for i in range(4):
+        p = f"model.layers.{i}."
+        assert eng.wqkv[i] in dense.weights and eng.wo[i] in dense.weights and eng.wgu[i] in dense.weights
+        o = deq[p + "self_attn.o_proj.weight"][:, 128:]
+        n, k, records, _ = dense.weights[eng.wo[i]]
+        assert (n, k) == (256, 128)
+        assert np.array_equal(decode_gemv_layout(host.by_ptr[eng.wo[i]], host.by_ptr[records], k), o)
+        assert eng.wd[i] not in dense.weights
+        down = deq[p + "mlp.down_proj.weight"][:, 192:].astype(np.float16)
+        assert np.array_equal(host.by_ptr[eng.wd[i]], down)

@@ -51,7 +51,7 @@ def test_linear_bytes_of_each_format() -> None:
     # a shape that does not fill its blocks: 100 rows in 1 block of rows, 300 columns in 3 blocks of columns
     assert roofline.linear_bytes(100, 300, "fp8-block") == 100 * 300 + 4 * 1 * 3
     assert roofline.linear_bytes(256, 256, "fp8-block", (64, 128)) == 256 * 256 + 4 * 4 * 2
-    with pytest.raises(ValueError, match="weights: expected one of 16-bit, fp8-row, fp8-block, got 'fp4'"):
+    with pytest.raises(ValueError, match="weights: expected one of 16-bit, fp8-row, fp8-block, int4, got 'fp4'"):
         roofline.linear_bytes(8, 8, "fp4")
     with pytest.raises(ValueError, match="n: expected an int in"):
         roofline.linear_bytes(0, 8)
@@ -181,10 +181,21 @@ def test_shape_from_config_of_other_layouts() -> None:
     qwen3_moe.update(model_type="qwen3_moe", num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768)
     qwen = roofline.shape_from_config(qwen3_moe)  # transformers 4's key, each expert's own size
     assert (qwen.experts, qwen.top_k, qwen.intermediate) == (128, 8, 768)
-    # MXFP4 experts, AWQ / GPTQ int4: dequantized to 16-bit as the engine reads them, so a step reads 16-bit weights
+    # MXFP4 experts: dequantized to 16-bit as the engine reads them, so a step reads 16-bit weights
     assert roofline.shape_from_config(GPT_OSS) == oss
+    # AWQ / GPTQ int4: read as stored, half a byte a weight and a 4-byte record per row and group
     awq = {**CONFIG_8B, "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128}}
-    assert roofline.shape_from_config(awq) == roofline.shape_from_config(CONFIG_8B)
+    int4 = roofline.shape_from_config(awq)
+    assert (int4.weights, int4.block) == ("int4", (1, 128))
+    assert roofline.linear_bytes(4096, 14336, "int4", (1, 128)) == 4096 * 7168 + 4 * 4096 * 112
+    dense = roofline.shape_from_config(CONFIG_8B)
+    head = 2 * 128256 * 4096  # the LM head stays 16-bit
+    ratio = (roofline.decode_step_bytes(dense, batch=1, context=0) - head) / (
+        roofline.decode_step_bytes(int4, batch=1, context=0) - head
+    )
+    assert 3.75 < ratio < 3.77  # 2 bytes a weight against 0.5 + 4 / 128
+    one_group = {**CONFIG_8B, "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": -1}}
+    assert roofline.linear_bytes(8, 4096, "int4", roofline.shape_from_config(one_group).block) == 8 * 2048 + 4 * 8
     with pytest.raises(ValueError, match="'quantization_config' is not FP8"):
         roofline.shape_from_config({**CONFIG_8B, "quantization_config": {"quant_method": "bitsandbytes"}})
     with pytest.raises(ValueError, match="config: missing 'vocab_size'"):

@@ -1,0 +1,206 @@
+"""Linear layers with int4 weights on the GPU (AWQ / GPTQ: a scale and a zero per group of inputs): the registry of a
+:class:`~fi_engine.kernels.dense.Dense`'s int4 weights, the GEMV that reads them as stored for a step of few rows
+(W4A16), and the dequantizing path for the rest.
+
+Steps of at most :attr:`Dense.int4_gemv_max_rows` rows (32): a GEMV of the engine's own on tensor cores
+(``gemv4_*`` in ``csrc/int4_gemv.cu``) reads half a byte per weight, decodes each into the exact 16-bit integer
+``code - zero`` once for all rows (an mma's 8 rows per group of 8), and scales each group's float32 sums by its
+scale: its error is float32 summation over the unrounded weights, below that of a 16-bit copy of them. Such a step
+is bound by reading the weights, about a quarter of a 16-bit weight's bytes.
+
+More rows (prefill): the weight is dequantized into a 16-bit scratch matrix of the Dense's (``dequant_int4_*``: each
+``(code - zero) * scale`` exact in float32 and rounded once, the 16-bit weight a dequantizing loader would have made)
+and the 16-bit GEMM runs on it; at that many rows the GEMM's arithmetic, not the extra pass, bounds the step.
+
+The layout the kernels read is :meth:`~fi_engine.checkpoint.int4_weights.Int4Matrix.gemv_layout`'s: ``[n, k / 2]``
+bytes and a uint32 record per row and group (scale and zero), ``k`` a multiple of 128, groups of a power of two of
+at least 64 inputs or one group a row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fi_ffi.cuda import driver_error
+
+from .cuda_sources import source
+
+__all__ = ["INT4_GEMV_MAX_ROWS", "Int4Linears", "Int4Weight"]
+
+INT4_GEMV_MAX_ROWS = 32  # the rows one GEMV launch takes (4 groups of the mma's 8)
+_COLUMNS = 16  # output columns per block (the mma's m)
+_MAX_WARPS = 16  # I4_MAX_WARPS in csrc/int4_gemv.cu (its shared memory holds that many warps' sums)
+_TILE = 128  # inputs per tile of the layout
+_U64 = 1 << 64
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """One registered int4 weight: ``[n, k]`` in the GEMV layout at device address ``w`` (``[n, k / 2]`` bytes), its
+    uint32 records ``[n, k / group_size]`` at ``records``. Addresses as ints."""
+
+    w: int
+    n: int
+    k: int
+    records: int
+    group_size: int
+
+    @property
+    def groups(self) -> int:
+        """The groups of inputs of a row (records per row)."""
+        return self.k // self.group_size
+
+    @property
+    def gshift(self) -> int:
+        """log2 of the 64-input half tiles a group spans, as the kernels take it (31: one group a row)."""
+        return 31 if self.group_size == self.k else (self.group_size // 64).bit_length() - 1
+
+
+def _function_ptr(kernel: Any) -> int:
+    """The ``CUfunction`` of a CuPy ``RawModule`` function (its compiled ``Function``'s handle)."""
+    return int(kernel.kernel.ptr)
+
+
+def _positive(name: str, value: Any, limit: int = 1 << 31) -> int:
+    if value.__class__ is not int or not 0 < value < limit:
+        raise ValueError(f"{name}: expected an int in [1, {limit}), got {value!r:.40}")
+    return int(value)
+
+
+class Int4Linears:
+    """The int4 weights one Dense serves and their kernels (compiled on the first :meth:`add`, with NVRTC through
+    CuPy; the GEMV needs tensor cores of SM 8.0+). ``launch`` is the driver's ``cuLaunchKernel``, ``ffi`` its cffi
+    instance, ``stream`` the Dense's stream (a ``CUstream`` as an int). A registration is a value (addresses and
+    sizes): the weight must stay allocated until :meth:`remove` or :meth:`close`."""
+
+    warps_per_sm = 16
+    """The warps a GEMV launch aims to give each SM (its blocks times their warps, each block 4 to 16 warps and never
+    more than the weight's tiles): a warp holds two tiles' loads in flight, so shorter matrices need more warps per
+    block to keep the memory busy. Read when a call site is packed (set it on the class to compare)."""
+
+    def __init__(self, launch: Any, ffi: Any, stream: int) -> None:
+        self._launch, self._ffi, self._stream = launch, ffi, stream
+        self._sms = 132  # the GPU's SMs (set at the first compile)
+        self.weights: dict[int, Int4Weight] = {}  # device address -> its registration (values only)
+        self._module: Any = None
+        self._gemv: dict[tuple[bool, bool, int], int] = {}  # (bf16, f32 out, rows <= R) -> CUfunction
+        self._dequant: dict[bool, int] = {}  # bf16 -> CUfunction
+        self._scratch: Any = None  # the 16-bit weight a GEMM of many rows reads (grown by add, never in a step)
+        self._packed: dict[tuple[int, ...], tuple[Any, ...]] = {}
+
+    def add(self, w: int, n: int, k: int, records: int, group_size: int) -> None:
+        """Register the int4 weight ``[n, k]`` at ``w`` (the GEMV layout) with its ``records``. ValueError naming
+        the argument: an address that is NULL or not 16-byte aligned (``records``: 4), ``k`` not a multiple of 128,
+        a group size that is neither ``k`` nor a power of two >= 64 dividing ``k``; RuntimeError where the GPU has
+        no tensor cores the GEMV can use (below SM 8.0)."""
+        for name, value, align in (("w", w, 16), ("records", records, 4)):
+            if value.__class__ is not int or not 0 < value < _U64 or value % align:
+                raise ValueError(f"{name}: expected a non-NULL device address aligned to {align} bytes, got {value!r}")
+        n, k = _positive("n", n), _positive("k", k)
+        g = _positive("group_size", group_size)
+        if k % _TILE:
+            raise ValueError(f"k: the int4 GEMV reads {_TILE}-input tiles, so k must be a multiple of {_TILE}, got {k}")
+        if not (g == k or (g >= 64 and g & (g - 1) == 0 and k % g == 0)):
+            raise ValueError(
+                f"group_size: expected k ({k}) or a power of two >= 64 that divides it, got {g}; dequantize the "
+                f"weight to 16 bits instead"
+            )
+        self._compile()
+        self.weights[w] = Int4Weight(w, n, k, records, g)
+        self._grow_scratch(2 * n * k)
+
+    def _compile(self) -> None:
+        if self._module is not None:
+            return
+        import cupy
+
+        device = cupy.cuda.Device()
+        if int(device.compute_capability) < 80:
+            raise RuntimeError(
+                f"int4 weights: the int4 GEMV needs tensor cores of SM 8.0 or newer; this GPU is SM "
+                f"{device.compute_capability}; serve a 16-bit copy of the checkpoint"
+            )
+        self._sms = int(device.attributes.get("MultiProcessorCount", 132))
+        module = cupy.RawModule(code=source("int4_gemv.cu"))
+        for bf16, t in ((True, "bf16"), (False, "f16")):
+            for f32 in (False, True):
+                for r in (8, 16, 32):
+                    name = f"gemv4_{t}_{'f32' if f32 else t}_{r}"
+                    self._gemv[(bf16, f32, r)] = _function_ptr(module.get_function(name))
+            self._dequant[bf16] = _function_ptr(module.get_function(f"dequant_int4_{t}"))
+        self._module = module
+
+    def _grow_scratch(self, nbytes: int) -> None:
+        import cupy
+
+        if self._scratch is None or self._scratch.nbytes < nbytes:
+            self._scratch = cupy.empty(nbytes, cupy.uint8)
+            self._packed.clear()  # packed dequantizations point into the old scratch
+
+    def _threads(self, wt: Int4Weight) -> int:
+        """The threads of a GEMV block over ``wt`` (see :attr:`warps_per_sm`; a ValueError naming it where it is no
+        int from 1 to 1024)."""
+        per_sm = self.warps_per_sm
+        if per_sm.__class__ is not int or not 1 <= per_sm <= 1024:
+            raise ValueError(f"Int4Linears.warps_per_sm: expected an int from 1 to 1024, got {per_sm!r:.40}")
+        blocks = -(-wt.n // _COLUMNS)
+        warps = -(-per_sm * self._sms // blocks)
+        return 32 * max(1, min(_MAX_WARPS, wt.k // _TILE, max(4, warps)))
+
+    def gemv(self, rows: int, x: int, x_ld: int, wt: Int4Weight, y: int, y_ld: int, bf16: bool, f32: bool) -> tuple:
+        """The packed GEMV launch of ``y[:rows] = x[:rows] @ dequant(wt).T`` (rows <= :data:`INT4_GEMV_MAX_ROWS`):
+        ``(function, grid, threads, params, values)``, or ``()`` where x is not 16-byte aligned (x, x_ld). Packed
+        once per call site (its ints: values only); at most 4096 kept."""
+        key = (rows, x, x_ld, wt.w, y, y_ld, bf16, f32)
+        packed = self._packed.get(key)
+        if packed is not None:
+            return packed
+        packed = ()
+        if x % 16 == 0 and x_ld % 8 == 0 and 0 < rows <= INT4_GEMV_MAX_ROWS:
+            fn = self._gemv[(bf16, f32, 8 if rows <= 8 else 16 if rows <= 16 else 32)]
+            values = self._ffi.new(
+                "uint64_t[11]", [x, wt.w, y, rows, wt.n, wt.k, x_ld, y_ld, wt.records, wt.groups, wt.gshift]
+            )
+            params = self._ffi.new("void*[11]", [values + i for i in range(11)])
+            packed = (fn, -(-wt.n // _COLUMNS), self._threads(wt), params, values)
+        if len(self._packed) > 4096:
+            self._packed.clear()
+        self._packed[key] = packed
+        return packed
+
+    def run_gemv(self, packed: tuple, null: Any) -> None:
+        """Launch a packed :meth:`gemv` on the stream."""
+        fn, grid, threads, params, _ = packed
+        err = self._launch(fn, grid, 1, 1, threads, 1, 1, 0, self._stream, params, null)
+        if err:
+            raise driver_error(err, "cuLaunchKernel(int4 gemv)")
+
+    def dequantize(self, wt: Int4Weight, bf16: bool, null: Any) -> int:
+        """Write ``wt`` dequantized into the 16-bit scratch matrix ``[n, k]`` (bfloat16 or float16); its address."""
+        key = (-1, wt.w, bf16)
+        packed = self._packed.get(key)
+        if packed is None:
+            out = int(self._scratch.data.ptr)
+            values = self._ffi.new("uint64_t[7]", [wt.w, wt.records, out, wt.n, wt.k, wt.groups, wt.gshift])
+            params = self._ffi.new("void*[7]", [values + i for i in range(7)])
+            vectors = wt.n * wt.k // 32
+            grid = min(self._sms * 16, -(-vectors // 256))
+            packed = self._packed[key] = (self._dequant[bf16], grid, params, values, out)
+        fn, grid, params, _, out = packed
+        err = self._launch(fn, grid, 1, 1, 256, 1, 1, 0, self._stream, params, null)
+        if err:
+            raise driver_error(err, "cuLaunchKernel(dequant_int4)")
+        return int(out)
+
+    def remove(self, w: int) -> None:
+        """Forget the registration of ``w`` (before its memory is freed: a 16-bit weight allocated there later must
+        not be read as int4) and the launches packed for it. Unknown addresses: nothing happens."""
+        if self.weights.pop(w, None) is not None:
+            self._packed.clear()
+
+    def close(self) -> None:
+        """Forget the weights and packed launches and free the scratch (the module goes with the object)."""
+        self.weights.clear()
+        self._packed.clear()
+        self._scratch = None

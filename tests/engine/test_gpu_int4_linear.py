@@ -1,0 +1,178 @@
+"""``Dense.linear`` on int4 weights (``Dense.add_int4_weight``, :mod:`fi_engine.kernels.int4_linear`), on a GPU
+(FI_FFI_RUN_GPU_TESTS=1; CuPy; torch only to round to and from the 16-bit types).
+
+Random int4 matrices (codes 0..15, zeros 0..16, float16 scales) in the GEMV's layout
+(:meth:`~fi_engine.checkpoint.int4_weights.Int4Matrix.gemv_layout`), against the float32 reference ``y = x @ W.T``
+with ``W = (code - zero) * scale`` (numpy, float64 sums), groups of 64 and 128 inputs and one group a row, bfloat16
+and float16 activations, 16-bit and float32 outputs:
+
+- the GEMV (1 to 32 rows: one, two and four groups of 8 rows a launch; the prepared launch too): float32 sums of
+  exact products of the exact integers ``code - zero`` with x, each group's sum times its scale, so per output
+  ``|y - ref| <= sum_c |x_c W_c| * 2**-20 + |ref| * ulp_out`` (2**-20: float32 rounding over k <= 4096 terms with
+  room; ulp_out 2**-8 bfloat16, 2**-11 float16, 0 for float32 out);
+- more rows (33 and 80): the weight dequantized to the 16-bit type (one rounding of each exact product, relative
+  ``ulp_w``) and the 16-bit GEMM: ``|y - ref| <= sum_c |x_c W_c| * (ulp_w + 2**-20) + |ref| * ulp_out``; and the
+  dequantized scratch itself equal to numpy's rounding of ``W``, bit for bit;
+- the number of warps a block gets (``Int4Linears.warps_per_sm``: 1 to 16 warps) changes only the order of the
+  warps' sums: within the GEMV's bound of each other;
+- bad calls: a shape that differs from the registration, float32 activations, a misaligned or NULL address, a
+  group size the GEMV does not take: ValueError naming the argument.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from helpers.gpu import require_torch
+
+if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
+    pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
+
+cp = pytest.importorskip("cupy", reason="the engine needs CuPy")
+torch = require_torch()
+
+from fi_engine.checkpoint.int4_weights import Int4Matrix, decode_gemv_layout  # noqa: E402
+from fi_engine.kernels.dense import CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, NORM, Dense  # noqa: E402
+from fi_engine.kernels.int4_linear import Int4Linears  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+ULP = {CUDA_R_16BF: 2.0**-8, CUDA_R_16F: 2.0**-11, CUDA_R_32F: 0.0}
+SUM_ERR = 2.0**-20
+
+
+def to16(x: np.ndarray, ab: int) -> cp.ndarray:
+    t = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(torch.bfloat16 if ab == CUDA_R_16BF else torch.float16)
+    return cp.asarray(t.view(torch.int16).numpy())
+
+
+def from16(buf: cp.ndarray, ab: int) -> np.ndarray:
+    t = torch.from_numpy(cp.asnumpy(buf)).view(torch.bfloat16 if ab == CUDA_R_16BF else torch.float16)
+    return t.float().numpy()
+
+
+@pytest.fixture
+def dense():  # type: ignore[no-untyped-def]  # one per test: its int4 registrations die with it
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        d = Dense(stream)
+        yield d
+        d.close()
+
+
+def random_int4(n: int, k: int, group_size: int, seed: int) -> Int4Matrix:
+    rng = np.random.default_rng(seed)
+    groups = k // group_size
+    scales = (rng.uniform(0.5, 2.0, (groups, n)) * 0.02).astype(np.float16).astype(np.float32)
+    return Int4Matrix(
+        rng.integers(0, 16, (n, k)).astype(np.uint8), rng.integers(0, 17, (groups, n)).astype(np.uint8), scales,
+        group_size,
+    )  # fmt: skip
+
+
+def register(dense: Dense, m: Int4Matrix) -> tuple[int, np.ndarray, list]:
+    """Upload ``m`` in the GEMV layout, register it; (its address, the float32 weight it stands for, the arrays)."""
+    weights, records = m.gemv_layout()
+    w, r = cp.asarray(weights), cp.asarray(records)
+    n, k = m.codes.shape
+    dense.add_int4_weight(int(w.data.ptr), n, k, int(r.data.ptr), m.group_size)
+    return int(w.data.ptr), decode_gemv_layout(weights, records, k), [w, r]
+
+
+def check(y: np.ndarray, x: np.ndarray, w: np.ndarray, out: int, ulp_w: float = 0.0) -> None:
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    mag = np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T
+    bound = mag * (ulp_w + SUM_ERR) + np.abs(ref) * ULP[out] + 1e-30
+    err = np.abs(y - ref)
+    worst = np.unravel_index(np.argmax(err / bound), err.shape)
+    assert (err <= bound).all(), f"worst at {worst}: |{y[worst]} - {ref[worst]}| > {bound[worst]}"
+
+
+@pytest.mark.parametrize("ab", [CUDA_R_16BF, CUDA_R_16F], ids=["bf16", "f16"])
+@pytest.mark.parametrize("f32", [False, True], ids=["out16", "out32"])
+@pytest.mark.parametrize(("n", "k", "group_size"), [(272, 512, 128), (96, 1024, 64), (40, 384, 384)])
+def test_the_gemv_meets_the_float32_reference(dense, ab: int, f32: bool, n: int, k: int, group_size: int) -> None:
+    m = random_int4(n, k, group_size, seed=n + k)
+    w, wf, keep = register(dense, m)
+    out = CUDA_R_32F if f32 else ab
+    rng = np.random.default_rng(3)
+    for rows in (1, 2, 3, 7, 8, 9, 16, 17, 31, 32):
+        x16 = to16(rng.standard_normal((rows, k)), ab)
+        x = from16(x16, ab)
+        y = cp.zeros((rows, n), cp.float32 if f32 else cp.int16)
+        dense.linear(rows, int(x16.data.ptr), k, w, n, k, int(y.data.ptr), n, ab, out)
+        cp.cuda.get_current_stream().synchronize()
+        got = cp.asnumpy(y) if f32 else from16(y, ab)
+        check(got, x, wf, out)
+        if rows in (1, 4, 9, 32):  # the prepared launch (the decode step's): the same launch, the same bits
+            y2 = cp.zeros_like(y)
+            dense.prepared_linear(rows, int(x16.data.ptr), k, w, n, k, int(y2.data.ptr), n, ab, out)()
+            cp.cuda.get_current_stream().synchronize()
+            assert cp.array_equal(y, y2), rows
+    del keep
+
+
+@pytest.mark.parametrize("ab", [CUDA_R_16BF, CUDA_R_16F], ids=["bf16", "f16"])
+def test_more_rows_dequantize_into_the_16_bit_gemm(dense, ab: int) -> None:
+    n, k = 256, 768
+    m = random_int4(n, k, 128, seed=9)
+    w, wf, keep = register(dense, m)
+    rng = np.random.default_rng(4)
+    for rows in (33, 80):
+        x16 = to16(rng.standard_normal((rows, k)), ab)
+        y = cp.zeros((rows, n), cp.int16)
+        dense.linear(rows, int(x16.data.ptr), k, w, n, k, int(y.data.ptr), n, ab, ab)
+        cp.cuda.get_current_stream().synchronize()
+        check(from16(y, ab), from16(x16, ab), wf, ab, ulp_w=ULP[ab])
+    # the scratch the GEMM read: numpy's rounding of each exact product, bit for bit
+    scratch = dense._int4.dequantize(dense._int4.weights[w], ab == CUDA_R_16BF, dense._null)
+    cp.cuda.get_current_stream().synchronize()
+    got = cp.ndarray((n, k), cp.int16, cp.cuda.MemoryPointer(cp.cuda.UnownedMemory(scratch, n * k * 2, None), 0))
+    assert np.array_equal(cp.asnumpy(got), cp.asnumpy(to16(wf, ab)))
+    del keep
+
+
+def test_the_warps_a_block_gets_change_only_the_order_of_the_sums(dense) -> None:
+    n, k = 64, 2048
+    m = random_int4(n, k, 128, seed=5)
+    w, wf, keep = register(dense, m)
+    x16 = to16(np.random.default_rng(6).standard_normal((5, k)), CUDA_R_16BF)
+    try:
+        for per_sm in (1, 4, 64, 1024):
+            Int4Linears.warps_per_sm = per_sm
+            dense._int4._packed.clear()
+            y = cp.zeros((5, n), cp.float32)
+            dense.linear(5, int(x16.data.ptr), k, w, n, k, int(y.data.ptr), n, CUDA_R_16BF, CUDA_R_32F)
+            cp.cuda.get_current_stream().synchronize()
+            check(cp.asnumpy(y), from16(x16, CUDA_R_16BF), wf, CUDA_R_32F)
+    finally:
+        Int4Linears.warps_per_sm = 16
+    del keep
+
+
+def test_bad_calls_name_the_argument(dense) -> None:
+    m = random_int4(64, 256, 128, seed=1)
+    w, _, keep = register(dense, m)
+    x = cp.zeros((2, 256), cp.int16)
+    y = cp.zeros((2, 64), cp.int16)
+    with pytest.raises(ValueError, match=r"n, k: the int4 weight .* is \[64, 256\], the call says \[64, 128\]"):
+        dense.linear(2, int(x.data.ptr), 256, w, 64, 128, int(y.data.ptr), 64, CUDA_R_16BF, CUDA_R_16BF)
+    with pytest.raises(ValueError, match="ab_type, c_type: int4 weights take bfloat16 or float16"):
+        dense.linear(2, int(x.data.ptr), 256, w, 64, 256, int(y.data.ptr), 64, CUDA_R_32F, CUDA_R_32F)
+    records = int(keep[1].data.ptr)
+    for args, match in (
+        ((w + 8, 64, 256, records, 128), "w: expected a non-NULL device address aligned to 16 bytes"),
+        ((0, 64, 256, records, 128), "w: expected a non-NULL device address"),
+        ((w, 64, 256, records + 2, 128), "records: expected a non-NULL device address aligned to 4 bytes"),
+        ((w, 64, 200, records, 128), "k: the int4 GEMV reads 128-input tiles"),
+        ((w, 64, 256, records, 32), "group_size: expected k .* or a power of two >= 64"),
+        ((w, 0, 256, records, 128), r"n: expected an int in \[1, "),
+    ):
+        with pytest.raises(ValueError, match=match):
+            dense.add_int4_weight(*args)
+    with pytest.raises(ValueError, match="registered as int4"):
+        dense.prepared_fused(NORM, 1, int(x.data.ptr), 256, w, 64, 256, int(y.data.ptr), 64, CUDA_R_16BF, CUDA_R_16BF,
+                             int(x.data.ptr), 256, int(x.data.ptr), 0, 1e-5)  # fmt: skip
+    del keep
