@@ -1,16 +1,18 @@
 # ruff: noqa: B023  (each loop iteration captures its closures into CUDA graphs before the next one rebinds them)
 """The decode GEMMs of an 8B-shaped Llama at HBM bandwidth: for each weight shape (QKV, O, gate/up, down, LM head)
 and row count, the engine's GEMV kernel (``fi_engine.kernels.dense.Dense.linear`` with the GEMV on), the fused GEMV with
-a norm / add-norm / SiLU prologue (``Dense.fused_linear``), cuBLASLt (the GEMV off), and the same shape with e4m3
-weights (``Dense.add_fp8_weight``; per-row and 128x128-block scales: the FP8 GEMV up to 8 rows, dequantize + GEMM
-beyond), in us per call and GB/s of weight bytes read (benchmarks/roofline.py's ``linear_bytes``: two bytes per
-weight, or for FP8 one plus the float32 scales; the weights rotate over copies larger than the 50 MB L2, so every
-call reads HBM), and that as a percent of the device's memory bandwidth (``% HBM``: by default its peak from the
-memory clock x bus width, printed first with a measured copy beside it; ``--hbm-tbs`` sets another figure). Each
-contender is captured as a CUDA graph of ``--calls`` launches and replayed (no host time in the figure). Not a test:
-nothing is asserted.
+a norm / add-norm / SiLU prologue (``Dense.fused_linear``), cuBLASLt (the GEMV off), the same shape with e4m3 weights
+(``--fp8``: ``Dense.add_fp8_weight``; per-row and 128x128-block scales: the FP8 GEMV up to 8 rows, dequantize + GEMM
+beyond) and with int4 weights (``--int4``: ``Dense.add_int4_weight``, groups of 128: the int4 GEMV up to 32 rows,
+dequantize + GEMM beyond), in us per call and GB/s of weight bytes read (benchmarks/roofline.py's ``linear_bytes``:
+two bytes per weight; for FP8 one plus the float32 scales; for int4 a half plus a 4-byte record per row and group;
+the weights rotate over copies larger than the 50 MB L2, so every call reads HBM), and that as a percent of the
+device's memory bandwidth (``% HBM``: by default its peak from the memory clock x bus width, printed first with a
+measured copy beside it; ``--hbm-tbs`` sets another figure). Each contender is captured as a CUDA graph of
+``--calls`` launches and replayed (no host time in the figure). Not a test: nothing is asserted.
 
-    python3 benchmarks/bench_gemv.py [--rows 1,2,4,8,16,32] [--calls 64] [--rounds 3] [--fp8] [--hbm-tbs TB/s]
+    python3 benchmarks/bench_gemv.py [--rows 1,2,4,8,16,32] [--calls 64] [--rounds 3] [--fp8] [--int4] \
+        [--only-quantized] [--hbm-tbs TB/s]
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--fp8", action="store_true", help="also e4m3 weights (per-row and 128x128-block scales)")
+    ap.add_argument("--int4", action="store_true", help="also int4 weights (AWQ/GPTQ, groups of 128)")
+    ap.add_argument("--only-quantized", action="store_true", help="leave out the 16-bit contenders")
     add_hbm_tbs_argument(ap)
     args = ap.parse_args()
 
@@ -76,6 +80,14 @@ def main() -> None:
                     for j in range(copies):
                         dense.add_fp8_weight(bits[j].data.ptr, n, k, scales[j].data.ptr, block)
                     fp8[layout] = (bits, scales)
+            int4 = None  # int4 copies in the GEMV's layout (random codes, zero 8, scale 2**-7), registered
+            if args.int4:
+                codes = cp.random.randint(0, 256, (copies, n, k // 2), dtype=cp.int32).astype(cp.uint8)
+                record = int(np.float32(2.0**-7).view(np.uint32)) | 8
+                records = cp.full((copies, n, k // 128), record, cp.uint32)
+                for j in range(copies):
+                    dense.add_int4_weight(codes[j].data.ptr, n, k, records[j].data.ptr, 128)
+                int4 = (codes, records)
             mode = {"qkv": NORM, "o": None, "gate_up": ADD_NORM, "down": SILU, "lm_head": NORM}[name]
             for rows in rows_list:
                 contenders: dict[str, Any] = {}
@@ -85,7 +97,7 @@ def main() -> None:
                         rows, x.data.ptr, x.shape[1], ws[i % copies].data.ptr, n, k, y.data.ptr, n, bf16, c_type
                     )
 
-                if rows <= GEMV_MAX_ROWS:
+                if rows <= GEMV_MAX_ROWS and not args.only_quantized:
                     contenders["gemv"] = plain
                     if mode is not None and dense.fused_fits(rows, k):
 
@@ -108,7 +120,15 @@ def main() -> None:
                     finally:
                         dense.gemv = on
 
-                contenders["cublaslt"] = lt
+                if not args.only_quantized:
+                    contenders["cublaslt"] = lt
+                if int4 is not None:
+
+                    def w4(i: int, rows: int = rows) -> None:
+                        w = int4[0][i % copies].data.ptr
+                        dense.linear(rows, x.data.ptr, x.shape[1], w, n, k, y.data.ptr, n, bf16, c_type)
+
+                    contenders["int4 g128"] = w4
                 for layout, (bits, _) in fp8.items():
 
                     def e4m3(i: int, rows: int = rows, bits: Any = bits) -> None:
@@ -150,7 +170,8 @@ def main() -> None:
                 for c, t in times.items():
                     us = float(np.median(t))
                     weights = "fp8-block" if "block" in c else "fp8-row" if c.startswith("fp8") else "16-bit"
-                    gbps = linear_bytes(n, k, weights) / us / 1e3
+                    weights = "int4" if c.startswith("int4") else weights
+                    gbps = linear_bytes(n, k, weights, (1, 128) if weights == "int4" else (128, 128)) / us / 1e3
                     print(
                         f"{name:>8} {n:>6} {k:>6} {rows:>4} {c:>14} {us:>9.2f} {gbps:>7.0f} "
                         f"{100 * gbps * 1e9 / bandwidth.bytes_per_s:>5.0f}%"
@@ -158,6 +179,8 @@ def main() -> None:
             for bits, _ in fp8.values():  # before the copies are freed: their addresses may hold 16-bit weights next
                 for j in range(copies):
                     dense.remove_fp8_weight(bits[j].data.ptr)
+            for j in range(copies if int4 is not None else 0):
+                dense.remove_int4_weight(int4[0][j].data.ptr)
 
         dense.close()
 

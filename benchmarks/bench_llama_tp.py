@@ -61,6 +61,8 @@ ONE_GPU_VARIANTS = (
     "silu-prologue",
 )
 ONE_GPU_PREFIXES = (
+    "int4-ahead-",
+    "int4-warps-",
     "fp8-gemv-rows-",
     "fp8-one-row-blocks-",
     "unroll-",
@@ -268,6 +270,14 @@ def set_variant(variant: str) -> None:
         from fi_engine.kernels.dense import Dense
 
         Dense.fp8_gemv_max_rows = int(variant.rsplit("-", 1)[1])
+    if variant.startswith("int4-ahead-"):  # int4 weights: the GEMV's warps load runs of N tiles (1 by default)
+        from fi_engine.kernels.int4_linear import Int4Linears
+
+        Int4Linears.tiles_ahead = int(variant.rsplit("-", 1)[1])
+    if variant.startswith("int4-warps-"):  # int4 weights: GEMV launches aiming at N warps an SM (32 by default,
+        from fi_engine.kernels.int4_linear import Int4Linears  # 8 from 17 rows: both set)
+
+        Int4Linears.warps_per_sm = Int4Linears.warps_per_sm_32_rows = int(variant.rsplit("-", 1)[1])
     if variant.startswith("fp8-one-row-blocks-"):  # FP8 weights: one-row GEMV launches of N blocks an SM (64)
         from fi_engine.kernels.fp8_linear import Fp8Linears
 
@@ -535,6 +545,8 @@ def main() -> None:
         "more than 8 rows dequantize instead of the "
         "FP8 GEMM), w8a8-no-blocks (TP 1, 128x128-block FP8 checkpoints: dequantized above 8 rows, not the "
         "FP8 GEMM), fp8-gemv-rows-N (TP 1, FP8 checkpoints: the FP8 GEMV up to N rows, the FP8 GEMM above), "
+        "int4-ahead-N (TP 1, int4 checkpoints: the int4 GEMV's warps load runs of N tiles; Int4Linears.tiles_ahead), "
+        "int4-warps-N (TP 1, int4 checkpoints: int4 GEMV launches aiming at N warps an SM; Int4Linears.warps_per_sm), "
         "unroll-N (TP 1: the 16-bit GEMVs with N weight vectors in flight per lane; Dense.gemv_unroll), rope-"
         "unroll-N (TP 1: the QKV + RoPE GEMV's; 1 is its loop before 2026-11-25), fused-blocks-N (TP 1: the "
         "fused GEMVs with at most N blocks per SM; Dense.fused_blocks_per_sm, 8 by default), "

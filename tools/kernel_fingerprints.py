@@ -35,7 +35,7 @@ SOURCES: list[tuple[str, str, tuple[str, ...] | str]] = [
     ("fp8", "fp8_gemv.cu", ()),  # Fp8Linears._compile
     ("fp8_fused", "fp8_fused.cu", ("--use_fast_math",)),
     ("fp8_quant", "fp8_quant.cu", ()),
-    ("int4", "int4_gemv.cu", ()),  # Int4Linears._compile
+    ("int4", "int4_gemv.cu", "fi_engine.kernels.int4_linear:Int4Linears.options"),
     ("grouped_gemv", "grouped_gemv.cu", ("--use_fast_math",)),  # GroupedGemv
     ("kv_fp8", "append_e4m3.cu", ()),  # KvFp8
     ("moe", "moe.cu", ()),  # MoELayer._build

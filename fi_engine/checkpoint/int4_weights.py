@@ -187,10 +187,10 @@ class Int4Matrix:
                 f"group a row; got k {k} in groups of {g}"
             )
         xp = array_module(self.codes)
-        # codes [n, tile, q, t, e] (input 128 tile + 16 q + 4 t + e) -> [n, tile, t, word, field]
-        a = self.codes.reshape(n, k // GEMV_TILE, 8, 4, 4).transpose(0, 1, 3, 2, 4)
-        fields = a[:, :, :, xp.asarray(_FIELD_STEP), xp.asarray(_FIELD_E)]  # [n, tile, t, 4 words, 8 fields]
-        pairs = fields.reshape(n, k // GEMV_TILE, 4, 4, 4, 2)  # (fields 2b, 2b + 1) -> byte b of the word
+        # codes [n, tile, half, t, q, e] (input 128 tile + 64 half + 16 t + 4 q + e) -> [n, tile, t, half, v, field]
+        a = self.codes.reshape(n, k // GEMV_TILE, 2, 4, 4, 4).transpose(0, 1, 3, 2, 4, 5)
+        fields = a[:, :, :, :, xp.asarray(_FIELD_STEP), xp.asarray(_FIELD_E)]
+        pairs = fields.reshape(n, k // GEMV_TILE, 4, 4, 4, 2)  # (fields 2b, 2b + 1) -> byte b of word 2 half + v
         weights = (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8).reshape(n, k // 2)
         bits = xp.ascontiguousarray(self.scales.T, np.float32).view(np.uint32).astype(np.uint64)
         rounded = ((bits + 0x80) & 0xFFFFFF00).astype(np.uint32)  # to nearest (a carry moves into the exponent)
@@ -201,11 +201,11 @@ class Int4Matrix:
 GEMV_TILE = 128
 """The inputs of one tile of the int4 GEMV's layout (:meth:`Int4Matrix.gemv_layout`): ``k`` is a multiple of it."""
 
-# field f (0..7) of lane word v holds step 2 v + _STEP[f] and input e = _E[f] of that step (csrc/int4_gemv.cu)
+# field f (0..7) of word v (of a half) holds step 2 v + _STEP[f] and input e = _E[f] of that step (csrc/int4_gemv.cu)
 _STEP = np.array([0, 0, 1, 1, 0, 0, 1, 1])
 _E = np.array([0, 2, 0, 2, 1, 3, 1, 3])
-_FIELD_STEP = 2 * np.arange(4)[:, None] + _STEP[None, :]  # [word, field] -> step q of the tile
-_FIELD_E = np.broadcast_to(_E, (4, 8))
+_FIELD_STEP = 2 * np.arange(2)[:, None] + _STEP[None, :]  # [v, field] -> step q of the half
+_FIELD_E = np.broadcast_to(_E, (2, 8))
 
 
 def decode_gemv_layout(weights: np.ndarray, records: np.ndarray, k: int) -> np.ndarray:
@@ -213,10 +213,10 @@ def decode_gemv_layout(weights: np.ndarray, records: np.ndarray, k: int) -> np.n
     ``(code - zero) * scale`` read back from the layout (the reference the GPU kernels' tests compare with)."""
     n = weights.shape[0]
     low, high = weights & 0xF, weights >> 4
-    fields = np.stack([low, high], axis=-1).reshape(n, k // GEMV_TILE, 4, 4, 8)  # [n, tile, t, word, field]
-    laid = np.empty((n, k // GEMV_TILE, 4, 8, 4), np.uint8)  # [n, tile, t, q, e]
-    laid[:, :, :, _FIELD_STEP, _FIELD_E] = fields
-    codes = laid.transpose(0, 1, 3, 2, 4).reshape(n, k)
+    fields = np.stack([low, high], axis=-1).reshape(n, k // GEMV_TILE, 4, 2, 2, 8)  # [n, tile, t, half, v, field]
+    laid = np.empty((n, k // GEMV_TILE, 4, 2, 4, 4), np.uint8)  # [n, tile, t, half, q, e]
+    laid[:, :, :, :, _FIELD_STEP, _FIELD_E] = fields
+    codes = laid.transpose(0, 1, 3, 2, 4, 5).reshape(n, k)
     groups = records.shape[1]
     scales = (records & 0xFFFFFF00).view(np.float32)
     zeros = (records & 0xFF).astype(np.float32)

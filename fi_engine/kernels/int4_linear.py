@@ -4,8 +4,9 @@
 
 Steps of at most :attr:`Dense.int4_gemv_max_rows` rows (32): a GEMV of the engine's own on tensor cores
 (``gemv4_*`` in ``csrc/int4_gemv.cu``) reads half a byte per weight, decodes each into the exact 16-bit integer
-``code - zero`` once for all rows (an mma's 8 rows per group of 8), and scales each group's float32 sums by its
-scale: its error is float32 summation over the unrounded weights, below that of a 16-bit copy of them. Such a step
+``code + 128`` (float16: ``+ 1024``) once for all rows (an mma's 8 rows per group of 8), and meets each group's scale
+and zero in float32 (``s * (sum((code + M) x) - (M + zero) sum(x))``, the sum of x by a second mma): its error is
+float32 summation over the unrounded weights, below that of a 16-bit copy of them. Such a step
 is bound by reading the weights, about a quarter of a 16-bit weight's bytes.
 
 More rows (prefill): the weight is dequantized into a 16-bit scratch matrix of the Dense's (``dequant_int4_*``: each
@@ -74,17 +75,37 @@ class Int4Linears:
     instance, ``stream`` the Dense's stream (a ``CUstream`` as an int). A registration is a value (addresses and
     sizes): the weight must stay allocated until :meth:`remove` or :meth:`close`."""
 
-    warps_per_sm = 16
-    """The warps a GEMV launch aims to give each SM (its blocks times their warps, each block 4 to 16 warps and never
-    more than the weight's tiles): a warp holds two tiles' loads in flight, so shorter matrices need more warps per
-    block to keep the memory busy. Read when a call site is packed (set it on the class to compare)."""
+    warps_per_sm = 32
+    """The warps a GEMV launch of up to 16 rows aims to give each SM (its blocks times their warps, each block 4 to 16
+    warps and never more than the weight's tiles): a warp holds one run of tiles in flight, so shorter matrices need
+    more warps per block to keep the memory busy. On an H100 (8B shape, AWQ, decode graph; benchmarks/RESULTS.md)
+    32 against 16 and 8: 315 / 303 / 276 tokens/s at 1 row, 2,379 / 2,277 / 2,063 at 8. Read when a call site is
+    packed (set it on the class to compare)."""
+
+    warps_per_sm_32_rows = 8
+    """:attr:`warps_per_sm` of launches of 17 to 32 rows, whose blocks each read all of x from L2 (at 32 rows more
+    than the L1 holds): fewer warps a block, fewer blocks at once. On the same H100 at 32 rows, 8 against 16 and 32:
+    4,299 / 3,751 / 3,769 tokens/s."""
+
+    tiles_ahead = 1
+    """The 128-input tiles a warp of the GEMV (up to 16 rows) loads at a time, the next run while it sums one: more
+    bytes in flight per warp, more registers. Read when the kernels are compiled (:meth:`options`)."""
+
+    @classmethod
+    def options(cls) -> tuple[str, ...]:
+        """The NVRTC options ``csrc/int4_gemv.cu`` is compiled with: :attr:`tiles_ahead` (what
+        ``tools/kernel_fingerprints.py`` compiles too)."""
+        ahead = cls.tiles_ahead
+        if ahead.__class__ is not int or not 1 <= ahead <= 4:
+            raise ValueError(f"Int4Linears.tiles_ahead: expected an int from 1 to 4, got {ahead!r:.40}")
+        return (f"-DI4_TILES_AHEAD={ahead}",)
 
     def __init__(self, launch: Any, ffi: Any, stream: int) -> None:
         self._launch, self._ffi, self._stream = launch, ffi, stream
         self._sms = 132  # the GPU's SMs (set at the first compile)
         self.weights: dict[int, Int4Weight] = {}  # device address -> its registration (values only)
         self._module: Any = None
-        self._gemv: dict[tuple[bool, bool, int], int] = {}  # (bf16, f32 out, rows <= R) -> CUfunction
+        self._gemv: dict[tuple[bool, bool, int, bool], int] = {}  # (bf16, f32 out, rows <= R, groups of 64) -> fn
         self._dequant: dict[bool, int] = {}  # bf16 -> CUfunction
         self._scratch: Any = None  # the 16-bit weight a GEMM of many rows reads (grown by add, never in a step)
         self._packed: dict[tuple[int, ...], tuple[Any, ...]] = {}
@@ -122,12 +143,13 @@ class Int4Linears:
                 f"{device.compute_capability}; serve a 16-bit copy of the checkpoint"
             )
         self._sms = int(device.attributes.get("MultiProcessorCount", 132))
-        module = cupy.RawModule(code=source("int4_gemv.cu"))
+        module = cupy.RawModule(code=source("int4_gemv.cu"), options=self.options())
         for bf16, t in ((True, "bf16"), (False, "f16")):
             for f32 in (False, True):
                 for r in (8, 16, 32):
-                    name = f"gemv4_{t}_{'f32' if f32 else t}_{r}"
-                    self._gemv[(bf16, f32, r)] = _function_ptr(module.get_function(name))
+                    for g64 in (False, True):
+                        name = f"gemv4_{t}_{'f32' if f32 else t}_{r}{'_g64' if g64 else ''}"
+                        self._gemv[(bf16, f32, r, g64)] = _function_ptr(module.get_function(name))
             self._dequant[bf16] = _function_ptr(module.get_function(f"dequant_int4_{t}"))
         self._module = module
 
@@ -138,12 +160,13 @@ class Int4Linears:
             self._scratch = cupy.empty(nbytes, cupy.uint8)
             self._packed.clear()  # packed dequantizations point into the old scratch
 
-    def _threads(self, wt: Int4Weight) -> int:
-        """The threads of a GEMV block over ``wt`` (see :attr:`warps_per_sm`; a ValueError naming it where it is no
-        int from 1 to 1024)."""
-        per_sm = self.warps_per_sm
+    def _threads(self, wt: Int4Weight, rows: int) -> int:
+        """The threads of a GEMV block over ``wt`` for ``rows`` rows (see :attr:`warps_per_sm` and
+        :attr:`warps_per_sm_32_rows`; a ValueError naming one where it is no int from 1 to 1024)."""
+        name = "warps_per_sm" if rows <= 16 else "warps_per_sm_32_rows"
+        per_sm = getattr(self, name)
         if per_sm.__class__ is not int or not 1 <= per_sm <= 1024:
-            raise ValueError(f"Int4Linears.warps_per_sm: expected an int from 1 to 1024, got {per_sm!r:.40}")
+            raise ValueError(f"Int4Linears.{name}: expected an int from 1 to 1024, got {per_sm!r:.40}")
         blocks = -(-wt.n // _COLUMNS)
         warps = -(-per_sm * self._sms // blocks)
         return 32 * max(1, min(_MAX_WARPS, wt.k // _TILE, max(4, warps)))
@@ -158,12 +181,12 @@ class Int4Linears:
             return packed
         packed = ()
         if x % 16 == 0 and x_ld % 8 == 0 and 0 < rows <= INT4_GEMV_MAX_ROWS:
-            fn = self._gemv[(bf16, f32, 8 if rows <= 8 else 16 if rows <= 16 else 32)]
+            fn = self._gemv[(bf16, f32, 8 if rows <= 8 else 16 if rows <= 16 else 32, wt.group_size == 64)]
             values = self._ffi.new(
                 "uint64_t[11]", [x, wt.w, y, rows, wt.n, wt.k, x_ld, y_ld, wt.records, wt.groups, wt.gshift]
             )
             params = self._ffi.new("void*[11]", [values + i for i in range(11)])
-            packed = (fn, -(-wt.n // _COLUMNS), self._threads(wt), params, values)
+            packed = (fn, -(-wt.n // _COLUMNS), self._threads(wt, rows), params, values)
         if len(self._packed) > 4096:
             self._packed.clear()
         self._packed[key] = packed

@@ -499,13 +499,16 @@ def test_serve_names_the_weights_in_its_start_up_line_and_models(  # type: ignor
 
 def _where_the_kernel_reads(c: int) -> tuple[int, int]:
     """(byte of the row, nibble 0 low / 1 high) where csrc/int4_gemv.cu reads the code of input ``c``, written out
-    from that file's layout comment: 128-input tiles of 64 bytes; lane t's 16 bytes at 16 t hold inputs 16 q + 4 t
-    + e; word v holds steps 2 v and 2 v + 1, fields 0, 4, 1, 5 step 2 v's e = 0..3 and 2, 6, 3, 7 step 2 v + 1's."""
+    from that file's layout comment: 128-input tiles of 64 bytes; lane t's 16 bytes at 16 t, words 2 h and 2 h + 1
+    its inputs 64 h + 16 t + 4 q + e of half h; word 2 h + v holds steps 2 v and 2 v + 1, fields 0, 4, 1, 5 step
+    2 v's e = 0..3 and 2, 6, 3, 7 step 2 v + 1's."""
     tile, r = divmod(c, 128)
-    q, t, e = r // 16, (r % 16) // 4, r % 4
+    half, r = divmod(r, 64)
+    t, r = divmod(r, 16)
+    q, e = divmod(r, 4)
     v, odd = divmod(q, 2)
     field = [0, 4, 1, 5][e] + 2 * odd
-    return 64 * tile + 16 * t + 4 * v + field // 2, field % 2
+    return 64 * tile + 16 * t + 4 * (2 * half + v) + field // 2, field % 2
 
 
 def test_the_gemv_layout_puts_each_code_where_the_kernel_reads_it() -> None:

@@ -8,48 +8,103 @@
 
 // The weight layout (fi_engine.checkpoint.int4_weights.Int4Matrix.gemv_layout writes it): a row-major [n, k / 2]
 // byte matrix, each row 128-input tiles of 64 bytes. Lane t (0..3) of an mma's quad reads the tile's 16 bytes at
-// 16 t: the inputs 16 q + 4 t + e (step q = 0..7 of the tile, e = 0..3), as 4 little-endian words, word v holding
-// steps 2 v and 2 v + 1 in its 4-bit fields (field 0 the lowest): fields 0, 4, 1, 5 are step 2 v's e = 0, 1, 2, 3
-// and fields 2, 6, 3, 7 step 2 v + 1's. So `(word >> 4 p) & 0x000f000f` is one 16-bit pair of an mma's A
-// fragment for p = 0..3: (e 0, 1) and (e 2, 3) of step 2 v, then of step 2 v + 1.
+// 16 t, 4 little-endian words: words 2 h and 2 h + 1 hold its inputs of half tile h (0, 1), 64 h + 16 t + 4 q + e
+// (step q = 0..3 of the half, e = 0..3), word 2 h + v steps 2 v and 2 v + 1 in its 4-bit fields (field 0 the
+// lowest): fields 0, 4, 1, 5 are step 2 v's e = 0, 1, 2, 3 and fields 2, 6, 3, 7 step 2 v + 1's. So
+// `(word >> 4 p) & 0x000f000f` is one 16-bit pair of an mma's A fragment for p = 0..3: (e 0, 1) and (e 2, 3) of step
+// 2 v, then of step 2 v + 1; and a lane's x values of a half are 16 consecutive inputs, two 16-byte loads.
 //
 // A record per output row and group of inputs (uint32 [n, groups]): the group's float32 scale with its low 8 bits
 // cleared (16-bit scales are exact; float32 ones keep 16 significant bits), and the group's zero (0..255) in them.
 // Groups are 64 << gshift inputs (gshift 31: one group of the whole row).
-
-// fields p and p + 4 of u (p: the shift / 4 already applied) as a 16-bit pair of (code - zero), exactly: the code
-// OR-ed into the mantissa of 128 (bfloat16) or 1024 (float16), then nz = -(128 + zero) (or -(1024 + zero)) added
-template <bool BF16> __device__ __forceinline__ unsigned i4_pair(unsigned u, unsigned nz) {
-    const unsigned bits = (u & 0x000f000fu) | (BF16 ? 0x43004300u : 0x64006400u);
-    unsigned d;
-#if __CUDA_ARCH__ >= 800
-    if (BF16)
-        asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(bits), "r"(0x3f803f80u), "r"(nz));
-    else
-        asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(bits), "r"(0x3c003c00u), "r"(nz));
-#else
-    d = bits;
-#endif
-    return d;
-}
-// a record's scale, and its zero as the pair nz that i4_pair adds
-template <bool BF16> __device__ __forceinline__ float i4_record(unsigned rec, unsigned& nz) {
-    const unsigned h = (BF16 ? 0xc300u : 0xe400u) + (rec & 0xffu);  // -(128 + zero) / -(1024 + zero), exact
-    nz = h | (h << 16);
-    return __uint_as_float(rec & 0xffffff00u);
-}
+//
+// The zero is not subtracted from each weight: the mma multiplies x by code + M exactly (the code OR-ed into the
+// mantissa of M = 128 in bfloat16, 1024 in float16: one logic operation a pair), a second mma of ones sums x over the
+// half, and the half's float32 sum is s * (sum((code + M) x) - (M + zero) sum(x)) = s * sum((code - zero) x).
 
 #define I4_MAX_WARPS 16
 
+// fields p and p + 4 of u (p: the shift / 4 already applied) as a 16-bit pair of code + M, exactly
+template <bool BF16> __device__ __forceinline__ unsigned i4_pair(unsigned u) {
+    return (u & 0x000f000fu) | (BF16 ? 0x43004300u : 0x64006400u);
+}
+// a record's scale s, and -s (M + zero): the factors of a half's two sums
+template <bool BF16> __device__ __forceinline__ float i4_record(unsigned rec, float& offset) {
+    const float s = __uint_as_float(rec & 0xffffff00u);
+    offset = -s * ((BF16 ? 128.f : 1024.f) + (float)(rec & 0xffu));
+    return s;
+}
+
+// one half tile's sums: lane (g, t)'s words of rows j0 + g (wa0, wa1) and j0 + g + 8 (wb0, wb1), x's 16 values of
+// rows 8 i + g (xq[i]: zeros past rows), the rows' scales and offsets, into acc (see gemv4_tc)
+template <bool BF16, int NT>
+__device__ __forceinline__ void i4_half(float (&acc)[NT][4], unsigned wa0, unsigned wa1, unsigned wb0, unsigned wb1,
+                                        const uint4 (&xq)[NT][2], float sa, float oa, float sb, float ob) {
+    const unsigned one = BF16 ? 0x3f803f80u : 0x3c003c00u;
+    float c[NT][4], sx[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) c[i][e] = sx[i][e] = 0.f;
+#pragma unroll
+    for (int v = 0; v < 2; ++v) {
+        const unsigned a = v ? wa1 : wa0, b = v ? wb1 : wb0;
+        // steps 2 v and 2 v + 1: A's pairs (rows g and g + 8; inputs e 0-1, then 2-3)
+        const unsigned a0 = i4_pair<BF16>(a), a2 = i4_pair<BF16>(a >> 4);
+        const unsigned b0 = i4_pair<BF16>(b), b2 = i4_pair<BF16>(b >> 4);
+        const unsigned a1 = i4_pair<BF16>(a >> 8), a3 = i4_pair<BF16>(a >> 12);
+        const unsigned b1 = i4_pair<BF16>(b >> 8), b3 = i4_pair<BF16>(b >> 12);
+#pragma unroll
+        for (int i = 0; i < NT; ++i) {
+            const unsigned* xw = reinterpret_cast<const unsigned*>(&xq[i][v]);  // steps 2 v (words 0, 1), 2 v + 1
+            mma16816<BF16>(c[i], a0, b0, a2, b2, xw[0], xw[1]);
+            mma16816<BF16>(sx[i], one, one, one, one, xw[0], xw[1]);
+            mma16816<BF16>(c[i], a1, b1, a3, b3, xw[2], xw[3]);
+            mma16816<BF16>(sx[i], one, one, one, one, xw[2], xw[3]);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < NT; ++i) {  // sx[i][0], [1]: x rows 2 t, 2 t + 1 summed over the half (as [2], [3])
+        acc[i][0] = fmaf(sa, c[i][0], fmaf(oa, sx[i][0], acc[i][0]));
+        acc[i][1] = fmaf(sa, c[i][1], fmaf(oa, sx[i][1], acc[i][1]));
+        acc[i][2] = fmaf(sb, c[i][2], fmaf(ob, sx[i][0], acc[i][2]));
+        acc[i][3] = fmaf(sb, c[i][3], fmaf(ob, sx[i][1], acc[i][3]));
+    }
+}
+
+// the loads of TPL tiles from `tile` on (those < tiles): each tile's two weight vectors (rows a, b) into v[2 u ..],
+// its records into r[4 u ..] (G64: row a's halves, then row b's; else one a row, r[4 u], r[4 u + 2]); weights and
+// records are constants
+template <int TPL, bool G64>
+__device__ __forceinline__ void i4_load(uint4* v, unsigned* r, const uint4* wa, const uint4* wb, const unsigned* ra,
+                                        const unsigned* rb, int tile, int tiles, int gshift) {
+#pragma unroll
+    for (int u = 0; u < TPL; ++u) {
+        if (tile + u < tiles) {
+            v[2 * u] = load_weights(wa + 4 * (tile + u));
+            v[2 * u + 1] = load_weights(wb + 4 * (tile + u));
+            if (G64) {
+                const uint2 pa = __ldg(reinterpret_cast<const uint2*>(ra) + tile + u);
+                const uint2 pb = __ldg(reinterpret_cast<const uint2*>(rb) + tile + u);
+                r[4 * u] = pa.x, r[4 * u + 1] = pa.y, r[4 * u + 2] = pb.x, r[4 * u + 3] = pb.y;
+            } else {
+                r[4 * u] = __ldg(ra + ((2 * (tile + u)) >> gshift));
+                r[4 * u + 2] = __ldg(rb + ((2 * (tile + u)) >> gshift));
+            }
+        }
+    }
+}
+
 // y[r, j] = sum_c x[r, c] * (code[j, c] - zero[j, g(c)]) * scale[j, g(c)] for r < rows <= 8 NT: x [rows, k] 16-bit
 // (row stride x_ld), y [rows, n] 16-bit or float32 (row stride y_ld). A block serves 16 output columns (the mma's
-// m); its warps take the tiles warp, warp + warps, ... Lane (g, t) (g = lane / 4, t = lane % 4) decodes its 16
-// bytes of rows j0 + g and j0 + g + 8 per tile (the next tile's loading meanwhile) and multiplies them with x's rows
-// 8 i + g (the mma's n; zeros past rows) for each of NT groups of 8 rows, so each weight is decoded once for all
-// rows. A half tile (64 inputs) lies in one group: its mma sums start from zero, and the group's scale multiplies
-// them into the float32 sums; the warps' sums meet in shared memory and y is rounded once. k a multiple of 128;
-// x, w, x_ld 16-byte aligned (the caller checks).
-template <bool BF16, bool F32OUT, int NT>
+// m); its warps take runs of TPL tiles in turn (warp w the run w, w + warps, ...), each run's weights and records
+// loaded while the run before is summed. Lane (g, t) (g = lane / 4, t = lane % 4) decodes its 16 bytes of rows
+// j0 + g and j0 + g + 8 per tile and multiplies them with x's rows 8 i + g (the mma's n; zeros past rows) for each
+// of NT groups of 8 rows, so each weight is decoded once for all rows. A half tile (64 inputs) lies in one group: its
+// mma sums start from zero and meet the group's scale and zero in float32 (the layout comment); the warps' sums meet
+// in shared memory and y is rounded once. G64: groups of 64 (two records a tile), else of 128 or more (one). k a
+// multiple of 128; x, w, x_ld 16-byte aligned (the caller checks).
+template <bool BF16, bool F32OUT, int NT, int TPL, bool G64>
 __device__ __forceinline__ void gemv4_tc(const unsigned short* __restrict__ x, const unsigned char* __restrict__ w,
                                          void* __restrict__ y, int rows, int n, int k, long long x_ld,
                                          long long y_ld, const unsigned* __restrict__ rec, int groups, int gshift) {
@@ -65,71 +120,55 @@ __device__ __forceinline__ void gemv4_tc(const unsigned short* __restrict__ x, c
     const uint4* wb = reinterpret_cast<const uint4*>(w + jb * row_bytes) + t;
     const unsigned* ra = rec + (long long)ja * groups;
     const unsigned* rb = rec + (long long)jb * groups;
+    const uint4* xr[NT];  // x row 8 i + g at input 16 t (its last row for the rows past it, never used)
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+        xr[i] = reinterpret_cast<const uint4*>(x + (long long)min(8 * i + g, rows - 1) * x_ld) + 2 * t;
     const int tiles = k >> 7;
     float acc[NT][4];
 #pragma unroll
     for (int i = 0; i < NT; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
-    uint4 cur[2], nxt[2];
-    int tile = warp;
-    if (tile < tiles) {
-        cur[0] = load_weights(wa + 4 * tile);
-        cur[1] = load_weights(wb + 4 * tile);
-    }
+    uint4 cv[2 * TPL];
+    unsigned cr[4 * TPL];
+    int tile = warp * TPL;
+    if (tile < tiles) i4_load<TPL, G64>(cv, cr, wa, wb, ra, rb, tile, tiles, gshift);
     griddep_wait();  // x may be the previous kernel's output; the weights and records are constants
     while (tile < tiles) {
-        const int next = tile + warps;
-        if (next < tiles) {
-            nxt[0] = load_weights(wa + 4 * next);
-            nxt[1] = load_weights(wb + 4 * next);
-        }
-        const unsigned* ua = reinterpret_cast<const unsigned*>(&cur[0]);
-        const unsigned* ub = reinterpret_cast<const unsigned*>(&cur[1]);
+        const int next = tile + warps * TPL;
+        uint4 nv[2 * TPL];
+        unsigned nr[4 * TPL];
+        if (next < tiles) i4_load<TPL, G64>(nv, nr, wa, wb, ra, rb, next, tiles, gshift);
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int gi = (2 * tile + half) >> gshift;
-            unsigned za, zb;
-            const float sa = i4_record<BF16>(__ldg(ra + gi), za), sb = i4_record<BF16>(__ldg(rb + gi), zb);
-            // x's values at inputs 128 tile + 64 half + 16 q + 4 t + (0..3), q = 0..3, of each group of 8 rows
-            uint2 xv[NT][4];
+        for (int u = 0; u < TPL; ++u) {
+            if (tile + u < tiles) {
+                uint4 xq[2][NT][2];  // the tile's x values: half, row group, 8 inputs
 #pragma unroll
-            for (int i = 0; i < NT; ++i) {
-                const int r = 8 * i + g;
-                const uint2* xp =
-                    reinterpret_cast<const uint2*>(x + (long long)min(r, rows - 1) * x_ld + 128 * tile + 64 * half) + t;
+                for (int h = 0; h < 2; ++h)
 #pragma unroll
-                for (int q = 0; q < 4; ++q) xv[i][q] = r < rows ? __ldg(xp + 4 * q) : make_uint2(0u, 0u);
-            }
-            float c[NT][4];
-#pragma unroll
-            for (int i = 0; i < NT; ++i)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) c[i][e] = 0.f;
-#pragma unroll
-            for (int v = 0; v < 2; ++v) {
-                const unsigned a = ua[2 * half + v], b = ub[2 * half + v];
-                // steps 2 v and 2 v + 1 of this half: A's pairs (rows g and g + 8; inputs e 0-1, then 2-3)
-                const unsigned a0 = i4_pair<BF16>(a, za), a2 = i4_pair<BF16>(a >> 4, za);
-                const unsigned b0 = i4_pair<BF16>(b, zb), b2 = i4_pair<BF16>(b >> 4, zb);
-                const unsigned a1 = i4_pair<BF16>(a >> 8, za), a3 = i4_pair<BF16>(a >> 12, za);
-                const unsigned b1 = i4_pair<BF16>(b >> 8, zb), b3 = i4_pair<BF16>(b >> 12, zb);
-#pragma unroll
-                for (int i = 0; i < NT; ++i) {
-                    mma16816<BF16>(c[i], a0, b0, a2, b2, xv[i][2 * v].x, xv[i][2 * v].y);
-                    mma16816<BF16>(c[i], a1, b1, a3, b3, xv[i][2 * v + 1].x, xv[i][2 * v + 1].y);
-                }
-            }
-#pragma unroll
-            for (int i = 0; i < NT; ++i) {
-                acc[i][0] = fmaf(sa, c[i][0], acc[i][0]);
-                acc[i][1] = fmaf(sa, c[i][1], acc[i][1]);
-                acc[i][2] = fmaf(sb, c[i][2], acc[i][2]);
-                acc[i][3] = fmaf(sb, c[i][3], acc[i][3]);
+                    for (int i = 0; i < NT; ++i) {
+                        const bool live = 8 * i + g < rows;
+                        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+                        const uint4* xp = xr[i] + 16 * (tile + u) + 8 * h;
+                        xq[h][i][0] = live ? __ldg(xp) : zero;
+                        xq[h][i][1] = live ? __ldg(xp + 1) : zero;
+                    }
+                const unsigned* ua = reinterpret_cast<const unsigned*>(&cv[2 * u]);
+                const unsigned* ub = reinterpret_cast<const unsigned*>(&cv[2 * u + 1]);
+                float oa0, ob0, oa1, ob1;
+                const float sa0 = i4_record<BF16>(cr[4 * u], oa0), sb0 = i4_record<BF16>(cr[4 * u + 2], ob0);
+                const float sa1 = G64 ? i4_record<BF16>(cr[4 * u + 1], oa1) : sa0;
+                const float sb1 = G64 ? i4_record<BF16>(cr[4 * u + 3], ob1) : sb0;
+                if (!G64) oa1 = oa0, ob1 = ob0;
+                i4_half<BF16, NT>(acc, ua[0], ua[1], ub[0], ub[1], xq[0], sa0, oa0, sb0, ob0);
+                i4_half<BF16, NT>(acc, ua[2], ua[3], ub[2], ub[3], xq[1], sa1, oa1, sb1, ob1);
             }
         }
-        cur[0] = nxt[0];
-        cur[1] = nxt[1];
+#pragma unroll
+        for (int u = 0; u < 2 * TPL; ++u) cv[u] = nv[u];
+#pragma unroll
+        for (int u = 0; u < 4 * TPL; ++u) cr[u] = nr[u];
         tile = next;
     }
 #pragma unroll
@@ -155,16 +194,22 @@ __device__ __forceinline__ void gemv4_tc(const unsigned short* __restrict__ x, c
 #endif
 }
 
-#define GEMV4(name, bf16, f32out, nt)                                                                               \
+// I4_TILES_AHEAD (Int4Linears.options): the tiles of a warp's run, loaded while the run before is summed, up to 16
+// rows; 32 rows take runs of 1 (their registers)
+#define GEMV4(name, bf16, f32out, nt, g64)                                                                          \
     extern "C" __global__ void __launch_bounds__(32 * I4_MAX_WARPS)                                                \
         name(const unsigned short* x, const unsigned char* w, void* y, int rows, int n, int k, long long x_ld,     \
              long long y_ld, const unsigned* rec, int groups, int gshift) {                                        \
-        gemv4_tc<bf16, f32out, nt>(x, w, y, rows, n, k, x_ld, y_ld, rec, groups, gshift);                          \
+        gemv4_tc<bf16, f32out, nt, nt == 4 ? 1 : I4_TILES_AHEAD, g64>(x, w, y, rows, n, k, x_ld, y_ld, rec, groups, \
+                                                                        gshift);                                   \
     }
 #define GEMV4_ROWS(t, bf16, out, f32out)                                                                            \
-    GEMV4(gemv4_##t##_##out##_8, bf16, f32out, 1)                                                                   \
-    GEMV4(gemv4_##t##_##out##_16, bf16, f32out, 2)                                                                  \
-    GEMV4(gemv4_##t##_##out##_32, bf16, f32out, 4)
+    GEMV4(gemv4_##t##_##out##_8, bf16, f32out, 1, false)                                                            \
+    GEMV4(gemv4_##t##_##out##_16, bf16, f32out, 2, false)                                                           \
+    GEMV4(gemv4_##t##_##out##_32, bf16, f32out, 4, false)                                                           \
+    GEMV4(gemv4_##t##_##out##_8_g64, bf16, f32out, 1, true)                                                         \
+    GEMV4(gemv4_##t##_##out##_16_g64, bf16, f32out, 2, true)                                                        \
+    GEMV4(gemv4_##t##_##out##_32_g64, bf16, f32out, 4, true)
 GEMV4_ROWS(bf16, true, bf16, false)
 GEMV4_ROWS(bf16, true, f32, true)
 GEMV4_ROWS(f16, false, f16, false)
@@ -185,14 +230,16 @@ __device__ __forceinline__ void dequant_i4(const unsigned char* __restrict__ w, 
         const int c = (int)(v - j * vecs), tile = c >> 2, t = c & 3;
         const uint4 q = load_weights(reinterpret_cast<const uint4*>(w) + v);
         const unsigned* words = reinterpret_cast<const unsigned*>(&q);
-        unsigned short* row = out + j * k + 128 * tile + 4 * t;
 #pragma unroll
         for (int word = 0; word < 4; ++word) {
-            const unsigned r = __ldg(rec + j * groups + ((2 * tile + (word >> 1)) >> gshift));
+            const int half = word >> 1;
+            const unsigned r = __ldg(rec + j * groups + ((2 * tile + half) >> gshift));
             const float s = __uint_as_float(r & 0xffffff00u), z = (float)(r & 0xffu);
+            // inputs 128 tile + 64 half + 16 t + 4 q + e, q = 2 (word & 1) + step
+            unsigned short* at = out + j * k + 128 * tile + 64 * half + 16 * t + 8 * (word & 1);
 #pragma unroll
             for (int step = 0; step < 2; ++step) {
-                // step 2 word + step: e = 0, 1, 2, 3 in fields 2 step, 2 step + 4, 2 step + 1, 2 step + 5
+                // e = 0, 1, 2, 3 in fields 2 step, 2 step + 4, 2 step + 1, 2 step + 5
                 const unsigned u = words[word] >> (8 * step);
                 unsigned short e[4];
                 e[0] = fromf<BF16>(((float)(u & 0xfu) - z) * s);
@@ -202,7 +249,7 @@ __device__ __forceinline__ void dequant_i4(const unsigned char* __restrict__ w, 
                 uint2 o;
                 o.x = (unsigned)e[0] | ((unsigned)e[1] << 16);
                 o.y = (unsigned)e[2] | ((unsigned)e[3] << 16);
-                *reinterpret_cast<uint2*>(row + 16 * (2 * word + step)) = o;
+                *reinterpret_cast<uint2*>(at + 4 * step) = o;
             }
         }
     }
