@@ -31,6 +31,16 @@ def _writer(seed: int) -> Any:
     return t
 
 
+def _start(seed: int) -> tuple[Any, dict[str, Any]]:
+    """The random writer of ``seed`` and the tensors every model has: embedding, final norm, an untied LM head."""
+    t = _writer(seed)
+    return t, {
+        "model.embed_tokens.weight": t(VOCAB, HIDDEN, scale=1.0),
+        "model.norm.weight": t(HIDDEN, mean=1.0, scale=0.1),
+        "lm_head.weight": t(VOCAB, HIDDEN),
+    }
+
+
 def _common(t: Any, tensors: dict[str, Any], p: str) -> None:
     tensors[p + "input_layernorm.weight"] = t(HIDDEN, mean=1.0, scale=0.1)
     tensors[p + "post_attention_layernorm.weight"] = t(HIDDEN, mean=1.0, scale=0.1)
@@ -54,13 +64,8 @@ def _save(folder: Path, tensors: dict[str, Any], config: dict[str, Any]) -> Path
 def save_random_qwen3_moe(folder: Path, layers: int = 2, experts: int = 8, top_k: int = 2, seed: int = 3) -> Path:
     """A random Qwen3-MoE (hidden 512, 8 query / 2 KV heads of 128 with per-head q/k norms, ``experts`` experts of
     intermediate 256 top-``top_k``, every layer sparse, untied LM head, vocab :data:`VOCAB`) in ``folder``."""
-    t = _writer(seed)
+    t, tensors = _start(seed)
     hq, hk, d, inter = 8, 2, 128, 256
-    tensors: dict[str, Any] = {
-        "model.embed_tokens.weight": t(VOCAB, HIDDEN, scale=1.0),
-        "model.norm.weight": t(HIDDEN, mean=1.0, scale=0.1),
-        "lm_head.weight": t(VOCAB, HIDDEN),
-    }
     for i in range(layers):
         p = f"model.layers.{i}."
         a = p + "self_attn."
@@ -87,14 +92,9 @@ def save_random_deepseek_v3(folder: Path, layers: int = 2, seed: int = 4) -> Pat
     first layer a dense MLP of 1024, the rest 8 routed experts of 256 top-2 in 2 groups (1 kept) with a shared
     expert, V3's sigmoid routing with a float32 ``e_score_correction_bias``; untied LM head, vocab :data:`VOCAB`) in
     ``folder``."""
-    t = _writer(seed)
+    t, tensors = _start(seed)
     rng = np.random.default_rng(seed + 1)
     heads, q_rank, kv_rank, nope, rope, v, inter, moe_inter, experts = 16, 128, 512, 32, 64, 32, 1024, 256, 8
-    tensors: dict[str, Any] = {
-        "model.embed_tokens.weight": t(VOCAB, HIDDEN, scale=1.0),
-        "model.norm.weight": t(HIDDEN, mean=1.0, scale=0.1),
-        "lm_head.weight": t(VOCAB, HIDDEN),
-    }
     for i in range(layers):
         p = f"model.layers.{i}."
         a = p + "self_attn."
