@@ -15,9 +15,11 @@ mixture-of-experts layers with shared experts and group-limited routing:
   ``routed_scaling_factor``.
 
 The engine's MLA kernels fix ``kv_lora_rank`` at 512 and ``qk_rope_head_dim`` at 64 (every published V2/V3 model);
-other sizes are refused by name. So are FP8 block-quantized checkpoints (``quantization_config``), which the engine
-does not dequantize, and everything else the engine does not implement (attention or MLP biases, other
-activations, MoE layers every other layer).
+other sizes are refused by name. FP8 checkpoints (``quantization_config``, DeepSeek-V3's published e4m3 weights with
+128x128 block scales; :func:`~fi_engine.checkpoint.quantization.deepseek_fp8_scheme`) are served with every e4m3
+projection dequantized to the 16-bit type at load (``fp8``); other quantizations are refused by name, and so is
+everything else the engine does not implement (attention or MLP biases, other activations, MoE layers every other
+layer).
 
 Rotary settings: plain RoPE or YaRN (``rope_scaling`` of transformers 4.x or ``rope_parameters`` of 5.x, type
 ``yarn``; ``factor``, ``original_max_position_embeddings``, ``beta_fast``, ``beta_slow``, ``mscale``,
@@ -40,18 +42,13 @@ import numpy as np
 from ..values import MAX_SIZE, show
 from .config import MoEConfig, _eos, _int, _silu_without_biases, read_config_json, yarn_ramp
 from .family_configs import rope_settings
+from .quantization import deepseek_fp8_scheme
 
 __all__ = ["DEEPSEEK_MODEL_TYPES", "DeepSeekConfig", "DeepSeekRouting", "YarnConfig", "is_deepseek"]
 
 DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 KV_LORA_RANK = 512  # head_dim_ckv of the MLA kernels
 ROPE_HEAD_DIM = 64  # head_dim_kpe of the MLA kernels
-
-_BF16_HINT = (
-    "convert it to bfloat16 first: DeepSeek's inference/fp8_cast_bf16.py (in the DeepSeek-V3 repository) writes a "
-    "bfloat16 copy of the weights (then drop quantization_config from config.json), or load it with transformers "
-    "dequantizing and save_pretrained in bfloat16; or use a published bfloat16 conversion"
-)
 
 
 @dataclass(frozen=True)
@@ -110,6 +107,7 @@ class DeepSeekConfig:
     num_kv_heads: int = 1
     head_dim: int = ROPE_HEAD_DIM
     qk_norm: bool = False
+    fp8: Any = None  # the FP8 layout (fi_engine.checkpoint.quantization.Fp8Scheme), dequantized at load; None: 16-bit
 
     @property
     def qk_head_dim(self) -> int:
@@ -180,13 +178,7 @@ class DeepSeekConfig:
         model_type = d.get("model_type")
         if model_type not in DEEPSEEK_MODEL_TYPES:
             raise ValueError(f"{source}: model_type {show(model_type)} is not a DeepSeek-V2/V3 checkpoint")
-        quant = d.get("quantization_config")
-        if quant is not None:
-            method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
-            raise ValueError(
-                f"{source}: quantization_config (quant_method {show(method)}) is not supported: this engine serves "
-                f"bfloat16 or float16 weights, not FP8 block-quantized ones; {_BF16_HINT}"
-            )
+        fp8 = deepseek_fp8_scheme(d, source)
         _silu_without_biases(d, source, "DeepSeek")
         kv_rank = _int(d, "kv_lora_rank", source)
         rope_dim = _int(d, "qk_rope_head_dim", source)
@@ -238,6 +230,7 @@ class DeepSeekConfig:
             first_k_dense_replace=first_dense,
             moe=moe,
             routing=routing,
+            fp8=fp8,
         )
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .quantization import Fp8Scheme
-from .safetensors import Checkpoint
+from .safetensors import Checkpoint, _float32, _to_16bit
 
 __all__ = ["E4M3", "Fp8Matrix", "dequantize_e4m3", "quantize_e4m3", "read_fp8_linear"]
 
@@ -87,15 +87,28 @@ class Fp8Matrix:
     scales: np.ndarray
     block: tuple[int, int] | None
 
-    def dequantized(self) -> np.ndarray:
-        """The float32 weight ``[n, k]`` it stands for (each code's value times its scale)."""
+    def dequantized(self, dtype: str = "float32") -> np.ndarray:
+        """The weight ``[n, k]`` it stands for, each code's value times its scale: float32, or that float32 product
+        rounded once to ``"float16"`` (a float16 array) or ``"bfloat16"`` (its bits, uint16) as the engine uploads
+        it -- the values DeepSeek's ``fp8_cast_bf16.py`` and transformers' FP8 dequantization write (a float32
+        multiply, then a cast to nearest even). ValueError where a value is not finite in ``dtype`` (a scale too
+        large for float16, or an e4m3 NaN code)."""
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype: expected 'float32', 'float16' or 'bfloat16', got {dtype!r}")
         n, k = self.weight.shape
         if self.block is None:
             full = self.scales[:, None]
         else:
             bn, bk = self.block
             full = np.repeat(np.repeat(self.scales, bn, axis=0), bk, axis=1)[:n, :k]
-        return dequantize_e4m3(self.weight) * full
+        values = dequantize_e4m3(np.asarray(self.weight)) * full
+        if dtype == "float32":
+            return values
+        out = _to_16bit(values, dtype)
+        if not np.isfinite(_float32(out, dtype)).all():
+            raise ValueError(f"the dequantized weight has values that are not finite in {dtype} (NaN codes, or scales "
+                             f"too large for it)")  # fmt: skip
+        return out
 
 
 def _scale(ckpt: Checkpoint, name: str, shapes: Sequence[tuple[int, ...]], want: str) -> np.ndarray:
@@ -108,23 +121,23 @@ def _scale(ckpt: Checkpoint, name: str, shapes: Sequence[tuple[int, ...]], want:
     if tuple(info.shape) not in [tuple(s) for s in shapes]:
         expected = " or ".join(str(list(s)) for s in shapes)
         raise ValueError(f"model: tensor {name!r} has shape {list(info.shape)}, expected {expected} ({want})")
-    raw = np.asarray(ckpt.array(name))
-    if info.dtype == "bfloat16":
-        raw = (raw.astype(np.uint32) << 16).view(np.float32)
-    values = raw.astype(np.float32)
+    values = _float32(ckpt.array(name), info.dtype)
     if not (np.isfinite(values).all() and (values > 0).all()):
         raise ValueError(f"model: tensor {name!r} holds a scale that is not a finite positive number")
     return values
 
 
-def read_fp8_linear(ckpt: Checkpoint, scheme: Fp8Scheme, parts: Sequence[tuple[str, tuple[int, int]]]) -> Fp8Matrix:
+def read_fp8_linear(
+    ckpt: Checkpoint, scheme: Fp8Scheme, parts: Sequence[tuple[str, tuple[int, int]]], *, gemv: bool = True
+) -> Fp8Matrix:
     """The projections ``parts`` (each ``(prefix, (n, k))``, e.g. q, k and v) read from ``ckpt`` in ``scheme``'s
     layout and stacked along rows (``qkv``, ``gate_up``): their ``<prefix>.weight`` (F8_E4M3, shape checked) and
     scales (see the module docstring). Per-tensor scales become per-row ones (each part's repeated over its rows);
-    per-block parts stack where each part's rows fill whole blocks. ValueError naming the tensor, what was expected
-    and the fix: a weight that is not e4m3, a missing or misshapen scale, a non-finite or non-positive one, ``k``
-    not a multiple of 16 (the GEMV reads 16 codes at a time), parts whose ``k`` differ, a block part that ends
-    inside a block."""
+    per-block parts stack where each part's rows fill whole blocks. ``gemv``: the weight feeds the FP8 GEMV
+    (:func:`upload_fp8_linear`), which needs ``k`` a multiple of 16; False for a weight the caller dequantizes
+    (:meth:`Fp8Matrix.dequantized`). ValueError naming the tensor, what was expected and the fix: a weight that is
+    not e4m3, a missing or misshapen scale, a non-finite or non-positive one, ``k`` not a multiple of 16 (with
+    ``gemv``: the GEMV reads 16 codes at a time), parts whose ``k`` differ, a block part that ends inside a block."""
     weights, scales = [], []
     k0 = parts[0][1][1]
     for prefix, (n, k) in parts:
@@ -135,7 +148,7 @@ def read_fp8_linear(ckpt: Checkpoint, scheme: Fp8Scheme, parts: Sequence[tuple[s
                 f"model: tensor {name!r} is {info.dtype}; quantization_config says FP8, so the projections must be "
                 f"F8_E4M3 (is it in an `ignore` list? only lm_head may be)"
             )
-        if k != k0 or k % 16:
+        if k != k0 or (gemv and k % 16):
             raise ValueError(f"model: tensor {name!r}: {k} columns; the FP8 GEMV needs a multiple of 16, equal parts")
         weights.append(ckpt.array(name, (n, k)))
         if scheme.scales == "block":

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from .quantization import Int4Scheme
-from .safetensors import Checkpoint
+from .safetensors import Checkpoint, _float32, _to_16bit
 
 __all__ = ["AWQ_ORDER", "GEMV_TILE", "Int4Matrix", "decode_gemv_layout", "read_int4_linear"]
 
@@ -67,22 +67,6 @@ def _fields(packed: Any) -> Any:
     xp.bitwise_and(as_bytes, 0xF, out=out[..., 0])
     xp.right_shift(as_bytes, 4, out=out[..., 1])
     return out.reshape(*packed.shape, 8)
-
-
-def _float32(raw: Any, dtype: str) -> Any:
-    """A checkpoint array of ``dtype`` (bfloat16 as uint16 bits) as float32."""
-    if dtype == "bfloat16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw.astype(np.float32)
-
-
-def _to_16bit(values: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 ``values`` rounded to nearest even: a float16 array, or bfloat16 bits (uint16) for ``"bfloat16"``."""
-    if dtype == "float16":
-        with np.errstate(over="ignore"):  # past 65504: inf, which the caller refuses
-            return values.astype(np.float16)
-    bits = values.view(np.uint32)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # finite values: no carry into NaN
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """What a checkpoint's ``quantization_config`` says, read by name (:func:`fp8_scheme`, :func:`int4_scheme`), and
-which of it the Llama family serves (:func:`llama_fp8_scheme`, :func:`llama_int4_scheme`: FP8 and int4 weights of
-dense models).
+which of it the families serve: the Llama family (:func:`llama_fp8_scheme`, :func:`llama_int4_scheme`: FP8 weights
+of dense and mixture-of-experts models, the experts dequantized to 16-bit at load; int4 weights of dense models) and
+DeepSeek (:func:`deepseek_fp8_scheme`: FP8 weights, every projection dequantized to 16-bit at load).
 
 The FP8 layouts people serve on one H100 write it three ways (the keys as their configs spell them):
 
@@ -30,27 +31,40 @@ A value module: nothing here touches a GPU.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["Fp8Scheme", "Int4Scheme", "fp8_scheme", "int4_scheme", "llama_fp8_scheme", "llama_int4_scheme"]
+__all__ = [
+    "Fp8Scheme",
+    "Int4Scheme",
+    "deepseek_fp8_scheme",
+    "fp8_scheme",
+    "int4_scheme",
+    "llama_fp8_scheme",
+    "llama_int4_scheme",
+]
 
 
 @dataclass(frozen=True)
 class Fp8Scheme:
     """An FP8 checkpoint's layout: ``scales`` ``"tensor"``, ``"channel"`` or ``"block"`` (``block`` its
     ``(rows, columns)``), ``activations`` ``"dynamic"`` or ``"static"``, ``method`` the ``quant_method`` it came
-    from."""
+    from; ``dequantized`` names the weights the engine dequantizes to the model's 16-bit type as it reads them
+    (``"experts"`` for a mixture-of-experts model, ``"every projection"`` for DeepSeek), ``""`` where every
+    projection stays e4m3 on the GPU."""
 
     method: str
     scales: Literal["tensor", "channel", "block"]
     activations: Literal["dynamic", "static"]
     block: tuple[int, int] | None = None
+    dequantized: str = ""
 
     def describe(self) -> str:
-        """The layout in words, as the engine's refusal names it."""
+        """The layout in words, as the start-up line and the engine's refusals name it."""
         size = f" {self.block[0]}x{self.block[1]}" if self.block else ""
-        return f"FP8 (e4m3) weights with per-{self.scales}{size} scales, {self.activations} activation scales"
+        words = f"FP8 (e4m3) weights with per-{self.scales}{size} scales, {self.activations} activation scales"
+        return words + (f" ({self.dequantized} dequantized to 16-bit at load)" if self.dequantized else "")
 
 
 @dataclass(frozen=True)
@@ -246,13 +260,9 @@ def llama_int4_scheme(d: dict[str, Any], source: str) -> Int4Scheme | None:
     return scheme
 
 
-def llama_fp8_scheme(d: dict[str, Any], source: str) -> Fp8Scheme | None:
-    """The FP8 layout a Llama-family config ``d`` (from ``source``) declares, which the engine serves
-    (:mod:`~fi_engine.checkpoint.fp8_weights`: e4m3 projections, 16-bit embedding, norms and LM head), or None without a
-    ``quantization_config``. ValueError naming the key and the way out for what it does not serve: another
-    quantization, FP8 MoE checkpoints (their experts are grouped GEMMs over 16-bit weights), compressed-tensors'
-    block strategy (its block size lives in each group), static activation scales are accepted and unused (the
-    activations stay 16-bit)."""
+def _served_fp8_scheme(d: dict[str, Any], source: str, served: str) -> Fp8Scheme | None:
+    """The FP8 layout of config ``d``'s ``quantization_config`` (None without one); ValueError naming the key for
+    another quantization (``served``: what the family serves, in words) and for compressed-tensors' block strategy."""
     q = d.get("quantization_config")
     if q is None:
         return None
@@ -261,14 +271,7 @@ def llama_fp8_scheme(d: dict[str, Any], source: str) -> Fp8Scheme | None:
         method = q.get("quant_method") if isinstance(q, dict) else q
         raise ValueError(
             f"{source}: quantization_config (quant_method {_show(method)}) is not supported: this engine serves "
-            f"float16/bfloat16 weights, FP8 (e4m3) ones and AWQ/GPTQ int4 ones; save the model in bfloat16 or float16"
-        )
-    if _is_moe(d):
-        raise ValueError(
-            f"{source}: quantization_config (quant_method {_show(scheme.method)}): {scheme.describe()} in a "
-            f"mixture-of-experts model; this engine serves FP8 weights for dense models only (its expert GEMMs "
-            f"read 16-bit weights). Serve a bfloat16 copy: dequantize with transformers and save_pretrained in "
-            f"bfloat16, then drop quantization_config"
+            f"{served}; save the model in bfloat16 or float16"
         )
     if scheme.scales == "block" and scheme.block is None:
         raise ValueError(
@@ -276,3 +279,27 @@ def llama_fp8_scheme(d: dict[str, Any], source: str) -> Fp8Scheme | None:
             f"'fp8' (weight_block_size) form is. Re-export the checkpoint with quant_method 'fp8' or in bfloat16"
         )
     return scheme
+
+
+def llama_fp8_scheme(d: dict[str, Any], source: str) -> Fp8Scheme | None:
+    """The FP8 layout a Llama-family config ``d`` (from ``source``) declares, which the engine serves
+    (:mod:`~fi_engine.checkpoint.fp8_weights`: e4m3 projections, 16-bit embedding, norms and LM head; a
+    mixture-of-experts model's experts, whose grouped GEMMs read 16-bit weights, dequantized to the 16-bit type at
+    load: ``dequantized`` ``"experts"``), or None without a ``quantization_config``. Static activation scales are
+    accepted and unused (the activations stay 16-bit). ValueError naming the key and the way out for what it does
+    not serve: another quantization, compressed-tensors' block strategy (its block size lives in each group)."""
+    scheme = _served_fp8_scheme(d, source, "float16/bfloat16 weights, FP8 (e4m3) ones and AWQ/GPTQ int4 ones")
+    if scheme is not None and _is_moe(d):
+        return dataclasses.replace(scheme, dequantized="experts")
+    return scheme
+
+
+def deepseek_fp8_scheme(d: dict[str, Any], source: str) -> Fp8Scheme | None:
+    """The FP8 layout a DeepSeek-V3 / V2 config ``d`` (from ``source``) declares (DeepSeek-V3's published form:
+    ``quant_method: "fp8"``, 128x128 blocks, every linear e4m3 but the routers, norms, embedding and LM head), or
+    None without a ``quantization_config``. The engine dequantizes every e4m3 projection to the 16-bit type as it
+    reads it (``dequantized`` ``"every projection"``): MLA's ``kv_b_proj`` is split per head into the absorbed
+    factors, ``kv_a_proj_with_mqa`` into the latent and RoPE parts, and the experts feed grouped GEMMs over 16-bit
+    weights. ValueError naming the key and the way out: another quantization, compressed-tensors' block strategy."""
+    scheme = _served_fp8_scheme(d, source, "bfloat16 or float16 weights and FP8 (e4m3) ones")
+    return None if scheme is None else dataclasses.replace(scheme, dequantized="every projection")

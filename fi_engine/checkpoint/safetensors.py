@@ -43,6 +43,24 @@ _BY_NUMPY = {  # bit-pattern types (bfloat16, e4m3) are written only when named
 MAX_HEADER = 100 << 20  # the reference implementation's limit
 
 
+def _float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """A checkpoint array of ``dtype`` (bfloat16 as uint16 bits, as :meth:`Checkpoint.array` returns it) as float32."""
+    raw = raw if hasattr(raw, "astype") else np.asarray(raw)  # (a CuPy array stays one: the int4 loader's on the GPU)
+    if dtype == "bfloat16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32)
+
+
+def _to_16bit(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 ``values`` rounded to nearest even: a float16 array, or bfloat16 bits (uint16) for ``"bfloat16"`` (the
+    layout :meth:`Checkpoint.array` reads and the engine uploads). Past float16's 65504: inf (callers refuse it)."""
+    if dtype == "float16":
+        with np.errstate(over="ignore"):
+            return values.astype(np.float16)
+    bits = values.view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # finite values: no carry into NaN
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One tensor of a file: its dtype (fi_ffi name, e.g. ``"bfloat16"``), shape and byte range in ``path``."""

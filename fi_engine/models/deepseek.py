@@ -41,7 +41,16 @@ wheel's fused ``NoAuxTc`` kernel where it applies (:func:`fused_routing_blocker`
 
 Refused with a message naming the field (:meth:`DeepSeek.check`, the hook every family definition refuses
 through): tensor parallelism, a CUDA graph for a routing the device kernel cannot do (``n_group`` above
-:data:`~fi_engine.layers.deepseek_routing.MAX_DEVICE_GROUPS`); FP8 block-quantized checkpoints (at load).
+:data:`~fi_engine.layers.deepseek_routing.MAX_DEVICE_GROUPS`).
+
+FP8 checkpoints (DeepSeek-V3's published form: e4m3 projections with 128x128 block scales ``weight_scale_inv``; the
+routers, norms, embedding and LM head 16-bit; :attr:`DeepSeekConfig.fp8
+<fi_engine.checkpoint.deepseek_config.DeepSeekConfig.fp8>`) are served as their 16-bit copy: every e4m3 projection --
+MLA's, the dense MLPs', the routed and the shared experts' -- is dequantized to the embedding's 16-bit type as it is
+read (:meth:`~fi_engine.models.weights.WeightLoader.linear`), so the GPU holds and runs what a bfloat16 conversion of
+the checkpoint (DeepSeek's ``fp8_cast_bf16.py``) would give it. MLA's ``kv_b_proj`` must be 16-bit for the absorbed
+per-head GEMMs and the experts for the grouped GEMMs; the other projections follow so one load path serves both
+forms (they are a few percent of V3's weights).
 """
 
 from __future__ import annotations
@@ -103,11 +112,13 @@ def graph_blocker(c: DeepSeekConfig) -> str | None:
 
 
 class _DeepSeekWeights(WeightLoader):
-    """The loader of DeepSeek checkpoints: a tensor of an FP8 dtype (as DeepSeek publishes V3) is refused saying
-    how to get one this engine serves."""
+    """The loader of DeepSeek checkpoints: an e4m3 tensor where config.json declares no FP8 layout is refused saying
+    what is missing."""
 
     def mismatch_hint(self, got: str) -> str:
-        return "; FP8 checkpoints are not supported, save a bfloat16 copy" if "8" in got else ""
+        if "8" in got and self.fp8 is None:
+            return "; config.json declares no quantization_config, so this checkpoint's FP8 scales are not read"
+        return super().mismatch_hint(got) if "8" in got else ""
 
 
 class DeepSeek(ModelFamily):
@@ -157,12 +168,10 @@ class DeepSeek(ModelFamily):
             c.hidden_size, c.num_qo_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank,
         )  # fmt: skip
         dtype = ckpt.info("model.embed_tokens.weight").dtype
-        if dtype not in ("float16", "bfloat16"):
-            hint = (
-                " (FP8 block-quantized weights: save a bfloat16 copy first, see docs/engine.md)" if "8" in dtype else ""
-            )
-            raise ValueError(f"model: weights are {dtype}; this engine serves float16 or bfloat16 checkpoints{hint}")
-        ld = _DeepSeekWeights.for_engine(eng, ckpt, dtype)  # every upload kept alive by eng.device_arrays
+        if dtype not in ("float16", "bfloat16"):  # FP8 checkpoints keep it 16-bit
+            raise ValueError(f"model: weights are {dtype}; this engine serves float16 or bfloat16 checkpoints")
+        # every upload kept alive by eng.device_arrays; an FP8 checkpoint's projections dequantized to dtype as read
+        ld = _DeepSeekWeights.for_engine(eng, ckpt, dtype, fp8=c.fp8)
         eng.embed = ld.ptr(ld.get("model.embed_tokens.weight", (c.vocab_size, h)))
         eng.lm_head = eng.embed if c.tie_word_embeddings else ld.ptr(ld.get("lm_head.weight", (c.vocab_size, h)))
         eng.head_rows = c.vocab_size  # the LM head's output columns (the whole vocabulary: one GPU)
@@ -185,22 +194,22 @@ class DeepSeek(ModelFamily):
             p = f"model.layers.{i}."
             a = p + "self_attn."
             if c.q_lora_rank is None:
-                w.q.append(ld.ptr(ld.get(a + "q_proj.weight", (heads * qk, h))))
+                w.q.append(ld.ptr(ld.linear(a + "q_proj", (heads * qk, h))))
             else:
                 q_rank = c.q_lora_rank
-                w.qa.append(ld.ptr(ld.get(a + "q_a_proj.weight", (q_rank, h))))
+                w.qa.append(ld.ptr(ld.linear(a + "q_a_proj", (q_rank, h))))
                 w.qa_norm.append(ld.vector(ld.get(a + "q_a_layernorm.weight", (q_rank,))))
-                w.qb.append(ld.ptr(ld.get(a + "q_b_proj.weight", (heads * qk, q_rank))))
-            kv_a = ld.get(a + "kv_a_proj_with_mqa.weight", (r + dr, h))
+                w.qb.append(ld.ptr(ld.linear(a + "q_b_proj", (heads * qk, q_rank))))
+            kv_a = ld.linear(a + "kv_a_proj_with_mqa", (r + dr, h))
             # two GEMMs rather than one: the latent then goes through RMSNorm, the RoPE part into the cache,
             # each contiguous
             w.ckv.append(ld.ptr(kv_a[:r]))
             w.kpe.append(ld.ptr(kv_a[r:]))
             w.kv_norm.append(ld.vector(ld.get(a + "kv_a_layernorm.weight", (r,))))
-            uk_t, uv = split_kv_b(ld.get(a + "kv_b_proj.weight", (heads * (dn + dv), r)), heads, dn, dv)
+            uk_t, uv = split_kv_b(ld.linear(a + "kv_b_proj", (heads * (dn + dv), r)), heads, dn, dv)
             w.uk_t.append(ld.ptr(uk_t))
             w.uv.append(ld.ptr(uv))
-            w.o.append(ld.ptr(ld.get(a + "o_proj.weight", (h, heads * dv))))
+            w.o.append(ld.ptr(ld.linear(a + "o_proj", (h, heads * dv))))
             if c.is_moe_layer(i):
                 # router and experts as the Qwen3-MoE names them (mlp.gate, mlp.experts.N.{gate,up,down}_proj, or
                 # transformers 5's fused mlp.experts.gate_up_proj / down_proj): the Llama engine's loader
@@ -221,11 +230,9 @@ class DeepSeek(ModelFamily):
                 si = c.shared_intermediate
                 if si:
                     s = p + "mlp.shared_experts."
-                    gate_up = np.concatenate(
-                        [ld.get(s + "gate_proj.weight", (si, h)), ld.get(s + "up_proj.weight", (si, h))]
-                    )
+                    gate_up = np.concatenate([ld.linear(s + "gate_proj", (si, h)), ld.linear(s + "up_proj", (si, h))])
                     w.shared_gu.append(ld.ptr(gate_up))
-                    w.shared_d.append(ld.ptr(ld.get(s + "down_proj.weight", (h, si))))
+                    w.shared_d.append(ld.ptr(ld.linear(s + "down_proj", (h, si))))
                 else:
                     w.shared_gu.append(0)
                     w.shared_d.append(0)
@@ -240,10 +247,10 @@ class DeepSeek(ModelFamily):
                 w.shared_gu.append(0)
                 w.shared_d.append(0)
                 gate_up = np.concatenate(
-                    [ld.get(p + "mlp.gate_proj.weight", (inter, h)), ld.get(p + "mlp.up_proj.weight", (inter, h))]
+                    [ld.linear(p + "mlp.gate_proj", (inter, h)), ld.linear(p + "mlp.up_proj", (inter, h))]
                 )
                 w.gu.append(ld.ptr(gate_up))
-                w.d.append(ld.ptr(ld.get(p + "mlp.down_proj.weight", (h, inter))))
+                w.d.append(ld.ptr(ld.linear(p + "mlp.down_proj", (h, inter))))
             eng.ln1.append(ld.vector(ld.get(p + "input_layernorm.weight", (h,))))
             eng.ln2.append(ld.vector(ld.get(p + "post_attention_layernorm.weight", (h,))))
         eng.final_norm = ld.vector(ld.get("model.norm.weight", (h,)))
@@ -558,8 +565,8 @@ class DeepSeek(ModelFamily):
 
 
 class DeepSeekEngine(Engine):
-    """Loads a DeepSeek-V3 / V2 checkpoint (bfloat16 or float16) onto one GPU and serves batches of token-id
-    prompts.
+    """Loads a DeepSeek-V3 / V2 checkpoint (bfloat16 or float16, or FP8 dequantized at load: module docstring) onto
+    one GPU and serves batches of token-id prompts.
 
     Arguments as :class:`~fi_engine.models.llama.LlamaEngine`'s; ``tensor_parallel`` must be 1 (refused otherwise by
     :meth:`DeepSeek.check`, with a ValueError naming it); ``cuda_graph=True`` captures the decode step (module

@@ -9,11 +9,12 @@ CuPy for device memory and two small kernels.
         result = engine.generate([[128000, 791, 6864], [128000, 40]], max_new_tokens=32)
     print(result.tokens, result.tokens_per_s, result.host_us_per_step)
 
-The model (``config.json`` + ``*.safetensors``, float16 or bfloat16; dense models also with FP8 projections, or AWQ /
-GPTQ int4 ones, served as stored by the engine's int4 GEMV where it takes their shape, else dequantized to the 16-bit
-type as they are read: :attr:`~fi_engine.runtime.model_runner.ModelRunner.int4_as_stored`): token embedding; per
-layer RMSNorm, fused QKV projection, (Qwen3: per-head RMSNorm of q and k,) RoPE (plain or Llama 3.1 scaled) on q and
-k, K/V appended to the paged cache, attention (causal batch prefill, or batch decode) with GQA, output projection, fused
+The model (``config.json`` + ``*.safetensors``, float16 or bfloat16; also with FP8 projections, served as e4m3 but a
+mixture-of-experts model's experts, which are dequantized to the 16-bit type as they are read; dense models also with
+AWQ / GPTQ int4 projections, served as stored by the engine's int4 GEMV where it takes their shape, else dequantized
+as they are read: :attr:`~fi_engine.runtime.model_runner.ModelRunner.int4_as_stored`): token embedding; per layer
+RMSNorm, fused QKV projection, (Qwen3: per-head RMSNorm of q and k,) RoPE (plain or Llama 3.1 scaled) on q and k,
+K/V appended to the paged cache, attention (causal batch prefill, or batch decode) with GQA, output projection, fused
 residual-add + RMSNorm, fused gate/up projection, SiLU-and-mul, down projection (Mixtral, Qwen3-MoE: the
 mixture-of-experts layer of :mod:`fi_engine.layers.moe` instead); final RMSNorm; LM head (tied to the embedding or
 not) with float32 logits; greedy argmax or top-k/top-p sampling. Model types: ``llama``, ``qwen3``, ``mixtral``,
@@ -108,11 +109,11 @@ class Llama(MoEPaths, ModelFamily):
                 f"(save the model in one of them)"
             )
         # every upload kept alive by eng.device_arrays; AWQ/GPTQ int4 projections kept int4 for the int4 GEMV
-        # (ModelRunner.int4_as_stored) or dequantized to dtype as read
-        w = WeightLoader.for_engine(eng, ckpt, dtype, c.int4)
+        # (ModelRunner.int4_as_stored) or dequantized to dtype as read, FP8 experts dequantized as read (w.linear)
+        w = WeightLoader.for_engine(eng, ckpt, dtype, c.int4, c.fp8)
         int4_dense = eng.dense if c.int4 is not None and eng.int4_as_stored else None
         vs = eng.vocab_shard
-        fp8 = c.fp8  # an Fp8Scheme: the projections are e4m3 (fi_engine.checkpoint.fp8_weights), the rest 16-bit
+        fp8 = c.fp8  # an Fp8Scheme: attention and dense MLPs e4m3 (fi_engine.checkpoint.fp8_weights), the rest 16-bit
 
         def fp8_linear(parts: list[tuple[str, tuple[int, int]]]) -> int:
             from ..checkpoint.fp8_weights import read_fp8_linear, upload_fp8_linear
@@ -307,7 +308,8 @@ class LlamaEngine(Engine):
 def load_moe_layer(eng: ModelRunner, ckpt: Checkpoint, p: str, w: WeightLoader) -> Any:
     """Engine ``eng``'s :class:`~fi_engine.layers.moe.MoELayer` of layer prefix ``p``, read and uploaded by ``w``:
     router, experts' gate/up stacked as ``[E, 2I, H]`` (gate rows, then up rows, per expert) and down as
-    ``[E, H, I]``."""
+    ``[E, H, I]``, all in the 16-bit type the grouped GEMMs read (per-expert tensors of an FP8 checkpoint are
+    dequantized by :meth:`~fi_engine.models.weights.WeightLoader.linear`)."""
     from ..layers.moe import MoEScratch, MoEWeights
     from ..layers.tensor_parallel import columns, expert_rows, rows
 
@@ -339,8 +341,8 @@ def load_moe_layer(eng: ModelRunner, ckpt: Checkpoint, p: str, w: WeightLoader) 
         base, gate, up, down = p + "mlp.", "gate_proj", "up_proj", "down_proj"
     # With TP (i is this rank's share, full = i * n): every rank keeps the whole router (the ranks route alike)
     # and columns [r * i, (r + 1) * i) of every expert's intermediate size, so its output is a partial sum
-    get, upload = w.get, w.upload
-    router = upload(get(base + "gate.weight", (e, h)))
+    get, linear, upload = w.get, w.linear, w.upload
+    router = upload(linear(base + "gate", (e, h)))  # FP8 checkpoints leave it 16-bit (their ignore lists)
     r, n = eng.rank, eng.tensor_parallel
     full = i * n
     if base + "experts.gate_up_proj" in ckpt:
@@ -352,15 +354,15 @@ def load_moe_layer(eng: ModelRunner, ckpt: Checkpoint, p: str, w: WeightLoader) 
                 [
                     np.concatenate(
                         [
-                            rows(get(f"{base}experts.{x}.{gate}.weight", (full, h)), r, n),
-                            rows(get(f"{base}experts.{x}.{up}.weight", (full, h)), r, n),
+                            rows(linear(f"{base}experts.{x}.{gate}", (full, h)), r, n),
+                            rows(linear(f"{base}experts.{x}.{up}", (full, h)), r, n),
                         ]
                     )
                     for x in range(e)
                 ]
             )
         )
-        down_w = upload(np.stack([columns(get(f"{base}experts.{x}.{down}.weight", (h, full)), r, n) for x in range(e)]))
+        down_w = upload(np.stack([columns(linear(f"{base}experts.{x}.{down}", (h, full)), r, n) for x in range(e)]))
     return MoELayer(
         MoEWeights(router, gate_up, down_w),
         dtype=eng.dtype,

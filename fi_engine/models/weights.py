@@ -1,6 +1,6 @@
 """Checkpoint tensors onto the GPU for the family engines (Llama, Gemma 2, gpt-oss, DeepSeek): dtype-checked reads
-(a projection's AWQ/GPTQ int4 weight kept int4 for the engine's int4 GEMV, or dequantized to the 16-bit type),
-uploads kept alive by the engine, and fi_ffi descriptors of weight vectors."""
+(a projection's AWQ/GPTQ int4 weight kept int4 for the engine's int4 GEMV, or an int4 or FP8 weight dequantized to
+the 16-bit type), uploads kept alive by the engine, and fi_ffi descriptors of weight vectors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, Self
 
 import numpy as np
 
-from ..checkpoint.quantization import Int4Scheme
+from ..checkpoint.quantization import Fp8Scheme, Int4Scheme
 from ..checkpoint.safetensors import Checkpoint
 from ..kernels import flashinfer as kernels
 
@@ -19,27 +19,39 @@ class WeightLoader:
     """Reads tensors of ``ckpt`` that must all be ``dtype`` (the embedding's) and uploads them with CuPy ``cp`` to
     ``device``; every upload is appended to ``keep`` (the engine's list that keeps its weights alive). ``int4``: the
     checkpoint's AWQ/GPTQ layout (:class:`~fi_engine.checkpoint.quantization.Int4Scheme`), whose projections
-    :meth:`linear` dequantizes; None: 16-bit projections only."""
+    :meth:`linear` dequantizes; ``fp8``: the checkpoint's FP8 layout
+    (:class:`~fi_engine.checkpoint.quantization.Fp8Scheme`), whose e4m3 projections :meth:`linear` dequantizes (the
+    family passes it for the weights it serves 16-bit: a MoE model's experts, DeepSeek's projections); None:
+    16-bit projections only."""
 
     def __init__(
-        self, ckpt: Checkpoint, cp: Any, dtype: str, device: int, keep: list[Any], int4: Int4Scheme | None = None
+        self,
+        ckpt: Checkpoint,
+        cp: Any,
+        dtype: str,
+        device: int,
+        keep: list[Any],
+        int4: Int4Scheme | None = None,
+        fp8: Fp8Scheme | None = None,
     ) -> None:
         self.ckpt, self.cp, self.dtype, self.device, self.keep = ckpt, cp, dtype, device, keep
-        self.int4 = int4
+        self.int4, self.fp8 = int4, fp8
 
     @classmethod
-    def for_engine(cls, eng: Any, ckpt: Checkpoint, dtype: str, int4: Int4Scheme | None = None) -> Self:
+    def for_engine(
+        cls, eng: Any, ckpt: Checkpoint, dtype: str, int4: Int4Scheme | None = None, fp8: Fp8Scheme | None = None
+    ) -> Self:
         """A loader of ``ckpt`` onto engine ``eng``'s device in ``dtype`` (the embedding's, which the family has
-        checked), reading int4 projections in layout ``int4``: sets ``eng.dtype``, the cuBLAS data types
-        ``eng.gemm_type`` (``dtype``) and ``eng.gemm_f32``, and a new ``eng.device_arrays``, the list that keeps the
-        uploads alive."""
+        checked), reading int4 projections in layout ``int4`` and e4m3 ones in layout ``fp8``: sets ``eng.dtype``,
+        the cuBLAS data types ``eng.gemm_type`` (``dtype``) and ``eng.gemm_f32``, and a new ``eng.device_arrays``,
+        the list that keeps the uploads alive."""
         from ..kernels.dense import data_type
 
         eng.dtype = dtype
         eng.gemm_type = data_type(dtype)
         eng.gemm_f32 = data_type("float32")
         eng.device_arrays = []
-        return cls(ckpt, eng.cupy, dtype, eng.device, eng.device_arrays, int4)
+        return cls(ckpt, eng.cupy, dtype, eng.device, eng.device_arrays, int4, fp8)
 
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """The tensor ``name`` (shape checked), in the checkpoint's dtype (bfloat16 as uint16 bits)."""
@@ -51,20 +63,31 @@ class WeightLoader:
     def linear(self, prefix: str, shape: tuple[int, int]) -> np.ndarray:
         """Projection ``prefix``'s weight ``shape`` ``(n, k)`` in the loader's dtype (bfloat16 as uint16 bits): its
         int4 weight dequantized where the loader has an int4 layout and the checkpoint holds ``<prefix>.qweight``
-        (:func:`~fi_engine.checkpoint.int4_weights.read_int4_linear`), else ``<prefix>.weight`` (:meth:`get`), as
-        for the modules an int4 checkpoint leaves 16-bit (AWQ's ``modules_to_not_convert``)."""
+        (:func:`~fi_engine.checkpoint.int4_weights.read_int4_linear`); its e4m3 ``<prefix>.weight`` dequantized with
+        its scales where the loader has an FP8 layout (:func:`~fi_engine.checkpoint.fp8_weights.read_fp8_linear`,
+        ``Fp8Matrix.dequantized``); else ``<prefix>.weight`` (:meth:`get`), as for the modules a quantized
+        checkpoint leaves 16-bit (AWQ's ``modules_to_not_convert``, an FP8 config's ``ignore`` list: routers)."""
+        name = prefix + ".weight"
+        if self.fp8 is not None and name in self.ckpt and self.ckpt.info(name).dtype == "float8_e4m3fn":
+            from ..checkpoint.fp8_weights import read_fp8_linear
+
+            return self._dequantized(prefix, read_fp8_linear(self.ckpt, self.fp8, [(prefix, shape)], gemv=False))
         if self.int4 is None or prefix + ".qweight" not in self.ckpt:
-            if self.int4 is not None and prefix + ".weight" not in self.ckpt:
+            if self.int4 is not None and name not in self.ckpt:
                 raise ValueError(
                     f"model: the checkpoint has neither {prefix + '.qweight'!r} (int4) nor {prefix + '.weight'!r} "
                     f"(16-bit); is it the whole checkpoint?"
                 )
-            return self.get(prefix + ".weight", shape)
+            return self.get(name, shape)
         from ..checkpoint.int4_weights import read_int4_linear
 
-        matrix = read_int4_linear(self.ckpt, self.int4, prefix, shape)
+        return self._dequantized(prefix, read_int4_linear(self.ckpt, self.int4, prefix, shape))
+
+    def _dequantized(self, prefix: str, matrix: Any) -> np.ndarray:
+        """``matrix`` (an ``Int4Matrix`` or ``Fp8Matrix`` read from projection ``prefix``) in the loader's dtype;
+        ValueError naming the projection where a value is not finite in it."""
         try:
-            return matrix.dequantized(self.dtype)
+            return np.asarray(matrix.dequantized(self.dtype))
         except ValueError as exc:
             raise ValueError(f"model: {prefix!r}: {exc}; serve a bfloat16 copy of this checkpoint") from None
 
@@ -124,6 +147,11 @@ class WeightLoader:
 
     def mismatch_hint(self, got: str) -> str:
         """What :meth:`get`'s refusal of a tensor of dtype ``got`` adds after naming it (a subclass may say more)."""
+        if got == "float8_e4m3fn" and self.fp8 is not None:
+            return (
+                "; this engine dequantizes e4m3 projections stored one tensor per expert or projection (<p>.weight "
+                "with its scales), not this one; serve a bfloat16 copy of this checkpoint"
+            )
         return "; mixed-precision checkpoints are not supported"
 
     def embedding_and_head(self, eng: Any, c: Any) -> None:

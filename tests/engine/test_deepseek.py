@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from fi_engine.checkpoint.deepseek_config import DeepSeekConfig, DeepSeekRouting, is_deepseek
+from fi_engine.checkpoint.quantization import Fp8Scheme
 from fi_engine.layers.deepseek_routing import grouped_topk
 from fi_engine.models.mla_weights import split_kv_b
 
@@ -62,7 +63,12 @@ V3 = {
     "eos_token_id": 1,
     "attention_bias": False,
 }
-V3_FP8 = {**V3, "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8"}}
+V3_FP8 = {  # as DeepSeek-V3's config.json writes it
+    **V3,
+    "quantization_config": {
+        "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128],
+    },
+}  # fmt: skip
 V2_LITE = {
     "model_type": "deepseek_v2",
     "vocab_size": 102400,
@@ -155,7 +161,7 @@ def test_transformers5_rope_parameters_spelling() -> None:
     [
         ({"kv_lora_rank": 256}, "kv_lora_rank"),
         ({"qk_rope_head_dim": 32}, "qk_rope_head_dim"),
-        ({"quantization_config": V3_FP8["quantization_config"]}, "quantization_config"),
+        ({"quantization_config": {"quant_method": "awq", "bits": 4}}, r"quantization_config \(quant_method 'awq'\)"),
         ({"rope_scaling": {"type": "linear", "factor": 2.0}}, r"rope_type \(or type\) 'linear'"),
         ({"scoring_func": "softmax"}, "scoring_func"),
         ({"topk_method": "greedy"}, "topk_method"),
@@ -176,10 +182,30 @@ def test_refusals_name_the_field(change: dict, field: str) -> None:
         DeepSeekConfig.from_dict({**V3, **change}, source="cfg")
 
 
-def test_fp8_refusal_says_how_to_get_bfloat16() -> None:
-    with pytest.raises(ValueError, match="bfloat16") as err:
-        DeepSeekConfig.from_dict(V3_FP8)
-    assert "fp8" in str(err.value)
+def test_v3s_fp8_config_is_served_with_every_projection_dequantized() -> None:
+    fp8 = DeepSeekConfig.from_dict(V3_FP8).fp8
+    assert fp8 == Fp8Scheme("fp8", "block", "dynamic", (128, 128), "every projection")
+    assert fp8.describe() == (
+        "FP8 (e4m3) weights with per-block 128x128 scales, dynamic activation scales (every projection dequantized "
+        "to 16-bit at load)"
+    )
+    assert DeepSeekConfig.from_dict(V3).fp8 is None
+
+
+@pytest.mark.parametrize(
+    ("q", "message"),
+    [
+        ({"quant_method": "awq", "bits": 4}, "FP8 (e4m3) ones; save the model in bfloat16 or float16"),
+        ({"quant_method": "fp8", "weight_block_size": [128, 0]}, "quantization_config.weight_block_size: expected"),
+        ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {
+            "num_bits": 8, "type": "float", "strategy": "block"}}}}, "block strategy is not served yet; its 'fp8'"),
+    ],
+    ids=["awq", "bad-block", "compressed-tensors-block"],
+)  # fmt: skip
+def test_other_quantizations_are_refused_naming_the_key_and_the_way_out(q: dict, message: str) -> None:
+    with pytest.raises(ValueError, match="cfg: quantization_config") as err:
+        DeepSeekConfig.from_dict({**V3, "quantization_config": q}, source="cfg")
+    assert message in str(err.value)
 
 
 def test_v2_rejects_v3_routing() -> None:

@@ -1,7 +1,8 @@
 """Quantized Llama-family checkpoints (fi_engine.checkpoint.quantization): the FP8 layouts as published configs write
-them are recognized and served for dense models (``LlamaConfig.fp8``); FP8 mixture-of-experts checkpoints and
-compressed-tensors' block strategy are refused by name, malformed FP8 configs naming the key, and other methods by their
-quant_method (AWQ and GPTQ int4: tests/engine/test_int4_weights.py)."""
+them are recognized and served for dense models (``LlamaConfig.fp8``) and for mixture-of-experts models (their
+experts dequantized at load: tests/engine/test_fp8_moe.py reads them); compressed-tensors' block strategy is refused
+by name, malformed FP8 configs naming the key, and other methods by their quant_method (AWQ and GPTQ int4:
+tests/engine/test_int4_weights.py)."""
 
 from __future__ import annotations
 
@@ -69,18 +70,28 @@ def test_a_dense_fp8_checkpoint_is_served(q: Any, want: Fp8Scheme) -> None:
     assert LlamaConfig.from_dict({**BASE, "model_type": "qwen3", "quantization_config": q}).fp8 == want
 
 
+MIXTRAL = {"model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2}
+QWEN3_MOE = {"model_type": "qwen3_moe", "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768}
+
+
+@pytest.mark.parametrize("extra", [MIXTRAL, QWEN3_MOE], ids=["mixtral", "qwen3_moe"])
 @pytest.mark.parametrize(
-    ("extra", "message"),
+    ("q", "want"),
     [
-        ({"model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2}, "mixture-of-experts model"),
-        ({"model_type": "qwen3_moe", "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768},
-         "dense models only"),
+        (QWEN3_FP8, Fp8Scheme("fp8", "block", "dynamic", (128, 128), "experts")),
+        (LLAMA31_FP8_CT, Fp8Scheme("compressed-tensors", "channel", "dynamic", None, "experts")),
+        ({"quant_method": "fp8", "activation_scheme": "static"}, Fp8Scheme("fp8", "tensor", "static", None, "experts")),
     ],
-)  # fmt: skip
-def test_an_fp8_moe_checkpoint_is_refused_naming_what_it_is(extra: dict[str, Any], message: str) -> None:
-    with pytest.raises(ValueError, match="quantization_config") as info:
-        LlamaConfig.from_dict({**BASE, **extra, "quantization_config": QWEN3_FP8}, source="config.json")
-    assert message in str(info.value) and "bfloat16" in str(info.value)
+    ids=["block", "channel", "tensor"],
+)
+def test_an_fp8_moe_checkpoint_is_served_with_its_experts_dequantized(
+    extra: dict[str, Any], q: dict[str, Any], want: Fp8Scheme
+) -> None:
+    config = LlamaConfig.from_dict({**BASE, **extra, "quantization_config": q}, source="config.json")
+    assert config.moe is not None and config.fp8 == want
+    assert config.fp8.describe().endswith(" scales (experts dequantized to 16-bit at load)")
+    dense = LlamaConfig.from_dict({**BASE, "quantization_config": q}).fp8
+    assert dense is not None and dense.dequantized == "" and "dequantized" not in dense.describe()
 
 
 @pytest.mark.parametrize(

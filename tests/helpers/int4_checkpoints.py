@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from fi_engine.checkpoint.safetensors import Checkpoint, write_safetensors
+from helpers.random_llama import bf16_bits
 
 AWQ_INTERLEAVE = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's order_map: nibble j holds column AWQ_INTERLEAVE[j]
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -184,12 +185,15 @@ def write_int4_copy(
 
 def write_16bit_copy(src: Path, dst: Path, weights: dict[str, np.ndarray]) -> None:
     """Copy the 16-bit checkpoint ``src`` to ``dst`` with ``weights`` (float32, by tensor name) in its place, rounded
-    to the checkpoint's float16 (``astype``: to nearest even)."""
+    to the tensor's float16 or bfloat16 (to nearest even); config.json as ``src``'s (no quantization_config)."""
     ckpt = Checkpoint(src)
     dst.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Any] = {}
     for name, info in ckpt.tensors.items():
-        assert info.dtype == "float16", "write_16bit_copy writes float16 checkpoints"
-        tensors[name] = weights[name].astype(np.float16) if name in weights else np.asarray(ckpt.array(name))
+        arr = np.asarray(ckpt.array(name))
+        if name in weights:
+            assert info.dtype in ("float16", "bfloat16"), "write_16bit_copy writes 16-bit weights"
+            arr = weights[name].astype(np.float16) if info.dtype == "float16" else bf16_bits(weights[name])
+        tensors[name] = (arr, info.dtype) if info.dtype == "bfloat16" else arr
     write_safetensors(dst / "model.safetensors", tensors)
     _copy_extras(src, dst, json.loads((src / "config.json").read_text()))

@@ -2223,6 +2223,8 @@ EXEMPT: dict[str, str] = {
     "tests/engine/test_quantization_config.py",
     "checkpoint.quantization.llama_fp8_scheme": "reads a config dict: FP8 layouts served or refused by name in "
     "tests/engine/test_quantization_config.py",
+    "checkpoint.quantization.deepseek_fp8_scheme": "reads a config dict: FP8 layouts served or refused by name in "
+    "tests/engine/test_deepseek.py (test_other_quantizations_are_refused_naming_the_key_and_the_way_out)",
     "checkpoint.quantization.Int4Scheme": _RECORD,
     "checkpoint.quantization.int4_scheme": "reads a config dict: its malformed and unserved values refused by key in "
     "tests/engine/test_int4_weights.py (test_an_unserved_int4_setting_is_refused_naming_its_key)",

@@ -1,0 +1,161 @@
+"""FP8 (e4m3) mixture-of-experts checkpoints served on a GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy and the model-family
+kernel wheel; no torch or transformers).
+
+Random bfloat16 models written with numpy (helpers.moe_checkpoints; 2 layers, hidden 512): a Qwen3-MoE (8 experts of
+256, top-2, per-head q/k norms) and a DeepSeek-V3 (MLA, a dense first layer, 8 routed experts in 2 groups with a shared
+expert). Each is quantized to e4m3 in the three published scale layouts (helpers.fp8_checkpoints: 128x128 blocks, per
+channel, per tensor), and each FP8 checkpoint is also written as a bfloat16 checkpoint of exactly the weights it
+dequantizes to (the CPU suite, tests/engine/test_fp8_moe.py, proves the host reader produces those bits). The engine
+given the FP8 checkpoint is compared with the same engine given that bfloat16 copy:
+
+- DeepSeek-V3: every projection is dequantized at load, so both load the same bits and run the same kernels:
+  prefill logits **bit-equal** (tolerance 0), and greedy decoding (4 rows, eager, and as the decode CUDA graph with
+  its device routing) gives the same tokens step for step;
+- Qwen3-MoE: the experts are dequantized at load (the same bits as the copy's), the attention projections stay e4m3
+  and run the FP8 path (``Dense.fp8_w8a8`` off here: W8A16, the weights exact). The scales are written as powers of
+  two, so every dequantized weight is exact in bfloat16 and the two models hold the same weight values; what differs
+  is only the arithmetic's order (the FP8 GEMV against the 16-bit GEMV or cuBLAS for up to 8 rows; the FP8 weight
+  dequantized into a scratch matrix for the 16-bit GEMM above). Tolerance: every prefill logit within
+  ``LOGIT_TOL["bfloat16"]`` (0.08, bfloat16 arithmetic's own error against float32 on logits of this spread) of the
+  copy's, the bitwise share printed; greedy tokens (4 rows, eager and as the decode CUDA graph) each within that
+  tolerance of the best logit of the copy's prefill over the same sequence (teacher forcing: a near tie either may
+  break);
+- neither comparison is of two copies of one model: the FP8 model's logits differ from the unquantized original's by
+  more than that tolerance (printed).
+
+Run on the GPU machine: ``FI_FFI_RUN_GPU_TESTS=1 python -m pytest -q -s tests/engine/test_gpu_fp8_moe.py`` (the
+model-family kernel wheel staged beside the core one).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
+    pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
+
+cp = pytest.importorskip("cupy", reason="the engine needs CuPy (pip install 'fi-ffi[llama]')")
+
+from helpers.fp8_checkpoints import write_fp8_copy  # noqa: E402
+from helpers.int4_checkpoints import write_16bit_copy  # noqa: E402
+from helpers.moe_checkpoints import VOCAB, save_random_deepseek_v3, save_random_qwen3_moe  # noqa: E402
+from helpers.yardstick import LOGIT_TOL, prompts  # noqa: E402
+
+from fi_engine.models.deepseek import DeepSeekEngine  # noqa: E402
+from fi_engine.models.llama import LlamaEngine  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+TOL = LOGIT_TOL["bfloat16"]
+LAYOUTS = ("block", "channel", "tensor")
+PROMPTS = (1, 7, 16, 33, 50)
+DECODE = ((5, 16, 29, 50), [17, 12, 17, 9])  # prompt lengths, new tokens (4 rows)
+
+
+@pytest.fixture(autouse=True)
+def _models(models_modules: list[str]) -> None:
+    """Skips (naming the wheel) when the model-family modules (the grouped GEMMs) are not pinned."""
+
+
+@pytest.fixture(autouse=True)
+def _w8a16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FP8 projections with 16-bit activations (the weights exact; W8A8 would round every activation to e4m3)."""
+    from fi_engine.kernels.dense import Dense
+
+    monkeypatch.setattr(Dense, "fp8_w8a8", False)
+    monkeypatch.setattr(Dense, "fp8_w8a8_blocks", False)
+
+
+def _checkpoints(root, save, layout):  # type: ignore[no-untyped-def]
+    """(the FP8 checkpoint, the bfloat16 copy of what it holds, the unquantized original)."""
+    src = save(root / "original")
+    write_16bit_copy(src, root / "copy", write_fp8_copy(src, root / "fp8", layout, pow2=True))
+    return root / "fp8", root / "copy", src
+
+
+@pytest.fixture(scope="module", params=LAYOUTS)
+def qwen3_moe(request, tmp_path_factory):  # type: ignore[no-untyped-def]
+    return _checkpoints(tmp_path_factory.mktemp(f"qwen3-moe-{request.param}"), save_random_qwen3_moe, request.param)
+
+
+@pytest.fixture(scope="module", params=LAYOUTS)
+def deepseek_v3(request, tmp_path_factory):  # type: ignore[no-untyped-def]
+    return _checkpoints(tmp_path_factory.mktemp(f"deepseek-v3-{request.param}"), save_random_deepseek_v3, request.param)
+
+
+def _prefill(engine_class, path):  # type: ignore[no-untyped-def]
+    with engine_class(path, max_batch=4, page_size=16) as engine:
+        return engine.prefill_logits(prompts(PROMPTS, VOCAB))
+
+
+def _off_the_original(engine_class, got, original) -> float:  # type: ignore[no-untyped-def]
+    off = max(float(np.abs(g - o).max()) for g, o in zip(got, _prefill(engine_class, original), strict=True))
+    assert off > TOL, f"the FP8 model's logits are within {off} of the unquantized model's"
+    return off
+
+
+def test_qwen3_moe_prefill_logits_match_the_dequantized_copy(qwen3_moe) -> None:  # type: ignore[no-untyped-def]
+    fp8, copy, original = qwen3_moe
+    with LlamaEngine(fp8, max_batch=4, page_size=16) as engine:
+        scheme = engine.runner.model_config.fp8
+        assert scheme is not None and scheme.dequantized == "experts"
+        assert engine.runner.dense.serves_fp8  # the attention projections stay e4m3
+        got = engine.prefill_logits(prompts(PROMPTS, VOCAB))
+    want = _prefill(LlamaEngine, copy)
+    worst, equal = 0.0, 0
+    for n, g, w in zip(PROMPTS, got, want, strict=True):
+        assert g.shape == w.shape == (n, VOCAB)
+        diff = float(np.abs(g - w).max())
+        assert diff <= TOL, f"{scheme.describe()}: a {n}-token prompt's logits differ from the copy's by {diff}"
+        worst, equal = max(worst, diff), equal + int((g == w).sum())
+    off = _off_the_original(LlamaEngine, got, original)
+    share = equal / sum(g.size for g in got)
+    print(f"{scheme.describe()}: max |FP8 - copy| {worst:.4f} ({share:.1%} bit-equal); {off:.3f} off the original")
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_qwen3_moe_greedy_tokens_are_the_copys_up_to_near_ties(qwen3_moe, graph) -> None:  # type: ignore[no-untyped-def]
+    fp8, copy, _ = qwen3_moe
+    ps = prompts(DECODE[0], VOCAB)
+    with LlamaEngine(fp8, max_batch=4, page_size=16, cuda_graph=graph) as engine:
+        tokens = engine.generate(ps, DECODE[1], eos_token_ids=()).tokens
+    assert [len(t) for t in tokens] == DECODE[1]
+    with LlamaEngine(copy, max_batch=4, page_size=16) as engine:  # the copy's logits over the FP8 model's sequences
+        forced = engine.prefill_logits([p + t[:-1] for p, t in zip(ps, tokens, strict=True)])
+    exact = 0
+    for i, (p, t, lg) in enumerate(zip(ps, tokens, forced, strict=True)):
+        for j, tok in enumerate(t):
+            row = lg[len(p) - 1 + j]
+            assert row[tok] >= row.max() - TOL, f"request {i} token {j}: {tok} ({row[tok]:.4f}), best {row.max():.4f}"
+            exact += int(tok == int(row.argmax()))
+    print(f"{'graph' if graph else 'eager'}: {exact}/{sum(DECODE[1])} tokens the copy's argmax")
+
+
+def test_deepseek_v3_prefill_logits_equal_the_dequantized_copys(deepseek_v3) -> None:  # type: ignore[no-untyped-def]
+    fp8, copy, original = deepseek_v3
+    with DeepSeekEngine(fp8, max_batch=4, page_size=16) as engine:
+        scheme = engine.deepseek_config.fp8
+        assert scheme is not None and scheme.dequantized == "every projection"
+        assert not engine.runner.dense.serves_fp8  # every projection was dequantized at load
+        got = engine.prefill_logits(prompts(PROMPTS, VOCAB))
+    want = _prefill(DeepSeekEngine, copy)
+    for n, g, w in zip(PROMPTS, got, want, strict=True):
+        assert g.shape == w.shape == (n, VOCAB)
+        assert np.array_equal(g, w), f"{scheme.describe()}: a {n}-token prompt differs by {np.abs(g - w).max()}"
+    off = _off_the_original(DeepSeekEngine, got, original)
+    print(f"{scheme.describe()}: bit-equal to the dequantized copy; {off:.3f} off the unquantized model")
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_deepseek_v3_greedy_tokens_equal_the_dequantized_copys(deepseek_v3, graph) -> None:  # type: ignore[no-untyped-def]
+    fp8, copy, _ = deepseek_v3
+    ps = prompts(DECODE[0], VOCAB)
+    runs = []
+    for path in (fp8, copy):
+        with DeepSeekEngine(path, max_batch=4, page_size=16, cuda_graph=graph) as engine:
+            runs.append(engine.generate(ps, DECODE[1], eos_token_ids=()).tokens)
+    assert [len(t) for t in runs[0]] == DECODE[1]
+    assert runs[0] == runs[1]
