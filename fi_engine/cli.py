@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         "serve token-id prompts with a local checkpoint (needs CuPy and a GPU)",
         f"Load a Hugging Face checkpoint ({_served()}; "
-        "f16/bf16; FP8 e4m3, or AWQ/GPTQ int4 dequantized to 16-bit, for dense Llama/Qwen3) onto the GPU and "
+        "f16/bf16; FP8 e4m3, or AWQ/GPTQ int4 read as stored, for dense Llama/Qwen3) onto the GPU and "
         "generate from token-id prompts; prints the "
         "tokens, tokens/s and host time "
         "per decode step. Needs CuPy (python -m pip install cupy-cuda13x). Every value is checked before the "

@@ -194,8 +194,25 @@ _FIELD_E = np.broadcast_to(_E, (2, 8))
 
 def decode_gemv_layout(weights: np.ndarray, records: np.ndarray, k: int) -> np.ndarray:
     """float32 ``[n, k]``: what :meth:`Int4Matrix.gemv_layout`'s ``(weights, records)`` stand for, each weight
-    ``(code - zero) * scale`` read back from the layout (the reference the GPU kernels' tests compare with)."""
+    ``(code - zero) * scale`` read back from the layout (the reference the GPU kernels' tests compare with).
+    ValueError naming the argument that does not fit the layout: ``weights`` not uint8 ``[n, k / 2]``, ``records``
+    not uint32 ``[n, G]`` with ``G`` dividing ``k``, ``k`` no multiple of 128."""
+    if k.__class__ is not int or k <= 0 or k % GEMV_TILE:
+        raise ValueError(f"k: expected a positive multiple of {GEMV_TILE}, got {k!r:.40}")
+    if not isinstance(weights, np.ndarray) or weights.dtype != np.uint8 or weights.shape[1:] != (k // 2,):
+        raise ValueError(
+            f"weights: expected a uint8 array [n, {k // 2}] (Int4Matrix.gemv_layout's), got {weights!r:.60}"
+        )
     n = weights.shape[0]
+    if (
+        not isinstance(records, np.ndarray)
+        or records.dtype != np.uint32
+        or records.ndim != 2
+        or records.shape[0] != n
+        or not records.shape[1]
+        or k % records.shape[1]
+    ):
+        raise ValueError(f"records: expected a uint32 array [{n}, G] with G dividing {k}, got {records!r:.60}")
     low, high = weights & 0xF, weights >> 4
     fields = np.stack([low, high], axis=-1).reshape(n, k // GEMV_TILE, 4, 2, 2, 8)  # [n, tile, t, half, v, field]
     laid = np.empty((n, k // GEMV_TILE, 4, 2, 4, 4), np.uint8)  # [n, tile, t, half, q, e]

@@ -5,8 +5,10 @@ A random float16 Llama whose heads divide by 4 (16 query heads, 4 KV heads, hidd
 fi_ffi's own safetensors writer. tests/helpers/llama_tp_worker.py runs greedy generation on one GPU, then as 2 and 4
 ranks under ``fi-ffi launch`` (eager and CUDA graph; the fused all-reduce and NCCL): the tokens must equal the
 single-GPU tokens and the prefill logits agree within float16 tolerance (the vocabulary split over the ranks, the
-engine's default; tests/engine/test_gpu_moe_tp.py compares it with the whole vocabulary). A rank SIGKILLed in the
-middle of a generation ends the job within a bound, and a second run works."""
+engine's default; tests/engine/test_gpu_moe_tp.py compares it with the whole vocabulary). The same model written as
+an AWQ int4 checkpoint (groups of 128) runs as 2 ranks with every projection's shard read by the int4 GEMV (each
+rank's o and down inputs split on group boundaries), against its own single-GPU run, within the same tolerance. A
+rank SIGKILLed in the middle of a generation ends the job within a bound, and a second run works."""
 
 from __future__ import annotations
 
@@ -97,6 +99,37 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str
     out = model / "tp1.npz"
     run_ok(worker("llama_tp_worker", model, out), env)
     return model, env, dict(np.load(out))
+
+
+@pytest.fixture(scope="module")
+def setup_int4(
+    setup: tuple[Path, dict[str, str], dict[str, np.ndarray]], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, str], dict[str, np.ndarray]]:
+    from helpers.int4_checkpoints import write_int4_copy
+
+    model, env, _ = setup
+    awq = tmp_path_factory.mktemp("tp_awq")
+    write_int4_copy(model, awq, "awq", 128)
+    out = awq / "tp1.npz"
+    run_ok(worker("llama_tp_worker", awq, out), env)
+    return awq, env, dict(np.load(out))
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_int4_tensor_parallel_matches_one_gpu(
+    setup_int4: tuple[Path, dict[str, str], dict[str, np.ndarray]], mode: str
+) -> None:
+    if gpu_count() < 2:
+        pytest.skip(f"needs 2 GPUs, found {gpu_count()}")
+    model, env, ref = setup_int4
+    assert int(ref["int4_weights"]) == 4 * CONFIG["num_hidden_layers"]  # qkv, o, gate/up, down: every one as stored
+    out = model / f"tp2-{mode}.npz"
+    run_ok(launched(2, worker("llama_tp_worker", model, out, *(["--graph"] if mode == "graph" else []))), env)
+    got = dict(np.load(out))
+    assert int(got["tp"]) == 2 and int(got["int4_weights"]) == 4 * CONFIG["num_hidden_layers"]
+    for k in ("logits0", "logits1"):
+        np.testing.assert_allclose(got[k], ref[k], atol=3e-2, rtol=3e-2, err_msg=f"{k} (int4, tp 2, {mode})")
+    assert got["tokens"].tolist() == ref["tokens"].tolist()
 
 
 @pytest.mark.parametrize("n", [2, 4])

@@ -601,3 +601,21 @@ def test_a_tensor_parallel_shard_that_cuts_a_group_is_dequantized(tmp_path: Path
         assert eng.wd[i] not in dense.weights
         down = deq[p + "mlp.down_proj.weight"][:, 192:].astype(np.float16)
         assert np.array_equal(host.by_ptr[eng.wd[i]], down)
+
+
+def test_the_layout_decoder_refuses_what_does_not_fit() -> None:
+    w, r = Int4Matrix(
+        np.zeros((8, 256), np.uint8), np.zeros((2, 8), np.uint8), np.ones((2, 8), np.float32), 128
+    ).gemv_layout()
+    for args, match in (
+        ((w, r, 200), "k: expected a positive multiple of 128"),
+        ((w, r, "256"), "k: expected a positive multiple of 128"),
+        ((w.astype(np.int32), r, 256), r"weights: expected a uint8 array \[n, 128\]"),
+        ((w[:, :64], r, 256), r"weights: expected a uint8 array \[n, 128\]"),
+        ((w, r.astype(np.int64), 256), r"records: expected a uint32 array \[8, G\]"),
+        ((w, r[:4], 256), r"records: expected a uint32 array \[8, G\]"),
+        ((w, np.zeros((8, 3), np.uint32), 256), r"records: expected a uint32 array \[8, G\] with G dividing 256"),
+        (([1, 2], r, 256), "weights: expected a uint8 array"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            decode_gemv_layout(*args)  # type: ignore[arg-type]

@@ -350,6 +350,7 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
         prepared_gate_up_silu=stand_in,
         launches_with_pdl=False,  # the frames compared with batch_decode_run's (which launches without it)
         serves_fp8=fp8,  # FP8 weights: the epilogue step (its norms packed launches of their own)
+        serves_int4=False,
         fp8_fused=False,
         has_fp8_weight=lambda _: fp8,
         prepared_fp8_silu=stand_in,

@@ -70,6 +70,7 @@ def main() -> None:
                 fused=np.array(fused),
                 tp=np.array(tp),
                 vocab_shard=np.array(engine.runner.vocab_shard is not None),
+                int4_weights=np.array(len(engine.runner.dense._int4_weights)),  # int4 projections read as stored
             )
             print(f"rank 0: tp {tp}, fused all-reduce {fused}, {result.tokens_per_s:.1f} tokens/s", flush=True)
 

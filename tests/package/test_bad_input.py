@@ -2235,6 +2235,11 @@ EXEMPT: dict[str, str] = {
     "checkpoint.int4_weights.read_int4_linear": "reads a Checkpoint: test_a_malformed_int4_tensor_is_refused_by_name "
     "(engine/)",
     "checkpoint.int4_weights.Int4Matrix": _RECORD,
+    "checkpoint.int4_weights.decode_gemv_layout": "arrays in, array out: what does not fit the layout refused by name "
+    "in engine/test_int4_weights.py (test_the_layout_decoder_refuses_what_does_not_fit)",
+    "kernels.int4_linear.Int4Weight": _RECORD,
+    "kernels.int4_linear.Int4Linears": "made by Dense.add_int4_weight on a GPU; its checks in "
+    "engine/test_gpu_int4_linear.py (test_bad_calls_name_the_argument)",
     # FP8 weights: host-side arrays read from a checkpoint (every malformed tensor refused by name in
     # engine/test_fp8_weights.py); the GPU registry's arguments are checked in engine/test_gpu_fp8_linear.py
     "checkpoint.fp8_weights.read_fp8_linear": "reads a Checkpoint: test_a_malformed_fp8_tensor_is_refused_by_name "
