@@ -238,14 +238,16 @@ def _tensor(ckpt: Checkpoint, name: str, dtypes: tuple[str, ...], shape: tuple[i
 
 
 def read_int4_linear(
-    ckpt: Checkpoint, scheme: Int4Scheme, prefix: str, shape: tuple[int, int], xp: Any = np
+    ckpt: Checkpoint, scheme: Int4Scheme, prefix: str, shape: tuple[int, int], xp: Any = None
 ) -> Int4Matrix:
     """The int4 projection ``prefix`` of ``shape`` ``(n, k)`` (outputs, inputs: a 16-bit ``<prefix>.weight``'s)
-    read from ``ckpt`` in ``scheme``'s layout (the module docstring) and unpacked with array module ``xp`` (numpy;
-    or CuPy: the packed tensors are copied to the GPU as stored and unpacked there, the matrix's arrays CuPy's).
+    read from ``ckpt`` in ``scheme``'s layout (the module docstring) and unpacked with array module ``xp`` (None:
+    numpy; or CuPy: the packed tensors are copied to the GPU as stored and unpacked there, the matrix's arrays
+    CuPy's).
     ValueError naming the tensor, what was expected and the fix: a tensor missing, of another dtype or shape, ``n``
     (or GPTQ's ``k``) not a multiple of 8, a scale that is not finite, a GPTQ ``g_idx`` that is not
     ``i // group_size``."""
+    xp = np if xp is None else xp
     n, k = shape
     awq = scheme.method == "awq"
     g = k if scheme.group_size == -1 else scheme.group_size
