@@ -274,10 +274,10 @@ def set_variant(variant: str) -> None:
         from fi_engine.kernels.int4_linear import Int4Linears
 
         Int4Linears.tiles_ahead = int(variant.rsplit("-", 1)[1])
-    if variant.startswith("int4-warps-"):  # int4 weights: GEMV launches aiming at N warps an SM (32 by default,
-        from fi_engine.kernels.int4_linear import Int4Linears  # 8 from 17 rows: both set)
+    if variant.startswith("int4-warps-"):  # int4 weights: GEMV launches aiming at N warps an SM at every row
+        from fi_engine.kernels.int4_linear import Int4Linears  # count (by default 32, 16, 8 up to 8, 16, 32 rows)
 
-        Int4Linears.warps_per_sm = Int4Linears.warps_per_sm_32_rows = int(variant.rsplit("-", 1)[1])
+        Int4Linears.warps_per_sm = (int(variant.rsplit("-", 1)[1]),) * 3
     if variant.startswith("fp8-one-row-blocks-"):  # FP8 weights: one-row GEMV launches of N blocks an SM (64)
         from fi_engine.kernels.fp8_linear import Fp8Linears
 

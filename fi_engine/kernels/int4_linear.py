@@ -5,8 +5,9 @@
 Steps of at most :attr:`Dense.int4_gemv_max_rows` rows (32): a GEMV of the engine's own on tensor cores
 (``gemv4_*`` in ``csrc/int4_gemv.cu``) reads half a byte per weight, decodes each into the exact 16-bit integer
 ``code + 128`` (float16: ``+ 1024``) once for all rows (an mma's 8 rows per group of 8), and meets each group's scale
-and zero in float32 (``s * (sum((code + M) x) - (M + zero) sum(x))``, the sum of x by a second mma): its error is
-float32 summation over the unrounded weights, below that of a 16-bit copy of them. Such a step
+and zero in float32 (``s * (sum((code + M) x) - (M + zero) sum(x))``, the sum of x by a second mma; from 17 rows the
+zero is subtracted from each decoded pair instead, exactly, which costs less once four groups of rows share it): its
+error is float32 summation over the unrounded weights, below that of a 16-bit copy of them. Such a step
 is bound by reading the weights, about a quarter of a 16-bit weight's bytes.
 
 More rows (prefill): the weight is dequantized into a 16-bit scratch matrix of the Dense's (``dequant_int4_*``: each
@@ -75,17 +76,14 @@ class Int4Linears:
     instance, ``stream`` the Dense's stream (a ``CUstream`` as an int). A registration is a value (addresses and
     sizes): the weight must stay allocated until :meth:`remove` or :meth:`close`."""
 
-    warps_per_sm = 32
-    """The warps a GEMV launch of up to 16 rows aims to give each SM (its blocks times their warps, each block 4 to 16
-    warps and never more than the weight's tiles): a warp holds one run of tiles in flight, so shorter matrices need
-    more warps per block to keep the memory busy. On an H100 (8B shape, AWQ, decode graph; benchmarks/RESULTS.md)
-    32 against 16 and 8: 315 / 303 / 276 tokens/s at 1 row, 2,379 / 2,277 / 2,063 at 8. Read when a call site is
-    packed (set it on the class to compare)."""
-
-    warps_per_sm_32_rows = 8
-    """:attr:`warps_per_sm` of launches of 17 to 32 rows, whose blocks each read all of x from L2 (at 32 rows more
-    than the L1 holds): fewer warps a block, fewer blocks at once. On the same H100 at 32 rows, 8 against 16 and 32:
-    4,299 / 3,751 / 3,769 tokens/s."""
+    warps_per_sm = (32, 16, 8)
+    """The warps a GEMV launch aims to give each SM (its blocks times their warps, each block 4 to 16 warps and never
+    more than the weight's tiles), for launches of up to 8, 16 and 32 rows: a warp holds one tile's loads in flight,
+    so shorter matrices want more warps a block; more rows want fewer, since every block reads all of x from L2
+    (at 32 rows more than the L1 holds). Measured on an H100 (8B shapes, AWQ; ``bench_gemv.py --int4`` and the
+    decode graph, benchmarks/RESULTS.md): at 1 row 32 warps ran the step at 315 tokens/s against 16's 303 and 8's
+    276; at 16 rows 16 warps took the four GEMVs in 84 us against 32's 103; at 32 rows 8 warps ran the step at 4,299
+    tokens/s against 16's 3,751. Read when a call site is packed (set it on the class to compare)."""
 
     tiles_ahead = 1
     """The 128-input tiles a warp of the GEMV (up to 16 rows) loads at a time, the next run while it sums one: more
@@ -161,12 +159,13 @@ class Int4Linears:
             self._packed.clear()  # packed dequantizations point into the old scratch
 
     def _threads(self, wt: Int4Weight, rows: int) -> int:
-        """The threads of a GEMV block over ``wt`` for ``rows`` rows (see :attr:`warps_per_sm` and
-        :attr:`warps_per_sm_32_rows`; a ValueError naming one where it is no int from 1 to 1024)."""
-        name = "warps_per_sm" if rows <= 16 else "warps_per_sm_32_rows"
-        per_sm = getattr(self, name)
-        if per_sm.__class__ is not int or not 1 <= per_sm <= 1024:
-            raise ValueError(f"Int4Linears.{name}: expected an int from 1 to 1024, got {per_sm!r:.40}")
+        """The threads of a GEMV block over ``wt`` for ``rows`` rows (see :attr:`warps_per_sm`; a ValueError naming
+        it where it is not three ints from 1 to 1024)."""
+        table = self.warps_per_sm
+        ok = isinstance(table, tuple) and len(table) == 3 and all(w.__class__ is int and 1 <= w <= 1024 for w in table)
+        if not ok:
+            raise ValueError(f"Int4Linears.warps_per_sm: expected three ints from 1 to 1024, got {table!r:.60}")
+        per_sm = table[0 if rows <= 8 else 1 if rows <= 16 else 2]
         blocks = -(-wt.n // _COLUMNS)
         warps = -(-per_sm * self._sms // blocks)
         return 32 * max(1, min(_MAX_WARPS, wt.k // _TILE, max(4, warps)))

@@ -154,14 +154,14 @@ def test_the_warps_a_block_gets_change_only_the_order_of_the_sums(dense) -> None
     x16 = to16(np.random.default_rng(6).standard_normal((5, k)), CUDA_R_16BF)
     try:
         for per_sm in (1, 4, 64, 1024):
-            Int4Linears.warps_per_sm = per_sm
+            Int4Linears.warps_per_sm = (per_sm, per_sm, per_sm)
             dense._int4._packed.clear()
             y = cp.zeros((5, n), cp.float32)
             dense.linear(5, int(x16.data.ptr), k, w, n, k, int(y.data.ptr), n, CUDA_R_16BF, CUDA_R_32F)
             cp.cuda.get_current_stream().synchronize()
             check(cp.asnumpy(y), from16(x16, CUDA_R_16BF), wf, CUDA_R_32F, gemv=(input_scales(m), 128))
     finally:
-        Int4Linears.warps_per_sm = 32
+        Int4Linears.warps_per_sm = (32, 16, 8)
     del keep
 
 

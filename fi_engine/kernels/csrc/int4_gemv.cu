@@ -18,15 +18,36 @@
 // cleared (16-bit scales are exact; float32 ones keep 16 significant bits), and the group's zero (0..255) in them.
 // Groups are 64 << gshift inputs (gshift 31: one group of the whole row).
 //
-// The zero is not subtracted from each weight: the mma multiplies x by code + M exactly (the code OR-ed into the
-// mantissa of M = 128 in bfloat16, 1024 in float16: one logic operation a pair), a second mma of ones sums x over the
-// half, and the half's float32 sum is s * (sum((code + M) x) - (M + zero) sum(x)) = s * sum((code - zero) x).
+// Up to 16 rows the zero is not subtracted from each weight: the mma multiplies x by code + M exactly (the code OR-ed
+// into the mantissa of M = 128 in bfloat16, 1024 in float16: one logic operation a pair), a second mma of ones sums x
+// over the half, and the half's float32 sum is s * (sum((code + M) x) - (M + zero) sum(x)) = s * sum((code - zero) x).
+// At 32 rows four groups of rows share each decoded pair, and subtracting the zero from the pair (one 16-bit FMA,
+// exact) costs less than four mma of ones.
 
 #define I4_MAX_WARPS 16
 
 // fields p and p + 4 of u (p: the shift / 4 already applied) as a 16-bit pair of code + M, exactly
 template <bool BF16> __device__ __forceinline__ unsigned i4_pair(unsigned u) {
     return (u & 0x000f000fu) | (BF16 ? 0x43004300u : 0x64006400u);
+}
+// fields p and p + 4 of u as a 16-bit pair of code - zero, exactly: code + M less M + zero (nz = -(M + zero))
+template <bool BF16> __device__ __forceinline__ unsigned i4_minus(unsigned u, unsigned nz) {
+    const unsigned bits = i4_pair<BF16>(u);
+    unsigned d;
+#if __CUDA_ARCH__ >= 800
+    if (BF16)
+        asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(bits), "r"(0x3f803f80u), "r"(nz));
+    else
+        asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(bits), "r"(0x3c003c00u), "r"(nz));
+#else
+    d = bits;
+#endif
+    return d;
+}
+// a record's -(M + zero) as a 16-bit pair (exact)
+template <bool BF16> __device__ __forceinline__ unsigned i4_neg_zero(unsigned rec) {
+    const unsigned h = (BF16 ? 0xc300u : 0xe400u) + (rec & 0xffu);
+    return h | (h << 16);
 }
 // a record's scale s, and -s (M + zero): the factors of a half's two sums
 template <bool BF16> __device__ __forceinline__ float i4_record(unsigned rec, float& offset) {
@@ -69,6 +90,41 @@ __device__ __forceinline__ void i4_half(float (&acc)[NT][4], unsigned wa0, unsig
         acc[i][1] = fmaf(sa, c[i][1], fmaf(oa, sx[i][1], acc[i][1]));
         acc[i][2] = fmaf(sb, c[i][2], fmaf(ob, sx[i][0], acc[i][2]));
         acc[i][3] = fmaf(sb, c[i][3], fmaf(ob, sx[i][1], acc[i][3]));
+    }
+}
+
+// i4_half for many rows (ZSUB): the zero subtracted from each pair of codes instead (a 16-bit FMA a pair, exact),
+// which costs less than the mma of ones once NT groups of rows share each decoded pair; nza / nzb: -(M + zero) as
+// a 16-bit pair
+template <bool BF16, int NT>
+__device__ __forceinline__ void i4_half_zsub(float (&acc)[NT][4], unsigned wa0, unsigned wa1, unsigned wb0,
+                                             unsigned wb1, const uint4 (&xq)[NT][2], float sa, unsigned nza, float sb,
+                                             unsigned nzb) {
+    float c[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) c[i][e] = 0.f;
+#pragma unroll
+    for (int v = 0; v < 2; ++v) {
+        const unsigned a = v ? wa1 : wa0, b = v ? wb1 : wb0;
+        const unsigned a0 = i4_minus<BF16>(a, nza), a2 = i4_minus<BF16>(a >> 4, nza);
+        const unsigned b0 = i4_minus<BF16>(b, nzb), b2 = i4_minus<BF16>(b >> 4, nzb);
+        const unsigned a1 = i4_minus<BF16>(a >> 8, nza), a3 = i4_minus<BF16>(a >> 12, nza);
+        const unsigned b1 = i4_minus<BF16>(b >> 8, nzb), b3 = i4_minus<BF16>(b >> 12, nzb);
+#pragma unroll
+        for (int i = 0; i < NT; ++i) {
+            const unsigned* xw = reinterpret_cast<const unsigned*>(&xq[i][v]);
+            mma16816<BF16>(c[i], a0, b0, a2, b2, xw[0], xw[1]);
+            mma16816<BF16>(c[i], a1, b1, a3, b3, xw[2], xw[3]);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < NT; ++i) {
+        acc[i][0] = fmaf(sa, c[i][0], acc[i][0]);
+        acc[i][1] = fmaf(sa, c[i][1], acc[i][1]);
+        acc[i][2] = fmaf(sb, c[i][2], acc[i][2]);
+        acc[i][3] = fmaf(sb, c[i][3], acc[i][3]);
     }
 }
 
@@ -143,26 +199,33 @@ __device__ __forceinline__ void gemv4_tc(const unsigned short* __restrict__ x, c
 #pragma unroll
         for (int u = 0; u < TPL; ++u) {
             if (tile + u < tiles) {
-                uint4 xq[2][NT][2];  // the tile's x values: half, row group, 8 inputs
+                const unsigned* ua = reinterpret_cast<const unsigned*>(&cv[2 * u]);
+                const unsigned* ub = reinterpret_cast<const unsigned*>(&cv[2 * u + 1]);
+                float oa[2], ob[2], sa[2], sb[2];
+                sa[0] = i4_record<BF16>(cr[4 * u], oa[0]);
+                sb[0] = i4_record<BF16>(cr[4 * u + 2], ob[0]);
+                sa[1] = G64 ? i4_record<BF16>(cr[4 * u + 1], oa[1]) : sa[0];
+                sb[1] = G64 ? i4_record<BF16>(cr[4 * u + 3], ob[1]) : sb[0];
+                if (!G64) oa[1] = oa[0], ob[1] = ob[0];
 #pragma unroll
-                for (int h = 0; h < 2; ++h)
+                for (int h = 0; h < 2; ++h) {
+                    uint4 xq[NT][2];  // the half's x values: row group, 8 inputs (loaded a half at a time: registers)
 #pragma unroll
                     for (int i = 0; i < NT; ++i) {
                         const bool live = 8 * i + g < rows;
                         const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
                         const uint4* xp = xr[i] + 16 * (tile + u) + 8 * h;
-                        xq[h][i][0] = live ? __ldg(xp) : zero;
-                        xq[h][i][1] = live ? __ldg(xp + 1) : zero;
+                        xq[i][0] = live ? __ldg(xp) : zero;
+                        xq[i][1] = live ? __ldg(xp + 1) : zero;
                     }
-                const unsigned* ua = reinterpret_cast<const unsigned*>(&cv[2 * u]);
-                const unsigned* ub = reinterpret_cast<const unsigned*>(&cv[2 * u + 1]);
-                float oa0, ob0, oa1, ob1;
-                const float sa0 = i4_record<BF16>(cr[4 * u], oa0), sb0 = i4_record<BF16>(cr[4 * u + 2], ob0);
-                const float sa1 = G64 ? i4_record<BF16>(cr[4 * u + 1], oa1) : sa0;
-                const float sb1 = G64 ? i4_record<BF16>(cr[4 * u + 3], ob1) : sb0;
-                if (!G64) oa1 = oa0, ob1 = ob0;
-                i4_half<BF16, NT>(acc, ua[0], ua[1], ub[0], ub[1], xq[0], sa0, oa0, sb0, ob0);
-                i4_half<BF16, NT>(acc, ua[2], ua[3], ub[2], ub[3], xq[1], sa1, oa1, sb1, ob1);
+                    if (NT >= 4)  // (the records of half h: G64 two a tile, else one)
+                        i4_half_zsub<BF16, NT>(acc, ua[2 * h], ua[2 * h + 1], ub[2 * h], ub[2 * h + 1], xq, sa[h],
+                                               i4_neg_zero<BF16>(cr[4 * u + (G64 ? h : 0)]), sb[h],
+                                               i4_neg_zero<BF16>(cr[4 * u + 2 + (G64 ? h : 0)]));
+                    else
+                        i4_half<BF16, NT>(acc, ua[2 * h], ua[2 * h + 1], ub[2 * h], ub[2 * h + 1], xq, sa[h], oa[h],
+                                          sb[h], ob[h]);
+                }
             }
         }
 #pragma unroll
