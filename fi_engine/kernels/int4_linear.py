@@ -82,7 +82,7 @@ class Int4Linears:
     so shorter matrices want more warps a block; more rows want fewer, since every block reads all of x from L2
     (at 32 rows more than the L1 holds). Measured on an H100 (8B shapes, AWQ; ``bench_gemv.py --int4`` and the
     decode graph, benchmarks/RESULTS.md): at 1 row 32 warps ran the step at 315 tokens/s against 16's 303 and 8's
-    276; at 16 rows 16 warps took the four GEMVs in 84 us against 32's 103; at 32 rows 8 warps ran the step at 4,299
+    276; at 16 rows 16 warps took the four GEMVs in 94 us against 32's 103; at 32 rows 8 warps ran the step at 4,299
     tokens/s against 16's 3,751. Read when a call site is packed (set it on the class to compare)."""
 
     tiles_ahead = 1
