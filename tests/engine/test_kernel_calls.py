@@ -301,12 +301,14 @@ def test_the_fused_step_hands_the_packed_attention_runs_the_same_frames(monkeypa
 
 
 @pytest.mark.parametrize(
-    ("dtype", "head_dim", "qk_norm", "llama3", "fp8"),
-    [("float16", 128, False, True, False), ("bfloat16", 64, True, False, False), ("bfloat16", 128, True, True, True)],
-)
-def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtype, head_dim, qk_norm, llama3, fp8):
+    ("dtype", "head_dim", "qk_norm", "llama3", "weights"),
+    [("float16", 128, False, True, "16-bit"), ("bfloat16", 64, True, False, "16-bit"),
+     ("bfloat16", 128, True, True, "fp8"), ("float16", 128, False, False, "int4")],
+)  # fmt: skip
+def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtype, head_dim, qk_norm, llama3, weights):
     """The fused step's fallback (Qwen3's per-head norms, or a head dim the QKV epilogue lacks; ``fp8``: the FP8
-    epilogue step, ``_fp8_fused_calls``, whose QKV GEMV keeps them separate for Qwen3): ``_fused_calls``
+    epilogue step, ``_fp8_fused_calls``, whose QKV GEMV keeps them separate for Qwen3; ``int4``: the same step, every
+    GEMV a plain one and SiLU a launch of its own, since no fused GEMV reads int4 weights): ``_fused_calls``
     packs RoPE and the KV append with ``fi_ffi.prepare`` (``kernels.prepared_rope_inplace`` / ``prepared_append_kv``),
     and each packed launch hands the module the frame the op call ``_forward`` makes does (``kernels.rope_inplace``
     / ``append_kv``; the norms' ``qk_rmsnorm``), every slot and DLTensor recorded by a probe bound as the entry point
@@ -320,6 +322,7 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
     from fi_engine.runtime.model_runner import ModelRunner
     from fi_ffi.ops import norm, page, rope
 
+    fp8 = weights == "fp8"
     c = replace(config(head_dim), qk_norm=qk_norm)
     if llama3:
         c = replace(c, rope=RopeConfig(theta=5e5, llama3=True, factor=8.0))
@@ -350,7 +353,7 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
         prepared_gate_up_silu=stand_in,
         launches_with_pdl=False,  # the frames compared with batch_decode_run's (which launches without it)
         serves_fp8=fp8,  # FP8 weights: the epilogue step (its norms packed launches of their own)
-        serves_int4=False,
+        serves_int4=weights == "int4",
         fp8_fused=False,
         has_fp8_weight=lambda _: fp8,
         prepared_fp8_silu=stand_in,
@@ -369,6 +372,10 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
         for i, (before, after) in enumerate(layers):
             if fp8:  # the norm, the QKV GEMV, ...; after: O, the norm, gate/up + SiLU, down
                 assert callable(before[0]) and before[1] == "gemv" and after[::2] == after[2:] == ["gemv"] * 2
+                before = before[1:]
+            elif weights == "int4":  # the norm, the QKV GEMV, ...; after: O, the norm, gate/up, SiLU, down
+                assert callable(before[0]) and before[1] == "gemv" and after[::2] == ["gemv"] * 3
+                assert all(callable(f) and f != "gemv" for f in after[1::2])
                 before = before[1:]
             else:
                 assert before[0] == "gemv" and after == ["gemv"] * 3
@@ -391,8 +398,10 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
             each.launcher.entry = entry
     # packed again with the real modules bound: each packed call passes the module's signature check
     _, layers, _ = eng._fused_calls(v, BATCH)
-    for call in layers[0][0][2 if fp8 else 1 :]:
+    for call in layers[0][0][1 if weights == "16-bit" else 2 :]:
         reached(call)
+    if weights == "int4":  # the SiLU launch of its own
+        reached(layers[0][1][3])
 
 
 @pytest.mark.parametrize("rows", [1, 5])
