@@ -156,6 +156,32 @@ class Int4Matrix:
             first.group_size,
         )
 
+    @staticmethod
+    def interleaved(first: Int4Matrix, second: Int4Matrix) -> Int4Matrix:
+        """Two matrices of the same shape stacked with their output rows interleaved by 8 (8 of ``first``, the same 8
+        of ``second``, ...): the gate and up rows as the int4 GEMV's SiLU form pairs them
+        (:attr:`~fi_engine.kernels.int4_linear.Int4Weight.half_n`). ValueError where the shapes or group sizes
+        differ, or the rows are no multiple of 8."""
+        n, k = first.codes.shape
+        if second.codes.shape != (n, k) or second.group_size != first.group_size or n % 8:
+            raise ValueError(
+                f"int4 weights of {list(first.codes.shape)} and {list(second.codes.shape)} (groups of "
+                f"{first.group_size}, {second.group_size}) cannot be interleaved by 8 rows"
+            )
+        xp = array_module(first.codes)
+
+        def rows8(a: Any, b: Any, axis: int) -> Any:  # [.., n, ..] twice -> [.., 2 n, ..], 8 rows of each in turn
+            shape = (*a.shape[:axis], n // 8, 8, *a.shape[axis + 1 :])
+            both = xp.stack([a.reshape(shape), b.reshape(shape)], axis=axis + 1)
+            return xp.ascontiguousarray(both.reshape((*a.shape[:axis], 2 * n, *a.shape[axis + 1 :])))
+
+        return Int4Matrix(
+            rows8(first.codes, second.codes, 0),
+            rows8(first.zeros, second.zeros, 1),
+            rows8(first.scales, second.scales, 1),
+            first.group_size,
+        )
+
     def gemv_layout(self) -> tuple[np.ndarray, np.ndarray]:
         """The weight as the engine's int4 GEMV reads it (``csrc/int4_gemv.cu``, whose opening comment is the
         layout's definition): ``(weights, records)``, uint8 ``[n, k / 2]`` (the codes of each row in 128-input tiles,

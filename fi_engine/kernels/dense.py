@@ -1337,20 +1337,22 @@ class Dense:
         finally:
             self.gemv = on
 
-    def add_int4_weight(self, w: int, n: int, k: int, records: int, group_size: int) -> None:
+    def add_int4_weight(self, w: int, n: int, k: int, records: int, group_size: int, interleaved: bool = False) -> None:
         """Serve the int4 weight ``[n, k]`` at device address ``w`` in the int4 GEMV's layout (``[n, k / 2]`` bytes
         with its uint32 ``records`` ``[n, k / group_size]``: :meth:`~fi_engine.checkpoint.int4_weights.Int4Matrix.
         gemv_layout`): from now on :meth:`linear` (and :meth:`prepared_linear`) with this ``w`` compute ``x @
         ((code - zero) * scale).T`` (:mod:`~fi_engine.kernels.int4_linear`: a GEMV reading the codes for at most
         :attr:`int4_gemv_max_rows` rows, else the weight dequantized into a 16-bit scratch and the 16-bit GEMM).
-        ``n`` and ``k`` as the calls pass them. Register before any step (the scratch may grow); the weight must
-        stay allocated until :meth:`remove_int4_weight` or :meth:`close`. ValueError naming a bad argument (see
+        ``n`` and ``k`` as the calls pass them. ``interleaved``: gate and up stacked interleaved by 8 rows
+        (``Int4Weight.half_n``; the outputs still come in order, gate's then up's), which
+        :meth:`prepared_int4_silu` serves. Register before any step (the scratch may grow); the weight must stay
+        allocated until :meth:`remove_int4_weight` or :meth:`close`. ValueError naming a bad argument (see
         ``Int4Linears.add``); RuntimeError where the GPU cannot run the GEMV."""
         if self._int4 is None:
             from .int4_linear import Int4Linears
 
             self._int4 = Int4Linears(self._launch, self._driver_ffi, self._stream)
-        self._int4.add(w, n, k, records, group_size)
+        self._int4.add(w, n, k, records, group_size, interleaved)
         self._int4_weights = self._int4.weights
 
     def remove_int4_weight(self, w: int) -> None:
@@ -1366,6 +1368,52 @@ class Dense:
     def has_int4_weight(self, w: int) -> bool:
         """Whether the weight at device address ``w`` is registered as int4 (:meth:`add_int4_weight`)."""
         return w in self._int4_weights
+
+    def has_int4_silu(self, w: int) -> bool:
+        """Whether :meth:`prepared_int4_silu` serves ``w``: an int4 gate/up weight registered ``interleaved``."""
+        wt = self._int4_weights.get(w)
+        return wt is not None and wt.half_n > 0 and self.gemv
+
+    def prepared_int4_silu(
+        self, rows: int, x: int, x_ld: int, w: int, k: int, y: int, y_ld: int, ab_type: int
+    ) -> Callable[[], None]:
+        """A decode step's gate/up GEMV over the int4 weight ``w`` (registered ``interleaved``, ``[2 m, k]``) with
+        FlashInfer's ``silu_and_mul`` as its epilogue, checked and packed once: ``y [rows, m] = silu(g) * u``
+        (16-bit, row stride ``y_ld``), ``g`` and ``u`` the 16-bit outputs of ``x [rows, k] @ w.T`` (row stride
+        ``x_ld``) as :meth:`linear` rounds them: one launch for two. ``rows`` 1 to 32. Raises TypeError/ValueError
+        naming an argument that is no int or out of range, a weight not registered so or of another ``k``, a
+        misaligned ``x`` (16 bytes, and its row stride) or ``y`` (2), or ``y`` overlapping ``x``."""
+        _int_arg("rows", rows, 1, INT4_GEMV_MAX_ROWS + 1)
+        _int_arg("k", k, 1, 1 << 31)
+        for name, value in (("x", x), ("w", w), ("y", y)):
+            _int_arg(name, value, 0, _U64)
+        for name, value in (("x_ld", x_ld), ("y_ld", y_ld)):
+            _int_arg(name, value, 0, _MAX_LD)
+        _int_arg("ab_type", ab_type, -(1 << 63), 1 << 63)
+        wt = self._int4_weights.get(w)
+        if wt is None or not wt.half_n:
+            raise ValueError(f"w: 0x{w:x} is no int4 weight registered interleaved (add_int4_weight)")
+        self._check_quantized_call(wt, "int4", wt.n, k, ab_type, ab_type)
+        out = wt.half_n
+        if rows > 1:
+            for name, value, width in (("x_ld", x_ld, k), ("y_ld", y_ld, out)):
+                if value < width:
+                    raise ValueError(f"{name}: {value} elements between rows is less than a row's {width}")
+        for name, value, align in (("x", x, 16), ("x_ld", 2 * x_ld, 16), ("y", y, 2)):
+            if value % align or (value == 0 and name != "x_ld"):
+                raise ValueError(f"{name}: 0x{value:x} must be a non-NULL address aligned to {align} bytes")
+        span_x, span_y = 2 * ((rows - 1) * x_ld + k), 2 * ((rows - 1) * y_ld + out)
+        for name, base, span in (("x", x, span_x), ("y", y, span_y)):
+            if base + span > _U64:
+                raise ValueError(f"{name}: 0x{base:x} + {span} bytes runs past the end of the address space")
+        if _overlap(y, span_y, x, span_x):
+            raise ValueError("y: overlaps x (the launch writes y while other blocks still read x)")
+        if not self.gemv:
+            raise ValueError("dense: the driver launch path is off (closed, or the GEMV is unavailable)")
+        fn, grid, threads, params, values = self._int4.gemv(
+            rows, x, x_ld, wt, y, y_ld, ab_type == CUDA_R_16BF, False, silu=True
+        )
+        return self._prepared(fn, grid, threads, 0, params, values, "int4 gate/up gemv + silu", pdl=True)
 
     int4_gemv_max_rows = INT4_GEMV_MAX_ROWS
     """Linears of int4 weights over at most this many rows (and no ``accumulate``) run the int4 GEMV, reading the

@@ -10,6 +10,11 @@ zero is subtracted from each decoded pair instead, exactly, which costs less onc
 error is float32 summation over the unrounded weights, below that of a 16-bit copy of them. Such a step
 is bound by reading the weights, about a quarter of a 16-bit weight's bytes.
 
+A gate/up weight stored with gate and up interleaved by 8 rows (:attr:`Int4Weight.half_n`) has a SiLU form
+(``gemv4_*_silu_*``): each lane holds a gate output and its up output, and writes FlashInfer's ``silu_and_mul`` of the
+two as the plain GEMV would round them, so the decode step's SiLU launch goes away. Its plain outputs, and its
+dequantized rows, are put back in order.
+
 More rows (prefill): the weight is dequantized into a 16-bit scratch matrix of the Dense's (``dequant_int4_*``: each
 ``(code - zero) * scale`` exact in float32 and rounded once, the 16-bit weight a dequantizing loader would have made)
 and the 16-bit GEMM runs on it; at that many rows the GEMM's arithmetic, not the extra pass, bounds the step.
@@ -47,6 +52,10 @@ class Int4Weight:
     k: int
     records: int
     group_size: int
+    half_n: int = 0
+    """0: the rows in order. Else the weight of two stacked projections of ``half_n`` rows each (gate and up), stored
+    interleaved by 8 rows (8 of the first, the same 8 of the second, ...): the GEMV's outputs come out in order all
+    the same, and its SiLU form pairs each gate column with its up column in one lane (:meth:`Int4Linears.silu`)."""
 
     @property
     def groups(self) -> int:
@@ -104,15 +113,17 @@ class Int4Linears:
         self.weights: dict[int, Int4Weight] = {}  # device address -> its registration (values only)
         self._module: Any = None
         self._gemv: dict[tuple[bool, bool, int, bool], int] = {}  # (bf16, f32 out, rows <= R, groups of 64) -> fn
+        self._silu: dict[tuple[bool, int, bool], int] = {}  # the SiLU form: (bf16, rows <= R, groups of 64) -> fn
         self._dequant: dict[bool, int] = {}  # bf16 -> CUfunction
         self._scratch: Any = None  # the 16-bit weight a GEMM of many rows reads (grown by add, never in a step)
         self._packed: dict[tuple[int, ...], tuple[Any, ...]] = {}
 
-    def add(self, w: int, n: int, k: int, records: int, group_size: int) -> None:
-        """Register the int4 weight ``[n, k]`` at ``w`` (the GEMV layout) with its ``records``. ValueError naming
-        the argument: an address that is NULL or not 16-byte aligned (``records``: 4), ``k`` not a multiple of 128,
-        a group size that is neither ``k`` nor a power of two >= 64 dividing ``k``; RuntimeError where the GPU has
-        no tensor cores the GEMV can use (below SM 8.0)."""
+    def add(self, w: int, n: int, k: int, records: int, group_size: int, interleaved: bool = False) -> None:
+        """Register the int4 weight ``[n, k]`` at ``w`` (the GEMV layout) with its ``records``; ``interleaved``: two
+        stacked projections interleaved by 8 rows (:attr:`Int4Weight.half_n`). ValueError naming the argument: an
+        address that is NULL or not 16-byte aligned (``records``: 4), ``k`` not a multiple of 128, a group size
+        that is neither ``k`` nor a power of two >= 64 dividing ``k``, an interleaved ``n`` not a multiple of 16;
+        RuntimeError where the GPU has no tensor cores the GEMV can use (below SM 8.0)."""
         for name, value, align in (("w", w, 16), ("records", records, 4)):
             if value.__class__ is not int or not 0 < value < _U64 or value % align:
                 raise ValueError(f"{name}: expected a non-NULL device address aligned to {align} bytes, got {value!r}")
@@ -125,8 +136,12 @@ class Int4Linears:
                 f"group_size: expected k ({k}) or a power of two >= 64 that divides it, got {g}; dequantize the "
                 f"weight to 16 bits instead"
             )
+        if not isinstance(interleaved, bool):
+            raise TypeError(f"interleaved: expected True or False, got {type(interleaved).__name__}")
+        if interleaved and n % 16:
+            raise ValueError(f"n: two projections interleaved by 8 rows need n a multiple of 16, got {n}")
         self._compile()
-        self.weights[w] = Int4Weight(w, n, k, records, g)
+        self.weights[w] = Int4Weight(w, n, k, records, g, n // 2 if interleaved else 0)
         self._grow_scratch(2 * n * k)
 
     def _compile(self) -> None:
@@ -148,6 +163,9 @@ class Int4Linears:
                     for g64 in (False, True):
                         name = f"gemv4_{t}_{'f32' if f32 else t}_{r}{'_g64' if g64 else ''}"
                         self._gemv[(bf16, f32, r, g64)] = _function_ptr(module.get_function(name))
+                        if not f32:
+                            silu = f"gemv4_{t}_silu_{r}{'_g64' if g64 else ''}"
+                            self._silu[(bf16, r, g64)] = _function_ptr(module.get_function(silu))
             self._dequant[bf16] = _function_ptr(module.get_function(f"dequant_int4_{t}"))
         self._module = module
 
@@ -170,21 +188,24 @@ class Int4Linears:
         warps = -(-per_sm * self._sms // blocks)
         return 32 * max(1, min(_MAX_WARPS, wt.k // _TILE, max(4, warps)))
 
-    def gemv(self, rows: int, x: int, x_ld: int, wt: Int4Weight, y: int, y_ld: int, bf16: bool, f32: bool) -> tuple:
-        """The packed GEMV launch of ``y[:rows] = x[:rows] @ dequant(wt).T`` (rows <= :data:`INT4_GEMV_MAX_ROWS`):
+    def gemv(
+        self, rows: int, x: int, x_ld: int, wt: Int4Weight, y: int, y_ld: int, bf16: bool, f32: bool, silu: bool = False
+    ) -> tuple:
+        """The packed GEMV launch of ``y[:rows] = x[:rows] @ dequant(wt).T`` (rows <= :data:`INT4_GEMV_MAX_ROWS`;
+        ``silu``: its SiLU form, ``y[:rows, :half_n] = silu(gate) * up`` of an interleaved weight, 16-bit y):
         ``(function, grid, threads, params, values)``, or ``()`` where x is not 16-byte aligned (x, x_ld). Packed
         once per call site (its ints: values only); at most 4096 kept."""
-        key = (rows, x, x_ld, wt.w, y, y_ld, bf16, f32)
+        key = (rows, x, x_ld, wt.w, y, y_ld, bf16, f32, silu)
         packed = self._packed.get(key)
         if packed is not None:
             return packed
         packed = ()
         if x % 16 == 0 and x_ld % 8 == 0 and 0 < rows <= INT4_GEMV_MAX_ROWS:
-            fn = self._gemv[(bf16, f32, 8 if rows <= 8 else 16 if rows <= 16 else 32, wt.group_size == 64)]
-            values = self._ffi.new(
-                "uint64_t[11]", [x, wt.w, y, rows, wt.n, wt.k, x_ld, y_ld, wt.records, wt.groups, wt.gshift]
-            )
-            params = self._ffi.new("void*[11]", [values + i for i in range(11)])
+            r, g64 = 8 if rows <= 8 else 16 if rows <= 16 else 32, wt.group_size == 64
+            fn = self._silu[(bf16, r, g64)] if silu else self._gemv[(bf16, f32, r, g64)]
+            args = [x, wt.w, y, rows, wt.n, wt.k, x_ld, y_ld, wt.records, wt.groups, wt.gshift, wt.half_n]
+            values = self._ffi.new("uint64_t[12]", args)
+            params = self._ffi.new("void*[12]", [values + i for i in range(12)])
             packed = (fn, -(-wt.n // _COLUMNS), self._threads(wt, rows), params, values)
         if len(self._packed) > 4096:
             self._packed.clear()
@@ -199,13 +220,15 @@ class Int4Linears:
             raise driver_error(err, "cuLaunchKernel(int4 gemv)")
 
     def dequantize(self, wt: Int4Weight, bf16: bool, null: Any) -> int:
-        """Write ``wt`` dequantized into the 16-bit scratch matrix ``[n, k]`` (bfloat16 or float16); its address."""
+        """Write ``wt`` dequantized into the 16-bit scratch matrix ``[n, k]`` (bfloat16 or float16; an interleaved
+        weight's rows in order: the first projection's, then the second's); its address."""
         key = (-1, wt.w, bf16)
         packed = self._packed.get(key)
         if packed is None:
             out = int(self._scratch.data.ptr)
-            values = self._ffi.new("uint64_t[7]", [wt.w, wt.records, out, wt.n, wt.k, wt.groups, wt.gshift])
-            params = self._ffi.new("void*[7]", [values + i for i in range(7)])
+            args = [wt.w, wt.records, out, wt.n, wt.k, wt.groups, wt.gshift, wt.half_n]
+            values = self._ffi.new("uint64_t[8]", args)
+            params = self._ffi.new("void*[8]", [values + i for i in range(8)])
             vectors = wt.n * wt.k // 32
             grid = min(self._sms * 16, -(-vectors // 256))
             packed = self._packed[key] = (self._dequant[bf16], grid, params, values, out)

@@ -155,7 +155,7 @@ class Llama(MoEPaths, ModelFamily):
                 eng.wd.append(fp8_linear([(p + "mlp.down_proj", (h, inter))]))
             else:
                 gate_up = [(p + "mlp.gate_proj", (inter, h)), (p + "mlp.up_proj", (inter, h))]
-                eng.wgu.append(w.projection(int4_dense, gate_up, r, n, 0))
+                eng.wgu.append(w.projection(int4_dense, gate_up, r, n, 0, interleave=True))
                 eng.wd.append(w.projection(int4_dense, [(p + "mlp.down_proj", (h, inter))], r, n, 1))
             eng.ln1.append(w.vector(w.get(p + "input_layernorm.weight", (h,))))
             eng.ln2.append(w.vector(w.get(p + "post_attention_layernorm.weight", (h,))))

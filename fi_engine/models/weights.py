@@ -91,17 +91,27 @@ class WeightLoader:
         except ValueError as exc:
             raise ValueError(f"model: {prefix!r}: {exc}; serve a bfloat16 copy of this checkpoint") from None
 
-    def projection(self, dense: Any, parts: list[tuple[str, tuple[int, int]]], rank: int, ranks: int, axis: int) -> int:
+    def projection(
+        self,
+        dense: Any,
+        parts: list[tuple[str, tuple[int, int]]],
+        rank: int,
+        ranks: int,
+        axis: int,
+        interleave: bool = False,
+    ) -> int:
         """The device address of the projections ``parts`` (``(prefix, (n, k))`` each: q, k and v; gate and up)
         stacked by output rows, each cut to this rank's shard: ``axis`` 0 its block of output rows
         (column-parallel), 1 its block of inputs (row-parallel); ``ranks`` 1 keeps them whole. Int4 projections stay
         int4, in the int4 GEMV's layout and registered with ``dense``
         (:meth:`~fi_engine.kernels.dense.Dense.add_int4_weight`), where ``dense`` is given (the engine serves int4
         as stored), every part is int4 and the GEMV takes the stack's shape and its GPU; otherwise each part is read
-        as :meth:`linear` reads it (int4 dequantized) and the stack uploaded in the 16-bit type."""
+        as :meth:`linear` reads it (int4 dequantized) and the stack uploaded in the 16-bit type. ``interleave``: two
+        int4 parts (gate and up) stored interleaved by 8 rows where their rows allow, for the GEMV's SiLU form
+        (``Dense.prepared_int4_silu``)."""
         from ..layers.tensor_parallel import columns, rows
 
-        stored = self._int4_projection(dense, parts, rank, ranks, axis) if dense is not None else None
+        stored = self._int4_projection(dense, parts, rank, ranks, axis, interleave) if dense is not None else None
         if stored is not None:
             return stored
         cut = rows if axis == 0 else columns
@@ -109,7 +119,7 @@ class WeightLoader:
         return self.ptr(shards[0] if len(shards) == 1 else np.concatenate(shards))
 
     def _int4_projection(
-        self, dense: Any, parts: list[tuple[str, tuple[int, int]]], rank: int, ranks: int, axis: int
+        self, dense: Any, parts: list[tuple[str, tuple[int, int]]], rank: int, ranks: int, axis: int, interleave: bool
     ) -> int | None:
         """:meth:`projection` kept int4 (its device address), or None where it cannot be (the caller dequantizes)."""
         if self.int4 is None or any(prefix + ".qweight" not in self.ckpt for prefix, _ in parts):
@@ -130,7 +140,12 @@ class WeightLoader:
                 shards.append(m.rows(lo, hi) if axis == 0 else m.columns(lo, hi))
             except ValueError:  # a shard that cuts a group
                 return None
-        matrix = Int4Matrix.stacked(shards) if len(shards) > 1 else shards[0]
+        pairs = interleave and len(shards) == 2 and shards[0].codes.shape == shards[1].codes.shape
+        pairs = pairs and shards[0].codes.shape[0] % 8 == 0
+        if pairs:
+            matrix = Int4Matrix.interleaved(shards[0], shards[1])
+        else:
+            matrix = Int4Matrix.stacked(shards) if len(shards) > 1 else shards[0]
         try:
             weights, records = matrix.gemv_layout()
         except ValueError:  # a shape the GEMV does not take
@@ -138,7 +153,7 @@ class WeightLoader:
         w, r = self.upload(weights), self.upload(records)
         n, k = matrix.codes.shape
         try:
-            dense.add_int4_weight(int(w.data.ptr), n, k, int(r.data.ptr), matrix.group_size)
+            dense.add_int4_weight(int(w.data.ptr), n, k, int(r.data.ptr), matrix.group_size, interleaved=pairs)
         except RuntimeError:  # a GPU the GEMV cannot run on
             self.keep.remove(w)
             self.keep.remove(r)

@@ -235,7 +235,8 @@ class FusedDecode(RunnerState):
 
     def _fp8_fused_calls(self, v: SimpleNamespace, rows: int) -> tuple[Any, list[tuple[list[Any], list[Any]]], Any]:
         """:meth:`_fused_calls` over FP8 weights (``Dense.fp8_epilogues``; dense layers), and over int4 weights (every
-        GEMV the int4 GEMV, RoPE, the KV append and SiLU launches of their own: 9 a layer): per layer the input norm as
+        GEMV the int4 GEMV, SiLU its gate/up GEMV's epilogue, RoPE and the KV append launches of their own: 9 a
+        layer): per layer the input norm as
         a launch of its own (``fused_add_rmsnorm`` in place, ``h += x`` and ``x`` its norm; the first layer's
         ``rmsnorm`` of the embedding rows), the QKV GEMV with RoPE and the KV append as its epilogue
         (``Dense.prepared_fp8_qkv_rope``), the attention, the O GEMV, the post-attention norm, the gate/up GEMV
@@ -272,6 +273,8 @@ class FusedDecode(RunnerState):
             after.append(kernels.prepared_fused_add_rmsnorm(v.x, v.h, self.ln2[i], eps, s, pdl))
             if dense.has_fp8_weight(self.wgu[i]):  # silu(gate) * up straight into act
                 after.append(dense.prepared_fp8_silu(rows, x, h, self.wgu[i], h, act, inter, ab))
+            elif dense.has_int4_silu(self.wgu[i]):  # (int4: gate and up interleaved by 8 rows at load)
+                after.append(dense.prepared_int4_silu(rows, x, h, self.wgu[i], h, act, inter, ab))
             else:
                 after.append(dense.prepared_linear(rows, x, h, self.wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab))
                 after.append(kernels.prepared_silu_and_mul(v.gu, v.act, s))

@@ -17,6 +17,8 @@ and float16 activations, 16-bit and float32 outputs:
   dequantized scratch itself equal to numpy's rounding of ``W``, bit for bit;
 - the number of warps a block gets (``Int4Linears.warps_per_sm``: 1 to 16 warps) changes only the order of the
   warps' sums: within the GEMV's bound of each other;
+- a gate/up weight interleaved by 8 rows: its outputs come out in order, and its SiLU form is ``silu_and_mul`` of
+  them (within one 16-bit ulp of numpy's float32 arithmetic);
 - bad calls: a shape that differs from the registration, float32 activations, a misaligned or NULL address, a
   group size the GEMV does not take: ValueError naming the argument.
 """
@@ -189,3 +191,43 @@ def test_bad_calls_name_the_argument(dense) -> None:
         dense.prepared_fused(NORM, 1, int(x.data.ptr), 256, w, 64, 256, int(y.data.ptr), 64, CUDA_R_16BF, CUDA_R_16BF,
                              int(x.data.ptr), 256, int(x.data.ptr), 0, 1e-5)  # fmt: skip
     del keep
+
+
+@pytest.mark.parametrize("ab", [CUDA_R_16BF, CUDA_R_16F], ids=["bf16", "f16"])
+def test_gate_and_up_interleaved_come_out_in_order_and_the_silu_form_is_silu_and_mul(dense, ab: int) -> None:
+    """A gate/up weight stored interleaved by 8 rows (``Int4Matrix.interleaved``, ``add_int4_weight(...,
+    interleaved=True)``): the GEMV (1 to 32 rows) and the dequantizing path (40 rows) give the bits of the same
+    weights stacked in order, and ``Dense.prepared_int4_silu`` gives ``silu(g) * u`` of those rounded outputs
+    within one 16-bit ulp of numpy's float32 ``g / (1 + exp(-g)) * u`` (the kernel's ``__expf`` and fast division
+    against numpy's)."""
+    half, k = 256, 512
+    gate, up = random_int4(half, k, 128, seed=21), random_int4(half, k, 128, seed=22)
+    stacked, _, keep_s = register(dense, Int4Matrix.stacked([gate, up]))
+    pairs = Int4Matrix.interleaved(gate, up)
+    weights, records = pairs.gemv_layout()
+    w_dev, r_dev = cp.asarray(weights), cp.asarray(records)
+    dense.add_int4_weight(int(w_dev.data.ptr), 2 * half, k, int(r_dev.data.ptr), 128, interleaved=True)
+    inter = int(w_dev.data.ptr)
+    assert dense.has_int4_silu(inter) and not dense.has_int4_silu(stacked)
+    rng = np.random.default_rng(8)
+    for rows in (1, 3, 8, 16, 32, 40):
+        x16 = to16(rng.standard_normal((rows, k)), ab)
+        ys = [cp.zeros((rows, 2 * half), cp.int16) for _ in range(2)]
+        for w, y in zip((stacked, inter), ys, strict=True):
+            dense.linear(rows, int(x16.data.ptr), k, w, 2 * half, k, int(y.data.ptr), 2 * half, ab, ab)
+        cp.cuda.get_current_stream().synchronize()
+        assert cp.array_equal(ys[0], ys[1]), rows
+        if rows > 32:
+            continue
+        act = cp.zeros((rows, half), cp.int16)
+        dense.prepared_int4_silu(rows, int(x16.data.ptr), k, inter, k, int(act.data.ptr), half, ab)()
+        cp.cuda.get_current_stream().synchronize()
+        gu = from16(ys[0], ab).astype(np.float32)
+        g, u = gu[:, :half], gu[:, half:]
+        want = from16(to16(g / (1 + np.exp(-g)) * u, ab), ab)
+        got = from16(act, ab)
+        assert np.all(np.abs(got - want) <= np.abs(want) * ULP[ab] + 1e-6), rows
+    with pytest.raises(ValueError, match="is no int4 weight registered interleaved"):
+        dense.prepared_int4_silu(1, int(x16.data.ptr), k, stacked, k, int(act.data.ptr), half, ab)
+    dense.remove_int4_weight(inter)
+    del keep_s, w_dev, r_dev

@@ -330,9 +330,20 @@ class Int4Registry:
 
     def __init__(self) -> None:
         self.weights: dict[int, tuple[int, int, int, int]] = {}  # w -> (n, k, records, group_size)
+        self.interleaved: set[int] = set()  # the weights registered with gate and up interleaved by 8 rows
 
-    def add_int4_weight(self, w: int, n: int, k: int, records: int, group_size: int) -> None:
+    def add_int4_weight(self, w: int, n: int, k: int, records: int, group_size: int, interleaved: bool = False) -> None:
         self.weights[w] = (n, k, records, group_size)
+        if interleaved:
+            self.interleaved.add(w)
+
+
+def _interleaved8(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """``[gate; up]`` rows interleaved by 8, written out row by row: 8 of gate, the same 8 of up, ..."""
+    rows = []
+    for b in range(0, gate.shape[0], 8):
+        rows += [gate[b : b + 8], up[b : b + 8]]
+    return np.concatenate(rows)
 
 
 def _load(
@@ -558,8 +569,9 @@ def test_the_llama_load_keeps_int4_projections_in_the_gemv_layout(
     tmp_path: Path, method: str, group_size: int, dtype: str, v1: bool
 ) -> None:
     """``int4_as_stored``: every projection is uploaded in the int4 GEMV's layout and registered with the Dense
-    (its shape and group size), q/k/v and gate/up stacked by rows, and the layout stands for exactly the float32
-    weights the checkpoint dequantizes to; the embedding and head stay 16-bit."""
+    (its shape and group size), q/k/v stacked by rows and gate/up interleaved by 8 rows (registered so, for the
+    GEMV's SiLU form), and the layout stands for exactly the float32 weights the checkpoint dequantizes to; the
+    embedding and head stay 16-bit."""
     src = save_random_llama(_dir(tmp_path, "src"), dtype, 64, (4, 2), 256, 384, False, tied=False)
     deq = write_int4_copy(src, tmp_path / "int4", method, group_size, sym=v1, v1=v1)
     dense = Int4Registry()
@@ -573,7 +585,7 @@ def test_the_llama_load_keeps_int4_projections_in_the_gemv_layout(
         for ptr, want, k, group in (
             (eng.wqkv[i], w("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), 256, g),
             (eng.wo[i], w("self_attn.o_proj"), 256, g),
-            (eng.wgu[i], w("mlp.gate_proj", "mlp.up_proj"), 256, g),
+            (eng.wgu[i], _interleaved8(w("mlp.gate_proj"), w("mlp.up_proj")), 256, g),
             (eng.wd[i], w("mlp.down_proj"), 384, 384 if group_size == -1 else g),
         ):
             n, k_, records, group_size_ = dense.weights[ptr]
@@ -581,6 +593,7 @@ def test_the_llama_load_keeps_int4_projections_in_the_gemv_layout(
             assert host.by_ptr[ptr].shape == (n, k // 2) and host.by_ptr[records].shape == (n, k // group)
             assert np.array_equal(decode_gemv_layout(host.by_ptr[ptr], host.by_ptr[records], k), want)
     assert len(dense.weights) == 16 and eng.lm_head not in dense.weights
+    assert dense.interleaved == set(eng.wgu)
     assert np.array_equal(host.by_ptr[eng.lm_head], np.asarray(Checkpoint(tmp_path / "int4").array("lm_head.weight")))
 
 
@@ -619,3 +632,20 @@ def test_the_layout_decoder_refuses_what_does_not_fit() -> None:
     ):
         with pytest.raises(ValueError, match=match):
             decode_gemv_layout(*args)  # type: ignore[arg-type]
+
+
+def test_matrices_that_cannot_be_interleaved_by_8_rows_are_refused() -> None:
+    def m(n: int, k: int, g: int) -> Int4Matrix:
+        return Int4Matrix(
+            np.zeros((n, k), np.uint8), np.zeros((k // g, n), np.uint8), np.ones((k // g, n), np.float32), g
+        )
+
+    for a, b in (
+        (m(16, 256, 128), m(8, 256, 128)),
+        (m(16, 256, 128), m(16, 256, 64)),
+        (m(12, 256, 128), m(12, 256, 128)),
+    ):
+        with pytest.raises(ValueError, match="cannot be interleaved by 8 rows"):
+            Int4Matrix.interleaved(a, b)
+    both = Int4Matrix.interleaved(m(16, 256, 128), m(16, 256, 128))
+    assert both.codes.shape == (32, 256) and both.zeros.shape == both.scales.shape == (2, 32)

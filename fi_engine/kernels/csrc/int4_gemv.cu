@@ -160,10 +160,11 @@ __device__ __forceinline__ void i4_load(uint4* v, unsigned* r, const uint4* wa, 
 // mma sums start from zero and meet the group's scale and zero in float32 (the layout comment); the warps' sums meet
 // in shared memory and y is rounded once. G64: groups of 64 (two records a tile), else of 128 or more (one). k a
 // multiple of 128; x, w, x_ld 16-byte aligned (the caller checks).
-template <bool BF16, bool F32OUT, int NT, int TPL, bool G64>
+template <bool BF16, bool F32OUT, int NT, int TPL, bool G64, bool SILU>
 __device__ __forceinline__ void gemv4_tc(const unsigned short* __restrict__ x, const unsigned char* __restrict__ w,
                                          void* __restrict__ y, int rows, int n, int k, long long x_ld,
-                                         long long y_ld, const unsigned* __restrict__ rec, int groups, int gshift) {
+                                         long long y_ld, const unsigned* __restrict__ rec, int groups, int gshift,
+                                         int half_n) {
 #if __CUDA_ARCH__ >= 800
     __shared__ float part[I4_MAX_WARPS][32][4 * NT];
     griddep_launch_dependents();
@@ -240,43 +241,65 @@ __device__ __forceinline__ void gemv4_tc(const unsigned short* __restrict__ x, c
         for (int e = 0; e < 4; ++e) part[warp][lane][4 * i + e] = acc[i][e];
     __syncthreads();
     if (warp == 0) {
-        // accumulator (i, e): column j0 + g (+ 8 for e >= 2), x row 8 i + 2 t + (e & 1)
+        // accumulator (i, e): stored row j0 + g (+ 8 for e >= 2), x row 8 i + 2 t + (e & 1); its output column j,
+        // or with half_n (gate and up interleaved by 8 rows) the gate's column 8 blockIdx + g, the up's half_n more
 #pragma unroll
-        for (int i = 0; i < NT; ++i)
+        for (int i = 0; i < NT; ++i) {
+            float s[4];
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                float s = 0.f;
-                for (int p = 0; p < warps; ++p) s += part[p][lane][4 * i + e];
+                s[e] = 0.f;
+                for (int p = 0; p < warps; ++p) s[e] += part[p][lane][4 * i + e];
+            }
+            if (SILU) {  // y [rows, half_n]: FlashInfer's silu_and_mul of the outputs as the plain GEMV rounds them
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int r = 8 * i + 2 * t + e;
+                    if (r < rows) {
+                        const float gate = tof<BF16>(fromf<BF16>(s[e])), up = tof<BF16>(fromf<BF16>(s[e + 2]));
+                        reinterpret_cast<unsigned short*>(y)[r * y_ld + 8 * blockIdx.x + g] =
+                            fromf<BF16>(__fdividef(gate, 1.0f + __expf(-gate)) * up);
+                    }
+                }
+                continue;
+            }
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
                 const int j = j0 + g + (e >> 1) * 8, r = 8 * i + 2 * t + (e & 1);
+                const int jo = half_n ? 8 * (int)blockIdx.x + g + (e >> 1) * half_n : j;
                 if (j < n && r < rows) {
-                    if (F32OUT) reinterpret_cast<float*>(y)[r * y_ld + j] = s;
-                    else reinterpret_cast<unsigned short*>(y)[r * y_ld + j] = fromf<BF16>(s);
+                    if (F32OUT) reinterpret_cast<float*>(y)[r * y_ld + jo] = s[e];
+                    else reinterpret_cast<unsigned short*>(y)[r * y_ld + jo] = fromf<BF16>(s[e]);
                 }
             }
+        }
     }
 #endif
 }
 
 // I4_TILES_AHEAD (Int4Linears.options): the tiles of a warp's run, loaded while the run before is summed, up to 16
 // rows; 32 rows take runs of 1 (their registers)
-#define GEMV4(name, bf16, f32out, nt, g64)                                                                          \
+#define GEMV4(name, bf16, f32out, nt, g64, silu)                                                                    \
     extern "C" __global__ void __launch_bounds__(32 * I4_MAX_WARPS)                                                \
         name(const unsigned short* x, const unsigned char* w, void* y, int rows, int n, int k, long long x_ld,     \
-             long long y_ld, const unsigned* rec, int groups, int gshift) {                                        \
-        gemv4_tc<bf16, f32out, nt, nt == 4 ? 1 : I4_TILES_AHEAD, g64>(x, w, y, rows, n, k, x_ld, y_ld, rec, groups, \
-                                                                        gshift);                                   \
+             long long y_ld, const unsigned* rec, int groups, int gshift, int half_n) {                            \
+        gemv4_tc<bf16, f32out, nt, nt == 4 ? 1 : I4_TILES_AHEAD, g64, silu>(x, w, y, rows, n, k, x_ld, y_ld, rec,  \
+                                                                              groups, gshift, half_n);             \
     }
-#define GEMV4_ROWS(t, bf16, out, f32out)                                                                            \
-    GEMV4(gemv4_##t##_##out##_8, bf16, f32out, 1, false)                                                            \
-    GEMV4(gemv4_##t##_##out##_16, bf16, f32out, 2, false)                                                           \
-    GEMV4(gemv4_##t##_##out##_32, bf16, f32out, 4, false)                                                           \
-    GEMV4(gemv4_##t##_##out##_8_g64, bf16, f32out, 1, true)                                                         \
-    GEMV4(gemv4_##t##_##out##_16_g64, bf16, f32out, 2, true)                                                        \
-    GEMV4(gemv4_##t##_##out##_32_g64, bf16, f32out, 4, true)
-GEMV4_ROWS(bf16, true, bf16, false)
-GEMV4_ROWS(bf16, true, f32, true)
-GEMV4_ROWS(f16, false, f16, false)
-GEMV4_ROWS(f16, false, f32, true)
+#define GEMV4_ROWS(t, bf16, out, f32out, silu)                                                                      \
+    GEMV4(gemv4_##t##_##out##_8, bf16, f32out, 1, false, silu)                                                      \
+    GEMV4(gemv4_##t##_##out##_16, bf16, f32out, 2, false, silu)                                                     \
+    GEMV4(gemv4_##t##_##out##_32, bf16, f32out, 4, false, silu)                                                     \
+    GEMV4(gemv4_##t##_##out##_8_g64, bf16, f32out, 1, true, silu)                                                   \
+    GEMV4(gemv4_##t##_##out##_16_g64, bf16, f32out, 2, true, silu)                                                  \
+    GEMV4(gemv4_##t##_##out##_32_g64, bf16, f32out, 4, true, silu)
+GEMV4_ROWS(bf16, true, bf16, false, false)
+GEMV4_ROWS(bf16, true, f32, true, false)
+GEMV4_ROWS(f16, false, f16, false, false)
+GEMV4_ROWS(f16, false, f32, true, false)
+// SiLU as the epilogue: w holds gate and up interleaved by 8 rows (half_n each), y [rows, half_n] 16-bit
+GEMV4_ROWS(bf16, true, silu, false, true)
+GEMV4_ROWS(f16, false, silu, false, true)
 
 // out [n, k] 16-bit = (code - zero) * scale, each product exact in float32 and rounded once to nearest even: the
 // weight a 16-bit GEMM of many rows reads. A grid-stride loop over the 16-byte lane vectors (32 weights each, laid
@@ -284,13 +307,15 @@ GEMV4_ROWS(f16, false, f32, true)
 template <bool BF16>
 __device__ __forceinline__ void dequant_i4(const unsigned char* __restrict__ w, const unsigned* __restrict__ rec,
                                            unsigned short* __restrict__ out, long long n, int k, int groups,
-                                           int gshift) {
+                                           int gshift, int half_n) {
     const int vecs = k >> 5;
     const long long total = n * vecs;
     for (long long v = blockIdx.x * (long long)blockDim.x + threadIdx.x; v < total;
          v += (long long)gridDim.x * blockDim.x) {
         const long long j = v / vecs;
         const int c = (int)(v - j * vecs), tile = c >> 2, t = c & 3;
+        // its output row: j, or with half_n (gate and up interleaved by 8 rows) the gate's or the up's own
+        const long long jo = half_n ? (j >> 4) * 8 + (j & 7) + ((j >> 3) & 1) * half_n : j;
         const uint4 q = load_weights(reinterpret_cast<const uint4*>(w) + v);
         const unsigned* words = reinterpret_cast<const unsigned*>(&q);
 #pragma unroll
@@ -299,7 +324,7 @@ __device__ __forceinline__ void dequant_i4(const unsigned char* __restrict__ w, 
             const unsigned r = __ldg(rec + j * groups + ((2 * tile + half) >> gshift));
             const float s = __uint_as_float(r & 0xffffff00u), z = (float)(r & 0xffu);
             // inputs 128 tile + 64 half + 16 t + 4 q + e, q = 2 (word & 1) + step
-            unsigned short* at = out + j * k + 128 * tile + 64 * half + 16 * t + 8 * (word & 1);
+            unsigned short* at = out + jo * k + 128 * tile + 64 * half + 16 * t + 8 * (word & 1);
 #pragma unroll
             for (int step = 0; step < 2; ++step) {
                 // e = 0, 1, 2, 3 in fields 2 step, 2 step + 4, 2 step + 1, 2 step + 5
@@ -318,10 +343,10 @@ __device__ __forceinline__ void dequant_i4(const unsigned char* __restrict__ w, 
     }
 }
 extern "C" __global__ void dequant_int4_bf16(const unsigned char* w, const unsigned* rec, unsigned short* out,
-                                             long long n, int k, int groups, int gshift) {
-    dequant_i4<true>(w, rec, out, n, k, groups, gshift);
+                                             long long n, int k, int groups, int gshift, int half_n) {
+    dequant_i4<true>(w, rec, out, n, k, groups, gshift, half_n);
 }
 extern "C" __global__ void dequant_int4_f16(const unsigned char* w, const unsigned* rec, unsigned short* out,
-                                            long long n, int k, int groups, int gshift) {
-    dequant_i4<false>(w, rec, out, n, k, groups, gshift);
+                                            long long n, int k, int groups, int gshift, int half_n) {
+    dequant_i4<false>(w, rec, out, n, k, groups, gshift, half_n);
 }
