@@ -292,6 +292,26 @@ def _caches_apart(rope: RopeAppend, areas: list[tuple[str, int, int]]) -> None:
         raise ValueError("rope.v_cache: overlaps rope.k_cache")
 
 
+def _check_epilogue_io(rows: int, x: int, x_ld: int, k: int, y: int, y_ld: int, out: int) -> tuple[int, int]:
+    """The byte spans of ``x [rows, k]`` and ``y [rows, out]`` (16-bit, row strides ``x_ld``, ``y_ld``) of a GEMV with
+    an epilogue, checked: rows no closer than their width, ``x`` 16-byte aligned with its row stride and ``y`` 2,
+    neither NULL nor running past the address space, ``y`` apart from ``x`` (ValueError naming the argument)."""
+    if rows > 1:
+        for name, value, width in (("x_ld", x_ld, k), ("y_ld", y_ld, out)):
+            if value < width:
+                raise ValueError(f"{name}: {value} elements between rows is less than a row's {width}")
+    for name, value, align in (("x", x, 16), ("x_ld", 2 * x_ld, 16), ("y", y, 2)):
+        if value % align or (value == 0 and name != "x_ld"):
+            raise ValueError(f"{name}: 0x{value:x} must be a non-NULL address aligned to {align} bytes")
+    span_x, span_y = 2 * ((rows - 1) * x_ld + k), 2 * ((rows - 1) * y_ld + out)
+    for name, base, span in (("x", x, span_x), ("y", y, span_y)):
+        if base + span > _U64:
+            raise ValueError(f"{name}: 0x{base:x} + {span} bytes runs past the end of the address space")
+    if _overlap(y, span_y, x, span_x):
+        raise ValueError("y: overlaps x (the launch writes y while other blocks still read x)")
+    return span_x, span_y
+
+
 def _overlap(a: int, a_len: int, b: int, b_len: int) -> bool:
     """Whether the byte ranges ``[a, a + a_len)`` and ``[b, b + b_len)`` share a byte."""
     return a < b + b_len and b < a + a_len
@@ -1264,19 +1284,7 @@ class Dense:
         launch = None if not self.gemv else self._fp8.pair_launch(epi, ab_type == CUDA_R_16BF, fp8, rows, pairs)
         if launch is None:
             raise ValueError(f"w: no FP8 GEMV with {what} epilogue compiled ({self._fp8.fused_error or 'closed'})")
-        if rows > 1:
-            for name, value, width in (("x_ld", x_ld, k), ("y_ld", y_ld, out)):
-                if value < width:
-                    raise ValueError(f"{name}: {value} elements between rows is less than a row's {width}")
-        for name, value, align in (("x", x, 16), ("x_ld", 2 * x_ld, 16), ("y", y, 2)):
-            if value % align or (value == 0 and name != "x_ld"):
-                raise ValueError(f"{name}: 0x{value:x} must be a non-NULL address aligned to {align} bytes")
-        span_x, span_y = 2 * ((rows - 1) * x_ld + k), 2 * ((rows - 1) * y_ld + out)
-        for name, base, span in (("x", x, span_x), ("y", y, span_y)):
-            if base + span > _U64:
-                raise ValueError(f"{name}: 0x{base:x} + {span} bytes runs past the end of the address space")
-        if _overlap(y, span_y, x, span_x):
-            raise ValueError("y: overlaps x (the launch writes y while other blocks still read x)")
+        span_x, span_y = _check_epilogue_io(rows, x, x_ld, k, y, y_ld, out)
         if epi == PAIR_ROPE:
             _caches_apart(rope, [("y", y, span_y), ("x", x, span_x)])
         s_ld, bn, shift, _ = fp8.scale_args
@@ -1395,19 +1403,7 @@ class Dense:
             raise ValueError(f"w: 0x{w:x} is no int4 weight registered interleaved (add_int4_weight)")
         self._check_quantized_call(wt, "int4", wt.n, k, ab_type, ab_type)
         out = wt.half_n
-        if rows > 1:
-            for name, value, width in (("x_ld", x_ld, k), ("y_ld", y_ld, out)):
-                if value < width:
-                    raise ValueError(f"{name}: {value} elements between rows is less than a row's {width}")
-        for name, value, align in (("x", x, 16), ("x_ld", 2 * x_ld, 16), ("y", y, 2)):
-            if value % align or (value == 0 and name != "x_ld"):
-                raise ValueError(f"{name}: 0x{value:x} must be a non-NULL address aligned to {align} bytes")
-        span_x, span_y = 2 * ((rows - 1) * x_ld + k), 2 * ((rows - 1) * y_ld + out)
-        for name, base, span in (("x", x, span_x), ("y", y, span_y)):
-            if base + span > _U64:
-                raise ValueError(f"{name}: 0x{base:x} + {span} bytes runs past the end of the address space")
-        if _overlap(y, span_y, x, span_x):
-            raise ValueError("y: overlaps x (the launch writes y while other blocks still read x)")
+        _check_epilogue_io(rows, x, x_ld, k, y, y_ld, out)
         if not self.gemv:
             raise ValueError("dense: the driver launch path is off (closed, or the GEMV is unavailable)")
         fn, grid, threads, params, values = self._int4.gemv(
