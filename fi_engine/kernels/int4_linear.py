@@ -140,6 +140,10 @@ class Int4Linears:
             raise TypeError(f"interleaved: expected True or False, got {type(interleaved).__name__}")
         if interleaved and n % 16:
             raise ValueError(f"n: two projections interleaved by 8 rows need n a multiple of 16, got {n}")
+        if g == 64 and records % 8:  # (the GEMV reads a tile's two records, one 8-byte load)
+            raise ValueError(
+                f"records: groups of 64 are read two at a time: expected 8-byte alignment, got 0x{records:x}"
+            )
         self._compile()
         self.weights[w] = Int4Weight(w, n, k, records, g, n // 2 if interleaved else 0)
         self._grow_scratch(2 * n * k)
@@ -193,12 +197,17 @@ class Int4Linears:
     ) -> tuple:
         """The packed GEMV launch of ``y[:rows] = x[:rows] @ dequant(wt).T`` (rows <= :data:`INT4_GEMV_MAX_ROWS`;
         ``silu``: its SiLU form, ``y[:rows, :half_n] = silu(gate) * up`` of an interleaved weight, 16-bit y):
-        ``(function, grid, threads, params, values)``, or ``()`` where x is not 16-byte aligned (x, x_ld). Packed
-        once per call site (its ints: values only); at most 4096 kept."""
+        ``(function, grid, threads, params, values)``, or ``()`` where x is not 16-byte aligned (x, x_ld); a
+        ValueError where y is not aligned to its elements. Packed once per call site (its ints: values only); at most
+        4096 kept."""
         key = (rows, x, x_ld, wt.w, y, y_ld, bf16, f32, silu)
         packed = self._packed.get(key)
         if packed is not None:
             return packed
+        item = 4 if f32 and not silu else 2
+        if y % item:  # the kernel stores one element at a time: each must be aligned
+            kind = "float32" if item == 4 else "16-bit"
+            raise ValueError(f"y: 0x{y:x} must be aligned to {item} bytes (its {kind} elements)")
         packed = ()
         if x % 16 == 0 and x_ld % 8 == 0 and 0 < rows <= INT4_GEMV_MAX_ROWS:
             r, g64 = 8 if rows <= 8 else 16 if rows <= 16 else 32, wt.group_size == 64

@@ -184,9 +184,12 @@ def test_bad_calls_name_the_argument(dense) -> None:
         ((w, 64, 200, records, 128), "k: the int4 GEMV reads 128-input tiles"),
         ((w, 64, 256, records, 32), "group_size: expected k .* or a power of two >= 64"),
         ((w, 0, 256, records, 128), r"n: expected an int in \[1, "),
+        ((w, 64, 256, records + 4, 64), "records: groups of 64 are read two at a time: expected 8-byte alignment"),
     ):
         with pytest.raises(ValueError, match=match):
             dense.add_int4_weight(*args)
+    with pytest.raises(ValueError, match="y: 0x[0-9a-f]+ must be aligned to 2 bytes"):  # (before any launch)
+        dense.linear(2, int(x.data.ptr), 256, w, 64, 256, int(y.data.ptr) + 1, 64, CUDA_R_16BF, CUDA_R_16BF)
     with pytest.raises(ValueError, match="registered as int4"):
         dense.prepared_fused(NORM, 1, int(x.data.ptr), 256, w, 64, 256, int(y.data.ptr), 64, CUDA_R_16BF, CUDA_R_16BF,
                              int(x.data.ptr), 256, int(x.data.ptr), 0, 1e-5)  # fmt: skip

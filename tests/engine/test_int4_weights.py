@@ -649,3 +649,19 @@ def test_matrices_that_cannot_be_interleaved_by_8_rows_are_refused() -> None:
             Int4Matrix.interleaved(a, b)
     both = Int4Matrix.interleaved(m(16, 256, 128), m(16, 256, 128))
     assert both.codes.shape == (32, 256) and both.zeros.shape == both.scales.shape == (2, 32)
+
+
+def test_the_int4_registry_refuses_misaligned_records_and_outputs_before_any_gpu_work() -> None:
+    """``Int4Linears`` checks its addresses on the host, before compiling or launching anything: records of groups of
+    64 (read two at a time) need 8-byte alignment; an output row must hold aligned elements (float32: 4 bytes)."""
+    from fi_engine.kernels.int4_linear import Int4Linears, Int4Weight
+
+    registry = Int4Linears(None, None, 0)
+    with pytest.raises(ValueError, match="records: groups of 64 are read two at a time: expected 8-byte alignment"):
+        registry.add(1 << 20, 64, 256, (1 << 21) + 4, 64)
+    assert registry.weights == {}
+    wt = Int4Weight(1 << 20, 64, 256, 1 << 21, 128)
+    with pytest.raises(ValueError, match="y: 0x[0-9a-f]+ must be aligned to 4 bytes .its float32 elements"):
+        registry.gemv(1, 1 << 22, 256, wt, (1 << 23) + 2, 64, True, True)
+    with pytest.raises(ValueError, match="y: 0x[0-9a-f]+ must be aligned to 2 bytes .its 16-bit elements"):
+        registry.gemv(1, 1 << 22, 256, wt, (1 << 23) + 1, 64, True, False)
