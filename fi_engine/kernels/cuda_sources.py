@@ -137,7 +137,7 @@ import re
 from importlib import resources
 from typing import Any
 
-__all__ = ["files", "functions", "read", "source"]
+__all__ = ["files", "function_ptr", "functions", "read", "source"]
 
 CSRC = "csrc"
 """The folder of the CUDA files inside this package."""
@@ -171,6 +171,13 @@ def functions(cupy: Any, file: str, names: tuple[str, ...], options: tuple[str, 
     ``RawModule`` with ``options``, in the order named."""
     module = cupy.RawModule(code=source(file), options=options)
     return [module.get_function(name) for name in names]
+
+
+def function_ptr(kernel: Any) -> int:
+    """The ``CUfunction`` handle (an int, for ``cuLaunchKernel``) of a compiled CuPy kernel: a ``RawModule``
+    function (:func:`functions`' items) or a ``RawKernel``."""
+    function = getattr(kernel, "kernel", kernel)  # cupy RawKernel / RawModule function -> cupy.cuda.function.Function
+    return int(function.ptr)
 
 
 def _names() -> frozenset[str]:

@@ -39,7 +39,7 @@ from .cublas import (
     Handle,
     status_name,
 )
-from .cuda_sources import functions, source
+from .cuda_sources import function_ptr, functions, source
 from .fp8_linear import FP8_GEMV_MAX_ROWS, PAIR_MAX_ROWS, PAIR_ROPE, PAIR_SILU
 from .int4_linear import INT4_GEMV_MAX_ROWS
 
@@ -324,12 +324,6 @@ def _unroll(value: Any) -> int:
     return int(value)
 
 
-def _function_ptr(kernel: Any) -> int:
-    """The ``CUfunction`` of a CuPy ``RawModule`` function (its compiled ``Function``'s handle)."""
-    function = getattr(kernel, "kernel", kernel)  # cupy RawKernel -> cupy.cuda.function.Function
-    return int(function.ptr)
-
-
 class Dense:
     """A cuBLAS handle bound to ``stream`` with a workspace of its own, plus the gather/argmax kernels and the
     vocabulary shards' (compiled on construction). Create it on the device it serves (CuPy's current device).
@@ -536,7 +530,7 @@ class Dense:
         """Kernel ``name``'s functions for 1, 2, 3 and 4 rows (:meth:`row_kernel_names`): CUfunction handles, or with
         ``keep`` the CuPy functions."""
         kernels = [module.get_function(n) for n in self.row_kernel_names(name)]
-        return tuple(kernels) if keep else tuple(_function_ptr(k) for k in kernels)
+        return tuple(kernels) if keep else tuple(function_ptr(k) for k in kernels)
 
     def _load_fused(self, cupy: Any) -> None:
         """Compile the fused GEMV variants (``fused_linear``); a failure leaves them off, the plain GEMV on."""
@@ -556,7 +550,7 @@ class Dense:
                             kernel.max_dynamic_shared_size_bytes = optin
                         except Exception:
                             optin = limit
-                return tuple(_function_ptr(kernel) for kernel in kernels)
+                return tuple(function_ptr(kernel) for kernel in kernels)
 
             for key, name in self.fused_kernels().items():
                 fns[key] = load(name)
@@ -719,7 +713,7 @@ class Dense:
                 raise ValueError(f"{name}: 0x{value:x} must be a non-NULL address aligned to {align} bytes")
         params, values = self._slots([src, index, dst, width, src_ld, dst_ld])
         return self._prepared(
-            _function_ptr(self._gather_fn), rows, 256, 0, params, values, "gather_rows16", grid_y=_column_blocks(width)
+            function_ptr(self._gather_fn), rows, 256, 0, params, values, "gather_rows16", grid_y=_column_blocks(width)
         )
 
     def prepared_kernel(
@@ -1339,7 +1333,25 @@ class Dense:
         if gemv and self._fp8_gemv(rows, x, x_ld, fp8, y, y_ld, bf16, c_type):
             return
         weight = self._fp8.dequantize(fp8, bf16, self._null)
-        on, self.gemv = self.gemv, False  # the 16-bit GEMM (cuBLASLt / cuBLAS) on the dequantized scratch
+        self._scratch_gemm(rows, x, x_ld, weight, n, k, y, y_ld, ab_type, c_type, accumulate)
+
+    def _scratch_gemm(
+        self,
+        rows: int,
+        x: int,
+        x_ld: int,
+        weight: int,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        c_type: int,
+        accumulate: bool,
+    ) -> None:
+        """:meth:`linear` over a quantized weight dequantized into the 16-bit scratch at ``weight``: the 16-bit GEMM
+        (cuBLASLt / cuBLAS), never the GEMV, which reads the weight once per few rows."""
+        on, self.gemv = self.gemv, False
         try:
             self.linear(rows, x, x_ld, weight, n, k, y, y_ld, ab_type, c_type, accumulate)
         finally:
@@ -1440,11 +1452,7 @@ class Dense:
                 self._int4.run_gemv(packed, self._null)
                 return
         weight = self._int4.dequantize(int4, bf16, self._null)
-        on, self.gemv = self.gemv, False  # the 16-bit GEMM (cuBLASLt / cuBLAS) on the dequantized scratch
-        try:
-            self.linear(rows, x, x_ld, weight, n, k, y, y_ld, ab_type, c_type, accumulate)
-        finally:
-            self.gemv = on
+        self._scratch_gemm(rows, x, x_ld, weight, n, k, y, y_ld, ab_type, c_type, accumulate)
 
     def _fp8_gemv(self, rows: int, x: int, x_ld: int, fp8: Any, y: int, y_ld: int, bf16: bool, c_type: int) -> bool:
         """The FP8 GEMV of at most 8 rows launched; False where it cannot serve the call (nothing launched)."""

@@ -37,7 +37,7 @@ from typing import Any
 
 from fi_ffi.cuda import driver_error
 
-from .cuda_sources import source
+from .cuda_sources import function_ptr, source
 
 __all__ = ["FP8_GEMV_MAX_ROWS", "PAIR_MAX_ROWS", "PAIR_ROPE", "PAIR_SILU", "Fp8Linears", "Fp8Weight"]
 
@@ -74,11 +74,6 @@ class Fp8Weight:
             return 0, 1, 0, 0
         bn, bk = self.block
         return -(-self.k // bk), bn, (bk // 16).bit_length() - 1, 1
-
-
-def _function_ptr(kernel: Any) -> int:
-    """The ``CUfunction`` of a CuPy ``RawModule`` function (its compiled ``Function``'s handle)."""
-    return int(kernel.kernel.ptr)
 
 
 def _positive(name: str, value: Any, limit: int = 1 << 31) -> int:
@@ -201,16 +196,16 @@ class Fp8Linears:
                                 kernel = fused.get_function(name)
                                 if fused_smem > 46 << 10:  # (1 KiB of its own static shared memory more)
                                     kernel.max_dynamic_shared_size_bytes = fused_smem - 1024
-                                self._fused[(mode, bf16, f32, block)] = _function_ptr(kernel)
+                                self._fused[(mode, bf16, f32, block)] = function_ptr(kernel)
                     for epi, suffix in ((PAIR_SILU, "silu"), (PAIR_ROPE, "rope")):
                         for block in (False, True):
                             scales = "block" if block else "row"
                             for r in (1, 4):
                                 name = f"gemv8_{t}_{suffix}_{scales}_{r}"
-                                self._pairs[(epi, bf16, block, r)] = _function_ptr(fused.get_function(name))
+                                self._pairs[(epi, bf16, block, r)] = function_ptr(fused.get_function(name))
                             if tensor_cores:
                                 name = f"gemv8tc_{t}_{suffix}_{scales}"
-                                self._pairs_tc[(epi, bf16, block)] = _function_ptr(fused.get_function(name))
+                                self._pairs_tc[(epi, bf16, block)] = function_ptr(fused.get_function(name))
                 self._fused_module, self.fused_smem = fused, fused_smem - 1024
             except Exception as exc:
                 self._fused, self._pairs, self._pairs_tc = {}, {}, {}
@@ -218,8 +213,8 @@ class Fp8Linears:
         try:  # cvt.e4m3x2 needs SM 8.9+: without it, steps of many rows take the dequantizing path
             quant = cupy.RawModule(code=source("fp8_quant.cu"))
             for bf16, t in ((True, "bf16"), (False, "f16")):
-                self._quant[(bf16, False)] = _function_ptr(quant.get_function(f"quant_rows_{t}"))
-                self._quant[(bf16, True)] = _function_ptr(quant.get_function(f"quant_groups_{t}"))
+                self._quant[(bf16, False)] = function_ptr(quant.get_function(f"quant_rows_{t}"))
+                self._quant[(bf16, True)] = function_ptr(quant.get_function(f"quant_groups_{t}"))
             self._quant_module = quant
         except Exception as exc:
             self._quant, self.w8a8_error = {}, f"{type(exc).__name__}: {exc}"
@@ -230,15 +225,15 @@ class Fp8Linears:
                 for block in (False, True):
                     for r in (1, 2, 4, 8):
                         name = f"gemv8_{t}_{'f32' if f32 else t}_{'block' if block else 'row'}_{r}"
-                        self._gemv[(bf16, f32, block, r)] = _function_ptr(module.get_function(name))
-            self._dequant[bf16] = _function_ptr(module.get_function(f"dequant_e4m3_{t}"))
+                        self._gemv[(bf16, f32, block, r)] = function_ptr(module.get_function(name))
+            self._dequant[bf16] = function_ptr(module.get_function(f"dequant_e4m3_{t}"))
         if tensor_cores:
             for bf16 in (True, False):
                 t = "bf16" if bf16 else "f16"
                 for f32 in (False, True):
                     for block in (False, True):
                         name = f"gemv8tc_{t}_{'f32' if f32 else t}_{'block' if block else 'row'}"
-                        self._tc[(bf16, f32, block)] = _function_ptr(module.get_function(name))
+                        self._tc[(bf16, f32, block)] = function_ptr(module.get_function(name))
         self._module = module
 
     def _grow_scratch(self, nbytes: int) -> None:

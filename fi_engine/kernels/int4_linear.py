@@ -31,7 +31,7 @@ from typing import Any
 
 from fi_ffi.cuda import driver_error
 
-from .cuda_sources import source
+from .cuda_sources import function_ptr, source
 
 __all__ = ["INT4_GEMV_MAX_ROWS", "Int4Linears", "Int4Weight"]
 
@@ -66,11 +66,6 @@ class Int4Weight:
     def gshift(self) -> int:
         """log2 of the 64-input half tiles a group spans, as the kernels take it (31: one group a row)."""
         return 31 if self.group_size == self.k else (self.group_size // 64).bit_length() - 1
-
-
-def _function_ptr(kernel: Any) -> int:
-    """The ``CUfunction`` of a CuPy ``RawModule`` function (its compiled ``Function``'s handle)."""
-    return int(kernel.kernel.ptr)
 
 
 def _positive(name: str, value: Any, limit: int = 1 << 31) -> int:
@@ -166,11 +161,11 @@ class Int4Linears:
                 for r in (8, 16, 32):
                     for g64 in (False, True):
                         name = f"gemv4_{t}_{'f32' if f32 else t}_{r}{'_g64' if g64 else ''}"
-                        self._gemv[(bf16, f32, r, g64)] = _function_ptr(module.get_function(name))
+                        self._gemv[(bf16, f32, r, g64)] = function_ptr(module.get_function(name))
                         if not f32:
                             silu = f"gemv4_{t}_silu_{r}{'_g64' if g64 else ''}"
-                            self._silu[(bf16, r, g64)] = _function_ptr(module.get_function(silu))
-            self._dequant[bf16] = _function_ptr(module.get_function(f"dequant_int4_{t}"))
+                            self._silu[(bf16, r, g64)] = function_ptr(module.get_function(silu))
+            self._dequant[bf16] = function_ptr(module.get_function(f"dequant_int4_{t}"))
         self._module = module
 
     def _grow_scratch(self, nbytes: int) -> None:

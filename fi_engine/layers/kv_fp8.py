@@ -197,9 +197,9 @@ class KvFp8:
         or 64-bit integer) or ``"I"`` (a 32-bit one), as the kernel declares them (CuPy packs by the value's type)."""
         eng = self._eng
         if eng.dense.gemv:
-            from ..kernels.dense import _function_ptr
+            from ..kernels.cuda_sources import function_ptr
 
-            return eng.dense.prepared_kernel(_function_ptr(fn), (grid, 1), block, 0, args, name)
+            return eng.dense.prepared_kernel(function_ptr(fn), (grid, 1), block, 0, args, name)
         import numpy as np
 
         stream = eng.stream

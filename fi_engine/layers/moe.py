@@ -595,7 +595,7 @@ class MoELayer:
         return tokens <= self.capacity and self._gemv_serves(tokens)
 
     def _pack_gemv_step(self, x: Any, out: Any, t: int, x_ld: int, out_ld: int) -> list[Any]:
-        from ..kernels.dense import _function_ptr
+        from ..kernels.cuda_sources import function_ptr
 
         d = self.dense
         e, h, k = self.num_experts, self.hidden, self.top_k
@@ -604,7 +604,7 @@ class MoELayer:
         router_w = int(self.weights.router.data.ptr)
         router = d.prepared_linear(t, xp, x_ld, router_w, e, h, logits, e, self._ab, CUDA_R_32F)
         route_args = [logits, e, k, 1 if self.renormalize else 0, t, experts, weights]
-        route = d.prepared_kernel(_function_ptr(self._route_fn), ((t + 127) // 128, 1), 128, 0, route_args, "moe_route")
+        route = d.prepared_kernel(function_ptr(self._route_fn), ((t + 127) // 128, 1), 128, 0, route_args, "moe_route")
         return [router, route, *self._pack_gemv_experts(xp, x_ld, int(out.data.ptr), out_ld, t)]
 
     def _pack_normed_step(
@@ -633,7 +633,7 @@ class MoELayer:
     def _pack_gemv_experts(self, xp: int, x_ld: int, op: int, out_ld: int, t: int) -> list[Any]:
         """The grouped-GEMV step's launches after the routing (gate/up, SiLU-and-mul where it is its own launch,
         down, combine), packed: the input rows at address ``xp`` (row stride ``x_ld``), the output's at ``op``."""
-        from ..kernels.dense import _function_ptr
+        from ..kernels.cuda_sources import function_ptr
 
         d, g = self.dense, self._grouped
         e, h, i, k = self.num_experts, self.hidden, self.intermediate, self.top_k
@@ -655,7 +655,7 @@ class MoELayer:
         down = d.prepared_kernel(fn, grid, block, smem, args, "grouped gemv (down)")
         combine_args = [y, int(self._g_rows.data.ptr), weights, op, k, h, out_ld, self._bf16]
         combine = d.prepared_kernel(
-            _function_ptr(self._combine), self._combine_grid(t), 256, 0, combine_args, "moe_combine"
+            function_ptr(self._combine), self._combine_grid(t), 256, 0, combine_args, "moe_combine"
         )
         return [gate_up, *activation, down, combine]
 
@@ -806,7 +806,7 @@ class MoELayer:
         router GEMM (and bias), the device routing, the gate/up GEMM over every expert, the activation, the batched
         down GEMMs and the combine (the GEMMs of more than a few rows stay calls of :meth:`Dense.linear` /
         :meth:`Dense.batched_linear`)."""
-        from ..kernels.dense import _function_ptr
+        from ..kernels.cuda_sources import function_ptr
 
         d, sc = self.dense, self.scratch
         e, h, i, k, rows = self.num_experts, self.hidden, self.intermediate, self.top_k, self.dense_rows
@@ -820,10 +820,10 @@ class MoELayer:
         if b is not None:  # the router bias (gpt-oss), as _router_logits adds it
             bias_args = [logits, int(b.router.data.ptr), e]
             calls.append(
-                d.prepared_kernel(_function_ptr(self._router_bias_fn), (t, 1), 128, 0, bias_args, "moe_router_bias")
+                d.prepared_kernel(function_ptr(self._router_bias_fn), (t, 1), 128, 0, bias_args, "moe_router_bias")
             )
         route_args = [logits, e, k, 1 if self.renormalize else 0, t, experts, weights]
-        route = d.prepared_kernel(_function_ptr(self._route_fn), ((t + 127) // 128, 1), 128, 0, route_args, "moe_route")
+        route = d.prepared_kernel(function_ptr(self._route_fn), ((t + 127) // 128, 1), 128, 0, route_args, "moe_route")
         gate_up = d.prepared_linear(t, xp, x_ld, int(self.weights.gate_up.data.ptr), e * 2 * i, h, gu, e * 2 * i,
                                     self._ab, self._ab)  # fmt: skip
         alpha, limit = (a.alpha, a.limit) if a is not None else (0.0, 0.0)
@@ -832,7 +832,7 @@ class MoELayer:
         act_args = [gu, b_gu, int(b is not None), experts, e, k, i, int(a is not None), float32_bits("alpha", alpha),
                     float32_bits("limit", limit), self._bf16, act]  # fmt: skip
         activate = d.prepared_kernel(
-            _function_ptr(self._dense_act_fn), (t * e, 1), min(256, -(-i // 32) * 32), 0, act_args, "moe_dense_act"
+            function_ptr(self._dense_act_fn), (t * e, 1), min(256, -(-i // 32) * 32), 0, act_args, "moe_dense_act"
         )
 
         def down() -> None:
@@ -842,7 +842,7 @@ class MoELayer:
         b_down = int((b.down if b is not None else self.logits).data.ptr)  # unread without biases
         combine_args = [y, rows, experts, weights, k, b_down, int(b is not None), op, h, out_ld, self._bf16]
         combine = d.prepared_kernel(
-            _function_ptr(self._dense_combine_fn), self._combine_grid(t), 256, 0, combine_args, "moe_dense_combine"
+            function_ptr(self._dense_combine_fn), self._combine_grid(t), 256, 0, combine_args, "moe_dense_combine"
         )
         return [*calls, route, gate_up, activate, down, combine]
 

@@ -2199,6 +2199,8 @@ EXEMPT: dict[str, str] = {
     "tests/engine/test_step_api_host.py and the GPU suites",
     "kernels.cuda_sources.functions": "compiles with NVRTC through CuPy (a GPU machine's); its file argument is "
     "source()'s, whose generator above checks it, and the engine passes literal names: the GPU suites",
+    "kernels.cuda_sources.function_ptr": "reads the handle of a kernel CuPy compiled (a GPU machine's); the engine "
+    "passes only the kernels it compiled itself: the GPU suites",
     "runtime.logits_processing.LogitsProcessor": "the engine's own part, made by Engine over the runner's logits; "
     "its requests' fields are SamplingParams' (checked by its generator): tests/engine/test_logits_processing.py",
     "runtime.logits_processing.PendingLogprobs": "a record the processor makes of a step's device arrays: "
