@@ -1,6 +1,7 @@
 
 #include "convert.cuh"  // h2f, b2f, f2h, f2b, tof, fromf
 #include "load_weights.cuh"  // load_weights: past L1
+#include "stage_rows.cuh"  // stage_rows, list_assignments (use convert.cuh, above)
 #define UNROLL 4
 #define MAX_ASSIGN 1024
 
@@ -34,12 +35,7 @@ __device__ __forceinline__ void grouped_gemv(const unsigned short* __restrict__ 
     __shared__ int list[MAX_ASSIGN];
     __shared__ int count;
     const int expert = blockIdx.y;
-    if (threadIdx.x == 0) count = 0;
-    __syncthreads();
-    for (int a = threadIdx.x; a < A; a += blockDim.x)
-        if (experts[a] == expert) list[atomicAdd(&count, 1)] = a;  // each a's sums do not depend on its place
-    __syncthreads();
-    const int c_all = count;
+    const int c_all = list_assignments(experts, A, list, &count);
     if (c_all == 0) return;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int vecs = k >> 3;
@@ -47,26 +43,7 @@ __device__ __forceinline__ void grouped_gemv(const unsigned short* __restrict__ 
     for (int base = 0; base < c_all; base += R) {
         const int rows = min(R, c_all - base);
         if (base) __syncthreads();  // the last pass is done with the staged rows
-        for (int r = 0; r < rows; ++r) {
-            const uint4* src = reinterpret_cast<const uint4*>(in + (long long)(list[base + r] / div) * in_ld);
-            for (int v = threadIdx.x; v < vecs; v += blockDim.x) {
-                if (GATED) {
-                    uint4 g = src[v], u = src[vecs + v], o;
-                    const unsigned short* gv = reinterpret_cast<const unsigned short*>(&g);
-                    const unsigned short* uv = reinterpret_cast<const unsigned short*>(&u);
-                    unsigned short* ov = reinterpret_cast<unsigned short*>(&o);
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) {
-                        float a = BF16 ? b2f(gv[e]) : h2f(gv[e]);
-                        float m = a / (1.0f + __expf(-a)) * (BF16 ? b2f(uv[e]) : h2f(uv[e]));
-                        ov[e] = BF16 ? f2b(m) : f2h(m);
-                    }
-                    sx[r * vecs + v] = o;
-                } else {
-                    sx[r * vecs + v] = src[v];
-                }
-            }
-        }
+        stage_rows<BF16, GATED>(sx, in, in_ld, div, list, base, rows, vecs);
         __syncthreads();
         for (int j = blockIdx.x * warps + warp; j < n; j += gridDim.x * warps) {
             float acc[R];
