@@ -1,6 +1,7 @@
 """What a checkpoint's ``quantization_config`` says, read by name (:func:`fp8_scheme`, :func:`int4_scheme`), and
 which of it the families serve: the Llama family (:func:`llama_fp8_scheme`, :func:`llama_int4_scheme`: FP8 weights
-of dense and mixture-of-experts models, the experts dequantized to 16-bit at load; int4 weights of dense models) and
+of dense and mixture-of-experts models, the experts read as stored by the FP8 grouped GEMV where it takes their scale
+blocks, else dequantized to 16-bit at load; int4 weights of dense models) and
 DeepSeek (:func:`deepseek_fp8_scheme`: FP8 weights, every projection dequantized to 16-bit at load).
 
 The FP8 layouts people serve on one H100 write it three ways (the keys as their configs spell them):
@@ -51,20 +52,31 @@ class Fp8Scheme:
     """An FP8 checkpoint's layout: ``scales`` ``"tensor"``, ``"channel"`` or ``"block"`` (``block`` its
     ``(rows, columns)``), ``activations`` ``"dynamic"`` or ``"static"``, ``method`` the ``quant_method`` it came
     from; ``dequantized`` names the weights the engine dequantizes to the model's 16-bit type as it reads them
-    (``"experts"`` for a mixture-of-experts model, ``"every projection"`` for DeepSeek), ``""`` where every
-    projection stays e4m3 on the GPU."""
+    (``"experts"`` for a mixture-of-experts model whose scale blocks the FP8 grouped GEMV does not take, ``"every
+    projection"`` for DeepSeek), ``""`` where every projection stays e4m3 on the GPU; ``stored_experts``: a
+    mixture-of-experts model's experts stay e4m3 too, read as stored by the FP8 grouped GEMV
+    (:mod:`~fi_engine.kernels.fp8_moe_gemv`)."""
 
     method: str
     scales: Literal["tensor", "channel", "block"]
     activations: Literal["dynamic", "static"]
     block: tuple[int, int] | None = None
     dequantized: str = ""
+    stored_experts: bool = False
 
     def describe(self) -> str:
         """The layout in words, as the start-up line and the engine's refusals name it."""
         size = f" {self.block[0]}x{self.block[1]}" if self.block else ""
         words = f"FP8 (e4m3) weights with per-{self.scales}{size} scales, {self.activations} activation scales"
+        if self.stored_experts:
+            words += " (experts read as stored by the FP8 grouped GEMV)"
         return words + (f" ({self.dequantized} dequantized to 16-bit at load)" if self.dequantized else "")
+
+    def grouped_gemv_takes(self) -> bool:
+        """Whether the FP8 grouped GEMV takes experts of these scales: per row or tensor, or blocks of a multiple
+        of 16 rows by a power of two >= 128 columns (the published 128x128)."""
+        b = self.block
+        return b is None or (b[0] % 16 == 0 and b[1] >= 128 and b[1] & (b[1] - 1) == 0)
 
 
 @dataclass(frozen=True)
@@ -284,12 +296,15 @@ def _served_fp8_scheme(d: dict[str, Any], source: str, served: str) -> Fp8Scheme
 def llama_fp8_scheme(d: dict[str, Any], source: str) -> Fp8Scheme | None:
     """The FP8 layout a Llama-family config ``d`` (from ``source``) declares, which the engine serves
     (:mod:`~fi_engine.checkpoint.fp8_weights`: e4m3 projections, 16-bit embedding, norms and LM head; a
-    mixture-of-experts model's experts, whose grouped GEMMs read 16-bit weights, dequantized to the 16-bit type at
-    load: ``dequantized`` ``"experts"``), or None without a ``quantization_config``. Static activation scales are
+    mixture-of-experts model's experts e4m3 as well, read by the FP8 grouped GEMV: ``stored_experts``, or, where
+    it does not take their scale blocks, dequantized to the 16-bit type at load: ``dequantized`` ``"experts"``), or
+    None without a ``quantization_config``. Static activation scales are
     accepted and unused (the activations stay 16-bit). ValueError naming the key and the way out for what it does
     not serve: another quantization, compressed-tensors' block strategy (its block size lives in each group)."""
     scheme = _served_fp8_scheme(d, source, "float16/bfloat16 weights, FP8 (e4m3) ones and AWQ/GPTQ int4 ones")
     if scheme is not None and _is_moe(d):
+        if scheme.grouped_gemv_takes():
+            return dataclasses.replace(scheme, stored_experts=True)
         return dataclasses.replace(scheme, dequantized="experts")
     return scheme
 

@@ -26,6 +26,12 @@ GEMM over the experts, then the combine over each token's chosen experts. It rea
 step, and still wins once a step's ``T * k`` assignments cover most experts (:func:`choose_path`). All paths share
 one weight layout, so a model holds its experts once and picks a path per step.
 
+With ``fp8_experts`` (:class:`~fi_engine.kernels.fp8_moe_gemv.Fp8Experts`) the experts are e4m3 codes and scales as
+an FP8 checkpoint stores them: the grouped GEMV of :meth:`MoELayer.forward_static` reads them as stored
+(:class:`~fi_engine.kernels.fp8_moe_gemv.Fp8GroupedGemv`) for every step it fits, and every other path first writes
+their 16-bit copy into ``weights.gate_up`` / ``weights.down`` (a buffer of one layer's experts that the engine
+shares between its layers) and reads that.
+
 Weights are the checkpoint's, stacked per expert: ``router [E, H]``, ``gate_up [E, 2I, H]`` (Mixtral's ``w1``
 rows, then ``w3``; Qwen3-MoE's ``gate_proj`` then ``up_proj``) and ``down [E, H, I]`` (``w2`` / ``down_proj``),
 all nn.Linear layouts (``weight_column_major=True`` for the grouped GEMM). float16 arrays, or uint16 arrays
@@ -39,7 +45,7 @@ engine allocates one set, not one per layer (for Mixtral-8x7B at 4096 prefill to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -48,6 +54,9 @@ from ..kernels.cuda_sources import functions
 from ..kernels.dense import CUDA_R_32F, Dense, _column_blocks, data_type
 from ..values import MAX_SIZE, arg_int, float32_bits, integer
 from .moe_routing import ExpertGroups, group_by_expert, softmax_topk
+
+if TYPE_CHECKING:
+    from ..kernels.fp8_moe_gemv import Fp8Experts
 
 __all__ = ["DENSE_MIN_FILL", "ClampedSwiGLU", "MoEBiases", "MoELayer", "MoEScratch", "MoEWeights", "choose_path"]
 
@@ -263,6 +272,8 @@ class MoELayer:
         biases: the router's and experts' :class:`MoEBiases` (gpt-oss); None: no biases.
         activation: None: SiLU-and-mul; a :class:`ClampedSwiGLU`: gpt-oss's clamped SwiGLU.
         dense_rows: also build the dense-over-experts path (:meth:`forward_dense`) for up to ``dense_rows`` tokens.
+        fp8_experts: the experts as e4m3 codes and scales (see the module docstring; a plain layer only: no biases,
+            SiLU); ``weights.gate_up`` and ``weights.down`` are then the 16-bit buffers their copy is written into.
     """
 
     def __init__(
@@ -282,6 +293,7 @@ class MoELayer:
         biases: MoEBiases | None = None,
         activation: ClampedSwiGLU | None = None,
         dense_rows: int | None = None,
+        fp8_experts: Fp8Experts | None = None,
     ) -> None:
         # checked before CuPy is imported (as MoEScratch): bad arguments are named the same with or without a GPU
         if not isinstance(weights, MoEWeights):
@@ -295,8 +307,10 @@ class MoELayer:
         dense_rows = None if dense_rows is None else integer("dense_rows", dense_rows, 1)
         if dtype not in ("float16", "bfloat16"):
             raise ValueError(f"dtype: expected 'float16' or 'bfloat16', got {dtype!r:.40}")
+        _check_fp8_experts(fp8_experts, (self.num_experts, self.hidden, self.intermediate), biases, activation)
         import cupy
 
+        self.fp8_experts = fp8_experts
         self.weights, self.dtype, self.top_k, self.renormalize = weights, dtype, top_k, renormalize
         self._check_extras(biases, activation, top_k, cupy)
         self.biases, self.activation = biases, activation
@@ -368,6 +382,17 @@ class MoELayer:
         self.last_routing: tuple[np.ndarray, np.ndarray, ExpertGroups] | None = None
         self.capacity = 0
         self._grouped: Any = None  # the grouped GEMV, made with the fixed-capacity path
+        # the weights the grouped GEMV reads: the 16-bit experts, or the e4m3 ones as stored
+        self._gemv_w = (self.weights.gate_up, self.weights.down)
+        self._fp8: Any = None  # the e4m3 experts' kernels (grouped GEMV and 16-bit copy)
+        if self.fp8_experts is not None:
+            from ..kernels.fp8_moe_gemv import Fp8GroupedGemv
+
+            f, e, h, i = self.fp8_experts, self.num_experts, self.hidden, self.intermediate
+            self._fp8 = Fp8GroupedGemv(self.dtype, self.stream)
+            self._fp8.add(int(f.gate_up.data.ptr), int(f.gate_up_scales.data.ptr), e, 2 * i, h, f.block)
+            self._fp8.add(int(f.down.data.ptr), int(f.down_scales.data.ptr), e, h, i, f.block)
+            self._gemv_w = (f.gate_up, f.down)
         # the launches of a GEMV or dense step packed per call site (_run_packed)
         self._packed_steps: dict[tuple[Any, ...], list[Any]] = {}
         if capacity is not None:
@@ -489,8 +514,8 @@ class MoELayer:
         if self._plain:
             from ..kernels.moe_gemv import GroupedGemv
 
-            try:
-                self._grouped = GroupedGemv(self.dtype, self.stream)
+            try:  # e4m3 experts: their own GEMV (made with the layer), which reads them as stored
+                self._grouped = self._fp8 or GroupedGemv(self.dtype, self.stream)
             except Exception:  # NVRTC or the device refusing: the grouped GEMM serves every step
                 self._grouped = None
             self._g_rows = cupy.arange(c * self.top_k, dtype=cupy.int32)  # assignment a's output is row a
@@ -505,12 +530,34 @@ class MoELayer:
 
     gemv_tokens = 8
     """Steps of at most this many tokens take the grouped GEMV in :meth:`forward_static` (where the layer has it);
-    longer ones the fixed-capacity grouped GEMM (benchmarks/RESULTS.md: where each is faster on an H100)."""
+    longer ones the fixed-capacity grouped GEMM (benchmarks/RESULTS.md: where each is faster on an H100). A layer
+    of e4m3 experts takes it for every step it fits: the GEMM would read their 16-bit copy, written first."""
 
     def _gemv_serves(self, t: int) -> bool:
         g = self._grouped
         k, h, i = self.top_k, self.hidden, self.intermediate
-        return g is not None and t <= self.gemv_tokens and g.fits(t, k, 2 * i, h) and g.fits(t, k, h, i)
+        short = t <= self.gemv_tokens or self._fp8 is not None
+        return g is not None and short and g.fits(t, k, 2 * i, h) and g.fits(t, k, h, i)
+
+    def _copy_launches(self) -> list[tuple[int, tuple[int, int], int, int, list[int]]]:
+        """The launches writing the e4m3 experts' 16-bit copy into ``weights.gate_up`` / ``weights.down`` (none
+        for 16-bit experts), each as :meth:`Fp8GroupedGemv.launch
+        <fi_engine.kernels.fp8_moe_gemv.Fp8GroupedGemv.launch>` gives it."""
+        f = self.fp8_experts
+        if f is None:
+            return []
+        return [
+            self._fp8.dequantize_launch(int(q.data.ptr), int(out.data.ptr))
+            for q, out in ((f.gate_up, self.weights.gate_up), (f.down, self.weights.down))
+        ]
+
+    def _write_copy(self) -> None:
+        """Write the e4m3 experts' 16-bit copy on the layer's stream before a path that reads 16-bit weights (the
+        copy is shared with the other layers: written before each use)."""
+        f = self.fp8_experts
+        if f is not None:
+            self._fp8.dequantize(f.gate_up, self.weights.gate_up)
+            self._fp8.dequantize(f.down, self.weights.down)
 
     def _gemv_step(self, x: Any, out: Any, t: int) -> Any:
         """:meth:`forward_static` over the grouped GEMV as five launches packed once per ``(x, out, t)``: the router
@@ -640,10 +687,9 @@ class MoELayer:
         experts, weights = (int(a.data.ptr) for a in (self.s_experts, self.s_weights))
         gu, act, y = (int(a.data.ptr) for a in (self.gate_up_out, self.act, self.y))
         rows = t * k
-        fn, grid, block, smem, args = g.launch(xp, x_ld, k, experts, t, k, int(self.weights.gate_up.data.ptr), e,
-                                               2 * i, h, gu, 2 * i)  # fmt: skip
+        w_gate_up, w_down = (int(a.data.ptr) for a in self._gemv_w)
+        fn, grid, block, smem, args = g.launch(xp, x_ld, k, experts, t, k, w_gate_up, e, 2 * i, h, gu, 2 * i)
         gate_up = d.prepared_kernel(fn, grid, block, smem, args, "grouped gemv (gate/up)")
-        w_down = int(self.weights.down.data.ptr)
         if self.gemv_fused_silu:  # the down GEMV stages silu(gate) * up itself: five launches
             fn, grid, block, smem, args = g.launch(gu, 2 * i, 1, experts, t, k, w_down, e, h, i, y, h, gated=True)
             activation = []
@@ -665,13 +711,13 @@ class MoELayer:
         of their ``gate_up_out`` rows, made by the down GEMV as it stages them or, :attr:`gemv_fused_silu` off, into
         ``act`` before it) into ``y``, then the combine over each token's rows ``t * k + j``."""
         e, h, i, k = self.num_experts, self.hidden, self.intermediate, self.top_k
-        g = self._grouped
-        g(x, k, self.s_experts, t, k, self.weights.gate_up, e, 2 * i, h, self.gate_up_out)
+        g, (w_gate_up, w_down) = self._grouped, self._gemv_w
+        g(x, k, self.s_experts, t, k, w_gate_up, e, 2 * i, h, self.gate_up_out)
         if self.gemv_fused_silu:  # SiLU-and-mul made as the down GEMV stages its rows
-            g(self.gate_up_out, 1, self.s_experts, t, k, self.weights.down, e, h, i, self.y, gated=True)
+            g(self.gate_up_out, 1, self.s_experts, t, k, w_down, e, h, i, self.y, gated=True)
         else:
             self._activate(self.gate_up_out, self.act, t * k, self._s_seg)
-            g(self.act, 1, self.s_experts, t, k, self.weights.down, e, h, i, self.y)
+            g(self.act, 1, self.s_experts, t, k, w_down, e, h, i, self.y)
         self._combine_rows(self.y, self._g_rows, self.s_weights, out, t, self._s_seg)
         return out
 
@@ -732,6 +778,7 @@ class MoELayer:
         e, h, k = self.num_experts, self.hidden, self.top_k
         s = self.stream
         with s:
+            self._write_copy()
             x_ld = x.strides[0] // x.itemsize
             slots = (self.s_experts, np.int32(e), np.int32(k), np.int32(t), np.int32(self.capacity), self.s_row_of,
                      *self._s_problems)  # fmt: skip
@@ -774,6 +821,7 @@ class MoELayer:
         e, h, i, k = self.num_experts, self.hidden, self.intermediate, self.top_k
         sc, s, d = self.scratch, self.stream, self.dense_rows
         with s:
+            self._write_copy()
             self._router_logits(x, t)
             route = (self.logits, np.int32(e), np.int32(k), np.int32(1 if self.renormalize else 0), np.int32(t),
                      sc.d_experts, sc.d_weights)  # fmt: skip
@@ -844,7 +892,8 @@ class MoELayer:
         combine = d.prepared_kernel(
             function_ptr(self._dense_combine_fn), self._combine_grid(t), 256, 0, combine_args, "moe_dense_combine"
         )
-        return [*calls, route, gate_up, activate, down, combine]
+        copy = [d.prepared_kernel(*launch, "e4m3 experts' 16-bit copy") for launch in self._copy_launches()]
+        return [*copy, *calls, route, gate_up, activate, down, combine]
 
     def _t(self, arr: Any, shape: tuple[int, ...], dtype: str | None = None) -> kernels.Tensor:
         return kernels.Tensor(int(arr.data.ptr), shape, dtype or self.dtype, self.device_id)
@@ -884,6 +933,7 @@ class MoELayer:
         t, k, h, i = tokens, self.top_k, self.hidden, self.intermediate
         rows = t * k
         s = self.stream
+        self._write_copy()
         self.row_token[:rows].set(groups.row_token, stream=s)
         self.row_of[:rows].set(groups.row_of.reshape(-1), stream=s)
         self.route_weights[:rows].set(weights.reshape(-1).astype(np.float32), stream=s)
@@ -929,6 +979,24 @@ class MoELayer:
             self.workspace.close()
         if self._own_dense:
             self.dense.close()
+
+
+def _check_fp8_experts(fp8: Any, shapes: tuple[int, int, int], biases: Any, activation: Any) -> None:
+    """Refuse ``fp8_experts`` that are no :class:`~fi_engine.kernels.fp8_moe_gemv.Fp8Experts` of the layer's
+    ``(experts, hidden, intermediate)`` or come with biases or another activation (ValueError/TypeError naming
+    it)."""
+    if fp8 is None:
+        return
+    from ..kernels.fp8_moe_gemv import Fp8Experts
+
+    if not isinstance(fp8, Fp8Experts):
+        raise TypeError(f"fp8_experts: expected None or an Fp8Experts, got {type(fp8).__name__}")
+    if fp8.shapes() != shapes:
+        raise ValueError(f"fp8_experts: experts of (experts, hidden, intermediate) {fp8.shapes()}, the layer's are "
+                         f"{shapes}")  # fmt: skip
+    if biases is not None or activation is not None:
+        raise ValueError("fp8_experts: e4m3 experts are served for SiLU experts without biases; pass biases=None "
+                         "and activation=None, or 16-bit experts")  # fmt: skip
 
 
 def _token_count(tokens: Any, x: Any) -> int:

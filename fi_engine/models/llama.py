@@ -9,8 +9,10 @@ CuPy for device memory and two small kernels.
         result = engine.generate([[128000, 791, 6864], [128000, 40]], max_new_tokens=32)
     print(result.tokens, result.tokens_per_s, result.host_us_per_step)
 
-The model (``config.json`` + ``*.safetensors``, float16 or bfloat16; also with FP8 projections, served as e4m3 but a
-mixture-of-experts model's experts, which are dequantized to the 16-bit type as they are read; dense models also with
+The model (``config.json`` + ``*.safetensors``, float16 or bfloat16; also with FP8 projections, served as e4m3, a
+mixture-of-experts model's experts too (read as stored by the FP8 grouped GEMV at decode, a 16-bit copy of one
+layer's experts written for longer steps:
+:attr:`~fi_engine.runtime.model_runner.ModelRunner.fp8_experts_as_stored`); dense models also with
 AWQ / GPTQ int4 projections, served as stored by the engine's int4 GEMV where it takes their shape, else dequantized
 as they are read: :attr:`~fi_engine.runtime.model_runner.ModelRunner.int4_as_stored`): token embedding; per layer
 RMSNorm, fused QKV projection, (Qwen3: per-head RMSNorm of q and k,) RoPE (plain or Llama 3.1 scaled) on q and k,
@@ -79,6 +81,9 @@ class Llama(MoEPaths, ModelFamily):
     def _moe_gemv_rows(self) -> int:
         return MoELayer.gemv_tokens  # read per call: a benchmark may set it on the class
 
+    def _moe_experts_stored(self) -> bool:
+        return self.experts_stored
+
     def plans_ahead(self) -> bool:
         return type(self).plan_decode is Llama.plan_decode  # a subclass planning otherwise opts out
 
@@ -109,7 +114,8 @@ class Llama(MoEPaths, ModelFamily):
                 f"(save the model in one of them)"
             )
         # every upload kept alive by eng.device_arrays; AWQ/GPTQ int4 projections kept int4 for the int4 GEMV
-        # (ModelRunner.int4_as_stored) or dequantized to dtype as read, FP8 experts dequantized as read (w.linear)
+        # (ModelRunner.int4_as_stored) or dequantized to dtype as read; FP8 experts kept e4m3
+        # (ModelRunner.fp8_experts_as_stored) or dequantized as read (w.linear)
         w = WeightLoader.for_engine(eng, ckpt, dtype, c.int4, c.fp8)
         int4_dense = eng.dense if c.int4 is not None and eng.int4_as_stored else None
         vs = eng.vocab_shard
@@ -133,6 +139,7 @@ class Llama(MoEPaths, ModelFamily):
         eng.moe_layers = []
         if c.moe is not None:
             eng.moe_workspace = kernels.workspace(eng.device)  # the grouped GEMMs' own (argument arrays, scratch)
+            self.experts_stored = fp8 is not None and fp8.stored_experts and eng.fp8_experts_as_stored
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
             if fp8 is not None:  # e4m3 projections (one GPU): read, uploaded and registered with the GEMMs
@@ -308,8 +315,10 @@ class LlamaEngine(Engine):
 def load_moe_layer(eng: ModelRunner, ckpt: Checkpoint, p: str, w: WeightLoader) -> Any:
     """Engine ``eng``'s :class:`~fi_engine.layers.moe.MoELayer` of layer prefix ``p``, read and uploaded by ``w``:
     router, experts' gate/up stacked as ``[E, 2I, H]`` (gate rows, then up rows, per expert) and down as
-    ``[E, H, I]``, all in the 16-bit type the grouped GEMMs read (per-expert tensors of an FP8 checkpoint are
-    dequantized by :meth:`~fi_engine.models.weights.WeightLoader.linear`)."""
+    ``[E, H, I]``, all in the 16-bit type the grouped GEMMs read. Per-expert tensors of an FP8 checkpoint stay
+    e4m3 (:func:`_read_fp8_experts`) where the family keeps them so (``experts_stored``), the layer's 16-bit
+    weights then being the model's shared copy buffers (``moe_expert_copy``); else they are dequantized by
+    :meth:`~fi_engine.models.weights.WeightLoader.linear`."""
     from ..layers.moe import MoEScratch, MoEWeights
     from ..layers.tensor_parallel import columns, expert_rows, rows
 
@@ -345,7 +354,15 @@ def load_moe_layer(eng: ModelRunner, ckpt: Checkpoint, p: str, w: WeightLoader) 
     router = upload(linear(base + "gate", (e, h)))  # FP8 checkpoints leave it 16-bit (their ignore lists)
     r, n = eng.rank, eng.tensor_parallel
     full = i * n
-    if base + "experts.gate_up_proj" in ckpt:
+    fp8_experts = None
+    if eng.family.experts_stored and base + "experts.gate_up_proj" not in ckpt:  # one GPU: FP8 refuses TP
+        fp8_experts = _read_fp8_experts(ckpt, w, base, (gate, up, down), e, h, i)
+    if fp8_experts is not None:
+        if eng.family.moe_expert_copy is None:  # written by each layer before a path that reads 16-bit experts
+            storage = w.cp.float16 if eng.dtype == "float16" else w.cp.uint16
+            eng.family.moe_expert_copy = (w.cp.empty((e, 2 * i, h), storage), w.cp.empty((e, h, i), storage))
+        gate_up, down_w = eng.family.moe_expert_copy
+    elif base + "experts.gate_up_proj" in ckpt:
         gate_up = upload(expert_rows(get(base + "experts.gate_up_proj", (e, 2 * full, h)), r, n))
         down_w = upload(np.ascontiguousarray(get(base + "experts.down_proj", (e, h, full))[:, :, r * i : (r + 1) * i]))
     else:
@@ -375,4 +392,30 @@ def load_moe_layer(eng: ModelRunner, ckpt: Checkpoint, p: str, w: WeightLoader) 
         capacity=capacity,
         scratch=eng.family.moe_scratch,
         dense_rows=dense_rows,
+        fp8_experts=fp8_experts,
     )
+
+
+def _read_fp8_experts(
+    ckpt: Checkpoint, w: WeightLoader, base: str, names: tuple[str, str, str], e: int, h: int, i: int
+) -> Any:
+    """The ``e`` experts of MoE prefix ``base`` as stored (:class:`~fi_engine.kernels.fp8_moe_gemv.Fp8Experts`,
+    uploaded by ``w``): each expert's e4m3 gate and up (``names[0]``, ``names[1]``) stacked as ``[2i, h]`` and its
+    down ``[h, i]``, with their scales (:func:`~fi_engine.checkpoint.fp8_weights.read_fp8_linear`); None where
+    their rows do not fill whole scale blocks (the caller dequantizes them at load)."""
+    from ..checkpoint.fp8_weights import read_fp8_linear
+    from ..kernels.fp8_moe_gemv import Fp8Experts
+
+    assert w.fp8 is not None
+    block = w.fp8.block
+    if block is not None and (i % block[0] or h % block[0]):
+        return None
+    gate, up, down = names
+    gu = [read_fp8_linear(ckpt, w.fp8, [(f"{base}experts.{x}.{gate}", (i, h)), (f"{base}experts.{x}.{up}", (i, h))])
+          for x in range(e)]  # fmt: skip
+    dn = [read_fp8_linear(ckpt, w.fp8, [(f"{base}experts.{x}.{down}", (h, i))]) for x in range(e)]
+
+    def stacked(mats: list[Any], field: str) -> Any:
+        return w.upload(np.stack([getattr(m, field) for m in mats]))
+
+    return Fp8Experts(stacked(gu, "weight"), stacked(gu, "scales"), stacked(dn, "weight"), stacked(dn, "scales"), block)

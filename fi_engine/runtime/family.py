@@ -46,6 +46,15 @@ class ModelFamily:
     """The activation buffers every MoE layer of the model shares (:class:`~fi_engine.layers.moe.MoEScratch`; they
     run in turn), made by the first MoE layer's load; None for a model without routed experts."""
 
+    experts_stored: bool = False
+    """Whether the MoE layers hold e4m3 experts as stored (``MoELayer(fp8_experts=...)``), set by the family's load
+    before its first layer (the Llama family's, for FP8 Mixtral and Qwen3-MoE checkpoints)."""
+
+    moe_expert_copy: Any = None
+    """``(gate_up, down)``: the 16-bit buffers of one layer's experts that every MoE layer with e4m3 experts
+    writes its copy into before a path that reads 16-bit weights (``MoELayer(fp8_experts=...)``), made by the first
+    such layer's load; None otherwise."""
+
     def read_config(self, model_dir: str | Path) -> Any:
         """The checkpoint's config (``config.json``), parsed and checked (ValueError naming the key): by default a
         :class:`~fi_engine.checkpoint.config.LlamaConfig` of the Llama family's model types. A family reads its own:

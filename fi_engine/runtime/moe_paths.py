@@ -66,6 +66,8 @@ class MoEPaths:
         moe = eng.model_config.moe
         if moe is None:
             return "routed"
+        if self._moe_experts_stored():
+            return "routed"  # e4m3 experts: the grouped GEMV reads them as stored; the dense path reads a copy
         if rows <= self._moe_gemv_rows() and rows * moe.top_k <= GEMV_DENSE_FILL * moe.num_experts:
             return "routed"  # the grouped GEMV: each chosen expert's weights streamed once, few unchosen
         return choose_path(rows, moe.num_experts, moe.top_k)
@@ -75,6 +77,12 @@ class MoEPaths:
         :func:`~fi_engine.layers.moe.choose_path`
         says: the layers' grouped GEMV serves them (0: the class's layers have none)."""
         return 0
+
+    def _moe_experts_stored(self) -> bool:
+        """Whether the layers hold their experts quantized as stored (e4m3): every step up to ``max_batch`` rows
+        stays routed under ``"auto"``, since the dense path would first write their 16-bit copy (False: the
+        class's layers have none)."""
+        return False
 
     def check_moe_path(self, cfg: Any) -> None:
         """ValueError where ``moe_path`` is forced on a model (config ``cfg``) without MoE layers: the family's

@@ -120,13 +120,68 @@ def qwen3_moe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_qwen3_moe_experts_dequantize_as_numpy_does(qwen3_moe: dict[str, Path], layout: str) -> None:
     config = LlamaConfig.from_dir(qwen3_moe[layout])
-    assert config.moe is not None and config.fp8 is not None and config.fp8.dequantized == "experts"
+    assert config.moe is not None and config.fp8 is not None and config.fp8.stored_experts
     compared = check_dequantized(qwen3_moe[layout], qwen3_moe[f"{layout}-copy"], config.fp8, layout, WeightLoader)
     assert compared == 2 * (4 + 4 * 3)  # per layer: q, k, v, o and 4 experts' gate, up, down
     ld, ckpt = loader(qwen3_moe[layout], config.fp8), Checkpoint(qwen3_moe["bf16"])
     router = "model.layers.1.mlp.gate"  # left bfloat16, as the publishers leave it
     assert ld.ckpt.info(router + ".weight").dtype == "bfloat16"
     assert np.array_equal(ld.linear(router, (4, 512)), np.asarray(ckpt.array(router + ".weight")))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_qwen3_moe_experts_read_as_stored_stack_each_experts_codes_and_scales(
+    qwen3_moe: dict[str, Path], layout: str
+) -> None:
+    """``load_moe_layer``'s stored reader (``_read_fp8_experts``): ``gate_up [E, 2I, H]`` and ``down [E, H, I]``
+    hold each expert's codes as published (gate rows, then up rows), the scales stack alike (per-tensor ones
+    repeated per row), and each expert dequantized as the FP8 grouped GEMV reads it is bit-equal to the bfloat16
+    copy of the checkpoint."""
+    from fi_engine.models.llama import _read_fp8_experts
+
+    config = LlamaConfig.from_dir(qwen3_moe[layout])
+    assert config.fp8 is not None
+    ld, ckpt, copy = (
+        loader(qwen3_moe[layout], config.fp8),
+        Checkpoint(qwen3_moe[layout]),
+        Checkpoint(qwen3_moe[f"{layout}-copy"]),
+    )
+    base = "model.layers.1.mlp."
+    f = _read_fp8_experts(ckpt, ld, base, ("gate_proj", "up_proj", "down_proj"), 4, 512, 256)
+    assert f is not None and f.shapes() == (4, 512, 256) and f.block == config.fp8.block
+    assert f.gate_up.dtype == np.uint8 and f.gate_up_scales.dtype == np.float32
+    for x in range(4):
+        names = [f"{base}experts.{x}.{p}" for p in ("gate_proj", "up_proj")]
+        codes = np.concatenate([np.asarray(ckpt.array(n + ".weight")) for n in names])
+        assert np.array_equal(f.gate_up[x], codes)
+        assert np.array_equal(f.down[x], np.asarray(ckpt.array(f"{base}experts.{x}.down_proj.weight")))
+        for q, scales, name, shape in (
+            (f.gate_up[x], f.gate_up_scales[x], names, (512, 512)),
+            (f.down[x], f.down_scales[x], [f"{base}experts.{x}.down_proj"], (512, 256)),
+        ):
+            want = np.concatenate([np.asarray(copy.array(n + ".weight")) for n in name])
+            got = reference(q, scales, "block" if layout == "block" else "channel", "bfloat16")
+            assert got.shape == shape and np.array_equal(got, want), (x, name)
+
+
+def test_experts_whose_rows_cut_a_scale_block_are_not_read_as_stored(tmp_path: Path) -> None:
+    """An intermediate size that is not a multiple of the 128-row blocks: the stored reader says None (the loader
+    dequantizes those experts at load instead), and a block the GEMV cannot take is not ``stored_experts``."""
+    import dataclasses
+
+    from fi_engine.models.llama import _read_fp8_experts
+
+    src = save_random_qwen3_moe(tmp_path / "bf16", experts=2)
+    write_fp8_copy(src, tmp_path / "fp8", "block")
+    scheme = LlamaConfig.from_dir(tmp_path / "fp8").fp8
+    assert scheme is not None and scheme.grouped_gemv_takes()
+    names = ("gate_proj", "up_proj", "down_proj")
+    odd = dataclasses.replace(scheme, block=(96, 128))  # 256 rows of intermediate size: not whole 96-row blocks
+    assert _read_fp8_experts(Checkpoint(tmp_path / "fp8"), loader(tmp_path / "fp8", odd), "model.layers.0.mlp.",
+                             names, 2, 512, 256) is None  # fmt: skip
+    assert not dataclasses.replace(scheme, block=(128, 64)).grouped_gemv_takes()
+    assert not dataclasses.replace(scheme, block=(8, 128)).grouped_gemv_takes()
+    assert dataclasses.replace(scheme, block=None).grouped_gemv_takes()
 
 
 def test_the_dequantized_experts_differ_from_the_unquantized_ones(qwen3_moe: dict[str, Path]) -> None:
@@ -144,7 +199,7 @@ def test_mixtral_experts_dequantize_as_numpy_does(tmp_path: Path, layout: str) -
     src = save_random_llama(tmp_path / "bf16", "bfloat16", 64, (4, 2), 256, 384, False, experts=(4, 2))
     write_16bit_copy(src, tmp_path / "copy", write_fp8_copy(src, tmp_path / "fp8", layout))
     config = LlamaConfig.from_dir(tmp_path / "fp8")
-    assert config.model_type == "mixtral" and config.fp8 is not None and config.fp8.dequantized == "experts"
+    assert config.model_type == "mixtral" and config.fp8 is not None and config.fp8.stored_experts
     compared = check_dequantized(tmp_path / "fp8", tmp_path / "copy", config.fp8, layout, WeightLoader)
     assert compared == 4 * (4 + 4 * 3)
     assert Checkpoint(tmp_path / "fp8").info("model.layers.0.block_sparse_moe.gate.weight").dtype == "bfloat16"
@@ -265,8 +320,8 @@ def test_serve_names_the_dequantized_experts(qwen3_moe: dict[str, Path], tmp_pat
     scheme = cli._quantized_weights(str(qwen3_moe["block"]))
     assert scheme.method == "fp8"
     assert scheme.describe() == (
-        "FP8 (e4m3) weights with per-block 128x128 scales, dynamic activation scales (experts dequantized to 16-bit "
-        "at load)"
+        "FP8 (e4m3) weights with per-block 128x128 scales, dynamic activation scales (experts read as stored by "
+        "the FP8 grouped GEMV)"
     )
     assert cli._quantized_weights(str(qwen3_moe["block-copy"])) is None
     src = save_random_deepseek_v3(tmp_path / "bf16", layers=1)

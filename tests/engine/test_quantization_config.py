@@ -78,20 +78,29 @@ QWEN3_MOE = {"model_type": "qwen3_moe", "num_experts": 128, "num_experts_per_tok
 @pytest.mark.parametrize(
     ("q", "want"),
     [
-        (QWEN3_FP8, Fp8Scheme("fp8", "block", "dynamic", (128, 128), "experts")),
-        (LLAMA31_FP8_CT, Fp8Scheme("compressed-tensors", "channel", "dynamic", None, "experts")),
-        ({"quant_method": "fp8", "activation_scheme": "static"}, Fp8Scheme("fp8", "tensor", "static", None, "experts")),
+        (QWEN3_FP8, Fp8Scheme("fp8", "block", "dynamic", (128, 128), stored_experts=True)),
+        (LLAMA31_FP8_CT, Fp8Scheme("compressed-tensors", "channel", "dynamic", None, stored_experts=True)),
+        ({"quant_method": "fp8", "activation_scheme": "static"}, Fp8Scheme("fp8", "tensor", "static", None, "", True)),
     ],
     ids=["block", "channel", "tensor"],
 )
-def test_an_fp8_moe_checkpoint_is_served_with_its_experts_dequantized(
+def test_an_fp8_moe_checkpoints_experts_are_read_as_stored(
     extra: dict[str, Any], q: dict[str, Any], want: Fp8Scheme
 ) -> None:
     config = LlamaConfig.from_dict({**BASE, **extra, "quantization_config": q}, source="config.json")
     assert config.moe is not None and config.fp8 == want
-    assert config.fp8.describe().endswith(" scales (experts dequantized to 16-bit at load)")
+    assert config.fp8.describe().endswith(" scales (experts read as stored by the FP8 grouped GEMV)")
     dense = LlamaConfig.from_dict({**BASE, "quantization_config": q}).fp8
-    assert dense is not None and dense.dequantized == "" and "dequantized" not in dense.describe()
+    assert dense is not None and dense.dequantized == "" and not dense.stored_experts
+    assert "dequantized" not in dense.describe() and "experts" not in dense.describe()
+
+
+@pytest.mark.parametrize("block", [[128, 64], [8, 128], [128, 96]])
+def test_fp8_moe_experts_in_blocks_the_grouped_gemv_cannot_take_are_dequantized(block: list[int]) -> None:
+    q = {**QWEN3_FP8, "weight_block_size": block}
+    config = LlamaConfig.from_dict({**BASE, **MIXTRAL, "quantization_config": q}, source="config.json")
+    assert config.fp8 is not None and config.fp8.dequantized == "experts" and not config.fp8.stored_experts
+    assert config.fp8.describe().endswith(" scales (experts dequantized to 16-bit at load)")
 
 
 @pytest.mark.parametrize(

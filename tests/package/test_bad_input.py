@@ -2058,6 +2058,10 @@ EXEMPT: dict[str, str] = {
     "layers.deepseek_routing.DeviceGroupedTopk": _GPU,
     # compiles its kernels with CuPy in the constructor; its dtype check runs before that (engine/test_moe_gemv.py)
     "kernels.moe_gemv.GroupedGemv": _GPU,
+    # the same for e4m3 experts; its dtype check, and Fp8Experts' shape checks (a record of device arrays the
+    # loader makes), in engine/test_moe_gemv.py
+    "kernels.fp8_moe_gemv.Fp8GroupedGemv": _GPU,
+    "kernels.fp8_moe_gemv.Fp8Experts": _RECORD,
     **dict.fromkeys(
         [
             "checkpoint.config.RopeConfig",

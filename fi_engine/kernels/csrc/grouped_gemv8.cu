@@ -1,0 +1,125 @@
+// The grouped GEMV of a mixture-of-experts decode step over e4m3 expert weights read as stored (W8A16), on tensor
+// cores (SM 8.0+; empty kernels below): grouped_gemv.cu's grid and staging with gemv8_tc's decoding and mma.
+#include "convert.cuh"  // h2f, b2f, f2h, f2b, tof, fromf
+#include "load_weights.cuh"  // load_weights: past L1
+#include "griddep.cuh"  // griddep_wait (tc_sums'), unused here
+#include "fp8_decode.cuh"  // e4m3x16 (dequant_rows')
+#include "fp8_tensor_cores.cuh"  // e4m3_pair, prmt, mma16816, tc_load, tc_chunk
+#include "fp8_dequant.cuh"  // dequant_e4m3_{bf16,f16}: the experts as a 16-bit copy, for grouped GEMMs of many rows
+#include "stage_rows.cuh"  // stage_rows, list_assignments
+#define MAX_ASSIGN 1024
+#ifndef G8_MIN_BLOCKS  // blocks of 256 threads an SM the registers must allow (Fp8GroupedGemv.min_blocks_per_sm)
+#define G8_MIN_BLOCKS 1
+#endif
+
+// y[a, j] = sum_c in[a / div, c] * W[experts[a], j, c] * scale(experts[a], j, c) for a < A: W [E, n, k] e4m3
+// (row-major per expert), in and y 16-bit rows (strides in_ld, y_ld elements). Scales of expert e start at
+// scale + e * s_e: BLOCK false, scale(e, j, c) = that row's [j], applied to the whole sum; BLOCK true,
+// [(j / bn) * s_ld + (c >> (4 + shift))] (blocks of bn rows, a multiple of 16, and 16 << shift columns, a multiple
+// of 128), applied to each 128-column chunk's sum. Grid (blocks per expert, E), W warps a block (blockDim / 32,
+// at most 8). A block lists its expert's assignments (none: it returns, the weights unread), stages up to R of
+// their input rows in shared memory (R <= 8, the mma's n; GATED: silu(gate) * up, stage_rows.cuh), then walks the
+// expert's tiles of 16 weight rows, blockIdx.x, blockIdx.x + gridDim.x, ...: warp v sums the chunks of 128 of k at
+// 128 v, 128 (v + W), ... of the tile as gemv8_tc does (lane (g, t): weight rows j0 + g and j0 + g + 8, staged row
+// g), loading its next chunk -- the next tile's first once this tile's are done -- while it sums this one; the
+// warps' sums meet in shared memory and warp 0 writes y, rounded once. More than R assignments take further passes.
+// Dynamic shared memory: R * k * 2 bytes of staged rows, then W * 512 bytes of the warps' sums. k a multiple of 16;
+// w, in, in_ld 16-byte aligned.
+template <bool BF16, bool GATED, bool BLOCK>
+__device__ __forceinline__ void grouped_gemv8(const unsigned short* __restrict__ in, long long in_ld, int div,
+                                              const int* __restrict__ experts, int A,
+                                              const unsigned char* __restrict__ w, int n, int k,
+                                              const float* __restrict__ scale, long long s_e, long long s_ld,
+                                              int bn, int shift, unsigned short* __restrict__ y, long long y_ld,
+                                              int R) {
+#if __CUDA_ARCH__ >= 800
+    extern __shared__ uint4 sx[];
+    __shared__ int list[MAX_ASSIGN];
+    __shared__ int count;
+    const int c_all = list_assignments(experts, A, list, &count);
+    if (c_all == 0) return;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int vecs = k >> 3;  // 16-byte vectors of a staged row
+    float* part = reinterpret_cast<float*>(sx + (long long)R * vecs);  // [warps][32 lanes][4 sums]
+    const unsigned char* we = w + (long long)blockIdx.y * n * k;
+    const float* se = scale + (long long)blockIdx.y * s_e;
+    const int tiles = (n + 15) >> 4, stride = warps * 128, at0 = warp * 128;
+    const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+    for (int base = 0; base < c_all; base += R) {
+        const int rows = min(R, c_all - base);
+        if (base) __syncthreads();  // the last pass is done with the staged rows
+        stage_rows<BF16, GATED>(sx, in, in_ld, div, list, base, rows, vecs);
+        __syncthreads();
+        const unsigned short* xr = reinterpret_cast<const unsigned short*>(sx) + (long long)min(g, rows - 1) * k + 16 * t;
+        int tile = blockIdx.x;
+        // a tile's two weight rows of this lane (a last partial tile repeats its last row, not stored)
+        const unsigned char* wa = we + (long long)min(tile * 16 + g, n - 1) * k + 16 * t;
+        const unsigned char* wb = we + (long long)min(tile * 16 + g + 8, n - 1) * k + 16 * t;
+        uint4 cur[4], nxt[4];
+        if (tile < tiles && at0 < k) tc_load(cur, wa, wb, at0, t, k);
+        for (; tile < tiles; tile += gridDim.x) {
+            const int j0 = tile * 16, nt = tile + gridDim.x;
+            const unsigned char* na = we + (long long)min(nt * 16 + g, n - 1) * k + 16 * t;
+            const unsigned char* nb = we + (long long)min(nt * 16 + g + 8, n - 1) * k + 16 * t;
+            const float* srow = BLOCK ? se + (long long)(j0 / bn) * s_ld : se;  // (the tile inside one scale block)
+            float acc[4] = {0.f, 0.f, 0.f, 0.f};
+            for (int at = at0; at < k; at += stride) {
+                const int next = at + stride;
+                if (next < k) tc_load(nxt, wa, wb, next, t, k);
+                else if (nt < tiles) tc_load(nxt, na, nb, at0, t, k);
+                uint4 xq[4];
+                const bool lo = g < rows && at + 16 * t + 16 <= k, hi = g < rows && at + 80 + 16 * t <= k;
+                const uint4* xp = reinterpret_cast<const uint4*>(xr + at);
+                xq[0] = lo ? xp[0] : z;
+                xq[1] = lo ? xp[1] : z;
+                xq[2] = hi ? xp[8] : z;
+                xq[3] = hi ? xp[9] : z;
+                float c[4] = {0.f, 0.f, 0.f, 0.f};
+                tc_chunk<BF16>(cur, xq, c);
+                const float s = BLOCK ? __ldg(srow + (at >> (4 + shift))) : 1.f;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[i] = BLOCK ? fmaf(s, c[i], acc[i]) : acc[i] + c[i];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) cur[i] = nxt[i];
+            }
+            wa = na;
+            wb = nb;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) part[(warp * 32 + lane) * 4 + i] = acc[i];
+            __syncthreads();
+            if (warp == 0) {
+                // accumulator i: weight row j0 + g (+ 8 for i >= 2), staged row 2 t + (i & 1)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    float v = 0.f;
+                    for (int p = 0; p < warps; ++p) v += part[(p * 32 + lane) * 4 + i];
+                    const int j = j0 + g + (i >> 1) * 8, r = 2 * t + (i & 1);
+                    if (j < n && r < rows) {
+                        if (!BLOCK) v *= __ldg(se + j);
+                        y[(long long)list[base + r] * y_ld + j] = fromf<BF16>(v);
+                    }
+                }
+            }
+            __syncthreads();  // part is free for the next tile
+        }
+    }
+#endif
+}
+
+#define GROUPED8(name, bf16, gated, block)                                                                         \
+    extern "C" __global__ void __launch_bounds__(256, G8_MIN_BLOCKS)                                               \
+        name(const unsigned short* in, long long in_ld, int div, const int* experts, int A, const unsigned char* w, \
+             int n, int k, const float* scale, long long s_e, long long s_ld, int bn, int shift, unsigned short* y,  \
+             long long y_ld, int R) {                                                                               \
+        grouped_gemv8<bf16, gated, block>(in, in_ld, div, experts, A, w, n, k, scale, s_e, s_ld, bn, shift, y,     \
+                                          y_ld, R);                                                                 \
+    }
+GROUPED8(grouped_gemv8_bf16_row, true, false, false)
+GROUPED8(grouped_gemv8_bf16_block, true, false, true)
+GROUPED8(grouped_gemv8_bf16_row_silu, true, true, false)
+GROUPED8(grouped_gemv8_bf16_block_silu, true, true, true)
+GROUPED8(grouped_gemv8_f16_row, false, false, false)
+GROUPED8(grouped_gemv8_f16_block, false, false, true)
+GROUPED8(grouped_gemv8_f16_row_silu, false, true, false)
+GROUPED8(grouped_gemv8_f16_block_silu, false, true, true)

@@ -1,0 +1,276 @@
+"""The grouped GEMV of a mixture-of-experts decode step over FP8 (e4m3) experts read as stored (W8A16):
+:class:`Fp8GroupedGemv` (CUDA C in ``csrc/grouped_gemv8.cu``, compiled with NVRTC through CuPy), and the
+experts' weights as it reads them (:class:`Fp8Experts`).
+
+The product is :class:`~fi_engine.kernels.moe_gemv.GroupedGemv`'s, ``y[a, j] = sum_c in[a // div, c] *
+W[experts[a], j, c]`` over a step's ``A = tokens * top_k`` assignments, with ``W`` an expert's e4m3 codes times
+its scales: per output row (``block`` None; a per-tensor scale is one repeated over the rows) or per block of
+``(bn, bk)`` rows and columns, ``bn`` a multiple of 16 and ``bk`` of 128 (the published 128x128). Each weight is
+read once as its byte and decoded once, for all of an expert's rows of the pass, into a 16-bit pair that one
+``mma.m16n8k16`` multiplies by up to 8 input rows (SM 8.0+). The float32 sums of a 128-column chunk take its block
+scale; ``y`` is rounded once. Half the bytes of the 16-bit experts at batch 1-8, where a step is bound by them.
+
+Steps the GEMV does not serve (long prefills, more than 1024 assignments) read a 16-bit copy of the layer's
+experts that :meth:`Fp8GroupedGemv.dequantize_launch` writes (each code times its scale, rounded once, as
+:meth:`~fi_engine.checkpoint.fp8_weights.Fp8Matrix.dequantized` computes it): one buffer the size of one layer's
+16-bit experts, shared by every layer, written before each such use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .cuda_sources import function_ptr, source
+
+__all__ = ["Fp8Experts", "Fp8GroupedGemv"]
+
+_MAX_ASSIGN = 1024  # assignments one launch takes (the block's list in shared memory)
+_STATIC_SMEM = 4 * _MAX_ASSIGN + 64  # the list and the count
+_SUMS_SMEM = 8 * 512  # the warps' sums: up to 8 warps of 32 lanes by 4 float32
+_MAX_ROWS = 8  # staged rows per pass: the mma's n
+_U64 = 1 << 64
+
+
+@dataclass(frozen=True)
+class Fp8Experts:
+    """One layer's e4m3 experts as stored on the GPU (CuPy arrays): ``gate_up [E, 2I, H]`` and ``down [E, H, I]``
+    uint8 codes (row-major per expert, the layout of :class:`~fi_engine.layers.moe.MoEWeights`), and their float32
+    scales: ``block`` None, one per output row (``gate_up_scales [E, 2I]``, ``down_scales [E, H]``); ``block = (bn,
+    bk)``, one per block (``[E, 2I / bn, ceil(H / bk)]`` and ``[E, H / bn, ceil(I / bk)]``, the rows whole blocks)."""
+
+    gate_up: Any
+    gate_up_scales: Any
+    down: Any
+    down_scales: Any
+    block: tuple[int, int] | None
+
+    def shapes(self) -> tuple[int, int, int]:
+        """``(num_experts, hidden, intermediate)``, checked across the four arrays (ValueError naming the one that
+        does not fit)."""
+        for name in ("gate_up", "down", "gate_up_scales", "down_scales"):
+            if not isinstance(getattr(getattr(self, name), "shape", None), tuple):
+                raise ValueError(f"fp8_experts.{name}: expected a CuPy array, got {type(getattr(self, name)).__name__}")
+        if self.gate_up.ndim != 3 or self.gate_up.shape[1] % 2:
+            raise ValueError(f"fp8_experts.gate_up: expected [experts, 2 * intermediate, hidden], got "
+                             f"{tuple(self.gate_up.shape)}")  # fmt: skip
+        e, i2, h = self.gate_up.shape
+        if tuple(self.down.shape) != (e, h, i2 // 2):
+            raise ValueError(f"fp8_experts.down: expected [{e}, {h}, {i2 // 2}], got {tuple(self.down.shape)}")
+        for name, (n, k) in (("gate_up_scales", (i2, h)), ("down_scales", (h, i2 // 2))):
+            want = scale_shape(e, n, k, self.block)
+            if tuple(getattr(self, name).shape) != want:
+                raise ValueError(f"fp8_experts.{name}: expected {list(want)}, got {list(getattr(self, name).shape)}")
+        return e, h, i2 // 2
+
+
+def scale_shape(experts: int, n: int, k: int, block: tuple[int, int] | None) -> tuple[int, ...]:
+    """The shape of the scales of ``experts`` e4m3 matrices ``[n, k]`` (see :class:`Fp8Experts`)."""
+    if block is None:
+        return (experts, n)
+    bn, bk = block
+    return (experts, -(-n // bn), -(-k // bk))
+
+
+@dataclass(frozen=True)
+class _Stack:
+    """A registered expert stack ``[E, n, k]`` (addresses as ints) and its scale arguments as the kernels take them:
+    ``s_e`` scales per expert, ``s_ld`` per block row, ``bn`` rows per block, ``shift`` log2 of the 16-byte vectors
+    per block along k, ``block`` whether scales are per block."""
+
+    w: int
+    scales: int
+    experts: int
+    n: int
+    k: int
+    s_e: int
+    s_ld: int
+    bn: int
+    shift: int
+    block: bool
+
+
+class Fp8GroupedGemv:
+    """The grouped GEMV kernels over e4m3 experts compiled once for ``dtype`` (``"float16"`` or ``"bfloat16"``, the
+    activations') on CuPy's current device, launched on ``stream`` (a ``cupy.cuda.Stream``). Expert stacks are
+    registered by address (:meth:`add`, values only: the arrays must stay allocated while the layer runs);
+    :meth:`fits` says whether a step is served (never below SM 8.0, where only the 16-bit copy serves)."""
+
+    def __init__(self, dtype: str, stream: Any) -> None:
+        if dtype not in ("float16", "bfloat16"):  # before CuPy: named the same with or without a GPU
+            raise ValueError(f"dtype: expected 'float16' or 'bfloat16', got {dtype!r:.40}")
+        import cupy
+
+        self.stream = stream
+        tag = "bf16" if dtype == "bfloat16" else "f16"
+        module = cupy.RawModule(code=source("grouped_gemv8.cu"), options=self.options())
+        device = cupy.cuda.Device()
+        attrs = device.attributes
+        self.tensor_cores = int(device.compute_capability) >= 80  # below: empty kernels, the copy serves
+        self._smem_limit = int(attrs.get("MaxSharedMemoryPerBlockOptin", 48 << 10)) - _STATIC_SMEM
+        self._sms = int(attrs.get("MultiProcessorCount", 132))
+        self._fns: dict[tuple[bool, bool], Any] = {}  # (gated, per-block scales) -> the kernel
+        for gated in (False, True):
+            for block in (False, True):
+                fn = module.get_function(f"grouped_gemv8_{tag}_{'block' if block else 'row'}{'_silu' if gated else ''}")
+                fn.max_dynamic_shared_size_bytes = self._smem_limit
+                self._fns[gated, block] = fn
+        self._dequant = module.get_function(f"dequant_e4m3_{tag}")
+        self._module = module
+        self.stacks: dict[int, _Stack] = {}  # weight address -> its registration
+
+    min_blocks_per_sm = 1
+    """Blocks of 256 threads an SM the kernels' registers must leave room for (``__launch_bounds__``' second
+    argument: 2 caps them at 128 a thread, 3 at 80, 4 at 64). Read when the kernels are compiled (set it on the
+    class to compare: ``benchmarks/bench_grouped_gemv.py --min-blocks``)."""
+
+    @classmethod
+    def options(cls) -> tuple[str, ...]:
+        """The NVRTC options the kernels are compiled with: fast math as the 16-bit grouped GEMV's (the gated
+        staging's ``__expf`` and division are the same), and :attr:`min_blocks_per_sm`."""
+        return ("--use_fast_math", f"-DG8_MIN_BLOCKS={int(cls.min_blocks_per_sm)}")
+
+    def add(self, w: int, scales: int, experts: int, n: int, k: int, block: tuple[int, int] | None) -> None:
+        """Register the e4m3 experts ``[experts, n, k]`` at device address ``w`` with their float32 ``scales`` (see
+        :class:`Fp8Experts`). ValueError naming the argument: an address that is NULL or misaligned (``w`` 16 bytes,
+        ``scales`` 4), ``k`` not a multiple of 16, a block whose rows are not a multiple of 16 dividing ``n`` or
+        whose columns are not a power of two >= 128."""
+        for name, value, align in (("w", w, 16), ("scales", scales, 4)):
+            if value.__class__ is not int or not 0 < value < _U64 or value % align:
+                raise ValueError(f"{name}: expected a non-NULL device address aligned to {align} bytes, got {value!r}")
+        for name, value in (("experts", experts), ("n", n), ("k", k)):
+            if value.__class__ is not int or not 0 < value < 1 << 31:
+                raise ValueError(f"{name}: expected an int in [1, 2**31), got {value!r:.40}")
+        if k % 16:
+            raise ValueError(f"k: the FP8 grouped GEMV reads 16-byte vectors of weights, so k must be a multiple of "
+                             f"16, got {k}")  # fmt: skip
+        if block is None:
+            self.stacks[w] = _Stack(w, scales, experts, n, k, n, 0, 1, 0, False)
+            return
+        ok = isinstance(block, tuple) and len(block) == 2 and all(b.__class__ is int and b > 0 for b in block)
+        if not ok or block[0] % 16 or n % block[0] or block[1] < 128 or block[1] & (block[1] - 1):
+            raise ValueError(
+                f"block: expected (rows, columns), rows a multiple of 16 dividing n ({n}) and columns a power of two "
+                f">= 128 (e.g. (128, 128)), got {block!r:.60}; dequantize these experts at load instead"
+            )
+        bn, bk = block
+        s_ld = -(-k // bk)
+        self.stacks[w] = _Stack(w, scales, experts, n, k, (n // bn) * s_ld, s_ld, bn, (bk // 16).bit_length() - 1, True)
+
+    def rows_per_pass(self, tokens: int, k: int) -> int:
+        """Input rows staged per pass for ``tokens`` tokens (an expert has at most one assignment per token) of
+        ``k`` elements: up to 8, as many as shared memory holds; 0 where not even one fits."""
+        return max(0, min(_MAX_ROWS, tokens, (self._smem_limit - _SUMS_SMEM) // (2 * k)))
+
+    def fits(self, tokens: int, top_k: int, n: int, k: int) -> bool:
+        """Whether a launch for ``tokens`` tokens of ``top_k`` assignments over ``[E, n, k]`` experts is served
+        (tensor cores, at most 1024 assignments, k a multiple of 16, one input row in shared memory)."""
+        return (
+            self.tensor_cores
+            and 0 < tokens * top_k <= _MAX_ASSIGN
+            and k % 16 == 0
+            and n > 0
+            and self.rows_per_pass(tokens, k) > 0
+        )
+
+    chunks_per_warp = 4
+    """A block's warps split k so that each sums at least this many chunks of 128 of a tile (at most 8 warps, at
+    least 1). Read at each launch's packing; set it on the class to compare (``benchmarks/bench_mixtral.py
+    --variants fp8-chunks-N``)."""
+
+    warps_per_sm = 32
+    """The warps a launch spreads over each SM (blocks over the active experts, at most one per tile of 16 weight
+    rows). Read as :attr:`chunks_per_warp` is (``--variants fp8-warps-N``)."""
+
+    def _geometry(self, assignments: int, tokens: int, st: _Stack) -> tuple[int, int, int, int]:
+        """A launch's rows per pass, warps per block, blocks per expert and dynamic shared bytes: up to 8 warps a
+        block splitting k (:attr:`chunks_per_warp`), :attr:`warps_per_sm` warps an SM over the active experts (at
+        most ``min(E, assignments)``), at most one block per tile of 16 weight rows."""
+        r = self.rows_per_pass(tokens, st.k)
+        warps = max(1, min(8, st.k // (128 * max(1, int(self.chunks_per_warp)))))
+        active = max(1, min(st.experts, assignments))
+        per_sm = max(1, int(self.warps_per_sm))
+        blocks = max(1, min(-(-st.n // 16), -(-(per_sm * self._sms // warps) // active)))
+        return r, warps, blocks, r * st.k * 2 + warps * 512
+
+    def _stack(self, w: int, experts: int, n: int, k: int) -> _Stack:
+        st = self.stacks.get(w)
+        if st is None or (st.experts, st.n, st.k) != (experts, n, k):
+            raise ValueError(
+                f"w: no e4m3 experts [{experts}, {n}, {k}] registered at {w:#x}; register them with add() first"
+            )
+        return st
+
+    def launch(
+        self,
+        x: int,
+        x_ld: int,
+        div: int,
+        experts: int,
+        tokens: int,
+        top_k: int,
+        w: int,
+        num_experts: int,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        gated: bool = False,
+    ) -> tuple[int, tuple[int, int], int, int, list[int]]:
+        """The launch :meth:`__call__` makes, for pointers given as ints: ``(function handle, grid, threads per
+        block, shared bytes, arguments)``, for a caller that packs it once (``Dense.prepared_kernel``); ``w`` a
+        registered stack (:meth:`add`)."""
+        st = self._stack(w, num_experts, n, k)
+        assignments = tokens * top_k
+        r, warps, blocks, smem = self._geometry(assignments, tokens, st)
+        args = [x, x_ld, div, experts, assignments, w, n, k, st.scales, st.s_e, st.s_ld, st.bn, st.shift, y, y_ld, r]
+        return function_ptr(self._fns[gated, st.block]), (blocks, num_experts), 32 * warps, smem, args
+
+    def __call__(
+        self,
+        x: Any,
+        div: int,
+        experts: Any,
+        tokens: int,
+        top_k: int,
+        w: Any,
+        num_experts: int,
+        n: int,
+        k: int,
+        y: Any,
+        gated: bool = False,
+    ) -> None:
+        """``y[a, :n] = x[a // div, :k] @ dequant(w[experts[a]]).T`` for the ``a < tokens * top_k`` assignments
+        (CuPy arrays: ``x`` 16-bit rows with contiguous elements, ``experts`` int32, ``w`` a registered ``[num_experts,
+        n, k]`` uint8 stack, ``y`` 16-bit rows), as :meth:`GroupedGemv.__call__
+        <fi_engine.kernels.moe_gemv.GroupedGemv.__call__>` (``gated`` included); :meth:`fits` must hold."""
+        st = self._stack(int(w.data.ptr), num_experts, n, k)
+        assignments = tokens * top_k
+        r, warps, blocks, smem = self._geometry(assignments, tokens, st)
+        i32, i64 = np.int32, np.int64
+        args = (x, i64(x.strides[0] // x.itemsize), i32(div), experts, i32(assignments), w, i32(n), i32(k),
+                np.uint64(st.scales), i64(st.s_e), i64(st.s_ld), i32(st.bn), i32(st.shift), y,
+                i64(y.strides[0] // y.itemsize), i32(r))  # fmt: skip
+        self._fns[gated, st.block]((blocks, num_experts), (32 * warps,), args, shared_mem=smem, stream=self.stream)
+
+    def dequantize_launch(self, w: int, out: int) -> tuple[int, tuple[int, int], int, int, list[int]]:
+        """The launch writing the registered stack at ``w`` as 16-bit weights ``[E, n, k]`` at ``out`` (each code
+        times its scale, rounded once), as :meth:`launch` gives it."""
+        st = self.stacks.get(w)
+        if st is None:
+            raise ValueError(f"w: no e4m3 experts registered at {w:#x}; register them with add() first")
+        rows = st.experts * st.n
+        vectors = rows * st.k // 16
+        args = [st.w, out, rows, st.k, st.scales, st.s_ld, st.bn, st.shift, int(st.block)]
+        return function_ptr(self._dequant), (max(1, min(16 * self._sms, -(-vectors // 256))), 1), 256, 0, args
+
+    def dequantize(self, w: Any, out: Any) -> None:
+        """Write the registered stack ``w`` (a CuPy array) into ``out`` (a contiguous 16-bit CuPy array of its
+        shape) on the stream."""
+        _, grid, threads, _, args = self.dequantize_launch(int(w.data.ptr), int(out.data.ptr))
+        i64, i32 = np.int64, np.int32
+        typed = (w, out, i64(args[2]), i32(args[3]), np.uint64(args[4]), i64(args[5]), i32(args[6]), i32(args[7]),
+                 i32(args[8]))  # fmt: skip
+        self._dequant(grid, (threads,), typed, stream=self.stream)
