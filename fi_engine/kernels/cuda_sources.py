@@ -31,8 +31,12 @@ The headers (``.cuh``), each the same text in every program that includes it:
 - ``fp8_one_row.cuh``: the FP8 GEMV of one ``x`` row (``gemv8_one`` in ``fp8_gemv.cu``, ``gemv8_pair_one`` in
   ``fp8_fused.cu``); uses ``load_weights``, ``griddep_wait`` and ``fp8_decode.cuh``'s helpers, defined before it.
 - ``fp8_tensor_cores.cuh``: the tensor-core decoding, mma and main loop of e4m3 weights (``gemv8_tc`` in
-  ``fp8_gemv.cu``, whose comment says how they work, and ``gemv8_tc_pairs`` in ``fp8_fused.cu``); uses
-  ``load_weights`` and ``griddep_wait``, defined before it.
+  ``fp8_gemv.cu``, whose comment says how they work, and ``gemv8_tc_pairs`` in ``fp8_fused.cu``; its decoding, mma
+  and loads in ``grouped_gemv8.cu``); uses ``load_weights`` and ``griddep_wait``, defined before it.
+- ``fp8_dequant.cuh``: ``dequant_rows`` and the ``dequant_e4m3_{bf16,f16}`` kernels over it (e4m3 weights times
+  their scales into a 16-bit copy); ``fp8_gemv.cu`` and ``grouped_gemv8.cu``.
+- ``stage_rows.cuh``: the grouped GEMVs' listing of an expert's assignments and staging of their input rows (SiLU
+  and mul made as they are staged, for the down projection); ``grouped_gemv.cu`` and ``grouped_gemv8.cu``.
 
 The programs (``.cu``), each also kept as a module constant holding :func:`source`'s text:
 
@@ -116,7 +120,9 @@ multiplies with subnormal inputs honored regardless (``mul_subnormal``).
 ``fp8_quant.cu``: dynamic e4m3 quantization of 16-bit activations for the FP8
 tensor-core GEMM (W8A8, ``Fp8Linears.w8a8``).
 
-``grouped_gemv.cu``: the grouped GEMV of a MoE decode step (:mod:`~fi_engine.kernels.moe_gemv`). ``append_e4m3.cu``:
+``grouped_gemv.cu``: the grouped GEMV of a MoE decode step (:mod:`~fi_engine.kernels.moe_gemv`);
+``grouped_gemv8.cu``: the same over e4m3 experts read as stored (:mod:`~fi_engine.kernels.fp8_moe_gemv`).
+``append_e4m3.cu``:
 the FP8 KV cache's append and output scaling (:mod:`~fi_engine.layers.kv_fp8`).
 
 The programs of the layers and models, each compiled by the module named (CuPy ``RawModule``, no options):
