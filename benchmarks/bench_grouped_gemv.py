@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +33,10 @@ def main() -> None:
     ap.add_argument(
         "--min-blocks", default="1", help="Fp8GroupedGemv.min_blocks_per_sm settings to compare (comma-separated)"
     )
+    ap.add_argument("--ahead", default="2", help="Fp8GroupedGemv.chunks_ahead settings to compare (comma-separated)")
+    ap.add_argument(
+        "--narrow", action="store_true", help="also time Fp8GroupedGemv.wide_blocks off (8 warps a block at most)"
+    )
     ap.add_argument("--json", default="")
     a = ap.parse_args()
 
@@ -45,8 +50,9 @@ def main() -> None:
     g16 = GroupedGemv("bfloat16", stream)
     g8s = {}
     for m in a.min_blocks.split(","):
-        Fp8GroupedGemv.min_blocks_per_sm = int(m)
-        g8s[m] = Fp8GroupedGemv("bfloat16", stream)
+        for ahead in a.ahead.split(","):
+            Fp8GroupedGemv.min_blocks_per_sm, Fp8GroupedGemv.chunks_ahead = int(m), int(ahead)
+            g8s[f"{m} a{ahead}"] = Fp8GroupedGemv("bfloat16", stream)
     rng = np.random.default_rng(0)
     w16 = {"gate_up": cp.asarray(rng.integers(0x3C00, 0x3D00, (e, 2 * i, h), dtype=np.uint16)),
            "down": cp.asarray(rng.integers(0x3C00, 0x3D00, (e, h, i), dtype=np.uint16))}  # fmt: skip
@@ -61,9 +67,17 @@ def main() -> None:
     for (name, block), s in scales.items():
         codes = w8[name].copy()
         n, kk = codes.shape[1:]
+        tiled = codes.copy()  # (timing only: the same random bytes read as the tiled layout)
         for g8 in g8s.values():
             g8.add(int(codes.data.ptr), int(s.data.ptr), e, n, kk, (128, 128) if block else None)
+            g8.add(int(tiled.data.ptr), int(s.data.ptr), e, n, kk, (128, 128) if block else None, tiled=True)
         fp8[name, block] = (codes, s)
+        fp8[name, block, "tiled"] = (tiled, s)
+
+    def timed(g: Any, wide: bool, *args: Any, **kwargs: Any) -> None:
+        Fp8GroupedGemv.wide_blocks = wide  # read at each launch
+        g(*args, **kwargs)
+
     rows = []
     for t in a.tokens:
         chosen = np.stack([rng.choice(e, k, replace=False) for _ in range(t)]).astype(np.int32).reshape(-1)
@@ -82,12 +96,17 @@ def main() -> None:
                 distinct * n * kk * 2,
             )
             for block in (True, False):
-                codes, s = fp8[name, block]
-                for m, g8 in g8s.items():
-                    cases[f"{name} e4m3 {'block' if block else 'row'} m{m}"] = (
-                        partial(g8, inp, div, experts, t, k, codes, e, n, kk, out, gated=gated),
-                        distinct * (n * kk + s.nbytes // e),
-                    )
+                for layout in ("rows", "tiled"):
+                    codes, s = fp8[(name, block) if layout == "rows" else (name, block, "tiled")]
+                    for m, g8 in g8s.items():
+                        for wide in (True, False) if a.narrow else (True,):
+                            label = (
+                                f"{name} e4m3 {'block' if block else 'row'} {layout} m{m}{'' if wide else ' narrow'}"
+                            )
+                            cases[label] = (
+                                partial(timed, g8, wide, inp, div, experts, t, k, codes, e, n, kk, out, gated=gated),
+                                distinct * (n * kk + s.nbytes // e),
+                            )
         best = dict.fromkeys(cases, float("inf"))
         with stream:
             for _ in range(a.rounds):
@@ -103,7 +122,7 @@ def main() -> None:
         for label, (_, nbytes) in cases.items():
             us = best[label]
             rows.append({"tokens": t, "case": label, "us": us, "bytes": nbytes, "tb_per_s": nbytes / us / 1e6})
-            print(f"{t:3d} tokens ({distinct} experts) {label:24s} {us:8.1f} us  {nbytes / us / 1e6:5.2f} TB/s")
+            print(f"{t:3d} tokens ({distinct} experts) {label:36s} {us:8.1f} us  {nbytes / us / 1e6:5.2f} TB/s")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

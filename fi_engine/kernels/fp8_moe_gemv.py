@@ -9,6 +9,8 @@ its scales: per output row (``block`` None; a per-tensor scale is one repeated o
 read once as its byte and decoded once, for all of an expert's rows of the pass, into a 16-bit pair that one
 ``mma.m16n8k16`` multiplies by up to 8 input rows (SM 8.0+). The float32 sums of a 128-column chunk take its block
 scale; ``y`` is rounded once. Half the bytes of the 16-bit experts at batch 1-8, where a step is bound by them.
+The codes are read row-major, or in :func:`tiled_layout`'s order (each of a warp's loads 512 contiguous bytes; 5-30 %
+faster on an H100, benchmarks/RESULTS.md) where the loader could store them so.
 
 Steps the GEMV does not serve (long prefills, more than 1024 assignments) read a 16-bit copy of the layer's
 experts that :meth:`Fp8GroupedGemv.dequantize_launch` writes (each code times its scale, rounded once, as
@@ -25,11 +27,11 @@ import numpy as np
 
 from .cuda_sources import function_ptr, source
 
-__all__ = ["Fp8Experts", "Fp8GroupedGemv"]
+__all__ = ["Fp8Experts", "Fp8GroupedGemv", "tiled_layout"]
 
 _MAX_ASSIGN = 1024  # assignments one launch takes (the block's list in shared memory)
 _STATIC_SMEM = 4 * _MAX_ASSIGN + 64  # the list and the count
-_SUMS_SMEM = 8 * 512  # the warps' sums: up to 8 warps of 32 lanes by 4 float32
+_SUMS_SMEM = 16 * 512  # the warps' sums: up to 16 warps of 32 lanes by 4 float32
 _MAX_ROWS = 8  # staged rows per pass: the mma's n
 _U64 = 1 << 64
 
@@ -39,13 +41,15 @@ class Fp8Experts:
     """One layer's e4m3 experts as stored on the GPU (CuPy arrays): ``gate_up [E, 2I, H]`` and ``down [E, H, I]``
     uint8 codes (row-major per expert, the layout of :class:`~fi_engine.layers.moe.MoEWeights`), and their float32
     scales: ``block`` None, one per output row (``gate_up_scales [E, 2I]``, ``down_scales [E, H]``); ``block = (bn,
-    bk)``, one per block (``[E, 2I / bn, ceil(H / bk)]`` and ``[E, H / bn, ceil(I / bk)]``, the rows whole blocks)."""
+    bk)``, one per block (``[E, 2I / bn, ceil(H / bk)]`` and ``[E, H / bn, ceil(I / bk)]``, the rows whole blocks).
+    ``tiled``: both code arrays hold their bytes in :func:`tiled_layout`'s order (the shapes stay ``[E, n, k]``)."""
 
     gate_up: Any
     gate_up_scales: Any
     down: Any
     down_scales: Any
     block: tuple[int, int] | None
+    tiled: bool = False
 
     def shapes(self) -> tuple[int, int, int]:
         """``(num_experts, hidden, intermediate)``, checked across the four arrays (ValueError naming the one that
@@ -74,6 +78,22 @@ def scale_shape(experts: int, n: int, k: int, block: tuple[int, int] | None) -> 
     return (experts, -(-n // bn), -(-k // bk))
 
 
+def tiled_layout(codes: Any) -> Any:
+    """The e4m3 experts ``codes [E, n, k]`` (a numpy or CuPy uint8 array, row-major per expert; ``n`` a multiple of
+    16, ``k`` of 128) with their bytes in the order the FP8 grouped GEMV's warps load them (a new array of the same
+    shape and type): per expert, tile ``T`` of rows ``16 T .. 16 T + 15`` and chunk ``C`` of columns ``128 C ..``
+    make 2,048 contiguous bytes, four runs of 512 (``q = 0..3``), each the 16 bytes of lane ``l = 4 g + t`` in
+    turn: row ``16 T + g + 8 (q // 2)``, columns ``128 C + 64 (q % 2) + 16 t ..`` -- so each of a warp's loads is
+    512 contiguous bytes (``grouped_gemv8.cu``, TILED). ValueError naming the shape where it does not tile."""
+    shape: tuple[int, ...] = tuple(getattr(codes, "shape", ()))
+    if len(shape) != 3 or shape[1] % 16 or shape[2] % 128:
+        raise ValueError(f"codes: expected [experts, n, k] with n a multiple of 16 and k of 128, got {list(shape)}")
+    e, n, k = shape
+    # axes: expert, tile, row half (q // 2), g, chunk, column half (q % 2), t, byte
+    split = codes.reshape(e, n // 16, 2, 8, k // 128, 2, 4, 16)
+    return split.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(e, n, k).copy()
+
+
 @dataclass(frozen=True)
 class _Stack:
     """A registered expert stack ``[E, n, k]`` (addresses as ints) and its scale arguments as the kernels take them:
@@ -90,6 +110,7 @@ class _Stack:
     bn: int
     shift: int
     block: bool
+    tiled: bool = False
 
 
 class Fp8GroupedGemv:
@@ -111,32 +132,49 @@ class Fp8GroupedGemv:
         self.tensor_cores = int(device.compute_capability) >= 80  # below: empty kernels, the copy serves
         self._smem_limit = int(attrs.get("MaxSharedMemoryPerBlockOptin", 48 << 10)) - _STATIC_SMEM
         self._sms = int(attrs.get("MultiProcessorCount", 132))
-        self._fns: dict[tuple[bool, bool], Any] = {}  # (gated, per-block scales) -> the kernel
+        self._smem_per_sm = int(attrs.get("MaxSharedMemoryPerMultiprocessor", 0))
+        self._fns: dict[tuple[bool, bool, bool], Any] = {}  # (gated, per-block scales, tiled) -> the kernel
         for gated in (False, True):
             for block in (False, True):
-                fn = module.get_function(f"grouped_gemv8_{tag}_{'block' if block else 'row'}{'_silu' if gated else ''}")
-                fn.max_dynamic_shared_size_bytes = self._smem_limit
-                self._fns[gated, block] = fn
-        self._dequant = module.get_function(f"dequant_e4m3_{tag}")
+                for tiled in (False, True):
+                    scales = "block" if block else "row"
+                    name = f"grouped_gemv8_{tag}_{scales}{'_silu' if gated else ''}{'_tiled' if tiled else ''}"
+                    fn = module.get_function(name)
+                    fn.max_dynamic_shared_size_bytes = self._smem_limit
+                    self._fns[gated, block, tiled] = fn
+        self._dequant = {tiled: module.get_function(f"dequant_e4m3_{tag}{'_tiled' if tiled else ''}")
+                         for tiled in (False, True)}  # fmt: skip
         self._module = module
         self.stacks: dict[int, _Stack] = {}  # weight address -> its registration
 
     min_blocks_per_sm = 1
-    """Blocks of 256 threads an SM the kernels' registers must leave room for (``__launch_bounds__``' second
-    argument: 2 caps them at 128 a thread, 3 at 80, 4 at 64). Read when the kernels are compiled (set it on the
-    class to compare: ``benchmarks/bench_grouped_gemv.py --min-blocks``)."""
+    """Blocks of 512 threads an SM the kernels' registers must leave room for (``__launch_bounds__``' second
+    argument: 1 caps them at 128 a thread, 2 at 64). Read when the kernels are compiled (set it on the class to
+    compare: ``benchmarks/bench_grouped_gemv.py --min-blocks``)."""
+
+    chunks_ahead = 2
+    """Chunks of weights (128 columns of a tile's 16 rows) a warp has loading while it sums one: the bytes in
+    flight that keep HBM busy (each one 16 more registers a thread). Read when the kernels are compiled
+    (``benchmarks/bench_grouped_gemv.py --ahead``)."""
 
     @classmethod
     def options(cls) -> tuple[str, ...]:
         """The NVRTC options the kernels are compiled with: fast math as the 16-bit grouped GEMV's (the gated
-        staging's ``__expf`` and division are the same), and :attr:`min_blocks_per_sm`."""
-        return ("--use_fast_math", f"-DG8_MIN_BLOCKS={int(cls.min_blocks_per_sm)}")
+        staging's ``__expf`` and division are the same), :attr:`chunks_ahead` and :attr:`min_blocks_per_sm`."""
+        return (
+            "--use_fast_math",
+            f"-DG8_AHEAD={int(cls.chunks_ahead)}",
+            f"-DG8_MIN_BLOCKS={int(cls.min_blocks_per_sm)}",
+        )
 
-    def add(self, w: int, scales: int, experts: int, n: int, k: int, block: tuple[int, int] | None) -> None:
+    def add(
+        self, w: int, scales: int, experts: int, n: int, k: int, block: tuple[int, int] | None, tiled: bool = False
+    ) -> None:
         """Register the e4m3 experts ``[experts, n, k]`` at device address ``w`` with their float32 ``scales`` (see
-        :class:`Fp8Experts`). ValueError naming the argument: an address that is NULL or misaligned (``w`` 16 bytes,
-        ``scales`` 4), ``k`` not a multiple of 16, a block whose rows are not a multiple of 16 dividing ``n`` or
-        whose columns are not a power of two >= 128."""
+        :class:`Fp8Experts`), their bytes in :func:`tiled_layout`'s order where ``tiled`` (row-major otherwise).
+        ValueError naming the argument: an address that is NULL or misaligned (``w`` 16 bytes, ``scales`` 4), ``k``
+        not a multiple of 16, a block whose rows are not a multiple of 16 dividing ``n`` or whose columns are not a
+        power of two >= 128, a tiled stack whose ``n`` is not a multiple of 16 or ``k`` of 128."""
         for name, value, align in (("w", w, 16), ("scales", scales, 4)):
             if value.__class__ is not int or not 0 < value < _U64 or value % align:
                 raise ValueError(f"{name}: expected a non-NULL device address aligned to {align} bytes, got {value!r}")
@@ -146,8 +184,10 @@ class Fp8GroupedGemv:
         if k % 16:
             raise ValueError(f"k: the FP8 grouped GEMV reads 16-byte vectors of weights, so k must be a multiple of "
                              f"16, got {k}")  # fmt: skip
+        if tiled and (n % 16 or k % 128):
+            raise ValueError(f"tiled: the tiled layout needs n a multiple of 16 and k of 128, got [{n}, {k}]")
         if block is None:
-            self.stacks[w] = _Stack(w, scales, experts, n, k, n, 0, 1, 0, False)
+            self.stacks[w] = _Stack(w, scales, experts, n, k, n, 0, 1, 0, False, tiled)
             return
         ok = isinstance(block, tuple) and len(block) == 2 and all(b.__class__ is int and b > 0 for b in block)
         if not ok or block[0] % 16 or n % block[0] or block[1] < 128 or block[1] & (block[1] - 1):
@@ -157,7 +197,8 @@ class Fp8GroupedGemv:
             )
         bn, bk = block
         s_ld = -(-k // bk)
-        self.stacks[w] = _Stack(w, scales, experts, n, k, (n // bn) * s_ld, s_ld, bn, (bk // 16).bit_length() - 1, True)
+        shift = (bk // 16).bit_length() - 1
+        self.stacks[w] = _Stack(w, scales, experts, n, k, (n // bn) * s_ld, s_ld, bn, shift, True, tiled)
 
     def rows_per_pass(self, tokens: int, k: int) -> int:
         """Input rows staged per pass for ``tokens`` tokens (an expert has at most one assignment per token) of
@@ -176,9 +217,14 @@ class Fp8GroupedGemv:
         )
 
     chunks_per_warp = 4
-    """A block's warps split k so that each sums at least this many chunks of 128 of a tile (at most 8 warps, at
-    least 1). Read at each launch's packing; set it on the class to compare (``benchmarks/bench_mixtral.py
-    --variants fp8-chunks-N``)."""
+    """A block's warps split k so that each sums at least this many chunks of 128 of a tile (at most 8 warps, 16
+    where the staged rows leave room for one block an SM; at least 1). Read at each launch's packing; set it on the
+    class to compare (``benchmarks/bench_mixtral.py --variants fp8-chunks-N``)."""
+
+    wide_blocks = True
+    """Blocks of up to 16 warps where the staged rows leave room for only one block an SM (the down projection's
+    4-8 rows of 14,336 values), so that the SM still has 16 warps streaming weights; False: 8 at most. Read as
+    :attr:`chunks_per_warp` is."""
 
     warps_per_sm = 32
     """The warps a launch spreads over each SM (blocks over the active experts, at most one per tile of 16 weight
@@ -189,7 +235,9 @@ class Fp8GroupedGemv:
         block splitting k (:attr:`chunks_per_warp`), :attr:`warps_per_sm` warps an SM over the active experts (at
         most ``min(E, assignments)``), at most one block per tile of 16 weight rows."""
         r = self.rows_per_pass(tokens, st.k)
-        warps = max(1, min(8, st.k // (128 * max(1, int(self.chunks_per_warp)))))
+        staged = r * st.k * 2 + _STATIC_SMEM + 8 * 512 + 1024  # a block of 8 warps (1 KiB: the driver's reserve)
+        widest = 16 if self.wide_blocks and self._smem_per_sm and self._smem_per_sm < 2 * staged else 8
+        warps = max(1, min(widest, st.k // (128 * max(1, int(self.chunks_per_warp)))))
         active = max(1, min(st.experts, assignments))
         per_sm = max(1, int(self.warps_per_sm))
         blocks = max(1, min(-(-st.n // 16), -(-(per_sm * self._sms // warps) // active)))
@@ -226,7 +274,7 @@ class Fp8GroupedGemv:
         assignments = tokens * top_k
         r, warps, blocks, smem = self._geometry(assignments, tokens, st)
         args = [x, x_ld, div, experts, assignments, w, n, k, st.scales, st.s_e, st.s_ld, st.bn, st.shift, y, y_ld, r]
-        return function_ptr(self._fns[gated, st.block]), (blocks, num_experts), 32 * warps, smem, args
+        return function_ptr(self._fns[gated, st.block, st.tiled]), (blocks, num_experts), 32 * warps, smem, args
 
     def __call__(
         self,
@@ -253,7 +301,8 @@ class Fp8GroupedGemv:
         args = (x, i64(x.strides[0] // x.itemsize), i32(div), experts, i32(assignments), w, i32(n), i32(k),
                 np.uint64(st.scales), i64(st.s_e), i64(st.s_ld), i32(st.bn), i32(st.shift), y,
                 i64(y.strides[0] // y.itemsize), i32(r))  # fmt: skip
-        self._fns[gated, st.block]((blocks, num_experts), (32 * warps,), args, shared_mem=smem, stream=self.stream)
+        self._fns[gated, st.block, st.tiled]((blocks, num_experts), (32 * warps,), args, shared_mem=smem,
+                                             stream=self.stream)  # fmt: skip
 
     def dequantize_launch(self, w: int, out: int) -> tuple[int, tuple[int, int], int, int, list[int]]:
         """The launch writing the registered stack at ``w`` as 16-bit weights ``[E, n, k]`` at ``out`` (each code
@@ -264,13 +313,15 @@ class Fp8GroupedGemv:
         rows = st.experts * st.n
         vectors = rows * st.k // 16
         args = [st.w, out, rows, st.k, st.scales, st.s_ld, st.bn, st.shift, int(st.block)]
-        return function_ptr(self._dequant), (max(1, min(16 * self._sms, -(-vectors // 256))), 1), 256, 0, args
+        grid = (max(1, min(16 * self._sms, -(-vectors // 256))), 1)
+        return function_ptr(self._dequant[st.tiled]), grid, 256, 0, args
 
     def dequantize(self, w: Any, out: Any) -> None:
         """Write the registered stack ``w`` (a CuPy array) into ``out`` (a contiguous 16-bit CuPy array of its
         shape) on the stream."""
         _, grid, threads, _, args = self.dequantize_launch(int(w.data.ptr), int(out.data.ptr))
+        st = self.stacks[int(w.data.ptr)]
         i64, i32 = np.int64, np.int32
         typed = (w, out, i64(args[2]), i32(args[3]), np.uint64(args[4]), i64(args[5]), i32(args[6]), i32(args[7]),
                  i32(args[8]))  # fmt: skip
-        self._dequant(grid, (threads,), typed, stream=self.stream)
+        self._dequant[st.tiled](grid, (threads,), typed, stream=self.stream)

@@ -390,8 +390,8 @@ class MoELayer:
 
             f, e, h, i = self.fp8_experts, self.num_experts, self.hidden, self.intermediate
             self._fp8 = Fp8GroupedGemv(self.dtype, self.stream)
-            self._fp8.add(int(f.gate_up.data.ptr), int(f.gate_up_scales.data.ptr), e, 2 * i, h, f.block)
-            self._fp8.add(int(f.down.data.ptr), int(f.down_scales.data.ptr), e, h, i, f.block)
+            self._fp8.add(int(f.gate_up.data.ptr), int(f.gate_up_scales.data.ptr), e, 2 * i, h, f.block, f.tiled)
+            self._fp8.add(int(f.down.data.ptr), int(f.down_scales.data.ptr), e, h, i, f.block, f.tiled)
             self._gemv_w = (f.gate_up, f.down)
         # the launches of a GEMV or dense step packed per call site (_run_packed)
         self._packed_steps: dict[tuple[Any, ...], list[Any]] = {}

@@ -404,7 +404,7 @@ def _read_fp8_experts(
     down ``[h, i]``, with their scales (:func:`~fi_engine.checkpoint.fp8_weights.read_fp8_linear`); None where
     their rows do not fill whole scale blocks (the caller dequantizes them at load)."""
     from ..checkpoint.fp8_weights import read_fp8_linear
-    from ..kernels.fp8_moe_gemv import Fp8Experts
+    from ..kernels.fp8_moe_gemv import Fp8Experts, tiled_layout
 
     assert w.fp8 is not None
     block = w.fp8.block
@@ -415,7 +415,14 @@ def _read_fp8_experts(
           for x in range(e)]  # fmt: skip
     dn = [read_fp8_linear(ckpt, w.fp8, [(f"{base}experts.{x}.{down}", (h, i))]) for x in range(e)]
 
-    def stacked(mats: list[Any], field: str) -> Any:
-        return w.upload(np.stack([getattr(m, field) for m in mats]))
+    # the codes in the order the GEMV's warps load them, where the shapes tile (512-byte runs: measured 5-30 % faster
+    # than rows on an H100, benchmarks/RESULTS.md); laid out on the GPU where the loader uploads with CuPy
+    tiled = h % 128 == 0 and i % 128 == 0
+    xp = w.cp if hasattr(w.cp, "concatenate") else np
 
-    return Fp8Experts(stacked(gu, "weight"), stacked(gu, "scales"), stacked(dn, "weight"), stacked(dn, "scales"), block)
+    def stacked(mats: list[Any], field: str) -> Any:
+        arr = np.stack([getattr(m, field) for m in mats])
+        return w.upload(tiled_layout(xp.asarray(arr)) if tiled and field == "weight" else arr)
+
+    gate_up, down = stacked(gu, "weight"), stacked(dn, "weight")
+    return Fp8Experts(gate_up, stacked(gu, "scales"), down, stacked(dn, "scales"), block, tiled)

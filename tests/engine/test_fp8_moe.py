@@ -129,6 +129,37 @@ def test_qwen3_moe_experts_dequantize_as_numpy_does(qwen3_moe: dict[str, Path], 
     assert np.array_equal(ld.linear(router, (4, 512)), np.asarray(ckpt.array(router + ".weight")))
 
 
+def untiled(codes: np.ndarray) -> np.ndarray:
+    """``tiled_layout``'s codes back in row-major order, element by element from the layout's definition (its
+    docstring): row ``16 T + g + 8 (q // 2)``, column ``128 C + 64 (q % 2) + 16 t + b`` of expert ``e`` sits at byte
+    ``b`` of lane ``4 g + t`` of run ``q`` of chunk ``C`` of tile ``T``."""
+    e, n, k = codes.shape
+    flat = codes.reshape(e, -1)
+    out = np.empty_like(codes)
+    tiles, chunks = n // 16, k // 128
+    for tile in range(tiles):
+        for chunk in range(chunks):
+            for q in range(4):
+                for g in range(8):
+                    for t in range(4):
+                        at = (((tile * chunks + chunk) * 4 + q) * 32 + 4 * g + t) * 16
+                        row, col = 16 * tile + g + 8 * (q // 2), 128 * chunk + 64 * (q % 2) + 16 * t
+                        out[:, row, col : col + 16] = flat[:, at : at + 16]
+    return out
+
+
+def test_the_tiled_layout_is_its_definition() -> None:
+    from fi_engine.kernels.fp8_moe_gemv import tiled_layout
+
+    codes = np.random.default_rng(3).integers(0, 256, (2, 48, 384), dtype=np.uint8)
+    tiled = tiled_layout(codes)
+    assert tiled.shape == codes.shape and tiled.dtype == np.uint8 and not np.array_equal(tiled, codes)
+    assert np.array_equal(untiled(tiled), codes)
+    for shape in ((2, 40, 384), (2, 48, 320), (48, 384)):
+        with pytest.raises(ValueError, match=r"codes: expected \[experts, n, k\] with n a multiple of 16 and k of 128"):
+            tiled_layout(np.zeros(shape, np.uint8))
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_qwen3_moe_experts_read_as_stored_stack_each_experts_codes_and_scales(
     qwen3_moe: dict[str, Path], layout: str
@@ -150,14 +181,16 @@ def test_qwen3_moe_experts_read_as_stored_stack_each_experts_codes_and_scales(
     f = _read_fp8_experts(ckpt, ld, base, ("gate_proj", "up_proj", "down_proj"), 4, 512, 256)
     assert f is not None and f.shapes() == (4, 512, 256) and f.block == config.fp8.block
     assert f.gate_up.dtype == np.uint8 and f.gate_up_scales.dtype == np.float32
+    assert f.tiled  # hidden 512 and intermediate 256: whole 128-column chunks, so the codes are tiled
+    gate_up, down = untiled(f.gate_up), untiled(f.down)
     for x in range(4):
         names = [f"{base}experts.{x}.{p}" for p in ("gate_proj", "up_proj")]
         codes = np.concatenate([np.asarray(ckpt.array(n + ".weight")) for n in names])
-        assert np.array_equal(f.gate_up[x], codes)
-        assert np.array_equal(f.down[x], np.asarray(ckpt.array(f"{base}experts.{x}.down_proj.weight")))
+        assert np.array_equal(gate_up[x], codes)
+        assert np.array_equal(down[x], np.asarray(ckpt.array(f"{base}experts.{x}.down_proj.weight")))
         for q, scales, name, shape in (
-            (f.gate_up[x], f.gate_up_scales[x], names, (512, 512)),
-            (f.down[x], f.down_scales[x], [f"{base}experts.{x}.down_proj"], (512, 256)),
+            (gate_up[x], f.gate_up_scales[x], names, (512, 512)),
+            (down[x], f.down_scales[x], [f"{base}experts.{x}.down_proj"], (512, 256)),
         ):
             want = np.concatenate([np.asarray(copy.array(n + ".weight")) for n in name])
             got = reference(q, scales, "block" if layout == "block" else "channel", "bfloat16")

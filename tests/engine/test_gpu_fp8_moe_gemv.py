@@ -1,12 +1,13 @@
 """The FP8 grouped GEMV (fi_engine.kernels.fp8_moe_gemv) and a MoE layer of e4m3 experts read as stored, on a GPU
 (FI_FFI_RUN_GPU_TESTS=1; CuPy; no torch).
 
-- The kernel: random e4m3 experts (8 of them, top-2) with 128x128 block scales and with one scale per row, in
-  bfloat16 and float16, at 1, 3, 8 and 13 tokens (13: more than the 8 rows of one pass), plain and gated (the down
-  projection's ``silu(gate) * up`` made as its rows are staged), against a float32 reference over the dequantized
-  weights. Bound per output: ``2**-16 * sum|x| |w|`` (float32 sums of exact products) plus half an ulp of the
-  16-bit output (``2**-8`` / ``2**-11`` relative); gated, plus ``sum |w| ulp(act)`` (each staged activation may
-  round to the neighbouring 16-bit value: the kernel's ``__expf`` is not numpy's ``exp``).
+- The kernel: random e4m3 experts (8 of them, top-2) with 128x128 block scales and with one scale per row, row-major
+  and in ``tiled_layout``'s order, in bfloat16 and float16, at 1, 3, 8 and 13 tokens (13: more than the 8 rows of
+  one pass), plain and gated (the down projection's ``silu(gate) * up`` made as its rows are staged), against a
+  float32 reference over the dequantized weights. Bound per output: ``2**-16 * sum|x| |w|`` (float32 sums of exact
+  products) plus half an ulp of the 16-bit output (``2**-8`` / ``2**-11`` relative); gated, plus ``sum |w|
+  ulp(act)`` (each staged activation may round to the neighbouring 16-bit value: the kernel's ``__expf`` is not
+  numpy's ``exp``).
 - Its 16-bit copy (``dequantize``): bit-equal to ``Fp8Matrix.dequantized`` of each expert.
 - The layer: ``MoELayer(fp8_experts=...)`` against the same layer over the dequantized 16-bit experts (the same
   weight values): the grouped-GEMV steps (1-16 tokens) within the layer tolerance of test_gpu_moe.py, the host path
@@ -32,7 +33,7 @@ cupy = pytest.importorskip("cupy", reason="the engine needs CuPy (pip install 'f
 from helpers.random_llama import bf16_bits  # noqa: E402
 
 from fi_engine.checkpoint.fp8_weights import E4M3, Fp8Matrix, quantize_e4m3  # noqa: E402
-from fi_engine.kernels.fp8_moe_gemv import Fp8Experts, Fp8GroupedGemv  # noqa: E402
+from fi_engine.kernels.fp8_moe_gemv import Fp8Experts, Fp8GroupedGemv, tiled_layout  # noqa: E402
 from fi_engine.layers.moe import MoELayer, MoEWeights  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -68,16 +69,26 @@ def random_experts(rng: np.random.Generator, n: int, k: int, block: tuple[int, i
     return codes, scales, E4M3[codes] * full
 
 
+SHAPES = {  # (n, k, block) of each layout: row-major takes partial tiles and chunks, the tiled layout whole ones
+    ("rows", "block"): (384, 512, (128, 128)),
+    ("rows", "row"): (200, 272, None),
+    ("tiled", "block"): (384, 512, (128, 128)),
+    ("tiled", "row"): (208, 384, None),
+}
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize(("n", "k", "block"), [(384, 512, (128, 128)), (200, 272, None)], ids=["block", "row"])
+@pytest.mark.parametrize("scales", ["block", "row"])
+@pytest.mark.parametrize("layout", ["rows", "tiled"])
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
-def test_the_fp8_grouped_gemv_matches_float32(dtype: str, n: int, k: int, block: Any, gated: bool) -> None:
+def test_the_fp8_grouped_gemv_matches_float32(dtype: str, scales: str, layout: str, gated: bool) -> None:
     rng = np.random.default_rng(11)
     stream = cupy.cuda.Stream(non_blocking=True)
     g = Fp8GroupedGemv(dtype, stream)
-    codes, scales, values = random_experts(rng, n, k, block)
-    w, s = cupy.asarray(codes), cupy.asarray(scales)
-    g.add(int(w.data.ptr), int(s.data.ptr), EXPERTS, n, k, block)
+    n, k, block = SHAPES[layout, scales]
+    codes, scale_values, values = random_experts(rng, n, k, block)
+    w, s = cupy.asarray(tiled_layout(codes) if layout == "tiled" else codes), cupy.asarray(scale_values)
+    g.add(int(w.data.ptr), int(s.data.ptr), EXPERTS, n, k, block, tiled=layout == "tiled")
     ulp = OUT_ULP[dtype]
     for tokens in (1, 3, 8, 13):
         assert g.fits(tokens, TOP_K, n, k)
@@ -105,7 +116,7 @@ def test_the_fp8_grouped_gemv_matches_float32(dtype: str, n: int, k: int, block:
             err = np.abs(got[a] - ref)
             assert (err <= bound).all(), f"tokens {tokens}, assignment {a} (expert {e}): {err.max()} > bound"
             worst = max(worst, float((err / bound).max()))
-        print(f"{dtype} {'block' if block else 'row'} {'gated' if gated else 'plain'} {tokens} tokens: worst "
+        print(f"{dtype} {scales} {layout} {'gated' if gated else 'plain'} {tokens} tokens: worst "
               f"{worst:.2f} of the bound")  # fmt: skip
 
 
@@ -113,10 +124,10 @@ def test_the_fp8_grouped_gemv_matches_float32(dtype: str, n: int, k: int, block:
 def test_the_16bit_copy_is_each_experts_dequantization(dtype: str) -> None:
     rng = np.random.default_rng(12)
     g = Fp8GroupedGemv(dtype, cupy.cuda.Stream(non_blocking=True))
-    for n, k, block in ((384, 512, (128, 128)), (200, 272, None)):
+    for (layout, _), (n, k, block) in SHAPES.items():
         codes, scales, _ = random_experts(rng, n, k, block)
-        w, s = cupy.asarray(codes), cupy.asarray(scales)
-        g.add(int(w.data.ptr), int(s.data.ptr), EXPERTS, n, k, block)
+        w, s = cupy.asarray(tiled_layout(codes) if layout == "tiled" else codes), cupy.asarray(scales)
+        g.add(int(w.data.ptr), int(s.data.ptr), EXPERTS, n, k, block, tiled=layout == "tiled")
         out = cupy.zeros((EXPERTS, n, k), np.float16 if dtype == "float16" else np.uint16)
         g.dequantize(w, out)
         g.stream.synchronize()
@@ -126,7 +137,9 @@ def test_the_16bit_copy_is_each_experts_dequantization(dtype: str) -> None:
             assert np.array_equal(got[e], want), (n, k, block, e)
 
 
-def fp8_layer_pair(rng: np.random.Generator, dtype: str, block: Any) -> tuple[MoELayer, MoELayer, Any, int]:
+def fp8_layer_pair(
+    rng: np.random.Generator, dtype: str, block: Any, tiled: bool
+) -> tuple[MoELayer, MoELayer, Any, int]:
     """(the layer of e4m3 experts, the same layer over their dequantized 16-bit copy, the stream, hidden)."""
     h, i, cap = 256, 512, 16
     stream = cupy.cuda.Stream(non_blocking=True)
@@ -141,16 +154,21 @@ def fp8_layer_pair(rng: np.random.Generator, dtype: str, block: Any) -> tuple[Mo
 
     weights16 = MoEWeights(router, deq(gu_codes, gu_scales), deq(dn_codes, dn_scales))
     copy = MoEWeights(router, cupy.zeros_like(weights16.gate_up), cupy.zeros_like(weights16.down))
-    fp8 = Fp8Experts(*(cupy.asarray(a) for a in (gu_codes, gu_scales, dn_codes, dn_scales)), block)
+    if tiled:
+        gu_stored, dn_stored = tiled_layout(gu_codes), tiled_layout(dn_codes)
+    else:
+        gu_stored, dn_stored = gu_codes, dn_codes
+    fp8 = Fp8Experts(*(cupy.asarray(a) for a in (gu_stored, gu_scales, dn_stored, dn_scales)), block, tiled)
     common = dict(dtype=dtype, top_k=TOP_K, max_tokens=64, stream=stream, capacity=cap, dense_rows=cap)
     return MoELayer(copy, fp8_experts=fp8, **common), MoELayer(weights16, **common), stream, h  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("block", [(128, 128), None], ids=["block", "row"])
-def test_a_layer_of_e4m3_experts_matches_the_16bit_layer(dtype: str, block: Any) -> None:
+@pytest.mark.parametrize("tiled", [False, True], ids=["rows", "tiled"])
+def test_a_layer_of_e4m3_experts_matches_the_16bit_layer(dtype: str, block: Any, tiled: bool) -> None:
     rng = np.random.default_rng(13)
-    layer, ref, stream, h = fp8_layer_pair(rng, dtype, block)
+    layer, ref, stream, h = fp8_layer_pair(rng, dtype, block, tiled)
     storage = np.float16 if dtype == "float16" else np.uint16
     tol = LAYER_TOL[dtype]
     try:
