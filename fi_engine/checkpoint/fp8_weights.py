@@ -87,6 +87,46 @@ class Fp8Matrix:
     scales: np.ndarray
     block: tuple[int, int] | None
 
+    def rows(self, lo: int, hi: int) -> Fp8Matrix:
+        """Output rows ``[lo, hi)`` with their scales (a column-parallel shard); ValueError where a bound cuts a
+        block of scales (a bound inside the matrix not on a multiple of its rows)."""
+        n = self.weight.shape[0]
+        if not 0 <= lo < hi <= n:
+            raise ValueError(f"rows: expected 0 <= lo < hi <= {n}, got [{lo}, {hi})")
+        if self.block is None:
+            return Fp8Matrix(np.ascontiguousarray(self.weight[lo:hi]), self.scales[lo:hi].copy(), None)
+        bn = self.block[0]
+        if lo % bn or (hi % bn and hi != n):
+            raise ValueError(f"rows [{lo}, {hi}) cut a block of {bn} rows that shares one scale")
+        return Fp8Matrix(np.ascontiguousarray(self.weight[lo:hi]), self.scales[lo // bn : -(-hi // bn)].copy(),
+                         self.block)  # fmt: skip
+
+    def columns(self, lo: int, hi: int) -> Fp8Matrix:
+        """Input columns ``[lo, hi)`` with their scales (a row-parallel shard); ValueError where a bound cuts a
+        block of scales."""
+        k = self.weight.shape[1]
+        if not 0 <= lo < hi <= k:
+            raise ValueError(f"columns: expected 0 <= lo < hi <= {k}, got [{lo}, {hi})")
+        weight = np.ascontiguousarray(self.weight[:, lo:hi])
+        if self.block is None:
+            return Fp8Matrix(weight, self.scales.copy(), None)
+        bk = self.block[1]
+        if lo % bk or (hi % bk and hi != k):
+            raise ValueError(f"columns [{lo}, {hi}) cut a block of {bk} columns that shares one scale")
+        return Fp8Matrix(weight, np.ascontiguousarray(self.scales[:, lo // bk : -(-hi // bk)]), self.block)
+
+    @staticmethod
+    def stacked(parts: Sequence[Fp8Matrix]) -> Fp8Matrix:
+        """``parts`` (the same columns and scale layout) stacked along rows, as :func:`read_fp8_linear` stacks q, k
+        and v; ValueError where a part's rows do not fill whole blocks (all but the last)."""
+        block = parts[0].block
+        if any(p.block != block or p.weight.shape[1] != parts[0].weight.shape[1] for p in parts):
+            raise ValueError("parts: expected matrices of the same columns and scale blocks")
+        if block is not None and any(p.weight.shape[0] % block[0] for p in parts[:-1]):
+            raise ValueError(f"parts: a part's rows do not fill whole blocks of {block[0]} rows")
+        weight = np.concatenate([p.weight for p in parts])
+        return Fp8Matrix(weight, np.ascontiguousarray(np.concatenate([p.scales for p in parts])), block)
+
     def dequantized(self, dtype: str = "float32") -> np.ndarray:
         """The weight ``[n, k]`` it stands for, each code's value times its scale: float32, or that float32 product
         rounded once to ``"float16"`` (a float16 array) or ``"bfloat16"`` (its bits, uint16) as the engine uploads

@@ -94,12 +94,8 @@ class Llama(MoEPaths, ModelFamily):
         return LlamaConfig.from_dict(*family_config_json(model_dir, type(self)))
 
     def check(self, eng: ModelRunner, cfg: LlamaConfig) -> None:
-        """Refuse FP8 weights over several GPUs (their shards are not cut yet) and a MoE path the model cannot take."""
-        if cfg.fp8 is not None and eng.tensor_parallel > 1:
-            raise ValueError(
-                f"tensor_parallel: {eng.tensor_parallel}; FP8 weights run on one GPU here (a shard would cut the "
-                f"scale blocks); leave tensor_parallel at 1 or serve a bfloat16 copy"
-            )
+        """Refuse a MoE path the model cannot take. (FP8 shards that would cut a block of scales are refused as the
+        weights are read, naming the projection.)"""
         self.check_moe_path(cfg)
 
     def load(self, eng: ModelRunner, ckpt: Checkpoint) -> None:
@@ -121,10 +117,27 @@ class Llama(MoEPaths, ModelFamily):
         vs = eng.vocab_shard
         fp8 = c.fp8  # an Fp8Scheme: attention and dense MLPs e4m3 (fi_engine.checkpoint.fp8_weights), the rest 16-bit
 
-        def fp8_linear(parts: list[tuple[str, tuple[int, int]]]) -> int:
-            from ..checkpoint.fp8_weights import read_fp8_linear, upload_fp8_linear
+        def fp8_linear(parts: list[tuple[str, tuple[int, int]]], axis: int = 0) -> int:
+            """The e4m3 projections ``parts`` stacked by rows, each cut to this rank's shard (``axis`` 0: its
+            output rows, 1: its input columns), uploaded and registered with the GEMMs."""
+            from ..checkpoint.fp8_weights import Fp8Matrix, read_fp8_linear, upload_fp8_linear
 
-            return upload_fp8_linear(eng.dense, read_fp8_linear(ckpt, fp8, parts), w.upload)
+            shards = []
+            for prefix, shape in parts:
+                m = read_fp8_linear(ckpt, fp8, [(prefix, shape)])
+                size = shape[axis]
+                lo, hi = r * size // n, (r + 1) * size // n
+                try:
+                    if size % n:
+                        raise ValueError(f"{size} {'rows' if axis == 0 else 'columns'} do not split {n} ways")
+                    shards.append(m.rows(lo, hi) if axis == 0 else m.columns(lo, hi))
+                except ValueError as exc:
+                    raise ValueError(
+                        f"tensor_parallel: {n}: {prefix!r}: {exc}; pick a tensor_parallel whose shards hold whole "
+                        f"blocks, or serve a bfloat16 copy"
+                    ) from None
+            matrix = Fp8Matrix.stacked(shards) if len(shards) > 1 else shards[0]
+            return upload_fp8_linear(eng.dense, matrix, w.upload)
 
         def table(whole: np.ndarray) -> np.ndarray:  # the whole [V, H] table, or this rank's rows of it
             return whole if vs is None else vs.take(whole)
@@ -146,7 +159,7 @@ class Llama(MoEPaths, ModelFamily):
                 a = p + "self_attn."
                 qkv_parts = [(a + "q_proj", (hq * d, h)), (a + "k_proj", (hk * d, h)), (a + "v_proj", (hk * d, h))]
                 eng.wqkv.append(fp8_linear(qkv_parts))
-                eng.wo.append(fp8_linear([(a + "o_proj", (h, hq * d))]))
+                eng.wo.append(fp8_linear([(a + "o_proj", (h, hq * d))], 1))
             else:
                 a = p + "self_attn."
                 qkv_parts = [(a + "q_proj", (hq * d, h)), (a + "k_proj", (hk * d, h)), (a + "v_proj", (hk * d, h))]
@@ -159,7 +172,7 @@ class Llama(MoEPaths, ModelFamily):
                 eng.moe_layers.append(load_moe_layer(eng, ckpt, p, w))
             elif fp8 is not None:
                 eng.wgu.append(fp8_linear([(p + "mlp.gate_proj", (inter, h)), (p + "mlp.up_proj", (inter, h))]))
-                eng.wd.append(fp8_linear([(p + "mlp.down_proj", (h, inter))]))
+                eng.wd.append(fp8_linear([(p + "mlp.down_proj", (h, inter))], 1))
             else:
                 gate_up = [(p + "mlp.gate_proj", (inter, h)), (p + "mlp.up_proj", (inter, h))]
                 eng.wgu.append(w.projection(int4_dense, gate_up, r, n, 0, interleave=True))
@@ -355,8 +368,8 @@ def load_moe_layer(eng: ModelRunner, ckpt: Checkpoint, p: str, w: WeightLoader) 
     r, n = eng.rank, eng.tensor_parallel
     full = i * n
     fp8_experts = None
-    if eng.family.experts_stored and base + "experts.gate_up_proj" not in ckpt:  # one GPU: FP8 refuses TP
-        fp8_experts = _read_fp8_experts(ckpt, w, base, (gate, up, down), e, h, i)
+    if eng.family.experts_stored and base + "experts.gate_up_proj" not in ckpt:
+        fp8_experts = _read_fp8_experts(ckpt, w, base, (gate, up, down), e, h, i, r, n)
     if fp8_experts is not None:
         if eng.family.moe_expert_copy is None:  # written by each layer before a path that reads 16-bit experts
             storage = w.cp.float16 if eng.dtype == "float16" else w.cp.uint16
@@ -397,23 +410,40 @@ def load_moe_layer(eng: ModelRunner, ckpt: Checkpoint, p: str, w: WeightLoader) 
 
 
 def _read_fp8_experts(
-    ckpt: Checkpoint, w: WeightLoader, base: str, names: tuple[str, str, str], e: int, h: int, i: int
+    ckpt: Checkpoint,
+    w: WeightLoader,
+    base: str,
+    names: tuple[str, str, str],
+    e: int,
+    h: int,
+    i: int,
+    rank: int = 0,
+    ranks: int = 1,
 ) -> Any:
     """The ``e`` experts of MoE prefix ``base`` as stored (:class:`~fi_engine.kernels.fp8_moe_gemv.Fp8Experts`,
     uploaded by ``w``): each expert's e4m3 gate and up (``names[0]``, ``names[1]``) stacked as ``[2i, h]`` and its
-    down ``[h, i]``, with their scales (:func:`~fi_engine.checkpoint.fp8_weights.read_fp8_linear`); None where
-    their rows do not fill whole scale blocks (the caller dequantizes them at load)."""
-    from ..checkpoint.fp8_weights import read_fp8_linear
+    down ``[h, i]``, with their scales (:func:`~fi_engine.checkpoint.fp8_weights.read_fp8_linear`). With ``ranks``
+    > 1, ``i`` is this rank's share: intermediate rows (gate, up) and columns (down) ``[rank i, (rank + 1) i)`` of
+    every expert. None where their rows or a shard do not fill whole scale blocks (the caller dequantizes them at
+    load)."""
+    from ..checkpoint.fp8_weights import Fp8Matrix, read_fp8_linear
     from ..kernels.fp8_moe_gemv import Fp8Experts, tiled_layout
 
-    assert w.fp8 is not None
-    block = w.fp8.block
+    scheme = w.fp8
+    assert scheme is not None
+    block, full, lo, hi = scheme.block, i * ranks, rank * i, (rank + 1) * i
     if block is not None and (i % block[0] or h % block[0]):
         return None
     gate, up, down = names
-    gu = [read_fp8_linear(ckpt, w.fp8, [(f"{base}experts.{x}.{gate}", (i, h)), (f"{base}experts.{x}.{up}", (i, h))])
-          for x in range(e)]  # fmt: skip
-    dn = [read_fp8_linear(ckpt, w.fp8, [(f"{base}experts.{x}.{down}", (h, i))]) for x in range(e)]
+
+    def read(name: str, shape: tuple[int, int]) -> Fp8Matrix:
+        return read_fp8_linear(ckpt, scheme, [(f"{base}experts.{name}", shape)])
+
+    try:
+        gu = [Fp8Matrix.stacked([read(f"{x}.{p}", (full, h)).rows(lo, hi) for p in (gate, up)]) for x in range(e)]
+        dn = [read(f"{x}.{down}", (h, full)).columns(lo, hi) for x in range(e)]
+    except ValueError:  # a shard that cuts a block of scales
+        return None
 
     # the codes in the order the GEMV's warps load them, where the shapes tile (512-byte runs: measured 5-30 % faster
     # than rows on an H100, benchmarks/RESULTS.md); laid out on the GPU where the loader uploads with CuPy

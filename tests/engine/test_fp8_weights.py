@@ -154,11 +154,31 @@ def test_the_config_names_fp8_as_written(tmp_path: Path) -> None:
     assert written == {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 
 
-def test_fp8_weights_refuse_tensor_parallel_before_any_gpu_work(tmp_path: Path) -> None:
-    from fi_engine.models.llama import LlamaEngine
-
-    (tmp_path / "bf16").mkdir()
-    src = save_random_llama(tmp_path / "bf16", "bfloat16", 64, (4, 2), 256, 384, False)
-    write_fp8_copy(src, tmp_path / "fp8", "channel")
-    with pytest.raises(ValueError, match="tensor_parallel: 2; FP8 weights run on one GPU here"):
-        LlamaEngine(tmp_path / "fp8", tensor_parallel=2)
+@pytest.mark.parametrize("block", [(128, 128), None], ids=["block", "row"])
+def test_fp8_shards_are_the_matrix_cut_with_its_scales(block: tuple[int, int] | None) -> None:
+    """Tensor parallelism's cuts (``Fp8Matrix.rows`` / ``columns``, and ``stacked`` for q, k, v or gate, up):
+    each shard dequantizes to the same cut of the whole matrix's dequantization, bit for bit; a cut inside a block
+    of scales is refused naming the bounds."""
+    rng = np.random.default_rng(4)
+    n, k = 512, 384
+    codes = quantize_e4m3(rng.standard_normal((n, k)).astype(np.float32))
+    scales = rng.uniform(0.5, 2.0, (4, 3) if block else (n,)).astype(np.float32)
+    m = Fp8Matrix(codes, scales, block)
+    whole = m.dequantized("bfloat16")
+    for lo, hi in ((0, 256), (256, 512), (128, 384)):
+        assert np.array_equal(m.rows(lo, hi).dequantized("bfloat16"), whole[lo:hi])
+    for lo, hi in ((0, 128), (128, 384)):
+        assert np.array_equal(m.columns(lo, hi).dequantized("bfloat16"), whole[:, lo:hi])
+    both = Fp8Matrix.stacked([m.rows(0, 128), m.rows(384, 512)])
+    assert np.array_equal(both.dequantized("bfloat16"), np.concatenate([whole[:128], whole[384:]]))
+    if block is not None:
+        with pytest.raises(ValueError, match=r"rows \[0, 200\) cut a block of 128 rows"):
+            m.rows(0, 200)
+        with pytest.raises(ValueError, match=r"columns \[64, 384\) cut a block of 128 columns"):
+            m.columns(64, 384)
+        with pytest.raises(ValueError, match="a part's rows do not fill whole blocks of 128 rows"):
+            Fp8Matrix.stacked([m.rows(0, 512).rows(0, 512), Fp8Matrix(codes[:100], scales[:1], block), m])
+    else:
+        assert np.array_equal(m.rows(3, 200).dequantized("bfloat16"), whole[3:200])  # any cut: one scale a row
+    with pytest.raises(ValueError, match=r"rows: expected 0 <= lo < hi <= 512, got \[0, 600\)"):
+        m.rows(0, 600)

@@ -176,9 +176,3 @@ def test_the_epilogue_step_of_qwen3(tmp_path, monkeypatch) -> None:  # type: ign
     save_random(tmp_path / "bf16", "Qwen3Config", "Qwen3ForCausalLM", "bfloat16", kw)
     write_fp8_copy(tmp_path / "bf16", tmp_path / "fp8", "block")
     compare_epilogue_step(tmp_path / "fp8", monkeypatch)
-
-
-def test_fp8_weights_refuse_tensor_parallel(fp8_variant) -> None:  # type: ignore[no-untyped-def]
-    path, _, _ = fp8_variant
-    with pytest.raises(ValueError, match="tensor_parallel: 2; FP8 weights run on one GPU"):
-        LlamaEngine(path, tensor_parallel=2)

@@ -132,6 +132,48 @@ def test_int4_tensor_parallel_matches_one_gpu(
     assert got["tokens"].tolist() == ref["tokens"].tolist()
 
 
+@pytest.fixture(scope="module", params=["block", "channel"])
+def setup_fp8(
+    setup: tuple[Path, dict[str, str], dict[str, np.ndarray]],
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+) -> tuple[Path, dict[str, str], dict[str, np.ndarray]]:
+    from helpers.fp8_checkpoints import write_fp8_copy
+
+    model, env, _ = setup
+    fp8 = tmp_path_factory.mktemp(f"tp_fp8_{request.param}")
+    write_fp8_copy(model, fp8, request.param)
+    out = fp8 / "tp1.npz"
+    run_ok(worker("llama_tp_worker", fp8, out, "--w8a16"), env)
+    return fp8, env, dict(np.load(out))
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_fp8_tensor_parallel_matches_one_gpu(
+    setup_fp8: tuple[Path, dict[str, str], dict[str, np.ndarray]], mode: str
+) -> None:
+    """FP8 weights (128x128 blocks, and one scale per row) cut per rank on block boundaries: every projection's
+    shard e4m3 on its rank, against the same checkpoint on one GPU."""
+    if gpu_count() < 2:
+        pytest.skip(f"needs 2 GPUs, found {gpu_count()}")
+    model, env, ref = setup_fp8
+    assert int(ref["fp8_weights"]) == 4 * CONFIG["num_hidden_layers"]  # qkv, o, gate/up, down
+    out = model / f"tp2-{mode}.npz"
+    flags = ["--w8a16", *(["--graph"] if mode == "graph" else [])]
+    run_ok(launched(2, worker("llama_tp_worker", model, out, *flags)), env)
+    got = dict(np.load(out))
+    assert int(got["tp"]) == 2 and int(got["fp8_weights"]) == 4 * CONFIG["num_hidden_layers"]
+    for k in ("logits0", "logits1"):
+        np.testing.assert_allclose(got[k], ref[k], atol=3e-2, rtol=3e-2, err_msg=f"{k} (fp8, tp 2, {mode})")
+    worst = max(float(np.abs(got[k] - ref[k]).max()) for k in ("logits0", "logits1"))
+    firsts = [next((j for j, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), None)
+              for x, y in zip(got["tokens"].tolist(), ref["tokens"].tolist(), strict=True)]  # fmt: skip
+    print(f"fp8 tp 2 {mode}: max |logit difference| {worst:.4f}; first differing token per prompt {firsts}")
+    # per-row scales: one prompt of four was seen to leave one GPU's greedy path at its 5th token (a near tie under
+    # the ranks' rounding of their partial sums; prefill logits within 0.0046 of one GPU's); 128x128 blocks: equal
+    assert sum(f is None for f in firsts) >= 3, f"fp8 tp 2 {mode}: first differing token per prompt {firsts}"
+
+
 @pytest.mark.parametrize("n", [2, 4])
 @pytest.mark.parametrize("mode", ["eager", "graph", "graph-nccl"])
 def test_tensor_parallel_matches_one_gpu(
