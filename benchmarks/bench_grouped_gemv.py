@@ -1,8 +1,11 @@
 """The grouped GEMVs of a mixture-of-experts decode step alone, on a Mixtral-shaped layer (8 experts, top-2, hidden
 4096, intermediate 14336; ``--experts/--hidden/--intermediate`` for others): the 16-bit experts'
 (:class:`~fi_engine.kernels.moe_gemv.GroupedGemv`) against the e4m3 experts read as stored
-(:class:`~fi_engine.kernels.fp8_moe_gemv.Fp8GroupedGemv`, 128x128 block scales and per-row scales), for the
-gate/up projection and the down projection (its SiLU-and-mul made as it stages its rows), at each of ``--tokens``.
+(:class:`~fi_engine.kernels.fp8_moe_gemv.Fp8GroupedGemv`, 128x128 block scales and per-row scales, the codes
+row-major and tiled), for the gate/up projection and the down projection (its SiLU-and-mul made as it stages its
+rows), at each of ``--tokens``. Settings to compare, each a comma-separated list: ``--min-blocks``
+(``Fp8GroupedGemv.min_blocks_per_sm``), ``--ahead`` (``chunks_ahead``); ``--narrow`` also times ``wide_blocks``
+off.
 
 Each launch is timed with CUDA events over ``--iters`` back-to-back launches, the variants interleaved in rounds
 (the best round kept); the routing is drawn once per token count (each token's ``top_k`` distinct experts,

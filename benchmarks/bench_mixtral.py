@@ -9,7 +9,9 @@ under uniform routing) over the step time against the device's memory bandwidth 
 from the memory clock x bus width, printed first with a measured copy beside it; ``--hbm-tbs`` sets another
 figure). ``--max-batch N`` runs every batch in an
 engine of ``N`` slots, as a server holds them (the decode graphs: one per batch size up to ``N``, or with
-``--one-graph`` a single one of ``N`` rows, as before 2026-11-25).
+``--one-graph`` a single one of ``N`` rows, as before 2026-11-25). ``--fp8 block|channel`` writes the checkpoint
+with e4m3 attention and experts (the LM head float16); ``--fp8-experts stored,dequantized`` then compares the
+experts read as stored by the FP8 grouped GEMV with their dequantization at load.
 
 Needs a GPU, CuPy, cuBLAS and the model-family kernel wheel (``gemm_sm90``). No peer: this measures the engine
 only. ``--json PATH`` writes the rows.
