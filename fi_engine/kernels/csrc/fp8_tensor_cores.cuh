@@ -44,8 +44,9 @@ __device__ __forceinline__ void tc_load(uint4* v, const unsigned char* wa, const
     v[2] = lo ? load_weights(reinterpret_cast<const uint4*>(wb + at)) : z;
     v[3] = hi ? load_weights(reinterpret_cast<const uint4*>(wb + at + 64)) : z;
 }
-// c += one chunk: 8 mma, each over word q of both columns' 32 weights and x's 4 values at the same places
-template <bool BF16>
+// c += one chunk: 8 mma, each over word q of both columns' 32 weights and x's 4 values at the same places. PAIRED:
+// x's values already in the B fragments' order (stage_rows.cuh's PAIRED staging, grouped_gemv8.cu), taken as loaded
+template <bool BF16, bool PAIRED = false>
 __device__ __forceinline__ void tc_chunk(const uint4* v, const uint4* xq, float* c) {
     const unsigned* ua = reinterpret_cast<const unsigned*>(v);
     const unsigned* ub = reinterpret_cast<const unsigned*>(v + 2);
@@ -56,7 +57,8 @@ __device__ __forceinline__ void tc_chunk(const uint4* v, const uint4* xq, float*
         const unsigned a0 = e4m3_pair<BF16>(ua[q] << 8), a1 = e4m3_pair<BF16>(ub[q] << 8);
         const unsigned a2 = e4m3_pair<BF16>(ua[q]), a3 = e4m3_pair<BF16>(ub[q]);
         // B: x's values 0 and 2, then 1 and 3, of the same 4 places (row g of x)
-        const unsigned b0 = prmt(xv[2 * q], xv[2 * q + 1], 0x5410u), b1 = prmt(xv[2 * q], xv[2 * q + 1], 0x7632u);
+        const unsigned b0 = PAIRED ? xv[2 * q] : prmt(xv[2 * q], xv[2 * q + 1], 0x5410u);
+        const unsigned b1 = PAIRED ? xv[2 * q + 1] : prmt(xv[2 * q], xv[2 * q + 1], 0x7632u);
         mma16816<BF16>(c, a0, a1, a2, a3, b0, b1);
     }
 }

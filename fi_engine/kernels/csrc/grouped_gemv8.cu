@@ -9,19 +9,6 @@
 #include "stage_rows.cuh"  // stage_rows, list_assignments
 #define MAX_ASSIGN 1024
 
-// tc_chunk over staged rows already in the B fragments' order (stage_rows' PAIRED): c += one chunk, 8 mma, each over
-// word q of both weight rows' 32 codes and x's 4 values at the same places
-template <bool BF16> __device__ __forceinline__ void tc_chunk_paired(const uint4* v, const uint4* xq, float* c) {
-    const unsigned* ua = reinterpret_cast<const unsigned*>(v);
-    const unsigned* ub = reinterpret_cast<const unsigned*>(v + 2);
-    const unsigned* xv = reinterpret_cast<const unsigned*>(xq);
-#pragma unroll
-    for (int q = 0; q < 8; ++q) {
-        const unsigned a0 = e4m3_pair<BF16>(ua[q] << 8), a1 = e4m3_pair<BF16>(ub[q] << 8);
-        const unsigned a2 = e4m3_pair<BF16>(ua[q]), a3 = e4m3_pair<BF16>(ub[q]);
-        mma16816<BF16>(c, a0, a1, a2, a3, xv[2 * q], xv[2 * q + 1]);
-    }
-}
 #ifndef G8_AHEAD  // chunks of weights a warp loads ahead of the one it sums (Fp8GroupedGemv.chunks_ahead)
 #define G8_AHEAD 2
 #endif
@@ -112,7 +99,7 @@ __device__ __forceinline__ void grouped_gemv8(const unsigned short* __restrict__
                 xq[2] = hi ? xp[8] : z;
                 xq[3] = hi ? xp[9] : z;
                 float cs[4] = {0.f, 0.f, 0.f, 0.f};
-                tc_chunk_paired<BF16>(buf[0], xq, cs);
+                tc_chunk<BF16, true>(buf[0], xq, cs);  // the staged rows are PAIRED
                 const float s = BLOCK ? __ldg(srow + (at >> (4 + shift))) : 1.f;
 #pragma unroll
                 for (int i = 0; i < 4; ++i) acc[i] = BLOCK ? fmaf(s, cs[i], acc[i]) : acc[i] + cs[i];
