@@ -317,7 +317,8 @@ def test_the_gate_up_silu_call_packs_the_gemvs_arguments_and_its_half_width_outp
     and a weight registered as FP8 are refused by name."""
     d = fake_dense()
     call = gate_up_call()
-    d.prepared_gate_up_silu(**call)()
+    prepared = d.prepared_gate_up_silu(**call)  # kept: a launch's argument array lives as long as its prepared call
+    prepared()
     fn, grid, _, _, block, _, _, smem, stream, params, _ = d.launches[0]
     assert (fn, grid, block, smem, stream) == (0x6100 + D.ADD_NORM, N // 2 // 8, 256, 2 * H * 2, 0x77)
     slots = [d._driver_ffi.cast("uint64_t*", params[i])[0] for i in range(30)]
@@ -389,7 +390,8 @@ def test_prepared_kernel_packs_integer_arguments_into_8_byte_slots() -> None:
     reach cuLaunchKernel, each argument sits in its own 8-byte slot (what a 32-bit parameter reads as its low
     half), and a float, a negative or an out-of-range value is refused by the argument's name."""
     d = fake_dense()
-    d.prepared_kernel(0x5000, (3, 8), 256, 4096, [at(0), 7, (1 << 40) + 5], "k")()
+    prepared = d.prepared_kernel(0x5000, (3, 8), 256, 4096, [at(0), 7, (1 << 40) + 5], "k")  # kept, as above
+    prepared()
     fn, gx, gy, gz, block, by, bz, smem, stream, params, _ = d.launches[0]
     assert (fn, gx, gy, gz, block, by, bz, smem, stream) == (0x5000, 3, 8, 1, 256, 1, 1, 4096, 0x77)
     ffi = driver.ffi()
@@ -428,7 +430,8 @@ def test_a_router_call_packs_its_epilogue_after_the_fused_gemvs_arguments():
     d = router_dense()
     assert d.has_router(D.CUDA_R_16BF) and not fake_dense().has_router(D.CUDA_R_16BF)
     call = router_call()
-    d.prepared_router(**call)()
+    prepared = d.prepared_router(**call)  # kept: a launch's argument array lives as long as its prepared call
+    prepared()
     fn, grid, _, _, block, _, _, smem, stream, params, _ = d.launches[0]
     assert (fn, grid, block, smem, stream) == (0x5100 + D.ADD_NORM, 2, 256, 2 * 2 * H, 0x77)
     slots = [d._driver_ffi.cast("uint64_t*", params[i])[0] for i in range(20)]
