@@ -25,6 +25,7 @@ divided by 32).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import importlib
 import os
@@ -83,6 +84,9 @@ def step_of(
     lib_dir = os.path.dirname(runtime.library_path())
     dl.open_library(os.path.join(lib_dir, "libtvm_ffi_testing.so"), dl.RTLD_NOW | dl.RTLD_GLOBAL)
 
+    # the attention ops refuse to pick a module on a machine without a CUDA driver; this proxy launches nothing
+    with contextlib.suppress(ModuleNotFoundError):  # a package from before that check has no such module
+        importlib.import_module(fi.__name__ + ".launch.kernels")._driver_found = True
     decode = importlib.import_module(fi.__name__ + ".ops.attention.decode")
     page = importlib.import_module(fi.__name__ + ".ops.page")
     wsmod = importlib.import_module(fi.__name__ + ".ops.attention.workspace")
