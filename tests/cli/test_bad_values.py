@@ -1,4 +1,4 @@
-"""Command lines that used to trace back or accept nonsense (issue 31 item 5): each ends in one line on stderr
+"""Command lines that used to trace back or accept nonsense: each ends in one line on stderr
 that names the option, what was expected and the fix, and exit status 2."""
 
 from __future__ import annotations

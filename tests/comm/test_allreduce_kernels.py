@@ -519,7 +519,7 @@ def test_bad_lamport_arguments(call: Any, error: type, message: str) -> None:
         call()
 
 
-# ---- the all-reduce objects' arguments (issue 23) ------------------------------------------------------------------
+# ---- the all-reduce objects' arguments -----------------------------------------------------------------------------
 
 
 def past_the_checks(exc: BaseException) -> bool:
@@ -643,7 +643,7 @@ def test_a_bad_hidden_size_is_named_hidden_dim_as_the_caller_wrote_it() -> None:
         trtllm_ar.trtllm_moe_allreduce_fusion(**moe_reduction_args(hidden_dim=H - 4))
 
 
-# ---- the Lamport stride defect of trtllm_custom_all_reduce before FlashInfer 0.6.17 (issue 21) ----------------------
+# ---- the Lamport stride defect of trtllm_custom_all_reduce before FlashInfer 0.6.17 ---------------------------------
 
 
 def rms_norm_custom_args(tp_size: int, **over: Any) -> dict[str, Any]:

@@ -152,7 +152,7 @@ def test_moe_path_auto_keeps_the_grouped_gemv_then_goes_dense_where_the_assignme
     assert _moe_paths_of({**BASE, "model_type": "llama"}, "auto", 4) == ["routed"] * 5  # no experts: never dense
 
 
-# ---- bad input (issue 23): bounds, non-finite numbers, JSON no config holds, bad from_dir arguments ----------------
+# ---- bad input: bounds, non-finite numbers, JSON no config holds, bad from_dir arguments ---------------------------
 
 
 @pytest.mark.parametrize(

@@ -229,7 +229,7 @@ def test_a_module_with_another_argument_list_is_a_loader_error(kernel_modules: l
 
 
 def test_a_given_stream_that_is_current_already_is_called_on_directly(kernel_modules: list[str]) -> None:
-    # issue 21: inside stream_scope(s), a call given stream=s finds s current and calls straight from the generated
+    # inside stream_scope(s), a call given stream=s finds s current and calls straight from the generated
     # code; a call given another stream still sets it for the call and restores s afterwards, also on error
     x, w, out = fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
     with fi_ffi.stream_scope(0x40):
@@ -242,7 +242,7 @@ def test_a_given_stream_that_is_current_already_is_called_on_directly(kernel_mod
 
 
 def test_launchers_follow_the_producer_classes_they_read_inline() -> None:
-    # issue 21: the generated code tests each tensor argument's class against torch's / CuPy's with one global
+    # the generated code tests each tensor argument's class against torch's / CuPy's with one global
     # read; the intake, which wrote those reads (read_source), keeps every launcher's copy of the classes in step
     from fi_ffi.tensor import intake
 

@@ -206,7 +206,7 @@ def test_verify_cache_judges_cached_wheels_by_their_digest_key_and_keeps_what_is
     assert loader.verify_cache().ok  # the cheap check trusts the stamp
     full = loader.verify_cache(full=True)
     assert [p for p, _ in full.bad] == [good, junk] and not good.exists()
-    # the full check reads the junk too: damaged, so bad (issue 21), yet not fi_ffi's file, so left in place
+    # the full check reads the junk too: damaged, so bad, yet not fi_ffi's file, so left in place
     assert "damaged" in full.bad[1][1] and junk.read_bytes() == b"junk"
 
 

@@ -1,4 +1,4 @@
-"""The cache's repairs and checks of issue 16, on real files: the shared test kernel wheel copied into folders of
+"""The cache's repairs and checks, on real files: the shared test kernel wheel copied into folders of
 the test's own, damaged by flipping bytes with its size kept and its mtime put back (``os.utime``), so that the
 stamp fi_ffi recorded still matches where a test says so.
 

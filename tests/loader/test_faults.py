@@ -1,4 +1,4 @@
-"""Cache faults (issue 9, section 1): each one a LoaderError naming the path, FI_FFI_CACHE_DIR and the fix,
+"""Cache faults: each one a LoaderError naming the path, FI_FFI_CACHE_DIR and the fix,
 healed on the next start where fi_ffi can, and nothing removed that fi_ffi did not create.
 
 Faults of the file system are produced for real: a small tmpfs for a full disk, a read-only bind mount for
@@ -207,7 +207,7 @@ def test_a_damaged_listing_is_detected_by_verify_and_listed_again(synthetic: Pat
     index = cache.extracted_dir(pin().sha256) / "index.json"
     data = cache.read_json(index)
     assert data is not None
-    cache.write_json(index, {**data, "members": {}})  # the issue's case: a listing of no members
+    cache.write_json(index, {**data, "members": {}})  # the damage: a listing of no members
     modules._indexes.clear()
     assert loader.available_uris() == ["alpha", "beta"]  # was: nothing found
     cache.write_json(index, {**data, "members": {}})

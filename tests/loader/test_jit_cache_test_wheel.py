@@ -1,4 +1,4 @@
-"""The suite runs on FlashInfer's own prebuilt ``flashinfer-jit-cache`` wheel (issue 31, item 2): ``FI_FFI_TEST_WHEELS``
+"""The suite runs on FlashInfer's own prebuilt ``flashinfer-jit-cache`` wheel: ``FI_FFI_TEST_WHEELS``
 may name that wheel (or its folder); the tests of the modules it holds run, and a test stopped by a module it lacks
 is a skip naming the module. Proved on CPU with a stand-in: the shared wheel's ``norm`` module re-packed alone into a
 wheel of the upstream file name and layout (``flashinfer_jit_cache/jit_cache/<uri>/<uri>.so``, the loader's default

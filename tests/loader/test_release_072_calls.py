@@ -246,7 +246,7 @@ def test_a_063_fa2_graph_plan_without_split_kv_is_refused_before_the_plan(
     kernel_modules: list[str], split: dict[str, object], pattern: str
 ) -> None:
     """FlashInfer 0.6.3's FA2 planner masks a CUDA-graph launch's padding blocks only for a split schedule (the
-    unsplit one ran them on stale indices: an illegal address on the H100, session 14), so fi_ffi refuses the
+    unsplit one ran them on stale indices: an illegal address on the H100), so fi_ffi refuses the
     combination by name before the plan call; eager plans, FA3 plans and the default split reach the module."""
     ws = workspace()
     generation = ws._generation

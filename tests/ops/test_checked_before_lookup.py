@@ -1,4 +1,4 @@
-"""Every op family checks its arguments before it asks the loader for a module (issue 31, item 3).
+"""Every op family checks its arguments before it asks the loader for a module.
 
 Online, a module lookup may download a 1-2 GB kernel wheel; a bad argument must be named before that. Each test
 here runs with an empty cache folder, no lock pinning a wheel that is present, and ``FI_FFI_OFFLINE=1``: a call that

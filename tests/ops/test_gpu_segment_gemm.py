@@ -190,7 +190,7 @@ def test_a_prepared_gemm_computes_the_rows_written_into_its_problem_sizes(ws: fi
             assert bool((seg[m:] == untouched).all()), f"segment {s}: rows past m={m} were written"
 
 
-# ---- bad pointers after a warm call (issue 23): refused before anything is staged, the context alive -------------
+# ---- bad pointers after a warm call: refused before anything is staged, the context alive ------------------------
 
 # The child: a valid call (warm), then the same layout with x at NULL or 2 bytes off its 16-byte alignment (the
 # pointers go into the device argument arrays, where no launcher check sees them: a launch would read address 0 or

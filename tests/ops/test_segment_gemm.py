@@ -261,7 +261,7 @@ def test_a_prepared_call_of_empty_segments_copies_and_launches_nothing() -> None
     prepared()  # nothing to launch
 
 
-# ------------------------------------------------------------------------------------------ pointers (issue 23)
+# ----------------------------------------------------------------------------------------------------- pointers
 
 TOP = 1 << 64
 

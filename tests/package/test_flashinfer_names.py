@@ -474,7 +474,7 @@ def test_every_op_states_its_counterpart_or_why_it_has_none() -> None:
 
 
 def test_every_op_documents_what_it_raises() -> None:
-    """Issue 31: the API reference shows a Raises section for every public op (the bad input each error means)."""
+    """The API reference shows a Raises section for every public op (the bad input each error means)."""
     missing = [
         f.__name__
         for f in _all_ops()

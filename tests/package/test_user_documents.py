@@ -1,6 +1,8 @@
 """The user documents describe the product, not its history: README.md, CONTRIBUTING.md, docs/ (the API reference
-included, generated from the docstrings) and the sources of both packages name no working session and no issue
-number. Measurements carry their date and machine in benchmarks/RESULTS.md, the dated log, which keeps its history.
+included, generated from the docstrings), the sources of both packages, benchmarks/ (its README.md, RESULTS.md and
+scripts), tools/ and the tests name no working session and no issue number. Measurements carry their date and
+machine in benchmarks/RESULTS.md, the dated log: each entry says when and on what it was measured, and names no
+session or issue.
 """
 
 from __future__ import annotations
@@ -27,12 +29,17 @@ def history_mentions(paths: list[Path]) -> list[str]:
 def user_documents() -> list[Path]:
     docs = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").rglob("*.md"))]
     sources = [p for package in ("fi_ffi", "fi_engine") for p in sorted((ROOT / package).rglob("*.py"))]
-    return docs + sources
+    benchmarks = [*sorted((ROOT / "benchmarks").glob("*.md")), *sorted((ROOT / "benchmarks").glob("*.py"))]
+    tools = sorted((ROOT / "tools").glob("*.py"))
+    # not this file: its examples and probes name sessions and issues on purpose, to show the check finds them
+    tests = [p for p in sorted((ROOT / "tests").rglob("*.py")) if p != Path(__file__).resolve()]
+    return docs + sources + benchmarks + tools + tests
 
 
 def test_no_user_document_names_a_session_or_an_issue() -> None:
     paths = user_documents()
     assert len(paths) > 150 and ROOT / "docs" / "engine.md" in paths
+    assert ROOT / "benchmarks" / "RESULTS.md" in paths and Path(__file__).resolve() not in paths
     assert history_mentions(paths) == []
 
 

@@ -1,6 +1,6 @@
 """The ``FI_FFI_*`` variables come from one table (fi_ffi/variables.py) that the readers use, ``fi-ffi doctor`` checks
 against and the docs list: no read of an ``FI_FFI_*`` variable outside it, no name the table lacks, no row the docs
-lack, and doctor flags each bad value and unknown name (issue 31, item 5)."""
+lack, and doctor flags each bad value and unknown name."""
 
 from __future__ import annotations
 

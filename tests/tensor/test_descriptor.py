@@ -371,7 +371,7 @@ def test_a_bad_view_offset_is_named(offset: Any, exc: type) -> None:
     [((1, 128), "float16", 0), ((4, 0, 3), "bfloat16", "cuda:1"), ((), dtypes.float32, "cpu"), ((7,), "int8", 2)],
 )
 def test_a_layout_met_before_describes_as_the_first_time(shape: tuple[int, ...], dtype: Any, device: Any) -> None:
-    # issue 21: from_pointer fills a layout it met before from the parsed-layout cache, without __init__; every
+    # from_pointer fills a layout it met before from the parsed-layout cache, without __init__; every
     # field must equal the first (parsed) description's, the owner is this call's, and no record is shared
     tensor_module.clear_layouts()
     first_owner, second_owner = object(), object()

@@ -1,4 +1,4 @@
-"""The fast producer paths (issue 21): each gives the descriptor the slow path gives, and keeps nothing alive.
+"""The fast producer paths: each gives the descriptor the slow path gives, and keeps nothing alive.
 
 - ``as_tensor(torch tensor)`` remembers a layout under torch's own (shape, stride(), dtype, device) and then reads
   only those and ``data_ptr()``: compared here field by field with the full description, for every dtype fi_ffi
@@ -133,7 +133,7 @@ def test_a_cai_type_is_read_from_its_interface_and_stays_on_the_fast_path(kernel
         fi_ffi.rmsnorm(x, w, out=out)
 
 
-# ---- the launcher's inline reads (issue 21): torch tensors and CuPy arrays read in the generated code -------------
+# ---- the launcher's inline reads: torch tensors and CuPy arrays read in the generated code ------------------------
 
 on_gpu = pytest.mark.skipif(
     os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1" or not torch.cuda.is_available(),

@@ -1,5 +1,5 @@
 """Every producer on the GPU: the default stream follows the caller's framework, JAX arrays work, and nothing
-fi_ffi keeps holds a caller's GPU memory after the caller drops it (issue 7)."""
+fi_ffi keeps holds a caller's GPU memory after the caller drops it."""
 
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ def cupy_fields(t: fi_ffi.Tensor) -> tuple[object, ...]:
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "int8", "int32", "int64", "uint8"])
 def test_the_warm_cupy_path_describes_as_dlpack(dtype: str) -> None:
-    # issue 21: a CuPy layout seen before is described from data.ptr and the remembered layout, no capsule;
+    # a CuPy layout seen before is described from data.ptr and the remembered layout, no capsule;
     # every field equals DLPack's description, for strided, sliced, transposed and empty views
     cp = pytest.importorskip("cupy")
     from fi_ffi.tensor import intake
@@ -153,7 +153,7 @@ def test_the_warm_cupy_path_describes_as_dlpack(dtype: str) -> None:
     assert not any(isinstance(v, cp.ndarray) for key in intake._layouts for v in key)
 
 
-# ---- JAX's fast path (issue 21): a ready, single-device, row-major array without a DLPack capsule -------------------
+# ---- JAX's fast path: a ready, single-device, row-major array without a DLPack capsule ------------------------------
 
 
 def _jax_gpu():  # type: ignore[no-untyped-def]

@@ -1,4 +1,4 @@
-"""Producers that misbehave are refused by name (issue 9 section 2), and the per-type readers agree with as_tensor."""
+"""Producers that misbehave are refused by name, and the per-type readers agree with as_tensor."""
 
 from __future__ import annotations
 

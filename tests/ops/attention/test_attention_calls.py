@@ -776,7 +776,7 @@ def test_run_inputs_are_passed_per_call_and_not_kept(make_array):
 
 
 def test_100k_runs_with_a_custom_mask_grow_neither_rss_nor_objects(make_array):
-    """Issue 7: 10**5 runs whose custom mask travels as TVM-FFI Tensor objects (made and released per call; each
+    """10**5 runs whose custom mask travels as TVM-FFI Tensor objects (made and released per call; each
     run here stops at the module's device check) leave no object alive and no memory behind."""
     import contextlib
     import gc
@@ -1083,7 +1083,7 @@ def test_fp8_kv_cache_selects_its_modules(make_array):
 
 
 def test_a_decode_runs_plan_scalars_are_bound_to_its_context(make_array):
-    """issue 21: a run neither passes nor keys the plan's scalars (layout code, window, soft cap, scales): the
+    """A run neither passes nor keys the plan's scalars (layout code, window, soft cap, scales): the
     launcher takes them from the plan's context, which its key holds, so plans of other settings over the same
     tensor layouts pack their own values."""
     from fi_ffi import caches

@@ -282,7 +282,7 @@ def test_workspace_from_buffers_validates():
 
 @pytest.mark.parametrize("which", ["float_buffer", "int_buffer", "pinned_buffer"])
 def test_a_null_workspace_buffer_is_refused_by_name(which: str) -> None:
-    """Issue 21: a NULL buffer would reach the plans' copies and the kernels' scratch writes at address 0."""
+    """A NULL buffer would reach the plans' copies and the kernels' scratch writes at address 0."""
     from fi_ffi.ops.attention.workspace import Workspace
 
     host = np.zeros(64, np.uint8)
