@@ -744,10 +744,14 @@ def _quantized_weights(model: str) -> Any:
     """The layout of the checkpoint's quantized weights as its family's config reader finds it (an ``Fp8Scheme`` or
     ``Int4Scheme`` of :mod:`fi_engine.checkpoint.quantization`, or gpt-oss's ``Mxfp4Scheme``, which ``describe()``
     themselves), or None for 16-bit weights; ValueError for a config the family refuses."""
+    from .checkpoint.quantization import Fp8Scheme
     from .models.registry import read_config
 
     config = read_config(model)
     scheme = getattr(config, "int4", None) or getattr(config, "fp8", None)
+    moe = getattr(config, "moe", None)
+    if moe is not None and isinstance(scheme, Fp8Scheme):  # FP8 experts of shapes the grouped GEMV cannot read
+        scheme = scheme.experts_for(config.hidden_size, moe.intermediate_size)
     if scheme is None:  # gpt-oss reads its MXFP4 experts per tensor: the config.json the reader accepted says so
         from .checkpoint.config import read_config_json
         from .checkpoint.mxfp4_weights import mxfp4_scheme

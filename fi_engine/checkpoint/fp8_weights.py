@@ -117,8 +117,9 @@ class Fp8Matrix:
 
     @staticmethod
     def stacked(parts: Sequence[Fp8Matrix]) -> Fp8Matrix:
-        """``parts`` (the same columns and scale layout) stacked along rows, as :func:`read_fp8_linear` stacks q, k
-        and v; ValueError where a part's rows do not fill whole blocks (all but the last)."""
+        """``parts`` (the same columns and scale layout) stacked along rows (q, k and v; gate and up); ValueError
+        where a part's rows do not fill whole blocks (all but the last: the family's check refuses such a model
+        first, naming the projection)."""
         block = parts[0].block
         if any(p.block != block or p.weight.shape[1] != parts[0].weight.shape[1] for p in parts):
             raise ValueError("parts: expected matrices of the same columns and scale blocks")
@@ -168,48 +169,37 @@ def _scale(ckpt: Checkpoint, name: str, shapes: Sequence[tuple[int, ...]], want:
 
 
 def read_fp8_linear(
-    ckpt: Checkpoint, scheme: Fp8Scheme, parts: Sequence[tuple[str, tuple[int, int]]], *, gemv: bool = True
+    ckpt: Checkpoint, scheme: Fp8Scheme, prefix: str, shape: tuple[int, int], *, gemv: bool = True
 ) -> Fp8Matrix:
-    """The projections ``parts`` (each ``(prefix, (n, k))``, e.g. q, k and v) read from ``ckpt`` in ``scheme``'s
-    layout and stacked along rows (``qkv``, ``gate_up``): their ``<prefix>.weight`` (F8_E4M3, shape checked) and
-    scales (see the module docstring). Per-tensor scales become per-row ones (each part's repeated over its rows);
-    per-block parts stack where each part's rows fill whole blocks. ``gemv``: the weight feeds the FP8 GEMV
-    (:func:`upload_fp8_linear`), which needs ``k`` a multiple of 16; False for a weight the caller dequantizes
-    (:meth:`Fp8Matrix.dequantized`). ValueError naming the tensor, what was expected and the fix: a weight that is
-    not e4m3, a missing or misshapen scale, a non-finite or non-positive one, ``k`` not a multiple of 16 (with
-    ``gemv``: the GEMV reads 16 codes at a time), parts whose ``k`` differ, a block part that ends inside a block."""
-    weights, scales = [], []
-    k0 = parts[0][1][1]
-    for prefix, (n, k) in parts:
-        name = prefix + ".weight"
-        info = ckpt.info(name)
-        if info.dtype != "float8_e4m3fn":
-            raise ValueError(
-                f"model: tensor {name!r} is {info.dtype}; quantization_config says FP8, so the projections must be "
-                f"F8_E4M3 (is it in an `ignore` list? only lm_head may be)"
-            )
-        if k != k0 or (gemv and k % 16):
-            raise ValueError(f"model: tensor {name!r}: {k} columns; the FP8 GEMV needs a multiple of 16, equal parts")
-        weights.append(ckpt.array(name, (n, k)))
-        if scheme.scales == "block":
-            assert scheme.block is not None
-            bn, bk = scheme.block
-            if len(parts) > 1 and n % bn:
-                raise ValueError(
-                    f"model: tensor {name!r} has {n} rows, not a multiple of the {bn}-row scale blocks, so it cannot "
-                    f"be stacked with the others; serve a bfloat16 copy of this checkpoint"
-                )
-            shape = (-(-n // bn), -(-k // bk))
-            scales.append(_scale(ckpt, prefix + ".weight_scale_inv", [shape], f"{bn}x{bk} block scales"))
-        elif scheme.scales == "channel":
-            s = _scale(ckpt, prefix + ".weight_scale", [(n, 1), (n,)], "one scale per output channel")
-            scales.append(s.reshape(n))
-        else:
-            s = _scale(ckpt, prefix + ".weight_scale", [(), (1,)], "one scale per tensor")
-            scales.append(np.full(n, s.reshape(()), np.float32))
-    weight = np.concatenate(weights) if len(weights) > 1 else np.asarray(weights[0])
-    scale = np.concatenate(scales) if len(scales) > 1 else scales[0]
-    return Fp8Matrix(np.ascontiguousarray(weight), np.ascontiguousarray(scale, np.float32), scheme.block)
+    """Projection ``prefix``'s weight ``shape`` ``(n, k)`` read from ``ckpt`` in ``scheme``'s layout: its
+    ``<prefix>.weight`` (F8_E4M3, shape checked) and scales (see the module docstring); a per-tensor scale becomes
+    one per row. Projections that share a GEMM (q, k and v; gate and up) stack with :meth:`Fp8Matrix.stacked`.
+    ``gemv``: the weight feeds the FP8 GEMV (:func:`upload_fp8_linear`), which needs ``k`` a multiple of 16; False
+    for a weight the caller dequantizes (:meth:`Fp8Matrix.dequantized`). ValueError naming the tensor, what was
+    expected and the fix: a weight that is not e4m3, a missing or misshapen scale, a non-finite or non-positive
+    one, ``k`` not a multiple of 16 (with ``gemv``: the GEMV reads 16 codes at a time)."""
+    n, k = shape
+    name = prefix + ".weight"
+    info = ckpt.info(name)
+    if info.dtype != "float8_e4m3fn":
+        raise ValueError(
+            f"model: tensor {name!r} is {info.dtype}; quantization_config says FP8, so the projections must be "
+            f"F8_E4M3 (is it in an `ignore` list? only lm_head may be)"
+        )
+    if gemv and k % 16:
+        raise ValueError(f"model: tensor {name!r}: {k} columns; the FP8 GEMV needs a multiple of 16")
+    weight = ckpt.array(name, (n, k))
+    if scheme.scales == "block":
+        assert scheme.block is not None
+        bn, bk = scheme.block
+        shape_of_scales = (-(-n // bn), -(-k // bk))
+        scales = _scale(ckpt, prefix + ".weight_scale_inv", [shape_of_scales], f"{bn}x{bk} block scales")
+    elif scheme.scales == "channel":
+        scales = _scale(ckpt, prefix + ".weight_scale", [(n, 1), (n,)], "one scale per output channel").reshape(n)
+    else:
+        s = _scale(ckpt, prefix + ".weight_scale", [(), (1,)], "one scale per tensor")
+        scales = np.full(n, s.reshape(()), np.float32)
+    return Fp8Matrix(np.ascontiguousarray(weight), np.ascontiguousarray(scales, np.float32), scheme.block)
 
 
 def upload_fp8_linear(dense: Any, matrix: Fp8Matrix, upload: Any) -> int:

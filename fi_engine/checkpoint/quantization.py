@@ -33,6 +33,7 @@ A value module: nothing here touches a GPU.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -77,6 +78,55 @@ class Fp8Scheme:
         of 16 rows by a power of two >= 128 columns (the published 128x128)."""
         b = self.block
         return b is None or (b[0] % 16 == 0 and b[1] >= 128 and b[1] & (b[1] - 1) == 0)
+
+    def experts_for(self, hidden: int, intermediate: int, ranks: int = 1) -> Fp8Scheme:
+        """This scheme as it serves a mixture-of-experts model whose experts are ``hidden`` by ``intermediate``
+        (the whole model's), split ``ranks`` ways by intermediate columns: itself where the FP8 grouped GEMV reads
+        each rank's share as stored, else with those experts dequantized at load (``stored_experts`` False,
+        ``dequantized`` ``"experts"``). The GEMV reads 16 codes at a time (hidden and the share multiples of 16),
+        its blocks of scales must be whole in every expert's gate, up and down (the share and hidden multiples of
+        the block's rows), and a share that starts inside a block of scale columns would cut one (with ``ranks``
+        > 1, the share a multiple of the block's columns)."""
+        if not self.stored_experts:
+            return self
+        share = intermediate // ranks
+        fits = hidden % 16 == 0 and share % 16 == 0
+        if self.block is not None:
+            bn, bk = self.block
+            fits = fits and share % bn == 0 and hidden % bn == 0 and (ranks == 1 or share % bk == 0)
+        return self if fits else dataclasses.replace(self, stored_experts=False, dequantized="experts")
+
+    def shard_refusal(
+        self, stacks: Sequence[Sequence[tuple[str, int]]], row_parallel: Sequence[tuple[str, int]], ranks: int
+    ) -> str | None:
+        """Why projections kept e4m3 cannot be split ``ranks`` ways (1: one GPU), or None where they can.
+        ``stacks``: the projections cut by output rows, as ``(name, rows)`` in the order each stack holds them
+        (``[q, k, v]``, ``[gate, up]``); ``row_parallel``: ``(name, columns)`` of those cut by input columns (o,
+        down). A rank's rows must be whole blocks of scale rows -- on one GPU too, for a projection stacked before
+        another; with ``ranks`` > 1, a rank's columns whole blocks of scale columns and a multiple of 16 (the FP8
+        GEMV reads 16 codes at a time)."""
+        for stack in stacks:
+            for place, (name, rows) in enumerate(stack):
+                share, last = rows // ranks, place == len(stack) - 1
+                if self.block is None or share % self.block[0] == 0:
+                    continue
+                if ranks > 1:
+                    return (f"{name}: a {ranks}-way shard of its {rows} rows ({share}) cuts a block of "
+                            f"{self.block[0]} rows that share one scale")  # fmt: skip
+                if not last:
+                    return (f"{name}: its {rows} rows end inside a block of {self.block[0]} rows that share one "
+                            f"scale, so it cannot be stacked with the projection after it")  # fmt: skip
+        if ranks == 1:
+            return None
+        for name, columns in row_parallel:
+            share = columns // ranks
+            if share % 16:
+                return (f"{name}: a {ranks}-way shard of its {columns} columns ({share}) is not a multiple of 16 (the "
+                        f"FP8 GEMV reads 16 codes at a time)")  # fmt: skip
+            if self.block is not None and share % self.block[1]:
+                return (f"{name}: a {ranks}-way shard of its {columns} columns ({share}) cuts a block of "
+                        f"{self.block[1]} columns that share one scale")  # fmt: skip
+        return None
 
 
 @dataclass(frozen=True)

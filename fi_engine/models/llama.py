@@ -94,9 +94,17 @@ class Llama(MoEPaths, ModelFamily):
         return LlamaConfig.from_dict(*family_config_json(model_dir, type(self)))
 
     def check(self, eng: ModelRunner, cfg: LlamaConfig) -> None:
-        """Refuse a MoE path the model cannot take. (FP8 shards that would cut a block of scales are refused as the
-        weights are read, naming the projection.)"""
+        """Refuse a MoE path the model cannot take, and FP8 projections that ``eng.tensor_parallel`` ranks (or, on
+        one GPU, the stacking of q, k and v or of gate and up) would cut inside a block of scales, naming the
+        projection (:meth:`~fi_engine.checkpoint.quantization.Fp8Scheme.shard_refusal`)."""
         self.check_moe_path(cfg)
+        n = eng.tensor_parallel
+        why = None if cfg.fp8 is None else cfg.fp8.shard_refusal(*_fp8_projection_sizes(cfg), n)
+        if why is not None and n > 1:
+            raise ValueError(f"tensor_parallel: {n}: {why}; pick a tensor_parallel whose shards hold whole blocks of "
+                             f"scales, or serve a bfloat16 copy")  # fmt: skip
+        if why is not None:
+            raise ValueError(f"model: {why}; serve a bfloat16 copy of this checkpoint")
 
     def load(self, eng: ModelRunner, ckpt: Checkpoint) -> None:
         c = eng.model_config  # the checkpoint's shapes; this rank keeps its shard
@@ -113,31 +121,10 @@ class Llama(MoEPaths, ModelFamily):
         # (ModelRunner.int4_as_stored) or dequantized to dtype as read; FP8 experts kept e4m3
         # (ModelRunner.fp8_experts_as_stored) or dequantized as read (w.linear)
         w = WeightLoader.for_engine(eng, ckpt, dtype, c.int4, c.fp8)
-        int4_dense = eng.dense if c.int4 is not None and eng.int4_as_stored else None
         vs = eng.vocab_shard
         fp8 = c.fp8  # an Fp8Scheme: attention and dense MLPs e4m3 (fi_engine.checkpoint.fp8_weights), the rest 16-bit
-
-        def fp8_linear(parts: list[tuple[str, tuple[int, int]]], axis: int = 0) -> int:
-            """The e4m3 projections ``parts`` stacked by rows, each cut to this rank's shard (``axis`` 0: its
-            output rows, 1: its input columns), uploaded and registered with the GEMMs."""
-            from ..checkpoint.fp8_weights import Fp8Matrix, read_fp8_linear, upload_fp8_linear
-
-            shards = []
-            for prefix, shape in parts:
-                m = read_fp8_linear(ckpt, fp8, [(prefix, shape)])
-                size = shape[axis]
-                lo, hi = r * size // n, (r + 1) * size // n
-                try:
-                    if size % n:
-                        raise ValueError(f"{size} {'rows' if axis == 0 else 'columns'} do not split {n} ways")
-                    shards.append(m.rows(lo, hi) if axis == 0 else m.columns(lo, hi))
-                except ValueError as exc:
-                    raise ValueError(
-                        f"tensor_parallel: {n}: {prefix!r}: {exc}; pick a tensor_parallel whose shards hold whole "
-                        f"blocks, or serve a bfloat16 copy"
-                    ) from None
-            matrix = Fp8Matrix.stacked(shards) if len(shards) > 1 else shards[0]
-            return upload_fp8_linear(eng.dense, matrix, w.upload)
+        # where quantized projections stay as stored (e4m3 always; int4 unless ModelRunner.int4_as_stored is off)
+        stored = eng.dense if fp8 is not None or (c.int4 is not None and eng.int4_as_stored) else None
 
         def table(whole: np.ndarray) -> np.ndarray:  # the whole [V, H] table, or this rank's rows of it
             return whole if vs is None else vs.take(whole)
@@ -152,31 +139,24 @@ class Llama(MoEPaths, ModelFamily):
         eng.moe_layers = []
         if c.moe is not None:
             eng.moe_workspace = kernels.workspace(eng.device)  # the grouped GEMMs' own (argument arrays, scratch)
-            self.experts_stored = fp8 is not None and fp8.stored_experts and eng.fp8_experts_as_stored
+            # decided once for every layer: shapes and shards the FP8 grouped GEMV cannot read are dequantized
+            fits = fp8 is not None and fp8.experts_for(h, c.moe.intermediate_size, n).stored_experts
+            self.experts_stored = fits and eng.fp8_experts_as_stored
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
-            if fp8 is not None:  # e4m3 projections (one GPU): read, uploaded and registered with the GEMMs
-                a = p + "self_attn."
-                qkv_parts = [(a + "q_proj", (hq * d, h)), (a + "k_proj", (hk * d, h)), (a + "v_proj", (hk * d, h))]
-                eng.wqkv.append(fp8_linear(qkv_parts))
-                eng.wo.append(fp8_linear([(a + "o_proj", (h, hq * d))], 1))
-            else:
-                a = p + "self_attn."
-                qkv_parts = [(a + "q_proj", (hq * d, h)), (a + "k_proj", (hk * d, h)), (a + "v_proj", (hk * d, h))]
-                eng.wqkv.append(w.projection(int4_dense, qkv_parts, r, n, 0))
-                eng.wo.append(w.projection(int4_dense, [(a + "o_proj", (h, hq * d))], r, n, 1))
+            a = p + "self_attn."
+            qkv_parts = [(a + "q_proj", (hq * d, h)), (a + "k_proj", (hk * d, h)), (a + "v_proj", (hk * d, h))]
+            eng.wqkv.append(w.projection(stored, qkv_parts, r, n, 0))
+            eng.wo.append(w.projection(stored, [(a + "o_proj", (h, hq * d))], r, n, 1))
             if c.qk_norm:  # per head_dim: every rank keeps the whole vector
                 eng.q_norm.append(w.vector(w.get(p + "self_attn.q_norm.weight", (d,))))
                 eng.k_norm.append(w.vector(w.get(p + "self_attn.k_norm.weight", (d,))))
             if c.moe is not None:
                 eng.moe_layers.append(load_moe_layer(eng, ckpt, p, w))
-            elif fp8 is not None:
-                eng.wgu.append(fp8_linear([(p + "mlp.gate_proj", (inter, h)), (p + "mlp.up_proj", (inter, h))]))
-                eng.wd.append(fp8_linear([(p + "mlp.down_proj", (h, inter))], 1))
             else:
                 gate_up = [(p + "mlp.gate_proj", (inter, h)), (p + "mlp.up_proj", (inter, h))]
-                eng.wgu.append(w.projection(int4_dense, gate_up, r, n, 0, interleave=True))
-                eng.wd.append(w.projection(int4_dense, [(p + "mlp.down_proj", (h, inter))], r, n, 1))
+                eng.wgu.append(w.projection(stored, gate_up, r, n, 0, interleave=True))
+                eng.wd.append(w.projection(stored, [(p + "mlp.down_proj", (h, inter))], r, n, 1))
             eng.ln1.append(w.vector(w.get(p + "input_layernorm.weight", (h,))))
             eng.ln2.append(w.vector(w.get(p + "post_attention_layernorm.weight", (h,))))
         eng.final_norm = w.vector(w.get("model.norm.weight", (h,)))
@@ -325,6 +305,19 @@ class LlamaEngine(Engine):
         super().__init__(model_dir, family=self.definition(moe_path), **settings)
 
 
+def _fp8_projection_sizes(c: LlamaConfig) -> tuple[list[list[tuple[str, int]]], list[tuple[str, int]]]:
+    """The projections of config ``c`` that an FP8 checkpoint keeps e4m3, as
+    :meth:`~fi_engine.checkpoint.quantization.Fp8Scheme.shard_refusal` takes them: the stacks cut by output rows
+    (q, k, v; a dense MLP's gate, up) and those cut by input columns (o; down), with their whole sizes."""
+    q, kv = c.num_qo_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    stacks = [[("self_attn.q_proj", q), ("self_attn.k_proj", kv), ("self_attn.v_proj", kv)]]
+    row_parallel = [("self_attn.o_proj", q)]
+    if c.moe is None:  # (experts: Fp8Scheme.experts_for)
+        stacks.append([("mlp.gate_proj", c.intermediate_size), ("mlp.up_proj", c.intermediate_size)])
+        row_parallel.append(("mlp.down_proj", c.intermediate_size))
+    return stacks, row_parallel
+
+
 def load_moe_layer(eng: ModelRunner, ckpt: Checkpoint, p: str, w: WeightLoader) -> Any:
     """Engine ``eng``'s :class:`~fi_engine.layers.moe.MoELayer` of layer prefix ``p``, read and uploaded by ``w``:
     router, experts' gate/up stacked as ``[E, 2I, H]`` (gate rows, then up rows, per expert) and down as
@@ -424,26 +417,21 @@ def _read_fp8_experts(
     uploaded by ``w``): each expert's e4m3 gate and up (``names[0]``, ``names[1]``) stacked as ``[2i, h]`` and its
     down ``[h, i]``, with their scales (:func:`~fi_engine.checkpoint.fp8_weights.read_fp8_linear`). With ``ranks``
     > 1, ``i`` is this rank's share: intermediate rows (gate, up) and columns (down) ``[rank i, (rank + 1) i)`` of
-    every expert. None where their rows or a shard do not fill whole scale blocks (the caller dequantizes them at
-    load)."""
+    every expert. The caller has found the shapes fit (:meth:`Fp8Scheme.experts_for
+    <fi_engine.checkpoint.quantization.Fp8Scheme.experts_for>`)."""
     from ..checkpoint.fp8_weights import Fp8Matrix, read_fp8_linear
     from ..kernels.fp8_moe_gemv import Fp8Experts, tiled_layout
 
     scheme = w.fp8
     assert scheme is not None
     block, full, lo, hi = scheme.block, i * ranks, rank * i, (rank + 1) * i
-    if block is not None and (i % block[0] or h % block[0]):
-        return None
     gate, up, down = names
 
     def read(name: str, shape: tuple[int, int]) -> Fp8Matrix:
-        return read_fp8_linear(ckpt, scheme, [(f"{base}experts.{name}", shape)])
+        return read_fp8_linear(ckpt, scheme, f"{base}experts.{name}", shape)
 
-    try:
-        gu = [Fp8Matrix.stacked([read(f"{x}.{p}", (full, h)).rows(lo, hi) for p in (gate, up)]) for x in range(e)]
-        dn = [read(f"{x}.{down}", (h, full)).columns(lo, hi) for x in range(e)]
-    except ValueError:  # a shard that cuts a block of scales
-        return None
+    gu = [Fp8Matrix.stacked([read(f"{x}.{p}", (full, h)).rows(lo, hi) for p in (gate, up)]) for x in range(e)]
+    dn = [read(f"{x}.{down}", (h, full)).columns(lo, hi) for x in range(e)]
 
     # the codes in the order the GEMV's warps load them, where the shapes tile (512-byte runs: measured 5-30 % faster
     # than rows on an H100, benchmarks/RESULTS.md); laid out on the GPU where the loader uploads with CuPy

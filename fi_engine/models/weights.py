@@ -71,7 +71,7 @@ class WeightLoader:
         if self.fp8 is not None and name in self.ckpt and self.ckpt.info(name).dtype == "float8_e4m3fn":
             from ..checkpoint.fp8_weights import read_fp8_linear
 
-            return self._dequantized(prefix, read_fp8_linear(self.ckpt, self.fp8, [(prefix, shape)], gemv=False))
+            return self._dequantized(prefix, read_fp8_linear(self.ckpt, self.fp8, prefix, shape, gemv=False))
         if self.int4 is None or prefix + ".qweight" not in self.ckpt:
             if self.int4 is not None and name not in self.ckpt:
                 raise ValueError(
@@ -102,21 +102,48 @@ class WeightLoader:
     ) -> int:
         """The device address of the projections ``parts`` (``(prefix, (n, k))`` each: q, k and v; gate and up)
         stacked by output rows, each cut to this rank's shard: ``axis`` 0 its block of output rows
-        (column-parallel), 1 its block of inputs (row-parallel); ``ranks`` 1 keeps them whole. Int4 projections stay
-        int4, in the int4 GEMV's layout and registered with ``dense``
-        (:meth:`~fi_engine.kernels.dense.Dense.add_int4_weight`), where ``dense`` is given (the engine serves int4
-        as stored), every part is int4 and the GEMV takes the stack's shape and its GPU; otherwise each part is read
-        as :meth:`linear` reads it (int4 dequantized) and the stack uploaded in the 16-bit type. ``interleave``: two
-        int4 parts (gate and up) stored interleaved by 8 rows where their rows allow, for the GEMV's SiLU form
-        (``Dense.prepared_int4_silu``)."""
+        (column-parallel), 1 its block of inputs (row-parallel); ``ranks`` 1 keeps them whole. Where ``dense`` is
+        given (the engine serves quantized weights as stored), e4m3 projections stay e4m3 with their scales,
+        registered with ``dense`` (:meth:`_fp8_projection`; the family has refused shards that cut a block of
+        scales), and int4 ones stay int4 in the int4 GEMV's layout
+        (:meth:`~fi_engine.kernels.dense.Dense.add_int4_weight`) where every part is int4 and the GEMV takes the
+        stack's shape and its GPU; otherwise each part is read as :meth:`linear` reads it (dequantized) and the
+        stack uploaded in the 16-bit type. ``interleave``: two int4 parts (gate and up) stored interleaved by 8
+        rows where their rows allow, for the GEMV's SiLU form (``Dense.prepared_int4_silu``)."""
         from ..layers.tensor_parallel import columns, rows
 
-        stored = self._int4_projection(dense, parts, rank, ranks, axis, interleave) if dense is not None else None
+        stored = None
+        if dense is not None:
+            stored = self._fp8_projection(dense, parts, rank, ranks, axis)
+            if stored is None:
+                stored = self._int4_projection(dense, parts, rank, ranks, axis, interleave)
         if stored is not None:
             return stored
         cut = rows if axis == 0 else columns
         shards = [cut(self.linear(prefix, shape), rank, ranks) for prefix, shape in parts]
         return self.ptr(shards[0] if len(shards) == 1 else np.concatenate(shards))
+
+    def _fp8_projection(
+        self, dense: Any, parts: list[tuple[str, tuple[int, int]]], rank: int, ranks: int, axis: int
+    ) -> int | None:
+        """:meth:`projection` kept e4m3 (its device address: the codes with their scales, each part's cut to this
+        rank's shard, stacked), or None where the loader has no FP8 layout or no part is e4m3 (a module the
+        checkpoint left 16-bit). ValueError naming the tensor for a part that is not e4m3 beside one that is, and
+        (:class:`~fi_engine.checkpoint.fp8_weights.Fp8Matrix`) for a shard that cuts a block of scales, which the
+        family's check refuses first (:meth:`~fi_engine.checkpoint.quantization.Fp8Scheme.shard_refusal`)."""
+        e4m3 = [prefix + ".weight" in self.ckpt and self.ckpt.info(prefix + ".weight").dtype == "float8_e4m3fn"
+                 for prefix, _ in parts]  # fmt: skip
+        if self.fp8 is None or not any(e4m3):
+            return None
+        from ..checkpoint.fp8_weights import Fp8Matrix, read_fp8_linear, upload_fp8_linear
+
+        shards = []
+        for prefix, shape in parts:
+            m = read_fp8_linear(self.ckpt, self.fp8, prefix, shape)
+            lo, hi = rank * shape[axis] // ranks, (rank + 1) * shape[axis] // ranks
+            shards.append(m if ranks == 1 else m.rows(lo, hi) if axis == 0 else m.columns(lo, hi))
+        matrix = Fp8Matrix.stacked(shards) if len(shards) > 1 else shards[0]
+        return upload_fp8_linear(dense, matrix, self.upload)
 
     def _int4_projection(
         self, dense: Any, parts: list[tuple[str, tuple[int, int]]], rank: int, ranks: int, axis: int, interleave: bool

@@ -16,6 +16,7 @@ Loading a whole model needs a GPU (the MoE layers' buffers), so the reader is ca
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -198,20 +199,20 @@ def test_qwen3_moe_experts_read_as_stored_stack_each_experts_codes_and_scales(
 
 
 def test_experts_whose_rows_cut_a_scale_block_are_not_read_as_stored(tmp_path: Path) -> None:
-    """An intermediate size that is not a multiple of the 128-row blocks: the stored reader says None (the loader
-    dequantizes those experts at load instead), and a block the GEMV cannot take is not ``stored_experts``."""
+    """An intermediate size that is not a multiple of the blocks' rows: the scheme the family serves dequantizes
+    those experts at load (``experts_for``; tests/engine/test_fp8_shards.py has its other cases), and a block the
+    GEMV cannot take is not ``stored_experts``."""
     import dataclasses
-
-    from fi_engine.models.llama import _read_fp8_experts
 
     src = save_random_qwen3_moe(tmp_path / "bf16", experts=2)
     write_fp8_copy(src, tmp_path / "fp8", "block")
-    scheme = LlamaConfig.from_dir(tmp_path / "fp8").fp8
-    assert scheme is not None and scheme.grouped_gemv_takes()
-    names = ("gate_proj", "up_proj", "down_proj")
+    cfg = LlamaConfig.from_dir(tmp_path / "fp8")
+    scheme = cfg.fp8
+    assert scheme is not None and scheme.grouped_gemv_takes() and scheme.stored_experts
+    assert cfg.moe is not None and scheme.experts_for(cfg.hidden_size, cfg.moe.intermediate_size).stored_experts
     odd = dataclasses.replace(scheme, block=(96, 128))  # 256 rows of intermediate size: not whole 96-row blocks
-    assert _read_fp8_experts(Checkpoint(tmp_path / "fp8"), loader(tmp_path / "fp8", odd), "model.layers.0.mlp.",
-                             names, 2, 512, 256) is None  # fmt: skip
+    served = odd.experts_for(cfg.hidden_size, cfg.moe.intermediate_size)
+    assert not served.stored_experts and served.dequantized == "experts"
     assert not dataclasses.replace(scheme, block=(128, 64)).grouped_gemv_takes()
     assert not dataclasses.replace(scheme, block=(8, 128)).grouped_gemv_takes()
     assert dataclasses.replace(scheme, block=None).grouped_gemv_takes()
@@ -328,8 +329,8 @@ def test_k_need_not_be_a_multiple_of_16_where_the_weight_is_dequantized(tmp_path
     scheme = Fp8Scheme("compressed-tensors", "channel", "dynamic")
     ckpt = Checkpoint(tmp_path)
     with pytest.raises(ValueError, match="24 columns; the FP8 GEMV needs a multiple of 16"):
-        read_fp8_linear(ckpt, scheme, [(P, (8, 24))])
-    matrix = read_fp8_linear(ckpt, scheme, [(P, (8, 24))], gemv=False)
+        read_fp8_linear(ckpt, scheme, P, (8, 24))
+    matrix = read_fp8_linear(ckpt, scheme, P, (8, 24), gemv=False)
     assert np.array_equal(matrix.dequantized("bfloat16"), bf16_bits(np.full((8, 24), 0.5, np.float32)))
 
 
@@ -357,6 +358,13 @@ def test_serve_names_the_dequantized_experts(qwen3_moe: dict[str, Path], tmp_pat
         "the FP8 grouped GEMV)"
     )
     assert cli._quantized_weights(str(qwen3_moe["block-copy"])) is None
+    # blocks of 96 rows: the experts' 256 intermediate rows end inside one, so they are dequantized at load
+    (tmp_path / "odd").mkdir()
+    config = json.loads((qwen3_moe["block"] / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = [96, 128]
+    (tmp_path / "odd" / "config.json").write_text(json.dumps(config))
+    odd = cli._quantized_weights(str(tmp_path / "odd"))
+    assert odd.block == (96, 128) and odd.describe().endswith("scales (experts dequantized to 16-bit at load)")
     src = save_random_deepseek_v3(tmp_path / "bf16", layers=1)
     write_fp8_copy(src, tmp_path / "fp8", "block")
     scheme = cli._quantized_weights(str(tmp_path / "fp8"))

@@ -68,9 +68,8 @@ def test_a_written_fp8_checkpoint_reads_back_stacked(tmp_path: Path, layout: str
     assert cfg.fp8 is not None and cfg.fp8.scales == layout
     ckpt = Checkpoint(tmp_path / "fp8")
     a = "model.layers.1.self_attn."
-    qkv = read_fp8_linear(
-        ckpt, cfg.fp8, [(a + "q_proj", (256, 256)), (a + "k_proj", (128, 256)), (a + "v_proj", (128, 256))]
-    )
+    parts = [(a + "q_proj", (256, 256)), (a + "k_proj", (128, 256)), (a + "v_proj", (128, 256))]
+    qkv = Fp8Matrix.stacked([read_fp8_linear(ckpt, cfg.fp8, prefix, shape) for prefix, shape in parts])
     assert qkv.weight.shape == (512, 256) and qkv.weight.dtype == np.uint8
     assert qkv.scales.shape == ((4, 2) if layout == "block" else (512,))
     want = np.concatenate([deq[a + p + ".weight"] for p in ("q_proj", "k_proj", "v_proj")])
@@ -86,7 +85,7 @@ def test_a_per_tensor_scale_becomes_one_per_row(tmp_path: Path) -> None:
         "a.weight": (codes, "float8_e4m3fn"), "a.weight_scale": np.array(0.5, np.float32),
         "b.weight": (codes, "float8_e4m3fn"), "b.weight_scale": np.array([2.0], np.float32),
     })  # fmt: skip
-    m = read_fp8_linear(ckpt, TENSOR, [("a", (32, 16)), ("b", (32, 16))])
+    m = Fp8Matrix.stacked([read_fp8_linear(ckpt, TENSOR, name, (32, 16)) for name in ("a", "b")])
     assert m.scales.tolist() == [0.5] * 32 + [2.0] * 32 and m.block is None
     assert np.array_equal(m.dequantized()[:, 0], np.array([0.5] * 32 + [2.0] * 32, np.float32))
 
@@ -96,7 +95,7 @@ def test_bfloat16_scales_are_read_as_float32(tmp_path: Path) -> None:
     ckpt = _write(
         tmp_path, {"a.weight": (np.zeros((8, 16), np.uint8), "float8_e4m3fn"), "a.weight_scale": (bits, "bfloat16")}
     )
-    assert read_fp8_linear(ckpt, CHANNEL, [("a", (8, 16))]).scales.tolist() == [0.25] * 8
+    assert read_fp8_linear(ckpt, CHANNEL, "a", (8, 16)).scales.tolist() == [0.25] * 8
 
 
 @pytest.mark.parametrize(
@@ -125,7 +124,7 @@ def test_a_malformed_fp8_tensor_is_refused_by_name(
 ) -> None:
     ckpt = _write(tmp_path, tensors)
     with pytest.raises(ValueError) as info:
-        read_fp8_linear(ckpt, scheme, [("a", shape)])
+        read_fp8_linear(ckpt, scheme, "a", shape)
     assert message in str(info.value)
 
 
@@ -135,9 +134,11 @@ def test_block_parts_stack_only_on_whole_blocks(tmp_path: Path) -> None:
         t[name + ".weight"] = (np.zeros((n, 128), np.uint8), "float8_e4m3fn")
         t[name + ".weight_scale_inv"] = np.ones((1, 1), np.float32)
     ckpt = _write(tmp_path, t)
-    assert read_fp8_linear(ckpt, BLOCK, [("b", (64, 128))]).scales.shape == (1, 1)  # alone: a partial block is fine
-    with pytest.raises(ValueError, match="'b.weight' has 64 rows, not a multiple of the 128-row scale blocks"):
-        read_fp8_linear(ckpt, BLOCK, [("a", (128, 128)), ("b", (64, 128))])
+    a, b = (read_fp8_linear(ckpt, BLOCK, name, (n, 128)) for name, n in (("a", 128), ("b", 64)))
+    assert b.scales.shape == (1, 1)  # alone: a partial block is fine
+    assert Fp8Matrix.stacked([a, b]).scales.shape == (2, 1)  # last: so is a partial block
+    with pytest.raises(ValueError, match="a part's rows do not fill whole blocks of 128 rows"):
+        Fp8Matrix.stacked([b, a])
 
 
 def test_the_matrix_dequantizes_per_block() -> None:
