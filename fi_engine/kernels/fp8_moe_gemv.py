@@ -34,6 +34,21 @@ _STATIC_SMEM = 4 * _MAX_ASSIGN + 64  # the list and the count
 _SUMS_SMEM = 16 * 512  # the warps' sums: up to 16 warps of 32 lanes by 4 float32
 _MAX_ROWS = 8  # staged rows per pass: the mma's n
 _U64 = 1 << 64
+_BLOCK_EXPECTED = (
+    "expected None or (rows, columns): rows a multiple of 16, columns a power of two >= 128 (e.g. (128, 128))"
+)
+
+
+def _block_ok(block: object) -> bool:
+    """Whether ``block`` is scales' layout the kernels take: None (per row) or ``(rows, columns)``, rows a positive
+    multiple of 16 and columns a power of two >= 128 (as :meth:`Fp8Scheme.grouped_gemv_takes
+    <fi_engine.checkpoint.quantization.Fp8Scheme.grouped_gemv_takes>` says of a checkpoint's)."""
+    if block is None:
+        return True
+    if block.__class__ is not tuple or len(block) != 2 or any(b.__class__ is not int or b <= 0 for b in block):
+        return False
+    bn, bk = block
+    return bn % 16 == 0 and bk >= 128 and bk & (bk - 1) == 0
 
 
 @dataclass(frozen=True)
@@ -54,9 +69,19 @@ class Fp8Experts:
     def shapes(self) -> tuple[int, int, int]:
         """``(num_experts, hidden, intermediate)``, checked across the four arrays (ValueError naming the one that
         does not fit)."""
-        for name in ("gate_up", "down", "gate_up_scales", "down_scales"):
-            if not isinstance(getattr(getattr(self, name), "shape", None), tuple):
-                raise ValueError(f"fp8_experts.{name}: expected a CuPy array, got {type(getattr(self, name)).__name__}")
+        for name, dtype in (("gate_up", "uint8"), ("down", "uint8"), ("gate_up_scales", "float32"),
+                            ("down_scales", "float32")):  # fmt: skip
+            arr = getattr(self, name)
+            if not isinstance(getattr(arr, "shape", None), tuple):
+                raise ValueError(f"fp8_experts.{name}: expected a CuPy array, got {type(arr).__name__}")
+            got, contiguous = str(getattr(arr, "dtype", None)), getattr(getattr(arr, "flags", None), "c_contiguous", 0)
+            if got != dtype or not contiguous:
+                raise ValueError(f"fp8_experts.{name}: expected a C-contiguous {dtype} array (the kernels read its "
+                                 f"bytes as such), got {got}{'' if contiguous else ', not C-contiguous'}")  # fmt: skip
+        if not _block_ok(self.block):
+            raise ValueError(f"fp8_experts.block: {_BLOCK_EXPECTED}, got {self.block!r:.60}")
+        if self.tiled.__class__ is not bool:
+            raise ValueError(f"fp8_experts.tiled: expected True or False, got {self.tiled!r:.40}")
         if self.gate_up.ndim != 3 or self.gate_up.shape[1] % 2:
             raise ValueError(f"fp8_experts.gate_up: expected [experts, 2 * intermediate, hidden], got "
                              f"{tuple(self.gate_up.shape)}")  # fmt: skip
@@ -85,6 +110,8 @@ def tiled_layout(codes: Any) -> Any:
     make 2,048 contiguous bytes, four runs of 512 (``q = 0..3``), each the 16 bytes of lane ``l = 4 g + t`` in
     turn: row ``16 T + g + 8 (q // 2)``, columns ``128 C + 64 (q % 2) + 16 t ..`` -- so each of a warp's loads is
     512 contiguous bytes (``grouped_gemv8.cu``, TILED). ValueError naming the shape where it does not tile."""
+    if str(getattr(codes, "dtype", None)) != "uint8":  # the order is of bytes: other elements would be moved whole
+        raise ValueError(f"codes: expected a uint8 array of e4m3 codes, got {getattr(codes, 'dtype', type(codes))}")
     shape: tuple[int, ...] = tuple(getattr(codes, "shape", ()))
     if len(shape) != 3 or shape[1] % 16 or shape[2] % 128:
         raise ValueError(f"codes: expected [experts, n, k] with n a multiple of 16 and k of 128, got {list(shape)}")
@@ -92,6 +119,20 @@ def tiled_layout(codes: Any) -> Any:
     # axes: expert, tile, row half (q // 2), g, chunk, column half (q % 2), t, byte
     split = codes.reshape(e, n // 16, 2, 8, k // 128, 2, 4, 16)
     return split.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(e, n, k).copy()
+
+
+def _kernel_names(dtype: str) -> tuple[dict[tuple[bool, bool, bool], str], dict[bool, str]]:
+    """The names in ``grouped_gemv8.cu`` of the kernels for 16-bit activations ``dtype``: the GEMVs by ``(gated,
+    per-block scales, tiled)`` and the dequantizers by ``tiled``."""
+    tag = "bf16" if dtype == "bfloat16" else "f16"
+    gemvs = {
+        (gated, block, tiled): f"grouped_gemv8_{tag}_{'block' if block else 'row'}{'_silu' if gated else ''}"
+        f"{'_tiled' if tiled else ''}"
+        for gated in (False, True)
+        for block in (False, True)
+        for tiled in (False, True)
+    }
+    return gemvs, {tiled: f"dequant_e4m3_{tag}{'_tiled' if tiled else ''}" for tiled in (False, True)}
 
 
 @dataclass(frozen=True)
@@ -125,7 +166,6 @@ class Fp8GroupedGemv:
         import cupy
 
         self.stream = stream
-        tag = "bf16" if dtype == "bfloat16" else "f16"
         module = cupy.RawModule(code=source("grouped_gemv8.cu"), options=self.options())
         device = cupy.cuda.Device()
         attrs = device.attributes
@@ -133,17 +173,13 @@ class Fp8GroupedGemv:
         self._smem_limit = int(attrs.get("MaxSharedMemoryPerBlockOptin", 48 << 10)) - _STATIC_SMEM
         self._sms = int(attrs.get("MultiProcessorCount", 132))
         self._smem_per_sm = int(attrs.get("MaxSharedMemoryPerMultiprocessor", 0))
+        gemvs, dequants = _kernel_names(dtype)
         self._fns: dict[tuple[bool, bool, bool], Any] = {}  # (gated, per-block scales, tiled) -> the kernel
-        for gated in (False, True):
-            for block in (False, True):
-                for tiled in (False, True):
-                    scales = "block" if block else "row"
-                    name = f"grouped_gemv8_{tag}_{scales}{'_silu' if gated else ''}{'_tiled' if tiled else ''}"
-                    fn = module.get_function(name)
-                    fn.max_dynamic_shared_size_bytes = self._smem_limit
-                    self._fns[gated, block, tiled] = fn
-        self._dequant = {tiled: module.get_function(f"dequant_e4m3_{tag}{'_tiled' if tiled else ''}")
-                         for tiled in (False, True)}  # fmt: skip
+        for key, name in gemvs.items():
+            fn = module.get_function(name)
+            fn.max_dynamic_shared_size_bytes = self._smem_limit
+            self._fns[key] = fn
+        self._dequant = {tiled: module.get_function(name) for tiled, name in dequants.items()}
         self._module = module
         self.stacks: dict[int, _Stack] = {}  # weight address -> its registration
 
@@ -178,23 +214,23 @@ class Fp8GroupedGemv:
         for name, value, align in (("w", w, 16), ("scales", scales, 4)):
             if value.__class__ is not int or not 0 < value < _U64 or value % align:
                 raise ValueError(f"{name}: expected a non-NULL device address aligned to {align} bytes, got {value!r}")
-        for name, value in (("experts", experts), ("n", n), ("k", k)):
-            if value.__class__ is not int or not 0 < value < 1 << 31:
-                raise ValueError(f"{name}: expected an int in [1, 2**31), got {value!r:.40}")
+        # experts: the grid's second dimension (CUDA's limit); n, k: the kernels' 32-bit row and column arithmetic
+        for name, value, top in (("experts", experts, 65535), ("n", n, 1 << 30), ("k", k, 1 << 30)):
+            if value.__class__ is not int or not 0 < value <= top:
+                raise ValueError(f"{name}: expected an int in [1, {top}], got {value!r:.40}")
         if k % 16:
             raise ValueError(f"k: the FP8 grouped GEMV reads 16-byte vectors of weights, so k must be a multiple of "
                              f"16, got {k}")  # fmt: skip
         if tiled and (n % 16 or k % 128):
             raise ValueError(f"tiled: the tiled layout needs n a multiple of 16 and k of 128, got [{n}, {k}]")
+        if tiled.__class__ is not bool:
+            raise ValueError(f"tiled: expected True or False, got {tiled!r:.40}")
         if block is None:
             self.stacks[w] = _Stack(w, scales, experts, n, k, n, 0, 1, 0, False, tiled)
             return
-        ok = isinstance(block, tuple) and len(block) == 2 and all(b.__class__ is int and b > 0 for b in block)
-        if not ok or block[0] % 16 or n % block[0] or block[1] < 128 or block[1] & (block[1] - 1):
-            raise ValueError(
-                f"block: expected (rows, columns), rows a multiple of 16 dividing n ({n}) and columns a power of two "
-                f">= 128 (e.g. (128, 128)), got {block!r:.60}; dequantize these experts at load instead"
-            )
+        if not _block_ok(block) or n % block[0]:
+            raise ValueError(f"block: {_BLOCK_EXPECTED}, rows dividing n ({n}), got {block!r:.60}; dequantize these "
+                             f"experts at load instead")  # fmt: skip
         bn, bk = block
         s_ld = -(-k // bk)
         shift = (bk // 16).bit_length() - 1
@@ -232,7 +268,8 @@ class Fp8GroupedGemv:
 
     def _geometry(self, assignments: int, tokens: int, st: _Stack) -> tuple[int, int, int, int]:
         """A launch's rows per pass, warps per block, blocks per expert and dynamic shared bytes: up to 8 warps a
-        block splitting k (:attr:`chunks_per_warp`), :attr:`warps_per_sm` warps an SM over the active experts (at
+        block splitting k (:attr:`chunks_per_warp`; 16 where :attr:`wide_blocks` and the staged rows leave room
+        for one block an SM), :attr:`warps_per_sm` warps an SM over the active experts (at
         most ``min(E, assignments)``), at most one block per tile of 16 weight rows."""
         r = self.rows_per_pass(tokens, st.k)
         staged = r * st.k * 2 + _STATIC_SMEM + 8 * 512 + 1024  # a block of 8 warps (1 KiB: the driver's reserve)

@@ -30,12 +30,19 @@ def test_the_fp8_grouped_gemv_refuses_a_dtype_without_a_kernel_by_name(dtype: ob
 
 
 def test_every_fp8_kernel_the_launcher_names_is_in_the_source() -> None:
+    """Each GEMV the launcher looks up (``_kernel_names``: by gated, per-block scales, tiled) is instantiated in
+    ``grouped_gemv8.cu`` under that name with those flags, and each dequantizer is defined there."""
+    from fi_engine.kernels.fp8_moe_gemv import _kernel_names
+
     text = source("grouped_gemv8.cu")
-    for tag in ("f16", "bf16"):
-        for scales in ("row", "block"):
-            for gated in ("", "_silu"):
-                assert f"GROUPED8(grouped_gemv8_{tag}_{scales}{gated}," in text
-        assert f"void dequant_e4m3_{tag}(" in text
+    for dtype in ("float16", "bfloat16"):
+        gemvs, dequants = _kernel_names(dtype)
+        assert len(gemvs) == 8 and len(set(gemvs.values())) == 8
+        for (gated, block, tiled), name in gemvs.items():
+            flags = ", ".join(str(f).lower() for f in (dtype == "bfloat16", gated, block, tiled))
+            assert f"GROUPED8({name}, {flags})" in text, name
+        for name in dequants.values():
+            assert f"void {name}(" in text, name
 
 
 def test_fp8_experts_name_the_array_that_does_not_fit() -> None:
@@ -55,9 +62,75 @@ def test_fp8_experts_name_the_array_that_does_not_fit() -> None:
         (Fp8Experts(gu, rows[0], dn, rows[1], (128, 128)), r"fp8_experts.gate_up_scales: expected \[4, 6, 2\]"),
         (Fp8Experts(gu, blocks[0], dn, blocks[0], (128, 128)), r"fp8_experts.down_scales: expected \[4, 2, 3\]"),
         (Fp8Experts(gu, rows[0], gu, rows[1], None), r"fp8_experts.down: expected \[4, 256, 384\]"),
-        (Fp8Experts(gu[:, :-1], rows[0], dn, rows[1], None), r"fp8_experts.gate_up: expected \[experts, 2 \* inter"),
+        (
+            Fp8Experts(gu[:, 1:].copy(), rows[0], dn, rows[1], None),
+            r"fp8_experts.gate_up: expected \[experts, 2 \* inter",
+        ),
         (Fp8Experts([1], rows[0], dn, rows[1], None), r"fp8_experts.gate_up: expected a CuPy array, got list"),
     ]
     for experts, message in cases:
         with pytest.raises(ValueError, match=message):
             experts.shapes()
+
+
+def test_fp8_experts_refuse_what_the_kernels_would_misread() -> None:
+    """Codes that are not uint8 or scales not float32 (their bytes would be read as such), arrays that are not
+    C-contiguous, a block the kernels do not take, a ``tiled`` that is not a bool: each named."""
+    import numpy as np
+
+    from fi_engine.kernels.fp8_moe_gemv import Fp8Experts
+
+    e, h, i = 2, 256, 128
+    gu, dn = np.zeros((e, 2 * i, h), np.uint8), np.zeros((e, h, i), np.uint8)
+    rows = (np.ones((e, 2 * i), np.float32), np.ones((e, h), np.float32))
+    good = Fp8Experts(gu, rows[0], dn, rows[1], None)
+    assert good.shapes() == (e, h, i)
+    cases = [
+        (dict(gate_up=gu.astype(np.float16)), r"fp8_experts.gate_up: expected a C-contiguous uint8 array.*float16"),
+        (dict(down_scales=rows[1].astype(np.int64)), r"fp8_experts.down_scales: expected a C-contiguous float32"),
+        (dict(down=np.asfortranarray(dn)), r"fp8_experts.down: expected a C-contiguous uint8 .*, not C-contiguous$"),
+        (dict(block=(0, 128)), r"fp8_experts.block: expected None or \(rows, columns\)"),
+        (dict(block=128), r"fp8_experts.block: expected None or"),
+        (dict(block=("a", "b")), r"fp8_experts.block: expected None or"),
+        (dict(block=(128,)), r"fp8_experts.block: expected None or"),
+        (dict(block=(128, 96)), r"fp8_experts.block: expected None or"),
+        (dict(tiled=None), r"fp8_experts.tiled: expected True or False, got None"),
+        (dict(tiled=1), r"fp8_experts.tiled: expected True or False, got 1"),
+    ]
+    import dataclasses
+
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(good, **change).shapes()
+
+
+def test_the_kernels_take_the_blocks_the_checkpoint_scheme_says_they_take() -> None:
+    """``_block_ok`` (the kernels' test of a block) agrees with ``Fp8Scheme.grouped_gemv_takes`` (the config's)."""
+    from fi_engine.checkpoint.quantization import Fp8Scheme
+    from fi_engine.kernels.fp8_moe_gemv import _block_ok
+
+    for block in (None, (128, 128), (16, 128), (64, 256), (8, 128), (128, 64), (128, 192), (96, 512), (48, 1024)):
+        assert _block_ok(block) is Fp8Scheme("fp8", "block", "dynamic", block).grouped_gemv_takes(), block
+
+
+def test_the_fp8_grouped_gemv_registers_only_what_its_kernels_can_address() -> None:
+    """``add`` (pure arithmetic, no GPU): experts above the grid's 65,535, n or k above 2**30 (the kernels' 32-bit
+    row arithmetic), a ``tiled`` that is not a bool, a bad block: refused by name, nothing registered."""
+    from fi_engine.kernels.fp8_moe_gemv import Fp8GroupedGemv
+
+    g = Fp8GroupedGemv.__new__(Fp8GroupedGemv)
+    g.stacks = {}
+    g.add(1 << 20, 1 << 21, 4, 256, 128, (128, 128), True)
+    assert g.stacks[1 << 20].shift == 3 and g.stacks[1 << 20].tiled
+    for change, message in (
+        ({"experts": 65536}, r"experts: expected an int in \[1, 65535\], got 65536"),
+        ({"n": (1 << 30) + 16}, r"n: expected an int in \[1, 1073741824\]"),
+        ({"k": 1 << 31}, r"k: expected an int in \[1, 1073741824\]"),
+        ({"tiled": None}, r"tiled: expected True or False, got None"),
+        ({"block": (128, 96)}, r"block: expected None or \(rows, columns\)"),
+        ({"block": (128, 128), "n": 192}, r"block: .* rows dividing n \(192\)"),
+    ):
+        args = {"w": 1 << 22, "scales": 1 << 23, "experts": 4, "n": 256, "k": 128, "block": (128, 128), "tiled": False}
+        with pytest.raises(ValueError, match=message):
+            g.add(**{**args, **change})  # type: ignore[arg-type]
+    assert list(g.stacks) == [1 << 20]
