@@ -354,11 +354,16 @@ class Fp8GroupedGemv:
         return function_ptr(self._dequant[st.tiled]), grid, 256, 0, args
 
     def dequantize(self, w: Any, out: Any) -> None:
-        """Write the registered stack ``w`` (a CuPy array) into ``out`` (a contiguous 16-bit CuPy array of its
-        shape) on the stream."""
+        """Write the registered stack ``w`` (a CuPy array) into ``out`` (a C-contiguous 16-bit CuPy array of its
+        shape) on the stream; ValueError naming ``out`` where it is not one (the kernel would write past it)."""
+        st = self.stacks.get(int(w.data.ptr))
+        want = [st.experts, st.n, st.k] if st is not None else list(getattr(w, "shape", ()))
+        shape, itemsize = list(getattr(out, "shape", ())), getattr(getattr(out, "dtype", None), "itemsize", 0)
+        if shape != want or itemsize != 2 or not getattr(getattr(out, "flags", None), "c_contiguous", 0):
+            raise ValueError(f"out: expected a C-contiguous 16-bit array of shape {want}, got "
+                             f"{getattr(out, 'dtype', type(out).__name__)} {shape}")  # fmt: skip
         _, grid, threads, _, args = self.dequantize_launch(int(w.data.ptr), int(out.data.ptr))
-        st = self.stacks[int(w.data.ptr)]
         i64, i32 = np.int64, np.int32
         typed = (w, out, i64(args[2]), i32(args[3]), np.uint64(args[4]), i64(args[5]), i32(args[6]), i32(args[7]),
                  i32(args[8]))  # fmt: skip
-        self._dequant[st.tiled](grid, (threads,), typed, stream=self.stream)
+        self._dequant[self.stacks[int(w.data.ptr)].tiled](grid, (threads,), typed, stream=self.stream)

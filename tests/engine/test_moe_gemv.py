@@ -134,3 +134,26 @@ def test_the_fp8_grouped_gemv_registers_only_what_its_kernels_can_address() -> N
         with pytest.raises(ValueError, match=message):
             g.add(**{**args, **change})  # type: ignore[arg-type]
     assert list(g.stacks) == [1 << 20]
+
+
+def test_the_dequantizer_refuses_an_out_that_is_not_the_stacks_16bit_copy() -> None:
+    """``dequantize(w, out)`` writes ``E * n * k`` 16-bit values: an ``out`` of another shape, element size or
+    layout is refused by name before any launch (arrays here are numpy stand-ins with a ``data.ptr``)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from fi_engine.kernels.fp8_moe_gemv import Fp8GroupedGemv
+
+    g = Fp8GroupedGemv.__new__(Fp8GroupedGemv)
+    g.stacks = {}
+    g.add(1 << 20, 1 << 21, 2, 32, 128, None)
+    w = SimpleNamespace(data=SimpleNamespace(ptr=1 << 20), shape=(2, 32, 128))
+
+    def out(a: np.ndarray) -> SimpleNamespace:
+        return SimpleNamespace(shape=a.shape, dtype=a.dtype, flags=a.flags, data=SimpleNamespace(ptr=1 << 22))
+
+    for bad in (np.zeros((2, 32, 64), np.float16), np.zeros((2, 32, 128), np.float32),
+                np.zeros((2, 128, 32), np.uint16).transpose(0, 2, 1)):  # fmt: skip
+        with pytest.raises(ValueError, match=r"^out: expected a C-contiguous 16-bit array of shape \[2, 32, 128\]"):
+            g.dequantize(w, out(bad))
