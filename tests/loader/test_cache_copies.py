@@ -14,12 +14,14 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.env import subprocess_env
 from helpers.other_users import mounted, needs_root
-from helpers.wheels import pin_tiny_wheel
+from helpers.wheels import WheelEnv, pin_tiny_wheel
 
 from fi_ffi import loader
 from fi_ffi.errors import LoaderError
@@ -134,6 +136,23 @@ def test_a_modified_file_with_its_size_kept_is_still_extracted_again(
     assert loader.module_path("alpha") == path and path.read_bytes() == b"A" * 5000  # extracted again
 
 
+def test_verify_tells_a_copy_without_timestamps_from_a_modification(
+    synthetic: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    loader.module_path("alpha")
+    loader.module_path("beta")
+    use_cache(monkeypatch, copy_without_timestamps(cache.cache_root(), tmp_path / "copy"))
+    folder = cache.extracted_dir(loader.active_lock().kernels[0].sha256)
+    flip_a_byte(folder / BETA)  # beta really changed; alpha was only copied
+    report = loader.verify_cache()
+    assert [(p, why.split(":")[0]) for p, why in report.bad] == [(folder / BETA, "modified")]
+    kept = dict(report.kept)
+    assert kept[folder / ALPHA] == f"{cache.RETIMED}; its stamp now records its mtime"
+    assert "truncated" not in " ".join(why for _, why in report.bad)
+    again = loader.verify_cache()
+    assert again.ok and folder / ALPHA not in dict(again.kept)  # refreshed: nothing to say the second time
+
+
 # ------------------------------------------------------------------------------- a read-only copy of a cache
 
 
@@ -174,3 +193,25 @@ def test_a_read_only_cache_names_a_file_that_really_differs_and_the_fix(
         assert "copy the cache with its timestamps (cp -a, rsync -t)" in text and "writable FI_FFI_CACHE_DIR" in text
         with pytest.raises(LoaderError, match="read-only cache works only while it already holds"):
             loader.module_path("beta")  # never extracted: missing, not different, so the lock's fault is the error
+
+
+@needs_root
+def test_a_read_only_copy_of_a_real_cache_loads_norm_and_verify_says_why_its_stamps_differ(
+    shared_wheel_env: WheelEnv, kernel_modules: list[str], tmp_path: Path
+) -> None:
+    path = loader.module_path("norm")
+    copy = copy_without_timestamps(shared_wheel_env.cache, tmp_path / "copy")
+    with read_only(copy) as ro:
+        env = subprocess_env(FI_FFI_CACHE_DIR=str(ro), FI_FFI_WHEELHOUSE=str(tmp_path / "nowhere"))
+        code = "from fi_ffi import loader; loader.load_module('norm'); print(loader.loaded_modules()['norm'])"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        moved = ro / path.relative_to(shared_wheel_env.cache)
+        assert done.returncode == 0, done.stderr  # was: LoaderError: cannot take the lock ... Read-only file system
+        assert done.stdout.strip() == str(moved)
+        verify = [sys.executable, "-m", "fi_ffi", "cache", "verify"]
+        done = subprocess.run(verify, capture_output=True, text=True, env=env)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stdout + done.stderr
+        assert f"left in place: {moved}: {cache.RETIMED}; its stamp cannot be refreshed: the cache is read-only" in (
+            done.stdout
+        )
+        assert "truncated or modified" not in done.stdout and "0 bad" in done.stdout
