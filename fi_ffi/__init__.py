@@ -7,7 +7,9 @@ runtime and each kernel module are loaded on first use. The public surface:
   :mod:`fi_ffi.dtypes`;
 - ops: :mod:`fi_ffi.ops` (norms, paged-KV append, GDN prefill, attention, RoPE, activations, cascade merge,
   bit packing, sampling, top-k); the sampling ops' random state: :class:`Generator`;
-- errors: :class:`KernelError`, :class:`LoaderError`, :class:`CudaError` and friends in :mod:`fi_ffi.errors`.
+- errors: :class:`KernelError`, :class:`LoaderError`, :class:`CudaError` and friends in :mod:`fi_ffi.errors`;
+  argument errors are ``ValueError`` / ``TypeError`` (a refused scalar: :class:`ArgumentTypeError` /
+  :class:`ArgumentRangeError`, also :class:`FiFFIError`).
 """
 
 # Each public name is stated once. An op by ``@op`` on its def (fi_ffi/launch/registry.py), from which
@@ -50,6 +52,8 @@ _EXPORTS: dict[str, str] = {
     "int64": "dtypes",
     "uint8": "dtypes",
     "Tensor": "tensor.descriptor",
+    "ArgumentRangeError": "errors",
+    "ArgumentTypeError": "errors",
     "CudaError": "errors",
     "FiFFIError": "errors",
     "KernelError": "errors",

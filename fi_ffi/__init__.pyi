@@ -13,6 +13,8 @@ from .dtypes import float32 as float32
 from .dtypes import int32 as int32
 from .dtypes import int64 as int64
 from .dtypes import uint8 as uint8
+from .errors import ArgumentRangeError as ArgumentRangeError
+from .errors import ArgumentTypeError as ArgumentTypeError
 from .errors import CublasError as CublasError
 from .errors import CudaError as CudaError
 from .errors import FiFFIError as FiFFIError
@@ -104,6 +106,8 @@ from .tensor.intake import as_tensor as as_tensor
 __version__: str
 
 __all__ = [
+    "ArgumentRangeError",
+    "ArgumentTypeError",
     "CublasError",
     "CudaError",
     "DType",

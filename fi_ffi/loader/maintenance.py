@@ -30,8 +30,10 @@ from .cache import (
     CHUNK,
     KEY,
     QUARANTINE,
+    RETIMED,
     TMP_MARK,
     cache_root,
+    check_member,
     clean_temps,
     discard,
     fault,
@@ -39,7 +41,6 @@ from .cache import (
     index_problem,
     is_cached_wheel,
     make_dir,
-    member_ok,
     member_stamp_path,
     quarantine,
     read_json,
@@ -72,7 +73,9 @@ class VerifyReport:
 
     ``checked``: files looked at. ``bad``: (path, problem) pairs; each was removed (fi_ffi's files: fetched
     or extracted again on next use) unless ``kept`` names it. ``kept``: (path, why it was left in place: a
-    read-only cache, a file fi_ffi did not create, a failed removal). ``removed_tmp``: temporary files of
+    read-only cache, a file fi_ffi did not create, a failed removal, or an extracted file whose mtime differs
+    from its stamp while its contents match: "timestamp differs, contents match (copied without timestamps?)",
+    not bad; its stamp is refreshed where the cache is writable). ``removed_tmp``: temporary files of
     dead processes (or untouched for a day) removed. ``read_only``: the cache could not be written, so
     nothing was changed.
     """
@@ -267,9 +270,10 @@ def verify_cache(full: bool = False) -> VerifyReport:
     """Check every cached wheel, listing and extracted file; remove the bad ones so they are fetched or
     extracted again. Never raises for what it finds: problems are reported.
 
-    Cheap (default): sizes and mtimes against the stamps (a matching stamp spares the hash), listings against
-    their checksums. ``full``: hash everything, whatever the stamps say: cached wheels against the lock's
-    sha256 (else the digest they are keyed by), the wheels the lock pins outside the cache (wheelhouses, the
+    Cheap (default): sizes and mtimes against the stamps (a matching stamp spares the hash; an extracted file of
+    the stamp's size with another mtime is hashed, and kept with its stamp refreshed when its contents match),
+    listings against their checksums. ``full``: hash everything, whatever the stamps say: cached wheels against the
+    lock's sha256 (else the digest they are keyed by), the wheels the lock pins outside the cache (wheelhouses, the
     lock's ``path``) against the lock's sha256, other files fi_ffi has stamped against their stamps, extracted
     files against their stamps and the zip CRCs. Only fi_ffi's own files are removed; a file of someone else's
     that is bad loses its stamp and is reported. A read-only cache is checked, not changed. A cache folder
@@ -480,7 +484,7 @@ def _verify_extracted(v: _Verifier, folder: Path) -> None:
             except LoaderError as exc:
                 v.kept.append((dest, f"could not move it: {exc}"))
             continue
-        problem = _member_problem(dest, v.full, index.get(member))
+        problem = _member_problem(v, dest, index.get(member))
         if not problem and index and member not in index and read_json(member_stamp_path(dest)):
             problem = "its wheel's listing (index.json) does not list it: the listing is damaged"
             v.problem(index_file, problem + "; it is listed from the wheel again on next use", remove=(index_file,))
@@ -489,15 +493,25 @@ def _verify_extracted(v: _Verifier, folder: Path) -> None:
             v.problem(dest, problem, remove=(dest, member_stamp_path(dest)))
 
 
-def _member_problem(dest: Path, full: bool, listed: list[int] | None) -> str:
-    stamp = read_json(member_stamp_path(dest))
-    if not stamp:
-        return "no stamp (extraction did not finish)"
-    if not member_ok(dest):
-        return "size or mtime differs from its stamp (truncated or modified)"
+def _member_problem(v: _Verifier, dest: Path, listed: list[int] | None) -> str:
+    check = check_member(dest)  # size and mtime; hashed only where the size matches and the mtime does not
+    if check.problem:
+        return check.problem
+    if check.retimed:  # intact: a copy of the cache made without its timestamps (`cp -r`)
+        if check.restamped:
+            why = f"{RETIMED}; its stamp now records its mtime"
+        elif v.read_only:
+            why = (
+                f"{RETIMED}; its stamp cannot be refreshed: the cache is read-only, so every process that uses it "
+                "hashes the file once (copy the cache with its timestamps: cp -a, rsync -t)"
+            )
+        else:
+            why = f"{RETIMED}; its stamp could not be refreshed"
+        v.kept.append((dest, why))
+    stamp = read_json(member_stamp_path(dest)) or {}
     if listed and listed[0] != stamp.get("size"):
         return f"size {stamp.get('size')} differs from the wheel's {listed[0]}"
-    if full:
+    if v.full:
         h = hashlib.sha256()
         crc = 0
         try:
