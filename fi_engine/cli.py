@@ -609,7 +609,47 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         default="info",
         help="uvicorn's log level (default info: one line per request)",
     )
+    p.add_argument(
+        "--api-key",
+        type=_api_key,
+        default=os.environ.get("FI_ENGINE_API_KEY") or None,
+        help="requests to /v1/* must send 'Authorization: Bearer KEY' (the openai client's api_key), else 401; "
+        "/health and /metrics stay open (default: $FI_ENGINE_API_KEY, which keeps the key off the command line; "
+        "unset: no key)",
+    )
+    p.add_argument(
+        "--allowed-origins",
+        type=_origins,
+        default=["*"],
+        help="origins browsers may call the API from (CORS), as a JSON list or comma-separated, such as "
+        "https://a.example,https://b.example (default: any, as vLLM's; '[]': no CORS headers)",
+    )
     p.set_defaults(func=cmd_serve)
+
+
+def _api_key(text: str) -> str:
+    from .serve.openai_server import check_api_key
+
+    try:
+        return str(check_api_key(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "expected a non-empty key of printable ASCII characters without blanks (--api-key or FI_ENGINE_API_KEY)"
+        ) from None
+
+
+def _origins(text: str) -> list[str]:
+    try:
+        value = json.loads(text) if text.lstrip().startswith("[") else [o for o in text.split(",") if o.strip()]
+        if not isinstance(value, list):
+            raise ValueError
+        from .serve.openai_server import check_origins
+
+        return list(check_origins(value))
+    except (ValueError, TypeError):
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON list of origins or a comma-separated list, such as https://a.example, got {text!r}"
+        ) from None
 
 
 def _port(text: str) -> int:
@@ -734,6 +774,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 graceful_s=args.grace,
                 log_level=args.log_level,
                 quantization=quantization,
+                api_key=args.api_key,
+                allowed_origins=args.allowed_origins,
             )
         finally:
             service.close(timeout=args.grace)
@@ -791,6 +833,8 @@ def _serve_api_servers(
                 log_level=args.log_level,
                 ready=ready,
                 quantization=quantization,
+                api_key=args.api_key,
+                allowed_origins=args.allowed_origins,
             )
         except ValueError as exc:  # the address cannot be bound
             print(f"{where}: {exc}", file=sys.stderr)

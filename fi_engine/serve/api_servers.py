@@ -45,7 +45,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,8 @@ class _Settings:
     graceful_s: float
     log_level: str
     quantization: str | None
+    allowed_origins: tuple[str, ...]
+    api_key: str | None = field(default=None, repr=False)  # through the spawn pipe: never on a command line
 
 
 def _ignore(sig: int, frame: Any) -> None:
@@ -105,6 +107,8 @@ def _front_end(
             max_model_len=settings.max_model_len,
             close_timeout=settings.graceful_s,
             quantization=settings.quantization,
+            api_key=settings.api_key,
+            allowed_origins=settings.allowed_origins,
         )
         config = uvicorn.Config(
             app, log_level=settings.log_level, timeout_graceful_shutdown=settings.graceful_s, lifespan="on"
@@ -205,6 +209,8 @@ def serve_api_servers(
     log_level: str = "info",
     ready: Callable[[int, list[int]], None] | None = None,
     quantization: str | None = None,
+    api_key: str | None = None,
+    allowed_origins: Sequence[str] = ("*",),
 ) -> None:
     """Serve ``engine`` through ``engine.clients`` API-server processes (see the module docstring) until
     SIGINT/SIGTERM; the engine process stays open (its owner, the caller, closes it).
@@ -221,6 +227,8 @@ def serve_api_servers(
         log_level: uvicorn's log level in each front end.
         ready: called once every front end listens, with the port and the front ends' process ids.
         quantization: the ``quant_method`` of the weights served (``/v1/models``); None: 16-bit weights.
+        api_key, allowed_origins: as :func:`~fi_engine.serve.openai_server.build_app` takes them, in every front
+            end (the key reaches them through their start-up pipe, not their command lines).
 
     Raises:
         TypeError/ValueError naming the argument (``port``/``host`` also when the address cannot be bound);
@@ -243,14 +251,18 @@ def serve_api_servers(
         raise ValueError(f"graceful_s: expected seconds >= 0, got {show(graceful_s)}")
     if ready is not None and not callable(ready):
         raise TypeError(f"ready: expected a callable(port, pids) or None, got {type(ready).__name__}")
-    from .openai_server import check_quantization
+    from .openai_server import check_api_key, check_origins, check_quantization
 
     check_quantization(quantization)
+    origins = check_origins(allowed_origins)
+    check_api_key(api_key)
     from .metrics import ServingMetrics
     from .shared_queue import SharedQueue
 
     count = engine.clients
-    settings = _Settings(str(model_dir), names, max_model_len, max_queue, float(graceful_s), log_level, quantization)
+    settings = _Settings(
+        str(model_dir), names, max_model_len, max_queue, float(graceful_s), log_level, quantization, origins, api_key
+    )
     socks = _listen(host, port, count)
     bound = socks[0].getsockname()[1]
     metrics, queues = ServingMetrics.shared(count), SharedQueue.create(count)

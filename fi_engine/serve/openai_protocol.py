@@ -35,6 +35,7 @@ __all__ = ["APIError", "ParsedRequest", "error_body", "parse_chat", "parse_compl
 
 MAX_N = 128  # choices per request (each is a request in the engine)
 MAX_STOP = 64  # stop strings per request
+MAX_STOP_IDS = 1024  # stop_token_ids per request
 MAX_TEMPERATURE = 1e4  # as generation_config.json's bound: far past any useful value, finite in float32
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for /v1/completions
 MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a logit_bias value
@@ -65,6 +66,17 @@ class APIError(Exception):
         self.code = code
 
 
+def unknown_model(model: str, models: Sequence[str]) -> APIError:
+    """The 404 of a ``model`` not served here (OpenAI's and vLLM's answer; the openai client's NotFoundError)."""
+    served = ", ".join(map(repr, models))
+    return APIError(
+        f"model: {model!r} is not served here; this server serves {served} (GET /v1/models)",
+        "model",
+        status=404,
+        code="model_not_found",
+    )
+
+
 def error_body(error: APIError) -> dict[str, Any]:
     """OpenAI's error object for ``error``."""
     return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
@@ -78,15 +90,25 @@ class ParsedRequest:
     ``logprobs``: the top-N count of log-probabilities per generated token (completions' ``logprobs``, the chat's
     ``top_logprobs`` once ``logprobs`` is true: 0 when it is absent), None: none. ``echo`` (completions): the
     prompt's text (and, with ``logprobs``, its log-probabilities) leads each choice; ``max_tokens`` 0 then asks for
-    the prompt's alone.
+    the prompt's alone. ``max_tokens`` None: not sent (the server's default then fits the context: 16 for completions,
+    as OpenAI's, and what the context leaves for a chat).
 
     ``tools`` (chat): the function tools as given; ``tool_choice``: ``"none"``, ``"auto"`` (the default with
     tools), ``"required"`` or ``"named"`` (the function ``tool_name``). ``include_reasoning`` (chat, vLLM's
     extension): a reasoning model's reasoning (a harmony reply's analysis channel) is answered as
     ``reasoning_content``; false drops it.
 
-    ``response_format``: the format the output must follow (``json_object`` or ``json_schema``, its shape checked),
-    None: free text."""
+    ``response_format``: the JSON format the output must follow (``json_object`` or ``json_schema``, its shape
+    checked; vLLM's ``guided_json`` and ``structured_outputs.json`` come as a ``json_schema``), None: free text.
+    ``guide``: another grammar the output must follow, as llguidance's ``grammar_from`` takes it (``("regex",
+    pattern)``, ``("choice", JSON list of strings)``, ``("grammar", Lark or GBNF text)``: vLLM's ``guided_regex``,
+    ``guided_choice``, ``guided_grammar`` and ``structured_outputs``), None: none. ``grammar_field``: the request
+    field that asked for the grammar (what its errors name).
+
+    ``stop_token_ids`` (vLLM's): token ids that end a choice as its EOS ids do (beside them; with ``ignore_eos``
+    alone). ``include_stop_str_in_output``: the stop string that ended a choice ends its text (and a stop token's
+    text stays, as special tokens allow). ``continue_final_message`` (chat): the last message is continued, not
+    answered (rendered without the generation prompt and cut after its text)."""
 
     model: str
     stream: bool
@@ -118,10 +140,16 @@ class ParsedRequest:
     parallel_tool_calls: bool = True
     include_reasoning: bool = True
     response_format: dict[str, Any] | None = None
+    guide: tuple[str, str] | None = None
+    grammar_field: str = "response_format"
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    continue_final_message: bool = False
     speculative_decoding: bool = True
 
     def seeds(self) -> list[int]:
-        """One seed per choice: the request's ``seed`` + i (each choice samples its own), or fresh random ones."""
+        """One seed per choice: the request's ``seed`` + i (each choice samples its own), or fresh random ones;
+        modulo 2**64 (a negative seed such as -1 is its two's complement, 2**64 - 1)."""
         base = self.seed if self.seed is not None else secrets.randbelow(2**63)
         return [(base + i) % 2**64 for i in range(self.n)]
 
@@ -188,8 +216,9 @@ def _logit_bias(body: Mapping[str, Any]) -> dict[int, float]:
     return out
 
 
-def _neutral(body: Mapping[str, Any], key: str, neutral: Sequence[Any], what: str) -> None:
-    """Refuse ``key`` unless absent, null or one of its ``neutral`` values (the engine cannot honour it)."""
+def _neutral(body: Mapping[str, Any], key: str, neutral: Sequence[Any], what: str, fix: str = "leave it out") -> None:
+    """Refuse ``key`` unless absent, null or one of its ``neutral`` values (the engine cannot honour it); the
+    message says what to do instead (``fix``)."""
     value = body.get(key)
     if value is None or any(value == v and type(value) is type(v) for v in neutral):
         return
@@ -199,7 +228,111 @@ def _neutral(body: Mapping[str, Any], key: str, neutral: Sequence[Any], what: st
         and any(isinstance(v, (int, float)) and not isinstance(v, bool) and value == v for v in neutral)
     ):
         return
-    raise APIError(f"{key}: {what} is not supported by this server; leave it out", key, code="unsupported_value")
+    raise APIError(f"{key}: {what} is not supported by this server; {fix}", key, code="unsupported_value")
+
+
+def _token_ids(body: Mapping[str, Any], key: str) -> list[int]:
+    """``key``: a list of token ids (ints >= 0; the server checks them against the vocabulary)."""
+    value = body.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_STOP_IDS:
+        raise APIError(f"{key}: expected a list of at most {MAX_STOP_IDS} token ids, got {show(value)}", key)
+    for i, t in enumerate(value):
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise APIError(f"{key}[{i}]: expected a token id (an integer >= 0), got {show(t)}", key)
+    return list(dict.fromkeys(value))
+
+
+# vLLM's fields this server cannot honour: refused unless at their neutral value (field, neutral values, what it
+# is, what to do instead)
+_REFUSED: tuple[tuple[str, tuple[Any, ...], str, str], ...] = (
+    ("use_beam_search", (False,), "beam search", "leave it out (n choices are sampled independently)"),
+    ("length_penalty", (1.0,), "length_penalty (a beam-search control)", "leave it out"),
+    ("truncate_prompt_tokens", (), "truncating the prompt", "shorten the prompt before sending it"),
+    ("allowed_token_ids", (), "allowed_token_ids", "use guided_choice, guided_regex or logit_bias instead"),
+    ("bad_words", ([],), "bad_words", "use logit_bias against their tokens instead"),
+    ("logits_processors", ([],), "logits_processors", "leave it out"),
+    ("return_tokens_as_token_ids", (False,), "return_tokens_as_token_ids", "leave it out"),
+    ("guided_whitespace_pattern", (), "guided_whitespace_pattern (JSON's whitespace is fixed here)", "leave it out"),
+    ("priority", (0,), "request priority", "leave it out (requests are served first come, first served)"),
+)
+# the grammar fields, each alone: OpenAI's, then vLLM's
+_GRAMMAR_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+_STRUCTURED = ("json", "regex", "choice", "grammar", "json_object")  # structured_outputs' kinds, one of them
+_STRUCTURED_NEUTRAL = {
+    "structural_tag": None,
+    "whitespace_pattern": None,
+    "disable_any_whitespace": False,
+    "disable_additional_properties": False,
+}
+
+
+def _guidance(body: Mapping[str, Any]) -> tuple[str, dict[str, Any] | None, tuple[str, str] | None]:
+    """The grammar a request asks for, from whichever one field gives it: the field, its JSON format (a
+    ``response_format``) or its other grammar (``(llguidance format, text)``); ``("response_format", None, None)``
+    for free text."""
+    response_format = _response_format(body)
+    given = [k for k in (*_GRAMMAR_FIELDS, "structured_outputs") if body.get(k) is not None]
+    if response_format is None and "response_format" in given:  # {"type": "text"}
+        given.remove("response_format")
+    if len(given) > 1:
+        raise APIError(
+            f"{given[1]}: give one of response_format, guided_json, guided_regex, guided_choice, guided_grammar "
+            f"and structured_outputs, not {given[1]} with {given[0]}",
+            given[1],
+        )
+    if not given or given[0] == "response_format":
+        return "response_format", response_format, None
+    key = given[0]
+    if key != "structured_outputs":
+        return (key, *_guide(key, key.removeprefix("guided_"), body[key]))
+    spec = body[key]
+    if not isinstance(spec, Mapping):
+        raise APIError(f'structured_outputs: expected an object such as {{"regex": "..."}}, got {show(spec)}', key)
+    for member, value in spec.items():
+        if member in _STRUCTURED or member in ("disable_fallback", "backend", "_backend"):
+            continue
+        if member not in _STRUCTURED_NEUTRAL:
+            raise APIError(f"structured_outputs.{member}: unknown; expected one of {', '.join(_STRUCTURED)}", key)
+        if value is not None and value != _STRUCTURED_NEUTRAL[member]:
+            raise APIError(
+                f"structured_outputs.{member}: not supported by this server; leave it out",
+                key,
+                code="unsupported_value",
+            )
+    kinds = [k for k in _STRUCTURED if spec.get(k) not in (None, False)]
+    if len(kinds) != 1:
+        raise APIError(f"structured_outputs: expected exactly one of {', '.join(_STRUCTURED)}, got {show(kinds)}", key)
+    return (key, *_guide(key, kinds[0], spec[kinds[0]]))
+
+
+def _guide(key: str, kind: str, value: Any) -> tuple[dict[str, Any] | None, tuple[str, str] | None]:
+    """One grammar field's value (``kind``: json, regex, choice, grammar or json_object) as a JSON format or
+    another grammar (see :func:`_guidance`)."""
+    where = key if key.startswith("guided_") else f"{key}.{kind}"
+    if kind == "json_object":
+        if value is not True:
+            raise APIError(f"{where}: expected true, got {show(value)}", key)
+        return {"type": "json_object"}, None
+    if kind == "json":
+        schema = value
+        if isinstance(value, str):
+            try:
+                schema = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise APIError(f"{where}: the schema's text is not JSON ({exc})", key) from None
+        if not isinstance(schema, Mapping):
+            raise APIError(f"{where}: expected a JSON schema (an object, or its JSON text), got {show(value)}", key)
+        return {"type": "json_schema", "json_schema": {"name": key, "schema": dict(schema)}}, None
+    if kind == "choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+            raise APIError(f"{where}: expected a non-empty list of non-empty strings, got {show(value)}", key)
+        return None, ("choice", json.dumps(value, ensure_ascii=False))
+    if not isinstance(value, str) or not value.strip():
+        what = "a regular expression" if kind == "regex" else "a grammar (Lark or GBNF text)"
+        raise APIError(f"{where}: expected {what}, got {show(value)}", key)
+    return None, (kind, value)
 
 
 def _stop(body: Mapping[str, Any]) -> list[str]:
@@ -227,11 +360,7 @@ def _common(
     if not isinstance(model, str):
         raise APIError(f"model: expected a model name (a string), got {show(model)}", "model")
     if model not in models:
-        raise APIError(
-            f"model: {model!r} is not served here; this server serves {', '.join(map(repr, models))} (GET /v1/models)",
-            "model",
-            code="model_not_found",
-        )
+        raise unknown_model(model, models)
     stream = _bool(body, "stream", False)
     options = body.get("stream_options")
     include_usage = False
@@ -252,6 +381,10 @@ def _common(
     min_tokens = _int(body, "min_tokens", 0, 2**31 - 1) or 0
     if max_tokens is not None and min_tokens > max_tokens:
         raise APIError(f"min_tokens: {min_tokens} exceeds max_tokens {max_tokens}", "min_tokens")
+    for key, neutral, what, fix in _REFUSED:
+        _neutral(body, key, neutral, what, fix)
+    _bool(body, "spaces_between_special_tokens", True)  # a slow tokenizer's option: tokenizer.json decodes alike
+    grammar_field, response_format, guide = _guidance(body)
     best_of = _int(body, "best_of", 1, MAX_N)
     if best_of is not None and best_of != (n or 1):
         raise APIError("best_of: only best_of equal to n is supported", "best_of", code="unsupported_value")
@@ -264,7 +397,7 @@ def _common(
         "temperature": _float(body, "temperature", 0.0, MAX_TEMPERATURE),
         "top_p": _float(body, "top_p", 0.0, 1.0, lo_open=True),
         "top_k": None if top_k is None else max(top_k, 0),
-        "seed": _int(body, "seed", 0, 2**64 - 1),
+        "seed": _int(body, "seed", -(2**63), 2**64 - 1),  # vLLM's int64 (UIs send -1) and uint64
         "stop": _stop(body),
         "ignore_eos": _bool(body, "ignore_eos", False),
         "skip_special_tokens": _bool(body, "skip_special_tokens", True),
@@ -274,7 +407,11 @@ def _common(
         "repetition_penalty": _float(body, "repetition_penalty", 0.0, math.inf, lo_open=True) or 1.0,
         "min_tokens": min_tokens,
         "logit_bias": _logit_bias(body),
-        "response_format": _response_format(body),
+        "response_format": response_format,
+        "guide": guide,
+        "grammar_field": grammar_field,
+        "stop_token_ids": _token_ids(body, "stop_token_ids"),
+        "include_stop_str_in_output": _bool(body, "include_stop_str_in_output", False),
         "speculative_decoding": _bool(body, "speculative_decoding", True),
     }
 
@@ -300,9 +437,7 @@ def parse_completion(body: Any, models: Sequence[str]) -> ParsedRequest:
     body = _object(body)
     common = _common(body, models, ("max_tokens",), least_tokens=0)
     echo = _bool(body, "echo", False)
-    if common["max_tokens"] is None:
-        common["max_tokens"] = COMPLETION_DEFAULT_MAX_TOKENS
-    elif common["max_tokens"] == 0 and not echo:
+    if common["max_tokens"] == 0 and not echo:
         raise APIError(
             "max_tokens: 0 generates nothing; it is allowed with echo: true only (the prompt and its logprobs)",
             "max_tokens",
@@ -377,13 +512,20 @@ def parse_chat(body: Any, models: Sequence[str]) -> ParsedRequest:
     else:
         top = top or 0
     tools, tool_choice, tool_name = _tools(body)
-    if common["response_format"] is not None and tool_choice != "none":  # a call's text would break the grammar
+    grammar = common["response_format"] is not None or common["guide"] is not None
+    if grammar and tool_choice != "none":  # a call's text would break the grammar
+        key = common["grammar_field"]
         raise APIError(
-            "response_format: a JSON response_format and tools that may be called exclude each other; send "
-            'tool_choice: "none" or a text response_format',
-            "response_format",
+            f"{key}: a grammar ({key}) and tools that may be called exclude each other; send "
+            'tool_choice: "none" or no grammar',
+            key,
             code="unsupported_value",
         )
+    _neutral(
+        body, "chat_template", (), "a chat template of the request's own", "the checkpoint's is used; leave it out"
+    )
+    _neutral(body, "echo", (False,), "echo in a chat", "leave it out (the completions endpoint echoes the prompt)")
+    _neutral(body, "documents", (), "documents", "put them in the messages")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(f"messages: expected a non-empty list of messages, got {show(messages)}", "messages")
@@ -409,10 +551,24 @@ def parse_chat(body: Any, models: Sequence[str]) -> ParsedRequest:
     reserved = {"messages", "tools", "documents", "add_generation_prompt"} & set(kwargs or {})
     if reserved:
         raise APIError(f"chat_template_kwargs: may not set {sorted(reserved)}", "chat_template_kwargs")
+    continue_final = _bool(body, "continue_final_message", False)
+    add_generation_prompt = _bool(body, "add_generation_prompt", not continue_final)
+    if continue_final and add_generation_prompt:
+        raise APIError(
+            "continue_final_message: the last message is continued, so no generation prompt may follow it; send "
+            "add_generation_prompt: false (or leave it out)",
+            "continue_final_message",
+        )
+    if continue_final and not (isinstance(checked[-1]["content"], str) and checked[-1]["content"].strip()):
+        raise APIError(
+            "continue_final_message: the last message has no text to continue; give it some content",
+            "continue_final_message",
+        )
     return ParsedRequest(
         messages=checked,
         template_kwargs=dict(kwargs or {}),
-        add_generation_prompt=_bool(body, "add_generation_prompt", True),
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final,
         logprobs=top,
         tools=tools,
         tool_choice=tool_choice,

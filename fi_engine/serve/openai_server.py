@@ -19,24 +19,26 @@ period, and the service then cancels what is left.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import importlib
 import json
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ..runtime.sampling_params import SamplingParams
 from ..runtime.stepping import TokenLogprobs
-from ..text.grammar import GrammarTokenizer, response_format_grammar
+from ..text.grammar import GrammarTokenizer, _llguidance, response_format_grammar
 from ..text.harmony import MARKERS
 from ..text.tool_calls import ToolCall, ToolCallParser, call_format, opener
 from .openai_protocol import (
     CHAT_CHUNK,
     COMPLETION_CHUNK,
+    COMPLETION_DEFAULT_MAX_TOKENS,
     APIError,
     Choice,
     ParsedRequest,
@@ -50,6 +52,7 @@ from .openai_protocol import (
     parse_chat,
     parse_completion,
     tool_call_body,
+    unknown_model,
     usage_body,
 )
 from .service import GenerationService, QueueFullError, RequestStream, ServiceClosedError, ServiceError
@@ -172,14 +175,24 @@ class _Handlers:
             self.service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
         )
 
-    async def list_models(self, request: Any) -> Any:
-        data = [
-            {"id": m, "object": "model", "created": self.started, "owned_by": "fi_engine", "root": m}
+    def _model(self, name: str) -> dict[str, Any]:
+        """OpenAI's model object of a served name, with vLLM's ``root`` and ``max_model_len`` (and the weights'
+        ``quantization`` where they are quantized)."""
+        return (
+            {"id": name, "object": "model", "created": self.started, "owned_by": "fi_engine", "root": name}
             | ({"max_model_len": self.max_model_len} if self.max_model_len else {})
             | ({"quantization": self.quantization} if self.quantization else {})
-            for m in self.models
-        ]
+        )
+
+    async def list_models(self, request: Any) -> Any:
+        data = [self._model(m) for m in self.models]
         return self.JSONResponse({"object": "list", "data": data})
+
+    async def retrieve_model(self, request: Any) -> Any:
+        name = request.path_params["model"]
+        if name not in self.models:
+            return self.error(unknown_model(name, self.models))
+        return self.JSONResponse(self._model(name))
 
     async def completions(self, request: Any) -> Any:
         return await self._generate(request, chat=False)
@@ -200,9 +213,9 @@ class _Handlers:
         except (ValueError, TypeError) as exc:  # the engine refused a prompt (too long for it, ...)
             for s in streams:
                 s.cancel()
-            return self.error(_refusal(exc, chat))
+            return self.error(_refusal(exc, chat, parsed.grammar_field))
         except ServiceError as exc:
-            return self.error(APIError(str(exc), status=500, type="internal_server_error", code="engine_error"))
+            return self.error(APIError(str(exc), status=500, type="server_error", code="engine_error"))
         except asyncio.CancelledError:
             for s in streams:
                 s.cancel()
@@ -227,6 +240,8 @@ class _Handlers:
                 text = codec.render_chat(
                     parsed.messages, parsed.add_generation_prompt, parsed.tools, **parsed.template_kwargs
                 )
+                if parsed.continue_final_message:
+                    text = _continued(text, parsed.messages[-1]["content"])
                 ids = [codec.tokenizer.encode(text + lead, add_special_tokens=False)]
             else:
                 assert parsed.prompts is not None
@@ -245,6 +260,7 @@ class _Handlers:
         for token in parsed.logit_bias:
             if token >= vocab:
                 raise APIError(f"logit_bias: token id {token} is outside the vocabulary [0, {vocab})", "logit_bias")
+        eos_token_ids = self._end_ids(parsed)
         controls = SamplingParams(  # the request's own controls (each default changes nothing)
             min_p=parsed.min_p,
             presence_penalty=parsed.presence_penalty,
@@ -259,10 +275,7 @@ class _Handlers:
         )
         prompts, limits, samplings, choices = [], [], [], []
         for i, prompt in enumerate(ids):
-            limit = parsed.max_tokens
-            if limit is None:  # chat without max_tokens: what the engine's context leaves
-                room = (self.max_model_len or 0) - len(prompt)
-                limit = room if room >= 1 else (gen.max_new_tokens or 1024)
+            limit = self._budget(parsed, len(prompt))
             if parsed.min_tokens > limit:
                 raise APIError(f"min_tokens: {parsed.min_tokens} exceeds the {limit} tokens left", "min_tokens")
             echo = ""
@@ -290,7 +303,7 @@ class _Handlers:
                 limits,
                 samplings,
                 stop=parsed.stop,
-                eos_token_ids=() if parsed.ignore_eos else None,
+                eos_token_ids=eos_token_ids,
                 skip_special_tokens=parsed.skip_special_tokens,
                 keep_special_tokens=MARKERS if fmt == "harmony" else (),  # the reader needs them; none reach the answer
             )
@@ -302,26 +315,97 @@ class _Handlers:
             raise _named(exc, "messages" if parsed.messages is not None else "prompt") from None
         return _Submitted(streams, choices, sum(len(p) for p in ids))
 
+    def _budget(self, parsed: ParsedRequest, prompt_tokens: int) -> int:
+        """The completion tokens a prompt of ``prompt_tokens`` gets: ``max_tokens``, or where the request did not
+        send it the default (16 for completions, OpenAI's; for a chat all the context leaves), cut to what the
+        context leaves. 400 ``context_length_exceeded`` where the prompt, or the prompt and ``max_tokens``, do not
+        fit the engine's ``max_model_len``, in OpenAI's words (which clients look for to trim and retry)."""
+        context, asked = self.max_model_len, parsed.max_tokens
+        chat = parsed.messages is not None
+        where = "messages" if chat else "prompt"
+        if context is None:  # the engine's limit is unknown here: it refuses what does not fit
+            if asked is not None:
+                return asked
+            gen = self.service.codec.generation if self.service.codec is not None else None
+            return COMPLETION_DEFAULT_MAX_TOKENS if not chat else ((gen and gen.max_new_tokens) or 1024)
+        head = f"This model's maximum context length is {context} tokens. However, "
+        if asked is None:
+            room = context - prompt_tokens
+            if room < 1:
+                full = ", which leaves no room for the completion" if room == 0 else ""
+                raise APIError(
+                    f"{head}your {where} resulted in {prompt_tokens} tokens{full}. Please reduce the length of the "
+                    f"{where}.",
+                    where,
+                    code="context_length_exceeded",
+                )
+            return room if chat else min(COMPLETION_DEFAULT_MAX_TOKENS, room)
+        generated = max(asked, 1)  # max_tokens 0 (echo) generates one token all the same
+        if prompt_tokens + generated > context:
+            raise APIError(
+                f"{head}you requested {prompt_tokens + generated} tokens ({prompt_tokens} in the {where}, {generated} "
+                f"in the completion). Please reduce the length of the {where} or completion.",
+                where if prompt_tokens >= context else "max_tokens",
+                code="context_length_exceeded",
+            )
+        return asked
+
+    def _end_ids(self, parsed: ParsedRequest) -> tuple[int, ...] | None:
+        """The ids that end the request's choices: the checkpoint's EOS ids (None: the engine's) unless
+        ``ignore_eos``, and its ``stop_token_ids``. 400 naming ``stop_token_ids`` for an id outside the vocabulary,
+        or one whose text would end the output while ``include_stop_str_in_output`` is false (a stop token's text
+        is left out, as vLLM does: special tokens are, unless ``skip_special_tokens`` is false)."""
+        codec = self.service.codec
+        assert codec is not None  # _submit refused the request otherwise
+        stop_ids = parsed.stop_token_ids
+        if not stop_ids:
+            return () if parsed.ignore_eos else None
+        tokenizer = codec.tokenizer
+        special = tokenizer.special_ids()
+        for t in stop_ids:
+            if t >= tokenizer.vocab_size:
+                raise APIError(
+                    f"stop_token_ids: token id {t} is outside the vocabulary [0, {tokenizer.vocab_size})",
+                    "stop_token_ids",
+                )
+            if parsed.include_stop_str_in_output:
+                continue
+            text = tokenizer.token_piece(t)[0]
+            if t not in special:
+                why = f"token {t} ({text!r}) is not a special token, so its text would end the output"
+            elif not parsed.skip_special_tokens:
+                why = f"with skip_special_tokens false the text of token {t} ({text!r}) would end the output"
+            else:
+                continue
+            raise APIError(
+                f"stop_token_ids: {why}; send include_stop_str_in_output: true to keep it there, or give its text as a "
+                "stop string",
+                "stop_token_ids",
+                code="unsupported_value",
+            )
+        eos = () if parsed.ignore_eos else codec.eos_token_ids
+        return tuple(dict.fromkeys((*eos, *stop_ids)))
+
     async def _grammar(self, parsed: ParsedRequest) -> str | None:
         """The grammar of the request's ``response_format`` (None: free text), compiled once for the request and
         checked against the served tokenizer, off the event loop (the tokenizer's index is built on the first such
         request: up to seconds for a large vocabulary); 400 naming ``response_format`` when it cannot be (a schema
         llguidance refuses, the ``llguidance`` package missing)."""
-        if parsed.response_format is None:
+        if parsed.response_format is None and parsed.guide is None:
             return None
         loop = asyncio.get_running_loop()
         async with self.grammars_built:
             if self.grammars is None:
-                self.grammars = await loop.run_in_executor(None, self._grammar_tokenizer)
-        return await loop.run_in_executor(None, self._compile, self.grammars, parsed.response_format)
+                self.grammars = await loop.run_in_executor(None, self._grammar_tokenizer, parsed.grammar_field)
+        return await loop.run_in_executor(None, self._compile, self.grammars, parsed)
 
-    def _grammar_tokenizer(self) -> GrammarTokenizer:
+    def _grammar_tokenizer(self, field: str) -> GrammarTokenizer:
         """The served tokenizer's :class:`GrammarTokenizer`, handed to an engine in this process that matches
         grammars with one of its own (its ``grammar_tokenizer``, while None): the index is built once."""
         codec = self.service.codec
         if codec is None:
             raise APIError("this server has no tokenizer: it serves token-id prompts only", "prompt")
-        with _response_format_errors():
+        with _response_format_errors(field):
             grammars = GrammarTokenizer(codec.tokenizer, codec.eos_token_ids)
         engine: Any = self.service.engine
         if getattr(engine, "grammar_tokenizer", False) is None:
@@ -331,9 +415,15 @@ class _Handlers:
         return grammars
 
     @staticmethod
-    def _compile(grammars: GrammarTokenizer, response_format: dict[str, Any]) -> str:
-        with _response_format_errors():
-            grammar = response_format_grammar(response_format)
+    def _compile(grammars: GrammarTokenizer, parsed: ParsedRequest) -> str:
+        """The request's grammar (its JSON format's, or its other guide's as llguidance's ``grammar_from`` makes
+        it), checked against the served tokenizer."""
+        with _response_format_errors(parsed.grammar_field):
+            grammar: str | None
+            if parsed.guide is not None:
+                grammar = str(_llguidance().grammar_from(*parsed.guide))
+            else:
+                grammar = response_format_grammar(parsed.response_format)
             assert grammar is not None  # a text format is None in ParsedRequest
             grammars.check(grammar)
         return grammar
@@ -363,12 +453,14 @@ class _Handlers:
         return fmt, opener(fmt, parsed.tool_name), True
 
     def _shape(
-        self, parsed: ParsedRequest, choice: _Choice, part: Any, chat: bool
+        self, parsed: ParsedRequest, choice: _Choice, part: Any, chat: bool, stop_string: str | None = None
     ) -> tuple[str, dict[str, Any] | None]:
         """The text of ``part`` (a :class:`~fi_engine.serve.service.StreamDelta` or a whole
         :class:`~fi_engine.serve.service.RequestResult`) as ``choice`` answers it, with the echoed prompt first,
         and the logprobs object of its tokens and of those held from before (None when not asked). A stream
-        sends it only when the text is not empty or the choice ends; otherwise its logprobs wait for the next."""
+        sends it only when the text is not empty or the choice ends; otherwise its logprobs wait for the next.
+        ``stop_string``: the one that ended the choice, which its text then ends with where the request asked
+        (``include_stop_str_in_output``)."""
         text = ""
         if not choice.started:
             choice.started = True
@@ -378,6 +470,8 @@ class _Handlers:
                 choice.entries += part.prompt_logprobs
         if choice.generates:
             text += part.text
+            if stop_string is not None and part.finish_reason is not None and parsed.include_stop_str_in_output:
+                text += stop_string
             if part.logprobs is not None:
                 choice.ids += part.token_ids
                 choice.entries += part.logprobs
@@ -411,14 +505,14 @@ class _Handlers:
         try:
             done = results.result()
         except ServiceError as exc:
-            return self.error(APIError(str(exc), status=500, type="internal_server_error", code="engine_error"))
+            return self.error(APIError(str(exc), status=500, type="server_error", code="engine_error"))
         generated = sum(r.completion_tokens for r, c in zip(done, choices, strict=True) if c.generates)
         usage = usage_body(submitted.prompt_tokens, generated, _cached([r.num_cached_tokens for r in done], parsed.n))
         answers: list[Choice] = []
         tool_calls: list[list[dict[str, Any]] | None] = []
         reasoning: list[str] = []
         for r, choice in zip(done, choices, strict=True):
-            text, logprobs = self._shape(parsed, choice, r, chat)
+            text, logprobs = self._shape(parsed, choice, r, chat, r.stop_string)
             finish = r.finish_reason if choice.generates else "length"
             calls, thought = None, ""
             if choice.reader is not None:  # the reply's content is what the reader leaves of it
@@ -443,32 +537,27 @@ class _Handlers:
         created = int(time.time())
         completion_tokens = [0] * len(streams)
         cached: list[int | None] = [None] * len(streams)  # each request's prefix-cache hit, once its engine said
+
+        def sse(event: dict[str, Any]) -> bytes:  # with include_usage every chunk has a usage: null but the last
+            return _sse(event | {"usage": event.get("usage")} if parsed.include_usage else event)
+
+        # the role first: a forced call's reply has no content (OpenAI's null), a text reply "" so far
+        first = {"role": "assistant", "content": None if parsed.tool_choice in ("required", "named") else ""}
         try:
             if chat:
                 for i in range(len(streams)):
-                    yield _sse(
-                        choice_chunk(
-                            CHAT_CHUNK,
-                            rid,
-                            parsed.model,
-                            created,
-                            i,
-                            {"delta": {"role": "assistant", "content": ""}},
-                            None,
-                            None,
-                        )
-                    )
+                    yield sse(choice_chunk(CHAT_CHUNK, rid, parsed.model, created, i, {"delta": first}, None, None))
             async for index, delta in _merged(streams):
                 choice = choices[index]
                 if choice.generates:
                     completion_tokens[index] = delta.completion_tokens
                 if delta.num_cached_tokens is not None:
                     cached[index] = delta.num_cached_tokens
-                text, logprobs = self._shape(parsed, choice, delta, chat)
+                text, logprobs = self._shape(parsed, choice, delta, chat, streams[index].stop_string)
                 finish = delta.finish_reason if choice.generates or delta.finish_reason is None else "length"
                 if choice.reader is not None:
                     for event in _read_chunks(rid, parsed.model, created, index, choice, text, finish, logprobs):
-                        yield _sse(event)
+                        yield sse(event)
                     continue
                 if not text and finish is None:
                     continue  # tokens that settle no text yet (a split character, a possible stop string)
@@ -481,7 +570,7 @@ class _Handlers:
                     event = choice_chunk(
                         COMPLETION_CHUNK, rid, parsed.model, created, index, {"text": text}, finish, None, logprobs
                     )
-                yield _sse(event)
+                yield sse(event)
             if parsed.include_usage:
                 usage = usage_body(submitted.prompt_tokens, sum(completion_tokens), _cached(cached, parsed.n))
                 if chat:
@@ -489,7 +578,7 @@ class _Handlers:
                 else:
                     yield _sse(choice_chunk(COMPLETION_CHUNK, rid, parsed.model, created, None, {}, None, usage))
         except ServiceError as exc:
-            error = APIError(str(exc), status=500, type="internal_server_error", code="engine_error")
+            error = APIError(str(exc), status=500, type="server_error", code="engine_error")
             yield _sse(error_body(error))
         finally:
             for s in streams:
@@ -587,14 +676,33 @@ async def _disconnected(request: Any) -> None:
 
 
 @contextmanager
-def _response_format_errors() -> Iterator[None]:
-    """The text layer's refusals of a response_format (and a missing llguidance) as a 400 naming it."""
+def _response_format_errors(field: str = "response_format") -> Iterator[None]:
+    """The text layer's refusals of a grammar (and a missing llguidance) as a 400 naming ``field``, the request
+    field that asked for it (the text layer's messages name ``response_format``)."""
     try:
         yield
     except ModuleNotFoundError as exc:
-        raise APIError(f"response_format: {exc}", "response_format", code="unsupported_value") from None
+        raise APIError(f"{field}: {exc}", field, code="unsupported_value") from None
     except (ValueError, TypeError) as exc:
-        raise APIError(str(exc), "response_format") from None
+        text = str(exc)
+        if not text.startswith("response_format"):
+            text = f"response_format: {text}"
+        raise APIError(field + text.removeprefix("response_format"), field) from None
+
+
+def _continued(rendered: str, content: str) -> str:
+    """``rendered`` (a chat rendered without the generation prompt) cut right after the last message's text, so
+    that the model continues that message (``continue_final_message``, as transformers' and vLLM's: its text as
+    given, else stripped, where the template stripped it). 400 when the template does not show the text."""
+    for text in (content, content.strip()):
+        at = rendered.rfind(text)
+        if at >= 0:
+            return rendered[: at + len(text)]
+    raise APIError(
+        "continue_final_message: the chat template does not show the last message's text as given, so it cannot "
+        "be continued; send add_generation_prompt: true without continue_final_message",
+        "continue_final_message",
+    )
 
 
 def _named(exc: BaseException, default: str) -> APIError:
@@ -613,13 +721,14 @@ _SAMPLING_FIELDS = {f.name: f.name for f in fields(SamplingParams)} | {
 }
 
 
-def _refusal(exc: BaseException, chat: bool) -> APIError:
+def _refusal(exc: BaseException, chat: bool, grammar_field: str = "response_format") -> APIError:
     """The engine's refusal of a request as a 400: a prompt longer than it serves, or a sampling field it cannot
-    honour (named by the message's head)."""
+    honour (named by the message's head; a grammar by ``grammar_field``, the request field that asked for it)."""
     text = str(exc)
     head = text.split(":", 1)[0]
     if head in _SAMPLING_FIELDS:
         param = "logprobs" if chat and head == "logprobs" else _SAMPLING_FIELDS[head]
+        param = grammar_field if param == "response_format" else param
         return APIError(f"the engine cannot serve this request: {text}", param, code="unsupported_value")
     param = "max_tokens" if text.startswith("max_new_tokens") else "messages" if chat else "prompt"
     return APIError(f"the engine cannot serve this request: {text}", param, code="context_length_exceeded")
@@ -632,6 +741,49 @@ def check_quantization(quantization: Any) -> str | None:
     return quantization
 
 
+def check_api_key(api_key: Any) -> str | None:
+    """``api_key`` (None: no key asked) as given; TypeError/ValueError naming it unless it is printable ASCII without
+    blanks (what an ``Authorization`` header carries)."""
+    if api_key is None:
+        return None
+    if not isinstance(api_key, str):
+        raise TypeError(f"api_key: expected a str or None, got {type(api_key).__name__}")
+    if not api_key or not all("!" <= c <= "~" for c in api_key):
+        raise ValueError("api_key: expected a non-empty key of printable ASCII characters without blanks")
+    return api_key
+
+
+def check_origins(allowed_origins: Any) -> tuple[str, ...]:
+    """``allowed_origins`` (CORS: ``["*"]``, or origins such as ``"https://app.example"``; empty: no CORS headers)
+    as a tuple; TypeError/ValueError naming it otherwise."""
+    if isinstance(allowed_origins, (str, bytes)) or not isinstance(allowed_origins, Sequence):
+        raise TypeError(f"allowed_origins: expected a list of origins such as ['*'], got {allowed_origins!r:.80}")
+    for i, origin in enumerate(allowed_origins):
+        if not isinstance(origin, str) or not origin.strip():
+            raise ValueError(f"allowed_origins[{i}]: expected an origin such as 'https://app.example' or '*'")
+    return tuple(o.strip() for o in allowed_origins)
+
+
+class _KeyCheck:
+    """ASGI middleware: every request under ``/v1`` but a CORS preflight (``OPTIONS``) must carry ``Authorization:
+    Bearer <key>`` (compared in constant time), else 401 in OpenAI's shape (``code: invalid_api_key``);
+    ``/health`` and ``/metrics`` stay open, as vLLM's ``--api-key`` leaves them."""
+
+    def __init__(self, app: Any, key: str, deny: Callable[[bool], Any]) -> None:
+        self.app = app
+        self.expected = f"Bearer {key}".encode()
+        self.deny = deny
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and (path == "/v1" or path.startswith("/v1/")):
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+            if given is None or not hmac.compare_digest(given, self.expected):
+                await self.deny(given is None)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def build_app(
     service: GenerationService,
     model_names: str | Sequence[str],
@@ -639,6 +791,8 @@ def build_app(
     max_model_len: int | None = None,
     close_timeout: float = 30.0,
     quantization: str | None = None,
+    api_key: str | None = None,
+    allowed_origins: Sequence[str] = ("*",),
 ) -> Any:
     """The server's Starlette application.
 
@@ -650,6 +804,11 @@ def build_app(
         close_timeout: seconds the service gets, once the server stops, to finish what uvicorn's own grace left.
         quantization: the ``quant_method`` of the weights served (``"awq"``, ``"gptq"``, ``"fp8"``, ...; the names of
             vLLM's ``--quantization``), which ``/v1/models`` reports; None: 16-bit weights (not reported).
+        api_key: where given, every ``/v1`` request must send ``Authorization: Bearer <api_key>`` (the openai
+            client's ``api_key``), else 401 (``code: invalid_api_key``); ``/health`` and ``/metrics`` stay open.
+            None: no key is checked.
+        allowed_origins: the origins browsers may call from (CORS, Starlette's ``CORSMiddleware``: any method and
+            header, no credentials); default ``("*")``: any, as vLLM's; empty: no CORS headers.
     """
     applications = _require("starlette.applications")
     from starlette.exceptions import HTTPException
@@ -661,6 +820,7 @@ def build_app(
     if not isinstance(service, GenerationService):
         raise TypeError(f"service: expected a fi_engine.serve.service.GenerationService, got {type(service).__name__}")
     h = _Handlers(service, names, max_model_len, check_quantization(quantization))
+    key, origins = check_api_key(api_key), check_origins(allowed_origins)
 
     async def http_error(request: Any, exc: Any) -> Any:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
@@ -669,7 +829,7 @@ def build_app(
 
     async def unexpected(request: Any, exc: Exception) -> Any:  # a bug of ours: logged, answered as JSON
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return h.error(APIError(f"internal error: {type(exc).__name__}", status=500, type="internal_server_error"))
+        return h.error(APIError(f"internal error: {type(exc).__name__}", status=500, type="server_error"))
 
     from contextlib import asynccontextmanager
 
@@ -682,11 +842,34 @@ def build_app(
         Route("/health", h.health, methods=["GET"]),
         Route("/metrics", h.metrics, methods=["GET"]),
         Route("/v1/models", h.list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", h.retrieve_model, methods=["GET"]),
         Route("/v1/completions", h.completions, methods=["POST"]),
         Route("/v1/chat/completions", h.chat_completions, methods=["POST"]),
     ]
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
+
+    def deny(missing: bool) -> Any:
+        what = (
+            "no API key was sent: send it in an Authorization header (Authorization: Bearer YOUR_KEY; the openai "
+            "client's api_key)"
+            if missing
+            else "incorrect API key provided: send the key the server was started with (--api-key)"
+        )
+        return h.error(APIError(what, None, status=401, code="invalid_api_key"))
+
+    middleware = []  # the outermost first: CORS answers preflights and marks every answer, a 401 included
+    if origins:
+        middleware.append(
+            Middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["*"], allow_headers=["*"])
+        )
+    if key is not None:
+        middleware.append(Middleware(_KeyCheck, key=key, deny=deny))
     return applications.Starlette(
-        routes=routes, exception_handlers={HTTPException: http_error, Exception: unexpected}, lifespan=lifespan
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={HTTPException: http_error, Exception: unexpected},
+        lifespan=lifespan,
     )
 
 
@@ -700,11 +883,20 @@ def serve(
     graceful_s: float = 30.0,
     log_level: str = "info",
     quantization: str | None = None,
+    api_key: str | None = None,
+    allowed_origins: Sequence[str] = ("*",),
 ) -> None:
-    """Serve until SIGINT/SIGTERM: uvicorn on ``host:port`` with :func:`build_app`; on the signal, stop taking
-    connections, give open responses ``graceful_s`` seconds, then close the service (cancelling what is left)."""
+    """Serve until SIGINT/SIGTERM: uvicorn on ``host:port`` with :func:`build_app` (``api_key``,
+    ``allowed_origins``: its arguments); on the signal, stop taking connections, give open responses
+    ``graceful_s`` seconds, then close the service (cancelling what is left)."""
     app = build_app(
-        service, model_names, max_model_len=max_model_len, close_timeout=graceful_s, quantization=quantization
+        service,
+        model_names,
+        max_model_len=max_model_len,
+        close_timeout=graceful_s,
+        quantization=quantization,
+        api_key=api_key,
+        allowed_origins=allowed_origins,
     )
     uvicorn = _require("uvicorn")
     sys.setswitchinterval(SWITCH_INTERVAL_S)

@@ -57,10 +57,14 @@ def pool(codec) -> list[int]:  # type: ignore[no-untyped-def]
 class Server:
     """The server process (two front ends, one engine process) on an ephemeral port."""
 
-    def __init__(self, tmp_path: Path, model_dir: Path, engine: dict[str, Any], max_queue: int = 12) -> None:
+    def __init__(
+        self, tmp_path: Path, model_dir: Path, engine: dict[str, Any], max_queue: int = 12, api_key: str | None = None
+    ) -> None:
         config = {"model_dir": str(model_dir), "api_servers": 2, "engine": engine, "max_queue": max_queue}
         config["graceful_s"] = 10.0
         env = subprocess_env()
+        if api_key is not None:
+            env["FI_ENGINE_API_KEY"] = api_key
         env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env["PYTHONPATH"]])
         self.stderr_path = tmp_path / "server.stderr"
         with open(self.stderr_path, "w") as stderr:
@@ -243,6 +247,29 @@ def test_two_api_servers_answer_count_and_limit_together_then_stop_gracefully(
         wait_gone([*server.front_ends, server.engine_pid])
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{server.url}/health", timeout=WAIT)
+    finally:
+        server.kill()
+
+
+def test_the_api_key_holds_in_every_front_end_and_stays_off_their_command_lines(
+    tmp_path: Path, model_dir: Path, codec: Any, pool: list[int]
+) -> None:
+    engine = {"vocab_size": codec.tokenizer.vocab_size, "pool": pool, "max_batch": 4}
+    server = Server(tmp_path, model_dir, engine, api_key="sk-front-ends")
+    try:
+        body = {"model": MODEL, "prompt": [5], "max_tokens": 2}
+        for _ in range(12):  # fresh connections: both front ends answer
+            assert post(server.url, body).status_code == 401
+        keyed = {"Authorization": "Bearer sk-front-ends"}
+        answers = [
+            httpx.post(f"{server.url}/v1/completions", json=body, headers=keyed, timeout=WAIT) for _ in range(12)
+        ]
+        assert [r.status_code for r in answers] == [200] * 12
+        m = server.metrics()
+        assert m[("fi_engine_http_responses_total", (("code", "401"),))] == 12
+        assert min(server.per_server()) > 0  # both front ends took some
+        for pid in server.front_ends:
+            assert b"sk-front-ends" not in Path(f"/proc/{pid}/cmdline").read_bytes()
     finally:
         server.kill()
 

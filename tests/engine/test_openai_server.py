@@ -193,7 +193,6 @@ BAD = [
     (b"{not json", None, "not valid JSON"),
     (b"\xff\xfe", None, "not valid JSON"),
     (b"[1, 2]", None, "JSON object"),
-    ({"model": "other", "prompt": "x"}, "model", "not served here"),
     ({"model": 5, "prompt": "x"}, "model", "model name"),
     ({"prompt": "x", "temperature": -1}, "temperature", "temperature"),
     ({"prompt": "x", "temperature": "hot"}, "temperature", "number"),
@@ -207,7 +206,8 @@ BAD = [
     ({"prompt": "x", "max_tokens": 0}, "max_tokens", "max_tokens"),
     ({"prompt": "x", "max_tokens": "many"}, "max_tokens", "max_tokens"),
     ({"prompt": "x", "max_tokens": 2**70}, "max_tokens", "max_tokens"),
-    ({"prompt": "x", "seed": -1}, "seed", "seed"),
+    ({"prompt": "x", "seed": -(2**63) - 1}, "seed", "[-9223372036854775808, 18446744073709551615]"),
+    ({"prompt": "x", "seed": 2**64}, "seed", "seed"),
     ({"prompt": "x", "seed": True}, "seed", "seed"),
     ({"prompt": "x", "stop": [""]}, "stop", "stop[0]"),
     ({"prompt": "x", "stop": 5}, "stop", "stop"),
@@ -243,8 +243,35 @@ BAD = [
     ({"prompt": [10**6]}, "prompt", "outside the vocabulary"),
     ({"prompt": [-1]}, "prompt", "outside the vocabulary"),
     ({"prompt": ""}, "prompt", "encodes to no token"),
-    ({"prompt": [5] * 5000}, "prompt", "max_seq_len"),
-    ({"prompt": [5], "max_tokens": 2**31 - 1}, "prompt", "max_seq_len"),
+    ({"prompt": [5] * 5000}, "prompt", "maximum context length is 4096 tokens"),
+    ({"prompt": [5], "max_tokens": 2**31 - 1}, "max_tokens", "maximum context length is 4096 tokens"),
+    ({"prompt": "x", "stop_token_ids": 5}, "stop_token_ids", "list of at most"),
+    ({"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids", "stop_token_ids[0]"),
+    ({"prompt": "x", "stop_token_ids": [10**6]}, "stop_token_ids", "outside the vocabulary"),
+    ({"prompt": "x", "include_stop_str_in_output": 1}, "include_stop_str_in_output", "true or false"),
+    ({"prompt": "x", "spaces_between_special_tokens": "no"}, "spaces_between_special_tokens", "true or false"),
+    ({"prompt": "x", "guided_json": "{not json"}, "guided_json", "not JSON"),
+    ({"prompt": "x", "guided_json": [1]}, "guided_json", "JSON schema"),
+    ({"prompt": "x", "guided_choice": []}, "guided_choice", "non-empty list"),
+    ({"prompt": "x", "guided_choice": ["a", 1]}, "guided_choice", "non-empty list"),
+    ({"prompt": "x", "guided_regex": ""}, "guided_regex", "regular expression"),
+    ({"prompt": "x", "guided_grammar": 5}, "guided_grammar", "grammar"),
+    ({"prompt": "x", "guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "give one of"),
+    ({"prompt": "x", "response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex", "give one"),
+    ({"prompt": "x", "structured_outputs": "a"}, "structured_outputs", "an object"),
+    ({"prompt": "x", "structured_outputs": {}}, "structured_outputs", "exactly one of"),
+    ({"prompt": "x", "structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "exactly one"),
+    ({"prompt": "x", "structured_outputs": {"regexp": "a"}}, "structured_outputs", "structured_outputs.regexp"),
+    ({"prompt": "x", "structured_outputs": {"regex": "a", "structural_tag": {}}}, "structured_outputs", "not supp"),
+    ({"prompt": "x", "use_beam_search": True}, "use_beam_search", "beam search"),
+    ({"prompt": "x", "length_penalty": 2}, "length_penalty", "not supported"),
+    ({"prompt": "x", "truncate_prompt_tokens": 8}, "truncate_prompt_tokens", "shorten the prompt"),
+    ({"prompt": "x", "allowed_token_ids": [5]}, "allowed_token_ids", "guided_choice"),
+    ({"prompt": "x", "bad_words": ["x"]}, "bad_words", "logit_bias"),
+    ({"prompt": "x", "logits_processors": ["m.f"]}, "logits_processors", "not supported"),
+    ({"prompt": "x", "return_tokens_as_token_ids": True}, "return_tokens_as_token_ids", "not supported"),
+    ({"prompt": "x", "guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "not supported"),
+    ({"prompt": "x", "priority": 1}, "priority", "first come"),
 ]
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 
@@ -253,7 +280,19 @@ def named_tool(name: str) -> dict[str, Any]:
     return {"type": "function", "function": {"name": name}}
 
 
+X = [{"role": "user", "content": "x"}]
 BAD_CHAT = [
+    ({"messages": X, "continue_final_message": True, "add_generation_prompt": True}, "continue_final_message", None),
+    (
+        {"messages": [*X, {"role": "assistant", "content": " "}], "continue_final_message": True},
+        "continue_final_message",
+        "no text",
+    ),
+    ({"messages": X, "continue_final_message": "yes"}, "continue_final_message", "true or false"),
+    ({"messages": X, "chat_template": "{{ messages }}"}, "chat_template", "the checkpoint's is used"),
+    ({"messages": X, "echo": True}, "echo", "completions endpoint"),
+    ({"messages": X, "documents": [{"text": "d"}]}, "documents", "not supported"),
+    ({"messages": X, "tools": [TOOL], "guided_regex": "a+"}, "guided_regex", "exclude each other"),
     ({}, "messages", "messages"),
     ({"messages": []}, "messages", "messages"),
     ({"messages": "hi"}, "messages", "messages"),
@@ -307,7 +346,7 @@ def _check_400(response: Any, param: str | None, words: str | None) -> None:
     assert error["param"] == param
     if words:
         assert words in error["message"]
-    if param:
+    if param and error["code"] != "context_length_exceeded":  # OpenAI's own words there; the param names it
         assert error["message"].startswith(param) or param in error["message"]
 
 
@@ -325,8 +364,45 @@ def test_bad_requests_are_400_naming_the_field(served: Served) -> None:
 
 def test_the_openai_client_sees_a_bad_request_error(served: Served) -> None:
     with pytest.raises(openai.BadRequestError) as info:
+        served.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=0)
+    assert info.value.status_code == 400 and info.value.param == "n" and info.value.code == "invalid_value"
+
+
+def test_an_unknown_model_is_404_model_not_found(served: Served) -> None:
+    """OpenAI's and vLLM's answer: the client raises NotFoundError; the body is OpenAI's error naming ``model``."""
+    with pytest.raises(openai.NotFoundError) as info:
         served.client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
-    assert info.value.status_code == 400 and info.value.param == "model" and info.value.code == "model_not_found"
+    assert info.value.status_code == 404 and info.value.param == "model" and info.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        served.client.completions.create(model="other", prompt="x")
+    r = post(served.url, "/v1/completions", {"model": "other", "prompt": "x"})
+    error = r.json()["error"]
+    assert (
+        r.status_code == 404
+        and error["type"] == "invalid_request_error"
+        and "'other' is not served" in error["message"]
+    )
+    assert served.engine.added == []
+
+
+def test_a_model_is_retrieved_by_name(served: Served) -> None:
+    model = served.client.models.retrieve(MODEL)
+    assert (model.id, model.object, model.owned_by) == (MODEL, "model", "fi_engine")
+    assert httpx.get(f"{served.url}/v1/models/{MODEL}", timeout=WAIT).json() == served.client.models.list().data[
+        0
+    ].model_dump(exclude_none=True)
+    with pytest.raises(openai.NotFoundError) as info:
+        served.client.models.retrieve("org/other")  # a name with a slash, as Hugging Face ids have
+    assert info.value.code == "model_not_found" and info.value.param == "model" and "'org/other'" in info.value.message
+
+
+def test_a_model_name_with_a_slash_is_retrieved(codec, pool) -> None:  # type: ignore[no-untyped-def]
+    served = Served(codec, pool, max_batch=2, model_name="org/model-1.5B")
+    try:
+        got = httpx.get(f"{served.url}/v1/models/org/model-1.5B", timeout=WAIT).json()
+        assert got["id"] == "org/model-1.5B" and got["max_model_len"] == 4096
+    finally:
+        served.close()
 
 
 def test_unknown_paths_and_methods_answer_openai_errors(served: Served) -> None:
@@ -452,6 +528,7 @@ def test_metrics_parse_as_prometheus_text(served: Served) -> None:
     for i in range(3):
         served.client.completions.create(model=MODEL, temperature=0, prompt=[i + 1, 2], max_tokens=4)
     post(served.url, "/v1/completions", {"model": "nope", "prompt": "x"})
+    post(served.url, "/v1/completions", {"model": MODEL, "prompt": "x", "n": 0})
     r = httpx.get(f"{served.url}/metrics", timeout=WAIT)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     families = {f.name: f for f in parser.text_string_to_metric_families(r.text)}
@@ -461,6 +538,7 @@ def test_metrics_parse_as_prometheus_text(served: Served) -> None:
     assert value[("fi_engine_prompt_tokens_total", ())] == 6
     assert value[("fi_engine_http_responses_total", (("code", "200"),))] == 3
     assert value[("fi_engine_http_responses_total", (("code", "400"),))] == 1
+    assert value[("fi_engine_http_responses_total", (("code", "404"),))] == 1
     assert value[("fi_engine_time_to_first_token_seconds_count", ())] == 3
     assert value[("fi_engine_time_to_first_token_seconds_bucket", (("le", "+Inf"),))] == 3
     assert value[("fi_engine_inter_token_latency_seconds_count", ())] == 9

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.serve import MODEL, FamilyServing, Served, chat_message, forced_choice, require_serving
+from helpers.serve import MODEL, WAIT, FamilyServing, Served, chat_message, forced_choice, require_serving
 from helpers.text_checkpoints import TIME_TOOL, WEATHER_TOOL
+
+from fi_engine.text.tool_calls import opener
 
 openai = require_serving()
 
@@ -148,6 +150,25 @@ def test_required_and_named_choices_make_the_reply_a_call(family: Family, named:
         assert finish == "tool_calls"
         assert s.engine.added[-1][1] == family.prompt(ASK, lead)
         assert_weather_call(message.tool_calls[0])
+    finally:
+        s.close()
+
+
+def test_a_forced_calls_stream_opens_with_null_content(family: Family) -> None:
+    """OpenAI's first chunk of a reply that is a call: the role and ``"content": null``; a reply that may be text
+    opens with ``""``."""
+    import httpx
+
+    lead = opener(family.format, "get_weather")
+    s = family.serve({family.prompt(ASK, lead): family.reply(family.one_call.removeprefix(lead))})
+    try:
+        firsts = []
+        for choice in (forced_choice(True), "auto"):
+            body = {"model": MODEL, "messages": ASK, "tools": TOOLS, "tool_choice": choice, "stream": True}
+            with httpx.stream("POST", f"{s.url}/v1/chat/completions", json=body, timeout=WAIT) as r:
+                first = next(line for line in r.iter_lines() if line.startswith("data: "))
+            firsts.append(json.loads(first.removeprefix("data: "))["choices"][0]["delta"])
+        assert firsts == [{"role": "assistant", "content": None}, {"role": "assistant", "content": ""}]
     finally:
         s.close()
 

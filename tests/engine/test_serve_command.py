@@ -77,6 +77,9 @@ def test_serve_checks_the_text_side_then_stops_at_the_missing_gpu(model: Path) -
         ("--max-num-batched-tokens", "0", "expected a positive integer"),
         ("--speculative-config", "{nope", 'expected a JSON object such as {"method": "ngram", ...}'),
         ("--speculative-config", "[4]", "expected a JSON object, got list"),
+        ("--api-key", "two words", "printable ASCII characters without blanks"),
+        ("--allowed-origins", '["ok", 5]', "expected a JSON list of origins"),
+        ("--allowed-origins", "[nope", "expected a JSON list of origins"),
     ],
 )
 def test_serve_bad_values_are_usage_errors(model: Path, flag: str, value: str, message: str) -> None:
@@ -89,6 +92,15 @@ def test_serve_with_api_servers_stops_at_the_missing_gpu_too(model: Path) -> Non
     done = engine_cli("serve", str(model), "--port", "0", "--api-servers", "2")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.startswith("fi-engine serve: the Llama engine needs an NVIDIA GPU")
+
+
+def test_serve_reads_a_bad_api_key_from_the_environment_as_a_usage_error(model: Path) -> None:
+    env = subprocess_env() | {"FI_ENGINE_API_KEY": "has space"}
+    done = subprocess.run(
+        [sys.executable, "-m", "fi_engine", "serve", str(model)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 2 and "argument --api-key: " in done.stderr and "FI_ENGINE_API_KEY" in done.stderr
+    assert "has space" not in done.stderr
 
 
 def test_serve_api_servers_need_the_engine_process(model: Path) -> None:

@@ -3,13 +3,15 @@ signals): ``python -m helpers.api_servers_main CONFIG_JSON`` with ``tests/`` on 
 
 CONFIG_JSON: ``model_dir`` (a text checkpoint: the front ends' tokenizer), ``api_servers``, ``engine`` (keyword
 arguments of :class:`helpers.fake_engine.FakeStepEngine`, ``vocab_size`` among them), ``max_queue``,
-``graceful_s``. Prints ``READY port pid,pid,... engine_pid`` on stdout once every front end listens; exit status
+``graceful_s``; the API key, where the environment has ``FI_ENGINE_API_KEY`` (as ``fi-engine serve`` reads it).
+Prints ``READY port pid,pid,... engine_pid`` on stdout once every front end listens; exit status
 0 after a stop, 1 when a front end failed (its message on stderr), as ``fi-engine serve`` does.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from fi_engine.serve.api_servers import serve_api_servers
@@ -38,6 +40,7 @@ def main(config: dict) -> int:  # type: ignore[type-arg]
                 graceful_s=config["graceful_s"],
                 log_level="warning",
                 ready=ready,
+                api_key=os.environ.get("FI_ENGINE_API_KEY"),
             )
         except RuntimeError as exc:
             print(f"api servers: {exc}", file=sys.stderr, flush=True)

@@ -52,8 +52,10 @@ WAIT = 20.0  # seconds a client or a test waits at most
 
 class Served:
     """A stand-in engine (:class:`~helpers.fake_engine.FakeStepEngine` over ``codec``'s vocabulary, generating from
-    ``pool``), its service and the server on loopback (``quantization``: the weights' it reports), with an official
-    ``openai`` client (:attr:`client`)."""
+    ``pool``), its service and the server on loopback (the engine's ``max_seq_len`` as its ``max_model_len``, as
+    ``fi-engine serve`` gives it; ``quantization``: the weights' it reports; ``model_name``: the
+    name it serves; ``app_kw``: more of ``build_app``'s arguments), with an official ``openai`` client
+    (:attr:`client`)."""
 
     def __init__(
         self,
@@ -62,6 +64,8 @@ class Served:
         max_queue: int = 256,
         graceful_s: float = 5.0,
         quantization: str | None = None,
+        model_name: str = MODEL,
+        app_kw: dict[str, Any] | None = None,
         **engine_kw: Any,
     ) -> None:
         import openai
@@ -73,7 +77,14 @@ class Served:
         kw = {"max_seq_len": 4096, "tokenizer": codec.tokenizer, **engine_kw}
         self.engine = FakeStepEngine(codec.tokenizer.vocab_size, pool=pool, eos_token_ids=codec.eos_token_ids, **kw)
         self.service = GenerationService(self.engine, codec, max_queue=max_queue)
-        app = build_app(self.service, MODEL, max_model_len=4096, close_timeout=1.0, quantization=quantization)
+        app = build_app(
+            self.service,
+            model_name,
+            max_model_len=kw["max_seq_len"],
+            close_timeout=1.0,
+            quantization=quantization,
+            **(app_kw or {}),
+        )
         self.server = RunningServer(app, graceful_s)
         self.url = self.server.url
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=WAIT)
