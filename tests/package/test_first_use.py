@@ -109,6 +109,13 @@ def test_every_install_hint_names_an_extra_that_exists() -> None:
                 assert extra in extras, f"{path}: extra {extra!r} is not declared in pyproject.toml"
 
 
+def test_the_old_llama_extra_installs_what_engine_does() -> None:
+    # docs/engine.md: "the old extra name `llama` installs the same"; it once lacked the text layer's packages
+    extras = pyproject()["project"]["optional-dependencies"]
+    assert any(d.startswith("tokenizers") for d in extras["engine"])
+    assert extras["llama"] == extras["engine"]
+
+
 def test_gpu_test_dependencies_are_an_extra() -> None:
     extras = pyproject()["project"]["optional-dependencies"]
     assert any(d.startswith("torch") for d in extras["gpu-tests"])
