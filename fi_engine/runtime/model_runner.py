@@ -102,7 +102,8 @@ class ModelRunner(StepGraphs, FusedDecode, Storage):
             import cupy as cp
         except ImportError as exc:
             raise ImportError(
-                f"the Llama engine needs CuPy ({exc}); install it with: python -m pip install cupy-cuda13x"
+                f"the engine needs CuPy ({exc}); install the engine extra: python -m pip install '.[engine]' in the "
+                "checkout"
             ) from exc
         self.cupy = cp
         self._connect(settings)

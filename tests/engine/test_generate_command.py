@@ -126,6 +126,8 @@ def test_the_engines_command_and_its_help() -> None:
     )
     assert done.returncode == 0 and done.stdout.startswith("usage: fi-engine generate")
     assert "fi-engine generate --model ./m --prompt-ids 1,2,3 --tp 2" in done.stdout
+    # the whole extra (CuPy, cuBLAS, tokenizers, jinja2), worded as serve --help words its own
+    assert "Needs the engine extra: python -m pip install '.[engine]' in the checkout." in " ".join(done.stdout.split())
     done = subprocess.run(
         [sys.executable, "-m", "fi_engine"], capture_output=True, text=True, timeout=120, env=subprocess_env()
     )

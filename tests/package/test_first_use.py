@@ -116,6 +116,18 @@ def test_the_old_llama_extra_installs_what_engine_does() -> None:
     assert extras["llama"] == extras["engine"]
 
 
+def test_no_engine_install_hint_names_one_of_its_packages_alone() -> None:
+    # `pip install cupy-cuda13x` leaves out cuBLAS, tokenizers and jinja2: a hint for the engine names its extra
+    import re
+
+    sources = sorted((REPO / "fi_engine").rglob("*.py"))
+    assert len(sources) > 20
+    hints = [
+        f"{p.relative_to(REPO)}: {m}" for p in sources for m in re.findall(r"pip install '?cupy\S*", p.read_text())
+    ]
+    assert hints == []
+
+
 def test_gpu_test_dependencies_are_an_extra() -> None:
     extras = pyproject()["project"]["optional-dependencies"]
     assert any(d.startswith("torch") for d in extras["gpu-tests"])
