@@ -97,6 +97,7 @@ class ModelRunner(StepGraphs, FusedDecode, Storage):
 
     def __init__(self, family: ModelFamily, model_dir: str | Path, settings: EngineSettings) -> None:
         self._configure(family, model_dir, settings)
+        Checkpoint.files(model_dir)  # the weights' files all there: said before the GPU, which cannot supply them
         _require_gpu(settings.device)  # before CuPy: its CUDARuntimeError would name neither the cause nor the fix
         try:
             import cupy as cp
