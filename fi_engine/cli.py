@@ -390,8 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
         "f16/bf16; FP8 e4m3, or AWQ/GPTQ int4 read as stored, for dense Llama/Qwen3) onto the GPU and "
         "generate from token-id prompts; prints the "
         "tokens, tokens/s and host time "
-        "per decode step. Needs CuPy (python -m pip install cupy-cuda13x). Every value is checked before the "
-        "GPU is touched.",
+        "per decode step. Needs the engine extra: python -m pip install '.[engine]' in the checkout. Every value "
+        "is checked before the GPU is touched.",
         (
             "fi-engine generate ./SmolLM2-135M --prompt-ids 1,2,3 --max-new-tokens 16",
             "fi-engine generate --model ./m --prompt-ids 1,2 --prompt-ids 4,5 --temperature 0.7 --top-p 0.9 --graph",

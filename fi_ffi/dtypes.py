@@ -6,6 +6,7 @@ so lanes is always 1 here. A :class:`Device` is the DLPack pair ``(device_type, 
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeAlias
 
 if TYPE_CHECKING:  # numpy only for the annotation: importing fi_ffi imports no numpy
@@ -155,10 +156,24 @@ def dtype(value: Any) -> DType:
         if found is None:
             name = getattr(value, "name", None)
             found = _BY_NAME.get(name) if isinstance(name, str) else None
+        if found is None and isinstance(value, type):
+            found = _numpy_scalar_type(value)
         if found is not None:
             return found
     known = ", ".join(d.name for d in ALL)
     raise TypeError(f"unsupported dtype {value!r}: expected one of {known}")
+
+
+def _numpy_scalar_type(value: type) -> DType | None:
+    """The DType of a numpy scalar type (``numpy.float16``, ``ml_dtypes.bfloat16``), as ``numpy.dtype`` names it;
+    None for any other class. numpy is looked up, not imported: where such a type exists, numpy is loaded."""
+    numpy: Any = sys.modules.get("numpy")
+    if numpy is None or not issubclass(value, numpy.generic):
+        return None
+    try:
+        return _BY_NAME.get(numpy.dtype(value).name)
+    except TypeError:  # numpy.generic itself and other abstract scalar types have no dtype
+        return None
 
 
 def from_dlpack(code: int, bits: int, lanes: int) -> DType:

@@ -208,6 +208,13 @@ def problem(name: str, value: str | None = None) -> str:
     if kind == "choice" and text not in var.choices:
         return f"{shown}: expected one of {', '.join(var.choices)} (unset: {var.default})"
     if kind == "runtime" and text not in ("auto", "package", "lock") and not os.path.isfile(os.path.expanduser(text)):
+        if "/" in text or text.startswith("~") or ".so" in text:  # meant as a path: say what is wrong with it
+            path = os.path.abspath(os.path.expanduser(text))
+            what = "is a folder, not the library" if os.path.isdir(path) else "does not exist"
+            return (
+                f"{shown}: {path} {what}; set it to the path of an existing libtvm_ffi.so, or unset it (auto: "
+                f"the one already loaded, the installed apache-tvm-ffi's or the lock's)"
+            )
         return f"{shown}: expected auto, package, lock or the path of a libtvm_ffi.so"
     if kind == "version" and not re.fullmatch(r"\d+\.\d+", text):
         return f"{shown}: expected major.minor, such as 13.0"

@@ -135,10 +135,30 @@ def _entry(p: Path, name: str, entry: Any, data_start: int, size: int) -> Tensor
     return TensorInfo(name, DTYPES[code][0], tuple(shape), p, data_start + begin, nbytes)
 
 
+INDEX = "model.safetensors.index.json"  # a sharded checkpoint's map of tensor names to its files
+
+
 class Checkpoint:
     """The tensors of every ``*.safetensors`` file in a directory, by name (read lazily, memory-mapped)."""
 
     def __init__(self, model_dir: str | Path) -> None:
+        self.tensors: dict[str, TensorInfo] = {}
+        for f in self.files(model_dir):
+            for name, info in read_header(f).items():
+                if name in self.tensors:
+                    raise ValueError(f"model: tensor {name!r} is in both {self.tensors[name].path.name} and {f.name}")
+                self.tensors[name] = info
+
+    @staticmethod
+    def files(model_dir: str | Path) -> list[Path]:
+        """The ``*.safetensors`` files of ``model_dir``, sorted, checked to be all there without reading them (cheap:
+        the engine calls it before any GPU work).
+
+        Raises:
+            ValueError: naming the folder and what is missing: no ``*.safetensors`` file, or files that its
+                ``model.safetensors.index.json`` names (an interrupted download), or an index that is no JSON
+                object with a ``weight_map`` of tensor names to file names.
+        """
         root = Path(model_dir)
         files = sorted(root.glob("*.safetensors"))
         if not files:
@@ -146,12 +166,26 @@ class Checkpoint:
                 f"model: no *.safetensors file in {root}; pass a Hugging Face checkpoint directory "
                 f"saved with safetensors (save_pretrained's default)"
             )
-        self.tensors: dict[str, TensorInfo] = {}
-        for f in files:
-            for name, info in read_header(f).items():
-                if name in self.tensors:
-                    raise ValueError(f"model: tensor {name!r} is in both {self.tensors[name].path.name} and {f.name}")
-                self.tensors[name] = info
+        index = root / INDEX
+        if not index.is_file():
+            return files
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            named = {str(file) for file in weight_map.values()}
+        except (OSError, ValueError, RecursionError, LookupError, TypeError, AttributeError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+            raise ValueError(
+                f"model: {index} is not a readable index ({problem:.200}); expected a JSON object with a "
+                f'"weight_map" of tensor names to file names; download it again'
+            ) from None
+        missing = sorted(named - {f.name for f in files})
+        if missing:
+            shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+            raise ValueError(
+                f"model: {root} lacks {len(missing)} of the {len(named)} files its {INDEX} names ({shown}); "
+                f"download them (an interrupted download leaves some out)"
+            )
+        return files
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors

@@ -97,12 +97,14 @@ class ModelRunner(StepGraphs, FusedDecode, Storage):
 
     def __init__(self, family: ModelFamily, model_dir: str | Path, settings: EngineSettings) -> None:
         self._configure(family, model_dir, settings)
+        Checkpoint.files(model_dir)  # the weights' files all there: said before the GPU, which cannot supply them
         _require_gpu(settings.device)  # before CuPy: its CUDARuntimeError would name neither the cause nor the fix
         try:
             import cupy as cp
         except ImportError as exc:
             raise ImportError(
-                f"the Llama engine needs CuPy ({exc}); install it with: python -m pip install cupy-cuda13x"
+                f"the engine needs CuPy ({exc}); install the engine extra: python -m pip install '.[engine]' in the "
+                "checkout"
             ) from exc
         self.cupy = cp
         self._connect(settings)

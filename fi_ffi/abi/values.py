@@ -24,8 +24,10 @@ A value of the wrong type raises :class:`~fi_ffi.errors.ArgumentTypeError` (a ``
 
 from __future__ import annotations
 
+import inspect
 import math
 import struct
+import sys
 from typing import Any
 
 from ..dtypes import Device, DType
@@ -58,6 +60,58 @@ def int64_range_error(name: str, value: int) -> ArgumentRangeError:
     )
 
 
+def scalar_type_error(name: str, expected: str, value: Any, given: str | None = None) -> ArgumentTypeError:
+    """The error of scalar ``name`` given ``value``, which is not ``expected`` (``"a float"``); ``given``: how the
+    text names a value that is not a tensor (default: its type's name).
+
+    A tensor in a scalar's place is most often one given by position one place early (``rmsnorm(x, w, out)``
+    puts ``out`` where flashinfer's order has ``eps``): for a tensor (a descriptor, or anything with
+    ``__dlpack__``, ``__cuda_array_interface__`` or ``data_ptr``) the text says so, gives the positional order of
+    the public op being called and which of its tensors to pass by keyword. Only ever built on the error path.
+    """
+    kind = type(value).__name__
+    if not (isinstance(value, Tensor) or any(hasattr(value, a) for a in _TENSOR_ATTRIBUTES)):
+        return ArgumentTypeError(f"{name}: expected {expected}, got {kind if given is None else given}")
+    fix = f"pass the tensors after {name} by keyword"
+    called = _public_op_taking(name)
+    if called is not None:
+        function, arguments = called
+        params = [p for p in inspect.signature(function).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+        names = [p.name for p in params]
+        # the tensors after `name` that the call left out: the one meant for `name`'s place is one of them
+        missing = [
+            p.name
+            for p in params[names.index(name) + 1 :]
+            if "Tensor" in str(p.annotation) and arguments.get(p.name) is None
+        ]
+        fix = f"{function.__name__}'s positional order is ({', '.join(names)})"
+        if missing:
+            fix += f": pass {' or '.join(f'{n}=' for n in missing)} by keyword"
+    return ArgumentTypeError(f"{name}: expected {expected}, got {kind} (a tensor); {fix}")
+
+
+_TENSOR_ATTRIBUTES = ("__dlpack__", "__cuda_array_interface__", "data_ptr")
+
+
+def _public_op_taking(name: str) -> tuple[Any, dict[str, Any]] | None:
+    """The outermost public function of ``fi_ffi.ops`` on the calling stack with positional parameter ``name`` (the
+    op the user called) and its arguments, or None."""
+    found = None
+    frame = sys._getframe(1)
+    while frame is not None:
+        function: Any = frame.f_globals.get(frame.f_code.co_name)
+        if (
+            getattr(function, "__code__", None) is frame.f_code
+            and frame.f_globals.get("__name__", "").startswith("fi_ffi.ops.")
+            and function.__name__ in frame.f_globals.get("__all__", ())
+        ):
+            parameter = inspect.signature(function).parameters.get(name)
+            if parameter is not None and parameter.kind is parameter.POSITIONAL_OR_KEYWORD:
+                found = function, dict(frame.f_locals)
+        frame = frame.f_back  # type: ignore[assignment]
+    return found
+
+
 def to_index(name: str, value: Any) -> int:
     """``value`` as a Python int (an int, or anything with ``__index__``, not a bool), unbounded: the type rule of
     every int fi_ffi takes (:func:`to_int` adds int64's bounds; an op's own check adds its tighter ones).
@@ -68,11 +122,11 @@ def to_index(name: str, value: Any) -> int:
     if value.__class__ is int:
         return value  # type: ignore[no-any-return]
     if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise ArgumentTypeError(f"{name}: expected an int, got {type(value).__name__}")
+        raise scalar_type_error(name, "an int", value)
     try:
         return int(value.__index__())
     except (TypeError, ValueError):  # numpy arrays of more than one element have an __index__ that refuses
-        raise ArgumentTypeError(f"{name}: expected an int, got {type(value).__name__}") from None
+        raise scalar_type_error(name, "an int", value) from None
 
 
 def to_int(name: str, value: Any) -> int:
@@ -95,13 +149,13 @@ def to_float(name: str, value: Any) -> float:
         ArgumentTypeError: not a number; ArgumentRangeError: an int or number that is infinite as a float64.
     """
     if isinstance(value, bool) or (not isinstance(value, (int, float)) and not hasattr(value, "__float__")):
-        raise ArgumentTypeError(f"{name}: expected a float, got {type(value).__name__}")
+        raise scalar_type_error(name, "a float", value)
     try:
         out = float(value)
     except OverflowError:
         raise ArgumentRangeError(f"{name}: {value!r} does not fit in a float64") from None
     except (TypeError, ValueError):  # numpy arrays of more than one element have a __float__ that refuses
-        raise ArgumentTypeError(f"{name}: expected a float, got {type(value).__name__}") from None
+        raise scalar_type_error(name, "a float", value) from None
     if math.isinf(out) and not (isinstance(value, float) and math.isinf(value)):
         raise ArgumentRangeError(f"{name}: {value!r} does not fit in a float64")
     return out
@@ -113,7 +167,7 @@ def to_bool(name: str, value: Any) -> bool:
         return value
     if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
         return bool(value)
-    raise ArgumentTypeError(f"{name}: expected a bool, got {value!r}")
+    raise scalar_type_error(name, "a bool", value, repr(value))
 
 
 def to_text(name: str, value: Any) -> str:
@@ -203,6 +257,7 @@ __all__ = [
     "OpaquePtr",
     "int64_range_error",
     "pack_value",
+    "scalar_type_error",
     "to_bool",
     "to_float",
     "to_index",

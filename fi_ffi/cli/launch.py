@@ -94,7 +94,7 @@ def register(commands: Commands) -> None:
         "Start N ranks of a command on this host, one per GPU, with the variables torchrun sets and NVLink "
         "multicast off. When a rank fails the others are stopped; the failing rank is named and its status "
         "returned.",
-        "fi-ffi launch --nproc 2 -- python my_tp_app.py\nfi-ffi launch --nproc 4 --master-port 29500 -- fi-ffi "
+        "fi-ffi launch --nproc 2 -- python my_tp_app.py\nfi-ffi launch --nproc 4 --master-port 29500 -- fi-engine "
         "generate --model ./m --prompt-ids 1,2 --tp 4",
     )
     p.add_argument("--nproc", type=positive_int, required=True, help="number of ranks (one per GPU)")

@@ -16,9 +16,8 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from ..abi.values import to_float, to_index
+from ..abi.values import scalar_type_error, to_float, to_index
 from ..dtypes import DType
-from ..errors import ArgumentTypeError
 from ..tensor.descriptor import Tensor
 from .pointer_rules import PointerRules
 
@@ -122,7 +121,7 @@ def row_vector_bytes(t: Tensor) -> int:
 def positive_finite(name: str, value: Any) -> float:
     """``value`` as a float that is finite and > 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ArgumentTypeError(f"{name}: expected a float, got {type(value).__name__}")
+        raise scalar_type_error(name, "a float", value)
     value = to_float(name, value)
     if not (value > 0.0 and math.isfinite(value)):
         raise ValueError(f"{name}: expected a finite value > 0, got {value}")
@@ -132,7 +131,7 @@ def positive_finite(name: str, value: Any) -> float:
 def finite(name: str, value: Any) -> float:
     """``value`` as a finite float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ArgumentTypeError(f"{name}: expected a float, got {type(value).__name__}")
+        raise scalar_type_error(name, "a float", value)
     value = to_float(name, value)
     if not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite value, got {value}")
@@ -151,5 +150,5 @@ def integer(name: str, value: Any, minimum: int | None = None) -> int:
 
 def flag(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, int)) or (isinstance(value, int) and value not in (0, 1)):
-        raise TypeError(f"{name}: expected a bool, got {value!r}")
+        raise scalar_type_error(name, "a bool", value, repr(value))
     return bool(value)

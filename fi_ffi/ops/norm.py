@@ -45,8 +45,10 @@ GEMMA_FUSED_ADD_RMSNORM = _norm(
 DECLARATIONS = tuple(("norm", d) for d in (RMSNORM, GEMMA_RMSNORM, FUSED_ADD_RMSNORM, GEMMA_FUSED_ADD_RMSNORM))
 
 
-def _need_out(name: str) -> NoReturn:
-    """The error for an out-of-place norm called without ``out`` (flashinfer allocates it when omitted)."""
+def _need_out(name: str, eps: Any) -> NoReturn:
+    """The error for an out-of-place norm called without ``out`` (flashinfer allocates it when omitted); a tensor
+    as ``eps`` is ``out`` given by position one place early (``rmsnorm(x, w, out)``), and that error comes first."""
+    checks.positive_finite("eps", eps)
     raise TypeError(
         f"out: required (fi_ffi never allocates device memory); pass a tensor of input's shape, dtype and device, "
         f"as {name}(input, weight, eps, out) or out=..."
@@ -166,7 +168,7 @@ def rmsnorm(
             overlapping ``input`` other than being it, or ``eps`` not finite and > 0.
     """
     if out is None:
-        _need_out("rmsnorm")
+        _need_out("rmsnorm", eps)
     _out_first(_rmsnorm, input, weight, eps, out, enable_pdl, stream)
     return out
 
@@ -226,7 +228,7 @@ def gemma_rmsnorm(
         ValueError: ``input`` not 2-D, else as :func:`rmsnorm`.
     """
     if out is None:
-        _need_out("gemma_rmsnorm")
+        _need_out("gemma_rmsnorm", eps)
     _out_first(_gemma_rmsnorm, input, weight, eps, out, enable_pdl, stream)
     return out
 

@@ -42,6 +42,7 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
+from ..abi.values import scalar_type_error
 from ..abi.wire import BOOL, FLOAT, INT, Param, declare, tensor
 from ..dtypes import bfloat16, float16, float32, int32, int64
 from ..launch import checks
@@ -673,7 +674,7 @@ def _heads(name: str, x: Any, head_size: Any) -> Any:
     """``x`` as ``[nnz, heads, head_size]``: 3-D producers pass as they are (the fast path); a 2-D
     ``[nnz, heads * head_size]`` one becomes a descriptor view (a descriptor per call)."""
     if isinstance(head_size, bool) or not isinstance(head_size, int) or head_size < 1:
-        raise TypeError(f"head_size: expected an int >= 1, got {head_size!r}")
+        raise scalar_type_error("head_size", "an int >= 1", head_size, repr(head_size))
     shape = getattr(x, "shape", None)
     if shape is not None and len(shape) == 3:
         if int(shape[2]) != head_size:

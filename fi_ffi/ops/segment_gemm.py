@@ -263,7 +263,10 @@ _sm90 = launcher(SEGMENT_GEMM_SM90, "gemm_sm90", _arrays_check(("x_stride", "wei
 _sm80 = launcher(SEGMENT_GEMM, "gemm", _arrays_check(("x_ld", "w_ld", "y_ld"), False))
 
 
-def _need_out() -> NoReturn:
+def _need_out(batch_size: Any) -> NoReturn:
+    """The error of a call without ``out``; a tensor as ``batch_size`` is ``out`` given by position two places
+    early (``segment_gemm(x, weights, out)``), and that error comes first."""
+    checks.integer("batch_size", batch_size, 0)
     raise TypeError(
         "out: required (fi_ffi never allocates device memory); pass a contiguous [total_rows, d_out] tensor"
     )
@@ -317,7 +320,7 @@ def segment_gemm(
             out of range, ``out`` overlapping ``x`` or ``weights``, an unknown ``backend``, a workspace too small.
     """
     if out is None:
-        _need_out()
+        _need_out(batch_size)
     c = _checked(
         workspace,
         x,
@@ -380,7 +383,7 @@ def _checked(
 ) -> _Call:
     """Every argument checked (pointers included: this runs on every call) and the argument arrays computed."""
     if out is None:
-        _need_out()
+        _need_out(batch_size)
     if not isinstance(workspace, Workspace):
         raise TypeError(f"workspace: expected a fi_ffi Workspace, got {type(workspace).__name__}")
     batch_size = checks.integer("batch_size", batch_size, 0)

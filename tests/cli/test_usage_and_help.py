@@ -37,6 +37,7 @@ def test_every_subcommand_help_has_a_description_and_examples(command: str) -> N
     assert usage.startswith(f"usage: fi-ffi {command}") and len(description.split()) >= 10
     examples = done.stdout.split("examples:\n", 1)[1]
     assert f"  fi-ffi {command}" in examples
+    assert "fi-ffi generate" not in examples  # the deprecated spelling: examples run `fi-engine generate`
     assert "-q, --quiet" in done.stdout and "-v, --verbose" in done.stdout
 
 

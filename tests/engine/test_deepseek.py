@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers.checkpoints import without_weights
 
 from fi_engine.checkpoint.deepseek_config import DeepSeekConfig, DeepSeekRouting, is_deepseek
 from fi_engine.checkpoint.quantization import Fp8Scheme
@@ -245,7 +246,7 @@ def test_engine_takes_a_graph_where_the_routing_runs_on_the_device(tmp_path) -> 
     from fi_ffi.errors import UnsupportedDeviceError
 
     for cfg in (V3, V2_LITE, {**V3, "norm_topk_prob": False}):
-        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        without_weights(tmp_path, cfg)  # a placeholder safetensors file: the engine checks the files are there
         assert deepseek.graph_blocker(DeepSeekConfig.from_dir(tmp_path)) is None
         with pytest.raises(UnsupportedDeviceError):  # this machine has no GPU: the graph itself was not refused
             DeepSeekEngine(tmp_path, cuda_graph=True)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.checkpoints import without_weights
 from helpers.env import subprocess_env
 
 from fi_ffi.cuda import system
@@ -41,8 +42,7 @@ def generate(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture
 def model(tmp_path: Path) -> Path:
     """A checkpoint folder whose config.json is valid (no weights: every case here stops before they are read)."""
-    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
-    return tmp_path
+    return without_weights(tmp_path, CONFIG)
 
 
 @pytest.mark.parametrize(
@@ -97,6 +97,25 @@ def test_a_bad_checkpoint_is_named_before_the_gpu(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_a_checkpoint_without_its_weights_is_named_before_the_gpu(tmp_path: Path) -> None:
+    # config.json alone (a download of the small files only): the folder and what it lacks, not the missing GPU
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    done = generate(str(tmp_path), "--prompt-ids", "1,2")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr == (
+        f"fi-engine generate: model: no *.safetensors file in {tmp_path}; pass a Hugging Face checkpoint directory "
+        "saved with safetensors (save_pretrained's default)\n"
+    )
+    # a sharded checkpoint whose index names a shard that is not there (an interrupted download)
+    without_weights(tmp_path, CONFIG)
+    index = {"weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    done = generate(str(tmp_path), "--prompt-ids", "1,2")
+    assert done.returncode == 2 and "NVIDIA GPU" not in done.stderr
+    assert f"model: {tmp_path} lacks 1 of the 2 files its model.safetensors.index.json names " in done.stderr
+    assert "(model-00002-of-00002.safetensors); download them" in done.stderr
+
+
 @NO_GPU
 def test_tp_checks_run_once_before_any_rank_starts(model: Path) -> None:
     done = generate("--model", str(model), "--prompt-ids", "1,2", "--tp", "2")
@@ -126,6 +145,8 @@ def test_the_engines_command_and_its_help() -> None:
     )
     assert done.returncode == 0 and done.stdout.startswith("usage: fi-engine generate")
     assert "fi-engine generate --model ./m --prompt-ids 1,2,3 --tp 2" in done.stdout
+    # the whole extra (CuPy, cuBLAS, tokenizers, jinja2), worded as serve --help words its own
+    assert "Needs the engine extra: python -m pip install '.[engine]' in the checkout." in " ".join(done.stdout.split())
     done = subprocess.run(
         [sys.executable, "-m", "fi_engine"], capture_output=True, text=True, timeout=120, env=subprocess_env()
     )
@@ -226,8 +247,7 @@ def test_text_prompts_are_encoded_before_the_engine_needs_the_gpu(tmp_path: Path
     then names the missing GPU (the same line as for token ids)."""
     from helpers.text_checkpoints import write_text_checkpoint
 
-    root = write_text_checkpoint(tmp_path / "m")
-    (root / "config.json").write_text(json.dumps(CONFIG))
+    root = without_weights(write_text_checkpoint(tmp_path / "m"), CONFIG)
     done = generate("--model", str(root), "--prompt", "hello world", "--chat", "What is a GPU?")
     assert done.returncode == 2
     assert done.stderr.startswith("fi-engine generate: the Llama engine needs an NVIDIA GPU"), done.stderr
@@ -277,8 +297,7 @@ SMALL = {**CONFIG, "vocab_size": 64, "max_position_embeddings": 256}
 @pytest.fixture
 def small(tmp_path: Path) -> Path:
     """A checkpoint whose config.json has a vocabulary of 64 tokens and 256 positions (no weights)."""
-    (tmp_path / "config.json").write_text(json.dumps(SMALL))
-    return tmp_path
+    return without_weights(tmp_path, SMALL)
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers.checkpoints import without_weights
 from helpers.hf_configs import GEMMA2, GPT_OSS_BF16
 
 from fi_engine.checkpoint.safetensors import Checkpoint, write_safetensors
@@ -191,9 +192,8 @@ def test_deepseek_mla_is_refused(tmp_path: Path) -> None:
 def test_a_supported_llama_gets_as_far_as_the_gpu(tmp_path: Path) -> None:
     from fi_ffi.errors import UnsupportedDeviceError
 
-    (tmp_path / "config.json").write_text(json.dumps(LLAMA_128))
     with pytest.raises(UnsupportedDeviceError):
-        LlamaEngine(tmp_path, kv_cache_dtype="fp8_e4m3", kv_cache_scales=(0.5, 0.25))
+        LlamaEngine(without_weights(tmp_path, LLAMA_128), kv_cache_dtype="fp8_e4m3", kv_cache_scales=(0.5, 0.25))
 
 
 def _checkpoint(tmp_path: Path, tensors: dict[str, np.ndarray]) -> Checkpoint:

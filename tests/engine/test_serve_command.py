@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.checkpoints import without_weights
 from helpers.env import subprocess_env
 from helpers.text_checkpoints import write_text_checkpoint
 
@@ -41,9 +42,7 @@ def engine_cli(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint folder with a config, a tokenizer and a chat template (no weights: every case stops first)."""
-    root = write_text_checkpoint(tmp_path_factory.mktemp("serve") / "m")
-    (root / "config.json").write_text(json.dumps(CONFIG))
-    return root
+    return without_weights(write_text_checkpoint(tmp_path_factory.mktemp("serve") / "m"), CONFIG)
 
 
 def test_serve_needs_the_checkpoints_tokenizer(tmp_path: Path) -> None:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -669,6 +671,31 @@ def test_checkpoint_needs_safetensors_files_and_unique_names(tmp_path):
     write_safetensors(tmp_path / "a.safetensors", {"w": np.ones(2, np.float16)})
     write_safetensors(tmp_path / "b.safetensors", {"w": np.ones(2, np.float16)})
     with pytest.raises(ValueError, match="tensor 'w' is in both a.safetensors and b.safetensors"):
+        Checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("index", "message"),
+    [
+        ("{not json", r"index\.json is not a readable index \(JSONDecodeError: .*\); expected a JSON object with a"),
+        ("[]", r"is not a readable index \(TypeError: .*\); expected a JSON object"),
+        ('{"metadata": {}}', r"is not a readable index \(KeyError: 'weight_map'\)"),
+        ('{"weight_map": []}', r"is not a readable index \(AttributeError: .*\)"),
+        ("[" * 100_000, r"is not a readable index \(RecursionError: .*\)"),
+        (
+            '{"weight_map": {"w": "a.safetensors", "x": "b.safetensors", "y": "c.safetensors"}}',
+            r"lacks 2 of the 3 files its model\.safetensors\.index\.json names \(b\.safetensors, c\.safetensors\); "
+            r"download them",
+        ),
+    ],
+)
+def test_checkpoint_files_are_checked_against_the_index(tmp_path: Path, index: str, message: str) -> None:
+    write_safetensors(tmp_path / "a.safetensors", {"w": np.ones(2, np.float16)})
+    assert Checkpoint.files(tmp_path) == [tmp_path / "a.safetensors"]  # no index: the files there
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {"w": "a.safetensors"}}')
+    assert Checkpoint.files(tmp_path) == [tmp_path / "a.safetensors"]
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(ValueError, match=rf"^model: {re.escape(str(tmp_path))}.*{message}"):
         Checkpoint(tmp_path)
 
 

@@ -84,3 +84,19 @@ def save_random(path: Path, config_cls: str, model_cls: str, dtype: str, kw: dic
 def float32_reference(model: Any) -> Any:
     """The reference: a copy of ``model`` with exactly its saved (rounded) weights, computed in float32 on the GPU."""
     return copy.deepcopy(model).float().cuda().eval()
+
+
+def without_weights(root: Path, config: dict[str, Any]) -> Path:
+    """A checkpoint folder ``root`` that passes the engine's host-side checks with no weights worth loading:
+    ``config`` as its config.json and one placeholder ``model.safetensors`` (the engine checks that the weights'
+    files are there before it looks for a GPU). For tests that stop at the GPU check or before it."""
+    import json
+
+    import numpy as np
+
+    from fi_engine.checkpoint.safetensors import write_safetensors
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps(config))
+    write_safetensors(root / "model.safetensors", {"placeholder": np.zeros(1, np.float16)})
+    return root

@@ -142,6 +142,13 @@ BAD_SETTINGS = [
     ("FI_FFI_LOCK_TIMEOUT", "abc", "FI_FFI_LOCK_TIMEOUT='abc': expected a number of seconds >= 0"),
     ("FI_FFI_SM", "xyz!", "FI_FFI_SM='xyz!': expected comma-separated GPU archs such as 90a,100a"),
     ("FI_FFI_RUNTIME", "bogus", "FI_FFI_RUNTIME='bogus': expected auto, package, lock or the path of a libtvm_ffi.so"),
+    (
+        "FI_FFI_RUNTIME",
+        "/nonexistent/libtvm_ffi.so",
+        "FI_FFI_RUNTIME='/nonexistent/libtvm_ffi.so': /nonexistent/libtvm_ffi.so does not exist; set it to the path "
+        "of an existing libtvm_ffi.so, or unset it",
+    ),
+    ("FI_FFI_RUNTIME", "<folder>", "is a folder, not the library; set it to the path of an existing libtvm_ffi.so"),
     ("FI_FFI_TRUST_INSTALLED", "maybe", "FI_FFI_TRUST_INSTALLED='maybe': expected 1 (or true/yes/on)"),
     ("FI_FFI_CACHE_DIR", "<file>", "is a file, not a folder; point it at a folder this user can write"),
     ("FI_FFI_CACHE_DIR", "/proc/fi_ffi_cache", "/proc/fi_ffi_cache does not exist and cannot be made in /proc"),
@@ -149,6 +156,8 @@ BAD_SETTINGS = [
 
 
 def _value(value: str, tmp_path: Path) -> str:
+    if value == "<folder>":
+        return str(tmp_path)
     if value != "<file>":
         return value
     plain = tmp_path / "a-file"

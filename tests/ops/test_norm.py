@@ -212,6 +212,28 @@ def test_flashinfer_positional_out_is_taken(kernel_modules: object, name: str) -
         op(fake_cuda((4, 128)), fake_cuda((128,)), 1e-6)
 
 
+@pytest.mark.parametrize("name", ["rmsnorm", "gemma_rmsnorm"])
+def test_out_in_eps_place_is_named_with_the_order_and_the_fix(name: str) -> None:
+    # rmsnorm(x, w, out): out lands in eps's place; the error says so, not that out is missing
+    op, x, w, o = getattr(fi_ffi, name), fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
+    order = rf"{name}'s positional order is \(input, weight, eps, out, enable_pdl\)"
+    with pytest.raises(
+        TypeError, match=rf"^eps: expected a float, got Tensor \(a tensor\); {order}: pass out= by keyword$"
+    ):
+        op(x, w, o)
+    with pytest.raises(TypeError, match=rf"^eps: expected a float, got ndarray \(a tensor\); {order}$"):
+        op(x, w, np.zeros((4, 128), np.float16), out=o)  # out given: no keyword to suggest
+
+
+def test_a_tensor_too_many_lands_in_a_scalar_and_names_the_order() -> None:
+    x, r, w = fake_cuda((4, 128)), fake_cuda((4, 128)), fake_cuda((128,))
+    order = r"fused_add_rmsnorm's positional order is \(input, residual, weight, eps, enable_pdl\)$"
+    with pytest.raises(TypeError, match=rf"^eps: expected a float, got Tensor \(a tensor\); {order}"):
+        fi_ffi.fused_add_rmsnorm(x, r, w, fake_cuda((4, 128)))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^enable_pdl: expected a bool, got Tensor \(a tensor\); rmsnorm's"):
+        fi_ffi.rmsnorm(x, w, 1e-6, r, fake_cuda((4, 128)))  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     "call",
     [

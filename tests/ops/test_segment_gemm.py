@@ -214,6 +214,17 @@ def test_bad_inputs_are_named(change: dict[str, Any], exc: type, pattern: str) -
         fi_ffi.segment_gemm(**call_args(**change))
 
 
+def test_out_in_batch_size_place_is_named_with_the_order_and_the_fix() -> None:
+    # segment_gemm(x, weights, out, ...): out lands in batch_size's place; the error says so, not that out is missing
+    args = call_args()
+    with pytest.raises(
+        TypeError,
+        match=r"^batch_size: expected an int, got Tensor \(a tensor\); segment_gemm's positional order is \(x, "
+        r"weights, batch_size, weight_column_major, out, seg_lens, seg_indptr, weight_indices\): pass out= by keyword$",
+    ):
+        fi_ffi.segment_gemm(args["x"], args["weights"], args["out"], True, workspace=args["workspace"])
+
+
 @pytest.mark.parametrize("other", ["x", "weights"])
 def test_out_must_not_overlap_x_or_the_weights(other: str) -> None:
     args = call_args()

@@ -37,6 +37,7 @@ import numpy as np
 import pytest
 from helpers.attention_plans import decode_plan, prefill_plan
 from helpers.attention_plans import workspace as attention_workspace
+from helpers.checkpoints import without_weights
 from helpers.hf_configs import SMALL_LLAMA
 from helpers.mla_plans import fake_plan as mla_fake_plan
 
@@ -880,14 +881,14 @@ _config_dir: list[Any] = []
 
 
 def _model_dir() -> str:
-    """A checkpoint directory holding CONFIG as config.json (made once per session)."""
-    import json
+    """A checkpoint directory holding CONFIG as config.json and a placeholder weights file (made once per
+    session)."""
     import tempfile
     from pathlib import Path
 
     if not _config_dir:
         _config_dir.append(tempfile.TemporaryDirectory(prefix="fi_ffi_campaign_"))
-        (Path(_config_dir[0].name) / "config.json").write_text(json.dumps(CONFIG))
+        without_weights(Path(_config_dir[0].name), CONFIG)
     return str(_config_dir[0].name)
 
 
@@ -1060,14 +1061,14 @@ _family_dirs: dict[str, Any] = {}
 
 
 def _family_dir(name: str, config: dict[str, Any]) -> str:
-    """A checkpoint directory holding ``config`` as config.json (made once per session)."""
-    import json
+    """A checkpoint directory holding ``config`` as config.json and a placeholder weights file (made once per
+    session)."""
     import tempfile
     from pathlib import Path
 
     if name not in _family_dirs:
         _family_dirs[name] = tempfile.TemporaryDirectory(prefix=f"fi_ffi_campaign_{name}_")
-        (Path(_family_dirs[name].name) / "config.json").write_text(json.dumps(config))
+        without_weights(Path(_family_dirs[name].name), config)
     return str(_family_dirs[name].name)
 
 

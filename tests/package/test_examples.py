@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers.env import REPO, subprocess_env
@@ -80,3 +81,25 @@ def test_the_porting_guides_cpu_check_of_a_plan_runs_as_written(tmp_path) -> Non
 
     if not driver.probe().found:
         assert lines[1].startswith("CudaError choosing an attention module failed: no NVIDIA driver found"), lines
+
+
+def test_the_readmes_raw_pointer_example_stops_at_the_first_failing_cuda_call(tmp_path: Path) -> None:
+    # README.md, "Raw pointers and cuda-python": each CUDA call's error is checked, so a machine without a driver
+    # gets the CUDA error's name (it got `TypeError: int() argument must be ... not 'NoneType'` when the error
+    # codes were ignored)
+    from fi_ffi.cuda import driver
+
+    if driver.probe().found:
+        pytest.skip("needs a machine without an NVIDIA driver (CI has none)")
+    text = (REPO / "README.md").read_text()
+    section = text.split("### Raw pointers and cuda-python", 1)[1].split("\n### ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=subprocess_env(FI_FFI_CACHE_DIR=str(tmp_path / "cache")),
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("RuntimeError: CUDA call failed: cudaError"), done.stderr

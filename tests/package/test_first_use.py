@@ -109,6 +109,25 @@ def test_every_install_hint_names_an_extra_that_exists() -> None:
                 assert extra in extras, f"{path}: extra {extra!r} is not declared in pyproject.toml"
 
 
+def test_the_old_llama_extra_installs_what_engine_does() -> None:
+    # docs/engine.md: "the old extra name `llama` installs the same"; it once lacked the text layer's packages
+    extras = pyproject()["project"]["optional-dependencies"]
+    assert any(d.startswith("tokenizers") for d in extras["engine"])
+    assert extras["llama"] == extras["engine"]
+
+
+def test_no_engine_install_hint_names_one_of_its_packages_alone() -> None:
+    # `pip install cupy-cuda13x` leaves out cuBLAS, tokenizers and jinja2: a hint for the engine names its extra
+    import re
+
+    sources = sorted((REPO / "fi_engine").rglob("*.py"))
+    assert len(sources) > 20
+    hints = [
+        f"{p.relative_to(REPO)}: {m}" for p in sources for m in re.findall(r"pip install '?cupy\S*", p.read_text())
+    ]
+    assert hints == []
+
+
 def test_gpu_test_dependencies_are_an_extra() -> None:
     extras = pyproject()["project"]["optional-dependencies"]
     assert any(d.startswith("torch") for d in extras["gpu-tests"])
@@ -131,6 +150,17 @@ def test_license_is_the_declared_apache_2_0() -> None:
         r.replace(" ", "").startswith("setuptools>=") and int(r.split(">=")[1].split(".")[0]) >= 77 for r in build
     ), "license expressions need setuptools >= 77"
     assert "Operating System :: POSIX :: Linux" in project["classifiers"]
+
+
+def test_every_folder_of_the_packages_is_a_listed_package() -> None:
+    # Python imports any folder as a (namespace) package, so setuptools warns "Package would be ignored" about a
+    # folder under a package that `packages` does not list (fi_engine/kernels/csrc, the CUDA C, once; its files
+    # are that package's data: tests/engine/test_cuda_sources.py)
+    packages = pyproject()["tool"]["setuptools"]["packages"]
+    folders = [d for name in ("fi_ffi", "fi_engine") for d in [REPO / name, *(REPO / name).rglob("*")] if d.is_dir()]
+    dotted = sorted(str(d.relative_to(REPO)).replace("/", ".") for d in folders if d.name != "__pycache__")
+    assert len(dotted) > 15 and "fi_engine.kernels.csrc" in dotted
+    assert dotted == sorted(packages)
 
 
 def test_the_sdist_manifest_carries_what_the_tests_need() -> None:

@@ -360,6 +360,22 @@ def test_a_triple_of_ints_is_a_dtype() -> None:
     assert dtypes.dtype((4, 16, 1)) == dtypes.bfloat16
 
 
+@pytest.mark.parametrize(
+    "scalar_type, expected",
+    [(np.float16, dtypes.float16), (np.int32, dtypes.int32), (np.uint8, dtypes.uint8), (np.bool_, dtypes.bool_)],
+)
+def test_a_numpy_scalar_type_is_a_dtype_as_numpy_dtype_names_it(scalar_type: type, expected: dtypes.DType) -> None:
+    # np.float16 as np.dtype(np.float16) and "float16" are: a numpy user's first spelling
+    assert Tensor.from_pointer(0x1000, (2,), scalar_type, device=0).dtype == expected
+    assert dtypes.dtype(scalar_type) == dtypes.dtype(np.dtype(scalar_type)) == expected
+
+
+@pytest.mark.parametrize("scalar_type", [np.float64, np.complex64, np.floating, np.generic, float, int])
+def test_a_numpy_scalar_type_fi_ffi_does_not_take_is_refused_by_name(scalar_type: type) -> None:
+    with pytest.raises(TypeError, match=r"^dtype: unsupported dtype .*: expected one of float16, bfloat16"):
+        Tensor.from_pointer(0x1000, (2,), scalar_type, device=0)
+
+
 @pytest.mark.parametrize("offset,exc", [(1.5, TypeError), ("1", TypeError), (True, TypeError), (-1, ValueError)])
 def test_a_bad_view_offset_is_named(offset: Any, exc: type) -> None:
     with pytest.raises(exc, match="^offset: "):
