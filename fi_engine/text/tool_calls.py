@@ -126,10 +126,16 @@ class ToolCallParser:
         self._decided = False  # llama3_json: whether the reply's first character was seen
         self._harmony = HarmonyReader() if self.fmt == "harmony" else None
         self._reasoning: list[str] = []  # harmony: reasoning read and not yet taken
+        # the part of a call the prefix wrote (hermes, llama3_json), and the function it names: a call cut short
+        # after it is the model's own text, and of a named function its arguments so far (OpenAI's answer at length)
+        self._forced_body = ""
+        self._forced_name: str | None = None
         if prefix:
             content, _ = self.feed(prefix)
             if content:
                 raise ValueError(f"prefix: {prefix!r:.80} does not start a call in the {fmt} format")
+            if self._harmony is None and self._inside:
+                self._forced_body, self._forced_name = self._held, _named(self._held)
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
         """The content settled and the calls completed by the next piece ``text``."""
@@ -165,8 +171,10 @@ class ToolCallParser:
         return self._content("".join(content)), calls
 
     def finish(self) -> tuple[str, list[ToolCall]]:
-        """The content and calls left at the end of the reply (a call cut short is content; harmony: a call cut
-        short whose arguments parse is a call)."""
+        """The content and calls left at the end of the reply. A call cut short is content, but for a call the
+        prefix started: of a named function, a call with the arguments written so far (OpenAI's answer when
+        ``max_tokens`` ends a forced call); else the text the model wrote after the prefix. Harmony: a call cut
+        short whose arguments parse is a call."""
         if self._harmony is not None:
             return self._harmony_parts(self._harmony.finish())
         held, self._held = self._held, ""
@@ -175,7 +183,7 @@ class ToolCallParser:
                 return held, []
             calls = _json_calls(held.removeprefix(PYTHON_TAG))
             if calls is None:
-                return held, []
+                return self._cut_short(held, held)
             self.calls += calls
             return "", calls
         if not self._inside:
@@ -183,7 +191,19 @@ class ToolCallParser:
         self._inside = False
         call = self._block(held)  # a last call without its closing tag (the reply ended at EOS)
         if call is None:
-            return HERMES_OPEN + held, []
+            return self._cut_short(held, HERMES_OPEN + held)
+        self.calls.append(call)
+        return "", [call]
+
+    def _cut_short(self, held: str, as_content: str) -> tuple[str, list[ToolCall]]:
+        """What :meth:`finish` answers for a call that never ended, ``held`` its text (``as_content``: as the reply
+        wrote it)."""
+        if not self._forced_body or not held.startswith(self._forced_body):
+            return as_content, []
+        written = held[len(self._forced_body) :]
+        if self._forced_name is None:
+            return written, []
+        call = ToolCall(self._forced_name, written)
         self.calls.append(call)
         return "", [call]
 
@@ -225,6 +245,17 @@ class ToolCallParser:
             return ""
         held, self._held = self._held, ""
         return held
+
+
+def _named(body: str) -> str | None:
+    """The function a call's opening text ``body`` names (``{"name": "f", "arguments": ``), or None where it
+    names none yet (``{"name": ``)."""
+    try:
+        value = json.loads(body.removeprefix(PYTHON_TAG).strip() + " null}")
+    except json.JSONDecodeError:
+        return None
+    name = value.get("name") if isinstance(value, dict) else None
+    return name if isinstance(name, str) and name else None
 
 
 def _format(fmt: Any) -> str:

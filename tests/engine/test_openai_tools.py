@@ -154,6 +154,35 @@ def test_required_and_named_choices_make_the_reply_a_call(family: Family, named:
         s.close()
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_call_cut_by_max_tokens_is_a_call_with_its_arguments_so_far(family: Family, stream: bool) -> None:
+    """``max_tokens`` ending a call of the named function: finish ``"length"`` and the call with the arguments the
+    model wrote so far (OpenAI's answer), none of the server's opener as content."""
+    lead = opener(family.format, "get_weather")
+    rest = family.one_call.removeprefix(lead)
+    s = family.serve({family.prompt(ASK, lead): family.reply(rest)})
+    try:
+        kw = {"model": MODEL, "messages": ASK, "tools": TOOLS, "tool_choice": forced_choice(True), "max_tokens": 3}
+        if stream:  # (the client's stream helper refuses to assemble a reply cut at length: read the chunks)
+            content, names, arguments, finish = "", [], "", None
+            for chunk in s.client.chat.completions.create(**kw, stream=True):
+                delta = chunk.choices[0].delta
+                content += delta.content or ""
+                for call in delta.tool_calls or []:
+                    names += [call.function.name] if call.function.name else []
+                    arguments += call.function.arguments or ""
+                finish = chunk.choices[0].finish_reason or finish
+        else:
+            message, finish = chat_message(s.client, False, **kw)
+            content = message.content or ""
+            (call,) = message.tool_calls
+            names, arguments = [call.function.name], call.function.arguments
+        assert finish == "length" and content == "" and names == ["get_weather"]
+        assert 0 < len(arguments) < len(rest) and rest.startswith(arguments)
+    finally:
+        s.close()
+
+
 def test_a_forced_calls_stream_opens_with_null_content(family: Family) -> None:
     """OpenAI's first chunk of a reply that is a call: the role and ``"content": null``; a reply that may be text
     opens with ``""``."""

@@ -112,6 +112,23 @@ def test_a_forced_call_continues_its_opener(fmt, name, continuation, call) -> No
     assert read(fmt, continuation, 3, prefix=start)[:2] == ("", [call])
 
 
+@pytest.mark.parametrize("fmt", ["hermes", "llama3_json"])
+@pytest.mark.parametrize("step", [1, 3, 10_000])
+def test_a_forced_call_cut_short_is_a_call_with_the_arguments_so_far(fmt: str, step: int) -> None:
+    """``max_tokens`` ending a call the server forced: a named function's call with the arguments written so far
+    (as OpenAI answers, finish_reason "length"), none of the opener given back as content; a forced call of no
+    named function (``tool_choice: "required"``) leaves the text the model wrote after the opener."""
+    assert read(fmt, '{"timezone": "Eur', step, prefix=opener(fmt, "get_time"))[:2] == (
+        "",
+        [ToolCall("get_time", '{"timezone": "Eur')],
+    )
+    assert read(fmt, "", step, prefix=opener(fmt, "get_time"))[:2] == ("", [ToolCall("get_time", "")])
+    assert read(fmt, '"get_ti', step, prefix=opener(fmt))[:2] == ('"get_ti', [])
+    # unforced, a call cut short stays content as the model wrote it
+    cut = ("<tool_call>\n" if fmt == "hermes" else "") + '{"name": "get_time", "arguments": {"tim'
+    assert read(fmt, cut, step)[:2] == (cut, [])
+
+
 def test_bad_arguments_are_named() -> None:
     with pytest.raises(ValueError, match="^fmt: expected one of"):
         ToolCallParser("gpt-oss")
