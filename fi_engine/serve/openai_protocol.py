@@ -526,6 +526,10 @@ def parse_chat(body: Any, models: Sequence[str]) -> ParsedRequest:
     )
     _neutral(body, "echo", (False,), "echo in a chat", "leave it out (the completions endpoint echoes the prompt)")
     _neutral(body, "documents", (), "documents", "put them in the messages")
+    # OpenAI's deprecated function calling: an answer without the call asked for would be silently wrong
+    tools_instead = 'send them as tools: [{"type": "function", "function": {...}}] (and tool_choice)'
+    _neutral(body, "functions", (), "the deprecated functions field", tools_instead)
+    _neutral(body, "function_call", (), "the deprecated function_call field", "send tool_choice with tools instead")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(f"messages: expected a non-empty list of messages, got {show(messages)}", "messages")

@@ -292,6 +292,8 @@ BAD_CHAT = [
     ({"messages": X, "chat_template": "{{ messages }}"}, "chat_template", "the checkpoint's is used"),
     ({"messages": X, "echo": True}, "echo", "completions endpoint"),
     ({"messages": X, "documents": [{"text": "d"}]}, "documents", "not supported"),
+    ({"messages": X, "functions": [{"name": "f", "parameters": {}}]}, "functions", "send them as tools"),
+    ({"messages": X, "function_call": "auto"}, "function_call", "send tool_choice with tools instead"),
     ({"messages": X, "tools": [TOOL], "guided_regex": "a+"}, "guided_regex", "exclude each other"),
     ({}, "messages", "messages"),
     ({"messages": []}, "messages", "messages"),
