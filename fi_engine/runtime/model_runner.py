@@ -47,7 +47,7 @@ def _require_gpu(device: int | None) -> None:
     found, why = gpus()
     if not found:
         raise UnsupportedDeviceError(
-            f"the Llama engine needs an NVIDIA GPU and its driver: {why or 'CUDA reports no device'}; run it on a "
+            f"the engine needs an NVIDIA GPU and its driver: {why or 'CUDA reports no device'}; run it on a "
             f"machine with one (`fi-ffi doctor` shows what this machine has)"
         )
     if (device or 0) >= len(found):

@@ -74,7 +74,7 @@ def test_bad_values_are_usage_errors_before_the_gpu(model: Path, flag: str, valu
 def test_no_gpu_is_named_with_its_fix(model: Path) -> None:
     done = generate("--model", str(model), "--prompt-ids", "1,2,3")
     assert done.returncode == 2
-    assert done.stderr.startswith("fi-engine generate: the Llama engine needs an NVIDIA GPU and its driver")
+    assert done.stderr.startswith("fi-engine generate: the engine needs an NVIDIA GPU and its driver")
     assert "fi-ffi doctor" in done.stderr and "Traceback" not in done.stderr
     from fi_ffi.cuda import driver
 
@@ -132,7 +132,7 @@ def test_a_rank_names_itself_in_what_it_reports(model: Path) -> None:
     env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
     done = generate("--model", str(model), "--prompt-ids", "1,2", "--tp", "2", **env)
     assert done.returncode == 2
-    assert done.stderr.startswith("fi-engine generate [rank 1]: the Llama engine needs an NVIDIA GPU")
+    assert done.stderr.startswith("fi-engine generate [rank 1]: the engine needs an NVIDIA GPU")
 
 
 def test_the_engines_command_and_its_help() -> None:
@@ -250,7 +250,7 @@ def test_text_prompts_are_encoded_before_the_engine_needs_the_gpu(tmp_path: Path
     root = without_weights(write_text_checkpoint(tmp_path / "m"), CONFIG)
     done = generate("--model", str(root), "--prompt", "hello world", "--chat", "What is a GPU?")
     assert done.returncode == 2
-    assert done.stderr.startswith("fi-engine generate: the Llama engine needs an NVIDIA GPU"), done.stderr
+    assert done.stderr.startswith("fi-engine generate: the engine needs an NVIDIA GPU"), done.stderr
 
 
 # ---- one CLI shape for both commands: MODEL_DIR or --model (as vLLM's `vllm serve MODEL` and `--model`) -------

@@ -34,7 +34,7 @@ from helpers.gpu import require_torch
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
-cp = pytest.importorskip("cupy", reason="the Llama engine needs CuPy")
+cp = pytest.importorskip("cupy", reason="the engine needs CuPy (python -m pip install '.[engine]')")
 torch = require_torch()
 transformers = pytest.importorskip("transformers", reason="the reference needs transformers")
 

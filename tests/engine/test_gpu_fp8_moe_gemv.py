@@ -28,7 +28,7 @@ import pytest
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
-cupy = pytest.importorskip("cupy", reason="the engine needs CuPy (pip install 'fi-ffi[llama]')")
+cupy = pytest.importorskip("cupy", reason="the engine needs CuPy (python -m pip install '.[engine]')")
 
 from helpers.random_llama import bf16_bits  # noqa: E402
 

@@ -84,7 +84,7 @@ def _write_model(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], dict[str, np.ndarray]]:
-    pytest.importorskip("cupy", reason="the Llama engine needs CuPy")
+    pytest.importorskip("cupy", reason="the engine needs CuPy (python -m pip install '.[engine]')")
     comm = comm_wheel()
     if comm is None:
         pytest.skip("needs the comm test wheel flashinfer_jit_cache_comm-*.whl (FI_FFI_TEST_WHEELS_COMM)")

@@ -33,7 +33,7 @@ import pytest
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
-cp = pytest.importorskip("cupy", reason="the engine needs CuPy (pip install 'fi-ffi[llama]')")
+cp = pytest.importorskip("cupy", reason="the engine needs CuPy (python -m pip install '.[engine]')")
 
 from helpers.gpu import TORCH_MISSING  # noqa: E402
 from helpers.mxfp4_checkpoints import GptOssShape, write_gpt_oss_pair  # noqa: E402

@@ -33,7 +33,7 @@ import pytest
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
-cp = pytest.importorskip("cupy", reason="the Llama engine needs CuPy (pip install 'fi-ffi[llama]')")
+cp = pytest.importorskip("cupy", reason="the engine needs CuPy (python -m pip install '.[engine]')")
 
 from helpers.fake_engine import next_token  # noqa: E402
 from helpers.random_llama import VOCAB, save_random_llama  # noqa: E402

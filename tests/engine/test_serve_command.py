@@ -55,7 +55,7 @@ def test_serve_needs_the_checkpoints_tokenizer(tmp_path: Path) -> None:
 def test_serve_checks_the_text_side_then_stops_at_the_missing_gpu(model: Path) -> None:
     done = engine_cli("serve", str(model), "--port", "0", "--max-batch", "4")
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.startswith("fi-engine serve: the Llama engine needs an NVIDIA GPU")
+    assert done.stderr.startswith("fi-engine serve: the engine needs an NVIDIA GPU")
 
 
 @pytest.mark.parametrize(
@@ -90,7 +90,7 @@ def test_serve_bad_values_are_usage_errors(model: Path, flag: str, value: str, m
 def test_serve_with_api_servers_stops_at_the_missing_gpu_too(model: Path) -> None:
     done = engine_cli("serve", str(model), "--port", "0", "--api-servers", "2")
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.startswith("fi-engine serve: the Llama engine needs an NVIDIA GPU")
+    assert done.stderr.startswith("fi-engine serve: the engine needs an NVIDIA GPU")
 
 
 def test_serve_reads_a_bad_api_key_from_the_environment_as_a_usage_error(model: Path) -> None:
