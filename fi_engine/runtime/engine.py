@@ -193,6 +193,11 @@ class Engine(ServingLoop):
         self._start_loop()
         self._closed = False
 
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The ids that end a request submitted without ids of its own (the checkpoint config's), ascending."""
+        return tuple(sorted(self.scheduler.eos))
+
     def moe_path_for(self, rows: int) -> str:
         """``"routed"`` or ``"dense"``: the path the MoE layers take for a step of ``rows`` token rows (the family's
         ``moe_path``: :class:`~fi_engine.runtime.moe_paths.MoEPaths`; ``"routed"`` for a family without it)."""

@@ -383,7 +383,10 @@ class _Handlers:
                 "stop_token_ids",
                 code="unsupported_value",
             )
-        eos = () if parsed.ignore_eos else codec.eos_token_ids
+        # in addition to every id that would end it without them: the checkpoint's (generation config, tokenizer)
+        # and the engine's own (its config.json's; an engine in another process: not known here)
+        engine_eos = getattr(self.service.engine, "eos_token_ids", ())
+        eos = () if parsed.ignore_eos else (*codec.eos_token_ids, *engine_eos)
         return tuple(dict.fromkeys((*eos, *stop_ids)))
 
     async def _grammar(self, parsed: ParsedRequest) -> str | None:

@@ -242,6 +242,23 @@ def test_stop_token_ids_end_the_choice_as_eos_does(codec, pool) -> None:  # type
         s.close()
 
 
+def test_stop_token_ids_add_to_the_engines_own_eos_ids(codec, pool) -> None:  # type: ignore[no-untyped-def]
+    """``stop_token_ids`` end a choice in addition to every id that ends it without them: the engine's own EOS ids
+    (its config's) as well as the checkpoint's generation config's."""
+    tok = codec.tokenizer
+    engine_only = next(t for t in sorted(tok.special_ids()) if t not in codec.eos_token_ids)
+    head, tail = tok.encode("Hello world.", add_special_tokens=False), tok.encode(" The END", add_special_tokens=False)
+    s = Served(codec, pool, scripts={(7, 8): [*head, engine_only, *tail, codec.eos_token_ids[0]]})
+    try:
+        s.engine.eos_token_ids = (*codec.eos_token_ids, engine_only)
+        asked = {"stop_token_ids": [tail[-1]], "include_stop_str_in_output": True}  # a later token of the script
+        for body in ({}, asked):
+            out = s.client.completions.create(model=MODEL, prompt=[7, 8], max_tokens=50, extra_body=body)
+            assert out.choices[0].text == "Hello world." and out.choices[0].finish_reason == "stop", body
+    finally:
+        s.close()
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_include_stop_str_in_output_keeps_the_stop_string(codec, pool, stream: bool) -> None:  # type: ignore[no-untyped-def]
     reply = codec.tokenizer.encode("Hello world. The END is near.", add_special_tokens=False)
