@@ -767,10 +767,13 @@ def check_origins(allowed_origins: Any) -> tuple[str, ...]:
     return tuple(o.strip() for o in allowed_origins)
 
 
+_OPEN_PATHS = ("/health", "/metrics")  # what --api-key leaves open, as vLLM's does
+
+
 class _KeyCheck:
-    """ASGI middleware: every request under ``/v1`` but a CORS preflight (``OPTIONS``) must carry ``Authorization:
-    Bearer <key>`` (compared in constant time), else 401 in OpenAI's shape (``code: invalid_api_key``);
-    ``/health`` and ``/metrics`` stay open, as vLLM's ``--api-key`` leaves them."""
+    """ASGI middleware: every request but a CORS preflight (``OPTIONS``) and ``/health`` and ``/metrics`` (open, as
+    vLLM's ``--api-key`` leaves them) must carry ``Authorization: Bearer <key>`` (compared in constant time), else
+    401 in OpenAI's shape (``code: invalid_api_key``)."""
 
     def __init__(self, app: Any, key: str, deny: Callable[[bool], Any]) -> None:
         self.app = app
@@ -778,8 +781,13 @@ class _KeyCheck:
         self.deny = deny
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        path = scope.get("path", "")
-        if scope["type"] == "http" and scope["method"] != "OPTIONS" and (path == "/v1" or path.startswith("/v1/")):
+        # the path the router matches: without a root path the server runs under (uvicorn --root-path puts it in
+        # front of scope["path"]), so that no prefix carries a request past the check; every path but the two open
+        # ones is checked, those without a route too
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and path not in _OPEN_PATHS:
             given = next((v for k, v in scope["headers"] if k == b"authorization"), None)
             if given is None or not hmac.compare_digest(given, self.expected):
                 await self.deny(given is None)(scope, receive, send)

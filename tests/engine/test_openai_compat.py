@@ -340,6 +340,23 @@ def test_an_api_key_guards_v1_and_leaves_health_and_metrics_open(codec, pool) ->
         s.close()
 
 
+def test_an_api_key_holds_under_a_root_path_and_off_the_routes(served: Served) -> None:
+    """Behind a proxy (uvicorn ``--root-path /api``: the prefix stands in front of the ASGI path) the key is still
+    asked for, and so it is on a path without a route (404 only with the key), ``/health`` alone left open."""
+    from starlette.testclient import TestClient
+
+    from fi_engine.serve.openai_server import build_app
+
+    app = build_app(served.service, MODEL, api_key="k1")
+    for root in ("", "/api"):
+        client = TestClient(app, root_path=root)  # (no lifespan: the service stays the fixture's)
+        assert client.get(f"{root}/v1/models").status_code == 401, root
+        assert client.get(f"{root}/v1/models", headers={"Authorization": "Bearer k1"}).status_code == 200, root
+        assert client.get(f"{root}/v2/nothing").status_code == 401, root
+        assert client.get(f"{root}/v2/nothing", headers={"Authorization": "Bearer k1"}).status_code == 404, root
+        assert client.get(f"{root}/health").status_code == 200, root
+
+
 def test_cors_preflights_are_answered_for_any_origin_by_default(served: Served) -> None:
     headers = {
         "Origin": "https://app.example",
