@@ -124,10 +124,20 @@ class GrammarTokenizer:
 
     def check(self, grammar: str) -> None:
         """ValueError naming ``response_format`` unless ``grammar`` (from :func:`response_format_grammar`)
-        compiles for this tokenizer (an unknown type, a malformed keyword, a pattern llguidance cannot read)."""
+        compiles for this tokenizer (an unknown type, a malformed keyword, a pattern llguidance cannot read) and
+        takes a first token: a grammar can compile and still fail at its first step (a regex such as
+        ``a{1000000}`` exceeds llguidance's lexer limits only once a byte is read), so a throwaway matcher
+        computes the first mask and consumes the first token it allows."""
         failed, messages = self._llg.LLMatcher.validate_grammar_with_warnings(_text(grammar), self._tokenizer)
         if failed:
             raise ValueError(f"{_UNUSABLE}: {'; '.join(messages)[:400]}")
+        probe = self.matcher(grammar)
+        allowed = np.flatnonzero(probe.allowed_mask(self.vocab_size))
+        if allowed.size:
+            try:
+                probe.consume(int(allowed[0]))
+            except ValueError as exc:
+                raise ValueError(f"{_UNUSABLE} at its first token: {str(exc)[:300]}") from None
 
     def matcher(self, grammar: str) -> GrammarMatcher:
         """A request's :class:`GrammarMatcher` at the start of ``grammar`` (ValueError naming ``response_format``

@@ -81,6 +81,16 @@ def test_a_token_the_grammar_forbids_is_refused_naming_response_format(codec: An
         matcher.consume(codec.tokenizer.vocab_size)
 
 
+def test_a_grammar_that_compiles_but_fails_at_its_first_token_is_refused(grammars: GrammarTokenizer) -> None:
+    """``a{1000000}`` passes llguidance's validation, then exceeds its lexer's limits at the first byte read: the
+    check takes a first token, so the request is refused before it reaches an engine."""
+    import llguidance
+
+    with pytest.raises(ValueError, match="^response_format: the schema cannot be used .*at its first token"):
+        grammars.check(str(llguidance.grammar_from("regex", "a{1000000}")))
+    grammars.check(str(llguidance.grammar_from("regex", "a{3}")))  # a bounded repeat the lexer takes
+
+
 def test_padded_vocabulary_rows_are_never_allowed(codec: Any, grammars: GrammarTokenizer) -> None:
     """A model's logits may be wider than its tokenizer (embedding rows padded to a multiple of 64): those ids are
     never allowed, and the packed mask has one bit per id of the model's width."""

@@ -187,6 +187,7 @@ def test_a_grammar_llguidance_refuses_is_a_400_naming_its_field(served: Served) 
         ({"guided_grammar": "root ::= ("}, "guided_grammar"),
         ({"structured_outputs": {"grammar": "start: undefined_rule"}}, "structured_outputs"),
         ({"guided_json": {"type": "no-such-type"}}, "guided_json"),
+        ({"guided_regex": "a{1000000}"}, "guided_regex"),  # compiles, then fails at its first token
     ]:
         with pytest.raises(openai.BadRequestError) as info:
             served.client.completions.create(model=MODEL, prompt="x", max_tokens=4, extra_body=extra)
