@@ -102,12 +102,13 @@ class _Choice:
     parallel: bool = True  # False: the first call only (parallel_tool_calls)
     called: int = 0  # calls sent so far
 
-    def read(self, text: str, end: bool) -> tuple[str, str, list[ToolCall]]:
-        """The content, the reasoning and the tool calls of the reply's next ``text`` (``end``: the reply ended)."""
+    def read(self, text: str, end: bool, cut_short: bool = False) -> tuple[str, str, list[ToolCall]]:
+        """The content, the reasoning and the tool calls of the reply's next ``text`` (``end``: the reply ended;
+        ``cut_short``: at its length limit)."""
         assert self.reader is not None
         content, calls = self.reader.feed(text)
         if end:
-            rest, late = self.reader.finish()
+            rest, late = self.reader.finish(cut_short)
             content, calls = content + rest, calls + late
         reasoning = self.reader.take_reasoning()
         if not self.reads_calls:
@@ -519,7 +520,7 @@ class _Handlers:
             finish = r.finish_reason if choice.generates else "length"
             calls, thought = None, ""
             if choice.reader is not None:  # the reply's content is what the reader leaves of it
-                text, thought, found = choice.read(text, end=True)
+                text, thought, found = choice.read(text, end=True, cut_short=finish == "length")
                 if found:
                     text, calls = text.strip(), [tool_call_body(c) for c in found]
                     finish = "tool_calls" if finish == "stop" else finish
@@ -603,7 +604,7 @@ def _read_chunks(
     ``text``: the reasoning and the content settled (with the logprobs), then each call completed as OpenAI streams
     one (its id, type and name, then its arguments), then the finish (``"tool_calls"`` when the reply called tools
     and stopped)."""
-    content, reasoning, calls = choice.read(text, end=finish is not None)
+    content, reasoning, calls = choice.read(text, end=finish is not None, cut_short=finish == "length")
     events = []
     if content or reasoning or logprobs is not None:
         delta = ({"reasoning_content": reasoning} if reasoning else {}) | ({"content": content} if content else {})

@@ -170,11 +170,11 @@ class ToolCallParser:
         self.calls += calls
         return self._content("".join(content)), calls
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        """The content and calls left at the end of the reply. A call cut short is content, but for a call the
-        prefix started: of a named function, a call with the arguments written so far (OpenAI's answer when
-        ``max_tokens`` ends a forced call); else the text the model wrote after the prefix. Harmony: a call cut
-        short whose arguments parse is a call."""
+    def finish(self, cut_short: bool = False) -> tuple[str, list[ToolCall]]:
+        """The content and calls left at the end of the reply (``cut_short``: it ended at its length limit). A call
+        that never ended is content, but for a call the prefix started: cut short, of a named function, a call
+        with the arguments written so far (OpenAI's answer when ``max_tokens`` ends a forced call); else the text
+        the model wrote after the prefix. Harmony: a call cut short whose arguments parse is a call."""
         if self._harmony is not None:
             return self._harmony_parts(self._harmony.finish())
         held, self._held = self._held, ""
@@ -183,7 +183,7 @@ class ToolCallParser:
                 return held, []
             calls = _json_calls(held.removeprefix(PYTHON_TAG))
             if calls is None:
-                return self._cut_short(held, held)
+                return self._unended(held, held, cut_short)
             self.calls += calls
             return "", calls
         if not self._inside:
@@ -191,17 +191,17 @@ class ToolCallParser:
         self._inside = False
         call = self._block(held)  # a last call without its closing tag (the reply ended at EOS)
         if call is None:
-            return self._cut_short(held, HERMES_OPEN + held)
+            return self._unended(held, HERMES_OPEN + held, cut_short)
         self.calls.append(call)
         return "", [call]
 
-    def _cut_short(self, held: str, as_content: str) -> tuple[str, list[ToolCall]]:
-        """What :meth:`finish` answers for a call that never ended, ``held`` its text (``as_content``: as the reply
-        wrote it)."""
+    def _unended(self, held: str, as_content: str, cut_short: bool) -> tuple[str, list[ToolCall]]:
+        """What :meth:`finish` answers for a call that never ended (or does not parse), ``held`` its text
+        (``as_content``: as the reply wrote it)."""
         if not self._forced_body or not held.startswith(self._forced_body):
             return as_content, []
         written = held[len(self._forced_body) :]
-        if self._forced_name is None:
+        if self._forced_name is None or not cut_short:
             return written, []
         call = ToolCall(self._forced_name, written)
         self.calls.append(call)

@@ -65,15 +65,18 @@ REPLIES = [
 ]
 
 
-def read(fmt: str, text: str, step: int, prefix: str = "") -> tuple[str, list[ToolCall], list[ToolCall]]:
-    """Feed ``text`` in pieces of ``step`` characters; the content, the calls as they came, the parser's calls."""
+def read(
+    fmt: str, text: str, step: int, prefix: str = "", cut_short: bool = False
+) -> tuple[str, list[ToolCall], list[ToolCall]]:
+    """Feed ``text`` in pieces of ``step`` characters (``cut_short``: the reply ended at its length limit); the
+    content, the calls as they came, the parser's calls."""
     parser = ToolCallParser(fmt, prefix)
     content, calls = [], []
     for i in range(0, len(text), step):
         c, k = parser.feed(text[i : i + step])
         content.append(c)
         calls += k
-    c, k = parser.finish()
+    c, k = parser.finish(cut_short)
     return "".join([*content, c]), calls + k, parser.calls
 
 
@@ -115,18 +118,23 @@ def test_a_forced_call_continues_its_opener(fmt, name, continuation, call) -> No
 @pytest.mark.parametrize("fmt", ["hermes", "llama3_json"])
 @pytest.mark.parametrize("step", [1, 3, 10_000])
 def test_a_forced_call_cut_short_is_a_call_with_the_arguments_so_far(fmt: str, step: int) -> None:
-    """``max_tokens`` ending a call the server forced: a named function's call with the arguments written so far
-    (as OpenAI answers, finish_reason "length"), none of the opener given back as content; a forced call of no
-    named function (``tool_choice: "required"``) leaves the text the model wrote after the opener."""
-    assert read(fmt, '{"timezone": "Eur', step, prefix=opener(fmt, "get_time"))[:2] == (
+    """``max_tokens`` ending a call the server forced (``cut_short``): a named function's call with the arguments
+    written so far (as OpenAI answers, finish_reason "length"), none of the opener given back as content; a forced
+    call of no named function (``tool_choice: "required"``) leaves the text the model wrote after the opener, and
+    so does a forced call that ended otherwise without parsing (text after its arguments, say)."""
+    named = opener(fmt, "get_time")
+    assert read(fmt, '{"timezone": "Eur', step, named, cut_short=True)[:2] == (
         "",
         [ToolCall("get_time", '{"timezone": "Eur')],
     )
-    assert read(fmt, "", step, prefix=opener(fmt, "get_time"))[:2] == ("", [ToolCall("get_time", "")])
-    assert read(fmt, '"get_ti', step, prefix=opener(fmt))[:2] == ('"get_ti', [])
+    assert read(fmt, "", step, named, cut_short=True)[:2] == ("", [ToolCall("get_time", "")])
+    assert read(fmt, '"get_ti', step, prefix=opener(fmt), cut_short=True)[:2] == ('"get_ti', [])
+    # not at the length limit: the model's own text, never the opener, and no call made of it
+    assert read(fmt, '{"timezone": "Eur', step, named)[:2] == ('{"timezone": "Eur', [])
+    assert read(fmt, '{"tz": "CET"}} and more', step, named)[:2] == ('{"tz": "CET"}} and more', [])
     # unforced, a call cut short stays content as the model wrote it
     cut = ("<tool_call>\n" if fmt == "hermes" else "") + '{"name": "get_time", "arguments": {"tim'
-    assert read(fmt, cut, step)[:2] == (cut, [])
+    assert read(fmt, cut, step, cut_short=True)[:2] == (cut, [])
 
 
 def test_bad_arguments_are_named() -> None:
