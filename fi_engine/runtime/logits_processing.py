@@ -149,7 +149,7 @@ class LogitsProcessor:
             pending = self.pending_logprobs(logits, want)  # (of a copy: the controls below change the buffer)
         grammar = [(i, r.grammar) for i, r in asking if r.grammar is not None]
         if grammar:
-            masks = np.stack([m.bitmask(self.vocab_size) for _, m in grammar])
+            masks = np.stack([self._bitmask(m) for _, m in grammar])
             mask_disallowed(cp, logits, [i for i, _ in grammar], masks)
         changed = False
         for i, r in asking:
@@ -159,6 +159,15 @@ class LogitsProcessor:
             changed = True
             self._control_row(i, r, sp)
         return pending, changed
+
+    def _bitmask(self, matcher: Any) -> np.ndarray:
+        """``matcher``'s mask of the tokens allowed next; where its grammar fails computing it, every token (the
+        row is left as it is): consuming the chosen token then fails too, which ends that request alone as
+        ``"abort"`` (:meth:`Scheduler.record <fi_engine.runtime.paging.Scheduler.record>`), not the whole step."""
+        try:
+            return matcher.bitmask(self.vocab_size)  # type: ignore[no-any-return]
+        except ValueError:
+            return np.full((self.vocab_size + 31) // 32, -1, dtype=np.int32)
 
     def pending_logprobs(self, logits: Any, want: Sequence[tuple[int, Request]]) -> PendingLogprobs:
         """The raw log-probabilities of rows of float32 ``logits`` ``[rows, vocab]`` (a decode step's, or a verifying

@@ -180,6 +180,36 @@ def test_a_token_the_grammar_refuses_ends_that_request_as_abort(codec: TextCodec
     assert other.finish_reason is None and sched.active == [other]  # the others go on
 
 
+def test_a_grammar_that_fails_computing_its_mask_ends_that_request_alone(
+    codec: TextCodec, grammars: GrammarTokenizer
+) -> None:
+    """A matcher whose grammar fails (here: llguidance's lexer limits, met at the first byte) leaves its row
+    unmasked instead of failing the step; the token chosen for it is then refused, which aborts that request
+    only, while a request with a sound grammar beside it is masked and goes on."""
+    import llguidance
+
+    sched = scheduler()
+    pattern = str(llguidance.grammar_from("regex", "a{1000000}"))
+    broken = grammars.matcher(pattern)  # (the server's check refuses this grammar; an engine given it goes on)
+    with contextlib.suppress(ValueError):
+        broken.consume(int(np.flatnonzero(broken.allowed_mask(V))[0]))
+    with pytest.raises(ValueError):
+        broken.bitmask(V)
+    sound_sp = SamplingParams(grammar=response_format_grammar({"type": "json_object"}))
+    bad = sched.submit([5], 50, sampling=SamplingParams(grammar=pattern), grammar=broken)
+    good = sched.submit([6], 50, sampling=sound_sp, grammar=grammars.matcher(sound_sp.grammar or ""))
+    sched.admit()
+    raw = np.stack([step_logits(V, pool(codec), (i, 3), i, 0, None) for i in range(2)]).astype(np.float32)
+    logits = raw.copy()
+    pending, changed = LogitsProcessor(np, logits, V, frozenset({ENGINE_EOS})).apply([bad, good], 2)
+    assert changed and pending is None
+    assert np.array_equal(logits[0], raw[0])  # the failed grammar's row: unmasked
+    assert good.grammar is not None and np.all(logits[1][~good.grammar.allowed_mask(V)] == -np.inf)
+    brace = codec.tokenizer.encode("{", add_special_tokens=False)[0]
+    sched.record([bad, good], [int(np.argmax(logits[0])), brace], prefill=True)
+    assert bad.finish_reason == "abort" and good.finish_reason is None and sched.active == [good]
+
+
 def test_submit_wants_a_matcher_exactly_where_the_sampling_sets_a_grammar(grammars: GrammarTokenizer) -> None:
     sched = scheduler()
     sp = SamplingParams(grammar=response_format_grammar({"type": "json_object"}))
