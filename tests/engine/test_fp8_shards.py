@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from helpers.fp8_checkpoints import write_fp8_copy
+from helpers.host_uploads import HostArrays
 from helpers.moe_checkpoints import save_random_qwen3_moe
 from helpers.random_llama import save_random_llama
 
@@ -107,18 +108,6 @@ def test_the_family_refuses_a_shard_that_cuts_a_block_before_any_gpu_work(tmp_pa
     assert _fp8_projection_sizes(cfg)[1] == [("self_attn.o_proj", 256), ("mlp.down_proj", 384)]
 
 
-class Uploads:
-    """Stands in for CuPy's ``asarray``: each upload is kept on the host under a fake device address."""
-
-    def __init__(self) -> None:
-        self.by_ptr: dict[int, np.ndarray] = {}
-
-    def asarray(self, arr: np.ndarray) -> Any:
-        ptr = (len(self.by_ptr) + 1) << 20
-        self.by_ptr[ptr] = np.array(arr)
-        return SimpleNamespace(data=SimpleNamespace(ptr=ptr))
-
-
 class Fp8Registry:
     """Stands in for the GPU's Dense where the load registers e4m3 weights (``add_fp8_weight``)."""
 
@@ -138,7 +127,7 @@ def test_each_rank_registers_its_cut_of_every_projection_with_its_scales(
     rows [r n / 2, (r + 1) n / 2) of each, stacked), o and down by columns, each with the scales of its rows or
     blocks; the codes are the checkpoint's, byte for byte."""
     path = _llama(tmp_path, (4, 4), 512, layout)
-    ckpt, uploads, dense = Checkpoint(path), Uploads(), Fp8Registry()
+    ckpt, uploads, dense = Checkpoint(path), HostArrays(), Fp8Registry()
     eng = SimpleNamespace(
         model_config=LlamaConfig.from_dir(path), rank=rank, tensor_parallel=2, vocab_shard=None, cupy=uploads,
         device=0, int4_as_stored=True, dense=dense, fp8_experts_as_stored=True,

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers.host_uploads import HostArrays
 from helpers.int4_checkpoints import (
     int4_tensors,
     pack_awq,
@@ -305,18 +306,6 @@ def test_the_helper_writes_the_tools_configs(tmp_path: Path) -> None:
 
 
 # ---- the Llama family's load path, over host arrays -------------------------------------------------------------
-
-
-class HostArrays:
-    """Stands in for CuPy's ``asarray``: each "upload" is kept on the host under a fake device address."""
-
-    def __init__(self) -> None:
-        self.by_ptr: dict[int, np.ndarray] = {}
-
-    def asarray(self, arr: np.ndarray) -> Any:
-        ptr = (len(self.by_ptr) + 1) << 20
-        self.by_ptr[ptr] = np.array(arr)
-        return SimpleNamespace(data=SimpleNamespace(ptr=ptr))
 
 
 def _dir(tmp_path: Path, name: str) -> Path:
