@@ -60,20 +60,29 @@ def test_gpu_examples_say_what_is_missing(name: str, message: str) -> None:
         assert "no NVIDIA driver found (libcuda.so.1" in done.stderr and "Install the NVIDIA driver" in done.stderr
 
 
-def test_the_porting_guides_cpu_check_of_a_plan_runs_as_written(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    # docs/porting.md, "Checking a port on a machine without a GPU": the plan's own check refuses the bad call, and
-    # the good one goes as far as a machine without a driver lets it (it said nothing of from_buffers before)
-    text = (REPO / "docs" / "porting.md").read_text()
-    section = text.split("## Checking a port on a machine without a GPU", 1)[1].split("\n## ", 1)[0]
-    assert "Workspace.from_buffers" in section and "Workspace.allocate" in section
+def doc_section(path: str, heading: str, next_heading: str) -> str:
+    """The text of the repository file ``path`` from ``heading`` to the next ``next_heading``."""
+    return (REPO / path).read_text().split(heading, 1)[1].split(next_heading, 1)[0]
+
+
+def run_first_block(section: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """The first ```python block of ``section`` run as a script, with a cache of its own under ``tmp_path``."""
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         timeout=120,
         env=subprocess_env(FI_FFI_CACHE_DIR=str(tmp_path / "cache")),
     )
+
+
+def test_the_porting_guides_cpu_check_of_a_plan_runs_as_written(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # docs/porting.md, "Checking a port on a machine without a GPU": the plan's own check refuses the bad call, and
+    # the good one goes as far as a machine without a driver lets it (it said nothing of from_buffers before)
+    section = doc_section("docs/porting.md", "## Checking a port on a machine without a GPU", "\n## ")
+    assert "Workspace.from_buffers" in section and "Workspace.allocate" in section
+    done = run_first_block(section, tmp_path)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "ValueError num_qo_heads: num_qo_heads must be a multiple of num_kv_heads (7), got 32"
@@ -91,15 +100,6 @@ def test_the_readmes_raw_pointer_example_stops_at_the_first_failing_cuda_call(tm
 
     if driver.probe().found:
         pytest.skip("needs a machine without an NVIDIA driver (CI has none)")
-    text = (REPO / "README.md").read_text()
-    section = text.split("### Raw pointers and cuda-python", 1)[1].split("\n### ", 1)[0]
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=subprocess_env(FI_FFI_CACHE_DIR=str(tmp_path / "cache")),
-    )
+    done = run_first_block(doc_section("README.md", "### Raw pointers and cuda-python", "\n### "), tmp_path)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("RuntimeError: CUDA call failed: cudaError"), done.stderr
