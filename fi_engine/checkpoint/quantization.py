@@ -42,10 +42,23 @@ __all__ = [
     "Int4Scheme",
     "deepseek_fp8_scheme",
     "fp8_scheme",
+    "grouped_gemv_block",
     "int4_scheme",
     "llama_fp8_scheme",
     "llama_int4_scheme",
 ]
+
+
+def grouped_gemv_block(block: object) -> bool:
+    """Whether the FP8 grouped GEMV (:mod:`~fi_engine.kernels.fp8_moe_gemv`) takes scales of layout ``block``: None
+    (per row or tensor), or ``(rows, columns)`` of positive ints, rows a multiple of 16 and columns a power of two
+    >= 128 (the published 128x128)."""
+    if block is None:
+        return True
+    if block.__class__ is not tuple or len(block) != 2 or any(b.__class__ is not int or b <= 0 for b in block):
+        return False
+    rows, columns = block
+    return rows % 16 == 0 and columns >= 128 and columns & (columns - 1) == 0
 
 
 @dataclass(frozen=True)
@@ -76,8 +89,7 @@ class Fp8Scheme:
     def grouped_gemv_takes(self) -> bool:
         """Whether the FP8 grouped GEMV takes experts of these scales: per row or tensor, or blocks of a multiple
         of 16 rows by a power of two >= 128 columns (the published 128x128)."""
-        b = self.block
-        return b is None or (b[0] % 16 == 0 and b[1] >= 128 and b[1] & (b[1] - 1) == 0)
+        return grouped_gemv_block(self.block)
 
     def experts_for(self, hidden: int, intermediate: int, ranks: int = 1) -> Fp8Scheme:
         """This scheme as it serves a mixture-of-experts model whose experts are ``hidden`` by ``intermediate``

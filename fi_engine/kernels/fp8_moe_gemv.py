@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checkpoint.quantization import grouped_gemv_block
 from .cuda_sources import function_ptr, source
 
 __all__ = ["Fp8Experts", "Fp8GroupedGemv", "tiled_layout"]
@@ -37,18 +38,6 @@ _U64 = 1 << 64
 _BLOCK_EXPECTED = (
     "expected None or (rows, columns): rows a multiple of 16, columns a power of two >= 128 (e.g. (128, 128))"
 )
-
-
-def _block_ok(block: object) -> bool:
-    """Whether ``block`` is scales' layout the kernels take: None (per row) or ``(rows, columns)``, rows a positive
-    multiple of 16 and columns a power of two >= 128 (as :meth:`Fp8Scheme.grouped_gemv_takes
-    <fi_engine.checkpoint.quantization.Fp8Scheme.grouped_gemv_takes>` says of a checkpoint's)."""
-    if block is None:
-        return True
-    if block.__class__ is not tuple or len(block) != 2 or any(b.__class__ is not int or b <= 0 for b in block):
-        return False
-    bn, bk = block
-    return bn % 16 == 0 and bk >= 128 and bk & (bk - 1) == 0
 
 
 @dataclass(frozen=True)
@@ -78,7 +67,7 @@ class Fp8Experts:
             if got != dtype or not contiguous:
                 raise ValueError(f"fp8_experts.{name}: expected a C-contiguous {dtype} array (the kernels read its "
                                  f"bytes as such), got {got}{'' if contiguous else ', not C-contiguous'}")  # fmt: skip
-        if not _block_ok(self.block):
+        if not grouped_gemv_block(self.block):
             raise ValueError(f"fp8_experts.block: {_BLOCK_EXPECTED}, got {self.block!r:.60}")
         if self.tiled.__class__ is not bool:
             raise ValueError(f"fp8_experts.tiled: expected True or False, got {self.tiled!r:.40}")
@@ -228,7 +217,7 @@ class Fp8GroupedGemv:
         if block is None:
             self.stacks[w] = _Stack(w, scales, experts, n, k, n, 0, 1, 0, False, tiled)
             return
-        if not _block_ok(block) or n % block[0]:
+        if not grouped_gemv_block(block) or n % block[0]:
             raise ValueError(f"block: {_BLOCK_EXPECTED}, rows dividing n ({n}), got {block!r:.60}; dequantize these "
                              f"experts at load instead")  # fmt: skip
         bn, bk = block
@@ -341,12 +330,17 @@ class Fp8GroupedGemv:
         self._fns[gated, st.block, st.tiled]((blocks, num_experts), (32 * warps,), args, shared_mem=smem,
                                              stream=self.stream)  # fmt: skip
 
-    def dequantize_launch(self, w: int, out: int) -> tuple[int, tuple[int, int], int, int, list[int]]:
-        """The launch writing the registered stack at ``w`` as 16-bit weights ``[E, n, k]`` at ``out`` (each code
-        times its scale, rounded once), as :meth:`launch` gives it."""
+    def _registered(self, w: int) -> _Stack:
+        """The stack registered at address ``w``; ValueError naming ``w`` where none is."""
         st = self.stacks.get(w)
         if st is None:
             raise ValueError(f"w: no e4m3 experts registered at {w:#x}; register them with add() first")
+        return st
+
+    def dequantize_launch(self, w: int, out: int) -> tuple[int, tuple[int, int], int, int, list[int]]:
+        """The launch writing the registered stack at ``w`` as 16-bit weights ``[E, n, k]`` at ``out`` (each code
+        times its scale, rounded once), as :meth:`launch` gives it."""
+        st = self._registered(w)
         rows = st.experts * st.n
         vectors = rows * st.k // 16
         args = [st.w, out, rows, st.k, st.scales, st.s_ld, st.bn, st.shift, int(st.block)]
@@ -356,14 +350,14 @@ class Fp8GroupedGemv:
     def dequantize(self, w: Any, out: Any) -> None:
         """Write the registered stack ``w`` (a CuPy array) into ``out`` (a C-contiguous 16-bit CuPy array of its
         shape) on the stream; ValueError naming ``out`` where it is not one (the kernel would write past it)."""
-        st = self.stacks.get(int(w.data.ptr))
-        want = [st.experts, st.n, st.k] if st is not None else list(getattr(w, "shape", ()))
+        st = self._registered(int(w.data.ptr))
+        want = [st.experts, st.n, st.k]
         shape, itemsize = list(getattr(out, "shape", ())), getattr(getattr(out, "dtype", None), "itemsize", 0)
         if shape != want or itemsize != 2 or not getattr(getattr(out, "flags", None), "c_contiguous", 0):
             raise ValueError(f"out: expected a C-contiguous 16-bit array of shape {want}, got "
                              f"{getattr(out, 'dtype', type(out).__name__)} {shape}")  # fmt: skip
-        _, grid, threads, _, args = self.dequantize_launch(int(w.data.ptr), int(out.data.ptr))
+        _, grid, threads, _, args = self.dequantize_launch(st.w, int(out.data.ptr))
         i64, i32 = np.int64, np.int32
         typed = (w, out, i64(args[2]), i32(args[3]), np.uint64(args[4]), i64(args[5]), i32(args[6]), i32(args[7]),
                  i32(args[8]))  # fmt: skip
-        self._dequant[self.stacks[int(w.data.ptr)].tiled](grid, (threads,), typed, stream=self.stream)
+        self._dequant[st.tiled](grid, (threads,), typed, stream=self.stream)

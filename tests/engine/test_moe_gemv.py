@@ -104,13 +104,17 @@ def test_fp8_experts_refuse_what_the_kernels_would_misread() -> None:
             dataclasses.replace(good, **change).shapes()
 
 
-def test_the_kernels_take_the_blocks_the_checkpoint_scheme_says_they_take() -> None:
-    """``_block_ok`` (the kernels' test of a block) agrees with ``Fp8Scheme.grouped_gemv_takes`` (the config's)."""
-    from fi_engine.checkpoint.quantization import Fp8Scheme
-    from fi_engine.kernels.fp8_moe_gemv import _block_ok
+def test_the_blocks_the_grouped_gemv_takes() -> None:
+    """``grouped_gemv_block`` (what ``Fp8Scheme.grouped_gemv_takes`` and the kernels' ``add`` ask): rows a multiple
+    of 16, columns a power of two >= 128, both positive ints."""
+    from fi_engine.checkpoint.quantization import Fp8Scheme, grouped_gemv_block
 
-    for block in (None, (128, 128), (16, 128), (64, 256), (8, 128), (128, 64), (128, 192), (96, 512), (48, 1024)):
-        assert _block_ok(block) is Fp8Scheme("fp8", "block", "dynamic", block).grouped_gemv_takes(), block
+    takes = [None, (128, 128), (16, 128), (64, 256), (96, 512), (48, 1024)]
+    refuses = [(8, 128), (128, 64), (128, 192), (0, 128), (-16, 128), (128,), (128.0, 128), [128, 128], (True, 128)]
+    for block, taken in [(b, True) for b in takes] + [(b, False) for b in refuses]:
+        assert grouped_gemv_block(block) is taken, block
+        if taken:
+            assert Fp8Scheme("fp8", "block", "dynamic", block).grouped_gemv_takes()  # type: ignore[arg-type]
 
 
 def test_the_fp8_grouped_gemv_registers_only_what_its_kernels_can_address() -> None:

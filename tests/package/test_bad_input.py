@@ -2234,6 +2234,9 @@ EXEMPT: dict[str, str] = {
     "tests/engine/test_quantization_config.py",
     "checkpoint.quantization.deepseek_fp8_scheme": "reads a config dict: FP8 layouts served or refused by name in "
     "tests/engine/test_deepseek.py (test_other_quantizations_are_refused_naming_the_key_and_the_way_out)",
+    "checkpoint.quantization.grouped_gemv_block": "a predicate of any value (True or False, never an error); odd "
+    "values (floats, bools, lists, negatives, one-element tuples) answered False in "
+    "tests/engine/test_moe_gemv.py::test_the_blocks_the_grouped_gemv_takes",
     "checkpoint.quantization.Int4Scheme": _RECORD,
     "checkpoint.quantization.int4_scheme": "reads a config dict: its malformed and unserved values refused by key in "
     "tests/engine/test_int4_weights.py (test_an_unserved_int4_setting_is_refused_naming_its_key)",
