@@ -59,6 +59,7 @@ ONE_GPU_VARIANTS = (
     "any-rows",
     "no-gemv-pipeline",
     "silu-prologue",
+    "no-skinny",
 )
 ONE_GPU_PREFIXES = (
     "int4-ahead-",
@@ -238,6 +239,10 @@ def set_variant(variant: str) -> None:
         import fi_engine.kernels.dense
 
         fi_engine.kernels.dense.gemv_bound = lambda rows, n, k: False
+    if variant == "no-skinny":  # steps of 5-32 rows without the skinny GEMM (cuBLASLt and the FP8 paths only)
+        from fi_engine.kernels.dense import Dense
+
+        Dense.skinny = False
     if variant == "no-pdl":  # the fused step's GEMVs launched without programmatic dependent launch
         from fi_engine.kernels.dense import Dense
 

@@ -7,6 +7,7 @@ fi_ffi (tests/package/test_structure.py holds it to that).
   :mod:`~fi_engine.kernels.cublas_lt`: cuBLASLt matmuls with the algorithm chosen once per shape.
 - :mod:`~fi_engine.kernels.dense`: the dense GEMMs, the engine's own GEMV (plain, or fused with the decode step's
   norms, SiLU, RoPE and KV append) and small row kernels, checked and launched;
+  :mod:`~fi_engine.kernels.skinny_gemm`: the tensor-core GEMM of GPU-bound steps of up to 32 rows;
   :mod:`~fi_engine.kernels.fp8_linear`: FP8 weights in those GEMMs; :mod:`~fi_engine.kernels.moe_gemv`: the MoE
   decode step's grouped GEMV; :mod:`~fi_engine.kernels.cuda_sources`: their CUDA C.
 - :mod:`~fi_engine.kernels.graph`: CUDA graph capture and replay with cuda-python.

@@ -120,6 +120,9 @@ multiplies with subnormal inputs honored regardless (``mul_subnormal``).
 ``fp8_quant.cu``: dynamic e4m3 quantization of 16-bit activations for the FP8
 tensor-core GEMM (W8A8, ``Fp8Linears.w8a8``).
 
+``skinny_gemm.cu``: the tensor-core GEMM of decode steps of up to 32 rows over 16-bit or e4m3 weights
+(:mod:`~fi_engine.kernels.skinny_gemm`; each Dense compiles the instances it needs, by ``SKINNY_INSTANCES``).
+
 ``grouped_gemv.cu``: the grouped GEMV of a MoE decode step (:mod:`~fi_engine.kernels.moe_gemv`);
 ``grouped_gemv8.cu``: the same over e4m3 experts read as stored (:mod:`~fi_engine.kernels.fp8_moe_gemv`).
 ``append_e4m3.cu``:

@@ -1,6 +1,7 @@
 """Dense math of the engine: cuBLAS GEMMs (through cffi, :mod:`~fi_engine.kernels.cublas`; cuBLASLt with algorithms
 cached per shape, :mod:`~fi_engine.kernels.cublas_lt`), a GEMV of its own for GEMMs of at most 4 rows (also with a
-norm, add-norm or SiLU prologue and a RoPE + KV-append epilogue: the fused decode step), and a few small CuPy
+norm, add-norm or SiLU prologue and a RoPE + KV-append epilogue: the fused decode step), the skinny GEMM for
+GPU-bound steps of up to 32 rows where it is timed faster (:mod:`~fi_engine.kernels.skinny_gemm`), and a few small CuPy
 kernels (row gather, argmax; with a vocabulary split over ranks: the shard's gather and argmax, the argmaxes'
 combination, the gathered logits' reassembly). Their CUDA C is :mod:`~fi_engine.kernels.cuda_sources`; here they are
 compiled, checked and launched.
@@ -42,6 +43,7 @@ from .cublas import (
 from .cuda_sources import function_ptr, functions, source
 from .fp8_linear import FP8_GEMV_MAX_ROWS, PAIR_MAX_ROWS, PAIR_ROPE, PAIR_SILU
 from .int4_linear import INT4_GEMV_MAX_ROWS
+from .skinny_gemm import E4M3_BLOCK, E4M3_ROW, SKINNY_MAX_ROWS, W16, SkinnyPlan
 
 __all__ = [
     "ADD_NORM",
@@ -170,6 +172,7 @@ class RouterEpilogue:
     done: int
 
 
+_GEMV, _LT = -1, -2  # Dense._choice: the GEMV, cuBLASLt (or the FP8 paths); 0, 1, ...: a skinny plan
 _U64 = 1 << 64  # a device address is below it (the kernels' pointers, packed into uint64 slots)
 _MAX_LD = 1 << 40  # row strides (elements): far past any buffer, far below the kernels' long long
 
@@ -437,7 +440,11 @@ class Dense:
         # the shapes where it outruns cuBLASLt on this device (_gemv_faster, timed once per shape), not every
         # shape of <= 4 rows as eagerly, where its lower host time wins
         self.bandwidth_bound = False
-        self._gemv_wins: dict[tuple[int, ...], bool] = {}  # (rows, n, k, ab_type, c_type) -> GEMV faster
+        # which launch serves a shape of up to SKINNY_MAX_ROWS rows in a GPU-bound step, timed once per
+        # (rows, n, k, ab_type, c_type, FP8 weight or 0): _LT, _GEMV or the index of a skinny plan (_choice)
+        self._choices: dict[tuple[int, ...], int] = {}
+        self._skinny: Any = None  # skinny_gemm.SkinnyGemm, made at the first GPU-bound step of more than 4 rows
+        self._skinny_calls: dict[tuple[Any, ...], Any] = {}  # a call's skinny launch, packed (values only)
         # the e4m3 weights' kernels (fp8_linear.Fp8Linears, made by the first add_fp8_weight) and their registrations
         # by device address (empty: no FP8 weight)
         self._fp8 = None
@@ -1104,22 +1111,21 @@ class Dense:
             if int4 is not None:
                 self._int4_linear(rows, x, x_ld, int4, n, k, y, y_ld, ab_type, c_type, accumulate)
                 return
-        if (
-            self.gemv
-            and rows <= GEMV_MAX_ROWS
-            and not accumulate
-            and (not self.bandwidth_bound or self._gemv_faster(rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type))
-        ):
+        if self.gemv and not accumulate and rows <= SKINNY_MAX_ROWS:
             key = (rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type)
-            packed = self._gemv_args.get(key)
-            if packed is None:
-                packed = self._pack_gemv(key)
-            if packed:
-                fn, grid, params, _ = packed
-                err = self._launch(fn, grid, 1, 1, 32 * _GEMV_WARPS, 1, 1, 0, self._stream, params, self._null)
-                if err:
-                    raise driver_error(err, f"cuLaunchKernel(gemv, rows={rows}, n={n}, k={k})")
+            # eagerly the GEMV serves every shape it takes, for its lower host time; a GPU-bound step the fastest
+            choice = self._choices.get((rows, n, k, ab_type, c_type, 0)) if self.bandwidth_bound else None
+            if choice is None:
+                choice = self._choice(key, 0) if self.bandwidth_bound else _GEMV if rows <= GEMV_MAX_ROWS else _LT
+            if choice == _GEMV and self._run_gemv(key):
                 return
+            if choice >= 0 and self._run_skinny(key, choice, None):
+                return
+        self._gemm16((rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type), accumulate)
+
+    def _gemm16(self, key: tuple[int, ...], accumulate: bool = False) -> None:
+        """cuBLASLt (or ``cublasGemmEx``) for :meth:`linear`'s call ``key`` over a 16-bit weight."""
+        rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type = key
         # Column-major view: y^T (n x rows, ld y_ld) = op_T(w as k x n, ld k) . x^T (k x rows, ld x_ld).
         shape = self._lt_shape
         if shape is not None:
@@ -1318,10 +1324,35 @@ class Dense:
         c_type: int,
         accumulate: bool,
     ) -> None:
-        """:meth:`linear` of a registered FP8 weight: the FP8 GEMV for at most :attr:`fp8_gemv_max_rows` rows, else
-        the FP8 GEMM (:attr:`fp8_w8a8`) where cuBLASLt serves it, else the GEMV up to 8 rows, else dequantize +
-        16-bit GEMM."""
+        """:meth:`linear` of a registered FP8 weight: in a GPU-bound step of at most 32 rows the skinny GEMM where it
+        was timed faster (:meth:`_choice`); else the FP8 GEMV for at most :attr:`fp8_gemv_max_rows` rows, else the
+        FP8 GEMM (:attr:`fp8_w8a8`) where cuBLASLt serves it, else the GEMV up to 8 rows, else dequantize + 16-bit
+        GEMM."""
         self._check_fp8_call(fp8, n, k, ab_type, c_type)
+        if self.bandwidth_bound and self.gemv and not accumulate and 0 < rows <= SKINNY_MAX_ROWS:
+            key = (rows, x, x_ld, fp8.w, n, k, y, y_ld, ab_type, c_type)
+            choice = self._choices.get((rows, n, k, ab_type, c_type, fp8.w))
+            if choice is None:
+                choice = self._choice(key, fp8.w)
+            if choice >= 0 and self._run_skinny(key, choice, fp8):
+                return
+        self._fp8_path(rows, x, x_ld, fp8, n, k, y, y_ld, ab_type, c_type, accumulate)
+
+    def _fp8_path(
+        self,
+        rows: int,
+        x: int,
+        x_ld: int,
+        fp8: Any,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        c_type: int,
+        accumulate: bool,
+    ) -> None:
+        """:meth:`_fp8_linear` but the skinny GEMM: the FP8 GEMV, the FP8 GEMM or dequantize + 16-bit GEMM."""
         bf16 = ab_type == CUDA_R_16BF
         gemv = 0 < rows <= FP8_GEMV_MAX_ROWS and not accumulate
         if gemv and rows <= self.fp8_gemv_max_rows and self._fp8_gemv(rows, x, x_ld, fp8, y, y_ld, bf16, c_type):
@@ -1461,45 +1492,119 @@ class Dense:
             self._fp8.run_gemv(packed, self._null)
         return bool(packed)
 
-    def _gemv_faster(
-        self, rows: int, x: int, x_ld: int, w: int, n: int, k: int, y: int, y_ld: int, ab_type: int, c_type: int
-    ) -> bool:
-        """Whether the GEMV runs this shape faster on the device than cuBLASLt: timed once per ``(rows, n, k,
-        types)`` on the call's own buffers (the GEMM's result is overwritten by the call that asked), best of 3
-        each, with L2 flushed before every run so each reads the weight from HBM, as a decode step does. A
-        capture cannot time (no synchronization is allowed in it): a shape first met there takes
-        :func:`gemv_bound`'s rule; the engine warms its step up eagerly before capturing it, so none is."""
-        shape = (rows, n, k, ab_type, c_type)
-        wins = self._gemv_wins.get(shape)
-        if wins is not None:
-            return wins
+    skinny = True
+    """Whether GPU-bound steps of up to 32 rows may take the skinny GEMM (:mod:`~fi_engine.kernels.skinny_gemm`)
+    where it is timed faster than the other launches of the shape; False: the GEMV (up to 4 rows), cuBLASLt and
+    the FP8 paths only. Read when a shape is first timed; set it on the class to compare
+    (``benchmarks/bench_llama_tp.py --variants no-skinny``)."""
+
+    def _choice(self, key: tuple[int, ...], fp8_w: int) -> int:
+        """Which launch serves the shape of the call ``key`` (:meth:`linear`'s arguments; ``fp8_w``: the FP8 weight's
+        address, 0 for a 16-bit one) in GPU-bound steps: ``_GEMV``, ``_LT`` (cuBLASLt, or the FP8 paths of
+        :meth:`_fp8_path`) or the index of a skinny plan, the fastest on the device, timed once per shape on the
+        call's own buffers (y is overwritten by the call that asked): best of 3 each after a first run, L2 flushed
+        before every run so each reads its weight from HBM, as a decode step does. A capture cannot time (no
+        synchronization is allowed in it): a shape first met there takes :func:`gemv_bound`'s rule, the GEMV or
+        the rest; the engine warms its step up eagerly before capturing it, so none is."""
         import cupy
 
-        if self._lt_shape is None or cupy.cuda.runtime.streamIsCapturing(self._stream):
-            return gemv_bound(rows, n, k)
+        rows, x, x_ld, _, n, k, y, y_ld, ab_type, c_type = key
+        fp8 = self._fp8_weights.get(fp8_w) if fp8_w else None
+        if cupy.cuda.runtime.streamIsCapturing(self._stream) or (fp8 is None and self._lt_shape is None):
+            return _GEMV if fp8 is None and rows <= GEMV_MAX_ROWS and gemv_bound(rows, n, k) else _LT
+        runs: dict[int, Callable[[], object]] = {}
+        if fp8 is None and rows <= GEMV_MAX_ROWS and (self._gemv_args.get(key) or self._pack_gemv(key)):
+            runs[_GEMV] = lambda: self._run_gemv(key)
+        for i in range(len(self._skinny_plans(key, fp8))):
+            runs[i] = lambda i=i: self._run_skinny(key, i, fp8)  # type: ignore[misc]
+        if fp8 is None:
+            runs[_LT] = lambda: self._gemm16(key)
+        else:
+            runs[_LT] = lambda: self._fp8_path(rows, x, x_ld, fp8, n, k, y, y_ld, ab_type, c_type, False)
+        choice = self._choices[(rows, n, k, ab_type, c_type, fp8_w)] = self._fastest(runs)
+        return choice
+
+    def _fastest(self, runs: Mapping[int, Callable[[], object]]) -> int:
+        """The key of the fastest of ``runs`` on the device (see :meth:`_choice`); the only one without timing."""
+        if len(runs) == 1:
+            return next(iter(runs))
+        import cupy
+
         if self._flush is None:
             self._flush = cupy.empty(64 << 20, cupy.uint8)
         start, end = cupy.cuda.Event(), cupy.cuda.Event()
         record = cupy.cuda.runtime.eventRecord
+        best: dict[int, float] = {}
+        for label, run in runs.items():
+            times = []
+            for _ in range(4):
+                cupy.cuda.runtime.memsetAsync(self._flush.data.ptr, 0, self._flush.nbytes, self._stream)
+                record(start.ptr, self._stream)
+                run()
+                record(end.ptr, self._stream)
+                end.synchronize()
+                times.append(cupy.cuda.get_elapsed_time(start, end))
+            best[label] = min(times[1:])  # the first run loads code and picks cuBLASLt's algorithm
+        return min(best, key=best.__getitem__)
 
-        def best(gemv: bool) -> float:
-            self.bandwidth_bound = False
-            on, self.gemv = self.gemv, gemv
+    def _run_gemv(self, key: tuple[int, ...]) -> bool:
+        """Launch the GEMV of :meth:`linear`'s call ``key`` (up to 4 rows); False where it does not take the call."""
+        packed = self._gemv_args.get(key)
+        if packed is None:
+            packed = self._pack_gemv(key)
+        if not packed:
+            return False
+        fn, grid, params, _ = packed
+        err = self._launch(fn, grid, 1, 1, 32 * _GEMV_WARPS, 1, 1, 0, self._stream, params, self._null)
+        if err:
+            raise driver_error(err, f"cuLaunchKernel(gemv, rows={key[0]}, n={key[4]}, k={key[5]})")
+        return True
+
+    def _skinny_plans(self, key: tuple[int, ...], fp8: Any) -> list[SkinnyPlan]:
+        """The skinny GEMM's launches for :meth:`linear`'s call ``key`` over a 16-bit weight or the FP8 weight
+        ``fp8`` (``[]`` where it does not serve the call, or :attr:`skinny` is off). Makes the SkinnyGemm at the
+        first call; a GPU or NVRTC it cannot serve leaves it off (:attr:`skinny_error`)."""
+        rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type = key
+        if not self.skinny or ab_type not in (CUDA_R_16BF, CUDA_R_16F) or c_type not in (ab_type, CUDA_R_32F):
+            return []
+        if self._skinny is None:
             try:
-                times = []
-                for _ in range(4):
-                    cupy.cuda.runtime.memsetAsync(self._flush.data.ptr, 0, self._flush.nbytes, self._stream)
-                    record(start.ptr, self._stream)
-                    self.linear(rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type)
-                    record(end.ptr, self._stream)
-                    end.synchronize()
-                    times.append(cupy.cuda.get_elapsed_time(start, end))
-                return min(times[1:])  # the first run loads code and picks cuBLASLt's algorithm
-            finally:
-                self.gemv, self.bandwidth_bound = on, True
+                from .skinny_gemm import SkinnyGemm
 
-        wins = self._gemv_wins[shape] = best(True) < best(False)
-        return wins
+                self._skinny = SkinnyGemm()
+            except Exception as exc:  # NVRTC or the device refusing: the other launches serve every shape
+                self._skinny, self.skinny_error = False, f"{type(exc).__name__}: {exc}"
+        if not self._skinny:
+            return []
+        bf16, f32 = ab_type == CUDA_R_16BF, c_type == CUDA_R_32F
+        if fp8 is None:
+            return self._skinny.plans(W16, rows, x, x_ld, w, n, k, y, y_ld, bf16, f32)
+        fmt = E4M3_ROW if fp8.block is None else E4M3_BLOCK
+        s_ld = -(-fp8.k // fp8.block[1]) if fp8.block else 0
+        return self._skinny.plans(fmt, rows, x, x_ld, fp8.w, n, k, y, y_ld, bf16, f32, fp8.scales, s_ld, fp8.block)
+
+    skinny_error = ""
+    """Why the skinny GEMM is unavailable, where it is."""
+
+    def _run_skinny(self, key: tuple[int, ...], index: int, fp8: Any) -> bool:
+        """Launch skinny plan ``index`` of :meth:`linear`'s call ``key`` (over the FP8 weight ``fp8``, or 16-bit),
+        packed once per call (values only; at most 4096 kept) and launched with programmatic dependent launch;
+        False where the call has no such plan (a shape timed on aligned buffers, called on others)."""
+        packed = self._skinny_calls.get((key, index))
+        if packed is None:
+            plans = self._skinny_plans(key, fp8)
+            if index >= len(plans):
+                return False
+            plan = plans[index]
+            params, values = self._slots(list(plan.args))
+            packed = self._prepared(
+                plan.function, plan.grid[0], plan.threads, plan.smem, params, values, "skinny gemm", True, plan.grid[1]
+            )
+            if len(self._skinny_calls) > 4096:
+                self._skinny_calls.clear()
+            self._skinny_calls[(key, index)] = packed
+        packed()
+        return True
 
     def _pack_gemv(self, key: tuple[int, ...]) -> tuple[Any, ...]:
         """The GEMV launch of one :meth:`linear` call, its kernel arguments packed once: ``(function, grid,
@@ -1618,6 +1723,8 @@ class Dense:
         self.gemv = False  # else a GEMM of <= GEMV_MAX_ROWS rows would still launch after close
         self._flush = None
         self._gemv_args.clear()
+        self._skinny_calls.clear()
+        self._skinny = None
         self._fused_args.clear()
         self._fused_fns = {}  # fused_linear refuses after close (fused_fits is False)
         if self._fp8 is not None:

@@ -1,0 +1,328 @@
+// y[r, j] = sum_c x[r, c] * W[j, c] for r < rows <= 32 on tensor cores: the GEMMs of decode steps of a few to 32
+// rows, which read every weight once and are bound by HBM bandwidth. x [rows, k] 16-bit (row stride x_ld), y [rows,
+// n] 16-bit or float32 (row stride y_ld), float32 sums. W [n, k] row-major (a Linear weight) in one of three formats
+// (FMT): 16-bit (x's type), or e4m3 bytes times float32 scales, one per block of bn rows and 64 << bshift inputs
+// (scale[(j / bn) * s_ld + (c >> (6 + bshift))], applied to each step's sums) or one per row (scale[j], applied to
+// the whole sum).
+//
+// The mma (m16n8k16) takes 16 weight rows as its A operand and 8 rows of x as its B operand: a warp owns NT tiles of
+// 16 weight rows and multiplies each with MT groups of 8 x rows (MT = ceil(rows / 8)), so each weight is read and
+// decoded once for all rows. A sum over k does not depend on which k goes to which of the mma's 16 slots, as long
+// as A and B agree: lane (g, q) (g = lane / 4, q = lane % 4) loads one 16-byte vector of weight rows g and g + 8 a
+// step (a quad reads 64 contiguous bytes of a row: a step is 32 inputs of 16-bit weights, 64 of e4m3) and x's
+// values at the same inputs of x row g. 16-bit: words 0-1 of the vectors go to one mma and words 2-3 to the next.
+// e4m3: each word's bytes 0-1 and 2-3 are decoded exactly into two 16-bit pairs (fp8_tensor_cores.cuh's
+// e4m3_pair), one mma a word, against x's 16 values in their order.
+//
+// x reaches the lanes one of two ways (KX): read from global memory with the weights, each lane its own vectors (KX
+// 0: warps independent, no barrier; x's rows are a few KB and stay in L1 and L2), or staged by the block's warps,
+// which then share one range of k, in shared memory KX inputs at a time by asynchronous copies, the next KX while
+// the warps sum these (two buffers; each row padded so that a quarter-warp's 16-byte reads fall in distinct banks).
+// The grid's y dimension splits k into ranges of kc inputs (one range: each block writes y); with more, each block
+// writes its float32 sums to `part` in the lanes' order, and the last block of a column block to finish (a uint32
+// counter per column block at `done`, 0 between launches: that block sets it back) adds the ranges' sums in their
+// order and writes y, so y does not depend on which block ends last. Weights and scales are constants: a warp loads
+// its first U steps before griddep_wait, and each next U steps before it sums the ones in hand. k a multiple of 32
+// (16-bit) or 64 (e4m3); kc a multiple of 32 (64) and, for block scales, of the block's width; KX a multiple of U
+// steps; x, w and x_ld 16-byte aligned (the caller checks).
+#include "convert.cuh"  // fromf
+#include "griddep.cuh"  // griddep_wait, griddep_launch_dependents
+#include "load_weights.cuh"  // load_weights: past L1
+#include "fp8_tensor_cores.cuh"  // mma16816, e4m3_pair, prmt
+
+#define SK_W16 0   // FMT: 16-bit weights
+#define SK_E4M3_BLOCK 1  // e4m3 weights, block scales
+#define SK_E4M3_ROW 2    // e4m3 weights, a scale per row
+// 16-bit elements of a staged x row: KX and padding such that a quarter-warp's 16-byte reads fall in distinct banks
+// (16-bit weights: lanes q of rows g and g + 1 read 64 bytes of each row, so rows are 64 bytes apart modulo 128;
+// e4m3: lane q reads bytes 32 q of each row, twice, so rows are 16 bytes apart modulo 128)
+#define SK_ROW(FMT, KX) ((KX) + ((FMT) == SK_W16 ? 32 : 8))
+
+// x[:, k0 : k0 + len] into xs (8 MT rows of ROW_VECS vectors; zeros past rows) by asynchronous copies, every
+// thread taking part: this thread's copies are one group (cp.async.commit_group), waited for by cp.async.wait_group
+template <int MT, int ROW_VECS>
+__device__ __forceinline__ void sk_stage(uint4* xs, const unsigned short* __restrict__ x, int rows, long long x_ld,
+                                         int k0, int len) {
+    const int vecs = len >> 3;
+    for (int v = threadIdx.x; v < 8 * MT * vecs; v += blockDim.x) {
+        const int r = v / vecs, c = v - r * vecs;
+        const unsigned at = (unsigned)__cvta_generic_to_shared(xs + r * ROW_VECS + c);
+        const unsigned short* from = x + (long long)min(r, rows - 1) * x_ld + k0 + 8 * c;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(at), "l"(from), "r"(r < rows ? 16 : 0));
+    }
+    asm volatile("cp.async.commit_group;");
+}
+
+template <bool BF16, bool F32OUT, int MT, int NT>
+__device__ __forceinline__ void sk_store(const float (&acc)[NT][MT][4], void* __restrict__ y, int rows, int n,
+                                         long long y_ld, int j0, int g, int q) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int j = j0 + 16 * t + g + (e >= 2 ? 8 : 0), r = 8 * i + 2 * q + (e & 1);
+                if (j < n && r < rows) {
+                    if (F32OUT) reinterpret_cast<float*>(y)[r * y_ld + j] = acc[t][i][e];
+                    else reinterpret_cast<unsigned short*>(y)[r * y_ld + j] = fromf<BF16>(acc[t][i][e]);
+                }
+            }
+}
+
+// one step of the NT tiles against the MT groups of x rows (xv[i]: the lane's x vectors of row 8 i + g, one for
+// 16-bit weights, two for e4m3); s: the tiles' block scales of the step
+template <bool BF16, int FMT, int MT, int NT, int XV>
+__device__ __forceinline__ void sk_step(float (&acc)[NT][MT][4], const uint4 (&v)[NT][2], const float (&s)[NT],
+                                        const uint4 (&xv)[MT][XV]) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+        const uint4 a = v[t][0], b = v[t][1];
+        if (FMT == SK_W16) {
+#pragma unroll
+            for (int i = 0; i < MT; ++i) {
+                mma16816<BF16>(acc[t][i], a.x, b.x, a.y, b.y, xv[i][0].x, xv[i][0].y);
+                mma16816<BF16>(acc[t][i], a.z, b.z, a.w, b.w, xv[i][0].z, xv[i][0].w);
+            }
+        } else {
+            const unsigned wa[4] = {a.x, a.y, a.z, a.w}, wb[4] = {b.x, b.y, b.z, b.w};
+            unsigned lo_a[4], hi_a[4], lo_b[4], hi_b[4];  // each word's bytes 0 and 1, then 2 and 3, as 16-bit pairs
+#pragma unroll
+            for (int m = 0; m < 4; ++m) {  // e4m3_pair decodes bytes 1 and 3: put the pair's bytes there first
+                lo_a[m] = e4m3_pair<BF16>(prmt(wa[m], 0u, 0x1404u)), hi_a[m] = e4m3_pair<BF16>(prmt(wa[m], 0u, 0x3424u));
+                lo_b[m] = e4m3_pair<BF16>(prmt(wb[m], 0u, 0x1404u)), hi_b[m] = e4m3_pair<BF16>(prmt(wb[m], 0u, 0x3424u));
+            }
+#pragma unroll
+            for (int i = 0; i < MT; ++i) {
+                const uint4 x0 = xv[i][0], x1 = xv[i][XV - 1];
+                const unsigned xw[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+                float c[4] = {0.f, 0.f, 0.f, 0.f};
+                float* d = FMT == SK_E4M3_BLOCK ? c : acc[t][i];
+#pragma unroll
+                for (int m = 0; m < 4; ++m) mma16816<BF16>(d, lo_a[m], lo_b[m], hi_a[m], hi_b[m], xw[2 * m], xw[2 * m + 1]);
+                if (FMT == SK_E4M3_BLOCK) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[t][i][e] = fmaf(s[t], c[e], acc[t][i][e]);
+                }
+            }
+        }
+    }
+}
+
+// one step's loads: the lane's 2 NT weight vectors, the tiles' block scales and, where x is read from global memory
+// (XG), its MT x vectors (rows past `rows` read row rows - 1: their sums are never stored)
+template <int FMT, int MT, int NT, int XV, bool XG>
+__device__ __forceinline__ void sk_load1(uint4 (&v)[NT][2], float (&s)[NT], uint4 (&xv)[MT][XV],
+                                         const uint4* const (&wr)[NT][2], const float* const (&sr)[NT],
+                                         const uint4* const (&xr)[MT], int step, int bshift) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) v[t][h] = load_weights(wr[t][h] + 4 * step);
+        if (FMT == SK_E4M3_BLOCK) s[t] = __ldg(sr[t] + (step >> bshift));
+    }
+    if (XG) {
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int e = 0; e < XV; ++e) xv[i][e] = __ldg(xr[i] + (FMT == SK_W16 ? 4 : 8) * step + e);
+    }
+}
+
+template <bool BF16, bool F32OUT, int FMT, int MT, int NT, int U, int WARPS, int KX, bool XG>
+__device__ __forceinline__ void skinny_gemm(const unsigned short* __restrict__ x, const void* __restrict__ w,
+                                            void* __restrict__ y, float* __restrict__ part, unsigned* __restrict__ done,
+                                            int rows, int n, int k, long long x_ld, long long y_ld, int kc,
+                                            const float* __restrict__ scale, long long s_ld, int bn, int bshift) {
+#if __CUDA_ARCH__ >= 800
+    extern __shared__ uint4 xs[];  // two passes of 8 MT rows of SK_ROW(FMT, KX) elements
+    __shared__ unsigned last;
+    griddep_launch_dependents();
+    constexpr int ROW_VECS = SK_ROW(FMT, KX) / 8;
+    constexpr int KSTEP = FMT == SK_W16 ? 32 : 64;  // inputs a step
+    constexpr int PASS = KX / KSTEP;  // steps staged at a time
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    const int j0 = (blockIdx.x * WARPS + warp) * 16 * NT;
+    const int k_lo = blockIdx.y * kc, k_hi = min(k, k_lo + kc);
+    const int steps = max(0, (k_hi - k_lo) / KSTEP);
+    const long long row_bytes = FMT == SK_W16 ? 2ll * k : (long long)k;
+    const unsigned char* wb = reinterpret_cast<const unsigned char*>(w);
+    const uint4* wr[NT][2];  // the lane's weight rows (a last partial tile repeats row n - 1) at input k_lo, its 16 q
+    const float* sr[NT];     // block scales: each tile's row of scales at the block of input k_lo
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const long long row = min(j0 + 16 * t + g + 8 * h, n - 1);
+            wr[t][h] = reinterpret_cast<const uint4*>(wb + row * row_bytes + (long long)k_lo * (FMT == SK_W16 ? 2 : 1)) + q;
+        }
+        sr[t] = FMT == SK_E4M3_BLOCK ? scale + (long long)(min(j0 + 16 * t, n - 1) / bn) * s_ld + (k_lo >> (6 + bshift))
+                                     : scale;
+    }
+    float acc[NT][MT][4];
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[t][i][e] = 0.f;
+    // U steps in hand and, while they are summed, the next U in flight
+    constexpr int XV = FMT == SK_W16 ? 1 : 2;  // x vectors a step
+    uint4 cur[U][NT][2], cx[U][MT][XV];
+    float cs[U][NT];
+    const uint4* xr[MT];  // XG: the lane's x rows at its first vector
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+        xr[i] = reinterpret_cast<const uint4*>(x + (long long)min(8 * i + g, rows - 1) * x_ld + k_lo) + XV * q;
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+        if (u < steps) sk_load1<FMT, MT, NT, XV, false>(cur[u], cs[u], cx[u], wr, sr, xr, u, bshift);
+    griddep_wait();  // x may be the previous kernel's output, part and done its scratch; weights and scales are constants
+    if (XG) {
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+            if (u < steps)
+#pragma unroll
+                for (int i = 0; i < MT; ++i)
+#pragma unroll
+                    for (int e = 0; e < XV; ++e) cx[u][i][e] = __ldg(xr[i] + (KSTEP / 8) * u + e);
+    }
+    constexpr int BUF = 8 * MT * ROW_VECS;  // vectors of one staged pass
+    const int passes = (k_hi - k_lo + KX - 1) / KX;
+    if (!XG && steps > 0) sk_stage<MT, ROW_VECS>(xs, x, rows, x_ld, k_lo, min(KX, k_hi - k_lo));
+    const int xo = g * ROW_VECS + XV * q;  // the lane's x row and vector in a staged pass
+    for (int step = 0; step < steps; step += U) {
+        uint4 nxt[U][NT][2], nx[U][MT][XV];
+        float ns[U][NT];
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+            if (step + U + u < steps) sk_load1<FMT, MT, NT, XV, XG>(nxt[u], ns[u], nx[u], wr, sr, xr, step + U + u, bshift);
+        if (!XG && step % PASS == 0) {  // pass p's x staged (asked for a pass ago), pass p + 1's asked for now
+            const int p = step / PASS;
+            __syncthreads();  // every warp is done with the buffer pass p + 1 goes into (pass p - 1's)
+            if (p + 1 < passes) {
+                const int k0 = k_lo + (p + 1) * KX;
+                sk_stage<MT, ROW_VECS>(xs + ((p + 1) & 1) * BUF, x, rows, x_ld, k0, min(KX, k_hi - k0));
+            } else {
+                asm volatile("cp.async.commit_group;");  // an empty group: the wait below counts as everywhere
+            }
+            asm volatile("cp.async.wait_group 1;" ::: "memory");  // this thread's copies of pass p
+            __syncthreads();  // every thread's
+        }
+        const uint4* xl = xs + ((step / PASS) & 1) * BUF + xo;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (step + u < steps) {
+                if (!XG) {
+#pragma unroll
+                    for (int i = 0; i < MT; ++i)
+#pragma unroll
+                        for (int e = 0; e < XV; ++e) cx[u][i][e] = xl[8 * i * ROW_VECS + ((step + u) % PASS) * (KSTEP / 8) + e];
+                }
+                sk_step<BF16, FMT, MT, NT, XV>(acc, cur[u], cs[u], cx[u]);
+            }
+        }
+        if (step + U < steps) {
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+#pragma unroll
+                for (int t = 0; t < NT; ++t) cur[u][t][0] = nxt[u][t][0], cur[u][t][1] = nxt[u][t][1], cs[u][t] = ns[u][t];
+                if (XG) {
+#pragma unroll
+                    for (int i = 0; i < MT; ++i)
+#pragma unroll
+                        for (int e = 0; e < XV; ++e) cx[u][i][e] = nx[u][i][e];
+                }
+            }
+        }
+    }
+    asm volatile("cp.async.wait_all;" ::: "memory");  // none left in flight at exit
+    if (FMT == SK_E4M3_ROW) {  // each row's scale times its whole sum (a split's partial sum: the same factor)
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            const float sa = __ldg(scale + min(j0 + 16 * t + g, n - 1)), sb = __ldg(scale + min(j0 + 16 * t + g + 8, n - 1));
+#pragma unroll
+            for (int i = 0; i < MT; ++i) acc[t][i][0] *= sa, acc[t][i][1] *= sa, acc[t][i][2] *= sb, acc[t][i][3] *= sb;
+        }
+    }
+    if (gridDim.y == 1) {
+        sk_store<BF16, F32OUT, MT, NT>(acc, y, rows, n, y_ld, j0, g, q);
+        return;
+    }
+    // split k: this block's sums in the lanes' order, then the last block of the column block adds them up
+    constexpr int PER_WARP = NT * MT * 4 * 32;
+    const long long slot = ((long long)blockIdx.y * gridDim.x + blockIdx.x) * WARPS + warp;
+    float* mine = part + slot * PER_WARP + lane;
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) mine[((t * MT + i) * 4 + e) * 32] = acc[t][i][e];
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned before = atomicAdd(done + blockIdx.x, 1u);
+        last = before == gridDim.y - 1;
+        if (last) done[blockIdx.x] = 0u;  // every block of this launch has counted: ready for the next launch
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[t][i][e] = 0.f;
+    const long long stride = (long long)gridDim.x * WARPS * PER_WARP;  // from one range's sums to the next's
+    const float* first = part + ((long long)blockIdx.x * WARPS + warp) * PER_WARP + lane;
+    for (int s = 0; s < (int)gridDim.y; ++s)
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+            for (int i = 0; i < MT; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[t][i][e] += __ldcg(first + s * stride + ((t * MT + i) * 4 + e) * 32);
+    sk_store<BF16, F32OUT, MT, NT>(acc, y, rows, n, y_ld, j0, g, q);
+#endif
+}
+
+// {name}_m{MT}_n{NT}_u{U}_w{WARPS}_b{MINB}_x{KX}(x, w, y, part, done, rows, n, k, x_ld, y_ld, kc, scale, s_ld, bn,
+// bshift): grid (ceil(n / (16 NT WARPS)), ceil(k / kc)), 32 WARPS threads, dynamic shared memory two passes of
+// 8 MT rows of SK_ROW(FMT, KX) elements; registers capped so that MINB blocks fit an SM
+#define SKINNY(name, bf16, f32out, fmt, MT, NT, U, WARPS, MINB, KX)                                                 \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS, MINB)                                                   \
+        name##_m##MT##_n##NT##_u##U##_w##WARPS##_b##MINB##_x##KX(                                                   \
+            const unsigned short* x, const void* w, void* y, float* part, unsigned* done, int rows, int n, int k,   \
+            long long x_ld, long long y_ld, int kc, const float* scale, long long s_ld, int bn, int bshift) {         \
+        skinny_gemm<bf16, f32out, fmt, MT, NT, U, WARPS, (KX ? KX : 512), KX == 0>(x, w, y, part, done, rows, n, k,   \
+                                                                     x_ld, y_ld, kc, scale, s_ld, bn, bshift);      \
+    }
+// every format and type pair of one geometry: skinny{,8b,8r}_{bf16,f16}_{16,f32}_...
+#define SKINNY_ALL(MT, NT, U, WARPS, MINB, KX)                                                                      \
+    SKINNY(skinny_bf16_16, true, false, SK_W16, MT, NT, U, WARPS, MINB, KX)                                         \
+    SKINNY(skinny_bf16_f32, true, true, SK_W16, MT, NT, U, WARPS, MINB, KX)                                         \
+    SKINNY(skinny_f16_16, false, false, SK_W16, MT, NT, U, WARPS, MINB, KX)                                         \
+    SKINNY(skinny_f16_f32, false, true, SK_W16, MT, NT, U, WARPS, MINB, KX)                                         \
+    SKINNY(skinny8b_bf16_16, true, false, SK_E4M3_BLOCK, MT, NT, U, WARPS, MINB, KX)                                \
+    SKINNY(skinny8b_bf16_f32, true, true, SK_E4M3_BLOCK, MT, NT, U, WARPS, MINB, KX)                                \
+    SKINNY(skinny8b_f16_16, false, false, SK_E4M3_BLOCK, MT, NT, U, WARPS, MINB, KX)                                \
+    SKINNY(skinny8b_f16_f32, false, true, SK_E4M3_BLOCK, MT, NT, U, WARPS, MINB, KX)                                \
+    SKINNY(skinny8r_bf16_16, true, false, SK_E4M3_ROW, MT, NT, U, WARPS, MINB, KX)                                  \
+    SKINNY(skinny8r_bf16_f32, true, true, SK_E4M3_ROW, MT, NT, U, WARPS, MINB, KX)                                  \
+    SKINNY(skinny8r_f16_16, false, false, SK_E4M3_ROW, MT, NT, U, WARPS, MINB, KX)                                  \
+    SKINNY(skinny8r_f16_f32, false, true, SK_E4M3_ROW, MT, NT, U, WARPS, MINB, KX)
+// The instances: SKINNY_INSTANCES where the includer defines it (fi_engine.kernels.skinny_gemm compiles the ones a
+// Dense needs, benchmarks/lab_skinny_gemm.py a sweep), else the engine's geometries for every format and row group
+// (SkinnyGemm's GEOMETRIES: x read from global memory, and x staged 512 inputs at a time)
+#ifdef SKINNY_INSTANCES
+SKINNY_INSTANCES
+#else
+#define SKINNY_ROWS(MT) SKINNY_ALL(MT, 1, 4, 4, 1, 0) SKINNY_ALL(MT, 1, 4, 8, 1, 512) SKINNY_ALL(MT, 1, 2, 8, 1, 0)
+SKINNY_ROWS(1)
+SKINNY_ROWS(2)
+SKINNY_ROWS(3)
+SKINNY_ROWS(4)
+#endif

@@ -1,0 +1,228 @@
+"""The tensor-core GEMM of decode steps of up to 32 rows (``csrc/skinny_gemm.cu``): ``y = x @ W.T`` with ``W`` read
+once for all rows, 16-bit or e4m3 (FP8 weights with 128x128-block or per-row scales), for the steps the GEMV (at
+most 4 rows) does not take and a step of that many rows is still bound by reading the weights. A Dense times it
+against cuBLASLt (16-bit) or the FP8 paths once per shape and launches the faster (``Dense.linear``).
+
+Each launch is a :class:`Geometry` (a warp's tiles of 16 weight rows, steps in flight, warps a block, how x reaches
+the lanes) and a split of k over the grid's y dimension (:meth:`SkinnyGemm.plan`); a split launch adds its ranges'
+float32 sums in a fixed order through a scratch of the SkinnyGemm's own (``part``, and a counter per column block
+in ``done``, zero between launches), so its output does not depend on the order its blocks finish. The geometries
+are those an H100 sweep (``benchmarks/lab_skinny_gemm.py``, 8B shapes, 5-32 rows; benchmarks/RESULTS.md) found
+fastest: x read from global memory alongside the weights up to 16 rows, staged in shared memory for more.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .cuda_sources import function_ptr, source
+
+__all__ = [
+    "E4M3_BLOCK",
+    "E4M3_ROW",
+    "GEOMETRIES",
+    "SKINNY_MAX_ROWS",
+    "W16",
+    "Geometry",
+    "SkinnyGemm",
+    "SkinnyPlan",
+    "range_length",
+    "splits",
+    "takes",
+]
+
+SKINNY_MAX_ROWS = 32  # four groups of the mma's 8
+W16, E4M3_BLOCK, E4M3_ROW = 0, 1, 2  # weight formats (the kernel's FMT)
+_PREFIX = {W16: "skinny", E4M3_BLOCK: "skinny8b", E4M3_ROW: "skinny8r"}
+_STEP = {W16: 32, E4M3_BLOCK: 64, E4M3_ROW: 64}  # inputs a lane's 16-byte weight vector covers (a step)
+PART_BYTES = 32 << 20  # the split launches' float32 sums
+DONE_SLOTS = 1 << 16  # column blocks a split launch may have (a uint32 counter each)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """One launch shape of the kernel: ``nt`` tiles of 16 weight rows a warp, ``u`` steps in flight, ``warps`` a
+    block, registers capped for ``min_blocks`` blocks an SM, and ``kx`` inputs of x staged in shared memory at a time
+    (0: each lane reads its x from global memory)."""
+
+    nt: int
+    u: int
+    warps: int
+    min_blocks: int
+    kx: int
+
+    def name(self, fmt: int, bf16: bool, f32out: bool, mt: int) -> str:
+        """The kernel's name for ``mt`` groups of 8 rows (``csrc/skinny_gemm.cu``'s ``SKINNY``)."""
+        t = "bf16" if bf16 else "f16"
+        out = "f32" if f32out else "16"
+        g = f"n{self.nt}_u{self.u}_w{self.warps}_b{self.min_blocks}_x{self.kx}"
+        return f"{_PREFIX[fmt]}_{t}_{out}_m{mt}_{g}"
+
+    def instance(self, fmt: int, bf16: bool, f32out: bool, mt: int) -> str:
+        """The ``SKINNY(...)`` line that compiles :meth:`name`."""
+        prefix = f"{_PREFIX[fmt]}_{'bf16' if bf16 else 'f16'}_{'f32' if f32out else '16'}"
+        flags = f"{'true' if bf16 else 'false'}, {'true' if f32out else 'false'}, {fmt}"
+        return f"SKINNY({prefix}, {flags}, {mt}, {self.nt}, {self.u}, {self.warps}, {self.min_blocks}, {self.kx})"
+
+    @property
+    def rows_per_block(self) -> int:
+        """Weight rows (outputs) a block serves."""
+        return 16 * self.nt * self.warps
+
+    def smem(self, fmt: int, mt: int) -> int:
+        """Dynamic shared bytes a launch takes: two passes of staged x (none when x is read from global memory)."""
+        if not self.kx:
+            return 0
+        return 2 * 8 * mt * (self.kx + (32 if fmt == W16 else 8)) * 2
+
+
+# the candidates a Dense times for each weight format, by the rows' groups of 8 (1-4); every one is compiled into
+# csrc/skinny_gemm.cu's default instances (tools/kernel_fingerprints.py fingerprints them)
+_GLOBAL_X16 = Geometry(1, 4, 4, 1, 0)
+_STAGED = Geometry(1, 4, 8, 1, 512)
+_GLOBAL_X8 = Geometry(1, 2, 8, 1, 0)
+GEOMETRIES: dict[int, tuple[Geometry, ...]] = {
+    W16: (_GLOBAL_X16, _STAGED),
+    E4M3_BLOCK: (_GLOBAL_X8, _STAGED),
+    E4M3_ROW: (_GLOBAL_X8, _STAGED),
+}
+
+
+@dataclass(frozen=True)
+class SkinnyPlan:
+    """One launch: the kernel (``function``, a ``CUfunction`` as an int), ``grid`` (column blocks, k ranges),
+    ``threads`` a block, ``smem`` dynamic shared bytes and ``args`` (each an int in an 8-byte slot)."""
+
+    function: int
+    grid: tuple[int, int]
+    threads: int
+    smem: int
+    args: tuple[int, ...]
+
+
+def _unit(fmt: int, block_k: int) -> int:
+    """The inputs a k range is a multiple of: a step, and whole blocks of scales (``block_k``: their width)."""
+    return math.lcm(_STEP[fmt], block_k) if block_k else _STEP[fmt]
+
+
+def splits(geometry: Geometry, fmt: int, rows: int, n: int, k: int, sms: int, block_k: int = 0) -> int:
+    """The k ranges of a launch by rule: the fewest (a power of two) that give the grid 1.5 blocks an SM, each range
+    a multiple of a step and of the scales' blocks (``block_k``: their width in inputs, 0: none), the split sums
+    within :data:`PART_BYTES`. On the H100 sweep of the 8B shapes at 5-32 rows (``benchmarks/lab_skinny_gemm.py``)
+    the fastest split was this one or half of it but for the QKV shape staged at 32 rows (a quarter, 5 % faster);
+    :meth:`SkinnyGemm.plans` offers both."""
+    blocks = -(-n // geometry.rows_per_block)
+    most = max(1, k // _unit(fmt, block_k))
+    per_split = blocks * geometry.rows_per_block * 8 * -(-rows // 8) * 4  # bytes of one range's float32 sums
+    s = 1
+    while 2 * blocks * s < 3 * sms and s * 2 <= most and (s * 2) * per_split <= PART_BYTES:
+        s *= 2
+    return s
+
+
+def range_length(fmt: int, k: int, s: int, block_k: int = 0) -> int:
+    """Inputs of each of ``s`` ranges of ``k`` (the last may be shorter): a multiple of a step and of ``block_k``."""
+    unit = _unit(fmt, block_k)
+    per = -(-k // s)
+    return -(-per // unit) * unit
+
+
+def takes(
+    fmt: int, rows: int, x: int, x_ld: int, w: int, n: int, k: int, y: int, f32out: bool, block: tuple[int, int] | None
+) -> tuple[int, int, int] | None:
+    """Whether the kernel serves a call (see :meth:`SkinnyGemm.plans`): ``(bn, bshift, block_k)``, the scale blocks'
+    rows, log2 of their width over 64 and their width (16, 0, 0 without block scales), or None."""
+    if fmt not in _STEP or not 0 < rows <= SKINNY_MAX_ROWS or not 0 < n < 1 << 31 or not 0 < k < 1 << 30:
+        return None
+    if k % _STEP[fmt] or x % 16 or x_ld % 8 or w % 16 or y % (4 if f32out else 2):
+        return None
+    if fmt != E4M3_BLOCK:
+        return 16, 0, 0
+    if block is None:
+        return None
+    bn, block_k = block
+    if bn <= 0 or bn % 16 or block_k < 64 or block_k & (block_k - 1):
+        return None
+    return bn, block_k.bit_length() - 7, block_k  # widths of 64 << bshift inputs
+
+
+class SkinnyGemm:
+    """The kernel's launches for one Dense: compiled with NVRTC (through CuPy) per weight format and type pair on
+    first use (:meth:`plans`), the split sums' scratch allocated on the current device. Needs tensor cores of SM 8.0
+    or newer (:attr:`available`)."""
+
+    def __init__(self) -> None:
+        import cupy
+
+        device = cupy.cuda.Device()
+        self.available = int(device.compute_capability) >= 80
+        attrs = device.attributes
+        self.sms = int(attrs.get("MultiProcessorCount", 132))
+        self._smem_limit = int(attrs.get("MaxSharedMemoryPerBlockOptin", 48 << 10))
+        self._modules: dict[tuple[int, bool, bool], Any] = {}
+        self._fns: dict[str, int] = {}
+        # the split launches' scratch: float32 sums, and a counter per column block (zero between launches)
+        self.part = cupy.empty(PART_BYTES, cupy.uint8) if self.available else None
+        self.done = cupy.zeros(DONE_SLOTS, cupy.uint32) if self.available else None
+        self._part = int(self.part.data.ptr) if self.part is not None else 0
+        self._done = int(self.done.data.ptr) if self.done is not None else 0
+
+    def _function(self, geometry: Geometry, fmt: int, bf16: bool, f32out: bool, mt: int) -> int:
+        name = geometry.name(fmt, bf16, f32out, mt)
+        fn = self._fns.get(name)
+        if fn is None:
+            family = (fmt, bf16, f32out)
+            module = self._modules.get(family)
+            if module is None:
+                import cupy
+
+                lines = [g.instance(fmt, bf16, f32out, m) for g in GEOMETRIES[fmt] for m in (1, 2, 3, 4)]
+                code = "#define SKINNY_INSTANCES " + " ".join(lines) + "\n" + source("skinny_gemm.cu")
+                module = self._modules[family] = cupy.RawModule(code=code)
+            kernel = module.get_function(name)
+            kernel.max_dynamic_shared_size_bytes = min(self._smem_limit, geometry.smem(fmt, 4))
+            fn = self._fns[name] = function_ptr(kernel)
+        return fn
+
+    def plans(
+        self,
+        fmt: int,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        bf16: bool,
+        f32out: bool,
+        scale: int = 0,
+        s_ld: int = 0,
+        block: tuple[int, int] | None = None,
+    ) -> list[SkinnyPlan]:
+        """The launches that compute ``y[:rows] = x[:rows] @ W.T`` (for each candidate geometry of
+        :data:`GEOMETRIES`, the split by rule and half of it), or ``[]`` where the kernel does not serve the call:
+        rows outside ``[1, 32]``, ``k`` not a multiple of a step (32 inputs, e4m3 64), x, ``x_ld`` or W not 16-byte
+        aligned, ``y`` not aligned to its elements, block scales whose rows are not a multiple of 16 or whose width is
+        not 64 times a power of two. ``scale``/``s_ld``/``block``: an e4m3 weight's float32 scales (``block`` None:
+        one per row; else ``(bn, bk)``, rows of ``s_ld``). Values only: the caller keeps the buffers alive."""
+        taken = takes(fmt, rows, x, x_ld, w, n, k, y, f32out, block)
+        if taken is None or not self.available:
+            return []
+        bn, bshift, block_k = taken
+        mt = -(-rows // 8)
+        out = []
+        for geometry in GEOMETRIES[fmt]:
+            if geometry.smem(fmt, mt) > self._smem_limit or -(-n // geometry.rows_per_block) > DONE_SLOTS:
+                continue
+            fn = self._function(geometry, fmt, bf16, f32out, mt)
+            best = splits(geometry, fmt, rows, n, k, self.sms, block_k)
+            for s in (best, best // 2) if best > 1 else (best,):
+                kc = range_length(fmt, k, s, block_k)
+                grid = (-(-n // geometry.rows_per_block), -(-k // kc))
+                args = (x, w, y, self._part, self._done, rows, n, k, x_ld, y_ld, kc, scale, s_ld, bn, bshift)
+                out.append(SkinnyPlan(fn, grid, 32 * geometry.warps, geometry.smem(fmt, mt), args))
+        return out

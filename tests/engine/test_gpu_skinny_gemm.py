@@ -1,0 +1,165 @@
+"""The skinny GEMM (fi_engine.kernels.skinny_gemm, ``csrc/skinny_gemm.cu``) on a GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy,
+no torch).
+
+- Every plan :meth:`SkinnyGemm.plans` offers (each candidate geometry, split and not), for 16-bit weights (bfloat16
+  and float16, 16-bit and float32 outputs) and e4m3 weights (128x128-block and per-row scales), at 1, 5, 8, 13, 24
+  and 32 rows, on shapes with a last partial tile of weight rows and k ranges of unequal length, against a float32
+  reference over the (dequantized) weights. Bound per output: ``k * 2**-24 * sum |x| |w|`` (float32 sums of exact
+  products, in any order) plus half an ulp of a 16-bit output (``2**-8`` / ``2**-11`` relative). Every output row
+  past ``rows`` and column past ``n`` is left as it was.
+- A split launch gives the same bits twice and leaves its counters at zero; a CUDA graph of it replays new inputs
+  to the eager result.
+- ``Dense.linear`` in a GPU-bound step (``bandwidth_bound``) over 16-bit and FP8 weights: whichever launch it times
+  fastest (the skinny GEMM, cuBLASLt or the FP8 paths), the product within the bound, on the timing call and after.
+
+Run on the GPU machine: ``FI_FFI_RUN_GPU_TESTS=1 python -m pytest -q tests/engine/test_gpu_skinny_gemm.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import pytest
+
+if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
+    pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
+
+cupy = pytest.importorskip("cupy", reason="the engine needs CuPy (python -m pip install '.[engine]')")
+
+from helpers.random_llama import bf16_bits  # noqa: E402
+
+from fi_engine.checkpoint.fp8_weights import E4M3, quantize_e4m3  # noqa: E402
+from fi_engine.kernels.dense import CUDA_R_16BF, Dense  # noqa: E402
+from fi_engine.kernels.skinny_gemm import E4M3_BLOCK, E4M3_ROW, W16, SkinnyGemm  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+OUT_ULP = {"bfloat16": 2.0**-8, "float16": 2.0**-11}  # half an ulp, relative
+ROWS = (1, 5, 8, 13, 24, 32)
+SHAPES = ((200, 576), (1040, 1344))  # (n, k): a partial last tile of rows; k ranges of unequal length when split
+SENTINEL = 0x7BCD  # a 16-bit pattern the kernels never write where they must not write
+
+
+def to16(a: np.ndarray, dtype: str) -> np.ndarray:
+    return a.astype(np.float16).view(np.uint16) if dtype == "float16" else bf16_bits(a.astype(np.float32))
+
+
+def from16(a: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "float16":
+        return a.view(np.float16).astype(np.float32)
+    return (a.astype(np.uint32) << 16).view(np.float32)
+
+
+def weights(rng: np.random.Generator, fmt: int, n: int, k: int, dtype: str) -> tuple[Any, Any, np.ndarray, Any]:
+    """``(w on the GPU, scales on the GPU or None, its values float32 [n, k], block)``."""
+    if fmt == W16:
+        w16 = to16(rng.standard_normal((n, k)).astype(np.float32), dtype)
+        return cupy.asarray(w16), None, from16(w16, dtype), None
+    codes = quantize_e4m3(rng.standard_normal((n, k)) * 2.0)
+    if fmt == E4M3_ROW:
+        scales = rng.uniform(0.5, 2.0, n).astype(np.float32) / 16
+        return cupy.asarray(codes), cupy.asarray(scales), E4M3[codes] * scales[:, None], None
+    scales = rng.uniform(0.5, 2.0, (-(-n // 128), -(-k // 128))).astype(np.float32) / 16
+    full = np.repeat(np.repeat(scales, 128, 0), 128, 1)[:n, :k]
+    return cupy.asarray(codes), cupy.asarray(scales), E4M3[codes] * full, (128, 128)
+
+
+def check(got: np.ndarray, x: np.ndarray, values: np.ndarray, rows: int, dtype: str, f32: bool) -> float:
+    """The worst error over its bound (asserting it is at most 1)."""
+    xf = x[:rows].astype(np.float64)
+    ref = xf @ values.T.astype(np.float64)
+    k = values.shape[1]
+    bound = k * 2.0**-24 * (np.abs(xf) @ np.abs(values.T)) + (0 if f32 else OUT_ULP[dtype]) * np.abs(ref) + 1e-30
+    err = np.abs(got - ref)
+    assert np.isfinite(got).all() and (err <= bound).all(), f"{float((err / bound).max()):.2f} of the bound"
+    return float((err / bound).max())
+
+
+@pytest.mark.parametrize("fmt", [W16, E4M3_BLOCK, E4M3_ROW], ids=["16bit", "e4m3-block", "e4m3-row"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("f32", [False, True], ids=["out16", "out32"])
+def test_every_plan_matches_float32(fmt: int, dtype: str, f32: bool) -> None:
+    rng = np.random.default_rng(21 + fmt)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        dense, sk = Dense(stream), SkinnyGemm()
+        assert sk.available
+        for n, k in SHAPES:
+            w, scales, values, block = weights(rng, fmt, n, k, dtype)
+            x16 = to16(rng.standard_normal((32, k)).astype(np.float32), dtype)
+            x = cupy.asarray(x16)
+            ld = n + 8  # y's row stride: the columns past n must stay as they were
+            for rows in ROWS:
+                plans = sk.plans(
+                    fmt, rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, dtype == "bfloat16", f32,
+                    int(scales.data.ptr) if scales is not None else 0, -(-k // 128) if block else 0, block,
+                )  # fmt: skip
+                assert len(plans) >= 2, (n, k, rows)
+                assert any(p.grid[1] > 1 for p in plans), "no split plan tested"
+                for plan in plans:
+                    y = cupy.full((33, ld), SENTINEL, np.uint32 if f32 else np.uint16)
+                    args = (plan.args[0], plan.args[1], int(y.data.ptr), *plan.args[3:])
+                    dense.prepared_kernel(plan.function, plan.grid, plan.threads, plan.smem, args, "skinny")()
+                    stream.synchronize()
+                    out = cupy.asnumpy(y)
+                    assert (out[rows:] == SENTINEL).all() and (out[:, n:] == SENTINEL).all(), "wrote past its output"
+                    got = out[:rows, :n].view(np.float32) if f32 else from16(out[:rows, :n], dtype)
+                    check(got, from16(x16, dtype), values, rows, dtype, f32)
+                assert int(sk.done.sum()) == 0, "a split launch left a counter set"
+
+
+def test_a_split_launch_is_deterministic_and_replays_in_a_graph() -> None:
+    rng = np.random.default_rng(5)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    n, k, rows = 1040, 4096, 24
+    with stream:
+        dense, sk = Dense(stream), SkinnyGemm()
+        w, _, values, _ = weights(rng, W16, n, k, "bfloat16")
+        x = cupy.asarray(to16(rng.standard_normal((rows, k)).astype(np.float32), "bfloat16"))
+        y = cupy.zeros((rows, n), np.uint16)
+        plans = [p for p in sk.plans(W16, rows, int(x.data.ptr), k, int(w.data.ptr), n, k, int(y.data.ptr), n,
+                                     True, False) if p.grid[1] > 1]  # fmt: skip
+        assert plans
+        for plan in plans:
+            call = dense.prepared_kernel(plan.function, plan.grid, plan.threads, plan.smem, plan.args, "skinny")
+            call()
+            stream.synchronize()
+            first = cupy.asnumpy(y)
+            y.fill(0)
+            call()
+            stream.synchronize()
+            assert np.array_equal(cupy.asnumpy(y), first), "a split launch's bits depend on the run"
+            stream.begin_capture()
+            call()
+            graph = stream.end_capture()
+            fresh = to16(rng.standard_normal((rows, k)).astype(np.float32), "bfloat16")
+            x.set(fresh)
+            graph.launch(stream)
+            stream.synchronize()
+            check(from16(cupy.asnumpy(y), "bfloat16"), from16(fresh, "bfloat16"), values, rows, "bfloat16", False)
+            assert int(sk.done.sum()) == 0
+
+
+@pytest.mark.parametrize("fmt", [W16, E4M3_BLOCK], ids=["16bit", "e4m3-block"])
+@pytest.mark.parametrize("rows", [8, 32])
+def test_dense_linear_in_a_gpu_bound_step_stays_right(fmt: int, rows: int) -> None:
+    rng = np.random.default_rng(7 + rows)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    n, k = 4096, 4096
+    with stream:
+        dense = Dense(stream)
+        w, scales, values, block = weights(rng, fmt, n, k, "bfloat16")
+        if fmt != W16:
+            dense.add_fp8_weight(int(w.data.ptr), n, k, int(scales.data.ptr), block)
+        x16 = to16(rng.standard_normal((rows, k)).astype(np.float32), "bfloat16")
+        x, y = cupy.asarray(x16), cupy.zeros((rows, n), np.uint16)
+        dense.bandwidth_bound = True
+        for _ in range(2):  # the first call times the launches, the second takes the chosen one
+            y.fill(0)
+            dense.linear(rows, int(x.data.ptr), k, int(w.data.ptr), n, k, int(y.data.ptr), n, CUDA_R_16BF, CUDA_R_16BF)
+            stream.synchronize()
+            check(from16(cupy.asnumpy(y), "bfloat16"), from16(x16, "bfloat16"), values, rows, "bfloat16", False)
+        dense.bandwidth_bound = False
+        dense.close()
