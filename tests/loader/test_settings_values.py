@@ -182,6 +182,23 @@ def test_commands_name_a_bad_setting_before_any_download(
         assert other not in done.stderr, done.stderr
 
 
+CACHE_DIR_ROWS = [row for row in BAD_SETTINGS if row[0] == "FI_FFI_CACHE_DIR"]
+
+
+@pytest.mark.parametrize(("name", "value", "message"), CACHE_DIR_ROWS)
+@pytest.mark.parametrize("action", ["path", "list", "verify", "clear"])
+def test_cache_commands_refuse_a_cache_folder_as_fetch_does(
+    tmp_path: Path, action: str, name: str, value: str, message: str
+) -> None:
+    # `cache list`/`verify`/`clear` said "the cache /proc/x is empty" (exit 0) where `fetch` and `list` refused it
+    if value.startswith("/proc/") and not Path("/proc").is_dir():
+        pytest.skip("needs /proc")
+    done = fi_ffi("cache", action, **{name: _value(value, tmp_path)})
+    assert done.returncode == 2 and done.stdout == "", done.stdout
+    assert done.stderr.startswith(f"fi-ffi cache: {name}="), done.stderr
+    assert message in done.stderr and "fi-ffi doctor" in done.stderr and "Traceback" not in done.stderr
+
+
 OP_CHILD = """
 import sys
 sys.path.insert(0, sys.argv[1])  # tests/: helpers
