@@ -354,8 +354,10 @@ def fetch(wheel: str | os.PathLike[str] | None = None, *, all_entries: bool = Fa
     Otherwise fetch the wheels this machine selects (kernels, plus the runtime wheel when no installed
     apache-tvm-ffi provides ``libtvm_ffi.so``); ``all_entries``: every wheel in the lock, all arches. A kernel
     wheel served by an installed distribution (:mod:`fi_ffi.loader.installed`) is not fetched: its folder is
-    returned instead.
+    returned instead. A loader variable set to a value fi_ffi would refuse is a :class:`LoaderError` naming it, before
+    the lock is read.
     """
+    settings.snapshot()  # FI_FFI_LOCK naming a folder: said as such, not as the lock's read failing
     lock = lockfile.active_lock()
     if wheel is not None:
         return [wheels.import_wheel(Path(wheel), lock)]

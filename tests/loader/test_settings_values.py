@@ -150,6 +150,8 @@ BAD_SETTINGS = [
     ),
     ("FI_FFI_RUNTIME", "<folder>", "is a folder, not the library; set it to the path of an existing libtvm_ffi.so"),
     ("FI_FFI_TRUST_INSTALLED", "maybe", "FI_FFI_TRUST_INSTALLED='maybe': expected 1 (or true/yes/on)"),
+    ("FI_FFI_LOCK", "<folder>", "is a folder, not a file; set it to the path of an existing file, or unset it"),
+    ("FI_FFI_LOCK", "/nonexistent/my.lock", "FI_FFI_LOCK='/nonexistent/my.lock': /nonexistent/my.lock does not exist"),
     ("FI_FFI_CACHE_DIR", "<file>", "is a file, not a folder; point it at a folder this user can write"),
     ("FI_FFI_CACHE_DIR", "/proc/fi_ffi_cache", "/proc/fi_ffi_cache does not exist and cannot be made in /proc"),
 ]
