@@ -100,7 +100,7 @@ def _remote_index(pin: WheelPin, key: tuple[Any, ...]) -> dict[str, list[int]] |
     except remote.Unreachable as exc:  # no network: one line, at once (a whole download could not start either)
         raise FetchError(
             f"no network: {exc}; {pin.filename} is neither cached nor in a wheelhouse, so its modules cannot be "
-            f"listed. Retry when online, or put the wheel in a folder named by FI_FFI_WHEELHOUSE"
+            f"listed. Retry when online, or put the wheel in {wheels.wheelhouse_place()}"
         ) from None
     except remote.RemoteError as exc:
         whole = wheels.size_text(exc.size if exc.size is not None else pin.size)

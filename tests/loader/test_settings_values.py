@@ -113,7 +113,8 @@ def test_a_missing_wheelhouse_is_named_when_a_wheel_is_found_nowhere(tmp_path: P
         FI_FFI_CACHE_DIR=str(tmp_path / "c"),
     )
     assert done.returncode == 2
-    assert f"the wheelhouse {missing} (FI_FFI_WHEELHOUSE) does not exist" in done.stderr
+    assert f"FI_FFI_WHEELHOUSE (it names {missing}, which does not exist: make that folder" in done.stderr
+    assert done.stderr.count(str(missing)) == 1, done.stderr  # said once, where the user is sent to the variable
 
 
 def test_doctor_checks_the_cache_is_a_writable_folder(tmp_path: Path) -> None:
