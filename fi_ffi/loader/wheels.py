@@ -479,9 +479,19 @@ def import_wheel(path: Path, lock: Lock) -> Path:
     and again while it is copied (it might change in between).
     """
     path = Path(path)
+    every_pin = lock.all_pins()
+    expected = f"a wheel the lock {lock.path} pins" + (f", such as {every_pin[0].filename}" if every_pin else "")
+    if path.is_dir():
+        raise LoaderError(f"{path} is a folder, not a wheel file; expected {expected}")
     if not path.is_file():
         raise LoaderError(f"{path}: no such file")
-    pins = [p for p in lock.all_pins() if p.filename == path.name]
+    try:
+        parse_wheel_filename(path.name)
+    except LockError:  # a config, an archive: no lock could pin it, so `fi-ffi lock` is no way out either
+        raise LoaderError(
+            f"{path} is not a wheel file (name-version-python-abi-platform.whl); expected {expected}"
+        ) from None
+    pins = [p for p in every_pin if p.filename == path.name]
     if not pins:
         raise LockError(
             f"the lock {lock.path} pins no wheel named {path.name}; to use a self-built wheel, pin it in a lock "
