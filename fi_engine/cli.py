@@ -860,7 +860,9 @@ def _main(argv: Sequence[str] | None, watched: _WatchedStdout) -> int:
     command = PROG
     try:
         try:
-            args = build_parser().parse_args(argv)
+            args, unknown = build_parser().parse_known_args(argv)
+            if unknown:  # argparse leaves them to the top-level parser, whose usage names no option of the command
+                args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
         except SystemExit as exc:  # --help, usage errors: argparse printed and asked to exit
             sys.stdout.flush()
             if watched.error is not None:  # argparse swallows a failed write of --help: raise it again here
