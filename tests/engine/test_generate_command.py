@@ -80,6 +80,9 @@ def test_no_gpu_is_named_with_its_fix(model: Path) -> None:
 
     if not driver.probe().found:  # no driver at all: said so (fi_ffi.cuda.requirements), not "version insufficient"
         assert "no NVIDIA driver found (libcuda.so.1" in done.stderr and "Install the NVIDIA driver" in done.stderr
+    # short lines, `fi-ffi doctor` said once (it was one line of 530 characters that said it twice)
+    assert all(len(line) <= 100 for line in done.stderr.splitlines()), done.stderr
+    assert done.stderr.count("fi-ffi doctor") == 1, done.stderr
 
 
 @NO_GPU

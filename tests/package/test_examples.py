@@ -58,6 +58,9 @@ def test_gpu_examples_say_what_is_missing(name: str, message: str) -> None:
 
     if name.endswith("_cuda_python.py") and not driver.probe().found:  # the driver's absence named, with the fix
         assert "no NVIDIA driver found (libcuda.so.1" in done.stderr and "Install the NVIDIA driver" in done.stderr
+    if name.endswith("_cuda_python.py"):  # short lines, `fi-ffi doctor` named once (it was twice on one long line)
+        assert all(len(line) <= 100 for line in done.stderr.splitlines()), done.stderr
+        assert done.stderr.count("fi-ffi doctor") == 1, done.stderr
 
 
 def doc_section(path: str, heading: str, next_heading: str) -> str:
