@@ -16,12 +16,14 @@ Without a GPU it says so and exits 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
 from cuda.bindings import runtime as rt
 
 from fi_ffi import Tensor
+from fi_ffi.cuda import no_gpu_message
 from fi_ffi.ops.attention.decode import batch_decode_plan, batch_decode_run
 from fi_ffi.ops.attention.workspace import Workspace
 from fi_ffi.ops.page import append_paged_kv_cache
@@ -78,25 +80,12 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.einsum("hn,nhd->hd", p, vf)
 
 
-def require_gpu() -> str:
-    """``""`` when a CUDA GPU is usable here, else what to tell the user (instead of a CUDA traceback)."""
-    from fi_ffi.cuda import system
-
-    gpus, why = system.gpus()
-    if gpus:
-        return ""
-    return (
-        f"{sys.argv[0]}: needs an NVIDIA GPU and its driver ({why}); run it on a GPU machine "
-        "(`fi-ffi doctor` shows what this one has)"
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--layers", type=int, default=2)
     args = ap.parse_args(argv)
-    problem = require_gpu()
+    problem = no_gpu_message(os.path.basename(sys.argv[0]))  # "" where a GPU is usable; else why not, and the fix
     if problem:
         print(problem, file=sys.stderr)
         return 2

@@ -10,12 +10,14 @@ Without a GPU it says so and exits 2.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
 from cuda.bindings import runtime as rt
 
 import fi_ffi
+from fi_ffi.cuda import no_gpu_message
 
 
 def check(result: tuple, what: str) -> object:
@@ -24,21 +26,8 @@ def check(result: tuple, what: str) -> object:
     return result[1] if len(result) > 1 else None
 
 
-def require_gpu() -> str:
-    """``""`` when a CUDA GPU is usable here, else what to tell the user (instead of a CUDA traceback)."""
-    from fi_ffi.cuda import system
-
-    gpus, why = system.gpus()
-    if gpus:
-        return ""
-    return (
-        f"{sys.argv[0]}: needs an NVIDIA GPU and its driver ({why}); run it on a GPU machine "
-        "(`fi-ffi doctor` shows what this one has)"
-    )
-
-
 def main() -> int:
-    problem = require_gpu()
+    problem = no_gpu_message(os.path.basename(sys.argv[0]))  # "" where a GPU is usable; else why not, and the fix
     if problem:
         print(problem, file=sys.stderr)
         return 2

@@ -137,7 +137,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Serve the prompts of ``args`` (token ids, texts or chat messages) with the checkpoint at ``args.model``;
     print the tokens (or the text) and the timings."""
     from .models.llama import SamplingParams
-    from .models.registry import engine_class
+    from .models.registry import engine_class, read_config
 
     rank = os.environ.get("RANK")
     # Under --tp every rank runs this command: what is the same on every rank (the checkpoint's config, whether
@@ -148,8 +148,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
         if args.tp > 1 and args.device is not None:
             raise ValueError("--device: each rank of --tp uses GPU LOCAL_RANK; leave --device out")
+        _check_prompt_flags(args)
+        config = read_config(args.model)  # whether the folder is a checkpoint at all: before its tokenizer is read
         prompts, codec = _prompts(args)
-        _check_generate_values(args, prompts)  # against the checkpoint's config: before any rank or GPU
+        _check_generate_values(args, prompts, config)  # against the checkpoint's config: before any rank or GPU
         if args.tp > 1 and rank is None:  # the driver: start the ranks, each runs this same command
             _check_tp(args.model, args.tp)
             return _launch_ranks(args.tp, [sys.executable, "-m", "fi_engine", *args.argv])
@@ -184,20 +186,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_prompt_flags(args: argparse.Namespace) -> None:
+    """ValueError naming the flag when no prompt is given or a ``--prompt``/``--chat`` text is empty (before any
+    file of the checkpoint is read)."""
+    if not args.prompt_ids and not args.prompt and not args.chat:
+        raise ValueError("give at least one prompt: --prompt-ids 1,2,3, --prompt TEXT or --chat MESSAGE")
+    for flag, items in (("--prompt", args.prompt or []), ("--chat", args.chat or [])):
+        for text in items:
+            if not text.strip():
+                raise ValueError(f"{flag}: expected a non-empty text, got {text!r}")
+
+
 def _prompts(args: argparse.Namespace) -> tuple[list[list[int]], Any]:
     """The prompts in order: each ``--prompt-ids`` as given, each ``--prompt`` encoded with the checkpoint's
     tokenizer (its BOS added where the tokenizer adds one), each ``--chat`` as one user message through the
     checkpoint's chat template with the assistant's turn opened; and the checkpoint's
-    :class:`~fi_engine.text.codec.TextCodec` when any prompt is text (None otherwise). ValueError naming the flag when
-    none is given or a text is empty."""
+    :class:`~fi_engine.text.codec.TextCodec` when any prompt is text (None otherwise). The flags are checked
+    already (:func:`_check_prompt_flags`)."""
     prompts = [list(p) for p in args.prompt_ids or ()]
     texts, chats = args.prompt or [], args.chat or []
-    if not prompts and not texts and not chats:
-        raise ValueError("give at least one prompt: --prompt-ids 1,2,3, --prompt TEXT or --chat MESSAGE")
-    for flag, items in (("--prompt", texts), ("--chat", chats)):
-        for text in items:
-            if not text.strip():
-                raise ValueError(f"{flag}: expected a non-empty text, got {text!r}")
     if not texts and not chats:
         return prompts, None
     from .text.codec import TextCodec
@@ -208,16 +215,15 @@ def _prompts(args: argparse.Namespace) -> tuple[list[list[int]], Any]:
     return prompts, codec
 
 
-def _check_generate_values(args: argparse.Namespace, prompts: list[list[int]]) -> None:
-    """The values of ``generate`` that the checkpoint's ``config.json`` bounds, checked on the host before any GPU
-    work: token ids (``--prompt-ids``, ``--eos-ids``) in ``[0, vocab_size)``, ``--top-k`` at most ``vocab_size``,
-    and the longest prompt plus ``--max-new-tokens`` within the engine's ``max_seq_len`` (the rule its scheduler
-    applies to every request: :meth:`~fi_engine.runtime.paging.Scheduler.submit`). ValueError naming the flag, the
-    value, what is allowed and the fix."""
-    from .models.registry import read_config
+def _check_generate_values(args: argparse.Namespace, prompts: list[list[int]], config: Any) -> None:
+    """The values of ``generate`` that the checkpoint's ``config.json`` (``config``, as its family's reader read it)
+    bounds, checked on the host before any GPU work: token ids (``--prompt-ids``, ``--eos-ids``) in
+    ``[0, vocab_size)``, ``--top-k`` at most ``vocab_size``, and the longest prompt plus ``--max-new-tokens`` within
+    the engine's ``max_seq_len`` (the rule its scheduler applies to every request:
+    :meth:`~fi_engine.runtime.paging.Scheduler.submit`). ValueError naming the flag, the value, what is allowed and
+    the fix."""
     from .runtime.settings import EngineSettings
 
-    config = read_config(args.model)
     vocab = config.vocab_size
     for flag, lists in (("--prompt-ids", args.prompt_ids or []), ("--eos-ids", [args.eos_ids or []])):
         for ids in lists:
@@ -416,16 +422,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="one user message, rendered with the checkpoint's chat template (repeat for a batch; printed as text)",
     )
-    p.add_argument("--max-new-tokens", type=_size, default=32, help="tokens to generate per prompt (>= 1)")
+    p.add_argument("--max-new-tokens", type=_size, default=32, help="tokens to generate per prompt (>= 1; default 32)")
     p.add_argument("--graph", action="store_true", help="replay the decode step as a CUDA graph")
     p.add_argument("--max-batch", type=_size, default=None, help="batch slots (default: the number of prompts)")
     p.add_argument(
         "--eos-ids", type=_eos_ids, help="comma-separated end-of-sequence ids, or 'none' (default: the checkpoint's)"
     )
     p.add_argument("--temperature", type=_temperature, default=0.0, help="a finite value >= 0; 0 (default): greedy")
-    p.add_argument("--top-k", type=_count, default=0, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=_probability, default=1.0, help="sample within this probability mass, in (0, 1]")
-    p.add_argument("--seed", type=_seed, default=0, help="sampling seed, in [0, 2**64)")
+    p.add_argument("--top-k", type=_count, default=0, help="sample among the k most likely tokens (default 0: all)")
+    p.add_argument("--top-p", type=_probability, default=1.0, help="probability mass sampled, in (0, 1] (default 1)")
+    p.add_argument("--seed", type=_seed, default=0, help="sampling seed, in [0, 2**64) (default 0)")
     p.add_argument("--device", type=_ordinal, default=None, help="CUDA ordinal (default 0)")
     p.add_argument(
         "--tp", type=_positive_int, default=1, help="tensor-parallel ranks on this host (one GPU each; default 1)"
@@ -860,7 +866,9 @@ def _main(argv: Sequence[str] | None, watched: _WatchedStdout) -> int:
     command = PROG
     try:
         try:
-            args = build_parser().parse_args(argv)
+            args, unknown = build_parser().parse_known_args(argv)
+            if unknown:  # argparse leaves them to the top-level parser, whose usage names no option of the command
+                args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
         except SystemExit as exc:  # --help, usage errors: argparse printed and asked to exit
             sys.stdout.flush()
             if watched.error is not None:  # argparse swallows a failed write of --help: raise it again here

@@ -223,7 +223,9 @@ def problem(name: str, value: str | None = None) -> str:
         if not archs or any(not re.fullmatch(r"\d+[a-z]?", a) for a in archs):
             return f"{shown}: expected comma-separated GPU archs such as 90a,100a"
     if kind == "file" and not os.path.isfile(os.path.expanduser(text)):
-        return f"{shown}: no such file"
+        path = os.path.abspath(os.path.expanduser(text))
+        what = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
+        return f"{shown}: {path} {what}; set it to the path of an existing file, or unset it ({var.default})"
     if kind == "folder" and os.path.exists(os.path.expanduser(text)) and not os.path.isdir(os.path.expanduser(text)):
         return f"{shown}: a file, not a folder"
     if kind == "wheels" and not os.path.exists(os.path.expanduser(text)):

@@ -1,6 +1,6 @@
 """Build the test kernel wheels the suite uses, from flashinfer-python's own JIT generators, with a CUDA nvcc.
 
-The suite's kernel tests (``tests/ops``, ``tests/loader``, ...) need FlashInfer kernel modules; the team's copies live
+The suite's kernel tests (``tests/ops``, ``tests/loader``, ...) need FlashInfer kernel modules; the shared copies live
 in ``../shared`` (see CONTRIBUTING.md). Anyone else builds them with this script, or points the suite at FlashInfer's
 own prebuilt ``flashinfer-jit-cache`` wheel (``FI_FFI_TEST_WHEELS``: it holds every module of the core and extension
 sets).
@@ -23,9 +23,9 @@ Two steps, in two environments:
 
 2. ``compare`` runs in the project's dev environment (fi_ffi installed): it pins the built wheel in a lock of its own,
    loads each module on this machine (no GPU needed), asks each entry point for its signature (a zero-argument call
-   answers with it) and compares them with a reference: a signatures file (one ``signatures`` printed; the team's
-   are ``../shared/wheels*/signatures-*.txt``) or another wheel (the team's, or FlashInfer's ``flashinfer-jit-cache``
-   release)::
+   answers with it) and compares them with a reference: a signatures file (one ``signatures`` printed; the shared
+   wheels' are ``../shared/wheels*/signatures-*.txt``) or another wheel (a shared one, or FlashInfer's
+   ``flashinfer-jit-cache`` release)::
 
        python tools/build_test_wheels.py compare wheels/flashinfer_jit_cache-*.whl \\
            ../shared/wheels/flashinfer_jit_cache-0.6.3+cu130.sm90a-cp39-abi3-linux_x86_64.whl
@@ -109,7 +109,7 @@ def _ext() -> tuple[str, ...]:
     return tuple(names)
 
 
-# The sets the suite uses (the modules of the team's wheels in ../shared, by name).
+# The sets the suite uses (the modules of the shared wheels in ../shared, by name).
 SETS: dict[str, WheelSet] = {
     "core": WheelSet("flashinfer_jit_cache", "0.6.3", _core()),
     "ext": WheelSet("flashinfer_jit_cache_ext", "0.6.3", _ext()),

@@ -11,6 +11,7 @@ from fi_ffi.comm import AllReduceFusionWorkspace as AllReduceFusionWorkspace
 from fi_ffi.comm import Communicator as Communicator
 from fi_ffi.cuda import compute_capability as compute_capability
 from fi_ffi.cuda import gpus as gpus
+from fi_ffi.cuda import no_gpu_message as no_gpu_message
 from fi_ffi.errors import FiFFIError as FiFFIError
 from fi_ffi.errors import UnsupportedDeviceError as UnsupportedDeviceError
 from fi_ffi.loader import module_source as module_source

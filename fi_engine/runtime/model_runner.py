@@ -41,15 +41,12 @@ __all__ = ["ModelRunner"]
 
 def _require_gpu(device: int | None) -> None:
     """Raise :class:`~fi_ffi.errors.UnsupportedDeviceError` unless CUDA device ``device`` (None: 0) is usable."""
-    from ..kernels.system import UnsupportedDeviceError, gpus
+    from ..kernels.system import UnsupportedDeviceError, gpus, no_gpu_message
 
     # (``device`` itself is checked by EngineSettings, made before this is called)
-    found, why = gpus()
+    found, _ = gpus()
     if not found:
-        raise UnsupportedDeviceError(
-            f"the engine needs an NVIDIA GPU and its driver: {why or 'CUDA reports no device'}; run it on a "
-            f"machine with one (`fi-ffi doctor` shows what this machine has)"
-        )
+        raise UnsupportedDeviceError(no_gpu_message("the engine"))
     if (device or 0) >= len(found):
         raise UnsupportedDeviceError(
             f"device: cuda:{device} does not exist; this machine has {len(found)} GPU(s) (ordinals 0 to "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import textwrap
+from collections.abc import Sequence
 
 
 class Commands:
@@ -23,7 +24,7 @@ class Commands:
     def add(self, name: str, summary: str, description: str, examples: str) -> argparse.ArgumentParser:
         """A subcommand ``name``: ``summary`` in ``fi-ffi --help``; ``description`` (wrapped at 100 columns) and
         ``examples`` (one command a line) in ``fi-ffi NAME --help``."""
-        return self.subparsers.add_parser(
+        parser = self.subparsers.add_parser(
             name,
             help=summary,
             description=textwrap.fill(description, 100),
@@ -31,6 +32,8 @@ class Commands:
             formatter_class=argparse.RawDescriptionHelpFormatter,
             parents=[self.common],
         )
+        parser.set_defaults(subparser=parser)  # its usage, not fi-ffi's, for an argument it does not know (parse)
+        return parser
 
     def add_passthrough(self, name: str, summary: str) -> argparse.ArgumentParser:
         """A subcommand ``name`` that parses nothing itself: every argument after its name, options and ``--help``
@@ -40,6 +43,16 @@ class Commands:
         parser = self.subparsers.add_parser(name, help=summary, add_help=False, prefix_chars="\0")
         parser.add_argument("arguments", nargs=argparse.REMAINDER)
         return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, except that an argument the subcommand given does not know is refused with that
+    subcommand's usage (``fi-ffi fetch --bogus``), not the top-level one, which names none of its options (argparse
+    hands a subcommand's unknown arguments back to the top-level parser)."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        getattr(args, "subparser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def int_at_least(text: str, lowest: int, what: str) -> int:
@@ -69,4 +82,4 @@ def ordinal(text: str) -> int:
     return value
 
 
-__all__ = ["Commands", "int_at_least", "ordinal", "positive_int"]
+__all__ = ["Commands", "int_at_least", "ordinal", "parse", "positive_int"]

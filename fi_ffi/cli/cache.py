@@ -1,5 +1,8 @@
 """``fi-ffi cache {path,list [--full],verify [--full],clear} [--json]``: inspect and repair the cache.
 
+Every action refuses a loader variable set to a value fi_ffi would refuse (``FI_FFI_CACHE_DIR`` naming what cannot
+be a cache) with the message ``fetch`` and ``list`` give, before it looks at the cache.
+
 ``verify`` removes damaged files of fi_ffi's and reports others (exit 1 if any is bad); ``clear`` removes what
 fi_ffi created (exit 1 if some of it could not be removed).
 """
@@ -26,6 +29,9 @@ def run(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     if args.action == "path":
+        from ..loader import settings
+
+        settings.snapshot()  # a value that cannot be a cache is refused here too, as by the other actions
         emit(args, {"path": str(loader.cache_root())}, lambda: print(loader.cache_root()))
     elif args.action == "list":
         entries = loader.list_cache()

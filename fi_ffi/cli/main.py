@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from . import cache, doctor, fetch, generate, launch, listing, lock, smoke_command
-from .arguments import Commands
+from .arguments import Commands, parse
 from .output import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, WatchedStdout, silence_stdout, stdout_gone
 
 # in the order `fi-ffi --help` lists them
@@ -64,7 +64,7 @@ def _main(argv: Sequence[str] | None, watched: WatchedStdout) -> int:
     command = "fi-ffi"
     try:
         try:
-            args = build_parser().parse_args(argv)
+            args = parse(build_parser(), argv)
         except SystemExit as exc:  # --help, --version, usage errors: argparse printed and asked to exit
             sys.stdout.flush()
             if watched.error is not None:  # argparse swallows a failed write of --help: raise it again here

@@ -17,9 +17,9 @@ from .driver import ffi as libcuda_ffi
 from .driver import load as libcuda
 from .runtime import check, driver_error
 from .runtime import runtime as cudart
-from .system import gpus
+from .system import gpus, no_gpu_message
 
 # ``cudart``, ``libcuda`` and ``libcuda_ffi`` are the modules' ``runtime``, ``load`` and ``ffi`` under names that
 # say which library they are outside their module; they cannot keep those names here, where ``runtime`` and
 # ``driver`` are the submodules (``from fi_ffi.cuda import driver`` must keep giving the module).
-__all__ = ["check", "compute_capability", "cudart", "driver_error", "gpus", "libcuda", "libcuda_ffi"]
+__all__ = ["check", "compute_capability", "cudart", "driver_error", "gpus", "libcuda", "libcuda_ffi", "no_gpu_message"]

@@ -75,9 +75,9 @@ def can_run(major: int) -> bool | None:
 
 
 NO_DRIVER_FIX = (
-    "Install the NVIDIA driver (>= 580 for the CUDA 13 kernels fi_ffi pins; >= 525 with the CUDA 12 build), or run "
-    "where one is: in a container, start it with the GPUs exposed (`docker run --gpus all`, NVIDIA Container "
-    "Toolkit). `fi-ffi doctor` shows what is found"
+    "Install the NVIDIA driver (>= 580 for the CUDA 13 kernels fi_ffi pins, >= 525 for the CUDA 12 build) or run on "
+    "a machine with one; in a container, expose the GPUs (`docker run --gpus all`, NVIDIA Container Toolkit). "
+    "`fi-ffi doctor` shows what is found"
 )
 
 

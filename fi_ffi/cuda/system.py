@@ -9,7 +9,10 @@ from __future__ import annotations
 import os
 import platform
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..errors import CudaError
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,12 @@ def cudart_version(path: str) -> str:
 def gpus() -> tuple[list[GPU], str]:
     """The CUDA devices and an error text ("" if the query worked): the :class:`~fi_ffi.errors.CudaError`'s, which
     names the call, the CUDA error and the fix."""
+    found, error = _devices()
+    return found, "" if error is None else str(error)
+
+
+def _devices() -> tuple[list[GPU], CudaError | None]:
+    """The CUDA devices, and the error that ended the query (None if it worked)."""
     from ..errors import CudaError
     from . import runtime as cuda_runtime
 
@@ -96,8 +105,48 @@ def gpus() -> tuple[list[GPU], str]:
             name = raw.split(b"\0", 1)[0].decode(errors="replace") if isinstance(raw, bytes) else str(raw)
             found.append(GPU(ordinal, name, (prop.major, prop.minor), int(prop.totalGlobalMem)))
     except CudaError as exc:
-        return found, str(exc)
-    return found, ""
+        return found, exc
+    return found, None
+
+
+DOCTOR_HINT = "`fi-ffi doctor` shows what this machine has"
+MESSAGE_WIDTH = 100  # columns of a no_gpu_message line
+
+
+def no_gpu_message(needs: str) -> str:
+    """``""`` where CUDA finds a GPU, else what to tell the user of ``needs`` (``"the engine"``, a script's name)
+    instead of a CUDA traceback: a first line saying that it needs an NVIDIA GPU and its driver, then, indented and
+    wrapped at 100 columns, why there is none (the failed call and its cause) and the fix, naming
+    ``fi-ffi doctor`` once."""
+    found, error = _devices()
+    if found:
+        return ""
+    cause = "CUDA reports no device" if error is None else f"{error.what} failed: {error.description}"
+    fix = "" if error is None else error.hint
+    if "fi-ffi doctor" not in fix:
+        fix = f"{fix.rstrip('.')}; {DOCTOR_HINT}" if fix else DOCTOR_HINT
+    lines = [f"{needs} needs an NVIDIA GPU and its driver, and none is usable here:"]
+    for text in (cause, fix):
+        lines += _wrapped(text, MESSAGE_WIDTH, "  ")
+    return "\n".join(lines)
+
+
+def _wrapped(text: str, width: int, indent: str) -> list[str]:
+    """``text`` in lines of at most ``width`` columns, each starting with ``indent``; a `backticked command` is
+    never split (a word longer than the width has a line of its own)."""
+    import re
+
+    lines: list[str] = []
+    line = ""
+    for word in re.findall(r"`[^`]*`\S*|\S+", text):
+        if line and len(indent) + len(line) + 1 + len(word) > width:
+            lines.append(indent + line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    if line:
+        lines.append(indent + line)
+    return lines
 
 
 def report() -> SystemReport:

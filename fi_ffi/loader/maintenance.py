@@ -139,7 +139,9 @@ def _cache_exists(root: Path) -> bool:
 
 def list_cache() -> list[CacheEntry]:
     """What the cache holds: wheels, extracted folders (with their wheel's name), wheelhouse stamps, and
-    anything else found there (``"other"``: quarantined, or not fi_ffi's)."""
+    anything else found there (``"other"``: quarantined, or not fi_ffi's). A loader variable set to a value fi_ffi
+    would refuse (``FI_FFI_CACHE_DIR`` naming what cannot be a cache) is a :class:`LoaderError`, as for a fetch."""
+    settings.snapshot()
     root = cache_root()
     out: list[CacheEntry] = []
     if not _cache_exists(root):
@@ -277,8 +279,10 @@ def verify_cache(full: bool = False) -> VerifyReport:
     lock's ``path``) against the lock's sha256, other files fi_ffi has stamped against their stamps, extracted
     files against their stamps and the zip CRCs. Only fi_ffi's own files are removed; a file of someone else's
     that is bad loses its stamp and is reported. A read-only cache is checked, not changed. A cache folder
-    that is not a folder, or cannot be looked at, is a :class:`LoaderError`.
+    that is not a folder, or cannot be looked at, is a :class:`LoaderError`, as is a loader variable set to a value
+    fi_ffi would refuse (``FI_FFI_CACHE_DIR`` naming what cannot be a cache), before anything is looked at.
     """
+    settings.snapshot()
     root = cache_root()
     v = _Verifier(root, full)
     if v.exists:
@@ -534,8 +538,10 @@ def clear_cache() -> ClearReport:
 
     The cache root stays when ``FI_FFI_CACHE_DIR`` names it (the user's folder); the default one is removed
     once empty. Libraries already loaded stay mapped. A lock another process holds, and
-    its folder's files, are kept (that process is writing them).
+    its folder's files, are kept (that process is writing them). A loader variable set to a value fi_ffi would refuse
+    (``FI_FFI_CACHE_DIR`` naming what cannot be a cache) is a :class:`LoaderError`, before anything is removed.
     """
+    settings.snapshot()
     root = cache_root()
     if not _cache_exists(root):
         return ClearReport((), ())

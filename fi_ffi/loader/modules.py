@@ -100,7 +100,7 @@ def _remote_index(pin: WheelPin, key: tuple[Any, ...]) -> dict[str, list[int]] |
     except remote.Unreachable as exc:  # no network: one line, at once (a whole download could not start either)
         raise FetchError(
             f"no network: {exc}; {pin.filename} is neither cached nor in a wheelhouse, so its modules cannot be "
-            f"listed. Retry when online, or put the wheel in a folder named by FI_FFI_WHEELHOUSE"
+            f"listed. Retry when online, or put the wheel in {wheels.wheelhouse_place()}"
         ) from None
     except remote.RemoteError as exc:
         whole = wheels.size_text(exc.size if exc.size is not None else pin.size)
@@ -354,8 +354,10 @@ def fetch(wheel: str | os.PathLike[str] | None = None, *, all_entries: bool = Fa
     Otherwise fetch the wheels this machine selects (kernels, plus the runtime wheel when no installed
     apache-tvm-ffi provides ``libtvm_ffi.so``); ``all_entries``: every wheel in the lock, all arches. A kernel
     wheel served by an installed distribution (:mod:`fi_ffi.loader.installed`) is not fetched: its folder is
-    returned instead.
+    returned instead. A loader variable set to a value fi_ffi would refuse is a :class:`LoaderError` naming it, before
+    the lock is read.
     """
+    settings.snapshot()  # FI_FFI_LOCK naming a folder: said as such, not as the lock's read failing
     lock = lockfile.active_lock()
     if wheel is not None:
         return [wheels.import_wheel(Path(wheel), lock)]

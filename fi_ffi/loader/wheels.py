@@ -61,8 +61,21 @@ def how_to_provide(pin: WheelPin) -> str:
             f"--python-version {_python_version(name.python)} --implementation {name.python[:2]} -d DIR '{pin.pip}'`."
         )
     return (
-        f"Put {pin.filename} (sha256 {pin.sha256}) in a folder named by FI_FFI_WHEELHOUSE, or copy it into the "
-        f"cache with `fi-ffi fetch --wheel PATH`.{origin}"
+        f"Put {pin.filename} (sha256 {pin.sha256}) in {wheelhouse_place()}, or copy it into the cache with "
+        f"`fi-ffi fetch --wheel PATH`.{origin}"
+    )
+
+
+def wheelhouse_place() -> str:
+    """Where a user may put a wheel for fi_ffi to find it: ``"a folder named by FI_FFI_WHEELHOUSE"``, naming each
+    folder the variable names that does not exist (the likely reason the wheel was not found there) and the fix."""
+    missing = [f for f in settings.wheelhouses() if not os.path.isdir(os.path.expanduser(f))]
+    if not missing:
+        return "a folder named by FI_FFI_WHEELHOUSE"
+    which = "which do not exist" if len(missing) > 1 else "which does not exist"
+    return (
+        f"a folder named by FI_FFI_WHEELHOUSE (it names {' and '.join(missing)}, {which}: make that folder, or "
+        f"point FI_FFI_WHEELHOUSE at the folder that holds the wheel)"
     )
 
 
@@ -99,10 +112,8 @@ def ensure_wheel(pin: WheelPin) -> Path:
             _check_local(candidate, pin, where)
             return candidate
     local = pin.local_path
-    where = f"; the lock's 'path' {local} does not exist" if local is not None else ""
-    for folder in settings.wheelhouses():  # a wheelhouse that is not there is the likely cause: name it
-        if not os.path.isdir(os.path.expanduser(folder)):
-            where += f"; the wheelhouse {folder} (FI_FFI_WHEELHOUSE) does not exist"
+    where = f"; the lock's 'path' {local} does not exist" if local is not None else ""  # (a missing wheelhouse:
+    # how_to_provide names it, as for every way a wheel can fail to arrive)
     if settings.offline():
         raise LoaderError(
             f"fi_ffi needs {pin.filename} and FI_FFI_OFFLINE forbids downloading it{where}. {how_to_provide(pin)}"
@@ -468,9 +479,19 @@ def import_wheel(path: Path, lock: Lock) -> Path:
     and again while it is copied (it might change in between).
     """
     path = Path(path)
+    every_pin = lock.all_pins()
+    expected = f"a wheel the lock {lock.path} pins" + (f", such as {every_pin[0].filename}" if every_pin else "")
+    if path.is_dir():
+        raise LoaderError(f"{path} is a folder, not a wheel file; expected {expected}")
     if not path.is_file():
         raise LoaderError(f"{path}: no such file")
-    pins = [p for p in lock.all_pins() if p.filename == path.name]
+    try:
+        parse_wheel_filename(path.name)
+    except LockError:  # a config, an archive: no lock could pin it, so `fi-ffi lock` is no way out either
+        raise LoaderError(
+            f"{path} is not a wheel file (name-version-python-abi-platform.whl); expected {expected}"
+        ) from None
+    pins = [p for p in every_pin if p.filename == path.name]
     if not pins:
         raise LockError(
             f"the lock {lock.path} pins no wheel named {path.name}; to use a self-built wheel, pin it in a lock "

@@ -90,6 +90,23 @@ def test_fetch_rejects_a_wheel_the_lock_does_not_pin(tmp_path: Path) -> None:
     done = fi_ffi("fetch", "--wheel", str(stray), FI_FFI_CACHE_DIR=str(tmp_path / "c"))
     assert done.returncode == 2
     assert stray.name in done.stderr
+    assert f"`fi-ffi lock {stray}`" in done.stderr  # a wheel: a lock of one's own can pin it
+
+
+@pytest.mark.parametrize("given", ["config.json", "folder"])
+def test_fetch_wheel_of_what_is_not_a_wheel_says_what_it_expects(tmp_path: Path, given: str) -> None:
+    # it suggested `fi-ffi lock some/config.json`, which then failed: lock pins wheel files only
+    path = tmp_path / given
+    if given == "folder":
+        path.mkdir()
+    else:
+        path.write_text("{}")
+    done = fi_ffi("fetch", "--wheel", str(path), FI_FFI_CACHE_DIR=str(tmp_path / "c"), FI_FFI_LOCK="")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    what = "is a folder, not a wheel file" if given == "folder" else "is not a wheel file"
+    assert done.stderr.startswith(f"fi-ffi fetch: {path} {what}"), done.stderr
+    assert "expected a wheel the lock" in done.stderr and "pins, such as flashinfer_jit_cache-" in done.stderr
+    assert "fi-ffi lock" not in done.stderr
 
 
 def test_list_prints_the_variants_of_the_active_lock(kernel_modules: list[str]) -> None:

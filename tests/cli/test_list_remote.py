@@ -203,6 +203,18 @@ def test_no_network_is_one_line_at_once(shared_wheel: Path, tmp_path: Path, argv
     assert list((tmp_path / "cache").rglob("*.whl")) == []
 
 
+@pytest.mark.parametrize("argv", [("list", "--kind", "decode"), ("fetch",)], ids=["list", "fetch"])
+def test_no_network_names_a_wheelhouse_that_does_not_exist(
+    shared_wheel: Path, tmp_path: Path, argv: tuple[str, ...]
+) -> None:
+    # the fix sends the user to FI_FFI_WHEELHOUSE: it said nothing of the folder it names being missing
+    missing = tmp_path / "wheelhouse"
+    done = run_cli(tmp_path, shared_wheel, closed_port_url(shared_wheel.name), *argv, house=str(missing))
+    assert done.returncode == 2, done.stderr
+    assert "no network" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"FI_FFI_WHEELHOUSE (it names {missing}, which does not exist: make that folder, or point" in done.stderr
+
+
 def test_fetch_states_the_size_before_the_download(shared_wheel: Path, tmp_path: Path) -> None:
     server = RangeServer(shared_wheel, ranges=True)
     try:

@@ -41,6 +41,21 @@ def test_every_subcommand_help_has_a_description_and_examples(command: str) -> N
     assert "-q, --quiet" in done.stdout and "-v, --verbose" in done.stdout
 
 
+SOME_COMMAND_LINES = [["doctor"], ["fetch"], ["cache", "list"], ["list"], ["smoke"], ["launch", "--nproc", "1"]]
+
+
+@pytest.mark.parametrize("argv", SOME_COMMAND_LINES)
+def test_an_unknown_option_shows_the_subcommands_usage(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse hands a subcommand's unknown arguments back to the top-level parser, whose usage names none of the
+    # subcommand's options: `fi-ffi fetch --bogus` printed `usage: fi-ffi [-h] [-q] [-v] [--version] COMMAND ...`
+    from fi_ffi.cli.main import main
+
+    assert main([*argv, "--bogus-flag"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: fi-ffi {argv[0]} "), err
+    assert f"fi-ffi {argv[0]}: error: unrecognized arguments: --bogus-flag" in err
+
+
 def test_lock_arguments_have_help_text() -> None:
     text = fi_ffi("lock", "--help").stdout
     assert re.search(r"WHEEL\s+wheel files \(\.whl\) to pin", text)

@@ -80,6 +80,9 @@ def test_no_gpu_is_named_with_its_fix(model: Path) -> None:
 
     if not driver.probe().found:  # no driver at all: said so (fi_ffi.cuda.requirements), not "version insufficient"
         assert "no NVIDIA driver found (libcuda.so.1" in done.stderr and "Install the NVIDIA driver" in done.stderr
+    # short lines, `fi-ffi doctor` said once (it was one line of 530 characters that said it twice)
+    assert all(len(line) <= 100 for line in done.stderr.splitlines()), done.stderr
+    assert done.stderr.count("fi-ffi doctor") == 1, done.stderr
 
 
 @NO_GPU
@@ -95,6 +98,53 @@ def test_a_bad_checkpoint_is_named_before_the_gpu(tmp_path: Path) -> None:
     done = generate("--model", str(tmp_path / "nothing"), "--prompt-ids", "1")
     assert done.returncode == 2 and "config.json does not exist" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("prompt", [["--prompt-ids", "1,2"], ["--prompt", "Hi"], ["--chat", "Hi"]])
+def test_an_invalid_config_is_named_before_a_missing_tokenizer(tmp_path: Path, prompt: list[str]) -> None:
+    # the config says whether the folder is a checkpoint at all: with --prompt the missing tokenizer.json came first
+    (tmp_path / "config.json").write_text(json.dumps({**CONFIG, "model_type": "bogus"}))
+    done = generate(str(tmp_path), *prompt)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"fi-engine generate: {tmp_path / 'config.json'}: model_type 'bogus' is not"), (
+        done.stderr
+    )
+    assert "tokenizer.json" not in done.stderr
+
+
+def test_no_prompt_is_named_before_the_checkpoint_is_read(tmp_path: Path) -> None:
+    done = generate(str(tmp_path / "nothing"))
+    assert done.returncode == 2
+    assert done.stderr == (
+        "fi-engine generate: give at least one prompt: --prompt-ids 1,2,3, --prompt TEXT or --chat MESSAGE\n"
+    )
+
+
+def test_an_unknown_option_shows_generates_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    from fi_engine.cli import main
+
+    assert main(["generate", "./m", "--prompt-ids", "1", "--bogus-flag"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: fi-engine generate "), err  # not the top-level usage, which names no option
+    assert "fi-engine generate: error: unrecognized arguments: --bogus-flag" in err
+
+
+def test_the_help_gives_every_default(capsys: pytest.CaptureFixture[str]) -> None:
+    # `generate --help` showed no default for --max-new-tokens; each option whose default is a value says it
+    import argparse
+
+    from fi_engine.cli import build_parser
+
+    for command in ("generate", "serve"):
+        parser = build_parser().parse_args([command, "./m"]).subparser
+        for action in parser._actions:
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                assert "default" in (action.help or ""), (command, action.option_strings, action.help)
+    from fi_engine.cli import main
+
+    assert main(["generate", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "tokens to generate per prompt (>= 1; default 32)" in help_text
 
 
 def test_a_checkpoint_without_its_weights_is_named_before_the_gpu(tmp_path: Path) -> None:

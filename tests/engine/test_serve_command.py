@@ -51,6 +51,15 @@ def test_serve_needs_the_checkpoints_tokenizer(tmp_path: Path) -> None:
     assert done.returncode == 2 and "tokenizer.json" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_serve_refuses_an_unknown_option_with_its_own_usage() -> None:
+    # `fi-engine serve DIR --bogus-flag` printed the top-level usage, which names none of serve's options
+    done = engine_cli("serve", "./m", "--bogus-flag")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("usage: fi-engine serve "), done.stderr
+    assert "--max-batch MAX_BATCH" in done.stderr
+    assert done.stderr.endswith("fi-engine serve: error: unrecognized arguments: --bogus-flag\n"), done.stderr
+
+
 @NO_GPU
 def test_serve_checks_the_text_side_then_stops_at_the_missing_gpu(model: Path) -> None:
     done = engine_cli("serve", str(model), "--port", "0", "--max-batch", "4")

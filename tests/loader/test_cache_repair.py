@@ -298,14 +298,14 @@ def test_cache_commands_on_a_cache_path_that_cannot_be_a_folder_name_it(
     if where == "a file":
         root = tmp_path / "cachefile"
         root.write_text("mine")
-        fix = "a file is where a folder belongs"
+        fix = f"{root} is a file, not a folder; point it at a folder this user can write"
     elif where == "a name too long":
         root = tmp_path / ("x" * 300)
         fix = "File name too long"
     else:
         (tmp_path / "plain").write_text("mine")
         root = tmp_path / "plain" / "cache"
-        fix = "a file is where a folder belongs"
+        fix = f"{root} cannot be made: {tmp_path / 'plain'} is a file; point it at a folder this user can write"
     os.environ["FI_FFI_CACHE_DIR"] = str(root)  # fresh_cache's monkeypatch restores it
     done = cli("cache", *command)  # was: a traceback (list, clear), or rc 0 with "0 bad"
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stdout + done.stderr

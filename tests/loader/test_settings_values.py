@@ -113,7 +113,8 @@ def test_a_missing_wheelhouse_is_named_when_a_wheel_is_found_nowhere(tmp_path: P
         FI_FFI_CACHE_DIR=str(tmp_path / "c"),
     )
     assert done.returncode == 2
-    assert f"the wheelhouse {missing} (FI_FFI_WHEELHOUSE) does not exist" in done.stderr
+    assert f"FI_FFI_WHEELHOUSE (it names {missing}, which does not exist: make that folder" in done.stderr
+    assert done.stderr.count(str(missing)) == 1, done.stderr  # said once, where the user is sent to the variable
 
 
 def test_doctor_checks_the_cache_is_a_writable_folder(tmp_path: Path) -> None:
@@ -150,6 +151,8 @@ BAD_SETTINGS = [
     ),
     ("FI_FFI_RUNTIME", "<folder>", "is a folder, not the library; set it to the path of an existing libtvm_ffi.so"),
     ("FI_FFI_TRUST_INSTALLED", "maybe", "FI_FFI_TRUST_INSTALLED='maybe': expected 1 (or true/yes/on)"),
+    ("FI_FFI_LOCK", "<folder>", "is a folder, not a file; set it to the path of an existing file, or unset it"),
+    ("FI_FFI_LOCK", "/nonexistent/my.lock", "FI_FFI_LOCK='/nonexistent/my.lock': /nonexistent/my.lock does not exist"),
     ("FI_FFI_CACHE_DIR", "<file>", "is a file, not a folder; point it at a folder this user can write"),
     ("FI_FFI_CACHE_DIR", "/proc/fi_ffi_cache", "/proc/fi_ffi_cache does not exist and cannot be made in /proc"),
 ]
@@ -180,6 +183,23 @@ def test_commands_name_a_bad_setting_before_any_download(
     assert message in done.stderr and "fi-ffi doctor" in done.stderr
     for other in ("network", "offline", "OFFLINE", "download"):
         assert other not in done.stderr, done.stderr
+
+
+CACHE_DIR_ROWS = [row for row in BAD_SETTINGS if row[0] == "FI_FFI_CACHE_DIR"]
+
+
+@pytest.mark.parametrize(("name", "value", "message"), CACHE_DIR_ROWS)
+@pytest.mark.parametrize("action", ["path", "list", "verify", "clear"])
+def test_cache_commands_refuse_a_cache_folder_as_fetch_does(
+    tmp_path: Path, action: str, name: str, value: str, message: str
+) -> None:
+    # `cache list`/`verify`/`clear` said "the cache /proc/x is empty" (exit 0) where `fetch` and `list` refused it
+    if value.startswith("/proc/") and not Path("/proc").is_dir():
+        pytest.skip("needs /proc")
+    done = fi_ffi("cache", action, **{name: _value(value, tmp_path)})
+    assert done.returncode == 2 and done.stdout == "", done.stdout
+    assert done.stderr.startswith(f"fi-ffi cache: {name}="), done.stderr
+    assert message in done.stderr and "fi-ffi doctor" in done.stderr and "Traceback" not in done.stderr
 
 
 OP_CHILD = """

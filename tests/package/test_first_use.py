@@ -1,4 +1,4 @@
-"""What a new user meets first: set-up, the test suite outside the team's machines, the first call's errors."""
+"""What a new user meets first: set-up, the test suite on a plain clone, the first call's errors."""
 
 from __future__ import annotations
 
