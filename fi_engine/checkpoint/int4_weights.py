@@ -183,7 +183,7 @@ class Int4Matrix:
         )
 
     def gemv_layout(self) -> tuple[np.ndarray, np.ndarray]:
-        """The weight as the engine's int4 GEMV reads it (``csrc/int4_gemv.cu``, whose opening comment is the
+        """The weight as the engine's int4 GEMV reads it (``csrc/int4_decode.cuh``, whose opening comment is the
         layout's definition): ``(weights, records)``, uint8 ``[n, k / 2]`` (the codes of each row in 128-input tiles,
         reordered for the tensor cores' fragments, two to a byte) and uint32 ``[n, G]`` (each group's float32 scale
         rounded to 16 significant bits -- 16-bit scales are exact -- with the group's zero in its low 8 bits).
@@ -211,7 +211,7 @@ class Int4Matrix:
 GEMV_TILE = 128
 """The inputs of one tile of the int4 GEMV's layout (:meth:`Int4Matrix.gemv_layout`): ``k`` is a multiple of it."""
 
-# field f (0..7) of word v (of a half) holds step 2 v + _STEP[f] and input e = _E[f] of that step (csrc/int4_gemv.cu)
+# field f (0..7) of word v (of a half) holds step 2 v + _STEP[f] and input e = _E[f] of that step (csrc/int4_decode.cuh)
 _STEP = np.array([0, 0, 1, 1, 0, 0, 1, 1])
 _E = np.array([0, 2, 0, 2, 1, 3, 1, 3])
 _FIELD_STEP = 2 * np.arange(2)[:, None] + _STEP[None, :]  # [v, field] -> step q of the half

@@ -42,8 +42,8 @@ from .cublas import (
 )
 from .cuda_sources import function_ptr, functions, source
 from .fp8_linear import FP8_GEMV_MAX_ROWS, PAIR_MAX_ROWS, PAIR_ROPE, PAIR_SILU
-from .int4_linear import INT4_GEMV_MAX_ROWS
-from .skinny_gemm import E4M3_BLOCK, E4M3_ROW, SKINNY_MAX_ROWS, W16, SkinnyPlan
+from .int4_linear import INT4_GEMV_MAX_ROWS, Int4Weight
+from .skinny_gemm import E4M3_BLOCK, E4M3_ROW, INT4, SKINNY_MAX_ROWS, W16, SkinnyPlan
 
 __all__ = [
     "ADD_NORM",
@@ -1473,9 +1473,33 @@ class Dense:
         c_type: int,
         accumulate: bool,
     ) -> None:
-        """:meth:`linear` of a registered int4 weight: the int4 GEMV for at most :attr:`int4_gemv_max_rows` rows,
-        else dequantize + 16-bit GEMM."""
+        """:meth:`linear` of a registered int4 weight: in a GPU-bound step of at most 32 rows the skinny GEMM where it
+        was timed faster (:meth:`_choice`); else :meth:`_int4_path`."""
         self._check_quantized_call(int4, "int4", n, k, ab_type, c_type)
+        if self.bandwidth_bound and self.gemv and not accumulate and 0 < rows <= SKINNY_MAX_ROWS:
+            key = (rows, x, x_ld, int4.w, n, k, y, y_ld, ab_type, c_type)
+            choice = self._choices.get((rows, n, k, ab_type, c_type, int4.w))
+            if choice is None:
+                choice = self._choice(key, int4.w)
+            if choice >= 0 and self._run_skinny(key, choice, int4):
+                return
+        self._int4_path(rows, x, x_ld, int4, n, k, y, y_ld, ab_type, c_type, accumulate)
+
+    def _int4_path(
+        self,
+        rows: int,
+        x: int,
+        x_ld: int,
+        int4: Any,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        c_type: int,
+        accumulate: bool,
+    ) -> None:
+        """The int4 GEMV for at most :attr:`int4_gemv_max_rows` rows, else dequantize + 16-bit GEMM."""
         bf16 = ab_type == CUDA_R_16BF
         if not accumulate and rows <= min(INT4_GEMV_MAX_ROWS, self.int4_gemv_max_rows) and self.gemv:
             packed = self._int4.gemv(rows, x, x_ld, int4, y, y_ld, bf16, c_type == CUDA_R_32F)
@@ -1498,30 +1522,34 @@ class Dense:
     the FP8 paths only. Read when a shape is first timed; set it on the class to compare
     (``benchmarks/bench_llama_tp.py --variants no-skinny``)."""
 
-    def _choice(self, key: tuple[int, ...], fp8_w: int) -> int:
-        """Which launch serves the shape of the call ``key`` (:meth:`linear`'s arguments; ``fp8_w``: the FP8 weight's
-        address, 0 for a 16-bit one) in GPU-bound steps: ``_GEMV``, ``_LT`` (cuBLASLt, or the FP8 paths of
-        :meth:`_fp8_path`) or the index of a skinny plan, the fastest on the device, timed once per shape on the
-        call's own buffers (y is overwritten by the call that asked): best of 3 each after a first run, L2 flushed
-        before every run so each reads its weight from HBM, as a decode step does. A capture cannot time (no
-        synchronization is allowed in it): a shape first met there takes :func:`gemv_bound`'s rule, the GEMV or
-        the rest; the engine warms its step up eagerly before capturing it, so none is."""
+    def _choice(self, key: tuple[int, ...], quant_w: int) -> int:
+        """Which launch serves the shape of the call ``key`` (:meth:`linear`'s arguments; ``quant_w``: the FP8 or int4
+        weight's address, 0 for a 16-bit one) in GPU-bound steps: ``_GEMV``, ``_LT`` (cuBLASLt, or the FP8 or int4
+        paths of :meth:`_fp8_path` and :meth:`_int4_path`) or the index of a skinny plan, the fastest on the device,
+        timed once per shape on the call's own buffers (y is overwritten by the call that asked): best of 3 each after
+        a first run, L2 flushed before every run so each reads its weight from HBM, as a decode step does. A capture
+        cannot time (no synchronization is allowed in it): a shape first met there takes :func:`gemv_bound`'s rule,
+        the GEMV or the rest; the engine warms its step up eagerly before capturing it, so none is."""
         import cupy
 
         rows, x, x_ld, _, n, k, y, y_ld, ab_type, c_type = key
-        fp8 = self._fp8_weights.get(fp8_w) if fp8_w else None
-        if cupy.cuda.runtime.streamIsCapturing(self._stream) or (fp8 is None and self._lt_shape is None):
-            return _GEMV if fp8 is None and rows <= GEMV_MAX_ROWS and gemv_bound(rows, n, k) else _LT
+        fp8 = self._fp8_weights.get(quant_w) if quant_w else None
+        int4 = self._int4_weights.get(quant_w) if quant_w and fp8 is None else None
+        quant = fp8 if fp8 is not None else int4
+        if cupy.cuda.runtime.streamIsCapturing(self._stream) or (quant is None and self._lt_shape is None):
+            return _GEMV if quant is None and rows <= GEMV_MAX_ROWS and gemv_bound(rows, n, k) else _LT
         runs: dict[int, Callable[[], object]] = {}
-        if fp8 is None and rows <= GEMV_MAX_ROWS and (self._gemv_args.get(key) or self._pack_gemv(key)):
+        if quant is None and rows <= GEMV_MAX_ROWS and (self._gemv_args.get(key) or self._pack_gemv(key)):
             runs[_GEMV] = lambda: self._run_gemv(key)
-        for i in range(len(self._skinny_plans(key, fp8))):
-            runs[i] = lambda i=i: self._run_skinny(key, i, fp8)  # type: ignore[misc]
-        if fp8 is None:
-            runs[_LT] = lambda: self._gemm16(key)
-        else:
+        for i in range(len(self._skinny_plans(key, quant))):
+            runs[i] = lambda i=i: self._run_skinny(key, i, quant)  # type: ignore[misc]
+        if fp8 is not None:
             runs[_LT] = lambda: self._fp8_path(rows, x, x_ld, fp8, n, k, y, y_ld, ab_type, c_type, False)
-        choice = self._choices[(rows, n, k, ab_type, c_type, fp8_w)] = self._fastest(runs)
+        elif int4 is not None:
+            runs[_LT] = lambda: self._int4_path(rows, x, x_ld, int4, n, k, y, y_ld, ab_type, c_type, False)
+        else:
+            runs[_LT] = lambda: self._gemm16(key)
+        choice = self._choices[(rows, n, k, ab_type, c_type, quant_w)] = self._fastest(runs)
         return choice
 
     def _fastest(self, runs: Mapping[int, Callable[[], object]]) -> int:
@@ -1560,10 +1588,10 @@ class Dense:
             raise driver_error(err, f"cuLaunchKernel(gemv, rows={key[0]}, n={key[4]}, k={key[5]})")
         return True
 
-    def _skinny_plans(self, key: tuple[int, ...], fp8: Any) -> list[SkinnyPlan]:
-        """The skinny GEMM's launches for :meth:`linear`'s call ``key`` over a 16-bit weight or the FP8 weight
-        ``fp8`` (``[]`` where it does not serve the call, or :attr:`skinny` is off). Makes the SkinnyGemm at the
-        first call; a GPU or NVRTC it cannot serve leaves it off (:attr:`skinny_error`)."""
+    def _skinny_plans(self, key: tuple[int, ...], quant: Any) -> list[SkinnyPlan]:
+        """The skinny GEMM's launches for :meth:`linear`'s call ``key`` over a 16-bit weight (``quant`` None) or the
+        registered FP8 or int4 weight ``quant`` (``[]`` where it does not serve the call, or :attr:`skinny` is off).
+        Makes the SkinnyGemm at the first call; a GPU or NVRTC it cannot serve leaves it off (:attr:`skinny_error`)."""
         rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type = key
         if not self.skinny or ab_type not in (CUDA_R_16BF, CUDA_R_16F) or c_type not in (ab_type, CUDA_R_32F):
             return []
@@ -1577,22 +1605,28 @@ class Dense:
         if not self._skinny:
             return []
         bf16, f32 = ab_type == CUDA_R_16BF, c_type == CUDA_R_32F
-        if fp8 is None:
+        if quant is None:
             return self._skinny.plans(W16, rows, x, x_ld, w, n, k, y, y_ld, bf16, f32)
-        fmt = E4M3_ROW if fp8.block is None else E4M3_BLOCK
-        s_ld = -(-fp8.k // fp8.block[1]) if fp8.block else 0
-        return self._skinny.plans(fmt, rows, x, x_ld, fp8.w, n, k, y, y_ld, bf16, f32, fp8.scales, s_ld, fp8.block)
+        if isinstance(quant, Int4Weight):
+            q = (quant.records, quant.groups, quant.gshift, quant.half_n)
+            return self._skinny.plans(INT4, rows, x, x_ld, quant.w, n, k, y, y_ld, bf16, f32, int4=q)
+        fmt = E4M3_ROW if quant.block is None else E4M3_BLOCK
+        s_ld = -(-quant.k // quant.block[1]) if quant.block else 0
+        return self._skinny.plans(
+            fmt, rows, x, x_ld, quant.w, n, k, y, y_ld, bf16, f32, quant.scales, s_ld, quant.block
+        )
 
     skinny_error = ""
     """Why the skinny GEMM is unavailable, where it is."""
 
-    def _run_skinny(self, key: tuple[int, ...], index: int, fp8: Any) -> bool:
-        """Launch skinny plan ``index`` of :meth:`linear`'s call ``key`` (over the FP8 weight ``fp8``, or 16-bit),
+    def _run_skinny(self, key: tuple[int, ...], index: int, quant: Any) -> bool:
+        """Launch skinny plan ``index`` of :meth:`linear`'s call ``key`` (over the FP8 or int4 weight ``quant``, or
+        16-bit),
         packed once per call (values only; at most 4096 kept) and launched with programmatic dependent launch;
         False where the call has no such plan (a shape timed on aligned buffers, called on others)."""
         packed = self._skinny_calls.get((key, index))
         if packed is None:
-            plans = self._skinny_plans(key, fp8)
+            plans = self._skinny_plans(key, quant)
             if index >= len(plans):
                 return False
             plan = plans[index]

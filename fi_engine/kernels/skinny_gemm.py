@@ -1,6 +1,7 @@
 """The tensor-core GEMM of decode steps of up to 32 rows (``csrc/skinny_gemm.cu``): ``y = x @ W.T`` with ``W`` read
-once for all rows, 16-bit or e4m3 (FP8 weights with 128x128-block or per-row scales), for the steps the GEMV (at
-most 4 rows) does not take and a step of that many rows is still bound by reading the weights. A Dense times it
+once for all rows, 16-bit, e4m3 (FP8 weights with 128x128-block or per-row scales) or AWQ/GPTQ int4 as the int4 GEMV
+reads it, for the steps the GEMV (at most 4 rows) does not take and a step of that many rows is still bound by
+reading the weights. A Dense times it
 against cuBLASLt (16-bit) or the FP8 paths once per shape and launches the faster (``Dense.linear``).
 
 Each launch is a :class:`Geometry` (a warp's tiles of 16 weight rows, steps in flight, warps a block, how x reaches
@@ -23,6 +24,7 @@ __all__ = [
     "E4M3_BLOCK",
     "E4M3_ROW",
     "GEOMETRIES",
+    "INT4",
     "SKINNY_MAX_ROWS",
     "W16",
     "Geometry",
@@ -34,9 +36,9 @@ __all__ = [
 ]
 
 SKINNY_MAX_ROWS = 32  # four groups of the mma's 8
-W16, E4M3_BLOCK, E4M3_ROW = 0, 1, 2  # weight formats (the kernel's FMT)
-_PREFIX = {W16: "skinny", E4M3_BLOCK: "skinny8b", E4M3_ROW: "skinny8r"}
-_STEP = {W16: 32, E4M3_BLOCK: 64, E4M3_ROW: 64}  # inputs a lane's 16-byte weight vector covers (a step)
+W16, E4M3_BLOCK, E4M3_ROW, INT4 = 0, 1, 2, 3  # weight formats (the kernel's FMT)
+_PREFIX = {W16: "skinny", E4M3_BLOCK: "skinny8b", E4M3_ROW: "skinny8r", INT4: "skinny4"}
+_STEP = {W16: 32, E4M3_BLOCK: 64, E4M3_ROW: 64, INT4: 128}  # inputs a lane's 16-byte weight vector covers
 PART_BYTES = 32 << 20  # the split launches' float32 sums
 DONE_SLOTS = 1 << 16  # column blocks a split launch may have (a uint32 counter each)
 
@@ -87,6 +89,7 @@ GEOMETRIES: dict[int, tuple[Geometry, ...]] = {
     W16: (_GLOBAL_X16, _STAGED),
     E4M3_BLOCK: (_GLOBAL_X8, _STAGED),
     E4M3_ROW: (_GLOBAL_X8, _STAGED),
+    INT4: (Geometry(1, 1, 8, 1, 0), Geometry(1, 2, 8, 1, 512)),  # (int4: 4 x vectors a step; fewer steps in flight)
 }
 
 
@@ -139,7 +142,7 @@ def takes(
     if k % _STEP[fmt] or x % 16 or x_ld % 8 or w % 16 or y % (4 if f32out else 2):
         return None
     if fmt != E4M3_BLOCK:
-        return 16, 0, 0
+        return 16, 0, 0  # (int4: its group records are read per step, whatever the split)
     if block is None:
         return None
     bn, block_k = block
@@ -202,13 +205,16 @@ class SkinnyGemm:
         scale: int = 0,
         s_ld: int = 0,
         block: tuple[int, int] | None = None,
+        int4: tuple[int, int, int, int] = (0, 0, 0, 0),
     ) -> list[SkinnyPlan]:
         """The launches that compute ``y[:rows] = x[:rows] @ W.T`` (for each candidate geometry of
         :data:`GEOMETRIES`, the split by rule and half of it), or ``[]`` where the kernel does not serve the call:
         rows outside ``[1, 32]``, ``k`` not a multiple of a step (32 inputs, e4m3 64), x, ``x_ld`` or W not 16-byte
         aligned, ``y`` not aligned to its elements, block scales whose rows are not a multiple of 16 or whose width is
         not 64 times a power of two. ``scale``/``s_ld``/``block``: an e4m3 weight's float32 scales (``block`` None:
-        one per row; else ``(bn, bk)``, rows of ``s_ld``). Values only: the caller keeps the buffers alive."""
+        one per row; else ``(bn, bk)``, rows of ``s_ld``). ``int4``: an int4 weight's ``(records, groups a row, gshift,
+        half_n)`` (:class:`~fi_engine.kernels.int4_linear.Int4Weight`'s). Values only: the caller keeps the buffers
+        alive."""
         taken = takes(fmt, rows, x, x_ld, w, n, k, y, f32out, block)
         if taken is None or not self.available:
             return []
@@ -223,6 +229,7 @@ class SkinnyGemm:
             for s in (best, best // 2) if best > 1 else (best,):
                 kc = range_length(fmt, k, s, block_k)
                 grid = (-(-n // geometry.rows_per_block), -(-k // kc))
-                args = (x, w, y, self._part, self._done, rows, n, k, x_ld, y_ld, kc, scale, s_ld, bn, bshift)
+                quant = (int4[0], int4[1], int4[3], int4[2]) if fmt == INT4 else (scale, s_ld, bn, bshift)
+                args = (x, w, y, self._part, self._done, rows, n, k, x_ld, y_ld, kc, *quant)
                 out.append(SkinnyPlan(fn, grid, 32 * geometry.warps, geometry.smem(fmt, mt), args))
         return out

@@ -163,3 +163,69 @@ def test_dense_linear_in_a_gpu_bound_step_stays_right(fmt: int, rows: int) -> No
             check(from16(cupy.asnumpy(y), "bfloat16"), from16(x16, "bfloat16"), values, rows, "bfloat16", False)
         dense.bandwidth_bound = False
         dense.close()
+
+
+def int4_weight(rng: np.random.Generator, n: int, k: int, group_size: int, interleaved: bool) -> tuple[Any, ...]:
+    """``(weights, records on the GPU, the float32 weight [n, k] in output order, scales [n, k], half_n)``: random
+    AWQ-style codes, zeros and float16 scales in the int4 GEMV's layout; ``interleaved``: two halves stored
+    interleaved by 8 rows (a gate/up weight), their outputs in order."""
+    from fi_engine.checkpoint.int4_weights import Int4Matrix, decode_gemv_layout
+
+    def matrix(rows: int) -> Int4Matrix:
+        groups = k // group_size
+        scales = (rng.uniform(0.5, 2.0, (groups, rows)) * 0.02).astype(np.float16).astype(np.float32)
+        codes = rng.integers(0, 16, (rows, k)).astype(np.uint8)
+        return Int4Matrix(codes, rng.integers(0, 17, (groups, rows)).astype(np.uint8), scales, group_size)
+
+    m = Int4Matrix.interleaved(matrix(n // 2), matrix(n // 2)) if interleaved else matrix(n)
+    weights, records = m.gemv_layout()
+    stored = decode_gemv_layout(weights, records, k)  # rows as stored
+    scales = np.repeat(m.scales.T.astype(np.float64), group_size, axis=1)
+    half_n = n // 2 if interleaved else 0
+    order = np.arange(n)
+    if half_n:  # stored row j holds output column (j // 16) * 8 + j % 8 (+ half_n for the second 8 of each 16)
+        order = (order >> 4) * 8 + (order & 7) + ((order >> 3) & 1) * half_n
+    out_w, out_s = np.empty_like(stored), np.empty_like(scales)
+    out_w[order], out_s[order] = stored, scales
+    return cupy.asarray(weights), cupy.asarray(records), out_w, out_s, half_n
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("f32", [False, True], ids=["out16", "out32"])
+@pytest.mark.parametrize(("k", "group_size"), [(512, 128), (1024, 64), (512, 512)])
+@pytest.mark.parametrize("interleaved", [False, True], ids=["rows", "gate-up"])
+def test_every_int4_plan_matches_float32(dtype: str, f32: bool, k: int, group_size: int, interleaved: bool) -> None:
+    # the int4 GEMV's bound (test_gpu_int4_linear.py): float32 sums of the exact integers code + M (128 bfloat16,
+    # 1024 float16) less (M + zero) times x's float32 sum a half tile, times the group's scale
+    from fi_engine.kernels.skinny_gemm import INT4
+
+    rng = np.random.default_rng(k + group_size)
+    n = 272
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        dense, sk = Dense(stream), SkinnyGemm()
+        w, rec, values, scales, half_n = int4_weight(rng, n, k, group_size, interleaved)
+        x16 = to16(rng.standard_normal((32, k)).astype(np.float32), dtype)
+        x, xf = cupy.asarray(x16), from16(x16, dtype).astype(np.float64)
+        big_m = 128 if dtype == "bfloat16" else 1024
+        gshift = 31 if group_size == k else (group_size // 64).bit_length() - 1
+        ld = n + 8
+        for rows in ROWS:
+            plans = sk.plans(INT4, rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, dtype == "bfloat16", f32,
+                             int4=(int(rec.data.ptr), k // group_size, gshift, half_n))  # fmt: skip
+            assert len(plans) >= 2, rows
+            for plan in plans:
+                y = cupy.full((33, ld), SENTINEL, np.uint32 if f32 else np.uint16)
+                args = (plan.args[0], plan.args[1], int(y.data.ptr), *plan.args[3:])
+                dense.prepared_kernel(plan.function, plan.grid, plan.threads, plan.smem, args, "skinny")()
+                stream.synchronize()
+                out = cupy.asnumpy(y)
+                assert (out[rows:] == SENTINEL).all() and (out[:, n:] == SENTINEL).all(), "wrote past its output"
+                got = out[:rows, :n].view(np.float32) if f32 else from16(out[:rows, :n], dtype)
+                ref = xf[:rows] @ values.T
+                bound = (np.abs(xf[:rows]) @ np.abs(values.T)) * 2.0**-20 + 1e-30
+                bound += (np.abs(xf[:rows]) @ scales.T) * (big_m + 16) * 2.0**-18
+                bound += (0 if f32 else OUT_ULP[dtype]) * np.abs(ref)
+                err = np.abs(got - ref)
+                assert np.isfinite(got).all() and (err <= bound).all(), (rows, plan.grid, float((err / bound).max()))
+        assert int(sk.done.sum()) == 0, "a split launch left a counter set"

@@ -13,6 +13,7 @@ from fi_engine.kernels.skinny_gemm import (
     E4M3_BLOCK,
     E4M3_ROW,
     GEOMETRIES,
+    INT4,
     PART_BYTES,
     W16,
     Geometry,
@@ -85,18 +86,22 @@ def test_takes_refuses_what_the_kernel_cannot_read() -> None:
         assert takes(**{**e4m3, "block": block}) is None, block
     assert takes(**{**e4m3, "k": 4064}) is None  # e4m3: whole 64-input steps
     assert takes(**{**ok, "fmt": E4M3_ROW}) == (16, 0, 0)
+    assert takes(**{**ok, "fmt": INT4}) == (16, 0, 0)
+    assert takes(**{**ok, "fmt": INT4, "k": 4032}) is None  # int4: whole 128-input tiles
 
 
 def test_every_geometry_a_dense_launches_is_a_default_instance() -> None:
     text = read("skinny_gemm.cu")
-    rows = re.search(r"#define SKINNY_ROWS\(MT\) (.*)", text)
-    assert rows is not None
-    defaults = set(re.findall(r"SKINNY_ALL\(MT, (\d+), (\d+), (\d+), (\d+), (\d+)\)", rows.group(1)))
-    for geometries in GEOMETRIES.values():
+    body = text[text.index("#define SKINNY_ROWS(MT)") :]
+    defaults = set(re.findall(r"SKINNY_TYPES\(\w+, (SK_\w+), MT, (\d+), (\d+), (\d+), (\d+), (\d+)\)", body))
+    names = {W16: "SK_W16", E4M3_BLOCK: "SK_E4M3_BLOCK", E4M3_ROW: "SK_E4M3_ROW", INT4: "SK_INT4"}
+    for fmt, geometries in GEOMETRIES.items():
         for g in geometries:
-            assert (str(g.nt), str(g.u), str(g.warps), str(g.min_blocks), str(g.kx)) in defaults, g
+            assert (names[fmt], str(g.nt), str(g.u), str(g.warps), str(g.min_blocks), str(g.kx)) in defaults, (fmt, g)
     for mt in (1, 2, 3, 4):
         assert f"SKINNY_ROWS({mt})" in text
+    for name, value in names.items():  # the kernel's FMT codes are the module's
+        assert f"#define {value} {name}" in text
 
 
 def test_kernel_names_and_instances_agree() -> None:

@@ -1,18 +1,24 @@
 // y[r, j] = sum_c x[r, c] * W[j, c] for r < rows <= 32 on tensor cores: the GEMMs of decode steps of a few to 32
 // rows, which read every weight once and are bound by HBM bandwidth. x [rows, k] 16-bit (row stride x_ld), y [rows,
-// n] 16-bit or float32 (row stride y_ld), float32 sums. W [n, k] row-major (a Linear weight) in one of three formats
-// (FMT): 16-bit (x's type), or e4m3 bytes times float32 scales, one per block of bn rows and 64 << bshift inputs
-// (scale[(j / bn) * s_ld + (c >> (6 + bshift))], applied to each step's sums) or one per row (scale[j], applied to
-// the whole sum).
+// n] 16-bit or float32 (row stride y_ld), float32 sums. W [n, k] in one of four formats (FMT), each with its
+// quantization data in the last four arguments (q, q_ld, q_a, q_b):
+//   SK_W16         16-bit (x's type), row-major (a Linear weight); q unused.
+//   SK_E4M3_BLOCK  e4m3 bytes, row-major, times float32 scales, one per block of q_a rows and 64 << q_b inputs:
+//                  scale q[(j / q_a) * q_ld + (c >> (6 + q_b))], applied to each step's sums.
+//   SK_E4M3_ROW    e4m3 bytes times one float32 scale a row, q[j], applied to the whole sum.
+//   SK_INT4        AWQ / GPTQ int4 in int4_decode.cuh's layout with a uint32 record (scale, zero) per row and group:
+//                  q the records, q_ld groups a row, q_b log2 of the 64-input halves a group spans (31: one group);
+//                  q_a > 0: gate and up interleaved by 8 rows, q_a rows each, whose outputs are put back in order.
 //
 // The mma (m16n8k16) takes 16 weight rows as its A operand and 8 rows of x as its B operand: a warp owns NT tiles of
 // 16 weight rows and multiplies each with MT groups of 8 x rows (MT = ceil(rows / 8)), so each weight is read and
-// decoded once for all rows. A sum over k does not depend on which k goes to which of the mma's 16 slots, as long
-// as A and B agree: lane (g, q) (g = lane / 4, q = lane % 4) loads one 16-byte vector of weight rows g and g + 8 a
-// step (a quad reads 64 contiguous bytes of a row: a step is 32 inputs of 16-bit weights, 64 of e4m3) and x's
-// values at the same inputs of x row g. 16-bit: words 0-1 of the vectors go to one mma and words 2-3 to the next.
-// e4m3: each word's bytes 0-1 and 2-3 are decoded exactly into two 16-bit pairs (fp8_tensor_cores.cuh's
-// e4m3_pair), one mma a word, against x's 16 values in their order.
+// decoded once for all rows. Lane (g, q) (g = lane / 4, q = lane % 4) loads one 16-byte vector of weight rows g and
+// g + 8 a step (a quad reads 64 contiguous bytes of a row: a step is 32 inputs of 16-bit weights, 64 of e4m3, 128
+// of int4), and x's values at the same inputs of x row g. A sum over k does not depend on which k goes to which of
+// the mma's 16 slots as long as A and B agree. 16-bit: words 0-1 of the vectors go to one mma and words 2-3 to the
+// next. e4m3: each word's bytes 0-1 and 2-3 are decoded exactly into two 16-bit pairs (fp8_tensor_cores.cuh's
+// e4m3_pair), one mma a word. int4: the int4 GEMV's half-tile sums (int4_decode.cuh), each half meeting its
+// group's scale and zero in float32.
 //
 // x reaches the lanes one of two ways (KX): read from global memory with the weights, each lane its own vectors (KX
 // 0: warps independent, no barrier; x's rows are a few KB and stay in L1 and L2), or staged by the block's warps,
@@ -21,22 +27,29 @@
 // The grid's y dimension splits k into ranges of kc inputs (one range: each block writes y); with more, each block
 // writes its float32 sums to `part` in the lanes' order, and the last block of a column block to finish (a uint32
 // counter per column block at `done`, 0 between launches: that block sets it back) adds the ranges' sums in their
-// order and writes y, so y does not depend on which block ends last. Weights and scales are constants: a warp loads
-// its first U steps before griddep_wait, and each next U steps before it sums the ones in hand. k a multiple of 32
-// (16-bit) or 64 (e4m3); kc a multiple of 32 (64) and, for block scales, of the block's width; KX a multiple of U
-// steps; x, w and x_ld 16-byte aligned (the caller checks).
-#include "convert.cuh"  // fromf
+// order and writes y, so y does not depend on which block ends last. Weights and their quantization data are
+// constants: a warp loads its first U steps before griddep_wait, and each next U steps before it sums the ones in
+// hand. k and kc multiples of a step (and kc of a scale block's width); KX a multiple of U steps; x, W and x_ld
+// 16-byte aligned (the caller checks).
+#include "convert.cuh"  // fromf, tof
 #include "griddep.cuh"  // griddep_wait, griddep_launch_dependents
 #include "load_weights.cuh"  // load_weights: past L1
 #include "fp8_tensor_cores.cuh"  // mma16816, e4m3_pair, prmt
+#include "int4_decode.cuh"  // i4_half, i4_half_zsub, i4_record, i4_neg_zero
 
-#define SK_W16 0   // FMT: 16-bit weights
+#define SK_W16 0         // FMT: 16-bit weights
 #define SK_E4M3_BLOCK 1  // e4m3 weights, block scales
 #define SK_E4M3_ROW 2    // e4m3 weights, a scale per row
+#define SK_INT4 3        // int4 weights, a record per row and group
+#define SK_STEP(FMT) ((FMT) == SK_W16 ? 32 : (FMT) == SK_INT4 ? 128 : 64)  // inputs a step
+#define SK_XV(FMT) ((FMT) == SK_W16 ? 1 : (FMT) == SK_INT4 ? 4 : 2)        // x vectors a lane reads a step
 // 16-bit elements of a staged x row: KX and padding such that a quarter-warp's 16-byte reads fall in distinct banks
 // (16-bit weights: lanes q of rows g and g + 1 read 64 bytes of each row, so rows are 64 bytes apart modulo 128;
-// e4m3: lane q reads bytes 32 q of each row, twice, so rows are 16 bytes apart modulo 128)
+// e4m3 and int4: lane q reads bytes 32 q of each row, so rows are 16 bytes apart modulo 128)
 #define SK_ROW(FMT, KX) ((KX) + ((FMT) == SK_W16 ? 32 : 8))
+
+// the x vector e of a lane's step, from its first one (int4: two at the half tile's input 16 q, for each half)
+template <int FMT> __device__ __forceinline__ int sk_xvec(int e) { return FMT == SK_INT4 ? (e & 1) + 8 * (e >> 1) : e; }
 
 // x[:, k0 : k0 + len] into xs (8 MT rows of ROW_VECS vectors; zeros past rows) by asynchronous copies, every
 // thread taking part: this thread's copies are one group (cp.async.commit_group), waited for by cp.async.wait_group
@@ -53,9 +66,11 @@ __device__ __forceinline__ void sk_stage(uint4* xs, const unsigned short* __rest
     asm volatile("cp.async.commit_group;");
 }
 
+// y from the sums (acc[t][i][e]: weight row j0 + 16 t + g (+ 8 for e >= 2), x row 8 i + 2 q + (e & 1)); half_n > 0:
+// rows interleaved by 8 (gate, up) go to their columns in order
 template <bool BF16, bool F32OUT, int MT, int NT>
 __device__ __forceinline__ void sk_store(const float (&acc)[NT][MT][4], void* __restrict__ y, int rows, int n,
-                                         long long y_ld, int j0, int g, int q) {
+                                         long long y_ld, int j0, int g, int q, int half_n) {
 #pragma unroll
     for (int t = 0; t < NT; ++t)
 #pragma unroll
@@ -63,29 +78,46 @@ __device__ __forceinline__ void sk_store(const float (&acc)[NT][MT][4], void* __
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int j = j0 + 16 * t + g + (e >= 2 ? 8 : 0), r = 8 * i + 2 * q + (e & 1);
+                const int jo = half_n ? (j >> 4) * 8 + (j & 7) + ((j >> 3) & 1) * half_n : j;
                 if (j < n && r < rows) {
-                    if (F32OUT) reinterpret_cast<float*>(y)[r * y_ld + j] = acc[t][i][e];
-                    else reinterpret_cast<unsigned short*>(y)[r * y_ld + j] = fromf<BF16>(acc[t][i][e]);
+                    if (F32OUT) reinterpret_cast<float*>(y)[r * y_ld + jo] = acc[t][i][e];
+                    else reinterpret_cast<unsigned short*>(y)[r * y_ld + jo] = fromf<BF16>(acc[t][i][e]);
                 }
             }
 }
 
-// one step of the NT tiles against the MT groups of x rows (xv[i]: the lane's x vectors of row 8 i + g, one for
-// 16-bit weights, two for e4m3); s: the tiles' block scales of the step
+// one step of the NT tiles against the MT groups of x rows (xv[i]: the lane's x vectors of row 8 i + g); s: the
+// tiles' block scales of the step (e4m3 blocks), r: their records (int4: rows g and g + 8, halves 0 and 1)
 template <bool BF16, int FMT, int MT, int NT, int XV>
 __device__ __forceinline__ void sk_step(float (&acc)[NT][MT][4], const uint4 (&v)[NT][2], const float (&s)[NT],
-                                        const uint4 (&xv)[MT][XV]) {
+                                        const unsigned (&r)[NT][4], const uint4 (&xv)[MT][XV]) {
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
         const uint4 a = v[t][0], b = v[t][1];
+        const unsigned wa[4] = {a.x, a.y, a.z, a.w}, wb[4] = {b.x, b.y, b.z, b.w};
         if (FMT == SK_W16) {
 #pragma unroll
             for (int i = 0; i < MT; ++i) {
                 mma16816<BF16>(acc[t][i], a.x, b.x, a.y, b.y, xv[i][0].x, xv[i][0].y);
                 mma16816<BF16>(acc[t][i], a.z, b.z, a.w, b.w, xv[i][0].z, xv[i][0].w);
             }
+        } else if (FMT == SK_INT4) {
+            float sa[2], oa[2], sb[2], ob[2];  // each half's scale and -scale (M + zero), rows g and g + 8
+#pragma unroll
+            for (int h = 0; h < 2; ++h) sa[h] = i4_record<BF16>(r[t][h], oa[h]), sb[h] = i4_record<BF16>(r[t][2 + h], ob[h]);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                uint4 xq[MT][2];
+#pragma unroll
+                for (int i = 0; i < MT; ++i) xq[i][0] = xv[i][2 * h], xq[i][1] = xv[i][2 * h + 1];
+                if (MT >= 4)  // four groups of x rows share each decoded pair: the zero subtracted from it
+                    i4_half_zsub<BF16, MT>(acc[t], wa[2 * h], wa[2 * h + 1], wb[2 * h], wb[2 * h + 1], xq, sa[h],
+                                           i4_neg_zero<BF16>(r[t][h]), sb[h], i4_neg_zero<BF16>(r[t][2 + h]));
+                else
+                    i4_half<BF16, MT>(acc[t], wa[2 * h], wa[2 * h + 1], wb[2 * h], wb[2 * h + 1], xq, sa[h], oa[h],
+                                      sb[h], ob[h]);
+            }
         } else {
-            const unsigned wa[4] = {a.x, a.y, a.z, a.w}, wb[4] = {b.x, b.y, b.z, b.w};
             unsigned lo_a[4], hi_a[4], lo_b[4], hi_b[4];  // each word's bytes 0 and 1, then 2 and 3, as 16-bit pairs
 #pragma unroll
             for (int m = 0; m < 4; ++m) {  // e4m3_pair decodes bytes 1 and 3: put the pair's bytes there first
@@ -109,23 +141,30 @@ __device__ __forceinline__ void sk_step(float (&acc)[NT][MT][4], const uint4 (&v
     }
 }
 
-// one step's loads: the lane's 2 NT weight vectors, the tiles' block scales and, where x is read from global memory
-// (XG), its MT x vectors (rows past `rows` read row rows - 1: their sums are never stored)
+// one step's loads: the lane's 2 NT weight vectors, the tiles' block scales (e4m3 blocks) or records (int4) and,
+// where x is read from global memory (XG), its x vectors (rows past `rows` read row rows - 1: their sums are never
+// stored); tile_at: the step's first tile of 128 inputs (int4)
 template <int FMT, int MT, int NT, int XV, bool XG>
-__device__ __forceinline__ void sk_load1(uint4 (&v)[NT][2], float (&s)[NT], uint4 (&xv)[MT][XV],
+__device__ __forceinline__ void sk_load1(uint4 (&v)[NT][2], float (&s)[NT], unsigned (&r)[NT][4], uint4 (&xv)[MT][XV],
                                          const uint4* const (&wr)[NT][2], const float* const (&sr)[NT],
-                                         const uint4* const (&xr)[MT], int step, int bshift) {
+                                         const unsigned* const (&rr)[NT][2], const uint4* const (&xr)[MT], int step,
+                                         int tile_at, int q_b) {
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) v[t][h] = load_weights(wr[t][h] + 4 * step);
-        if (FMT == SK_E4M3_BLOCK) s[t] = __ldg(sr[t] + (step >> bshift));
+        if (FMT == SK_E4M3_BLOCK) s[t] = __ldg(sr[t] + (step >> q_b));
+        if (FMT == SK_INT4) {
+            const int half = 2 * (tile_at + step);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) r[t][2 * h] = __ldg(rr[t][h] + (half >> q_b)), r[t][2 * h + 1] = __ldg(rr[t][h] + ((half + 1) >> q_b));
+        }
     }
     if (XG) {
 #pragma unroll
         for (int i = 0; i < MT; ++i)
 #pragma unroll
-            for (int e = 0; e < XV; ++e) xv[i][e] = __ldg(xr[i] + (FMT == SK_W16 ? 4 : 8) * step + e);
+            for (int e = 0; e < XV; ++e) xv[i][e] = __ldg(xr[i] + (SK_STEP(FMT) / 8) * step + sk_xvec<FMT>(e));
     }
 }
 
@@ -133,31 +172,37 @@ template <bool BF16, bool F32OUT, int FMT, int MT, int NT, int U, int WARPS, int
 __device__ __forceinline__ void skinny_gemm(const unsigned short* __restrict__ x, const void* __restrict__ w,
                                             void* __restrict__ y, float* __restrict__ part, unsigned* __restrict__ done,
                                             int rows, int n, int k, long long x_ld, long long y_ld, int kc,
-                                            const float* __restrict__ scale, long long s_ld, int bn, int bshift) {
+                                            const void* __restrict__ qd, long long q_ld, int q_a, int q_b) {
 #if __CUDA_ARCH__ >= 800
     extern __shared__ uint4 xs[];  // two passes of 8 MT rows of SK_ROW(FMT, KX) elements
     __shared__ unsigned last;
     griddep_launch_dependents();
     constexpr int ROW_VECS = SK_ROW(FMT, KX) / 8;
-    constexpr int KSTEP = FMT == SK_W16 ? 32 : 64;  // inputs a step
+    constexpr int KSTEP = SK_STEP(FMT), XV = SK_XV(FMT);
     constexpr int PASS = KX / KSTEP;  // steps staged at a time
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, q = lane & 3;
     const int j0 = (blockIdx.x * WARPS + warp) * 16 * NT;
     const int k_lo = blockIdx.y * kc, k_hi = min(k, k_lo + kc);
     const int steps = max(0, (k_hi - k_lo) / KSTEP);
-    const long long row_bytes = FMT == SK_W16 ? 2ll * k : (long long)k;
+    // bytes of a weight row and of the range's first inputs: 2, 1 or half a byte an input
+    const long long row_bytes = FMT == SK_W16 ? 2ll * k : FMT == SK_INT4 ? k / 2 : k;
+    const long long lo_bytes = FMT == SK_W16 ? 2ll * k_lo : FMT == SK_INT4 ? k_lo / 2 : k_lo;
     const unsigned char* wb = reinterpret_cast<const unsigned char*>(w);
-    const uint4* wr[NT][2];  // the lane's weight rows (a last partial tile repeats row n - 1) at input k_lo, its 16 q
-    const float* sr[NT];     // block scales: each tile's row of scales at the block of input k_lo
+    const float* scale = reinterpret_cast<const float*>(qd);
+    const unsigned* rec = reinterpret_cast<const unsigned*>(qd);
+    const uint4* wr[NT][2];      // the lane's weight rows (a last partial tile repeats row n - 1) at input k_lo
+    const float* sr[NT];         // e4m3 blocks: each tile's row of scales at the block of input k_lo
+    const unsigned* rr[NT][2];   // int4: the lane's rows of records
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const long long row = min(j0 + 16 * t + g + 8 * h, n - 1);
-            wr[t][h] = reinterpret_cast<const uint4*>(wb + row * row_bytes + (long long)k_lo * (FMT == SK_W16 ? 2 : 1)) + q;
+            wr[t][h] = reinterpret_cast<const uint4*>(wb + row * row_bytes + lo_bytes) + q;
+            rr[t][h] = rec + row * q_ld;
         }
-        sr[t] = FMT == SK_E4M3_BLOCK ? scale + (long long)(min(j0 + 16 * t, n - 1) / bn) * s_ld + (k_lo >> (6 + bshift))
+        sr[t] = FMT == SK_E4M3_BLOCK ? scale + (long long)(min(j0 + 16 * t, n - 1) / q_a) * q_ld + (k_lo >> (6 + q_b))
                                      : scale;
     }
     float acc[NT][MT][4];
@@ -168,17 +213,18 @@ __device__ __forceinline__ void skinny_gemm(const unsigned short* __restrict__ x
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[t][i][e] = 0.f;
     // U steps in hand and, while they are summed, the next U in flight
-    constexpr int XV = FMT == SK_W16 ? 1 : 2;  // x vectors a step
+    const int tile_at = k_lo >> 7;  // int4: the range's first tile
     uint4 cur[U][NT][2], cx[U][MT][XV];
     float cs[U][NT];
+    unsigned cr[U][NT][4];
     const uint4* xr[MT];  // XG: the lane's x rows at its first vector
 #pragma unroll
     for (int i = 0; i < MT; ++i)
-        xr[i] = reinterpret_cast<const uint4*>(x + (long long)min(8 * i + g, rows - 1) * x_ld + k_lo) + XV * q;
+        xr[i] = reinterpret_cast<const uint4*>(x + (long long)min(8 * i + g, rows - 1) * x_ld + k_lo) + (FMT == SK_W16 ? q : 2 * q);
 #pragma unroll
     for (int u = 0; u < U; ++u)
-        if (u < steps) sk_load1<FMT, MT, NT, XV, false>(cur[u], cs[u], cx[u], wr, sr, xr, u, bshift);
-    griddep_wait();  // x may be the previous kernel's output, part and done its scratch; weights and scales are constants
+        if (u < steps) sk_load1<FMT, MT, NT, XV, false>(cur[u], cs[u], cr[u], cx[u], wr, sr, rr, xr, u, tile_at, q_b);
+    griddep_wait();  // x may be the previous kernel's output, part and done its scratch; W and its data are constants
     if (XG) {
 #pragma unroll
         for (int u = 0; u < U; ++u)
@@ -186,18 +232,20 @@ __device__ __forceinline__ void skinny_gemm(const unsigned short* __restrict__ x
 #pragma unroll
                 for (int i = 0; i < MT; ++i)
 #pragma unroll
-                    for (int e = 0; e < XV; ++e) cx[u][i][e] = __ldg(xr[i] + (KSTEP / 8) * u + e);
+                    for (int e = 0; e < XV; ++e) cx[u][i][e] = __ldg(xr[i] + (KSTEP / 8) * u + sk_xvec<FMT>(e));
     }
     constexpr int BUF = 8 * MT * ROW_VECS;  // vectors of one staged pass
     const int passes = (k_hi - k_lo + KX - 1) / KX;
     if (!XG && steps > 0) sk_stage<MT, ROW_VECS>(xs, x, rows, x_ld, k_lo, min(KX, k_hi - k_lo));
-    const int xo = g * ROW_VECS + XV * q;  // the lane's x row and vector in a staged pass
+    const int xo = g * ROW_VECS + (FMT == SK_W16 ? q : 2 * q);  // the lane's x row and vector in a staged pass
     for (int step = 0; step < steps; step += U) {
         uint4 nxt[U][NT][2], nx[U][MT][XV];
         float ns[U][NT];
+        unsigned nr[U][NT][4];
 #pragma unroll
         for (int u = 0; u < U; ++u)
-            if (step + U + u < steps) sk_load1<FMT, MT, NT, XV, XG>(nxt[u], ns[u], nx[u], wr, sr, xr, step + U + u, bshift);
+            if (step + U + u < steps)
+                sk_load1<FMT, MT, NT, XV, XG>(nxt[u], ns[u], nr[u], nx[u], wr, sr, rr, xr, step + U + u, tile_at, q_b);
         if (!XG && step % PASS == 0) {  // pass p's x staged (asked for a pass ago), pass p + 1's asked for now
             const int p = step / PASS;
             __syncthreads();  // every warp is done with the buffer pass p + 1 goes into (pass p - 1's)
@@ -218,16 +266,21 @@ __device__ __forceinline__ void skinny_gemm(const unsigned short* __restrict__ x
 #pragma unroll
                     for (int i = 0; i < MT; ++i)
 #pragma unroll
-                        for (int e = 0; e < XV; ++e) cx[u][i][e] = xl[8 * i * ROW_VECS + ((step + u) % PASS) * (KSTEP / 8) + e];
+                        for (int e = 0; e < XV; ++e)
+                            cx[u][i][e] = xl[8 * i * ROW_VECS + ((step + u) % PASS) * (KSTEP / 8) + sk_xvec<FMT>(e)];
                 }
-                sk_step<BF16, FMT, MT, NT, XV>(acc, cur[u], cs[u], cx[u]);
+                sk_step<BF16, FMT, MT, NT, XV>(acc, cur[u], cs[u], cr[u], cx[u]);
             }
         }
         if (step + U < steps) {
 #pragma unroll
             for (int u = 0; u < U; ++u) {
 #pragma unroll
-                for (int t = 0; t < NT; ++t) cur[u][t][0] = nxt[u][t][0], cur[u][t][1] = nxt[u][t][1], cs[u][t] = ns[u][t];
+                for (int t = 0; t < NT; ++t) {
+                    cur[u][t][0] = nxt[u][t][0], cur[u][t][1] = nxt[u][t][1], cs[u][t] = ns[u][t];
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) cr[u][t][e] = nr[u][t][e];
+                }
                 if (XG) {
 #pragma unroll
                     for (int i = 0; i < MT; ++i)
@@ -246,8 +299,9 @@ __device__ __forceinline__ void skinny_gemm(const unsigned short* __restrict__ x
             for (int i = 0; i < MT; ++i) acc[t][i][0] *= sa, acc[t][i][1] *= sa, acc[t][i][2] *= sb, acc[t][i][3] *= sb;
         }
     }
+    const int half_n = FMT == SK_INT4 ? q_a : 0;
     if (gridDim.y == 1) {
-        sk_store<BF16, F32OUT, MT, NT>(acc, y, rows, n, y_ld, j0, g, q);
+        sk_store<BF16, F32OUT, MT, NT>(acc, y, rows, n, y_ld, j0, g, q, half_n);
         return;
     }
     // split k: this block's sums in the lanes' order, then the last block of the column block adds them up
@@ -285,42 +339,38 @@ __device__ __forceinline__ void skinny_gemm(const unsigned short* __restrict__ x
             for (int i = 0; i < MT; ++i)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) acc[t][i][e] += __ldcg(first + s * stride + ((t * MT + i) * 4 + e) * 32);
-    sk_store<BF16, F32OUT, MT, NT>(acc, y, rows, n, y_ld, j0, g, q);
+    sk_store<BF16, F32OUT, MT, NT>(acc, y, rows, n, y_ld, j0, g, q, half_n);
 #endif
 }
 
-// {name}_m{MT}_n{NT}_u{U}_w{WARPS}_b{MINB}_x{KX}(x, w, y, part, done, rows, n, k, x_ld, y_ld, kc, scale, s_ld, bn,
-// bshift): grid (ceil(n / (16 NT WARPS)), ceil(k / kc)), 32 WARPS threads, dynamic shared memory two passes of
-// 8 MT rows of SK_ROW(FMT, KX) elements; registers capped so that MINB blocks fit an SM
+// {name}_m{MT}_n{NT}_u{U}_w{WARPS}_b{MINB}_x{KX}(x, w, y, part, done, rows, n, k, x_ld, y_ld, kc, q, q_ld, q_a, q_b):
+// grid (ceil(n / (16 NT WARPS)), ceil(k / kc)), 32 WARPS threads, dynamic shared memory two passes of 8 MT rows of
+// SK_ROW(FMT, KX) elements (none for KX 0: x read from global memory); registers capped so that MINB blocks fit an SM
 #define SKINNY(name, bf16, f32out, fmt, MT, NT, U, WARPS, MINB, KX)                                                 \
     extern "C" __global__ void __launch_bounds__(32 * WARPS, MINB)                                                   \
         name##_m##MT##_n##NT##_u##U##_w##WARPS##_b##MINB##_x##KX(                                                   \
             const unsigned short* x, const void* w, void* y, float* part, unsigned* done, int rows, int n, int k,   \
-            long long x_ld, long long y_ld, int kc, const float* scale, long long s_ld, int bn, int bshift) {         \
+            long long x_ld, long long y_ld, int kc, const void* q, long long q_ld, int q_a, int q_b) {              \
         skinny_gemm<bf16, f32out, fmt, MT, NT, U, WARPS, (KX ? KX : 512), KX == 0>(x, w, y, part, done, rows, n, k,   \
-                                                                     x_ld, y_ld, kc, scale, s_ld, bn, bshift);      \
+                                                                     x_ld, y_ld, kc, q, q_ld, q_a, q_b);            \
     }
-// every format and type pair of one geometry: skinny{,8b,8r}_{bf16,f16}_{16,f32}_...
-#define SKINNY_ALL(MT, NT, U, WARPS, MINB, KX)                                                                      \
-    SKINNY(skinny_bf16_16, true, false, SK_W16, MT, NT, U, WARPS, MINB, KX)                                         \
-    SKINNY(skinny_bf16_f32, true, true, SK_W16, MT, NT, U, WARPS, MINB, KX)                                         \
-    SKINNY(skinny_f16_16, false, false, SK_W16, MT, NT, U, WARPS, MINB, KX)                                         \
-    SKINNY(skinny_f16_f32, false, true, SK_W16, MT, NT, U, WARPS, MINB, KX)                                         \
-    SKINNY(skinny8b_bf16_16, true, false, SK_E4M3_BLOCK, MT, NT, U, WARPS, MINB, KX)                                \
-    SKINNY(skinny8b_bf16_f32, true, true, SK_E4M3_BLOCK, MT, NT, U, WARPS, MINB, KX)                                \
-    SKINNY(skinny8b_f16_16, false, false, SK_E4M3_BLOCK, MT, NT, U, WARPS, MINB, KX)                                \
-    SKINNY(skinny8b_f16_f32, false, true, SK_E4M3_BLOCK, MT, NT, U, WARPS, MINB, KX)                                \
-    SKINNY(skinny8r_bf16_16, true, false, SK_E4M3_ROW, MT, NT, U, WARPS, MINB, KX)                                  \
-    SKINNY(skinny8r_bf16_f32, true, true, SK_E4M3_ROW, MT, NT, U, WARPS, MINB, KX)                                  \
-    SKINNY(skinny8r_f16_16, false, false, SK_E4M3_ROW, MT, NT, U, WARPS, MINB, KX)                                  \
-    SKINNY(skinny8r_f16_f32, false, true, SK_E4M3_ROW, MT, NT, U, WARPS, MINB, KX)
+// every type pair of one format and geometry: skinny{,8b,8r,4}_{bf16,f16}_{16,f32}_...
+#define SKINNY_TYPES(prefix, fmt, MT, NT, U, WARPS, MINB, KX)                                                       \
+    SKINNY(prefix##_bf16_16, true, false, fmt, MT, NT, U, WARPS, MINB, KX)                                          \
+    SKINNY(prefix##_bf16_f32, true, true, fmt, MT, NT, U, WARPS, MINB, KX)                                          \
+    SKINNY(prefix##_f16_16, false, false, fmt, MT, NT, U, WARPS, MINB, KX)                                          \
+    SKINNY(prefix##_f16_f32, false, true, fmt, MT, NT, U, WARPS, MINB, KX)
 // The instances: SKINNY_INSTANCES where the includer defines it (fi_engine.kernels.skinny_gemm compiles the ones a
-// Dense needs, benchmarks/lab_skinny_gemm.py a sweep), else the engine's geometries for every format and row group
-// (SkinnyGemm's GEOMETRIES: x read from global memory, and x staged 512 inputs at a time)
+// Dense needs, benchmarks/lab_skinny_gemm.py a sweep), else the engine's geometries (SkinnyGemm's GEOMETRIES) of
+// every format, row group and type pair
 #ifdef SKINNY_INSTANCES
 SKINNY_INSTANCES
 #else
-#define SKINNY_ROWS(MT) SKINNY_ALL(MT, 1, 4, 4, 1, 0) SKINNY_ALL(MT, 1, 4, 8, 1, 512) SKINNY_ALL(MT, 1, 2, 8, 1, 0)
+#define SKINNY_ROWS(MT)                                                                                             \
+    SKINNY_TYPES(skinny, SK_W16, MT, 1, 4, 4, 1, 0) SKINNY_TYPES(skinny, SK_W16, MT, 1, 4, 8, 1, 512)              \
+    SKINNY_TYPES(skinny8b, SK_E4M3_BLOCK, MT, 1, 2, 8, 1, 0) SKINNY_TYPES(skinny8b, SK_E4M3_BLOCK, MT, 1, 4, 8, 1, 512) \
+    SKINNY_TYPES(skinny8r, SK_E4M3_ROW, MT, 1, 2, 8, 1, 0) SKINNY_TYPES(skinny8r, SK_E4M3_ROW, MT, 1, 4, 8, 1, 512) \
+    SKINNY_TYPES(skinny4, SK_INT4, MT, 1, 1, 8, 1, 0) SKINNY_TYPES(skinny4, SK_INT4, MT, 1, 2, 8, 1, 512)
 SKINNY_ROWS(1)
 SKINNY_ROWS(2)
 SKINNY_ROWS(3)
