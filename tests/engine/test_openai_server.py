@@ -250,7 +250,7 @@ BAD = [
     ({"prompt": "x", "stop_token_ids": [10**6]}, "stop_token_ids", "outside the vocabulary"),
     ({"prompt": "x", "include_stop_str_in_output": 1}, "include_stop_str_in_output", "true or false"),
     ({"prompt": "x", "spaces_between_special_tokens": "no"}, "spaces_between_special_tokens", "true or false"),
-    ({"prompt": "x", "guided_json": "{not json"}, "guided_json", "not JSON"),
+    ({"prompt": "x", "guided_json": "{not json"}, "guided_json", "not valid JSON"),
     ({"prompt": "x", "guided_json": [1]}, "guided_json", "JSON schema"),
     ({"prompt": "x", "guided_choice": []}, "guided_choice", "non-empty list"),
     ({"prompt": "x", "guided_choice": ["a", 1]}, "guided_choice", "non-empty list"),
