@@ -226,11 +226,14 @@ def _float(body: Mapping[str, Any], key: str, lo: float, hi: float, lo_open: boo
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise APIError(f"{key}: expected a number, got {show(value)}", key)
+    given = value
+    if isinstance(value, int) and abs(value) >= 2**1024:  # past any float: float() would raise OverflowError
+        value = math.inf if value > 0 else -math.inf
     value = float(value)
     if not math.isfinite(value) or not (lo < value if lo_open else lo <= value) or value > hi:
         bounds = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
         what = f"a finite number > {lo}" if hi == math.inf else f"a number in {bounds}"
-        raise APIError(f"{key}: expected {what}, got {show(value)}", key)
+        raise APIError(f"{key}: expected {what}, got {show(given)}", key)
     return value
 
 
@@ -410,7 +413,11 @@ def _common(
             raise APIError("stream_options: only allowed with stream: true", "stream_options")
         if not isinstance(options, Mapping):
             raise APIError(f"stream_options: expected an object, got {show(options)}", "stream_options")
-        include_usage = _bool(options, "include_usage", False)
+        include_usage = options.get("include_usage") or False
+        if not isinstance(include_usage, bool):
+            raise APIError(
+                f"stream_options.include_usage: expected true or false, got {show(include_usage)}", "stream_options"
+            )
     max_tokens = None
     for key in max_tokens_keys:
         value = _int(body, key, least_tokens, 2**31 - 1)
