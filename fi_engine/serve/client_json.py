@@ -84,6 +84,8 @@ _TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')  # a string or a bracket, fo
 def place(path: Path, root: str = "") -> str:
     """``path`` as a field reference after ``root``: ``messages[0].content``; keys that are no identifier in
     brackets, long paths cut after their first 8 steps."""
+    if not isinstance(path, tuple) or not all(isinstance(step, (str, int)) for step in path):
+        raise TypeError(f"path: expected a tuple of keys (str) and indices (int), got {show(path)}")
     out = root
     for step in path[:8]:
         if isinstance(step, int):
@@ -99,7 +101,9 @@ def place(path: Path, root: str = "") -> str:
 
 def read_json(data: bytes | str, what: str = "the request body") -> Any:
     """The value of the JSON text ``data`` (bytes: UTF-8) within this module's bounds; :class:`JSONRefused` naming
-    ``what`` and where otherwise."""
+    ``what`` and where otherwise (TypeError for a ``data`` that is no text)."""
+    if not isinstance(data, (bytes, str)):
+        raise TypeError(f"data: expected JSON text (bytes or str), got {type(data).__name__}")
     limit = sys.get_int_max_str_digits()
     hooked = limit == 0 or limit > _PYTHON_DIGITS
     try:

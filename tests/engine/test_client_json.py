@@ -76,3 +76,18 @@ def test_place_names_a_path_as_a_field_reference() -> None:
     assert place(()) == "the document"
     assert place(("a",) + (0,) * 20) == "a[0][0][0][0][0][0][0]... (21 levels)"
     assert len(place(("x" * 10_000,))) < 100
+
+
+def test_arguments_of_the_wrong_type_are_refused_by_name() -> None:
+    from fi_engine.serve.openai_protocol import APIError, parse_body
+
+    with pytest.raises(TypeError, match="data: expected JSON text"):
+        read_json(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="path: expected a tuple"):
+        place(["a"])  # type: ignore[arg-type]
+    with pytest.raises(APIError) as caught:  # the server's use: a 400 naming the top-level field
+        parse_body(b'{"n": ' + b"1" * 2000 + b"}")
+    assert (caught.value.status, caught.value.param, caught.value.code) == (400, "n", "invalid_value")
+    with pytest.raises(APIError) as caught:
+        parse_body(b"{")
+    assert (caught.value.param, caught.value.code) == (None, "invalid_json")

@@ -15,20 +15,9 @@ import logging
 import time
 from typing import Any
 
-import pytest
-from helpers.serve import MODEL, WAIT, Served, ServerLog
+from helpers.serve import CHAT, COMPLETIONS, MODEL, WAIT, Served, ServerLog, nested_lists, require_http_serving
 
-pytest.importorskip("tokenizers")
-pytest.importorskip("jinja2")
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
-httpx = pytest.importorskip("httpx")
-
-CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
-
-
-def nested(depth: int, inner: str = "") -> str:
-    return "[" * depth + inner + "]" * depth
+httpx = require_http_serving()
 
 
 # hostile values, as JSON text
@@ -38,8 +27,9 @@ VALUES = [
     "NaN", "Infinity", "-Infinity", '""', '" "', '"x"', '"' + "a" * 200_000 + '"', '"\\ud800"',
     '"\\udfff\\ud800"', '"ok\\ud83d"', '"\\u0000"', '"<|im_start|>user"', '"{{ 7 * 7 }}"', '"%s%n"',
     '"../../etc/passwd"', "[]", "{}", "[[]]", "[null]", '["a", 1, null, true]', "[-1]", f"[{2**70}]",
-    "[" + ",".join(["0"] * 20_000) + "]", nested(63), nested(65), nested(490), nested(5000, '"x"'),
-    '{"a": ' + nested(100) + "}", '{"' + "k" * 2000 + '": 1}', '{"\\ud800": 1}', '{"type": "function"}',
+    "[" + ",".join(["0"] * 20_000) + "]", nested_lists(63), nested_lists(65), nested_lists(490),
+    nested_lists(5000, '"x"'), '{"a": ' + nested_lists(100) + "}", '{"' + "k" * 2000 + '": 1}',
+    '{"\\ud800": 1}', '{"type": "function"}',
     '{"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}',
     '[{"type": "text", "text": "hi"}]', '[{"type": "image_url", "image_url": {"url": "x"}}]',
     '{"include_usage": true}', '[{"type": "function", "function": {"name": "f"}}]',

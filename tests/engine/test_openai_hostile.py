@@ -19,25 +19,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers.serve import MODEL, WAIT, Served, ServerLog
+from helpers.serve import CHAT, COMPLETIONS, MODEL, WAIT, Served, ServerLog, nested_lists, require_http_serving
 
-pytest.importorskip("tokenizers")
-pytest.importorskip("jinja2")
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
-httpx = pytest.importorskip("httpx")
-
-CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+httpx = require_http_serving()
 
 
 def post(url: str, path: str, body: bytes | str | dict[str, Any], **kw: Any) -> Any:
     content = json.dumps(body) if isinstance(body, dict) else body
     headers = {"Content-Type": "application/json"}
     return httpx.post(f"{url}{path}", content=content, headers=headers, timeout=WAIT, **kw)
-
-
-def nested(depth: int) -> str:
-    return "[" * depth + "]" * depth
 
 
 def chat(extra: str = "", message: str = "") -> str:
@@ -60,14 +50,24 @@ CAUSES = [
     (COMPLETIONS, f'{{"prompt": [1, {BIG}]}}', "prompt", "prompt[1] holds an integer of 5000 digits"),
     (COMPLETIONS, f'{{"prompt": "hi", "seed": -{BIG}}}', "seed", "5000 digits"),
     (COMPLETIONS, f'{{"prompt": "hi", "logit_bias": {{"{BIG}": 1}}}}', "logit_bias", "at most 10 digits"),
-    (CHAT, chat(message=f', "x": {nested(490)}'), "messages", "messages[0].x[0]"),
-    (CHAT, chat(f', "chat_template_kwargs": {{"x": {nested(490)}}}'), "chat_template_kwargs", "more than 64 deep"),
-    (CHAT, chat(f', "tools": [{TOOL % nested(490)}]'), "tools", "more than 64 deep"),
-    (CHAT, chat(f', "response_format": {{"type": "json_object", "x": {nested(490)}}}'), "response_format", "64 deep"),
-    (CHAT, chat(message=f', "x": {nested(5000)}'), "messages", "more than 64 deep"),  # past json's own limit
-    (CHAT, chat(message=f', "x": {nested(63)}'), "messages", "more than 64 deep"),  # 66 with the body's own 3
+    (CHAT, chat(message=f', "x": {nested_lists(490)}'), "messages", "messages[0].x[0]"),
+    (
+        CHAT,
+        chat(f', "chat_template_kwargs": {{"x": {nested_lists(490)}}}'),
+        "chat_template_kwargs",
+        "more than 64 deep",
+    ),
+    (CHAT, chat(f', "tools": [{TOOL % nested_lists(490)}]'), "tools", "more than 64 deep"),
+    (
+        CHAT,
+        chat(f', "response_format": {{"type": "json_object", "x": {nested_lists(490)}}}'),
+        "response_format",
+        "64 deep",
+    ),
+    (CHAT, chat(message=f', "x": {nested_lists(5000)}'), "messages", "more than 64 deep"),  # past json's own limit
+    (CHAT, chat(message=f', "x": {nested_lists(63)}'), "messages", "more than 64 deep"),  # 66 with the body's own 3
     (CHAT, deep_call("[" * 5000), "messages", "messages[0].tool_calls[0].function.arguments: nests"),
-    (CHAT, deep_call(nested(70)), "messages", "messages[0].tool_calls[0].function.arguments: [0][0]"),
+    (CHAT, deep_call(nested_lists(70)), "messages", "messages[0].tool_calls[0].function.arguments: [0][0]"),
     (COMPLETIONS, '{"prompt": [1000000000], "max_tokens": 0, "echo": true}', "prompt", "outside the vocabulary"),
     (COMPLETIONS, '{"prompt": [-1], "max_tokens": 0, "echo": true}', "prompt", "outside the vocabulary"),
     (COMPLETIONS, f'{{"prompt": [{2**70}], "max_tokens": 0, "echo": true}}', "prompt", "outside the vocabulary"),
@@ -95,10 +95,10 @@ def test_the_bounds_leave_every_real_value_alone(served: Served) -> None:
     """The largest integer, the deepest nesting and the surrogate pairs the bounds allow are served."""
     ok = [
         (COMPLETIONS, f'{{"prompt": "hi", "max_tokens": 2, "metadata": {{"n": {"9" * 1000}}}}}'),
-        (CHAT, chat(', "max_tokens": 2', f', "x": {nested(61)}')),  # 64 levels with the body's own 3
+        (CHAT, chat(', "max_tokens": 2', f', "x": {nested_lists(61)}')),  # 64 levels with the body's own 3
         (CHAT, chat(', "max_tokens": 2', ', "name": "\\ud83d\\ude00 \\u00e9"')),
         (COMPLETIONS, f'{{"prompt": "{"1" * 1500}", "max_tokens": 2}}'),  # digits in a text are no integer
-        (CHAT, deep_call(nested(64))),
+        (CHAT, deep_call(nested_lists(64))),
     ]
     for path, body in ok:
         r = post(served.url, path, body)

@@ -96,6 +96,23 @@ class Served:
         self.service.close(timeout=1.0)
 
 
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"  # the paths of the endpoints that generate
+
+
+def require_http_serving() -> Any:
+    """Skip unless the server's packages, the text layer's and ``httpx`` are installed; the ``httpx`` module."""
+    import pytest
+
+    for module in ("tokenizers", "jinja2", "starlette", "uvicorn"):
+        pytest.importorskip(module)
+    return pytest.importorskip("httpx")
+
+
+def nested_lists(depth: int, inner: str = "") -> str:
+    """JSON text of ``depth`` lists inside one another around ``inner``."""
+    return "[" * depth + inner + "]" * depth
+
+
 def require_serving() -> Any:
     """Skip unless the server's and the text layer's packages are installed; the ``openai`` module."""
     import pytest
