@@ -371,7 +371,7 @@ class _Handlers:
         tokenized, and :meth:`_budget` then says exactly how many tokens it has."""
         codec, context = self.service.codec, self.max_model_len
         bound = codec.tokenizer.max_token_bytes if codec is not None else None
-        if bound is None or context is None or len(text) < context:  # (a character is at least one byte)
+        if bound is None or context is None:
             return
         size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))  # (isascii: O(1))
         least = -(-size // bound)
