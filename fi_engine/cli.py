@@ -630,6 +630,14 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         help="origins browsers may call the API from (CORS), as a JSON list or comma-separated, such as "
         "https://a.example,https://b.example (default: any, as vLLM's; '[]': no CORS headers)",
     )
+    p.add_argument(
+        "--max-request-bytes",
+        type=_request_bytes,
+        default=None,
+        metavar="BYTES",
+        help="the largest request body taken; a larger one is answered 413 (default 33554432: 32 MiB, room for a "
+        "million-token prompt several times over)",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -656,6 +664,10 @@ def _origins(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(
             f"expected a JSON list of origins or a comma-separated list, such as https://a.example, got {text!r}"
         ) from None
+
+
+def _request_bytes(text: str) -> int:
+    return _in_range(text, 1024, 1 << 62, "a number of bytes >= 1024")
 
 
 def _port(text: str) -> int:
@@ -782,6 +794,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 quantization=quantization,
                 api_key=args.api_key,
                 allowed_origins=args.allowed_origins,
+                **({} if args.max_request_bytes is None else {"max_request_bytes": args.max_request_bytes}),
             )
         finally:
             service.close(timeout=args.grace)
@@ -841,6 +854,7 @@ def _serve_api_servers(
                 quantization=quantization,
                 api_key=args.api_key,
                 allowed_origins=args.allowed_origins,
+                max_request_bytes=args.max_request_bytes,
             )
         except ValueError as exc:  # the address cannot be bound
             print(f"{where}: {exc}", file=sys.stderr)

@@ -72,6 +72,7 @@ class _Settings:
     log_level: str
     quantization: str | None
     allowed_origins: tuple[str, ...]
+    max_request_bytes: int
     api_key: str | None = field(default=None, repr=False)  # through the spawn pipe: never on a command line
 
 
@@ -89,7 +90,7 @@ def _front_end(
         signal.signal(sig, _ignore)
     try:
         from ..text.codec import TextCodec
-        from .openai_server import SWITCH_INTERVAL_S, _require, build_app
+        from .openai_server import SWITCH_INTERVAL_S, _require, build_app, uvicorn_config
         from .service import GenerationService
 
         uvicorn = _require("uvicorn")
@@ -109,10 +110,9 @@ def _front_end(
             quantization=settings.quantization,
             api_key=settings.api_key,
             allowed_origins=settings.allowed_origins,
+            max_request_bytes=settings.max_request_bytes,
         )
-        config = uvicorn.Config(
-            app, log_level=settings.log_level, timeout_graceful_shutdown=settings.graceful_s, lifespan="on"
-        )
+        config = uvicorn_config(app, log_level=settings.log_level, graceful_s=settings.graceful_s)
         server = uvicorn.Server(config)
         threading.Thread(
             target=_listen_to_owner, args=(server, lifeline), name="fi-engine-lifeline", daemon=True
@@ -211,6 +211,7 @@ def serve_api_servers(
     quantization: str | None = None,
     api_key: str | None = None,
     allowed_origins: Sequence[str] = ("*",),
+    max_request_bytes: int | None = None,
 ) -> None:
     """Serve ``engine`` through ``engine.clients`` API-server processes (see the module docstring) until
     SIGINT/SIGTERM; the engine process stays open (its owner, the caller, closes it).
@@ -227,8 +228,9 @@ def serve_api_servers(
         log_level: uvicorn's log level in each front end.
         ready: called once every front end listens, with the port and the front ends' process ids.
         quantization: the ``quant_method`` of the weights served (``/v1/models``); None: 16-bit weights.
-        api_key, allowed_origins: as :func:`~fi_engine.serve.openai_server.build_app` takes them, in every front
-            end (the key reaches them through their start-up pipe, not their command lines).
+        api_key, allowed_origins, max_request_bytes: as :func:`~fi_engine.serve.openai_server.build_app` takes them,
+            in every front end (the key reaches them through their start-up pipe, not their command lines;
+            ``max_request_bytes`` None: its default).
 
     Raises:
         TypeError/ValueError naming the argument (``port``/``host`` also when the address cannot be bound);
@@ -251,9 +253,16 @@ def serve_api_servers(
         raise ValueError(f"graceful_s: expected seconds >= 0, got {show(graceful_s)}")
     if ready is not None and not callable(ready):
         raise TypeError(f"ready: expected a callable(port, pids) or None, got {type(ready).__name__}")
-    from .openai_server import check_api_key, check_origins, check_quantization
+    from .openai_server import (
+        MAX_REQUEST_BYTES,
+        check_api_key,
+        check_max_request_bytes,
+        check_origins,
+        check_quantization,
+    )
 
     check_quantization(quantization)
+    body_limit = check_max_request_bytes(MAX_REQUEST_BYTES if max_request_bytes is None else max_request_bytes)
     origins = check_origins(allowed_origins)
     check_api_key(api_key)
     from .metrics import ServingMetrics
@@ -261,7 +270,16 @@ def serve_api_servers(
 
     count = engine.clients
     settings = _Settings(
-        str(model_dir), names, max_model_len, max_queue, float(graceful_s), log_level, quantization, origins, api_key
+        str(model_dir),
+        names,
+        max_model_len,
+        max_queue,
+        float(graceful_s),
+        log_level,
+        quantization,
+        origins,
+        body_limit,
+        api_key,
     )
     socks = _listen(host, port, count)
     bound = socks[0].getsockname()[1]

@@ -30,8 +30,9 @@ from ..runtime.stepping import TokenLogprobs
 from ..text.grammar import response_format_schema
 from ..text.tool_calls import ToolCall
 from ..values import show
+from .client_json import JSONRefused, read_json
 
-__all__ = ["APIError", "ParsedRequest", "error_body", "parse_chat", "parse_completion"]
+__all__ = ["APIError", "ParsedRequest", "error_body", "parse_body", "parse_chat", "parse_completion"]
 
 MAX_N = 128  # choices per request (each is a request in the engine)
 MAX_STOP = 64  # stop strings per request
@@ -39,6 +40,13 @@ MAX_STOP_IDS = 1024  # stop_token_ids per request
 MAX_TEMPERATURE = 1e4  # as generation_config.json's bound: far past any useful value, finite in float32
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for /v1/completions
 MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a logit_bias value
+MAX_TOKEN_ID_DIGITS = 10  # a token id fits an int32 (the kernels' width): a longer logit_bias key is none
+# A grammar's source (a JSON schema as JSON text, a regex, a Lark/GBNF grammar, guided_choice's list as JSON) and
+# guided_choice's entries: llguidance's compile time grows faster than linearly with the size (a 95 KiB schema of
+# optional properties takes 1.3 s to compile and check on one CPU core, a 190 KiB one 5.8 s), and it refuses a
+# choice of more than 2,000 entries (its branching limit) and panics past 65,000 grammar symbols
+MAX_GRAMMAR_BYTES = 64 * 1024
+MAX_CHOICES = 2000
 LOGPROB_FLOOR = -9999.0  # OpenAI's value for a token too unlikely to say (and what -inf is sent as)
 
 Piece = Callable[[int], tuple[str, bytes]]
@@ -154,6 +162,36 @@ class ParsedRequest:
         return [(base + i) % 2**64 for i in range(self.n)]
 
 
+def parse_body(raw: bytes) -> Any:
+    """A request body's JSON (:func:`~fi_engine.serve.client_json.read_json`: strict, nesting and integers bounded),
+    or an :class:`APIError` naming the top-level field that holds what was refused."""
+    try:
+        return read_json(raw)
+    except JSONRefused as exc:
+        field = exc.path[0] if exc.path and isinstance(exc.path[0], str) else None
+        raise APIError(str(exc), field, code="invalid_value" if field else "invalid_json") from None
+
+
+def _json_text(text: str, where: str, param: str) -> Any:
+    """A JSON text inside a request (a tool call's ``arguments``, a schema given as text) read as the body is;
+    an :class:`APIError` naming ``where`` and ``param`` otherwise."""
+    try:
+        return read_json(text, where)
+    except JSONRefused as exc:
+        raise APIError(str(exc), param) from None
+
+
+def _grammar_size(where: str, key: str, text: str) -> None:
+    """Refuse a grammar source longer than :data:`MAX_GRAMMAR_BYTES`, naming ``where`` (the field ``key``)."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_GRAMMAR_BYTES:
+        raise APIError(
+            f"{where}: {size} bytes long; a grammar may be at most {MAX_GRAMMAR_BYTES} bytes (as JSON text, for a "
+            "schema or a choice list) here; simplify it",
+            key,
+        )
+
+
 def _object(body: Any) -> Mapping[str, Any]:
     if not isinstance(body, Mapping):
         raise APIError(f"the request body must be a JSON object, got {type(body).__name__}")
@@ -188,11 +226,14 @@ def _float(body: Mapping[str, Any], key: str, lo: float, hi: float, lo_open: boo
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise APIError(f"{key}: expected a number, got {show(value)}", key)
+    given = value
+    if isinstance(value, int) and abs(value) >= 2**1024:  # past any float: float() would raise OverflowError
+        value = math.inf if value > 0 else -math.inf
     value = float(value)
     if not math.isfinite(value) or not (lo < value if lo_open else lo <= value) or value > hi:
         bounds = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
         what = f"a finite number > {lo}" if hi == math.inf else f"a number in {bounds}"
-        raise APIError(f"{key}: expected {what}, got {show(value)}", key)
+        raise APIError(f"{key}: expected {what}, got {show(given)}", key)
     return value
 
 
@@ -206,9 +247,11 @@ def _logit_bias(body: Mapping[str, Any]) -> dict[int, float]:
     out = {}
     for key, bias in value.items():
         token = key.strip() if isinstance(key, str) else ""
-        if not token.isdecimal():
+        if not token.isdecimal() or len(token) > MAX_TOKEN_ID_DIGITS:
             raise APIError(
-                f'logit_bias: keys are token ids (decimal strings such as "50256"), got {show(key)}', "logit_bias"
+                f'logit_bias: keys are token ids (decimal strings such as "50256", at most {MAX_TOKEN_ID_DIGITS} '
+                f"digits), got {show(key)}",
+                "logit_bias",
             )
         if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not abs(bias) <= MAX_LOGIT_BIAS:
             raise APIError(f"logit_bias[{key}]: expected a bias in [-100, 100], got {show(bias)}", "logit_bias")
@@ -316,22 +359,23 @@ def _guide(key: str, kind: str, value: Any) -> tuple[dict[str, Any] | None, tupl
             raise APIError(f"{where}: expected true, got {show(value)}", key)
         return {"type": "json_object"}, None
     if kind == "json":
-        schema = value
-        if isinstance(value, str):
-            try:
-                schema = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise APIError(f"{where}: the schema's text is not JSON ({exc})", key) from None
+        schema = _json_text(value, where, key) if isinstance(value, str) else value
         if not isinstance(schema, Mapping):
             raise APIError(f"{where}: expected a JSON schema (an object, or its JSON text), got {show(value)}", key)
+        _grammar_size(where, key, json.dumps(schema, ensure_ascii=False))
         return {"type": "json_schema", "json_schema": {"name": key, "schema": dict(schema)}}, None
     if kind == "choice":
         if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
             raise APIError(f"{where}: expected a non-empty list of non-empty strings, got {show(value)}", key)
-        return None, ("choice", json.dumps(value, ensure_ascii=False))
+        if len(value) > MAX_CHOICES:
+            raise APIError(f"{where}: {len(value)} choices; at most {MAX_CHOICES} are served", key)
+        choices = json.dumps(value, ensure_ascii=False)
+        _grammar_size(where, key, choices)
+        return None, ("choice", choices)
     if not isinstance(value, str) or not value.strip():
         what = "a regular expression" if kind == "regex" else "a grammar (Lark or GBNF text)"
         raise APIError(f"{where}: expected {what}, got {show(value)}", key)
+    _grammar_size(where, key, value)
     return None, (kind, value)
 
 
@@ -369,7 +413,11 @@ def _common(
             raise APIError("stream_options: only allowed with stream: true", "stream_options")
         if not isinstance(options, Mapping):
             raise APIError(f"stream_options: expected an object, got {show(options)}", "stream_options")
-        include_usage = _bool(options, "include_usage", False)
+        include_usage = options.get("include_usage") or False
+        if not isinstance(include_usage, bool):
+            raise APIError(
+                f"stream_options.include_usage: expected true or false, got {show(include_usage)}", "stream_options"
+            )
     max_tokens = None
     for key in max_tokens_keys:
         value = _int(body, key, least_tokens, 2**31 - 1)
@@ -426,6 +474,8 @@ def _response_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
         schema = response_format_schema(value)
     except (ValueError, TypeError) as exc:
         raise APIError(str(exc), "response_format") from None
+    if schema is not None:
+        _grammar_size("response_format.json_schema.schema", "response_format", json.dumps(schema, ensure_ascii=False))
     return None if schema is None else dict(value)
 
 
@@ -643,12 +693,7 @@ def _message_tool_calls(message: Mapping[str, Any], i: int) -> dict[str, Any]:
             )
         arguments = function.get("arguments")
         if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError:
-                raise APIError(
-                    f"messages[{i}].tool_calls[{j}].function.arguments: not JSON ({show(arguments)})", "messages"
-                ) from None
+            arguments = _json_text(arguments, f"messages[{i}].tool_calls[{j}].function.arguments", "messages")
         out.append({**call, "function": {**function, "arguments": arguments}})
     return {"tool_calls": out}
 

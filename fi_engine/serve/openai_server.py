@@ -8,17 +8,28 @@ Endpoints: ``GET /v1/models``; ``POST /v1/completions`` and ``POST /v1/chat/comp
 
 Every client's requests go to the one service, whose engine thread batches them all (continuous batching across
 HTTP requests; with ``fi-engine serve --api-servers N`` each of N processes runs this app over a service of its
-own, all over one engine process: :mod:`fi_engine.serve.api_servers`); the event loop only checks bodies, renders and
-encodes prompts, and relays deltas. A full queue is 429 (with ``Retry-After``); a client that disconnects cancels
-its requests (their slots and pages are freed at the engine's next turn); a bad body, an unknown model or an
-out-of-range value is 400 with OpenAI's error object naming the field (:mod:`fi_engine.serve.openai_protocol`); nothing
-a client sends is answered 500. On shutdown uvicorn stops accepting, waits for open responses up to the grace
-period, and the service then cancels what is left.
+own, all over one engine process: :mod:`fi_engine.serve.api_servers`); the event loop only checks small bodies and
+relays deltas: reading a large body's JSON, rendering the chat template, tokenizing and compiling a grammar run in
+worker threads (the tokenizer and the grammar compiler release the interpreter lock), so that one heavy request
+does not stall the other clients' streams. A full queue is 429 (with ``Retry-After``); a client that disconnects
+cancels its requests (their slots and pages are freed at the engine's next turn; one INFO line says so); a bad
+body, an unknown model or an out-of-range value is 400 with OpenAI's error object naming the field
+(:mod:`fi_engine.serve.openai_protocol`; no server file path in any message); nothing a client sends is answered
+500: a 500 is a fault of the server's own (``code`` null, logged once with its traceback).
+
+Limits against hostile clients: a body larger than ``max_request_bytes`` is 413 (from its ``Content-Length`` before
+it is read, or once a chunked body passes it); a body whose parts stop coming for :data:`BODY_TIMEOUT_S` is 408; a
+connection that does not send a request's line and headers within :data:`HEADER_TIMEOUT_S` is closed (uvicorn has
+no such timeout: :func:`uvicorn_config` adds it); a prompt certain to exceed the context from its length in bytes
+is refused before it is tokenized (:attr:`~fi_engine.text.tokenizer.Tokenizer.max_token_bytes`); a grammar is
+compiled with a time limit (:data:`GRAMMAR_TIMEOUT_S`). On shutdown uvicorn stops accepting, waits for open
+responses up to the grace period, and the service then cancels what is left.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
 import importlib
 import json
@@ -32,7 +43,8 @@ from typing import Any
 
 from ..runtime.sampling_params import SamplingParams
 from ..runtime.stepping import TokenLogprobs
-from ..text.grammar import GrammarTokenizer, _llguidance, response_format_grammar
+from ..text.args import arg_token_ids
+from ..text.grammar import GrammarTokenizer, _llguidance, _said, response_format_grammar
 from ..text.harmony import MARKERS
 from ..text.tool_calls import ToolCall, ToolCallParser, call_format, opener
 from .openai_protocol import (
@@ -49,6 +61,7 @@ from .openai_protocol import (
     completion_logprobs,
     error_body,
     new_id,
+    parse_body,
     parse_chat,
     parse_completion,
     tool_call_body,
@@ -57,7 +70,7 @@ from .openai_protocol import (
 )
 from .service import GenerationService, QueueFullError, RequestStream, ServiceClosedError, ServiceError
 
-__all__ = ["build_app", "serve"]
+__all__ = ["MAX_REQUEST_BYTES", "build_app", "serve", "uvicorn_config"]
 
 log = logging.getLogger("fi_engine.server")
 SERVE_HINT = "python -m pip install '.[serve]' in the fi_ffi checkout"
@@ -68,6 +81,23 @@ SERVE_HINT = "python -m pip install '.[serve]' in the fi_ffi checkout"
 # API servers, 2026-11-24: benchmarks/RESULTS.md), where a decode step takes 1.2 ms. Set by serve() and by each API
 # server process, which are the server's own; a program that embeds the service keeps its own setting.
 SWITCH_INTERVAL_S = 0.0005
+# The largest request body, in bytes, by default (fi-engine serve --max-request-bytes): the longest prompts served
+# (a context of a million tokens, about 4 MB of text or 7 MB as token ids in JSON) fit several times over, while
+# what one request can make the server hold and parse stays bounded (reading 32 MiB of token ids takes about a
+# second of one core).
+MAX_REQUEST_BYTES = 32 * 1024 * 1024
+# A request's line and headers must arrive within this many seconds of the connection's start (or of the previous
+# response): a client on a working network sends them in milliseconds, and a connection that trickles them
+# would otherwise stay open for ever (nginx's client_header_timeout is 60 s; 10 s frees a slot sooner).
+HEADER_TIMEOUT_S = 10.0
+# The most seconds between two parts of a request's body (nginx's client_body_timeout, which is 60 s, counts the
+# same way); a body still coming this long after its answer was sent (a 413's) is not waited for either.
+BODY_TIMEOUT_S = 10.0
+# A grammar (response_format, guided_*) not compiled and checked within this many seconds is refused; the request
+# sizes llguidance gets (openai_protocol.MAX_GRAMMAR_BYTES) compile in about a second.
+GRAMMAR_TIMEOUT_S = 10.0
+# Bodies larger than this are read (their JSON parsed and the request's fields checked) in a worker thread
+OFF_LOOP_BYTES = 64 * 1024
 
 
 def _require(module: str) -> Any:
@@ -133,16 +163,36 @@ class _Handlers:
     """The endpoints, bound to one service and the model names it answers to."""
 
     def __init__(
-        self, service: GenerationService, models: Sequence[str], max_model_len: int | None, quantization: str | None
+        self,
+        service: GenerationService,
+        models: Sequence[str],
+        max_model_len: int | None,
+        quantization: str | None,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+        body_timeout_s: float = BODY_TIMEOUT_S,
+        grammar_timeout_s: float = GRAMMAR_TIMEOUT_S,
     ) -> None:
         self.service = service
         self.models = list(models)
         self.max_model_len = max_model_len
         self.quantization = quantization
+        self.max_request_bytes = max_request_bytes
+        self.body_timeout_s = body_timeout_s
+        self.grammar_timeout_s = grammar_timeout_s
         self.started = int(time.time())
         self.grammars: GrammarTokenizer | None = None  # the served tokenizer for response_format, made on first use
         self.grammars_built = asyncio.Lock()
+        # grammars compile in threads of their own: a compile past its time limit runs on (a thread cannot be
+        # stopped), and two threads bound how many can at once
+        self.compiler = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="fi-engine-grammar")
+        # large bodies are read one at a time: the JSON parser holds the interpreter lock for the whole of a long
+        # text (about 2 ms a MB), and several at once would keep the event loop waiting for it the longer
+        self.reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fi-engine-json")
+        self.hidden = _server_paths(service)
+        from starlette.requests import ClientDisconnect
         from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+        self.ClientDisconnect = ClientDisconnect
 
         self.JSONResponse, self.PlainTextResponse = JSONResponse, PlainTextResponse
         self.Response, self.StreamingResponse = Response, StreamingResponse
@@ -150,18 +200,59 @@ class _Handlers:
     # -- plumbing ----------------------------------------------------------------------------------------------
 
     def error(self, error: APIError) -> Any:
+        """The response of ``error``, the server's own file paths taken out of its message (a client learns
+        nothing of the machine from it)."""
         self.service.metrics.response(error.status)
         headers = {"Retry-After": "1"} if error.status == 429 else None
+        if error.status == 408:  # the client stalled: free the connection
+            headers = {"Connection": "close"}
+        message = error.message
+        for path, said in self.hidden:
+            message = message.replace(path, said)
+        if message != error.message:
+            error = APIError(message, error.param, status=error.status, type=error.type, code=error.code)
         return self.JSONResponse(error_body(error), status_code=error.status, headers=headers)
 
-    async def body(self, request: Any) -> Any:
-        raw = await request.body()
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(f"the request body is not valid JSON: {exc}", None, code="invalid_json") from None
-        except RecursionError:
-            raise APIError("the request body nests too deeply", None, code="invalid_json") from None
+    async def parsed(self, request: Any, chat: bool) -> ParsedRequest:
+        """The request's body read (:meth:`body_bytes`) and checked (:func:`parse_body`, then :func:`parse_chat` or
+        :func:`parse_completion`), in the reader's thread when it is large."""
+
+        def parse(raw: bytes) -> ParsedRequest:
+            body = parse_body(raw)
+            return parse_chat(body, self.models) if chat else parse_completion(body, self.models)
+
+        raw = await self.body_bytes(request)
+        if len(raw) <= OFF_LOOP_BYTES:
+            return parse(raw)
+        return await asyncio.get_running_loop().run_in_executor(self.reader, parse, raw)
+
+    async def body_bytes(self, request: Any) -> bytes:
+        """The request's body: 413 once it passes ``max_request_bytes`` (at once from a ``Content-Length`` that says
+        so), 408 when its next part does not come within ``body_timeout_s`` (:data:`BODY_TIMEOUT_S`)."""
+        limit = self.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdecimal() and (len(declared) > 20 or int(declared) > limit):
+            raise _too_large(limit, f"{declared} bytes")
+        parts: list[bytes] = []
+        size = 0
+        chunks = aiter(request.stream())
+        while True:
+            try:
+                chunk = await asyncio.wait_for(anext(chunks, b""), self.body_timeout_s)
+            except TimeoutError:
+                raise APIError(
+                    f"the request body stopped coming: no part of it for {self.body_timeout_s:g} s; send it without "
+                    "pauses",
+                    None,
+                    status=408,
+                    code="request_timeout",
+                ) from None
+            if not chunk:
+                return b"".join(parts)
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit, f"more than {limit} bytes")
+            parts.append(chunk)
 
     # -- endpoints ---------------------------------------------------------------------------------------------
 
@@ -203,11 +294,16 @@ class _Handlers:
 
     async def _generate(self, request: Any, chat: bool) -> Any:
         try:
-            body = await self.body(request)
-            parsed = parse_chat(body, self.models) if chat else parse_completion(body, self.models)
-            submitted = self._submit(parsed, await self._grammar(parsed))
+            parsed = await self.parsed(request, chat)
+            grammar = await self._grammar(parsed)
+            reading = self._reading(parsed)
+            prompts = await asyncio.to_thread(self._prompts, parsed, reading[1])
+            submitted = self._submit(parsed, grammar, reading, prompts)
         except APIError as exc:
             return self.error(exc)
+        except self.ClientDisconnect:
+            log.info("%s %s: the client hung up while sending its request", request.method, request.url.path)
+            return self.Response(status_code=499)  # nobody reads it
         streams = submitted.streams
         try:
             await asyncio.gather(*(s.aaccepted() for s in streams))
@@ -216,7 +312,7 @@ class _Handlers:
                 s.cancel()
             return self.error(_refusal(exc, chat, parsed.grammar_field))
         except ServiceError as exc:
-            return self.error(APIError(str(exc), status=500, type="server_error", code="engine_error"))
+            return self.error(_engine_failed(exc))
         except asyncio.CancelledError:
             for s in streams:
                 s.cancel()
@@ -228,29 +324,82 @@ class _Handlers:
             return self.StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await self._whole(request, parsed, submitted, rid, chat)
 
-    def _submit(self, parsed: ParsedRequest, grammar: str | None) -> _Submitted:
-        """Encode the prompts and queue ``n`` requests per prompt (``grammar``: their response_format's), all or
-        none; their choices (one per request) and the prompt token count."""
-        service = self.service
-        codec = service.codec
+    def _prompts(self, parsed: ParsedRequest, lead: str) -> tuple[list[list[int]], list[str]]:
+        """The request's prompts as token ids (a chat's rendered by the template, then ``lead``: a forced call's
+        start) and, with ``echo``, as the text each choice begins with. Run in a worker thread: the template and
+        the tokenizer take time in proportion to the prompt. A prompt certain to exceed the context from its length
+        in bytes is refused before it is tokenized (:meth:`_fits`); token ids are checked against the vocabulary
+        before they are decoded for ``echo``."""
+        codec = self.service.codec
         if codec is None:
             raise APIError("this server has no tokenizer: it serves token-id prompts only", "prompt")
+        tokenizer = codec.tokenizer
         try:
-            fmt, lead, reads_calls = self._reading(parsed)
             if parsed.messages is not None:  # the template renders the tools; a forced call's start follows
                 text = codec.render_chat(
                     parsed.messages, parsed.add_generation_prompt, parsed.tools, **parsed.template_kwargs
                 )
                 if parsed.continue_final_message:
                     text = _continued(text, parsed.messages[-1]["content"])
-                ids = [codec.tokenizer.encode(text + lead, add_special_tokens=False)]
-            else:
-                assert parsed.prompts is not None
-                ids = [codec.encode(p) if isinstance(p, str) else p for p in parsed.prompts]
-                if not all(ids):
-                    raise APIError("prompt: the text encodes to no token; give a non-empty prompt", "prompt")
+                self._fits(parsed, text + lead, "messages")
+                return [tokenizer.encode(text + lead, add_special_tokens=False)], []
+            assert parsed.prompts is not None
+            ids = []
+            for i, prompt in enumerate(parsed.prompts):
+                name = "prompt" if len(parsed.prompts) == 1 else f"prompt[{i}]"
+                if isinstance(prompt, str):
+                    self._fits(parsed, prompt, name)
+                    ids.append(codec.encode(prompt))
+                else:
+                    ids.append(arg_token_ids(name, prompt, tokenizer.vocab_size))
+            if not all(ids):
+                raise APIError("prompt: the text encodes to no token; give a non-empty prompt", "prompt")
+            skip = parsed.skip_special_tokens
+            echoes = [  # the prompt as given; token ids as their text
+                given if isinstance(given, str) else codec.decode(prompt_ids, skip)
+                for given, prompt_ids in zip(parsed.prompts, ids, strict=True)
+                if parsed.echo
+            ]
+            return ids, echoes
         except (ValueError, TypeError) as exc:  # a template that refuses the messages, ...
             raise _named(exc, "messages" if parsed.messages is not None else "prompt") from None
+
+    def _fits(self, parsed: ParsedRequest, text: str, where: str) -> None:
+        """400 ``context_length_exceeded`` where ``text`` (a prompt about to be tokenized, ``where`` in the
+        request) cannot fit the context, as its length in bytes proves: it encodes to at least one token per
+        ``max_token_bytes`` bytes (None: a tokenizer that proves no such bound). A prompt that might fit is
+        tokenized, and :meth:`_budget` then says exactly how many tokens it has."""
+        codec, context = self.service.codec, self.max_model_len
+        bound = codec.tokenizer.max_token_bytes if codec is not None else None
+        if bound is None or context is None:
+            return
+        size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))  # (isascii: O(1))
+        least = -(-size // bound)
+        if least < context:
+            return
+        raise APIError(
+            f"This model's maximum context length is {context} tokens. However, your {where} is {size} bytes long, "
+            f"which is at least {least} tokens (a token of this model's tokenizer stands for {bound} bytes at most). "
+            f"Please reduce the length of the {where}.",
+            where.split("[", 1)[0],
+            code="context_length_exceeded",
+        )
+
+    def _submit(
+        self,
+        parsed: ParsedRequest,
+        grammar: str | None,
+        reading: tuple[str | None, str, bool],
+        encoded: tuple[list[list[int]], list[str]],
+    ) -> _Submitted:
+        """Queue ``n`` requests per prompt (``grammar``: their response_format's; ``reading``: how their replies are
+        read, :meth:`_reading`; ``encoded``: the prompts' ids and echoes, :meth:`_prompts`), all or none; their
+        choices (one per request) and the prompt token count."""
+        service = self.service
+        codec = service.codec
+        assert codec is not None  # _prompts refused the request otherwise
+        fmt, lead, reads_calls = reading
+        ids, echoes = encoded
         gen = codec.generation
         temperature = parsed.temperature
         if temperature is None:  # the checkpoint's default (generation_config.json), else OpenAI's 1.0
@@ -279,10 +428,7 @@ class _Handlers:
             limit = self._budget(parsed, len(prompt))
             if parsed.min_tokens > limit:
                 raise APIError(f"min_tokens: {parsed.min_tokens} exceeds the {limit} tokens left", "min_tokens")
-            echo = ""
-            if parsed.echo:  # the prompt as given; token ids as their text
-                given = parsed.prompts[i] if parsed.prompts is not None else prompt
-                echo = given if isinstance(given, str) else codec.decode(given, parsed.skip_special_tokens)
+            echo = echoes[i] if echoes else ""
             for seed in parsed.seeds():
                 prompts.append(prompt)
                 limits.append(max(limit, 1))  # max_tokens 0 (echo): one token generated, left out of the answer
@@ -394,14 +540,23 @@ class _Handlers:
         """The grammar of the request's ``response_format`` (None: free text), compiled once for the request and
         checked against the served tokenizer, off the event loop (the tokenizer's index is built on the first such
         request: up to seconds for a large vocabulary); 400 naming ``response_format`` when it cannot be (a schema
-        llguidance refuses, the ``llguidance`` package missing)."""
+        llguidance refuses, the ``llguidance`` package missing, a compile past ``grammar_timeout_s``)."""
         if parsed.response_format is None and parsed.guide is None:
             return None
         loop = asyncio.get_running_loop()
         async with self.grammars_built:
             if self.grammars is None:
-                self.grammars = await loop.run_in_executor(None, self._grammar_tokenizer, parsed.grammar_field)
-        return await loop.run_in_executor(None, self._compile, self.grammars, parsed)
+                self.grammars = await loop.run_in_executor(self.compiler, self._grammar_tokenizer, parsed.grammar_field)
+        compiled = loop.run_in_executor(self.compiler, self._compile, self.grammars, parsed)
+        try:
+            return await asyncio.wait_for(compiled, self.grammar_timeout_s)
+        except TimeoutError:
+            field = parsed.grammar_field
+            raise APIError(
+                f"{field}: the grammar did not compile within {self.grammar_timeout_s:g} s; simplify it",
+                field,
+                code="unsupported_value",
+            ) from None
 
     def _grammar_tokenizer(self, field: str) -> GrammarTokenizer:
         """The served tokenizer's :class:`GrammarTokenizer`, handed to an engine in this process that matches
@@ -505,11 +660,18 @@ class _Handlers:
             gone.cancel()
         if not results.done():
             results.cancel()
+            results.add_done_callback(_taken)
+            log.info(
+                "%s %s: the client hung up before its answer; its %d requests were cancelled",
+                request.method,
+                request.url.path,
+                len(streams),
+            )
             return self.Response(status_code=499)  # nobody reads it
         try:
             done = results.result()
         except ServiceError as exc:
-            return self.error(APIError(str(exc), status=500, type="server_error", code="engine_error"))
+            return self.error(_engine_failed(exc))
         generated = sum(r.completion_tokens for r, c in zip(done, choices, strict=True) if c.generates)
         usage = usage_body(submitted.prompt_tokens, generated, _cached([r.num_cached_tokens for r in done], parsed.n))
         answers: list[Choice] = []
@@ -582,8 +744,10 @@ class _Handlers:
                 else:
                     yield _sse(choice_chunk(COMPLETION_CHUNK, rid, parsed.model, created, None, {}, None, usage))
         except ServiceError as exc:
-            error = APIError(str(exc), status=500, type="server_error", code="engine_error")
-            yield _sse(error_body(error))
+            yield _sse(error_body(_engine_failed(exc)))
+        except (GeneratorExit, asyncio.CancelledError):  # the client hung up
+            log.info("a client hung up during its stream %s; its %d requests were cancelled", rid, len(streams))
+            raise
         finally:
             for s in streams:
                 s.cancel()
@@ -688,7 +852,7 @@ def _response_format_errors(field: str = "response_format") -> Iterator[None]:
     except ModuleNotFoundError as exc:
         raise APIError(f"{field}: {exc}", field, code="unsupported_value") from None
     except (ValueError, TypeError) as exc:
-        text = str(exc)
+        text = _said(str(exc), 600)  # llguidance's own refusals (grammar_from's) as well as the text layer's
         if not text.startswith("response_format"):
             text = f"response_format: {text}"
         raise APIError(field + text.removeprefix("response_format"), field) from None
@@ -707,6 +871,39 @@ def _continued(rendered: str, content: str) -> str:
         "be continued; send add_generation_prompt: true without continue_final_message",
         "continue_final_message",
     )
+
+
+def _too_large(limit: int, size: str) -> APIError:
+    """The 413 of a body over ``limit`` bytes (``size``: what it was found to be)."""
+    return APIError(
+        f"the request body is {size}, over this server's limit of {limit} bytes (fi-engine serve --max-request-bytes)",
+        None,
+        status=413,
+        code="request_too_large",
+    )
+
+
+def _engine_failed(exc: BaseException) -> APIError:
+    """The 500 of an engine that failed: a fault of the server's, no ``code`` (as OpenAI's 500s)."""
+    return APIError(str(exc), status=500, type="server_error", code=None)
+
+
+def _taken(future: asyncio.Future[Any]) -> None:
+    """Take a cancelled gathering's outcome, so that asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _server_paths(service: GenerationService) -> list[tuple[str, str]]:
+    """The server's own file paths that messages of the text layer may hold (the checkpoint's folder, as given and
+    resolved), each with what a client is told instead: ``.../chat_template.jinja`` becomes ``chat_template.jinja``,
+    the folder itself ``the checkpoint``. Longest first, so that one inside another is replaced whole."""
+    codec = service.codec
+    if codec is None:
+        return []
+    folders = {str(codec.tokenizer.source.parent), str(codec.tokenizer.source.parent.resolve())}
+    pairs = [(f"{f}/", "") for f in folders] + [(f, "the checkpoint") for f in folders]
+    return sorted(pairs, key=lambda pair: -len(pair[0]))
 
 
 def _named(exc: BaseException, default: str) -> APIError:
@@ -771,6 +968,38 @@ def check_origins(allowed_origins: Any) -> tuple[str, ...]:
 _OPEN_PATHS = ("/health", "/metrics")  # what --api-key leaves open, as vLLM's does
 
 
+class _Faults:
+    """ASGI middleware around the routes: an exception that escapes them is a fault of the server's own, logged
+    once with its traceback and answered 500 in OpenAI's shape (``code`` null) where the response has not started;
+    a response already started (a stream) is ended where it is. (Starlette's own handler of exceptions logs them
+    and then raises them again, for uvicorn to log a second time.)"""
+
+    def __init__(self, app: Any, answer: Callable[[], Any]) -> None:
+        self.app = app
+        self.answer = answer
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = ended = False
+
+        async def watched(message: Any) -> None:
+            nonlocal started, ended
+            started = started or message["type"] == "http.response.start"
+            ended = ended or (message["type"] == "http.response.body" and not message.get("more_body", False))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if not started:
+                await self.answer()(scope, receive, send)
+            elif not ended:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 class _KeyCheck:
     """ASGI middleware: every request but a CORS preflight (``OPTIONS``) and ``/health`` and ``/metrics`` (open, as
     vLLM's ``--api-key`` leaves them) must carry ``Authorization: Bearer <key>`` (compared in constant time), else
@@ -796,6 +1025,25 @@ class _KeyCheck:
         await self.app(scope, receive, send)
 
 
+def _seconds(name: str, value: Any) -> float:
+    """``value`` as seconds > 0 (finite); TypeError/ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected seconds (a number), got {value!r:.80}")
+    if not 0 < value < 1e6:
+        raise ValueError(f"{name}: expected seconds > 0, got {value!r}")
+    return float(value)
+
+
+def check_max_request_bytes(max_request_bytes: Any) -> int:
+    """``max_request_bytes`` (an int >= 1024: a request's body can be no smaller) as given; TypeError/ValueError
+    naming it otherwise."""
+    if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int):
+        raise TypeError(f"max_request_bytes: expected an int (bytes), got {max_request_bytes!r:.80}")
+    if max_request_bytes < 1024:
+        raise ValueError(f"max_request_bytes: expected at least 1024 bytes, got {max_request_bytes}")
+    return max_request_bytes
+
+
 def build_app(
     service: GenerationService,
     model_names: str | Sequence[str],
@@ -805,6 +1053,9 @@ def build_app(
     quantization: str | None = None,
     api_key: str | None = None,
     allowed_origins: Sequence[str] = ("*",),
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+    body_timeout_s: float = BODY_TIMEOUT_S,
+    grammar_timeout_s: float = GRAMMAR_TIMEOUT_S,
 ) -> Any:
     """The server's Starlette application.
 
@@ -821,6 +1072,11 @@ def build_app(
             None: no key is checked.
         allowed_origins: the origins browsers may call from (CORS, Starlette's ``CORSMiddleware``: any method and
             header, no credentials); default ``("*")``: any, as vLLM's; empty: no CORS headers.
+        max_request_bytes: the largest request body taken; a larger one is answered 413 (default
+            :data:`MAX_REQUEST_BYTES`, 32 MiB).
+        body_timeout_s: the most seconds between two parts of a request's body, else 408 (:data:`BODY_TIMEOUT_S`).
+        grammar_timeout_s: the most seconds a request's grammar may take to compile, else 400
+            (:data:`GRAMMAR_TIMEOUT_S`).
     """
     applications = _require("starlette.applications")
     from starlette.exceptions import HTTPException
@@ -831,7 +1087,15 @@ def build_app(
         raise ValueError(f"model_names: expected a non-empty name or list of names, got {model_names!r:.80}")
     if not isinstance(service, GenerationService):
         raise TypeError(f"service: expected a fi_engine.serve.service.GenerationService, got {type(service).__name__}")
-    h = _Handlers(service, names, max_model_len, check_quantization(quantization))
+    h = _Handlers(
+        service,
+        names,
+        max_model_len,
+        check_quantization(quantization),
+        check_max_request_bytes(max_request_bytes),
+        _seconds("body_timeout_s", body_timeout_s),
+        _seconds("grammar_timeout_s", grammar_timeout_s),
+    )
     key, origins = check_api_key(api_key), check_origins(allowed_origins)
 
     async def http_error(request: Any, exc: Any) -> Any:
@@ -839,15 +1103,16 @@ def build_app(
         what = f"{request.method} {request.url.path}: {exc.detail}"
         return h.error(APIError(what, None, status=exc.status_code, code=code))
 
-    async def unexpected(request: Any, exc: Exception) -> Any:  # a bug of ours: logged, answered as JSON
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return h.error(APIError(f"internal error: {type(exc).__name__}", status=500, type="server_error"))
+    def fault() -> Any:  # a bug of ours (_Faults logged it): answered as JSON, without the details
+        return h.error(APIError("internal server error", status=500, type="server_error", code=None))
 
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         yield
+        h.compiler.shutdown(wait=False, cancel_futures=True)
+        h.reader.shutdown(wait=False, cancel_futures=True)
         await asyncio.get_running_loop().run_in_executor(None, service.close, close_timeout)
 
     routes = [
@@ -870,18 +1135,104 @@ def build_app(
         )
         return h.error(APIError(what, None, status=401, code="invalid_api_key"))
 
-    middleware = []  # the outermost first: CORS answers preflights and marks every answer, a 401 included
+    middleware = []  # the outermost first: CORS answers preflights and marks every answer, a 401 and a 500 included
     if origins:
         middleware.append(
             Middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["*"], allow_headers=["*"])
         )
+    middleware.append(Middleware(_Faults, answer=fault))
     if key is not None:
         middleware.append(Middleware(_KeyCheck, key=key, deny=deny))
     return applications.Starlette(
-        routes=routes,
-        middleware=middleware,
-        exception_handlers={HTTPException: http_error, Exception: unexpected},
-        lifespan=lifespan,
+        routes=routes, middleware=middleware, exception_handlers={HTTPException: http_error}, lifespan=lifespan
+    )
+
+
+def _timed_protocol(header_timeout_s: float, body_timeout_s: float) -> type:
+    """uvicorn's HTTP/1.1 protocol (h11) with the timeouts it lacks: a connection is closed when a request's line
+    and headers are not in within ``header_timeout_s`` of the wait for them (from the connection's start, or the
+    previous response; uvicorn's keep-alive timeout is cancelled by any byte that comes), or when the rest of a
+    body already answered (a 413) is still coming ``body_timeout_s`` after the answer."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11Protocol(H11Protocol):  # type: ignore[misc]  # uvicorn's classes are untyped here
+        deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self.watch()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self.watch()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self.watch()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.forget()
+            super().connection_lost(exc)
+
+        def waited(self) -> float | None:
+            """The seconds this connection may wait in its state: for a request's head, or for the end of a body
+            already answered; None while a request is being served."""
+            if self.conn.their_state is h11.IDLE:
+                return header_timeout_s
+            if self.conn.their_state is h11.SEND_BODY and self.conn.our_state is h11.DONE:
+                return body_timeout_s
+            return None
+
+        def watch(self) -> None:
+            """Start the deadline of the state the connection waits in (kept while it waits on: bytes that trickle
+            in do not move it), or drop it once a request is being served."""
+            limit = self.waited()
+            if limit is None:
+                self.forget()
+            elif self.deadline is None:
+                self.deadline = self.loop.call_later(limit, self.expire)
+
+        def forget(self) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+                self.deadline = None
+
+        def expire(self) -> None:
+            self.deadline = None
+            if self.waited() is not None and not self.transport.is_closing():
+                log.debug("closing a connection from %s: its request did not come in time", self.client)
+                self.transport.close()
+
+    return TimedH11Protocol
+
+
+def uvicorn_config(
+    app: Any,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    graceful_s: float = 30.0,
+    header_timeout_s: float = HEADER_TIMEOUT_S,
+    body_timeout_s: float = BODY_TIMEOUT_S,
+) -> Any:
+    """uvicorn's ``Config`` for :func:`build_app`'s ``app`` as the server runs it: its lifespan on, ``graceful_s``
+    seconds for open responses at shutdown, HTTP/1.1 through h11 with the header and body timeouts uvicorn lacks
+    (``header_timeout_s``, ``body_timeout_s``: :data:`HEADER_TIMEOUT_S`, :data:`BODY_TIMEOUT_S`), and its
+    keep-alive timeout (5 s: an idle connection closes)."""
+    uvicorn = _require("uvicorn")
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=graceful_s,
+        lifespan="on",
+        http=_timed_protocol(
+            _seconds("header_timeout_s", header_timeout_s), _seconds("body_timeout_s", body_timeout_s)
+        ),
+        timeout_keep_alive=5,
     )
 
 
@@ -897,10 +1248,11 @@ def serve(
     quantization: str | None = None,
     api_key: str | None = None,
     allowed_origins: Sequence[str] = ("*",),
+    max_request_bytes: int = MAX_REQUEST_BYTES,
 ) -> None:
-    """Serve until SIGINT/SIGTERM: uvicorn on ``host:port`` with :func:`build_app` (``api_key``,
-    ``allowed_origins``: its arguments); on the signal, stop taking connections, give open responses
-    ``graceful_s`` seconds, then close the service (cancelling what is left)."""
+    """Serve until SIGINT/SIGTERM: uvicorn on ``host:port`` (:func:`uvicorn_config`) with :func:`build_app`
+    (``api_key``, ``allowed_origins``, ``max_request_bytes``: its arguments); on the signal, stop taking
+    connections, give open responses ``graceful_s`` seconds, then close the service (cancelling what is left)."""
     app = build_app(
         service,
         model_names,
@@ -909,10 +1261,9 @@ def serve(
         quantization=quantization,
         api_key=api_key,
         allowed_origins=allowed_origins,
+        max_request_bytes=max_request_bytes,
     )
     uvicorn = _require("uvicorn")
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_s, lifespan="on"
-    )
+    config = uvicorn_config(app, host=host, port=port, log_level=log_level, graceful_s=graceful_s)
     uvicorn.Server(config).run()

@@ -36,13 +36,19 @@ __all__ = ["ChatTemplate"]
 
 # a message's reasoning, under the names templates read it by (the first is the one most templates read)
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+# lists and dicts inside one another in what the template sees: far past any real message or tool schema, and far
+# below Python's recursion limit (the copy below and the template's own walk recurse once per level)
+MAX_NESTING = 100
 
 
-def _plain(value: Any, where: str) -> Any:
+def _plain(value: Any, where: str, depth: int = 0) -> Any:
     """``value`` rebuilt from JSON types only (dict with str keys, list, str, int, float, bool, None), so the
-    sandboxed template sees no object with methods of its own; TypeError naming ``where`` for anything else."""
+    sandboxed template sees no object with methods of its own; TypeError naming ``where`` for anything else,
+    ValueError for lists and dicts nested more than :data:`MAX_NESTING` deep (a list that holds itself too)."""
     if value is None or type(value) in (str, int, float, bool):
         return value
+    if depth >= MAX_NESTING and isinstance(value, (Mapping, list, tuple)):
+        raise ValueError(f"{where}: lists and dicts nested more than {MAX_NESTING} deep; flatten the data")
     # subclasses (str/int enums, numpy's float64) carry methods of their own: keep their plain value only
     if isinstance(value, str):
         return str.__str__(value)
@@ -57,10 +63,10 @@ def _plain(value: Any, where: str) -> Any:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise TypeError(f"{where}: keys must be strings, got {type(key).__name__} key {show(key)}")
-            out[str(key)] = _plain(item, f"{where}[{key!r}]")
+            out[str(key)] = _plain(item, f"{where}[{show(key)}]", depth + 1)
         return out
     if isinstance(value, (list, tuple)):
-        return [_plain(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return [_plain(item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value)]
     raise TypeError(
         f"{where}: expected JSON data (dict, list, str, int, float, bool, None), got {type(value).__name__}"
     )

@@ -54,6 +54,14 @@ def _llguidance() -> Any:
     return require("llguidance", "response_format (structured output)", _INSTALL)
 
 
+def _said(message: str, limit: int = 400) -> str:
+    """llguidance's error ``message`` as a user may read it: cut at ``limit`` characters, and an internal limit it hit
+    (a Rust panic, whose text carries a backtrace of the library's own source) said plainly instead."""
+    if message.lstrip().startswith("panic") or "<backtrace>" in message:
+        return "the grammar is too large or complex for the grammar compiler (llguidance); simplify it"
+    return message[:limit]
+
+
 def response_format_schema(response_format: Any) -> dict[str, Any] | None:
     """The JSON schema an OpenAI ``response_format`` asks for: None for ``{"type": "text"}``, ``{"type": "object"}``
     for ``json_object``, ``json_schema.schema`` for ``json_schema`` (``name`` and ``strict`` checked, not used: every
@@ -130,14 +138,14 @@ class GrammarTokenizer:
         computes the first mask and consumes the first token it allows."""
         failed, messages = self._llg.LLMatcher.validate_grammar_with_warnings(_text(grammar), self._tokenizer)
         if failed:
-            raise ValueError(f"{_UNUSABLE}: {'; '.join(messages)[:400]}")
+            raise ValueError(f"{_UNUSABLE}: {_said('; '.join(messages))}")
         probe = self.matcher(grammar)
         allowed = np.flatnonzero(probe.allowed_mask(self.vocab_size))
         if allowed.size:
             try:
                 probe.consume(int(allowed[0]))
             except ValueError as exc:
-                raise ValueError(f"{_UNUSABLE} at its first token: {str(exc)[:300]}") from None
+                raise ValueError(f"{_UNUSABLE} at its first token: {_said(str(exc), 300)}") from None
 
     def matcher(self, grammar: str) -> GrammarMatcher:
         """A request's :class:`GrammarMatcher` at the start of ``grammar`` (ValueError naming ``response_format``
@@ -182,7 +190,7 @@ class GrammarMatcher:
         llg = tokenizer._llg
         self._matcher = llg.LLMatcher(tokenizer._tokenizer, grammar, log_level=0)
         if self._matcher.is_error():
-            raise ValueError(f"{_UNUSABLE}: {self._matcher.get_error()[:400]}")
+            raise ValueError(f"{_UNUSABLE}: {_said(self._matcher.get_error())}")
         self._vocab_size = tokenizer.vocab_size
         self.eos_token_ids = tokenizer.eos_token_ids  # what it allows once the grammar is complete
         self._words = (tokenizer.vocab_size + 31) // 32
@@ -220,7 +228,9 @@ class GrammarMatcher:
         if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < self._vocab_size:
             raise ValueError(f"token: expected a token id in [0, {self._vocab_size}), got {token!r:.80}")
         if not self._matcher.consume_token(int(token)):
-            raise ValueError(f"{_FORMAT}: token {int(token)} is not allowed here: {self._matcher.get_error()[:300]}")
+            raise ValueError(
+                f"{_FORMAT}: token {int(token)} is not allowed here: {_said(self._matcher.get_error(), 300)}"
+            )
 
     @property
     def is_finished(self) -> bool:
@@ -234,4 +244,4 @@ class GrammarMatcher:
 
     def _raise_on_error(self) -> None:
         if self._matcher.is_error():
-            raise ValueError(f"{_FORMAT}: the grammar failed: {self._matcher.get_error()[:300]}")
+            raise ValueError(f"{_FORMAT}: the grammar failed: {_said(self._matcher.get_error(), 300)}")

@@ -17,11 +17,19 @@ What is read, as transformers (5.x) reads it for a fast tokenizer:
 Decoding is the ``tokenizers`` decoder's (``skip_special_tokens`` drops added tokens marked special);
 transformers' ``clean_up_tokenization_spaces`` is not applied (transformers 5 itself skips it for BPE models,
 the tokenizers of every family the engine serves).
+
+Encoding and decoding go through the ``tokenizers`` library's batch calls, which release the interpreter lock while
+the Rust code runs (its single-text ``encode``/``decode`` hold it): the server tokenizes in worker threads, and a
+long prompt there must not stall its event loop. :attr:`Tokenizer.max_token_bytes` bounds how many bytes of text
+one token can stand for, where the tokenizer's parts make that provable, so that the server refuses a prompt too
+long for the context from its length in bytes, before it is tokenized.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -177,16 +185,92 @@ class Tokenizer:
         """Token ids of ``text``; ``add_special_tokens`` applies ``tokenizer.json``'s post-processor (BOS etc.)."""
         text = arg_text("text", text)
         add = arg_flag("add_special_tokens", add_special_tokens)
-        return list(self._backend.encode(text, add_special_tokens=add).ids)
+        return list(self._backend.encode_batch([text], add_special_tokens=add)[0].ids)  # without the lock
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """The text of token ``ids`` (a sequence of ints in ``[0, vocab_size)``); ``skip_special_tokens`` leaves
         out the added tokens marked special (EOS, ``<|im_end|>``, ...)."""
         checked = arg_token_ids("ids", ids, self.vocab_size)
         skip = arg_flag("skip_special_tokens", skip_special_tokens)
-        return str(self._backend.decode(checked, skip_special_tokens=skip))
+        return str(self._backend.decode_batch([checked], skip_special_tokens=skip)[0])  # without the lock
 
     def _decode_checked(self, ids: list[int], skip_special_tokens: bool) -> str:
         """:meth:`decode` of ids the caller has checked (ints in ``[0, vocab_size)``, a bool flag): the
         incremental detokenizer's per-token call, without checking the window's ids again."""
         return str(self._backend.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    @cached_property
+    def max_token_bytes(self) -> int | None:
+        """The most bytes of UTF-8 text one token stands for, where ``tokenizer.json`` makes that provable (None
+        where it does not): a text of ``b`` bytes then encodes to at least ``ceil(b / max_token_bytes)`` tokens.
+        Worked out once (it reads the whole vocabulary)."""
+        return _max_token_bytes(json.loads(self.backend_json()))
+
+
+def _max_token_bytes(spec: Mapping[str, Any]) -> int | None:
+    """The bound of :attr:`Tokenizer.max_token_bytes` for a parsed ``tokenizer.json``, or None.
+
+    A BPE model's token is the concatenation of the characters it merged, as they read after the normalizer and the
+    pre-tokenizer, so its vocabulary entry's UTF-8 length bounds what it covers of that text; a byte-level entry's
+    characters stand for one byte each (and take one or two in UTF-8), a ``<0xNN>`` fallback entry for one byte, an
+    added token for its own content. That text is at least as long as the input when every step only adds or keeps
+    characters; each condition below makes sure of one of those facts, and anything else gives None:
+
+    - no truncation, no normalizer but ``Prepend`` and ``Replace`` of a literal by text at least as long;
+    - no pre-tokenizer but ``ByteLevel``, ``Metaspace``, ``Digits`` and ``Split``/``Punctuation`` that keep what
+      they split on (not ``Removed``);
+    - no added token that swallows the blanks around it (``lstrip``/``rstrip``);
+    - a BPE model whose every character is in the vocabulary, or becomes one: each of the 256 byte-level characters
+      there (behind a ``ByteLevel`` pre-tokenizer, no subword prefix or suffix), or each of the 256 ``<0xNN>`` bytes
+      (``byte_fallback``), or an unknown token per unknown character (``unk_token`` without ``fuse_unk``: at most 4
+      bytes each). A character the model knows in no way would be dropped and cover bytes with no token."""
+    if spec.get("truncation") is not None or not _keeps_length(spec.get("normalizer"), _LENGTH_KEEPING_NORMALIZERS):
+        return None
+    if not _keeps_length(spec.get("pre_tokenizer"), _LENGTH_KEEPING_PRE_TOKENIZERS):
+        return None
+    added = spec.get("added_tokens") or []
+    if any(t.get("lstrip") or t.get("rstrip") for t in added):
+        return None
+    model = spec.get("model") or {}
+    vocab = model.get("vocab")
+    if model.get("type") != "BPE" or not isinstance(vocab, Mapping):
+        return None
+    longest = max((len(str(t).encode()) for t in vocab), default=1)
+    longest = max([longest, *(len(str(t.get("content", "")).encode()) for t in added)])
+    pre = spec.get("pre_tokenizer") or {}
+    pres = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    byte_level = any(p.get("type") == "ByteLevel" for p in pres) and not (
+        model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")
+    )
+    if byte_level and all(c in vocab for c in _BYTE_OF_CHAR):
+        return longest
+    if model.get("byte_fallback") and all(f"<0x{b:02X}>" in vocab for b in range(256)):
+        return longest
+    if model.get("unk_token") in vocab and not model.get("fuse_unk"):
+        return max(longest, 4)  # an unknown character, a token of its own: 4 bytes at most in UTF-8
+    return None
+
+
+# the parts of tokenizer.json that never shorten the text (see _max_token_bytes); a Replace only when its literal
+# pattern is no longer than its replacement, a splitter only when it keeps what it splits on
+_LENGTH_KEEPING_NORMALIZERS = ("Prepend", "Replace")
+_LENGTH_KEEPING_PRE_TOKENIZERS = ("ByteLevel", "Metaspace", "Digits", "Split", "Punctuation")
+
+
+def _keeps_length(part: Any, kinds: tuple[str, ...]) -> bool:
+    """Whether a normalizer or pre-tokenizer of ``tokenizer.json`` (None: none) only adds or keeps characters."""
+    if part is None:
+        return True
+    if not isinstance(part, Mapping):
+        return False
+    kind = part.get("type")
+    if kind == "Sequence":
+        inner = part.get("normalizers", part.get("pretokenizers"))
+        return isinstance(inner, list) and all(_keeps_length(p, kinds) for p in inner)
+    if kind not in kinds or part.get("behavior") == "Removed":
+        return False
+    if kind == "Replace":
+        pattern, content = part.get("pattern") or {}, part.get("content")
+        literal = pattern.get("String") if isinstance(pattern, Mapping) else None
+        return isinstance(literal, str) and isinstance(content, str) and len(content.encode()) >= len(literal.encode())
+    return True

@@ -197,6 +197,32 @@ def test_bad_templates_and_messages_are_named(tmp_path: Path) -> None:
     assert TextCodec.from_dir(root).render_chat([{"role": "user", "content": "x"}]) == "Lx"
 
 
+def test_data_nested_too_deep_for_the_template_is_named() -> None:
+    """Messages, tools and template variables nested past MAX_NESTING (or holding themselves) are a ValueError
+    naming where, not a RecursionError out of the copy the template sees."""
+    from fi_engine.text.chat import MAX_NESTING
+
+    template = ChatTemplate({"default": "{{ messages[0].content }}{{ tools | tojson }}{{ x | tojson }}"}, "t")
+    deep: list[Any] = []
+    for _ in range(5000):
+        deep = [deep]
+    user = {"role": "user", "content": "hi"}
+    with pytest.raises(ValueError, match=r"messages\[0\]\['x'\]\[0\]\[0\].*nested more than 100 deep"):
+        template.render([{**user, "x": deep}])
+    with pytest.raises(ValueError, match=r"^tools\[0\]\['parameters'\].*nested more than 100 deep"):
+        template.render([user], tools=[{"parameters": deep}])
+    with pytest.raises(ValueError, match=r"^kwargs\['x'\].*nested more than 100 deep"):
+        template.render([user], x=deep)
+    itself: list[Any] = []
+    itself.append(itself)
+    with pytest.raises(ValueError, match="nested more than 100 deep"):
+        template.render([user], x=itself)
+    fits: list[Any] = []
+    for _ in range(MAX_NESTING - 2):  # with the variables' own dict: MAX_NESTING levels
+        fits = [fits]
+    assert template.render([user], x=fits) == "hinull" + "[" * (MAX_NESTING - 1) + "]" * (MAX_NESTING - 1)
+
+
 def test_plain_prompts_get_the_special_tokens_the_post_processor_adds(tmp_path: Path) -> None:
     from tokenizers import Tokenizer as Backend
     from tokenizers import processors

@@ -91,6 +91,18 @@ def test_a_grammar_that_compiles_but_fails_at_its_first_token_is_refused(grammar
     grammars.check(str(llguidance.grammar_from("regex", "a{3}")))  # a bounded repeat the lexer takes
 
 
+def test_a_grammar_past_llguidances_internal_limits_is_refused_without_its_panic(grammars: GrammarTokenizer) -> None:
+    """Past 65,000 grammar symbols llguidance panics: its message carries the Rust assertion and a backtrace, which
+    a client must not get; the refusal says the grammar is too large instead."""
+    from fi_engine.text.grammar import _llguidance
+
+    rules = 70_000
+    lark = "start: " + " | ".join(f"r{i}" for i in range(rules)) + "\n" + "\n".join(f'r{i}: "x"' for i in range(rules))
+    with pytest.raises(ValueError, match="response_format: .*too large or complex") as caught:
+        grammars.check(str(_llguidance().grammar_from("lark", lark)))
+    assert "panic" not in str(caught.value) and "backtrace" not in str(caught.value)
+
+
 def test_padded_vocabulary_rows_are_never_allowed(codec: Any, grammars: GrammarTokenizer) -> None:
     """A model's logits may be wider than its tokenizer (embedding rows padded to a multiple of 64): those ids are
     never allowed, and the packed mask has one bit per id of the model's width."""

@@ -250,7 +250,7 @@ BAD = [
     ({"prompt": "x", "stop_token_ids": [10**6]}, "stop_token_ids", "outside the vocabulary"),
     ({"prompt": "x", "include_stop_str_in_output": 1}, "include_stop_str_in_output", "true or false"),
     ({"prompt": "x", "spaces_between_special_tokens": "no"}, "spaces_between_special_tokens", "true or false"),
-    ({"prompt": "x", "guided_json": "{not json"}, "guided_json", "not JSON"),
+    ({"prompt": "x", "guided_json": "{not json"}, "guided_json", "not valid JSON"),
     ({"prompt": "x", "guided_json": [1]}, "guided_json", "JSON schema"),
     ({"prompt": "x", "guided_choice": []}, "guided_choice", "non-empty list"),
     ({"prompt": "x", "guided_choice": ["a", 1]}, "guided_choice", "non-empty list"),
@@ -553,7 +553,8 @@ def test_health_is_200_then_503_after_an_engine_error(codec, pool) -> None:  # t
     try:
         assert httpx.get(f"{s.url}/health", timeout=WAIT).status_code == 200
         r = post(s.url, "/v1/completions", {"model": MODEL, "prompt": [5], "max_tokens": 10})
-        assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"
+        error = r.json()["error"]  # a fault of the server's: OpenAI's 500 shape, no code
+        assert r.status_code == 500 and error["type"] == "server_error" and error["code"] is None
         assert "fails at step 2" in r.json()["error"]["message"]
         assert httpx.get(f"{s.url}/health", timeout=WAIT).status_code == 503
         r = post(s.url, "/v1/completions", {"model": MODEL, "prompt": [5], "max_tokens": 10})

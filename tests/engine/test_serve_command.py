@@ -88,6 +88,8 @@ def test_serve_checks_the_text_side_then_stops_at_the_missing_gpu(model: Path) -
         ("--api-key", "two words", "printable ASCII characters without blanks"),
         ("--allowed-origins", '["ok", 5]', "expected a JSON list of origins"),
         ("--allowed-origins", "[nope", "expected a JSON list of origins"),
+        ("--max-request-bytes", "100", "expected a number of bytes >= 1024, got 100"),
+        ("--max-request-bytes", "32MiB", "expected a number of bytes >= 1024, got '32MiB'"),
     ],
 )
 def test_serve_bad_values_are_usage_errors(model: Path, flag: str, value: str, message: str) -> None:
@@ -122,6 +124,9 @@ def test_serve_help_shows_a_query() -> None:
     assert done.returncode == 0 and done.stdout.startswith("usage: fi-engine serve")
     assert "curl localhost:8000/v1/chat/completions" in done.stdout
     assert "--api-servers N" in done.stdout
+    from fi_engine.serve.openai_server import MAX_REQUEST_BYTES
+
+    assert f"(default {MAX_REQUEST_BYTES}: 32 MiB" in " ".join(done.stdout.split())  # the help says the default
 
 
 @pytest.mark.parametrize(

@@ -3,10 +3,14 @@ sampling defaults, clear errors for missing or malformed files, and the optional
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -184,3 +188,87 @@ def test_token_pieces_give_each_tokens_text_and_exact_bytes(tmp_path: Path) -> N
     fallback.save(str(root / "tokenizer.json"))
     tok = Tokenizer.from_dir(root)
     assert [tok.token_piece(i) for i in (2, 0, 1)] == [("a", b"a"), ("\ufffd", b"\xc3"), ("\ufffd", b"\xa9")]
+
+
+def longest_pause(call: Any) -> tuple[float, float]:
+    """The seconds ``call()`` takes, and the longest pause meanwhile of another thread that ticks every millisecond
+    (as long as the call where the call holds the interpreter lock throughout)."""
+    ticks: list[float] = []
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.001)
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    time.sleep(0.02)
+    start = time.perf_counter()
+    call()
+    end = time.perf_counter()
+    stop.set()
+    ticker.join()
+    moments = [start, *(t for t in ticks if start < t < end), end]
+    return end - start, max(b - a for a, b in itertools.pairwise(moments))
+
+
+def test_encoding_and_decoding_leave_the_interpreter_to_other_threads(tmp_path: Path) -> None:
+    """The server tokenizes in worker threads: a long text's encoding must not hold the interpreter lock (the
+    ``tokenizers`` library's single-text calls do), or the event loop stalls for as long."""
+    pytest.importorskip("tokenizers")
+    from helpers.text_checkpoints import byte_level_tokenizer
+
+    from fi_engine.text.tokenizer import Tokenizer
+
+    byte_level_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.from_dir(tmp_path)
+    text = "the quick brown fox, 1234 jumps! " * 15_000  # 500 kB: about half a second on one core
+    ids = tok.encode(text)
+    for call in (lambda: tok.encode(text), lambda: tok.decode(ids)):
+        took, pause = longest_pause(call)
+        assert took > 0.05 and pause < took / 3, (took, pause)
+
+
+def test_max_token_bytes_bounds_the_bytes_a_token_stands_for(tmp_path: Path) -> None:
+    """Where a tokenizer's parts make it provable, a text of b bytes encodes to at least b / max_token_bytes tokens
+    (checked on texts that favour long tokens: runs of one character, and the vocabulary's longest entries); where a
+    part may shorten the text or drop characters (NFC, a whitespace splitter, truncation, an added token that
+    swallows blanks, a model that maps a long word to one unknown token), there is no bound."""
+    pytest.importorskip("tokenizers")
+    import random
+
+    from helpers.text_checkpoints import byte_level_tokenizer, sentencepiece_style_tokenizer
+    from tokenizers import AddedToken, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    from fi_engine.text.tokenizer import Tokenizer
+
+    def wrap(backend: Backend) -> Tokenizer:
+        return Tokenizer(backend, {}, {}, tmp_path / "tokenizer.json")
+
+    rng = random.Random(0)
+    for backend in (byte_level_tokenizer(["<|im_start|>"]), sentencepiece_style_tokenizer()):
+        tok = wrap(backend)
+        bound = tok.max_token_bytes
+        vocab = list(backend.get_vocab())
+        assert bound is not None and bound == max(len(t.encode()) for t in vocab)
+        texts = ["a" * 4000, " " * 4000, "\n" * 999, "😀" * 500, "<|im_start|>" * 50, "".join(vocab) * 3]
+        texts += ["".join(rng.choice(vocab).replace("Ġ", " ").replace("▁", " ") for _ in range(300)) for _ in range(20)]
+        for text in texts:
+            assert len(tok.encode(text, add_special_tokens=False)) * bound >= len(text.encode()), text[:40]
+
+    def changed(change: Any) -> int | None:
+        backend = byte_level_tokenizer()
+        change(backend)
+        return wrap(backend).max_token_bytes
+
+    assert changed(lambda b: None) is not None
+    assert changed(lambda b: setattr(b, "normalizer", normalizers.NFC())) is None
+    assert changed(lambda b: setattr(b, "normalizer", normalizers.Sequence([normalizers.Prepend("▁")]))) is not None
+    assert changed(lambda b: setattr(b, "normalizer", normalizers.Replace("ab", "x"))) is None  # shortens
+    assert changed(lambda b: setattr(b, "pre_tokenizer", pre_tokenizers.Whitespace())) is None  # drops blanks
+    assert changed(lambda b: b.enable_truncation(16)) is None
+    assert changed(lambda b: b.add_tokens([AddedToken("<x>", rstrip=True)])) is None
+    word_piece = Backend(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    assert wrap(word_piece).max_token_bytes is None  # a long unknown word is one [UNK]

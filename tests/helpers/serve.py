@@ -12,14 +12,15 @@ from typing import Any
 
 
 class RunningServer:
-    """A uvicorn server of ``app`` in a thread; :attr:`url` is its address, :meth:`stop` its graceful stop."""
+    """A uvicorn server of ``app`` in a thread, configured as the server runs it (``uvicorn_config``, with
+    ``config_kw``: its header and body timeouts); :attr:`url` is its address, :meth:`stop` its graceful stop."""
 
-    def __init__(self, app: Any, graceful_s: float = 5.0) -> None:
+    def __init__(self, app: Any, graceful_s: float = 5.0, **config_kw: Any) -> None:
         import uvicorn
 
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", timeout_graceful_shutdown=graceful_s
-        )
+        from fi_engine.serve.openai_server import uvicorn_config
+
+        config = uvicorn_config(app, host="127.0.0.1", port=0, log_level="warning", graceful_s=graceful_s, **config_kw)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
         self.thread.start()
@@ -54,8 +55,8 @@ class Served:
     """A stand-in engine (:class:`~helpers.fake_engine.FakeStepEngine` over ``codec``'s vocabulary, generating from
     ``pool``), its service and the server on loopback (the engine's ``max_seq_len`` as its ``max_model_len``, as
     ``fi-engine serve`` gives it; ``quantization``: the weights' it reports; ``model_name``: the
-    name it serves; ``app_kw``: more of ``build_app``'s arguments), with an official ``openai`` client
-    (:attr:`client`)."""
+    name it serves; ``app_kw``: more of ``build_app``'s arguments; ``config_kw``: of ``uvicorn_config``'s), with an
+    official ``openai`` client (:attr:`client`)."""
 
     def __init__(
         self,
@@ -66,6 +67,7 @@ class Served:
         quantization: str | None = None,
         model_name: str = MODEL,
         app_kw: dict[str, Any] | None = None,
+        config_kw: dict[str, Any] | None = None,
         **engine_kw: Any,
     ) -> None:
         import openai
@@ -85,13 +87,30 @@ class Served:
             quantization=quantization,
             **(app_kw or {}),
         )
-        self.server = RunningServer(app, graceful_s)
+        self.server = RunningServer(app, graceful_s, **(config_kw or {}))
         self.url = self.server.url
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=WAIT)
 
     def close(self) -> None:
         self.server.stop()
         self.service.close(timeout=1.0)
+
+
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"  # the paths of the endpoints that generate
+
+
+def require_http_serving() -> Any:
+    """Skip unless the server's packages, the text layer's and ``httpx`` are installed; the ``httpx`` module."""
+    import pytest
+
+    for module in ("tokenizers", "jinja2", "starlette", "uvicorn"):
+        pytest.importorskip(module)
+    return pytest.importorskip("httpx")
+
+
+def nested_lists(depth: int, inner: str = "") -> str:
+    """JSON text of ``depth`` lists inside one another around ``inner``."""
+    return "[" * depth + inner + "]" * depth
 
 
 def require_serving() -> Any:
@@ -156,3 +175,43 @@ def run_doc_example(heading: str, url: str, model: str = "./SmolLM2-135M-Instruc
     names: dict[str, Any] = {}
     exec(compile(code.replace(f'"{model}"', repr(MODEL)), "docs/engine-text.md", "exec"), names)
     return names
+
+
+class ServerLog:
+    """The log records written while it is open (a context manager) at INFO and above by the server in this process:
+    fi_engine's and asyncio's (through the root logger) and uvicorn's (whose loggers do not propagate to it).
+    ``fi_engine``'s logger is set to INFO meanwhile (the root's WARNING would drop its INFO lines)."""
+
+    LOGGERS = ("", "uvicorn")
+
+    def __init__(self) -> None:
+        import logging
+
+        self.records: list[logging.LogRecord] = []
+        self.handler = logging.Handler(logging.INFO)
+        self.handler.emit = self.records.append  # type: ignore[method-assign]
+        self.engine_logger = logging.getLogger("fi_engine")
+        self.engine_level = self.engine_logger.level
+
+    def __enter__(self) -> ServerLog:
+        import logging
+
+        for name in self.LOGGERS:
+            logging.getLogger(name).addHandler(self.handler)
+        self.engine_logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import logging
+
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeHandler(self.handler)
+        self.engine_logger.setLevel(self.engine_level)
+
+    def tracebacks(self) -> list[str]:
+        """The messages of the records that carry a traceback (an exception logged with its stack)."""
+        return [r.getMessage() for r in self.records if r.exc_info or "Traceback" in r.getMessage()]
+
+    def at(self, level: int) -> list[str]:
+        """The messages of the records at ``level`` and above."""
+        return [r.getMessage() for r in self.records if r.levelno >= level]

@@ -2348,6 +2348,13 @@ EXEMPT: dict[str, str] = {
         "an HTTP body's fields, answered 400 naming the field: the BAD / BAD_CHAT tables of "
         "engine/test_openai_server.py",
     ),
+    **dict.fromkeys(
+        ["serve.client_json.read_json", "serve.client_json.place", "serve.openai_protocol.parse_body"],
+        "a client's JSON text (and the path of a value in it), refused by name: the REFUSED table and the type "
+        "checks of engine/test_client_json.py",
+    ),
+    "serve.openai_server.uvicorn_config": "uvicorn's Config for build_app's app (its timeouts refused by name as "
+    "build_app's are): engine/test_openai_hostile.py (test_a_stalled_body_is_408_and_trickled_headers_are_cut_off)",
     "serve.api_servers.serve_api_servers": "starts API-server processes over an EngineProcess until a signal: "
     "engine/test_api_servers.py (its front ends' failures named; the address refused by name as port/host)",
     **dict.fromkeys(
