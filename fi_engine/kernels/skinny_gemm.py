@@ -30,9 +30,6 @@ __all__ = [
     "Geometry",
     "SkinnyGemm",
     "SkinnyPlan",
-    "range_length",
-    "splits",
-    "takes",
 ]
 
 SKINNY_MAX_ROWS = 32  # four groups of the mma's 8

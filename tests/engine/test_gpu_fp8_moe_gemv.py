@@ -91,7 +91,8 @@ def test_the_fp8_grouped_gemv_matches_float32(dtype: str, scales: str, layout: s
     g.add(int(w.data.ptr), int(s.data.ptr), EXPERTS, n, k, block, tiled=layout == "tiled")
     ulp = OUT_ULP[dtype]
     for tokens in (1, 3, 8, 13):
-        assert g.fits(tokens, TOP_K, n, k)
+        # (what fits reads, shown where it says no: a run on an H100 once failed here for a parameter set or two)
+        assert g.fits(tokens, TOP_K, n, k), (g.tensor_cores, g.rows_per_pass(tokens, k), vars(g).get("_smem_limit"))
         rows = tokens if not gated else tokens * TOP_K  # gated: the input rows are the assignments' [gate | up]
         x16 = to16(rng.standard_normal((rows, 2 * k if gated else k)).astype(np.float32), dtype)
         chosen = np.stack([rng.choice(EXPERTS, TOP_K, replace=False) for _ in range(tokens)]).astype(np.int32)

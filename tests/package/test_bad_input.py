@@ -2063,6 +2063,11 @@ EXEMPT: dict[str, str] = {
     # loader makes), in engine/test_moe_gemv.py
     "kernels.fp8_moe_gemv.Fp8GroupedGemv": _GPU,
     "kernels.fp8_moe_gemv.Fp8Experts": _RECORD,
+    # made by Dense on a GPU; which calls it plans is a pure check (skinny_gemm.takes: engine/test_skinny_gemm.py),
+    # its launches are engine/test_gpu_skinny_gemm.py's
+    "kernels.skinny_gemm.SkinnyGemm": _GPU,
+    "kernels.skinny_gemm.SkinnyPlan": _RECORD,
+    "kernels.skinny_gemm.Geometry": _RECORD,
     "kernels.fp8_moe_gemv.tiled_layout": "array in, array out: anything but a 3-D array of whole tiles is refused "
     "naming codes (engine/test_fp8_moe.py::test_the_tiled_layout_is_its_definition)",
     **dict.fromkeys(
