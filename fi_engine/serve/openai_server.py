@@ -70,7 +70,7 @@ from .openai_protocol import (
 )
 from .service import GenerationService, QueueFullError, RequestStream, ServiceClosedError, ServiceError
 
-__all__ = ["MAX_REQUEST_BYTES", "build_app", "serve", "uvicorn_config"]
+__all__ = ["MAX_REQUEST_BYTES", "build_app", "http_protocols", "serve", "uvicorn_config"]
 
 log = logging.getLogger("fi_engine.server")
 SERVE_HINT = "python -m pip install '.[serve]' in the fi_ffi checkout"
@@ -1148,19 +1148,85 @@ def build_app(
     )
 
 
-def _timed_protocol(header_timeout_s: float, body_timeout_s: float) -> type:
-    """uvicorn's HTTP/1.1 protocol (h11) with the timeouts it lacks: a connection is closed when a request's line
-    and headers are not in within ``header_timeout_s`` of the wait for them (from the connection's start, or the
-    previous response; uvicorn's keep-alive timeout is cancelled by any byte that comes), or when the rest of a
+class _Deadline:
+    """One connection's deadline for what it waits for: a request's line and headers, or the rest of a body already
+    answered (a 413). Armed once for a wait, so bytes that trickle in do not move it; ``expire`` closes the
+    transport where the wait is still on."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, transport: Any, client: Any) -> None:
+        self.loop, self.transport, self.client = loop, transport, client
+        self.handle: asyncio.TimerHandle | None = None
+        self.waiting: str | None = None  # "head", "body" or None (a request being served)
+
+    def wait(self, what: str | None, seconds: float) -> None:
+        if what != self.waiting:
+            self.cancel()
+            self.waiting = what
+            if what is not None:
+                self.handle = self.loop.call_later(seconds, self.expire)
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    def expire(self) -> None:
+        self.handle = None
+        if self.waiting is not None and not self.transport.is_closing():
+            log.debug("closing a connection from %s: its request did not come in time", self.client)
+            self.transport.close()
+
+
+def _timed_protocol(http: str, header_timeout_s: float, body_timeout_s: float) -> type:
+    """uvicorn's HTTP/1.1 protocol ``http`` (``"h11"``, or ``"httptools"``: uvicorn's C parser, about a fifth less
+    of a streaming server's time a token event) with the timeouts it lacks: a connection is closed when a request's
+    line and headers are not in within ``header_timeout_s`` of the wait for them (from the connection's start, or
+    the previous response; uvicorn's keep-alive timeout is cancelled by any byte that comes), or when the rest of a
     body already answered (a 413) is still coming ``body_timeout_s`` after the answer."""
+    if http == "httptools":
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        class TimedHttpToolsProtocol(HttpToolsProtocol):  # type: ignore[misc]  # uvicorn's classes are untyped here
+            deadline: _Deadline
+            body_done = True  # the last request's body is all in
+
+            def connection_made(self, transport: Any) -> None:
+                super().connection_made(transport)
+                self.deadline = _Deadline(self.loop, transport, self.client)
+                self.deadline.wait("head", header_timeout_s)
+
+            def on_headers_complete(self) -> None:
+                self.body_done = False
+                self.deadline.wait(None, 0.0)
+                super().on_headers_complete()
+
+            def on_message_complete(self) -> None:
+                self.body_done = True
+                super().on_message_complete()
+                if self.cycle is not None and self.cycle.response_complete and self.deadline.waiting == "body":
+                    self.deadline.wait("head", header_timeout_s)  # the answered body's end: the next request's wait
+
+            def on_response_complete(self) -> None:
+                super().on_response_complete()
+                if not self.pipeline:  # (a pipelined request is served next: its head is in)
+                    what = "head" if self.body_done else "body"
+                    self.deadline.wait(what, header_timeout_s if self.body_done else body_timeout_s)
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                self.deadline.wait(None, 0.0)
+                super().connection_lost(exc)
+
+        return TimedHttpToolsProtocol
+
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class TimedH11Protocol(H11Protocol):  # type: ignore[misc]  # uvicorn's classes are untyped here
-        deadline: asyncio.TimerHandle | None = None
+        deadline: _Deadline
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
+            self.deadline = _Deadline(self.loop, transport, self.client)
             self.watch()
 
         def data_received(self, data: bytes) -> None:
@@ -1172,39 +1238,30 @@ def _timed_protocol(header_timeout_s: float, body_timeout_s: float) -> type:
             self.watch()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self.forget()
+            self.deadline.wait(None, 0.0)
             super().connection_lost(exc)
 
-        def waited(self) -> float | None:
-            """The seconds this connection may wait in its state: for a request's head, or for the end of a body
-            already answered; None while a request is being served."""
-            if self.conn.their_state is h11.IDLE:
-                return header_timeout_s
-            if self.conn.their_state is h11.SEND_BODY and self.conn.our_state is h11.DONE:
-                return body_timeout_s
-            return None
-
         def watch(self) -> None:
-            """Start the deadline of the state the connection waits in (kept while it waits on: bytes that trickle
-            in do not move it), or drop it once a request is being served."""
-            limit = self.waited()
-            if limit is None:
-                self.forget()
-            elif self.deadline is None:
-                self.deadline = self.loop.call_later(limit, self.expire)
-
-        def forget(self) -> None:
-            if self.deadline is not None:
-                self.deadline.cancel()
-                self.deadline = None
-
-        def expire(self) -> None:
-            self.deadline = None
-            if self.waited() is not None and not self.transport.is_closing():
-                log.debug("closing a connection from %s: its request did not come in time", self.client)
-                self.transport.close()
+            """The wait the connection is in, from h11's states: for a request's head, or for the end of a body
+            already answered; none while a request is being served."""
+            if self.conn.their_state is h11.IDLE:
+                self.deadline.wait("head", header_timeout_s)
+            elif self.conn.their_state is h11.SEND_BODY and self.conn.our_state is h11.DONE:
+                self.deadline.wait("body", body_timeout_s)
+            else:
+                self.deadline.wait(None, 0.0)
 
     return TimedH11Protocol
+
+
+def http_protocols() -> tuple[str, ...]:
+    """The HTTP/1.1 protocols :func:`uvicorn_config` can run here: ``"httptools"`` where uvicorn's C parser is
+    installed (the ``serve`` extra's), and ``"h11"``."""
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return ("h11",)
+    return ("httptools", "h11")
 
 
 def uvicorn_config(
@@ -1216,11 +1273,18 @@ def uvicorn_config(
     graceful_s: float = 30.0,
     header_timeout_s: float = HEADER_TIMEOUT_S,
     body_timeout_s: float = BODY_TIMEOUT_S,
+    http: str = "auto",
 ) -> Any:
     """uvicorn's ``Config`` for :func:`build_app`'s ``app`` as the server runs it: its lifespan on, ``graceful_s``
-    seconds for open responses at shutdown, HTTP/1.1 through h11 with the header and body timeouts uvicorn lacks
+    seconds for open responses at shutdown, HTTP/1.1 through ``http`` (``"auto"``: httptools where it is installed,
+    else h11, as uvicorn picks; :func:`http_protocols`) with the header and body timeouts uvicorn lacks
     (``header_timeout_s``, ``body_timeout_s``: :data:`HEADER_TIMEOUT_S`, :data:`BODY_TIMEOUT_S`), and its
-    keep-alive timeout (5 s: an idle connection closes)."""
+    keep-alive timeout (5 s: an idle connection closes). ValueError naming ``http`` where it is none of those."""
+    protocols = http_protocols()
+    if http == "auto":
+        http = protocols[0]
+    elif http not in protocols:
+        raise ValueError(f"http: expected 'auto' or one of {protocols} (installed here), got {http!r:.40}")
     uvicorn = _require("uvicorn")
     return uvicorn.Config(
         app,
@@ -1230,7 +1294,7 @@ def uvicorn_config(
         timeout_graceful_shutdown=graceful_s,
         lifespan="on",
         http=_timed_protocol(
-            _seconds("header_timeout_s", header_timeout_s), _seconds("body_timeout_s", body_timeout_s)
+            http, _seconds("header_timeout_s", header_timeout_s), _seconds("body_timeout_s", body_timeout_s)
         ),
         timeout_keep_alive=5,
     )

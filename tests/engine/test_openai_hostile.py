@@ -23,6 +23,8 @@ from helpers.serve import CHAT, COMPLETIONS, MODEL, WAIT, Served, ServerLog, nes
 
 httpx = require_http_serving()
 
+from fi_engine.serve.openai_server import http_protocols  # noqa: E402  (after the serve extra's check)
+
 
 def post(url: str, path: str, body: bytes | str | dict[str, Any], **kw: Any) -> Any:
     content = json.dumps(body) if isinstance(body, dict) else body
@@ -150,8 +152,10 @@ def test_a_body_over_the_limit_is_413(codec, pool) -> None:  # type: ignore[no-u
         s.close()
 
 
-def test_a_stalled_body_is_408_and_trickled_headers_are_cut_off(codec, pool) -> None:  # type: ignore[no-untyped-def]
-    s = Served(codec, pool, app_kw={"body_timeout_s": 0.4}, config_kw={"header_timeout_s": 0.4, "body_timeout_s": 0.4})
+@pytest.mark.parametrize("http", http_protocols())
+def test_a_stalled_body_is_408_and_trickled_headers_are_cut_off(codec, pool, http: str) -> None:  # type: ignore[no-untyped-def]
+    config = {"header_timeout_s": 0.4, "body_timeout_s": 0.4, "http": http}
+    s = Served(codec, pool, app_kw={"body_timeout_s": 0.4}, config_kw=config)
     try:
         head = (
             f"POST {COMPLETIONS} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
@@ -188,7 +192,27 @@ def test_a_stalled_body_is_408_and_trickled_headers_are_cut_off(codec, pool) -> 
 def test_three_10_mb_prompts_leave_health_and_a_stream_unhindered(codec, pool) -> None:  # type: ignore[no-untyped-def]
     """Three 10 MB prompts (each far past the 4096-token context, refused from their length in bytes before they
     are tokenized) sent at once while another client streams and /health is polled: the stream's largest gap
-    between chunks and /health's slowest answer, measured by the clients."""
+    between chunks under 0.25 s and /health's slowest answer under 0.5 s, measured by the clients. The clients
+    share the server's interpreter and this machine's two cores, so a neighbour's load can stretch one trial: the
+    bounds must hold in one of three trials (work on the event loop, such as tokenizing the prompts there, misses
+    them by seconds in every trial)."""
+    results = []
+    for _ in range(3):
+        took, gaps, health_s = _refuse_three_while_streaming(codec, pool)
+        results.append((max(gaps), max(health_s)))
+        print(
+            f"\n3 x 10 MiB prompts refused in {took:.2f} s; stream: {len(gaps) + 1} chunks meanwhile, largest gap "
+            f"{max(gaps) * 1000:.0f} ms; /health: {len(health_s)} polls, slowest {max(health_s) * 1000:.0f} ms"
+        )
+        assert len(gaps) > 10 and health_s
+        if max(gaps) < 0.25 and max(health_s) < 0.5:
+            return
+    raise AssertionError(f"(largest stream gap, slowest /health) in s, each trial: {results}")
+
+
+def _refuse_three_while_streaming(codec: Any, pool: Any) -> tuple[float, list[float], list[float]]:
+    """One trial: (seconds the three refusals took, the stream's gaps between chunks meanwhile, /health's times)."""
+
     s = Served(codec, pool, max_batch=4, step_delay_s=0.005, max_seq_len=4096)
     text = "hello world " * 873_814  # 10 MiB
     bodies = [
@@ -249,13 +273,7 @@ def test_three_10_mb_prompts_leave_health_and_a_stream_unhindered(codec, pool) -
         assert r is not None and r.status_code == 400, r and r.text[:300]
         assert r.json()["error"]["code"] == "context_length_exceeded" and "bytes long" in r.json()["error"]["message"]
     during = [t for t in chunk_times if t >= start - 0.05]
-    gaps = [b - a for a, b in itertools.pairwise(during)]
-    print(
-        f"\n3 x 10 MiB prompts refused in {took:.2f} s; stream: {len(during)} chunks meanwhile, largest gap "
-        f"{max(gaps) * 1000:.0f} ms; /health: {len(health_s)} polls, slowest {max(health_s) * 1000:.0f} ms"
-    )
-    assert len(gaps) > 10 and max(gaps) < 0.25
-    assert health_s and max(health_s) < 0.5
+    return took, [b - a for a, b in itertools.pairwise(during)], health_s
 
 
 # ---- grammars -------------------------------------------------------------------------------------------------------
