@@ -216,6 +216,18 @@ def test_faults_name_the_field(family: Family) -> None:
         tool_call_grammar(family.grammars, family.format, TOOLS, function="get_wind")
     with pytest.raises(ValueError, match=r"^fmt: expected one of"):
         tool_call_grammar(family.grammars, "xml", TOOLS)
+    with pytest.raises(ValueError, match=r"^tools\[1\]: expected \{\"type\": \"function\""):
+        tool_call_grammar(family.grammars, family.format, [WEATHER_TOOL, {"type": "function"}])
+    with pytest.raises(TypeError, match=r"^tools: expected a list of function tools"):
+        tool_call_grammar(family.grammars, family.format, WEATHER_TOOL)  # type: ignore[arg-type]
+
+
+def test_a_grammar_asked_again_is_kept(family: Family) -> None:
+    """An agent sends its tools at every turn: the same request's grammar is built and checked once."""
+    tools = [{"type": "function", "function": {"name": f"tool_{i}", "parameters": PERSON}} for i in range(8)]
+    first = tool_call_grammar(family.grammars, family.format, tools)
+    again = tool_call_grammar(family.grammars, family.format, [dict(t) for t in tools])  # equal, not the same
+    assert again is first and tool_call_grammar(family.grammars, family.format, tools, parallel=False) is not first
 
 
 def test_a_function_without_parameters_takes_an_empty_object(family: Family) -> None:
