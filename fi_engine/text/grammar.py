@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..values import show
-from .args import arg_token_ids
+from .args import arg_mapping, arg_text, arg_token_ids
 from .optional import require
 from .tokenizer import Tokenizer
 
@@ -108,7 +108,10 @@ def _schema_grammar(schema: dict[str, Any]) -> str:
 def lark_json(schema: Mapping[str, Any], where: str = _FORMAT) -> str:
     """A Lark rule's body (llguidance's grammar syntax) that matches a JSON value following ``schema``, whitespace
     bounded as :func:`response_format_grammar`'s: ``%json {...}``, a JSON document of its own (its ``$ref`` s
-    resolve inside it). ValueError naming ``where`` when the schema is not JSON."""
+    resolve inside it). TypeError/ValueError naming ``where`` when the schema is not a JSON object."""
+    where = arg_text("where", where)
+    if arg_mapping(where, schema, "a JSON schema") is None:
+        raise TypeError(f"{where}: expected a JSON schema (a dict with str keys), got None")
     return "%json " + _schema_text({**schema, "x-guidance": _JSON_OPTIONS}, where)
 
 
@@ -161,7 +164,11 @@ class GrammarTokenizer:
         tokenizer holds as an added token of its own as that token (``<[id]>``: a model writes ``<tool_call>`` as
         its one token, whose bytes llguidance marks apart, so a quoted string does not match it), the rest quoted;
         ``""`` for no text."""
-        found = [m for m in sorted(set(markers), key=len, reverse=True) if m]
+        text = arg_text("text", text)
+        if isinstance(markers, (str, bytes)) or not isinstance(markers, Sequence):
+            raise TypeError(f"markers: expected a sequence of marker texts, got {show(markers)}")
+        found = [arg_text(f"markers[{i}]", m) for i, m in enumerate(markers)]
+        found = [m for m in sorted(set(found), key=len, reverse=True) if m]
         parts = re.split(f"({'|'.join(map(re.escape, found))})", text) if found else [text]
         pieces, plain = [], ""
         for part in parts:

@@ -149,6 +149,12 @@ class ToolCallParser:
         self.fmt = _format(fmt)
         prefix = arg_text("prefix", prefix)
         self._function = None if function is None else arg_text("function", function)
+        if self._function is not None and self.fmt != NEUTRAL:
+            raise ValueError(
+                f"function: only the neutral format ({NEUTRAL!r}) takes one; in {fmt!r} the prefix names it"
+            )
+        if prefix and self.fmt == NEUTRAL:
+            raise ValueError(f"prefix: the neutral format's reply has no opener, got {prefix!r:.80}; pass ''")
         self.calls: list[ToolCall] = []  # every call so far
         self._held = ""  # text not settled yet
         self._inside = False  # hermes: within a <tool_call> block; llama3_json: the reply is a call

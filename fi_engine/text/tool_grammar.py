@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..values import show
+from .args import arg_flag, arg_mapping
 from .grammar import GrammarTokenizer, lark_json
 from .harmony import CHANNEL, CONSTRAIN, MESSAGE
 from .tool_calls import FORMATS, HERMES_CLOSE, HERMES_OPEN, NEUTRAL, opener
@@ -68,8 +69,12 @@ def tool_call_grammar(
     whole reply instead, either calls (started by the model itself) or a JSON value following ``response``.
     Checked against ``grammars``' tokenizer; the last :data:`CACHED` grammars are kept (an agent sends the same
     tools at every turn, and checking a grammar of 20 tools takes tens of milliseconds)."""
+    if not isinstance(grammars, GrammarTokenizer):
+        raise TypeError(f"grammars: expected a fi_engine.text.grammar.GrammarTokenizer, got {type(grammars).__name__}")
     if fmt not in FORMATS:
         raise ValueError(f"fmt: expected one of {FORMATS}, got {show(fmt)}")
+    parallel = arg_flag("parallel", parallel)
+    arg_mapping("response", response, "a JSON schema")
     if function is not None and not isinstance(function, str):
         raise TypeError(f"function: expected a function's name (a str) or None, got {show(function)}")
     if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
@@ -84,7 +89,7 @@ def tool_call_grammar(
         key = json.dumps([list(tools), response], allow_nan=False)
     except (TypeError, ValueError, RecursionError):  # not JSON: built (and refused) uncached
         return _grammar(grammars, fmt, tools, function, parallel, response)
-    return _cached(grammars, fmt, key, function, bool(parallel))
+    return _cached(grammars, fmt, key, function, parallel)
 
 
 @functools.lru_cache(maxsize=CACHED)
