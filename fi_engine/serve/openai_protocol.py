@@ -108,10 +108,12 @@ class ParsedRequest:
 
     ``response_format``: the JSON format the output must follow (``json_object`` or ``json_schema``, its shape
     checked; vLLM's ``guided_json`` and ``structured_outputs.json`` come as a ``json_schema``), None: free text.
+    Beside tools that may be called, the reply is either calls or that JSON (a forced call: calls only).
     ``guide``: another grammar the output must follow, as llguidance's ``grammar_from`` takes it (``("regex",
     pattern)``, ``("choice", JSON list of strings)``, ``("grammar", Lark or GBNF text)``: vLLM's ``guided_regex``,
     ``guided_choice``, ``guided_grammar`` and ``structured_outputs``), None: none. ``grammar_field``: the request
-    field that asked for the grammar (what its errors name).
+    field that asked for the grammar (what its errors name; ``tool_choice`` where it forces a call, whose grammar
+    the server builds from the tools).
 
     ``stop_token_ids`` (vLLM's): token ids that end a choice as its EOS ids do (beside them; with ``ignore_eos``
     alone). ``include_stop_str_in_output``: the stop string that ended a choice ends its text (and a stop token's
@@ -562,15 +564,16 @@ def parse_chat(body: Any, models: Sequence[str]) -> ParsedRequest:
     else:
         top = top or 0
     tools, tool_choice, tool_name = _tools(body)
-    grammar = common["response_format"] is not None or common["guide"] is not None
-    if grammar and tool_choice != "none":  # a call's text would break the grammar
+    if common["guide"] is not None and tool_choice != "none":  # a call's text would break the grammar
         key = common["grammar_field"]
         raise APIError(
             f"{key}: a grammar ({key}) and tools that may be called exclude each other; send "
-            'tool_choice: "none" or no grammar',
+            'tool_choice: "none", no grammar, or a JSON format as response_format (served beside tools)',
             key,
             code="unsupported_value",
         )
+    if tool_choice in ("required", "named"):  # the reply is a call: its grammar is the tools' (a JSON format aside)
+        common["grammar_field"] = "tool_choice"
     _neutral(
         body, "chat_template", (), "a chat template of the request's own", "the checkpoint's is used; leave it out"
     )

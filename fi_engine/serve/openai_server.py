@@ -44,9 +44,10 @@ from typing import Any
 from ..runtime.sampling_params import SamplingParams
 from ..runtime.stepping import TokenLogprobs
 from ..text.args import arg_token_ids
-from ..text.grammar import GrammarTokenizer, _llguidance, _said, response_format_grammar
+from ..text.grammar import GrammarTokenizer, _llguidance, _said, response_format_grammar, response_format_schema
 from ..text.harmony import MARKERS
-from ..text.tool_calls import ToolCall, ToolCallParser, call_format, opener
+from ..text.tool_calls import NEUTRAL, ToolCall, ToolCallParser, call_format, opener
+from ..text.tool_grammar import tool_call_grammar
 from .openai_protocol import (
     CHAT_CHUNK,
     COMPLETION_CHUNK,
@@ -131,6 +132,7 @@ class _Choice:
     reasoning: bool = True  # False: the reply's reasoning is dropped (include_reasoning)
     parallel: bool = True  # False: the first call only (parallel_tool_calls)
     called: int = 0  # calls sent so far
+    calls_finish: str = "tool_calls"  # the finish of a reply that called tools and stopped ("stop": a named function)
 
     def read(self, text: str, end: bool, cut_short: bool = False) -> tuple[str, str, list[ToolCall]]:
         """The content, the reasoning and the tool calls of the reply's next ``text`` (``end``: the reply ended;
@@ -298,31 +300,49 @@ class _Handlers:
             grammar = await self._grammar(parsed)
             reading = self._reading(parsed)
             prompts = await asyncio.to_thread(self._prompts, parsed, reading[1])
-            submitted = self._submit(parsed, grammar, reading, prompts)
+            submitted = await self._accepted(parsed, grammar, reading, prompts, chat)
         except APIError as exc:
             return self.error(exc)
         except self.ClientDisconnect:
             log.info("%s %s: the client hung up while sending its request", request.method, request.url.path)
             return self.Response(status_code=499)  # nobody reads it
-        streams = submitted.streams
-        try:
-            await asyncio.gather(*(s.aaccepted() for s in streams))
-        except (ValueError, TypeError) as exc:  # the engine refused a prompt (too long for it, ...)
-            for s in streams:
-                s.cancel()
-            return self.error(_refusal(exc, chat, parsed.grammar_field))
-        except ServiceError as exc:
-            return self.error(_engine_failed(exc))
-        except asyncio.CancelledError:
-            for s in streams:
-                s.cancel()
-            raise
         rid = new_id("chatcmpl" if chat else "cmpl")
         if parsed.stream:
             self.service.metrics.response(200)
             events = self._events(parsed, submitted, rid, chat)
             return self.StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await self._whole(request, parsed, submitted, rid, chat)
+
+    async def _accepted(
+        self,
+        parsed: ParsedRequest,
+        grammar: str | None,
+        reading: tuple[str | None, str, bool],
+        prompts: tuple[list[list[int]], list[str]],
+        chat: bool,
+    ) -> _Submitted:
+        """The request submitted (:meth:`_submit`) once the engine accepted every choice; its refusal as an
+        :class:`APIError`. A forced call in the template's own format whose grammar the engine cannot apply (a
+        vocabulary split over tensor-parallel ranks) is submitted again without it: the server's opener alone then
+        makes the reply a call, its arguments unconstrained."""
+        submitted = self._submit(parsed, grammar, reading, prompts)
+        streams = submitted.streams
+        try:
+            await asyncio.gather(*(s.aaccepted() for s in streams))
+        except (ValueError, TypeError) as exc:  # the engine refused a prompt (too long for it, ...)
+            for s in streams:
+                s.cancel()
+            forced = parsed.tool_choice in ("required", "named") and reading[0] not in (None, NEUTRAL)
+            if grammar is not None and forced and str(exc).startswith("grammar:"):
+                return await self._accepted(parsed, None, reading, prompts, chat)
+            raise _refusal(exc, chat, parsed.grammar_field) from None
+        except ServiceError as exc:
+            raise _engine_failed(exc) from None
+        except asyncio.CancelledError:
+            for s in streams:
+                s.cancel()
+            raise
+        return submitted
 
     def _prompts(self, parsed: ParsedRequest, lead: str) -> tuple[list[list[int]], list[str]]:
         """The request's prompts as token ids (a chat's rendered by the template, then ``lead``: a forced call's
@@ -392,13 +412,14 @@ class _Handlers:
         reading: tuple[str | None, str, bool],
         encoded: tuple[list[list[int]], list[str]],
     ) -> _Submitted:
-        """Queue ``n`` requests per prompt (``grammar``: their response_format's; ``reading``: how their replies are
+        """Queue ``n`` requests per prompt (``grammar``: theirs, :meth:`_grammar`; ``reading``: how their replies are
         read, :meth:`_reading`; ``encoded``: the prompts' ids and echoes, :meth:`_prompts`), all or none; their
         choices (one per request) and the prompt token count."""
         service = self.service
         codec = service.codec
         assert codec is not None  # _prompts refused the request otherwise
         fmt, lead, reads_calls = reading
+        function = parsed.tool_name if fmt == NEUTRAL else None  # the neutral format's reply is its arguments
         ids, echoes = encoded
         gen = codec.generation
         temperature = parsed.temperature
@@ -438,10 +459,11 @@ class _Handlers:
                         echo,
                         prompt,
                         generates=limit > 0,
-                        reader=None if fmt is None else ToolCallParser(fmt, lead),
+                        reader=None if fmt is None else ToolCallParser(fmt, lead, function),
                         reads_calls=reads_calls,
                         reasoning=parsed.include_reasoning,
                         parallel=parsed.parallel_tool_calls,
+                        calls_finish="stop" if parsed.tool_choice == "named" else "tool_calls",
                     )
                 )
         try:
@@ -537,17 +559,20 @@ class _Handlers:
         return tuple(dict.fromkeys((*eos, *stop_ids)))
 
     async def _grammar(self, parsed: ParsedRequest) -> str | None:
-        """The grammar of the request's ``response_format`` (None: free text), compiled once for the request and
-        checked against the served tokenizer, off the event loop (the tokenizer's index is built on the first such
-        request: up to seconds for a large vocabulary); 400 naming ``response_format`` when it cannot be (a schema
-        llguidance refuses, the ``llguidance`` package missing, a compile past ``grammar_timeout_s``)."""
-        if parsed.response_format is None and parsed.guide is None:
+        """The grammar of the request's ``response_format`` or of the tool call its ``tool_choice`` forces (None: free
+        text), compiled once for the request and checked against the served tokenizer, off the event loop (the
+        tokenizer's index is built on the first such request: up to seconds for a large vocabulary); 400 naming
+        the field at fault when it cannot be (a schema llguidance refuses, the ``llguidance`` package missing, a
+        compile past ``grammar_timeout_s``)."""
+        fmt = self._reading(parsed)[0]
+        forced = parsed.tool_choice in ("required", "named") and fmt is not None
+        if not forced and parsed.response_format is None and parsed.guide is None:
             return None
         loop = asyncio.get_running_loop()
         async with self.grammars_built:
             if self.grammars is None:
                 self.grammars = await loop.run_in_executor(self.compiler, self._grammar_tokenizer, parsed.grammar_field)
-        compiled = loop.run_in_executor(self.compiler, self._compile, self.grammars, parsed)
+        compiled = loop.run_in_executor(self.compiler, self._compile, self.grammars, parsed, fmt)
         try:
             return await asyncio.wait_for(compiled, self.grammar_timeout_s)
         except TimeoutError:
@@ -574,9 +599,24 @@ class _Handlers:
         return grammars
 
     @staticmethod
-    def _compile(grammars: GrammarTokenizer, parsed: ParsedRequest) -> str:
-        """The request's grammar (its JSON format's, or its other guide's as llguidance's ``grammar_from`` makes
-        it), checked against the served tokenizer."""
+    def _compile(grammars: GrammarTokenizer, parsed: ParsedRequest, fmt: str | None) -> str:
+        """The request's grammar, checked against the served tokenizer: where its tools may be called in ``fmt``
+        (the format the reply is read in) and ``tool_choice`` forces a call, or is "auto" beside a JSON format, the
+        grammar of the calls (or that JSON: :func:`~fi_engine.text.tool_grammar.tool_call_grammar`); else its JSON
+        format's, or its other guide's as llguidance's ``grammar_from`` makes it."""
+        forced = parsed.tool_choice in ("required", "named")
+        answers = parsed.tool_choice == "auto" and parsed.response_format is not None
+        if fmt is not None and parsed.tools and (forced or answers):
+            response = None if forced else response_format_schema(parsed.response_format)
+            with _tool_grammar_errors(parsed.grammar_field):
+                return tool_call_grammar(
+                    grammars,
+                    fmt,
+                    parsed.tools,
+                    function=parsed.tool_name,
+                    parallel=parsed.parallel_tool_calls,
+                    response=response,
+                )
         with _response_format_errors(parsed.grammar_field):
             grammar: str | None
             if parsed.guide is not None:
@@ -590,8 +630,10 @@ class _Handlers:
     def _reading(self, parsed: ParsedRequest) -> tuple[str | None, str, bool]:
         """How a chat's reply is read: its format (None: the reply is its content, as it comes), the text that
         starts it (a call's start when ``tool_choice`` forces one) and whether calls are taken from it. A reply in
-        harmony (gpt-oss) is always read, for its channels; another format only when tools may be called. 400
-        naming ``tools`` when they may be and the chat template shows no format the server reads."""
+        harmony (gpt-oss) is always read, for its channels; another format only when tools may be called. Where
+        the chat template shows no format the server reads, a forced call is in the neutral one (its grammar makes
+        the reply a call), and ``tool_choice`` "auto" is a 400 naming it (the model's own calls could not be
+        told from its text)."""
         codec = self.service.codec
         template = codec.chat_template if codec is not None and parsed.messages is not None else None
         if template is None:
@@ -600,13 +642,17 @@ class _Handlers:
         reads_calls = parsed.tool_choice != "none"
         if fmt != "harmony" and not reads_calls:
             return None, "", False
-        if fmt is None:
+        if fmt is None and parsed.tool_choice == "auto":
             raise APIError(
-                f"tools: the chat template of {template.source} shows no tool-call format this server reads "
-                f'(Hermes-style <tool_call> blocks, Llama 3.1 JSON, harmony); send tool_choice: "none" or no tools',
-                "tools",
+                f'tool_choice: "auto" (the default with tools) needs a tool-call format in the chat template, and the '
+                f"template of {template.source} shows none this server reads (Hermes-style <tool_call> blocks, "
+                f'Llama 3.1 JSON, harmony); send tool_choice: "required" or a named function (the reply is then a '
+                f'call, constrained to the tools\' schemas), or "none"',
+                "tool_choice",
                 code="unsupported_value",
             )
+        if fmt is None:
+            return NEUTRAL, "", True
         if parsed.tool_choice in ("none", "auto"):
             return fmt, "", reads_calls
         return fmt, opener(fmt, parsed.tool_name), True
@@ -685,7 +731,7 @@ class _Handlers:
                 text, thought, found = choice.read(text, end=True, cut_short=finish == "length")
                 if found:
                     text, calls = text.strip(), [tool_call_body(c) for c in found]
-                    finish = "tool_calls" if finish == "stop" else finish
+                    finish = choice.calls_finish if finish == "stop" else finish
             answers.append((text, finish, logprobs))
             tool_calls.append(calls)
             reasoning.append(thought)
@@ -767,7 +813,7 @@ def _read_chunks(
     """The chunks of a streamed reply that is read (for tool calls, or for its harmony channels), for its next
     ``text``: the reasoning and the content settled (with the logprobs), then each call completed as OpenAI streams
     one (its id, type and name, then its arguments), then the finish (``"tool_calls"`` when the reply called tools
-    and stopped)."""
+    and stopped, ``"stop"`` for a named function's call, as OpenAI's)."""
     content, reasoning, calls = choice.read(text, end=finish is not None, cut_short=finish == "length")
     events = []
     if content or reasoning or logprobs is not None:
@@ -783,7 +829,7 @@ def _read_chunks(
             choice_chunk(CHAT_CHUNK, rid, model, created, index, {"delta": {"tool_calls": [tail]}}, None, None)
         )
     if finish is not None:
-        why = "tool_calls" if choice.called and finish == "stop" else finish
+        why = choice.calls_finish if choice.called and finish == "stop" else finish
         events.append(choice_chunk(CHAT_CHUNK, rid, model, created, index, {"delta": {}}, why, None))
     return events
 
@@ -856,6 +902,20 @@ def _response_format_errors(field: str = "response_format") -> Iterator[None]:
         if not text.startswith("response_format"):
             text = f"response_format: {text}"
         raise APIError(field + text.removeprefix("response_format"), field) from None
+
+
+@contextmanager
+def _tool_grammar_errors(grammar_field: str) -> Iterator[None]:
+    """The text layer's refusals of a tool-call grammar as a 400 naming the field at fault: ``tools`` (a function's
+    ``parameters``), the response's grammar field (``response_format``, ``guided_json``), else ``tool_choice``."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        text = str(exc)
+        head = text.split(":", 1)[0].split("[", 1)[0]
+        if head == "response_format":
+            raise APIError(grammar_field + text.removeprefix("response_format"), grammar_field) from None
+        raise APIError(text, "tools" if head == "tools" else "tool_choice") from None
 
 
 def _continued(rendered: str, content: str) -> str:

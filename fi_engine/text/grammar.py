@@ -10,6 +10,8 @@ microseconds, and takes the ``tokenizer.json`` the engine already reads.
   :class:`~fi_engine.runtime.sampling_params.SamplingParams` and between processes.
 - :class:`GrammarTokenizer`: the tokenizer as llguidance sees it (built once per tokenizer: its token trie), which
   checks a grammar (:meth:`~GrammarTokenizer.check`) and starts a :class:`GrammarMatcher` per request.
+- :func:`lark_json` and :meth:`GrammarTokenizer.lark_text`: the parts of a grammar written in Lark (llguidance's
+  syntax) around JSON values, such as a tool call's (:mod:`fi_engine.text.tool_grammar`).
 - :class:`GrammarMatcher`: one request's place in its grammar: the tokens allowed next
   (:meth:`~GrammarMatcher.allowed_mask`, or the packed :meth:`~GrammarMatcher.bitmask`), :meth:`~GrammarMatcher.consume`
   the chosen one, and :attr:`~GrammarMatcher.is_finished` once only an end-of-sequence token may follow.
@@ -21,13 +23,14 @@ Every fault of a format or a schema is a ValueError (TypeError for a value of th
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from ..values import show
-from .args import arg_token_ids
+from .args import arg_mapping, arg_text, arg_token_ids
 from .optional import require
 from .tokenizer import Tokenizer
 
@@ -35,6 +38,7 @@ __all__ = [
     "MAX_WHITESPACE",
     "GrammarMatcher",
     "GrammarTokenizer",
+    "lark_json",
     "response_format_grammar",
     "response_format_schema",
 ]
@@ -94,14 +98,29 @@ def _member(parent: Mapping[str, Any], path: str, kind: type, expected: str, opt
     )
 
 
+def _schema_text(schema: Mapping[str, Any], where: str) -> str:
+    """``schema`` as JSON text; ValueError naming ``where`` when it is not JSON."""
+    try:
+        return json.dumps(schema, allow_nan=False)
+    except (ValueError, TypeError, RecursionError) as exc:  # NaN, a non-string key, too deep
+        raise ValueError(f"{where}: the schema is not valid JSON ({str(exc)[:200]})") from None
+
+
 def _schema_grammar(schema: dict[str, Any]) -> str:
     """The grammar (llguidance's serialized form) of a JSON ``schema`` (a mapping), whitespace between tokens at
     most :data:`MAX_WHITESPACE` characters; ValueError naming ``response_format`` when it is not JSON."""
-    try:
-        text = json.dumps(schema, allow_nan=False)
-    except (ValueError, TypeError, RecursionError) as exc:  # NaN, a non-string key, too deep
-        raise ValueError(f"{_FORMAT}: the schema is not valid JSON ({str(exc)[:200]})") from None
+    text = _schema_text(schema, _FORMAT)
     return str(_llguidance().LLMatcher.grammar_from_json_schema(text, overrides=_JSON_OPTIONS))
+
+
+def lark_json(schema: Mapping[str, Any], where: str = _FORMAT) -> str:
+    """A Lark rule's body (llguidance's grammar syntax) that matches a JSON value following ``schema``, whitespace
+    bounded as :func:`response_format_grammar`'s: ``%json {...}``, a JSON document of its own (its ``$ref`` s
+    resolve inside it). TypeError/ValueError naming ``where`` when the schema is not a JSON object."""
+    where = arg_text("where", where)
+    if arg_mapping(where, schema, "a JSON schema") is None:
+        raise TypeError(f"{where}: expected a JSON schema (a dict with str keys), got None")
+    return "%json " + _schema_text({**schema, "x-guidance": _JSON_OPTIONS}, where)
 
 
 def response_format_grammar(response_format: Any) -> str | None:
@@ -126,6 +145,7 @@ class GrammarTokenizer:
         self.eos_token_ids = tuple(eos)
         llg = _llguidance()
         self._llg = llg
+        self._tokens = tokenizer
         self._tokenizer = llg.LLTokenizer(
             _as_llguidance_reads(tokenizer.backend_json()), n_vocab=self.vocab_size, eos_token=eos
         )
@@ -146,6 +166,27 @@ class GrammarTokenizer:
                 probe.consume(int(allowed[0]))
             except ValueError as exc:
                 raise ValueError(f"{_UNUSABLE} at its first token: {_said(str(exc), 300)}") from None
+
+    def lark_text(self, text: str, markers: Sequence[str] = ()) -> str:
+        """``text`` as a Lark expression that matches it: each of ``markers`` in it (a format's marker tokens) that this
+        tokenizer holds as an added token of its own as that token (``<[id]>``: a model writes ``<tool_call>`` as
+        its one token, whose bytes llguidance marks apart, so a quoted string does not match it), the rest quoted;
+        ``""`` for no text."""
+        text = arg_text("text", text)
+        if isinstance(markers, (str, bytes)) or not isinstance(markers, Sequence):
+            raise TypeError(f"markers: expected a sequence of marker texts, got {show(markers)}")
+        found = [arg_text(f"markers[{i}]", m) for i, m in enumerate(markers)]
+        found = [m for m in sorted(set(found), key=len, reverse=True) if m]
+        parts = re.split(f"({'|'.join(map(re.escape, found))})", text) if found else [text]
+        pieces, plain = [], ""
+        for part in parts:
+            token = self._tokens.token_id(part) if part in found else None
+            if token is None or not self._tokenizer.is_special_token(token):
+                plain += part
+                continue
+            pieces += [json.dumps(plain), f"<[{token}]>"] if plain else [f"<[{token}]>"]
+            plain = ""
+        return " ".join([*pieces, json.dumps(plain)] if plain else pieces)
 
     def matcher(self, grammar: str) -> GrammarMatcher:
         """A request's :class:`GrammarMatcher` at the start of ``grammar`` (ValueError naming ``response_format``

@@ -9,7 +9,11 @@
   <|constrain|>json<|message|>{...}<|call|>``, in a reply whose other messages are its reasoning and its answer
   (read by :class:`~fi_engine.text.harmony.HarmonyReader`: the text must keep those special tokens). Its content is
   the answer only; :meth:`~ToolCallParser.take_reasoning` gives the reasoning. A call whose arguments are not a
-  JSON object is dropped: it was addressed to a tool, so its text is no content either.
+  JSON object is dropped: it was addressed to a tool, so its text is no content either;
+- ``"json"`` (:data:`NEUTRAL`): the format of a model whose template shows none, which the server makes it write
+  under a grammar (:mod:`fi_engine.text.tool_grammar`) when a request forces a call, as vLLM does: a named
+  function's reply is its arguments object alone; ``tool_choice`` "required"'s a JSON array of calls, each
+  ``{"name": ..., "parameters": {...}}``. The whole reply is read when it ends.
 
 :func:`call_format` tells the format from the checkpoint's chat template; :class:`ToolCallParser` reads a reply
 piece by piece as it streams (:meth:`~ToolCallParser.feed`, :meth:`~ToolCallParser.finish`): content is let out as
@@ -27,9 +31,10 @@ from typing import Any
 from .args import arg_text
 from .harmony import CHANNEL, CONSTRAIN, FUNCTIONS, MESSAGE, HarmonyParts, HarmonyReader
 
-__all__ = ["FORMATS", "ToolCall", "ToolCallParser", "call_format", "opener"]
+__all__ = ["FORMATS", "NEUTRAL", "ToolCall", "ToolCallParser", "call_format", "opener"]
 
-FORMATS = ("hermes", "llama3_json", "harmony")
+NEUTRAL = "json"  # the format of a forced call where the template shows none
+FORMATS = ("hermes", "llama3_json", "harmony", NEUTRAL)
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
 
@@ -57,8 +62,11 @@ def call_format(template: str) -> str | None:
 
 def opener(fmt: str, function: str | None = None) -> str:
     """The text that starts a call in format ``fmt`` (of the function named ``function``, when given): written
-    after the prompt, the model's reply continues it."""
+    after the prompt, the model's reply continues it. The neutral format's is ``""``: its grammar alone makes the
+    reply a call."""
     fmt = _format(fmt)
+    if fmt == NEUTRAL:
+        return ""
     if fmt == "harmony":  # the header of a call message; named, the whole header (the reply writes the arguments)
         head = f"{CHANNEL}commentary to={FUNCTIONS}"
         return head if function is None else f"{head}{arg_text('function', function)} {CONSTRAIN}json{MESSAGE}"
@@ -72,10 +80,12 @@ def opener(fmt: str, function: str | None = None) -> str:
     return f"{HERMES_OPEN}\n{call}" if fmt == "hermes" else call
 
 
-def _call(value: Any) -> ToolCall | None:
-    """A call from a parsed JSON value: an object with a string ``name`` and an object (or absent) ``arguments``
-    / ``parameters``; None otherwise."""
+def _call(value: Any, needs_arguments: bool = False) -> ToolCall | None:
+    """A call from a parsed JSON value: an object with a string ``name`` and an object (or, unless
+    ``needs_arguments``, absent) ``arguments`` / ``parameters``; None otherwise."""
     if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
+        return None
+    if needs_arguments and "arguments" not in value and "parameters" not in value:
         return None
     args = value.get("arguments", value.get("parameters", {}))
     if isinstance(args, str):  # some models write the arguments as a JSON string
@@ -88,8 +98,25 @@ def _call(value: Any) -> ToolCall | None:
     return ToolCall(value["name"], json.dumps(args, ensure_ascii=False))
 
 
+def _neutral_calls(text: str, function: str | None) -> list[ToolCall] | None:
+    """The calls of a reply in the neutral format: the arguments object of ``function``, or (None) a non-empty JSON
+    array of ``{"name", "parameters"}`` objects; None unless it is that."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if function is not None:
+        call = _call({"name": function, "arguments": value})
+        return None if call is None else [call]
+    if not isinstance(value, list) or not value:
+        return None
+    calls = [call for item in value if (call := _call(item)) is not None]
+    return calls if len(calls) == len(value) else None
+
+
 def _json_calls(text: str) -> list[ToolCall] | None:
-    """The calls of a Llama 3 reply: JSON objects separated by ``;`` (and whitespace); None unless all are."""
+    """The calls of a Llama 3 reply: JSON objects separated by ``;`` (and whitespace); None unless all are. Each
+    must have its arguments: an object with a name alone is an answer in JSON (a response_format's, say)."""
     decoder = json.JSONDecoder()
     calls: list[ToolCall] = []
     at = 0
@@ -102,7 +129,7 @@ def _json_calls(text: str) -> list[ToolCall] | None:
             value, at = decoder.raw_decode(text, at)
         except json.JSONDecodeError:
             return None
-        call = _call(value)
+        call = _call(value, needs_arguments=True)
         if call is None:
             return None
         calls.append(call)
@@ -112,14 +139,22 @@ class ToolCallParser:
     """Read a reply in format ``fmt`` as it comes.
 
     ``prefix``: text the reply continues that the model did not write itself (an :func:`opener` put after the
-    prompt), read first and never given back as content. :meth:`feed` takes the next piece of text and returns the
-    content that is settled and the calls completed; :meth:`finish` returns the rest at the end of the reply. The
-    pieces of content joined are the reply with its calls taken out.
+    prompt), read first and never given back as content. ``function`` (the neutral format only): the named function
+    whose arguments object the reply is; None: the reply is an array of calls. :meth:`feed` takes the next piece
+    of text and returns the content that is settled and the calls completed; :meth:`finish` returns the rest at
+    the end of the reply. The pieces of content joined are the reply with its calls taken out.
     """
 
-    def __init__(self, fmt: str, prefix: str = "") -> None:
+    def __init__(self, fmt: str, prefix: str = "", function: str | None = None) -> None:
         self.fmt = _format(fmt)
         prefix = arg_text("prefix", prefix)
+        self._function = None if function is None else arg_text("function", function)
+        if self._function is not None and self.fmt != NEUTRAL:
+            raise ValueError(
+                f"function: only the neutral format ({NEUTRAL!r}) takes one; in {fmt!r} the prefix names it"
+            )
+        if prefix and self.fmt == NEUTRAL:
+            raise ValueError(f"prefix: the neutral format's reply has no opener, got {prefix!r:.80}; pass ''")
         self.calls: list[ToolCall] = []  # every call so far
         self._held = ""  # text not settled yet
         self._inside = False  # hermes: within a <tool_call> block; llama3_json: the reply is a call
@@ -142,6 +177,8 @@ class ToolCallParser:
         if self._harmony is not None:
             return self._harmony_parts(self._harmony.feed(text))
         self._held += arg_text("text", text)
+        if self.fmt == NEUTRAL:  # all of it is the call: read when it ends
+            return "", []
         if self.fmt == "llama3_json":
             return self._feed_json(), []
         content, calls = [], []
@@ -174,10 +211,20 @@ class ToolCallParser:
         """The content and calls left at the end of the reply (``cut_short``: it ended at its length limit). A call
         that never ended is content, but for a call the prefix started: cut short, of a named function, a call
         with the arguments written so far (OpenAI's answer when ``max_tokens`` ends a forced call); else the text
-        the model wrote after the prefix. Harmony: a call cut short whose arguments parse is a call."""
+        the model wrote after the prefix. Harmony: a call cut short whose arguments parse is a call. The neutral
+        format: its calls, else (cut short, of a named function) the call with the arguments so far, else the text
+        as content."""
         if self._harmony is not None:
             return self._harmony_parts(self._harmony.finish())
         held, self._held = self._held, ""
+        if self.fmt == NEUTRAL:
+            calls = _neutral_calls(held, self._function)
+            if calls is None and cut_short and self._function is not None:
+                calls = [ToolCall(self._function, held)]
+            if calls is None:
+                return held, []
+            self.calls += calls
+            return "", calls
         if self.fmt == "llama3_json":
             if not self._inside:
                 return held, []

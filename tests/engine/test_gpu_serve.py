@@ -6,15 +6,22 @@ transformers, and a real SmolLM2-135M-Instruct checkpoint in safetensors with it
   checkpoint (float32 reference; the first tokens where the two agree within near ties, as the yardstick allows:
   the texts are compared over the tokens before any near tie);
 - 64 concurrent streaming clients each get the tokens the engine's own ``generate`` gives their prompt;
-- a client that hangs up mid-stream frees its slot: with one slot, the next request is served.
+- a client that hangs up mid-stream frees its slot: with one slot, the next request is served;
+- a chat's logprobs (and top 5) are the log-softmax of the engine's own logits (``prefill_logits`` of the prompt
+  and the tokens answered);
+- tool calls for a model whose template has no call format (SmolLM2's): a named function and ``tool_choice``
+  "required" give a call whose arguments parse and validate against its schema, whole and streamed, as does a
+  ``json_schema`` response_format's answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers.gpu import require_torch
 
@@ -28,6 +35,7 @@ openai = pytest.importorskip("openai", reason="the client is the dev extra's ope
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette", reason="the server needs the serve extra")
 
+from helpers.json_schemas import PERSON, check_person, check_schema, json_schema  # noqa: E402
 from helpers.serve import running  # noqa: E402
 
 from fi_engine.models.registry import engine_class  # noqa: E402
@@ -151,3 +159,97 @@ def test_a_client_killed_mid_stream_frees_its_slot() -> None:
         )
         assert out.usage.completion_tokens == 8
         assert service.metrics.finished.get("abort") == 1
+
+
+def test_chat_logprobs_are_the_log_softmax_of_the_engines_own_logits() -> None:
+    """Each answered token's logprob and its top 5 (served over HTTP, greedy) against the engine's own prefill
+    logits of the prompt and the tokens before it (the bound of tests/engine/test_gpu_step_api.py: decode and
+    prefill kernels differ by a few hundredths)."""
+    codec = TextCodec.from_dir(MODEL_DIR)
+    tokenizer = codec.tokenizer
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+    engine = open_engine(4)
+    with engine:
+        with GenerationService(engine, codec) as service, running(build_app(service, "m")) as server:
+            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="-", max_retries=0, timeout=120)
+            out = client.chat.completions.create(
+                model="m", messages=messages, max_tokens=12, temperature=0, logprobs=True, top_logprobs=5
+            )
+        entries = out.choices[0].logprobs.content
+        assert len(entries) == out.usage.completion_tokens > 0
+        by_bytes = {tokenizer.token_piece(i)[1]: i for i in range(tokenizer.vocab_size)}
+        ids = [by_bytes[bytes(e.bytes)] for e in entries]
+        prompt = codec.encode_chat(messages)
+        logits = engine.prefill_logits([prompt + ids[:-1]])[0]
+    for t, (token, entry) in enumerate(zip(ids, entries, strict=True)):
+        row = logits[len(prompt) - 1 + t].astype(np.float64)
+        ref = row - (row.max() + np.log(np.exp(row - row.max()).sum()))
+        assert entry.logprob == pytest.approx(ref[token], abs=0.1), t
+        assert [e.logprob for e in entry.top_logprobs] == pytest.approx(np.sort(ref)[::-1][:5], abs=0.1), t
+        for e in entry.top_logprobs:  # each one its own token's
+            assert e.logprob == pytest.approx(ref[by_bytes[bytes(e.bytes)]], abs=0.1), t
+
+
+# tools whose arguments are bounded (the grammar ends them), as a user would describe them
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 40}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TIME = {
+    "type": "object",
+    "properties": {"timezone": {"type": "string", "maxLength": 40}},
+    "required": ["timezone"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "The weather now", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "description": "The time now", "parameters": TIME}},
+]
+SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
+
+
+def test_forced_tool_choices_give_calls_valid_against_their_schemas() -> None:
+    """SmolLM2's template has no tool-call format: a named function and "required" are served in the neutral
+    format under the tools' grammar. Each reply is calls of the tools offered (the named one), whose arguments
+    parse and validate, whole and streamed; finish "stop" for a named function, "tool_calls" for "required". A
+    json_schema response_format's answer parses and validates too."""
+    pytest.importorskip("llguidance", reason="grammars need the serve extra's llguidance")
+    codec = TextCodec.from_dir(MODEL_DIR)
+    asks = ["What is the weather in Paris?", "What time is it in Tokyo, and how warm is it there?"]
+    engine = open_engine(4)
+    with engine, GenerationService(engine, codec) as service, running(build_app(service, "m")) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="-", max_retries=0, timeout=120)
+        for ask in asks:
+            messages = [{"role": "user", "content": ask}]
+            for choice, parallel, stream in [
+                ({"type": "function", "function": {"name": "get_weather"}}, True, False),  # (one call: it is named)
+                ({"type": "function", "function": {"name": "get_weather"}}, True, True),
+                ("required", False, False),
+                ("required", False, True),  # (parallel calls: the CPU tests; a small model may not stop adding them)
+            ]:
+                kw = {"model": "m", "messages": messages, "tools": TOOLS, "tool_choice": choice, "max_tokens": 300}
+                kw |= {"temperature": 0, "parallel_tool_calls": parallel}
+                if stream:
+                    with client.chat.completions.stream(**kw) as events:
+                        answer = events.get_final_completion().choices[0]
+                else:
+                    answer = client.chat.completions.create(**kw).choices[0]
+                calls = answer.message.tool_calls or []
+                made = [(c.function.name, c.function.arguments) for c in calls]
+                print(f"{ask!r} {choice} parallel={parallel}: {made}")
+                assert answer.finish_reason == ("tool_calls" if choice == "required" else "stop"), answer
+                assert len(calls) == 1 and not answer.message.content
+                for call in calls:
+                    assert choice == "required" or call.function.name == "get_weather"
+                    check_schema(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+        out = client.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "Describe a club member as JSON."}],
+            response_format=json_schema(PERSON),
+            max_tokens=300,
+            temperature=0,
+        ).choices[0]
+        assert out.finish_reason == "stop"
+        check_person(json.loads(out.message.content))

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers.fake_engine import fake_logits
+from helpers.fake_engine import greedy_under_grammar
 from helpers.json_schemas import PERSON, check_person, json_schema
 
 from fi_engine.text.grammar import (
@@ -33,25 +33,6 @@ def grammars(codec: Any) -> GrammarTokenizer:
 
 def texts(codec: Any, mask: np.ndarray) -> list[str]:
     return [codec.tokenizer.decode([int(i)], skip_special_tokens=False) for i in np.flatnonzero(mask)]
-
-
-def greedy(codec: Any, grammars: GrammarTokenizer, grammar: str, key: int, vocab: int, steps: int = 600) -> str:
-    """The text a model of the stand-in's pseudo-random logits writes under ``grammar``: at each step the allowed
-    token of the highest logit, until an EOS id (the text then parses) or ``steps`` tokens."""
-    matcher = grammars.matcher(grammar)
-    pool = list(range(codec.tokenizer.vocab_size))
-    out: list[int] = []
-    for k in range(steps):
-        logits = fake_logits(vocab, pool, (key, k), favoured=0)  # favours EOS id 0: the grammar must refuse it
-        logits[~matcher.allowed_mask(vocab)] = -np.inf
-        token = int(np.argmax(logits))
-        assert token < codec.tokenizer.vocab_size  # a padded row is never allowed
-        matcher.consume(token)
-        if token in codec.eos_token_ids:
-            assert matcher.is_finished
-            return str(codec.tokenizer.decode(out, skip_special_tokens=False))
-        out.append(token)
-    raise AssertionError(f"no end within {steps} tokens: {codec.tokenizer.decode(out)!r}")
 
 
 def test_json_object_starts_with_a_brace_and_ends_with_eos_only(codec: Any, grammars: GrammarTokenizer) -> None:
@@ -125,7 +106,9 @@ def test_padded_vocabulary_rows_are_never_allowed(codec: Any, grammars: GrammarT
 def test_a_json_schema_is_followed_by_any_model(codec: Any, grammars: GrammarTokenizer, key: int) -> None:
     """Twelve pseudo-random models (one per key), greedy over the allowed tokens: each output parses and validates,
     keys and types as required."""
-    text = greedy(codec, grammars, response_format_grammar(json_schema(PERSON)), key, codec.tokenizer.vocab_size + 6)
+    text = greedy_under_grammar(
+        codec, grammars, response_format_grammar(json_schema(PERSON)), key, codec.tokenizer.vocab_size + 6
+    )
     check_person(json.loads(text))
 
 

@@ -88,7 +88,9 @@ GETS = [
 def wrong(response: Any, field: str | None, folder: str) -> bool:
     """Whether ``response`` to a hostile value in ``field`` (None: not in a field) is wrong: a 5xx, an error that
     is not OpenAI's object, shows ``folder`` (the server's checkpoint) or a traceback, or names another field than
-    the one refused (unless what the field adds to the prompt overflows the context, which names the prompt)."""
+    the one refused (unless what the field adds to the prompt overflows the context, which names the prompt, or
+    tools the stand-in's template can take only when a call is forced: that names ``tool_choice``, whose default
+    "auto" needs a call format the template lacks)."""
     if response.status_code >= 500:
         return True
     if response.status_code < 400:
@@ -101,6 +103,8 @@ def wrong(response: Any, field: str | None, folder: str) -> bool:
         return True
     if folder in error["message"] or "Traceback" in error["message"]:
         return True
+    if field == "tools" and error["param"] == "tool_choice":
+        return False
     return field is not None and error["param"] != field and error["code"] != "context_length_exceeded"
 
 

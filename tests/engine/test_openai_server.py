@@ -317,7 +317,7 @@ BAD_CHAT = [
         "tools",
         "tools[0].function.name",
     ),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [TOOL]}, "tools", "no tool-call format"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [TOOL]}, "tool_choice", "needs a tool-call format"),
     (
         {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}]},
         "messages",

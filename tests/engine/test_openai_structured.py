@@ -139,13 +139,20 @@ def test_a_bad_response_format_is_400_naming_it(served: Served, path: str, value
     assert not served.engine.added  # refused before the engine
 
 
-def test_tools_that_may_be_called_and_a_json_format_exclude_each_other(served: Served) -> None:
+def test_tools_beside_a_json_format_need_a_call_format_for_auto(served: Served) -> None:
+    """A JSON format beside tools is served as calls or the answer (tests/engine/test_openai_tool_choice.py), which
+    a template with no call format cannot tell apart: "auto" (the default) is a 400 naming ``tool_choice`` and
+    saying what to send; with "none" the format alone is served."""
     from helpers.text_checkpoints import WEATHER_TOOL
 
     with pytest.raises(openai.BadRequestError) as caught:
         chat(served, "x", tools=[WEATHER_TOOL], response_format={"type": "json_object"})
-    assert caught.value.body["param"] == "response_format"
-    assert 'tool_choice: "none"' in caught.value.body["message"]
+    assert caught.value.body["param"] == "tool_choice" and caught.value.body["code"] == "unsupported_value"
+    assert '"required"' in caught.value.body["message"] and not served.engine.added
+    out = chat(
+        served, "x", tools=[WEATHER_TOOL], tool_choice="none", response_format={"type": "json_object"}, temperature=0
+    )
+    assert isinstance(json.loads(out.choices[0].message.content), dict)
 
 
 def test_an_engine_refusing_grammars_refuses_by_name(codec: Any, pool: list[int]) -> None:

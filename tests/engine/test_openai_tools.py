@@ -138,16 +138,16 @@ def test_parallel_calls_or_the_first_only(family: Family, parallel: bool, stream
 @pytest.mark.parametrize("stream", [False, True])
 def test_required_and_named_choices_make_the_reply_a_call(family: Family, named: bool, stream: bool) -> None:
     """The server writes the start of a call after the prompt (of the named function, or of any), and the model's
-    reply continues it."""
-    from fi_engine.text.tool_calls import opener
-
+    reply continues it under the grammar of the rest of the call (the stand-in follows its script where the grammar
+    allows it: greedy). The finish is OpenAI's: "stop" for a named function's call, "tool_calls" for "required"."""
     lead = opener(family.format, "get_weather" if named else None)
     assert family.one_call.startswith(lead)  # the model's reply writes the rest
     s = family.serve({family.prompt(ASK, lead): family.reply(family.one_call.removeprefix(lead))})
     try:
-        kw: dict[str, Any] = {"model": MODEL, "messages": ASK, "tools": TOOLS, "tool_choice": forced_choice(named)}
+        kw = {"model": MODEL, "messages": ASK, "tools": TOOLS, "tool_choice": forced_choice(named), "temperature": 0}
         message, finish = chat_message(s.client, stream, **kw)
-        assert finish == "tool_calls"
+        assert finish == ("stop" if named else "tool_calls")
+        assert isinstance(s.engine.added[-1][3].grammar, str)  # the call's grammar went with the request
         assert s.engine.added[-1][1] == family.prompt(ASK, lead)
         assert_weather_call(message.tool_calls[0])
     finally:
@@ -163,6 +163,7 @@ def test_a_forced_call_cut_by_max_tokens_is_a_call_with_its_arguments_so_far(fam
     s = family.serve({family.prompt(ASK, lead): family.reply(rest)})
     try:
         kw = {"model": MODEL, "messages": ASK, "tools": TOOLS, "tool_choice": forced_choice(True), "max_tokens": 3}
+        kw["temperature"] = 0
         if stream:  # (the client's stream helper refuses to assemble a reply cut at length: read the chunks)
             content, names, arguments, finish = "", [], "", None
             for chunk in s.client.chat.completions.create(**kw, stream=True):

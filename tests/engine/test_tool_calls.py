@@ -56,6 +56,12 @@ REPLIES = [
         [WEATHER, TIME],
     ),
     ("llama3_json", "  The weather in Paris is sunny {mostly}.", "  The weather in Paris is sunny {mostly}.", []),
+    (  # an answer in JSON (a response_format's) that has a name but no arguments: content
+        "llama3_json",
+        '{"name": "Ada", "age": 36}',
+        '{"name": "Ada", "age": 36}',
+        [],
+    ),
     (  # cut by max_tokens: content
         "llama3_json",
         '{"name": "get_weather", "parameters": {"location": "Par',

@@ -76,6 +76,29 @@ def fake_logits(vocab_size: int, pool: Sequence[int], key: Sequence[int], favour
     return logits
 
 
+def greedy_under_grammar(
+    codec: Any, grammars: GrammarTokenizer, grammar: str, key: int, vocab: int, steps: int = 600
+) -> str:
+    """The text a model of :func:`fake_logits` writes under ``grammar`` (``codec``: a TextCodec; ``vocab``: the
+    logits' width, past the tokenizer's for padded rows): at each step the allowed token of the highest logit, its
+    logits keyed by (``key``, step) and favouring id 0 (an EOS id the grammar must refuse until it is complete),
+    until an EOS id or ``steps`` tokens (AssertionError). Special tokens are kept in the text."""
+    matcher = grammars.matcher(grammar)
+    every = list(range(codec.tokenizer.vocab_size))
+    out: list[int] = []
+    for k in range(steps):
+        logits = fake_logits(vocab, every, (key, k), favoured=0)
+        logits[~matcher.allowed_mask(vocab)] = -np.inf
+        token = int(np.argmax(logits))
+        assert token < codec.tokenizer.vocab_size  # a padded row is never allowed
+        matcher.consume(token)
+        if token in codec.eos_token_ids:
+            assert matcher.is_finished
+            return str(codec.tokenizer.decode(out, skip_special_tokens=False))
+        out.append(token)
+    raise AssertionError(f"no end within {steps} tokens: {codec.tokenizer.decode(out)!r}")
+
+
 def step_logits(
     vocab_size: int, pool: Sequence[int], prompt: Sequence[int], k: int, seed: int, script: Sequence[int] | None
 ) -> np.ndarray:

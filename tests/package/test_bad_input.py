@@ -801,6 +801,7 @@ from fi_engine.text import (  # noqa: E402
     model_files,
     tokenizer,
     tool_calls,
+    tool_grammar,
 )
 from fi_engine.text import codec as text  # noqa: E402
 from fi_ffi.comm import env as comm_env  # noqa: E402
@@ -1174,6 +1175,14 @@ def _text_entries() -> dict[str, list[tuple[str, Entry]]]:
                 "ToolCallParser.feed (harmony)",
                 Entry(tool_calls.ToolCallParser("harmony").feed, lambda: {"text": "<|end|>"}, kinds={"text": "label"}),
             ),
+            (
+                "ToolCallParser (neutral)",
+                Entry(
+                    tool_calls.ToolCallParser,
+                    lambda: {"fmt": "json", "function": "f"},
+                    kinds={**labels, "function": "opt_label"},
+                ),
+            ),
         ],
         "text.harmony.HarmonyReader": [
             ("HarmonyReader", Entry(harmony.HarmonyReader, lambda: {})),
@@ -1321,6 +1330,7 @@ def _text_entries() -> dict[str, list[tuple[str, Entry]]]:
 
 
 JSON_SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object"}}}
+TOOL_SPEC = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 
 
 def _grammar_entries(tok: Any, eos: Any) -> dict[str, list[tuple[str, Entry]]]:
@@ -1364,6 +1374,39 @@ def _grammar_entries(tok: Any, eos: Any) -> dict[str, list[tuple[str, Entry]]]:
                 "GrammarTokenizer.matcher",
                 Entry(grammars.matcher, lambda: {"grammar": compiled}, kinds={"grammar": "label"}),
             ),
+            (
+                "GrammarTokenizer.lark_text",
+                Entry(
+                    grammars.lark_text,
+                    lambda: {"text": "<|im_end|>x", "markers": ["<|im_end|>"]},
+                    kinds={"text": "label"},
+                ),
+            ),
+        ],
+        "text.grammar.lark_json": [
+            (
+                "lark_json",
+                Entry(
+                    grammar.lark_json, lambda: {"schema": {"type": "object"}, "where": "w"}, kinds={"where": "label"}
+                ),
+            )
+        ],
+        "text.tool_grammar.tool_call_grammar": [
+            (
+                "tool_call_grammar",
+                Entry(
+                    tool_grammar.tool_call_grammar,
+                    lambda: {
+                        "grammars": grammars,
+                        "fmt": "hermes",
+                        "tools": [TOOL_SPEC],
+                        "function": None,
+                        "parallel": True,
+                        "response": {"type": "object"},
+                    },
+                    kinds={"grammars": "object", "fmt": "label", "function": "opt_label", "response": "opt_mapping"},
+                ),
+            )
         ],
         "text.grammar.GrammarMatcher": [
             ("GrammarMatcher.allowed_mask", Entry(matcher.allowed_mask, lambda: {"vocab_size": tok.vocab_size + 6})),
@@ -1389,6 +1432,8 @@ _TEXT_NAMES = (
     "text.grammar.response_format_grammar",
     "text.grammar.GrammarTokenizer",
     "text.grammar.GrammarMatcher",
+    "text.grammar.lark_json",
+    "text.tool_grammar.tool_call_grammar",
 )
 
 ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
@@ -2066,6 +2111,7 @@ EXEMPT: dict[str, str] = {
     # made by Dense on a GPU; which calls it plans is a pure check (skinny_gemm.takes: engine/test_skinny_gemm.py),
     # its launches are engine/test_gpu_skinny_gemm.py's
     "kernels.skinny_gemm.SkinnyGemm": _GPU,
+    "serve.openai_server.http_protocols": "takes no argument: says which of uvicorn's HTTP protocols are installed",
     "kernels.skinny_gemm.SkinnyPlan": _RECORD,
     "kernels.skinny_gemm.Geometry": _RECORD,
     "kernels.fp8_moe_gemv.tiled_layout": "array in, array out: anything but a 3-D array of whole tiles is refused "
