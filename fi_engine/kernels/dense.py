@@ -1329,13 +1329,8 @@ class Dense:
         FP8 GEMM (:attr:`fp8_w8a8`) where cuBLASLt serves it, else the GEMV up to 8 rows, else dequantize + 16-bit
         GEMM."""
         self._check_fp8_call(fp8, n, k, ab_type, c_type)
-        if self.bandwidth_bound and self.gemv and not accumulate and 0 < rows <= SKINNY_MAX_ROWS:
-            key = (rows, x, x_ld, fp8.w, n, k, y, y_ld, ab_type, c_type)
-            choice = self._choices.get((rows, n, k, ab_type, c_type, fp8.w))
-            if choice is None:
-                choice = self._choice(key, fp8.w)
-            if choice >= 0 and self._run_skinny(key, choice, fp8):
-                return
+        if not accumulate and self._skinny_quantized(rows, x, x_ld, fp8, n, k, y, y_ld, ab_type, c_type):
+            return
         self._fp8_path(rows, x, x_ld, fp8, n, k, y, y_ld, ab_type, c_type, accumulate)
 
     def _fp8_path(
@@ -1476,13 +1471,8 @@ class Dense:
         """:meth:`linear` of a registered int4 weight: in a GPU-bound step of at most 32 rows the skinny GEMM where it
         was timed faster (:meth:`_choice`); else :meth:`_int4_path`."""
         self._check_quantized_call(int4, "int4", n, k, ab_type, c_type)
-        if self.bandwidth_bound and self.gemv and not accumulate and 0 < rows <= SKINNY_MAX_ROWS:
-            key = (rows, x, x_ld, int4.w, n, k, y, y_ld, ab_type, c_type)
-            choice = self._choices.get((rows, n, k, ab_type, c_type, int4.w))
-            if choice is None:
-                choice = self._choice(key, int4.w)
-            if choice >= 0 and self._run_skinny(key, choice, int4):
-                return
+        if not accumulate and self._skinny_quantized(rows, x, x_ld, int4, n, k, y, y_ld, ab_type, c_type):
+            return
         self._int4_path(rows, x, x_ld, int4, n, k, y, y_ld, ab_type, c_type, accumulate)
 
     def _int4_path(
@@ -1551,6 +1541,19 @@ class Dense:
             runs[_LT] = lambda: self._gemm16(key)
         choice = self._choices[(rows, n, k, ab_type, c_type, quant_w)] = self._fastest(runs)
         return choice
+
+    def _skinny_quantized(
+        self, rows: int, x: int, x_ld: int, quant: Any, n: int, k: int, y: int, y_ld: int, ab_type: int, c_type: int
+    ) -> bool:
+        """Launch the skinny GEMM over the registered FP8 or int4 weight ``quant`` where a GPU-bound step of at most
+        32 rows timed it faster than the format's own path (:meth:`_choice`); False where it does not serve the call."""
+        if not (self.bandwidth_bound and self.gemv and 0 < rows <= SKINNY_MAX_ROWS):
+            return False
+        key = (rows, x, x_ld, quant.w, n, k, y, y_ld, ab_type, c_type)
+        choice = self._choices.get((rows, n, k, ab_type, c_type, quant.w))
+        if choice is None:
+            choice = self._choice(key, quant.w)
+        return choice >= 0 and self._run_skinny(key, choice, quant)
 
     def _fastest(self, runs: Mapping[int, Callable[[], object]]) -> int:
         """The key of the fastest of ``runs`` on the device (see :meth:`_choice`); the only one without timing."""

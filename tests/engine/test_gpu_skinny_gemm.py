@@ -77,6 +77,18 @@ def check(got: np.ndarray, x: np.ndarray, values: np.ndarray, rows: int, dtype: 
     return float((err / bound).max())
 
 
+def outputs(dense: Any, plan: Any, rows: int, n: int, ld: int, dtype: str, f32: bool) -> np.ndarray:
+    """``plan`` launched into a fresh y of ``ld`` columns filled with a sentinel: its ``[rows, n]`` outputs as float32,
+    asserting that nothing past them was written."""
+    y = cupy.full((33, ld), SENTINEL, np.uint32 if f32 else np.uint16)
+    args = (plan.args[0], plan.args[1], int(y.data.ptr), *plan.args[3:])
+    dense.prepared_kernel(plan.function, plan.grid, plan.threads, plan.smem, args, "skinny")()
+    cupy.cuda.get_current_stream().synchronize()
+    out = cupy.asnumpy(y)
+    assert (out[rows:] == SENTINEL).all() and (out[:, n:] == SENTINEL).all(), "wrote past its output"
+    return out[:rows, :n].view(np.float32) if f32 else from16(out[:rows, :n], dtype)
+
+
 @pytest.mark.parametrize("fmt", [W16, E4M3_BLOCK, E4M3_ROW], ids=["16bit", "e4m3-block", "e4m3-row"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("f32", [False, True], ids=["out16", "out32"])
@@ -99,14 +111,7 @@ def test_every_plan_matches_float32(fmt: int, dtype: str, f32: bool) -> None:
                 assert len(plans) >= 2, (n, k, rows)
                 assert any(p.grid[1] > 1 for p in plans), "no split plan tested"
                 for plan in plans:
-                    y = cupy.full((33, ld), SENTINEL, np.uint32 if f32 else np.uint16)
-                    args = (plan.args[0], plan.args[1], int(y.data.ptr), *plan.args[3:])
-                    dense.prepared_kernel(plan.function, plan.grid, plan.threads, plan.smem, args, "skinny")()
-                    stream.synchronize()
-                    out = cupy.asnumpy(y)
-                    assert (out[rows:] == SENTINEL).all() and (out[:, n:] == SENTINEL).all(), "wrote past its output"
-                    got = out[:rows, :n].view(np.float32) if f32 else from16(out[:rows, :n], dtype)
-                    check(got, from16(x16, dtype), values, rows, dtype, f32)
+                    check(outputs(dense, plan, rows, n, ld, dtype, f32), from16(x16, dtype), values, rows, dtype, f32)
                 assert int(sk.done.sum()) == 0, "a split launch left a counter set"
 
 
@@ -215,13 +220,7 @@ def test_every_int4_plan_matches_float32(dtype: str, f32: bool, k: int, group_si
                              int4=(int(rec.data.ptr), k // group_size, gshift, half_n))  # fmt: skip
             assert len(plans) >= 2, rows
             for plan in plans:
-                y = cupy.full((33, ld), SENTINEL, np.uint32 if f32 else np.uint16)
-                args = (plan.args[0], plan.args[1], int(y.data.ptr), *plan.args[3:])
-                dense.prepared_kernel(plan.function, plan.grid, plan.threads, plan.smem, args, "skinny")()
-                stream.synchronize()
-                out = cupy.asnumpy(y)
-                assert (out[rows:] == SENTINEL).all() and (out[:, n:] == SENTINEL).all(), "wrote past its output"
-                got = out[:rows, :n].view(np.float32) if f32 else from16(out[:rows, :n], dtype)
+                got = outputs(dense, plan, rows, n, ld, dtype, f32)
                 ref = xf[:rows] @ values.T
                 bound = (np.abs(xf[:rows]) @ np.abs(values.T)) * 2.0**-20 + 1e-30
                 bound += (np.abs(xf[:rows]) @ scales.T) * (big_m + 16) * 2.0**-18

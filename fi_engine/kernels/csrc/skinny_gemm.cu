@@ -66,6 +66,16 @@ __device__ __forceinline__ void sk_stage(uint4* xs, const unsigned short* __rest
     asm volatile("cp.async.commit_group;");
 }
 
+// acc = 0
+template <int MT, int NT> __device__ __forceinline__ void sk_zero(float (&acc)[NT][MT][4]) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[t][i][e] = 0.f;
+}
+
 // y from the sums (acc[t][i][e]: weight row j0 + 16 t + g (+ 8 for e >= 2), x row 8 i + 2 q + (e & 1)); half_n > 0:
 // rows interleaved by 8 (gate, up) go to their columns in order
 template <bool BF16, bool F32OUT, int MT, int NT>
@@ -206,12 +216,7 @@ __device__ __forceinline__ void skinny_gemm(const unsigned short* __restrict__ x
                                      : scale;
     }
     float acc[NT][MT][4];
-#pragma unroll
-    for (int t = 0; t < NT; ++t)
-#pragma unroll
-        for (int i = 0; i < MT; ++i)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[t][i][e] = 0.f;
+    sk_zero(acc);
     // U steps in hand and, while they are summed, the next U in flight
     const int tile_at = k_lo >> 7;  // int4: the range's first tile
     uint4 cur[U][NT][2], cx[U][MT][XV];
@@ -324,12 +329,7 @@ __device__ __forceinline__ void skinny_gemm(const unsigned short* __restrict__ x
     __syncthreads();
     if (!last) return;
     __threadfence();
-#pragma unroll
-    for (int t = 0; t < NT; ++t)
-#pragma unroll
-        for (int i = 0; i < MT; ++i)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[t][i][e] = 0.f;
+    sk_zero(acc);
     const long long stride = (long long)gridDim.x * WARPS * PER_WARP;  // from one range's sums to the next's
     const float* first = part + ((long long)blockIdx.x * WARPS + warp) * PER_WARP + lane;
     for (int s = 0; s < (int)gridDim.y; ++s)
