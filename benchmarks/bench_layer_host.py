@@ -85,7 +85,7 @@ def step_host_us(model: Path, batch: int, reps: int) -> tuple[float, str]:
     import cupy as cp
 
     from fi_engine.models.llama import LlamaEngine
-    from fi_engine.runtime.paging import fill_decode
+    from fi_engine.runtime.sched.step_arrays import fill_decode
     from fi_ffi import stream_scope
 
     with LlamaEngine(model, max_batch=batch, max_seq_len=256) as engine:

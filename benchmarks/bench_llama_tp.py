@@ -414,7 +414,7 @@ def step_parts(engine: object, reps: int = 20) -> dict[str, float]:
 
     from fi_engine.kernels import flashinfer as kernels
     from fi_engine.kernels.graph import CudaGraph
-    from fi_engine.runtime.paging import fill_decode
+    from fi_engine.runtime.sched.step_arrays import fill_decode
     from fi_engine.runtime.step_graphs import _refuse_allocation
     from fi_ffi import stream_scope
 

@@ -212,8 +212,8 @@ def _check_generate_values(args: argparse.Namespace, prompts: list[list[int]]) -
     """The values of ``generate`` that the checkpoint's ``config.json`` bounds, checked on the host before any GPU
     work: token ids (``--prompt-ids``, ``--eos-ids``) in ``[0, vocab_size)``, ``--top-k`` at most ``vocab_size``,
     and the longest prompt plus ``--max-new-tokens`` within the engine's ``max_seq_len`` (the rule its scheduler
-    applies to every request: :meth:`~fi_engine.runtime.paging.Scheduler.submit`). ValueError naming the flag, the
-    value, what is allowed and the fix."""
+    applies to every request: :meth:`~fi_engine.runtime.sched.scheduler.Scheduler.submit`). ValueError naming the flag,
+    the value, what is allowed and the fix."""
     from .models.registry import read_config
     from .runtime.settings import EngineSettings
 

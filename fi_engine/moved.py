@@ -5,13 +5,20 @@ docs/engine.md). ``import fi_engine.llama`` gives the very module ``fi_engine.mo
 under two names, so classes compare equal), through the binding's moved-module finder
 (:class:`fi_ffi.moved.MovedModuleFinder`) given the table below. Three old modules share their name with a new
 subpackage (``fi_engine.checkpoint``, ``fi_engine.kernels``, ``fi_engine.text``): that package's face hands the
-old module's names on instead (:func:`old_name`), with the same warning. ``import fi_engine`` installs the finder.
+old module's names on instead (:func:`old_name`), with the same warning. A module whose names went to several
+modules (:data:`SPLIT`: ``fi_engine.runtime.paging``, whose scheduler, requests, pages and step arrays are rooms of
+their own now) imports as a module of its own at the old path that hands each name on from its new module
+(:class:`SplitModuleFinder`), warning once, at the import. ``import fi_engine`` installs both finders.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
+import sys
 import warnings
+from types import ModuleType
 from typing import Any
 
 from fi_ffi.moved import install as _install
@@ -71,6 +78,8 @@ MOVED: dict[str, str] = {
     "fi_engine.metrics": "fi_engine.serve.metrics",
     "fi_engine.openai_protocol": "fi_engine.serve.openai_protocol",
     "fi_engine.openai_server": "fi_engine.serve.openai_server",
+    # the runtime's rooms (docs/engine.md): a module that moved whole into one
+    "fi_engine.runtime.kv_cache": "fi_engine.runtime.sched.kv_cache",
 }
 
 # old module whose name is now a subpackage -> the module its names went to
@@ -81,9 +90,71 @@ FACES: dict[str, str] = {
 }
 
 
+# old module whose names went to several modules -> those modules (a name is looked up in each, in order)
+SPLIT: dict[str, tuple[str, ...]] = {
+    "fi_engine.runtime.paging": (
+        "fi_engine.runtime.sched.scheduler",
+        "fi_engine.runtime.sched.request",
+        "fi_engine.runtime.sched.pages",
+        "fi_engine.runtime.sched.step_arrays",
+        "fi_engine.runtime.worker.graph_shapes",
+    ),
+}
+
+
+class _SplitModule(ModuleType):
+    """The module at an old path of :data:`SPLIT`: each name read from the first of its new modules that has it."""
+
+    __homes: tuple[str, ...] = ()
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith("__"):
+            for home in self.__homes:
+                module = importlib.import_module(home)
+                if hasattr(module, name):
+                    return getattr(module, name)
+        raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
+
+    def __dir__(self) -> list[str]:
+        names = {n for home in self.__homes for n in dir(importlib.import_module(home)) if not n.startswith("__")}
+        return sorted(names | set(super().__dir__()))
+
+
+class _SplitLoader(importlib.abc.Loader):
+    def __init__(self, homes: tuple[str, ...]) -> None:
+        self.homes = homes
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
+        warnings.warn(
+            f"{spec.name} was split into {', '.join(self.homes)}: import each name from its module there (the old "
+            f"path goes in 0.2)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        module = _SplitModule(spec.name)
+        module._SplitModule__homes = self.homes  # type: ignore[attr-defined]
+        return module
+
+    def exec_module(self, module: ModuleType) -> None:  # nothing runs at the old path: its names are looked up
+        pass
+
+
+class SplitModuleFinder(importlib.abc.MetaPathFinder):
+    """Finds the old module paths of :data:`SPLIT` and makes the module that hands their names on."""
+
+    def find_spec(
+        self, fullname: str, path: object = None, target: object = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        homes = SPLIT.get(fullname)
+        return None if homes is None else importlib.machinery.ModuleSpec(fullname, _SplitLoader(homes))
+
+
 def install() -> None:
-    """Put the finder of :data:`MOVED` first on :data:`sys.meta_path`, once (``import fi_engine`` calls it)."""
+    """Put the finders of :data:`MOVED` and :data:`SPLIT` first on :data:`sys.meta_path`, once (``import fi_engine``
+    calls it)."""
     _install(MOVED)
+    if not any(isinstance(f, SplitModuleFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, SplitModuleFinder())
 
 
 def old_name(package: str, name: str) -> Any:

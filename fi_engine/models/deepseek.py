@@ -32,9 +32,9 @@ token than expanding K and V to ``H`` heads would need (``R + dr = 576`` against
 V3); docs/engine.md says so.
 
 CUDA graph (``cuda_graph=True``): the decode step is captured at each batch size of the ladder up to ``max_batch`` rows
-(:func:`~fi_engine.runtime.paging.decode_batches`), as the Llama engine's. The MLA plan is made on the host before
-every replay into the decode workspace (its schedule layout is fixed for a fixed batch of one-row requests: the engine
-checks it), the step's index arrays go into the graph's fixed buffers, and the MoE layers take
+(:func:`~fi_engine.runtime.worker.graph_shapes.decode_batches`), as the Llama engine's. The MLA plan is made on the host
+before every replay into the decode workspace (its schedule layout is fixed for a fixed batch of one-row requests: the
+engine checks it), the step's index arrays go into the graph's fixed buffers, and the MoE layers take
 :meth:`~fi_engine.layers.moe.MoELayer.forward_static_routed`'s fixed-capacity path, routed on the device: the models
 wheel's fused ``NoAuxTc`` kernel where it applies (:func:`fused_routing_blocker`), else
 :class:`~fi_engine.layers.deepseek_routing.DeviceGroupedTopk` (V2's softmax routing included). Prefill stays eager.

@@ -42,7 +42,7 @@ The rule (``moe_path="auto"``, :func:`~fi_engine.layers.moe.choose_path`): dense
 reach the number of experts (gpt-oss-20b, 32 experts top-4: from 8 rows), routed below, where few experts are touched
 and reading only theirs wins; steps of more than ``max_batch`` rows (long prefills, compute-bound, where routing's ``k /
 E`` of the FLOPs counts) are always routed. Each decode CUDA graph (one per batch size of the ladder,
-:func:`~fi_engine.runtime.paging.decode_batches`) picks once, at its capture. Measured on an H100
+:func:`~fi_engine.runtime.worker.graph_shapes.decode_batches`) picks once, at its capture. Measured on an H100
 (benchmarks/RESULTS.md: gpt-oss; ``benchmarks/bench_gpt_oss.py``, gpt-oss-20b-shaped, 2 layers, graph): routed 998 /
 2565 / 3879 / 11886 tokens/s at batch 1 / 4 / 8 / 32, dense 605 / 2289 / 4617 / 16573: the crossover lies between 4 and
 8 rows, where the rule puts it.

@@ -26,16 +26,17 @@ GEMM) or dense over the experts, as ``moe_path`` picks (:mod:`fi_engine.runtime.
 the host.
 
 Serving (:class:`~fi_engine.runtime.engine.Engine`, of which :class:`LlamaEngine` is the Llama family's): the prompts
-are queued (:mod:`fi_engine.runtime.paging`), admitted into free batch slots and prefilled together (one
+are queued (:mod:`fi_engine.runtime.sched`), admitted into free batch slots and prefilled together (one
 ``batch_prefill_paged_plan``, one run per layer); then each decode step makes one ``batch_decode_plan`` and runs every
 layer with it, samples one token per request, copies the tokens to the host and lets finished requests leave (their
 pages are freed). With ``cuda_graph=True`` the decode step is captured at each batch size of
-:func:`~fi_engine.runtime.paging.decode_batches` (1, 2, 4, ..., ``max_batch`` rows) and every step replays the smallest
-holding its occupied slots (empty ones among them padded): it re-plans (``enable_cuda_graph=True``), copies the step's
-index arrays into the graph's buffers and replays it. A prefill pads its token rows up to a bucket
-(:func:`~fi_engine.runtime.paging.prefill_buckets`; the padding rows are one more request living on the padding page)
-and its requests up to a few slot counts with empty requests (:func:`~fi_engine.runtime.paging.prefill_slots`), and
-replays that shape's CUDA graph, captured the first time it is met (:mod:`~fi_engine.runtime.step_graphs`).
+:func:`~fi_engine.runtime.worker.graph_shapes.decode_batches` (1, 2, 4, ..., ``max_batch`` rows) and every step replays
+the smallest holding its occupied slots (empty ones among them padded): it re-plans (``enable_cuda_graph=True``), copies
+the step's index arrays into the graph's buffers and replays it. A prefill pads its token rows up to a bucket
+(:func:`~fi_engine.runtime.worker.graph_shapes.prefill_buckets`; the padding rows are one more request living on the
+padding page) and its requests up to a few slot counts with empty requests
+(:func:`~fi_engine.runtime.worker.graph_shapes.prefill_slots`), and replays that shape's CUDA graph, captured the first
+time it is met (:mod:`~fi_engine.runtime.step_graphs`).
 
 Every buffer is allocated once, in the engine's constructor; the ops write into them (no allocation
 per step, which is also what makes the capture valid). All GPU work runs on the engine's own stream.

@@ -5,8 +5,8 @@ step's plan, launch (eager or a CUDA graph) and sampling, and the step API the s
   family) around :mod:`~fi_engine.runtime.serving`'s loop (``generate``, the step API): schedule -> run -> sample ->
   record; :mod:`~fi_engine.runtime.family`: the interface a model family implements (its config, weights, layer
   body and attention plans).
-- :mod:`~fi_engine.runtime.paging`: the host side of serving (page allocator, requests, the scheduler, the index
-  arrays the attention plans take).
+- :mod:`~fi_engine.runtime.sched`: the host side of serving (requests, the scheduler, the page allocator and the
+  prefix cache, the index arrays the attention plans take).
 - :mod:`~fi_engine.runtime.model_runner`: ``ModelRunner``, the model on the GPU, made of
   :mod:`~fi_engine.runtime.storage` (the device buffers, KV cache and step views),
   :mod:`~fi_engine.runtime.step_graphs` (the decode and padded prefill CUDA graphs) and

@@ -6,8 +6,8 @@ own module with a narrow interface:
   :class:`~fi_engine.models.deepseek.DeepSeek`): config checks, weights, layer body, attention plans;
 - the **model runner** (:class:`~fi_engine.runtime.model_runner.ModelRunner`): the model on the GPU (weights,
   buffers, the KV cache's tensors, CUDA graphs, the fused decode step), staging and running one step at a time;
-- the **scheduler** (:class:`~fi_engine.runtime.paging.Scheduler`) with the KV-cache manager
-  (:class:`~fi_engine.runtime.kv_cache.KVCacheManager`: the pages, and the prompt prefixes cached in them): the
+- the **scheduler** (:class:`~fi_engine.runtime.sched.scheduler.Scheduler`) with the KV-cache manager
+  (:class:`~fi_engine.runtime.sched.kv_cache.KVCacheManager`: the pages, and the prompt prefixes cached in them): the
   requests, their slots and pages, admission, a step's rows;
 - the **logits processor** (:class:`~fi_engine.runtime.logits_processing.LogitsProcessor`): the log-probabilities
   and sampling controls (a grammar's mask, bias, penalties, ``min_tokens``, ``min_p``) of the rows that ask;
@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar, overload
 
 from .family import ModelFamily
-from .kv_cache import KVCacheManager
 from .logits_processing import LogitsProcessor
 from .model_runner import ModelRunner
-from .paging import Scheduler
+from .sched.kv_cache import KVCacheManager
+from .sched.scheduler import Scheduler
 from .serving import ServingLoop
 from .settings import EngineSettings
 
@@ -95,8 +95,8 @@ class Engine(ServingLoop):
             engine class passes its own, made with its constructor's family options (``moe_path``, ...).
 
     Parts: ``runner`` (:class:`~fi_engine.runtime.model_runner.ModelRunner`), ``scheduler``
-    (:class:`~fi_engine.runtime.paging.Scheduler`), ``kv_cache`` (its pages:
-    :class:`~fi_engine.runtime.kv_cache.KVCacheManager`), ``sampler``
+    (:class:`~fi_engine.runtime.sched.scheduler.Scheduler`), ``kv_cache`` (its pages:
+    :class:`~fi_engine.runtime.sched.kv_cache.KVCacheManager`), ``sampler``
     (:class:`~fi_engine.runtime.sampling.Sampler`), ``family``. The sizes the engine was made with (``config``,
     ``model_config``, ``max_batch``, ``page_size``, ``max_seq_len``, ``num_pages``, ``max_prefill_tokens``) and its
     device (``device``, ``stream``, ``comm``, ``rank``, ``dtype``, ``tensor_parallel``, ``cuda_graph``) are the

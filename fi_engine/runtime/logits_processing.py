@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from .paging import Request
 from .sampling_params import SamplingParams, sets_controls
+from .sched.request import Request
 from .stepping import TokenLogprobs
 
 __all__ = ["LogitsProcessor", "PendingLogprobs", "PendingPromptLogprobs", "logprobs_of_rows", "mask_disallowed"]
@@ -163,7 +163,8 @@ class LogitsProcessor:
     def _bitmask(self, matcher: Any) -> np.ndarray:
         """``matcher``'s mask of the tokens allowed next; where its grammar fails computing it, every token (the
         row is left as it is): consuming the chosen token then fails too, which ends that request alone as
-        ``"abort"`` (:meth:`Scheduler.record <fi_engine.runtime.paging.Scheduler.record>`), not the whole step."""
+        ``"abort"`` (:meth:`Scheduler.record <fi_engine.runtime.sched.scheduler.Scheduler.record>`), not the whole
+        step."""
         try:
             return matcher.bitmask(self.vocab_size)  # type: ignore[no-any-return]
         except ValueError:

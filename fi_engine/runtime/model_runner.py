@@ -30,11 +30,13 @@ from ..kernels import flashinfer as kernels
 from ..kernels.copies import D2D, D2H, H2D, host_address
 from .family import ModelFamily
 from .fused_decode import FusedDecode
-from .paging import Request, fill_decode, fill_prefill, pad_prefill, prefill_buckets
 from .sampling import Sampler
+from .sched.request import Request
+from .sched.step_arrays import fill_decode, fill_prefill, pad_prefill
 from .settings import EngineSettings
 from .step_graphs import StepGraphs
 from .storage import Storage
+from .worker.graph_shapes import prefill_buckets
 
 __all__ = ["ModelRunner"]
 
@@ -150,7 +152,8 @@ class ModelRunner(StepGraphs, FusedDecode, Storage):
         # the MoE layers' grouped-GEMM workspace: made by _load where the model has routed experts (close() frees it)
         self.moe_workspace: Any = None
         self.prefill_graphs = True
-        # token-row buckets of the padded prefill graphs (fi_engine.runtime.paging.prefill_buckets says why these)
+        # token-row buckets of the padded prefill graphs (fi_engine.runtime.worker.graph_shapes.prefill_buckets says why
+        # these)
         self.prefill_buckets = prefill_buckets(self.max_prefill_tokens)
         # an eager decode step of at most 4 rows runs its norms, SiLU, RoPE and KV append inside the GEMVs
         self.fused_decode = True

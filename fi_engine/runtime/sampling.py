@@ -28,8 +28,9 @@ import numpy as np
 
 from ..kernels import flashinfer as kernels
 from ..kernels.copies import D2D, H2D, host_address
-from .paging import Layout, Request
 from .sampling_params import SamplingParams
+from .sched.request import Request
+from .sched.step_arrays import Layout
 
 __all__ = [
     "Draws",

@@ -1,5 +1,5 @@
 """The serving loop over the engine's parts: prompts queued as requests in the scheduler
-(:mod:`~fi_engine.runtime.paging`), admitted into free batch slots and prefilled together, then one decode step after
+(:mod:`~fi_engine.runtime.sched`), admitted into free batch slots and prefilled together, then one decode step after
 another over every active request until each ends (an end-of-sequence token, its token limit or an abort), its pages
 freed; :class:`GenerationResult` with the tokens and the timings. The loop is driven by ``generate`` to the end of its
 prompts, or one step at a time by the step API (``add_request`` / ``step`` / ``abort_request``,
@@ -28,12 +28,14 @@ from ..kernels import flashinfer as kernels
 from ..kernels.flashinfer import stream_scope
 from ..text.grammar import GrammarMatcher, GrammarTokenizer
 from ..values import arg_int
-from .kv_cache import KVCacheManager
 from .logits_processing import LogitsProcessor, PendingLogprobs, PendingPromptLogprobs
 from .model_runner import ModelRunner
-from .paging import Request, Scheduler, pages_for, prefill_slots
 from .sampling import Draws, Sampler
 from .sampling_params import SamplingParams, asks_processing, sampling_arg, sets_controls
+from .sched.kv_cache import KVCacheManager
+from .sched.pages import pages_for
+from .sched.request import Request
+from .sched.scheduler import Scheduler
 from .speculation import (
     DraftModelProposer,
     DraftPolicy,
@@ -45,6 +47,7 @@ from .speculation import (
     tokenizer_difference,
 )
 from .stepping import FinishReason, NewRequest, StepEngineBase, StepOutput, TokenLogprobs
+from .worker.graph_shapes import prefill_slots
 
 __all__ = ["GenerationResult", "delay_factor_arg", "mixed_prefill_arg", "overlap_steps_arg"]
 
@@ -283,7 +286,7 @@ class ServingLoop(StepEngineBase):
         """Whether a request's prompt reuses the KV of the longest run of full pages an earlier request computed
         for the same tokens (automatic prefix caching, as vLLM's and SGLang's): its prefill starts past them, and its
         own full pages are shared from when a pass wrote them, evicted least recently used once no request holds them
-        (:mod:`~fi_engine.runtime.kv_cache`). The tokens are the same as without it up to the rounding of another
+        (:mod:`~fi_engine.runtime.sched.kv_cache`). The tokens are the same as without it up to the rounding of another
         pass shape (the prefix's K/V come from the pass that computed them). Default False; ``fi-engine serve``
         turns it on where it applies: the Llama pass (whose prefill attention reads the paged cache) on one GPU;
         ValueError naming what stands in the way elsewhere (:meth:`prefix_caching_blocker`), TypeError for anything
@@ -697,7 +700,7 @@ class ServingLoop(StepEngineBase):
 
     @property
     def prefix_cache_stats(self) -> Any:
-        """The prefix cache's counters (:class:`~fi_engine.runtime.kv_cache.PrefixCacheStats`: requests, prompt
+        """The prefix cache's counters (:class:`~fi_engine.runtime.sched.kv_cache.PrefixCacheStats`: requests, prompt
         tokens looked up, tokens found, evictions, ``hit_rate``)."""
         return self.kv_cache.stats
 
@@ -1272,7 +1275,7 @@ class ServingLoop(StepEngineBase):
         Returns:
             the ``(bucket rows, request slots)`` of every prefill graph the engine now holds, in replay order (a
             graph of ``s`` slots serves prefills of 1 to ``s`` requests:
-            :func:`~fi_engine.runtime.paging.prefill_slots`).
+            :func:`~fi_engine.runtime.worker.graph_shapes.prefill_slots`).
         """
         self._check_open()
         max_batch = self.runner.max_batch
@@ -1406,8 +1409,9 @@ class ServingLoop(StepEngineBase):
         ``behind``: a decode step is in flight, not recorded: the riders' last tokens are its tokens, fed one
         position on and gathered from its ``ids`` on the device (a rider it ends with an end-of-sequence token
         computes a row nobody records). ``graph_slots``: the request slots its graph is padded to (None:
-        ``max_batch`` for a mixed pass, else :func:`~fi_engine.runtime.paging.prefill_slots` of its requests; the step
-        API's passes take ``max_batch``, so that a server replays one graph per bucket, each captured before it serves:
+        ``max_batch`` for a mixed pass, else :func:`~fi_engine.runtime.worker.graph_shapes.prefill_slots` of its
+        requests; the step API's passes take ``max_batch``, so that a server replays one graph per bucket, each captured
+        before it serves:
         :meth:`warm_serving`). Returns the launched pass and, with ``all_logits``, the float32 logits of every row (on
         the device)."""
         runner, sampler = self.runner, self.sampler

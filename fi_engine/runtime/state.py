@@ -17,8 +17,8 @@ import numpy as np
 if TYPE_CHECKING:
     from ..layers.tensor_parallel import VocabShard
     from .family import ModelFamily
-    from .paging import Layout
     from .sampling import Sampler
+    from .sched.step_arrays import Layout
     from .settings import EngineSettings
 
 __all__: list[str] = []

@@ -1,9 +1,10 @@
 """The engine's CUDA graphs: the decode step captured at each batch size of a ladder up to ``max_batch`` rows
-(:func:`~fi_engine.runtime.paging.decode_batches`: 1, 2, 4, ..., ``max_batch``) and each step replayed as the smallest
-graph holding its occupied slots (the step's index arrays copied into the graph's buffers, the plan made again with
-``enable_cuda_graph`` for that batch), and a prefill padded up to a token-row bucket
-(:func:`~fi_engine.runtime.paging.prefill_buckets`) replayed as that bucket's graph, captured the first time the bucket
-and request slots (the batch size padded up: :func:`~fi_engine.runtime.paging.prefill_slots`) are met (at most
+(:func:`~fi_engine.runtime.worker.graph_shapes.decode_batches`: 1, 2, 4, ..., ``max_batch``) and each step replayed as
+the smallest graph holding its occupied slots (the step's index arrays copied into the graph's buffers, the plan made
+again with ``enable_cuda_graph`` for that batch), and a prefill padded up to a token-row bucket
+(:func:`~fi_engine.runtime.worker.graph_shapes.prefill_buckets`) replayed as that bucket's graph, captured the first
+time the bucket and request slots (the batch size padded up:
+:func:`~fi_engine.runtime.worker.graph_shapes.prefill_slots`) are met (at most
 :data:`_PREFILL_GRAPHS` kept, the least recently replayed evicted first). Capture and replay:
 :class:`~fi_engine.kernels.graph.CudaGraph`."""
 
@@ -15,8 +16,9 @@ from types import SimpleNamespace
 from typing import Any
 
 from ..kernels.copies import H2D, host_address
-from .paging import _ladder, bucket_for, decode_batches, fill_decode
+from .sched.step_arrays import fill_decode
 from .state import RunnerState
+from .worker.graph_shapes import _ladder, bucket_for, decode_batches
 
 __all__: list[str] = []
 
@@ -48,8 +50,8 @@ class StepGraphs(RunnerState):
     them slower than cuBLASLt. Read when the graph is captured (at construction): set it on the class to compare."""
 
     decode_graph_ladder = True
-    """Capture the decode step at every batch size of :func:`~fi_engine.runtime.paging.decode_batches` (each step
-    replays the
+    """Capture the decode step at every batch size of :func:`~fi_engine.runtime.worker.graph_shapes.decode_batches`
+    (each step replays the
     smallest graph holding its occupied slots); False: one graph of ``max_batch`` rows, which every step replays
     (before 2026-11-25). Read when the graphs are captured (at construction): set it on the class to compare."""
 
@@ -115,9 +117,9 @@ class StepGraphs(RunnerState):
     @property
     def prefill_buckets(self) -> tuple[int, ...]:
         """The token-row buckets a prefill is padded up to for its CUDA graph, ascending; by default
-        :func:`~fi_engine.runtime.paging.prefill_buckets` of ``max_prefill_tokens`` (which says why those). Settable
-        to another ladder: a non-empty, strictly ascending sequence of ints ending at ``max_prefill_tokens`` (each
-        prefill needs a bucket, and none may pad past the buffers' rows); TypeError/ValueError naming
+        :func:`~fi_engine.runtime.worker.graph_shapes.prefill_buckets` of ``max_prefill_tokens`` (which says why those).
+        Settable to another ladder: a non-empty, strictly ascending sequence of ints ending at ``max_prefill_tokens``
+        (each prefill needs a bucket, and none may pad past the buffers' rows); TypeError/ValueError naming
         ``prefill_buckets`` otherwise."""
         return self._prefill_buckets
 
@@ -137,9 +139,9 @@ class StepGraphs(RunnerState):
 
     def _prefill_bucket(self, nnz: int, slots: int) -> int | None:
         """The token rows a prefill of ``nnz`` rows is padded to, to run as that bucket's CUDA graph of ``slots``
-        request slots (:meth:`_prefill_graph`; :func:`~fi_engine.runtime.paging.prefill_slots` of its requests, or
-        ``max_batch`` for a mixed pass); None: it runs eagerly, unpadded. Eager for MoE layers (host routing
-        synchronizes), tensor parallelism, the engines that override the pass, ``prefill_graphs = False``, and a
+        request slots (:meth:`_prefill_graph`; :func:`~fi_engine.runtime.worker.graph_shapes.prefill_slots` of its
+        requests, or ``max_batch`` for a mixed pass); None: it runs eagerly, unpadded. Eager for MoE layers (host
+        routing synchronizes), tensor parallelism, the engines that override the pass, ``prefill_graphs = False``, and a
         shape whose capture failed before (:attr:`prefill_graph_failures`)."""
         if not self.prefill_graphs or self.moe_layers or self.comm is not None or not self.family.llama_pass:
             return None
@@ -148,10 +150,10 @@ class StepGraphs(RunnerState):
 
     def _prefill_padded(self, nnz: int, batch: int, bucket: int) -> bool:
         """The forward pass of a prefill padded to ``bucket`` rows and ``batch`` request slots
-        (:func:`~fi_engine.runtime.paging.prefill_slots`; the index arrays on the device), as that shape's graph, or
-        eagerly if its capture fails; False when its CUDA-graph plan fails (e.g. FA2's split-KV scratch for a long
-        bucket exceeds the workspace): recorded, and the caller runs the prefill eagerly, unpadded (the padded arrays
-        begin with the unpadded ones, so the copy already made serves it)."""
+        (:func:`~fi_engine.runtime.worker.graph_shapes.prefill_slots`; the index arrays on the device), as that shape's
+        graph, or eagerly if its capture fails; False when its CUDA-graph plan fails (e.g. FA2's split-KV scratch for a
+        long bucket exceeds the workspace): recorded, and the caller runs the prefill eagerly, unpadded (the padded
+        arrays begin with the unpadded ones, so the copy already made serves it)."""
         try:
             self._plan_prefill_padded(batch + 1)
         except Exception as exc:

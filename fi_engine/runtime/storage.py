@@ -14,7 +14,7 @@ import numpy as np
 
 from ..checkpoint.config import LlamaConfig
 from ..kernels import flashinfer as kernels
-from .paging import Layout, decode_layout, prefill_layout
+from .sched.step_arrays import Layout, decode_layout, prefill_layout
 from .state import RunnerState
 
 __all__ = ["step_views"]
@@ -166,8 +166,9 @@ def step_views(
     """Descriptors of one forward pass's operands: the first ``rows`` token rows of the activation buffers
     (``base``: their device addresses, plus ``meta``, the index arrays laid out by ``layout``) and the index
     arrays of a ``batch``-request step (``kind``: "decode", "prefill", or "padded prefill": a prefill of ``batch
-    - 1`` request slots, real or empty, and the padding request of :func:`~fi_engine.runtime.paging.pad_prefill`, so
-    ``logits`` and ``ids``, one row per slot, cover ``batch - 1`` rows).
+    - 1`` request slots, real or empty, and the padding request of
+    :func:`~fi_engine.runtime.sched.step_arrays.pad_prefill`, so ``logits`` and ``ids``, one row per slot, cover ``batch
+    - 1`` rows).
 
     q, k and v are strided views into the fused QKV rows ``[rows, (Hq + 2 Hk) * D]`` (no copy); the int32 index
     arrays are regions of ``meta``; ``token_ids`` and ``last_rows`` are raw addresses (read by the gather kernel).

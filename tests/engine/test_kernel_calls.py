@@ -16,7 +16,7 @@ import fi_ffi
 from fi_engine.checkpoint.config import LlamaConfig, RopeConfig
 from fi_engine.kernels import flashinfer as kernels
 from fi_engine.models.llama import step_views
-from fi_engine.runtime.paging import decode_layout, prefill_layout
+from fi_engine.runtime.sched.step_arrays import decode_layout, prefill_layout
 from fi_ffi.errors import KernelError
 from fi_ffi.ops.attention import decode, prefill
 from fi_ffi.ops.attention.plan import Plan

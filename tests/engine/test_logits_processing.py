@@ -13,8 +13,8 @@ import pytest
 from helpers.fake_engine import fake_logits, next_token, position_logprobs
 
 from fi_engine.runtime.logits_processing import LogitsProcessor
-from fi_engine.runtime.paging import Request
 from fi_engine.runtime.sampling_params import SamplingParams, asks_processing, sets_controls
+from fi_engine.runtime.sched.request import Request
 
 V = 96
 POOL = list(range(10, 90))

@@ -24,18 +24,10 @@ from fi_engine.models import llama
 from fi_engine.models.llama import Llama, LlamaEngine
 from fi_engine.runtime import step_graphs
 from fi_engine.runtime.model_runner import ModelRunner
-from fi_engine.runtime.paging import (
-    PAD_PAGE,
-    PageAllocator,
-    Scheduler,
-    bucket_for,
-    fill_prefill,
-    pad_prefill,
-    pages_for,
-    prefill_buckets,
-    prefill_layout,
-    prefill_slots,
-)
+from fi_engine.runtime.sched.pages import PAD_PAGE, PageAllocator, pages_for
+from fi_engine.runtime.sched.scheduler import Scheduler
+from fi_engine.runtime.sched.step_arrays import fill_prefill, pad_prefill, prefill_layout
+from fi_engine.runtime.worker.graph_shapes import bucket_for, prefill_buckets, prefill_slots
 from fi_ffi.errors import CudaError
 from fi_ffi.ops.attention import host_index as plan_checks
 from fi_ffi.ops.page import check_append_positions, get_batch_indices_positions

@@ -21,17 +21,10 @@ from helpers.no_torch import TORCH_SPY
 
 from fi_engine.checkpoint.config import LlamaConfig, RopeConfig
 from fi_engine.checkpoint.safetensors import Checkpoint, read_header, write_safetensors
-from fi_engine.runtime.paging import (
-    PAD_PAGE,
-    OutOfPagesError,
-    PageAllocator,
-    Scheduler,
-    decode_batches,
-    decode_layout,
-    fill_decode,
-    fill_prefill,
-    prefill_layout,
-)
+from fi_engine.runtime.sched.pages import PAD_PAGE, OutOfPagesError, PageAllocator
+from fi_engine.runtime.sched.scheduler import Scheduler
+from fi_engine.runtime.sched.step_arrays import decode_layout, fill_decode, fill_prefill, prefill_layout
+from fi_engine.runtime.worker.graph_shapes import decode_batches
 from fi_ffi.ops.attention import host_index as plan_checks
 from fi_ffi.ops.page import check_append_positions, get_batch_indices_positions
 

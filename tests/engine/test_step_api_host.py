@@ -21,22 +21,16 @@ from fi_engine.models.gpt_oss import GptOssEngine
 from fi_engine.models.llama import LlamaEngine
 from fi_engine.runtime import serving
 from fi_engine.runtime.engine import Engine
-from fi_engine.runtime.kv_cache import KVCacheManager
 from fi_engine.runtime.logits_processing import LogitsProcessor
-from fi_engine.runtime.paging import (
-    PageAllocator,
-    Request,
-    Scheduler,
-    decode_batches,
-    decode_layout,
-    fill_decode,
-    fill_prefill,
-    pages_for,
-    prefill_layout,
-)
 from fi_engine.runtime.sampling import Draws, Sampler, draw_groups
 from fi_engine.runtime.sampling_params import SamplingParams, sampling_arg
+from fi_engine.runtime.sched.kv_cache import KVCacheManager
+from fi_engine.runtime.sched.pages import PageAllocator, pages_for
+from fi_engine.runtime.sched.request import Request
+from fi_engine.runtime.sched.scheduler import Scheduler
+from fi_engine.runtime.sched.step_arrays import decode_layout, fill_decode, fill_prefill, prefill_layout
 from fi_engine.runtime.stepping import StepEngine, StepOutput
+from fi_engine.runtime.worker.graph_shapes import decode_batches
 
 PS = 16
 EOS = 999
@@ -92,7 +86,7 @@ def test_abort_of_a_finished_or_foreign_request_changes_nothing():
     mine = s.submit([1], 3)
     assert s.abort(stranger) is False and stranger.finish_reason is None and list(other.pending) == [stranger]
     assert list(s.pending) == [mine]
-    with pytest.raises(TypeError, match="request: expected a fi_engine.runtime.paging.Request, got int"):
+    with pytest.raises(TypeError, match="request: expected a fi_engine.runtime.sched.request.Request, got int"):
         s.abort(3)  # type: ignore[arg-type]
 
 

@@ -790,8 +790,10 @@ from fi_engine.kernels import cuda_sources  # noqa: E402
 from fi_engine.layers import deepseek_routing, moe, moe_routing, tensor_parallel  # noqa: E402
 from fi_engine.models import deepseek, gemma2, gpt_oss, llama, mla_weights  # noqa: E402
 from fi_engine.models import registry as engines  # noqa: E402
-from fi_engine.runtime import kv_cache, moe_paths, paging, serving, speculation  # noqa: E402
+from fi_engine.runtime import moe_paths, serving, speculation  # noqa: E402
 from fi_engine.runtime import settings as engine_settings  # noqa: E402
+from fi_engine.runtime.sched import kv_cache, pages, step_arrays  # noqa: E402
+from fi_engine.runtime.worker import graph_shapes  # noqa: E402
 from fi_engine.text import (  # noqa: E402
     chat,
     detokenize,
@@ -1015,7 +1017,7 @@ from pathlib import Path  # noqa: E402
 def _padded_prefill_call() -> dict[str, Any]:
     """pad_prefill's valid call: 2 requests of 300 token rows on 19 pages (as fill_prefill wrote them) padded to the
     320-row bucket, in the views of an engine's padded prefill layout (512 rows, 4 requests, 40 pages)."""
-    layout = paging.prefill_layout(512, 4, 40, padded=True)
+    layout = step_arrays.prefill_layout(512, 4, 40, padded=True)
     v = layout.views(np.zeros(layout.total, np.int32))
     v["qo_indptr"][:3] = [0, 100, 300]
     v["kv_indptr"][:3] = [0, 7, 19]
@@ -1598,8 +1600,12 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     "runtime.settings.EngineSettings": lambda: [
         ("EngineSettings", Entry(engine_settings.EngineSettings, lambda: {}, kinds=ENGINE_KINDS))
     ],
-    "runtime.paging.pages_for": lambda: [("pages_for", Entry(paging.pages_for, lambda: dict(tokens=33, page_size=16)))],
-    "runtime.paging.PageAllocator": lambda: [("PageAllocator", Entry(paging.PageAllocator, lambda: dict(num_pages=8)))],
+    "runtime.sched.pages.pages_for": lambda: [
+        ("pages_for", Entry(pages.pages_for, lambda: dict(tokens=33, page_size=16)))
+    ],
+    "runtime.sched.pages.PageAllocator": lambda: [
+        ("PageAllocator", Entry(pages.PageAllocator, lambda: dict(num_pages=8)))
+    ],
     "runtime.speculation.NgramProposer": lambda: [
         ("NgramProposer", Entry(speculation.NgramProposer, lambda: dict(k=4, prompt_lookup_max=4, prompt_lookup_min=1)))
     ],
@@ -1619,10 +1625,10 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     "runtime.speculation.accepted_tokens": lambda: [
         ("accepted_tokens", Entry(speculation.accepted_tokens, lambda: dict(draft=[4, 5], choices=[4, 5, 6])))
     ],
-    "runtime.kv_cache.KVCacheManager": lambda: [
+    "runtime.sched.kv_cache.KVCacheManager": lambda: [
         ("KVCacheManager", Entry(kv_cache.KVCacheManager, lambda: dict(num_pages=8, page_size=16)))
     ],
-    "runtime.kv_cache.page_hashes": lambda: [
+    "runtime.sched.kv_cache.page_hashes": lambda: [
         (
             "page_hashes",
             Entry(
@@ -1632,35 +1638,35 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
-    "runtime.paging.prefill_buckets": lambda: [
-        ("prefill_buckets", Entry(paging.prefill_buckets, lambda: dict(max_tokens=2048)))
+    "runtime.worker.graph_shapes.prefill_buckets": lambda: [
+        ("prefill_buckets", Entry(graph_shapes.prefill_buckets, lambda: dict(max_tokens=2048)))
     ],
-    "runtime.paging.bucket_for": lambda: [
+    "runtime.worker.graph_shapes.bucket_for": lambda: [
         (
             "bucket_for",
             Entry(
-                paging.bucket_for,
-                lambda: dict(rows=300, buckets=paging.prefill_buckets(2048)),
+                graph_shapes.bucket_for,
+                lambda: dict(rows=300, buckets=graph_shapes.prefill_buckets(2048)),
                 kinds={"buckets": "ladder"},
             ),
         )
     ],
-    "runtime.paging.pad_prefill": lambda: [
+    "runtime.sched.step_arrays.pad_prefill": lambda: [
         (
             "pad_prefill",
             Entry(
-                paging.pad_prefill,
+                step_arrays.pad_prefill,
                 _padded_prefill_call,
                 fields=("v", _prefill_view_values),
                 kinds={"v": "object", "requests": "opt_int"},
             ),
         )
     ],
-    "runtime.paging.decode_batches": lambda: [
-        ("decode_batches", Entry(paging.decode_batches, lambda: dict(max_batch=48)))
+    "runtime.worker.graph_shapes.decode_batches": lambda: [
+        ("decode_batches", Entry(graph_shapes.decode_batches, lambda: dict(max_batch=48)))
     ],
-    "runtime.paging.prefill_slots": lambda: [
-        ("prefill_slots", Entry(paging.prefill_slots, lambda: dict(batch=3, max_batch=64)))
+    "runtime.worker.graph_shapes.prefill_slots": lambda: [
+        ("prefill_slots", Entry(graph_shapes.prefill_slots, lambda: dict(batch=3, max_batch=64)))
     ],
     "runtime.serving.delay_factor_arg": lambda: [
         ("delay_factor_arg", Entry(serving.delay_factor_arg, lambda: dict(scheduler_delay_factor=3.0)))
@@ -2112,7 +2118,8 @@ EXEMPT: dict[str, str] = {
     "rendezvous.exchange": "opens sockets to rank 0 (its DistEnv comes from read_env): tests/comm/test_rendezvous.py",
     "rendezvous.default_timeout": "reads FI_FFI_RENDEZVOUS_TIMEOUT: tests/comm/test_rendezvous.py",
     "vllm_ar.register_graph_buffers": "takes get_graph_buffer_ipc_meta of each rank: comm/test_allreduce_kernels.py",
-    "runtime.kv_cache.PrefixCacheStats": "the counters a KVCacheManager keeps and counts up; no argument to check",
+    "runtime.sched.kv_cache.PrefixCacheStats": "the counters a KVCacheManager keeps and counts up; no argument to "
+    "check",
     "runtime.speculation.SpeculationStats": "the counters the serving loop keeps and counts up; no argument to check",
     "runtime.speculation.SpeculativeConfig": "the checked values speculative_config_arg (above) returns",
     "runtime.speculation.DraftModelProposer": "wraps an engine that ServingLoop.draft_model checks",
@@ -2291,13 +2298,14 @@ EXEMPT: dict[str, str] = {
     "(test_family_engines_refuse_other_types)",
     "layers.moe.MoELayer": _GPU,
     "layers.moe.MoEWeights": _GPU,
-    "runtime.paging.Layout": "the engine's own buffer layout (fi_ffi's values): tests/engine/test_serving_host.py",
-    "runtime.paging.Request": "a record the Scheduler makes: tests/engine/test_serving_host.py",
-    "runtime.paging.Scheduler": "the engine's scheduler, made from a checked LlamaConfig: "
+    "runtime.sched.step_arrays.Layout": "the engine's own buffer layout (fi_ffi's values): "
     "tests/engine/test_serving_host.py",
-    "runtime.paging.fill_decode": "fills the engine's own arrays from its scheduler's requests: "
+    "runtime.sched.request.Request": "a record the Scheduler makes: tests/engine/test_serving_host.py",
+    "runtime.sched.scheduler.Scheduler": "the engine's scheduler, made from a checked LlamaConfig: "
+    "tests/engine/test_serving_host.py",
+    "runtime.sched.step_arrays.fill_decode": "fills the engine's own arrays from its scheduler's requests: "
     "engine/test_serving_host.py",
-    "runtime.paging.fill_prefill": "fills the engine's own arrays from its scheduler's requests: "
+    "runtime.sched.step_arrays.fill_prefill": "fills the engine's own arrays from its scheduler's requests: "
     "engine/test_serving_host.py",
     **dict.fromkeys(
         [

@@ -105,3 +105,37 @@ def test_old_modules_that_are_packages_now_hand_their_names_on_with_a_warning() 
     assert "warned: fi_engine.checkpoint.Checkpoint moved to fi_engine.checkpoint.safetensors.Checkpoint" in out
     assert "warned: fi_engine.text.TextCodec moved to fi_engine.text.codec.TextCodec" in out
     assert "True" in out and "missing: module 'fi_engine.kernels' has no attribute 'no_such_name'" in out
+
+
+def test_a_split_module_hands_each_name_on_from_its_new_module() -> None:
+    # fi_engine.moved.SPLIT: a module whose names went to several rooms imports at its old path, warns naming them,
+    # and gives each name from its new module (the flat path before it is that module too); every home exists
+    from fi_engine.moved import SPLIT
+
+    assert SPLIT["fi_engine.runtime.paging"][0] == "fi_engine.runtime.sched.scheduler"
+    done = run(
+        "import importlib, warnings, fi_engine\n"
+        "from fi_engine.moved import SPLIT\n"
+        "for homes in SPLIT.values():\n"
+        "    for home in homes:\n"
+        "        importlib.import_module(home)\n"
+        "try:\n"
+        "    import fi_engine.runtime.paging\n"
+        "except DeprecationWarning as w:\n"
+        "    print('warned:', w)\n"
+        "warnings.simplefilter('ignore')\n"
+        "import fi_engine.runtime.paging as old, fi_engine.paging as flat\n"
+        "from fi_engine.runtime.sched import scheduler, step_arrays\n"
+        "from fi_engine.runtime.worker import graph_shapes\n"
+        "print(old is flat, old.Scheduler is scheduler.Scheduler, old.fill_decode is step_arrays.fill_decode,\n"
+        "      old.prefill_buckets is graph_shapes.prefill_buckets, 'Request' in dir(old))\n"
+        "try:\n"
+        "    old.no_such_name\n"
+        "except AttributeError as e:\n"
+        "    print('missing:', e)\n"
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "warned: fi_engine.runtime.paging was split into fi_engine.runtime.sched.scheduler, " in out
+    assert "True True True True True" in out
+    assert "missing: module 'fi_engine.runtime.paging' has no attribute 'no_such_name'" in out
