@@ -57,7 +57,7 @@ MOVED: dict[str, str] = {
     "fi_engine.serving": "fi_engine.runtime.serving",
     "fi_engine.step_graphs": "fi_engine.runtime.step_graphs",
     "fi_engine.fused_decode": "fi_engine.runtime.fused_decode",
-    "fi_engine.sampling": "fi_engine.runtime.sampling",
+    "fi_engine.sampling": "fi_engine.runtime.sample.sampler",
     "fi_engine.sampling_params": "fi_engine.runtime.sampling_params",
     "fi_engine.paging": "fi_engine.runtime.paging",
     "fi_engine.stepping": "fi_engine.runtime.stepping",
@@ -80,6 +80,9 @@ MOVED: dict[str, str] = {
     "fi_engine.openai_server": "fi_engine.serve.openai_server",
     # the runtime's rooms (docs/engine.md): a module that moved whole into one
     "fi_engine.runtime.kv_cache": "fi_engine.runtime.sched.kv_cache",
+    "fi_engine.runtime.sampling": "fi_engine.runtime.sample.sampler",
+    "fi_engine.runtime.logits_processing": "fi_engine.runtime.sample.logits_processing",
+    "fi_engine.runtime.speculation": "fi_engine.runtime.sample.speculation",
 }
 
 # old module whose name is now a subpackage -> the module its names went to

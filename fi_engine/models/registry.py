@@ -245,7 +245,7 @@ def open_engine(
     ):
         if not isinstance(value, bool):
             raise TypeError(f"{name}: expected True or False, got {type(value).__name__}")
-    from ..runtime.speculation import speculative_config_arg
+    from ..runtime.sample.speculation import speculative_config_arg
 
     # (checked before the checkpoint is read; the engine says whether it applies)
     speculation = speculative_config_arg(speculative_config)

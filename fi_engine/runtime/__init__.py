@@ -12,7 +12,7 @@ step's plan, launch (eager or a CUDA graph) and sampling, and the step API the s
   :mod:`~fi_engine.runtime.step_graphs` (the decode and padded prefill CUDA graphs) and
   :mod:`~fi_engine.runtime.fused_decode` (the fused eager decode step) over :mod:`~fi_engine.runtime.state` (what
   they share, and the family interface); :mod:`~fi_engine.runtime.moe_paths`: which MoE path a step takes;
-  :mod:`~fi_engine.runtime.sampling`: the ``Sampler`` (greedy, top-k / top-p).
+  :mod:`~fi_engine.runtime.sample.sampler`: the ``Sampler`` (greedy, top-k / top-p).
 - :mod:`~fi_engine.runtime.sampling_params`: a request's sampling settings; :mod:`~fi_engine.runtime.settings`: the
   engine's settings, checked once; :mod:`~fi_engine.runtime.stepping`: the step protocol (``StepEngine``,
   ``StepOutput``) between an engine and what drives it.

@@ -9,9 +9,9 @@ own module with a narrow interface:
 - the **scheduler** (:class:`~fi_engine.runtime.sched.scheduler.Scheduler`) with the KV-cache manager
   (:class:`~fi_engine.runtime.sched.kv_cache.KVCacheManager`: the pages, and the prompt prefixes cached in them): the
   requests, their slots and pages, admission, a step's rows;
-- the **logits processor** (:class:`~fi_engine.runtime.logits_processing.LogitsProcessor`): the log-probabilities
+- the **logits processor** (:class:`~fi_engine.runtime.sample.logits_processing.LogitsProcessor`): the log-probabilities
   and sampling controls (a grammar's mask, bias, penalties, ``min_tokens``, ``min_p``) of the rows that ask;
-- the **sampler** (:class:`~fi_engine.runtime.sampling.Sampler`): greedy, top-k / top-p, each request with its own
+- the **sampler** (:class:`~fi_engine.runtime.sample.sampler.Sampler`): greedy, top-k / top-p, each request with its own
   parameters, over the runner's logits;
 - the **serving loop** (:class:`~fi_engine.runtime.serving.ServingLoop`, this class's base): ``generate``,
   ``prefill_logits``, the warm-ups and the step API, each step one way: schedule -> run -> sample -> record.
@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar, overload
 
 from .family import ModelFamily
-from .logits_processing import LogitsProcessor
 from .model_runner import ModelRunner
+from .sample.logits_processing import LogitsProcessor
 from .sched.kv_cache import KVCacheManager
 from .sched.scheduler import Scheduler
 from .serving import ServingLoop
@@ -97,7 +97,7 @@ class Engine(ServingLoop):
     Parts: ``runner`` (:class:`~fi_engine.runtime.model_runner.ModelRunner`), ``scheduler``
     (:class:`~fi_engine.runtime.sched.scheduler.Scheduler`), ``kv_cache`` (its pages:
     :class:`~fi_engine.runtime.sched.kv_cache.KVCacheManager`), ``sampler``
-    (:class:`~fi_engine.runtime.sampling.Sampler`), ``family``. The sizes the engine was made with (``config``,
+    (:class:`~fi_engine.runtime.sample.sampler.Sampler`), ``family``. The sizes the engine was made with (``config``,
     ``model_config``, ``max_batch``, ``page_size``, ``max_seq_len``, ``num_pages``, ``max_prefill_tokens``) and its
     device (``device``, ``stream``, ``comm``, ``rank``, ``dtype``, ``tensor_parallel``, ``cuda_graph``) are the
     runner's, read through the engine; so are the runner's switches ``prefill_graphs``, ``fused_decode``,

@@ -2,7 +2,7 @@
 family's weights (loaded by the family definition, :mod:`~fi_engine.runtime.family`), the activation buffers, the
 paged KV cache's tensors and the step index arrays (:mod:`~fi_engine.runtime.storage`), the CUDA graphs
 (:mod:`~fi_engine.runtime.step_graphs`), the fused decode step (:mod:`~fi_engine.runtime.fused_decode`) and the
-:class:`~fi_engine.runtime.sampling.Sampler` over its logits, on its own CUDA stream.
+:class:`~fi_engine.runtime.sample.sampler.Sampler` over its logits, on its own CUDA stream.
 
 The serving loop (:mod:`~fi_engine.runtime.serving`) drives it one way per step: the scheduler picks the rows, the
 runner stages their index arrays (:meth:`ModelRunner.stage_decode`, :meth:`ModelRunner.run_prefill`) and runs the
@@ -30,7 +30,7 @@ from ..kernels import flashinfer as kernels
 from ..kernels.copies import D2D, D2H, H2D, host_address
 from .family import ModelFamily
 from .fused_decode import FusedDecode
-from .sampling import Sampler
+from .sample.sampler import Sampler
 from .sched.request import Request
 from .sched.step_arrays import fill_decode, fill_prefill, pad_prefill
 from .settings import EngineSettings

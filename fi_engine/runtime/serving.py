@@ -8,8 +8,8 @@ one scheduler.
 
 Each step goes one way through the parts: the **scheduler** picks the rows (admission, the decode rows, their pages),
 the **model runner** (:class:`~fi_engine.runtime.model_runner.ModelRunner`) stages them and runs the forward pass and
-the LM head, the **sampler** (:class:`~fi_engine.runtime.sampling.Sampler`) picks each row's token, the runner copies
-the tokens out, and the scheduler records them. The loop is the same for every model family; what differs is the
+the LM head, the **sampler** (:class:`~fi_engine.runtime.sample.sampler.Sampler`) picks each row's token, the runner
+copies the tokens out, and the scheduler records them. The loop is the same for every model family; what differs is the
 runner's family definition.
 """
 
@@ -28,15 +28,10 @@ from ..kernels import flashinfer as kernels
 from ..kernels.flashinfer import stream_scope
 from ..text.grammar import GrammarMatcher, GrammarTokenizer
 from ..values import arg_int
-from .logits_processing import LogitsProcessor, PendingLogprobs, PendingPromptLogprobs
 from .model_runner import ModelRunner
-from .sampling import Draws, Sampler
-from .sampling_params import SamplingParams, asks_processing, sampling_arg, sets_controls
-from .sched.kv_cache import KVCacheManager
-from .sched.pages import pages_for
-from .sched.request import Request
-from .sched.scheduler import Scheduler
-from .speculation import (
+from .sample.logits_processing import LogitsProcessor, PendingLogprobs, PendingPromptLogprobs
+from .sample.sampler import Draws, Sampler
+from .sample.speculation import (
     DraftModelProposer,
     DraftPolicy,
     NgramProposer,
@@ -46,6 +41,11 @@ from .speculation import (
     speculative_config_arg,
     tokenizer_difference,
 )
+from .sampling_params import SamplingParams, asks_processing, sampling_arg, sets_controls
+from .sched.kv_cache import KVCacheManager
+from .sched.pages import pages_for
+from .sched.request import Request
+from .sched.scheduler import Scheduler
 from .stepping import FinishReason, NewRequest, StepEngineBase, StepOutput, TokenLogprobs
 from .worker.graph_shapes import prefill_slots
 
@@ -343,18 +343,18 @@ class ServingLoop(StepEngineBase):
 
     @property
     def speculative_tokens(self) -> int:
-        """Speculative decoding (:mod:`~fi_engine.runtime.speculation`): the most draft tokens a request is fed per
-        pass, 0 (the default) for off, at most 16. The drafts come from the :attr:`draft_model` where one is set
+        """Speculative decoding (:mod:`~fi_engine.runtime.sample.speculation`): the most draft tokens a request is fed
+        per pass, 0 (the default) for off, at most 16. The drafts come from the :attr:`draft_model` where one is set
         (vLLM's ``draft_model`` method: its greedy continuation of the request's text), else from prompt lookup
         (vLLM's ``ngram`` method: where a request's last tokens occurred earlier in its prompt or output, the tokens
         that followed). One pass over a request's last token and its draft (the prefill pass, ``k + 1`` rows a
         request) gives it the draft's tokens that the model's choices accept and one more: 1 to ``k + 1`` tokens for
         about one decode step's weight reads. A greedy request's choices are its rows' argmax; a sampled one's,
         draws from its distribution at each row, which makes this speculative sampling (the tokens follow the
-        distribution of decoding one at a time; :mod:`~fi_engine.runtime.speculation`); a seeded request is not
+        distribution of decoding one at a time; :mod:`~fi_engine.runtime.sample.speculation`); a seeded request is not
         speculated (its draws stay its own). A step verifies drafts only where the policy expects the pass to pay
-        (:class:`~fi_engine.runtime.speculation.DraftPolicy`: a verifying pass, with its drafting, costs more than a
-        decode step, and text the drafts do not predict gains nothing); a step that does not, or where no request
+        (:class:`~fi_engine.runtime.sample.speculation.DraftPolicy`: a verifying pass, with its drafting, costs more
+        than a decode step, and text the drafts do not predict gains nothing); a step that does not, or where no request
         has a draft, is an ordinary decode step, as is one with a request that sets a sampling control (not
         speculated yet; logprobs are read from the pass's rows). The greedy choices are computed by the prefill's
         kernels (equal to the decode step's within bfloat16 rounding, so a near tie may go the other way).
@@ -381,8 +381,8 @@ class ServingLoop(StepEngineBase):
     def speculative_config(self) -> dict[str, Any] | None:
         """Speculative decoding as vLLM's ``speculative_config`` gives it: None (off), ``{"method": "ngram",
         "num_speculative_tokens": k, "prompt_lookup_max": n, "prompt_lookup_min": m}`` (prompt lookup with the
-        n-gram sizes of :class:`~fi_engine.runtime.speculation.NgramProposer`, 4 and 1 unless set) or ``{"method":
-        "draft_model", "model": DIR, "num_speculative_tokens": k}`` (the :attr:`draft_model`'s drafts;
+        n-gram sizes of :class:`~fi_engine.runtime.sample.speculation.NgramProposer`, 4 and 1 unless set) or
+        ``{"method": "draft_model", "model": DIR, "num_speculative_tokens": k}`` (the :attr:`draft_model`'s drafts;
         ``model`` its checkpoint). Set it to None or such a mapping (the sizes optional; a ``model`` given must be
         the draft model's, which this setter does not open: ``fi_engine.models.registry.open_engine`` does, or set
         :attr:`draft_model` first); ValueError/TypeError naming the key otherwise, or where speculation does not
@@ -434,10 +434,10 @@ class ServingLoop(StepEngineBase):
 
     @property
     def speculation_policy(self) -> DraftPolicy:
-        """The :class:`~fi_engine.runtime.speculation.DraftPolicy` that decides which steps verify drafts, with what it
-        measured (a decode step's and a pass's time, each request's acceptance). A new one is made where the pass's
-        cost changes (:attr:`speculative_tokens` set to another count, another :attr:`draft_model`) and kept while
-        speculation is switched off and on again. Set one to tune it (``prior``, ``explore``, ``min_rate``,
+        """The :class:`~fi_engine.runtime.sample.speculation.DraftPolicy` that decides which steps verify drafts, with
+        what it measured (a decode step's and a pass's time, each request's acceptance). A new one is made where the
+        pass's cost changes (:attr:`speculative_tokens` set to another count, another :attr:`draft_model`) and kept
+        while speculation is switched off and on again. Set one to tune it (``prior``, ``explore``, ``min_rate``,
         ``explore_budget``) or to measure afresh; TypeError for anything else."""
         return self._policy
 
@@ -564,8 +564,8 @@ class ServingLoop(StepEngineBase):
 
     def _verify_drafts(self, sched: Scheduler, decided: bool = False) -> list[tuple[Request, tuple[int, ...]]] | None:
         """The drafts of a verifying pass to run now, or None: speculation applies (:meth:`_speculates`), a request
-        has a draft, and the pass pays (:class:`~fi_engine.runtime.speculation.DraftPolicy`; ``decided``: it was found
-        to pay a step ago (:meth:`_pass_due`), when the drafts were planned from the tokens then recorded)."""
+        has a draft, and the pass pays (:class:`~fi_engine.runtime.sample.speculation.DraftPolicy`; ``decided``: it was
+        found to pay a step ago (:meth:`_pass_due`), when the drafts were planned from the tokens then recorded)."""
         if not self._speculates(sched):
             return None
         model = isinstance(self._proposer, DraftModelProposer)
@@ -1550,9 +1550,9 @@ class ServingLoop(StepEngineBase):
     def _timed_record(self, verify: bool) -> None:
         """With speculation: a decode step's (``verify`` False) or a verifying pass's tokens were just recorded. The
         time since the last such record is its cost to the loop, which
-        :class:`~fi_engine.runtime.speculation.DraftPolicy` weighs: a pipelined step's; a pass's with its drafting
-        and the pipeline's bubble before it, and the excess of the step after it over a pipelined one (the pipeline
-        starting again), charged once that step is recorded."""
+        :class:`~fi_engine.runtime.sample.speculation.DraftPolicy` weighs: a pipelined step's; a pass's with its
+        drafting and the pipeline's bubble before it, and the excess of the step after it over a pipelined one (the
+        pipeline starting again), charged once that step is recorded."""
         self._policy.stepped()
         now = time.perf_counter()
         last, self._recorded_at = self._recorded_at, now

@@ -17,7 +17,7 @@ import numpy as np
 if TYPE_CHECKING:
     from ..layers.tensor_parallel import VocabShard
     from .family import ModelFamily
-    from .sampling import Sampler
+    from .sample.sampler import Sampler
     from .sched.step_arrays import Layout
     from .settings import EngineSettings
 

@@ -42,8 +42,8 @@ from helpers.yardstick import prompts  # noqa: E402
 
 from fi_engine.kernels import flashinfer as kernels  # noqa: E402
 from fi_engine.models.llama import LlamaEngine  # noqa: E402
+from fi_engine.runtime.sample.speculation import DraftPolicy  # noqa: E402
 from fi_engine.runtime.sampling_params import SamplingParams  # noqa: E402
-from fi_engine.runtime.speculation import DraftPolicy  # noqa: E402
 from fi_engine.runtime.stepping import StepEngine, StepOutput  # noqa: E402
 
 pytestmark = pytest.mark.gpu

@@ -1,9 +1,9 @@
 """The engine's structured output (``SamplingParams.grammar``, the OpenAI ``response_format``) on CPU, over a real
 trained byte-level BPE tokenizer (helpers.text_checkpoints) and llguidance:
 
-- :class:`~fi_engine.runtime.logits_processing.LogitsProcessor` with numpy standing in for CuPy: a grammar row's
+- :class:`~fi_engine.runtime.sample.logits_processing.LogitsProcessor` with numpy standing in for CuPy: a grammar row's
   disallowed logits become -inf and its allowed ones stay bit for bit, the raw logprobs are those of the logits
-  before the mask, other rows are untouched; :func:`~fi_engine.runtime.logits_processing.mask_disallowed` unpacks
+  before the mask, other rows are untouched; :func:`~fi_engine.runtime.sample.logits_processing.mask_disallowed` unpacks
   every bit (bit 31 of a word included) as numpy's ``unpackbits`` does;
 - :meth:`Scheduler.record <fi_engine.runtime.sched.scheduler.Scheduler.record>` advances each request's matcher and ends
 it
@@ -33,8 +33,8 @@ from helpers.text_checkpoints import write_text_checkpoint
 
 from fi_engine.models.llama import LlamaEngine
 from fi_engine.runtime import serving
-from fi_engine.runtime.logits_processing import LogitsProcessor, mask_disallowed
-from fi_engine.runtime.sampling import Sampler
+from fi_engine.runtime.sample.logits_processing import LogitsProcessor, mask_disallowed
+from fi_engine.runtime.sample.sampler import Sampler
 from fi_engine.runtime.sampling_params import SamplingParams
 from fi_engine.runtime.sched.kv_cache import KVCacheManager
 from fi_engine.runtime.sched.pages import PageAllocator

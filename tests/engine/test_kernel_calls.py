@@ -402,10 +402,10 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
 
 @pytest.mark.parametrize("rows", [1, 5])
 def test_per_row_sampling_calls_reach_the_sampling_module(rows):
-    """A mixed step's sampling (fi_engine.runtime.sampling.Sampler._sample_mixed): softmax with a per-row temperature
-    array, then the joint top-k/top-p sampler with per-row int32 top_k / float32 top_p arrays read at ``indices``
-    (a stream's rows, fewer than the rows) into an int32 ``out`` of its own length, as the engine describes them;
-    and the uniform step's scalar call."""
+    """A mixed step's sampling (fi_engine.runtime.sample.sampler.Sampler._sample_mixed): softmax with a per-row
+    temperature array, then the joint top-k/top-p sampler with per-row int32 top_k / float32 top_p arrays read at
+    ``indices`` (a stream's rows, fewer than the rows) into an int32 ``out`` of its own length, as the engine describes
+    them; and the uniform step's scalar call."""
     vocab = 32000
     at = iter(FAKE + (i << 30) for i in range(16))  # each operand at its own address, 1 GiB apart
 

@@ -1,6 +1,6 @@
 """The step API's host side, on CPU: :meth:`Scheduler.abort`, per-request end-of-sequence ids and sampling in the
-scheduler, how a step's rows choose their tokens (:func:`fi_engine.runtime.sampling.draw_groups`), the argument checks
-of ``add_request`` / ``abort_request`` / ``generate``, and the engine's ``step`` / ``generate`` loop itself
+scheduler, how a step's rows choose their tokens (:func:`fi_engine.runtime.sample.sampler.draw_groups`), the argument
+checks of ``add_request`` / ``abort_request`` / ``generate``, and the engine's ``step`` / ``generate`` loop itself
 (:meth:`ServingLoop._advance`) with only the device work stood in for: ``_prefill`` and ``_decode_step`` record tokens
 of a fixed rule through the real scheduler. The same on a GPU: tests/engine/test_gpu_step_api.py."""
 
@@ -21,8 +21,8 @@ from fi_engine.models.gpt_oss import GptOssEngine
 from fi_engine.models.llama import LlamaEngine
 from fi_engine.runtime import serving
 from fi_engine.runtime.engine import Engine
-from fi_engine.runtime.logits_processing import LogitsProcessor
-from fi_engine.runtime.sampling import Draws, Sampler, draw_groups
+from fi_engine.runtime.sample.logits_processing import LogitsProcessor
+from fi_engine.runtime.sample.sampler import Draws, Sampler, draw_groups
 from fi_engine.runtime.sampling_params import SamplingParams, sampling_arg
 from fi_engine.runtime.sched.kv_cache import KVCacheManager
 from fi_engine.runtime.sched.pages import PageAllocator, pages_for

@@ -790,8 +790,9 @@ from fi_engine.kernels import cuda_sources  # noqa: E402
 from fi_engine.layers import deepseek_routing, moe, moe_routing, tensor_parallel  # noqa: E402
 from fi_engine.models import deepseek, gemma2, gpt_oss, llama, mla_weights  # noqa: E402
 from fi_engine.models import registry as engines  # noqa: E402
-from fi_engine.runtime import moe_paths, serving, speculation  # noqa: E402
+from fi_engine.runtime import moe_paths, serving  # noqa: E402
 from fi_engine.runtime import settings as engine_settings  # noqa: E402
+from fi_engine.runtime.sample import speculation  # noqa: E402
 from fi_engine.runtime.sched import kv_cache, pages, step_arrays  # noqa: E402
 from fi_engine.runtime.worker import graph_shapes  # noqa: E402
 from fi_engine.text import (  # noqa: E402
@@ -1606,13 +1607,13 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     "runtime.sched.pages.PageAllocator": lambda: [
         ("PageAllocator", Entry(pages.PageAllocator, lambda: dict(num_pages=8)))
     ],
-    "runtime.speculation.NgramProposer": lambda: [
+    "runtime.sample.speculation.NgramProposer": lambda: [
         ("NgramProposer", Entry(speculation.NgramProposer, lambda: dict(k=4, prompt_lookup_max=4, prompt_lookup_min=1)))
     ],
-    "runtime.speculation.DraftPolicy": lambda: [
+    "runtime.sample.speculation.DraftPolicy": lambda: [
         ("DraftPolicy", Entry(speculation.DraftPolicy, lambda: dict(prior=0.5, explore=16)))
     ],
-    "runtime.speculation.speculative_config_arg": lambda: [
+    "runtime.sample.speculation.speculative_config_arg": lambda: [
         (
             "speculative_config_arg",
             Entry(
@@ -1622,7 +1623,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
-    "runtime.speculation.accepted_tokens": lambda: [
+    "runtime.sample.speculation.accepted_tokens": lambda: [
         ("accepted_tokens", Entry(speculation.accepted_tokens, lambda: dict(draft=[4, 5], choices=[4, 5, 6])))
     ],
     "runtime.sched.kv_cache.KVCacheManager": lambda: [
@@ -2120,11 +2121,14 @@ EXEMPT: dict[str, str] = {
     "vllm_ar.register_graph_buffers": "takes get_graph_buffer_ipc_meta of each rank: comm/test_allreduce_kernels.py",
     "runtime.sched.kv_cache.PrefixCacheStats": "the counters a KVCacheManager keeps and counts up; no argument to "
     "check",
-    "runtime.speculation.SpeculationStats": "the counters the serving loop keeps and counts up; no argument to check",
-    "runtime.speculation.SpeculativeConfig": "the checked values speculative_config_arg (above) returns",
-    "runtime.speculation.DraftModelProposer": "wraps an engine that ServingLoop.draft_model checks",
-    "runtime.speculation.same_directory": "compares the engines' model_dir paths: tests/engine/test_speculation.py",
-    "runtime.speculation.tokenizer_difference": "reads two engines' tokenizer.json: tests/engine/test_speculation.py",
+    "runtime.sample.speculation.SpeculationStats": "the counters the serving loop keeps and counts up; no argument to "
+    "check",
+    "runtime.sample.speculation.SpeculativeConfig": "the checked values speculative_config_arg (above) returns",
+    "runtime.sample.speculation.DraftModelProposer": "wraps an engine that ServingLoop.draft_model checks",
+    "runtime.sample.speculation.same_directory": "compares the engines' model_dir paths: "
+    "tests/engine/test_speculation.py",
+    "runtime.sample.speculation.tokenizer_difference": "reads two engines' tokenizer.json: "
+    "tests/engine/test_speculation.py",
     "checkpoint.safetensors.Checkpoint": "reads safetensors files: tests/engine/test_serving_host.py",
     "checkpoint.safetensors.read_header": "reads a safetensors header: tests/engine/test_serving_host.py",
     "checkpoint.safetensors.write_safetensors": "a test helper writing checkpoints: tests/engine/test_serving_host.py",
@@ -2205,30 +2209,33 @@ EXEMPT: dict[str, str] = {
     # the same three in their own modules (fi_engine.models.llama re-exports them)
     "runtime.sampling_params.SamplingParams": "checked by LlamaEngine.generate on a GPU: "
     "tests/engine/test_serving_host.py",
-    "runtime.sampling.SamplingParams": "re-exported from sampling_params (its checks: the line above)",
+    "runtime.sample.sampler.SamplingParams": "re-exported from sampling_params (its checks: the line above)",
     "runtime.sampling_params.sampling_arg": "the type check of add_request's and generate's sampling=: its bad kinds "
     "in "
     "tests/engine/test_step_api_host.py",
-    "runtime.sampling.Sampler": "the engine's own part, made by Engine from its checked buffers (Sampler.of): "
+    "runtime.sample.sampler.Sampler": "the engine's own part, made by Engine from its checked buffers (Sampler.of): "
     "tests/engine/test_step_api_host.py and the GPU suites",
     "kernels.cuda_sources.functions": "compiles with NVRTC through CuPy (a GPU machine's); its file argument is "
     "source()'s, whose generator above checks it, and the engine passes literal names: the GPU suites",
     "kernels.cuda_sources.function_ptr": "reads the handle of a kernel CuPy compiled (a GPU machine's); the engine "
     "passes only the kernels it compiled itself: the GPU suites",
-    "runtime.logits_processing.LogitsProcessor": "the engine's own part, made by Engine over the runner's logits; "
+    "runtime.sample.logits_processing.LogitsProcessor": "the engine's own part, made by Engine over the runner's "
+    "logits; "
     "its requests' fields are SamplingParams' (checked by its generator): tests/engine/test_logits_processing.py",
-    "runtime.logits_processing.PendingLogprobs": "a record the processor makes of a step's device arrays: "
+    "runtime.sample.logits_processing.PendingLogprobs": "a record the processor makes of a step's device arrays: "
     "tests/engine/test_logits_processing.py",
-    "runtime.logits_processing.PendingPromptLogprobs": "a record the processor makes of a pass's device arrays: "
+    "runtime.sample.logits_processing.PendingPromptLogprobs": "a record the processor makes of a pass's device arrays: "
     "tests/engine/test_logits_processing.py",
-    "runtime.logits_processing.logprobs_of_rows": "the processor's array math over the runner's own logits (an "
+    "runtime.sample.logits_processing.logprobs_of_rows": "the processor's array math over the runner's own logits (an "
     "array module and a float32 array it made): tests/engine/test_logits_processing.py",
-    "runtime.logits_processing.mask_disallowed": "the processor's array math over the runner's own logits and the "
+    "runtime.sample.logits_processing.mask_disallowed": "the processor's array math over the runner's own logits and "
+    "the "
     "bitmasks its requests' matchers made (GrammarMatcher.bitmask, checked there): "
     "tests/engine/test_logits_processing.py",
     "runtime.model_runner.ModelRunner": "the engine's own part, made by Engine from its checked settings and family "
     "(EngineSettings' generator above; it needs a GPU): tests/engine/test_prefill_buckets.py and the GPU suites",
-    "runtime.sampling.Draws": "the engine's own record of a Philox stream (a fi_ffi.Generator of a checked seed): "
+    "runtime.sample.sampler.Draws": "the engine's own record of a Philox stream (a fi_ffi.Generator of a checked "
+    "seed): "
     "tests/engine/test_step_api_host.py",
     "runtime.stepping.StepOutput": _RECORD,
     "runtime.stepping.TokenLogprobs": _RECORD,
@@ -2283,7 +2290,7 @@ EXEMPT: dict[str, str] = {
     "engine process's and its clients' (their bad arguments in tests/engine/test_step_api_host.py and "
     "engine/test_engine_process.py)",
     "runtime.stepping.FinishReason": "a typing.Literal of the three reasons a request ends, not an entry point",
-    "runtime.sampling.draw_groups": "plans the rows of the engine's own scheduler (its Requests): "
+    "runtime.sample.sampler.draw_groups": "plans the rows of the engine's own scheduler (its Requests): "
     "tests/engine/test_step_api_host.py",
     "runtime.serving.GenerationResult": _RECORD,
     "runtime.storage.step_views": "the engine's own views of its step buffers (fi_ffi's values): "

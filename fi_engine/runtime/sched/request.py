@@ -19,9 +19,9 @@ class Request:
     """One prompt being served. ``output`` holds the generated tokens (the first comes from the prefill).
 
     ``sampling``: how its tokens are chosen (None: greedy argmax); ``draws``: the random stream its sampled tokens
-    draw from (the engine's :class:`~fi_engine.runtime.sampling.Draws`; None when greedy); ``eos``: the tokens that end
-    it (None: the scheduler's); ``grammar``: where its ``sampling.grammar`` is set, the matcher of its output so
-    far (the tokens allowed next: :class:`~fi_engine.runtime.logits_processing.LogitsProcessor`)."""
+    draw from (the engine's :class:`~fi_engine.runtime.sample.sampler.Draws`; None when greedy); ``eos``: the tokens
+    that end it (None: the scheduler's); ``grammar``: where its ``sampling.grammar`` is set, the matcher of its output
+    so far (the tokens allowed next: :class:`~fi_engine.runtime.sample.logits_processing.LogitsProcessor`)."""
 
     rid: int
     prompt: tuple[int, ...]

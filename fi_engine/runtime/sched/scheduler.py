@@ -443,7 +443,7 @@ class Scheduler:
         A request with a grammar (``Request.grammar``) advances its matcher past its token; the end-of-sequence id
         that completes its grammar ends it (``"eos"``, even where its own ``eos`` is empty: ``ignore_eos`` could
         only repeat that id, the one token its grammar then allows). A token the matcher refuses (which the mask
-        of :class:`~fi_engine.runtime.logits_processing.LogitsProcessor` rules out: a fault of the matcher) ends
+        of :class:`~fi_engine.runtime.sample.logits_processing.LogitsProcessor` rules out: a fault of the matcher) ends
         that request as ``"abort"``, its tokens kept, rather than failing the step of every request.
         """
         for r, t in zip(rows, tokens, strict=True):

@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from ..kernels import flashinfer as kernels
-from ..kernels.copies import D2D, H2D, host_address
-from .sampling_params import SamplingParams
-from .sched.request import Request
-from .sched.step_arrays import Layout
+from ...kernels import flashinfer as kernels
+from ...kernels.copies import D2D, H2D, host_address
+from ..sampling_params import SamplingParams
+from ..sched.request import Request
+from ..sched.step_arrays import Layout
 
 __all__ = [
     "Draws",

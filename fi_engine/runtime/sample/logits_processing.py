@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from .sampling_params import SamplingParams, sets_controls
-from .sched.request import Request
-from .stepping import TokenLogprobs
+from ..sampling_params import SamplingParams, sets_controls
+from ..sched.request import Request
+from ..stepping import TokenLogprobs
 
 __all__ = ["LogitsProcessor", "PendingLogprobs", "PendingPromptLogprobs", "logprobs_of_rows", "mask_disallowed"]
 

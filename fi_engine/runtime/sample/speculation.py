@@ -42,8 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from ..text.args import arg_token_ids
-from ..values import arg_int, show
+from ...text.args import arg_token_ids
+from ...values import arg_int, show
 
 __all__ = [
     "DraftModelProposer",
