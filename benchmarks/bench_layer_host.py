@@ -100,19 +100,19 @@ def step_host_us(model: Path, batch: int, reps: int) -> tuple[float, str]:
             rows = sched.decode_rows(padded=False)
             if len(rows) != batch:
                 raise RuntimeError(f"{len(rows)} of {batch} requests admitted")
-            engine.runner._upload_decode(
+            engine.runner.upload_decode(
                 batch, fill_decode(rows, engine.page_size, engine.runner.decode_arrays), cuda_graph=False
             )
-            v = engine.runner._view("decode", batch, batch)
+            v = engine.runner.view("decode", batch, batch)
             times = []
             for _ in range(reps + 3):
                 engine.stream.synchronize()
                 t = time.perf_counter()
-                if engine.runner._fuses(batch):
-                    engine.runner._fused_step(v, batch)
+                if engine.runner.fuses(batch):
+                    engine.runner.fused.step(v, batch)
                 else:
-                    engine.runner._forward(v, batch, engine.runner._decode_attention)
-                    engine.runner._head(batch, engine.runner.normed.data.ptr)
+                    engine.runner.forward(v, batch, engine.runner.decode_attention)
+                    engine.runner.head(batch, engine.runner.normed.data.ptr)
                 times.append(time.perf_counter() - t)
             engine.stream.synchronize()
             for r in admitted:

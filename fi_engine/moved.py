@@ -52,11 +52,11 @@ MOVED: dict[str, str] = {
     "fi_engine.kv_fp8": "fi_engine.layers.kv_fp8",
     "fi_engine.deepseek_routing": "fi_engine.layers.deepseek_routing",
     "fi_engine.engine": "fi_engine.runtime.engine",
-    "fi_engine.state": "fi_engine.runtime.state",
-    "fi_engine.storage": "fi_engine.runtime.storage",
+    "fi_engine.state": "fi_engine.runtime.worker.state",
+    "fi_engine.storage": "fi_engine.runtime.worker.step_io",
     "fi_engine.serving": "fi_engine.runtime.serving",
-    "fi_engine.step_graphs": "fi_engine.runtime.step_graphs",
-    "fi_engine.fused_decode": "fi_engine.runtime.fused_decode",
+    "fi_engine.step_graphs": "fi_engine.runtime.worker.step_graphs",
+    "fi_engine.fused_decode": "fi_engine.runtime.worker.fused_decode",
     "fi_engine.sampling": "fi_engine.runtime.sample.sampler",
     "fi_engine.sampling_params": "fi_engine.runtime.sampling_params",
     "fi_engine.paging": "fi_engine.runtime.paging",
@@ -83,6 +83,11 @@ MOVED: dict[str, str] = {
     "fi_engine.runtime.sampling": "fi_engine.runtime.sample.sampler",
     "fi_engine.runtime.logits_processing": "fi_engine.runtime.sample.logits_processing",
     "fi_engine.runtime.speculation": "fi_engine.runtime.sample.speculation",
+    "fi_engine.runtime.model_runner": "fi_engine.runtime.worker.model_runner",
+    "fi_engine.runtime.state": "fi_engine.runtime.worker.state",
+    "fi_engine.runtime.storage": "fi_engine.runtime.worker.step_io",
+    "fi_engine.runtime.step_graphs": "fi_engine.runtime.worker.step_graphs",
+    "fi_engine.runtime.fused_decode": "fi_engine.runtime.worker.fused_decode",
 }
 
 # old module whose name is now a subpackage -> the module its names went to

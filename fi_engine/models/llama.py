@@ -12,9 +12,9 @@ CuPy for device memory and two small kernels.
 The model (``config.json`` + ``*.safetensors``, float16 or bfloat16; also with FP8 projections, served as e4m3, a
 mixture-of-experts model's experts too (read as stored by the FP8 grouped GEMV at decode, a 16-bit copy of one
 layer's experts written for longer steps:
-:attr:`~fi_engine.runtime.model_runner.ModelRunner.fp8_experts_as_stored`); dense models also with
+:attr:`~fi_engine.runtime.worker.model_runner.ModelRunner.fp8_experts_as_stored`); dense models also with
 AWQ / GPTQ int4 projections, served as stored by the engine's int4 GEMV where it takes their shape, else dequantized
-as they are read: :attr:`~fi_engine.runtime.model_runner.ModelRunner.int4_as_stored`): token embedding; per layer
+as they are read: :attr:`~fi_engine.runtime.worker.model_runner.ModelRunner.int4_as_stored`): token embedding; per layer
 RMSNorm, fused QKV projection, (Qwen3: per-head RMSNorm of q and k,) RoPE (plain or Llama 3.1 scaled) on q and k,
 K/V appended to the paged cache, attention (causal batch prefill, or batch decode) with GQA, output projection, fused
 residual-add + RMSNorm, fused gate/up projection, SiLU-and-mul, down projection (Mixtral, Qwen3-MoE: the
@@ -36,7 +36,7 @@ the step's index arrays into the graph's buffers and replays it. A prefill pads 
 (:func:`~fi_engine.runtime.worker.graph_shapes.prefill_buckets`; the padding rows are one more request living on the
 padding page) and its requests up to a few slot counts with empty requests
 (:func:`~fi_engine.runtime.worker.graph_shapes.prefill_slots`), and replays that shape's CUDA graph, captured the first
-time it is met (:mod:`~fi_engine.runtime.step_graphs`).
+time it is met (:mod:`~fi_engine.runtime.worker.step_graphs`).
 
 Every buffer is allocated once, in the engine's constructor; the ops write into them (no allocation
 per step, which is also what makes the capture valid). All GPU work runs on the engine's own stream.
@@ -56,12 +56,12 @@ from ..kernels import flashinfer as kernels
 from ..layers.moe import MoELayer
 from ..runtime.engine import Engine
 from ..runtime.family import ModelFamily
-from ..runtime.model_runner import ModelRunner
 from ..runtime.moe_paths import MoEPaths
 from ..runtime.sampling_params import SamplingParams
 from ..runtime.serving import GenerationResult
 from ..runtime.settings import with_settings
-from ..runtime.storage import step_views
+from ..runtime.worker.model_runner import ModelRunner
+from ..runtime.worker.step_io import step_views
 from .registry import family_config_json
 from .weights import WeightLoader
 

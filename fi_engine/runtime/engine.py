@@ -4,7 +4,7 @@ own module with a narrow interface:
 - the **family definition** (:mod:`~fi_engine.runtime.family`; :class:`~fi_engine.models.llama.Llama`,
   :class:`~fi_engine.models.gemma2.Gemma2`, :class:`~fi_engine.models.gpt_oss.GptOss`,
   :class:`~fi_engine.models.deepseek.DeepSeek`): config checks, weights, layer body, attention plans;
-- the **model runner** (:class:`~fi_engine.runtime.model_runner.ModelRunner`): the model on the GPU (weights,
+- the **model runner** (:class:`~fi_engine.runtime.worker.model_runner.ModelRunner`): the model on the GPU (weights,
   buffers, the KV cache's tensors, CUDA graphs, the fused decode step), staging and running one step at a time;
 - the **scheduler** (:class:`~fi_engine.runtime.sched.scheduler.Scheduler`) with the KV-cache manager
   (:class:`~fi_engine.runtime.sched.kv_cache.KVCacheManager`: the pages, and the prompt prefixes cached in them): the
@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar, overload
 
 from .family import ModelFamily
-from .model_runner import ModelRunner
 from .sample.logits_processing import LogitsProcessor
 from .sched.kv_cache import KVCacheManager
 from .sched.scheduler import Scheduler
 from .serving import ServingLoop
 from .settings import EngineSettings
+from .worker.model_runner import ModelRunner
 
 __all__: list[str] = []
 
@@ -94,7 +94,7 @@ class Engine(ServingLoop):
         family: the family definition to serve with (default: :attr:`definition`'s, made with no options); a family
             engine class passes its own, made with its constructor's family options (``moe_path``, ...).
 
-    Parts: ``runner`` (:class:`~fi_engine.runtime.model_runner.ModelRunner`), ``scheduler``
+    Parts: ``runner`` (:class:`~fi_engine.runtime.worker.model_runner.ModelRunner`), ``scheduler``
     (:class:`~fi_engine.runtime.sched.scheduler.Scheduler`), ``kv_cache`` (its pages:
     :class:`~fi_engine.runtime.sched.kv_cache.KVCacheManager`), ``sampler``
     (:class:`~fi_engine.runtime.sample.sampler.Sampler`), ``family``. The sizes the engine was made with (``config``,
@@ -102,7 +102,7 @@ class Engine(ServingLoop):
     device (``device``, ``stream``, ``comm``, ``rank``, ``dtype``, ``tensor_parallel``, ``cuda_graph``) are the
     runner's, read through the engine; so are the runner's switches ``prefill_graphs``, ``fused_decode``,
     ``packed_attention`` and ``prefill_buckets`` (settable), ``prefill_graph_failures`` and
-    ``decode_graph_batches`` (see :class:`~fi_engine.runtime.model_runner.ModelRunner`). ``model_dir``: the
+    ``decode_graph_batches`` (see :class:`~fi_engine.runtime.worker.model_runner.ModelRunner`). ``model_dir``: the
     checkpoint, whose ``tokenizer.json`` the engine reads at the first request with a ``grammar``
     (``grammar_tokenizer``, which a server in the same process sets with its own).
     """

@@ -1,5 +1,5 @@
 """How a request's tokens are chosen (:class:`SamplingParams`): a value, with no engine state, so that the engine's
-parts (:mod:`fi_engine.runtime.state`, :mod:`fi_engine.runtime.sample.sampler`) and its callers share it without
+parts (:mod:`fi_engine.runtime.worker.state`, :mod:`fi_engine.runtime.sample.sampler`) and its callers share it without
 importing each other."""
 
 from __future__ import annotations

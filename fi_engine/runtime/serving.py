@@ -7,8 +7,8 @@ prompts, or one step at a time by the step API (``add_request`` / ``step`` / ``a
 one scheduler.
 
 Each step goes one way through the parts: the **scheduler** picks the rows (admission, the decode rows, their pages),
-the **model runner** (:class:`~fi_engine.runtime.model_runner.ModelRunner`) stages them and runs the forward pass and
-the LM head, the **sampler** (:class:`~fi_engine.runtime.sample.sampler.Sampler`) picks each row's token, the runner
+the **model runner** (:class:`~fi_engine.runtime.worker.model_runner.ModelRunner`) stages them and runs the forward pass
+and the LM head, the **sampler** (:class:`~fi_engine.runtime.sample.sampler.Sampler`) picks each row's token, the runner
 copies the tokens out, and the scheduler records them. The loop is the same for every model family; what differs is the
 runner's family definition.
 """
@@ -28,7 +28,6 @@ from ..kernels import flashinfer as kernels
 from ..kernels.flashinfer import stream_scope
 from ..text.grammar import GrammarMatcher, GrammarTokenizer
 from ..values import arg_int
-from .model_runner import ModelRunner
 from .sample.logits_processing import LogitsProcessor, PendingLogprobs, PendingPromptLogprobs
 from .sample.sampler import Draws, Sampler
 from .sample.speculation import (
@@ -48,6 +47,7 @@ from .sched.request import Request
 from .sched.scheduler import Scheduler
 from .stepping import FinishReason, NewRequest, StepEngineBase, StepOutput, TokenLogprobs
 from .worker.graph_shapes import prefill_slots
+from .worker.model_runner import ModelRunner
 
 __all__ = ["GenerationResult", "delay_factor_arg", "mixed_prefill_arg", "overlap_steps_arg"]
 

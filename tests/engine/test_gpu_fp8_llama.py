@@ -120,7 +120,7 @@ def test_greedy_decode_eager_and_graph_match_the_reference(fp8_variant, step, w8
         results = {}
         for graph in (False, True):
             with LlamaEngine(path, max_batch=len(ps), page_size=16, cuda_graph=graph) as engine:
-                assert engine.runner._fuses(len(ps)) == fused
+                assert engine.runner.fuses(len(ps)) == fused
                 results[graph] = r = engine.generate(ps, new, eos_token_ids=())
             assert [len(t) for t in r.tokens] == new
             exact = check_greedy(ref, ps, r.tokens, tol)
@@ -139,7 +139,7 @@ def compare_epilogue_step(path, monkeypatch, lens=(11,), **engine_kw) -> None:  
     for epilogues in (True, False):
         monkeypatch.setattr(Dense, "fp8_epilogues", epilogues)
         with LlamaEngine(path, max_batch=len(ps), page_size=16, **engine_kw) as engine:
-            assert engine.runner._fuses(len(ps)) == epilogues
+            assert engine.runner.fuses(len(ps)) == epilogues
             original, logits = engine.sampler.pick, []
 
             def pick(v, rows, sampling, logits=logits, original=original, engine=engine):  # type: ignore[no-untyped-def]

@@ -122,10 +122,13 @@ def test_prefill_graph_replays_match_the_eager_prefill(variant):
     with LlamaEngine(path, max_batch=4, page_size=16) as engine:
         engine.prefill_graphs = False
         eager = engine.prefill_logits(ps)
-        assert not engine.runner._prefill_graph_cache
+        assert not engine.runner.step_graphs.prefill_cache
         engine.prefill_graphs = True
         runs = [engine.prefill_logits(ps) for _ in range(3)]  # captured + replayed, replayed, replayed
-        assert [k[:2] for k in engine.runner._prefill_graph_cache] == [(64, 4), (64, 1)]  # 57 and 50 rows: bucket 64
+        assert [k[:2] for k in engine.runner.step_graphs.prefill_cache] == [
+            (64, 4),
+            (64, 1),
+        ]  # 57 and 50 rows: bucket 64
     for n, got in enumerate(runs):
         for i, (g, e) in enumerate(zip(got, eager, strict=True)):
             err = float(np.abs(g - e).max())

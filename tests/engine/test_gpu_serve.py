@@ -31,8 +31,8 @@ pytest.importorskip("starlette", reason="the server needs the serve extra")
 from helpers.serve import running  # noqa: E402
 
 from fi_engine.models.registry import engine_class  # noqa: E402
-from fi_engine.runtime.model_runner import ModelRunner  # noqa: E402
 from fi_engine.runtime.stepping import StepEngine  # noqa: E402
+from fi_engine.runtime.worker.model_runner import ModelRunner  # noqa: E402
 from fi_engine.serve.openai_server import build_app  # noqa: E402
 from fi_engine.serve.service import GenerationService  # noqa: E402
 from fi_engine.text.codec import TextCodec  # noqa: E402

@@ -233,13 +233,14 @@ def test_the_fused_step_hands_the_packed_attention_runs_the_same_frames(monkeypa
     """``ModelRunner.packed_attention``: the fused step's attention run per layer, packed once per view, hands the
     module the frame ``batch_decode_run`` does (every slot and DLTensor, recorded by a probe bound as the run's entry
     point), step after step with a new plan each, between the same packed launches in the same order. The engine is
-    a bare object with the attributes ``_fused_step`` reads; the other packed launches are recording stand-ins."""
+    a bare object with the attributes the fused step reads; the other packed launches are recording stand-ins."""
     from types import SimpleNamespace
 
     from helpers.frame_probe import FrameProbe
 
     from fi_engine.models.llama import Llama
-    from fi_engine.runtime.model_runner import ModelRunner
+    from fi_engine.runtime.worker.fused_decode import FusedDecode
+    from fi_engine.runtime.worker.model_runner import ModelRunner
     from fi_ffi.abi.call import Function
 
     c = config(head_dim)
@@ -264,7 +265,7 @@ def test_the_fused_step_hands_the_packed_attention_runs_the_same_frames(monkeypa
         eng.v_cache = [kernels.descriptor(FAKE + ((17 + 2 * i) << 30), shape, dtype, 0) for i in range(c.num_layers)]
         eng.buffers = SimpleNamespace(logits=SimpleNamespace(data=SimpleNamespace(ptr=0)))
         order: list[tuple[str, int]] = []
-        eng._finish_logits = lambda *_: order.append(("finish", len(probe.seen)))
+        eng.finish_logits = lambda *_: order.append(("finish", len(probe.seen)))
         v = views(c, dtype, "decode")
 
         def mark(tag: str):
@@ -279,7 +280,7 @@ def test_the_fused_step_hands_the_packed_attention_runs_the_same_frames(monkeypa
             for packed in (False, True):
                 eng.packed_attention = packed
                 order.clear()
-                eng._fused_step(v, BATCH)
+                FusedDecode(eng).step(v, BATCH)
                 seen[packed] = [probe.seen.pop(0) for _ in range(c.num_layers)]
                 assert probe.seen == []
                 # each layer's run between its QKV launch and its o launch; the head after the last
@@ -319,7 +320,8 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
 
     from helpers.frame_probe import FrameProbe
 
-    from fi_engine.runtime.model_runner import ModelRunner
+    from fi_engine.runtime.worker.fused_decode import FusedDecode
+    from fi_engine.runtime.worker.model_runner import ModelRunner
     from fi_ffi.ops import norm, page, rope
 
     fp8 = weights == "fp8"
@@ -370,7 +372,7 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
         each.launcher.forget()
         each.launcher.entry = probe.entry
     try:
-        _, layers, _ = eng._fused_calls(v, BATCH)
+        _, layers, _ = FusedDecode(eng)._fused_calls(v, BATCH)
         for i, (before, after) in enumerate(layers):
             if weights != "16-bit":  # the norm, the QKV GEMV, ...; after: O, the norm, gate/up + SiLU, down
                 assert callable(before[0]) and before[1] == "gemv" and after[::2] == after[2:] == ["gemv"] * 2
@@ -395,7 +397,7 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
             each.launcher.forget()
             each.launcher.entry = entry
     # packed again with the real modules bound: each packed call passes the module's signature check
-    _, layers, _ = eng._fused_calls(v, BATCH)
+    _, layers, _ = FusedDecode(eng)._fused_calls(v, BATCH)
     for call in layers[0][0][1 if weights == "16-bit" else 2 :]:
         reached(call)
 

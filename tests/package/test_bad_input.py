@@ -2232,7 +2232,8 @@ EXEMPT: dict[str, str] = {
     "the "
     "bitmasks its requests' matchers made (GrammarMatcher.bitmask, checked there): "
     "tests/engine/test_logits_processing.py",
-    "runtime.model_runner.ModelRunner": "the engine's own part, made by Engine from its checked settings and family "
+    "runtime.worker.model_runner.ModelRunner": "the engine's own part, made by Engine from its checked settings and "
+    "family "
     "(EngineSettings' generator above; it needs a GPU): tests/engine/test_prefill_buckets.py and the GPU suites",
     "runtime.sample.sampler.Draws": "the engine's own record of a Philox stream (a fi_ffi.Generator of a checked "
     "seed): "
@@ -2293,7 +2294,7 @@ EXEMPT: dict[str, str] = {
     "runtime.sample.sampler.draw_groups": "plans the rows of the engine's own scheduler (its Requests): "
     "tests/engine/test_step_api_host.py",
     "runtime.serving.GenerationResult": _RECORD,
-    "runtime.storage.step_views": "the engine's own views of its step buffers (fi_ffi's values): "
+    "runtime.worker.step_io.step_views": "the engine's own views of its step buffers (fi_ffi's values): "
     "engine/test_serving_host.py",
     **dict.fromkeys(
         ["models.llama.Llama", "models.gemma2.Gemma2", "models.gpt_oss.GptOss", "models.deepseek.DeepSeek"],

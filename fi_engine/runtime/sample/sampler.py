@@ -284,7 +284,7 @@ class Sampler:
         self.dense.gather_rows(n, choice, 2, meta + 4 * o["source"], ids, 2, 2)
 
     def argmax(self, rows: int) -> None:
-        """Greedy tokens into ``ids`` from what the LM head (``Engine._head``) wrote; with a vocabulary shard each
+        """Greedy tokens into ``ids`` from what the LM head (``ModelRunner.head``) wrote; with a vocabulary shard each
         rank's argmax (value, global id) is all-gathered and combined (the same token on every rank)."""
         b, vs = self.buffers, self.vocab_shard
         if vs is None:
