@@ -308,7 +308,7 @@ def engine_rows(folder: Path, profile: int, label: list[str]) -> dict[str, Any]:
             pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(profile)
             out["profile"] = text.getvalue()
             out["profile steps"] = r.decode_steps + 1
-        # prefill of 2048 tokens (timed by engine_share around the engine's _prefill): eagerly, then as the CUDA
+        # prefill of 2048 tokens (timed by engine_share around the loop's Passes.prefill): eagerly, then as the CUDA
         # graph of bucket 2048 (captured at its first sight: dropped before each "capture" run), then lengths met
         # the first time in that bucket (padded), then the same 2048 tokens again
         long_prompt = [[(13 * k) % 40000 + 3 for k in range(2048)]]
@@ -560,36 +560,36 @@ PREFILL_MODES = (
 
 def engine_share(folder: Path, profile: int) -> dict[str, Any]:
     """engine_rows, with the prefill's host share computed from the wall time of generate(prompt, 1)."""
-    import fi_engine.models.llama as llama
+    from fi_engine.runtime.passes import Passes
 
     out: dict[str, Any] = {}
-    original = llama.LlamaEngine._prefill
+    original = Passes.prefill
     spans: list[tuple[str, float, float]] = []
     label = [""]
 
     def timed_prefill(self: Any, sched: Any, reqs: Any, all_logits: bool = False, riders: Any = ()) -> Any:
         begin = time.perf_counter()
-        finish = self._prefill_finish
+        finish = self.prefill_finish
         issued: list[float] = []
 
         def timed_finish(*args: Any, **kwargs: Any) -> Any:
             issued.append(time.perf_counter())  # the pass is issued: the host waits for it from here
             return finish(*args, **kwargs)
 
-        self._prefill_finish = timed_finish
+        self.prefill_finish = timed_finish
         try:
             return original(self, sched, reqs, all_logits, riders)
         finally:
-            del self._prefill_finish
+            del self.prefill_finish
             end = time.perf_counter()
             if issued and label[0]:
                 spans.append((label[0], issued[0] - begin, end - begin))
 
-    llama.LlamaEngine._prefill = timed_prefill  # type: ignore[method-assign]
+    Passes.prefill = timed_prefill  # type: ignore[method-assign]
     try:
         out.update(engine_rows(folder, profile, label))
     finally:
-        llama.LlamaEngine._prefill = original  # type: ignore[method-assign]
+        Passes.prefill = original  # type: ignore[method-assign]
     for mode, suffix in PREFILL_MODES:
         long = [(h, w) for m, h, w in spans if m == mode and w > 0]
         if long:

@@ -96,7 +96,7 @@ def step_host_us(model: Path, batch: int, reps: int) -> tuple[float, str]:
             sched.submit(p, 8, eos_token_ids=())  # none may end at its prefill
         admitted = sched.admit()
         with cp.cuda.Device(engine.device), engine.stream, stream_scope(engine.runner.stream_ptr, engine.device):
-            engine._prefill(sched, admitted)
+            engine.passes.prefill(sched, admitted)
             rows = sched.decode_rows(padded=False)
             if len(rows) != batch:
                 raise RuntimeError(f"{len(rows)} of {batch} requests admitted")

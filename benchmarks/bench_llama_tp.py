@@ -492,7 +492,7 @@ def step_parts(engine: object, reps: int = 20) -> dict[str, float]:
             finally:
                 g.close()
         out["graph replay"] = timed(e.runner.graph.launch)
-        # host time of what _decode_step does outside the graph, per call
+        # host time of what Passes.decode_step does outside the graph, per call
         for name, fn in {
             "host: upload + plan": lambda: e.runner.upload_decode(rows, n_pages, cuda_graph=True),
             "host: graph launch": e.runner.graph.launch,

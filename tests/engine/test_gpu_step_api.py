@@ -375,13 +375,13 @@ def test_a_mixed_prefill_pass_decodes_the_running_requests(engine):
     if not engine.mixed_prefill:
         pytest.skip("mixed_prefill is off in this mode")
     rider_counts: list[int] = []  # per prefill pass: the decoding requests it carried
-    launch = engine._prefill_launch
+    launch = engine.passes.prefill_launch
 
     def counted(sched, reqs, riders=(), all_logits=False, behind=False, graph_slots=None):
         rider_counts.append(len(riders))
         return launch(sched, reqs, riders, all_logits, behind, graph_slots)
 
-    engine._prefill_launch = counted
+    engine.passes.prefill_launch = counted
     try:
         ps = prompts((21, 4, 33, 17, 9), VOCAB, seed=23)
         limits = [28, 26, 14, 19, 11]
@@ -395,7 +395,7 @@ def test_a_mixed_prefill_pass_decodes_the_running_requests(engine):
         for rid, outs in drain(engine).items():
             got.setdefault(rid, []).extend(tokens_of(outs))
     finally:
-        del engine._prefill_launch  # the class's method again
+        del engine.passes.prefill_launch  # the class's method again
     assert rider_counts[0] == 0 and rider_counts[1:] and all(n >= 1 for n in rider_counts[1:]), rider_counts
     assert free_pages(engine) == capacity(engine)
     for rid, p, m in zip(rids, ps, limits, strict=True):
@@ -446,7 +446,7 @@ def test_chunked_prefill_gives_the_same_tokens_as_whole_prompts(engine):
     short = prompts((9, 14), VOCAB, seed=51)
     long = prompts((150, 97), VOCAB, seed=52)
     rows: list[int] = []
-    launch = engine._prefill_launch
+    launch = engine.passes.prefill_launch
 
     def counted(sched, reqs, riders=(), *args, **kwargs):  # the token rows of each pass (fill_prefill's nnz)
         rows.append(sum(len(r.prompt[r.cached : r.chunk_end]) for r in reqs if not r.output) + len(riders))
@@ -467,12 +467,12 @@ def test_chunked_prefill_gives_the_same_tokens_as_whole_prompts(engine):
     engine.max_num_batched_tokens = 40
     try:
         whole = run(False)
-        engine._prefill_launch = counted
+        engine.passes.prefill_launch = counted
         chunked = run(True)
     finally:
         engine.chunked_prefill = False
         engine.max_num_batched_tokens = engine.scheduler.max_prefill_tokens
-        engine.__dict__.pop("_prefill_launch", None)  # the class's method again
+        engine.passes.__dict__.pop("prefill_launch", None)  # the class's method again
     assert max(rows) <= 40 and len(rows) >= (150 + 97) // 40, rows
     assert chunked == whole
     assert free_pages(engine) == capacity(engine)

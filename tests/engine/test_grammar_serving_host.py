@@ -270,8 +270,8 @@ def bare_engine(model_dir: Any, codec: TextCodec, max_batch: int = 4, num_pages:
         sched.record(rows, device_pass(sched, rows))
         return 1.0, list(rows)
 
-    e._prefill = prefill
-    e._decode_step = decode_step
+    e.passes.prefill = prefill
+    e.passes.decode_step = decode_step
     return e
 
 

@@ -2,7 +2,7 @@
 value by value and with fi_ffi's own host validators), the graph keys, eviction, and the fallback to an eager
 pass when a capture fails.
 
-The engine-level tests run ``LlamaEngine._prefill``, the runner's ``StepGraphs`` (``_prefill_graph``,
+The engine-level tests run the loop's ``Passes.prefill``, the runner's ``StepGraphs`` (``_prefill_graph``,
 ``_capture_prefill``) and :class:`fi_engine.kernels.graph.CudaGraph` as they are, on an engine object made without its
 constructor (which needs a GPU): only what touches the device is replaced (the forward pass, the plan, the head, the
 token fetch, CuPy's copy) by recorders. The CUDA runtime is either the real one (cuda.bindings: with no driver every
@@ -22,6 +22,8 @@ import pytest
 import fi_engine.kernels.graph as graph_module
 from fi_engine.models import llama
 from fi_engine.models.llama import Llama, LlamaEngine
+from fi_engine.runtime.passes import Passes
+from fi_engine.runtime.sample.speculator import Speculator
 from fi_engine.runtime.sched.pages import PAD_PAGE, PageAllocator, pages_for
 from fi_engine.runtime.sched.scheduler import Scheduler
 from fi_engine.runtime.sched.step_arrays import fill_prefill, pad_prefill, prefill_layout
@@ -337,8 +339,8 @@ def bare_engine(rt: FakeRuntime | None, max_batch=4, max_tokens=512):
     r.prefill_buckets = prefill_buckets(max_tokens)
     r.step_graphs = StepGraphs(r)
     r.prefill_graph_failures = {}
-    e._next_rows = None
-    e._proposer = None  # (no speculation)
+    e.passes = Passes(e)  # (no decode step staged ahead)
+    e.speculator = Speculator(e)  # (no speculation)
     r.stream_ptr = 1234
     r.config = SimpleNamespace(hidden_size=8, vocab_size=1000)
     io = r.io = StepIO.__new__(StepIO)  # the step arrays' host side, its device buffers stood in for
@@ -387,7 +389,6 @@ def bare_engine(rt: FakeRuntime | None, max_batch=4, max_tokens=512):
     e.sampler = SimpleNamespace(pick=lambda v, rows, sampling: False, share_ids=lambda sampled: None)
     io._ids_host = np.full(max_batch, 7, np.int32)  # the tokens the pass "chose", one per slot
     io._prefill_done = SimpleNamespace(record=lambda stream: None)
-    e._next_rows = None
     e.scheduler = Scheduler(PageAllocator(r.num_pages), PS, max_batch, max_tokens + 2, max_tokens, 1000)
     return e, rec
 
@@ -397,7 +398,7 @@ def prefill(e, lens):
     s = Scheduler(PageAllocator(e.num_pages), PS, e.max_batch, e.max_prefill_tokens + 2, e.max_prefill_tokens, 1000)
     reqs = [s.submit([1 + i] * n, 2) for i, n in enumerate(lens)]
     assert s.admit() == reqs
-    e._prefill(s, reqs)
+    e.passes.prefill(s, reqs)
     assert [r.output for r in reqs] == [[7]] * len(reqs)
 
 
@@ -479,14 +480,14 @@ def test_a_mixed_pass_whose_capture_failed_stays_eager_for_its_bucket_at_max_bat
     assert s.admit(reserve=1) == [b]
     rec.refuse_in_capture = True
     with pytest.warns(RuntimeWarning, match=r"32 token rows and 4 request slots failed \(capture: "):
-        e._prefill(s, [b], riders=[a])
+        e.passes.prefill(s, [b], riders=[a])
     assert set(e.prefill_graph_failures) == {(32, 4)} and a.output == [7, 7] and b.output == [7]
     rec.refuse_in_capture = False
     c = s.submit([3] * 18, 4)
     assert s.admit(reserve=2) == [c]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        e._prefill(s, [c], riders=[a, b])  # 20 rows, 3 requests: the same bucket at max_batch slots
+        e.passes.prefill(s, [c], riders=[a, b])  # 20 rows, 3 requests: the same bucket at max_batch slots
     assert rec.forwards[-1] == (20, False) and not e.runner.step_graphs.prefill_cache
 
 

@@ -22,9 +22,10 @@ A request's life:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol, cast
 
 import numpy as np
@@ -222,6 +223,62 @@ class Scheduler:
         self._next_id += 1
         self.pending.append(r)
         return r
+
+    def submit_all(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int | Sequence[int],
+        sampling: SamplingParams | None,
+        eos_token_ids: Sequence[int] | None,
+        draws: Any,
+        grammar: Callable[[], GrammarMatcher | None] = lambda: None,
+    ) -> list[Request]:
+        """:meth:`submit` every prompt of ``prompts`` (each with its limit of ``max_new_tokens``: one value, or one per
+        prompt), all or none: a prompt refused takes the ones queued before it out again (ValueError naming
+        ``prompts`` or ``max_new_tokens`` for lists that do not match). ``grammar``: makes each request's own grammar
+        matcher (``sampling.grammar``'s, else None)."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+            raise ValueError("prompts: expected a non-empty list of prompts (lists of token ids)")
+        if isinstance(max_new_tokens, Sequence):
+            if len(max_new_tokens) != len(prompts):
+                raise ValueError(
+                    f"max_new_tokens: expected one value per prompt ({len(prompts)}), got {len(max_new_tokens)}"
+                )
+            limits = list(max_new_tokens)
+        else:
+            limits = [max_new_tokens] * len(prompts)
+        reqs: list[Request] = []
+        try:
+            for i, (p, m) in enumerate(zip(prompts, limits, strict=True)):
+                reqs.append(
+                    self.submit(
+                        p,
+                        m,
+                        name=f"prompts[{i}]",
+                        sampling=sampling,
+                        eos_token_ids=eos_token_ids,
+                        draws=draws,
+                        grammar=grammar(),
+                    )
+                )
+        except BaseException:
+            for r in reqs:
+                self.abort(r)
+            raise
+        return reqs
+
+    @contextlib.contextmanager
+    def whole_prompts(self) -> Iterator[None]:
+        """Within: every prompt is prefilled whole, in one pass, without the prefix cache (the engine's
+        ``prefill_logits`` needs every row's logits; a warm-up's dummy prompts must run the shapes they were made
+        for)."""
+        on, self._prefix_caching = self._prefix_caching, False
+        chunk, self._chunk_tokens = self._chunk_tokens, 0
+        try:
+            yield
+        finally:
+            self._prefix_caching = on
+            self._chunk_tokens = chunk
 
     def _eos_ids(self, ids: Iterable[int]) -> frozenset[int]:
         """``ids`` as a set of token ids in the vocabulary; ValueError naming ``eos_token_ids`` otherwise."""
