@@ -61,7 +61,7 @@ MOVED: dict[str, str] = {
     "fi_engine.sampling_params": "fi_engine.runtime.sampling_params",
     "fi_engine.paging": "fi_engine.runtime.paging",
     "fi_engine.stepping": "fi_engine.runtime.stepping",
-    "fi_engine.moe_paths": "fi_engine.runtime.moe_paths",
+    "fi_engine.moe_paths": "fi_engine.models.moe_paths",
     "fi_engine.family": "fi_engine.runtime.family",
     "fi_engine.llama": "fi_engine.models.llama",
     "fi_engine.gemma2": "fi_engine.models.gemma2",
@@ -88,6 +88,7 @@ MOVED: dict[str, str] = {
     "fi_engine.runtime.storage": "fi_engine.runtime.worker.step_io",
     "fi_engine.runtime.step_graphs": "fi_engine.runtime.worker.step_graphs",
     "fi_engine.runtime.fused_decode": "fi_engine.runtime.worker.fused_decode",
+    "fi_engine.runtime.moe_paths": "fi_engine.models.moe_paths",  # a family definition's option, not the runtime's
 }
 
 # old module whose name is now a subpackage -> the module its names went to

@@ -94,9 +94,9 @@ from ..checkpoint.safetensors import Checkpoint
 from ..kernels import flashinfer as kernels
 from ..runtime.engine import Engine
 from ..runtime.family import ModelFamily
-from ..runtime.moe_paths import MoEPaths
 from ..runtime.settings import with_settings
 from ..values import arg_array, arg_int, show
+from .moe_paths import MoEPaths
 from .registry import SettingsFamily
 from .weights import WeightLoader
 from .windows import WindowPlans
@@ -428,7 +428,7 @@ def read_experts(
 class GptOss(MoEPaths, SettingsFamily, ModelFamily):
     """The gpt-oss family's definition (module docstring): its config check, bfloat16 weights (biased attention,
     sinks, the experts in the routed layout with their biases, the YaRN cos/sin table), layer body with its two MoE
-    paths (``moe_path``: :class:`~fi_engine.runtime.moe_paths.MoEPaths`), and an attention-sink plan per distinct
+    paths (``moe_path``: :class:`~fi_engine.models.moe_paths.MoEPaths`), and an attention-sink plan per distinct
     window (decode on the sink prefill modules)."""
 
     fp8_kv_refusal = "gpt-oss's attention sinks"
@@ -630,7 +630,7 @@ class GptOssEngine(Engine):
 
     Args:
         moe_path: how the MoE layers run a step of up to ``max_batch`` token rows (module docstring;
-            :class:`~fi_engine.runtime.moe_paths.MoEPaths`): ``"auto"`` (default) picks per step by
+            :class:`~fi_engine.models.moe_paths.MoEPaths`): ``"auto"`` (default) picks per step by
             :func:`~fi_engine.layers.moe.choose_path` (dense over the experts from ``num_experts / top_k`` rows, routed
             below; each decode CUDA graph picks once, at its capture); ``"routed"`` or ``"dense"`` force one path.
             Steps of more rows (long prefills) are always routed.

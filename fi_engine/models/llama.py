@@ -22,7 +22,7 @@ mixture-of-experts layer of :mod:`fi_engine.layers.moe` instead); final RMSNorm;
 not) with float32 logits; greedy argmax or top-k/top-p sampling. Model types: ``llama``, ``qwen3``, ``mixtral``,
 ``qwen3_moe`` (:mod:`fi_engine.checkpoint.config`). MoE layers take a device path (no host step) for every step of at
 most ``max_batch`` rows, eager or in a decode graph: the fixed-capacity routed path (the grouped GEMV, or the grouped
-GEMM) or dense over the experts, as ``moe_path`` picks (:mod:`fi_engine.runtime.moe_paths`); longer prefills route on
+GEMM) or dense over the experts, as ``moe_path`` picks (:mod:`fi_engine.models.moe_paths`); longer prefills route on
 the host.
 
 Serving (:class:`~fi_engine.runtime.engine.Engine`, of which :class:`LlamaEngine` is the Llama family's): the prompts
@@ -56,12 +56,12 @@ from ..kernels import flashinfer as kernels
 from ..layers.moe import MoELayer
 from ..runtime.engine import Engine
 from ..runtime.family import ModelFamily
-from ..runtime.moe_paths import MoEPaths
 from ..runtime.sampling_params import SamplingParams
 from ..runtime.serving import GenerationResult
 from ..runtime.settings import with_settings
 from ..runtime.worker.model_runner import ModelRunner
 from ..runtime.worker.step_io import step_views
+from .moe_paths import MoEPaths
 from .registry import family_config_json
 from .weights import WeightLoader
 
@@ -73,7 +73,7 @@ class Llama(MoEPaths, ModelFamily):
     (fused QKV and gate/up, Qwen3's per-head norms, Mixtral's and Qwen3-MoE's experts), the Llama pass (the module
     docstring) and FlashInfer's paged prefill and decode plans. The fused decode step and the padded prefill graphs
     serve it (:attr:`~fi_engine.runtime.family.ModelFamily.llama_pass`). ``moe_path``: the MoE layers' path for MoE
-    models (:class:`~fi_engine.runtime.moe_paths.MoEPaths`; :class:`LlamaEngine` passes its argument on)."""
+    models (:class:`~fi_engine.models.moe_paths.MoEPaths`; :class:`LlamaEngine` passes its argument on)."""
 
     llama_pass = True
     fp8_kv_refusal = ""  # bf16 queries over an e4m3 cache: FA2 decode and paged prefill (head_dim 128, kv_fp8)
@@ -291,7 +291,7 @@ class LlamaEngine(Engine):
 
     Args:
         moe_path: how the MoE layers run a step of up to ``max_batch`` token rows
-            (:class:`~fi_engine.runtime.moe_paths.MoEPaths`): ``"auto"`` (default): the grouped GEMV (routed on the
+            (:class:`~fi_engine.models.moe_paths.MoEPaths`): ``"auto"`` (default): the grouped GEMV (routed on the
             device, each chosen expert's weights read once) for steps of at most
             :attr:`~fi_engine.layers.moe.MoELayer.gemv_tokens` rows whose assignments number at most twice the experts,
             then dense over the experts where :func:`~fi_engine.layers.moe.choose_path` says so (Mixtral's 8 experts,

@@ -399,7 +399,7 @@ class Engine(ServingLoop):
 
     def moe_path_for(self, rows: int) -> str:
         """``"routed"`` or ``"dense"``: the path the MoE layers take for a step of ``rows`` token rows (the family's
-        ``moe_path``: :class:`~fi_engine.runtime.moe_paths.MoEPaths`; ``"routed"`` for a family without it)."""
+        ``moe_path``: :class:`~fi_engine.models.moe_paths.MoEPaths`; ``"routed"`` for a family without it)."""
         return self.family.moe_path_for(self.runner, rows)
 
     @property

@@ -116,7 +116,7 @@ class ModelFamily:
 
     def moe_path_for(self, eng: Any, rows: int) -> str:
         """``"routed"`` or ``"dense"``: the path the MoE layers of runner ``eng`` take for a step of ``rows`` token
-        rows; ``"routed"`` for a family without that choice (:class:`~fi_engine.runtime.moe_paths.MoEPaths` gives
+        rows; ``"routed"`` for a family without that choice (:class:`~fi_engine.models.moe_paths.MoEPaths` gives
         the Llama family and gpt-oss theirs)."""
         return "routed"
 

@@ -788,9 +788,9 @@ from fi_engine.checkpoint import config as model_config  # noqa: E402
 from fi_engine.checkpoint import deepseek_config, family_configs, mxfp4_weights  # noqa: E402
 from fi_engine.kernels import cuda_sources  # noqa: E402
 from fi_engine.layers import deepseek_routing, moe, moe_routing, tensor_parallel  # noqa: E402
-from fi_engine.models import deepseek, gemma2, gpt_oss, llama, mla_weights  # noqa: E402
+from fi_engine.models import deepseek, gemma2, gpt_oss, llama, mla_weights, moe_paths  # noqa: E402
 from fi_engine.models import registry as engines  # noqa: E402
-from fi_engine.runtime import moe_paths, serving  # noqa: E402
+from fi_engine.runtime import serving  # noqa: E402
 from fi_engine.runtime import settings as engine_settings  # noqa: E402
 from fi_engine.runtime.sample import speculation  # noqa: E402
 from fi_engine.runtime.sched import kv_cache, pages, step_arrays  # noqa: E402
@@ -1678,7 +1678,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     "runtime.serving.mixed_prefill_arg": lambda: [
         ("mixed_prefill_arg", Entry(serving.mixed_prefill_arg, lambda: dict(mixed_prefill=True)))
     ],
-    "runtime.moe_paths.MoEPaths": lambda: [("MoEPaths", Entry(moe_paths.MoEPaths, lambda: dict(moe_path="dense")))],
+    "models.moe_paths.MoEPaths": lambda: [("MoEPaths", Entry(moe_paths.MoEPaths, lambda: dict(moe_path="dense")))],
     "layers.tensor_parallel.rows": lambda: [
         ("rows", Entry(tensor_parallel.rows, lambda: dict(weight=np.zeros((8, 4), np.float32), rank=1, parts=2)))
     ],

@@ -608,14 +608,23 @@ def test_the_engine_import_check_finds_one() -> None:  # the check above could f
 # ---- the engine's floors: subpackages by concern, every import one way -------------------------------------------
 
 # fi_engine from the ground up (docs/engine.md draws it): the host-only readers of a checkpoint and of text, the
-# launch layer over the GPU (the one importer of fi_ffi), the model's building blocks, the runtime (the engine and
-# the interface a family implements), then the families and the servers side by side, neither importing the other.
+# launch layer over the GPU (the one importer of fi_ffi), the model's building blocks, the runtime room by room (the
+# values and the interface at its ground, then the requests and the scheduler, the logits' way to tokens, the model on
+# the GPU, a step's passes, the loop, the engine assembled), then the families and the servers side by side, neither
+# importing the other.
 ENGINE_FLOORS: tuple[tuple[str, ...], ...] = (
     ("fi_engine.values", "fi_engine.moved"),  # argument checks; the old module paths
     ("fi_engine.checkpoint", "fi_engine.text"),  # config.json, safetensors; tokenizer, chat template
     ("fi_engine.kernels",),  # fi_ffi's ops, cuBLAS, the engine's CUDA kernels, graphs
     ("fi_engine.layers",),  # MoE and routing, tensor parallelism, the FP8 KV cache
-    ("fi_engine.runtime",),  # the engine: scheduler and pages, buffers, graphs, sampling, the step API
+    # a request's sampling settings (a value); the interface a model family implements
+    ("fi_engine.runtime.sampling_params", "fi_engine.runtime.family"),
+    ("fi_engine.runtime.stepping", "fi_engine.runtime.sched"),  # the step protocol; requests, pages, the scheduler
+    ("fi_engine.runtime.settings", "fi_engine.runtime.sample"),  # the engine's settings; sampler, logits, speculation
+    ("fi_engine.runtime.worker",),  # the model runner and its parts (it holds the sampler)
+    ("fi_engine.runtime.passes",),  # a prefill pass or a decode step through the runner, processor and sampler
+    ("fi_engine.runtime.serving",),  # the serving loop
+    ("fi_engine.runtime.engine", "fi_engine.runtime"),  # the engine assembled; the runtime's face
     ("fi_engine.models", "fi_engine.serve"),  # the families and their registry; the servers
     ("fi_engine.cli",),
     ("fi_engine", "fi_engine.__main__"),
@@ -638,7 +647,7 @@ def test_the_engine_units_form_no_cycle() -> None:
         here = unit_of(module, ENGINE_FLOORS)
         graph[here] |= {unit_of(t, ENGINE_FLOORS) for t in targets} - {here}
     assert cycle(graph) == [], graph
-    assert graph["fi_engine.models"] >= {"fi_engine.runtime", "fi_engine.layers"}  # the graph is read at all
+    assert graph["fi_engine.models"] >= {"fi_engine.runtime.engine", "fi_engine.layers"}  # the graph is read at all
 
 
 def test_no_engine_module_imports_itself_back() -> None:
