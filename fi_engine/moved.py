@@ -8,7 +8,9 @@ subpackage (``fi_engine.checkpoint``, ``fi_engine.kernels``, ``fi_engine.text``)
 old module's names on instead (:func:`old_name`), with the same warning. A module whose names went to several
 modules (:data:`SPLIT`: ``fi_engine.runtime.paging``, whose scheduler, requests, pages and step arrays are rooms of
 their own now) imports as a module of its own at the old path that hands each name on from its new module
-(:class:`SplitModuleFinder`), warning once, at the import. ``import fi_engine`` installs both finders.
+(:class:`SplitModuleFinder`), warning once, at the import. A name that left a module that stayed (:data:`NAMES`: a
+family's quantization scheme, now beside the family's config reader) is handed on by that module's ``__getattr__``
+(:func:`old_name`), warning. ``import fi_engine`` installs both finders.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ MOVED: dict[str, str] = {
     "fi_engine.quantization": "fi_engine.checkpoint.quantization",
     "fi_engine.fp8_weights": "fi_engine.checkpoint.fp8_weights",
     "fi_engine.family_configs": "fi_engine.checkpoint.family_configs",
-    "fi_engine.deepseek_config": "fi_engine.checkpoint.deepseek_config",
+    "fi_engine.deepseek_config": "fi_engine.models.deepseek_config",
     "fi_engine.tokenizer": "fi_engine.text.tokenizer",
     "fi_engine.chat": "fi_engine.text.chat",
     "fi_engine.detokenize": "fi_engine.text.detokenize",
@@ -89,6 +91,8 @@ MOVED: dict[str, str] = {
     "fi_engine.runtime.step_graphs": "fi_engine.runtime.worker.step_graphs",
     "fi_engine.runtime.fused_decode": "fi_engine.runtime.worker.fused_decode",
     "fi_engine.runtime.moe_paths": "fi_engine.models.moe_paths",  # a family definition's option, not the runtime's
+    # a family's config reader lives with the family
+    "fi_engine.checkpoint.deepseek_config": "fi_engine.models.deepseek_config",
 }
 
 # old module whose name is now a subpackage -> the module its names went to
@@ -158,6 +162,12 @@ class SplitModuleFinder(importlib.abc.MetaPathFinder):
         return None if homes is None else importlib.machinery.ModuleSpec(fullname, _SplitLoader(homes))
 
 
+# (module that stayed, a name that left it) -> the module the name went to (the module's __getattr__ hands it on)
+NAMES: dict[tuple[str, str], str] = {
+    ("fi_engine.checkpoint.quantization", "deepseek_fp8_scheme"): "fi_engine.models.deepseek_config",
+}
+
+
 def install() -> None:
     """Put the finders of :data:`MOVED` and :data:`SPLIT` first on :data:`sys.meta_path`, once (``import fi_engine``
     calls it)."""
@@ -167,13 +177,15 @@ def install() -> None:
 
 
 def old_name(package: str, name: str) -> Any:
-    """Name ``name`` of the old module ``package`` (a package of :data:`FACES` now), with a DeprecationWarning;
-    AttributeError where the old module had no such name (the package's ``__getattr__`` calls this)."""
-    module = importlib.import_module(FACES[package])
-    if name.startswith("_") or not hasattr(module, name):
+    """Name ``name`` of the old module ``package`` (a package of :data:`FACES` now, or a module one of whose names
+    left for another: :data:`NAMES`), with a DeprecationWarning; AttributeError where the old module had no such
+    name (the module's ``__getattr__`` calls this)."""
+    target = NAMES.get((package, name)) or FACES.get(package)
+    module = None if target is None else importlib.import_module(target)
+    if module is None or name.startswith("_") or not hasattr(module, name):
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
     warnings.warn(
-        f"{package}.{name} moved to {FACES[package]}.{name}: import it from there (the old path goes in 0.2)",
+        f"{package}.{name} moved to {target}.{name}: import it from there (the old path goes in 0.2)",
         DeprecationWarning,
         stacklevel=3,
     )

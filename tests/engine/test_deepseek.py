@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from helpers.checkpoints import without_weights
 
-from fi_engine.checkpoint.deepseek_config import DeepSeekConfig, DeepSeekRouting, is_deepseek
 from fi_engine.checkpoint.quantization import Fp8Scheme
 from fi_engine.layers.deepseek_routing import grouped_topk
+from fi_engine.models.deepseek_config import DeepSeekConfig, DeepSeekRouting, is_deepseek
 from fi_engine.models.mla_weights import split_kv_b
 
 V3 = {

@@ -785,10 +785,10 @@ from helpers.comm_args import (  # noqa: E402 - the comm builders (the fixture p
 )
 
 from fi_engine.checkpoint import config as model_config  # noqa: E402
-from fi_engine.checkpoint import deepseek_config, family_configs, mxfp4_weights  # noqa: E402
+from fi_engine.checkpoint import family_configs, mxfp4_weights  # noqa: E402
 from fi_engine.kernels import cuda_sources  # noqa: E402
 from fi_engine.layers import deepseek_routing, moe, moe_routing, tensor_parallel  # noqa: E402
-from fi_engine.models import deepseek, gemma2, gpt_oss, llama, mla_weights, moe_paths  # noqa: E402
+from fi_engine.models import deepseek, deepseek_config, gemma2, gpt_oss, llama, mla_weights, moe_paths  # noqa: E402
 from fi_engine.models import registry as engines  # noqa: E402
 from fi_engine.runtime import serving  # noqa: E402
 from fi_engine.runtime import settings as engine_settings  # noqa: E402
@@ -1697,7 +1697,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
-    "checkpoint.deepseek_config.DeepSeekConfig": lambda: [
+    "models.deepseek_config.DeepSeekConfig": lambda: [
         (
             "DeepSeekConfig.from_dict",
             Entry(
@@ -1720,7 +1720,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         ),
     ],
-    "checkpoint.deepseek_config.is_deepseek": lambda: [
+    "models.deepseek_config.is_deepseek": lambda: [
         (
             "is_deepseek",
             Entry(
@@ -2247,7 +2247,7 @@ EXEMPT: dict[str, str] = {
     "tests/engine/test_quantization_config.py",
     "checkpoint.quantization.llama_fp8_scheme": "reads a config dict: FP8 layouts served or refused by name in "
     "tests/engine/test_quantization_config.py",
-    "checkpoint.quantization.deepseek_fp8_scheme": "reads a config dict: FP8 layouts served or refused by name in "
+    "models.deepseek_config.deepseek_fp8_scheme": "reads a config dict: FP8 layouts served or refused by name in "
     "tests/engine/test_deepseek.py (test_other_quantizations_are_refused_naming_the_key_and_the_way_out)",
     "checkpoint.quantization.grouped_gemv_block": "a predicate of any value (True or False, never an error); odd "
     "values (floats, bools, lists, negatives, one-element tuples) answered False in "
@@ -2317,8 +2317,9 @@ EXEMPT: dict[str, str] = {
     "engine/test_serving_host.py",
     **dict.fromkeys(
         [
-            "checkpoint.deepseek_config.DeepSeekRouting",
-            "checkpoint.deepseek_config.YarnConfig",
+            "layers.deepseek_routing.DeepSeekRouting",
+            "models.deepseek_config.DeepSeekRouting",  # (re-exported from layers.deepseek_routing)
+            "models.deepseek_config.YarnConfig",
             "models.gemma2.Gemma2Settings",
             "models.gpt_oss.GptOssSettings",
             "models.gpt_oss.YarnRope",

@@ -139,3 +139,30 @@ def test_a_split_module_hands_each_name_on_from_its_new_module() -> None:
     assert "warned: fi_engine.runtime.paging was split into fi_engine.runtime.sched.scheduler, " in out
     assert "True True True True True" in out
     assert "missing: module 'fi_engine.runtime.paging' has no attribute 'no_such_name'" in out
+
+
+def test_a_name_that_left_a_module_is_handed_on_with_a_warning() -> None:
+    # fi_engine.moved.NAMES: DeepSeek's FP8 scheme left checkpoint.quantization for the family's config reader
+    done = run(
+        "import fi_engine.checkpoint.quantization as q\n"
+        "try:\n"
+        "    q.deepseek_fp8_scheme\n"
+        "except DeprecationWarning as w:\n"
+        "    print('warned:', w)\n"
+        "import warnings\n"
+        "warnings.simplefilter('ignore')\n"
+        "from fi_engine.checkpoint.quantization import deepseek_fp8_scheme\n"
+        "from fi_engine.models.deepseek_config import deepseek_fp8_scheme as new\n"
+        "print(deepseek_fp8_scheme is new)\n"
+        "try:\n"
+        "    q.no_such_name\n"
+        "except AttributeError as e:\n"
+        "    print('missing:', e)\n"
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert (
+        "warned: fi_engine.checkpoint.quantization.deepseek_fp8_scheme moved to "
+        "fi_engine.models.deepseek_config.deepseek_fp8_scheme" in out
+    )
+    assert "True" in out and "missing: module 'fi_engine.checkpoint.quantization' has no attribute 'no_such_name'" in out

@@ -678,6 +678,31 @@ def test_the_engine_root_keeps_only_its_command_face_and_ground() -> None:
     assert folders == ["checkpoint", "kernels", "layers", "models", "runtime", "serve", "text"]
 
 
+def family_named(folder: Path, families: list[tuple[str, tuple[str, ...]]]) -> list[str]:
+    """The modules under ``folder`` whose name holds a family's name or one of its model types (``families``: each
+    family's label and model types), as ``path: family``."""
+    found = []
+    for path in sorted(folder.rglob("*.py")):
+        stem = path.stem.lower()
+        for label, types in families:
+            words = {label.lower().replace(" ", "").replace("-", "_"), *types}
+            if any(word in stem for word in words):
+                found.append(f"{path.relative_to(folder.parent).as_posix()}: {label}")
+    return found
+
+
+def test_no_module_of_the_checkpoint_or_the_runtime_is_a_familys() -> None:
+    # a family's config reader, quantization scheme and options live with the family (fi_engine.models); checkpoint
+    # and the runtime serve every family (docs/ADDING_A_MODEL.md)
+    from fi_engine.models.registry import FAMILIES
+
+    families = [(f.label, f.model_types) for f in FAMILIES]
+    assert len(families) >= 4
+    assert family_named(ENGINE_ROOT / "models", families)  # the check reads names at all
+    assert family_named(ENGINE_ROOT / "checkpoint", families) == []
+    assert family_named(ENGINE_ROOT / "runtime", families) == []
+
+
 def fi_ffi_importers(trees: dict[str, ast.Module], allowed: tuple[str, ...] = FI_FFI_IMPORTERS) -> list[str]:
     """``module:line`` for every import of fi_ffi (function-local too) by a module outside the units ``allowed``."""
     return imports_of("fi_ffi", trees, allowed)
