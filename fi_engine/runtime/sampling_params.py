@@ -53,7 +53,7 @@ class SamplingParams:
     (:class:`fi_engine.text.grammar.GrammarTokenizer`).
 
     ``speculative_decoding`` (default True): False keeps the request out of speculative decoding where the engine
-    speculates (``ServingLoop.speculative_tokens``): it is never drafted for, and decodes one token a step.
+    speculates (``Engine.speculative_tokens``): it is never drafted for, and decodes one token a step.
     """
 
     temperature: float = 0.0

@@ -407,7 +407,7 @@ def test_a_mixed_prefill_pass_decodes_the_running_requests(engine):
 
 
 def test_prefix_caching_serves_a_shared_system_prompt_with_the_same_tokens(engine):
-    """Automatic prefix caching (ServingLoop.prefix_caching) in every mode: a conversation's first turn fills the
+    """Automatic prefix caching (Engine.prefix_caching) in every mode: a conversation's first turn fills the
     cache, then three turns that begin with the same 40-token system prompt, added together, each take its two full
     pages and are prefilled past them. Their tokens equal those of the same run with the cache off (the cached K/V
     are what their own prefill would have computed, from another pass shape), and each is the engine's own greedy
@@ -438,7 +438,7 @@ def test_prefix_caching_serves_a_shared_system_prompt_with_the_same_tokens(engin
 
 
 def test_chunked_prefill_gives_the_same_tokens_as_whole_prompts(engine):
-    """Chunked prefill (ServingLoop.chunked_prefill) in every mode, passes of 40 token rows: two requests decode, then
+    """Chunked prefill (Engine.chunked_prefill) in every mode, passes of 40 token rows: two requests decode, then
     prompts of 150 and 97 tokens arrive and are prefilled in chunks (beside the decoding ones where the mode mixes),
     each chunk continuing from the K/V the last one wrote. Every request's tokens equal those of the same run with
     whole prompts (the chunks' K/V are what one pass computes, from other pass shapes), and each is the engine's own
@@ -481,7 +481,7 @@ def test_chunked_prefill_gives_the_same_tokens_as_whole_prompts(engine):
 
 
 def test_speculative_decoding_gives_the_same_tokens(engine):
-    """Speculative decoding by prompt lookup (ServingLoop.speculative_tokens = 4) in every mode: prompts that repeat a
+    """Speculative decoding by prompt lookup (Engine.speculative_tokens = 4) in every mode: prompts that repeat a
     block (their drafts: the block's continuation) and one that does not, with generate and the step API. Every
     request's tokens equal those of the same run without speculation (the verifying pass's greedy choices, from the
     prefill's kernels) and are the engine's own greedy choice by teacher forcing; passes ran and drafts were fed."""
@@ -553,7 +553,7 @@ def other_checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("draft_of", ["same", "other"])
 def test_a_draft_model_gives_the_same_tokens(engine, checkpoint, other_checkpoint, draft_of):
-    """Speculative decoding by a draft model (``ServingLoop.draft_model``, 4 tokens a pass) in every mode, the draft
+    """Speculative decoding by a draft model (``Engine.draft_model``, 4 tokens a pass) in every mode, the draft
     engine made as vLLM's option makes it (eager or CUDA graph as the target): ``same``, the target's own checkpoint
     (its greedy drafts are the target's choices up to the prefill and decode kernels' rounding: at least 90 % of the
     draft tokens accepted), and ``other``, another random model. Prompts that

@@ -1166,7 +1166,7 @@ def test_chunked_prefill_gives_the_running_streams_a_token_every_chunk_pass(over
     assert max(rows_off) == 121 and tokens_off == tokens  # the prompt whole beside the rider: the same tokens
 
 
-# speculative decoding (ServingLoop.speculative_tokens; the drafts themselves: tests/engine/test_speculation.py)
+# speculative decoding (Engine.speculative_tokens; the drafts themselves: tests/engine/test_speculation.py)
 
 
 def repeating(history) -> int:
@@ -1451,7 +1451,7 @@ def test_the_speculative_config_is_vllms_ngram_one_checked_by_key() -> None:
         e.speculation_policy = {}
 
 
-# speculative decoding by a draft model (ServingLoop.draft_model): the draft engine is a second stand-in engine whose
+# speculative decoding by a draft model (Engine.draft_model): the draft engine is a second stand-in engine whose
 # generate runs the real step loop and scheduler (its prefix cache included)
 
 

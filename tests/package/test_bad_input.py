@@ -2124,7 +2124,7 @@ EXEMPT: dict[str, str] = {
     "runtime.sample.speculation.SpeculationStats": "the counters the serving loop keeps and counts up; no argument to "
     "check",
     "runtime.sample.speculation.SpeculativeConfig": "the checked values speculative_config_arg (above) returns",
-    "runtime.sample.speculation.DraftModelProposer": "wraps an engine that ServingLoop.draft_model checks",
+    "runtime.sample.speculation.DraftModelProposer": "wraps an engine that Engine.draft_model checks",
     "runtime.sample.speculation.same_directory": "compares the engines' model_dir paths: "
     "tests/engine/test_speculation.py",
     "runtime.sample.speculation.tokenizer_difference": "reads two engines' tokenizer.json: "

@@ -165,4 +165,5 @@ def test_a_name_that_left_a_module_is_handed_on_with_a_warning() -> None:
         "warned: fi_engine.checkpoint.quantization.deepseek_fp8_scheme moved to "
         "fi_engine.models.deepseek_config.deepseek_fp8_scheme" in out
     )
-    assert "True" in out and "missing: module 'fi_engine.checkpoint.quantization' has no attribute 'no_such_name'" in out
+    assert "True" in out
+    assert "missing: module 'fi_engine.checkpoint.quantization' has no attribute 'no_such_name'" in out
