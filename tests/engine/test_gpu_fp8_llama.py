@@ -25,18 +25,11 @@ weights (rounded to bfloat16) gives the yardstick of bfloat16 arithmetic's own e
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
-from helpers.gpu import require_torch
+from helpers.gpu import engine_against_transformers
 
-if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
-    pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
-
-cp = pytest.importorskip("cupy", reason="the engine needs CuPy (python -m pip install '.[engine]')")
-torch = require_torch()
-transformers = pytest.importorskip("transformers", reason="the reference needs transformers")
+cp, torch, transformers = engine_against_transformers()
 
 from helpers.checkpoints import float32_reference, rope_kwargs, save_random  # noqa: E402
 from helpers.fp8_checkpoints import write_fp8_copy  # noqa: E402

@@ -19,18 +19,12 @@ standard deviation of ~0.6, so the top two of 32000 are often closer than the FP
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
-from helpers.gpu import require_torch
+from helpers.gpu import engine_against_transformers
 
-if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
-    pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
-
-cp = pytest.importorskip("cupy", reason="the engine needs CuPy (python -m pip install '.[engine]')")
-torch = require_torch()
-transformers = pytest.importorskip("transformers", reason="the reference needs transformers (fi-ffi[gpu-tests])")
+cp, torch, transformers = engine_against_transformers()
 
 from helpers.attention_reference import reference  # noqa: E402
 from helpers.checkpoints import float32_reference, rope_kwargs, save_random  # noqa: E402

@@ -16,14 +16,9 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers.gpu import require_torch
+from helpers.gpu import engine_against_transformers
 
-if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
-    pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
-
-cp = pytest.importorskip("cupy", reason="the engine needs CuPy (pip install 'fi-ffi[engine]')")
-torch = require_torch()
-transformers = pytest.importorskip("transformers", reason="the reference needs transformers (fi-ffi[gpu-tests])")
+cp, torch, transformers = engine_against_transformers()
 openai = pytest.importorskip("openai", reason="the client is the dev extra's openai package")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette", reason="the server needs the serve extra")
