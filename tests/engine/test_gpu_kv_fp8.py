@@ -27,7 +27,7 @@ from helpers.gpu import engine_against_transformers
 cp, torch, transformers = engine_against_transformers()
 
 from helpers.attention_reference import reference  # noqa: E402
-from helpers.checkpoints import float32_reference, rope_kwargs, save_random  # noqa: E402
+from helpers.checkpoints import TOKENS, float32_reference, rope_kwargs, save_random  # noqa: E402
 from helpers.paged_kv import PagedKV, indptr  # noqa: E402
 from helpers.yardstick import LOGIT_TOL, check_eager_matches_graph, check_greedy, prompts  # noqa: E402
 
@@ -169,11 +169,8 @@ def checkpoint(tmp_path_factory):
         num_attention_heads=8,
         num_key_value_heads=2,
         head_dim=128,
-        max_position_embeddings=4096,
         rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
+        **TOKENS,
     )
     kw.update(rope_kwargs(transformers.LlamaConfig, 500000.0, None))
     model = save_random(path, "LlamaConfig", "LlamaForCausalLM", "bfloat16", kw)

@@ -31,7 +31,7 @@ from helpers.gpu import engine_against_transformers
 
 cp, torch, transformers = engine_against_transformers()
 
-from helpers.checkpoints import float32_reference, rope_kwargs, save_random  # noqa: E402
+from helpers.checkpoints import TOKENS, float32_reference, rope_kwargs, save_random  # noqa: E402
 from helpers.no_torch import TORCH_SPY  # noqa: E402
 from helpers.yardstick import LOGIT_TOL, check_eager_matches_graph, check_greedy, prompts, reference_logits  # noqa: E402
 
@@ -70,11 +70,8 @@ def build(tmp_path, dtype: str, head_dim: int, llama31: bool, tied: bool):
         num_attention_heads=16,
         num_key_value_heads=4,
         head_dim=head_dim,
-        max_position_embeddings=4096,
         rms_norm_eps=1e-5,
-        tie_word_embeddings=tied,
-        bos_token_id=1,
-        eos_token_id=2,
+        **{**TOKENS, "tie_word_embeddings": tied},
     )
     kw.update(rope_kwargs(transformers.LlamaConfig, theta, dict(LLAMA3) if llama31 else None))
     model = save_random(tmp_path, "LlamaConfig", "LlamaForCausalLM", dtype, kw)  # random norm weights, seed 0
