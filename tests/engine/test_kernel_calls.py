@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers.hf_configs import LLAMA_SHAPE
 
 import fi_ffi
 from fi_engine.checkpoint.config import LlamaConfig, RopeConfig
@@ -31,18 +32,7 @@ PAGES, PS, ROWS, BATCH = 9, 16, 5, 3
 
 
 def config(head_dim: int) -> LlamaConfig:
-    return LlamaConfig.from_dict(
-        {
-            "vocab_size": 32000,
-            "hidden_size": 1024,
-            "intermediate_size": 2816,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 16,
-            "num_key_value_heads": 4,
-            "head_dim": head_dim,
-            "max_position_embeddings": 4096,
-        }
-    )
+    return LlamaConfig.from_dict({**LLAMA_SHAPE, "head_dim": head_dim})
 
 
 def views(c: LlamaConfig, dtype: str, kind: str):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.hf_configs import LLAMA_SHAPE
 from helpers.no_torch import TORCH_SPY
 
 from fi_engine.checkpoint.config import LlamaConfig, RopeConfig
@@ -512,17 +513,7 @@ def test_max_new_tokens_one_finishes_at_prefill():
 # ---------------------------------------------------------------------------------------------- config
 
 
-BASE = {
-    "model_type": "llama",
-    "vocab_size": 32000,
-    "hidden_size": 1024,
-    "intermediate_size": 2816,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 4,
-    "rms_norm_eps": 1e-5,
-    "max_position_embeddings": 4096,
-}
+BASE = LLAMA_SHAPE
 LLAMA3 = {
     "rope_type": "llama3",
     "factor": 8.0,

@@ -62,6 +62,20 @@ SMALL_LLAMA: dict[str, Any] = {
 }
 
 
+# a Llama of the 1B class's shape, 2 layers (32k vocabulary, hidden 1024, 16 query / 4 KV heads, head_dim 64)
+LLAMA_SHAPE: dict[str, Any] = {
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 4096,
+}
+
+
 # DeepSeek-V3's config.json (the keys of the published checkpoint)
 DEEPSEEK_V3: dict[str, Any] = {
     "architectures": ["DeepseekV3ForCausalLM"],
