@@ -32,6 +32,7 @@ from helpers.gpu import engine_against_transformers
 cp, torch, transformers = engine_against_transformers()
 
 from helpers.checkpoints import TOKENS, float32_reference, rope_kwargs, save_random  # noqa: E402
+from helpers.hf_configs import LLAMA31_ROPE  # noqa: E402
 from helpers.no_torch import TORCH_SPY  # noqa: E402
 from helpers.yardstick import LOGIT_TOL, check_eager_matches_graph, check_greedy, prompts, reference_logits  # noqa: E402
 
@@ -451,18 +452,7 @@ def rope_reference(x: np.ndarray, pos: np.ndarray, inv: np.ndarray) -> np.ndarra
 def test_rope_settings_match_transformers_formula(llama3, d):
     """The engine's mapping of config.json's rotary settings onto FlashInfer's RoPE ops, on the fused-QKV views
     the engine uses, at positions up to 20000 where Llama 3.1 scaling matters."""
-    rope = (
-        RopeConfig(
-            theta=500000.0,
-            llama3=True,
-            factor=8.0,
-            low_freq_factor=1.0,
-            high_freq_factor=4.0,
-            original_max_position_embeddings=8192.0,
-        )
-        if llama3
-        else RopeConfig(theta=10000.0)
-    )
+    rope = LLAMA31_ROPE if llama3 else RopeConfig(theta=10000.0)
     rng = np.random.default_rng(d)
     n, hq, hk = 40, 4, 2
     pos = np.sort(rng.integers(0, 20000, size=n)).astype(np.int32)

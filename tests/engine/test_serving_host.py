@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.hf_configs import LLAMA_SHAPE
+from helpers.hf_configs import LLAMA31_ROPE, LLAMA_SHAPE
 from helpers.no_torch import TORCH_SPY
 
 from fi_engine.checkpoint.config import LlamaConfig, RopeConfig
@@ -525,14 +525,7 @@ LLAMA3 = {
 
 def test_config_llama31_rope_scaling_transformers4_style():
     c = LlamaConfig.from_dict({**BASE, "rope_theta": 500000.0, "rope_scaling": LLAMA3, "eos_token_id": [1, 2]})
-    assert c.rope == RopeConfig(
-        theta=500000.0,
-        llama3=True,
-        factor=8.0,
-        low_freq_factor=1.0,
-        high_freq_factor=4.0,
-        original_max_position_embeddings=8192.0,
-    )
+    assert c.rope == LLAMA31_ROPE
     assert c.head_dim == 64 and c.num_kv_heads == 4 and c.eos_token_ids == (1, 2)
 
 

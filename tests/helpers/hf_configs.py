@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from fi_engine.checkpoint.config import RopeConfig
+
 # gemma-2-2b's config.json (the keys it carries)
 GEMMA2: dict[str, Any] = {
     "architectures": ["Gemma2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
@@ -74,6 +76,17 @@ LLAMA_SHAPE: dict[str, Any] = {
     "rms_norm_eps": 1e-5,
     "max_position_embeddings": 4096,
 }
+
+
+LLAMA31_ROPE = RopeConfig(
+    theta=500000.0,
+    llama3=True,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=8192.0,
+)
+"""Llama 3.1's rotary settings (its config.json's ``rope_theta`` and ``rope_scaling``) as the engine reads them."""
 
 
 # DeepSeek-V3's config.json (the keys of the published checkpoint)
