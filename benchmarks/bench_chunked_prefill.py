@@ -1,5 +1,5 @@
 """Streams decoding while long prompts arrive, on the engine's step API, with chunked prefill on and off
-(``ServingLoop.chunked_prefill``).
+(``Engine.chunked_prefill``).
 
     python3 benchmarks/bench_llama_tp.py --make /tmp/llama8b             # a random 8B-shaped checkpoint (~1.3 GB)
     python3 benchmarks/bench_chunked_prefill.py --model /tmp/llama8b [--streams 32] [--decode 256] [--long 8192]

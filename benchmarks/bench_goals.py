@@ -308,7 +308,7 @@ def engine_rows(folder: Path, profile: int, label: list[str]) -> dict[str, Any]:
             pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(profile)
             out["profile"] = text.getvalue()
             out["profile steps"] = r.decode_steps + 1
-        # prefill of 2048 tokens (timed by engine_share around the engine's _prefill): eagerly, then as the CUDA
+        # prefill of 2048 tokens (timed by engine_share around the loop's Passes.prefill): eagerly, then as the CUDA
         # graph of bucket 2048 (captured at its first sight: dropped before each "capture" run), then lengths met
         # the first time in that bucket (padded), then the same 2048 tokens again
         long_prompt = [[(13 * k) % 40000 + 3 for k in range(2048)]]
@@ -336,7 +336,7 @@ def engine_rows(folder: Path, profile: int, label: list[str]) -> dict[str, Any]:
             label[0] = "graph"
             engine.generate(long_prompt, 1, eos_token_ids=())
         label[0] = ""
-        out["prefill graphs"] = [key[:2] for key in engine.runner._prefill_graph_cache]
+        out["prefill graphs"] = [key[:2] for key in engine.runner.step_graphs.prefill_cache]
         out["prefill graph failures"] = {str(k): why for k, why in engine.prefill_graph_failures.items()}
     return out
 
@@ -344,9 +344,9 @@ def engine_rows(folder: Path, profile: int, label: list[str]) -> dict[str, Any]:
 def drop_prefill_graphs(engine: Any) -> None:
     """Close the engine's prefill graphs (after the stream's work), so the next prefill captures its bucket again."""
     engine.stream.synchronize()
-    for graph in engine.runner._prefill_graph_cache.values():
+    for graph in engine.runner.step_graphs.prefill_cache.values():
         graph.close()
-    engine.runner._prefill_graph_cache.clear()
+    engine.runner.step_graphs.prefill_cache.clear()
 
 
 def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
@@ -361,7 +361,7 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
     h, inter, w = c.hidden_size, c.intermediate_size, engine.runner.qkv_width
     hqd = c.num_qo_heads * c.head_dim
     ab = engine.runner.gemm_type
-    v = engine.runner._view("decode", 1, 1)
+    v = engine.runner.view("decode", 1, 1)
     shapes = {
         "qkv": (b.x.data.ptr, h, engine.runner.wqkv[0], w, h, b.qkv.data.ptr, w),
         "o": (b.attn.data.ptr, hqd, engine.runner.wo[0], h, hqd, b.x.data.ptr, h),
@@ -398,7 +398,7 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
             v.kv_last_page_len,
             s,
         ),
-        "batch_decode_run": lambda: engine.runner._decode_attention(0, v),
+        "batch_decode_run": lambda: engine.runner.decode_attention(0, v),
         "silu_and_mul": lambda: kernels.silu_and_mul(v.gu, v.act, s),
         "CuPy RawKernel (row gather)": lambda: d.gather_rows(
             1, engine.runner.embed, h, v.token_ids, b.h.data.ptr, h, h
@@ -408,7 +408,7 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
         from fi_engine.kernels.dense import ADD_NORM, SILU
 
         nw, f32, vocab = engine.runner.ln1[1].data_ptr, engine.runner.gemm_f32, c.vocab_size
-        fused_calls = {  # the fused step's GEMVs (engine.runner._fused_step), the first layer's weights
+        fused_calls = {  # the fused step's GEMVs (engine.runner.fused.step), the first layer's weights
             "GEMM qkv + add-norm": (ADD_NORM, b.x.data.ptr, h, engine.runner.wqkv[0], w, h, b.qkv.data.ptr, w, ab),
             "GEMM gate_up + add-norm": (
                 ADD_NORM,
@@ -448,7 +448,7 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
         if hasattr(d, "has_qkv_rope") and d.has_qkv_rope(ab, c.head_dim):  # RoPE + KV append as its epilogue
             call = d.prepared_qkv_rope(
                 ADD_NORM, 1, b.x.data.ptr, h, engine.runner.wqkv[0], h, b.qkv.data.ptr, w, ab, b.h.data.ptr, h, nw,
-                b.h_alt.data.ptr, eps, engine.runner._rope_append(0, v),
+                b.h_alt.data.ptr, eps, engine.runner.fused._rope_append(0, v),
             )  # fmt: skip
 
             def qkv_rope(call: Any = call) -> None:
@@ -560,36 +560,36 @@ PREFILL_MODES = (
 
 def engine_share(folder: Path, profile: int) -> dict[str, Any]:
     """engine_rows, with the prefill's host share computed from the wall time of generate(prompt, 1)."""
-    import fi_engine.models.llama as llama
+    from fi_engine.runtime.passes import Passes
 
     out: dict[str, Any] = {}
-    original = llama.LlamaEngine._prefill
+    original = Passes.prefill
     spans: list[tuple[str, float, float]] = []
     label = [""]
 
     def timed_prefill(self: Any, sched: Any, reqs: Any, all_logits: bool = False, riders: Any = ()) -> Any:
         begin = time.perf_counter()
-        finish = self._prefill_finish
+        finish = self.prefill_finish
         issued: list[float] = []
 
         def timed_finish(*args: Any, **kwargs: Any) -> Any:
             issued.append(time.perf_counter())  # the pass is issued: the host waits for it from here
             return finish(*args, **kwargs)
 
-        self._prefill_finish = timed_finish
+        self.prefill_finish = timed_finish
         try:
             return original(self, sched, reqs, all_logits, riders)
         finally:
-            del self._prefill_finish
+            del self.prefill_finish
             end = time.perf_counter()
             if issued and label[0]:
                 spans.append((label[0], issued[0] - begin, end - begin))
 
-    llama.LlamaEngine._prefill = timed_prefill  # type: ignore[method-assign]
+    Passes.prefill = timed_prefill  # type: ignore[method-assign]
     try:
         out.update(engine_rows(folder, profile, label))
     finally:
-        llama.LlamaEngine._prefill = original  # type: ignore[method-assign]
+        Passes.prefill = original  # type: ignore[method-assign]
     for mode, suffix in PREFILL_MODES:
         long = [(h, w) for m, h, w in spans if m == mode and w > 0]
         if long:

@@ -85,7 +85,7 @@ def step_host_us(model: Path, batch: int, reps: int) -> tuple[float, str]:
     import cupy as cp
 
     from fi_engine.models.llama import LlamaEngine
-    from fi_engine.runtime.paging import fill_decode
+    from fi_engine.runtime.sched.step_arrays import fill_decode
     from fi_ffi import stream_scope
 
     with LlamaEngine(model, max_batch=batch, max_seq_len=256) as engine:
@@ -96,23 +96,23 @@ def step_host_us(model: Path, batch: int, reps: int) -> tuple[float, str]:
             sched.submit(p, 8, eos_token_ids=())  # none may end at its prefill
         admitted = sched.admit()
         with cp.cuda.Device(engine.device), engine.stream, stream_scope(engine.runner.stream_ptr, engine.device):
-            engine._prefill(sched, admitted)
+            engine.passes.prefill(sched, admitted)
             rows = sched.decode_rows(padded=False)
             if len(rows) != batch:
                 raise RuntimeError(f"{len(rows)} of {batch} requests admitted")
-            engine.runner._upload_decode(
+            engine.runner.upload_decode(
                 batch, fill_decode(rows, engine.page_size, engine.runner.decode_arrays), cuda_graph=False
             )
-            v = engine.runner._view("decode", batch, batch)
+            v = engine.runner.view("decode", batch, batch)
             times = []
             for _ in range(reps + 3):
                 engine.stream.synchronize()
                 t = time.perf_counter()
-                if engine.runner._fuses(batch):
-                    engine.runner._fused_step(v, batch)
+                if engine.runner.fuses(batch):
+                    engine.runner.fused.step(v, batch)
                 else:
-                    engine.runner._forward(v, batch, engine.runner._decode_attention)
-                    engine.runner._head(batch, engine.runner.normed.data.ptr)
+                    engine.runner.forward(v, batch, engine.runner.decode_attention)
+                    engine.runner.head(batch, engine.runner.normed.data.ptr)
                 times.append(time.perf_counter() - t)
             engine.stream.synchronize()
             for r in admitted:

@@ -2,7 +2,7 @@
 with flashinfer-python 0.6.3 + torch (same weights, same FlashInfer kernels, torch GEMMs), eager and CUDA graph,
 batch 1 and 32.
 
-Both implementations share the host-side serving logic (:mod:`fi_engine.runtime.paging`: pages, slots, padding, the
+Both implementations share the host-side serving logic (:mod:`fi_engine.runtime.sched`: pages, slots, padding, the
 index arrays) and the same loop: per step, one packed host-to-device copy of the index arrays, one decode plan,
 the forward pass (or one graph replay), greedy argmax, one device-to-host copy of the tokens and a stream
 synchronization. So the difference is the binding layer and the GEMM library.
@@ -167,7 +167,8 @@ class TorchLlama:
 
         from fi_engine.checkpoint.config import LlamaConfig
         from fi_engine.checkpoint.safetensors import Checkpoint
-        from fi_engine.runtime.paging import decode_layout, pages_for, prefill_layout
+        from fi_engine.runtime.sched.pages import pages_for
+        from fi_engine.runtime.sched.step_arrays import decode_layout, prefill_layout
 
         self.torch = torch
         c = self.c = LlamaConfig.from_dir(model)
@@ -304,7 +305,7 @@ class TorchLlama:
         )
 
     def capture(self) -> None:
-        from fi_engine.runtime.paging import fill_decode
+        from fi_engine.runtime.sched.step_arrays import fill_decode
 
         torch = self.torch
         with torch.cuda.stream(self.stream):
@@ -317,7 +318,9 @@ class TorchLlama:
                 self.graph_out = self.decode_body(self.max_batch)
 
     def generate(self, prompts: list[list[int]], new: int) -> dict[str, Any]:
-        from fi_engine.runtime.paging import PageAllocator, Scheduler, fill_decode, fill_prefill
+        from fi_engine.runtime.sched.pages import PageAllocator
+        from fi_engine.runtime.sched.scheduler import Scheduler
+        from fi_engine.runtime.sched.step_arrays import fill_decode, fill_prefill
 
         torch, c = self.torch, self.c
         s = Scheduler(PageAllocator(self.num_pages), 16, self.max_batch, self.seq, self.seq, c.vocab_size, ())

@@ -229,7 +229,7 @@ def make(
 def set_variant(variant: str) -> None:
     """The class-level settings of one ``--variants`` name (the TP 1 ones; ``a+b`` sets both a's and b's)."""
     from fi_engine.models.llama import LlamaEngine
-    from fi_engine.runtime.model_runner import ModelRunner
+    from fi_engine.runtime.worker.model_runner import ModelRunner
 
     if "+" in variant:
         for part in variant.split("+"):
@@ -252,9 +252,7 @@ def set_variant(variant: str) -> None:
 
         Dense.fp8_fused = True
     if variant == "fp8-norm-no-pdl":  # FP8 weights: the epilogue step's norms without programmatic dependent launch
-        from fi_engine.runtime.fused_decode import FusedDecode
-
-        FusedDecode.norm_pdl = False
+        ModelRunner.norm_pdl = False
     if variant == "fp8-separate":  # FP8 weights: the decode step as separate launches (before 2026-11-25)
         from fi_engine.kernels.dense import Dense
 
@@ -414,8 +412,8 @@ def step_parts(engine: object, reps: int = 20) -> dict[str, float]:
 
     from fi_engine.kernels import flashinfer as kernels
     from fi_engine.kernels.graph import CudaGraph
-    from fi_engine.runtime.paging import fill_decode
-    from fi_engine.runtime.step_graphs import _refuse_allocation
+    from fi_engine.runtime.sched.step_arrays import fill_decode
+    from fi_engine.runtime.worker.step_graphs import _refuse_allocation
     from fi_ffi import stream_scope
 
     e: Any = engine
@@ -428,8 +426,8 @@ def step_parts(engine: object, reps: int = 20) -> dict[str, float]:
     dense.bandwidth_bound = True  # as in the engine's decode graph (Dense.gemv_bound picks GEMV or cuBLASLt)
     with cp.cuda.Device(e.device), e.stream, stream_scope(s, e.device):
         n_pages = fill_decode([None] * rows, e.page_size, e.runner.decode_arrays)
-        e.runner._upload_decode(rows, n_pages, cuda_graph=True)
-        v = e.runner._view("decode", rows, rows)
+        e.runner.upload_decode(rows, n_pages, cuda_graph=True)
+        v = e.runner.view("decode", rows, rows)
 
         def embed() -> None:
             vs = e.runner.vocab_shard
@@ -451,7 +449,7 @@ def step_parts(engine: object, reps: int = 20) -> dict[str, float]:
         per_layer = {
             "qkv gemm": lambda i: dense.linear(rows, normed, h, e.runner.wqkv[i], w, h, qkv, w, ab, ab),
             "rope + kv append": rope_append,
-            "attention": lambda i: e.runner._decode_attention(i, v),
+            "attention": lambda i: e.runner.decode_attention(i, v),
             "o gemm": lambda i: dense.linear(rows, attn, hqd, e.runner.wo[i], h, hqd, x, h, ab, ab),
             "add+norm (all-reduce) x2": lambda i: (
                 e.runner.add_norm(v, e.runner.ln2[i]),
@@ -466,11 +464,11 @@ def step_parts(engine: object, reps: int = 20) -> dict[str, float]:
         parts: dict[str, Any] = {"embedding": embed}
         for name, fn in per_layer.items():
             parts[name] = lambda fn=fn: [fn(i) for i in range(layers)]
-        parts["lm head"] = lambda: e.runner._head(rows, normed)
+        parts["lm head"] = lambda: e.runner.head(rows, normed)
         parts["argmax (+ combine)"] = lambda: e.sampler.argmax(rows)
         if e.comm is not None:
             parts["ids broadcast"] = lambda: e.comm.broadcast(b.ids, root=0, stream=s)
-        parts["step (one graph)"] = lambda: e.runner._decode_body(v, rows)
+        parts["step (one graph)"] = lambda: e.runner.step_graphs._decode_body(v, rows)
         start, end = cp.cuda.Event(), cp.cuda.Event()
 
         def timed(launch: Any) -> float:
@@ -494,9 +492,9 @@ def step_parts(engine: object, reps: int = 20) -> dict[str, float]:
             finally:
                 g.close()
         out["graph replay"] = timed(e.runner.graph.launch)
-        # host time of what _decode_step does outside the graph, per call
+        # host time of what Passes.decode_step does outside the graph, per call
         for name, fn in {
-            "host: upload + plan": lambda: e.runner._upload_decode(rows, n_pages, cuda_graph=True),
+            "host: upload + plan": lambda: e.runner.upload_decode(rows, n_pages, cuda_graph=True),
             "host: graph launch": e.runner.graph.launch,
             "host: ids broadcast call": lambda: e.comm.broadcast(b.ids, root=0, stream=s) if e.comm else None,
             "host: step's share_ids": lambda: e.sampler.share_ids(False),  # a greedy step's

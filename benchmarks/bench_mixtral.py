@@ -167,7 +167,7 @@ def main() -> int:
     from fi_engine.kernels.moe_gemv import GroupedGemv
     from fi_engine.layers.moe import MoELayer
     from fi_engine.models.llama import LlamaEngine
-    from fi_engine.runtime.model_runner import ModelRunner
+    from fi_engine.runtime.worker.model_runner import ModelRunner
 
     bandwidth = roofline_denominator(0, hbm_tbs=a.hbm_tbs)  # the copy measured before any engine holds memory
     print(bandwidth.line)

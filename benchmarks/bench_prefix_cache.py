@@ -1,4 +1,4 @@
-"""Multi-turn chat on the engine's step API, with automatic prefix caching on and off (``ServingLoop.prefix_caching``).
+"""Multi-turn chat on the engine's step API, with automatic prefix caching on and off (``Engine.prefix_caching``).
 
     python3 benchmarks/bench_llama_tp.py --make /tmp/smollm2 --shape smollm2-135m --layers 30   # a random checkpoint
     python3 benchmarks/bench_prefix_cache.py --model /tmp/smollm2 [--clients 64] [--turns 3] [--system 1536]

@@ -1,4 +1,4 @@
-"""Decode with speculative decoding on and off (``ServingLoop.speculative_tokens``), batch 1 and 8: by prompt lookup,
+"""Decode with speculative decoding on and off (``Engine.speculative_tokens``), batch 1 and 8: by prompt lookup,
 or by a draft model (``--draft-model DIR``, or ``--draft-layers N``: the target's own first ``N`` layers, written
 beside it, as a draft that reads fewer bytes a token; its agreement with the full model is what it is).
 

@@ -220,8 +220,8 @@ def _check_generate_values(args: argparse.Namespace, prompts: list[list[int]], c
     bounds, checked on the host before any GPU work: token ids (``--prompt-ids``, ``--eos-ids``) in
     ``[0, vocab_size)``, ``--top-k`` at most ``vocab_size``, and the longest prompt plus ``--max-new-tokens`` within
     the engine's ``max_seq_len`` (the rule its scheduler applies to every request:
-    :meth:`~fi_engine.runtime.paging.Scheduler.submit`). ValueError naming the flag, the value, what is allowed and
-    the fix."""
+    :meth:`~fi_engine.runtime.sched.scheduler.Scheduler.submit`). ValueError naming the flag, the value, what is
+    allowed and the fix."""
     from .runtime.settings import EngineSettings
 
     vocab = config.vocab_size

@@ -1,10 +1,11 @@
 """What a checkpoint directory holds, read on the host with numpy only (no GPU): ``config.json`` parsed and
-checked per family, the ``quantization_config``, the ``*.safetensors`` tensors, quantized weights' codes and scales.
+checked, the ``quantization_config``, the ``*.safetensors`` tensors, quantized weights' codes and scales. It sits
+below the model families: a family's own config reader and quantization scheme live with the family
+(``fi_engine.models.<family>``, e.g. ``fi_engine.models.deepseek_config``).
 
 - :mod:`~fi_engine.checkpoint.config`: a Llama-architecture ``config.json`` (Llama, Qwen3, Mixtral, Qwen3-MoE;
   the fields other Llama-architecture families share), parsed and checked; :mod:`~fi_engine.checkpoint.family_configs`:
-  readers of the settings such a family adds (each family reads its own in ``fi_engine.models.<family>``);
-  :mod:`~fi_engine.checkpoint.deepseek_config`: DeepSeek-V2/V3's (MLA, group-limited routing, YaRN).
+  readers that the families' own config readers share (windows, numbers, rotary settings, end-of-sequence ids).
 - :mod:`~fi_engine.checkpoint.safetensors`: ``*.safetensors`` read (and written, for tests).
 - :mod:`~fi_engine.checkpoint.quantization`: the ``quantization_config`` read by name (the FP8 and AWQ / GPTQ int4
   layouts served, the rest refused); :mod:`~fi_engine.checkpoint.fp8_weights`: e4m3 codes and a projection's weight

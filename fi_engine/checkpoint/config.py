@@ -21,13 +21,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..values import MAX_SIZE, arg_int, model_dir_fspath, show
-from .family_configs import rope_settings
+from .family_configs import eos_ids, rope_settings, silu_without_biases, size
 
 __all__ = ["LLAMA_MODEL_TYPES", "LlamaConfig", "MoEConfig", "RopeConfig"]
 
@@ -96,7 +95,7 @@ class MoEConfig:
         if not isinstance(renormalize, bool):
             raise TypeError(f"renormalize: expected True or False, got {type(renormalize).__name__}")
         experts = _num_experts(d, source, default_experts)
-        return cls(experts, _topk(d, experts, source), _int(d, size_key, source), renormalize)
+        return cls(experts, _topk(d, experts, source), size(d, size_key, source), renormalize)
 
 
 @dataclass(frozen=True)
@@ -156,7 +155,7 @@ class LlamaConfig:
                 f"{source}: sliding-window attention (use_sliding_window / sliding_window) is not supported by this "
                 f"engine; every layer attends to the whole context"
             )
-        _silu_without_biases(d, source, "Llama", repr)
+        silu_without_biases(d, source, "Llama", repr)
         shared = cls.shared(d, source, moe=_moe(d, model_type, source))
         return dataclasses.replace(shared, qk_norm=model_type in _QK_NORM, fp8=fp8, int4=int4)
 
@@ -178,9 +177,9 @@ class LlamaConfig:
         model_type = d.get("model_type", "llama")
         if not isinstance(model_type, str):
             raise ValueError(f"{source}: model_type must be a string, got {show(model_type)}")
-        hidden = _int(d, "hidden_size", source)
-        heads = _int(d, "num_attention_heads", source)
-        kv_heads = _int(d, "num_key_value_heads", source, heads)
+        hidden = size(d, "hidden_size", source)
+        heads = size(d, "num_attention_heads", source)
+        kv_heads = size(d, "num_key_value_heads", source, heads)
         if heads % kv_heads:
             raise ValueError(
                 f"{source}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})"
@@ -190,7 +189,7 @@ class LlamaConfig:
                 f"{source}: hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads}) "
                 f"and no head_dim is given"
             )
-        head_dim = _int(d, "head_dim", source, hidden // heads)
+        head_dim = size(d, "head_dim", source, hidden // heads)
         eps = _positive(d, "rms_norm_eps", source, 1e-6, what="rms_norm_eps")
         tie = d.get("tie_word_embeddings", False)
         if not isinstance(tie, bool):
@@ -198,18 +197,18 @@ class LlamaConfig:
         return cls(
             model_type=model_type,
             moe=moe,
-            vocab_size=_int(d, "vocab_size", source),
+            vocab_size=size(d, "vocab_size", source),
             hidden_size=hidden,
-            intermediate_size=_int(d, "intermediate_size", source),
-            num_layers=_int(d, "num_hidden_layers", source),
+            intermediate_size=size(d, "intermediate_size", source),
+            num_layers=size(d, "num_hidden_layers", source),
             num_qo_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
             rms_norm_eps=float(eps),
             rope=_rope(d, source) if rope is None else rope,
             tie_word_embeddings=tie,
-            max_position_embeddings=_int(d, "max_position_embeddings", source, 2048),
-            eos_token_ids=_eos(d.get("eos_token_id"), _int(d, "vocab_size", source), source),
+            max_position_embeddings=size(d, "max_position_embeddings", source, 2048),
+            eos_token_ids=eos_ids(d.get("eos_token_id"), size(d, "vocab_size", source), source),
         )
 
 
@@ -220,23 +219,12 @@ def _check_dict(d: Any, source: Any) -> None:
         raise ValueError(f"d: expected a JSON object (a dict) from {source}, got {type(d).__name__}")
 
 
-def _silu_without_biases(d: dict[str, Any], source: str, family: str, shown: Callable[[Any], str] = show) -> None:
-    """Refuse (ValueError naming ``family``) an activation other than SiLU and attention or MLP biases: the Llama
-    and DeepSeek projections and MLPs have neither; ``shown`` writes the activation's value in the message."""
-    act = d.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"{source}: hidden_act {shown(act)} is not supported ({family} uses 'silu')")
-    for key in ("attention_bias", "mlp_bias"):
-        if d.get(key, False):
-            raise ValueError(f"{source}: {key}=true is not supported ({family} projections have no bias)")
-
-
 def _moe(d: dict[str, Any], model_type: str, source: str) -> MoEConfig | None:
     if model_type == "mixtral":
         return MoEConfig.from_dict(d, source, default_experts=8)
     if model_type != "qwen3_moe":
         return None
-    if _int(d, "decoder_sparse_step", source, 1) != 1 or d.get("mlp_only_layers"):
+    if size(d, "decoder_sparse_step", source, 1) != 1 or d.get("mlp_only_layers"):
         raise ValueError(
             f"{source}: dense MLP layers between the MoE layers (decoder_sparse_step > 1 or mlp_only_layers) are "
             f"not supported; every layer must be a MoE layer"
@@ -258,7 +246,7 @@ def _num_experts(d: dict[str, Any], source: str, default: int | None = None) -> 
         if default is None:
             raise ValueError(f"{source}: missing 'num_local_experts' or 'num_experts' (experts per layer)")
         return default
-    values = {key: _int(d, key, source) for key in present}
+    values = {key: size(d, key, source) for key in present}
     if len(set(values.values())) > 1:
         raise ValueError(
             f"{source}: num_local_experts ({values['num_local_experts']}) and num_experts ({values['num_experts']}) "
@@ -268,24 +256,10 @@ def _num_experts(d: dict[str, Any], source: str, default: int | None = None) -> 
 
 
 def _topk(d: dict[str, Any], experts: int, source: str) -> int:
-    k = _int(d, "num_experts_per_tok", source)
+    k = size(d, "num_experts_per_tok", source)
     if k > experts:
         raise ValueError(f"{source}: num_experts_per_tok ({k}) exceeds the {experts} experts")
     return k
-
-
-def _int(d: dict[str, Any], key: str, source: str, default: int | None = None) -> int:
-    value = d.get(key)
-    if value is None:
-        if default is None:
-            raise ValueError(f"{source}: missing {key!r} (a positive integer)")
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
-        raise ValueError(
-            f"{source}: {key} must be a positive integer no larger than {MAX_SIZE} (the kernels' int32), got "
-            f"{show(value)}"
-        )
-    return value
 
 
 def _positive(params: dict[str, Any], key: str, source: str, default: float | None = None, *, what: str = "") -> float:
@@ -333,18 +307,6 @@ def _rope(d: dict[str, Any], source: str) -> RopeConfig:
         f"{source}: rope type {kind!r} is not supported; supported: 'default' (no scaling) and "
         f"'llama3' (Llama 3.1 scaling)"
     )
-
-
-def _eos(value: Any, vocab_size: int, source: str) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    items = value if isinstance(value, list) else [value]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab_size for v in items):
-        raise ValueError(
-            f"{source}: eos_token_id must be a token id in [0, vocab_size={vocab_size}) or a list of them, got "
-            f"{show(value)}"
-        )
-    return tuple(items)
 
 
 def yarn_ramp(

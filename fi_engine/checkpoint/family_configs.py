@@ -16,9 +16,10 @@ FlashInfer's ``window_left = sliding_window - 1``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
-from ..values import arg_int, show
+from ..values import MAX_SIZE, arg_int, show
 
 __all__ = ["layer_windows"]
 
@@ -110,3 +111,42 @@ def rope_settings(d: dict[str, Any]) -> dict[str, Any]:
         if isinstance(d.get(key), dict):
             merged.update(d[key])
     return merged
+
+
+def silu_without_biases(d: dict[str, Any], source: str, family: str, shown: Callable[[Any], str] = show) -> None:
+    """Refuse (ValueError naming ``family``) an activation other than SiLU and attention or MLP biases: the Llama
+    and DeepSeek projections and MLPs have neither; ``shown`` writes the activation's value in the message."""
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{source}: hidden_act {shown(act)} is not supported ({family} uses 'silu')")
+    for key in ("attention_bias", "mlp_bias"):
+        if d.get(key, False):
+            raise ValueError(f"{source}: {key}=true is not supported ({family} projections have no bias)")
+
+
+def size(d: dict[str, Any], key: str, source: str, default: int | None = None) -> int:
+    """``d[key]`` (absent: ``default``; no default: required) as an int in ``[1, MAX_SIZE]`` (the kernels' int32)."""
+    value = d.get(key)
+    if value is None:
+        if default is None:
+            raise ValueError(f"{source}: missing {key!r} (a positive integer)")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
+        raise ValueError(
+            f"{source}: {key} must be a positive integer no larger than {MAX_SIZE} (the kernels' int32), got "
+            f"{show(value)}"
+        )
+    return value
+
+
+def eos_ids(value: Any, vocab_size: int, source: str) -> tuple[int, ...]:
+    """``eos_token_id`` (a token id, a list of them, or None: none) as a tuple of ids below ``vocab_size``."""
+    if value is None:
+        return ()
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab_size for v in items):
+        raise ValueError(
+            f"{source}: eos_token_id must be a token id in [0, vocab_size={vocab_size}) or a list of them, got "
+            f"{show(value)}"
+        )
+    return tuple(items)

@@ -1,8 +1,8 @@
 """What a checkpoint's ``quantization_config`` says, read by name (:func:`fp8_scheme`, :func:`int4_scheme`), and
-which of it the families serve: the Llama family (:func:`llama_fp8_scheme`, :func:`llama_int4_scheme`: FP8 weights
-of dense and mixture-of-experts models, the experts read as stored by the FP8 grouped GEMV where it takes their scale
-blocks, else dequantized to 16-bit at load; int4 weights of dense models) and
-DeepSeek (:func:`deepseek_fp8_scheme`: FP8 weights, every projection dequantized to 16-bit at load).
+which of it the Llama architecture serves (:func:`llama_fp8_scheme`, :func:`llama_int4_scheme`: FP8 weights of dense
+and mixture-of-experts models, the experts read as stored by the FP8 grouped GEMV where it takes their scale blocks,
+else dequantized to 16-bit at load; int4 weights of dense models), and :func:`served_fp8_scheme`, the FP8 layouts a
+family's own scheme builds on (DeepSeek's: ``fi_engine.models.deepseek_config.deepseek_fp8_scheme``).
 
 The FP8 layouts people serve on one H100 write it three ways (the keys as their configs spell them):
 
@@ -37,10 +37,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..moved import old_name
+
 __all__ = [
     "Fp8Scheme",
     "Int4Scheme",
-    "deepseek_fp8_scheme",
     "fp8_scheme",
     "grouped_gemv_block",
     "int4_scheme",
@@ -334,7 +335,7 @@ def llama_int4_scheme(d: dict[str, Any], source: str) -> Int4Scheme | None:
     return scheme
 
 
-def _served_fp8_scheme(d: dict[str, Any], source: str, served: str) -> Fp8Scheme | None:
+def served_fp8_scheme(d: dict[str, Any], source: str, served: str) -> Fp8Scheme | None:
     """The FP8 layout of config ``d``'s ``quantization_config`` (None without one); ValueError naming the key for
     another quantization (``served``: what the family serves, in words) and for compressed-tensors' block strategy."""
     q = d.get("quantization_config")
@@ -363,7 +364,7 @@ def llama_fp8_scheme(d: dict[str, Any], source: str) -> Fp8Scheme | None:
     None without a ``quantization_config``. Static activation scales are
     accepted and unused (the activations stay 16-bit). ValueError naming the key and the way out for what it does
     not serve: another quantization, compressed-tensors' block strategy (its block size lives in each group)."""
-    scheme = _served_fp8_scheme(d, source, "float16/bfloat16 weights, FP8 (e4m3) ones and AWQ/GPTQ int4 ones")
+    scheme = served_fp8_scheme(d, source, "float16/bfloat16 weights, FP8 (e4m3) ones and AWQ/GPTQ int4 ones")
     if scheme is not None and _is_moe(d):
         if scheme.grouped_gemv_takes():
             return dataclasses.replace(scheme, stored_experts=True)
@@ -371,12 +372,9 @@ def llama_fp8_scheme(d: dict[str, Any], source: str) -> Fp8Scheme | None:
     return scheme
 
 
-def deepseek_fp8_scheme(d: dict[str, Any], source: str) -> Fp8Scheme | None:
-    """The FP8 layout a DeepSeek-V3 / V2 config ``d`` (from ``source``) declares (DeepSeek-V3's published form:
-    ``quant_method: "fp8"``, 128x128 blocks, every linear e4m3 but the routers, norms, embedding and LM head), or
-    None without a ``quantization_config``. The engine dequantizes every e4m3 projection to the 16-bit type as it
-    reads it (``dequantized`` ``"every projection"``): MLA's ``kv_b_proj`` is split per head into the absorbed
-    factors, ``kv_a_proj_with_mqa`` into the latent and RoPE parts, and the experts feed grouped GEMMs over 16-bit
-    weights. ValueError naming the key and the way out: another quantization, compressed-tensors' block strategy."""
-    scheme = _served_fp8_scheme(d, source, "bfloat16 or float16 weights and FP8 (e4m3) ones")
-    return None if scheme is None else dataclasses.replace(scheme, dequantized="every projection")
+# END
+
+
+def __getattr__(name: str) -> Any:
+    """A name that left this module for a family's (``fi_engine.moved.NAMES``), with a DeprecationWarning."""
+    return old_name(__name__, name)

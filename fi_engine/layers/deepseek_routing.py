@@ -3,7 +3,7 @@ kernel (:class:`DeviceGroupedTopk`) for the decode CUDA graph where the models w
 not apply (V2's softmax routing, ``norm_topk_prob`` false, sizes beyond its limits).
 
 :func:`grouped_topk` takes the router's float32 logits ``[T, E]`` and returns the chosen experts and their weights,
-as :class:`~fi_engine.checkpoint.deepseek_config.DeepSeekRouting` describes (V3 ``noaux_tc``: sigmoid, correction bias,
+as :class:`DeepSeekRouting` (a config's settings of the rule) describes (V3 ``noaux_tc``: sigmoid, correction bias,
 groups by their two best biased scores; V2 ``greedy`` / ``group_limited_greedy``: softmax, groups by their best
 score). The result feeds :meth:`fi_engine.layers.moe.MoELayer.forward_routed` after
 :func:`~fi_engine.layers.moe_routing.group_by_expert`.
@@ -11,19 +11,35 @@ score). The result feeds :meth:`fi_engine.layers.moe.MoELayer.forward_routed` af
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..checkpoint.deepseek_config import DeepSeekRouting
 from ..kernels.cuda_sources import source
 from ..values import arg_array, arg_int
 
-__all__ = ["MAX_DEVICE_GROUPS", "DeviceGroupedTopk", "device_routing_blocker", "grouped_topk"]
+__all__ = ["MAX_DEVICE_GROUPS", "DeepSeekRouting", "DeviceGroupedTopk", "device_routing_blocker", "grouped_topk"]
 
 MAX_DEVICE_GROUPS = 64  # the device kernel keeps the chosen groups as bits of one 64-bit word
 
 _METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
+
+
+@dataclass(frozen=True)
+class DeepSeekRouting:
+    """How a DeepSeek MoE layer picks its experts (``DeepSeekConfig.routing``, read from ``config.json``):
+    ``method`` ``"noaux_tc"`` (V3: sigmoid ``scoring``, groups ranked by the sum of their two best scores biased by
+    ``e_score_correction_bias``) or ``"greedy"`` / ``"group_limited_greedy"`` (V2: ``"softmax"`` scoring, a group
+    ranked by its best score); the ``topk_group`` best of ``n_group`` groups kept; the weights times
+    ``routed_scaling_factor``; ``n_shared_experts`` experts every token takes besides."""
+
+    method: str  # "noaux_tc", "greedy" or "group_limited_greedy"
+    scoring: str  # "sigmoid" (V3) or "softmax" (V2)
+    n_group: int
+    topk_group: int
+    routed_scaling_factor: float
+    n_shared_experts: int
 
 
 def device_routing_blocker(routing: DeepSeekRouting) -> str | None:

@@ -9,7 +9,7 @@ loop, buffers of the step index arrays, embedding, norms, LM head and sampling, 
         result = engine.generate([[100000, 791, 6864]], max_new_tokens=32)
 
 Per layer, for ``T`` token rows, ``H`` heads, ``dn``/``dr``/``dv`` the no-RoPE, RoPE and value head dims and
-``R = 512`` the latent (``kv_lora_rank``) (:mod:`fi_engine.checkpoint.deepseek_config`):
+``R = 512`` the latent (``kv_lora_rank``) (:mod:`fi_engine.models.deepseek_config`):
 
 1. queries: ``q = q_b_proj(rmsnorm(q_a_proj(x)))`` (or ``q_proj(x)`` without ``q_lora_rank``) ``[T, H, dn + dr]``;
 2. latent KV: ``c = rmsnorm(kv_a_proj(x)[:, :R])`` ``[T, R]`` and ``k_pe = kv_a_proj(x)[:, R:]`` ``[T, dr]``;
@@ -32,9 +32,9 @@ token than expanding K and V to ``H`` heads would need (``R + dr = 576`` against
 V3); docs/engine.md says so.
 
 CUDA graph (``cuda_graph=True``): the decode step is captured at each batch size of the ladder up to ``max_batch`` rows
-(:func:`~fi_engine.runtime.paging.decode_batches`), as the Llama engine's. The MLA plan is made on the host before
-every replay into the decode workspace (its schedule layout is fixed for a fixed batch of one-row requests: the engine
-checks it), the step's index arrays go into the graph's fixed buffers, and the MoE layers take
+(:func:`~fi_engine.runtime.worker.graph_shapes.decode_batches`), as the Llama engine's. The MLA plan is made on the host
+before every replay into the decode workspace (its schedule layout is fixed for a fixed batch of one-row requests: the
+engine checks it), the step's index arrays go into the graph's fixed buffers, and the MoE layers take
 :meth:`~fi_engine.layers.moe.MoELayer.forward_static_routed`'s fixed-capacity path, routed on the device: the models
 wheel's fused ``NoAuxTc`` kernel where it applies (:func:`fused_routing_blocker`), else
 :class:`~fi_engine.layers.deepseek_routing.DeviceGroupedTopk` (V2's softmax routing included). Prefill stays eager.
@@ -45,7 +45,7 @@ through): tensor parallelism, a CUDA graph for a routing the device kernel canno
 
 FP8 checkpoints (DeepSeek-V3's published form: e4m3 projections with 128x128 block scales ``weight_scale_inv``; the
 routers, norms, embedding and LM head 16-bit; :attr:`DeepSeekConfig.fp8
-<fi_engine.checkpoint.deepseek_config.DeepSeekConfig.fp8>`) are served as their 16-bit copy: every e4m3 projection --
+<fi_engine.models.deepseek_config.DeepSeekConfig.fp8>`) are served as their 16-bit copy: every e4m3 projection --
 MLA's, the dense MLPs', the routed and the shared experts' -- is dequantized to the embedding's 16-bit type as it is
 read (:meth:`~fi_engine.models.weights.WeightLoader.linear`), so the GPU holds and runs what a bfloat16 conversion of
 the checkpoint (DeepSeek's ``fp8_cast_bf16.py``) would give it. MLA's ``kv_b_proj`` must be 16-bit for the absorbed
@@ -61,7 +61,6 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint.deepseek_config import DeepSeekConfig
 from ..checkpoint.safetensors import Checkpoint
 from ..kernels import flashinfer as kernels
 from ..layers.deepseek_routing import DeviceGroupedTopk, device_routing_blocker, grouped_topk
@@ -69,6 +68,7 @@ from ..layers.moe_routing import group_by_expert
 from ..runtime.engine import Engine
 from ..runtime.family import ModelFamily
 from ..runtime.settings import with_settings
+from .deepseek_config import DeepSeekConfig
 from .llama import load_moe_layer
 from .mla_weights import split_kv_b
 from .registry import family_config_json
@@ -156,7 +156,7 @@ class DeepSeek(ModelFamily):
 
     def read_config(self, model_dir: str | Path) -> Any:
         """The checkpoint's ``config.json`` read by :meth:`DeepSeekConfig.from_dict
-        <fi_engine.checkpoint.deepseek_config.DeepSeekConfig.from_dict>` (another family's model type: refused,
+        <fi_engine.models.deepseek_config.DeepSeekConfig.from_dict>` (another family's model type: refused,
         naming its engine)."""
         return DeepSeekConfig.from_dict(*family_config_json(model_dir, type(self)))
 

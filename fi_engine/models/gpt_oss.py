@@ -42,7 +42,7 @@ The rule (``moe_path="auto"``, :func:`~fi_engine.layers.moe.choose_path`): dense
 reach the number of experts (gpt-oss-20b, 32 experts top-4: from 8 rows), routed below, where few experts are touched
 and reading only theirs wins; steps of more than ``max_batch`` rows (long prefills, compute-bound, where routing's ``k /
 E`` of the FLOPs counts) are always routed. Each decode CUDA graph (one per batch size of the ladder,
-:func:`~fi_engine.runtime.paging.decode_batches`) picks once, at its capture. Measured on an H100
+:func:`~fi_engine.runtime.worker.graph_shapes.decode_batches`) picks once, at its capture. Measured on an H100
 (benchmarks/RESULTS.md: gpt-oss; ``benchmarks/bench_gpt_oss.py``, gpt-oss-20b-shaped, 2 layers, graph): routed 998 /
 2565 / 3879 / 11886 tokens/s at batch 1 / 4 / 8 / 32, dense 605 / 2289 / 4617 / 16573: the crossover lies between 4 and
 8 rows, where the rule puts it.
@@ -94,9 +94,9 @@ from ..checkpoint.safetensors import Checkpoint
 from ..kernels import flashinfer as kernels
 from ..runtime.engine import Engine
 from ..runtime.family import ModelFamily
-from ..runtime.moe_paths import MoEPaths
 from ..runtime.settings import with_settings
 from ..values import arg_array, arg_int, show
+from .moe_paths import MoEPaths
 from .registry import SettingsFamily
 from .weights import WeightLoader
 from .windows import WindowPlans
@@ -428,7 +428,7 @@ def read_experts(
 class GptOss(MoEPaths, SettingsFamily, ModelFamily):
     """The gpt-oss family's definition (module docstring): its config check, bfloat16 weights (biased attention,
     sinks, the experts in the routed layout with their biases, the YaRN cos/sin table), layer body with its two MoE
-    paths (``moe_path``: :class:`~fi_engine.runtime.moe_paths.MoEPaths`), and an attention-sink plan per distinct
+    paths (``moe_path``: :class:`~fi_engine.models.moe_paths.MoEPaths`), and an attention-sink plan per distinct
     window (decode on the sink prefill modules)."""
 
     fp8_kv_refusal = "gpt-oss's attention sinks"
@@ -630,7 +630,7 @@ class GptOssEngine(Engine):
 
     Args:
         moe_path: how the MoE layers run a step of up to ``max_batch`` token rows (module docstring;
-            :class:`~fi_engine.runtime.moe_paths.MoEPaths`): ``"auto"`` (default) picks per step by
+            :class:`~fi_engine.models.moe_paths.MoEPaths`): ``"auto"`` (default) picks per step by
             :func:`~fi_engine.layers.moe.choose_path` (dense over the experts from ``num_experts / top_k`` rows, routed
             below; each decode CUDA graph picks once, at its capture); ``"routed"`` or ``"dense"`` force one path.
             Steps of more rows (long prefills) are always routed.

@@ -12,9 +12,9 @@ CuPy for device memory and two small kernels.
 The model (``config.json`` + ``*.safetensors``, float16 or bfloat16; also with FP8 projections, served as e4m3, a
 mixture-of-experts model's experts too (read as stored by the FP8 grouped GEMV at decode, a 16-bit copy of one
 layer's experts written for longer steps:
-:attr:`~fi_engine.runtime.model_runner.ModelRunner.fp8_experts_as_stored`); dense models also with
+:attr:`~fi_engine.runtime.worker.model_runner.ModelRunner.fp8_experts_as_stored`); dense models also with
 AWQ / GPTQ int4 projections, served as stored by the engine's int4 GEMV where it takes their shape, else dequantized
-as they are read: :attr:`~fi_engine.runtime.model_runner.ModelRunner.int4_as_stored`): token embedding; per layer
+as they are read: :attr:`~fi_engine.runtime.worker.model_runner.ModelRunner.int4_as_stored`): token embedding; per layer
 RMSNorm, fused QKV projection, (Qwen3: per-head RMSNorm of q and k,) RoPE (plain or Llama 3.1 scaled) on q and k,
 K/V appended to the paged cache, attention (causal batch prefill, or batch decode) with GQA, output projection, fused
 residual-add + RMSNorm, fused gate/up projection, SiLU-and-mul, down projection (Mixtral, Qwen3-MoE: the
@@ -22,20 +22,21 @@ mixture-of-experts layer of :mod:`fi_engine.layers.moe` instead); final RMSNorm;
 not) with float32 logits; greedy argmax or top-k/top-p sampling. Model types: ``llama``, ``qwen3``, ``mixtral``,
 ``qwen3_moe`` (:mod:`fi_engine.checkpoint.config`). MoE layers take a device path (no host step) for every step of at
 most ``max_batch`` rows, eager or in a decode graph: the fixed-capacity routed path (the grouped GEMV, or the grouped
-GEMM) or dense over the experts, as ``moe_path`` picks (:mod:`fi_engine.runtime.moe_paths`); longer prefills route on
+GEMM) or dense over the experts, as ``moe_path`` picks (:mod:`fi_engine.models.moe_paths`); longer prefills route on
 the host.
 
 Serving (:class:`~fi_engine.runtime.engine.Engine`, of which :class:`LlamaEngine` is the Llama family's): the prompts
-are queued (:mod:`fi_engine.runtime.paging`), admitted into free batch slots and prefilled together (one
+are queued (:mod:`fi_engine.runtime.sched`), admitted into free batch slots and prefilled together (one
 ``batch_prefill_paged_plan``, one run per layer); then each decode step makes one ``batch_decode_plan`` and runs every
 layer with it, samples one token per request, copies the tokens to the host and lets finished requests leave (their
 pages are freed). With ``cuda_graph=True`` the decode step is captured at each batch size of
-:func:`~fi_engine.runtime.paging.decode_batches` (1, 2, 4, ..., ``max_batch`` rows) and every step replays the smallest
-holding its occupied slots (empty ones among them padded): it re-plans (``enable_cuda_graph=True``), copies the step's
-index arrays into the graph's buffers and replays it. A prefill pads its token rows up to a bucket
-(:func:`~fi_engine.runtime.paging.prefill_buckets`; the padding rows are one more request living on the padding page)
-and its requests up to a few slot counts with empty requests (:func:`~fi_engine.runtime.paging.prefill_slots`), and
-replays that shape's CUDA graph, captured the first time it is met (:mod:`~fi_engine.runtime.step_graphs`).
+:func:`~fi_engine.runtime.worker.graph_shapes.decode_batches` (1, 2, 4, ..., ``max_batch`` rows) and every step replays
+the smallest holding its occupied slots (empty ones among them padded): it re-plans (``enable_cuda_graph=True``), copies
+the step's index arrays into the graph's buffers and replays it. A prefill pads its token rows up to a bucket
+(:func:`~fi_engine.runtime.worker.graph_shapes.prefill_buckets`; the padding rows are one more request living on the
+padding page) and its requests up to a few slot counts with empty requests
+(:func:`~fi_engine.runtime.worker.graph_shapes.prefill_slots`), and replays that shape's CUDA graph, captured the first
+time it is met (:mod:`~fi_engine.runtime.worker.step_graphs`).
 
 Every buffer is allocated once, in the engine's constructor; the ops write into them (no allocation
 per step, which is also what makes the capture valid). All GPU work runs on the engine's own stream.
@@ -55,12 +56,12 @@ from ..kernels import flashinfer as kernels
 from ..layers.moe import MoELayer
 from ..runtime.engine import Engine
 from ..runtime.family import ModelFamily
-from ..runtime.model_runner import ModelRunner
-from ..runtime.moe_paths import MoEPaths
 from ..runtime.sampling_params import SamplingParams
 from ..runtime.serving import GenerationResult
 from ..runtime.settings import with_settings
-from ..runtime.storage import step_views
+from ..runtime.worker.model_runner import ModelRunner
+from ..runtime.worker.step_io import step_views
+from .moe_paths import MoEPaths
 from .registry import family_config_json
 from .weights import WeightLoader
 
@@ -72,7 +73,7 @@ class Llama(MoEPaths, ModelFamily):
     (fused QKV and gate/up, Qwen3's per-head norms, Mixtral's and Qwen3-MoE's experts), the Llama pass (the module
     docstring) and FlashInfer's paged prefill and decode plans. The fused decode step and the padded prefill graphs
     serve it (:attr:`~fi_engine.runtime.family.ModelFamily.llama_pass`). ``moe_path``: the MoE layers' path for MoE
-    models (:class:`~fi_engine.runtime.moe_paths.MoEPaths`; :class:`LlamaEngine` passes its argument on)."""
+    models (:class:`~fi_engine.models.moe_paths.MoEPaths`; :class:`LlamaEngine` passes its argument on)."""
 
     llama_pass = True
     fp8_kv_refusal = ""  # bf16 queries over an e4m3 cache: FA2 decode and paged prefill (head_dim 128, kv_fp8)
@@ -290,7 +291,7 @@ class LlamaEngine(Engine):
 
     Args:
         moe_path: how the MoE layers run a step of up to ``max_batch`` token rows
-            (:class:`~fi_engine.runtime.moe_paths.MoEPaths`): ``"auto"`` (default): the grouped GEMV (routed on the
+            (:class:`~fi_engine.models.moe_paths.MoEPaths`): ``"auto"`` (default): the grouped GEMV (routed on the
             device, each chosen expert's weights read once) for steps of at most
             :attr:`~fi_engine.layers.moe.MoELayer.gemv_tokens` rows whose assignments number at most twice the experts,
             then dense over the experts where :func:`~fi_engine.layers.moe.choose_path` says so (Mixtral's 8 experts,

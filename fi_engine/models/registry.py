@@ -222,17 +222,17 @@ def open_engine(
     with the next ``step()``, the step left running on the GPU meanwhile), ``scheduler_delay_factor`` (queued
     requests wait while others decode, up to that many times the last prefill's time, to be prefilled together;
     0 to 100), ``mixed_prefill`` (a prefill pass decodes the active requests too) and ``warm_serving`` (the prefill
-    graphs the step API replays captured now, not while serving: ``ServingLoop.warm_serving``, where the engine has
+    graphs the step API replays captured now, not while serving: ``Engine.warm_serving``, where the engine has
     it; about 1 s for SmolLM2-135M on an H100) and ``prefix_caching`` (a prompt reuses the KV pages an earlier
-    request computed for its beginning: ``ServingLoop.prefix_caching``, on where the engine serves it, left off
+    request computed for its beginning: ``Engine.prefix_caching``, on where the engine serves it, left off
     elsewhere; ``engine.prefix_caching`` says which), ``chunked_prefill`` (a long prompt is prefilled in chunks of
-    ``max_num_batched_tokens`` token rows a pass, the running requests riding in each: ``ServingLoop.chunked_prefill``,
+    ``max_num_batched_tokens`` token rows a pass, the running requests riding in each: ``Engine.chunked_prefill``,
     on where the engine serves it; None: 512, at most the engine's ``max_prefill_tokens``) and
     ``speculative_config`` (vLLM's: ``{"method": "ngram", "num_speculative_tokens": k}``, speculative decoding by
     prompt lookup, or ``{"model": DIR, "num_speculative_tokens": k}``, by the drafts of a smaller model of the same
     tokenizer, whose engine is opened here: on the same device, with the same ``cuda_graph``, ``max_batch`` up to
     ``ServingLoop.speculation_max_rows``, room for the longest text and its draft, its prefix cache on; it is closed
-    with the engine. ``ServingLoop.speculative_config``; an engine that cannot serve it refuses it by name)."""
+    with the engine. ``Engine.speculative_config``; an engine that cannot serve it refuses it by name)."""
     from ..runtime.serving import delay_factor_arg, mixed_prefill_arg, overlap_steps_arg
 
     overlap_steps = overlap_steps_arg(overlap_steps)  # checked before the checkpoint is read
@@ -245,7 +245,7 @@ def open_engine(
     ):
         if not isinstance(value, bool):
             raise TypeError(f"{name}: expected True or False, got {type(value).__name__}")
-    from ..runtime.speculation import speculative_config_arg
+    from ..runtime.sample.speculation import speculative_config_arg
 
     # (checked before the checkpoint is read; the engine says whether it applies)
     speculation = speculative_config_arg(speculative_config)

@@ -5,8 +5,8 @@ index arrays, graphs, LM head and sampling are the engine's parts (:class:`~fi_e
 
 A definition is made once per engine (``Engine.definition()``, with the engine class's family options) and keeps its
 own state on itself (Gemma 2's extra norms, gpt-oss's sinks, DeepSeek's MLA caches). Each of its methods takes the
-model runner ``eng`` (:class:`~fi_engine.runtime.model_runner.ModelRunner`) and reaches it only through the family
-interface (declared and documented in :class:`~fi_engine.runtime.state.RunnerState`): the device context
+model runner ``eng`` (:class:`~fi_engine.runtime.worker.model_runner.ModelRunner`) and reaches it only through the
+family interface (declared and documented in :class:`~fi_engine.runtime.worker.state.RunnerState`): the device context
 (``eng.cupy``, ``eng.stream_ptr``, ``eng.dense``), the weights its ``load`` sets (``eng.wqkv``, ``eng.ln1``, ...),
 the buffers its ``allocate`` sets or asks for (``eng.allocate_layers()``, ``eng.buffers``, ``eng.k_cache``), the
 plans its ``plan_*`` set (``eng.decode_plan``), and the public methods ``embed_and_norm``, ``add_norm``,
@@ -34,8 +34,8 @@ class ModelFamily:
 
     llama_pass: bool = False
     """The family's forward is the engine's Llama pass (:class:`~fi_engine.models.llama.Llama`): the fused decode step
-    (:mod:`~fi_engine.runtime.fused_decode`) and the padded prefill graphs (:mod:`~fi_engine.runtime.step_graphs`)
-    serve it. False
+    (:mod:`~fi_engine.runtime.worker.fused_decode`) and the padded prefill graphs
+    (:mod:`~fi_engine.runtime.worker.step_graphs`) serve it. False
     for a layer body with host work between launches, which a graph would not repeat, or other launches."""
 
     fp8_kv_refusal: str = "this model family's attention"
@@ -116,7 +116,7 @@ class ModelFamily:
 
     def moe_path_for(self, eng: Any, rows: int) -> str:
         """``"routed"`` or ``"dense"``: the path the MoE layers of runner ``eng`` take for a step of ``rows`` token
-        rows; ``"routed"`` for a family without that choice (:class:`~fi_engine.runtime.moe_paths.MoEPaths` gives
+        rows; ``"routed"`` for a family without that choice (:class:`~fi_engine.models.moe_paths.MoEPaths` gives
         the Llama family and gpt-oss theirs)."""
         return "routed"
 

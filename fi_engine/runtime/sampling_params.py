@@ -1,6 +1,6 @@
 """How a request's tokens are chosen (:class:`SamplingParams`): a value, with no engine state, so that the engine's
-parts (:mod:`fi_engine.runtime.state`, :mod:`fi_engine.runtime.sampling`) and its callers share it without importing
-each other."""
+parts (:mod:`fi_engine.runtime.worker.state`, :mod:`fi_engine.runtime.sample.sampler`) and its callers share it without
+importing each other."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class SamplingParams:
     (:class:`fi_engine.text.grammar.GrammarTokenizer`).
 
     ``speculative_decoding`` (default True): False keeps the request out of speculative decoding where the engine
-    speculates (``ServingLoop.speculative_tokens``): it is never drafted for, and decodes one token a step.
+    speculates (``Engine.speculative_tokens``): it is never drafted for, and decodes one token a step.
     """
 
     temperature: float = 0.0
@@ -174,7 +174,7 @@ _CONTROLS = (
 def sets_controls(sampling: SamplingParams | None) -> bool:
     """Whether ``sampling`` sets a control that changes the logits (``grammar``, ``logit_bias``, ``min_tokens``, the
     penalties, ``min_p``): the engine processes its rows' logits before choosing
-    (:mod:`~fi_engine.runtime.logits_processing`)."""
+    (:mod:`~fi_engine.runtime.sample.logits_processing`)."""
     return sampling is not None and any(getattr(sampling, n) != _DEFAULTS[n] for n in _CONTROLS)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .paging import pages_for
+from .sched.pages import pages_for
 
 __all__ = ["EngineSettings", "EngineSizes"]
 

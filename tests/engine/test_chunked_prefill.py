@@ -8,9 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fi_engine.runtime.kv_cache import KVCacheManager
-from fi_engine.runtime.paging import PageAllocator, Scheduler, fill_prefill, prefill_layout
 from fi_engine.runtime.sampling_params import SamplingParams
+from fi_engine.runtime.sched.kv_cache import KVCacheManager
+from fi_engine.runtime.sched.pages import PageAllocator
+from fi_engine.runtime.sched.scheduler import Scheduler
+from fi_engine.runtime.sched.step_arrays import fill_prefill, prefill_layout
 
 PS = 16
 EOS = 999

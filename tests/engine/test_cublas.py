@@ -62,17 +62,21 @@ def _header_dir() -> Path | None:
     return Path(found) if found else None
 
 
+# the enum types the cffi declarations name (each read as an int by the C ABI)
+ENUM_TYPES = (
+    "cublasOperation_t",
+    "cublasComputeType_t",
+    "cublasGemmAlgo_t",
+    "cudaDataType",
+    "cublasMath_t",
+    "cublasStatus_t",
+)
+
+
 def test_declarations_parse_and_match_the_python_constants():
     ffi = cublas.get_ffi()
     declared = {}
-    for enum in (
-        "cublasOperation_t",
-        "cublasComputeType_t",
-        "cublasGemmAlgo_t",
-        "cudaDataType",
-        "cublasMath_t",
-        "cublasStatus_t",
-    ):
+    for enum in ENUM_TYPES:
         declared.update(ffi.typeof(enum).relements)
     assert declared == {name: value for name, (_, value) in ENUMS.items()}
     # The opaque handle and stream types are pointers; the scalars are read as float32 (CUBLAS_COMPUTE_32F).
@@ -80,14 +84,7 @@ def test_declarations_parse_and_match_the_python_constants():
     assert ffi.sizeof("cudaStream_t") == ffi.sizeof("void*")
     # uintptr_t stands in for the matrix pointers of cublasGemmEx: only sound where it has a pointer's size.
     assert ffi.sizeof("uintptr_t") == ffi.sizeof("void*")
-    for enum in (
-        "cublasOperation_t",
-        "cublasComputeType_t",
-        "cublasGemmAlgo_t",
-        "cudaDataType",
-        "cublasMath_t",
-        "cublasStatus_t",
-    ):
+    for enum in ENUM_TYPES:
         assert ffi.sizeof(enum) == ffi.sizeof("int"), enum
     assert set(ARITY) == set(cublas.FUNCTIONS)
 

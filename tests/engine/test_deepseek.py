@@ -14,56 +14,13 @@ import math
 import numpy as np
 import pytest
 from helpers.checkpoints import without_weights
+from helpers.hf_configs import DEEPSEEK_V3 as V3
 
-from fi_engine.checkpoint.deepseek_config import DeepSeekConfig, DeepSeekRouting, is_deepseek
 from fi_engine.checkpoint.quantization import Fp8Scheme
 from fi_engine.layers.deepseek_routing import grouped_topk
+from fi_engine.models.deepseek_config import DeepSeekConfig, DeepSeekRouting, is_deepseek
 from fi_engine.models.mla_weights import split_kv_b
 
-V3 = {
-    "architectures": ["DeepseekV3ForCausalLM"],
-    "model_type": "deepseek_v3",
-    "vocab_size": 129280,
-    "hidden_size": 7168,
-    "intermediate_size": 18432,
-    "moe_intermediate_size": 2048,
-    "num_hidden_layers": 61,
-    "num_attention_heads": 128,
-    "num_key_value_heads": 128,
-    "n_shared_experts": 1,
-    "n_routed_experts": 256,
-    "routed_scaling_factor": 2.5,
-    "kv_lora_rank": 512,
-    "q_lora_rank": 1536,
-    "qk_rope_head_dim": 64,
-    "v_head_dim": 128,
-    "qk_nope_head_dim": 128,
-    "topk_method": "noaux_tc",
-    "n_group": 8,
-    "topk_group": 4,
-    "num_experts_per_tok": 8,
-    "moe_layer_freq": 1,
-    "first_k_dense_replace": 3,
-    "norm_topk_prob": True,
-    "scoring_func": "sigmoid",
-    "hidden_act": "silu",
-    "max_position_embeddings": 163840,
-    "rms_norm_eps": 1e-06,
-    "rope_theta": 10000,
-    "rope_scaling": {
-        "beta_fast": 32,
-        "beta_slow": 1,
-        "factor": 40,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-        "original_max_position_embeddings": 4096,
-        "type": "yarn",
-    },
-    "tie_word_embeddings": False,
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-    "attention_bias": False,
-}
 V3_FP8 = {  # as DeepSeek-V3's config.json writes it
     **V3,
     "quantization_config": {

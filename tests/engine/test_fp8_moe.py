@@ -28,11 +28,11 @@ from helpers.moe_checkpoints import save_random_deepseek_v3, save_random_qwen3_m
 from helpers.random_llama import bf16_bits, save_random_llama
 
 from fi_engine.checkpoint.config import LlamaConfig
-from fi_engine.checkpoint.deepseek_config import DeepSeekConfig
 from fi_engine.checkpoint.fp8_weights import Fp8Matrix, read_fp8_linear
 from fi_engine.checkpoint.quantization import Fp8Scheme
 from fi_engine.checkpoint.safetensors import Checkpoint, write_safetensors
 from fi_engine.models.deepseek import _DeepSeekWeights
+from fi_engine.models.deepseek_config import DeepSeekConfig
 from fi_engine.models.weights import WeightLoader
 
 LAYOUTS = ("block", "channel", "tensor")

@@ -24,20 +24,13 @@ the same tolerance), with the default routing and with the device fallback."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
-from helpers.gpu import require_torch
+from helpers.gpu import engine_against_transformers
 
-if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
-    pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
+cp, torch, transformers = engine_against_transformers()
 
-cp = pytest.importorskip("cupy", reason="the engine needs CuPy (python -m pip install '.[engine]')")
-torch = require_torch()
-transformers = pytest.importorskip("transformers", reason="the reference needs transformers (fi-ffi[gpu-tests])")
-
-from helpers.checkpoints import float32_reference, randomize_norms  # noqa: E402
+from helpers.checkpoints import TOKENS, float32_reference, randomize_norms  # noqa: E402
 from helpers.yardstick import LOGIT_TOL, prompts  # noqa: E402
 
 from fi_engine.layers.deepseek_routing import grouped_topk  # noqa: E402
@@ -62,11 +55,8 @@ COMMON = dict(
     n_routed_experts=8,
     num_experts_per_tok=2,
     first_k_dense_replace=1,
-    max_position_embeddings=4096,
     rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
+    **TOKENS,
 )
 YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=1024, beta_fast=32, beta_slow=1, mscale=1.0,
             mscale_all_dim=0.8)  # fmt: skip

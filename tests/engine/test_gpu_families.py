@@ -36,14 +36,9 @@ import sys
 
 import numpy as np
 import pytest
-from helpers.gpu import require_torch
+from helpers.gpu import engine_against_transformers
 
-if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
-    pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
-
-cp = pytest.importorskip("cupy", reason="the engine needs CuPy (python -m pip install '.[engine]')")
-torch = require_torch()
-transformers = pytest.importorskip("transformers", reason="the reference needs transformers (fi-ffi[gpu-tests])")
+cp, torch, transformers = engine_against_transformers()
 
 from helpers.checkpoints import float32_reference, randomize_norms, rope_kwargs  # noqa: E402
 from helpers.wheels import supplied_by_user  # noqa: E402

@@ -25,18 +25,11 @@ weights (rounded to bfloat16) gives the yardstick of bfloat16 arithmetic's own e
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
-from helpers.gpu import require_torch
+from helpers.gpu import engine_against_transformers
 
-if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
-    pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
-
-cp = pytest.importorskip("cupy", reason="the engine needs CuPy (python -m pip install '.[engine]')")
-torch = require_torch()
-transformers = pytest.importorskip("transformers", reason="the reference needs transformers")
+cp, torch, transformers = engine_against_transformers()
 
 from helpers.checkpoints import float32_reference, rope_kwargs, save_random  # noqa: E402
 from helpers.fp8_checkpoints import write_fp8_copy  # noqa: E402
@@ -120,7 +113,7 @@ def test_greedy_decode_eager_and_graph_match_the_reference(fp8_variant, step, w8
         results = {}
         for graph in (False, True):
             with LlamaEngine(path, max_batch=len(ps), page_size=16, cuda_graph=graph) as engine:
-                assert engine.runner._fuses(len(ps)) == fused
+                assert engine.runner.fuses(len(ps)) == fused
                 results[graph] = r = engine.generate(ps, new, eos_token_ids=())
             assert [len(t) for t in r.tokens] == new
             exact = check_greedy(ref, ps, r.tokens, tol)
@@ -139,7 +132,7 @@ def compare_epilogue_step(path, monkeypatch, lens=(11,), **engine_kw) -> None:  
     for epilogues in (True, False):
         monkeypatch.setattr(Dense, "fp8_epilogues", epilogues)
         with LlamaEngine(path, max_batch=len(ps), page_size=16, **engine_kw) as engine:
-            assert engine.runner._fuses(len(ps)) == epilogues
+            assert engine.runner.fuses(len(ps)) == epilogues
             original, logits = engine.sampler.pick, []
 
             def pick(v, rows, sampling, logits=logits, original=original, engine=engine):  # type: ignore[no-untyped-def]

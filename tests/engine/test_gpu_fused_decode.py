@@ -1,5 +1,5 @@
-"""The engine's fused decode step (``ModelRunner._fused_step``) and its GEMV variants (``Dense.fused_linear``), on a
-GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy only, no torch or transformers).
+"""The engine's fused decode step (``ModelRunner.fused``, :mod:`fi_engine.runtime.worker.fused_decode`) and its GEMV
+variants (``Dense.fused_linear``), on a GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy only, no torch or transformers).
 
 1. Each variant (RMSNorm prologue, add + RMSNorm prologue with the new residual written out, SiLU-gated input) for
    float16 / bfloat16 in, 16-bit / float32 out, 1 to 4 rows, k = 576 (one pass of FlashInfer's norm block) and
@@ -51,7 +51,7 @@ from helpers.yardstick import LOGIT_TOL  # noqa: E402
 from fi_engine.kernels import flashinfer as kernels  # noqa: E402
 from fi_engine.kernels.dense import ADD_NORM, CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, NORM, SILU, Dense  # noqa: E402
 from fi_engine.models.llama import LlamaEngine  # noqa: E402
-from fi_engine.runtime.model_runner import ModelRunner  # noqa: E402
+from fi_engine.runtime.worker.model_runner import ModelRunner  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -318,7 +318,7 @@ def test_fused_decode_step_matches_the_separate_launches(tmp_path, model):
     ps = [[(5 * j + 3 * i) % 4000 + 3 for j in range(n)] for i, n in enumerate((3, 16, 29, 50))]
     runs = {}
     with LlamaEngine(path, max_batch=4, page_size=16) as engine:
-        assert all(engine.runner._fuses(r) for r in (1, 2, 3, 4)), engine.runner.dense.gemv_error
+        assert all(engine.runner.fuses(r) for r in (1, 2, 3, 4)), engine.runner.dense.gemv_error
         original = engine.sampler.pick
         for fused in (True, False):
             engine.fused_decode = fused
@@ -330,12 +330,12 @@ def test_fused_decode_step_matches_the_separate_launches(tmp_path, model):
 
             engine.sampler.pick = pick
             calls = []
-            step = engine.runner._fused_step
-            engine.runner._fused_step = lambda v, rows, calls=calls, step=step: (calls.append(rows), step(v, rows))[1]
+            step = engine.runner.fused.step
+            engine.runner.fused.step = lambda v, rows, calls=calls, step=step: (calls.append(rows), step(v, rows))[1]
             try:
                 r = engine.generate(ps, [24, 13, 24, 7], eos_token_ids=())
             finally:
-                del engine.runner._fused_step
+                del engine.runner.fused.step
                 del engine.sampler.pick
             assert len(calls) == (r.decode_steps if fused else 0)  # every decode step fused exactly when on
             runs[fused] = (r.tokens, logits)  # the prefill's too (never fused: equal in both runs)
@@ -356,7 +356,7 @@ def test_packed_attention_runs_give_bit_equal_logits(tmp_path, model):
     ps = [[(7 * j + 5 * i) % 4000 + 3 for j in range(n)] for i, n in enumerate((4, 17, 33, 9))]
     runs = {}
     with LlamaEngine(path, max_batch=4, page_size=16) as engine:
-        assert all(engine.runner._fuses(r) for r in (1, 2, 3, 4)), engine.runner.dense.gemv_error
+        assert all(engine.runner.fuses(r) for r in (1, 2, 3, 4)), engine.runner.dense.gemv_error
         original = engine.sampler.pick
         for packed in (False, True):
             engine.packed_attention = packed
@@ -374,7 +374,7 @@ def test_packed_attention_runs_give_bit_equal_logits(tmp_path, model):
                 engine.packed_attention = ModelRunner.packed_attention
             runs[packed] = (r.tokens, logits, r.decode_steps)
         # the packed runs were made (one per layer, per decode view the packed pass met)
-        packed_views = [v for v in engine.runner._views.values() if "attention runs" in v.prepared]
+        packed_views = [v for v in engine.runner.io._views.values() if "attention runs" in v.prepared]
         assert packed_views and all(len(v.prepared["attention runs"][1]) == 4 for v in packed_views)
     (tok_p, log_p, steps), (tok_u, log_u, _) = runs[True], runs[False]
     assert steps > 0
@@ -392,7 +392,7 @@ def test_a_moe_models_one_row_graph_captures_the_fused_step(tmp_path):
     path = make_checkpoint(tmp_path, *MODELS["bf16-mixtral-like"])
     prompt = [(11 * j) % 4000 + 3 for j in range(21)]
     with LlamaEngine(path, max_batch=4, page_size=16, cuda_graph=True) as engine:
-        assert engine.runner._fuses(1) and sorted(engine.runner.graphs) == [1, 2, 4]
+        assert engine.runner.fuses(1) and sorted(engine.runner.graphs) == [1, 2, 4]
         replays = []
         one = engine.runner.graphs[1]
         one.launch = lambda launch=one.launch: (replays.append(1), launch())[1]

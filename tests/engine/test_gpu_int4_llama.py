@@ -38,7 +38,7 @@ from helpers.random_llama import VOCAB, save_random_llama  # noqa: E402
 from helpers.yardstick import prompts  # noqa: E402
 
 from fi_engine.models.llama import LlamaEngine  # noqa: E402
-from fi_engine.runtime.model_runner import ModelRunner  # noqa: E402
+from fi_engine.runtime.worker.model_runner import ModelRunner  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

@@ -19,21 +19,15 @@ standard deviation of ~0.6, so the top two of 32000 are often closer than the FP
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
-from helpers.gpu import require_torch
+from helpers.gpu import engine_against_transformers
 
-if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
-    pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
-
-cp = pytest.importorskip("cupy", reason="the engine needs CuPy (python -m pip install '.[engine]')")
-torch = require_torch()
-transformers = pytest.importorskip("transformers", reason="the reference needs transformers (fi-ffi[gpu-tests])")
+cp, torch, transformers = engine_against_transformers()
 
 from helpers.attention_reference import reference  # noqa: E402
-from helpers.checkpoints import float32_reference, rope_kwargs, save_random  # noqa: E402
+from helpers.checkpoints import TOKENS, float32_reference, rope_kwargs, save_random  # noqa: E402
 from helpers.paged_kv import PagedKV, indptr  # noqa: E402
 from helpers.yardstick import LOGIT_TOL, check_eager_matches_graph, check_greedy, prompts  # noqa: E402
 
@@ -175,11 +169,8 @@ def checkpoint(tmp_path_factory):
         num_attention_heads=8,
         num_key_value_heads=2,
         head_dim=128,
-        max_position_embeddings=4096,
         rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
+        **TOKENS,
     )
     kw.update(rope_kwargs(transformers.LlamaConfig, 500000.0, None))
     model = save_random(path, "LlamaConfig", "LlamaForCausalLM", "bfloat16", kw)

@@ -21,23 +21,18 @@ huggingface-hub tokenizers safetensors regex pyyaml requests ...``); torch and C
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
 import pytest
-from helpers.gpu import require_torch
+from helpers.gpu import engine_against_transformers
 
-if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
-    pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
+cp, torch, transformers = engine_against_transformers()
 
-cp = pytest.importorskip("cupy", reason="the engine needs CuPy (python -m pip install '.[engine]')")
-torch = require_torch()
-transformers = pytest.importorskip("transformers", reason="the reference needs transformers (fi-ffi[gpu-tests])")
-
-from helpers.checkpoints import float32_reference, rope_kwargs, save_random  # noqa: E402
+from helpers.checkpoints import TOKENS, float32_reference, rope_kwargs, save_random  # noqa: E402
+from helpers.hf_configs import LLAMA31_ROPE  # noqa: E402
 from helpers.no_torch import TORCH_SPY  # noqa: E402
 from helpers.yardstick import LOGIT_TOL, check_eager_matches_graph, check_greedy, prompts, reference_logits  # noqa: E402
 
@@ -76,11 +71,8 @@ def build(tmp_path, dtype: str, head_dim: int, llama31: bool, tied: bool):
         num_attention_heads=16,
         num_key_value_heads=4,
         head_dim=head_dim,
-        max_position_embeddings=4096,
         rms_norm_eps=1e-5,
-        tie_word_embeddings=tied,
-        bos_token_id=1,
-        eos_token_id=2,
+        **{**TOKENS, "tie_word_embeddings": tied},
     )
     kw.update(rope_kwargs(transformers.LlamaConfig, theta, dict(LLAMA3) if llama31 else None))
     model = save_random(tmp_path, "LlamaConfig", "LlamaForCausalLM", dtype, kw)  # random norm weights, seed 0
@@ -122,10 +114,13 @@ def test_prefill_graph_replays_match_the_eager_prefill(variant):
     with LlamaEngine(path, max_batch=4, page_size=16) as engine:
         engine.prefill_graphs = False
         eager = engine.prefill_logits(ps)
-        assert not engine.runner._prefill_graph_cache
+        assert not engine.runner.step_graphs.prefill_cache
         engine.prefill_graphs = True
         runs = [engine.prefill_logits(ps) for _ in range(3)]  # captured + replayed, replayed, replayed
-        assert [k[:2] for k in engine.runner._prefill_graph_cache] == [(64, 4), (64, 1)]  # 57 and 50 rows: bucket 64
+        assert [k[:2] for k in engine.runner.step_graphs.prefill_cache] == [
+            (64, 4),
+            (64, 1),
+        ]  # 57 and 50 rows: bucket 64
     for n, got in enumerate(runs):
         for i, (g, e) in enumerate(zip(got, eager, strict=True)):
             err = float(np.abs(g - e).max())
@@ -457,18 +452,7 @@ def rope_reference(x: np.ndarray, pos: np.ndarray, inv: np.ndarray) -> np.ndarra
 def test_rope_settings_match_transformers_formula(llama3, d):
     """The engine's mapping of config.json's rotary settings onto FlashInfer's RoPE ops, on the fused-QKV views
     the engine uses, at positions up to 20000 where Llama 3.1 scaling matters."""
-    rope = (
-        RopeConfig(
-            theta=500000.0,
-            llama3=True,
-            factor=8.0,
-            low_freq_factor=1.0,
-            high_freq_factor=4.0,
-            original_max_position_embeddings=8192.0,
-        )
-        if llama3
-        else RopeConfig(theta=10000.0)
-    )
+    rope = LLAMA31_ROPE if llama3 else RopeConfig(theta=10000.0)
     rng = np.random.default_rng(d)
     n, hq, hk = 40, 4, 2
     pos = np.sort(rng.integers(0, 20000, size=n)).astype(np.int32)

@@ -15,13 +15,22 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers.env import REPO
-from helpers.subprocess_run import comm_wheel, gpu_count, launched, multicast_off, run_ok, wheels_env, worker
+from helpers.hf_configs import LLAMA_SHAPE
+from helpers.subprocess_run import (
+    comm_wheel,
+    fi_ffi_generate,
+    gpu_count,
+    launched,
+    multicast_off,
+    run_ok,
+    wheels_env,
+    worker,
+)
 
 multicast_off()
 
@@ -31,16 +40,9 @@ pytestmark = [
 ]
 
 CONFIG = {
-    "model_type": "llama",
+    **LLAMA_SHAPE,
     "vocab_size": 8192,
-    "hidden_size": 1024,
-    "intermediate_size": 2816,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 4,
     "head_dim": 64,
-    "rms_norm_eps": 1e-5,
-    "max_position_embeddings": 4096,
     "rope_theta": 10000.0,
     "tie_word_embeddings": False,
     "eos_token_id": 2,
@@ -199,22 +201,7 @@ def test_cli_generate_tp_prints_once(setup: tuple[Path, dict[str, str], dict[str
     model, env, _ = setup
     prompt = ",".join(map(str, [5, 6, 7, 8]))
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fi_ffi",
-            "generate",
-            "--model",
-            str(model),
-            "--prompt-ids",
-            prompt,
-            "--max-new-tokens",
-            "8",
-            "--eos-ids",
-            "none",
-            "--tp",
-            "2",
-        ],
+        fi_ffi_generate(model, "--prompt-ids", prompt, "--max-new-tokens", "8", "--eos-ids", "none", "--tp", "2"),
         env=env,
         capture_output=True,
         text=True,

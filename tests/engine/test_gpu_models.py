@@ -24,18 +24,11 @@ reference run on the engine's routing (its own softmax weights of the experts th
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
-from helpers.gpu import require_torch
+from helpers.gpu import engine_against_transformers
 
-if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
-    pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
-
-cp = pytest.importorskip("cupy", reason="the engine needs CuPy (python -m pip install '.[engine]')")
-torch = require_torch()
-transformers = pytest.importorskip("transformers", reason="the reference needs transformers (fi-ffi[gpu-tests])")
+cp, torch, transformers = engine_against_transformers()
 
 from helpers.checkpoints import MIXTRAL_MOE, SMALL, float32_reference, qwen3_moe, save_random  # noqa: E402
 from helpers.yardstick import LOGIT_TOL, check_greedy, prompts, reference_logits  # noqa: E402

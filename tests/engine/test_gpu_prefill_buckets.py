@@ -113,7 +113,7 @@ def test_lengths_in_one_bucket_replay_one_graph_with_the_eager_logits_and_kv(mod
         with engine(path, 1, graphs=True) as g:  # a fresh engine: its first prefill is a capture
             got = g.prefill_logits(ps)
             got_kv = kv_pages(g)
-            keys = list(g.runner._prefill_graph_cache)
+            keys = list(g.runner.step_graphs.prefill_cache)
             failures = dict(g.prefill_graph_failures)
     assert failures == {}
     assert [k[:2] for k in keys] == [(64, 1)], keys  # one graph for the four lengths
@@ -138,10 +138,10 @@ def test_batched_prefill_and_decode_after_a_graph_prefill_match_eager(model):
             out[graphs] = [e.generate(b, 13, eos_token_ids=()).tokens for b in batches]
             logits = e.prefill_logits(batches[1])
             if graphs:
-                assert [k[:2] for k in e.runner._prefill_graph_cache] == [(32, 3)]
+                assert [k[:2] for k in e.runner.step_graphs.prefill_cache] == [(32, 3)]
                 assert not e.prefill_graph_failures
             else:
-                assert not e.runner._prefill_graph_cache
+                assert not e.runner.step_graphs.prefill_cache
                 eager_logits = logits
     print(f"{dtype}: batched greedy tokens {out[True]}")
     assert out[True] == out[False]
@@ -156,7 +156,7 @@ def test_a_failed_capture_runs_the_prefill_eagerly(model):
     with engine(path, 1, graphs=False) as e:
         eager = e.prefill_logits(ps)
     with engine(path, 1, graphs=True) as g:
-        forward = g.runner._forward
+        forward = g.runner.forward
         calls = [0]
 
         def sync_in_capture(v, rows, attention, static_moe=False):
@@ -165,16 +165,16 @@ def test_a_failed_capture_runs_the_prefill_eagerly(model):
                 g.stream.synchronize()
             forward(v, rows, attention, static_moe)
 
-        g.runner._forward = sync_in_capture
+        g.runner.forward = sync_in_capture
         failed = r"prefill graph of 32 token rows and 1 request slots failed \(capture: "
         with pytest.warns(RuntimeWarning, match=failed):
             first = g.prefill_logits(ps[:1])
         assert list(g.prefill_graph_failures) == [(32, 1)]
         print(f"recorded: {g.prefill_graph_failures[(32, 1)][:160]}")
         second = g.prefill_logits(ps[1:])  # the same shape: eager, unpadded, no new capture
-        assert not g.runner._prefill_graph_cache
+        assert not g.runner.step_graphs.prefill_cache
         again = g.prefill_logits(prompts((40,), VOCAB, seed=5))  # another bucket still captures
-        assert [k[:2] for k in g.runner._prefill_graph_cache] == [(64, 1)] and again[0].shape == (40, VOCAB)
+        assert [k[:2] for k in g.runner.step_graphs.prefill_cache] == [(64, 1)] and again[0].shape == (40, VOCAB)
     assert max_diff(first + second, eager) <= LOGIT_TOL[dtype]
 
 
@@ -185,11 +185,11 @@ def test_warm_prefill_captures_ahead_and_serving_only_replays(model):
         eager = [e.generate(p, 6, eos_token_ids=()).tokens for p in ps]
     with engine(path, 2, graphs=True) as g:
         assert g.warm_prefill([64, 200]) == [(64, 1), (256, 1)]
-        capture = g.runner._capture_prefill
+        capture = g.runner.step_graphs._capture_prefill
         captures = []
-        g.runner._capture_prefill = lambda *a: captures.append(a[1:]) or capture(*a)
+        g.runner.step_graphs._capture_prefill = lambda *a: captures.append(a[1:]) or capture(*a)
         got = [g.generate(p, 6, eos_token_ids=()).tokens for p in ps]
-        assert captures == [] and sorted(k[:2] for k in g.runner._prefill_graph_cache) == [(64, 1), (256, 1)]
+        assert captures == [] and sorted(k[:2] for k in g.runner.step_graphs.prefill_cache) == [(64, 1), (256, 1)]
     print(f"{dtype}: after warm_prefill {got}")
     assert got == eager
 
@@ -205,9 +205,9 @@ def test_warm_serving_captures_every_pass_the_step_api_replays(model):
         held = g.warm_serving()
         want = [(b, 4) for b in g.prefill_buckets if b >= 4]
         assert sorted(held) == want, held
-        capture = g.runner._capture_prefill
+        capture = g.runner.step_graphs._capture_prefill
         captures = []
-        g.runner._capture_prefill = lambda *a: captures.append(a[1:]) or capture(*a)
+        g.runner.step_graphs._capture_prefill = lambda *a: captures.append(a[1:]) or capture(*a)
         g.overlap_steps, g.mixed_prefill = True, True
         rids, got = {}, {}
         queue = list(enumerate(ps))

@@ -23,14 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.gpu import require_torch
+from helpers.gpu import engine_against_transformers
 
-if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
-    pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
-
-cp = pytest.importorskip("cupy", reason="the engine needs CuPy (pip install 'fi-ffi[engine]')")
-torch = require_torch()
-transformers = pytest.importorskip("transformers", reason="the reference needs transformers (fi-ffi[gpu-tests])")
+cp, torch, transformers = engine_against_transformers()
 openai = pytest.importorskip("openai", reason="the client is the dev extra's openai package")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette", reason="the server needs the serve extra")
@@ -39,8 +34,8 @@ from helpers.json_schemas import PERSON, check_person, check_schema, json_schema
 from helpers.serve import running  # noqa: E402
 
 from fi_engine.models.registry import engine_class  # noqa: E402
-from fi_engine.runtime.model_runner import ModelRunner  # noqa: E402
 from fi_engine.runtime.stepping import StepEngine  # noqa: E402
+from fi_engine.runtime.worker.model_runner import ModelRunner  # noqa: E402
 from fi_engine.serve.openai_server import build_app  # noqa: E402
 from fi_engine.serve.service import GenerationService  # noqa: E402
 from fi_engine.text.codec import TextCodec  # noqa: E402

@@ -42,8 +42,8 @@ from helpers.yardstick import prompts  # noqa: E402
 
 from fi_engine.kernels import flashinfer as kernels  # noqa: E402
 from fi_engine.models.llama import LlamaEngine  # noqa: E402
+from fi_engine.runtime.sample.speculation import DraftPolicy  # noqa: E402
 from fi_engine.runtime.sampling_params import SamplingParams  # noqa: E402
-from fi_engine.runtime.speculation import DraftPolicy  # noqa: E402
 from fi_engine.runtime.stepping import StepEngine, StepOutput  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -375,13 +375,13 @@ def test_a_mixed_prefill_pass_decodes_the_running_requests(engine):
     if not engine.mixed_prefill:
         pytest.skip("mixed_prefill is off in this mode")
     rider_counts: list[int] = []  # per prefill pass: the decoding requests it carried
-    launch = engine._prefill_launch
+    launch = engine.passes.prefill_launch
 
     def counted(sched, reqs, riders=(), all_logits=False, behind=False, graph_slots=None):
         rider_counts.append(len(riders))
         return launch(sched, reqs, riders, all_logits, behind, graph_slots)
 
-    engine._prefill_launch = counted
+    engine.passes.prefill_launch = counted
     try:
         ps = prompts((21, 4, 33, 17, 9), VOCAB, seed=23)
         limits = [28, 26, 14, 19, 11]
@@ -395,7 +395,7 @@ def test_a_mixed_prefill_pass_decodes_the_running_requests(engine):
         for rid, outs in drain(engine).items():
             got.setdefault(rid, []).extend(tokens_of(outs))
     finally:
-        del engine._prefill_launch  # the class's method again
+        del engine.passes.prefill_launch  # the class's method again
     assert rider_counts[0] == 0 and rider_counts[1:] and all(n >= 1 for n in rider_counts[1:]), rider_counts
     assert free_pages(engine) == capacity(engine)
     for rid, p, m in zip(rids, ps, limits, strict=True):
@@ -407,7 +407,7 @@ def test_a_mixed_prefill_pass_decodes_the_running_requests(engine):
 
 
 def test_prefix_caching_serves_a_shared_system_prompt_with_the_same_tokens(engine):
-    """Automatic prefix caching (ServingLoop.prefix_caching) in every mode: a conversation's first turn fills the
+    """Automatic prefix caching (Engine.prefix_caching) in every mode: a conversation's first turn fills the
     cache, then three turns that begin with the same 40-token system prompt, added together, each take its two full
     pages and are prefilled past them. Their tokens equal those of the same run with the cache off (the cached K/V
     are what their own prefill would have computed, from another pass shape), and each is the engine's own greedy
@@ -438,7 +438,7 @@ def test_prefix_caching_serves_a_shared_system_prompt_with_the_same_tokens(engin
 
 
 def test_chunked_prefill_gives_the_same_tokens_as_whole_prompts(engine):
-    """Chunked prefill (ServingLoop.chunked_prefill) in every mode, passes of 40 token rows: two requests decode, then
+    """Chunked prefill (Engine.chunked_prefill) in every mode, passes of 40 token rows: two requests decode, then
     prompts of 150 and 97 tokens arrive and are prefilled in chunks (beside the decoding ones where the mode mixes),
     each chunk continuing from the K/V the last one wrote. Every request's tokens equal those of the same run with
     whole prompts (the chunks' K/V are what one pass computes, from other pass shapes), and each is the engine's own
@@ -446,7 +446,7 @@ def test_chunked_prefill_gives_the_same_tokens_as_whole_prompts(engine):
     short = prompts((9, 14), VOCAB, seed=51)
     long = prompts((150, 97), VOCAB, seed=52)
     rows: list[int] = []
-    launch = engine._prefill_launch
+    launch = engine.passes.prefill_launch
 
     def counted(sched, reqs, riders=(), *args, **kwargs):  # the token rows of each pass (fill_prefill's nnz)
         rows.append(sum(len(r.prompt[r.cached : r.chunk_end]) for r in reqs if not r.output) + len(riders))
@@ -467,12 +467,12 @@ def test_chunked_prefill_gives_the_same_tokens_as_whole_prompts(engine):
     engine.max_num_batched_tokens = 40
     try:
         whole = run(False)
-        engine._prefill_launch = counted
+        engine.passes.prefill_launch = counted
         chunked = run(True)
     finally:
         engine.chunked_prefill = False
         engine.max_num_batched_tokens = engine.scheduler.max_prefill_tokens
-        engine.__dict__.pop("_prefill_launch", None)  # the class's method again
+        engine.passes.__dict__.pop("prefill_launch", None)  # the class's method again
     assert max(rows) <= 40 and len(rows) >= (150 + 97) // 40, rows
     assert chunked == whole
     assert free_pages(engine) == capacity(engine)
@@ -481,7 +481,7 @@ def test_chunked_prefill_gives_the_same_tokens_as_whole_prompts(engine):
 
 
 def test_speculative_decoding_gives_the_same_tokens(engine):
-    """Speculative decoding by prompt lookup (ServingLoop.speculative_tokens = 4) in every mode: prompts that repeat a
+    """Speculative decoding by prompt lookup (Engine.speculative_tokens = 4) in every mode: prompts that repeat a
     block (their drafts: the block's continuation) and one that does not, with generate and the step API. Every
     request's tokens equal those of the same run without speculation (the verifying pass's greedy choices, from the
     prefill's kernels) and are the engine's own greedy choice by teacher forcing; passes ran and drafts were fed."""
@@ -553,7 +553,7 @@ def other_checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("draft_of", ["same", "other"])
 def test_a_draft_model_gives_the_same_tokens(engine, checkpoint, other_checkpoint, draft_of):
-    """Speculative decoding by a draft model (``ServingLoop.draft_model``, 4 tokens a pass) in every mode, the draft
+    """Speculative decoding by a draft model (``Engine.draft_model``, 4 tokens a pass) in every mode, the draft
     engine made as vLLM's option makes it (eager or CUDA graph as the target): ``same``, the target's own checkpoint
     (its greedy drafts are the target's choices up to the prefill and decode kernels' rounding: at least 90 % of the
     draft tokens accepted), and ``other``, another random model. Prompts that

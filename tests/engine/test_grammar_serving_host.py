@@ -1,11 +1,12 @@
 """The engine's structured output (``SamplingParams.grammar``, the OpenAI ``response_format``) on CPU, over a real
 trained byte-level BPE tokenizer (helpers.text_checkpoints) and llguidance:
 
-- :class:`~fi_engine.runtime.logits_processing.LogitsProcessor` with numpy standing in for CuPy: a grammar row's
+- :class:`~fi_engine.runtime.sample.logits_processing.LogitsProcessor` with numpy standing in for CuPy: a grammar row's
   disallowed logits become -inf and its allowed ones stay bit for bit, the raw logprobs are those of the logits
-  before the mask, other rows are untouched; :func:`~fi_engine.runtime.logits_processing.mask_disallowed` unpacks
+  before the mask, other rows are untouched; :func:`~fi_engine.runtime.sample.logits_processing.mask_disallowed` unpacks
   every bit (bit 31 of a word included) as numpy's ``unpackbits`` does;
-- :meth:`Scheduler.record <fi_engine.runtime.paging.Scheduler.record>` advances each request's matcher and ends it
+- :meth:`Scheduler.record <fi_engine.runtime.sched.scheduler.Scheduler.record>` advances each request's matcher and ends
+it
   at its grammar's end-of-sequence id, even with ``ignore_eos`` (no EOS ids of its own); a token its grammar refuses
   ends it as ``"abort"``;
 - the engine's serving loop (``step`` and ``generate``) with only the device pass stood in for (the stand-in
@@ -32,11 +33,13 @@ from helpers.text_checkpoints import write_text_checkpoint
 
 from fi_engine.models.llama import LlamaEngine
 from fi_engine.runtime import serving
-from fi_engine.runtime.kv_cache import KVCacheManager
-from fi_engine.runtime.logits_processing import LogitsProcessor, mask_disallowed
-from fi_engine.runtime.paging import PageAllocator, Request, Scheduler
-from fi_engine.runtime.sampling import Sampler
+from fi_engine.runtime.sample.logits_processing import LogitsProcessor, mask_disallowed
+from fi_engine.runtime.sample.sampler import Sampler
 from fi_engine.runtime.sampling_params import SamplingParams
+from fi_engine.runtime.sched.kv_cache import KVCacheManager
+from fi_engine.runtime.sched.pages import PageAllocator
+from fi_engine.runtime.sched.request import Request
+from fi_engine.runtime.sched.scheduler import Scheduler
 from fi_engine.text.codec import TextCodec
 from fi_engine.text.grammar import GrammarTokenizer, response_format_grammar
 
@@ -267,8 +270,8 @@ def bare_engine(model_dir: Any, codec: TextCodec, max_batch: int = 4, num_pages:
         sched.record(rows, device_pass(sched, rows))
         return 1.0, list(rows)
 
-    e._prefill = prefill
-    e._decode_step = decode_step
+    e.passes.prefill = prefill
+    e.passes.decode_step = decode_step
     return e
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers.hf_configs import LLAMA_SHAPE
 
 import fi_ffi
 from fi_engine.checkpoint.config import LlamaConfig, RopeConfig
 from fi_engine.kernels import flashinfer as kernels
 from fi_engine.models.llama import step_views
-from fi_engine.runtime.paging import decode_layout, prefill_layout
+from fi_engine.runtime.sched.step_arrays import decode_layout, prefill_layout
 from fi_ffi.errors import KernelError
 from fi_ffi.ops.attention import decode, prefill
 from fi_ffi.ops.attention.plan import Plan
@@ -31,18 +32,7 @@ PAGES, PS, ROWS, BATCH = 9, 16, 5, 3
 
 
 def config(head_dim: int) -> LlamaConfig:
-    return LlamaConfig.from_dict(
-        {
-            "vocab_size": 32000,
-            "hidden_size": 1024,
-            "intermediate_size": 2816,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 16,
-            "num_key_value_heads": 4,
-            "head_dim": head_dim,
-            "max_position_embeddings": 4096,
-        }
-    )
+    return LlamaConfig.from_dict({**LLAMA_SHAPE, "head_dim": head_dim})
 
 
 def views(c: LlamaConfig, dtype: str, kind: str):
@@ -233,13 +223,14 @@ def test_the_fused_step_hands_the_packed_attention_runs_the_same_frames(monkeypa
     """``ModelRunner.packed_attention``: the fused step's attention run per layer, packed once per view, hands the
     module the frame ``batch_decode_run`` does (every slot and DLTensor, recorded by a probe bound as the run's entry
     point), step after step with a new plan each, between the same packed launches in the same order. The engine is
-    a bare object with the attributes ``_fused_step`` reads; the other packed launches are recording stand-ins."""
+    a bare object with the attributes the fused step reads; the other packed launches are recording stand-ins."""
     from types import SimpleNamespace
 
     from helpers.frame_probe import FrameProbe
 
     from fi_engine.models.llama import Llama
-    from fi_engine.runtime.model_runner import ModelRunner
+    from fi_engine.runtime.worker.fused_decode import FusedDecode
+    from fi_engine.runtime.worker.model_runner import ModelRunner
     from fi_ffi.abi.call import Function
 
     c = config(head_dim)
@@ -264,7 +255,7 @@ def test_the_fused_step_hands_the_packed_attention_runs_the_same_frames(monkeypa
         eng.v_cache = [kernels.descriptor(FAKE + ((17 + 2 * i) << 30), shape, dtype, 0) for i in range(c.num_layers)]
         eng.buffers = SimpleNamespace(logits=SimpleNamespace(data=SimpleNamespace(ptr=0)))
         order: list[tuple[str, int]] = []
-        eng._finish_logits = lambda *_: order.append(("finish", len(probe.seen)))
+        eng.finish_logits = lambda *_: order.append(("finish", len(probe.seen)))
         v = views(c, dtype, "decode")
 
         def mark(tag: str):
@@ -279,7 +270,7 @@ def test_the_fused_step_hands_the_packed_attention_runs_the_same_frames(monkeypa
             for packed in (False, True):
                 eng.packed_attention = packed
                 order.clear()
-                eng._fused_step(v, BATCH)
+                FusedDecode(eng).step(v, BATCH)
                 seen[packed] = [probe.seen.pop(0) for _ in range(c.num_layers)]
                 assert probe.seen == []
                 # each layer's run between its QKV launch and its o launch; the head after the last
@@ -319,7 +310,8 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
 
     from helpers.frame_probe import FrameProbe
 
-    from fi_engine.runtime.model_runner import ModelRunner
+    from fi_engine.runtime.worker.fused_decode import FusedDecode
+    from fi_engine.runtime.worker.model_runner import ModelRunner
     from fi_ffi.ops import norm, page, rope
 
     fp8 = weights == "fp8"
@@ -370,7 +362,7 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
         each.launcher.forget()
         each.launcher.entry = probe.entry
     try:
-        _, layers, _ = eng._fused_calls(v, BATCH)
+        _, layers, _ = FusedDecode(eng)._fused_calls(v, BATCH)
         for i, (before, after) in enumerate(layers):
             if weights != "16-bit":  # the norm, the QKV GEMV, ...; after: O, the norm, gate/up + SiLU, down
                 assert callable(before[0]) and before[1] == "gemv" and after[::2] == after[2:] == ["gemv"] * 2
@@ -395,17 +387,17 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
             each.launcher.forget()
             each.launcher.entry = entry
     # packed again with the real modules bound: each packed call passes the module's signature check
-    _, layers, _ = eng._fused_calls(v, BATCH)
+    _, layers, _ = FusedDecode(eng)._fused_calls(v, BATCH)
     for call in layers[0][0][1 if weights == "16-bit" else 2 :]:
         reached(call)
 
 
 @pytest.mark.parametrize("rows", [1, 5])
 def test_per_row_sampling_calls_reach_the_sampling_module(rows):
-    """A mixed step's sampling (fi_engine.runtime.sampling.Sampler._sample_mixed): softmax with a per-row temperature
-    array, then the joint top-k/top-p sampler with per-row int32 top_k / float32 top_p arrays read at ``indices``
-    (a stream's rows, fewer than the rows) into an int32 ``out`` of its own length, as the engine describes them;
-    and the uniform step's scalar call."""
+    """A mixed step's sampling (fi_engine.runtime.sample.sampler.Sampler._sample_mixed): softmax with a per-row
+    temperature array, then the joint top-k/top-p sampler with per-row int32 top_k / float32 top_p arrays read at
+    ``indices`` (a stream's rows, fewer than the rows) into an int32 ``out`` of its own length, as the engine describes
+    them; and the uniform step's scalar call."""
     vocab = 32000
     at = iter(FAKE + (i << 30) for i in range(16))  # each operand at its own address, 1 GiB apart
 

@@ -1,5 +1,5 @@
-"""The prefix cache's host side (fi_engine.runtime.kv_cache), no GPU: the hash chain of full pages, reference counts,
-LRU eviction, running out of pages, the cap that leaves a prompt's last token to compute, chunked commits, the
+"""The prefix cache's host side (fi_engine.runtime.sched.kv_cache), no GPU: the hash chain of full pages, reference
+counts, LRU eviction, running out of pages, the cap that leaves a prompt's last token to compute, chunked commits, the
 metrics, bad input, the disabled mode against PageAllocator, and a randomized run of 20,000 operations that checks
 the bookkeeping after every one and that a matched page always holds the tokens it was matched for.
 """
@@ -15,8 +15,9 @@ import sys
 import numpy as np
 import pytest
 
-from fi_engine.runtime import paging
-from fi_engine.runtime.kv_cache import HASH_BYTES, KVCacheManager, PrefixCacheStats, page_hashes
+from fi_engine.runtime.sched.kv_cache import HASH_BYTES, KVCacheManager, PrefixCacheStats, page_hashes
+from fi_engine.runtime.sched.pages import OutOfPagesError, PageAllocator, pages_for
+from fi_engine.runtime.sched.scheduler import Scheduler
 
 PS = 4
 
@@ -24,7 +25,7 @@ PS = 4
 def admit(kv: KVCacheManager, prompt: list[int], extra_key: object = None) -> tuple[list[int], int]:
     """What a scheduler does for a new request: match, then hold the matched pages and fresh ones for the rest."""
     prefix, cached = kv.match_prefix(prompt, extra_key)
-    pages = kv.acquire(prefix, paging.pages_for(len(prompt), kv.page_size) - len(prefix), num_tokens=len(prompt))
+    pages = kv.acquire(prefix, pages_for(len(prompt), kv.page_size) - len(prefix), num_tokens=len(prompt))
     return pages, cached
 
 
@@ -77,7 +78,10 @@ def test_page_hash_format_is_fixed_and_the_same_in_another_process():
     first = hashlib.blake2b(bytes(16) + bytes(4) + np.array([7, 8], "<i4").tobytes(), digest_size=16).digest()
     second = hashlib.blake2b(first + bytes(4) + np.array([9, 10], "<i4").tobytes(), digest_size=16).digest()
     assert page_hashes([7, 8, 9, 10, 11], 2) == [first, second]
-    code = "from fi_engine.runtime.kv_cache import page_hashes; print(page_hashes([1, 2, 3, 4], 2, ('k', 1))[1].hex())"
+    code = (
+        "from fi_engine.runtime.sched.kv_cache import page_hashes; "
+        "print(page_hashes([1, 2, 3, 4], 2, ('k', 1))[1].hex())"
+    )
     outs = {
         subprocess.run(
             [sys.executable, "-c", code],
@@ -151,7 +155,7 @@ def test_a_shared_page_stays_cached_and_unevictable_while_one_request_holds_it()
     assert kv.num_free == 11 - 3  # a's private last page came back; the shared ones did not
     rest = kv.allocate(kv.num_free)
     assert set(rest).isdisjoint(b)
-    with pytest.raises(paging.OutOfPagesError):
+    with pytest.raises(OutOfPagesError):
         kv.allocate(1)
     assert kv.match_prefix(prompt) == (a[:2], 8)  # still served
     kv.free(rest)
@@ -274,13 +278,13 @@ def test_out_of_pages_raises_paging_error_and_changes_nothing():
     a = prefilled(kv, [1] * 8 + [2])  # 3 pages, 2 cached
     kv.free(a)
     held = kv.allocate(2)
-    with pytest.raises(paging.OutOfPagesError, match="4 free pages of 6"):
+    with pytest.raises(OutOfPagesError, match="4 free pages of 6"):
         kv.allocate(5)
     assert kv.num_free == 4 and kv.num_cached == 2 and kv.stats.evictions == 0
     prefix, _ = kv.match_prefix([1] * 8 + [3])
     assert len(prefix) == 2 and kv.free_pages_needed(prefix, 3) == 5
     assert kv.stats.requests == 1  # a's admission
-    with pytest.raises(paging.OutOfPagesError):
+    with pytest.raises(OutOfPagesError):
         kv.acquire(prefix, 3, num_tokens=9)  # the 2 idle prefix pages leave only 2 others
     assert kv.num_free == 4 and kv.num_idle == 2 and kv.stats.requests == 1  # nothing held, nothing counted
     assert kv.match_prefix([1] * 8 + [3]) == (prefix, 8)
@@ -340,7 +344,7 @@ def test_disabled_cache_hands_out_pages_as_page_allocator():
     rng = random.Random(7)
     for reserved in (0, 1, 3):
         kv = KVCacheManager(40, PS, reserved=reserved, enable_prefix_caching=False)
-        ref = paging.PageAllocator(40, reserved)
+        ref = PageAllocator(40, reserved)
         held: list[list[int]] = []
         for _ in range(2000):
             if held and rng.random() < 0.45:
@@ -351,9 +355,9 @@ def test_disabled_cache_hands_out_pages_as_page_allocator():
             else:
                 n = rng.randrange(0, 6)
                 if n > ref.num_free:
-                    with pytest.raises(paging.OutOfPagesError):
+                    with pytest.raises(OutOfPagesError):
                         ref.alloc(n)
-                    with pytest.raises(paging.OutOfPagesError):
+                    with pytest.raises(OutOfPagesError):
                         kv.allocate(n)
                     continue
                 pages = ref.alloc(n)
@@ -380,7 +384,7 @@ def test_a_scheduler_runs_on_it_as_on_page_allocator():
     caching off gives every request the same pages step by step."""
 
     def run(allocator: object) -> list[tuple[int, ...]]:
-        s = paging.Scheduler(allocator, 16, 3, 128, 64, 1000)  # type: ignore[arg-type]
+        s = Scheduler(allocator, 16, 3, 128, 64, 1000)  # type: ignore[arg-type]
         rng = random.Random(3)
         for _ in range(8):
             s.submit([rng.randrange(1000) for _ in range(rng.randrange(1, 30))], rng.randrange(1, 40))
@@ -394,7 +398,7 @@ def test_a_scheduler_runs_on_it_as_on_page_allocator():
             trace += [tuple(r.pages) for r in s.active]
         return trace
 
-    trace = run(paging.PageAllocator(12))
+    trace = run(PageAllocator(12))
     assert len(trace) > 20
     assert run(KVCacheManager(12, 16, enable_prefix_caching=False)) == trace
     assert run(KVCacheManager(12, 16)) == trace  # nothing committed: nothing cached, the same pages
@@ -532,9 +536,9 @@ def test_twenty_thousand_random_operations_keep_the_bookkeeping_and_the_cached_t
             for i, p in enumerate(prefix):  # the cache's promise: these slots hold these tokens
                 assert written[p] == tokens[i * PS : (i + 1) * PS]
             matched_tokens += cached
-            new = paging.pages_for(len(tokens), PS) - len(prefix)
+            new = pages_for(len(tokens), PS) - len(prefix)
             if kv.free_pages_needed(prefix, new) > kv.num_free:
-                with pytest.raises(paging.OutOfPagesError):
+                with pytest.raises(OutOfPagesError):
                     kv.acquire(prefix, new, num_tokens=len(tokens))
             else:
                 pages = kv.acquire(prefix, new, num_tokens=len(tokens))
@@ -545,7 +549,7 @@ def test_twenty_thousand_random_operations_keep_the_bookkeeping_and_the_cached_t
             if r["done"] == len(r["tokens"]):  # decoding: a new token to feed
                 r["tokens"].append(rng.randrange(50))
             end = min(len(r["tokens"]), r["done"] + rng.randrange(1, 7))
-            need = max(paging.pages_for(end, PS) - len(r["pages"]), 0)
+            need = max(pages_for(end, PS) - len(r["pages"]), 0)
             if need > kv.num_free:
                 continue
             got = kv.allocate(need)

@@ -1,7 +1,7 @@
-"""The engine's logits processing (fi_engine.runtime.logits_processing) on CPU: LogitsProcessor runs on numpy in place
-of CuPy (the calls it makes are the same in both), over logits of the tests' stand-in model, against the stand-in's
-own reference (tests/helpers/fake_engine.py: ``next_token``, ``position_logprobs``), an implementation of vLLM's
-order written independently. Float32 logits against the reference's float64: log-probabilities within 1e-5. The
+"""The engine's logits processing (fi_engine.runtime.sample.logits_processing) on CPU: LogitsProcessor runs on numpy in
+place of CuPy (the calls it makes are the same in both), over logits of the tests' stand-in model, against the
+stand-in's own reference (tests/helpers/fake_engine.py: ``next_token``, ``position_logprobs``), an implementation of
+vLLM's order written independently. Float32 logits against the reference's float64: log-probabilities within 1e-5. The
 same on the GPU, with the engine's own logits: tests/engine/test_gpu_step_api.py."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from helpers.fake_engine import fake_logits, next_token, position_logprobs
 
-from fi_engine.runtime.logits_processing import LogitsProcessor
-from fi_engine.runtime.paging import Request
+from fi_engine.runtime.sample.logits_processing import LogitsProcessor
 from fi_engine.runtime.sampling_params import SamplingParams, asks_processing, sets_controls
+from fi_engine.runtime.sched.request import Request
 
 V = 96
 POOL = list(range(10, 90))

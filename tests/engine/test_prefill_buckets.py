@@ -2,11 +2,11 @@
 value by value and with fi_ffi's own host validators), the graph keys, eviction, and the fallback to an eager
 pass when a capture fails.
 
-The engine-level tests run ``LlamaEngine._prefill`` / ``_prefill_graph`` / ``_capture_prefill`` and
-:class:`fi_engine.kernels.graph.CudaGraph` as they are, on an engine object made without its constructor (which needs a
-GPU): only what touches the device is replaced (the forward pass, the plan, the head, the token fetch, CuPy's
-copy) by recorders. The CUDA runtime is either the real one (cuda.bindings: with no driver every capture fails
-at ``cudaStreamBeginCapture``) or a small stand-in that models capture mode and the thread's last error.
+The engine-level tests run the loop's ``Passes.prefill``, the runner's ``StepGraphs`` (``_prefill_graph``,
+``_capture_prefill``) and :class:`fi_engine.kernels.graph.CudaGraph` as they are, on an engine object made without its
+constructor (which needs a GPU): only what touches the device is replaced (the forward pass, the plan, the head, the
+token fetch, CuPy's copy) by recorders. The CUDA runtime is either the real one (cuda.bindings: with no driver every
+capture fails at ``cudaStreamBeginCapture``) or a small stand-in that models capture mode and the thread's last error.
 """
 
 from __future__ import annotations
@@ -22,20 +22,16 @@ import pytest
 import fi_engine.kernels.graph as graph_module
 from fi_engine.models import llama
 from fi_engine.models.llama import Llama, LlamaEngine
-from fi_engine.runtime import step_graphs
-from fi_engine.runtime.model_runner import ModelRunner
-from fi_engine.runtime.paging import (
-    PAD_PAGE,
-    PageAllocator,
-    Scheduler,
-    bucket_for,
-    fill_prefill,
-    pad_prefill,
-    pages_for,
-    prefill_buckets,
-    prefill_layout,
-    prefill_slots,
-)
+from fi_engine.runtime.passes import Passes
+from fi_engine.runtime.sample.speculator import Speculator
+from fi_engine.runtime.sched.pages import PAD_PAGE, PageAllocator, pages_for
+from fi_engine.runtime.sched.scheduler import Scheduler
+from fi_engine.runtime.sched.step_arrays import fill_prefill, pad_prefill, prefill_layout
+from fi_engine.runtime.worker import step_graphs
+from fi_engine.runtime.worker.graph_shapes import bucket_for, prefill_buckets, prefill_slots
+from fi_engine.runtime.worker.model_runner import ModelRunner
+from fi_engine.runtime.worker.step_graphs import StepGraphs
+from fi_engine.runtime.worker.step_io import StepIO
 from fi_ffi.errors import CudaError
 from fi_ffi.ops.attention import host_index as plan_checks
 from fi_ffi.ops.page import check_append_positions, get_batch_indices_positions
@@ -341,16 +337,18 @@ def bare_engine(rt: FakeRuntime | None, max_batch=4, max_tokens=512):
     r.max_batch = max_batch
     r.max_prefill_tokens = max_tokens
     r.prefill_buckets = prefill_buckets(max_tokens)
-    r._prefill_graph_cache = {}
+    r.step_graphs = StepGraphs(r)
     r.prefill_graph_failures = {}
-    e._next_rows = None
-    e._proposer = None  # (no speculation)
+    e.passes = Passes(e)  # (no decode step staged ahead)
+    e.speculator = Speculator(e)  # (no speculation)
     r.stream_ptr = 1234
     r.config = SimpleNamespace(hidden_size=8, vocab_size=1000)
-    r._playout = prefill_layout(max_tokens, max_batch, num_pages + max_batch, padded=True)
-    r._phost = np.zeros(r._playout.total, np.int32)
-    r.prefill_arrays = r._playout.views(r._phost)
-    r._pmeta = SimpleNamespace(data=SimpleNamespace(ptr=0x1000))
+    io = r.io = StepIO.__new__(StepIO)  # the step arrays' host side, its device buffers stood in for
+    io.runner = r
+    io.prefill_layout = prefill_layout(max_tokens, max_batch, num_pages + max_batch, padded=True)
+    io._prefill_host = np.zeros(io.prefill_layout.total, np.int32)
+    r.prefill_arrays = io.prefill_arrays = io.prefill_layout.views(io._prefill_host)
+    io.prefill_meta = SimpleNamespace(data=SimpleNamespace(ptr=0x1000))
     r.buffers = SimpleNamespace(
         last=SimpleNamespace(data=SimpleNamespace(ptr=0x2000)), ids=SimpleNamespace(data=SimpleNamespace(ptr=0x2400))
     )
@@ -382,16 +380,15 @@ def bare_engine(rt: FakeRuntime | None, max_batch=4, max_tokens=512):
         # a CUDA-graph plan's schedule vector depends on (total rows, batch) only (FlashInfer's scheduler)
         r.prefill_plan = SimpleNamespace(info=(int(qo[-1]), batch, int(cuda_graph)))
 
-    r._forward = forward
-    r._plan_prefill = lambda batch: plan(batch, False)
-    r._plan_prefill_padded = lambda batch: plan(batch, True)
-    r._view = lambda kind, rows, batch: SimpleNamespace(kind=kind, rows=rows, batch=batch, last_rows=0x3000)
+    r.forward = forward
+    r.plan_prefill = lambda batch: plan(batch, False)
+    r.plan_prefill_padded = lambda batch: plan(batch, True)
+    r.view = lambda kind, rows, batch: SimpleNamespace(kind=kind, rows=rows, batch=batch, last_rows=0x3000)
     r.dense = SimpleNamespace(gather_rows=lambda *a: None)
-    r._head = lambda rows, x: None
+    r.head = lambda rows, x: None
     e.sampler = SimpleNamespace(pick=lambda v, rows, sampling: False, share_ids=lambda sampled: None)
-    r._ids_host = np.full(max_batch, 7, np.int32)  # the tokens the pass "chose", one per slot
-    r._prefill_done = SimpleNamespace(record=lambda stream: None)
-    e._next_rows = None
+    io._ids_host = np.full(max_batch, 7, np.int32)  # the tokens the pass "chose", one per slot
+    io._prefill_done = SimpleNamespace(record=lambda stream: None)
     e.scheduler = Scheduler(PageAllocator(r.num_pages), PS, max_batch, max_tokens + 2, max_tokens, 1000)
     return e, rec
 
@@ -401,7 +398,7 @@ def prefill(e, lens):
     s = Scheduler(PageAllocator(e.num_pages), PS, e.max_batch, e.max_prefill_tokens + 2, e.max_prefill_tokens, 1000)
     reqs = [s.submit([1 + i] * n, 2) for i, n in enumerate(lens)]
     assert s.admit() == reqs
-    e._prefill(s, reqs)
+    e.passes.prefill(s, reqs)
     assert [r.output for r in reqs] == [[7]] * len(reqs)
 
 
@@ -417,20 +414,21 @@ def test_lengths_in_one_bucket_replay_the_graph_captured_at_the_first(fake_rt):
     for n in (20, 32, 17, 25):  # all in bucket 32
         prefill(e, [n])
     assert rec.forwards == [(32, True)]  # captured once, at the first sight; no eager pass
-    assert list(e.runner._prefill_graph_cache) == [(32, 1, 32, 2, 1)]  # (bucket, requests, *the plan's schedule vector)
+    # (bucket, requests, *the plan's schedule vector)
+    assert list(e.runner.step_graphs.prefill_cache) == [(32, 1, 32, 2, 1)]
     assert len(fake_rt.launched) == 4 and len(set(fake_rt.launched)) == 1
     # every plan: the padding request appended (batch 2), the rows ending at the bucket, a CUDA-graph plan
     assert [p["qo"] for p in rec.plans] == [[0, 20, 32], [0, 32, 32], [0, 17, 32], [0, 25, 32]]
     assert all(p["batch"] == 2 and p["cuda_graph"] for p in rec.plans)
     prefill(e, [33])  # a new bucket: a second graph
     prefill(e, [5, 6])  # two requests in bucket 16: a graph of 3 request slots (the third one empty)
-    assert list(e.runner._prefill_graph_cache) == [(32, 1, 32, 2, 1), (64, 1, 64, 2, 1), (16, 3, 16, 4, 1)]
+    assert list(e.runner.step_graphs.prefill_cache) == [(32, 1, 32, 2, 1), (64, 1, 64, 2, 1), (16, 3, 16, 4, 1)]
     assert rec.plans[-1] == {"batch": 4, "qo": [0, 5, 11, 16, 16], "cuda_graph": True}
     launched = len(fake_rt.launched)
     prefill(e, [2, 3, 4])  # three requests in bucket 16: the same graph, every slot real
     assert rec.forwards == [(32, True), (64, True), (16, True)] and len(fake_rt.launched) == launched + 1
     assert rec.plans[-1] == {"batch": 4, "qo": [0, 2, 5, 9, 16], "cuda_graph": True}
-    assert list(e.runner._prefill_graph_cache)[-1] == (16, 3, 16, 4, 1)
+    assert list(e.runner.step_graphs.prefill_cache)[-1] == (16, 3, 16, 4, 1)
     assert not e.prefill_graph_failures
 
 
@@ -446,7 +444,7 @@ def test_graphs_off_moe_and_failed_shapes_prefill_eagerly_unpadded(fake_rt):
         {"batch": 1, "qo": [0, 20], "cuda_graph": False},
         {"batch": 1, "qo": [0, 21], "cuda_graph": False},
     ]
-    assert not e.runner._prefill_graph_cache and not fake_rt.launched
+    assert not e.runner.step_graphs.prefill_cache and not fake_rt.launched
 
 
 def test_a_capture_refused_midway_falls_back_to_the_same_pass_eagerly(fake_rt):
@@ -458,7 +456,7 @@ def test_a_capture_refused_midway_falls_back_to_the_same_pass_eagerly(fake_rt):
     assert rec.forwards == [(32, False)]
     assert not fake_rt.capturing and fake_rt.last_error == 0 and not fake_rt.live
     assert "cudaErrorStreamCaptureInvalidated" in e.prefill_graph_failures[(32, 1)]
-    assert not e.runner._prefill_graph_cache
+    assert not e.runner.step_graphs.prefill_cache
     # that shape is eager (and unpadded) from now on, without a second warning; other shapes still capture
     rec.refuse_in_capture = False
     with warnings.catch_warnings():
@@ -482,15 +480,15 @@ def test_a_mixed_pass_whose_capture_failed_stays_eager_for_its_bucket_at_max_bat
     assert s.admit(reserve=1) == [b]
     rec.refuse_in_capture = True
     with pytest.warns(RuntimeWarning, match=r"32 token rows and 4 request slots failed \(capture: "):
-        e._prefill(s, [b], riders=[a])
+        e.passes.prefill(s, [b], riders=[a])
     assert set(e.prefill_graph_failures) == {(32, 4)} and a.output == [7, 7] and b.output == [7]
     rec.refuse_in_capture = False
     c = s.submit([3] * 18, 4)
     assert s.admit(reserve=2) == [c]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        e._prefill(s, [c], riders=[a, b])  # 20 rows, 3 requests: the same bucket at max_batch slots
-    assert rec.forwards[-1] == (20, False) and not e.runner._prefill_graph_cache
+        e.passes.prefill(s, [c], riders=[a, b])  # 20 rows, 3 requests: the same bucket at max_batch slots
+    assert rec.forwards[-1] == (20, False) and not e.runner.step_graphs.prefill_cache
 
 
 def test_a_refused_instantiation_falls_back_and_frees_the_graph(monkeypatch):
@@ -500,7 +498,7 @@ def test_a_refused_instantiation_falls_back_and_frees_the_graph(monkeypatch):
     with pytest.warns(RuntimeWarning, match="cudaGraphInstantiate"):
         prefill(e, [40])
     assert rec.forwards == [(64, True), (64, False)]  # captured, not instantiated, then run eagerly
-    assert not rt.live and rt.last_error == 0 and not e.runner._prefill_graph_cache
+    assert not rt.live and rt.last_error == 0 and not e.runner.step_graphs.prefill_cache
     assert (64, 1) in e.prefill_graph_failures
 
 
@@ -512,7 +510,7 @@ def test_without_a_driver_the_capture_fails_at_its_start_and_the_prefill_runs_ea
     with pytest.warns(RuntimeWarning, match=r"16 token rows and 1 request slots failed .*cudaStreamBeginCapture"):
         prefill(e, [3])
     assert rec.forwards == [(16, False)]
-    assert set(e.prefill_graph_failures) == {(16, 1)} and not e.runner._prefill_graph_cache
+    assert set(e.prefill_graph_failures) == {(16, 1)} and not e.runner.step_graphs.prefill_cache
 
 
 def test_graphs_are_bounded_and_the_least_recently_replayed_goes(fake_rt, monkeypatch):
@@ -527,7 +525,7 @@ def test_graphs_are_bounded_and_the_least_recently_replayed_goes(fake_rt, monkey
     assert rec.syncs == keep + 1 and len(fake_rt.launched) == keep + 1  # each prefill's tokens waited for once
     prefill(e, [1, 1])  # two new shapes (16 rows, 3 and 7 request slots) evict the second and third buckets
     prefill(e, [1, 1, 1, 1])
-    cached = [key[:2] for key in e.runner._prefill_graph_cache]
+    cached = [key[:2] for key in e.runner.step_graphs.prefill_cache]
     assert len(cached) == keep
     assert (buckets[0], 1) in cached and (buckets[1], 1) not in cached and (buckets[2], 1) not in cached
     assert rec.syncs == keep + 3 + 2  # a replay may still run: the stream is waited for before each eviction
@@ -553,19 +551,19 @@ def test_padded_prefill_views_describe_logits_and_tokens_of_the_real_requests_on
 def test_a_failed_cuda_graph_plan_prefills_eagerly_unpadded(fake_rt):
     """E.g. FA2's split-KV scratch of a long bucket larger than the workspace: the plan call raises."""
     e, rec = bare_engine(fake_rt)
-    padded_plan = e.runner._plan_prefill_padded
+    padded_plan = e.runner.plan_prefill_padded
 
     def refuse(batch):
         raise RuntimeError("Out of workspace memory")
 
-    e.runner._plan_prefill_padded = refuse
+    e.runner.plan_prefill_padded = refuse
     failed = r"32 token rows and 1 request slots failed \(planning: RuntimeError: Out of"
     with pytest.warns(RuntimeWarning, match=failed):
         prefill(e, [20])
     assert rec.forwards == [(20, False)]  # the unpadded pass on the same device arrays (they begin alike)
     assert rec.plans == [{"batch": 1, "qo": [0, 20], "cuda_graph": False}]
     assert list(e.prefill_graph_failures) == [(32, 1)] and not fake_rt.live
-    e.runner._plan_prefill_padded = padded_plan
+    e.runner.plan_prefill_padded = padded_plan
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prefill(e, [30])  # the same shape: eager, no second warning
@@ -579,7 +577,7 @@ def warm_engine():
     e.runner.max_seq_len = 300
     calls = []
     e.generate = lambda prompts, new, eos_token_ids=None: calls.append(([len(p) for p in prompts], new, eos_token_ids))
-    e.runner._prefill_graph_cache = {(64, 3, 7, 8): None, (512, 1, 9): None}  # what the prefills captured
+    e.runner.step_graphs.prefill_cache = {(64, 3, 7, 8): None, (512, 1, 9): None}  # what the prefills captured
     return e, calls
 
 

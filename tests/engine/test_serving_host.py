@@ -17,21 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.hf_configs import LLAMA31_ROPE, LLAMA_SHAPE
 from helpers.no_torch import TORCH_SPY
 
 from fi_engine.checkpoint.config import LlamaConfig, RopeConfig
 from fi_engine.checkpoint.safetensors import Checkpoint, read_header, write_safetensors
-from fi_engine.runtime.paging import (
-    PAD_PAGE,
-    OutOfPagesError,
-    PageAllocator,
-    Scheduler,
-    decode_batches,
-    decode_layout,
-    fill_decode,
-    fill_prefill,
-    prefill_layout,
-)
+from fi_engine.runtime.sched.pages import PAD_PAGE, OutOfPagesError, PageAllocator
+from fi_engine.runtime.sched.scheduler import Scheduler
+from fi_engine.runtime.sched.step_arrays import decode_layout, fill_decode, fill_prefill, prefill_layout
+from fi_engine.runtime.worker.graph_shapes import decode_batches
 from fi_ffi.ops.attention import host_index as plan_checks
 from fi_ffi.ops.page import check_append_positions, get_batch_indices_positions
 
@@ -519,17 +513,7 @@ def test_max_new_tokens_one_finishes_at_prefill():
 # ---------------------------------------------------------------------------------------------- config
 
 
-BASE = {
-    "model_type": "llama",
-    "vocab_size": 32000,
-    "hidden_size": 1024,
-    "intermediate_size": 2816,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 4,
-    "rms_norm_eps": 1e-5,
-    "max_position_embeddings": 4096,
-}
+BASE = LLAMA_SHAPE
 LLAMA3 = {
     "rope_type": "llama3",
     "factor": 8.0,
@@ -541,14 +525,7 @@ LLAMA3 = {
 
 def test_config_llama31_rope_scaling_transformers4_style():
     c = LlamaConfig.from_dict({**BASE, "rope_theta": 500000.0, "rope_scaling": LLAMA3, "eos_token_id": [1, 2]})
-    assert c.rope == RopeConfig(
-        theta=500000.0,
-        llama3=True,
-        factor=8.0,
-        low_freq_factor=1.0,
-        high_freq_factor=4.0,
-        original_max_position_embeddings=8192.0,
-    )
+    assert c.rope == LLAMA31_ROPE
     assert c.head_dim == 64 and c.num_kv_heads == 4 and c.eos_token_ids == (1, 2)
 
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from fi_engine.runtime.speculation import (
+from fi_engine.runtime.sample.speculation import (
     DraftModelProposer,
     DraftPolicy,
     NgramProposer,

@@ -1,6 +1,6 @@
 """The step API's host side, on CPU: :meth:`Scheduler.abort`, per-request end-of-sequence ids and sampling in the
-scheduler, how a step's rows choose their tokens (:func:`fi_engine.runtime.sampling.draw_groups`), the argument checks
-of ``add_request`` / ``abort_request`` / ``generate``, and the engine's ``step`` / ``generate`` loop itself
+scheduler, how a step's rows choose their tokens (:func:`fi_engine.runtime.sample.sampler.draw_groups`), the argument
+checks of ``add_request`` / ``abort_request`` / ``generate``, and the engine's ``step`` / ``generate`` loop itself
 (:meth:`ServingLoop._advance`) with only the device work stood in for: ``_prefill`` and ``_decode_step`` record tokens
 of a fixed rule through the real scheduler. The same on a GPU: tests/engine/test_gpu_step_api.py."""
 
@@ -19,24 +19,20 @@ from fi_engine.models.deepseek import DeepSeekEngine
 from fi_engine.models.gemma2 import Gemma2Engine
 from fi_engine.models.gpt_oss import GptOssEngine
 from fi_engine.models.llama import LlamaEngine
-from fi_engine.runtime import serving
+from fi_engine.runtime import passes, serving
 from fi_engine.runtime.engine import Engine
-from fi_engine.runtime.kv_cache import KVCacheManager
-from fi_engine.runtime.logits_processing import LogitsProcessor
-from fi_engine.runtime.paging import (
-    PageAllocator,
-    Request,
-    Scheduler,
-    decode_batches,
-    decode_layout,
-    fill_decode,
-    fill_prefill,
-    pages_for,
-    prefill_layout,
-)
-from fi_engine.runtime.sampling import Draws, Sampler, draw_groups
+from fi_engine.runtime.sample.logits_processing import LogitsProcessor
+from fi_engine.runtime.sample.sampler import Draws, Sampler, draw_groups
+from fi_engine.runtime.sample.speculation import DraftPolicy
+from fi_engine.runtime.sample.speculator import Speculator
 from fi_engine.runtime.sampling_params import SamplingParams, sampling_arg
+from fi_engine.runtime.sched.kv_cache import KVCacheManager
+from fi_engine.runtime.sched.pages import PageAllocator, pages_for
+from fi_engine.runtime.sched.request import Request
+from fi_engine.runtime.sched.scheduler import Scheduler
+from fi_engine.runtime.sched.step_arrays import decode_layout, fill_decode, fill_prefill, prefill_layout
 from fi_engine.runtime.stepping import StepEngine, StepOutput
+from fi_engine.runtime.worker.graph_shapes import decode_batches
 
 PS = 16
 EOS = 999
@@ -92,7 +88,7 @@ def test_abort_of_a_finished_or_foreign_request_changes_nothing():
     mine = s.submit([1], 3)
     assert s.abort(stranger) is False and stranger.finish_reason is None and list(other.pending) == [stranger]
     assert list(s.pending) == [mine]
-    with pytest.raises(TypeError, match="request: expected a fi_engine.runtime.paging.Request, got int"):
+    with pytest.raises(TypeError, match="request: expected a fi_engine.runtime.sched.request.Request, got int"):
         s.abort(3)  # type: ignore[arg-type]
 
 
@@ -311,6 +307,8 @@ def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None, overlap=False, pip
     e.kv_cache = KVCacheManager(num_pages, PS)
     e.scheduler = Scheduler(e.kv_cache, PS, max_batch, 256, 512, 1000, (EOS,))
     e.sampler = Sampler(None, None, SimpleNamespace(), device=0, stream_ptr=0, max_batch=max_batch, vocab_size=1000)
+    e.processor = LogitsProcessor(np, np.zeros((max_batch, 1000), np.float32), 1000, frozenset({EOS}))
+    e.model_dir = None  # (no checkpoint: no grammar served)
     e._start_loop()
     e.overlap_steps, e.mixed_prefill = overlap, mixed
     e._ffi_stream = contextlib.nullcontext()
@@ -325,7 +323,7 @@ def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None, overlap=False, pip
 
     def prefill_launch(sched, reqs, riders=(), all_logits=False, behind=False, graph_slots=None):
         e.graph_slots.append(graph_slots)
-        e._next_rows = None  # as the real prefill: its tokens overwrite the ids a prepared step would read
+        e.passes.next_rows = None  # as the real prefill: its tokens overwrite the ids a prepared step would read
         ahead = 1 if behind else 0  # behind a decode step in flight: the riders one token further
         if riders:  # as the real mixed pass: each rider's next token needs its page
             sched.grow_pages(riders, ahead)
@@ -335,7 +333,7 @@ def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None, overlap=False, pip
         rows = [*riders, *reqs]
         e.filled = fill_prefill(rows, PS, arrays, ahead)  # (rows, pages); AssertionError for a page missing
         e.behind += behind
-        launched = serving._LaunchedPass(list(riders), reqs, [r.slot for r in rows], _Done())
+        launched = passes.LaunchedPass(list(riders), reqs, [r.slot for r in rows], _Done())
         seen = [SimpleNamespace(rid=r.rid, prompt=r.prompt, output=r.output + [0] * ahead) for r in riders]
         pass_tokens[id(launched)] = [rule(r) for r in (*seen, *reqs)]
         return launched, None
@@ -353,7 +351,7 @@ def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None, overlap=False, pip
         return 1.0, rows
 
     def decode_launch(sched, depth=1):
-        prepared, e._next_rows = e._next_rows, None
+        prepared, e.passes.next_rows = e.passes.next_rows, None
         if prepared is not None and sched.same_rows(prepared):
             rows = prepared
         else:
@@ -369,13 +367,13 @@ def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None, overlap=False, pip
         ids = np.array([token(r) if r is not None else 0 for r in rows], np.int32)
         if e.runner.graph is not None:
             ahead = sched.peek_rows(depth)
-            e._next_rows = ahead[: sched.graph_rows(ahead, e.runner.decode_graph_batches)]
-        return serving._LaunchedStep(rows, ids, _Done())
+            e.passes.next_rows = ahead[: sched.graph_rows(ahead, e.runner.decode_graph_batches)]
+        return passes.LaunchedStep(rows, ids, _Done())
 
-    e._prefill_launch = prefill_launch
-    e._prefill_finish = prefill_finish
-    e._decode_step = decode_step
-    e._decode_launch = decode_launch
+    e.passes.prefill_launch = prefill_launch
+    e.passes.prefill_finish = prefill_finish
+    e.passes.decode_step = decode_step
+    e.passes.decode_launch = decode_launch
     return e
 
 
@@ -448,14 +446,14 @@ def test_step_drives_the_same_steps_as_generate():
 
 def counting_ahead(e):
     """Count the decode steps ``e`` launches ahead of the one in flight (``depth=2``) in ``e.ahead``."""
-    launch = e._decode_launch
+    launch = e.passes.decode_launch
     e.ahead = 0
 
     def counted(sched, depth=1):
         e.ahead += depth == 2
         return launch(sched, depth)
 
-    e._decode_launch = counted
+    e.passes.decode_launch = counted
     return e
 
 
@@ -643,9 +641,9 @@ def test_a_request_that_ended_before_a_failure_in_the_same_step_is_reported_with
         raise RuntimeError("the device went away")
 
     if overlap:
-        e._prefill_launch = broken  # the step in flight is finished and recorded first, then the prefill fails
+        e.passes.prefill_launch = broken  # the step in flight is finished and recorded first, then the prefill fails
     else:
-        e._decode_step = broken
+        e.passes.decode_step = broken
     with pytest.raises(RuntimeError, match="the device went away"):
         e.step()
     out = e.step()
@@ -675,13 +673,13 @@ def test_the_scheduler_delay_holds_arrivals_while_others_decode_until_they_waite
     monkeypatch.setattr(time, "perf_counter", lambda: now[0])  # paging's and serving's clock
     e = bare_engine(max_batch=4, overlap=overlap)
     e.scheduler_delay_factor = 2.0
-    launch = e._prefill_launch
+    launch = e.passes.prefill_launch
 
     def one_second_prefill(sched, reqs, riders=(), all_logits=False, **kw):
         now[0] += 1.0
         return launch(sched, reqs, riders, all_logits, **kw)
 
-    e._prefill_launch = one_second_prefill
+    e.passes.prefill_launch = one_second_prefill
     a = e.add_request([1] * 3, 40)
     assert [o.rid for o in e.step()] == [a]  # nothing decoding: admitted at once (its prefill took 1 s)
     b = e.add_request([2] * 3, 40)
@@ -814,7 +812,7 @@ def test_a_failed_step_ends_every_request_and_the_next_step_reports_them():
     def broken(sched):
         raise RuntimeError("the device went away")
 
-    e._decode_step = broken
+    e.passes.decode_step = broken
     with pytest.raises(RuntimeError, match="the device went away"):
         e.step()
     assert not e.has_unfinished and e.scheduler.allocator.num_free == e.scheduler.allocator.capacity
@@ -884,7 +882,7 @@ def test_an_interrupted_generate_leaves_nothing_queued_or_holding_pages():
         sched.record(rows, [7] * len(rows))
         return 1.0, rows
 
-    e._decode_step = decode_step
+    e.passes.decode_step = decode_step
     with pytest.raises(KeyboardInterrupt):
         e.generate([[1] * 5] * 4, 10, eos_token_ids=())
     s = e.scheduler
@@ -1135,14 +1133,14 @@ def test_chunked_prefill_gives_the_running_streams_a_token_every_chunk_pass(over
         e.max_num_batched_tokens = 40
         e.chunked_prefill = chunked
         rows = []
-        launch = e._prefill_launch
+        launch = e.passes.prefill_launch
 
         def counted(sched, reqs, riders=(), *args, **kwargs):  # each pass's token rows, as fill_prefill wrote them
             out = launch(sched, reqs, riders, *args, **kwargs)
             rows.append(e.filled[0])
             return out
 
-        e._prefill_launch = counted
+        e.passes.prefill_launch = counted
         a = e.add_request([1, 2, 3], 24)
         first = {o.rid: len(o.token_ids) for o in e.step()}
         long = e.add_request(list(range(1, 121)), 3)
@@ -1168,7 +1166,7 @@ def test_chunked_prefill_gives_the_running_streams_a_token_every_chunk_pass(over
     assert max(rows_off) == 121 and tokens_off == tokens  # the prompt whole beside the rider: the same tokens
 
 
-# speculative decoding (ServingLoop.speculative_tokens; the drafts themselves: tests/engine/test_speculation.py)
+# speculative decoding (Engine.speculative_tokens; the drafts themselves: tests/engine/test_speculation.py)
 
 
 def repeating(history) -> int:
@@ -1227,7 +1225,7 @@ def speculating_engine(model, k: int, pass_cost: float = 1.0, overlap: bool = Fa
 def fixed_costs(e, pass_cost: float, policy=None) -> None:
     """The device's time stands in too: ``e``'s policy (``policy``, or a fresh one) has a decode step cost 1 and a
     pass ``pass_cost``, and keeps them (the stand-ins' own times are noise)."""
-    policy = serving.DraftPolicy() if policy is None else policy
+    policy = DraftPolicy() if policy is None else policy
     policy.decode_s, policy.verify_s = 1.0, pass_cost
     policy.timed = lambda verify, seconds: None
     e.speculation_policy = policy
@@ -1377,7 +1375,7 @@ def test_a_draft_stops_at_the_request_limit_and_speculation_is_checked(monkeypat
     e.runner.family.llama_pass = False
     with pytest.raises(ValueError, match="speculative_tokens: .*Llama family's reads the paged cache"):
         e.speculative_tokens = 2
-    assert serving.ServingLoop.speculative_tokens.__doc__
+    assert Engine.speculative_tokens.__doc__ == Speculator.speculative_tokens.__doc__
 
 
 def wandering(history) -> int:
@@ -1390,7 +1388,7 @@ def test_speculation_stops_verifying_drafts_that_are_not_accepted() -> None:
     def run(k: int):
         e, passes = speculating_engine(wandering, k)
         # (a pass giving nothing every 16 steps: 2 / 16 of the time)
-        fixed_costs(e, 3.0, serving.DraftPolicy(explore=16, explore_budget=0.2))
+        fixed_costs(e, 3.0, DraftPolicy(explore=16, explore_budget=0.2))
         tokens, steps = step_to_the_end(e, [e.add_request([1, 2, 3, 4, 5], 60) for _ in range(2)])
         return tokens, steps, passes, e
 
@@ -1444,7 +1442,7 @@ def test_the_speculative_config_is_vllms_ngram_one_checked_by_key() -> None:
     assert e.speculation_policy is policy
     e.speculative_tokens = 2
     assert e.speculation_policy is not policy
-    mine = serving.DraftPolicy(explore=4)
+    mine = DraftPolicy(explore=4)
     e.speculation_policy = mine
     assert e.speculation_policy is mine
     e.speculative_tokens = 2
@@ -1453,7 +1451,7 @@ def test_the_speculative_config_is_vllms_ngram_one_checked_by_key() -> None:
         e.speculation_policy = {}
 
 
-# speculative decoding by a draft model (ServingLoop.draft_model): the draft engine is a second stand-in engine whose
+# speculative decoding by a draft model (Engine.draft_model): the draft engine is a second stand-in engine whose
 # generate runs the real step loop and scheduler (its prefix cache included)
 
 
@@ -1505,7 +1503,7 @@ def test_a_draft_model_gives_the_same_tokens_in_fewer_steps(overlap, pipelined, 
     # the draft engine's prefix cache served each request's text from its earlier drafts
     assert draft.prefix_caching and draft.prefix_cache_stats.hit_rate > 0.5, draft.prefix_cache_stats
     assert not draft.has_unfinished and draft.scheduler.allocator.num_free == draft.scheduler.allocator.capacity
-    e.close = serving.ServingLoop._close_draft_model.__get__(e)  # (the stand-in runner has no close of its own)
+    e.close = e.speculator.close  # (the stand-in runner has no close of its own)
     e.close()
     assert getattr(draft, "closed_runner", False) and e.draft_model is None and e.speculative_tokens == 0
 
@@ -1554,16 +1552,18 @@ def test_a_draft_model_is_checked_when_set(tmp_path) -> None:
 
 def test_the_policy_times_only_steps_that_follow_one_another() -> None:
     """Other work before a step (a prefill pass, the caller's time between generate calls) is not its cost:
-    ``_untimed`` (called as a prefill pass is launched) charges a pass waiting for its next step as it stands, and the
-    next record starts the clock instead of giving a sample."""
+    ``Speculator.untimed`` (called as a prefill pass is launched) charges a pass waiting for its next step as it stands,
+    and the next record starts the clock instead of giving a sample."""
     e = bare_engine()
     e.speculative_tokens = 2
     policy = e.speculation_policy
-    e._recorded_at = time.perf_counter() - 5.0  # a record 5 s ago (then a prefill pass, or the caller's time)
-    e._pass_s = 0.3  # a pass waiting for the step after it
-    e._untimed()
-    assert policy.verify_s == 0.3 and e._recorded_at is None and e._pass_s is None
-    e._timed_record(verify=False)  # the first record after: the clock starts, no sample of 5 s
-    assert policy.decode_s is None and e._recorded_at is not None
-    e._timed_record(verify=False)
+    e.speculator._recorded_at = (
+        time.perf_counter() - 5.0
+    )  # a record 5 s ago (then a prefill pass, or the caller's time)
+    e.speculator._pass_s = 0.3  # a pass waiting for the step after it
+    e.speculator.untimed()
+    assert policy.verify_s == 0.3 and e.speculator._recorded_at is None and e.speculator._pass_s is None
+    e.speculator.recorded(verify=False)  # the first record after: the clock starts, no sample of 5 s
+    assert policy.decode_s is None and e.speculator._recorded_at is not None
+    e.speculator.recorded(verify=False)
     assert policy.decode_s is not None and policy.decode_s < 1.0

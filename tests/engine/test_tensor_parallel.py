@@ -6,26 +6,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers.env import subprocess_env
+from helpers.hf_configs import LLAMA_SHAPE
+from helpers.subprocess_run import fi_ffi_generate
 
 from fi_engine.checkpoint.config import LlamaConfig
 from fi_engine.layers.tensor_parallel import VocabShard, columns, combine_shard_argmax, expert_rows, rows, shard_config
 
-LLAMA = {
-    "model_type": "llama",
-    "vocab_size": 1000,
-    "hidden_size": 1024,
-    "intermediate_size": 2816,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 4,
-    "head_dim": 64,
-}
+LLAMA = {**LLAMA_SHAPE, "vocab_size": 1000, "head_dim": 64}
 SMOLLM2 = {**LLAMA, "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3}
 
 
@@ -81,7 +73,7 @@ def test_the_engine_refuses_before_touching_a_gpu(tmp_path: Path) -> None:
 def test_generate_tp_starts_ranks_that_report_the_error(tmp_path: Path) -> None:
     model = _model_dir(tmp_path, SMOLLM2)
     done = subprocess.run(
-        [sys.executable, "-m", "fi_ffi", "generate", "--model", str(model), "--prompt-ids", "1,2", "--tp", "2"],
+        fi_ffi_generate(model, "--prompt-ids", "1,2", "--tp", "2"),
         env=subprocess_env(),
         capture_output=True,
         text=True,
@@ -94,20 +86,7 @@ def test_generate_tp_starts_ranks_that_report_the_error(tmp_path: Path) -> None:
 
 def test_generate_tp_refuses_a_device(tmp_path: Path) -> None:
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fi_ffi",
-            "generate",
-            "--model",
-            str(tmp_path),
-            "--prompt-ids",
-            "1",
-            "--tp",
-            "2",
-            "--device",
-            "1",
-        ],
+        fi_ffi_generate(tmp_path, "--prompt-ids", "1", "--tp", "2", "--device", "1"),
         env=subprocess_env(),
         capture_output=True,
         text=True,

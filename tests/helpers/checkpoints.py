@@ -14,18 +14,11 @@ from typing import Any
 
 import pytest
 
-SMALL = dict(
-    hidden_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=64,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+TOKENS = dict(max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+"""What every random test checkpoint's config shares: its context, untied embeddings, its BOS and EOS ids."""
+
+SMALL = dict(hidden_size=512, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+             rms_norm_eps=1e-6, **TOKENS)  # fmt: skip
 """The small Qwen3 / Mixtral / Qwen3-MoE shape (2 layers, hidden 512, 8 query / 4 KV heads, head_dim 64), less
 the vocabulary: ``dict(vocab_size=V, **SMALL)``."""
 

@@ -1,12 +1,14 @@
-"""Published transformers ``config.json`` files (gemma-2-2b, gpt-oss-20b) and transformers' GPT-OSS experts in
-float64, for the model-family config tests (``tests/engine/test_family_configs.py``,
-``tests/engine/test_family_tp.py``)."""
+"""Published transformers ``config.json`` files (gemma-2-2b, gpt-oss-20b, DeepSeek-V3) and transformers' GPT-OSS
+experts in float64, for the model-family config tests (``tests/engine/test_family_configs.py``,
+``tests/engine/test_family_tp.py``, ``tests/engine/test_deepseek.py``, ``tests/engine/test_kv_fp8.py``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+
+from fi_engine.checkpoint.config import RopeConfig
 
 # gemma-2-2b's config.json (the keys it carries)
 GEMMA2: dict[str, Any] = {
@@ -59,4 +61,76 @@ SMALL_LLAMA: dict[str, Any] = {
     "num_key_value_heads": 4,
     "rms_norm_eps": 1e-6,
     "max_position_embeddings": 4096,
+}
+
+
+# a Llama of the 1B class's shape, 2 layers (32k vocabulary, hidden 1024, 16 query / 4 KV heads, head_dim 64)
+LLAMA_SHAPE: dict[str, Any] = {
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 4096,
+}
+
+
+LLAMA31_ROPE = RopeConfig(
+    theta=500000.0,
+    llama3=True,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=8192.0,
+)
+"""Llama 3.1's rotary settings (its config.json's ``rope_theta`` and ``rope_scaling``) as the engine reads them."""
+
+
+# DeepSeek-V3's config.json (the keys of the published checkpoint)
+DEEPSEEK_V3: dict[str, Any] = {
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "vocab_size": 129280,
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "n_shared_experts": 1,
+    "n_routed_experts": 256,
+    "routed_scaling_factor": 2.5,
+    "kv_lora_rank": 512,
+    "q_lora_rank": 1536,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "qk_nope_head_dim": 128,
+    "topk_method": "noaux_tc",
+    "n_group": 8,
+    "topk_group": 4,
+    "num_experts_per_tok": 8,
+    "moe_layer_freq": 1,
+    "first_k_dense_replace": 3,
+    "norm_topk_prob": True,
+    "scoring_func": "sigmoid",
+    "hidden_act": "silu",
+    "max_position_embeddings": 163840,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 10000,
+    "rope_scaling": {
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "factor": 40,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 4096,
+        "type": "yarn",
+    },
+    "tie_word_embeddings": False,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "attention_bias": False,
 }

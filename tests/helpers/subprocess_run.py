@@ -37,6 +37,11 @@ def worker(name: str, *args: str | Path) -> list[str]:
     return [sys.executable, worker_path(name), *map(str, args)]
 
 
+def fi_ffi_generate(model: str | Path, *args: str) -> list[str]:
+    """The command line of ``fi-ffi generate --model MODEL ARGS...`` in this interpreter (``python -m fi_ffi``)."""
+    return [sys.executable, "-m", "fi_ffi", "generate", "--model", str(model), *args]
+
+
 def launched(n: int, cmd: Sequence[str]) -> list[str]:
     """``cmd`` as ``n`` ranks under ``fi-ffi launch`` (one process per GPU)."""
     return [sys.executable, "-m", "fi_ffi", "launch", "--nproc", str(n), "--", *cmd]

@@ -188,3 +188,37 @@ def test_one_module_and_one_row_are_all_it_takes(tmp_path: Path) -> None:
         "family": "ToySettings",
         "help": True,
     }
+
+
+def test_every_path_the_guide_names_exists() -> None:
+    # the guide is followed step by step: each file it points to (fi_engine/..., tests/...) and each module of a
+    # dotted name it gives (fi_engine.x.y) is where it says, so a moved module fails here, not in a reader's hands
+    import importlib
+
+    text = DOC.read_text(encoding="utf-8").replace(example_source(), "")  # (the example's own module: step 1 makes it)
+    paths = set(re.findall(r"`((?:fi_engine|tests|docs|tools)/[\w/.<>]+)`", text))
+    made = {"fi_engine/models/toy.py"}  # the guide's example, which its step 1 writes
+    missing = [p for p in sorted(paths - made) if "<" not in p and not (ROOT / p).exists()]
+    dotted = set(re.findall(r"`(fi_engine(?:\.\w+)+)`", text))
+    short = {
+        "registry.": "fi_engine.models.registry.",
+        "runtime.": "fi_engine.runtime.",
+        "checkpoint.": "fi_engine.checkpoint.",
+    }
+    for name in re.findall(r"`((?:registry|runtime|checkpoint)(?:\.\w+)+)`", text):
+        dotted.add(next(full + name[len(prefix) :] for prefix, full in short.items() if name.startswith(prefix)))
+    unknown = []
+    for name in sorted(dotted):
+        parts = name.split(".")
+        for cut in range(len(parts), 0, -1):  # the longest importable module, then attributes
+            try:
+                found: Any = importlib.import_module(".".join(parts[:cut]))
+            except ModuleNotFoundError:
+                continue
+            for attr in parts[cut:]:
+                found = getattr(found, attr, None)
+            if found is None:
+                unknown.append(name)
+            break
+    assert len(paths) > 8 and len(dotted) > 4
+    assert missing == [] and unknown == [], (missing, unknown)

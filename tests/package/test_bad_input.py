@@ -785,13 +785,16 @@ from helpers.comm_args import (  # noqa: E402 - the comm builders (the fixture p
 )
 
 from fi_engine.checkpoint import config as model_config  # noqa: E402
-from fi_engine.checkpoint import deepseek_config, family_configs, mxfp4_weights  # noqa: E402
+from fi_engine.checkpoint import family_configs, mxfp4_weights  # noqa: E402
 from fi_engine.kernels import cuda_sources  # noqa: E402
 from fi_engine.layers import deepseek_routing, moe, moe_routing, tensor_parallel  # noqa: E402
-from fi_engine.models import deepseek, gemma2, gpt_oss, llama, mla_weights  # noqa: E402
+from fi_engine.models import deepseek, deepseek_config, gemma2, gpt_oss, llama, mla_weights, moe_paths  # noqa: E402
 from fi_engine.models import registry as engines  # noqa: E402
-from fi_engine.runtime import kv_cache, moe_paths, paging, serving, speculation  # noqa: E402
+from fi_engine.runtime import serving  # noqa: E402
 from fi_engine.runtime import settings as engine_settings  # noqa: E402
+from fi_engine.runtime.sample import speculation  # noqa: E402
+from fi_engine.runtime.sched import kv_cache, pages, step_arrays  # noqa: E402
+from fi_engine.runtime.worker import graph_shapes  # noqa: E402
 from fi_engine.text import (  # noqa: E402
     chat,
     detokenize,
@@ -1016,7 +1019,7 @@ from pathlib import Path  # noqa: E402
 def _padded_prefill_call() -> dict[str, Any]:
     """pad_prefill's valid call: 2 requests of 300 token rows on 19 pages (as fill_prefill wrote them) padded to the
     320-row bucket, in the views of an engine's padded prefill layout (512 rows, 4 requests, 40 pages)."""
-    layout = paging.prefill_layout(512, 4, 40, padded=True)
+    layout = step_arrays.prefill_layout(512, 4, 40, padded=True)
     v = layout.views(np.zeros(layout.total, np.int32))
     v["qo_indptr"][:3] = [0, 100, 300]
     v["kv_indptr"][:3] = [0, 7, 19]
@@ -1643,15 +1646,19 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     "runtime.settings.EngineSettings": lambda: [
         ("EngineSettings", Entry(engine_settings.EngineSettings, lambda: {}, kinds=ENGINE_KINDS))
     ],
-    "runtime.paging.pages_for": lambda: [("pages_for", Entry(paging.pages_for, lambda: dict(tokens=33, page_size=16)))],
-    "runtime.paging.PageAllocator": lambda: [("PageAllocator", Entry(paging.PageAllocator, lambda: dict(num_pages=8)))],
-    "runtime.speculation.NgramProposer": lambda: [
+    "runtime.sched.pages.pages_for": lambda: [
+        ("pages_for", Entry(pages.pages_for, lambda: dict(tokens=33, page_size=16)))
+    ],
+    "runtime.sched.pages.PageAllocator": lambda: [
+        ("PageAllocator", Entry(pages.PageAllocator, lambda: dict(num_pages=8)))
+    ],
+    "runtime.sample.speculation.NgramProposer": lambda: [
         ("NgramProposer", Entry(speculation.NgramProposer, lambda: dict(k=4, prompt_lookup_max=4, prompt_lookup_min=1)))
     ],
-    "runtime.speculation.DraftPolicy": lambda: [
+    "runtime.sample.speculation.DraftPolicy": lambda: [
         ("DraftPolicy", Entry(speculation.DraftPolicy, lambda: dict(prior=0.5, explore=16)))
     ],
-    "runtime.speculation.speculative_config_arg": lambda: [
+    "runtime.sample.speculation.speculative_config_arg": lambda: [
         (
             "speculative_config_arg",
             Entry(
@@ -1661,13 +1668,13 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
-    "runtime.speculation.accepted_tokens": lambda: [
+    "runtime.sample.speculation.accepted_tokens": lambda: [
         ("accepted_tokens", Entry(speculation.accepted_tokens, lambda: dict(draft=[4, 5], choices=[4, 5, 6])))
     ],
-    "runtime.kv_cache.KVCacheManager": lambda: [
+    "runtime.sched.kv_cache.KVCacheManager": lambda: [
         ("KVCacheManager", Entry(kv_cache.KVCacheManager, lambda: dict(num_pages=8, page_size=16)))
     ],
-    "runtime.kv_cache.page_hashes": lambda: [
+    "runtime.sched.kv_cache.page_hashes": lambda: [
         (
             "page_hashes",
             Entry(
@@ -1677,35 +1684,35 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
-    "runtime.paging.prefill_buckets": lambda: [
-        ("prefill_buckets", Entry(paging.prefill_buckets, lambda: dict(max_tokens=2048)))
+    "runtime.worker.graph_shapes.prefill_buckets": lambda: [
+        ("prefill_buckets", Entry(graph_shapes.prefill_buckets, lambda: dict(max_tokens=2048)))
     ],
-    "runtime.paging.bucket_for": lambda: [
+    "runtime.worker.graph_shapes.bucket_for": lambda: [
         (
             "bucket_for",
             Entry(
-                paging.bucket_for,
-                lambda: dict(rows=300, buckets=paging.prefill_buckets(2048)),
+                graph_shapes.bucket_for,
+                lambda: dict(rows=300, buckets=graph_shapes.prefill_buckets(2048)),
                 kinds={"buckets": "ladder"},
             ),
         )
     ],
-    "runtime.paging.pad_prefill": lambda: [
+    "runtime.sched.step_arrays.pad_prefill": lambda: [
         (
             "pad_prefill",
             Entry(
-                paging.pad_prefill,
+                step_arrays.pad_prefill,
                 _padded_prefill_call,
                 fields=("v", _prefill_view_values),
                 kinds={"v": "object", "requests": "opt_int"},
             ),
         )
     ],
-    "runtime.paging.decode_batches": lambda: [
-        ("decode_batches", Entry(paging.decode_batches, lambda: dict(max_batch=48)))
+    "runtime.worker.graph_shapes.decode_batches": lambda: [
+        ("decode_batches", Entry(graph_shapes.decode_batches, lambda: dict(max_batch=48)))
     ],
-    "runtime.paging.prefill_slots": lambda: [
-        ("prefill_slots", Entry(paging.prefill_slots, lambda: dict(batch=3, max_batch=64)))
+    "runtime.worker.graph_shapes.prefill_slots": lambda: [
+        ("prefill_slots", Entry(graph_shapes.prefill_slots, lambda: dict(batch=3, max_batch=64)))
     ],
     "runtime.serving.delay_factor_arg": lambda: [
         ("delay_factor_arg", Entry(serving.delay_factor_arg, lambda: dict(scheduler_delay_factor=3.0)))
@@ -1716,7 +1723,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     "runtime.serving.mixed_prefill_arg": lambda: [
         ("mixed_prefill_arg", Entry(serving.mixed_prefill_arg, lambda: dict(mixed_prefill=True)))
     ],
-    "runtime.moe_paths.MoEPaths": lambda: [("MoEPaths", Entry(moe_paths.MoEPaths, lambda: dict(moe_path="dense")))],
+    "models.moe_paths.MoEPaths": lambda: [("MoEPaths", Entry(moe_paths.MoEPaths, lambda: dict(moe_path="dense")))],
     "layers.tensor_parallel.rows": lambda: [
         ("rows", Entry(tensor_parallel.rows, lambda: dict(weight=np.zeros((8, 4), np.float32), rank=1, parts=2)))
     ],
@@ -1735,7 +1742,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
-    "checkpoint.deepseek_config.DeepSeekConfig": lambda: [
+    "models.deepseek_config.DeepSeekConfig": lambda: [
         (
             "DeepSeekConfig.from_dict",
             Entry(
@@ -1758,7 +1765,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         ),
     ],
-    "checkpoint.deepseek_config.is_deepseek": lambda: [
+    "models.deepseek_config.is_deepseek": lambda: [
         (
             "is_deepseek",
             Entry(
@@ -2163,12 +2170,16 @@ EXEMPT: dict[str, str] = {
     "rendezvous.exchange": "opens sockets to rank 0 (its DistEnv comes from read_env): tests/comm/test_rendezvous.py",
     "rendezvous.default_timeout": "reads FI_FFI_RENDEZVOUS_TIMEOUT: tests/comm/test_rendezvous.py",
     "vllm_ar.register_graph_buffers": "takes get_graph_buffer_ipc_meta of each rank: comm/test_allreduce_kernels.py",
-    "runtime.kv_cache.PrefixCacheStats": "the counters a KVCacheManager keeps and counts up; no argument to check",
-    "runtime.speculation.SpeculationStats": "the counters the serving loop keeps and counts up; no argument to check",
-    "runtime.speculation.SpeculativeConfig": "the checked values speculative_config_arg (above) returns",
-    "runtime.speculation.DraftModelProposer": "wraps an engine that ServingLoop.draft_model checks",
-    "runtime.speculation.same_directory": "compares the engines' model_dir paths: tests/engine/test_speculation.py",
-    "runtime.speculation.tokenizer_difference": "reads two engines' tokenizer.json: tests/engine/test_speculation.py",
+    "runtime.sched.kv_cache.PrefixCacheStats": "the counters a KVCacheManager keeps and counts up; no argument to "
+    "check",
+    "runtime.sample.speculation.SpeculationStats": "the counters the serving loop keeps and counts up; no argument to "
+    "check",
+    "runtime.sample.speculation.SpeculativeConfig": "the checked values speculative_config_arg (above) returns",
+    "runtime.sample.speculation.DraftModelProposer": "wraps an engine that Engine.draft_model checks",
+    "runtime.sample.speculation.same_directory": "compares the engines' model_dir paths: "
+    "tests/engine/test_speculation.py",
+    "runtime.sample.speculation.tokenizer_difference": "reads two engines' tokenizer.json: "
+    "tests/engine/test_speculation.py",
     "checkpoint.safetensors.Checkpoint": "reads safetensors files: tests/engine/test_serving_host.py",
     "checkpoint.safetensors.read_header": "reads a safetensors header: tests/engine/test_serving_host.py",
     "checkpoint.safetensors.write_safetensors": "a test helper writing checkpoints: tests/engine/test_serving_host.py",
@@ -2249,30 +2260,34 @@ EXEMPT: dict[str, str] = {
     # the same three in their own modules (fi_engine.models.llama re-exports them)
     "runtime.sampling_params.SamplingParams": "checked by LlamaEngine.generate on a GPU: "
     "tests/engine/test_serving_host.py",
-    "runtime.sampling.SamplingParams": "re-exported from sampling_params (its checks: the line above)",
+    "runtime.sample.sampler.SamplingParams": "re-exported from sampling_params (its checks: the line above)",
     "runtime.sampling_params.sampling_arg": "the type check of add_request's and generate's sampling=: its bad kinds "
     "in "
     "tests/engine/test_step_api_host.py",
-    "runtime.sampling.Sampler": "the engine's own part, made by Engine from its checked buffers (Sampler.of): "
+    "runtime.sample.sampler.Sampler": "the engine's own part, made by Engine from its checked buffers (Sampler.of): "
     "tests/engine/test_step_api_host.py and the GPU suites",
     "kernels.cuda_sources.functions": "compiles with NVRTC through CuPy (a GPU machine's); its file argument is "
     "source()'s, whose generator above checks it, and the engine passes literal names: the GPU suites",
     "kernels.cuda_sources.function_ptr": "reads the handle of a kernel CuPy compiled (a GPU machine's); the engine "
     "passes only the kernels it compiled itself: the GPU suites",
-    "runtime.logits_processing.LogitsProcessor": "the engine's own part, made by Engine over the runner's logits; "
+    "runtime.sample.logits_processing.LogitsProcessor": "the engine's own part, made by Engine over the runner's "
+    "logits; "
     "its requests' fields are SamplingParams' (checked by its generator): tests/engine/test_logits_processing.py",
-    "runtime.logits_processing.PendingLogprobs": "a record the processor makes of a step's device arrays: "
+    "runtime.sample.logits_processing.PendingLogprobs": "a record the processor makes of a step's device arrays: "
     "tests/engine/test_logits_processing.py",
-    "runtime.logits_processing.PendingPromptLogprobs": "a record the processor makes of a pass's device arrays: "
+    "runtime.sample.logits_processing.PendingPromptLogprobs": "a record the processor makes of a pass's device arrays: "
     "tests/engine/test_logits_processing.py",
-    "runtime.logits_processing.logprobs_of_rows": "the processor's array math over the runner's own logits (an "
+    "runtime.sample.logits_processing.logprobs_of_rows": "the processor's array math over the runner's own logits (an "
     "array module and a float32 array it made): tests/engine/test_logits_processing.py",
-    "runtime.logits_processing.mask_disallowed": "the processor's array math over the runner's own logits and the "
+    "runtime.sample.logits_processing.mask_disallowed": "the processor's array math over the runner's own logits and "
+    "the "
     "bitmasks its requests' matchers made (GrammarMatcher.bitmask, checked there): "
     "tests/engine/test_logits_processing.py",
-    "runtime.model_runner.ModelRunner": "the engine's own part, made by Engine from its checked settings and family "
+    "runtime.worker.model_runner.ModelRunner": "the engine's own part, made by Engine from its checked settings and "
+    "family "
     "(EngineSettings' generator above; it needs a GPU): tests/engine/test_prefill_buckets.py and the GPU suites",
-    "runtime.sampling.Draws": "the engine's own record of a Philox stream (a fi_ffi.Generator of a checked seed): "
+    "runtime.sample.sampler.Draws": "the engine's own record of a Philox stream (a fi_ffi.Generator of a checked "
+    "seed): "
     "tests/engine/test_step_api_host.py",
     "runtime.stepping.StepOutput": _RECORD,
     "runtime.stepping.TokenLogprobs": _RECORD,
@@ -2283,7 +2298,7 @@ EXEMPT: dict[str, str] = {
     "tests/engine/test_quantization_config.py",
     "checkpoint.quantization.llama_fp8_scheme": "reads a config dict: FP8 layouts served or refused by name in "
     "tests/engine/test_quantization_config.py",
-    "checkpoint.quantization.deepseek_fp8_scheme": "reads a config dict: FP8 layouts served or refused by name in "
+    "models.deepseek_config.deepseek_fp8_scheme": "reads a config dict: FP8 layouts served or refused by name in "
     "tests/engine/test_deepseek.py (test_other_quantizations_are_refused_naming_the_key_and_the_way_out)",
     "checkpoint.quantization.grouped_gemv_block": "a predicate of any value (True or False, never an error); odd "
     "values (floats, bools, lists, negatives, one-element tuples) answered False in "
@@ -2327,10 +2342,10 @@ EXEMPT: dict[str, str] = {
     "engine process's and its clients' (their bad arguments in tests/engine/test_step_api_host.py and "
     "engine/test_engine_process.py)",
     "runtime.stepping.FinishReason": "a typing.Literal of the three reasons a request ends, not an entry point",
-    "runtime.sampling.draw_groups": "plans the rows of the engine's own scheduler (its Requests): "
+    "runtime.sample.sampler.draw_groups": "plans the rows of the engine's own scheduler (its Requests): "
     "tests/engine/test_step_api_host.py",
     "runtime.serving.GenerationResult": _RECORD,
-    "runtime.storage.step_views": "the engine's own views of its step buffers (fi_ffi's values): "
+    "runtime.worker.step_io.step_views": "the engine's own views of its step buffers (fi_ffi's values): "
     "engine/test_serving_host.py",
     **dict.fromkeys(
         ["models.llama.Llama", "models.gemma2.Gemma2", "models.gpt_oss.GptOss", "models.deepseek.DeepSeek"],
@@ -2342,18 +2357,20 @@ EXEMPT: dict[str, str] = {
     "(test_family_engines_refuse_other_types)",
     "layers.moe.MoELayer": _GPU,
     "layers.moe.MoEWeights": _GPU,
-    "runtime.paging.Layout": "the engine's own buffer layout (fi_ffi's values): tests/engine/test_serving_host.py",
-    "runtime.paging.Request": "a record the Scheduler makes: tests/engine/test_serving_host.py",
-    "runtime.paging.Scheduler": "the engine's scheduler, made from a checked LlamaConfig: "
+    "runtime.sched.step_arrays.Layout": "the engine's own buffer layout (fi_ffi's values): "
     "tests/engine/test_serving_host.py",
-    "runtime.paging.fill_decode": "fills the engine's own arrays from its scheduler's requests: "
+    "runtime.sched.request.Request": "a record the Scheduler makes: tests/engine/test_serving_host.py",
+    "runtime.sched.scheduler.Scheduler": "the engine's scheduler, made from a checked LlamaConfig: "
+    "tests/engine/test_serving_host.py",
+    "runtime.sched.step_arrays.fill_decode": "fills the engine's own arrays from its scheduler's requests: "
     "engine/test_serving_host.py",
-    "runtime.paging.fill_prefill": "fills the engine's own arrays from its scheduler's requests: "
+    "runtime.sched.step_arrays.fill_prefill": "fills the engine's own arrays from its scheduler's requests: "
     "engine/test_serving_host.py",
     **dict.fromkeys(
         [
-            "checkpoint.deepseek_config.DeepSeekRouting",
-            "checkpoint.deepseek_config.YarnConfig",
+            "layers.deepseek_routing.DeepSeekRouting",
+            "models.deepseek_config.DeepSeekRouting",  # (re-exported from layers.deepseek_routing)
+            "models.deepseek_config.YarnConfig",
             "models.gemma2.Gemma2Settings",
             "models.gpt_oss.GptOssSettings",
             "models.gpt_oss.YarnRope",

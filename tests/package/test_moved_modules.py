@@ -105,3 +105,57 @@ def test_old_modules_that_are_packages_now_hand_their_names_on_with_a_warning() 
     assert "warned: fi_engine.checkpoint.Checkpoint moved to fi_engine.checkpoint.safetensors.Checkpoint" in out
     assert "warned: fi_engine.text.TextCodec moved to fi_engine.text.codec.TextCodec" in out
     assert "True" in out and "missing: module 'fi_engine.kernels' has no attribute 'no_such_name'" in out
+
+
+def handed_on(setup: str, old: str, then: str, missing: str) -> str:
+    """A child's code: ``setup``, then ``old`` (reading an old path: its warning printed as ``warned: ...``), with
+    warnings off ``then``, and ``missing`` (a name the old path never had: its AttributeError printed as
+    ``missing: ...``)."""
+    caught = "except {}:\n    print('{}:', e)\n"
+    return (
+        f"{setup}\ntry:\n    {old}\n{caught.format('DeprecationWarning as e', 'warned')}"
+        f"import warnings\nwarnings.simplefilter('ignore')\n{then}\n"
+        f"try:\n    {missing}\n{caught.format('AttributeError as e', 'missing')}"
+    )
+
+
+def test_a_split_module_hands_each_name_on_from_its_new_module() -> None:
+    # fi_engine.moved.SPLIT: a module whose names went to several rooms imports at its old path, warns naming them,
+    # and gives each name from its new module (the flat path before it is that module too); every home exists
+    from fi_engine.moved import SPLIT
+
+    assert SPLIT["fi_engine.runtime.paging"][0] == "fi_engine.runtime.sched.scheduler"
+    setup = "import importlib, fi_engine\nfrom fi_engine.moved import SPLIT\n"
+    setup += "for home in [h for homes in SPLIT.values() for h in homes]:\n    importlib.import_module(home)"
+    then = (
+        "import fi_engine.runtime.paging as old, fi_engine.paging as flat\n"
+        "from fi_engine.runtime.sched import scheduler, step_arrays\n"
+        "from fi_engine.runtime.worker import graph_shapes\n"
+        "print(old is flat, old.Scheduler is scheduler.Scheduler, old.fill_decode is step_arrays.fill_decode,\n"
+        "      old.prefill_buckets is graph_shapes.prefill_buckets, 'Request' in dir(old))"
+    )
+    done = run(handed_on(setup, "import fi_engine.runtime.paging", then, "old.no_such_name"))
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "warned: fi_engine.runtime.paging was split into fi_engine.runtime.sched.scheduler, " in out
+    assert "True True True True True" in out
+    assert "missing: module 'fi_engine.runtime.paging' has no attribute 'no_such_name'" in out
+
+
+def test_a_name_that_left_a_module_is_handed_on_with_a_warning() -> None:
+    # fi_engine.moved.NAMES: DeepSeek's FP8 scheme left checkpoint.quantization for the family's config reader
+    then = (
+        "from fi_engine.checkpoint.quantization import deepseek_fp8_scheme\n"
+        "from fi_engine.models.deepseek_config import deepseek_fp8_scheme as new\n"
+        "print(deepseek_fp8_scheme is new)"
+    )
+    setup = "import fi_engine.checkpoint.quantization as q"
+    done = run(handed_on(setup, "q.deepseek_fp8_scheme", then, "q.no_such_name"))
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert (
+        "warned: fi_engine.checkpoint.quantization.deepseek_fp8_scheme moved to "
+        "fi_engine.models.deepseek_config.deepseek_fp8_scheme" in out
+    )
+    assert "True" in out
+    assert "missing: module 'fi_engine.checkpoint.quantization' has no attribute 'no_such_name'" in out

@@ -608,14 +608,23 @@ def test_the_engine_import_check_finds_one() -> None:  # the check above could f
 # ---- the engine's floors: subpackages by concern, every import one way -------------------------------------------
 
 # fi_engine from the ground up (docs/engine.md draws it): the host-only readers of a checkpoint and of text, the
-# launch layer over the GPU (the one importer of fi_ffi), the model's building blocks, the runtime (the engine and
-# the interface a family implements), then the families and the servers side by side, neither importing the other.
+# launch layer over the GPU (the one importer of fi_ffi), the model's building blocks, the runtime room by room (the
+# values and the interface at its ground, then the requests and the scheduler, the logits' way to tokens, the model on
+# the GPU, a step's passes, the loop, the engine assembled), then the families and the servers side by side, neither
+# importing the other.
 ENGINE_FLOORS: tuple[tuple[str, ...], ...] = (
     ("fi_engine.values", "fi_engine.moved"),  # argument checks; the old module paths
     ("fi_engine.checkpoint", "fi_engine.text"),  # config.json, safetensors; tokenizer, chat template
     ("fi_engine.kernels",),  # fi_ffi's ops, cuBLAS, the engine's CUDA kernels, graphs
     ("fi_engine.layers",),  # MoE and routing, tensor parallelism, the FP8 KV cache
-    ("fi_engine.runtime",),  # the engine: scheduler and pages, buffers, graphs, sampling, the step API
+    # a request's sampling settings (a value); the interface a model family implements
+    ("fi_engine.runtime.sampling_params", "fi_engine.runtime.family"),
+    ("fi_engine.runtime.stepping", "fi_engine.runtime.sched"),  # the step protocol; requests, pages, the scheduler
+    ("fi_engine.runtime.settings", "fi_engine.runtime.sample"),  # the engine's settings; sampler, logits, speculation
+    ("fi_engine.runtime.worker",),  # the model runner and its parts (it holds the sampler)
+    ("fi_engine.runtime.passes",),  # a prefill pass or a decode step through the runner, processor and sampler
+    ("fi_engine.runtime.serving",),  # the serving loop
+    ("fi_engine.runtime.engine", "fi_engine.runtime"),  # the engine assembled; the runtime's face
     ("fi_engine.models", "fi_engine.serve"),  # the families and their registry; the servers
     ("fi_engine.cli",),
     ("fi_engine", "fi_engine.__main__"),
@@ -638,7 +647,7 @@ def test_the_engine_units_form_no_cycle() -> None:
         here = unit_of(module, ENGINE_FLOORS)
         graph[here] |= {unit_of(t, ENGINE_FLOORS) for t in targets} - {here}
     assert cycle(graph) == [], graph
-    assert graph["fi_engine.models"] >= {"fi_engine.runtime", "fi_engine.layers"}  # the graph is read at all
+    assert graph["fi_engine.models"] >= {"fi_engine.runtime.engine", "fi_engine.layers"}  # the graph is read at all
 
 
 def test_no_engine_module_imports_itself_back() -> None:
@@ -667,6 +676,31 @@ def test_the_engine_root_keeps_only_its_command_face_and_ground() -> None:
     folders = sorted(p.name for p in ENGINE_ROOT.iterdir() if (p / "__init__.py").is_file())
     assert top == ["__init__", "__main__", "cli", "moved", "values"]
     assert folders == ["checkpoint", "kernels", "layers", "models", "runtime", "serve", "text"]
+
+
+def family_named(folder: Path, families: list[tuple[str, tuple[str, ...]]]) -> list[str]:
+    """The modules under ``folder`` whose name holds a family's name or one of its model types (``families``: each
+    family's label and model types), as ``path: family``."""
+    found = []
+    for path in sorted(folder.rglob("*.py")):
+        stem = path.stem.lower()
+        for label, types in families:
+            words = {label.lower().replace(" ", "").replace("-", "_"), *types}
+            if any(word in stem for word in words):
+                found.append(f"{path.relative_to(folder.parent).as_posix()}: {label}")
+    return found
+
+
+def test_no_module_of_the_checkpoint_or_the_runtime_is_a_familys() -> None:
+    # a family's config reader, quantization scheme and options live with the family (fi_engine.models); checkpoint
+    # and the runtime serve every family (docs/ADDING_A_MODEL.md)
+    from fi_engine.models.registry import FAMILIES
+
+    families = [(f.label, f.model_types) for f in FAMILIES]
+    assert len(families) >= 4
+    assert family_named(ENGINE_ROOT / "models", families)  # the check reads names at all
+    assert family_named(ENGINE_ROOT / "checkpoint", families) == []
+    assert family_named(ENGINE_ROOT / "runtime", families) == []
 
 
 def fi_ffi_importers(trees: dict[str, ast.Module], allowed: tuple[str, ...] = FI_FFI_IMPORTERS) -> list[str]:

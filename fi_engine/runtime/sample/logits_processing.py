@@ -37,9 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from .paging import Request
-from .sampling_params import SamplingParams, sets_controls
-from .stepping import TokenLogprobs
+from ...text.grammar import GrammarMatcher, GrammarTokenizer
+from ..sampling_params import SamplingParams, sets_controls
+from ..sched.request import Request
+from ..stepping import TokenLogprobs
 
 __all__ = ["LogitsProcessor", "PendingLogprobs", "PendingPromptLogprobs", "logprobs_of_rows", "mask_disallowed"]
 
@@ -134,6 +135,69 @@ class LogitsProcessor:
         self.vocab_size = vocab_size
         self.eos = eos  # the engine's end-of-sequence ids (a request without its own)
         self._host = getattr(cupy, "asnumpy", np.asarray)  # (numpy stands in for CuPy in the CPU tests)
+        self._grammars: GrammarTokenizer | None = None  # grammar_tokenizer's value
+
+    def check(self, sampling: Any, sharded: bool) -> None:
+        """ValueError naming the field where the engine cannot honour ``sampling``'s logprobs or controls
+        (``sharded``: its vocabulary is split over tensor-parallel ranks)."""
+        if sharded:
+            asked = ("logprobs", "prompt_logprobs", "grammar")
+            field = next((f for f in asked if getattr(sampling, f) is not None), "logit_bias, penalties or min_p")
+            raise ValueError(f"{field}: not supported with a vocabulary split over tensor-parallel ranks yet")
+        vocab = self.vocab_size
+        bad = next((t for t, _ in sampling.logit_bias if t >= vocab), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias: token id {bad} is outside the vocabulary [0, {vocab})")
+
+    @property
+    def grammar_tokenizer(self) -> GrammarTokenizer | None:
+        """The :class:`~fi_engine.text.grammar.GrammarTokenizer` that requests with a ``grammar`` (the OpenAI API's
+        ``response_format``) are matched against: None until the first such request makes it from the checkpoint's
+        ``tokenizer.json`` and end-of-sequence ids (``TextCodec.from_dir(model_dir)``, as the server reads them; it
+        indexes every token, up to about a second for 150k of them). A server holding one of the same tokenizer sets
+        it here (``fi_engine.serve.openai_server`` does), so it is made once. TypeError for anything but a
+        GrammarTokenizer or None; ValueError when its vocabulary is wider than the model's logits."""
+        return self._grammars
+
+    @grammar_tokenizer.setter
+    def grammar_tokenizer(self, value: GrammarTokenizer | None) -> None:
+        if value is not None and not isinstance(value, GrammarTokenizer):
+            raise TypeError(
+                f"grammar_tokenizer: expected a fi_engine.text.grammar.GrammarTokenizer or None, got "
+                f"{type(value).__name__}"
+            )
+        width = self.vocab_size
+        if value is not None and value.vocab_size > width:
+            raise ValueError(
+                f"grammar_tokenizer: its tokenizer has {value.vocab_size} tokens, more than the model's {width} "
+                f"logits; give the checkpoint's own tokenizer"
+            )
+        self._grammars = value
+
+    def matcher(self, sampling: SamplingParams | None, model_dir: Any) -> GrammarMatcher | None:
+        """A new request's matcher at the start of ``sampling.grammar`` (None without one), against
+        :attr:`grammar_tokenizer`, made from the checkpoint ``model_dir`` at the first grammar: ValueError naming
+        ``response_format`` when the grammar does not compile for the tokenizer, naming ``grammar`` when the engine
+        has no tokenizer to match it against (a checkpoint without ``tokenizer.json``) or ``llguidance`` is missing."""
+        if sampling is None or sampling.grammar is None:
+            return None
+        grammars = self._grammars
+        if grammars is None:
+            from ...text.codec import TextCodec
+
+            try:
+                codec = TextCodec.from_dir(model_dir)
+            except (ValueError, ModuleNotFoundError) as exc:  # no tokenizer.json (random weights), a malformed one
+                raise ValueError(
+                    f"grammar: this engine has no tokenizer to match a grammar against ({str(exc)[:300]}); serve a "
+                    f"checkpoint with its tokenizer.json, or set the engine's grammar_tokenizer"
+                ) from None
+            try:
+                grammars = GrammarTokenizer(codec.tokenizer, codec.eos_token_ids)
+                self.grammar_tokenizer = grammars
+            except (ValueError, ModuleNotFoundError) as exc:  # no EOS ids, llguidance missing, a wider vocabulary
+                raise ValueError(f"grammar: the engine's tokenizer cannot match a grammar: {str(exc)[:300]}") from None
+        return grammars.matcher(sampling.grammar)
 
     def apply(self, rows: Sequence[Request | None], n: int) -> tuple[PendingLogprobs | None, bool]:
         """Process the first ``n`` rows of the logits for ``rows`` (the step's requests by row; None: padding).
@@ -163,7 +227,8 @@ class LogitsProcessor:
     def _bitmask(self, matcher: Any) -> np.ndarray:
         """``matcher``'s mask of the tokens allowed next; where its grammar fails computing it, every token (the
         row is left as it is): consuming the chosen token then fails too, which ends that request alone as
-        ``"abort"`` (:meth:`Scheduler.record <fi_engine.runtime.paging.Scheduler.record>`), not the whole step."""
+        ``"abort"`` (:meth:`Scheduler.record <fi_engine.runtime.sched.scheduler.Scheduler.record>`), not the whole
+        step."""
         try:
             return matcher.bitmask(self.vocab_size)  # type: ignore[no-any-return]
         except ValueError:

@@ -26,10 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from ..kernels import flashinfer as kernels
-from ..kernels.copies import D2D, H2D, host_address
-from .paging import Layout, Request
-from .sampling_params import SamplingParams
+from ...kernels import flashinfer as kernels
+from ...kernels.copies import D2D, H2D, host_address
+from ..sampling_params import SamplingParams
+from ..sched.request import Request
+from ..sched.step_arrays import Layout
 
 __all__ = [
     "Draws",
@@ -283,7 +284,7 @@ class Sampler:
         self.dense.gather_rows(n, choice, 2, meta + 4 * o["source"], ids, 2, 2)
 
     def argmax(self, rows: int) -> None:
-        """Greedy tokens into ``ids`` from what the LM head (``Engine._head``) wrote; with a vocabulary shard each
+        """Greedy tokens into ``ids`` from what the LM head (``ModelRunner.head``) wrote; with a vocabulary shard each
         rank's argmax (value, global id) is all-gathered and combined (the same token on every rank)."""
         b, vs = self.buffers, self.vocab_shard
         if vs is None:

@@ -6,7 +6,7 @@ The MoE families' definitions (:class:`~fi_engine.models.llama.Llama` for Mixtra
 :class:`~fi_engine.models.gpt_oss.GptOss`) take ``moe_path`` (their engine classes pass it on) and answer
 :meth:`MoEPaths.moe_path_for`; the family's load allocates the buffers of the paths some step may take, and its forward
 asks per step. A decode CUDA graph (one per batch size,
-:attr:`~fi_engine.runtime.step_graphs.StepGraphs.decode_graph_batches`) picks once, at its capture.
+:attr:`~fi_engine.runtime.worker.model_runner.ModelRunner.decode_graph_batches`) picks once, at its capture.
 """
 
 from __future__ import annotations

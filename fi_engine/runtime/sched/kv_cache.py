@@ -1,7 +1,7 @@
 """Automatic prefix caching: the KV cache's pages, shared between requests whose prompts begin alike.
 
 The KV cache is ``num_pages`` pages of ``page_size`` tokens; pages ``0 .. reserved - 1`` are never handed out (page
-0 is the padding page, :mod:`.paging`). A **full** page whose K/V a request has written is named by a hash chain:
+0 is the padding page, :mod:`.pages`). A **full** page whose K/V a request has written is named by a hash chain:
 page ``k``'s hash digests page ``k - 1``'s hash, an ``extra_key`` (None today; room for a LoRA id or the hashes of a
 prompt's images) and its ``page_size`` token ids (:func:`page_hashes`). Equal hashes mean equal tokens from the
 prompt's first token on, so a page found by its hash holds exactly the K/V a new request would compute there.
@@ -39,8 +39,8 @@ stays matchable longest (an evicted middle page cuts the chain there: the pages 
 they too are evicted).
 
 With ``enable_prefix_caching=False`` nothing is ever cached: :meth:`~KVCacheManager.allocate` and
-:meth:`~KVCacheManager.free` hand out the same pages in the same order as :class:`~.paging.PageAllocator`, whose
-``alloc`` / ``free`` / ``num_free`` / ``capacity`` it also answers to, so a :class:`~.paging.Scheduler` takes either.
+:meth:`~KVCacheManager.free` hand out the same pages in the same order as :class:`~.pages.PageAllocator`, whose
+``alloc`` / ``free`` / ``num_free`` / ``capacity`` it also answers to, so a :class:`~.scheduler.Scheduler` takes either.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ from typing import Any
 
 import numpy as np
 
-from ..values import MAX_SIZE, arg_int, flag, integer, show
-from .paging import MAX_PAGES, OutOfPagesError
+from ...values import MAX_SIZE, arg_int, flag, integer, show
+from .pages import MAX_PAGES, OutOfPagesError
 
 __all__ = ["HASH_BYTES", "KVCacheManager", "PrefixCacheStats", "page_hashes"]
 
@@ -174,7 +174,7 @@ class KVCacheManager:
         num_pages: pages in the KV cache, the reserved ones included.
         page_size: tokens per page.
         reserved: pages ``0 .. reserved - 1`` are never handed out (page 0: the padding page).
-        enable_prefix_caching: False: nothing is cached, and it hands out pages as :class:`~.paging.PageAllocator`.
+        enable_prefix_caching: False: nothing is cached, and it hands out pages as :class:`~.pages.PageAllocator`.
 
     Pages go out lowest id first and freed pages are reused first, as PageAllocator's; cached pages are reused only
     when no free page is left, least recently used first. ``stats``: the prefix cache's counters
@@ -239,7 +239,7 @@ class KVCacheManager:
         return self._take(n)
 
     def alloc(self, n: int) -> list[int]:
-        """:meth:`allocate` under :class:`~.paging.PageAllocator`'s name, so a :class:`~.paging.Scheduler` takes
+        """:meth:`allocate` under :class:`~.pages.PageAllocator`'s name, so a :class:`~.scheduler.Scheduler` takes
         either."""
         return self.allocate(n)
 

@@ -16,7 +16,7 @@ mixture-of-experts layers with shared experts and group-limited routing:
 
 The engine's MLA kernels fix ``kv_lora_rank`` at 512 and ``qk_rope_head_dim`` at 64 (every published V2/V3 model);
 other sizes are refused by name. FP8 checkpoints (``quantization_config``, DeepSeek-V3's published e4m3 weights with
-128x128 block scales; :func:`~fi_engine.checkpoint.quantization.deepseek_fp8_scheme`) are served with every e4m3
+128x128 block scales; :func:`deepseek_fp8_scheme`) are served with every e4m3
 projection dequantized to the 16-bit type at load (``fp8``); other quantizations are refused by name, and so is
 everything else the engine does not implement (attention or MLP biases, other activations, MoE layers every other
 layer).
@@ -31,6 +31,7 @@ RoPE kernel reads.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -39,12 +40,20 @@ from typing import Any
 
 import numpy as np
 
+from ..checkpoint.config import MoEConfig, read_config_json, yarn_ramp
+from ..checkpoint.family_configs import eos_ids, rope_settings, silu_without_biases, size
+from ..checkpoint.quantization import Fp8Scheme, served_fp8_scheme
+from ..layers.deepseek_routing import DeepSeekRouting
 from ..values import MAX_SIZE, show
-from .config import MoEConfig, _eos, _int, _silu_without_biases, read_config_json, yarn_ramp
-from .family_configs import rope_settings
-from .quantization import deepseek_fp8_scheme
 
-__all__ = ["DEEPSEEK_MODEL_TYPES", "DeepSeekConfig", "DeepSeekRouting", "YarnConfig", "is_deepseek"]
+__all__ = [
+    "DEEPSEEK_MODEL_TYPES",
+    "DeepSeekConfig",
+    "DeepSeekRouting",
+    "YarnConfig",
+    "deepseek_fp8_scheme",
+    "is_deepseek",
+]
 
 DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 KV_LORA_RANK = 512  # head_dim_ckv of the MLA kernels
@@ -63,18 +72,6 @@ class YarnConfig:
     mscale_all_dim: float = 0.0
     attention_factor: float | None = None
     truncate: bool = True
-
-
-@dataclass(frozen=True)
-class DeepSeekRouting:
-    """How a MoE layer picks its experts (module docstring)."""
-
-    method: str  # "noaux_tc", "greedy" or "group_limited_greedy"
-    scoring: str  # "sigmoid" (V3) or "softmax" (V2)
-    n_group: int
-    topk_group: int
-    routed_scaling_factor: float
-    n_shared_experts: int
 
 
 @dataclass(frozen=True)
@@ -179,9 +176,9 @@ class DeepSeekConfig:
         if model_type not in DEEPSEEK_MODEL_TYPES:
             raise ValueError(f"{source}: model_type {show(model_type)} is not a DeepSeek-V2/V3 checkpoint")
         fp8 = deepseek_fp8_scheme(d, source)
-        _silu_without_biases(d, source, "DeepSeek")
-        kv_rank = _int(d, "kv_lora_rank", source)
-        rope_dim = _int(d, "qk_rope_head_dim", source)
+        silu_without_biases(d, source, "DeepSeek")
+        kv_rank = size(d, "kv_lora_rank", source)
+        rope_dim = size(d, "qk_rope_head_dim", source)
         if kv_rank != KV_LORA_RANK or rope_dim != ROPE_HEAD_DIM:
             raise ValueError(
                 f"{source}: kv_lora_rank {kv_rank} / qk_rope_head_dim {rope_dim}: the MLA kernels serve "
@@ -189,9 +186,9 @@ class DeepSeekConfig:
             )
         q_rank = d.get("q_lora_rank")
         if q_rank is not None:
-            q_rank = _int(d, "q_lora_rank", source)
-        nope = _int(d, "qk_nope_head_dim", source)
-        v_dim = _int(d, "v_head_dim", source)
+            q_rank = size(d, "q_lora_rank", source)
+        nope = size(d, "qk_nope_head_dim", source)
+        v_dim = size(d, "v_head_dim", source)
         for name, value in (("qk_nope_head_dim", nope), ("v_head_dim", v_dim)):
             if value % 8:
                 raise ValueError(f"{source}: {name} ({value}) must be a multiple of 8 (16-byte aligned head rows)")
@@ -204,15 +201,15 @@ class DeepSeekConfig:
         interleave = d.get("rope_interleave", True) if model_type == "deepseek_v3" else True
         if not isinstance(interleave, bool):
             raise ValueError(f"{source}: rope_interleave must be true or false, got {show(interleave)}")
-        layers = _int(d, "num_hidden_layers", source)
+        layers = size(d, "num_hidden_layers", source)
         theta, yarn = _rope(d, source)
         moe, routing, first_dense = _moe(d, model_type, layers, source)
-        heads = _int(d, "num_attention_heads", source)
+        heads = size(d, "num_attention_heads", source)
         return cls(
             model_type=model_type,
-            vocab_size=_int(d, "vocab_size", source),
-            hidden_size=_int(d, "hidden_size", source),
-            intermediate_size=_int(d, "intermediate_size", source),
+            vocab_size=size(d, "vocab_size", source),
+            hidden_size=size(d, "hidden_size", source),
+            intermediate_size=size(d, "intermediate_size", source),
             num_layers=layers,
             num_qo_heads=heads,
             q_lora_rank=q_rank,
@@ -225,8 +222,8 @@ class DeepSeekConfig:
             yarn=yarn,
             rope_interleave=interleave,
             tie_word_embeddings=tie,
-            max_position_embeddings=_int(d, "max_position_embeddings", source, 4096),
-            eos_token_ids=_eos(d.get("eos_token_id"), _int(d, "vocab_size", source), source),
+            max_position_embeddings=size(d, "max_position_embeddings", source, 4096),
+            eos_token_ids=eos_ids(d.get("eos_token_id"), size(d, "vocab_size", source), source),
             first_k_dense_replace=first_dense,
             moe=moe,
             routing=routing,
@@ -287,15 +284,15 @@ def _rope(d: dict[str, Any], source: str) -> tuple[float, YarnConfig | None]:
     original = merged.get("original_max_position_embeddings")
     factor = merged.get("factor")
     if factor is None and original is not None:  # transformers: the ratio of the context lengths
-        original = _int(merged, "original_max_position_embeddings", source)
-        factor = _int(d, "max_position_embeddings", source) / original
+        original = size(merged, "original_max_position_embeddings", source)
+        factor = size(d, "max_position_embeddings", source) / original
     attention = merged.get("attention_factor")
     truncate = merged.get("truncate", True)
     if not isinstance(truncate, bool):
         raise ValueError(f"{source}: rope truncate must be true or false, got {show(truncate)}")
     return theta, YarnConfig(
         factor=_number({"factor": factor}, "factor", source),
-        original_max_position_embeddings=_int(merged, "original_max_position_embeddings", source),
+        original_max_position_embeddings=size(merged, "original_max_position_embeddings", source),
         beta_fast=_number(merged, "beta_fast", source, 32.0) if merged.get("beta_fast") is not None else 32.0,
         beta_slow=_number(merged, "beta_slow", source, 1.0) if merged.get("beta_slow") is not None else 1.0,
         mscale=_number(merged, "mscale", source, 0.0, zero=True) if merged.get("mscale") is not None else 0.0,
@@ -318,10 +315,10 @@ def _moe(
         raise ValueError(f"{source}: first_k_dense_replace must be an integer in [0, {MAX_SIZE}], got {show(first)}")
     if experts is None:
         return None, None, layers  # every layer dense
-    experts = _int(d, "n_routed_experts", source)
-    if _int(d, "moe_layer_freq", source, 1) != 1:
+    experts = size(d, "n_routed_experts", source)
+    if size(d, "moe_layer_freq", source, 1) != 1:
         raise ValueError(f"{source}: moe_layer_freq > 1 (MoE every other layer) is not supported; expected 1")
-    k = _int(d, "num_experts_per_tok", source)
+    k = size(d, "num_experts_per_tok", source)
     if k > experts:
         raise ValueError(f"{source}: num_experts_per_tok ({k}) exceeds the {experts} routed experts")
     default_method = "noaux_tc" if model_type == "deepseek_v3" else "greedy"
@@ -340,8 +337,8 @@ def _moe(
             f"'group_limited_greedy' with 'softmax' scores"
         )
     grouped = method != "greedy"
-    n_group = _int(d, "n_group", source, 1) if grouped else 1
-    topk_group = _int(d, "topk_group", source, n_group) if grouped else 1
+    n_group = size(d, "n_group", source, 1) if grouped else 1
+    topk_group = size(d, "topk_group", source, n_group) if grouped else 1
     if experts % n_group or topk_group > n_group:
         raise ValueError(
             f"{source}: n_group ({n_group}) must divide n_routed_experts ({experts}) and topk_group ({topk_group}) "
@@ -361,6 +358,17 @@ def _moe(
     shared = 0 if shared is None else shared
     if isinstance(shared, bool) or not isinstance(shared, int) or not 0 <= shared <= MAX_SIZE:
         raise ValueError(f"{source}: n_shared_experts must be an integer in [0, {MAX_SIZE}], got {show(shared)}")
-    moe = MoEConfig(experts, k, _int(d, "moe_intermediate_size", source), renorm)
+    moe = MoEConfig(experts, k, size(d, "moe_intermediate_size", source), renorm)
     routing = DeepSeekRouting(method, scoring, n_group, topk_group, float(scale), shared)
     return moe, routing, min(first, layers)
+
+
+def deepseek_fp8_scheme(d: dict[str, Any], source: str) -> Fp8Scheme | None:
+    """The FP8 layout a DeepSeek-V3 / V2 config ``d`` (from ``source``) declares (DeepSeek-V3's published form:
+    ``quant_method: "fp8"``, 128x128 blocks, every linear e4m3 but the routers, norms, embedding and LM head), or
+    None without a ``quantization_config``. The engine dequantizes every e4m3 projection to the 16-bit type as it
+    reads it (``dequantized`` ``"every projection"``): MLA's ``kv_b_proj`` is split per head into the absorbed
+    factors, ``kv_a_proj_with_mqa`` into the latent and RoPE parts, and the experts feed grouped GEMMs over 16-bit
+    weights. ValueError naming the key and the way out: another quantization, compressed-tensors' block strategy."""
+    scheme = served_fp8_scheme(d, source, "bfloat16 or float16 weights and FP8 (e4m3) ones")
+    return None if scheme is None else dataclasses.replace(scheme, dequantized="every projection")

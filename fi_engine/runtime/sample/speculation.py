@@ -5,13 +5,13 @@ A request whose last tokens (its last ``n`` for ``n`` from ``prompt_lookup_max``
 occur earlier in its prompt or output is likely to go on as it went on there (a summary quoting its document, an
 edit of code in the prompt, a list repeating its pattern): the tokens that followed the latest earlier occurrence
 are its **draft** (at most ``k``; vLLM's ``ngram`` method, prompt-lookup decoding). The engine then feeds the request
-its last token and its draft in one pass (``ServingLoop.speculative_tokens``), ``k + 1`` rows at their positions,
+its last token and its draft in one pass (``Engine.speculative_tokens``), ``k + 1`` rows at their positions,
 and reads the model's greedy choice at each row: the draft's tokens are **accepted** while each equals the choice
 before it, and the choice after the last accepted one comes free, so one pass gives ``1 .. k + 1`` tokens, exactly
 the ones one decode step after another would give (greedy).
 
 A sampled request's rows are sampled instead of taken at their argmax (each row from the request's distribution:
-temperature, top-k and top-p, as the engine's sampler draws; ``ServingLoop._row_choices``), and the same rule
+temperature, top-k and top-p, as the engine's sampler draws; ``Speculator._row_choices``), and the same rule
 accepts them. For a draft that is one token per
 position (a probability of 1 for it, as prompt lookup's is), that is speculative sampling exactly (the chain rule of
 FlashInfer's ``chain_speculative_sampling``): the draft token is accepted with the probability the model gives it,
@@ -42,8 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from ..text.args import arg_token_ids
-from ..values import arg_int, show
+from ...text.args import arg_token_ids
+from ...values import arg_int, show
 
 __all__ = [
     "DraftModelProposer",
@@ -119,7 +119,7 @@ class DraftModelProposer:
 
     One :meth:`propose_many` is one ``generate`` call for every drafting request of a step: a prefill pass of each
     request's text and ``k - 1`` decode steps of the draft model. With the draft engine's prefix cache on (the
-    target engine turns it on: ``ServingLoop.draft_model``), a request's text is found cached from its last draft
+    target engine turns it on: ``Engine.draft_model``), a request's text is found cached from its last draft
     up to its last full page, so a draft prefills the tokens since then only, not the whole text again. A draft
     stops early at the draft model's end-of-sequence token (kept: the target may accept it)."""
 

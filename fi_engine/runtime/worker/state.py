@@ -1,10 +1,10 @@
-"""What the model runner (:class:`~fi_engine.runtime.model_runner.ModelRunner`) holds, declared once for the modules
-that make it up (its buffers and step views, :mod:`~fi_engine.runtime.storage`; its graphs,
-:mod:`~fi_engine.runtime.step_graphs`; its fused decode step, :mod:`~fi_engine.runtime.fused_decode`): the sizes it
-was made with, its device buffers and weights, the step index arrays and their views, the graphs. Declarations only
-(types for the checker); the values are set by the runner's constructor, :mod:`~fi_engine.runtime.storage` and the
-family definition's ``load`` / ``allocate`` (:mod:`~fi_engine.runtime.family`). The serving loop's state (the
-scheduler, the requests, the step in flight) is the engine's, not here.
+"""The model runner's interface, declared once: what a model family reads and sets on the runner it is given (the
+**family interface**), and what the runner's parts (:mod:`~fi_engine.runtime.worker.step_io`,
+:mod:`~fi_engine.runtime.worker.step_graphs`, :mod:`~fi_engine.runtime.worker.fused_decode`) read and call on it.
+Declarations only (types for the checker); the values are set by the runner's constructor
+(:class:`~fi_engine.runtime.worker.model_runner.ModelRunner`, which implements it) and the family definition's
+``load`` / ``allocate`` (:mod:`~fi_engine.runtime.family`). The serving loop's state (the scheduler, the requests, the
+step in flight) is the engine's, not here.
 """
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from ..layers.tensor_parallel import VocabShard
-    from .family import ModelFamily
-    from .paging import Layout
-    from .sampling import Sampler
-    from .settings import EngineSettings
+    from ...layers.tensor_parallel import VocabShard
+    from ..family import ModelFamily
+    from ..sample.sampler import Sampler
+    from ..settings import EngineSettings
 
 __all__: list[str] = []
 
 
 class RunnerState:
-    """The attributes the model runner's modules share (set in :class:`~fi_engine.runtime.model_runner.ModelRunner`'s
-    constructor), and the methods one module calls on another (declared here for the type checker only)."""
+    """The runner's attributes and methods that a family and the runner's parts use (set in
+    :class:`~fi_engine.runtime.worker.model_runner.ModelRunner`'s constructor; the methods declared here for the type
+    checker only)."""
 
     family: ModelFamily  # the model family's definition: config checks, weights, layer body, attention plans
     config: Any  # this rank's shard of the model's config (the checkpoint's on one GPU)
@@ -41,8 +41,6 @@ class RunnerState:
     max_prefill_tokens: int
     prefill_graphs: bool
     prefill_graph_failures: dict[tuple[int, int], str]
-    packed_attention: bool
-    graph: Any
     comm: Any
     rank: int
     device: int
@@ -52,7 +50,6 @@ class RunnerState:
     kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "fp8_e4m3" (fi_engine.layers.kv_fp8)
     vocab_shard: VocabShard | None
     kv_fp8: Any = None  # kv_fp8.KvFp8 with an FP8 cache (class default: an engine assembled without __init__)
-    _kv_scales: tuple[float, float] | None = None
 
     @property
     def kv_dtype(self) -> str:
@@ -64,9 +61,6 @@ class RunnerState:
         """The attention plans' softmax scale: None (``1/sqrt(head_dim)``), or with an FP8 cache that times its
         ``k_scale`` (the FP8 modules take no scales: flashinfer-python's wrappers fold it the same way)."""
         return self.kv_fp8.sm_scale if self.kv_fp8 is not None else None
-
-    _closed: bool
-    _own_comm: bool
 
     # ---- the family interface ------------------------------------------------------------------------------------
     # What a model family (runtime.family.ModelFamily; fi_engine.models) reads and sets on the runner ``eng`` it is
@@ -107,51 +101,40 @@ class RunnerState:
     v_cache: list[Any]  # values, as k_cache
     prefill_workspace: Any  # the prefill attention's fi_ffi Workspace; decode_workspace: the decode's
     decode_workspace: Any
-    decode_arrays: dict[str, np.ndarray]  # the decode step's host index arrays (paging.decode_layout), by name
-    prefill_arrays: dict[str, np.ndarray]  # the prefill pass's (paging.prefill_layout)
+    decode_arrays: dict[
+        str, np.ndarray
+    ]  # the decode step's host index arrays (sched.step_arrays.decode_layout), by name
+    prefill_arrays: dict[str, np.ndarray]  # the prefill pass's (step_arrays.prefill_layout)
     # the attention plans (set by the family's plan_decode / plan_prefill): the decode graph checks the decode
     # plan's schedule layout
     decode_plan: Any
     prefill_plan: Any
     # ---- end of the family interface
 
-    _dlayout: Layout
-    _playout: Layout
-    _dmeta: Any
-    _dhost: np.ndarray
-    _pmeta: Any
-    _phost: np.ndarray
-    _ids_mem: Any
-    _ids_host: np.ndarray
-    _prefill_done: Any
-    _decode_ids: tuple[np.ndarray, np.ndarray]
-    _decode_done: tuple[Any, Any]
-    _decode_turn: int
-    _views: dict[tuple[Any, ...], SimpleNamespace]
-    sampler: Sampler  # the tokens' choice (runtime.sampling), made once the buffers exist
-    # the decode step staged ahead (ModelRunner.stage_decode), and the graphs
-    _staged: Any
+    # the runner's switches its parts read (ModelRunner documents each; set on the class to compare)
+    packed_attention: bool
+    fused_decode: bool
+    graph_fused_decode: bool
+    decode_graph_ladder: bool
+    attention_pdl: bool
+    silu_in_gate_up: bool
+    norm_pdl: bool
+    prefill_buckets: tuple[int, ...]
+    sampler: Sampler  # the tokens' choice (runtime.sample.sampler), made once the buffers exist
     staged_wait_s: float  # the last stage_decode_ahead's wait for the staging buffers, in seconds
     prepare_ahead: bool  # stage decode step n + 1 while the GPU runs step n (ModelRunner.stage_decode_ahead)
-    graphs: dict[int, Any]
-    _graph_plan_infos: dict[int, Any]
-    _graph_batches: tuple[int, ...]
-    _graphs_checked: set[int]
-    _prefill_graph_cache: dict[tuple[int, ...], Any]
-    _prefill_buckets: tuple[int, ...]
-    _fused_decode: bool
 
-    if TYPE_CHECKING:  # the methods one part calls on another (model_runner, storage, step_graphs, fused_decode)
+    if TYPE_CHECKING:  # the runner's methods its parts call (ModelRunner documents each)
 
-        def _forward(self, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None: ...
-        def _decode_attention(self, i: int, v: SimpleNamespace) -> None: ...
-        def _prefill_attention(self, i: int, v: SimpleNamespace) -> None: ...
-        def _plan_decode(self, rows: int, cuda_graph: bool) -> None: ...
-        def _plan_prefill_padded(self, batch: int) -> None: ...
-        def _finish_logits(self, logits: int, rows: int, columns: int) -> None: ...
-        def embed_and_norm(self, v: SimpleNamespace, rows: int) -> None: ...
-        def add_norm(self, v: SimpleNamespace, weight: Any) -> None: ...
-        def _head(self, rows: int, x: int) -> None: ...
-        def _view(self, kind: str, rows: int, batch: int) -> SimpleNamespace: ...
-        def _fuses(self, rows: int) -> bool: ...
-        def _fused_step(self, v: SimpleNamespace, rows: int) -> None: ...
+        def forward(self, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None: ...
+        def decode_attention(self, i: int, v: SimpleNamespace) -> None: ...
+        def prefill_attention(self, i: int, v: SimpleNamespace) -> None: ...
+        def plan_decode(self, rows: int, cuda_graph: bool) -> None: ...
+        def plan_prefill_padded(self, batch: int) -> None: ...
+        def finish_logits(self, logits: int, rows: int, columns: int) -> None: ...
+        def head(self, rows: int, x: int) -> None: ...
+        def view(self, kind: str, rows: int, batch: int) -> SimpleNamespace: ...
+        def upload_decode(self, rows: int, n_pages: int, cuda_graph: bool) -> None: ...
+        def fuses(self, rows: int) -> bool: ...
+        def decode_pass(self, v: SimpleNamespace, rows: int, fused: bool, static_moe: bool = False) -> None: ...
+        def dense_moe(self, rows: int) -> bool: ...

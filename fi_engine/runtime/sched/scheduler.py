@@ -1,504 +1,42 @@
-"""The host side of serving: pages, requests, batching, padding, and the index arrays the kernels read.
+"""The scheduler: requests in, batches out (:class:`Scheduler`). Nothing here touches a GPU, so it is tested on CPU
+(tests/engine/test_serving_host.py).
 
-Nothing here touches a GPU, so it is tested on CPU (tests/engine/test_serving_host.py).
-
-KV cache: ``num_pages`` pages of ``page_size`` tokens per layer. Page 0 is reserved as the **padding page**:
-padded rows of a CUDA-graph batch append their (ignored) K/V there and attend to its one token, so a padded
-row is an ordinary one-token request and the kernels need no special case; a padded prefill's extra rows are
-likewise one ordinary prompt whose pages are all the padding page (:func:`pad_prefill`). Real requests get pages
-``1 .. num_pages - 1`` from :class:`PageAllocator`.
-
-A request's life (:class:`Scheduler`):
+A request's life:
 
 1. :meth:`Scheduler.submit` checks it and queues it. Its page **budget** is the most it can ever hold:
    ``ceil((len(prompt) + max_new_tokens - 1) / page_size)`` (the last generated token is never fed back).
 2. :meth:`Scheduler.admit` moves queued requests into free batch slots while the free pages cover every
    admitted request's remaining budget, so decoding never runs out of pages (no preemption needed). The
-   admitted requests get their prompt's pages and are prefilled together (:func:`fill_prefill`).
+   admitted requests get their prompt's pages and are prefilled together
+   (:func:`~fi_engine.runtime.sched.step_arrays.fill_prefill`).
 3. Each decode step feeds every active request its last token at position ``cached`` (the tokens whose K/V
    are in the cache): :meth:`Scheduler.decode_rows` gives it a new page when ``cached`` is a multiple of
-   ``page_size``, :func:`fill_decode` writes the step's arrays.
+   ``page_size``, :func:`~fi_engine.runtime.sched.step_arrays.fill_decode` writes the step's arrays.
 4. :meth:`Scheduler.record` appends the sampled tokens (a request with a grammar advances its matcher past its
    token); a request that produced an end-of-sequence token (or its grammar's end) or its ``max_new_tokens``-th
    token finishes, leaves its slot and frees its pages.
 5. :meth:`Scheduler.abort` ends a queued or active request at any time between steps: it leaves the queue or its
    slot and its pages go back at once (``finish_reason`` ``"abort"``).
-
-Index arrays (FlashInfer's paged layout), for a batch of ``B`` rows: ``kv_indptr`` ``[B + 1]`` (row ``b``
-owns ``kv_indices[kv_indptr[b]:kv_indptr[b + 1]]``), ``kv_indices`` (page ids), ``kv_last_page_len`` ``[B]``
-(tokens in the last page, ``1..page_size``), plus per appended token its row (``batch_indices``) and position
-(``positions``, also the RoPE position). All int32.
 """
 
 from __future__ import annotations
 
 import bisect
-import operator
+import contextlib
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol, cast
 
 import numpy as np
 
-from ..text.grammar import GrammarMatcher
-from ..values import MAX_SIZE, arg_int, integer, show
-from .sampling_params import SamplingParams, asks_processing, sampling_arg
+from ...text.grammar import GrammarMatcher
+from ...values import arg_int, show
+from ..sampling_params import SamplingParams, asks_processing, sampling_arg
+from .pages import OutOfPagesError, pages_for
+from .request import Request
 
-__all__ = [
-    "PAD_PAGE",
-    "Layout",
-    "OutOfPagesError",
-    "PageAllocator",
-    "Request",
-    "Scheduler",
-    "bucket_for",
-    "decode_batches",
-    "fill_decode",
-    "fill_prefill",
-    "pad_prefill",
-    "pages_for",
-    "prefill_buckets",
-    "prefill_slots",
-]
-
-PAD_PAGE = 0
-
-
-# More pages than any device's KV cache holds (2**24 pages of 16 tokens at >= 1 KiB per token: >= 256 GiB), and
-# far below the kernels' int32 page ids; the allocator keeps a free list of this length.
-MAX_PAGES = 1 << 24
-
-
-class OutOfPagesError(RuntimeError):
-    """The KV cache has fewer free pages than requested."""
-
-
-def pages_for(tokens: int, page_size: int) -> int:
-    """Pages needed to hold ``tokens`` tokens (``tokens >= 0``, ``page_size >= 1``)."""
-    tokens = integer("tokens", tokens, 0)
-    page_size = integer("page_size", page_size, 1)
-    if tokens >= 1 << 63 or page_size >= 1 << 31:
-        raise ValueError(f"tokens, page_size: expected tokens < 2**63 and page_size < 2**31, got {tokens}, {page_size}")
-    return -(-tokens // page_size)
-
-
-class PageAllocator:
-    """Hands out page ids ``reserved .. num_pages - 1``; freed pages are reused first (LIFO, warm in cache)."""
-
-    def __init__(self, num_pages: int, reserved: int = 1) -> None:
-        if isinstance(reserved, bool) or not isinstance(reserved, int) or not 0 <= reserved < MAX_PAGES:
-            raise ValueError(f"reserved: expected an integer in [0, {MAX_PAGES}), got {reserved!r}")
-        if isinstance(num_pages, bool) or not isinstance(num_pages, int) or not reserved < num_pages <= MAX_PAGES:
-            raise ValueError(
-                f"num_pages: expected an integer in ({reserved}, {MAX_PAGES}] (page {PAD_PAGE} is the padding page; "
-                f"no device holds more), got {num_pages!r}"
-            )
-        self.num_pages = num_pages
-        self.reserved = reserved
-        self._free = list(range(num_pages - 1, reserved - 1, -1))  # pop() gives the lowest id first
-        self._used = bytearray(num_pages)
-
-    @property
-    def capacity(self) -> int:
-        """Pages requests can ever hold (all but the reserved ones)."""
-        return self.num_pages - self.reserved
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def alloc(self, n: int) -> list[int]:
-        """``n`` page ids, all or none: OutOfPagesError if fewer than ``n`` are free."""
-        if n > len(self._free):
-            raise OutOfPagesError(
-                f"the KV cache has {len(self._free)} free pages of {self.capacity}, {n} "
-                f"requested; allocate more pages (num_pages=) or serve fewer or shorter requests"
-            )
-        if n <= 0:
-            return []
-        pages = self._free[-n:]
-        del self._free[-n:]
-        pages.reverse()
-        for p in pages:
-            self._used[p] = 1
-        return pages
-
-    def free(self, pages: Iterable[int]) -> None:
-        """Give pages back. ValueError (nothing freed) for a page that is not allocated (double free)."""
-        pages = list(pages)
-        seen = set()
-        for p in pages:
-            if not (self.reserved <= p < self.num_pages) or not self._used[p] or p in seen:
-                raise ValueError(f"pages: page {p} is not allocated (double free, or not from this allocator)")
-            seen.add(p)
-        for p in reversed(pages):
-            self._used[p] = 0
-            self._free.append(p)
-
-
-@dataclass(eq=False)
-class Request:
-    """One prompt being served. ``output`` holds the generated tokens (the first comes from the prefill).
-
-    ``sampling``: how its tokens are chosen (None: greedy argmax); ``draws``: the random stream its sampled tokens
-    draw from (the engine's :class:`~fi_engine.runtime.sampling.Draws`; None when greedy); ``eos``: the tokens that end
-    it (None: the scheduler's); ``grammar``: where its ``sampling.grammar`` is set, the matcher of its output so
-    far (the tokens allowed next: :class:`~fi_engine.runtime.logits_processing.LogitsProcessor`)."""
-
-    rid: int
-    prompt: tuple[int, ...]
-    max_new_tokens: int
-    budget_pages: int
-    output: list[int] = field(default_factory=list)
-    pages: list[int] = field(default_factory=list)
-    cached: int = 0  # tokens whose K/V are in the cache
-    # chunked prefill: where the prompt's pass in flight (or the last recorded) ends, short of the prompt's end; None
-    # once its last chunk is admitted (or its prompt was prefilled whole). A request whose chunk is set takes no
-    # token from its pass and is no decode row (Scheduler.admit; Scheduler.chunk_tokens)
-    chunk_end: int | None = None
-    draft: tuple[int, ...] = ()  # speculative decoding: the tokens fed after its last one in the pass being staged
-    speculative: bool = True  # speculative decoding may draft for it (its sampling's speculative_decoding)
-    drafted: int = 0  # speculative decoding: draft tokens verified since its last output (the step API's), and ...
-    accepted: int = 0  # ... how many of them were accepted
-    hit: int = 0  # prompt tokens found in the prefix cache at admission (their K/V computed by an earlier request)
-    asks: SamplingParams | None = None  # its sampling where it sets logprobs or a control (asks_processing)
-    logprobs: list[Any] = field(default_factory=list)  # a TokenLogprobs per output token, where asks.logprobs is set
-    prompt_logprobs: tuple[Any, ...] | None = None  # None, then a TokenLogprobs per prompt token (asks.prompt_logprobs)
-    slot: int = -1  # row in the batch while active
-    finish_reason: str | None = None  # "eos", "length" or "abort" once finished
-    sampling: SamplingParams | None = None
-    draws: Any = None
-    eos: frozenset[int] | None = None
-    queued_at: float = 0.0  # time.perf_counter() when it was submitted
-    grammar: GrammarMatcher | None = None  # its place in its sampling's grammar (None: no grammar)
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def decoding(self) -> bool:
-        """Whether it is a decode row: its prompt's prefill is, or will be once the pass in flight ends, complete
-        (not cut short by chunked prefill)."""
-        return self.chunk_end is None
-
-    def position(self, ahead: int = 0) -> int:
-        """The position of the token it is fed next: its last token's (``cached`` once its tokens are recorded),
-        or ``ahead`` positions further where that many passes giving it a token are in flight, not recorded."""
-        return len(self.prompt) + len(self.output) - 1 + ahead
-
-
-class Layout:
-    """Named int32 regions at fixed offsets of one flat buffer (one host-to-device copy per step).
-
-    Offsets are rounded up to 32 entries (128 bytes) so every region is aligned for vector loads.
-    """
-
-    def __init__(self, sizes: dict[str, int]) -> None:
-        self.offsets: dict[str, int] = {}
-        self.sizes = dict(sizes)
-        at = 0
-        for name, n in sizes.items():
-            self.offsets[name] = at
-            at += -(-n // 32) * 32
-        self.total = at
-
-    def views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
-        """Full-size views of each region of ``flat`` (int32, at least :attr:`total` entries)."""
-        return {k: flat[o : o + self.sizes[k]] for k, o in self.offsets.items()}
-
-    def end(self, name: str, used: int) -> int:
-        """Entries of the flat buffer up to the first ``used`` entries of region ``name`` (for partial copies)."""
-        return self.offsets[name] + used
-
-
-def decode_layout(max_rows: int, max_pages: int) -> Layout:
-    """The decode step's regions; ``kv_indices`` last, so a copy can stop after the pages in use."""
-    return Layout(
-        {
-            "token_ids": max_rows,
-            "positions": max_rows,
-            "batch_indices": max_rows,
-            "kv_indptr": max_rows + 1,
-            "kv_last_page_len": max_rows,
-            "kv_indices": max_pages,
-        }
-    )
-
-
-def prefill_layout(max_tokens: int, max_rows: int, max_pages: int, padded: bool = False) -> Layout:
-    """The prefill's regions for up to ``max_tokens`` token rows of ``max_rows`` requests holding ``max_pages``
-    pages; ``kv_indices`` last. ``padded``: also room for :func:`pad_prefill`'s padding request (one more request,
-    and up to ``ceil(max_tokens / page_size)`` more page ids, which ``max_tokens`` bounds for any page size)."""
-    extra = 1 if padded else 0
-    return Layout(
-        {
-            "token_ids": max_tokens,
-            "positions": max_tokens,
-            "batch_indices": max_tokens,
-            "qo_indptr": max_rows + extra + 1,
-            "kv_indptr": max_rows + extra + 1,
-            "kv_last_page_len": max_rows + extra,
-            "last_rows": max_rows,
-            "rider_slots": max_rows,
-            "kv_indices": max_pages + (max_tokens if padded else 0),
-        }
-    )
-
-
-def fill_prefill(
-    requests: Sequence[Request], page_size: int, v: dict[str, np.ndarray], ahead: int = 0
-) -> tuple[int, int]:
-    """Write the prefill arrays of ``requests`` (pages already held) into the views ``v``: each request's tokens
-    whose K/V are not in the cache yet, at their positions. For a request just admitted that is its whole prompt
-    (positions ``0..n-1``), from past its cached prefix, to the end of its chunk where it is prefilled in chunks
-    (``Request.chunk_end``); for one that is decoding (a mixed pass, ``ServingLoop.mixed_prefill``) its last token
-    at its position ``len(prompt) + len(output) - 1`` (``cached``), attending to the tokens before it as a decode
-    step would. ``ahead=1``: the decoding requests' last tokens come from a decode step in flight, not recorded
-    yet: each is fed one position further, with token id 0 in place of the token (the caller writes it).
-
-    Row ``b`` is ``requests[b]``; its tokens are rows ``qo_indptr[b]:qo_indptr[b+1]``, its KV the pages that hold
-    its tokens up to its last row's; ``last_rows[b]`` is its last token's row (whose logits give its next token).
-    Returns ``(nnz, pages)``: tokens and page ids written.
-    """
-    ids: list[int] = []
-    positions: list[int] = []
-    rows: list[int] = []
-    indices: list[int] = []
-    qo = [0]
-    kv = [0]
-    last_page_len: list[int] = []
-    for b, r in enumerate(requests):
-        new: Sequence[int]
-        if r.output:  # decoding: its last token, one row (and its draft's, speculating: ServingLoop)
-            start = r.position(ahead)
-            new = (0,) if ahead else (r.output[-1], *r.draft)
-        else:  # admitted: its prompt from the first token not in the cache (a prefix cache hit: past the hit, a
-            start = r.cached  # chunk of chunked prefill: past the chunks before), to its end or its chunk's
-            new = r.prompt[start : r.chunk_end]
-        end = start + len(new)
-        need = pages_for(end, page_size)
-        if not new or len(r.pages) < need:
-            raise AssertionError(f"request {r.rid}: holds {len(r.pages)} pages, its {end} tokens need {need}")
-        ids.extend(new)
-        positions.extend(range(start, end))
-        rows.extend([b] * len(new))
-        indices.extend(r.pages[:need])
-        qo.append(len(ids))
-        kv.append(len(indices))
-        last_page_len.append((end - 1) % page_size + 1)
-    t, p, n = len(ids), len(indices), len(requests)
-    v["token_ids"][:t] = ids
-    v["positions"][:t] = positions
-    v["batch_indices"][:t] = rows
-    v["kv_indices"][:p] = indices
-    v["qo_indptr"][: n + 1] = qo
-    v["kv_indptr"][: n + 1] = kv
-    v["kv_last_page_len"][:n] = last_page_len
-    v["last_rows"][:n] = qo[1:]
-    v["last_rows"][:n] -= 1
-    return t, p
-
-
-# Bucketed prefill graphs (LlamaEngine._prefill_graph): a prefill's token rows are padded up to a bucket so every
-# prompt length in a bucket replays one CUDA graph. Below _COARSE_UNTIL rows a prefill's GPU time barely depends
-# on its rows (launch-bound kernels, GEMMs far from filling the GPU), so padding there is free and the ladder
-# doubles (fewer graphs to capture); above it the GEMMs' time grows with the rows, so the ladder takes quarter
-# octaves (x1.25, x1.2, x1.17, x1.14): at most 25 % padded rows, about 12 % on average, for 4 graphs per octave.
-_MIN_BUCKET = 16
-_COARSE_UNTIL = 256
-
-
-def prefill_buckets(max_tokens: int) -> tuple[int, ...]:
-    """The token-row buckets of padded prefill graphs, ascending, the last one ``max_tokens`` (the engine's
-    buffer rows): 16, 32, 64, 128, 256 (doubling), then quarter octaves 320, 384, 448, 512, 640, 768, 896,
-    1024, 1280, ... (see the comment above); a bucket above ``max_tokens`` becomes ``max_tokens``."""
-    max_tokens = integer("max_tokens", max_tokens, 1)
-    if max_tokens >= 1 << 31:
-        bits = max_tokens.bit_length()
-        raise ValueError(f"max_tokens: expected token rows below 2**31 (the kernels' int32), got {bits} bits")
-    ladder: list[int] = []
-    n = _MIN_BUCKET
-    while n < max_tokens:
-        ladder.append(n)
-        if n < _COARSE_UNTIL:
-            n *= 2
-        else:
-            octave = 1 << (n.bit_length() - 1)  # the power of two at or below n: steps of a quarter of it
-            n += octave // 4
-    ladder.append(max_tokens)
-    return tuple(ladder)
-
-
-def decode_batches(max_batch: int) -> tuple[int, ...]:
-    """The batch sizes the decode step is captured at as CUDA graphs, ascending: the powers of two below
-    ``max_batch``, then ``max_batch`` itself (1, 2, 4, 8, 16, 32, 48 for 48). A step replays the smallest graph
-    holding every occupied slot (:meth:`Scheduler.graph_rows`), as vLLM and SGLang pad to their capture sizes:
-    with one graph of ``max_batch`` rows, a server's step at low load ran ``max_batch`` rows (a one-row step of an
-    8B model is the fused GEMV step, a 32-row one cuBLASLt's GEMMs and 32 rows of attention; a MoE step's padding
-    rows route to experts of their own). Doubling keeps the padding at most half the rows, where a decode step's
-    time barely depends on its rows, with one graph per octave to capture."""
-    max_batch = arg_int("max_batch", max_batch, 1, MAX_SIZE)
-    ladder = []
-    n = 1
-    while n < max_batch:
-        ladder.append(n)
-        n *= 2
-    ladder.append(max_batch)
-    return tuple(ladder)
-
-
-def bucket_for(rows: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket of ``buckets`` (ascending, from :func:`prefill_buckets`) holding ``rows`` token rows
-    (``rows >= 1``). Raises ValueError when ``rows`` exceeds the largest bucket; TypeError/ValueError naming
-    ``rows`` or ``buckets`` when one is no int or no non-empty ascending sequence of ints in ``[1, 2**31)``."""
-    if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)):
-        raise TypeError(f"rows: expected an int, got {type(rows).__name__}")
-    if rows < 1:
-        raise ValueError(f"rows: expected at least 1 token row, got {int(rows)}")
-    ladder = _ladder("buckets", buckets, MAX_SIZE)
-    i = bisect.bisect_left(ladder, rows)
-    if i == len(ladder):
-        raise ValueError(f"rows: {rows} token rows exceed the largest prefill bucket {ladder[-1]}")
-    return ladder[i]
-
-
-def _ladder(name: str, buckets: object, top: int) -> tuple[int, ...]:
-    """``buckets`` as a tuple of ints if it is a non-empty, strictly ascending sequence of token-row counts in
-    ``[1, top]``, else TypeError/ValueError naming ``name`` (a bucket past the buffer rows would pad a prefill
-    past them)."""
-    if isinstance(buckets, (str, bytes)) or not isinstance(buckets, Sequence) or not buckets:
-        raise TypeError(f"{name}: expected a non-empty sequence of token-row counts, got {show(buckets)}")
-    ladder = tuple(buckets)
-    if set(map(type, ladder)) != {int}:  # (a few us a prefill) the slow path names the one that is no int
-        ladder = tuple(arg_int(f"{name}[{i}]", b, 1, top) for i, b in enumerate(ladder))
-    if ladder[0] < 1 or ladder[-1] > top or not all(map(operator.lt, ladder, ladder[1:])):
-        raise ValueError(f"{name}: expected strictly ascending token-row counts in [1, {top}], got {show(ladder)}")
-    return ladder
-
-
-def prefill_slots(batch: int, max_batch: int) -> int:
-    """The real-request slots of a padded prefill of ``batch`` requests (:func:`pad_prefill`): the next power of
-    two above ``batch``, less one (1, 3, 7, 15, ...), at most ``max_batch``. A prefill graph serves any batch up to
-    its slots, so a bucket has a few graphs instead of one per batch size: the first prefill of a new shape costs a
-    capture (about 40 ms for a 135M model on an H100, where a replay takes 2-14), and a server's admissions come in
-    every size."""
-    batch = arg_int("batch", batch, 1, MAX_SIZE)
-    max_batch = arg_int("max_batch", max_batch, 1, MAX_SIZE)
-    if batch > max_batch:
-        raise ValueError(f"batch: {batch} requests exceed max_batch {max_batch}")
-    return min((1 << batch.bit_length()) - 1, max_batch)
-
-
-def pad_prefill(
-    v: dict[str, np.ndarray],
-    nnz: int,
-    bucket: int,
-    batch: int,
-    pages: int,
-    page_size: int,
-    requests: int | None = None,
-) -> int:
-    """Append the **padding request** to a prefill that :func:`fill_prefill` wrote (``nnz`` token rows of ``batch``
-    requests, ``pages`` page ids) so that its rows fill ``bucket``; returns the page ids written in all.
-    ``requests``: the prefill's requests in all once padded (default ``batch + 1``): past the padding request, empty
-    requests (no row, no page) up to that count, so the plan's batch size (and the graph's shape) is ``requests``.
-
-    The padding request is request ``batch``: rows ``nnz .. bucket - 1`` (``P = bucket - nnz``, possibly 0),
-    token 0 at positions ``0 .. P - 1``, and a KV of ``P`` tokens held by ``ceil(P / page_size)`` entries that
-    are all :data:`PAD_PAGE`. So it is an ordinary causal prompt (``kv_len == qo_len``: every row attends to
-    something, nothing outside FlashInfer's prefill contract) whose K/V land only on the padding page, which no
-    real request reads; its output rows are ignored, and ``last_rows`` keeps naming the real requests' rows.
-    ``qo_indptr[batch + 1] == bucket`` fixes the plan's ``total_num_rows``, hence a CUDA-graph plan's layout.
-
-    ``v``: the views of a :func:`prefill_layout` made with ``padded=True`` (1-D int32 arrays by name). Raises
-    TypeError/ValueError naming the argument (or ``v[name]``) that is no int, is out of range, disagrees with
-    what :func:`fill_prefill` wrote (``qo_indptr[batch] == nnz``, ``kv_indptr[batch] == pages``), or would write
-    past one of ``v``'s arrays; nothing is written then.
-    """
-    if not isinstance(v, dict):
-        raise TypeError(f"v: expected the dict of a prefill layout's views, got {type(v).__name__}")
-    for key in ("token_ids", "positions", "batch_indices", "qo_indptr", "kv_indptr", "kv_last_page_len", "kv_indices"):
-        a = v.get(key)
-        if not isinstance(a, np.ndarray) or a.dtype != np.int32 or a.ndim != 1:
-            raise TypeError(f"v[{key!r}]: expected a 1-D int32 numpy array (a prefill layout's view), got {show(a)}")
-    rows_room = min(len(v["token_ids"]), len(v["positions"]), len(v["batch_indices"]))
-    requests_room = min(len(v["qo_indptr"]) - 1, len(v["kv_indptr"]) - 1, len(v["kv_last_page_len"]))
-    kv_indices = v["kv_indices"]
-    page_size = arg_int("page_size", page_size, 1, (1 << 31) - 1)
-    nnz = arg_int("nnz", nnz, 0, rows_room)
-    bucket = arg_int("bucket", bucket, 0, rows_room)
-    if bucket < nnz:
-        raise ValueError(f"bucket: {bucket} rows cannot hold the prefill's {nnz} token rows")
-    batch = arg_int("batch", batch, 0, requests_room - 1)  # the padding request is request `batch`
-    requests = batch + 1 if requests is None else arg_int("requests", requests, batch + 1, requests_room)
-    pages = arg_int("pages", pages, 0, len(kv_indices))
-    if int(v["qo_indptr"][batch]) != nnz:
-        raise ValueError(
-            f"nnz: {nnz} rows, but qo_indptr[{batch}] (what fill_prefill wrote) is {v['qo_indptr'][batch]}"
-        )
-    if int(v["kv_indptr"][batch]) != pages:
-        raise ValueError(
-            f"pages: {pages} ids, but kv_indptr[{batch}] (what fill_prefill wrote) is {v['kv_indptr'][batch]}"
-        )
-    p = bucket - nnz
-    need = pages_for(p, page_size)
-    if pages + need > len(kv_indices):
-        raise ValueError(f"pages: {pages} + {need} padding page ids exceed v['kv_indices'] ({len(kv_indices)})")
-    v["token_ids"][nnz:bucket] = 0
-    v["positions"][nnz:bucket] = np.arange(p, dtype=np.int32)
-    v["batch_indices"][nnz:bucket] = batch
-    v["kv_indices"][pages : pages + need] = PAD_PAGE
-    v["qo_indptr"][batch + 1 : requests + 1] = bucket
-    v["kv_indptr"][batch + 1 : requests + 1] = pages + need
-    v["kv_last_page_len"][batch] = (p - 1) % page_size + 1 if p else 0
-    v["kv_last_page_len"][batch + 1 : requests] = 0  # the empty requests: no page
-    return pages + need
-
-
-def fill_decode(rows: Sequence[Request | None], page_size: int, v: dict[str, np.ndarray], ahead: int = 0) -> int:
-    """Write one decode step's arrays for ``rows`` (None: a padding row) into the views ``v``; returns the
-    number of page ids written.
-
-    Row ``i`` feeds its request's last token at its position ``len(prompt) + len(output) - 1`` (``cached`` once its
-    tokens are recorded; padding: token 0 at position 0 on :data:`PAD_PAGE`) and attends to the tokens up to it,
-    so its pages must already cover them (:meth:`Scheduler.decode_rows`).
-
-    ``ahead=1``: the step after a pass in flight that gives the request a token (a decode step, or the prefill
-    pass that gives an admitted request its first: :meth:`Scheduler.peek_rows`): one position further, and token
-    id 0 in place of the token the pass in flight has not produced yet (the caller writes it); ``ahead=2``: the
-    step after two in flight (``ServingLoop.pipelined_decode``), two positions further.
-    """
-    ids: list[int] = []
-    pos: list[int] = []
-    last: list[int] = []
-    indptr = [0]
-    indices: list[int] = []
-    for r in rows:
-        if r is None:
-            ids.append(0)
-            pos.append(0)
-            last.append(1)
-            indices.append(PAD_PAGE)
-        else:
-            at = r.position(ahead)
-            if len(r.pages) * page_size <= at:
-                raise AssertionError(f"request {r.rid}: {len(r.pages)} pages cannot hold token {at}")
-            ids.append(r.output[-1] if not ahead else 0)
-            pos.append(at)
-            last.append(at % page_size + 1)
-            indices.extend(r.pages)
-        indptr.append(len(indices))
-    n = len(rows)
-    v["token_ids"][:n] = ids
-    v["positions"][:n] = pos
-    v["batch_indices"][:n] = range(n)
-    v["kv_indptr"][: n + 1] = indptr
-    v["kv_last_page_len"][:n] = last
-    v["kv_indices"][: len(indices)] = indices
-    return len(indices)
+__all__ = ["Scheduler"]
 
 
 class PagePool(Protocol):
@@ -514,7 +52,7 @@ class PagePool(Protocol):
 
 class PrefixCache(PagePool, Protocol):
     """What the scheduler asks of a page pool that caches prompt prefixes
-    (:class:`~fi_engine.runtime.kv_cache.KVCacheManager`, which documents each call)."""
+    (:class:`~fi_engine.runtime.sched.kv_cache.KVCacheManager`, which documents each call)."""
 
     enable_prefix_caching: bool
 
@@ -537,7 +75,7 @@ class Scheduler:
 
     Args:
         allocator: the KV cache's pages: a :class:`PageAllocator`, or a
-            :class:`~fi_engine.runtime.kv_cache.KVCacheManager`, which can also cache prompt prefixes
+            :class:`~fi_engine.runtime.sched.kv_cache.KVCacheManager`, which can also cache prompt prefixes
             (:attr:`prefix_caching`).
         page_size: tokens per page.
         max_batch: batch slots (the largest decode CUDA graph's rows).
@@ -592,7 +130,7 @@ class Scheduler:
         if on and not getattr(self.allocator, "enable_prefix_caching", False):
             raise ValueError(
                 "prefix_caching: the scheduler's page pool caches nothing; make it a "
-                "fi_engine.runtime.kv_cache.KVCacheManager with enable_prefix_caching=True"
+                "fi_engine.runtime.sched.kv_cache.KVCacheManager with enable_prefix_caching=True"
             )
         self._prefix_caching = on
 
@@ -686,6 +224,62 @@ class Scheduler:
         self.pending.append(r)
         return r
 
+    def submit_all(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int | Sequence[int],
+        sampling: SamplingParams | None,
+        eos_token_ids: Sequence[int] | None,
+        draws: Any,
+        grammar: Callable[[], GrammarMatcher | None] = lambda: None,
+    ) -> list[Request]:
+        """:meth:`submit` every prompt of ``prompts`` (each with its limit of ``max_new_tokens``: one value, or one per
+        prompt), all or none: a prompt refused takes the ones queued before it out again (ValueError naming
+        ``prompts`` or ``max_new_tokens`` for lists that do not match). ``grammar``: makes each request's own grammar
+        matcher (``sampling.grammar``'s, else None)."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+            raise ValueError("prompts: expected a non-empty list of prompts (lists of token ids)")
+        if isinstance(max_new_tokens, Sequence):
+            if len(max_new_tokens) != len(prompts):
+                raise ValueError(
+                    f"max_new_tokens: expected one value per prompt ({len(prompts)}), got {len(max_new_tokens)}"
+                )
+            limits = list(max_new_tokens)
+        else:
+            limits = [max_new_tokens] * len(prompts)
+        reqs: list[Request] = []
+        try:
+            for i, (p, m) in enumerate(zip(prompts, limits, strict=True)):
+                reqs.append(
+                    self.submit(
+                        p,
+                        m,
+                        name=f"prompts[{i}]",
+                        sampling=sampling,
+                        eos_token_ids=eos_token_ids,
+                        draws=draws,
+                        grammar=grammar(),
+                    )
+                )
+        except BaseException:
+            for r in reqs:
+                self.abort(r)
+            raise
+        return reqs
+
+    @contextlib.contextmanager
+    def whole_prompts(self) -> Iterator[None]:
+        """Within: every prompt is prefilled whole, in one pass, without the prefix cache (the engine's
+        ``prefill_logits`` needs every row's logits; a warm-up's dummy prompts must run the shapes they were made
+        for)."""
+        on, self._prefix_caching = self._prefix_caching, False
+        chunk, self._chunk_tokens = self._chunk_tokens, 0
+        try:
+            yield
+        finally:
+            self._prefix_caching = on
+            self._chunk_tokens = chunk
+
     def _eos_ids(self, ids: Iterable[int]) -> frozenset[int]:
         """``ids`` as a set of token ids in the vocabulary; ValueError naming ``eos_token_ids`` otherwise."""
         if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
@@ -705,7 +299,9 @@ class Scheduler:
         Returns whether it did; a finished request, or one this scheduler does not hold: False, nothing changes.
         A step prepared ahead with it (:meth:`peek_rows`) no longer matches the slots (:meth:`same_rows`)."""
         if not isinstance(request, Request):
-            raise TypeError(f"request: expected a fi_engine.runtime.paging.Request, got {type(request).__name__}")
+            raise TypeError(
+                f"request: expected a fi_engine.runtime.sched.request.Request, got {type(request).__name__}"
+            )
         if request.finished:
             return False
         if 0 <= request.slot < len(self.slots) and self.slots[request.slot] is request:
@@ -904,7 +500,7 @@ class Scheduler:
         A request with a grammar (``Request.grammar``) advances its matcher past its token; the end-of-sequence id
         that completes its grammar ends it (``"eos"``, even where its own ``eos`` is empty: ``ignore_eos`` could
         only repeat that id, the one token its grammar then allows). A token the matcher refuses (which the mask
-        of :class:`~fi_engine.runtime.logits_processing.LogitsProcessor` rules out: a fault of the matcher) ends
+        of :class:`~fi_engine.runtime.sample.logits_processing.LogitsProcessor` rules out: a fault of the matcher) ends
         that request as ``"abort"``, its tokens kept, rather than failing the step of every request.
         """
         for r, t in zip(rows, tokens, strict=True):

@@ -1,9 +1,12 @@
-"""The fused eager decode step of the Llama pass: a step of at most 4 rows on one GPU runs its RMSNorms, residual
-adds and SiLU inside the engine's GEMV launches, and RoPE with the KV append as the QKV GEMV's epilogue where it
-serves the head dim (5 launches per layer instead of 10), every launch but the attention run packed once per step
-view; the same logits as the separate launches (tests/engine/test_gpu_fused_decode.py). MoE layers (Mixtral,
-Qwen3-MoE) keep their residual add and norm as one packed kernel and issue their step's packed launches (the
-grouped GEMV's, or the dense path's) in place of the MLP's two GEMVs.
+"""The fused eager decode step of the Llama pass, a part of the model runner
+(:class:`~fi_engine.runtime.worker.model_runner.ModelRunner` holds one, ``runner.fused``): a step of at most 4 rows on
+one GPU runs its RMSNorms, residual adds and SiLU inside the engine's GEMV launches, and RoPE with the KV append as the
+QKV GEMV's epilogue where it serves the head dim (5 launches per layer instead of 10), every launch but the attention
+run packed once per step view; the same logits as the separate launches (tests/engine/test_gpu_fused_decode.py). MoE
+layers (Mixtral, Qwen3-MoE) keep their residual add and norm as one packed kernel and issue their step's packed
+launches (the grouped GEMV's, or the dense path's) in place of the MLP's two GEMVs. It reads the runner's weights,
+buffers and switches (``fused_decode``, ``packed_attention``, ``attention_pdl``, ``silu_in_gate_up``, ``norm_pdl``:
+set on the runner) through the runner's interface (:class:`~fi_engine.runtime.worker.state.RunnerState`).
 """
 
 from __future__ import annotations
@@ -11,79 +14,44 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from ..kernels import flashinfer as kernels
+from ...kernels import flashinfer as kernels
 from .state import RunnerState
 
 __all__: list[str] = []
 
 
-class FusedDecode(RunnerState):
-    """:meth:`_fused_step` and what it packs; ``fused_decode`` and ``packed_attention`` switch it."""
+class FusedDecode:
+    """The fused decode step of ``runner``: :meth:`fits` (whether a step runs it), :meth:`step` (run it) and what it
+    packs."""
 
-    packed_attention: bool = True
-    """The fused decode step's attention runs packed once per step view (``fi_ffi.prepare_decode_run``), each call
-    taking only the step's plan, instead of a ``batch_decode_run`` per layer (the same logits bit for bit:
-    tests/engine/test_gpu_fused_decode.py); False: a ``batch_decode_run`` per layer."""
+    def __init__(self, runner: RunnerState) -> None:
+        self.runner = runner
 
-    attention_pdl: bool = True
-    """The packed attention runs launched with programmatic dependent launch where the GEMVs are
-    (``Dense.launches_with_pdl``: Hopper and later): each may start while the QKV GEMV drains, and the O GEMV after it
-    while it drains (FlashInfer's ``enable_pdl``). Read when the runs are packed; set it on the class to compare."""
-
-    silu_in_gate_up: bool = True
-    """The fused step's gate/up GEMV over 16-bit weights writes ``silu(gate) * up`` (``Dense.prepared_gate_up_silu``)
-    and the down GEMV reads it as its input; False: the gate/up GEMV writes both halves and the down GEMV computes
-    SiLU-and-mul in a prologue, in each of its blocks (the engine's step before 2026-11-25). The same values either way
-    (tests/engine/test_gpu_fused_decode.py). Read when the step is packed; set it on the class to compare
-    (``benchmarks/bench_llama_tp.py --variants silu-prologue``)."""
-
-    norm_pdl: bool = True
-    """The FP8 step's norms (``Dense.fp8_epilogues``: launches of their own) launched with programmatic dependent
-    launch where the GEMVs are (FlashInfer's ``enable_pdl``): each may start while the GEMV before it drains. Read
-    when the step is packed; set it on the class to compare."""
-
-    @property
-    def fused_decode(self) -> bool:
-        """Whether an eager decode step runs as :meth:`_fused_step` where it applies (see the class docstring;
-        default True). Settable to a bool (TypeError naming ``fused_decode`` otherwise: a string would be true)."""
-        return self._fused_decode
-
-    @fused_decode.setter
-    def fused_decode(self, on: bool) -> None:
-        from ..values import flag
-
-        self._fused_decode = flag("fused_decode", on)
-
-    def _fuses(self, rows: int) -> bool:
-        """Whether an eager decode step of ``rows`` rows runs as :meth:`_fused_step`: ``fused_decode`` on, the family
-        runs the engine's Llama pass (``ModelFamily.llama_pass``), one GPU (no all-reduce, no vocabulary
+    def fits(self, rows: int) -> bool:
+        """Whether an eager decode step of ``rows`` rows runs as :meth:`step`: the runner's ``fused_decode`` on, the
+        family runs the engine's Llama pass (``ModelFamily.llama_pass``), one GPU (no all-reduce, no vocabulary
         shard), FP8 weights only where their fused kernels compiled (Dense.fuses_fp8), the engine's GEMV serving the
         rows (at most 4; see Dense.fused_fits), and MoE layers only where their step's launches pack
         (``MoELayer.packs_step``: the grouped GEMV, or the dense path)."""
-        c = self.config
+        r = self.runner
+        c = r.config
         return (
-            self.fused_decode
-            and self.family.llama_pass
-            and self.allreduce is None
-            and self.vocab_shard is None
-            and self.dense.fuses_fp8
-            and not (self.moe_layers and self.dense.serves_fp8 and not self.dense.fp8_fused)  # (dense layers only)
-            and self.dense.fused_fits(rows, c.hidden_size)
+            r.fused_decode
+            and r.family.llama_pass
+            and r.allreduce is None
+            and r.vocab_shard is None
+            and r.dense.fuses_fp8
+            and not (r.moe_layers and r.dense.serves_fp8 and not r.dense.fp8_fused)  # (dense layers only)
+            and r.dense.fused_fits(rows, c.hidden_size)
             and (
-                self.moe_layers[0].packs_step(rows, self.dense_moe(rows))  # every MoE layer alike: its first says
-                if self.moe_layers
-                else self.dense.fused_fits(rows, c.intermediate_size)
+                r.moe_layers[0].packs_step(rows, r.dense_moe(rows))  # every MoE layer alike: its first says
+                if r.moe_layers
+                else r.dense.fused_fits(rows, c.intermediate_size)
             )
         )
 
-    def dense_moe(self, rows: int) -> bool:
-        """Whether the MoE layers run a step of ``rows`` rows dense over the experts: the family's ``moe_path``
-        (:meth:`~fi_engine.runtime.family.ModelFamily.moe_path_for`); never for a family without that choice
-        (DeepSeek's: the dense path does not make its routing)."""
-        return self.family.moe_path_for(self, rows) == "dense"
-
-    def _fused_step(self, v: SimpleNamespace, rows: int) -> None:
-        """:meth:`_forward` and :meth:`_head` of a decode step in 5 launches per layer instead of 10: the RMSNorms
+    def step(self, v: SimpleNamespace, rows: int) -> None:
+        """The runner's ``forward`` and ``head`` of a decode step in 5 launches per layer instead of 10: the RMSNorms
         and the residual adds run in the prologue of the GEMV that reads their output (``Dense.fused_linear``,
         modes NORM / ADD_NORM), ``silu_and_mul`` in the down GEMV's (SILU), and RoPE with the KV append as the QKV
         GEMV's epilogue (``Dense.prepared_qkv_rope``; where it does not serve the head dim, or Qwen3's per-head
@@ -94,19 +62,20 @@ class FusedDecode(RunnerState):
         forms ``s = h + x`` in float32, normalizes ``s`` (not its rounding, as ``fused_add_rmsnorm`` does) and
         stores ``round(s)`` as the new residual. That store goes to the other of two residual buffers (``h``,
         ``h_alt``), since every block of the launch still reads the old one; the final norm is the LM head's
-        prologue. Leaves the float32 logits in ``logits``, finished (:meth:`_finish_logits`).
+        prologue. Leaves the float32 logits in ``logits``, finished (the runner's ``finish_logits``).
 
         Every launch but the attention run is packed once per step view (:meth:`_fused_calls`): a step calls
         them in turn, with the attention run (this step's plan) between each layer's two halves. With
-        :attr:`packed_attention` the attention runs are packed once per view too (:meth:`_attention_runs`) and each
-        call takes only the step's plan."""
+        the runner's ``packed_attention`` the attention runs are packed once per view too (:meth:`_attention_runs`) and
+        each call takes only the step's plan."""
+        r = self.runner
         calls = v.prepared.get("fused step")
         if calls is None:
             calls = v.prepared["fused step"] = self._fused_calls(v, rows)
         embed, layers, head = calls
         embed()
-        if self.packed_attention:
-            plan = self.decode_plan
+        if r.packed_attention:
+            plan = r.decode_plan
             for (before, after), run in zip(layers, self._attention_runs(v, plan), strict=True):
                 for call in before:
                     call()
@@ -114,7 +83,7 @@ class FusedDecode(RunnerState):
                 for call in after:
                     call()
         else:
-            attention = self._decode_attention
+            attention = r.decode_attention
             for i, (before, after) in enumerate(layers):
                 for call in before:
                     call()
@@ -122,60 +91,61 @@ class FusedDecode(RunnerState):
                 for call in after:
                     call()
         head()
-        self._finish_logits(self.buffers.logits.data.ptr, rows, self.head_rows)
+        r.finish_logits(r.buffers.logits.data.ptr, rows, r.head_rows)
 
     def _attention_runs(self, v: SimpleNamespace, plan: Any) -> list[Any]:
         """Each layer's decode attention run over view ``v`` packed once (``kernels.prepared_decode_run``), for plans
         of ``plan``'s settings and batch size (its run context, a value): kept in the view's ``prepared`` with that
         context, and packed again only when a plan of another context comes (one entry per view: bounded)."""
+        r = self.runner
         found = v.prepared.get("attention runs")
         if found is None or found[0] != plan._context:
             index = (v.kv_indptr, v.kv_indices, v.kv_last_page_len)
-            pdl = self.attention_pdl and self.dense.launches_with_pdl
+            pdl = r.attention_pdl and r.dense.launches_with_pdl
             runs = [
-                kernels.prepared_decode_run(plan, v.q, kc, vc, *index, v.attn, self.stream_ptr, enable_pdl=pdl)
-                for kc, vc in zip(self.k_cache, self.v_cache, strict=True)
+                kernels.prepared_decode_run(plan, v.q, kc, vc, *index, v.attn, r.stream_ptr, enable_pdl=pdl)
+                for kc, vc in zip(r.k_cache, r.v_cache, strict=True)
             ]
             found = v.prepared["attention runs"] = (plan._context, runs)
         runs_: list[Any] = found[1]
         return runs_
 
     def _fused_calls(self, v: SimpleNamespace, rows: int) -> tuple[Any, list[tuple[list[Any], list[Any]]], Any]:
-        """The packed launches of :meth:`_fused_step` over view ``v`` (``rows`` rows): the embedding gather, per
+        """The packed launches of :meth:`step` over view ``v`` (``rows`` rows): the embedding gather, per
         layer (the launches before the attention run, those after it), and the LM head. Each is checked when
         packed (pointer rules, alignment); every operand is an engine buffer or weight, which never moves, and the
         result is kept in the view's ``prepared`` (keyed by a value: the view is made once per step shape)."""
+        from ...kernels.dense import ADD_NORM, NORM, SILU
 
-        from ..kernels.dense import ADD_NORM, NORM, SILU
-
-        if (self.dense.serves_fp8 and not self.dense.fp8_fused) or self.dense.serves_int4:
+        r = self.runner
+        if (r.dense.serves_fp8 and not r.dense.fp8_fused) or r.dense.serves_int4:
             return self._fp8_fused_calls(v, rows)  # (int4 weights: no fused GEMV reads them)
-        c, b, dense, s = self.config, self.buffers, self.dense, self.stream_ptr
-        h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, self.gemm_type
+        c, b, dense, s = r.config, r.buffers, r.dense, r.stream_ptr
+        h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, r.gemm_type
         x, qkv, attn, gu, act = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr, b.act.data.ptr
-        w, hqd = self.qkv_width, c.num_qo_heads * c.head_dim
+        w, hqd = r.qkv_width, c.num_qo_heads * c.head_dim
         fused = dense.prepared_fused
         cur, other = b.h.data.ptr, b.h_alt.data.ptr  # the residual stream, and where its next value goes
-        embed = dense.prepared_gather(rows, self.embed, h, v.token_ids, cur, h, h)
+        embed = dense.prepared_gather(rows, r.embed, h, v.token_ids, cur, h, h)
         # RoPE and the KV append as the QKV GEMV's epilogue, unless Qwen3's per-head norms come between,
         # or an FP8 cache comes (that epilogue stores 16-bit K/V: RoPE and the quantizing append run on their own)
-        fp8 = self.kv_fp8
+        fp8 = r.kv_fp8
         # (and not over FP8 weights: the epilogue's kernel reads 16-bit ones)
         in_gemv = not c.qk_norm and fp8 is None and dense.has_qkv_rope(ab, c.head_dim) and not dense.serves_fp8
         # SiLU-and-mul as the gate/up GEMV's epilogue (its input to the down GEMV made once, not in each block)
-        silu_in_gate_up = self.silu_in_gate_up and dense.has_gate_up_silu(ab) and not dense.serves_fp8
+        silu_in_gate_up = r.silu_in_gate_up and dense.has_gate_up_silu(ab) and not dense.serves_fp8
         layers = []
         for i in range(c.num_layers):
             # i == 0: input_layernorm of the embedding rows (rmsnorm); then h += the previous layer's down output
             # and input_layernorm (fused_add_rmsnorm), the new residual into `other`
-            mode, ln, h_out = (NORM, self.ln1[0].data_ptr, 0) if i == 0 else (ADD_NORM, self.ln1[i].data_ptr, other)
+            mode, ln, h_out = (NORM, r.ln1[0].data_ptr, 0) if i == 0 else (ADD_NORM, r.ln1[i].data_ptr, other)
             if in_gemv:
                 epilogue = self._rope_append(i, v)
                 qkv_call = dense.prepared_qkv_rope(
-                    mode, rows, x, h, self.wqkv[i], h, qkv, w, ab, cur, h, ln, h_out, eps, epilogue
+                    mode, rows, x, h, r.wqkv[i], h, qkv, w, ab, cur, h, ln, h_out, eps, epilogue
                 )
             else:
-                qkv_call = fused(mode, rows, x, h, self.wqkv[i], w, h, qkv, w, ab, ab, cur, h, ln, h_out, eps)
+                qkv_call = fused(mode, rows, x, h, r.wqkv[i], w, h, qkv, w, ab, ab, cur, h, ln, h_out, eps)
             before = [qkv_call]
             if i:
                 cur, other = other, cur
@@ -183,14 +153,14 @@ class FusedDecode(RunnerState):
                 before += self._separate_rope_append(v, rows, i)
             scale = fp8.prepared_scale(v, rows) if fp8 is not None else None  # attn *= v_scale (None where 1)
             after = [] if scale is None else [scale]
-            after.append(dense.prepared_linear(rows, attn, hqd, self.wo[i], h, hqd, x, h, ab, ab))
-            if self.moe_layers:
+            after.append(dense.prepared_linear(rows, attn, hqd, r.wo[i], h, hqd, x, h, ab, ab))
+            if r.moe_layers:
                 # the grouped-GEMV step: h += o's output and post_attention_layernorm as the router GEMV's
                 # prologue (the new residual into `other`, as the dense layers' gate/up GEMV writes it), the
                 # routing as its epilogue, then the experts; their output into x (the next GEMV's prologue adds it)
-                layer = self.moe_layers[i]
-                dense_moe = self.dense_moe(rows)
-                ln = self.ln2[i].data_ptr
+                layer = r.moe_layers[i]
+                dense_moe = r.dense_moe(rows)
+                ln = r.ln2[i].data_ptr
                 moe = None if dense_moe else layer.prepared_normed_step(b.x, b.x, rows, cur, other, ln, eps)
                 if moe is not None:
                     cur, other = other, cur
@@ -200,37 +170,35 @@ class FusedDecode(RunnerState):
                 # else h += o's output and post_attention_layernorm into x, in place on the residual (one kernel:
                 # the experts' GEMVs read the normalized rows whole), then the MoE step's launches packed by the
                 # layer, its output into x
-                resid = v.h if cur == b.h.data.ptr else kernels.descriptor(cur, (rows, h), self.dtype, self.device)
-                after.append(kernels.prepared_fused_add_rmsnorm(v.x, resid, self.ln2[i], eps, s))
-                moe = layer.prepared_step(self.normed, b.x, rows, dense_moe)
+                resid = v.h if cur == b.h.data.ptr else kernels.descriptor(cur, (rows, h), r.dtype, r.device)
+                after.append(kernels.prepared_fused_add_rmsnorm(v.x, resid, r.ln2[i], eps, s))
+                moe = layer.prepared_step(r.normed, b.x, rows, dense_moe)
                 if moe is None:
                     raise AssertionError(f"layer {i}: its MoE step of {rows} rows has no packed launches")
                 after.extend(moe)
                 layers.append((before, after))
                 continue
             # h += o's output; post_attention_layernorm; gate/up; then down of silu(gate) * up
-            ln = self.ln2[i].data_ptr
+            ln = r.ln2[i].data_ptr
             if silu_in_gate_up:
-                wgu = self.wgu[i]
+                wgu = r.wgu[i]
                 after.append(
                     dense.prepared_gate_up_silu(
                         ADD_NORM, rows, x, h, wgu, 2 * inter, h, act, inter, ab, cur, h, ln, other, eps
                     )
                 )
-                after.append(dense.prepared_linear(rows, act, inter, self.wd[i], h, inter, x, h, ab, ab))
+                after.append(dense.prepared_linear(rows, act, inter, r.wd[i], h, inter, x, h, ab, ab))
             else:
                 after.append(
-                    fused(
-                        ADD_NORM, rows, x, h, self.wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab, cur, h, ln, other, eps
-                    )
+                    fused(ADD_NORM, rows, x, h, r.wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab, cur, h, ln, other, eps)
                 )
-                after.append(fused(SILU, rows, gu, 2 * inter, self.wd[i], h, inter, x, h, ab, ab))
+                after.append(fused(SILU, rows, gu, 2 * inter, r.wd[i], h, inter, x, h, ab, ab))
             cur, other = other, cur
             layers.append((before, after))
         # h += the last down output; the final norm; the LM head (the new residual is not needed: no h_out)
-        n, logits, ln = self.head_rows, b.logits.data.ptr, self.final_norm.data_ptr
+        n, logits, ln = r.head_rows, b.logits.data.ptr, r.final_norm.data_ptr
         mode = ADD_NORM if c.num_layers else NORM
-        head = fused(mode, rows, x, h, self.lm_head, n, h, logits, n, ab, self.gemm_f32, cur, h, ln, 0, eps)
+        head = fused(mode, rows, x, h, r.lm_head, n, h, logits, n, ab, r.gemm_f32, cur, h, ln, 0, eps)
         return embed, layers, head
 
     def _fp8_fused_calls(self, v: SimpleNamespace, rows: int) -> tuple[Any, list[tuple[list[Any], list[Any]]], Any]:
@@ -245,47 +213,46 @@ class FusedDecode(RunnerState):
         is FP8 or a weight is 16-bit, that part runs as separate launches. The LM head takes the last norm as its
         prologue. The FP8 GEMVs over normalized rows read them whole, so each norm runs once, not once per block as
         a prologue would (the FP8 weights' shorter GEMVs pay that more than 16-bit ones: ``Dense.fp8_fused``)."""
-        from ..kernels.dense import ADD_NORM, NORM
+        from ...kernels.dense import ADD_NORM, NORM
 
-        c, b, dense, s = self.config, self.buffers, self.dense, self.stream_ptr
-        h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, self.gemm_type
+        r = self.runner
+        c, b, dense, s = r.config, r.buffers, r.dense, r.stream_ptr
+        h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, r.gemm_type
         x, qkv, attn, gu, act = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr, b.act.data.ptr
-        w, hqd = self.qkv_width, c.num_qo_heads * c.head_dim
-        fp8 = self.kv_fp8
-        embed = dense.prepared_gather(rows, self.embed, h, v.token_ids, b.h.data.ptr, h, h)
+        w, hqd = r.qkv_width, c.num_qo_heads * c.head_dim
+        fp8 = r.kv_fp8
+        embed = dense.prepared_gather(rows, r.embed, h, v.token_ids, b.h.data.ptr, h, h)
         rope_in_gemv = not c.qk_norm and fp8 is None and c.head_dim in (64, 128, 256, 512)
-        pdl = self.norm_pdl and dense.launches_with_pdl
+        pdl = r.norm_pdl and dense.launches_with_pdl
         layers = []
         for i in range(c.num_layers):
             if i == 0:  # input_layernorm of the embedding rows into x
-                before = [kernels.prepared_rmsnorm(v.h, self.ln1[0], v.x, eps, s, pdl)]
+                before = [kernels.prepared_rmsnorm(v.h, r.ln1[0], v.x, eps, s, pdl)]
             else:  # h += the previous layer's down output; x = input_layernorm(h)
-                before = [kernels.prepared_fused_add_rmsnorm(v.x, v.h, self.ln1[i], eps, s, pdl)]
-            if rope_in_gemv and dense.has_fp8_weight(self.wqkv[i]):
+                before = [kernels.prepared_fused_add_rmsnorm(v.x, v.h, r.ln1[i], eps, s, pdl)]
+            if rope_in_gemv and dense.has_fp8_weight(r.wqkv[i]):
                 rope = self._rope_append(i, v)
-                before.append(dense.prepared_fp8_qkv_rope(rows, x, h, self.wqkv[i], h, qkv, w, ab, rope))
+                before.append(dense.prepared_fp8_qkv_rope(rows, x, h, r.wqkv[i], h, qkv, w, ab, rope))
             else:
-                before.append(dense.prepared_linear(rows, x, h, self.wqkv[i], w, h, qkv, w, ab, ab))
+                before.append(dense.prepared_linear(rows, x, h, r.wqkv[i], w, h, qkv, w, ab, ab))
                 before += self._separate_rope_append(v, rows, i)
             scale = fp8.prepared_scale(v, rows) if fp8 is not None else None  # attn *= v_scale (None where 1)
             after = [] if scale is None else [scale]
-            after.append(dense.prepared_linear(rows, attn, hqd, self.wo[i], h, hqd, x, h, ab, ab))
-            after.append(kernels.prepared_fused_add_rmsnorm(v.x, v.h, self.ln2[i], eps, s, pdl))
-            if dense.has_fp8_weight(self.wgu[i]):  # silu(gate) * up straight into act
-                after.append(dense.prepared_fp8_silu(rows, x, h, self.wgu[i], h, act, inter, ab))
-            elif dense.has_int4_silu(self.wgu[i]):  # (int4: gate and up interleaved by 8 rows at load)
-                after.append(dense.prepared_int4_silu(rows, x, h, self.wgu[i], h, act, inter, ab))
+            after.append(dense.prepared_linear(rows, attn, hqd, r.wo[i], h, hqd, x, h, ab, ab))
+            after.append(kernels.prepared_fused_add_rmsnorm(v.x, v.h, r.ln2[i], eps, s, pdl))
+            if dense.has_fp8_weight(r.wgu[i]):  # silu(gate) * up straight into act
+                after.append(dense.prepared_fp8_silu(rows, x, h, r.wgu[i], h, act, inter, ab))
+            elif dense.has_int4_silu(r.wgu[i]):  # (int4: gate and up interleaved by 8 rows at load)
+                after.append(dense.prepared_int4_silu(rows, x, h, r.wgu[i], h, act, inter, ab))
             else:
-                after.append(dense.prepared_linear(rows, x, h, self.wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab))
+                after.append(dense.prepared_linear(rows, x, h, r.wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab))
                 after.append(kernels.prepared_silu_and_mul(v.gu, v.act, s))
-            after.append(dense.prepared_linear(rows, act, inter, self.wd[i], h, inter, x, h, ab, ab))
+            after.append(dense.prepared_linear(rows, act, inter, r.wd[i], h, inter, x, h, ab, ab))
             layers.append((before, after))
         # h += the last down output; the final norm; the LM head
-        n, logits, ln, cur = self.head_rows, b.logits.data.ptr, self.final_norm.data_ptr, b.h.data.ptr
+        n, logits, ln, cur = r.head_rows, b.logits.data.ptr, r.final_norm.data_ptr, b.h.data.ptr
         mode = ADD_NORM if c.num_layers else NORM
-        head = dense.prepared_fused(
-            mode, rows, x, h, self.lm_head, n, h, logits, n, ab, self.gemm_f32, cur, h, ln, 0, eps
-        )
+        head = dense.prepared_fused(mode, rows, x, h, r.lm_head, n, h, logits, n, ab, r.gemm_f32, cur, h, ln, 0, eps)
         return embed, layers, head
 
     def _separate_rope_append(self, v: SimpleNamespace, rows: int, i: int) -> list[Any]:
@@ -293,16 +260,17 @@ class FusedDecode(RunnerState):
         ``_forward`` calls them (``fi_ffi.prepare``: the step writes its positions and page table into the view's
         index arrays, which the kernels read at each launch): Qwen3's per-head q and k norms, RoPE, and the KV
         append (the quantizing one into an FP8 cache)."""
-        c, s, eps, fp8 = self.config, self.stream_ptr, self.config.rms_norm_eps, self.kv_fp8
+        r = self.runner
+        c, s, eps, fp8 = r.config, r.stream_ptr, r.config.rms_norm_eps, r.kv_fp8
         calls = []
         if c.qk_norm:  # Qwen3: each q and k head normalized before RoPE
-            calls.append(kernels.prepared_qk_rmsnorm(v.q, self.q_norm[i], eps, s))
-            calls.append(kernels.prepared_qk_rmsnorm(v.k, self.k_norm[i], eps, s))
+            calls.append(kernels.prepared_qk_rmsnorm(v.q, r.q_norm[i], eps, s))
+            calls.append(kernels.prepared_qk_rmsnorm(v.k, r.k_norm[i], eps, s))
         calls.append(kernels.prepared_rope_inplace(v.q, v.k, v.positions, c.rope, s))
         if fp8 is not None:
             calls.append(fp8.prepared_append(v, rows, i))
         else:
-            append = (v.k, v.v, v.batch_indices, v.positions, self.k_cache[i], self.v_cache[i])
+            append = (v.k, v.v, v.batch_indices, v.positions, r.k_cache[i], r.v_cache[i])
             index = (v.kv_indices, v.kv_indptr, v.kv_last_page_len)
             calls.append(kernels.prepared_append_kv(*append, *index, s))
         return calls
@@ -310,20 +278,21 @@ class FusedDecode(RunnerState):
     def _rope_append(self, i: int, v: SimpleNamespace) -> Any:
         """The RoPE settings, this step's index arrays and layer ``i``'s caches as the QKV GEMV's epilogue takes
         them (``Dense.prepared_qkv_rope``): the values ``kernels.rope_inplace`` and ``append_kv`` pass."""
-        from ..kernels.dense import RopeAppend
+        from ...kernels.dense import RopeAppend
 
-        c, r = self.config, self.config.rope
-        kc, vc = self.k_cache[i], self.v_cache[i]
+        runner = self.runner
+        c, rope = runner.config, runner.config.rope
+        kc, vc = runner.k_cache[i], runner.v_cache[i]
         return RopeAppend(
             hq=c.num_qo_heads,
             hk=c.num_kv_heads,
             d=c.head_dim,
-            theta=r.theta,
-            scale=r.factor if r.llama3 else 1.0,
-            llama3=r.llama3,
-            low_freq_factor=r.low_freq_factor,
-            high_freq_factor=r.high_freq_factor,
-            old_context_len=r.original_max_position_embeddings,
+            theta=rope.theta,
+            scale=rope.factor if rope.llama3 else 1.0,
+            llama3=rope.llama3,
+            low_freq_factor=rope.low_freq_factor,
+            high_freq_factor=rope.high_freq_factor,
+            old_context_len=rope.original_max_position_embeddings,
             positions=v.positions.data_ptr,
             batch_indices=v.batch_indices.data_ptr,
             kv_indptr=v.kv_indptr.data_ptr,

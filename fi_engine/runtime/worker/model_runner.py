@@ -1,8 +1,10 @@
 """The model runner: one GPU's (or one tensor-parallel rank's) model, made once and run step by step. It holds the
-family's weights (loaded by the family definition, :mod:`~fi_engine.runtime.family`), the activation buffers, the
-paged KV cache's tensors and the step index arrays (:mod:`~fi_engine.runtime.storage`), the CUDA graphs
-(:mod:`~fi_engine.runtime.step_graphs`), the fused decode step (:mod:`~fi_engine.runtime.fused_decode`) and the
-:class:`~fi_engine.runtime.sampling.Sampler` over its logits, on its own CUDA stream.
+family's weights (loaded by the family definition, :mod:`~fi_engine.runtime.family`), the activation buffers and the
+paged KV cache's tensors (the Llama pass's: :meth:`ModelRunner.allocate_layers`), and its parts: the step's
+host-device traffic (``io``: index arrays in, tokens out, the step views; :mod:`~fi_engine.runtime.worker.step_io`),
+the CUDA graphs (``step_graphs``: :mod:`~fi_engine.runtime.worker.step_graphs`), the fused decode step (``fused``:
+:mod:`~fi_engine.runtime.worker.fused_decode`) and the :class:`~fi_engine.runtime.sample.sampler.Sampler` over its
+logits (``sampler``), on its own CUDA stream.
 
 The serving loop (:mod:`~fi_engine.runtime.serving`) drives it one way per step: the scheduler picks the rows, the
 runner stages their index arrays (:meth:`ModelRunner.stage_decode`, :meth:`ModelRunner.run_prefill`) and runs the
@@ -11,7 +13,7 @@ forward pass and the LM head (:meth:`ModelRunner.run_decode`), the sampler picks
 beyond the rows it is given (their pages and positions): no queue, no admission, no token limits.
 
 A family definition reaches the runner (its ``eng`` argument) only through the family interface declared in
-:class:`~fi_engine.runtime.state.RunnerState`.
+:class:`~fi_engine.runtime.worker.state.RunnerState`, which the runner implements and its parts are given.
 """
 
 from __future__ import annotations
@@ -25,23 +27,26 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint.safetensors import Checkpoint
-from ..kernels import flashinfer as kernels
-from ..kernels.copies import D2D, D2H, H2D, host_address
-from .family import ModelFamily
+from ...checkpoint.safetensors import Checkpoint
+from ...kernels import flashinfer as kernels
+from ...values import flag
+from ..family import ModelFamily
+from ..sample.sampler import Sampler
+from ..sched.request import Request
+from ..sched.step_arrays import fill_decode, fill_prefill, pad_prefill
+from ..settings import EngineSettings
 from .fused_decode import FusedDecode
-from .paging import Request, fill_decode, fill_prefill, pad_prefill, prefill_buckets
-from .sampling import Sampler
-from .settings import EngineSettings
+from .graph_shapes import _ladder, prefill_buckets, prefill_slots
+from .state import RunnerState
 from .step_graphs import StepGraphs
-from .storage import Storage
+from .step_io import StepIO
 
 __all__ = ["ModelRunner"]
 
 
 def _require_gpu(device: int | None) -> None:
     """Raise :class:`~fi_ffi.errors.UnsupportedDeviceError` unless CUDA device ``device`` (None: 0) is usable."""
-    from ..kernels.system import UnsupportedDeviceError, gpus, no_gpu_message
+    from ...kernels.system import UnsupportedDeviceError, gpus, no_gpu_message
 
     # (``device`` itself is checked by EngineSettings, made before this is called)
     found, _ = gpus()
@@ -54,24 +59,30 @@ def _require_gpu(device: int | None) -> None:
         )
 
 
-class ModelRunner(StepGraphs, FusedDecode, Storage):
+class ModelRunner(RunnerState):
     """One GPU's model of family ``family`` (a :class:`~fi_engine.runtime.family.ModelFamily` instance), loaded from
     ``model_dir`` with ``settings`` (checked already: :class:`~fi_engine.runtime.settings.EngineSettings`).
 
     ``config`` is this rank's shard of the model (heads and MLP columns divided by ``tensor_parallel``),
     ``model_config`` the checkpoint's. ``prefill_graphs`` (default True): a prefill's token rows are padded up to
     a bucket (:attr:`prefill_buckets`) and run as the CUDA graph of that bucket and batch size, captured the first
-    time it is met (see :meth:`_prefill_graph`); set it False to always prefill eagerly. A capture that fails
-    leaves that shape eager, with a warning and the reason in :attr:`prefill_graph_failures`.
+    time it is met (``step_graphs``); set it False to always prefill eagerly. A capture that fails leaves that shape
+    eager, with a warning and the reason in ``prefill_graph_failures``.
     ``fused_decode`` (default True): an eager decode step of at most 4 rows on one GPU, by the Llama pass
     (``ModelFamily.llama_pass``), runs its RMSNorms, residual adds and SiLU inside the runner's GEMV launches (MoE
     layers: their add + norm as one packed kernel, then their step's packed launches, where the MoE path packs),
     and RoPE and the KV append too where the QKV GEMV's epilogue serves them (head dim 64 to 512, no Qwen3 per-head
-    norms between), with every launch but the attention run packed once (:meth:`_fused_step`;
-    the same logits as the separate launches); False: the separate launches.
+    norms between), with every launch but the attention run packed once (``fused``, :mod:`.fused_decode`; the same
+    logits as the separate launches); False: the separate launches.
     ``packed_attention`` (default True): the fused step's attention runs packed too.
     ``prepare_ahead``: the graph loop stages decode step n + 1 while the GPU runs step n (one GPU, a family whose
     plans order their copies on the stream: ``ModelFamily.plans_ahead``).
+
+    Its parts, each given the runner: ``io`` (:class:`~fi_engine.runtime.worker.step_io.StepIO`, made with the
+    buffers), ``step_graphs`` (:class:`~fi_engine.runtime.worker.step_graphs.StepGraphs`), ``fused``
+    (:class:`~fi_engine.runtime.worker.fused_decode.FusedDecode`) and ``sampler``
+    (:class:`~fi_engine.runtime.sample.sampler.Sampler`). The switches below are read by the parts when they pack
+    or capture; set one on the class (``ModelRunner.silu_in_gate_up = False``) to compare.
     """
 
     int4_as_stored = True
@@ -89,8 +100,43 @@ class ModelRunner(StepGraphs, FusedDecode, Storage):
     to the 16-bit type at load. Experts whose scale blocks or shapes the GEMV cannot take (block rows not a multiple
     of 16 dividing the matrix, block columns below 128, a tensor-parallel share that cuts a block:
     :meth:`Fp8Scheme.experts_for <fi_engine.checkpoint.quantization.Fp8Scheme.experts_for>`) are dequantized either
-    way. Read at load (set it on the class, before the engine
-    is made, to compare)."""
+    way. Read at load (set it on the class, before the engine is made, to compare)."""
+
+    graph_fused_decode = True
+    """A decode graph of one row captures the fused step (``fused.step``, where :meth:`fuses` holds) instead of the
+    separate launches: on an H100, 8B shape, 6.02 instead of 6.19 ms per step (the norms, SiLU, RoPE and KV append
+    leave 4 of every 9 launches; benchmarks/RESULTS.md). Not at 2-4 rows, where the fused GEMVs' per-row work makes
+    them slower than cuBLASLt. Read when the graph is captured (at construction): set it on the class to compare."""
+
+    decode_graph_ladder = True
+    """Capture the decode step at every batch size of :func:`~fi_engine.runtime.worker.graph_shapes.decode_batches`
+    (each step replays the smallest graph holding its occupied slots); False: one graph of ``max_batch`` rows, which
+    every step replays (before 2026-11-25). Read when the graphs are captured (at construction): set it on the class to
+    compare."""
+
+    packed_attention: bool = True
+    """The fused decode step's attention runs packed once per step view (``fi_ffi.prepare_decode_run``), each call
+    taking only the step's plan, instead of a ``batch_decode_run`` per layer (the same logits bit for bit:
+    tests/engine/test_gpu_fused_decode.py); False: a ``batch_decode_run`` per layer."""
+
+    attention_pdl: bool = True
+    """The packed attention runs launched with programmatic dependent launch where the GEMVs are
+    (``Dense.launches_with_pdl``: Hopper and later): each may start while the QKV GEMV drains, and the O GEMV after it
+    while it drains (FlashInfer's ``enable_pdl``). Read when the runs are packed; set it on the class to compare."""
+
+    silu_in_gate_up: bool = True
+    """The fused step's gate/up GEMV over 16-bit weights writes ``silu(gate) * up`` (``Dense.prepared_gate_up_silu``)
+    and the down GEMV reads it as its input; False: the gate/up GEMV writes both halves and the down GEMV computes
+    SiLU-and-mul in a prologue, in each of its blocks (the engine's step before 2026-11-25). The same values either way
+    (tests/engine/test_gpu_fused_decode.py). Read when the step is packed; set it on the class to compare
+    (``benchmarks/bench_llama_tp.py --variants silu-prologue``)."""
+
+    norm_pdl: bool = True
+    """The FP8 step's norms (``Dense.fp8_epilogues``: launches of their own) launched with programmatic dependent
+    launch where the GEMVs are (FlashInfer's ``enable_pdl``): each may start while the GEMV before it drains. Read
+    when the step is packed; set it on the class to compare."""
+
+    _kv_scales: tuple[float, float] | None = None  # (class default: a runner assembled without __init__)
 
     def __init__(self, family: ModelFamily, model_dir: str | Path, settings: EngineSettings) -> None:
         self._configure(family, model_dir, settings)
@@ -111,8 +157,8 @@ class ModelRunner(StepGraphs, FusedDecode, Storage):
         """The host side, before any GPU work: the model's config read and checked against ``settings`` (the
         family's refusals, an FP8 cache's), this rank's shard of it, the sizes resolved, and the engine's state
         before its buffers exist."""
-        from ..layers import kv_fp8
-        from ..layers.tensor_parallel import shard_config
+        from ...layers import kv_fp8
+        from ...layers.tensor_parallel import shard_config
 
         self.settings = settings
         self.family = family
@@ -139,19 +185,15 @@ class ModelRunner(StepGraphs, FusedDecode, Storage):
         self.max_seq_len = sizes.max_seq_len
         self.num_pages = sizes.num_pages
         self.max_prefill_tokens = sizes.max_prefill_tokens
-        self.graph: Any = None  # the decode graph of max_batch rows (with cuda_graph), one of `graphs`
-        self.graphs: dict[int, Any] = {}  # the decode graphs by their rows (StepGraphs.decode_graph_batches)
-        self._graph_plan_infos: dict[int, Any] = {}
-        self._graph_batches: tuple[int, ...] = ()  # the rows of `graphs`, ascending (once captured)
-        self._graphs_checked: set[int] = set()
+        self.step_graphs = StepGraphs(self)  # the decode graphs (with cuda_graph) and the padded prefill graphs
+        self.fused = FusedDecode(self)  # the fused eager decode step
         # the MoE layers' grouped-GEMM workspace: made by _load where the model has routed experts (close() frees it)
         self.moe_workspace: Any = None
         self.prefill_graphs = True
-        # token-row buckets of the padded prefill graphs (fi_engine.runtime.paging.prefill_buckets says why these)
+        # token-row buckets of the padded prefill graphs (graph_shapes.prefill_buckets says why these)
         self.prefill_buckets = prefill_buckets(self.max_prefill_tokens)
         # an eager decode step of at most 4 rows runs its norms, SiLU, RoPE and KV append inside the GEMVs
         self.fused_decode = True
-        self._prefill_graph_cache: dict[tuple[int, ...], Any] = {}
         # (bucket, request slots) whose capture failed -> why: those prefills stay eager (and unpadded) from then on
         self.prefill_graph_failures: dict[tuple[int, int], str] = {}
         self.comm: Any = None
@@ -165,7 +207,7 @@ class ModelRunner(StepGraphs, FusedDecode, Storage):
         comm, device = settings.comm, settings.device
         if self.tensor_parallel > 1:
             if comm is None:
-                from ..kernels.system import Communicator
+                from ...kernels.system import Communicator
 
                 comm, self._own_comm = Communicator.from_env(), True
             if comm.world_size != self.tensor_parallel:
@@ -179,7 +221,7 @@ class ModelRunner(StepGraphs, FusedDecode, Storage):
             self.comm = comm
         self.device = device = 0 if device is None else device
         self.rank = 0 if self.comm is None else self.comm.rank
-        from ..layers.tensor_parallel import VocabShard
+        from ...layers.tensor_parallel import VocabShard
 
         # this rank's rows of the embedding and the LM head (None: the whole vocabulary)
         self.vocab_shard: VocabShard | None = None
@@ -191,15 +233,15 @@ class ModelRunner(StepGraphs, FusedDecode, Storage):
         cache's scales, the all-reduce, the buffers (``ModelFamily.allocate``), the sampler, the workspaces and, with
         ``cuda_graph``, the decode graphs; on a failure, what it made that no finalizer would release is released
         (and the error raised)."""
-        from ..layers import kv_fp8
-        from ..layers.tensor_parallel import ResidualAllReduce
+        from ...layers import kv_fp8
+        from ...layers.tensor_parallel import ResidualAllReduce
 
         cp, device, cfg = self.cupy, self.device, self.config
         try:
             with cp.cuda.Device(device):
                 self.stream = cp.cuda.Stream(non_blocking=True)
                 self.stream_ptr = self.stream.ptr
-                from ..kernels.dense import Dense
+                from ...kernels.dense import Dense
 
                 self.dense = Dense(self.stream)
                 ckpt = Checkpoint(model_dir)
@@ -229,7 +271,7 @@ class ModelRunner(StepGraphs, FusedDecode, Storage):
                 if self.cuda_graph:
                     try:
                         with self.stream:
-                            self._capture()
+                            self.step_graphs.capture()
                     except BaseException:
                         self.close()
                         raise
@@ -242,6 +284,120 @@ class ModelRunner(StepGraphs, FusedDecode, Storage):
                 if self._own_comm:  # the communicator it made
                     self.comm.close()
             raise
+
+    # ------------------------------------------------------------------------------------------ its switches
+
+    @property
+    def graph(self) -> Any:
+        """The decode graph of ``max_batch`` rows once captured (``cuda_graph=True``), else None."""
+        return self.step_graphs.graph
+
+    @property
+    def graphs(self) -> dict[int, Any]:
+        """The decode graphs by their rows (:attr:`decode_graph_batches`), once captured."""
+        return self.step_graphs.graphs
+
+    @property
+    def decode_graph_batches(self) -> tuple[int, ...]:
+        """The batch sizes (rows) of the decode graphs, ascending, the last ``max_batch``: those the engine captured
+        (``cuda_graph=True``), or before the capture those it will capture (:attr:`decode_graph_ladder`)."""
+        return self.step_graphs.batches()
+
+    @property
+    def prefill_buckets(self) -> tuple[int, ...]:
+        """The token-row buckets a prefill is padded up to for its CUDA graph, ascending; by default
+        :func:`~fi_engine.runtime.worker.graph_shapes.prefill_buckets` of ``max_prefill_tokens`` (which says why those).
+        Settable to another ladder: a non-empty, strictly ascending sequence of ints ending at ``max_prefill_tokens``
+        (each prefill needs a bucket, and none may pad past the buffers' rows); TypeError/ValueError naming
+        ``prefill_buckets`` otherwise."""
+        return self._prefill_buckets
+
+    @prefill_buckets.setter
+    def prefill_buckets(self, buckets: Sequence[int]) -> None:
+        top = self.max_prefill_tokens
+        ladder = _ladder("prefill_buckets", buckets, top)
+        if ladder[-1] != top:
+            raise ValueError(
+                f"prefill_buckets: expected the last bucket to be max_prefill_tokens ({top}), got {ladder[-1]}"
+            )
+        self._prefill_buckets = ladder
+
+    @property
+    def fused_decode(self) -> bool:
+        """Whether an eager decode step runs as the fused step (``fused``) where it applies (see the class docstring;
+        default True). Settable to a bool (TypeError naming ``fused_decode`` otherwise: a string would be true)."""
+        return self._fused_decode
+
+    @fused_decode.setter
+    def fused_decode(self, on: bool) -> None:
+        self._fused_decode = flag("fused_decode", on)
+
+    # ------------------------------------------------------------------------------------------ the family interface
+
+    def allocate_layers(self) -> None:
+        """The Llama pass's buffers (``buffers``): activations of ``max(max_prefill_tokens, max_batch)`` rows, the
+        last-row gather, logits and ids of ``max_batch`` rows, the paged KV cache ``[layers, 2, pages, page_size,
+        Hk, D]`` (with its per-layer descriptors), the vocabulary shard's and the fused all-reduce's; then the step
+        arrays (:meth:`allocate_steps`). A family's ``allocate`` calls it, or lays out its own."""
+        from ...kernels.dense import GEMV_MAX_ROWS
+
+        cp, c = self.cupy, self.config
+        storage = np.float16 if self.dtype == "float16" else np.uint16
+        rows = max(self.max_prefill_tokens, self.max_batch)
+        hq, hk, d, h = c.num_qo_heads, c.num_kv_heads, c.head_dim, c.hidden_size
+        self.qkv_width = (hq + 2 * hk) * d
+        b = self.buffers = SimpleNamespace(
+            h=cp.empty((rows, h), storage),
+            x=cp.empty((rows, h), storage),
+            qkv=cp.empty((rows, self.qkv_width), storage),
+            attn=cp.empty((rows, hq * d), storage),
+            gu=cp.empty((rows, 2 * c.intermediate_size), storage),
+            act=cp.empty((rows, c.intermediate_size), storage),
+            last=cp.empty((self.max_batch, h), storage),
+            h_alt=cp.empty((GEMV_MAX_ROWS, h), storage),  # the fused step's second residual buffer (fused.step)
+            logits=cp.empty((self.max_batch, c.vocab_size), np.float32),
+            ids=cp.empty(self.max_batch, np.int32),
+            # one byte per element with an FP8 cache (kv_cache_dtype="fp8_e4m3": e4m3 bits), else the model's dtype
+            kv=cp.zeros((c.num_layers, 2, self.num_pages, self.page_size, hk, d), np.uint8 if self.kv_fp8 else storage),
+        )
+        self._allocate_attention_caches()
+        if self.vocab_shard is not None:
+            # this rank's logits columns, and every rank's shard argmax (value bits, index); the whole logits are
+            # only gathered (into `logits`) for sampling
+            b.head = cp.empty((self.max_batch, self.head_rows), np.float32)
+            b.pairs = cp.empty((self.max_batch, 2), np.int32)
+            b.pairs_all = cp.empty(self.tensor_parallel * self.max_batch * 2, np.int32)
+        # where the normalized rows live: x (normalized in place), or x2 when the fused all-reduce writes them
+        if self.allreduce is not None and self.allreduce.fused:
+            b.x2 = cp.empty((rows, h), storage)
+        self.normed = b.x2 if hasattr(b, "x2") else b.x
+        self.allocate_steps()
+
+    def _allocate_attention_caches(self) -> None:
+        """Descriptors of each layer's K and V cache in ``buffers.kv``."""
+        c, b = self.config, self.buffers
+        kv_shape = (self.num_pages, self.page_size, c.num_kv_heads, c.head_dim)
+        dtype = self.kv_dtype
+        self.k_cache = [
+            kernels.descriptor(b.kv[i, 0].data.ptr, kv_shape, dtype, self.device, owner=b.kv)
+            for i in range(c.num_layers)
+        ]
+        self.v_cache = [
+            kernels.descriptor(b.kv[i, 1].data.ptr, kv_shape, dtype, self.device, owner=b.kv)
+            for i in range(c.num_layers)
+        ]
+
+    def allocate_steps(self) -> None:
+        """The per-step index arrays (host staging and device), the token-id buffers and the step views
+        (:class:`~fi_engine.runtime.worker.step_io.StepIO`, ``io``): what every architecture's serving loop shares; a
+        family's ``allocate`` calls it once its buffers exist."""
+        self.io = StepIO(self)
+        self.decode_arrays = self.io.decode_arrays
+        self.prefill_arrays = self.io.prefill_arrays
+        self.staged_wait_s = 0.0  # the last staging's wait for io.staged (ServingLoop._advance_pipelined)
+        # the graph loop prepares the next decode step while the GPU runs this one (stage_decode_ahead); the
+        # runner turns it on where the family allows it (ModelFamily.plans_ahead)
+        self.prepare_ahead = False
 
     def embed_and_norm(self, v: SimpleNamespace, rows: int) -> None:
         """The embedding rows of ``v.token_ids`` into the residual stream ``h`` and the first layer's input norm into
@@ -284,37 +440,75 @@ class ModelRunner(StepGraphs, FusedDecode, Storage):
         else:
             self.allreduce(v.x, v.h, weight, v.x2, eps, self.stream_ptr)
 
-    def _head(self, rows: int, x: int) -> None:
+    def dense_moe(self, rows: int) -> bool:
+        """Whether the MoE layers run a step of ``rows`` rows dense over the experts: the family's ``moe_path``
+        (:meth:`~fi_engine.runtime.family.ModelFamily.moe_path_for`); never for a family without that choice
+        (DeepSeek's: the dense path does not make its routing)."""
+        return self.family.moe_path_for(self, rows) == "dense"
+
+    # ------------------------------------------------------------------------------------------ the step's pass
+
+    def forward(self, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None:
+        """Embedding to the final norm for ``rows`` token rows over step views ``v`` (the family's ``forward``);
+        ``attention``: :meth:`decode_attention` or :meth:`prefill_attention`."""
+        self.family.forward(self, v, rows, attention, static_moe)
+
+    def decode_attention(self, i: int, v: SimpleNamespace) -> None:
+        """Layer ``i``'s decode attention (the family's)."""
+        self.family.decode_attention(self, i, v)
+
+    def prefill_attention(self, i: int, v: SimpleNamespace) -> None:
+        """Layer ``i``'s prefill attention (the family's)."""
+        self.family.prefill_attention(self, i, v)
+
+    def plan_decode(self, rows: int, cuda_graph: bool) -> None:
+        """Plan a decode step of ``rows`` rows from ``decode_arrays`` (the family's plan)."""
+        self.family.plan_decode(self, rows, cuda_graph)
+
+    def plan_prefill(self, batch: int) -> None:
+        """Plan the prefill attention of ``batch`` requests from ``prefill_arrays`` (the family's plan)."""
+        self.family.plan_prefill(self, batch)
+
+    def plan_prefill_padded(self, batch: int) -> None:
+        """Plan a padded prefill of ``batch`` requests for its CUDA graph (the family's plan)."""
+        self.family.plan_prefill_padded(self, batch)
+
+    def finish_logits(self, logits: int, rows: int, columns: int) -> None:
+        """The family's post-processing of float32 logits ``[rows, columns]`` at ``logits``, in place."""
+        self.family.finish_logits(self, logits, rows, columns)
+
+    def head(self, rows: int, x: int) -> None:
         """The LM head of ``rows`` normalized rows at ``x``: float32 logits into ``logits`` (whole vocabulary) or,
         with a vocabulary shard, this rank's columns into ``head``."""
         h, n = self.config.hidden_size, self.head_rows
         out = self.buffers.logits if self.vocab_shard is None else self.buffers.head
         self.dense.linear(rows, x, h, self.lm_head, n, h, out.data.ptr, n, self.gemm_type, self.gemm_f32)
-        self._finish_logits(out.data.ptr, rows, n)  # on the shard's columns too: sampling gathers finished logits
+        self.finish_logits(out.data.ptr, rows, n)  # on the shard's columns too: sampling gathers finished logits
 
-    # ------------------------------------------------------------------------------------------ the family's parts
+    def view(self, kind: str, rows: int, batch: int) -> SimpleNamespace:
+        """The step views of a ``kind`` step (``"decode"``, ``"prefill"``, ``"padded prefill"``) of ``rows`` token
+        rows and ``batch`` requests over the runner's buffers (``io.view``: made once per shape)."""
+        return self.io.view(kind, rows, batch)
 
-    def _forward(self, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None:
-        """Embedding to the final norm for ``rows`` token rows (``ModelFamily.forward``)."""
-        self.family.forward(self, v, rows, attention, static_moe)
+    def upload_decode(self, rows: int, n_pages: int, cuda_graph: bool) -> None:
+        """Copy the decode step's index arrays (``n_pages`` page ids) to the device and plan the step (``cuda_graph``:
+        a fixed-batch plan for the captured graph)."""
+        self.io.copy_decode(n_pages)
+        self.plan_decode(rows, cuda_graph)
+        self.io.staged.record(self.stream)  # the host staging (ours and the plan's) may be rewritten after this
 
-    def _decode_attention(self, i: int, v: SimpleNamespace) -> None:
-        self.family.decode_attention(self, i, v)
+    def fuses(self, rows: int) -> bool:
+        """Whether an eager decode step of ``rows`` rows runs as the fused step (``fused.fits``)."""
+        return self.fused.fits(rows)
 
-    def _prefill_attention(self, i: int, v: SimpleNamespace) -> None:
-        self.family.prefill_attention(self, i, v)
-
-    def _plan_decode(self, rows: int, cuda_graph: bool) -> None:
-        self.family.plan_decode(self, rows, cuda_graph)
-
-    def _plan_prefill(self, batch: int) -> None:
-        self.family.plan_prefill(self, batch)
-
-    def _plan_prefill_padded(self, batch: int) -> None:
-        self.family.plan_prefill_padded(self, batch)
-
-    def _finish_logits(self, logits: int, rows: int, columns: int) -> None:
-        self.family.finish_logits(self, logits, rows, columns)
+    def decode_pass(self, v: SimpleNamespace, rows: int, fused: bool, static_moe: bool = False) -> None:
+        """A decode step's forward pass and LM head over views ``v``: the fused step (``fused``), or the family's
+        forward and :meth:`head`."""
+        if fused:
+            self.fused.step(v, rows)
+        else:
+            self.forward(v, rows, self.decode_attention, static_moe=static_moe)
+            self.head(rows, self.normed.data.ptr)
 
     # ------------------------------------------------------------------------------------------ one step's work
 
@@ -322,7 +516,7 @@ class ModelRunner(StepGraphs, FusedDecode, Storage):
         self,
         rows: Sequence[Request],
         riders_behind: int,
-        graph_slots: int,
+        graph_slots: int | None,
         ahead: int,
         all_logits: bool = False,
         last_head: bool = True,
@@ -330,13 +524,16 @@ class ModelRunner(StepGraphs, FusedDecode, Storage):
         """Stage and run the prefill pass of ``rows`` (requests with their pages; a rider first, one token row at
         its position ``ahead`` tokens on, then the admitted prompts), through the LM head of each request's last
         row, by slot. ``riders_behind``: the first rows ride behind a decode step in flight, their input tokens
-        gathered on the device from its ``ids`` by slot. ``graph_slots``: the request slots its graph is padded to.
+        gathered on the device from its ``ids`` by slot. ``graph_slots``: the request slots its graph is padded to
+        (None: :func:`~fi_engine.runtime.worker.graph_shapes.prefill_slots` of its requests).
         Returns the view whose ``logits`` / ``ids`` rows are the slots (one per slot up to the highest, an empty
         slot's row garbage), that width, and with ``all_logits`` the float32 logits of every token row (on the
         device; ``[ranks, rows, V/N]`` with a vocabulary shard). ``last_head=False`` (with ``all_logits``: a
         speculative pass reads every row's): no LM head by slot (the view's logits are left as they were)."""
-        cp, c, b, s = self.cupy, self.config, self.buffers, self.stream_ptr
+        cp, c, b = self.cupy, self.config, self.buffers
         batch = len(rows)
+        if graph_slots is None:
+            graph_slots = prefill_slots(batch, self.max_batch)
         ph = self.prefill_arrays
         nnz, n_pages = fill_prefill(rows, self.page_size, ph, ahead)
         k = riders_behind
@@ -348,18 +545,17 @@ class ModelRunner(StepGraphs, FusedDecode, Storage):
         ends = ph["last_rows"][:batch].copy()
         ph["last_rows"][:width] = 0
         ph["last_rows"][slots] = ends
-        bucket = self._prefill_bucket(nnz, graph_slots)
+        bucket = self.step_graphs.prefill_bucket(nnz, graph_slots)
         if bucket is not None:  # the padding request fills the rows up to the bucket, empty ones the slots
             n_pages = pad_prefill(ph, nnz, bucket, batch, n_pages, self.page_size, requests=graph_slots + 1)
-        n = self._playout.end("kv_indices", n_pages)
-        cp.cuda.runtime.memcpyAsync(self._pmeta.data.ptr, host_address(self._phost), 4 * n, H2D, s)
+        io = self.io
+        io.copy_prefill(n_pages)
         if k:
-            meta, at = self._pmeta.data.ptr, self._playout.offsets
-            self.dense.gather_ids(k, b.ids.data.ptr, meta + 4 * at["rider_slots"], meta + 4 * at["token_ids"])
-        v = self._view("prefill", nnz, batch)  # the real rows and requests
-        if bucket is None or not self._prefill_padded(nnz, graph_slots, bucket):
-            self._plan_prefill(batch)
-            self._forward(v, nnz, self._prefill_attention)
+            self.dense.gather_ids(k, b.ids.data.ptr, io.prefill_region("rider_slots"), io.prefill_region("token_ids"))
+        v = self.view("prefill", nnz, batch)  # the real rows and requests
+        if bucket is None or not self.step_graphs.run_padded_prefill(nnz, graph_slots, bucket):
+            self.plan_prefill(batch)
+            self.forward(v, nnz, self.prefill_attention)
         full = None
         if all_logits:  # a check, not serving: allocated here
             hr = self.head_rows
@@ -369,16 +565,16 @@ class ModelRunner(StepGraphs, FusedDecode, Storage):
                 self.gemm_type, self.gemm_f32,
             )  # fmt: skip
             full = part
-            self._finish_logits(part.data.ptr, nnz, hr)
+            self.finish_logits(part.data.ptr, nnz, hr)
             if self.vocab_shard is not None:  # every rank's columns, then [nnz, V] on the host
                 full = cp.empty((self.tensor_parallel, nnz, hr), np.float32)
-                self.comm.all_gather(part, full, stream=s)
+                self.comm.all_gather(part, full, stream=self.stream_ptr)
         if not last_head:
             return v, width, full
         h = c.hidden_size
-        vs = v if width == batch else self._view("prefill", nnz, width)  # the sampled rows: one per slot
+        vs = v if width == batch else self.view("prefill", nnz, width)  # the sampled rows: one per slot
         self.dense.gather_rows(width, self.normed.data.ptr, h, vs.last_rows, b.last.data.ptr, h, h)
-        self._head(width, b.last.data.ptr)
+        self.head(width, b.last.data.ptr)
         return vs, width, full
 
     def split_logits(self, full: Any, batch: int) -> list[np.ndarray]:
@@ -393,71 +589,53 @@ class ModelRunner(StepGraphs, FusedDecode, Storage):
     def send_prefill_tokens(self, width: int) -> Any:
         """Copy the pass's chosen tokens (``buffers.ids``, one per slot up to ``width``) to the host behind it on the
         stream; returns the event marking the copy's end (:meth:`prefill_tokens` reads them once it has passed)."""
-        self.cupy.cuda.runtime.memcpyAsync(
-            host_address(self._ids_host), self.buffers.ids.data.ptr, 4 * width, D2H, self.stream_ptr
-        )
-        self._prefill_done.record(self.stream)
-        return self._prefill_done
+        return self.io.send_prefill_tokens(width)
 
     def prefill_tokens(self, slots: Sequence[int]) -> list[int]:
         """The tokens the last prefill pass chose for ``slots`` (after its copy: :meth:`send_prefill_tokens`)."""
-        return self._ids_host[list(slots)].tolist()
+        return self.io.prefill_tokens(slots)
 
     def stage_decode(self, rows: Sequence[Request | None], ahead: int = 0) -> None:
         """Fill and upload the decode step's index arrays for ``rows`` (None: a padding row), ``ahead`` tokens on
         from where each request stands, and plan its attention (a fixed-batch plan with the decode graph)."""
         filled = fill_decode(rows, self.page_size, self.decode_arrays, ahead=ahead)
-        self._upload_decode(len(rows), filled, cuda_graph=self.graph is not None)
+        self.upload_decode(len(rows), filled, cuda_graph=self.graph is not None)
 
     def stage_decode_ahead(self, rows: Sequence[Request | None], ahead: int) -> None:
         """:meth:`stage_decode` for a step that runs after the ones in flight (:attr:`prepare_ahead`, the decode
         graph): first waits until the last staging's copies are out of the host buffers (the wait in seconds kept in
         ``staged_wait_s``)."""
         t = time.perf_counter()
-        self._staged.synchronize()  # the copies out of the staging buffers of the step before are done
+        self.io.staged.synchronize()  # the copies out of the staging buffers of the step before are done
         self.staged_wait_s = time.perf_counter() - t
         filled = fill_decode(rows, self.page_size, self.decode_arrays, ahead=ahead)
-        self._upload_decode(len(rows), filled, cuda_graph=True)
+        self.upload_decode(len(rows), filled, cuda_graph=True)
 
     def feed_staged_decode(self, rows: int) -> None:
         """A decode step staged ahead takes its input tokens from the step or pass before it, still in
         ``buffers.ids`` in slot order: copied on the device into its ``token_ids``."""
-        token_ids = self._dmeta.data.ptr + 4 * self._dlayout.offsets["token_ids"]
-        self.cupy.cuda.runtime.memcpyAsync(token_ids, self.buffers.ids.data.ptr, 4 * rows, D2D, self.stream_ptr)
+        self.io.feed_staged_decode(rows)
 
     def run_decode(self, rows: int) -> tuple[SimpleNamespace, bool]:
         """Run the staged decode step of ``rows`` rows through the LM head: the decode graph of that many rows (its
         argmax into ``ids`` included), or eagerly (the fused step where it applies). Returns the step's views and
         whether the graph already wrote every row's argmax."""
-        v = self._view("decode", rows, rows)
+        v = self.view("decode", rows, rows)
         if self.graph is None:
-            if self._fuses(rows):
-                self._fused_step(v, rows)
-            else:
-                self._forward(v, rows, self._decode_attention)
-                self._head(rows, self.normed.data.ptr)
+            self.decode_pass(v, rows, self.fuses(rows))
             return v, False
-        if rows not in self._graphs_checked:
-            # FlashInfer keeps a CUDA-graph schedule's layout fixed for a fixed batch; the graph relies on it.
-            if self.decode_plan.info != self._graph_plan_infos[rows]:
-                raise RuntimeError(
-                    f"a CUDA-graph decode plan of {rows} rows changed its schedule layout; the captured graph "
-                    f"cannot replay it"
-                )
-            self._graphs_checked.add(rows)
-        self.graphs[rows].launch()  # its argmax is every greedy row's token
+        self.step_graphs.replay_decode(rows)  # its argmax is every greedy row's token
         return v, True
 
     def send_decode_tokens(self, rows: int) -> tuple[np.ndarray, Any]:
         """Copy the step's chosen tokens (``buffers.ids``) to the host behind it on the stream, into the next of
         the two decode token buffers (two steps may be in flight); returns that buffer and the event marking the
         copy's end."""
-        turn = self._decode_turn
-        self._decode_turn = 1 - turn
-        ids, done = self._decode_ids[turn], self._decode_done[turn]
-        self.cupy.cuda.runtime.memcpyAsync(host_address(ids), self.buffers.ids.data.ptr, 4 * rows, D2H, self.stream_ptr)
-        done.record(self.stream)
-        return ids, done
+        return self.io.send_decode_tokens(rows)
+
+    def prefill_graph_shapes(self) -> list[tuple[int, int]]:
+        """The ``(bucket rows, request slots)`` of every prefill graph held, in replay order (least recent first)."""
+        return self.step_graphs.shapes()
 
     # ------------------------------------------------------------------------------------------ lifetime
 
@@ -476,13 +654,7 @@ class ModelRunner(StepGraphs, FusedDecode, Storage):
             return  # the peers are gone or going: no synchronization (queued collectives never finish), no teardown
         with self.cupy.cuda.Device(self.device):
             self.stream.synchronize()
-            for graph in self.graphs.values():
-                graph.close()
-            self.graphs.clear()
-            self.graph = None
-            for graph in self._prefill_graph_cache.values():
-                graph.close()
-            self._prefill_graph_cache.clear()
+            self.step_graphs.close()
             self.prefill_workspace.close()
             self.decode_workspace.close()
             if self.moe_workspace is not None:  # not `if self.moe_layers`: DeepSeek lists None for its dense layers

@@ -1,0 +1,220 @@
+"""The model runner's CUDA graphs, a part of the runner (:class:`~fi_engine.runtime.worker.model_runner.ModelRunner`
+holds one, ``runner.step_graphs``): the decode step captured at each batch size of a ladder up to ``max_batch`` rows
+(:func:`~fi_engine.runtime.worker.graph_shapes.decode_batches`: 1, 2, 4, ..., ``max_batch``) and each step replayed as
+the smallest graph holding its occupied slots (the step's index arrays copied into the graph's buffers, the plan made
+again with ``enable_cuda_graph`` for that batch), and a prefill padded up to a token-row bucket
+(:func:`~fi_engine.runtime.worker.graph_shapes.prefill_buckets`) replayed as that bucket's graph, captured the first
+time the bucket and request slots (the batch size padded up:
+:func:`~fi_engine.runtime.worker.graph_shapes.prefill_slots`) are met (at most :data:`_PREFILL_GRAPHS` kept, the least
+recently replayed evicted first). Capture and replay:
+:class:`~fi_engine.kernels.graph.CudaGraph`. The graphs run the runner's pass (its ``forward``, ``head``, fused step
+and sampler's argmax); its switches ``prefill_graphs``, ``graph_fused_decode`` and ``decode_graph_ladder`` say which.
+"""
+
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+from typing import Any
+
+from ..sched.step_arrays import fill_decode
+from .graph_shapes import bucket_for, decode_batches
+from .state import RunnerState
+
+__all__: list[str] = []
+
+
+# Padded prefill graphs kept per engine. Each is ~10 kernel nodes per layer (a few hundred KB of host and device
+# memory for a 30-layer model), and a shape evicted costs one capture when met again (about 40 ms for SmolLM2 on an
+# H100, a replay 2-14 ms). A server admits requests in every group size; padded to slots of 1, 3, 7, 15, ... real
+# requests (paging.prefill_slots) they meet a few shapes per bucket, and 64 hold the buckets of a serving mix of
+# prompt lengths at every slot count up to 64 requests; the key grows with (bucket, slots) pairs, so some bound is
+# needed.
+_PREFILL_GRAPHS = 64
+
+
+def _refuse_allocation(size: int) -> Any:
+    """A CuPy allocator that refuses: installed while the decode step is captured."""
+    raise RuntimeError(
+        f"the decode step asked CuPy for {size} bytes of device memory while being captured as a "
+        f"CUDA graph; allocate every buffer it uses in LlamaEngine.__init__ instead"
+    )
+
+
+class StepGraphs:
+    """The decode graphs and the padded prefill graphs of ``runner`` (none until :meth:`capture`, or a prefill of a
+    new shape, makes them)."""
+
+    def __init__(self, runner: RunnerState) -> None:
+        self.runner = runner
+        self.graph: Any = None  # the decode graph of max_batch rows (with cuda_graph), one of `graphs`
+        self.graphs: dict[int, Any] = {}  # the decode graphs by their rows (batches)
+        self._plan_infos: dict[int, Any] = {}  # each decode graph's plan schedule layout, which a replay must keep
+        self._batches: tuple[int, ...] = ()  # the rows of `graphs`, ascending (once captured)
+        self._checked: set[int] = set()  # the decode graphs whose replay's plan layout was checked
+        # the padded prefill graphs by (bucket, request slots, plan info), the least recently replayed first
+        self.prefill_cache: dict[tuple[int, ...], Any] = {}
+
+    def batches(self) -> tuple[int, ...]:
+        """The batch sizes (rows) of the decode graphs, ascending, the last ``max_batch``: those captured
+        (``cuda_graph=True``), or before the capture those it will capture (the runner's ``decode_graph_ladder``)."""
+        if self._batches:
+            return self._batches
+        r = self.runner
+        return decode_batches(r.max_batch) if r.decode_graph_ladder else (r.max_batch,)
+
+    def _decode_body(self, v: SimpleNamespace, rows: int) -> None:
+        """One decode step on the device: forward, LM head, argmax into ``ids`` (what the graph captures); with the
+        runner's ``graph_fused_decode``, forward and LM head as the fused step where it applies (``fuses``)."""
+        r = self.runner
+        r.decode_pass(v, rows, r.graph_fused_decode and rows == 1 and r.fuses(rows), static_moe=r.static_moe)
+        r.sampler.argmax(rows)
+
+    def capture(self) -> None:
+        """For each batch size of :meth:`batches`: warm up one padded decode step eagerly (loads modules, compiles
+        kernels, picks GEMM algorithms), then capture the same step into a CUDA graph."""
+        r = self.runner
+        # the captured step is GPU-bound: the GEMV serves only the shapes where the device runs it faster than
+        # cuBLASLt (dense.gemv_bound); eagerly it serves every small-row GEMM, for its lower host time
+        r.dense.bandwidth_bound = True
+        try:
+            self._capture_step()
+        finally:
+            r.dense.bandwidth_bound = False
+
+    def _capture_step(self) -> None:
+        from ...kernels.graph import CudaGraph
+
+        r = self.runner
+        for rows in self.batches():
+            n_pages = fill_decode([None] * rows, r.page_size, r.decode_arrays)
+            r.upload_decode(rows, n_pages, cuda_graph=True)
+            v = r.view("decode", rows, rows)
+            self._decode_body(v, rows)
+            r.stream.synchronize()
+            graph = self.graphs[rows] = CudaGraph(r.stream_ptr)  # kept at once: close() frees it if the capture fails
+            # Nothing in the step may allocate: memory handed out during capture would go back to CuPy's pool after
+            # it and be reused while every replay still writes to it. The step only uses buffers made in __init__;
+            # this allocator turns a regression into an error at capture instead of silent corruption.
+            with r.cupy.cuda.using_allocator(_refuse_allocation), graph.capture():
+                self._decode_body(v, rows)
+            # the plan's schedule layout of this batch size, which every replay's plan must keep (checked once)
+            self._plan_infos[rows] = r.decode_plan.info
+        self.graph = self.graphs[r.max_batch]
+        self._batches = tuple(self.graphs)  # ascending: what each step's rows are cut to (serving)
+
+    def replay_decode(self, rows: int) -> None:
+        """Replay the decode graph of ``rows`` rows (its index arrays staged and its plan made; its argmax is every
+        greedy row's token)."""
+        if rows not in self._checked:
+            # FlashInfer keeps a CUDA-graph schedule's layout fixed for a fixed batch; the graph relies on it.
+            if self.runner.decode_plan.info != self._plan_infos[rows]:
+                raise RuntimeError(
+                    f"a CUDA-graph decode plan of {rows} rows changed its schedule layout; the captured graph "
+                    f"cannot replay it"
+                )
+            self._checked.add(rows)
+        self.graphs[rows].launch()
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """The ``(bucket rows, request slots)`` of every prefill graph held, in replay order (least recent first)."""
+        return [(int(key[0]), int(key[1])) for key in self.prefill_cache]
+
+    def prefill_bucket(self, nnz: int, slots: int) -> int | None:
+        """The token rows a prefill of ``nnz`` rows is padded to, to run as that bucket's CUDA graph of ``slots``
+        request slots (:meth:`_prefill_graph`; :func:`~fi_engine.runtime.worker.graph_shapes.prefill_slots` of its
+        requests, or ``max_batch`` for a mixed pass); None: it runs eagerly, unpadded. Eager for MoE layers (host
+        routing synchronizes), tensor parallelism, the families that run a pass of their own, the runner's
+        ``prefill_graphs`` False, and a shape whose capture failed before (``prefill_graph_failures``)."""
+        r = self.runner
+        if not r.prefill_graphs or r.moe_layers or r.comm is not None or not r.family.llama_pass:
+            return None
+        bucket = bucket_for(nnz, r.prefill_buckets)
+        return None if (bucket, slots) in r.prefill_graph_failures else bucket
+
+    def run_padded_prefill(self, nnz: int, batch: int, bucket: int) -> bool:
+        """The forward pass of a prefill padded to ``bucket`` rows and ``batch`` request slots
+        (:func:`~fi_engine.runtime.worker.graph_shapes.prefill_slots`; the index arrays on the device), as that
+        shape's graph, or eagerly if its capture fails; False when its CUDA-graph plan fails (e.g. FA2's split-KV
+        scratch for a long bucket exceeds the workspace): recorded, and the caller runs the prefill eagerly, unpadded
+        (the padded arrays begin with the unpadded ones, so the copy already made serves it)."""
+        r = self.runner
+        try:
+            r.plan_prefill_padded(batch + 1)
+        except Exception as exc:
+            self._prefill_graph_failed(bucket, batch, "planning", exc)
+            return False
+        padded = r.view("padded prefill", bucket, batch + 1)
+        if not self._prefill_graph(padded, bucket, batch):
+            r.forward(padded, bucket, r.prefill_attention)  # the capture failed: the same pass, eagerly
+        return True
+
+    def _prefill_graph_failed(self, rows: int, batch: int, stage: str, exc: Exception) -> None:
+        """Record why the prefill graph of ``rows`` rows and ``batch`` request slots failed (that shape is eager from
+        now on: :meth:`prefill_bucket`), and warn once."""
+        why = f"{stage}: {type(exc).__name__}: {exc}"[:500]
+        self.runner.prefill_graph_failures[(rows, batch)] = why
+        warnings.warn(
+            f"LlamaEngine: the prefill graph of {rows} token rows and {batch} request slots failed ({why}); prefills "
+            f"of that shape run eagerly from now on (engine.prefill_graph_failures)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    def _prefill_graph(self, v: SimpleNamespace, rows: int, batch: int) -> bool:
+        """Run the padded prefill pass (``rows``: the bucket's token rows, ``v`` its views; ``batch`` request slots,
+        real or empty, plus the padding request) as a CUDA graph, captured the first time its shape is met; False:
+        the capture failed and the caller runs the same pass eagerly.
+
+        Issuing ~10 launches per layer costs more host time than a small model's GPU takes for them, so an eager
+        prefill is host-bound even at thousands of tokens. The graph's shape is the bucket, the batch size and
+        the plan's schedule vector: a CUDA-graph plan (``enable_cuda_graph=True``) fixes every workspace offset
+        and grid from ``qo_indptr[-1]`` (the bucket) and the batch size alone, and each prefill's plan copies its
+        own schedule to those offsets before the replay; every buffer the pass touches was allocated in the
+        constructor. A bucket, unlike an exact length, is met again, so it is captured on its first sight.
+        At most :data:`_PREFILL_GRAPHS` are kept, the least recently replayed evicted first.
+        """
+        cache = self.prefill_cache
+        key = (rows, batch, *self.runner.prefill_plan.info)
+        graph = cache.pop(key, None)
+        if graph is None:
+            graph = self._capture_prefill(v, rows, batch)
+            if graph is None:
+                return False
+        cache[key] = graph  # (re)inserted last: the dict's order is the replay order, oldest first
+        graph.launch()
+        return True
+
+    def _capture_prefill(self, v: SimpleNamespace, rows: int, batch: int) -> Any:
+        """Capture the padded prefill pass into a new graph (not run yet); None, with a warning and the reason in
+        ``prefill_graph_failures``, when the capture fails: the graph is closed and the stream left out of
+        capture mode (:meth:`CudaGraph.capture`), so the caller can run the pass eagerly."""
+        from ...kernels.graph import CudaGraph
+
+        cache = self.prefill_cache
+        if len(cache) >= _PREFILL_GRAPHS:  # the least recently replayed goes, after its last replay
+            self.runner.stream.synchronize()
+            cache.pop(next(iter(cache))).close()
+        r = self.runner
+        graph = CudaGraph(r.stream_ptr)
+        try:
+            with r.cupy.cuda.using_allocator(_refuse_allocation), graph.capture():
+                r.forward(v, rows, r.prefill_attention)
+        except Exception as exc:  # e.g. a launch refused in capture, an allocation, instantiation refused
+            graph.close()
+            self._prefill_graph_failed(rows, batch, "capture", exc)
+            return None
+        except BaseException:  # interrupted: nothing else holds the graph
+            graph.close()
+            raise
+        return graph
+
+    def close(self) -> None:
+        """Free every graph (the stream synchronized first: the runner's teardown)."""
+        for graph in self.graphs.values():
+            graph.close()
+        self.graphs.clear()
+        self.graph = None
+        for graph in self.prefill_cache.values():
+            graph.close()
+        self.prefill_cache.clear()
