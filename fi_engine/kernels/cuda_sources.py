@@ -19,9 +19,9 @@ The headers (``.cuh``), each the same text in every program that includes it:
   ``tof`` / ``fromf`` with the format a template argument, ``load16`` / ``store16`` with it a kernel argument) and
   to e4m3 pairs (``e4m3x2``); included by every program that converts (all but ``rows.cu`` and ``ds_routing.cu``).
 - ``load_weights.cuh``: ``load_weights``, the GEMVs' 16-byte weight loads past L1; ``gemv.cu``, ``fused_gemv.cu``,
-  ``fp8_gemv.cu``, ``grouped_gemv.cu``.
+  ``fp8_gemv.cu``, ``grouped_gemv.cu``, ``int4_gemv.cu``, ``skinny_gemm.cu``.
 - ``griddep.cuh``: programmatic dependent launch (``griddep_wait``, ``griddep_launch_dependents``); included by
-  ``gemv.cu``, ``fused_gemv.cu`` and ``fp8_gemv.cu``.
+  ``gemv.cu``, ``fused_gemv.cu``, ``fp8_gemv.cu``, ``int4_gemv.cu`` and ``skinny_gemm.cu``.
 - ``row_counts.cuh``: the row counts the 16-bit GEMVs are compiled for and their other compile-time settings
   (``GEMV_FIXED_ROWS``, ``GEMV_PIPELINE``, ``GEMV_FUSED_MIN_BLOCKS``: Dense passes each); ``gemv.cu``,
   ``fused_gemv.cu``.
@@ -32,7 +32,11 @@ The headers (``.cuh``), each the same text in every program that includes it:
   ``fp8_fused.cu``); uses ``load_weights``, ``griddep_wait`` and ``fp8_decode.cuh``'s helpers, defined before it.
 - ``fp8_tensor_cores.cuh``: the tensor-core decoding, mma and main loop of e4m3 weights (``gemv8_tc`` in
   ``fp8_gemv.cu``, whose comment says how they work, and ``gemv8_tc_pairs`` in ``fp8_fused.cu``; its decoding, mma
-  and loads in ``grouped_gemv8.cu``); uses ``load_weights`` and ``griddep_wait``, defined before it.
+  and loads in ``grouped_gemv8.cu``; its mma and decoding in ``int4_gemv.cu`` and ``skinny_gemm.cu``); uses
+  ``load_weights`` and ``griddep_wait``, defined before it.
+- ``int4_decode.cuh``: the int4 weights' layout for the tensor cores and their half-tile sums (``i4_half``,
+  ``i4_half_zsub``, the records' factors); ``int4_gemv.cu`` and ``skinny_gemm.cu``; uses ``mma16816``
+  (``fp8_tensor_cores.cuh``), which each includer includes before it.
 - ``fp8_dequant.cuh``: ``dequant_rows`` and the ``dequant_e4m3_{bf16,f16}`` kernels over it (e4m3 weights times
   their scales into a 16-bit copy); ``fp8_gemv.cu`` and ``grouped_gemv8.cu``.
 - ``stage_rows.cuh``: the grouped GEMVs' listing of an expert's assignments and staging of their input rows (SiLU
@@ -120,7 +124,7 @@ multiplies with subnormal inputs honored regardless (``mul_subnormal``).
 ``fp8_quant.cu``: dynamic e4m3 quantization of 16-bit activations for the FP8
 tensor-core GEMM (W8A8, ``Fp8Linears.w8a8``).
 
-``skinny_gemm.cu``: the tensor-core GEMM of decode steps of up to 32 rows over 16-bit or e4m3 weights
+``skinny_gemm.cu``: the tensor-core GEMM of decode steps of up to 32 rows over 16-bit, e4m3 or int4 weights
 (:mod:`~fi_engine.kernels.skinny_gemm`; each Dense compiles the instances it needs, by ``SKINNY_INSTANCES``).
 
 ``grouped_gemv.cu``: the grouped GEMV of a MoE decode step (:mod:`~fi_engine.kernels.moe_gemv`);

@@ -178,7 +178,7 @@ _MAX_LD = 1 << 40  # row strides (elements): far past any buffer, far below the 
 
 
 def gemv_bound(rows: int, n: int, k: int) -> bool:
-    """The rule where a shape cannot be timed (``Dense._gemv_faster``): whether the GEMV likely reads a ``[n, k]``
+    """The rule where a shape cannot be timed (``Dense._choice``): whether the GEMV likely reads a ``[n, k]``
     weight for ``rows`` rows faster than cuBLASLt when only the device's time counts (a CUDA graph's replay): one
     row, or an output at least 16 times wider than deep (the LM head), up to :data:`GEMV_MAX_ROWS` rows. From an
     H100 (benchmarks/bench_gemv.py; benchmarks/RESULTS.md): at one row the GEMV read the 8B shape's weights at
@@ -436,14 +436,14 @@ class Dense:
         self._null: Any = None
         self.gemv = False
         self.gemv_error = ""  # why the GEMV is unavailable, if it is
-        # True while a GPU-bound step is issued (a CUDA graph's warm-up and capture): the GEMV then serves only
-        # the shapes where it outruns cuBLASLt on this device (_gemv_faster, timed once per shape), not every
-        # shape of <= 4 rows as eagerly, where its lower host time wins
+        # True while a GPU-bound step is issued (a CUDA graph's warm-up and capture): each shape of up to 32 rows
+        # then takes the launch timed fastest on this device (_choice: the GEMV, the skinny GEMM, cuBLASLt or the
+        # quantized paths), not the GEMV for every shape of <= 4 rows as eagerly, where its lower host time wins
         self.bandwidth_bound = False
         # which launch serves a shape of up to SKINNY_MAX_ROWS rows in a GPU-bound step, timed once per
         # (rows, n, k, ab_type, c_type, FP8 weight or 0): _LT, _GEMV or the index of a skinny plan (_choice)
         self._choices: dict[tuple[int, ...], int] = {}
-        self._skinny: Any = None  # skinny_gemm.SkinnyGemm, made at the first GPU-bound step of more than 4 rows
+        self._skinny: Any = None  # skinny_gemm.SkinnyGemm, made at the first shape a GPU-bound step times
         self._skinny_calls: dict[tuple[Any, ...], Any] = {}  # a call's skinny launch, packed (values only)
         # the e4m3 weights' kernels (fp8_linear.Fp8Linears, made by the first add_fp8_weight) and their registrations
         # by device address (empty: no FP8 weight)
@@ -1176,11 +1176,13 @@ class Dense:
             self._fp8 = Fp8Linears(self._launch, self._driver_ffi, self._stream)
         self._fp8.add(w, n, k, scales, block, self._fused_smem if self._fused_fns else 0)
         self._fp8_weights = self._fp8.weights
+        self._forget_launches()
 
     def remove_fp8_weight(self, w: int) -> None:
         """Undo :meth:`add_fp8_weight` for ``w`` (before freeing it); unknown addresses: nothing happens."""
         if self._fp8 is not None:
             self._fp8.remove(w)
+        self._forget_launches()
 
     @property
     def serves_fp8(self) -> bool:
@@ -1400,11 +1402,20 @@ class Dense:
             self._int4 = Int4Linears(self._launch, self._driver_ffi, self._stream)
         self._int4.add(w, n, k, records, group_size, interleaved)
         self._int4_weights = self._int4.weights
+        self._forget_launches()
 
     def remove_int4_weight(self, w: int) -> None:
         """Undo :meth:`add_int4_weight` for ``w`` (before freeing it); unknown addresses: nothing happens."""
         if self._int4 is not None:
             self._int4.remove(w)
+        self._forget_launches()
+
+    def _forget_launches(self) -> None:
+        """Drop the timed choices and packed skinny launches (keyed by addresses and shapes): a quantized weight
+        registered or removed changes what a call at those addresses reads (a 16-bit weight allocated where an FP8
+        one was must not be read as e4m3). Registrations happen at load, so the next step times its shapes again."""
+        self._choices.clear()
+        self._skinny_calls.clear()
 
     @property
     def serves_int4(self) -> bool:
@@ -1623,10 +1634,9 @@ class Dense:
     """Why the skinny GEMM is unavailable, where it is."""
 
     def _run_skinny(self, key: tuple[int, ...], index: int, quant: Any) -> bool:
-        """Launch skinny plan ``index`` of :meth:`linear`'s call ``key`` (over the FP8 or int4 weight ``quant``, or
-        16-bit),
-        packed once per call (values only; at most 4096 kept) and launched with programmatic dependent launch;
-        False where the call has no such plan (a shape timed on aligned buffers, called on others)."""
+        """Launch skinny plan ``index`` of :meth:`linear`'s call ``key`` (over the FP8 or int4 weight ``quant``, or a
+        16-bit one), packed once per call (values only; at most 4096 kept) and launched with programmatic dependent
+        launch; False where the call has no such plan (a shape timed on aligned buffers, called on others)."""
         packed = self._skinny_calls.get((key, index))
         if packed is None:
             plans = self._skinny_plans(key, quant)

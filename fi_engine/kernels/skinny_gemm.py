@@ -1,15 +1,15 @@
 """The tensor-core GEMM of decode steps of up to 32 rows (``csrc/skinny_gemm.cu``): ``y = x @ W.T`` with ``W`` read
 once for all rows, 16-bit, e4m3 (FP8 weights with 128x128-block or per-row scales) or AWQ/GPTQ int4 as the int4 GEMV
-reads it, for the steps the GEMV (at most 4 rows) does not take and a step of that many rows is still bound by
-reading the weights. A Dense times it
-against cuBLASLt (16-bit) or the FP8 paths once per shape and launches the faster (``Dense.linear``).
+reads it: a step of that many rows is still bound by reading the weights. A Dense times it against the GEMV (up to 4
+rows) and cuBLASLt (16-bit) or the FP8 and int4 paths once per shape in GPU-bound steps and launches the fastest
+(``Dense.linear``).
 
 Each launch is a :class:`Geometry` (a warp's tiles of 16 weight rows, steps in flight, warps a block, how x reaches
-the lanes) and a split of k over the grid's y dimension (:meth:`SkinnyGemm.plan`); a split launch adds its ranges'
+the lanes) and a split of k over the grid's y dimension (:meth:`SkinnyGemm.plans`); a split launch adds its ranges'
 float32 sums in a fixed order through a scratch of the SkinnyGemm's own (``part``, and a counter per column block
 in ``done``, zero between launches), so its output does not depend on the order its blocks finish. The geometries
 are those an H100 sweep (``benchmarks/lab_skinny_gemm.py``, 8B shapes, 5-32 rows; benchmarks/RESULTS.md) found
-fastest: x read from global memory alongside the weights up to 16 rows, staged in shared memory for more.
+fastest: x read from global memory alongside the weights, or staged in shared memory.
 """
 
 from __future__ import annotations
@@ -168,6 +168,8 @@ class SkinnyGemm:
         self.done = cupy.zeros(DONE_SLOTS, cupy.uint32) if self.available else None
         self._part = int(self.part.data.ptr) if self.part is not None else 0
         self._done = int(self.done.data.ptr) if self.done is not None else 0
+        if self.done is not None:  # zeroed on CuPy's current stream: done before any Dense stream launches a split
+            cupy.cuda.get_current_stream().synchronize()
 
     def _function(self, geometry: Geometry, fmt: int, bf16: bool, f32out: bool, mt: int) -> int:
         name = geometry.name(fmt, bf16, f32out, mt)
@@ -206,12 +208,12 @@ class SkinnyGemm:
     ) -> list[SkinnyPlan]:
         """The launches that compute ``y[:rows] = x[:rows] @ W.T`` (for each candidate geometry of
         :data:`GEOMETRIES`, the split by rule and half of it), or ``[]`` where the kernel does not serve the call:
-        rows outside ``[1, 32]``, ``k`` not a multiple of a step (32 inputs, e4m3 64), x, ``x_ld`` or W not 16-byte
-        aligned, ``y`` not aligned to its elements, block scales whose rows are not a multiple of 16 or whose width is
-        not 64 times a power of two. ``scale``/``s_ld``/``block``: an e4m3 weight's float32 scales (``block`` None:
-        one per row; else ``(bn, bk)``, rows of ``s_ld``). ``int4``: an int4 weight's ``(records, groups a row, gshift,
-        half_n)`` (:class:`~fi_engine.kernels.int4_linear.Int4Weight`'s). Values only: the caller keeps the buffers
-        alive."""
+        rows outside ``[1, 32]``, ``k`` not a multiple of a step (32 inputs, e4m3 64, int4 128), x, ``x_ld`` or W
+        not 16-byte aligned, ``y`` not aligned to its elements, block scales whose rows are not a multiple of 16 or
+        whose width is not 64 times a power of two. ``scale``/``s_ld``/``block``: an e4m3 weight's float32 scales
+        (``block`` None: one per row; else ``(bn, bk)``, rows of ``s_ld``). ``int4``: an int4 weight's ``(records,
+        groups a row, gshift, half_n)`` (:class:`~fi_engine.kernels.int4_linear.Int4Weight`'s). Values only: the
+        caller keeps the buffers alive."""
         taken = takes(fmt, rows, x, x_ld, w, n, k, y, f32out, block)
         if taken is None or not self.available:
             return []

@@ -59,6 +59,8 @@ def test_splits_keep_the_sums_within_the_scratch_and_ranges_nonempty() -> None:
             s = splits(g, W16, rows, n, k, SMS)
             blocks = -(-n // g.rows_per_block)
             assert 1 <= s <= max(1, k // 32)
+            kc = range_length(W16, k, s)
+            assert (-(-k // kc) - 1) * kc < k  # the grid's ranges (ceil(k / kc)) each start inside k
             assert s == 1 or s * blocks * g.rows_per_block * 8 * -(-rows // 8) * 4 <= PART_BYTES
 
 
@@ -111,3 +113,18 @@ def test_kernel_names_and_instances_agree() -> None:
     assert g.name(W16, False, True, 1) == "skinny_f16_f32_m1_n1_u4_w8_b1_x512"
     assert g.smem(W16, 4) == 2 * 32 * (512 + 32) * 2 and g.smem(E4M3_ROW, 1) == 2 * 8 * (512 + 8) * 2
     assert Geometry(1, 2, 8, 1, 0).smem(W16, 4) == 0
+
+
+def test_registering_or_removing_a_quantized_weight_forgets_the_launches_chosen_by_address() -> None:
+    """``Dense._choices`` and ``_skinny_calls`` are keyed by addresses and shapes: a quantized weight registered or
+    removed at an address changes what a call there reads (a 16-bit weight allocated where an FP8 one was must not
+    be read as e4m3), so both are dropped. (A Dense made without its GPU parts: removing touches no device.)"""
+    from fi_engine.kernels.dense import Dense
+
+    d = Dense.__new__(Dense)
+    d._fp8 = d._int4 = None
+    for remove in (d.remove_fp8_weight, d.remove_int4_weight):
+        d._choices = {(8, 4096, 4096, 14, 14, 1 << 20): 0}
+        d._skinny_calls = {((8, 1 << 21, 4096, 1 << 20, 4096, 4096, 1 << 22, 4096, 14, 14), 0): print}
+        remove(1 << 20)
+        assert d._choices == {} and d._skinny_calls == {}
