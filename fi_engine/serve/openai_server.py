@@ -1267,8 +1267,10 @@ def _timed_protocol(http: str, header_timeout_s: float, body_timeout_s: float) -
                     self.deadline.wait("head", header_timeout_s)  # the answered body's end: the next request's wait
 
             def on_response_complete(self) -> None:
-                super().on_response_complete()
-                if not self.pipeline:  # (a pipelined request is served next: its head is in)
+                super().on_response_complete()  # (starts a pipelined request, whose head is in, if one waits)
+                if self.cycle is not None and not self.cycle.response_complete:
+                    self.deadline.wait(None, 0.0)  # a pipelined request is being served
+                else:
                     what = "head" if self.body_done else "body"
                     self.deadline.wait(what, header_timeout_s if self.body_done else body_timeout_s)
 

@@ -186,6 +186,23 @@ def test_a_stalled_body_is_408_and_trickled_headers_are_cut_off(codec, pool, htt
         s.close()
 
 
+@pytest.mark.parametrize("http", http_protocols())
+def test_a_pipelined_request_served_past_the_header_timeout_keeps_its_connection(codec, pool, http: str) -> None:  # type: ignore[no-untyped-def]
+    """HTTP/1.1 pipelining: two requests sent at once on one connection, the second served (about 1 s) after the
+    first's answer: the header deadline the first answer would arm must not close the connection while the second
+    is being served (0.4 s timeouts); both answers come back."""
+    config = {"header_timeout_s": 0.4, "body_timeout_s": 0.4, "http": http}
+    s = Served(codec, pool, step_delay_s=0.02, config_kw=config)
+    try:
+        body = json.dumps({"model": MODEL, "prompt": [5], "max_tokens": 50, "ignore_eos": True}).encode()
+        one = f"POST {COMPLETIONS} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        one += f"Content-Length: {len(body)}\r\n\r\n"
+        got, _ = raw_request(s.url, (one.encode() + body) * 2, timeout=10.0)
+        assert got.count(b"HTTP/1.1 200 ") == 2, got[:600]
+    finally:
+        s.close()
+
+
 # ---- nothing heavy on the event loop --------------------------------------------------------------------------------
 
 
