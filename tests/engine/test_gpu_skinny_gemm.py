@@ -9,6 +9,7 @@ no torch).
   past ``rows`` and column past ``n`` is left as it was.
 - A split launch gives the same bits twice and leaves its counters at zero; a CUDA graph of it replays new inputs
   to the eager result.
+- Plans of one k range (each block writes y), their staged x over several passes with a shorter last one.
 - ``Dense.linear`` in a GPU-bound step (``bandwidth_bound``) over 16-bit and FP8 weights: whichever launch it times
   fastest (the skinny GEMM, cuBLASLt or the FP8 paths), the product within the bound, on the timing call and after.
 
@@ -33,6 +34,7 @@ from helpers.random_llama import bf16_bits  # noqa: E402
 from fi_engine.checkpoint.fp8_weights import E4M3, quantize_e4m3  # noqa: E402
 from fi_engine.kernels.dense import CUDA_R_16BF, Dense  # noqa: E402
 from fi_engine.kernels.skinny_gemm import E4M3_BLOCK, E4M3_ROW, W16, SkinnyGemm  # noqa: E402
+from fi_engine.kernels.skinny_gemm import INT4 as INT4_FMT  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -202,8 +204,6 @@ def int4_weight(rng: np.random.Generator, n: int, k: int, group_size: int, inter
 def test_every_int4_plan_matches_float32(dtype: str, f32: bool, k: int, group_size: int, interleaved: bool) -> None:
     # the int4 GEMV's bound (test_gpu_int4_linear.py): float32 sums of the exact integers code + M (128 bfloat16,
     # 1024 float16) less (M + zero) times x's float32 sum a half tile, times the group's scale
-    from fi_engine.kernels.skinny_gemm import INT4
-
     rng = np.random.default_rng(k + group_size)
     n = 272
     stream = cupy.cuda.Stream(non_blocking=True)
@@ -216,7 +216,7 @@ def test_every_int4_plan_matches_float32(dtype: str, f32: bool, k: int, group_si
         gshift = 31 if group_size == k else (group_size // 64).bit_length() - 1
         ld = n + 8
         for rows in ROWS:
-            plans = sk.plans(INT4, rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, dtype == "bfloat16", f32,
+            plans = sk.plans(INT4_FMT, rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, dtype == "bfloat16", f32,
                              int4=(int(rec.data.ptr), k // group_size, gshift, half_n))  # fmt: skip
             assert len(plans) >= 2, rows
             for plan in plans:
@@ -228,3 +228,44 @@ def test_every_int4_plan_matches_float32(dtype: str, f32: bool, k: int, group_si
                 err = np.abs(got - ref)
                 assert np.isfinite(got).all() and (err <= bound).all(), (rows, plan.grid, float((err / bound).max()))
         assert int(sk.done.sum()) == 0, "a split launch left a counter set"
+
+
+@pytest.mark.parametrize("fmt", [W16, E4M3_BLOCK, INT4_FMT], ids=["16bit", "e4m3-block", "int4"])
+@pytest.mark.parametrize("rows", [8, 32])
+def test_one_range_plans_stage_x_over_several_passes(fmt: int, rows: int) -> None:
+    """Plans of one k range (as the gate/up shape of an 8B model takes), reached by telling the SkinnyGemm its GPU
+    has one SM: each block writes y itself, and the staged geometry stages x over three passes of 512 inputs, the
+    last one shorter (16-bit k 1376, e4m3 1344, int4 1536), through both of its buffers. Bounds as above."""
+    rng = np.random.default_rng(31 + fmt + rows)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    n, dtype = 272, "bfloat16"
+    k = {W16: 1376, E4M3_BLOCK: 1344, INT4_FMT: 1536}[fmt]
+    with stream:
+        dense, sk = Dense(stream), SkinnyGemm()
+        sk.sms = 1  # the split rule then keeps one range
+        x16 = to16(rng.standard_normal((32, k)).astype(np.float32), dtype)
+        x = cupy.asarray(x16)
+        ld = n + 8
+        if fmt == INT4_FMT:
+            w, rec, values, scales, _ = int4_weight(rng, n, k, 128, False)
+            plans = sk.plans(fmt, rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, True, False,
+                             int4=(int(rec.data.ptr), k // 128, 1, 0))  # fmt: skip
+        else:
+            w, sc, values, block = weights(rng, fmt, n, k, dtype)
+            plans = sk.plans(
+                fmt, rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, True, False,
+                int(sc.data.ptr) if sc is not None else 0, -(-k // 128) if block else 0, block,
+            )  # fmt: skip
+        assert plans and all(p.grid[1] == 1 for p in plans), [p.grid for p in plans]
+        assert any(p.smem for p in plans), "no staged plan"
+        xf = from16(x16, dtype)
+        for plan in plans:
+            got = outputs(dense, plan, rows, n, ld, dtype, False)
+            if fmt != INT4_FMT:
+                check(got, xf, values, rows, dtype, False)
+                continue
+            xd = xf[:rows].astype(np.float64)
+            ref = xd @ values.T
+            bound = (np.abs(xd) @ np.abs(values.T)) * 2.0**-20 + (np.abs(xd) @ scales.T) * (128 + 16) * 2.0**-18
+            bound += OUT_ULP[dtype] * np.abs(ref) + 1e-30
+            assert (np.abs(got - ref) <= bound).all(), plan.grid
