@@ -12,20 +12,11 @@ from pathlib import Path
 import pytest
 from helpers.checkpoints import without_weights
 from helpers.env import subprocess_env
+from helpers.hf_configs import LLAMA_SHAPE
 
 from fi_ffi.cuda import system
 
-CONFIG = {
-    "model_type": "llama",
-    "vocab_size": 32000,
-    "hidden_size": 1024,
-    "intermediate_size": 2816,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 4,
-    "rms_norm_eps": 1e-5,
-    "max_position_embeddings": 4096,
-}
+CONFIG = LLAMA_SHAPE
 NO_GPU = pytest.mark.skipif(bool(system.gpus()[0]), reason="needs a machine without a GPU (CI has none)")
 
 
