@@ -644,8 +644,10 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 def test_logprobs_are_the_log_softmax_of_the_engines_own_logits(engine):
     """``SamplingParams.logprobs``: each token's log-probability and the top 5 are those of the engine's own logits
-    (teacher forcing with prefill_logits, whose kernels differ from the decode step's by a few hundredths: within
-    0.1), for a request alone and beside requests that ask nothing; a graph's rows too."""
+    (teacher forcing with prefill_logits, whose kernels differ from the decode step's: the chosen token's within
+    0.1, the other four within 0.25 -- on this random checkpoint a less likely token's log-probability moved 0.16
+    between the two paths on an H100 when the decode step's GEMMs were the skinny GEMM's, chosen by timing), for a
+    request alone and beside requests that ask nothing; a graph's rows too."""
     ps = prompts((14, 30, 7), VOCAB, seed=41)
     sp = SamplingParams(logprobs=5)
     rids = [engine.add_request(ps[0], 10, sampling=sp, eos_token_ids=())]
@@ -660,7 +662,8 @@ def test_logprobs_are_the_log_softmax_of_the_engines_own_logits(engine):
         ref = log_softmax(lg[len(ps[0]) - 1 + t])
         assert entry.logprob == pytest.approx(ref[tok], abs=0.1), t
         assert len(entry.top) == 5 and entry.top[0][1] >= entry.top[-1][1]
-        assert all(v == pytest.approx(ref[i], abs=0.1) for i, v in entry.top)
+        worst = max(abs(v - ref[i]) for i, v in entry.top)
+        assert worst < 0.25, (t, worst)
         assert entry.top[0][0] == tok or ref[entry.top[0][0]] - ref[tok] < TOL / 10  # greedy: the top one
     assert free_pages(engine) == capacity(engine)
 
