@@ -55,7 +55,7 @@ import numpy as np
 
 from fi_engine.values import MAX_SIZE, arg_int, show
 
-WEIGHT_FORMATS = ("16-bit", "fp8-row", "fp8-block", "int4")
+WEIGHT_FORMATS = ("16-bit", "fp8-row", "fp8-block", "int4", "mxfp4")
 
 # ---------------------------------------------------------------------------------------------------------------
 # the numerator: bytes one decode step reads
@@ -67,7 +67,9 @@ def linear_bytes(n: int, k: int, weights: str = "16-bit", block: tuple[int, int]
     row, ``n k + 4 n``; per-tensor scales count so too: the engine keeps them as one per row) or ``"fp8-block"``
     (e4m3 and one float32 scale per ``block`` of rows x columns, ``n k + 4 ceil(n / bn) ceil(k / bk)``) or ``"int4"``
     (AWQ / GPTQ as the engine's int4 GEMV reads them: half a byte per weight and a 4-byte record, scale and zero, per
-    row and group of ``bk`` inputs, ``n k / 2 + 4 n ceil(k / bk)``; a group of the whole row: ``bk`` >= ``k``)."""
+    row and group of ``bk`` inputs, ``n k / 2 + 4 n ceil(k / bk)``; a group of the whole row: ``bk`` >= ``k``) or
+    ``"mxfp4"`` (as the MXFP4 grouped GEMV reads experts: half a byte per weight and a byte of scale per 32, each
+    row's ``k`` padded to a multiple of 128, ``n kp / 2 + n kp / 32``)."""
     n = arg_int("n", n, 1, MAX_SIZE)
     k = arg_int("k", k, 1, MAX_SIZE)
     if weights == "16-bit":
@@ -82,6 +84,9 @@ def linear_bytes(n: int, k: int, weights: str = "16-bit", block: tuple[int, int]
     if weights == "int4":
         bk = arg_int("block", block[1] if isinstance(block, tuple) and len(block) == 2 else block, 1, MAX_SIZE)
         return n * k // 2 + 4 * n * -(-k // bk)
+    if weights == "mxfp4":
+        kp = -(-k // 128) * 128
+        return n * kp // 2 + n * kp // 32
     raise ValueError(f"weights: expected one of {', '.join(WEIGHT_FORMATS)}, got {show(weights)}")
 
 
@@ -119,6 +124,8 @@ class DecoderShape:
         weights: the projections' format (:data:`WEIGHT_FORMATS`, see :func:`linear_bytes`); the router, norms and
             LM head are 16-bit in every format (FP8 checkpoints leave them so).
         block: the ``fp8-block`` scales' block, (rows, columns); for ``int4``, (1, the inputs of a group).
+        expert_weights: the routed experts' format where it is not ``weights`` (gpt-oss's MXFP4 experts beside its
+            16-bit attention: ``"mxfp4"``); ``""``: ``weights``.
         window, window_layers: ``window_layers`` of the layers attend to the last ``window`` tokens only.
     """
 
@@ -135,6 +142,7 @@ class DecoderShape:
     block: tuple[int, int] = (128, 128)
     window: int = 0
     window_layers: int = 0
+    expert_weights: str = ""
 
     def __post_init__(self) -> None:
         for name in ("hidden", "intermediate", "layers", "heads", "kv_heads", "head_dim", "vocab"):
@@ -144,13 +152,16 @@ class DecoderShape:
         arg_int("window", self.window, 0, MAX_SIZE)
         arg_int("window_layers", self.window_layers, 0, self.layers if self.window else 0)
         linear_bytes(1, 1, self.weights, self.block)  # the format and block checked
+        if self.expert_weights:
+            linear_bytes(1, 1, self.expert_weights, self.block)
 
 
-DEQUANTIZED_AT_LOAD = ("mxfp4",)
-"""The ``quant_method`` values whose weights the engine dequantizes to 16-bit as it reads them (what a step reads)."""
+EXPERTS_AS_STORED = {"mxfp4": "mxfp4"}
+"""The ``quant_method`` values of checkpoints whose routed experts alone are quantized (gpt-oss's MXFP4), and the
+format the engine reads them in (as stored: the MXFP4 grouped GEMV); every other weight is 16-bit."""
 
 
-def shape_from_config(cfg: Any) -> DecoderShape:
+def shape_from_config(cfg: Any, dequantized: bool = False) -> DecoderShape:
     """The :class:`DecoderShape` of a Hugging Face ``config.json`` dict: ``hidden_size``, ``intermediate_size``
     (``moe_intermediate_size`` where a MoE config has it), ``num_hidden_layers``, ``num_attention_heads``,
     ``num_key_value_heads`` (default: the heads), ``head_dim`` (default: hidden / heads), ``vocab_size``; experts
@@ -160,7 +171,8 @@ def shape_from_config(cfg: Any) -> DecoderShape:
     ``sliding_window`` without ``layer_types`` counts as full attention: the KV bytes of a long context are then
     over-counted).
     AWQ / GPTQ checkpoints count as ``int4`` in groups of their ``group_size`` (the engine's int4 GEMV reads them as
-    stored); MXFP4 ones (:data:`DEQUANTIZED_AT_LOAD`) as 16-bit: the engine dequantizes them as it reads them.
+    stored); MXFP4 ones (:data:`EXPERTS_AS_STORED`) as 16-bit with ``mxfp4`` experts (``dequantized=True``: 16-bit
+    experts, the engine's fallback, ``GptOss.mxfp4_as_stored = False``).
     ValueError naming the key for what it cannot model (a missing size, another quantization, shared experts,
     DeepSeek's latent attention)."""
     from fi_engine.checkpoint.quantization import fp8_scheme
@@ -183,8 +195,10 @@ def shape_from_config(cfg: Any) -> DecoderShape:
     moe_size = "moe_intermediate_size" if experts and cfg.get("moe_intermediate_size") else "intermediate_size"
     weights, block = "16-bit", (128, 128)
     quantization = cfg.get("quantization_config")
-    if isinstance(quantization, dict) and quantization.get("quant_method") in DEQUANTIZED_AT_LOAD:
-        quantization = None  # (the engine dequantizes these to 16-bit as it reads them: a step reads 16-bit weights)
+    expert_weights = ""
+    if isinstance(quantization, dict) and quantization.get("quant_method") in EXPERTS_AS_STORED:
+        expert_weights = "" if dequantized else EXPERTS_AS_STORED[quantization["quant_method"]]
+        quantization = None  # (the other weights stay 16-bit)
     if isinstance(quantization, dict) and quantization.get("quant_method") in ("awq", "gptq"):
         group = quantization.get("group_size", 128)
         weights, block = "int4", (1, MAX_SIZE if group == -1 else arg_int("config 'group_size'", group, 1, MAX_SIZE))
@@ -215,6 +229,7 @@ def shape_from_config(cfg: Any) -> DecoderShape:
         block=block,
         window=size("sliding_window") if windowed else 0,
         window_layers=windowed,
+        expert_weights=expert_weights,
     )
 
 
@@ -258,6 +273,9 @@ def decode_step_bytes(
     attention = linear_bytes(q_rows, s.hidden, w, blk) + 2 * linear_bytes(kv_rows, s.hidden, w, blk)
     attention += linear_bytes(s.hidden, q_rows, w, blk)
     mlp = 2 * linear_bytes(cols, s.hidden, w, blk) + linear_bytes(s.hidden, cols, w, blk)  # gate, up; down
+    if s.experts and s.expert_weights:
+        ew = s.expert_weights
+        mlp = linear_bytes(2 * cols, s.hidden, ew, blk) + linear_bytes(s.hidden, cols, ew, blk)
     norms = 2 * 2 * s.hidden  # before attention and before the MLP, 16-bit
     if s.experts:
         if experts_read is None:

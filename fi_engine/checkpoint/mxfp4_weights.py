@@ -42,7 +42,15 @@ import numpy as np
 
 from .safetensors import Checkpoint
 
-__all__ = ["E2M1", "Mxfp4Scheme", "declares_mxfp4", "dequantize_mxfp4", "mxfp4_scheme", "read_mxfp4_experts"]
+__all__ = [
+    "E2M1",
+    "Mxfp4Scheme",
+    "declares_mxfp4",
+    "dequantize_mxfp4",
+    "mxfp4_scheme",
+    "read_mxfp4_blocks",
+    "read_mxfp4_experts",
+]
 
 BLOCK = 32  # values per block (one scale each)
 
@@ -141,6 +149,22 @@ def read_mxfp4_experts(ckpt: Checkpoint, name: str, shape: tuple[int, int, int])
     multiple of 32), a block past bfloat16's range (:func:`dequantize_mxfp4`).
     """
     e, k, n = shape
+    blocks, scales = read_mxfp4_blocks(ckpt, name, shape)
+    scales_name = name + "_scales"
+    out = np.empty((e, n, k), np.uint16)
+    for x in range(e):  # one expert's bytes decoded at a time: its index array and values are the only temporaries
+        try:
+            out[x] = dequantize_mxfp4(np.asarray(blocks[x]), np.asarray(scales[x]))  # [N, K]
+        except ValueError as exc:
+            raise ValueError(f"model: tensor {scales_name!r}, expert {x}: {exc}") from None
+    return out.transpose(0, 2, 1)
+
+
+def read_mxfp4_blocks(ckpt: Checkpoint, name: str, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The MXFP4 form of expert weight ``name`` as stored, ``shape`` ``(E, K, N)`` as :func:`read_mxfp4_experts`
+    takes it: ``(blocks [E, N, K / 32, 16], scales [E, N, K / 32])``, uint8 arrays (memory-mapped where the
+    checkpoint is), each checked as :func:`read_mxfp4_experts` checks them (ValueError naming the tensor)."""
+    e, k, n = shape
     blocks_name, scales_name = name + "_blocks", name + "_scales"
     for t in (blocks_name, scales_name):
         if t not in ckpt:
@@ -155,15 +179,7 @@ def read_mxfp4_experts(ckpt: Checkpoint, name: str, shape: tuple[int, int, int])
             f"model: tensor {blocks_name!r}: MXFP4 packs 32 values per block along the {k} inputs (config.json), "
             f"which are not a multiple of 32"
         )
-    blocks = ckpt.array(blocks_name, (e, n, k // BLOCK, BLOCK // 2))
-    scales = ckpt.array(scales_name, (e, n, k // BLOCK))
-    out = np.empty((e, n, k), np.uint16)
-    for x in range(e):  # one expert's bytes decoded at a time: its index array and values are the only temporaries
-        try:
-            out[x] = dequantize_mxfp4(np.asarray(blocks[x]), np.asarray(scales[x]))  # [N, K]
-        except ValueError as exc:
-            raise ValueError(f"model: tensor {scales_name!r}, expert {x}: {exc}") from None
-    return out.transpose(0, 2, 1)
+    return ckpt.array(blocks_name, (e, n, k // BLOCK, BLOCK // 2)), ckpt.array(scales_name, (e, n, k // BLOCK))
 
 
 def declares_mxfp4(q: Any) -> bool:
@@ -178,10 +194,23 @@ class Mxfp4Scheme:
     ``quant_method`` (``/v1/models``), :meth:`describe` the start-up line's words."""
 
     method: str = "mxfp4"
+    stored: bool = False
+    """Whether the experts stay MXFP4 on the GPU (the MXFP4 grouped GEMV reads them at decode); False: dequantized
+    to bfloat16 at load (:meth:`experts_for` decides)."""
+
+    def experts_for(self, hidden: int, intermediate: int, ranks: int = 1) -> Mxfp4Scheme:
+        """This scheme as the engine serves experts of ``hidden`` and ``intermediate`` sizes cut over ``ranks``
+        tensor-parallel ranks: kept as stored where the grouped GEMV takes the shapes (each rank's intermediate
+        share a multiple of 32, gate/up and down rows in tiles of 16), dequantized otherwise. A layer whose block
+        scales pass ``2 ** 113`` (none in a real checkpoint) is dequantized at load even so."""
+        share = intermediate // ranks if ranks > 0 and intermediate % max(ranks, 1) == 0 else 0
+        fits = share > 0 and share % 32 == 0 and hidden % 32 == 0
+        return Mxfp4Scheme(self.method, fits)
 
     def describe(self) -> str:
         """The layout in words, as the start-up line names it."""
-        return "MXFP4 experts (e2m1 values, an e8m0 scale per 32), dequantized to bfloat16 at load"
+        served = "kept as stored (the MXFP4 grouped GEMV)" if self.stored else "dequantized to bfloat16 at load"
+        return f"MXFP4 experts (e2m1 values, an e8m0 scale per 32), {served}"
 
 
 def mxfp4_scheme(q: Any) -> Mxfp4Scheme | None:

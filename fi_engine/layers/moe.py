@@ -30,7 +30,11 @@ With ``fp8_experts`` (:class:`~fi_engine.kernels.fp8_moe_gemv.Fp8Experts`) the e
 an FP8 checkpoint stores them: the grouped GEMV of :meth:`MoELayer.forward_static` reads them as stored
 (:class:`~fi_engine.kernels.fp8_moe_gemv.Fp8GroupedGemv`) for every step it fits, and every other path first writes
 their 16-bit copy into ``weights.gate_up`` / ``weights.down`` (a buffer of one layer's experts that the engine
-shares between its layers) and reads that.
+shares between its layers) and reads that. ``mxfp4_experts`` (:class:`~fi_engine.kernels.mxfp4_moe_gemv.Mxfp4Experts`:
+e2m1 values with a scale per 32, gpt-oss's) are served the same way by
+:class:`~fi_engine.kernels.mxfp4_moe_gemv.Mxfp4GroupedGemv`, biases and the clamped SwiGLU included: the gate/up
+GEMV adds its bias as it writes, the down GEMV makes the activation as it stages its rows and adds its bias, and
+the plain combine sums the rows.
 
 Weights are the checkpoint's, stacked per expert: ``router [E, H]``, ``gate_up [E, 2I, H]`` (Mixtral's ``w1``
 rows, then ``w3``; Qwen3-MoE's ``gate_proj`` then ``up_proj``) and ``down [E, H, I]`` (``w2`` / ``down_proj``),
@@ -57,6 +61,7 @@ from .moe_routing import ExpertGroups, group_by_expert, softmax_topk
 
 if TYPE_CHECKING:
     from ..kernels.fp8_moe_gemv import Fp8Experts
+    from ..kernels.mxfp4_moe_gemv import Mxfp4Experts
 
 __all__ = ["DENSE_MIN_FILL", "ClampedSwiGLU", "MoEBiases", "MoELayer", "MoEScratch", "MoEWeights", "choose_path"]
 
@@ -274,6 +279,8 @@ class MoELayer:
         dense_rows: also build the dense-over-experts path (:meth:`forward_dense`) for up to ``dense_rows`` tokens.
         fp8_experts: the experts as e4m3 codes and scales (see the module docstring; a plain layer only: no biases,
             SiLU); ``weights.gate_up`` and ``weights.down`` are then the 16-bit buffers their copy is written into.
+        mxfp4_experts: the experts as MXFP4 codes and scales (see the module docstring; with or without biases and
+            the clamped SwiGLU); ``weights.gate_up`` and ``weights.down`` as with ``fp8_experts``.
     """
 
     def __init__(
@@ -294,6 +301,7 @@ class MoELayer:
         activation: ClampedSwiGLU | None = None,
         dense_rows: int | None = None,
         fp8_experts: Fp8Experts | None = None,
+        mxfp4_experts: Mxfp4Experts | None = None,
     ) -> None:
         # checked before CuPy is imported (as MoEScratch): bad arguments are named the same with or without a GPU
         if not isinstance(weights, MoEWeights):
@@ -308,9 +316,11 @@ class MoELayer:
         if dtype not in ("float16", "bfloat16"):
             raise ValueError(f"dtype: expected 'float16' or 'bfloat16', got {dtype!r:.40}")
         _check_fp8_experts(fp8_experts, (self.num_experts, self.hidden, self.intermediate), biases, activation)
+        _check_mxfp4_experts(mxfp4_experts, fp8_experts, (self.num_experts, self.hidden, self.intermediate), biases,
+                             activation)  # fmt: skip
         import cupy
 
-        self.fp8_experts = fp8_experts
+        self.fp8_experts, self.mxfp4_experts = fp8_experts, mxfp4_experts
         self.weights, self.dtype, self.top_k, self.renormalize = weights, dtype, top_k, renormalize
         self._check_extras(biases, activation, top_k, cupy)
         self.biases, self.activation = biases, activation
@@ -384,15 +394,25 @@ class MoELayer:
         self._grouped: Any = None  # the grouped GEMV, made with the fixed-capacity path
         # the weights the grouped GEMV reads: the 16-bit experts, or the e4m3 ones as stored
         self._gemv_w = (self.weights.gate_up, self.weights.down)
-        self._fp8: Any = None  # the e4m3 experts' kernels (grouped GEMV and 16-bit copy)
+        # the kernels of experts kept as stored (e4m3 or MXFP4: their grouped GEMV and 16-bit copy)
+        self._fp8: Any = None
+        e, h, i = self.num_experts, self.hidden, self.intermediate
         if self.fp8_experts is not None:
             from ..kernels.fp8_moe_gemv import Fp8GroupedGemv
 
-            f, e, h, i = self.fp8_experts, self.num_experts, self.hidden, self.intermediate
+            f = self.fp8_experts
             self._fp8 = Fp8GroupedGemv(self.dtype, self.stream)
             self._fp8.add(int(f.gate_up.data.ptr), int(f.gate_up_scales.data.ptr), e, 2 * i, h, f.block, f.tiled)
             self._fp8.add(int(f.down.data.ptr), int(f.down_scales.data.ptr), e, h, i, f.block, f.tiled)
             self._gemv_w = (f.gate_up, f.down)
+        elif self.mxfp4_experts is not None:
+            from ..kernels.mxfp4_moe_gemv import Mxfp4GroupedGemv
+
+            m = self.mxfp4_experts
+            self._fp8 = Mxfp4GroupedGemv(self.dtype, self.stream)
+            self._fp8.add(int(m.gate_up.data.ptr), int(m.gate_up_scales.data.ptr), e, 2 * i, h)
+            self._fp8.add(int(m.down.data.ptr), int(m.down_scales.data.ptr), e, h, i)
+            self._gemv_w = (m.gate_up, m.down)
         # the launches of a GEMV or dense step packed per call site (_run_packed)
         self._packed_steps: dict[tuple[Any, ...], list[Any]] = {}
         if capacity is not None:
@@ -511,7 +531,7 @@ class MoELayer:
         # the grouped GEMV (fi_engine.kernels.moe_gemv) for steps of at most gemv_tokens tokens of a plain layer (SiLU,
         # no
         # biases): each chosen expert's weights streamed once for its few rows, with no padding to GEMM tiles
-        if self._plain:
+        if self._plain or self.mxfp4_experts is not None:  # (the MXFP4 GEMV adds biases, makes the clamped SwiGLU)
             from ..kernels.moe_gemv import GroupedGemv
 
             try:  # e4m3 experts: their own GEMV (made with the layer), which reads them as stored
@@ -543,7 +563,7 @@ class MoELayer:
         """The launches writing the e4m3 experts' 16-bit copy into ``weights.gate_up`` / ``weights.down`` (none
         for 16-bit experts), each as :meth:`Fp8GroupedGemv.launch
         <fi_engine.kernels.fp8_moe_gemv.Fp8GroupedGemv.launch>` gives it."""
-        f = self.fp8_experts
+        f = self.fp8_experts or self.mxfp4_experts
         if f is None:
             return []
         return [
@@ -554,7 +574,7 @@ class MoELayer:
     def _write_copy(self) -> None:
         """Write the e4m3 experts' 16-bit copy on the layer's stream before a path that reads 16-bit weights (the
         copy is shared with the other layers: written before each use)."""
-        f = self.fp8_experts
+        f = self.fp8_experts or self.mxfp4_experts
         if f is not None:
             self._fp8.dequantize(f.gate_up, self.weights.gate_up)
             self._fp8.dequantize(f.down, self.weights.down)
@@ -625,6 +645,7 @@ class MoELayer:
         d = self.dense
         if (
             not self.fold_norm_into_router
+            or self.biases is not None  # (the router epilogue adds no bias)
             or not self.packs_step(t, False)
             or not d.has_router(self._ab)
             or not d.fused_fits(t, self.hidden)
@@ -650,9 +671,13 @@ class MoELayer:
         logits, experts, weights = (int(a.data.ptr) for a in (self.logits, self.s_experts, self.s_weights))
         router_w = int(self.weights.router.data.ptr)
         router = d.prepared_linear(t, xp, x_ld, router_w, e, h, logits, e, self._ab, CUDA_R_32F)
+        bias = []
+        if self.biases is not None:  # the router's bias added to its logits before the routing
+            bias_args = [logits, int(self.biases.router.data.ptr), e]
+            bias = [d.prepared_kernel(function_ptr(self._router_bias_fn), (t, 1), 128, 0, bias_args, "moe_router_bias")]
         route_args = [logits, e, k, 1 if self.renormalize else 0, t, experts, weights]
         route = d.prepared_kernel(function_ptr(self._route_fn), ((t + 127) // 128, 1), 128, 0, route_args, "moe_route")
-        return [router, route, *self._pack_gemv_experts(xp, x_ld, int(out.data.ptr), out_ld, t)]
+        return [router, *bias, route, *self._pack_gemv_experts(xp, x_ld, int(out.data.ptr), out_ld, t)]
 
     def _pack_normed_step(
         self,
@@ -688,10 +713,11 @@ class MoELayer:
         gu, act, y = (int(a.data.ptr) for a in (self.gate_up_out, self.act, self.y))
         rows = t * k
         w_gate_up, w_down = (int(a.data.ptr) for a in self._gemv_w)
-        fn, grid, block, smem, args = g.launch(xp, x_ld, k, experts, t, k, w_gate_up, e, 2 * i, h, gu, 2 * i)
+        up_kw, down_kw = self._biased_gemv()
+        fn, grid, block, smem, args = g.launch(xp, x_ld, k, experts, t, k, w_gate_up, e, 2 * i, h, gu, 2 * i, **up_kw)
         gate_up = d.prepared_kernel(fn, grid, block, smem, args, "grouped gemv (gate/up)")
-        if self.gemv_fused_silu:  # the down GEMV stages silu(gate) * up itself: five launches
-            fn, grid, block, smem, args = g.launch(gu, 2 * i, 1, experts, t, k, w_down, e, h, i, y, h, gated=True)
+        if self.gemv_fused_silu or down_kw:  # the down GEMV stages the activation itself: five launches
+            fn, grid, block, smem, args = g.launch(gu, 2 * i, 1, experts, t, k, w_down, e, h, i, y, h, True, **down_kw)
             activation = []
         else:
             gu_t, act_t = self._t(self.gate_up_out, (rows, 2 * i)), self._t(self.act, (rows, i))
@@ -705,6 +731,20 @@ class MoELayer:
         )
         return [gate_up, *activation, down, combine]
 
+    def _biased_gemv(self, arrays: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The extra arguments of the gate/up and down GEMVs of a biased layer (MXFP4 experts only: its kernels add
+        the experts' biases as they write, the down one making the clamped SwiGLU as it stages); empty for a plain
+        layer. ``arrays``: the biases as CuPy arrays (the GEMV's ``__call__``), else addresses (its ``launch``)."""
+        b, a = self.biases, self.activation
+        if b is None:
+            return {}, {}
+
+        def ref(arr: Any) -> Any:
+            return arr if arrays else int(arr.data.ptr)
+
+        clamp = {"act": "swiglu", "alpha": a.alpha, "limit": a.limit} if a is not None else {"act": "none"}
+        return {"bias": ref(b.gate_up), "act": "none"}, {"bias": ref(b.down), **clamp}
+
     def _gemv_experts(self, x: Any, out: Any, t: int) -> Any:
         """The experts of :meth:`forward_static` as two grouped GEMVs over the ``t * k`` assignments: gate/up
         (input rows: the tokens) into ``gate_up_out``, down (input rows: the assignments' activations, SiLU-and-mul
@@ -712,7 +752,14 @@ class MoELayer:
         ``act`` before it) into ``y``, then the combine over each token's rows ``t * k + j``."""
         e, h, i, k = self.num_experts, self.hidden, self.intermediate, self.top_k
         g, (w_gate_up, w_down) = self._grouped, self._gemv_w
-        g(x, k, self.s_experts, t, k, w_gate_up, e, 2 * i, h, self.gate_up_out)
+        up_kw, down_kw = self._biased_gemv(arrays=True)
+        g(x, k, self.s_experts, t, k, w_gate_up, e, 2 * i, h, self.gate_up_out, **up_kw)
+        if down_kw:  # the biased MXFP4 GEMVs: the bias added, the activation made by the down GEMV; a plain combine
+            g(self.gate_up_out, 1, self.s_experts, t, k, w_down, e, h, i, self.y, True, **down_kw)
+            rows = (self.y, self._g_rows, self.s_weights, out, np.int32(k), np.int64(h),
+                    np.int64(out.strides[0] // out.itemsize), np.int32(self._bf16))  # fmt: skip
+            self._combine(self._combine_grid(t), (256,), rows, stream=self.stream)
+            return out
         if self.gemv_fused_silu:  # SiLU-and-mul made as the down GEMV stages its rows
             g(self.gate_up_out, 1, self.s_experts, t, k, w_down, e, h, i, self.y, gated=True)
         else:
@@ -1016,3 +1063,25 @@ def _is_sm90(device_id: int) -> bool:
         return compute_capability(device_id)[0] == 9
     except FiFFIError:
         return False
+
+
+def _check_mxfp4_experts(mxfp4: Any, fp8: Any, shapes: tuple[int, int, int], biases: Any, activation: Any) -> None:
+    """Refuse ``mxfp4_experts`` that are no :class:`~fi_engine.kernels.mxfp4_moe_gemv.Mxfp4Experts` of the layer's
+    ``(experts, hidden, intermediate)``, that come with ``fp8_experts``, or with biases but SiLU (the MXFP4 GEMVs
+    serve plain SiLU experts and gpt-oss's biased clamped SwiGLU ones) (ValueError/TypeError naming it)."""
+    if mxfp4 is None:
+        return
+    from ..kernels.mxfp4_moe_gemv import Mxfp4Experts
+
+    if not isinstance(mxfp4, Mxfp4Experts):
+        raise TypeError(f"mxfp4_experts: expected None or an Mxfp4Experts, got {type(mxfp4).__name__}")
+    if fp8 is not None:
+        raise ValueError("mxfp4_experts: a layer's experts are e4m3 (fp8_experts) or MXFP4, not both")
+    if mxfp4.shapes() != shapes:
+        raise ValueError(f"mxfp4_experts: experts of (experts, hidden, intermediate) {mxfp4.shapes()}, the layer's "
+                         f"are {shapes}")  # fmt: skip
+    if biases is not None and activation is None:
+        raise ValueError(
+            "mxfp4_experts: MXFP4 experts with biases are served with the clamped SwiGLU (gpt-oss's: "
+            "activation=ClampedSwiGLU(...)); pass biases=None for SiLU experts, or 16-bit experts"
+        )

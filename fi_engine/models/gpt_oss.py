@@ -89,7 +89,7 @@ from ..checkpoint.family_configs import (
     refuse_quantized,
     rope_settings,
 )
-from ..checkpoint.mxfp4_weights import declares_mxfp4, read_mxfp4_experts
+from ..checkpoint.mxfp4_weights import Mxfp4Scheme, declares_mxfp4, read_mxfp4_blocks, read_mxfp4_experts
 from ..checkpoint.safetensors import Checkpoint
 from ..kernels import flashinfer as kernels
 from ..runtime.engine import Engine
@@ -425,6 +425,47 @@ def read_experts(
     )
 
 
+def stored_experts(
+    ckpt: Checkpoint, layer: int, num_experts: int, hidden: int, intermediate: int, rank: int, parts: int, xp: Any
+) -> tuple[tuple[Any, Any], tuple[Any, Any], np.ndarray]:
+    """Layer ``layer``'s MXFP4 experts as stored, rank ``rank``'s slice of ``parts`` (its intermediate columns, as
+    :func:`shard_experts` cuts them), in the MXFP4 grouped GEMV's layout
+    (:func:`~fi_engine.kernels.mxfp4_moe_gemv.tiled_mxfp4`, made with array module ``xp``: CuPy lays them out on the
+    GPU, numpy on the host).
+
+    Returns ``((gate_up codes, scales), (down codes, scales), gate_up_bias)``: gate/up ``[E, 2I/N, ...]`` each
+    expert's gate rows then its up rows (the checkpoint interleaves them), down ``[E, H, ...]`` its intermediate
+    blocks ``[r I/N, (r + 1) I/N)``; the bias float32 ``[E, 2I/N]``, gate then up, like the weights. ValueError
+    naming the tensor: missing, misshapen, not uint8, scales past ``2 ** 113``."""
+    from ..kernels.mxfp4_moe_gemv import tiled_mxfp4
+
+    e, h, i = num_experts, hidden, intermediate
+    m = f"model.layers.{layer}.mlp.experts."
+    share = i // parts
+    lo, hi = rank * share, (rank + 1) * share
+    gb, gs = read_mxfp4_blocks(ckpt, m + "gate_up_proj", (e, h, 2 * i))  # [E, 2I, H/32, 16]: rows 2j gate, 2j+1 up
+    gate_up_blocks = np.concatenate([gb[:, 2 * lo : 2 * hi : 2], gb[:, 2 * lo + 1 : 2 * hi : 2]], axis=1)
+    gate_up_scales = np.concatenate([gs[:, 2 * lo : 2 * hi : 2], gs[:, 2 * lo + 1 : 2 * hi : 2]], axis=1)
+    db, ds = read_mxfp4_blocks(ckpt, m + "down_proj", (e, i, h))  # [E, H, I/32, 16]
+    down_blocks, down_scales = db[:, :, lo // 32 : hi // 32], ds[:, :, lo // 32 : hi // 32]
+    bias = host_f32(ckpt, m + "gate_up_proj_bias", (e, 2 * i))[:, 2 * lo : 2 * hi]
+    try:
+        gate_up = tiled_mxfp4(xp.asarray(np.ascontiguousarray(gate_up_blocks)), xp.asarray(gate_up_scales))
+        down = tiled_mxfp4(xp.asarray(np.ascontiguousarray(down_blocks)), xp.asarray(down_scales))
+    except ValueError as exc:
+        raise ValueError(f"model: the MXFP4 experts of layer {layer}: {exc}") from None
+    return gate_up, down, np.ascontiguousarray(np.concatenate([bias[:, 0::2], bias[:, 1::2]], axis=1))
+
+
+def _tensor_cores(cp: Any) -> bool:
+    """Whether CuPy module ``cp``'s current device has the tensor cores the MXFP4 grouped GEMV needs (SM 8.0+); False
+    for anything else (a loader's stand-in)."""
+    try:
+        return int(cp.cuda.Device().compute_capability) >= 80
+    except Exception:  # not CuPy, or no device: the dequantizing path serves
+        return False
+
+
 class GptOss(MoEPaths, SettingsFamily, ModelFamily):
     """The gpt-oss family's definition (module docstring): its config check, bfloat16 weights (biased attention,
     sinks, the experts in the routed layout with their biases, the YaRN cos/sin table), layer body with its two MoE
@@ -433,10 +474,21 @@ class GptOss(MoEPaths, SettingsFamily, ModelFamily):
 
     fp8_kv_refusal = "gpt-oss's attention sinks"
 
+    mxfp4_as_stored = True
+    """An MXFP4 checkpoint's experts stay MXFP4 on the GPU (0.53 bytes a weight), read at decode by the MXFP4 grouped
+    GEMV (:mod:`~fi_engine.kernels.mxfp4_moe_gemv`: biases and the clamped SwiGLU in its launches), with a bfloat16
+    copy of one layer's experts written for the steps it does not serve (long prefills); False: dequantized to
+    bfloat16 at load. Shapes the GEMV cannot take (:meth:`Mxfp4Scheme.experts_for
+    <fi_engine.checkpoint.mxfp4_weights.Mxfp4Scheme.experts_for>`) and GPUs below SM 8.0 are dequantized either
+    way. Read at load (set it on the class, before the engine is made, to compare)."""
+
     model_type, settings, engine = "gpt_oss", GptOssSettings, "GptOssEngine"
 
     def parse_config(self, d: Any, source: str) -> LlamaConfig:
         return gpt_oss_config(d, source)
+
+    def _moe_experts_stored(self) -> bool:
+        return self.experts_stored
 
     def check(self, eng: Any, cfg: LlamaConfig) -> None:
         """Refuse as :class:`~fi_engine.models.registry.SettingsFamily`'s ``check`` does, and a config without
@@ -466,6 +518,7 @@ class GptOss(MoEPaths, SettingsFamily, ModelFamily):
         self.with_bias = r == 0  # the row-parallel outputs' biases: once in the ranks' sum
         eng.wqkv, self.bqkv, eng.wo, self.bo, eng.ln1, eng.ln2 = [], [], [], [], [], []
         self.sinks = []
+        from ..kernels.mxfp4_moe_gemv import Mxfp4Experts
         from ..layers.moe import ClampedSwiGLU, MoEBiases, MoELayer, MoEScratch, MoEWeights
 
         g: GptOssSettings = c.family
@@ -473,8 +526,16 @@ class GptOss(MoEPaths, SettingsFamily, ModelFamily):
         max_tokens = max(eng.max_prefill_tokens, eng.max_batch)
         # buffers for the paths this engine can take: the fixed-capacity routed path where a decode graph (one per
         # batch size of the ladder) routes, the dense path where some step of up to max_batch rows goes dense
+        # MXFP4 experts kept as stored: every step of up to max_batch rows takes the device path (the grouped GEMV)
+        mxfp4 = "model.layers.0.mlp.experts.gate_up_proj_blocks" in ckpt
+        self.experts_stored = (
+            mxfp4
+            and type(self).mxfp4_as_stored
+            and Mxfp4Scheme().experts_for(h, i_size, n).stored
+            and _tensor_cores(w.cp)
+        )
         graph_paths = {self.moe_path_for(eng, b) for b in eng.decode_graph_batches} if eng.static_moe else set()
-        capacity = eng.max_batch if "routed" in graph_paths else None
+        capacity = eng.max_batch if "routed" in graph_paths or self.experts_stored else None
         dense_rows = eng.max_batch if eng.dense_moe(eng.max_batch) else None  # forced, or auto from some row count up
         self.moe_scratch = MoEScratch(
             num_experts=e, hidden=h, intermediate=i_size // n, top_k=c.moe.top_k, max_tokens=max_tokens, dtype=dtype,
@@ -495,10 +556,20 @@ class GptOss(MoEPaths, SettingsFamily, ModelFamily):
             eng.ln1.append(w.vector(w.get(p + "input_layernorm.weight", (h,))))
             eng.ln2.append(w.vector(w.get(p + "post_attention_layernorm.weight", (h,))))
             m = p + "mlp."
-            # this rank's slice of every expert's intermediate columns, from bfloat16 or MXFP4 weights alike
-            experts = shard_experts(*read_experts(ckpt, i, e, h, i_size), r, n)
-            w_gu, b_gu, w_down = expert_matrices(*experts)
-            weights = MoEWeights(w.upload(w.get(m + "router.weight", (e, h))), w.upload(w_gu), w.upload(w_down))
+            mxfp4_experts = None
+            if self.experts_stored:  # the MXFP4 codes and scales as the GEMV reads them; a shared bfloat16 copy
+                (gu_c, gu_s), (dn_c, dn_s), b_gu = stored_experts(ckpt, i, e, h, i_size, r, n, w.cp)
+                mxfp4_experts = Mxfp4Experts(w.upload(gu_c), w.upload(gu_s), w.upload(dn_c), w.upload(dn_s), h,
+                                             i_size // n)  # fmt: skip
+                if self.moe_expert_copy is None:
+                    self.moe_expert_copy = (w.cp.empty((e, 2 * (i_size // n), h), w.cp.uint16),
+                                            w.cp.empty((e, h, i_size // n), w.cp.uint16))  # fmt: skip
+                w_gu_dev, w_down_dev = self.moe_expert_copy
+            else:  # this rank's slice of every expert's intermediate columns, from bfloat16 or MXFP4 weights alike
+                experts = shard_experts(*read_experts(ckpt, i, e, h, i_size), r, n)
+                w_gu, b_gu, w_down = expert_matrices(*experts)
+                w_gu_dev, w_down_dev = w.upload(w_gu), w.upload(w_down)
+            weights = MoEWeights(w.upload(w.get(m + "router.weight", (e, h))), w_gu_dev, w_down_dev)
             b_down = host_f32(ckpt, m + "experts.down_proj_bias", (e, h))
             b_down = b_down if self.with_bias else np.zeros_like(b_down)  # rank 0's partial sum carries it
             biases = MoEBiases(f32(m + "router.bias", (e,)), w.upload(b_gu), w.upload(b_down))
@@ -507,6 +578,7 @@ class GptOss(MoEPaths, SettingsFamily, ModelFamily):
                     weights, dtype=dtype, top_k=c.moe.top_k, renormalize=True, max_tokens=max_tokens,
                     stream=eng.stream, dense=eng.dense, workspace=eng.moe_workspace, capacity=capacity,
                     scratch=self.moe_scratch, biases=biases, activation=activation, dense_rows=dense_rows,
+                    mxfp4_experts=mxfp4_experts,
                 )
             )  # fmt: skip
         eng.final_norm = w.vector(w.get("model.norm.weight", (h,)))
@@ -613,7 +685,8 @@ class GptOss(MoEPaths, SettingsFamily, ModelFamily):
             xin = eng.normed  # x, or x2 with the fused all-reduce; the MoE's (partial) output goes to x
             if path == "dense":  # every expert, no host step (capturable)
                 eng.moe_layers[i].forward_dense(xin, b.x, rows)
-            elif static_moe:  # the decode graph: routed on the device, fixed capacity (capturable)
+            elif static_moe or (self.experts_stored and rows <= eng.max_batch):  # routed on the device (capturable);
+                # MXFP4 experts as stored: the grouped GEMV reads them, eager or in a graph
                 eng.moe_layers[i].forward_static(xin, b.x, rows)
             else:  # routed on the host: only the chosen experts' weights are read
                 eng.moe_layers[i].forward(xin, b.x, rows)

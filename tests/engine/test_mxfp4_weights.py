@@ -270,5 +270,17 @@ def test_serve_names_mxfp4_experts_in_its_start_up_line_and_models(tmp_path: Pat
     mx, bf = write_gpt_oss_pair(tmp_path, SMALL, seed=5)
     scheme = cli._quantized_weights(str(mx))
     assert scheme is not None and scheme.method == "mxfp4"
-    assert scheme.describe() == "MXFP4 experts (e2m1 values, an e8m0 scale per 32), dequantized to bfloat16 at load"
+    assert scheme.describe() == ("MXFP4 experts (e2m1 values, an e8m0 scale per 32), kept as stored (the MXFP4 "
+                                 "grouped GEMV)")  # fmt: skip
     assert cli._quantized_weights(str(bf)) is None
+    from fi_engine.models.gpt_oss import GptOss
+
+    GptOss.mxfp4_as_stored = False  # the fallback, as the start-up line names it
+    try:
+        fallback = cli._quantized_weights(str(mx))
+    finally:
+        GptOss.mxfp4_as_stored = True
+    assert fallback is not None and fallback.describe().endswith("dequantized to bfloat16 at load")
+    # shapes the grouped GEMV cannot take: dequantized whatever the setting (an intermediate share not of 32s)
+    assert not scheme.experts_for(2880, 2880, 4).stored and scheme.experts_for(2880, 2880, 2).stored
+    assert not scheme.experts_for(2880, 48).stored and not scheme.experts_for(2880, 2880, 7).stored

@@ -51,7 +51,7 @@ def test_linear_bytes_of_each_format() -> None:
     # a shape that does not fill its blocks: 100 rows in 1 block of rows, 300 columns in 3 blocks of columns
     assert roofline.linear_bytes(100, 300, "fp8-block") == 100 * 300 + 4 * 1 * 3
     assert roofline.linear_bytes(256, 256, "fp8-block", (64, 128)) == 256 * 256 + 4 * 4 * 2
-    with pytest.raises(ValueError, match="weights: expected one of 16-bit, fp8-row, fp8-block, int4, got 'fp4'"):
+    with pytest.raises(ValueError, match="weights: expected one of 16-bit, fp8-row, fp8-block, int4, mxfp4, got 'fp4'"):
         roofline.linear_bytes(8, 8, "fp4")
     with pytest.raises(ValueError, match="n: expected an int in"):
         roofline.linear_bytes(0, 8)
@@ -181,8 +181,16 @@ def test_shape_from_config_of_other_layouts() -> None:
     qwen3_moe.update(model_type="qwen3_moe", num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768)
     qwen = roofline.shape_from_config(qwen3_moe)  # transformers 4's key, each expert's own size
     assert (qwen.experts, qwen.top_k, qwen.intermediate) == (128, 8, 768)
-    # MXFP4 experts: dequantized to 16-bit as the engine reads them, so a step reads 16-bit weights
-    assert roofline.shape_from_config(GPT_OSS) == oss
+    # MXFP4 experts: read as stored (half a byte a weight, a byte of scale per 32, k padded to 128); the rest 16-bit
+    mx = roofline.shape_from_config(GPT_OSS)
+    assert (mx.weights, mx.expert_weights) == ("16-bit", "mxfp4")
+    assert roofline.shape_from_config(GPT_OSS, dequantized=True) == oss  # the fallback reads 16-bit experts
+    assert roofline.linear_bytes(5760, 2880, "mxfp4") == 5760 * 2944 // 2 + 5760 * 2944 // 32  # 2880 -> 2944
+    one_expert = roofline.linear_bytes(5760, 2880) + roofline.linear_bytes(2880, 2880)
+    stored = roofline.linear_bytes(5760, 2880, "mxfp4") + roofline.linear_bytes(2880, 2880, "mxfp4")
+    experts = 4 * 24  # one row: top-4 experts read in each of the 24 layers
+    saved = roofline.decode_step_bytes(oss, batch=1, context=100) - roofline.decode_step_bytes(mx, batch=1, context=100)
+    assert saved == pytest.approx(experts * (one_expert - stored))
     # AWQ / GPTQ int4: read as stored, half a byte a weight and a 4-byte record per row and group
     awq = {**CONFIG_8B, "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128}}
     int4 = roofline.shape_from_config(awq)

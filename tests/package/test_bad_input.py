@@ -2115,6 +2115,14 @@ EXEMPT: dict[str, str] = {
     # loader makes), in engine/test_moe_gemv.py
     "kernels.fp8_moe_gemv.Fp8GroupedGemv": _GPU,
     "kernels.fp8_moe_gemv.Fp8Experts": _RECORD,
+    # the same for MXFP4 experts; Mxfp4Experts' checks and the layout's refusals in engine/test_mxfp4_moe_gemv.py
+    "kernels.mxfp4_moe_gemv.Mxfp4GroupedGemv": _GPU,
+    "kernels.mxfp4_moe_gemv.Mxfp4Experts": _RECORD,
+    "kernels.mxfp4_moe_gemv.tiled_mxfp4": "array in, array out: anything but uint8 blocks and scales of whole tiles, "
+    "or scales past 2**113, is refused naming the argument (engine/test_mxfp4_moe_gemv.py)",
+    "kernels.mxfp4_moe_gemv.tiled_values": "the numpy reading of tiled_mxfp4's output: anything else is refused "
+    "naming codes, scales or k (engine/test_mxfp4_moe_gemv.py)",
+    "kernels.mxfp4_moe_gemv.padded": "one int, checked by values.arg_int (named k; its cases are the values module's)",
     # made by Dense on a GPU; which calls it plans is a pure check (skinny_gemm.takes: engine/test_skinny_gemm.py),
     # its launches are engine/test_gpu_skinny_gemm.py's
     "kernels.skinny_gemm.SkinnyGemm": _GPU,
@@ -2382,7 +2390,11 @@ EXEMPT: dict[str, str] = {
     "models.gpt_oss.check_checkpoint": "reads a safetensors checkpoint (Checkpoint, above): "
     "engine/test_family_configs.py",
     **dict.fromkeys(
-        ["models.gpt_oss.read_experts", "checkpoint.mxfp4_weights.read_mxfp4_experts"],
+        [
+            "models.gpt_oss.read_experts",
+            "checkpoint.mxfp4_weights.read_mxfp4_experts",
+            "checkpoint.mxfp4_weights.read_mxfp4_blocks",
+        ],
         "reads a Checkpoint: every malformed or missing MXFP4 tensor refused by name in "
         "engine/test_mxfp4_weights.py (test_malformed_mxfp4_experts_are_refused_naming_the_tensor)",
     ),

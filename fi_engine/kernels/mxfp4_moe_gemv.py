@@ -1,0 +1,405 @@
+"""The grouped GEMV of a mixture-of-experts decode step over MXFP4 experts read as stored (W4A16: e2m1 values with
+one e8m0 scale per 32, as gpt-oss publishes its experts): :class:`Mxfp4GroupedGemv` (CUDA C in
+``csrc/grouped_gemv4.cu``, compiled with NVRTC through CuPy), the experts as it reads them (:class:`Mxfp4Experts`)
+and their layout (:func:`tiled_mxfp4`, which the loader applies once, and :func:`tiled_values`, its numpy reading).
+
+The product is :class:`~fi_engine.kernels.fp8_moe_gemv.Fp8GroupedGemv`'s, ``y[a, j] = sum_c in[a // div, c] *
+W[experts[a], j, c]`` over a step's assignments, with two things gpt-oss needs: the experts' biases added as the
+sums are written (``bias``), and its clamped SwiGLU (or SiLU-and-mul) made as the down projection stages its input
+rows (``act``). Each code is decoded once for all of an expert's rows of the pass, by two shifts and masks, into a
+float16 pair that an ``mma.m16n8k16`` multiplies by up to 8 input rows (staged as float16: exact for bfloat16
+activations within float16's range, clamped at +-65504); each 32-column block's float32 sum takes its scale. The
+codes and scales take 0.53 bytes a weight (a quarter of bfloat16's, plus 1/64 for the scales): gpt-oss-20b's
+experts 10.4 GB instead of 38 GB.
+
+Steps the GEMV does not serve (long prefills, more than 1024 assignments) read a 16-bit copy of the layer's experts
+that :meth:`Mxfp4GroupedGemv.dequantize_launch` writes (every value exact in bfloat16), one buffer shared by every
+layer, written before each such use (as the FP8 experts' copy is).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..values import arg_int, float32_bits
+from .cuda_sources import function_ptr, source
+
+__all__ = ["Mxfp4Experts", "Mxfp4GroupedGemv", "padded", "tiled_mxfp4", "tiled_values"]
+
+_MAX_ASSIGN = 1024  # assignments one launch takes (the block's list in shared memory)
+_STATIC_SMEM = 4 * _MAX_ASSIGN + 64  # the list and the count
+_SUMS_SMEM = 16 * 512  # the warps' sums: up to 16 warps of 32 lanes by 4 float32
+_MAX_ROWS = 8  # staged rows per pass: the mma's n
+_MAX_SCALE = 240  # e8m0 scales above make values past 2**113: the kernel's float32 block factor 2**(s - 113) overflows
+_U64 = 1 << 64
+ACTIVATIONS = ("none", "silu", "swiglu")
+"""The staging's activations (:meth:`Mxfp4GroupedGemv.launch`'s ``act``): the input row as it is; ``silu(gate) * up``;
+gpt-oss's ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)``, ``g = min(gate, limit)``."""
+
+
+def padded(k: int) -> int:
+    """``k`` rounded up to a multiple of 128: the columns a tiled row holds (its last chunk padded with zero codes);
+    TypeError/ValueError naming ``k`` for anything but an int in ``[1, 2**30]``."""
+    return -(-arg_int("k", k, 1, 1 << 30) // 128) * 128
+
+
+def _xp(arr: Any) -> Any:
+    """The array module of ``arr``: CuPy for a CuPy array, numpy otherwise."""
+    return np if isinstance(arr, np.ndarray) else __import__("cupy")
+
+
+def tiled_mxfp4(blocks: Any, scales: Any) -> tuple[Any, Any]:
+    """MXFP4 weights in the layout the grouped GEMV reads (``csrc/grouped_gemv4.cu``'s header), from the layout
+    checkpoints store.
+
+    Args:
+        blocks: uint8 ``[E, n, k / 32, 16]`` (numpy or CuPy): each row's blocks of 32 e2m1 codes, two a byte, value
+            ``2j`` of a block in the low nibble of byte ``j``.
+        scales: uint8 ``[E, n, k / 32]``: each block's e8m0 scale (``2 ** (s - 127)``).
+
+    Returns:
+        ``(codes, scales)`` of the same array module: uint8 ``[E, n, padded(k) / 2]`` and ``[E, n, padded(k) / 32]``,
+        per expert a run per tile of 16 rows and chunk of 128 columns (1,024 bytes of codes, 64 of scales; the
+        padding columns zero codes).
+
+    ValueError naming the argument: a shape that does not fit (``n`` a multiple of 16), a scale above 240 (values
+    past ``2 ** 113``: no checkpoint holds such weights; the caller serves them dequantized).
+    """
+    xp = _xp(blocks)
+    for name, arr, nd in (("blocks", blocks, 4), ("scales", scales, 3)):
+        if str(getattr(arr, "dtype", None)) != "uint8" or getattr(arr, "ndim", 0) != nd:
+            got = f"{getattr(arr, 'dtype', type(arr).__name__)} {list(getattr(arr, 'shape', ()))}"
+            raise ValueError(f"{name}: expected a uint8 array of {nd} dimensions, got {got}")
+    e, n, nb, width = blocks.shape
+    if width != 16 or tuple(scales.shape) != (e, n, nb) or n % 16 or nb == 0:
+        raise ValueError(f"blocks, scales: expected [E, n, k / 32, 16] and [E, n, k / 32] with n a multiple of 16, "
+                         f"got {list(blocks.shape)} and {list(scales.shape)}")  # fmt: skip
+    top = int(scales.max())
+    if top > _MAX_SCALE:
+        raise ValueError(f"scales: a block scale of 2**{top - 127} (byte {top}); the MXFP4 grouped GEMV takes scales "
+                         f"up to 2**{_MAX_SCALE - 127}: serve these experts dequantized")  # fmt: skip
+    k = nb * 32
+    kp = padded(k)
+    # the codes one a byte, [E, n, k_pad] (zero codes past k)
+    codes = xp.zeros((e, n, kp), xp.uint32)
+    codes[:, :, :k] = xp.stack([blocks & 0xF, blocks >> 4], axis=-1).reshape(e, n, k)
+    # axes: expert, tile, row half rh, g, chunk, block (u, bl), pair (h2, h1), t, value p -- column 32 b + 16 h2 +
+    # 8 h1 + 2 t + p, pair q = 2 h2 + h1, row 8 rh + g
+    c = codes.reshape(e, n // 16, 2, 8, kp // 128, 2, 2, 2, 2, 4, 2)
+    q = xp.arange(4, dtype=xp.uint32).reshape(2, 2, 1, 1)
+    p = xp.arange(2, dtype=xp.uint32).reshape(1, 1, 1, 2)
+    words = (((c & 7) << (3 * q + 16 * p)) | ((c >> 3) << (12 + q + 16 * p))).sum(axis=(7, 8, 10), dtype=xp.uint32)
+    # words [E, T, rh, g, C, u, bl, t] -> per (E, T, C): run u, lane (g, t), word v = 2 bl + rh
+    words = words.transpose(0, 1, 4, 5, 3, 7, 6, 2)
+    tiled = xp.ascontiguousarray(words).view(xp.uint8).reshape(e, n, kp // 2)
+    s = xp.zeros((e, n, kp // 32), xp.uint8)
+    s[:, :, :nb] = scales
+    # [E, T, rh, g, C, b] -> per (E, T, C): g, rh, b
+    s = s.reshape(e, n // 16, 2, 8, kp // 128, 4).transpose(0, 1, 4, 3, 2, 5)
+    return tiled, xp.ascontiguousarray(s).reshape(e, n, kp // 32)
+
+
+def tiled_values(codes: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
+    """The float32 values ``[E, n, k]`` of :func:`tiled_mxfp4`'s ``codes`` and ``scales`` (numpy), decoded as the
+    kernels decode them: each pair's float16 bits by the kernel's shifts and masks (``e2m1_pair``), times
+    ``2 ** (s - 113)``. ValueError naming the argument that is not what :func:`tiled_mxfp4` makes."""
+    shape = tuple(getattr(codes, "shape", ()))
+    if (
+        not isinstance(codes, np.ndarray)
+        or codes.dtype != np.uint8
+        or len(shape) != 3
+        or shape[1] % 16
+        or shape[2] % 64
+    ):
+        raise ValueError(f"codes: expected tiled_mxfp4's numpy uint8 [E, n, k_pad / 2], got {type(codes).__name__} "
+                         f"{getattr(codes, 'dtype', '')} {list(shape)}")  # fmt: skip
+    want = (shape[0], shape[1], shape[2] // 16)
+    if not isinstance(scales, np.ndarray) or scales.dtype != np.uint8 or scales.shape != want:
+        raise ValueError(f"scales: expected a numpy uint8 array {list(want)}, got {getattr(scales, 'shape', scales)}")
+    arg_int("k", k, 1, 2 * shape[2])
+    e, n, half = codes.shape
+    kp = 2 * half
+    words = codes.view(np.uint32).reshape(e, n // 16, kp // 128, 2, 8, 4, 4)  # E, T, C, u, g, t, v
+    pairs = []
+    for q in range(4):
+        if q == 3:
+            bits = words & np.uint32(0x8E008E00)
+        else:
+            bits = ((words << np.uint32(9 - 3 * q)) & np.uint32(0x0E000E00)) | (
+                (words << np.uint32(3 - q)) & np.uint32(0x80008000)
+            )
+        pairs.append(bits.astype(np.uint32).view(np.float16).astype(np.float32))  # [..., v, 2]: low, high value
+    # values [E, T, C, u, g, t, v, q, p] -> [E, T, rh, g, C, u, bl, h2, h1, t, p] (v = 2 bl + rh, q = 2 h2 + h1)
+    v = np.stack([x.reshape(*words.shape, 2) for x in pairs], axis=-2)
+    v = v.reshape(e, n // 16, kp // 128, 2, 8, 4, 2, 2, 2, 2, 2)  # E, T, C, u, g, t, bl, rh, h2, h1, p
+    v = v.transpose(0, 1, 7, 4, 2, 3, 6, 8, 9, 5, 10).reshape(e, n, kp)
+    s = scales.reshape(e, n // 16, kp // 128, 8, 2, 4).transpose(0, 1, 4, 3, 2, 5).reshape(e, n, kp // 32)
+    factor = np.ldexp(np.float32(1), s.astype(np.int32) - 113).astype(np.float32)
+    return (v * np.repeat(factor, 32, axis=-1))[:, :, :k]
+
+
+@dataclass(frozen=True)
+class Mxfp4Experts:
+    """One layer's MXFP4 experts as stored on the GPU (CuPy arrays in :func:`tiled_mxfp4`'s layout): ``gate_up``
+    ``[E, 2I, padded(H) / 2]`` (each expert's gate rows, then its up rows) and ``down`` ``[E, H, padded(I) / 2]``
+    uint8 codes with their uint8 scales (``[..., padded(k) / 32]``); ``hidden`` and ``intermediate`` the unpadded
+    sizes."""
+
+    gate_up: Any
+    gate_up_scales: Any
+    down: Any
+    down_scales: Any
+    hidden: int
+    intermediate: int
+
+    def shapes(self) -> tuple[int, int, int]:
+        """``(num_experts, hidden, intermediate)``, checked across the four arrays (ValueError naming the one that
+        does not fit)."""
+        h, i = self.hidden, self.intermediate
+        for name, value in (("hidden", h), ("intermediate", i)):
+            if value.__class__ is not int or value <= 0 or value % 32:
+                raise ValueError(f"mxfp4_experts.{name}: expected a positive multiple of 32, got {value!r:.40}")
+        e = getattr(self.gate_up, "shape", (0,))[0]
+        for name, (n, k), div in (
+            ("gate_up", (2 * i, h), 2), ("gate_up_scales", (2 * i, h), 32), ("down", (h, i), 2),
+            ("down_scales", (h, i), 32),
+        ):  # fmt: skip
+            arr = getattr(self, name)
+            want = (e, n, padded(k) // div)
+            got_type, contiguous = (
+                str(getattr(arr, "dtype", None)),
+                getattr(getattr(arr, "flags", None), "c_contiguous", 0),
+            )
+            if got_type != "uint8" or not contiguous or tuple(getattr(arr, "shape", ())) != want:
+                raise ValueError(f"mxfp4_experts.{name}: expected a C-contiguous uint8 array {list(want)}, got "
+                                 f"{got_type} {list(getattr(arr, 'shape', ()))}")  # fmt: skip
+        if e == 0 or (2 * i) % 16 or h % 16:
+            raise ValueError(
+                f"mxfp4_experts: expected experts and rows in tiles of 16, got {e} experts, [{2 * i}, {h}]"
+            )
+        return e, h, i
+
+    def nbytes(self) -> int:
+        """Device bytes of the codes and scales."""
+        return sum(int(getattr(self, n).nbytes) for n in ("gate_up", "gate_up_scales", "down", "down_scales"))
+
+
+@dataclass(frozen=True)
+class _Stack:
+    """A registered expert stack ``[E, n, k]`` (addresses as ints)."""
+
+    w: int
+    scales: int
+    experts: int
+    n: int
+    k: int
+
+
+class Mxfp4GroupedGemv:
+    """The grouped GEMV kernels over MXFP4 experts compiled once for ``dtype`` (``"float16"`` or ``"bfloat16"``, the
+    activations') on CuPy's current device, launched on ``stream`` (a ``cupy.cuda.Stream``). Expert stacks are
+    registered by address (:meth:`add`, values only: the arrays must stay allocated while the layer runs);
+    :meth:`fits` says whether a step is served (never below SM 8.0, where only the 16-bit copy serves)."""
+
+    chunks_ahead = 2
+    """Chunks of weights (128 columns of a tile's 16 rows) a warp has loading while it sums one. Read when the
+    kernels are compiled."""
+
+    chunks_per_warp = 2
+    """A block's warps split k so that each sums at least this many chunks of 128 of a tile (at most 16 warps)."""
+
+    warps_per_sm = 32
+    """The warps a launch spreads over each SM (blocks over the active experts, at most one per tile of 16 rows)."""
+
+    def __init__(self, dtype: str, stream: Any) -> None:
+        if dtype not in ("float16", "bfloat16"):  # before CuPy: named the same with or without a GPU
+            raise ValueError(f"dtype: expected 'float16' or 'bfloat16', got {dtype!r:.40}")
+        import cupy
+
+        self.stream = stream
+        module = cupy.RawModule(code=source("grouped_gemv4.cu"), options=self.options())
+        device = cupy.cuda.Device()
+        attrs = device.attributes
+        self.tensor_cores = int(device.compute_capability) >= 80  # below: empty kernels, the copy serves
+        self._smem_limit = int(attrs.get("MaxSharedMemoryPerBlockOptin", 48 << 10)) - _STATIC_SMEM
+        self._sms = int(attrs.get("MultiProcessorCount", 132))
+        self._fns: dict[tuple[str, bool], Any] = {}
+        for (act, bias), name in kernel_names(dtype).items():
+            fn = module.get_function(name)
+            fn.max_dynamic_shared_size_bytes = self._smem_limit
+            self._fns[act, bias] = fn
+        tag = "bf16" if dtype == "bfloat16" else "f16"
+        self._dequant = module.get_function(f"dequant_mxfp4_{tag}")
+        self._module = module
+        self.stacks: dict[int, _Stack] = {}
+
+    @classmethod
+    def options(cls) -> tuple[str, ...]:
+        """The NVRTC options: fast math (the staging's ``__expf`` and division, as the other grouped GEMVs') and
+        :attr:`chunks_ahead`."""
+        return ("--use_fast_math", f"-DG4_AHEAD={int(cls.chunks_ahead)}")
+
+    def add(self, w: int, scales: int, experts: int, n: int, k: int) -> None:
+        """Register the MXFP4 experts ``[experts, n, k]`` at device address ``w`` (codes) with their ``scales``, in
+        :func:`tiled_mxfp4`'s layout. ValueError naming the argument: an address that is NULL or misaligned (``w``
+        16 bytes, ``scales`` 8), ``n`` not a multiple of 16, ``k`` not a multiple of 32."""
+        for name, value, align in (("w", w, 16), ("scales", scales, 8)):
+            if value.__class__ is not int or not 0 < value < _U64 or value % align:
+                raise ValueError(f"{name}: expected a non-NULL device address aligned to {align} bytes, got {value!r}")
+        for name, value, top in (("experts", experts, 65535), ("n", n, 1 << 30), ("k", k, 1 << 30)):
+            if value.__class__ is not int or not 0 < value <= top:
+                raise ValueError(f"{name}: expected an int in [1, {top}], got {value!r:.40}")
+        if n % 16 or k % 32:
+            raise ValueError(f"n, k: the MXFP4 grouped GEMV takes tiles of 16 rows and blocks of 32 columns, got "
+                             f"[{n}, {k}]")  # fmt: skip
+        self.stacks[w] = _Stack(w, scales, experts, n, k)
+
+    def rows_per_pass(self, tokens: int, k: int) -> int:
+        """Input rows staged per pass for ``tokens`` tokens of ``k`` elements: up to 8, as many as shared memory
+        holds (float16 rows of ``padded(k)``); 0 where not even one fits."""
+        return max(0, min(_MAX_ROWS, tokens, (self._smem_limit - _SUMS_SMEM) // (2 * padded(k))))
+
+    def fits(self, tokens: int, top_k: int, n: int, k: int) -> bool:
+        """Whether a launch for ``tokens`` tokens of ``top_k`` assignments over ``[E, n, k]`` experts is served
+        (tensor cores, at most 1024 assignments, n a multiple of 16 and k of 32, one input row in shared memory)."""
+        return (
+            self.tensor_cores
+            and 0 < tokens * top_k <= _MAX_ASSIGN
+            and n > 0
+            and n % 16 == 0
+            and k % 32 == 0
+            and self.rows_per_pass(tokens, k) > 0
+        )
+
+    def _stack(self, w: int, experts: int, n: int, k: int) -> _Stack:
+        st = self.stacks.get(w)
+        if st is None or (st.experts, st.n, st.k) != (experts, n, k):
+            raise ValueError(
+                f"w: no MXFP4 experts [{experts}, {n}, {k}] registered at {w:#x}; register them with add() first"
+            )
+        return st
+
+    def _geometry(self, assignments: int, tokens: int, st: _Stack) -> tuple[int, int, int, int]:
+        """A launch's rows per pass, warps per block, blocks per expert and dynamic shared bytes."""
+        r = self.rows_per_pass(tokens, st.k)
+        chunks = padded(st.k) // 128
+        warps = max(1, min(16, chunks // max(1, int(self.chunks_per_warp))))
+        active = max(1, min(st.experts, assignments))
+        blocks = max(1, min(st.n // 16, -(-(max(1, int(self.warps_per_sm)) * self._sms // warps) // active)))
+        return r, warps, blocks, r * padded(st.k) * 2 + warps * 512
+
+    def launch(
+        self,
+        x: int,
+        x_ld: int,
+        div: int,
+        experts: int,
+        tokens: int,
+        top_k: int,
+        w: int,
+        num_experts: int,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        gated: bool = False,
+        *,
+        bias: int = 0,
+        act: str | None = None,
+        alpha: float = 0.0,
+        limit: float = 0.0,
+    ) -> tuple[int, tuple[int, int], int, int, list[Any]]:
+        """The launch of ``y[a, :n] = act(x[a // div]) @ W[experts[a]].T (+ bias[experts[a]])`` for the ``a <
+        tokens * top_k`` assignments, pointers as ints: ``(function handle, grid, threads per block, shared bytes,
+        arguments)``, for a caller that packs it (``Dense.prepared_kernel``); the arguments are those of
+        :meth:`Fp8GroupedGemv.launch <fi_engine.kernels.fp8_moe_gemv.Fp8GroupedGemv.launch>` (``gated``: ``act``
+        ``"silu"``), plus ``bias`` (the address of float32 ``[num_experts, n]``, 0 for none) and ``act`` (one of
+        :data:`ACTIVATIONS`; ``"swiglu"`` with ``alpha`` and ``limit``, and only with a bias: gpt-oss's)."""
+        st = self._stack(w, num_experts, n, k)
+        act = act or ("silu" if gated else "none")
+        if (act, bool(bias)) not in self._fns:
+            raise ValueError(f"act, bias: expected 'none' or 'silu' without a bias, 'none' or 'swiglu' with one, got "
+                             f"{act!r:.20} and {'a bias' if bias else 'none'}")  # fmt: skip
+        assignments = tokens * top_k
+        r, warps, blocks, smem = self._geometry(assignments, tokens, st)
+        # (the float parameters as their float32 bits: a packed launch passes every argument as an integer slot)
+        args: list[Any] = [x, x_ld, div, experts, assignments, w, st.scales, n, k, padded(k), bias,
+                           float32_bits("alpha", alpha), float32_bits("limit", limit), y, y_ld, r]  # fmt: skip
+        fn = self._fns[act, bool(bias)]
+        return function_ptr(fn), (blocks, num_experts), 32 * warps, smem, args
+
+    def __call__(
+        self,
+        x: Any,
+        div: int,
+        experts: Any,
+        tokens: int,
+        top_k: int,
+        w: Any,
+        num_experts: int,
+        n: int,
+        k: int,
+        y: Any,
+        gated: bool = False,
+        *,
+        bias: Any = None,
+        act: str | None = None,
+        alpha: float = 0.0,
+        limit: float = 0.0,
+    ) -> None:
+        """:meth:`launch` for CuPy arrays (``x`` and ``y`` 16-bit rows with contiguous elements, ``experts`` int32,
+        ``w`` a registered code stack, ``bias`` None or float32 ``[num_experts, n]``), launched on the stream;
+        :meth:`fits` must hold."""
+        _, grid, threads, smem, args = self.launch(
+            int(x.data.ptr), x.strides[0] // x.itemsize, div, int(experts.data.ptr), tokens, top_k, int(w.data.ptr),
+            num_experts, n, k, int(y.data.ptr), y.strides[0] // y.itemsize, gated,
+            bias=0 if bias is None else int(bias.data.ptr), act=act, alpha=alpha, limit=limit,
+        )  # fmt: skip
+        act_key = act or ("silu" if gated else "none")
+        fn = self._fns[act_key, bias is not None]
+        i32, i64, u64, f32 = np.int32, np.int64, np.uint64, np.float32
+        typed = (x, i64(args[1]), i32(div), experts, i32(args[4]), w, u64(args[6]), i32(n), i32(k), i32(args[9]),
+                 u64(args[10]), f32(alpha), f32(limit), y, i64(args[14]), i32(args[15]))  # fmt: skip
+        fn(grid, (threads,), typed, shared_mem=smem, stream=self.stream)
+
+    def _registered(self, w: int) -> _Stack:
+        st = self.stacks.get(w)
+        if st is None:
+            raise ValueError(f"w: no MXFP4 experts registered at {w:#x}; register them with add() first")
+        return st
+
+    def dequantize_launch(self, w: int, out: int) -> tuple[int, tuple[int, int], int, int, list[Any]]:
+        """The launch writing the registered stack at ``w`` as 16-bit weights ``[E, n, k]`` at ``out``, as
+        :meth:`launch` gives it."""
+        st = self._registered(w)
+        rows = st.experts * st.n
+        threads = rows * (st.k // 32)
+        grid = (max(1, min(16 * self._sms, -(-threads // 256))), 1)
+        return function_ptr(self._dequant), grid, 256, 0, [st.w, st.scales, out, rows, st.k, padded(st.k)]
+
+    def dequantize(self, w: Any, out: Any) -> None:
+        """Write the registered stack ``w`` (a CuPy array) into ``out`` (a C-contiguous 16-bit CuPy array ``[E, n,
+        k]``) on the stream; ValueError naming ``out`` where it is not one."""
+        st = self._registered(int(w.data.ptr))
+        want = [st.experts, st.n, st.k]
+        shape, itemsize = list(getattr(out, "shape", ())), getattr(getattr(out, "dtype", None), "itemsize", 0)
+        if shape != want or itemsize != 2 or not getattr(getattr(out, "flags", None), "c_contiguous", 0):
+            raise ValueError(f"out: expected a C-contiguous 16-bit array of shape {want}, got "
+                             f"{getattr(out, 'dtype', type(out).__name__)} {shape}")  # fmt: skip
+        _, grid, threads, _, args = self.dequantize_launch(st.w, int(out.data.ptr))
+        typed = (w, np.uint64(args[1]), out, np.int64(args[3]), np.int32(args[4]), np.int32(args[5]))
+        self._dequant(grid, (threads,), typed, stream=self.stream)
+
+
+def kernel_names(dtype: str) -> dict[tuple[str, bool], str]:
+    """The names in ``grouped_gemv4.cu`` of the GEMVs for 16-bit activations ``dtype``, by ``(act, bias)``."""
+    tag = "bf16" if dtype == "bfloat16" else "f16"
+    return {
+        ("none", False): f"grouped_gemv4_{tag}",
+        ("silu", False): f"grouped_gemv4_{tag}_silu",
+        ("none", True): f"grouped_gemv4_{tag}_bias",
+        ("swiglu", True): f"grouped_gemv4_{tag}_swiglu_bias",
+    }
