@@ -208,10 +208,15 @@ class Mxfp4GroupedGemv:
     """Chunks of weights (128 columns of a tile's 16 rows) a warp has loading while it sums one. Read when the
     kernels are compiled."""
 
-    chunks_per_warp = 2
+    min_blocks_per_sm = 2
+    """Blocks of 512 threads an SM the kernels' registers must leave room for (``__launch_bounds__``' second argument).
+    Read when the kernels are compiled (``benchmarks/lab_mxfp4_gemv.py`` compares: with 2, 4 chunks a warp and 128
+    warps an SM, the 20b-shaped gate/up GEMV at 8 tokens took 76 us where 1, 2 and 32 took 245, on an H100)."""
+
+    chunks_per_warp = 4
     """A block's warps split k so that each sums at least this many chunks of 128 of a tile (at most 16 warps)."""
 
-    warps_per_sm = 32
+    warps_per_sm = 128
     """The warps a launch spreads over each SM (blocks over the active experts, at most one per tile of 16 rows)."""
 
     def __init__(self, dtype: str, stream: Any) -> None:
@@ -238,9 +243,13 @@ class Mxfp4GroupedGemv:
 
     @classmethod
     def options(cls) -> tuple[str, ...]:
-        """The NVRTC options: fast math (the staging's ``__expf`` and division, as the other grouped GEMVs') and
-        :attr:`chunks_ahead`."""
-        return ("--use_fast_math", f"-DG4_AHEAD={int(cls.chunks_ahead)}")
+        """The NVRTC options: fast math (the staging's ``__expf`` and division, as the other grouped GEMVs'),
+        :attr:`chunks_ahead` and :attr:`min_blocks_per_sm`."""
+        return (
+            "--use_fast_math",
+            f"-DG4_AHEAD={int(cls.chunks_ahead)}",
+            f"-DG4_MIN_BLOCKS={int(cls.min_blocks_per_sm)}",
+        )
 
     def add(self, w: int, scales: int, experts: int, n: int, k: int) -> None:
         """Register the MXFP4 experts ``[experts, n, k]`` at device address ``w`` (codes) with their ``scales``, in

@@ -154,7 +154,8 @@ def test_stored_experts_short_steps_are_the_bf16_engines_up_to_routing_ties(pair
     """Steps of 1-4 rows (the grouped GEMV) against the bfloat16 engine's (its host or dense path): the two differ by
     bfloat16 rounding, and where a token's router logits nearly tie, that rounding can pick another expert in one
     layer, which moves the position's logits by about 1 (measured on an H100: 1.03 at one of 10 positions). So: the
-    median position within 0.05, at least 3 in 4 within NEAR, every argmax the bfloat16 engine's best up to NEAR."""
+    median position within 0.05, at least 3 in 4 within NEAR, and at those the argmax the bfloat16 engine's best up to
+    NEAR (at the flipped one the argmax moved too: 0.62 below the best, on an H100)."""
     ps = prompts((1, 2, 3, 4), SHAPE.vocab, seed=3)
     got, want = [], []
     for kind, out in (("mxfp4", got), ("bf16", want)):
@@ -162,9 +163,10 @@ def test_stored_experts_short_steps_are_the_bf16_engines_up_to_routing_ties(pair
             for p in ps:  # one prompt a step: at most 4 rows, the grouped GEMV's (the device path)
                 out.append(engine.prefill_logits([p])[0])
     worst = np.concatenate([np.abs(a - b).max(axis=1) for a, b in zip(got, want, strict=True)])  # per position
-    assert np.median(worst) <= 0.05 and (worst <= NEAR).mean() >= 0.75, worst
-    for a, b in zip(got, want, strict=True):
-        assert (b.max(axis=1) - b[np.arange(len(b)), a.argmax(axis=1)] <= NEAR).all()
+    close = worst <= NEAR
+    assert np.median(worst) <= 0.05 and close.mean() >= 0.75, worst
+    a, b = np.concatenate(got), np.concatenate(want)  # where no expert flipped: the argmax the bfloat16 one's best
+    assert (b.max(axis=1) - b[np.arange(len(b)), a.argmax(axis=1)] <= NEAR)[close].all()
     assert all(float(b.std()) > 0.1 for b in want)
     print(f"MXFP4 GEMV steps: |logit - bfloat16 engine's| per position, median {np.median(worst):.4f}, max "
           f"{worst.max():.4f}")  # fmt: skip

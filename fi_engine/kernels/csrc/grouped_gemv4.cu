@@ -27,6 +27,9 @@
 #ifndef G4_AHEAD  // chunks of weights a warp loads ahead of the one it sums (Mxfp4GroupedGemv.chunks_ahead)
 #define G4_AHEAD 2
 #endif
+#ifndef G4_MIN_BLOCKS  // blocks of 512 threads an SM the registers must allow (Mxfp4GroupedGemv.min_blocks_per_sm)
+#define G4_MIN_BLOCKS 1
+#endif
 
 // pair Q of word w (layout above) as two float16 values, each its e2m1 value times 2**-14
 template <int Q> __device__ __forceinline__ unsigned e2m1_pair(unsigned w) {
@@ -189,7 +192,7 @@ __device__ __forceinline__ void grouped_gemv4(const unsigned short* __restrict__
 }
 
 #define GROUPED4(name, bf16, act, bias)                                                                            \
-    extern "C" __global__ void __launch_bounds__(512, 1)                                                           \
+    extern "C" __global__ void __launch_bounds__(512, G4_MIN_BLOCKS)                                               \
         name(const unsigned short* in, long long in_ld, int div, const int* experts, int A, const unsigned char* w, \
              const unsigned char* s, int n, int k, int k_pad, const float* b, float alpha, float limit,            \
              unsigned short* y, long long y_ld, int R) {                                                            \
