@@ -38,6 +38,7 @@ SOURCES: list[tuple[str, str, tuple[str, ...] | str]] = [
     ("int4", "int4_gemv.cu", "fi_engine.kernels.int4_linear:Int4Linears.options"),
     ("grouped_gemv", "grouped_gemv.cu", ("--use_fast_math",)),  # GroupedGemv
     ("grouped_gemv8", "grouped_gemv8.cu", "fi_engine.kernels.fp8_moe_gemv:Fp8GroupedGemv.options"),
+    ("grouped_gemv4", "grouped_gemv4.cu", "fi_engine.kernels.mxfp4_moe_gemv:Mxfp4GroupedGemv.options"),
     ("skinny", "skinny_gemm.cu", ()),  # SkinnyGemm (each Dense compiles the instances it needs)
     ("kv_fp8", "append_e4m3.cu", ()),  # KvFp8
     ("moe", "moe.cu", ()),  # MoELayer._build

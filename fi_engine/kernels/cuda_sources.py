@@ -40,7 +40,8 @@ The headers (``.cuh``), each the same text in every program that includes it:
 - ``fp8_dequant.cuh``: ``dequant_rows`` and the ``dequant_e4m3_{bf16,f16}`` kernels over it (e4m3 weights times
   their scales into a 16-bit copy); ``fp8_gemv.cu`` and ``grouped_gemv8.cu``.
 - ``stage_rows.cuh``: the grouped GEMVs' listing of an expert's assignments and staging of their input rows (SiLU
-  and mul made as they are staged, for the down projection); ``grouped_gemv.cu`` and ``grouped_gemv8.cu``.
+  and mul made as they are staged, for the down projection); ``grouped_gemv.cu`` and ``grouped_gemv8.cu`` (the
+  listing also ``grouped_gemv4.cu``, which stages its rows as float16 itself).
 
 The programs (``.cu``), each also kept as a module constant holding :func:`source`'s text:
 
@@ -129,6 +130,9 @@ tensor-core GEMM (W8A8, ``Fp8Linears.w8a8``).
 
 ``grouped_gemv.cu``: the grouped GEMV of a MoE decode step (:mod:`~fi_engine.kernels.moe_gemv`);
 ``grouped_gemv8.cu``: the same over e4m3 experts read as stored (:mod:`~fi_engine.kernels.fp8_moe_gemv`).
+
+``grouped_gemv4.cu``: the same over MXFP4 experts read as stored (:mod:`~fi_engine.kernels.mxfp4_moe_gemv`), with the
+experts' biases and gpt-oss's clamped SwiGLU, and their 16-bit copy (``dequant_mxfp4_{bf16,f16}``).
 ``append_e4m3.cu``:
 the FP8 KV cache's append and output scaling (:mod:`~fi_engine.layers.kv_fp8`).
 
