@@ -30,7 +30,7 @@ if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
 
 cupy = pytest.importorskip("cupy", reason="the engine needs CuPy (python -m pip install '.[engine]')")
 
-from helpers.random_llama import bf16_bits  # noqa: E402
+from helpers.stored_experts import check_against_16bit_twin, from16, to16  # noqa: E402
 
 from fi_engine.checkpoint.mxfp4_weights import dequantize_mxfp4  # noqa: E402
 from fi_engine.kernels.mxfp4_moe_gemv import Mxfp4Experts, Mxfp4GroupedGemv, tiled_mxfp4  # noqa: E402
@@ -40,18 +40,7 @@ pytestmark = pytest.mark.gpu
 
 EXPERTS, TOP_K = 8, 2
 OUT_ULP = {"bfloat16": 2.0**-8, "float16": 2.0**-11}  # an ulp, relative
-LAYER_TOL = {"float16": 2e-2, "bfloat16": 5e-2}  # test_gpu_moe.py's layer tolerance (atol = rtol)
 ALPHA, LIMIT = 1.702, 7.0  # gpt-oss's
-
-
-def to16(a: np.ndarray, dtype: str) -> np.ndarray:
-    return a.astype(np.float16) if dtype == "float16" else bf16_bits(a.astype(np.float32))
-
-
-def from16(a: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "float16":
-        return a.astype(np.float32)
-    return (a.astype(np.uint32) << 16).view(np.float32)
 
 
 def random_mxfp4(rng: np.random.Generator, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -155,39 +144,4 @@ def mxfp4_layer_pair(rng: np.random.Generator, dtype: str) -> tuple[MoELayer, Mo
 def test_a_layer_of_mxfp4_experts_matches_the_16bit_layer(dtype: str) -> None:
     rng = np.random.default_rng(23)
     layer, ref, stream, h = mxfp4_layer_pair(rng, dtype)
-    storage = np.float16 if dtype == "float16" else np.uint16
-    tol = LAYER_TOL[dtype]
-    try:
-        for tokens in (1, 2, 5, 8, 16):
-            assert layer._gemv_serves(tokens)  # every step up to the capacity: the GEMV reads the experts as stored
-            x = cupy.asarray(to16(rng.standard_normal((tokens, h)).astype(np.float32), dtype))
-            outs = {name: cupy.zeros((tokens, h), storage) for name in ("gemv", "gemv16", "host", "host16", "d", "d16")}
-            layer.forward_static(x, outs["gemv"])
-            ref.forward_static(x, outs["gemv16"])
-            layer.forward(x, outs["host"])
-            ref.forward(x, outs["host16"])
-            layer.forward_dense(x, outs["d"])
-            ref.forward_dense(x, outs["d16"])
-            stream.synchronize()
-            got = {name: from16(cupy.asnumpy(a), dtype) for name, a in outs.items()}
-            np.testing.assert_allclose(got["gemv"], got["gemv16"], atol=tol, rtol=tol)
-            assert np.array_equal(got["host"], got["host16"]), tokens  # the 16-bit copy, written first
-            assert np.array_equal(got["d"], got["d16"]), tokens
-            print(f"{dtype} {tokens} tokens: max |MXFP4 GEMV - 16-bit| {np.abs(got['gemv'] - got['gemv16']).max():.4f}")
-        x_buf = cupy.asarray(to16(rng.standard_normal((8, h)).astype(np.float32), dtype))
-        out_buf = cupy.zeros_like(x_buf)
-        layer.forward_static(x_buf, out_buf)
-        stream.synchronize()
-        stream.begin_capture()
-        layer.forward_static(x_buf, out_buf)
-        graph = stream.end_capture()
-        x_buf[...] = cupy.asarray(to16(rng.standard_normal((8, h)).astype(np.float32), dtype))
-        cupy.cuda.Device().synchronize()
-        graph.launch(stream)
-        eager = cupy.zeros_like(x_buf)
-        layer.forward_static(x_buf, eager)
-        stream.synchronize()
-        assert np.array_equal(cupy.asnumpy(out_buf), cupy.asnumpy(eager))
-    finally:
-        layer.close()
-        ref.close()
+    check_against_16bit_twin(layer, ref, stream, h, dtype, rng, dtype)
