@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         return cp.cuda.get_elapsed_time(start, end) / reps * 1e3  # us
 
     # (chunks ahead, min blocks per SM, chunks per warp, warps per SM)
-    variants = [(2, 1, 2, 32), (2, 1, 4, 64), (4, 1, 4, 64), (2, 2, 4, 64), (4, 2, 4, 64), (2, 2, 8, 64),
-                (2, 2, 4, 128), (4, 2, 8, 128)]  # fmt: skip
+    variants = [(2, 2, 4, 128), (2, 2, 2, 128), (2, 2, 1, 128), (2, 2, 2, 256), (3, 2, 2, 128), (2, 1, 2, 128),
+                (2, 2, 4, 256), (2, 1, 2, 32)]  # fmt: skip
     for tokens in (int(t) for t in args.tokens.split(",")):
         experts = cp.asarray(np.stack([rng.choice(e, k_top, replace=False) for _ in range(tokens)]).reshape(-1))
         distinct = len(set(cp.asnumpy(experts).tolist()))
