@@ -20,6 +20,7 @@ import numpy as np
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", default="1,4,8")
+    ap.add_argument("--only-default", action="store_true", help="time the class's own geometry only")
     ap.add_argument("--peak-tbs", type=float, default=3.35, help="the device's peak bandwidth, TB/s (H100 SXM: 3.35)")
     args = ap.parse_args(argv)
     import cupy as cp
@@ -76,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             t16 = timed(run16)
             pct16 = 2 * distinct * n * k / t16 / 1e6 / args.peak_tbs * 100
             line = f"{tokens} tok {name:7s}: bf16 {t16:6.1f} us {pct16:3.0f} %; mxfp4 ahead/min-blocks/cpw/wps"
-            for ahead, mb, cpw, wps in variants:
+            defaults = (Mxfp4GroupedGemv.chunks_ahead, Mxfp4GroupedGemv.min_blocks_per_sm,
+                        Mxfp4GroupedGemv.chunks_per_warp, Mxfp4GroupedGemv.warps_per_sm)  # fmt: skip
+            for ahead, mb, cpw, wps in [defaults] if args.only_default else variants:
                 Mxfp4GroupedGemv.chunks_ahead, Mxfp4GroupedGemv.min_blocks_per_sm = ahead, mb
                 Mxfp4GroupedGemv.chunks_per_warp, Mxfp4GroupedGemv.warps_per_sm = cpw, wps
                 g = Mxfp4GroupedGemv("bfloat16", stream)
