@@ -11,14 +11,13 @@ import http.server
 import re
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers.env import subprocess_env
+from helpers.env import run_fi_ffi
 
 from fi_ffi import loader
 
@@ -101,13 +100,7 @@ def run_cli(tmp_path: Path, wheel: Path, url: str, *argv: str, house: str = "") 
         "FI_FFI_QUIET": "0",
         "FI_FFI_CUDA_VERSION": "13.0",
     }
-    return subprocess.run(
-        [sys.executable, "-m", "fi_ffi", *argv],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=subprocess_env(**env),
-    )
+    return run_fi_ffi(*argv, timeout=300, **env)
 
 
 def run_list(tmp_path: Path, wheel: Path, url: str, *extra: str, house: str = "") -> subprocess.CompletedProcess[str]:
