@@ -84,4 +84,4 @@ def close_parts(parts: list[Any]) -> None:
             part.close()
 
 
-__all__ = ["IpcBuffer", "close_parts"]
+__all__ = ["IpcBuffer"]
