@@ -261,13 +261,8 @@ def seconds(name: str, error: type[Exception] = ValueError) -> float | None:
     Raises:
         error: not a finite number in the row's range (:func:`problem`'s text).
     """
-    text = raw(name)
-    if not text:
-        return None
-    why = problem(name)
-    if why:
-        raise error(why)
-    return float(text)
+    text = _checked(name, error)
+    return float(text) if text else None
 
 
 def choice(name: str, error: type[Exception] = ValueError) -> str | None:
@@ -276,10 +271,14 @@ def choice(name: str, error: type[Exception] = ValueError) -> str | None:
     Raises:
         error: not one of the row's choices (:func:`problem`'s text).
     """
+    return _checked(name, error) or None
+
+
+def _checked(name: str, error: type[Exception]) -> str:
+    """Variable ``name``'s text ("" when unset), once :func:`problem` finds nothing wrong with it (else ``error``
+    with its text)."""
     text = raw(name)
-    if not text:
-        return None
-    why = problem(name)
+    why = problem(name) if text else ""
     if why:
         raise error(why)
     return text

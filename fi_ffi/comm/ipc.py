@@ -74,4 +74,14 @@ class IpcBuffer:
         return f"<IpcBuffer rank {self.rank}, {state}>"
 
 
+def close_parts(parts: list[Any]) -> None:
+    """Close ``parts`` (:class:`IpcBuffer` and :class:`~fi_ffi.comm.cuda.DeviceBuffer` objects), the last made
+    first, without another barrier: the owner that releases them has already waited for every rank."""
+    for part in reversed(parts):
+        if isinstance(part, IpcBuffer):
+            part.close(barrier=False)
+        else:
+            part.close()
+
+
 __all__ = ["IpcBuffer"]

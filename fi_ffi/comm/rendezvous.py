@@ -79,13 +79,13 @@ def _serve(env: DistEnv, payload: bytes, deadline: float, limit: float) -> None:
         ) from None
     with server:
         while waiting:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RendezvousError(
+            server.settimeout(
+                time_left(
+                    deadline,
                     f"rank 0 waited {limit:g} s on {where} for ranks {sorted(waiting)} of {env.world_size}; were they "
-                    f"started, with MASTER_ADDR pointing here and the same WORLD_SIZE? (FI_FFI_RENDEZVOUS_TIMEOUT)"
+                    f"started, with MASTER_ADDR pointing here and the same WORLD_SIZE? (FI_FFI_RENDEZVOUS_TIMEOUT)",
                 )
-            server.settimeout(remaining)
+            )
             try:
                 conn, _ = server.accept()
             except TimeoutError:
@@ -104,7 +104,7 @@ class _Refused(Exception):
 
 
 def _answer(conn: socket.socket, env: DistEnv, payload: bytes, waiting: set[int]) -> int:
-    head = _recv_exact(conn, len(MAGIC) + _REQUEST.size)
+    head = recv_exact(conn, len(MAGIC) + _REQUEST.size)
     if head[: len(MAGIC)] != MAGIC:
         raise _Refused
     world, rank = _REQUEST.unpack(head[len(MAGIC) :])
@@ -126,19 +126,18 @@ def _fetch(env: DistEnv, deadline: float, limit: float) -> bytes:
     pause = 0.05
     last = "no answer"
     while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise RendezvousError(
-                f"rank {env.rank} could not reach rank 0 at {where} within {limit:g} s ({last}); is rank 0 running "
-                f"there? (FI_FFI_RENDEZVOUS_TIMEOUT)"
-            )
+        remaining = time_left(
+            deadline,
+            f"rank {env.rank} could not reach rank 0 at {where} within {limit:g} s ({last}); is rank 0 running "
+            f"there? (FI_FFI_RENDEZVOUS_TIMEOUT)",
+        )
         try:
             with socket.create_connection((env.master_addr, env.master_port), timeout=min(remaining, 10.0)) as conn:
                 conn.settimeout(max(0.001, min(remaining, 10.0)))
                 conn.sendall(MAGIC + _REQUEST.pack(env.world_size, env.rank))
-                kind = _recv_exact(conn, 1)
-                length = _LENGTH.unpack(_recv_exact(conn, _LENGTH.size))[0] if kind in (b"K", b"E") else -1
-                body = _recv_exact(conn, length) if 0 <= length <= _MAX_PAYLOAD else b""
+                kind = recv_exact(conn, 1)
+                length = _LENGTH.unpack(recv_exact(conn, _LENGTH.size))[0] if kind in (b"K", b"E") else -1
+                body = recv_exact(conn, length) if 0 <= length <= _MAX_PAYLOAD else b""
         except socket.gaierror as exc:
             raise RendezvousError(f"MASTER_ADDR: cannot resolve {env.master_addr!r}: {exc.strerror or exc}") from None
         except (OSError, EOFError) as exc:  # not listening yet, reset, timed out: retry until the deadline
@@ -153,7 +152,17 @@ def _fetch(env: DistEnv, deadline: float, limit: float) -> bytes:
         raise RendezvousError(f"rank {env.rank}: the server at {where} is not an fi_ffi rendezvous (answer {kind!r})")
 
 
-def _recv_exact(conn: socket.socket, n: int) -> bytes:
+def time_left(deadline: float, late: str) -> float:
+    """Seconds left until ``deadline`` (``time.monotonic()`` seconds), > 0; RendezvousError with the text ``late``
+    once it has passed."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise RendezvousError(late)
+    return remaining
+
+
+def recv_exact(conn: socket.socket, n: int) -> bytes:
+    """The next ``n`` bytes from ``conn`` (blocking, under its timeout); EOFError if the peer closes first."""
     parts = bytearray()
     while len(parts) < n:
         chunk = conn.recv(n - len(parts))

@@ -357,14 +357,12 @@ class AllReduceFusionWorkspace:
             self._release(barrier=not self.comm.closed)
 
     def _release(self, *, barrier: bool) -> None:
+        from .ipc import close_parts
+
         parts, self._parts = self._parts, []
         if barrier and parts:
             self.comm.barrier()
-        for part in reversed(parts):
-            if hasattr(part, "ptrs"):
-                part.close(barrier=False)
-            else:
-                part.close()
+        close_parts(parts)
 
     def __enter__(self) -> AllReduceFusionWorkspace:
         return self

@@ -354,17 +354,15 @@ class CustomAllReduce:
         self._release(barrier=not self.comm.closed)
 
     def _release(self, *, barrier: bool) -> None:
+        from .ipc import close_parts
+
         fa, self.fa = self.fa, 0
         if barrier:
             self.comm.barrier()
         if fa:
             dispose(fa)
         parts, self._parts = self._parts, []
-        for part in reversed(parts):
-            if hasattr(part, "ptrs"):
-                part.close(barrier=False)
-            else:
-                part.close()
+        close_parts(parts)
 
     def __enter__(self) -> CustomAllReduce:
         return self

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 
 from .env import DistEnv
-from .rendezvous import RendezvousError, default_timeout, exchange
+from .rendezvous import RendezvousError, default_timeout, exchange, recv_exact, time_left
 
 __all__ = ["PEER_LOST_EXIT_CODE", "Watchdog", "bootstrap"]
 
@@ -83,17 +83,17 @@ class Watchdog:
         waiting = set(range(1, self.env.world_size))
         with self._server:
             while waiting:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise RendezvousError(
+                self._server.settimeout(
+                    time_left(
+                        deadline,
                         f"rank 0: ranks {sorted(waiting)} did not open their liveness connection within the "
-                        f"rendezvous timeout (FI_FFI_RENDEZVOUS_TIMEOUT); did they die during start-up?"
+                        f"rendezvous timeout (FI_FFI_RENDEZVOUS_TIMEOUT); did they die during start-up?",
                     )
-                self._server.settimeout(remaining)
+                )
                 try:
                     conn, _ = self._server.accept()
                     conn.settimeout(max(0.001, min(10.0, deadline - time.monotonic())))
-                    tag, rank = _HELLO.unpack(_recv_exact(conn, _HELLO.size))
+                    tag, rank = _HELLO.unpack(recv_exact(conn, _HELLO.size))
                 except (OSError, EOFError, struct.error):
                     continue  # a stray client or a timeout: the loop checks the deadline
                 if tag != b"fiwd" or rank not in waiting:
@@ -247,18 +247,8 @@ def bootstrap(
 def _read_message(conn: socket.socket) -> tuple[bytes, str]:
     """One message, or ``(b"", "")`` for a connection that closed (or broke) before a whole one arrived."""
     try:
-        kind, length = _HEAD.unpack(_recv_exact(conn, _HEAD.size))
-        text = _recv_exact(conn, min(length, 1 << 16)).decode(errors="replace")
+        kind, length = _HEAD.unpack(recv_exact(conn, _HEAD.size))
+        text = recv_exact(conn, min(length, 1 << 16)).decode(errors="replace")
     except (OSError, EOFError, struct.error):
         return b"", ""
     return kind, text
-
-
-def _recv_exact(conn: socket.socket, n: int) -> bytes:
-    parts = bytearray()
-    while len(parts) < n:
-        chunk = conn.recv(n - len(parts))
-        if not chunk:
-            raise EOFError("connection closed")
-        parts += chunk
-    return bytes(parts)

@@ -18,7 +18,24 @@ from ..abi.objects import Array
 from .validation import plan_info
 
 
-class PreparedCall:
+class _Packed:
+    """What a :class:`PreparedCall` and a :class:`PreparedRun` hold: the call's name, its own packed frame, the
+    arguments kept referenced, its device and stream, and the callable that launches it (decided once by
+    :func:`~fi_ffi.abi.frame.stream_call`)."""
+
+    __slots__ = ("_args", "_call", "_frame", "_result_word", "device_id", "keep", "name", "stream")
+
+    def __init__(self, name: str, frame: Frame, keep: tuple[Any, ...], device_id: int, stream: int | None) -> None:
+        self.name = name
+        self._frame = frame
+        self.keep = keep
+        self.device_id = device_id
+        self.stream = stream
+        self._result_word = 2 * frame.nargs  # the result slot in 8-byte words of frame.q: after nargs 16-byte slots
+        self._call, self._args = stream_call(name, frame, device_id, stream)
+
+
+class PreparedCall(_Packed):
     """One kernel call with all its arguments packed once, in a frame of its own.
 
     Calling it launches the kernel again with the same arguments (same buffers, scalars, stream): one FFI call,
@@ -32,16 +49,7 @@ class PreparedCall:
         stream: the stream handle it launches on (None: TVM-FFI's current stream of the device at each call).
     """
 
-    __slots__ = ("_args", "_call", "_frame", "_result_word", "device_id", "keep", "name", "stream")
-
-    def __init__(self, name: str, frame: Frame, keep: tuple[Any, ...], device_id: int, stream: int | None) -> None:
-        self.name = name
-        self._frame = frame
-        self.keep = keep
-        self.device_id = device_id
-        self.stream = stream
-        self._result_word = 2 * frame.nargs
-        self._call, self._args = stream_call(name, frame, device_id, stream)
+    __slots__ = ()
 
     def __call__(self) -> None:
         f = self._frame
@@ -55,7 +63,7 @@ class PreparedCall:
         return f"<PreparedCall {self.name}({', '.join(describe_frame(self._frame))})>"
 
 
-class PreparedRun:
+class PreparedRun(_Packed):
     """A call packed once like a :class:`PreparedCall`, except its plan info, which each call gives:
     ``run(info, context)`` writes ``info`` (a live plan's ``Array``) into the packed frame and launches.
 
@@ -66,18 +74,7 @@ class PreparedRun:
     workspace).
     """
 
-    __slots__ = (
-        "_args",
-        "_call",
-        "_frame",
-        "_info_word",
-        "_result_word",
-        "context",
-        "device_id",
-        "keep",
-        "name",
-        "stream",
-    )
+    __slots__ = ("_info_word", "context")
 
     def __init__(
         self,
@@ -89,15 +86,9 @@ class PreparedRun:
         info_word: int,
         context: Any,
     ) -> None:
-        self.name = name
-        self._frame = frame
-        self.keep = keep
-        self.device_id = device_id
-        self.stream = stream
+        super().__init__(name, frame, keep, device_id, stream)
         self._info_word = info_word
-        self._result_word = 2 * frame.nargs
         self.context = context
-        self._call, self._args = stream_call(name, frame, device_id, stream)
 
     def check(self, info: Any, context: Any) -> None:
         """Raise unless ``info`` is a live plan info and ``context`` equals the prepared one."""

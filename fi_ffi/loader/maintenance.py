@@ -549,15 +549,9 @@ def clear_cache() -> ClearReport:
     kept: list[tuple[Path, str]] = list(_foreign(root))
 
     def remove(path: Path) -> None:
-        size = _size(path)
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            kept.append((path, f"could not remove it: {exc.strerror or exc}"))
-            return
-        removed.append((path, size))
+        size = _unlink(path, kept)
+        if size is not None:
+            removed.append((path, size))
 
     removed += clean_temps(root, recursive=True)
     for wheel in _cached_wheels(root):
@@ -585,6 +579,20 @@ _NOT_REMOVED = "could not remove it"
 """How :func:`clear_cache` begins the reason for a file of fi_ffi's that it failed to remove."""
 
 
+def _unlink(path: Path, kept: list[tuple[Path, str]]) -> int | None:
+    """Remove the file ``path``: its size in bytes, or None when it was gone already or could not be removed
+    (then it is added to ``kept`` with the reason)."""
+    size = _size(path)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        kept.append((path, f"{_NOT_REMOVED}: {exc.strerror or exc}"))
+        return None
+    return size
+
+
 def _clear_extracted(folder: Path, removed: list[tuple[Path, int]], kept: list[tuple[Path, str]]) -> None:
     """Remove fi_ffi's files in one extracted folder: its listings, and each member that has a stamp or is
     listed, with the stamp. The folder entry in ``removed`` carries the total size."""
@@ -608,15 +616,7 @@ def _clear_extracted(folder: Path, removed: list[tuple[Path, int]], kept: list[t
         if not ours:
             leftovers.append(path)
             continue
-        size = _size(path)
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            kept.append((path, f"could not remove it: {exc.strerror or exc}"))
-            continue
-        total += size
+        total += _unlink(path, kept) or 0
     for path in leftovers:
         if path.exists() or path.is_symlink():
             kept.append((path, "not created by fi_ffi (neither listed nor stamped)"))

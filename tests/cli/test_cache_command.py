@@ -13,13 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers.env import REPO, subprocess_env
-
-
-def fi_ffi(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fi_ffi", *args], capture_output=True, text=True, timeout=120, env=subprocess_env(**env)
-    )
+from helpers.env import REPO, run_fi_ffi, subprocess_env
 
 
 def tiny_lock(wheel: Path) -> str:
@@ -38,7 +32,7 @@ def test_verify_full_counts_a_damaged_wheel_it_did_not_create_as_bad(
     wheel.parent.mkdir(parents=True)
     data = good.read_bytes()
     wheel.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a zip at all")
-    done = fi_ffi("cache", "verify", "--full", FI_FFI_CACHE_DIR=str(cache), FI_FFI_LOCK="")
+    done = run_fi_ffi("cache", "verify", "--full", FI_FFI_CACHE_DIR=str(cache), FI_FFI_LOCK="")
     assert done.returncode == 1, done.stdout + done.stderr
     assert f"kept {wheel}: damaged: cannot be read as a wheel" in done.stdout
     assert "not created by fi_ffi, so left in place" in done.stdout
@@ -53,7 +47,7 @@ def test_verify_full_leaves_an_intact_foreign_wheel_alone_and_passes(
     good = make_wheel("foreign-1.0-py3-none-any.whl", {"foreign/a.txt": b"x" * 5000})
     (cache / "wheels").mkdir(parents=True)
     shutil.copy(good, cache / "wheels" / good.name)
-    done = fi_ffi("cache", "verify", "--full", FI_FFI_CACHE_DIR=str(cache), FI_FFI_LOCK="")
+    done = run_fi_ffi("cache", "verify", "--full", FI_FFI_CACHE_DIR=str(cache), FI_FFI_LOCK="")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "0 bad" in done.stdout and "left in place" in done.stdout  # named, not counted: nothing is wrong with it
 
@@ -94,7 +88,7 @@ def test_clear_on_a_read_only_cache_says_nothing_was_removed_and_fails(
     wheel = make_wheel("tiny-1.0-py3-none-manylinux_2_28_x86_64.whl", {"tiny/a.txt": b"abc"})
     (shared_tmp / "tiny.lock").write_text(tiny_lock(wheel))
     env = {"FI_FFI_CACHE_DIR": str(cache), "FI_FFI_LOCK": str(shared_tmp / "tiny.lock"), "FI_FFI_WHEELHOUSE": ""}
-    fetched = fi_ffi("fetch", "--wheel", str(wheel), **env)
+    fetched = run_fi_ffi("fetch", "--wheel", str(wheel), **env)
     assert fetched.returncode == 0, fetched.stderr
     before = sorted(p for p in cache.rglob("*"))
     assert any(p.suffix == ".whl" for p in before) and any(p.suffix == ".lock" for p in before)
@@ -118,8 +112,8 @@ def test_clear_on_a_writable_cache_removes_and_exits_zero(tmp_path: Path, make_w
     wheel = make_wheel("tiny-1.0-py3-none-manylinux_2_28_x86_64.whl", {"tiny/a.txt": b"abc"})
     (tmp_path / "tiny.lock").write_text(tiny_lock(wheel))
     env = {"FI_FFI_CACHE_DIR": str(tmp_path / "cache"), "FI_FFI_LOCK": str(tmp_path / "tiny.lock")}
-    assert fi_ffi("fetch", "--wheel", str(wheel), **env).returncode == 0
-    done = fi_ffi("cache", "clear", **env)
+    assert run_fi_ffi("fetch", "--wheel", str(wheel), **env).returncode == 0
+    done = run_fi_ffi("cache", "clear", **env)
     assert done.returncode == 0, done.stderr
     assert f"removed {tmp_path / 'cache'}" in done.stdout and "entries fi_ffi created" in done.stdout
     assert not list((tmp_path / "cache").rglob("*.whl"))
@@ -127,7 +121,7 @@ def test_clear_on_a_writable_cache_removes_and_exits_zero(tmp_path: Path, make_w
 
 @pytest.mark.parametrize("action", ["path", "clear"])
 def test_full_is_refused_where_it_means_nothing(action: str, tmp_path: Path) -> None:
-    done = fi_ffi("cache", action, "--full", FI_FFI_CACHE_DIR=str(tmp_path / "c"))
+    done = run_fi_ffi("cache", action, "--full", FI_FFI_CACHE_DIR=str(tmp_path / "c"))
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip() == (
         f"fi-ffi cache {action}: --full applies to list and verify only (clear already removes everything fi_ffi "
@@ -136,5 +130,5 @@ def test_full_is_refused_where_it_means_nothing(action: str, tmp_path: Path) -> 
 
 
 def test_path_prints_the_cache_folder(tmp_path: Path) -> None:
-    done = fi_ffi("cache", "path", FI_FFI_CACHE_DIR=str(tmp_path / "c"))
+    done = run_fi_ffi("cache", "path", FI_FFI_CACHE_DIR=str(tmp_path / "c"))
     assert done.returncode == 0 and done.stdout.strip() == str(tmp_path / "c")

@@ -9,17 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers.env import subprocess_env
-
-
-def fi_ffi(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fi_ffi", *args], capture_output=True, text=True, timeout=120, env=subprocess_env(**env)
-    )
+from helpers.env import run_fi_ffi, subprocess_env
 
 
 def test_doctor_reports_and_exits_zero_without_a_gpu(shared_wheel: Path) -> None:
-    done = fi_ffi("doctor")
+    done = run_fi_ffi("doctor")
     assert done.returncode == 0, done.stderr
     out = done.stdout
     for label in ("NVIDIA driver:", "CUDA runtime:", "Lock:", "selection:", "TVM-FFI:", "Cache:"):
@@ -29,7 +23,7 @@ def test_doctor_reports_and_exits_zero_without_a_gpu(shared_wheel: Path) -> None
 
 
 def test_doctor_json_is_machine_readable(shared_wheel: Path) -> None:
-    done = fi_ffi("doctor", "--json")
+    done = run_fi_ffi("doctor", "--json")
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
     assert data["system"]["arch"]
@@ -41,14 +35,14 @@ def test_doctor_json_is_machine_readable(shared_wheel: Path) -> None:
 def test_doctor_names_a_broken_lock_and_still_exits_zero(tmp_path: Path) -> None:
     bad = tmp_path / "bad.lock"
     bad.write_text("version = 7\n")
-    done = fi_ffi("doctor", FI_FFI_LOCK=str(bad))
+    done = run_fi_ffi("doctor", FI_FFI_LOCK=str(bad))
     assert done.returncode == 0
     assert "version" in done.stdout and str(bad) in done.stdout
 
 
 @pytest.mark.cpu_only
 def test_smoke_without_a_gpu_says_so_and_fails() -> None:
-    done = fi_ffi("smoke")
+    done = run_fi_ffi("smoke")
     assert done.returncode == 1
     assert "needs a CUDA GPU" in done.stdout
     assert "Lock:" in done.stdout  # followed by the doctor summary
@@ -56,27 +50,27 @@ def test_smoke_without_a_gpu_says_so_and_fails() -> None:
 
 def test_lock_then_fetch_then_cache_cycle(shared_wheel: Path, tmp_path: Path) -> None:
     lock = tmp_path / "mine.lock"
-    done = fi_ffi("lock", str(shared_wheel))
+    done = run_fi_ffi("lock", str(shared_wheel))
     assert done.returncode == 0, done.stderr
     assert "865dd2def285393e98953a8a6e49ab785df2ec3b59e3bd778cd924a8da5d5d50" in done.stdout
     lock.write_text(done.stdout)
     cache = tmp_path / "cache"
     env = {"FI_FFI_LOCK": str(lock), "FI_FFI_CACHE_DIR": str(cache), "FI_FFI_WHEELHOUSE": str(tmp_path / "none")}
-    fetched = fi_ffi("fetch", "--wheel", str(shared_wheel), **env)
+    fetched = run_fi_ffi("fetch", "--wheel", str(shared_wheel), **env)
     assert fetched.returncode == 0, fetched.stderr
     assert Path(fetched.stdout.strip().splitlines()[-1]).is_file()
-    assert fi_ffi("cache", "path", **env).stdout.strip() == str(cache)
-    listing = fi_ffi("cache", "list", **env)
+    assert run_fi_ffi("cache", "path", **env).stdout.strip() == str(cache)
+    listing = run_fi_ffi("cache", "list", **env)
     assert shared_wheel.name in listing.stdout
-    verify = fi_ffi("cache", "verify", "--full", **env)
+    verify = run_fi_ffi("cache", "verify", "--full", **env)
     assert verify.returncode == 0 and "0 bad" in verify.stdout
-    cleared = fi_ffi("cache", "clear", **env)
+    cleared = run_fi_ffi("cache", "clear", **env)
     assert cleared.returncode == 0 and list(cache.iterdir()) == []  # FI_FFI_CACHE_DIR itself is the user's
     assert f"removed {cache / 'wheels'}" in cleared.stdout and shared_wheel.name in cleared.stdout
 
 
 def test_fetch_offline_with_nothing_available_names_the_fix(tmp_path: Path) -> None:
-    done = fi_ffi(
+    done = run_fi_ffi(
         "fetch", FI_FFI_LOCK="", FI_FFI_CACHE_DIR=str(tmp_path / "c"), FI_FFI_OFFLINE="1", FI_FFI_WHEELHOUSE=""
     )
     assert done.returncode == 2
@@ -87,7 +81,7 @@ def test_fetch_offline_with_nothing_available_names_the_fix(tmp_path: Path) -> N
 def test_fetch_rejects_a_wheel_the_lock_does_not_pin(tmp_path: Path) -> None:
     stray = tmp_path / "other-1.0-py3-none-any.whl"
     stray.write_bytes(b"PK\x05\x06" + b"\0" * 18)
-    done = fi_ffi("fetch", "--wheel", str(stray), FI_FFI_CACHE_DIR=str(tmp_path / "c"))
+    done = run_fi_ffi("fetch", "--wheel", str(stray), FI_FFI_CACHE_DIR=str(tmp_path / "c"))
     assert done.returncode == 2
     assert stray.name in done.stderr
     assert f"`fi-ffi lock {stray}`" in done.stderr  # a wheel: a lock of one's own can pin it
@@ -101,7 +95,7 @@ def test_fetch_wheel_of_what_is_not_a_wheel_says_what_it_expects(tmp_path: Path,
         path.mkdir()
     else:
         path.write_text("{}")
-    done = fi_ffi("fetch", "--wheel", str(path), FI_FFI_CACHE_DIR=str(tmp_path / "c"), FI_FFI_LOCK="")
+    done = run_fi_ffi("fetch", "--wheel", str(path), FI_FFI_CACHE_DIR=str(tmp_path / "c"), FI_FFI_LOCK="")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     what = "is a folder, not a wheel file" if given == "folder" else "is not a wheel file"
     assert done.stderr.startswith(f"fi-ffi fetch: {path} {what}"), done.stderr
@@ -111,19 +105,19 @@ def test_fetch_wheel_of_what_is_not_a_wheel_says_what_it_expects(tmp_path: Path,
 
 def test_list_prints_the_variants_of_the_active_lock(kernel_modules: list[str]) -> None:
     pytest.importorskip("fi_ffi.ops.attention.variants")
-    done = fi_ffi("list", "--kind", "batch_decode", "--dtype", "f16")
+    done = run_fi_ffi("list", "--kind", "batch_decode", "--dtype", "f16")
     assert done.returncode == 0, done.stderr
     header, *lines = done.stdout.strip().splitlines()
     assert header.split() == ["KIND", "BACKEND", "DTYPES", "HEAD_DIM", "RELEASE", "MODULE"]
     assert lines and all("batch_decode" in line and "f16" in line for line in lines)
     assert all(line.index("batch_decode_with") == header.index("MODULE") for line in lines)  # columns line up
-    none = fi_ffi("list", "--head-dim", "96")
+    none = run_fi_ffi("list", "--head-dim", "96")
     assert none.returncode == 1
 
 
 def test_version_and_help() -> None:
-    assert fi_ffi("--version").stdout.startswith("fi-ffi ")
-    helptext = fi_ffi("--help").stdout
+    assert run_fi_ffi("--version").stdout.startswith("fi-ffi ")
+    helptext = run_fi_ffi("--help").stdout
     for command in ("doctor", "fetch", "cache", "lock", "list", "smoke"):
         assert command in helptext
 
@@ -144,7 +138,7 @@ def test_version_and_help() -> None:
     ],
 )
 def test_bad_arguments_are_usage_errors(args: list[str]) -> None:
-    done = fi_ffi(*args)
+    done = run_fi_ffi(*args)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and f"error: argument --{args[1][2:]}" in done.stderr
 
@@ -157,12 +151,14 @@ def test_list_kinds_are_the_variant_kinds() -> None:
 
 
 def test_list_takes_the_dtype_spellings_its_help_names(kernel_modules: list[str]) -> None:
-    outputs = {name: fi_ffi("list", "--kind", "batch_decode", "--dtype", name) for name in ("f16", "fp16", "float16")}
+    outputs = {
+        name: run_fi_ffi("list", "--kind", "batch_decode", "--dtype", name) for name in ("f16", "fp16", "float16")
+    }
     for name, done in outputs.items():
         assert done.returncode == 0, (name, done.stderr)
     assert outputs["f16"].stdout == outputs["fp16"].stdout == outputs["float16"].stdout
     assert "f16" in outputs["fp16"].stdout
-    helptext = fi_ffi("list", "--help").stdout
+    helptext = run_fi_ffi("list", "--help").stdout
     assert "f16" in helptext and "fp16" in helptext and "bf16" in helptext
 
 
@@ -238,7 +234,7 @@ def test_a_closed_output_pipe_ends_list_and_lock_quietly(kernel_modules: list[st
 
 
 def doctor_json(**env: str) -> dict:
-    done = fi_ffi("doctor", "--json", **env)
+    done = run_fi_ffi("doctor", "--json", **env)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -253,12 +249,12 @@ def test_doctor_calls_a_wheelhouse_wheel_available_not_missing(
     }
     entry = doctor_json(**env)["lock"]["entries"][0]
     assert (entry["status"], entry["path"], entry["verified"]) == ("wheelhouse", str(shared_wheel), False)
-    text = fi_ffi("doctor", **env).stdout
+    text = run_fi_ffi("doctor", **env).stdout
     assert f"{shared_wheel.name}: available (wheelhouse: {shared_wheel}; sha256 checked on first use)" in text
-    assert fi_ffi("fetch", **env).returncode == 0  # uses it in place, verifies and stamps it
+    assert run_fi_ffi("fetch", **env).returncode == 0  # uses it in place, verifies and stamps it
     entry = doctor_json(**env)["lock"]["entries"][0]
     assert (entry["status"], entry["verified"]) == ("wheelhouse", True)
-    assert "(wheelhouse" in fi_ffi("doctor", **env).stdout and "missing" not in fi_ffi("doctor", **env).stdout
+    assert "(wheelhouse" in run_fi_ffi("doctor", **env).stdout and "missing" not in run_fi_ffi("doctor", **env).stdout
 
 
 def test_doctor_says_where_a_wheel_would_come_from_when_absent(tmp_path: Path) -> None:
@@ -279,7 +275,7 @@ def test_doctor_reports_a_cuda_version_override_as_an_override() -> None:
     assert data["system"]["runtime_version"] == library  # the library's own answer, beside its path
     assert data["system"]["cuda_version_override"] == override
     assert data["lock"]["cuda"] == override and data["lock"]["cuda_source"] == "FI_FFI_CUDA_VERSION"
-    lines = fi_ffi("doctor", FI_FFI_CUDA_VERSION=override).stdout.splitlines()
+    lines = run_fi_ffi("doctor", FI_FFI_CUDA_VERSION=override).stdout.splitlines()
     runtime = next(line for line in lines if line.startswith("CUDA runtime:"))
     assert runtime.split()[2] == library and "libcudart" in runtime
     assert any(line.strip().startswith(f"override:     FI_FFI_CUDA_VERSION={override}") for line in lines)
@@ -290,7 +286,7 @@ def test_doctor_flags_a_runtime_path_that_does_not_exist(tmp_path: Path) -> None
     data = doctor_json(FI_FFI_RUNTIME=str(missing))
     assert data["tvm_ffi_runtime"]["source"] == "env"
     assert str(missing) in data["tvm_ffi_runtime"]["problem"] and "FI_FFI_RUNTIME" in data["tvm_ffi_runtime"]["problem"]
-    assert "PROBLEM:" in fi_ffi("doctor", FI_FFI_RUNTIME=str(missing)).stdout
+    assert "PROBLEM:" in run_fi_ffi("doctor", FI_FFI_RUNTIME=str(missing)).stdout
     assert doctor_json(FI_FFI_RUNTIME="auto")["tvm_ffi_runtime"]["problem"] == ""
 
 
@@ -300,7 +296,7 @@ def test_doctor_lists_the_fi_ffi_variables_set_and_flags_unknown_ones() -> None:
     assert rows["FI_FFI_SM"] == {"name": "FI_FFI_SM", "value": "90a", "note": ""}
     assert "typo" in rows["FI_FFI_OFLINE"]["note"]
     assert rows["FI_FFI_QUIET"]["value"] == "1"  # set by the test session
-    text = fi_ffi("doctor", FI_FFI_OFLINE="1").stdout
+    text = run_fi_ffi("doctor", FI_FFI_OFLINE="1").stdout
     assert (
         "  FI_FFI_OFLINE=1   <- FI_FFI_OFLINE: not a variable fi_ffi reads, a typo? (did you mean FI_FFI_OFFLINE?)"
         in text
@@ -314,7 +310,7 @@ def test_doctor_says_which_file_each_lock_section_came_from(shared_wheel_lock: P
     sections = data["lock"]["sections"]
     assert sections["kernel"] == str(shared_wheel_lock)
     assert sections["runtime"] == str(lockfile.default_lock_path())
-    text = fi_ffi("doctor", FI_FFI_LOCK=str(shared_wheel_lock)).stdout
+    text = run_fi_ffi("doctor", FI_FFI_LOCK=str(shared_wheel_lock)).stdout
     assert f"  [[kernel]]:   {shared_wheel_lock}\n" in text
     assert f"  [[runtime]]:  {lockfile.default_lock_path()} (the packaged lock" in text
 

@@ -11,14 +11,13 @@ import http.server
 import re
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers.env import subprocess_env
+from helpers.env import run_fi_ffi
 
 from fi_ffi import loader
 
@@ -75,14 +74,17 @@ class RangeServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
+    def __enter__(self) -> RangeServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 @pytest.fixture(params=[True, False], ids=["ranges", "no-ranges"])
 def served(request: pytest.FixtureRequest, shared_wheel: Path) -> Iterator[RangeServer]:
-    server = RangeServer(shared_wheel, ranges=request.param)
-    try:
+    with RangeServer(shared_wheel, ranges=request.param) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def write_lock(tmp_path: Path, wheel: Path, url: str) -> Path:
@@ -101,13 +103,7 @@ def run_cli(tmp_path: Path, wheel: Path, url: str, *argv: str, house: str = "") 
         "FI_FFI_QUIET": "0",
         "FI_FFI_CUDA_VERSION": "13.0",
     }
-    return subprocess.run(
-        [sys.executable, "-m", "fi_ffi", *argv],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=subprocess_env(**env),
-    )
+    return run_fi_ffi(*argv, timeout=300, **env)
 
 
 def run_list(tmp_path: Path, wheel: Path, url: str, *extra: str, house: str = "") -> subprocess.CompletedProcess[str]:
@@ -155,21 +151,15 @@ def test_list_reads_the_central_directory_not_the_wheel(
 
 
 def test_list_reads_a_local_wheelhouse_copy_without_any_request(shared_wheel: Path, tmp_path: Path) -> None:
-    server = RangeServer(shared_wheel, ranges=True)
-    try:
+    with RangeServer(shared_wheel, ranges=True) as server:
         done = run_list(tmp_path, shared_wheel, server.url, house=str(shared_wheel.parent))
-    finally:
-        server.stop()
     assert done.returncode == 0, done.stderr
     assert "batch_decode_with_kv_cache" in done.stdout and server.requests == []
 
 
 def test_a_failing_range_request_downloads_nothing(shared_wheel: Path, tmp_path: Path) -> None:
-    server = RangeServer(shared_wheel, ranges=True, range_status=500)
-    try:
+    with RangeServer(shared_wheel, ranges=True, range_status=500) as server:
         done = run_list(tmp_path, shared_wheel, server.url)
-    finally:
-        server.stop()
     assert done.returncode == 2, done.stderr
     assert "cannot list" in done.stderr and "HTTP 500" in done.stderr and "fi-ffi fetch" in done.stderr
     assert "Nothing was downloaded" in done.stderr and "Traceback" not in done.stderr
@@ -178,11 +168,8 @@ def test_a_failing_range_request_downloads_nothing(shared_wheel: Path, tmp_path:
 
 
 def test_allow_full_download_says_the_size_then_downloads(shared_wheel: Path, tmp_path: Path) -> None:
-    server = RangeServer(shared_wheel, ranges=False)
-    try:
+    with RangeServer(shared_wheel, ranges=False) as server:
         done = run_list(tmp_path, shared_wheel, server.url, "--allow-full-download")
-    finally:
-        server.stop()
     assert done.returncode == 0, done.stderr
     assert "batch_decode_with_kv_cache" in done.stdout
     said = done.stderr.index(f"downloading the whole wheel, {size_text(shared_wheel.stat().st_size)}")
@@ -216,11 +203,8 @@ def test_no_network_names_a_wheelhouse_that_does_not_exist(
 
 
 def test_fetch_states_the_size_before_the_download(shared_wheel: Path, tmp_path: Path) -> None:
-    server = RangeServer(shared_wheel, ranges=True)
-    try:
+    with RangeServer(shared_wheel, ranges=True) as server:
         done = run_cli(tmp_path, shared_wheel, server.url, "fetch")
-    finally:
-        server.stop()
     assert done.returncode == 0, done.stderr
     said = done.stderr.index(f"fetching {shared_wheel.name} ({size_text(shared_wheel.stat().st_size)})")
     assert said < done.stderr.index("fetched "), done.stderr

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers.env import subprocess_env
+from helpers.env import run_fi_ffi, subprocess_env
 
 from fi_ffi import loader
 from fi_ffi.loader import cache
@@ -23,15 +23,9 @@ COMMANDS = ("doctor", "fetch", "cache", "lock", "list", "smoke", "launch")
 WHEEL = "tiny-1.0+cu130-py3-none-manylinux_2_28_x86_64.whl"
 
 
-def fi_ffi(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fi_ffi", *args], capture_output=True, text=True, timeout=120, env=subprocess_env(**env)
-    )
-
-
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_subcommand_help_has_a_description_and_examples(command: str) -> None:
-    done = fi_ffi(command, "--help")
+    done = run_fi_ffi(command, "--help")
     assert done.returncode == 0, done.stderr
     usage, description = done.stdout.split("\n\n")[:2]
     assert usage.startswith(f"usage: fi-ffi {command}") and len(description.split()) >= 10
@@ -57,7 +51,7 @@ def test_an_unknown_option_shows_the_subcommands_usage(argv: list[str], capsys: 
 
 
 def test_lock_arguments_have_help_text() -> None:
-    text = fi_ffi("lock", "--help").stdout
+    text = run_fi_ffi("lock", "--help").stdout
     assert re.search(r"WHEEL\s+wheel files \(\.whl\) to pin", text)
     assert re.search(r"--kind \{kernel,runtime\}\s+what the wheels hold", text)
     assert re.search(r"--url URL\s+http\(s\):// or file:// address", text)
@@ -70,7 +64,7 @@ def cached(tmp_path: Path, make_wheel: Callable[..., Path]) -> dict[str, str]:
     lock = tmp_path / "tiny.lock"
     lock.write_text(loader.dump_lock([loader.lock_entry(wheel, kind="kernel")], header="test"))
     env = {"FI_FFI_CACHE_DIR": str(tmp_path / "cache"), "FI_FFI_LOCK": str(lock), "FI_FFI_WHEELHOUSE": ""}
-    done = fi_ffi("fetch", "--json", "--wheel", str(wheel), **env)
+    done = run_fi_ffi("fetch", "--json", "--wheel", str(wheel), **env)
     assert done.returncode == 0, done.stderr
     assert [Path(p).name for p in json.loads(done.stdout)] == [WHEEL]
     return {**env, "wheel": str(wheel)}
@@ -78,20 +72,20 @@ def cached(tmp_path: Path, make_wheel: Callable[..., Path]) -> dict[str, str]:
 
 def test_cache_list_has_a_header_and_json(cached: dict[str, str]) -> None:
     env = {k: v for k, v in cached.items() if k != "wheel"}
-    header, *rows = fi_ffi("cache", "list", **env).stdout.splitlines()
+    header, *rows = run_fi_ffi("cache", "list", **env).stdout.splitlines()
     assert header.split() == ["KIND", "SIZE", "PATH", "DETAIL"] and rows and rows[0].startswith("wheel")
-    data = json.loads(fi_ffi("cache", "list", "--json", **env).stdout)
+    data = json.loads(run_fi_ffi("cache", "list", "--json", **env).stdout)
     assert data[0]["kind"] == "wheel" and data[0]["path"].endswith(WHEEL) and data[0]["size"] > 0
-    assert json.loads(fi_ffi("cache", "path", "--json", **env).stdout) == {"path": env["FI_FFI_CACHE_DIR"]}
+    assert json.loads(run_fi_ffi("cache", "path", "--json", **env).stdout) == {"path": env["FI_FFI_CACHE_DIR"]}
 
 
 def test_cache_verify_and_clear_take_json(cached: dict[str, str]) -> None:
     env = {k: v for k, v in cached.items() if k != "wheel"}
-    verify = fi_ffi("cache", "verify", "--full", "--json", **env)
+    verify = run_fi_ffi("cache", "verify", "--full", "--json", **env)
     assert verify.returncode == 0, verify.stderr
     report = json.loads(verify.stdout)
     assert report["checked"] >= 1 and report["bad"] == [] and report["read_only"] is False
-    clear = fi_ffi("cache", "clear", "--json", **env)
+    clear = run_fi_ffi("cache", "clear", "--json", **env)
     assert clear.returncode == 0, clear.stderr
     cleared = json.loads(clear.stdout)
     assert any(r["path"].endswith(WHEEL) for r in cleared["removed"]) and cleared["failed"] == []
@@ -107,8 +101,8 @@ def test_a_wheelhouse_stamp_is_listed_at_its_own_size(tmp_path: Path, make_wheel
         "FI_FFI_LOCK": str(lock),
         "FI_FFI_WHEELHOUSE": str(wheel.parent),
     }
-    assert fi_ffi("fetch", **env).returncode == 0  # hashes the wheelhouse wheel, uses it in place, stamps it
-    stamps = [e for e in json.loads(fi_ffi("cache", "list", "--json", **env).stdout) if e["kind"] == "stamp"]
+    assert run_fi_ffi("fetch", **env).returncode == 0  # hashes the wheelhouse wheel, uses it in place, stamps it
+    stamps = [e for e in json.loads(run_fi_ffi("cache", "list", "--json", **env).stdout) if e["kind"] == "stamp"]
     assert len(stamps) == 1 and stamps[0]["size"] == Path(stamps[0]["path"]).stat().st_size < 4096
     assert str(wheel) in stamps[0]["detail"]  # the wheel it vouches for, which stays in the wheelhouse
     assert "(1.0 MiB, kept there)" in stamps[0]["detail"]
@@ -117,16 +111,16 @@ def test_a_wheelhouse_stamp_is_listed_at_its_own_size(tmp_path: Path, make_wheel
 def test_quiet_and_verbose(cached: dict[str, str]) -> None:
     env = {k: v for k, v in cached.items() if k != "wheel"}
     # the session sets FI_FFI_QUIET=1: without -v nothing is said; -v logs the copy, before or after the command
-    assert "fi_ffi:" not in fi_ffi("cache", "clear", **env).stderr
+    assert "fi_ffi:" not in run_fi_ffi("cache", "clear", **env).stderr
     for args in (["-v", "fetch", "--wheel", cached["wheel"]], ["fetch", "--wheel", cached["wheel"], "-v"]):
-        fi_ffi("cache", "clear", **env)
-        done = fi_ffi(*args, **env)
+        run_fi_ffi("cache", "clear", **env)
+        done = run_fi_ffi(*args, **env)
         assert done.returncode == 0 and "fi_ffi: copied" in done.stderr, done.stderr
-    fi_ffi("cache", "clear", **env)
-    loud = fi_ffi("fetch", "--wheel", cached["wheel"], **{**env, "FI_FFI_QUIET": "0"})
+    run_fi_ffi("cache", "clear", **env)
+    loud = run_fi_ffi("fetch", "--wheel", cached["wheel"], **{**env, "FI_FFI_QUIET": "0"})
     assert "fi_ffi: copied" in loud.stderr  # unconfigured logging: the progress line is printed
-    fi_ffi("cache", "clear", **env)
-    quiet = fi_ffi("-q", "fetch", "--wheel", cached["wheel"], **{**env, "FI_FFI_QUIET": "0"})
+    run_fi_ffi("cache", "clear", **env)
+    quiet = run_fi_ffi("-q", "fetch", "--wheel", cached["wheel"], **{**env, "FI_FFI_QUIET": "0"})
     assert quiet.returncode == 0 and "fi_ffi:" not in quiet.stderr
 
 

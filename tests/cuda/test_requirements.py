@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.env import subprocess_env
+from helpers.env import run_fi_ffi, subprocess_env
 from helpers.wheels import find_wheel_cu12
 
 from fi_ffi.cuda import driver, requirements
@@ -67,13 +67,7 @@ def fi_ffi(*args: str, library_path: Path | None = None, **env: str) -> subproce
     extra = dict(env)
     if library_path is not None:
         extra["LD_LIBRARY_PATH"] = str(library_path)
-    return subprocess.run(
-        [sys.executable, "-m", "fi_ffi", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=subprocess_env(**extra),
-    )
+    return run_fi_ffi(*args, **extra)
 
 
 def python(code: str, library_path: Path | None = None) -> subprocess.CompletedProcess[str]:

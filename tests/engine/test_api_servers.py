@@ -23,13 +23,10 @@ from typing import Any
 import pytest
 from helpers.env import REPO, subprocess_env
 from helpers.fake_engine import expected_tokens
+from helpers.serve import require_server_stack
 from helpers.text_checkpoints import write_text_checkpoint
 
-pytest.importorskip("tokenizers")
-pytest.importorskip("jinja2")
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
-openai = pytest.importorskip("openai")
+openai = require_server_stack()
 httpx = pytest.importorskip("httpx")
 parser = pytest.importorskip("prometheus_client.parser")
 

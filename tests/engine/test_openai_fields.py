@@ -13,16 +13,12 @@ from typing import Any
 import httpx
 import pytest
 from helpers.fake_engine import reference_run, rule_token
-from helpers.serve import MODEL, WAIT, Served, run_doc_example
+from helpers.serve import MODEL, WAIT, Served, require_server_stack, run_doc_example
 
 from fi_engine.runtime.sampling_params import SamplingParams
 from fi_engine.runtime.stepping import TokenLogprobs
 
-pytest.importorskip("tokenizers")
-pytest.importorskip("jinja2")
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
-openai = pytest.importorskip("openai")
+openai = require_server_stack()
 
 TOL = 1e-12  # logprobs are float64 in the stand-in and travel as JSON's shortest round-trip repr: exact but for ulps
 

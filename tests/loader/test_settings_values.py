@@ -12,20 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.env import subprocess_env
+from helpers.env import run_fi_ffi, subprocess_env
 
 from fi_ffi.errors import LoaderError
 from fi_ffi.loader import settings
 
 
-def fi_ffi(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fi_ffi", *args], capture_output=True, text=True, timeout=120, env=subprocess_env(**env)
-    )
-
-
 def doctor_notes(**env: str) -> dict[str, str]:
-    done = fi_ffi("doctor", "--json", **env)
+    done = run_fi_ffi("doctor", "--json", **env)
     assert done.returncode == 0, done.stderr
     return {row["name"]: row["note"] for row in json.loads(done.stdout)["settings"]}
 
@@ -53,7 +47,7 @@ def test_a_flag_with_another_value_is_an_error_naming_it(monkeypatch: pytest.Mon
 
 def test_offline_maybe_is_refused_at_once_not_retried(tmp_path: Path) -> None:
     start = time.monotonic()
-    done = fi_ffi("fetch", FI_FFI_OFFLINE="maybe", FI_FFI_LOCK="", FI_FFI_CACHE_DIR=str(tmp_path / "cache"))
+    done = run_fi_ffi("fetch", FI_FFI_OFFLINE="maybe", FI_FFI_LOCK="", FI_FFI_CACHE_DIR=str(tmp_path / "cache"))
     assert done.returncode == 2
     assert "FI_FFI_OFFLINE='maybe': expected 1" in done.stderr and "Traceback" not in done.stderr
     assert time.monotonic() - start < 30  # no download attempts (they would retry for longer)
@@ -74,7 +68,7 @@ def test_doctor_flags_bad_values_and_still_exits_zero(tmp_path: Path) -> None:
     assert "expected comma-separated GPU archs" in notes["FI_FFI_SM"]
     assert "expected auto, package, lock or the path" in notes["FI_FFI_RUNTIME"]
     assert notes["FI_FFI_QUIET"] == ""
-    text = fi_ffi("doctor", FI_FFI_LOCK_TIMEOUT="abc").stdout
+    text = run_fi_ffi("doctor", FI_FFI_LOCK_TIMEOUT="abc").stdout
     assert "FI_FFI_LOCK_TIMEOUT=abc   <- FI_FFI_LOCK_TIMEOUT='abc': expected a number" in text
 
 
@@ -105,7 +99,7 @@ def test_a_wheel_named_as_the_wheelhouse_is_refused_where_it_is_read(
 
 def test_a_missing_wheelhouse_is_named_when_a_wheel_is_found_nowhere(tmp_path: Path) -> None:
     missing = tmp_path / "wheelhouse"
-    done = fi_ffi(
+    done = run_fi_ffi(
         "fetch",
         FI_FFI_OFFLINE="1",
         FI_FFI_LOCK="",
@@ -118,11 +112,11 @@ def test_a_missing_wheelhouse_is_named_when_a_wheel_is_found_nowhere(tmp_path: P
 
 
 def test_doctor_checks_the_cache_is_a_writable_folder(tmp_path: Path) -> None:
-    good = json.loads(fi_ffi("doctor", "--json", FI_FFI_CACHE_DIR=str(tmp_path / "new" / "cache")).stdout)
+    good = json.loads(run_fi_ffi("doctor", "--json", FI_FFI_CACHE_DIR=str(tmp_path / "new" / "cache")).stdout)
     assert good["cache_problem"] == ""  # not there yet, but can be made
     plain = tmp_path / "file"
     plain.write_text("x")
-    done = fi_ffi("doctor", FI_FFI_CACHE_DIR=str(plain))
+    done = run_fi_ffi("doctor", FI_FFI_CACHE_DIR=str(plain))
     assert done.returncode == 0
     assert f"PROBLEM:      {plain} is a file, not a folder; set FI_FFI_CACHE_DIR to a folder" in done.stdout
     if os.geteuid() != 0:  # root writes anywhere
@@ -130,7 +124,7 @@ def test_doctor_checks_the_cache_is_a_writable_folder(tmp_path: Path) -> None:
         locked.mkdir()
         locked.chmod(0o500)
         try:
-            data = json.loads(fi_ffi("doctor", "--json", FI_FFI_CACHE_DIR=str(locked)).stdout)
+            data = json.loads(run_fi_ffi("doctor", "--json", FI_FFI_CACHE_DIR=str(locked)).stdout)
             assert "is a folder this user cannot write" in data["cache_problem"]
         finally:
             locked.chmod(0o700)
@@ -177,7 +171,7 @@ def test_commands_name_a_bad_setting_before_any_download(
         pytest.skip("needs /proc")
     env = {"FI_FFI_LOCK": "", "FI_FFI_WHEELHOUSE": "", "FI_FFI_CACHE_DIR": str(tmp_path / "cache")}
     env[name] = _value(value, tmp_path)  # the packaged lock, nothing at hand: a download would be next
-    done = fi_ffi(*command, **env)
+    done = run_fi_ffi(*command, **env)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.startswith(f"fi-ffi {command[0]}: {name}="), done.stderr
     assert message in done.stderr and "fi-ffi doctor" in done.stderr
@@ -196,7 +190,7 @@ def test_cache_commands_refuse_a_cache_folder_as_fetch_does(
     # `cache list`/`verify`/`clear` said "the cache /proc/x is empty" (exit 0) where `fetch` and `list` refused it
     if value.startswith("/proc/") and not Path("/proc").is_dir():
         pytest.skip("needs /proc")
-    done = fi_ffi("cache", action, **{name: _value(value, tmp_path)})
+    done = run_fi_ffi("cache", action, **{name: _value(value, tmp_path)})
     assert done.returncode == 2 and done.stdout == "", done.stdout
     assert done.stderr.startswith(f"fi-ffi cache: {name}="), done.stderr
     assert message in done.stderr and "fi-ffi doctor" in done.stderr and "Traceback" not in done.stderr
@@ -233,7 +227,7 @@ def test_an_op_refuses_a_bad_setting_instead_of_ignoring_it(shared_wheel: Path, 
 def test_doctor_names_a_cache_folder_that_cannot_be_made() -> None:
     if not Path("/proc").is_dir():
         pytest.skip("needs /proc")
-    done = fi_ffi("doctor", "--json", FI_FFI_CACHE_DIR="/proc/fi_ffi_cache")
+    done = run_fi_ffi("doctor", "--json", FI_FFI_CACHE_DIR="/proc/fi_ffi_cache")
     data = json.loads(done.stdout)
     # root passes every permission check here, yet nothing can be made under /proc: tried, not guessed
     assert "/proc/fi_ffi_cache does not exist and cannot be made in /proc" in data["cache_problem"]

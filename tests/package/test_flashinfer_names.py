@@ -53,6 +53,76 @@ ADDED: dict[str, str] = {
     "out": "fi_ffi never allocates the result of a descriptor call: the caller passes it (flashinfer allocates)",
 }
 
+
+def _why(reason: str, *names: str) -> dict[str, str]:
+    """``reason`` for each of ``names``: the entries of a reason several parameters share."""
+    return dict.fromkeys(names, reason)
+
+
+# Reasons several entries of NOT_SUPPORTED share.
+_HOST_SYNC = "a host synchronization per call (fi_ffi never synchronizes)"
+_FP8 = "FP8 dequantization scales: the FP8 modules fi_ffi pins fold none"
+_TRTLLM = "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only"
+_LSE = "fi_ffi returns the LSE in place: pass lse="
+_PLAN_WINDOW = "fixed by the plan's module (window_left is a plan setting)"
+_SINKS = "attention sinks: batch_attention_sink_run"
+_HOST_ONLY = "fi_ffi copies nothing host to device (the plan reads host arrays only)"
+_PACKED_MASK = "fi_ffi takes the mask packed (packed_custom_mask, from pack_custom_mask), never unpacked"
+_QKV_SCALES = _why(_FP8, "q_scale", "k_scale", "v_scale")
+# what both batch prefill plans lack (each lacks one or two trtllm-gen arguments more)
+_PREFILL_PLAN = {
+    "custom_mask": _PACKED_MASK,
+    "non_blocking": _HOST_ONLY,
+    **_why(
+        "multi-item scoring: not in the modules fi_ffi pins",
+        "prefix_len_ptr",
+        "token_pos_in_items_ptr",
+        "token_pos_in_items_len",
+        "max_item_len_ptr",
+    ),
+    **_why(_TRTLLM, "seq_lens", "seq_lens_q", "max_token_per_sequence", "max_sequence_kv"),
+}
+# what both sink plans lack: a batch prefill plan's, and the settings the sink modules fix
+_SINK_PLAN = {
+    "head_dim_vo": "the sink modules have equal qk and vo head dims",
+    "packed_custom_mask": "the sink modules have no custom mask",
+    "pos_encoding_mode": "the sink modules have no position encoding",
+    "use_fp16_qk_reduction": "the sink modules have no fp16 QK reduction",
+    "logits_soft_cap": "the sink modules have no soft cap",
+    **_why("the sink modules have no RoPE", "rope_scale", "rope_theta"),
+    **_why("the sink modules have one dtype for q, kv and o (q_data_type)", "kv_data_type", "o_data_type"),
+    **_why("the sink plans always split as the planner chooses", "fixed_split_size", "disable_split_kv"),
+    **_PREFILL_PLAN,
+}
+
+# Reasons the attention entries of ADDED_FOR share.
+_WORKSPACE = "the plan's buffers (fi_ffi.Workspace): flashinfer's wrapper holds them from __init__"
+_WRAPPER_INIT = "flashinfer's wrapper takes it in __init__ (plan/run are functions here)"
+_GRAPH_INIT = "flashinfer's wrapper takes use_cuda_graph in __init__ (plan/run are functions here)"
+_ALIBI = "the ALiBi slopes of a pos_encoding_mode='ALIBI' module: flashinfer computes them itself"
+_PLAN = "the plan (a value): flashinfer's wrapper holds its schedule as self"
+_DEVICE_COPY = "the device copy flashinfer's wrapper makes at plan time: fi_ffi copies nothing"
+_SINGLE_OUTPUTS = {
+    "tmp": "the split-KV scratch buffer: flashinfer allocates it",
+    "lse": "the LSE output: flashinfer allocates and returns it (return_lse=True)",
+    "alibi_slopes": _ALIBI,
+}
+_SINK_PLAN_ADDS = {
+    "workspace": _WORKSPACE,
+    "kv_layout": _WRAPPER_INIT,
+    "backend": _WRAPPER_INIT,
+    "enable_cuda_graph": _GRAPH_INIT,
+}
+_PREFILL_PLAN_ADDS = {
+    **_SINK_PLAN_ADDS,
+    "mask_indptr": "the packed mask's per-request byte offsets: flashinfer computes them on the device",
+    "alibi_slopes": _ALIBI,
+    "max_total_num_rows": "the row bound of a CUDA-graph plan: flashinfer sizes it from its __init__ buffers",
+    "uniform_q_len": "FlashInfer 0.7's uniform query length promise for CUDA-graph plans",
+}
+_RAGGED_RUN_ADDS = {"plan": _PLAN, **_why(_DEVICE_COPY, "qo_indptr", "kv_indptr")}
+_PAGED_RUN_ADDS = {**_RAGGED_RUN_ADDS, **_why(_DEVICE_COPY, "kv_indices", "kv_last_page_len")}
+
 # Keyword-only parameters one op adds (rule 4), by fi_ffi op name.
 ADDED_FOR: dict[str, dict[str, str]] = {
     # ---- non-attention families (branch h-port)
@@ -64,10 +134,15 @@ ADDED_FOR: dict[str, dict[str, str]] = {
     "segment_packbits": {"output_indptr": "the output's segment offsets: flashinfer computes them on the device"},
     "softmax": {"workspace": "the kernel's scratch buffer (softmax_workspace_size): flashinfer allocates it"},
     "sampling_from_probs": {"valid": "FlashInfer 0.7's per-row success flags (the 0.7 module requires it)"},
-    "top_p_sampling_from_probs": {"valid": "FlashInfer 0.7's per-row success flags"},
-    "top_k_sampling_from_probs": {"valid": "FlashInfer 0.7's per-row success flags"},
-    "min_p_sampling_from_probs": {"valid": "FlashInfer 0.7's per-row success flags"},
-    "top_k_top_p_sampling_from_probs": {"valid": "FlashInfer 0.7's per-row success flags"},
+    **{
+        op: {"valid": "FlashInfer 0.7's per-row success flags"}
+        for op in (
+            "top_p_sampling_from_probs",
+            "top_k_sampling_from_probs",
+            "min_p_sampling_from_probs",
+            "top_k_top_p_sampling_from_probs",
+        )
+    },
     "top_p_renorm_probs": {
         "workspace": "FlashInfer 0.7's scratch buffer (top_p_renorm_workspace_size)",
         "is_deterministic": "FlashInfer 0.7's deterministic renormalization",
@@ -82,8 +157,10 @@ ADDED_FOR: dict[str, dict[str, str]] = {
         "indices": "the top-k indices: flashinfer returns them",
         "row_states_buffer": "the kernel's per-row scratch: flashinfer allocates it",
     },
-    "top_k_page_table_transform": {"row_states_buffer": "the kernel's per-row scratch: flashinfer allocates it"},
-    "top_k_ragged_transform": {"row_states_buffer": "the kernel's per-row scratch: flashinfer allocates it"},
+    **{
+        op: {"row_states_buffer": "the kernel's per-row scratch: flashinfer allocates it"}
+        for op in ("top_k_page_table_transform", "top_k_ragged_transform")
+    },
     "segment_gemm": {
         "workspace": "the plan's buffers (fi_ffi.Workspace): flashinfer's wrapper holds them from __init__",
         "backend": "the kernel family: flashinfer's wrapper takes it in __init__ (plan/run are functions here)",
@@ -96,91 +173,29 @@ ADDED_FOR: dict[str, dict[str, str]] = {
     "selective_state_update": {"backend": "the kernel family (sm90 / base): flashinfer picks it from the device"},
     # ---- attention (branch h-portattn fills this section)
     "batch_decode_plan": {
-        "workspace": "the plan's buffers (fi_ffi.Workspace): flashinfer's wrapper holds them from __init__",
-        "kv_layout": "flashinfer's wrapper takes it in __init__ (plan/run are functions here)",
-        "enable_cuda_graph": "flashinfer's wrapper takes use_cuda_graph in __init__ (plan/run are functions here)",
-        "alibi_slopes": "the ALiBi slopes of a pos_encoding_mode='ALIBI' module: flashinfer computes them itself",
+        "workspace": _WORKSPACE,
+        "kv_layout": _WRAPPER_INIT,
+        "enable_cuda_graph": _GRAPH_INIT,
+        "alibi_slopes": _ALIBI,
     },
-    "batch_decode_run": {
-        "plan": "the plan (a value): flashinfer's wrapper holds its schedule as self",
-        "kv_indptr": "the device copy flashinfer's wrapper makes at plan time: fi_ffi copies nothing",
-        "kv_indices": "the device copy flashinfer's wrapper makes at plan time: fi_ffi copies nothing",
-        "kv_last_page_len": "the device copy flashinfer's wrapper makes at plan time: fi_ffi copies nothing",
-    },
-    "single_decode": {
-        "tmp": "the split-KV scratch buffer: flashinfer allocates it",
-        "lse": "the LSE output: flashinfer allocates and returns it (return_lse=True)",
-        "alibi_slopes": "the ALiBi slopes of a pos_encoding_mode='ALIBI' module: flashinfer computes them itself",
-    },
-    "single_prefill": {
-        "tmp": "the split-KV scratch buffer: flashinfer allocates it",
-        "lse": "the LSE output: flashinfer allocates and returns it (return_lse=True)",
-        "alibi_slopes": "the ALiBi slopes of a pos_encoding_mode='ALIBI' module: flashinfer computes them itself",
-    },
-    "batch_prefill_ragged_plan": {
-        "workspace": "the plan's buffers (fi_ffi.Workspace): flashinfer's wrapper holds them from __init__",
-        "mask_indptr": "the packed mask's per-request byte offsets: flashinfer computes them on the device",
-        "kv_layout": "flashinfer's wrapper takes it in __init__ (plan/run are functions here)",
-        "alibi_slopes": "the ALiBi slopes of a pos_encoding_mode='ALIBI' module: flashinfer computes them itself",
-        "backend": "flashinfer's wrapper takes it in __init__ (plan/run are functions here)",
-        "enable_cuda_graph": "flashinfer's wrapper takes use_cuda_graph in __init__ (plan/run are functions here)",
-        "max_total_num_rows": "the row bound of a CUDA-graph plan: flashinfer sizes it from its __init__ buffers",
-        "uniform_q_len": "FlashInfer 0.7's uniform query length promise for CUDA-graph plans",
-    },
-    "batch_prefill_paged_plan": {
-        "workspace": "the plan's buffers (fi_ffi.Workspace): flashinfer's wrapper holds them from __init__",
-        "mask_indptr": "the packed mask's per-request byte offsets: flashinfer computes them on the device",
-        "kv_layout": "flashinfer's wrapper takes it in __init__ (plan/run are functions here)",
-        "alibi_slopes": "the ALiBi slopes of a pos_encoding_mode='ALIBI' module: flashinfer computes them itself",
-        "backend": "flashinfer's wrapper takes it in __init__ (plan/run are functions here)",
-        "enable_cuda_graph": "flashinfer's wrapper takes use_cuda_graph in __init__ (plan/run are functions here)",
-        "max_total_num_rows": "the row bound of a CUDA-graph plan: flashinfer sizes it from its __init__ buffers",
-        "uniform_q_len": "FlashInfer 0.7's uniform query length promise for CUDA-graph plans",
-    },
-    "batch_prefill_ragged_run": {
-        "plan": "the plan (a value): flashinfer's wrapper holds its schedule as self",
-        "qo_indptr": "the device copy flashinfer's wrapper makes at plan time: fi_ffi copies nothing",
-        "kv_indptr": "the device copy flashinfer's wrapper makes at plan time: fi_ffi copies nothing",
-    },
-    "batch_prefill_paged_run": {
-        "plan": "the plan (a value): flashinfer's wrapper holds its schedule as self",
-        "qo_indptr": "the device copy flashinfer's wrapper makes at plan time: fi_ffi copies nothing",
-        "kv_indptr": "the device copy flashinfer's wrapper makes at plan time: fi_ffi copies nothing",
-        "kv_indices": "the device copy flashinfer's wrapper makes at plan time: fi_ffi copies nothing",
-        "kv_last_page_len": "the device copy flashinfer's wrapper makes at plan time: fi_ffi copies nothing",
-    },
-    "batch_attention_sink_plan": {
-        "workspace": "the plan's buffers (fi_ffi.Workspace): flashinfer's wrapper holds them from __init__",
-        "kv_layout": "flashinfer's wrapper takes it in __init__ (plan/run are functions here)",
-        "backend": "flashinfer's wrapper takes it in __init__ (plan/run are functions here)",
-        "enable_cuda_graph": "flashinfer's wrapper takes use_cuda_graph in __init__ (plan/run are functions here)",
-    },
-    "batch_attention_sink_ragged_plan": {
-        "workspace": "the plan's buffers (fi_ffi.Workspace): flashinfer's wrapper holds them from __init__",
-        "kv_layout": "flashinfer's wrapper takes it in __init__ (plan/run are functions here)",
-        "backend": "flashinfer's wrapper takes it in __init__ (plan/run are functions here)",
-        "enable_cuda_graph": "flashinfer's wrapper takes use_cuda_graph in __init__ (plan/run are functions here)",
-    },
-    "batch_attention_sink_run": {
-        "plan": "the plan (a value): flashinfer's wrapper holds its schedule as self",
-        "qo_indptr": "the device copy flashinfer's wrapper makes at plan time: fi_ffi copies nothing",
-        "kv_indptr": "the device copy flashinfer's wrapper makes at plan time: fi_ffi copies nothing",
-        "kv_indices": "the device copy flashinfer's wrapper makes at plan time: fi_ffi copies nothing",
-        "kv_last_page_len": "the device copy flashinfer's wrapper makes at plan time: fi_ffi copies nothing",
-    },
+    "batch_decode_run": {"plan": _PLAN, **_why(_DEVICE_COPY, "kv_indptr", "kv_indices", "kv_last_page_len")},
+    "single_decode": _SINGLE_OUTPUTS,
+    "single_prefill": _SINGLE_OUTPUTS,
+    "batch_prefill_ragged_plan": _PREFILL_PLAN_ADDS,
+    "batch_prefill_paged_plan": _PREFILL_PLAN_ADDS,
+    "batch_prefill_ragged_run": _RAGGED_RUN_ADDS,
+    "batch_prefill_paged_run": _PAGED_RUN_ADDS,
+    "batch_attention_sink_plan": _SINK_PLAN_ADDS,
+    "batch_attention_sink_ragged_plan": _SINK_PLAN_ADDS,
+    "batch_attention_sink_run": _PAGED_RUN_ADDS,
     "batch_attention_sink_ragged_run": {
-        "plan": "the plan (a value): flashinfer's wrapper holds its schedule as self",
-        "qo_indptr": "the device copy flashinfer's wrapper makes at plan time: fi_ffi copies nothing",
-        "kv_indptr": "the device copy flashinfer's wrapper makes at plan time: fi_ffi copies nothing",
+        **_RAGGED_RUN_ADDS,
         "sinks": "each head's sink logit (flashinfer's ragged prefill run has no sinks; its sink wrapper's do)",
     },
-    "batch_mla_plan": {
-        "workspace": "the plan's buffers (fi_ffi.Workspace): flashinfer's wrapper holds them from __init__",
-        "backend": "flashinfer's wrapper takes it in __init__ (plan/run are functions here)",
-    },
+    "batch_mla_plan": {"workspace": _WORKSPACE, "backend": _WRAPPER_INIT},
     "batch_mla_run": {
-        "plan": "the plan (a value): flashinfer's wrapper holds its schedule as self",
-        "kv_indices": "the device copy flashinfer's wrapper makes at plan time: fi_ffi copies nothing",
+        "plan": _PLAN,
+        "kv_indices": _DEVICE_COPY,
         "ckv_scale": "FlashInfer 0.7's FP8 dequantization factor of the ckv cache",
         "kpe_scale": "FlashInfer 0.7's FP8 dequantization factor of the kpe cache",
         "ckv_scale_arr": "FlashInfer 0.7's per-tensor FP8 factors on the device",
@@ -192,16 +207,22 @@ ADDED_FOR: dict[str, dict[str, str]] = {
     },
 }
 
+
 # flashinfer parameters an op does not take (rule 5), by fi_ffi op name: parameter -> why.
 NOT_SUPPORTED: dict[str, dict[str, str]] = {
     # ---- non-attention families (branch h-port)
-    "sampling_from_probs": {"check_nan": "a host synchronization per call (fi_ffi never synchronizes)"},
-    "sampling_from_logits": {"check_nan": "a host synchronization per call (fi_ffi never synchronizes)"},
-    "top_p_sampling_from_probs": {"check_nan": "a host synchronization per call (fi_ffi never synchronizes)"},
-    "top_k_sampling_from_probs": {"check_nan": "a host synchronization per call (fi_ffi never synchronizes)"},
-    "min_p_sampling_from_probs": {"check_nan": "a host synchronization per call (fi_ffi never synchronizes)"},
+    **{
+        op: {"check_nan": _HOST_SYNC}
+        for op in (
+            "sampling_from_probs",
+            "sampling_from_logits",
+            "top_p_sampling_from_probs",
+            "top_k_sampling_from_probs",
+            "min_p_sampling_from_probs",
+        )
+    },
     "top_k_top_p_sampling_from_probs": {
-        "check_nan": "a host synchronization per call (fi_ffi never synchronizes)",
+        "check_nan": _HOST_SYNC,
         "filter_apply_order": "fi_ffi runs the fused joint kernel only (flashinfer's 'joint'; 'top_k_first' is"
         " two torch calls)",
     },
@@ -214,139 +235,44 @@ NOT_SUPPORTED: dict[str, dict[str, str]] = {
     # ---- attention (branch h-portattn fills this section)
     "batch_decode_plan": {
         "data_type": "flashinfer's deprecated alias of q_data_type/kv_data_type",
-        "non_blocking": "fi_ffi copies nothing host to device (the plan reads host arrays only)",
-        "block_tables": "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only",
-        "seq_lens": "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only",
-        "fixed_split_size": "FlashInfer 0.6.3's batch decode plan entry point has no split-KV controls",
-        "disable_split_kv": "FlashInfer 0.6.3's batch decode plan entry point has no split-KV controls",
+        "non_blocking": _HOST_ONLY,
+        **_why(_TRTLLM, "block_tables", "seq_lens"),
+        **_why(
+            "FlashInfer 0.6.3's batch decode plan entry point has no split-KV controls",
+            "fixed_split_size",
+            "disable_split_kv",
+        ),
     },
     "batch_decode_run": {
-        "q_scale": "FP8 dequantization scales: the FP8 modules fi_ffi pins fold none",
-        "k_scale": "FP8 dequantization scales: the FP8 modules fi_ffi pins fold none",
-        "v_scale": "FP8 dequantization scales: the FP8 modules fi_ffi pins fold none",
-        "return_lse": "fi_ffi returns the LSE in place: pass lse=",
-        "window_left": "fixed by the plan's module (window_left is a plan setting)",
-        "sinks": "attention sinks: batch_attention_sink_run",
-        "q_len_per_req": "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only",
+        **_QKV_SCALES,
+        "return_lse": _LSE,
+        "window_left": _PLAN_WINDOW,
+        "sinks": _SINKS,
+        "q_len_per_req": _TRTLLM,
     },
     "single_decode": {
         "use_tensor_cores": "the prefill kernels for decode: single_prefill",
-        "q_scale": "FP8 dequantization scales: the FP8 modules fi_ffi pins fold none",
-        "k_scale": "FP8 dequantization scales: the FP8 modules fi_ffi pins fold none",
-        "v_scale": "FP8 dequantization scales: the FP8 modules fi_ffi pins fold none",
-        "return_lse": "fi_ffi returns the LSE in place: pass lse=",
+        **_QKV_SCALES,
+        "return_lse": _LSE,
     },
     "single_prefill": {
-        "scale_q": "FP8 dequantization scales: the FP8 modules fi_ffi pins fold none",
-        "scale_k": "FP8 dequantization scales: the FP8 modules fi_ffi pins fold none",
-        "scale_v": "FP8 dequantization scales: the FP8 modules fi_ffi pins fold none",
+        **_why(_FP8, "scale_q", "scale_k", "scale_v"),
         "o_dtype": "out's dtype selects the module (fi_ffi never allocates out)",
-        "custom_mask": "fi_ffi takes the mask packed (packed_custom_mask, from pack_custom_mask), never unpacked",
+        "custom_mask": _PACKED_MASK,
         "backend": "the single prefill modules are FA2 only",
-        "return_lse": "fi_ffi returns the LSE in place: pass lse=",
+        "return_lse": _LSE,
     },
-    "batch_prefill_ragged_plan": {
-        "custom_mask": "fi_ffi takes the mask packed (packed_custom_mask, from pack_custom_mask), never unpacked",
-        "non_blocking": "fi_ffi copies nothing host to device (the plan reads host arrays only)",
-        "prefix_len_ptr": "multi-item scoring: not in the modules fi_ffi pins",
-        "token_pos_in_items_ptr": "multi-item scoring: not in the modules fi_ffi pins",
-        "token_pos_in_items_len": "multi-item scoring: not in the modules fi_ffi pins",
-        "max_item_len_ptr": "multi-item scoring: not in the modules fi_ffi pins",
-        "seq_lens": "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only",
-        "seq_lens_q": "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only",
-        "max_token_per_sequence": "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only",
-        "max_sequence_kv": "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only",
-        "v_indptr": "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only",
-        "o_indptr": "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only",
-    },
-    "batch_prefill_paged_plan": {
-        "custom_mask": "fi_ffi takes the mask packed (packed_custom_mask, from pack_custom_mask), never unpacked",
-        "non_blocking": "fi_ffi copies nothing host to device (the plan reads host arrays only)",
-        "prefix_len_ptr": "multi-item scoring: not in the modules fi_ffi pins",
-        "token_pos_in_items_ptr": "multi-item scoring: not in the modules fi_ffi pins",
-        "token_pos_in_items_len": "multi-item scoring: not in the modules fi_ffi pins",
-        "max_item_len_ptr": "multi-item scoring: not in the modules fi_ffi pins",
-        "seq_lens": "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only",
-        "seq_lens_q": "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only",
-        "max_token_per_sequence": "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only",
-        "max_sequence_kv": "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only",
-        "block_tables": "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only",
-    },
-    "batch_prefill_ragged_run": {
-        "o_scale": "FP8 dequantization scales: the FP8 modules fi_ffi pins fold none",
-        "return_lse": "fi_ffi returns the LSE in place: pass lse=",
-    },
-    "batch_prefill_paged_run": {
-        "return_lse": "fi_ffi returns the LSE in place: pass lse=",
-        "window_left": "fixed by the plan's module (window_left is a plan setting)",
-        "sinks": "attention sinks: batch_attention_sink_run",
-    },
-    "batch_attention_sink_plan": {
-        "head_dim_vo": "the sink modules have equal qk and vo head dims",
-        "packed_custom_mask": "the sink modules have no custom mask",
-        "pos_encoding_mode": "the sink modules have no position encoding",
-        "use_fp16_qk_reduction": "the sink modules have no fp16 QK reduction",
-        "logits_soft_cap": "the sink modules have no soft cap",
-        "rope_scale": "the sink modules have no RoPE",
-        "rope_theta": "the sink modules have no RoPE",
-        "kv_data_type": "the sink modules have one dtype for q, kv and o (q_data_type)",
-        "o_data_type": "the sink modules have one dtype for q, kv and o (q_data_type)",
-        "fixed_split_size": "the sink plans always split as the planner chooses",
-        "disable_split_kv": "the sink plans always split as the planner chooses",
-        "custom_mask": "fi_ffi takes the mask packed (packed_custom_mask, from pack_custom_mask), never unpacked",
-        "non_blocking": "fi_ffi copies nothing host to device (the plan reads host arrays only)",
-        "prefix_len_ptr": "multi-item scoring: not in the modules fi_ffi pins",
-        "token_pos_in_items_ptr": "multi-item scoring: not in the modules fi_ffi pins",
-        "token_pos_in_items_len": "multi-item scoring: not in the modules fi_ffi pins",
-        "max_item_len_ptr": "multi-item scoring: not in the modules fi_ffi pins",
-        "seq_lens": "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only",
-        "seq_lens_q": "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only",
-        "max_token_per_sequence": "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only",
-        "max_sequence_kv": "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only",
-        "block_tables": "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only",
-    },
-    "batch_attention_sink_ragged_plan": {
-        "head_dim_vo": "the sink modules have equal qk and vo head dims",
-        "packed_custom_mask": "the sink modules have no custom mask",
-        "pos_encoding_mode": "the sink modules have no position encoding",
-        "use_fp16_qk_reduction": "the sink modules have no fp16 QK reduction",
-        "logits_soft_cap": "the sink modules have no soft cap",
-        "rope_scale": "the sink modules have no RoPE",
-        "rope_theta": "the sink modules have no RoPE",
-        "kv_data_type": "the sink modules have one dtype for q, kv and o (q_data_type)",
-        "o_data_type": "the sink modules have one dtype for q, kv and o (q_data_type)",
-        "fixed_split_size": "the sink plans always split as the planner chooses",
-        "disable_split_kv": "the sink plans always split as the planner chooses",
-        "custom_mask": "fi_ffi takes the mask packed (packed_custom_mask, from pack_custom_mask), never unpacked",
-        "non_blocking": "fi_ffi copies nothing host to device (the plan reads host arrays only)",
-        "prefix_len_ptr": "multi-item scoring: not in the modules fi_ffi pins",
-        "token_pos_in_items_ptr": "multi-item scoring: not in the modules fi_ffi pins",
-        "token_pos_in_items_len": "multi-item scoring: not in the modules fi_ffi pins",
-        "max_item_len_ptr": "multi-item scoring: not in the modules fi_ffi pins",
-        "seq_lens": "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only",
-        "seq_lens_q": "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only",
-        "max_token_per_sequence": "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only",
-        "max_sequence_kv": "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only",
-        "v_indptr": "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only",
-        "o_indptr": "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only",
-    },
-    "batch_attention_sink_run": {
-        "q_scale": "FP8 dequantization scales: the FP8 modules fi_ffi pins fold none",
-        "k_scale": "FP8 dequantization scales: the FP8 modules fi_ffi pins fold none",
-        "v_scale": "FP8 dequantization scales: the FP8 modules fi_ffi pins fold none",
-        "return_lse": "fi_ffi returns the LSE in place: pass lse=",
-        "window_left": "fixed by the plan's module (window_left is a plan setting)",
-    },
-    "batch_attention_sink_ragged_run": {
-        "q_scale": "FP8 dequantization scales: the FP8 modules fi_ffi pins fold none",
-        "k_scale": "FP8 dequantization scales: the FP8 modules fi_ffi pins fold none",
-        "v_scale": "FP8 dequantization scales: the FP8 modules fi_ffi pins fold none",
-        "o_scale": "FP8 dequantization scales: the FP8 modules fi_ffi pins fold none",
-        "return_lse": "fi_ffi returns the LSE in place: pass lse=",
-    },
+    "batch_prefill_ragged_plan": {**_PREFILL_PLAN, **_why(_TRTLLM, "v_indptr", "o_indptr")},
+    "batch_prefill_paged_plan": {**_PREFILL_PLAN, "block_tables": _TRTLLM},
+    "batch_prefill_ragged_run": {"o_scale": _FP8, "return_lse": _LSE},
+    "batch_prefill_paged_run": {"return_lse": _LSE, "window_left": _PLAN_WINDOW, "sinks": _SINKS},
+    "batch_attention_sink_plan": {**_SINK_PLAN, "block_tables": _TRTLLM},
+    "batch_attention_sink_ragged_plan": {**_SINK_PLAN, **_why(_TRTLLM, "v_indptr", "o_indptr")},
+    "batch_attention_sink_run": {**_QKV_SCALES, "return_lse": _LSE, "window_left": _PLAN_WINDOW},
+    "batch_attention_sink_ragged_run": {**_QKV_SCALES, "o_scale": _FP8, "return_lse": _LSE},
     "batch_mla_plan": {"use_profiler": "the profiler modules are not pinned"},
     "batch_mla_run": {
-        "return_lse": "fi_ffi returns the LSE in place: pass lse=",
+        "return_lse": _LSE,
         "profiler_buffer": "the profiler modules are not pinned",
         "kv_len": "the cutlass MLA backend: not pinned",
         "page_table": "the cutlass MLA backend: not pinned",

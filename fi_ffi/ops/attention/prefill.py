@@ -783,6 +783,72 @@ def batch_prefill_paged_plan(
     )
 
 
+def plan_lengths(
+    mode: str, qo_indptr: Any, kv_indptr: Any, kv_indices: Any, kv_last_page_len: Any, page_size: Any
+) -> tuple[Any, int, int, Any, int, Any]:
+    """A batch prefill plan's host arrays, checked: ``(qo, rows, batch_size, kv, kv_extent, kv_lens)``.
+
+    ``qo``/``kv``: the indptr arrays (``kv`` counts pages in ``"paged"`` mode, tokens in ``"ragged"``); ``rows``:
+    ``qo[-1]``; ``kv_extent``: ``kv[-1]``; ``kv_lens``: each request's KV length in tokens (int32 ``[batch_size]``,
+    from ``kv_last_page_len`` and ``page_size`` in paged mode). ``kv_indices`` (paged, optional) is checked
+    against the extent.
+    """
+    qo = host_array("qo_indptr", qo_indptr)
+    rows = check_indptr("qo_indptr", qo)
+    batch = qo.shape[0] - 1
+    kv_name = "paged_kv_indptr" if mode == "paged" else "kv_indptr"
+    kv = host_array(kv_name, kv_indptr)
+    extent = check_indptr(kv_name, kv, batch)
+    if mode != "paged":
+        return qo, rows, batch, kv, extent, kv[1:] - kv[:-1]
+    if kv_indices is not None:
+        check_indices("paged_kv_indices", host_array("paged_kv_indices", kv_indices), extent)
+    if kv_last_page_len is None:
+        raise ValueError("paged_kv_last_page_len: required for a paged plan (host int32 [batch_size])")
+    last = host_array("paged_kv_last_page_len", kv_last_page_len)
+    kv_lens = check_last_page_len("paged_kv_last_page_len", last, kv, S.count("page_size", page_size), lengths=True)
+    assert kv_lens is not None
+    return qo, rows, batch, kv, extent, kv_lens
+
+
+def call_prefill_plan(
+    ws: Workspace,
+    s: PlanSettings,
+    stream: Any,
+    qo: Any,
+    kv: Any,
+    kv_lens: Any,
+    total_rows: int,
+    batch: int,
+    extra: dict[str, Any],
+) -> tuple[Any, int]:
+    """The batch prefill plan call of settings ``s`` on ``ws`` (arrays from :func:`plan_lengths`; ``total_rows``:
+    the rows the schedule covers; ``extra``: the FA2 planner's keyword arguments): ``(info, generation)`` as
+    :func:`~.plan_call.call_plan` returns them."""
+    return call_plan(
+        ws,
+        s.plan,
+        stream,
+        ws.float_buffer,
+        ws.int_buffer,
+        ws.pinned_buffer,
+        host_tensor(qo),
+        host_tensor(kv),
+        host_tensor(kv_lens),
+        total_rows,
+        batch,
+        s.num_qo_heads,
+        s.num_kv_heads,
+        s.page_size,
+        s.enable_cuda_graph,
+        s.head_dim_qk,
+        s.head_dim_vo,
+        s.mask_mode == MASK_CAUSAL,
+        s.window_left,
+        **extra,
+    )
+
+
 def _plan(
     mode: str,
     workspace: Workspace,
@@ -805,22 +871,9 @@ def _plan(
             "packed_custom_mask, mask_indptr: pass both (packed bits and per-request byte offsets) or neither"
         )
     # every argument is checked before the settings resolve the module (which may fetch the kernel wheel)
-    qo = host_array("qo_indptr", qo_indptr)
-    rows = check_indptr("qo_indptr", qo)
-    batch = qo.shape[0] - 1
-    kv_name = "paged_kv_indptr" if mode == "paged" else "kv_indptr"
-    kv = host_array(kv_name, kv_indptr)
-    extent_ = check_indptr(kv_name, kv, batch)
-    if mode == "paged":
-        if kv_indices is not None:
-            check_indices("paged_kv_indices", host_array("paged_kv_indices", kv_indices), extent_)
-        if kv_last_page_len is None:
-            raise ValueError("paged_kv_last_page_len: required for a paged plan (host int32 [batch_size])")
-        last = host_array("paged_kv_last_page_len", kv_last_page_len)
-        kv_lens = check_last_page_len("paged_kv_last_page_len", last, kv, S.count("page_size", args[3]), lengths=True)
-    else:
-        kv_lens = kv[1:] - kv[:-1]
-    assert kv_lens is not None
+    qo, rows, batch, kv, extent_, kv_lens = plan_lengths(
+        mode, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, args[3]
+    )
     total_rows = rows
     if max_total_num_rows is not None:
         total_rows = S.count("max_total_num_rows", max_total_num_rows)
@@ -849,28 +902,7 @@ def _plan(
         uniform = _uniform_q_len(uniform_q_len, qo, s)
         if uniform:
             extra["uniform_q_len"] = uniform
-    info, generation = call_plan(
-        ws,
-        s.plan,
-        stream,
-        ws.float_buffer,
-        ws.int_buffer,
-        ws.pinned_buffer,
-        host_tensor(qo),
-        host_tensor(kv),
-        host_tensor(kv_lens),
-        total_rows,
-        batch,
-        s.num_qo_heads,
-        s.num_kv_heads,
-        s.page_size,
-        s.enable_cuda_graph,
-        s.head_dim_qk,
-        s.head_dim_vo,
-        s.mask_mode == MASK_CAUSAL,
-        s.window_left,
-        **extra,
-    )
+    info, generation = call_prefill_plan(ws, s, stream, qo, kv, kv_lens, total_rows, batch, extra)
     return Plan.make(info, ws, generation, s, batch, rows, extent_, inputs)
 
 

@@ -39,11 +39,20 @@ from ...tensor.protocols import IndexLike, StreamLike, TensorLike, TensorT
 from . import attention_checks as AC
 from . import plan_settings as S
 from .common import check_kv_tokens, check_pages, check_rows, check_workspace, kv_pair, runnable
-from .host_index import check_indices, check_indptr, check_last_page_len, host_array, host_tensor
 from .plan import Plan
-from .plan_call import call_plan
 from .plan_settings import MASK_CAUSAL, MASK_NONE, AttentionBackend, AttentionDType, KVLayout, PlanSettings
-from .prefill import FA2_PLAN, FA3_PLAN, PAGED_KV, RAGGED_KV, RUN_HEAD, RUN_MID, check_paged_run, check_ragged_run
+from .prefill import (
+    FA2_PLAN,
+    FA3_PLAN,
+    PAGED_KV,
+    RAGGED_KV,
+    RUN_HEAD,
+    RUN_MID,
+    call_prefill_plan,
+    check_paged_run,
+    check_ragged_run,
+    plan_lengths,
+)
 from .workspace import Workspace
 
 KIND = "batch_attention_sink"
@@ -171,47 +180,13 @@ def _plan(
 ) -> Plan:
     ws = workspace if workspace.__class__ is Workspace else check_workspace(workspace)
     # every argument is checked before the settings resolve the module (which may fetch the kernel wheel)
-    qo = host_array("qo_indptr", qo_indptr)
-    rows = check_indptr("qo_indptr", qo)
-    batch = qo.shape[0] - 1
-    kv_name = "paged_kv_indptr" if mode == "paged" else "kv_indptr"
-    kv = host_array(kv_name, kv_indptr)
-    extent_ = check_indptr(kv_name, kv, batch)
-    if mode == "paged":
-        if kv_indices is not None:
-            check_indices("paged_kv_indices", host_array("paged_kv_indices", kv_indices), extent_)
-        if kv_last_page_len is None:
-            raise ValueError("paged_kv_last_page_len: required for a paged plan (host int32 [batch_size])")
-        last = host_array("paged_kv_last_page_len", kv_last_page_len)
-        kv_lens = check_last_page_len("paged_kv_last_page_len", last, kv, S.count("page_size", args[3]), lengths=True)
-    else:
-        kv_lens = kv[1:] - kv[:-1]
-    assert kv_lens is not None
+    qo, rows, batch, kv, extent_, kv_lens = plan_lengths(
+        mode, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, args[3]
+    )
     device_id = ws.device.device_id
     s = S.cached((KIND, mode, device_id, args, tuple(map(type, args))), lambda: _settings(mode, device_id, args))
     extra = {} if s.backend == "fa3" else {"fixed_split_size": -1, "disable_split_kv": False}
-    info, generation = call_plan(
-        ws,
-        s.plan,
-        stream,
-        ws.float_buffer,
-        ws.int_buffer,
-        ws.pinned_buffer,
-        host_tensor(qo),
-        host_tensor(kv),
-        host_tensor(kv_lens),
-        rows,
-        batch,
-        s.num_qo_heads,
-        s.num_kv_heads,
-        s.page_size,
-        s.enable_cuda_graph,
-        s.head_dim_qk,
-        s.head_dim_vo,
-        s.mask_mode == MASK_CAUSAL,
-        s.window_left,
-        **extra,
-    )
+    info, generation = call_prefill_plan(ws, s, stream, qo, kv, kv_lens, rows, batch, extra)
     return Plan.make(info, ws, generation, s, batch, rows, extent_)
 
 

@@ -189,6 +189,27 @@ def test_uri_spelling_matches_the_pinned_modules(models_modules: list[str]) -> N
     assert ours == sinks
 
 
+def gemma2_prefill_plan(ws: object, **kw: object) -> object:
+    """A paged bfloat16 prefill plan of Gemma 2's shapes (8/4 heads, head_dim 256, page 16, causal, a 4096-token
+    window, soft cap 50) on ``ws``, with ``kw`` added."""
+    return fi_ffi.batch_prefill_paged_plan(
+        host([0, 3, 4]),
+        host([0, 1, 3]),
+        None,
+        host([5, 4]),
+        8,
+        4,
+        256,
+        16,
+        q_data_type="bfloat16",
+        causal=True,
+        window_left=4095,
+        logits_soft_cap=50.0,
+        workspace=ws,
+        **kw,
+    )
+
+
 def test_the_gemma_head_dim_256_modules_serve_decode_and_prefill_plans(
     kernel_modules: object, models_modules: object
 ) -> None:
@@ -213,43 +234,14 @@ def test_the_gemma_head_dim_256_modules_serve_decode_and_prefill_plans(
     assert "batch_decode_with_kv_cache_dtype_q_bf16" in info.value.function
     assert "head_dim_qk_256_head_dim_vo_256_posenc_0_use_swa_True_use_logits_cap_True" in info.value.function
     with pytest.raises(KernelError) as info:
-        fi_ffi.batch_prefill_paged_plan(
-            host([0, 3, 4]),
-            host([0, 1, 3]),
-            None,
-            host([5, 4]),
-            8,
-            4,
-            256,
-            16,
-            q_data_type="bfloat16",
-            causal=True,
-            window_left=4095,
-            logits_soft_cap=50.0,
-            workspace=ws,
-        )
+        gemma2_prefill_plan(ws)
     assert_reached_the_kernel(info.value)
     assert "head_dim_qk_256_head_dim_vo_256_posenc_0_use_swa_True_use_logits_cap_True_f16qk_False" in (
         info.value.function
     )
     # FA3 has no head_dim 256 module here: a forced FA3 plan is a KernelNotFoundError naming the variant
     with pytest.raises(KernelNotFoundError, match="head_dim_qk_256"):
-        fi_ffi.batch_prefill_paged_plan(
-            host([0, 3, 4]),
-            host([0, 1, 3]),
-            None,
-            host([5, 4]),
-            8,
-            4,
-            256,
-            16,
-            q_data_type="bfloat16",
-            causal=True,
-            window_left=4095,
-            logits_soft_cap=50.0,
-            backend="fa3",
-            workspace=ws,
-        )
+        gemma2_prefill_plan(ws, backend="fa3")
 
 
 def test_the_sink_settings_are_values(models_modules: object) -> None:
