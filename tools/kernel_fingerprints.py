@@ -45,6 +45,7 @@ SOURCES: list[tuple[str, str, tuple[str, ...] | str]] = [
     ("ds_routing", "ds_routing.cu", ()),  # DeviceGroupedTopk
     ("gemma2", "gemma2.cu", ()),  # Gemma2.load
     ("gpt_oss", "gpt_oss.cu", ()),  # GptOss.load
+    ("lora_bgmv", "lora_bgmv.cu", ()),  # LoraBgmv
 ]
 
 

@@ -76,6 +76,7 @@ class Llama(MoEPaths, ModelFamily):
     models (:class:`~fi_engine.models.moe_paths.MoEPaths`; :class:`LlamaEngine` passes its argument on)."""
 
     llama_pass = True
+    serves_lora = True  # forward adds the adapters of its rows after each projection (eng.lora: fi_engine.lora)
     fp8_kv_refusal = ""  # bf16 queries over an e4m3 cache: FA2 decode and paged prefill (head_dim 128, kv_fp8)
     _planned: tuple[int, bool, bytes] | None = None  # the key of the decode plan in the workspace (plan_decode)
 
@@ -256,9 +257,13 @@ class Llama(MoEPaths, ModelFamily):
         w, hqd, last = eng.qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
         fp8 = eng.kv_fp8
         dense_moe = bool(eng.moe_layers) and eng.dense_moe(rows)  # the MoE path of this step, chosen once
+        # LoRA: each projection's GEMM is followed by its rows' adapters (fi_engine.lora.device), else nothing
+        lora = eng.lora.apply if eng.lora is not None else _no_adapters
+        slots = getattr(v, "lora_slots", 0)
         eng.embed_and_norm(v, rows)
         for i in range(c.num_layers):
             dense.linear(rows, normed, h, eng.wqkv[i], w, h, qkv, w, ab, ab)
+            lora("qkv", i, rows, normed, h, qkv, w, slots)
             if c.qk_norm:  # Qwen3: each q and k head normalized before RoPE
                 kernels.qk_rmsnorm(v.q, eng.q_norm[i], eps, s)
                 kernels.qk_rmsnorm(v.k, eng.k_norm[i], eps, s)
@@ -271,6 +276,7 @@ class Llama(MoEPaths, ModelFamily):
             if fp8 is not None:
                 fp8.scale_output(v, rows)
             dense.linear(rows, attn, hqd, eng.wo[i], h, hqd, x, h, ab, ab)  # a partial sum with TP
+            lora("o", i, rows, attn, hqd, x, h, slots)
             eng.add_norm(v, eng.ln2[i])
             if dense_moe:  # every expert, no host step: capturable
                 eng.moe_layers[i].forward_dense(eng.normed, b.x, rows)
@@ -280,8 +286,10 @@ class Llama(MoEPaths, ModelFamily):
                 eng.moe_layers[i].forward(eng.normed, b.x, rows)
             else:
                 dense.linear(rows, normed, h, eng.wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab)
+                lora("gate_up", i, rows, normed, h, gu, 2 * inter, slots)
                 kernels.silu_and_mul(v.gu, v.act, s)
                 dense.linear(rows, act, inter, eng.wd[i], h, inter, x, h, ab, ab)
+                lora("down", i, rows, act, inter, x, h, slots)
             eng.add_norm(v, eng.ln1[i + 1] if i < last else eng.final_norm)
 
 
@@ -304,6 +312,10 @@ class LlamaEngine(Engine):
     @with_settings
     def __init__(self, model_dir: str | Path, *, moe_path: str = "auto", **settings: Any) -> None:
         super().__init__(model_dir, family=self.definition(moe_path), **settings)
+
+
+def _no_adapters(*args: Any) -> None:
+    """The forward's LoRA step where the engine serves no adapters: nothing."""
 
 
 def _fp8_projection_sizes(c: LlamaConfig) -> tuple[list[list[tuple[str, int]]], list[tuple[str, int]]]:

@@ -30,8 +30,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, Generic, TypeVar, cast, overload
 
+from ..lora.manager import LoraManager
+from ..lora.settings import LoraSettings
 from ..text.grammar import GrammarTokenizer
 from ..values import arg_int
 from .family import ModelFamily
@@ -106,6 +108,12 @@ class Engine(ServingLoop):
             Llama-family models with head_dim 128; anything else is refused here, naming what is missing).
         kv_cache_scales: with an FP8 cache, ``(k_scale, v_scale)`` (stored = value / scale); None: the
             checkpoint's ``self_attn.k_scale`` / ``v_scale`` tensors (the largest over the layers), else 1.0.
+        lora: serve LoRA adapters chosen per request (:mod:`fi_engine.lora`): a
+            :class:`~fi_engine.lora.settings.LoraSettings` or a dict of its fields (``max_loras``, ``max_cpu_loras``,
+            ``max_lora_rank``, ``modules``: the adapters to load now, name -> PEFT folder); None (default): none. A
+            request names its adapter with ``SamplingParams(lora=name)`` or ``generate(..., lora=...)``; more are
+            loaded with :meth:`load_lora`. The Llama family on one GPU (q/k/v/o, and gate/up/down where the MLP is
+            dense); such an engine runs each decode step's separate launches (no fused decode step).
 
         family: the family definition to serve with (default: :attr:`definition`'s, made with no options); a family
             engine class passes its own, made with its constructor's family options (``moe_path``, ...).
@@ -176,6 +184,7 @@ class Engine(ServingLoop):
         vocab_parallel: bool = True,
         kv_cache_dtype: str | None = "auto",
         kv_cache_scales: tuple[float, float] | None = None,
+        lora: LoraSettings | dict[str, Any] | None = None,
     ) -> None:
         self._closed = True  # until every part is made
         settings = EngineSettings(
@@ -192,6 +201,7 @@ class Engine(ServingLoop):
             vocab_parallel=vocab_parallel,
             kv_cache_dtype=kv_cache_dtype,
             kv_cache_scales=kv_cache_scales,
+            lora=lora,
         )  # every argument checked here, before the checkpoint is read
         if family is None:
             family = self.definition()
@@ -217,8 +227,55 @@ class Engine(ServingLoop):
             c.vocab_size,
             c.eos_token_ids,
         )
+        self.lora: LoraManager | None = None  # the adapters served (LoRA settings given), else None
+        if settings.lora is not None:
+            try:
+                self.lora = self.scheduler.adapters = self._lora_manager(cast(LoraSettings, settings.lora))
+            except BaseException:
+                runner.close()
+                raise
         self._start_loop()
         self._closed = False
+
+    def _lora_manager(self, settings: LoraSettings) -> LoraManager:
+        """The adapters of ``settings`` (its modules read now), whose GPU slots are the runner's."""
+        from ..lora.adapter import BaseShapes
+
+        runner = self.runner
+        base = BaseShapes.of(runner.config, runner.dtype)
+        return LoraManager(settings, base, runner.lora.write, runner.lora.clear)
+
+    # ------------------------------------------------------------------------------------------ LoRA adapters
+
+    def load_lora(self, name: str, path: str) -> None:
+        """Serve the PEFT adapter of folder ``path`` as ``name`` (:func:`~fi_engine.lora.adapter.read_adapter` reads
+        and checks it now; it is copied to a GPU slot when a request needs it). ValueError naming ``lora``, the
+        name or the adapter's key that does not fit (a name taken, a rank above ``max_lora_rank``, modules or shapes
+        the base model lacks, ...); ValueError naming ``lora`` where the engine was opened without LoRA settings."""
+        self._check_open()
+        self._adapters().load(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        """Stop serving adapter ``name`` (its GPU slot and host copy are freed). ValueError for a name not loaded, or
+        one a queued or active request uses (unload it once they finish)."""
+        self._check_open()
+        adapters = self._adapters()
+        waiting = sum(r.lora == name for r in self.scheduler.pending) + sum(
+            r is not None and r.lora == name for r in self.scheduler.slots
+        )
+        if waiting:
+            raise ValueError(f"lora_name: {name!r:.140} is in use by {waiting} request(s); unload it once they finish")
+        adapters.unload(name)
+
+    @property
+    def lora_names(self) -> list[str]:
+        """The adapters served, in the order they were loaded ([] without LoRA settings)."""
+        return [] if self.lora is None else self.lora.names
+
+    def _adapters(self) -> LoraManager:
+        if self.lora is None:
+            raise ValueError("lora: this engine serves no LoRA adapters; open it with lora={...} (LoraSettings)")
+        return self.lora
 
     def _start_loop(self) -> None:
         super()._start_loop()

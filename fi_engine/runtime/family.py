@@ -42,6 +42,10 @@ class ModelFamily:
     """What has no FP8 KV-cache kernel in this family (``kv_cache_dtype="fp8_e4m3"`` is refused naming it, see
     :mod:`~fi_engine.layers.kv_fp8`); ``""`` where its attention reads an e4m3 cache (the Llama pass)."""
 
+    serves_lora: bool = False
+    """The family's forward adds LoRA adapters to its projections (``eng.lora.apply`` after each GEMM, where
+    ``eng.lora`` is set: :mod:`fi_engine.lora`); an engine opened with ``lora`` settings refuses a family without it."""
+
     moe_scratch: Any = None
     """The activation buffers every MoE layer of the model shares (:class:`~fi_engine.layers.moe.MoEScratch`; they
     run in turn), made by the first MoE layer's load; None for a model without routed experts."""

@@ -54,6 +54,10 @@ class SamplingParams:
 
     ``speculative_decoding`` (default True): False keeps the request out of speculative decoding where the engine
     speculates (``Engine.speculative_tokens``): it is never drafted for, and decodes one token a step.
+
+    ``lora`` (None, or an adapter's name): the LoRA adapter the request is served with, one the engine has loaded
+    (``Engine.load_lora``, or its ``lora`` settings' modules); None: the base model. Checked here as a name only;
+    the engine refuses a name it does not serve when the request is added.
     """
 
     temperature: float = 0.0
@@ -70,6 +74,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     grammar: str | None = None
     speculative_decoding: bool = True
+    lora: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
@@ -105,6 +110,8 @@ class SamplingParams:
             raise TypeError(
                 f"speculative_decoding: expected True or False, got {type(self.speculative_decoding).__name__}"
             )
+        if self.lora is not None and (not isinstance(self.lora, str) or not self.lora):
+            raise TypeError(f"lora: expected None or an adapter's name (a non-empty str), got {self.lora!r:.80}")
         if self.grammar == "":
             raise ValueError("grammar: expected None or a grammar's text (fi_engine.text.grammar), got ''")
 

@@ -40,6 +40,20 @@ from .worker.model_runner import ModelRunner
 __all__ = ["GenerationResult", "delay_factor_arg", "mixed_prefill_arg", "overlap_steps_arg"]
 
 
+def _prompt_loras(lora: object, default: str | None, prompts: object) -> Sequence[str | None] | None:
+    """``generate``'s ``lora`` as one adapter name (or None) per prompt for ``Scheduler.submit_all`` (which checks
+    the list's length); None where no prompt names one."""
+    if lora is None:
+        lora = default
+    if lora is None:
+        return None
+    if isinstance(lora, str):
+        return [lora] * len(prompts) if isinstance(prompts, Sequence) else None
+    if not isinstance(lora, Sequence) or any(x is not None and not isinstance(x, str) for x in lora):
+        raise TypeError(f"lora: expected an adapter's name, or a name or None per prompt, got {type(lora).__name__}")
+    return list(lora)
+
+
 def switch_arg(name: str, value: object) -> bool:
     """A switch of the step API checked: a bool, else TypeError naming it."""
     if not isinstance(value, bool):
@@ -278,6 +292,7 @@ class ServingLoop(StepEngineBase):
             eos_token_ids=eos_token_ids,
             draws=self.sampler.draws(sampling),
             grammar=self.processor.matcher(sampling, self.model_dir),
+            lora=None if sampling is None else sampling.lora,
         )
         self._requests[r.rid] = r
         return r.rid
@@ -555,6 +570,7 @@ class ServingLoop(StepEngineBase):
         *,
         eos_token_ids: Sequence[int] | None = None,
         sampling: SamplingParams | None = None,
+        lora: str | Sequence[str | None] | None = None,
     ) -> GenerationResult:
         """Generate tokens for each prompt (lists of token ids) until an end-of-sequence token (kept in the
         output) or ``max_new_tokens`` (one value, or one per prompt).
@@ -564,6 +580,10 @@ class ServingLoop(StepEngineBase):
         Philox stream from ``sampling.seed`` (None: 0; offset 0) on every call, shared by its prompts, so the same
         call reproduces its tokens. It runs the step of :meth:`step` over the engine's scheduler, so it needs the
         step API idle: ValueError while requests added with :meth:`add_request` are queued or active.
+
+        ``lora``: the LoRA adapter of every prompt (a name), or one per prompt (a list of names and None, the base
+        model's), rows of different adapters decoded together; None: ``sampling.lora``. ValueError naming ``lora``
+        for a name the engine does not serve.
         """
         self._check_open()
         self._check_idle("generate")
@@ -574,8 +594,9 @@ class ServingLoop(StepEngineBase):
         draws = None if sampling.greedy else Draws.seeded(sampling.seed or 0, shared=True)
         sched, runner = self.scheduler, self.runner
         matcher = self.processor.matcher
+        loras = _prompt_loras(lora, sampling.lora, prompts)
         reqs = sched.submit_all(
-            prompts, max_new_tokens, sampling, eos_token_ids, draws, lambda: matcher(sampling, self.model_dir)
+            prompts, max_new_tokens, sampling, eos_token_ids, draws, lambda: matcher(sampling, self.model_dir), loras
         )
         self.passes.next_rows = None
         result = GenerationResult([], [])
@@ -700,13 +721,16 @@ class ServingLoop(StepEngineBase):
             )
         self._settle()
 
-    def prefill_logits(self, prompts: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    def prefill_logits(
+        self, prompts: Sequence[Sequence[int]], lora: str | Sequence[str | None] | None = None
+    ) -> list[np.ndarray]:
         """Float32 logits ``[len(prompt), vocab]`` of every position of every prompt (a check against a
-        reference implementation; the prompts are prefilled in batches, then their pages freed)."""
+        reference implementation; the prompts are prefilled in batches, then their pages freed). ``lora``: the
+        prompts' LoRA adapters, as :meth:`generate` takes them."""
         self._check_open()
         self._check_idle("prefill_logits")
         sched, runner = self.scheduler, self.runner
-        reqs = sched.submit_all(prompts, 1, None, (), None)
+        reqs = sched.submit_all(prompts, 1, None, (), None, loras=_prompt_loras(lora, None, prompts))
         out: dict[int, np.ndarray] = {}
         device = runner.cupy.cuda.Device(runner.device)
         with sched.whole_prompts(), device, runner.stream, stream_scope(runner.stream_ptr, runner.device):

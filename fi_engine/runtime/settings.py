@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from ..lora.settings import LoraSettings
 from .sched.pages import pages_for
 
 __all__ = ["EngineSettings", "EngineSizes"]
@@ -50,7 +51,8 @@ class EngineSizes:
 class EngineSettings:
     """An engine's constructor arguments (:class:`~fi_engine.runtime.engine.Engine` documents each), checked when
     made: a TypeError or ValueError naming the first bad one. ``kv_cache_dtype`` is kept normalized (``"auto"`` or
-    ``"fp8_e4m3"``), ``kv_cache_scales`` as a pair of floats; the sizes left None take their defaults from the model
+    ``"fp8_e4m3"``), ``kv_cache_scales`` as a pair of floats, ``lora`` as
+    :class:`~fi_engine.lora.settings.LoraSettings` (or None); the sizes left None take their defaults from the model
     (:meth:`sizes`)."""
 
     max_batch: int = 32
@@ -66,6 +68,7 @@ class EngineSettings:
     vocab_parallel: bool = True
     kv_cache_dtype: str | None = "auto"
     kv_cache_scales: tuple[float, float] | None = None
+    lora: LoraSettings | dict[str, Any] | None = None  # kept as a LoraSettings (or None)
 
     def __post_init__(self) -> None:
         from ..layers import kv_fp8
@@ -90,6 +93,12 @@ class EngineSettings:
         object.__setattr__(self, "kv_cache_scales", kv_fp8.parse_scales(self.kv_cache_scales))
         if self.kv_cache_dtype != "fp8_e4m3" and self.kv_cache_scales is not None:
             raise ValueError("kv_cache_scales: only an FP8 KV cache has scales; pass kv_cache_dtype='fp8_e4m3'")
+        object.__setattr__(self, "lora", LoraSettings.of(self.lora))
+        if self.lora is not None and self.tensor_parallel > 1:
+            raise ValueError(
+                f"lora: adapters are served on one GPU; tensor_parallel is {self.tensor_parallel} (adapters sharded "
+                f"over the ranks are a next step): serve them with tensor_parallel=1"
+            )
         _positive("max_batch", self.max_batch)
         _positive("page_size", self.page_size)
         for name in ("max_seq_len", "num_pages", "max_prefill_tokens"):

@@ -616,7 +616,8 @@ ENGINE_FLOORS: tuple[tuple[str, ...], ...] = (
     ("fi_engine.values", "fi_engine.moved"),  # argument checks; the old module paths
     ("fi_engine.checkpoint", "fi_engine.text"),  # config.json, safetensors; tokenizer, chat template
     ("fi_engine.kernels",),  # fi_ffi's ops, cuBLAS, the engine's CUDA kernels, graphs
-    ("fi_engine.layers",),  # MoE and routing, tensor parallelism, the FP8 KV cache
+    # MoE and routing, tensor parallelism, the FP8 KV cache; LoRA adapters (PEFT files, GPU slots, their launches)
+    ("fi_engine.layers", "fi_engine.lora"),
     # a request's sampling settings (a value); the interface a model family implements
     ("fi_engine.runtime.sampling_params", "fi_engine.runtime.family"),
     ("fi_engine.runtime.stepping", "fi_engine.runtime.sched"),  # the step protocol; requests, pages, the scheduler
@@ -675,7 +676,7 @@ def test_the_engine_root_keeps_only_its_command_face_and_ground() -> None:
     top = sorted(p.stem for p in ENGINE_ROOT.glob("*.py"))
     folders = sorted(p.name for p in ENGINE_ROOT.iterdir() if (p / "__init__.py").is_file())
     assert top == ["__init__", "__main__", "cli", "moved", "values"]
-    assert folders == ["checkpoint", "kernels", "layers", "models", "runtime", "serve", "text"]
+    assert folders == ["checkpoint", "kernels", "layers", "lora", "models", "runtime", "serve", "text"]
 
 
 def family_named(folder: Path, families: list[tuple[str, tuple[str, ...]]]) -> list[str]:

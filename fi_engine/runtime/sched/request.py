@@ -49,6 +49,11 @@ class Request:
     eos: frozenset[int] | None = None
     queued_at: float = 0.0  # time.perf_counter() when it was submitted
     grammar: GrammarMatcher | None = None  # its place in its sampling's grammar (None: no grammar)
+    # its LoRA adapter (fi_engine.lora): the name asked for (None: the base model), the adapter's key (also its
+    # prefix-cache key: a cached prefix of one adapter serves no other), and its GPU slot while active (-1: none)
+    lora: str | None = None
+    lora_key: Any = None
+    lora_slot: int = -1
 
     @property
     def finished(self) -> bool:

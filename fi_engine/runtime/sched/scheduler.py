@@ -64,6 +64,15 @@ class PrefixCache(PagePool, Protocol):
     ) -> int: ...
 
 
+class AdapterSlots(Protocol):
+    """What the scheduler asks of the LoRA adapters an engine serves (:class:`~fi_engine.lora.manager.LoraManager`,
+    which documents each call): an adapter's key by name, and a GPU slot per request while it is active."""
+
+    def key(self, name: object) -> Any: ...
+    def acquire(self, key: Any) -> int | None: ...
+    def release(self, slot: int) -> None: ...
+
+
 def _prefilled_whole(sampling: SamplingParams | None) -> bool:
     """Whether a request of ``sampling`` has its prompt prefilled in one pass: its prompt logprobs are asked (each
     position needs its row of one pass; never cut by chunked prefill)."""
@@ -91,6 +100,12 @@ class Scheduler:
     ``enable_prefix_caching=True``): an admitted prompt takes the cached full pages its beginning matches (their K/V
     already computed) and is prefilled from the first token past them; a request's full pages are registered in the
     cache after each pass that wrote them (a finished request's too, so a conversation's next turn finds them).
+    Pages are cached under the request's LoRA adapter (``Request.lora_key``): a prefix computed with one adapter
+    never serves a request of another, nor of the base model.
+
+    ``adapters`` (None: no LoRA adapters): the engine's adapters (:class:`AdapterSlots`); a request naming one is
+    admitted once its adapter has a GPU slot (every slot held by other adapters' active requests: it waits, and the
+    requests behind it with it), which it holds until it leaves.
     """
 
     def __init__(
@@ -117,6 +132,7 @@ class Scheduler:
         self._next_id = 0
         self._prefix_caching = False
         self._chunk_tokens = 0
+        self.adapters: AdapterSlots | None = None
 
     @property
     def prefix_caching(self) -> bool:
@@ -165,13 +181,22 @@ class Scheduler:
         eos_token_ids: Iterable[int] | None = None,
         draws: Any = None,
         grammar: GrammarMatcher | None = None,
+        lora: str | None = None,
     ) -> Request:
         """Queue a request; ValueError naming ``name`` (or ``max_new_tokens``, ``eos_token_ids``) if it can never be
         served, TypeError naming ``sampling`` if it is no :class:`SamplingParams`. ``sampling`` (None or greedy: the
         argmax) with ``draws``, the stream its samples draw from; ``eos_token_ids``: the tokens that end this
         request (None: the scheduler's; ``()``: none, it runs to ``max_new_tokens``); ``grammar``: the request's
-        own matcher at the start of ``sampling.grammar`` (which needs one: ValueError naming ``grammar`` without)."""
+        own matcher at the start of ``sampling.grammar`` (which needs one: ValueError naming ``grammar`` without);
+        ``lora``: the LoRA adapter it is served with (a name :attr:`adapters` knows, else ValueError naming
+        ``lora``; None: the base model). A request with an adapter is never drafted for (speculative decoding's
+        drafts come from the base model, or a draft model, without it)."""
         sampling = sampling_arg(sampling)
+        lora_key = None
+        if lora is not None:
+            if self.adapters is None:
+                raise ValueError(f"lora: {show(lora)}, but this engine serves no LoRA adapters; open it with lora=...")
+            lora_key = self.adapters.key(lora)
         wants = sampling is not None and sampling.grammar is not None
         if wants != isinstance(grammar, GrammarMatcher):
             expected = "a GrammarMatcher of sampling.grammar" if wants else "None (sampling sets no grammar)"
@@ -218,7 +243,9 @@ class Scheduler:
             queued_at=time.perf_counter(),
             asks=sampling if asking else None,
             grammar=grammar,
-            speculative=sampling is None or sampling.speculative_decoding,
+            speculative=(sampling is None or sampling.speculative_decoding) and lora is None,
+            lora=lora,
+            lora_key=lora_key,
         )
         self._next_id += 1
         self.pending.append(r)
@@ -232,11 +259,13 @@ class Scheduler:
         eos_token_ids: Sequence[int] | None,
         draws: Any,
         grammar: Callable[[], GrammarMatcher | None] = lambda: None,
+        loras: Sequence[str | None] | None = None,
     ) -> list[Request]:
         """:meth:`submit` every prompt of ``prompts`` (each with its limit of ``max_new_tokens``: one value, or one per
         prompt), all or none: a prompt refused takes the ones queued before it out again (ValueError naming
         ``prompts`` or ``max_new_tokens`` for lists that do not match). ``grammar``: makes each request's own grammar
-        matcher (``sampling.grammar``'s, else None)."""
+        matcher (``sampling.grammar``'s, else None); ``loras``: each prompt's LoRA adapter (None: the base model's;
+        ValueError naming it where it is not one per prompt)."""
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
             raise ValueError("prompts: expected a non-empty list of prompts (lists of token ids)")
         if isinstance(max_new_tokens, Sequence):
@@ -247,9 +276,13 @@ class Scheduler:
             limits = list(max_new_tokens)
         else:
             limits = [max_new_tokens] * len(prompts)
+        if loras is None:
+            loras = [None] * len(prompts)
+        elif isinstance(loras, (str, bytes)) or not isinstance(loras, Sequence) or len(loras) != len(prompts):
+            raise ValueError(f"lora: expected one adapter name or None per prompt ({len(prompts)}), got {show(loras)}")
         reqs: list[Request] = []
         try:
-            for i, (p, m) in enumerate(zip(prompts, limits, strict=True)):
+            for i, (p, m, lora) in enumerate(zip(prompts, limits, loras, strict=True)):
                 reqs.append(
                     self.submit(
                         p,
@@ -259,6 +292,7 @@ class Scheduler:
                         eos_token_ids=eos_token_ids,
                         draws=draws,
                         grammar=grammar(),
+                        lora=lora,
                     )
                 )
         except BaseException:
@@ -319,6 +353,9 @@ class Scheduler:
         """A finished request leaves its slot; its pages go back."""
         self.allocator.free(r.pages)
         r.pages = []
+        if r.lora_slot >= 0 and self.adapters is not None:
+            self.adapters.release(r.lora_slot)
+        r.lora_slot = -1
         self.slots[r.slot] = None
         r.slot = -1
         if r.sampling is not None:
@@ -362,7 +399,7 @@ class Scheduler:
         while self.pending and free_slots and tokens < budget:
             r = self.pending[0]
             whole = _prefilled_whole(r.asks)  # (computed whole, so never matched in the cache either)
-            prefix, cached = cache.match_prefix(r.prompt) if cache is not None and not whole else ([], 0)
+            prefix, cached = cache.match_prefix(r.prompt, r.lora_key) if cache is not None and not whole else ([], 0)
             left = len(r.prompt) - cached
             room = (self.max_prefill_tokens if whole else budget) - tokens
             if left > room and (whole or not (self._chunk_tokens or left > self.max_prefill_tokens)):
@@ -372,6 +409,12 @@ class Scheduler:
             need = r.budget_pages if cache is None else cache.free_pages_needed(prefix, r.budget_pages - len(prefix))
             if self.allocator.num_free - outstanding < need:
                 break
+            if r.lora_key is not None:  # its adapter into a GPU slot (copied in if new there), or it waits for one
+                assert self.adapters is not None
+                lora_slot = self.adapters.acquire(r.lora_key)
+                if lora_slot is None:
+                    break
+                r.lora_slot = lora_slot
             self.pending.popleft()
             new = pages_for(len(r.prompt), self.page_size) - len(prefix)
             if cache is None:
@@ -509,13 +552,13 @@ class Scheduler:
             if prefill and r.chunk_end is not None:  # a chunk of its prompt: no token yet
                 r.cached = r.chunk_end
                 if self._prefix_caching:
-                    cast(PrefixCache, self.allocator).commit(r.pages, r.prompt, r.cached)
+                    cast(PrefixCache, self.allocator).commit(r.pages, r.prompt, r.cached, r.lora_key)
                 continue
             token = int(t)
             r.cached = len(r.prompt) if prefill else r.cached + 1
             r.output.append(token)
             if self._prefix_caching and (prefill or r.cached % self.page_size == 0):  # a page filled: shareable now
-                cast(PrefixCache, self.allocator).commit(r.pages, (*r.prompt, *r.output), r.cached)
+                cast(PrefixCache, self.allocator).commit(r.pages, (*r.prompt, *r.output), r.cached, r.lora_key)
             end = None if r.grammar is None else _grammar_end(r.grammar, token)
             if end is None and token in (self.eos if r.eos is None else r.eos):
                 end = "eos"

@@ -5,7 +5,8 @@ their :class:`Layout` in one flat int32 buffer (one host-to-device copy per step
 For a batch of ``B`` rows: ``kv_indptr`` ``[B + 1]`` (row ``b`` owns ``kv_indices[kv_indptr[b]:kv_indptr[b + 1]]``),
 ``kv_indices`` (page ids), ``kv_last_page_len`` ``[B]`` (tokens in the last page, ``1..page_size``), plus per
 appended token its row (``batch_indices``) and position (``positions``, also the RoPE position); a prefill also
-``qo_indptr`` ``[B + 1]`` (each request's token rows) and ``last_rows`` (each request's last row). All int32.
+``qo_indptr`` ``[B + 1]`` (each request's token rows) and ``last_rows`` (each request's last row); and per token row
+the GPU slot of its request's LoRA adapter (``lora_slots``, -1 for none: :mod:`fi_engine.lora.batch`). All int32.
 Nothing here touches a GPU (tests/engine/test_serving_host.py).
 """
 
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ...lora.batch import NO_ADAPTER, row_slots
 from ...values import arg_int, show
 from .pages import PAD_PAGE, pages_for
 from .request import Request
@@ -55,6 +57,7 @@ def decode_layout(max_rows: int, max_pages: int) -> Layout:
             "batch_indices": max_rows,
             "kv_indptr": max_rows + 1,
             "kv_last_page_len": max_rows,
+            "lora_slots": max_rows,
             "kv_indices": max_pages,
         }
     )
@@ -75,6 +78,7 @@ def prefill_layout(max_tokens: int, max_rows: int, max_pages: int, padded: bool 
             "kv_last_page_len": max_rows + extra,
             "last_rows": max_rows,
             "rider_slots": max_rows,
+            "lora_slots": max_tokens,
             "kv_indices": max_pages + (max_tokens if padded else 0),
         }
     )
@@ -131,6 +135,8 @@ def fill_prefill(
     v["kv_last_page_len"][:n] = last_page_len
     v["last_rows"][:n] = qo[1:]
     v["last_rows"][:n] -= 1
+    if "lora_slots" in v:  # each row its request's adapter slot (-1: none)
+        row_slots([r.lora_slot for r in requests], np.diff(qo), v["lora_slots"])
     return t, p
 
 
@@ -197,6 +203,8 @@ def pad_prefill(
     v["kv_indptr"][batch + 1 : requests + 1] = pages + need
     v["kv_last_page_len"][batch] = (p - 1) % page_size + 1 if p else 0
     v["kv_last_page_len"][batch + 1 : requests] = 0  # the empty requests: no page
+    if "lora_slots" in v:  # the padding rows take no adapter
+        v["lora_slots"][nnz:bucket] = NO_ADAPTER
     return pages + need
 
 
@@ -240,4 +248,6 @@ def fill_decode(rows: Sequence[Request | None], page_size: int, v: dict[str, np.
     v["kv_indptr"][: n + 1] = indptr
     v["kv_last_page_len"][:n] = last
     v["kv_indices"][: len(indices)] = indices
+    if "lora_slots" in v:  # each row its request's adapter slot; a padding row none
+        row_slots([NO_ADAPTER if r is None else r.lora_slot for r in rows], None, v["lora_slots"])
     return len(indices)

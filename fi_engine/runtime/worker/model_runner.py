@@ -196,6 +196,13 @@ class ModelRunner(RunnerState):
         self.fused_decode = True
         # (bucket, request slots) whose capture failed -> why: those prefills stay eager (and unpadded) from then on
         self.prefill_graph_failures: dict[tuple[int, int], str] = {}
+        # LoRA adapters (fi_engine.lora): the GPU slots and their kernels, made by _open where settings.lora is set
+        self.lora: Any = None
+        if settings.lora is not None and not family.serves_lora:
+            raise ValueError(
+                f"lora: {type(family).__name__}'s layers take no adapters (the Llama family's do: llama, qwen3, "
+                f"mixtral and qwen3_moe attention); serve this model without lora"
+            )
         self.comm: Any = None
         self._own_comm = False
         self.allreduce: Any = None
@@ -257,6 +264,8 @@ class ModelRunner(RunnerState):
                         fused=self.settings.fused_allreduce,
                     )
                 self.family.allocate(self)
+                if self.settings.lora is not None:
+                    self.lora = self._lora_slots(self.settings.lora)
                 self.sampler = Sampler.of(self)  # the tokens' choice, over the buffers just made
                 # the graph loop plans step N + 1 while the GPU runs step N: on an H100 (8B shape, one GPU) 6.39
                 # instead of 6.59 ms per step at batch 1, the same tokens (benchmarks/RESULTS.md); not yet measured
@@ -284,6 +293,18 @@ class ModelRunner(RunnerState):
                 if self._own_comm:  # the communicator it made
                     self.comm.close()
             raise
+
+    def _lora_slots(self, settings: Any) -> Any:
+        """The LoRA adapters' GPU slots (:class:`~fi_engine.lora.device.DeviceSlots`) for ``settings``: every
+        projection group the family's forward adapts, ``max_loras`` slots of ``max_lora_rank``, the shrink's scratch
+        for the longest step."""
+        from ...lora.adapter import BaseShapes
+        from ...lora.device import DeviceSlots
+        from ...lora.slots import SlotLayout
+
+        layout = SlotLayout.of(BaseShapes.of(self.config, self.dtype), settings.max_lora_rank)
+        rows = max(self.max_prefill_tokens, self.max_batch)
+        return DeviceSlots(self.cupy, layout, settings.max_loras, self.dtype, rows, self.stream)
 
     # ------------------------------------------------------------------------------------------ its switches
 

@@ -180,7 +180,8 @@ def step_views(
     - 1`` rows).
 
     q, k and v are strided views into the fused QKV rows ``[rows, (Hq + 2 Hk) * D]`` (no copy); the int32 index
-    arrays are regions of ``meta``; ``token_ids`` and ``last_rows`` are raw addresses (read by the gather kernel).
+    arrays are regions of ``meta``; ``token_ids`` and ``last_rows`` are raw addresses (read by the gather kernel), as is
+    ``lora_slots`` (each row's LoRA slot, read by the adapters' kernels).
     """
     own = owners or {}
     hq, hk, d, h = c.num_qo_heads, c.num_kv_heads, c.head_dim, c.hidden_size
@@ -214,6 +215,7 @@ def step_views(
         gu=t("gu", (rows, 2 * c.intermediate_size)),
         act=t("act", (rows, c.intermediate_size)),
         token_ids=meta + 4 * layout.offsets["token_ids"],
+        lora_slots=meta + 4 * layout.offsets["lora_slots"],  # each row's adapter slot (fi_engine.lora.device)
         positions=region("positions", rows),
         batch_indices=region("batch_indices", rows),
         kv_indptr=region("kv_indptr", batch + 1),

@@ -1,0 +1,145 @@
+"""LoRA adapters chosen per request: decode tokens/s of a batch whose rows take adapters against the base model
+alone, and the time to copy an adapter into a GPU slot. Not a test: nothing is asserted.
+
+    python3 benchmarks/bench_llama_tp.py --make /tmp/llama8b                 # the 8B-shaped random base (once)
+    python3 benchmarks/bench_lora.py --model /tmp/llama8b --make-adapters /tmp/llama8b-loras   # 4 adapters, rank 16
+    python3 benchmarks/bench_lora.py --model /tmp/llama8b --adapters /tmp/llama8b-loras [--json PATH]
+
+Rows (CUDA graphs, prompts of ``--prompt`` tokens, ``--new-tokens`` tokens each, no end-of-sequence):
+
+- ``base``: the base model's engine, opened without adapters (its fused one-row decode step included);
+- ``lora, no adapter rows``: the engine opened with adapters, every row of the base model (the adapters' launches
+  run and find no row to serve: their fixed cost);
+- ``lora, N adapters``: the rows spread round-robin over ``N`` adapters (batch 32: 4; batch 1: one).
+
+The ratio column is each row's tokens/s over ``base``'s at the same batch. Swap-in: an adapter copied into a GPU
+slot from the host's packed copy (``max_cpu_loras`` keeps it), and read from its folder first (host cache of one),
+each timed to the end of its copies on the stream.
+
+The adapters: ``--make-adapters DIR`` writes ``--count`` random adapters of ``--rank`` over every projection
+(q, k, v, o, gate, up, down) of the model in ``--model`` (bfloat16, PEFT's layout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fi_engine.checkpoint.config import LlamaConfig
+from fi_engine.checkpoint.safetensors import write_safetensors
+from fi_engine.lora.adapter import BaseShapes
+
+
+def make_adapters(model: Path, out: Path, count: int, rank: int) -> list[Path]:
+    """``count`` random adapters of ``rank`` over every projection of ``model``'s layers, in PEFT's layout (random
+    A and B of standard deviation 0.02, bfloat16 bits), as ``out/lora{i}``."""
+    base = BaseShapes.of(LlamaConfig.from_dir(model), "bfloat16")
+    rng = np.random.default_rng(0)
+    folders = []
+    for i in range(count):
+        folder = out / f"lora{i}"
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, Any] = {}
+        for layer in range(base.num_layers):
+            for module, (n, k) in base.shapes.items():
+                block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+                name = f"base_model.model.model.layers.{layer}.{block}.{module}"
+                for half, shape in (("A", (rank, k)), ("B", (n, rank))):
+                    values = (rng.standard_normal(shape) * 0.02).astype(np.float32).view(np.uint32)
+                    tensors[f"{name}.lora_{half}.weight"] = ((values >> 16).astype(np.uint16), "bfloat16")
+        write_safetensors(folder / "adapter_model.safetensors", tensors)
+        config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(base.shapes),
+                  "bias": "none"}  # fmt: skip
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        folders.append(folder)
+        print(f"wrote {folder}")
+    return folders
+
+
+def tokens_per_s(engine: Any, batch: int, prompt: int, new: int, loras: list[str | None]) -> float:
+    """Decode tokens/s of one generate call of ``batch`` random prompts (after one warm-up call)."""
+    rng = np.random.default_rng(1)
+    prompts = rng.integers(3, 1000, size=(batch, prompt)).tolist()
+    engine.generate(prompts, 4, eos_token_ids=(), lora=loras)  # warm-up: the prefill graph, the swap-ins
+    best = 0.0
+    for _ in range(2):
+        r = engine.generate(prompts, new, eos_token_ids=(), lora=loras)
+        best = max(best, r.tokens_per_s)
+    return best
+
+
+def swap_in_ms(engine: Any, names: list[str]) -> float:
+    """Mean milliseconds to copy each adapter of ``names`` into a GPU slot (each evicting the last: one slot), to the
+    end of its copies on the stream."""
+    manager, stream = engine.lora, engine.runner.stream
+    times = []
+    for name in names * 2:
+        start = time.perf_counter()
+        slot = manager.acquire(manager.key(name))
+        stream.synchronize()
+        times.append(time.perf_counter() - start)
+        manager.release(slot)
+    return 1e3 * float(np.mean(times[len(names) :]))  # (the second round: every adapter met before)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True, help="a Llama checkpoint (bench_llama_tp.py --make)")
+    ap.add_argument("--make-adapters", type=Path, help="write random adapters for --model here and exit")
+    ap.add_argument("--adapters", type=Path, help="a folder of adapters (lora0, lora1, ...)")
+    ap.add_argument("--count", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    if args.make_adapters:
+        make_adapters(args.model, args.make_adapters, args.count, args.rank)
+        return
+    if args.adapters is None:
+        ap.error("--adapters DIR (or --make-adapters DIR first)")
+    from fi_engine.models.registry import open_engine
+
+    folders = sorted(p for p in args.adapters.iterdir() if (p / "adapter_config.json").is_file())
+    names = [p.name for p in folders]
+    batches = [int(b) for b in args.batches.split(",")]
+    seq = args.prompt + args.new_tokens + 8
+    common = dict(max_batch=max(batches), max_seq_len=seq, cuda_graph=True)
+    rows: list[dict[str, Any]] = []
+    with open_engine(args.model, **common) as engine:
+        base = {b: tokens_per_s(engine, b, args.prompt, args.new_tokens, [None] * b) for b in batches}
+    for b in batches:
+        rows.append({"row": "base", "batch": b, "tokens_per_s": base[b]})
+    modules = {n: str(p) for n, p in zip(names, folders, strict=True)}
+    lora = {"max_loras": len(names), "max_lora_rank": args.rank, "modules": modules}
+    with open_engine(args.model, lora=lora, **common) as engine:
+        for b in batches:
+            used = names[: min(len(names), b)]
+            spread: list[str | None] = [used[i % len(used)] for i in range(b)]
+            for label, loras in (("lora, no adapter rows", [None] * b), (f"lora, {len(used)} adapters", spread)):
+                speed = tokens_per_s(engine, b, args.prompt, args.new_tokens, loras)
+                rows.append({"row": label, "batch": b, "tokens_per_s": speed})
+        slot_mb = engine.runner.lora.layout.slot_bytes() / 2**20
+    swap = {}
+    for cpu, label in ((len(names), "from the host copy"), (1, "read from its folder first")):
+        settings = {**lora, "max_loras": 1, "max_cpu_loras": cpu}
+        with open_engine(args.model, max_batch=1, max_seq_len=seq, lora=settings) as engine:
+            swap[label] = swap_in_ms(engine, names)
+    print(f"{'row':<24}{'batch':>6}{'tokens/s':>12}{'x base':>8}")
+    for r in rows:
+        r["x_base"] = r["tokens_per_s"] / base[r["batch"]]
+        print(f"{r['row']:<24}{r['batch']:>6}{r['tokens_per_s']:>12.1f}{r['x_base']:>8.2f}")
+    for label, ms in swap.items():
+        print(f"swap-in {label}: {ms:.2f} ms (a slot of rank {args.rank}: {slot_mb:.0f} MiB)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "swap_in_ms": swap, "slot_mib": slot_mb}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The adapters' GPU slots (:class:`DeviceSlots`): per projection group one ``A`` and one ``Bt`` array of every slot
+(:mod:`fi_engine.lora.slots`' layout), a float32 scale and the groups' bits per slot, and the shrink's float32
+scratch; :meth:`DeviceSlots.write` copies a packed adapter into a slot, :meth:`DeviceSlots.apply` adds the adapters
+of a step's rows to a projection's output (:mod:`fi_engine.kernels.lora_bgmv`). Allocated once, when the engine
+opens: a slot is rewritten in place, so a captured CUDA graph reads whatever adapter its slots hold at replay."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..kernels.lora_bgmv import LoraBgmv, expand_args, shrink_args
+from .slots import PackedAdapter, SlotLayout
+
+__all__ = ["DeviceSlots"]
+
+_MAX_LAUNCHES = 4096  # prepared launches kept (a step shape's per layer and group); cleared past it
+
+
+class DeviceSlots:
+    """``slots`` GPU slots of ``layout`` in ``dtype`` on CuPy's current device, for steps of up to ``max_rows`` token
+    rows, the kernels launched on ``stream`` (a ``cupy.cuda.Stream``)."""
+
+    def __init__(self, cupy: Any, layout: SlotLayout, slots: int, dtype: str, max_rows: int, stream: Any) -> None:
+        self.cupy, self.layout, self.slots, self.stream = cupy, layout, slots, stream
+        storage = np.float16 if dtype == "float16" else np.uint16
+        self.arrays = {
+            g.name: (
+                cupy.zeros((slots, *layout.a_shape(g)), storage),
+                cupy.zeros((slots, *layout.bt_shape(g)), storage),
+            )
+            for g in layout.groups
+        }
+        self.scale = cupy.zeros(slots, np.float32)
+        self.targets = cupy.zeros(slots, np.int32)  # no group: every kernel skips the slot's rows
+        self.t = cupy.zeros((max_rows, layout.t_width), np.float32)
+        self.kernels = LoraBgmv(dtype, stream)
+        self._groups = {g.name: g for g in layout.groups}
+        self._launches: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the slot arrays (every slot)."""
+        return sum(a.nbytes + b.nbytes for a, b in self.arrays.values())
+
+    def write(self, slot: int, packed: PackedAdapter) -> None:
+        """Copy ``packed`` into slot ``slot`` on the stream (behind the steps launched before, ahead of those after);
+        the groups it leaves alone keep their old bytes, which its bit, cleared, keeps every kernel from reading."""
+        s = self.stream
+        for name, (a, bt) in self.arrays.items():
+            if name in packed.arrays:
+                host_a, host_bt = packed.arrays[name]
+                a[slot].set(host_a, stream=s)
+                bt[slot].set(host_bt, stream=s)
+        self.scale[slot : slot + 1].set(np.array([packed.scale], np.float32), stream=s)
+        self.targets[slot : slot + 1].set(np.array([packed.targets], np.int32), stream=s)
+
+    def clear(self, slot: int) -> None:
+        """Slot ``slot`` takes no group any more (its adapter was unloaded)."""
+        self.targets[slot : slot + 1].set(np.zeros(1, np.int32), stream=self.stream)
+
+    def apply(self, group: str, layer: int, rows: int, x: int, x_ld: int, y: int, y_ld: int, slots: int) -> None:
+        """``y[r] += scale[s] * B_s A_s x[r]`` for each of ``rows`` rows of slot ``s = slots[r] >= 0`` whose adapter
+        changes ``group`` (``"qkv"``, ``"o"``, ``"gate_up"``, ``"down"``) in layer ``layer``: ``x`` the projection's
+        16-bit input rows (stride ``x_ld`` elements), ``y`` its output rows (stride ``y_ld``), ``slots`` the step's
+        int32 device array of row slots (``lora_slots`` of the step views). Two launches, their arguments checked and
+        packed once per (group, layer, rows, addresses)."""
+        key = (group, layer, rows, x, x_ld, y, y_ld, slots)
+        launch = self._launches.get(key)
+        if launch is None:
+            if len(self._launches) >= _MAX_LAUNCHES:
+                self._launches.clear()
+            launch = self._launches[key] = self._prepare(group, layer, rows, x, x_ld, y, y_ld, slots)
+        shrink_grid, shrink, expand_grid, expand = launch
+        self.kernels.launch_shrink(shrink_grid, shrink)
+        self.kernels.launch_expand(expand_grid, expand)
+
+    def _prepare(
+        self, group: str, layer: int, rows: int, x: int, x_ld: int, y: int, y_ld: int, slots: int
+    ) -> tuple[Any, ...]:
+        g = self._groups[group]
+        a, bt = self.arrays[group]
+        lay = self.layout
+        width = len(g.modules) * lay.rank
+        a_slot, b_slot = int(np.prod(a.shape[1:])), int(np.prod(bt.shape[1:]))
+        a_at = int(a.data.ptr) + 2 * layer * width * g.k
+        bt_at = int(bt.data.ptr) + 2 * layer * lay.rank * g.n
+        t, t_ld = int(self.t.data.ptr), self.t.shape[1]
+        scale, targets = int(self.scale.data.ptr), int(self.targets.data.ptr)
+        if rows > self.t.shape[0]:
+            raise ValueError(f"rows: {rows} exceed the LoRA scratch's {self.t.shape[0]} rows")
+        sg, sa = shrink_args(rows, x, x_ld, slots, scale, targets, g.bit, a_at, a_slot, width, g.k, t, t_ld)
+        n0, n1 = g.split
+        eg, ea = expand_args(rows, t, t_ld, width, slots, targets, g.bit, bt_at, b_slot, lay.rank, g.n, n0, n1, y, y_ld)
+        return sg, sa, eg, ea

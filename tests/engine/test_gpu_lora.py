@@ -1,0 +1,186 @@
+"""LoRA adapters chosen per request (fi_engine.lora) against transformers, on a GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy,
+torch, transformers).
+
+Each base is a random small checkpoint built with transformers' own classes (Llama; Qwen3, whose q/k norms follow
+the adapted projection; Mixtral, whose attention takes adapters and whose experts take none), saved in bfloat16,
+with three random adapters in PEFT's layout (tests/helpers/lora_adapters.py): rank 8 over q and v, rank 16 over
+every projection, rank 64 over every projection with rsLoRA's scale (alpha / sqrt(r)); Mixtral's over attention
+only. A and B are both random (PEFT starts B at zero), so each adapter moves the logits far more than the
+tolerance: a row served without its adapter, or with another's, fails.
+
+The reference of an adapter is the transformers model in **float32** with the adapter merged into its weights
+(``W + scale * B @ A``, of the stored, rounded values); the yardstick is transformers' own error, the merged model
+in bfloat16 against that reference (``hf_err`` per adapter, max |logit error| over every prompt position). Checks:
+prefill logits of a batch mixing the three adapters and base rows, each row within ``1.5 * hf_err`` of its own
+adapter's reference, eager and with CUDA graphs; greedy decode of such a batch (eager and CUDA graph) token by token
+against each row's reference (teacher forcing, as tests/engine/test_gpu_families.py); a row's greedy tokens are the
+same bit for bit whatever adapters its neighbours take (the kernels read each row's slot alone); fewer GPU slots than
+adapters (``max_loras`` 2) swaps them in least recently used and serves every row right; and the prefix cache keeps a
+prompt computed with one adapter from serving another.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from helpers.gpu import engine_against_transformers
+
+cp, torch, transformers = engine_against_transformers()
+
+from helpers.checkpoints import MIXTRAL_MOE, SMALL, float32_reference, save_random  # noqa: E402
+from helpers.lora_adapters import ALL_MODULES, llama_shapes, write_adapter  # noqa: E402
+from helpers.yardstick import (  # noqa: E402
+    bf16_yardstick,
+    check_eager_matches_graph,
+    check_greedy,
+    prompts,
+    reference_logits,
+)
+
+from fi_engine.models.registry import open_engine  # noqa: E402
+from fi_engine.runtime.sampling_params import SamplingParams  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+VOCAB = 4096
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+# name -> (rank, lora_alpha, modules (None: the base's all), rsLoRA)
+ADAPTERS = {"r8": (8, 16.0, ("q_proj", "v_proj"), False), "r16": (16, 32.0, None, False), "r64": (64, 16.0, None, True)}
+BASES = {  # name -> (config class, model class, its config's keys beyond SMALL, the modules an adapter may take)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(intermediate_size=1024), ALL_MODULES),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(intermediate_size=1024), ALL_MODULES),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(MIXTRAL_MOE), ATTENTION),
+}
+LORAS = [None, "r8", "r16", "r64", "r8", None, "r64", "r16"]  # one batch: every adapter twice, two base rows
+LENS = (5, 16, 29, 40, 7, 33, 50, 12)
+MAX_NEW = 17
+
+
+def merged(model, deltas):  # type: ignore[no-untyped-def]
+    """A float32 copy of ``model`` with every ``(layer, module) -> delta`` added to that projection's weight."""
+    m = copy.deepcopy(model).float()
+    with torch.no_grad():
+        for (layer, module), delta in deltas.items():
+            block = m.model.layers[layer].self_attn if module in ATTENTION else m.model.layers[layer].mlp
+            getattr(block, module).weight += torch.from_numpy(delta)
+    return m
+
+
+@pytest.fixture(scope="module", params=list(BASES), ids=list(BASES))
+def base(request, tmp_path_factory):  # type: ignore[no-untyped-def]
+    config_cls, model_cls, extra, allowed = BASES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    kw = dict(vocab_size=VOCAB, **SMALL, **extra)
+    model = save_random(root / "base", config_cls, model_cls, "bfloat16", kw)
+    shapes = llama_shapes(kw["hidden_size"], kw["intermediate_size"], kw["num_attention_heads"],
+                          kw["num_key_value_heads"], kw["head_dim"])  # fmt: skip
+    ps = prompts(LENS, VOCAB)
+    refs, errs, modules = {}, {}, {}
+    for seed, (name, (rank, alpha, mods, rslora)) in enumerate([(None, (0, 0.0, (), False)), *ADAPTERS.items()]):
+        if name is None:
+            ref, hf16 = float32_reference(model), copy.deepcopy(model).cuda().eval()
+        else:
+            mods = tuple(m for m in (mods or allowed) if m in allowed)
+            modules[name] = mods
+            deltas = write_adapter(root / name, shapes, kw["num_hidden_layers"], rank, alpha, mods, rslora=rslora,
+                                   seed=seed)  # fmt: skip
+            f32 = merged(model, deltas)
+            ref = f32.cuda().eval()
+            hf16 = copy.deepcopy(f32).to(torch.bfloat16).cuda().eval()
+        refs[name] = ref
+        errs[name], _ = bf16_yardstick(hf16, [reference_logits(ref, p) for p in ps], ps)
+        del hf16
+    # every adapter moves the logits far past the tolerance: a row served without it fails
+    for name in ADAPTERS:
+        moved = max(float(np.abs(reference_logits(refs[name], p) - reference_logits(refs[None], p)).max()) for p in ps)
+        print(f"{request.param} {name} ({modules[name]}): moves the logits by {moved:.3f}; transformers-bf16's error "
+              f"{errs[name]:.4f}")  # fmt: skip
+        assert moved > 10 * errs[name]
+    settings = {"max_loras": 3, "max_lora_rank": 64, "modules": {n: str(root / n) for n in ADAPTERS}}
+    yield request.param, root / "base", refs, errs, ps, settings
+    refs.clear()
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda_graph"])
+def test_mixed_batch_prefill_logits_within_transformers_bfloat16_error(base, graph) -> None:  # type: ignore[no-untyped-def]
+    name, path, refs, errs, ps, settings = base
+    with open_engine(path, max_batch=8, page_size=16, cuda_graph=graph, lora=settings) as engine:
+        assert engine.lora_names == list(ADAPTERS)
+        got = engine.prefill_logits(ps, lora=LORAS)
+    for i, (p, g, lora) in enumerate(zip(ps, got, LORAS, strict=True)):
+        want = reference_logits(refs[lora], p)
+        err = float(np.abs(g - want).max())
+        print(f"{name} row {i} ({lora}): engine {err:.4f}, transformers-bf16 {errs[lora]:.4f}")
+        assert err <= 1.5 * errs[lora], f"{name} row {i} ({lora}): {err:.4f} > 1.5 x {errs[lora]:.4f}"
+
+
+def test_mixed_batch_greedy_decode_eager_and_cuda_graph(base) -> None:  # type: ignore[no-untyped-def]
+    name, path, refs, errs, ps, settings = base
+    tol = 1.5 * max(errs.values())
+    tokens = {}
+    for graph in (False, True):
+        with open_engine(path, max_batch=8, page_size=16, cuda_graph=graph, lora=settings) as engine:
+            r = engine.generate(ps, MAX_NEW, eos_token_ids=(), lora=LORAS)
+        assert [len(t) for t in r.tokens] == [MAX_NEW] * len(ps)
+        tokens[graph] = r.tokens
+        exact = 0
+        for lora in (None, *ADAPTERS):
+            rows = [i for i, x in enumerate(LORAS) if x == lora]
+            exact += check_greedy(refs[lora], [ps[i] for i in rows], [r.tokens[i] for i in rows], tol)
+        print(f"{name} {'graph' if graph else 'eager'}: {exact}/{MAX_NEW * len(ps)} tokens the reference's argmax")
+    for lora in (None, *ADAPTERS):
+        rows = [i for i, x in enumerate(LORAS) if x == lora]
+        check_eager_matches_graph(refs[lora], [ps[i] for i in rows], [tokens[False][i] for i in rows],
+                                  [tokens[True][i] for i in rows], tol, f"{name} {lora}: ")  # fmt: skip
+
+
+def test_a_rows_tokens_do_not_depend_on_its_neighbours_adapters(base) -> None:  # type: ignore[no-untyped-def]
+    """The same prompts and lengths (so the same GEMM shapes, step by step) with the neighbours' adapters changed:
+    every row whose own adapter is the same gets the same tokens, bit for bit."""
+    name, path, _, _, ps, settings = base
+    others = [LORAS, [None] * len(ps), ["r64", "r16", None, "r8", "r16", "r8", None, "r64"]]
+    with open_engine(path, max_batch=8, page_size=16, cuda_graph=True, lora=settings) as engine:
+        runs = [engine.generate(ps, MAX_NEW, eos_token_ids=(), lora=lo).tokens for lo in others]
+        mixed = [engine.generate(ps, MAX_NEW, eos_token_ids=(), lora=[lo] * len(ps)).tokens for lo in ADAPTERS]
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        same = [i for i in range(len(ps)) if others[a][i] == others[b][i]]
+        assert same, "the runs share rows"
+        for i in same:
+            assert runs[a][i] == runs[b][i], f"{name} row {i} ({others[a][i]}): tokens depend on the neighbours"
+    for k, lora in enumerate(ADAPTERS):  # a batch of one adapter against the mixed batch's rows of that adapter
+        for i in (i for i, x in enumerate(LORAS) if x == lora):
+            assert mixed[k][i] == runs[0][i], f"{name} row {i} ({lora}): alone and mixed differ"
+
+
+def test_fewer_slots_than_adapters_swap_in_least_recently_used(base) -> None:  # type: ignore[no-untyped-def]
+    name, path, refs, errs, ps, settings = base
+    tol = 1.5 * max(errs.values())
+    with open_engine(path, max_batch=8, page_size=16, cuda_graph=True, lora={**settings, "max_loras": 2}) as engine:
+        r = engine.generate(ps, MAX_NEW, eos_token_ids=(), lora=LORAS)
+        stats = engine.lora.stats
+        print(f"{name}: {stats.swap_ins} swap-ins, {1e3 * stats.swap_in_s / max(stats.swap_ins, 1):.2f} ms each")
+        assert stats.swap_ins >= 3  # three adapters through two slots
+        assert max(engine.lora.table.pins) == 0  # every request left its slot
+    for lora in (None, *ADAPTERS):
+        rows = [i for i, x in enumerate(LORAS) if x == lora]
+        check_greedy(refs[lora], [ps[i] for i in rows], [r.tokens[i] for i in rows], tol)
+
+
+def test_the_prefix_cache_is_keyed_by_adapter(base) -> None:  # type: ignore[no-untyped-def]
+    name, path, _, _, ps, settings = base
+    p = ps[6]  # 50 tokens: three full pages
+    with open_engine(path, max_batch=8, page_size=16, cuda_graph=True, lora=settings) as engine:
+        fresh = {lo: engine.generate([p], MAX_NEW, eos_token_ids=(), lora=lo).tokens[0] for lo in ("r16", None)}
+        engine.prefix_caching = True
+        stats = engine.prefix_cache_stats
+        base_run = engine.generate([p], MAX_NEW, eos_token_ids=()).tokens[0]  # fills the cache, base model's
+        hits = stats.hits
+        got = engine.generate([p], MAX_NEW, eos_token_ids=(), sampling=SamplingParams(lora="r16")).tokens[0]
+        assert stats.hits == hits, f"{name}: the adapter's request was served the base model's prefix"
+        engine.generate([p], MAX_NEW, eos_token_ids=(), lora="r16")
+        assert stats.hits > hits, f"{name}: the adapter's own prefix was not found again"
+    assert base_run == fresh[None]
+    assert got == fresh["r16"]  # (no hit: computed as without the cache)
