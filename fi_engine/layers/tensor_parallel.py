@@ -212,6 +212,22 @@ def expert_rows(weight: np.ndarray, rank: int, parts: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([weight[:, lo : lo + step], weight[:, i + lo : i + lo + step]], axis=1))
 
 
+def allocate_rank_buffers(eng: Any, buffers: Any, rows: int, storage: Any) -> Any:
+    """The buffers a rank's pass adds to ``buffers`` (a namespace of the runner ``eng``'s CuPy activations, ``rows``
+    token rows of ``storage`` elements): with a vocabulary shard, ``head`` (this rank's float32 logits columns),
+    ``pairs`` and ``pairs_all`` (its and every rank's shard argmax: value bits, index; the whole logits are only
+    gathered for sampling); with the fused all-reduce, ``x2`` (the normalized rows it writes: its output may not
+    overlap its input). Returns where the normalized rows live: ``x2``, or ``x`` itself (normalized in place)."""
+    cp, b = eng.cupy, buffers
+    if eng.vocab_shard is not None:
+        b.head = cp.empty((eng.max_batch, eng.head_rows), np.float32)
+        b.pairs = cp.empty((eng.max_batch, 2), np.int32)
+        b.pairs_all = cp.empty(eng.tensor_parallel * eng.max_batch * 2, np.int32)
+    if eng.allreduce is not None and eng.allreduce.fused:
+        b.x2 = cp.empty((rows, eng.config.hidden_size), storage)
+    return b.x2 if hasattr(b, "x2") else b.x
+
+
 class ResidualAllReduce:
     """``residual += all_reduce(partial)``; ``normed = rmsnorm(residual) * weight``, over a communicator's ranks.
 
@@ -290,7 +306,6 @@ __all__ = [
     "columns",
     "combine_shard_argmax",
     "expert_rows",
-    "refuse_undivided",
     "rows",
     "segment",
     "shard_config",

@@ -80,7 +80,7 @@ from ..checkpoint.safetensors import Checkpoint
 from ..kernels import flashinfer as kernels
 from ..layers.deepseek_routing import DeviceGroupedTopk, device_routing_blocker, grouped_topk
 from ..layers.moe_routing import group_by_expert
-from ..layers.tensor_parallel import columns, rows
+from ..layers.tensor_parallel import allocate_rank_buffers, columns, rows
 from ..runtime.engine import Engine
 from ..runtime.family import ModelFamily
 from ..runtime.settings import with_settings
@@ -375,15 +375,8 @@ class DeepSeek(ModelFamily):
             assert c.moe is not None
             b.topk_w = cp.empty((rows, c.moe.top_k), np.float32)
             b.topk_i = cp.empty((rows, c.moe.top_k), np.int32)
-        if eng.vocab_shard is not None:  # this rank's logits columns and the ranks' shard argmaxes (the sampler's)
-            b.head = cp.empty((eng.max_batch, eng.head_rows), np.float32)
-            b.pairs = cp.empty((eng.max_batch, 2), np.int32)
-            b.pairs_all = cp.empty(eng.tensor_parallel * eng.max_batch * 2, np.int32)
-        # the normalized rows: x (normalized in place), or x2 where the fused all-reduce writes them (its output
-        # may not overlap its input)
-        if eng.allreduce is not None and eng.allreduce.fused:
-            b.x2 = cp.empty((rows, h), storage)
-        eng.normed = b.x2 if hasattr(b, "x2") else b.x
+        # the vocabulary shard's logits columns and argmaxes; the normalized rows in x, or x2 with the fused all-reduce
+        eng.normed = allocate_rank_buffers(eng, b, rows, storage)
         positions = eng.max_seq_len  # rows 0..max_seq_len, one spare row for the interleaved kernel's read-ahead
         table = c.cos_sin_cache(positions + 1)
         self.cos_sin_dev = cp.asarray(table)

@@ -44,8 +44,8 @@ from ..checkpoint.config import MoEConfig, read_config_json, yarn_ramp
 from ..checkpoint.family_configs import eos_ids, rope_settings, silu_without_biases, size
 from ..checkpoint.quantization import Fp8Scheme, served_fp8_scheme
 from ..layers.deepseek_routing import DeepSeekRouting
-from ..layers.tensor_parallel import refuse_undivided
-from ..values import MAX_SIZE, show
+from ..layers.tensor_parallel import MAX_PARTS, refuse_undivided
+from ..values import MAX_SIZE, arg_int, show
 
 __all__ = [
     "DEEPSEEK_MODEL_TYPES",
@@ -413,8 +413,7 @@ def fp8_shard_refusal(cfg: DeepSeekConfig, tensor_parallel: int) -> str | None:
     (:meth:`DeepSeekConfig.tensor_parallel_shard`) where ``tensor_parallel`` does not divide those sizes."""
     if not isinstance(cfg, DeepSeekConfig):
         raise TypeError(f"cfg: expected a DeepSeekConfig (DeepSeekConfig.from_dir), got {type(cfg).__name__}")
-    if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
-        raise ValueError(f"tensor_parallel: expected an int >= 1 (ranks), got {tensor_parallel!r}")
+    tensor_parallel = arg_int("tensor_parallel", tensor_parallel, 1, MAX_PARTS)
     if tensor_parallel == 1 or cfg.fp8 is None or cfg.fp8.block is None:
         return None
     cfg.tensor_parallel_shard(tensor_parallel)  # sizes that do not divide: refused first, naming the key
