@@ -37,16 +37,25 @@ MAX_VOCAB = (1 << 31) - 1  # token ids are int32
 MAX_PARTS = 1 << 16  # ranks of one tensor-parallel group (a bound that keeps the arithmetic in int64)
 
 
-def shard_config(cfg: LlamaConfig, tensor_parallel: int) -> LlamaConfig:
-    """The per-rank shape of ``cfg`` split ``tensor_parallel`` ways (heads and MLP columns divided).
+def shard_config(cfg: Any, tensor_parallel: int) -> Any:
+    """The per-rank shape of ``cfg`` split ``tensor_parallel`` ways (heads and MLP columns divided): a
+    :class:`~fi_engine.checkpoint.config.LlamaConfig` (Llama, Gemma 2, gpt-oss) by the rules above, a family config
+    with its own rule by its ``tensor_parallel_shard`` method (DeepSeek's:
+    :meth:`~fi_engine.models.deepseek_config.DeepSeekConfig.tensor_parallel_shard`).
 
     Raises:
         ValueError: naming ``tensor_parallel`` and the dimension it does not divide.
     """
-    if not isinstance(cfg, LlamaConfig):
-        raise TypeError(f"cfg: expected a LlamaConfig (LlamaConfig.from_dir), got {type(cfg).__name__}")
+    own_rule = getattr(type(cfg), "tensor_parallel_shard", None)  # a family config that shards itself (DeepSeek's)
+    if not isinstance(cfg, LlamaConfig) and own_rule is None:
+        raise TypeError(
+            f"cfg: expected a LlamaConfig (LlamaConfig.from_dir) or a family config with a tensor_parallel_shard "
+            f"method (DeepSeekConfig), got {type(cfg).__name__}"
+        )
     if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
         raise ValueError(f"tensor_parallel: expected an int >= 1 (ranks), got {tensor_parallel!r}")
+    if own_rule is not None:
+        return own_rule(cfg, tensor_parallel)  # type: ignore[no-any-return]
     n = tensor_parallel
     checked = [
         ("query heads", "num_attention_heads", cfg.num_qo_heads),
@@ -56,12 +65,7 @@ def shard_config(cfg: LlamaConfig, tensor_parallel: int) -> LlamaConfig:
     if cfg.moe is not None:
         key = "moe_intermediate_size" if cfg.model_type == "qwen3_moe" else "intermediate_size"
         checked.append(("expert intermediate columns", key, cfg.moe.intermediate_size))
-    for what, key, value in checked:
-        if value % n:
-            raise ValueError(
-                f"tensor_parallel: {n} does not divide the model's {value} {what} ({key}); use a tensor-parallel "
-                f"size that divides {', '.join(f'{v} {w}' for w, _, v in checked)} (1 always does)"
-            )
+    refuse_undivided(n, checked)
     moe = cfg.moe if cfg.moe is None else dataclasses.replace(cfg.moe, intermediate_size=cfg.moe.intermediate_size // n)
     return dataclasses.replace(
         cfg,
@@ -70,6 +74,17 @@ def shard_config(cfg: LlamaConfig, tensor_parallel: int) -> LlamaConfig:
         intermediate_size=cfg.intermediate_size // n,
         moe=moe,
     )
+
+
+def refuse_undivided(tensor_parallel: int, checked: list[tuple[str, str, int]]) -> None:
+    """ValueError naming ``tensor_parallel`` and the first of the model's sizes ``checked`` (``(what, config key,
+    size)`` each) it does not divide, and the sizes a tensor-parallel size must divide."""
+    for what, key, value in checked:
+        if value % tensor_parallel:
+            raise ValueError(
+                f"tensor_parallel: {tensor_parallel} does not divide the model's {value} {what} ({key}); use a "
+                f"tensor-parallel size that divides {', '.join(f'{v} {w}' for w, _, v in checked)} (1 always does)"
+            )
 
 
 def _block(weight: Any, rank: Any, parts: Any, axis: int) -> int:
@@ -195,6 +210,22 @@ def expert_rows(weight: np.ndarray, rank: int, parts: int) -> np.ndarray:
     step = i // parts
     lo = rank * step
     return np.ascontiguousarray(np.concatenate([weight[:, lo : lo + step], weight[:, i + lo : i + lo + step]], axis=1))
+
+
+def allocate_rank_buffers(eng: Any, buffers: Any, rows: int, storage: Any) -> Any:
+    """The buffers a rank's pass adds to ``buffers`` (a namespace of the runner ``eng``'s CuPy activations, ``rows``
+    token rows of ``storage`` elements): with a vocabulary shard, ``head`` (this rank's float32 logits columns),
+    ``pairs`` and ``pairs_all`` (its and every rank's shard argmax: value bits, index; the whole logits are only
+    gathered for sampling); with the fused all-reduce, ``x2`` (the normalized rows it writes: its output may not
+    overlap its input). Returns where the normalized rows live: ``x2``, or ``x`` itself (normalized in place)."""
+    cp, b = eng.cupy, buffers
+    if eng.vocab_shard is not None:
+        b.head = cp.empty((eng.max_batch, eng.head_rows), np.float32)
+        b.pairs = cp.empty((eng.max_batch, 2), np.int32)
+        b.pairs_all = cp.empty(eng.tensor_parallel * eng.max_batch * 2, np.int32)
+    if eng.allreduce is not None and eng.allreduce.fused:
+        b.x2 = cp.empty((rows, eng.config.hidden_size), storage)
+    return b.x2 if hasattr(b, "x2") else b.x
 
 
 class ResidualAllReduce:

@@ -39,8 +39,23 @@ engine checks it), the step's index arrays go into the graph's fixed buffers, an
 wheel's fused ``NoAuxTc`` kernel where it applies (:func:`fused_routing_blocker`), else
 :class:`~fi_engine.layers.deepseek_routing.DeviceGroupedTopk` (V2's softmax routing included). Prefill stays eager.
 
+Tensor parallelism (``tensor_parallel=N``, :mod:`fi_engine.layers.tensor_parallel`;
+:meth:`~fi_engine.models.deepseek_config.DeepSeekConfig.tensor_parallel_shard` the per-rank shape): each rank keeps
+``H / N`` of the MLA heads -- their rows of ``q_b_proj`` (``q_proj``) and of ``kv_b_proj`` (so their absorbed
+factors), their columns of ``o_proj`` -- and plans and runs the MLA kernels over those heads; ``q_a_proj``,
+``kv_a_proj_with_mqa``, their norms and the latent cache are whole on every rank (each computes and caches the same
+latents: the cache is one shared "head", which no split would shrink). The dense layers' SwiGLU and every shared
+and routed expert split by intermediate columns (gate/up rows, down columns; the routed experts through the Llama
+family's MoE loader), the router and its correction bias whole, so every rank routes every token alike
+(group-limited routing unchanged) and each expert's output is a partial sum. The O and down projections' partial
+sums are summed by the all-reduce that adds the residual and applies the next RMSNorm, as Llama's; the embedding and
+LM head split by vocabulary rows. FP8 checkpoints: each rank dequantizes only its share, so a share must hold whole
+128x128 blocks of scales (refused by name otherwise: :func:`~fi_engine.models.deepseek_config.fp8_shard_refusal`).
+Splitting the routed experts by expert (each rank whole experts, tokens exchanged) is not built.
+
 Refused with a message naming the field (:meth:`DeepSeek.check`, the hook every family definition refuses
-through): tensor parallelism, a CUDA graph for a routing the device kernel cannot do (``n_group`` above
+through): a tensor-parallel size that does not divide the heads or the MLP columns or that cuts an FP8 block, a CUDA
+graph for a routing the device kernel cannot do (``n_group`` above
 :data:`~fi_engine.layers.deepseek_routing.MAX_DEVICE_GROUPS`).
 
 FP8 checkpoints (DeepSeek-V3's published form: e4m3 projections with 128x128 block scales ``weight_scale_inv``; the
@@ -65,10 +80,11 @@ from ..checkpoint.safetensors import Checkpoint
 from ..kernels import flashinfer as kernels
 from ..layers.deepseek_routing import DeviceGroupedTopk, device_routing_blocker, grouped_topk
 from ..layers.moe_routing import group_by_expert
+from ..layers.tensor_parallel import allocate_rank_buffers, columns, rows
 from ..runtime.engine import Engine
 from ..runtime.family import ModelFamily
 from ..runtime.settings import with_settings
-from .deepseek_config import DeepSeekConfig
+from .deepseek_config import DeepSeekConfig, fp8_shard_refusal
 from .llama import load_moe_layer
 from .mla_weights import split_kv_b
 from .registry import family_config_json
@@ -115,6 +131,31 @@ class _DeepSeekWeights(WeightLoader):
     """The loader of DeepSeek checkpoints: an e4m3 tensor where config.json declares no FP8 layout is refused saying
     what is missing."""
 
+    def cut(self, prefix: str, shape: tuple[int, int], rank: int, ranks: int, axis: int) -> np.ndarray:
+        """Projection ``prefix``'s weight ``shape`` ``(n, k)`` in the loader's 16-bit type, cut to rank ``rank``'s
+        block of ``ranks``: ``axis`` 0 its output rows (column-parallel), 1 its input columns (row-parallel);
+        ``ranks`` 1 keeps it whole. An e4m3 weight is cut in its codes and scales, then only this rank's blocks are
+        dequantized (the same values as the dequantized whole's cut: dequantization is per element); the family's
+        check has refused a ``ranks`` whose cut would split a block of scales
+        (:func:`~fi_engine.models.deepseek_config.fp8_shard_refusal`)."""
+        name = prefix + ".weight"
+        if ranks > 1 and self.fp8 is not None and name in self.ckpt and self.ckpt.info(name).dtype == "float8_e4m3fn":
+            from ..checkpoint.fp8_weights import read_fp8_linear
+
+            m = read_fp8_linear(self.ckpt, self.fp8, prefix, shape, gemv=False)
+            lo, hi = rank * shape[axis] // ranks, (rank + 1) * shape[axis] // ranks
+            return self._dequantized(prefix, m.rows(lo, hi) if axis == 0 else m.columns(lo, hi))
+        whole = self.linear(prefix, shape)
+        return whole if ranks == 1 else (rows if axis == 0 else columns)(whole, rank, ranks)
+
+    def swiglu(self, prefix: str, inter: int, hidden: int, rank: int, ranks: int) -> tuple[np.ndarray, np.ndarray]:
+        """A SwiGLU MLP's (``prefix`` + ``gate_proj``, ``up_proj``, ``down_proj``; ``inter`` its whole
+        intermediate size) weights on rank ``rank`` of ``ranks``: ``gate_up [2 * inter / ranks, hidden]`` (its
+        gate rows, then its up rows: what ``silu_and_mul`` pairs) and ``down [hidden, inter / ranks]`` (its
+        columns: a partial sum of the output)."""
+        gate_up = [self.cut(prefix + x, (inter, hidden), rank, ranks, 0) for x in ("gate_proj", "up_proj")]
+        return np.concatenate(gate_up), self.cut(prefix + "down_proj", (hidden, inter), rank, ranks, 1)
+
     def mismatch_hint(self, got: str) -> str:
         if "8" in got and self.fp8 is None:
             return "; config.json declares no quantization_config, so this checkpoint's FP8 scales are not read"
@@ -139,17 +180,20 @@ class DeepSeek(ModelFamily):
 
     def check(self, eng: Any, cfg: Any) -> None:
         """Refuse what this engine cannot serve, before any GPU work (the Llama engine calls this hook with
-        ``tensor_parallel`` and ``cuda_graph`` set): a config that is not a DeepSeekConfig, tensor parallelism (MLA
-        and the experts are not sharded), a CUDA graph whose MoE routing has no device path."""
+        ``tensor_parallel`` and ``cuda_graph`` set): a config that is not a DeepSeekConfig, an FP8 checkpoint whose
+        ``tensor_parallel`` shards would cut a block of scales (naming the projection; sizes that do not divide are
+        refused next, by :meth:`DeepSeekConfig.tensor_parallel_shard
+        <fi_engine.models.deepseek_config.DeepSeekConfig.tensor_parallel_shard>`), a CUDA graph whose MoE routing has
+        no device path."""
         if not isinstance(cfg, DeepSeekConfig):
             raise ValueError(
                 f"model: DeepSeekEngine serves deepseek_v2 / deepseek_v3 checkpoints, got a {type(cfg).__name__}"
             )
-        if eng.tensor_parallel != 1:
-            raise ValueError(
-                f"tensor_parallel: {cfg.model_type} checkpoints run on one GPU here (MLA and the experts are not "
-                f"sharded yet), got {eng.tensor_parallel}; pass tensor_parallel=1"
-            )
+        n = eng.tensor_parallel
+        why = fp8_shard_refusal(cfg, n)
+        if why is not None:
+            raise ValueError(f"tensor_parallel: {n}: {why}; pick a tensor_parallel whose shards hold whole blocks of "
+                             f"scales, or serve a bfloat16 copy")  # fmt: skip
         why = graph_blocker(cfg)
         if eng.cuda_graph and why is not None:
             raise ValueError(f"cuda_graph: {why}; pass cuda_graph=False (eager decode routes on the host)")
@@ -163,18 +207,24 @@ class DeepSeek(ModelFamily):
     # ------------------------------------------------------------------------------------------ loading
 
     def load(self, eng: Any, ckpt: Checkpoint) -> None:
-        c = eng.config
-        h, heads, dn, dr, dv, r = (
-            c.hidden_size, c.num_qo_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank,
+        """The weights of this rank (``eng.rank`` of ``eng.tensor_parallel``; the whole model on one GPU): the
+        embedding and LM head (whole, or this rank's vocabulary rows), per layer MLA (the latent projections
+        ``q_a_proj`` / ``kv_a_proj_with_mqa`` and their norms whole; this rank's heads' rows of ``q_b_proj`` /
+        ``q_proj`` and of ``kv_b_proj``, split into the absorbed factors of those heads; their columns of
+        ``o_proj``), the dense MLP or the MoE layer (router and correction bias whole; every routed and shared
+        expert's share of intermediate columns) and the norms."""
+        full, c = eng.model_config, eng.config  # the checkpoint's shapes; this rank's (heads, MLP columns)
+        r, n = eng.rank, eng.tensor_parallel
+        h, heads, dn, dr, dv, kv_rank = (
+            full.hidden_size, full.num_qo_heads, full.qk_nope_head_dim, full.qk_rope_head_dim, full.v_head_dim,
+            full.kv_lora_rank,
         )  # fmt: skip
         dtype = ckpt.info("model.embed_tokens.weight").dtype
         if dtype not in ("float16", "bfloat16"):  # FP8 checkpoints keep it 16-bit
             raise ValueError(f"model: weights are {dtype}; this engine serves float16 or bfloat16 checkpoints")
         # every upload kept alive by eng.device_arrays; an FP8 checkpoint's projections dequantized to dtype as read
-        ld = _DeepSeekWeights.for_engine(eng, ckpt, dtype, fp8=c.fp8)
-        eng.embed = ld.ptr(ld.get("model.embed_tokens.weight", (c.vocab_size, h)))
-        eng.lm_head = eng.embed if c.tie_word_embeddings else ld.ptr(ld.get("lm_head.weight", (c.vocab_size, h)))
-        eng.head_rows = c.vocab_size  # the LM head's output columns (the whole vocabulary: one GPU)
+        ld = _DeepSeekWeights.for_engine(eng, ckpt, dtype, fp8=full.fp8)
+        ld.embedding_and_head(eng, full)  # whole, or this rank's vocabulary rows
         w = self.w = SimpleNamespace(
             q=[], qa=[], qa_norm=[], qb=[], ckv=[], kpe=[], kv_norm=[], uk_t=[], uv=[], o=[], gu=[], d=[],
             shared_gu=[], shared_d=[], bias=[], bias_arr=[], bias_dev=[],
@@ -184,35 +234,38 @@ class DeepSeek(ModelFamily):
         self.fused_routing_used = self._choose_routing(eng)
         # the decode graph's routing where the fused kernel does not serve (DeepSeek.check refused what neither does)
         self.device_topk = None
-        if c.moe is not None:
-            eng.moe_workspace = kernels.workspace(eng.device)
-            if eng.static_moe and not self.fused_routing_used:
-                assert c.routing is not None
-                self.device_topk = DeviceGroupedTopk(c.routing, c.moe.num_experts, c.moe.top_k, c.moe.renormalize)
+        if c.moe is not None and eng.static_moe and not self.fused_routing_used:
+            assert c.routing is not None
+            self.device_topk = DeviceGroupedTopk(c.routing, c.moe.num_experts, c.moe.top_k, c.moe.renormalize)
         qk = dn + dr
-        for i in range(c.num_layers):
+        for i in range(full.num_layers):
             p = f"model.layers.{i}."
             a = p + "self_attn."
-            if c.q_lora_rank is None:
-                w.q.append(ld.ptr(ld.linear(a + "q_proj", (heads * qk, h))))
+            if full.q_lora_rank is None:
+                w.q.append(ld.ptr(ld.cut(a + "q_proj", (heads * qk, h), r, n, 0)))  # this rank's heads
             else:
-                q_rank = c.q_lora_rank
-                w.qa.append(ld.ptr(ld.linear(a + "q_a_proj", (q_rank, h))))
+                q_rank = full.q_lora_rank
+                w.qa.append(ld.ptr(ld.linear(a + "q_a_proj", (q_rank, h))))  # the query latent: whole
                 w.qa_norm.append(ld.vector(ld.get(a + "q_a_layernorm.weight", (q_rank,))))
-                w.qb.append(ld.ptr(ld.linear(a + "q_b_proj", (heads * qk, q_rank))))
-            kv_a = ld.linear(a + "kv_a_proj_with_mqa", (r + dr, h))
+                w.qb.append(ld.ptr(ld.cut(a + "q_b_proj", (heads * qk, q_rank), r, n, 0)))
+            kv_a = ld.linear(a + "kv_a_proj_with_mqa", (kv_rank + dr, h))  # the latent KV: whole on every rank
             # two GEMMs rather than one: the latent then goes through RMSNorm, the RoPE part into the cache,
             # each contiguous
-            w.ckv.append(ld.ptr(kv_a[:r]))
-            w.kpe.append(ld.ptr(kv_a[r:]))
-            w.kv_norm.append(ld.vector(ld.get(a + "kv_a_layernorm.weight", (r,))))
-            uk_t, uv = split_kv_b(ld.linear(a + "kv_b_proj", (heads * (dn + dv), r)), heads, dn, dv)
+            w.ckv.append(ld.ptr(kv_a[:kv_rank]))
+            w.kpe.append(ld.ptr(kv_a[kv_rank:]))
+            w.kv_norm.append(ld.vector(ld.get(a + "kv_a_layernorm.weight", (kv_rank,))))
+            # this rank's heads' rows of kv_b (dn + dv rows a head, heads in order), split into their absorbed factors
+            kv_b = ld.cut(a + "kv_b_proj", (heads * (dn + dv), kv_rank), r, n, 0)
+            uk_t, uv = split_kv_b(kv_b, c.num_qo_heads, dn, dv)
             w.uk_t.append(ld.ptr(uk_t))
             w.uv.append(ld.ptr(uv))
-            w.o.append(ld.ptr(ld.linear(a + "o_proj", (h, heads * dv))))
-            if c.is_moe_layer(i):
+            w.o.append(ld.ptr(ld.cut(a + "o_proj", (h, heads * dv), r, n, 1)))  # its heads' columns: a partial sum
+            if full.is_moe_layer(i):
+                if eng.moe_workspace is None:  # the grouped GEMMs' own (argument arrays, scratch)
+                    eng.moe_workspace = kernels.workspace(eng.device)
                 # router and experts as the Qwen3-MoE names them (mlp.gate, mlp.experts.N.{gate,up,down}_proj, or
-                # transformers 5's fused mlp.experts.gate_up_proj / down_proj): the Llama engine's loader
+                # transformers 5's fused mlp.experts.gate_up_proj / down_proj): the Llama engine's loader, which
+                # keeps the whole router and this rank's share of every expert's intermediate columns
                 layer = load_moe_layer(eng, ckpt, p, ld)
                 # DeepSeek's eager decode routes on the host through the grouped GEMM; its graph keeps the same
                 # GEMM (not the grouped GEMV), so the two give the same tokens
@@ -227,30 +280,26 @@ class DeepSeek(ModelFamily):
                 else:
                     w.bias_arr.append(None)
                     w.bias_dev.append(None)
-                si = c.shared_intermediate
-                if si:
-                    s = p + "mlp.shared_experts."
-                    gate_up = np.concatenate([ld.linear(s + "gate_proj", (si, h)), ld.linear(s + "up_proj", (si, h))])
+                si = full.shared_intermediate
+                if si:  # split like a dense MLP: its down projection adds a partial sum into the routed output
+                    gate_up, down = ld.swiglu(p + "mlp.shared_experts.", si, h, r, n)
                     w.shared_gu.append(ld.ptr(gate_up))
-                    w.shared_d.append(ld.ptr(ld.linear(s + "down_proj", (h, si))))
+                    w.shared_d.append(ld.ptr(down))
                 else:
                     w.shared_gu.append(0)
                     w.shared_d.append(0)
                 w.gu.append(0)
                 w.d.append(0)
             else:
-                inter = c.intermediate_size
                 eng.moe_layers.append(None)
                 w.bias.append(None)
                 w.bias_arr.append(None)
                 w.bias_dev.append(None)
                 w.shared_gu.append(0)
                 w.shared_d.append(0)
-                gate_up = np.concatenate(
-                    [ld.linear(p + "mlp.gate_proj", (inter, h)), ld.linear(p + "mlp.up_proj", (inter, h))]
-                )
+                gate_up, down = ld.swiglu(p + "mlp.", full.intermediate_size, h, r, n)
                 w.gu.append(ld.ptr(gate_up))
-                w.d.append(ld.ptr(ld.linear(p + "mlp.down_proj", (h, inter))))
+                w.d.append(ld.ptr(down))
             eng.ln1.append(ld.vector(ld.get(p + "input_layernorm.weight", (h,))))
             eng.ln2.append(ld.vector(ld.get(p + "post_attention_layernorm.weight", (h,))))
         eng.final_norm = ld.vector(ld.get("model.norm.weight", (h,)))
@@ -326,7 +375,8 @@ class DeepSeek(ModelFamily):
             assert c.moe is not None
             b.topk_w = cp.empty((rows, c.moe.top_k), np.float32)
             b.topk_i = cp.empty((rows, c.moe.top_k), np.int32)
-        eng.normed = b.x
+        # the vocabulary shard's logits columns and argmaxes; the normalized rows in x, or x2 with the fused all-reduce
+        eng.normed = allocate_rank_buffers(eng, b, rows, storage)
         positions = eng.max_seq_len  # rows 0..max_seq_len, one spare row for the interleaved kernel's read-ahead
         table = c.cos_sin_cache(positions + 1)
         self.cos_sin_dev = cp.asarray(table)
@@ -442,7 +492,7 @@ class DeepSeek(ModelFamily):
         x, normed, q = b.x.data.ptr, eng.normed.data.ptr, b.qkv.data.ptr
         m = self.mv = self._mla_views(eng, rows)
         last = c.num_layers - 1
-        eng.embed_and_norm(v, rows)  # one GPU: no vocabulary shard
+        eng.embed_and_norm(v, rows)  # with a vocabulary shard: each rank's rows, summed by the all-reduce
         for i in range(c.num_layers):
             if c.q_lora_rank is None:
                 dense.linear(rows, normed, h, w.q[i], heads * qk, h, q, qw, ab, ab)
@@ -485,9 +535,9 @@ class DeepSeek(ModelFamily):
             eng.add_norm(v, eng.ln1[i + 1] if i < last else eng.final_norm)
 
     def _moe_forward(self, eng: Any, i: int, rows: int) -> None:
-        """``x = routed experts(normed) + shared experts(normed)``; ``normed`` is ``x`` itself, so the shared
-        experts' gate/up runs first, the routed output then overwrites x, and the shared down projection adds
-        into it."""
+        """``x = routed experts(normed) + shared experts(normed)`` (with TP this rank's partial sum); ``normed`` may
+        be ``x`` itself (no fused all-reduce), so the shared experts' gate/up runs first, the routed output then
+        overwrites x, and the shared down projection adds into it."""
         c, b, w, dense, s, ab = eng.config, eng.buffers, self.w, eng.dense, eng.stream_ptr, eng.gemm_type
         h, m, layer = c.hidden_size, self.mv, eng.moe_layers[i]
         assert c.moe is not None and c.routing is not None
@@ -566,10 +616,10 @@ class DeepSeek(ModelFamily):
 
 class DeepSeekEngine(Engine):
     """Loads a DeepSeek-V3 / V2 checkpoint (bfloat16 or float16, or FP8 dequantized at load: module docstring) onto
-    one GPU and serves batches of token-id prompts.
+    one GPU or ``tensor_parallel`` GPUs (MLA heads and expert columns split: module docstring) and serves batches of
+    token-id prompts.
 
-    Arguments as :class:`~fi_engine.models.llama.LlamaEngine`'s; ``tensor_parallel`` must be 1 (refused otherwise by
-    :meth:`DeepSeek.check`, with a ValueError naming it); ``cuda_graph=True`` captures the decode step (module
+    Arguments as :class:`~fi_engine.models.llama.LlamaEngine`'s; ``cuda_graph=True`` captures the decode step (module
     docstring), plus:
 
     Args:

@@ -44,7 +44,8 @@ from ..checkpoint.config import MoEConfig, read_config_json, yarn_ramp
 from ..checkpoint.family_configs import eos_ids, rope_settings, silu_without_biases, size
 from ..checkpoint.quantization import Fp8Scheme, served_fp8_scheme
 from ..layers.deepseek_routing import DeepSeekRouting
-from ..values import MAX_SIZE, show
+from ..layers.tensor_parallel import MAX_PARTS, refuse_undivided
+from ..values import MAX_SIZE, arg_int, show
 
 __all__ = [
     "DEEPSEEK_MODEL_TYPES",
@@ -52,6 +53,7 @@ __all__ = [
     "DeepSeekRouting",
     "YarnConfig",
     "deepseek_fp8_scheme",
+    "fp8_shard_refusal",
     "is_deepseek",
 ]
 
@@ -159,6 +161,34 @@ class DeepSeekConfig:
         freqs = np.arange(positions + 1, dtype=np.float32)[:, None] * inv.astype(np.float32)[None, :]
         table = np.concatenate([np.cos(freqs), np.sin(freqs)], axis=1) * np.float32(attention)
         return np.ascontiguousarray(table, dtype=np.float32)
+
+    def tensor_parallel_shard(self, tensor_parallel: int) -> DeepSeekConfig:
+        """The per-rank shape of this model split ``tensor_parallel`` ways (what
+        :func:`~fi_engine.layers.tensor_parallel.shard_config` returns for it): the MLA heads divided (each rank
+        keeps its heads' rows of ``q_b_proj`` / ``q_proj`` and ``kv_b_proj`` and their columns of ``o_proj``; the
+        latent projections, their norms and the latent cache are whole on every rank, so ``num_kv_heads`` stays 1),
+        the dense layers' MLP columns and every routed and shared expert's intermediate columns divided (the router
+        whole). ``tensor_parallel`` is an int >= 1 (the caller checks it).
+
+        Raises:
+            ValueError: naming ``tensor_parallel``, the config key and the sizes it must divide.
+        """
+        n = tensor_parallel
+        checked = [("MLA heads", "num_attention_heads", self.num_qo_heads)]
+        if self.first_k_dense_replace:  # dense MLP layers (every layer of a model without routed experts)
+            checked.append(("dense MLP columns", "intermediate_size", self.intermediate_size))
+        if self.moe is not None:  # the shared experts' columns are n_shared_experts times these
+            checked.append(("expert intermediate columns", "moe_intermediate_size", self.moe.intermediate_size))
+        refuse_undivided(n, checked)
+        moe = (
+            self.moe
+            if self.moe is None
+            else dataclasses.replace(self.moe, intermediate_size=self.moe.intermediate_size // n)
+        )
+        # a model whose every layer routes never runs intermediate_size: rounded up, it only sizes a buffer
+        return dataclasses.replace(
+            self, num_qo_heads=self.num_qo_heads // n, intermediate_size=-(-self.intermediate_size // n), moe=moe
+        )
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> DeepSeekConfig:
@@ -372,3 +402,32 @@ def deepseek_fp8_scheme(d: dict[str, Any], source: str) -> Fp8Scheme | None:
     weights. ValueError naming the key and the way out: another quantization, compressed-tensors' block strategy."""
     scheme = served_fp8_scheme(d, source, "bfloat16 or float16 weights and FP8 (e4m3) ones")
     return None if scheme is None else dataclasses.replace(scheme, dequantized="every projection")
+
+
+def fp8_shard_refusal(cfg: DeepSeekConfig, tensor_parallel: int) -> str | None:
+    """Why ``tensor_parallel`` ranks cannot split this FP8 checkpoint's e4m3 projections, naming the first one whose
+    rank's share would cut a block of scales (each rank reads and dequantizes only its own blocks), or None where
+    they can (one GPU, a 16-bit checkpoint, per-row or per-tensor scales, which any cut keeps). The shares: the MLA
+    heads' rows of ``q_b_proj`` (``q_proj``) and ``kv_b_proj`` and their columns of ``o_proj``; the dense MLPs',
+    the shared experts' and the routed experts' intermediate rows of gate/up and columns of down. ValueError first
+    (:meth:`DeepSeekConfig.tensor_parallel_shard`) where ``tensor_parallel`` does not divide those sizes."""
+    if not isinstance(cfg, DeepSeekConfig):
+        raise TypeError(f"cfg: expected a DeepSeekConfig (DeepSeekConfig.from_dir), got {type(cfg).__name__}")
+    tensor_parallel = arg_int("tensor_parallel", tensor_parallel, 1, MAX_PARTS)
+    if tensor_parallel == 1 or cfg.fp8 is None or cfg.fp8.block is None:
+        return None
+    cfg.tensor_parallel_shard(tensor_parallel)  # sizes that do not divide: refused first, naming the key
+    heads, a = cfg.num_qo_heads, "self_attn."
+    q = "q_proj" if cfg.q_lora_rank is None else "q_b_proj"
+    stacks = [(a + q, heads * cfg.qk_head_dim), (a + "kv_b_proj", heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))]
+    row_parallel = [(a + "o_proj", heads * cfg.v_head_dim)]
+    mlps = [("mlp.", cfg.intermediate_size)] if cfg.first_k_dense_replace else []
+    if cfg.moe is not None:
+        mlps.append(("mlp.experts.N.", cfg.moe.intermediate_size))
+        if cfg.shared_intermediate:
+            mlps.append(("mlp.shared_experts.", cfg.shared_intermediate))
+    for prefix, inter in mlps:
+        stacks += [(prefix + "gate_proj", inter), (prefix + "up_proj", inter)]
+        row_parallel.append((prefix + "down_proj", inter))
+    # each projection is its own stack: the engine stacks gate and up after dequantizing them
+    return cfg.fp8.shard_refusal([[part] for part in stacks], row_parallel, tensor_parallel)

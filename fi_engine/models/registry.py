@@ -82,13 +82,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("Llama", ("llama", "qwen3", "mixtral", "qwen3_moe"), "fi_engine.models.llama", "LlamaEngine"),
     Family("Gemma 2", ("gemma2",), "fi_engine.models.gemma2", "Gemma2Engine"),
     Family("gpt-oss", ("gpt_oss",), "fi_engine.models.gpt_oss", "GptOssEngine"),
-    Family(
-        "DeepSeek",
-        ("deepseek_v2", "deepseek_v3"),
-        "fi_engine.models.deepseek",
-        "DeepSeekEngine",
-        tensor_parallel=False,  # MLA and the experts are not sharded yet
-    ),
+    Family("DeepSeek", ("deepseek_v2", "deepseek_v3"), "fi_engine.models.deepseek", "DeepSeekEngine"),
 )
 
 # model_type -> its row: the built-in rows, then those register() added

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from helpers.checkpoints import without_weights
 from helpers.hf_configs import DEEPSEEK_V3 as V3
+from helpers.mla_reference import mla_absorbed, mla_unabsorbed
 
 from fi_engine.checkpoint.quantization import Fp8Scheme
 from fi_engine.layers.deepseek_routing import grouped_topk
@@ -184,16 +185,6 @@ def test_is_deepseek_and_from_dir(tmp_path) -> None:  # type: ignore[no-untyped-
 V3_MANY_GROUPS = {**V3, "n_routed_experts": 512, "n_group": 128, "topk_group": 4}
 
 
-def test_engine_refuses_tp_through_the_family_hook_before_touching_a_gpu(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from fi_engine.models.deepseek import DeepSeekEngine
-
-    (tmp_path / "config.json").write_text(json.dumps(V3))
-    with pytest.raises(ValueError, match=r"tensor_parallel: deepseek_v3 .*pass tensor_parallel=1"):
-        DeepSeekEngine(tmp_path, tensor_parallel=2)
-    with pytest.raises(ValueError, match="tensor_parallel"):  # the hook runs whatever else is asked
-        DeepSeekEngine(tmp_path, tensor_parallel=4, cuda_graph=True)
-
-
 @pytest.mark.cpu_only  # it reaches the GPU look-up, which must fail here
 def test_engine_takes_a_graph_where_the_routing_runs_on_the_device(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """V3 (fused kernel) and V2-Lite (the device fallback) pass the family check with cuda_graph=True and get as far
@@ -263,15 +254,6 @@ def test_device_routing_checks_topk_group_and_its_call_arguments() -> None:
         topk(host, None, 2, host, host, None)
 
 
-def test_cli_generate_refuses_tp_for_deepseek(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
-    from fi_ffi.cli import main
-
-    (tmp_path / "config.json").write_text(json.dumps(V3))
-    rc = main(["generate", "--model", str(tmp_path), "--prompt-ids", "1,2", "--max-new-tokens", "2", "--tp", "2"])
-    assert rc == 2
-    assert "DeepSeek" in capsys.readouterr().err
-
-
 # ---------------------------------------------------------------------------------------------- YaRN
 
 
@@ -303,37 +285,6 @@ def test_cos_sin_cache_layout() -> None:
 # ---------------------------------------------------------------------------------------------- absorbed MLA
 
 
-def _mla_unabsorbed(q_nope, q_pe, c, k_pe, kv_b, heads, nope, v_dim, scale):  # type: ignore[no-untyped-def]
-    """transformers' form: expand the latents into per-head keys and values, then causal attention (the rows are the
-    request's last tokens)."""
-    t, n = q_nope.shape[0], c.shape[0]
-    kv = (c @ kv_b.T).reshape(n, heads, nope + v_dim)
-    k_nope, v = kv[..., :nope], kv[..., nope:]
-    out = np.zeros((t, heads, v_dim))
-    for i in range(t):
-        visible = n - t + i + 1
-        for h in range(heads):
-            s = (k_nope[:visible, h] @ q_nope[i, h] + k_pe[:visible] @ q_pe[i, h]) * scale
-            p = np.exp(s - s.max())
-            out[i, h] = (p / p.sum()) @ v[:visible, h]
-    return out
-
-
-def _mla_absorbed(q_nope, q_pe, c, k_pe, kv_b, heads, nope, v_dim, scale):  # type: ignore[no-untyped-def]
-    """The engine's form: q_abs = q_nope @ W_k per head (w_uk_t), attention over the latents themselves (what
-    batch_mla_run computes), then W_v per head (w_uv)."""
-    w_uk_t, w_uv = split_kv_b(kv_b, heads, nope, v_dim)
-    t, n = q_nope.shape[0], c.shape[0]
-    q_abs = np.einsum("thd,hrd->thr", q_nope, w_uk_t)  # y = x @ w.T per head
-    o = np.zeros((t, heads, c.shape[1]))
-    for i in range(t):
-        visible = n - t + i + 1
-        s = (np.einsum("hr,jr->hj", q_abs[i], c[:visible]) + np.einsum("hd,jd->hj", q_pe[i], k_pe[:visible])) * scale
-        p = np.exp(s - s.max(axis=1, keepdims=True))
-        o[i] = (p / p.sum(axis=1, keepdims=True)) @ c[:visible]
-    return np.einsum("thr,hvr->thv", o, w_uv)
-
-
 @pytest.mark.parametrize(
     ("heads", "nope", "v_dim", "rows", "tokens"), [(4, 32, 32, 1, 9), (3, 16, 24, 5, 5), (2, 128, 128, 3, 7)]
 )
@@ -346,8 +297,8 @@ def test_absorbed_mla_equals_unabsorbed(heads: int, nope: int, v_dim: int, rows:
     q_nope = rng.normal(0, 1, (rows, heads, nope))
     q_pe = rng.normal(0, 1, (rows, heads, rope))
     scale = (nope + rope) ** -0.5
-    want = _mla_unabsorbed(q_nope, q_pe, c, k_pe, kv_b, heads, nope, v_dim, scale)
-    got = _mla_absorbed(q_nope, q_pe, c, k_pe, kv_b, heads, nope, v_dim, scale)
+    want = mla_unabsorbed(q_nope, q_pe, c, k_pe, kv_b, heads, nope, v_dim, scale)
+    got = mla_absorbed(q_nope, q_pe, c, k_pe, kv_b, heads, nope, v_dim, scale)
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 

@@ -30,7 +30,8 @@ from helpers.gpu import engine_against_transformers
 
 cp, torch, transformers = engine_against_transformers()
 
-from helpers.checkpoints import TOKENS, float32_reference, randomize_norms  # noqa: E402
+from helpers.checkpoints import float32_reference, randomize_norms  # noqa: E402
+from helpers.hf_configs import DEEPSEEK_RANDOM, DEEPSEEK_RANDOM_V2, DEEPSEEK_RANDOM_V3  # noqa: E402
 from helpers.yardstick import LOGIT_TOL, prompts  # noqa: E402
 
 from fi_engine.layers.deepseek_routing import grouped_topk  # noqa: E402
@@ -40,53 +41,20 @@ pytestmark = pytest.mark.gpu
 
 TOL = LOGIT_TOL["bfloat16"]
 VOCAB = 4096
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=512,
-    intermediate_size=1024,
-    moe_intermediate_size=256,
-    num_hidden_layers=3,
-    num_attention_heads=16,
-    num_key_value_heads=16,
-    kv_lora_rank=512,
-    qk_rope_head_dim=64,
-    qk_nope_head_dim=32,
-    v_head_dim=32,
-    n_routed_experts=8,
-    num_experts_per_tok=2,
-    first_k_dense_replace=1,
-    rms_norm_eps=1e-6,
-    **TOKENS,
-)
+COMMON = {**DEEPSEEK_RANDOM, "vocab_size": VOCAB}
 YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=1024, beta_fast=32, beta_slow=1, mscale=1.0,
             mscale_all_dim=0.8)  # fmt: skip
 FAMILIES = {
     "v3": (
         "DeepseekV3Config",
         "DeepseekV3ForCausalLM",
-        dict(
-            q_lora_rank=128,
-            n_group=2,
-            topk_group=1,
-            n_shared_experts=1,
-            routed_scaling_factor=2.5,
-            norm_topk_prob=True,
-            rope_interleave=True,
-        ),
+        DEEPSEEK_RANDOM_V3,
         YARN,
     ),
     "v2lite": (
         "DeepseekV2Config",
         "DeepseekV2ForCausalLM",
-        dict(
-            q_lora_rank=None,
-            topk_method="greedy",
-            n_group=None,
-            topk_group=None,
-            n_shared_experts=2,
-            routed_scaling_factor=1.0,
-            norm_topk_prob=False,
-        ),
+        DEEPSEEK_RANDOM_V2,
         None,
     ),
 }

@@ -1,5 +1,6 @@
-"""Gemma 2 and gpt-oss under tensor parallelism 2 (and 4 where there are GPUs) against one GPU
-(FI_FFI_RUN_GPU_TESTS=1; CuPy, torch + transformers to write the checkpoints, the comm and model-family wheels).
+"""Gemma 2, gpt-oss and DeepSeek-V3 / V2 under tensor parallelism 2 (and 4 where there are GPUs) against one GPU
+(FI_FFI_RUN_GPU_TESTS=1; CuPy, torch + transformers to write the checkpoints, the comm and model-family wheels;
+DeepSeek also the ext wheel's bfloat16 MLA modules).
 
 Random small checkpoints built with transformers' own classes and ``save_pretrained`` in bfloat16, with a vocabulary
 of 4099 tokens (no tensor-parallel size divides it: the last rank's shard is padded):
@@ -11,7 +12,12 @@ of 4099 tokens (no tensor-parallel size divides it: the last rank's shard is pad
 - gpt-oss: 2 layers (sliding, full), hidden 512, 8 query / 2 KV heads of 64, 4 experts top-2 (intermediate 192,
   96 per rank at TP 2), random attention and expert biases and sinks (so a bias added on every rank, or a sink on
   the wrong head, shows), gate/up values past the SwiGLU clamp for some tokens, a router whose logits are spread
-  wide enough that rounding rarely swaps an expert.
+  wide enough that rounding rarely swaps an expert;
+- DeepSeek-V3 and V2 (tests/helpers/hf_configs.py ``DEEPSEEK_RANDOM``): 3 layers (one dense MLP of 1024, two MoE
+  layers of 8 experts of 256, top-2), 16 MLA heads (8 a rank at TP 2, 4 at TP 4; nope 32, rope 64, v 32, latent
+  512), V3 with ``q_lora_rank`` 128, sigmoid ``noaux_tc`` routing in 2 groups with a random correction bias and one
+  shared expert; V2 V2-Lite-shaped (a full ``q_proj``, softmax greedy routing, not renormalized, two shared
+  experts); random norms (the latents' too) and a router spread wide.
 
 tests/helpers/llama_tp_worker.py runs greedy generation and prefill logits on one GPU, then as N ranks under
 ``fi-ffi launch``: eager with top-k 1 sampling (the gathered, soft-capped logits), CUDA graph with the fused
@@ -28,7 +34,8 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers.checkpoints import rope_kwargs
+from helpers.checkpoints import randomize_norms, rope_kwargs
+from helpers.hf_configs import DEEPSEEK_RANDOM, DEEPSEEK_RANDOM_V2, DEEPSEEK_RANDOM_V3
 from helpers.subprocess_run import gpu_count, multicast_off
 from helpers.tp_runs import VOCAB, _check_logits, _env, _run
 from helpers.yardstick import LOGIT_TOL
@@ -86,7 +93,32 @@ def _gpt_oss(transformers, torch):  # type: ignore[no-untyped-def]
     return model
 
 
-FAMILIES = {"gemma2": ("Gemma2Config", _gemma2), "gpt_oss": ("GptOssConfig", _gpt_oss)}
+def _deepseek(config_cls: str, model_cls: str, extra: dict):  # type: ignore[no-untyped-def]
+    """A maker of a random DeepSeek checkpoint of ``transformers.<config_cls>`` (module docstring)."""
+
+    def make(transformers, torch):  # type: ignore[no-untyped-def]
+        cls = getattr(transformers, config_cls)
+        kw = {**DEEPSEEK_RANDOM, "vocab_size": VOCAB, **extra, **rope_kwargs(cls, 10000.0, None)}
+        model = getattr(transformers, model_cls)(cls(**kw))
+        randomize_norms(model)  # q_a, kv_a included
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):  # a bias that matters to the choice
+                    buf.normal_(0.0, 0.05)
+            for name, p in model.named_parameters():
+                if name.endswith("mlp.gate.weight"):  # wide router logits: few near-ties between experts
+                    p.normal_(0.0, 0.2)
+        return model
+
+    return make
+
+
+FAMILIES = {
+    "gemma2": ("Gemma2Config", _gemma2),
+    "gpt_oss": ("GptOssConfig", _gpt_oss),
+    "deepseek_v3": ("DeepseekV3Config", _deepseek("DeepseekV3Config", "DeepseekV3ForCausalLM", DEEPSEEK_RANDOM_V3)),
+    "deepseek_v2": ("DeepseekV2Config", _deepseek("DeepseekV2Config", "DeepseekV2ForCausalLM", DEEPSEEK_RANDOM_V2)),
+}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES), ids=list(FAMILIES))

@@ -134,3 +134,26 @@ DEEPSEEK_V3: dict[str, Any] = {
     "eos_token_id": 1,
     "attention_bias": False,
 }
+
+
+DEEPSEEK_RANDOM: dict[str, Any] = dict(
+    hidden_size=512, intermediate_size=1024, moe_intermediate_size=256, num_hidden_layers=3, num_attention_heads=16,
+    num_key_value_heads=16, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32,
+    n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1, rms_norm_eps=1e-6,
+    max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+)  # fmt: skip
+"""The random small DeepSeek checkpoints' shape (transformers' DeepseekV3Config / DeepseekV2Config arguments): 3
+layers (the first a dense MLP), 16 MLA heads with the kernels' latent 512 and RoPE 64, 8 routed experts top-2."""
+
+DEEPSEEK_RANDOM_V3: dict[str, Any] = dict(
+    q_lora_rank=128, n_group=2, topk_group=1, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+    rope_interleave=True,
+)  # fmt: skip
+"""V3's part of :data:`DEEPSEEK_RANDOM`: low-rank queries, sigmoid ``noaux_tc`` routing in 2 groups, a shared expert."""
+
+DEEPSEEK_RANDOM_V2: dict[str, Any] = dict(
+    q_lora_rank=None, topk_method="greedy", n_group=None, topk_group=None, n_shared_experts=2,
+    routed_scaling_factor=1.0, norm_topk_prob=False,
+)  # fmt: skip
+"""V2-Lite's part of :data:`DEEPSEEK_RANDOM`: a full ``q_proj``, softmax greedy routing (not renormalized), two shared
+experts."""

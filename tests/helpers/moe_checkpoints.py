@@ -87,20 +87,23 @@ def save_random_qwen3_moe(folder: Path, layers: int = 2, experts: int = 8, top_k
     return _save(folder, tensors, config)
 
 
-def save_random_deepseek_v3(folder: Path, layers: int = 2, seed: int = 4) -> Path:
-    """A random DeepSeek-V3 (hidden 512, 16 heads: q_lora_rank 128, kv_lora_rank 512, nope 32 / rope 64 / v 32; the
-    first layer a dense MLP of 1024, the rest 8 routed experts of 256 top-2 in 2 groups (1 kept) with a shared
-    expert, V3's sigmoid routing with a float32 ``e_score_correction_bias``; untied LM head, vocab :data:`VOCAB`) in
-    ``folder``."""
+def save_random_deepseek_v3(folder: Path, layers: int = 2, seed: int = 4, q_lora_rank: int | None = 128) -> Path:
+    """A random DeepSeek-V3 (hidden 512, 16 heads: q_lora_rank 128 (None: a full ``q_proj``, as V2-Lite), kv_lora_rank
+    512, nope 32 / rope 64 / v 32; the first layer a dense MLP of 1024, the rest 8 routed experts of 256 top-2 in 2
+    groups (1 kept) with a shared expert, V3's sigmoid routing with a float32 ``e_score_correction_bias``; untied LM
+    head, vocab :data:`VOCAB`) in ``folder``."""
     t, tensors = _start(seed)
     rng = np.random.default_rng(seed + 1)
-    heads, q_rank, kv_rank, nope, rope, v, inter, moe_inter, experts = 16, 128, 512, 32, 64, 32, 1024, 256, 8
+    heads, q_rank, kv_rank, nope, rope, v, inter, moe_inter, experts = 16, q_lora_rank, 512, 32, 64, 32, 1024, 256, 8
     for i in range(layers):
         p = f"model.layers.{i}."
         a = p + "self_attn."
-        tensors[a + "q_a_proj.weight"] = t(q_rank, HIDDEN)
-        tensors[a + "q_a_layernorm.weight"] = t(q_rank, mean=1.0, scale=0.1)
-        tensors[a + "q_b_proj.weight"] = t(heads * (nope + rope), q_rank)
+        if q_rank is None:
+            tensors[a + "q_proj.weight"] = t(heads * (nope + rope), HIDDEN)
+        else:
+            tensors[a + "q_a_proj.weight"] = t(q_rank, HIDDEN)
+            tensors[a + "q_a_layernorm.weight"] = t(q_rank, mean=1.0, scale=0.1)
+            tensors[a + "q_b_proj.weight"] = t(heads * (nope + rope), q_rank)
         tensors[a + "kv_a_proj_with_mqa.weight"] = t(kv_rank + rope, HIDDEN)
         tensors[a + "kv_a_layernorm.weight"] = t(kv_rank, mean=1.0, scale=0.1)
         tensors[a + "kv_b_proj.weight"] = t(heads * (nope + v), kv_rank)

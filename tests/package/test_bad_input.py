@@ -1742,6 +1742,15 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
+    "models.deepseek_config.fp8_shard_refusal": lambda: [
+        (
+            "fp8_shard_refusal",
+            Entry(
+                deepseek_config.fp8_shard_refusal,
+                lambda: dict(cfg=deepseek_config.DeepSeekConfig.from_dict(dict(DEEPSEEK)), tensor_parallel=2),
+            ),
+        )
+    ],
     "models.deepseek_config.DeepSeekConfig": lambda: [
         (
             "DeepSeekConfig.from_dict",

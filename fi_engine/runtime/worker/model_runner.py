@@ -361,6 +361,7 @@ class ModelRunner(RunnerState):
         Hk, D]`` (with its per-layer descriptors), the vocabulary shard's and the fused all-reduce's; then the step
         arrays (:meth:`allocate_steps`). A family's ``allocate`` calls it, or lays out its own."""
         from ...kernels.dense import GEMV_MAX_ROWS
+        from ...layers.tensor_parallel import allocate_rank_buffers
 
         cp, c = self.cupy, self.config
         storage = np.float16 if self.dtype == "float16" else np.uint16
@@ -382,16 +383,9 @@ class ModelRunner(RunnerState):
             kv=cp.zeros((c.num_layers, 2, self.num_pages, self.page_size, hk, d), np.uint8 if self.kv_fp8 else storage),
         )
         self._allocate_attention_caches()
-        if self.vocab_shard is not None:
-            # this rank's logits columns, and every rank's shard argmax (value bits, index); the whole logits are
-            # only gathered (into `logits`) for sampling
-            b.head = cp.empty((self.max_batch, self.head_rows), np.float32)
-            b.pairs = cp.empty((self.max_batch, 2), np.int32)
-            b.pairs_all = cp.empty(self.tensor_parallel * self.max_batch * 2, np.int32)
-        # where the normalized rows live: x (normalized in place), or x2 when the fused all-reduce writes them
-        if self.allreduce is not None and self.allreduce.fused:
-            b.x2 = cp.empty((rows, h), storage)
-        self.normed = b.x2 if hasattr(b, "x2") else b.x
+        # the vocabulary shard's logits columns and argmaxes; where the normalized rows live (x2 with the fused
+        # all-reduce, else x)
+        self.normed = allocate_rank_buffers(self, b, rows, storage)
         self.allocate_steps()
 
     def _allocate_attention_caches(self) -> None:

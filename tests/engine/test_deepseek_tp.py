@@ -1,0 +1,303 @@
+"""DeepSeek-V3 / V2 under tensor parallelism on the CPU: each rank's shape of the published V3 config, refusals by
+name before any GPU work (sizes that do not divide, FP8 shards that cut a block of scales), the sharding rules in
+float64 numpy against the unsharded formulas (MLA heads: each rank's heads of ``q_b_proj`` and ``kv_b_proj`` through
+the absorbed form, its columns of ``o_proj``, the latents whole; the routed experts by intermediate columns under
+DeepSeek's routing, replicated; the shared experts like a dense MLP: partial sums that add up to the whole layer),
+and what each rank's load registers (``DeepSeek.load`` with a stand-in for the GPU whose uploads stay on the host):
+the checkpoint's cut of every projection, bit for bit, from 16-bit and FP8 checkpoints alike. The GPU side is
+tests/engine/test_gpu_family_tp.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers.checkpoints import without_weights
+from helpers.fp8_checkpoints import write_fp8_copy
+from helpers.hf_configs import DEEPSEEK_V3 as V3
+from helpers.host_uploads import HostArrays
+from helpers.mla_reference import mla_absorbed, mla_unabsorbed
+from helpers.moe_checkpoints import save_random_deepseek_v3
+
+from fi_engine.checkpoint.safetensors import Checkpoint
+from fi_engine.layers.deepseek_routing import grouped_topk
+from fi_engine.layers.tensor_parallel import VocabShard, columns, expert_rows, rows, shard_config
+from fi_engine.models.deepseek import DeepSeek
+from fi_engine.models.deepseek_config import DeepSeekConfig, DeepSeekRouting, fp8_shard_refusal
+from fi_engine.models.mla_weights import split_kv_b
+
+V3_FP8 = {**V3, "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                        "weight_block_size": [128, 128]}}  # fmt: skip
+
+
+def test_published_v3_shards_its_heads_and_columns_and_keeps_the_latents() -> None:
+    v3 = DeepSeekConfig.from_dict(V3)  # 128 heads, dense MLP 18432, 256 experts of 2048 plus one shared
+    assert v3.moe is not None
+    for n in (1, 2, 4, 8, 16):
+        local = shard_config(v3, n)
+        assert local.moe is not None
+        assert (local.num_qo_heads, local.intermediate_size, local.moe.intermediate_size) == (
+            128 // n, 18432 // n, 2048 // n,
+        )  # fmt: skip
+        assert local.shared_intermediate == 2048 // n
+        # the latent cache is one shared "head": its sizes, the router and the routing are every rank's
+        assert (local.num_kv_heads, local.kv_lora_rank, local.q_lora_rank, local.qk_rope_head_dim) == (1, 512, 1536, 64)
+        assert (local.moe.num_experts, local.moe.top_k, local.routing) == (256, 8, v3.routing)
+        assert local.softmax_scale == v3.softmax_scale  # the unabsorbed head dim's, whatever a rank's heads
+        assert fp8_shard_refusal(DeepSeekConfig.from_dict(V3_FP8), n) is None  # V3's FP8 blocks: whole to TP 16
+
+
+@pytest.mark.parametrize(
+    ("change", "n", "message"),
+    [
+        ({}, 3, r"tensor_parallel: 3 does not divide the model's 128 MLA heads \(num_attention_heads\); use a "
+                r"tensor-parallel size that divides 128 MLA heads, 18432 dense MLP columns, 2048 expert"),
+        ({"intermediate_size": 18440}, 16, r"16 does not divide the model's 18440 dense MLP columns "
+                                           r"\(intermediate_size\)"),
+        ({"moe_intermediate_size": 2056}, 16, r"16 does not divide the model's 2056 expert intermediate columns "
+                                              r"\(moe_intermediate_size\)"),
+    ],
+)  # fmt: skip
+def test_sizes_that_do_not_divide_are_refused_by_name_before_any_gpu_work(
+    tmp_path: Path, change: dict, n: int, message: str
+) -> None:
+    from fi_engine.models.deepseek import DeepSeekEngine
+
+    without_weights(tmp_path, {**V3, **change})
+    with pytest.raises(ValueError, match=message):
+        DeepSeekEngine(tmp_path, tensor_parallel=n)
+    # a model whose every layer routes never runs intermediate_size: not a size a rank must divide
+    every_layer_routed = DeepSeekConfig.from_dict({**V3, "first_k_dense_replace": 0, "intermediate_size": 18440})
+    assert shard_config(every_layer_routed, 16).num_qo_heads == 8
+
+
+def test_an_fp8_shard_that_cuts_a_block_of_scales_is_refused_naming_the_projection(tmp_path: Path) -> None:
+    """V3 at TP 32: each rank's 576 of the dense MLP's 18432 rows end inside a 128-row block; a 16-bit copy of the
+    same config splits, and so does the FP8 one at TP 16."""
+    from fi_engine.models.deepseek import DeepSeekEngine
+
+    fp8 = DeepSeekConfig.from_dict(V3_FP8)
+    assert fp8_shard_refusal(fp8, 32) == (
+        "mlp.gate_proj: a 32-way shard of its 18432 rows (576) cuts a block of 128 rows that share one scale"
+    )
+    assert fp8_shard_refusal(DeepSeekConfig.from_dict(V3), 32) is None
+    without_weights(tmp_path, V3_FP8)
+    with pytest.raises(ValueError) as info:
+        DeepSeekEngine(tmp_path, tensor_parallel=32)
+    assert str(info.value).startswith("tensor_parallel: 32: mlp.gate_proj: a 32-way shard of its 18432 rows (576)")
+    assert str(info.value).endswith("pick a tensor_parallel whose shards hold whole blocks of scales, or serve a "
+                                    "bfloat16 copy")  # fmt: skip
+    with pytest.raises(ValueError, match="tensor_parallel: 3 does not divide the model's 128 MLA heads"):
+        fp8_shard_refusal(fp8, 3)  # sizes that do not divide: named first
+    with pytest.raises(TypeError, match="cfg: expected a DeepSeekConfig"):
+        fp8_shard_refusal(V3, 2)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"tensor_parallel: expected an int in \[1, 65536\], got 0"):
+        fp8_shard_refusal(fp8, 0)
+
+
+@pytest.mark.cpu_only  # it reaches the GPU look-up, which must fail here
+def test_a_split_that_holds_whole_blocks_passes_every_host_side_check(tmp_path: Path) -> None:
+    from fi_engine.models.deepseek import DeepSeekEngine
+    from fi_ffi.errors import UnsupportedDeviceError
+
+    without_weights(tmp_path, V3_FP8)
+    with pytest.raises(UnsupportedDeviceError):  # TP 16 (8 heads, 1152 MLP and 128 expert columns a rank): accepted
+        DeepSeekEngine(tmp_path, tensor_parallel=16)
+
+
+def test_cli_generate_takes_tp_for_deepseek_and_names_what_does_not_divide(tmp_path: Path, capsys: Any) -> None:
+    from fi_ffi.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps(V3))
+    rc = main(["generate", "--model", str(tmp_path), "--prompt-ids", "1,2", "--max-new-tokens", "2", "--tp", "3"])
+    assert rc == 2
+    assert "tensor_parallel: 3 does not divide the model's 128 MLA heads" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- the rules, in numpy
+
+
+def _rmsnorm(x: np.ndarray) -> np.ndarray:
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_mla_heads_split_across_ranks_sum_to_the_whole_attention(n: int) -> None:
+    """Queries through the low-rank q_a (whole) and q_b (each rank its heads' rows), the latent and RoPE key from
+    kv_a (whole: every rank computes and caches the same), each rank's heads' rows of kv_b in the absorbed form,
+    its heads' columns of o_proj: the ranks' outputs add up to transformers' unabsorbed attention + o_proj."""
+    rng = np.random.default_rng(n)
+    hid, heads, q_rank, kv_rank, nope, rope, v_dim, t = 48, 8, 24, 32, 16, 8, 12, 6
+    q_a, q_b = rng.normal(0, 0.2, (q_rank, hid)), rng.normal(0, 0.2, (heads * (nope + rope), q_rank))
+    kv_a, kv_b = rng.normal(0, 0.2, (kv_rank + rope, hid)), rng.normal(0, 0.2, (heads * (nope + v_dim), kv_rank))
+    o = rng.normal(0, 0.2, (hid, heads * v_dim))
+    x = rng.normal(0, 1, (t, hid))
+    scale = (nope + rope) ** -0.5
+    c, k_pe = _rmsnorm(x @ kv_a[:kv_rank].T), x @ kv_a[kv_rank:].T  # the latents: whole on every rank
+
+    def queries(q_b_rows: np.ndarray, h: int) -> tuple[np.ndarray, np.ndarray]:
+        q = (_rmsnorm(x @ q_a.T) @ q_b_rows.T).reshape(t, h, nope + rope)
+        return q[..., :nope], q[..., nope:]
+
+    whole = mla_unabsorbed(*queries(q_b, heads), c, k_pe, kv_b, heads, nope, v_dim, scale).reshape(t, -1) @ o.T
+    local, parts = heads // n, []
+    for r in range(n):
+        out = mla_absorbed(*queries(rows(q_b, r, n), local), c, k_pe, rows(kv_b, r, n), local, nope, v_dim, scale)
+        parts.append(out.reshape(t, -1) @ columns(o, r, n).T)  # a partial sum (the all-reduce adds them)
+    np.testing.assert_allclose(np.sum(parts, axis=0), whole, rtol=1e-10, atol=1e-10)
+    # each rank's absorbed factors are those of its heads among the whole's
+    uk_t, uv = split_kv_b(kv_b, heads, nope, v_dim)
+    for r in range(n):
+        got = split_kv_b(rows(kv_b, r, n), local, nope, v_dim)
+        assert np.array_equal(got[0], uk_t[r * local : (r + 1) * local])
+        assert np.array_equal(got[1], uv[r * local : (r + 1) * local])
+
+
+def _swiglu(x: np.ndarray, gate_up: np.ndarray, down: np.ndarray) -> np.ndarray:
+    gu = x @ gate_up.T
+    g, u = gu[:, : gu.shape[1] // 2], gu[:, gu.shape[1] // 2 :]
+    return (g / (1 + np.exp(-g)) * u) @ down.T
+
+
+@pytest.mark.parametrize(
+    ("routing", "renormalize", "shared"),
+    [
+        (DeepSeekRouting("noaux_tc", "sigmoid", 4, 2, 2.5, 1), True, 1),  # V3
+        (DeepSeekRouting("greedy", "softmax", 1, 1, 1.0, 2), False, 2),  # V2-Lite: two shared experts
+    ],
+    ids=["v3", "v2"],
+)
+@pytest.mark.parametrize("n", [2, 4])
+def test_routed_and_shared_expert_columns_sum_to_the_whole_moe_layer(
+    routing: DeepSeekRouting, renormalize: bool, shared: int, n: int
+) -> None:
+    """The router and the correction bias whole (every rank routes each token to the same experts with the same
+    weights), each rank the same intermediate columns of every routed expert (``expert_rows`` of the stacked
+    gate/up, columns of down) and of the shared experts (rows of gate and up, columns of down): the ranks'
+    outputs add up to the layer's."""
+    rng = np.random.default_rng(n + shared)
+    e, k, hid, inter, t = 16, 4, 24, 16, 9
+    router, bias = rng.normal(0, 1, (e, hid)), rng.normal(0, 0.1, e)
+    gate_up, down = rng.normal(0, 0.3, (e, 2 * inter, hid)), rng.normal(0, 0.3, (e, hid, inter))
+    s_gate_up, s_down = rng.normal(0, 0.3, (2 * shared * inter, hid)), rng.normal(0, 0.3, (hid, shared * inter))
+    x = rng.normal(0, 1, (t, hid))
+    logits = (x @ router.T).astype(np.float32)
+    weights, experts = grouped_topk(logits, k, routing, renormalize, bias if routing.method == "noaux_tc" else None)
+
+    def layer(gu: np.ndarray, dn: np.ndarray, s_gu: np.ndarray, s_dn: np.ndarray) -> np.ndarray:
+        out = _swiglu(x, s_gu, s_dn)
+        for row in range(t):
+            for j in range(k):
+                x_ = experts[row, j]
+                out[row] += weights[row, j] * _swiglu(x[row : row + 1], gu[x_], dn[x_])[0]
+        return out
+
+    whole = layer(gate_up, down, s_gate_up, s_down)
+    parts = []
+    for r in range(n):
+        s_gate, s_up = np.split(s_gate_up, 2)
+        s_gu = np.concatenate([rows(s_gate, r, n), rows(s_up, r, n)])  # what DeepSeek.load stacks for the rank
+        step = inter // n
+        parts.append(layer(expert_rows(gate_up, r, n), down[:, :, r * step : (r + 1) * step], s_gu,
+                           columns(s_down, r, n)))  # fmt: skip
+    np.testing.assert_allclose(np.sum(parts, axis=0), whole, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------- each rank's load
+
+
+def _loaded(path: Path, rank: int, n: int) -> tuple[Any, SimpleNamespace, HostArrays]:
+    """``DeepSeek.load`` of rank ``rank`` of ``n`` with the uploads kept on the host (a model of dense layers only:
+    a MoE layer builds its kernels on the GPU)."""
+    cfg = DeepSeekConfig.from_dir(path)
+    uploads, family = HostArrays(), DeepSeek(fused_routing=False)
+    eng = SimpleNamespace(
+        model_config=cfg, config=shard_config(cfg, n), rank=rank, tensor_parallel=n, cupy=uploads, device=0,
+        vocab_shard=VocabShard.of(cfg.vocab_size, rank, n) if n > 1 else None, static_moe=False, cuda_graph=False,
+        moe_workspace=None,
+    )  # fmt: skip
+    family.check(eng, cfg)
+    family.load(eng, Checkpoint(path))
+    return family, eng, uploads
+
+
+def _dense_only(tmp_path: Path, q_lora_rank: int | None, fp8: bool) -> Path:
+    """One layer (the dense one) of helpers.moe_checkpoints' random V3: 16 heads, dense MLP 1024; FP8 in 128x128
+    blocks where asked (each rank's 8 heads hold whole blocks: q_b 768 rows, kv_b 512, o_proj 256 columns)."""
+    src = save_random_deepseek_v3(tmp_path / "bf16", layers=1, q_lora_rank=q_lora_rank)
+    if not fp8:
+        return src
+    write_fp8_copy(src, tmp_path / "fp8", "block")
+    return tmp_path / "fp8"
+
+
+@pytest.mark.parametrize(("q_lora_rank", "fp8"), [(128, False), (None, False), (128, True)],
+                         ids=["v3-bf16", "q_proj-bf16", "v3-fp8"])  # fmt: skip
+def test_each_rank_registers_the_checkpoints_cut_of_every_projection(
+    tmp_path: Path, q_lora_rank: int | None, fp8: bool
+) -> None:
+    """TP 2: rank r keeps heads [8r, 8r + 8) (their 96 rows each of q_b_proj or q_proj, their absorbed factors from
+    kv_b_proj's 64 rows each, their 32 columns each of o_proj), the dense MLP's gate/up rows and down columns
+    [512r, 512r + 512), the latent projections, norms whole, its vocabulary rows of the embedding and LM head; each
+    bit for bit what the one-GPU load holds, cut (FP8: each rank dequantizes only its blocks, the same values)."""
+    path = _dense_only(tmp_path, q_lora_rank, fp8)
+    one, eng1, up1 = _loaded(path, 0, 1)
+    assert eng1.config.num_qo_heads == 16 and eng1.head_rows == 4096
+
+    def whole(ptrs: list[int]) -> np.ndarray:
+        return up1.by_ptr[ptrs[0]]
+
+    w1 = one.w
+    for r in range(2):
+        fam, eng, up = _loaded(path, r, 2)
+        w = fam.w
+
+        def got(ptrs: list[int], up: HostArrays = up) -> np.ndarray:
+            return up.by_ptr[ptrs[0]]
+
+        assert eng.config.num_qo_heads == 8 and eng.config.intermediate_size == 512
+        if q_lora_rank is None:
+            assert np.array_equal(got(w.q), rows(whole(w1.q), r, 2)) and not w.qa
+        else:
+            assert np.array_equal(got(w.qa), whole(w1.qa))  # the query latent: whole
+            assert np.array_equal(got(w.qb), rows(whole(w1.qb), r, 2))
+            assert np.array_equal(up.by_ptr[w.qa_norm[0].data_ptr], up1.by_ptr[w1.qa_norm[0].data_ptr])
+        for name in ("ckv", "kpe"):  # the latent KV and the RoPE key: whole on every rank
+            assert np.array_equal(got(getattr(w, name)), whole(getattr(w1, name)))
+        heads = slice(8 * r, 8 * r + 8)
+        assert np.array_equal(got(w.uk_t), whole(w1.uk_t)[heads]) and got(w.uk_t).shape == (8, 512, 32)
+        assert np.array_equal(got(w.uv), whole(w1.uv)[heads]) and got(w.uv).shape == (8, 32, 512)
+        assert np.array_equal(got(w.o), columns(whole(w1.o), r, 2))
+        gate, up_rows = np.split(whole(w1.gu), 2)
+        assert np.array_equal(got(w.gu), np.concatenate([rows(gate, r, 2), rows(up_rows, r, 2)]))
+        assert np.array_equal(got(w.d), columns(whole(w1.d), r, 2))
+        for norm in ("ln1", "ln2"):
+            assert np.array_equal(
+                up.by_ptr[getattr(eng, norm)[0].data_ptr], up1.by_ptr[getattr(eng1, norm)[0].data_ptr]
+            )
+        vs = eng.vocab_shard
+        assert eng.head_rows == vs.rows == 2048
+        assert np.array_equal(up.by_ptr[eng.embed], vs.take(up1.by_ptr[eng1.embed]))
+        assert np.array_equal(up.by_ptr[eng.lm_head], vs.take(up1.by_ptr[eng1.lm_head]))
+
+
+def test_the_shared_experts_are_cut_like_a_dense_mlp(tmp_path: Path) -> None:
+    """A MoE layer's shared experts (intermediate 256) at TP 2, from the FP8 copy: rank r's gate and up rows and
+    down columns [128r, 128r + 128) of what one GPU reads, each rank dequantizing only its blocks."""
+    from fi_engine.models.deepseek import _DeepSeekWeights
+
+    write_fp8_copy(save_random_deepseek_v3(tmp_path / "bf16"), tmp_path / "fp8", "block")
+    cfg, ckpt = DeepSeekConfig.from_dir(tmp_path / "fp8"), Checkpoint(tmp_path / "fp8")
+    ld = _DeepSeekWeights(ckpt, HostArrays(), "bfloat16", 0, [], fp8=cfg.fp8)
+    prefix = "model.layers.1.mlp.shared_experts."
+    gate_up, down = ld.swiglu(prefix, 256, 512, 0, 1)
+    assert gate_up.shape == (512, 512) and down.shape == (512, 256)
+    gate, up = np.split(gate_up, 2)
+    for r in range(2):
+        gu, dn = ld.swiglu(prefix, 256, 512, r, 2)
+        assert np.array_equal(gu, np.concatenate([rows(gate, r, 2), rows(up, r, 2)]))
+        assert np.array_equal(dn, columns(down, r, 2))
