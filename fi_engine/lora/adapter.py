@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from ..checkpoint.safetensors import read_header
-from ..values import show
+from ..values import arg_int, show
+from .settings import MAX_LORA_RANK
 
 __all__ = [
     "ATTENTION_MODULES",
@@ -100,13 +101,19 @@ class LoraAdapter:
         return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
 
 
-def read_adapter(path: Any, base: BaseShapes, max_rank: int) -> LoraAdapter:
-    """The adapter of PEFT folder ``path`` for a model of ``base`` shapes, of rank at most ``max_rank``. ValueError
-    naming the file and the key or tensor that does not fit (see the module docstring), TypeError for a ``path``
-    that is no path."""
-    if not isinstance(path, (str, Path)):
-        raise TypeError(f"lora_path: expected the path of a PEFT adapter folder (str), got {type(path).__name__}")
-    folder = Path(path)
+def read_adapter(lora_path: Any, base: BaseShapes, max_lora_rank: int) -> LoraAdapter:
+    """The adapter of PEFT folder ``lora_path`` (a str or Path) for a model of ``base`` shapes, of rank at most
+    ``max_lora_rank``. ValueError naming the file and the key or tensor that does not fit (see the module docstring),
+    TypeError/ValueError naming the argument for a ``lora_path`` that is no path, a ``base`` that is no
+    :class:`BaseShapes`, a ``max_lora_rank`` outside ``[1, 512]``."""
+    if not isinstance(lora_path, (str, Path)):
+        raise TypeError(f"lora_path: expected the path of a PEFT adapter folder (str), got {type(lora_path).__name__}")
+    if lora_path == "":  # (Path("") is the working directory)
+        raise ValueError("lora_path: expected the path of a PEFT adapter folder, got ''")
+    if not isinstance(base, BaseShapes):
+        raise TypeError(f"base: expected the base model's BaseShapes, got {type(base).__name__}")
+    max_rank = arg_int("max_lora_rank", max_lora_rank, 1, MAX_LORA_RANK)
+    folder = Path(lora_path)
     if not folder.is_dir():
         raise ValueError("lora_path: no such folder; expected a PEFT adapter folder (adapter_config.json and "
                          "adapter_model.safetensors)")  # fmt: skip

@@ -9,44 +9,62 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..values import show
+
 __all__ = ["NO_ADAPTER", "row_slots", "segments"]
 
 NO_ADAPTER = -1
 """The slot of a row that takes no adapter (the kernels leave it untouched)."""
 
 
-def row_slots(
-    request_slots: Sequence[int], rows_per_request: Sequence[int] | np.ndarray | None, out: np.ndarray
-) -> int:
-    """Write each token row's slot into ``out`` (int32): request ``b``'s slot ``request_slots[b]`` repeated over its
-    ``rows_per_request[b]`` rows (None: one row each, a decode step). Returns the rows written; ValueError where
-    the lists differ in length or ``out`` is too short."""
-    slots = np.asarray(request_slots, np.int32)
-    if rows_per_request is None:
-        n = len(slots)
-        rows = slots
+def _int_list(name: str, value: object, lo: int) -> np.ndarray:
+    """``value`` (a list or 1-D numpy array of ints in ``[lo, 2**31)``: slots, or row counts) as an int array, else
+    TypeError/ValueError naming ``name``."""
+    if isinstance(value, np.ndarray):
+        a = value
+    elif isinstance(value, (list, tuple)) and all(
+        isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in value
+    ):
+        a = np.array([int(x) if -(1 << 62) < x < 1 << 62 else 1 << 62 for x in value], np.int64)  # (huge: refused)
     else:
-        counts = np.asarray(rows_per_request, np.int64)
-        if counts.shape != slots.shape:
+        raise TypeError(f"{name}: expected a list or 1-D numpy array of ints, got {show(value)}")
+    if a.dtype.kind not in "iu" or a.ndim != 1:
+        raise TypeError(f"{name}: expected a 1-D array of ints, got shape {a.shape} of {a.dtype}")
+    if len(a) and not (a.min() >= lo and a.max() < 1 << 31):
+        raise ValueError(f"{name}: expected ints in [{lo}, 2**31), got {show(a.tolist())}")
+    return a
+
+
+def row_slots(
+    request_slots: Sequence[int] | np.ndarray, rows_per_request: Sequence[int] | np.ndarray | None, out: np.ndarray
+) -> int:
+    """Write each token row's slot into ``out`` (a 1-D int32 array): request ``b``'s slot ``request_slots[b]``
+    (:data:`NO_ADAPTER`, or a slot >= 0) repeated over its ``rows_per_request[b]`` rows (None: one row each, a decode
+    step). Returns the rows written; TypeError/ValueError naming the argument where one is no list of ints, the
+    lists differ in length or ``out`` is too short (nothing is written then)."""
+    if not isinstance(out, np.ndarray) or out.dtype != np.int32 or out.ndim != 1:
+        raise TypeError(f"out: expected a 1-D int32 numpy array (the step's lora_slots view), got {show(out)}")
+    slots = _int_list("request_slots", request_slots, NO_ADAPTER)
+    if rows_per_request is None:
+        counts = np.ones(len(slots), np.int64)
+    else:
+        counts = _int_list("rows_per_request", rows_per_request, 0)
+        if len(counts) != len(slots):
             raise ValueError(f"rows_per_request: {len(counts)} counts for {len(slots)} requests")
-        if (counts < 0).any():
-            raise ValueError("rows_per_request: expected counts >= 0")
-        rows = np.repeat(slots, counts)
-        n = len(rows)
+    n = int(counts.sum(dtype=np.int64))  # checked before the rows are made (a huge count would allocate them)
     if n > len(out):
         raise ValueError(f"out: {len(out)} entries cannot hold {n} rows")
-    out[:n] = rows
+    out[:n] = np.repeat(slots, counts)
     return n
 
 
 def segments(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The runs of equal slots in ``slots`` (one per row): ``(indptr [S + 1], slot_ids [S])`` (int32), segment ``i``
-    being rows ``indptr[i]:indptr[i + 1]`` of slot ``slot_ids[i]`` (:data:`NO_ADAPTER` for a run of rows that take
-    none, which a grouped GEMM skips). The segments cover every row in order; for a grouped GEMM
-    (``fi_ffi.segment_gemm``) over the rows of one adapter at a time. ValueError for anything but one slot per row."""
-    s = np.asarray(slots)
-    if s.ndim != 1 or s.dtype.kind not in "iu":
-        raise ValueError(f"slots: expected one int slot per row (1-D), got shape {s.shape} of {s.dtype}")
+    """The runs of equal slots in ``slots`` (one per row, a list or 1-D numpy array of ints): ``(indptr [S + 1],
+    slot_ids [S])`` (int32), segment ``i`` being rows ``indptr[i]:indptr[i + 1]`` of slot ``slot_ids[i]``
+    (:data:`NO_ADAPTER` for a run of rows that take none, which a grouped GEMM skips). The segments cover every
+    row in order; for a grouped GEMM (``fi_ffi.segment_gemm``) over the rows of one adapter at a time.
+    TypeError/ValueError naming ``slots`` for anything but one slot (>= -1) per row."""
+    s = _int_list("slots", slots, NO_ADAPTER)
     if not len(s):
         return np.zeros(1, np.int32), np.zeros(0, np.int32)
     starts = np.flatnonzero(np.concatenate([[True], s[1:] != s[:-1]]))

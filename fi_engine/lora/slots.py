@@ -23,7 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..values import arg_int
 from .adapter import BaseShapes, LoraAdapter
+from .settings import MAX_LORAS
 
 __all__ = ["GROUPS", "Group", "PackedAdapter", "SlotLayout", "SlotTable", "pack"]
 
@@ -115,7 +117,13 @@ class PackedAdapter:
 def pack(adapter: LoraAdapter, layout: SlotLayout) -> PackedAdapter:
     """``adapter`` (read for this base: :func:`~fi_engine.lora.adapter.read_adapter`) in ``layout``'s arrays (the
     module docstring), in the adapter's 16-bit storage; a group the adapter leaves alone gets no arrays and no bit
-    (the kernels skip it for this adapter's rows)."""
+    (the kernels skip it for this adapter's rows). TypeError/ValueError naming the argument for anything else."""
+    if not isinstance(adapter, LoraAdapter):
+        raise TypeError(f"adapter: expected a LoraAdapter (read_adapter's), got {type(adapter).__name__}")
+    if not isinstance(layout, SlotLayout):
+        raise TypeError(f"layout: expected the slots' SlotLayout, got {type(layout).__name__}")
+    if not adapter.weights:
+        raise ValueError("adapter: holds no A and B matrices (read_adapter refuses such a file)")
     if adapter.rank > layout.rank:  # (read_adapter refuses it first, naming the key)
         raise ValueError(f"adapter: rank {adapter.rank} exceeds the slots' rank {layout.rank}")
     r, big = adapter.rank, layout.rank
@@ -148,8 +156,7 @@ class SlotTable:
     in where :meth:`acquire` says it is new there; :meth:`release` unpins when the request leaves."""
 
     def __init__(self, slots: int) -> None:
-        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
-            raise ValueError(f"slots: expected an int >= 1, got {slots!r:.40}")
+        slots = arg_int("slots", slots, 1, MAX_LORAS)
         self.keys: list[object | None] = [None] * slots
         self.pins = [0] * slots
         self._recent: OrderedDict[int, None] = OrderedDict((i, None) for i in range(slots))  # least recent first
@@ -178,8 +185,10 @@ class SlotTable:
         return slot, new
 
     def release(self, slot: int) -> None:
-        """A request of ``slot``'s adapter left; ValueError where none held it."""
-        if not 0 <= slot < len(self.pins) or self.pins[slot] == 0:
+        """A request of ``slot``'s adapter left; TypeError/ValueError naming ``slot`` where it is no slot a request
+        holds."""
+        slot = arg_int("slot", slot, 0, len(self.pins) - 1)
+        if self.pins[slot] == 0:
             raise ValueError(f"slot: {slot} is not held by any request")
         self.pins[slot] -= 1
 

@@ -39,6 +39,7 @@ from helpers.attention_plans import decode_plan, prefill_plan
 from helpers.attention_plans import workspace as attention_workspace
 from helpers.checkpoints import without_weights
 from helpers.hf_configs import SMALL_LLAMA
+from helpers.lora_adapters import llama_shapes, write_adapter
 from helpers.mla_plans import fake_plan as mla_fake_plan
 
 import fi_ffi
@@ -786,8 +787,12 @@ from helpers.comm_args import (  # noqa: E402 - the comm builders (the fixture p
 
 from fi_engine.checkpoint import config as model_config  # noqa: E402
 from fi_engine.checkpoint import family_configs, mxfp4_weights  # noqa: E402
-from fi_engine.kernels import cuda_sources  # noqa: E402
+from fi_engine.kernels import cuda_sources, lora_bgmv  # noqa: E402
 from fi_engine.layers import deepseek_routing, moe, moe_routing, tensor_parallel  # noqa: E402
+from fi_engine.lora import adapter as lora_adapter  # noqa: E402
+from fi_engine.lora import batch as lora_batch  # noqa: E402
+from fi_engine.lora import settings as lora_settings  # noqa: E402
+from fi_engine.lora import slots as lora_slots  # noqa: E402
 from fi_engine.models import deepseek, deepseek_config, gemma2, gpt_oss, llama, mla_weights, moe_paths  # noqa: E402
 from fi_engine.models import registry as engines  # noqa: E402
 from fi_engine.runtime import serving  # noqa: E402
@@ -1091,6 +1096,7 @@ ENGINE_KINDS = {
     "fused_routing": "opt_bool",
     "kv_cache_dtype": "kv_cache_dtype",
     "kv_cache_scales": "kv_cache_scales",
+    "lora": "lora",
 }
 
 
@@ -1439,7 +1445,156 @@ _TEXT_NAMES = (
     "text.tool_grammar.tool_call_grammar",
 )
 
+
+# LoRA (fi_engine.lora): a rank-4 adapter of q and v over 2 layers of a small Llama, read for that base
+LORA_BASE = lora_adapter.BaseShapes(2, "bfloat16", llama_shapes(64, 128, 4, 2, 16))
+_lora_dir: list[Any] = []
+
+
+def _adapter_dir() -> str:
+    """A PEFT adapter folder for LORA_BASE (written once per session)."""
+    import tempfile
+    from pathlib import Path
+
+    if not _lora_dir:
+        _lora_dir.append(tempfile.TemporaryDirectory(prefix="fi_ffi_campaign_lora_"))
+        write_adapter(Path(_lora_dir[0].name), LORA_BASE.shapes, 2, 4, modules=("q_proj", "v_proj"))
+    return str(_lora_dir[0].name)
+
+
+def _lora_settings_values(key: str, value: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """LoraSettings' fields as the entries of the engine's ``lora`` dict."""
+    kind = {"modules": "lora_modules", "max_cpu_loras": "opt_int"}.get(key, "int")
+    return ENTRY_KINDS[kind] if kind in ENTRY_KINDS else SCALARS[kind]
+
+
+def _release_one(slot: int) -> None:
+    """SlotTable.release on a table of 4 slots whose slots 0 and 1 a request each holds."""
+    table = lora_slots.SlotTable(4)
+    table.acquire("a"), table.acquire("b")
+    table.release(slot)
+
+
+_ADDRESS = 1 << 40  # fake device addresses, aligned for every kernel argument
+LORA_ENTRIES: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
+    "lora.adapter.read_adapter": lambda: [
+        (
+            "read_adapter",
+            Entry(
+                lora_adapter.read_adapter,
+                lambda: dict(lora_path=_adapter_dir(), base=LORA_BASE, max_lora_rank=8),
+                kinds={"lora_path": "adapter_path", "base": "object"},
+            ),
+        )
+    ],
+    "lora.slots.pack": lambda: [
+        (
+            "pack",
+            Entry(
+                lora_slots.pack,
+                lambda: dict(
+                    adapter=lora_adapter.read_adapter(_adapter_dir(), LORA_BASE, 8),
+                    layout=lora_slots.SlotLayout.of(LORA_BASE, 8),
+                ),
+                kinds={"adapter": "object", "layout": "object"},
+            ),
+        )
+    ],
+    "lora.slots.SlotTable": lambda: [
+        ("SlotTable", Entry(lora_slots.SlotTable, lambda: dict(slots=4))),
+        ("SlotTable.release", Entry(_release_one, lambda: dict(slot=1))),
+    ],
+    "lora.batch.row_slots": lambda: [
+        (
+            "row_slots",
+            Entry(
+                lora_batch.row_slots,
+                lambda: dict(request_slots=host([0, -1, 2]), rows_per_request=host([2, 0, 3]), out=host([0] * 8)),
+                kinds={"rows_per_request": "row_counts"},
+            ),
+        )
+    ],
+    "lora.batch.segments": lambda: [("segments", Entry(lora_batch.segments, lambda: dict(slots=host([0, 0, -1, 2]))))],
+    "lora.settings.adapter_name": lambda: [
+        (
+            "adapter_name",
+            Entry(
+                lora_settings.adapter_name,
+                lambda: dict(lora_name="my-adapter", field="lora_name"),
+                kinds={"lora_name": "adapter_name", "field": "label"},
+            ),
+        )
+    ],
+    "lora.settings.LoraSettings": lambda: [
+        (
+            "LoraSettings",
+            Entry(
+                lora_settings.LoraSettings,
+                lambda: dict(max_loras=2, max_cpu_loras=4, max_lora_rank=8, modules=(("a", "/a"),)),
+                kinds={"max_cpu_loras": "opt_int", "modules": "lora_modules"},
+            ),
+        ),
+        (
+            "LoraSettings.of",
+            Entry(
+                lora_settings.LoraSettings.of,
+                lambda: dict(lora=dict(max_loras=2, max_cpu_loras=4, max_lora_rank=8, modules={"a": "/a"})),
+                fields=("lora", _lora_settings_values),
+            ),
+        ),
+    ],
+    "kernels.lora_bgmv.shrink_args": lambda: [
+        (
+            "shrink_args",
+            Entry(
+                lora_bgmv.shrink_args,
+                lambda: dict(
+                    rows=3,
+                    x=_ADDRESS,
+                    x_ld=64,
+                    slots=2 * _ADDRESS,
+                    scale=3 * _ADDRESS,
+                    targets=4 * _ADDRESS,
+                    bit=1,
+                    a=5 * _ADDRESS,
+                    a_slot=2 * 48 * 64,
+                    width=48,
+                    k=64,
+                    t=6 * _ADDRESS,
+                    t_ld=48,
+                ),
+            ),
+        )
+    ],
+    "kernels.lora_bgmv.expand_args": lambda: [
+        (
+            "expand_args",
+            Entry(
+                lora_bgmv.expand_args,
+                lambda: dict(
+                    rows=3,
+                    t=_ADDRESS,
+                    t_ld=48,
+                    tw=48,
+                    slots=2 * _ADDRESS,
+                    targets=3 * _ADDRESS,
+                    bit=1,
+                    bt=4 * _ADDRESS,
+                    b_slot=2 * 16 * 96,
+                    rank=16,
+                    n=96,
+                    n0=64,
+                    n1=80,
+                    y=5 * _ADDRESS,
+                    y_ld=96,
+                ),
+            ),
+        )
+    ],
+}
+
 ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
+    **LORA_ENTRIES,
     # the engine's text layer (each row builds every text entry point, then keeps its own)
     **{name: lambda name=name: _text_entries()[name] for name in _TEXT_NAMES},
     # fi_ffi.comm
@@ -2107,6 +2262,20 @@ _ADAPTER = "the engine's adapter over fi_ffi ops already in the op campaign abov
 _PACKING = "packs a declaration's values for the comm set-up calls, reached only through the entry points above"
 _PLUMBING = "internal plumbing over the CUDA runtime (raw addresses fi_ffi itself allocated); comm/test_gpu_comm.py"
 EXEMPT: dict[str, str] = {
+    # LoRA (fi_engine.lora): the records and parts its generators above (read_adapter, pack, SlotTable, ...) reach
+    "lora.adapter.BaseShapes": "the engine's record of its checked config's projection shapes (BaseShapes.of); "
+    "adapters that do not fit it are refused by key in engine/test_lora_adapter.py",
+    "lora.adapter.LoraAdapter": "the record read_adapter makes of a checked adapter folder (its generator above)",
+    "lora.slots.PackedAdapter": "the record pack makes of a checked LoraAdapter (its generator above)",
+    "lora.slots.Group": "one projection group of a SlotLayout, made by SlotLayout.of from a BaseShapes",
+    "lora.slots.SlotLayout": "the slots' shapes, made by SlotLayout.of from the engine's BaseShapes and checked "
+    "max_lora_rank: engine/test_lora_slots.py",
+    "lora.manager.LoraManager": "the engine's own part, made by Engine from checked LoraSettings; its load, key and "
+    "unload refusals (a name taken, unknown or in use) in engine/test_lora_manager.py",
+    "lora.manager.LoraStats": "the counters a LoraManager keeps and counts up; no argument to check",
+    "lora.device.DeviceSlots": _GPU,
+    # compiles its kernels with CuPy in the constructor; its dtype check runs before that (engine/test_lora_slots.py)
+    "kernels.lora_bgmv.LoraBgmv": _GPU,
     **dict.fromkeys(
         [
             "env.DistEnv",
@@ -2478,6 +2647,52 @@ ENTRY_KINDS: dict[str, tuple[tuple[Any, ...], tuple[Any, ...]]] = {
     "path_or_false": ((None, 5, 1.5, b"/tmp", ["x"], {}), ("/nonexistent/fi_ffi", "/tmp/a\0b", *_bad_config_dirs())),
     "opt_array": ((*COMMON_INVALID, 5, 1.5, NAN, True, [1.5], np.zeros(3, np.float32), np.array(["a"] * 8)), ()),
     "opt_callable": (("x", 5, 1.5, {}), (None,)),
+    # LoRA: an adapter folder's path; a request's adapter name; the engine's lora settings and their modules
+    "adapter_path": ((None, 5, 1.5, b"/tmp", ["x"], {}, "/nonexistent/fi_ffi", "/tmp/a\0b", ""), ()),
+    "adapter_name": (
+        (None, 5, 1.5, True, b"x", ("a",), HUGE, "", "a b", "a\n", "a\0", "x" * 129, ["a"]),
+        ("nonsense", "org/adapter-v1.2", "x" * 128),
+    ),
+    "lora": (
+        ("x", 5, 1.5, True, [1.5], HUGE, NAN, b"x", {1, 2}, ("a",), {"max_loras": 0}, {"nonsense": 1}, {"modules": 5}),
+        (None, {}, {"max_loras": 2, "max_lora_rank": 64}),
+    ),
+    "lora_modules": (
+        (
+            None,
+            "x",
+            5,
+            1.5,
+            b"x",
+            {1, 2},
+            [("a",)],
+            [("a", 5)],
+            [(5, "/p")],
+            [("a b", "/p")],
+            [("a", "/p")] * 2,
+            {"a": 5},
+            {5: "/p"},
+            [None],
+        ),
+        ((), [], {}, [("a", "/nonexistent")], {"a": "/p", "b": "/q"}),
+    ),
+    "row_counts": (
+        (
+            "x",
+            {},
+            5,
+            1.5,
+            NAN,
+            [0.0, 1.5],
+            ["0", "1"],
+            [True, False],
+            [0, HUGE],
+            [1, -1, 1],
+            np.array(["0", "1"]),
+            np.zeros(3, np.float32),
+        ),
+        (None, [2, 0, 3], np.zeros(3, np.int64), host([1, 1]), host([2**31 - 1, 0, 0]), host([2, 0, 3]).reshape(1, 3)),
+    ),
     # a checkpoint directory for readers that do not read config.json (a broken one is no concern of theirs)
     "directory": ((None, 5, 1.5, b"/tmp", "/tmp/a\0b", "/nonexistent/fi_ffi", ["x"], {}), _bad_config_dirs()),
     # the text layer: an optional dict with str keys; a list of dicts (tools, documents); OpenAI's `stop`

@@ -168,11 +168,12 @@ def pad_prefill(
     """
     if not isinstance(v, dict):
         raise TypeError(f"v: expected the dict of a prefill layout's views, got {type(v).__name__}")
-    for key in ("token_ids", "positions", "batch_indices", "qo_indptr", "kv_indptr", "kv_last_page_len", "kv_indices"):
+    rows_keys = ("token_ids", "positions", "batch_indices", *(("lora_slots",) if "lora_slots" in v else ()))
+    for key in (*rows_keys, "qo_indptr", "kv_indptr", "kv_last_page_len", "kv_indices"):
         a = v.get(key)
         if not isinstance(a, np.ndarray) or a.dtype != np.int32 or a.ndim != 1:
             raise TypeError(f"v[{key!r}]: expected a 1-D int32 numpy array (a prefill layout's view), got {show(a)}")
-    rows_room = min(len(v["token_ids"]), len(v["positions"]), len(v["batch_indices"]))
+    rows_room = min(len(v[key]) for key in rows_keys)
     requests_room = min(len(v["qo_indptr"]) - 1, len(v["kv_indptr"]) - 1, len(v["kv_last_page_len"]))
     kv_indices = v["kv_indices"]
     page_size = arg_int("page_size", page_size, 1, (1 << 31) - 1)
