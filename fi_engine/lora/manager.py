@@ -105,7 +105,9 @@ class LoraManager:
 
     def acquire(self, key: tuple[str, int]) -> int | None:
         """A GPU slot holding adapter ``key`` for one more request (copied in where it was not there: read from its
-        folder again if the host dropped it), or None where every slot is in use by other adapters' requests."""
+        folder again if the host dropped it), or None where every slot is in use by other adapters' requests.
+        ValueError naming ``lora`` and the adapter where its folder can no longer be read (moved, deleted or changed
+        since it was loaded): the request is refused, the adapter stays loaded (unload it, or load it again)."""
         got = self.table.acquire(key)
         if got is None:
             return None
@@ -113,7 +115,15 @@ class LoraManager:
         if new:
             start = time.perf_counter()
             try:
-                self._write(slot, self._packed(key))
+                try:
+                    packed = self._packed(key)
+                except (ValueError, OSError) as exc:  # (an OSError's text names the path: its kind only)
+                    why = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__} reading it"
+                    name = next((n for n, e in self._loaded.items() if e.key == key), "?")
+                    raise ValueError(f"lora: the adapter {name!r} could not be read again from its folder (it had "
+                                     f"left the host's {self.settings.max_cpu_loras} kept adapters): {why}; load it "
+                                     f"again") from None  # fmt: skip
+                self._write(slot, packed)
             except BaseException:
                 self.table.release(slot)
                 self.table.drop(key)

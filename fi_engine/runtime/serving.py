@@ -332,6 +332,7 @@ class ServingLoop(StepEngineBase):
         out += [StepOutput(r.rid, (), "abort") for r in self._aborted]
         self._aborted.clear()
         sched, runner = self.scheduler, self.runner
+        out += self._refused_outputs(sched)  # (any a failed step left)
         if not sched.has_work and self._inflight is None:
             return out
         if self._ffi_stream is None:
@@ -349,7 +350,16 @@ class ServingLoop(StepEngineBase):
                 self._unreported = self._outputs({r: k for r, k in produced.items() if r.finished})
                 self._abort_everything(sched)
                 raise
-        return out + self._outputs(produced)
+        return out + self._outputs(produced) + self._refused_outputs(sched)
+
+    def _refused_outputs(self, sched: Scheduler) -> list[StepOutput]:
+        """The step API's outputs of the requests the scheduler aborted at admission (their adapter could not be
+        read): ``"abort"`` with the reason as ``error``; they are forgotten."""
+        out = [StepOutput(r.rid, (), "abort", r.error) for r in sched.refused]
+        for r in sched.refused:
+            self._requests.pop(r.rid, None)
+        sched.refused.clear()
+        return out
 
     def _outputs(self, produced: dict[Request, int]) -> list[StepOutput]:
         """The step API's outputs of ``produced`` (request -> tokens it got); ended requests are forgotten."""
@@ -583,7 +593,8 @@ class ServingLoop(StepEngineBase):
 
         ``lora``: the LoRA adapter of every prompt (a name), or one per prompt (a list of names and None, the base
         model's), rows of different adapters decoded together; None: ``sampling.lora``. ValueError naming ``lora``
-        for a name the engine does not serve.
+        for a name the engine does not serve; a prompt whose adapter's folder can no longer be read when it is
+        admitted (the host had dropped its copy) ends ``"abort"`` with no tokens, the others go on.
         """
         self._check_open()
         self._check_idle("generate")
@@ -615,6 +626,7 @@ class ServingLoop(StepEngineBase):
                 if sum(sched.abort(r) for r in reqs):  # interrupted: nothing of this call stays queued or active
                     self.passes.next_rows = None
                 runner.stream.synchronize()
+        sched.refused.clear()  # (its own requests only: the step API is idle) ended "abort" below
         result.tokens = [list(r.output) for r in reqs]
         result.finish_reasons = [r.finish_reason or "" for r in reqs]
         result.decode_tokens = sum(len(r.output) - 1 for r in reqs)
@@ -742,6 +754,9 @@ class ServingLoop(StepEngineBase):
             finally:
                 for r in reqs:  # interrupted: nothing of this call stays queued or active
                     sched.abort(r)
+        refused, sched.refused[:] = list(sched.refused), []
+        if refused:  # a prompt's adapter could not be read: no logits for it
+            raise cast(Exception, refused[0].error)
         return [out[r.rid] for r in reqs]
 
     def _check_open(self) -> None:

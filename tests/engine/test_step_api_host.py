@@ -789,6 +789,39 @@ def test_an_aborted_queued_request_is_reported_even_with_nothing_left_to_run():
     assert e.step() == []
 
 
+def test_a_request_whose_adapter_cannot_be_read_again_ends_alone_with_the_reason(tmp_path):
+    """An adapter the host dropped is read from its folder again at admission; where the folder is gone, that request
+    ends ("abort" and the reason as its error), and the steps go on serving the others, later ones included."""
+    import shutil
+
+    from helpers.lora_adapters import llama_shapes, write_adapter
+
+    from fi_engine.lora.adapter import BaseShapes
+    from fi_engine.lora.manager import LoraManager
+    from fi_engine.lora.settings import LoraSettings
+
+    shapes = llama_shapes(64, 96, 4, 2, 16)
+    for name in "ab":
+        write_adapter(tmp_path / name, shapes, 1, 4, modules=("q_proj",))
+    settings = LoraSettings(1, 1, 8, (("a", str(tmp_path / "a")), ("b", str(tmp_path / "b"))))  # the host keeps b
+    e = bare_engine(max_batch=3)
+    e.lora = e.scheduler.adapters = LoraManager(settings, BaseShapes(1, "bfloat16", shapes), lambda slot, p: None)
+    shutil.rmtree(tmp_path / "a")
+    bad = e.add_request([1] * 5, 3, sampling=SamplingParams(lora="a"))
+    good = e.add_request([2] * 5, 3, sampling=SamplingParams(lora="b"))
+    plain = e.add_request([3] * 5, 3)
+    out = e.step()
+    (ended,) = [o for o in out if o.rid == bad]
+    assert ended.finish_reason == "abort" and ended.token_ids == () and isinstance(ended.error, ValueError)
+    assert "could not be read again from its folder" in str(ended.error) and str(tmp_path) not in str(ended.error)
+    later = e.add_request([4] * 5, 3, sampling=SamplingParams(lora="a"))
+    seen = drain(e)
+    assert seen[good][-1].finish_reason == seen[plain][-1].finish_reason == "length"
+    assert [o.finish_reason for o in seen[later]] == ["abort"] and bad not in seen
+    result = e.generate([[5] * 5, [6] * 5], 3, lora=["a", None])  # generate: that prompt ends "abort", no tokens
+    assert result.finish_reasons == ["abort", "length"] and result.tokens[0] == [] and e.scheduler.refused == []
+
+
 def test_requests_added_between_steps_join_the_running_batch():
     e = bare_engine(max_batch=3)
     a = e.add_request([1] * 5, 8)

@@ -54,6 +54,7 @@ class Request:
     lora: str | None = None
     lora_key: Any = None
     lora_slot: int = -1
+    error: Exception | None = None  # why it was aborted at admission (its adapter could not be read again), if so
 
     @property
     def finished(self) -> bool:

@@ -69,7 +69,7 @@ class AdapterSlots(Protocol):
     which documents each call): an adapter's key by name, and a GPU slot per request while it is active."""
 
     def key(self, name: object) -> Any: ...
-    def acquire(self, key: Any) -> int | None: ...
+    def acquire(self, key: Any) -> int | None: ...  # ValueError: the adapter cannot be copied in (its request ends)
     def release(self, slot: int) -> None: ...
 
 
@@ -105,7 +105,9 @@ class Scheduler:
 
     ``adapters`` (None: no LoRA adapters): the engine's adapters (:class:`AdapterSlots`); a request naming one is
     admitted once its adapter has a GPU slot (every slot held by other adapters' active requests: it waits, and the
-    requests behind it with it), which it holds until it leaves.
+    requests behind it with it), which it holds until it leaves. One whose adapter can no longer be read (its folder
+    gone since the host dropped its copy) is aborted at admission alone: ``finish_reason`` ``"abort"``, the reason in
+    ``Request.error``, listed in :attr:`refused` until the serving loop reports it.
     """
 
     def __init__(
@@ -133,6 +135,8 @@ class Scheduler:
         self._prefix_caching = False
         self._chunk_tokens = 0
         self.adapters: AdapterSlots | None = None
+        # requests aborted at admission (Request.error says why), for the serving loop to report (then cleared)
+        self.refused: list[Request] = []
 
     @property
     def prefix_caching(self) -> bool:
@@ -411,7 +415,13 @@ class Scheduler:
                 break
             if r.lora_key is not None:  # its adapter into a GPU slot (copied in if new there), or it waits for one
                 assert self.adapters is not None
-                lora_slot = self.adapters.acquire(r.lora_key)
+                try:
+                    lora_slot = self.adapters.acquire(r.lora_key)
+                except ValueError as exc:  # its adapter's folder is unreadable now: this request ends, no other
+                    self.pending.popleft()
+                    r.finish_reason, r.error = "abort", exc
+                    self.refused.append(r)
+                    continue
                 if lora_slot is None:
                     break
                 r.lora_slot = lora_slot
