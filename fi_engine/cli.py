@@ -59,6 +59,51 @@ def _positive_int(text: str) -> int:
     return _int_at_least(text, 1, "a positive integer")
 
 
+def _lora_module(text: str) -> tuple[str, str]:
+    """``serve --lora-modules``' ``NAME=PATH`` as ``(name, path)`` (the name as a request's ``model`` gives it)."""
+    from .lora.settings import adapter_name
+
+    name, sep, path = text.partition("=")
+    if not sep or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH (an adapter's name and its PEFT folder), got {text!r}")
+    try:
+        return adapter_name(name, "NAME"), path
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (in {text!r})") from None
+
+
+def _lora_settings(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The engine's ``lora`` argument of ``serve``'s LoRA flags (None without ``--enable-lora``); ValueError naming
+    the flag for one given without ``--enable-lora``, a name given twice or one of the base model's, or a value the
+    settings refuse (:class:`~fi_engine.lora.settings.LoraSettings`)."""
+    from .lora.settings import LoraSettings
+
+    flags = {"--lora-modules": args.lora_modules, "--max-loras": args.max_loras, "--max-lora-rank": args.max_lora_rank,
+             "--max-cpu-loras": args.max_cpu_loras}  # fmt: skip
+    if not args.enable_lora:
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given:
+            raise ValueError(f"{given[0]}: serves LoRA adapters; add --enable-lora")
+        return None
+    if args.api_servers > 1:
+        raise ValueError(f"--enable-lora: adapters are served by one API server; drop --api-servers {args.api_servers}")
+    modules = list(args.lora_modules or ())
+    served = args.served_model_name or [args.model]
+    for name, _ in modules:
+        if name in served:
+            raise ValueError(f"--lora-modules {name}=...: {name!r} is the base model's served name; rename the adapter")
+    settings = {"modules": modules, "max_loras": args.max_loras or 1, "max_lora_rank": args.max_lora_rank or 16,
+                "max_cpu_loras": args.max_cpu_loras}  # fmt: skip
+    try:
+        LoraSettings.of(settings)
+    except (TypeError, ValueError) as exc:  # "lora: max_loras: ..." as the flag
+        text = str(exc).removeprefix("lora: ")
+        field = text.split(":", 1)[0].split("[", 1)[0]
+        flag = "lora-modules" if field == "modules" else field.replace("_", "-")
+        raise ValueError(f"--{flag}{text[len(field) :]}") from None
+    return settings
+
+
 def _speculative_config(text: str) -> dict[str, Any]:
     """``--speculative-config``'s JSON object (its keys are checked by the engine)."""
     try:
@@ -604,6 +649,42 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         "opened beside the served one; a step verifies drafts where a pass pays (default off)",
     )
     p.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="serve LoRA adapters of the base model (PEFT folders), each chosen by a request's `model` (the Llama "
+        "family on one GPU); rows of different adapters decode in one batch",
+    )
+    p.add_argument(
+        "--lora-modules",
+        type=_lora_module,
+        nargs="+",
+        action="extend",
+        metavar="NAME=PATH",
+        help="adapters to serve from the start, each as the name requests give as `model` and its PEFT folder "
+        "(adapter_config.json, adapter_model.safetensors); with FI_ENGINE_ALLOW_RUNTIME_LORA_UPDATING=1, more are "
+        "loaded and unloaded at run time through POST /v1/load_lora_adapter and /v1/unload_lora_adapter",
+    )
+    p.add_argument(
+        "--max-loras",
+        type=_positive_int,
+        default=None,
+        help="adapters held on the GPU at once, the most one batch uses (default 1); a request of another adapter "
+        "waits for a slot",
+    )
+    p.add_argument(
+        "--max-lora-rank",
+        type=_positive_int,
+        default=None,
+        help="the largest adapter rank served, at most 512 (default 16); every GPU slot takes this rank's memory",
+    )
+    p.add_argument(
+        "--max-cpu-loras",
+        type=_positive_int,
+        default=None,
+        help="adapters kept read on the host, at least --max-loras (default: --max-loras); one not kept is read "
+        "from its folder again when a request needs it",
+    )
+    p.add_argument(
         "--grace",
         type=_seconds,
         default=30.0,
@@ -712,6 +793,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         # everything a CPU can check, before the GPU: the values, the tokenizer and template, the server's packages
+        lora = _lora_settings(args)
         _check_serve_values(args)
         codec = TextCodec.from_dir(args.model)
         weights = _quantized_weights(args.model)  # the start-up line and /v1/models name it
@@ -737,6 +819,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens,
             speculative_config=args.speculative_config,
         )
+        if lora is not None:
+            kwargs["lora"] = lora
         if args.in_process:
             engine = open_engine(args.model, **kwargs)
         else:  # the engine steps in a process of its own (fi_engine.serve.engine_process says why)
@@ -762,6 +846,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"max batch {args.max_batch}, queue {args.max_queue}, {'CUDA graph' if args.graph else 'eager'}, "
         f"prefix caching {'on' if caching else 'off'}{unserved}, chunked prefill {chunks}{speculation}"
         + (f", {weights.describe()}" if weights is not None else "")
+        + (f", LoRA adapters {_adapters_line(lora)}" if lora is not None else "")
     )
     quantization = None if weights is None else weights.method
     if args.api_servers > 1:
@@ -794,11 +879,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 quantization=quantization,
                 api_key=args.api_key,
                 allowed_origins=args.allowed_origins,
+                lora_modules=None if lora is None else [name for name, _ in lora["modules"]],
                 **({} if args.max_request_bytes is None else {"max_request_bytes": args.max_request_bytes}),
             )
         finally:
             service.close(timeout=args.grace)
     return 0
+
+
+def _adapters_line(lora: dict[str, Any]) -> str:
+    """The start-up line's LoRA part: the adapters served, the slots and rank, and whether they change at run time."""
+    from .serve.lora_api import RUNTIME_LORA_ENV, runtime_lora_allowed
+
+    names = ", ".join(name for name, _ in lora["modules"]) or "none yet"
+    runtime = "loaded at run time too" if runtime_lora_allowed() else f"fixed ({RUNTIME_LORA_ENV} unset)"
+    return f"{names} ({lora['max_loras']} on the GPU, rank up to {lora['max_lora_rank']}, {runtime})"
 
 
 def _quantized_weights(model: str) -> Any:

@@ -57,8 +57,11 @@ class LoraManager:
         self._loaded: dict[str, _Loaded] = {}
         self._host: OrderedDict[tuple[str, int], PackedAdapter] = OrderedDict()  # least recently used first
         self._serial = 0
-        for name, path in settings.modules:
-            self.load(name, path)
+        for i, (name, path) in enumerate(settings.modules):
+            try:
+                self.load(name, path)
+            except ValueError as exc:  # which of the adapters given it is
+                raise ValueError(f"lora: modules[{i}] ({name!r}): {exc}") from None
 
     @property
     def names(self) -> list[str]:

@@ -36,6 +36,14 @@ NewRequests = Sequence[tuple[Sequence[int], int, SamplingParams | None, Any]]
 
 __all__ = ["EngineClient"]
 
+# the engine's methods a client may call in the engine process (a round trip each, between its steps): the LoRA
+# adapters it serves, changed at run time (fi_engine.runtime.engine.Engine's load_lora / unload_lora / lora_names)
+CALLS: dict[str, Callable[..., Any]] = {
+    "load_lora": lambda engine, name, path: engine.load_lora(name, path),
+    "unload_lora": lambda engine, name: engine.unload_lora(name),
+    "lora_names": lambda engine: list(getattr(engine, "lora_names", [])),
+}
+
 # what the engine raises for a bad argument or checkpoint, raised again as itself on the client's side (its message
 # names the argument); anything else from the engine process is a RuntimeError naming its type
 ERRORS: dict[str, type[Exception]] = {
@@ -71,6 +79,7 @@ class EngineClient(StepEngineBase):
         # this connection names its requests itself, index + MAX_CLIENTS * k (unique across the engine's
         # connections), so that an add needs no answer before its id is known (add_requests_nowait)
         self._next = index
+        self._calls = 0  # the calls made (_call's tags)
         # wake(): a byte here makes a step() waiting for outputs return (this process's own pipe, never handed over)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -159,6 +168,38 @@ class EngineClient(StepEngineBase):
         outs, self._outputs = self._outputs, []
         return outs
 
+    def load_lora(self, name: str, path: str) -> None:
+        """Serve the PEFT adapter of folder ``path`` as ``name`` (the engine's ``load_lora``, a round trip; its
+        ValueError / TypeError raised here). Call it from the thread that steps this client (a service's:
+        :meth:`GenerationService.call <fi_engine.serve.service.GenerationService.call>`)."""
+        self._call("load_lora", name, path)
+
+    def unload_lora(self, name: str) -> None:
+        """Stop serving adapter ``name`` (the engine's ``unload_lora``, as :meth:`load_lora`)."""
+        self._call("unload_lora", name)
+
+    @property
+    def lora_names(self) -> list[str]:
+        """The adapters the engine serves ([] where it serves none; a round trip, as :meth:`load_lora`)."""
+        return list(self._call("lora_names"))
+
+    def _call(self, method: str, *args: Any) -> Any:
+        """The engine's ``method(*args)`` (one of :data:`CALLS`) run in the engine process: its result, or its
+        ValueError / TypeError raised; the outputs that come first are kept for :meth:`step`."""
+        self._check_open()
+        self._calls += 1
+        tag = self._calls
+        self._send(("call", tag, method, args))
+        while True:
+            msg = self._receive()
+            if msg[0] == "called" and msg[1] == tag:
+                break
+            self._take(msg)
+        _, _, result, kind, text = msg
+        if kind is not None:
+            raise ERRORS.get(kind, ValueError)(text)
+        return result
+
     def wake(self) -> None:
         """Make a :meth:`step` that waits for outputs in another thread return now, with what has come (possibly
         nothing), or the next one if none waits. Thread-safe, never blocks. A service calls it when it has new
@@ -239,8 +280,9 @@ class EngineClient(StepEngineBase):
         ``"abort"`` with the error for each one refused."""
         outputs, live = self._outputs, self._live
         if msg[0] == "out":
-            for rid, tokens, finish, logprobs, prompts, cached, drafted, accepted in msg[1]:
-                outputs.append(StepOutput(rid, tokens, finish, None, logprobs, prompts, cached, drafted, accepted))
+            for rid, tokens, finish, logprobs, prompts, cached, drafted, accepted, error in msg[1]:
+                failed = None if error is None else ERRORS.get(error[0], ValueError)(error[1])
+                outputs.append(StepOutput(rid, tokens, finish, failed, logprobs, prompts, cached, drafted, accepted))
                 if finish is not None:
                     live.discard(rid)
         elif msg[0] == "added":

@@ -38,7 +38,7 @@ from typing import Any
 
 from ..runtime.stepping import NewRequest, StepEngineBase, StepOutput
 from ..values import show
-from .engine_client import ERRORS, MAX_CLIENTS, EngineClient, NewRequests
+from .engine_client import CALLS, ERRORS, MAX_CLIENTS, EngineClient, NewRequests
 
 __all__ = ["EngineProcess"]
 
@@ -152,11 +152,21 @@ class _Router:
                 mine[tag] = rid
                 replies.append((tag, None, ""))
             self._send(index, ("added", replies))
+        elif msg[0] == "call":  # the adapters served (LoRA): an engine method of CALLS, answered on this connection
+            _, tag, method, args = msg
+            try:
+                if method not in CALLS:
+                    raise ValueError(f"call: {method!r} is not one of {', '.join(CALLS)}")
+                result, kind, text = CALLS[method](engine, *args), None, ""
+            except (ValueError, TypeError) as exc:
+                result, kind, text = None, type(exc).__name__, str(exc)
+            self._send(index, ("called", tag, result, kind, text))
 
     def _route(self, outs: list[StepOutput]) -> None:
         """One message per connection with rows in this step: ``(id, token_ids, finish_reason, logprobs,
-        prompt_logprobs, num_cached_tokens, num_draft_tokens, num_accepted_tokens)`` of its own requests, under the
-        ids it gave them (the rows of a connection already gone are dropped)."""
+        prompt_logprobs, num_cached_tokens, num_draft_tokens, num_accepted_tokens, error)`` of its own requests
+        (``error``: None, or the type name and text of why the engine ended it), under the ids it gave them (the
+        rows of a connection already gone are dropped)."""
         owner, rids = self.owner, self.rids
         per: dict[int, list[tuple[Any, ...]]] = {}
         for o in outs:
@@ -171,6 +181,7 @@ class _Router:
                 (
                     tag, tuple(o.token_ids), o.finish_reason, o.logprobs, o.prompt_logprobs, o.num_cached_tokens,
                     o.num_draft_tokens, o.num_accepted_tokens,
+                    None if o.error is None else (type(o.error).__name__, str(o.error)),
                 )
             )  # fmt: skip
             if o.finish_reason is not None:
@@ -332,6 +343,19 @@ class EngineProcess(StepEngineBase):
         """The outputs of every step the child ran since the last call (waiting for the next one when none has
         come yet and a request is unfinished, unless :meth:`wake` is called meanwhile)."""
         return self._first().step()
+
+    def load_lora(self, name: str, path: str) -> None:
+        """Serve the PEFT adapter of folder ``path`` as ``name`` in the child (:meth:`EngineClient.load_lora`)."""
+        self._first().load_lora(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        """Stop serving adapter ``name`` in the child (:meth:`EngineClient.unload_lora`)."""
+        self._first().unload_lora(name)
+
+    @property
+    def lora_names(self) -> list[str]:
+        """The adapters the child's engine serves (:attr:`EngineClient.lora_names`)."""
+        return self._first().lora_names
 
     def wake(self) -> None:
         """Make a :meth:`step` waiting in another thread return now (:meth:`EngineClient.wake`)."""

@@ -48,6 +48,8 @@ from ..text.grammar import GrammarTokenizer, _llguidance, _said, response_format
 from ..text.harmony import MARKERS
 from ..text.tool_calls import NEUTRAL, ToolCall, ToolCallParser, call_format, opener
 from ..text.tool_grammar import tool_call_grammar
+from ..values import show
+from .lora_api import ServedAdapters, runtime_lora_allowed
 from .openai_protocol import (
     CHAT_CHUNK,
     COMPLETION_CHUNK,
@@ -173,9 +175,11 @@ class _Handlers:
         max_request_bytes: int = MAX_REQUEST_BYTES,
         body_timeout_s: float = BODY_TIMEOUT_S,
         grammar_timeout_s: float = GRAMMAR_TIMEOUT_S,
+        adapters: ServedAdapters | None = None,
     ) -> None:
         self.service = service
         self.models = list(models)
+        self.adapters = adapters if adapters is not None else ServedAdapters(None, self.models, False)
         self.max_model_len = max_model_len
         self.quantization = quantization
         self.max_request_bytes = max_request_bytes
@@ -221,7 +225,8 @@ class _Handlers:
 
         def parse(raw: bytes) -> ParsedRequest:
             body = parse_body(raw)
-            return parse_chat(body, self.models) if chat else parse_completion(body, self.models)
+            models = self.adapters.models
+            return parse_chat(body, models) if chat else parse_completion(body, models)
 
         raw = await self.body_bytes(request)
         if len(raw) <= OFF_LOOP_BYTES:
@@ -279,14 +284,48 @@ class _Handlers:
         )
 
     async def list_models(self, request: Any) -> Any:
-        data = [self._model(m) for m in self.models]
+        data = [self._model(m) for m in self.models] + self.adapters.entries(self._model(self.models[0]))
         return self.JSONResponse({"object": "list", "data": data})
 
     async def retrieve_model(self, request: Any) -> Any:
         name = request.path_params["model"]
-        if name not in self.models:
-            return self.error(unknown_model(name, self.models))
-        return self.JSONResponse(self._model(name))
+        if name in self.models:
+            return self.JSONResponse(self._model(name))
+        listed = [m for m in self.adapters.entries(self._model(self.models[0])) if m["id"] == name]
+        if not listed:
+            return self.error(unknown_model(name, self.adapters.models))
+        return self.JSONResponse(listed[0])
+
+    async def load_lora_adapter(self, request: Any) -> Any:
+        """vLLM's ``POST /v1/load_lora_adapter``: the adapter of ``lora_path`` served as ``lora_name`` once the
+        engine has read and checked it (400 naming what does not fit; :mod:`fi_engine.serve.lora_api`)."""
+        path = ""
+        try:
+            name, path = self.adapters.load_body(parse_body(await self.body_bytes(request)))
+            await asyncio.wrap_future(self.service.call(lambda engine: engine.load_lora(name, path)))
+        except APIError as exc:
+            return self.error(exc)
+        except (ValueError, TypeError, ServiceClosedError) as exc:  # the engine's refusal (its key named)
+            return self.error(APIError(str(exc).replace(path, "lora_path") if path else str(exc), "lora_path"))
+        if name not in self.adapters.names:  # (two loads of one name at once: the engine took the first only)
+            self.adapters.names.append(name)
+        log.info("LoRA adapter %r loaded", name)
+        return self.PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_lora_adapter(self, request: Any) -> Any:
+        """vLLM's ``POST /v1/unload_lora_adapter``: adapter ``lora_name`` no longer served (400 while requests use
+        it; 404 for a name not loaded)."""
+        try:
+            name = self.adapters.unload_body(parse_body(await self.body_bytes(request)))
+            await asyncio.wrap_future(self.service.call(lambda engine: engine.unload_lora(name)))
+        except APIError as exc:
+            return self.error(exc)
+        except (ValueError, TypeError, ServiceClosedError) as exc:
+            return self.error(APIError(str(exc), "lora_name"))
+        if name in self.adapters.names:
+            self.adapters.names.remove(name)
+        log.info("LoRA adapter %r unloaded", name)
+        return self.PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     async def completions(self, request: Any) -> Any:
         return await self._generate(request, chat=False)
@@ -443,6 +482,7 @@ class _Handlers:
             prompt_logprobs=parsed.logprobs if parsed.echo else None,
             grammar=grammar,
             speculative_decoding=parsed.speculative_decoding,
+            lora=self.adapters.lora_of(parsed.model),
         )
         prompts, limits, samplings, choices = [], [], [], []
         for i, prompt in enumerate(ids):
@@ -718,6 +758,8 @@ class _Handlers:
             done = results.result()
         except ServiceError as exc:
             return self.error(_engine_failed(exc))
+        except (ValueError, TypeError) as exc:  # the engine ended a request it had taken (its adapter unreadable)
+            return self.error(_refusal(exc, chat))
         generated = sum(r.completion_tokens for r, c in zip(done, choices, strict=True) if c.generates)
         usage = usage_body(submitted.prompt_tokens, generated, _cached([r.num_cached_tokens for r in done], parsed.n))
         answers: list[Choice] = []
@@ -791,6 +833,8 @@ class _Handlers:
                     yield _sse(choice_chunk(COMPLETION_CHUNK, rid, parsed.model, created, None, {}, None, usage))
         except ServiceError as exc:
             yield _sse(error_body(_engine_failed(exc)))
+        except (ValueError, TypeError) as exc:  # the engine ended a request it had taken (its adapter unreadable)
+            yield _sse(error_body(_refusal(exc, chat)))
         except (GeneratorExit, asyncio.CancelledError):  # the client hung up
             log.info("a client hung up during its stream %s; its %d requests were cancelled", rid, len(streams))
             raise
@@ -979,6 +1023,7 @@ _SAMPLING_FIELDS = {f.name: f.name for f in fields(SamplingParams)} | {
     "prompt_logprobs": "echo",
     "grammar": "response_format",
     "response_format": "response_format",  # an engine's matcher refusing the grammar (fi_engine.text.grammar)
+    "lora": "model",  # the request's adapter (its model): unloaded meanwhile, or its folder unreadable
 }
 
 
@@ -1116,6 +1161,8 @@ def build_app(
     max_request_bytes: int = MAX_REQUEST_BYTES,
     body_timeout_s: float = BODY_TIMEOUT_S,
     grammar_timeout_s: float = GRAMMAR_TIMEOUT_S,
+    lora_modules: Sequence[str] | None = None,
+    allow_runtime_lora_updating: bool | None = None,
 ) -> Any:
     """The server's Starlette application.
 
@@ -1137,6 +1184,12 @@ def build_app(
         body_timeout_s: the most seconds between two parts of a request's body, else 408 (:data:`BODY_TIMEOUT_S`).
         grammar_timeout_s: the most seconds a request's grammar may take to compile, else 400
             (:data:`GRAMMAR_TIMEOUT_S`).
+        lora_modules: the names of the LoRA adapters the engine serves from the start (``[]``: none yet); a
+            request whose ``model`` is one is served with it, and ``/v1/models`` lists them with the base model as
+            ``parent`` (:mod:`fi_engine.serve.lora_api`). None (default): the engine serves no adapters.
+        allow_runtime_lora_updating: open ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (the
+            engine's ``load_lora`` / ``unload_lora``); None (default): where ``FI_ENGINE_ALLOW_RUNTIME_LORA_UPDATING``
+            is ``1`` or ``true``. Closed, they answer 404 naming the variable.
     """
     applications = _require("starlette.applications")
     from starlette.exceptions import HTTPException
@@ -1147,6 +1200,11 @@ def build_app(
         raise ValueError(f"model_names: expected a non-empty name or list of names, got {model_names!r:.80}")
     if not isinstance(service, GenerationService):
         raise TypeError(f"service: expected a fi_engine.serve.service.GenerationService, got {type(service).__name__}")
+    if allow_runtime_lora_updating is None:
+        allow_runtime_lora_updating = runtime_lora_allowed()
+    elif not isinstance(allow_runtime_lora_updating, bool):
+        what = show(allow_runtime_lora_updating)
+        raise TypeError(f"allow_runtime_lora_updating: expected True, False or None (the environment's), got {what}")
     h = _Handlers(
         service,
         names,
@@ -1155,6 +1213,7 @@ def build_app(
         check_max_request_bytes(max_request_bytes),
         _seconds("body_timeout_s", body_timeout_s),
         _seconds("grammar_timeout_s", grammar_timeout_s),
+        ServedAdapters(lora_modules, names, allow_runtime_lora_updating),
     )
     key, origins = check_api_key(api_key), check_origins(allowed_origins)
 
@@ -1182,6 +1241,8 @@ def build_app(
         Route("/v1/models/{model:path}", h.retrieve_model, methods=["GET"]),
         Route("/v1/completions", h.completions, methods=["POST"]),
         Route("/v1/chat/completions", h.chat_completions, methods=["POST"]),
+        Route("/v1/load_lora_adapter", h.load_lora_adapter, methods=["POST"]),
+        Route("/v1/unload_lora_adapter", h.unload_lora_adapter, methods=["POST"]),
     ]
     from starlette.middleware import Middleware
     from starlette.middleware.cors import CORSMiddleware
@@ -1375,10 +1436,13 @@ def serve(
     api_key: str | None = None,
     allowed_origins: Sequence[str] = ("*",),
     max_request_bytes: int = MAX_REQUEST_BYTES,
+    lora_modules: Sequence[str] | None = None,
+    allow_runtime_lora_updating: bool | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM: uvicorn on ``host:port`` (:func:`uvicorn_config`) with :func:`build_app`
-    (``api_key``, ``allowed_origins``, ``max_request_bytes``: its arguments); on the signal, stop taking
-    connections, give open responses ``graceful_s`` seconds, then close the service (cancelling what is left)."""
+    (``api_key``, ``allowed_origins``, ``max_request_bytes``, ``lora_modules``, ``allow_runtime_lora_updating``: its
+    arguments); on the signal, stop taking connections, give open responses ``graceful_s`` seconds, then close the
+    service (cancelling what is left)."""
     app = build_app(
         service,
         model_names,
@@ -1388,6 +1452,8 @@ def serve(
         api_key=api_key,
         allowed_origins=allowed_origins,
         max_request_bytes=max_request_bytes,
+        lora_modules=lora_modules,
+        allow_runtime_lora_updating=allow_runtime_lora_updating,
     )
     uvicorn = _require("uvicorn")
     sys.setswitchinterval(SWITCH_INTERVAL_S)

@@ -30,6 +30,7 @@ the rest and joins the thread.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import threading
 import time
@@ -452,6 +453,7 @@ class GenerationService:
         self._wakeup = threading.Condition(self._lock)
         self._inbox: list[_Submission] = []
         self._cancels: list[RequestStream] = []
+        self._calls: list[tuple[Callable[[Any], Any], concurrent.futures.Future[Any]]] = []  # call()'s, in order
         self._unfinished = 0  # accepted and not ended (inbox, engine queue, running)
         self._closing = False
         self._close_deadline: float | None = None
@@ -590,6 +592,23 @@ class GenerationService:
         self._wake_step()
         return streams
 
+    def call(self, fn: Callable[[Any], Any]) -> concurrent.futures.Future[Any]:
+        """Run ``fn(engine)`` in the engine thread between two steps (the engine is that thread's alone): a change of
+        what it serves, such as ``engine.load_lora(name, path)``. Returns at once a future of its result or its
+        exception (``asyncio.wrap_future`` awaits it); :class:`ServiceClosedError` in it once the service is
+        closed or broken. TypeError naming ``fn`` for anything but a callable."""
+        if not callable(fn):
+            raise TypeError(f"fn: expected a callable taking the engine, got {type(fn).__name__}")
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._wakeup:
+            if self._closing or self.error is not None:
+                future.set_exception(ServiceClosedError(self._closed_reason()))
+                return future
+            self._calls.append((fn, future))
+            self._wakeup.notify()
+        self._wake_step()
+        return future
+
     def close(self, timeout: float = 30.0) -> None:
         """Take no more requests; let the unfinished ones run for up to ``timeout`` seconds, then cancel what is
         left (those streams end with ``"abort"``) and join the engine thread. Idempotent."""
@@ -696,11 +715,21 @@ class GenerationService:
         """One turn of the loop: take new work, run one step, deliver; False when the thread should end."""
         engine = self.engine
         with self._wakeup:
-            while not self._inbox and not self._cancels and not engine.has_unfinished and not self._closing:
+            while (
+                not self._inbox and not self._cancels and not self._calls and not engine.has_unfinished
+                and not self._closing
+            ):  # fmt: skip
                 self._wakeup.wait()
             inbox, self._inbox = self._inbox, []
             cancels, self._cancels = self._cancels, []
+            calls, self._calls = self._calls, []
             closing, deadline = self._closing, self._close_deadline
+        for fn, future in calls:  # before the new requests: one naming an adapter just loaded finds it
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(engine))
+                except Exception as exc:  # the caller's to read (a refused adapter, ...)
+                    future.set_exception(exc)
         self._add(inbox)
         for stream in cancels:
             self._abort(stream, "abort")
@@ -885,6 +914,10 @@ class GenerationService:
             self.error = exc
             pending = [sub.stream for sub in self._inbox] + list(self._live.values())
             self._inbox.clear()
+            calls, self._calls = self._calls, []
+            for _, future in calls:
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(ServiceClosedError(self._closed_reason()))
             self._live.clear()
             if self._shared_queue is not None:
                 self._shared_queue.remove(self._unfinished)

@@ -90,6 +90,10 @@ def test_serve_checks_the_text_side_then_stops_at_the_missing_gpu(model: Path) -
         ("--allowed-origins", "[nope", "expected a JSON list of origins"),
         ("--max-request-bytes", "100", "expected a number of bytes >= 1024, got 100"),
         ("--max-request-bytes", "32MiB", "expected a number of bytes >= 1024, got '32MiB'"),
+        ("--lora-modules", "sql", "expected NAME=PATH (an adapter's name and its PEFT folder), got 'sql'"),
+        ("--lora-modules", "a b=/x", "NAME: expected 1 to 128 printable characters without spaces"),
+        ("--max-loras", "0", "expected a positive integer, got 0"),
+        ("--max-lora-rank", "r16", "expected a positive integer, got 'r16'"),
     ],
 )
 def test_serve_bad_values_are_usage_errors(model: Path, flag: str, value: str, message: str) -> None:
@@ -137,6 +141,19 @@ def test_serve_help_shows_a_query() -> None:
         (["--host", "nowhere.invalid"], "--host 'nowhere.invalid': cannot be resolved"),
         (["--served-model-name", ""], "--served-model-name: expected a non-empty name, got ''"),
         (["--served-model-name", "a", "--served-model-name", " "], "--served-model-name: expected a non-empty"),
+        (["--max-loras", "2"], "--max-loras: serves LoRA adapters; add --enable-lora"),
+        (["--lora-modules", "a=/x"], "--lora-modules: serves LoRA adapters; add --enable-lora"),
+        (["--enable-lora", "--max-lora-rank", "1024"], "--max-lora-rank: expected an int in [1, 512], got 1024"),
+        (["--enable-lora", "--max-loras", "4", "--max-cpu-loras", "2"], "--max-cpu-loras: expected an int in [4, "),
+        (["--enable-lora", "--lora-modules", "a=/x", "a=/y"], "--lora-modules[1]: the name 'a' is given twice"),
+        (
+            ["--enable-lora", "--served-model-name", "m", "--lora-modules", "m=/x"],
+            "--lora-modules m=...: 'm' is the base model's served name; rename the adapter",
+        ),
+        (
+            ["--enable-lora", "--api-servers", "2"],
+            "--enable-lora: adapters are served by one API server; drop --api-servers 2",
+        ),
     ],
 )
 def test_serve_values_are_refused_before_the_gpu(model: Path, args: list[str], message: str) -> None:
@@ -150,6 +167,14 @@ def test_serve_sizes_beyond_int32_show_the_value(model: Path) -> None:
     done = engine_cli("serve", str(model), "--max-batch", "1000000000000")
     assert done.returncode == 2
     assert "argument --max-batch: expected a positive integer below 2**31, got 1000000000000" in done.stderr
+
+
+@NO_GPU
+def test_serve_with_adapters_stops_at_the_missing_gpu(model: Path, tmp_path: Path) -> None:
+    done = engine_cli("serve", str(model), "--port", "0", "--enable-lora", "--lora-modules", f"sql={tmp_path}",
+                      "--max-loras", "2", "--max-lora-rank", "64", "--max-cpu-loras", "4")  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("fi-engine serve: the engine needs an NVIDIA GPU"), done.stderr
 
 
 @NO_GPU
