@@ -36,6 +36,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,12 @@ def expected_tokens(
         if token in eos:
             break
     return out
+
+
+def lora_seed(name: str) -> int:
+    """The seed a request of LoRA adapter ``name`` adds to its own in :class:`FakeStepEngine` (so that each adapter
+    generates other tokens than the base model and the other adapters: :func:`expected_tokens` with it)."""
+    return sum(map(ord, name)) * 101
 
 
 def rule_token(prompt: Sequence[int], k: int, pool: Sequence[int], seed: int = 0) -> int:
@@ -302,6 +309,11 @@ class FakeStepEngine:
             :attr:`prefix_caching` says which.
         draft: ``(draft tokens, accepted)`` that every output after a request's first reports verified, as a
             speculating engine's do (its tokens do not change).
+        adapters: the LoRA adapters it serves by name (None: none, as an engine opened without ``lora``): a request
+            of one generates with its seed plus :func:`lora_seed`; :meth:`load_lora` adds one whose folder holds an
+            ``adapter_config.json`` (nothing else is read), :meth:`unload_lora` removes one no request uses.
+        broken_adapters: adapters a request of which ends at its admission (``"abort"``, a ValueError saying the
+            adapter could not be read again), as the GPU engine's does when an adapter's folder is gone.
         tokenizer: the checkpoint's :class:`~fi_engine.text.tokenizer.Tokenizer`, for requests with a ``grammar``
             (its matcher's tokenizer, :attr:`grammar_tokenizer`, is made on the first unless a server set it, as it
             sets the GPU engine's; its EOS ids: ``eos_token_ids``).
@@ -323,6 +335,8 @@ class FakeStepEngine:
         prefix_cache_page: int | None = None,
         tokenizer: Any = None,
         draft: tuple[int, int] | None = None,
+        adapters: Sequence[str] | None = None,
+        broken_adapters: Sequence[str] = (),
     ) -> None:
         self.vocab_size = vocab_size
         self.pool = list(pool) if pool is not None else list(range(vocab_size))
@@ -336,6 +350,10 @@ class FakeStepEngine:
         self.refuses = frozenset(refuses)
         self.prefix_cache_page = prefix_cache_page
         self.draft = draft
+        # LoRA: the adapters served (None: none; load_lora / unload_lora change them), and those a request of which
+        # ends at its admission, as the GPU engine's does when an adapter's folder is gone (broken: a test's to set)
+        self.lora_names: list[str] | None = None if adapters is None else list(adapters)
+        self.broken_adapters: set[str] = set(broken_adapters)
         self.cached: set[tuple[int, ...]] = set()  # the page-aligned token prefixes whose K/V were computed
         self.tokenizer = tokenizer
         self.grammar_tokenizer: GrammarTokenizer | None = None
@@ -391,6 +409,9 @@ class FakeStepEngine:
             for token, _ in sampling.logit_bias:
                 if token >= self.vocab_size:
                     raise ValueError(f"logit_bias: token id {token} is outside the vocabulary [0, {self.vocab_size})")
+        lora = None if sampling is None else sampling.lora
+        if lora is not None and lora not in (self.lora_names or ()):
+            raise ValueError(f"lora: no adapter named {lora!r} is loaded (loaded: {self.lora_names})")
         eos = self.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids)
         rid = self._next_rid
         self._next_rid += 1
@@ -400,7 +421,8 @@ class FakeStepEngine:
             self.grammar_tokenizer = GrammarTokenizer(self.tokenizer, self.eos_token_ids)
         matcher = _matcher(self.grammar_tokenizer, sampling)
         script = self.scripts.get(tuple(prompt))
-        self._queue.append(FakeRequest(rid, prompt, max_new_tokens, _seed(sampling), eos, script, sampling, matcher))
+        seed = _seed(sampling) + (0 if lora is None else lora_seed(lora))
+        self._queue.append(FakeRequest(rid, prompt, max_new_tokens, seed, eos, script, sampling, matcher))
         self.added.append((rid, tuple(prompt), max_new_tokens, sampling))
         return rid
 
@@ -430,6 +452,11 @@ class FakeStepEngine:
         self._aborted_pending.clear()
         while self._queue and len(self._active) < self.max_batch:
             request = self._queue.popleft()
+            lora = None if request.sampling is None else request.sampling.lora
+            if lora in self.broken_adapters:
+                gone = ValueError(f"lora: the adapter {lora!r} could not be read again from its folder")
+                outputs.append(StepOutput(request.rid, (), "abort", gone))
+                continue
             self._active[request.rid] = request
         self.most_active = max(self.most_active, len(self._active))
         page = self.prefix_cache_page
@@ -465,6 +492,27 @@ class FakeStepEngine:
     @property
     def has_unfinished(self) -> bool:
         return bool(self._queue or self._active or self._aborted_pending)
+
+    def load_lora(self, name: str, path: str) -> None:
+        self._called()
+        if self.lora_names is None:
+            raise ValueError("lora: this engine serves no LoRA adapters; open it with lora={...} (LoraSettings)")
+        if name in self.lora_names:
+            raise ValueError(f"lora_name: an adapter named {name!r} is loaded already; unload it first")
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise ValueError("adapter_config.json: missing from the adapter folder")
+        self.lora_names.append(name)
+
+    def unload_lora(self, name: str) -> None:
+        self._called()
+        if name not in (self.lora_names or ()):
+            raise ValueError(f"lora_name: no adapter named {name!r} is loaded")
+        requests = (*self._queue, *self._active.values())
+        using = [r for r in requests if r.sampling is not None and r.sampling.lora == name]
+        if using:
+            raise ValueError(f"lora_name: {name!r} is in use by {len(using)} request(s); unload it once they finish")
+        assert self.lora_names is not None
+        self.lora_names.remove(name)
 
     @property
     def prefix_caching(self) -> bool:

@@ -2274,6 +2274,10 @@ EXEMPT: dict[str, str] = {
     "unload refusals (a name taken, unknown or in use) in engine/test_lora_manager.py",
     "lora.manager.LoraStats": "the counters a LoraManager keeps and counts up; no argument to check",
     "lora.device.DeviceSlots": _GPU,
+    "serve.lora_api.ServedAdapters": "made by build_app from its checked lora_modules and model names (the server's "
+    "own part); its refusals and the endpoints' bodies in engine/test_openai_lora.py",
+    "serve.lora_api.runtime_lora_allowed": "reads one environment variable (its mapping argument is the tests'); its "
+    "values in engine/test_openai_lora.py",
     # compiles its kernels with CuPy in the constructor; its dtype check runs before that (engine/test_lora_slots.py)
     "kernels.lora_bgmv.LoraBgmv": _GPU,
     **dict.fromkeys(
