@@ -72,6 +72,8 @@ class SlotLayout:
 
     @classmethod
     def of(cls, base: BaseShapes, rank: int) -> SlotLayout:
+        """The layout of ``base``'s projection groups (those it has every part of, in :data:`GROUPS`' order) at slot
+        rank ``rank``."""
         groups = []
         for i, (name, modules) in enumerate(GROUPS):
             if all(m in base.shapes for m in modules):
@@ -80,7 +82,14 @@ class SlotLayout:
         return cls(tuple(groups), base.num_layers, rank)
 
     def group(self, name: str) -> Group:
-        return next(g for g in self.groups if g.name == name)
+        """The group named ``name`` (``"qkv"``, ``"o"``, ``"gate_up"``, ``"down"``); ValueError naming ``name`` for
+        one the base model lacks."""
+        found = [g for g in self.groups if g.name == name]
+        if not found:
+            raise ValueError(
+                f"name: {name!r:.40} is no projection group of this base ({[g.name for g in self.groups]})"
+            )
+        return found[0]
 
     def a_shape(self, g: Group) -> tuple[int, int, int]:
         """One slot's ``A`` of group ``g``: ``[layers, parts * rank, k]``."""

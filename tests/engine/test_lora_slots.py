@@ -79,6 +79,8 @@ def test_the_layout_stacks_each_groups_parts() -> None:
     assert layout.t_width == 24
     moe = SlotLayout.of(BaseShapes(2, "bfloat16", {m: SHAPES[m] for m in ("q_proj", "k_proj", "v_proj", "o_proj")}), 8)
     assert [g.name for g in moe.groups] == ["qkv", "o"]
+    with pytest.raises(ValueError, match=r"^name: 'down' is no projection group of this base \(\['qkv', 'o'\]\)"):
+        moe.group("down")
     assert layout.slot_bytes() == 2 * sum(np.prod(layout.a_shape(g)) + np.prod(layout.bt_shape(g))
                                           for g in layout.groups)  # fmt: skip
 
