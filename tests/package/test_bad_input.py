@@ -1476,6 +1476,12 @@ def _release_one(slot: int) -> None:
 
 
 _ADDRESS = 1 << 40  # fake device addresses, aligned for every kernel argument
+LORA_LAUNCHES = {
+    "shrink_args": dict(rows=3, x=_ADDRESS, x_ld=64, slots=2 * _ADDRESS, scale=3 * _ADDRESS, targets=4 * _ADDRESS,
+                        bit=1, a=5 * _ADDRESS, a_slot=2 * 48 * 64, width=48, k=64, t=6 * _ADDRESS, t_ld=48),
+    "expand_args": dict(rows=3, t=_ADDRESS, t_ld=48, tw=48, slots=2 * _ADDRESS, targets=3 * _ADDRESS, bit=1,
+                        bt=4 * _ADDRESS, b_slot=2 * 16 * 96, rank=16, n=96, n0=64, n1=80, y=5 * _ADDRESS, y_ld=96),
+}  # fmt: skip
 LORA_ENTRIES: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     "lora.adapter.read_adapter": lambda: [
         (
@@ -1543,54 +1549,13 @@ LORA_ENTRIES: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         ),
     ],
-    "kernels.lora_bgmv.shrink_args": lambda: [
-        (
-            "shrink_args",
-            Entry(
-                lora_bgmv.shrink_args,
-                lambda: dict(
-                    rows=3,
-                    x=_ADDRESS,
-                    x_ld=64,
-                    slots=2 * _ADDRESS,
-                    scale=3 * _ADDRESS,
-                    targets=4 * _ADDRESS,
-                    bit=1,
-                    a=5 * _ADDRESS,
-                    a_slot=2 * 48 * 64,
-                    width=48,
-                    k=64,
-                    t=6 * _ADDRESS,
-                    t_ld=48,
-                ),
-            ),
-        )
-    ],
-    "kernels.lora_bgmv.expand_args": lambda: [
-        (
-            "expand_args",
-            Entry(
-                lora_bgmv.expand_args,
-                lambda: dict(
-                    rows=3,
-                    t=_ADDRESS,
-                    t_ld=48,
-                    tw=48,
-                    slots=2 * _ADDRESS,
-                    targets=3 * _ADDRESS,
-                    bit=1,
-                    bt=4 * _ADDRESS,
-                    b_slot=2 * 16 * 96,
-                    rank=16,
-                    n=96,
-                    n0=64,
-                    n1=80,
-                    y=5 * _ADDRESS,
-                    y_ld=96,
-                ),
-            ),
-        )
-    ],
+    # the kernels' argument packers: one valid launch each, over fake aligned addresses
+    **{
+        f"kernels.lora_bgmv.{name}": lambda name=name: [
+            (name, Entry(getattr(lora_bgmv, name), lambda: dict(LORA_LAUNCHES[name])))
+        ]
+        for name in ("shrink_args", "expand_args")
+    },
 }
 
 ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
@@ -2680,21 +2645,8 @@ ENTRY_KINDS: dict[str, tuple[tuple[Any, ...], tuple[Any, ...]]] = {
         ),
         ((), [], {}, [("a", "/nonexistent")], {"a": "/p", "b": "/q"}),
     ),
-    "row_counts": (
-        (
-            "x",
-            {},
-            5,
-            1.5,
-            NAN,
-            [0.0, 1.5],
-            ["0", "1"],
-            [True, False],
-            [0, HUGE],
-            [1, -1, 1],
-            np.array(["0", "1"]),
-            np.zeros(3, np.float32),
-        ),
+    "row_counts": (  # a host index array's refusals, and a negative count; None: one row each
+        (*host_array_values(host([2, 0, 3]), True)[0], [1, -1, 1]),
         (None, [2, 0, 3], np.zeros(3, np.int64), host([1, 1]), host([2**31 - 1, 0, 0]), host([2, 0, 3]).reshape(1, 3)),
     ),
     # a checkpoint directory for readers that do not read config.json (a broken one is no concern of theirs)
