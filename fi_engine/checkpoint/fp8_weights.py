@@ -209,5 +209,5 @@ def upload_fp8_linear(dense: Any, matrix: Fp8Matrix, upload: Any) -> int:
     w = upload(matrix.weight)
     s = upload(matrix.scales)
     n, k = matrix.weight.shape
-    dense.add_fp8_weight(int(w.data.ptr), n, k, int(s.data.ptr), matrix.block)
+    dense.quantized.add_fp8_weight(int(w.data.ptr), n, k, int(s.data.ptr), matrix.block)
     return int(w.data.ptr)

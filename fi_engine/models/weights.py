@@ -109,7 +109,7 @@ class WeightLoader:
         (:meth:`~fi_engine.kernels.dense.Dense.add_int4_weight`) where every part is int4 and the GEMV takes the
         stack's shape and its GPU; otherwise each part is read as :meth:`linear` reads it (dequantized) and the
         stack uploaded in the 16-bit type. ``interleave``: two int4 parts (gate and up) stored interleaved by 8
-        rows where their rows allow, for the GEMV's SiLU form (``Dense.prepared_int4_silu``)."""
+        rows where their rows allow, for the GEMV's SiLU form (``QuantizedWeights.prepared_int4_silu``)."""
         from ..layers.tensor_parallel import columns, rows
 
         stored = None
@@ -180,7 +180,9 @@ class WeightLoader:
         w, r = self.upload(weights), self.upload(records)
         n, k = matrix.codes.shape
         try:
-            dense.add_int4_weight(int(w.data.ptr), n, k, int(r.data.ptr), matrix.group_size, interleaved=pairs)
+            dense.quantized.add_int4_weight(
+                int(w.data.ptr), n, k, int(r.data.ptr), matrix.group_size, interleaved=pairs
+            )
         except RuntimeError:  # a GPU the GEMV cannot run on
             self.keep.remove(w)
             self.keep.remove(r)

@@ -1,4 +1,4 @@
-"""``Dense.linear`` on e4m3 weights (``Dense.add_fp8_weight``, :mod:`fi_engine.kernels.fp8_linear`), on a GPU
+"""``Dense.linear`` on e4m3 weights (``QuantizedWeights.add_fp8_weight``, :mod:`fi_engine.kernels.fp8_linear`), on a GPU
 (FI_FFI_RUN_GPU_TESTS=1; CuPy; torch only to decode e4m3, independently of the engine's integer decoding).
 
 Against the float32 reference ``y = x @ (e4m3(w) * scale).T`` computed in numpy (float64 sums of the float32
@@ -7,22 +7,22 @@ products), per-row and 128x128-block scales, bfloat16 and float16 activations, 1
 - the GEMV (1 to 8 rows, the prepared launch too): float32 sums of exact products, so per output ``|y - ref| <=
   sum_c |x_c w_c| * 2**-20 + |ref| * ulp_out`` (2**-20: float32 rounding over k <= 4096 terms with room; ulp_out
   2**-8 bfloat16, 2**-11 float16, 0 for float32 out);
-- more rows (16 and 40) with the W8A16 path (``Dense.fp8_w8a8`` off): each weight dequantized to the 16-bit type
-  first (one rounding, relative ``ulp_w`` = 2**-8 bfloat16 / 2**-11 float16), then the 16-bit GEMM: ``|y - ref| <=
+- more rows (16 and 40) with the W8A16 path (``QuantizedWeights.fp8_w8a8`` off): each weight dequantized to the 16-bit
+  type first (one rounding, relative ``ulp_w`` = 2**-8 bfloat16 / 2**-11 float16), then the 16-bit GEMM: ``|y - ref| <=
   sum_c |x_c w_c| * (ulp_w + 2**-20) + |ref| * ulp_out``;
-- 1 to 200 rows with the W8A8 path (the default above ``Dense.fp8_gemv_max_rows`` rows, which the test sets to 0:
-  activations quantized to e4m3 per row, or per row and 128 columns for 128x128-block weights, then cuBLASLt's FP8
-  GEMM; multiples of 4 rows served whole by it): against the same product computed in numpy on the activations
-  quantized exactly as the engine specifies (amax, scale = amax / 448, RNE e4m3 of x * (448 / amax) in float32),
-  ``|y - ref_q| <= sum_c |xq_c w_c| * 2**-12 + |ref_q| * ulp_out`` (2**-12: Hopper's FP8 tensor cores keep fewer
-  bits than float32 between cuBLASLt's promotions to float32); rows cuBLASLt does not take (the last few of a count
-  it refuses, or all of at most 8 rows) go through the FP8 GEMV and meet the GEMV's bound instead;
-- the fused decode step's GEMVs over e4m3 weights (``Dense.fused_linear`` with a norm, add-norm or SiLU
+- 1 to 200 rows with the W8A8 path (the default above ``QuantizedWeights.fp8_gemv_max_rows`` rows, which the test sets
+  to 0: activations quantized to e4m3 per row, or per row and 128 columns for 128x128-block weights, then cuBLASLt's FP8
+  GEMM; multiples of 4 rows served whole by it): against the same product computed in numpy on the activations quantized
+  exactly as the engine specifies (amax, scale = amax / 448, RNE e4m3 of x * (448 / amax) in float32), ``|y - ref_q| <=
+  sum_c |xq_c w_c| * 2**-12 + |ref_q| * ulp_out`` (2**-12: Hopper's FP8 tensor cores keep fewer bits than float32
+  between cuBLASLt's promotions to float32); rows cuBLASLt does not take (the last few of a count it refuses, or all of
+  at most 8 rows) go through the FP8 GEMV and meet the GEMV's bound instead;
+- the fused decode step's GEMVs over e4m3 weights (``FusedGemvs.linear`` with a norm, add-norm or SiLU
   prologue): their output against the plain FP8 GEMV applied to the prologue's rows (which the 16-bit fused
   kernel yields exactly through an identity weight), within 2**-20 of the magnitude sum (the same sums in the same
   order; only the module's flush-to-zero of tiny products may differ), and the new residual bit for bit;
-- the FP8 decode step's GEMVs with an epilogue (``Dense.prepared_fp8_silu``: SiLU of the gate and up outputs;
-  ``Dense.prepared_fp8_qkv_rope``: RoPE and the KV append) against the widening FP8 GEMV then FlashInfer's
+- the FP8 decode step's GEMVs with an epilogue (``QuantizedWeights.prepared_fp8_silu``: SiLU of the gate and up outputs;
+  ``QuantizedWeights.prepared_fp8_qkv_rope``: RoPE and the KV append) against the widening FP8 GEMV then FlashInfer's
   ``silu_and_mul`` / ``apply_rope_pos_ids`` and ``append_paged_kv_cache``: bit for bit, 1 to 4 rows;
 - the tensor-core GEMV (from 3 rows by default) against the widening one at every row count 1-8;
 - the one-row widening GEMV and its SiLU form (``gemv8_one_row``: each block walks several groups of columns when
@@ -367,9 +367,9 @@ def _descriptor(buf: cp.ndarray, shape: tuple[int, ...], ab: int, strides: tuple
 @pytest.mark.parametrize("block", [None, (128, 128)], ids=["row", "block"])
 @pytest.mark.parametrize("ab", [CUDA_R_16BF, CUDA_R_16F], ids=["bf16", "f16"])
 def test_fp8_silu_epilogue_is_the_fp8_gemv_then_silu_and_mul(monkeypatch, dense, block, ab, tc_rows) -> None:  # type: ignore[no-untyped-def]
-    """``Dense.prepared_fp8_silu`` (the gate/up GEMV of the FP8 decode step with SiLU as its epilogue), 1 to 4 rows,
-    against the launches it replaces: the FP8 GEMV into ``[rows, 2 m]``, then FlashInfer's ``silu_and_mul``. Bit for
-    bit: the epilogue's sums are the GEMV's (the widening one, or on tensor cores from ``tensor_core_rows`` rows in
+    """``QuantizedWeights.prepared_fp8_silu`` (the gate/up GEMV of the FP8 decode step with SiLU as its epilogue), 1 to
+    4 rows, against the launches it replaces: the FP8 GEMV into ``[rows, 2 m]``, then FlashInfer's ``silu_and_mul``. Bit
+    for bit: the epilogue's sums are the GEMV's (the widening one, or on tensor cores from ``tensor_core_rows`` rows in
     both), rounded as its output, then FlashInfer's arithmetic. A last odd pair of columns (m = 201: a partial tile of
     the tensor-core form too) and a partial chunk of k."""
     from fi_engine.kernels import flashinfer as kernels
@@ -406,11 +406,11 @@ def test_fp8_silu_epilogue_is_the_fp8_gemv_then_silu_and_mul(monkeypatch, dense,
 def test_fp8_rope_epilogue_is_the_fp8_gemv_then_rope_and_append(  # type: ignore[no-untyped-def]
     monkeypatch, dense, block, llama3, tc_rows, one_row_blocks
 ) -> None:
-    """``Dense.prepared_fp8_qkv_rope`` (the QKV GEMV of the FP8 decode step with FlashInfer's RoPE, plain or Llama
-    3.1, and the KV append as its epilogue), bfloat16, head dim 128, 1 to 4 rows at positions up to 300 on shuffled
-    pages, against the FP8 GEMV into qkv (the widening one, or on tensor cores from ``tensor_core_rows`` rows in both:
-    the epilogue shares its sums), then ``apply_rope_pos_ids`` in place and ``append_paged_kv_cache`` through fi_ffi:
-    qkv and both caches bit for bit. One row with a block per pair and with fewer blocks than pairs (each walks
+    """``QuantizedWeights.prepared_fp8_qkv_rope`` (the QKV GEMV of the FP8 decode step with FlashInfer's RoPE, plain or
+    Llama 3.1, and the KV append as its epilogue), bfloat16, head dim 128, 1 to 4 rows at positions up to 300 on
+    shuffled pages, against the FP8 GEMV into qkv (the widening one, or on tensor cores from ``tensor_core_rows`` rows
+    in both: the epilogue shares its sums), then ``apply_rope_pos_ids`` in place and ``append_paged_kv_cache`` through
+    fi_ffi: qkv and both caches bit for bit. One row with a block per pair and with fewer blocks than pairs (each walks
     several: ``Fp8Linears.one_row_blocks_per_sm`` 1)."""
     from helpers.decode_pages import decode_page_table, rope_append, rope_config
 

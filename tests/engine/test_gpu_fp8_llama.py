@@ -6,17 +6,17 @@ A random bfloat16 Llama (transformers' own classes: 2 layers, hidden 1024, 16 qu
 **float32** on exactly the dequantized weights the checkpoint stands for; transformers in bfloat16 on the same
 weights (rounded to bfloat16) gives the yardstick of bfloat16 arithmetic's own error:
 
-- prefill logits, W8A16 (``Dense.fp8_w8a8`` off: 16-bit activations, weights exact in float32): max |engine -
+- prefill logits, W8A16 (``QuantizedWeights.fp8_w8a8`` off: 16-bit activations, weights exact in float32): max |engine -
   reference| <= 1.5 x transformers-bfloat16's max |error| on the same prompts;
 - prefill logits, W8A8 (the default for steps of more than 8 rows: activations rounded to e4m3 per row or per 128
   columns before cuBLASLt's FP8 GEMM): <= 16 x transformers-bfloat16's error -- e4m3 keeps 3 mantissa bits where
   bfloat16 keeps 7, so each GEMM input is rounded 16x coarser (the bound the FP8 KV cache's check uses too);
 - greedy decoding, eager and as a CUDA graph, 4 rows and 1 (prefill of more rows: W8A8 unless said), with the fused
-  decode step over FP8 weights as the engine runs it (``Dense.fp8_epilogues``: SiLU and RoPE with the KV append in
-  the GEMVs' epilogues), as separate launches, and with the norms as the GEMVs' prologues (``Dense.fp8_fused``),
-  W8A16 throughout, and W8A8 throughout (``Dense.fp8_gemv_max_rows`` 0: the decode steps through the FP8 GEMM
-  too): every token the reference's argmax or within ``LOGIT_TOL["bfloat16"]`` of it (x 16 where W8A8 served, as
-  above) under teacher forcing, and eager and graph agree up to the first near tie;
+  decode step over FP8 weights as the engine runs it (``QuantizedWeights.fp8_epilogues``: SiLU and RoPE with the KV
+  append in the GEMVs' epilogues), as separate launches, and with the norms as the GEMVs' prologues
+  (``QuantizedWeights.fp8_fused``), W8A16 throughout, and W8A8 throughout (``QuantizedWeights.fp8_gemv_max_rows`` 0: the
+  decode steps through the FP8 GEMM too): every token the reference's argmax or within ``LOGIT_TOL["bfloat16"]`` of it
+  (x 16 where W8A8 served, as above) under teacher forcing, and eager and graph agree up to the first near tie;
 - one row, the epilogue step against the separate launches: the same tokens, and every step's logits within 1e-3 of
   their largest magnitude (the epilogues repeat the separate kernels' arithmetic on the same GEMV sums; only the LM
   head's sums may run in another order), the bitwise share printed; also with an e4m3 KV cache and for a Qwen3

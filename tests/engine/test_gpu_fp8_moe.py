@@ -11,12 +11,12 @@ given the FP8 checkpoint is compared with the same engine given that bfloat16 co
 - DeepSeek-V3: every projection is dequantized at load, so both load the same bits and run the same kernels:
   prefill logits **bit-equal** (tolerance 0), and greedy decoding (4 rows, eager, and as the decode CUDA graph with
   its device routing) gives the same tokens step for step;
-- Qwen3-MoE: the experts stay e4m3, read as stored by the FP8 grouped GEMV at decode (steps of up to ``max_batch``
-  rows) and through their 16-bit copy (the same bits as the copy checkpoint's) for prefill; the attention projections
-  stay e4m3 and run the FP8 path (``Dense.fp8_w8a8`` off here: W8A16, the weights exact). The scales are written as
-  powers of two, so every dequantized weight is exact in bfloat16 and the two models hold the same weight values; what
-  differs is only the arithmetic's order (the FP8 GEMVs against the 16-bit GEMVs or cuBLAS for up to 8 rows; the FP8
-  weight dequantized into a scratch matrix for the 16-bit GEMM above). Tolerance: every prefill logit within
+- Qwen3-MoE: the experts stay e4m3, read as stored by the FP8 grouped GEMV at decode (steps of up to ``max_batch`` rows)
+  and through their 16-bit copy (the same bits as the copy checkpoint's) for prefill; the attention projections stay
+  e4m3 and run the FP8 path (``QuantizedWeights.fp8_w8a8`` off here: W8A16, the weights exact). The scales are written
+  as powers of two, so every dequantized weight is exact in bfloat16 and the two models hold the same weight values;
+  what differs is only the arithmetic's order (the FP8 GEMVs against the 16-bit GEMVs or cuBLAS for up to 8 rows; the
+  FP8 weight dequantized into a scratch matrix for the 16-bit GEMM above). Tolerance: every prefill logit within
   ``LOGIT_TOL["bfloat16"]`` (0.08, bfloat16 arithmetic's own error against float32 on logits of this spread) of the
   copy's, the bitwise share printed; greedy tokens (4 rows, eager and as the decode CUDA graph) each within that
   tolerance of the best logit of the copy's prefill over the same sequence (teacher forcing: a near tie either may

@@ -1,5 +1,5 @@
 """The engine's fused decode step (``ModelRunner.fused``, :mod:`fi_engine.runtime.worker.fused_decode`) and its GEMV
-variants (``Dense.fused_linear``), on a GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy only, no torch or transformers).
+variants (``FusedGemvs.linear``), on a GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy only, no torch or transformers).
 
 1. Each variant (RMSNorm prologue, add + RMSNorm prologue with the new residual written out, SiLU-gated input) for
    float16 / bfloat16 in, 16-bit / float32 out, 1 to 4 rows, k = 576 (one pass of FlashInfer's norm block) and
@@ -15,7 +15,7 @@ variants (``Dense.fused_linear``), on a GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy only, 
    - the new residual ``h_out`` equals ``round(h + x)`` exactly.
 2. The QKV GEMV with FlashInfer's RoPE (plain and Llama 3.1) and KV append as its epilogue: q, k, v and both
    caches equal to the separate launches' bit for bit.
-   The gate/up GEMV with SiLU-and-mul as its epilogue (``Dense.prepared_gate_up_silu``) and the plain down GEMV
+   The gate/up GEMV with SiLU-and-mul as its epilogue (``FusedGemvs.prepared_gate_up_silu``) and the plain down GEMV
    after it: equal bit for bit to the fused GEMV into both halves and the down GEMV with the SiLU prologue; its
    activation within one 16-bit ulp of FlashInfer's ``silu_and_mul``.
 3. The engine: greedy decoding of four prompts (1 to 4 rows: every step fused) with ``fused_decode`` on and off on
@@ -162,7 +162,7 @@ def test_fused_gemv_variants_match_float32_and_the_separate_launches(dense, dtyp
 @pytest.mark.parametrize("llama3", [False, True], ids=["rope", "llama31"])
 @pytest.mark.parametrize(("dtype", "d"), [("float16", 64), ("bfloat16", 128)])
 def test_qkv_gemv_with_rope_and_append_equals_the_separate_launches(dense, dtype, d, llama3):
-    """Dense.prepared_qkv_rope (NORM and ADD_NORM prologues, 1 to 4 rows at positions up to 300) against the
+    """FusedGemvs.prepared_qkv_rope (NORM and ADD_NORM prologues, 1 to 4 rows at positions up to 300) against the
     launches it replaces: the fused GEMV into qkv, then FlashInfer's apply_rope_pos_ids (or the Llama 3.1 form)
     in place and append_paged_kv_cache through fi_ffi. qkv (rotated q and k, plain v) and both caches must be
     equal bit for bit (the epilogue repeats FlashInfer's arithmetic), and the rest of the caches untouched."""
@@ -227,7 +227,7 @@ def test_qkv_gemv_with_rope_and_append_equals_the_separate_launches(dense, dtype
 @pytest.mark.parametrize("k", [576, 4096])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_gate_up_gemv_with_silu_equals_the_silu_prologue(dense, dtype, k):
-    """Dense.prepared_gate_up_silu (NORM and ADD_NORM prologues, 1 to 4 rows, m = 1000 gate and up rows: the down
+    """FusedGemvs.prepared_gate_up_silu (NORM and ADD_NORM prologues, 1 to 4 rows, m = 1000 gate and up rows: the down
     GEMV's k, a multiple of 8) then the plain GEMV of a down weight over its output, against the path it replaces: the
     fused GEMV into [rows, 2 m], then the fused GEMV whose SiLU prologue makes silu(g) * u in each block. The down
     outputs and the new residual must be equal bit for bit (the epilogue computes the activation as the prologue

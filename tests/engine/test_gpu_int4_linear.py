@@ -1,5 +1,5 @@
-"""``Dense.linear`` on int4 weights (``Dense.add_int4_weight``, :mod:`fi_engine.kernels.int4_linear`), on a GPU
-(FI_FFI_RUN_GPU_TESTS=1; CuPy; torch only to round to and from the 16-bit types).
+"""``Dense.linear`` on int4 weights (``QuantizedWeights.add_int4_weight``, :mod:`fi_engine.kernels.int4_linear`), on a
+GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy; torch only to round to and from the 16-bit types).
 
 Random int4 matrices (codes 0..15, zeros 0..16, float16 scales) in the GEMV's layout
 (:meth:`~fi_engine.checkpoint.int4_weights.Int4Matrix.gemv_layout`), against the float32 reference ``y = x @ W.T``
@@ -200,7 +200,7 @@ def test_bad_calls_name_the_argument(dense) -> None:
 def test_gate_and_up_interleaved_come_out_in_order_and_the_silu_form_is_silu_and_mul(dense, ab: int) -> None:
     """A gate/up weight stored interleaved by 8 rows (``Int4Matrix.interleaved``, ``add_int4_weight(...,
     interleaved=True)``): the GEMV (1 to 32 rows) and the dequantizing path (40 rows) give the bits of the same
-    weights stacked in order, and ``Dense.prepared_int4_silu`` gives ``silu(g) * u`` of those rounded outputs
+    weights stacked in order, and ``QuantizedWeights.prepared_int4_silu`` gives ``silu(g) * u`` of those rounded outputs
     within one 16-bit ulp of numpy's float32 ``g / (1 + exp(-g)) * u`` (the kernel's ``__expf`` and fast division
     against numpy's)."""
     half, k = 256, 512
