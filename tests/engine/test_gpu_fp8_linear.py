@@ -47,8 +47,9 @@ if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
 cp = pytest.importorskip("cupy", reason="the engine needs CuPy")
 torch = require_torch()  # the e4m3 reference decodes through torch.float8_e4m3fn
 
-from fi_engine.kernels.dense import ADD_NORM, CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, NORM, SILU, Dense  # noqa: E402
+from fi_engine.kernels.dense import CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, Dense  # noqa: E402
 from fi_engine.kernels.fp8_linear import FP8_GEMV_MAX_ROWS  # noqa: E402
+from fi_engine.kernels.fused_args import ADD_NORM, NORM, SILU  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -97,12 +98,12 @@ def random_weight(rng: np.random.Generator, n: int, k: int, block: tuple[int, in
 @pytest.mark.parametrize("ab", [CUDA_R_16BF, CUDA_R_16F], ids=["bf16", "f16"])
 @pytest.mark.parametrize("out_f32", [False, True], ids=["out16", "out32"])
 def test_fp8_linear_against_float32(dense, block, ab, out_f32) -> None:  # type: ignore[no-untyped-def]
-    dense.fp8_w8a8 = False  # the W8A16 path for every row count (the W8A8 one: the next test)
+    dense.quantized.fp8_w8a8 = False  # the W8A16 path for every row count (the W8A8 one: the next test)
     rng = np.random.default_rng(7)
     n, k = 392, 1088  # n and k not multiples of 128: partial blocks on both axes
     bits, scales, w = random_weight(rng, n, k, block)
     dw, ds = cp.asarray(bits), cp.asarray(scales)
-    dense.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
+    dense.quantized.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
     c = CUDA_R_32F if out_f32 else ab
     for rows in (1, 2, 3, 4, 5, 8, 16, 40):
         x = rng.standard_normal((rows, k)).astype(np.float32)
@@ -147,12 +148,12 @@ def quantize_rows(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("ab", [CUDA_R_16BF, CUDA_R_16F], ids=["bf16", "f16"])
 @pytest.mark.parametrize("out_f32", [False, True], ids=["out16", "out32"])
 def test_fp8_tensor_core_gemm_against_the_quantized_product(dense, block, ab, out_f32) -> None:  # type: ignore[no-untyped-def]
-    dense.fp8_gemv_max_rows = 0  # the FP8 GEMM for few rows too, where cuBLASLt takes them (else the GEMV)
+    dense.quantized.fp8_gemv_max_rows = 0  # the FP8 GEMM for few rows too, where cuBLASLt takes them (else the GEMV)
     rng = np.random.default_rng(9)
     n, k = 640, 1152  # multiples of 128 (cuBLASLt's block scales); 9 scale columns: the padded copy
     bits, scales, w = random_weight(rng, n, k, block)
     dw, ds = cp.asarray(bits), cp.asarray(scales)
-    dense.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
+    dense.quantized.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
     c = CUDA_R_32F if out_f32 else ab
     w64 = w.astype(np.float64)
     for rows in (1, 4, 6, 8, 9, 16, 20, 37, 64, 200):
@@ -172,7 +173,9 @@ def test_fp8_tensor_core_gemm_against_the_quantized_product(dense, block, ab, ou
         tensor_core = (np.abs(got - ref_q) <= bound_q).all(axis=1)
         gemv = (np.abs(got - ref) <= bound).all(axis=1)
         print(f"rows={rows} block={block}: {int(tensor_core.sum())} rows the W8A8 product, {int(gemv.sum())} the W8A16")
-        print("  w8a8 plans:", [bool(p) for p in dense._fp8._w8a8_plans.values()], dense._fp8.w8a8_error)
+        print(
+            "  w8a8 plans:", [bool(p) for p in dense.quantized.fp8._w8a8_plans.values()], dense.quantized.fp8.w8a8_error
+        )
         assert (tensor_core | gemv).all(), f"rows={rows}: rows {np.nonzero(~(tensor_core | gemv))[0]} match neither"
         if rows % 4 == 0:  # cuBLASLt serves these counts whole (measured): no row left to the GEMV
             assert tensor_core.all(), f"rows={rows}: the FP8 tensor-core GEMM did not serve every row"
@@ -194,12 +197,12 @@ def test_fp8_tensor_core_gemm_against_the_quantized_product(dense, block, ab, ou
 @pytest.mark.parametrize("mode", [NORM, ADD_NORM, SILU], ids=["norm", "addnorm", "silu"])
 @pytest.mark.parametrize("block", [None, (128, 128)], ids=["row", "block"])
 def test_fused_fp8_gemv_is_its_prologue_then_the_fp8_gemv(dense, mode, block) -> None:  # type: ignore[no-untyped-def]
-    dense.fp8_gemv_max_rows = FP8_GEMV_MAX_ROWS  # the reference: the plain FP8 GEMV for each row count
+    dense.quantized.fp8_gemv_max_rows = FP8_GEMV_MAX_ROWS  # the reference: the plain FP8 GEMV for each row count
     rng = np.random.default_rng(11)
     n, k, ab = 392, 1024, CUDA_R_16BF
     bits, scales, w = random_weight(rng, n, k, block)
     dw, ds = cp.asarray(bits), cp.asarray(scales)
-    dense.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
+    dense.quantized.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
     eye = to16(np.eye(k, dtype=np.float32), ab)  # in @ I.T = in, exactly (one product per sum)
     for rows in (1, 2, 3, 4):
         xw = 2 * k if mode == SILU else k
@@ -210,7 +213,7 @@ def test_fused_fp8_gemv_is_its_prologue_then_the_fp8_gemv(dense, mode, block) ->
         for name, weight, width in (("in", eye, k), ("fp8", dw, n)):
             y = cp.zeros((rows, width), cp.int16)
             h_out = cp.zeros((rows, k), cp.int16)
-            dense.fused_linear(
+            dense.fused.linear(
                 mode, rows, x.data.ptr, xw, weight.data.ptr, width, k, y.data.ptr, width, ab, ab,
                 h.data.ptr, k, nw.data.ptr, h_out.data.ptr if mode == ADD_NORM else 0, 1e-5,
             )  # fmt: skip
@@ -241,13 +244,13 @@ def test_tensor_core_gemv_against_the_widening_one(monkeypatch, dense, block, ab
     n, k = 200, 1040  # a partial tile of 16 columns, a partial chunk of 128
     bits, scales, w = random_weight(rng, n, k, block)
     dw, ds = cp.asarray(bits), cp.asarray(scales)
-    dense.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
+    dense.quantized.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
     for rows in range(1, 9):
         x = to16(rng.standard_normal((rows, k)).astype(np.float32), ab)
         outs = []
         for tc_rows in (1, 9):
             monkeypatch.setattr(Fp8Linears, "tensor_core_rows", tc_rows)
-            dense._fp8._packed.clear()  # packed call sites keep the kernel they were packed with
+            dense.quantized.fp8._packed.clear()  # packed call sites keep the kernel they were packed with
             y = cp.zeros((rows, n), cp.float32)
             dense.linear(rows, x.data.ptr, k, dw.data.ptr, n, k, y.data.ptr, n, ab, CUDA_R_32F)
             cp.cuda.get_current_stream().synchronize()
@@ -266,14 +269,14 @@ def test_every_e4m3_code_decodes_exactly(dense, rows) -> None:  # type: ignore[n
     """One-hot rows of x pick single weights: y[r, j] = e4m3(w[j, c]) * 1 exactly (float32 out; the dequantized
     path rounds to bfloat16, which holds every e4m3 value), for the 254 codes that are not NaN, subnormals
     included."""
-    dense.fp8_w8a8 = False  # the W8A16 path (the W8A8 one rounds the activations' scale 1 / 448)
+    dense.quantized.fp8_w8a8 = False  # the W8A16 path (the W8A8 one rounds the activations' scale 1 / 448)
     codes = np.array([c for c in range(256) if c & 0x7F != 0x7F], np.uint8)  # 254
     n, k = 32, 256
     bits = np.zeros((n, k), np.uint8)
     for j in range(n):
         bits[j, : codes.size] = np.roll(codes, 7 * j)
     dw, ds = cp.asarray(bits), cp.ones(n, cp.float32)
-    dense.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, None)
+    dense.quantized.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, None)
     want = e4m3_values(bits)
     for first in range(0, codes.size, rows):
         x = np.zeros((rows, k), np.float32)
@@ -293,7 +296,7 @@ def test_bad_fp8_calls_name_the_argument(dense) -> None:  # type: ignore[no-unty
     scales = cp.ones(64, cp.float32)
     x = cp.zeros((1, 256), cp.int16)
     y = cp.zeros((1, 64), cp.int16)
-    dense.add_fp8_weight(bits.data.ptr, 64, 256, scales.data.ptr, None)
+    dense.quantized.add_fp8_weight(bits.data.ptr, 64, 256, scales.data.ptr, None)
     with pytest.raises(ValueError, match="n, k"):
         dense.linear(1, x.data.ptr, 256, bits.data.ptr, 32, 256, y.data.ptr, 64, CUDA_R_16BF, CUDA_R_16BF)
     with pytest.raises(ValueError, match="ab_type, c_type"):
@@ -307,7 +310,7 @@ def test_bad_fp8_calls_name_the_argument(dense) -> None:  # type: ignore[no-unty
         ((bits.data.ptr, 0, 256, scales.data.ptr, None), "n"),
     ):
         with pytest.raises(ValueError, match=f"^{name}:"):
-            dense.add_fp8_weight(*args)
+            dense.quantized.add_fp8_weight(*args)
 
 
 @pytest.mark.parametrize("block", [None, (128, 128)], ids=["row", "block"])
@@ -327,10 +330,10 @@ def test_one_row_gemv_walking_its_groups_gives_the_same_bits(monkeypatch, dense,
     m = n // 2  # the SiLU form's pairs (gate row o, up row o + m): 396 groups
     bits, scales, _ = random_weight(rng, n, k, block)
     dw, ds = cp.asarray(bits), cp.asarray(scales)
-    dense.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
+    dense.quantized.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
     bits2, scales2, _ = random_weight(rng, 2 * m, k, block)
     dg, dgs = cp.asarray(bits2), cp.asarray(scales2)
-    dense.add_fp8_weight(dg.data.ptr, 2 * m, k, dgs.data.ptr, block)
+    dense.quantized.add_fp8_weight(dg.data.ptr, 2 * m, k, dgs.data.ptr, block)
     x = to16(rng.standard_normal((1, k)).astype(np.float32), ab)
     x2 = cp.concatenate([x, x])
     stream = cp.cuda.get_current_stream()
@@ -339,11 +342,11 @@ def test_one_row_gemv_walking_its_groups_gives_the_same_bits(monkeypatch, dense,
         monkeypatch.setattr(Fp8Linears, "one_row_blocks_per_sm", per_sm)
         y, act = cp.zeros((1, n), cp.int16), cp.zeros((1, m), cp.int16)
         dense.prepared_linear(1, x.data.ptr, k, dw.data.ptr, n, k, y.data.ptr, n, ab, ab)()
-        dense.prepared_fp8_silu(1, x.data.ptr, k, dg.data.ptr, k, act.data.ptr, m, ab)()
+        dense.quantized.prepared_fp8_silu(1, x.data.ptr, k, dg.data.ptr, k, act.data.ptr, m, ab)()
         outs[per_sm] = (y, act)
     y2, act2 = cp.zeros((2, n), cp.int16), cp.zeros((2, m), cp.int16)
     dense.prepared_linear(2, x2.data.ptr, k, dw.data.ptr, n, k, y2.data.ptr, n, ab, ab)()
-    dense.prepared_fp8_silu(2, x2.data.ptr, k, dg.data.ptr, k, act2.data.ptr, m, ab)()
+    dense.quantized.prepared_fp8_silu(2, x2.data.ptr, k, dg.data.ptr, k, act2.data.ptr, m, ab)()
     stream.synchronize()
     y, act = outs[1]
     assert np.isfinite(from16(y, ab)).all() and np.abs(from16(y, ab)).max() > 0, "no product"
@@ -380,7 +383,7 @@ def test_fp8_silu_epilogue_is_the_fp8_gemv_then_silu_and_mul(monkeypatch, dense,
     m, k = 201, 1040
     bits, scales, _ = random_weight(rng, 2 * m, k, block)
     dw, ds = cp.asarray(bits), cp.asarray(scales)
-    dense.add_fp8_weight(dw.data.ptr, 2 * m, k, ds.data.ptr, block)
+    dense.quantized.add_fp8_weight(dw.data.ptr, 2 * m, k, ds.data.ptr, block)
     stream = cp.cuda.get_current_stream()
     for rows in (1, 2, 3, 4):
         x = to16(rng.standard_normal((rows, k)).astype(np.float32), ab)
@@ -391,7 +394,7 @@ def test_fp8_silu_epilogue_is_the_fp8_gemv_then_silu_and_mul(monkeypatch, dense,
         padded[:, 0, :m], padded[:, 1, :m] = gu[:, :m], gu[:, m:]
         kernels.silu_and_mul(_descriptor(padded, (rows, 416), ab), _descriptor(want, (rows, 208), ab), stream.ptr)
         want = want[:, :m]
-        dense.prepared_fp8_silu(rows, x.data.ptr, k, dw.data.ptr, k, got.data.ptr, m + 1, ab)()
+        dense.quantized.prepared_fp8_silu(rows, x.data.ptr, k, dw.data.ptr, k, got.data.ptr, m + 1, ab)()
         stream.synchronize()
         a, b = from16(got[:, :m], ab), from16(want, ab)
         assert np.isfinite(b).all() and np.abs(b).max() > 0, f"rows={rows}: no product"
@@ -424,7 +427,7 @@ def test_fp8_rope_epilogue_is_the_fp8_gemv_then_rope_and_append(  # type: ignore
     n = (hq + 2 * hk) * d
     bits, scales, _ = random_weight(rng, n, k, block)
     dw, ds = cp.asarray(bits), cp.asarray(scales)
-    dense.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
+    dense.quantized.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
     rope = rope_config(llama3)
     stream = cp.cuda.get_current_stream()
     for rows in (1, 2, 3, 4):
@@ -435,7 +438,9 @@ def test_fp8_rope_epilogue_is_the_fp8_gemv_then_rope_and_append(  # type: ignore
         qkv = {f: cp.zeros((rows, n), cp.int16) for f in ("fused", "sep")}
         kv = caches["fused"]
         epilogue = rope_append(meta, rope, hq, hk, d, kv, pages)
-        dense.prepared_fp8_qkv_rope(rows, x.data.ptr, k, dw.data.ptr, k, qkv["fused"].data.ptr, n, ab, epilogue)()
+        dense.quantized.prepared_fp8_qkv_rope(
+            rows, x.data.ptr, k, dw.data.ptr, k, qkv["fused"].data.ptr, n, ab, epilogue
+        )()
         y = qkv["sep"]
         dense.linear(rows, x.data.ptr, k, dw.data.ptr, n, k, y.data.ptr, n, ab, ab)
         q_v = _descriptor(y, (rows, hq, d), ab, (n, d, 1))
@@ -462,15 +467,15 @@ def test_fp8_epilogue_gemvs_refuse_bad_calls(dense) -> None:  # type: ignore[no-
     """``prepared_fp8_silu`` / ``prepared_fp8_qkv_rope``: a weight not registered as FP8, an odd gate/up row count,
     more than 4 rows, a misaligned x, y over x, a shape unlike the registration, a head dim the RoPE does not serve:
     ValueError naming the argument, nothing launched."""
-    from fi_engine.kernels.dense import RopeAppend
+    from fi_engine.kernels.fused_args import RopeAppend
 
     k = 256
     gate_up, odd, w16 = cp.zeros((64, k), cp.uint8), cp.zeros((63, k), cp.uint8), cp.zeros((64, k), cp.int16)
     scales = cp.ones(64, cp.float32)
     x, y = cp.zeros((4, 2 * k), cp.int16), cp.zeros((4, 64), cp.int16)
-    dense.add_fp8_weight(gate_up.data.ptr, 64, k, scales.data.ptr, None)
-    dense.add_fp8_weight(odd.data.ptr, 63, k, scales.data.ptr, None)
-    silu = dense.prepared_fp8_silu
+    dense.quantized.add_fp8_weight(gate_up.data.ptr, 64, k, scales.data.ptr, None)
+    dense.quantized.add_fp8_weight(odd.data.ptr, 63, k, scales.data.ptr, None)
+    silu = dense.quantized.prepared_fp8_silu
     good = (1, x.data.ptr, k, gate_up.data.ptr, k, y.data.ptr, 32, CUDA_R_16BF)
     for args, name in (
         ((1, x.data.ptr, k, w16.data.ptr, k, y.data.ptr, 32, CUDA_R_16BF), "w"),
@@ -494,7 +499,7 @@ def test_fp8_epilogue_gemvs_refuse_bad_calls(dense) -> None:  # type: ignore[no-
         num_pages=4, stride_page=16 * 96, stride_n=96, stride_h=96,
     )  # fmt: skip
     with pytest.raises(ValueError, match="^rope.d:"):
-        dense.prepared_fp8_qkv_rope(1, x.data.ptr, k, gate_up.data.ptr, k, y.data.ptr, 64, CUDA_R_16BF, rope)
+        dense.quantized.prepared_fp8_qkv_rope(1, x.data.ptr, k, gate_up.data.ptr, k, y.data.ptr, 64, CUDA_R_16BF, rope)
     with pytest.raises(TypeError, match="^rope:"):
-        dense.prepared_fp8_qkv_rope(1, x.data.ptr, k, gate_up.data.ptr, k, y.data.ptr, 64, CUDA_R_16BF, None)
+        dense.quantized.prepared_fp8_qkv_rope(1, x.data.ptr, k, gate_up.data.ptr, k, y.data.ptr, 64, CUDA_R_16BF, None)
     cp.cuda.get_current_stream().synchronize()

@@ -72,15 +72,15 @@ def fp8_variant(request, bf16_model, tmp_path_factory):  # type: ignore[no-untyp
 
 @pytest.mark.parametrize("w8a8", [False, True], ids=["w8a16", "w8a8"])
 def test_prefill_logits_within_transformers_bfloat16s_own_error(fp8_variant, w8a8, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from fi_engine.kernels.dense import Dense
+    from fi_engine.kernels.quantized_weights import QuantizedWeights
 
-    monkeypatch.setattr(Dense, "fp8_w8a8", w8a8)
-    monkeypatch.setattr(Dense, "fp8_w8a8_blocks", w8a8)  # block scales too
+    monkeypatch.setattr(QuantizedWeights, "fp8_w8a8", w8a8)
+    monkeypatch.setattr(QuantizedWeights, "fp8_w8a8_blocks", w8a8)  # block scales too
     factor = 16.0 if w8a8 else 1.5
     path, ref, bf16 = fp8_variant
     ps = prompts((1, 7, 16, 33, 50), VOCAB)
     with LlamaEngine(path, max_batch=4, page_size=16) as engine:
-        assert engine.runner.dense.serves_fp8
+        assert engine.runner.dense.quantized.serves_fp8
         got = engine.prefill_logits(ps)
     ours = theirs = 0.0
     for p, g in zip(ps, got, strict=True):
@@ -97,15 +97,15 @@ def test_prefill_logits_within_transformers_bfloat16s_own_error(fp8_variant, w8a
     ids=["epilogues", "separate", "prologues", "w8a8"],
 )
 def test_greedy_decode_eager_and_graph_match_the_reference(fp8_variant, step, w8a8, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from fi_engine.kernels.dense import Dense
+    from fi_engine.kernels.quantized_weights import QuantizedWeights
 
-    monkeypatch.setattr(Dense, "fp8_fused", step == "prologues")
-    monkeypatch.setattr(Dense, "fp8_epilogues", step == "epilogues")
+    monkeypatch.setattr(QuantizedWeights, "fp8_fused", step == "prologues")
+    monkeypatch.setattr(QuantizedWeights, "fp8_epilogues", step == "epilogues")
     fused = step != "separate"
-    monkeypatch.setattr(Dense, "fp8_w8a8", w8a8)
-    monkeypatch.setattr(Dense, "fp8_w8a8_blocks", w8a8)
+    monkeypatch.setattr(QuantizedWeights, "fp8_w8a8", w8a8)
+    monkeypatch.setattr(QuantizedWeights, "fp8_w8a8_blocks", w8a8)
     if w8a8:  # the decode steps of 4 rows and 1 row through the FP8 GEMM too (eager and captured)
-        monkeypatch.setattr(Dense, "fp8_gemv_max_rows", 0)
+        monkeypatch.setattr(QuantizedWeights, "fp8_gemv_max_rows", 0)
     tol = TOL * (16 if w8a8 else 1)
     path, ref, _ = fp8_variant
     for lens, new in (((5, 16, 29, 50), [17, 12, 17, 9]), ((11,), [24])):  # 4 rows; 1 row (the fused graph step)
@@ -125,12 +125,12 @@ def compare_epilogue_step(path, monkeypatch, lens=(11,), **engine_kw) -> None:  
     """Greedy decode (prompts of ``lens`` tokens) with the FP8 epilogue step and with the separate launches: the same
     tokens, and every step's logits within 1e-3 of their largest magnitude (only the LM head may sum in another
     order: the fused GEMV against the separate path's GEMV or cuBLASLt); the bitwise share printed."""
-    from fi_engine.kernels.dense import Dense
+    from fi_engine.kernels.quantized_weights import QuantizedWeights
 
     ps = prompts(lens, VOCAB)
     runs = {}
     for epilogues in (True, False):
-        monkeypatch.setattr(Dense, "fp8_epilogues", epilogues)
+        monkeypatch.setattr(QuantizedWeights, "fp8_epilogues", epilogues)
         with LlamaEngine(path, max_batch=len(ps), page_size=16, **engine_kw) as engine:
             assert engine.runner.fuses(len(ps)) == epilogues
             original, logits = engine.sampler.pick, []

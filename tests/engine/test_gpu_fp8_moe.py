@@ -64,10 +64,10 @@ def _models(models_modules: list[str]) -> None:
 @pytest.fixture(autouse=True)
 def _w8a16(monkeypatch: pytest.MonkeyPatch) -> None:
     """The FP8 projections with 16-bit activations (the weights exact; W8A8 would round every activation to e4m3)."""
-    from fi_engine.kernels.dense import Dense
+    from fi_engine.kernels.quantized_weights import QuantizedWeights
 
-    monkeypatch.setattr(Dense, "fp8_w8a8", False)
-    monkeypatch.setattr(Dense, "fp8_w8a8_blocks", False)
+    monkeypatch.setattr(QuantizedWeights, "fp8_w8a8", False)
+    monkeypatch.setattr(QuantizedWeights, "fp8_w8a8_blocks", False)
 
 
 def _checkpoints(root, save, layout):  # type: ignore[no-untyped-def]
@@ -103,7 +103,7 @@ def test_qwen3_moe_prefill_logits_match_the_dequantized_copy(qwen3_moe) -> None:
     with LlamaEngine(fp8, max_batch=4, page_size=16) as engine:
         scheme = engine.runner.model_config.fp8
         assert scheme is not None and scheme.stored_experts and not scheme.dequantized
-        assert engine.runner.dense.serves_fp8  # the attention projections stay e4m3
+        assert engine.runner.dense.quantized.serves_fp8  # the attention projections stay e4m3
         assert all(layer.fp8_experts is not None for layer in engine.runner.moe_layers)  # and the experts
         got = engine.prefill_logits(prompts(PROMPTS, VOCAB))
     want = _prefill(LlamaEngine, copy)
@@ -141,7 +141,7 @@ def test_deepseek_v3_prefill_logits_equal_the_dequantized_copys(deepseek_v3) -> 
     with DeepSeekEngine(fp8, max_batch=4, page_size=16) as engine:
         scheme = engine.deepseek_config.fp8
         assert scheme is not None and scheme.dequantized == "every projection"
-        assert not engine.runner.dense.serves_fp8  # every projection was dequantized at load
+        assert not engine.runner.dense.quantized.serves_fp8  # every projection was dequantized at load
         got = engine.prefill_logits(prompts(PROMPTS, VOCAB))
     want = _prefill(DeepSeekEngine, copy)
     for n, g, w in zip(PROMPTS, got, want, strict=True):

@@ -49,7 +49,8 @@ from helpers.random_llama import save_random_llama as make_checkpoint  # noqa: E
 from helpers.yardstick import LOGIT_TOL  # noqa: E402
 
 from fi_engine.kernels import flashinfer as kernels  # noqa: E402
-from fi_engine.kernels.dense import ADD_NORM, CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, NORM, SILU, Dense  # noqa: E402
+from fi_engine.kernels.dense import CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, Dense  # noqa: E402
+from fi_engine.kernels.fused_args import ADD_NORM, NORM, SILU  # noqa: E402
 from fi_engine.models.llama import LlamaEngine  # noqa: E402
 from fi_engine.runtime.worker.model_runner import ModelRunner  # noqa: E402
 
@@ -110,7 +111,7 @@ def separate_launches(d, stream, mode, rows, dtype, k, hd, xd, nwd, ab, out):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_fused_gemv_variants_match_float32_and_the_separate_launches(dense, dtype, out32, k):
     d, stream = dense
-    assert d.gemv and d.fused_fits(4, k), d.gemv_error
+    assert d.gemv and d.fused.fits(4, k), d.gemv_error
     rng = np.random.default_rng(k + out32)
     n = 1001  # a last block with idle warps
     ab = CUDA_R_16F if dtype == "float16" else CUDA_R_16BF
@@ -129,7 +130,7 @@ def test_fused_gemv_variants_match_float32_and_the_separate_launches(dense, dtyp
             y = cp.zeros((rows, n), np.float32 if out32 else h16.dtype)
             h_out.fill(0)
             x_ld = 2 * k
-            d.fused_linear(
+            d.fused.linear(
                 mode, rows, xd.data.ptr, x_ld, wd.data.ptr, n, k, y.data.ptr, n, ab, c_type,
                 hd.data.ptr, k, nwd.data.ptr, h_out.data.ptr if mode == ADD_NORM else 0, EPS,
             )  # fmt: skip
@@ -289,16 +290,16 @@ def test_gemv_and_fused_gemv_refuse_bad_pointers(dense):
         d.linear(1, x.data.ptr, k, w.data.ptr, n, k, y32.data.ptr + 2, n, CUDA_R_16F, CUDA_R_32F)
     args = (x.data.ptr, k, w.data.ptr, n, k, y16.data.ptr, n, CUDA_R_16F, CUDA_R_16F)
     with pytest.raises(ValueError, match="^h: "):
-        d.fused_linear(NORM, 1, *args, h.data.ptr + 2, k, nw.data.ptr, 0, EPS)
+        d.fused.linear(NORM, 1, *args, h.data.ptr + 2, k, nw.data.ptr, 0, EPS)
     with pytest.raises(ValueError, match="^norm_weight: "):
-        d.fused_linear(NORM, 1, *args, h.data.ptr, k, nw.data.ptr + 8, 0, EPS)
+        d.fused.linear(NORM, 1, *args, h.data.ptr, k, nw.data.ptr + 8, 0, EPS)
     with pytest.raises(ValueError, match="^h_out: "):
-        d.fused_linear(ADD_NORM, 1, *args, h.data.ptr, k, nw.data.ptr, h.data.ptr, EPS)
+        d.fused.linear(ADD_NORM, 1, *args, h.data.ptr, k, nw.data.ptr, h.data.ptr, EPS)
     with pytest.raises(ValueError, match="^y: "):
-        d.fused_linear(ADD_NORM, 1, *args[:5], h.data.ptr, n, *args[7:], h.data.ptr, k, nw.data.ptr, h2.data.ptr, EPS)
+        d.fused.linear(ADD_NORM, 1, *args[:5], h.data.ptr, n, *args[7:], h.data.ptr, k, nw.data.ptr, h2.data.ptr, EPS)
     with pytest.raises(ValueError, match="^rows, k: "):
-        d.fused_linear(NORM, 5, *args, h.data.ptr, k, nw.data.ptr, 0, EPS)
-    d.fused_linear(ADD_NORM, 1, *args, h.data.ptr, k, nw.data.ptr, h2.data.ptr, EPS)  # the same call, good pointers
+        d.fused.linear(NORM, 5, *args, h.data.ptr, k, nw.data.ptr, 0, EPS)
+    d.fused.linear(ADD_NORM, 1, *args, h.data.ptr, k, nw.data.ptr, h2.data.ptr, EPS)  # the same call, good pointers
     stream.synchronize()
 
 
