@@ -175,7 +175,7 @@ def test_qkv_gemv_with_rope_and_append_equals_the_separate_launches(dense, dtype
     hq, hk, k, ps, pages = 4, 2, 512, 16, 40  # 28 pages in use at most
     n = (hq + 2 * hk) * d
     ab = CUDA_R_16F if dtype == "float16" else CUDA_R_16BF
-    assert d_.has_qkv_rope(ab, d)
+    assert d_.fused.has_qkv_rope(ab, d)
     rope = rope_config(llama3)
     h16 = to16(rng.standard_normal((4, k)).astype(np.float32), dtype)
     x16 = to16(rng.standard_normal((4, k)).astype(np.float32), dtype)
@@ -194,11 +194,11 @@ def test_qkv_gemv_with_rope_and_append_equals_the_separate_launches(dense, dtype
             kv = caches["fused"]
             epilogue = rope_append(meta, rope, hq, hk, d, kv, pages)
             args = (rows, xd.data.ptr, k, wd.data.ptr, k, qkv["fused"].data.ptr, n, ab, hd.data.ptr, k, nwd.data.ptr)
-            call = d_.prepared_qkv_rope(mode, *args, h_out.data.ptr if mode == ADD_NORM else 0, EPS, epilogue)
+            call = d_.fused.prepared_qkv_rope(mode, *args, h_out.data.ptr if mode == ADD_NORM else 0, EPS, epilogue)
             call()
             # the separate launches: fused GEMV, RoPE in place, append
             y = qkv["sep"]
-            d_.fused_linear(
+            d_.fused.linear(
                 mode, rows, xd.data.ptr, k, wd.data.ptr, n, k, y.data.ptr, n, ab, ab, hd.data.ptr, k, nwd.data.ptr,
                 h_out.data.ptr if mode == ADD_NORM else 0, EPS,
             )  # fmt: skip
@@ -241,7 +241,7 @@ def test_gate_up_gemv_with_silu_equals_the_silu_prologue(dense, dtype, k):
     m, n_down = 1000, 520
     ab = CUDA_R_16F if dtype == "float16" else CUDA_R_16BF
     ulp = 2.0**-10 if dtype == "float16" else 2.0**-7
-    assert d_.has_gate_up_silu(ab)
+    assert d_.fused.has_gate_up_silu(ab)
     h16 = to16(rng.standard_normal((4, k)).astype(np.float32), dtype)
     x16 = to16(rng.standard_normal((4, k)).astype(np.float32), dtype)
     nw16 = to16(1 + 0.2 * rng.standard_normal(k).astype(np.float32), dtype)
@@ -257,13 +257,13 @@ def test_gate_up_gemv_with_silu_equals_the_silu_prologue(dense, dtype, k):
             h_out, h_out_old = cp.zeros((4, k), h16.dtype), cp.zeros((4, k), h16.dtype)
             cp.cuda.Device().synchronize()
             args = (rows, xd.data.ptr, k, wd.data.ptr, 2 * m, k, act.data.ptr, m, ab, hd.data.ptr, k, nwd.data.ptr)
-            d_.prepared_gate_up_silu(mode, *args, h_out.data.ptr if mode == ADD_NORM else 0, EPS)()
+            d_.fused.prepared_gate_up_silu(mode, *args, h_out.data.ptr if mode == ADD_NORM else 0, EPS)()
             d_.linear(rows, act.data.ptr, m, wdd.data.ptr, n_down, m, y.data.ptr, n_down, ab, ab)
-            d_.fused_linear(
+            d_.fused.linear(
                 mode, rows, xd.data.ptr, k, wd.data.ptr, 2 * m, k, gu.data.ptr, 2 * m, ab, ab, hd.data.ptr, k,
                 nwd.data.ptr, h_out_old.data.ptr if mode == ADD_NORM else 0, EPS,
             )  # fmt: skip
-            d_.fused_linear(SILU, rows, gu.data.ptr, 2 * m, wdd.data.ptr, n_down, m, y_old.data.ptr, n_down, ab, ab)
+            d_.fused.linear(SILU, rows, gu.data.ptr, 2 * m, wdd.data.ptr, n_down, m, y_old.data.ptr, n_down, ab, ab)
             kernels.silu_and_mul(desc(gu, (rows, 2 * m)), desc(act_fi, (rows, m)), stream.ptr)
             stream.synchronize()
             what = f"{dtype} k={k} mode {mode} rows {rows}"
