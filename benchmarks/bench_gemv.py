@@ -1,15 +1,15 @@
 # ruff: noqa: B023  (each loop iteration captures its closures into CUDA graphs before the next one rebinds them)
-"""The decode GEMMs of an 8B-shaped Llama at HBM bandwidth: for each weight shape (QKV, O, gate/up, down, LM head)
-and row count, the engine's GEMV kernel (``fi_engine.kernels.dense.Dense.linear`` with the GEMV on), the fused GEMV with
-a norm / add-norm / SiLU prologue (``Dense.fused_linear``), cuBLASLt (the GEMV off), the same shape with e4m3 weights
-(``--fp8``: ``Dense.add_fp8_weight``; per-row and 128x128-block scales: the FP8 GEMV up to 8 rows, dequantize + GEMM
-beyond) and with int4 weights (``--int4``: ``Dense.add_int4_weight``, groups of 128: the int4 GEMV up to 32 rows,
-dequantize + GEMM beyond), in us per call and GB/s of weight bytes read (benchmarks/roofline.py's ``linear_bytes``:
-two bytes per weight; for FP8 one plus the float32 scales; for int4 a half plus a 4-byte record per row and group;
-the weights rotate over copies larger than the 50 MB L2, so every call reads HBM), and that as a percent of the
-device's memory bandwidth (``% HBM``: by default its peak from the memory clock x bus width, printed first with a
-measured copy beside it; ``--hbm-tbs`` sets another figure). Each contender is captured as a CUDA graph of
-``--calls`` launches and replayed (no host time in the figure). Not a test: nothing is asserted.
+"""The decode GEMMs of an 8B-shaped Llama at HBM bandwidth: for each weight shape (QKV, O, gate/up, down, LM head) and
+row count, the engine's GEMV kernel (``fi_engine.kernels.dense.Dense.linear`` with the GEMV on), the fused GEMV with a
+norm / add-norm / SiLU prologue (``FusedGemvs.linear``), cuBLASLt (the GEMV off), the same shape with e4m3 weights
+(``--fp8``: ``QuantizedWeights.add_fp8_weight``; per-row and 128x128-block scales: the FP8 GEMV up to 8 rows, dequantize
++ GEMM beyond) and with int4 weights (``--int4``: ``QuantizedWeights.add_int4_weight``, groups of 128: the int4 GEMV up
+to 32 rows, dequantize + GEMM beyond), in us per call and GB/s of weight bytes read (benchmarks/roofline.py's
+``linear_bytes``: two bytes per weight; for FP8 one plus the float32 scales; for int4 a half plus a 4-byte record per
+row and group; the weights rotate over copies larger than the 50 MB L2, so every call reads HBM), and that as a percent
+of the device's memory bandwidth (``% HBM``: by default its peak from the memory clock x bus width, printed first with a
+measured copy beside it; ``--hbm-tbs`` sets another figure). Each contender is captured as a CUDA graph of ``--calls``
+launches and replayed (no host time in the figure). Not a test: nothing is asserted.
 
     python3 benchmarks/bench_gemv.py [--rows 1,2,4,8,16,32] [--calls 64] [--rounds 3] [--fp8] [--int4] \
         [--only-quantized] [--hbm-tbs TB/s]
@@ -46,7 +46,8 @@ def main() -> None:
 
     import cupy as cp
 
-    from fi_engine.kernels.dense import ADD_NORM, CUDA_R_16BF, CUDA_R_32F, GEMV_MAX_ROWS, NORM, SILU, Dense
+    from fi_engine.kernels.dense import CUDA_R_16BF, CUDA_R_32F, GEMV_MAX_ROWS, Dense
+    from fi_engine.kernels.fused_args import ADD_NORM, NORM, SILU
 
     stream = cp.cuda.Stream(non_blocking=True)
     bf16 = CUDA_R_16BF
@@ -78,7 +79,7 @@ def main() -> None:
                     bits = cp.full((copies, n, k), 0x38, cp.uint8)  # 1.0 everywhere: the value does not matter
                     scales = cp.full((copies, -(-n // 128), -(-k // 128)) if block else (copies, n), 0.5, cp.float32)
                     for j in range(copies):
-                        dense.add_fp8_weight(bits[j].data.ptr, n, k, scales[j].data.ptr, block)
+                        dense.quantized.add_fp8_weight(bits[j].data.ptr, n, k, scales[j].data.ptr, block)
                     fp8[layout] = (bits, scales)
             int4 = None  # int4 copies in the GEMV's layout (random codes, zero 8, scale 2**-7), registered
             if args.int4:
@@ -86,7 +87,7 @@ def main() -> None:
                 record = int(np.float32(2.0**-7).view(np.uint32)) | 8
                 records = cp.full((copies, n, k // 128), record, cp.uint32)
                 for j in range(copies):
-                    dense.add_int4_weight(codes[j].data.ptr, n, k, records[j].data.ptr, 128)
+                    dense.quantized.add_int4_weight(codes[j].data.ptr, n, k, records[j].data.ptr, 128)
                 int4 = (codes, records)
             mode = {"qkv": NORM, "o": None, "gate_up": ADD_NORM, "down": SILU, "lm_head": NORM}[name]
             for rows in rows_list:
@@ -99,14 +100,14 @@ def main() -> None:
 
                 if rows <= GEMV_MAX_ROWS and not args.only_quantized:
                     contenders["gemv"] = plain
-                    if mode is not None and dense.fused_fits(rows, k):
+                    if mode is not None and dense.fused.fits(rows, k):
 
                         def fused(i: int, rows: int = rows) -> None:
                             w = ws[i % copies].data.ptr
                             if mode == SILU:
-                                dense.fused_linear(mode, rows, x.data.ptr, 2 * k, w, n, k, y.data.ptr, n, bf16, c_type)
+                                dense.fused.linear(mode, rows, x.data.ptr, 2 * k, w, n, k, y.data.ptr, n, bf16, c_type)
                             else:
-                                dense.fused_linear(
+                                dense.fused.linear(
                                     mode, rows, x.data.ptr, k, w, n, k, y.data.ptr, n, bf16, c_type,
                                     h.data.ptr, k, nw.data.ptr, h_out.data.ptr if mode == ADD_NORM else 0, 1e-5,
                                 )  # fmt: skip
@@ -136,14 +137,14 @@ def main() -> None:
                         dense.linear(rows, x.data.ptr, x.shape[1], w, n, k, y.data.ptr, n, bf16, c_type)
 
                     contenders[f"fp8 {layout}"] = e4m3
-                    if mode is not None and rows <= GEMV_MAX_ROWS and dense.fused_fits(rows, k):
+                    if mode is not None and rows <= GEMV_MAX_ROWS and dense.fused.fits(rows, k):
 
                         def e4m3_fused(i: int, rows: int = rows, bits: Any = bits) -> None:
                             w = bits[i % copies].data.ptr
                             if mode == SILU:
-                                dense.fused_linear(mode, rows, x.data.ptr, 2 * k, w, n, k, y.data.ptr, n, bf16, c_type)
+                                dense.fused.linear(mode, rows, x.data.ptr, 2 * k, w, n, k, y.data.ptr, n, bf16, c_type)
                             else:
-                                dense.fused_linear(
+                                dense.fused.linear(
                                     mode, rows, x.data.ptr, k, w, n, k, y.data.ptr, n, bf16, c_type,
                                     h.data.ptr, k, nw.data.ptr, h_out.data.ptr if mode == ADD_NORM else 0, 1e-5,
                                 )  # fmt: skip
@@ -178,9 +179,9 @@ def main() -> None:
                     )
             for bits, _ in fp8.values():  # before the copies are freed: their addresses may hold 16-bit weights next
                 for j in range(copies):
-                    dense.remove_fp8_weight(bits[j].data.ptr)
+                    dense.quantized.remove_fp8_weight(bits[j].data.ptr)
             for j in range(copies if int4 is not None else 0):
-                dense.remove_int4_weight(int4[0][j].data.ptr)
+                dense.quantized.remove_int4_weight(int4[0][j].data.ptr)
 
         dense.close()
 

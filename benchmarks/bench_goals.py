@@ -400,12 +400,12 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
         ),
         "batch_decode_run": lambda: engine.runner.decode_attention(0, v),
         "silu_and_mul": lambda: kernels.silu_and_mul(v.gu, v.act, s),
-        "CuPy RawKernel (row gather)": lambda: d.gather_rows(
+        "CuPy RawKernel (row gather)": lambda: d.rows.gather_rows(
             1, engine.runner.embed, h, v.token_ids, b.h.data.ptr, h, h
         ),
     }
-    if gemv and getattr(d, "fused_fits", None) and d.fused_fits(1, h) and d.fused_fits(1, inter):
-        from fi_engine.kernels.dense import ADD_NORM, SILU
+    if gemv and d.fused.fits(1, h) and d.fused.fits(1, inter):
+        from fi_engine.kernels.fused_args import ADD_NORM, SILU
 
         nw, f32, vocab = engine.runner.ln1[1].data_ptr, engine.runner.gemm_f32, c.vocab_size
         fused_calls = {  # the fused step's GEMVs (engine.runner.fused.step), the first layer's weights
@@ -436,7 +436,7 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
         }
         for name, (mode, x, x_ld, wt, n_out, k_in, y, y_ld, out) in fused_calls.items():
             # packed once, as the fused step packs them; the cuBLAS rows above turn the GEMV off between rounds
-            call = d.prepared_fused(
+            call = d.fused.prepared(
                 mode, 1, x, x_ld, wt, n_out, k_in, y, y_ld, ab, out, b.h.data.ptr, h, nw, b.h_alt.data.ptr, eps
             )
 
@@ -445,8 +445,8 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
                 call()
 
             parts[f"{name} (fused GEMV, prepared)"] = fused_gemv
-        if hasattr(d, "has_qkv_rope") and d.has_qkv_rope(ab, c.head_dim):  # RoPE + KV append as its epilogue
-            call = d.prepared_qkv_rope(
+        if d.fused.has_qkv_rope(ab, c.head_dim):  # RoPE + KV append as its epilogue
+            call = d.fused.prepared_qkv_rope(
                 ADD_NORM, 1, b.x.data.ptr, h, engine.runner.wqkv[0], h, b.qkv.data.ptr, w, ab, b.h.data.ptr, h, nw,
                 b.h_alt.data.ptr, eps, engine.runner.fused._rope_append(0, v),
             )  # fmt: skip
@@ -500,7 +500,7 @@ def raw_launch(dense: Any, src: int, index: int, dst: int, width: int, stream: i
             "unsigned bz, unsigned smem, uintptr_t stream, void** params, void** extra);"
         )
         lib = ffi.dlopen("libcuda.so.1")
-        fn = ffi.cast("void*", getattr(dense._gather_fn, "kernel", dense._gather_fn).ptr)
+        fn = ffi.cast("void*", getattr(dense.rows.gather_fn, "kernel", dense.rows.gather_fn).ptr)
         values = ffi.new("uint64_t[6]", [src, index, dst, width, width, width])
         params = ffi.new("void*[6]", [values + i for i in range(6)])
         call, null = lib.cuLaunchKernel, ffi.NULL

@@ -240,39 +240,39 @@ def set_variant(variant: str) -> None:
 
         fi_engine.kernels.dense.gemv_bound = lambda rows, n, k: False
     if variant == "no-skinny":  # steps of 5-32 rows without the skinny GEMM (cuBLASLt and the FP8 paths only)
-        from fi_engine.kernels.dense import Dense
+        from fi_engine.kernels.skinny_gemm import SkinnyLaunches
 
-        Dense.skinny = False
+        SkinnyLaunches.on = False
     if variant == "no-pdl":  # the fused step's GEMVs launched without programmatic dependent launch
-        from fi_engine.kernels.dense import Dense
+        from fi_engine.kernels.launch import Launcher
 
-        Dense.pdl = False
+        Launcher.pdl = False
     if variant == "fp8-fused":  # FP8 weights: the fused step with the norms and SiLU as prologues (off: slower)
-        from fi_engine.kernels.dense import Dense
+        from fi_engine.kernels.quantized_weights import QuantizedWeights
 
-        Dense.fp8_fused = True
+        QuantizedWeights.fp8_fused = True
     if variant == "fp8-norm-no-pdl":  # FP8 weights: the epilogue step's norms without programmatic dependent launch
         ModelRunner.norm_pdl = False
     if variant == "fp8-separate":  # FP8 weights: the decode step as separate launches (before 2026-11-25)
-        from fi_engine.kernels.dense import Dense
+        from fi_engine.kernels.quantized_weights import QuantizedWeights
 
-        Dense.fp8_epilogues = False
+        QuantizedWeights.fp8_epilogues = False
     if variant == "fp8-scalar-gemv":  # FP8 weights: the GEMV without tensor cores (gemv8_*; before 2026-11-25)
         from fi_engine.kernels.fp8_linear import Fp8Linears
 
         Fp8Linears.tensor_core_rows = 9
     if variant == "w8a16":  # FP8 weights: steps of more than 8 rows dequantize (before the FP8 tensor-core GEMM)
-        from fi_engine.kernels.dense import Dense
+        from fi_engine.kernels.quantized_weights import QuantizedWeights
 
-        Dense.fp8_w8a8 = False
+        QuantizedWeights.fp8_w8a8 = False
     if variant == "w8a8-no-blocks":  # FP8 128x128-block weights: dequantized above 8 rows (before 2026-11-24)
-        from fi_engine.kernels.dense import Dense
+        from fi_engine.kernels.quantized_weights import QuantizedWeights
 
-        Dense.fp8_w8a8_blocks = False
+        QuantizedWeights.fp8_w8a8_blocks = False
     if variant.startswith("fp8-gemv-rows-"):  # FP8 weights: the GEMV up to N rows, the FP8 GEMM above
-        from fi_engine.kernels.dense import Dense
+        from fi_engine.kernels.quantized_weights import QuantizedWeights
 
-        Dense.fp8_gemv_max_rows = int(variant.rsplit("-", 1)[1])
+        QuantizedWeights.fp8_gemv_max_rows = int(variant.rsplit("-", 1)[1])
     if variant.startswith("int4-ahead-"):  # int4 weights: the GEMV's warps load runs of N tiles (1 by default)
         from fi_engine.kernels.int4_linear import Int4Linears
 
@@ -286,31 +286,31 @@ def set_variant(variant: str) -> None:
 
         Fp8Linears.one_row_blocks_per_sm = int(variant.rsplit("-", 1)[1])
     if variant.startswith("unroll-"):  # the 16-bit GEMVs with N weight vectors in flight per lane (4 by default)
-        from fi_engine.kernels.dense import Dense
+        from fi_engine.kernels.gemv_settings import GemvSettings
 
-        Dense.gemv_unroll = int(variant.rsplit("-", 1)[1])
+        GemvSettings.gemv_unroll = int(variant.rsplit("-", 1)[1])
     if variant.startswith("rope-unroll-"):  # the QKV + RoPE GEMV with N vectors per column in flight (1: before)
-        from fi_engine.kernels.dense import Dense
+        from fi_engine.kernels.fused_gemv import FusedKernels
 
-        Dense.rope_unroll = int(variant.rsplit("-", 1)[1])
+        FusedKernels.rope_unroll = int(variant.rsplit("-", 1)[1])
     if variant.startswith("fused-blocks-"):  # the fused GEMVs with at most N blocks per SM (8 by default)
-        from fi_engine.kernels.dense import Dense
+        from fi_engine.kernels.fused_gemv import FusedKernels
 
-        Dense.fused_blocks_per_sm = int(variant.rsplit("-", 1)[1])
+        FusedKernels.fused_blocks_per_sm = int(variant.rsplit("-", 1)[1])
     if variant.startswith("fused-min-blocks-"):  # the one-row fused GEMVs' registers capped for N blocks an SM (4)
-        from fi_engine.kernels.dense import Dense
+        from fi_engine.kernels.fused_gemv import FusedKernels
 
-        Dense.fused_min_blocks = int(variant.rsplit("-", 1)[1])
+        FusedKernels.fused_min_blocks = int(variant.rsplit("-", 1)[1])
     if variant == "silu-prologue":  # the down GEMV computes SiLU-and-mul in each block (before 2026-11-25)
         ModelRunner.silu_in_gate_up = False
     if variant == "any-rows":  # one 16-bit GEMV kernel for any row count (before 2026-11-25)
-        from fi_engine.kernels.dense import Dense
+        from fi_engine.kernels.gemv_settings import GemvSettings
 
-        Dense.gemv_fixed_rows = False
+        GemvSettings.gemv_fixed_rows = False
     if variant == "no-gemv-pipeline":  # the 16-bit GEMVs load their next weights after summing (before 2026-11-25)
-        from fi_engine.kernels.dense import Dense
+        from fi_engine.kernels.gemv_settings import GemvSettings
 
-        Dense.gemv_pipeline = False
+        GemvSettings.gemv_pipeline = False
     if variant == "no-pipeline":  # each decode step launched after the last one's tokens are read (before 2026-11-25)
         LlamaEngine.pipelined_decode = False
     if variant == "no-attn-pdl":  # the fused step's attention runs launched without programmatic dependent launch
@@ -432,10 +432,10 @@ def step_parts(engine: object, reps: int = 20) -> dict[str, float]:
         def embed() -> None:
             vs = e.runner.vocab_shard
             if vs is None:
-                dense.gather_rows(rows, e.runner.embed, h, v.token_ids, b.h.data.ptr, h, h)
+                dense.rows.gather_rows(rows, e.runner.embed, h, v.token_ids, b.h.data.ptr, h, h)
                 kernels.rmsnorm(v.h, e.runner.ln1[0], v.x2, eps, s)
             else:
-                dense.gather_rows_shard(rows, e.runner.embed, h, v.token_ids, x, h, h, vs.start, vs.valid)
+                dense.shards.gather_rows_shard(rows, e.runner.embed, h, v.token_ids, x, h, h, vs.start, vs.valid)
                 cp.cuda.runtime.memsetAsync(b.h.data.ptr, 0, rows * h * b.h.itemsize, s)
                 e.runner.add_norm(v, e.runner.ln1[0])
 
@@ -550,14 +550,14 @@ def main() -> None:
         "FP8 GEMM), fp8-gemv-rows-N (TP 1, FP8 checkpoints: the FP8 GEMV up to N rows, the FP8 GEMM above), "
         "int4-ahead-N (TP 1, int4 checkpoints: the int4 GEMV's warps load runs of N tiles; Int4Linears.tiles_ahead), "
         "int4-warps-N (TP 1, int4 checkpoints: int4 GEMV launches aiming at N warps an SM; Int4Linears.warps_per_sm), "
-        "unroll-N (TP 1: the 16-bit GEMVs with N weight vectors in flight per lane; Dense.gemv_unroll), rope-"
+        "unroll-N (TP 1: the 16-bit GEMVs with N weight vectors in flight per lane; GemvSettings.gemv_unroll), rope-"
         "unroll-N (TP 1: the QKV + RoPE GEMV's; 1 is its loop before 2026-11-25), fused-blocks-N (TP 1: the "
-        "fused GEMVs with at most N blocks per SM; Dense.fused_blocks_per_sm, 8 by default), "
+        "fused GEMVs with at most N blocks per SM; FusedKernels.fused_blocks_per_sm, 8 by default), "
         "fused-min-blocks-N (TP 1: the one-row fused GEMVs' registers capped for N blocks an SM; "
-        "Dense.fused_min_blocks, 4), any-rows (TP 1: one 16-bit GEMV kernel for any row count, "
-        "Dense.gemv_fixed_rows off), no-gemv-pipeline (TP 1: the 16-bit GEMVs load their next weights after "
-        "summing, Dense.gemv_pipeline off), silu-prologue (TP 1: the one-row step's down GEMV computes SiLU-and-mul "
-        "in each of its blocks, ModelRunner.silu_in_gate_up off; TP 1 names joined by + combine, e.g. "
+        "FusedKernels.fused_min_blocks, 4), any-rows (TP 1: one 16-bit GEMV kernel for any row count, "
+        "GemvSettings.gemv_fixed_rows off), no-gemv-pipeline (TP 1: the 16-bit GEMVs load their next weights after "
+        "summing, GemvSettings.gemv_pipeline off), silu-prologue (TP 1: the one-row step's down GEMV computes "
+        "SiLU-and-mul in each of its blocks, ModelRunner.silu_in_gate_up off; TP 1 names joined by + combine, e.g. "
         "any-rows+no-gemv-pipeline), no-attn-pdl (TP "
         "1: the fused step's attention runs without programmatic dependent launch), no-pipeline (TP 1: each "
         "graph step launched only after the last one's tokens are read, ServingLoop.pipelined_decode off), "

@@ -9,7 +9,8 @@ old module's names on instead (:func:`old_name`), with the same warning. A modul
 modules (:data:`SPLIT`: ``fi_engine.runtime.paging``, whose scheduler, requests, pages and step arrays are rooms of
 their own now) imports as a module of its own at the old path that hands each name on from its new module
 (:class:`SplitModuleFinder`), warning once, at the import. A name that left a module that stayed (:data:`NAMES`: a
-family's quantization scheme, now beside the family's config reader) is handed on by that module's ``__getattr__``
+family's quantization scheme, now beside the family's config reader; the fused GEMV's modes and epilogue values, which
+left ``fi_engine.kernels.dense`` for ``fi_engine.kernels.fused_args``) is handed on by that module's ``__getattr__``
 (:func:`old_name`), warning. ``import fi_engine`` installs both finders.
 """
 
@@ -165,6 +166,9 @@ class SplitModuleFinder(importlib.abc.MetaPathFinder):
 # (module that stayed, a name that left it) -> the module the name went to (the module's __getattr__ hands it on)
 NAMES: dict[tuple[str, str], str] = {
     ("fi_engine.checkpoint.quantization", "deepseek_fp8_scheme"): "fi_engine.models.deepseek_config",
+    # the fused GEMVs' call values left the GEMM routing for a module of their own
+    **{("fi_engine.kernels.dense", n): "fi_engine.kernels.fused_args" for n in ("ADD_NORM", "NORM", "SILU")},
+    **{("fi_engine.kernels.dense", n): "fi_engine.kernels.fused_args" for n in ("RopeAppend", "RouterEpilogue")},
 }
 
 

@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # "module:Class.method" naming the engine's own function that makes them); each program is the engine's
 # (fi_engine.kernels.cuda_sources.source), compiled under its file's name
 SOURCES: list[tuple[str, str, tuple[str, ...] | str]] = [
-    ("rows", "rows.cu", ()),  # Dense
-    ("gemv", "gemv.cu", "fi_engine.kernels.dense:Dense.gemv_options"),
-    ("fused", "fused_gemv.cu", "fi_engine.kernels.dense:Dense.fused_options"),
+    ("rows", "rows.cu", ()),  # RowKernels, ShardKernels (Dense compiles them)
+    ("gemv", "gemv.cu", "fi_engine.kernels.gemv_settings:GemvSettings.gemv_options"),
+    ("fused", "fused_gemv.cu", "fi_engine.kernels.fused_gemv:FusedKernels.options"),
     ("fp8", "fp8_gemv.cu", ()),  # Fp8Linears._compile
     ("fp8_fused", "fp8_fused.cu", ("--use_fast_math",)),
     ("fp8_quant", "fp8_quant.cu", ()),

@@ -203,11 +203,11 @@ def read_fp8_linear(
 
 
 def upload_fp8_linear(dense: Any, matrix: Fp8Matrix, upload: Any) -> int:
-    """Upload ``matrix`` with ``upload`` (numpy -> a device array the engine keeps alive), register it with
-    ``dense`` (:meth:`~fi_engine.kernels.dense.Dense.add_fp8_weight`) and return the weight's device address, which the
-    engine's GEMM calls then pass as ``w``."""
+    """Upload ``matrix`` with ``upload`` (numpy -> a device array the engine keeps alive), register it with ``dense``
+    (:meth:`~fi_engine.kernels.quantized_weights.QuantizedWeights.add_fp8_weight`) and return the weight's device
+    address, which the engine's GEMM calls then pass as ``w``."""
     w = upload(matrix.weight)
     s = upload(matrix.scales)
     n, k = matrix.weight.shape
-    dense.add_fp8_weight(int(w.data.ptr), n, k, int(s.data.ptr), matrix.block)
+    dense.quantized.add_fp8_weight(int(w.data.ptr), n, k, int(s.data.ptr), matrix.block)
     return int(w.data.ptr)

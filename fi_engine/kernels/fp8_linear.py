@@ -1,28 +1,28 @@
 """Linear layers with e4m3 weights on the GPU: the registry of a :class:`~fi_engine.kernels.dense.Dense`'s FP8 weights,
 the GEMV that reads them as stored for a step of few rows (W8A16), and the FP8 tensor-core GEMM for the rest (W8A8).
 
-Steps of at most :attr:`Dense.fp8_gemv_max_rows` rows (8): W8A16, 16-bit activations times e4m3 weights scaled in
-registers, by a GEMV of the engine's own that reads the weights as stored (up to :data:`FP8_GEMV_MAX_ROWS` rows per
-launch). Such a step is bound by reading the weights, and reading one byte per weight instead of two is the whole
-gain there; its sums stay float32 over unquantized activations, so its error is the weights' own. From 3 rows
-(:attr:`Fp8Linears.tensor_core_rows`) it runs on tensor cores, each weight decoded once into a 16-bit pair for all
-rows; below, each lane widens its weights to float32 and sums per row (on an H100 the tensor-core one, which issues
-half the instructions, was no faster at one row: the loads, not the decoding, bound a one-row step).
+Steps of at most :attr:`QuantizedWeights.fp8_gemv_max_rows` rows (8): W8A16, 16-bit activations times e4m3 weights
+scaled in registers, by a GEMV of the engine's own that reads the weights as stored (up to :data:`FP8_GEMV_MAX_ROWS`
+rows per launch). Such a step is bound by reading the weights, and reading one byte per weight instead of two is the
+whole gain there; its sums stay float32 over unquantized activations, so its error is the weights' own. From 3 rows
+(:attr:`Fp8Linears.tensor_core_rows`) it runs on tensor cores, each weight decoded once into a 16-bit pair for all rows;
+below, each lane widens its weights to float32 and sums per row (on an H100 the tensor-core one, which issues half the
+instructions, was no faster at one row: the loads, not the decoding, bound a one-row step).
 
-More rows (prefill, decode batches from 9 rows): W8A8 through cuBLASLt's FP8 tensor-core GEMM
-(:meth:`Fp8Linears.w8a8`). The activations are quantized to e4m3 on the fly (dynamic scales: one per row for
-per-tensor and per-channel weights, as vLLM's per-token scheme; one per row and 128 columns for 128x128-block weights,
-the DeepSeek-V3 / Qwen3-FP8 recipe), by a kernel of the engine's own, and the GEMM applies both operands' scales
-(cuBLASLt's OUTER_VEC_32F, or BLK128x128_32F for the weight and VEC128_32F for the activations; the block scales
-handed over in a copy whose rows are padded to 4 floats, since cuBLASLt reads them at 16-byte strides). Measured on
-an H100 it takes 0.55-0.75x the time of the 16-bit GEMM on the 8B shapes from 4 rows up; up to 8 rows the
-tensor-core GEMV beats it (8B decode graph at 4 and 8 rows: 915 and 1,792 tokens/s against the GEMM's 832 and 1,636).
-cuBLASLt takes no block-scaled call of a row count that is not a multiple of 4: above 8 rows the last few rows go
-through the GEMV. A checkpoint's static ``input_scale`` is not used: scales computed per row are never coarser.
-Where cuBLASLt offers no algorithm (older than 12.9, a GPU without FP8 tensor cores, a block other than 128x128) the
-weight is dequantized into a 16-bit scratch matrix of the Dense's and the 16-bit GEMM runs on it (W8A16, exact to the
-16-bit rounding of each scaled weight; it reads 5 bytes per weight). :attr:`Dense.fp8_w8a8` turns the tensor-core
-GEMM off, :attr:`Dense.fp8_w8a8_blocks` for 128x128-block weights only.
+More rows (prefill, decode batches from 9 rows): W8A8 through cuBLASLt's FP8 tensor-core GEMM (:meth:`Fp8Linears.w8a8`).
+The activations are quantized to e4m3 on the fly (dynamic scales: one per row for per-tensor and per-channel weights, as
+vLLM's per-token scheme; one per row and 128 columns for 128x128-block weights, the DeepSeek-V3 / Qwen3-FP8 recipe), by
+a kernel of the engine's own, and the GEMM applies both operands' scales (cuBLASLt's OUTER_VEC_32F, or BLK128x128_32F
+for the weight and VEC128_32F for the activations; the block scales handed over in a copy whose rows are padded to 4
+floats, since cuBLASLt reads them at 16-byte strides). Measured on an H100 it takes 0.55-0.75x the time of the 16-bit
+GEMM on the 8B shapes from 4 rows up; up to 8 rows the tensor-core GEMV beats it (8B decode graph at 4 and 8 rows: 915
+and 1,792 tokens/s against the GEMM's 832 and 1,636). cuBLASLt takes no block-scaled call of a row count that is not a
+multiple of 4: above 8 rows the last few rows go through the GEMV. A checkpoint's static ``input_scale`` is not used:
+scales computed per row are never coarser. Where cuBLASLt offers no algorithm (older than 12.9, a GPU without FP8 tensor
+cores, a block other than 128x128) the weight is dequantized into a 16-bit scratch matrix of the Dense's and the 16-bit
+GEMM runs on it (W8A16, exact to the 16-bit rounding of each scaled weight; it reads 5 bytes per weight).
+:attr:`QuantizedWeights.fp8_w8a8` turns the tensor-core GEMM off, :attr:`QuantizedWeights.fp8_w8a8_blocks` for
+128x128-block weights only.
 
 Scales, as :meth:`Fp8Linears.add` takes them: float32, either one per output row (``block`` None: per-tensor
 checkpoints repeat their scalar over the rows, per-channel ones give theirs) or one per block of ``bn`` rows by
@@ -44,7 +44,7 @@ __all__ = ["FP8_GEMV_MAX_ROWS", "PAIR_MAX_ROWS", "PAIR_ROPE", "PAIR_SILU", "Fp8L
 FP8_GEMV_MAX_ROWS = 8  # the rows one FP8 GEMV launch takes (one float32 sum per row in registers)
 PAIR_SILU = 1  # the pairwise epilogues of the FP8 decode GEMVs (EPI in gemv8_pairs): silu(gate) * up
 PAIR_ROPE = 2  # RoPE of the q and k heads and the KV append
-PAIR_MAX_ROWS = 4  # the rows one launch of those takes (the fused decode step's, Dense.fused_fits)
+PAIR_MAX_ROWS = 4  # the rows one launch of those takes (the fused decode step's, FusedGemvs.fits)
 PAIR_THREADS = 128  # 4 warps a block (SPLITS), two pairs of output columns each (one row: one pair a group)
 _COLS = 4  # output columns per block (COLS in csrc/fp8_gemv.cu; one row: 2 a group, gemv8_one_row)
 _THREADS = 128  # 4 warps a block, each summing a share of every column's k (SPLITS there)
@@ -359,7 +359,7 @@ class Fp8Linears:
         cuBLASLt serves some row counts only (measured on an H100: 16 and 37 rows with per-row scales, 16 and not
         37 with blocks): the rows it serves go through it and the last few through the FP8 GEMV, 8 at a time.
         False, with nothing launched, where this path cannot serve the call: the caller dequantizes instead.
-        ``blocks``: serve 128x128-block weights too (:attr:`Dense.fp8_w8a8_blocks`)."""
+        ``blocks``: serve 128x128-block weights too (:attr:`QuantizedWeights.fp8_w8a8_blocks`)."""
         if wt.block is not None and not blocks:
             return False
         key = (rows, x, x_ld, wt.w, y, y_ld, bf16, c_type, accumulate)

@@ -294,7 +294,7 @@ class Fp8GroupedGemv:
         gated: bool = False,
     ) -> tuple[int, tuple[int, int], int, int, list[int]]:
         """The launch :meth:`__call__` makes, for pointers given as ints: ``(function handle, grid, threads per
-        block, shared bytes, arguments)``, for a caller that packs it once (``Dense.prepared_kernel``); ``w`` a
+        block, shared bytes, arguments)``, for a caller that packs it once (``Launcher.prepared_kernel``); ``w`` a
         registered stack (:meth:`add`)."""
         st = self._stack(w, num_experts, n, k)
         assignments = tokens * top_k

@@ -2,7 +2,7 @@
 :class:`~fi_engine.kernels.dense.Dense`'s int4 weights, the GEMV that reads them as stored for a step of few rows
 (W4A16), and the dequantizing path for the rest.
 
-Steps of at most :attr:`Dense.int4_gemv_max_rows` rows (32): a GEMV of the engine's own on tensor cores
+Steps of at most :attr:`QuantizedWeights.int4_gemv_max_rows` rows (32): a GEMV of the engine's own on tensor cores
 (``gemv4_*`` in ``csrc/int4_gemv.cu``) reads half a byte per weight, decodes each into the exact 16-bit integer
 ``code + 128`` (float16: ``+ 1024``) once for all rows (an mma's 8 rows per group of 8), and meets each group's scale
 and zero in float32 (``s * (sum((code + M) x) - (M + zero) sum(x))``, the sum of x by a second mma; from 17 rows the

@@ -119,7 +119,7 @@ class GroupedGemv:
         gated: bool = False,
     ) -> tuple[int, tuple[int, int], int, int, list[int]]:
         """The launch :meth:`__call__` makes, for pointers given as ints: ``(function handle, grid, threads per
-        block, shared bytes, arguments)``, for a caller that packs it once (``Dense.prepared_kernel``)."""
+        block, shared bytes, arguments)``, for a caller that packs it once (``Launcher.prepared_kernel``)."""
         assignments = tokens * top_k
         r, warps, blocks = self._geometry(assignments, num_experts, tokens, n, k)
         args = [x, x_ld, div, experts, assignments, w, n, k, y, y_ld]

@@ -323,7 +323,7 @@ class Mxfp4GroupedGemv:
     ) -> tuple[int, tuple[int, int], int, int, list[Any]]:
         """The launch of ``y[a, :n] = act(x[a // div]) @ W[experts[a]].T (+ bias[experts[a]])`` for the ``a <
         tokens * top_k`` assignments, pointers as ints: ``(function handle, grid, threads per block, shared bytes,
-        arguments)``, for a caller that packs it (``Dense.prepared_kernel``); the arguments are those of
+        arguments)``, for a caller that packs it (``Launcher.prepared_kernel``); the arguments are those of
         :meth:`Fp8GroupedGemv.launch <fi_engine.kernels.fp8_moe_gemv.Fp8GroupedGemv.launch>` (``gated``: ``act``
         ``"silu"``), plus ``bias`` (the address of float32 ``[num_experts, n]``, 0 for none) and ``act`` (one of
         :data:`ACTIVATIONS`; ``"swiglu"`` with ``alpha`` and ``limit``, and only with a bias: gpt-oss's)."""

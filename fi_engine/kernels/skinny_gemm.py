@@ -18,7 +18,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .cublas import CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F
 from .cuda_sources import function_ptr, source
+from .int4_linear import Int4Weight
+from .launch import Launcher
 
 __all__ = [
     "E4M3_BLOCK",
@@ -29,6 +32,7 @@ __all__ = [
     "W16",
     "Geometry",
     "SkinnyGemm",
+    "SkinnyLaunches",
     "SkinnyPlan",
 ]
 
@@ -232,3 +236,78 @@ class SkinnyGemm:
                 args = (x, w, y, self._part, self._done, rows, n, k, x_ld, y_ld, kc, *quant)
                 out.append(SkinnyPlan(fn, grid, 32 * geometry.warps, geometry.smem(fmt, mt), args))
         return out
+
+
+class SkinnyLaunches:
+    """The skinny GEMM's launches of one Dense, through its ``launcher``: the plans of a :meth:`~fi_engine.kernels.
+    dense.Dense.linear` call (:meth:`plans`; the :class:`SkinnyGemm` made at the first) and each call's chosen plan
+    packed once (:meth:`run`). Keyed by the call's values: :meth:`forget` where what an address holds changes."""
+
+    on = True
+    """Whether GPU-bound steps of up to 32 rows may take the skinny GEMM where it is timed faster than the other
+    launches of the shape; False: the GEMV (up to 4 rows), cuBLASLt and the FP8 paths only. Read when a shape is
+    first timed; set it on the class to compare (``benchmarks/bench_llama_tp.py --variants no-skinny``)."""
+
+    error = ""
+    """Why the skinny GEMM is unavailable, where it is."""
+
+    def __init__(self, launcher: Launcher) -> None:
+        self._launcher = launcher
+        self._gemm: SkinnyGemm | bool | None = None  # made at the first plans; False: it could not be
+        self._calls: dict[tuple[Any, ...], Any] = {}  # a call's packed launch, by (call, plan index) (values only)
+
+    def plans(self, key: tuple[int, ...], quant: Any) -> list[SkinnyPlan]:
+        """The launches for the linear call ``key`` (``(rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type)``) over a
+        16-bit weight (``quant`` None) or the registered FP8 or int4 weight ``quant`` (``[]`` where the kernel does not
+        serve the call, or :attr:`on` is off). Makes the SkinnyGemm at the first call; a GPU or NVRTC it cannot serve
+        leaves it off (:attr:`error`)."""
+        rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type = key
+        if not self.on or ab_type not in (CUDA_R_16BF, CUDA_R_16F) or c_type not in (ab_type, CUDA_R_32F):
+            return []
+        if self._gemm is None:
+            try:
+                self._gemm = SkinnyGemm()
+            except Exception as exc:  # NVRTC or the device refusing: the other launches serve every shape
+                self._gemm, self.error = False, f"{type(exc).__name__}: {exc}"
+        gemm = self._gemm
+        if not isinstance(gemm, SkinnyGemm):
+            return []
+        bf16, f32 = ab_type == CUDA_R_16BF, c_type == CUDA_R_32F
+        if quant is None:
+            return gemm.plans(W16, rows, x, x_ld, w, n, k, y, y_ld, bf16, f32)
+        if isinstance(quant, Int4Weight):
+            q = (quant.records, quant.groups, quant.gshift, quant.half_n)
+            return gemm.plans(INT4, rows, x, x_ld, quant.w, n, k, y, y_ld, bf16, f32, int4=q)
+        fmt = E4M3_ROW if quant.block is None else E4M3_BLOCK
+        s_ld = -(-quant.k // quant.block[1]) if quant.block else 0
+        return gemm.plans(fmt, rows, x, x_ld, quant.w, n, k, y, y_ld, bf16, f32, quant.scales, s_ld, quant.block)
+
+    def run(self, key: tuple[int, ...], index: int, quant: Any) -> bool:
+        """Launch plan ``index`` of the call ``key`` (over the FP8 or int4 weight ``quant``, or a 16-bit one), packed
+        once per call (values only; at most 4096 kept) and launched with programmatic dependent launch; False where
+        the call has no such plan (a shape timed on aligned buffers, called on others)."""
+        packed = self._calls.get((key, index))
+        if packed is None:
+            plans = self.plans(key, quant)
+            if index >= len(plans):
+                return False
+            plan = plans[index]
+            launcher = self._launcher
+            params, values = launcher.slots(list(plan.args))
+            packed = launcher.prepared(
+                plan.function, plan.grid[0], plan.threads, plan.smem, params, values, "skinny gemm", True, plan.grid[1]
+            )
+            if len(self._calls) > 4096:
+                self._calls.clear()
+            self._calls[(key, index)] = packed
+        packed()
+        return True
+
+    def forget(self) -> None:
+        """Drop the packed launches (a quantized weight registered or removed changes what an address holds)."""
+        self._calls.clear()
+
+    def close(self) -> None:
+        """Drop the packed launches and the SkinnyGemm (its scratch)."""
+        self._calls.clear()
+        self._gemm = None

@@ -199,7 +199,7 @@ class KvFp8:
         if eng.dense.gemv:
             from ..kernels.cuda_sources import function_ptr
 
-            return eng.dense.prepared_kernel(function_ptr(fn), (grid, 1), block, 0, args, name)
+            return eng.dense.launcher.prepared_kernel(function_ptr(fn), (grid, 1), block, 0, args, name)
         import numpy as np
 
         stream = eng.stream

@@ -55,7 +55,8 @@ import numpy as np
 
 from ..kernels import flashinfer as kernels
 from ..kernels.cuda_sources import functions
-from ..kernels.dense import CUDA_R_32F, Dense, _column_blocks, data_type
+from ..kernels.dense import CUDA_R_32F, Dense, data_type
+from ..kernels.row_kernels import column_blocks
 from ..values import MAX_SIZE, arg_int, float32_bits, integer
 from .moe_routing import ExpertGroups, group_by_expert, softmax_topk
 
@@ -468,8 +469,8 @@ class MoELayer:
 
     def _combine_grid(self, t: int) -> tuple[int, int]:
         """The combine kernels' grid for ``t`` tokens: one block of 256 threads per 256 columns of each token (as
-        the row copies of :class:`~fi_engine.kernels.dense.Dense` spread theirs)."""
-        return t, _column_blocks(self.hidden)
+        the row copies of :class:`~fi_engine.kernels.row_kernels.RowKernels` spread theirs)."""
+        return t, column_blocks(self.hidden)
 
     def _combine_rows(self, y: Any, row_of: Any, weights: Any, out: Any, t: int, seg: Any) -> None:
         """``out[t] = sum_j w[t, j] * (y[row_of[t, j]] (+ the expert's down bias))``."""
@@ -539,7 +540,7 @@ class MoELayer:
             except Exception:  # NVRTC or the device refusing: the grouped GEMM serves every step
                 self._grouped = None
             self._g_rows = cupy.arange(c * self.top_k, dtype=cupy.int32)  # assignment a's output is row a
-            # the router GEMV's count of finished blocks (Dense.prepared_router; 0 between its launches)
+            # the router GEMV's count of finished blocks (FusedGemvs.prepared_router; 0 between its launches)
             self._route_done = cupy.zeros(1, cupy.uint32)
 
     gemv_fused_silu = True
@@ -629,13 +630,13 @@ class MoELayer:
         """:meth:`prepared_step`'s grouped-GEMV step with the post-attention ``fused_add_rmsnorm`` folded into the
         router's launch: ``residual_out[:t] = residual[:t] + x[:t]``, the rows ``rmsnorm(residual_out) *
         norm_weight`` into the layer's scratch ``xs`` (the experts read them there), the router GEMV with the
-        routing as its epilogue (``Dense.prepared_router``), then the experts and the combine into ``out`` as
+        routing as its epilogue (``FusedGemvs.prepared_router``), then the experts and the combine into ``out`` as
         :meth:`prepared_step` makes them: four launches where a norm and :meth:`prepared_step` make six.
         ``residual`` and ``residual_out`` (different buffers: every block reads one while the first writes the
         other) are addresses of 16-bit rows of ``hidden`` elements, row stride ``hidden``; ``norm_weight`` of
         ``hidden`` 16-bit values; ``x`` and ``out`` as :meth:`forward_static` takes them (``x`` is read, not
         changed). None where this form does not serve: more tokens than the fused GEMV's prologue takes
-        (``Dense.fused_fits``), no router kernel compiled, no grouped-GEMV step (:meth:`packs_step`), or
+        (``FusedGemvs.fits``), no router kernel compiled, no grouped-GEMV step (:meth:`packs_step`), or
         :attr:`fold_norm_into_router` off."""
         self._check_static(x, out)
         t = _token_count(tokens, x)
@@ -647,8 +648,8 @@ class MoELayer:
             not self.fold_norm_into_router
             or self.biases is not None  # (the router epilogue adds no bias)
             or not self.packs_step(t, False)
-            or not d.has_router(self._ab)
-            or not d.fused_fits(t, self.hidden)
+            or not d.fused.has_router(self._ab)
+            or not d.fused.fits(t, self.hidden)
             or t > min(x.shape[0], out.shape[0], self.xs.shape[0])
         ):
             return None
@@ -674,9 +675,15 @@ class MoELayer:
         bias = []
         if self.biases is not None:  # the router's bias added to its logits before the routing
             bias_args = [logits, int(self.biases.router.data.ptr), e]
-            bias = [d.prepared_kernel(function_ptr(self._router_bias_fn), (t, 1), 128, 0, bias_args, "moe_router_bias")]
+            bias = [
+                d.launcher.prepared_kernel(
+                    function_ptr(self._router_bias_fn), (t, 1), 128, 0, bias_args, "moe_router_bias"
+                )
+            ]
         route_args = [logits, e, k, 1 if self.renormalize else 0, t, experts, weights]
-        route = d.prepared_kernel(function_ptr(self._route_fn), ((t + 127) // 128, 1), 128, 0, route_args, "moe_route")
+        route = d.launcher.prepared_kernel(
+            function_ptr(self._route_fn), ((t + 127) // 128, 1), 128, 0, route_args, "moe_route"
+        )
         return [router, *bias, route, *self._pack_gemv_experts(xp, x_ld, int(out.data.ptr), out_ld, t)]
 
     def _pack_normed_step(
@@ -691,13 +698,13 @@ class MoELayer:
         norm_weight: int,
         eps: float,
     ) -> list[Any]:
-        from ..kernels.dense import ADD_NORM, RouterEpilogue
+        from ..kernels.fused_args import ADD_NORM, RouterEpilogue
 
         e, h, k = self.num_experts, self.hidden, self.top_k
         logits, experts, weights = (int(a.data.ptr) for a in (self.logits, self.s_experts, self.s_weights))
         normed = int(self.xs.data.ptr)
         route = RouterEpilogue(normed, h, k, bool(self.renormalize), experts, weights, int(self._route_done.data.ptr))
-        router = self.dense.prepared_router(ADD_NORM, t, int(x.data.ptr), x_ld, int(self.weights.router.data.ptr),
+        router = self.dense.fused.prepared_router(ADD_NORM, t, int(x.data.ptr), x_ld, int(self.weights.router.data.ptr),
                                             e, h, logits, e, self._ab, residual, h, norm_weight, residual_out, eps,
                                             route)  # fmt: skip
         return [router, *self._pack_gemv_experts(normed, h, int(out.data.ptr), out_ld, t)]
@@ -715,7 +722,7 @@ class MoELayer:
         w_gate_up, w_down = (int(a.data.ptr) for a in self._gemv_w)
         up_kw, down_kw = self._biased_gemv()
         fn, grid, block, smem, args = g.launch(xp, x_ld, k, experts, t, k, w_gate_up, e, 2 * i, h, gu, 2 * i, **up_kw)
-        gate_up = d.prepared_kernel(fn, grid, block, smem, args, "grouped gemv (gate/up)")
+        gate_up = d.launcher.prepared_kernel(fn, grid, block, smem, args, "grouped gemv (gate/up)")
         if self.gemv_fused_silu or down_kw:  # the down GEMV stages the activation itself: five launches
             fn, grid, block, smem, args = g.launch(gu, 2 * i, 1, experts, t, k, w_down, e, h, i, y, h, True, **down_kw)
             activation = []
@@ -724,9 +731,9 @@ class MoELayer:
             # packed once as the other launches are: one FFI call per step instead of the op call's checks
             activation = [kernels.prepared_silu_and_mul(gu_t, act_t, self.stream.ptr)]
             fn, grid, block, smem, args = g.launch(act, i, 1, experts, t, k, w_down, e, h, i, y, h)
-        down = d.prepared_kernel(fn, grid, block, smem, args, "grouped gemv (down)")
+        down = d.launcher.prepared_kernel(fn, grid, block, smem, args, "grouped gemv (down)")
         combine_args = [y, int(self._g_rows.data.ptr), weights, op, k, h, out_ld, self._bf16]
-        combine = d.prepared_kernel(
+        combine = d.launcher.prepared_kernel(
             function_ptr(self._combine), self._combine_grid(t), 256, 0, combine_args, "moe_combine"
         )
         return [gate_up, *activation, down, combine]
@@ -915,10 +922,14 @@ class MoELayer:
         if b is not None:  # the router bias (gpt-oss), as _router_logits adds it
             bias_args = [logits, int(b.router.data.ptr), e]
             calls.append(
-                d.prepared_kernel(function_ptr(self._router_bias_fn), (t, 1), 128, 0, bias_args, "moe_router_bias")
+                d.launcher.prepared_kernel(
+                    function_ptr(self._router_bias_fn), (t, 1), 128, 0, bias_args, "moe_router_bias"
+                )
             )
         route_args = [logits, e, k, 1 if self.renormalize else 0, t, experts, weights]
-        route = d.prepared_kernel(function_ptr(self._route_fn), ((t + 127) // 128, 1), 128, 0, route_args, "moe_route")
+        route = d.launcher.prepared_kernel(
+            function_ptr(self._route_fn), ((t + 127) // 128, 1), 128, 0, route_args, "moe_route"
+        )
         gate_up = d.prepared_linear(t, xp, x_ld, int(self.weights.gate_up.data.ptr), e * 2 * i, h, gu, e * 2 * i,
                                     self._ab, self._ab)  # fmt: skip
         alpha, limit = (a.alpha, a.limit) if a is not None else (0.0, 0.0)
@@ -926,7 +937,7 @@ class MoELayer:
         # float parameters pass as their float32 bits (an 8-byte slot whose low 4 bytes the kernel reads)
         act_args = [gu, b_gu, int(b is not None), experts, e, k, i, int(a is not None), float32_bits("alpha", alpha),
                     float32_bits("limit", limit), self._bf16, act]  # fmt: skip
-        activate = d.prepared_kernel(
+        activate = d.launcher.prepared_kernel(
             function_ptr(self._dense_act_fn), (t * e, 1), min(256, -(-i // 32) * 32), 0, act_args, "moe_dense_act"
         )
 
@@ -936,10 +947,10 @@ class MoELayer:
 
         b_down = int((b.down if b is not None else self.logits).data.ptr)  # unread without biases
         combine_args = [y, rows, experts, weights, k, b_down, int(b is not None), op, h, out_ld, self._bf16]
-        combine = d.prepared_kernel(
+        combine = d.launcher.prepared_kernel(
             function_ptr(self._dense_combine_fn), self._combine_grid(t), 256, 0, combine_args, "moe_dense_combine"
         )
-        copy = [d.prepared_kernel(*launch, "e4m3 experts' 16-bit copy") for launch in self._copy_launches()]
+        copy = [d.launcher.prepared_kernel(*launch, "e4m3 experts' 16-bit copy") for launch in self._copy_launches()]
         return [*copy, *calls, route, gate_up, activate, down, combine]
 
     def _t(self, arr: Any, shape: tuple[int, ...], dtype: str | None = None) -> kernels.Tensor:
@@ -985,7 +996,9 @@ class MoELayer:
         self.row_of[:rows].set(groups.row_of.reshape(-1), stream=s)
         self.route_weights[:rows].set(weights.reshape(-1).astype(np.float32), stream=s)
         x_ld = x.strides[0] // x.itemsize
-        self.dense.gather_rows(rows, int(x.data.ptr), x_ld, int(self.row_token.data.ptr), int(self.xs.data.ptr), h, h)
+        self.dense.rows.gather_rows(
+            rows, int(x.data.ptr), x_ld, int(self.row_token.data.ptr), int(self.xs.data.ptr), h, h
+        )
         sm80 = self.backend == "sm80" or (self.backend == "auto" and not _is_sm90(self.device_id))
         if sm80:  # the generic grouped GEMM adds into its output
             self.gate_up_out[:rows].fill(0)

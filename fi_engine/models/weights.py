@@ -100,16 +100,16 @@ class WeightLoader:
         axis: int,
         interleave: bool = False,
     ) -> int:
-        """The device address of the projections ``parts`` (``(prefix, (n, k))`` each: q, k and v; gate and up)
-        stacked by output rows, each cut to this rank's shard: ``axis`` 0 its block of output rows
-        (column-parallel), 1 its block of inputs (row-parallel); ``ranks`` 1 keeps them whole. Where ``dense`` is
-        given (the engine serves quantized weights as stored), e4m3 projections stay e4m3 with their scales,
-        registered with ``dense`` (:meth:`_fp8_projection`; the family has refused shards that cut a block of
-        scales), and int4 ones stay int4 in the int4 GEMV's layout
-        (:meth:`~fi_engine.kernels.dense.Dense.add_int4_weight`) where every part is int4 and the GEMV takes the
-        stack's shape and its GPU; otherwise each part is read as :meth:`linear` reads it (dequantized) and the
-        stack uploaded in the 16-bit type. ``interleave``: two int4 parts (gate and up) stored interleaved by 8
-        rows where their rows allow, for the GEMV's SiLU form (``Dense.prepared_int4_silu``)."""
+        """The device address of the projections ``parts`` (``(prefix, (n, k))`` each: q, k and v; gate and up) stacked
+        by output rows, each cut to this rank's shard: ``axis`` 0 its block of output rows (column-parallel), 1 its
+        block of inputs (row-parallel); ``ranks`` 1 keeps them whole. Where ``dense`` is given (the engine serves
+        quantized weights as stored), e4m3 projections stay e4m3 with their scales, registered with ``dense``
+        (:meth:`_fp8_projection`; the family has refused shards that cut a block of scales), and int4 ones stay int4 in
+        the int4 GEMV's layout (:meth:`~fi_engine.kernels.quantized_weights.QuantizedWeights.add_int4_weight`) where
+        every part is int4 and the GEMV takes the stack's shape and its GPU; otherwise each part is read as
+        :meth:`linear` reads it (dequantized) and the stack uploaded in the 16-bit type. ``interleave``: two int4 parts
+        (gate and up) stored interleaved by 8 rows where their rows allow, for the GEMV's SiLU form
+        (``QuantizedWeights.prepared_int4_silu``)."""
         from ..layers.tensor_parallel import columns, rows
 
         stored = None
@@ -180,7 +180,9 @@ class WeightLoader:
         w, r = self.upload(weights), self.upload(records)
         n, k = matrix.codes.shape
         try:
-            dense.add_int4_weight(int(w.data.ptr), n, k, int(r.data.ptr), matrix.group_size, interleaved=pairs)
+            dense.quantized.add_int4_weight(
+                int(w.data.ptr), n, k, int(r.data.ptr), matrix.group_size, interleaved=pairs
+            )
         except RuntimeError:  # a GPU the GEMV cannot run on
             self.keep.remove(w)
             self.keep.remove(r)

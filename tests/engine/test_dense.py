@@ -1,12 +1,13 @@
-"""Dense's fused decode-step launches, no GPU: the argument checks of ``fused_linear``, ``prepared_fused``,
-``prepared_qkv_rope``, ``prepared_linear``, ``prepared_gather`` and the FP8 epilogue GEMVs (``prepared_fp8_silu``,
-``prepared_fp8_qkv_rope``, over FP8 weights registered as values) -- each bad value refused by a TypeError or
-ValueError naming its argument, before anything is launched -- and the packed arguments of a valid call.
+"""Dense's packed launches and the fused decode-step GEMVs, no GPU: the argument checks of ``FusedGemvs.linear``,
+``prepared``, ``prepared_qkv_rope``, ``prepared_gate_up_silu``, ``prepared_router``, ``Dense.prepared_linear``,
+``RowKernels.prepared_gather``, ``Launcher.prepared_kernel`` and the FP8 epilogue GEMVs (``QuantizedWeights.
+prepared_fp8_silu``, ``prepared_fp8_qkv_rope``, over FP8 weights registered as values) -- each bad value refused by a
+TypeError or ValueError naming its argument, before anything is launched -- and the packed arguments of a valid call.
 
-The Dense is made without its constructor (which compiles kernels with CuPy on a GPU): its kernels' function
-handles are fake numbers, the argument arrays are packed with the real cffi declarations of ``fi_ffi.cuda.driver``,
-and ``cuLaunchKernel`` is replaced by a recorder. Nothing here dereferences an address; the GPU suite
-(tests/engine/test_gpu_fused_decode.py) runs the same calls on real kernels.
+The Dense and its parts are made without their constructors (which compile kernels with CuPy on a GPU): the kernels'
+function handles are fake numbers, the argument arrays are packed with the real cffi declarations of
+``fi_ffi.cuda.driver``, and ``cuLaunchKernel`` is replaced by a recorder. Nothing here dereferences an address; the GPU
+suite (tests/engine/test_gpu_fused_decode.py) runs the same calls on real kernels.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ import numpy as np
 import pytest
 
 from fi_engine.kernels import dense as D
+from fi_engine.kernels import fused_args as F
 from fi_engine.kernels.fp8_linear import Fp8Linears, Fp8Weight
+from fi_engine.kernels.fused_gemv import WARPS, FusedGemvs, FusedKernels
+from fi_engine.kernels.gemv_settings import GEMV_NAMES
+from fi_engine.kernels.launch import Launcher
+from fi_engine.kernels.quantized_weights import QuantizedWeights
+from fi_engine.kernels.row_kernels import RowKernels, column_blocks
 from fi_ffi.cuda import driver
 
 pytestmark = pytest.mark.cpu_only
@@ -29,37 +36,39 @@ H, N = 256, 512  # hidden size (k) and output columns
 
 
 def fake_dense() -> D.Dense:
-    d = D.Dense.__new__(D.Dense)
-    d.gemv = True
-    # the kernels of 1 to 4 rows: handle + 0x100 * (rows - 1)
-    by_rows = lambda fn: tuple(fn + 0x100 * r for r in range(D.GEMV_MAX_ROWS))  # noqa: E731
-    d._fused_fns = {(m, ab, c): by_rows(0x1000 + m) for (ab, c) in D._GEMV_NAMES for m in (D.NORM, D.ADD_NORM, D.SILU)}
-    d._fused_fns |= {(m | D._ROPE, ab, ab): by_rows(0x2000 + m) for ab in (D.CUDA_R_16F, D.CUDA_R_16BF) for m in (1, 2)}
-    d._fused_fns |= {
-        (m | D._GATE_UP, ab, ab): by_rows(0x6000 + m) for ab in (D.CUDA_R_16F, D.CUDA_R_16BF) for m in (1, 2)
-    }
-    d._gemv_fns = dict.fromkeys(D._GEMV_NAMES, by_rows(0x3000))
-    d._fused_args, d._gemv_args = {}, {}
-    d._fused_smem, d._fused_grid = (48 << 10) - 1024, 1056
-    d._driver_ffi = driver.ffi()
-    d._null = d._driver_ffi.NULL
-    d._stream = 0x77
-    d.launches = []  # type: ignore[attr-defined]
+    """A Dense and its parts made without their constructors' GPU work: a real Launcher over a recording
+    cuLaunchKernel, fake kernel handles (the kernels of 1 to 4 rows: handle + 0x100 * (rows - 1))."""
+    launches: list[tuple[Any, ...]] = []
 
     def launch(*args: Any) -> int:
-        d.launches.append(args)  # type: ignore[attr-defined]
+        launches.append(args)
         return 0
 
-    d._launch = launch
-    d._launch_ex = None  # no programmatic dependent launch (test_pdl_launches_carry_the_attribute turns it on)
-    d._gather_fn = type("Kernel", (), {"ptr": 0x4000})()
-    # two FP8 weights (values, as Dense.add_fp8_weight registers them): gate/up [N, H] with 128x128-block scales,
-    # QKV [(4 + 2 * 2) * 64, H] with per-row ones; the epilogue GEMVs' handles fake numbers
-    d._fp8_weights = {
+    # no programmatic dependent launch (test_pdl_launches_carry_the_attribute turns it on)
+    launcher = Launcher(0x77, launch, None, driver.ffi())
+    by_rows = lambda fn: tuple(fn + 0x100 * r for r in range(D.GEMV_MAX_ROWS))  # noqa: E731
+    fns = {(m, ab, c): by_rows(0x1000 + m) for (ab, c) in GEMV_NAMES for m in (F.NORM, F.ADD_NORM, F.SILU)}
+    fns |= {(m | F.ROPE, ab, ab): by_rows(0x2000 + m) for ab in (D.CUDA_R_16F, D.CUDA_R_16BF) for m in (1, 2)}
+    fns |= {(m | F.GATE_UP, ab, ab): by_rows(0x6000 + m) for ab in (D.CUDA_R_16F, D.CUDA_R_16BF) for m in (1, 2)}
+    kernels = FusedKernels(fns, (48 << 10) - 1024, 1056)
+    quantized = QuantizedWeights(launcher, kernels.smem, lambda: None, lambda key, accumulate: None)
+    # two FP8 weights (values, as QuantizedWeights.add_fp8_weight registers them): gate/up [N, H] with 128x128-block
+    # scales, QKV [(4 + 2 * 2) * 64, H] with per-row ones; the epilogue GEMVs' handles fake numbers
+    quantized.fp8_weights = {
         at(12): Fp8Weight(at(12), N, H, at(14), (128, 128)),
         at(13): Fp8Weight(at(13), 8 * 64, H, at(15), None),
     }
-    d._fp8 = FakeFp8Linears()
+    quantized.fp8 = FakeFp8Linears()  # type: ignore[assignment]
+    d = D.Dense.__new__(D.Dense)
+    d.gemv, d.bandwidth_bound, d._choices = True, False, {}
+    d.launcher, d.quantized = launcher, quantized
+    d.fused = FusedGemvs(launcher, kernels, quantized)
+    d.rows = RowKernels(type("Kernel", (), {"ptr": 0x4000})(), None, launcher)
+    d._fp8_weights = quantized.fp8_weights  # the mirror linear reads
+    d._gemv_fns = dict.fromkeys(GEMV_NAMES, by_rows(0x3000))
+    d._gemv_args = {}
+    d._launch, d._null, d._stream = launch, launcher.null, 0x77
+    d.launches = launches  # type: ignore[attr-defined]
     return d
 
 
@@ -88,7 +97,7 @@ def test_pdl_launches_carry_the_attribute() -> None:
     """With cuLaunchKernelEx available, every prepared launch goes through it with a configuration packed once: the
     GEMV launches (which wait for their predecessor in the kernel) with one programmatic-stream-serialization
     attribute, the row gather (which does not wait) with none, each with the launch's own grid, block, shared
-    memory and stream, in the real cffi structs; with Dense.pdl off no launch carries the attribute."""
+    memory and stream, in the real cffi structs; with Launcher.pdl off no launch carries the attribute."""
     d = fake_dense()
     seen: list[tuple[Any, ...]] = []
 
@@ -99,26 +108,26 @@ def test_pdl_launches_carry_the_attribute() -> None:
                      attrs, params))  # fmt: skip
         return 0
 
-    d._launch_ex = launch_ex
+    d.launcher.launch_ex = launch_ex
     d.prepared_linear(**linear_call())()
     fn, grid, grid_y, block, smem, stream, attrs, params = seen[0]
     assert (fn, grid, grid_y, block, smem, stream) == (0x3100, -(-N // D._GEMV_WARPS), 1, 32 * D._GEMV_WARPS, 0, 0x77)
     assert attrs == [(6, 1)] and params != d._null
-    d.prepared_fused(**fused_call())()
-    assert seen[1][0] == 0x1100 + D.ADD_NORM and seen[1][3] == 32 * D._FUSED_WARPS and seen[1][4] > 0
+    d.fused.prepared(**fused_call())()
+    assert seen[1][0] == 0x1100 + F.ADD_NORM and seen[1][3] == 32 * WARPS and seen[1][4] > 0
     assert seen[1][6] == [(6, 1)]
-    d.prepared_qkv_rope(**qkv_call())()
-    assert seen[2][0] == 0x2100 + D.ADD_NORM and seen[2][6] == [(6, 1)]
-    d.prepared_gather(**gather_call())()
-    assert seen[3][0] == 0x4000 and seen[3][2] == D._column_blocks(H) and seen[3][6] == []  # no attribute
+    d.fused.prepared_qkv_rope(**qkv_call())()
+    assert seen[2][0] == 0x2100 + F.ADD_NORM and seen[2][6] == [(6, 1)]
+    d.rows.prepared_gather(**gather_call())()
+    assert seen[3][0] == 0x4000 and seen[3][2] == column_blocks(H) and seen[3][6] == []  # no attribute
     assert d.launches == []  # cuLaunchKernel: never, where cuLaunchKernelEx is
-    D.Dense.pdl = False
+    Launcher.pdl = False
     try:
         d.prepared_linear(**linear_call())()
         assert len(seen) == 5 and seen[4][6] == [] and d.launches == []
     finally:
-        D.Dense.pdl = True
-    d._launch_ex = None  # a driver without cuLaunchKernelEx (or a GPU before Hopper): cuLaunchKernel
+        Launcher.pdl = True
+    d.launcher.launch_ex = None  # a driver without cuLaunchKernelEx (or a GPU before Hopper): cuLaunchKernel
     d.prepared_linear(**linear_call())()
     assert len(seen) == 5 and len(d.launches) == 1
 
@@ -127,15 +136,15 @@ def at(i: int) -> int:
     return BASE + (i << 30)
 
 
-def fused_call(mode: int = D.ADD_NORM) -> dict[str, Any]:
+def fused_call(mode: int = F.ADD_NORM) -> dict[str, Any]:
     return dict(
-        mode=mode, rows=2, x=at(0), x_ld=2 * H if mode == D.SILU else H, w=at(1), n=N, k=H, y=at(2), y_ld=N,
+        mode=mode, rows=2, x=at(0), x_ld=2 * H if mode == F.SILU else H, w=at(1), n=N, k=H, y=at(2), y_ld=N,
         ab_type=D.CUDA_R_16BF, c_type=D.CUDA_R_16BF, h=at(3), h_ld=H, norm_weight=at(4), h_out=at(5), eps=1e-5,
     )  # fmt: skip
 
 
-def rope() -> D.RopeAppend:
-    return D.RopeAppend(
+def rope() -> F.RopeAppend:
+    return F.RopeAppend(
         hq=4, hk=2, d=64, theta=5e5, scale=8.0, llama3=True, low_freq_factor=1.0, high_freq_factor=4.0,
         old_context_len=8192.0, positions=at(6), batch_indices=at(7), kv_indptr=at(8), kv_indices=at(9),
         k_cache=at(10), v_cache=at(11), page_size=16, num_pages=8, stride_page=16 * 2 * 64, stride_n=2 * 64,
@@ -185,7 +194,7 @@ def bad_values(name: str) -> tuple[Any, ...]:
         # 1e300 and -1e39 are finite floats but no float32 (the kernel's): struct.pack raised OverflowError
         return (None, float("nan"), float("inf"), HUGE, 1e300, -1e39, True, "0.5", (0.5,), np.array([0.5, 0.5]))
     if name == "mode":
-        return (None, 0, 4, 1.5, True, "1", np.float64(1.0), D.NORM | D._ROPE, [1])
+        return (None, 0, 4, 1.5, True, "1", np.float64(1.0), F.NORM | F.ROPE, [1])
     if name == "rope":
         return (None, 5, "x", dataclasses.asdict(rope()))
     if name in ADDRESSES:
@@ -196,15 +205,15 @@ def bad_values(name: str) -> tuple[Any, ...]:
 
 
 ENTRIES = {
-    "fused_linear": (lambda d: d.fused_linear, fused_call),
-    "fused_linear (SILU)": (lambda d: d.fused_linear, lambda: fused_call(D.SILU)),
-    "prepared_fused": (lambda d: d.prepared_fused, fused_call),
-    "prepared_qkv_rope": (lambda d: d.prepared_qkv_rope, qkv_call),
-    "prepared_gate_up_silu": (lambda d: d.prepared_gate_up_silu, gate_up_call),
+    "fused_linear": (lambda d: d.fused.linear, fused_call),
+    "fused_linear (SILU)": (lambda d: d.fused.linear, lambda: fused_call(F.SILU)),
+    "prepared_fused": (lambda d: d.fused.prepared, fused_call),
+    "prepared_qkv_rope": (lambda d: d.fused.prepared_qkv_rope, qkv_call),
+    "prepared_gate_up_silu": (lambda d: d.fused.prepared_gate_up_silu, gate_up_call),
     "prepared_linear": (lambda d: d.prepared_linear, linear_call),
-    "prepared_gather": (lambda d: d.prepared_gather, gather_call),
-    "prepared_fp8_silu": (lambda d: d.prepared_fp8_silu, fp8_silu_call),
-    "prepared_fp8_qkv_rope": (lambda d: d.prepared_fp8_qkv_rope, fp8_qkv_call),
+    "prepared_gather": (lambda d: d.rows.prepared_gather, gather_call),
+    "prepared_fp8_silu": (lambda d: d.quantized.prepared_fp8_silu, fp8_silu_call),
+    "prepared_fp8_qkv_rope": (lambda d: d.quantized.prepared_fp8_qkv_rope, fp8_qkv_call),
 }
 CASES = [  # (prepared_linear passes dtype codes 0 and -1 on: cuBLAS refuses what it lacks)
     (entry, name, value)
@@ -238,15 +247,15 @@ def test_a_bad_value_is_refused_by_name_before_any_launch(entry, name, value):
     assert name in str(caught.value) or (name in ("rows", "k") and str(caught.value).startswith("rows, k:"))
     assert "unhashable" not in str(caught.value)
     assert d.launches == []
-    assert d._fused_args == {}
+    assert d.fused._args == {}
 
 
-@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(D.RopeAppend)])
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(F.RopeAppend)])
 def test_a_bad_rope_field_is_refused_by_name(field):
     d = fake_dense()
     bad = "x" if field != "llama3" else 1
     with pytest.raises((TypeError, ValueError), match=rf"^rope\.{field}: "):
-        d.prepared_qkv_rope(**{**qkv_call(), "rope": dataclasses.replace(rope(), **{field: bad})})
+        d.fused.prepared_qkv_rope(**{**qkv_call(), "rope": dataclasses.replace(rope(), **{field: bad})})
     assert d.launches == []
 
 
@@ -262,8 +271,8 @@ def test_a_rope_constant_past_float32_is_refused_by_name(field, value, match):
     # each finite and > 0 (as a float64), but its float32 constant would be an infinity in the kernel
     d = fake_dense()
     with pytest.raises(ValueError, match=match):
-        d.prepared_qkv_rope(**{**qkv_call(), "rope": dataclasses.replace(rope(), **{field: value})})
-    assert d.launches == [] and d._fused_args == {}
+        d.fused.prepared_qkv_rope(**{**qkv_call(), "rope": dataclasses.replace(rope(), **{field: value})})
+    assert d.launches == [] and d.fused._args == {}
 
 
 @pytest.mark.parametrize(
@@ -279,33 +288,33 @@ def test_a_rope_constant_past_float32_is_refused_by_name(field, value, match):
 def test_strides_shorter_than_a_row_and_ranges_past_2_64_are_refused(change, match):
     d = fake_dense()
     with pytest.raises(ValueError, match=match):
-        d.fused_linear(**{**fused_call(), **change})
+        d.fused.linear(**{**fused_call(), **change})
     assert d.launches == []
 
 
 def test_one_row_takes_any_stride_and_norm_ignores_x():
     # a single row never steps by its stride; NORM reads no x (the engine passes x and x_ld anyway)
     d = fake_dense()
-    d.fused_linear(**{**fused_call(D.NORM), "rows": 1, "y_ld": 0, "h_ld": 0, "x_ld": 0})
-    d.fused_linear(**{**fused_call(D.NORM), "x_ld": 0})
+    d.fused.linear(**{**fused_call(F.NORM), "rows": 1, "y_ld": 0, "h_ld": 0, "x_ld": 0})
+    d.fused.linear(**{**fused_call(F.NORM), "x_ld": 0})
     assert len(d.launches) == 2
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
 def test_each_launch_takes_the_kernel_compiled_for_its_row_count(rows: int):
-    """The 16-bit GEMVs are compiled once per row count (Dense.gemv_fixed_rows): the plain, fused, RoPE and router
-    launches of ``rows`` rows take that count's kernel (the fakes' handles: base + 0x100 * (rows - 1))."""
+    """The 16-bit GEMVs are compiled once per row count (GemvSettings.gemv_fixed_rows): the plain, fused, RoPE and
+    router launches of ``rows`` rows take that count's kernel (the fakes' handles: base + 0x100 * (rows - 1))."""
     d = router_dense()
-    d._launch_ex = lambda config, fn, params, extra: d.launches.append((fn,)) or 0
+    d.launcher.launch_ex = lambda config, fn, params, extra: d.launches.append((fn,)) or 0
     d.bandwidth_bound = False  # an eager step: the GEMV serves every call of at most 4 rows
     offset = 0x100 * (rows - 1)
     d.prepared_linear(**{**linear_call(), "rows": rows})()
-    d.prepared_fused(**{**fused_call(), "rows": rows})()
-    d.prepared_qkv_rope(**{**qkv_call(), "rows": rows})()
-    d.prepared_router(**{**router_call(), "rows": rows})()
-    d.prepared_gate_up_silu(**{**gate_up_call(), "rows": rows})()
+    d.fused.prepared(**{**fused_call(), "rows": rows})()
+    d.fused.prepared_qkv_rope(**{**qkv_call(), "rows": rows})()
+    d.fused.prepared_router(**{**router_call(), "rows": rows})()
+    d.fused.prepared_gate_up_silu(**{**gate_up_call(), "rows": rows})()
     d.linear(**{**linear_call(), "rows": rows})  # the unprepared path: cuLaunchKernel, its first argument
-    d.fused_linear(**{**fused_call(D.SILU), "rows": rows})
+    d.fused.linear(**{**fused_call(F.SILU), "rows": rows})
     launched = [launch[0] for launch in d.launches]
     assert launched == [base + offset for base in (0x3000, 0x1002, 0x2002, 0x5002, 0x6002, 0x3000, 0x1003)]
 
@@ -317,11 +326,13 @@ def test_the_gate_up_silu_call_packs_the_gemvs_arguments_and_its_half_width_outp
     and a weight registered as FP8 are refused by name."""
     d = fake_dense()
     call = gate_up_call()
-    prepared = d.prepared_gate_up_silu(**call)  # kept: a launch's argument array lives as long as its prepared call
+    prepared = d.fused.prepared_gate_up_silu(
+        **call
+    )  # kept: a launch's argument array lives as long as its prepared call
     prepared()
     fn, grid, _, _, block, _, _, smem, stream, params, _ = d.launches[0]
-    assert (fn, grid, block, smem, stream) == (0x6100 + D.ADD_NORM, N // 2 // 8, 256, 2 * H * 2, 0x77)
-    slots = [d._driver_ffi.cast("uint64_t*", params[i])[0] for i in range(30)]
+    assert (fn, grid, block, smem, stream) == (0x6100 + F.ADD_NORM, N // 2 // 8, 256, 2 * H * 2, 0x77)
+    slots = [d.launcher.ffi.cast("uint64_t*", params[i])[0] for i in range(30)]
     names = ("x", "w", "y", "rows", "n", "k", "x_ld", "y_ld", "h", "norm_weight", "h_out", "h_ld")
     assert slots[:12] == [call[n] for n in names] and slots[13:] == [0] * 17
     for change, match in (
@@ -330,34 +341,35 @@ def test_the_gate_up_silu_call_packs_the_gemvs_arguments_and_its_half_width_outp
         ({"y": call["x"] + 2 * 8}, "y: overlaps x"),
         ({"y": call["h"]}, "y: overlaps h"),
         ({"w": at(12)}, "w: the RoPE and SiLU epilogues read 16-bit weights"),
-        ({"mode": D.SILU}, "mode: the SiLU epilogue follows a NORM or ADD_NORM prologue"),
+        ({"mode": F.SILU}, "mode: the SiLU epilogue follows a NORM or ADD_NORM prologue"),
     ):
         with pytest.raises(ValueError, match=match):
-            d.prepared_gate_up_silu(**{**call, **change})
+            d.fused.prepared_gate_up_silu(**{**call, **change})
     assert len(d.launches) == 1
 
 
 def test_the_packed_arguments_are_the_call_values():
     d = fake_dense()
     call = fused_call()
-    d.fused_linear(**call)
+    d.fused.linear(**call)
     fn, grid, _, _, block, _, _, smem, stream, params, _ = d.launches[0]
     assert (fn, grid, block, smem, stream) == (0x1102, N // 8, 256, 2 * H * 2, 0x77)  # ADD_NORM's 2-row kernel
-    slots = [d._driver_ffi.cast("uint64_t*", params[i])[0] for i in range(13)]
+    slots = [d.launcher.ffi.cast("uint64_t*", params[i])[0] for i in range(13)]
     eps_bits = int.from_bytes(struct.pack("<f", call["eps"]), "little")
     names = ("x", "w", "y", "rows", "n", "k", "x_ld", "y_ld", "h", "norm_weight", "h_out", "h_ld")
     assert slots == [call[n] for n in names] + [eps_bits]
-    d.fused_linear(**call)  # the same call site: packed once, launched again with the same array
-    assert d.launches[1][9] == params and len(d._fused_args) == 1
+    d.fused.linear(**call)  # the same call site: packed once, launched again with the same array
+    assert d.launches[1][9] == params and len(d.fused._args) == 1
 
 
 def test_after_close_the_fused_gemv_refuses_and_names_why():
     d = fake_dense()
-    d.gemv, d._fused_fns = False, {}  # what close() leaves
+    d.fused.close()  # what Dense.close leaves
+    d.launcher.close()
     with pytest.raises(ValueError, match="no fused GEMV compiled"):
-        d.fused_linear(**fused_call())
+        d.fused.linear(**fused_call())
     with pytest.raises(ValueError, match="driver launch path is off"):
-        d.prepared_gather(**gather_call())
+        d.rows.prepared_gather(**gather_call())
 
 
 def test_a_llama31_rope_band_of_zero_width_is_refused_as_the_rope_op_refuses_it():
@@ -365,32 +377,32 @@ def test_a_llama31_rope_band_of_zero_width_is_refused_as_the_rope_op_refuses_it(
     d = fake_dense()
     band = dataclasses.replace(rope(), high_freq_factor=1.0)
     with pytest.raises(ValueError, match=r"^rope\.high_freq_factor: expected a value > low_freq_factor \(1\.0\)"):
-        d.prepared_qkv_rope(**{**qkv_call(), "rope": band})
-    d.prepared_qkv_rope(**{**qkv_call(), "rope": dataclasses.replace(band, llama3=False)})()  # plain RoPE: unused
+        d.fused.prepared_qkv_rope(**{**qkv_call(), "rope": band})
+    d.fused.prepared_qkv_rope(**{**qkv_call(), "rope": dataclasses.replace(band, llama3=False)})()  # plain RoPE: unused
     assert len(d.launches) == 1
 
 
 @pytest.mark.parametrize("bad", [None, 1.5, "2", True, [2]])
 def test_the_predicates_refuse_what_is_no_int_by_name(bad):
     d = fake_dense()
-    assert d.fused_fits(4, H) and d.fused_fits(np.int64(2), np.int32(H)) and not d.fused_fits(5, H)
-    assert d.has_qkv_rope(D.CUDA_R_16BF, 128) and not d.has_qkv_rope(D.CUDA_R_16BF, 96)
+    assert d.fused.fits(4, H) and d.fused.fits(np.int64(2), np.int32(H)) and not d.fused.fits(5, H)
+    assert d.fused.has_qkv_rope(D.CUDA_R_16BF, 128) and not d.fused.has_qkv_rope(D.CUDA_R_16BF, 96)
     for call, name in (
-        (lambda: d.fused_fits(bad, H), "rows"),
-        (lambda: d.fused_fits(2, bad), "k"),
-        (lambda: d.has_qkv_rope(bad, 128), "ab_type"),
-        (lambda: d.has_qkv_rope(D.CUDA_R_16BF, bad), "d"),
+        (lambda: d.fused.fits(bad, H), "rows"),
+        (lambda: d.fused.fits(2, bad), "k"),
+        (lambda: d.fused.has_qkv_rope(bad, 128), "ab_type"),
+        (lambda: d.fused.has_qkv_rope(D.CUDA_R_16BF, bad), "d"),
     ):
         with pytest.raises(TypeError, match=f"^{name}: expected an int"):
             call()
 
 
 def test_prepared_kernel_packs_integer_arguments_into_8_byte_slots() -> None:
-    """Dense.prepared_kernel (the MoE layer's packed launches): the grid's two dimensions, block and shared bytes
+    """Launcher.prepared_kernel (the MoE layer's packed launches): the grid's two dimensions, block and shared bytes
     reach cuLaunchKernel, each argument sits in its own 8-byte slot (what a 32-bit parameter reads as its low
     half), and a float, a negative or an out-of-range value is refused by the argument's name."""
     d = fake_dense()
-    prepared = d.prepared_kernel(0x5000, (3, 8), 256, 4096, [at(0), 7, (1 << 40) + 5], "k")  # kept, as above
+    prepared = d.launcher.prepared_kernel(0x5000, (3, 8), 256, 4096, [at(0), 7, (1 << 40) + 5], "k")  # kept, as above
     prepared()
     fn, gx, gy, gz, block, by, bz, smem, stream, params, _ = d.launches[0]
     assert (fn, gx, gy, gz, block, by, bz, smem, stream) == (0x5000, 3, 8, 1, 256, 1, 1, 4096, 0x77)
@@ -399,27 +411,27 @@ def test_prepared_kernel_packs_integer_arguments_into_8_byte_slots() -> None:
     assert slots == [at(0), 7, (1 << 40) + 5]
     for bad, match in ((1.5, r"args\[1\]"), (-1, r"args\[1\]"), (1 << 64, r"args\[1\]"), (True, r"args\[1\]")):
         with pytest.raises((TypeError, ValueError), match=match):
-            d.prepared_kernel(0x5000, (1, 1), 32, 0, [0, bad], "k")
+            d.launcher.prepared_kernel(0x5000, (1, 1), 32, 0, [0, bad], "k")
     with pytest.raises((TypeError, ValueError), match="grid"):
-        d.prepared_kernel(0x5000, (0, 1), 32, 0, [], "k")
-    d.gemv = False
+        d.launcher.prepared_kernel(0x5000, (0, 1), 32, 0, [], "k")
+    d.launcher.close()
     with pytest.raises(ValueError, match="launch path is off"):
-        d.prepared_kernel(0x5000, (1, 1), 32, 0, [], "k")
+        d.launcher.prepared_kernel(0x5000, (1, 1), 32, 0, [], "k")
 
 
-def router_call(mode: int = D.ADD_NORM) -> dict[str, Any]:
+def router_call(mode: int = F.ADD_NORM) -> dict[str, Any]:
     """A valid prepared_router call: 2 rows of H over 16 experts, top-2 (addresses at(12..15) for the epilogue)."""
     call = fused_call(mode)
     del call["c_type"], call["y"], call["y_ld"]
-    route = D.RouterEpilogue(normed=at(12), normed_ld=H, top_k=2, renormalize=True, experts=at(13), weights=at(14),
+    route = F.RouterEpilogue(normed=at(12), normed_ld=H, top_k=2, renormalize=True, experts=at(13), weights=at(14),
                              done=at(15))  # fmt: skip
     return {**call, "n": 16, "logits": at(2), "logits_ld": 16, "route": route}
 
 
 def router_dense() -> D.Dense:
     d = fake_dense()
-    d._fused_fns |= {
-        (m | D._ROUTE, ab, D.CUDA_R_32F): tuple(0x5000 + m + 0x100 * r for r in range(4))
+    d.fused._fns |= {
+        (m | F.ROUTE, ab, D.CUDA_R_32F): tuple(0x5000 + m + 0x100 * r for r in range(4))
         for ab in (D.CUDA_R_16F, D.CUDA_R_16BF)
         for m in (1, 2)
     }
@@ -428,13 +440,13 @@ def router_dense() -> D.Dense:
 
 def test_a_router_call_packs_its_epilogue_after_the_fused_gemvs_arguments():
     d = router_dense()
-    assert d.has_router(D.CUDA_R_16BF) and not fake_dense().has_router(D.CUDA_R_16BF)
+    assert d.fused.has_router(D.CUDA_R_16BF) and not fake_dense().fused.has_router(D.CUDA_R_16BF)
     call = router_call()
-    prepared = d.prepared_router(**call)  # kept: a launch's argument array lives as long as its prepared call
+    prepared = d.fused.prepared_router(**call)  # kept: a launch's argument array lives as long as its prepared call
     prepared()
     fn, grid, _, _, block, _, _, smem, stream, params, _ = d.launches[0]
-    assert (fn, grid, block, smem, stream) == (0x5100 + D.ADD_NORM, 2, 256, 2 * 2 * H, 0x77)
-    slots = [d._driver_ffi.cast("uint64_t*", params[i])[0] for i in range(20)]
+    assert (fn, grid, block, smem, stream) == (0x5100 + F.ADD_NORM, 2, 256, 2 * 2 * H, 0x77)
+    slots = [d.launcher.ffi.cast("uint64_t*", params[i])[0] for i in range(20)]
     r = call["route"]
     eps_bits = int.from_bytes(struct.pack("<f", call["eps"]), "little")
     want = [call[n] for n in ("x", "w", "logits", "rows", "n", "k", "x_ld", "logits_ld", "h", "norm_weight")]
@@ -445,7 +457,7 @@ def test_a_router_call_packs_its_epilogue_after_the_fused_gemvs_arguments():
 @pytest.mark.parametrize(
     ("change", "error", "match"),
     [
-        (dict(mode=D.SILU), ValueError, r"^mode: the routing epilogue follows a NORM or ADD_NORM prologue"),
+        (dict(mode=F.SILU), ValueError, r"^mode: the routing epilogue follows a NORM or ADD_NORM prologue"),
         (dict(route=(1, 2)), TypeError, r"^route: expected a RouterEpilogue"),
         (dict(route_top_k=0), ValueError, r"^route\.top_k: "),
         (dict(route_top_k=17), ValueError, r"^route\.top_k: expected at most n \(16\)"),
@@ -474,15 +486,15 @@ def test_a_bad_router_call_is_refused_by_name_before_any_launch(change, error, m
     if fields:
         call["route"] = dataclasses.replace(call["route"], **fields)
     with pytest.raises(error, match=match):
-        d.prepared_router(**call)
+        d.fused.prepared_router(**call)
     assert d.launches == []
 
 
 def test_a_router_over_fp8_weights_is_refused():
     d = router_dense()
-    d._fp8_weights = {at(1): object()}
+    d.quantized.fp8_weights = {at(1): object()}  # type: ignore[dict-item]
     with pytest.raises(ValueError, match=r"^w: the routing epilogue reads 16-bit router weights"):
-        d.prepared_router(**router_call())
+        d.fused.prepared_router(**router_call())
     assert d.launches == []
 
 
@@ -494,16 +506,19 @@ def test_the_fp8_epilogue_gemvs_pack_their_pairs_and_scales() -> None:
     a block per pair, at most ``Fp8Linears.one_row_blocks_per_sm`` blocks an SM (fewer: each walks several pairs), a
     bad setting refused by name."""
     d = fake_dense()
-    calls = [d.prepared_fp8_silu(**fp8_silu_call()), d.prepared_fp8_qkv_rope(**{**fp8_qkv_call(), "rows": 1})]
+    calls = [
+        d.quantized.prepared_fp8_silu(**fp8_silu_call()),
+        d.quantized.prepared_fp8_qkv_rope(**{**fp8_qkv_call(), "rows": 1}),
+    ]
     for call in calls:  # (kept: a launch's argument array lives as long as its prepared call)
         call()
     (fn, grid, _, _, block, _, _, smem, stream, params, _), qkv = d.launches
     assert (fn, grid, block, smem, stream) == (0x5000 + 0x100 + 0x10 + 2, N // 4, 128, 0, 0x77)
-    slots = [d._driver_ffi.cast("uint64_t*", params[i])[0] for i in range(29)]
+    slots = [d.launcher.ffi.cast("uint64_t*", params[i])[0] for i in range(29)]
     assert slots == [at(0), at(12), at(2), 2, N // 2, H, H, N // 2, at(14), H // 128, 128, 3] + [0] * 17
     fn, grid, block, params = qkv[0], qkv[1], qkv[4], qkv[9]
     assert (fn, grid, block) == (0x5000 + 0x200 + 0x10 + 1, 8 * 64 // 2, 128)  # one row: a block per pair
-    slots = [d._driver_ffi.cast("uint64_t*", params[i])[0] for i in range(29)]
+    slots = [d.launcher.ffi.cast("uint64_t*", params[i])[0] for i in range(29)]
     r = rope()
     assert slots[:12] == [at(0), at(13), at(2), 1, 8 * 64 // 2, H, H, 8 * 64, at(15), 0, 1, 0]
     assert slots[12:15] == [4, 2, 64] and slots[19:] == [
@@ -517,18 +532,18 @@ def test_the_fp8_epilogue_gemvs_pack_their_pairs_and_scales() -> None:
         *[r.stride_page, r.stride_n, r.stride_h],
     ]
     d.launches.clear()
-    d._fp8.one_row_blocks_per_sm = 1  # 132 blocks (an H100's SMs) over 256 pairs
-    d.prepared_fp8_qkv_rope(**{**fp8_qkv_call(), "rows": 1})()
+    d.quantized.fp8.one_row_blocks_per_sm = 1  # 132 blocks (an H100's SMs) over 256 pairs
+    d.quantized.prepared_fp8_qkv_rope(**{**fp8_qkv_call(), "rows": 1})()
     assert d.launches[0][1] == 132
     for bad in (0, 1025, 2.0, "4", None):
-        d._fp8.one_row_blocks_per_sm = bad
+        d.quantized.fp8.one_row_blocks_per_sm = bad
         with pytest.raises(ValueError, match=r"^Fp8Linears.one_row_blocks_per_sm: expected an int from 1 to 1024"):
-            d.prepared_fp8_qkv_rope(**{**fp8_qkv_call(), "rows": 1})
-    del d._fp8.one_row_blocks_per_sm
+            d.quantized.prepared_fp8_qkv_rope(**{**fp8_qkv_call(), "rows": 1})
+    del d.quantized.fp8.one_row_blocks_per_sm
     # from 3 rows: the tensor-core form, 8 pairs a block, the warps gemv gives the whole weight (N / 16 = 32 blocks:
     # 8 warps, as fewer than 8 warps an SM would be left)
     d.launches.clear()
-    kept = d.prepared_fp8_silu(**{**fp8_silu_call(), "rows": 3})
+    kept = d.quantized.prepared_fp8_silu(**{**fp8_silu_call(), "rows": 3})
     kept()
     fn, grid, _, _, block = d.launches[0][:5]
     assert (fn, grid, block) == (0x6000 + 0x100 + 0x10 + 1, N // 2 // 8, 256)
@@ -554,7 +569,9 @@ def test_the_fp8_epilogue_gemvs_pack_their_pairs_and_scales() -> None:
 def test_a_bad_fp8_epilogue_call_is_refused_by_name(entry, change, match):
     d = fake_dense()
     method, call = (
-        (d.prepared_fp8_silu, fp8_silu_call()) if entry == "silu" else (d.prepared_fp8_qkv_rope, fp8_qkv_call())
+        (d.quantized.prepared_fp8_silu, fp8_silu_call())
+        if entry == "silu"
+        else (d.quantized.prepared_fp8_qkv_rope, fp8_qkv_call())
     )
     warm = method(**call)
     warm()  # a valid call of the same layout first: the checks hold on every later call too (nothing is cached)
@@ -565,10 +582,10 @@ def test_a_bad_fp8_epilogue_call_is_refused_by_name(entry, change, match):
 
 def test_an_odd_gate_up_weight_and_a_missing_kernel_are_refused_by_name() -> None:
     d = fake_dense()
-    d._fp8_weights[at(16)] = Fp8Weight(at(16), N - 1, H, at(14), None)
+    d.quantized.fp8_weights[at(16)] = Fp8Weight(at(16), N - 1, H, at(14), None)
     with pytest.raises(ValueError, match=r"^w: the gate/up weight has 511 rows; the SiLU pairs gate and up rows"):
-        d.prepared_fp8_silu(**{**fp8_silu_call(), "w": at(16)})
-    d._fp8.pair_fn = lambda *args: None  # type: ignore[method-assign]  # what a failed compile leaves
+        d.quantized.prepared_fp8_silu(**{**fp8_silu_call(), "w": at(16)})
+    d.quantized.fp8.pair_fn = lambda *args: None  # type: ignore[method-assign]  # what a failed compile leaves
     with pytest.raises(ValueError, match=r"^w: no FP8 GEMV with the SiLU epilogue compiled"):
-        d.prepared_fp8_silu(**fp8_silu_call())
+        d.quantized.prepared_fp8_silu(**fp8_silu_call())
     assert d.launches == []

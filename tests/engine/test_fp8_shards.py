@@ -109,10 +109,11 @@ def test_the_family_refuses_a_shard_that_cuts_a_block_before_any_gpu_work(tmp_pa
 
 
 class Fp8Registry:
-    """Stands in for the GPU's Dense where the load registers e4m3 weights (``add_fp8_weight``)."""
+    """Stands in for the GPU's Dense where the load registers e4m3 weights (``dense.quantized.add_fp8_weight``)."""
 
     def __init__(self) -> None:
         self.weights: dict[int, tuple[int, int, int, tuple[int, int] | None]] = {}  # w -> (n, k, scales, block)
+        self.quantized = self  # (the Dense's registry part: this stand-in is both)
 
     def add_fp8_weight(self, w: int, n: int, k: int, scales: int, block: tuple[int, int] | None) -> None:
         self.weights[w] = (n, k, scales, block)

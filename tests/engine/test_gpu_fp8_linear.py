@@ -1,4 +1,4 @@
-"""``Dense.linear`` on e4m3 weights (``Dense.add_fp8_weight``, :mod:`fi_engine.kernels.fp8_linear`), on a GPU
+"""``Dense.linear`` on e4m3 weights (``QuantizedWeights.add_fp8_weight``, :mod:`fi_engine.kernels.fp8_linear`), on a GPU
 (FI_FFI_RUN_GPU_TESTS=1; CuPy; torch only to decode e4m3, independently of the engine's integer decoding).
 
 Against the float32 reference ``y = x @ (e4m3(w) * scale).T`` computed in numpy (float64 sums of the float32
@@ -7,22 +7,22 @@ products), per-row and 128x128-block scales, bfloat16 and float16 activations, 1
 - the GEMV (1 to 8 rows, the prepared launch too): float32 sums of exact products, so per output ``|y - ref| <=
   sum_c |x_c w_c| * 2**-20 + |ref| * ulp_out`` (2**-20: float32 rounding over k <= 4096 terms with room; ulp_out
   2**-8 bfloat16, 2**-11 float16, 0 for float32 out);
-- more rows (16 and 40) with the W8A16 path (``Dense.fp8_w8a8`` off): each weight dequantized to the 16-bit type
-  first (one rounding, relative ``ulp_w`` = 2**-8 bfloat16 / 2**-11 float16), then the 16-bit GEMM: ``|y - ref| <=
+- more rows (16 and 40) with the W8A16 path (``QuantizedWeights.fp8_w8a8`` off): each weight dequantized to the 16-bit
+  type first (one rounding, relative ``ulp_w`` = 2**-8 bfloat16 / 2**-11 float16), then the 16-bit GEMM: ``|y - ref| <=
   sum_c |x_c w_c| * (ulp_w + 2**-20) + |ref| * ulp_out``;
-- 1 to 200 rows with the W8A8 path (the default above ``Dense.fp8_gemv_max_rows`` rows, which the test sets to 0:
-  activations quantized to e4m3 per row, or per row and 128 columns for 128x128-block weights, then cuBLASLt's FP8
-  GEMM; multiples of 4 rows served whole by it): against the same product computed in numpy on the activations
-  quantized exactly as the engine specifies (amax, scale = amax / 448, RNE e4m3 of x * (448 / amax) in float32),
-  ``|y - ref_q| <= sum_c |xq_c w_c| * 2**-12 + |ref_q| * ulp_out`` (2**-12: Hopper's FP8 tensor cores keep fewer
-  bits than float32 between cuBLASLt's promotions to float32); rows cuBLASLt does not take (the last few of a count
-  it refuses, or all of at most 8 rows) go through the FP8 GEMV and meet the GEMV's bound instead;
-- the fused decode step's GEMVs over e4m3 weights (``Dense.fused_linear`` with a norm, add-norm or SiLU
+- 1 to 200 rows with the W8A8 path (the default above ``QuantizedWeights.fp8_gemv_max_rows`` rows, which the test sets
+  to 0: activations quantized to e4m3 per row, or per row and 128 columns for 128x128-block weights, then cuBLASLt's FP8
+  GEMM; multiples of 4 rows served whole by it): against the same product computed in numpy on the activations quantized
+  exactly as the engine specifies (amax, scale = amax / 448, RNE e4m3 of x * (448 / amax) in float32), ``|y - ref_q| <=
+  sum_c |xq_c w_c| * 2**-12 + |ref_q| * ulp_out`` (2**-12: Hopper's FP8 tensor cores keep fewer bits than float32
+  between cuBLASLt's promotions to float32); rows cuBLASLt does not take (the last few of a count it refuses, or all of
+  at most 8 rows) go through the FP8 GEMV and meet the GEMV's bound instead;
+- the fused decode step's GEMVs over e4m3 weights (``FusedGemvs.linear`` with a norm, add-norm or SiLU
   prologue): their output against the plain FP8 GEMV applied to the prologue's rows (which the 16-bit fused
   kernel yields exactly through an identity weight), within 2**-20 of the magnitude sum (the same sums in the same
   order; only the module's flush-to-zero of tiny products may differ), and the new residual bit for bit;
-- the FP8 decode step's GEMVs with an epilogue (``Dense.prepared_fp8_silu``: SiLU of the gate and up outputs;
-  ``Dense.prepared_fp8_qkv_rope``: RoPE and the KV append) against the widening FP8 GEMV then FlashInfer's
+- the FP8 decode step's GEMVs with an epilogue (``QuantizedWeights.prepared_fp8_silu``: SiLU of the gate and up outputs;
+  ``QuantizedWeights.prepared_fp8_qkv_rope``: RoPE and the KV append) against the widening FP8 GEMV then FlashInfer's
   ``silu_and_mul`` / ``apply_rope_pos_ids`` and ``append_paged_kv_cache``: bit for bit, 1 to 4 rows;
 - the tensor-core GEMV (from 3 rows by default) against the widening one at every row count 1-8;
 - the one-row widening GEMV and its SiLU form (``gemv8_one_row``: each block walks several groups of columns when
@@ -47,8 +47,9 @@ if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
 cp = pytest.importorskip("cupy", reason="the engine needs CuPy")
 torch = require_torch()  # the e4m3 reference decodes through torch.float8_e4m3fn
 
-from fi_engine.kernels.dense import ADD_NORM, CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, NORM, SILU, Dense  # noqa: E402
+from fi_engine.kernels.dense import CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, Dense  # noqa: E402
 from fi_engine.kernels.fp8_linear import FP8_GEMV_MAX_ROWS  # noqa: E402
+from fi_engine.kernels.fused_args import ADD_NORM, NORM, SILU  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -97,12 +98,12 @@ def random_weight(rng: np.random.Generator, n: int, k: int, block: tuple[int, in
 @pytest.mark.parametrize("ab", [CUDA_R_16BF, CUDA_R_16F], ids=["bf16", "f16"])
 @pytest.mark.parametrize("out_f32", [False, True], ids=["out16", "out32"])
 def test_fp8_linear_against_float32(dense, block, ab, out_f32) -> None:  # type: ignore[no-untyped-def]
-    dense.fp8_w8a8 = False  # the W8A16 path for every row count (the W8A8 one: the next test)
+    dense.quantized.fp8_w8a8 = False  # the W8A16 path for every row count (the W8A8 one: the next test)
     rng = np.random.default_rng(7)
     n, k = 392, 1088  # n and k not multiples of 128: partial blocks on both axes
     bits, scales, w = random_weight(rng, n, k, block)
     dw, ds = cp.asarray(bits), cp.asarray(scales)
-    dense.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
+    dense.quantized.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
     c = CUDA_R_32F if out_f32 else ab
     for rows in (1, 2, 3, 4, 5, 8, 16, 40):
         x = rng.standard_normal((rows, k)).astype(np.float32)
@@ -147,12 +148,12 @@ def quantize_rows(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("ab", [CUDA_R_16BF, CUDA_R_16F], ids=["bf16", "f16"])
 @pytest.mark.parametrize("out_f32", [False, True], ids=["out16", "out32"])
 def test_fp8_tensor_core_gemm_against_the_quantized_product(dense, block, ab, out_f32) -> None:  # type: ignore[no-untyped-def]
-    dense.fp8_gemv_max_rows = 0  # the FP8 GEMM for few rows too, where cuBLASLt takes them (else the GEMV)
+    dense.quantized.fp8_gemv_max_rows = 0  # the FP8 GEMM for few rows too, where cuBLASLt takes them (else the GEMV)
     rng = np.random.default_rng(9)
     n, k = 640, 1152  # multiples of 128 (cuBLASLt's block scales); 9 scale columns: the padded copy
     bits, scales, w = random_weight(rng, n, k, block)
     dw, ds = cp.asarray(bits), cp.asarray(scales)
-    dense.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
+    dense.quantized.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
     c = CUDA_R_32F if out_f32 else ab
     w64 = w.astype(np.float64)
     for rows in (1, 4, 6, 8, 9, 16, 20, 37, 64, 200):
@@ -172,7 +173,9 @@ def test_fp8_tensor_core_gemm_against_the_quantized_product(dense, block, ab, ou
         tensor_core = (np.abs(got - ref_q) <= bound_q).all(axis=1)
         gemv = (np.abs(got - ref) <= bound).all(axis=1)
         print(f"rows={rows} block={block}: {int(tensor_core.sum())} rows the W8A8 product, {int(gemv.sum())} the W8A16")
-        print("  w8a8 plans:", [bool(p) for p in dense._fp8._w8a8_plans.values()], dense._fp8.w8a8_error)
+        print(
+            "  w8a8 plans:", [bool(p) for p in dense.quantized.fp8._w8a8_plans.values()], dense.quantized.fp8.w8a8_error
+        )
         assert (tensor_core | gemv).all(), f"rows={rows}: rows {np.nonzero(~(tensor_core | gemv))[0]} match neither"
         if rows % 4 == 0:  # cuBLASLt serves these counts whole (measured): no row left to the GEMV
             assert tensor_core.all(), f"rows={rows}: the FP8 tensor-core GEMM did not serve every row"
@@ -194,12 +197,12 @@ def test_fp8_tensor_core_gemm_against_the_quantized_product(dense, block, ab, ou
 @pytest.mark.parametrize("mode", [NORM, ADD_NORM, SILU], ids=["norm", "addnorm", "silu"])
 @pytest.mark.parametrize("block", [None, (128, 128)], ids=["row", "block"])
 def test_fused_fp8_gemv_is_its_prologue_then_the_fp8_gemv(dense, mode, block) -> None:  # type: ignore[no-untyped-def]
-    dense.fp8_gemv_max_rows = FP8_GEMV_MAX_ROWS  # the reference: the plain FP8 GEMV for each row count
+    dense.quantized.fp8_gemv_max_rows = FP8_GEMV_MAX_ROWS  # the reference: the plain FP8 GEMV for each row count
     rng = np.random.default_rng(11)
     n, k, ab = 392, 1024, CUDA_R_16BF
     bits, scales, w = random_weight(rng, n, k, block)
     dw, ds = cp.asarray(bits), cp.asarray(scales)
-    dense.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
+    dense.quantized.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
     eye = to16(np.eye(k, dtype=np.float32), ab)  # in @ I.T = in, exactly (one product per sum)
     for rows in (1, 2, 3, 4):
         xw = 2 * k if mode == SILU else k
@@ -210,7 +213,7 @@ def test_fused_fp8_gemv_is_its_prologue_then_the_fp8_gemv(dense, mode, block) ->
         for name, weight, width in (("in", eye, k), ("fp8", dw, n)):
             y = cp.zeros((rows, width), cp.int16)
             h_out = cp.zeros((rows, k), cp.int16)
-            dense.fused_linear(
+            dense.fused.linear(
                 mode, rows, x.data.ptr, xw, weight.data.ptr, width, k, y.data.ptr, width, ab, ab,
                 h.data.ptr, k, nw.data.ptr, h_out.data.ptr if mode == ADD_NORM else 0, 1e-5,
             )  # fmt: skip
@@ -241,13 +244,13 @@ def test_tensor_core_gemv_against_the_widening_one(monkeypatch, dense, block, ab
     n, k = 200, 1040  # a partial tile of 16 columns, a partial chunk of 128
     bits, scales, w = random_weight(rng, n, k, block)
     dw, ds = cp.asarray(bits), cp.asarray(scales)
-    dense.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
+    dense.quantized.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
     for rows in range(1, 9):
         x = to16(rng.standard_normal((rows, k)).astype(np.float32), ab)
         outs = []
         for tc_rows in (1, 9):
             monkeypatch.setattr(Fp8Linears, "tensor_core_rows", tc_rows)
-            dense._fp8._packed.clear()  # packed call sites keep the kernel they were packed with
+            dense.quantized.fp8._packed.clear()  # packed call sites keep the kernel they were packed with
             y = cp.zeros((rows, n), cp.float32)
             dense.linear(rows, x.data.ptr, k, dw.data.ptr, n, k, y.data.ptr, n, ab, CUDA_R_32F)
             cp.cuda.get_current_stream().synchronize()
@@ -266,14 +269,14 @@ def test_every_e4m3_code_decodes_exactly(dense, rows) -> None:  # type: ignore[n
     """One-hot rows of x pick single weights: y[r, j] = e4m3(w[j, c]) * 1 exactly (float32 out; the dequantized
     path rounds to bfloat16, which holds every e4m3 value), for the 254 codes that are not NaN, subnormals
     included."""
-    dense.fp8_w8a8 = False  # the W8A16 path (the W8A8 one rounds the activations' scale 1 / 448)
+    dense.quantized.fp8_w8a8 = False  # the W8A16 path (the W8A8 one rounds the activations' scale 1 / 448)
     codes = np.array([c for c in range(256) if c & 0x7F != 0x7F], np.uint8)  # 254
     n, k = 32, 256
     bits = np.zeros((n, k), np.uint8)
     for j in range(n):
         bits[j, : codes.size] = np.roll(codes, 7 * j)
     dw, ds = cp.asarray(bits), cp.ones(n, cp.float32)
-    dense.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, None)
+    dense.quantized.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, None)
     want = e4m3_values(bits)
     for first in range(0, codes.size, rows):
         x = np.zeros((rows, k), np.float32)
@@ -293,7 +296,7 @@ def test_bad_fp8_calls_name_the_argument(dense) -> None:  # type: ignore[no-unty
     scales = cp.ones(64, cp.float32)
     x = cp.zeros((1, 256), cp.int16)
     y = cp.zeros((1, 64), cp.int16)
-    dense.add_fp8_weight(bits.data.ptr, 64, 256, scales.data.ptr, None)
+    dense.quantized.add_fp8_weight(bits.data.ptr, 64, 256, scales.data.ptr, None)
     with pytest.raises(ValueError, match="n, k"):
         dense.linear(1, x.data.ptr, 256, bits.data.ptr, 32, 256, y.data.ptr, 64, CUDA_R_16BF, CUDA_R_16BF)
     with pytest.raises(ValueError, match="ab_type, c_type"):
@@ -307,7 +310,7 @@ def test_bad_fp8_calls_name_the_argument(dense) -> None:  # type: ignore[no-unty
         ((bits.data.ptr, 0, 256, scales.data.ptr, None), "n"),
     ):
         with pytest.raises(ValueError, match=f"^{name}:"):
-            dense.add_fp8_weight(*args)
+            dense.quantized.add_fp8_weight(*args)
 
 
 @pytest.mark.parametrize("block", [None, (128, 128)], ids=["row", "block"])
@@ -327,10 +330,10 @@ def test_one_row_gemv_walking_its_groups_gives_the_same_bits(monkeypatch, dense,
     m = n // 2  # the SiLU form's pairs (gate row o, up row o + m): 396 groups
     bits, scales, _ = random_weight(rng, n, k, block)
     dw, ds = cp.asarray(bits), cp.asarray(scales)
-    dense.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
+    dense.quantized.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
     bits2, scales2, _ = random_weight(rng, 2 * m, k, block)
     dg, dgs = cp.asarray(bits2), cp.asarray(scales2)
-    dense.add_fp8_weight(dg.data.ptr, 2 * m, k, dgs.data.ptr, block)
+    dense.quantized.add_fp8_weight(dg.data.ptr, 2 * m, k, dgs.data.ptr, block)
     x = to16(rng.standard_normal((1, k)).astype(np.float32), ab)
     x2 = cp.concatenate([x, x])
     stream = cp.cuda.get_current_stream()
@@ -339,11 +342,11 @@ def test_one_row_gemv_walking_its_groups_gives_the_same_bits(monkeypatch, dense,
         monkeypatch.setattr(Fp8Linears, "one_row_blocks_per_sm", per_sm)
         y, act = cp.zeros((1, n), cp.int16), cp.zeros((1, m), cp.int16)
         dense.prepared_linear(1, x.data.ptr, k, dw.data.ptr, n, k, y.data.ptr, n, ab, ab)()
-        dense.prepared_fp8_silu(1, x.data.ptr, k, dg.data.ptr, k, act.data.ptr, m, ab)()
+        dense.quantized.prepared_fp8_silu(1, x.data.ptr, k, dg.data.ptr, k, act.data.ptr, m, ab)()
         outs[per_sm] = (y, act)
     y2, act2 = cp.zeros((2, n), cp.int16), cp.zeros((2, m), cp.int16)
     dense.prepared_linear(2, x2.data.ptr, k, dw.data.ptr, n, k, y2.data.ptr, n, ab, ab)()
-    dense.prepared_fp8_silu(2, x2.data.ptr, k, dg.data.ptr, k, act2.data.ptr, m, ab)()
+    dense.quantized.prepared_fp8_silu(2, x2.data.ptr, k, dg.data.ptr, k, act2.data.ptr, m, ab)()
     stream.synchronize()
     y, act = outs[1]
     assert np.isfinite(from16(y, ab)).all() and np.abs(from16(y, ab)).max() > 0, "no product"
@@ -367,9 +370,9 @@ def _descriptor(buf: cp.ndarray, shape: tuple[int, ...], ab: int, strides: tuple
 @pytest.mark.parametrize("block", [None, (128, 128)], ids=["row", "block"])
 @pytest.mark.parametrize("ab", [CUDA_R_16BF, CUDA_R_16F], ids=["bf16", "f16"])
 def test_fp8_silu_epilogue_is_the_fp8_gemv_then_silu_and_mul(monkeypatch, dense, block, ab, tc_rows) -> None:  # type: ignore[no-untyped-def]
-    """``Dense.prepared_fp8_silu`` (the gate/up GEMV of the FP8 decode step with SiLU as its epilogue), 1 to 4 rows,
-    against the launches it replaces: the FP8 GEMV into ``[rows, 2 m]``, then FlashInfer's ``silu_and_mul``. Bit for
-    bit: the epilogue's sums are the GEMV's (the widening one, or on tensor cores from ``tensor_core_rows`` rows in
+    """``QuantizedWeights.prepared_fp8_silu`` (the gate/up GEMV of the FP8 decode step with SiLU as its epilogue), 1 to
+    4 rows, against the launches it replaces: the FP8 GEMV into ``[rows, 2 m]``, then FlashInfer's ``silu_and_mul``. Bit
+    for bit: the epilogue's sums are the GEMV's (the widening one, or on tensor cores from ``tensor_core_rows`` rows in
     both), rounded as its output, then FlashInfer's arithmetic. A last odd pair of columns (m = 201: a partial tile of
     the tensor-core form too) and a partial chunk of k."""
     from fi_engine.kernels import flashinfer as kernels
@@ -380,7 +383,7 @@ def test_fp8_silu_epilogue_is_the_fp8_gemv_then_silu_and_mul(monkeypatch, dense,
     m, k = 201, 1040
     bits, scales, _ = random_weight(rng, 2 * m, k, block)
     dw, ds = cp.asarray(bits), cp.asarray(scales)
-    dense.add_fp8_weight(dw.data.ptr, 2 * m, k, ds.data.ptr, block)
+    dense.quantized.add_fp8_weight(dw.data.ptr, 2 * m, k, ds.data.ptr, block)
     stream = cp.cuda.get_current_stream()
     for rows in (1, 2, 3, 4):
         x = to16(rng.standard_normal((rows, k)).astype(np.float32), ab)
@@ -391,7 +394,7 @@ def test_fp8_silu_epilogue_is_the_fp8_gemv_then_silu_and_mul(monkeypatch, dense,
         padded[:, 0, :m], padded[:, 1, :m] = gu[:, :m], gu[:, m:]
         kernels.silu_and_mul(_descriptor(padded, (rows, 416), ab), _descriptor(want, (rows, 208), ab), stream.ptr)
         want = want[:, :m]
-        dense.prepared_fp8_silu(rows, x.data.ptr, k, dw.data.ptr, k, got.data.ptr, m + 1, ab)()
+        dense.quantized.prepared_fp8_silu(rows, x.data.ptr, k, dw.data.ptr, k, got.data.ptr, m + 1, ab)()
         stream.synchronize()
         a, b = from16(got[:, :m], ab), from16(want, ab)
         assert np.isfinite(b).all() and np.abs(b).max() > 0, f"rows={rows}: no product"
@@ -406,11 +409,11 @@ def test_fp8_silu_epilogue_is_the_fp8_gemv_then_silu_and_mul(monkeypatch, dense,
 def test_fp8_rope_epilogue_is_the_fp8_gemv_then_rope_and_append(  # type: ignore[no-untyped-def]
     monkeypatch, dense, block, llama3, tc_rows, one_row_blocks
 ) -> None:
-    """``Dense.prepared_fp8_qkv_rope`` (the QKV GEMV of the FP8 decode step with FlashInfer's RoPE, plain or Llama
-    3.1, and the KV append as its epilogue), bfloat16, head dim 128, 1 to 4 rows at positions up to 300 on shuffled
-    pages, against the FP8 GEMV into qkv (the widening one, or on tensor cores from ``tensor_core_rows`` rows in both:
-    the epilogue shares its sums), then ``apply_rope_pos_ids`` in place and ``append_paged_kv_cache`` through fi_ffi:
-    qkv and both caches bit for bit. One row with a block per pair and with fewer blocks than pairs (each walks
+    """``QuantizedWeights.prepared_fp8_qkv_rope`` (the QKV GEMV of the FP8 decode step with FlashInfer's RoPE, plain or
+    Llama 3.1, and the KV append as its epilogue), bfloat16, head dim 128, 1 to 4 rows at positions up to 300 on
+    shuffled pages, against the FP8 GEMV into qkv (the widening one, or on tensor cores from ``tensor_core_rows`` rows
+    in both: the epilogue shares its sums), then ``apply_rope_pos_ids`` in place and ``append_paged_kv_cache`` through
+    fi_ffi: qkv and both caches bit for bit. One row with a block per pair and with fewer blocks than pairs (each walks
     several: ``Fp8Linears.one_row_blocks_per_sm`` 1)."""
     from helpers.decode_pages import decode_page_table, rope_append, rope_config
 
@@ -424,7 +427,7 @@ def test_fp8_rope_epilogue_is_the_fp8_gemv_then_rope_and_append(  # type: ignore
     n = (hq + 2 * hk) * d
     bits, scales, _ = random_weight(rng, n, k, block)
     dw, ds = cp.asarray(bits), cp.asarray(scales)
-    dense.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
+    dense.quantized.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
     rope = rope_config(llama3)
     stream = cp.cuda.get_current_stream()
     for rows in (1, 2, 3, 4):
@@ -435,7 +438,9 @@ def test_fp8_rope_epilogue_is_the_fp8_gemv_then_rope_and_append(  # type: ignore
         qkv = {f: cp.zeros((rows, n), cp.int16) for f in ("fused", "sep")}
         kv = caches["fused"]
         epilogue = rope_append(meta, rope, hq, hk, d, kv, pages)
-        dense.prepared_fp8_qkv_rope(rows, x.data.ptr, k, dw.data.ptr, k, qkv["fused"].data.ptr, n, ab, epilogue)()
+        dense.quantized.prepared_fp8_qkv_rope(
+            rows, x.data.ptr, k, dw.data.ptr, k, qkv["fused"].data.ptr, n, ab, epilogue
+        )()
         y = qkv["sep"]
         dense.linear(rows, x.data.ptr, k, dw.data.ptr, n, k, y.data.ptr, n, ab, ab)
         q_v = _descriptor(y, (rows, hq, d), ab, (n, d, 1))
@@ -462,15 +467,15 @@ def test_fp8_epilogue_gemvs_refuse_bad_calls(dense) -> None:  # type: ignore[no-
     """``prepared_fp8_silu`` / ``prepared_fp8_qkv_rope``: a weight not registered as FP8, an odd gate/up row count,
     more than 4 rows, a misaligned x, y over x, a shape unlike the registration, a head dim the RoPE does not serve:
     ValueError naming the argument, nothing launched."""
-    from fi_engine.kernels.dense import RopeAppend
+    from fi_engine.kernels.fused_args import RopeAppend
 
     k = 256
     gate_up, odd, w16 = cp.zeros((64, k), cp.uint8), cp.zeros((63, k), cp.uint8), cp.zeros((64, k), cp.int16)
     scales = cp.ones(64, cp.float32)
     x, y = cp.zeros((4, 2 * k), cp.int16), cp.zeros((4, 64), cp.int16)
-    dense.add_fp8_weight(gate_up.data.ptr, 64, k, scales.data.ptr, None)
-    dense.add_fp8_weight(odd.data.ptr, 63, k, scales.data.ptr, None)
-    silu = dense.prepared_fp8_silu
+    dense.quantized.add_fp8_weight(gate_up.data.ptr, 64, k, scales.data.ptr, None)
+    dense.quantized.add_fp8_weight(odd.data.ptr, 63, k, scales.data.ptr, None)
+    silu = dense.quantized.prepared_fp8_silu
     good = (1, x.data.ptr, k, gate_up.data.ptr, k, y.data.ptr, 32, CUDA_R_16BF)
     for args, name in (
         ((1, x.data.ptr, k, w16.data.ptr, k, y.data.ptr, 32, CUDA_R_16BF), "w"),
@@ -494,7 +499,7 @@ def test_fp8_epilogue_gemvs_refuse_bad_calls(dense) -> None:  # type: ignore[no-
         num_pages=4, stride_page=16 * 96, stride_n=96, stride_h=96,
     )  # fmt: skip
     with pytest.raises(ValueError, match="^rope.d:"):
-        dense.prepared_fp8_qkv_rope(1, x.data.ptr, k, gate_up.data.ptr, k, y.data.ptr, 64, CUDA_R_16BF, rope)
+        dense.quantized.prepared_fp8_qkv_rope(1, x.data.ptr, k, gate_up.data.ptr, k, y.data.ptr, 64, CUDA_R_16BF, rope)
     with pytest.raises(TypeError, match="^rope:"):
-        dense.prepared_fp8_qkv_rope(1, x.data.ptr, k, gate_up.data.ptr, k, y.data.ptr, 64, CUDA_R_16BF, None)
+        dense.quantized.prepared_fp8_qkv_rope(1, x.data.ptr, k, gate_up.data.ptr, k, y.data.ptr, 64, CUDA_R_16BF, None)
     cp.cuda.get_current_stream().synchronize()

@@ -6,17 +6,17 @@ A random bfloat16 Llama (transformers' own classes: 2 layers, hidden 1024, 16 qu
 **float32** on exactly the dequantized weights the checkpoint stands for; transformers in bfloat16 on the same
 weights (rounded to bfloat16) gives the yardstick of bfloat16 arithmetic's own error:
 
-- prefill logits, W8A16 (``Dense.fp8_w8a8`` off: 16-bit activations, weights exact in float32): max |engine -
+- prefill logits, W8A16 (``QuantizedWeights.fp8_w8a8`` off: 16-bit activations, weights exact in float32): max |engine -
   reference| <= 1.5 x transformers-bfloat16's max |error| on the same prompts;
 - prefill logits, W8A8 (the default for steps of more than 8 rows: activations rounded to e4m3 per row or per 128
   columns before cuBLASLt's FP8 GEMM): <= 16 x transformers-bfloat16's error -- e4m3 keeps 3 mantissa bits where
   bfloat16 keeps 7, so each GEMM input is rounded 16x coarser (the bound the FP8 KV cache's check uses too);
 - greedy decoding, eager and as a CUDA graph, 4 rows and 1 (prefill of more rows: W8A8 unless said), with the fused
-  decode step over FP8 weights as the engine runs it (``Dense.fp8_epilogues``: SiLU and RoPE with the KV append in
-  the GEMVs' epilogues), as separate launches, and with the norms as the GEMVs' prologues (``Dense.fp8_fused``),
-  W8A16 throughout, and W8A8 throughout (``Dense.fp8_gemv_max_rows`` 0: the decode steps through the FP8 GEMM
-  too): every token the reference's argmax or within ``LOGIT_TOL["bfloat16"]`` of it (x 16 where W8A8 served, as
-  above) under teacher forcing, and eager and graph agree up to the first near tie;
+  decode step over FP8 weights as the engine runs it (``QuantizedWeights.fp8_epilogues``: SiLU and RoPE with the KV
+  append in the GEMVs' epilogues), as separate launches, and with the norms as the GEMVs' prologues
+  (``QuantizedWeights.fp8_fused``), W8A16 throughout, and W8A8 throughout (``QuantizedWeights.fp8_gemv_max_rows`` 0: the
+  decode steps through the FP8 GEMM too): every token the reference's argmax or within ``LOGIT_TOL["bfloat16"]`` of it
+  (x 16 where W8A8 served, as above) under teacher forcing, and eager and graph agree up to the first near tie;
 - one row, the epilogue step against the separate launches: the same tokens, and every step's logits within 1e-3 of
   their largest magnitude (the epilogues repeat the separate kernels' arithmetic on the same GEMV sums; only the LM
   head's sums may run in another order), the bitwise share printed; also with an e4m3 KV cache and for a Qwen3
@@ -72,15 +72,15 @@ def fp8_variant(request, bf16_model, tmp_path_factory):  # type: ignore[no-untyp
 
 @pytest.mark.parametrize("w8a8", [False, True], ids=["w8a16", "w8a8"])
 def test_prefill_logits_within_transformers_bfloat16s_own_error(fp8_variant, w8a8, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from fi_engine.kernels.dense import Dense
+    from fi_engine.kernels.quantized_weights import QuantizedWeights
 
-    monkeypatch.setattr(Dense, "fp8_w8a8", w8a8)
-    monkeypatch.setattr(Dense, "fp8_w8a8_blocks", w8a8)  # block scales too
+    monkeypatch.setattr(QuantizedWeights, "fp8_w8a8", w8a8)
+    monkeypatch.setattr(QuantizedWeights, "fp8_w8a8_blocks", w8a8)  # block scales too
     factor = 16.0 if w8a8 else 1.5
     path, ref, bf16 = fp8_variant
     ps = prompts((1, 7, 16, 33, 50), VOCAB)
     with LlamaEngine(path, max_batch=4, page_size=16) as engine:
-        assert engine.runner.dense.serves_fp8
+        assert engine.runner.dense.quantized.serves_fp8
         got = engine.prefill_logits(ps)
     ours = theirs = 0.0
     for p, g in zip(ps, got, strict=True):
@@ -97,15 +97,15 @@ def test_prefill_logits_within_transformers_bfloat16s_own_error(fp8_variant, w8a
     ids=["epilogues", "separate", "prologues", "w8a8"],
 )
 def test_greedy_decode_eager_and_graph_match_the_reference(fp8_variant, step, w8a8, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from fi_engine.kernels.dense import Dense
+    from fi_engine.kernels.quantized_weights import QuantizedWeights
 
-    monkeypatch.setattr(Dense, "fp8_fused", step == "prologues")
-    monkeypatch.setattr(Dense, "fp8_epilogues", step == "epilogues")
+    monkeypatch.setattr(QuantizedWeights, "fp8_fused", step == "prologues")
+    monkeypatch.setattr(QuantizedWeights, "fp8_epilogues", step == "epilogues")
     fused = step != "separate"
-    monkeypatch.setattr(Dense, "fp8_w8a8", w8a8)
-    monkeypatch.setattr(Dense, "fp8_w8a8_blocks", w8a8)
+    monkeypatch.setattr(QuantizedWeights, "fp8_w8a8", w8a8)
+    monkeypatch.setattr(QuantizedWeights, "fp8_w8a8_blocks", w8a8)
     if w8a8:  # the decode steps of 4 rows and 1 row through the FP8 GEMM too (eager and captured)
-        monkeypatch.setattr(Dense, "fp8_gemv_max_rows", 0)
+        monkeypatch.setattr(QuantizedWeights, "fp8_gemv_max_rows", 0)
     tol = TOL * (16 if w8a8 else 1)
     path, ref, _ = fp8_variant
     for lens, new in (((5, 16, 29, 50), [17, 12, 17, 9]), ((11,), [24])):  # 4 rows; 1 row (the fused graph step)
@@ -125,12 +125,12 @@ def compare_epilogue_step(path, monkeypatch, lens=(11,), **engine_kw) -> None:  
     """Greedy decode (prompts of ``lens`` tokens) with the FP8 epilogue step and with the separate launches: the same
     tokens, and every step's logits within 1e-3 of their largest magnitude (only the LM head may sum in another
     order: the fused GEMV against the separate path's GEMV or cuBLASLt); the bitwise share printed."""
-    from fi_engine.kernels.dense import Dense
+    from fi_engine.kernels.quantized_weights import QuantizedWeights
 
     ps = prompts(lens, VOCAB)
     runs = {}
     for epilogues in (True, False):
-        monkeypatch.setattr(Dense, "fp8_epilogues", epilogues)
+        monkeypatch.setattr(QuantizedWeights, "fp8_epilogues", epilogues)
         with LlamaEngine(path, max_batch=len(ps), page_size=16, **engine_kw) as engine:
             assert engine.runner.fuses(len(ps)) == epilogues
             original, logits = engine.sampler.pick, []

@@ -11,12 +11,12 @@ given the FP8 checkpoint is compared with the same engine given that bfloat16 co
 - DeepSeek-V3: every projection is dequantized at load, so both load the same bits and run the same kernels:
   prefill logits **bit-equal** (tolerance 0), and greedy decoding (4 rows, eager, and as the decode CUDA graph with
   its device routing) gives the same tokens step for step;
-- Qwen3-MoE: the experts stay e4m3, read as stored by the FP8 grouped GEMV at decode (steps of up to ``max_batch``
-  rows) and through their 16-bit copy (the same bits as the copy checkpoint's) for prefill; the attention projections
-  stay e4m3 and run the FP8 path (``Dense.fp8_w8a8`` off here: W8A16, the weights exact). The scales are written as
-  powers of two, so every dequantized weight is exact in bfloat16 and the two models hold the same weight values; what
-  differs is only the arithmetic's order (the FP8 GEMVs against the 16-bit GEMVs or cuBLAS for up to 8 rows; the FP8
-  weight dequantized into a scratch matrix for the 16-bit GEMM above). Tolerance: every prefill logit within
+- Qwen3-MoE: the experts stay e4m3, read as stored by the FP8 grouped GEMV at decode (steps of up to ``max_batch`` rows)
+  and through their 16-bit copy (the same bits as the copy checkpoint's) for prefill; the attention projections stay
+  e4m3 and run the FP8 path (``QuantizedWeights.fp8_w8a8`` off here: W8A16, the weights exact). The scales are written
+  as powers of two, so every dequantized weight is exact in bfloat16 and the two models hold the same weight values;
+  what differs is only the arithmetic's order (the FP8 GEMVs against the 16-bit GEMVs or cuBLAS for up to 8 rows; the
+  FP8 weight dequantized into a scratch matrix for the 16-bit GEMM above). Tolerance: every prefill logit within
   ``LOGIT_TOL["bfloat16"]`` (0.08, bfloat16 arithmetic's own error against float32 on logits of this spread) of the
   copy's, the bitwise share printed; greedy tokens (4 rows, eager and as the decode CUDA graph) each within that
   tolerance of the best logit of the copy's prefill over the same sequence (teacher forcing: a near tie either may
@@ -64,10 +64,10 @@ def _models(models_modules: list[str]) -> None:
 @pytest.fixture(autouse=True)
 def _w8a16(monkeypatch: pytest.MonkeyPatch) -> None:
     """The FP8 projections with 16-bit activations (the weights exact; W8A8 would round every activation to e4m3)."""
-    from fi_engine.kernels.dense import Dense
+    from fi_engine.kernels.quantized_weights import QuantizedWeights
 
-    monkeypatch.setattr(Dense, "fp8_w8a8", False)
-    monkeypatch.setattr(Dense, "fp8_w8a8_blocks", False)
+    monkeypatch.setattr(QuantizedWeights, "fp8_w8a8", False)
+    monkeypatch.setattr(QuantizedWeights, "fp8_w8a8_blocks", False)
 
 
 def _checkpoints(root, save, layout):  # type: ignore[no-untyped-def]
@@ -103,7 +103,7 @@ def test_qwen3_moe_prefill_logits_match_the_dequantized_copy(qwen3_moe) -> None:
     with LlamaEngine(fp8, max_batch=4, page_size=16) as engine:
         scheme = engine.runner.model_config.fp8
         assert scheme is not None and scheme.stored_experts and not scheme.dequantized
-        assert engine.runner.dense.serves_fp8  # the attention projections stay e4m3
+        assert engine.runner.dense.quantized.serves_fp8  # the attention projections stay e4m3
         assert all(layer.fp8_experts is not None for layer in engine.runner.moe_layers)  # and the experts
         got = engine.prefill_logits(prompts(PROMPTS, VOCAB))
     want = _prefill(LlamaEngine, copy)
@@ -141,7 +141,7 @@ def test_deepseek_v3_prefill_logits_equal_the_dequantized_copys(deepseek_v3) -> 
     with DeepSeekEngine(fp8, max_batch=4, page_size=16) as engine:
         scheme = engine.deepseek_config.fp8
         assert scheme is not None and scheme.dequantized == "every projection"
-        assert not engine.runner.dense.serves_fp8  # every projection was dequantized at load
+        assert not engine.runner.dense.quantized.serves_fp8  # every projection was dequantized at load
         got = engine.prefill_logits(prompts(PROMPTS, VOCAB))
     want = _prefill(DeepSeekEngine, copy)
     for n, g, w in zip(PROMPTS, got, want, strict=True):

@@ -1,5 +1,5 @@
 """The engine's fused decode step (``ModelRunner.fused``, :mod:`fi_engine.runtime.worker.fused_decode`) and its GEMV
-variants (``Dense.fused_linear``), on a GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy only, no torch or transformers).
+variants (``FusedGemvs.linear``), on a GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy only, no torch or transformers).
 
 1. Each variant (RMSNorm prologue, add + RMSNorm prologue with the new residual written out, SiLU-gated input) for
    float16 / bfloat16 in, 16-bit / float32 out, 1 to 4 rows, k = 576 (one pass of FlashInfer's norm block) and
@@ -15,7 +15,7 @@ variants (``Dense.fused_linear``), on a GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy only, 
    - the new residual ``h_out`` equals ``round(h + x)`` exactly.
 2. The QKV GEMV with FlashInfer's RoPE (plain and Llama 3.1) and KV append as its epilogue: q, k, v and both
    caches equal to the separate launches' bit for bit.
-   The gate/up GEMV with SiLU-and-mul as its epilogue (``Dense.prepared_gate_up_silu``) and the plain down GEMV
+   The gate/up GEMV with SiLU-and-mul as its epilogue (``FusedGemvs.prepared_gate_up_silu``) and the plain down GEMV
    after it: equal bit for bit to the fused GEMV into both halves and the down GEMV with the SiLU prologue; its
    activation within one 16-bit ulp of FlashInfer's ``silu_and_mul``.
 3. The engine: greedy decoding of four prompts (1 to 4 rows: every step fused) with ``fused_decode`` on and off on
@@ -49,7 +49,8 @@ from helpers.random_llama import save_random_llama as make_checkpoint  # noqa: E
 from helpers.yardstick import LOGIT_TOL  # noqa: E402
 
 from fi_engine.kernels import flashinfer as kernels  # noqa: E402
-from fi_engine.kernels.dense import ADD_NORM, CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, NORM, SILU, Dense  # noqa: E402
+from fi_engine.kernels.dense import CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, Dense  # noqa: E402
+from fi_engine.kernels.fused_args import ADD_NORM, NORM, SILU  # noqa: E402
 from fi_engine.models.llama import LlamaEngine  # noqa: E402
 from fi_engine.runtime.worker.model_runner import ModelRunner  # noqa: E402
 
@@ -110,7 +111,7 @@ def separate_launches(d, stream, mode, rows, dtype, k, hd, xd, nwd, ab, out):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_fused_gemv_variants_match_float32_and_the_separate_launches(dense, dtype, out32, k):
     d, stream = dense
-    assert d.gemv and d.fused_fits(4, k), d.gemv_error
+    assert d.gemv and d.fused.fits(4, k), d.gemv_error
     rng = np.random.default_rng(k + out32)
     n = 1001  # a last block with idle warps
     ab = CUDA_R_16F if dtype == "float16" else CUDA_R_16BF
@@ -129,7 +130,7 @@ def test_fused_gemv_variants_match_float32_and_the_separate_launches(dense, dtyp
             y = cp.zeros((rows, n), np.float32 if out32 else h16.dtype)
             h_out.fill(0)
             x_ld = 2 * k
-            d.fused_linear(
+            d.fused.linear(
                 mode, rows, xd.data.ptr, x_ld, wd.data.ptr, n, k, y.data.ptr, n, ab, c_type,
                 hd.data.ptr, k, nwd.data.ptr, h_out.data.ptr if mode == ADD_NORM else 0, EPS,
             )  # fmt: skip
@@ -162,7 +163,7 @@ def test_fused_gemv_variants_match_float32_and_the_separate_launches(dense, dtyp
 @pytest.mark.parametrize("llama3", [False, True], ids=["rope", "llama31"])
 @pytest.mark.parametrize(("dtype", "d"), [("float16", 64), ("bfloat16", 128)])
 def test_qkv_gemv_with_rope_and_append_equals_the_separate_launches(dense, dtype, d, llama3):
-    """Dense.prepared_qkv_rope (NORM and ADD_NORM prologues, 1 to 4 rows at positions up to 300) against the
+    """FusedGemvs.prepared_qkv_rope (NORM and ADD_NORM prologues, 1 to 4 rows at positions up to 300) against the
     launches it replaces: the fused GEMV into qkv, then FlashInfer's apply_rope_pos_ids (or the Llama 3.1 form)
     in place and append_paged_kv_cache through fi_ffi. qkv (rotated q and k, plain v) and both caches must be
     equal bit for bit (the epilogue repeats FlashInfer's arithmetic), and the rest of the caches untouched."""
@@ -174,7 +175,7 @@ def test_qkv_gemv_with_rope_and_append_equals_the_separate_launches(dense, dtype
     hq, hk, k, ps, pages = 4, 2, 512, 16, 40  # 28 pages in use at most
     n = (hq + 2 * hk) * d
     ab = CUDA_R_16F if dtype == "float16" else CUDA_R_16BF
-    assert d_.has_qkv_rope(ab, d)
+    assert d_.fused.has_qkv_rope(ab, d)
     rope = rope_config(llama3)
     h16 = to16(rng.standard_normal((4, k)).astype(np.float32), dtype)
     x16 = to16(rng.standard_normal((4, k)).astype(np.float32), dtype)
@@ -193,11 +194,11 @@ def test_qkv_gemv_with_rope_and_append_equals_the_separate_launches(dense, dtype
             kv = caches["fused"]
             epilogue = rope_append(meta, rope, hq, hk, d, kv, pages)
             args = (rows, xd.data.ptr, k, wd.data.ptr, k, qkv["fused"].data.ptr, n, ab, hd.data.ptr, k, nwd.data.ptr)
-            call = d_.prepared_qkv_rope(mode, *args, h_out.data.ptr if mode == ADD_NORM else 0, EPS, epilogue)
+            call = d_.fused.prepared_qkv_rope(mode, *args, h_out.data.ptr if mode == ADD_NORM else 0, EPS, epilogue)
             call()
             # the separate launches: fused GEMV, RoPE in place, append
             y = qkv["sep"]
-            d_.fused_linear(
+            d_.fused.linear(
                 mode, rows, xd.data.ptr, k, wd.data.ptr, n, k, y.data.ptr, n, ab, ab, hd.data.ptr, k, nwd.data.ptr,
                 h_out.data.ptr if mode == ADD_NORM else 0, EPS,
             )  # fmt: skip
@@ -227,7 +228,7 @@ def test_qkv_gemv_with_rope_and_append_equals_the_separate_launches(dense, dtype
 @pytest.mark.parametrize("k", [576, 4096])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_gate_up_gemv_with_silu_equals_the_silu_prologue(dense, dtype, k):
-    """Dense.prepared_gate_up_silu (NORM and ADD_NORM prologues, 1 to 4 rows, m = 1000 gate and up rows: the down
+    """FusedGemvs.prepared_gate_up_silu (NORM and ADD_NORM prologues, 1 to 4 rows, m = 1000 gate and up rows: the down
     GEMV's k, a multiple of 8) then the plain GEMV of a down weight over its output, against the path it replaces: the
     fused GEMV into [rows, 2 m], then the fused GEMV whose SiLU prologue makes silu(g) * u in each block. The down
     outputs and the new residual must be equal bit for bit (the epilogue computes the activation as the prologue
@@ -240,7 +241,7 @@ def test_gate_up_gemv_with_silu_equals_the_silu_prologue(dense, dtype, k):
     m, n_down = 1000, 520
     ab = CUDA_R_16F if dtype == "float16" else CUDA_R_16BF
     ulp = 2.0**-10 if dtype == "float16" else 2.0**-7
-    assert d_.has_gate_up_silu(ab)
+    assert d_.fused.has_gate_up_silu(ab)
     h16 = to16(rng.standard_normal((4, k)).astype(np.float32), dtype)
     x16 = to16(rng.standard_normal((4, k)).astype(np.float32), dtype)
     nw16 = to16(1 + 0.2 * rng.standard_normal(k).astype(np.float32), dtype)
@@ -256,13 +257,13 @@ def test_gate_up_gemv_with_silu_equals_the_silu_prologue(dense, dtype, k):
             h_out, h_out_old = cp.zeros((4, k), h16.dtype), cp.zeros((4, k), h16.dtype)
             cp.cuda.Device().synchronize()
             args = (rows, xd.data.ptr, k, wd.data.ptr, 2 * m, k, act.data.ptr, m, ab, hd.data.ptr, k, nwd.data.ptr)
-            d_.prepared_gate_up_silu(mode, *args, h_out.data.ptr if mode == ADD_NORM else 0, EPS)()
+            d_.fused.prepared_gate_up_silu(mode, *args, h_out.data.ptr if mode == ADD_NORM else 0, EPS)()
             d_.linear(rows, act.data.ptr, m, wdd.data.ptr, n_down, m, y.data.ptr, n_down, ab, ab)
-            d_.fused_linear(
+            d_.fused.linear(
                 mode, rows, xd.data.ptr, k, wd.data.ptr, 2 * m, k, gu.data.ptr, 2 * m, ab, ab, hd.data.ptr, k,
                 nwd.data.ptr, h_out_old.data.ptr if mode == ADD_NORM else 0, EPS,
             )  # fmt: skip
-            d_.fused_linear(SILU, rows, gu.data.ptr, 2 * m, wdd.data.ptr, n_down, m, y_old.data.ptr, n_down, ab, ab)
+            d_.fused.linear(SILU, rows, gu.data.ptr, 2 * m, wdd.data.ptr, n_down, m, y_old.data.ptr, n_down, ab, ab)
             kernels.silu_and_mul(desc(gu, (rows, 2 * m)), desc(act_fi, (rows, m)), stream.ptr)
             stream.synchronize()
             what = f"{dtype} k={k} mode {mode} rows {rows}"
@@ -289,16 +290,16 @@ def test_gemv_and_fused_gemv_refuse_bad_pointers(dense):
         d.linear(1, x.data.ptr, k, w.data.ptr, n, k, y32.data.ptr + 2, n, CUDA_R_16F, CUDA_R_32F)
     args = (x.data.ptr, k, w.data.ptr, n, k, y16.data.ptr, n, CUDA_R_16F, CUDA_R_16F)
     with pytest.raises(ValueError, match="^h: "):
-        d.fused_linear(NORM, 1, *args, h.data.ptr + 2, k, nw.data.ptr, 0, EPS)
+        d.fused.linear(NORM, 1, *args, h.data.ptr + 2, k, nw.data.ptr, 0, EPS)
     with pytest.raises(ValueError, match="^norm_weight: "):
-        d.fused_linear(NORM, 1, *args, h.data.ptr, k, nw.data.ptr + 8, 0, EPS)
+        d.fused.linear(NORM, 1, *args, h.data.ptr, k, nw.data.ptr + 8, 0, EPS)
     with pytest.raises(ValueError, match="^h_out: "):
-        d.fused_linear(ADD_NORM, 1, *args, h.data.ptr, k, nw.data.ptr, h.data.ptr, EPS)
+        d.fused.linear(ADD_NORM, 1, *args, h.data.ptr, k, nw.data.ptr, h.data.ptr, EPS)
     with pytest.raises(ValueError, match="^y: "):
-        d.fused_linear(ADD_NORM, 1, *args[:5], h.data.ptr, n, *args[7:], h.data.ptr, k, nw.data.ptr, h2.data.ptr, EPS)
+        d.fused.linear(ADD_NORM, 1, *args[:5], h.data.ptr, n, *args[7:], h.data.ptr, k, nw.data.ptr, h2.data.ptr, EPS)
     with pytest.raises(ValueError, match="^rows, k: "):
-        d.fused_linear(NORM, 5, *args, h.data.ptr, k, nw.data.ptr, 0, EPS)
-    d.fused_linear(ADD_NORM, 1, *args, h.data.ptr, k, nw.data.ptr, h2.data.ptr, EPS)  # the same call, good pointers
+        d.fused.linear(NORM, 5, *args, h.data.ptr, k, nw.data.ptr, 0, EPS)
+    d.fused.linear(ADD_NORM, 1, *args, h.data.ptr, k, nw.data.ptr, h2.data.ptr, EPS)  # the same call, good pointers
     stream.synchronize()
 
 

@@ -1,5 +1,5 @@
-"""``Dense.linear`` on int4 weights (``Dense.add_int4_weight``, :mod:`fi_engine.kernels.int4_linear`), on a GPU
-(FI_FFI_RUN_GPU_TESTS=1; CuPy; torch only to round to and from the 16-bit types).
+"""``Dense.linear`` on int4 weights (``QuantizedWeights.add_int4_weight``, :mod:`fi_engine.kernels.int4_linear`), on a
+GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy; torch only to round to and from the 16-bit types).
 
 Random int4 matrices (codes 0..15, zeros 0..16, float16 scales) in the GEMV's layout
 (:meth:`~fi_engine.checkpoint.int4_weights.Int4Matrix.gemv_layout`), against the float32 reference ``y = x @ W.T``
@@ -38,7 +38,8 @@ cp = pytest.importorskip("cupy", reason="the engine needs CuPy")
 torch = require_torch()
 
 from fi_engine.checkpoint.int4_weights import Int4Matrix, decode_gemv_layout  # noqa: E402
-from fi_engine.kernels.dense import CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, NORM, Dense  # noqa: E402
+from fi_engine.kernels.dense import CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, Dense  # noqa: E402
+from fi_engine.kernels.fused_args import NORM  # noqa: E402
 from fi_engine.kernels.int4_linear import Int4Linears  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -81,7 +82,7 @@ def register(dense: Dense, m: Int4Matrix) -> tuple[int, np.ndarray, list]:
     weights, records = m.gemv_layout()
     w, r = cp.asarray(weights), cp.asarray(records)
     n, k = m.codes.shape
-    dense.add_int4_weight(int(w.data.ptr), n, k, int(r.data.ptr), m.group_size)
+    dense.quantized.add_int4_weight(int(w.data.ptr), n, k, int(r.data.ptr), m.group_size)
     return int(w.data.ptr), decode_gemv_layout(weights, records, k), [w, r]
 
 
@@ -142,7 +143,7 @@ def test_more_rows_dequantize_into_the_16_bit_gemm(dense, ab: int) -> None:
         cp.cuda.get_current_stream().synchronize()
         check(from16(y, ab), from16(x16, ab), wf, ab, ulp_w=ULP[ab])
     # the scratch the GEMM read: numpy's rounding of each exact product, bit for bit
-    scratch = dense._int4.dequantize(dense._int4.weights[w], ab == CUDA_R_16BF, dense._null)
+    scratch = dense.quantized.int4.dequantize(dense.quantized.int4.weights[w], ab == CUDA_R_16BF, dense.launcher.null)
     cp.cuda.get_current_stream().synchronize()
     got = cp.ndarray((n, k), cp.int16, cp.cuda.MemoryPointer(cp.cuda.UnownedMemory(scratch, n * k * 2, None), 0))
     assert np.array_equal(cp.asnumpy(got), cp.asnumpy(to16(wf, ab)))
@@ -157,7 +158,7 @@ def test_the_warps_a_block_gets_change_only_the_order_of_the_sums(dense) -> None
     try:
         for per_sm in (1, 4, 64, 1024):
             Int4Linears.warps_per_sm = (per_sm, per_sm, per_sm)
-            dense._int4._packed.clear()
+            dense.quantized.int4._packed.clear()
             y = cp.zeros((5, n), cp.float32)
             dense.linear(5, int(x16.data.ptr), k, w, n, k, int(y.data.ptr), n, CUDA_R_16BF, CUDA_R_32F)
             cp.cuda.get_current_stream().synchronize()
@@ -187,11 +188,11 @@ def test_bad_calls_name_the_argument(dense) -> None:
         ((w, 64, 256, records + 4, 64), "records: groups of 64 are read two at a time: expected 8-byte alignment"),
     ):
         with pytest.raises(ValueError, match=match):
-            dense.add_int4_weight(*args)
+            dense.quantized.add_int4_weight(*args)
     with pytest.raises(ValueError, match="y: 0x[0-9a-f]+ must be aligned to 2 bytes"):  # (before any launch)
         dense.linear(2, int(x.data.ptr), 256, w, 64, 256, int(y.data.ptr) + 1, 64, CUDA_R_16BF, CUDA_R_16BF)
     with pytest.raises(ValueError, match="registered as int4"):
-        dense.prepared_fused(NORM, 1, int(x.data.ptr), 256, w, 64, 256, int(y.data.ptr), 64, CUDA_R_16BF, CUDA_R_16BF,
+        dense.fused.prepared(NORM, 1, int(x.data.ptr), 256, w, 64, 256, int(y.data.ptr), 64, CUDA_R_16BF, CUDA_R_16BF,
                              int(x.data.ptr), 256, int(x.data.ptr), 0, 1e-5)  # fmt: skip
     del keep
 
@@ -200,7 +201,7 @@ def test_bad_calls_name_the_argument(dense) -> None:
 def test_gate_and_up_interleaved_come_out_in_order_and_the_silu_form_is_silu_and_mul(dense, ab: int) -> None:
     """A gate/up weight stored interleaved by 8 rows (``Int4Matrix.interleaved``, ``add_int4_weight(...,
     interleaved=True)``): the GEMV (1 to 32 rows) and the dequantizing path (40 rows) give the bits of the same
-    weights stacked in order, and ``Dense.prepared_int4_silu`` gives ``silu(g) * u`` of those rounded outputs
+    weights stacked in order, and ``QuantizedWeights.prepared_int4_silu`` gives ``silu(g) * u`` of those rounded outputs
     within one 16-bit ulp of numpy's float32 ``g / (1 + exp(-g)) * u`` (the kernel's ``__expf`` and fast division
     against numpy's)."""
     half, k = 256, 512
@@ -209,9 +210,9 @@ def test_gate_and_up_interleaved_come_out_in_order_and_the_silu_form_is_silu_and
     pairs = Int4Matrix.interleaved(gate, up)
     weights, records = pairs.gemv_layout()
     w_dev, r_dev = cp.asarray(weights), cp.asarray(records)
-    dense.add_int4_weight(int(w_dev.data.ptr), 2 * half, k, int(r_dev.data.ptr), 128, interleaved=True)
+    dense.quantized.add_int4_weight(int(w_dev.data.ptr), 2 * half, k, int(r_dev.data.ptr), 128, interleaved=True)
     inter = int(w_dev.data.ptr)
-    assert dense.has_int4_silu(inter) and not dense.has_int4_silu(stacked)
+    assert dense.quantized.has_int4_silu(inter) and not dense.quantized.has_int4_silu(stacked)
     rng = np.random.default_rng(8)
     for rows in (1, 3, 8, 16, 32, 40):
         x16 = to16(rng.standard_normal((rows, k)), ab)
@@ -223,7 +224,7 @@ def test_gate_and_up_interleaved_come_out_in_order_and_the_silu_form_is_silu_and
         if rows > 32:
             continue
         act = cp.zeros((rows, half), cp.int16)
-        dense.prepared_int4_silu(rows, int(x16.data.ptr), k, inter, k, int(act.data.ptr), half, ab)()
+        dense.quantized.prepared_int4_silu(rows, int(x16.data.ptr), k, inter, k, int(act.data.ptr), half, ab)()
         cp.cuda.get_current_stream().synchronize()
         gu = from16(ys[0], ab).astype(np.float32)
         g, u = gu[:, :half], gu[:, half:]
@@ -231,6 +232,6 @@ def test_gate_and_up_interleaved_come_out_in_order_and_the_silu_form_is_silu_and
         got = from16(act, ab)
         assert np.all(np.abs(got - want) <= np.abs(want) * ULP[ab] + 1e-6), rows
     with pytest.raises(ValueError, match="is no int4 weight registered interleaved"):
-        dense.prepared_int4_silu(1, int(x16.data.ptr), k, stacked, k, int(act.data.ptr), half, ab)
-    dense.remove_int4_weight(inter)
+        dense.quantized.prepared_int4_silu(1, int(x16.data.ptr), k, stacked, k, int(act.data.ptr), half, ab)
+    dense.quantized.remove_int4_weight(inter)
     del keep_s, w_dev, r_dev

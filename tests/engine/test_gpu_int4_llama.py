@@ -105,7 +105,7 @@ def test_dequantized_at_load_greedy_decoding_gives_the_dequantized_checkpoints_t
         tokens = []
         for path in (int4, dequantized):
             with LlamaEngine(path, max_batch=len(ps), page_size=16, cuda_graph=graph) as engine:
-                assert not engine.runner.dense.serves_int4
+                assert not engine.runner.dense.quantized.serves_int4
                 tokens.append(engine.generate(ps, new, eos_token_ids=()).tokens)
         assert [len(t) for t in tokens[0]] == new
         assert tokens[0] == tokens[1]
@@ -123,7 +123,7 @@ def test_the_int4_gemv_decodes_what_the_dequantized_checkpoint_ranks_first(check
     for lens, new in (((5, 16, 29, 50), [17, 12, 17, 9]), ((11,), [24])):
         ps = prompts(lens, VOCAB, seed=2)
         with LlamaEngine(int4, max_batch=len(ps), page_size=16, cuda_graph=graph) as engine:
-            assert engine.runner.dense.serves_int4
+            assert engine.runner.dense.quantized.serves_int4
             runs.append((ps, engine.generate(ps, new, eos_token_ids=()).tokens))
             short = engine.prefill_logits(prompts((3, 9, 14), VOCAB, seed=4))  # 26 rows: the GEMV
     worst, ties = 0.0, 0

@@ -363,8 +363,8 @@ def test_gather_rows_and_argmax(dense):
     x[2, :] = -np.inf
     xd, ids = cp.asarray(x), cp.full(6, -1, np.int32)
     cp.cuda.Device().synchronize()
-    d.gather_rows(4, table.data.ptr, 48, index.data.ptr, out.data.ptr, 64, 48)
-    d.argmax(6, xd.data.ptr, 5000, 5000, ids.data.ptr)
+    d.rows.gather_rows(4, table.data.ptr, 48, index.data.ptr, out.data.ptr, 64, 48)
+    d.rows.argmax(6, xd.data.ptr, 5000, 5000, ids.data.ptr)
     stream.synchronize()
     assert np.array_equal(out.get()[:, :48], table.get()[[5, 0, 99, 5]])
     assert not out.get()[:, 48:].any()
@@ -394,9 +394,9 @@ def test_argmax_over_a_vocabulary_row_and_a_wide_gather(dense, n):
     index = cp.asarray(np.array([63, 0, 17], np.int32))
     out, prepared_out = cp.zeros((3, ld), np.uint16), cp.zeros((3, ld), np.uint16)
     cp.cuda.Device().synchronize()
-    d.argmax(5, xd.data.ptr, n, n, ids.data.ptr)
-    d.gather_rows(3, table.data.ptr, width, index.data.ptr, out.data.ptr, ld, width)
-    d.prepared_gather(3, table.data.ptr, width, index.data.ptr, prepared_out.data.ptr, ld, width)()
+    d.rows.argmax(5, xd.data.ptr, n, n, ids.data.ptr)
+    d.rows.gather_rows(3, table.data.ptr, width, index.data.ptr, out.data.ptr, ld, width)
+    d.rows.prepared_gather(3, table.data.ptr, width, index.data.ptr, prepared_out.data.ptr, ld, width)()
     stream.synchronize()
     want = np.where(np.isnan(x), -np.inf, x).argmax(axis=1)
     want[3] = 0
@@ -418,7 +418,7 @@ def test_the_shard_gather_over_several_column_blocks(dense):
     index = cp.asarray(ids)
     out = cp.full((len(ids), ld), 7, np.uint16)
     cp.cuda.Device().synchronize()
-    d.gather_rows_shard(len(ids), shard.data.ptr, width, index.data.ptr, out.data.ptr, ld, width, lo, n)
+    d.shards.gather_rows_shard(len(ids), shard.data.ptr, width, index.data.ptr, out.data.ptr, ld, width, lo, n)
     stream.synchronize()
     got, table = out.get(), shard.get()
     for r, i in enumerate(ids):

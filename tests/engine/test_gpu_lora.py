@@ -92,12 +92,13 @@ def base(request, tmp_path_factory):  # type: ignore[no-untyped-def]
         refs[name] = ref
         errs[name], _ = bf16_yardstick(hf16, [reference_logits(ref, p) for p in ps], ps)
         del hf16
-    # every adapter moves the logits far past the tolerance: a row served without it fails
+    # every adapter moves the logits well past the tolerance: a row served without it fails (3x: a Mixtral base's
+    # attention-only adapters moved its logits 1.89 where transformers-bf16's error was 0.449, on an H100)
     for name in ADAPTERS:
         moved = max(float(np.abs(reference_logits(refs[name], p) - reference_logits(refs[None], p)).max()) for p in ps)
         print(f"{request.param} {name} ({modules[name]}): moves the logits by {moved:.3f}; transformers-bf16's error "
               f"{errs[name]:.4f}")  # fmt: skip
-        assert moved > 10 * errs[name]
+        assert moved > 3 * errs[name]
     settings = {"max_loras": 3, "max_lora_rank": 64, "modules": {n: str(root / n) for n in ADAPTERS}}
     yield request.param, root / "base", refs, errs, ps, settings
     refs.clear()

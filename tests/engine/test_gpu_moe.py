@@ -468,7 +468,7 @@ def test_the_router_gemv_makes_the_norm_and_the_routing_of_the_step(dtype: str) 
     ulp = 2.0**-10 if dtype == "float16" else 2.0**-7
     eps = 1e-5
     try:
-        assert layer.dense.has_router(layer._ab)
+        assert layer.dense.fused.has_router(layer._ab)
         nw, _ = to_device(1.0 + 0.1 * rng.standard_normal(h), dtype)
         for tokens in (1, 2, 3, 4):
             x, _ = to_device(rng.standard_normal((tokens, h)), dtype)

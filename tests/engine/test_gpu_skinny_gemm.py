@@ -84,7 +84,7 @@ def outputs(dense: Any, plan: Any, rows: int, n: int, ld: int, dtype: str, f32: 
     asserting that nothing past them was written."""
     y = cupy.full((33, ld), SENTINEL, np.uint32 if f32 else np.uint16)
     args = (plan.args[0], plan.args[1], int(y.data.ptr), *plan.args[3:])
-    dense.prepared_kernel(plan.function, plan.grid, plan.threads, plan.smem, args, "skinny")()
+    dense.launcher.prepared_kernel(plan.function, plan.grid, plan.threads, plan.smem, args, "skinny")()
     cupy.cuda.get_current_stream().synchronize()
     out = cupy.asnumpy(y)
     assert (out[rows:] == SENTINEL).all() and (out[:, n:] == SENTINEL).all(), "wrote past its output"
@@ -130,7 +130,9 @@ def test_a_split_launch_is_deterministic_and_replays_in_a_graph() -> None:
                                      True, False) if p.grid[1] > 1]  # fmt: skip
         assert plans
         for plan in plans:
-            call = dense.prepared_kernel(plan.function, plan.grid, plan.threads, plan.smem, plan.args, "skinny")
+            call = dense.launcher.prepared_kernel(
+                plan.function, plan.grid, plan.threads, plan.smem, plan.args, "skinny"
+            )
             call()
             stream.synchronize()
             first = cupy.asnumpy(y)
@@ -159,7 +161,7 @@ def test_dense_linear_in_a_gpu_bound_step_stays_right(fmt: int, rows: int) -> No
         dense = Dense(stream)
         w, scales, values, block = weights(rng, fmt, n, k, "bfloat16")
         if fmt != W16:
-            dense.add_fp8_weight(int(w.data.ptr), n, k, int(scales.data.ptr), block)
+            dense.quantized.add_fp8_weight(int(w.data.ptr), n, k, int(scales.data.ptr), block)
         x16 = to16(rng.standard_normal((rows, k)).astype(np.float32), "bfloat16")
         x, y = cupy.asarray(x16), cupy.zeros((rows, n), np.uint16)
         dense.bandwidth_bound = True

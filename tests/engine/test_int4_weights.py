@@ -314,10 +314,11 @@ def _dir(tmp_path: Path, name: str) -> Path:
 
 
 class Int4Registry:
-    """Stands in for the GPU's Dense where the load registers int4 weights (``add_int4_weight``): keeps each
-    registration's values by weight address."""
+    """Stands in for the GPU's Dense where the load registers int4 weights (``dense.quantized.add_int4_weight``):
+    keeps each registration's values by weight address."""
 
     def __init__(self) -> None:
+        self.quantized = self  # (the Dense's registry part: this stand-in is both)
         self.weights: dict[int, tuple[int, int, int, int]] = {}  # w -> (n, k, records, group_size)
         self.interleaved: set[int] = set()  # the weights registered with gate and up interleaved by 8 rows
 

@@ -249,7 +249,7 @@ def test_the_fused_step_hands_the_packed_attention_runs_the_same_frames(monkeypa
         eng = object.__new__(ModelRunner)
         eng.family = Llama()  # the layer body's attention (the engine's constructor makes it)
         eng.config, eng.stream_ptr, eng.head_rows = c, 0, 0
-        eng.dense = SimpleNamespace(launches_with_pdl=False)  # as batch_decode_run launches (no PDL)
+        eng.dense = SimpleNamespace(launcher=SimpleNamespace(launches_with_pdl=False))  # as batch_decode_run (no PDL)
         shape = (PAGES, PS, c.num_kv_heads, c.head_dim)
         eng.k_cache = [kernels.descriptor(FAKE + ((16 + 2 * i) << 30), shape, dtype, 0) for i in range(c.num_layers)]
         eng.v_cache = [kernels.descriptor(FAKE + ((17 + 2 * i) << 30), shape, dtype, 0) for i in range(c.num_layers)]
@@ -337,20 +337,25 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
     eng.v_cache = [kernels.descriptor(FAKE + ((17 + 2 * i) << 30), shape, dtype, 0) for i in range(c.num_layers)]
     stand_in = lambda *_: "gemv"  # noqa: E731
     eng.dense = SimpleNamespace(
-        prepared_gather=stand_in,
-        prepared_fused=stand_in,
         prepared_linear=stand_in,
-        has_qkv_rope=lambda *_: False,
-        has_gate_up_silu=lambda *_: True,  # the gate/up GEMV's SiLU epilogue, then the down GEMV over its output
-        prepared_gate_up_silu=stand_in,
-        launches_with_pdl=False,  # the frames compared with batch_decode_run's (which launches without it)
-        serves_fp8=fp8,  # FP8 weights: the epilogue step (its norms packed launches of their own)
-        serves_int4=weights == "int4",
-        fp8_fused=False,
-        has_fp8_weight=lambda _: fp8,
-        prepared_fp8_silu=stand_in,
-        has_int4_silu=lambda _: weights == "int4",
-        prepared_int4_silu=stand_in,
+        rows=SimpleNamespace(prepared_gather=stand_in),
+        fused=SimpleNamespace(
+            prepared=stand_in,
+            has_qkv_rope=lambda *_: False,
+            has_gate_up_silu=lambda *_: True,  # the gate/up GEMV's SiLU epilogue, then the down GEMV over its output
+            prepared_gate_up_silu=stand_in,
+        ),
+        # the frames compared with batch_decode_run's (which launches without it)
+        launcher=SimpleNamespace(launches_with_pdl=False),
+        quantized=SimpleNamespace(
+            serves_fp8=fp8,  # FP8 weights: the epilogue step (its norms packed launches of their own)
+            serves_int4=weights == "int4",
+            fp8_fused=False,
+            has_fp8_weight=lambda _: fp8,
+            prepared_fp8_silu=stand_in,
+            has_int4_silu=lambda _: weights == "int4",
+            prepared_int4_silu=stand_in,
+        ),
     )
     if fp8:
         eng.kv_fp8 = None

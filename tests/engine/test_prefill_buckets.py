@@ -384,7 +384,7 @@ def bare_engine(rt: FakeRuntime | None, max_batch=4, max_tokens=512):
     r.plan_prefill = lambda batch: plan(batch, False)
     r.plan_prefill_padded = lambda batch: plan(batch, True)
     r.view = lambda kind, rows, batch: SimpleNamespace(kind=kind, rows=rows, batch=batch, last_rows=0x3000)
-    r.dense = SimpleNamespace(gather_rows=lambda *a: None)
+    r.dense = SimpleNamespace(rows=SimpleNamespace(gather_rows=lambda *a: None))
     r.head = lambda rows, x: None
     e.sampler = SimpleNamespace(pick=lambda v, rows, sampling: False, share_ids=lambda sampled: None)
     io._ids_host = np.full(max_batch, 7, np.int32)  # the tokens the pass "chose", one per slot

@@ -116,15 +116,22 @@ def test_kernel_names_and_instances_agree() -> None:
 
 
 def test_registering_or_removing_a_quantized_weight_forgets_the_launches_chosen_by_address() -> None:
-    """``Dense._choices`` and ``_skinny_calls`` are keyed by addresses and shapes: a quantized weight registered or
-    removed at an address changes what a call there reads (a 16-bit weight allocated where an FP8 one was must not
-    be read as e4m3), so both are dropped. (A Dense made without its GPU parts: removing touches no device.)"""
+    """``Dense._choices`` and the skinny GEMM's packed launches are keyed by addresses and shapes: a quantized weight
+    registered or removed at an address changes what a call there reads (a 16-bit weight allocated where an FP8 one
+    was must not be read as e4m3), so both are dropped. (A Dense made without its GPU parts: removing touches no
+    device.)"""
     from fi_engine.kernels.dense import Dense
+    from fi_engine.kernels.launch import Launcher
+    from fi_engine.kernels.quantized_weights import QuantizedWeights
+    from fi_engine.kernels.skinny_gemm import SkinnyLaunches
 
     d = Dense.__new__(Dense)
-    d._fp8 = d._int4 = None
-    for remove in (d.remove_fp8_weight, d.remove_int4_weight):
+    launcher = Launcher(0)
+    d._skinny = SkinnyLaunches(launcher)
+    d.quantized = QuantizedWeights(launcher, 0, d._quantized_changed, lambda key, accumulate: None)
+    for remove in (d.quantized.remove_fp8_weight, d.quantized.remove_int4_weight):
         d._choices = {(8, 4096, 4096, 14, 14, 1 << 20): 0}
-        d._skinny_calls = {((8, 1 << 21, 4096, 1 << 20, 4096, 4096, 1 << 22, 4096, 14, 14), 0): print}
+        call = (8, 1 << 21, 4096, 1 << 20, 4096, 4096, 1 << 22, 4096, 14, 14)
+        d._skinny._calls = {(call, 0): print}
         remove(1 << 20)
-        assert d._choices == {} and d._skinny_calls == {}
+        assert d._choices == {} and d._skinny._calls == {}

@@ -956,8 +956,8 @@ def test_a_mixed_step_hands_each_stream_its_rows_and_merges_the_samples_into_the
     ids, choice, meta = 1 << 40, 2 << 40, 3 << 40
     copies, launches = [], []
     cupy = SimpleNamespace(cuda=SimpleNamespace(runtime=SimpleNamespace(memcpyAsync=lambda *a: copies.append(a[:3]))))
-    dense = SimpleNamespace(gather_rows=lambda *a: launches.append(("gather", a)))
-    e = Sampler(cupy, dense, SimpleNamespace(ids=buffer(ids)), device=0, stream_ptr=0, max_batch=B, vocab_size=V)
+    rows = SimpleNamespace(gather_rows=lambda *a: launches.append(("gather", a)))  # the row kernels' stand-in
+    e = Sampler(cupy, rows, SimpleNamespace(ids=buffer(ids)), device=0, stream_ptr=0, max_batch=B, vocab_size=V)
     e._probs, e._softmax_ws, e._valid = buffer(4 << 40), buffer(5 << 40, (64,)), None
     e._shosts, e._sturn = (np.zeros(e._slayout.total, np.int32), np.zeros(e._slayout.total, np.int32)), 0
     e._smeta, e._choice = buffer(meta), buffer(choice)

@@ -9,7 +9,7 @@ from typing import Any
 import cupy as cp
 import numpy as np
 
-from fi_engine.kernels.dense import RopeAppend
+from fi_engine.kernels.fused_args import RopeAppend
 
 POSITIONS = (300, 17, 0, 95)  # request r's new token sits at POSITIONS[r]
 

@@ -37,9 +37,9 @@ def prompts(vocab: int) -> list[list[int]]:
 def main() -> None:
     model, out = sys.argv[1], sys.argv[2]
     if "--w8a16" in sys.argv:  # FP8 weights with 16-bit activations at every row count (the weights exact)
-        from fi_engine.kernels.dense import Dense
+        from fi_engine.kernels.quantized_weights import QuantizedWeights
 
-        Dense.fp8_w8a8 = Dense.fp8_w8a8_blocks = False
+        QuantizedWeights.fp8_w8a8 = QuantizedWeights.fp8_w8a8_blocks = False
     tp = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
     with engine_class(model)(
         model,
@@ -74,9 +74,11 @@ def main() -> None:
                 fused=np.array(fused),
                 tp=np.array(tp),
                 vocab_shard=np.array(engine.runner.vocab_shard is not None),
-                int4_weights=np.array(len(engine.runner.dense._int4_weights)),  # int4 projections read as stored
+                int4_weights=np.array(
+                    len(engine.runner.dense.quantized.int4_weights)
+                ),  # int4 projections read as stored
                 # e4m3 projections registered with the GEMMs, and MoE layers holding e4m3 experts as stored
-                fp8_weights=np.array(len(fp8.weights) if (fp8 := engine.runner.dense._fp8) is not None else 0),
+                fp8_weights=np.array(len(fp8.weights) if (fp8 := engine.runner.dense.quantized.fp8) is not None else 0),
                 fp8_experts=np.array(
                     sum(getattr(x, "fp8_experts", None) is not None for x in engine.runner.moe_layers)
                 ),

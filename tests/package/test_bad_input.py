@@ -2339,13 +2339,34 @@ EXEMPT: dict[str, str] = {
     "checkpoint.safetensors.read_header": "reads a safetensors header: tests/engine/test_serving_host.py",
     "checkpoint.safetensors.write_safetensors": "a test helper writing checkpoints: tests/engine/test_serving_host.py",
     **{f"kernels.cublas.{n}": _GPU for n in ("Handle", "get_ffi", "library", "library_path", "status_name")},
-    "kernels.dense.Dense": "compiles its kernels with CuPy on a GPU; the argument checks of its fused decode-step "
-    "launches "
-    "run on CPU over a Dense made without its constructor: tests/engine/test_dense.py",
+    "kernels.dense.Dense": "compiles its kernels with CuPy on a GPU; its packed GEMV's checks run on CPU over a Dense "
+    "made without its constructor: tests/engine/test_dense.py",
+    "kernels.fused_gemv.FusedGemvs": "made by Dense on a GPU; its argument checks run on CPU over fake kernels: "
+    "tests/engine/test_dense.py",
+    "kernels.fused_gemv.FusedKernels": "compiles fused_gemv.cu with CuPy on a GPU; its names and options: "
+    "package/test_kernel_fingerprints.py",
+    "kernels.quantized_weights.QuantizedWeights": "made by Dense on a GPU; its epilogue GEMVs' checks run on CPU over "
+    "fake registries: tests/engine/test_dense.py",
+    "kernels.launch.Launcher": "holds the CUDA driver's launch entry points; prepared_kernel's checks: "
+    "tests/engine/test_dense.py",
+    **{
+        f"kernels.launch.{n}": "a shared value check every packer reaches on each bad case: tests/engine/test_dense.py"
+        for n in ("int_arg", "overlap")
+    },
+    "kernels.row_kernels.RowKernels": "CuPy kernels compiled by Dense on a GPU; prepared_gather's checks: "
+    "tests/engine/test_dense.py",
+    "kernels.row_kernels.column_blocks": "a block count of a width the engine's own buffers give",
+    "kernels.shard_kernels.ShardKernels": _GPU,
+    "kernels.gemv_settings.GemvSettings": "class-level compile settings, checked when the options are made: "
+    "package/test_kernel_fingerprints.py",
+    "kernels.launch_timing.LaunchTimer": _GPU,
+    "kernels.skinny_gemm.SkinnyLaunches": _GPU,
     "kernels.copies.host_address": "a numpy array's own address (its array interface): the engine's staging buffers",
     "kernels.dense.data_type": _GPU,
-    "kernels.dense.RopeAppend": "addresses Dense.prepared_qkv_rope checks on a GPU: engine/test_gpu_fused_decode.py",
-    "kernels.dense.RouterEpilogue": "a value Dense.prepared_router checks field by field: tests/engine/test_dense.py",
+    "kernels.fused_args.RopeAppend": "addresses FusedGemvs.prepared_qkv_rope checks field by field: "
+    "tests/engine/test_dense.py",
+    "kernels.fused_args.RouterEpilogue": "a value FusedGemvs.prepared_router checks field by field: "
+    "tests/engine/test_dense.py",
     **{f"kernels.cublas_lt.{n}": _GPU for n in ("LtMatmuls", "library")},
     "kernels.graph.CudaGraph": _GPU,
     **{
@@ -2471,7 +2492,7 @@ EXEMPT: dict[str, str] = {
     "checkpoint.int4_weights.decode_gemv_layout": "arrays in, array out: what does not fit the layout refused by name "
     "in engine/test_int4_weights.py (test_the_layout_decoder_refuses_what_does_not_fit)",
     "kernels.int4_linear.Int4Weight": _RECORD,
-    "kernels.int4_linear.Int4Linears": "made by Dense.add_int4_weight on a GPU; its checks in "
+    "kernels.int4_linear.Int4Linears": "made by QuantizedWeights.add_int4_weight on a GPU; its checks in "
     "engine/test_gpu_int4_linear.py (test_bad_calls_name_the_argument)",
     # FP8 weights: host-side arrays read from a checkpoint (every malformed tensor refused by name in
     # engine/test_fp8_weights.py); the GPU registry's arguments are checked in engine/test_gpu_fp8_linear.py
@@ -2488,7 +2509,7 @@ EXEMPT: dict[str, str] = {
     "client() in engine/test_engine_process_clients.py (test_clients_are_named_and_handed_over_before_use)",
     "serve.engine_client.EngineClient": "made by EngineProcess.client only (a connection to a running child): "
     "engine/test_engine_process_clients.py",
-    "kernels.fp8_linear.Fp8Linears": "made by Dense.add_fp8_weight on a GPU; its checks in "
+    "kernels.fp8_linear.Fp8Linears": "made by QuantizedWeights.add_fp8_weight on a GPU; its checks in "
     "engine/test_gpu_fp8_linear.py "
     "(test_bad_fp8_calls_name_the_argument)",
     "runtime.stepping.StepEngine": "a typing.Protocol the engines implement (their methods' signatures against it: "

@@ -118,7 +118,7 @@ __device__ __forceinline__ void stage(uint4* sx, const unsigned short* __restric
 #include "griddep.cuh"  // griddep_wait, griddep_launch_dependents
 #include "load_weights.cuh"  // load_weights: past L1
 // UNROLL weight vectors in flight per lane: as the plain GEMV (gemv.cu).
-#ifndef GEMV_UNROLL  // weight vectors in flight per lane (Dense.gemv_unroll passes it)
+#ifndef GEMV_UNROLL  // weight vectors in flight per lane (GemvSettings.gemv_unroll passes it)
 #define GEMV_UNROLL 4
 #endif
 #define UNROLL GEMV_UNROLL
@@ -223,7 +223,7 @@ EACH_ROW_COUNT(FUSED, gemv_f16_f32_silu, false, true, 3)
 EACH_ROW_COUNT(FUSED, gemv_bf16_bf16_silu, true, false, 3)
 EACH_ROW_COUNT(FUSED, gemv_bf16_f32_silu, true, true, 3)
 
-#ifndef ROPE_UNROLL  // vectors of each column in flight per lane in the QKV + RoPE GEMV (Dense.rope_unroll)
+#ifndef ROPE_UNROLL  // vectors of each column in flight per lane in the QKV + RoPE GEMV (FusedKernels.rope_unroll)
 #define ROPE_UNROLL 4
 #endif
 

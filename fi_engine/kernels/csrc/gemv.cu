@@ -7,7 +7,7 @@
 
 #include "griddep.cuh"  // griddep_wait, griddep_launch_dependents
 #include "load_weights.cuh"  // load_weights: past L1
-#ifndef GEMV_UNROLL  // weight vectors in flight per lane (Dense.gemv_unroll passes it)
+#ifndef GEMV_UNROLL  // weight vectors in flight per lane (GemvSettings.gemv_unroll passes it)
 #define GEMV_UNROLL 4
 #endif
 #define UNROLL GEMV_UNROLL

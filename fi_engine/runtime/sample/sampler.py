@@ -103,12 +103,16 @@ class Sampler:
 
     The engine calls :meth:`draws` when a request is added, :meth:`pick` after each step's LM head (:meth:`argmax`
     inside the decode graph), and :meth:`share_ids` once the step's tokens are chosen.
+
+    ``rows``: the row kernels it gathers and takes greedy tokens with (the engine's Dense's ``rows``,
+    :class:`~fi_engine.kernels.row_kernels.RowKernels`); ``shards``: with a vocabulary shard, the shards' argmax and
+    logits reassembly (its ``shards``, :class:`~fi_engine.kernels.shard_kernels.ShardKernels`).
     """
 
     def __init__(
         self,
         cupy: Any,
-        dense: Any,
+        rows: Any,
         buffers: SimpleNamespace,
         *,
         device: int,
@@ -117,8 +121,10 @@ class Sampler:
         vocab_size: int,
         vocab_shard: Any = None,
         comm: Any = None,
+        shards: Any = None,
     ) -> None:
-        self.cupy, self.dense, self.buffers = cupy, dense, buffers
+        self.cupy, self.rows, self.buffers = cupy, rows, buffers
+        self.shards = shards
         self.device, self.stream_ptr = device, stream_ptr
         self.max_batch, self.vocab_size = max_batch, vocab_size
         self.vocab_shard, self.comm = vocab_shard, comm
@@ -143,7 +149,7 @@ class Sampler:
         """The sampler of engine ``eng``, whose buffers, stream and vocabulary shard exist."""
         return cls(
             eng.cupy,
-            eng.dense,
+            eng.dense.rows,
             eng.buffers,
             device=eng.device,
             stream_ptr=eng.stream_ptr,
@@ -151,6 +157,7 @@ class Sampler:
             vocab_size=eng.config.vocab_size,
             vocab_shard=eng.vocab_shard,
             comm=eng.comm,
+            shards=eng.dense.shards,
         )
 
     def draws(self, sampling: SamplingParams | None) -> Draws | None:
@@ -281,7 +288,7 @@ class Sampler:
                 valid = self._describe(self._valid.data.ptr + start, (m,), "bool", self._valid)
             kernels.sample_rows(probs, out, k, p, indices, draws.generator, s, valid)
         # ids[r] = choice[source[r]]: an int32 is two 16-bit elements for the row gather
-        self.dense.gather_rows(n, choice, 2, meta + 4 * o["source"], ids, 2, 2)
+        self.rows.gather_rows(n, choice, 2, meta + 4 * o["source"], ids, 2, 2)
 
     def argmax(self, rows: int) -> None:
         """Greedy tokens into ``ids`` from what the LM head (``ModelRunner.head``) wrote; with a vocabulary shard each
@@ -289,11 +296,11 @@ class Sampler:
         b, vs = self.buffers, self.vocab_shard
         if vs is None:
             v = self.vocab_size
-            self.dense.argmax(rows, b.logits.data.ptr, v, v, b.ids.data.ptr)
+            self.rows.argmax(rows, b.logits.data.ptr, v, v, b.ids.data.ptr)
             return
-        self.dense.argmax_shard(rows, b.head.data.ptr, vs.valid, vs.rows, vs.start, b.pairs.data.ptr)
+        self.shards.argmax_shard(rows, b.head.data.ptr, vs.valid, vs.rows, vs.start, b.pairs.data.ptr)
         self.comm.all_gather(b.pairs[:rows], b.pairs_all[: vs.parts * rows * 2], stream=self.stream_ptr)
-        self.dense.combine_argmax(rows, b.pairs_all.data.ptr, vs.parts, b.ids.data.ptr)
+        self.shards.combine_argmax(rows, b.pairs_all.data.ptr, vs.parts, b.ids.data.ptr)
 
     def _gather_logits(self, rows: int) -> None:
         """With a vocabulary shard: every rank's logits columns into the whole ``logits [rows, V]`` (sampling)."""
@@ -303,7 +310,7 @@ class Sampler:
             self._gathered = self.cupy.empty(vs.parts * self.max_batch * vs.rows, np.float32)
         self.comm.all_gather(b.head[:rows], self._gathered[: vs.parts * rows * vs.rows], stream=self.stream_ptr)
         v = self.vocab_size
-        self.dense.unshard_columns(rows, self._gathered.data.ptr, vs.rows, v, b.logits.data.ptr, v)
+        self.shards.unshard_columns(rows, self._gathered.data.ptr, vs.rows, v, b.logits.data.ptr, v)
 
     def share_ids(self, sampled: bool) -> None:
         """With TP: every rank takes rank 0's tokens (they compute the same ones; this makes it certain, and the

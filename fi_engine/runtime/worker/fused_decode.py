@@ -29,12 +29,12 @@ class FusedDecode:
 
     def fits(self, rows: int) -> bool:
         """Whether an eager decode step of ``rows`` rows runs as :meth:`step`: the runner's ``fused_decode`` on, the
-        family runs the engine's Llama pass (``ModelFamily.llama_pass``), one GPU (no all-reduce, no vocabulary
-        shard), FP8 weights only where their fused kernels compiled (Dense.fuses_fp8), the engine's GEMV serving the
-        rows (at most 4; see Dense.fused_fits), and MoE layers only where their step's launches pack
+        family runs the engine's Llama pass (``ModelFamily.llama_pass``), one GPU (no all-reduce, no vocabulary shard),
+        FP8 weights only where their fused kernels compiled (QuantizedWeights.fuses_fp8), the engine's GEMV serving the
+        rows (at most 4; see FusedGemvs.fits), and MoE layers only where their step's launches pack
         (``MoELayer.packs_step``: the grouped GEMV, or the dense path). Not with LoRA adapters (``lora``): their
-        launches go after each projection's GEMM, which the fused step's epilogues leave no room for (an engine
-        serving adapters takes the separate launches; not yet measured against a fused form)."""
+        launches go after each projection's GEMM, which the fused step's epilogues leave no room for (an engine serving
+        adapters takes the separate launches; not yet measured against a fused form)."""
         r = self.runner
         c = r.config
         return (
@@ -43,21 +43,23 @@ class FusedDecode:
             and r.family.llama_pass
             and r.allreduce is None
             and r.vocab_shard is None
-            and r.dense.fuses_fp8
-            and not (r.moe_layers and r.dense.serves_fp8 and not r.dense.fp8_fused)  # (dense layers only)
-            and r.dense.fused_fits(rows, c.hidden_size)
+            and r.dense.quantized.fuses_fp8
+            and not (
+                r.moe_layers and r.dense.quantized.serves_fp8 and not r.dense.quantized.fp8_fused
+            )  # (dense layers only)
+            and r.dense.fused.fits(rows, c.hidden_size)
             and (
                 r.moe_layers[0].packs_step(rows, r.dense_moe(rows))  # every MoE layer alike: its first says
                 if r.moe_layers
-                else r.dense.fused_fits(rows, c.intermediate_size)
+                else r.dense.fused.fits(rows, c.intermediate_size)
             )
         )
 
     def step(self, v: SimpleNamespace, rows: int) -> None:
         """The runner's ``forward`` and ``head`` of a decode step in 5 launches per layer instead of 10: the RMSNorms
-        and the residual adds run in the prologue of the GEMV that reads their output (``Dense.fused_linear``,
+        and the residual adds run in the prologue of the GEMV that reads their output (``FusedGemvs.linear``,
         modes NORM / ADD_NORM), ``silu_and_mul`` in the down GEMV's (SILU), and RoPE with the KV append as the QKV
-        GEMV's epilogue (``Dense.prepared_qkv_rope``; where it does not serve the head dim, or Qwen3's per-head
+        GEMV's epilogue (``FusedGemvs.prepared_qkv_rope``; where it does not serve the head dim, or Qwen3's per-head
         norms come between, those stay separate launches: 7 per layer, 9 with the norms; a MoE layer's grouped-GEMV
         step takes the post-attention norm and the routing into its router GEMV's launch,
         ``MoELayer.prepared_normed_step``: 7 per layer with the attention). Same rounding points as the
@@ -104,7 +106,7 @@ class FusedDecode:
         found = v.prepared.get("attention runs")
         if found is None or found[0] != plan._context:
             index = (v.kv_indptr, v.kv_indices, v.kv_last_page_len)
-            pdl = r.attention_pdl and r.dense.launches_with_pdl
+            pdl = r.attention_pdl and r.dense.launcher.launches_with_pdl
             runs = [
                 kernels.prepared_decode_run(plan, v.q, kc, vc, *index, v.attn, r.stream_ptr, enable_pdl=pdl)
                 for kc, vc in zip(r.k_cache, r.v_cache, strict=True)
@@ -118,25 +120,30 @@ class FusedDecode:
         layer (the launches before the attention run, those after it), and the LM head. Each is checked when
         packed (pointer rules, alignment); every operand is an engine buffer or weight, which never moves, and the
         result is kept in the view's ``prepared`` (keyed by a value: the view is made once per step shape)."""
-        from ...kernels.dense import ADD_NORM, NORM, SILU
+        from ...kernels.fused_args import ADD_NORM, NORM, SILU
 
         r = self.runner
-        if (r.dense.serves_fp8 and not r.dense.fp8_fused) or r.dense.serves_int4:
+        if (r.dense.quantized.serves_fp8 and not r.dense.quantized.fp8_fused) or r.dense.quantized.serves_int4:
             return self._fp8_fused_calls(v, rows)  # (int4 weights: no fused GEMV reads them)
         c, b, dense, s = r.config, r.buffers, r.dense, r.stream_ptr
         h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, r.gemm_type
         x, qkv, attn, gu, act = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr, b.act.data.ptr
         w, hqd = r.qkv_width, c.num_qo_heads * c.head_dim
-        fused = dense.prepared_fused
+        fused = dense.fused.prepared
         cur, other = b.h.data.ptr, b.h_alt.data.ptr  # the residual stream, and where its next value goes
-        embed = dense.prepared_gather(rows, r.embed, h, v.token_ids, cur, h, h)
+        embed = dense.rows.prepared_gather(rows, r.embed, h, v.token_ids, cur, h, h)
         # RoPE and the KV append as the QKV GEMV's epilogue, unless Qwen3's per-head norms come between,
         # or an FP8 cache comes (that epilogue stores 16-bit K/V: RoPE and the quantizing append run on their own)
         fp8 = r.kv_fp8
         # (and not over FP8 weights: the epilogue's kernel reads 16-bit ones)
-        in_gemv = not c.qk_norm and fp8 is None and dense.has_qkv_rope(ab, c.head_dim) and not dense.serves_fp8
+        in_gemv = (
+            not c.qk_norm
+            and fp8 is None
+            and dense.fused.has_qkv_rope(ab, c.head_dim)
+            and not dense.quantized.serves_fp8
+        )
         # SiLU-and-mul as the gate/up GEMV's epilogue (its input to the down GEMV made once, not in each block)
-        silu_in_gate_up = r.silu_in_gate_up and dense.has_gate_up_silu(ab) and not dense.serves_fp8
+        silu_in_gate_up = r.silu_in_gate_up and dense.fused.has_gate_up_silu(ab) and not dense.quantized.serves_fp8
         layers = []
         for i in range(c.num_layers):
             # i == 0: input_layernorm of the embedding rows (rmsnorm); then h += the previous layer's down output
@@ -144,7 +151,7 @@ class FusedDecode:
             mode, ln, h_out = (NORM, r.ln1[0].data_ptr, 0) if i == 0 else (ADD_NORM, r.ln1[i].data_ptr, other)
             if in_gemv:
                 epilogue = self._rope_append(i, v)
-                qkv_call = dense.prepared_qkv_rope(
+                qkv_call = dense.fused.prepared_qkv_rope(
                     mode, rows, x, h, r.wqkv[i], h, qkv, w, ab, cur, h, ln, h_out, eps, epilogue
                 )
             else:
@@ -186,7 +193,7 @@ class FusedDecode:
             if silu_in_gate_up:
                 wgu = r.wgu[i]
                 after.append(
-                    dense.prepared_gate_up_silu(
+                    dense.fused.prepared_gate_up_silu(
                         ADD_NORM, rows, x, h, wgu, 2 * inter, h, act, inter, ab, cur, h, ln, other, eps
                     )
                 )
@@ -205,18 +212,18 @@ class FusedDecode:
         return embed, layers, head
 
     def _fp8_fused_calls(self, v: SimpleNamespace, rows: int) -> tuple[Any, list[tuple[list[Any], list[Any]]], Any]:
-        """:meth:`_fused_calls` over FP8 weights (``Dense.fp8_epilogues``; dense layers), and over int4 weights (every
-        GEMV the int4 GEMV, SiLU its gate/up GEMV's epilogue, RoPE and the KV append launches of their own: 9 a
-        layer): per layer the input norm as
-        a launch of its own (``fused_add_rmsnorm`` in place, ``h += x`` and ``x`` its norm; the first layer's
-        ``rmsnorm`` of the embedding rows), the QKV GEMV with RoPE and the KV append as its epilogue
-        (``Dense.prepared_fp8_qkv_rope``), the attention, the O GEMV, the post-attention norm, the gate/up GEMV
-        with SiLU as its epilogue (``Dense.prepared_fp8_silu``) and the down GEMV: 7 launches a layer with the
-        attention's, where the separate launches are 10. Where Qwen3's per-head norms come between, the KV cache
-        is FP8 or a weight is 16-bit, that part runs as separate launches. The LM head takes the last norm as its
-        prologue. The FP8 GEMVs over normalized rows read them whole, so each norm runs once, not once per block as
-        a prologue would (the FP8 weights' shorter GEMVs pay that more than 16-bit ones: ``Dense.fp8_fused``)."""
-        from ...kernels.dense import ADD_NORM, NORM
+        """:meth:`_fused_calls` over FP8 weights (``QuantizedWeights.fp8_epilogues``; dense layers), and over int4
+        weights (every GEMV the int4 GEMV, SiLU its gate/up GEMV's epilogue, RoPE and the KV append launches of their
+        own: 9 a layer): per layer the input norm as a launch of its own (``fused_add_rmsnorm`` in place, ``h += x`` and
+        ``x`` its norm; the first layer's ``rmsnorm`` of the embedding rows), the QKV GEMV with RoPE and the KV append
+        as its epilogue (``QuantizedWeights.prepared_fp8_qkv_rope``), the attention, the O GEMV, the post-attention
+        norm, the gate/up GEMV with SiLU as its epilogue (``QuantizedWeights.prepared_fp8_silu``) and the down GEMV: 7
+        launches a layer with the attention's, where the separate launches are 10. Where Qwen3's per-head norms come
+        between, the KV cache is FP8 or a weight is 16-bit, that part runs as separate launches. The LM head takes the
+        last norm as its prologue. The FP8 GEMVs over normalized rows read them whole, so each norm runs once, not once
+        per block as a prologue would (the FP8 weights' shorter GEMVs pay that more than 16-bit ones:
+        ``QuantizedWeights.fp8_fused``)."""
+        from ...kernels.fused_args import ADD_NORM, NORM
 
         r = self.runner
         c, b, dense, s = r.config, r.buffers, r.dense, r.stream_ptr
@@ -224,18 +231,18 @@ class FusedDecode:
         x, qkv, attn, gu, act = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr, b.act.data.ptr
         w, hqd = r.qkv_width, c.num_qo_heads * c.head_dim
         fp8 = r.kv_fp8
-        embed = dense.prepared_gather(rows, r.embed, h, v.token_ids, b.h.data.ptr, h, h)
+        embed = dense.rows.prepared_gather(rows, r.embed, h, v.token_ids, b.h.data.ptr, h, h)
         rope_in_gemv = not c.qk_norm and fp8 is None and c.head_dim in (64, 128, 256, 512)
-        pdl = r.norm_pdl and dense.launches_with_pdl
+        pdl = r.norm_pdl and dense.launcher.launches_with_pdl
         layers = []
         for i in range(c.num_layers):
             if i == 0:  # input_layernorm of the embedding rows into x
                 before = [kernels.prepared_rmsnorm(v.h, r.ln1[0], v.x, eps, s, pdl)]
             else:  # h += the previous layer's down output; x = input_layernorm(h)
                 before = [kernels.prepared_fused_add_rmsnorm(v.x, v.h, r.ln1[i], eps, s, pdl)]
-            if rope_in_gemv and dense.has_fp8_weight(r.wqkv[i]):
+            if rope_in_gemv and dense.quantized.has_fp8_weight(r.wqkv[i]):
                 rope = self._rope_append(i, v)
-                before.append(dense.prepared_fp8_qkv_rope(rows, x, h, r.wqkv[i], h, qkv, w, ab, rope))
+                before.append(dense.quantized.prepared_fp8_qkv_rope(rows, x, h, r.wqkv[i], h, qkv, w, ab, rope))
             else:
                 before.append(dense.prepared_linear(rows, x, h, r.wqkv[i], w, h, qkv, w, ab, ab))
                 before += self._separate_rope_append(v, rows, i)
@@ -243,10 +250,10 @@ class FusedDecode:
             after = [] if scale is None else [scale]
             after.append(dense.prepared_linear(rows, attn, hqd, r.wo[i], h, hqd, x, h, ab, ab))
             after.append(kernels.prepared_fused_add_rmsnorm(v.x, v.h, r.ln2[i], eps, s, pdl))
-            if dense.has_fp8_weight(r.wgu[i]):  # silu(gate) * up straight into act
-                after.append(dense.prepared_fp8_silu(rows, x, h, r.wgu[i], h, act, inter, ab))
-            elif dense.has_int4_silu(r.wgu[i]):  # (int4: gate and up interleaved by 8 rows at load)
-                after.append(dense.prepared_int4_silu(rows, x, h, r.wgu[i], h, act, inter, ab))
+            if dense.quantized.has_fp8_weight(r.wgu[i]):  # silu(gate) * up straight into act
+                after.append(dense.quantized.prepared_fp8_silu(rows, x, h, r.wgu[i], h, act, inter, ab))
+            elif dense.quantized.has_int4_silu(r.wgu[i]):  # (int4: gate and up interleaved by 8 rows at load)
+                after.append(dense.quantized.prepared_int4_silu(rows, x, h, r.wgu[i], h, act, inter, ab))
             else:
                 after.append(dense.prepared_linear(rows, x, h, r.wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab))
                 after.append(kernels.prepared_silu_and_mul(v.gu, v.act, s))
@@ -255,7 +262,7 @@ class FusedDecode:
         # h += the last down output; the final norm; the LM head
         n, logits, ln, cur = r.head_rows, b.logits.data.ptr, r.final_norm.data_ptr, b.h.data.ptr
         mode = ADD_NORM if c.num_layers else NORM
-        head = dense.prepared_fused(mode, rows, x, h, r.lm_head, n, h, logits, n, ab, r.gemm_f32, cur, h, ln, 0, eps)
+        head = dense.fused.prepared(mode, rows, x, h, r.lm_head, n, h, logits, n, ab, r.gemm_f32, cur, h, ln, 0, eps)
         return embed, layers, head
 
     def _separate_rope_append(self, v: SimpleNamespace, rows: int, i: int) -> list[Any]:
@@ -280,8 +287,8 @@ class FusedDecode:
 
     def _rope_append(self, i: int, v: SimpleNamespace) -> Any:
         """The RoPE settings, this step's index arrays and layer ``i``'s caches as the QKV GEMV's epilogue takes
-        them (``Dense.prepared_qkv_rope``): the values ``kernels.rope_inplace`` and ``append_kv`` pass."""
-        from ...kernels.dense import RopeAppend
+        them (``FusedGemvs.prepared_qkv_rope``): the values ``kernels.rope_inplace`` and ``append_kv`` pass."""
+        from ...kernels.fused_args import RopeAppend
 
         runner = self.runner
         c, rope = runner.config, runner.config.rope

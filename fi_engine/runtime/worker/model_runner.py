@@ -121,20 +121,20 @@ class ModelRunner(RunnerState):
 
     attention_pdl: bool = True
     """The packed attention runs launched with programmatic dependent launch where the GEMVs are
-    (``Dense.launches_with_pdl``: Hopper and later): each may start while the QKV GEMV drains, and the O GEMV after it
-    while it drains (FlashInfer's ``enable_pdl``). Read when the runs are packed; set it on the class to compare."""
+    (``Launcher.launches_with_pdl``: Hopper and later): each may start while the QKV GEMV drains, and the O GEMV after
+    it while it drains (FlashInfer's ``enable_pdl``). Read when the runs are packed; set it on the class to compare."""
 
     silu_in_gate_up: bool = True
-    """The fused step's gate/up GEMV over 16-bit weights writes ``silu(gate) * up`` (``Dense.prepared_gate_up_silu``)
-    and the down GEMV reads it as its input; False: the gate/up GEMV writes both halves and the down GEMV computes
-    SiLU-and-mul in a prologue, in each of its blocks (the engine's step before 2026-11-25). The same values either way
-    (tests/engine/test_gpu_fused_decode.py). Read when the step is packed; set it on the class to compare
-    (``benchmarks/bench_llama_tp.py --variants silu-prologue``)."""
+    """The fused step's gate/up GEMV over 16-bit weights writes ``silu(gate) * up``
+    (``FusedGemvs.prepared_gate_up_silu``) and the down GEMV reads it as its input; False: the gate/up GEMV writes both
+    halves and the down GEMV computes SiLU-and-mul in a prologue, in each of its blocks (the engine's step before
+    2026-11-25). The same values either way (tests/engine/test_gpu_fused_decode.py). Read when the step is packed; set
+    it on the class to compare (``benchmarks/bench_llama_tp.py --variants silu-prologue``)."""
 
     norm_pdl: bool = True
-    """The FP8 step's norms (``Dense.fp8_epilogues``: launches of their own) launched with programmatic dependent
-    launch where the GEMVs are (FlashInfer's ``enable_pdl``): each may start while the GEMV before it drains. Read
-    when the step is packed; set it on the class to compare."""
+    """The FP8 step's norms (``QuantizedWeights.fp8_epilogues``: launches of their own) launched with programmatic
+    dependent launch where the GEMVs are (FlashInfer's ``enable_pdl``): each may start while the GEMV before it drains.
+    Read when the step is packed; set it on the class to compare."""
 
     _kv_scales: tuple[float, float] | None = None  # (class default: a runner assembled without __init__)
 
@@ -421,10 +421,10 @@ class ModelRunner(RunnerState):
         c, b, dense, s = self.config, self.buffers, self.dense, self.stream_ptr
         h, vs = c.hidden_size, self.vocab_shard
         if vs is None:
-            dense.gather_rows(rows, self.embed, h, v.token_ids, b.h.data.ptr, h, h)
+            dense.rows.gather_rows(rows, self.embed, h, v.token_ids, b.h.data.ptr, h, h)
             kernels.rmsnorm(v.h, self.ln1[0], v.x2, c.rms_norm_eps, s)
         else:
-            dense.gather_rows_shard(rows, self.embed, h, v.token_ids, b.x.data.ptr, h, h, vs.start, vs.valid)
+            dense.shards.gather_rows_shard(rows, self.embed, h, v.token_ids, b.x.data.ptr, h, h, vs.start, vs.valid)
             self.cupy.cuda.runtime.memsetAsync(b.h.data.ptr, 0, rows * h * b.h.itemsize, s)
             self.add_norm(v, self.ln1[0])
 
@@ -566,7 +566,9 @@ class ModelRunner(RunnerState):
         io = self.io
         io.copy_prefill(n_pages)
         if k:
-            self.dense.gather_ids(k, b.ids.data.ptr, io.prefill_region("rider_slots"), io.prefill_region("token_ids"))
+            self.dense.rows.gather_ids(
+                k, b.ids.data.ptr, io.prefill_region("rider_slots"), io.prefill_region("token_ids")
+            )
         v = self.view("prefill", nnz, batch)  # the real rows and requests
         if bucket is None or not self.step_graphs.run_padded_prefill(nnz, graph_slots, bucket):
             self.plan_prefill(batch)
@@ -588,7 +590,7 @@ class ModelRunner(RunnerState):
             return v, width, full
         h = c.hidden_size
         vs = v if width == batch else self.view("prefill", nnz, width)  # the sampled rows: one per slot
-        self.dense.gather_rows(width, self.normed.data.ptr, h, vs.last_rows, b.last.data.ptr, h, h)
+        self.dense.rows.gather_rows(width, self.normed.data.ptr, h, vs.last_rows, b.last.data.ptr, h, h)
         self.head(width, b.last.data.ptr)
         return vs, width, full
 

@@ -1,0 +1,510 @@
+"""The fused decode step's GEMVs (``csrc/fused_gemv.cu``): the engine's 16-bit GEMV with a prologue computed in the
+launch (an RMS norm, an add + RMS norm, or SiLU-and-mul of its input rows) and, after a norm, an epilogue over its
+outputs (RoPE and the KV append of the QKV GEMV; SiLU-and-mul of the gate/up GEMV; a MoE router's softmax top-k).
+One launch where the unfused step made two or three; the same values bit for bit (the GPU tests check them).
+
+:class:`FusedKernels` compiles them (once per Dense); :class:`FusedGemvs` checks a call (:mod:`~fi_engine.kernels.
+fused_args`) and packs it once through the Dense's :class:`~fi_engine.kernels.launch.Launcher`. Over a weight
+registered as FP8 the prologue GEMV runs ``csrc/fp8_fused.cu``'s kernel instead
+(:class:`~fi_engine.kernels.quantized_weights.QuantizedWeights`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fi_ffi.cuda import driver_error
+
+from .cublas import CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F
+from .cuda_sources import function_ptr, source
+from .fused_args import (
+    ADD_NORM,
+    FUSED_SUFFIX,
+    GATE_UP,
+    NORM,
+    PAIRS,
+    ROPE,
+    ROUTE,
+    SILU,
+    RopeAppend,
+    RouterEpilogue,
+    caches_apart,
+    check_fused_values,
+    epilogue_mode,
+    fused_args,
+    rope_ints,
+)
+from .gemv_settings import GEMV_MAX_ROWS, GEMV_NAMES, GemvSettings, unroll
+from .launch import MAX_LD, U64, Launcher, int_arg, overlap
+from .quantized_weights import QuantizedWeights, check_call
+
+__all__ = ["FusedGemvs", "FusedKernels"]
+
+WARPS = 8  # output columns per block per pass (one warp each); a block stages its input rows once
+_STATIC_SMEM = 48 << 10  # dynamic shared memory a kernel may take without opting in
+
+
+@dataclass
+class FusedKernels:
+    """The compiled fused GEMVs (:meth:`compile`): ``fns`` ``(mode, ab_type, c_type) -> CUfunction`` per row count
+    (1 to 4; empty: none compiled), ``smem`` the most dynamic shared memory (bytes) a launch may take (its input
+    rows), ``grid`` the most blocks a launch takes (:attr:`fused_blocks_per_sm` per SM; each stages its input rows
+    once), ``module`` the CuPy module that owns the functions."""
+
+    fns: dict[tuple[int, int, int], tuple[int, ...]] = field(default_factory=dict)
+    smem: int = 0
+    grid: int = 1056
+    module: Any = None
+
+    fused_blocks_per_sm = 8
+    """The fused GEMVs' blocks per SM at most (their grid: this many times the SMs, each block serving a grid-stride
+    set of columns after computing its prologue -- the norm or SiLU of the input rows -- once): more blocks keep more
+    weight loads in flight, fewer recompute the prologue fewer times. Read when a Dense is made; set it on the class
+    to compare (``benchmarks/bench_llama_tp.py --variants fused-blocks-N``)."""
+
+    rope_unroll = 4
+    """16-byte weight vectors in flight for each of the two columns of the fused QKV + RoPE + append GEMV
+    (``prepared_qkv_rope``), as :attr:`~fi_engine.kernels.gemv_settings.GemvSettings.gemv_unroll` for the others; 1
+    is the one-vector loop it had before (``benchmarks/bench_llama_tp.py --variants rope-unroll-1``). Compiled in when
+    a Dense is made."""
+
+    fused_min_blocks = 4
+    """The one-row fused GEMVs' registers capped (``__launch_bounds__``) so that this many of their 256-thread
+    blocks fit an SM (1: no cap). Compiled in when a Dense is made; set it on the class to compare
+    (``benchmarks/bench_llama_tp.py --variants fused-min-blocks-N``)."""
+
+    @classmethod
+    def options(cls) -> tuple[str, ...]:
+        """The NVRTC options ``csrc/fused_gemv.cu`` is compiled with: fast math (as FlashInfer's modules are),
+        :meth:`~fi_engine.kernels.gemv_settings.GemvSettings.gemv_options`, :attr:`rope_unroll` and
+        :attr:`fused_min_blocks` (what ``tools/kernel_fingerprints.py`` compiles too)."""
+        return (
+            "--use_fast_math",
+            *GemvSettings.gemv_options(),
+            f"-DROPE_UNROLL={unroll(cls.rope_unroll)}",
+            f"-DGEMV_FUSED_MIN_BLOCKS={max(1, min(32, int(cls.fused_min_blocks)))}",
+        )
+
+    @staticmethod
+    def kernel_names() -> dict[tuple[int, int, int], str]:
+        """The fused GEMVs a Dense loads, ``(mode, ab_type, c_type) -> kernel name`` (without the ``_r<rows>``
+        suffix): the prologue kernels of every type pair, and per 16-bit type the QKV + RoPE + append, gate/up + SiLU
+        and MoE router kernels after a NORM or ADD_NORM prologue."""
+        names = {}
+        for (ab, c), name in GEMV_NAMES.items():
+            for mode, suffix in FUSED_SUFFIX.items():
+                names[(mode, ab, c)] = f"{name}_{suffix}"
+        for ab, name in ((CUDA_R_16F, "f16"), (CUDA_R_16BF, "bf16")):
+            for mode, suffix in ((NORM, "norm"), (ADD_NORM, "addnorm")):
+                names[(mode | ROPE, ab, ab)] = f"gemv_{name}_{suffix}_rope"
+                names[(mode | GATE_UP, ab, ab)] = f"gemv_{name}_{suffix}_gateup"
+                names[(mode | ROUTE, ab, CUDA_R_32F)] = f"gemv_{name}_{suffix}_route"
+        return names
+
+    @classmethod
+    def compile(cls, cupy: Any) -> FusedKernels:
+        """Compile every kernel of :meth:`kernel_names` for 1 to 4 rows, opted in to the device's shared memory
+        (rows x k input values beyond 48 KiB); raises what NVRTC or the driver raise."""
+        module = cupy.RawModule(code=source("fused_gemv.cu"), options=cls.options())
+        attrs = cupy.cuda.Device().attributes
+        limit = _STATIC_SMEM - 1024  # the static part (the sums of squares) counts against the same 48 KiB
+        optin = int(attrs.get("MaxSharedMemoryPerBlockOptin", 0)) - 1024
+
+        def load(kernel_name: str) -> tuple[int, ...]:
+            nonlocal optin
+            kernels = GemvSettings.by_row_count(module, kernel_name, keep=True)
+            for kernel in kernels:
+                if optin > limit:  # rows x k input values beyond 48 KiB: opt in once per kernel
+                    try:
+                        kernel.max_dynamic_shared_size_bytes = optin
+                    except Exception:
+                        optin = limit
+            return tuple(function_ptr(kernel) for kernel in kernels)
+
+        fns = {key: load(name) for key, name in cls.kernel_names().items()}
+        grid = max(1, int(cls.fused_blocks_per_sm)) * int(attrs.get("MultiProcessorCount", 132))
+        return cls(fns, max(limit, optin), grid, module)
+
+
+class FusedGemvs:
+    """The fused GEMVs of one Dense: ``kernels`` (:class:`FusedKernels`) launched through ``launcher``, over 16-bit
+    weights or those registered in ``quantized`` (FP8: the prologue GEMV's own kernels; int4: refused)."""
+
+    def __init__(self, launcher: Launcher, kernels: FusedKernels, quantized: QuantizedWeights) -> None:
+        self._launcher, self._kernels, self._quantized = launcher, kernels, quantized
+        self._fns = kernels.fns
+        self._args: dict[tuple[Any, ...], tuple[Any, ...]] = {}  # linear()'s packed calls, keyed by their values
+        # what linear() launches with, bound once (its per-call path reads no launcher attribute)
+        self._launch, self._stream, self._null = launcher.launch, launcher.stream, launcher.null
+
+    def fits(self, rows: int, k: int) -> bool:
+        """Whether :meth:`linear` serves ``rows`` input rows of ``k`` elements (16-bit): the launch path is on, the
+        fused kernels compiled, ``rows <= GEMV_MAX_ROWS``, ``k`` a multiple of 8 and the rows fit the shared memory a
+        block may take. TypeError naming ``rows`` or ``k`` when one is no int."""
+        if rows.__class__ is not int or k.__class__ is not int:  # (two class tests on the per-step path)
+            int_arg("rows", rows, -(1 << 63), 1 << 63)
+            int_arg("k", k, -(1 << 63), 1 << 63)
+        return (
+            self._launcher.open
+            and bool(self._fns)
+            and 0 < rows <= GEMV_MAX_ROWS
+            and 0 < k < 1 << 31
+            and k % 8 == 0
+            and rows * k * 2 <= self._kernels.smem
+        )
+
+    def linear(
+        self,
+        mode: int,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        c_type: int,
+        h: int = 0,
+        h_ld: int = 0,
+        norm_weight: int = 0,
+        h_out: int = 0,
+        eps: float = 0.0,
+    ) -> None:
+        """``y[:rows, :n] = in @ w.T`` (``w`` row-major ``[n, k]``, float32 sums, ``y`` rounded once to
+        ``c_type``) where the input rows ``in [rows, k]`` are computed in the launch itself (``mode``):
+
+        - :data:`~fi_engine.kernels.fused_args.NORM`: ``in = rmsnorm(h) * norm_weight`` (``h [rows, k]``, row stride
+          ``h_ld``; ``x`` unused);
+        - :data:`~fi_engine.kernels.fused_args.ADD_NORM`: ``s = h + x``; ``h_out = s`` (rounded; skipped where
+          ``h_out`` is 0); ``in = rmsnorm(s) * norm_weight`` -- FlashInfer's ``fused_add_rmsnorm(x, h,
+          norm_weight)``, with the new residual written to ``h_out``, which must not overlap ``h`` (every block reads
+          ``h``);
+        - :data:`~fi_engine.kernels.fused_args.SILU`: ``in = silu(x[:, :k]) * x[:, k:2k]`` (FlashInfer's
+          ``silu_and_mul``; ``x [rows, 2k]``).
+
+        Rounded where those kernels round (``in`` and ``h_out`` to the 16-bit type), so the result equals theirs
+        followed by the Dense's GEMV. Pointers as ints, strides in elements; ``eps`` the norm's epsilon. :meth:`fits`
+        must hold. Raises TypeError/ValueError naming an argument that is no int (``eps``: no finite float), an
+        address outside ``[0, 2**64)`` or whose rows run past it, a row stride shorter than its row (more than one
+        row), misaligned (x, h, h_out, norm_weight and their row strides: 16 bytes; y: its element) or overlapping
+        (``h_out`` with ``h``, ``x`` or ``y``; ``y`` with ``x`` or ``h``): checked when a call site is packed, and a
+        call site is keyed by every value, so every call is covered."""
+        key = (mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type, h, h_ld, norm_weight, h_out, eps)
+        try:
+            packed = self._args.get(key)
+        except TypeError:  # an unhashable value: _pack refuses it by name
+            packed = None
+        if packed is None:
+            packed = self._pack(key)
+        fn, grid, smem, params, _ = packed
+        err = self._launch(fn, grid, 1, 1, 32 * WARPS, 1, 1, smem, self._stream, params, self._null)
+        if err:
+            raise driver_error(err, f"cuLaunchKernel(fused gemv, mode={mode}, rows={rows}, n={n}, k={k})")
+
+    def prepared(
+        self,
+        mode: int,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        c_type: int,
+        h: int = 0,
+        h_ld: int = 0,
+        norm_weight: int = 0,
+        h_out: int = 0,
+        eps: float = 0.0,
+    ) -> Callable[[], None]:
+        """:meth:`linear` with these arguments checked and packed once: calling the result launches it again (no key
+        built, no lookup: about one ``cuLaunchKernel``). The result keeps the packed argument array alive; after the
+        Dense's ``close`` it raises instead of launching."""
+        key = (mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type, h, h_ld, norm_weight, h_out, eps)
+        fn, grid, smem, params, values = self._pack(key)
+        return self._launcher.prepared(fn, grid, 32 * WARPS, smem, params, values, "fused gemv", pdl=True)
+
+    def _pack(self, key: tuple[Any, ...], checks_only: bool = False) -> tuple[Any, ...]:
+        """Check one :meth:`linear` call site and pack its kernel arguments once: ``(function, grid, shared bytes,
+        params, values)``; at most 4096 kept, then the cache starts again. ``checks_only``: the checks and
+        ``(function, grid, shared bytes, None, None)``, nothing packed or kept (the epilogues pack their own)."""
+        check_fused_values(key)
+        mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type, h, h_ld, norm_weight, h_out, _ = key
+        if mode & PAIRS and not checks_only:  # (an AssertionError below otherwise)
+            raise ValueError(
+                f"mode: expected NORM, ADD_NORM or SILU; the RoPE and SiLU epilogues are prepared_qkv_rope's and "
+                f"prepared_gate_up_silu's, got {mode}"
+            )
+        fn: Any = self._fns.get((mode, ab_type, c_type))  # per row count (16-bit); the FP8 kernel's own below
+        if fn is None:
+            why = "compiled (closed, or NVRTC refused them)" if not self._fns else "for these types"
+            raise ValueError(f"ab_type, c_type: no fused GEMV {why} ({ab_type}, {c_type}, mode {mode})")
+        quantized = self._quantized
+        if quantized.int4_weights and w in quantized.int4_weights:
+            raise ValueError("w: the fused GEMVs read 16-bit or FP8 weights; this one is registered as int4")
+        fp8 = quantized.fp8_weights.get(w) if quantized.fp8_weights else None
+        if fp8 is not None:  # e4m3 weights: the same prologue before the FP8 GEMV (fp8_linear)
+            lib = quantized.fp8
+            assert lib is not None
+            if mode & PAIRS:
+                raise ValueError("w: the RoPE and SiLU epilogues read 16-bit weights; this one is registered as FP8")
+            check_call(fp8, "FP8", n, k, ab_type, c_type)
+            fn = lib.fused_fn(mode, ab_type == CUDA_R_16BF, c_type == CUDA_R_32F, fp8.block is not None)
+            if fn is None:
+                raise ValueError(f"w: no fused GEMV over FP8 weights compiled ({lib.fused_error or 'closed'})")
+            if rows * k * 2 > lib.fused_smem:
+                raise ValueError(f"rows, k: the FP8 fused GEMV stages at most {lib.fused_smem} bytes of input")
+        pairs, mode = mode & PAIRS, mode & ~PAIRS
+        if not self.fits(rows, k):
+            raise ValueError(f"rows, k: the fused GEMV does not serve {rows} rows of {k} (see fits)")
+        if fp8 is None:
+            fn = fn[rows - 1]  # the 16-bit kernel of this many rows
+        if not 0 < n < 1 << 31:
+            raise ValueError(f"n: expected 1 to 2**31 - 1 output columns, got {n}")
+        if rows > 1:  # rows closer than a row's width would overlap (one row never steps by its stride)
+            widths = [("y_ld", y_ld, n)] + ([("h_ld", h_ld, k)] if mode != SILU else [])
+            widths += [("x_ld", x_ld, 2 * k if mode == SILU else k)] if mode != NORM else []  # NORM reads no x
+            for name, value, width in widths:
+                if value < width:
+                    raise ValueError(f"{name}: {value} elements between rows is less than a row's {width}")
+        out_item = 4 if c_type == CUDA_R_32F else 2
+        span_in = 2 * ((rows - 1) * h_ld + k)  # bytes of h's (and h_out's) rows
+        x_width = 2 * k if mode == SILU else k
+        span_x = 2 * ((rows - 1) * x_ld + x_width)
+        span_y = out_item * ((rows - 1) * y_ld + n)
+        checks = [("w", w, 16), ("y", y, out_item)]
+        if mode == SILU:
+            checks += [("x", x, 16), ("x_ld", 2 * x_ld, 16)]
+        else:
+            checks += [("h", h, 16), ("h_ld", 2 * h_ld, 16), ("norm_weight", norm_weight, 16)]
+        if mode == ADD_NORM:
+            checks += [("x", x, 16), ("x_ld", 2 * x_ld, 16), ("h_out", h_out, 16)]
+        for name, value, align in checks:
+            if value % align or (value == 0 and not name.endswith("_ld") and name != "h_out"):
+                raise ValueError(f"{name}: 0x{value:x} must be a non-NULL address aligned to {align} bytes")
+        reads = [("x", x, span_x)] if mode != NORM else []
+        if mode != SILU:
+            reads.append(("h", h, span_in))
+        ends = [*reads, ("w", w, (1 if fp8 is not None else 2) * n * k), ("y", y, span_y)]
+        ends += [("norm_weight", norm_weight, 2 * k)] if mode != SILU else []
+        ends += [("h_out", h_out, span_in)] if mode == ADD_NORM else []
+        for name, base, span in ends:
+            if base + span > U64:
+                raise ValueError(f"{name}: 0x{base:x} + {span} bytes runs past the end of the address space")
+        for name, base, span in reads:
+            if overlap(y, span_y, base, span):
+                raise ValueError(f"y: overlaps {name} (the launch writes y while other blocks still read {name})")
+            if mode == ADD_NORM and h_out and overlap(h_out, span_in, base, span):
+                raise ValueError(f"h_out: overlaps {name} (block 0 writes h_out while every block reads {name})")
+        if mode == ADD_NORM and h_out and overlap(h_out, span_in, y, span_y):
+            raise ValueError("h_out: overlaps y")
+        if checks_only:
+            return (fn, None, rows * k * 2, None, None)
+        assert not pairs
+        args = fused_args(key)
+        grid = min((n + WARPS - 1) // WARPS, self._kernels.grid)
+        if fp8 is not None:  # its scales; two groups of 4 columns a block (csrc/fp8_fused.cu)
+            args += [fp8.scales, *fp8.scale_args[:3]]
+            grid = min((n + 7) // 8, self._kernels.grid)
+        params, values = self._launcher.slots(args)
+        packed = (fn, grid, rows * k * 2, params, values)  # values: kept with params
+        if len(self._args) > 4096:
+            self._args.clear()
+        self._args[key] = packed
+        return packed
+
+    def _prepared_epilogue(self, fn: int, smem: int, ints: list[int], columns: int, name: str) -> Callable[[], None]:
+        """A GEMV with an epilogue, its checked arguments ``ints`` packed once: one warp per ``WARPS`` of its
+        ``columns`` (output columns, or pairs of them) a pass, at most the fused grid's blocks."""
+        launcher = self._launcher
+        params, values = launcher.slots(ints)
+        grid = min((columns + WARPS - 1) // WARPS, self._kernels.grid)
+        return launcher.prepared(fn, grid, 32 * WARPS, smem, params, values, name, pdl=True)
+
+    def has_qkv_rope(self, ab_type: int, d: int) -> bool:
+        """Whether :meth:`prepared_qkv_rope` serves ``ab_type`` inputs and head dim ``d`` (its kernels compiled;
+        the head dims FlashInfer's RoPE serves). TypeError naming ``ab_type`` or ``d`` when one is no int."""
+        int_arg("ab_type", ab_type, -(1 << 63), 1 << 63)
+        int_arg("d", d, -(1 << 63), 1 << 63)
+        return (ADD_NORM | ROPE, ab_type, ab_type) in self._fns and d in (64, 128, 256, 512)
+
+    def prepared_qkv_rope(
+        self,
+        mode: int,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        h: int,
+        h_ld: int,
+        norm_weight: int,
+        h_out: int,
+        eps: float,
+        rope: RopeAppend,
+    ) -> Callable[[], None]:
+        """The fused QKV GEMV of a decode step (``mode`` NORM or ADD_NORM, as :meth:`linear`; 16-bit ``y = qkv [rows,
+        (hq + 2 hk) d]``) with FlashInfer's ``apply_rope_pos_ids`` (in place, non-interleaved, every element rotated;
+        Llama 3.1 scaling where ``rope.llama3``) and ``append_paged_kv_cache`` (NHD) of this step's k and v as its
+        epilogue, checked and packed once (see :meth:`prepared`): one launch for three. The result equals those
+        launches' bit for bit (the GPU test checks it). Raises TypeError/ValueError naming an argument as
+        :meth:`linear` does, ``rope`` that is no :class:`~fi_engine.kernels.fused_args.RopeAppend` or one of its
+        fields (``rope.<field>``) of the wrong type or range, a misaligned, NULL or overlapping cache or index array
+        (the caches against y, h, x and h_out), or a shape the kernel does not serve."""
+        epilogue_mode(mode, "RoPE")
+        rope_args = rope_ints(rope)
+        n = (rope.hq + 2 * rope.hk) * rope.d
+        key = (mode | ROPE, rows, x, x_ld, w, n, k, y, y_ld, ab_type, ab_type, h, h_ld, norm_weight, h_out, eps)
+        fn, _, smem, _, _ = self._pack(key, checks_only=True)
+        areas = [("y", y, 2 * ((rows - 1) * y_ld + n)), ("h", h, 2 * ((rows - 1) * h_ld + k))]
+        if mode == ADD_NORM:
+            areas.append(("x", x, 2 * ((rows - 1) * x_ld + k)))
+            if h_out:
+                areas.append(("h_out", h_out, 2 * ((rows - 1) * h_ld + k)))
+        caches_apart(rope, areas)
+        return self._prepared_epilogue(fn, smem, [*fused_args(key), *rope_args], n // 2, "qkv gemv + rope + append")
+
+    def has_gate_up_silu(self, ab_type: int) -> bool:
+        """Whether :meth:`prepared_gate_up_silu` serves ``ab_type`` inputs (its kernels compiled). TypeError naming
+        ``ab_type`` when it is no int."""
+        int_arg("ab_type", ab_type, -(1 << 63), 1 << 63)
+        return (ADD_NORM | GATE_UP, ab_type, ab_type) in self._fns
+
+    def prepared_gate_up_silu(
+        self,
+        mode: int,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        h: int,
+        h_ld: int,
+        norm_weight: int,
+        h_out: int,
+        eps: float,
+    ) -> Callable[[], None]:
+        """The fused gate/up GEMV of a decode step (``mode`` NORM or ADD_NORM, as :meth:`linear`; the 16-bit weight
+        ``w [n, k]`` holds the ``n / 2`` gate rows, then the ``n / 2`` up rows) with FlashInfer's ``silu_and_mul`` as
+        its epilogue, checked and packed once (see :meth:`prepared`): ``y [rows, n / 2] = silu(g) * u`` (16-bit, row
+        stride ``y_ld``), ``g`` and ``u`` the GEMV's columns ``j`` and ``n / 2 + j`` rounded as its output is. One
+        launch where the fused GEMV and ``silu_and_mul`` were two, and the down GEMV after it reads ``y`` as it is (no
+        SiLU prologue recomputed in each of its blocks); the same values as those launches bit for bit (the GPU test
+        checks them). Raises TypeError/ValueError naming an argument as :meth:`linear` does (``y``'s extent: ``n /
+        2`` columns), an odd ``n``, or a weight registered as FP8 (``QuantizedWeights.prepared_fp8_silu`` serves
+        those)."""
+        epilogue_mode(mode, "SiLU")
+        int_arg("n", n, 2, 1 << 31)
+        if n % 2:
+            raise ValueError(f"n: the gate/up weight pairs its gate and up rows, an even count; got {n}")
+        m = n // 2
+        # the GEMV's checks over y's real extent (m columns); the weight's 2 m rows checked after
+        key = (mode | GATE_UP, rows, x, x_ld, w, m, k, y, y_ld, ab_type, ab_type, h, h_ld, norm_weight, h_out, eps)
+        fn, _, smem, _, _ = self._pack(key, checks_only=True)
+        if w + 2 * n * k > U64:
+            raise ValueError(f"w: 0x{w:x} + {2 * n * k} bytes runs past the end of the address space")
+        # (17 zero slots: the RoPE arguments, which the SiLU kernel reads none of)
+        return self._prepared_epilogue(fn, smem, [*fused_args(key, n), *[0] * 17], m, "gate/up gemv + silu")
+
+    def has_router(self, ab_type: int) -> bool:
+        """Whether :meth:`prepared_router` serves ``ab_type`` inputs (its kernels compiled). TypeError naming
+        ``ab_type`` when it is no int."""
+        int_arg("ab_type", ab_type, -(1 << 63), 1 << 63)
+        return (ADD_NORM | ROUTE, ab_type, CUDA_R_32F) in self._fns
+
+    def prepared_router(
+        self,
+        mode: int,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        n: int,
+        k: int,
+        logits: int,
+        logits_ld: int,
+        ab_type: int,
+        h: int,
+        h_ld: int,
+        norm_weight: int,
+        h_out: int,
+        eps: float,
+        route: RouterEpilogue,
+    ) -> Callable[[], None]:
+        """A MoE layer's router GEMV of a decode step (``mode`` NORM or ADD_NORM, as :meth:`linear`; float32
+        ``logits [rows, n]`` over ``n`` experts' ``[n, k]`` 16-bit router weight ``w``) with the routing as its
+        epilogue, checked and packed once (see :meth:`prepared`): the normalized rows also written to
+        ``route.normed``, then each row's softmax top-``route.top_k`` experts and weights (as ``moe_route``), one
+        launch where the norm, the router GEMV and the routing were three. The logits and the experts equal those
+        launches' bit for bit; the weights are within a few float32 ulps (fast-math ``expf``; the GPU test checks
+        both). Raises TypeError/ValueError naming an argument as :meth:`linear` does, ``route`` that is no
+        :class:`~fi_engine.kernels.fused_args.RouterEpilogue` or one of its fields (``route.<field>``) of the wrong
+        type or range, misaligned, NULL or overlapping another operand, or a shape the kernel does not serve."""
+        epilogue_mode(mode, "routing")
+        if not isinstance(route, RouterEpilogue):
+            raise TypeError(f"route: expected a RouterEpilogue, got {type(route).__name__}")
+        r = route
+        int_arg("route.top_k", r.top_k, 1, 65)
+        if not isinstance(r.renormalize, bool):
+            raise TypeError(f"route.renormalize: expected a bool, got {type(r.renormalize).__name__}")
+        for name in ("normed", "experts", "weights", "done"):
+            int_arg(f"route.{name}", getattr(r, name), 0, U64)
+        int_arg("route.normed_ld", r.normed_ld, 0, MAX_LD)
+        key = (mode, rows, x, x_ld, w, n, k, logits, logits_ld, ab_type, CUDA_R_32F, h, h_ld, norm_weight, h_out, eps)
+        check_fused_values(key)
+        if self._quantized.fp8_weights and w in self._quantized.fp8_weights:
+            raise ValueError("w: the routing epilogue reads 16-bit router weights; this one is registered as FP8")
+        _, _, smem, _, _ = self._pack(key, checks_only=True)  # the GEMV's own checks
+        fns = self._fns.get((mode | ROUTE, ab_type, CUDA_R_32F))
+        if fns is None:
+            raise ValueError(f"ab_type: no router GEMV compiled for it ({ab_type}; see has_router)")
+        fn = fns[rows - 1]  # (rows checked by the GEMV's checks above)
+        if r.top_k > n:
+            raise ValueError(f"route.top_k: expected at most n ({n}) experts, got {r.top_k}")
+        if rows > 1 and r.normed_ld < k:
+            raise ValueError(f"route.normed_ld: {r.normed_ld} elements between rows is less than a row's {k}")
+        span_normed = 2 * ((rows - 1) * r.normed_ld + k)
+        span_choice = 4 * rows * r.top_k
+        aligned = [("normed", r.normed, 16), ("normed_ld", 2 * r.normed_ld, 16), ("experts", r.experts, 4)]
+        aligned += [("weights", r.weights, 4), ("done", r.done, 4)]
+        for name, value, align in aligned:
+            if value % align or (value == 0 and name != "normed_ld"):
+                raise ValueError(f"route.{name}: 0x{value:x} must be a non-NULL address aligned to {align} bytes")
+        outs = [("normed", r.normed, span_normed), ("experts", r.experts, span_choice)]
+        outs += [("weights", r.weights, span_choice), ("done", r.done, 4)]
+        span_in = 2 * ((rows - 1) * h_ld + k)
+        others = [("h", h, span_in), ("norm_weight", norm_weight, 2 * k), ("w", w, 2 * n * k)]
+        others += [("logits", logits, 4 * ((rows - 1) * logits_ld + n))]
+        if mode == ADD_NORM:
+            others.append(("x", x, 2 * ((rows - 1) * x_ld + k)))
+            if h_out:
+                others.append(("h_out", h_out, span_in))
+        for i, (name, base, span) in enumerate(outs):
+            if base + span > U64:
+                raise ValueError(f"route.{name}: 0x{base:x} + {span} bytes runs past the end of the address space")
+            for other, obase, ospan in others + [(f"route.{o}", b, n_) for o, b, n_ in outs[:i]]:
+                if overlap(base, span, obase, ospan):
+                    raise ValueError(
+                        f"route.{name}: overlaps {other} (the launch writes it while reading or writing that)"
+                    )
+        ints = [*fused_args(key), r.normed, r.normed_ld, r.top_k, int(r.renormalize), r.experts, r.weights, r.done]
+        return self._prepared_epilogue(fn, smem, ints, n, "router gemv + routing")
+
+    def close(self) -> None:
+        """Forget the packed calls and the kernels: :meth:`linear` refuses from now on (:meth:`fits` is False)."""
+        self._args.clear()
+        self._fns = {}
