@@ -13,7 +13,8 @@ fi_ffi (tests/package/test_structure.py holds it to that).
   :mod:`~fi_engine.kernels.quantized_weights` (FP8 and int4 weights: :mod:`~fi_engine.kernels.fp8_linear`,
   :mod:`~fi_engine.kernels.int4_linear`), :mod:`~fi_engine.kernels.row_kernels` and
   :mod:`~fi_engine.kernels.shard_kernels` (sampling's row gather and argmax, a vocabulary shard's);
-  :mod:`~fi_engine.kernels.moe_gemv`: the MoE decode step's grouped GEMV; :mod:`~fi_engine.kernels.cuda_sources`:
+  :mod:`~fi_engine.kernels.moe_gemv`: the MoE decode step's grouped GEMV; :mod:`~fi_engine.kernels.lora_bgmv`: the
+  LoRA adapters' shrink and expand launches (each row its own adapter's slot); :mod:`~fi_engine.kernels.cuda_sources`:
   their CUDA C.
 - :mod:`~fi_engine.kernels.graph`: CUDA graph capture and replay with cuda-python.
 """
