@@ -81,25 +81,32 @@ def tiled_mxfp4(blocks: Any, scales: Any) -> tuple[Any, Any]:
     if top > _MAX_SCALE:
         raise ValueError(f"scales: a block scale of 2**{top - 127} (byte {top}); the MXFP4 grouped GEMV takes scales "
                          f"up to 2**{_MAX_SCALE - 127}: serve these experts dequantized")  # fmt: skip
-    k = nb * 32
-    kp = padded(k)
-    # the codes one a byte, [E, n, k_pad] (zero codes past k)
-    codes = xp.zeros((e, n, kp), xp.uint32)
-    codes[:, :, :k] = xp.stack([blocks & 0xF, blocks >> 4], axis=-1).reshape(e, n, k)
-    # axes: expert, tile, row half rh, g, chunk, block (u, bl), pair (h2, h1), t, value p -- column 32 b + 16 h2 +
-    # 8 h1 + 2 t + p, pair q = 2 h2 + h1, row 8 rh + g
-    c = codes.reshape(e, n // 16, 2, 8, kp // 128, 2, 2, 2, 2, 4, 2)
-    q = xp.arange(4, dtype=xp.uint32).reshape(2, 2, 1, 1)
-    p = xp.arange(2, dtype=xp.uint32).reshape(1, 1, 1, 2)
-    words = (((c & 7) << (3 * q + 16 * p)) | ((c >> 3) << (12 + q + 16 * p))).sum(axis=(7, 8, 10), dtype=xp.uint32)
-    # words [E, T, rh, g, C, u, bl, t] -> per (E, T, C): run u, lane (g, t), word v = 2 bl + rh
-    words = words.transpose(0, 1, 4, 5, 3, 7, 6, 2)
-    tiled = xp.ascontiguousarray(words).view(xp.uint8).reshape(e, n, kp // 2)
+    kp = padded(nb * 32)
+    tiled = xp.empty((e, n, kp // 2), xp.uint8)
+    for x in range(e):  # one expert at a time: its uint32 temporaries (~20 bytes a weight) are the only extra memory
+        tiled[x] = _tiled_codes(xp, blocks[x], kp)
     s = xp.zeros((e, n, kp // 32), xp.uint8)
     s[:, :, :nb] = scales
     # [E, T, rh, g, C, b] -> per (E, T, C): g, rh, b
     s = s.reshape(e, n // 16, 2, 8, kp // 128, 4).transpose(0, 1, 4, 3, 2, 5)
     return tiled, xp.ascontiguousarray(s).reshape(e, n, kp // 32)
+
+
+def _tiled_codes(xp: Any, blocks: Any, kp: int) -> Any:
+    """One expert's ``blocks [n, k / 32, 16]`` as :func:`tiled_mxfp4` lays its codes out: uint8 ``[n, kp / 2]``."""
+    n, nb, _ = blocks.shape
+    k = nb * 32
+    codes = xp.zeros((n, kp), xp.uint32)  # the codes one a word, zero past k
+    codes[:, :k] = xp.stack([blocks & 0xF, blocks >> 4], axis=-1).reshape(n, k)
+    # axes: tile, row half rh, g, chunk, block (u, bl), pair (h2, h1), t, value p -- column 32 b + 16 h2 + 8 h1 + 2 t
+    # + p, pair q = 2 h2 + h1, row 8 rh + g
+    c = codes.reshape(n // 16, 2, 8, kp // 128, 2, 2, 2, 2, 4, 2)
+    q = xp.arange(4, dtype=xp.uint32).reshape(2, 2, 1, 1)
+    p = xp.arange(2, dtype=xp.uint32).reshape(1, 1, 1, 2)
+    words = (((c & 7) << (3 * q + 16 * p)) | ((c >> 3) << (12 + q + 16 * p))).sum(axis=(6, 7, 9), dtype=xp.uint32)
+    # words [T, rh, g, C, u, bl, t] -> per (T, C): run u, lane (g, t), word v = 2 bl + rh
+    words = words.transpose(0, 3, 4, 2, 6, 5, 1)
+    return xp.ascontiguousarray(words).view(xp.uint8).reshape(n, kp // 2)
 
 
 def tiled_values(codes: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
@@ -162,7 +169,8 @@ class Mxfp4Experts:
         for name, value in (("hidden", h), ("intermediate", i)):
             if value.__class__ is not int or value <= 0 or value % 32:
                 raise ValueError(f"mxfp4_experts.{name}: expected a positive multiple of 32, got {value!r:.40}")
-        e = getattr(self.gate_up, "shape", (0,))[0]
+        shape = tuple(getattr(self.gate_up, "shape", ()))
+        e = shape[0] if shape else 0
         for name, (n, k), div in (
             ("gate_up", (2 * i, h), 2), ("gate_up_scales", (2 * i, h), 32), ("down", (h, i), 2),
             ("down_scales", (h, i), 32),
@@ -176,10 +184,8 @@ class Mxfp4Experts:
             if got_type != "uint8" or not contiguous or tuple(getattr(arr, "shape", ())) != want:
                 raise ValueError(f"mxfp4_experts.{name}: expected a C-contiguous uint8 array {list(want)}, got "
                                  f"{got_type} {list(getattr(arr, 'shape', ()))}")  # fmt: skip
-        if e == 0 or (2 * i) % 16 or h % 16:
-            raise ValueError(
-                f"mxfp4_experts: expected experts and rows in tiles of 16, got {e} experts, [{2 * i}, {h}]"
-            )
+        if e == 0:  # (the rows come in tiles of 16: hidden and intermediate are multiples of 32)
+            raise ValueError("mxfp4_experts: expected at least one expert, got none")
         return e, h, i
 
     def nbytes(self) -> int:

@@ -85,6 +85,11 @@ def test_the_experts_check_their_four_arrays() -> None:
         Mxfp4Experts(good.gate_up, good.gate_up_scales, good.down[:, :, :32], good.down_scales, 64, 96).shapes()
     with pytest.raises(ValueError, match=r"mxfp4_experts.hidden: expected a positive multiple of 32, got 48"):
         Mxfp4Experts(good.gate_up, good.gate_up_scales, good.down, good.down_scales, 48, 96).shapes()
+    with pytest.raises(ValueError, match=r"mxfp4_experts.gate_up: expected a C-contiguous uint8 array \[0, 192, 64\]"):
+        Mxfp4Experts(np.uint8(0), good.gate_up_scales, good.down, good.down_scales, 64, 96).shapes()  # a scalar
+    none = experts_of(0, 64, 96)
+    with pytest.raises(ValueError, match=r"mxfp4_experts: expected at least one expert, got none"):
+        none.shapes()
     with pytest.raises(ValueError, match=r"mxfp4_experts.gate_up_scales: .* got float32"):
         Mxfp4Experts(good.gate_up, good.gate_up_scales.astype(np.float32), good.down, good.down_scales, 64,
                      96).shapes()  # fmt: skip
