@@ -103,12 +103,14 @@ def run(engine_cls: Any, kwargs: dict[str, Any], path: Path, batch: int, new_tok
     rng = np.random.default_rng(batch)
     prompts = [rng.integers(3, 1000, size=32).tolist() for _ in range(batch)]
     kwargs = dict(kwargs)
-    GptOss.mxfp4_as_stored = kwargs.pop("stored", True)
-    with engine_cls(path, max_batch=batch, max_seq_len=256, cuda_graph=True, **kwargs) as engine:
-        engine.generate(prompts, 4, eos_token_ids=())  # warm-up
-        r = engine.generate(prompts, new_tokens, eos_token_ids=())
-        auto = engine.moe_path_for(batch) if kwargs.get("moe_path") == "auto" else kwargs.get("moe_path", "")
-    GptOss.mxfp4_as_stored = True
+    stored, GptOss.mxfp4_as_stored = GptOss.mxfp4_as_stored, kwargs.pop("stored", True)
+    try:  # (read at load: the engine below takes this contender's setting, the class gets its own back)
+        with engine_cls(path, max_batch=batch, max_seq_len=256, cuda_graph=True, **kwargs) as engine:
+            engine.generate(prompts, 4, eos_token_ids=())  # warm-up
+            r = engine.generate(prompts, new_tokens, eos_token_ids=())
+            auto = engine.moe_path_for(batch) if kwargs.get("moe_path") == "auto" else kwargs.get("moe_path", "")
+    finally:
+        GptOss.mxfp4_as_stored = stored
     ms = r.decode_s / max(1, r.decode_steps) * 1e3
     return {"batch": batch, "moe_path": auto, "tokens_per_s": r.tokens_per_s, "host_us_per_step": r.host_us_per_step,
             "ms_per_step": ms}  # fmt: skip

@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     # (chunks ahead, min blocks per SM, chunks per warp, warps per SM)
     variants = [(2, 2, 4, 128), (2, 2, 2, 128), (2, 2, 1, 128), (2, 2, 2, 256), (3, 2, 2, 128), (2, 1, 2, 128),
                 (2, 2, 4, 256), (2, 1, 2, 32)]  # fmt: skip
+    defaults = (Mxfp4GroupedGemv.chunks_ahead, Mxfp4GroupedGemv.min_blocks_per_sm, Mxfp4GroupedGemv.chunks_per_warp,
+                Mxfp4GroupedGemv.warps_per_sm)  # fmt: skip
     for tokens in (int(t) for t in args.tokens.split(",")):
         experts = cp.asarray(np.stack([rng.choice(e, k_top, replace=False) for _ in range(tokens)]).reshape(-1))
         distinct = len(set(cp.asnumpy(experts).tolist()))
@@ -77,8 +79,6 @@ def main(argv: list[str] | None = None) -> int:
             t16 = timed(run16)
             pct16 = 2 * distinct * n * k / t16 / 1e6 / args.peak_tbs * 100
             line = f"{tokens} tok {name:7s}: bf16 {t16:6.1f} us {pct16:3.0f} %; mxfp4 ahead/min-blocks/cpw/wps"
-            defaults = (Mxfp4GroupedGemv.chunks_ahead, Mxfp4GroupedGemv.min_blocks_per_sm,
-                        Mxfp4GroupedGemv.chunks_per_warp, Mxfp4GroupedGemv.warps_per_sm)  # fmt: skip
             for ahead, mb, cpw, wps in [defaults] if args.only_default else variants:
                 Mxfp4GroupedGemv.chunks_ahead, Mxfp4GroupedGemv.min_blocks_per_sm = ahead, mb
                 Mxfp4GroupedGemv.chunks_per_warp, Mxfp4GroupedGemv.warps_per_sm = cpw, wps

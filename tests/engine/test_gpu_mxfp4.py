@@ -73,9 +73,9 @@ def pair(tmp_path_factory, models_modules):  # type: ignore[no-untyped-def]
 @pytest.fixture
 def dequantized():  # type: ignore[no-untyped-def]
     """The MXFP4 experts dequantized to bfloat16 at load, as the fallback serves them."""
-    GptOss.mxfp4_as_stored = False
+    stored, GptOss.mxfp4_as_stored = GptOss.mxfp4_as_stored, False
     yield
-    GptOss.mxfp4_as_stored = True
+    GptOss.mxfp4_as_stored = stored
 
 
 @pytest.mark.parametrize(("moe_path", "max_batch"), [("auto", 4), ("dense", 128)])

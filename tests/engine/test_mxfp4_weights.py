@@ -262,7 +262,9 @@ def test_inputs_not_a_multiple_of_32_and_missing_experts_are_refused(tmp_path: P
         read_experts(f16, 0, E, H, INTER)
 
 
-def test_serve_names_mxfp4_experts_in_its_start_up_line_and_models(tmp_path: Path) -> None:
+def test_serve_names_mxfp4_experts_in_its_start_up_line_and_models(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``fi-engine serve``'s start-up line and ``/v1/models`` name the weights it serves (``cli._quantized_weights``):
     MXFP4 experts for the published layout, nothing for the bfloat16 copy."""
     from fi_engine import cli
@@ -275,11 +277,8 @@ def test_serve_names_mxfp4_experts_in_its_start_up_line_and_models(tmp_path: Pat
     assert cli._quantized_weights(str(bf)) is None
     from fi_engine.models.gpt_oss import GptOss
 
-    GptOss.mxfp4_as_stored = False  # the fallback, as the start-up line names it
-    try:
-        fallback = cli._quantized_weights(str(mx))
-    finally:
-        GptOss.mxfp4_as_stored = True
+    monkeypatch.setattr(GptOss, "mxfp4_as_stored", False)  # the fallback, as the start-up line names it
+    fallback = cli._quantized_weights(str(mx))
     assert fallback is not None and fallback.describe().endswith("dequantized to bfloat16 at load")
     # shapes the grouped GEMV cannot take: dequantized whatever the setting (an intermediate share not of 32s)
     assert not scheme.experts_for(2880, 2880, 4).stored and scheme.experts_for(2880, 2880, 2).stored
