@@ -472,11 +472,14 @@ class MoELayer:
         the row copies of :class:`~fi_engine.kernels.row_kernels.RowKernels` spread theirs)."""
         return t, column_blocks(self.hidden)
 
-    def _combine_rows(self, y: Any, row_of: Any, weights: Any, out: Any, t: int, seg: Any) -> None:
-        """``out[t] = sum_j w[t, j] * (y[row_of[t, j]] (+ the expert's down bias))``."""
+    def _combine_rows(
+        self, y: Any, row_of: Any, weights: Any, out: Any, t: int, seg: Any, down_bias: bool = True
+    ) -> None:
+        """``out[t] = sum_j w[t, j] * (y[row_of[t, j]] (+ the expert's down bias))``; ``down_bias`` False: the rows
+        ``y`` hold it already (the MXFP4 down GEMV adds it as it writes)."""
         k, h = self.top_k, self.hidden
         ld = out.strides[0] // out.itemsize
-        if self.biases is None:
+        if self.biases is None or not down_bias:
             args = (y, row_of, weights, out, np.int32(k), np.int64(h), np.int64(ld), np.int32(self._bf16))
             self._combine(self._combine_grid(t), (256,), args, stream=self.stream)
         else:
@@ -739,18 +742,20 @@ class MoELayer:
         return [gate_up, *activation, down, combine]
 
     def _biased_gemv(self, arrays: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The extra arguments of the gate/up and down GEMVs of a biased layer (MXFP4 experts only: its kernels add
-        the experts' biases as they write, the down one making the clamped SwiGLU as it stages); empty for a plain
-        layer. ``arrays``: the biases as CuPy arrays (the GEMV's ``__call__``), else addresses (its ``launch``)."""
+        """The extra arguments of the gate/up and down GEMVs of a biased layer (MXFP4 experts only, always with the
+        clamped SwiGLU: ``_check_mxfp4_experts``; its kernels add the experts' biases as they write, the down one
+        making the activation as it stages); empty for a plain layer. ``arrays``: the biases as CuPy arrays (the
+        GEMV's ``__call__``), else addresses (its ``launch``)."""
         b, a = self.biases, self.activation
         if b is None:
             return {}, {}
+        assert a is not None  # (biases without the clamped SwiGLU take no GEMV: the layer's check refused them)
 
         def ref(arr: Any) -> Any:
             return arr if arrays else int(arr.data.ptr)
 
-        clamp = {"act": "swiglu", "alpha": a.alpha, "limit": a.limit} if a is not None else {"act": "none"}
-        return {"bias": ref(b.gate_up), "act": "none"}, {"bias": ref(b.down), **clamp}
+        down = {"bias": ref(b.down), "act": "swiglu", "alpha": a.alpha, "limit": a.limit}
+        return {"bias": ref(b.gate_up), "act": "none"}, down
 
     def _gemv_experts(self, x: Any, out: Any, t: int) -> Any:
         """The experts of :meth:`forward_static` as two grouped GEMVs over the ``t * k`` assignments: gate/up
@@ -763,9 +768,7 @@ class MoELayer:
         g(x, k, self.s_experts, t, k, w_gate_up, e, 2 * i, h, self.gate_up_out, **up_kw)
         if down_kw:  # the biased MXFP4 GEMVs: the bias added, the activation made by the down GEMV; a plain combine
             g(self.gate_up_out, 1, self.s_experts, t, k, w_down, e, h, i, self.y, True, **down_kw)
-            rows = (self.y, self._g_rows, self.s_weights, out, np.int32(k), np.int64(h),
-                    np.int64(out.strides[0] // out.itemsize), np.int32(self._bf16))  # fmt: skip
-            self._combine(self._combine_grid(t), (256,), rows, stream=self.stream)
+            self._combine_rows(self.y, self._g_rows, self.s_weights, out, t, self._s_seg, down_bias=False)
             return out
         if self.gemv_fused_silu:  # SiLU-and-mul made as the down GEMV stages its rows
             g(self.gate_up_out, 1, self.s_experts, t, k, w_down, e, h, i, self.y, gated=True)
