@@ -21,11 +21,15 @@ of 4099 tokens (no tensor-parallel size divides it: the last rank's shard is pad
 
 tests/helpers/llama_tp_worker.py runs greedy generation and prefill logits on one GPU, then as N ranks under
 ``fi-ffi launch``: eager with top-k 1 sampling (the gathered, soft-capped logits), CUDA graph with the fused
-all-reduce, and CUDA graph with NCCL's all-reduce (Gemma 2's plain all-reduce in place). Yardstick as
-tests/engine/test_gpu_moe_tp.py: the prefill logits of at least 95% of the positions within the bfloat16
-engine-vs-float32
-tolerance (0.08) of one GPU's, the median within a quarter of it, the greedy tokens equal to one GPU's for at least
-3 of the 4 prompts, and the ``top_k=1`` tokens equal to the same run's greedy tokens.
+all-reduce, and CUDA graph with NCCL's all-reduce (Gemma 2's plain all-reduce in place). The yardstick is
+transformers' own bfloat16 error: these fixtures' logits are several units wide (soft caps of 5, gpt-oss's biases and
+wide embeddings), past the 0.08 that fits the Llama tests' logits of about 0.6, so each family is held to the float32
+reference of transformers on the saved weights instead (``helpers.tp_runs.check_against_float32``): TP N's prefill
+logits at most 1.25x as far from it as one GPU's or as transformers in bfloat16 (the larger), at the worst position and
+at the median one; every greedy token of TP N the float32 reference's choice under teacher forcing up to twice that
+bound (a near tie either may break: the chosen token's error and the best one's; ``helpers.yardstick.check_greedy``);
+and the ``top_k=1`` tokens equal to the same run's greedy tokens. transformers runs its eager attention (its SDPA
+path drops Gemma 2's attention soft cap).
 """
 
 from __future__ import annotations
@@ -34,11 +38,12 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers.checkpoints import randomize_norms, rope_kwargs
+from helpers.checkpoints import float32_reference, randomize_norms, rope_kwargs
 from helpers.hf_configs import DEEPSEEK_RANDOM, DEEPSEEK_RANDOM_V2, DEEPSEEK_RANDOM_V3
+from helpers.llama_tp_worker import prompts
 from helpers.subprocess_run import gpu_count, multicast_off
-from helpers.tp_runs import VOCAB, _check_logits, _env, _run
-from helpers.yardstick import LOGIT_TOL
+from helpers.tp_runs import VOCAB, _env, _run, check_against_float32, logit_errors
+from helpers.yardstick import check_greedy, reference_logits
 
 multicast_off()
 
@@ -54,7 +59,7 @@ def _gemma2(transformers, torch):  # type: ignore[no-untyped-def]
         num_key_value_heads=2, head_dim=256, query_pre_attn_scalar=128, sliding_window=16,
         attn_logit_softcapping=5.0, final_logit_softcapping=5.0, max_position_embeddings=4096,
         initializer_range=0.05, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
-        bos_token_id=2, eos_token_id=1, pad_token_id=0,
+        bos_token_id=2, eos_token_id=1, pad_token_id=0, attn_implementation="eager",
     )  # fmt: skip
     kw.update(rope_kwargs(transformers.Gemma2Config, 10000.0, None))
     model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**kw))
@@ -72,7 +77,7 @@ def _gpt_oss(transformers, torch):  # type: ignore[no-untyped-def]
         vocab_size=VOCAB, hidden_size=512, intermediate_size=192, num_hidden_layers=2, num_attention_heads=8,
         num_key_value_heads=2, head_dim=64, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
         max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False, swiglu_limit=7.0,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="eager",
     )  # fmt: skip
     kw.update(rope_kwargs(transformers.GptOssConfig, 150000.0, yarn))
     model = transformers.GptOssForCausalLM(transformers.GptOssConfig(**kw))
@@ -133,9 +138,15 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     env = _env(tmp)
     torch.manual_seed(0)
     model = tmp / "model"
-    make(transformers, torch).to(torch.bfloat16).save_pretrained(model)
-    ref = _run(env, model, tmp / "tp1.npz", 1)
-    return request.param, model, env, ref
+    hf16 = make(transformers, torch).to(torch.bfloat16)
+    hf16.save_pretrained(model)
+    ref32 = float32_reference(hf16)
+    ps = prompts(VOCAB)
+    refs = [reference_logits(ref32, p) for p in ps[:2]]  # the worker's prefill logits are of its first two prompts
+    hf16 = hf16.cuda().eval()
+    yardstick = logit_errors([reference_logits(hf16, p) for p in ps[:2]], refs)  # transformers' own bf16 error
+    one = _run(env, model, tmp / "tp1.npz", 1)
+    return request.param, model, env, (one, ref32, refs, yardstick)
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -143,12 +154,15 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 def test_family_tensor_parallel_matches_one_gpu(family: tuple, tmp_path: Path, n: int, mode: str) -> None:
     if gpu_count() < n:
         pytest.skip(f"needs {n} GPUs, found {gpu_count()}")
-    name, model, env, ref = family
+    name, model, env, (one, ref32, refs, yardstick) = family
     flags = {"eager": ["--topk1"], "graph": ["--graph", "--topk1"], "graph-nccl": ["--graph", "--nccl"]}
     got = _run(env, model, tmp_path / "out.npz", n, *flags[mode])
     assert int(got["tp"]) == n and bool(got["vocab_shard"])
     assert bool(got["fused"]) == (mode != "graph-nccl")
-    _check_logits(got, ref, LOGIT_TOL["bfloat16"], f"{name} tp {n} {mode}")
-    same = [a == b for a, b in zip(got["tokens"].tolist(), ref["tokens"].tolist(), strict=True)]
-    assert sum(same) >= 3, f"{name} tp {n} {mode}: greedy tokens equal for prompts {same}"
+    what = f"{name} tp {n} {mode}"
+    bound = check_against_float32(got, one, refs, yardstick, what)
+    # a token is the float32 reference's choice up to two errors within the bound (the chosen logit's and the best's)
+    exact = check_greedy(ref32, prompts(VOCAB), got["tokens"].tolist(), 2 * bound)
+    same = [a == b for a, b in zip(got["tokens"].tolist(), one["tokens"].tolist(), strict=True)]
+    print(f"{what}: {exact} greedy tokens the float32 argmax, prompts equal to one GPU's {same}")
     assert got["tokens_topk1"].tolist() == got["tokens"].tolist()  # top_k=1 sampling over gathered logits

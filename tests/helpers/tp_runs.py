@@ -46,3 +46,35 @@ def _check_logits(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], tol: f
     allowed = max(1, int(0.05 * errs.size))
     assert outside <= allowed, f"{what}: {outside} of {errs.size} positions outside {tol} (errors {np.round(errs, 3)})"
     assert np.median(errs) <= tol / 4, f"{what}: median error {np.median(errs)}"
+
+
+def logit_errors(logits: list[np.ndarray], refs: list[np.ndarray]) -> np.ndarray:
+    """Max |logit - reference| of every position, over prompts in turn (one ``[positions, vocab]`` array each)."""
+    return np.concatenate([np.abs(g - r).max(axis=1) for g, r in zip(logits, refs, strict=True)])
+
+
+def check_against_float32(
+    got: dict[str, np.ndarray],
+    one: dict[str, np.ndarray],
+    refs: list[np.ndarray],
+    yardstick: np.ndarray,
+    what: str,
+    slack: float = 1.25,
+) -> float:
+    """TP N's prefill logits (``got``) as close to the float32 reference ``refs`` (transformers in float32 on the
+    saved weights, one ``[positions, vocab]`` array a prompt) as one GPU's (``one``) are, or as transformers in
+    bfloat16 is (``yardstick``: its error at every position, :func:`logit_errors`), whichever is larger, up to
+    ``slack``: at the worst position and at the median one. A tensor split sums partial outputs rounded to 16 bits,
+    so TP N differs from TP 1 by rounding; a bias added on every rank, a sink on the wrong head or a cut in the wrong
+    place is a difference far past that. Returns the bound on the worst position's error."""
+    e_n = logit_errors([got[f"logits{i}"] for i in range(len(refs))], refs)
+    e_1 = logit_errors([one[f"logits{i}"] for i in range(len(refs))], refs)
+    bound = slack * max(float(yardstick.max()), float(e_1.max()))
+    median_bound = slack * max(float(np.median(yardstick)), float(np.median(e_1)))
+    print(
+        f"{what}: error vs float32 max {e_n.max():.4f} / median {np.median(e_n):.4f}; one GPU {e_1.max():.4f} / "
+        f"{np.median(e_1):.4f}; transformers bfloat16 {yardstick.max():.4f} / {np.median(yardstick):.4f}"
+    )
+    assert e_n.max() <= bound, f"{what}: max logit error {e_n.max():.4f} vs float32 past {bound:.4f}"
+    assert np.median(e_n) <= median_bound, f"{what}: median error {np.median(e_n):.4f} past {median_bound:.4f}"
+    return bound
