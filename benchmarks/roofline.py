@@ -28,6 +28,13 @@ can read the peak) the measured copy.
 - the norms (16-bit, whole on every rank), the LM head (16-bit; its vocabulary rows split over the ranks unless
   ``vocab_parallel`` is off), and each row's KV cache of ``context`` tokens (``min(context, window)`` on
   sliding-window layers);
+- DeepSeek-V2 / V3 (:class:`LatentAttention`): MLA's projections (``q_a_proj`` and ``kv_a_proj_with_mqa`` with
+  their norms whole on every rank; ``q_b_proj`` or ``q_proj``, ``kv_b_proj`` and ``o_proj`` split by heads), its
+  cache of one latent and one RoPE key per token and layer (whole on every rank), the first
+  ``first_k_dense_replace`` layers' dense MLP, and every MoE layer's shared experts besides the chosen routed ones.
+  An FP8 checkpoint as the engine serves it: the routed experts e4m3 (read as stored), every other projection
+  16-bit (dequantized at load); ``dequantized``: the routed experts 16-bit too
+  (``ModelRunner.fp8_experts_as_stored = False``);
 - tensor parallelism as the engine splits a layer: q/k/v and gate/up by output rows, o and down by input
   columns, each expert's intermediate columns likewise.
 
@@ -127,6 +134,11 @@ class DecoderShape:
         expert_weights: the routed experts' format where it is not ``weights`` (gpt-oss's MXFP4 experts beside its
             16-bit attention: ``"mxfp4"``); ``""``: ``weights``.
         window, window_layers: ``window_layers`` of the layers attend to the last ``window`` tokens only.
+        mla: DeepSeek's latent attention (then ``kv_heads`` and ``head_dim`` are unread); None: q, k, v, o.
+        shared_intermediate: the shared experts' intermediate size (every MoE layer's, read on every step in
+            ``weights``); 0: none.
+        dense_layers, dense_intermediate: the first ``dense_layers`` layers of a MoE model have a dense MLP of
+            ``dense_intermediate`` columns instead of experts (DeepSeek's ``first_k_dense_replace``).
     """
 
     hidden: int
@@ -143,6 +155,10 @@ class DecoderShape:
     window: int = 0
     window_layers: int = 0
     expert_weights: str = ""
+    mla: LatentAttention | None = None
+    shared_intermediate: int = 0
+    dense_layers: int = 0
+    dense_intermediate: int = 0
 
     def __post_init__(self) -> None:
         for name in ("hidden", "intermediate", "layers", "heads", "kv_heads", "head_dim", "vocab"):
@@ -154,7 +170,25 @@ class DecoderShape:
         linear_bytes(1, 1, self.weights, self.block)  # the format and block checked
         if self.expert_weights:
             linear_bytes(1, 1, self.expert_weights, self.block)
+        if self.mla is not None and not isinstance(self.mla, LatentAttention):
+            raise TypeError(f"mla: expected None or a LatentAttention, got {type(self.mla).__name__}")
+        arg_int("shared_intermediate", self.shared_intermediate, 0, MAX_SIZE if self.experts else 0)
+        arg_int("dense_layers", self.dense_layers, 0, self.layers if self.experts else 0)
+        arg_int("dense_intermediate", self.dense_intermediate, 1 if self.dense_layers else 0, MAX_SIZE)
 
+
+class LatentAttention(NamedTuple):
+    """DeepSeek's multi-head latent attention, as the bytes model reads it: ``q_lora_rank`` (0: a full ``q_proj``),
+    ``kv_lora_rank`` (the latent), ``qk_nope`` / ``qk_rope`` / ``v_head`` the per-head sizes."""
+
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope: int
+    qk_rope: int
+    v_head: int
+
+
+DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
 EXPERTS_AS_STORED = {"mxfp4": "mxfp4"}
 """The ``quant_method`` values of checkpoints whose routed experts alone are quantized (gpt-oss's MXFP4), and the
@@ -172,22 +206,20 @@ def shape_from_config(cfg: Any, dequantized: bool = False) -> DecoderShape:
     over-counted).
     AWQ / GPTQ checkpoints count as ``int4`` in groups of their ``group_size`` (the engine's int4 GEMV reads them as
     stored); MXFP4 ones (:data:`EXPERTS_AS_STORED`) as 16-bit with ``mxfp4`` experts (``dequantized=True``: 16-bit
-    experts, the engine's fallback, ``GptOss.mxfp4_as_stored = False``).
-    ValueError naming the key for what it cannot model (a missing size, another quantization, shared experts,
-    DeepSeek's latent attention)."""
-    from fi_engine.checkpoint.quantization import fp8_scheme
-
+    experts, the engine's fallback, ``GptOss.mxfp4_as_stored = False``; FP8 experts alike,
+    ``ModelRunner.fp8_experts_as_stored = False``).
+    DeepSeek-V2 / V3 (``model_type`` ``deepseek_v2`` / ``deepseek_v3``): :func:`deepseek_shape`.
+    ValueError naming the key for what it cannot model (a missing size, another quantization, Qwen2-MoE's shared
+    experts, latent attention of another model type)."""
     if not isinstance(cfg, dict):
         raise TypeError(f"cfg: expected a config.json dict, got {type(cfg).__name__}")
+    if cfg.get("model_type") in DEEPSEEK_MODEL_TYPES:
+        return deepseek_shape(cfg, dequantized)
     for key in ("kv_lora_rank", "n_routed_experts", "shared_expert_intermediate_size"):
         if cfg.get(key):
-            raise ValueError(f"config: {key!r}: latent attention and shared experts are not modelled")
-
-    def size(key: str, default: int | None = None) -> int:
-        value = cfg.get(key, default)
-        if value is None:
-            raise ValueError(f"config: missing {key!r} (a positive integer)")
-        return arg_int(f"config {key!r}", value, 1, MAX_SIZE)
+            raise ValueError(f"config: {key!r}: latent attention and shared experts are modelled for DeepSeek-V2/V3 "
+                             f"(model_type deepseek_v2 / deepseek_v3) only")  # fmt: skip
+    size = _sizes(cfg)
 
     hidden, heads = size("hidden_size"), size("num_attention_heads")
     experts_key = "num_local_experts" if cfg.get("num_local_experts") is not None else "num_experts"
@@ -204,15 +236,9 @@ def shape_from_config(cfg: Any, dequantized: bool = False) -> DecoderShape:
         weights, block = "int4", (1, MAX_SIZE if group == -1 else arg_int("config 'group_size'", group, 1, MAX_SIZE))
         quantization = None
     if quantization is not None:
-        scheme = fp8_scheme(quantization, "config")
-        if scheme is None:
-            raise ValueError("config: 'quantization_config' is not FP8: only 16-bit and FP8 weights are modelled")
-        if scheme.scales == "block":
-            if scheme.block is None:
-                raise ValueError("config: 'quantization_config': FP8 blocks of no stated size")
-            weights, block = "fp8-block", scheme.block
-        else:
-            weights = "fp8-row"
+        weights, block = _fp8_format(quantization)
+        if experts and dequantized:  # the engine's dequantizing load: e4m3 attention, 16-bit experts
+            expert_weights = "16-bit"
     layer_types = cfg.get("layer_types") or []
     windowed = sum(t == "sliding_attention" for t in layer_types) if isinstance(layer_types, list) else 0
     return DecoderShape(
@@ -230,6 +256,78 @@ def shape_from_config(cfg: Any, dequantized: bool = False) -> DecoderShape:
         window=size("sliding_window") if windowed else 0,
         window_layers=windowed,
         expert_weights=expert_weights,
+    )
+
+
+def _sizes(cfg: dict[str, Any]) -> Callable[..., int]:
+    """``size(key, default=None)``: config ``cfg``'s positive integer ``key``; ValueError naming a missing one."""
+
+    def size(key: str, default: int | None = None) -> int:
+        value = cfg.get(key, default)
+        if value is None:
+            raise ValueError(f"config: missing {key!r} (a positive integer)")
+        return arg_int(f"config {key!r}", value, 1, MAX_SIZE)
+
+    return size
+
+
+def _fp8_format(quantization: Any) -> tuple[str, tuple[int, int]]:
+    """The :data:`WEIGHT_FORMATS` entry and block of an FP8 ``quantization_config`` (ValueError for another)."""
+    from fi_engine.checkpoint.quantization import fp8_scheme
+
+    scheme = fp8_scheme(quantization, "config")
+    if scheme is None:
+        raise ValueError("config: 'quantization_config' is not FP8: only 16-bit and FP8 weights are modelled")
+    if scheme.scales != "block":
+        return "fp8-row", (128, 128)
+    if scheme.block is None:
+        raise ValueError("config: 'quantization_config': FP8 blocks of no stated size")
+    return "fp8-block", scheme.block
+
+
+def deepseek_shape(cfg: dict[str, Any], dequantized: bool = False) -> DecoderShape:
+    """The :class:`DecoderShape` of a DeepSeek-V2 / V3 ``config.json`` dict as the engine serves it: MLA
+    (:class:`LatentAttention` from ``q_lora_rank``, ``kv_lora_rank``, ``qk_nope_head_dim``, ``qk_rope_head_dim``,
+    ``v_head_dim``), ``n_routed_experts`` of ``moe_intermediate_size`` (``num_experts_per_tok`` a row) besides
+    ``n_shared_experts`` shared ones, the first ``first_k_dense_replace`` layers (V3's default 3, V2's 0) a dense MLP
+    of ``intermediate_size``. Every projection 16-bit but, in an FP8 checkpoint, the routed experts: e4m3 as stored
+    (``fp8-block`` / ``fp8-row``), or 16-bit with ``dequantized`` (``ModelRunner.fp8_experts_as_stored = False``);
+    the engine dequantizes MLA's, the dense MLPs' and the shared experts' e4m3 weights at load."""
+    size = _sizes(cfg)
+    layers, heads = size("num_hidden_layers"), size("num_attention_heads")
+    q_rank = cfg.get("q_lora_rank")
+    mla = LatentAttention(
+        0 if q_rank is None else size("q_lora_rank"), size("kv_lora_rank"), size("qk_nope_head_dim"),
+        size("qk_rope_head_dim"), size("v_head_dim"),
+    )  # fmt: skip
+    routed = cfg.get("n_routed_experts")
+    experts = 0 if routed is None else size("n_routed_experts")
+    block, expert_weights = (128, 128), ""
+    quantization = cfg.get("quantization_config")
+    if quantization is not None:
+        fp8, block = _fp8_format(quantization)
+        expert_weights = fp8 if experts and not dequantized else ""
+    first = cfg.get("first_k_dense_replace", 3 if cfg.get("model_type") == "deepseek_v3" else 0)
+    dense_layers = min(arg_int("config 'first_k_dense_replace'", first, 0, MAX_SIZE), layers) if experts else 0
+    shared = cfg.get("n_shared_experts") or 0
+    return DecoderShape(
+        hidden=size("hidden_size"),
+        intermediate=size("moe_intermediate_size") if experts else size("intermediate_size"),
+        layers=layers,
+        heads=heads,
+        kv_heads=1,  # (unread: the latent cache is one shared "head")
+        head_dim=mla.qk_rope,
+        vocab=size("vocab_size"),
+        experts=experts,
+        top_k=size("num_experts_per_tok") if experts else 0,
+        block=block,
+        expert_weights=expert_weights,
+        mla=mla,
+        shared_intermediate=size("moe_intermediate_size") * arg_int("config 'n_shared_experts'", shared, 0, MAX_SIZE)
+        if experts
+        else 0,
+        dense_layers=dense_layers,
+        dense_intermediate=size("intermediate_size") if dense_layers else 0,
     )
 
 
@@ -254,7 +352,7 @@ def decode_step_bytes(
     counts): each layer's projections, router, experts and norms, the final norm, the LM head (its rows split over
     the ranks, ``ceil(vocab / tp)`` each, where ``vocab_parallel``), and the KV cache of ``context`` tokens per row
     at ``kv_bytes`` per element (2: 16-bit; 1: an FP8 cache). ``experts_read``: for a MoE shape, the distinct
-    experts the step reads in each layer (one number per layer, e.g. :func:`count_distinct_experts` of a run's
+    experts the step reads in each layer (one number per MoE layer, e.g. :func:`count_distinct_experts` of a run's
     routing, or its mean over steps); None: the expected count under uniform routing
     (:func:`expected_distinct_experts`). A float: the expected count need not be whole."""
     s = shape
@@ -266,23 +364,35 @@ def decode_step_bytes(
     kv_bytes = arg_int("kv_bytes", kv_bytes, 1, 8)
     if not isinstance(vocab_parallel, bool):
         raise TypeError(f"vocab_parallel: expected True or False, got {type(vocab_parallel).__name__}")
-    q_rows = _split("query heads", s.heads, tp) * s.head_dim
-    kv_rows = _split("KV heads", s.kv_heads, tp) * s.head_dim
-    cols = _split("intermediate columns", s.intermediate, tp)
     w, blk = s.weights, s.block
-    attention = linear_bytes(q_rows, s.hidden, w, blk) + 2 * linear_bytes(kv_rows, s.hidden, w, blk)
-    attention += linear_bytes(s.hidden, q_rows, w, blk)
-    mlp = 2 * linear_bytes(cols, s.hidden, w, blk) + linear_bytes(s.hidden, cols, w, blk)  # gate, up; down
+    if s.mla is None:
+        q_rows = _split("query heads", s.heads, tp) * s.head_dim
+        kv_rows = _split("KV heads", s.kv_heads, tp) * s.head_dim
+        attention = linear_bytes(q_rows, s.hidden, w, blk) + 2 * linear_bytes(kv_rows, s.hidden, w, blk)
+        attention += linear_bytes(s.hidden, q_rows, w, blk)
+        kv_per_token = 2 * kv_rows  # K and V
+    else:
+        attention, kv_per_token = _latent_attention_bytes(s, _split("query heads", s.heads, tp))
+    cols = _split("intermediate columns", s.intermediate, tp)
+    mlp = _swiglu_bytes(s.hidden, cols, w, blk)
     if s.experts and s.expert_weights:
         ew = s.expert_weights
         mlp = linear_bytes(2 * cols, s.hidden, ew, blk) + linear_bytes(s.hidden, cols, ew, blk)
     norms = 2 * 2 * s.hidden  # before attention and before the MLP, 16-bit
     if s.experts:
+        moe_layers = s.layers - s.dense_layers
         if experts_read is None:
-            read = [expected_distinct_experts(s.experts, s.top_k, batch)] * s.layers
+            read = [expected_distinct_experts(s.experts, s.top_k, batch)] * moe_layers
         else:
             read = _experts_read(experts_read, s, batch)
-        weights = s.layers * (attention + norms + 2 * s.experts * s.hidden) + sum(read) * mlp
+        shared = s.shared_intermediate and _swiglu_bytes(
+            s.hidden, _split("shared expert columns", s.shared_intermediate, tp), w, blk
+        )
+        dense = s.dense_layers and _swiglu_bytes(
+            s.hidden, _split("dense MLP columns", s.dense_intermediate, tp), w, blk
+        )
+        weights = s.layers * (attention + norms) + moe_layers * (2 * s.experts * s.hidden + shared)
+        weights += s.dense_layers * dense + sum(read) * mlp
     else:
         if experts_read is not None:
             raise ValueError("experts_read: this shape has no experts (experts=0); pass None")
@@ -291,16 +401,39 @@ def decode_step_bytes(
     head = 2 * s.hidden + 2 * head_rows * s.hidden  # the final norm and the LM head, 16-bit
     windowed = min(context, s.window) if s.window else context
     tokens = (s.layers - s.window_layers) * context + s.window_layers * windowed  # over the layers, per row
-    kv = batch * tokens * 2 * kv_rows * kv_bytes  # K and V
+    kv = batch * tokens * kv_per_token * kv_bytes
     return float(weights + head + kv)
+
+
+def _swiglu_bytes(hidden: int, cols: int, w: str, blk: tuple[int, int]) -> int:
+    """One SwiGLU MLP's weights (gate and up ``[cols, hidden]``, down ``[hidden, cols]``) in format ``w``."""
+    return 2 * linear_bytes(cols, hidden, w, blk) + linear_bytes(hidden, cols, w, blk)
+
+
+def _latent_attention_bytes(s: DecoderShape, heads: int) -> tuple[int, int]:
+    """One layer's MLA weights on a rank of ``heads`` heads and its cache elements per token: the query latent
+    ``q_a_proj`` and its norm (or a full ``q_proj``), ``kv_a_proj_with_mqa`` and its norm (whole on every rank),
+    ``q_b_proj``, ``kv_b_proj`` and ``o_proj`` (the rank's heads); the cache holds one latent and one RoPE key a token
+    (whole on every rank)."""
+    m, w, blk, h = s.mla, s.weights, s.block, s.hidden
+    assert m is not None
+    qk = m.qk_nope + m.qk_rope
+    if m.q_lora_rank:
+        q = linear_bytes(m.q_lora_rank, h, w, blk) + 2 * m.q_lora_rank + linear_bytes(heads * qk, m.q_lora_rank, w, blk)
+    else:
+        q = linear_bytes(heads * qk, h, w, blk)
+    kv = linear_bytes(m.kv_lora_rank + m.qk_rope, h, w, blk) + 2 * m.kv_lora_rank
+    kv += linear_bytes(heads * (m.qk_nope + m.v_head), m.kv_lora_rank, w, blk)
+    return q + kv + linear_bytes(h, heads * m.v_head, w, blk), m.kv_lora_rank + m.qk_rope
 
 
 def _experts_read(experts_read: Sequence[float], s: DecoderShape, batch: int) -> list[float]:
     """``experts_read`` checked: one finite number per layer, each in ``[0, min(experts, batch * top_k)]``."""
     if isinstance(experts_read, (str, bytes)) or not isinstance(experts_read, Sequence):
         raise TypeError(f"experts_read: expected a sequence of numbers (one per layer), got {show(experts_read)}")
-    if len(experts_read) != s.layers:
-        raise ValueError(f"experts_read: expected one count per layer ({s.layers}), got {len(experts_read)}")
+    if len(experts_read) != s.layers - s.dense_layers:
+        raise ValueError(f"experts_read: expected one count per MoE layer ({s.layers - s.dense_layers}), got "
+                         f"{len(experts_read)}")  # fmt: skip
     most = min(s.experts, batch * s.top_k)
     for n in experts_read:
         if isinstance(n, bool) or not isinstance(n, (int, float)) or not 0 <= n <= most:

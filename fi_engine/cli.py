@@ -902,12 +902,15 @@ def _quantized_weights(model: str) -> Any:
     themselves), or None for 16-bit weights; ValueError for a config the family refuses."""
     from .checkpoint.quantization import Fp8Scheme
     from .models.registry import read_config
+    from .runtime.worker.model_runner import ModelRunner
 
     config = read_config(model)
     scheme = getattr(config, "int4", None) or getattr(config, "fp8", None)
     moe = getattr(config, "moe", None)
     if moe is not None and isinstance(scheme, Fp8Scheme):  # FP8 experts of shapes the grouped GEMV cannot read
         scheme = scheme.experts_for(config.hidden_size, moe.intermediate_size)
+        if not ModelRunner.fp8_experts_as_stored:  # the engines' switch: dequantized at load
+            scheme = scheme.experts_dequantized()
     if scheme is None:  # gpt-oss reads its MXFP4 experts per tensor: the config.json the reader accepted says so
         from .checkpoint.config import read_config_json
         from .checkpoint.mxfp4_weights import mxfp4_scheme

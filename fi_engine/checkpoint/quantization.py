@@ -67,10 +67,12 @@ class Fp8Scheme:
     """An FP8 checkpoint's layout: ``scales`` ``"tensor"``, ``"channel"`` or ``"block"`` (``block`` its
     ``(rows, columns)``), ``activations`` ``"dynamic"`` or ``"static"``, ``method`` the ``quant_method`` it came
     from; ``dequantized`` names the weights the engine dequantizes to the model's 16-bit type as it reads them
-    (``"experts"`` for a mixture-of-experts model whose scale blocks the FP8 grouped GEMV does not take, ``"every
-    projection"`` for DeepSeek), ``""`` where every projection stays e4m3 on the GPU; ``stored_experts``: a
-    mixture-of-experts model's experts stay e4m3 too, read as stored by the FP8 grouped GEMV
-    (:mod:`~fi_engine.kernels.fp8_moe_gemv`)."""
+    (``"experts"`` for a mixture-of-experts model whose scale blocks the FP8 grouped GEMV does not take; for
+    DeepSeek, ``"MLA, dense-MLP and shared-expert projections"`` beside its routed experts kept e4m3, or ``"every
+    projection"``), ``""`` where every projection stays e4m3 on the GPU; ``stored_experts``: a mixture-of-experts
+    model's (routed) experts stay e4m3 too, read as stored by the FP8 grouped GEMV
+    (:mod:`~fi_engine.kernels.fp8_moe_gemv`); ``dequantized_with_experts``: what ``dequantized`` becomes where the
+    experts are dequantized at load too (:meth:`experts_dequantized`)."""
 
     method: str
     scales: Literal["tensor", "channel", "block"]
@@ -78,6 +80,7 @@ class Fp8Scheme:
     block: tuple[int, int] | None = None
     dequantized: str = ""
     stored_experts: bool = False
+    dequantized_with_experts: str = "experts"
 
     def describe(self) -> str:
         """The layout in words, as the start-up line and the engine's refusals name it."""
@@ -107,7 +110,16 @@ class Fp8Scheme:
         if self.block is not None:
             bn, bk = self.block
             fits = fits and share % bn == 0 and hidden % bn == 0 and (ranks == 1 or share % bk == 0)
-        return self if fits else dataclasses.replace(self, stored_experts=False, dequantized="experts")
+        return self if fits else self.experts_dequantized()
+
+    def experts_dequantized(self) -> Fp8Scheme:
+        """This scheme with a mixture-of-experts model's experts dequantized to the 16-bit type at load as well
+        (shapes the FP8 grouped GEMV cannot read, or the engine's switch
+        :attr:`~fi_engine.runtime.worker.model_runner.ModelRunner.fp8_experts_as_stored` off): ``stored_experts``
+        False, ``dequantized`` ``dequantized_with_experts``; itself where the experts are not kept e4m3."""
+        if not self.stored_experts:
+            return self
+        return dataclasses.replace(self, stored_experts=False, dequantized=self.dequantized_with_experts)
 
     def shard_refusal(
         self, stacks: Sequence[Sequence[tuple[str, int]]], row_parallel: Sequence[tuple[str, int]], ranks: int

@@ -49,8 +49,9 @@ and routed expert split by intermediate columns (gate/up rows, down columns; the
 family's MoE loader), the router and its correction bias whole, so every rank routes every token alike
 (group-limited routing unchanged) and each expert's output is a partial sum. The O and down projections' partial
 sums are summed by the all-reduce that adds the residual and applies the next RMSNorm, as Llama's; the embedding and
-LM head split by vocabulary rows. FP8 checkpoints: each rank dequantizes only its share, so a share must hold whole
-128x128 blocks of scales (refused by name otherwise: :func:`~fi_engine.models.deepseek_config.fp8_shard_refusal`).
+LM head split by vocabulary rows. FP8 checkpoints: each rank reads only its share (its cut of the routed experts'
+codes and scales, kept e4m3; the other projections' dequantized), so a share must hold whole 128x128 blocks of scales
+(refused by name otherwise: :func:`~fi_engine.models.deepseek_config.fp8_shard_refusal`).
 Splitting the routed experts by expert (each rank whole experts, tokens exchanged) is not built.
 
 Refused with a message naming the field (:meth:`DeepSeek.check`, the hook every family definition refuses
@@ -60,12 +61,24 @@ graph for a routing the device kernel cannot do (``n_group`` above
 
 FP8 checkpoints (DeepSeek-V3's published form: e4m3 projections with 128x128 block scales ``weight_scale_inv``; the
 routers, norms, embedding and LM head 16-bit; :attr:`DeepSeekConfig.fp8
-<fi_engine.models.deepseek_config.DeepSeekConfig.fp8>`) are served as their 16-bit copy: every e4m3 projection --
-MLA's, the dense MLPs', the routed and the shared experts' -- is dequantized to the embedding's 16-bit type as it is
-read (:meth:`~fi_engine.models.weights.WeightLoader.linear`), so the GPU holds and runs what a bfloat16 conversion of
-the checkpoint (DeepSeek's ``fp8_cast_bf16.py``) would give it. MLA's ``kv_b_proj`` must be 16-bit for the absorbed
-per-head GEMMs and the experts for the grouped GEMMs; the other projections follow so one load path serves both
-forms (they are a few percent of V3's weights).
+<fi_engine.models.deepseek_config.DeepSeekConfig.fp8>`): the routed experts -- nearly all of V3's weights -- stay
+e4m3 on the GPU, each rank's cut of every expert's codes and scales as stored (the Llama family's reader,
+:func:`~fi_engine.models.llama.load_moe_layer`), and the MoE layers (``MoELayer(fp8_experts=...)``) read them with
+the FP8 grouped GEMV (:class:`~fi_engine.kernels.fp8_moe_gemv.Fp8GroupedGemv`: one byte a weight) for every step of at
+most ``max_batch`` rows, eager (the host routing written into the layer's fixed-capacity buffers) and in the decode
+graph (the device routing) alike; longer prefills route on the host through the grouped GEMMs over a 16-bit copy of
+the layer's experts, written before each layer into one buffer every layer shares (one layer's experts: 22.5 GB
+for V3 on one GPU, 2.8 GB a rank at TP 8). The routing -- grouped top-k, the correction bias, the renormalized
+weights times ``routed_scaling_factor`` -- is the 16-bit experts' (:mod:`~fi_engine.layers.deepseek_routing`); the
+combine sums the same weights. Every other e4m3 projection -- MLA's, the dense MLPs', the shared experts' -- is
+dequantized to the embedding's 16-bit type as it is read (:meth:`~fi_engine.models.weights.WeightLoader.linear`):
+MLA's ``kv_b_proj`` must be 16-bit for the absorbed per-head GEMMs, and the rest follow so one load path serves both
+forms (they are a few percent of V3's weights). With
+:attr:`~fi_engine.runtime.worker.model_runner.ModelRunner.fp8_experts_as_stored` off (or shapes the grouped GEMV
+cannot read, :meth:`~fi_engine.checkpoint.quantization.Fp8Scheme.experts_for`) the routed experts are dequantized as
+well, and the GPU holds and runs what a bfloat16 conversion of the checkpoint (DeepSeek's ``fp8_cast_bf16.py``) would
+give it. ``fi-engine serve``'s start-up line names which (:meth:`Fp8Scheme.describe
+<fi_engine.checkpoint.quantization.Fp8Scheme.describe>`).
 """
 
 from __future__ import annotations
@@ -232,6 +245,8 @@ class DeepSeek(ModelFamily):
         eng.ln1, eng.ln2 = [], []
         eng.moe_layers = []
         self.fused_routing_used = self._choose_routing(eng)
+        # decided once for every layer: routed experts the FP8 grouped GEMV reads (each rank's share) stay e4m3
+        self.experts_stored = c.moe is not None and ld.keeps_fp8_experts(eng, h, full.moe.intermediate_size)
         # the decode graph's routing where the fused kernel does not serve (DeepSeek.check refused what neither does)
         self.device_topk = None
         if c.moe is not None and eng.static_moe and not self.fused_routing_used:
@@ -265,10 +280,12 @@ class DeepSeek(ModelFamily):
                     eng.moe_workspace = kernels.workspace(eng.device)
                 # router and experts as the Qwen3-MoE names them (mlp.gate, mlp.experts.N.{gate,up,down}_proj, or
                 # transformers 5's fused mlp.experts.gate_up_proj / down_proj): the Llama engine's loader, which
-                # keeps the whole router and this rank's share of every expert's intermediate columns
+                # keeps the whole router and this rank's share of every expert's intermediate columns (e4m3 codes
+                # and scales where experts_stored)
                 layer = load_moe_layer(eng, ckpt, p, ld)
-                # DeepSeek's eager decode routes on the host through the grouped GEMM; its graph keeps the same
-                # GEMM (not the grouped GEMV), so the two give the same tokens
+                # 16-bit experts: DeepSeek's eager decode routes on the host through the grouped GEMM; its graph
+                # keeps the same GEMM (not the 16-bit grouped GEMV), so the two give the same tokens. (e4m3 experts
+                # take the FP8 grouped GEMV for every step of at most max_batch rows, eager and graph alike.)
                 layer.gemv_tokens = 0
                 eng.moe_layers.append(layer)
                 bias = self._correction_bias(eng, ckpt, p + "mlp.gate.e_score_correction_bias")
@@ -563,7 +580,15 @@ class DeepSeek(ModelFamily):
             weights, experts = grouped_topk(logits, c.moe.top_k, c.routing, c.moe.renormalize, w.bias[i])
         groups = group_by_expert(experts, e)
         layer.last_routing = (weights, experts, groups)  # what the layer was given (tests read it)
-        layer.forward_routed(eng.normed, b.x, weights, groups, rows)
+        if layer.fp8_experts is not None and rows <= layer.capacity:
+            # e4m3 experts: this routing into the fixed-capacity path's buffers, then the FP8 grouped GEMV over it
+            # (the same combine of the same weights, routed_scaling_factor included, as forward_routed's)
+            k, stream = c.moe.top_k, eng.stream
+            layer.s_experts[: rows * k].set(np.ascontiguousarray(experts, np.int32).reshape(-1), stream=stream)
+            layer.s_weights[: rows * k].set(np.ascontiguousarray(weights, np.float32).reshape(-1), stream=stream)
+            layer.forward_static_routed(eng.normed, b.x, rows)
+        else:  # the grouped GEMMs (over the 16-bit copy of e4m3 experts, written first)
+            layer.forward_routed(eng.normed, b.x, weights, groups, rows)
         if si:
             dense.linear(rows, b.act.data.ptr, si, w.shared_d[i], h, si, b.x.data.ptr, h, ab, ab, accumulate=True)
 
@@ -615,9 +640,9 @@ class DeepSeek(ModelFamily):
 
 
 class DeepSeekEngine(Engine):
-    """Loads a DeepSeek-V3 / V2 checkpoint (bfloat16 or float16, or FP8 dequantized at load: module docstring) onto
-    one GPU or ``tensor_parallel`` GPUs (MLA heads and expert columns split: module docstring) and serves batches of
-    token-id prompts.
+    """Loads a DeepSeek-V3 / V2 checkpoint (bfloat16 or float16, or FP8: routed experts kept e4m3, the rest
+    dequantized at load: module docstring) onto one GPU or ``tensor_parallel`` GPUs (MLA heads and expert columns
+    split: module docstring) and serves batches of token-id prompts.
 
     Arguments as :class:`~fi_engine.models.llama.LlamaEngine`'s; ``cuda_graph=True`` captures the decode step (module
     docstring), plus:

@@ -16,7 +16,7 @@ mixture-of-experts layers with shared experts and group-limited routing:
 
 The engine's MLA kernels fix ``kv_lora_rank`` at 512 and ``qk_rope_head_dim`` at 64 (every published V2/V3 model);
 other sizes are refused by name. FP8 checkpoints (``quantization_config``, DeepSeek-V3's published e4m3 weights with
-128x128 block scales; :func:`deepseek_fp8_scheme`) are served with every e4m3
+128x128 block scales; :func:`deepseek_fp8_scheme`) are served with the routed experts kept e4m3 and every other e4m3
 projection dequantized to the 16-bit type at load (``fp8``); other quantizations are refused by name, and so is
 everything else the engine does not implement (attention or MLP biases, other activations, MoE layers every other
 layer).
@@ -49,6 +49,7 @@ from ..values import MAX_SIZE, arg_int, show
 
 __all__ = [
     "DEEPSEEK_MODEL_TYPES",
+    "DEQUANTIZED_BESIDE_EXPERTS",
     "DeepSeekConfig",
     "DeepSeekRouting",
     "YarnConfig",
@@ -106,7 +107,7 @@ class DeepSeekConfig:
     num_kv_heads: int = 1
     head_dim: int = ROPE_HEAD_DIM
     qk_norm: bool = False
-    fp8: Any = None  # the FP8 layout (fi_engine.checkpoint.quantization.Fp8Scheme), dequantized at load; None: 16-bit
+    fp8: Any = None  # the FP8 layout (fi_engine.checkpoint.quantization.Fp8Scheme): deepseek_fp8_scheme; None: 16-bit
 
     @property
     def qk_head_dim(self) -> int:
@@ -393,15 +394,29 @@ def _moe(
     return moe, routing, min(first, layers)
 
 
+DEQUANTIZED_BESIDE_EXPERTS = "MLA, dense-MLP and shared-expert projections"
+"""What an FP8 DeepSeek checkpoint has dequantized to the 16-bit type at load where its routed experts stay e4m3
+(``Fp8Scheme.dequantized``)."""
+
+
 def deepseek_fp8_scheme(d: dict[str, Any], source: str) -> Fp8Scheme | None:
     """The FP8 layout a DeepSeek-V3 / V2 config ``d`` (from ``source``) declares (DeepSeek-V3's published form:
     ``quant_method: "fp8"``, 128x128 blocks, every linear e4m3 but the routers, norms, embedding and LM head), or
-    None without a ``quantization_config``. The engine dequantizes every e4m3 projection to the 16-bit type as it
-    reads it (``dequantized`` ``"every projection"``): MLA's ``kv_b_proj`` is split per head into the absorbed
-    factors, ``kv_a_proj_with_mqa`` into the latent and RoPE parts, and the experts feed grouped GEMMs over 16-bit
-    weights. ValueError naming the key and the way out: another quantization, compressed-tensors' block strategy."""
+    None without a ``quantization_config``. The routed experts stay e4m3 where the FP8 grouped GEMV takes their
+    scales (``stored_experts``; the engine checks their shapes and shares at load,
+    :meth:`~fi_engine.checkpoint.quantization.Fp8Scheme.experts_for`); every other e4m3 projection is dequantized to
+    the 16-bit type as it is read (``dequantized`` :data:`DEQUANTIZED_BESIDE_EXPERTS`): MLA's ``kv_b_proj`` is split
+    per head into the absorbed factors, ``kv_a_proj_with_mqa`` into the latent and RoPE parts, and the dense MLPs and
+    shared experts run the 16-bit GEMMs. Experts the GEMV does not take are dequantized too (``dequantized``
+    ``"every projection"``, also ``dequantized_with_experts``). ValueError naming the key and the way out: another
+    quantization, compressed-tensors' block strategy."""
     scheme = served_fp8_scheme(d, source, "bfloat16 or float16 weights and FP8 (e4m3) ones")
-    return None if scheme is None else dataclasses.replace(scheme, dequantized="every projection")
+    if scheme is None:
+        return None
+    every = dataclasses.replace(scheme, dequantized="every projection", dequantized_with_experts="every projection")
+    if d.get("n_routed_experts") and scheme.grouped_gemv_takes():
+        return dataclasses.replace(every, dequantized=DEQUANTIZED_BESIDE_EXPERTS, stored_experts=True)
+    return every
 
 
 def fp8_shard_refusal(cfg: DeepSeekConfig, tensor_parallel: int) -> str | None:
@@ -429,5 +444,6 @@ def fp8_shard_refusal(cfg: DeepSeekConfig, tensor_parallel: int) -> str | None:
     for prefix, inter in mlps:
         stacks += [(prefix + "gate_proj", inter), (prefix + "up_proj", inter)]
         row_parallel.append((prefix + "down_proj", inter))
-    # each projection is its own stack: the engine stacks gate and up after dequantizing them
+    # each projection is its own stack: a rank's cut of each is whole blocks (the engine stacks a routed expert's gate
+    # and up codes, or the other projections' dequantized values, after cutting them)
     return cfg.fp8.shard_refusal([[part] for part in stacks], row_parallel, tensor_parallel)

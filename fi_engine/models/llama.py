@@ -142,8 +142,7 @@ class Llama(MoEPaths, ModelFamily):
         if c.moe is not None:
             eng.moe_workspace = kernels.workspace(eng.device)  # the grouped GEMMs' own (argument arrays, scratch)
             # decided once for every layer: shapes and shards the FP8 grouped GEMV cannot read are dequantized
-            fits = fp8 is not None and fp8.experts_for(h, c.moe.intermediate_size, n).stored_experts
-            self.experts_stored = fits and eng.fp8_experts_as_stored
+            self.experts_stored = w.keeps_fp8_experts(eng, h, c.moe.intermediate_size)
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
             a = p + "self_attn."
@@ -348,8 +347,9 @@ def load_moe_layer(eng: ModelRunner, ckpt: Checkpoint, p: str, w: WeightLoader) 
     max_tokens = max(eng.max_prefill_tokens, eng.max_batch)
     # the Llama pass: the fixed-capacity device path serves every step of at most max_batch rows (each decode step,
     # eager or a graph's replay): no host routing, so no stream synchronization per layer; longer prefills route on
-    # the host. Other families (DeepSeek) take it in their decode graph only.
-    capacity = eng.max_batch if eng.static_moe or eng.family.llama_pass else None
+    # the host. Other families (DeepSeek) take it in their decode graph, and with e4m3 experts for every step of at
+    # most max_batch rows (their grouped GEMV over the family's own routing: forward_static_routed).
+    capacity = eng.max_batch if eng.static_moe or eng.family.llama_pass or eng.family.experts_stored else None
     # the dense-over-experts path's buffers where some step of at most max_batch rows takes it (moe_path_for is
     # monotonic in the rows: dense from some row count up)
     dense_rows = eng.max_batch if eng.dense_moe(eng.max_batch) else None

@@ -189,6 +189,18 @@ class WeightLoader:
             return None
         return int(w.data.ptr)
 
+    def keeps_fp8_experts(self, eng: Any, hidden: int, intermediate: int) -> bool:
+        """Whether engine ``eng`` keeps a mixture-of-experts model's e4m3 experts (the whole model's ``hidden`` by
+        ``intermediate``, split ``eng.tensor_parallel`` ways) as stored, read by the FP8 grouped GEMV
+        (``MoELayer(fp8_experts=...)``), rather than dequantized by :meth:`linear`: the loader's FP8 layout keeps
+        them (``stored_experts``), the GEMV reads each rank's share
+        (:meth:`~fi_engine.checkpoint.quantization.Fp8Scheme.experts_for`) and the engine's switch
+        :attr:`~fi_engine.runtime.worker.model_runner.ModelRunner.fp8_experts_as_stored` is on. The MoE families
+        decide it once, before their first layer (``ModelFamily.experts_stored``)."""
+        fp8 = self.fp8
+        fits = fp8 is not None and fp8.experts_for(hidden, intermediate, eng.tensor_parallel).stored_experts
+        return bool(fits and eng.fp8_experts_as_stored)
+
     def mismatch_hint(self, got: str) -> str:
         """What :meth:`get`'s refusal of a tensor of dtype ``got`` adds after naming it (a subclass may say more)."""
         if got == "float8_e4m3fn" and self.fp8 is not None:

@@ -52,7 +52,8 @@ class ModelFamily:
 
     experts_stored: bool = False
     """Whether the MoE layers hold e4m3 experts as stored (``MoELayer(fp8_experts=...)``), set by the family's load
-    before its first layer (the Llama family's, for FP8 Mixtral and Qwen3-MoE checkpoints)."""
+    before its first layer (the Llama family's, for FP8 Mixtral and Qwen3-MoE checkpoints; DeepSeek's, for its FP8
+    routed experts)."""
 
     moe_expert_copy: Any = None
     """``(gate_up, down)``: the 16-bit buffers of one layer's experts that every MoE layer with e4m3 experts

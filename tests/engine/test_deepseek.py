@@ -8,6 +8,7 @@ transformers' own classes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -141,13 +142,32 @@ def test_refusals_name_the_field(change: dict, field: str) -> None:
         DeepSeekConfig.from_dict({**V3, **change}, source="cfg")
 
 
-def test_v3s_fp8_config_is_served_with_every_projection_dequantized() -> None:
+def test_v3s_fp8_config_keeps_the_routed_experts_and_dequantizes_the_rest() -> None:
+    """V3's published FP8 config: the routed experts e4m3 (the FP8 grouped GEMV takes 128x128 blocks and V3's
+    7168 x 2048 experts, whole and at TP 2 to 16), MLA, the dense MLPs and the shared experts dequantized; with the
+    experts dequantized too (the switch, or shapes the GEMV cannot read) every projection is, as before."""
     fp8 = DeepSeekConfig.from_dict(V3_FP8).fp8
-    assert fp8 == Fp8Scheme("fp8", "block", "dynamic", (128, 128), "every projection")
+    assert fp8 == Fp8Scheme("fp8", "block", "dynamic", (128, 128), "MLA, dense-MLP and shared-expert projections",
+                            stored_experts=True, dequantized_with_experts="every projection")  # fmt: skip
     assert fp8.describe() == (
+        "FP8 (e4m3) weights with per-block 128x128 scales, dynamic activation scales (experts read as stored by the "
+        "FP8 grouped GEMV) (MLA, dense-MLP and shared-expert projections dequantized to 16-bit at load)"
+    )
+    for ranks in (1, 2, 4, 8, 16):
+        assert fp8.experts_for(7168, 2048, ranks) is fp8
+    every = Fp8Scheme("fp8", "block", "dynamic", (128, 128), "every projection",
+                      dequantized_with_experts="every projection")  # fmt: skip
+    assert fp8.experts_dequantized() == every and every.experts_dequantized() is every
+    assert fp8.experts_for(7168, 2048 + 64) == every  # the experts' rows end inside a block of scales
+    assert every.describe() == (
         "FP8 (e4m3) weights with per-block 128x128 scales, dynamic activation scales (every projection dequantized "
         "to 16-bit at load)"
     )
+    # blocks the grouped GEMV does not take (64 columns), or a model without routed experts: every projection
+    narrow = {**V3_FP8, "quantization_config": {**V3_FP8["quantization_config"], "weight_block_size": [128, 64]}}
+    assert DeepSeekConfig.from_dict(narrow).fp8 == dataclasses.replace(every, block=(128, 64))
+    dense = {k: v for k, v in V3_FP8.items() if k != "n_routed_experts"}
+    assert DeepSeekConfig.from_dict(dense).fp8 == every
     assert DeepSeekConfig.from_dict(V3).fp8 is None
 
 

@@ -19,7 +19,8 @@ import pytest
 from helpers.checkpoints import without_weights
 from helpers.fp8_checkpoints import write_fp8_copy
 from helpers.hf_configs import DEEPSEEK_V3 as V3
-from helpers.host_uploads import HostArrays
+from helpers.host_uploads import HostArrays, MoEArguments
+from helpers.int4_checkpoints import write_16bit_copy
 from helpers.mla_reference import mla_absorbed, mla_unabsorbed
 from helpers.moe_checkpoints import save_random_deepseek_v3
 
@@ -210,15 +211,20 @@ def test_routed_and_shared_expert_columns_sum_to_the_whole_moe_layer(
 # ---------------------------------------------------------------------------------------------- each rank's load
 
 
-def _loaded(path: Path, rank: int, n: int) -> tuple[Any, SimpleNamespace, HostArrays]:
-    """``DeepSeek.load`` of rank ``rank`` of ``n`` with the uploads kept on the host (a model of dense layers only:
-    a MoE layer builds its kernels on the GPU)."""
+def _loaded(
+    path: Path, rank: int, n: int, as_stored: bool = True, graph: bool = False
+) -> tuple[Any, SimpleNamespace, HostArrays]:
+    """``DeepSeek.load`` of rank ``rank`` of ``n`` with the uploads kept on the host; a MoE layer (which builds its
+    kernels on the GPU) is the arguments the load gives it (``helpers.host_uploads.MoEArguments``, patched in by the
+    caller where the model has one). ``as_stored``: ``ModelRunner.fp8_experts_as_stored``; ``graph``: a CUDA-graph
+    engine (``static_moe``)."""
     cfg = DeepSeekConfig.from_dir(path)
     uploads, family = HostArrays(), DeepSeek(fused_routing=False)
     eng = SimpleNamespace(
         model_config=cfg, config=shard_config(cfg, n), rank=rank, tensor_parallel=n, cupy=uploads, device=0,
-        vocab_shard=VocabShard.of(cfg.vocab_size, rank, n) if n > 1 else None, static_moe=False, cuda_graph=False,
-        moe_workspace=None,
+        vocab_shard=VocabShard.of(cfg.vocab_size, rank, n) if n > 1 else None, static_moe=graph, cuda_graph=graph,
+        moe_workspace=object(), fp8_experts_as_stored=as_stored, max_batch=4, max_prefill_tokens=64, stream=None,
+        dense=None, family=family, dense_moe=lambda rows: False,
     )  # fmt: skip
     family.check(eng, cfg)
     family.load(eng, Checkpoint(path))
@@ -301,3 +307,137 @@ def test_the_shared_experts_are_cut_like_a_dense_mlp(tmp_path: Path) -> None:
         gu, dn = ld.swiglu(prefix, 256, 512, r, 2)
         assert np.array_equal(gu, np.concatenate([rows(gate, r, 2), rows(up, r, 2)]))
         assert np.array_equal(dn, columns(down, r, 2))
+
+
+# ---------------------------------------------------------------------------------------------- FP8 routed experts
+
+
+@pytest.fixture
+def moe_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MoE layer and its scratch (CUDA kernels and buffers) replaced by the arguments the load gives them."""
+    import fi_engine.layers.moe as moe
+    import fi_engine.models.llama as llama
+
+    monkeypatch.setattr(moe, "MoEScratch", MoEArguments)
+    monkeypatch.setattr(llama, "MoELayer", MoEArguments)
+
+
+def _fp8_moe_model(tmp_path: Path, layout: str = "block") -> tuple[Path, Path]:
+    """helpers.moe_checkpoints' random V3 (hidden 512; layer 0 dense, layer 1 8 routed experts of 256 top-2 and a
+    shared expert) in FP8 ``layout``, and the bfloat16 copy of the weights it holds."""
+    src = save_random_deepseek_v3(tmp_path / "bf16")
+    write_16bit_copy(src, tmp_path / "copy", write_fp8_copy(src, tmp_path / "fp8", layout))
+    return tmp_path / "fp8", tmp_path / "copy"
+
+
+def _scales(ckpt: Checkpoint, prefix: str, layout: str, lo: int, hi: int, axis: int) -> np.ndarray:
+    """The float32 scales of rows (``axis`` 0) or columns (1) ``[lo, hi)`` of projection ``prefix`` as the grouped
+    GEMV reads them, from the tensors the checkpoint holds: a 128x128 block's scale per block, else one per output
+    row (a per-tensor scale repeated)."""
+    if layout == "block":
+        s = np.asarray(ckpt.array(prefix + ".weight_scale_inv"))
+        return s[lo // 128 : hi // 128] if axis == 0 else s[:, lo // 128 : hi // 128]
+    rows_ = ckpt.info(prefix + ".weight").shape[0]
+    per_row = np.broadcast_to(np.asarray(ckpt.array(prefix + ".weight_scale"), np.float32).reshape(-1), (rows_,))
+    return per_row[lo:hi] if axis == 0 else per_row
+
+
+@pytest.mark.parametrize(("layout", "n"), [("block", 1), ("block", 2), ("channel", 2), ("tensor", 1)])
+def test_each_rank_keeps_its_cut_of_the_routed_experts_codes_and_scales(
+    tmp_path: Path, moe_arguments: None, layout: str, n: int
+) -> None:
+    """The routed experts of an FP8 checkpoint stay e4m3: rank r of n hands its MoE layer (``fp8_experts``) every
+    expert's gate and up code rows [ri, ri + i) stacked and its down code columns alike (i = 256 / n), in the
+    grouped GEMV's tiled order, bit for bit the checkpoint's bytes, with their scales (128x128 blocks: the blocks of
+    those rows / columns; per channel or tensor: one per output row); the layer's 16-bit weights are the shared copy
+    buffers, its capacity the engine's max_batch (eager steps up to it take the grouped GEMV); the router stays
+    whole; the shared expert is dequantized and cut like a dense MLP."""
+    from fi_engine.kernels.fp8_moe_gemv import tiled_layout
+
+    path, copy = _fp8_moe_model(tmp_path, layout)
+    ckpt, bf16 = Checkpoint(path), Checkpoint(copy)
+    i, base = 256 // n, "model.layers.1.mlp."
+    for r in range(n):
+        fam, eng, up = _loaded(path, r, n)
+        assert fam.experts_stored and eng.moe_layers[0] is None
+        layer = eng.moe_layers[1]
+        kw, f = layer.kwargs, layer.kwargs["fp8_experts"]
+        assert (kw["capacity"], kw["top_k"], kw["renormalize"], kw["dense_rows"]) == (4, 2, True, None)
+        assert f.block == ((128, 128) if layout == "block" else None) and f.tiled
+        gate_up, down = up.by_ptr[f.gate_up.data.ptr], up.by_ptr[f.down.data.ptr]
+        assert gate_up.shape == (8, 2 * i, 512) and down.shape == (8, 512, i) and gate_up.dtype == np.uint8
+        gu_scales, down_scales = up.by_ptr[f.gate_up_scales.data.ptr], up.by_ptr[f.down_scales.data.ptr]
+        for x in range(8):
+            p = f"{base}experts.{x}."
+            codes = [np.asarray(ckpt.array(f"{p}{q}.weight"))[r * i : (r + 1) * i] for q in ("gate_proj", "up_proj")]
+            assert np.array_equal(gate_up[x], tiled_layout(np.concatenate(codes)[None])[0]), (r, x)
+            cols = np.asarray(ckpt.array(p + "down_proj.weight"))[:, r * i : (r + 1) * i]
+            assert np.array_equal(down[x], tiled_layout(cols[None])[0]), (r, x)
+            want = [_scales(ckpt, p + q, layout, r * i, (r + 1) * i, 0) for q in ("gate_proj", "up_proj")]
+            assert np.array_equal(gu_scales[x], np.concatenate(want)), (r, x)
+            assert np.array_equal(down_scales[x], _scales(ckpt, p + "down_proj", layout, r * i, (r + 1) * i, 1))
+        weights = layer.args[0]  # MoEWeights: the 16-bit copy buffers every layer shares, written before a 16-bit path
+        assert fam.moe_expert_copy == (weights.gate_up, weights.down)
+        assert weights.gate_up.shape == (8, 2 * i, 512) and weights.down.shape == (8, 512, i)
+        router = np.asarray(ckpt.array(base + "gate.weight"))
+        assert np.array_equal(up.by_ptr[weights.router.data.ptr], router)  # whole: every rank routes alike
+        shared = [np.asarray(bf16.array(f"{base}shared_experts.{q}.weight")) for q in ("gate_proj", "up_proj")]
+        assert np.array_equal(up.by_ptr[fam.w.shared_gu[1]], np.concatenate([rows(s, r, n) for s in shared]))
+        down16 = np.asarray(bf16.array(base + "shared_experts.down_proj.weight"))
+        assert np.array_equal(up.by_ptr[fam.w.shared_d[1]], columns(down16, r, n))
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_the_switch_off_dequantizes_the_routed_experts_at_load(tmp_path: Path, moe_arguments: None, n: int) -> None:
+    """``ModelRunner.fp8_experts_as_stored = False``: each rank's routed experts are read dequantized, bit for bit
+    the bfloat16 copy's cut (gate rows, then up rows, per expert; down columns), with no e4m3 experts and no
+    fixed-capacity path (eager DeepSeek routes on the host through the grouped GEMMs)."""
+    path, copy = _fp8_moe_model(tmp_path)
+    bf16, i, base = Checkpoint(copy), 256 // n, "model.layers.1.mlp.experts."
+    for r in range(n):
+        fam, eng, up = _loaded(path, r, n, as_stored=False)
+        kw, weights = eng.moe_layers[1].kwargs, eng.moe_layers[1].args[0]
+        assert not fam.experts_stored and kw["fp8_experts"] is None and kw["capacity"] is None
+        assert fam.moe_expert_copy is None
+        gate_up, down = up.by_ptr[weights.gate_up.data.ptr], up.by_ptr[weights.down.data.ptr]
+        assert gate_up.dtype == np.uint16 and gate_up.shape == (8, 2 * i, 512) and down.shape == (8, 512, i)
+        for x in range(8):
+            want = [rows(np.asarray(bf16.array(f"{base}{x}.{q}.weight")), r, n) for q in ("gate_proj", "up_proj")]
+            assert np.array_equal(gate_up[x], np.concatenate(want)), (r, x)
+            assert np.array_equal(down[x], columns(np.asarray(bf16.array(f"{base}{x}.down_proj.weight")), r, n))
+
+
+def test_routed_experts_that_cannot_stay_e4m3_are_refused_or_dequantized_by_name(
+    tmp_path: Path, moe_arguments: None
+) -> None:
+    """TP 4 cuts each expert's 256 rows into 64, inside a 128-row block: refused before any GPU work naming the
+    routed experts' gate projection; a routed expert left bfloat16 in an FP8 checkpoint is refused naming the tensor
+    (the stored reader reads every expert as e4m3); with the switch off, it is read as the 16-bit tensor it is."""
+    from fi_engine.checkpoint.safetensors import write_safetensors
+
+    path, _ = _fp8_moe_model(tmp_path)
+    cfg = DeepSeekConfig.from_dir(path)
+    with pytest.raises(ValueError) as info:
+        DeepSeek(fused_routing=False).check(SimpleNamespace(tensor_parallel=4, cuda_graph=False), cfg)
+    assert str(info.value) == (
+        "tensor_parallel: 4: mlp.experts.N.gate_proj: a 4-way shard of its 256 rows (64) cuts a block of 128 rows "
+        "that share one scale; pick a tensor_parallel whose shards hold whole blocks of scales, or serve a bfloat16 "
+        "copy"
+    )
+    assert cfg.fp8 is not None and not cfg.fp8.experts_for(512, 256, 4).stored_experts
+    ckpt, original = Checkpoint(path), Checkpoint(tmp_path / "bf16")
+    name = "model.layers.1.mlp.experts.3.up_proj.weight"
+    tensors: dict[str, Any] = {}
+    for key, info_ in ckpt.tensors.items():
+        if key != name + "_scale_inv":
+            tensors[key] = (np.asarray(ckpt.array(key)), info_.dtype)
+    tensors[name] = (np.asarray(original.array(name)), "bfloat16")
+    mixed = tmp_path / "mixed"  # (a new folder: the checkpoint above stays mapped)
+    mixed.mkdir()
+    write_safetensors(mixed / "model.safetensors", tensors)
+    (mixed / "config.json").write_text((path / "config.json").read_text())
+    with pytest.raises(ValueError, match=rf"model: tensor '{name}' is bfloat16; quantization_config says FP8"):
+        _loaded(mixed, 0, 1)
+    _, eng, up = _loaded(mixed, 0, 1, as_stored=False)
+    gate_up = up.by_ptr[eng.moe_layers[1].args[0].gate_up.data.ptr]
+    assert np.array_equal(gate_up[3, 256:], np.asarray(original.array(name)))

@@ -241,12 +241,14 @@ def test_mixtral_experts_dequantize_as_numpy_does(tmp_path: Path, layout: str) -
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_every_deepseek_v3_projection_dequantizes_as_numpy_does(tmp_path: Path, layout: str) -> None:
-    """MLA's projections, the dense MLP, the routed and the shared experts; the router and its correction bias stay
-    as published."""
+    """MLA's projections, the dense MLP, the routed and the shared experts (the routed ones as the dequantizing
+    load reads them: ``ModelRunner.fp8_experts_as_stored`` off); the router and its correction bias stay as
+    published."""
     src = save_random_deepseek_v3(tmp_path / "bf16")
     write_16bit_copy(src, tmp_path / "copy", write_fp8_copy(src, tmp_path / "fp8", layout))
     config = DeepSeekConfig.from_dir(tmp_path / "fp8")
-    assert config.fp8 is not None and config.fp8.dequantized == "every projection"
+    assert config.fp8 is not None and config.fp8.stored_experts
+    assert config.fp8.dequantized == "MLA, dense-MLP and shared-expert projections"
     compared = check_dequantized(tmp_path / "fp8", tmp_path / "copy", config.fp8, layout, _DeepSeekWeights)
     assert compared == 2 * 5 + 3 + (8 + 1) * 3  # MLA's five per layer, the dense MLP, 8 routed and 1 shared expert
     ckpt = Checkpoint(tmp_path / "fp8")
@@ -368,4 +370,30 @@ def test_serve_names_the_dequantized_experts(qwen3_moe: dict[str, Path], tmp_pat
     src = save_random_deepseek_v3(tmp_path / "bf16", layers=1)
     write_fp8_copy(src, tmp_path / "fp8", "block")
     scheme = cli._quantized_weights(str(tmp_path / "fp8"))
-    assert scheme.method == "fp8" and scheme.describe().endswith("(every projection dequantized to 16-bit at load)")
+    assert scheme.method == "fp8" and scheme.describe() == (
+        "FP8 (e4m3) weights with per-block 128x128 scales, dynamic activation scales (experts read as stored by "
+        "the FP8 grouped GEMV) (MLA, dense-MLP and shared-expert projections dequantized to 16-bit at load)"
+    )
+
+
+def test_serve_names_the_dequantizing_load_where_the_switch_is_off(
+    qwen3_moe: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ModelRunner.fp8_experts_as_stored = False`` (read by both families' loads): the start-up line says the
+    experts are dequantized at load -- Qwen3-MoE's experts, every projection of DeepSeek-V3."""
+    from fi_engine import cli
+    from fi_engine.runtime.worker.model_runner import ModelRunner
+
+    src = save_random_deepseek_v3(tmp_path / "bf16", layers=1)
+    write_fp8_copy(src, tmp_path / "fp8", "block")
+    monkeypatch.setattr(ModelRunner, "fp8_experts_as_stored", False)
+    qwen3 = cli._quantized_weights(str(qwen3_moe["block"]))
+    assert not qwen3.stored_experts and qwen3.describe() == (
+        "FP8 (e4m3) weights with per-block 128x128 scales, dynamic activation scales (experts dequantized to 16-bit "
+        "at load)"
+    )
+    deepseek = cli._quantized_weights(str(tmp_path / "fp8"))
+    assert not deepseek.stored_experts and deepseek.describe() == (
+        "FP8 (e4m3) weights with per-block 128x128 scales, dynamic activation scales (every projection dequantized "
+        "to 16-bit at load)"
+    )

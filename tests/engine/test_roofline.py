@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from helpers.env import REPO, subprocess_env
-from helpers.hf_configs import GPT_OSS, GPT_OSS_BF16
+from helpers.hf_configs import DEEPSEEK_V3, GPT_OSS, GPT_OSS_BF16
 from helpers.tools import load_benchmark
 
 roofline = load_benchmark("roofline")
@@ -145,7 +145,7 @@ def test_observed_routing_replaces_the_expected_count() -> None:
     assert roofline.decode_step_bytes(shape, batch=4, context=64, experts_read=means) == pytest.approx(
         MIXTRAL_FIXED + 15.75 * EXPERT + 4 * 64 * KV_MIXTRAL, rel=1e-12
     )
-    with pytest.raises(ValueError, match=r"experts_read: expected one count per layer \(4\), got 3"):
+    with pytest.raises(ValueError, match=r"experts_read: expected one count per MoE layer \(4\), got 3"):
         roofline.decode_step_bytes(shape, batch=4, context=64, experts_read=seen[:3])
     with pytest.raises(ValueError, match=r"expected each count in \[0, 2\].*got 3"):  # batch 1 reads at most top-2
         roofline.decode_step_bytes(shape, batch=1, context=64, experts_read=[3, 2, 2, 2])
@@ -208,7 +208,7 @@ def test_shape_from_config_of_other_layouts() -> None:
         roofline.shape_from_config({**CONFIG_8B, "quantization_config": {"quant_method": "bitsandbytes"}})
     with pytest.raises(ValueError, match="config: missing 'vocab_size'"):
         roofline.shape_from_config({k: v for k, v in CONFIG_8B.items() if k != "vocab_size"})
-    with pytest.raises(ValueError, match="'kv_lora_rank': latent attention and shared experts are not modelled"):
+    with pytest.raises(ValueError, match="'kv_lora_rank': latent attention and shared experts are modelled for Deep"):
         roofline.shape_from_config({**CONFIG_8B, "kv_lora_rank": 512})
     with pytest.raises(TypeError, match="config 'hidden_size': expected an int, got str"):
         roofline.shape_from_config({**CONFIG_8B, "hidden_size": "4096"})
@@ -218,6 +218,57 @@ def test_shape_from_config_of_other_layouts() -> None:
         roofline.shape_from_config([])
     with pytest.raises(ValueError, match=r"top_k: expected an int in \[1, 8\], got 0"):
         roofline.DecoderShape(4096, 14336, 4, 32, 8, 128, 32000, experts=8)
+
+
+V3_FP8 = {**DEEPSEEK_V3, "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+# DeepSeek-V3's per-layer bytes on one GPU, 16-bit unless said: MLA q_a 1536x7168 + its norm + q_b (128 x 192)x1536 +
+# kv_a 576x7168 + its norm + kv_b (128 x 256)x512 + o 7168x(128 x 128); the two norms
+V3_MLA = 2 * (1536 * 7168 + 1536 + 24576 * 1536 + 576 * 7168 + 512 + 32768 * 512 + 7168 * 16384) + 4 * 7168
+V3_DENSE = 2 * 3 * 18432 * 7168  # the first 3 layers' MLP
+V3_MOE = 2 * 256 * 7168 + 2 * 3 * 2048 * 7168  # a MoE layer's router and shared expert
+V3_EXPERT_16 = 2 * 3 * 2048 * 7168  # one routed expert, 16-bit
+V3_EXPERT_FP8 = 4096 * 7168 + 4 * 32 * 56 + 7168 * 2048 + 4 * 56 * 16  # e4m3 gate/up and down, a scale a block
+V3_HEAD = 2 * 7168 + 2 * 129280 * 7168
+V3_KV = 61 * (512 + 64) * 2  # per row per token: one latent and one RoPE key a layer, 16-bit
+
+
+def test_deepseek_v3_reads_mla_the_dense_and_shared_mlps_and_its_fp8_experts_as_stored() -> None:
+    """DeepSeek-V3 FP8 as the engine serves it: the routed experts e4m3 (one byte a weight and a float32 scale per
+    128x128 block), MLA, the 3 dense MLPs and the shared experts 16-bit (dequantized at load); ``dequantized``: the
+    routed experts 16-bit too (``ModelRunner.fp8_experts_as_stored = False``); a 16-bit V3 reads the same."""
+    stored = roofline.shape_from_config(V3_FP8)
+    assert (stored.weights, stored.expert_weights, stored.block) == ("16-bit", "fp8-block", (128, 128))
+    assert (stored.experts, stored.top_k, stored.intermediate, stored.shared_intermediate) == (256, 8, 2048, 2048)
+    assert (stored.dense_layers, stored.dense_intermediate) == (3, 18432)
+    assert stored.mla == roofline.LatentAttention(1536, 512, 128, 64, 128)
+    dequantized = roofline.shape_from_config(V3_FP8, dequantized=True)
+    assert dequantized.expert_weights == "" and dequantized == roofline.shape_from_config(DEEPSEEK_V3)
+    fixed = 61 * V3_MLA + 3 * V3_DENSE + 58 * V3_MOE + V3_HEAD + 100 * V3_KV
+    # batch 1: the row's 8 experts in each of the 58 MoE layers, 100 tokens of context
+    assert roofline.decode_step_bytes(stored, batch=1, context=100) == fixed + 58 * 8 * V3_EXPERT_FP8
+    assert roofline.decode_step_bytes(dequantized, batch=1, context=100) == fixed + 58 * 8 * V3_EXPERT_16
+    # observed routing: one count per MoE layer
+    seen = [8.0] * 57 + [16.0]
+    assert roofline.decode_step_bytes(stored, batch=2, context=100, experts_read=seen) == (
+        fixed + 100 * V3_KV + (57 * 8 + 16) * V3_EXPERT_FP8
+    )
+    with pytest.raises(ValueError, match=r"experts_read: expected one count per MoE layer \(58\), got 61"):
+        roofline.decode_step_bytes(stored, batch=2, context=100, experts_read=[8.0] * 61)
+
+
+def test_deepseek_v3_split_over_eight_ranks() -> None:
+    """TP 8: each rank its 16 heads' q_b, kv_b and o_proj, the latent projections, norms and cache whole, an eighth
+    of every dense, shared and routed expert's columns (the routed: 256 of 2048, whole 128x128 blocks), the router
+    whole, an eighth of the vocabulary."""
+    shape = roofline.shape_from_config(V3_FP8)
+    mla = 2 * (1536 * 7168 + 1536 + 3072 * 1536 + 576 * 7168 + 512 + 4096 * 512 + 7168 * 2048) + 4 * 7168
+    dense, moe = V3_DENSE // 8, 2 * 256 * 7168 + 2 * 3 * 256 * 7168
+    expert = 512 * 7168 + 4 * 4 * 56 + 7168 * 256 + 4 * 56 * 2
+    head = 2 * 7168 + 2 * 16160 * 7168
+    want = 61 * mla + 3 * dense + 58 * moe + head + 100 * V3_KV + 58 * 8 * expert
+    assert roofline.decode_step_bytes(shape, batch=1, context=100, tp=8) == want
+    with pytest.raises(ValueError, match=r"tp: 3 does not divide the query heads \(128\)"):
+        roofline.decode_step_bytes(shape, batch=1, context=100, tp=3)
 
 
 # --- the denominator -------------------------------------------------------------------------------------------

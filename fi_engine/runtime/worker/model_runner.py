@@ -94,11 +94,12 @@ class ModelRunner(RunnerState):
     engine is made, to compare)."""
 
     fp8_experts_as_stored = True
-    """The e4m3 experts of an FP8 mixture-of-experts checkpoint (Mixtral, Qwen3-MoE) stay e4m3 on the GPU, read by
-    the FP8 grouped GEMV at decode (:mod:`~fi_engine.kernels.fp8_moe_gemv`: half a 16-bit expert's bytes), with a
-    16-bit copy of one layer's experts written for the steps it does not serve (long prefills); False: dequantized
-    to the 16-bit type at load. Experts whose scale blocks or shapes the GEMV cannot take (block rows not a multiple
-    of 16 dividing the matrix, block columns below 128, a tensor-parallel share that cuts a block:
+    """The e4m3 experts of an FP8 mixture-of-experts checkpoint (Mixtral, Qwen3-MoE; DeepSeek-V3's routed experts)
+    stay e4m3 on the GPU, read by the FP8 grouped GEMV at decode (:mod:`~fi_engine.kernels.fp8_moe_gemv`: half a
+    16-bit expert's bytes), with a 16-bit copy of one layer's experts written for the steps it does not serve (long
+    prefills); False: dequantized to the 16-bit type at load (``fi-engine serve``'s start-up line says which).
+    Experts whose scale blocks or shapes the GEMV cannot take (block rows not a multiple of 16 dividing the matrix,
+    block columns below 128, a tensor-parallel share that cuts a block:
     :meth:`Fp8Scheme.experts_for <fi_engine.checkpoint.quantization.Fp8Scheme.experts_for>`) are dequantized either
     way. Read at load (set it on the class, before the engine is made, to compare)."""
 
