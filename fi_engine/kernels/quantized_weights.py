@@ -113,7 +113,7 @@ class QuantizedWeights:
         compute ``x @ (e4m3(w) * scale).T`` (:mod:`~fi_engine.kernels.fp8_linear`: a GEMV reading the bytes for at
         most 8 rows, else cuBLASLt's FP8 GEMM over activations quantized to e4m3 (:attr:`fp8_w8a8`), else the weight
         dequantized into a 16-bit scratch matrix and the 16-bit GEMM). Call it while loading, not during a step (the
-        scratch may grow); the weight must stay allocated until :meth:`remove_fp8_weight` or the Dense's ``close``.
+        scratch may grow); the weight must stay allocated until :meth:`remove_weight` or the Dense's ``close``.
         ValueError naming a bad argument; RuntimeError where the driver launch path is off."""
         launcher = self._launcher
         if not launcher.open:
@@ -121,14 +121,7 @@ class QuantizedWeights:
         if self.fp8 is None:
             self.fp8 = Fp8Linears(launcher.launch, launcher.ffi, launcher.stream)
         self.fp8.add(w, n, k, scales, block, self._fused_smem)
-        self.fp8_weights = self.fp8.weights
-        self._changed()
-
-    def remove_fp8_weight(self, w: int) -> None:
-        """Undo :meth:`add_fp8_weight` for ``w`` (before freeing it); unknown addresses: nothing happens."""
-        if self.fp8 is not None:
-            self.fp8.remove(w)
-        self._changed()
+        self._registries_changed()
 
     @property
     def serves_fp8(self) -> bool:
@@ -160,29 +153,35 @@ class QuantizedWeights:
         ``n`` and ``k`` as the calls pass them. ``interleaved``: gate and up stacked interleaved by 8 rows
         (``Int4Weight.half_n``; the outputs still come in order, gate's then up's), which
         :meth:`prepared_int4_silu` serves. Register before any step (the scratch may grow); the weight must stay
-        allocated until :meth:`remove_int4_weight` or the Dense's ``close``. ValueError naming a bad argument (see
+        allocated until :meth:`remove_weight` or the Dense's ``close``. ValueError naming a bad argument (see
         ``Int4Linears.add``); RuntimeError where the GPU cannot run the GEMV."""
         if self.int4 is None:
             launcher = self._launcher
             self.int4 = Int4Linears(launcher.launch, launcher.ffi, launcher.stream)
         self.int4.add(w, n, k, records, group_size, interleaved)
-        self.int4_weights = self.int4.weights
-        self._changed()
+        self._registries_changed()
 
-    def remove_int4_weight(self, w: int) -> None:
-        """Undo :meth:`add_int4_weight` for ``w`` (before freeing it); unknown addresses: nothing happens."""
+    def remove_weight(self, w: int) -> None:
+        """Undo :meth:`add_fp8_weight` or :meth:`add_int4_weight` for ``w`` (before freeing it); unknown addresses:
+        nothing happens."""
+        for registry in (self.fp8, self.int4):
+            if registry is not None:
+                registry.remove(w)
+        self._registries_changed()
+
+    def _registries_changed(self) -> None:
+        """A weight registered or removed: mirror the registries (:attr:`fp8_weights`, :attr:`int4_weights`), then
+        tell the Dense (``changed``)."""
+        if self.fp8 is not None:
+            self.fp8_weights = self.fp8.weights
         if self.int4 is not None:
-            self.int4.remove(w)
+            self.int4_weights = self.int4.weights
         self._changed()
 
     @property
     def serves_int4(self) -> bool:
         """Whether any weight was registered with :meth:`add_int4_weight`."""
         return bool(self.int4_weights)
-
-    def has_int4_weight(self, w: int) -> bool:
-        """Whether the weight at device address ``w`` is registered as int4 (:meth:`add_int4_weight`)."""
-        return w in self.int4_weights
 
     def has_int4_silu(self, w: int) -> bool:
         """Whether :meth:`prepared_int4_silu` serves ``w``: an int4 gate/up weight registered ``interleaved``."""
@@ -215,25 +214,13 @@ class QuantizedWeights:
                 return launcher.prepared(fn, grid, threads, 0, params, values, "int4 gemv", pdl=True)
         return None
 
-    def fp8_path(
-        self,
-        rows: int,
-        x: int,
-        x_ld: int,
-        fp8: Fp8Weight,
-        n: int,
-        k: int,
-        y: int,
-        y_ld: int,
-        ab_type: int,
-        c_type: int,
-        accumulate: bool,
-        lt: Any,
-    ) -> None:
-        """The Dense's ``linear`` over the registered FP8 weight ``fp8`` but the skinny GEMM: the FP8 GEMV for at
-        most :attr:`fp8_gemv_max_rows` rows, else the FP8 GEMM (:attr:`fp8_w8a8`) where cuBLASLt (``lt``, the Dense's
+    def fp8_path(self, call: tuple[int, ...], fp8: Fp8Weight, accumulate: bool, lt: Any) -> None:
+        """The Dense's ``linear`` call ``call`` (its ``(rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type)``) over the
+        registered FP8 weight ``fp8`` but the skinny GEMM: the FP8 GEMV for at most :attr:`fp8_gemv_max_rows` rows,
+        else the FP8 GEMM (:attr:`fp8_w8a8`) where cuBLASLt (``lt``, the Dense's
         :class:`~fi_engine.kernels.cublas_lt.LtMatmuls` or None) serves it, else the GEMV up to 8 rows, else
         dequantize + 16-bit GEMM."""
+        rows, x, x_ld, _, n, k, y, y_ld, ab_type, c_type = call
         lib, null = self.fp8, self._launcher.null
         assert lib is not None
         bf16, f32 = ab_type == CUDA_R_16BF, c_type == CUDA_R_32F
@@ -255,24 +242,11 @@ class QuantizedWeights:
         weight = lib.dequantize(fp8, bf16, null)
         self._gemm16((rows, x, x_ld, weight, n, k, y, y_ld, ab_type, c_type), accumulate)
 
-    def int4_path(
-        self,
-        rows: int,
-        x: int,
-        x_ld: int,
-        int4: Int4Weight,
-        n: int,
-        k: int,
-        y: int,
-        y_ld: int,
-        ab_type: int,
-        c_type: int,
-        accumulate: bool,
-        lt: Any = None,
-    ) -> None:
-        """The Dense's ``linear`` over the registered int4 weight ``int4`` but the skinny GEMM: the int4 GEMV for at
-        most :attr:`int4_gemv_max_rows` rows, else dequantize + 16-bit GEMM (``lt``: unused, as :meth:`fp8_path`
-        takes it)."""
+    def int4_path(self, call: tuple[int, ...], int4: Int4Weight, accumulate: bool, lt: Any = None) -> None:
+        """The Dense's ``linear`` call ``call`` (as :meth:`fp8_path` takes it) over the registered int4 weight
+        ``int4`` but the skinny GEMM: the int4 GEMV for at most :attr:`int4_gemv_max_rows` rows, else dequantize +
+        16-bit GEMM (``lt``: unused, as :meth:`fp8_path` takes it)."""
+        rows, x, x_ld, _, n, k, y, y_ld, ab_type, c_type = call
         lib, null = self.int4, self._launcher.null
         assert lib is not None
         bf16 = ab_type == CUDA_R_16BF
