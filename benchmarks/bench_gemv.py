@@ -179,9 +179,9 @@ def main() -> None:
                     )
             for bits, _ in fp8.values():  # before the copies are freed: their addresses may hold 16-bit weights next
                 for j in range(copies):
-                    dense.quantized.remove_fp8_weight(bits[j].data.ptr)
+                    dense.quantized.remove_weight(bits[j].data.ptr)
             for j in range(copies if int4 is not None else 0):
-                dense.quantized.remove_int4_weight(int4[0][j].data.ptr)
+                dense.quantized.remove_weight(int4[0][j].data.ptr)
 
         dense.close()
 

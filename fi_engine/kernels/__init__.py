@@ -11,11 +11,12 @@ fi_ffi (tests/package/test_structure.py holds it to that).
   :mod:`~fi_engine.kernels.fused_gemv` (the GEMV fused with the decode step's norms, SiLU, RoPE and KV append, or
   routing; its call values checked in :mod:`~fi_engine.kernels.fused_args`),
   :mod:`~fi_engine.kernels.quantized_weights` (FP8 and int4 weights: :mod:`~fi_engine.kernels.fp8_linear`,
-  :mod:`~fi_engine.kernels.int4_linear`), :mod:`~fi_engine.kernels.row_kernels` and
-  :mod:`~fi_engine.kernels.shard_kernels` (sampling's row gather and argmax, a vocabulary shard's);
-  :mod:`~fi_engine.kernels.moe_gemv`: the MoE decode step's grouped GEMV; :mod:`~fi_engine.kernels.lora_bgmv`: the
-  LoRA adapters' shrink and expand launches (each row its own adapter's slot); :mod:`~fi_engine.kernels.cuda_sources`:
-  their CUDA C.
+  :mod:`~fi_engine.kernels.int4_linear`, sharing :mod:`~fi_engine.kernels.quantized_linears`),
+  :mod:`~fi_engine.kernels.row_kernels` and :mod:`~fi_engine.kernels.shard_kernels` (sampling's row gather and
+  argmax, a vocabulary shard's); :mod:`~fi_engine.kernels.moe_gemv`: the MoE decode step's grouped GEMV and the
+  launch its FP8 and MXFP4 forms share (:mod:`~fi_engine.kernels.fp8_moe_gemv`,
+  :mod:`~fi_engine.kernels.mxfp4_moe_gemv`); :mod:`~fi_engine.kernels.lora_bgmv`: the LoRA adapters' shrink and
+  expand launches (each row its own adapter's slot); :mod:`~fi_engine.kernels.cuda_sources`: their CUDA C.
 - :mod:`~fi_engine.kernels.graph`: CUDA graph capture and replay with cuda-python.
 """
 

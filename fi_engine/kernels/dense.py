@@ -263,14 +263,14 @@ class Dense:
             fp8 = self._fp8_weights.get(w)
             if fp8 is not None:
                 self._quantized_linear(
-                    fp8, "FP8", self._fp8_path, rows, x, x_ld, n, k, y, y_ld, ab_type, c_type, accumulate
+                    fp8, "FP8", self._fp8_path, (rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type), accumulate
                 )
                 return
         if self._int4_weights:  # (the same for int4 weights)
             int4 = self._int4_weights.get(w)
             if int4 is not None:
                 self._quantized_linear(
-                    int4, "int4", self._int4_path, rows, x, x_ld, n, k, y, y_ld, ab_type, c_type, accumulate
+                    int4, "int4", self._int4_path, (rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type), accumulate
                 )
                 return
         if self.gemv and not accumulate and rows <= SKINNY_MAX_ROWS:
@@ -322,28 +322,15 @@ class Dense:
             raise CublasError("cublasGemmEx", status, status_name(status))
 
     def _quantized_linear(
-        self,
-        wt: Any,
-        kind: str,
-        path: Callable[..., None],
-        rows: int,
-        x: int,
-        x_ld: int,
-        n: int,
-        k: int,
-        y: int,
-        y_ld: int,
-        ab_type: int,
-        c_type: int,
-        accumulate: bool,
+        self, wt: Any, kind: str, path: Callable[..., None], key: tuple[int, ...], accumulate: bool
     ) -> None:
-        """:meth:`linear` of the registered ``kind`` (FP8, int4) weight ``wt``: in a GPU-bound step of at most 32 rows
-        the skinny GEMM where it was timed faster (:meth:`_choice`); else the format's own ``path``
+        """:meth:`linear`'s call ``key`` over the registered ``kind`` (FP8, int4) weight ``wt``: in a GPU-bound step
+        of at most 32 rows the skinny GEMM where it was timed faster (:meth:`_choice`); else the format's own ``path``
         (``QuantizedWeights.fp8_path`` or ``int4_path``)."""
-        check_call(wt, kind, n, k, ab_type, c_type)
-        if not accumulate and self._skinny_quantized(rows, x, x_ld, wt, n, k, y, y_ld, ab_type, c_type):
+        check_call(wt, kind, key[4], key[5], key[8], key[9])
+        if not accumulate and self._skinny_quantized(key, wt):
             return
-        path(rows, x, x_ld, wt, n, k, y, y_ld, ab_type, c_type, accumulate, self._lt)
+        path(key, wt, accumulate, self._lt)
 
     def _choice(self, key: tuple[int, ...], quant_w: int) -> int:
         """Which launch serves the shape of the call ``key`` (:meth:`linear`'s arguments; ``quant_w``: the FP8 or int4
@@ -356,7 +343,7 @@ class Dense:
         rest; the engine warms its step up eagerly before capturing it, so none is."""
         import cupy
 
-        rows, x, x_ld, _, n, k, y, y_ld, ab_type, c_type = key
+        rows, n, k, ab_type, c_type = key[0], key[4], key[5], key[8], key[9]
         fp8 = self._fp8_weights.get(quant_w) if quant_w else None
         int4 = self._int4_weights.get(quant_w) if quant_w and fp8 is None else None
         quant = fp8 if fp8 is not None else int4
@@ -368,22 +355,21 @@ class Dense:
         for i in range(len(self._skinny.plans(key, quant))):
             runs[i] = lambda i=i: self._skinny.run(key, i, quant)  # type: ignore[misc]
         if fp8 is not None:
-            runs[_LT] = lambda: self._fp8_path(rows, x, x_ld, fp8, n, k, y, y_ld, ab_type, c_type, False, self._lt)
+            runs[_LT] = lambda: self._fp8_path(key, fp8, False, self._lt)
         elif int4 is not None:
-            runs[_LT] = lambda: self._int4_path(rows, x, x_ld, int4, n, k, y, y_ld, ab_type, c_type, False, self._lt)
+            runs[_LT] = lambda: self._int4_path(key, int4, False, self._lt)
         else:
             runs[_LT] = lambda: self._gemm16(key)
         choice = self._choices[(rows, n, k, ab_type, c_type, quant_w)] = self._timer.fastest(runs)
         return choice
 
-    def _skinny_quantized(
-        self, rows: int, x: int, x_ld: int, quant: Any, n: int, k: int, y: int, y_ld: int, ab_type: int, c_type: int
-    ) -> bool:
-        """Launch the skinny GEMM over the registered FP8 or int4 weight ``quant`` where a GPU-bound step of at most
-        32 rows timed it faster than the format's own path (:meth:`_choice`); False where it does not serve the call."""
+    def _skinny_quantized(self, key: tuple[int, ...], quant: Any) -> bool:
+        """Launch :meth:`linear`'s call ``key`` as the skinny GEMM over the registered FP8 or int4 weight ``quant``
+        where a GPU-bound step of at most 32 rows timed it faster than the format's own path (:meth:`_choice`); False
+        where it does not serve the call."""
+        rows, n, k, ab_type, c_type = key[0], key[4], key[5], key[8], key[9]
         if not (self.bandwidth_bound and self.gemv and 0 < rows <= SKINNY_MAX_ROWS):
             return False
-        key = (rows, x, x_ld, quant.w, n, k, y, y_ld, ab_type, c_type)
         choice = self._choices.get((rows, n, k, ab_type, c_type, quant.w))
         if choice is None:
             choice = self._choice(key, quant.w)

@@ -35,9 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fi_ffi.cuda import driver_error
-
 from .cuda_sources import function_ptr, source
+from .quantized_linears import QuantizedLinears
 
 __all__ = ["FP8_GEMV_MAX_ROWS", "PAIR_MAX_ROWS", "PAIR_ROPE", "PAIR_SILU", "Fp8Linears", "Fp8Weight"]
 
@@ -82,12 +81,13 @@ def _positive(name: str, value: Any, limit: int = 1 << 31) -> int:
     return int(value)
 
 
-class Fp8Linears:
+class Fp8Linears(QuantizedLinears[Fp8Weight]):
     """The FP8 weights one Dense serves and their kernels (compiled on the first :meth:`add`, with NVRTC through
-    CuPy; they decode e4m3 with integer operations, so any GPU the engine runs on serves them, not only SM 8.9+).
-    ``launch`` is the driver's ``cuLaunchKernel``, ``ffi`` its cffi instance, ``stream`` the Dense's stream (a
-    ``CUstream`` as an int). A registration is a value (addresses and sizes): the weight must stay allocated until
-    :meth:`remove` or :meth:`close` (the engine keeps its weights as long as its Dense)."""
+    CuPy; they decode e4m3 with integer operations, so any GPU the engine runs on serves them, not only SM 8.9+);
+    the registry and its launches as :class:`~fi_engine.kernels.quantized_linears.QuantizedLinears` keeps them (the
+    engine keeps its weights as long as its Dense)."""
+
+    kind = "FP8"
 
     tensor_core_rows = 3
     """The GEMV runs on tensor cores from this many rows up (``gemv8tc_*`` in
@@ -110,13 +110,9 @@ class Fp8Linears:
     compare)."""
 
     def __init__(self, launch: Any, ffi: Any, stream: int) -> None:
-        self._launch, self._ffi, self._stream = launch, ffi, stream
-        self._sms = 132  # the GPU's SMs (set at the first compile): the tensor-core GEMV's warps per block
-        self.weights: dict[int, Fp8Weight] = {}  # device address -> its registration (values only)
-        self._module: Any = None
+        super().__init__(launch, ffi, stream)  # (_sms, set at the first compile: the tensor-core GEMV's warps a block)
         self._gemv: dict[tuple[bool, bool, bool, int], int] = {}  # (bf16, f32 out, block, rows <= R) -> CUfunction
         self._tc: dict[tuple[bool, bool, bool], int] = {}  # the tensor-core GEMV: (bf16, f32 out, block) -> CUfunction
-        self._dequant: dict[bool, int] = {}  # bf16 -> CUfunction
         # the fused decode step's GEMVs (a norm, add-norm or SiLU prologue): (mode, bf16, f32 out, block) -> CUfunction
         self._fused: dict[tuple[int, bool, bool, bool], int] = {}
         # the decode step's GEMVs with a pairwise epilogue (SiLU, or RoPE + KV append): (epi, bf16, block, R) ->
@@ -126,8 +122,6 @@ class Fp8Linears:
         self._pairs_tc: dict[tuple[int, bool, bool], int] = {}
         self.fused_error = ""  # why the fused kernels did not compile, if they did not
         self.fused_smem = 0  # the dynamic shared memory (bytes) they may take: the Dense's fused limit less 1 KiB
-        self._scratch: Any = None  # the 16-bit weight a GEMM of many rows reads (grown by add, never in a step)
-        self._packed: dict[tuple[int, ...], tuple[Any, ...]] = {}
         # the W8A8 path: the activation quantizers ((bf16, per 128 columns) -> CUfunction; empty where they did not
         # compile, e.g. a GPU below SM 8.9) and each call site's plan (its launches, values only)
         self._quant: dict[tuple[bool, bool], int] = {}
@@ -236,13 +230,10 @@ class Fp8Linears:
                         self._tc[(bf16, f32, block)] = function_ptr(module.get_function(name))
         self._module = module
 
-    def _grow_scratch(self, nbytes: int) -> None:
-        import cupy
-
-        if self._scratch is None or self._scratch.nbytes < nbytes:
-            self._scratch = cupy.empty(nbytes, cupy.uint8)
-            self._packed.clear()  # packed dequantizations point into the old scratch
-            self._w8a8_plans.clear()  # and so do the quantized activations
+    def _forget_packed(self) -> None:
+        """Drop the packed launches and the W8A8 plans (their quantized activations live in the scratch too)."""
+        super()._forget_packed()
+        self._w8a8_plans.clear()
 
     def fused_fn(self, mode: int, bf16: bool, f32: bool, block: bool) -> int | None:
         """The fused GEMV over e4m3 weights with prologue ``mode`` (1 norm, 2 add-norm, 3 SiLU; see
@@ -290,12 +281,10 @@ class Fp8Linears:
         """The packed GEMV launch of ``y[:rows] = x[:rows] @ dequant(wt).T`` (rows <= :data:`FP8_GEMV_MAX_ROWS`):
         ``(function, grid, threads, params, values)``, or ``()`` where x is not 16-byte aligned (x, x_ld). Packed
         once per call site (its ints: values only); at most 4096 kept."""
-        key = (rows, x, x_ld, wt.w, y, y_ld, bf16, f32)
-        packed = self._packed.get(key)
-        if packed is not None:
-            return packed
-        packed = ()
-        if x % 16 == 0 and x_ld % 8 == 0:
+
+        def pack() -> tuple[Any, ...]:
+            if x % 16 or x_ld % 8:
+                return ()
             s_ld, bn, shift, block = wt.scale_args
             tc = self._tc.get((bf16, f32, bool(block))) if rows >= self.tensor_core_rows else None
             if tc is not None and (not block or (bn % _TC_COLUMNS == 0 and (16 << shift) % 128 == 0)):
@@ -304,39 +293,20 @@ class Fp8Linears:
                 fn = self._gemv[(bf16, f32, bool(block), 1 if rows == 1 else 2 if rows == 2 else 4 if rows <= 4 else 8)]
                 grid = self._one_row_grid(-(-wt.n // 2)) if rows == 1 else -(-wt.n // _COLS)
                 threads = _THREADS
-            values = self._ffi.new(
-                "uint64_t[12]", [x, wt.w, y, rows, wt.n, wt.k, x_ld, y_ld, wt.scales, s_ld, bn, shift]
-            )
-            params = self._ffi.new("void*[12]", [values + i for i in range(12)])
-            packed = (fn, grid, threads, params, values)
-        if len(self._packed) > 4096:
-            self._packed.clear()
-        self._packed[key] = packed
-        return packed
+            params, values = self._slots([x, wt.w, y, rows, wt.n, wt.k, x_ld, y_ld, wt.scales, s_ld, bn, shift])
+            return (fn, grid, threads, params, values)
 
-    def run_gemv(self, packed: tuple, null: Any) -> None:
-        """Launch a packed :meth:`gemv` on the stream."""
-        fn, grid, threads, params, _ = packed
-        err = self._launch(fn, grid, 1, 1, threads, 1, 1, 0, self._stream, params, null)
-        if err:
-            raise driver_error(err, "cuLaunchKernel(FP8 gemv)")
+        return self._kept((rows, x, x_ld, wt.w, y, y_ld, bf16, f32), pack)
 
     def dequantize(self, wt: Fp8Weight, bf16: bool, null: Any) -> int:
         """Write ``wt`` scaled into the 16-bit scratch matrix ``[n, k]`` (bfloat16 or float16); its address."""
-        key = (-1, wt.w, bf16)
-        packed = self._packed.get(key)
-        if packed is None:
-            s_ld, bn, shift, block = wt.scale_args
-            out = int(self._scratch.data.ptr)
-            values = self._ffi.new("uint64_t[9]", [wt.w, out, wt.n, wt.k, wt.scales, s_ld, bn, shift, block])
-            params = self._ffi.new("void*[9]", [values + i for i in range(9)])
-            vectors = wt.n * wt.k // 16
-            packed = self._packed[key] = (self._dequant[bf16], min(132 * 16, -(-vectors // 256)), params, values, out)
-        fn, grid, params, _, out = packed
-        err = self._launch(fn, grid, 1, 1, 256, 1, 1, 0, self._stream, params, null)
-        if err:
-            raise driver_error(err, "cuLaunchKernel(dequant_e4m3)")
-        return int(out)
+        s_ld, bn, shift, block = wt.scale_args
+        vectors = wt.n * wt.k // 16
+
+        def args(out: int) -> list[int]:
+            return [wt.w, out, wt.n, wt.k, wt.scales, s_ld, bn, shift, block]
+
+        return self._dequantize(wt, bf16, null, min(132 * 16, -(-vectors // 256)), args, "dequant_e4m3")
 
     def w8a8(
         self,
@@ -372,9 +342,7 @@ class Fp8Linears:
         if not plan:
             return False
         (fn, grid, threads, params, _), entry, xq, tail = plan
-        err = self._launch(fn, grid, 1, 1, threads, 1, 1, 0, self._stream, params, null)
-        if err:
-            raise driver_error(err, "cuLaunchKernel(e4m3 activation quantization)")
+        self._run(fn, grid, threads, params, null, "e4m3 activation quantization")
         status = lt.fp8_call(entry, xq, wt.w, wt.lt_scales, y, accumulate)
         if status:
             from fi_ffi.errors import CublasError
@@ -444,29 +412,22 @@ class Fp8Linears:
                 tail.append(packed)
             else:
                 if blocked:
-                    values = self._ffi.new("uint64_t[7]", [x, x_ld, main, k, scratch, x_scales, main])
-                    params = self._ffi.new("void*[7]", [values + i for i in range(7)])
+                    params, values = self._slots([x, x_ld, main, k, scratch, x_scales, main])
                     quant = (self._quant[(bf16, True)], -(-main * groups // 8), 256, params, values)
                 else:
-                    values = self._ffi.new("uint64_t[5]", [x, x_ld, k, scratch, x_scales])
-                    params = self._ffi.new("void*[5]", [values + i for i in range(5)])
+                    params, values = self._slots([x, x_ld, k, scratch, x_scales])
                     quant = (self._quant[(bf16, False)], main, 256, params, values)
                 return quant, entry, scratch, tuple(tail)
         return ()
 
     def remove(self, w: int) -> None:
-        """Forget the registration of ``w`` (before its memory is freed: a 16-bit weight allocated there later
-        must not be read as e4m3) and the launches packed for it. Unknown addresses: nothing happens."""
-        if self.weights.pop(w, None) is not None:
-            self._padded.pop(w, None)
-            self._packed.clear()
-            self._w8a8_plans.clear()
+        """:meth:`QuantizedLinears.remove <fi_engine.kernels.quantized_linears.QuantizedLinears.remove>`, with the
+        block scales padded for ``w``."""
+        self._padded.pop(w, None)
+        super().remove(w)
 
     def close(self) -> None:
-        """Forget the weights and packed launches and free the scratch (the module goes with the object)."""
-        self.weights.clear()
+        """Forget the weights, packed launches and padded scales, free the scratch, turn the fused kernels off."""
+        super().close()
         self._padded.clear()
-        self._packed.clear()
-        self._w8a8_plans.clear()
         self._fused = {}
-        self._scratch = None

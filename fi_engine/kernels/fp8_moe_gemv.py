@@ -23,10 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from ..checkpoint.quantization import grouped_gemv_block
 from .cuda_sources import function_ptr, source
+from .moe_gemv import ExpertCall, KernelLaunch, QuantizedGroupedGemv, no_epilogue
 
 __all__ = ["Fp8Experts", "Fp8GroupedGemv", "tiled_layout"]
 
@@ -34,7 +33,6 @@ _MAX_ASSIGN = 1024  # assignments one launch takes (the block's list in shared m
 _STATIC_SMEM = 4 * _MAX_ASSIGN + 64  # the list and the count
 _SUMS_SMEM = 16 * 512  # the warps' sums: up to 16 warps of 32 lanes by 4 float32
 _MAX_ROWS = 8  # staged rows per pass: the mma's n
-_U64 = 1 << 64
 _BLOCK_EXPECTED = (
     "expected None or (rows, columns): rows a multiple of 16, columns a power of two >= 128 (e.g. (128, 128))"
 )
@@ -110,20 +108,6 @@ def tiled_layout(codes: Any) -> Any:
     return split.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(e, n, k).copy()
 
 
-def _kernel_names(dtype: str) -> tuple[dict[tuple[bool, bool, bool], str], dict[bool, str]]:
-    """The names in ``grouped_gemv8.cu`` of the kernels for 16-bit activations ``dtype``: the GEMVs by ``(gated,
-    per-block scales, tiled)`` and the dequantizers by ``tiled``."""
-    tag = "bf16" if dtype == "bfloat16" else "f16"
-    gemvs = {
-        (gated, block, tiled): f"grouped_gemv8_{tag}_{'block' if block else 'row'}{'_silu' if gated else ''}"
-        f"{'_tiled' if tiled else ''}"
-        for gated in (False, True)
-        for block in (False, True)
-        for tiled in (False, True)
-    }
-    return gemvs, {tiled: f"dequant_e4m3_{tag}{'_tiled' if tiled else ''}" for tiled in (False, True)}
-
-
 @dataclass(frozen=True)
 class _Stack:
     """A registered expert stack ``[E, n, k]`` (addresses as ints) and its scale arguments as the kernels take them:
@@ -143,34 +127,36 @@ class _Stack:
     tiled: bool = False
 
 
-class Fp8GroupedGemv:
-    """The grouped GEMV kernels over e4m3 experts compiled once for ``dtype`` (``"float16"`` or ``"bfloat16"``, the
-    activations') on CuPy's current device, launched on ``stream`` (a ``cupy.cuda.Stream``). Expert stacks are
-    registered by address (:meth:`add`, values only: the arrays must stay allocated while the layer runs);
-    :meth:`fits` says whether a step is served (never below SM 8.0, where only the 16-bit copy serves)."""
+class Fp8GroupedGemv(QuantizedGroupedGemv):
+    """The grouped GEMV kernels over e4m3 experts, compiled, registered and launched as
+    :class:`~fi_engine.kernels.moe_gemv.QuantizedGroupedGemv` says (:meth:`add` registers a stack); :meth:`fits`
+    says whether a step is served (never below SM 8.0, where only the 16-bit copy serves)."""
 
-    def __init__(self, dtype: str, stream: Any) -> None:
-        if dtype not in ("float16", "bfloat16"):  # before CuPy: named the same with or without a GPU
-            raise ValueError(f"dtype: expected 'float16' or 'bfloat16', got {dtype!r:.40}")
-        import cupy
+    kind = "e4m3"
 
-        self.stream = stream
-        module = cupy.RawModule(code=source("grouped_gemv8.cu"), options=self.options())
-        device = cupy.cuda.Device()
-        attrs = device.attributes
-        self.tensor_cores = int(device.compute_capability) >= 80  # below: empty kernels, the copy serves
-        self._smem_limit = int(attrs.get("MaxSharedMemoryPerBlockOptin", 48 << 10)) - _STATIC_SMEM
-        self._sms = int(attrs.get("MultiProcessorCount", 132))
-        self._smem_per_sm = int(attrs.get("MaxSharedMemoryPerMultiprocessor", 0))
-        gemvs, dequants = _kernel_names(dtype)
-        self._fns: dict[tuple[bool, bool, bool], Any] = {}  # (gated, per-block scales, tiled) -> the kernel
-        for key, name in gemvs.items():
-            fn = module.get_function(name)
-            fn.max_dynamic_shared_size_bytes = self._smem_limit
-            self._fns[key] = fn
-        self._dequant = {tiled: module.get_function(name) for tiled, name in dequants.items()}
-        self._module = module
-        self.stacks: dict[int, _Stack] = {}  # weight address -> its registration
+    @staticmethod
+    def program() -> str:
+        """``grouped_gemv8.cu``'s text."""
+        return source("grouped_gemv8.cu")
+
+    @staticmethod
+    def kernel_names(dtype: str) -> dict[tuple[bool, bool, bool], str]:
+        """The names in ``grouped_gemv8.cu`` of the GEMVs for 16-bit activations ``dtype``, by ``(gated, per-block
+        scales, tiled)``."""
+        tag = "bf16" if dtype == "bfloat16" else "f16"
+        return {
+            (gated, block, tiled): f"grouped_gemv8_{tag}_{'block' if block else 'row'}{'_silu' if gated else ''}"
+            f"{'_tiled' if tiled else ''}"
+            for gated in (False, True)
+            for block in (False, True)
+            for tiled in (False, True)
+        }
+
+    @staticmethod
+    def dequant_names(dtype: str) -> dict[bool, str]:
+        """The names in ``grouped_gemv8.cu`` of the dequantizers for 16-bit ``dtype``, by ``tiled``."""
+        tag = "bf16" if dtype == "bfloat16" else "f16"
+        return {tiled: f"dequant_e4m3_{tag}{'_tiled' if tiled else ''}" for tiled in (False, True)}
 
     min_blocks_per_sm = 1
     """Blocks of 512 threads an SM the kernels' registers must leave room for (``__launch_bounds__``' second
@@ -200,13 +186,7 @@ class Fp8GroupedGemv:
         ValueError naming the argument: an address that is NULL or misaligned (``w`` 16 bytes, ``scales`` 4), ``k``
         not a multiple of 16, a block whose rows are not a multiple of 16 dividing ``n`` or whose columns are not a
         power of two >= 128, a tiled stack whose ``n`` is not a multiple of 16 or ``k`` of 128."""
-        for name, value, align in (("w", w, 16), ("scales", scales, 4)):
-            if value.__class__ is not int or not 0 < value < _U64 or value % align:
-                raise ValueError(f"{name}: expected a non-NULL device address aligned to {align} bytes, got {value!r}")
-        # experts: the grid's second dimension (CUDA's limit); n, k: the kernels' 32-bit row and column arithmetic
-        for name, value, top in (("experts", experts, 65535), ("n", n, 1 << 30), ("k", k, 1 << 30)):
-            if value.__class__ is not int or not 0 < value <= top:
-                raise ValueError(f"{name}: expected an int in [1, {top}], got {value!r:.40}")
+        self._check_stack(w, scales, 4, experts, n, k)
         if k % 16:
             raise ValueError(f"k: the FP8 grouped GEMV reads 16-byte vectors of weights, so k must be a multiple of "
                              f"16, got {k}")  # fmt: skip
@@ -269,73 +249,16 @@ class Fp8GroupedGemv:
         blocks = max(1, min(-(-st.n // 16), -(-(per_sm * self._sms // warps) // active)))
         return r, warps, blocks, r * st.k * 2 + warps * 512
 
-    def _stack(self, w: int, experts: int, n: int, k: int) -> _Stack:
-        st = self.stacks.get(w)
-        if st is None or (st.experts, st.n, st.k) != (experts, n, k):
-            raise ValueError(
-                f"w: no e4m3 experts [{experts}, {n}, {k}] registered at {w:#x}; register them with add() first"
-            )
-        return st
-
-    def launch(
-        self,
-        x: int,
-        x_ld: int,
-        div: int,
-        experts: int,
-        tokens: int,
-        top_k: int,
-        w: int,
-        num_experts: int,
-        n: int,
-        k: int,
-        y: int,
-        y_ld: int,
-        gated: bool = False,
-    ) -> tuple[int, tuple[int, int], int, int, list[int]]:
-        """The launch :meth:`__call__` makes, for pointers given as ints: ``(function handle, grid, threads per
-        block, shared bytes, arguments)``, for a caller that packs it once (``Launcher.prepared_kernel``); ``w`` a
-        registered stack (:meth:`add`)."""
-        st = self._stack(w, num_experts, n, k)
-        assignments = tokens * top_k
-        r, warps, blocks, smem = self._geometry(assignments, tokens, st)
-        args = [x, x_ld, div, experts, assignments, w, n, k, st.scales, st.s_e, st.s_ld, st.bn, st.shift, y, y_ld, r]
-        return function_ptr(self._fns[gated, st.block, st.tiled]), (blocks, num_experts), 32 * warps, smem, args
-
-    def __call__(
-        self,
-        x: Any,
-        div: int,
-        experts: Any,
-        tokens: int,
-        top_k: int,
-        w: Any,
-        num_experts: int,
-        n: int,
-        k: int,
-        y: Any,
-        gated: bool = False,
-    ) -> None:
-        """``y[a, :n] = x[a // div, :k] @ dequant(w[experts[a]]).T`` for the ``a < tokens * top_k`` assignments
-        (CuPy arrays: ``x`` 16-bit rows with contiguous elements, ``experts`` int32, ``w`` a registered ``[num_experts,
-        n, k]`` uint8 stack, ``y`` 16-bit rows), as :meth:`GroupedGemv.__call__
-        <fi_engine.kernels.moe_gemv.GroupedGemv.__call__>` (``gated`` included); :meth:`fits` must hold."""
-        st = self._stack(int(w.data.ptr), num_experts, n, k)
-        assignments = tokens * top_k
-        r, warps, blocks, smem = self._geometry(assignments, tokens, st)
-        i32, i64 = np.int32, np.int64
-        args = (x, i64(x.strides[0] // x.itemsize), i32(div), experts, i32(assignments), w, i32(n), i32(k),
-                np.uint64(st.scales), i64(st.s_e), i64(st.s_ld), i32(st.bn), i32(st.shift), y,
-                i64(y.strides[0] // y.itemsize), i32(r))  # fmt: skip
-        self._fns[gated, st.block, st.tiled]((blocks, num_experts), (32 * warps,), args, shared_mem=smem,
-                                             stream=self.stream)  # fmt: skip
-
-    def _registered(self, w: int) -> _Stack:
-        """The stack registered at address ``w``; ValueError naming ``w`` where none is."""
-        st = self.stacks.get(w)
-        if st is None:
-            raise ValueError(f"w: no e4m3 experts registered at {w:#x}; register them with add() first")
-        return st
+    def _plan(self, call: ExpertCall, epilogue: dict[str, Any]) -> KernelLaunch:
+        """The launch of ``call`` over the registered stack at ``call.w`` (:meth:`add`; ``y[a, :n] = x[a // div, :k]
+        @ dequant(w[experts[a]]).T``); :meth:`fits` must hold."""
+        no_epilogue(epilogue)
+        c = call
+        st = self._stack(c.w, c.num_experts, c.n, c.k)
+        r, warps, blocks, smem = self._geometry(c.assignments, c.tokens, st)
+        args = [c.x, c.x_ld, c.div, c.experts, c.assignments, c.w, c.n, c.k, st.scales, st.s_e, st.s_ld, st.bn,
+                st.shift, c.y, c.y_ld, r]  # fmt: skip
+        return self._fns[c.gated, st.block, st.tiled], blocks, warps, smem, args
 
     def dequantize_launch(self, w: int, out: int) -> tuple[int, tuple[int, int], int, int, list[int]]:
         """The launch writing the registered stack at ``w`` as 16-bit weights ``[E, n, k]`` at ``out`` (each code
@@ -346,18 +269,3 @@ class Fp8GroupedGemv:
         args = [st.w, out, rows, st.k, st.scales, st.s_ld, st.bn, st.shift, int(st.block)]
         grid = (max(1, min(16 * self._sms, -(-vectors // 256))), 1)
         return function_ptr(self._dequant[st.tiled]), grid, 256, 0, args
-
-    def dequantize(self, w: Any, out: Any) -> None:
-        """Write the registered stack ``w`` (a CuPy array) into ``out`` (a C-contiguous 16-bit CuPy array of its
-        shape) on the stream; ValueError naming ``out`` where it is not one (the kernel would write past it)."""
-        st = self._registered(int(w.data.ptr))
-        want = [st.experts, st.n, st.k]
-        shape, itemsize = list(getattr(out, "shape", ())), getattr(getattr(out, "dtype", None), "itemsize", 0)
-        if shape != want or itemsize != 2 or not getattr(getattr(out, "flags", None), "c_contiguous", 0):
-            raise ValueError(f"out: expected a C-contiguous 16-bit array of shape {want}, got "
-                             f"{getattr(out, 'dtype', type(out).__name__)} {shape}")  # fmt: skip
-        _, grid, threads, _, args = self.dequantize_launch(st.w, int(out.data.ptr))
-        i64, i32 = np.int64, np.int32
-        typed = (w, out, i64(args[2]), i32(args[3]), np.uint64(args[4]), i64(args[5]), i32(args[6]), i32(args[7]),
-                 i32(args[8]))  # fmt: skip
-        self._dequant[st.tiled](grid, (threads,), typed, stream=self.stream)

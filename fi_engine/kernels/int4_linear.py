@@ -29,9 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fi_ffi.cuda import driver_error
-
 from .cuda_sources import function_ptr, source
+from .quantized_linears import QuantizedLinears
 
 __all__ = ["INT4_GEMV_MAX_ROWS", "Int4Linears", "Int4Weight"]
 
@@ -74,11 +73,12 @@ def _positive(name: str, value: Any, limit: int = 1 << 31) -> int:
     return int(value)
 
 
-class Int4Linears:
+class Int4Linears(QuantizedLinears[Int4Weight]):
     """The int4 weights one Dense serves and their kernels (compiled on the first :meth:`add`, with NVRTC through
-    CuPy; the GEMV needs tensor cores of SM 8.0+). ``launch`` is the driver's ``cuLaunchKernel``, ``ffi`` its cffi
-    instance, ``stream`` the Dense's stream (a ``CUstream`` as an int). A registration is a value (addresses and
-    sizes): the weight must stay allocated until :meth:`remove` or :meth:`close`."""
+    CuPy; the GEMV needs tensor cores of SM 8.0+); the registry and its launches as
+    :class:`~fi_engine.kernels.quantized_linears.QuantizedLinears` keeps them."""
+
+    kind = "int4"
 
     warps_per_sm = (32, 16, 8)
     """The warps a GEMV launch aims to give each SM (its blocks times their warps, each block 4 to 16 warps and never
@@ -103,15 +103,9 @@ class Int4Linears:
         return (f"-DI4_TILES_AHEAD={ahead}",)
 
     def __init__(self, launch: Any, ffi: Any, stream: int) -> None:
-        self._launch, self._ffi, self._stream = launch, ffi, stream
-        self._sms = 132  # the GPU's SMs (set at the first compile)
-        self.weights: dict[int, Int4Weight] = {}  # device address -> its registration (values only)
-        self._module: Any = None
+        super().__init__(launch, ffi, stream)
         self._gemv: dict[tuple[bool, bool, int, bool], int] = {}  # (bf16, f32 out, rows <= R, groups of 64) -> fn
         self._silu: dict[tuple[bool, int, bool], int] = {}  # the SiLU form: (bf16, rows <= R, groups of 64) -> fn
-        self._dequant: dict[bool, int] = {}  # bf16 -> CUfunction
-        self._scratch: Any = None  # the 16-bit weight a GEMM of many rows reads (grown by add, never in a step)
-        self._packed: dict[tuple[int, ...], tuple[Any, ...]] = {}
 
     def add(self, w: int, n: int, k: int, records: int, group_size: int, interleaved: bool = False) -> None:
         """Register the int4 weight ``[n, k]`` at ``w`` (the GEMV layout) with its ``records``; ``interleaved``: two
@@ -168,13 +162,6 @@ class Int4Linears:
             self._dequant[bf16] = function_ptr(module.get_function(f"dequant_int4_{t}"))
         self._module = module
 
-    def _grow_scratch(self, nbytes: int) -> None:
-        import cupy
-
-        if self._scratch is None or self._scratch.nbytes < nbytes:
-            self._scratch = cupy.empty(nbytes, cupy.uint8)
-            self._packed.clear()  # packed dequantizations point into the old scratch
-
     def _threads(self, wt: Int4Weight, rows: int) -> int:
         """The threads of a GEMV block over ``wt`` for ``rows`` rows (see :attr:`warps_per_sm`; a ValueError naming
         it where it is not three ints from 1 to 1024)."""
@@ -195,61 +182,29 @@ class Int4Linears:
         ``(function, grid, threads, params, values)``, or ``()`` where x is not 16-byte aligned (x, x_ld); a
         ValueError where y is not aligned to its elements. Packed once per call site (its ints: values only); at most
         4096 kept."""
-        key = (rows, x, x_ld, wt.w, y, y_ld, bf16, f32, silu)
-        packed = self._packed.get(key)
-        if packed is not None:
-            return packed
-        item = 4 if f32 and not silu else 2
-        if y % item:  # the kernel stores one element at a time: each must be aligned
-            kind = "float32" if item == 4 else "16-bit"
-            raise ValueError(f"y: 0x{y:x} must be aligned to {item} bytes (its {kind} elements)")
-        packed = ()
-        if x % 16 == 0 and x_ld % 8 == 0 and 0 < rows <= INT4_GEMV_MAX_ROWS:
+
+        def pack() -> tuple[Any, ...]:
+            item = 4 if f32 and not silu else 2
+            if y % item:  # the kernel stores one element at a time: each must be aligned
+                kind = "float32" if item == 4 else "16-bit"
+                raise ValueError(f"y: 0x{y:x} must be aligned to {item} bytes (its {kind} elements)")
+            if x % 16 or x_ld % 8 or not 0 < rows <= INT4_GEMV_MAX_ROWS:
+                return ()
             r, g64 = 8 if rows <= 8 else 16 if rows <= 16 else 32, wt.group_size == 64
             fn = self._silu[(bf16, r, g64)] if silu else self._gemv[(bf16, f32, r, g64)]
-            args = [x, wt.w, y, rows, wt.n, wt.k, x_ld, y_ld, wt.records, wt.groups, wt.gshift, wt.half_n]
-            values = self._ffi.new("uint64_t[12]", args)
-            params = self._ffi.new("void*[12]", [values + i for i in range(12)])
-            packed = (fn, -(-wt.n // _COLUMNS), self._threads(wt, rows), params, values)
-        if len(self._packed) > 4096:
-            self._packed.clear()
-        self._packed[key] = packed
-        return packed
+            params, values = self._slots(
+                [x, wt.w, y, rows, wt.n, wt.k, x_ld, y_ld, wt.records, wt.groups, wt.gshift, wt.half_n]
+            )
+            return (fn, -(-wt.n // _COLUMNS), self._threads(wt, rows), params, values)
 
-    def run_gemv(self, packed: tuple, null: Any) -> None:
-        """Launch a packed :meth:`gemv` on the stream."""
-        fn, grid, threads, params, _ = packed
-        err = self._launch(fn, grid, 1, 1, threads, 1, 1, 0, self._stream, params, null)
-        if err:
-            raise driver_error(err, "cuLaunchKernel(int4 gemv)")
+        return self._kept((rows, x, x_ld, wt.w, y, y_ld, bf16, f32, silu), pack)
 
     def dequantize(self, wt: Int4Weight, bf16: bool, null: Any) -> int:
         """Write ``wt`` dequantized into the 16-bit scratch matrix ``[n, k]`` (bfloat16 or float16; an interleaved
         weight's rows in order: the first projection's, then the second's); its address."""
-        key = (-1, wt.w, bf16)
-        packed = self._packed.get(key)
-        if packed is None:
-            out = int(self._scratch.data.ptr)
-            args = [wt.w, wt.records, out, wt.n, wt.k, wt.groups, wt.gshift, wt.half_n]
-            values = self._ffi.new("uint64_t[8]", args)
-            params = self._ffi.new("void*[8]", [values + i for i in range(8)])
-            vectors = wt.n * wt.k // 32
-            grid = min(self._sms * 16, -(-vectors // 256))
-            packed = self._packed[key] = (self._dequant[bf16], grid, params, values, out)
-        fn, grid, params, _, out = packed
-        err = self._launch(fn, grid, 1, 1, 256, 1, 1, 0, self._stream, params, null)
-        if err:
-            raise driver_error(err, "cuLaunchKernel(dequant_int4)")
-        return int(out)
 
-    def remove(self, w: int) -> None:
-        """Forget the registration of ``w`` (before its memory is freed: a 16-bit weight allocated there later must
-        not be read as int4) and the launches packed for it. Unknown addresses: nothing happens."""
-        if self.weights.pop(w, None) is not None:
-            self._packed.clear()
+        def args(out: int) -> list[int]:
+            return [wt.w, wt.records, out, wt.n, wt.k, wt.groups, wt.gshift, wt.half_n]
 
-    def close(self) -> None:
-        """Forget the weights and packed launches and free the scratch (the module goes with the object)."""
-        self.weights.clear()
-        self._packed.clear()
-        self._scratch = None
+        grid = min(self._sms * 16, -(-(wt.n * wt.k // 32) // 256))
+        return self._dequantize(wt, bf16, null, grid, args, "dequant_int4")

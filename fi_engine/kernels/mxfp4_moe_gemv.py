@@ -26,6 +26,7 @@ import numpy as np
 
 from ..values import arg_int, float32_bits
 from .cuda_sources import function_ptr, source
+from .moe_gemv import ExpertCall, KernelLaunch, QuantizedGroupedGemv
 
 __all__ = ["Mxfp4Experts", "Mxfp4GroupedGemv", "padded", "tiled_mxfp4", "tiled_values"]
 
@@ -202,13 +203,49 @@ class _Stack:
     experts: int
     n: int
     k: int
+    tiled: bool = True  # (the codes are always in tiled_mxfp4's layout)
 
 
-class Mxfp4GroupedGemv:
-    """The grouped GEMV kernels over MXFP4 experts compiled once for ``dtype`` (``"float16"`` or ``"bfloat16"``, the
-    activations') on CuPy's current device, launched on ``stream`` (a ``cupy.cuda.Stream``). Expert stacks are
-    registered by address (:meth:`add`, values only: the arrays must stay allocated while the layer runs);
-    :meth:`fits` says whether a step is served (never below SM 8.0, where only the 16-bit copy serves)."""
+@dataclass(frozen=True)
+class _Epilogue:
+    """A launch's epilogue arguments (:class:`Mxfp4GroupedGemv`'s docstring); a name it lacks is a TypeError."""
+
+    bias: Any = 0
+    act: str | None = None
+    alpha: float = 0.0
+    limit: float = 0.0
+
+
+class Mxfp4GroupedGemv(QuantizedGroupedGemv):
+    """The grouped GEMV kernels over MXFP4 experts, compiled, registered and launched as
+    :class:`~fi_engine.kernels.moe_gemv.QuantizedGroupedGemv` says (:meth:`add` registers a stack); :meth:`fits`
+    says whether a step is served (never below SM 8.0, where only the 16-bit copy serves). Its launches take an
+    epilogue (:class:`_Epilogue`): ``bias`` (the address of float32 ``[num_experts, n]``, or a CuPy array; 0 or None
+    for none) added to each output, and ``act`` (one of :data:`ACTIVATIONS`; ``"swiglu"`` with ``alpha`` and
+    ``limit``, and only with a bias: gpt-oss's) made as the input rows are staged (``gated`` alone: ``"silu"``)."""
+
+    kind = "MXFP4"
+
+    @staticmethod
+    def program() -> str:
+        """``grouped_gemv4.cu``'s text."""
+        return source("grouped_gemv4.cu")
+
+    @staticmethod
+    def kernel_names(dtype: str) -> dict[tuple[str, bool], str]:
+        """The names in ``grouped_gemv4.cu`` of the GEMVs for 16-bit activations ``dtype``, by ``(act, bias)``."""
+        tag = "bf16" if dtype == "bfloat16" else "f16"
+        return {
+            ("none", False): f"grouped_gemv4_{tag}",
+            ("silu", False): f"grouped_gemv4_{tag}_silu",
+            ("none", True): f"grouped_gemv4_{tag}_bias",
+            ("swiglu", True): f"grouped_gemv4_{tag}_swiglu_bias",
+        }
+
+    @staticmethod
+    def dequant_names(dtype: str) -> dict[bool, str]:
+        """The dequantizer's name in ``grouped_gemv4.cu`` for 16-bit ``dtype`` (its stacks are always tiled)."""
+        return {True: f"dequant_mxfp4_{'bf16' if dtype == 'bfloat16' else 'f16'}"}
 
     chunks_ahead = 2
     """Chunks of weights (128 columns of a tile's 16 rows) a warp has loading while it sums one. Read when the
@@ -225,28 +262,6 @@ class Mxfp4GroupedGemv:
     warps_per_sm = 128
     """The warps a launch spreads over each SM (blocks over the active experts, at most one per tile of 16 rows)."""
 
-    def __init__(self, dtype: str, stream: Any) -> None:
-        if dtype not in ("float16", "bfloat16"):  # before CuPy: named the same with or without a GPU
-            raise ValueError(f"dtype: expected 'float16' or 'bfloat16', got {dtype!r:.40}")
-        import cupy
-
-        self.stream = stream
-        module = cupy.RawModule(code=source("grouped_gemv4.cu"), options=self.options())
-        device = cupy.cuda.Device()
-        attrs = device.attributes
-        self.tensor_cores = int(device.compute_capability) >= 80  # below: empty kernels, the copy serves
-        self._smem_limit = int(attrs.get("MaxSharedMemoryPerBlockOptin", 48 << 10)) - _STATIC_SMEM
-        self._sms = int(attrs.get("MultiProcessorCount", 132))
-        self._fns: dict[tuple[str, bool], Any] = {}
-        for (act, bias), name in kernel_names(dtype).items():
-            fn = module.get_function(name)
-            fn.max_dynamic_shared_size_bytes = self._smem_limit
-            self._fns[act, bias] = fn
-        tag = "bf16" if dtype == "bfloat16" else "f16"
-        self._dequant = module.get_function(f"dequant_mxfp4_{tag}")
-        self._module = module
-        self.stacks: dict[int, _Stack] = {}
-
     @classmethod
     def options(cls) -> tuple[str, ...]:
         """The NVRTC options: fast math (the staging's ``__expf`` and division, as the other grouped GEMVs'),
@@ -261,12 +276,7 @@ class Mxfp4GroupedGemv:
         """Register the MXFP4 experts ``[experts, n, k]`` at device address ``w`` (codes) with their ``scales``, in
         :func:`tiled_mxfp4`'s layout. ValueError naming the argument: an address that is NULL or misaligned (``w``
         16 bytes, ``scales`` 8), ``n`` not a multiple of 16, ``k`` not a multiple of 32."""
-        for name, value, align in (("w", w, 16), ("scales", scales, 8)):
-            if value.__class__ is not int or not 0 < value < _U64 or value % align:
-                raise ValueError(f"{name}: expected a non-NULL device address aligned to {align} bytes, got {value!r}")
-        for name, value, top in (("experts", experts, 65535), ("n", n, 1 << 30), ("k", k, 1 << 30)):
-            if value.__class__ is not int or not 0 < value <= top:
-                raise ValueError(f"{name}: expected an int in [1, {top}], got {value!r:.40}")
+        self._check_stack(w, scales, 8, experts, n, k)
         if n % 16 or k % 32:
             raise ValueError(f"n, k: the MXFP4 grouped GEMV takes tiles of 16 rows and blocks of 32 columns, got "
                              f"[{n}, {k}]")  # fmt: skip
@@ -289,14 +299,6 @@ class Mxfp4GroupedGemv:
             and self.rows_per_pass(tokens, k) > 0
         )
 
-    def _stack(self, w: int, experts: int, n: int, k: int) -> _Stack:
-        st = self.stacks.get(w)
-        if st is None or (st.experts, st.n, st.k) != (experts, n, k):
-            raise ValueError(
-                f"w: no MXFP4 experts [{experts}, {n}, {k}] registered at {w:#x}; register them with add() first"
-            )
-        return st
-
     def _geometry(self, assignments: int, tokens: int, st: _Stack) -> tuple[int, int, int, int]:
         """A launch's rows per pass, warps per block, blocks per expert and dynamic shared bytes."""
         r = self.rows_per_pass(tokens, st.k)
@@ -306,85 +308,23 @@ class Mxfp4GroupedGemv:
         blocks = max(1, min(st.n // 16, -(-(max(1, int(self.warps_per_sm)) * self._sms // warps) // active)))
         return r, warps, blocks, r * padded(st.k) * 2 + warps * 512
 
-    def launch(
-        self,
-        x: int,
-        x_ld: int,
-        div: int,
-        experts: int,
-        tokens: int,
-        top_k: int,
-        w: int,
-        num_experts: int,
-        n: int,
-        k: int,
-        y: int,
-        y_ld: int,
-        gated: bool = False,
-        *,
-        bias: int = 0,
-        act: str | None = None,
-        alpha: float = 0.0,
-        limit: float = 0.0,
-    ) -> tuple[int, tuple[int, int], int, int, list[Any]]:
-        """The launch of ``y[a, :n] = act(x[a // div]) @ W[experts[a]].T (+ bias[experts[a]])`` for the ``a <
-        tokens * top_k`` assignments, pointers as ints: ``(function handle, grid, threads per block, shared bytes,
-        arguments)``, for a caller that packs it (``Launcher.prepared_kernel``); the arguments are those of
-        :meth:`Fp8GroupedGemv.launch <fi_engine.kernels.fp8_moe_gemv.Fp8GroupedGemv.launch>` (``gated``: ``act``
-        ``"silu"``), plus ``bias`` (the address of float32 ``[num_experts, n]``, 0 for none) and ``act`` (one of
-        :data:`ACTIVATIONS`; ``"swiglu"`` with ``alpha`` and ``limit``, and only with a bias: gpt-oss's)."""
-        st = self._stack(w, num_experts, n, k)
-        act = act or ("silu" if gated else "none")
+    def _plan(self, call: ExpertCall, epilogue: dict[str, Any]) -> KernelLaunch:
+        """The launch of ``y[a, :n] = act(x[a // div]) @ W[experts[a]].T (+ bias[experts[a]])`` for ``call`` over the
+        registered stack at ``call.w`` (:meth:`add`), with the class docstring's ``epilogue``; :meth:`fits` must
+        hold. ValueError naming ``act, bias`` where the kernels have no such pair."""
+        c, epi = call, _Epilogue(**epilogue)
+        st = self._stack(c.w, c.num_experts, c.n, c.k)
+        bias = epi.bias or 0
+        act = epi.act or ("silu" if c.gated else "none")
         if (act, bool(bias)) not in self._fns:
             raise ValueError(f"act, bias: expected 'none' or 'silu' without a bias, 'none' or 'swiglu' with one, got "
                              f"{act!r:.20} and {'a bias' if bias else 'none'}")  # fmt: skip
-        assignments = tokens * top_k
-        r, warps, blocks, smem = self._geometry(assignments, tokens, st)
+        r, warps, blocks, smem = self._geometry(c.assignments, c.tokens, st)
         # (the float parameters as their float32 bits: a packed launch passes every argument as an integer slot)
-        args: list[Any] = [x, x_ld, div, experts, assignments, w, st.scales, n, k, padded(k), bias,
-                           float32_bits("alpha", alpha), float32_bits("limit", limit), y, y_ld, r]  # fmt: skip
-        fn = self._fns[act, bool(bias)]
-        return function_ptr(fn), (blocks, num_experts), 32 * warps, smem, args
-
-    def __call__(
-        self,
-        x: Any,
-        div: int,
-        experts: Any,
-        tokens: int,
-        top_k: int,
-        w: Any,
-        num_experts: int,
-        n: int,
-        k: int,
-        y: Any,
-        gated: bool = False,
-        *,
-        bias: Any = None,
-        act: str | None = None,
-        alpha: float = 0.0,
-        limit: float = 0.0,
-    ) -> None:
-        """:meth:`launch` for CuPy arrays (``x`` and ``y`` 16-bit rows with contiguous elements, ``experts`` int32,
-        ``w`` a registered code stack, ``bias`` None or float32 ``[num_experts, n]``), launched on the stream;
-        :meth:`fits` must hold."""
-        _, grid, threads, smem, args = self.launch(
-            int(x.data.ptr), x.strides[0] // x.itemsize, div, int(experts.data.ptr), tokens, top_k, int(w.data.ptr),
-            num_experts, n, k, int(y.data.ptr), y.strides[0] // y.itemsize, gated,
-            bias=0 if bias is None else int(bias.data.ptr), act=act, alpha=alpha, limit=limit,
-        )  # fmt: skip
-        act_key = act or ("silu" if gated else "none")
-        fn = self._fns[act_key, bias is not None]
-        i32, i64, u64, f32 = np.int32, np.int64, np.uint64, np.float32
-        typed = (x, i64(args[1]), i32(div), experts, i32(args[4]), w, u64(args[6]), i32(n), i32(k), i32(args[9]),
-                 u64(args[10]), f32(alpha), f32(limit), y, i64(args[14]), i32(args[15]))  # fmt: skip
-        fn(grid, (threads,), typed, shared_mem=smem, stream=self.stream)
-
-    def _registered(self, w: int) -> _Stack:
-        st = self.stacks.get(w)
-        if st is None:
-            raise ValueError(f"w: no MXFP4 experts registered at {w:#x}; register them with add() first")
-        return st
+        alpha, limit = float32_bits("alpha", epi.alpha), float32_bits("limit", epi.limit)
+        args: list[Any] = [c.x, c.x_ld, c.div, c.experts, c.assignments, c.w, st.scales, c.n, c.k, padded(c.k), bias,
+                           alpha, limit, c.y, c.y_ld, r]  # fmt: skip
+        return self._fns[act, bool(bias)], blocks, warps, smem, args
 
     def dequantize_launch(self, w: int, out: int) -> tuple[int, tuple[int, int], int, int, list[Any]]:
         """The launch writing the registered stack at ``w`` as 16-bit weights ``[E, n, k]`` at ``out``, as
@@ -393,28 +333,4 @@ class Mxfp4GroupedGemv:
         rows = st.experts * st.n
         threads = rows * (st.k // 32)
         grid = (max(1, min(16 * self._sms, -(-threads // 256))), 1)
-        return function_ptr(self._dequant), grid, 256, 0, [st.w, st.scales, out, rows, st.k, padded(st.k)]
-
-    def dequantize(self, w: Any, out: Any) -> None:
-        """Write the registered stack ``w`` (a CuPy array) into ``out`` (a C-contiguous 16-bit CuPy array ``[E, n,
-        k]``) on the stream; ValueError naming ``out`` where it is not one."""
-        st = self._registered(int(w.data.ptr))
-        want = [st.experts, st.n, st.k]
-        shape, itemsize = list(getattr(out, "shape", ())), getattr(getattr(out, "dtype", None), "itemsize", 0)
-        if shape != want or itemsize != 2 or not getattr(getattr(out, "flags", None), "c_contiguous", 0):
-            raise ValueError(f"out: expected a C-contiguous 16-bit array of shape {want}, got "
-                             f"{getattr(out, 'dtype', type(out).__name__)} {shape}")  # fmt: skip
-        _, grid, threads, _, args = self.dequantize_launch(st.w, int(out.data.ptr))
-        typed = (w, np.uint64(args[1]), out, np.int64(args[3]), np.int32(args[4]), np.int32(args[5]))
-        self._dequant(grid, (threads,), typed, stream=self.stream)
-
-
-def kernel_names(dtype: str) -> dict[tuple[str, bool], str]:
-    """The names in ``grouped_gemv4.cu`` of the GEMVs for 16-bit activations ``dtype``, by ``(act, bias)``."""
-    tag = "bf16" if dtype == "bfloat16" else "f16"
-    return {
-        ("none", False): f"grouped_gemv4_{tag}",
-        ("silu", False): f"grouped_gemv4_{tag}_silu",
-        ("none", True): f"grouped_gemv4_{tag}_bias",
-        ("swiglu", True): f"grouped_gemv4_{tag}_swiglu_bias",
-    }
+        return function_ptr(self._dequant[True]), grid, 256, 0, [st.w, st.scales, out, rows, st.k, padded(st.k)]

@@ -113,7 +113,7 @@ class QuantizedWeights:
         compute ``x @ (e4m3(w) * scale).T`` (:mod:`~fi_engine.kernels.fp8_linear`: a GEMV reading the bytes for at
         most 8 rows, else cuBLASLt's FP8 GEMM over activations quantized to e4m3 (:attr:`fp8_w8a8`), else the weight
         dequantized into a 16-bit scratch matrix and the 16-bit GEMM). Call it while loading, not during a step (the
-        scratch may grow); the weight must stay allocated until :meth:`remove_fp8_weight` or the Dense's ``close``.
+        scratch may grow); the weight must stay allocated until :meth:`remove_weight` or the Dense's ``close``.
         ValueError naming a bad argument; RuntimeError where the driver launch path is off."""
         launcher = self._launcher
         if not launcher.open:
@@ -121,14 +121,7 @@ class QuantizedWeights:
         if self.fp8 is None:
             self.fp8 = Fp8Linears(launcher.launch, launcher.ffi, launcher.stream)
         self.fp8.add(w, n, k, scales, block, self._fused_smem)
-        self.fp8_weights = self.fp8.weights
-        self._changed()
-
-    def remove_fp8_weight(self, w: int) -> None:
-        """Undo :meth:`add_fp8_weight` for ``w`` (before freeing it); unknown addresses: nothing happens."""
-        if self.fp8 is not None:
-            self.fp8.remove(w)
-        self._changed()
+        self._registries_changed()
 
     @property
     def serves_fp8(self) -> bool:
@@ -160,29 +153,35 @@ class QuantizedWeights:
         ``n`` and ``k`` as the calls pass them. ``interleaved``: gate and up stacked interleaved by 8 rows
         (``Int4Weight.half_n``; the outputs still come in order, gate's then up's), which
         :meth:`prepared_int4_silu` serves. Register before any step (the scratch may grow); the weight must stay
-        allocated until :meth:`remove_int4_weight` or the Dense's ``close``. ValueError naming a bad argument (see
+        allocated until :meth:`remove_weight` or the Dense's ``close``. ValueError naming a bad argument (see
         ``Int4Linears.add``); RuntimeError where the GPU cannot run the GEMV."""
         if self.int4 is None:
             launcher = self._launcher
             self.int4 = Int4Linears(launcher.launch, launcher.ffi, launcher.stream)
         self.int4.add(w, n, k, records, group_size, interleaved)
-        self.int4_weights = self.int4.weights
-        self._changed()
+        self._registries_changed()
 
-    def remove_int4_weight(self, w: int) -> None:
-        """Undo :meth:`add_int4_weight` for ``w`` (before freeing it); unknown addresses: nothing happens."""
+    def remove_weight(self, w: int) -> None:
+        """Undo :meth:`add_fp8_weight` or :meth:`add_int4_weight` for ``w`` (before freeing it); unknown addresses:
+        nothing happens."""
+        for registry in (self.fp8, self.int4):
+            if registry is not None:
+                registry.remove(w)
+        self._registries_changed()
+
+    def _registries_changed(self) -> None:
+        """A weight registered or removed: mirror the registries (:attr:`fp8_weights`, :attr:`int4_weights`), then
+        tell the Dense (``changed``)."""
+        if self.fp8 is not None:
+            self.fp8_weights = self.fp8.weights
         if self.int4 is not None:
-            self.int4.remove(w)
+            self.int4_weights = self.int4.weights
         self._changed()
 
     @property
     def serves_int4(self) -> bool:
         """Whether any weight was registered with :meth:`add_int4_weight`."""
         return bool(self.int4_weights)
-
-    def has_int4_weight(self, w: int) -> bool:
-        """Whether the weight at device address ``w`` is registered as int4 (:meth:`add_int4_weight`)."""
-        return w in self.int4_weights
 
     def has_int4_silu(self, w: int) -> bool:
         """Whether :meth:`prepared_int4_silu` serves ``w``: an int4 gate/up weight registered ``interleaved``."""
@@ -197,91 +196,76 @@ class QuantizedWeights:
         None where ``w`` is no quantized weight or its GEMV does not serve the call. ValueError where the call's
         shapes or types are not the weight's."""
         launcher = self._launcher
-        fp8 = self.fp8_weights.get(w)
-        if fp8 is not None and launcher.open and rows <= min(FP8_GEMV_MAX_ROWS, self.fp8_gemv_max_rows):
-            assert self.fp8 is not None
-            check_call(fp8, "FP8", n, k, ab_type, c_type)
-            packed = self.fp8.gemv(rows, x, x_ld, fp8, y, y_ld, ab_type == CUDA_R_16BF, c_type == CUDA_R_32F)
+        formats: tuple[tuple[Fp8Linears | Int4Linears | None, Mapping[int, Any], str, int], ...] = (
+            (self.fp8, self.fp8_weights, "FP8", min(FP8_GEMV_MAX_ROWS, self.fp8_gemv_max_rows)),
+            (self.int4, self.int4_weights, "int4", min(INT4_GEMV_MAX_ROWS, self.int4_gemv_max_rows)),
+        )
+        for lib, weights, kind, max_rows in formats:
+            wt = weights.get(w)
+            if wt is None or lib is None or not launcher.open or rows > max_rows:
+                continue
+            check_call(wt, kind, n, k, ab_type, c_type)
+            packed = lib.gemv(rows, x, x_ld, wt, y, y_ld, ab_type == CUDA_R_16BF, c_type == CUDA_R_32F)
             if packed:
                 fn, grid, threads, params, values = packed
-                return launcher.prepared(fn, grid, threads, 0, params, values, "fp8 gemv", pdl=True)
-        int4 = self.int4_weights.get(w)
-        if int4 is not None and launcher.open and rows <= min(INT4_GEMV_MAX_ROWS, self.int4_gemv_max_rows):
-            assert self.int4 is not None
-            check_call(int4, "int4", n, k, ab_type, c_type)
-            packed = self.int4.gemv(rows, x, x_ld, int4, y, y_ld, ab_type == CUDA_R_16BF, c_type == CUDA_R_32F)
-            if packed:
-                fn, grid, threads, params, values = packed
-                return launcher.prepared(fn, grid, threads, 0, params, values, "int4 gemv", pdl=True)
+                return launcher.prepared(fn, grid, threads, 0, params, values, f"{kind.lower()} gemv", pdl=True)
         return None
 
-    def fp8_path(
-        self,
-        rows: int,
-        x: int,
-        x_ld: int,
-        fp8: Fp8Weight,
-        n: int,
-        k: int,
-        y: int,
-        y_ld: int,
-        ab_type: int,
-        c_type: int,
-        accumulate: bool,
-        lt: Any,
-    ) -> None:
-        """The Dense's ``linear`` over the registered FP8 weight ``fp8`` but the skinny GEMM: the FP8 GEMV for at
-        most :attr:`fp8_gemv_max_rows` rows, else the FP8 GEMM (:attr:`fp8_w8a8`) where cuBLASLt (``lt``, the Dense's
+    def fp8_path(self, call: tuple[int, ...], fp8: Fp8Weight, accumulate: bool, lt: Any) -> None:
+        """The Dense's ``linear`` call ``call`` (its ``(rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type)``) over the
+        registered FP8 weight ``fp8`` but the skinny GEMM: the FP8 GEMV for at most :attr:`fp8_gemv_max_rows` rows,
+        else the FP8 GEMM (:attr:`fp8_w8a8`) where cuBLASLt (``lt``, the Dense's
         :class:`~fi_engine.kernels.cublas_lt.LtMatmuls` or None) serves it, else the GEMV up to 8 rows, else
         dequantize + 16-bit GEMM."""
-        lib, null = self.fp8, self._launcher.null
+        lib = self.fp8
         assert lib is not None
-        bf16, f32 = ab_type == CUDA_R_16BF, c_type == CUDA_R_32F
+        rows, x, x_ld, _, _, _, y, y_ld, ab_type, c_type = call
         gemv = 0 < rows <= FP8_GEMV_MAX_ROWS and not accumulate
-        if gemv and rows <= self.fp8_gemv_max_rows:
-            packed = lib.gemv(rows, x, x_ld, fp8, y, y_ld, bf16, f32)
-            if packed:
-                lib.run_gemv(packed, null)
-                return
+        if gemv and rows <= self.fp8_gemv_max_rows and self._ran_gemv(lib, call, fp8):
+            return
         if self.fp8_w8a8 and lib.w8a8(
-            lt, rows, x, x_ld, fp8, y, y_ld, bf16, c_type, accumulate, null, self.fp8_w8a8_blocks
+            lt,
+            rows,
+            x,
+            x_ld,
+            fp8,
+            y,
+            y_ld,
+            ab_type == CUDA_R_16BF,
+            c_type,
+            accumulate,
+            self._launcher.null,
+            self.fp8_w8a8_blocks,
         ):  # the FP8 tensor-core GEMM over activations quantized on the fly
             return
-        if gemv:
-            packed = lib.gemv(rows, x, x_ld, fp8, y, y_ld, bf16, f32)
-            if packed:
-                lib.run_gemv(packed, null)
-                return
-        weight = lib.dequantize(fp8, bf16, null)
-        self._gemm16((rows, x, x_ld, weight, n, k, y, y_ld, ab_type, c_type), accumulate)
+        if not (gemv and self._ran_gemv(lib, call, fp8)):
+            self._dequantized_gemm(lib, call, fp8, accumulate)
 
-    def int4_path(
-        self,
-        rows: int,
-        x: int,
-        x_ld: int,
-        int4: Int4Weight,
-        n: int,
-        k: int,
-        y: int,
-        y_ld: int,
-        ab_type: int,
-        c_type: int,
-        accumulate: bool,
-        lt: Any = None,
-    ) -> None:
-        """The Dense's ``linear`` over the registered int4 weight ``int4`` but the skinny GEMM: the int4 GEMV for at
-        most :attr:`int4_gemv_max_rows` rows, else dequantize + 16-bit GEMM (``lt``: unused, as :meth:`fp8_path`
-        takes it)."""
-        lib, null = self.int4, self._launcher.null
+    def int4_path(self, call: tuple[int, ...], int4: Int4Weight, accumulate: bool, lt: Any = None) -> None:
+        """The Dense's ``linear`` call ``call`` (as :meth:`fp8_path` takes it) over the registered int4 weight
+        ``int4`` but the skinny GEMM: the int4 GEMV for at most :attr:`int4_gemv_max_rows` rows, else dequantize +
+        16-bit GEMM (``lt``: unused, as :meth:`fp8_path` takes it)."""
+        lib = self.int4
         assert lib is not None
-        bf16 = ab_type == CUDA_R_16BF
-        if not accumulate and rows <= min(INT4_GEMV_MAX_ROWS, self.int4_gemv_max_rows) and self._launcher.open:
-            packed = lib.gemv(rows, x, x_ld, int4, y, y_ld, bf16, c_type == CUDA_R_32F)
-            if packed:
-                lib.run_gemv(packed, null)
-                return
-        weight = lib.dequantize(int4, bf16, null)
+        gemv = not accumulate and call[0] <= min(INT4_GEMV_MAX_ROWS, self.int4_gemv_max_rows) and self._launcher.open
+        if not (gemv and self._ran_gemv(lib, call, int4)):
+            self._dequantized_gemm(lib, call, int4, accumulate)
+
+    def _ran_gemv(self, lib: Fp8Linears | Int4Linears, call: tuple[int, ...], wt: Any) -> bool:
+        """Launch the format's GEMV (``lib``'s) of the linear call ``call`` over ``wt``; False where it does not
+        serve the call (``x`` misaligned)."""
+        rows, x, x_ld, _, _, _, y, y_ld, ab_type, c_type = call
+        packed = lib.gemv(rows, x, x_ld, wt, y, y_ld, ab_type == CUDA_R_16BF, c_type == CUDA_R_32F)
+        if packed:
+            lib.run_gemv(packed, self._launcher.null)
+        return bool(packed)
+
+    def _dequantized_gemm(
+        self, lib: Fp8Linears | Int4Linears, call: tuple[int, ...], wt: Any, accumulate: bool
+    ) -> None:
+        """The linear call ``call`` over ``wt`` dequantized into ``lib``'s 16-bit scratch, by the 16-bit GEMM."""
+        rows, x, x_ld, _, n, k, y, y_ld, ab_type, c_type = call
+        weight = lib.dequantize(wt, ab_type == CUDA_R_16BF, self._launcher.null)
         self._gemm16((rows, x, x_ld, weight, n, k, y, y_ld, ab_type, c_type), accumulate)
 
     def prepared_fp8_silu(

@@ -233,5 +233,5 @@ def test_gate_and_up_interleaved_come_out_in_order_and_the_silu_form_is_silu_and
         assert np.all(np.abs(got - want) <= np.abs(want) * ULP[ab] + 1e-6), rows
     with pytest.raises(ValueError, match="is no int4 weight registered interleaved"):
         dense.quantized.prepared_int4_silu(1, int(x16.data.ptr), k, stacked, k, int(act.data.ptr), half, ab)
-    dense.quantized.remove_int4_weight(inter)
+    dense.quantized.remove_weight(inter)
     del keep_s, w_dev, r_dev

@@ -30,13 +30,13 @@ def test_the_fp8_grouped_gemv_refuses_a_dtype_without_a_kernel_by_name(dtype: ob
 
 
 def test_every_fp8_kernel_the_launcher_names_is_in_the_source() -> None:
-    """Each GEMV the launcher looks up (``_kernel_names``: by gated, per-block scales, tiled) is instantiated in
-    ``grouped_gemv8.cu`` under that name with those flags, and each dequantizer is defined there."""
-    from fi_engine.kernels.fp8_moe_gemv import _kernel_names
+    """Each GEMV the launcher looks up (``kernel_names``: by gated, per-block scales, tiled) is instantiated in
+    ``grouped_gemv8.cu`` under that name with those flags, and each dequantizer (``dequant_names``) is defined there."""
+    from fi_engine.kernels.fp8_moe_gemv import Fp8GroupedGemv
 
     text = source("grouped_gemv8.cu")
     for dtype in ("float16", "bfloat16"):
-        gemvs, dequants = _kernel_names(dtype)
+        gemvs, dequants = Fp8GroupedGemv.kernel_names(dtype), Fp8GroupedGemv.dequant_names(dtype)
         assert len(gemvs) == 8 and len(set(gemvs.values())) == 8
         for (gated, block, tiled), name in gemvs.items():
             flags = ", ".join(str(f).lower() for f in (dtype == "bfloat16", gated, block, tiled))

@@ -18,7 +18,7 @@ from fi_engine.checkpoint.mxfp4_weights import dequantize_mxfp4
 from fi_engine.checkpoint.safetensors import Checkpoint
 from fi_engine.kernels.cuda_sources import source
 from fi_engine.kernels.fp8_moe_gemv import Fp8Experts
-from fi_engine.kernels.mxfp4_moe_gemv import Mxfp4Experts, kernel_names, padded, tiled_mxfp4, tiled_values
+from fi_engine.kernels.mxfp4_moe_gemv import Mxfp4Experts, Mxfp4GroupedGemv, padded, tiled_mxfp4, tiled_values
 from fi_engine.layers.moe import ClampedSwiGLU, MoEBiases, MoELayer, MoEWeights
 from fi_engine.models.gpt_oss import read_experts, shard_experts, stored_experts
 
@@ -138,7 +138,7 @@ def test_the_kernels_named_are_in_the_program() -> None:
     text = source("grouped_gemv4.cu")
     defined = set(re.findall(r"GROUPED4\((\w+),", text)) | set(re.findall(r"__global__ void (\w+)\(", text))
     for dtype in ("bfloat16", "float16"):
-        assert set(kernel_names(dtype).values()) <= defined, dtype
+        assert set(Mxfp4GroupedGemv.kernel_names(dtype).values()) <= defined, dtype
     assert {"dequant_mxfp4_bf16", "dequant_mxfp4_f16"} <= defined
 
 

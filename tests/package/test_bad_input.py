@@ -2264,6 +2264,12 @@ EXEMPT: dict[str, str] = {
     "kernels.fp8_moe_gemv.Fp8Experts": _RECORD,
     # the same for MXFP4 experts; Mxfp4Experts' checks and the layout's refusals in engine/test_mxfp4_moe_gemv.py
     "kernels.mxfp4_moe_gemv.Mxfp4GroupedGemv": _GPU,
+    # the grouped GEMVs' shared parts: bases made only as the classes above (their checks run there), and the
+    # launch's operands, a record their launch builds from arguments it was given
+    **dict.fromkeys(["kernels.moe_gemv.GroupedGemvs", "kernels.moe_gemv.QuantizedGroupedGemv"], _GPU),
+    "kernels.moe_gemv.ExpertCall": _RECORD,
+    # the base of Fp8Linears and Int4Linears (made by QuantizedWeights on a GPU; their checks where theirs are)
+    "kernels.quantized_linears.QuantizedLinears": _GPU,
     "kernels.mxfp4_moe_gemv.Mxfp4Experts": _RECORD,
     "kernels.mxfp4_moe_gemv.tiled_mxfp4": "array in, array out: anything but uint8 blocks and scales of whole tiles, "
     "or scales past 2**113, is refused naming the argument (engine/test_mxfp4_moe_gemv.py)",
