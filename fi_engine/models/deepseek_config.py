@@ -402,19 +402,20 @@ DEQUANTIZED_BESIDE_EXPERTS = "MLA, dense-MLP and shared-expert projections"
 def deepseek_fp8_scheme(d: dict[str, Any], source: str) -> Fp8Scheme | None:
     """The FP8 layout a DeepSeek-V3 / V2 config ``d`` (from ``source``) declares (DeepSeek-V3's published form:
     ``quant_method: "fp8"``, 128x128 blocks, every linear e4m3 but the routers, norms, embedding and LM head), or
-    None without a ``quantization_config``. The routed experts stay e4m3 where the FP8 grouped GEMV takes their
-    scales (``stored_experts``; the engine checks their shapes and shares at load,
+    None without a ``quantization_config``. The routed experts stay e4m3 where their scales are blocks the FP8 grouped
+    GEMV takes (``stored_experts``; DeepSeek-V3's 128x128 blocks; the engine checks their shapes and shares at load,
     :meth:`~fi_engine.checkpoint.quantization.Fp8Scheme.experts_for`); every other e4m3 projection is dequantized to
     the 16-bit type as it is read (``dequantized`` :data:`DEQUANTIZED_BESIDE_EXPERTS`): MLA's ``kv_b_proj`` is split
     per head into the absorbed factors, ``kv_a_proj_with_mqa`` into the latent and RoPE parts, and the dense MLPs and
-    shared experts run the 16-bit GEMMs. Experts the GEMV does not take are dequantized too (``dequantized``
-    ``"every projection"``, also ``dequantized_with_experts``). ValueError naming the key and the way out: another
-    quantization, compressed-tensors' block strategy."""
+    shared experts run the 16-bit GEMMs. Experts of other scales are dequantized too (``dequantized`` ``"every
+    projection"``, also ``dequantized_with_experts``): per-row and per-tensor scales, which DeepSeek does not publish,
+    gave greedy tokens off the dequantizing load's on the GPU where blocks matched it. ValueError naming the key and
+    the way out: another quantization, compressed-tensors' block strategy."""
     scheme = served_fp8_scheme(d, source, "bfloat16 or float16 weights and FP8 (e4m3) ones")
     if scheme is None:
         return None
     every = dataclasses.replace(scheme, dequantized="every projection", dequantized_with_experts="every projection")
-    if d.get("n_routed_experts") and scheme.grouped_gemv_takes():
+    if d.get("n_routed_experts") and scheme.scales == "block" and scheme.grouped_gemv_takes():
         return dataclasses.replace(every, dequantized=DEQUANTIZED_BESIDE_EXPERTS, stored_experts=True)
     return every
 

@@ -15,6 +15,7 @@ import math
 import numpy as np
 import pytest
 from helpers.checkpoints import without_weights
+from helpers.fp8_checkpoints import CONFIGS as FP8_CONFIGS
 from helpers.hf_configs import DEEPSEEK_V3 as V3
 from helpers.mla_reference import mla_absorbed, mla_unabsorbed
 
@@ -169,6 +170,15 @@ def test_v3s_fp8_config_keeps_the_routed_experts_and_dequantizes_the_rest() -> N
     dense = {k: v for k, v in V3_FP8.items() if k != "n_routed_experts"}
     assert DeepSeekConfig.from_dict(dense).fp8 == every
     assert DeepSeekConfig.from_dict(V3).fp8 is None
+
+
+@pytest.mark.parametrize("scales", ["channel", "tensor"])
+def test_fp8_routed_experts_of_per_row_or_tensor_scales_are_dequantized_with_the_rest(scales: str) -> None:
+    """Only DeepSeek-V3's published 128x128 blocks keep the routed experts e4m3: per-row and per-tensor scales (not a
+    form DeepSeek publishes) are dequantized at load with every other projection."""
+    fp8 = DeepSeekConfig.from_dict({**V3_FP8, "quantization_config": FP8_CONFIGS[scales]}).fp8
+    assert fp8 is not None and fp8.scales == scales
+    assert not fp8.stored_experts and fp8.dequantized == "every projection"
 
 
 @pytest.mark.parametrize(

@@ -330,31 +330,26 @@ def _fp8_moe_model(tmp_path: Path, layout: str = "block") -> tuple[Path, Path]:
     return tmp_path / "fp8", tmp_path / "copy"
 
 
-def _scales(ckpt: Checkpoint, prefix: str, layout: str, lo: int, hi: int, axis: int) -> np.ndarray:
-    """The float32 scales of rows (``axis`` 0) or columns (1) ``[lo, hi)`` of projection ``prefix`` as the grouped
-    GEMV reads them, from the tensors the checkpoint holds: a 128x128 block's scale per block, else one per output
-    row (a per-tensor scale repeated)."""
-    if layout == "block":
-        s = np.asarray(ckpt.array(prefix + ".weight_scale_inv"))
-        return s[lo // 128 : hi // 128] if axis == 0 else s[:, lo // 128 : hi // 128]
-    rows_ = ckpt.info(prefix + ".weight").shape[0]
-    per_row = np.broadcast_to(np.asarray(ckpt.array(prefix + ".weight_scale"), np.float32).reshape(-1), (rows_,))
-    return per_row[lo:hi] if axis == 0 else per_row
+def _scales(ckpt: Checkpoint, prefix: str, lo: int, hi: int, axis: int) -> np.ndarray:
+    """The float32 128x128-block scales of rows (``axis`` 0) or columns (1) ``[lo, hi)`` of projection ``prefix`` as
+    the grouped GEMV reads them, from the tensors the checkpoint holds."""
+    s = np.asarray(ckpt.array(prefix + ".weight_scale_inv"))
+    return s[lo // 128 : hi // 128] if axis == 0 else s[:, lo // 128 : hi // 128]
 
 
-@pytest.mark.parametrize(("layout", "n"), [("block", 1), ("block", 2), ("channel", 2), ("tensor", 1)])
+@pytest.mark.parametrize("n", [1, 2])
 def test_each_rank_keeps_its_cut_of_the_routed_experts_codes_and_scales(
-    tmp_path: Path, moe_arguments: None, layout: str, n: int
+    tmp_path: Path, moe_arguments: None, n: int
 ) -> None:
     """The routed experts of an FP8 checkpoint stay e4m3: rank r of n hands its MoE layer (``fp8_experts``) every
     expert's gate and up code rows [ri, ri + i) stacked and its down code columns alike (i = 256 / n), in the
     grouped GEMV's tiled order, bit for bit the checkpoint's bytes, with their scales (128x128 blocks: the blocks of
-    those rows / columns; per channel or tensor: one per output row); the layer's 16-bit weights are the shared copy
+    those rows / columns); the layer's 16-bit weights are the shared copy
     buffers, its capacity the engine's max_batch (eager steps up to it take the grouped GEMV); the router stays
     whole; the shared expert is dequantized and cut like a dense MLP."""
     from fi_engine.kernels.fp8_moe_gemv import tiled_layout
 
-    path, copy = _fp8_moe_model(tmp_path, layout)
+    path, copy = _fp8_moe_model(tmp_path)
     ckpt, bf16 = Checkpoint(path), Checkpoint(copy)
     i, base = 256 // n, "model.layers.1.mlp."
     for r in range(n):
@@ -363,7 +358,7 @@ def test_each_rank_keeps_its_cut_of_the_routed_experts_codes_and_scales(
         layer = eng.moe_layers[1]
         kw, f = layer.kwargs, layer.kwargs["fp8_experts"]
         assert (kw["capacity"], kw["top_k"], kw["renormalize"], kw["dense_rows"]) == (4, 2, True, None)
-        assert f.block == ((128, 128) if layout == "block" else None) and f.tiled
+        assert f.block == (128, 128) and f.tiled
         gate_up, down = up.by_ptr[f.gate_up.data.ptr], up.by_ptr[f.down.data.ptr]
         assert gate_up.shape == (8, 2 * i, 512) and down.shape == (8, 512, i) and gate_up.dtype == np.uint8
         gu_scales, down_scales = up.by_ptr[f.gate_up_scales.data.ptr], up.by_ptr[f.down_scales.data.ptr]
@@ -373,9 +368,9 @@ def test_each_rank_keeps_its_cut_of_the_routed_experts_codes_and_scales(
             assert np.array_equal(gate_up[x], tiled_layout(np.concatenate(codes)[None])[0]), (r, x)
             cols = np.asarray(ckpt.array(p + "down_proj.weight"))[:, r * i : (r + 1) * i]
             assert np.array_equal(down[x], tiled_layout(cols[None])[0]), (r, x)
-            want = [_scales(ckpt, p + q, layout, r * i, (r + 1) * i, 0) for q in ("gate_proj", "up_proj")]
+            want = [_scales(ckpt, p + q, r * i, (r + 1) * i, 0) for q in ("gate_proj", "up_proj")]
             assert np.array_equal(gu_scales[x], np.concatenate(want)), (r, x)
-            assert np.array_equal(down_scales[x], _scales(ckpt, p + "down_proj", layout, r * i, (r + 1) * i, 1))
+            assert np.array_equal(down_scales[x], _scales(ckpt, p + "down_proj", r * i, (r + 1) * i, 1))
         weights = layer.args[0]  # MoEWeights: the 16-bit copy buffers every layer shares, written before a 16-bit path
         assert fam.moe_expert_copy == (weights.gate_up, weights.down)
         assert weights.gate_up.shape == (8, 2 * i, 512) and weights.down.shape == (8, 512, i)
@@ -387,15 +382,22 @@ def test_each_rank_keeps_its_cut_of_the_routed_experts_codes_and_scales(
         assert np.array_equal(up.by_ptr[fam.w.shared_d[1]], columns(down16, r, n))
 
 
-@pytest.mark.parametrize("n", [1, 2])
-def test_the_switch_off_dequantizes_the_routed_experts_at_load(tmp_path: Path, moe_arguments: None, n: int) -> None:
-    """``ModelRunner.fp8_experts_as_stored = False``: each rank's routed experts are read dequantized, bit for bit
-    the bfloat16 copy's cut (gate rows, then up rows, per expert; down columns), with no e4m3 experts and no
-    fixed-capacity path (eager DeepSeek routes on the host through the grouped GEMMs)."""
-    path, copy = _fp8_moe_model(tmp_path)
+@pytest.mark.parametrize(
+    ("layout", "as_stored", "n"),
+    [("block", False, 1), ("block", False, 2), ("channel", True, 2), ("tensor", True, 1)],
+    ids=["switch-off-1", "switch-off-2", "channel-2", "tensor-1"],
+)
+def test_the_switch_off_dequantizes_the_routed_experts_at_load(
+    tmp_path: Path, moe_arguments: None, layout: str, as_stored: bool, n: int
+) -> None:
+    """``ModelRunner.fp8_experts_as_stored = False``, or scales per row or tensor (not DeepSeek's published form):
+    each rank's routed experts are read dequantized, bit for bit the bfloat16 copy's cut (gate rows, then up rows,
+    per expert; down columns), with no e4m3 experts and no fixed-capacity path (eager DeepSeek routes on the host
+    through the grouped GEMMs)."""
+    path, copy = _fp8_moe_model(tmp_path, layout)
     bf16, i, base = Checkpoint(copy), 256 // n, "model.layers.1.mlp.experts."
     for r in range(n):
-        fam, eng, up = _loaded(path, r, n, as_stored=False)
+        fam, eng, up = _loaded(path, r, n, as_stored=as_stored)
         kw, weights = eng.moe_layers[1].kwargs, eng.moe_layers[1].args[0]
         assert not fam.experts_stored and kw["fp8_experts"] is None and kw["capacity"] is None
         assert fam.moe_expert_copy is None

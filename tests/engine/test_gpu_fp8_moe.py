@@ -98,6 +98,13 @@ def deepseek_v3(request, tmp_path_factory):  # type: ignore[no-untyped-def]
     return _checkpoints(tmp_path_factory.mktemp(f"deepseek-v3-{request.param}"), save_random_deepseek_v3, request.param)
 
 
+@pytest.fixture(scope="module")
+def deepseek_v3_blocks(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """DeepSeek-V3 in its published FP8 form (128x128 blocks): the layout whose routed experts stay e4m3 (per-row and
+    per-tensor scales are dequantized at load, ``deepseek_config.deepseek_fp8_scheme``)."""
+    return _checkpoints(tmp_path_factory.mktemp("deepseek-v3-stored"), save_random_deepseek_v3, "block")
+
+
 @pytest.fixture
 def dequantizing_load(monkeypatch: pytest.MonkeyPatch) -> None:
     """The engines made under it dequantize a mixture-of-experts model's e4m3 experts at load (the switch off)."""
@@ -197,8 +204,8 @@ def _deepseek_runs(path, monkeypatch, stored: bool, run):  # type: ignore[no-unt
         return run(engine)
 
 
-def test_deepseek_v3_stored_experts_prefill_logits_match_the_dequantizing_load(deepseek_v3, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    fp8, _, _ = deepseek_v3
+def test_deepseek_v3_stored_experts_prefill_logits_match_the_dequantizing_load(deepseek_v3_blocks, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    fp8, _, _ = deepseek_v3_blocks
 
     def both(engine):  # type: ignore[no-untyped-def]
         return engine.prefill_logits(prompts(LONG, VOCAB)), engine.prefill_logits(prompts(SHORT, VOCAB, seed=2))
@@ -222,9 +229,9 @@ def test_deepseek_v3_stored_experts_prefill_logits_match_the_dequantizing_load(d
 
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
 def test_deepseek_v3_stored_experts_greedy_tokens_are_the_dequantizing_loads_up_to_near_ties(  # type: ignore[no-untyped-def]
-    deepseek_v3, monkeypatch, graph
+    deepseek_v3_blocks, monkeypatch, graph
 ) -> None:
-    fp8, _, _ = deepseek_v3
+    fp8, _, _ = deepseek_v3_blocks
     ps = prompts(DECODE[0], VOCAB)
     monkeypatch.setattr(ModelRunner, "fp8_experts_as_stored", True)
     with DeepSeekEngine(fp8, max_batch=4, page_size=16, cuda_graph=graph) as engine:
