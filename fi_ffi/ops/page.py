@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..abi.wire import INT, declare, tensor
+from ..abi.wire import INT, declare, tensors
 from ..dtypes import bfloat16, float8_e4m3fn, float8_e5m2, float16, int32
 from ..launch import checks
 from ..launch.launcher import launcher
@@ -61,30 +61,18 @@ _INT32_END = 1 << 31
 APPEND_PAGED_KV_CACHE = declare(
     "append_paged_kv_cache",
     [
-        tensor("append_key"),
-        tensor("append_value"),
-        tensor("batch_indices"),
-        tensor("positions"),
-        tensor("k_cache", output=True),
-        tensor("v_cache", output=True),
-        tensor("kv_indices"),
-        tensor("kv_indptr"),
-        tensor("kv_last_page_len"),
+        *tensors("append_key", "append_value", "batch_indices", "positions"),
+        *tensors("k_cache", "v_cache", output=True),
+        *tensors("kv_indices", "kv_indptr", "kv_last_page_len"),
         ("layout", INT),  # 0: NHD, 1: HND
     ],
 )
 APPEND_PAGED_MLA_KV_CACHE = declare(
     "append_paged_mla_kv_cache",
     [
-        tensor("append_ckv"),
-        tensor("append_kpe"),
-        tensor("batch_indices"),
-        tensor("positions"),
-        tensor("ckv_cache", output=True),
-        tensor("kpe_cache", output=True),
-        tensor("kv_indices"),
-        tensor("kv_indptr"),
-        tensor("kv_last_page_len"),
+        *tensors("append_ckv", "append_kpe", "batch_indices", "positions"),
+        *tensors("ckv_cache", "kpe_cache", output=True),
+        *tensors("kv_indices", "kv_indptr", "kv_last_page_len"),
     ],
 )
 # (module URI pattern, declaration), checked against the modules by tests/launch/test_declarations.py

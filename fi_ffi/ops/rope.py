@@ -43,7 +43,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from ..abi.values import scalar_type_error
-from ..abi.wire import BOOL, FLOAT, INT, Param, declare, tensor
+from ..abi.wire import BOOL, FLOAT, INT, Param, declare, tensor, tensors
 from ..dtypes import bfloat16, float16, float32, int32, int64
 from ..launch import checks
 from ..launch.launcher import launcher
@@ -72,12 +72,9 @@ APPLY_LLAMA31_ROPE_POS_IDS = declare("apply_llama31_rope_pos_ids", [*_QK, tensor
 APPLY_ROPE_POS_IDS_COS_SIN_CACHE = declare(
     "apply_rope_pos_ids_cos_sin_cache",
     [
-        tensor("query"),
-        tensor("key"),
-        tensor("query_out", output=True),
-        tensor("key_out", output=True),
-        tensor("cos_sin_cache"),
-        tensor("positions"),
+        *tensors("query", "key"),
+        *tensors("query_out", "key_out", output=True),
+        *tensors("cos_sin_cache", "positions"),
         Param("interleave", BOOL),
     ],
 )

@@ -25,7 +25,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from ..abi.wire import BOOL, FLOAT, INT, Param, declare, tensor
+from ..abi.wire import BOOL, FLOAT, INT, Param, declare, tensor, tensors
 from ..dtypes import bfloat16, float16, float32, int32
 from ..launch import checks
 from ..launch.launcher import launcher
@@ -34,8 +34,7 @@ from ..launch.registry import op
 from ..tensor.protocols import StreamLike, TensorLike, TensorT
 
 _ROUTER_PARAMS: list[Param | tuple[str, str]] = [
-    tensor("mat_a"),
-    tensor("mat_b"),
+    *tensors("mat_a", "mat_b"),
     tensor("out", output=True),
     ("launch_with_pdl", BOOL),
 ]
@@ -44,14 +43,12 @@ ML3_ROUTER_GEMM = declare("ml3_router_gemm_op", _ROUTER_PARAMS)
 NOAUX_TC = declare(
     "NoAuxTc",
     [
-        tensor("scores"),
-        tensor("bias"),
+        *tensors("scores", "bias"),
         ("n_group", INT),
         ("topk_group", INT),
         ("topk", INT),
         ("routed_scaling_factor", FLOAT),
-        tensor("topk_values", output=True),
-        tensor("topk_indices", output=True),
+        *tensors("topk_values", "topk_indices", output=True),
         ("launch_with_pdl", BOOL),
     ],
 )

@@ -26,7 +26,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import NoReturn
 
-from ...abi.wire import declare, optional_tensor, tensor
+from ...abi.wire import declare, optional_tensor, tensors
 from ...dtypes import bfloat16, bool_, float16, float32, uint8
 from ...launch import checks
 from ...launch.launcher import launcher
@@ -43,31 +43,23 @@ _HEAD_DIMS = (64, 128, 256, 512)
 MERGE_STATE = declare(
     "merge_state",
     [
-        tensor("v_a"),
-        tensor("s_a"),
-        tensor("v_b"),
-        tensor("s_b"),
-        tensor("v_merged", output=True),
-        tensor("s_merged", output=True),
+        *tensors("v_a", "s_a", "v_b", "s_b"),
+        *tensors("v_merged", "s_merged", output=True),
     ],
 )
 MERGE_STATE_IN_PLACE = declare(
     "merge_state_in_place",
     [
-        tensor("v", output=True),
-        tensor("s", output=True),
-        tensor("v_other"),
-        tensor("s_other"),
+        *tensors("v", "s", output=True),
+        *tensors("v_other", "s_other"),
         optional_tensor("mask", default=None),
     ],
 )
 MERGE_STATES = declare(
     "merge_states",
     [
-        tensor("v"),
-        tensor("s"),
-        tensor("v_merged", output=True),
-        tensor("s_merged", output=True),
+        *tensors("v", "s"),
+        *tensors("v_merged", "s_merged", output=True),
     ],
 )
 DECLARATIONS = tuple((_URI, d) for d in (MERGE_STATE, MERGE_STATE_IN_PLACE, MERGE_STATES))

@@ -32,7 +32,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from ... import caches
-from ...abi.wire import ARRAY, BOOL, FLOAT, INT, OPT_FFI_TENSOR, Param, declare, optional_tensor, tensor
+from ...abi.wire import ARRAY, BOOL, FLOAT, INT, OPT_FFI_TENSOR, Param, declare, optional_tensor, tensor, tensors
 from ...dtypes import int32, uint8
 from ...launch import checks
 from ...launch.launcher import Bound, PreparedRun, launcher
@@ -75,10 +75,7 @@ __all__ = ["PreparedDecodeRun"]  # public here, not ops of fi_ffi; the ops: @op 
 PLAN = declare(
     "plan",
     [
-        tensor("float_workspace_buffer"),
-        tensor("int_workspace_buffer"),
-        tensor("page_locked_int_workspace_buffer"),
-        tensor("kv_indptr"),
+        *tensors("float_workspace_buffer", "int_workspace_buffer", "page_locked_int_workspace_buffer", "kv_indptr"),
         ("batch_size", INT),
         ("num_qo_heads", INT),
         ("num_kv_heads", INT),
@@ -88,23 +85,16 @@ PLAN = declare(
         ("logits_soft_cap", FLOAT),
         ("head_dim_qk", INT),
         ("head_dim_vo", INT),
-        tensor("empty_q_data"),
-        tensor("empty_kv_data"),
+        *tensors("empty_q_data", "empty_kv_data"),
     ],
     returns=ARRAY,
 )
 RUN = declare(
     "run",
     [
-        tensor("float_workspace_buffer"),
-        tensor("int_workspace_buffer"),
+        *tensors("float_workspace_buffer", "int_workspace_buffer"),
         ("plan_info_vec", ARRAY),
-        tensor("q"),
-        tensor("k_cache"),
-        tensor("v_cache"),
-        tensor("kv_indptr"),
-        tensor("kv_indices"),
-        tensor("kv_last_page_len"),
+        *tensors("q", "k_cache", "v_cache", "kv_indptr", "kv_indices", "kv_last_page_len"),
         tensor("out", output=True),
         optional_tensor("lse", output=True),
         ("kv_layout_code", INT),
@@ -120,11 +110,8 @@ RUN = declare(
 SINGLE = declare(
     "run",
     [
-        tensor("q"),
-        tensor("k"),
-        tensor("v"),
-        tensor("tmp", output=True),
-        tensor("out", output=True),
+        *tensors("q", "k", "v"),
+        *tensors("tmp", "out", output=True),
         optional_tensor("lse", output=True),
         ("kv_layout_code", INT),
         ("window_left", INT),
