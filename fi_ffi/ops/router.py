@@ -143,10 +143,7 @@ def mm_M1_16_K7168_N128(
     """Mistral Large 3 router logits: as :func:`mm_M1_16_K7168_N256` with 128 experts and a bfloat16 ``out``.
 
     Raises:
-        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed.
-        ValueError: a shape other than the kernel's (hidden size 7168, 256 / 128 experts, 1 to 16 tokens; DeepSeek's
-            routing groups), a tensor not contiguous or not on the first argument's CUDA device, misaligned data, an
-            integer setting out of range.
+        TypeError, ValueError: as :func:`mm_M1_16_K7168_N256`.
     """
     _ml3_router_gemm(mat_a, mat_b, out, launch_with_pdl, stream=stream)
     return out
