@@ -38,7 +38,7 @@ from fi_ffi.ops.attention import decode, prefill
 from fi_ffi.ops.attention import variants as V
 from fi_ffi.tensor.descriptor import Tensor
 
-pytestmark = pytest.mark.usefixtures("kernel_modules")
+pytestmark = pytest.mark.usefixtures("kernel_modules", "fake_device_only")
 
 FA3_URI = PREFILL_URI + "_sm90"
 SINGLE_DECODE_URI = (
@@ -78,23 +78,6 @@ def test_every_attention_module_of_the_wheel_exports_its_entry_points():
 
 
 # ------------------------------------------------------------------------------------------ fakes
-
-
-@pytest.fixture(autouse=True)
-def _cpu_only():
-    """Fake-device descriptors point at host memory: on a GPU machine real kernels would dereference them."""
-    from cuda.bindings import runtime as rt
-
-    err, count = rt.cudaGetDeviceCount()
-    if err == rt.cudaError_t.cudaSuccess and count > 0:
-        pytest.skip("fake-device packing tests need a machine without a GPU (the GPU suite covers the calls)")
-
-
-@pytest.fixture(scope="module")
-def make_array():
-    from fi_ffi.abi.call import Function
-
-    return Function.global_function("ffi.Array")
 
 
 # ------------------------------------------------------------------------------------------ plans reach the module

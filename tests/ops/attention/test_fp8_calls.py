@@ -17,30 +17,13 @@ from fi_ffi.errors import KernelError
 from fi_ffi.launch.kernels import entry_point
 from fi_ffi.ops.attention import decode, prefill
 
-pytestmark = pytest.mark.usefixtures("kernel_modules", "fp8_modules")
+pytestmark = pytest.mark.usefixtures("kernel_modules", "fp8_modules", "fake_device_only")
 
 _TAIL = "dtype_o_bf16_dtype_idx_i32_head_dim_qk_128_head_dim_vo_128_posenc_0_use_swa_False_use_logits_cap_False"
 DECODE = "batch_decode_with_kv_cache_dtype_q_bf16_dtype_kv_e4m3_" + _TAIL
 FA2 = "batch_prefill_with_kv_cache_dtype_q_bf16_dtype_kv_e4m3_" + _TAIL + "_f16qk_False"
 FA3 = "batch_prefill_with_kv_cache_dtype_q_e4m3_dtype_kv_e4m3_" + _TAIL + "_f16qk_False_sm90"
 E4M3, BF16 = "float8_e4m3fn", "bfloat16"
-
-
-@pytest.fixture(autouse=True)
-def _cpu_only():
-    """Fake-device descriptors point at host memory: on a GPU machine real kernels would dereference them."""
-    from cuda.bindings import runtime as rt
-
-    err, count = rt.cudaGetDeviceCount()
-    if err == rt.cudaError_t.cudaSuccess and count > 0:
-        pytest.skip("fake-device packing tests need a machine without a GPU (the GPU suite covers the calls)")
-
-
-@pytest.fixture(scope="module")
-def make_array():
-    from fi_ffi.abi.call import Function
-
-    return Function.global_function("ffi.Array")
 
 
 @pytest.mark.parametrize(
