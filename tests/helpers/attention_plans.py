@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from fi_ffi.abi.wire import Declaration
 from fi_ffi.errors import KernelError
+from fi_ffi.launch.kernels import entry_point
 from fi_ffi.ops.attention import decode, prefill
 from fi_ffi.ops.attention.plan import Plan
 from fi_ffi.ops.attention.workspace import Workspace
@@ -96,6 +98,14 @@ PREFILL_SETTINGS = dict(
     fixed_split_size=None,
     disable_split_kv=False,
 )
+
+
+def assert_declaration_matches(uri: str, decl: Declaration) -> None:
+    """``decl`` is the signature module ``uri`` prints for its entry point (a zero-argument call), parameter count
+    included."""
+    text = entry_point(uri, decl.entry).signature_text()
+    assert decl.signature in text, text
+    assert f"Expected {len(decl.params)} but got 0" in text
 
 
 def decode_plan(make_array, ws=None, info_len=10, alibi_slopes=None, **kw) -> Plan:
