@@ -64,38 +64,31 @@ def test_bf16_decode_plan_over_an_e4m3_cache_reaches_its_module():
     assert info.value.function == DECODE + ".plan"
 
 
+def prefill_plan_of(mode, **settings):
+    """A causal ``mode`` ("ragged" or "paged") prefill plan of 2 requests over 32/8 heads of 128 (pages of 16) on a
+    fresh workspace, with ``settings``."""
+    ws = workspace()
+    if mode == "ragged":
+        return prefill.batch_prefill_ragged_plan(
+            host([0, 3, 4]), host([0, 5, 9]), 32, 8, 128, causal=True, workspace=ws, **settings
+        )
+    return prefill.batch_prefill_paged_plan(
+        host([0, 3, 4]), host([0, 1, 3]), None, host([5, 4]), 32, 8, 128, 16, causal=True, workspace=ws, **settings
+    )
+
+
 @pytest.mark.parametrize("mode", ["ragged", "paged"])
 def test_bf16_prefill_plans_over_e4m3_kv_reach_the_fa2_module(mode):
-    ws = workspace()
     with pytest.raises(KernelError) as info:
-        if mode == "ragged":
-            prefill.batch_prefill_ragged_plan(
-                host([0, 3, 4]), host([0, 5, 9]), 32, 8, 128, causal=True, q_data_type=BF16, kv_data_type=E4M3,
-                workspace=ws,
-            )  # fmt: skip
-        else:
-            prefill.batch_prefill_paged_plan(
-                host([0, 3, 4]), host([0, 1, 3]), None, host([5, 4]), 32, 8, 128, 16, causal=True,
-                q_data_type=BF16, kv_data_type=E4M3, workspace=ws,
-            )  # fmt: skip
+        prefill_plan_of(mode, q_data_type=BF16, kv_data_type=E4M3)
     assert_reached_the_kernel(info.value)
     assert info.value.function == FA2 + ".plan"  # bf16 q over e4m3 KV: FA3 has no such module, FA2 serves it
 
 
 @pytest.mark.parametrize("mode", ["ragged", "paged"])
 def test_fa3_fp8_plans_reach_the_module(mode):
-    ws = workspace()
     with pytest.raises(KernelError) as info:
-        if mode == "ragged":
-            prefill.batch_prefill_ragged_plan(
-                host([0, 3, 4]), host([0, 5, 9]), 32, 8, 128, causal=True, q_data_type=E4M3, o_data_type=BF16,
-                backend="fa3", workspace=ws,
-            )  # fmt: skip
-        else:
-            prefill.batch_prefill_paged_plan(
-                host([0, 3, 4]), host([0, 1, 3]), None, host([5, 4]), 32, 8, 128, 16, causal=True, q_data_type=E4M3,
-                o_data_type=BF16, backend="fa3", workspace=ws,
-            )  # fmt: skip
+        prefill_plan_of(mode, q_data_type=E4M3, o_data_type=BF16, backend="fa3")
     assert_reached_the_kernel(info.value)
     assert info.value.function == FA3 + ".plan"
 
