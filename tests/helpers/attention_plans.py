@@ -55,24 +55,16 @@ def assert_reached_the_kernel(err: KernelError) -> None:
     assert "cuda" in err.message.lower(), err.message
 
 
-DECODE_SETTINGS = dict(
-    num_qo_heads=32,
-    num_kv_heads=8,
-    head_dim=128,
-    page_size=16,
-    q_dtype="float16",
-    kv_dtype=None,
-    o_dtype=None,
-    kv_layout="NHD",
-    pos_encoding="NONE",
-    window_left=-1,
-    logits_soft_cap=0.0,
-    sm_scale=None,
-    rope_scale=1.0,
-    rope_theta=1e4,
-    enable_cuda_graph=False,
+# The settings of decode._settings and prefill._settings, in their order (tests pass them as a tuple of values);
+# the dtypes and the position settings are the same in both.
+_DTYPES = dict(q_dtype="float16", kv_dtype=None, o_dtype=None, kv_layout="NHD")
+_POSITIONS = dict(
+    pos_encoding="NONE", window_left=-1, logits_soft_cap=0.0, sm_scale=None, rope_scale=1.0, rope_theta=1e4
 )
 
+DECODE_SETTINGS = dict(
+    num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16, **_DTYPES, **_POSITIONS, enable_cuda_graph=False
+)
 
 PREFILL_SETTINGS = dict(
     num_qo_heads=32,
@@ -80,18 +72,10 @@ PREFILL_SETTINGS = dict(
     head_dim_qk=128,
     page_size=1,
     head_dim_vo=None,
-    q_dtype="float16",
-    kv_dtype=None,
-    o_dtype=None,
-    kv_layout="NHD",
+    **_DTYPES,
     causal=False,
     custom=False,
-    pos_encoding="NONE",
-    window_left=-1,
-    logits_soft_cap=0.0,
-    sm_scale=None,
-    rope_scale=1.0,
-    rope_theta=1e4,
+    **_POSITIONS,
     use_fp16_qk_reduction=False,
     backend="fa2",
     enable_cuda_graph=False,
