@@ -281,12 +281,8 @@ def _settings(device_id: int, args: tuple[Any, ...]) -> PlanSettings:
         rope_theta,
         enable_cuda_graph,
     ) = args
-    hq = S.count("num_qo_heads", num_qo_heads)
-    hk = S.count("num_kv_heads", num_kv_heads)
-    d = S.count("head_dim", head_dim)
-    ps = S.count("page_size", page_size)
-    S.gqa(hq, hk, decode=True)
-    layout = S.layout_name(kv_layout)
+    g = S.geometry(num_qo_heads, num_kv_heads, ("head_dim", head_dim), page_size, kv_layout, decode=True)
+    d = g.head_dim_qk
     pos = S.pos_encoding(pos_encoding)
     w = S.window(window_left)
     cap = S.soft_cap(logits_soft_cap)
@@ -299,12 +295,7 @@ def _settings(device_id: int, args: tuple[Any, ...]) -> PlanSettings:
         mode="paged",
         variant=variant,
         device_id=device_id,
-        num_qo_heads=hq,
-        num_kv_heads=hk,
-        head_dim_qk=d,
-        head_dim_vo=d,
-        page_size=ps,
-        kv_layout=layout,
+        **g._asdict(),
         dtype_q=qd,
         dtype_kv=kd,
         dtype_o=od,
