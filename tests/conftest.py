@@ -32,6 +32,9 @@ Fixtures for tests:
   remembers a module is emptied before and after); returns its module URIs; skips when the wheel is absent;
 - ``release_072_over_063``: likewise with the 0.6.3 test wheels and the 0.7.2 one in one lock (0.7.2 serves the
   names both have, 0.6.3 the rest);
+- ``make_array``: TVM-FFI's ``ffi.Array`` constructor (to make a plan's schedule for fake-device runs);
+- ``fake_device_only``: skips the test on a machine with a GPU (for tests whose fake-device descriptors point at
+  host memory, which real kernels would dereference; the GPU suite covers those calls);
 - ``fresh_cache``: an empty cache folder of the test's own (``FI_FFI_CACHE_DIR``);
 - ``shared_wheel_env``: ``fresh_cache`` plus the shared wheel's lock and wheelhouse; returns a ``WheelEnv``;
 - ``make_wheel``: builds a small wheel (zip) from ``{member: bytes}``;
@@ -285,6 +288,22 @@ def release_072_over_063(
         use_lock(mp, tmp_path / "both.lock", lock_text(both, header="0.6.3 + 0.7.2 test wheels"), both)
         yield loader.available_uris()
     forget_lock()
+
+
+@pytest.fixture(scope="module")
+def make_array() -> Any:
+    from fi_ffi.abi.call import Function
+
+    return Function.global_function("ffi.Array")
+
+
+@pytest.fixture
+def fake_device_only() -> None:
+    from cuda.bindings import runtime as rt
+
+    err, count = rt.cudaGetDeviceCount()
+    if err == rt.cudaError_t.cudaSuccess and count > 0:
+        pytest.skip("fake-device packing tests need a machine without a GPU (the GPU suite covers the calls)")
 
 
 @pytest.fixture

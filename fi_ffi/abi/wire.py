@@ -116,6 +116,12 @@ def tensor(name: str, *, output: bool = False) -> Param:
     return Param(name, TENSOR, output=output)
 
 
+def tensors(*names: str, output: bool = False) -> tuple[Param, ...]:
+    """One ``DLTensor*`` parameter per name, in wire order: a declaration's run of plain tensors on one line
+    (``*tensors("q", "k", "v")``)."""
+    return tuple(Param(name, TENSOR, output=output) for name in names)
+
+
 def optional_tensor(name: str, *, output: bool = False, default: Any = REQUIRED) -> Param:
     """An ``Optional<DLTensor*>`` parameter."""
     return Param(name, OPT_TENSOR, output=output, default=default)
@@ -260,6 +266,7 @@ __all__ = [
     "select",
     "signature_mismatch",
     "tensor",
+    "tensors",
 ]
 
 

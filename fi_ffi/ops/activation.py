@@ -131,9 +131,7 @@ def gelu_and_mul(
     """``out = gelu(input[..., :d]) * input[..., d:]`` (erf form); arguments as :func:`silu_and_mul`.
 
     Raises:
-        TypeError: a dtype other than float16/bfloat16, ``out`` not ``input``'s dtype, ``enable_pdl`` not a bool.
-        ValueError: ``input`` without a last dimension of even size ``2 * d`` or without rows, ``out`` not ``[..., d]``,
-            a tensor not contiguous or not on ``input``'s CUDA device, misaligned data.
+        TypeError, ValueError: as :func:`silu_and_mul`.
     """
     if out is None:
         _need_out(out)
@@ -149,9 +147,7 @@ def gelu_tanh_and_mul(
     :func:`silu_and_mul`.
 
     Raises:
-        TypeError: a dtype other than float16/bfloat16, ``out`` not ``input``'s dtype, ``enable_pdl`` not a bool.
-        ValueError: ``input`` without a last dimension of even size ``2 * d`` or without rows, ``out`` not ``[..., d]``,
-            a tensor not contiguous or not on ``input``'s CUDA device, misaligned data.
+        TypeError, ValueError: as :func:`silu_and_mul`.
     """
     if out is None:
         _need_out(out)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from ..abi.wire import INT, declare, tensor
+from ..abi.wire import INT, declare, tensor, tensors
 from ..dtypes import DTypeLike, bfloat16, float8_e4m3fn, float8_e5m2, float16, float32, int8, uint8
 from ..dtypes import dtype as dtype_of
 from ..launch import checks
@@ -36,11 +36,9 @@ __all__ = ["WORKSPACE_BYTES"]  # public here, not ops of fi_ffi; the ops: @op be
 BMM_FP8 = declare(
     "bmm_fp8",
     [
-        tensor("A"),
-        tensor("B"),
+        *tensors("A", "B"),
         tensor("out", output=True),  # FlashInfer's D; named as the public argument, which messages name
-        tensor("A_scale"),
-        tensor("B_scale"),
+        *tensors("A_scale", "B_scale"),
         tensor("workspace_buffer", output=True),
         ("cublas_handle", INT),
     ],

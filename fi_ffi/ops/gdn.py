@@ -40,7 +40,7 @@ import threading
 from types import SimpleNamespace
 from typing import Any
 
-from ..abi.wire import FLOAT, declare, optional_tensor, tensor
+from ..abi.wire import FLOAT, declare, optional_tensor, tensor, tensors
 from ..cuda import device
 from ..dtypes import Device, bfloat16, float16, float32, int64, uint8
 from ..errors import KernelError, KernelNotFoundError, UnsupportedDeviceError
@@ -73,12 +73,8 @@ _bind_lock = threading.Lock()
 GDN_PREFILL = declare(
     "gdn_prefill",
     [
-        tensor("output", output=True),
-        tensor("output_state", output=True),
-        tensor("q"),
-        tensor("k"),
-        tensor("v"),
-        tensor("cu_seqlens"),
+        *tensors("output", "output_state", output=True),
+        *tensors("q", "k", "v", "cu_seqlens"),
         optional_tensor("initial_state"),
         optional_tensor("g"),
         optional_tensor("beta"),

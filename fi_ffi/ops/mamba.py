@@ -38,7 +38,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any, Literal
 
-from ..abi.wire import BOOL, INT, declare, optional_tensor, tensor
+from ..abi.wire import BOOL, INT, declare, optional_tensor, tensor, tensors
 from ..dtypes import bfloat16, float16, float32, int32, int64
 from ..launch import checks
 from ..launch.launcher import launcher
@@ -51,12 +51,7 @@ SELECTIVE_STATE_UPDATE = declare(
     "selective_state_update",
     [
         tensor("state", output=True),
-        tensor("x"),
-        tensor("dt"),
-        tensor("A"),
-        tensor("B"),
-        tensor("C"),
-        tensor("D"),
+        *tensors("x", "dt", "A", "B", "C", "D"),
         optional_tensor("z"),
         optional_tensor("dt_bias"),
         ("dt_softplus", BOOL),

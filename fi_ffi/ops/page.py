@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..abi.wire import INT, declare, tensor
+from ..abi.wire import INT, declare, tensors
 from ..dtypes import bfloat16, float8_e4m3fn, float8_e5m2, float16, int32
 from ..launch import checks
 from ..launch.launcher import launcher
@@ -61,30 +61,18 @@ _INT32_END = 1 << 31
 APPEND_PAGED_KV_CACHE = declare(
     "append_paged_kv_cache",
     [
-        tensor("append_key"),
-        tensor("append_value"),
-        tensor("batch_indices"),
-        tensor("positions"),
-        tensor("k_cache", output=True),
-        tensor("v_cache", output=True),
-        tensor("kv_indices"),
-        tensor("kv_indptr"),
-        tensor("kv_last_page_len"),
+        *tensors("append_key", "append_value", "batch_indices", "positions"),
+        *tensors("k_cache", "v_cache", output=True),
+        *tensors("kv_indices", "kv_indptr", "kv_last_page_len"),
         ("layout", INT),  # 0: NHD, 1: HND
     ],
 )
 APPEND_PAGED_MLA_KV_CACHE = declare(
     "append_paged_mla_kv_cache",
     [
-        tensor("append_ckv"),
-        tensor("append_kpe"),
-        tensor("batch_indices"),
-        tensor("positions"),
-        tensor("ckv_cache", output=True),
-        tensor("kpe_cache", output=True),
-        tensor("kv_indices"),
-        tensor("kv_indptr"),
-        tensor("kv_last_page_len"),
+        *tensors("append_ckv", "append_kpe", "batch_indices", "positions"),
+        *tensors("ckv_cache", "kpe_cache", output=True),
+        *tensors("kv_indices", "kv_indptr", "kv_last_page_len"),
     ],
 )
 # (module URI pattern, declaration), checked against the modules by tests/launch/test_declarations.py
@@ -105,6 +93,24 @@ def _rows(t: Any) -> int:
         return -1
 
 
+def _check_like(name: str, t: Any, ref_name: str, ref: Any) -> None:
+    """``t`` has ``ref``'s dtype, is on its CUDA device and has a contiguous last dimension (rows may be strided)."""
+    checks.same_dtype(name, t, ref_name, ref)
+    checks.same_device(name, t, ref_name, ref)
+    checks.cuda(name, t)
+    checks.last_dim_contiguous(name, t)
+
+
+def _check_cache(name: str, cache: Any, tokens_name: str, tokens: Any) -> None:
+    """A cache and the tokens appended to it: :func:`_check_like`, with the dtype refused as the tokens' fault."""
+    if cache.dtype != tokens.dtype:
+        raise TypeError(
+            f"{tokens_name}: expected {name}'s dtype {cache.dtype.name} (the kernel reads the new tokens "
+            f"as the cache's type), got {tokens.dtype.name}"
+        )
+    _check_like(name, cache, tokens_name, tokens)
+
+
 def _check_kv(a: SimpleNamespace) -> PointerRules:
     """The contract of ``append_paged_kv_cache`` (layouts and the cache layout code only)."""
     ak, av, kc, vc, code = a.append_key, a.append_value, a.k_cache, a.v_cache, a.layout
@@ -114,23 +120,13 @@ def _check_kv(a: SimpleNamespace) -> PointerRules:
     checks.cuda("append_key", ak)
     checks.last_dim_contiguous("append_key", ak)
     checks.shape("append_value", av, ak.shape, tokens)
-    checks.same_dtype("append_value", av, "append_key", ak)
-    checks.same_device("append_value", av, "append_key", ak)
-    checks.cuda("append_value", av)
-    checks.last_dim_contiguous("append_value", av)
+    _check_like("append_value", av, "append_key", ak)
     nhd = code == LAYOUTS["NHD"]
     pages = (
         "[num_pages, page_size, num_kv_heads, head_dim]" if nhd else "[num_pages, num_kv_heads, page_size, head_dim]"
     )
     checks.ndim("k_cache", kc, 4, pages)
-    if kc.dtype != ak.dtype:
-        raise TypeError(
-            f"append_key: expected k_cache's dtype {kc.dtype.name} (the kernel reads the new tokens "
-            f"as the cache's type), got {ak.dtype.name}"
-        )
-    checks.same_device("k_cache", kc, "append_key", ak)
-    checks.cuda("k_cache", kc)
-    checks.last_dim_contiguous("k_cache", kc)
+    _check_cache("k_cache", kc, "append_key", ak)
     checks.shape("v_cache", vc, kc.shape, pages)
     checks.same_dtype("v_cache", vc, "k_cache", kc)
     checks.same_device("v_cache", vc, "k_cache", kc)
@@ -187,29 +183,16 @@ def _check_mla(a: SimpleNamespace) -> PointerRules:
     if ac.shape[1] != _MLA_CKV_DIM:
         raise ValueError(f"append_ckv: the kernel supports ckv_dim {_MLA_CKV_DIM} only, got shape {ac.shape}")
     checks.shape("append_kpe", ap, (nnz, _MLA_KPE_DIM), "[nnz, 64]; the kernel supports kpe_dim 64 only")
-    checks.same_dtype("append_kpe", ap, "append_ckv", ac)
-    checks.same_device("append_kpe", ap, "append_ckv", ac)
-    checks.cuda("append_kpe", ap)
-    checks.last_dim_contiguous("append_kpe", ap)
+    _check_like("append_kpe", ap, "append_ckv", ac)
     checks.ndim("ckv_cache", cc, 3, "[num_pages, page_size, 512]")
-    if cc.dtype != ac.dtype:
-        raise TypeError(
-            f"append_ckv: expected ckv_cache's dtype {cc.dtype.name} (the kernel reads the new tokens "
-            f"as the cache's type), got {ac.dtype.name}"
-        )
-    checks.same_device("ckv_cache", cc, "append_ckv", ac)
-    checks.cuda("ckv_cache", cc)
-    checks.last_dim_contiguous("ckv_cache", cc)
+    _check_cache("ckv_cache", cc, "append_ckv", ac)
     num_pages, page_size, ckv_dim = cc.shape
     if ckv_dim != _MLA_CKV_DIM:
         raise ValueError(f"ckv_cache: expected [num_pages, page_size, {_MLA_CKV_DIM}], got shape {cc.shape}")
     if page_size < 1:
         raise ValueError(f"ckv_cache: expected page_size >= 1, got shape {cc.shape}")
     checks.shape("kpe_cache", pc, (num_pages, page_size, _MLA_KPE_DIM), "[num_pages, page_size, 64]")
-    checks.same_dtype("kpe_cache", pc, "ckv_cache", cc)
-    checks.same_device("kpe_cache", pc, "ckv_cache", cc)
-    checks.cuda("kpe_cache", pc)
-    checks.last_dim_contiguous("kpe_cache", pc)
+    _check_like("kpe_cache", pc, "ckv_cache", cc)
     _fits_uint32("ckv_cache", cc)
     _fits_uint32("kpe_cache", pc)
     names = ("append_ckv", "append_kpe", "ckv_cache", "kpe_cache")
@@ -459,36 +442,21 @@ def append_paged_mla_kv_cache(
             ``append_ckv``'s CUDA device or with a strided last dimension or index array, cache strides of 2**32
             elements or more, misaligned data.
     """
+    args = (
+        append_ckv,
+        append_kpe,
+        batch_indices,
+        positions,
+        ckv_cache,
+        kpe_cache,
+        kv_indices,
+        kv_indptr,
+        kv_last_page_len,
+    )
     if _rows(append_ckv):
-        _append_mla(
-            append_ckv,
-            append_kpe,
-            batch_indices,
-            positions,
-            ckv_cache,
-            kpe_cache,
-            kv_indices,
-            kv_indptr,
-            kv_last_page_len,
-            stream=stream,
-        )
-    else:
-        _append_mla.launcher.slow(
-            (
-                append_ckv,
-                append_kpe,
-                batch_indices,
-                positions,
-                ckv_cache,
-                kpe_cache,
-                kv_indices,
-                kv_indptr,
-                kv_last_page_len,
-            ),
-            stream,
-            None,
-            remember=False,
-        )
+        _append_mla(*args, stream=stream)
+    else:  # nnz == 0: the kernel cannot launch an empty grid; check everything (stream included), launch nothing
+        _append_mla.launcher.slow(args, stream, None, remember=False)
 
 
 # --- host-side helpers (numpy) -------------------------------------------------------------------------------
@@ -585,9 +553,7 @@ def get_seq_lens(kv_indptr: Any, kv_last_page_len: Any, page_size: int) -> np.nd
             f"kv_last_page_len: expected shape ({indptr.size - 1},) to match kv_indptr [batch + 1], got {last.shape}"
         )
     pages = np.diff(indptr)
-    bad = (pages > 0) & ((last < 1) | (last > page_size))
-    if bad.any():
-        b = int(np.argmax(bad))
+    if (b := _first((pages > 0) & ((last < 1) | (last > page_size)))) is not None:
         raise ValueError(
             f"kv_last_page_len: expected values in [1, {page_size}] (page_size) for requests with "
             f"pages, got kv_last_page_len[{b}] = {last[b]}"
@@ -697,14 +663,10 @@ def check_append_positions(
         raise ValueError(f"kv_indptr: the last offset {indptr[-1]} exceeds the {indices.size} entries of kv_indices")
     seq = get_seq_lens(indptr, kv_last_page_len, page_size).astype(np.int64)
     batch = seq.size
-    bad = (bi < 0) | (bi >= batch)
-    if bad.any():
-        i = int(np.argmax(bad))
+    if (i := _first((bi < 0) | (bi >= batch))) is not None:
         raise ValueError(f"batch_indices: token {i} names request {bi[i]}, but the batch has {batch} requests")
     limit = seq[bi]
-    bad = (po < 0) | (po >= limit)
-    if bad.any():
-        i = int(np.argmax(bad))
+    if (i := _first((po < 0) | (po >= limit))) is not None:
         raise ValueError(
             f"positions: token {i} of request {bi[i]} has position {po[i]}, but the request's pages "
             f"hold {limit[i]} tokens (kv_indptr, kv_last_page_len, page_size {page_size})"
@@ -712,13 +674,16 @@ def check_append_positions(
     if num_pages is not None:
         num_pages = _bounded("num_pages", num_pages, 0)
         pages = indices[indptr[bi] + po // page_size]
-        bad = (pages < 0) | (pages >= num_pages)
-        if bad.any():
-            i = int(np.argmax(bad))
+        if (i := _first((pages < 0) | (pages >= num_pages))) is not None:
             raise ValueError(
                 f"kv_indices: token {i} (request {bi[i]}, position {po[i]}) goes to page {pages[i]}, "
                 f"outside the cache's {num_pages} pages"
             )
+
+
+def _first(bad: np.ndarray) -> int | None:
+    """The index of the first True entry of ``bad`` (the token or request an error names); None if none is."""
+    return int(np.argmax(bad)) if bad.any() else None
 
 
 def _out(name: str, value: np.ndarray | None, n: int) -> np.ndarray:

@@ -30,7 +30,7 @@ from typing import Literal
 
 import numpy as np
 
-from ..abi.wire import STRING, declare, tensor
+from ..abi.wire import STRING, declare, tensor, tensors
 from ..dtypes import bool_, int32, uint8
 from ..launch import checks
 from ..launch.launcher import launcher
@@ -48,9 +48,7 @@ PACKBITS = declare("packbits", [tensor("x"), ("bitorder", STRING), tensor("out",
 SEGMENT_PACKBITS = declare(
     "segment_packbits",
     [
-        tensor("x"),
-        tensor("indptr"),
-        tensor("output_indptr"),
+        *tensors("x", "indptr", "output_indptr"),
         ("bitorder", STRING),
         tensor("out", output=True),
     ],

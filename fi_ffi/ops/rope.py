@@ -43,7 +43,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from ..abi.values import scalar_type_error
-from ..abi.wire import BOOL, FLOAT, INT, Param, declare, tensor
+from ..abi.wire import BOOL, FLOAT, INT, Param, declare, tensor, tensors
 from ..dtypes import bfloat16, float16, float32, int32, int64
 from ..launch import checks
 from ..launch.launcher import launcher
@@ -72,12 +72,9 @@ APPLY_LLAMA31_ROPE_POS_IDS = declare("apply_llama31_rope_pos_ids", [*_QK, tensor
 APPLY_ROPE_POS_IDS_COS_SIN_CACHE = declare(
     "apply_rope_pos_ids_cos_sin_cache",
     [
-        tensor("query"),
-        tensor("key"),
-        tensor("query_out", output=True),
-        tensor("key_out", output=True),
-        tensor("cos_sin_cache"),
-        tensor("positions"),
+        *tensors("query", "key"),
+        *tensors("query_out", "key_out", output=True),
+        *tensors("cos_sin_cache", "positions"),
         Param("interleave", BOOL),
     ],
 )
@@ -248,6 +245,22 @@ def _f(name: str, value: Any) -> Any:
     return value
 
 
+def _rope_values(q: Any, rotary_dim: Any, interleave: Any, rope_scale: Any, rope_theta: Any) -> tuple[Any, ...]:
+    """The wire values of ``_ROPE``: ``rotary_dim`` (None: all of ``q``'s head_dim), ``interleave``, and the two
+    scales as floats."""
+    rotary_dim = _head_dim(q) if rotary_dim is None else rotary_dim
+    return rotary_dim, interleave, _f("rope_scale", rope_scale), _f("rope_theta", rope_theta)
+
+
+def _llama31_values(low_freq_factor: Any, high_freq_factor: Any, old_context_len: Any) -> tuple[Any, ...]:
+    """The wire values of ``_LLAMA31``, as floats."""
+    return (
+        _f("low_freq_factor", low_freq_factor),
+        _f("high_freq_factor", high_freq_factor),
+        _f("old_context_len", old_context_len),
+    )
+
+
 def _outputs(
     q_rope: TensorT | None, k_rope: TensorT | None, names: tuple[str, str] = ("q_rope", "k_rope")
 ) -> tuple[TensorT, TensorT]:
@@ -364,18 +377,8 @@ def apply_rope_pos_ids(
             scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
     """
     q_rope, k_rope = _outputs(q_rope, k_rope)
-    _apply_rope_pos_ids(
-        q,
-        k,
-        q_rope,
-        k_rope,
-        pos_ids,
-        _head_dim(q) if rotary_dim is None else rotary_dim,
-        interleave,
-        _f("rope_scale", rope_scale),
-        _f("rope_theta", rope_theta),
-        stream=stream,
-    )
+    rope = _rope_values(q, rotary_dim, interleave, rope_scale, rope_theta)
+    _apply_rope_pos_ids(q, k, q_rope, k_rope, pos_ids, *rope, stream=stream)
     return q_rope, k_rope
 
 
@@ -394,11 +397,7 @@ def apply_rope_pos_ids_inplace(
     """:func:`apply_rope_pos_ids` writing back into ``q`` and ``k``.
 
     Raises:
-        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
-            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
-        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
-            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
-            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
+        TypeError, ValueError: as :func:`apply_rope_pos_ids`.
     """
     _pos_ids_inplace(_apply_rope_pos_ids, q, k, pos_ids, rotary_dim, interleave, rope_scale, rope_theta, stream)
 
@@ -426,28 +425,12 @@ def apply_llama31_rope_pos_ids(
     (> low_freq_factor) and ``old_context_len`` (the pre-training context, in tokens): see the module docstring.
 
     Raises:
-        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
-            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
-        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
-            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
-            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
+        TypeError, ValueError: as :func:`apply_rope_pos_ids`.
     """
     q_rope, k_rope = _outputs(q_rope, k_rope)
-    _apply_llama31_rope_pos_ids(
-        q,
-        k,
-        q_rope,
-        k_rope,
-        pos_ids,
-        _head_dim(q) if rotary_dim is None else rotary_dim,
-        interleave,
-        _f("rope_scale", rope_scale),
-        _f("rope_theta", rope_theta),
-        _f("low_freq_factor", low_freq_factor),
-        _f("high_freq_factor", high_freq_factor),
-        _f("old_context_len", old_context_len),
-        stream=stream,
-    )
+    rope = _rope_values(q, rotary_dim, interleave, rope_scale, rope_theta)
+    llama31 = _llama31_values(low_freq_factor, high_freq_factor, old_context_len)
+    _apply_llama31_rope_pos_ids(q, k, q_rope, k_rope, pos_ids, *rope, *llama31, stream=stream)
     return q_rope, k_rope
 
 
@@ -473,11 +456,7 @@ def apply_llama31_rope_pos_ids_inplace(
     """:func:`apply_llama31_rope_pos_ids` writing back into ``q`` and ``k``.
 
     Raises:
-        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
-            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
-        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
-            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
-            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
+        TypeError, ValueError: as :func:`apply_rope_pos_ids`.
     """
     _llama31_pos_ids_inplace(
         _apply_llama31_rope_pos_ids,
@@ -519,26 +498,11 @@ def apply_rope(
         Others as :func:`apply_rope_pos_ids`.
 
     Raises:
-        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
-            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
-        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
-            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
-            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
+        TypeError, ValueError: as :func:`apply_rope_pos_ids`.
     """
     q_rope, k_rope = _outputs(q_rope, k_rope)
-    _apply_rope(
-        q,
-        k,
-        q_rope,
-        k_rope,
-        indptr,
-        offsets,
-        _head_dim(q) if rotary_dim is None else rotary_dim,
-        interleave,
-        _f("rope_scale", rope_scale),
-        _f("rope_theta", rope_theta),
-        stream=stream,
-    )
+    rope = _rope_values(q, rotary_dim, interleave, rope_scale, rope_theta)
+    _apply_rope(q, k, q_rope, k_rope, indptr, offsets, *rope, stream=stream)
     return q_rope, k_rope
 
 
@@ -558,25 +522,10 @@ def apply_rope_inplace(
     """:func:`apply_rope` writing back into ``q`` and ``k``.
 
     Raises:
-        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
-            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
-        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
-            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
-            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
+        TypeError, ValueError: as :func:`apply_rope_pos_ids`.
     """
-    _apply_rope(
-        q,
-        k,
-        q,
-        k,
-        indptr,
-        offsets,
-        _head_dim(q) if rotary_dim is None else rotary_dim,
-        interleave,
-        _f("rope_scale", rope_scale),
-        _f("rope_theta", rope_theta),
-        stream=stream,
-    )
+    rope = _rope_values(q, rotary_dim, interleave, rope_scale, rope_theta)
+    _apply_rope(q, k, q, k, indptr, offsets, *rope, stream=stream)
 
 
 @op(launch=_apply_llama31_rope, flashinfer="flashinfer.rope.apply_llama31_rope")
@@ -601,29 +550,12 @@ def apply_llama31_rope(
     :func:`apply_llama31_rope_pos_ids`).
 
     Raises:
-        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
-            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
-        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
-            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
-            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
+        TypeError, ValueError: as :func:`apply_rope_pos_ids`.
     """
     q_rope, k_rope = _outputs(q_rope, k_rope)
-    _apply_llama31_rope(
-        q,
-        k,
-        q_rope,
-        k_rope,
-        indptr,
-        offsets,
-        _head_dim(q) if rotary_dim is None else rotary_dim,
-        interleave,
-        _f("rope_scale", rope_scale),
-        _f("rope_theta", rope_theta),
-        _f("low_freq_factor", low_freq_factor),
-        _f("high_freq_factor", high_freq_factor),
-        _f("old_context_len", old_context_len),
-        stream=stream,
-    )
+    rope = _rope_values(q, rotary_dim, interleave, rope_scale, rope_theta)
+    llama31 = _llama31_values(low_freq_factor, high_freq_factor, old_context_len)
+    _apply_llama31_rope(q, k, q_rope, k_rope, indptr, offsets, *rope, *llama31, stream=stream)
     return q_rope, k_rope
 
 
@@ -646,28 +578,11 @@ def apply_llama31_rope_inplace(
     """:func:`apply_llama31_rope` writing back into ``q`` and ``k``.
 
     Raises:
-        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
-            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
-        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
-            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
-            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
+        TypeError, ValueError: as :func:`apply_rope_pos_ids`.
     """
-    _apply_llama31_rope(
-        q,
-        k,
-        q,
-        k,
-        indptr,
-        offsets,
-        _head_dim(q) if rotary_dim is None else rotary_dim,
-        interleave,
-        _f("rope_scale", rope_scale),
-        _f("rope_theta", rope_theta),
-        _f("low_freq_factor", low_freq_factor),
-        _f("high_freq_factor", high_freq_factor),
-        _f("old_context_len", old_context_len),
-        stream=stream,
-    )
+    rope = _rope_values(q, rotary_dim, interleave, rope_scale, rope_theta)
+    llama31 = _llama31_values(low_freq_factor, high_freq_factor, old_context_len)
+    _apply_llama31_rope(q, k, q, k, indptr, offsets, *rope, *llama31, stream=stream)
 
 
 def _heads(name: str, x: Any, head_size: Any) -> Any:
@@ -701,6 +616,28 @@ def _stream_of(x: Any, view: Tensor, stream: Any) -> Any:
     from ..tensor import intake
 
     return intake.default_stream(x, view.device.device_id)
+
+
+def _cos_sin_cache(
+    positions: Any,
+    query: Any,
+    key: Any,
+    query_out: Any,
+    key_out: Any,
+    head_size: Any,
+    cos_sin_cache: Any,
+    is_neox: Any,
+    stream: Any,
+) -> None:
+    """The launch of both cos/sin-cache ops: each tensor viewed as ``[nnz, heads, head_size]`` (an output that is
+    its input, in place, shares the input's view) and ``is_neox`` turned into the kernel's ``interleave``."""
+    if is_neox is not True and is_neox is not False:
+        is_neox = checks.flag("is_neox", is_neox)
+    q, k = _heads("query", query, head_size), _heads("key", key, head_size)
+    q_out = q if query_out is query else _heads("query_out", query_out, head_size)
+    k_out = k if key_out is key else _heads("key_out", key_out, head_size)
+    stream = stream if q is query else _stream_of(query, q, stream)
+    _apply_cos_sin_cache(q, k, q_out, k_out, cos_sin_cache, positions, not is_neox, stream=stream)
 
 
 @op(launch=_apply_cos_sin_cache, flashinfer="flashinfer.rope.apply_rope_with_cos_sin_cache")
@@ -741,19 +678,7 @@ def apply_rope_with_cos_sin_cache(
             scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
     """
     query_out, key_out = _outputs(query_out, key_out, ("query_out", "key_out"))
-    if is_neox is not True and is_neox is not False:
-        is_neox = checks.flag("is_neox", is_neox)
-    q = _heads("query", query, head_size)
-    _apply_cos_sin_cache(
-        q,
-        _heads("key", key, head_size),
-        _heads("query_out", query_out, head_size),
-        _heads("key_out", key_out, head_size),
-        cos_sin_cache,
-        positions,
-        not is_neox,
-        stream=stream if q is query else _stream_of(query, q, stream),
-    )
+    _cos_sin_cache(positions, query, key, query_out, key_out, head_size, cos_sin_cache, is_neox, stream)
     return query_out, key_out
 
 
@@ -771,15 +696,6 @@ def apply_rope_with_cos_sin_cache_inplace(
     """:func:`apply_rope_with_cos_sin_cache` writing back into ``query`` and ``key``.
 
     Raises:
-        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
-            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
-        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
-            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
-            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
+        TypeError, ValueError: as :func:`apply_rope_with_cos_sin_cache`.
     """
-    if is_neox is not True and is_neox is not False:
-        is_neox = checks.flag("is_neox", is_neox)
-    q, k = _heads("query", query, head_size), _heads("key", key, head_size)
-    _apply_cos_sin_cache(
-        q, k, q, k, cos_sin_cache, positions, not is_neox, stream=stream if q is query else _stream_of(query, q, stream)
-    )
+    _cos_sin_cache(positions, query, key, query, key, head_size, cos_sin_cache, is_neox, stream)

@@ -25,7 +25,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from ..abi.wire import BOOL, FLOAT, INT, Param, declare, tensor
+from ..abi.wire import BOOL, FLOAT, INT, Param, declare, tensor, tensors
 from ..dtypes import bfloat16, float16, float32, int32
 from ..launch import checks
 from ..launch.launcher import launcher
@@ -34,8 +34,7 @@ from ..launch.registry import op
 from ..tensor.protocols import StreamLike, TensorLike, TensorT
 
 _ROUTER_PARAMS: list[Param | tuple[str, str]] = [
-    tensor("mat_a"),
-    tensor("mat_b"),
+    *tensors("mat_a", "mat_b"),
     tensor("out", output=True),
     ("launch_with_pdl", BOOL),
 ]
@@ -44,14 +43,12 @@ ML3_ROUTER_GEMM = declare("ml3_router_gemm_op", _ROUTER_PARAMS)
 NOAUX_TC = declare(
     "NoAuxTc",
     [
-        tensor("scores"),
-        tensor("bias"),
+        *tensors("scores", "bias"),
         ("n_group", INT),
         ("topk_group", INT),
         ("topk", INT),
         ("routed_scaling_factor", FLOAT),
-        tensor("topk_values", output=True),
-        tensor("topk_indices", output=True),
+        *tensors("topk_values", "topk_indices", output=True),
         ("launch_with_pdl", BOOL),
     ],
 )
@@ -146,10 +143,7 @@ def mm_M1_16_K7168_N128(
     """Mistral Large 3 router logits: as :func:`mm_M1_16_K7168_N256` with 128 experts and a bfloat16 ``out``.
 
     Raises:
-        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed.
-        ValueError: a shape other than the kernel's (hidden size 7168, 256 / 128 experts, 1 to 16 tokens; DeepSeek's
-            routing groups), a tensor not contiguous or not on the first argument's CUDA device, misaligned data, an
-            integer setting out of range.
+        TypeError, ValueError: as :func:`mm_M1_16_K7168_N256`.
     """
     _ml3_router_gemm(mat_a, mat_b, out, launch_with_pdl, stream=stream)
     return out

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-from ..abi.wire import BOOL, FLOAT, INT, Declaration, declare, optional_tensor, scalar, tensor
+from ..abi.wire import BOOL, FLOAT, INT, Declaration, declare, optional_tensor, scalar, tensor, tensors
 from ..dtypes import DType, bfloat16, bool_, float16, float32, int32, int64
 from ..generator import Generator, default_generator, draw
 from ..launch import checks
@@ -178,12 +178,8 @@ TOP_K_MASK_LOGITS = declare(
     release="0.6.3, 0.7.2",
 )
 _SPEC = [
-    tensor("draft_probs"),
-    tensor("draft_token_ids"),
-    tensor("target_probs"),
-    tensor("out", output=True),
-    tensor("maybe_output_accepted_token_num", output=True),
-    tensor("maybe_output_emitted_draft_token_num", output=True),
+    *tensors("draft_probs", "draft_token_ids", "target_probs"),
+    *tensors("out", "maybe_output_accepted_token_num", "maybe_output_emitted_draft_token_num", output=True),
 ]
 CHAIN_SPECULATIVE_SAMPLING = _pair("chain_speculative_sampling", _SPEC, _SPEC, [])
 

@@ -48,7 +48,7 @@ from typing import Any, Literal, NoReturn
 import numpy as np
 
 from ..abi.streams import current_stream
-from ..abi.wire import BOOL, declare, tensor
+from ..abi.wire import BOOL, declare, tensor, tensors
 from ..cuda import driver
 from ..dtypes import bfloat16, float8_e4m3fn, float8_e5m2, float16, int32, int64, uint8
 from ..launch import checks
@@ -67,20 +67,14 @@ __all__ = ["PreparedSegmentGEMM", "SegmentGEMMArgs", "segment_gemm_args"]  # pub
 # ops (and the engine's prepare_segment_gemm, segment_gemm_args_bytes): @op below
 
 _ARRAYS = [
-    tensor("all_problems"),
-    tensor("x_ptr"),
-    tensor("w_ptr"),
-    tensor("y_ptr"),
+    *tensors("all_problems", "x_ptr", "w_ptr", "y_ptr"),
 ]
 SEGMENT_GEMM_SM90 = declare(
     "cutlass_segment_gemm_sm90",
     [
-        tensor("float_workspace_buffer"),
-        tensor("int_workspace_buffer"),
+        *tensors("float_workspace_buffer", "int_workspace_buffer"),
         *_ARRAYS,
-        tensor("x_stride"),
-        tensor("weight_stride"),
-        tensor("y_stride"),
+        *tensors("x_stride", "weight_stride", "y_stride"),
         tensor("empty_x_data"),  # only its dtype is read: fi_ffi passes x itself
         tensor("empty_y_data"),  # ... and out itself
         ("weight_column_major", BOOL),
@@ -91,10 +85,7 @@ SEGMENT_GEMM = declare(
     [
         tensor("workspace_buffer"),
         *_ARRAYS,
-        tensor("x_ld"),
-        tensor("w_ld"),
-        tensor("y_ld"),
-        tensor("empty_x_data"),
+        *tensors("x_ld", "w_ld", "y_ld", "empty_x_data"),
         ("weight_column_major", BOOL),
     ],
 )

@@ -179,9 +179,8 @@ def top_k(
         ValueError: a rank or shape that does not fit the others, ``k`` outside ``[1, L]`` (``top_k``) or < 1,
             a tensor not on ``input``'s CUDA device or not contiguous, a ``row_states_buffer`` too small.
     """
-    _radix_topk(
-        input=input, indices=indices, values=values, row_states_buffer=row_states_buffer, top_k=_k(k), stream=stream
-    )
+    # the launches take the required values in wire order, the optional ones by name
+    _radix_topk(input, indices, values, _k(k), row_states_buffer=row_states_buffer, stream=stream)
     return values, indices
 
 
@@ -214,18 +213,16 @@ def top_k_page_table_transform(
         ``out``.
 
     Raises:
-        TypeError: a dtype other than those listed, ``k`` not an int.
-        ValueError: a rank or shape that does not fit the others, ``k`` outside ``[1, L]`` (``top_k``) or < 1,
-            a tensor not on ``input``'s CUDA device or not contiguous, a ``row_states_buffer`` too small.
+        TypeError, ValueError: as :func:`top_k`.
     """
     _page_table_transform(
-        input=input,
-        out=out,
-        src_page_table=src_page_table,
+        input,
+        out,
+        src_page_table,
+        lengths,
+        _k(k),
         row_to_batch=row_to_batch,
-        lengths=lengths,
         row_states_buffer=row_states_buffer,
-        top_k=_k(k),
         stream=stream,
     )
     return out
@@ -257,19 +254,9 @@ def top_k_ragged_transform(
         ``out``.
 
     Raises:
-        TypeError: a dtype other than those listed, ``k`` not an int.
-        ValueError: a rank or shape that does not fit the others, ``k`` outside ``[1, L]`` (``top_k``) or < 1,
-            a tensor not on ``input``'s CUDA device or not contiguous, a ``row_states_buffer`` too small.
+        TypeError, ValueError: as :func:`top_k`.
     """
-    _ragged_transform(
-        input=input,
-        out=out,
-        offsets=offsets,
-        lengths=lengths,
-        row_states_buffer=row_states_buffer,
-        top_k=_k(k),
-        stream=stream,
-    )
+    _ragged_transform(input, out, offsets, lengths, _k(k), row_states_buffer=row_states_buffer, stream=stream)
     return out
 
 

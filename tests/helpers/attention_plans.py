@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from fi_ffi.abi.wire import Declaration
 from fi_ffi.errors import KernelError
+from fi_ffi.launch.kernels import entry_point
 from fi_ffi.ops.attention import decode, prefill
 from fi_ffi.ops.attention.plan import Plan
 from fi_ffi.ops.attention.workspace import Workspace
@@ -53,24 +55,16 @@ def assert_reached_the_kernel(err: KernelError) -> None:
     assert "cuda" in err.message.lower(), err.message
 
 
-DECODE_SETTINGS = dict(
-    num_qo_heads=32,
-    num_kv_heads=8,
-    head_dim=128,
-    page_size=16,
-    q_dtype="float16",
-    kv_dtype=None,
-    o_dtype=None,
-    kv_layout="NHD",
-    pos_encoding="NONE",
-    window_left=-1,
-    logits_soft_cap=0.0,
-    sm_scale=None,
-    rope_scale=1.0,
-    rope_theta=1e4,
-    enable_cuda_graph=False,
+# The settings of decode._settings and prefill._settings, in their order (tests pass them as a tuple of values);
+# the dtypes and the position settings are the same in both.
+_DTYPES = dict(q_dtype="float16", kv_dtype=None, o_dtype=None, kv_layout="NHD")
+_POSITIONS = dict(
+    pos_encoding="NONE", window_left=-1, logits_soft_cap=0.0, sm_scale=None, rope_scale=1.0, rope_theta=1e4
 )
 
+DECODE_SETTINGS = dict(
+    num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16, **_DTYPES, **_POSITIONS, enable_cuda_graph=False
+)
 
 PREFILL_SETTINGS = dict(
     num_qo_heads=32,
@@ -78,24 +72,24 @@ PREFILL_SETTINGS = dict(
     head_dim_qk=128,
     page_size=1,
     head_dim_vo=None,
-    q_dtype="float16",
-    kv_dtype=None,
-    o_dtype=None,
-    kv_layout="NHD",
+    **_DTYPES,
     causal=False,
     custom=False,
-    pos_encoding="NONE",
-    window_left=-1,
-    logits_soft_cap=0.0,
-    sm_scale=None,
-    rope_scale=1.0,
-    rope_theta=1e4,
+    **_POSITIONS,
     use_fp16_qk_reduction=False,
     backend="fa2",
     enable_cuda_graph=False,
     fixed_split_size=None,
     disable_split_kv=False,
 )
+
+
+def assert_declaration_matches(uri: str, decl: Declaration) -> None:
+    """``decl`` is the signature module ``uri`` prints for its entry point (a zero-argument call), parameter count
+    included."""
+    text = entry_point(uri, decl.entry).signature_text()
+    assert decl.signature in text, text
+    assert f"Expected {len(decl.params)} but got 0" in text
 
 
 def decode_plan(make_array, ws=None, info_len=10, alibi_slopes=None, **kw) -> Plan:

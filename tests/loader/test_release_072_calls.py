@@ -30,13 +30,6 @@ FA2_072 = PREFILL_URI + "_kv_stride_equal"
 FA3_072 = PREFILL_URI + "_sm90"
 
 
-@pytest.fixture(scope="module")
-def make_array():
-    from fi_ffi.abi.call import Function
-
-    return Function.global_function("ffi.Array")
-
-
 def reached(call) -> KernelError:  # type: ignore[no-untyped-def]
     with pytest.raises(KernelError) as info:
         call()

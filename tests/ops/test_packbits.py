@@ -34,43 +34,23 @@ def test_packbits_and_segment_packbits_reach_the_kernel(kernel_modules: object, 
     assert got[0] is out and got[1] is output_indptr
 
 
+# valid x and out of the refusal table below: 20 bits pack into 3 bytes
+BITS, PACKED = fake_cuda((20,), "bool"), fake_cuda((3,), "uint8")
+
+
 @pytest.mark.parametrize(
     "x, bitorder, out, exc, pattern",
     [
-        (
-            fake_cuda((20,), "bool"),
-            "middle",
-            fake_cuda((3,), "uint8"),
-            ValueError,
-            "bitorder: expected 'big' or 'little', got 'middle'",
-        ),
-        (fake_cuda((20,), "bool"), "BIG", fake_cuda((3,), "uint8"), ValueError, "bitorder: expected 'big' or 'little'"),
-        (fake_cuda((20,), "bool"), 1, fake_cuda((3,), "uint8"), TypeError, "bitorder: expected a str, got int"),
-        (
-            fake_cuda((20,), "bool"),
-            "big\0",
-            fake_cuda((3,), "uint8"),
-            ValueError,
-            "bitorder: text must not contain NUL",
-        ),
-        (fake_cuda((20,), "uint8"), "big", fake_cuda((3,), "uint8"), TypeError, "x: expected dtype bool, got uint8"),
-        (fake_cuda((20,), "bool"), "big", fake_cuda((2,), "uint8"), ValueError, r"out: expected shape \(3,\)"),
-        (fake_cuda((20,), "bool"), "big", fake_cuda((3,), "int8"), TypeError, "out: expected dtype uint8"),
-        (
-            fake_cuda((20,), "bool", strides=(2,)),
-            "big",
-            fake_cuda((3,), "uint8"),
-            ValueError,
-            "x: expected a contiguous tensor",
-        ),
+        (BITS, "middle", PACKED, ValueError, "bitorder: expected 'big' or 'little', got 'middle'"),
+        (BITS, "BIG", PACKED, ValueError, "bitorder: expected 'big' or 'little'"),
+        (BITS, 1, PACKED, TypeError, "bitorder: expected a str, got int"),
+        (BITS, "big\0", PACKED, ValueError, "bitorder: text must not contain NUL"),
+        (fake_cuda((20,), "uint8"), "big", PACKED, TypeError, "x: expected dtype bool, got uint8"),
+        (BITS, "big", fake_cuda((2,), "uint8"), ValueError, r"out: expected shape \(3,\)"),
+        (BITS, "big", fake_cuda((3,), "int8"), TypeError, "out: expected dtype uint8"),
+        (fake_cuda((20,), "bool", strides=(2,)), "big", PACKED, ValueError, "x: expected a contiguous tensor"),
         (fake_cuda((0,), "bool"), "big", fake_cuda((0,), "uint8"), ValueError, "x: expected at least one element"),
-        (
-            fake_cuda((20,), "bool"),
-            "big",
-            fake_cuda((3,), "uint8", device="cpu"),
-            ValueError,
-            "out: expected a tensor on cuda:0",
-        ),
+        (BITS, "big", fake_cuda((3,), "uint8", device="cpu"), ValueError, "out: expected a tensor on cuda:0"),
     ],
 )
 def test_bad_packbits_arguments_are_named(x: Any, bitorder: Any, out: Any, exc: type, pattern: str) -> None:

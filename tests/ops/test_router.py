@@ -40,100 +40,38 @@ def test_router_gemm_reaches_its_kernel(
     assert f"bfloat16[{tokens}, {H}] cuda:0" in str(info.value)
 
 
+# valid arguments of the DeepSeek-V3 router GEMM (2 tokens); each row of the table below changes one
+A, B, OUT = fake_cuda((2, H), "bfloat16"), column_major(256), fake_cuda((2, 256), "float32")
+
+
 @pytest.mark.parametrize(
     ("a", "b", "out", "exc", "pattern"),
     [
         (
             fake_cuda((17, H), "bfloat16"),
-            column_major(256),
+            B,
             fake_cuda((17, 256), "float32"),
             ValueError,
             r"mat_a: expected shape \[num_tokens, 7168\] with 1 <= num_tokens <= 16",
         ),
-        (
-            fake_cuda((0, H), "bfloat16"),
-            column_major(256),
-            fake_cuda((0, 256), "float32"),
-            ValueError,
-            "mat_a: expected shape",
-        ),
-        (
-            fake_cuda((2, 4096), "bfloat16"),
-            column_major(256),
-            fake_cuda((2, 256), "float32"),
-            ValueError,
-            "mat_a: expected shape",
-        ),
-        (
-            fake_cuda((2, H), "float16"),
-            column_major(256),
-            fake_cuda((2, 256), "float32"),
-            TypeError,
-            "mat_a: expected dtype bfloat16, got float16",
-        ),
-        (
-            fake_cuda((2, H), "bfloat16"),
-            fake_cuda((H, 256), "bfloat16"),
-            fake_cuda((2, 256), "float32"),
-            ValueError,
-            r"mat_b: expected a column-major \[7168, 256\] tensor",
-        ),
-        (
-            fake_cuda((2, H), "bfloat16"),
-            column_major(128),
-            fake_cuda((2, 256), "float32"),
-            ValueError,
-            r"mat_b: expected shape \(7168, 256\)",
-        ),
-        (
-            fake_cuda((2, H), "bfloat16"),
-            column_major(256),
-            fake_cuda((2, 256), "bfloat16"),
-            TypeError,
-            "out: expected dtype float32, got bfloat16",
-        ),
-        (
-            fake_cuda((2, H), "bfloat16"),
-            column_major(256),
-            fake_cuda((2, 128), "float32"),
-            ValueError,
-            r"out: expected shape \(2, 256\)",
-        ),
-        (
-            fake_cuda((2, H), "bfloat16"),
-            column_major(256),
-            fake_cuda((2, 256), "float32", strides=(512, 1)),
-            ValueError,
-            "out: expected a contiguous tensor",
-        ),
-        (
-            fake_cuda((2, H), "bfloat16", strides=(8000, 1)),
-            column_major(256),
-            fake_cuda((2, 256), "float32"),
-            ValueError,
-            "mat_a: expected a contiguous tensor",
-        ),
-        (
-            fake_cuda((2, H), "bfloat16", device="cpu"),
-            column_major(256),
-            fake_cuda((2, 256), "float32"),
-            ValueError,
-            "mat_a: expected a CUDA device tensor",
-        ),
+        (fake_cuda((0, H), "bfloat16"), B, fake_cuda((0, 256), "float32"), ValueError, "mat_a: expected shape"),
+        (fake_cuda((2, 4096), "bfloat16"), B, OUT, ValueError, "mat_a: expected shape"),
+        (fake_cuda((2, H), "float16"), B, OUT, TypeError, "mat_a: expected dtype bfloat16, got float16"),
+        (A, fake_cuda((H, 256), "bfloat16"), OUT, ValueError, r"mat_b: expected a column-major \[7168, 256\] tensor"),
+        (A, column_major(128), OUT, ValueError, r"mat_b: expected shape \(7168, 256\)"),
+        (A, B, fake_cuda((2, 256), "bfloat16"), TypeError, "out: expected dtype float32, got bfloat16"),
+        (A, B, fake_cuda((2, 128), "float32"), ValueError, r"out: expected shape \(2, 256\)"),
+        (A, B, fake_cuda((2, 256), "float32", strides=(512, 1)), ValueError, "out: expected a contiguous tensor"),
+        (fake_cuda((2, H), "bfloat16", strides=(8000, 1)), B, OUT, ValueError, "mat_a: expected a contiguous tensor"),
+        (fake_cuda((2, H), "bfloat16", device="cpu"), B, OUT, ValueError, "mat_a: expected a CUDA device tensor"),
         (
             fake_cuda((2, H), "bfloat16").view((2, H), offset=4),
-            column_major(256),
-            fake_cuda((2, 256), "float32"),
+            B,
+            OUT,
             ValueError,
             "mat_a: data pointer .* must be aligned to 16 bytes",
         ),
-        (
-            fake_cuda((2, H), "bfloat16"),
-            column_major(256),
-            fake_cuda((2, 256), "float32", device=1),
-            ValueError,
-            "out: expected a tensor on cuda:0",
-        ),
+        (A, B, fake_cuda((2, 256), "float32", device=1), ValueError, "out: expected a tensor on cuda:0"),
     ],
 )
 def test_router_gemm_bad_inputs_are_named(a: Tensor, b: Tensor, out: Tensor, exc: type, pattern: str) -> None:

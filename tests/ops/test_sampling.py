@@ -60,6 +60,18 @@ class Args:
         self.accepted = fake_cuda((2,), "int32")
         self.emitted = fake_cuda((2,), "int32")
 
+    def speculative(self, **kwargs: Any) -> Any:
+        """``chain_speculative_sampling`` of these drafts and targets into these outputs, plus ``kwargs``."""
+        return fi_ffi.chain_speculative_sampling(
+            self.draft,
+            self.draft_ids,
+            self.target,
+            out=self.spec_out,
+            maybe_output_accepted_token_num=self.accepted,
+            maybe_output_emitted_draft_token_num=self.emitted,
+            **kwargs,
+        )
+
 
 def calls(a: Args, extra: dict[str, Any]) -> dict[str, Callable[[], Any]]:
     """One call per sampling entry point; ``extra`` (e.g. ``valid=`` on 0.7.2) goes to the ``*_from_probs`` ops."""
@@ -119,15 +131,7 @@ def calls(a: Args, extra: dict[str, Any]) -> dict[str, Callable[[], Any]]:
             out=fake_cuda((R, V), "bfloat16"),
             row_states_buffer=a.states,
         ),
-        "chain_speculative_sampling": lambda: fi_ffi.chain_speculative_sampling(
-            a.draft,
-            a.draft_ids,
-            a.target,
-            out=a.spec_out,
-            maybe_output_accepted_token_num=a.accepted,
-            maybe_output_emitted_draft_token_num=a.emitted,
-            generator=g,
-        ),
+        "chain_speculative_sampling": lambda: a.speculative(generator=g),
     }
 
 
@@ -212,18 +216,7 @@ def test_072_seed_and_offset_tensors_are_passed_as_tensors(release_072: list[str
         )
     )
     assert "DLTensor*(int64[1] cuda:0), 0, DLTensor*(int64[4] cuda:0), 0)" in text
-    text = reached(
-        lambda: fi_ffi.chain_speculative_sampling(
-            a.draft,
-            a.draft_ids,
-            a.target,
-            out=a.spec_out,
-            maybe_output_accepted_token_num=a.accepted,
-            maybe_output_emitted_draft_token_num=a.emitted,
-            seed=fake_cuda((2,), "int64"),
-            offset=fake_cuda((1,), "int64"),
-        )
-    )
+    text = reached(lambda: a.speculative(seed=fake_cuda((2,), "int64"), offset=fake_cuda((1,), "int64")))
     assert "DLTensor*(int64[2] cuda:0), 0, DLTensor*(int64[1] cuda:0), 0)" in text
 
 
@@ -691,16 +684,7 @@ def test_bad_speculative_arguments_are_named(
     a = Args()
     setattr(a, which, fake_cuda(*value))
     with pytest.raises(exc, match=pattern):
-        fi_ffi.chain_speculative_sampling(
-            a.draft,
-            a.draft_ids,
-            a.target,
-            out=a.spec_out,
-            maybe_output_accepted_token_num=a.accepted,
-            maybe_output_emitted_draft_token_num=a.emitted,
-            seed=3,
-            offset=4,
-        )
+        a.speculative(seed=3, offset=4)
 
 
 def test_the_speculative_outputs_must_not_overlap(kernel_modules: list[str]) -> None:

@@ -6,6 +6,7 @@ call; every bad argument is refused by our checks, naming it, before the kernel 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -139,6 +140,20 @@ def test_row_states_buffer_is_required_and_sized() -> None:
     assert T.ROW_STATES_BYTES == MIB
 
 
+def transform(op: Callable[..., Any], index: str, spec: dict[str, Any], **extra: Any) -> Any:
+    """``op`` (a transform) of ``[R, L]`` scores, with the tensors ``spec`` gives as ``(shape, dtype)`` under their
+    names (``index``: the op's own index tensor, then ``lengths`` and ``out``) and ``spec["k"]`` (default ``K``)."""
+    return op(
+        fake_cuda((R, L)),
+        fake_cuda(*spec[index]),
+        fake_cuda(*spec["lengths"]),
+        spec.get("k", K),
+        out=fake_cuda(*spec["out"]),
+        row_states_buffer=states(),
+        **extra,
+    )
+
+
 @pytest.mark.parametrize(
     ("change", "exc", "pattern"),
     [
@@ -170,15 +185,7 @@ def test_bad_page_table_transform_arguments_are_named(change: dict[str, Any], ex
     }
     extra = {"row_to_batch": fake_cuda(*spec["row_to_batch"])} if "row_to_batch" in spec else {}
     with pytest.raises(exc, match=pattern):
-        fi_ffi.top_k_page_table_transform(
-            fake_cuda((R, L)),
-            fake_cuda(*spec["src_page_table"]),
-            fake_cuda(*spec["lengths"]),
-            spec.get("k", K),
-            out=fake_cuda(*spec["out"]),
-            row_states_buffer=states(),
-            **extra,
-        )
+        transform(fi_ffi.top_k_page_table_transform, "src_page_table", spec, **extra)
 
 
 @pytest.mark.parametrize(
@@ -195,11 +202,4 @@ def test_bad_page_table_transform_arguments_are_named(change: dict[str, Any], ex
 def test_bad_ragged_transform_arguments_are_named(change: dict[str, Any], exc: type, pattern: str) -> None:
     spec: dict[str, Any] = {"offsets": ((R,), "int32"), "lengths": ((R,), "int32"), "out": ((R, K), "int32"), **change}
     with pytest.raises(exc, match=pattern):
-        fi_ffi.top_k_ragged_transform(
-            fake_cuda((R, L)),
-            fake_cuda(*spec["offsets"]),
-            fake_cuda(*spec["lengths"]),
-            spec.get("k", K),
-            out=fake_cuda(*spec["out"]),
-            row_states_buffer=states(),
-        )
+        transform(fi_ffi.top_k_ragged_transform, "offsets", spec)

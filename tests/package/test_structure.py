@@ -97,16 +97,21 @@ def cycle(graph: dict[str, set[str]]) -> list[str]:
     return []
 
 
+def statement_imports(node: ast.AST) -> list[str]:
+    """The modules an ``import`` or an absolute ``from ... import`` statement names; none for any other node."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if isinstance(node, ast.ImportFrom) and not node.level:
+        return [node.module or ""]
+    return []
+
+
 def test_no_fi_ffi_module_imports_ctypes() -> None:
     offenders = []
     for module, tree in sources().items():
         for node in ast.walk(tree):
-            names: list[str] = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and not node.level:
-                names = [node.module or ""]
-            elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            names = statement_imports(node)
+            if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
                 func = node.func
                 called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
                 if called in ("__import__", "import_module"):
@@ -576,11 +581,7 @@ def imports_of(package: str, trees: dict[str, ast.Module], allowed: tuple[str, .
         if any(module == u or module.startswith(u + ".") for u in allowed):
             continue
         for node in ast.walk(tree):
-            names: list[str] = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and not node.level:
-                names = [node.module or ""]
+            names = statement_imports(node)
             if any(n == package or n.startswith(package + ".") for n in names):
                 found.append(f"{module}:{node.lineno}")
     return found

@@ -24,9 +24,8 @@ All calls are asynchronous on ``stream`` (see :mod:`fi_ffi.tensor.streams`) and 
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import NoReturn
 
-from ...abi.wire import declare, optional_tensor, tensor
+from ...abi.wire import declare, optional_tensor, tensors
 from ...dtypes import bfloat16, bool_, float16, float32, uint8
 from ...launch import checks
 from ...launch.launcher import launcher
@@ -43,31 +42,23 @@ _HEAD_DIMS = (64, 128, 256, 512)
 MERGE_STATE = declare(
     "merge_state",
     [
-        tensor("v_a"),
-        tensor("s_a"),
-        tensor("v_b"),
-        tensor("s_b"),
-        tensor("v_merged", output=True),
-        tensor("s_merged", output=True),
+        *tensors("v_a", "s_a", "v_b", "s_b"),
+        *tensors("v_merged", "s_merged", output=True),
     ],
 )
 MERGE_STATE_IN_PLACE = declare(
     "merge_state_in_place",
     [
-        tensor("v", output=True),
-        tensor("s", output=True),
-        tensor("v_other"),
-        tensor("s_other"),
+        *tensors("v", "s", output=True),
+        *tensors("v_other", "s_other"),
         optional_tensor("mask", default=None),
     ],
 )
 MERGE_STATES = declare(
     "merge_states",
     [
-        tensor("v"),
-        tensor("s"),
-        tensor("v_merged", output=True),
-        tensor("s_merged", output=True),
+        *tensors("v", "s"),
+        *tensors("v_merged", "s_merged", output=True),
     ],
 )
 DECLARATIONS = tuple((_URI, d) for d in (MERGE_STATE, MERGE_STATE_IN_PLACE, MERGE_STATES))
@@ -102,32 +93,38 @@ def _check_s(name: str, s: Tensor, shape: tuple[int, ...], layout: str, v_name: 
     checks.contiguous(name, s)
 
 
+_STATE_LAYOUTS = ("[seq_len, num_heads, head_dim]", "[seq_len, num_heads] float32, base-2 LSE")
+
+
+def _check_states(rules: PointerRules, a: SimpleNamespace, names: tuple[str, ...]) -> None:
+    """States ``(v, s)`` of one shape, named in pairs ``(v, s, v2, s2, ...)``: the first sets the shape, dtype
+    and device of the others."""
+    layout, s_layout = _STATE_LAYOUTS
+    first = names[0]
+    v0 = getattr(a, first)
+    _check_v(rules, first, v0, 3, layout)
+    rows = v0.shape[:2]
+    for i in range(0, len(names), 2):
+        v, s = names[i], names[i + 1]
+        if i:
+            _check_v(rules, v, getattr(a, v), 3, layout, (first, v0))
+        _check_s(s, getattr(a, s), rows, s_layout, first, v0)
+
+
 def _check_pair(a: SimpleNamespace) -> PointerRules:
-    layout, s_layout = "[seq_len, num_heads, head_dim]", "[seq_len, num_heads] float32, base-2 LSE"
     rules = PointerRules()
-    _check_v(rules, "v_a", a.v_a, 3, layout)
-    rows = a.v_a.shape[:2]
-    _check_s("s_a", a.s_a, rows, s_layout, "v_a", a.v_a)
-    _check_v(rules, "v_b", a.v_b, 3, layout, ("v_a", a.v_a))
-    _check_s("s_b", a.s_b, rows, s_layout, "v_a", a.v_a)
-    _check_v(rules, "v_merged", a.v_merged, 3, layout, ("v_a", a.v_a))
-    _check_s("s_merged", a.s_merged, rows, s_layout, "v_a", a.v_a)
+    _check_states(rules, a, ("v_a", "s_a", "v_b", "s_b", "v_merged", "s_merged"))
     # the kernels declare every pointer __restrict__: no output shares memory with an input or the other output
     # (merge_state_in_place is the in-place form)
     return rules.outputs_apart(("v_merged", "s_merged"), ("v_a", "s_a", "v_b", "s_b"))
 
 
 def _check_in_place(a: SimpleNamespace) -> PointerRules:
-    layout, s_layout = "[seq_len, num_heads, head_dim]", "[seq_len, num_heads] float32, base-2 LSE"
     rules = PointerRules()
-    _check_v(rules, "v", a.v, 3, layout)
-    rows = a.v.shape[:2]
-    _check_s("s", a.s, rows, s_layout, "v", a.v)
-    _check_v(rules, "v_other", a.v_other, 3, layout, ("v", a.v))
-    _check_s("s_other", a.s_other, rows, s_layout, "v", a.v)
+    _check_states(rules, a, ("v", "s", "v_other", "s_other"))
     if a.mask is not None:
         checks.ndim("mask", a.mask, 1, "[seq_len] bool")
-        checks.shape("mask", a.mask, (rows[0],), "[seq_len] bool")
+        checks.shape("mask", a.mask, (a.v.shape[0],), "[seq_len] bool")
         checks.dtype_in("mask", a.mask, (bool_, uint8))
         checks.same_device("mask", a.mask, "v", a.v)
         checks.cuda("mask", a.mask)
@@ -157,8 +154,16 @@ _merge_state_in_place = launcher(MERGE_STATE_IN_PLACE, _URI, _check_in_place)
 _merge_states = launcher(MERGE_STATES, _URI, _check_many)
 
 
-def _need(name: str, value: None, layout: str) -> NoReturn:
-    raise TypeError(f"{name}: required (fi_ffi never allocates device memory); pass a contiguous {layout}")
+def _outputs(v_merged: TensorT | None, s_merged: TensorT | None) -> tuple[TensorT, TensorT]:
+    """Both outputs, required (fi_ffi never allocates device memory): a missing one is a TypeError naming it."""
+    if v_merged is None or s_merged is None:
+        name, layout = (
+            ("v_merged", "[seq_len, num_heads, head_dim]")
+            if v_merged is None
+            else ("s_merged", "float32 [seq_len, num_heads]")
+        )
+        raise TypeError(f"{name}: required (fi_ffi never allocates device memory); pass a contiguous {layout} tensor")
+    return v_merged, s_merged
 
 
 @op(launch=_merge_state, flashinfer="flashinfer.cascade.merge_state")
@@ -190,12 +195,7 @@ def merge_state(
         LoaderError: the cascade module cannot be loaded (the kernel wheel absent offline, a damaged cache).
         KernelError: the kernel failed.
     """
-    if v_merged is None or s_merged is None:
-        _need(
-            "v_merged" if v_merged is None else "s_merged",
-            None,
-            "[seq_len, num_heads, head_dim] tensor" if v_merged is None else "float32 [seq_len, num_heads] tensor",
-        )
+    v_merged, s_merged = _outputs(v_merged, s_merged)
     _merge_state(v_a, s_a, v_b, s_b, v_merged, s_merged, stream=stream)
     return v_merged, s_merged
 
@@ -221,10 +221,7 @@ def merge_state_in_place(
         stream: where the kernel runs (None: the framework's current stream of ``v``).
 
     Raises:
-        TypeError, ValueError: a tensor of the wrong shape, dtype, device or layout, or outputs overlapping the
-            inputs, named (before the module is looked up).
-        LoaderError: the cascade module cannot be loaded (the kernel wheel absent offline, a damaged cache).
-        KernelError: the kernel failed.
+        TypeError, ValueError, LoaderError, KernelError: as :func:`merge_state`.
     """
     _merge_state_in_place(v, s, v_other, s_other, mask=mask, stream=stream)
 
@@ -250,16 +247,8 @@ def merge_states(
         ``(v_merged, s_merged)``, as passed.
 
     Raises:
-        TypeError, ValueError: a tensor of the wrong shape, dtype, device or layout, or outputs overlapping the
-            inputs, named (before the module is looked up).
-        LoaderError: the cascade module cannot be loaded (the kernel wheel absent offline, a damaged cache).
-        KernelError: the kernel failed.
+        TypeError, ValueError, LoaderError, KernelError: as :func:`merge_state`.
     """
-    if v_merged is None or s_merged is None:
-        _need(
-            "v_merged" if v_merged is None else "s_merged",
-            None,
-            "[seq_len, num_heads, head_dim] tensor" if v_merged is None else "float32 [seq_len, num_heads] tensor",
-        )
+    v_merged, s_merged = _outputs(v_merged, s_merged)
     _merge_states(v, s, v_merged, s_merged, stream=stream)
     return v_merged, s_merged

@@ -32,7 +32,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from ... import caches
-from ...abi.wire import ARRAY, BOOL, FLOAT, INT, OPT_FFI_TENSOR, Param, declare, optional_tensor, tensor
+from ...abi.wire import ARRAY, BOOL, FLOAT, INT, OPT_FFI_TENSOR, Param, declare, optional_tensor, tensor, tensors
 from ...dtypes import int32, uint8
 from ...launch import checks
 from ...launch.launcher import Bound, PreparedRun, launcher
@@ -75,10 +75,7 @@ __all__ = ["PreparedDecodeRun"]  # public here, not ops of fi_ffi; the ops: @op 
 PLAN = declare(
     "plan",
     [
-        tensor("float_workspace_buffer"),
-        tensor("int_workspace_buffer"),
-        tensor("page_locked_int_workspace_buffer"),
-        tensor("kv_indptr"),
+        *tensors("float_workspace_buffer", "int_workspace_buffer", "page_locked_int_workspace_buffer", "kv_indptr"),
         ("batch_size", INT),
         ("num_qo_heads", INT),
         ("num_kv_heads", INT),
@@ -88,23 +85,16 @@ PLAN = declare(
         ("logits_soft_cap", FLOAT),
         ("head_dim_qk", INT),
         ("head_dim_vo", INT),
-        tensor("empty_q_data"),
-        tensor("empty_kv_data"),
+        *tensors("empty_q_data", "empty_kv_data"),
     ],
     returns=ARRAY,
 )
 RUN = declare(
     "run",
     [
-        tensor("float_workspace_buffer"),
-        tensor("int_workspace_buffer"),
+        *tensors("float_workspace_buffer", "int_workspace_buffer"),
         ("plan_info_vec", ARRAY),
-        tensor("q"),
-        tensor("k_cache"),
-        tensor("v_cache"),
-        tensor("kv_indptr"),
-        tensor("kv_indices"),
-        tensor("kv_last_page_len"),
+        *tensors("q", "k_cache", "v_cache", "kv_indptr", "kv_indices", "kv_last_page_len"),
         tensor("out", output=True),
         optional_tensor("lse", output=True),
         ("kv_layout_code", INT),
@@ -120,11 +110,8 @@ RUN = declare(
 SINGLE = declare(
     "run",
     [
-        tensor("q"),
-        tensor("k"),
-        tensor("v"),
-        tensor("tmp", output=True),
-        tensor("out", output=True),
+        *tensors("q", "k", "v"),
+        *tensors("tmp", "out", output=True),
         optional_tensor("lse", output=True),
         ("kv_layout_code", INT),
         ("window_left", INT),
@@ -294,12 +281,8 @@ def _settings(device_id: int, args: tuple[Any, ...]) -> PlanSettings:
         rope_theta,
         enable_cuda_graph,
     ) = args
-    hq = S.count("num_qo_heads", num_qo_heads)
-    hk = S.count("num_kv_heads", num_kv_heads)
-    d = S.count("head_dim", head_dim)
-    ps = S.count("page_size", page_size)
-    S.gqa(hq, hk, decode=True)
-    layout = S.layout_name(kv_layout)
+    g = S.geometry(num_qo_heads, num_kv_heads, ("head_dim", head_dim), page_size, kv_layout, decode=True)
+    d = g.head_dim_qk
     pos = S.pos_encoding(pos_encoding)
     w = S.window(window_left)
     cap = S.soft_cap(logits_soft_cap)
@@ -312,12 +295,7 @@ def _settings(device_id: int, args: tuple[Any, ...]) -> PlanSettings:
         mode="paged",
         variant=variant,
         device_id=device_id,
-        num_qo_heads=hq,
-        num_kv_heads=hk,
-        head_dim_qk=d,
-        head_dim_vo=d,
-        page_size=ps,
-        kv_layout=layout,
+        **g._asdict(),
         dtype_q=qd,
         dtype_kv=kd,
         dtype_o=od,

@@ -47,7 +47,7 @@ import numpy as np
 from ... import caches
 from ...abi.objects import Array
 from ...abi.streams import current_stream
-from ...abi.wire import ARRAY, BOOL, FLOAT, INT, Param, declare, optional_tensor, scalar, tensor
+from ...abi.wire import ARRAY, BOOL, FLOAT, INT, Param, declare, optional_tensor, scalar, tensor, tensors
 from ...cuda.runtime import DeviceScope, runtime
 from ...cuda.runtime import check as _check_cuda
 from ...dtypes import DType, bfloat16, float8_e4m3fn, float8_e5m2, float16, float32, int32
@@ -73,11 +73,8 @@ __all__ = ["DECLARATIONS"]  # public here, not ops of fi_ffi; the ops: @op below
 TUPLE_ARRAY_INT = "Tuple<Array<int>, int>"  # 0.7.x plan: (schedule, bytes staged in the page-locked buffer)
 
 _PLAN_PARAMS: list[Param] = [
-    tensor("float_workspace_buffer"),
-    tensor("int_workspace_buffer"),
-    tensor("page_locked_int_workspace_buffer"),
-    tensor("qo_indptr"),
-    tensor("kv_indptr"),
+    *tensors("float_workspace_buffer", "int_workspace_buffer", "page_locked_int_workspace_buffer"),
+    *tensors("qo_indptr", "kv_indptr"),
     tensor("kv_len_arr"),  # host int32 arrays (C++: kv_len)
     Param("num_heads", INT),
     Param("head_dim_o", INT),
@@ -87,14 +84,9 @@ PLAN = declare("plan", _PLAN_PARAMS, returns=ARRAY, release="0.6.3")
 PLAN_PLANABI2 = declare("plan", _PLAN_PARAMS, returns=TUPLE_ARRAY_INT, release="0.7.2")
 
 _RUN_PARAMS: list[Param] = [
-    tensor("float_workspace_buffer"),
-    tensor("int_workspace_buffer"),
+    *tensors("float_workspace_buffer", "int_workspace_buffer"),
     Param("plan_info_vec", ARRAY),
-    tensor("q_nope"),
-    tensor("q_pe"),
-    tensor("ckv_cache"),
-    tensor("kpe_cache"),
-    tensor("kv_indices"),
+    *tensors("q_nope", "q_pe", "ckv_cache", "kpe_cache", "kv_indices"),
     tensor("out", output=True),
     optional_tensor("lse", output=True),  # C++: o, maybe_lse
     Param("mask_mode_code", INT),

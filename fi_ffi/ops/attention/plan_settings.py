@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, Protocol, TypeAlias
+from typing import Any, Literal, NamedTuple, Protocol, TypeAlias
 
 from ... import caches
 from ...dtypes import DType
@@ -230,6 +230,31 @@ def gqa(num_qo_heads: int, num_kv_heads: int, decode: bool, where: str = "num_qo
             f"{where}: the decode kernels support GQA group sizes 1, 2, 3, 4 and 8 only; "
             f"{num_qo_heads} / {num_kv_heads} = {num_qo_heads // num_kv_heads}"
         )
+
+
+class Geometry(NamedTuple):
+    """A paged plan's heads, head dims, page size and KV layout, checked (the :class:`PlanSettings` fields of the
+    same names: ``PlanSettings(**geometry._asdict(), ...)``)."""
+
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim_qk: int
+    head_dim_vo: int
+    page_size: int
+    kv_layout: str
+
+
+def geometry(
+    num_qo_heads: Any, num_kv_heads: Any, head_dim: tuple[str, Any], page_size: Any, kv_layout: Any, decode: bool
+) -> Geometry:
+    """The geometry of a plan whose queries and values share one head dim (``head_dim``: its name in the op and
+    its value), checked in this order: the counts, the GQA group (:func:`gqa`), the layout."""
+    hq = count("num_qo_heads", num_qo_heads)
+    hk = count("num_kv_heads", num_kv_heads)
+    d = count(*head_dim)
+    ps = count("page_size", page_size)
+    gqa(hq, hk, decode)
+    return Geometry(hq, hk, d, d, ps, layout_name(kv_layout))
 
 
 def dtypes(q_dtype: Any, kv_dtype: Any, o_dtype: Any) -> tuple[DType, DType, DType]:

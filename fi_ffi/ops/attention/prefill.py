@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from ... import caches
-from ...abi.wire import ARRAY, BOOL, FLOAT, INT, OPT_FFI_TENSOR, Param, declare, optional_tensor, tensor
+from ...abi.wire import ARRAY, BOOL, FLOAT, INT, OPT_FFI_TENSOR, Param, declare, optional_tensor, tensor, tensors
 from ...dtypes import int32, uint8
 from ...launch import checks
 from ...launch.launcher import launcher
@@ -93,12 +93,8 @@ from .workspace import Workspace
 
 Params = Param | tuple[str, str]  # a declared parameter, or (name, wire type)
 _PLAN_PARAMS: list[Params] = [
-    tensor("float_workspace_buffer"),
-    tensor("int_workspace_buffer"),
-    tensor("page_locked_int_workspace_buffer"),
-    tensor("qo_indptr"),
-    tensor("kv_indptr"),
-    tensor("kv_len_arr"),
+    *tensors("float_workspace_buffer", "int_workspace_buffer", "page_locked_int_workspace_buffer"),
+    *tensors("qo_indptr", "kv_indptr", "kv_len_arr"),
     ("total_num_rows", INT),
     ("batch_size", INT),
     ("num_qo_heads", INT),
@@ -125,20 +121,12 @@ FA3_FP8_PLAN = declare("plan", _PLAN_PARAMS, returns=ARRAY, release="0.6.3")  # 
 
 # The run parameters shared with the sink modules (:mod:`.sink` builds its runs on them): public for that.
 RUN_HEAD: list[Params] = [
-    tensor("float_workspace_buffer"),
-    tensor("int_workspace_buffer"),
+    *tensors("float_workspace_buffer", "int_workspace_buffer"),
     ("plan_info_vec", ARRAY),
     tensor("q"),
 ]
 RAGGED_KV: list[Params] = [tensor("k"), tensor("v"), tensor("qo_indptr"), tensor("kv_indptr")]
-PAGED_KV: list[Params] = [
-    tensor("k_cache"),
-    tensor("v_cache"),
-    tensor("qo_indptr"),
-    tensor("kv_indptr"),
-    tensor("kv_indices"),
-    tensor("kv_last_page_len"),
-]
+PAGED_KV: list[Params] = [*tensors("k_cache", "v_cache", "qo_indptr", "kv_indptr", "kv_indices", "kv_last_page_len")]
 RUN_MID: list[Params] = [
     tensor("out", output=True),
     optional_tensor("lse", output=True),
@@ -208,11 +196,8 @@ FA3_FP8_PAGED = declare("paged_run", RUN_HEAD + PAGED_KV + RUN_MID + _FA3_FP8_TA
 SINGLE = declare(
     "run",
     [
-        tensor("q"),
-        tensor("k"),
-        tensor("v"),
-        tensor("tmp", output=True),
-        tensor("out", output=True),
+        *tensors("q", "k", "v"),
+        *tensors("tmp", "out", output=True),
         optional_tensor("lse", output=True),
         ("mask_mode_code", INT),
         ("kv_layout_code", INT),

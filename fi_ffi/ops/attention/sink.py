@@ -124,12 +124,8 @@ def _choose(dtype: DType, head_dim: int, swa: bool, backend: Any, device_id: int
 
 def _settings(mode: str, device_id: int, args: tuple[Any, ...]) -> PlanSettings:
     (hq, hk, d, page_size, dtype, kv_layout, causal, window_left, sm_scale, backend, graph) = args
-    hq = S.count("num_qo_heads", hq)
-    hk = S.count("num_kv_heads", hk)
-    d = S.count("head_dim_qk", d)
-    ps = S.count("page_size", page_size)
-    S.gqa(hq, hk, decode=False)
-    layout = S.layout_name(kv_layout)
+    g = S.geometry(hq, hk, ("head_dim_qk", d), page_size, kv_layout, decode=False)
+    d, layout = g.head_dim_qk, g.kv_layout
     causal = checks.flag("causal", causal)
     w = S.window(window_left)
     sm, _, _ = S.scales(d, sm_scale, 1.0, 1e4)
@@ -150,12 +146,7 @@ def _settings(mode: str, device_id: int, args: tuple[Any, ...]) -> PlanSettings:
         mode=mode,
         variant=variant,
         device_id=device_id,
-        num_qo_heads=hq,
-        num_kv_heads=hk,
-        head_dim_qk=d,
-        head_dim_vo=d,
-        page_size=ps,
-        kv_layout=layout,
+        **g._asdict(),
         dtype_q=qd,
         dtype_kv=qd,
         dtype_o=qd,

@@ -18,6 +18,7 @@ from helpers.attention_plans import (
     F16_128,
     PREFILL_SETTINGS,
     PREFILL_URI,
+    assert_declaration_matches,
     assert_reached_the_kernel,
     decode_plan,
     decode_run_args,
@@ -38,7 +39,7 @@ from fi_ffi.ops.attention import decode, prefill
 from fi_ffi.ops.attention import variants as V
 from fi_ffi.tensor.descriptor import Tensor
 
-pytestmark = pytest.mark.usefixtures("kernel_modules")
+pytestmark = pytest.mark.usefixtures("kernel_modules", "fake_device_only")
 
 FA3_URI = PREFILL_URI + "_sm90"
 SINGLE_DECODE_URI = (
@@ -53,22 +54,15 @@ SINGLE_PREFILL_URI = (
 @pytest.mark.parametrize(
     ("uri", "decl"),
     [
-        (DECODE_URI, decode.PLAN),
-        (DECODE_URI, decode.RUN),
+        *((DECODE_URI, d) for d in (decode.PLAN, decode.RUN)),
         (SINGLE_DECODE_URI, decode.SINGLE),
         (SINGLE_PREFILL_URI, prefill.SINGLE),
-        (PREFILL_URI, prefill.FA2_PLAN),
-        (PREFILL_URI, prefill.FA2_RAGGED),
-        (PREFILL_URI, prefill.FA2_PAGED),
-        (FA3_URI, prefill.FA3_PLAN),
-        (FA3_URI, prefill.FA3_RAGGED),
-        (FA3_URI, prefill.FA3_PAGED),
+        *((PREFILL_URI, d) for d in (prefill.FA2_PLAN, prefill.FA2_RAGGED, prefill.FA2_PAGED)),
+        *((FA3_URI, d) for d in (prefill.FA3_PLAN, prefill.FA3_RAGGED, prefill.FA3_PAGED)),
     ],
 )
 def test_declarations_match_the_module_signature(uri, decl):
-    text = entry_point(uri, decl.entry).signature_text()
-    assert decl.signature in text, text
-    assert f"Expected {len(decl.params)} but got 0" in text
+    assert_declaration_matches(uri, decl)
 
 
 def test_every_attention_module_of_the_wheel_exports_its_entry_points():
@@ -78,23 +72,6 @@ def test_every_attention_module_of_the_wheel_exports_its_entry_points():
 
 
 # ------------------------------------------------------------------------------------------ fakes
-
-
-@pytest.fixture(autouse=True)
-def _cpu_only():
-    """Fake-device descriptors point at host memory: on a GPU machine real kernels would dereference them."""
-    from cuda.bindings import runtime as rt
-
-    err, count = rt.cudaGetDeviceCount()
-    if err == rt.cudaError_t.cudaSuccess and count > 0:
-        pytest.skip("fake-device packing tests need a machine without a GPU (the GPU suite covers the calls)")
-
-
-@pytest.fixture(scope="module")
-def make_array():
-    from fi_ffi.abi.call import Function
-
-    return Function.global_function("ffi.Array")
 
 
 # ------------------------------------------------------------------------------------------ plans reach the module

@@ -56,13 +56,6 @@ def assert_reached_the_kernel(err: KernelError) -> None:
     assert "cuda" in err.message.lower(), err.message
 
 
-@pytest.fixture(scope="module")
-def make_array():
-    from fi_ffi.abi.call import Function
-
-    return Function.global_function("ffi.Array")
-
-
 # A decode step of 2 requests (1 row each) and a causal prefill of 2 requests (3 and 2 rows), 16-token pages.
 DECODE = dict(qo_indptr=host([0, 1, 2]), kv_indptr=host([0, 2, 3]), kv_indices=None, kv_len_arr=host([20, 16]))
 PREFILL = dict(qo_indptr=host([0, 3, 5]), kv_indptr=host([0, 2, 3]), kv_indices=None, kv_len_arr=host([20, 16]))

@@ -15,13 +15,6 @@ from fi_ffi.tensor.descriptor import Tensor
 pytestmark = pytest.mark.usefixtures("kernel_modules")
 
 
-@pytest.fixture(scope="module")
-def make_array():
-    from fi_ffi.abi.call import Function
-
-    return Function.global_function("ffi.Array")
-
-
 def _incref(handle: int) -> None:
     from fi_ffi.abi.cdefs import get_ffi
     from fi_ffi.abi.runtime import api

@@ -28,19 +28,9 @@ from fi_ffi.errors import KernelError
 from fi_ffi.ops.attention import decode
 from fi_ffi.ops.attention.workspace import Workspace
 
-pytestmark = pytest.mark.usefixtures("kernel_modules")
+pytestmark = pytest.mark.usefixtures("kernel_modules", "fake_device_only")
 
 HQ, HK, D, PAGE = 32, 8, 128, 16
-
-
-@pytest.fixture(autouse=True)
-def _cpu_only():
-    """Fake-device descriptors point at host memory: on a GPU machine real kernels would dereference them."""
-    from cuda.bindings import runtime as rt
-
-    err, count = rt.cudaGetDeviceCount()
-    if err == rt.cudaError_t.cudaSuccess and count > 0:
-        pytest.skip("fake-device packing tests need a machine without a GPU (the GPU suite covers the calls)")
 
 
 @pytest.fixture
@@ -225,11 +215,6 @@ def test_the_packed_run_reaches_the_real_module():
         decode.batch_decode_run(**paged(args), lse=fake_cuda((2, HQ), "float32"), enable_pdl=True, plan=plan)
     assert packed.value.message == ordinary.value.message
     assert packed.value.arguments == ordinary.value.arguments
-
-
-@pytest.fixture(scope="module")
-def make_array():
-    return Function.global_function("ffi.Array")
 
 
 def test_public_name():

@@ -189,24 +189,16 @@ def test_uri_spelling_matches_the_pinned_modules(models_modules: list[str]) -> N
     assert ours == sinks
 
 
+# Gemma 2's shapes (8/4 heads, head_dim 256, page 16) and settings (bfloat16, a 4096-token window, soft cap 50)
+GEMMA2_SHAPES = (8, 4, 256, 16)
+GEMMA2_SETTINGS: dict[str, Any] = {"q_data_type": "bfloat16", "window_left": 4095, "logits_soft_cap": 50.0}
+
+
 def gemma2_prefill_plan(ws: object, **kw: object) -> object:
-    """A paged bfloat16 prefill plan of Gemma 2's shapes (8/4 heads, head_dim 256, page 16, causal, a 4096-token
-    window, soft cap 50) on ``ws``, with ``kw`` added."""
+    """A paged causal prefill plan of Gemma 2 on ``ws``, with ``kw`` added."""
+    qo_indptr, kv_indptr, kv_last_page_len = host([0, 3, 4]), host([0, 1, 3]), host([5, 4])
     return fi_ffi.batch_prefill_paged_plan(
-        host([0, 3, 4]),
-        host([0, 1, 3]),
-        None,
-        host([5, 4]),
-        8,
-        4,
-        256,
-        16,
-        q_data_type="bfloat16",
-        causal=True,
-        window_left=4095,
-        logits_soft_cap=50.0,
-        workspace=ws,
-        **kw,
+        qo_indptr, kv_indptr, None, kv_last_page_len, *GEMMA2_SHAPES, causal=True, **GEMMA2_SETTINGS, workspace=ws, **kw
     )
 
 
@@ -217,19 +209,7 @@ def test_the_gemma_head_dim_256_modules_serve_decode_and_prefill_plans(
     ops: the settings select the model-family wheel's modules and the plans reach them."""
     ws = workspace()
     with pytest.raises(KernelError) as info:
-        fi_ffi.batch_decode_plan(
-            host([0, 2, 3]),
-            None,
-            host([5, 16]),
-            8,
-            4,
-            256,
-            16,
-            q_data_type="bfloat16",
-            window_left=4095,
-            logits_soft_cap=50.0,
-            workspace=ws,
-        )
+        fi_ffi.batch_decode_plan(host([0, 2, 3]), None, host([5, 16]), *GEMMA2_SHAPES, **GEMMA2_SETTINGS, workspace=ws)
     assert_reached_the_kernel(info.value)
     assert "batch_decode_with_kv_cache_dtype_q_bf16" in info.value.function
     assert "head_dim_qk_256_head_dim_vo_256_posenc_0_use_swa_True_use_logits_cap_True" in info.value.function
