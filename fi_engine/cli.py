@@ -918,8 +918,8 @@ def _quantized_weights(model: str) -> Any:
         scheme = mxfp4_scheme(read_config_json(model)[0].get("quantization_config"))
         from .models.gpt_oss import GptOss
 
-        if scheme is not None and moe is not None and GptOss.mxfp4_as_stored:  # kept as stored where the GEMV fits
-            scheme = scheme.experts_for(config.hidden_size, moe.intermediate_size)
+        if scheme is not None and moe is not None:  # kept as stored where the switch is on and the GEMV fits
+            scheme = GptOss.experts_scheme(scheme, config.hidden_size, moe.intermediate_size)
     return scheme
 
 

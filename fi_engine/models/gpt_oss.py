@@ -484,6 +484,14 @@ class GptOss(MoEPaths, SettingsFamily, ModelFamily):
 
     model_type, settings, engine = "gpt_oss", GptOssSettings, "GptOssEngine"
 
+    @classmethod
+    def experts_scheme(cls, scheme: Mxfp4Scheme, hidden: int, intermediate: int, ranks: int = 1) -> Mxfp4Scheme:
+        """``scheme`` (a checkpoint's MXFP4 layout) as this engine serves experts of ``hidden`` by ``intermediate``
+        cut over ``ranks``: kept as stored where :attr:`mxfp4_as_stored` is on and the grouped GEMV takes the shapes,
+        else dequantized at load. What the start-up line names and what the load decides by (which also needs a GPU
+        of SM 8.0 or newer)."""
+        return scheme.experts_for(hidden, intermediate, ranks) if cls.mxfp4_as_stored else scheme
+
     def parse_config(self, d: Any, source: str) -> LlamaConfig:
         return gpt_oss_config(d, source)
 
@@ -529,10 +537,7 @@ class GptOss(MoEPaths, SettingsFamily, ModelFamily):
         # MXFP4 experts kept as stored: every step of up to max_batch rows takes the device path (the grouped GEMV)
         mxfp4 = "model.layers.0.mlp.experts.gate_up_proj_blocks" in ckpt
         self.experts_stored = (
-            mxfp4
-            and type(self).mxfp4_as_stored
-            and Mxfp4Scheme().experts_for(h, i_size, n).stored
-            and _tensor_cores(w.cp)
+            mxfp4 and type(self).experts_scheme(Mxfp4Scheme(), h, i_size, n).stored and _tensor_cores(w.cp)
         )
         graph_paths = {self.moe_path_for(eng, b) for b in eng.decode_graph_batches} if eng.static_moe else set()
         capacity = eng.max_batch if "routed" in graph_paths or self.experts_stored else None
