@@ -150,10 +150,6 @@ def test_serve_help_shows_a_query() -> None:
             ["--enable-lora", "--served-model-name", "m", "--lora-modules", "m=/x"],
             "--lora-modules m=...: 'm' is the base model's served name; rename the adapter",
         ),
-        (
-            ["--enable-lora", "--api-servers", "2"],
-            "--enable-lora: adapters are served by one API server; drop --api-servers 2",
-        ),
     ],
 )
 def test_serve_values_are_refused_before_the_gpu(model: Path, args: list[str], message: str) -> None:
