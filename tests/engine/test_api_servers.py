@@ -302,6 +302,20 @@ def test_a_front_end_that_cannot_start_is_named(tmp_path: Path, codec: Any) -> N
         Server(tmp_path, empty, {"vocab_size": codec.tokenizer.vocab_size})
 
 
+def test_serve_api_servers_refuses_lora_arguments_by_name_before_any_front_end(model_dir: Path, codec: Any) -> None:
+    from fi_engine.serve.api_servers import serve_api_servers
+    from fi_engine.serve.engine_process import EngineProcess
+
+    with EngineProcess("helpers.fake_engine:FakeStepEngine", codec.tokenizer.vocab_size, clients=2) as engine:
+        with pytest.raises(ValueError, match=rf"^lora_modules\[0\]: '{MODEL}' is the base model's name"):
+            serve_api_servers(engine, model_dir, MODEL, port=0, lora_modules=[MODEL])
+        with pytest.raises(TypeError, match=r"^lora_modules: expected the adapters' names"):
+            serve_api_servers(engine, model_dir, MODEL, port=0, lora_modules="sql")
+        with pytest.raises(TypeError, match=r"^allow_runtime_lora_updating: expected True, False or None"):
+            serve_api_servers(engine, model_dir, MODEL, port=0, lora_modules=[], allow_runtime_lora_updating="yes")  # type: ignore[arg-type]
+        assert engine.alive  # (its connections unused: no front end started)
+
+
 def test_lora_adapters_through_two_api_servers(tmp_path: Path, model_dir: Path, codec: Any, pool: list[int]) -> None:
     engine = {"vocab_size": codec.tokenizer.vocab_size, "pool": pool, "max_batch": 4, "adapters": ["sql"]}
     lora = {"lora_modules": ["sql"], "allow_runtime_lora_updating": True}
