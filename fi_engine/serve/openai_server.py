@@ -244,13 +244,13 @@ class _Handlers:
     async def _learn_adapters(self) -> bool:
         """Where other API servers share the engine (``ServedAdapters.shared``): the adapters' names kept here
         replaced by the engine's (one round trip to it), so that what another server loaded or unloaded is seen
-        here; False (nothing asked) otherwise. 503 once the service is closed."""
+        here; False (nothing asked) otherwise. 503 once the service is closed or the engine process is gone."""
         adapters = self.adapters
         if not (adapters.shared and adapters.enabled):
             return False
         try:
             names = await asyncio.wrap_future(self.service.call(lambda engine: engine.lora_names))
-        except ServiceClosedError as exc:
+        except RuntimeError as exc:  # ServiceClosedError, or the engine process's end (EngineClient names it)
             raise _unavailable(exc) from None
         adapters.update(names)
         return True
@@ -1074,8 +1074,8 @@ _SAMPLING_FIELDS = {f.name: f.name for f in fields(SamplingParams)} | {
 }
 
 
-def _unavailable(exc: ServiceClosedError) -> APIError:
-    """The 503 of a request that came once the service closed."""
+def _unavailable(exc: RuntimeError) -> APIError:
+    """The 503 of a request that came once the service closed (or its engine process ended)."""
     return APIError(str(exc), None, status=503, type="service_unavailable", code="unavailable")
 
 

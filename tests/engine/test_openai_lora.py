@@ -246,6 +246,17 @@ def test_refused_load_and_unload_bodies_through_two_api_servers(
     assert engine.lora_names == ["sql"]
 
 
+def test_api_servers_whose_engine_process_ended_answer_503_where_they_would_ask_it(
+    front_ends: tuple[Any, list[str]],
+) -> None:
+    engine, urls = front_ends
+    engine._proc.kill()
+    engine._proc.join(WAIT)
+    for url in urls:
+        for answer in (httpx.get(f"{url}/v1/models", timeout=WAIT), complete(url, "unknown")):
+            assert answer.status_code == 503 and answer.json()["error"]["code"] == "unavailable", answer.text
+
+
 # ---- the parts on their own -------------------------------------------------------------------------------------
 
 
