@@ -85,8 +85,6 @@ def _lora_settings(args: argparse.Namespace) -> dict[str, Any] | None:
         if given:
             raise ValueError(f"{given[0]}: serves LoRA adapters; add --enable-lora")
         return None
-    if args.api_servers > 1:
-        raise ValueError(f"--enable-lora: adapters are served by one API server; drop --api-servers {args.api_servers}")
     modules = list(args.lora_modules or ())
     served = args.served_model_name or [args.model]
     for name, _ in modules:
@@ -652,7 +650,8 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         "--enable-lora",
         action="store_true",
         help="serve LoRA adapters of the base model (PEFT folders), each chosen by a request's `model` (the Llama "
-        "family on one GPU); rows of different adapters decode in one batch",
+        "family on one GPU); rows of different adapters decode in one batch; with --api-servers N, every front end "
+        "serves the adapters the engine holds",
     )
     p.add_argument(
         "--lora-modules",
@@ -662,7 +661,8 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="NAME=PATH",
         help="adapters to serve from the start, each as the name requests give as `model` and its PEFT folder "
         "(adapter_config.json, adapter_model.safetensors); with FI_ENGINE_ALLOW_RUNTIME_LORA_UPDATING=1, more are "
-        "loaded and unloaded at run time through POST /v1/load_lora_adapter and /v1/unload_lora_adapter",
+        "loaded and unloaded at run time through POST /v1/load_lora_adapter and /v1/unload_lora_adapter (of any "
+        "API server: all of them see the change)",
     )
     p.add_argument(
         "--max-loras",
@@ -850,7 +850,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     quantization = None if weights is None else weights.method
     if args.api_servers > 1:
-        return _serve_api_servers(args, engine, names, settings, quantization)
+        return _serve_api_servers(args, engine, names, settings, quantization, lora)
     from .serve.openai_server import serve
 
     with engine:
@@ -879,12 +879,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 quantization=quantization,
                 api_key=args.api_key,
                 allowed_origins=args.allowed_origins,
-                lora_modules=None if lora is None else [name for name, _ in lora["modules"]],
+                lora_modules=_adapter_names(lora),
                 **({} if args.max_request_bytes is None else {"max_request_bytes": args.max_request_bytes}),
             )
         finally:
             service.close(timeout=args.grace)
     return 0
+
+
+def _adapter_names(lora: dict[str, Any] | None) -> list[str] | None:
+    """The names of the adapters ``serve`` loads at start (the engine's ``lora`` argument; None: no LoRA)."""
+    return None if lora is None else [name for name, _ in lora["modules"]]
 
 
 def _adapters_line(lora: dict[str, Any]) -> str:
@@ -924,10 +929,16 @@ def _quantized_weights(model: str) -> Any:
 
 
 def _serve_api_servers(
-    args: argparse.Namespace, engine: Any, names: list[str], settings: str, quantization: str | None
+    args: argparse.Namespace,
+    engine: Any,
+    names: list[str],
+    settings: str,
+    quantization: str | None,
+    lora: dict[str, Any] | None,
 ) -> int:
     """``serve --api-servers N`` (N > 1): N front-end processes over ``engine`` (fi_engine.serve.api_servers) until
-    SIGINT/SIGTERM; 1 when a front end failed (named on stderr), 2 for an address that cannot be bound."""
+    SIGINT/SIGTERM, each serving the adapters of ``lora`` (the engine's LoRA settings; None: none); 1 when a front
+    end failed (named on stderr), 2 for an address that cannot be bound."""
     from .serve.api_servers import serve_api_servers
 
     where = f"{PROG} serve"
@@ -957,6 +968,7 @@ def _serve_api_servers(
                 api_key=args.api_key,
                 allowed_origins=args.allowed_origins,
                 max_request_bytes=args.max_request_bytes,
+                lora_modules=_adapter_names(lora),
             )
         except ValueError as exc:  # the address cannot be bound
             print(f"{where}: {exc}", file=sys.stderr)

@@ -25,6 +25,12 @@ it loads the checkpoint's tokenizer itself (its own :class:`~fi_engine.text.code
   all of them, whichever front end it reaches); every front end's ``/metrics`` is the sum over all of them
   (:meth:`~fi_engine.serve.metrics.ServingMetrics.shared`), with one more family,
   ``fi_engine_api_server_http_responses_total{api_server="i"}``, showing how the load is spread.
+- LoRA adapters (``lora_modules``): the engine process is the one record of which adapters exist. A front end
+  keeps the names it has seen, so a request naming one goes straight to the engine, and asks the engine for its
+  names (one round trip) where a request names a model it does not know (loaded through another front end), where
+  the engine refused a request's adapter (unloaded through another: 404 ``model_not_found``, as with one server),
+  for ``/v1/models``, and before a load or an unload (two loads of one name at once: the engine takes the first,
+  the other is answered 400).
 - Signals: the front ends leave the terminal's process group, so a Ctrl-C reaches the owner only (and the engine
   child ignores SIGINT). On SIGINT/SIGTERM the owner tells every front end to stop: each stops accepting, lets
   open requests finish for ``graceful_s`` seconds and cancels the rest (as one server does); a second signal
@@ -52,6 +58,7 @@ from typing import Any
 
 from ..values import show
 from .engine_process import EngineProcess
+from .lora_api import ServedAdapters, check_runtime_lora_updating
 
 __all__ = ["serve_api_servers"]
 
@@ -74,6 +81,8 @@ class _Settings:
     allowed_origins: tuple[str, ...]
     max_request_bytes: int
     api_key: str | None = field(default=None, repr=False)  # through the spawn pipe: never on a command line
+    lora_modules: tuple[str, ...] | None = None  # the adapters loaded at start (None: the engine serves none)
+    allow_runtime_lora_updating: bool = False
 
 
 def _ignore(sig: int, frame: Any) -> None:
@@ -111,6 +120,9 @@ def _front_end(
             api_key=settings.api_key,
             allowed_origins=settings.allowed_origins,
             max_request_bytes=settings.max_request_bytes,
+            lora_modules=settings.lora_modules,
+            allow_runtime_lora_updating=settings.allow_runtime_lora_updating,
+            shared_engine=True,  # the others load and unload adapters too: the engine says which it serves
         )
         config = uvicorn_config(app, log_level=settings.log_level, graceful_s=settings.graceful_s)
         server = uvicorn.Server(config)
@@ -212,6 +224,8 @@ def serve_api_servers(
     api_key: str | None = None,
     allowed_origins: Sequence[str] = ("*",),
     max_request_bytes: int | None = None,
+    lora_modules: Sequence[str] | None = None,
+    allow_runtime_lora_updating: bool | None = None,
 ) -> None:
     """Serve ``engine`` through ``engine.clients`` API-server processes (see the module docstring) until
     SIGINT/SIGTERM; the engine process stays open (its owner, the caller, closes it).
@@ -231,6 +245,10 @@ def serve_api_servers(
         api_key, allowed_origins, max_request_bytes: as :func:`~fi_engine.serve.openai_server.build_app` takes them,
             in every front end (the key reaches them through their start-up pipe, not their command lines;
             ``max_request_bytes`` None: its default).
+        lora_modules, allow_runtime_lora_updating: as :func:`~fi_engine.serve.openai_server.build_app` takes them, in
+            every front end: each answers to the adapters the engine serves, and one loaded or unloaded through any
+            front end is served or refused by all of them (``build_app``'s ``shared_engine``: the engine process is
+            the one record of which adapters exist).
 
     Raises:
         TypeError/ValueError naming the argument (``port``/``host`` also when the address cannot be bound);
@@ -265,6 +283,8 @@ def serve_api_servers(
     body_limit = check_max_request_bytes(MAX_REQUEST_BYTES if max_request_bytes is None else max_request_bytes)
     origins = check_origins(allowed_origins)
     check_api_key(api_key)
+    runtime_lora = check_runtime_lora_updating(allow_runtime_lora_updating)
+    adapters = ServedAdapters(lora_modules, names, runtime_lora)  # its names checked here, before any process starts
     from .metrics import ServingMetrics
     from .shared_queue import SharedQueue
 
@@ -280,6 +300,8 @@ def serve_api_servers(
         origins,
         body_limit,
         api_key,
+        None if lora_modules is None else tuple(adapters.names),
+        runtime_lora,
     )
     socks = _listen(host, port, count)
     bound = socks[0].getsockname()[1]

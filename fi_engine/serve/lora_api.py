@@ -5,7 +5,13 @@ adapter with the base model's id as its ``parent``; vLLM's ``POST /v1/load_lora_
 started with ``FI_ENGINE_ALLOW_RUNTIME_LORA_UPDATING=1`` (vLLM's ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``), and are
 refused (404 naming the variable) otherwise. The bodies are checked here (:class:`APIError` naming the field); the
 engine reads and checks the adapter itself (:mod:`fi_engine.lora`), in its own thread
-(:meth:`GenerationService.call <fi_engine.serve.service.GenerationService.call>`)."""
+(:meth:`GenerationService.call <fi_engine.serve.service.GenerationService.call>`).
+
+With several API servers over one engine process (``--api-servers N``), the engine is the one truth about which
+adapters exist: each front end keeps the names it has seen (:attr:`ServedAdapters.names`, so that a request naming
+one costs no round trip) and replaces them with the engine's (:meth:`ServedAdapters.update`) where they may be stale:
+a ``model`` it does not know, ``/v1/models``, a load or an unload, an engine that refused a request's adapter
+(``shared``; :mod:`fi_engine.serve.openai_server` asks)."""
 
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from ..lora.settings import adapter_name
 from ..values import show
 from .openai_protocol import APIError
 
-__all__ = ["RUNTIME_LORA_ENV", "ServedAdapters", "runtime_lora_allowed"]
+__all__ = ["RUNTIME_LORA_ENV", "ServedAdapters", "check_runtime_lora_updating", "runtime_lora_allowed"]
 
 RUNTIME_LORA_ENV = "FI_ENGINE_ALLOW_RUNTIME_LORA_UPDATING"
 """The environment variable that opens the load and unload endpoints (``1`` or ``true``)."""
@@ -30,16 +36,31 @@ def runtime_lora_allowed(environ: Mapping[str, str] | None = None) -> bool:
     return value.strip().lower() in ("1", "true")
 
 
+def check_runtime_lora_updating(value: object) -> bool:
+    """``allow_runtime_lora_updating`` as a bool: ``True`` / ``False`` as given, None the environment's
+    (:func:`runtime_lora_allowed`); TypeError naming it for anything else."""
+    if value is None:
+        return runtime_lora_allowed()
+    if not isinstance(value, bool):
+        what = show(value)
+        raise TypeError(f"allow_runtime_lora_updating: expected True, False or None (the environment's), got {what}")
+    return value
+
+
 class ServedAdapters:
     """The adapters a server answers to: ``names`` (those loaded when it started; None: the engine serves no
-    adapters), beside the base model's ``base_names``; ``runtime``: the load and unload endpoints are open.
-    TypeError/ValueError naming ``lora_modules`` for a name that cannot be a request's ``model`` or that is one of
-    the base model's."""
+    adapters), beside the base model's ``base_names``; ``runtime``: the load and unload endpoints are open;
+    ``shared``: other API servers serve the same engine and load or unload adapters too (the names kept here may be
+    stale: :meth:`update` them from the engine's). TypeError/ValueError naming ``lora_modules`` for a name that
+    cannot be a request's ``model`` or that is one of the base model's."""
 
-    def __init__(self, names: Sequence[str] | None, base_names: Sequence[str], runtime: bool) -> None:
+    def __init__(
+        self, names: Sequence[str] | None, base_names: Sequence[str], runtime: bool, shared: bool = False
+    ) -> None:
         self.enabled = names is not None
         self.base_names = list(base_names)
         self.runtime = runtime
+        self.shared = shared
         self.names: list[str] = []
         if isinstance(names, str) or (names is not None and not isinstance(names, Sequence)):
             raise TypeError(f"lora_modules: expected the adapters' names (a list of str) or None, got {show(names)}")
@@ -52,6 +73,10 @@ class ServedAdapters:
             what = "the base model's name" if name in self.base_names else "an adapter's name already"
             raise ValueError(f"{field}: {name!r} is {what}; give the adapter another name")
         return name
+
+    def update(self, names: Sequence[str]) -> None:
+        """The engine's adapter names (``engine.lora_names``, in their order of loading) in place of those kept."""
+        self.names = [name for name in names if name not in self.base_names]  # (a new list: readers hold the old)
 
     @property
     def models(self) -> list[str]:
@@ -106,10 +131,14 @@ class ServedAdapters:
         self._open("/v1/unload_lora_adapter")
         name = self._name(body)
         if name not in self.names:
-            served = ", ".join(map(repr, self.names)) or "none"
-            raise APIError(f"lora_name: no adapter named {name!r} is loaded (loaded: {served})", "lora_name",
-                           status=404, code="model_not_found")  # fmt: skip
+            raise self.not_loaded(name)
         return name
+
+    def not_loaded(self, name: str) -> APIError:
+        """The 404 ``model_not_found`` of unloading ``name``, an adapter not loaded."""
+        served = ", ".join(map(repr, self.names)) or "none"
+        return APIError(f"lora_name: no adapter named {name!r} is loaded (loaded: {served})", "lora_name",
+                        status=404, code="model_not_found")  # fmt: skip
 
     @staticmethod
     def _name(body: Any) -> str:

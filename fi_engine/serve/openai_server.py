@@ -49,7 +49,7 @@ from ..text.harmony import MARKERS
 from ..text.tool_calls import NEUTRAL, ToolCall, ToolCallParser, call_format, opener
 from ..text.tool_grammar import tool_call_grammar
 from ..values import show
-from .lora_api import ServedAdapters, runtime_lora_allowed
+from .lora_api import ServedAdapters, check_runtime_lora_updating
 from .openai_protocol import (
     CHAT_CHUNK,
     COMPLETION_CHUNK,
@@ -228,10 +228,32 @@ class _Handlers:
             models = self.adapters.models
             return parse_chat(body, models) if chat else parse_completion(body, models)
 
+        async def parse_here(raw: bytes) -> ParsedRequest:
+            if len(raw) <= OFF_LOOP_BYTES:
+                return parse(raw)
+            return await asyncio.get_running_loop().run_in_executor(self.reader, parse, raw)
+
         raw = await self.body_bytes(request)
-        if len(raw) <= OFF_LOOP_BYTES:
-            return parse(raw)
-        return await asyncio.get_running_loop().run_in_executor(self.reader, parse, raw)
+        try:
+            return await parse_here(raw)
+        except APIError as exc:  # a model this server does not know: another may have loaded it (shared engine)
+            if exc.code != "model_not_found" or not await self._learn_adapters():
+                raise
+        return await parse_here(raw)
+
+    async def _learn_adapters(self) -> bool:
+        """Where other API servers share the engine (``ServedAdapters.shared``): the adapters' names kept here
+        replaced by the engine's (one round trip to it), so that what another server loaded or unloaded is seen
+        here; False (nothing asked) otherwise. 503 once the service is closed or the engine process is gone."""
+        adapters = self.adapters
+        if not (adapters.shared and adapters.enabled):
+            return False
+        try:
+            names = await asyncio.wrap_future(self.service.call(lambda engine: engine.lora_names))
+        except RuntimeError as exc:  # ServiceClosedError, or the engine process's end (EngineClient names it)
+            raise _unavailable(exc) from None
+        adapters.update(names)
+        return True
 
     async def body_bytes(self, request: Any) -> bytes:
         """The request's body: 413 once it passes ``max_request_bytes`` (at once from a ``Content-Length`` that says
@@ -284,6 +306,10 @@ class _Handlers:
         )
 
     async def list_models(self, request: Any) -> Any:
+        try:
+            await self._learn_adapters()
+        except APIError as exc:
+            return self.error(exc)
         data = [self._model(m) for m in self.models] + self.adapters.entries(self._model(self.models[0]))
         return self.JSONResponse({"object": "list", "data": data})
 
@@ -291,6 +317,10 @@ class _Handlers:
         name = request.path_params["model"]
         if name in self.models:
             return self.JSONResponse(self._model(name))
+        try:
+            await self._learn_adapters()
+        except APIError as exc:
+            return self.error(exc)
         listed = [m for m in self.adapters.entries(self._model(self.models[0])) if m["id"] == name]
         if not listed:
             return self.error(unknown_model(name, self.adapters.models))
@@ -301,13 +331,17 @@ class _Handlers:
         engine has read and checked it (400 naming what does not fit; :mod:`fi_engine.serve.lora_api`)."""
         path = ""
         try:
-            name, path = self.adapters.load_body(parse_body(await self.body_bytes(request)))
+            body = parse_body(await self.body_bytes(request))
+            await self._learn_adapters()  # (another API server may have loaded this name)
+            name, path = self.adapters.load_body(body)
             await asyncio.wrap_future(self.service.call(lambda engine: engine.load_lora(name, path)))
         except APIError as exc:
             return self.error(exc)
         except (ValueError, TypeError, ServiceClosedError) as exc:  # the engine's refusal (its key named)
-            return self.error(APIError(str(exc).replace(path, "lora_path") if path else str(exc), "lora_path"))
-        if name not in self.adapters.names:  # (two loads of one name at once: the engine took the first only)
+            # (a name taken meanwhile, by a load at the same time here or through another API server: lora_name)
+            field = "lora_name" if str(exc).startswith("lora_name:") else "lora_path"
+            return self.error(APIError(str(exc).replace(path, "lora_path") if path else str(exc), field))
+        if name not in self.adapters.names:
             self.adapters.names.append(name)
         log.info("LoRA adapter %r loaded", name)
         return self.PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
@@ -315,12 +349,20 @@ class _Handlers:
     async def unload_lora_adapter(self, request: Any) -> Any:
         """vLLM's ``POST /v1/unload_lora_adapter``: adapter ``lora_name`` no longer served (400 while requests use
         it; 404 for a name not loaded)."""
+        name = ""
         try:
-            name = self.adapters.unload_body(parse_body(await self.body_bytes(request)))
+            body = parse_body(await self.body_bytes(request))
+            await self._learn_adapters()  # (another API server may have loaded or unloaded it)
+            name = self.adapters.unload_body(body)
             await asyncio.wrap_future(self.service.call(lambda engine: engine.unload_lora(name)))
         except APIError as exc:
             return self.error(exc)
         except (ValueError, TypeError, ServiceClosedError) as exc:
+            try:  # unloaded meanwhile through another API server: the 404 of a name not loaded
+                if await self._learn_adapters() and name not in self.adapters.names:
+                    return self.error(self.adapters.not_loaded(name))
+            except APIError as closed:
+                return self.error(closed)
             return self.error(APIError(str(exc), "lora_name"))
         if name in self.adapters.names:
             self.adapters.names.remove(name)
@@ -374,6 +416,11 @@ class _Handlers:
             forced = parsed.tool_choice in ("required", "named") and reading[0] not in (None, NEUTRAL)
             if grammar is not None and forced and str(exc).startswith("grammar:"):
                 return await self._accepted(parsed, None, reading, prompts, chat)
+            # an adapter unloaded through another API server since this one learned its name: the 404 of a model
+            # not served, as where this server unloaded it
+            gone = str(exc).startswith("lora:") and await self._learn_adapters()
+            if gone and parsed.model not in self.adapters.models:
+                raise unknown_model(parsed.model, self.adapters.models) from None
             raise _refusal(exc, chat, parsed.grammar_field) from None
         except ServiceError as exc:
             raise _engine_failed(exc) from None
@@ -519,7 +566,7 @@ class _Handlers:
         except QueueFullError as exc:
             raise APIError(str(exc), None, status=429, type="rate_limit_error", code="rate_limit_exceeded") from None
         except ServiceClosedError as exc:
-            raise APIError(str(exc), None, status=503, type="service_unavailable", code="unavailable") from None
+            raise _unavailable(exc) from None
         except (ValueError, TypeError) as exc:  # ids outside the vocabulary, a text that encodes to nothing
             raise _named(exc, "messages" if parsed.messages is not None else "prompt") from None
         return _Submitted(streams, choices, sum(len(p) for p in ids))
@@ -1027,6 +1074,11 @@ _SAMPLING_FIELDS = {f.name: f.name for f in fields(SamplingParams)} | {
 }
 
 
+def _unavailable(exc: RuntimeError) -> APIError:
+    """The 503 of a request that came once the service closed (or its engine process ended)."""
+    return APIError(str(exc), None, status=503, type="service_unavailable", code="unavailable")
+
+
 def _refusal(exc: BaseException, chat: bool, grammar_field: str = "response_format") -> APIError:
     """The engine's refusal of a request as a 400: a prompt longer than it serves, or a sampling field it cannot
     honour (named by the message's head; a grammar by ``grammar_field``, the request field that asked for it)."""
@@ -1163,6 +1215,7 @@ def build_app(
     grammar_timeout_s: float = GRAMMAR_TIMEOUT_S,
     lora_modules: Sequence[str] | None = None,
     allow_runtime_lora_updating: bool | None = None,
+    shared_engine: bool = False,
 ) -> Any:
     """The server's Starlette application.
 
@@ -1190,6 +1243,11 @@ def build_app(
         allow_runtime_lora_updating: open ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (the
             engine's ``load_lora`` / ``unload_lora``); None (default): where ``FI_ENGINE_ALLOW_RUNTIME_LORA_UPDATING``
             is ``1`` or ``true``. Closed, they answer 404 naming the variable.
+        shared_engine: other API servers serve the same engine (``--api-servers N``,
+            :mod:`fi_engine.serve.api_servers`): the adapters they load or unload are learned from the engine, asked
+            for its adapters' names (one round trip) where a request's ``model`` is no name this server knows, where
+            the engine refuses a request's adapter, for ``/v1/models`` and before a load or unload; a request naming
+            an adapter already known costs no round trip. False (default): this server is the engine's only one.
     """
     applications = _require("starlette.applications")
     from starlette.exceptions import HTTPException
@@ -1200,11 +1258,9 @@ def build_app(
         raise ValueError(f"model_names: expected a non-empty name or list of names, got {model_names!r:.80}")
     if not isinstance(service, GenerationService):
         raise TypeError(f"service: expected a fi_engine.serve.service.GenerationService, got {type(service).__name__}")
-    if allow_runtime_lora_updating is None:
-        allow_runtime_lora_updating = runtime_lora_allowed()
-    elif not isinstance(allow_runtime_lora_updating, bool):
-        what = show(allow_runtime_lora_updating)
-        raise TypeError(f"allow_runtime_lora_updating: expected True, False or None (the environment's), got {what}")
+    runtime = check_runtime_lora_updating(allow_runtime_lora_updating)
+    if not isinstance(shared_engine, bool):
+        raise TypeError(f"shared_engine: expected True or False, got {show(shared_engine)}")
     h = _Handlers(
         service,
         names,
@@ -1213,7 +1269,7 @@ def build_app(
         check_max_request_bytes(max_request_bytes),
         _seconds("body_timeout_s", body_timeout_s),
         _seconds("grammar_timeout_s", grammar_timeout_s),
-        ServedAdapters(lora_modules, names, allow_runtime_lora_updating),
+        ServedAdapters(lora_modules, names, runtime, shared_engine),
     )
     key, origins = check_api_key(api_key), check_origins(allowed_origins)
 

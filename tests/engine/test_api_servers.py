@@ -22,7 +22,9 @@ from typing import Any
 
 import pytest
 from helpers.env import REPO, subprocess_env
-from helpers.fake_engine import expected_tokens
+from helpers.fake_engine import expected_tokens, lora_seed
+from helpers.lora_serving import LOAD, REFUSED, UNLOAD, adapter_folder, assert_loaded_once, assert_refused, load_at_once
+from helpers.lora_serving import post as lora_post
 from helpers.serve import require_server_stack
 from helpers.text_checkpoints import write_text_checkpoint
 
@@ -55,10 +57,17 @@ class Server:
     """The server process (two front ends, one engine process) on an ephemeral port."""
 
     def __init__(
-        self, tmp_path: Path, model_dir: Path, engine: dict[str, Any], max_queue: int = 12, api_key: str | None = None
+        self,
+        tmp_path: Path,
+        model_dir: Path,
+        engine: dict[str, Any],
+        max_queue: int = 12,
+        api_key: str | None = None,
+        lora: dict[str, Any] | None = None,
     ) -> None:
         config = {"model_dir": str(model_dir), "api_servers": 2, "engine": engine, "max_queue": max_queue}
         config["graceful_s"] = 10.0
+        config |= lora or {}  # lora_modules, allow_runtime_lora_updating
         env = subprocess_env()
         if api_key is not None:
             env["FI_ENGINE_API_KEY"] = api_key
@@ -291,3 +300,70 @@ def test_a_front_end_that_cannot_start_is_named(tmp_path: Path, codec: Any) -> N
     empty.mkdir()
     with pytest.raises(AssertionError, match=r"API server \d failed to start: .*tokenizer\.json"):
         Server(tmp_path, empty, {"vocab_size": codec.tokenizer.vocab_size})
+
+
+def test_serve_api_servers_refuses_lora_arguments_by_name_before_any_front_end(model_dir: Path, codec: Any) -> None:
+    from fi_engine.serve.api_servers import serve_api_servers
+    from fi_engine.serve.engine_process import EngineProcess
+
+    with EngineProcess("helpers.fake_engine:FakeStepEngine", codec.tokenizer.vocab_size, clients=2) as engine:
+        with pytest.raises(ValueError, match=rf"^lora_modules\[0\]: '{MODEL}' is the base model's name"):
+            serve_api_servers(engine, model_dir, MODEL, port=0, lora_modules=[MODEL])
+        with pytest.raises(TypeError, match=r"^lora_modules: expected the adapters' names"):
+            serve_api_servers(engine, model_dir, MODEL, port=0, lora_modules="sql")
+        with pytest.raises(TypeError, match=r"^allow_runtime_lora_updating: expected True, False or None"):
+            serve_api_servers(engine, model_dir, MODEL, port=0, lora_modules=[], allow_runtime_lora_updating="yes")  # type: ignore[arg-type]
+        assert engine.alive  # (its connections unused: no front end started)
+
+
+def test_lora_adapters_through_two_api_servers(tmp_path: Path, model_dir: Path, codec: Any, pool: list[int]) -> None:
+    engine = {"vocab_size": codec.tokenizer.vocab_size, "pool": pool, "max_batch": 4, "adapters": ["sql"]}
+    lora = {"lora_modules": ["sql"], "allow_runtime_lora_updating": True}
+    server = Server(tmp_path, model_dir, engine, lora=lora)
+    url = server.url
+
+    def through_both(model: str, status: int) -> list[Any]:
+        """12 requests of ``model``, each on a connection of its own: answered ``status`` by both front ends."""
+        before = server.per_server()
+        answers = [post(url, {"model": model, "prompt": [5, 6], "max_tokens": 3, "temperature": 0}) for _ in range(12)]
+        assert [r.status_code for r in answers] == [status] * 12, answers[0].text
+        assert all(a > b for a, b in zip(server.per_server(), before, strict=True))  # both front ends answered
+        return answers
+
+    try:
+        for _ in range(6):  # the adapter loaded at start, in the list of both
+            models = httpx.get(f"{url}/v1/models", timeout=WAIT).json()["data"]
+            assert [(m["id"], m.get("parent")) for m in models] == [(MODEL, None), ("sql", MODEL)]
+        want = codec.decode(expected_tokens([5, 6], 3, pool, lora_seed("sql")))
+        assert {r.json()["choices"][0]["text"] for r in through_both("sql", 200)} == {want}
+
+        # loaded through one front end: served by both; unloaded through one: 404 from both
+        loaded = lora_post(url, LOAD, {"lora_name": "new", "lora_path": adapter_folder(tmp_path / "new")})
+        assert loaded.status_code == 200, loaded.text
+        want = codec.decode(expected_tokens([5, 6], 3, pool, lora_seed("new")))
+        assert {r.json()["choices"][0]["text"] for r in through_both("new", 200)} == {want}
+        assert lora_post(url, UNLOAD, {"lora_name": "new"}).status_code == 200
+        refused = through_both("new", 404)
+        assert {(r.json()["error"]["code"], r.json()["error"]["param"]) for r in refused} == {
+            ("model_not_found", "model")
+        }
+        for _ in range(6):
+            assert [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=WAIT).json()["data"]] == [MODEL, "sql"]
+
+        # one name loaded through both front ends at once (fresh connections: the kernel picks each one's), loaded once
+        folder = adapter_folder(tmp_path / "dup")
+        for round_ in range(3):
+            name = f"dup{round_}"
+            assert_loaded_once(load_at_once([url] * 4, name, folder), name)
+            ids = [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=WAIT).json()["data"]]
+            assert ids.count(name) == 1 and lora_post(url, UNLOAD, {"lora_name": name}).status_code == 200
+
+        before = server.per_server()
+        for case in REFUSED:  # the bodies refused by field, whichever front end reads them
+            for _ in range(2):
+                assert_refused(url, tmp_path, *case)
+        assert all(a > b for a, b in zip(server.per_server(), before, strict=True))
+        assert [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=WAIT).json()["data"]] == [MODEL, "sql"]
+        assert "Traceback" not in server.stderr()
+    finally:
+        server.kill()

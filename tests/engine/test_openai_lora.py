@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from helpers.fake_engine import expected_tokens, lora_seed
+from helpers.lora_serving import REFUSED, adapter_folder, assert_loaded_once, assert_refused, load_at_once, post
 from helpers.serve import MODEL, WAIT, Served, require_server_stack
 
 from fi_engine.runtime.sampling_params import SamplingParams
@@ -24,17 +25,6 @@ openai = require_server_stack()
 httpx = pytest.importorskip("httpx")
 
 PROMPT = [11, 12, 13]  # token ids (within every test vocabulary)
-
-
-def post(url: str, path: str, body: Any) -> Any:
-    return httpx.post(f"{url}{path}", content=json.dumps(body), headers={"Content-Type": "application/json"},
-                      timeout=WAIT)  # fmt: skip
-
-
-def adapter_folder(path: Path) -> str:
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "adapter_config.json").write_text("{}")  # (the stand-in engine reads nothing else)
-    return str(path)
 
 
 @pytest.fixture
@@ -99,32 +89,11 @@ def test_adapters_load_and_unload_at_run_time(lora_served: Served, tmp_path: Pat
     assert post(url, "/v1/load_lora_adapter", {"lora_name": "new", "lora_path": folder}).status_code == 200
 
 
-# (endpoint, body, status, param, the message's start)
-REFUSED = [
-    ("load", {"lora_name": "sql", "lora_path": "{folder}"}, 400, "lora_name", "lora_name: the adapter 'sql' is loaded"),
-    ("load", {"lora_name": MODEL, "lora_path": "{folder}"}, 400, "lora_name", f"lora_name: '{MODEL}' is the base"),
-    ("load", {"lora_name": 5, "lora_path": "{folder}"}, 400, "lora_name", "lora_name: expected an adapter's name"),
-    ("load", {"lora_name": "a b", "lora_path": "{folder}"}, 400, "lora_name", "lora_name: expected 1 to 128"),
-    ("load", {"lora_path": "{folder}"}, 400, "lora_name", "lora_name: expected an adapter's name (a str), got None"),
-    ("load", {"lora_name": "x"}, 400, "lora_path", "lora_path: expected the path of a PEFT adapter folder"),
-    ("load", {"lora_name": "x", "lora_path": ["a"]}, 400, "lora_path", "lora_path: expected the path"),
-    ("load", {"lora_name": "x", "lora_path": "{missing}"}, 400, "lora_path", "adapter_config.json: missing"),
-    ("load", ["lora_name"], 400, None, "expected a JSON object with lora_name, got list"),
-    ("unload", {"lora_name": "nope"}, 404, "lora_name", "lora_name: no adapter named 'nope' is loaded (loaded: 'sql'"),
-    ("unload", {}, 400, "lora_name", "lora_name: expected an adapter's name"),
-]
-
-
 @pytest.mark.parametrize(("endpoint", "body", "status", "param", "start"), REFUSED, ids=range(len(REFUSED)))
 def test_load_and_unload_bodies_are_refused_by_field(
     lora_served: Served, tmp_path: Path, endpoint: str, body: Any, status: int, param: str | None, start: str
 ) -> None:
-    folder, missing = adapter_folder(tmp_path / "ok"), str(tmp_path / "gone")
-    filled = json.loads(json.dumps(body).replace("{folder}", folder).replace("{missing}", missing))
-    done = post(lora_served.url, f"/v1/{endpoint}_lora_adapter", filled)
-    error = done.json()["error"]
-    assert (done.status_code, error["param"]) == (status, param) and error["message"].startswith(start), error
-    assert str(tmp_path) not in done.text
+    assert_refused(lora_served.url, tmp_path, endpoint, body, status, param, start)
     assert lora_served.engine.lora_names == ["sql", "chat"]
 
 
@@ -173,6 +142,119 @@ def test_an_adapter_the_engine_cannot_read_again_fails_that_request_only(
     assert "lora: the adapter 'sql' could not be read again from its folder" in message
     text = client.completions.create(model="chat", prompt=PROMPT, max_tokens=4, temperature=0).choices[0].text
     assert text == codec.decode(expected_tokens(PROMPT, 4, pool, lora_seed("chat")))
+
+
+# ---- several API servers over one engine process ----------------------------------------------------------------
+
+
+@pytest.fixture
+def front_ends(codec: Any, pool: list[int]) -> Iterator[tuple[Any, list[str]]]:
+    """Two API servers over one engine process serving adapter 'sql', as ``--api-servers 2`` runs them but in this
+    process, so that a test picks the server each request reaches: each a service over a connection of its own and
+    ``build_app(shared_engine=True)``. The engine process and the two servers' addresses."""
+    from helpers.serve import RunningServer
+
+    from fi_engine.serve.engine_process import EngineProcess
+    from fi_engine.serve.openai_server import build_app
+
+    vocab = codec.tokenizer.vocab_size
+    with EngineProcess("helpers.fake_engine:FakeStepEngine", vocab, clients=2, pool=pool, adapters=["sql"],
+                       max_seq_len=4096) as engine:  # fmt: skip
+        services = [GenerationService(engine.client(i), codec) for i in range(2)]
+        apps = [build_app(service, MODEL, close_timeout=1.0, lora_modules=["sql"], allow_runtime_lora_updating=True,
+                          shared_engine=True) for service in services]  # fmt: skip
+        servers = [RunningServer(app) for app in apps]
+        try:
+            yield engine, [server.url for server in servers]
+        finally:
+            for server in servers:
+                server.stop()
+            for service in services:
+                service.close(timeout=1.0)
+
+
+def complete(url: str, model: str, stream: bool = False) -> Any:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 3, "temperature": 0, "stream": stream}
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=WAIT)
+
+
+def listed(url: str) -> list[tuple[str, str | None]]:
+    return [(m["id"], m.get("parent")) for m in httpx.get(f"{url}/v1/models", timeout=WAIT).json()["data"]]
+
+
+def test_an_adapter_loaded_or_unloaded_through_one_api_server_is_seen_by_the_other(
+    front_ends: tuple[Any, list[str]], codec: Any, pool: list[int], tmp_path: Path
+) -> None:
+    engine, (a, b) = front_ends
+    for url in (a, b):  # the adapter loaded at start, through each
+        assert listed(url) == [(MODEL, None), ("sql", MODEL)]
+        text = complete(url, "sql").json()["choices"][0]["text"]
+        assert text == codec.decode(expected_tokens(PROMPT, 3, pool, lora_seed("sql")))
+    calls = engine.client(1)._calls  # (the round trips b's connection made besides its requests)
+    assert [complete(b, name).status_code for name in ("sql", MODEL, "sql")] == [200] * 3
+    assert engine.client(1)._calls == calls  # names it knows: no round trip to ask the engine
+
+    folder = adapter_folder(tmp_path / "n")
+    assert post(a, "/v1/load_lora_adapter", {"lora_name": "new", "lora_path": folder}).status_code == 200
+    done = complete(b, "new")  # a name b did not know: it asks the engine, which serves it
+    assert done.status_code == 200, done.text
+    assert done.json()["choices"][0]["text"] == codec.decode(expected_tokens(PROMPT, 3, pool, lora_seed("new")))
+    assert listed(b) == [(MODEL, None), ("sql", MODEL), ("new", MODEL)]
+    assert httpx.get(f"{b}/v1/models/new", timeout=WAIT).json()["parent"] == MODEL
+
+    assert post(b, "/v1/unload_lora_adapter", {"lora_name": "new"}).status_code == 200  # b learned it: b unloads it
+    assert engine.lora_names == ["sql"]
+    for url, stream in ((a, False), (a, True), (b, False), (b, True)):  # a still had the name: the engine says no
+        done = complete(url, "new", stream)
+        error = done.json()["error"]
+        assert (done.status_code, error["code"], error["param"]) == (404, "model_not_found", "model"), error
+        assert "'new' is not served here; this server serves 'fake-model', 'sql'" in error["message"]
+    assert listed(a) == listed(b) == [(MODEL, None), ("sql", MODEL)]
+    assert httpx.get(f"{a}/v1/models/new", timeout=WAIT).status_code == 404
+
+    # loaded through a, refused as loaded already through b; unloaded through b, then 404 to unload through a
+    folder = adapter_folder(tmp_path / "x")
+    assert post(a, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": folder}).status_code == 200
+    again = post(b, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": folder})
+    assert again.status_code == 400
+    assert again.json()["error"]["message"].startswith("lora_name: the adapter 'x' is loaded")
+    assert post(b, "/v1/unload_lora_adapter", {"lora_name": "x"}).status_code == 200
+    gone = post(a, "/v1/unload_lora_adapter", {"lora_name": "x"})
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+    assert engine.lora_names == ["sql"]
+
+
+def test_one_name_loaded_through_two_api_servers_at_once_is_loaded_once(
+    front_ends: tuple[Any, list[str]], tmp_path: Path
+) -> None:
+    engine, urls = front_ends
+    folder = adapter_folder(tmp_path / "dup")
+    for round_ in range(3):
+        name = f"dup{round_}"
+        assert_loaded_once(load_at_once(urls, name, folder), name)
+        assert engine.lora_names.count(name) == 1
+        assert all(listed(url).count((name, MODEL)) == 1 for url in urls)
+
+
+def test_refused_load_and_unload_bodies_through_two_api_servers(
+    front_ends: tuple[Any, list[str]], tmp_path: Path
+) -> None:
+    engine, urls = front_ends
+    for url in urls:
+        for case in REFUSED:
+            assert_refused(url, tmp_path, *case)
+    assert engine.lora_names == ["sql"]
+
+
+def test_api_servers_whose_engine_process_ended_answer_503_where_they_would_ask_it(
+    front_ends: tuple[Any, list[str]],
+) -> None:
+    engine, urls = front_ends
+    engine._proc.kill()
+    engine._proc.join(WAIT)
+    for url in urls:
+        for answer in (httpx.get(f"{url}/v1/models", timeout=WAIT), complete(url, "unknown")):
+            assert answer.status_code == 503 and answer.json()["error"]["code"] == "unavailable", answer.text
 
 
 # ---- the parts on their own -------------------------------------------------------------------------------------

@@ -102,8 +102,9 @@ def test_serve_bad_values_are_usage_errors(model: Path, flag: str, value: str, m
 
 
 @NO_GPU
-def test_serve_with_api_servers_stops_at_the_missing_gpu_too(model: Path) -> None:
-    done = engine_cli("serve", str(model), "--port", "0", "--api-servers", "2")
+@pytest.mark.parametrize("lora", [[], ["--enable-lora", "--lora-modules", "sql=/adapters/sql"]], ids=["base", "lora"])
+def test_serve_with_api_servers_stops_at_the_missing_gpu_too(model: Path, lora: list[str]) -> None:
+    done = engine_cli("serve", str(model), "--port", "0", "--api-servers", "2", *lora)  # (adapters: every front end)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.startswith("fi-engine serve: the engine needs an NVIDIA GPU")
 
@@ -149,10 +150,6 @@ def test_serve_help_shows_a_query() -> None:
         (
             ["--enable-lora", "--served-model-name", "m", "--lora-modules", "m=/x"],
             "--lora-modules m=...: 'm' is the base model's served name; rename the adapter",
-        ),
-        (
-            ["--enable-lora", "--api-servers", "2"],
-            "--enable-lora: adapters are served by one API server; drop --api-servers 2",
         ),
     ],
 )

@@ -3,7 +3,9 @@ signals): ``python -m helpers.api_servers_main CONFIG_JSON`` with ``tests/`` on 
 
 CONFIG_JSON: ``model_dir`` (a text checkpoint: the front ends' tokenizer), ``api_servers``, ``engine`` (keyword
 arguments of :class:`helpers.fake_engine.FakeStepEngine`, ``vocab_size`` among them), ``max_queue``,
-``graceful_s``; the API key, where the environment has ``FI_ENGINE_API_KEY`` (as ``fi-engine serve`` reads it).
+``graceful_s``, optionally ``lora_modules`` (the adapters' names; the engine's ``adapters``) and
+``allow_runtime_lora_updating``; the API key, where the environment has ``FI_ENGINE_API_KEY`` (as ``fi-engine serve``
+reads it).
 Prints ``READY port pid,pid,... engine_pid`` on stdout once every front end listens; exit status
 0 after a stop, 1 when a front end failed (its message on stderr), as ``fi-engine serve`` does.
 """
@@ -41,6 +43,8 @@ def main(config: dict) -> int:  # type: ignore[type-arg]
                 log_level="warning",
                 ready=ready,
                 api_key=os.environ.get("FI_ENGINE_API_KEY"),
+                lora_modules=config.get("lora_modules"),
+                allow_runtime_lora_updating=config.get("allow_runtime_lora_updating", False),
             )
         except RuntimeError as exc:
             print(f"api servers: {exc}", file=sys.stderr, flush=True)

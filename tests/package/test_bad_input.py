@@ -2243,6 +2243,8 @@ EXEMPT: dict[str, str] = {
     "own part); its refusals and the endpoints' bodies in engine/test_openai_lora.py",
     "serve.lora_api.runtime_lora_allowed": "reads one environment variable (its mapping argument is the tests'); its "
     "values in engine/test_openai_lora.py",
+    "serve.lora_api.check_runtime_lora_updating": "build_app's and serve_api_servers' check of their "
+    "allow_runtime_lora_updating (refused by that name in engine/test_openai_lora.py)",
     # compiles its kernels with CuPy in the constructor; its dtype check runs before that (engine/test_lora_slots.py)
     "kernels.lora_bgmv.LoraBgmv": _GPU,
     **dict.fromkeys(
