@@ -29,7 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from roofline import add_hbm_tbs_argument, decode_step_bytes, roofline_denominator, shape_from_config
+from roofline import (
+    add_hbm_tbs_argument,
+    decode_step_bytes,
+    report_decode_row,
+    roofline_denominator,
+    shape_from_config,
+)
 
 HIDDEN, HEADS, Q_RANK, KV_RANK, NOPE, ROPE, V_DIM, MOE_INTER = 7168, 128, 1536, 512, 128, 64, 128, 2048
 
@@ -152,13 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.fp8 and row["experts_stored"] != stored:
                     print(f"{name}: the engine did not hold the experts so; the row is left out", file=sys.stderr)
                     continue
-                row["bytes_per_step"] = step_bytes
-                row["roofline"] = step_bytes / bandwidth.bytes_per_s / (row["ms_per_step"] / 1e3)
-                rows.append(row)
-                print(f"{name:28s} batch {batch:3d}: {row['tokens_per_s']:9.1f} tokens/s, host "
-                      f"{row['host_us_per_step']:7.1f} us/step, {row['ms_per_step']:.3f} ms/step; "
-                      f"{step_bytes / 1e9:.2f} GB/step expected, {100 * row['roofline']:.0f} % of the roofline",
-                      flush=True)  # fmt: skip
+                report_decode_row(rows, name, row, step_bytes, bandwidth.bytes_per_s, 28)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -31,7 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from roofline import add_hbm_tbs_argument, decode_step_bytes, roofline_denominator, shape_from_config
+from roofline import (
+    add_hbm_tbs_argument,
+    decode_step_bytes,
+    report_decode_row,
+    roofline_denominator,
+    shape_from_config,
+)
 
 
 def make_checkpoint(folder: Path, layers: int, vocab: int, mxfp4: bool = False) -> Path:
@@ -153,13 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 shape = shapes[kwargs.get("stored", True)]
                 step_bytes = decode_step_bytes(shape, batch=batch, context=32 + args.new_tokens // 2)
                 row = {"engine": name, "layers": args.layers, **run(cls, kwargs, path, batch, args.new_tokens)}
-                row["bytes_per_step"] = step_bytes
-                row["roofline"] = step_bytes / bandwidth.bytes_per_s / (row["ms_per_step"] / 1e3)
-                rows.append(row)
-                print(f"{name:40s} batch {batch:3d}: {row['tokens_per_s']:9.1f} tokens/s, host "
-                      f"{row['host_us_per_step']:7.1f} us/step, {row['ms_per_step']:.3f} ms/step; "
-                      f"{step_bytes / 1e9:.2f} GB/step expected, {100 * row['roofline']:.0f} % of the roofline",
-                      flush=True)  # fmt: skip
+                report_decode_row(rows, name, row, step_bytes, bandwidth.bytes_per_s, 40)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -640,6 +640,20 @@ class Denominator(NamedTuple):
     bytes_per_s: float
 
 
+def report_decode_row(rows: list[dict[str, Any]], name: str, row: dict[str, Any], step_bytes: float, bytes_per_s: float,
+                      width: int) -> None:  # fmt: skip
+    """A model benchmark's decode row: ``step_bytes`` (the bytes a step reads) and its share of the roofline at
+    ``bytes_per_s`` (:func:`roofline_denominator`'s) added to ``row`` (which has ``ms_per_step``,
+    ``tokens_per_s`` and ``host_us_per_step``), the row kept in ``rows`` and printed (``name`` padded to ``width``)."""
+    row["bytes_per_step"] = step_bytes
+    row["roofline"] = step_bytes / bytes_per_s / (row["ms_per_step"] / 1e3)
+    rows.append(row)
+    print(f"{name:{width}s} batch {row['batch']:3d}: {row['tokens_per_s']:9.1f} tokens/s, host "
+          f"{row['host_us_per_step']:7.1f} us/step, {row['ms_per_step']:.3f} ms/step; "
+          f"{step_bytes / 1e9:.2f} GB/step expected, {100 * row['roofline']:.0f} % of the roofline",
+          flush=True)  # fmt: skip
+
+
 def roofline_denominator(
     device: int = 0,
     *,

@@ -111,6 +111,18 @@ def dequantizing_load(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ModelRunner, "fp8_experts_as_stored", False)
 
 
+def _near_ties(ps, tokens, forced) -> int:  # type: ignore[no-untyped-def]
+    """Every generated token within TOL of the best of ``forced`` (another engine's prefill logits over each prompt
+    ``ps[i]`` followed by its ``tokens[i]``: teacher forcing); returns how many are exactly its argmax."""
+    exact = 0
+    for i, (p, t, lg) in enumerate(zip(ps, tokens, forced, strict=True)):
+        for j, tok in enumerate(t):
+            row = lg[len(p) - 1 + j]
+            assert row[tok] >= row.max() - TOL, f"request {i} token {j}: {tok} ({row[tok]:.4f}), best {row.max():.4f}"
+            exact += int(tok == int(row.argmax()))
+    return exact
+
+
 def _prefill(engine_class, path):  # type: ignore[no-untyped-def]
     with engine_class(path, max_batch=4, page_size=16) as engine:
         return engine.prefill_logits(prompts(PROMPTS, VOCAB))
@@ -151,12 +163,7 @@ def test_qwen3_moe_greedy_tokens_are_the_copys_up_to_near_ties(qwen3_moe, graph)
     assert [len(t) for t in tokens] == DECODE[1]
     with LlamaEngine(copy, max_batch=4, page_size=16) as engine:  # the copy's logits over the FP8 model's sequences
         forced = engine.prefill_logits([p + t[:-1] for p, t in zip(ps, tokens, strict=True)])
-    exact = 0
-    for i, (p, t, lg) in enumerate(zip(ps, tokens, forced, strict=True)):
-        for j, tok in enumerate(t):
-            row = lg[len(p) - 1 + j]
-            assert row[tok] >= row.max() - TOL, f"request {i} token {j}: {tok} ({row[tok]:.4f}), best {row.max():.4f}"
-            exact += int(tok == int(row.argmax()))
+    exact = _near_ties(ps, tokens, forced)
     print(f"{'graph' if graph else 'eager'}: {exact}/{sum(DECODE[1])} tokens the copy's argmax")
 
 
@@ -242,12 +249,7 @@ def test_deepseek_v3_stored_experts_greedy_tokens_are_the_dequantizing_loads_up_
     forced = _deepseek_runs(
         fp8, monkeypatch, False, lambda e: e.prefill_logits([p + t[:-1] for p, t in zip(ps, tokens, strict=True)])
     )
-    exact = 0
-    for i, (p, t, lg) in enumerate(zip(ps, tokens, forced, strict=True)):
-        for j, tok in enumerate(t):
-            row = lg[len(p) - 1 + j]
-            assert row[tok] >= row.max() - TOL, f"request {i} token {j}: {tok} ({row[tok]:.4f}), best {row.max():.4f}"
-            exact += int(tok == int(row.argmax()))
+    exact = _near_ties(ps, tokens, forced)
     print(
         f"DeepSeek-V3 stored experts, {'graph' if graph else 'eager'}: {exact}/{sum(DECODE[1])} tokens the "
         f"dequantizing load's argmax"
