@@ -248,12 +248,16 @@ class _Handlers:
         adapters = self.adapters
         if not (adapters.shared and adapters.enabled):
             return False
+        adapters.update(await self._engine_call(lambda engine: engine.lora_names))
+        return True
+
+    async def _engine_call(self, fn: Callable[[Any], Any]) -> Any:
+        """``fn(engine)`` run in the engine thread (:meth:`GenerationService.call`): its result, or its ValueError /
+        TypeError (the engine's refusal) raised; 503 once the service is closed or the engine process is gone."""
         try:
-            names = await asyncio.wrap_future(self.service.call(lambda engine: engine.lora_names))
+            return await asyncio.wrap_future(self.service.call(fn))
         except RuntimeError as exc:  # ServiceClosedError, or the engine process's end (EngineClient names it)
             raise _unavailable(exc) from None
-        adapters.update(names)
-        return True
 
     async def body_bytes(self, request: Any) -> bytes:
         """The request's body: 413 once it passes ``max_request_bytes`` (at once from a ``Content-Length`` that says
@@ -334,10 +338,10 @@ class _Handlers:
             body = parse_body(await self.body_bytes(request))
             await self._learn_adapters()  # (another API server may have loaded this name)
             name, path = self.adapters.load_body(body)
-            await asyncio.wrap_future(self.service.call(lambda engine: engine.load_lora(name, path)))
+            await self._engine_call(lambda engine: engine.load_lora(name, path))
         except APIError as exc:
             return self.error(exc)
-        except (ValueError, TypeError, ServiceClosedError) as exc:  # the engine's refusal (its key named)
+        except (ValueError, TypeError) as exc:  # the engine's refusal (its key named)
             # (a name taken meanwhile, by a load at the same time here or through another API server: lora_name)
             field = "lora_name" if str(exc).startswith("lora_name:") else "lora_path"
             return self.error(APIError(str(exc).replace(path, "lora_path") if path else str(exc), field))
@@ -354,10 +358,10 @@ class _Handlers:
             body = parse_body(await self.body_bytes(request))
             await self._learn_adapters()  # (another API server may have loaded or unloaded it)
             name = self.adapters.unload_body(body)
-            await asyncio.wrap_future(self.service.call(lambda engine: engine.unload_lora(name)))
+            await self._engine_call(lambda engine: engine.unload_lora(name))
         except APIError as exc:
             return self.error(exc)
-        except (ValueError, TypeError, ServiceClosedError) as exc:
+        except (ValueError, TypeError) as exc:
             try:  # unloaded meanwhile through another API server: the 404 of a name not loaded
                 if await self._learn_adapters() and name not in self.adapters.names:
                     return self.error(self.adapters.not_loaded(name))

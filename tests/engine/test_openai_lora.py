@@ -6,6 +6,7 @@ thread's calls (GenerationService.call) and an engine process's (EngineProcess.l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Iterator
@@ -147,22 +148,23 @@ def test_an_adapter_the_engine_cannot_read_again_fails_that_request_only(
 # ---- several API servers over one engine process ----------------------------------------------------------------
 
 
-@pytest.fixture
-def front_ends(codec: Any, pool: list[int]) -> Iterator[tuple[Any, list[str]]]:
-    """Two API servers over one engine process serving adapter 'sql', as ``--api-servers 2`` runs them but in this
-    process, so that a test picks the server each request reaches: each a service over a connection of its own and
-    ``build_app(shared_engine=True)``. The engine process and the two servers' addresses."""
+@contextlib.contextmanager
+def api_servers(codec: Any, pool: list[int], count: int) -> Iterator[tuple[Any, list[str]]]:
+    """``count`` API servers over one engine process serving adapter 'sql', as ``--api-servers N`` runs them (one:
+    as ``serve`` runs its one) but in this process, so that a test picks the server each request reaches: each a
+    service over a connection of its own and ``build_app`` (``shared_engine`` where there are several). The engine
+    process and the servers' addresses."""
     from helpers.serve import RunningServer
 
     from fi_engine.serve.engine_process import EngineProcess
     from fi_engine.serve.openai_server import build_app
 
     vocab = codec.tokenizer.vocab_size
-    with EngineProcess("helpers.fake_engine:FakeStepEngine", vocab, clients=2, pool=pool, adapters=["sql"],
+    with EngineProcess("helpers.fake_engine:FakeStepEngine", vocab, clients=count, pool=pool, adapters=["sql"],
                        max_seq_len=4096) as engine:  # fmt: skip
-        services = [GenerationService(engine.client(i), codec) for i in range(2)]
+        services = [GenerationService(engine.client(i), codec) for i in range(count)]
         apps = [build_app(service, MODEL, close_timeout=1.0, lora_modules=["sql"], allow_runtime_lora_updating=True,
-                          shared_engine=True) for service in services]  # fmt: skip
+                          shared_engine=count > 1) for service in services]  # fmt: skip
         servers = [RunningServer(app) for app in apps]
         try:
             yield engine, [server.url for server in servers]
@@ -171,6 +173,13 @@ def front_ends(codec: Any, pool: list[int]) -> Iterator[tuple[Any, list[str]]]:
                 server.stop()
             for service in services:
                 service.close(timeout=1.0)
+
+
+@pytest.fixture
+def front_ends(codec: Any, pool: list[int]) -> Iterator[tuple[Any, list[str]]]:
+    """Two API servers over one engine process (:func:`api_servers`)."""
+    with api_servers(codec, pool, 2) as served:
+        yield served
 
 
 def complete(url: str, model: str, stream: bool = False) -> Any:
@@ -255,6 +264,27 @@ def test_api_servers_whose_engine_process_ended_answer_503_where_they_would_ask_
     for url in urls:
         for answer in (httpx.get(f"{url}/v1/models", timeout=WAIT), complete(url, "unknown")):
             assert answer.status_code == 503 and answer.json()["error"]["code"] == "unavailable", answer.text
+
+
+def assert_load_and_unload_unavailable(url: str, tmp_path: Path) -> None:
+    """Loading and unloading through ``url`` are answered 503 ``unavailable``, as a request that generates is."""
+    for path, body in (
+        ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": adapter_folder(tmp_path / "x")}),
+        ("/v1/unload_lora_adapter", {"lora_name": "sql"}),
+    ):
+        answer = post(url, path, body)
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "unavailable", answer.text
+
+
+def test_load_and_unload_answer_503_once_the_service_is_closed(
+    lora_served: Served, codec: Any, pool: list[int], tmp_path: Path
+) -> None:
+    lora_served.service.close(timeout=1.0)
+    assert_load_and_unload_unavailable(lora_served.url, tmp_path)
+    with api_servers(codec, pool, 1) as (engine, (url,)):  # one API server over an engine process that has ended
+        engine._proc.kill()
+        engine._proc.join(WAIT)
+        assert_load_and_unload_unavailable(url, tmp_path)
 
 
 # ---- the parts on their own -------------------------------------------------------------------------------------
