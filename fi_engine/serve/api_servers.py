@@ -30,7 +30,8 @@ it loads the checkpoint's tokenizer itself (its own :class:`~fi_engine.text.code
   names (one round trip) where a request names a model it does not know (loaded through another front end), where
   the engine refused a request's adapter (unloaded through another: 404 ``model_not_found``, as with one server),
   for ``/v1/models``, and before a load or an unload (two loads of one name at once: the engine takes the first,
-  the other is answered 400).
+  the other is answered 400). Where run-time loading is off, the adapters loaded at start are all there ever are:
+  no front end asks.
 - Signals: the front ends leave the terminal's process group, so a Ctrl-C reaches the owner only (and the engine
   child ignores SIGINT). On SIGINT/SIGTERM the owner tells every front end to stop: each stops accepting, lets
   open requests finish for ``graceful_s`` seconds and cancels the rest (as one server does); a second signal

@@ -11,7 +11,8 @@ With several API servers over one engine process (``--api-servers N``), the engi
 adapters exist: each front end keeps the names it has seen (:attr:`ServedAdapters.names`, so that a request naming
 one costs no round trip) and replaces them with the engine's (:meth:`ServedAdapters.update`) where they may be stale:
 a ``model`` it does not know, ``/v1/models``, a load or an unload, an engine that refused a request's adapter
-(``shared``; :mod:`fi_engine.serve.openai_server` asks)."""
+(``shared``; :mod:`fi_engine.serve.openai_server` asks). Where run-time loading is off, the names never change and
+nothing is asked."""
 
 from __future__ import annotations
 

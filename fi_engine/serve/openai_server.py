@@ -242,11 +242,12 @@ class _Handlers:
         return await parse_here(raw)
 
     async def _learn_adapters(self) -> bool:
-        """Where other API servers share the engine (``ServedAdapters.shared``): the adapters' names kept here
-        replaced by the engine's (one round trip to it), so that what another server loaded or unloaded is seen
-        here; False (nothing asked) otherwise. 503 once the service is closed or the engine process is gone."""
+        """Where other API servers share the engine (``ServedAdapters.shared``) and may load or unload adapters
+        (``runtime``): the adapters' names kept here replaced by the engine's (one round trip to it), so that what
+        another server loaded or unloaded is seen here; False (nothing asked) otherwise. 503 once the service is
+        closed or the engine process is gone."""
         adapters = self.adapters
-        if not (adapters.shared and adapters.enabled):
+        if not (adapters.shared and adapters.enabled and adapters.runtime):  # (else the names never change)
             return False
         adapters.update(await self._engine_call(lambda engine: engine.lora_names))
         return True
@@ -1251,7 +1252,8 @@ def build_app(
             :mod:`fi_engine.serve.api_servers`): the adapters they load or unload are learned from the engine, asked
             for its adapters' names (one round trip) where a request's ``model`` is no name this server knows, where
             the engine refuses a request's adapter, for ``/v1/models`` and before a load or unload; a request naming
-            an adapter already known costs no round trip. False (default): this server is the engine's only one.
+            an adapter already known costs no round trip, and none is asked where run-time loading is off (the
+            adapters cannot change). False (default): this server is the engine's only one.
     """
     applications = _require("starlette.applications")
     from starlette.exceptions import HTTPException

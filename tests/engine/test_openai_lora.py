@@ -149,11 +149,11 @@ def test_an_adapter_the_engine_cannot_read_again_fails_that_request_only(
 
 
 @contextlib.contextmanager
-def api_servers(codec: Any, pool: list[int], count: int) -> Iterator[tuple[Any, list[str]]]:
+def api_servers(codec: Any, pool: list[int], count: int, runtime: bool = True) -> Iterator[tuple[Any, list[str]]]:
     """``count`` API servers over one engine process serving adapter 'sql', as ``--api-servers N`` runs them (one:
     as ``serve`` runs its one) but in this process, so that a test picks the server each request reaches: each a
-    service over a connection of its own and ``build_app`` (``shared_engine`` where there are several). The engine
-    process and the servers' addresses."""
+    service over a connection of its own and ``build_app`` (``shared_engine`` where there are several; ``runtime``:
+    its ``allow_runtime_lora_updating``). The engine process and the servers' addresses."""
     from helpers.serve import RunningServer
 
     from fi_engine.serve.engine_process import EngineProcess
@@ -163,7 +163,7 @@ def api_servers(codec: Any, pool: list[int], count: int) -> Iterator[tuple[Any, 
     with EngineProcess("helpers.fake_engine:FakeStepEngine", vocab, clients=count, pool=pool, adapters=["sql"],
                        max_seq_len=4096) as engine:  # fmt: skip
         services = [GenerationService(engine.client(i), codec) for i in range(count)]
-        apps = [build_app(service, MODEL, close_timeout=1.0, lora_modules=["sql"], allow_runtime_lora_updating=True,
+        apps = [build_app(service, MODEL, close_timeout=1.0, lora_modules=["sql"], allow_runtime_lora_updating=runtime,
                           shared_engine=count > 1) for service in services]  # fmt: skip
         servers = [RunningServer(app) for app in apps]
         try:
@@ -264,6 +264,20 @@ def test_api_servers_whose_engine_process_ended_answer_503_where_they_would_ask_
     for url in urls:
         for answer in (httpx.get(f"{url}/v1/models", timeout=WAIT), complete(url, "unknown")):
             assert answer.status_code == 503 and answer.json()["error"]["code"] == "unavailable", answer.text
+
+
+def test_api_servers_without_run_time_loading_never_ask_the_engine_for_its_adapters(
+    codec: Any, pool: list[int], tmp_path: Path
+) -> None:
+    with api_servers(codec, pool, 2, runtime=False) as (engine, urls):  # the adapters served cannot change
+        calls = [engine.client(i)._calls for i in range(2)]  # (each connection's round trips besides its requests)
+        for url in urls:
+            assert listed(url) == [(MODEL, None), ("sql", MODEL)]
+            assert complete(url, "nope").json()["error"]["code"] == "model_not_found"
+            assert httpx.get(f"{url}/v1/models/nope", timeout=WAIT).status_code == 404
+            done = post(url, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": adapter_folder(tmp_path / "x")})
+            assert done.json()["error"]["code"] == "runtime_lora_updating_disabled"
+        assert [engine.client(i)._calls for i in range(2)] == calls
 
 
 def assert_load_and_unload_unavailable(url: str, tmp_path: Path) -> None:
