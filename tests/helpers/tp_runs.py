@@ -34,8 +34,13 @@ def _run(env: dict[str, str], model: Path, out: Path, n: int, *flags: str) -> di
     return dict(np.load(out))
 
 
+def logit_errors(logits: list[np.ndarray], refs: list[np.ndarray]) -> np.ndarray:
+    """Max |logit - reference| of every position, over prompts in turn (one ``[positions, vocab]`` array each)."""
+    return np.concatenate([np.abs(g - r).max(axis=1) for g, r in zip(logits, refs, strict=True)])
+
+
 def _check_logits(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], tol: float, what: str) -> None:
-    errs = np.concatenate([np.abs(got[k] - ref[k]).max(axis=1) for k in ("logits0", "logits1")])
+    errs = logit_errors([got["logits0"], got["logits1"]], [ref["logits0"], ref["logits1"]])
     assert got["logits0"].shape == ref["logits0"].shape == (ref["logits0"].shape[0], VOCAB)
     within = float(np.mean(errs <= tol))
     print(f"{what}: positions within {tol}: {within:.3f}, median error {np.median(errs):.4f}, max {errs.max():.4f}")
@@ -46,11 +51,6 @@ def _check_logits(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], tol: f
     allowed = max(1, int(0.05 * errs.size))
     assert outside <= allowed, f"{what}: {outside} of {errs.size} positions outside {tol} (errors {np.round(errs, 3)})"
     assert np.median(errs) <= tol / 4, f"{what}: median error {np.median(errs)}"
-
-
-def logit_errors(logits: list[np.ndarray], refs: list[np.ndarray]) -> np.ndarray:
-    """Max |logit - reference| of every position, over prompts in turn (one ``[positions, vocab]`` array each)."""
-    return np.concatenate([np.abs(g - r).max(axis=1) for g, r in zip(logits, refs, strict=True)])
 
 
 def check_against_float32(
