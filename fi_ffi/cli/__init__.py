@@ -1,4 +1,5 @@
-"""The ``fi-ffi`` command (also ``python -m fi_ffi``): one module per subcommand, :func:`main` in :mod:`.main`.
+"""The ``fi-ffi`` command (also ``python -m fi_ffi``): one module per subcommand, each declaring its command as
+data (``COMMAND``, a :class:`.arguments.Subcommand`), :func:`main` in :mod:`.main`.
 
 - ``doctor [--json]`` (:mod:`.doctor`): driver, CUDA runtime (and a ``FI_FFI_CUDA_VERSION`` override), GPUs and
   whether the selected kernel wheels cover each one's architecture, glibc, the ``FI_FFI_*`` variables set, the

@@ -1,12 +1,67 @@
-"""How ``fi-ffi``'s subcommands are declared: :class:`Commands` adds one with its help, examples and the common
-``-q``/``-v`` options; the value types shared by several subcommands turn a bad value into a usage error (exit 2)
-that names what was expected."""
+"""How ``fi-ffi``'s subcommands are declared: each subcommand module states its command as data (a
+:class:`Subcommand`: name, help, examples, a table of :class:`Argument` rows, the function that runs it) and
+:class:`Commands` turns every declaration into argparse calls, adding the common ``-q``/``-v`` options; the value
+types shared by several subcommands turn a bad value into a usage error (exit 2) that names what was expected."""
 
 from __future__ import annotations
 
 import argparse
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+Run = Callable[[argparse.Namespace], int]
+"""What runs a parsed subcommand: its arguments in, its exit status out."""
+
+
+@dataclass(frozen=True)
+class Argument:
+    """One row of a subcommand's argument table: what ``parser.add_argument`` is given for it.
+
+    ``name`` is a positional's name (``"wheels"``) or an option's flag (``"--json"``); every other field left at
+    ``None`` is not passed, so argparse's own default for it holds (``store_true`` defaults to False).
+    """
+
+    name: str
+    help: str
+    action: str | None = None
+    type: Callable[[str], Any] | None = None
+    default: Any = None
+    choices: Sequence[str] | None = None
+    metavar: str | None = None
+    nargs: str | None = None
+    required: bool | None = None
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        """``parser.add_argument`` of this row."""
+        fields = ("action", "type", "default", "choices", "metavar", "nargs", "required")
+        given = {field: getattr(self, field) for field in fields if getattr(self, field) is not None}
+        parser.add_argument(self.name, help=self.help, **given)
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """A subcommand as data: ``summary`` in ``fi-ffi --help``; ``description`` (wrapped at 100 columns),
+    ``arguments`` (in the order ``--help`` lists them) and ``examples`` (one command a line) in
+    ``fi-ffi NAME --help``; ``run`` answers it."""
+
+    name: str
+    summary: str
+    description: str
+    examples: str
+    arguments: tuple[Argument, ...]
+    run: Run
+
+
+@dataclass(frozen=True)
+class Passthrough:
+    """A subcommand that parses nothing itself: every argument after its name, options and ``--help`` included,
+    reaches ``run`` in ``args.arguments`` as given (for a command that another program answers)."""
+
+    name: str
+    summary: str
+    run: Run
 
 
 class Commands:
@@ -21,27 +76,30 @@ class Commands:
         self.subparsers = subparsers
         self.common = common
 
-    def add(self, name: str, summary: str, description: str, examples: str) -> argparse.ArgumentParser:
-        """A subcommand ``name``: ``summary`` in ``fi-ffi --help``; ``description`` (wrapped at 100 columns) and
-        ``examples`` (one command a line) in ``fi-ffi NAME --help``."""
+    def add(self, command: Subcommand | Passthrough) -> argparse.ArgumentParser:
+        """Add the subcommand ``command`` declares; returns its parser."""
+        if isinstance(command, Passthrough):
+            return self._add_passthrough(command)
         parser = self.subparsers.add_parser(
-            name,
-            help=summary,
-            description=textwrap.fill(description, 100),
-            epilog="examples:\n" + "\n".join(f"  {line}" for line in examples.strip().splitlines()),
+            command.name,
+            help=command.summary,
+            description=textwrap.fill(command.description, 100),
+            epilog="examples:\n" + "\n".join(f"  {line}" for line in command.examples.strip().splitlines()),
             formatter_class=argparse.RawDescriptionHelpFormatter,
             parents=[self.common],
         )
-        parser.set_defaults(subparser=parser)  # its usage, not fi-ffi's, for an argument it does not know (parse)
+        for argument in command.arguments:
+            argument.add_to(parser)
+        # subparser: its usage, not fi-ffi's, for an argument it does not know (parse)
+        parser.set_defaults(func=command.run, subparser=parser)
         return parser
 
-    def add_passthrough(self, name: str, summary: str) -> argparse.ArgumentParser:
-        """A subcommand ``name`` that parses nothing itself: every argument after its name, options and ``--help``
-        included, lands in ``args.arguments`` as given (for a command that another program answers)."""
+    def _add_passthrough(self, command: Passthrough) -> argparse.ArgumentParser:
         # No prefix character can start an argument (argv holds no NUL), so argparse reads every word as
         # positional and none as an option it must know: a REMAINDER alone still stops at a first word like --model.
-        parser = self.subparsers.add_parser(name, help=summary, add_help=False, prefix_chars="\0")
+        parser = self.subparsers.add_parser(command.name, help=command.summary, add_help=False, prefix_chars="\0")
         parser.add_argument("arguments", nargs=argparse.REMAINDER)
+        parser.set_defaults(func=command.run)
         return parser
 
 
@@ -82,4 +140,14 @@ def ordinal(text: str) -> int:
     return value
 
 
-__all__ = ["Commands", "int_at_least", "ordinal", "parse", "positive_int"]
+__all__ = [
+    "Argument",
+    "Commands",
+    "Passthrough",
+    "Run",
+    "Subcommand",
+    "int_at_least",
+    "ordinal",
+    "parse",
+    "positive_int",
+]

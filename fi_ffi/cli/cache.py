@@ -14,7 +14,7 @@ import contextlib
 import sys
 from pathlib import Path
 
-from .arguments import Commands
+from .arguments import Argument, Subcommand
 from .output import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE, emit, size_text
 
 
@@ -137,23 +137,26 @@ def _files(path: Path) -> list[tuple[Path, int]]:
     return out
 
 
-def register(commands: Commands) -> None:
-    p = commands.add(
-        "cache",
-        "path, list, verify or clear the cache",
-        "path: print the cache folder. list: what it holds (--full: every file of each entry, sizes in bytes). "
-        "verify: check every file (--full: re-hash all, and the wheels the lock pins outside the cache); damaged "
-        "files of fi_ffi's are removed, others reported; exit 1 if any is bad. clear: remove what fi_ffi created "
-        "(downloaded wheels, extracted modules, listings, stamps, free locks; anything else in the folder is kept "
-        "and named); exit 1 if some of it could not be removed.",
-        "fi-ffi cache path\nfi-ffi cache list --json\nfi-ffi cache verify --full\nfi-ffi cache clear",
-    )
-    p.add_argument("action", choices=["path", "list", "verify", "clear"], help="what to do")
-    p.add_argument(
-        "--full", action="store_true", help="verify: re-hash every file; list: every file of each entry, sizes in bytes"
-    )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=run)
+COMMAND = Subcommand(
+    name="cache",
+    summary="path, list, verify or clear the cache",
+    description="path: print the cache folder. list: what it holds (--full: every file of each entry, sizes in "
+    "bytes). verify: check every file (--full: re-hash all, and the wheels the lock pins outside the cache); damaged "
+    "files of fi_ffi's are removed, others reported; exit 1 if any is bad. clear: remove what fi_ffi created "
+    "(downloaded wheels, extracted modules, listings, stamps, free locks; anything else in the folder is kept "
+    "and named); exit 1 if some of it could not be removed.",
+    examples="fi-ffi cache path\nfi-ffi cache list --json\nfi-ffi cache verify --full\nfi-ffi cache clear",
+    arguments=(
+        Argument("action", choices=["path", "list", "verify", "clear"], help="what to do"),
+        Argument(
+            "--full",
+            action="store_true",
+            help="verify: re-hash every file; list: every file of each entry, sizes in bytes",
+        ),
+        Argument("--json", action="store_true", help="machine-readable output"),
+    ),
+    run=run,
+)
 
 
-__all__ = ["register", "run"]
+__all__ = ["COMMAND", "run"]

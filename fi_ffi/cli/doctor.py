@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from .arguments import Commands
+from .arguments import Argument, Subcommand
 from .output import EXIT_OK, write_json
 
 
@@ -429,20 +429,20 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def register(commands: Commands) -> None:
-    p = commands.add(
-        "doctor",
-        "report driver, CUDA, GPUs, lock selection and cache",
-        "Report what this machine offers and what fi_ffi would use: the NVIDIA driver, the CUDA runtime, the GPUs "
-        "and whether the selected kernel wheels cover them, the FI_FFI_* variables (flagging bad values and "
-        "typos), the lock and where each wheel would come from, the TVM-FFI runtime and the cache. Exits 0.",
-        "fi-ffi doctor\nfi-ffi doctor --json",
-    )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=run)
+COMMAND = Subcommand(
+    name="doctor",
+    summary="report driver, CUDA, GPUs, lock selection and cache",
+    description="Report what this machine offers and what fi_ffi would use: the NVIDIA driver, the CUDA runtime, "
+    "the GPUs and whether the selected kernel wheels cover them, the FI_FFI_* variables (flagging bad values and "
+    "typos), the lock and where each wheel would come from, the TVM-FFI runtime and the cache. Exits 0.",
+    examples="fi-ffi doctor\nfi-ffi doctor --json",
+    arguments=(Argument("--json", action="store_true", help="machine-readable output"),),
+    run=run,
+)
 
 
 __all__ = [
+    "COMMAND",
     "active_settings",
     "cache_problem",
     "cuda_builds",
@@ -450,7 +450,6 @@ __all__ = [
     "gpu_coverage",
     "module_symbols",
     "print_report",
-    "register",
     "run",
     "wheel_sm",
     "wheel_status",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .arguments import Commands
+from .arguments import Argument, Subcommand
 from .output import EXIT_OK, write_json
 
 
@@ -26,19 +26,20 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def register(commands: Commands) -> None:
-    p = commands.add(
-        "fetch",
-        "fill the cache from the lock, the wheelhouse or local wheels",
-        "Put the wheels the lock selects for this machine into the cache (from FI_FFI_WHEELHOUSE, the lock's "
-        "path, or a download), sha256-verified; or copy local wheels the lock pins (--wheel). Prints each path.",
-        "fi-ffi fetch\nfi-ffi fetch --all\nfi-ffi fetch --wheel ./flashinfer_jit_cache-0.6.3+cu130-cp39-abi3-"
-        "manylinux_2_28_x86_64.whl",
-    )
-    p.add_argument("--wheel", action="append", help="a local wheel pinned by the lock (repeatable)")
-    p.add_argument("--all", action="store_true", help="every wheel in the lock, all architectures")
-    p.add_argument("--json", action="store_true", help="the paths as a JSON list")
-    p.set_defaults(func=run)
+COMMAND = Subcommand(
+    name="fetch",
+    summary="fill the cache from the lock, the wheelhouse or local wheels",
+    description="Put the wheels the lock selects for this machine into the cache (from FI_FFI_WHEELHOUSE, the "
+    "lock's path, or a download), sha256-verified; or copy local wheels the lock pins (--wheel). Prints each path.",
+    examples="fi-ffi fetch\nfi-ffi fetch --all\nfi-ffi fetch --wheel ./flashinfer_jit_cache-0.6.3+cu130-cp39-abi3-"
+    "manylinux_2_28_x86_64.whl",
+    arguments=(
+        Argument("--wheel", action="append", help="a local wheel pinned by the lock (repeatable)"),
+        Argument("--all", action="store_true", help="every wheel in the lock, all architectures"),
+        Argument("--json", action="store_true", help="the paths as a JSON list"),
+    ),
+    run=run,
+)
 
 
-__all__ = ["register", "run"]
+__all__ = ["COMMAND", "run"]

@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import IO, Any
 
-from .arguments import Commands
+from .arguments import Passthrough
 from .output import EXIT_USAGE
 
 ENGINE_MODULE = "fi_engine"
@@ -63,9 +63,7 @@ def run(args: argparse.Namespace) -> int:
     return 128 - done.returncode if done.returncode < 0 else done.returncode
 
 
-def register(commands: Commands) -> None:
-    p = commands.add_passthrough("generate", "serve token-id prompts (moved: `fi-engine generate`)")
-    p.set_defaults(func=run)
+COMMAND = Passthrough(name="generate", summary="serve token-id prompts (moved: `fi-engine generate`)", run=run)
 
 
-__all__ = ["NOTICE", "NOT_INSTALLED", "engine_command", "register", "run"]
+__all__ = ["COMMAND", "NOTICE", "NOT_INSTALLED", "engine_command", "run"]

@@ -11,7 +11,7 @@ import os
 import socket
 import sys
 
-from .arguments import Commands, positive_int
+from .arguments import Argument, Subcommand, positive_int
 from .output import EXIT_USAGE
 
 
@@ -87,27 +87,27 @@ def run(args: argparse.Namespace) -> int:
     return launch.main(args.nproc, command, args.master_addr, args.master_port, args.grace)
 
 
-def register(commands: Commands) -> None:
-    p = commands.add(
-        "launch",
-        "start N ranks of a command on this host (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set)",
-        "Start N ranks of a command on this host, one per GPU, with the variables torchrun sets and NVLink "
-        "multicast off. When a rank fails the others are stopped; the failing rank is named and its status "
-        "returned.",
-        "fi-ffi launch --nproc 2 -- python my_tp_app.py\nfi-ffi launch --nproc 4 --master-port 29500 -- fi-engine "
-        "generate --model ./m --prompt-ids 1,2 --tp 4",
-    )
-    p.add_argument("--nproc", type=positive_int, required=True, help="number of ranks (one per GPU)")
-    p.add_argument("--master-addr", default="127.0.0.1", help="rendezvous address (default 127.0.0.1)")
-    p.add_argument("--master-port", type=port, default=None, help="rendezvous port (default: a free one)")
-    p.add_argument("--grace", type=grace, default=10.0, help="seconds between SIGTERM and SIGKILL (default 10)")
-    p.add_argument(
-        "--allow-oversubscribe",
-        action="store_true",
-        help="start --nproc ranks even when that is more than the GPUs visible (or, without a GPU, 4 per CPU core)",
-    )
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command each rank runs")
-    p.set_defaults(func=run)
+COMMAND = Subcommand(
+    name="launch",
+    summary="start N ranks of a command on this host (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set)",
+    description="Start N ranks of a command on this host, one per GPU, with the variables torchrun sets and NVLink "
+    "multicast off. When a rank fails the others are stopped; the failing rank is named and its status returned.",
+    examples="fi-ffi launch --nproc 2 -- python my_tp_app.py\nfi-ffi launch --nproc 4 --master-port 29500 -- "
+    "fi-engine generate --model ./m --prompt-ids 1,2 --tp 4",
+    arguments=(
+        Argument("--nproc", type=positive_int, required=True, help="number of ranks (one per GPU)"),
+        Argument("--master-addr", default="127.0.0.1", help="rendezvous address (default 127.0.0.1)"),
+        Argument("--master-port", type=port, help="rendezvous port (default: a free one)"),
+        Argument("--grace", type=grace, default=10.0, help="seconds between SIGTERM and SIGKILL (default 10)"),
+        Argument(
+            "--allow-oversubscribe",
+            action="store_true",
+            help="start --nproc ranks even when that is more than the GPUs visible (or, without a GPU, 4 per CPU core)",
+        ),
+        Argument("command", nargs=argparse.REMAINDER, help="-- then the command each rank runs"),
+    ),
+    run=run,
+)
 
 
-__all__ = ["grace", "port", "rank_limit", "register", "resolve", "run"]
+__all__ = ["COMMAND", "grace", "port", "rank_limit", "resolve", "run"]

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from . import doctor
-from .arguments import Commands, positive_int
+from .arguments import Argument, Subcommand, positive_int
 from .output import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE, write_json
 
 # `fi-ffi list --kind`: the variant kinds (ops.attention.variants.KINDS; a test keeps the two equal) and families.
@@ -95,37 +95,38 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def register(commands: Commands) -> None:
-    p = commands.add(
-        "list",
-        "attention variants the active lock provides",
-        "List the attention variants (kind, backend, dtypes, head dims, FlashInfer release, module) of the wheels "
-        "the lock selects. A wheel that is not here is read from its URL's zip central directory, not downloaded; "
-        "if the server cannot serve that, list says so with the wheel's size and downloads nothing (see "
-        "--allow-full-download). Exit 1 when nothing matches.",
-        "fi-ffi list\nfi-ffi list --kind decode --dtype bf16 --head-dim 128\nfi-ffi list --json",
-    )
-    p.add_argument(
-        "--kind",
-        choices=LIST_KINDS,
-        metavar="KIND",
-        help=f"one of {', '.join(LIST_KINDS)} ('prefill'/'decode': single and batch)",
-    )
-    p.add_argument(
-        "--dtype",
-        type=_q_dtype,
-        metavar="DTYPE",
-        help="q dtype: float16 (f16, fp16), bfloat16 (bf16), float8_e4m3fn (e4m3), float8_e5m2 (e5m2)",
-    )
-    p.add_argument("--head-dim", type=positive_int, metavar="N", help="head dimension (qk or vo)")
-    p.add_argument("--json", action="store_true", help="one object per variant, with every field")
-    p.add_argument(
-        "--allow-full-download",
-        action="store_true",
-        help="when a wheel's listing cannot be read with range requests, download the whole wheel (1-2 GB; its "
-        "size is said first) instead of stopping",
-    )
-    p.set_defaults(func=run)
+COMMAND = Subcommand(
+    name="list",
+    summary="attention variants the active lock provides",
+    description="List the attention variants (kind, backend, dtypes, head dims, FlashInfer release, module) of the "
+    "wheels the lock selects. A wheel that is not here is read from its URL's zip central directory, not "
+    "downloaded; if the server cannot serve that, list says so with the wheel's size and downloads nothing (see "
+    "--allow-full-download). Exit 1 when nothing matches.",
+    examples="fi-ffi list\nfi-ffi list --kind decode --dtype bf16 --head-dim 128\nfi-ffi list --json",
+    arguments=(
+        Argument(
+            "--kind",
+            choices=LIST_KINDS,
+            metavar="KIND",
+            help=f"one of {', '.join(LIST_KINDS)} ('prefill'/'decode': single and batch)",
+        ),
+        Argument(
+            "--dtype",
+            type=_q_dtype,
+            metavar="DTYPE",
+            help="q dtype: float16 (f16, fp16), bfloat16 (bf16), float8_e4m3fn (e4m3), float8_e5m2 (e5m2)",
+        ),
+        Argument("--head-dim", type=positive_int, metavar="N", help="head dimension (qk or vo)"),
+        Argument("--json", action="store_true", help="one object per variant, with every field"),
+        Argument(
+            "--allow-full-download",
+            action="store_true",
+            help="when a wheel's listing cannot be read with range requests, download the whole wheel (1-2 GB; its "
+            "size is said first) instead of stopping",
+        ),
+    ),
+    run=run,
+)
 
 
-__all__ = ["LIST_KINDS", "register", "run"]
+__all__ = ["COMMAND", "LIST_KINDS", "run"]

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .arguments import Commands
+from .arguments import Argument, Subcommand
 from .output import EXIT_OK, EXIT_USAGE
 
 
@@ -73,33 +73,31 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def register(commands: Commands) -> None:
-    p = commands.add(
-        "lock",
-        "print a lock pinning local wheels (use with FI_FFI_LOCK)",
-        "Print a lock file (TOML) pinning the given wheels by sha256, with their CUDA version, arch, GPU archs and "
-        "FlashInfer release read from the files. Save it and point FI_FFI_LOCK at it to use self-built or "
-        "mirrored wheels; put the wheels in a folder named by FI_FFI_WHEELHOUSE.",
-        "fi-ffi lock ../wheels/*.whl > my.lock && export FI_FFI_LOCK=$PWD/my.lock\n"
-        "fi-ffi lock --url https://mirror.example/w/x.whl x.whl\n"
-        "fi-ffi lock flashinfer_jit_cache-0.6.3+cu129-cp39-abi3-manylinux_2_28_x86_64.whl > cu12.lock  # CUDA 12\n"
-        "fi-ffi lock --cuda 12.9 my_build.whl",
-    )
-    p.add_argument("wheels", nargs="+", metavar="WHEEL", help="wheel files (.whl) to pin; a folder is refused")
-    p.add_argument(
-        "--kind",
-        choices=["kernel", "runtime"],
-        default=None,
-        help="what the wheels hold (default: read from their members)",
-    )
-    p.add_argument(
-        "--cuda",
-        metavar="MAJOR.MINOR",
-        help="the CUDA version the kernel wheels were built for (default: their file names' cuXYZ tag, e.g. "
-        "+cu129 is 12.9); fi_ffi loads that major's libcudart (libcudart.so.12 for a CUDA 12 build)",
-    )
-    p.add_argument("--url", help="http(s):// or file:// address the (one) wheel can be downloaded from")
-    p.set_defaults(func=run)
+COMMAND = Subcommand(
+    name="lock",
+    summary="print a lock pinning local wheels (use with FI_FFI_LOCK)",
+    description="Print a lock file (TOML) pinning the given wheels by sha256, with their CUDA version, arch, GPU "
+    "archs and FlashInfer release read from the files. Save it and point FI_FFI_LOCK at it to use self-built or "
+    "mirrored wheels; put the wheels in a folder named by FI_FFI_WHEELHOUSE.",
+    examples="fi-ffi lock ../wheels/*.whl > my.lock && export FI_FFI_LOCK=$PWD/my.lock\n"
+    "fi-ffi lock --url https://mirror.example/w/x.whl x.whl\n"
+    "fi-ffi lock flashinfer_jit_cache-0.6.3+cu129-cp39-abi3-manylinux_2_28_x86_64.whl > cu12.lock  # CUDA 12\n"
+    "fi-ffi lock --cuda 12.9 my_build.whl",
+    arguments=(
+        Argument("wheels", nargs="+", metavar="WHEEL", help="wheel files (.whl) to pin; a folder is refused"),
+        Argument(
+            "--kind", choices=["kernel", "runtime"], help="what the wheels hold (default: read from their members)"
+        ),
+        Argument(
+            "--cuda",
+            metavar="MAJOR.MINOR",
+            help="the CUDA version the kernel wheels were built for (default: their file names' cuXYZ tag, e.g. "
+            "+cu129 is 12.9); fi_ffi loads that major's libcudart (libcudart.so.12 for a CUDA 12 build)",
+        ),
+        Argument("--url", help="http(s):// or file:// address the (one) wheel can be downloaded from"),
+    ),
+    run=run,
+)
 
 
-__all__ = ["register", "run"]
+__all__ = ["COMMAND", "run"]

@@ -13,7 +13,7 @@ from .arguments import Commands, parse
 from .output import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, WatchedStdout, silence_stdout, stdout_gone
 
 # in the order `fi-ffi --help` lists them
-SUBCOMMANDS = (doctor, fetch, cache, lock, listing, smoke_command, generate, launch)
+SUBCOMMANDS = tuple(module.COMMAND for module in (doctor, fetch, cache, lock, listing, smoke_command, generate, launch))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fi-ffi {__version__}")
     commands = Commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), common)
     for subcommand in SUBCOMMANDS:
-        subcommand.register(commands)
+        commands.add(subcommand)
     return parser
 
 

@@ -8,7 +8,7 @@ import dataclasses
 import sys
 
 from . import doctor
-from .arguments import Commands, ordinal
+from .arguments import Argument, Subcommand, ordinal
 from .output import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE, write_json
 
 
@@ -43,18 +43,19 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_CHECK_FAILED if failed else EXIT_OK
 
 
-def register(commands: Commands) -> None:
-    p = commands.add(
-        "smoke",
-        "run each op once on the GPU against a reference",
-        "Run rmsnorm, fused_add_rmsnorm, append_paged_kv_cache, batch decode, single prefill and (SM90) GDN "
-        "prefill once against a numpy reference; print pass/fail and host time per call. Exit 1 on a failure, or "
-        "without a GPU (then the doctor summary is printed).",
-        "fi-ffi smoke\nfi-ffi smoke --device 1 --json",
-    )
-    p.add_argument("--device", type=ordinal, default=0, help="CUDA ordinal (0 to the GPU count - 1)")
-    p.add_argument("--json", action="store_true", help="one object per check")
-    p.set_defaults(func=run)
+COMMAND = Subcommand(
+    name="smoke",
+    summary="run each op once on the GPU against a reference",
+    description="Run rmsnorm, fused_add_rmsnorm, append_paged_kv_cache, batch decode, single prefill and (SM90) GDN "
+    "prefill once against a numpy reference; print pass/fail and host time per call. Exit 1 on a failure, or "
+    "without a GPU (then the doctor summary is printed).",
+    examples="fi-ffi smoke\nfi-ffi smoke --device 1 --json",
+    arguments=(
+        Argument("--device", type=ordinal, default=0, help="CUDA ordinal (0 to the GPU count - 1)"),
+        Argument("--json", action="store_true", help="one object per check"),
+    ),
+    run=run,
+)
 
 
-__all__ = ["register", "run"]
+__all__ = ["COMMAND", "run"]
