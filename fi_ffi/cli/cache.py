@@ -12,10 +12,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .arguments import Argument, Subcommand
 from .output import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE, emit, size_text
+
+if TYPE_CHECKING:  # the loader is imported when a command runs, not when the parser is built
+    from ..loader import ClearReport, VerifyReport
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         contents = [_files(e.path) if args.full else [] for e in entries]
         if args.full:  # every file of each entry, with its size in bytes
             for row, files in zip(rows, contents, strict=True):
-                row["files"] = [{"path": str(f), "size": n} for f, n in files]
+                row["files"] = _path_rows(files, "size")
 
         def table() -> None:
             if not entries:
@@ -60,69 +65,76 @@ def run(args: argparse.Namespace) -> int:
             print(f"fi-ffi cache verify: cannot read the cache {loader.cache_root()}: {exc}", file=sys.stderr)
             return EXIT_USAGE
         kept = dict(report.kept)
-        if args.json:
-            emit(
-                args,
-                {
-                    "checked": report.checked,
-                    "bad": [{"path": str(p), "problem": why, "removed": p not in kept} for p, why in report.bad],
-                    "kept": [{"path": str(p), "why": why} for p, why in report.kept],
-                    "removed_tmp": report.removed_tmp,
-                    "read_only": report.read_only,
-                },
-                lambda: None,
-            )
-            return EXIT_OK if report.ok else EXIT_CHECK_FAILED
-        for path, problem in report.bad:
-            print(f"{'kept' if path in kept else 'removed'} {path}: {problem}")
-        for path, why in report.kept:
-            print(f"  left in place: {path}: {why}")
-        left = sum(path in kept for path, _ in report.bad)
-        if report.read_only:
-            action = "found, nothing changed: the cache is read-only"
-        elif left:
-            action = f"{len(report.bad) - left} removed (fetched or extracted again on next use), {left} left in place"
-        else:
-            action = "removed; fetched or extracted again on next use"
-        print(
-            f"checked {report.checked} files, {len(report.bad)} bad ({action}), {report.removed_tmp} "
-            f"temporary files of dead processes removed"
-        )
+        data = {
+            "checked": report.checked,
+            "bad": [{"path": str(p), "problem": why, "removed": p not in kept} for p, why in report.bad],
+            "kept": _path_rows(report.kept, "why"),
+            "removed_tmp": report.removed_tmp,
+            "read_only": report.read_only,
+        }
+        emit(args, data, lambda: _print_verified(report))
         return EXIT_OK if report.ok else EXIT_CHECK_FAILED
     elif args.action == "clear":
         cleared = loader.clear_cache()
-        if args.json:
-            emit(
-                args,
-                {
-                    "removed": [{"path": str(p), "size": n} for p, n in cleared.removed],
-                    "kept": [{"path": str(p), "why": why} for p, why in cleared.kept],
-                    "failed": [{"path": str(p), "why": why} for p, why in cleared.failed],
-                    "freed": cleared.freed,
-                },
-                lambda: None,
-            )
-            return EXIT_CHECK_FAILED if cleared.failed else EXIT_OK
-        for path, size in cleared.removed:
-            print(f"removed {path} ({size / 2**20:.1f} MiB)")
-        for path, why in cleared.kept:
-            print(f"kept    {path}: {why}")
-        if cleared.removed:
-            summary = (
-                f"freed {cleared.freed / 2**20:.1f} MiB in {loader.cache_root()}; removed {len(cleared.removed)} "
-                f"entries fi_ffi created"
-            )
-        else:
-            summary = f"nothing removed from {loader.cache_root()}"
-        print(f"{summary}, kept {len(cleared.kept)}")
-        if cleared.failed:
-            print(
-                f"fi-ffi cache clear: could not remove {len(cleared.failed)} of fi_ffi's files (listed above as "
-                f"'could not remove it'); is the cache read-only, or another user's?",
-                file=sys.stderr,
-            )
-            return EXIT_CHECK_FAILED
+        data = {
+            "removed": _path_rows(cleared.removed, "size"),
+            "kept": _path_rows(cleared.kept, "why"),
+            "failed": _path_rows(cleared.failed, "why"),
+            "freed": cleared.freed,
+        }
+        emit(args, data, lambda: _print_cleared(cleared))
+        return EXIT_CHECK_FAILED if cleared.failed else EXIT_OK
     return EXIT_OK
+
+
+def _path_rows(pairs: Iterable[tuple[Path, object]], key: str) -> list[dict[str, object]]:
+    """``--json``: each (path, value) pair of a report as ``{"path": "...", key: value}``."""
+    return [{"path": str(path), key: value} for path, value in pairs]
+
+
+def _print_verified(report: VerifyReport) -> None:
+    """``verify`` for a reader: each bad file, removed or left in place, and a summary line."""
+    kept = dict(report.kept)
+    for path, problem in report.bad:
+        print(f"{'kept' if path in kept else 'removed'} {path}: {problem}")
+    for path, why in report.kept:
+        print(f"  left in place: {path}: {why}")
+    left = sum(path in kept for path, _ in report.bad)
+    if report.read_only:
+        action = "found, nothing changed: the cache is read-only"
+    elif left:
+        action = f"{len(report.bad) - left} removed (fetched or extracted again on next use), {left} left in place"
+    else:
+        action = "removed; fetched or extracted again on next use"
+    print(
+        f"checked {report.checked} files, {len(report.bad)} bad ({action}), {report.removed_tmp} "
+        f"temporary files of dead processes removed"
+    )
+
+
+def _print_cleared(cleared: ClearReport) -> None:
+    """``clear`` for a reader: each entry removed or kept and a summary line; on stderr, what could not be
+    removed."""
+    from .. import loader
+
+    for path, size in cleared.removed:
+        print(f"removed {path} ({size / 2**20:.1f} MiB)")
+    for path, why in cleared.kept:
+        print(f"kept    {path}: {why}")
+    if cleared.removed:
+        summary = (
+            f"freed {cleared.freed / 2**20:.1f} MiB in {loader.cache_root()}; removed {len(cleared.removed)} "
+            f"entries fi_ffi created"
+        )
+    else:
+        summary = f"nothing removed from {loader.cache_root()}"
+    print(f"{summary}, kept {len(cleared.kept)}")
+    if cleared.failed:
+        print(
+            f"fi-ffi cache clear: could not remove {len(cleared.failed)} of fi_ffi's files (listed above as "
+            f"'could not remove it'); is the cache read-only, or another user's?",
+            file=sys.stderr,
+        )
 
 
 def _files(path: Path) -> list[tuple[Path, int]]:
