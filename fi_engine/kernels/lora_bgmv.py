@@ -27,7 +27,7 @@ from .cuda_sources import source
 
 __all__ = ["LoraBgmv", "expand_args", "shrink_args"]
 
-SHRINK_WARPS = 8  # output entries (warps) a shrink block computes
+SHRINK_WARPS = 8  # warps a shrink block splits k over (one block an output entry and row)
 EXPAND_THREADS = 256  # output columns an expand block computes
 MAX_T_WIDTH = 3 * 512  # t's entries per row an expand block stages (three parts of rank 512): 6 KiB of shared memory
 
@@ -75,7 +75,7 @@ def shrink_args(
     a_slot = _int("a_slot", a_slot, 0, 1 << 50)
     if a_slot % 8:
         raise ValueError(f"a_slot: expected a multiple of 8 elements (16-byte aligned matrices), got {a_slot}")
-    grid = (-(-width // SHRINK_WARPS), rows)
+    grid = (width, rows)
     args = (
         _address("x", x, 16), np.int64(x_ld), _address("slots", slots, 4), _address("scale", scale, 4),
         _address("targets", targets, 4), np.int32(_int("bit", bit, 1, 1 << 30)), _address("a", a, 16),

@@ -97,6 +97,21 @@ def contiguous(name: str, t: Tensor) -> None:
         raise ValueError(f"{name}: expected a contiguous tensor, got shape {t.shape} strides {t.strides}")
 
 
+def device_tensor(
+    name: str, t: Tensor, dims: int, layout: str, dtypes: Iterable[DType], *, strided_rows: bool = False
+) -> None:
+    """The first checks of a tensor a kernel reads or writes, in the order the ops report them: ``dims``
+    dimensions (``layout`` names them, e.g. ``"[R, V]"``), a dtype of ``dtypes``, CUDA device memory, contiguous
+    (``strided_rows``: only the last dimension need be, as :func:`last_dim_contiguous`)."""
+    ndim(name, t, dims, layout)
+    dtype_in(name, t, dtypes)
+    cuda(name, t)
+    if strided_rows:
+        last_dim_contiguous(name, t)
+    else:
+        contiguous(name, t)
+
+
 def aligned(rules: PointerRules, name: str, t: Tensor, elements: int) -> None:
     """Vector loads of ``elements`` elements: every outer stride is a multiple of ``elements`` (checked here) and
     the data pointer of a non-empty ``t`` a multiple of ``elements * itemsize`` bytes (added to ``rules``)."""

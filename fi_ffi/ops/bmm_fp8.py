@@ -52,10 +52,7 @@ _ALIGN = 16
 
 def _check(a: SimpleNamespace) -> PointerRules:
     A, B, D = a.A, a.B, a.out
-    checks.ndim("A", A, 3, "[batch, m, k]")
-    checks.dtype_in("A", A, _FP8)
-    checks.cuda("A", A)
-    checks.contiguous("A", A)
+    checks.device_tensor("A", A, 3, "[batch, m, k]", _FP8)
     batch, m, k = A.shape
     checks.ndim("B", B, 3, "[batch, k, n]")
     checks.dtype_in("B", B, _FP8)

@@ -115,10 +115,7 @@ def _check_kv(a: SimpleNamespace) -> PointerRules:
     """The contract of ``append_paged_kv_cache`` (layouts and the cache layout code only)."""
     ak, av, kc, vc, code = a.append_key, a.append_value, a.k_cache, a.v_cache, a.layout
     tokens = "[nnz, num_kv_heads, head_dim]"
-    checks.ndim("append_key", ak, 3, tokens)
-    checks.dtype_in("append_key", ak, _CACHE_DTYPES)
-    checks.cuda("append_key", ak)
-    checks.last_dim_contiguous("append_key", ak)
+    checks.device_tensor("append_key", ak, 3, tokens, _CACHE_DTYPES, strided_rows=True)
     checks.shape("append_value", av, ak.shape, tokens)
     _check_like("append_value", av, "append_key", ak)
     nhd = code == LAYOUTS["NHD"]
@@ -175,10 +172,7 @@ def _check_kv(a: SimpleNamespace) -> PointerRules:
 def _check_mla(a: SimpleNamespace) -> PointerRules:
     """The contract of ``append_paged_mla_kv_cache`` (layouts only)."""
     ac, ap, cc, pc = a.append_ckv, a.append_kpe, a.ckv_cache, a.kpe_cache
-    checks.ndim("append_ckv", ac, 2, "[nnz, 512]")
-    checks.dtype_in("append_ckv", ac, _CACHE_DTYPES)
-    checks.cuda("append_ckv", ac)
-    checks.last_dim_contiguous("append_ckv", ac)
+    checks.device_tensor("append_ckv", ac, 2, "[nnz, 512]", _CACHE_DTYPES, strided_rows=True)
     nnz = ac.shape[0]
     if ac.shape[1] != _MLA_CKV_DIM:
         raise ValueError(f"append_ckv: the kernel supports ckv_dim {_MLA_CKV_DIM} only, got shape {ac.shape}")

@@ -96,10 +96,7 @@ def _check_heads(rules: PointerRules, a: SimpleNamespace, names: tuple[str, str,
     """q, k and their outputs; returns (nnz, head_dim)."""
     qn, kn, qrn, krn = names
     q, k, qr, kr = (getattr(a, n) for n in names)
-    checks.ndim(qn, q, 3, "[nnz, num_qo_heads, head_dim]")
-    checks.dtype_in(qn, q, _DTYPES)
-    checks.cuda(qn, q)
-    checks.last_dim_contiguous(qn, q)
+    checks.device_tensor(qn, q, 3, "[nnz, num_qo_heads, head_dim]", _DTYPES, strided_rows=True)
     nnz, num_qo_heads, head_dim = q.shape
     if head_dim not in _HEAD_DIMS:
         raise ValueError(f"{qn}: head_dim {head_dim} is not supported; the RoPE kernels take 64, 128, 256 or 512")

@@ -151,10 +151,7 @@ def mm_M1_16_K7168_N128(
 
 def _check_routing(a: SimpleNamespace) -> PointerRules:
     s, b, vals, idx = a.scores, a.bias, a.topk_values, a.topk_indices
-    checks.ndim("scores", s, 2, "[num_tokens, num_experts]")
-    checks.dtype_in("scores", s, _SCORE_DTYPES)
-    checks.cuda("scores", s)
-    checks.contiguous("scores", s)
+    checks.device_tensor("scores", s, 2, "[num_tokens, num_experts]", _SCORE_DTYPES)
     tokens, experts = s.shape
     checks.ndim("bias", b, 1, "[num_experts]")
     checks.shape("bias", b, (experts,), "[num_experts]")

@@ -271,10 +271,7 @@ def sampling_release() -> str:
 
 
 def _matrix(name: str, t: Any, dtypes: tuple[DType, ...]) -> tuple[int, int]:
-    checks.ndim(name, t, 2, "[R, V]")
-    checks.dtype_in(name, t, dtypes)
-    checks.cuda(name, t)
-    checks.contiguous(name, t)
+    checks.device_tensor(name, t, 2, "[R, V]", dtypes)
     return t.shape  # type: ignore[no-any-return]
 
 
@@ -438,10 +435,7 @@ _check_top_k_mask = _renorm_check("logits", (float32, float16, bfloat16), "top_k
 
 def _check_speculative(a: SimpleNamespace) -> PointerRules:
     draft, target = a.draft_probs, a.target_probs
-    checks.ndim("draft_probs", draft, 3, "[B, N, V]")
-    checks.dtype_in("draft_probs", draft, (float32,))
-    checks.cuda("draft_probs", draft)
-    checks.contiguous("draft_probs", draft)
+    checks.device_tensor("draft_probs", draft, 3, "[B, N, V]", (float32,))
     b, n, v = draft.shape
     checks.ndim("draft_token_ids", a.draft_token_ids, 2, "[B, N]")
     checks.shape("draft_token_ids", a.draft_token_ids, (b, n), "[B, N]")

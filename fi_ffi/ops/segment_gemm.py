@@ -520,10 +520,7 @@ def prepare_segment_gemm(
         stream,
     )
     buf = checks.tensor("args_buffer", args_buffer)
-    checks.ndim("args_buffer", buf, 1, "[bytes]")
-    checks.dtype_in("args_buffer", buf, (uint8,))
-    checks.contiguous("args_buffer", buf)
-    checks.cuda("args_buffer", buf)
+    checks.device_tensor("args_buffer", buf, 1, "[bytes]", (uint8,))
     checks.same_device("args_buffer", buf, "x", checks.tensor("x", x))
     data, offsets = c.args.pack()
     if buf.shape[0] < len(data):

@@ -77,10 +77,7 @@ def _rows_of(name: str, t: Any, n: int, a: SimpleNamespace) -> None:
 def _common(a: SimpleNamespace, out: str, k_at_most_len: bool) -> tuple[int, int]:
     """Layout checks shared by the three entry points; returns ``(R, L)``."""
     x = a.input
-    checks.ndim("input", x, 2, "[R, L]")
-    checks.dtype_in("input", x, _FLOATS)
-    checks.cuda("input", x)
-    checks.contiguous("input", x)
+    checks.device_tensor("input", x, 2, "[R, L]", _FLOATS)
     rows, length = x.shape
     k = a.top_k
     if not 1 <= k < 1 << 31 or (k_at_most_len and k > length):

@@ -14,28 +14,31 @@
 // this projection alone (bit `bit` of targets[s] clear) is left untouched by both launches. Every argument is read on
 // the device: a CUDA graph captures the launches once and each replay reads the step's slots.
 //
-// Sums in float32, in a fixed order (each lane its strided share of k, then a butterfly over the warp; the expand in
-// rank order): the result does not depend on the batch. y is rounded once, to nearest even. x and A rows 16-byte
-// aligned, k a multiple of 8 (the caller checks).
+// Sums in float32, in a fixed order (each thread its strided share of k, a butterfly over each warp, the warps in
+// order; the expand in rank order): the result does not depend on the batch. y is rounded once, to nearest even.
+// x and A rows 16-byte aligned, k a multiple of 8 (the caller checks).
 #include "convert.cuh"  // tof, fromf
 
-// One warp per (row, j): grid (ceil(width / 8), rows), 8 warps a block.
+// One block per (row, j): grid (width, rows), its warps splitting k. A row's shrink is a few thousand 16-byte loads
+// per output entry; one warp an entry (the first form) walked k in 16-56 dependent steps and bound a decode step's
+// adapters by latency, so the block's threads take the vectors in turn (a 4 KiB stride at 256 threads), each warp's
+// lanes sum by butterfly, and thread 0 adds the warps' sums in warp order.
 template <bool BF16>
 __device__ __forceinline__ void shrink_rows(const unsigned short* __restrict__ x, long long x_ld,
                                             const int* __restrict__ slots, const float* __restrict__ scale,
                                             const int* __restrict__ targets, int bit,
                                             const unsigned short* __restrict__ a, long long a_slot, int width, int k,
                                             float* __restrict__ t, long long t_ld) {
+    __shared__ float warp_sums[32];
     const int row = blockIdx.y;
     const int s = slots[row];
-    if (s < 0 || !(targets[s] & bit)) return;
-    const int lane = threadIdx.x & 31;
-    const int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (s < 0 || !(targets[s] & bit)) return;  // (the whole block: one row)
+    const int j = blockIdx.x;
     if (j >= width) return;
     const uint4* xv = reinterpret_cast<const uint4*>(x + row * x_ld);
     const uint4* av = reinterpret_cast<const uint4*>(a + s * a_slot + (long long)j * k);
     float acc = 0.f;
-    for (int c = lane; c < (k >> 3); c += 32) {
+    for (int c = threadIdx.x; c < (k >> 3); c += blockDim.x) {
         const uint4 wa = __ldg(av + c);
         const uint4 wx = __ldg(xv + c);
         const unsigned short* pa = reinterpret_cast<const unsigned short*>(&wa);
@@ -44,7 +47,13 @@ __device__ __forceinline__ void shrink_rows(const unsigned short* __restrict__ x
         for (int e = 0; e < 8; ++e) acc += tof<BF16>(pa[e]) * tof<BF16>(px[e]);
     }
     for (int off = 16; off; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (lane == 0) t[row * t_ld + j] = scale[s] * acc;
+    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float sum = 0.f;
+        for (int w = 0; w < (blockDim.x >> 5); ++w) sum += warp_sums[w];
+        t[row * t_ld + j] = scale[s] * sum;
+    }
 }
 
 // One thread per (row, j): grid (ceil(n / 256), rows), 256 threads, dynamic shared memory of t's row (tw floats).

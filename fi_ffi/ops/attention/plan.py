@@ -104,6 +104,10 @@ class Schedule:
     _s: Any
     workspace: Any
     _generation: int
+    batch_size: int
+    num_rows: int
+    kv_extent: int
+    _context: Any  # what the launchers check a run's tensors against (values only)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -182,16 +186,8 @@ class Plan(Schedule):
             raise TypeError(f"info: expected an owned Array, got {type(info).__name__}")
         if workspace is not None:
             settings.setdefault("device_id", workspace.device.device_id)
-        self._init(
-            info,
-            workspace,
-            workspace._generation if workspace is not None else 0,
-            PlanSettings(**settings),
-            batch_size,
-            num_rows,
-            kv_extent,
-            _NO_INPUTS,
-        )
+        generation = workspace._generation if workspace is not None else 0
+        self.make(info, workspace, generation, PlanSettings(**settings), batch_size, num_rows, kv_extent, into=self)
 
     @classmethod
     def make(
@@ -204,36 +200,27 @@ class Plan(Schedule):
         num_rows: int,
         kv_extent: int,
         inputs: tuple[Any, Any, Any] = _NO_INPUTS,
+        *,
+        into: Plan | None = None,
     ) -> Plan:
         """The plan of a schedule ``info`` returned by a plan call on ``workspace`` at ``generation``.
 
         ``inputs``: (custom_mask, mask_indptr, alibi_slopes) as the caller gave them (or None), passed to runs.
+        ``into``: the plan to fill (``Plan(...)`` fills itself here, after its checks); None: a new one, made
+        without ``__init__``'s checks (the ops' arguments are already checked).
         """
-        plan = object.__new__(cls)
-        plan._init(info, workspace, generation, settings, batch_size, num_rows, kv_extent, inputs)
-        return plan
-
-    def _init(
-        self,
-        info: Array,
-        workspace: Any,
-        generation: int,
-        settings: PlanSettings,
-        batch_size: int,
-        num_rows: int,
-        kv_extent: int,
-        inputs: tuple[Any, Any, Any],
-    ) -> None:
-        self._info = info
-        self.workspace = workspace
-        self._generation = generation
-        self._s = settings
-        self.batch_size = batch_size
-        self.num_rows = num_rows
-        self.kv_extent = kv_extent
-        self._inputs = inputs
+        plan = object.__new__(cls) if into is None else into
+        plan._info = info
+        plan.workspace = workspace
+        plan._generation = generation
+        plan._s = settings
+        plan.batch_size = batch_size
+        plan.num_rows = num_rows
+        plan.kv_extent = kv_extent
+        plan._inputs = inputs
         # The launchers' context for runs of this plan: what their tensors were checked against (values only).
-        self._context = run_context(settings, batch_size)
+        plan._context = run_context(settings, batch_size)
+        return plan
 
     @property
     def refcount(self) -> int:
