@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from helpers.fake_cuda_graphs import FakeRuntime
 
 import fi_engine.kernels.graph as graph_module
 from fi_engine.models import llama
@@ -245,72 +246,6 @@ def test_padding_fits_the_engine_layout_at_its_limits():
 # ---------------------------------------------------------------------------------------------- the engine's path
 
 
-class FakeRuntime:
-    """The part of cuda.bindings.runtime that CudaGraph calls: capture mode, the graphs made and destroyed, and the
-    thread's last error (a launch refused in capture sets it; cudaGetLastError reads and resets it)."""
-
-    INVALIDATED = 901  # cudaErrorStreamCaptureInvalidated
-
-    class cudaStreamCaptureMode:
-        cudaStreamCaptureModeThreadLocal = 2
-
-    def __init__(self, instantiate_error: int = 0) -> None:
-        self.capturing = False
-        self.invalidated = False
-        self.last_error = 0
-        self.instantiate_error = instantiate_error
-        self.live: set[str] = set()
-        self.launched: list[str] = []
-        self.serial = 0
-
-    @staticmethod
-    def cudaStream_t(ptr):
-        return ptr
-
-    def cudaStreamBeginCapture(self, stream, mode):
-        assert not self.capturing
-        self.capturing, self.invalidated = True, False
-        return (0,)
-
-    def cudaStreamEndCapture(self, stream):
-        assert self.capturing
-        self.capturing = False
-        if self.invalidated:
-            return (self.INVALIDATED, None)
-        self.serial += 1
-        self.live.add(f"graph{self.serial}")
-        return (0, f"graph{self.serial}")
-
-    def cudaGraphInstantiate(self, graph, flags):
-        if self.instantiate_error:
-            self.last_error = self.instantiate_error
-            return (self.instantiate_error, None)
-        self.live.add(f"exec-{graph}")
-        return (0, f"exec-{graph}")
-
-    def cudaGraphLaunch(self, exec_, stream):
-        assert not self.capturing and exec_ in self.live
-        self.launched.append(exec_)
-        return (0,)
-
-    def cudaGraphDestroy(self, graph):
-        self.live.remove(graph)
-        return (0,)
-
-    def cudaGraphExecDestroy(self, exec_):
-        self.live.remove(exec_)
-        return (0,)
-
-    def cudaGetLastError(self):
-        err, self.last_error = self.last_error, 0
-        return (err,)
-
-    def refuse_launch(self):
-        """What a launch that capture does not allow does: invalidates the capture and sets the last error."""
-        self.invalidated = True
-        self.last_error = self.INVALIDATED
-
-
 class Recorder:
     """The engine's device work, recorded: each forward pass (rows, eager or in capture), plans, syncs."""
 
@@ -414,21 +349,25 @@ def test_lengths_in_one_bucket_replay_the_graph_captured_at_the_first(fake_rt):
     for n in (20, 32, 17, 25):  # all in bucket 32
         prefill(e, [n])
     assert rec.forwards == [(32, True)]  # captured once, at the first sight; no eager pass
-    # (bucket, requests, *the plan's schedule vector)
-    assert list(e.runner.step_graphs.prefill_cache) == [(32, 1, 32, 2, 1)]
+    # (bucket, requests, *the plan's schedule vector, a row takes a LoRA adapter)
+    assert list(e.runner.step_graphs.prefill_cache) == [(32, 1, 32, 2, 1, False)]
     assert len(fake_rt.launched) == 4 and len(set(fake_rt.launched)) == 1
     # every plan: the padding request appended (batch 2), the rows ending at the bucket, a CUDA-graph plan
     assert [p["qo"] for p in rec.plans] == [[0, 20, 32], [0, 32, 32], [0, 17, 32], [0, 25, 32]]
     assert all(p["batch"] == 2 and p["cuda_graph"] for p in rec.plans)
     prefill(e, [33])  # a new bucket: a second graph
     prefill(e, [5, 6])  # two requests in bucket 16: a graph of 3 request slots (the third one empty)
-    assert list(e.runner.step_graphs.prefill_cache) == [(32, 1, 32, 2, 1), (64, 1, 64, 2, 1), (16, 3, 16, 4, 1)]
+    assert list(e.runner.step_graphs.prefill_cache) == [
+        (32, 1, 32, 2, 1, False),
+        (64, 1, 64, 2, 1, False),
+        (16, 3, 16, 4, 1, False),
+    ]
     assert rec.plans[-1] == {"batch": 4, "qo": [0, 5, 11, 16, 16], "cuda_graph": True}
     launched = len(fake_rt.launched)
     prefill(e, [2, 3, 4])  # three requests in bucket 16: the same graph, every slot real
     assert rec.forwards == [(32, True), (64, True), (16, True)] and len(fake_rt.launched) == launched + 1
     assert rec.plans[-1] == {"batch": 4, "qo": [0, 2, 5, 9, 16], "cuda_graph": True}
-    assert list(e.runner.step_graphs.prefill_cache)[-1] == (16, 3, 16, 4, 1)
+    assert list(e.runner.step_graphs.prefill_cache)[-1] == (16, 3, 16, 4, 1, False)
     assert not e.prefill_graph_failures
 
 
