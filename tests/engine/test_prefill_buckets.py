@@ -252,6 +252,7 @@ class Recorder:
     def __init__(self, rt: FakeRuntime | None) -> None:
         self.rt = rt
         self.forwards: list[tuple[int, bool]] = []
+        self.adapters: list[bool] = []  # per forward pass: whether it took the LoRA adapters' launches (step_lora)
         self.plans: list[dict] = []
         self.syncs = 0
         self.refuse_in_capture = False
@@ -303,6 +304,7 @@ def bare_engine(rt: FakeRuntime | None, max_batch=4, max_tokens=512):
             rt.refuse_launch()
             raise CudaError("cudaLaunchKernel", 901, "cudaErrorStreamCaptureInvalidated", "operation not permitted", "")
         rec.forwards.append((rows, capturing))
+        rec.adapters.append(r.step_lora is not None)
 
     def plan(batch, cuda_graph):
         ph = r.prefill_arrays
@@ -328,11 +330,14 @@ def bare_engine(rt: FakeRuntime | None, max_batch=4, max_tokens=512):
     return e, rec
 
 
-def prefill(e, lens):
-    """One engine prefill of prompts of ``lens`` tokens (through the real _prefill)."""
+def prefill(e, lens, lora_slots=None):
+    """One engine prefill of prompts of ``lens`` tokens (through the real _prefill); ``lora_slots``: each prompt's
+    LoRA adapter slot (-1: the base model; None: every prompt the base model's)."""
     s = Scheduler(PageAllocator(e.num_pages), PS, e.max_batch, e.max_prefill_tokens + 2, e.max_prefill_tokens, 1000)
     reqs = [s.submit([1 + i] * n, 2) for i, n in enumerate(lens)]
     assert s.admit() == reqs
+    for r, slot in zip(reqs, lora_slots or [-1] * len(reqs), strict=True):
+        r.lora_slot = slot  # (as the scheduler's admission gives it, from the engine's adapters)
     e.passes.prefill(s, reqs)
     assert [r.output for r in reqs] == [[7]] * len(reqs)
 
@@ -369,6 +374,23 @@ def test_lengths_in_one_bucket_replay_the_graph_captured_at_the_first(fake_rt):
     assert rec.plans[-1] == {"batch": 4, "qo": [0, 2, 5, 9, 16], "cuda_graph": True}
     assert list(e.runner.step_graphs.prefill_cache)[-1] == (16, 3, 16, 4, 1, False)
     assert not e.prefill_graph_failures
+
+
+def test_a_prefill_takes_the_adapters_launches_only_where_a_row_takes_one_and_its_graph_is_keyed_by_it(fake_rt):
+    e, rec = bare_engine(fake_rt)
+    e.runner.lora = object()  # an engine serving adapters (the pass reads the runner's step_lora)
+    for slots in ([-1], [0], [-1], [0], [-1, 2]):
+        prefill(e, [20] * len(slots), slots)
+    # a graph captured with the adapters' launches and one without, each replayed by the prefills of its kind
+    assert rec.forwards == [(32, True), (32, True), (64, True)] and rec.adapters == [False, True, True]
+    assert list(e.runner.step_graphs.prefill_cache) == [
+        (32, 1, 32, 2, 1, False), (32, 1, 32, 2, 1, True), (64, 3, 64, 4, 1, True),
+    ]  # fmt: skip
+    assert fake_rt.launched[2] == fake_rt.launched[0] != fake_rt.launched[1] == fake_rt.launched[3]
+    e.runner.prefill_graphs = False  # eagerly: the same choice
+    for slots in ([-1, -1], [-1, 1]):
+        prefill(e, [20] * len(slots), slots)
+    assert rec.forwards[-2:] == [(40, False), (40, False)] and rec.adapters[-2:] == [False, True]
 
 
 def test_graphs_off_moe_and_failed_shapes_prefill_eagerly_unpadded(fake_rt):
