@@ -8,8 +8,9 @@ alone, and the time to copy an adapter into a GPU slot. Not a test: nothing is a
 Rows (CUDA graphs, prompts of ``--prompt`` tokens, ``--new-tokens`` tokens each, no end-of-sequence):
 
 - ``base``: the base model's engine, opened without adapters (its fused one-row decode step included);
-- ``lora, no adapter rows``: the engine opened with adapters, every row of the base model (the adapters' launches
-  run and find no row to serve: their fixed cost);
+- ``lora, no adapter rows``: the engine opened with adapters, every row of the base model (such a step runs the base
+  engine's path, its decode graphs captured without the adapters' launches: what serving adapters costs a step that
+  takes none);
 - ``lora, N adapters``: the rows spread round-robin over ``N`` adapters (batch 32: 4; batch 1: one).
 
 The ratio column is each row's tokens/s over ``base``'s at the same batch. Swap-in: an adapter copied into a GPU

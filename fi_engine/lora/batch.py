@@ -1,7 +1,8 @@
 """A step's adapter arrays, written on the host with numpy: each token row's GPU slot (:func:`row_slots`; -1 for a
 row of the base model or a padding row), which the kernels read on the device, and the segments of rows sharing a
 slot (:func:`segments`: a grouped GEMM's ``indptr`` and slot ids; the rows of one request are contiguous in a
-prefill, so each request is one segment at least)."""
+prefill, so each request is one segment at least), and whether any row takes an adapter at all
+(:func:`takes_adapters`: a step with none runs the base model's path, without the adapters' launches)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from ..values import show
 
-__all__ = ["NO_ADAPTER", "row_slots", "segments"]
+__all__ = ["NO_ADAPTER", "row_slots", "segments", "takes_adapters"]
 
 NO_ADAPTER = -1
 """The slot of a row that takes no adapter (the kernels leave it untouched)."""
@@ -70,3 +71,13 @@ def segments(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     starts = np.flatnonzero(np.concatenate([[True], s[1:] != s[:-1]]))
     indptr = np.concatenate([starts, [len(s)]]).astype(np.int32)
     return indptr, s[starts].astype(np.int32)
+
+
+def takes_adapters(slots: np.ndarray) -> bool:
+    """Whether any row of ``slots`` (a step's row slots as :func:`row_slots` wrote them: a 1-D int numpy array)
+    takes an adapter: a slot other than :data:`NO_ADAPTER`. A step where none does runs the base model's path (the
+    model runner's ``step_lora``: no adapters' launches, the fused decode step where it fits). TypeError naming
+    ``slots`` for anything but a 1-D int array."""
+    if not isinstance(slots, np.ndarray) or slots.dtype.kind not in "iu" or slots.ndim != 1:
+        raise TypeError(f"slots: expected a 1-D int numpy array (a step's row slots), got {show(slots)}")
+    return bool((slots != NO_ADAPTER).any())

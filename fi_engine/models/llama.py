@@ -76,7 +76,7 @@ class Llama(MoEPaths, ModelFamily):
     models (:class:`~fi_engine.models.moe_paths.MoEPaths`; :class:`LlamaEngine` passes its argument on)."""
 
     llama_pass = True
-    serves_lora = True  # forward adds the adapters of its rows after each projection (eng.lora: fi_engine.lora)
+    serves_lora = True  # forward adds the adapters of its rows after each projection (eng.step_lora: fi_engine.lora)
     fp8_kv_refusal = ""  # bf16 queries over an e4m3 cache: FA2 decode and paged prefill (head_dim 128, kv_fp8)
     _planned: tuple[int, bool, bytes] | None = None  # the key of the decode plan in the workspace (plan_decode)
 
@@ -256,8 +256,10 @@ class Llama(MoEPaths, ModelFamily):
         w, hqd, last = eng.qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
         fp8 = eng.kv_fp8
         dense_moe = bool(eng.moe_layers) and eng.dense_moe(rows)  # the MoE path of this step, chosen once
-        # LoRA: each projection's GEMM is followed by its rows' adapters (fi_engine.lora.device), else nothing
-        lora = eng.lora.apply if eng.lora is not None else _no_adapters
+        # LoRA: each projection's GEMM is followed by its rows' adapters (fi_engine.lora.device) where a row of this
+        # step takes one (the runner's step_lora), else nothing: a step of base rows launches what an engine without
+        # adapters does
+        lora = eng.step_lora.apply if eng.step_lora is not None else _no_adapters
         slots = getattr(v, "lora_slots", 0)
         eng.embed_and_norm(v, rows)
         for i in range(c.num_layers):

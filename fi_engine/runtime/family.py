@@ -43,8 +43,9 @@ class ModelFamily:
     :mod:`~fi_engine.layers.kv_fp8`); ``""`` where its attention reads an e4m3 cache (the Llama pass)."""
 
     serves_lora: bool = False
-    """The family's forward adds LoRA adapters to its projections (``eng.lora.apply`` after each GEMM, where
-    ``eng.lora`` is set: :mod:`fi_engine.lora`); an engine opened with ``lora`` settings refuses a family without it."""
+    """The family's forward adds LoRA adapters to its projections (``eng.step_lora.apply`` after each GEMM, where
+    ``eng.step_lora`` is set: a row of the step takes an adapter, :mod:`fi_engine.lora`); an engine opened with ``lora``
+    settings refuses a family without it."""
 
     moe_scratch: Any = None
     """The activation buffers every MoE layer of the model shares (:class:`~fi_engine.layers.moe.MoEScratch`; they

@@ -17,6 +17,12 @@ against each row's reference (teacher forcing, as tests/engine/test_gpu_families
 same bit for bit whatever adapters its neighbours take (the kernels read each row's slot alone); fewer GPU slots than
 adapters (``max_loras`` 2) swaps them in least recently used and serves every row right; and the prefix cache keeps a
 prompt computed with one adapter from serving another.
+
+A step where no row takes an adapter runs the base engine's path: an engine serving adapters decodes a batch of base
+rows (and one base row alone) with no step on the adapters' path, the same fused steps, and the same greedy tokens
+bit for bit as an engine opened without adapters, eager and with CUDA graphs; a mixed batch whose adapter rows end
+first takes the adapters' path while they are there and the base path after, every row matching its reference; and
+the second set of decode graphs' cost at open is printed (capture seconds, device memory held, switch on and off).
 """
 
 from __future__ import annotations
@@ -186,3 +192,96 @@ def test_the_prefix_cache_is_keyed_by_adapter(base) -> None:  # type: ignore[no-
         assert stats.hits > hits, f"{name}: the adapter's own prefix was not found again"
     assert base_run == fresh[None]
     assert got == fresh["r16"]  # (no hit: computed as without the cache)
+
+
+def _watch(engine):  # type: ignore[no-untyped-def]
+    """Record, per decode step of ``engine``, whether it took the adapters' path (the runner's ``step_lora``), the
+    graph set each replay chose, and the rows of each eager fused step: ``(steps, replays, fused)``."""
+    runner = engine.runner
+    steps: list[bool] = []
+    replays: list[bool] = []
+    fused: list[int] = []
+    run_decode, replay, fused_step = runner.run_decode, runner.step_graphs.replay_decode, runner.fused.step
+
+    def run(rows):  # type: ignore[no-untyped-def]
+        out = run_decode(rows)
+        steps.append(runner.step_lora is not None)
+        return out
+
+    def replay_decode(rows, adapters=False):  # type: ignore[no-untyped-def]
+        replays.append(adapters)
+        graphs = runner.step_graphs.lora_graphs if adapters else runner.step_graphs.graphs
+        assert graphs[rows].captured
+        replay(rows, adapters)
+
+    runner.run_decode = run
+    runner.step_graphs.replay_decode = replay_decode
+    runner.fused.step = lambda v, rows: fused.append(rows) or fused_step(v, rows)
+    return steps, replays, fused
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda_graph"])
+def test_base_rows_decode_as_an_engine_without_adapters(base, graph) -> None:  # type: ignore[no-untyped-def]
+    """An engine serving adapters decodes a batch of base rows only (and one base row alone) on the base engine's
+    path: no step takes the adapters' launches, the same fused steps and graphs as an engine opened without adapters,
+    and the same greedy tokens bit for bit (same prompts, so the same shapes step by step)."""
+    name, path, _, _, ps, settings = base
+    runs = {}
+    for lora in (None, settings):
+        with open_engine(path, max_batch=8, page_size=16, cuda_graph=graph, lora=lora) as engine:
+            steps, replays, fused = _watch(engine)
+            batch = engine.generate(ps, MAX_NEW, eos_token_ids=()).tokens
+            alone = engine.generate(ps[:1], MAX_NEW, eos_token_ids=()).tokens
+            fuses = engine.runner.fuses(1)
+        assert steps and not any(steps) and not any(replays), f"{name}: a step of base rows took the adapters' path"
+        assert len(replays) == (len(steps) if graph else 0)
+        runs[lora is not None] = (batch, alone, fused, fuses)
+        print(f"{name} {'graph' if graph else 'eager'} lora={lora is not None}: {len(steps)} steps, fused at {fused}")
+    assert runs[True][0] == runs[False][0], f"{name}: base rows' tokens differ with adapters served"
+    assert runs[True][1] == runs[False][1], f"{name}: a base row's tokens differ with adapters served"
+    assert runs[True][2:] == runs[False][2:]  # the same fused steps (eager), where the step fits at all
+    if not graph and runs[False][3]:
+        assert runs[True][2], f"{name}: the one-row steps did not run fused"
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda_graph"])
+def test_a_mixed_batch_whose_adapter_rows_end_first_goes_on_without_them(base, graph) -> None:  # type: ignore[no-untyped-def]
+    """The mixed batch with every adapter row ending after 5 tokens: its steps take the adapters' path while one is
+    there, the base path after (the base rows go on), and every row still matches its own reference."""
+    name, path, refs, errs, ps, settings = base
+    tol = 1.5 * max(errs.values())
+    limits = [MAX_NEW if lo is None else 5 for lo in LORAS]
+    with open_engine(path, max_batch=8, page_size=16, cuda_graph=graph, lora=settings) as engine:
+        steps, replays, _ = _watch(engine)
+        r = engine.generate(ps, limits, eos_token_ids=(), lora=LORAS)
+    assert [len(t) for t in r.tokens] == limits
+    first_base = steps.index(False)
+    assert first_base > 0 and all(steps[:first_base]) and not any(steps[first_base:]), f"{name}: {steps}"
+    if graph:
+        assert replays == steps
+    for lora in (None, *ADAPTERS):
+        rows = [i for i, x in enumerate(LORAS) if x == lora]
+        check_greedy(refs[lora], [ps[i] for i in rows], [r.tokens[i] for i in rows], tol)
+
+
+def test_what_the_decode_graphs_without_the_adapters_cost_at_open(base, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The second set of decode graphs (``ModelRunner.lora_base_graphs``): each set's warm-up and capture seconds and
+    the device memory an engine holds after opening, with the switch on and off (printed: the figures the runner's
+    docstring states); the base set's graphs are there only with it on."""
+    from fi_engine.runtime.worker.model_runner import ModelRunner
+
+    name, path, _, _, _, settings = base
+    pool = cp.get_default_memory_pool()
+    for on in (True, False):
+        monkeypatch.setattr(ModelRunner, "lora_base_graphs", on)
+        pool.free_all_blocks()
+        free0 = cp.cuda.runtime.memGetInfo()[0]
+        with open_engine(path, max_batch=8, page_size=16, cuda_graph=True, lora=settings) as engine:
+            g = engine.runner.step_graphs
+            held = free0 - cp.cuda.runtime.memGetInfo()[0]
+            print(f"{name} lora_base_graphs={on}: capture s {g.capture_s}, {len(g.graphs)} + "
+                  f"{len(g.lora_graphs) if g.lora_graphs is not g.graphs else 0} graphs, device memory held "
+                  f"{held / 2**20:.1f} MiB")  # fmt: skip
+            assert set(g.capture_s) == ({False, True} if on else {True})
+            assert (g.graphs is g.lora_graphs) is not on
+        pool.free_all_blocks()

@@ -12,7 +12,7 @@ from helpers.lora_adapters import bgmv_reference, llama_shapes, write_adapter
 
 from fi_engine.kernels.lora_bgmv import EXPAND_THREADS, LoraBgmv, expand_args, shrink_args
 from fi_engine.lora.adapter import BaseShapes, read_adapter
-from fi_engine.lora.batch import NO_ADAPTER, row_slots, segments
+from fi_engine.lora.batch import NO_ADAPTER, row_slots, segments, takes_adapters
 from fi_engine.lora.settings import LoraSettings, adapter_name
 from fi_engine.lora.slots import GROUPS, SlotLayout, SlotTable, pack
 
@@ -177,6 +177,17 @@ def test_segments_of_no_rows_and_bad_slots() -> None:
     for bad in (np.zeros((2, 2), np.int32), np.array([0.5]), [True], [-3], "01"):
         with pytest.raises((TypeError, ValueError), match=r"^slots: "):
             segments(bad)
+
+
+def test_a_step_takes_adapters_where_any_row_has_a_slot() -> None:
+    # a step of base rows and padding only runs the base model's path (the model runner's step_lora)
+    assert not takes_adapters(np.array([NO_ADAPTER] * 5, np.int32))
+    assert not takes_adapters(np.zeros(0, np.int32))  # (no rows)
+    assert takes_adapters(np.array([NO_ADAPTER, NO_ADAPTER, 0], np.int32))  # slot 0 is an adapter's
+    assert takes_adapters(np.array([3], np.int64))
+    for bad in ([0, -1], np.zeros((2, 2), np.int32), np.array([0.0]), np.array([True])):
+        with pytest.raises(TypeError, match=r"^slots: expected a 1-D int numpy array"):
+            takes_adapters(bad)
 
 
 # ------------------------------------------------------------------------------------------- the kernels' arguments

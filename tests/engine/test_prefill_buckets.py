@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from helpers.fake_cuda_graphs import FakeRuntime
 
 import fi_engine.kernels.graph as graph_module
 from fi_engine.models import llama
@@ -245,78 +246,13 @@ def test_padding_fits_the_engine_layout_at_its_limits():
 # ---------------------------------------------------------------------------------------------- the engine's path
 
 
-class FakeRuntime:
-    """The part of cuda.bindings.runtime that CudaGraph calls: capture mode, the graphs made and destroyed, and the
-    thread's last error (a launch refused in capture sets it; cudaGetLastError reads and resets it)."""
-
-    INVALIDATED = 901  # cudaErrorStreamCaptureInvalidated
-
-    class cudaStreamCaptureMode:
-        cudaStreamCaptureModeThreadLocal = 2
-
-    def __init__(self, instantiate_error: int = 0) -> None:
-        self.capturing = False
-        self.invalidated = False
-        self.last_error = 0
-        self.instantiate_error = instantiate_error
-        self.live: set[str] = set()
-        self.launched: list[str] = []
-        self.serial = 0
-
-    @staticmethod
-    def cudaStream_t(ptr):
-        return ptr
-
-    def cudaStreamBeginCapture(self, stream, mode):
-        assert not self.capturing
-        self.capturing, self.invalidated = True, False
-        return (0,)
-
-    def cudaStreamEndCapture(self, stream):
-        assert self.capturing
-        self.capturing = False
-        if self.invalidated:
-            return (self.INVALIDATED, None)
-        self.serial += 1
-        self.live.add(f"graph{self.serial}")
-        return (0, f"graph{self.serial}")
-
-    def cudaGraphInstantiate(self, graph, flags):
-        if self.instantiate_error:
-            self.last_error = self.instantiate_error
-            return (self.instantiate_error, None)
-        self.live.add(f"exec-{graph}")
-        return (0, f"exec-{graph}")
-
-    def cudaGraphLaunch(self, exec_, stream):
-        assert not self.capturing and exec_ in self.live
-        self.launched.append(exec_)
-        return (0,)
-
-    def cudaGraphDestroy(self, graph):
-        self.live.remove(graph)
-        return (0,)
-
-    def cudaGraphExecDestroy(self, exec_):
-        self.live.remove(exec_)
-        return (0,)
-
-    def cudaGetLastError(self):
-        err, self.last_error = self.last_error, 0
-        return (err,)
-
-    def refuse_launch(self):
-        """What a launch that capture does not allow does: invalidates the capture and sets the last error."""
-        self.invalidated = True
-        self.last_error = self.INVALIDATED
-
-
 class Recorder:
     """The engine's device work, recorded: each forward pass (rows, eager or in capture), plans, syncs."""
 
     def __init__(self, rt: FakeRuntime | None) -> None:
         self.rt = rt
         self.forwards: list[tuple[int, bool]] = []
+        self.adapters: list[bool] = []  # per forward pass: whether it took the LoRA adapters' launches (step_lora)
         self.plans: list[dict] = []
         self.syncs = 0
         self.refuse_in_capture = False
@@ -368,6 +304,7 @@ def bare_engine(rt: FakeRuntime | None, max_batch=4, max_tokens=512):
             rt.refuse_launch()
             raise CudaError("cudaLaunchKernel", 901, "cudaErrorStreamCaptureInvalidated", "operation not permitted", "")
         rec.forwards.append((rows, capturing))
+        rec.adapters.append(r.step_lora is not None)
 
     def plan(batch, cuda_graph):
         ph = r.prefill_arrays
@@ -393,11 +330,14 @@ def bare_engine(rt: FakeRuntime | None, max_batch=4, max_tokens=512):
     return e, rec
 
 
-def prefill(e, lens):
-    """One engine prefill of prompts of ``lens`` tokens (through the real _prefill)."""
+def prefill(e, lens, lora_slots=None):
+    """One engine prefill of prompts of ``lens`` tokens (through the real _prefill); ``lora_slots``: each prompt's
+    LoRA adapter slot (-1: the base model; None: every prompt the base model's)."""
     s = Scheduler(PageAllocator(e.num_pages), PS, e.max_batch, e.max_prefill_tokens + 2, e.max_prefill_tokens, 1000)
     reqs = [s.submit([1 + i] * n, 2) for i, n in enumerate(lens)]
     assert s.admit() == reqs
+    for r, slot in zip(reqs, lora_slots or [-1] * len(reqs), strict=True):
+        r.lora_slot = slot  # (as the scheduler's admission gives it, from the engine's adapters)
     e.passes.prefill(s, reqs)
     assert [r.output for r in reqs] == [[7]] * len(reqs)
 
@@ -414,22 +354,43 @@ def test_lengths_in_one_bucket_replay_the_graph_captured_at_the_first(fake_rt):
     for n in (20, 32, 17, 25):  # all in bucket 32
         prefill(e, [n])
     assert rec.forwards == [(32, True)]  # captured once, at the first sight; no eager pass
-    # (bucket, requests, *the plan's schedule vector)
-    assert list(e.runner.step_graphs.prefill_cache) == [(32, 1, 32, 2, 1)]
+    # (bucket, requests, *the plan's schedule vector, a row takes a LoRA adapter)
+    assert list(e.runner.step_graphs.prefill_cache) == [(32, 1, 32, 2, 1, False)]
     assert len(fake_rt.launched) == 4 and len(set(fake_rt.launched)) == 1
     # every plan: the padding request appended (batch 2), the rows ending at the bucket, a CUDA-graph plan
     assert [p["qo"] for p in rec.plans] == [[0, 20, 32], [0, 32, 32], [0, 17, 32], [0, 25, 32]]
     assert all(p["batch"] == 2 and p["cuda_graph"] for p in rec.plans)
     prefill(e, [33])  # a new bucket: a second graph
     prefill(e, [5, 6])  # two requests in bucket 16: a graph of 3 request slots (the third one empty)
-    assert list(e.runner.step_graphs.prefill_cache) == [(32, 1, 32, 2, 1), (64, 1, 64, 2, 1), (16, 3, 16, 4, 1)]
+    assert list(e.runner.step_graphs.prefill_cache) == [
+        (32, 1, 32, 2, 1, False),
+        (64, 1, 64, 2, 1, False),
+        (16, 3, 16, 4, 1, False),
+    ]
     assert rec.plans[-1] == {"batch": 4, "qo": [0, 5, 11, 16, 16], "cuda_graph": True}
     launched = len(fake_rt.launched)
     prefill(e, [2, 3, 4])  # three requests in bucket 16: the same graph, every slot real
     assert rec.forwards == [(32, True), (64, True), (16, True)] and len(fake_rt.launched) == launched + 1
     assert rec.plans[-1] == {"batch": 4, "qo": [0, 2, 5, 9, 16], "cuda_graph": True}
-    assert list(e.runner.step_graphs.prefill_cache)[-1] == (16, 3, 16, 4, 1)
+    assert list(e.runner.step_graphs.prefill_cache)[-1] == (16, 3, 16, 4, 1, False)
     assert not e.prefill_graph_failures
+
+
+def test_a_prefill_takes_the_adapters_launches_only_where_a_row_takes_one_and_its_graph_is_keyed_by_it(fake_rt):
+    e, rec = bare_engine(fake_rt)
+    e.runner.lora = object()  # an engine serving adapters (the pass reads the runner's step_lora)
+    for slots in ([-1], [0], [-1], [0], [-1, 2]):
+        prefill(e, [20] * len(slots), slots)
+    # a graph captured with the adapters' launches and one without, each replayed by the prefills of its kind
+    assert rec.forwards == [(32, True), (32, True), (64, True)] and rec.adapters == [False, True, True]
+    assert list(e.runner.step_graphs.prefill_cache) == [
+        (32, 1, 32, 2, 1, False), (32, 1, 32, 2, 1, True), (64, 3, 64, 4, 1, True),
+    ]  # fmt: skip
+    assert fake_rt.launched[2] == fake_rt.launched[0] != fake_rt.launched[1] == fake_rt.launched[3]
+    e.runner.prefill_graphs = False  # eagerly: the same choice
+    for slots in ([-1, -1], [-1, 1]):
+        prefill(e, [20] * len(slots), slots)
+    assert rec.forwards[-2:] == [(40, False), (40, False)] and rec.adapters[-2:] == [False, True]
 
 
 def test_graphs_off_moe_and_failed_shapes_prefill_eagerly_unpadded(fake_rt):

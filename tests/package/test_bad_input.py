@@ -1521,6 +1521,9 @@ LORA_ENTRIES: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
         )
     ],
     "lora.batch.segments": lambda: [("segments", Entry(lora_batch.segments, lambda: dict(slots=host([0, 0, -1, 2]))))],
+    "lora.batch.takes_adapters": lambda: [
+        ("takes_adapters", Entry(lora_batch.takes_adapters, lambda: dict(slots=host([-1, 0, -1]))))
+    ],
     "lora.settings.adapter_name": lambda: [
         (
             "adapter_name",

@@ -32,14 +32,15 @@ class FusedDecode:
         family runs the engine's Llama pass (``ModelFamily.llama_pass``), one GPU (no all-reduce, no vocabulary shard),
         FP8 weights only where their fused kernels compiled (QuantizedWeights.fuses_fp8), the engine's GEMV serving the
         rows (at most 4; see FusedGemvs.fits), and MoE layers only where their step's launches pack
-        (``MoELayer.packs_step``: the grouped GEMV, or the dense path). Not with LoRA adapters (``lora``): their
-        launches go after each projection's GEMM, which the fused step's epilogues leave no room for (an engine serving
-        adapters takes the separate launches; not yet measured against a fused form)."""
+        (``MoELayer.packs_step``: the grouped GEMV, or the dense path). Not for a step where a row takes a LoRA
+        adapter (the runner's ``step_lora`` set): the adapters' launches go after each projection's GEMM, which the
+        fused step's epilogues leave no room for (such a step takes the separate launches; not yet measured against a
+        fused form). A step of an engine serving adapters where no row takes one fuses as any other engine's."""
         r = self.runner
         c = r.config
         return (
             r.fused_decode
-            and r.lora is None  # LoRA: the separate launches (see above)
+            and r.step_lora is None  # a row takes a LoRA adapter: the separate launches (see above)
             and r.family.llama_pass
             and r.allreduce is None
             and r.vocab_shard is None

@@ -29,6 +29,7 @@ import numpy as np
 
 from ...checkpoint.safetensors import Checkpoint
 from ...kernels import flashinfer as kernels
+from ...lora.batch import takes_adapters
 from ...values import flag
 from ..family import ModelFamily
 from ..sample.sampler import Sampler
@@ -108,6 +109,16 @@ class ModelRunner(RunnerState):
     separate launches: on an H100, 8B shape, 6.02 instead of 6.19 ms per step (the norms, SiLU, RoPE and KV append
     leave 4 of every 9 launches; benchmarks/RESULTS.md). Not at 2-4 rows, where the fused GEMVs' per-row work makes
     them slower than cuBLASLt. Read when the graph is captured (at construction): set it on the class to compare."""
+
+    lora_base_graphs = True
+    """An engine serving LoRA adapters (``lora``) captures each decode graph twice: with the adapters' launches, which
+    a step where a row takes an adapter replays, and without them (the pass of an engine without adapters, the fused
+    step at one row: :attr:`graph_fused_decode`), which a step where no row does replays; each step picks by its rows'
+    adapter slots (``step_graphs``, :mod:`.step_graphs`). The second set costs, at open, one more eager warm-up step
+    and capture per batch size of the ladder (``step_graphs.capture_s``) and the graphs' driver memory (no buffer:
+    the step's buffers are the runner's). False: one set, with the adapters' launches, which every step replays (a
+    step of base rows then pays them as one with adapters does). Read when the graphs are captured (at
+    construction): set it on the class to compare."""
 
     decode_graph_ladder = True
     """Capture the decode step at every batch size of :func:`~fi_engine.runtime.worker.graph_shapes.decode_batches`
@@ -197,8 +208,13 @@ class ModelRunner(RunnerState):
         self.fused_decode = True
         # (bucket, request slots) whose capture failed -> why: those prefills stay eager (and unpadded) from then on
         self.prefill_graph_failures: dict[tuple[int, int], str] = {}
-        # LoRA adapters (fi_engine.lora): the GPU slots and their kernels, made by _open where settings.lora is set
+        # LoRA adapters (fi_engine.lora): the GPU slots and their kernels, made by _open where settings.lora is set;
+        # step_lora: those of the step being run (lora where one of its rows takes an adapter, else None: the base
+        # model's path), set by run_decode and run_prefill; _decode_adapters: whether a row of the decode step staged
+        # last takes one (set where it is staged)
         self.lora: Any = None
+        self.step_lora: Any = None
+        self._decode_adapters = False
         if settings.lora is not None and not family.serves_lora:
             raise ValueError(
                 f"lora: {type(family).__name__}'s layers take no adapters (the Llama family's do: llama, qwen3, "
@@ -316,7 +332,9 @@ class ModelRunner(RunnerState):
 
     @property
     def graphs(self) -> dict[int, Any]:
-        """The decode graphs by their rows (:attr:`decode_graph_batches`), once captured."""
+        """The decode graphs by their rows (:attr:`decode_graph_batches`), once captured: those a step where no row
+        takes a LoRA adapter replays (every step, for an engine without adapters; ``step_graphs.lora_graphs`` holds
+        those of the other steps)."""
         return self.step_graphs.graphs
 
     @property
@@ -513,8 +531,15 @@ class ModelRunner(RunnerState):
         self.plan_decode(rows, cuda_graph)
         self.io.staged.record(self.stream)  # the host staging (ours and the plan's) may be rewritten after this
 
+    def _takes_adapters(self, arrays: dict[str, np.ndarray], rows: int) -> bool:
+        """Whether a row of the first ``rows`` of a step's host arrays (``decode_arrays`` or ``prefill_arrays``, just
+        filled) takes a LoRA adapter (:func:`~fi_engine.lora.batch.takes_adapters`); False for an engine serving
+        none."""
+        return self.lora is not None and takes_adapters(arrays["lora_slots"][:rows])
+
     def fuses(self, rows: int) -> bool:
-        """Whether an eager decode step of ``rows`` rows runs as the fused step (``fused.fits``)."""
+        """Whether an eager decode step of ``rows`` rows runs as the fused step (``fused.fits``; never where a row of
+        the step takes a LoRA adapter: ``step_lora`` set)."""
         return self.fused.fits(rows)
 
     def decode_pass(self, v: SimpleNamespace, rows: int, fused: bool, static_moe: bool = False) -> None:
@@ -552,6 +577,8 @@ class ModelRunner(RunnerState):
             graph_slots = prefill_slots(batch, self.max_batch)
         ph = self.prefill_arrays
         nnz, n_pages = fill_prefill(rows, self.page_size, ph, ahead)
+        # the adapters' launches only where a row takes one (a padded graph is keyed by it too)
+        self.step_lora = self.lora if self._takes_adapters(ph, nnz) else None
         k = riders_behind
         if k:  # riders come first, one row each: rows 0..k-1 take the tokens of their slots
             ph["rider_slots"][:k] = [r.slot for r in rows[:k]]
@@ -617,6 +644,7 @@ class ModelRunner(RunnerState):
         """Fill and upload the decode step's index arrays for ``rows`` (None: a padding row), ``ahead`` tokens on
         from where each request stands, and plan its attention (a fixed-batch plan with the decode graph)."""
         filled = fill_decode(rows, self.page_size, self.decode_arrays, ahead=ahead)
+        self._decode_adapters = self._takes_adapters(self.decode_arrays, len(rows))
         self.upload_decode(len(rows), filled, cuda_graph=self.graph is not None)
 
     def stage_decode_ahead(self, rows: Sequence[Request | None], ahead: int) -> None:
@@ -627,6 +655,7 @@ class ModelRunner(RunnerState):
         self.io.staged.synchronize()  # the copies out of the staging buffers of the step before are done
         self.staged_wait_s = time.perf_counter() - t
         filled = fill_decode(rows, self.page_size, self.decode_arrays, ahead=ahead)
+        self._decode_adapters = self._takes_adapters(self.decode_arrays, len(rows))
         self.upload_decode(len(rows), filled, cuda_graph=True)
 
     def feed_staged_decode(self, rows: int) -> None:
@@ -636,13 +665,17 @@ class ModelRunner(RunnerState):
 
     def run_decode(self, rows: int) -> tuple[SimpleNamespace, bool]:
         """Run the staged decode step of ``rows`` rows through the LM head: the decode graph of that many rows (its
-        argmax into ``ids`` included), or eagerly (the fused step where it applies). Returns the step's views and
-        whether the graph already wrote every row's argmax."""
+        argmax into ``ids`` included), or eagerly (the fused step where it applies). A step where no row takes a LoRA
+        adapter runs as an engine without adapters would (no adapters' launches, the fused step where it fits; its
+        graph one captured so: :attr:`lora_base_graphs`); one where a row does, the separate launches with the
+        adapters'. Returns the step's views and whether the graph already wrote every row's argmax."""
         v = self.view("decode", rows, rows)
+        adapters = self._decode_adapters
+        self.step_lora = self.lora if adapters else None
         if self.graph is None:
             self.decode_pass(v, rows, self.fuses(rows))
             return v, False
-        self.step_graphs.replay_decode(rows)  # its argmax is every greedy row's token
+        self.step_graphs.replay_decode(rows, adapters)  # its argmax is every greedy row's token
         return v, True
 
     def send_decode_tokens(self, rows: int) -> tuple[np.ndarray, Any]:

@@ -92,9 +92,12 @@ class RunnerState:
     k_norm: list[Any]
     moe_layers: list[Any]  # layers.moe.MoELayer per layer (None for a dense layer); [] for a dense model
     moe_workspace: Any  # the MoE layers' grouped-GEMM workspace (None without routed experts)
-    # LoRA adapters: the GPU slots (lora.device.DeviceSlots; None where the engine serves none), whose apply a family
-    # that serves adapters (ModelFamily.serves_lora) calls after each projection's GEMM
+    # LoRA adapters: the GPU slots (lora.device.DeviceSlots; None where the engine serves none); step_lora: those of
+    # the step being run or captured, whose apply a family that serves adapters (ModelFamily.serves_lora) calls after
+    # each projection's GEMM: ``lora`` where a row of the step takes an adapter, else None (the base model's path,
+    # no adapters' launches; set by the runner per step)
     lora: Any = None
+    step_lora: Any = None
     # the buffers (the family's allocate: allocate_layers for the Llama pass, or its own layout): activations of
     # max(max_prefill_tokens, max_batch) rows, the paged KV cache, the attention workspaces, the step index arrays
     buffers: SimpleNamespace  # the activation buffers (h, x, qkv, attn, gu, act, last, logits, ids, kv, ...)
@@ -119,6 +122,7 @@ class RunnerState:
     fused_decode: bool
     graph_fused_decode: bool
     decode_graph_ladder: bool
+    lora_base_graphs: bool
     attention_pdl: bool
     silu_in_gate_up: bool
     norm_pdl: bool

@@ -8,11 +8,21 @@ time the bucket and request slots (the batch size padded up:
 :func:`~fi_engine.runtime.worker.graph_shapes.prefill_slots`) are met (at most :data:`_PREFILL_GRAPHS` kept, the least
 recently replayed evicted first). Capture and replay:
 :class:`~fi_engine.kernels.graph.CudaGraph`. The graphs run the runner's pass (its ``forward``, ``head``, fused step
-and sampler's argmax); its switches ``prefill_graphs``, ``graph_fused_decode`` and ``decode_graph_ladder`` say which.
+and sampler's argmax); its switches ``prefill_graphs``, ``graph_fused_decode``, ``decode_graph_ladder`` and
+``lora_base_graphs`` say which.
+
+An engine serving LoRA adapters (the runner's ``lora``) captures each decode graph twice (``lora_base_graphs``, on by
+default): with the adapters' launches (``lora_graphs``), replayed by a step where a row takes an adapter, and without
+them (``graphs``), the same pass as an engine without adapters (the fused step at one row), replayed by a step where
+none does. The second set costs, once, at open: one more eager warm-up step and one more capture per batch size of the
+ladder (``capture_s`` keeps the seconds of each set), and the graphs' own memory, in the driver: no buffer, since
+every buffer a decode step touches is the runner's already (a capture that allocates is refused). A prefill graph is
+keyed by whether a row of it takes an adapter too, so a prefill of base rows replays one captured without them.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from types import SimpleNamespace
 from typing import Any
@@ -48,11 +58,17 @@ class StepGraphs:
     def __init__(self, runner: RunnerState) -> None:
         self.runner = runner
         self.graph: Any = None  # the decode graph of max_batch rows (with cuda_graph), one of `graphs`
-        self.graphs: dict[int, Any] = {}  # the decode graphs by their rows (batches)
+        self.graphs: dict[int, Any] = {}  # the decode graphs a step with no adapter row replays, by their rows
+        # those a step where a row takes a LoRA adapter replays (an engine serving adapters), by their rows: `graphs`
+        # itself where the runner's lora_base_graphs is off (every step replays the adapters' graphs then)
+        self.lora_graphs: dict[int, Any] = {}
+        # seconds to warm up and capture each set of decode graphs (False: without the adapters' launches; True: with)
+        self.capture_s: dict[bool, float] = {}
         self._plan_infos: dict[int, Any] = {}  # each decode graph's plan schedule layout, which a replay must keep
         self._batches: tuple[int, ...] = ()  # the rows of `graphs`, ascending (once captured)
         self._checked: set[int] = set()  # the decode graphs whose replay's plan layout was checked
-        # the padded prefill graphs by (bucket, request slots, plan info), the least recently replayed first
+        # the padded prefill graphs by (bucket, request slots, plan info, adapters' launches in it), the least recently
+        # replayed first
         self.prefill_cache: dict[tuple[int, ...], Any] = {}
 
     def batches(self) -> tuple[int, ...]:
@@ -65,14 +81,24 @@ class StepGraphs:
 
     def _decode_body(self, v: SimpleNamespace, rows: int) -> None:
         """One decode step on the device: forward, LM head, argmax into ``ids`` (what the graph captures); with the
-        runner's ``graph_fused_decode``, forward and LM head as the fused step where it applies (``fuses``)."""
+        runner's ``graph_fused_decode``, forward and LM head as the fused step where it applies (``fuses``). The
+        adapters' launches are in it where the runner's ``step_lora`` is set."""
         r = self.runner
         r.decode_pass(v, rows, r.graph_fused_decode and rows == 1 and r.fuses(rows), static_moe=r.static_moe)
         r.sampler.argmax(rows)
 
+    def sets(self) -> tuple[bool, ...]:
+        """The sets of decode graphs :meth:`capture` makes, by whether their steps take the LoRA adapters' launches:
+        ``(False,)`` for an engine without adapters, ``(False, True)`` for one serving them, ``(True,)`` where the
+        runner's ``lora_base_graphs`` is off (every step replays the adapters' graphs)."""
+        r = self.runner
+        if r.lora is None:
+            return (False,)
+        return (False, True) if r.lora_base_graphs else (True,)
+
     def capture(self) -> None:
-        """For each batch size of :meth:`batches`: warm up one padded decode step eagerly (loads modules, compiles
-        kernels, picks GEMM algorithms), then capture the same step into a CUDA graph."""
+        """For each batch size of :meth:`batches` and each set of :meth:`sets`: warm up one padded decode step eagerly
+        (loads modules, compiles kernels, picks GEMM algorithms), then capture the same step into a CUDA graph."""
         r = self.runner
         # the captured step is GPU-bound: the GEMV serves only the shapes where the device runs it faster than
         # cuBLASLt (dense.gemv_bound); eagerly it serves every small-row GEMM, for its lower host time
@@ -86,26 +112,41 @@ class StepGraphs:
         from ...kernels.graph import CudaGraph
 
         r = self.runner
-        for rows in self.batches():
-            n_pages = fill_decode([None] * rows, r.page_size, r.decode_arrays)
-            r.upload_decode(rows, n_pages, cuda_graph=True)
-            v = r.view("decode", rows, rows)
-            self._decode_body(v, rows)
-            r.stream.synchronize()
-            graph = self.graphs[rows] = CudaGraph(r.stream_ptr)  # kept at once: close() frees it if the capture fails
-            # Nothing in the step may allocate: memory handed out during capture would go back to CuPy's pool after
-            # it and be reused while every replay still writes to it. The step only uses buffers made in __init__;
-            # this allocator turns a regression into an error at capture instead of silent corruption.
-            with r.cupy.cuda.using_allocator(_refuse_allocation), graph.capture():
-                self._decode_body(v, rows)
-            # the plan's schedule layout of this batch size, which every replay's plan must keep (checked once)
-            self._plan_infos[rows] = r.decode_plan.info
+        sets = self.sets()
+        if sets == (True,):  # (lora_base_graphs off) the one set serves every step
+            self.graphs = self.lora_graphs
+        self.capture_s = dict.fromkeys(sets, 0.0)
+        try:
+            for rows in self.batches():
+                n_pages = fill_decode([None] * rows, r.page_size, r.decode_arrays)
+                r.upload_decode(rows, n_pages, cuda_graph=True)
+                v = r.view("decode", rows, rows)
+                for adapters in sets:  # the same staged step and plan, with and without the adapters' launches
+                    t = time.perf_counter()
+                    r.step_lora = r.lora if adapters else None
+                    self._decode_body(v, rows)
+                    r.stream.synchronize()
+                    graph = CudaGraph(r.stream_ptr)
+                    (self.lora_graphs if adapters else self.graphs)[rows] = graph  # kept at once: close() frees it
+                    # Nothing in the step may allocate: memory handed out during capture would go back to CuPy's
+                    # pool after it and be reused while every replay still writes to it. The step only uses buffers
+                    # made in __init__; this allocator turns a regression into an error at capture instead of silent
+                    # corruption.
+                    with r.cupy.cuda.using_allocator(_refuse_allocation), graph.capture():
+                        self._decode_body(v, rows)
+                    r.stream.synchronize()
+                    self.capture_s[adapters] += time.perf_counter() - t
+                # the plan's schedule layout of this batch size, which every replay's plan must keep (checked once)
+                self._plan_infos[rows] = r.decode_plan.info
+        finally:
+            r.step_lora = None  # (each step sets its own)
         self.graph = self.graphs[r.max_batch]
         self._batches = tuple(self.graphs)  # ascending: what each step's rows are cut to (serving)
 
-    def replay_decode(self, rows: int) -> None:
+    def replay_decode(self, rows: int, adapters: bool = False) -> None:
         """Replay the decode graph of ``rows`` rows (its index arrays staged and its plan made; its argmax is every
-        greedy row's token)."""
+        greedy row's token): one of ``lora_graphs`` where ``adapters`` (a row of the step takes a LoRA adapter), else
+        one of ``graphs``."""
         if rows not in self._checked:
             # FlashInfer keeps a CUDA-graph schedule's layout fixed for a fixed batch; the graph relies on it.
             if self.runner.decode_plan.info != self._plan_infos[rows]:
@@ -114,7 +155,7 @@ class StepGraphs:
                     f"cannot replay it"
                 )
             self._checked.add(rows)
-        self.graphs[rows].launch()
+        (self.lora_graphs if adapters else self.graphs)[rows].launch()
 
     def shapes(self) -> list[tuple[int, int]]:
         """The ``(bucket rows, request slots)`` of every prefill graph held, in replay order (least recent first)."""
@@ -168,14 +209,16 @@ class StepGraphs:
 
         Issuing ~10 launches per layer costs more host time than a small model's GPU takes for them, so an eager
         prefill is host-bound even at thousands of tokens. The graph's shape is the bucket, the batch size and
-        the plan's schedule vector: a CUDA-graph plan (``enable_cuda_graph=True``) fixes every workspace offset
-        and grid from ``qo_indptr[-1]`` (the bucket) and the batch size alone, and each prefill's plan copies its
-        own schedule to those offsets before the replay; every buffer the pass touches was allocated in the
-        constructor. A bucket, unlike an exact length, is met again, so it is captured on its first sight.
-        At most :data:`_PREFILL_GRAPHS` are kept, the least recently replayed evicted first.
+        the plan's schedule vector (and whether a row takes a LoRA adapter: the runner's ``step_lora``): a CUDA-graph
+        plan (``enable_cuda_graph=True``) fixes every workspace offset and grid from ``qo_indptr[-1]`` (the bucket)
+        and the batch size alone, and each prefill's plan copies its own schedule to those offsets before the
+        replay; every buffer the pass touches was allocated in the constructor. A bucket, unlike an exact length, is
+        met again, so it is captured on its first sight. At most :data:`_PREFILL_GRAPHS` are kept, the least
+        recently replayed evicted first.
         """
         cache = self.prefill_cache
-        key = (rows, batch, *self.runner.prefill_plan.info)
+        # (the last entry: whether its pass takes the adapters' launches, the runner's step_lora set)
+        key = (rows, batch, *self.runner.prefill_plan.info, self.runner.step_lora is not None)
         graph = cache.pop(key, None)
         if graph is None:
             graph = self._capture_prefill(v, rows, batch)
@@ -211,9 +254,11 @@ class StepGraphs:
 
     def close(self) -> None:
         """Free every graph (the stream synchronized first: the runner's teardown)."""
-        for graph in self.graphs.values():
+        decode = {id(g): g for g in (*self.graphs.values(), *self.lora_graphs.values())}  # (one set may be both)
+        for graph in decode.values():
             graph.close()
         self.graphs.clear()
+        self.lora_graphs.clear()
         self.graph = None
         for graph in self.prefill_cache.values():
             graph.close()

@@ -1,0 +1,282 @@
+"""An engine serving LoRA adapters runs a decode step none of whose rows takes an adapter as an engine without adapters
+does, no GPU: the choice per step (no adapter row: the base path; any: the adapters' path), pinned by what is launched
+eagerly and by what the replayed CUDA graph holds.
+
+The runner is a :class:`~fi_engine.runtime.worker.model_runner.ModelRunner` made without its constructor (which needs
+a GPU), over which the step's own code runs as it is: ``stage_decode`` / ``stage_decode_ahead`` (the rows' slots
+written by ``fill_decode``), ``run_decode``, the Llama family's ``forward``, ``FusedDecode.fits``, and ``StepGraphs``
+capturing and replaying through :class:`~fi_engine.kernels.graph.CudaGraph` over a stand-in CUDA runtime
+(:class:`helpers.fake_cuda_graphs.FakeRuntime`). What touches the device is a recorder: each GEMM, attention, norm,
+the adapters' launch pair of a projection group (``lora <group>``), the fused step, the LM head and the argmax,
+logged eagerly or into the graph being captured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from helpers.fake_cuda_graphs import FakeRuntime
+
+import fi_engine.kernels.graph as graph_module
+from fi_engine.models import llama
+from fi_engine.models.llama import Llama
+from fi_engine.runtime.sched.request import Request
+from fi_engine.runtime.sched.step_arrays import decode_layout
+from fi_engine.runtime.worker.fused_decode import FusedDecode
+from fi_engine.runtime.worker.model_runner import ModelRunner
+from fi_engine.runtime.worker.step_graphs import StepGraphs
+
+PS = 16
+LAYERS = 2
+MAX_BATCH = 8  # decode graphs of 1, 2, 4 and 8 rows; the fused step serves up to 4
+
+
+class Launches:
+    """The device work of the steps, by where it went: run eagerly (``eager``), or into the graph being captured
+    (``captured[exec]``, by the name the stand-in runtime gives that graph's executable when it is instantiated)."""
+
+    def __init__(self, rt: FakeRuntime | None) -> None:
+        self.rt = rt
+        self.eager: list[str] = []
+        self.captured: dict[str, list[str]] = defaultdict(list)
+
+    def __call__(self, name: str) -> None:
+        rt = self.rt
+        if rt is not None and rt.capturing:
+            self.captured[f"exec-graph{rt.serial + 1}"].append(name)
+        else:
+            self.eager.append(name)
+
+    def replayed(self) -> list[str]:
+        """What the graph launched last holds."""
+        assert self.rt is not None and self.rt.launched
+        return self.captured[self.rt.launched[-1]]
+
+
+class AdapterSlots:
+    """Stands in for :class:`~fi_engine.lora.device.DeviceSlots`: its ``apply`` (the shrink and expand pair after a
+    projection group's GEMM) is logged."""
+
+    def __init__(self, log: Launches) -> None:
+        self.log = log
+
+    def apply(self, group: str, layer: int, rows: int, x: int, x_ld: int, y: int, y_ld: int, slots: int) -> None:
+        assert slots == 0x5107  # the step view's lora_slots: each row's slot, on the device
+        self.log(f"lora {group}")
+
+
+def bare_runner(rt: FakeRuntime | None, adapters: bool, cuda_graph: bool) -> tuple[ModelRunner, Launches]:
+    """A runner of a 2-layer dense Llama serving adapters (or not), its decode graphs captured where ``cuda_graph``
+    (over ``rt``): the host state the decode step reads, the recorders for the device work."""
+    log = Launches(rt)
+    r = ModelRunner.__new__(ModelRunner)
+    r.family = Llama()
+    r.config = SimpleNamespace(
+        hidden_size=64, intermediate_size=128, num_layers=LAYERS, num_qo_heads=2, head_dim=32, qk_norm=False,
+        rms_norm_eps=1e-5, rope=None,
+    )  # fmt: skip
+    r.max_batch, r.page_size, r.static_moe = MAX_BATCH, PS, False
+    r.moe_layers, r.allreduce, r.vocab_shard, r.kv_fp8, r.comm = [], None, None, None, None
+    r.fused_decode = True
+    r.lora = AdapterSlots(log) if adapters else None
+    r.step_lora = None
+    r._decode_adapters = False
+    r.step_graphs = StepGraphs(r)
+    r.fused = FusedDecode(r)
+    r.fused.step = lambda v, rows: log("fused step")  # type: ignore[method-assign]
+    r.stream_ptr = 1234
+    r.stream = SimpleNamespace(synchronize=lambda: None)
+    r.cupy = SimpleNamespace(cuda=SimpleNamespace(using_allocator=lambda allocator: contextlib.nullcontext()))
+    # the weights and buffers the pass reads by address (stand-ins: the pass only hands them to the launches)
+    ptr = SimpleNamespace(data=SimpleNamespace(ptr=0x1000))
+    r.buffers = SimpleNamespace(x=ptr, qkv=ptr, attn=ptr, gu=ptr, act=ptr)
+    r.normed, r.qkv_width, r.gemm_type = ptr, 128, 0
+    r.wqkv = r.wo = r.wgu = r.wd = r.ln1 = r.ln2 = [0] * LAYERS
+    r.final_norm = 0
+    r.dense = SimpleNamespace(
+        linear=lambda *args: log("gemm"),
+        bandwidth_bound=False,
+        quantized=SimpleNamespace(fuses_fp8=True),
+        fused=SimpleNamespace(fits=lambda rows, k: rows <= 4),  # the engine's GEMV serves up to 4 rows
+    )
+    r.embed_and_norm = lambda v, rows: log("embed")
+    r.append_kv = lambda v, i: log("append")
+    r.add_norm = lambda v, weight: log("norm")
+    r.decode_attention = lambda i, v: log("attention")
+    r.head = lambda rows, x: log("head")
+    r.sampler = SimpleNamespace(argmax=lambda rows: log("argmax"))
+    layout = decode_layout(MAX_BATCH, 64)
+    r.decode_arrays = layout.views(np.zeros(layout.total, np.int32))
+
+    def upload(rows: int, n_pages: int, cuda_graph: bool) -> None:  # the copy and the plan (a layout per batch size)
+        r.decode_plan = SimpleNamespace(info=(rows, cuda_graph))
+
+    r.upload_decode = upload  # type: ignore[method-assign]
+    r.io = SimpleNamespace(staged=SimpleNamespace(synchronize=lambda: None))  # (stage_decode_ahead waits on it)
+    views: dict[tuple[str, int], SimpleNamespace] = {}
+
+    def view(kind: str, rows: int, batch: int) -> SimpleNamespace:  # made once per shape, as StepIO's
+        # (q and gu: the log, which the stand-in RoPE and SiLU launches write to: logged_kernels)
+        made = SimpleNamespace(
+            kind=kind, rows=rows, prepared={}, lora_slots=0x5107, q=log, k=0, positions=0, gu=log, act=0
+        )
+        return views.setdefault((kind, rows), made)
+
+    r.view = view  # type: ignore[method-assign]
+    if cuda_graph:
+        r.step_graphs.capture()
+    return r, log
+
+
+def decoding(slots: list[int]) -> list[Request]:
+    """Decoding requests, one per entry of ``slots`` (each its adapter's GPU slot, -1: the base model)."""
+    return [
+        Request(rid=i, prompt=(5, 6, 7), max_new_tokens=8, budget_pages=1, output=[9], pages=[i + 1], lora_slot=s)
+        for i, s in enumerate(slots)
+    ]
+
+
+def eager_step(r: ModelRunner, log: Launches, slots: list[int]) -> list[str]:
+    log.eager.clear()
+    r.stage_decode(decoding(slots))
+    r.run_decode(len(slots))
+    return list(log.eager)
+
+
+def unfused(lora: bool) -> list[str]:
+    """The launches of the separate step (forward, LM head), with the adapters' pair after each group's GEMM."""
+    pair = (lambda g: [f"lora {g}"]) if lora else (lambda g: [])
+    layer = [
+        "gemm", *pair("qkv"), "rope", "append", "attention", "gemm", *pair("o"), "norm",
+        "gemm", *pair("gate_up"), "silu", "gemm", *pair("down"), "norm",
+    ]  # fmt: skip
+    return ["embed", *layer * LAYERS, "head"]
+
+
+@pytest.fixture(autouse=True)
+def logged_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Llama pass's own launches of fi_ffi's ops, logged to the step view's log (its ``q`` and ``gu``)."""
+    monkeypatch.setattr(
+        llama, "kernels", SimpleNamespace(rope_inplace=lambda q, *a: q("rope"), silu_and_mul=lambda gu, *a: gu("silu"))
+    )
+
+
+@pytest.fixture
+def fake_rt(monkeypatch: pytest.MonkeyPatch) -> FakeRuntime:
+    rt = FakeRuntime()
+    monkeypatch.setattr(graph_module, "_rt", lambda: rt)
+    return rt
+
+
+# ---------------------------------------------------------------------------------------------- eager steps
+
+
+@pytest.mark.parametrize(
+    ("slots", "want"),
+    [
+        ([-1], ["fused step"]),  # base rows: the fused step, as an engine without adapters
+        ([-1, -1, -1, -1], ["fused step"]),
+        ([-1] * 6, unfused(False)),  # past the fused GEMV's rows: the separate launches, no adapters' pair
+        ([0], unfused(True)),  # a row takes an adapter: the separate launches with the pair after each group
+        ([-1, -1, 2], unfused(True)),
+        ([1, -1, 0, -1, -1, -1], unfused(True)),
+    ],
+    ids=["1-base", "4-base", "6-base", "1-adapter", "3-one-adapter", "6-two-adapters"],
+)
+def test_an_eager_step_takes_the_adapters_path_only_where_a_row_takes_an_adapter(slots, want) -> None:
+    r, log = bare_runner(None, adapters=True, cuda_graph=False)
+    assert eager_step(r, log, slots) == want
+    assert (r.step_lora is r.lora) == any(s >= 0 for s in slots)
+
+
+def test_a_step_of_base_rows_launches_what_an_engine_without_adapters_does() -> None:
+    with_adapters, log_a = bare_runner(None, adapters=True, cuda_graph=False)
+    without, log_b = bare_runner(None, adapters=False, cuda_graph=False)
+    for rows in (1, 3, 6):
+        assert eager_step(with_adapters, log_a, [-1] * rows) == eager_step(without, log_b, [-1] * rows)
+
+
+def test_the_choice_follows_each_step_its_rows_as_they_change() -> None:
+    # a batch whose adapter row ends: the steps after it are the base path; a new adapter row: the adapters' again
+    r, log = bare_runner(None, adapters=True, cuda_graph=False)
+    runs = [eager_step(r, log, s) for s in ([-1, 0], [-1, -1], [-1], [3, -1])]
+    assert runs == [unfused(True), ["fused step"], ["fused step"], unfused(True)]
+
+
+# ---------------------------------------------------------------------------------------------- CUDA graphs
+
+
+def test_an_engine_serving_adapters_captures_each_decode_graph_with_and_without_them(fake_rt) -> None:
+    r, log = bare_runner(fake_rt, adapters=True, cuda_graph=True)
+    g = r.step_graphs
+    assert g.sets() == (False, True)
+    assert sorted(g.graphs) == sorted(g.lora_graphs) == [1, 2, 4, 8] and r.graph is g.graphs[8]
+    assert not {id(x) for x in g.graphs.values()} & {id(x) for x in g.lora_graphs.values()}
+    assert set(g.capture_s) == {False, True}
+    # the base set is an engine without adapters' graphs, launch for launch (the fused step at one row); the other
+    # has the adapters' pair after each group's GEMM
+    plain, plain_log = bare_runner(fake_rt, adapters=False, cuda_graph=True)
+    for rows in (1, 2, 4, 8):
+        base = log.captured[g.graphs[rows]._exec]
+        assert base == (["fused step", "argmax"] if rows == 1 else [*unfused(False), "argmax"])
+        assert base == plain_log.captured[plain.step_graphs.graphs[rows]._exec]
+        assert log.captured[g.lora_graphs[rows]._exec] == [*unfused(True), "argmax"]
+    assert r.step_lora is None  # (each step sets its own)
+
+
+def _replay(r: ModelRunner, slots: list[int], ahead: bool = False) -> None:
+    if ahead:
+        r.stage_decode_ahead(decoding(slots), ahead=1)
+    else:
+        r.stage_decode(decoding(slots))
+    _, argmax_done = r.run_decode(len(slots))
+    assert argmax_done
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["staged", "staged-ahead"])
+def test_each_step_replays_the_graph_of_its_rows_adapters(fake_rt, ahead) -> None:
+    r, log = bare_runner(fake_rt, adapters=True, cuda_graph=True)
+    g = r.step_graphs
+    steps = [([-1], False), ([0], True), ([-1, -1], False), ([-1, 1], True), ([-1] * 4, False), ([2, -1, -1, 0], True)]
+    for slots, adapters in steps:
+        log.eager.clear()
+        _replay(r, slots, ahead)
+        graph = (g.lora_graphs if adapters else g.graphs)[len(slots)]
+        assert fake_rt.launched[-1] == graph._exec, slots
+        assert ("lora qkv" in log.replayed()) == adapters
+        assert ("fused step" in log.replayed()) == (len(slots) == 1 and not adapters)
+        assert log.eager == []  # nothing launched outside the graph
+    assert len(fake_rt.launched) == len(steps)
+
+
+def test_an_engine_without_adapters_captures_one_set(fake_rt) -> None:
+    r, log = bare_runner(fake_rt, adapters=False, cuda_graph=True)
+    g = r.step_graphs
+    assert g.sets() == (False,) and sorted(g.graphs) == [1, 2, 4, 8] and g.lora_graphs == {}
+    _replay(r, [-1, -1])
+    assert fake_rt.launched == [g.graphs[2]._exec] and "lora qkv" not in log.replayed()
+
+
+def test_with_lora_base_graphs_off_every_step_replays_the_adapters_graphs(fake_rt, monkeypatch) -> None:
+    monkeypatch.setattr(ModelRunner, "lora_base_graphs", False)
+    r, log = bare_runner(fake_rt, adapters=True, cuda_graph=True)
+    g = r.step_graphs
+    assert g.sets() == (True,) and g.graphs is g.lora_graphs and sorted(g.graphs) == [1, 2, 4, 8]
+    assert set(g.capture_s) == {True}
+    for slots in ([-1], [0], [-1, -1, -1, -1]):
+        _replay(r, slots)
+        assert log.replayed() == [*unfused(True), "argmax"]
+    assert len(fake_rt.live) == 2 * 4  # one graph and one executable per batch size
+    g.close()
+    assert not fake_rt.live and not g.graphs  # each closed once (the one set is both)
+
+
+def test_closing_frees_both_sets(fake_rt) -> None:
+    r, _ = bare_runner(fake_rt, adapters=True, cuda_graph=True)
+    assert len(fake_rt.live) == 2 * 2 * 4  # two sets of 4 batch sizes, a graph and an executable each
+    r.step_graphs.close()
+    assert not fake_rt.live and not r.step_graphs.graphs and not r.step_graphs.lora_graphs and r.graph is None
