@@ -121,30 +121,19 @@ __device__ __forceinline__ void gemv8_fused(const unsigned short* __restrict__ x
         gemv8_fused<bf16, f32out, mode, block>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps, scale,     \
                                                s_ld, bn, shift);                                                    \
     }
-FUSED8(gemv8_bf16_bf16_norm_row, true, false, 1, false)
-FUSED8(gemv8_bf16_bf16_norm_block, true, false, 1, true)
-FUSED8(gemv8_bf16_bf16_addnorm_row, true, false, 2, false)
-FUSED8(gemv8_bf16_bf16_addnorm_block, true, false, 2, true)
-FUSED8(gemv8_bf16_bf16_silu_row, true, false, 3, false)
-FUSED8(gemv8_bf16_bf16_silu_block, true, false, 3, true)
-FUSED8(gemv8_bf16_f32_norm_row, true, true, 1, false)
-FUSED8(gemv8_bf16_f32_norm_block, true, true, 1, true)
-FUSED8(gemv8_bf16_f32_addnorm_row, true, true, 2, false)
-FUSED8(gemv8_bf16_f32_addnorm_block, true, true, 2, true)
-FUSED8(gemv8_bf16_f32_silu_row, true, true, 3, false)
-FUSED8(gemv8_bf16_f32_silu_block, true, true, 3, true)
-FUSED8(gemv8_f16_f16_norm_row, false, false, 1, false)
-FUSED8(gemv8_f16_f16_norm_block, false, false, 1, true)
-FUSED8(gemv8_f16_f16_addnorm_row, false, false, 2, false)
-FUSED8(gemv8_f16_f16_addnorm_block, false, false, 2, true)
-FUSED8(gemv8_f16_f16_silu_row, false, false, 3, false)
-FUSED8(gemv8_f16_f16_silu_block, false, false, 3, true)
-FUSED8(gemv8_f16_f32_norm_row, false, true, 1, false)
-FUSED8(gemv8_f16_f32_norm_block, false, true, 1, true)
-FUSED8(gemv8_f16_f32_addnorm_row, false, true, 2, false)
-FUSED8(gemv8_f16_f32_addnorm_block, false, true, 2, true)
-FUSED8(gemv8_f16_f32_silu_row, false, true, 3, false)
-FUSED8(gemv8_f16_f32_silu_block, false, true, 3, true)
+// FUSED8 for one type pair in each prologue (1 NORM, 2 ADD_NORM, 3 SILU) and scale layout (per row, per block): the
+// names prefix_<norm|addnorm|silu>_<row|block> that Fp8Linears.fused_fn loads
+#define FUSED8_EACH(prefix, bf16, f32out)                                                                          \
+    FUSED8(prefix##_norm_row, bf16, f32out, 1, false)                                                              \
+    FUSED8(prefix##_norm_block, bf16, f32out, 1, true)                                                             \
+    FUSED8(prefix##_addnorm_row, bf16, f32out, 2, false)                                                           \
+    FUSED8(prefix##_addnorm_block, bf16, f32out, 2, true)                                                          \
+    FUSED8(prefix##_silu_row, bf16, f32out, 3, false)                                                              \
+    FUSED8(prefix##_silu_block, bf16, f32out, 3, true)
+FUSED8_EACH(gemv8_bf16_bf16, true, false)
+FUSED8_EACH(gemv8_bf16_f32, true, true)
+FUSED8_EACH(gemv8_f16_f16, false, false)
+FUSED8_EACH(gemv8_f16_f32, false, true)
 
 // The end of one pair of output columns and one row (gemv8_pairs, gemv8_tc_pairs): its two float32 sums va and vb
 // (pair p: columns ja and jb as gemv8_pairs maps them) times their per-row scales (not BLOCK), rounded as the GEMV's

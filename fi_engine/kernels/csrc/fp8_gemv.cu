@@ -116,20 +116,24 @@ __device__ __forceinline__ void gemv8_one(const unsigned short* __restrict__ x, 
             }
         });
 }
+// M(name, bf16, f32out, block) for each of the eight FP8 GEMVs of a kind: bfloat16 or float16 x, y of x's type or
+// float32, per-row or block scales; name prefix_<x>_<y>_<row|block>suffix (the names Fp8Linears loads)
+#define EACH_GEMV8_TYPE(M, prefix, suffix)                                                                         \
+    M(prefix##_bf16_bf16_row##suffix, true, false, false)                                                          \
+    M(prefix##_bf16_bf16_block##suffix, true, false, true)                                                         \
+    M(prefix##_bf16_f32_row##suffix, true, true, false)                                                            \
+    M(prefix##_bf16_f32_block##suffix, true, true, true)                                                           \
+    M(prefix##_f16_f16_row##suffix, false, false, false)                                                           \
+    M(prefix##_f16_f16_block##suffix, false, false, true)                                                          \
+    M(prefix##_f16_f32_row##suffix, false, true, false)                                                            \
+    M(prefix##_f16_f32_block##suffix, false, true, true)
 #define GEMV8ONE(name, bf16, f32out, block)                                                                        \
     extern "C" __global__ void __launch_bounds__(128, 8)                                                           \
         name(const unsigned short* x, const unsigned char* w, void* y, int rows, int n, int k, long long x_ld,     \
              long long y_ld, const float* scale, long long s_ld, int bn, int shift) {                             \
         gemv8_one<bf16, f32out, block>(x, w, y, n, k, scale, s_ld, bn, shift);                                     \
     }
-GEMV8ONE(gemv8_bf16_bf16_row_1, true, false, false)
-GEMV8ONE(gemv8_bf16_bf16_block_1, true, false, true)
-GEMV8ONE(gemv8_bf16_f32_row_1, true, true, false)
-GEMV8ONE(gemv8_bf16_f32_block_1, true, true, true)
-GEMV8ONE(gemv8_f16_f16_row_1, false, false, false)
-GEMV8ONE(gemv8_f16_f16_block_1, false, false, true)
-GEMV8ONE(gemv8_f16_f32_row_1, false, true, false)
-GEMV8ONE(gemv8_f16_f32_block_1, false, true, true)
+EACH_GEMV8_TYPE(GEMV8ONE, gemv8, _1)
 
 #define GEMV8(name, bf16, f32out, block, r)                                                                         \
     extern "C" __global__ void name(const unsigned short* x, const unsigned char* w, void* y, int rows, int n,       \
@@ -220,13 +224,6 @@ __device__ __forceinline__ void gemv8_tc(const unsigned short* __restrict__ x, c
              long long y_ld, const float* scale, long long s_ld, int bn, int shift) {                             \
         gemv8_tc<bf16, f32out, block>(x, w, y, rows, n, k, x_ld, y_ld, scale, s_ld, bn, shift);                    \
     }
-GEMV8TC(gemv8tc_bf16_bf16_row, true, false, false)
-GEMV8TC(gemv8tc_bf16_bf16_block, true, false, true)
-GEMV8TC(gemv8tc_bf16_f32_row, true, true, false)
-GEMV8TC(gemv8tc_bf16_f32_block, true, true, true)
-GEMV8TC(gemv8tc_f16_f16_row, false, false, false)
-GEMV8TC(gemv8tc_f16_f16_block, false, false, true)
-GEMV8TC(gemv8tc_f16_f32_row, false, true, false)
-GEMV8TC(gemv8tc_f16_f32_block, false, true, true)
+EACH_GEMV8_TYPE(GEMV8TC, gemv8tc, )
 
 #include "fp8_dequant.cuh"  // dequant_rows (uses e4m3x16, fromf and load_weights, above)

@@ -2,6 +2,28 @@
 // biased activations and the dense-over-experts path's activation and combine.
 #include "route.cuh"  // route_row (moe_route)
 #include "convert.cuh"  // load16, store16
+// out[t, c] = sum_j term(j, c) (expert j's weighted output) over this block's columns c of token t (the combines'
+// grid: blockIdx.y the column block), accumulated in float32 in the order of j and rounded once to out's 16-bit type
+template <typename Term>
+__device__ __forceinline__ void combine_token(long long t, int k, long long hidden, unsigned short* __restrict__ out,
+                                              long long out_ld, int bf16, Term term) {
+    const long long stride = (long long)gridDim.y * blockDim.x;
+    for (long long c = (long long)blockIdx.y * blockDim.x + threadIdx.x; c < hidden; c += stride) {
+        float acc = 0.f;
+        for (int j = 0; j < k; ++j) acc += term(j, c);
+        out[t * out_ld + c] = store16(acc, bf16);
+    }
+}
+// The experts' activation of one gate value g and up value u (biases added): clamped (gpt-oss),
+// (clamp(u, -L, L) + 1) * g' * sigmoid(alpha * g') with g' = min(g, L), L = limit; else silu(g) * u
+__device__ __forceinline__ float gate_up_act(float g, float u, int clamped, float alpha, float limit) {
+    if (clamped) {
+        g = fminf(g, limit);
+        u = fminf(fmaxf(u, -limit), limit);
+        return (u + 1.f) * g / (1.f + expf(-alpha * g));
+    }
+    return g / (1.f + expf(-g)) * u;
+}
 // out[t, c] = sum_j w[t * k + j] * y[row_of[t * k + j], c], accumulated in float32; grid (T, column blocks): the
 // blocks of a token (blockIdx.y) share its columns (a token's columns in one block made a decode step's combine a
 // 10 us chain of dependent loads on one SM; the combines below share the grid).
@@ -9,15 +31,10 @@ extern "C" __global__ void moe_combine(const unsigned short* __restrict__ y, con
                                        const float* __restrict__ w, unsigned short* __restrict__ out, int k,
                                        long long hidden, long long out_ld, int bf16) {
     const long long t = blockIdx.x;
-    const long long stride = (long long)gridDim.y * blockDim.x;
-    for (long long c = (long long)blockIdx.y * blockDim.x + threadIdx.x; c < hidden; c += stride) {
-        float acc = 0.f;
-        for (int j = 0; j < k; ++j) {
-            const long long r = row_of[t * k + j];
-            acc += w[t * k + j] * load16(y[r * hidden + c], bf16);
-        }
-        out[t * out_ld + c] = store16(acc, bf16);
-    }
+    combine_token(t, k, hidden, out, out_ld, bf16, [&](int j, long long c) {
+        const long long r = row_of[t * k + j];
+        return w[t * k + j] * load16(y[r * hidden + c], bf16);
+    });
 }
 
 // Device routing of the fixed-capacity path, one thread per token t < T: route_row (fi_engine.kernels.cuda_sources).
@@ -62,17 +79,9 @@ extern "C" __global__ void moe_bias_act(const unsigned short* __restrict__ gu, c
     const unsigned short* row = gu + r * 2 * I;
     const float* b = b_gu + (long long)e * 2 * I;
     for (long long j = threadIdx.x; j < I; j += blockDim.x) {
-        float g = load16(row[j], bf16) + b[j];
-        float u = load16(row[I + j], bf16) + b[I + j];
-        float a;
-        if (clamped) {
-            g = fminf(g, limit);
-            u = fminf(fmaxf(u, -limit), limit);
-            a = (u + 1.f) * g / (1.f + expf(-alpha * g));
-        } else {
-            a = g / (1.f + expf(-g)) * u;
-        }
-        act[r * I + j] = store16(a, bf16);
+        const float g = load16(row[j], bf16) + b[j];
+        const float u = load16(row[I + j], bf16) + b[I + j];
+        act[r * I + j] = store16(gate_up_act(g, u, clamped, alpha, limit), bf16);
     }
 }
 
@@ -86,15 +95,10 @@ extern "C" __global__ void moe_combine_bias(const unsigned short* __restrict__ y
     const long long t = blockIdx.x;
     for (int j = threadIdx.x; j < k; j += blockDim.x) ex[j] = expert_of(seg, E, row_of[t * k + j]);
     __syncthreads();
-    const long long stride = (long long)gridDim.y * blockDim.x;
-    for (long long c = (long long)blockIdx.y * blockDim.x + threadIdx.x; c < hidden; c += stride) {
-        float acc = 0.f;
-        for (int j = 0; j < k; ++j) {
-            const long long r = row_of[t * k + j];
-            acc += w[t * k + j] * (load16(y[r * hidden + c], bf16) + b_down[(long long)ex[j] * hidden + c]);
-        }
-        out[t * out_ld + c] = store16(acc, bf16);
-    }
+    combine_token(t, k, hidden, out, out_ld, bf16, [&](int j, long long c) {
+        const long long r = row_of[t * k + j];
+        return w[t * k + j] * (load16(y[r * hidden + c], bf16) + b_down[(long long)ex[j] * hidden + c]);
+    });
 }
 
 // logits[t, e] += bias[e] (float32 [T, E], one block per token).
@@ -135,15 +139,7 @@ extern "C" __global__ void moe_dense_act(const unsigned short* __restrict__ gu, 
         float g = load16(row[j], bf16);
         float u = load16(row[I + j], bf16);
         if (has_bias) { g += b[j]; u += b[I + j]; }
-        float v;
-        if (clamped) {
-            g = fminf(g, limit);
-            u = fminf(fmaxf(u, -limit), limit);
-            v = (u + 1.f) * g / (1.f + expf(-alpha * g));
-        } else {
-            v = g / (1.f + expf(-g)) * u;
-        }
-        a[j] = store16(v, bf16);
+        a[j] = store16(gate_up_act(g, u, clamped, alpha, limit), bf16);
     }
 }
 
@@ -156,15 +152,10 @@ extern "C" __global__ void moe_dense_combine(const float* __restrict__ y, long l
                                              unsigned short* __restrict__ out, long long hidden, long long out_ld,
                                              int bf16) {
     const long long t = blockIdx.x;
-    const long long stride = (long long)gridDim.y * blockDim.x;
-    for (long long c = (long long)blockIdx.y * blockDim.x + threadIdx.x; c < hidden; c += stride) {
-        float acc = 0.f;
-        for (int j = 0; j < k; ++j) {
-            const long long e = experts[t * k + j];
-            float v = y[(e * y_rows + t) * hidden + c];
-            if (has_bias) v += b_down[e * hidden + c];
-            acc += w[t * k + j] * v;
-        }
-        out[t * out_ld + c] = store16(acc, bf16);
-    }
+    combine_token(t, k, hidden, out, out_ld, bf16, [&](int j, long long c) {
+        const long long e = experts[t * k + j];
+        float v = y[(e * y_rows + t) * hidden + c];
+        if (has_bias) v += b_down[e * hidden + c];
+        return w[t * k + j] * v;
+    });
 }
