@@ -355,6 +355,8 @@ class ServingLoop(StepEngineBase):
     def _refused_outputs(self, sched: Scheduler) -> list[StepOutput]:
         """The step API's outputs of the requests the scheduler aborted at admission (their adapter could not be
         read): ``"abort"`` with the reason as ``error``; they are forgotten."""
+        if not sched.refused:  # (asked twice a step)
+            return []
         out = [StepOutput(r.rid, (), "abort", r.error) for r in sched.refused]
         for r in sched.refused:
             self._requests.pop(r.rid, None)

@@ -300,8 +300,11 @@ def test_decode_tables_pad_to_the_graph_batch_with_the_padding_page():
     rows = s.decode_rows(padded=True)
     assert rows == [a, b, None, None]
     assert len(a.pages) == 2  # token 16 starts a new page
+    b.lora_slot = 3  # (the scheduler's slot of its adapter, as admission sets it)
+    v["lora_slots"][:] = 7  # what a step before wrote
     n_pages = fill_decode(rows, PS, v)
     assert v["token_ids"][:4].tolist() == [11, 12, 0, 0]
+    assert v["lora_slots"][:4].tolist() == [-1, 3, -1, -1]  # no adapter for a, none for the padding rows
     assert v["positions"][:4].tolist() == [16, 5, 0, 0]
     assert v["batch_indices"][:4].tolist() == [0, 1, 2, 3]
     assert v["kv_indptr"][:5].tolist() == [0, 2, 3, 4, 5]

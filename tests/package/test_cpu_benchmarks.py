@@ -1,7 +1,8 @@
-"""The CPU proxies of the host time (benchmarks/bench_step_cpu.py, bench_op_calls_cpu.py) still run on a machine
-without a GPU: each script, a few calls a round, prints its rows with a positive time. Nothing here is timed; the
-figures come from the scripts run by hand (benchmarks/RESULTS.md). Without this, a check added to the ops (the
-attention ops' "no NVIDIA driver" test, say) could stop a proxy and nobody would know until the next measurement.
+"""The CPU proxies of the host time (benchmarks/bench_step_cpu.py, bench_op_calls_cpu.py,
+bench_serving_host_cpu.py) still run on a machine without a GPU: each script, a few calls a round, prints its rows
+with a positive time. Nothing here is timed; the figures come from the scripts run by hand (benchmarks/RESULTS.md).
+Without this, a check added to the ops (the attention ops' "no NVIDIA driver" test, say) or a change of the engine's
+parts could stop a proxy and nobody would know until the next measurement.
 """
 
 from __future__ import annotations
@@ -50,4 +51,12 @@ def test_the_decode_step_proxy_runs_without_a_gpu(shared_wheel: Path) -> None:
 def test_the_single_call_proxy_runs_without_a_gpu(shared_wheel: Path) -> None:
     out = run_benchmark(shared_wheel, "bench_op_calls_cpu.py", "--calls", "20", "--rounds", "1")
     for row in ("rmsnorm", "fused_add_rmsnorm", "append_paged_kv_cache", "prepared rmsnorm", "prepared append"):
+        assert microseconds(out, row) > 0
+
+
+def test_the_serving_step_proxy_runs_without_a_gpu(shared_wheel: Path) -> None:
+    # (more steps than one request's tokens: requests end and are replaced in it)
+    out = run_benchmark(shared_wheel, "bench_serving_host_cpu.py", "--batch", "4", "--steps", "40", "--rounds", "1",
+                        "--max-tokens", "8", "--prompt-len", "20")  # fmt: skip
+    for row in ("this step()", "this sync to launch"):
         assert microseconds(out, row) > 0

@@ -268,6 +268,8 @@ class Speculator:
         """Whether the next step is a verifying pass (:meth:`drafts_to_verify`). A draft model's drafts cost device
         time, so they are not made to decide: the policy weighs each request's draft at its full length
         (:meth:`_draft_limits`), and the drafts are made once the pass runs."""
+        if self.proposer is None:  # off: asked every step, answered at once
+            return False
         if not isinstance(self.proposer, DraftModelProposer):
             return self.drafts_to_verify(sched) is not None
         if not self._applies(sched):
@@ -282,7 +284,7 @@ class Speculator:
         """The drafts of a verifying pass to run now, or None: speculation applies (:meth:`_applies`), a request
         has a draft, and the pass pays (:class:`~fi_engine.runtime.sample.speculation.DraftPolicy`; ``decided``: it was
         found to pay a step ago (:meth:`pass_due`), when the drafts were planned from the tokens then recorded)."""
-        if not self._applies(sched):
+        if self.proposer is None or not self._applies(sched):
             return None
         model = isinstance(self.proposer, DraftModelProposer)
         if model and not decided and not self.pass_due(sched):

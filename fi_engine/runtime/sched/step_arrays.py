@@ -227,12 +227,14 @@ def fill_decode(rows: Sequence[Request | None], page_size: int, v: dict[str, np.
     last: list[int] = []
     indptr = [0]
     indices: list[int] = []
+    adapters: list[int] = []  # each row's LoRA slot, the scheduler's own ints (row_slots' checks: ~40 us a step)
     for r in rows:
         if r is None:
             ids.append(0)
             pos.append(0)
             last.append(1)
             indices.append(PAD_PAGE)
+            adapters.append(NO_ADAPTER)
         else:
             at = r.position(ahead)
             if len(r.pages) * page_size <= at:
@@ -241,6 +243,7 @@ def fill_decode(rows: Sequence[Request | None], page_size: int, v: dict[str, np.
             pos.append(at)
             last.append(at % page_size + 1)
             indices.extend(r.pages)
+            adapters.append(r.lora_slot)
         indptr.append(len(indices))
     n = len(rows)
     v["token_ids"][:n] = ids
@@ -250,5 +253,5 @@ def fill_decode(rows: Sequence[Request | None], page_size: int, v: dict[str, np.
     v["kv_last_page_len"][:n] = last
     v["kv_indices"][: len(indices)] = indices
     if "lora_slots" in v:  # each row its request's adapter slot; a padding row none
-        row_slots([NO_ADAPTER if r is None else r.lora_slot for r in rows], None, v["lora_slots"])
+        v["lora_slots"][:n] = adapters
     return len(indices)
