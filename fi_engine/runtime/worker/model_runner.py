@@ -539,7 +539,8 @@ class ModelRunner(RunnerState):
 
     def fuses(self, rows: int) -> bool:
         """Whether an eager decode step of ``rows`` rows runs as the fused step (``fused.fits``; never where a row of
-        the step takes a LoRA adapter: ``step_lora`` set)."""
+        the step takes a LoRA adapter: ``step_lora`` set, which each step sets before its pass, so asked between
+        steps this answers for the step last run)."""
         return self.fused.fits(rows)
 
     def decode_pass(self, v: SimpleNamespace, rows: int, fused: bool, static_moe: bool = False) -> None:

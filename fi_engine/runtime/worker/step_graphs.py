@@ -158,7 +158,9 @@ class StepGraphs:
         (self.lora_graphs if adapters else self.graphs)[rows].launch()
 
     def shapes(self) -> list[tuple[int, int]]:
-        """The ``(bucket rows, request slots)`` of every prefill graph held, in replay order (least recent first)."""
+        """The ``(bucket rows, request slots)`` of every prefill graph held, in replay order (least recent first); an
+        engine serving LoRA adapters may hold two graphs of one shape (with the adapters' launches and without), both
+        listed."""
         return [(int(key[0]), int(key[1])) for key in self.prefill_cache]
 
     def prefill_bucket(self, nnz: int, slots: int) -> int | None:
@@ -192,7 +194,8 @@ class StepGraphs:
 
     def _prefill_graph_failed(self, rows: int, batch: int, stage: str, exc: Exception) -> None:
         """Record why the prefill graph of ``rows`` rows and ``batch`` request slots failed (that shape is eager from
-        now on: :meth:`prefill_bucket`), and warn once."""
+        now on: :meth:`prefill_bucket`; with LoRA adapters, for prefills with and without adapter rows alike: a
+        shape's failure is kept per shape), and warn once."""
         why = f"{stage}: {type(exc).__name__}: {exc}"[:500]
         self.runner.prefill_graph_failures[(rows, batch)] = why
         warnings.warn(
