@@ -610,11 +610,8 @@ def _check_operands(
     x: Tensor, w: Tensor, y: Tensor, column_major: bool, sm90: bool, rows: int, ws: Workspace
 ) -> tuple[int, int]:
     """Shapes, dtypes, devices, layout, alignment (pointers included: this runs on every call) and overlap."""
-    checks.ndim("x", x, 2, "[total_rows, d_in]")
     allowed = (*_HALF, *_FP8) if sm90 else _HALF
-    checks.dtype_in("x", x, allowed)
-    checks.cuda("x", x)
-    checks.contiguous("x", x)
+    checks.device_tensor("x", x, 2, "[total_rows, d_in]", allowed)
     layout = "[num_weights, d_out, d_in]" if column_major else "[num_weights, d_in, d_out]"
     checks.ndim("weights", w, 3, layout)
     checks.same_dtype("weights", w, "x", x)
