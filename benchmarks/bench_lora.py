@@ -13,7 +13,9 @@ Rows (CUDA graphs, prompts of ``--prompt`` tokens, ``--new-tokens`` tokens each,
   takes none);
 - ``lora, N adapters``: the rows spread round-robin over ``N`` adapters (batch 32: 4; batch 1: one).
 
-The ratio column is each row's tokens/s over ``base``'s at the same batch. Swap-in: an adapter copied into a GPU
+The ratio column is each row's tokens/s over ``base``'s at the same batch. ``--prefill N`` adds the time to
+prefill one prompt of ``N`` tokens (and sample its first token) in each engine, with and without an adapter: what
+the adapters' launches cost a prefill's thousands of rows. Swap-in: an adapter copied into a GPU
 slot from the host's packed copy (``max_cpu_loras`` keeps it), and read from its folder first (host cache of one),
 each timed to the end of its copies on the stream.
 
@@ -74,6 +76,19 @@ def tokens_per_s(engine: Any, batch: int, prompt: int, new: int, loras: list[str
     return best
 
 
+def prefill_ms(engine: Any, tokens: int, lora: str | None) -> float:
+    """Milliseconds to prefill one random prompt of ``tokens`` tokens and sample its first token (best of 3, after
+    one warm-up call)."""
+    prompt = np.random.default_rng(2).integers(3, 1000, size=tokens).tolist()
+    engine.generate([prompt], 1, eos_token_ids=(), lora=[lora])
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        engine.generate([prompt], 1, eos_token_ids=(), lora=[lora])
+        best = min(best, time.perf_counter() - start)
+    return 1e3 * best
+
+
 def swap_in_ms(engine: Any, names: list[str]) -> float:
     """Mean milliseconds to copy each adapter of ``names`` into a GPU slot (each evicting the last: one slot), to the
     end of its copies on the stream."""
@@ -98,6 +113,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--prefill", type=int, default=0, help="also time one prompt of this many tokens' prefill")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.make_adapters:
@@ -110,11 +126,12 @@ def main() -> None:
     folders = sorted(p for p in args.adapters.iterdir() if (p / "adapter_config.json").is_file())
     names = [p.name for p in folders]
     batches = [int(b) for b in args.batches.split(",")]
-    seq = args.prompt + args.new_tokens + 8
+    seq = max(args.prompt + args.new_tokens, args.prefill) + 8
     common = dict(max_batch=max(batches), max_seq_len=seq, cuda_graph=True)
     rows: list[dict[str, Any]] = []
     with open_engine(args.model, **common) as engine:
         base = {b: tokens_per_s(engine, b, args.prompt, args.new_tokens, [None] * b) for b in batches}
+        prefills = {"base": prefill_ms(engine, args.prefill, None)} if args.prefill else {}
     for b in batches:
         rows.append({"row": "base", "batch": b, "tokens_per_s": base[b]})
     modules = {n: str(p) for n, p in zip(names, folders, strict=True)}
@@ -126,6 +143,9 @@ def main() -> None:
             for label, loras in (("lora, no adapter rows", [None] * b), (f"lora, {len(used)} adapters", spread)):
                 speed = tokens_per_s(engine, b, args.prompt, args.new_tokens, loras)
                 rows.append({"row": label, "batch": b, "tokens_per_s": speed})
+        if args.prefill:
+            prefills["lora, no adapter"] = prefill_ms(engine, args.prefill, None)
+            prefills["lora, one adapter"] = prefill_ms(engine, args.prefill, names[0])
         slot_mb = engine.runner.lora.layout.slot_bytes() / 2**20
     swap = {}
     for cpu, label in ((len(names), "from the host copy"), (1, "read from its folder first")):
@@ -136,10 +156,13 @@ def main() -> None:
     for r in rows:
         r["x_base"] = r["tokens_per_s"] / base[r["batch"]]
         print(f"{r['row']:<24}{r['batch']:>6}{r['tokens_per_s']:>12.1f}{r['x_base']:>8.2f}")
+    for label, ms in prefills.items():
+        print(f"prefill of {args.prefill} tokens, {label}: {ms:.1f} ms ({ms / prefills['base']:.2f}x base)")
     for label, ms in swap.items():
         print(f"swap-in {label}: {ms:.2f} ms (a slot of rank {args.rank}: {slot_mb:.0f} MiB)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "swap_in_ms": swap, "slot_mib": slot_mb}, indent=1))
+        report = {"rows": rows, "swap_in_ms": swap, "slot_mib": slot_mb, "prefill_ms": prefills}
+        Path(args.json).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -12,24 +12,41 @@ For a projection ``y = x @ W^T`` (``x [rows, k]``, ``y [rows, n]``, 16-bit), aft
 
 A row whose slot is negative (a request of the base model, a padding row), or whose adapter leaves the projection
 alone (bit ``bit`` of ``targets[s]`` clear), is untouched. The slots, scales and targets are device arrays, read by
-the kernels: a CUDA graph captures the launches and each replay serves the step's rows. Any row count (a decode
-step's few rows, a prefill's thousands) takes the same launches; the layout of the slot arrays is
-:mod:`fi_engine.lora.slots`'s.
+the kernels: a CUDA graph captures the launches and each replay serves the step's rows. The layout of the slot
+arrays is :mod:`fi_engine.lora.slots`'s.
+
+Each product has two forms, chosen by the row count (:data:`LONG_ROWS`): a decode step's few rows take the forms
+that split each output entry's work widest (a block an entry and row for the shrink, a thread a row and column for
+the expand); a prefill's rows take forms that read each operand fewer times (a warp an entry; a thread a column of
+a tile of rows, B's column held while the slot stays). On an H100, rank 16, q/k/v of the 8B shape: at 4096 rows
+the shrink took 343 us split against 168 in the long form; at 1-32 rows both take about 9 us.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .cuda_sources import source
 
-__all__ = ["LoraBgmv", "expand_args", "shrink_args"]
+__all__ = ["LoraBgmv", "LoraLaunch", "expand_args", "shrink_args"]
 
-SHRINK_WARPS = 8  # warps a shrink block splits k over (one block an output entry and row)
+SHRINK_WARPS = 8  # warps a shrink block splits k over (one block an output entry and row); entries a long block takes
 EXPAND_THREADS = 256  # output columns an expand block computes
 MAX_T_WIDTH = 3 * 512  # t's entries per row an expand block stages (three parts of rank 512): 6 KiB of shared memory
+LONG_ROWS = 64  # more rows than this take the long forms (a prefill's)
+EXPAND_TILE_ROWS = 32  # rows a long expand block walks (csrc/lora_bgmv.cu's EXPAND_TILE_ROWS)
+EXPAND_LONG_RANK = 64  # the highest rank the long expand holds in registers (EXPAND_LONG_RANK there); above, the short
+
+
+class LoraLaunch(NamedTuple):
+    """One launch of a product: ``long`` (the long form's kernel, for more than :data:`LONG_ROWS` rows), its grid
+    and its typed arguments in the kernel's order."""
+
+    long: bool
+    grid: tuple[int, int]
+    args: tuple[Any, ...]
 
 
 def _int(name: str, value: object, lo: int, hi: int) -> int:
@@ -59,8 +76,8 @@ def shrink_args(
     k: int,
     t: int,
     t_ld: int,
-) -> tuple[tuple[int, int], tuple[Any, ...]]:
-    """The grid and the typed arguments of a shrink launch (see :meth:`LoraBgmv.shrink`); ValueError naming the
+) -> LoraLaunch:
+    """The form, grid and typed arguments of a shrink launch (see :meth:`LoraBgmv.shrink`); ValueError naming the
     argument for a shape the kernel does not take: ``k`` not a multiple of 8, ``x``, ``x_ld`` or ``a`` not 16-byte
     aligned (the kernel loads 8 elements at a time), ``t_ld`` below ``width``."""
     rows = _int("rows", rows, 1, (1 << 31) - 1)
@@ -75,13 +92,14 @@ def shrink_args(
     a_slot = _int("a_slot", a_slot, 0, 1 << 50)
     if a_slot % 8:
         raise ValueError(f"a_slot: expected a multiple of 8 elements (16-byte aligned matrices), got {a_slot}")
-    grid = (width, rows)
+    long = rows > LONG_ROWS
+    grid = (-(-width // SHRINK_WARPS), rows) if long else (width, rows)
     args = (
         _address("x", x, 16), np.int64(x_ld), _address("slots", slots, 4), _address("scale", scale, 4),
         _address("targets", targets, 4), np.int32(_int("bit", bit, 1, 1 << 30)), _address("a", a, 16),
         np.int64(a_slot), np.int32(width), np.int32(k), _address("t", t, 4), np.int64(t_ld),
     )  # fmt: skip
-    return grid, args
+    return LoraLaunch(long, grid, args)
 
 
 def expand_args(
@@ -100,10 +118,12 @@ def expand_args(
     n1: int,
     y: int,
     y_ld: int,
-) -> tuple[tuple[int, int], tuple[Any, ...]]:
-    """The grid and the typed arguments of an expand launch (see :meth:`LoraBgmv.expand`); ValueError naming the
-    argument for one the kernel does not take: ``n0 <= n1 <= n`` broken, ``tw`` (t's entries a row reads) short of
-    the parts the column split names or above :data:`MAX_T_WIDTH`, ``y_ld`` below ``n``."""
+) -> LoraLaunch:
+    """The form, grid and typed arguments of an expand launch (see :meth:`LoraBgmv.expand`; the long form for more
+    than :data:`LONG_ROWS` rows of rank up to :data:`EXPAND_LONG_RANK`, its third argument ``rows`` where the short
+    form's is ``tw``); ValueError naming the argument for one the kernel does not take: ``n0 <= n1 <= n`` broken,
+    ``tw`` (t's entries a row reads) short of the parts the column split names or above :data:`MAX_T_WIDTH`,
+    ``y_ld`` below ``n``."""
     rows = _int("rows", rows, 1, (1 << 31) - 1)
     rank = _int("rank", rank, 1, 512)
     n = _int("n", n, 1, (1 << 31) - 1)
@@ -113,14 +133,15 @@ def expand_args(
     tw = _int("tw", tw, parts * rank, MAX_T_WIDTH)
     t_ld = _int("t_ld", t_ld, tw, 1 << 40)
     y_ld = _int("y_ld", y_ld, n, 1 << 40)
-    grid = (-(-n // EXPAND_THREADS), rows)
+    long = rows > LONG_ROWS and rank <= EXPAND_LONG_RANK
+    grid = (-(-n // EXPAND_THREADS), -(-rows // EXPAND_TILE_ROWS) if long else rows)
     args = (
-        _address("t", t, 4), np.int64(t_ld), np.int32(tw), _address("slots", slots, 4),
+        _address("t", t, 4), np.int64(t_ld), np.int32(rows if long else tw), _address("slots", slots, 4),
         _address("targets", targets, 4), np.int32(_int("bit", bit, 1, 1 << 30)), _address("bt", bt, 2),
         np.int64(_int("b_slot", b_slot, 0, 1 << 50)), np.int32(rank), np.int32(n), np.int32(n0), np.int32(n1),
         _address("y", y, 2), np.int64(y_ld),
     )  # fmt: skip
-    return grid, args
+    return LoraLaunch(long, grid, args)
 
 
 class LoraBgmv:
@@ -136,8 +157,8 @@ class LoraBgmv:
         self.stream = stream
         tag = "bf16" if dtype == "bfloat16" else "f16"
         module = cupy.RawModule(code=source("lora_bgmv.cu"))
-        self._shrink = module.get_function(f"lora_shrink_{tag}")
-        self._expand = module.get_function(f"lora_expand_{tag}")
+        self._shrink = (module.get_function(f"lora_shrink_{tag}"), module.get_function(f"lora_shrink_long_{tag}"))
+        self._expand = (module.get_function(f"lora_expand_{tag}"), module.get_function(f"lora_expand_long_{tag}"))
 
     def shrink(
         self, rows: int, x: int, x_ld: int, slots: int, scale: int, targets: int, bit: int, a: int, a_slot: int,
@@ -147,7 +168,7 @@ class LoraBgmv:
         and whose ``targets[s]`` has ``bit``: ``x`` 16-bit rows of ``k`` (row stride ``x_ld`` elements), ``A_s`` at
         ``a + s * a_slot`` elements (``[width, k]`` 16-bit), ``scale`` float32 and ``slots``/``targets`` int32
         device arrays by slot, ``t`` float32 rows of stride ``t_ld``."""
-        self.launch_shrink(*shrink_args(rows, x, x_ld, slots, scale, targets, bit, a, a_slot, width, k, t, t_ld))
+        self.launch_shrink(shrink_args(rows, x, x_ld, slots, scale, targets, bit, a, a_slot, width, k, t, t_ld))
 
     def expand(
         self, rows: int, t: int, t_ld: int, tw: int, slots: int, targets: int, bit: int, bt: int, b_slot: int,
@@ -157,13 +178,15 @@ class LoraBgmv:
         ``p(j) = (j >= n0) + (j >= n1)``: ``Bt_s`` at ``bt + s * b_slot`` elements (``[rank, n]`` 16-bit), ``y``
         16-bit rows of stride ``y_ld``, rounded once; ``tw``: t's entries each row stages (its parts times
         ``rank``)."""
-        self.launch_expand(*expand_args(rows, t, t_ld, tw, slots, targets, bit, bt, b_slot, rank, n, n0, n1, y, y_ld))
+        self.launch_expand(expand_args(rows, t, t_ld, tw, slots, targets, bit, bt, b_slot, rank, n, n0, n1, y, y_ld))
 
-    def launch_shrink(self, grid: tuple[int, int], args: tuple[Any, ...]) -> None:
-        """A shrink launch of :func:`shrink_args`' grid and arguments (checked there: a caller that launches a shape
-        again keeps them)."""
-        self._shrink(grid, (32 * SHRINK_WARPS,), args, stream=self.stream)
+    def launch_shrink(self, launch: LoraLaunch) -> None:
+        """A shrink launch of :func:`shrink_args`' form, grid and arguments (checked there: a caller that launches a
+        shape again keeps them)."""
+        self._shrink[launch.long](launch.grid, (32 * SHRINK_WARPS,), launch.args, stream=self.stream)
 
-    def launch_expand(self, grid: tuple[int, int], args: tuple[Any, ...]) -> None:
-        """An expand launch of :func:`expand_args`' grid and arguments (its shared memory: the ``tw`` floats)."""
-        self._expand(grid, (EXPAND_THREADS,), args, shared_mem=4 * int(args[2]), stream=self.stream)
+    def launch_expand(self, launch: LoraLaunch) -> None:
+        """An expand launch of :func:`expand_args`' form, grid and arguments (the short form's shared memory: the
+        ``tw`` floats)."""
+        shared = 0 if launch.long else 4 * int(launch.args[2])
+        self._expand[launch.long](launch.grid, (EXPAND_THREADS,), launch.args, shared_mem=shared, stream=self.stream)

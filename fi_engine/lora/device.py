@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..kernels.lora_bgmv import LoraBgmv, expand_args, shrink_args
+from ..kernels.lora_bgmv import LoraBgmv, LoraLaunch, expand_args, shrink_args
 from .slots import PackedAdapter, SlotLayout
 
 __all__ = ["DeviceSlots"]
@@ -72,13 +72,13 @@ class DeviceSlots:
             if len(self._launches) >= _MAX_LAUNCHES:
                 self._launches.clear()
             launch = self._launches[key] = self._prepare(group, layer, rows, x, x_ld, y, y_ld, slots)
-        shrink_grid, shrink, expand_grid, expand = launch
-        self.kernels.launch_shrink(shrink_grid, shrink)
-        self.kernels.launch_expand(expand_grid, expand)
+        shrink, expand = launch
+        self.kernels.launch_shrink(shrink)
+        self.kernels.launch_expand(expand)
 
     def _prepare(
         self, group: str, layer: int, rows: int, x: int, x_ld: int, y: int, y_ld: int, slots: int
-    ) -> tuple[Any, ...]:
+    ) -> tuple[LoraLaunch, LoraLaunch]:
         g = self._groups[group]
         a, bt = self.arrays[group]
         lay = self.layout
@@ -90,7 +90,7 @@ class DeviceSlots:
         scale, targets = int(self.scale.data.ptr), int(self.targets.data.ptr)
         if rows > self.t.shape[0]:
             raise ValueError(f"rows: {rows} exceed the LoRA scratch's {self.t.shape[0]} rows")
-        sg, sa = shrink_args(rows, x, x_ld, slots, scale, targets, g.bit, a_at, a_slot, width, g.k, t, t_ld)
+        shrink = shrink_args(rows, x, x_ld, slots, scale, targets, g.bit, a_at, a_slot, width, g.k, t, t_ld)
         n0, n1 = g.split
-        eg, ea = expand_args(rows, t, t_ld, width, slots, targets, g.bit, bt_at, b_slot, lay.rank, g.n, n0, n1, y, y_ld)
-        return sg, sa, eg, ea
+        expand = expand_args(rows, t, t_ld, width, slots, targets, g.bit, bt_at, b_slot, lay.rank, g.n, n0, n1, y, y_ld)
+        return shrink, expand

@@ -10,7 +10,16 @@ import numpy as np
 import pytest
 from helpers.lora_adapters import bgmv_reference, llama_shapes, write_adapter
 
-from fi_engine.kernels.lora_bgmv import EXPAND_THREADS, LoraBgmv, expand_args, shrink_args
+from fi_engine.kernels.lora_bgmv import (
+    EXPAND_LONG_RANK,
+    EXPAND_THREADS,
+    EXPAND_TILE_ROWS,
+    LONG_ROWS,
+    SHRINK_WARPS,
+    LoraBgmv,
+    expand_args,
+    shrink_args,
+)
 from fi_engine.lora.adapter import BaseShapes, read_adapter
 from fi_engine.lora.batch import NO_ADAPTER, row_slots, segments, takes_adapters
 from fi_engine.lora.settings import LoraSettings, adapter_name
@@ -195,15 +204,31 @@ def test_a_step_takes_adapters_where_any_row_has_a_slot() -> None:
 
 def test_the_launch_arguments_are_packed_in_the_kernels_order_and_types() -> None:
     base = 1 << 40
-    grid, args = shrink_args(5, base, 64, 2 * base, 3 * base, 4 * base, 2, 5 * base, 1536, 24, 64, 6 * base, 24)
-    assert grid == (24, 5)  # one block an output entry and row, its SHRINK_WARPS warps splitting k
+    long, grid, args = shrink_args(5, base, 64, 2 * base, 3 * base, 4 * base, 2, 5 * base, 1536, 24, 64, 6 * base, 24)
+    assert not long and grid == (24, 5)  # one block an output entry and row, its SHRINK_WARPS warps splitting k
     assert [type(a).__name__ for a in args] == ["uint64", "int64", "uint64", "uint64", "uint64", "int32", "uint64",
                                                 "int64", "int32", "int32", "uint64", "int64"]  # fmt: skip
     assert [int(a) for a in args] == [base, 64, 2 * base, 3 * base, 4 * base, 2, 5 * base, 1536, 24, 64, 6 * base, 24]
-    grid, args = expand_args(5, base, 24, 24, 2 * base, 3 * base, 1, 4 * base, 1024, 8, 300, 100, 200, 5 * base, 320)
-    assert grid == (-(-300 // EXPAND_THREADS), 5)
+    long, grid, args = expand_args(5, base, 24, 24, 2 * base, 3 * base, 1, 4 * base, 1024, 8, 300, 100, 200, 5 * base,
+                                   320)  # fmt: skip
+    assert not long and grid == (-(-300 // EXPAND_THREADS), 5)
     assert [int(a) for a in args] == [base, 24, 24, 2 * base, 3 * base, 1, 4 * base, 1024, 8, 300, 100, 200, 5 * base,
                                       320]  # fmt: skip
+
+
+def test_a_prefills_rows_take_the_long_forms_and_their_grids() -> None:
+    base = 1 << 40
+    rows = LONG_ROWS + 1  # the first row count past a decode step's
+    long, grid, args = shrink_args(rows, base, 64, base, base, base, 2, base, 1536, 24, 64, base, 24)
+    assert long and grid == (-(-24 // SHRINK_WARPS), rows)  # a warp an entry: the same arguments
+    assert len(args) == 12 and int(args[8]) == 24
+    long, grid, args = expand_args(rows, base, 24, 24, base, base, 1, base, 1024, 8, 300, 100, 200, base, 320)
+    assert long and grid == (-(-300 // EXPAND_THREADS), -(-rows // EXPAND_TILE_ROWS))
+    assert int(args[2]) == rows  # the long expand's third argument: the row count, where the short's is tw
+    rank = EXPAND_LONG_RANK + 8  # past what the long expand holds in registers: the short form at any row count
+    long, grid, _ = expand_args(rows, base, rank, rank, base, base, 1, base, 1024, rank, 300, 300, 300, base, 320)
+    assert not long and grid == (-(-300 // EXPAND_THREADS), rows)
+    assert not shrink_args(LONG_ROWS, base, 64, base, base, base, 2, base, 1536, 24, 64, base, 24).long
 
 
 def test_the_launch_arguments_refuse_shapes_the_kernels_do_not_take() -> None:
@@ -229,7 +254,7 @@ def test_the_launch_arguments_refuse_shapes_the_kernels_do_not_take() -> None:
     ]:
         with pytest.raises(ValueError, match=match):
             expand_args(**{**ok, **change})
-    assert expand_args(**{**ok, "n0": 300, "n1": 300, "tw": 8})[1][2] == 8  # one part: one rank of t
+    assert expand_args(**{**ok, "n0": 300, "n1": 300, "tw": 8}).args[2] == 8  # one part: one rank of t
 
 
 def test_the_kernels_refuse_a_dtype_before_compiling() -> None:

@@ -14,10 +14,31 @@
 // this projection alone (bit `bit` of targets[s] clear) is left untouched by both launches. Every argument is read on
 // the device: a CUDA graph captures the launches once and each replay reads the step's slots.
 //
+// Each launch has two forms (fi_engine.kernels.lora_bgmv.LONG_ROWS chooses): a decode step's few rows take the
+// forms that spread each entry's work widest (shrink_rows, expand_rows), a prefill's rows the forms that read the
+// operands fewer times (shrink_long_rows, expand_long_rows).
+//
 // Sums in float32, in a fixed order (each thread its strided share of k, a butterfly over each warp, the warps in
 // order; the expand in rank order): the result does not depend on the batch. y is rounded once, to nearest even.
 // x and A rows 16-byte aligned, k a multiple of 8 (the caller checks).
 #include "convert.cuh"  // tof, fromf
+
+// One thread's share of a dot product of two 16-bit rows of `vectors` 16-byte vectors: the vectors first, first +
+// stride, ..., summed in float32 in that order.
+template <bool BF16>
+__device__ __forceinline__ float dot_share(const uint4* xv, const uint4* av, int first,
+                                           int stride, int vectors) {
+    float acc = 0.f;
+    for (int c = first; c < vectors; c += stride) {
+        const uint4 wa = __ldg(av + c);
+        const uint4 wx = __ldg(xv + c);
+        const unsigned short* pa = reinterpret_cast<const unsigned short*>(&wa);
+        const unsigned short* px = reinterpret_cast<const unsigned short*>(&wx);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc += tof<BF16>(pa[e]) * tof<BF16>(px[e]);
+    }
+    return acc;
+}
 
 // One block per (row, j): grid (width, rows), its warps splitting k. A row's shrink is a few thousand 16-byte loads
 // per output entry; one warp an entry (the first form) walked k in 16-56 dependent steps and bound a decode step's
@@ -37,15 +58,7 @@ __device__ __forceinline__ void shrink_rows(const unsigned short* __restrict__ x
     if (j >= width) return;
     const uint4* xv = reinterpret_cast<const uint4*>(x + row * x_ld);
     const uint4* av = reinterpret_cast<const uint4*>(a + s * a_slot + (long long)j * k);
-    float acc = 0.f;
-    for (int c = threadIdx.x; c < (k >> 3); c += blockDim.x) {
-        const uint4 wa = __ldg(av + c);
-        const uint4 wx = __ldg(xv + c);
-        const unsigned short* pa = reinterpret_cast<const unsigned short*>(&wa);
-        const unsigned short* px = reinterpret_cast<const unsigned short*>(&wx);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc += tof<BF16>(pa[e]) * tof<BF16>(px[e]);
-    }
+    float acc = dot_share<BF16>(xv, av, threadIdx.x, blockDim.x, k >> 3);
     for (int off = 16; off; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
     if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = acc;
     __syncthreads();
@@ -54,6 +67,30 @@ __device__ __forceinline__ void shrink_rows(const unsigned short* __restrict__ x
         for (int w = 0; w < (blockDim.x >> 5); ++w) sum += warp_sums[w];
         t[row * t_ld + j] = scale[s] * sum;
     }
+}
+
+// The shrink of a prefill's rows: one warp per (row, j), grid (ceil(width / 8), rows), 8 warps a block. The split
+// form above launches width x rows blocks that each read x's row again; past a few dozen rows that traffic costs
+// twice this form's time (a 4096-row q/k/v shrink of rank 16 on an H100: 343 us against 168), while at a decode
+// step's few rows the split form's shorter dependent chains win. Sums in a fixed order: each lane its strided share
+// of k, then a butterfly over the warp.
+template <bool BF16>
+__device__ __forceinline__ void shrink_long_rows(const unsigned short* __restrict__ x, long long x_ld,
+                                                 const int* __restrict__ slots, const float* __restrict__ scale,
+                                                 const int* __restrict__ targets, int bit,
+                                                 const unsigned short* __restrict__ a, long long a_slot, int width,
+                                                 int k, float* __restrict__ t, long long t_ld) {
+    const int row = blockIdx.y;
+    const int s = slots[row];
+    if (s < 0 || !(targets[s] & bit)) return;  // (the whole block: one row)
+    const int lane = threadIdx.x & 31;
+    const int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (j >= width) return;
+    const uint4* xv = reinterpret_cast<const uint4*>(x + row * x_ld);
+    const uint4* av = reinterpret_cast<const uint4*>(a + s * a_slot + (long long)j * k);
+    float acc = dot_share<BF16>(xv, av, lane, 32, k >> 3);
+    for (int off = 16; off; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) t[row * t_ld + j] = scale[s] * acc;
 }
 
 // One thread per (row, j): grid (ceil(n / 256), rows), 256 threads, dynamic shared memory of t's row (tw floats).
@@ -78,6 +115,46 @@ __device__ __forceinline__ void expand_rows(const float* __restrict__ t, long lo
     *out = fromf<BF16>(tof<BF16>(*out) + acc);
 }
 
+// The expand of a prefill's rows: one thread per column j of a tile of EXPAND_TILE_ROWS rows, grid (ceil(n / 256),
+// ceil(rows / EXPAND_TILE_ROWS)), 256 threads. The form above reads B's column again for every row (a 4096-row q/k/v
+// expand of rank 16 on an H100 read 0.8 GB from L2 and took 194 us); here a thread keeps its column of B_s in
+// registers while the tile's rows stay in slot s (a prefill's rows are a request's, one adapter), and reads each
+// row's t (the same entries for the block's threads: one broadcast load). Ranks up to EXPAND_LONG_RANK (the
+// registers); the sum in rank order as above, so both forms write the same bits.
+#define EXPAND_TILE_ROWS 32
+#define EXPAND_LONG_RANK 64
+template <bool BF16>
+__device__ __forceinline__ void expand_long_rows(const float* __restrict__ t, long long t_ld, int rows,
+                                                 const int* __restrict__ slots, const int* __restrict__ targets,
+                                                 int bit, const unsigned short* __restrict__ bt, long long b_slot,
+                                                 int rank, int n, int n0, int n1, unsigned short* __restrict__ y,
+                                                 long long y_ld) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= n) return;
+    const int part = ((j >= n0) + (j >= n1)) * rank;
+    float b[EXPAND_LONG_RANK];
+    int held = -1;  // the slot whose column b holds
+    const int first = blockIdx.y * EXPAND_TILE_ROWS;
+    const int last = min(first + EXPAND_TILE_ROWS, rows);
+    for (int row = first; row < last; ++row) {
+        const int s = slots[row];
+        if (s < 0 || !(targets[s] & bit)) continue;
+        if (s != held) {
+            const unsigned short* bc = bt + s * b_slot + j;
+#pragma unroll
+            for (int i = 0; i < EXPAND_LONG_RANK; ++i) b[i] = i < rank ? tof<BF16>(bc[(long long)i * n]) : 0.f;
+            held = s;
+        }
+        const float* tp = t + row * t_ld + part;
+        float acc = 0.f;
+#pragma unroll
+        for (int i = 0; i < EXPAND_LONG_RANK; ++i)
+            if (i < rank) acc += tp[i] * b[i];
+        unsigned short* out = y + row * y_ld + j;
+        *out = fromf<BF16>(tof<BF16>(*out) + acc);
+    }
+}
+
 #define LORA_KERNELS(tag, bf16)                                                                                      \
     extern "C" __global__ void lora_shrink_##tag(const unsigned short* x, long long x_ld, const int* slots,          \
                                                  const float* scale, const int* targets, int bit,                    \
@@ -85,11 +162,23 @@ __device__ __forceinline__ void expand_rows(const float* __restrict__ t, long lo
                                                  float* t, long long t_ld) {                                         \
         shrink_rows<bf16>(x, x_ld, slots, scale, targets, bit, a, a_slot, width, k, t, t_ld);                       \
     }                                                                                                                \
+    extern "C" __global__ void lora_shrink_long_##tag(const unsigned short* x, long long x_ld, const int* slots,     \
+                                                      const float* scale, const int* targets, int bit,               \
+                                                      const unsigned short* a, long long a_slot, int width, int k,    \
+                                                      float* t, long long t_ld) {                                    \
+        shrink_long_rows<bf16>(x, x_ld, slots, scale, targets, bit, a, a_slot, width, k, t, t_ld);                  \
+    }                                                                                                                \
     extern "C" __global__ void lora_expand_##tag(const float* t, long long t_ld, int tw, const int* slots,           \
                                                  const int* targets, int bit, const unsigned short* bt,              \
                                                  long long b_slot, int rank, int n, int n0, int n1,                  \
                                                  unsigned short* y, long long y_ld) {                                \
         expand_rows<bf16>(t, t_ld, tw, slots, targets, bit, bt, b_slot, rank, n, n0, n1, y, y_ld);                  \
+    }                                                                                                                \
+    extern "C" __global__ void lora_expand_long_##tag(const float* t, long long t_ld, int rows, const int* slots,    \
+                                                      const int* targets, int bit, const unsigned short* bt,         \
+                                                      long long b_slot, int rank, int n, int n0, int n1,             \
+                                                      unsigned short* y, long long y_ld) {                           \
+        expand_long_rows<bf16>(t, t_ld, rows, slots, targets, bit, bt, b_slot, rank, n, n0, n1, y, y_ld);           \
     }
 LORA_KERNELS(f16, false)
 LORA_KERNELS(bf16, true)

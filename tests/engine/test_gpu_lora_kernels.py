@@ -1,0 +1,122 @@
+"""The LoRA shrink and expand kernels (fi_engine.kernels.lora_bgmv, ``csrc/lora_bgmv.cu``) on a GPU
+(FI_FFI_RUN_GPU_TESTS=1; CuPy, no torch), in both forms: a decode step's rows (up to ``LONG_ROWS``) and a prefill's.
+
+- Each form against a float64 reference at row counts on both sides of ``LONG_ROWS``, rows of three slots (one
+  whose adapter leaves the projection alone), of no slot (-1), in runs as a prefill has them and interleaved as a
+  decode step has them; ranks 8, 16 and 64 (the long expand) and 128 (past ``EXPAND_LONG_RANK``: the short expand).
+  Bound on the shrink's float32 ``t``: ``(k + 8) * 2**-24 * sum |x| |a|`` (float32 sums of exact products in any order)
+  times the slot's scale; on ``y``: half an ulp of the 16-bit output plus the rank's float32 sums of the t's
+  products.
+- Untouched rows (no slot, or the bit clear) keep their ``y`` bits and their ``t`` sentinel.
+- The long expand writes the same bits as the short one at the same rows (both sum in rank order).
+
+Run on the GPU machine: ``FI_FFI_RUN_GPU_TESTS=1 python -m pytest -q tests/engine/test_gpu_lora_kernels.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
+    pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
+
+cupy = pytest.importorskip("cupy", reason="the engine needs CuPy (python -m pip install '.[engine]')")
+
+from helpers.random_llama import bf16_bits  # noqa: E402
+
+from fi_engine.kernels.lora_bgmv import (  # noqa: E402
+    EXPAND_THREADS,
+    LONG_ROWS,
+    LoraBgmv,
+    LoraLaunch,
+    expand_args,
+    shrink_args,
+)
+
+pytestmark = pytest.mark.gpu
+
+SLOTS = 3
+BIT = 2  # the projection's bit in targets[s]; slot 2's adapter leaves it alone
+SENTINEL_T = -12345.0
+
+
+def from_bf16(a: np.ndarray) -> np.ndarray:
+    return (a.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def row_slots(rng: np.random.Generator, rows: int, runs: bool) -> np.ndarray:
+    """Slots 0-2 and -1: in runs of a request's rows (a prefill) or drawn per row (a decode step)."""
+    if not runs:
+        return rng.integers(-1, SLOTS, rows).astype(np.int32)
+    cuts = np.sort(rng.choice(np.arange(1, rows), size=min(3, rows - 1), replace=False)) if rows > 1 else []
+    return np.concatenate([np.full(len(p), s, np.int32) for p, s in
+                           zip(np.split(np.arange(rows), cuts), (0, -1, 1, 2), strict=False)])  # fmt: skip
+
+
+@pytest.mark.parametrize("rank", [8, 16, 64, 128])
+@pytest.mark.parametrize("rows", [1, 8, LONG_ROWS, LONG_ROWS + 1, 300, 1000])
+@pytest.mark.parametrize("runs", [True, False], ids=["prefill-runs", "interleaved"])
+def test_shrink_and_expand_match_float64_in_either_form(rank: int, rows: int, runs: bool) -> None:
+    rng = np.random.default_rng(rows * 1000 + rank + runs)
+    k, parts = 576, 3
+    width, n0, n1, n = parts * rank, 128, 192, 256  # q, k and v parts: 128 + 64 + 64 columns
+    x16 = bf16_bits(rng.standard_normal((rows, k)).astype(np.float32))
+    a16 = bf16_bits((rng.standard_normal((SLOTS, width, k)) * 0.05).astype(np.float32))
+    bt16 = bf16_bits((rng.standard_normal((SLOTS, rank, n)) * 0.05).astype(np.float32))
+    y16 = bf16_bits(rng.standard_normal((rows, n)).astype(np.float32))
+    slots = row_slots(rng, rows, runs)
+    scale = np.array([0.5, 2.0, 1.0], np.float32)
+    targets = np.array([BIT | 1, BIT, 1], np.int32)  # slot 2: the bit clear
+    dx, da, dbt, dy = (cupy.asarray(v) for v in (x16, a16, bt16, y16))
+    dslots, dscale, dtargets = cupy.asarray(slots), cupy.asarray(scale), cupy.asarray(targets)
+    t = cupy.full((rows, width), SENTINEL_T, cupy.float32)
+    kernels = LoraBgmv("bfloat16", cupy.cuda.get_current_stream())
+    kernels.shrink(rows, dx.data.ptr, k, dslots.data.ptr, dscale.data.ptr, dtargets.data.ptr, BIT, da.data.ptr,
+                   width * k, width, k, t.data.ptr, width)  # fmt: skip
+    kernels.expand(rows, t.data.ptr, width, width, dslots.data.ptr, dtargets.data.ptr, BIT, dbt.data.ptr, rank * n,
+                   rank, n, n0, n1, dy.data.ptr, n)  # fmt: skip
+    got_t, got_y = t.get(), dy.get()
+    x, a, bt, y0 = from_bf16(x16), from_bf16(a16), from_bf16(bt16), from_bf16(y16)
+    served = (slots >= 0) & ((targets[np.maximum(slots, 0)] & BIT) != 0)
+    part = (np.arange(n) >= n0).astype(int) + (np.arange(n) >= n1)
+    for r in range(rows):
+        if not served[r]:
+            assert (got_t[r] == SENTINEL_T).all(), f"row {r} (slot {slots[r]}): t written"
+            assert (got_y[r] == y16[r]).all(), f"row {r} (slot {slots[r]}): y changed"
+            continue
+        s = slots[r]
+        ref_t = scale[s] * (a[s] @ x[r])
+        bound_t = scale[s] * (k + 8) * 2.0**-24 * (np.abs(a[s]) @ np.abs(x[r]))
+        err_t = np.abs(got_t[r] - ref_t)
+        assert (err_t <= bound_t + 1e-30).all(), f"row {r}: t off by {err_t.max()}"
+        tp = got_t[r].astype(np.float64).reshape(parts, rank)[part]  # [n, rank]: each column's part of t
+        delta = (tp * bt[s].T).sum(1)
+        ref_y = y0[r] + delta
+        bound_y = np.abs(ref_y) * 2.0**-8 + (rank + 2) * 2.0**-24 * (np.abs(tp * bt[s].T).sum(1) + np.abs(y0[r]))
+        err = np.abs(from_bf16(got_y[r]) - ref_y)
+        assert (err <= bound_y + 1e-30).all(), f"row {r}: y off by {err.max()} (bound {bound_y[err.argmax()]})"
+
+
+@pytest.mark.parametrize("rows", [LONG_ROWS + 1, 777])
+def test_the_long_expand_writes_the_short_ones_bits(rows: int) -> None:
+    rng = np.random.default_rng(rows)
+    rank, n = 16, 700
+    t = cupy.asarray(rng.standard_normal((rows, rank)).astype(np.float32))
+    bt = cupy.asarray(bf16_bits((rng.standard_normal((SLOTS, rank, n)) * 0.05).astype(np.float32)))
+    y_long = cupy.asarray(bf16_bits(rng.standard_normal((rows, n)).astype(np.float32)))
+    y_short = y_long.copy()
+    slots = cupy.asarray(row_slots(rng, rows, runs=True))
+    targets = cupy.asarray(np.array([1, 1, 1], np.int32))
+    kernels = LoraBgmv("bfloat16", cupy.cuda.get_current_stream())
+    common = (rows, t.data.ptr, rank, rank, slots.data.ptr, targets.data.ptr, 1, bt.data.ptr, rank * n, rank, n, n, n)
+    long = expand_args(*common, y_long.data.ptr, n)
+    assert long.long
+    kernels.launch_expand(long)
+    short = expand_args(*common, y_short.data.ptr, n)
+    short_args = (*short.args[:2], np.int32(rank), *short.args[3:])  # the short form's tw where the long has rows
+    kernels.launch_expand(LoraLaunch(False, (-(-n // EXPAND_THREADS), rows), short_args))
+    assert (y_long.get() == y_short.get()).all()
+    assert shrink_args(rows, 16, 8, 4, 4, 4, 1, 16, 8, 1, 8, 4, 1).long
