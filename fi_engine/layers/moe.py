@@ -373,7 +373,7 @@ class MoELayer:
         self.row_token, self.row_of, self.route_weights = sc.row_token, sc.row_of, sc.route_weights
         names = (
             *("moe_combine", "moe_route", "moe_slots", "moe_scatter", "moe_bias_act", "moe_combine_bias"),
-            *("moe_router_bias", "moe_dense_act", "moe_dense_combine"),
+            *("moe_router_bias", "moe_dense_act", "moe_dense_combine", "moe_localize"),
         )
         (
             self._combine,
@@ -385,6 +385,7 @@ class MoELayer:
             self._router_bias_fn,
             self._dense_act_fn,
             self._dense_combine_fn,
+            self._localize_fn,
         ) = functions(cupy, "moe.cu", names)
         self.dense_rows = dense_rows or 0
         # where each expert's rows start in the host path's grouped buffers (written per forward; biased layers)
@@ -823,6 +824,23 @@ class MoELayer:
             with self.stream:
                 return self._gemv_experts(x, out, tokens)
         return self._static_experts(x, out, tokens) if tokens else out
+
+    def keep_local_experts(self, first: int, tokens: int) -> None:
+        """Make the routing in ``s_experts`` / ``s_weights`` (``tokens * top_k`` entries, written on the layer's
+        stream by a routing over every rank's experts: global ids) this layer's, for tensor parallelism split by
+        expert, where the layer holds experts ``[first, first + num_experts)`` whole: one launch, in place, on the
+        layer's stream (capturable; nothing allocated): an assignment to one of them renumbered from 0, any other
+        set to ``num_experts`` with weight 0, which :meth:`forward_static_routed` computes nowhere and adds nothing
+        for (:func:`~fi_engine.layers.moe_routing.local_assignments` is the rule on the host). Then the ranks'
+        outputs, summed, are the whole layer's, each assignment served by exactly one rank."""
+        if not self.capacity:
+            raise ValueError("keep_local_experts: build the layer with capacity= (the fixed-capacity routing buffers)")
+        first = arg_int("first", first, 0, (1 << 31) - 1 - self.num_experts)
+        tokens = arg_int("tokens", tokens, 0, self.capacity)
+        a = tokens * self.top_k
+        if a:
+            args = (self.s_experts, self.s_weights, np.int32(a), np.int32(first), np.int32(self.num_experts))
+            self._localize_fn(((a + 127) // 128,), (128,), args, stream=self.stream)
 
     def _check_static(self, x: Any, out: Any) -> None:
         for name, a in (("x", x), ("out", out)):
