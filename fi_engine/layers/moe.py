@@ -19,6 +19,11 @@ so a CUDA graph can capture it (the engine's decode graph does). A small device 
 count into the prepared GEMMs' problem sizes before they run, so an expert no token chose computes nothing and its
 weights are not read: a step reads what the host path reads, without waiting for the host.
 
+Under tensor parallelism split by expert (DeepSeek's ``expert_split="experts"``) a layer holds some of the model's
+experts whole and is handed a routing over all of them: :meth:`MoELayer.keep_local_experts` renumbers its own and sets
+the others past its experts with weight 0, which the grouped GEMV and the fixed-capacity rows never compute and the
+combine skips (a choice of weight 0 adds nothing and its row is not read).
+
 With ``dense_rows=D`` the layer also has a dense-over-experts path (:meth:`MoELayer.forward_dense`, no host step
 either, capturable): every token through every expert's gate/up in one GEMM (``gate_up`` read as one
 ``[E * 2I, H]`` matrix), the activation where the token chose the expert, the down projections as one strided-batched

@@ -52,7 +52,12 @@ sums are summed by the all-reduce that adds the residual and applies the next RM
 LM head split by vocabulary rows. FP8 checkpoints: each rank reads only its share (its cut of the routed experts'
 codes and scales, kept e4m3; the other projections' dequantized), so a share must hold whole 128x128 blocks of scales
 (refused by name otherwise: :func:`~fi_engine.models.deepseek_config.fp8_shard_refusal`).
-Splitting the routed experts by expert (each rank whole experts, tokens exchanged) is not built.
+``expert_split="experts"`` splits the routed experts by expert instead: rank ``r`` of ``N`` holds experts
+``[r E/N, (r + 1) E/N)`` whole (FP8: their codes and scales as stored), routes every token over all ``E`` as every rank
+does, and serves only its own assignments (the others renumbered past its experts with weight 0:
+:func:`~fi_engine.layers.moe_routing.local_assignments` on the host,
+:meth:`~fi_engine.layers.moe.MoELayer.keep_local_experts` on the device in the graph); the shared experts still split
+by columns, and the same all-reduce sums the ranks' outputs (docs/tensor-parallel.md).
 
 Refused with a message naming the field (:meth:`DeepSeek.check`, the hook every family definition refuses
 through): a tensor-parallel size that does not divide the heads or the MLP columns or that cuts an FP8 block, a CUDA
