@@ -1013,14 +1013,26 @@ class MoELayer:
 
     def forward_routed(self, x: Any, out: Any, weights: np.ndarray, groups: ExpertGroups, tokens: int) -> Any:
         """Steps 3-7 for a routing decided elsewhere (``weights [T, k]`` float32, ``groups`` of its experts); with
-        the layer's stream current (``forward`` makes it so)."""
-        t, k, h, i = tokens, self.top_k, self.hidden, self.intermediate
-        rows = t * k
+        the layer's stream current (``forward`` makes it so). The experts compute the first ``seg_indptr[-1]``
+        sorted rows: every assignment, or fewer where ``groups`` leaves some out
+        (:func:`~fi_engine.layers.moe_routing.group_local`: another rank's, weight 0, which the combine skips)."""
+        t = tokens
+        rows = t * self.top_k
         s = self.stream
         self._write_copy()
         self.row_token[:rows].set(groups.row_token, stream=s)
         self.row_of[:rows].set(groups.row_of.reshape(-1), stream=s)
         self.route_weights[:rows].set(weights.reshape(-1).astype(np.float32), stream=s)
+        seg = groups.seg_indptr
+        grouped = int(seg[-1])  # the rows the experts compute (the grouped GEMM takes exactly these)
+        if grouped:
+            self._experts_routed(x, grouped, seg)
+        self._combine_rows(self.y, self.row_of, self.route_weights, out, t, self._seg)
+        return out
+
+    def _experts_routed(self, x: Any, rows: int, seg: np.ndarray) -> None:
+        """:meth:`forward_routed`'s gather of ``rows >= 1`` sorted rows and the experts' grouped GEMMs over them."""
+        h, i, s = self.hidden, self.intermediate, self.stream
         x_ld = x.strides[0] // x.itemsize
         self.dense.rows.gather_rows(
             rows, int(x.data.ptr), x_ld, int(self.row_token.data.ptr), int(self.xs.data.ptr), h, h
@@ -1029,7 +1041,6 @@ class MoELayer:
         if sm80:  # the generic grouped GEMM adds into its output
             self.gate_up_out[:rows].fill(0)
             self.y[:rows].fill(0)
-        seg = groups.seg_indptr
         handle = s.ptr
         kernels.segment_gemm(
             self._t(self.xs, (rows, h)),
@@ -1056,8 +1067,6 @@ class MoELayer:
             backend=self.backend,
             stream=handle,
         )  # fmt: skip
-        self._combine_rows(self.y, self.row_of, self.route_weights, out, t, self._seg)
-        return out
 
     def close(self) -> None:
         """Free what the layer made for itself (its workspace, its cuBLAS handle). Idempotent."""
