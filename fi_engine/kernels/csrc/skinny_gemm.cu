@@ -96,6 +96,64 @@ __device__ __forceinline__ void sk_store(const float (&acc)[NT][MT][4], void* __
             }
 }
 
+// each row's scale times its whole sum (e4m3 row scales; a split's partial sum: the same factor)
+template <int MT, int NT>
+__device__ __forceinline__ void sk_scale_rows(float (&acc)[NT][MT][4], const float* __restrict__ scale, int j0, int g,
+                                              int n) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+        const float sa = __ldg(scale + min(j0 + 16 * t + g, n - 1)), sb = __ldg(scale + min(j0 + 16 * t + g + 8, n - 1));
+#pragma unroll
+        for (int i = 0; i < MT; ++i) acc[t][i][0] *= sa, acc[t][i][1] *= sa, acc[t][i][2] *= sb, acc[t][i][3] *= sb;
+    }
+}
+
+// y from a block's sums: stored at once where the grid has one k range; else this block's sums go to `part` in the
+// lanes' order, and the last block of the column block to finish (the counter at done[blockIdx.x]; `last`: a
+// shared flag) adds every range's sums in their order and stores y. WARPS warps a block, warp `threadIdx.x / 32`
+// owning rows j0 ...; half_n as sk_store's
+template <bool BF16, bool F32OUT, int MT, int NT, int WARPS>
+__device__ __forceinline__ void sk_finish(float (&acc)[NT][MT][4], void* __restrict__ y, float* __restrict__ part,
+                                          unsigned* __restrict__ done, unsigned& last, int rows, int n, long long y_ld,
+                                          int j0, int g, int q, int half_n) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (gridDim.y == 1) {
+        sk_store<BF16, F32OUT, MT, NT>(acc, y, rows, n, y_ld, j0, g, q, half_n);
+        return;
+    }
+    // split k: this block's sums in the lanes' order, then the last block of the column block adds them up
+    constexpr int PER_WARP = NT * MT * 4 * 32;
+    const long long slot = ((long long)blockIdx.y * gridDim.x + blockIdx.x) * WARPS + warp;
+    float* mine = part + slot * PER_WARP + lane;
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) mine[((t * MT + i) * 4 + e) * 32] = acc[t][i][e];
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned before = atomicAdd(done + blockIdx.x, 1u);
+        last = before == gridDim.y - 1;
+        if (last) done[blockIdx.x] = 0u;  // every block of this launch has counted: ready for the next launch
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    sk_zero(acc);
+    const long long stride = (long long)gridDim.x * WARPS * PER_WARP;  // from one range's sums to the next's
+    const float* first = part + ((long long)blockIdx.x * WARPS + warp) * PER_WARP + lane;
+    for (int s = 0; s < (int)gridDim.y; ++s)
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+            for (int i = 0; i < MT; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[t][i][e] += __ldcg(first + s * stride + ((t * MT + i) * 4 + e) * 32);
+    sk_store<BF16, F32OUT, MT, NT>(acc, y, rows, n, y_ld, j0, g, q, half_n);
+}
+
 // one step of the NT tiles against the MT groups of x rows (xv[i]: the lane's x vectors of row 8 i + g); s: the
 // tiles' block scales of the step (e4m3 blocks), r: their records (int4: rows g and g + 8, halves 0 and 1)
 template <bool BF16, int FMT, int MT, int NT, int XV>
@@ -296,50 +354,8 @@ __device__ __forceinline__ void skinny_gemm(const unsigned short* __restrict__ x
         }
     }
     asm volatile("cp.async.wait_all;" ::: "memory");  // none left in flight at exit
-    if (FMT == SK_E4M3_ROW) {  // each row's scale times its whole sum (a split's partial sum: the same factor)
-#pragma unroll
-        for (int t = 0; t < NT; ++t) {
-            const float sa = __ldg(scale + min(j0 + 16 * t + g, n - 1)), sb = __ldg(scale + min(j0 + 16 * t + g + 8, n - 1));
-#pragma unroll
-            for (int i = 0; i < MT; ++i) acc[t][i][0] *= sa, acc[t][i][1] *= sa, acc[t][i][2] *= sb, acc[t][i][3] *= sb;
-        }
-    }
-    const int half_n = FMT == SK_INT4 ? q_a : 0;
-    if (gridDim.y == 1) {
-        sk_store<BF16, F32OUT, MT, NT>(acc, y, rows, n, y_ld, j0, g, q, half_n);
-        return;
-    }
-    // split k: this block's sums in the lanes' order, then the last block of the column block adds them up
-    constexpr int PER_WARP = NT * MT * 4 * 32;
-    const long long slot = ((long long)blockIdx.y * gridDim.x + blockIdx.x) * WARPS + warp;
-    float* mine = part + slot * PER_WARP + lane;
-#pragma unroll
-    for (int t = 0; t < NT; ++t)
-#pragma unroll
-        for (int i = 0; i < MT; ++i)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) mine[((t * MT + i) * 4 + e) * 32] = acc[t][i][e];
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const unsigned before = atomicAdd(done + blockIdx.x, 1u);
-        last = before == gridDim.y - 1;
-        if (last) done[blockIdx.x] = 0u;  // every block of this launch has counted: ready for the next launch
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    sk_zero(acc);
-    const long long stride = (long long)gridDim.x * WARPS * PER_WARP;  // from one range's sums to the next's
-    const float* first = part + ((long long)blockIdx.x * WARPS + warp) * PER_WARP + lane;
-    for (int s = 0; s < (int)gridDim.y; ++s)
-#pragma unroll
-        for (int t = 0; t < NT; ++t)
-#pragma unroll
-            for (int i = 0; i < MT; ++i)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) acc[t][i][e] += __ldcg(first + s * stride + ((t * MT + i) * 4 + e) * 32);
-    sk_store<BF16, F32OUT, MT, NT>(acc, y, rows, n, y_ld, j0, g, q, half_n);
+    if (FMT == SK_E4M3_ROW) sk_scale_rows(acc, scale, j0, g, n);
+    sk_finish<BF16, F32OUT, MT, NT, WARPS>(acc, y, part, done, last, rows, n, y_ld, j0, g, q, FMT == SK_INT4 ? q_a : 0);
 #endif
 }
 
