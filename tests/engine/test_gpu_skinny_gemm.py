@@ -32,7 +32,7 @@ cupy = pytest.importorskip("cupy", reason="the engine needs CuPy (python -m pip 
 from helpers.random_llama import bf16_bits  # noqa: E402
 
 from fi_engine.checkpoint.fp8_weights import E4M3, quantize_e4m3  # noqa: E402
-from fi_engine.kernels.dense import CUDA_R_16BF, Dense  # noqa: E402
+from fi_engine.kernels.dense import CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, Dense  # noqa: E402
 from fi_engine.kernels.skinny_gemm import E4M3_BLOCK, E4M3_ROW, W16, SkinnyGemm  # noqa: E402
 from fi_engine.kernels.skinny_gemm import INT4 as INT4_FMT  # noqa: E402
 
@@ -52,6 +52,12 @@ def from16(a: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float16":
         return a.view(np.float16).astype(np.float32)
     return (a.astype(np.uint32) << 16).view(np.float32)
+
+
+def types(dtype: str, f32: bool) -> tuple[int, int]:
+    """A linear call's ``(ab_type, c_type)``: 16-bit ``dtype`` inputs, float32 outputs where ``f32``."""
+    ab = CUDA_R_16BF if dtype == "bfloat16" else CUDA_R_16F
+    return ab, CUDA_R_32F if f32 else ab
 
 
 def weights(rng: np.random.Generator, fmt: int, n: int, k: int, dtype: str) -> tuple[Any, Any, np.ndarray, Any]:
@@ -107,7 +113,7 @@ def test_every_plan_matches_float32(fmt: int, dtype: str, f32: bool) -> None:
             ld = n + 8  # y's row stride: the columns past n must stay as they were
             for rows in ROWS:
                 plans = sk.plans(
-                    fmt, rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, dtype == "bfloat16", f32,
+                    fmt, (rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, *types(dtype, f32)),
                     int(scales.data.ptr) if scales is not None else 0, -(-k // 128) if block else 0, block,
                 )  # fmt: skip
                 assert len(plans) >= 2, (n, k, rows)
@@ -126,8 +132,8 @@ def test_a_split_launch_is_deterministic_and_replays_in_a_graph() -> None:
         w, _, values, _ = weights(rng, W16, n, k, "bfloat16")
         x = cupy.asarray(to16(rng.standard_normal((rows, k)).astype(np.float32), "bfloat16"))
         y = cupy.zeros((rows, n), np.uint16)
-        plans = [p for p in sk.plans(W16, rows, int(x.data.ptr), k, int(w.data.ptr), n, k, int(y.data.ptr), n,
-                                     True, False) if p.grid[1] > 1]  # fmt: skip
+        call = (rows, int(x.data.ptr), k, int(w.data.ptr), n, k, int(y.data.ptr), n, *types("bfloat16", False))
+        plans = [p for p in sk.plans(W16, call) if p.grid[1] > 1]
         assert plans
         for plan in plans:
             call = dense.launcher.prepared_kernel(
@@ -218,7 +224,7 @@ def test_every_int4_plan_matches_float32(dtype: str, f32: bool, k: int, group_si
         gshift = 31 if group_size == k else (group_size // 64).bit_length() - 1
         ld = n + 8
         for rows in ROWS:
-            plans = sk.plans(INT4_FMT, rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, dtype == "bfloat16", f32,
+            plans = sk.plans(INT4_FMT, (rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, *types(dtype, f32)),
                              int4=(int(rec.data.ptr), k // group_size, gshift, half_n))  # fmt: skip
             assert len(plans) >= 2, rows
             for plan in plans:
@@ -250,12 +256,12 @@ def test_one_range_plans_stage_x_over_several_passes(fmt: int, rows: int) -> Non
         ld = n + 8
         if fmt == INT4_FMT:
             w, rec, values, scales, _ = int4_weight(rng, n, k, 128, False)
-            plans = sk.plans(fmt, rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, True, False,
+            plans = sk.plans(fmt, (rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, *types(dtype, False)),
                              int4=(int(rec.data.ptr), k // 128, 1, 0))  # fmt: skip
         else:
             w, sc, values, block = weights(rng, fmt, n, k, dtype)
             plans = sk.plans(
-                fmt, rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, True, False,
+                fmt, (rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, *types(dtype, False)),
                 int(sc.data.ptr) if sc is not None else 0, -(-k // 128) if block else 0, block,
             )  # fmt: skip
         assert plans and all(p.grid[1] == 1 for p in plans), [p.grid for p in plans]
