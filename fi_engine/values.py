@@ -1,6 +1,7 @@
 """Checks of single values that the checkpoint readers and host helpers of :mod:`fi_engine` share: an int
-argument within bounds, a flag, a numpy array argument of a rank, a float's float32 bits for a kernel argument
-slot, a checkpoint directory's path, and a value shown short in an error message.
+argument within bounds, a flag (strictly a bool; or, as fi_ffi's, 0 and 1 too), a numpy array argument of a rank,
+a float's float32 bits for a kernel argument slot, a checkpoint directory's path, and a value shown short in an
+error message.
 
 The engine's own (it takes no private helper of fi_ffi's): :func:`integer` and :func:`flag` refuse what fi_ffi's
 op arguments refuse, with the same messages.
@@ -23,6 +24,7 @@ __all__ = [
     "FLOAT32_MAX",
     "MAX_SIZE",
     "arg_array",
+    "arg_flag",
     "arg_int",
     "flag",
     "float32_bits",
@@ -85,6 +87,13 @@ def integer(name: str, value: Any, minimum: int | None = None) -> int:
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
     return value
+
+
+def arg_flag(name: str, value: Any) -> bool:
+    """``value`` if it is a bool (numpy's included), else TypeError naming ``name`` (1, "yes" and None are not)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {show(value)}")
+    return bool(value)
 
 
 def flag(name: str, value: Any) -> bool:

@@ -25,6 +25,8 @@ The headers (``.cuh``), each the same text in every program that includes it:
 - ``row_counts.cuh``: the row counts the 16-bit GEMVs are compiled for and their other compile-time settings
   (``GEMV_FIXED_ROWS``, ``GEMV_PIPELINE``, ``GEMV_FUSED_MIN_BLOCKS``: Dense passes each); ``gemv.cu``,
   ``fused_gemv.cu``.
+- ``gemv_column.cuh``: one output column of those two GEMVs, their weight loop (``EACH_WEIGHT_VECTOR``) and the store
+  of the column's sums (``store_column``); ``gemv.cu``, ``fused_gemv.cu``, after ``row_counts.cuh``.
 - ``route.cuh``: ``route_row``; ``fused_gemv.cu`` and ``moe.cu``.
 - ``fp8_decode.cuh``: the e4m3 decoding and 16-bit widening of the FP8 kernels (``fp8_gemv.cu``, ``fp8_fused.cu``);
   uses ``convert.cuh``'s ``h2f``, which each includer includes before it.

@@ -195,29 +195,24 @@ class SkinnyGemm:
     def plans(
         self,
         fmt: int,
-        rows: int,
-        x: int,
-        x_ld: int,
-        w: int,
-        n: int,
-        k: int,
-        y: int,
-        y_ld: int,
-        bf16: bool,
-        f32out: bool,
+        call: tuple[int, ...],
         scale: int = 0,
         s_ld: int = 0,
         block: tuple[int, int] | None = None,
         int4: tuple[int, int, int, int] = (0, 0, 0, 0),
     ) -> list[SkinnyPlan]:
-        """The launches that compute ``y[:rows] = x[:rows] @ W.T`` (for each candidate geometry of
-        :data:`GEOMETRIES`, the split by rule and half of it), or ``[]`` where the kernel does not serve the call:
-        rows outside ``[1, 32]``, ``k`` not a multiple of a step (32 inputs, e4m3 64, int4 128), x, ``x_ld`` or W
-        not 16-byte aligned, ``y`` not aligned to its elements, block scales whose rows are not a multiple of 16 or
-        whose width is not 64 times a power of two. ``scale``/``s_ld``/``block``: an e4m3 weight's float32 scales
-        (``block`` None: one per row; else ``(bn, bk)``, rows of ``s_ld``). ``int4``: an int4 weight's ``(records,
-        groups a row, gshift, half_n)`` (:class:`~fi_engine.kernels.int4_linear.Int4Weight`'s). Values only: the
-        caller keeps the buffers alive."""
+        """The launches that compute ``y[:rows] = x[:rows] @ W.T`` for the linear call ``call``, ``(rows, x, x_ld, w,
+        n, k, y, y_ld, ab_type, c_type)`` as :meth:`~fi_engine.kernels.dense.Dense.linear` takes it (``w`` the
+        weight the kernel reads, in format ``fmt``; ``ab_type`` bfloat16 or float16, ``c_type`` float32 or
+        ``ab_type``): for each candidate geometry of :data:`GEOMETRIES`, the split by rule and half of it; or
+        ``[]`` where the kernel does not serve the call: rows outside ``[1, 32]``, ``k`` not a multiple of a step
+        (32 inputs, e4m3 64, int4 128), x, ``x_ld`` or W not 16-byte aligned, ``y`` not aligned to its elements,
+        block scales whose rows are not a multiple of 16 or whose width is not 64 times a power of two.
+        ``scale``/``s_ld``/``block``: an e4m3 weight's float32 scales (``block`` None: one per row; else ``(bn,
+        bk)``, rows of ``s_ld``). ``int4``: an int4 weight's ``(records, groups a row, gshift, half_n)``
+        (:class:`~fi_engine.kernels.int4_linear.Int4Weight`'s). Values only: the caller keeps the buffers alive."""
+        rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type = call
+        bf16, f32out = ab_type == CUDA_R_16BF, c_type == CUDA_R_32F
         taken = takes(fmt, rows, x, x_ld, w, n, k, y, f32out, block)
         if taken is None or not self.available:
             return []
@@ -261,7 +256,7 @@ class SkinnyLaunches:
         16-bit weight (``quant`` None) or the registered FP8 or int4 weight ``quant`` (``[]`` where the kernel does not
         serve the call, or :attr:`on` is off). Makes the SkinnyGemm at the first call; a GPU or NVRTC it cannot serve
         leaves it off (:attr:`error`)."""
-        rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type = key
+        ab_type, c_type = key[8:]
         if not self.on or ab_type not in (CUDA_R_16BF, CUDA_R_16F) or c_type not in (ab_type, CUDA_R_32F):
             return []
         if self._gemm is None:
@@ -272,15 +267,14 @@ class SkinnyLaunches:
         gemm = self._gemm
         if not isinstance(gemm, SkinnyGemm):
             return []
-        bf16, f32 = ab_type == CUDA_R_16BF, c_type == CUDA_R_32F
         if quant is None:
-            return gemm.plans(W16, rows, x, x_ld, w, n, k, y, y_ld, bf16, f32)
+            return gemm.plans(W16, key)
+        call = (*key[:3], quant.w, *key[4:])  # the same call over the registered weight's own bytes
         if isinstance(quant, Int4Weight):
-            q = (quant.records, quant.groups, quant.gshift, quant.half_n)
-            return gemm.plans(INT4, rows, x, x_ld, quant.w, n, k, y, y_ld, bf16, f32, int4=q)
+            return gemm.plans(INT4, call, int4=(quant.records, quant.groups, quant.gshift, quant.half_n))
         fmt = E4M3_ROW if quant.block is None else E4M3_BLOCK
         s_ld = -(-quant.k // quant.block[1]) if quant.block else 0
-        return gemm.plans(fmt, rows, x, x_ld, quant.w, n, k, y, y_ld, bf16, f32, quant.scales, s_ld, quant.block)
+        return gemm.plans(fmt, call, quant.scales, s_ld, quant.block)
 
     def run(self, key: tuple[int, ...], index: int, quant: Any) -> bool:
         """Launch plan ``index`` of the call ``key`` (over the FP8 or int4 weight ``quant``, or a 16-bit one), packed

@@ -35,7 +35,7 @@ from typing import Any, Generic, TypeVar, cast, overload
 from ..lora.manager import LoraManager
 from ..lora.settings import LoraSettings
 from ..text.grammar import GrammarTokenizer
-from ..values import arg_int
+from ..values import arg_flag, arg_int
 from .family import ModelFamily
 from .sample.logits_processing import LogitsProcessor
 from .sample.speculation import DraftPolicy, SpeculationStats
@@ -43,7 +43,7 @@ from .sample.speculator import Speculator
 from .sched.kv_cache import KVCacheManager
 from .sched.pages import pages_for
 from .sched.scheduler import Scheduler
-from .serving import ServingLoop, switch_arg
+from .serving import ServingLoop
 from .settings import EngineSettings
 from .worker.model_runner import ModelRunner
 
@@ -298,7 +298,7 @@ class Engine(ServingLoop):
 
     @prefix_caching.setter
     def prefix_caching(self, on: bool) -> None:
-        on = switch_arg("prefix_caching", on)
+        on = arg_flag("prefix_caching", on)
         why = self.prefix_caching_blocker() if on else None
         if why is not None:
             raise ValueError(f"prefix_caching: {why}; leave it off for this engine")
@@ -337,7 +337,7 @@ class Engine(ServingLoop):
 
     @chunked_prefill.setter
     def chunked_prefill(self, on: bool) -> None:
-        on = switch_arg("chunked_prefill", on)
+        on = arg_flag("chunked_prefill", on)
         why = self.paged_prefill_blocker("a prompt's later chunk") if on else None
         if why is not None:
             raise ValueError(f"chunked_prefill: {why}; leave it off for this engine")

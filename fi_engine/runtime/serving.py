@@ -26,6 +26,7 @@ from typing import Any, Generic, TypeVar, cast, overload
 import numpy as np
 
 from ..kernels.flashinfer import stream_scope
+from ..values import arg_flag
 from .passes import LaunchedPass, LaunchedStep, Passes
 from .sample.logits_processing import LogitsProcessor
 from .sample.sampler import Draws, Sampler
@@ -54,21 +55,14 @@ def _prompt_loras(lora: object, default: str | None, prompts: object) -> Sequenc
     return list(lora)
 
 
-def switch_arg(name: str, value: object) -> bool:
-    """A switch of the step API checked: a bool, else TypeError naming it."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected True or False, got {type(value).__name__}")
-    return value
-
-
 def overlap_steps_arg(overlap_steps: object) -> bool:
     """``overlap_steps`` checked: a bool, else TypeError naming it."""
-    return switch_arg("overlap_steps", overlap_steps)
+    return arg_flag("overlap_steps", overlap_steps)
 
 
 def mixed_prefill_arg(mixed_prefill: object) -> bool:
     """``mixed_prefill`` checked: a bool, else TypeError naming it."""
-    return switch_arg("mixed_prefill", mixed_prefill)
+    return arg_flag("mixed_prefill", mixed_prefill)
 
 
 def delay_factor_arg(scheduler_delay_factor: object) -> float:

@@ -1,4 +1,4 @@
-"""Argument checks the text layer's modules share: a flag, a text, a sequence of token ids, optional JSON-like
+"""Argument checks the text layer's modules share: a text, a sequence of token ids, optional JSON-like
 lists and mappings; each refuses a bad value with TypeError/ValueError naming the argument.
 
 Its own module so that :mod:`.tokenizer`, :mod:`.chat`, :mod:`.detokenize` and :mod:`.generation_config` stand
@@ -14,14 +14,7 @@ import numpy as np
 
 from ..values import show
 
-__all__ = ["arg_flag", "arg_mapping", "arg_records", "arg_text", "arg_token_ids"]
-
-
-def arg_flag(name: str, value: Any) -> bool:
-    """``value`` if it is a bool (numpy's included), else TypeError naming ``name`` (1, "yes" and None are not)."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name}: expected True or False, got {show(value)}")
-    return bool(value)
+__all__ = ["arg_mapping", "arg_records", "arg_text", "arg_token_ids"]
 
 
 def arg_text(name: str, value: Any) -> str:

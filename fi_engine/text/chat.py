@@ -27,8 +27,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..values import show
-from .args import arg_flag, arg_mapping, arg_records, arg_text
+from ..values import arg_flag, show
+from .args import arg_mapping, arg_records, arg_text
 from .model_files import checkpoint_dir, read_json, read_text
 from .optional import require
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ..values import MAX_SIZE, show
-from .args import arg_flag, arg_text, arg_token_ids
+from ..values import MAX_SIZE, arg_flag, show
+from .args import arg_text, arg_token_ids
 
 __all__ = ["IncrementalDetokenizer", "StopStrings"]
 

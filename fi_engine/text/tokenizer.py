@@ -33,8 +33,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from ..values import show
-from .args import arg_flag, arg_text, arg_token_ids
+from ..values import arg_flag, show
+from .args import arg_text, arg_token_ids
 from .model_files import checkpoint_dir, read_json
 from .optional import require
 

@@ -31,8 +31,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..values import show
-from .args import arg_flag, arg_mapping
+from ..values import arg_flag, show
+from .args import arg_mapping
 from .grammar import GrammarTokenizer, lark_json
 from .harmony import CHANNEL, CONSTRAIN, MESSAGE
 from .tool_calls import FORMATS, HERMES_CLOSE, HERMES_OPEN, NEUTRAL, opener

@@ -30,7 +30,7 @@ cupy = pytest.importorskip("cupy", reason="the engine needs CuPy (python -m pip 
 
 from helpers.skinny_cases import OUT_ULP, check, from16, int4_weight, outputs, to16, weights  # noqa: E402
 
-from fi_engine.kernels.dense import CUDA_R_16BF, Dense  # noqa: E402
+from fi_engine.kernels.dense import CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, Dense  # noqa: E402
 from fi_engine.kernels.skinny_gemm import E4M3_BLOCK, E4M3_ROW, W16, SkinnyGemm  # noqa: E402
 from fi_engine.kernels.skinny_gemm import INT4 as INT4_FMT  # noqa: E402
 
@@ -38,6 +38,12 @@ pytestmark = pytest.mark.gpu
 
 ROWS = (1, 5, 8, 13, 24, 32)
 SHAPES = ((200, 576), (1040, 1344))  # (n, k): a partial last tile of rows; k ranges of unequal length when split
+
+
+def types(dtype: str, f32: bool) -> tuple[int, int]:
+    """A linear call's ``(ab_type, c_type)``: 16-bit ``dtype`` inputs, float32 outputs where ``f32``."""
+    ab = CUDA_R_16BF if dtype == "bfloat16" else CUDA_R_16F
+    return ab, CUDA_R_32F if f32 else ab
 
 
 @pytest.mark.parametrize("fmt", [W16, E4M3_BLOCK, E4M3_ROW], ids=["16bit", "e4m3-block", "e4m3-row"])
@@ -56,7 +62,7 @@ def test_every_plan_matches_float32(fmt: int, dtype: str, f32: bool) -> None:
             ld = n + 8  # y's row stride: the columns past n must stay as they were
             for rows in ROWS:
                 plans = sk.plans(
-                    fmt, rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, dtype == "bfloat16", f32,
+                    fmt, (rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, *types(dtype, f32)),
                     int(scales.data.ptr) if scales is not None else 0, -(-k // 128) if block else 0, block,
                 )  # fmt: skip
                 assert len(plans) >= 2, (n, k, rows)
@@ -75,8 +81,8 @@ def test_a_split_launch_is_deterministic_and_replays_in_a_graph() -> None:
         w, _, values, _ = weights(rng, W16, n, k, "bfloat16")
         x = cupy.asarray(to16(rng.standard_normal((rows, k)).astype(np.float32), "bfloat16"))
         y = cupy.zeros((rows, n), np.uint16)
-        plans = [p for p in sk.plans(W16, rows, int(x.data.ptr), k, int(w.data.ptr), n, k, int(y.data.ptr), n,
-                                     True, False) if p.grid[1] > 1]  # fmt: skip
+        call = (rows, int(x.data.ptr), k, int(w.data.ptr), n, k, int(y.data.ptr), n, *types("bfloat16", False))
+        plans = [p for p in sk.plans(W16, call) if p.grid[1] > 1]
         assert plans
         for plan in plans:
             call = dense.launcher.prepared_kernel(
@@ -142,7 +148,7 @@ def test_every_int4_plan_matches_float32(dtype: str, f32: bool, k: int, group_si
         gshift = 31 if group_size == k else (group_size // 64).bit_length() - 1
         ld = n + 8
         for rows in ROWS:
-            plans = sk.plans(INT4_FMT, rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, dtype == "bfloat16", f32,
+            plans = sk.plans(INT4_FMT, (rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, *types(dtype, f32)),
                              int4=(int(rec.data.ptr), k // group_size, gshift, half_n))  # fmt: skip
             assert len(plans) >= 2, rows
             for plan in plans:
@@ -174,12 +180,12 @@ def test_one_range_plans_stage_x_over_several_passes(fmt: int, rows: int) -> Non
         ld = n + 8
         if fmt == INT4_FMT:
             w, rec, values, scales, _ = int4_weight(rng, n, k, 128, False)
-            plans = sk.plans(fmt, rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, True, False,
+            plans = sk.plans(fmt, (rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, *types(dtype, False)),
                              int4=(int(rec.data.ptr), k // 128, 1, 0))  # fmt: skip
         else:
             w, sc, values, block = weights(rng, fmt, n, k, dtype)
             plans = sk.plans(
-                fmt, rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, True, False,
+                fmt, (rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, *types(dtype, False)),
                 int(sc.data.ptr) if sc is not None else 0, -(-k // 128) if block else 0, block,
             )  # fmt: skip
         assert plans and all(p.grid[1] == 1 for p in plans), [p.grid for p in plans]

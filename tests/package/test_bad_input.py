@@ -2384,7 +2384,7 @@ EXEMPT: dict[str, str] = {
     "kernels.graph.CudaGraph": _GPU,
     **{
         f"values.{n}": "a shared value check that the config and host-helper generators above reach on every bad case"
-        for n in ("arg_array", "arg_int", "show")
+        for n in ("arg_array", "arg_flag", "arg_int", "show")
     },
     **{
         f"values.{n}": "a value check with fi_ffi's messages: every bad kind in tests/engine/test_public_helpers.py"
@@ -2428,7 +2428,7 @@ EXEMPT: dict[str, str] = {
     },
     **{
         f"text.args.{n}": "a shared value check of the text layer that its generators above reach on every bad case"
-        for n in ("arg_flag", "arg_mapping", "arg_records", "arg_text", "arg_token_ids")
+        for n in ("arg_mapping", "arg_records", "arg_text", "arg_token_ids")
     },
     **dict.fromkeys(
         ["text.model_files.read_json", "text.model_files.read_text"],

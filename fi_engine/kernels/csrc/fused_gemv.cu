@@ -123,6 +123,7 @@ __device__ __forceinline__ void stage(uint4* sx, const unsigned short* __restric
 #endif
 #define UNROLL GEMV_UNROLL
 #include "row_counts.cuh"  // ROWS, EACH_ROW_COUNT, FUSED_BOUNDS_* and the GEMV_* settings
+#include "gemv_column.cuh"  // EACH_WEIGHT_VECTOR, store_column: as the plain GEMV
 // acc[r] += the 8 products of weight vector a with the staged input vector c of row r, for r < ROWS(R, rows).
 template <bool BF16, int R>
 __device__ __forceinline__ void staged_vec(uint4 a, const uint4* sx, int vecs, int rows, int c, float acc[4]) {
@@ -174,32 +175,10 @@ __device__ __forceinline__ void gemv_fused(const unsigned short* __restrict__ x,
                 for (int u = 0; u < UNROLL; ++u) a[u] = load_weights(wv + c + 32 * u);
             }
         }
-        while (more) {  // as the plain GEMV: the same sums, the next vectors loaded first with GEMV_PIPELINE
-            const bool next = c + 32 * (2 * UNROLL - 1) < vecs;
-            uint4 b[UNROLL];
-            if (GEMV_PIPELINE && next) {
-#pragma unroll
-                for (int u = 0; u < UNROLL; ++u) b[u] = load_weights(wv + c + 32 * (UNROLL + u));
-            }
-#pragma unroll
-            for (int u = 0; u < UNROLL; ++u) staged_vec<BF16, R>(a[u], sx, vecs, rows, c + 32 * u, acc);
-            c += 32 * UNROLL;
-            more = next;
-            if (more) {
-#pragma unroll
-                for (int u = 0; u < UNROLL; ++u) a[u] = GEMV_PIPELINE ? b[u] : load_weights(wv + c + 32 * u);
-            }
-        }
-        for (; c < vecs; c += 32) staged_vec<BF16, R>(load_weights(wv + c), sx, vecs, rows, c, acc);
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            float v = acc[r];
-            for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-            if (lane == 0 && r < ROWS(R, rows)) {
-                if (F32OUT) reinterpret_cast<float*>(y)[r * y_ld + j] = v;
-                else reinterpret_cast<unsigned short*>(y)[r * y_ld + j] = fromf<BF16>(v);
-            }
-        }
+#define STAGED_SUM(v, col) staged_vec<BF16, R>(v, sx, vecs, rows, col, acc)
+        EACH_WEIGHT_VECTOR(wv, vecs, c, a, more, STAGED_SUM);
+#undef STAGED_SUM
+        store_column<BF16, F32OUT, R>(acc, lane, rows, y, y_ld, j);
     }
 }
 

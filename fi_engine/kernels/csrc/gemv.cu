@@ -12,6 +12,7 @@
 #endif
 #define UNROLL GEMV_UNROLL
 #include "row_counts.cuh"  // ROWS, EACH_ROW_COUNT and the GEMV_* settings Dense passes
+#include "gemv_column.cuh"  // EACH_WEIGHT_VECTOR, store_column
 // acc[r] += the 8 products of weight vector a with x's vector c of row r, r < ROWS(R, rows), in order.
 template <bool BF16, int R>
 __device__ __forceinline__ void gemv_vec(uint4 a, const unsigned short* __restrict__ x, long long x_ld, int rows, int c,
@@ -43,10 +44,8 @@ __device__ __forceinline__ void gemv_rows(const unsigned short* __restrict__ x, 
     const uint4* wv = reinterpret_cast<const uint4*>(w + (long long)j * k);
     const int vecs = k >> 3;
     int c = lane;
-    // UNROLL weight vectors loaded before any is used (more bytes in flight per warp), then summed in the same
-    // order as the one-at-a-time tail loop below: the sums do not depend on the unrolling. The first UNROLL are
-    // loaded before waiting for the previous kernel (weights are constants; see griddep_wait); with GEMV_PIPELINE
-    // each later UNROLL are loaded before the ones in hand are summed, so the loads wait on no sum
+    // UNROLL weight vectors loaded before any is used (more bytes in flight per warp; each_weight_vector says how
+    // they are summed); the first UNROLL before waiting for the previous kernel (weights are constants)
     uint4 a[UNROLL];
     bool more = c + 32 * (UNROLL - 1) < vecs;
     if (more) {
@@ -54,32 +53,10 @@ __device__ __forceinline__ void gemv_rows(const unsigned short* __restrict__ x, 
         for (int u = 0; u < UNROLL; ++u) a[u] = load_weights(wv + c + 32 * u);
     }
     griddep_wait();
-    while (more) {
-        const bool next = c + 32 * (2 * UNROLL - 1) < vecs;
-        uint4 b[UNROLL];
-        if (GEMV_PIPELINE && next) {
-#pragma unroll
-            for (int u = 0; u < UNROLL; ++u) b[u] = load_weights(wv + c + 32 * (UNROLL + u));
-        }
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) gemv_vec<BF16, R>(a[u], x, x_ld, rows, c + 32 * u, acc);
-        c += 32 * UNROLL;
-        more = next;
-        if (more) {
-#pragma unroll
-            for (int u = 0; u < UNROLL; ++u) a[u] = GEMV_PIPELINE ? b[u] : load_weights(wv + c + 32 * u);
-        }
-    }
-    for (; c < vecs; c += 32) gemv_vec<BF16, R>(load_weights(wv + c), x, x_ld, rows, c, acc);
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-        float v = acc[r];
-        for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-        if (lane == 0 && r < ROWS(R, rows)) {
-            if (F32OUT) reinterpret_cast<float*>(y)[r * y_ld + j] = v;
-            else reinterpret_cast<unsigned short*>(y)[r * y_ld + j] = BF16 ? f2b(v) : f2h(v);
-        }
-    }
+#define GEMV_SUM(v, col) gemv_vec<BF16, R>(v, x, x_ld, rows, col, acc)
+    EACH_WEIGHT_VECTOR(wv, vecs, c, a, more, GEMV_SUM);
+#undef GEMV_SUM
+    store_column<BF16, F32OUT, R>(acc, lane, rows, y, y_ld, j);
 }
 
 #define GEMV(R, name, bf16, f32out)                                                                                 \

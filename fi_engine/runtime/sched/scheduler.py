@@ -31,7 +31,7 @@ from typing import Any, Protocol, cast
 import numpy as np
 
 from ...text.grammar import GrammarMatcher
-from ...values import arg_int, show
+from ...values import arg_flag, arg_int, show
 from ..sampling_params import SamplingParams, asks_processing, sampling_arg
 from .pages import OutOfPagesError, pages_for
 from .request import Request
@@ -145,8 +145,7 @@ class Scheduler:
 
     @prefix_caching.setter
     def prefix_caching(self, on: bool) -> None:
-        if not isinstance(on, bool):
-            raise TypeError(f"prefix_caching: expected True or False, got {type(on).__name__}")
+        on = arg_flag("prefix_caching", on)
         if on and not getattr(self.allocator, "enable_prefix_caching", False):
             raise ValueError(
                 "prefix_caching: the scheduler's page pool caches nothing; make it a "
