@@ -33,12 +33,6 @@ __all__ = [
     "WgmmaGemm",
     "WgmmaGeometry",
     "WgmmaLaunches",
-    "descriptor",
-    "descriptor_fields",
-    "padded_rows",
-    "range_length",
-    "splits",
-    "takes",
 ]
 
 WGMMA_MIN_ROWS, WGMMA_MAX_ROWS = 9, 32  # x rows padded to 16 (9-16) or 32 (17-32): the instruction's N

@@ -97,13 +97,18 @@ def group_by_expert(experts: np.ndarray, num_experts: int) -> ExpertGroups:
         ValueError: ``experts`` is not 2-D or holds an id outside ``[0, num_experts)``; ``num_experts < 1``.
         TypeError: ``experts`` is not an integer array.
     """
+    return _group(experts, num_experts, "experts")
+
+
+def _group(experts: Any, num_experts: Any, name: str) -> ExpertGroups:
+    """group_by_expert, its errors naming the ids ``name`` (the caller's argument)."""
     if not isinstance(experts, np.ndarray):
-        raise TypeError(f"experts: expected a numpy array of expert ids [num_tokens, k], got {_what(experts)}")
+        raise TypeError(f"{name}: expected a numpy array of expert ids [num_tokens, k], got {_what(experts)}")
     e = experts
     if e.ndim != 2:
-        raise ValueError(f"experts: expected a 2-D [num_tokens, k] array, got shape {e.shape}")
+        raise ValueError(f"{name}: expected a 2-D [num_tokens, k] array, got shape {e.shape}")
     if not np.issubdtype(e.dtype, np.integer):
-        raise TypeError(f"experts: expected integer expert ids, got dtype {e.dtype}")
+        raise TypeError(f"{name}: expected integer expert ids, got dtype {e.dtype}")
     if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)):
         raise TypeError(f"num_experts: expected an int, got {type(num_experts).__name__}")
     if not 1 <= num_experts <= MAX_EXPERTS:
@@ -115,9 +120,9 @@ def group_by_expert(experts: np.ndarray, num_experts: int) -> ExpertGroups:
     flat = e.reshape(-1).astype(np.int64)
     if flat.size and (flat.min() < 0 or flat.max() >= num_experts):
         bad = int(flat[(flat < 0) | (flat >= num_experts)][0])
-        raise ValueError(f"experts: expert id {bad} outside [0, {num_experts})")
+        raise ValueError(f"{name}: expert id {bad} outside [0, {num_experts})")
     if flat.size >= 1 << 31:
-        raise ValueError(f"experts: {flat.size} assignments do not fit int32 row indices")
+        raise ValueError(f"{name}: {flat.size} assignments do not fit int32 row indices")
     order = np.argsort(flat, kind="stable")  # sorted row r holds assignment order[r] = t * k + j
     counts = np.bincount(flat, minlength=num_experts).astype(np.int64)
     seg = np.zeros(num_experts + 1, np.int32)
@@ -151,6 +156,8 @@ def local_assignments(
     if not isinstance(weights, np.ndarray) or weights.shape != experts.shape:
         got = weights.shape if isinstance(weights, np.ndarray) else _what(weights)
         raise ValueError(f"weights: expected a numpy array of the shape of experts {experts.shape}, got {got}")
+    if not np.issubdtype(weights.dtype, np.floating):
+        raise TypeError(f"weights: expected a floating-point array, got dtype {weights.dtype}")
     for name, value, low in (("first", first, 0), ("count", count, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
@@ -166,5 +173,9 @@ def group_local(local: np.ndarray, count: int) -> ExpertGroups:
     ``count`` the other ranks' assignments): ``count`` experts' segments, the other ranks' assignments sorted after
     the last of them, so a grouped GEMM over ``seg_indptr`` (``count + 1`` entries) never computes their rows;
     ``row_of`` still points every assignment at a sorted row (the combine gives the others weight 0)."""
-    g = group_by_expert(local, count + 1)
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)):
+        raise TypeError(f"count: expected an int, got {type(count).__name__}")
+    if not 1 <= count < MAX_EXPERTS:
+        raise ValueError(f"count: expected 1..{MAX_EXPERTS - 1}, got {count}")
+    g = _group(local, count + 1, "local")
     return ExpertGroups(g.counts[:-1], g.seg_indptr[:-1], g.row_token, g.row_choice, g.row_of)

@@ -1744,6 +1744,23 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     "layers.moe_routing.softmax_topk": lambda: [
         ("softmax_topk", Entry(moe_routing.softmax_topk, lambda: dict(logits=np.zeros((3, 8), np.float32), k=2)))
     ],
+    "layers.moe_routing.local_assignments": lambda: [
+        (
+            "local_assignments",
+            Entry(
+                moe_routing.local_assignments,
+                lambda: dict(
+                    experts=np.array([[0, 5], [2, 7]], np.int32), weights=np.ones((2, 2), np.float32), first=4, count=4
+                ),
+            ),
+        )
+    ],
+    "layers.moe_routing.group_local": lambda: [
+        (
+            "group_local",
+            Entry(moe_routing.group_local, lambda: dict(local=np.array([[0, 4], [2, 1]], np.int32), count=4)),
+        )
+    ],
     "layers.moe_routing.group_by_expert": lambda: [
         (
             "group_by_expert",
@@ -2288,6 +2305,11 @@ EXEMPT: dict[str, str] = {
     "kernels.skinny_gemm.SkinnyGemm": _GPU,
     "serve.openai_server.http_protocols": "takes no argument: says which of uvicorn's HTTP protocols are installed",
     "kernels.skinny_gemm.SkinnyPlan": _RECORD,
+    # the same for the Hopper form (which calls it plans: skinny_wgmma.takes, engine/test_skinny_wgmma.py; its
+    # launches: engine/test_gpu_skinny_wgmma.py)
+    "kernels.skinny_wgmma.WgmmaGemm": _GPU,
+    "kernels.skinny_wgmma.WgmmaLaunches": _GPU,
+    "kernels.skinny_wgmma.WgmmaGeometry": _RECORD,
     "kernels.skinny_gemm.Geometry": _RECORD,
     "kernels.fp8_moe_gemv.tiled_layout": "array in, array out: anything but a 3-D array of whole tiles is refused "
     "naming codes (engine/test_fp8_moe.py::test_the_tiled_layout_is_its_definition)",
