@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .cuda_sources import source
+from .cuda_sources import function_ptr, source
 
 __all__ = ["LoraBgmv", "expand_args", "shrink_args"]
 
@@ -158,6 +158,12 @@ class LoraBgmv:
         16-bit rows of stride ``y_ld``, rounded once; ``tw``: t's entries each row stages (its parts times
         ``rank``)."""
         self.launch_expand(*expand_args(rows, t, t_ld, tw, slots, targets, bit, bt, b_slot, rank, n, n0, n1, y, y_ld))
+
+    @property
+    def shrink_function(self) -> int:
+        """The shrink kernel's ``CUfunction`` handle, for a launch packed elsewhere (the fused step's:
+        ``DeviceSlots.prepared_shrink``) with :func:`shrink_args`' arguments on ``32 * SHRINK_WARPS`` threads."""
+        return function_ptr(self._shrink)
 
     def launch_shrink(self, grid: tuple[int, int], args: tuple[Any, ...]) -> None:
         """A shrink launch of :func:`shrink_args`' grid and arguments (checked there: a caller that launches a shape
