@@ -106,9 +106,10 @@ def test_without_nvrtc_the_tool_says_how_to_install_it(monkeypatch, capsys) -> N
 @pytest.mark.skipif(not NVRTC, reason="NVRTC is not installed (python -m pip install nvidia-cuda-nvrtc)")
 @pytest.mark.parametrize("fixed_rows", [True, False], ids=["a-kernel-per-row-count", "any-rows"])
 def test_every_kernel_dense_loads_is_in_its_module(monkeypatch, fixed_rows: bool) -> None:
-    """Dense compiles gemv.cu and fused_gemv.cu (and the runner lora_fused.cu) with its own options (GemvSettings.gemv_options, FusedKernels.options:
+    """Dense compiles gemv.cu and fused_gemv.cu with its own options (GemvSettings.gemv_options, FusedKernels.options:
     what the tool compiles too) and looks its kernels up by name, 1 to 4 rows each; a name the source does not define
-    would leave the GEMV or the fused step off on the GPU (Dense.gemv_error), so each must be in the cubin."""
+    would leave the GEMV or the fused step off on the GPU (Dense.gemv_error), so each must be in the cubin. The same
+    for lora_fused.cu, which the runner compiles with the fused GEMVs' options (LoraFusedKernels)."""
     from fi_engine.kernels.cuda_sources import source
     from fi_engine.kernels.fused_gemv import FusedKernels
     from fi_engine.kernels.gemv_settings import GEMV_NAMES, GemvSettings
