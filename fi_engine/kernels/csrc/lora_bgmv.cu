@@ -18,6 +18,7 @@
 // order; the expand in rank order): the result does not depend on the batch. y is rounded once, to nearest even.
 // x and A rows 16-byte aligned, k a multiple of 8 (the caller checks).
 #include "convert.cuh"  // tof, fromf
+#include "lora_shrink.cuh"  // dot8, block_sum
 
 // One block per (row, j): grid (width, rows), its warps splitting k. A row's shrink is a few thousand 16-byte loads
 // per output entry; one warp an entry (the first form) walked k in 16-56 dependent steps and bound a decode step's
@@ -38,22 +39,9 @@ __device__ __forceinline__ void shrink_rows(const unsigned short* __restrict__ x
     const uint4* xv = reinterpret_cast<const uint4*>(x + row * x_ld);
     const uint4* av = reinterpret_cast<const uint4*>(a + s * a_slot + (long long)j * k);
     float acc = 0.f;
-    for (int c = threadIdx.x; c < (k >> 3); c += blockDim.x) {
-        const uint4 wa = __ldg(av + c);
-        const uint4 wx = __ldg(xv + c);
-        const unsigned short* pa = reinterpret_cast<const unsigned short*>(&wa);
-        const unsigned short* px = reinterpret_cast<const unsigned short*>(&wx);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc += tof<BF16>(pa[e]) * tof<BF16>(px[e]);
-    }
-    for (int off = 16; off; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = acc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float sum = 0.f;
-        for (int w = 0; w < (blockDim.x >> 5); ++w) sum += warp_sums[w];
-        t[row * t_ld + j] = scale[s] * sum;
-    }
+    for (int c = threadIdx.x; c < (k >> 3); c += blockDim.x) acc = dot8<BF16>(__ldg(av + c), __ldg(xv + c), acc);
+    const float sum = block_sum(acc, warp_sums);
+    if (threadIdx.x == 0) t[row * t_ld + j] = scale[s] * sum;
 }
 
 // One thread per (row, j): grid (ceil(n / 256), rows), 256 threads, dynamic shared memory of t's row (tw floats).

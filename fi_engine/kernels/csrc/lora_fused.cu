@@ -11,6 +11,7 @@
 //   lora_shrink_{f16,bf16}_{norm,addnorm}:          the shrink of the normalized rows
 #define GEMV_DEVICE_FUNCTIONS_ONLY  // fused_gemv.cu's device functions, none of its kernels
 #include "fused_gemv.cu"
+#include "lora_shrink.cuh"  // dot8, block_sum: lora_bgmv.cu's shrink sums
 #if GEMV_FIXED_ROWS
 #define LORA_ROW_COUNTS(M, ...) M(1, __VA_ARGS__) M(2, __VA_ARGS__) M(3, __VA_ARGS__) M(4, __VA_ARGS__)
 #else
@@ -79,22 +80,9 @@ __device__ __forceinline__ void shrink_normed(const unsigned short* __restrict__
     stage<BF16, MODE>(sx, MODE == 2 ? x + row * x_ld : x, 1, k, x_ld, h + row * h_ld, nw, nullptr, h_ld, eps);
     const uint4* av = reinterpret_cast<const uint4*>(a + s * a_slot + (long long)j * k);
     float acc = 0.f;
-    for (int c = threadIdx.x; c < (k >> 3); c += blockDim.x) {
-        const uint4 wa = __ldg(av + c);
-        const uint4 wx = sx[c];
-        const unsigned short* pa = reinterpret_cast<const unsigned short*>(&wa);
-        const unsigned short* px = reinterpret_cast<const unsigned short*>(&wx);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc += tof<BF16>(pa[e]) * tof<BF16>(px[e]);
-    }
-    for (int off = 16; off; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = acc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float sum = 0.f;
-        for (int w = 0; w < (blockDim.x >> 5); ++w) sum += warp_sums[w];
-        t[row * t_ld + j] = scale[s] * sum;
-    }
+    for (int c = threadIdx.x; c < (k >> 3); c += blockDim.x) acc = dot8<BF16>(__ldg(av + c), sx[c], acc);
+    const float sum = block_sum(acc, warp_sums);
+    if (threadIdx.x == 0) t[row * t_ld + j] = scale[s] * sum;
 }
 
 #define LORA_SHRINK(name, bf16, mode)                                                                                \
