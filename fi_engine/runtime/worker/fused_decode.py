@@ -173,7 +173,7 @@ class FusedDecode:
         silu_in_gate_up = r.silu_in_gate_up and dense.fused.has_gate_up_silu(ab) and not dense.quantized.serves_fp8
         # the LoRA form (a row of the step takes an adapter): the slots' shrinks and the GEMVs with the expand
         lora: Any = r.lora if r.step_lora is not None else None  # (lora.device.DeviceSlots)
-        gemvs: Any = r.lora_gemvs  # (kernels.lora_fused.LoraFusedGemvs)
+        gemvs: Any = r.lora_gemvs if lora is not None else None  # (kernels.lora_fused.LoraFusedGemvs)
         slots = v.lora_slots if lora is not None else 0
 
         def adapted(group: str, i: int) -> Any:
