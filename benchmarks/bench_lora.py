@@ -13,6 +13,13 @@ Rows (CUDA graphs, prompts of ``--prompt`` tokens, ``--new-tokens`` tokens each,
   takes none);
 - ``lora, N adapters``: the rows spread round-robin over ``N`` adapters (batch 32: 4; batch 1: one).
 
+``--lora-fused`` picks the form of a decode step of 1 to 4 rows where a row takes an adapter
+(``ModelRunner.lora_fused``): ``on`` (the default: the fused step's LoRA form, the adapters' expand in the fused GEMVs'
+epilogues), ``off`` (the separate launches, the adapters' shrink and expand after each projection's GEMM), or ``both``
+(the engine opened twice; the ``off`` rows, labelled so, only at batches of at most 4, where the switch applies):
+
+    python3 benchmarks/bench_lora.py --model /tmp/llama8b --adapters /tmp/llama8b-loras --batches 1 --lora-fused both
+
 The ratio column is each row's tokens/s over ``base``'s at the same batch. ``--prefill N`` adds the time to
 prefill one prompt of ``N`` tokens (and sample its first token) in each engine, with and without an adapter: what
 the adapters' launches cost a prefill's thousands of rows. Swap-in: an adapter copied into a GPU
@@ -115,6 +122,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--prefill", type=int, default=0, help="also time one prompt of this many tokens' prefill")
     ap.add_argument("--json")
+    fused_help = "the LoRA form of the fused decode step (ModelRunner.lora_fused): on, off, or both to compare"
+    ap.add_argument("--lora-fused", choices=("on", "off", "both"), default="on", help=fused_help)
     args = ap.parse_args()
     if args.make_adapters:
         make_adapters(args.model, args.make_adapters, args.count, args.rank)
@@ -122,6 +131,7 @@ def main() -> None:
     if args.adapters is None:
         ap.error("--adapters DIR (or --make-adapters DIR first)")
     from fi_engine.models.registry import open_engine
+    from fi_engine.runtime.worker.model_runner import ModelRunner
 
     folders = sorted(p for p in args.adapters.iterdir() if (p / "adapter_config.json").is_file())
     names = [p.name for p in folders]
@@ -136,26 +146,34 @@ def main() -> None:
         rows.append({"row": "base", "batch": b, "tokens_per_s": base[b]})
     modules = {n: str(p) for n, p in zip(names, folders, strict=True)}
     lora = {"max_loras": len(names), "max_lora_rank": args.rank, "modules": modules}
-    with open_engine(args.model, lora=lora, **common) as engine:
-        for b in batches:
-            used = names[: min(len(names), b)]
-            spread: list[str | None] = [used[i % len(used)] for i in range(b)]
-            for label, loras in (("lora, no adapter rows", [None] * b), (f"lora, {len(used)} adapters", spread)):
-                speed = tokens_per_s(engine, b, args.prompt, args.new_tokens, loras)
-                rows.append({"row": label, "batch": b, "tokens_per_s": speed})
-        if args.prefill:
-            prefills["lora, no adapter"] = prefill_ms(engine, args.prefill, None)
-            prefills["lora, one adapter"] = prefill_ms(engine, args.prefill, names[0])
-        slot_mb = engine.runner.lora.layout.slot_bytes() / 2**20
+    variants = {"on": (True,), "off": (False,), "both": (True, False)}[args.lora_fused]
+    for fused in variants:
+        ModelRunner.lora_fused = fused  # read when the engine opens and its graphs are captured
+        suffix = "" if fused or len(variants) == 1 else " (lora_fused off)"
+        with open_engine(args.model, lora=lora, **common) as engine:
+            for b in batches if fused or len(variants) == 1 else [b for b in batches if b <= 4]:
+                used = names[: min(len(names), b)]
+                spread: list[str | None] = [used[i % len(used)] for i in range(b)]
+                cases = [(f"lora, {len(used)} adapters{suffix}", spread)]
+                if fused or len(variants) == 1:  # (base rows: the same step either way)
+                    cases.insert(0, ("lora, no adapter rows", [None] * b))
+                for label, loras in cases:
+                    speed = tokens_per_s(engine, b, args.prompt, args.new_tokens, loras)
+                    rows.append({"row": label, "batch": b, "tokens_per_s": speed})
+            if args.prefill and fused:
+                prefills["lora, no adapter"] = prefill_ms(engine, args.prefill, None)
+                prefills["lora, one adapter"] = prefill_ms(engine, args.prefill, names[0])
+            slot_mb = engine.runner.lora.layout.slot_bytes() / 2**20
+    ModelRunner.lora_fused = True
     swap = {}
     for cpu, label in ((len(names), "from the host copy"), (1, "read from its folder first")):
         settings = {**lora, "max_loras": 1, "max_cpu_loras": cpu}
         with open_engine(args.model, max_batch=1, max_seq_len=seq, lora=settings) as engine:
             swap[label] = swap_in_ms(engine, names)
-    print(f"{'row':<24}{'batch':>6}{'tokens/s':>12}{'x base':>8}")
+    print(f"{'row':<42}{'batch':>6}{'tokens/s':>12}{'x base':>8}")
     for r in rows:
         r["x_base"] = r["tokens_per_s"] / base[r["batch"]]
-        print(f"{r['row']:<24}{r['batch']:>6}{r['tokens_per_s']:>12.1f}{r['x_base']:>8.2f}")
+        print(f"{r['row']:<42}{r['batch']:>6}{r['tokens_per_s']:>12.1f}{r['x_base']:>8.2f}")
     for label, ms in prefills.items():
         print(f"prefill of {args.prefill} tokens, {label}: {ms:.1f} ms ({ms / prefills['base']:.2f}x base)")
     for label, ms in swap.items():

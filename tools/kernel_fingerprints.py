@@ -47,6 +47,7 @@ SOURCES: list[tuple[str, str, tuple[str, ...] | str]] = [
     ("gemma2", "gemma2.cu", ()),  # Gemma2.load
     ("gpt_oss", "gpt_oss.cu", ()),  # GptOss.load
     ("lora_bgmv", "lora_bgmv.cu", ()),  # LoraBgmv
+    ("lora_fused", "lora_fused.cu", "fi_engine.kernels.fused_gemv:FusedKernels.options"),  # LoraFusedKernels
 ]
 
 

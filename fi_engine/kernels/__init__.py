@@ -16,7 +16,8 @@ fi_ffi (tests/package/test_structure.py holds it to that).
   argmax, a vocabulary shard's); :mod:`~fi_engine.kernels.moe_gemv`: the MoE decode step's grouped GEMV and the
   launch its FP8 and MXFP4 forms share (:mod:`~fi_engine.kernels.fp8_moe_gemv`,
   :mod:`~fi_engine.kernels.mxfp4_moe_gemv`); :mod:`~fi_engine.kernels.lora_bgmv`: the LoRA adapters' shrink and
-  expand launches (each row its own adapter's slot); :mod:`~fi_engine.kernels.cuda_sources`: their CUDA C.
+  expand launches (each row its own adapter's slot), :mod:`~fi_engine.kernels.lora_fused` the fused decode step's
+  GEMVs with the expand as their epilogue; :mod:`~fi_engine.kernels.cuda_sources`: their CUDA C.
 - :mod:`~fi_engine.kernels.graph`: CUDA graph capture and replay with cuda-python.
 """
 

@@ -41,6 +41,8 @@ The headers (``.cuh``), each the same text in every program that includes it:
   (``fp8_tensor_cores.cuh``), which each includer includes before it.
 - ``fp8_dequant.cuh``: ``dequant_rows`` and the ``dequant_e4m3_{bf16,f16}`` kernels over it (e4m3 weights times
   their scales into a 16-bit copy); ``fp8_gemv.cu`` and ``grouped_gemv8.cu``.
+- ``lora_shrink.cuh``: the LoRA shrink's sum of one entry (``dot8``, ``block_sum``); ``lora_bgmv.cu`` and
+  ``lora_fused.cu`` (whose normed shrink so sums as the separate shrink does); uses ``convert.cuh``'s ``tof``.
 - ``stage_rows.cuh``: the grouped GEMVs' listing of an expert's assignments and staging of their input rows (SiLU
   and mul made as they are staged, for the down projection); ``grouped_gemv.cu`` and ``grouped_gemv8.cu`` (the
   listing also ``grouped_gemv4.cu``, which stages its rows as float16 itself).

@@ -40,7 +40,7 @@ from .gemv_settings import GEMV_MAX_ROWS, GEMV_NAMES, GemvSettings, unroll
 from .launch import MAX_LD, U64, Launcher, int_arg, overlap
 from .quantized_weights import QuantizedWeights, check_call
 
-__all__ = ["FusedGemvs", "FusedKernels"]
+__all__ = ["FusedGemvs", "FusedKernels", "load_row_kernels"]
 
 WARPS = 8  # output columns per block per pass (one warp each); a block stages its input rows once
 _STATIC_SMEM = 48 << 10  # dynamic shared memory a kernel may take without opting in
@@ -109,23 +109,31 @@ class FusedKernels:
         (rows x k input values beyond 48 KiB); raises what NVRTC or the driver raise."""
         module = cupy.RawModule(code=source("fused_gemv.cu"), options=cls.options())
         attrs = cupy.cuda.Device().attributes
-        limit = _STATIC_SMEM - 1024  # the static part (the sums of squares) counts against the same 48 KiB
-        optin = int(attrs.get("MaxSharedMemoryPerBlockOptin", 0)) - 1024
-
-        def load(kernel_name: str) -> tuple[int, ...]:
-            nonlocal optin
-            kernels = GemvSettings.by_row_count(module, kernel_name, keep=True)
-            for kernel in kernels:
-                if optin > limit:  # rows x k input values beyond 48 KiB: opt in once per kernel
-                    try:
-                        kernel.max_dynamic_shared_size_bytes = optin
-                    except Exception:
-                        optin = limit
-            return tuple(function_ptr(kernel) for kernel in kernels)
-
-        fns = {key: load(name) for key, name in cls.kernel_names().items()}
+        fns, smem = load_row_kernels(cupy, module, cls.kernel_names())
         grid = max(1, int(cls.fused_blocks_per_sm)) * int(attrs.get("MultiProcessorCount", 132))
-        return cls(fns, max(limit, optin), grid, module)
+        return cls(fns, smem, grid, module)
+
+
+def load_row_kernels(cupy: Any, module: Any, names: dict[Any, str]) -> tuple[dict[Any, tuple[int, ...]], int]:
+    """The fused GEMVs ``names`` (``key -> kernel name`` without the ``_r<rows>`` suffix) of the compiled ``module``:
+    ``key -> CUfunction per row count``, each opted in to the device's shared memory beyond 48 KiB where it allows,
+    and the most dynamic shared memory (bytes) a launch of them may take."""
+    limit = _STATIC_SMEM - 1024  # the static part (the sums of squares) counts against the same 48 KiB
+    optin = int(cupy.cuda.Device().attributes.get("MaxSharedMemoryPerBlockOptin", 0)) - 1024
+
+    def load(kernel_name: str) -> tuple[int, ...]:
+        nonlocal optin
+        kernels = GemvSettings.by_row_count(module, kernel_name, keep=True)
+        for kernel in kernels:
+            if optin > limit:  # rows x k input values beyond 48 KiB: opt in once per kernel
+                try:
+                    kernel.max_dynamic_shared_size_bytes = optin
+                except Exception:
+                    optin = limit
+        return tuple(function_ptr(kernel) for kernel in kernels)
+
+    fns = {key: load(name) for key, name in names.items()}
+    return fns, max(limit, optin)
 
 
 class FusedGemvs:
@@ -361,6 +369,32 @@ class FusedGemvs:
         :meth:`linear` does, ``rope`` that is no :class:`~fi_engine.kernels.fused_args.RopeAppend` or one of its
         fields (``rope.<field>``) of the wrong type or range, a misaligned, NULL or overlapping cache or index array
         (the caches against y, h, x and h_out), or a shape the kernel does not serve."""
+        fn, smem, ints, pairs = self.qkv_rope_parts(
+            mode, rows, x, x_ld, w, k, y, y_ld, ab_type, h, h_ld, norm_weight, h_out, eps, rope
+        )
+        return self._prepared_epilogue(fn, smem, ints, pairs, "qkv gemv + rope + append")
+
+    def qkv_rope_parts(
+        self,
+        mode: int,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        h: int,
+        h_ld: int,
+        norm_weight: int,
+        h_out: int,
+        eps: float,
+        rope: RopeAppend,
+    ) -> tuple[Any, int, list[int], int]:
+        """:meth:`prepared_qkv_rope`'s call checked (its errors) and unpacked: ``(the kernel of this row count,
+        its shared bytes, its arguments, the column pairs)``; the LoRA form launches its own kernel with these
+        arguments and the expand's after them (:mod:`~fi_engine.kernels.lora_fused`)."""
         epilogue_mode(mode, "RoPE")
         rope_args = rope_ints(rope)
         n = (rope.hq + 2 * rope.hk) * rope.d
@@ -372,7 +406,7 @@ class FusedGemvs:
             if h_out:
                 areas.append(("h_out", h_out, 2 * ((rows - 1) * h_ld + k)))
         caches_apart(rope, areas)
-        return self._prepared_epilogue(fn, smem, [*fused_args(key), *rope_args], n // 2, "qkv gemv + rope + append")
+        return fn, smem, [*fused_args(key), *rope_args], n // 2
 
     def has_gate_up_silu(self, ab_type: int) -> bool:
         """Whether :meth:`prepared_gate_up_silu` serves ``ab_type`` inputs (its kernels compiled). TypeError naming
@@ -407,6 +441,31 @@ class FusedGemvs:
         checks them). Raises TypeError/ValueError naming an argument as :meth:`linear` does (``y``'s extent: ``n /
         2`` columns), an odd ``n``, or a weight registered as FP8 (``QuantizedWeights.prepared_fp8_silu`` serves
         those)."""
+        fn, smem, ints, m = self.gate_up_silu_parts(
+            mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, h, h_ld, norm_weight, h_out, eps
+        )
+        return self._prepared_epilogue(fn, smem, ints, m, "gate/up gemv + silu")
+
+    def gate_up_silu_parts(
+        self,
+        mode: int,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        h: int,
+        h_ld: int,
+        norm_weight: int,
+        h_out: int,
+        eps: float,
+    ) -> tuple[Any, int, list[int], int]:
+        """:meth:`prepared_gate_up_silu`'s call checked (its errors) and unpacked as :meth:`qkv_rope_parts`: the
+        kernel of this row count, its shared bytes, its arguments and the column pairs (``n / 2``)."""
         epilogue_mode(mode, "SiLU")
         int_arg("n", n, 2, 1 << 31)
         if n % 2:
@@ -418,7 +477,7 @@ class FusedGemvs:
         if w + 2 * n * k > U64:
             raise ValueError(f"w: 0x{w:x} + {2 * n * k} bytes runs past the end of the address space")
         # (17 zero slots: the RoPE arguments, which the SiLU kernel reads none of)
-        return self._prepared_epilogue(fn, smem, [*fused_args(key, n), *[0] * 17], m, "gate/up gemv + silu")
+        return fn, smem, [*fused_args(key, n), *[0] * 17], m
 
     def has_router(self, ab_type: int) -> bool:
         """Whether :meth:`prepared_router` serves ``ab_type`` inputs (its kernels compiled). TypeError naming

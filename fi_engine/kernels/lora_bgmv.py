@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .cuda_sources import source
+from .cuda_sources import function_ptr, source
 
 __all__ = ["LoraBgmv", "LoraLaunch", "expand_args", "shrink_args"]
 
@@ -179,6 +179,13 @@ class LoraBgmv:
         16-bit rows of stride ``y_ld``, rounded once; ``tw``: t's entries each row stages (its parts times
         ``rank``)."""
         self.launch_expand(expand_args(rows, t, t_ld, tw, slots, targets, bit, bt, b_slot, rank, n, n0, n1, y, y_ld))
+
+    @property
+    def shrink_function(self) -> int:
+        """The short (decode) shrink kernel's ``CUfunction`` handle, for a launch packed elsewhere (the fused
+        step's: ``DeviceSlots.prepared_shrink``, 1-4 rows) with :func:`shrink_args`' arguments on
+        ``32 * SHRINK_WARPS`` threads."""
+        return function_ptr(self._shrink[False])
 
     def launch_shrink(self, launch: LoraLaunch) -> None:
         """A shrink launch of :func:`shrink_args`' form, grid and arguments (checked there: a caller that launches a

@@ -6,11 +6,13 @@ opens: a slot is rewritten in place, so a captured CUDA graph reads whatever ada
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from ..kernels.lora_bgmv import LoraBgmv, LoraLaunch, expand_args, shrink_args
+from ..kernels.lora_bgmv import SHRINK_WARPS, LoraBgmv, LoraLaunch, expand_args, shrink_args
+from ..kernels.lora_fused import LoraExpand
 from .slots import PackedAdapter, SlotLayout
 
 __all__ = ["DeviceSlots"]
@@ -76,21 +78,88 @@ class DeviceSlots:
         self.kernels.launch_shrink(shrink)
         self.kernels.launch_expand(expand)
 
+    def has(self, group: str) -> bool:
+        """Whether the slots hold adapters' matrices of ``group`` (the base model has its projections)."""
+        return group in self._groups
+
+    def shrink_operands(self, group: str, layer: int) -> tuple[int, int, int, int]:
+        """``(a, a_slot, width, bit)`` of ``group``'s shrink in layer ``layer``: slot 0's ``A [width, k]`` of that
+        layer (an address), the elements between slots, its rows (parts times the rank) and the group's bit."""
+        g, (a, _) = self._groups[group], self.arrays[group]
+        width = len(g.modules) * self.layout.rank
+        return int(a.data.ptr) + 2 * layer * width * g.k, int(np.prod(a.shape[1:])), width, g.bit
+
+    def expand_operands(self, group: str, layer: int, slots: int) -> LoraExpand:
+        """What the fused GEMVs' expand epilogue reads for ``group`` in layer ``layer`` (the step's int32 row slots
+        at ``slots``): :class:`~fi_engine.kernels.lora_fused.LoraExpand` over the shrink's scratch ``t``."""
+        g, (_, bt) = self._groups[group], self.arrays[group]
+        rank = self.layout.rank
+        n0, n1 = g.split
+        return LoraExpand(
+            t=int(self.t.data.ptr), t_ld=self.t.shape[1], slots=slots, targets=int(self.targets.data.ptr),
+            bit=g.bit, bt=int(bt.data.ptr) + 2 * layer * rank * g.n, b_slot=int(np.prod(bt.shape[1:])), rank=rank,
+            n0=n0, n1=n1,
+        )  # fmt: skip
+
+    def prepared_shrink(
+        self, launcher: Any, group: str, layer: int, rows: int, x: int, x_ld: int, slots: int
+    ) -> Callable[[], None]:
+        """:meth:`apply`'s shrink alone (``t = scale * A x`` of ``group`` in ``layer``), packed once through
+        ``launcher`` (a Dense's :class:`~fi_engine.kernels.launch.Launcher`, on this stream): for the fused step,
+        whose GEMV after it adds ``t``'s expand in its epilogue (:mod:`~fi_engine.kernels.lora_fused`)."""
+        launch = self._shrink(group, layer, rows, x, x_ld, slots)
+        if launch.long:
+            raise ValueError(f"rows: the fused step's shrink takes at most a decode step's rows, got {rows}")
+        grid, args = launch.grid, launch.args
+        fn = self.kernels.shrink_function
+        return launcher.prepared_kernel(fn, grid, 32 * SHRINK_WARPS, 0, [int(a) for a in args], "lora shrink")
+
+    def prepared_normed_shrink(
+        self,
+        gemvs: Any,
+        group: str,
+        layer: int,
+        mode: int,
+        ab_type: int,
+        rows: int,
+        h: int,
+        h_ld: int,
+        x: int,
+        x_ld: int,
+        norm_weight: int,
+        eps: float,
+        slots: int,
+    ) -> Callable[[], None]:
+        """The shrink of ``group`` in ``layer`` over the rows the fused GEMV after it normalizes (``mode`` NORM:
+        ``rmsnorm(h) * norm_weight``; ADD_NORM: of ``h + x``), packed once by ``gemvs``
+        (:meth:`~fi_engine.kernels.lora_fused.LoraFusedGemvs.prepared_shrink`) into the scratch ``t``."""
+        if rows > self.t.shape[0]:
+            raise ValueError(f"rows: {rows} exceed the LoRA scratch's {self.t.shape[0]} rows")
+        a_at, a_slot, width, bit = self.shrink_operands(group, layer)
+        k, t, t_ld = self._groups[group].k, int(self.t.data.ptr), self.t.shape[1]
+        scale, targets = int(self.scale.data.ptr), int(self.targets.data.ptr)
+        return gemvs.prepared_shrink(  # type: ignore[no-any-return]
+            mode, ab_type, rows, h, h_ld, x, x_ld, norm_weight, eps, k, slots, scale, targets, bit, a_at, a_slot,
+            width, t, t_ld,
+        )  # fmt: skip
+
+    def _shrink(self, group: str, layer: int, rows: int, x: int, x_ld: int, slots: int) -> LoraLaunch:
+        if rows > self.t.shape[0]:
+            raise ValueError(f"rows: {rows} exceed the LoRA scratch's {self.t.shape[0]} rows")
+        a_at, a_slot, width, bit = self.shrink_operands(group, layer)
+        t, t_ld = int(self.t.data.ptr), self.t.shape[1]
+        scale, targets = int(self.scale.data.ptr), int(self.targets.data.ptr)
+        k = self._groups[group].k
+        return shrink_args(rows, x, x_ld, slots, scale, targets, bit, a_at, a_slot, width, k, t, t_ld)
+
     def _prepare(
         self, group: str, layer: int, rows: int, x: int, x_ld: int, y: int, y_ld: int, slots: int
     ) -> tuple[LoraLaunch, LoraLaunch]:
         g = self._groups[group]
-        a, bt = self.arrays[group]
-        lay = self.layout
-        width = len(g.modules) * lay.rank
-        a_slot, b_slot = int(np.prod(a.shape[1:])), int(np.prod(bt.shape[1:]))
-        a_at = int(a.data.ptr) + 2 * layer * width * g.k
-        bt_at = int(bt.data.ptr) + 2 * layer * lay.rank * g.n
-        t, t_ld = int(self.t.data.ptr), self.t.shape[1]
-        scale, targets = int(self.scale.data.ptr), int(self.targets.data.ptr)
-        if rows > self.t.shape[0]:
-            raise ValueError(f"rows: {rows} exceed the LoRA scratch's {self.t.shape[0]} rows")
-        shrink = shrink_args(rows, x, x_ld, slots, scale, targets, g.bit, a_at, a_slot, width, g.k, t, t_ld)
-        n0, n1 = g.split
-        expand = expand_args(rows, t, t_ld, width, slots, targets, g.bit, bt_at, b_slot, lay.rank, g.n, n0, n1, y, y_ld)
+        shrink = self._shrink(group, layer, rows, x, x_ld, slots)
+        e = self.expand_operands(group, layer, slots)
+        width = len(g.modules) * e.rank  # (t's entries each row stages)
+        expand = expand_args(
+            rows, e.t, e.t_ld, width, slots, e.targets, e.bit, e.bt, e.b_slot, e.rank, g.n, e.n0, e.n1, y, y_ld
+        )
         return shrink, expand

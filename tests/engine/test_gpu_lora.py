@@ -23,6 +23,12 @@ rows (and one base row alone) with no step on the adapters' path, the same fused
 bit for bit as an engine opened without adapters, eager and with CUDA graphs; a mixed batch whose adapter rows end
 first takes the adapters' path while they are there and the base path after, every row matching its reference; and
 the second set of decode graphs' cost at open is printed (capture seconds, device memory held, switch on and off).
+
+The LoRA form of the fused decode step (``ModelRunner.lora_fused``: 1 to 4 rows, the adapters' expand in the fused
+GEMVs' epilogues): each eager step of one adapter row, and of four rows of three adapters and a base row, runs it, and
+every row's logits at every step are within 1.5x transformers-bf16's error of its adapter's merged reference; its tokens
+are the separate launches' (the switch off) up to a near tie; the adapters' one-row CUDA graph captures it and its
+tokens match the reference and the eager step's.
 """
 
 from __future__ import annotations
@@ -285,3 +291,77 @@ def test_what_the_decode_graphs_without_the_adapters_cost_at_open(base, monkeypa
             assert set(g.capture_s) == ({False, True} if on else {True})
             assert (g.graphs is g.lora_graphs) is not on
         pool.free_all_blocks()
+
+
+# ---------------------------------------------------------------------------------------------- the LoRA fused step
+
+FUSED_ROWS = {1: ["r16"], 4: ["r8", None, "r64", "r16"]}  # a decode batch the LoRA fused step serves (1 to 4 rows)
+
+
+def _fused_lora_run(path, settings, ps, loras, graph, on, monkeypatch):  # type: ignore[no-untyped-def]
+    """Greedy tokens of ``ps`` (their adapters ``loras``) with ``ModelRunner.lora_fused`` ``on``, per eager fused
+    step with adapters (the runner's ``step_lora`` set) its rows' logits (on the host), whether the LoRA form fits
+    ``len(ps)`` rows, and with ``graph`` whether the adapters' one-row graph holds it."""
+    from fi_engine.runtime.worker.model_runner import ModelRunner
+
+    monkeypatch.setattr(ModelRunner, "lora_fused", on)
+    logits: list[np.ndarray] = []
+    with open_engine(path, max_batch=4, page_size=16, cuda_graph=graph, lora=settings) as engine:
+        runner = engine.runner
+        assert (runner.lora_gemvs is not None) == on, "the LoRA fused GEMVs did not compile"
+        step = runner.fused.step
+
+        def fused_step(v, rows):  # type: ignore[no-untyped-def]
+            step(v, rows)
+            if runner.step_lora is not None:
+                logits.append(runner.buffers.logits[:rows].get())  # finished, before the argmax
+
+        runner.fused.step = fused_step
+        r = engine.generate(ps, MAX_NEW, eos_token_ids=(), lora=loras)
+        fuses = runner.fused.fits_lora(len(ps))
+        # the one-row graph of the adapters' set captured the LoRA fused step (packed into its view at capture)
+        graph_fused = graph and "fused lora step" in runner.view("decode", 1, 1).prepared
+    return r.tokens, logits, fuses, graph_fused
+
+
+@pytest.mark.parametrize("rows", list(FUSED_ROWS), ids=[f"{n}-rows" for n in FUSED_ROWS])
+def test_the_lora_fused_steps_logits_are_within_the_references_error(base, rows, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Eager decode of 1 (an adapter) and 4 rows (three adapters and a base row): every decode step runs the LoRA
+    form of the fused step, and each row's logits at each step are within 1.5x transformers-bf16's error of its own
+    adapter's merged float32 reference (teacher forcing on the engine's tokens); the tokens are those of the separate
+    launches (lora_fused off) up to a near tie of the reference."""
+    name, path, refs, errs, ps, settings = base
+    ps = [p for p, _ in zip(ps, FUSED_ROWS[rows], strict=False)]
+    loras = FUSED_ROWS[rows]
+    tokens, logits, fuses, _ = _fused_lora_run(path, settings, ps, loras, False, True, monkeypatch)
+    assert fuses and len(logits) >= MAX_NEW - 1, f"{name}: {len(logits)} fused LoRA steps"  # (the first: prefill)
+    worst = 0.0
+    for i, (p, out, lora) in enumerate(zip(ps, tokens, loras, strict=True)):
+        want = reference_logits(refs[lora], p + out[:-1])
+        for t in range(1, MAX_NEW):  # decode step t - 1 chose out[t] from position len(p) - 1 + t
+            err = float(np.abs(logits[t - 1][i] - want[len(p) - 1 + t]).max())
+            worst = max(worst, err)
+            assert err <= 1.5 * errs[lora], f"{name} row {i} ({lora}) step {t}: {err:.4f} > 1.5 x {errs[lora]:.4f}"
+    print(f"{name} {rows} rows: fused LoRA logits' max error {worst:.4f}")
+    separate, none, _, _ = _fused_lora_run(path, settings, ps, loras, False, False, monkeypatch)
+    assert none == []  # lora_fused off: no step fused with adapters
+    tol = 1.5 * max(errs.values())
+    for lora in set(loras):
+        idx = [i for i, x in enumerate(loras) if x == lora]
+        check_eager_matches_graph(refs[lora], [ps[i] for i in idx], [tokens[i] for i in idx],
+                                  [separate[i] for i in idx], tol, f"{name} {lora} fused/separate: ")  # fmt: skip
+    same = sum(a == b for a, b in zip(tokens, separate, strict=True))
+    print(f"{name} {rows} rows: {same}/{rows} rows' tokens equal to the separate launches'")
+
+
+def test_the_adapters_one_row_graph_is_the_lora_fused_step(base, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With CUDA graphs, one row with an adapter replays the adapters' one-row graph, captured as the LoRA fused
+    step: its tokens match the reference (teacher forcing) and the eager fused step's up to a near tie."""
+    name, path, refs, errs, ps, settings = base
+    tol = 1.5 * max(errs.values())
+    graph_tokens, _, fuses, captured = _fused_lora_run(path, settings, ps[:1], ["r64"], True, True, monkeypatch)
+    assert fuses and captured
+    eager_tokens, logits, _, _ = _fused_lora_run(path, settings, ps[:1], ["r64"], False, True, monkeypatch)
+    assert logits, f"{name}: the eager steps did not fuse"
+    check_greedy(refs["r64"], ps[:1], graph_tokens, tol)
+    check_eager_matches_graph(refs["r64"], ps[:1], eager_tokens, graph_tokens, tol, f"{name}: ")

@@ -68,10 +68,16 @@ class AdapterSlots:
         assert slots == 0x5107  # the step view's lora_slots: each row's slot, on the device
         self.log(f"lora {group}")
 
+    def has(self, group: str) -> bool:  # the slots hold every group of the dense model
+        return True
 
-def bare_runner(rt: FakeRuntime | None, adapters: bool, cuda_graph: bool) -> tuple[ModelRunner, Launches]:
+
+def bare_runner(
+    rt: FakeRuntime | None, adapters: bool, cuda_graph: bool, lora_gemvs: bool = False
+) -> tuple[ModelRunner, Launches]:
     """A runner of a 2-layer dense Llama serving adapters (or not), its decode graphs captured where ``cuda_graph``
-    (over ``rt``): the host state the decode step reads, the recorders for the device work."""
+    (over ``rt``): the host state the decode step reads, the recorders for the device work. ``lora_gemvs``: the
+    LoRA fused step's GEMVs compiled (a stand-in serving up to 4 rows; the fused step logs its LoRA form)."""
     log = Launches(rt)
     r = ModelRunner.__new__(ModelRunner)
     r.family = Llama()
@@ -87,7 +93,9 @@ def bare_runner(rt: FakeRuntime | None, adapters: bool, cuda_graph: bool) -> tup
     r._decode_adapters = False
     r.step_graphs = StepGraphs(r)
     r.fused = FusedDecode(r)
-    r.fused.step = lambda v, rows: log("fused step")  # type: ignore[method-assign]
+    r.fused.step = lambda v, rows: log("fused step" if r.step_lora is None else "fused lora step")  # type: ignore[method-assign]
+    r.lora_gemvs = SimpleNamespace(fits=lambda rows, k: rows <= 4) if lora_gemvs else None
+    r.silu_in_gate_up = True
     r.stream_ptr = 1234
     r.stream = SimpleNamespace(synchronize=lambda: None)
     r.cupy = SimpleNamespace(cuda=SimpleNamespace(using_allocator=lambda allocator: contextlib.nullcontext()))
@@ -100,8 +108,9 @@ def bare_runner(rt: FakeRuntime | None, adapters: bool, cuda_graph: bool) -> tup
     r.dense = SimpleNamespace(
         linear=lambda *args: log("gemm"),
         bandwidth_bound=False,
-        quantized=SimpleNamespace(fuses_fp8=True),
-        fused=SimpleNamespace(fits=lambda rows, k: rows <= 4),  # the engine's GEMV serves up to 4 rows
+        quantized=SimpleNamespace(fuses_fp8=True, serves_fp8=False, serves_int4=False),
+        # the engine's GEMV serves up to 4 rows
+        fused=SimpleNamespace(fits=lambda rows, k: rows <= 4, has_gate_up_silu=lambda ab: True),
     )
     r.embed_and_norm = lambda v, rows: log("embed")
     r.append_kv = lambda v, i: log("append")
@@ -280,3 +289,71 @@ def test_closing_frees_both_sets(fake_rt) -> None:
     assert len(fake_rt.live) == 2 * 2 * 4  # two sets of 4 batch sizes, a graph and an executable each
     r.step_graphs.close()
     assert not fake_rt.live and not r.step_graphs.graphs and not r.step_graphs.lora_graphs and r.graph is None
+
+
+# ---------------------------------------------------------------------------------------------- the LoRA fused step
+
+
+@pytest.mark.parametrize(
+    ("slots", "want"),
+    [
+        ([0], ["fused lora step"]),  # a row takes an adapter: the fused step's LoRA form
+        ([-1, -1, 2], ["fused lora step"]),
+        ([3, 1, 0, 2], ["fused lora step"]),
+        ([1, -1, 0, -1, -1, -1], unfused(True)),  # past the fused GEMVs' 4 rows: the separate launches
+        ([-1], ["fused step"]),  # base rows: the base fused step
+    ],
+    ids=["1-adapter", "3-one-adapter", "4-four-adapters", "6-two-adapters", "1-base"],
+)
+def test_with_the_lora_gemvs_an_adapter_step_of_up_to_4_rows_is_fused(slots, want) -> None:
+    r, log = bare_runner(None, adapters=True, cuda_graph=False, lora_gemvs=True)
+    assert eager_step(r, log, slots) == want
+
+
+def test_with_lora_fused_off_or_no_lora_gemvs_an_adapter_step_takes_the_separate_launches(monkeypatch) -> None:
+    r, log = bare_runner(None, adapters=True, cuda_graph=False, lora_gemvs=False)  # (not compiled)
+    assert eager_step(r, log, [0]) == unfused(True)
+    monkeypatch.setattr(ModelRunner, "lora_fused", False)
+    r, log = bare_runner(None, adapters=True, cuda_graph=False, lora_gemvs=True)
+    assert eager_step(r, log, [0]) == unfused(True)
+    assert eager_step(r, log, [-1]) == ["fused step"]  # (base rows: unchanged)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["fp8 weights", "int4 weights", "silu prologue", "no gate/up silu kernels", "intermediate too wide", "moe mlp"],
+)
+def test_the_lora_form_refuses_what_its_kernels_do_not_serve(change) -> None:
+    r, _ = bare_runner(None, adapters=True, cuda_graph=False, lora_gemvs=True)
+    r.step_lora = r.lora
+    assert r.fused.fits_lora(1) and r.fuses(1)
+    if change == "fp8 weights":
+        r.dense.quantized.serves_fp8 = True
+    elif change == "int4 weights":
+        r.dense.quantized.serves_int4 = True
+    elif change == "silu prologue":
+        r.silu_in_gate_up = False
+    elif change == "no gate/up silu kernels":
+        r.dense.fused.has_gate_up_silu = lambda ab: False
+    elif change == "intermediate too wide":
+        r.lora_gemvs.fits = lambda rows, k: k < r.config.intermediate_size
+    else:  # a MoE model whose adapters change its MLP groups (its experts take none)
+        r.moe_layers = [SimpleNamespace(packs_step=lambda rows, dense: True)] * LAYERS
+        r.dense_moe = lambda rows: False  # type: ignore[method-assign]
+    assert not r.fused.fits_lora(1) and not r.fuses(1)
+    r.step_lora = None
+    assert r.fuses(1)  # a step of base rows: the base step's own conditions only
+
+
+def test_the_adapters_one_row_graph_captures_the_lora_fused_step(fake_rt) -> None:
+    r, log = bare_runner(fake_rt, adapters=True, cuda_graph=True, lora_gemvs=True)
+    g = r.step_graphs
+    for rows in (1, 2, 4, 8):  # graph_fused_decode: the fused step at one row only, in both sets
+        want = ["fused lora step", "argmax"] if rows == 1 else [*unfused(True), "argmax"]
+        assert log.captured[g.lora_graphs[rows]._exec] == want
+        base = ["fused step", "argmax"] if rows == 1 else [*unfused(False), "argmax"]
+        assert log.captured[g.graphs[rows]._exec] == base
+    _replay(r, [0])
+    assert log.replayed() == ["fused lora step", "argmax"]
+    _replay(r, [-1])
+    assert log.replayed() == ["fused step", "argmax"]

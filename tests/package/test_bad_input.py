@@ -787,7 +787,7 @@ from helpers.comm_args import (  # noqa: E402 - the comm builders (the fixture p
 
 from fi_engine.checkpoint import config as model_config  # noqa: E402
 from fi_engine.checkpoint import family_configs, mxfp4_weights  # noqa: E402
-from fi_engine.kernels import cuda_sources, lora_bgmv  # noqa: E402
+from fi_engine.kernels import cuda_sources, lora_bgmv, lora_fused  # noqa: E402
 from fi_engine.layers import deepseek_routing, moe, moe_routing, tensor_parallel  # noqa: E402
 from fi_engine.lora import adapter as lora_adapter  # noqa: E402
 from fi_engine.lora import batch as lora_batch  # noqa: E402
@@ -1482,6 +1482,15 @@ LORA_LAUNCHES = {
     "expand_args": dict(rows=3, t=_ADDRESS, t_ld=48, tw=48, slots=2 * _ADDRESS, targets=3 * _ADDRESS, bit=1,
                         bt=4 * _ADDRESS, b_slot=2 * 16 * 96, rank=16, n=96, n0=64, n1=80, y=5 * _ADDRESS, y_ld=96),
 }  # fmt: skip
+LORA_FUSED_SHRINK = dict(
+    mode=2, rows=3, h=_ADDRESS, h_ld=64, x=2 * _ADDRESS, x_ld=64, norm_weight=3 * _ADDRESS, eps=1e-5, k=64,
+    slots=4 * _ADDRESS, scale=5 * _ADDRESS, targets=6 * _ADDRESS, bit=1, a=7 * _ADDRESS, a_slot=48 * 64, width=48,
+    t=8 * _ADDRESS, t_ld=48,
+)  # fmt: skip
+LORA_FUSED_EXPAND = dict(
+    t=_ADDRESS, t_ld=48, slots=2 * _ADDRESS, targets=3 * _ADDRESS, bit=1, bt=4 * _ADDRESS, b_slot=16 * 96, rank=16,
+    n0=64, n1=80,
+)  # fmt: skip
 LORA_ENTRIES: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     "lora.adapter.read_adapter": lambda: [
         (
@@ -1553,6 +1562,19 @@ LORA_ENTRIES: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
         ),
     ],
     # the kernels' argument packers: one valid launch each, over fake aligned addresses
+    "kernels.lora_fused.shrink_launch": lambda: [
+        ("shrink_launch", Entry(lora_fused.shrink_launch, lambda: dict(LORA_FUSED_SHRINK)))
+    ],
+    "kernels.lora_fused.expand_ints": lambda: [
+        (
+            "expand_ints",
+            Entry(
+                lora_fused.expand_ints,
+                lambda: dict(lora=lora_fused.LoraExpand(**LORA_FUSED_EXPAND), n=96),
+                kinds={"lora": "object"},
+            ),
+        )
+    ],
     **{
         f"kernels.lora_bgmv.{name}": lambda name=name: [
             (name, Entry(getattr(lora_bgmv, name), lambda: dict(LORA_LAUNCHES[name])))
@@ -2398,6 +2420,12 @@ EXEMPT: dict[str, str] = {
     "kernels.skinny_gemm.SkinnyLaunches": _GPU,
     "kernels.copies.host_address": "a numpy array's own address (its array interface): the engine's staging buffers",
     "kernels.dense.data_type": _GPU,
+    "kernels.fused_gemv.load_row_kernels": "loads a CuPy module's kernels on a GPU (FusedKernels.compile's)",
+    "kernels.lora_fused.LoraFusedKernels": "compiles lora_fused.cu with CuPy on a GPU; its kernels' fingerprints: "
+    "tools/kernel_fingerprints.py",
+    "kernels.lora_fused.LoraFusedGemvs": "made by the model runner on a GPU; its argument checks run on CPU over fake "
+    "kernels: tests/engine/test_lora_fused.py",
+    "kernels.lora_fused.LoraExpand": "a value expand_ints checks field by field: tests/engine/test_lora_fused.py",
     "kernels.fused_args.RopeAppend": "addresses FusedGemvs.prepared_qkv_rope checks field by field: "
     "tests/engine/test_dense.py",
     "kernels.fused_args.RouterEpilogue": "a value FusedGemvs.prepared_router checks field by field: "

@@ -108,18 +108,25 @@ def test_without_nvrtc_the_tool_says_how_to_install_it(monkeypatch, capsys) -> N
 def test_every_kernel_dense_loads_is_in_its_module(monkeypatch, fixed_rows: bool) -> None:
     """Dense compiles gemv.cu and fused_gemv.cu with its own options (GemvSettings.gemv_options, FusedKernels.options:
     what the tool compiles too) and looks its kernels up by name, 1 to 4 rows each; a name the source does not define
-    would leave the GEMV or the fused step off on the GPU (Dense.gemv_error), so each must be in the cubin."""
+    would leave the GEMV or the fused step off on the GPU (Dense.gemv_error), so each must be in the cubin. The same
+    for lora_fused.cu, which the runner compiles with the fused GEMVs' options (LoraFusedKernels)."""
     from fi_engine.kernels.cuda_sources import source
     from fi_engine.kernels.fused_gemv import FusedKernels
     from fi_engine.kernels.gemv_settings import GEMV_NAMES, GemvSettings
+    from fi_engine.kernels.lora_fused import LoraFusedKernels
 
     monkeypatch.setattr(GemvSettings, "gemv_fixed_rows", fixed_rows)
     for file, options, bases in (
         ("gemv.cu", GemvSettings.gemv_options(), list(GEMV_NAMES.values())),
         ("fused_gemv.cu", FusedKernels.options(), list(FusedKernels.kernel_names().values())),
+        ("lora_fused.cu", FusedKernels.options(), list(LoraFusedKernels.kernel_names().values())),
     ):
         compiled = set(tool.text_sections(tool.compile_cubin(source(file), options, "sm_90", file)))
         wanted = {name for base in bases for name in GemvSettings.row_kernel_names(base)}
+        if file == "lora_fused.cu":  # (and the shrinks, one kernel each: LoraFusedKernels.compile's names)
+            wanted |= {f"lora_shrink_{t}_{m}" for t in ("f16", "bf16") for m in ("norm", "addnorm")}
+            assert wanted <= compiled, sorted(wanted - compiled)[:5]
+            continue
         assert wanted <= compiled, sorted(wanted - compiled)[:5]
         assert len(wanted) == len(bases) * (4 if fixed_rows else 1)
 

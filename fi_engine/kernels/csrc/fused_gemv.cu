@@ -6,6 +6,7 @@
 //                      residual h, written into h_out instead of in place: every block reads h while block 0
 //                      writes h_out, so the two are different buffers the caller alternates)
 //   MODE 3 (silu):     in = silu(x[:, :k]) * x[:, k:2k]           (FlashInfer's silu_and_mul of x)
+//   MODE 0 (copy):     in = x, as it is (lora_fused.cu's GEMVs only: the expand epilogue over rows made before)
 // The prologue rounds where those kernels round (h_out and in to the 16-bit type, nothing else) and sums the
 // squares in FlashInfer's order: its block of W = ceil(min(1024, k / 8) / 32) warps, thread t summing the 8-element
 // vectors t, t + 32 W, ... in turn, a butterfly within each warp, then one across the W warp sums; rsqrt.approx as
@@ -50,7 +51,11 @@ __device__ __forceinline__ void stage(uint4* sx, const unsigned short* __restric
     __shared__ float rcp[4];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int vecs = k >> 3;
-    if (MODE == 3) {
+    if (MODE == 0) {  // (the LoRA GEMVs of lora_fused.cu over rows made before: copied as they are)
+        for (int r = 0; r < rows; ++r)
+            for (int c = threadIdx.x; c < vecs; c += blockDim.x)
+                sx[r * vecs + c] = *(reinterpret_cast<const uint4*>(x + r * x_ld) + c);
+    } else if (MODE == 3) {
         for (int r = 0; r < rows; ++r)
             for (int c = threadIdx.x; c < vecs; c += blockDim.x) {
                 uint4 g = *(reinterpret_cast<const uint4*>(x + r * x_ld) + c);
@@ -142,12 +147,42 @@ __device__ __forceinline__ void staged_vec(uint4 a, const uint4* sx, int vecs, i
     }
 }
 
-template <bool BF16, bool F32OUT, int MODE, int R>
+// A LoRA adapter's expand as a GEMV's epilogue (lora_fused.cu's kernels; the others pass LORA false): output
+// column j of row r gets += sum_i t[r, p(j) rank + i] * Bt_s[i, j] before it is rounded, s = slots[r] the row's GPU
+// slot, p(j) = (j >= n0) + (j >= n1) the column's part, t the shrink's float32 output (the slot's scale applied), Bt_s
+// at bt + s b_slot elements ([rank, n] 16-bit, n the GEMV's columns: lora_bgmv.cu's layout). A row whose slot is < 0
+// or whose adapter leaves the projection alone (bit `bit` of targets[s] clear) gets nothing.
+struct LoraEpi {
+    const float* t;
+    long long t_ld;
+    const int* slots;
+    const int* targets;
+    int bit;
+    const unsigned short* bt;
+    long long b_slot;
+    int rank, n0, n1;
+};
+
+// The sum above for one row and column, every lane of the warp taking part (lane l the ranks l, l + 32, ...,
+// then a butterfly): the warp's value. The branch is the whole warp's (one row).
+template <bool BF16>
+__device__ __forceinline__ float lora_column(const LoraEpi& e, int r, long long j, int n, int lane) {
+    const int s = e.slots[r];
+    if (s < 0 || !(e.targets[s] & e.bit)) return 0.f;
+    const float* t = e.t + r * e.t_ld + ((j >= e.n0) + (j >= e.n1)) * e.rank;
+    const unsigned short* b = e.bt + s * e.b_slot + j;
+    float acc = 0.f;
+    for (int i = lane; i < e.rank; i += 32) acc += t[i] * tof<BF16>(b[(long long)i * n]);
+    for (int off = 16; off; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    return acc;
+}
+
+template <bool BF16, bool F32OUT, int MODE, int R, bool LORA = false>
 __device__ __forceinline__ void gemv_fused(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
                                            void* __restrict__ y, int rows, int n, int k, long long x_ld,
                                            long long y_ld, const unsigned short* __restrict__ h,
                                            const unsigned short* __restrict__ nw, unsigned short* __restrict__ h_out,
-                                           long long h_ld, float eps) {
+                                           long long h_ld, float eps, LoraEpi lora = LoraEpi()) {
     extern __shared__ uint4 sx[];  // the input rows, [rows, k / 8] vectors of 8 16-bit values
     griddep_launch_dependents();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -178,7 +213,16 @@ __device__ __forceinline__ void gemv_fused(const unsigned short* __restrict__ x,
 #define STAGED_SUM(v, col) staged_vec<BF16, R>(v, sx, vecs, rows, col, acc)
         EACH_WEIGHT_VECTOR(wv, vecs, c, a, more, STAGED_SUM);
 #undef STAGED_SUM
-        store_column<BF16, F32OUT, R>(acc, lane, rows, y, y_ld, j);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            float v = acc[r];
+            for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+            if (LORA && r < ROWS(R, rows)) v += lora_column<BF16>(lora, r, j, n, lane);
+            if (lane == 0 && r < ROWS(R, rows)) {
+                if (F32OUT) reinterpret_cast<float*>(y)[r * y_ld + j] = v;
+                else reinterpret_cast<unsigned short*>(y)[r * y_ld + j] = fromf<BF16>(v);
+            }
+        }
     }
 }
 
@@ -308,7 +352,7 @@ __device__ __forceinline__ void pair_columns(int p, int pairs, unsigned d, long 
     }
 }
 
-template <bool BF16, int MODE, int R, int EPI>
+template <bool BF16, int MODE, int R, int EPI, bool LORA = false>
 __device__ __forceinline__ void gemv_pairs(
         const unsigned short* __restrict__ x, const unsigned short* __restrict__ w, unsigned short* __restrict__ y,
         int rows, int n, int k, long long x_ld, long long y_ld, const unsigned short* __restrict__ h,
@@ -316,7 +360,7 @@ __device__ __forceinline__ void gemv_pairs(
         int hk, unsigned d, float rcp_theta, float rcp_scale, float smooth_a, float smooth_b,
         const int* __restrict__ positions, const int* __restrict__ batch_indices, const int* __restrict__ kv_indptr,
         const int* __restrict__ kv_indices, unsigned short* __restrict__ k_cache, unsigned short* __restrict__ v_cache,
-        int page_size, long long stride_page, long long stride_n, long long stride_h) {
+        int page_size, long long stride_page, long long stride_n, long long stride_h, LoraEpi lora = LoraEpi()) {
     extern __shared__ uint4 sx[];
     griddep_launch_dependents();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -378,6 +422,14 @@ __device__ __forceinline__ void gemv_pairs(
                 a0[r] += __shfl_xor_sync(0xffffffffu, a0[r], off);
                 a1[r] += __shfl_xor_sync(0xffffffffu, a1[r], off);
             }
+        if (LORA) {  // the adapters' expand, before the rounding (and so before RoPE or SiLU)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                if (r >= ROWS(R, rows)) break;
+                a0[r] += lora_column<BF16>(lora, r, j0, n, lane);
+                a1[r] += lora_column<BF16>(lora, r, j1, n, lane);
+            }
+        }
         if (lane != 0) continue;
         if (EPI == EPI_SILU) {
 #pragma unroll

@@ -22,23 +22,7 @@
 // order; the expand in rank order): the result does not depend on the batch. y is rounded once, to nearest even.
 // x and A rows 16-byte aligned, k a multiple of 8 (the caller checks).
 #include "convert.cuh"  // tof, fromf
-
-// One thread's share of a dot product of two 16-bit rows of `vectors` 16-byte vectors: the vectors first, first +
-// stride, ..., summed in float32 in that order.
-template <bool BF16>
-__device__ __forceinline__ float dot_share(const uint4* xv, const uint4* av, int first,
-                                           int stride, int vectors) {
-    float acc = 0.f;
-    for (int c = first; c < vectors; c += stride) {
-        const uint4 wa = __ldg(av + c);
-        const uint4 wx = __ldg(xv + c);
-        const unsigned short* pa = reinterpret_cast<const unsigned short*>(&wa);
-        const unsigned short* px = reinterpret_cast<const unsigned short*>(&wx);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc += tof<BF16>(pa[e]) * tof<BF16>(px[e]);
-    }
-    return acc;
-}
+#include "lora_shrink.cuh"  // dot8, block_sum
 
 // One block per (row, j): grid (width, rows), its warps splitting k. A row's shrink is a few thousand 16-byte loads
 // per output entry; one warp an entry (the first form) walked k in 16-56 dependent steps and bound a decode step's
@@ -58,15 +42,10 @@ __device__ __forceinline__ void shrink_rows(const unsigned short* __restrict__ x
     if (j >= width) return;
     const uint4* xv = reinterpret_cast<const uint4*>(x + row * x_ld);
     const uint4* av = reinterpret_cast<const uint4*>(a + s * a_slot + (long long)j * k);
-    float acc = dot_share<BF16>(xv, av, threadIdx.x, blockDim.x, k >> 3);
-    for (int off = 16; off; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = acc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float sum = 0.f;
-        for (int w = 0; w < (blockDim.x >> 5); ++w) sum += warp_sums[w];
-        t[row * t_ld + j] = scale[s] * sum;
-    }
+    float acc = 0.f;
+    for (int c = threadIdx.x; c < (k >> 3); c += blockDim.x) acc = dot8<BF16>(__ldg(av + c), __ldg(xv + c), acc);
+    const float sum = block_sum(acc, warp_sums);
+    if (threadIdx.x == 0) t[row * t_ld + j] = scale[s] * sum;
 }
 
 // The shrink of a prefill's rows: one warp per (row, j), grid (ceil(width / 8), rows), 8 warps a block. The split
@@ -88,7 +67,8 @@ __device__ __forceinline__ void shrink_long_rows(const unsigned short* __restric
     if (j >= width) return;
     const uint4* xv = reinterpret_cast<const uint4*>(x + row * x_ld);
     const uint4* av = reinterpret_cast<const uint4*>(a + s * a_slot + (long long)j * k);
-    float acc = dot_share<BF16>(xv, av, lane, 32, k >> 3);
+    float acc = 0.f;
+    for (int c = lane; c < (k >> 3); c += 32) acc = dot8<BF16>(__ldg(av + c), __ldg(xv + c), acc);
     for (int off = 16; off; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
     if (lane == 0) t[row * t_ld + j] = scale[s] * acc;
 }

@@ -32,15 +32,14 @@ class FusedDecode:
         family runs the engine's Llama pass (``ModelFamily.llama_pass``), one GPU (no all-reduce, no vocabulary shard),
         FP8 weights only where their fused kernels compiled (QuantizedWeights.fuses_fp8), the engine's GEMV serving the
         rows (at most 4; see FusedGemvs.fits), and MoE layers only where their step's launches pack
-        (``MoELayer.packs_step``: the grouped GEMV, or the dense path). Not for a step where a row takes a LoRA
-        adapter (the runner's ``step_lora`` set): the adapters' launches go after each projection's GEMM, which the
-        fused step's epilogues leave no room for (such a step takes the separate launches; not yet measured against a
-        fused form). A step of an engine serving adapters where no row takes one fuses as any other engine's."""
+        (``MoELayer.packs_step``: the grouped GEMV, or the dense path). A step where a row takes a LoRA adapter (the
+        runner's ``step_lora`` set) fuses only where :meth:`fits_lora` holds too (its LoRA form); else it takes the
+        separate launches. A step of an engine serving adapters where no row takes one fuses as any other engine's."""
         r = self.runner
         c = r.config
         return (
             r.fused_decode
-            and r.step_lora is None  # a row takes a LoRA adapter: the separate launches (see above)
+            and (r.step_lora is None or self.fits_lora(rows))  # a row takes a LoRA adapter: its form (see above)
             and r.family.llama_pass
             and r.allreduce is None
             and r.vocab_shard is None
@@ -55,6 +54,24 @@ class FusedDecode:
                 else r.dense.fused.fits(rows, c.intermediate_size)
             )
         )
+
+    def fits_lora(self, rows: int) -> bool:
+        """Whether a step of ``rows`` rows where a row takes a LoRA adapter runs the LoRA form of the fused step (the
+        rest of :meth:`fits` holding too): the runner's ``lora_fused`` on and its LoRA GEMVs compiled
+        (``lora_gemvs``), 16-bit weights (no FP8 or int4 GEMV has the expand epilogue), the gate/up GEMV with SiLU as
+        its epilogue (``silu_in_gate_up``; MoE layers: no MLP adapters) and the LoRA GEMVs serving the rows of each
+        projection's input (:meth:`~fi_engine.kernels.lora_fused.LoraFusedGemvs.fits`)."""
+        r = self.runner
+        c, gemvs, q = r.config, r.lora_gemvs, r.dense.quantized
+        if not r.lora_fused or gemvs is None or r.lora is None or q.serves_fp8 or q.serves_int4:
+            return False
+        if r.moe_layers:
+            mlp = not (r.lora.has("gate_up") or r.lora.has("down"))  # (a MoE layer's experts take no adapter)
+        else:
+            mlp = r.silu_in_gate_up and r.dense.fused.has_gate_up_silu(r.gemm_type)
+            mlp = mlp and gemvs.fits(rows, c.intermediate_size)
+        hqd = c.num_qo_heads * c.head_dim
+        return bool(mlp and gemvs.fits(rows, c.hidden_size) and gemvs.fits(rows, hqd))
 
     def step(self, v: SimpleNamespace, rows: int) -> None:
         """The runner's ``forward`` and ``head`` of a decode step in 5 launches per layer instead of 10: the RMSNorms
@@ -75,9 +92,10 @@ class FusedDecode:
         the runner's ``packed_attention`` the attention runs are packed once per view too (:meth:`_attention_runs`) and
         each call takes only the step's plan."""
         r = self.runner
-        calls = v.prepared.get("fused step")
+        name = "fused step" if r.step_lora is None else "fused lora step"  # (its LoRA form: _fused_calls)
+        calls = v.prepared.get(name)
         if calls is None:
-            calls = v.prepared["fused step"] = self._fused_calls(v, rows)
+            calls = v.prepared[name] = self._fused_calls(v, rows)
         embed, layers, head = calls
         embed()
         if r.packed_attention:
@@ -120,8 +138,16 @@ class FusedDecode:
         """The packed launches of :meth:`step` over view ``v`` (``rows`` rows): the embedding gather, per
         layer (the launches before the attention run, those after it), and the LM head. Each is checked when
         packed (pointer rules, alignment); every operand is an engine buffer or weight, which never moves, and the
-        result is kept in the view's ``prepared`` (keyed by a value: the view is made once per step shape)."""
+        result is kept in the view's ``prepared`` (keyed by a value: the view is made once per step shape).
+
+        Where a row of the step takes a LoRA adapter (the runner's ``step_lora``; :meth:`fits_lora`), each adapted
+        projection takes its LoRA form (:mod:`~fi_engine.kernels.lora_fused`): the group's shrink first (for the QKV
+        and gate/up GEMVs one that normalizes its input as the GEMV's prologue does; for o and down the plain shrink
+        of the attention's output and of ``silu(gate) * up``), then the GEMV with the expand in its epilogue, before
+        RoPE, SiLU and its output's rounding: 9 launches a layer with the attention, where the separate launches with
+        the adapters' are 18."""
         from ...kernels.fused_args import ADD_NORM, NORM, SILU
+        from ...kernels.lora_fused import COPY
 
         r = self.runner
         if (r.dense.quantized.serves_fp8 and not r.dense.quantized.fp8_fused) or r.dense.quantized.serves_int4:
@@ -145,26 +171,51 @@ class FusedDecode:
         )
         # SiLU-and-mul as the gate/up GEMV's epilogue (its input to the down GEMV made once, not in each block)
         silu_in_gate_up = r.silu_in_gate_up and dense.fused.has_gate_up_silu(ab) and not dense.quantized.serves_fp8
+        # the LoRA form (a row of the step takes an adapter): the slots' shrinks and the GEMVs with the expand
+        lora: Any = r.lora if r.step_lora is not None else None  # (lora.device.DeviceSlots)
+        gemvs: Any = r.lora_gemvs if lora is not None else None  # (kernels.lora_fused.LoraFusedGemvs)
+        slots = v.lora_slots if lora is not None else 0
+
+        def adapted(group: str, i: int) -> Any:
+            """Layer ``i``'s expand epilogue of ``group`` (None: no adapter of the step changes it)."""
+            return lora.expand_operands(group, i, slots) if lora is not None and lora.has(group) else None
+
+        def linear(i: int, group: str, rows: int, inp: int, k: int, weight: int, out: int) -> list[Any]:
+            """A GEMV over rows made before (o, down): with its group's shrink and expand where adapted."""
+            e = adapted(group, i)
+            if e is None:
+                return [dense.prepared_linear(rows, inp, k, weight, h, k, out, h, ab, ab)]
+            shrink = lora.prepared_shrink(dense.launcher, group, i, rows, inp, k, slots)
+            return [shrink, gemvs.prepared_linear(COPY, rows, inp, k, weight, h, k, out, h, ab, 0, 0, 0, 0, 0.0, e)]
+
         layers = []
         for i in range(c.num_layers):
             # i == 0: input_layernorm of the embedding rows (rmsnorm); then h += the previous layer's down output
             # and input_layernorm (fused_add_rmsnorm), the new residual into `other`
             mode, ln, h_out = (NORM, r.ln1[0].data_ptr, 0) if i == 0 else (ADD_NORM, r.ln1[i].data_ptr, other)
+            before = []
+            e = adapted("qkv", i)
+            if e is not None:  # the shrink of the rows the QKV GEMV normalizes, made as it makes them
+                before.append(
+                    lora.prepared_normed_shrink(gemvs, "qkv", i, mode, ab, rows, cur, h, x, h, ln, eps, slots)
+                )
             if in_gemv:
                 epilogue = self._rope_append(i, v)
-                qkv_call = dense.fused.prepared_qkv_rope(
-                    mode, rows, x, h, r.wqkv[i], h, qkv, w, ab, cur, h, ln, h_out, eps, epilogue
-                )
-            else:
+                args = (mode, rows, x, h, r.wqkv[i], h, qkv, w, ab, cur, h, ln, h_out, eps, epilogue)
+                qkv_call = dense.fused.prepared_qkv_rope(*args) if e is None else gemvs.prepared_qkv_rope(*args, e)
+            elif e is None:
                 qkv_call = fused(mode, rows, x, h, r.wqkv[i], w, h, qkv, w, ab, ab, cur, h, ln, h_out, eps)
-            before = [qkv_call]
+            else:
+                qkv_args = (mode, rows, x, h, r.wqkv[i], w, h, qkv, w, ab, cur, h, ln, h_out, eps, e)
+                qkv_call = gemvs.prepared_linear(*qkv_args)
+            before.append(qkv_call)
             if i:
                 cur, other = other, cur
             if not in_gemv:
                 before += self._separate_rope_append(v, rows, i)
             scale = fp8.prepared_scale(v, rows) if fp8 is not None else None  # attn *= v_scale (None where 1)
             after = [] if scale is None else [scale]
-            after.append(dense.prepared_linear(rows, attn, hqd, r.wo[i], h, hqd, x, h, ab, ab))
+            after += linear(i, "o", rows, attn, hqd, r.wo[i], x)
             if r.moe_layers:
                 # the grouped-GEMV step: h += o's output and post_attention_layernorm as the router GEMV's
                 # prologue (the new residual into `other`, as the dense layers' gate/up GEMV writes it), the
@@ -192,13 +243,16 @@ class FusedDecode:
             # h += o's output; post_attention_layernorm; gate/up; then down of silu(gate) * up
             ln = r.ln2[i].data_ptr
             if silu_in_gate_up:
-                wgu = r.wgu[i]
-                after.append(
-                    dense.fused.prepared_gate_up_silu(
-                        ADD_NORM, rows, x, h, wgu, 2 * inter, h, act, inter, ab, cur, h, ln, other, eps
+                gu_args = (ADD_NORM, rows, x, h, r.wgu[i], 2 * inter, h, act, inter, ab, cur, h, ln, other, eps)
+                e = adapted("gate_up", i)
+                if e is None:
+                    after.append(dense.fused.prepared_gate_up_silu(*gu_args))
+                else:  # the shrink of the rows the gate/up GEMV normalizes, then the GEMV with the expand
+                    shrink = lora.prepared_normed_shrink(
+                        gemvs, "gate_up", i, ADD_NORM, ab, rows, cur, h, x, h, ln, eps, slots
                     )
-                )
-                after.append(dense.prepared_linear(rows, act, inter, r.wd[i], h, inter, x, h, ab, ab))
+                    after += [shrink, gemvs.prepared_gate_up_silu(*gu_args, e)]
+                after += linear(i, "down", rows, act, inter, r.wd[i], x)
             else:
                 after.append(
                     fused(ADD_NORM, rows, x, h, r.wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab, cur, h, ln, other, eps)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -120,6 +121,15 @@ class ModelRunner(RunnerState):
     step of base rows then pays them as one with adapters does). Read when the graphs are captured (at
     construction): set it on the class to compare."""
 
+    lora_fused = True
+    """A decode step of 1 to 4 rows where a row takes a LoRA adapter runs the LoRA form of the fused step
+    (``fused.fits_lora``: the adapters' shrinks, one a projection group, computing their own input as the fused GEMVs'
+    prologues do, and the expand in the fused GEMVs' epilogues, before RoPE and SiLU), eagerly and in the one-row
+    decode graph of the adapters' set; False: such a step takes the separate launches with the adapters' (each
+    projection's GEMM, then its shrink and expand). Read when the engine opens (the kernels are compiled then, one
+    GPU only) and the graphs are captured: set it on the class to compare (``benchmarks/bench_lora.py
+    --lora-fused both``)."""
+
     decode_graph_ladder = True
     """Capture the decode step at every batch size of :func:`~fi_engine.runtime.worker.graph_shapes.decode_batches`
     (each step replays the smallest graph holding its occupied slots); False: one graph of ``max_batch`` rows, which
@@ -214,6 +224,7 @@ class ModelRunner(RunnerState):
         # last takes one (set where it is staged)
         self.lora: Any = None
         self.step_lora: Any = None
+        self.lora_gemvs: Any = None  # the LoRA fused step's GEMVs (_lora_gemvs; None: not compiled)
         self._decode_adapters = False
         if settings.lora is not None and not family.serves_lora:
             raise ValueError(
@@ -283,6 +294,7 @@ class ModelRunner(RunnerState):
                 self.family.allocate(self)
                 if self.settings.lora is not None:
                     self.lora = self._lora_slots(self.settings.lora)
+                    self.lora_gemvs = self._lora_gemvs()
                 self.sampler = Sampler.of(self)  # the tokens' choice, over the buffers just made
                 # the graph loop plans step N + 1 while the GPU runs step N: on an H100 (8B shape, one GPU) 6.39
                 # instead of 6.59 ms per step at batch 1, the same tokens (benchmarks/RESULTS.md); not yet measured
@@ -322,6 +334,23 @@ class ModelRunner(RunnerState):
         layout = SlotLayout.of(BaseShapes.of(self.config, self.dtype), settings.max_lora_rank)
         rows = max(self.max_prefill_tokens, self.max_batch)
         return DeviceSlots(self.cupy, layout, settings.max_loras, self.dtype, rows, self.stream)
+
+    def _lora_gemvs(self) -> Any:
+        """The LoRA form of the fused step's GEMVs (:class:`~fi_engine.kernels.lora_fused.LoraFusedGemvs`) where
+        :attr:`lora_fused` is on, the fused GEMVs compiled and the engine runs on one GPU (the fused step's); None
+        otherwise, and where NVRTC or the driver refuse them (a warning says why; such steps take the separate
+        launches)."""
+        if not self.lora_fused or self.comm is not None or not self.dense.fused.fits(1, 8):
+            return None
+        from ...kernels.lora_fused import LoraFusedGemvs, LoraFusedKernels
+
+        try:
+            kernels = LoraFusedKernels.compile(self.cupy)
+        except Exception as exc:  # NVRTC or the driver: the separate launches serve such steps
+            why = f"the LoRA fused GEMVs did not compile ({exc}); LoRA steps take the separate launches"
+            warnings.warn(why, stacklevel=2)
+            return None
+        return LoraFusedGemvs(self.dense.fused, self.dense.launcher, kernels)
 
     # ------------------------------------------------------------------------------------------ its switches
 
@@ -538,9 +567,9 @@ class ModelRunner(RunnerState):
         return self.lora is not None and takes_adapters(arrays["lora_slots"][:rows])
 
     def fuses(self, rows: int) -> bool:
-        """Whether an eager decode step of ``rows`` rows runs as the fused step (``fused.fits``; never where a row of
-        the step takes a LoRA adapter: ``step_lora`` set, which each step sets before its pass, so asked between
-        steps this answers for the step last run)."""
+        """Whether an eager decode step of ``rows`` rows runs as the fused step (``fused.fits``; where a row of the
+        step takes a LoRA adapter, its LoRA form where ``fused.fits_lora`` holds: ``step_lora`` set, which each step
+        sets before its pass, so asked between steps this answers for the step last run)."""
         return self.fused.fits(rows)
 
     def decode_pass(self, v: SimpleNamespace, rows: int, fused: bool, static_moe: bool = False) -> None:

@@ -98,6 +98,7 @@ class RunnerState:
     # no adapters' launches; set by the runner per step)
     lora: Any = None
     step_lora: Any = None
+    lora_gemvs: Any = None  # the LoRA form of the fused step's GEMVs (kernels.lora_fused; None: not compiled)
     # the buffers (the family's allocate: allocate_layers for the Llama pass, or its own layout): activations of
     # max(max_prefill_tokens, max_batch) rows, the paged KV cache, the attention workspaces, the step index arrays
     buffers: SimpleNamespace  # the activation buffers (h, x, qkv, attn, gu, act, last, logits, ids, kv, ...)
@@ -123,6 +124,7 @@ class RunnerState:
     graph_fused_decode: bool
     decode_graph_ladder: bool
     lora_base_graphs: bool
+    lora_fused: bool
     attention_pdl: bool
     silu_in_gate_up: bool
     norm_pdl: bool

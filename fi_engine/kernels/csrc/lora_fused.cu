@@ -1,0 +1,99 @@
+// The fused decode step with LoRA adapters (fi_engine.kernels.lora_fused): fused_gemv.cu's GEMVs with each row's
+// adapter expand as an epilogue (LoraEpi, lora_column: y_j += sum_i t[r, i] Bt_s[i, j] before the output is rounded,
+// so before RoPE, SiLU or the next layer's residual add), and the shrinks that compute their own input as the fused
+// GEMV does (its prologue, stage): t[r, j] = scale[s] * A_s[j] . rmsnorm(h[r]) * nw (MODE 1; MODE 2: of h[r] + x[r]).
+// A separate module, compiled only by an engine serving adapters, so fused_gemv.cu's kernels stay as they were.
+//
+//   lora_gemv_{f16,bf16}_{copy,norm,addnorm}_r{R}:  gemv_fused (16-bit y) + the expand; copy: the input rows as
+//                                                   they are (the o and down projections)
+//   lora_gemv_{f16,bf16}_{norm,addnorm}_rope_r{R}:  the QKV GEMV + the expand + RoPE + the KV append
+//   lora_gemv_{f16,bf16}_addnorm_gateup_r{R}:       the gate/up GEMV + the expand + SiLU-and-mul
+//   lora_shrink_{f16,bf16}_{norm,addnorm}:          the shrink of the normalized rows
+#define GEMV_DEVICE_FUNCTIONS_ONLY  // fused_gemv.cu's device functions, none of its kernels
+#include "fused_gemv.cu"
+#include "lora_shrink.cuh"  // dot8, block_sum: lora_bgmv.cu's shrink sums
+#if GEMV_FIXED_ROWS
+#define LORA_ROW_COUNTS(M, ...) M(1, __VA_ARGS__) M(2, __VA_ARGS__) M(3, __VA_ARGS__) M(4, __VA_ARGS__)
+#else
+#define LORA_ROW_COUNTS(M, ...) M(0, __VA_ARGS__)
+#endif
+
+#define LORA_PARAMS                                                                                                  \
+    const float *t, long long t_ld, const int *slots, const int *targets, int bit, const unsigned short *bt,          \
+            long long b_slot, int rank, int n0, int n1
+#define LORA_EPI LoraEpi{t, t_ld, slots, targets, bit, bt, b_slot, rank, n0, n1}
+
+#define LORA_FUSED(R, name, bf16, mode)                                                                              \
+    extern "C" __global__ void FUSED_BOUNDS_##R                                                                    \
+            name##_r##R(const unsigned short* x, const unsigned short* w, void* y, int rows, int n, int k,           \
+                        long long x_ld, long long y_ld, const unsigned short* h, const unsigned short* nw,           \
+                        unsigned short* h_out, long long h_ld, float eps, LORA_PARAMS) {                             \
+        gemv_fused<bf16, false, mode, R, true>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps, LORA_EPI); \
+    }
+LORA_ROW_COUNTS(LORA_FUSED, lora_gemv_f16_copy, false, 0)
+LORA_ROW_COUNTS(LORA_FUSED, lora_gemv_bf16_copy, true, 0)
+LORA_ROW_COUNTS(LORA_FUSED, lora_gemv_f16_norm, false, 1)
+LORA_ROW_COUNTS(LORA_FUSED, lora_gemv_bf16_norm, true, 1)
+LORA_ROW_COUNTS(LORA_FUSED, lora_gemv_f16_addnorm, false, 2)
+LORA_ROW_COUNTS(LORA_FUSED, lora_gemv_bf16_addnorm, true, 2)
+
+#define LORA_PAIRS(R, name, bf16, mode, epi)                                                                         \
+    extern "C" __global__ void FUSED_BOUNDS_##R name##_r##R(                                                       \
+            const unsigned short* x, const unsigned short* w, unsigned short* y, int rows, int n, int k,             \
+            long long x_ld, long long y_ld, const unsigned short* h, const unsigned short* nw,                       \
+            unsigned short* h_out, long long h_ld, float eps, int hq, int hk, unsigned d, float rcp_theta,           \
+            float rcp_scale, float smooth_a, float smooth_b, const int* positions, const int* batch_indices,         \
+            const int* kv_indptr, const int* kv_indices, unsigned short* k_cache, unsigned short* v_cache,           \
+            int page_size, long long stride_page, long long stride_n, long long stride_h, LORA_PARAMS) {             \
+        gemv_pairs<bf16, mode, R, epi, true>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps, hq, hk, d,   \
+                                             rcp_theta, rcp_scale, smooth_a, smooth_b, positions, batch_indices,    \
+                                             kv_indptr, kv_indices, k_cache, v_cache, page_size, stride_page,       \
+                                             stride_n, stride_h, LORA_EPI);                                         \
+    }
+LORA_ROW_COUNTS(LORA_PAIRS, lora_gemv_f16_norm_rope, false, 1, EPI_ROPE)
+LORA_ROW_COUNTS(LORA_PAIRS, lora_gemv_bf16_norm_rope, true, 1, EPI_ROPE)
+LORA_ROW_COUNTS(LORA_PAIRS, lora_gemv_f16_addnorm_rope, false, 2, EPI_ROPE)
+LORA_ROW_COUNTS(LORA_PAIRS, lora_gemv_bf16_addnorm_rope, true, 2, EPI_ROPE)
+LORA_ROW_COUNTS(LORA_PAIRS, lora_gemv_f16_addnorm_gateup, false, 2, EPI_SILU)
+LORA_ROW_COUNTS(LORA_PAIRS, lora_gemv_bf16_addnorm_gateup, true, 2, EPI_SILU)
+
+// The shrink of one row's normalized input (grid (width, rows), 256 threads, k * 2 bytes of dynamic shared memory):
+// block (j, r) stages row r as the fused GEMV's prologue does (stage: the same 16-bit values the GEMV reads), then
+// sums A_s[j] . in as lora_bgmv.cu's shrink sums A_s[j] . x (each thread its strided share of the vectors, a
+// butterfly per warp, the warps in order), so t equals the separate launches' rmsnorm + shrink. The residual is not
+// written (h_out: the GEMV after it writes it). A row of no adapter, or whose adapter leaves this group alone,
+// returns at once.
+template <bool BF16, int MODE>
+__device__ __forceinline__ void shrink_normed(const unsigned short* __restrict__ h, const unsigned short* __restrict__ x,
+                                              long long h_ld, long long x_ld, const unsigned short* __restrict__ nw,
+                                              float eps, int k, const int* __restrict__ slots,
+                                              const float* __restrict__ scale, const int* __restrict__ targets,
+                                              int bit, const unsigned short* __restrict__ a, long long a_slot,
+                                              int width, float* __restrict__ t, long long t_ld) {
+    extern __shared__ uint4 sx[];  // the row's input, k / 8 vectors
+    __shared__ float warp_sums[32];
+    const int row = blockIdx.y;
+    const int s = slots[row];
+    if (s < 0 || !(targets[s] & bit)) return;  // (the whole block: one row)
+    const int j = blockIdx.x;
+    if (j >= width) return;
+    stage<BF16, MODE>(sx, MODE == 2 ? x + row * x_ld : x, 1, k, x_ld, h + row * h_ld, nw, nullptr, h_ld, eps);
+    const uint4* av = reinterpret_cast<const uint4*>(a + s * a_slot + (long long)j * k);
+    float acc = 0.f;
+    for (int c = threadIdx.x; c < (k >> 3); c += blockDim.x) acc = dot8<BF16>(__ldg(av + c), sx[c], acc);
+    const float sum = block_sum(acc, warp_sums);
+    if (threadIdx.x == 0) t[row * t_ld + j] = scale[s] * sum;
+}
+
+#define LORA_SHRINK(name, bf16, mode)                                                                                \
+    extern "C" __global__ void name(const unsigned short* h, const unsigned short* x, long long h_ld, long long x_ld, \
+                                    const unsigned short* nw, float eps, int k, const int* slots, const float* scale,  \
+                                    const int* targets, int bit, const unsigned short* a, long long a_slot,          \
+                                    int width, float* t, long long t_ld) {                                           \
+        shrink_normed<bf16, mode>(h, x, h_ld, x_ld, nw, eps, k, slots, scale, targets, bit, a, a_slot, width, t,    \
+                                  t_ld);                                                                             \
+    }
+LORA_SHRINK(lora_shrink_f16_norm, false, 1)
+LORA_SHRINK(lora_shrink_bf16_norm, true, 1)
+LORA_SHRINK(lora_shrink_f16_addnorm, false, 2)
+LORA_SHRINK(lora_shrink_bf16_addnorm, true, 2)

@@ -1,0 +1,24 @@
+// The LoRA shrink's sum of one t entry (lora_bgmv.cu's shrink, lora_fused.cu's normed shrink: the same order, so
+// the same float32 value): each thread adds the 8 products of its A vectors with x's (dot8, A's element first), then
+// block_sum adds the threads' sums, a butterfly within each warp and thread 0 the warps' sums in warp order.
+// Uses convert.cuh's tof, which each includer includes before it.
+template <bool BF16>
+__device__ __forceinline__ float dot8(uint4 wa, uint4 wx, float acc) {
+    const unsigned short* pa = reinterpret_cast<const unsigned short*>(&wa);
+    const unsigned short* px = reinterpret_cast<const unsigned short*>(&wx);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc += tof<BF16>(pa[e]) * tof<BF16>(px[e]);
+    return acc;
+}
+
+// The block's sum of every thread's acc, valid in thread 0 (every thread must call it: a barrier); warp_sums: 32
+// floats of shared memory.
+__device__ __forceinline__ float block_sum(float acc, float* warp_sums) {
+    for (int off = 16; off; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    float sum = 0.f;
+    if (threadIdx.x == 0)
+        for (int w = 0; w < (blockDim.x >> 5); ++w) sum += warp_sums[w];
+    return sum;
+}

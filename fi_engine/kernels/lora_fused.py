@@ -1,0 +1,349 @@
+"""The fused decode step's GEMVs with LoRA adapters (``csrc/lora_fused.cu``): the fused GEMVs of
+:mod:`~fi_engine.kernels.fused_gemv` with each row's adapter expand as an epilogue, and the shrinks that normalize
+their own input, so that a step whose rows take adapters keeps the fused step's launches (the norms, RoPE with the KV
+append and SiLU inside the GEMVs) and adds one shrink launch per projection group.
+
+For a projection ``y = in @ W^T`` of a row whose adapter sits in GPU slot ``s`` (:mod:`fi_engine.lora.slots`' layout):
+
+- the shrink: ``t[r, :width] = scale[s] * A_s @ in[r]`` (float32), ``in`` the GEMV's input rows as its prologue makes
+  them: :meth:`LoraFusedGemvs.prepared_shrink` computes the RMS norm (NORM) or the residual add and norm (ADD_NORM)
+  itself, as the fused GEMV's prologue does (the same 16-bit values); over rows made before (the attention's output,
+  ``silu(gate) * up``) it is :mod:`~fi_engine.kernels.lora_bgmv`'s shrink;
+- the expand, in the GEMV's epilogue (:class:`LoraExpand`): ``y[r, j] = round(sum_c in[r, c] W[j, c] + t[r, p(j)
+  rank:] . Bt_s[:, j])``, before RoPE (QKV), SiLU-and-mul (gate/up) and the rounding of the o and down outputs. One
+  rounding where the separate launches round twice (the GEMV's output, then the expand's sum), so the logits differ
+  from theirs by 16-bit rounding, not more (the GPU tests bound both against the merged weights' float32 logits).
+
+A separate module (compiled only by an engine serving adapters with the runner's ``lora_fused``), so the fused
+GEMVs' own kernels are unchanged (``tools/kernel_fingerprints.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..values import float32_bits
+from .cublas import CUDA_R_16BF, CUDA_R_16F
+from .cuda_sources import function_ptr, source
+from .fused_args import ADD_NORM, NORM, RopeAppend, check_epilogue_io, check_fused_values, fused_args
+from .fused_gemv import WARPS, FusedGemvs, FusedKernels, load_row_kernels
+from .launch import MAX_LD, U64, int_arg
+from .lora_bgmv import MAX_T_WIDTH
+
+__all__ = ["COPY", "LoraExpand", "LoraFusedGemvs", "LoraFusedKernels", "expand_ints", "shrink_launch"]
+
+COPY = 0
+"""The LoRA GEMVs' prologue over rows made before (the o and down projections: the input read as it is)."""
+
+SHRINK_THREADS = 256  # a normed shrink block: lora_bgmv.cu's shrink's threads, so its sums are in the same order
+_SHRINK_SMEM = (48 << 10) - 1024  # one staged row of k 16-bit values, no opt-in (k up to 24064)
+_KINDS = {COPY: "copy", NORM: "norm", ADD_NORM: "addnorm"}
+
+
+@dataclass(frozen=True)
+class LoraExpand:
+    """What the expand epilogue of one projection reads, addresses as ints: ``t`` the shrink's float32 rows (row
+    stride ``t_ld`` elements), ``slots`` the step's int32 slot per row, ``targets`` the int32 groups' bits per slot
+    (``bit``: this projection's), ``bt`` slot 0's ``Bt [rank, n]`` of this layer (16-bit, ``b_slot`` elements between
+    slots), ``rank`` the slots' rank and ``(n0, n1)`` where the second and third parts' columns begin
+    (:attr:`~fi_engine.lora.slots.Group.split`). A value: the step's launches are packed with it once."""
+
+    t: int
+    t_ld: int
+    slots: int
+    targets: int
+    bit: int
+    bt: int
+    b_slot: int
+    rank: int
+    n0: int
+    n1: int
+
+
+def expand_ints(lora: object, n: int) -> list[int]:
+    """The expand's 10 kernel arguments (after the GEMV's and, for the QKV GEMV, RoPE's), checked against the GEMV's
+    ``n`` output columns (``Bt``'s row length): TypeError naming ``lora`` that is no :class:`LoraExpand`, ValueError
+    naming its field (``lora.<field>``) of the wrong range, alignment (``t``, ``slots``, ``targets``: 4 bytes;
+    ``bt``: 2) or a NULL address, ``n0 <= n1 <= n`` broken, ``t_ld`` short of the parts' ranks, ``b_slot`` short of
+    a slot's ``rank * n``."""
+    if not isinstance(lora, LoraExpand):
+        raise TypeError(f"lora: expected a LoraExpand, got {type(lora).__name__}")
+    e = lora
+    n = int_arg("n", n, 1, 1 << 31)
+    rank = int_arg("lora.rank", e.rank, 1, 513)
+    n0 = int_arg("lora.n0", e.n0, 1, n + 1)
+    n1 = int_arg("lora.n1", e.n1, n0, n + 1)
+    parts = 1 + (n0 < n) + (n1 < n)
+    t_ld = int_arg("lora.t_ld", e.t_ld, parts * rank, MAX_LD)
+    bit = int_arg("lora.bit", e.bit, 1, (1 << 30) + 1)
+    b_slot = int_arg("lora.b_slot", e.b_slot, rank * n, MAX_LD)
+    for name, align in (("t", 4), ("slots", 4), ("targets", 4), ("bt", 2)):
+        value = int_arg(f"lora.{name}", getattr(e, name), 0, U64)
+        if not value or value % align:
+            raise ValueError(f"lora.{name}: 0x{value:x} must be a non-NULL address aligned to {align} bytes")
+    return [e.t, t_ld, e.slots, e.targets, bit, e.bt, b_slot, rank, n0, n1]
+
+
+def shrink_launch(
+    mode: int,
+    rows: int,
+    h: int,
+    h_ld: int,
+    x: int,
+    x_ld: int,
+    norm_weight: int,
+    eps: float,
+    k: int,
+    slots: int,
+    scale: int,
+    targets: int,
+    bit: int,
+    a: int,
+    a_slot: int,
+    width: int,
+    t: int,
+    t_ld: int,
+) -> tuple[tuple[int, int], int, list[int]]:
+    """The grid, dynamic shared bytes and kernel arguments of a normed shrink (:meth:`LoraFusedGemvs.prepared_shrink`):
+    ValueError/TypeError naming the argument that is no int (``eps``: no float32), out of range, misaligned (``h``,
+    ``x``, ``norm_weight``, ``a`` and the row strides: 16 bytes; ``slots``, ``scale``, ``targets``, ``t``: 4) or
+    NULL, ``k`` not a multiple of 8 or past one block's 47 KiB of staged input, ``t_ld`` below ``width``."""
+    if isinstance(mode, bool) or not isinstance(mode, int) or mode not in (NORM, ADD_NORM):
+        raise ValueError(f"mode: a normed shrink takes NORM or ADD_NORM, got {mode!r:.40}")
+    # the norm's own values as the fused GEMV checks them (eps a float32; the addresses and strides ints)
+    check_fused_values((mode, rows, x, x_ld, 16, 1, k, 16, 1, 0, 0, h, h_ld, norm_weight, 0, eps))
+    rows = int_arg("rows", rows, 1, 1 << 31)
+    k = int_arg("k", k, 8, _SHRINK_SMEM // 2 + 1)
+    if k % 8:
+        raise ValueError(f"k: expected a multiple of 8 (the kernel reads 16-byte vectors), got {k}")
+    width = int_arg("width", width, 1, MAX_T_WIDTH + 1)
+    t_ld = int_arg("t_ld", t_ld, width, MAX_LD)
+    a_slot = int_arg("a_slot", a_slot, 0, MAX_LD)
+    bit = int_arg("bit", bit, 1, (1 << 30) + 1)
+    if rows > 1:
+        for name, value in (("h_ld", h_ld), *([("x_ld", x_ld)] if mode == ADD_NORM else [])):
+            if value < k:
+                raise ValueError(f"{name}: {value} elements between rows is less than a row's {k}")
+    aligned = [("h", h, 16), ("h_ld", 2 * h_ld, 16), ("norm_weight", norm_weight, 16), ("a", a, 16)]
+    aligned += [("a_slot", 2 * a_slot, 16), ("slots", slots, 4), ("scale", scale, 4), ("targets", targets, 4)]
+    aligned += [("t", t, 4)] + ([("x", x, 16), ("x_ld", 2 * x_ld, 16)] if mode == ADD_NORM else [])
+    for name, value, align in aligned:
+        value = int_arg(name, value, 0, U64)
+        if value % align or (value == 0 and not name.endswith(("_ld", "_slot"))):
+            raise ValueError(f"{name}: 0x{value:x} must be a non-NULL address aligned to {align} bytes")
+    ints = [h, x, h_ld, x_ld, norm_weight, float32_bits("eps", float(eps))]
+    ints += [k, slots, scale, targets, bit, a, a_slot, width, t, t_ld]
+    return (width, rows), 2 * k, ints
+
+
+@dataclass
+class LoraFusedKernels:
+    """The compiled LoRA fused GEMVs (:meth:`compile`): ``gemvs`` ``(kind, ab_type) -> CUfunction per row count``
+    (kinds ``"copy"``, ``"norm"``, ``"addnorm"``, ``"norm_rope"``, ``"addnorm_rope"``, ``"addnorm_gateup"``),
+    ``shrinks`` ``(mode, ab_type) -> CUfunction`` (NORM, ADD_NORM), ``smem`` the most dynamic shared memory a GEMV
+    launch may take, ``module`` the CuPy module that owns them."""
+
+    gemvs: dict[tuple[str, int], tuple[int, ...]]
+    shrinks: dict[tuple[int, int], int]
+    smem: int
+    module: Any
+
+    @staticmethod
+    def kernel_names() -> dict[tuple[str, int], str]:
+        """The GEMVs :meth:`compile` loads, ``(kind, ab_type) -> kernel name`` without the ``_r<rows>`` suffix."""
+        names = {}
+        for ab, tag in ((CUDA_R_16F, "f16"), (CUDA_R_16BF, "bf16")):
+            for kind in ("copy", "norm", "addnorm", "norm_rope", "addnorm_rope", "addnorm_gateup"):
+                names[(kind, ab)] = f"lora_gemv_{tag}_{kind}"
+        return names
+
+    @classmethod
+    def compile(cls, cupy: Any) -> LoraFusedKernels:
+        """Compile ``csrc/lora_fused.cu`` with the fused GEMVs' options (:meth:`FusedKernels.options`: the same
+        prologue arithmetic) on CuPy's current device; raises what NVRTC or the driver raise."""
+        module = cupy.RawModule(code=source("lora_fused.cu"), options=FusedKernels.options())
+        gemvs, smem = load_row_kernels(cupy, module, cls.kernel_names())
+        shrinks = {}
+        for ab, tag in ((CUDA_R_16F, "f16"), (CUDA_R_16BF, "bf16")):
+            for mode, kind in ((NORM, "norm"), (ADD_NORM, "addnorm")):
+                shrinks[(mode, ab)] = function_ptr(module.get_function(f"lora_shrink_{tag}_{kind}"))
+        return cls(gemvs, shrinks, smem, module)
+
+
+class LoraFusedGemvs:
+    """The LoRA forms of ``fused``'s (a Dense's :class:`~fi_engine.kernels.fused_gemv.FusedGemvs`) prepared GEMVs,
+    ``kernels`` (:class:`LoraFusedKernels`) launched through the Dense's ``launcher``: each takes the GEMV's
+    arguments as the base method does (checked by it) and a :class:`LoraExpand`. 16-bit weights only (a weight
+    registered as FP8 or int4 is refused by name)."""
+
+    def __init__(self, fused: FusedGemvs, launcher: Any, kernels: LoraFusedKernels) -> None:
+        self.fused, self.launcher, self.kernels = fused, launcher, kernels
+
+    def fits(self, rows: int, k: int) -> bool:
+        """Whether the LoRA GEMVs serve ``rows`` input rows of ``k`` (the fused GEMVs' :meth:`FusedGemvs.fits` and
+        their staged rows within this module's shared memory) and the normed shrink a row of ``k``."""
+        return self.fused.fits(rows, k) and rows * k * 2 <= self.kernels.smem and 2 * k <= _SHRINK_SMEM
+
+    def _function(self, kind: str, ab_type: int, rows: int) -> int:
+        fns = self.kernels.gemvs.get((kind, ab_type))
+        if fns is None:
+            raise ValueError(f"ab_type: no LoRA fused GEMV for {ab_type} (16-bit types only)")
+        return fns[rows - 1]
+
+    def _sixteen_bit(self, w: int) -> None:
+        q = self.fused._quantized  # (the Dense's registry of quantized weights)
+        if (q.fp8_weights and w in q.fp8_weights) or (q.int4_weights and w in q.int4_weights):
+            raise ValueError("w: the LoRA fused GEMVs read 16-bit weights; this one is registered as FP8 or int4")
+
+    def _launch(self, fn: int, smem: int, ints: list[int], columns: int, name: str) -> Callable[[], None]:
+        params, values = self.launcher.slots(ints)
+        grid = min((columns + WARPS - 1) // WARPS, self.fused._kernels.grid)
+        return self.launcher.prepared(fn, grid, 32 * WARPS, smem, params, values, name, pdl=True)
+
+    def prepared_linear(
+        self,
+        mode: int,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        h: int,
+        h_ld: int,
+        norm_weight: int,
+        h_out: int,
+        eps: float,
+        lora: LoraExpand,
+    ) -> Callable[[], None]:
+        """``FusedGemvs.prepared``'s GEMV (16-bit ``y``) with the expand as its epilogue, packed once: ``mode``
+        :data:`COPY` (``in = x [rows, k]`` as it is: the o and down projections; ``h``, ``norm_weight``,
+        ``h_out``, ``eps`` unused), NORM or ADD_NORM (as ``FusedGemvs.linear``: the QKV GEMV where RoPE is no
+        epilogue). Raises TypeError/ValueError naming the argument as that method does, and :func:`expand_ints`'."""
+        if isinstance(mode, bool) or not isinstance(mode, int) or mode not in _KINDS:
+            raise ValueError(f"mode: expected COPY, NORM or ADD_NORM, got {mode!r:.40}")
+        if mode == COPY:
+            for name, value in (("rows", rows), ("n", n), ("k", k), ("w", w), ("ab_type", ab_type)):
+                int_arg(name, value, -(1 << 63), 1 << 63)
+            for name, value in (("x", x), ("y", y), ("w", w)):
+                int_arg(name, value, 0, U64)
+            for name, value in (("x_ld", x_ld), ("y_ld", y_ld)):
+                int_arg(name, value, 0, MAX_LD)
+            if not self.fits(rows, k):
+                raise ValueError(f"rows, k: the LoRA fused GEMV does not serve {rows} rows of {k} (see fits)")
+            int_arg("n", n, 1, 1 << 31)
+            check_epilogue_io(rows, x, x_ld, k, y, y_ld, n)
+            if not w or w % 16 or w + 2 * n * k > U64:
+                raise ValueError(f"w: 0x{w:x} must be a non-NULL address aligned to 16 bytes, {2 * n * k} bytes long")
+            key = (COPY, rows, x, x_ld, w, n, k, y, y_ld, ab_type, ab_type, 0, 0, 0, 0, 0.0)
+            smem = rows * k * 2
+        else:
+            key = (mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, ab_type, h, h_ld, norm_weight, h_out, eps)
+            _, _, smem, _, _ = self.fused._pack(key, checks_only=True)  # the fused GEMV's own checks
+            if not self.fits(rows, k):
+                raise ValueError(f"rows, k: the LoRA fused GEMV does not serve {rows} rows of {k} (see fits)")
+        self._sixteen_bit(w)
+        fn = self._function(_KINDS[mode], ab_type, rows)
+        ints = [*fused_args(key), *expand_ints(lora, n)]
+        return self._launch(fn, smem, ints, n, f"lora gemv ({_KINDS[mode]})")
+
+    def prepared_qkv_rope(
+        self,
+        mode: int,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        h: int,
+        h_ld: int,
+        norm_weight: int,
+        h_out: int,
+        eps: float,
+        rope: RopeAppend,
+        lora: LoraExpand,
+    ) -> Callable[[], None]:
+        """``FusedGemvs.prepared_qkv_rope`` with the expand before RoPE and the KV append (its checks, then
+        :func:`expand_ints`')."""
+        _, smem, ints, pairs = self.fused.qkv_rope_parts(
+            mode, rows, x, x_ld, w, k, y, y_ld, ab_type, h, h_ld, norm_weight, h_out, eps, rope
+        )
+        if not self.fits(rows, k):
+            raise ValueError(f"rows, k: the LoRA fused GEMV does not serve {rows} rows of {k} (see fits)")
+        fn = self._function(f"{_KINDS[mode]}_rope", ab_type, rows)
+        return self._launch(fn, smem, [*ints, *expand_ints(lora, 2 * pairs)], pairs, "lora qkv gemv + rope")
+
+    def prepared_gate_up_silu(
+        self,
+        mode: int,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        h: int,
+        h_ld: int,
+        norm_weight: int,
+        h_out: int,
+        eps: float,
+        lora: LoraExpand,
+    ) -> Callable[[], None]:
+        """``FusedGemvs.prepared_gate_up_silu`` (ADD_NORM) with the expand before SiLU-and-mul (its checks, then
+        :func:`expand_ints`' over the ``n`` gate and up columns)."""
+        if mode != ADD_NORM:
+            raise ValueError(f"mode: the LoRA gate/up GEMV follows an ADD_NORM prologue, got {mode!r:.40}")
+        _, smem, ints, pairs = self.fused.gate_up_silu_parts(
+            mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, h, h_ld, norm_weight, h_out, eps
+        )
+        if not self.fits(rows, k):
+            raise ValueError(f"rows, k: the LoRA fused GEMV does not serve {rows} rows of {k} (see fits)")
+        fn = self._function("addnorm_gateup", ab_type, rows)
+        return self._launch(fn, smem, [*ints, *expand_ints(lora, n)], pairs, "lora gate/up gemv + silu")
+
+    def prepared_shrink(
+        self,
+        mode: int,
+        ab_type: int,
+        rows: int,
+        h: int,
+        h_ld: int,
+        x: int,
+        x_ld: int,
+        norm_weight: int,
+        eps: float,
+        k: int,
+        slots: int,
+        scale: int,
+        targets: int,
+        bit: int,
+        a: int,
+        a_slot: int,
+        width: int,
+        t: int,
+        t_ld: int,
+    ) -> Callable[[], None]:
+        """The shrink of the rows the fused GEMV after it normalizes, packed once: ``t[r, :width] = scale[s] * A_s
+        @ in[r]`` for each of ``rows`` rows of slot ``s = slots[r] >= 0`` whose ``targets[s]`` has ``bit``, ``in =
+        rmsnorm(h[r]) * norm_weight`` (NORM) or of ``h[r] + x[r]`` (ADD_NORM; the residual is not written: the GEMV
+        writes it), rounded to the 16-bit type as the GEMV's prologue rounds it; ``A_s`` at ``a + s * a_slot``
+        elements (``[width, k]``). Launched without programmatic dependent launch (the kernel reads its input at
+        once). Raises what :func:`shrink_launch` raises, and ValueError naming ``ab_type`` for no 16-bit type."""
+        grid, smem, ints = shrink_launch(
+            mode, rows, h, h_ld, x, x_ld, norm_weight, eps, k, slots, scale, targets, bit, a, a_slot, width, t, t_ld
+        )
+        fn = self.kernels.shrinks.get((mode, ab_type))
+        if fn is None:
+            raise ValueError(f"ab_type: no LoRA shrink for {ab_type} (16-bit types only)")
+        return self.launcher.prepared_kernel(fn, grid, SHRINK_THREADS, smem, ints, "lora shrink (normed)")

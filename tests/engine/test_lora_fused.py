@@ -1,0 +1,361 @@
+"""The LoRA form of the fused decode step, no GPU: its launches packed in the order of ``csrc/lora_fused.cu``'s kernel
+parameters (read from the source), the kernel of each kind, type and row count picked, each bad value refused by
+name before any launch, and the slots' addresses each launch reads (``DeviceSlots.shrink_operands`` /
+``expand_operands``) pointing at the numpy layout's matrices, through which the kernels' arithmetic is the merged
+weights' product.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import struct
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fi_engine.kernels import fused_args as F
+from fi_engine.kernels.cublas import CUDA_R_16BF, CUDA_R_16F
+from fi_engine.kernels.cuda_sources import read
+from fi_engine.kernels.fused_gemv import WARPS, FusedGemvs, FusedKernels
+from fi_engine.kernels.launch import Launcher
+from fi_engine.kernels.lora_fused import (
+    COPY,
+    SHRINK_THREADS,
+    LoraExpand,
+    LoraFusedGemvs,
+    LoraFusedKernels,
+    expand_ints,
+    shrink_launch,
+)
+from fi_engine.kernels.quantized_weights import QuantizedWeights
+from fi_engine.lora.device import DeviceSlots
+from fi_engine.lora.slots import Group, PackedAdapter, SlotLayout
+from fi_ffi.cuda import driver
+
+pytestmark = pytest.mark.cpu_only
+
+BASE = 1 << 40  # fake device addresses, 1 GiB apart, 16-byte aligned, never dereferenced
+H, N, R = 256, 512, 16  # hidden size (k), output columns, the slots' rank
+KINDS = ("copy", "norm", "addnorm", "norm_rope", "addnorm_rope", "addnorm_gateup")
+
+
+def at(i: int) -> int:
+    return BASE + (i << 30)
+
+
+def by_rows(fn: int) -> tuple[int, ...]:
+    return tuple(fn + 0x100 * r for r in range(4))  # the kernels of 1 to 4 rows
+
+
+def fake_gemvs() -> tuple[LoraFusedGemvs, list[tuple[Any, ...]]]:
+    """LoraFusedGemvs over a real Launcher (recording cuLaunchKernel), the fused GEMVs' fake handles and the LoRA
+    kernels' (kind i of type ab: 0x8000 + 0x1000 * (ab == bf16) + 0x10 * i, + 0x100 per row; shrinks 0x9000 +
+    mode)."""
+    launches: list[tuple[Any, ...]] = []
+    launcher = Launcher(0x77, lambda *args: launches.append(args) or 0, None, driver.ffi())
+    fns = {(m, ab, ab): by_rows(0x1000 + m) for ab in (CUDA_R_16F, CUDA_R_16BF) for m in (F.NORM, F.ADD_NORM)}
+    fns |= {(m | F.ROPE, ab, ab): by_rows(0x2000 + m) for ab in (CUDA_R_16F, CUDA_R_16BF) for m in (1, 2)}
+    fns |= {(m | F.GATE_UP, ab, ab): by_rows(0x6000 + m) for ab in (CUDA_R_16F, CUDA_R_16BF) for m in (1, 2)}
+    kernels = FusedKernels(fns, (48 << 10) - 1024, 1056)
+    quantized = QuantizedWeights(launcher, kernels.smem, lambda: None, lambda key, accumulate: None)
+    quantized.fp8_weights = {at(12): object()}  # a weight registered as FP8 (refused: 16-bit only)
+    fused = FusedGemvs(launcher, kernels, quantized)
+    gemvs = {
+        (kind, ab): by_rows(0x8000 + 0x1000 * (ab == CUDA_R_16BF) + 0x10 * i)
+        for ab in (CUDA_R_16F, CUDA_R_16BF)
+        for i, kind in enumerate(KINDS)
+    }
+    shrinks = {(m, ab): 0x9000 + m for ab in (CUDA_R_16F, CUDA_R_16BF) for m in (F.NORM, F.ADD_NORM)}
+    return LoraFusedGemvs(fused, launcher, LoraFusedKernels(gemvs, shrinks, (48 << 10) - 1024, None)), launches
+
+
+def expand(n: int = N, parts: int = 1) -> LoraExpand:
+    n0, n1 = (n // parts, n // parts * 2 if parts == 3 else n) if parts > 1 else (n, n)
+    return LoraExpand(
+        t=at(20), t_ld=3 * R, slots=at(21), targets=at(22), bit=2, bt=at(23), b_slot=4 * R * n, rank=R, n0=n0, n1=n1
+    )
+
+
+def params_of(launch: tuple[Any, ...], count: int) -> list[int]:
+    ffi = driver.ffi()
+    return [ffi.cast("uint64_t*", launch[9][i])[0] for i in range(count)]
+
+
+def kernel_params(text: str) -> list[str]:
+    """The parameter names of a C parameter list (the last identifier of each comma-separated part)."""
+    return [re.findall(r"\w+", part)[-1] for part in text.replace("\\", " ").split(",") if part.strip()]
+
+
+def macro_body(source: str, name: str) -> str:
+    return re.search(rf"#define {name}\b(.*?)(?<!\\)\n", source, re.S).group(1)  # type: ignore[union-attr]
+
+
+# ------------------------------------------------------------------------------------ the kernels' parameters
+
+
+def test_the_expand_and_shrink_arguments_are_packed_in_the_kernels_parameter_order() -> None:
+    """expand_ints' order is LORA_PARAMS' (the fields of LoraExpand), after the fused GEMV's 13 (and the RoPE
+    kernel's 17); shrink_launch's is LORA_SHRINK's signature; each value is the call's (eps its float32 bits)."""
+    lora_cu, fused_cu = read("lora_fused.cu"), read("fused_gemv.cu")
+    fields = [f.name for f in dataclasses.fields(LoraExpand)]
+    assert kernel_params(macro_body(lora_cu, "LORA_PARAMS")) == fields
+    e = expand()
+    assert expand_ints(e, N) == [getattr(e, f) for f in fields]
+    # the LoRA GEMVs take their base kernel's parameters, then LORA_PARAMS
+    base = re.search(r"name##_r##R\((.*?)\) \{", macro_body(fused_cu, "FUSED"), re.S).group(1)  # type: ignore[union-attr]
+    lora = re.search(r"name##_r##R\((.*?)\) \{", macro_body(lora_cu, "LORA_FUSED"), re.S).group(1)  # type: ignore[union-attr]
+    assert kernel_params(lora) == [*kernel_params(base), "LORA_PARAMS"]
+    pairs = re.search(r"name##_r##R\((.*?)\) \{", macro_body(fused_cu, "PAIRS"), re.S).group(1)  # type: ignore[union-attr]
+    lora_pairs = re.search(r"name##_r##R\((.*?)\) \{", macro_body(lora_cu, "LORA_PAIRS"), re.S).group(1)  # type: ignore[union-attr]
+    assert kernel_params(lora_pairs) == [*kernel_params(pairs), "LORA_PARAMS"]
+    shrink = re.search(r"void name\((.*?)\) \{", macro_body(lora_cu, "LORA_SHRINK"), re.S).group(1)  # type: ignore[union-attr]
+    names = kernel_params(shrink)
+    call = dict(
+        mode=F.ADD_NORM, rows=3, h=at(0), h_ld=H, x=at(1), x_ld=H, norm_weight=at(2), eps=1e-5, k=H, slots=at(3),
+        scale=at(4), targets=at(5), bit=4, a=at(6), a_slot=3 * R * H, width=3 * R, t=at(7), t_ld=3 * R,
+    )  # fmt: skip
+    grid, smem, ints = shrink_launch(**call)
+    values = {**call, "nw": call["norm_weight"], "eps": int.from_bytes(struct.pack("<f", 1e-5), "little")}
+    assert ints == [values[n] for n in names]
+    assert grid == (3 * R, 3) and smem == 2 * H  # a block per (t entry, row), one staged row
+
+
+# ------------------------------------------------------------------------------------ the packed launches
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_each_lora_gemv_packs_the_base_arguments_then_the_expand_and_takes_its_kernel(rows: int) -> None:
+    g, launches = fake_gemvs()
+    kept = []  # the prepared calls, which keep their packed arguments alive
+
+    def launch(prepared: Any) -> None:
+        kept.append(prepared)
+        prepared()
+
+    e = expand()
+    y_ld = N
+    copy = dict(rows=rows, x=at(0), x_ld=H, w=at(1), n=N, k=H, y=at(2), y_ld=y_ld, ab_type=CUDA_R_16BF)
+    launch(g.prepared_linear(COPY, **copy, h=0, h_ld=0, norm_weight=0, h_out=0, eps=0.0, lora=e))
+    fn, grid, _, _, block, _, _, smem, stream, _, _ = launches[-1]
+    assert (fn, grid, block, smem, stream) == (0x9000 + 0x100 * (rows - 1), N // WARPS, 32 * WARPS, rows * H * 2, 0x77)
+    got = params_of(launches[-1], 23)
+    assert got[:8] == [at(0), at(1), at(2), rows, N, H, H, y_ld] and got[8:13] == [0, 0, 0, 0, 0]
+    assert got[13:] == expand_ints(e, N)
+    normed = dict(copy, h=at(3), h_ld=H, norm_weight=at(4), h_out=at(5), eps=1e-5)
+    launch(g.prepared_linear(F.ADD_NORM, **normed, lora=e))
+    assert launches[-1][0] == 0x9020 + 0x100 * (rows - 1)  # addnorm (kind 2)
+    assert params_of(launches[-1], 23)[8:12] == [at(3), at(4), at(5), H]
+    # the QKV GEMV with RoPE: its 30 arguments, then the expand over its (4 + 2 * 2) * 64 columns
+    rope = F.RopeAppend(
+        hq=4, hk=2, d=64, theta=5e5, scale=1.0, llama3=False, low_freq_factor=1.0, high_freq_factor=4.0,
+        old_context_len=8192.0, positions=at(6), batch_indices=at(7), kv_indptr=at(8), kv_indices=at(9),
+        k_cache=at(10), v_cache=at(11), page_size=16, num_pages=8, stride_page=16 * 2 * 64, stride_n=128, stride_h=64,
+    )  # fmt: skip
+    qkv = {k: v for k, v in normed.items() if k != "n"} | {"y_ld": 8 * 64}
+    e3 = expand(8 * 64, 3)
+    launch(g.prepared_qkv_rope(F.NORM, **qkv, rope=rope, lora=e3))
+    assert launches[-1][0] == 0x9030 + 0x100 * (rows - 1) and launches[-1][1] == 8 * 64 // 2 // WARPS
+    assert params_of(launches[-1], 40)[30:] == expand_ints(e3, 8 * 64)
+    # gate/up + SiLU: the expand over the weight's N columns (gate, then up), y N / 2 wide
+    launch(g.prepared_gate_up_silu(F.ADD_NORM, **(normed | {"y_ld": N // 2}), lora=expand(N, 2)))
+    assert launches[-1][0] == 0x9050 + 0x100 * (rows - 1) and launches[-1][1] == N // 2 // WARPS
+    got = params_of(launches[-1], 40)
+    assert got[4] == N and got[30:] == expand_ints(expand(N, 2), N)
+
+
+def test_the_normed_shrink_launches_its_mode_and_types_kernel_on_its_grid() -> None:
+    g, launches = fake_gemvs()
+    call = dict(
+        rows=2, h=at(0), h_ld=H, x=at(1), x_ld=H, norm_weight=at(2), eps=1e-5, k=H, slots=at(3), scale=at(4),
+        targets=at(5), bit=1, a=at(6), a_slot=3 * R * H, width=3 * R, t=at(7), t_ld=3 * R,
+    )  # fmt: skip
+    prepared = g.prepared_shrink(F.NORM, CUDA_R_16F, **call)
+    prepared()
+    fn, gx, gy, _, block, _, _, smem, _, _, _ = launches[-1]
+    assert (fn, gx, gy, block, smem) == (0x9000 + F.NORM, 3 * R, 2, SHRINK_THREADS, 2 * H)
+    with pytest.raises(ValueError, match="ab_type: no LoRA shrink"):
+        g.prepared_shrink(F.NORM, 0, **call)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"rank": 0}, r"lora.rank: expected an int in \[1, 513\)"),
+        ({"n0": N + 1}, "lora.n0: "),
+        ({"n1": 1, "n0": 2}, "lora.n1: "),
+        ({"t_ld": R - 1}, "lora.t_ld: "),
+        ({"b_slot": R * N - 1}, "lora.b_slot: "),
+        ({"t": at(20) + 2}, "lora.t: .* aligned to 4 bytes"),
+        ({"slots": 0}, "lora.slots: .* non-NULL"),
+        ({"bt": at(23) + 1}, "lora.bt: .* aligned to 2 bytes"),
+        ({"targets": 1.5}, "lora.targets"),
+        ({"bit": True}, "lora.bit"),
+    ],
+)
+def test_a_bad_expand_field_is_refused_by_name_before_any_launch(change, match) -> None:
+    g, launches = fake_gemvs()
+    e = dataclasses.replace(expand(), **change)
+    copy = dict(rows=1, x=at(0), x_ld=H, w=at(1), n=N, k=H, y=at(2), y_ld=N, ab_type=CUDA_R_16BF)
+    with pytest.raises((TypeError, ValueError), match=match):
+        g.prepared_linear(COPY, **copy, h=0, h_ld=0, norm_weight=0, h_out=0, eps=0.0, lora=e)
+    with pytest.raises(TypeError, match="lora: expected a LoraExpand"):
+        expand_ints(dataclasses.asdict(expand()), N)
+    assert launches == []
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"mode": F.SILU}, "mode: expected COPY, NORM or ADD_NORM"),
+        ({"mode": True}, "mode: expected COPY"),
+        ({"w": at(12)}, "w: the LoRA fused GEMVs read 16-bit weights"),
+        ({"w": at(1) + 8}, "w: .* aligned to 16 bytes"),
+        ({"rows": 5}, "rows, k: the LoRA fused GEMV does not serve 5 rows"),
+        ({"k": H + 4}, "rows, k: "),
+        ({"y": at(0) + 16}, "y: overlaps x"),
+        ({"x_ld": H - 8, "rows": 2}, "x_ld: "),
+        ({"ab_type": CUDA_R_16F + 1000}, "ab_type: no LoRA fused GEMV"),
+        ({"x": None}, "x: "),
+    ],
+)
+def test_a_bad_copy_gemv_call_is_refused_by_name(change, match) -> None:
+    g, launches = fake_gemvs()
+    call = dict(mode=COPY, rows=1, x=at(0), x_ld=H, w=at(1), n=N, k=H, y=at(2), y_ld=N, ab_type=CUDA_R_16BF)
+    call |= dict(h=0, h_ld=0, norm_weight=0, h_out=0, eps=0.0, lora=expand())
+    with pytest.raises((TypeError, ValueError), match=match):
+        g.prepared_linear(**{**call, **change})
+    assert launches == []
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"mode": F.SILU}, "mode: a normed shrink takes NORM or ADD_NORM"),
+        ({"k": H + 4}, "k: expected a multiple of 8"),
+        ({"k": 1 << 15}, r"k: expected an int in \[8, "),
+        ({"a": at(6) + 8}, "a: .* aligned to 16 bytes"),
+        ({"a_slot": 3 * R * H + 4}, "a_slot: "),
+        ({"scale": at(4) + 2}, "scale: "),
+        ({"x": 0}, "x: .* non-NULL"),  # ADD_NORM reads x
+        ({"h_ld": H - 8}, "h_ld: "),
+        ({"t_ld": 3 * R - 1}, "t_ld: "),
+        ({"width": 0}, "width: "),
+        ({"eps": float("inf")}, "eps: "),
+        ({"rows": 0}, "rows: "),
+    ],
+)
+def test_a_bad_shrink_call_is_refused_by_name(change, match) -> None:
+    call = dict(
+        mode=F.ADD_NORM, rows=2, h=at(0), h_ld=H, x=at(1), x_ld=H, norm_weight=at(2), eps=1e-5, k=H, slots=at(3),
+        scale=at(4), targets=at(5), bit=1, a=at(6), a_slot=3 * R * H, width=3 * R, t=at(7), t_ld=3 * R,
+    )  # fmt: skip
+    with pytest.raises((TypeError, ValueError), match=match):
+        shrink_launch(**{**call, **change})
+    shrink_launch(**{**call, "mode": F.NORM, "x": 0})  # NORM reads no x
+
+
+# ------------------------------------------------------------------------------------ the slots' addresses
+
+
+class HostArray:
+    """A numpy array standing in for a CuPy one: ``data.ptr`` its host address."""
+
+    def __init__(self, a: np.ndarray) -> None:
+        self.a, self.shape = a, a.shape
+        self.data = SimpleNamespace(ptr=a.ctypes.data)
+
+
+def host_slots(layout: SlotLayout, slots: int, rows: int, rng: np.random.Generator) -> DeviceSlots:
+    """DeviceSlots made without its constructor (no GPU): the slot arrays random float16 host arrays."""
+    d = DeviceSlots.__new__(DeviceSlots)
+    d.layout, d.slots = layout, slots
+    d.arrays = {
+        g.name: (
+            HostArray(rng.standard_normal((slots, *layout.a_shape(g))).astype(np.float16)),
+            HostArray(rng.standard_normal((slots, *layout.bt_shape(g))).astype(np.float16)),
+        )
+        for g in layout.groups
+    }
+    d.scale = HostArray(rng.uniform(0.5, 2, slots).astype(np.float32))
+    d.targets = HostArray(np.full(slots, 0b1111, np.int32))
+    d.t = HostArray(np.zeros((rows, layout.t_width), np.float32))
+    d._groups = {g.name: g for g in layout.groups}
+    return d
+
+
+def read16(address: int, count: int) -> np.ndarray:
+    """``count`` float16 values at host ``address``."""
+    import ctypes
+
+    return np.frombuffer((ctypes.c_uint16 * count).from_address(address), np.float16).copy()
+
+
+@pytest.mark.parametrize("group", ["qkv", "o", "gate_up", "down"])
+def test_the_fused_launches_read_each_rows_slot_and_layer_and_compute_the_merged_product(group: str) -> None:
+    """Through the addresses the fused step's launches take (shrink_operands, expand_operands) and the kernels'
+    indexing (A_s at a + s * a_slot, row j at j * k; Bt_s at bt + s * b_slot, entry (i, j) at i * n + j; column j's
+    part p(j) = (j >= n0) + (j >= n1)), each row of a step of mixed slots (-1: none) gets W x + scale_s B_s A_s x: the
+    merged weights' product, in float64 here."""
+    rng = np.random.default_rng(3)
+    groups = (
+        Group("qkv", ("q_proj", "k_proj", "v_proj"), (64, 32, 32), 48, 1),
+        Group("o", ("o_proj",), (48,), 64, 2),
+        Group("gate_up", ("gate_proj", "up_proj"), (40, 40), 48, 4),
+        Group("down", ("down_proj",), (48,), 40, 8),
+    )
+    layout = SlotLayout(groups, num_layers=3, rank=8)
+    d = host_slots(layout, slots=3, rows=4, rng=rng)
+    g = d._groups[group]
+    layer, row_slots = 2, np.array([1, -1, 2, 0], np.int32)
+    a_at, a_slot, width, bit = d.shrink_operands(group, layer)
+    e = d.expand_operands(group, layer, row_slots.ctypes.data)
+    assert width == len(g.modules) * layout.rank and bit == g.bit and e.bit == g.bit
+    assert (e.n0, e.n1) == g.split and e.rank == layout.rank and e.t_ld == layout.t_width
+    assert e.t == d.t.data.ptr and e.targets == d.targets.data.ptr and e.slots == row_slots.ctypes.data
+    expand_ints(e, g.n)  # the kernels take them
+    x = rng.standard_normal((4, g.k))
+    w = rng.standard_normal((g.n, g.k))
+    y = np.empty((4, g.n))
+    for r, s in enumerate(row_slots):
+        y[r] = w @ x[r]
+        if s < 0:
+            continue
+        # the shrink: t[r, j] = scale[s] * A_s[j] . x[r], A_s read where the kernel reads it
+        a_s = read16(a_at + 2 * int(s) * a_slot, width * g.k).reshape(width, g.k).astype(np.float64)
+        t = d.scale.a[s] * (a_s @ x[r])
+        # the expand: y[r, j] += t[p(j) rank : (p(j) + 1) rank] . Bt_s[:, j]
+        bt_s = read16(e.bt + 2 * int(s) * e.b_slot, e.rank * g.n).reshape(e.rank, g.n).astype(np.float64)
+        for j in range(g.n):
+            p = (j >= e.n0) + (j >= e.n1)
+            y[r, j] += t[p * e.rank : (p + 1) * e.rank] @ bt_s[:, j]
+    # the merged weights: W + scale_s B_s A_s per part, from the numpy layout (A [L, P R, k], Bt [L, R, n])
+    a_all, bt_all = (arr.a.astype(np.float64) for arr in d.arrays[group])
+    bounds = np.concatenate([[0], np.cumsum(g.outs)])
+    for r, s in enumerate(row_slots):
+        merged = w.copy()
+        if s >= 0:
+            for p in range(len(g.modules)):
+                a_p = a_all[s, layer, p * layout.rank : (p + 1) * layout.rank]
+                b_p = bt_all[s, layer, :, bounds[p] : bounds[p + 1]].T
+                merged[bounds[p] : bounds[p + 1]] += d.scale.a[s] * b_p @ a_p
+        np.testing.assert_allclose(y[r], merged @ x[r], rtol=1e-10, atol=1e-9)
+
+
+def test_a_packed_adapter_written_to_a_slot_is_what_the_addresses_read() -> None:
+    """pack's arrays, as write copies them into slot s, are what shrink_operands / expand_operands point at for that
+    slot and layer (the fused step's launches read no other layout than the separate ones)."""
+    rng = np.random.default_rng(4)
+    layout = SlotLayout((Group("o", ("o_proj",), (48,), 64, 2),), num_layers=2, rank=8)
+    d = host_slots(layout, slots=2, rows=1, rng=rng)
+    a = rng.standard_normal(layout.a_shape(layout.groups[0])).astype(np.float16)
+    bt = rng.standard_normal(layout.bt_shape(layout.groups[0])).astype(np.float16)
+    packed = PackedAdapter({"o": (a, bt)}, 1.0, 2)
+    d.arrays["o"][0].a[1], d.arrays["o"][1].a[1] = packed.arrays["o"]  # write's copy into slot 1
+    a_at, a_slot, width, _ = d.shrink_operands("o", 1)
+    e = d.expand_operands("o", 1, 0x100)
+    np.testing.assert_array_equal(read16(a_at + 2 * a_slot, width * 64).reshape(width, 64), a[1])
+    np.testing.assert_array_equal(read16(e.bt + 2 * e.b_slot, 8 * 48).reshape(8, 48), bt[1])
+    assert d.has("o") and not d.has("qkv")
