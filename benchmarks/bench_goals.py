@@ -406,6 +406,7 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
     }
     if gemv and d.fused.fits(1, h) and d.fused.fits(1, inter):
         from fi_engine.kernels.fused_args import ADD_NORM, SILU
+        from fi_engine.runtime.worker.fused_decode import rope_append
 
         nw, f32, vocab = engine.runner.ln1[1].data_ptr, engine.runner.gemm_f32, c.vocab_size
         fused_calls = {  # the fused step's GEMVs (engine.runner.fused.step), the first layer's weights
@@ -448,7 +449,7 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
         if d.fused.has_qkv_rope(ab, c.head_dim):  # RoPE + KV append as its epilogue
             call = d.fused.prepared_qkv_rope(
                 ADD_NORM, 1, b.x.data.ptr, h, engine.runner.wqkv[0], h, b.qkv.data.ptr, w, ab, b.h.data.ptr, h, nw,
-                b.h_alt.data.ptr, eps, engine.runner.fused._rope_append(0, v),
+                b.h_alt.data.ptr, eps, rope_append(engine.runner, 0, v),
             )  # fmt: skip
 
             def qkv_rope(call: Any = call) -> None:

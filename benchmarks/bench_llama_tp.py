@@ -324,6 +324,8 @@ def set_variant(variant: str) -> None:
         ModelRunner.decode_graph_ladder = False
     if variant == "unfused":  # a one-row decode graph of separate launches (before 2026-11-23)
         ModelRunner.graph_fused_decode = False
+    if variant == "no-tp-fused":  # TP > 1: RoPE + append and SiLU as launches of their own, not the GEMVs' epilogues
+        ModelRunner.tp_fused_epilogues = False
     if variant == "pdl":  # the fused all-reduce + norm launched with programmatic dependent launch
         from fi_engine.layers.tensor_parallel import ResidualAllReduce
 
@@ -569,7 +571,9 @@ def main() -> None:
         "one-graph (TP 1: one decode graph of max_batch rows for every step, ModelRunner.decode_graph_ladder "
         "off), again (TP 1: the default once more, after the others: the run's own noise), ahead (as fused, "
         "the next step prepared while the GPU runs this one; TP 1 runs it too), pdl (as fused, the all-reduce"
-        " launched with programmatic dependent launch)",
+        " launched with programmatic dependent launch), no-tp-fused (TP > 1: a step of 1-4 rows launches RoPE + "
+        "append and SiLU-and-mul on their own instead of as the QKV and gate/up GEMVs' epilogues, "
+        "ModelRunner.tp_fused_epilogues off)",
     )
     ap.add_argument("--profile", action="store_true", help="graph rows: also time each part of the step")
     add_hbm_tbs_argument(ap)

@@ -1,8 +1,9 @@
 """What a fused GEMV call takes, checked (:class:`~fi_engine.kernels.fused_gemv.FusedGemvs` and the quantized
 weights' epilogue GEMVs pack nothing before these pass): its ``mode`` (the prologue: :data:`NORM`, :data:`ADD_NORM`
-or :data:`SILU`, with an epilogue's flag), the operands' types, ranges, alignment and overlaps, and the values of its
-epilogues: the RoPE + KV append of the QKV GEMV (:class:`RopeAppend`) and the MoE router's routing
-(:class:`RouterEpilogue`). Each bad value is refused by name (TypeError/ValueError), before any launch.
+or :data:`SILU`, with an epilogue's flag; :data:`PLAIN` only with the RoPE or SiLU epilogue), the operands' types,
+ranges, alignment and overlaps, and the values of its epilogues: the RoPE + KV append of the QKV GEMV
+(:class:`RopeAppend`) and the MoE router's routing (:class:`RouterEpilogue`). Each bad value is refused by name
+(TypeError/ValueError), before any launch.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ from typing import Any
 from ..values import float32_bits
 from .launch import MAX_LD, U64, int_arg, overlap
 
-__all__ = ["ADD_NORM", "NORM", "SILU", "RopeAppend", "RouterEpilogue"]
+__all__ = ["ADD_NORM", "NORM", "PLAIN", "SILU", "RopeAppend", "RouterEpilogue"]
 
 # the fused GEMV's prologues (its MODE; see csrc/fused_gemv.cu); FusedGemvs.fused_linear's `mode`
 NORM, ADD_NORM, SILU = 1, 2, 3
 FUSED_SUFFIX = {NORM: "norm", ADD_NORM: "addnorm", SILU: "silu"}
+# the plain prologue (MODE 0): the input rows x as they are, normalized already by another launch (a tensor-parallel
+# rank's all-reduce + residual + RMSNorm); only before the RoPE and SiLU epilogues (the plain GEMV is Dense.linear)
+PLAIN = 0
 ROPE = 16  # a mode flag: the QKV GEMV with RoPE and the KV append as its epilogue (FusedGemvs.prepared_qkv_rope)
 ROUTE = 32  # a mode flag: a MoE router GEMV with the routing as its epilogue (FusedGemvs.prepared_router)
 GATE_UP = 64  # a mode flag: the gate/up GEMV with SiLU-and-mul as its epilogue (FusedGemvs.prepared_gate_up_silu)
@@ -105,7 +109,14 @@ def check_fused_values(key: tuple[Any, ...]) -> None:
     ``[0, 2**40)``, ``eps`` a float finite in float32. The kernel's own limits (rows, k, n, row strides at least a row's
     width, alignment, overlap) are checked after."""
     mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type, h, h_ld, norm_weight, h_out, eps = key
-    if isinstance(mode, bool) or not isinstance(mode, int) or (mode & ~PAIRS) not in FUSED_SUFFIX:
+    if isinstance(mode, bool) or not isinstance(mode, int):
+        raise ValueError(f"mode: expected NORM, ADD_NORM or SILU (fi_engine.kernels.fused_args), got {mode!r:.40}")
+    if mode == PLAIN:  # (its plain GEMV is the Dense's own)
+        raise ValueError(
+            "mode: PLAIN (the input rows as they are) is the RoPE and SiLU epilogues' only (prepared_qkv_rope, "
+            "prepared_gate_up_silu); a plain GEMV is Dense.linear"
+        )
+    if (mode & ~PAIRS) not in FUSED_SUFFIX and not (mode & PAIRS and mode & ~PAIRS == PLAIN):
         raise ValueError(f"mode: expected NORM, ADD_NORM or SILU (fi_engine.kernels.fused_args), got {mode!r:.40}")
     for name, value in (("rows", rows), ("n", n), ("k", k), ("ab_type", ab_type), ("c_type", c_type)):
         int_arg(name, value, -(1 << 63), 1 << 63)  # their limits: fused_fits, and the kernel lookup
@@ -175,11 +186,13 @@ def fused_args(key: tuple[Any, ...], n: int | None = None) -> list[int]:
     return [x, w, y, rows, n, k, x_ld, y_ld, h, norm_weight, h_out, h_ld, float32_bits("eps", eps)]
 
 
-def epilogue_mode(mode: object, epilogue: str) -> None:
-    """ValueError naming ``mode`` unless it is NORM or ADD_NORM (an int, not a bool): the prologues a GEMV with an
-    ``epilogue`` (the RoPE, SiLU or routing one) follows."""
-    if isinstance(mode, bool) or not isinstance(mode, int) or mode not in (NORM, ADD_NORM):
-        raise ValueError(f"mode: the {epilogue} epilogue follows a NORM or ADD_NORM prologue, got {mode!r:.40}")
+def epilogue_mode(mode: object, epilogue: str, plain: bool = False) -> None:
+    """ValueError naming ``mode`` unless it is NORM or ADD_NORM (an int, not a bool), or PLAIN where ``plain``: the
+    prologues a GEMV with an ``epilogue`` (the RoPE, SiLU or routing one) follows."""
+    modes = (NORM, ADD_NORM, PLAIN) if plain else (NORM, ADD_NORM)
+    if isinstance(mode, bool) or not isinstance(mode, int) or mode not in modes:
+        also = " (or PLAIN: input rows normalized already)" if plain else ""
+        raise ValueError(f"mode: the {epilogue} epilogue follows a NORM or ADD_NORM prologue{also}, got {mode!r:.40}")
 
 
 def caches_apart(rope: RopeAppend, areas: list[tuple[str, int, int]]) -> None:

@@ -25,6 +25,7 @@ from .fused_args import (
     GATE_UP,
     NORM,
     PAIRS,
+    PLAIN,
     ROPE,
     ROUTE,
     SILU,
@@ -91,7 +92,8 @@ class FusedKernels:
     def kernel_names() -> dict[tuple[int, int, int], str]:
         """The fused GEMVs a Dense loads, ``(mode, ab_type, c_type) -> kernel name`` (without the ``_r<rows>``
         suffix): the prologue kernels of every type pair, and per 16-bit type the QKV + RoPE + append, gate/up + SiLU
-        and MoE router kernels after a NORM or ADD_NORM prologue."""
+        and MoE router kernels after a NORM or ADD_NORM prologue, and the first two after the PLAIN one (a
+        tensor-parallel rank's rows, normalized by its all-reduce)."""
         names = {}
         for (ab, c), name in GEMV_NAMES.items():
             for mode, suffix in FUSED_SUFFIX.items():
@@ -101,6 +103,8 @@ class FusedKernels:
                 names[(mode | ROPE, ab, ab)] = f"gemv_{name}_{suffix}_rope"
                 names[(mode | GATE_UP, ab, ab)] = f"gemv_{name}_{suffix}_gateup"
                 names[(mode | ROUTE, ab, CUDA_R_32F)] = f"gemv_{name}_{suffix}_route"
+            names[(PLAIN | ROPE, ab, ab)] = f"gemv_{name}_plain_rope"
+            names[(PLAIN | GATE_UP, ab, ab)] = f"gemv_{name}_plain_gateup"
         return names
 
     @classmethod
@@ -194,6 +198,9 @@ class FusedGemvs:
         - :data:`~fi_engine.kernels.fused_args.SILU`: ``in = silu(x[:, :k]) * x[:, k:2k]`` (FlashInfer's
           ``silu_and_mul``; ``x [rows, 2k]``).
 
+        (:data:`~fi_engine.kernels.fused_args.PLAIN`, the input rows as they are, is refused here: it serves only the
+        epilogue GEMVs, :meth:`prepared_qkv_rope` and :meth:`prepared_gate_up_silu`.)
+
         Rounded where those kernels round (``in`` and ``h_out`` to the 16-bit type), so the result equals theirs
         followed by the Dense's GEMV. Pointers as ints, strides in elements; ``eps`` the norm's epsilon. :meth:`fits`
         must hold. Raises TypeError/ValueError naming an argument that is no int (``eps``: no finite float), an
@@ -276,8 +283,9 @@ class FusedGemvs:
             fn = fn[rows - 1]  # the 16-bit kernel of this many rows
         if not 0 < n < 1 << 31:
             raise ValueError(f"n: expected 1 to 2**31 - 1 output columns, got {n}")
+        reads_h = mode in (NORM, ADD_NORM)  # (SILU and PLAIN read x alone)
         if rows > 1:  # rows closer than a row's width would overlap (one row never steps by its stride)
-            widths = [("y_ld", y_ld, n)] + ([("h_ld", h_ld, k)] if mode != SILU else [])
+            widths = [("y_ld", y_ld, n)] + ([("h_ld", h_ld, k)] if reads_h else [])
             widths += [("x_ld", x_ld, 2 * k if mode == SILU else k)] if mode != NORM else []  # NORM reads no x
             for name, value, width in widths:
                 if value < width:
@@ -288,7 +296,7 @@ class FusedGemvs:
         span_x = 2 * ((rows - 1) * x_ld + x_width)
         span_y = out_item * ((rows - 1) * y_ld + n)
         checks = [("w", w, 16), ("y", y, out_item)]
-        if mode == SILU:
+        if not reads_h:
             checks += [("x", x, 16), ("x_ld", 2 * x_ld, 16)]
         else:
             checks += [("h", h, 16), ("h_ld", 2 * h_ld, 16), ("norm_weight", norm_weight, 16)]
@@ -298,10 +306,10 @@ class FusedGemvs:
             if value % align or (value == 0 and not name.endswith("_ld") and name != "h_out"):
                 raise ValueError(f"{name}: 0x{value:x} must be a non-NULL address aligned to {align} bytes")
         reads = [("x", x, span_x)] if mode != NORM else []
-        if mode != SILU:
+        if reads_h:
             reads.append(("h", h, span_in))
         ends = [*reads, ("w", w, (1 if fp8 is not None else 2) * n * k), ("y", y, span_y)]
-        ends += [("norm_weight", norm_weight, 2 * k)] if mode != SILU else []
+        ends += [("norm_weight", norm_weight, 2 * k)] if reads_h else []
         ends += [("h_out", h_out, span_in)] if mode == ADD_NORM else []
         for name, base, span in ends:
             if base + span > U64:
@@ -336,12 +344,13 @@ class FusedGemvs:
         grid = min((columns + WARPS - 1) // WARPS, self._kernels.grid)
         return launcher.prepared(fn, grid, 32 * WARPS, smem, params, values, name, pdl=True)
 
-    def has_qkv_rope(self, ab_type: int, d: int) -> bool:
-        """Whether :meth:`prepared_qkv_rope` serves ``ab_type`` inputs and head dim ``d`` (its kernels compiled;
-        the head dims FlashInfer's RoPE serves). TypeError naming ``ab_type`` or ``d`` when one is no int."""
+    def has_qkv_rope(self, ab_type: int, d: int, mode: int = ADD_NORM) -> bool:
+        """Whether :meth:`prepared_qkv_rope` serves ``ab_type`` inputs and head dim ``d`` after prologue ``mode``
+        (its kernels compiled; the head dims FlashInfer's RoPE serves). TypeError naming ``ab_type`` or ``d`` when one
+        is no int."""
         int_arg("ab_type", ab_type, -(1 << 63), 1 << 63)
         int_arg("d", d, -(1 << 63), 1 << 63)
-        return (ADD_NORM | ROPE, ab_type, ab_type) in self._fns and d in (64, 128, 256, 512)
+        return (mode | ROPE, ab_type, ab_type) in self._fns and d in (64, 128, 256, 512)
 
     def prepared_qkv_rope(
         self,
@@ -361,14 +370,17 @@ class FusedGemvs:
         eps: float,
         rope: RopeAppend,
     ) -> Callable[[], None]:
-        """The fused QKV GEMV of a decode step (``mode`` NORM or ADD_NORM, as :meth:`linear`; 16-bit ``y = qkv [rows,
-        (hq + 2 hk) d]``) with FlashInfer's ``apply_rope_pos_ids`` (in place, non-interleaved, every element rotated;
-        Llama 3.1 scaling where ``rope.llama3``) and ``append_paged_kv_cache`` (NHD) of this step's k and v as its
-        epilogue, checked and packed once (see :meth:`prepared`): one launch for three. The result equals those
-        launches' bit for bit (the GPU test checks it). Raises TypeError/ValueError naming an argument as
-        :meth:`linear` does, ``rope`` that is no :class:`~fi_engine.kernels.fused_args.RopeAppend` or one of its
-        fields (``rope.<field>``) of the wrong type or range, a misaligned, NULL or overlapping cache or index array
-        (the caches against y, h, x and h_out), or a shape the kernel does not serve."""
+        """The fused QKV GEMV of a decode step (``mode`` NORM or ADD_NORM, as :meth:`linear`, or
+        :data:`~fi_engine.kernels.fused_args.PLAIN`: the input rows ``x [rows, k]`` as they are, ``h``,
+        ``norm_weight``, ``h_out`` and ``eps`` unused -- a tensor-parallel rank's rows, normalized by its all-reduce;
+        16-bit ``y = qkv [rows, (hq + 2 hk) d]``) with FlashInfer's ``apply_rope_pos_ids`` (in place,
+        non-interleaved, every element rotated; Llama 3.1 scaling where ``rope.llama3``) and ``append_paged_kv_cache``
+        (NHD) of this step's k and v as its epilogue, checked and packed once (see :meth:`prepared`): one launch for
+        three. The result equals those launches' bit for bit (the GPU test checks it). Raises TypeError/ValueError
+        naming an argument as :meth:`linear` does, ``rope`` that is no
+        :class:`~fi_engine.kernels.fused_args.RopeAppend` or one of its fields (``rope.<field>``) of the wrong type or
+        range, a misaligned, NULL or overlapping cache or index array (the caches against y, h, x and h_out), or a
+        shape the kernel does not serve."""
         fn, smem, ints, pairs = self.qkv_rope_parts(
             mode, rows, x, x_ld, w, k, y, y_ld, ab_type, h, h_ld, norm_weight, h_out, eps, rope
         )
@@ -395,24 +407,26 @@ class FusedGemvs:
         """:meth:`prepared_qkv_rope`'s call checked (its errors) and unpacked: ``(the kernel of this row count,
         its shared bytes, its arguments, the column pairs)``; the LoRA form launches its own kernel with these
         arguments and the expand's after them (:mod:`~fi_engine.kernels.lora_fused`)."""
-        epilogue_mode(mode, "RoPE")
+        epilogue_mode(mode, "RoPE", plain=True)
         rope_args = rope_ints(rope)
         n = (rope.hq + 2 * rope.hk) * rope.d
         key = (mode | ROPE, rows, x, x_ld, w, n, k, y, y_ld, ab_type, ab_type, h, h_ld, norm_weight, h_out, eps)
         fn, _, smem, _, _ = self._pack(key, checks_only=True)
-        areas = [("y", y, 2 * ((rows - 1) * y_ld + n)), ("h", h, 2 * ((rows - 1) * h_ld + k))]
-        if mode == ADD_NORM:
+        areas = [("y", y, 2 * ((rows - 1) * y_ld + n))]
+        if mode != PLAIN:  # (PLAIN reads no h)
+            areas.append(("h", h, 2 * ((rows - 1) * h_ld + k)))
+        if mode != NORM:
             areas.append(("x", x, 2 * ((rows - 1) * x_ld + k)))
-            if h_out:
-                areas.append(("h_out", h_out, 2 * ((rows - 1) * h_ld + k)))
+        if mode == ADD_NORM and h_out:
+            areas.append(("h_out", h_out, 2 * ((rows - 1) * h_ld + k)))
         caches_apart(rope, areas)
         return fn, smem, [*fused_args(key), *rope_args], n // 2
 
-    def has_gate_up_silu(self, ab_type: int) -> bool:
-        """Whether :meth:`prepared_gate_up_silu` serves ``ab_type`` inputs (its kernels compiled). TypeError naming
-        ``ab_type`` when it is no int."""
+    def has_gate_up_silu(self, ab_type: int, mode: int = ADD_NORM) -> bool:
+        """Whether :meth:`prepared_gate_up_silu` serves ``ab_type`` inputs after prologue ``mode`` (its kernels
+        compiled). TypeError naming ``ab_type`` when it is no int."""
         int_arg("ab_type", ab_type, -(1 << 63), 1 << 63)
-        return (ADD_NORM | GATE_UP, ab_type, ab_type) in self._fns
+        return (mode | GATE_UP, ab_type, ab_type) in self._fns
 
     def prepared_gate_up_silu(
         self,
@@ -432,7 +446,8 @@ class FusedGemvs:
         h_out: int,
         eps: float,
     ) -> Callable[[], None]:
-        """The fused gate/up GEMV of a decode step (``mode`` NORM or ADD_NORM, as :meth:`linear`; the 16-bit weight
+        """The fused gate/up GEMV of a decode step (``mode`` NORM or ADD_NORM, as :meth:`linear`, or PLAIN as
+        :meth:`prepared_qkv_rope` takes it; the 16-bit weight
         ``w [n, k]`` holds the ``n / 2`` gate rows, then the ``n / 2`` up rows) with FlashInfer's ``silu_and_mul`` as
         its epilogue, checked and packed once (see :meth:`prepared`): ``y [rows, n / 2] = silu(g) * u`` (16-bit, row
         stride ``y_ld``), ``g`` and ``u`` the GEMV's columns ``j`` and ``n / 2 + j`` rounded as its output is. One
@@ -466,7 +481,7 @@ class FusedGemvs:
     ) -> tuple[Any, int, list[int], int]:
         """:meth:`prepared_gate_up_silu`'s call checked (its errors) and unpacked as :meth:`qkv_rope_parts`: the
         kernel of this row count, its shared bytes, its arguments and the column pairs (``n / 2``)."""
-        epilogue_mode(mode, "SiLU")
+        epilogue_mode(mode, "SiLU", plain=True)
         int_arg("n", n, 2, 1 << 31)
         if n % 2:
             raise ValueError(f"n: the gate/up weight pairs its gate and up rows, an even count; got {n}")

@@ -48,8 +48,11 @@ def fake_dense() -> D.Dense:
     launcher = Launcher(0x77, launch, None, driver.ffi())
     by_rows = lambda fn: tuple(fn + 0x100 * r for r in range(D.GEMV_MAX_ROWS))  # noqa: E731
     fns = {(m, ab, c): by_rows(0x1000 + m) for (ab, c) in GEMV_NAMES for m in (F.NORM, F.ADD_NORM, F.SILU)}
-    fns |= {(m | F.ROPE, ab, ab): by_rows(0x2000 + m) for ab in (D.CUDA_R_16F, D.CUDA_R_16BF) for m in (1, 2)}
-    fns |= {(m | F.GATE_UP, ab, ab): by_rows(0x6000 + m) for ab in (D.CUDA_R_16F, D.CUDA_R_16BF) for m in (1, 2)}
+    epilogue_modes = (F.PLAIN, F.NORM, F.ADD_NORM)
+    fns |= {(m | F.ROPE, ab, ab): by_rows(0x2000 + m) for ab in (D.CUDA_R_16F, D.CUDA_R_16BF) for m in epilogue_modes}
+    fns |= {
+        (m | F.GATE_UP, ab, ab): by_rows(0x6000 + m) for ab in (D.CUDA_R_16F, D.CUDA_R_16BF) for m in epilogue_modes
+    }
     kernels = FusedKernels(fns, (48 << 10) - 1024, 1056)
     quantized = QuantizedWeights(launcher, kernels.smem, lambda: None, lambda key, accumulate: None)
     # two FP8 weights (values, as QuantizedWeights.add_fp8_weight registers them): gate/up [N, H] with 128x128-block
@@ -165,6 +168,12 @@ def gate_up_call() -> dict[str, Any]:
     return {**call, "y_ld": N // 2}
 
 
+def plain(call: dict[str, Any]) -> dict[str, Any]:
+    """``call`` (a prepared_qkv_rope or prepared_gate_up_silu call) in the PLAIN mode as a tensor-parallel rank makes
+    it: the input rows x as they are, the norm's operands 0."""
+    return {**call, "mode": F.PLAIN, "h": 0, "h_ld": 0, "norm_weight": 0, "h_out": 0, "eps": 0.0}
+
+
 def linear_call() -> dict[str, Any]:
     return dict(rows=2, x=at(0), x_ld=H, w=at(1), n=N, k=H, y=at(2), y_ld=N, ab_type=D.CUDA_R_16F, c_type=D.CUDA_R_32F)
 
@@ -210,11 +219,14 @@ ENTRIES = {
     "prepared_fused": (lambda d: d.fused.prepared, fused_call),
     "prepared_qkv_rope": (lambda d: d.fused.prepared_qkv_rope, qkv_call),
     "prepared_gate_up_silu": (lambda d: d.fused.prepared_gate_up_silu, gate_up_call),
+    "prepared_qkv_rope (PLAIN)": (lambda d: d.fused.prepared_qkv_rope, lambda: plain(qkv_call())),
+    "prepared_gate_up_silu (PLAIN)": (lambda d: d.fused.prepared_gate_up_silu, lambda: plain(gate_up_call())),
     "prepared_linear": (lambda d: d.prepared_linear, linear_call),
     "prepared_gather": (lambda d: d.rows.prepared_gather, gather_call),
     "prepared_fp8_silu": (lambda d: d.quantized.prepared_fp8_silu, fp8_silu_call),
     "prepared_fp8_qkv_rope": (lambda d: d.quantized.prepared_fp8_qkv_rope, fp8_qkv_call),
 }
+PLAIN_ENTRIES = ("prepared_qkv_rope", "prepared_gate_up_silu")
 CASES = [  # (prepared_linear passes dtype codes 0 and -1 on: cuBLAS refuses what it lacks)
     (entry, name, value)
     for entry, (_, build) in ENTRIES.items()
@@ -222,6 +234,8 @@ CASES = [  # (prepared_linear passes dtype codes 0 and -1 on: cuBLAS refuses wha
     for value in bad_values(name)
     if not (name.endswith("_type") and type(value) is int and value in (0, -1) and entry == "prepared_linear")
     and not (name == "c_type" and type(value) is int and value == 0)  # CUDA_R_32F: a float32 output
+    # PLAIN (0): the RoPE and SiLU epilogues' plain prologue
+    and not (name == "mode" and type(value) is int and value == F.PLAIN and entry.startswith(PLAIN_ENTRIES))
 ]
 
 
@@ -346,6 +360,98 @@ def test_the_gate_up_silu_call_packs_the_gemvs_arguments_and_its_half_width_outp
         with pytest.raises(ValueError, match=match):
             d.fused.prepared_gate_up_silu(**{**call, **change})
     assert len(d.launches) == 1
+
+
+def pairs_kernel_parameters() -> list[str]:
+    """The parameter names of csrc/fused_gemv.cu's pair kernels (its ``PAIRS`` macro: the QKV + RoPE + append and
+    gate/up + SiLU kernels of every prologue), in order, as the engine's source reads them."""
+    from fi_engine.kernels.cuda_sources import source
+
+    text = source("fused_gemv.cu").replace("\\\n", " ")
+    macro = text[text.index("#define PAIRS(") :]
+    params = macro[macro.index("name##_r##R(") + len("name##_r##R(") : macro.index(") {")]
+    return [p.replace("*", " ").split()[-1] for p in params.split(",")]
+
+
+@pytest.mark.parametrize("epilogue", ["qkv_rope", "gate_up_silu"])
+def test_a_plain_call_packs_each_kernel_parameter_from_its_value(epilogue: str) -> None:
+    """The PLAIN mode (a tensor-parallel rank's normalized rows as they are): one launch of the PLAIN kernel of the
+    call's row count, each of the pair kernel's 30 parameters (read from its source) packed from the call's value:
+    x, x_ld, w, y, y_ld, rows, k as given, n the weight's rows, the norm's operands (h, norm_weight, h_out, h_ld,
+    eps) 0, then the RoPE epilogue's values (the SiLU kernel: zeros)."""
+    d = fake_dense()
+    call = plain(qkv_call() if epilogue == "qkv_rope" else gate_up_call())
+    prepared = getattr(d.fused, f"prepared_{epilogue}")(**call)  # kept: its argument array lives with it
+    prepared()
+    fn, grid, _, _, block, _, _, smem, _, params, _ = d.launches[0]
+    names = pairs_kernel_parameters()
+    assert len(names) == 30 and names[:13] == ["x", "w", "y", "rows", "n", "k", "x_ld", "y_ld", "h", "nw", "h_out",
+                                               "h_ld", "eps"]  # fmt: skip
+    slots = dict(zip(names, (d.launcher.ffi.cast("uint64_t*", params[i])[0] for i in range(30)), strict=True))
+    r = rope()
+    n = (r.hq + 2 * r.hk) * r.d if epilogue == "qkv_rope" else N
+    want = {"x": at(0), "w": at(1), "y": at(2), "rows": 2, "n": n, "k": H, "x_ld": H, "y_ld": call["y_ld"]}
+    want |= dict.fromkeys(("h", "nw", "h_out", "h_ld", "eps"), 0)  # unused by the PLAIN prologue
+    if epilogue == "qkv_rope":
+        rcp_theta, rcp_scale, smooth_a, smooth_b = (
+            int.from_bytes(struct.pack("<f", value), "little") for value in r.constants()
+        )
+        want |= {"hq": 4, "hk": 2, "d": 64, "rcp_theta": rcp_theta, "rcp_scale": rcp_scale, "smooth_a": smooth_a}
+        want |= {"smooth_b": smooth_b, "page_size": 16, "stride_page": r.stride_page, "stride_n": r.stride_n}
+        want |= {"stride_h": r.stride_h, "k_cache": r.k_cache, "v_cache": r.v_cache}
+        want |= {name: getattr(r, name) for name in ("positions", "batch_indices", "kv_indptr", "kv_indices")}
+        kernel, columns = 0x2100 + F.PLAIN, n // 2
+    else:
+        want |= {name: 0 for name in names[13:]}
+        kernel, columns = 0x6100 + F.PLAIN, N // 2
+    assert slots == want
+    assert (fn, grid, block, smem) == (kernel, columns // WARPS, 256, 2 * H * 2)  # 2 rows staged: 2 * H values
+
+
+@pytest.mark.parametrize(
+    ("entry", "change", "match"),
+    [
+        ("linear", dict(mode=F.PLAIN), r"^mode: PLAIN \(the input rows as they are\) is the RoPE and SiLU epilogues'"),
+        ("prepared", dict(mode=F.PLAIN), r"^mode: PLAIN .* a plain GEMV is Dense\.linear"),
+        ("qkv_rope", dict(x=at(0) + 8), r"^x: 0x[0-9a-f]+ must be a non-NULL address aligned to 16 bytes"),
+        ("qkv_rope", dict(x=0), r"^x: 0x0 must be a non-NULL address"),
+        ("qkv_rope", dict(x_ld=H - 8), r"^x_ld: 248 elements between rows is less than a row's 256"),
+        ("qkv_rope", dict(y=at(0) + 16), r"^y: overlaps x"),
+        ("qkv_rope", dict(rope=dataclasses.replace(rope(), k_cache=at(0))), r"^rope\.k_cache: overlaps x"),
+        ("qkv_rope", dict(rows=5), r"^rows, k: the fused GEMV does not serve 5 rows"),
+        ("gate_up_silu", dict(x=at(0) + 2), r"^x: 0x[0-9a-f]+ must be a non-NULL address aligned to 16 bytes"),
+        ("gate_up_silu", dict(y=at(0)), r"^y: overlaps x"),
+        ("gate_up_silu", dict(w=at(12)), r"^w: the RoPE and SiLU epilogues read 16-bit weights"),
+    ],
+    ids=lambda value: value if isinstance(value, str) and not value.startswith("^") else "",
+)
+def test_a_plain_call_is_refused_by_name_where_it_reads_x(entry: str, change: dict[str, Any], match: str) -> None:
+    """PLAIN reads x (16-byte aligned, rows at least a row apart) and no h: its x is checked as the SILU prologue's
+    is (alignment, NULL, stride, y and the caches apart from it), and the plain GEMV without an epilogue is refused
+    naming mode (Dense.linear is that GEMV)."""
+    d = fake_dense()
+    builds = {
+        "linear": (d.fused.linear, fused_call),
+        "prepared": (d.fused.prepared, fused_call),
+        "qkv_rope": (d.fused.prepared_qkv_rope, lambda: plain(qkv_call())),
+        "gate_up_silu": (d.fused.prepared_gate_up_silu, lambda: plain(gate_up_call())),
+    }
+    method, build = builds[entry]
+    with pytest.raises(ValueError, match=match):
+        method(**{**build(), **change})
+    assert d.launches == [] and d.fused._args == {}
+
+
+def test_a_plain_call_ignores_the_norms_operands_and_the_router_refuses_plain() -> None:
+    """The norm's operands are unused by PLAIN: any aligned-or-not address there packs (the kernel never reads it);
+    the routing epilogue has no PLAIN kernel and refuses the mode by name."""
+    d = router_dense()
+    d.fused.prepared_qkv_rope(**{**plain(qkv_call()), "h": at(3) + 2, "norm_weight": at(4) + 6, "h_ld": 3})()
+    assert len(d.launches) == 1
+    assert d.fused.has_qkv_rope(D.CUDA_R_16BF, 64, F.PLAIN) and d.fused.has_gate_up_silu(D.CUDA_R_16F, F.PLAIN)
+    assert not d.fused.has_qkv_rope(D.CUDA_R_16BF, 64, F.SILU)
+    with pytest.raises(ValueError, match=r"^mode: the routing epilogue follows a NORM or ADD_NORM prologue, got 0"):
+        d.fused.prepared_router(**router_call(F.PLAIN))
 
 
 def test_the_packed_arguments_are_the_call_values():

@@ -50,7 +50,7 @@ from helpers.yardstick import LOGIT_TOL  # noqa: E402
 
 from fi_engine.kernels import flashinfer as kernels  # noqa: E402
 from fi_engine.kernels.dense import CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, Dense  # noqa: E402
-from fi_engine.kernels.fused_args import ADD_NORM, NORM, SILU  # noqa: E402
+from fi_engine.kernels.fused_args import ADD_NORM, NORM, PLAIN, SILU  # noqa: E402
 from fi_engine.models.llama import LlamaEngine  # noqa: E402
 from fi_engine.runtime.worker.model_runner import ModelRunner  # noqa: E402
 
@@ -163,10 +163,11 @@ def test_fused_gemv_variants_match_float32_and_the_separate_launches(dense, dtyp
 @pytest.mark.parametrize("llama3", [False, True], ids=["rope", "llama31"])
 @pytest.mark.parametrize(("dtype", "d"), [("float16", 64), ("bfloat16", 128)])
 def test_qkv_gemv_with_rope_and_append_equals_the_separate_launches(dense, dtype, d, llama3):
-    """FusedGemvs.prepared_qkv_rope (NORM and ADD_NORM prologues, 1 to 4 rows at positions up to 300) against the
-    launches it replaces: the fused GEMV into qkv, then FlashInfer's apply_rope_pos_ids (or the Llama 3.1 form)
-    in place and append_paged_kv_cache through fi_ffi. qkv (rotated q and k, plain v) and both caches must be
-    equal bit for bit (the epilogue repeats FlashInfer's arithmetic), and the rest of the caches untouched."""
+    """FusedGemvs.prepared_qkv_rope (NORM, ADD_NORM and PLAIN prologues, 1 to 4 rows at positions up to 300) against the
+    launches it replaces: the fused GEMV into qkv (PLAIN: the engine's plain GEMV of x, a tensor-parallel rank's), then
+    FlashInfer's apply_rope_pos_ids (or the Llama 3.1 form) in place and append_paged_kv_cache through fi_ffi. qkv
+    (rotated q and k, plain v) and both caches must be equal bit for bit (the epilogue repeats FlashInfer's arithmetic),
+    and the rest of the caches untouched."""
     from helpers.decode_pages import decode_page_table, rope_append, rope_config
 
     d_, stream = dense
@@ -175,7 +176,7 @@ def test_qkv_gemv_with_rope_and_append_equals_the_separate_launches(dense, dtype
     hq, hk, k, ps, pages = 4, 2, 512, 16, 40  # 28 pages in use at most
     n = (hq + 2 * hk) * d
     ab = CUDA_R_16F if dtype == "float16" else CUDA_R_16BF
-    assert d_.fused.has_qkv_rope(ab, d)
+    assert d_.fused.has_qkv_rope(ab, d) and d_.fused.has_qkv_rope(ab, d, PLAIN)
     rope = rope_config(llama3)
     h16 = to16(rng.standard_normal((4, k)).astype(np.float32), dtype)
     x16 = to16(rng.standard_normal((4, k)).astype(np.float32), dtype)
@@ -183,7 +184,7 @@ def test_qkv_gemv_with_rope_and_append_equals_the_separate_launches(dense, dtype
     w16 = to16(rng.standard_normal((n, k)).astype(np.float32) * 0.1, dtype)
     hd, xd, nwd, wd = (cp.asarray(a) for a in (h16, x16, nw16, w16))
     desc = lambda a, shape, dt=dtype, strides=None: kernels.descriptor(a.data.ptr, shape, dt, dev, strides, owner=a)  # noqa: E731
-    for mode in (NORM, ADD_NORM):
+    for mode in (NORM, ADD_NORM, PLAIN):
         for rows in (1, 2, 3, 4):
             meta = decode_page_table(rng, rows, ps, pages)
             start = rng.standard_normal((2, pages, ps, hk, d)).astype(np.float32)
@@ -198,10 +199,13 @@ def test_qkv_gemv_with_rope_and_append_equals_the_separate_launches(dense, dtype
             call()
             # the separate launches: fused GEMV, RoPE in place, append
             y = qkv["sep"]
-            d_.fused.linear(
-                mode, rows, xd.data.ptr, k, wd.data.ptr, n, k, y.data.ptr, n, ab, ab, hd.data.ptr, k, nwd.data.ptr,
-                h_out.data.ptr if mode == ADD_NORM else 0, EPS,
-            )  # fmt: skip
+            if mode == PLAIN:  # (an eager Dense: the GEMV serves 1 to 4 rows)
+                d_.linear(rows, xd.data.ptr, k, wd.data.ptr, n, k, y.data.ptr, n, ab, ab)
+            else:
+                d_.fused.linear(
+                    mode, rows, xd.data.ptr, k, wd.data.ptr, n, k, y.data.ptr, n, ab, ab, hd.data.ptr, k,
+                    nwd.data.ptr, h_out.data.ptr if mode == ADD_NORM else 0, EPS,
+                )  # fmt: skip
             q_v = desc(y, (rows, hq, d), strides=(n, d, 1))
             k_v = kernels.descriptor(y.data.ptr + 2 * hq * d, (rows, hk, d), dtype, dev, (n, d, 1), owner=y)
             v_v = kernels.descriptor(y.data.ptr + 2 * (hq + hk) * d, (rows, hk, d), dtype, dev, (n, d, 1), owner=y)
@@ -228,20 +232,20 @@ def test_qkv_gemv_with_rope_and_append_equals_the_separate_launches(dense, dtype
 @pytest.mark.parametrize("k", [576, 4096])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_gate_up_gemv_with_silu_equals_the_silu_prologue(dense, dtype, k):
-    """FusedGemvs.prepared_gate_up_silu (NORM and ADD_NORM prologues, 1 to 4 rows, m = 1000 gate and up rows: the down
-    GEMV's k, a multiple of 8) then the plain GEMV of a down weight over its output, against the path it replaces: the
-    fused GEMV into [rows, 2 m], then the fused GEMV whose SiLU prologue makes silu(g) * u in each block. The down
-    outputs and the new residual must be equal bit for bit (the epilogue computes the activation as the prologue
-    does, in the same module). The activation itself against FlashInfer's silu_and_mul (through fi_ffi): within one
-    unit in the last place of the 16-bit type (its module's division and exp may round differently), the share of
-    bitwise-equal values printed."""
+    """FusedGemvs.prepared_gate_up_silu (NORM, ADD_NORM and PLAIN prologues, 1 to 4 rows, m = 1000 gate and up rows: the
+    down GEMV's k, a multiple of 8) then the plain GEMV of a down weight over its output, against the path it replaces:
+    the fused GEMV into [rows, 2 m], then the fused GEMV whose SiLU prologue makes silu(g) * u in each block. The down
+    outputs and the new residual must be equal bit for bit (the epilogue computes the activation as the prologue does,
+    in the same module). The activation itself against FlashInfer's silu_and_mul (through fi_ffi): within one unit in
+    the last place of the 16-bit type (its module's division and exp may round differently), the share of bitwise-equal
+    values printed."""
     d_, stream = dense
     dev = cp.cuda.Device().id
     rng = np.random.default_rng(k)
     m, n_down = 1000, 520
     ab = CUDA_R_16F if dtype == "float16" else CUDA_R_16BF
     ulp = 2.0**-10 if dtype == "float16" else 2.0**-7
-    assert d_.fused.has_gate_up_silu(ab)
+    assert d_.fused.has_gate_up_silu(ab) and d_.fused.has_gate_up_silu(ab, PLAIN)
     h16 = to16(rng.standard_normal((4, k)).astype(np.float32), dtype)
     x16 = to16(rng.standard_normal((4, k)).astype(np.float32), dtype)
     nw16 = to16(1 + 0.2 * rng.standard_normal(k).astype(np.float32), dtype)
@@ -249,7 +253,7 @@ def test_gate_up_gemv_with_silu_equals_the_silu_prologue(dense, dtype, k):
     wd16 = to16(rng.standard_normal((n_down, m)).astype(np.float32) * 0.1, dtype)
     hd, xd, nwd, wd, wdd = (cp.asarray(a) for a in (h16, x16, nw16, w16, wd16))
     desc = lambda a, shape: kernels.descriptor(a.data.ptr, shape, dtype, dev, owner=a)  # noqa: E731
-    for mode in (NORM, ADD_NORM):
+    for mode in (NORM, ADD_NORM, PLAIN):
         for rows in (1, 2, 3, 4):
             act, gu = cp.zeros((rows, m), h16.dtype), cp.zeros((rows, 2 * m), h16.dtype)
             act_fi = cp.zeros((rows, m), h16.dtype)
@@ -259,10 +263,13 @@ def test_gate_up_gemv_with_silu_equals_the_silu_prologue(dense, dtype, k):
             args = (rows, xd.data.ptr, k, wd.data.ptr, 2 * m, k, act.data.ptr, m, ab, hd.data.ptr, k, nwd.data.ptr)
             d_.fused.prepared_gate_up_silu(mode, *args, h_out.data.ptr if mode == ADD_NORM else 0, EPS)()
             d_.linear(rows, act.data.ptr, m, wdd.data.ptr, n_down, m, y.data.ptr, n_down, ab, ab)
-            d_.fused.linear(
-                mode, rows, xd.data.ptr, k, wd.data.ptr, 2 * m, k, gu.data.ptr, 2 * m, ab, ab, hd.data.ptr, k,
-                nwd.data.ptr, h_out_old.data.ptr if mode == ADD_NORM else 0, EPS,
-            )  # fmt: skip
+            if mode == PLAIN:  # the engine's plain GEMV of x (an eager Dense: the GEMV)
+                d_.linear(rows, xd.data.ptr, k, wd.data.ptr, 2 * m, k, gu.data.ptr, 2 * m, ab, ab)
+            else:
+                d_.fused.linear(
+                    mode, rows, xd.data.ptr, k, wd.data.ptr, 2 * m, k, gu.data.ptr, 2 * m, ab, ab, hd.data.ptr, k,
+                    nwd.data.ptr, h_out_old.data.ptr if mode == ADD_NORM else 0, EPS,
+                )  # fmt: skip
             d_.fused.linear(SILU, rows, gu.data.ptr, 2 * m, wdd.data.ptr, n_down, m, y_old.data.ptr, n_down, ab, ab)
             kernels.silu_and_mul(desc(gu, (rows, 2 * m)), desc(act_fi, (rows, m)), stream.ptr)
             stream.synchronize()

@@ -8,7 +8,9 @@ single-GPU tokens and the prefill logits agree within float16 tolerance (the voc
 engine's default; tests/engine/test_gpu_moe_tp.py compares it with the whole vocabulary). The same model written as
 an AWQ int4 checkpoint (groups of 128) runs as 2 ranks with every projection's shard read by the int4 GEMV (each
 rank's o and down inputs split on group boundaries), against its own single-GPU run, within the same tolerance. A
-rank SIGKILLed in the middle of a generation ends the job within a bound, and a second run works."""
+rank SIGKILLed in the middle of a generation ends the job within a bound, and a second run works. Decode steps of 1
+and 3 rows give the same greedy tokens with the GEMVs' RoPE + append and SiLU epilogues (the default) as with the
+separate launches."""
 
 from __future__ import annotations
 
@@ -193,6 +195,28 @@ def test_tensor_parallel_matches_one_gpu(
     for k in ("logits0", "logits1"):
         np.testing.assert_allclose(got[k], ref[k], atol=3e-2, rtol=3e-2, err_msg=f"{k} (tp {n}, {mode})")
     assert got["tokens"].tolist() == ref["tokens"].tolist()
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_the_epilogue_step_gives_the_separate_launches_tokens(
+    setup: tuple[Path, dict[str, str], dict[str, np.ndarray]], mode: str
+) -> None:
+    """TP 2 decode steps of 1 and 3 rows (the 4-row graph) with RoPE + append and SiLU-and-mul as the QKV and gate/up
+    GEMVs' epilogues (ModelRunner.tp_fused_epilogues, on by default) give the greedy tokens of the separate launches
+    (the switch off), eager and in the decode graphs; the batch-4 test above compares the default with one GPU."""
+    if gpu_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    model, env, _ = setup
+    out = model / f"tp2-epilogues-{mode}.npz"
+    flags = ["--tp-fused-compare", *(["--graph"] if mode == "graph" else [])]
+    run_ok(launched(2, worker("llama_tp_worker", model, out, *flags)), env)
+    got = dict(np.load(out))
+    assert int(got["tp"]) == 2
+    for batch in (1, 3):
+        assert str(got[f"refusal_b{batch}_on"]) == "", f"batch {batch}: {got[f'refusal_b{batch}_on']}"
+        assert str(got[f"refusal_b{batch}_off"]) == "tp_fused_epilogues"
+        on, off = got[f"tokens_b{batch}_on"].tolist(), got[f"tokens_b{batch}_off"].tolist()
+        assert len(on) == batch and on == off, f"batch {batch} ({mode}): {on} != {off}"
 
 
 def test_cli_generate_tp_prints_once(setup: tuple[Path, dict[str, str], dict[str, np.ndarray]]) -> None:

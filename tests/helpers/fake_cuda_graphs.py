@@ -4,6 +4,8 @@ lambda: rt)``), and a test reads what was captured, launched and destroyed, and 
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class FakeRuntime:
     """The part of cuda.bindings.runtime that CudaGraph calls: capture mode, the graphs made and destroyed, and the
@@ -69,3 +71,24 @@ class FakeRuntime:
         """What a launch that capture does not allow does: invalidates the capture and sets the last error."""
         self.invalidated = True
         self.last_error = self.INVALIDATED
+
+
+def install_fake_runtime(monkeypatch: Any) -> FakeRuntime:
+    """A :class:`FakeRuntime` that :class:`fi_engine.kernels.graph.CudaGraph` calls for the rest of the test
+    (``monkeypatch``: pytest's fixture, which undoes it)."""
+    import fi_engine.kernels.graph as graph_module
+
+    rt = FakeRuntime()
+    monkeypatch.setattr(graph_module, "_rt", lambda: rt)
+    return rt
+
+
+def log_llama_pass_kernels(monkeypatch: Any) -> None:
+    """The Llama pass's own launches of fi_ffi's ops that a stand-in runner cannot make (RoPE, SiLU-and-mul) logged
+    instead to the step view's log: its ``q`` (``"rope"``) and its ``gu`` (``"silu"``), each a callable."""
+    from types import SimpleNamespace
+
+    from fi_engine.models import llama
+
+    logged = SimpleNamespace(rope_inplace=lambda q, *a: q("rope"), silu_and_mul=lambda gu, *a: gu("silu"))
+    monkeypatch.setattr(llama, "kernels", logged)

@@ -10,7 +10,9 @@ first two prompts. ``--whole-vocab``: every rank keeps the whole embedding and L
 ``--topk1``: also a sampled generation with ``top_k=1`` (the gathered-logits path; must equal greedy);
 ``--expert-split``: DeepSeek's routed experts split by expert (``expert_split="experts"``);
 ``--loop DIR``: after the first generation write ``DIR/ready-RANK`` (its pid) and generate forever (the rank-death
-test kills one rank there).
+test kills one rank there). ``--tp-fused-compare``: instead, greedy generation of the first 1 and the first 3 prompts
+with ``ModelRunner.tp_fused_epilogues`` on, then (a second engine) off; rank 0 saves ``tokens_b{1,3}_{on,off}`` and
+what refused the epilogue step at each batch's decode rows (``refusal_b{1,3}_{on,off}``; "" where it ran).
 """
 
 from __future__ import annotations
@@ -36,6 +38,28 @@ def prompts(vocab: int) -> list[list[int]]:
     return [rng.integers(3, vocab, n).tolist() for n in PROMPT_LENS]
 
 
+def compare_tp_fused(model: str, out: str, tp: int) -> None:
+    """``--tp-fused-compare`` (see the module docstring)."""
+    from fi_engine.runtime.worker.model_runner import ModelRunner
+
+    saved: dict[str, np.ndarray] = {}
+    rank = 0
+    for on in (True, False):
+        ModelRunner.tp_fused_epilogues = on  # read at each step, and by each decode graph's capture
+        graph = "--graph" in sys.argv
+        with engine_class(model)(model, max_batch=4, max_seq_len=128, cuda_graph=graph, tensor_parallel=tp) as engine:
+            rank = engine.rank
+            ps = prompts(engine.config.vocab_size)
+            for batch in (1, 3):
+                tokens = engine.generate(ps[:batch], MAX_NEW, eos_token_ids=()).tokens
+                rows = min(b for b in engine.runner.decode_graph_batches if b >= batch) if graph else batch
+                key = f"b{batch}_{'on' if on else 'off'}"
+                saved[f"tokens_{key}"] = np.array(tokens, dtype=np.int64)
+                saved[f"refusal_{key}"] = np.array(engine.runner.tp_fused.refusal(rows) or "")
+    if rank == 0:
+        np.savez(out, tp=np.array(tp), **saved)
+
+
 def main() -> None:
     model, out = sys.argv[1], sys.argv[2]
     if "--w8a16" in sys.argv:  # FP8 weights with 16-bit activations at every row count (the weights exact)
@@ -43,6 +67,9 @@ def main() -> None:
 
         QuantizedWeights.fp8_w8a8 = QuantizedWeights.fp8_w8a8_blocks = False
     tp = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+    if "--tp-fused-compare" in sys.argv:
+        compare_tp_fused(model, out, tp)
+        return
     family_args = {"expert_split": "experts"} if "--expert-split" in sys.argv else {}
     with engine_class(model)(
         model,

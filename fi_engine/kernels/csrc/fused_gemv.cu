@@ -1,6 +1,8 @@
 
 // The GEMV of gemv.cu (same column loop, same float32 sums in the same order, same output rounding) with its
 // input rows computed in a prologue into shared memory, so that the launch producing them goes away:
+//   MODE 0 (plain):    in = x[:, :k] as it is                    (rows some other launch normalized: the fused
+//                      all-reduce + residual + RMSNorm of a tensor-parallel rank; only with an epilogue)
 //   MODE 1 (norm):     in = rmsnorm(h) * nw                     (FlashInfer's rmsnorm of h)
 //   MODE 2 (add-norm): s = h + x; h_out = s; in = rmsnorm(s) * nw (FlashInfer's fused_add_rmsnorm with input x,
 //                      residual h, written into h_out instead of in place: every block reads h while block 0
@@ -475,6 +477,11 @@ EACH_ROW_COUNT(PAIRS, gemv_f16_norm_gateup, false, 1, EPI_SILU)
 EACH_ROW_COUNT(PAIRS, gemv_bf16_norm_gateup, true, 1, EPI_SILU)
 EACH_ROW_COUNT(PAIRS, gemv_f16_addnorm_gateup, false, 2, EPI_SILU)
 EACH_ROW_COUNT(PAIRS, gemv_bf16_addnorm_gateup, true, 2, EPI_SILU)
+// the plain prologue (MODE 0) before the two epilogues: a tensor-parallel rank's input rows, normalized already
+EACH_ROW_COUNT(PAIRS, gemv_f16_plain_rope, false, 0, EPI_ROPE)
+EACH_ROW_COUNT(PAIRS, gemv_bf16_plain_rope, true, 0, EPI_ROPE)
+EACH_ROW_COUNT(PAIRS, gemv_f16_plain_gateup, false, 0, EPI_SILU)
+EACH_ROW_COUNT(PAIRS, gemv_bf16_plain_gateup, true, 0, EPI_SILU)
 #include "route.cuh"  // route_row, for gemv_route's epilogue (the MoE layer's module has it too)
 
 // The router GEMV of a MoE decode step with the routing as its epilogue: the NORM / ADD_NORM fused GEMV into

@@ -200,7 +200,7 @@ class FusedDecode:
                     lora.prepared_normed_shrink(gemvs, "qkv", i, mode, ab, rows, cur, h, x, h, ln, eps, slots)
                 )
             if in_gemv:
-                epilogue = self._rope_append(i, v)
+                epilogue = rope_append(self.runner, i, v)
                 args = (mode, rows, x, h, r.wqkv[i], h, qkv, w, ab, cur, h, ln, h_out, eps, epilogue)
                 qkv_call = dense.fused.prepared_qkv_rope(*args) if e is None else gemvs.prepared_qkv_rope(*args, e)
             elif e is None:
@@ -296,7 +296,7 @@ class FusedDecode:
             else:  # h += the previous layer's down output; x = input_layernorm(h)
                 before = [kernels.prepared_fused_add_rmsnorm(v.x, v.h, r.ln1[i], eps, s, pdl)]
             if rope_in_gemv and dense.quantized.has_fp8_weight(r.wqkv[i]):
-                rope = self._rope_append(i, v)
+                rope = rope_append(self.runner, i, v)
                 before.append(dense.quantized.prepared_fp8_qkv_rope(rows, x, h, r.wqkv[i], h, qkv, w, ab, rope))
             else:
                 before.append(dense.prepared_linear(rows, x, h, r.wqkv[i], w, h, qkv, w, ab, ab))
@@ -340,33 +340,34 @@ class FusedDecode:
             calls.append(kernels.prepared_append_kv(*append, *index, s))
         return calls
 
-    def _rope_append(self, i: int, v: SimpleNamespace) -> Any:
-        """The RoPE settings, this step's index arrays and layer ``i``'s caches as the QKV GEMV's epilogue takes
-        them (``FusedGemvs.prepared_qkv_rope``): the values ``kernels.rope_inplace`` and ``append_kv`` pass."""
-        from ...kernels.fused_args import RopeAppend
 
-        runner = self.runner
-        c, rope = runner.config, runner.config.rope
-        kc, vc = runner.k_cache[i], runner.v_cache[i]
-        return RopeAppend(
-            hq=c.num_qo_heads,
-            hk=c.num_kv_heads,
-            d=c.head_dim,
-            theta=rope.theta,
-            scale=rope.factor if rope.llama3 else 1.0,
-            llama3=rope.llama3,
-            low_freq_factor=rope.low_freq_factor,
-            high_freq_factor=rope.high_freq_factor,
-            old_context_len=rope.original_max_position_embeddings,
-            positions=v.positions.data_ptr,
-            batch_indices=v.batch_indices.data_ptr,
-            kv_indptr=v.kv_indptr.data_ptr,
-            kv_indices=v.kv_indices.data_ptr,
-            k_cache=kc.data_ptr,
-            v_cache=vc.data_ptr,
-            page_size=kc.shape[1],
-            num_pages=kc.shape[0],
-            stride_page=kc.strides[0],
-            stride_n=kc.strides[1],
-            stride_h=kc.strides[2],
-        )
+def rope_append(runner: RunnerState, i: int, v: SimpleNamespace) -> Any:
+    """The RoPE settings, the index arrays of step view ``v`` and layer ``i``'s caches of ``runner`` as the QKV
+    GEMV's epilogue takes them (``FusedGemvs.prepared_qkv_rope``): the values ``kernels.rope_inplace`` and
+    ``append_kv`` pass (this rank's heads, with tensor parallelism: the runner's ``config``)."""
+    from ...kernels.fused_args import RopeAppend
+
+    c, rope = runner.config, runner.config.rope
+    kc, vc = runner.k_cache[i], runner.v_cache[i]
+    return RopeAppend(
+        hq=c.num_qo_heads,
+        hk=c.num_kv_heads,
+        d=c.head_dim,
+        theta=rope.theta,
+        scale=rope.factor if rope.llama3 else 1.0,
+        llama3=rope.llama3,
+        low_freq_factor=rope.low_freq_factor,
+        high_freq_factor=rope.high_freq_factor,
+        old_context_len=rope.original_max_position_embeddings,
+        positions=v.positions.data_ptr,
+        batch_indices=v.batch_indices.data_ptr,
+        kv_indptr=v.kv_indptr.data_ptr,
+        kv_indices=v.kv_indices.data_ptr,
+        k_cache=kc.data_ptr,
+        v_cache=vc.data_ptr,
+        page_size=kc.shape[1],
+        num_pages=kc.shape[0],
+        stride_page=kc.strides[0],
+        stride_n=kc.strides[1],
+        stride_h=kc.strides[2],
+    )

@@ -3,8 +3,9 @@ family's weights (loaded by the family definition, :mod:`~fi_engine.runtime.fami
 paged KV cache's tensors (the Llama pass's: :meth:`ModelRunner.allocate_layers`), and its parts: the step's
 host-device traffic (``io``: index arrays in, tokens out, the step views; :mod:`~fi_engine.runtime.worker.step_io`),
 the CUDA graphs (``step_graphs``: :mod:`~fi_engine.runtime.worker.step_graphs`), the fused decode step (``fused``:
-:mod:`~fi_engine.runtime.worker.fused_decode`) and the :class:`~fi_engine.runtime.sample.sampler.Sampler` over its
-logits (``sampler``), on its own CUDA stream.
+:mod:`~fi_engine.runtime.worker.fused_decode`), a tensor-parallel rank's decode step with the GEMVs' epilogues
+(``tp_fused``: :mod:`~fi_engine.runtime.worker.tp_epilogues`) and the
+:class:`~fi_engine.runtime.sample.sampler.Sampler` over its logits (``sampler``), on its own CUDA stream.
 
 The serving loop (:mod:`~fi_engine.runtime.serving`) drives it one way per step: the scheduler picks the rows, the
 runner stages their index arrays (:meth:`ModelRunner.stage_decode`, :meth:`ModelRunner.run_prefill`) and runs the
@@ -42,6 +43,7 @@ from .graph_shapes import _ladder, prefill_buckets, prefill_slots
 from .state import RunnerState
 from .step_graphs import StepGraphs
 from .step_io import StepIO
+from .tp_epilogues import TpEpilogueStep
 
 __all__ = ["ModelRunner"]
 
@@ -82,7 +84,8 @@ class ModelRunner(RunnerState):
 
     Its parts, each given the runner: ``io`` (:class:`~fi_engine.runtime.worker.step_io.StepIO`, made with the
     buffers), ``step_graphs`` (:class:`~fi_engine.runtime.worker.step_graphs.StepGraphs`), ``fused``
-    (:class:`~fi_engine.runtime.worker.fused_decode.FusedDecode`) and ``sampler``
+    (:class:`~fi_engine.runtime.worker.fused_decode.FusedDecode`), ``tp_fused``
+    (:class:`~fi_engine.runtime.worker.tp_epilogues.TpEpilogueStep`) and ``sampler``
     (:class:`~fi_engine.runtime.sample.sampler.Sampler`). The switches below are read by the parts when they pack
     or capture; set one on the class (``ModelRunner.silu_in_gate_up = False``) to compare.
     """
@@ -153,6 +156,15 @@ class ModelRunner(RunnerState):
     2026-11-25). The same values either way (tests/engine/test_gpu_fused_decode.py). Read when the step is packed; set
     it on the class to compare (``benchmarks/bench_llama_tp.py --variants silu-prologue``)."""
 
+    tp_fused_epilogues: bool = True
+    """On a tensor-parallel rank, a decode step of at most 4 rows of a dense Llama-pass model with 16-bit weights
+    (eager, and in the decode graphs) runs RoPE with the KV append as its QKV GEMV's epilogue and SiLU-and-mul as its
+    gate/up GEMV's, both GEMVs reading the rows the all-reduce normalized (``tp_fused``,
+    :mod:`~fi_engine.runtime.worker.tp_epilogues`: 7 launches a layer instead of 10; the same values, which the
+    separate launches compute the same way: tests/engine/test_gpu_llama_tp.py compares the tokens); False: the
+    separate launches. Read at each step (set it on the class to compare: ``benchmarks/bench_llama_tp.py --variants
+    no-tp-fused``; a decode graph keeps what it captured)."""
+
     norm_pdl: bool = True
     """The FP8 step's norms (``QuantizedWeights.fp8_epilogues``: launches of their own) launched with programmatic
     dependent launch where the GEMVs are (FlashInfer's ``enable_pdl``): each may start while the GEMV before it drains.
@@ -209,6 +221,7 @@ class ModelRunner(RunnerState):
         self.max_prefill_tokens = sizes.max_prefill_tokens
         self.step_graphs = StepGraphs(self)  # the decode graphs (with cuda_graph) and the padded prefill graphs
         self.fused = FusedDecode(self)  # the fused eager decode step
+        self.tp_fused = TpEpilogueStep(self)  # a tensor-parallel rank's decode step with the GEMVs' epilogues
         # the MoE layers' grouped-GEMM workspace: made by _load where the model has routed experts (close() frees it)
         self.moe_workspace: Any = None
         self.prefill_graphs = True
@@ -573,10 +586,13 @@ class ModelRunner(RunnerState):
         return self.fused.fits(rows)
 
     def decode_pass(self, v: SimpleNamespace, rows: int, fused: bool, static_moe: bool = False) -> None:
-        """A decode step's forward pass and LM head over views ``v``: the fused step (``fused``), or the family's
-        forward and :meth:`head`."""
+        """A decode step's forward pass and LM head over views ``v``: the fused step (``fused``), a tensor-parallel
+        rank's step with the GEMVs' epilogues where it fits (``tp_fused``, :attr:`tp_fused_epilogues`), or the
+        family's forward and :meth:`head`."""
         if fused:
             self.fused.step(v, rows)
+        elif self.allreduce is not None and self.tp_fused.fits(rows):  # (one GPU: never asked)
+            self.tp_fused.step(v, rows)
         else:
             self.forward(v, rows, self.decode_attention, static_moe=static_moe)
             self.head(rows, self.normed.data.ptr)
