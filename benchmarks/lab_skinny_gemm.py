@@ -53,8 +53,7 @@ GEOMETRIES = {  # KX 0: x read from global memory, not staged
     ],
     "int4": [(1, 1, 8, 1, 0), (1, 2, 8, 1, 512), (1, 2, 8, 1, 0), (1, 2, 4, 2, 512)],
 }  # fmt: skip
-# the wgmma kernel's (warpgroups, U, KX) geometries (scaled formats, e4m3 blocks and int4: an even count of 64-input
-# groups in hand) and its row counts: x rows padded to 16 or 32
+# the wgmma kernel's (warpgroups, U, KX) geometries and its row counts: x rows padded to 16 or 32
 WGMMA_GEOMETRIES = [(2, 2, 512), (1, 4, 512), (2, 2, 256), (1, 2, 512), (2, 4, 256), (1, 4, 256)]
 WGMMA_SPLITS = (1, 2, 4, 8, 16)
 MTS = (1, 2, 3, 4)

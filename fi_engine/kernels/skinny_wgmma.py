@@ -77,8 +77,7 @@ class WgmmaGeometry:
 
 
 # the candidates a Dense times per format (every one a default instance of csrc/skinny_wgmma.cu, which
-# tools/kernel_fingerprints.py fingerprints); scaled formats (e4m3 blocks, int4) need an even count of 64-input
-# groups in hand
+# tools/kernel_fingerprints.py fingerprints)
 GEOMETRIES: dict[int, tuple[WgmmaGeometry, ...]] = {
     W16: (WgmmaGeometry(2, 2, 512), WgmmaGeometry(1, 4, 512)),
     E4M3_BLOCK: (WgmmaGeometry(2, 2, 512), WgmmaGeometry(1, 4, 512)),

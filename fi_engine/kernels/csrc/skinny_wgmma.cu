@@ -27,9 +27,14 @@
 // group of wgmma is waited for before it, so the buffer written is one no warpgroup still reads). 16-bit weights
 // and e4m3 with a scale per row sum every group into the same registers (row scales applied at the end); e4m3 with
 // block scales and int4 (a scale per row and group, the zero subtracted exactly from the 16-bit codes as
-// int4_decode.cuh's i4_minus) sum each 64-input group into one of two partial sums, alternately, and fold the
-// previous group's in (acc += s * partial, float32) once its wgmma group is waited for (wait_group 1: one group in
-// flight while the next is decoded), as skinny_gemm.cu folds its per-step sums.
+// int4_decode.cuh's i4_minus) sum each 64-input group into one partial sum c and fold it in (acc += s * c, float32),
+// as skinny_gemm.cu folds its per-step sums: each group waits for the previous group's wgmma (wait_group 0), folds
+// its c, decodes its A fragments and, after the fence that orders the fold's reads of c before them, issues its four
+// wgmma (the first with scale-d 0: c = A B). No instruction but a wgmma touches c between a wgmma and the
+// wait_group 0 that completes it, so ptxas keeps the four wgmma of a group asynchronous; the weight loads of the next
+// U steps and the other warpgroups of the SM overlap the wait. (Two partial sums alternating, each folded after
+// wait_group 1, are correct too, but ptxas cannot prove it and serializes every wgmma: warning C7514. Decoding a
+// group before the wait lets ptxas hoist a whole step's decoding and spill at NR 32, U 4.)
 //
 // Grid (ceil(n / (64 WG)), k ranges), 128 WG threads, dynamic shared memory 2 KX NR * 2 bytes; k, kc multiples of a
 // step and kc of a scale block's width; e4m3 block rows a multiple of 16; x, W and x_ld 16-byte aligned (the
@@ -184,7 +189,6 @@ __device__ __forceinline__ void skinny_wgmma(const unsigned short* __restrict__ 
     constexpr int ITEMS = (NR * (KX / 64) * 2 + THREADS - 1) / THREADS;
     constexpr bool SCALED = FMT == SK_E4M3_BLOCK || FMT == SK_INT4;
     static_assert((NR == 16 || NR == 32) && KX % SK == 0, "NR 16 or 32; KX whole steps");
-    static_assert(!SCALED || (U * GPS) % 2 == 0, "two partial sums alternate: an even count of groups in hand");
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, q = lane & 3;
     const int j0 = (blockIdx.x * WARPS + warp) * 16;
@@ -221,14 +225,13 @@ __device__ __forceinline__ void skinny_wgmma(const unsigned short* __restrict__ 
     __syncthreads();
     if (passes > 1) wg_fetch<NR, THREADS, ITEMS>(xin, x, rows, x_ld, k_lo + KX, min(KX, len - KX));
     const unsigned long long desc0 = desc | ((__cvta_generic_to_shared(xs) & 0x3ffffu) >> 4);
-    float acc[1][MT][4], c0[MT][4], c1[MT][4];  // c0, c1: scaled formats' partial sums of alternate groups
+    float acc[1][MT][4], c[MT][4];  // c: scaled formats' partial sum of the group in flight
     sk_zero(acc);
 #pragma unroll
     for (int i = 0; i < MT; ++i)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) c0[i][e] = c1[i][e] = 0.f;
-    float pa = 0.f, pb = 0.f;  // the scales of the group whose partial sum is in flight (rows g, g + 8)
-    int groups = 0;            // groups summed so far (scaled formats)
+        for (int e = 0; e < 4; ++e) c[i][e] = 0.f;
+    float pa = 0.f, pb = 0.f;  // the scales of the group in flight (rows g, g + 8); 0 before the first: folds nothing
     for (int step = 0; step < steps; step += U) {
         uint4 nxt[U][2][VR];
         float ns[U];
@@ -255,28 +258,27 @@ __device__ __forceinline__ void skinny_wgmma(const unsigned short* __restrict__ 
                 for (int G = 0; G < GPS; ++G) {
                     unsigned nza = 0u, nzb = 0u;
                     if (FMT == SK_INT4) nza = i4_neg_zero<BF16>(cr[u][G][0]), nzb = i4_neg_zero<BF16>(cr[u][G][1]);
+                    if (SCALED) {  // the previous group's partial sum complete: fold it (c is then free)
+                        wg_wait<0>();
+                        wg_fold(acc, c, pa, pb);
+                    }
                     unsigned a[4][4];
                     wg_decode<BF16, FMT, VR>(a, cur[u], G, nza, nzb);
                     const unsigned long long d = pass_desc + 8 * (sp * GPS + G) * NR;  // the group's first chunk
-                    wg_fence();
+                    wg_fence();  // orders the fold's reads of c and the decoding's writes of a before the wgmma
                     if (!SCALED) {
 #pragma unroll
                         for (int I = 0; I < 4; ++I) wg_mma<BF16, 1>(acc[0], a[I], d + 2 * I * NR);
                         wg_commit();
                     } else {
-                        float(&c)[MT][4] = ((u * GPS + G) & 1) ? c1 : c0;
-                        float(&prev)[MT][4] = ((u * GPS + G) & 1) ? c0 : c1;
                         wg_mma<BF16, 0>(c, a[0], d);
 #pragma unroll
                         for (int I = 1; I < 4; ++I) wg_mma<BF16, 1>(c, a[I], d + 2 * I * NR);
                         wg_commit();
-                        wg_wait<1>();  // the previous group's partial sum is complete
-                        if (groups > 0) wg_fold(acc, prev, pa, pb);
                         if (FMT == SK_INT4)
                             pa = __uint_as_float(cr[u][G][0] & 0xffffff00u), pb = __uint_as_float(cr[u][G][1] & 0xffffff00u);
                         else
                             pa = pb = cs[u];
-                        ++groups;
                     }
                 }
             }
@@ -296,10 +298,7 @@ __device__ __forceinline__ void skinny_wgmma(const unsigned short* __restrict__ 
     }
     wg_wait<0>();
     if (SCALED) {
-        if (groups > 0) {
-            if ((groups - 1) & 1) wg_fold(acc, c1, pa, pb);
-            else wg_fold(acc, c0, pa, pb);
-        }
+        wg_fold(acc, c, pa, pb);  // the last group's
     } else {
         wg_touch(acc[0]);
     }
