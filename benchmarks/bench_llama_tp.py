@@ -60,7 +60,6 @@ ONE_GPU_VARIANTS = (
     "no-gemv-pipeline",
     "silu-prologue",
     "no-skinny",
-    "no-wgmma",
 )
 ONE_GPU_PREFIXES = (
     "int4-ahead-",
@@ -244,10 +243,6 @@ def set_variant(variant: str) -> None:
         from fi_engine.kernels.skinny_gemm import SkinnyLaunches
 
         SkinnyLaunches.on = False
-    if variant == "no-wgmma":  # steps of 9-32 rows without the skinny GEMM's wgmma plans (Hopper; mma.sync only)
-        from fi_engine.kernels.skinny_wgmma import WgmmaLaunches
-
-        WgmmaLaunches.wgmma = False
     if variant == "no-pdl":  # the fused step's GEMVs launched without programmatic dependent launch
         from fi_engine.kernels.launch import Launcher
 

@@ -40,7 +40,6 @@ SOURCES: list[tuple[str, str, tuple[str, ...] | str]] = [
     ("grouped_gemv8", "grouped_gemv8.cu", "fi_engine.kernels.fp8_moe_gemv:Fp8GroupedGemv.options"),
     ("grouped_gemv4", "grouped_gemv4.cu", "fi_engine.kernels.mxfp4_moe_gemv:Mxfp4GroupedGemv.options"),
     ("skinny", "skinny_gemm.cu", ()),  # SkinnyGemm (each Dense compiles the instances it needs)
-    ("skinny_wgmma", "skinny_wgmma.cu", ("-arch=sm_90a",)),  # WgmmaGemm: sm_90a only (NVRTC takes the last -arch)
     ("kv_fp8", "append_e4m3.cu", ()),  # KvFp8
     ("moe", "moe.cu", ()),  # MoELayer._build
     ("ds_routing", "ds_routing.cu", ()),  # DeviceGroupedTopk

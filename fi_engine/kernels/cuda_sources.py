@@ -131,9 +131,6 @@ tensor-core GEMM (W8A8, ``Fp8Linears.w8a8``).
 
 ``skinny_gemm.cu``: the tensor-core GEMM of decode steps of up to 32 rows over 16-bit, e4m3 or int4 weights
 (:mod:`~fi_engine.kernels.skinny_gemm`; each Dense compiles the instances it needs, by ``SKINNY_INSTANCES``).
-``skinny_wgmma.cu``: its form on Hopper's warpgroup MMA for 9-32 rows (:mod:`~fi_engine.kernels.skinny_wgmma`), which
-includes ``skinny_gemm.cu`` for its device functions (``SKINNY_INSTANCES`` empty) and is compiled for sm_90a by
-NVRTC directly (by ``WGMMA_INSTANCES``).
 
 ``grouped_gemv.cu``: the grouped GEMV of a MoE decode step (:mod:`~fi_engine.kernels.moe_gemv`);
 ``grouped_gemv8.cu``: the same over e4m3 experts read as stored (:mod:`~fi_engine.kernels.fp8_moe_gemv`).

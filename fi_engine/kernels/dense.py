@@ -1,7 +1,6 @@
 """Dense math of the engine: cuBLAS GEMMs (through cffi, :mod:`~fi_engine.kernels.cublas`; cuBLASLt with algorithms
 cached per shape, :mod:`~fi_engine.kernels.cublas_lt`), a GEMV of its own for GEMMs of at most 4 rows, the skinny GEMM
-for GPU-bound steps of up to 32 rows where it is timed faster (:mod:`~fi_engine.kernels.skinny_gemm`; on Hopper also
-its warpgroup-MMA form, :mod:`~fi_engine.kernels.skinny_wgmma`), and the choice
+for GPU-bound steps of up to 32 rows where it is timed faster (:mod:`~fi_engine.kernels.skinny_gemm`), and the choice
 among them per call. :class:`Dense` routes each linear to one of those and holds the parts the engine reaches through
 it: the packed-launch plumbing (:mod:`~fi_engine.kernels.launch`), the fused decode-step GEMVs
 (:mod:`~fi_engine.kernels.fused_gemv`), the FP8 and int4 weights (:mod:`~fi_engine.kernels.quantized_weights`), and
@@ -47,8 +46,7 @@ from .launch_timing import LaunchTimer
 from .quantized_weights import QuantizedWeights, check_call
 from .row_kernels import ROW_KERNELS, RowKernels
 from .shard_kernels import SHARD_KERNELS, ShardKernels
-from .skinny_gemm import SKINNY_MAX_ROWS
-from .skinny_wgmma import WgmmaLaunches
+from .skinny_gemm import SKINNY_MAX_ROWS, SkinnyLaunches
 
 __all__ = [
     "CUDA_R_16BF",
@@ -168,7 +166,7 @@ class Dense:
         self.quantized = QuantizedWeights(launcher, fused_smem, self._quantized_changed, self._gemm16, self.gemv_error)
         self.fused = FusedGemvs(launcher, fused, self.quantized)
         self._fp8_path, self._int4_path = self.quantized.fp8_path, self.quantized.int4_path  # (bound once)
-        self._skinny = WgmmaLaunches(launcher)  # the skinny GEMM's plans, then (SM 9.0) the wgmma kernel's
+        self._skinny = SkinnyLaunches(launcher)
         self._timer = LaunchTimer(stream.ptr)
         self._gemm, self._h = self._blas.gemm_ex, self._blas.ptr
         self._batched = self._blas.gemm_strided_batched_ex

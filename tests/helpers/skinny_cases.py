@@ -1,6 +1,6 @@
-"""The skinny GEMMs' GPU test cases (tests/engine/test_gpu_skinny_gemm.py, test_gpu_skinny_wgmma.py): random weights
-in each format with their float32 values, the float32 reference's error bound, and a plan launched into a fresh
-output that proves it wrote nothing past ``[rows, n]``. Imported by GPU tests only (CuPy)."""
+"""The skinny GEMM's GPU test cases (tests/engine/test_gpu_skinny_gemm.py): random weights in each format with
+their float32 values, the float32 reference's error bound, and a plan launched into a fresh output that proves it
+wrote nothing past ``[rows, n]``. Imported by GPU tests only (CuPy)."""
 
 from __future__ import annotations
 

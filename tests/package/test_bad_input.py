@@ -2327,11 +2327,6 @@ EXEMPT: dict[str, str] = {
     "kernels.skinny_gemm.SkinnyGemm": _GPU,
     "serve.openai_server.http_protocols": "takes no argument: says which of uvicorn's HTTP protocols are installed",
     "kernels.skinny_gemm.SkinnyPlan": _RECORD,
-    # the same for the Hopper form (which calls it plans: skinny_wgmma.takes, engine/test_skinny_wgmma.py; its
-    # launches: engine/test_gpu_skinny_wgmma.py)
-    "kernels.skinny_wgmma.WgmmaGemm": _GPU,
-    "kernels.skinny_wgmma.WgmmaLaunches": _GPU,
-    "kernels.skinny_wgmma.WgmmaGeometry": _RECORD,
     "kernels.skinny_gemm.Geometry": _RECORD,
     "kernels.fp8_moe_gemv.tiled_layout": "array in, array out: anything but a 3-D array of whole tiles is refused "
     "naming codes (engine/test_fp8_moe.py::test_the_tiled_layout_is_its_definition)",
