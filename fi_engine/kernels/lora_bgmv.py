@@ -15,11 +15,10 @@ alone (bit ``bit`` of ``targets[s]`` clear), is untouched. The slots, scales and
 the kernels: a CUDA graph captures the launches and each replay serves the step's rows. The layout of the slot
 arrays is :mod:`fi_engine.lora.slots`'s.
 
-Each product has two forms, chosen by the row count (:data:`LONG_ROWS`): a decode step's few rows take the forms
-that split each output entry's work widest (a block an entry and row for the shrink, a thread a row and column for
-the expand); a prefill's rows take forms that read each operand fewer times (a warp an entry; a thread a column of
-a tile of rows, B's column held while the slot stays). On an H100, rank 16, q/k/v of the 8B shape: at 4096 rows
-the shrink took 343 us split against 168 in the long form; at 1-32 rows both take about 9 us.
+The shrink has two forms, chosen by the row count (:data:`LONG_ROWS`): a decode step's few rows take the form that
+splits each output entry's work widest (a block an entry and row, its warps splitting k), a prefill's rows the form
+that reads x fewer times (a warp an entry). On an H100, rank 16, q/k/v of the 8B shape: at 4096 rows the shrink took
+343 us split against 168 in the long form; at 1-32 rows both take about 9 us.
 """
 
 from __future__ import annotations
@@ -35,14 +34,12 @@ __all__ = ["LoraBgmv", "LoraLaunch", "expand_args", "shrink_args"]
 SHRINK_WARPS = 8  # warps a shrink block splits k over (one block an output entry and row); entries a long block takes
 EXPAND_THREADS = 256  # output columns an expand block computes
 MAX_T_WIDTH = 3 * 512  # t's entries per row an expand block stages (three parts of rank 512): 6 KiB of shared memory
-LONG_ROWS = 64  # more rows than this take the long forms (a prefill's)
-EXPAND_TILE_ROWS = 32  # rows a long expand block walks (csrc/lora_bgmv.cu's EXPAND_TILE_ROWS)
-EXPAND_LONG_RANK = 64  # the highest rank the long expand holds in registers (EXPAND_LONG_RANK there); above, the short
+LONG_ROWS = 64  # more rows than this take the long shrink (a prefill's)
 
 
 class LoraLaunch(NamedTuple):
-    """One launch of a product: ``long`` (the long form's kernel, for more than :data:`LONG_ROWS` rows), its grid
-    and its typed arguments in the kernel's order."""
+    """One launch of a product: ``long`` (the long shrink's kernel, for more than :data:`LONG_ROWS` rows; an expand
+    has one form), its grid and its typed arguments in the kernel's order."""
 
     long: bool
     grid: tuple[int, int]
@@ -119,11 +116,10 @@ def expand_args(
     y: int,
     y_ld: int,
 ) -> LoraLaunch:
-    """The form, grid and typed arguments of an expand launch (see :meth:`LoraBgmv.expand`; the long form for more
-    than :data:`LONG_ROWS` rows of rank up to :data:`EXPAND_LONG_RANK`, its third argument ``rows`` where the short
-    form's is ``tw``); ValueError naming the argument for one the kernel does not take: ``n0 <= n1 <= n`` broken,
-    ``tw`` (t's entries a row reads) short of the parts the column split names or above :data:`MAX_T_WIDTH`,
-    ``y_ld`` below ``n``."""
+    """The grid and typed arguments of an expand launch (see :meth:`LoraBgmv.expand`; one form at any row count: a
+    form that kept B's column for a tile of a prefill's rows measured 2.7x slower at 4096 rows on an H200); ValueError
+    naming the argument for one the kernel does not take: ``n0 <= n1 <= n`` broken, ``tw`` (t's entries a row reads)
+    short of the parts the column split names or above :data:`MAX_T_WIDTH`, ``y_ld`` below ``n``."""
     rows = _int("rows", rows, 1, (1 << 31) - 1)
     rank = _int("rank", rank, 1, 512)
     n = _int("n", n, 1, (1 << 31) - 1)
@@ -133,15 +129,14 @@ def expand_args(
     tw = _int("tw", tw, parts * rank, MAX_T_WIDTH)
     t_ld = _int("t_ld", t_ld, tw, 1 << 40)
     y_ld = _int("y_ld", y_ld, n, 1 << 40)
-    long = rows > LONG_ROWS and rank <= EXPAND_LONG_RANK
-    grid = (-(-n // EXPAND_THREADS), -(-rows // EXPAND_TILE_ROWS) if long else rows)
+    grid = (-(-n // EXPAND_THREADS), rows)
     args = (
-        _address("t", t, 4), np.int64(t_ld), np.int32(rows if long else tw), _address("slots", slots, 4),
+        _address("t", t, 4), np.int64(t_ld), np.int32(tw), _address("slots", slots, 4),
         _address("targets", targets, 4), np.int32(_int("bit", bit, 1, 1 << 30)), _address("bt", bt, 2),
         np.int64(_int("b_slot", b_slot, 0, 1 << 50)), np.int32(rank), np.int32(n), np.int32(n0), np.int32(n1),
         _address("y", y, 2), np.int64(y_ld),
     )  # fmt: skip
-    return LoraLaunch(long, grid, args)
+    return LoraLaunch(False, grid, args)
 
 
 class LoraBgmv:
@@ -158,7 +153,7 @@ class LoraBgmv:
         tag = "bf16" if dtype == "bfloat16" else "f16"
         module = cupy.RawModule(code=source("lora_bgmv.cu"))
         self._shrink = (module.get_function(f"lora_shrink_{tag}"), module.get_function(f"lora_shrink_long_{tag}"))
-        self._expand = (module.get_function(f"lora_expand_{tag}"), module.get_function(f"lora_expand_long_{tag}"))
+        self._expand = module.get_function(f"lora_expand_{tag}")
 
     def shrink(
         self, rows: int, x: int, x_ld: int, slots: int, scale: int, targets: int, bit: int, a: int, a_slot: int,
@@ -193,7 +188,7 @@ class LoraBgmv:
         self._shrink[launch.long](launch.grid, (32 * SHRINK_WARPS,), launch.args, stream=self.stream)
 
     def launch_expand(self, launch: LoraLaunch) -> None:
-        """An expand launch of :func:`expand_args`' form, grid and arguments (the short form's shared memory: the
-        ``tw`` floats)."""
-        shared = 0 if launch.long else 4 * int(launch.args[2])
-        self._expand[launch.long](launch.grid, (EXPAND_THREADS,), launch.args, shared_mem=shared, stream=self.stream)
+        """An expand launch of :func:`expand_args`' grid and arguments (its shared memory: the ``tw`` floats)."""
+        self._expand(
+            launch.grid, (EXPAND_THREADS,), launch.args, shared_mem=4 * int(launch.args[2]), stream=self.stream
+        )

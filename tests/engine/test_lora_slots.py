@@ -11,9 +11,7 @@ import pytest
 from helpers.lora_adapters import bgmv_reference, llama_shapes, write_adapter
 
 from fi_engine.kernels.lora_bgmv import (
-    EXPAND_LONG_RANK,
     EXPAND_THREADS,
-    EXPAND_TILE_ROWS,
     LONG_ROWS,
     SHRINK_WARPS,
     LoraBgmv,
@@ -216,19 +214,16 @@ def test_the_launch_arguments_are_packed_in_the_kernels_order_and_types() -> Non
                                       320]  # fmt: skip
 
 
-def test_a_prefills_rows_take_the_long_forms_and_their_grids() -> None:
+def test_a_prefills_rows_take_the_long_shrink_and_its_grid() -> None:
     base = 1 << 40
     rows = LONG_ROWS + 1  # the first row count past a decode step's
     long, grid, args = shrink_args(rows, base, 64, base, base, base, 2, base, 1536, 24, 64, base, 24)
     assert long and grid == (-(-24 // SHRINK_WARPS), rows)  # a warp an entry: the same arguments
     assert len(args) == 12 and int(args[8]) == 24
-    long, grid, args = expand_args(rows, base, 24, 24, base, base, 1, base, 1024, 8, 300, 100, 200, base, 320)
-    assert long and grid == (-(-300 // EXPAND_THREADS), -(-rows // EXPAND_TILE_ROWS))
-    assert int(args[2]) == rows  # the long expand's third argument: the row count, where the short's is tw
-    rank = EXPAND_LONG_RANK + 8  # past what the long expand holds in registers: the short form at any row count
-    long, grid, _ = expand_args(rows, base, rank, rank, base, base, 1, base, 1024, rank, 300, 300, 300, base, 320)
-    assert not long and grid == (-(-300 // EXPAND_THREADS), rows)
     assert not shrink_args(LONG_ROWS, base, 64, base, base, base, 2, base, 1536, 24, 64, base, 24).long
+    long, grid, args = expand_args(rows, base, 24, 24, base, base, 1, base, 1024, 8, 300, 100, 200, base, 320)
+    assert not long and grid == (-(-300 // EXPAND_THREADS), rows)  # the expand: one form at any row count
+    assert int(args[2]) == 24
 
 
 def test_the_launch_arguments_refuse_shapes_the_kernels_do_not_take() -> None:

@@ -95,6 +95,7 @@ def bare_runner(
     r.fused = FusedDecode(r)
     r.fused.step = lambda v, rows: log("fused step" if r.step_lora is None else "fused lora step")  # type: ignore[method-assign]
     r.lora_gemvs = SimpleNamespace(fits=lambda rows, k: rows <= 4) if lora_gemvs else None
+    r.lora_fused = lora_gemvs  # (a runner compiles its LoRA GEMVs only where ModelRunner.lora_fused is on)
     r.silu_in_gate_up = True
     r.stream_ptr = 1234
     r.stream = SimpleNamespace(synchronize=lambda: None)
@@ -313,8 +314,8 @@ def test_with_the_lora_gemvs_an_adapter_step_of_up_to_4_rows_is_fused(slots, wan
 def test_with_lora_fused_off_or_no_lora_gemvs_an_adapter_step_takes_the_separate_launches(monkeypatch) -> None:
     r, log = bare_runner(None, adapters=True, cuda_graph=False, lora_gemvs=False)  # (not compiled)
     assert eager_step(r, log, [0]) == unfused(True)
-    monkeypatch.setattr(ModelRunner, "lora_fused", False)
     r, log = bare_runner(None, adapters=True, cuda_graph=False, lora_gemvs=True)
+    r.lora_fused = False  # (compiled, the switch then turned off)
     assert eager_step(r, log, [0]) == unfused(True)
     assert eager_step(r, log, [-1]) == ["fused step"]  # (base rows: unchanged)
 

@@ -14,9 +14,9 @@
 // this projection alone (bit `bit` of targets[s] clear) is left untouched by both launches. Every argument is read on
 // the device: a CUDA graph captures the launches once and each replay reads the step's slots.
 //
-// Each launch has two forms (fi_engine.kernels.lora_bgmv.LONG_ROWS chooses): a decode step's few rows take the
-// forms that spread each entry's work widest (shrink_rows, expand_rows), a prefill's rows the forms that read the
-// operands fewer times (shrink_long_rows, expand_long_rows).
+// The shrink has two forms (fi_engine.kernels.lora_bgmv.LONG_ROWS chooses): a decode step's few rows take the form
+// that spreads each entry's work widest (shrink_rows), a prefill's rows the one that reads x fewer times
+// (shrink_long_rows).
 //
 // Sums in float32, in a fixed order (each thread its strided share of k, a butterfly over each warp, the warps in
 // order; the expand in rank order): the result does not depend on the batch. y is rounded once, to nearest even.
@@ -95,46 +95,6 @@ __device__ __forceinline__ void expand_rows(const float* __restrict__ t, long lo
     *out = fromf<BF16>(tof<BF16>(*out) + acc);
 }
 
-// The expand of a prefill's rows: one thread per column j of a tile of EXPAND_TILE_ROWS rows, grid (ceil(n / 256),
-// ceil(rows / EXPAND_TILE_ROWS)), 256 threads. The form above reads B's column again for every row (a 4096-row q/k/v
-// expand of rank 16 on an H100 read 0.8 GB from L2 and took 194 us); here a thread keeps its column of B_s in
-// registers while the tile's rows stay in slot s (a prefill's rows are a request's, one adapter), and reads each
-// row's t (the same entries for the block's threads: one broadcast load). Ranks up to EXPAND_LONG_RANK (the
-// registers); the sum in rank order as above, so both forms write the same bits.
-#define EXPAND_TILE_ROWS 32
-#define EXPAND_LONG_RANK 64
-template <bool BF16>
-__device__ __forceinline__ void expand_long_rows(const float* __restrict__ t, long long t_ld, int rows,
-                                                 const int* __restrict__ slots, const int* __restrict__ targets,
-                                                 int bit, const unsigned short* __restrict__ bt, long long b_slot,
-                                                 int rank, int n, int n0, int n1, unsigned short* __restrict__ y,
-                                                 long long y_ld) {
-    const int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= n) return;
-    const int part = ((j >= n0) + (j >= n1)) * rank;
-    float b[EXPAND_LONG_RANK];
-    int held = -1;  // the slot whose column b holds
-    const int first = blockIdx.y * EXPAND_TILE_ROWS;
-    const int last = min(first + EXPAND_TILE_ROWS, rows);
-    for (int row = first; row < last; ++row) {
-        const int s = slots[row];
-        if (s < 0 || !(targets[s] & bit)) continue;
-        if (s != held) {
-            const unsigned short* bc = bt + s * b_slot + j;
-#pragma unroll
-            for (int i = 0; i < EXPAND_LONG_RANK; ++i) b[i] = i < rank ? tof<BF16>(bc[(long long)i * n]) : 0.f;
-            held = s;
-        }
-        const float* tp = t + row * t_ld + part;
-        float acc = 0.f;
-#pragma unroll
-        for (int i = 0; i < EXPAND_LONG_RANK; ++i)
-            if (i < rank) acc += tp[i] * b[i];
-        unsigned short* out = y + row * y_ld + j;
-        *out = fromf<BF16>(tof<BF16>(*out) + acc);
-    }
-}
-
 #define LORA_KERNELS(tag, bf16)                                                                                      \
     extern "C" __global__ void lora_shrink_##tag(const unsigned short* x, long long x_ld, const int* slots,          \
                                                  const float* scale, const int* targets, int bit,                    \
@@ -153,12 +113,6 @@ __device__ __forceinline__ void expand_long_rows(const float* __restrict__ t, lo
                                                  long long b_slot, int rank, int n, int n0, int n1,                  \
                                                  unsigned short* y, long long y_ld) {                                \
         expand_rows<bf16>(t, t_ld, tw, slots, targets, bit, bt, b_slot, rank, n, n0, n1, y, y_ld);                  \
-    }                                                                                                                \
-    extern "C" __global__ void lora_expand_long_##tag(const float* t, long long t_ld, int rows, const int* slots,    \
-                                                      const int* targets, int bit, const unsigned short* bt,         \
-                                                      long long b_slot, int rank, int n, int n0, int n1,             \
-                                                      unsigned short* y, long long y_ld) {                           \
-        expand_long_rows<bf16>(t, t_ld, rows, slots, targets, bit, bt, b_slot, rank, n, n0, n1, y, y_ld);           \
     }
 LORA_KERNELS(f16, false)
 LORA_KERNELS(bf16, true)
