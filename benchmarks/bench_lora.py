@@ -14,9 +14,10 @@ Rows (CUDA graphs, prompts of ``--prompt`` tokens, ``--new-tokens`` tokens each,
 - ``lora, N adapters``: the rows spread round-robin over ``N`` adapters (batch 32: 4; batch 1: one).
 
 ``--lora-fused`` picks the form of a decode step of 1 to 4 rows where a row takes an adapter
-(``ModelRunner.lora_fused``): ``on`` (the default: the fused step's LoRA form, the adapters' expand in the fused GEMVs'
-epilogues), ``off`` (the separate launches, the adapters' shrink and expand after each projection's GEMM), or ``both``
-(the engine opened twice; the ``off`` rows, labelled so, only at batches of at most 4, where the switch applies):
+(``ModelRunner.lora_fused``, off in the engine by default): ``on`` (the fused step's LoRA form, the adapters' expand
+in the fused GEMVs' epilogues), ``off`` (the separate launches, the adapters' shrink and expand after each
+projection's GEMM), or ``both`` (this benchmark's default: the engine opened twice; the ``off`` rows, labelled so,
+only at batches of at most 4, where the switch applies):
 
     python3 benchmarks/bench_lora.py --model /tmp/llama8b --adapters /tmp/llama8b-loras --batches 1 --lora-fused both
 
@@ -123,7 +124,7 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=0, help="also time one prompt of this many tokens' prefill")
     ap.add_argument("--json")
     fused_help = "the LoRA form of the fused decode step (ModelRunner.lora_fused): on, off, or both to compare"
-    ap.add_argument("--lora-fused", choices=("on", "off", "both"), default="on", help=fused_help)
+    ap.add_argument("--lora-fused", choices=("on", "off", "both"), default="both", help=fused_help)
     args = ap.parse_args()
     if args.make_adapters:
         make_adapters(args.model, args.make_adapters, args.count, args.rank)
@@ -147,24 +148,25 @@ def main() -> None:
     modules = {n: str(p) for n, p in zip(names, folders, strict=True)}
     lora = {"max_loras": len(names), "max_lora_rank": args.rank, "modules": modules}
     variants = {"on": (True,), "off": (False,), "both": (True, False)}[args.lora_fused]
+    engine_default = ModelRunner.lora_fused
     for fused in variants:
         ModelRunner.lora_fused = fused  # read when the engine opens and its graphs are captured
-        suffix = "" if fused or len(variants) == 1 else " (lora_fused off)"
+        suffix = "" if len(variants) == 1 else f" (lora_fused {'on' if fused else 'off'})"
         with open_engine(args.model, lora=lora, **common) as engine:
             for b in batches if fused or len(variants) == 1 else [b for b in batches if b <= 4]:
                 used = names[: min(len(names), b)]
                 spread: list[str | None] = [used[i % len(used)] for i in range(b)]
-                cases = [(f"lora, {len(used)} adapters{suffix}", spread)]
+                cases = [(f"lora, {len(used)} adapters{suffix if b <= 4 else ''}", spread)]  # (the switch: 1-4 rows)
                 if fused or len(variants) == 1:  # (base rows: the same step either way)
                     cases.insert(0, ("lora, no adapter rows", [None] * b))
                 for label, loras in cases:
                     speed = tokens_per_s(engine, b, args.prompt, args.new_tokens, loras)
                     rows.append({"row": label, "batch": b, "tokens_per_s": speed})
-            if args.prefill and fused:
+            if args.prefill and (fused or len(variants) == 1):  # (a prefill takes neither form: timed once)
                 prefills["lora, no adapter"] = prefill_ms(engine, args.prefill, None)
                 prefills["lora, one adapter"] = prefill_ms(engine, args.prefill, names[0])
             slot_mb = engine.runner.lora.layout.slot_bytes() / 2**20
-    ModelRunner.lora_fused = True
+    ModelRunner.lora_fused = engine_default
     swap = {}
     for cpu, label in ((len(names), "from the host copy"), (1, "read from its folder first")):
         settings = {**lora, "max_loras": 1, "max_cpu_loras": cpu}

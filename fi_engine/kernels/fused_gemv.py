@@ -347,9 +347,10 @@ class FusedGemvs:
     def has_qkv_rope(self, ab_type: int, d: int, mode: int = ADD_NORM) -> bool:
         """Whether :meth:`prepared_qkv_rope` serves ``ab_type`` inputs and head dim ``d`` after prologue ``mode``
         (its kernels compiled; the head dims FlashInfer's RoPE serves). TypeError naming ``ab_type`` or ``d`` when one
-        is no int."""
+        is no int (or ``mode``)."""
         int_arg("ab_type", ab_type, -(1 << 63), 1 << 63)
         int_arg("d", d, -(1 << 63), 1 << 63)
+        int_arg("mode", mode, -(1 << 63), 1 << 63)
         return (mode | ROPE, ab_type, ab_type) in self._fns and d in (64, 128, 256, 512)
 
     def prepared_qkv_rope(
@@ -424,8 +425,9 @@ class FusedGemvs:
 
     def has_gate_up_silu(self, ab_type: int, mode: int = ADD_NORM) -> bool:
         """Whether :meth:`prepared_gate_up_silu` serves ``ab_type`` inputs after prologue ``mode`` (its kernels
-        compiled). TypeError naming ``ab_type`` when it is no int."""
+        compiled). TypeError naming ``ab_type`` (or ``mode``) when it is no int."""
         int_arg("ab_type", ab_type, -(1 << 63), 1 << 63)
+        int_arg("mode", mode, -(1 << 63), 1 << 63)
         return (mode | GATE_UP, ab_type, ab_type) in self._fns
 
     def prepared_gate_up_silu(

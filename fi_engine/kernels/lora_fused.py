@@ -27,15 +27,16 @@ from typing import Any
 from ..values import float32_bits
 from .cublas import CUDA_R_16BF, CUDA_R_16F
 from .cuda_sources import function_ptr, source
-from .fused_args import ADD_NORM, NORM, RopeAppend, check_epilogue_io, check_fused_values, fused_args
+from .fused_args import ADD_NORM, NORM, PLAIN, RopeAppend, check_epilogue_io, check_fused_values, fused_args
 from .fused_gemv import WARPS, FusedGemvs, FusedKernels, load_row_kernels
 from .launch import MAX_LD, U64, int_arg
 from .lora_bgmv import MAX_T_WIDTH
 
 __all__ = ["COPY", "LoraExpand", "LoraFusedGemvs", "LoraFusedKernels", "expand_ints", "shrink_launch"]
 
-COPY = 0
-"""The LoRA GEMVs' prologue over rows made before (the o and down projections: the input read as it is)."""
+COPY = PLAIN
+"""The LoRA GEMVs' prologue over rows made before (the o and down projections: the input read as it is): the fused
+GEMVs' PLAIN mode."""
 
 SHRINK_THREADS = 256  # a normed shrink block: lora_bgmv.cu's shrink's threads, so its sums are in the same order
 _SHRINK_SMEM = (48 << 10) - 1024  # one staged row of k 16-bit values, no opt-in (k up to 24064)
@@ -272,7 +273,9 @@ class LoraFusedGemvs:
         lora: LoraExpand,
     ) -> Callable[[], None]:
         """``FusedGemvs.prepared_qkv_rope`` with the expand before RoPE and the KV append (its checks, then
-        :func:`expand_ints`')."""
+        :func:`expand_ints`'); ``mode`` NORM or ADD_NORM only (ValueError naming it otherwise)."""
+        if mode not in (NORM, ADD_NORM):
+            raise ValueError(f"mode: the LoRA QKV GEMV normalizes its rows (NORM or ADD_NORM), got {mode!r:.40}")
         _, smem, ints, pairs = self.fused.qkv_rope_parts(
             mode, rows, x, x_ld, w, k, y, y_ld, ab_type, h, h_ld, norm_weight, h_out, eps, rope
         )

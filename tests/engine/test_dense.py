@@ -498,6 +498,8 @@ def test_the_predicates_refuse_what_is_no_int_by_name(bad):
         (lambda: d.fused.fits(2, bad), "k"),
         (lambda: d.fused.has_qkv_rope(bad, 128), "ab_type"),
         (lambda: d.fused.has_qkv_rope(D.CUDA_R_16BF, bad), "d"),
+        (lambda: d.fused.has_qkv_rope(D.CUDA_R_16BF, 128, bad), "mode"),
+        (lambda: d.fused.has_gate_up_silu(D.CUDA_R_16BF, bad), "mode"),
     ):
         with pytest.raises(TypeError, match=f"^{name}: expected an int"):
             call()

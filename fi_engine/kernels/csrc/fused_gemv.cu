@@ -1,14 +1,14 @@
 
 // The GEMV of gemv.cu (same column loop, same float32 sums in the same order, same output rounding) with its
 // input rows computed in a prologue into shared memory, so that the launch producing them goes away:
-//   MODE 0 (plain):    in = x[:, :k] as it is                    (rows some other launch normalized: the fused
-//                      all-reduce + residual + RMSNorm of a tensor-parallel rank; only with an epilogue)
+//   MODE 0 (plain):    in = x[:, :k] as it is                    (rows made by another launch: a tensor-parallel
+//                      rank's, normalized by its fused all-reduce + residual + RMSNorm, before the RoPE or SiLU
+//                      epilogue; lora_fused.cu's o and down GEMVs, before the adapters' expand)
 //   MODE 1 (norm):     in = rmsnorm(h) * nw                     (FlashInfer's rmsnorm of h)
 //   MODE 2 (add-norm): s = h + x; h_out = s; in = rmsnorm(s) * nw (FlashInfer's fused_add_rmsnorm with input x,
 //                      residual h, written into h_out instead of in place: every block reads h while block 0
 //                      writes h_out, so the two are different buffers the caller alternates)
 //   MODE 3 (silu):     in = silu(x[:, :k]) * x[:, k:2k]           (FlashInfer's silu_and_mul of x)
-//   MODE 0 (copy):     in = x, as it is (lora_fused.cu's GEMVs only: the expand epilogue over rows made before)
 // The prologue rounds where those kernels round (h_out and in to the 16-bit type, nothing else) and sums the
 // squares in FlashInfer's order: its block of W = ceil(min(1024, k / 8) / 32) warps, thread t summing the 8-element
 // vectors t, t + 32 W, ... in turn, a butterfly within each warp, then one across the W warp sums; rsqrt.approx as
@@ -53,7 +53,7 @@ __device__ __forceinline__ void stage(uint4* sx, const unsigned short* __restric
     __shared__ float rcp[4];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int vecs = k >> 3;
-    if (MODE == 0) {  // (the LoRA GEMVs of lora_fused.cu over rows made before: copied as they are)
+    if (MODE == 0) {  // (rows made by another launch: copied as they are)
         for (int r = 0; r < rows; ++r)
             for (int c = threadIdx.x; c < vecs; c += blockDim.x)
                 sx[r * vecs + c] = *(reinterpret_cast<const uint4*>(x + r * x_ld) + c);

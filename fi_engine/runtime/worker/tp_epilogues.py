@@ -16,6 +16,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+from ...kernels.fused_args import PLAIN
 from .fused_decode import rope_append
 from .state import RunnerState
 
@@ -38,8 +39,6 @@ class TpEpilogueStep:
         ``kv_fp8`` (the epilogue stores 16-bit K/V), ``quantized weights`` (FP8 or int4: the epilogues read 16-bit
         weights), ``rows`` (more than the fused GEMVs serve, see ``FusedGemvs.fits``) and ``epilogue kernels`` (none
         compiled for this type and head dim)."""
-        from ...kernels.fused_args import PLAIN
-
         r = self.runner
         c, dense = r.config, r.dense
         if not r.tp_fused_epilogues:
@@ -97,8 +96,6 @@ class TpEpilogueStep:
         """Each layer's QKV + RoPE + append and gate/up + SiLU GEMVs over view ``v`` packed once (checked when
         packed), both reading the normalized rows (``normed``: the all-reduce's output) in the PLAIN mode; every
         operand is a runner buffer, weight or the view's index array, which never move."""
-        from ...kernels.fused_args import PLAIN
-
         r = self.runner
         c, b, fused = r.config, r.buffers, r.dense.fused
         h, inter, ab, w = c.hidden_size, c.intermediate_size, r.gemm_type, r.qkv_width
