@@ -21,7 +21,7 @@ The headers (``.cuh``), each the same text in every program that includes it:
 - ``load_weights.cuh``: ``load_weights``, the GEMVs' 16-byte weight loads past L1; ``gemv.cu``, ``fused_gemv.cu``,
   ``fp8_gemv.cu``, ``grouped_gemv.cu``, ``int4_gemv.cu``, ``skinny_gemm.cu``.
 - ``griddep.cuh``: programmatic dependent launch (``griddep_wait``, ``griddep_launch_dependents``); included by
-  ``gemv.cu``, ``fused_gemv.cu``, ``fp8_gemv.cu``, ``int4_gemv.cu`` and ``skinny_gemm.cu``.
+  ``gemv.cu``, ``fused_gemv.cu``, ``fp8_gemv.cu``, ``int4_gemv.cu``, ``skinny_gemm.cu`` and ``lora_bgmv.cu``.
 - ``row_counts.cuh``: the row counts the 16-bit GEMVs are compiled for and their other compile-time settings
   (``GEMV_FIXED_ROWS``, ``GEMV_PIPELINE``, ``GEMV_FUSED_MIN_BLOCKS``: Dense passes each); ``gemv.cu``,
   ``fused_gemv.cu``.
@@ -41,8 +41,9 @@ The headers (``.cuh``), each the same text in every program that includes it:
   (``fp8_tensor_cores.cuh``), which each includer includes before it.
 - ``fp8_dequant.cuh``: ``dequant_rows`` and the ``dequant_e4m3_{bf16,f16}`` kernels over it (e4m3 weights times
   their scales into a 16-bit copy); ``fp8_gemv.cu`` and ``grouped_gemv8.cu``.
-- ``lora_shrink.cuh``: the LoRA shrink's sum of one entry (``dot8``, ``block_sum``); ``lora_bgmv.cu`` and
-  ``lora_fused.cu`` (whose normed shrink so sums as the separate shrink does); uses ``convert.cuh``'s ``tof``.
+- ``lora_shrink.cuh``: the LoRA shrink's sum of one entry (``dot8``, ``block_sum``) and its start under
+  programmatic dependent launch (``shrink_start``); ``lora_bgmv.cu`` and ``lora_fused.cu`` (whose normed shrink so
+  sums as the separate shrink does); uses ``convert.cuh``'s ``tof`` and ``griddep.cuh``.
 - ``stage_rows.cuh``: the grouped GEMVs' listing of an expert's assignments and staging of their input rows (SiLU
   and mul made as they are staged, for the down projection); ``grouped_gemv.cu`` and ``grouped_gemv8.cu`` (the
   listing also ``grouped_gemv4.cu``, which stages its rows as float16 itself).

@@ -82,13 +82,21 @@ class Launcher:
         return params, values
 
     def prepared_kernel(
-        self, fn: int, grid: tuple[int, int], block: int, smem: int, args: Sequence[int], name: str
+        self,
+        fn: int,
+        grid: tuple[int, int],
+        block: int,
+        smem: int,
+        args: Sequence[int],
+        name: str,
+        pdl: bool = False,
     ) -> Callable[[], None]:
         """A launch of kernel ``fn`` (a ``CUfunction`` handle, e.g. a CuPy ``RawKernel``'s ``ptr``) on ``grid``
         (x, y) blocks of ``block`` threads with ``smem`` dynamic shared bytes, its arguments packed once: each a
         pointer or an integer, passed in an 8-byte slot (a 32-bit parameter reads its low 4 bytes: little-endian),
         so none may be a float. Calling the result launches it again on this stream (about a tenth of a CuPy kernel
-        call's host time). Raises ValueError when the driver launch path is off and TypeError/ValueError naming an
+        call's host time). ``pdl``: as :meth:`prepared`'s (the kernel must call ``griddep_wait`` before it reads
+        what the kernel before it writes). Raises ValueError when the driver launch path is off and TypeError/ValueError naming an
         argument that is no int or outside ``[0, 2**64)`` (negative 32-bit values: pass them as their unsigned
         bits)."""
         self.check_open()
@@ -96,7 +104,7 @@ class Launcher:
         int_arg("block", block, 1, 1025)
         int_arg("smem", smem, 0, 1 << 31)
         params, values = self.slots([int_arg(f"args[{i}]", a, 0, U64) for i, a in enumerate(args)])
-        return self.prepared(fn, gx, block, smem, params, values, name, grid_y=gy)
+        return self.prepared(fn, gx, block, smem, params, values, name, pdl=pdl, grid_y=gy)
 
     def prepared(
         self,

@@ -106,13 +106,16 @@ class DeviceSlots:
     ) -> Callable[[], None]:
         """:meth:`apply`'s shrink alone (``t = scale * A x`` of ``group`` in ``layer``), packed once through
         ``launcher`` (a Dense's :class:`~fi_engine.kernels.launch.Launcher`, on this stream): for the fused step,
-        whose GEMV after it adds ``t``'s expand in its epilogue (:mod:`~fi_engine.kernels.lora_fused`)."""
+        whose GEMV after it adds ``t``'s expand in its epilogue (:mod:`~fi_engine.kernels.lora_fused`). Launched
+        with programmatic dependent launch: its blocks wait on the GPU for the kernel before them, and the GEMV
+        after them loads its weights while they sum."""
         launch = self._shrink(group, layer, rows, x, x_ld, slots)
         if launch.long:
             raise ValueError(f"rows: the fused step's shrink takes at most a decode step's rows, got {rows}")
         grid, args = launch.grid, launch.args
         fn = self.kernels.shrink_function
-        return launcher.prepared_kernel(fn, grid, 32 * SHRINK_WARPS, 0, [int(a) for a in args], "lora shrink")
+        ints = [int(a) for a in args]
+        return launcher.prepared_kernel(fn, grid, 32 * SHRINK_WARPS, 0, ints, "lora shrink", pdl=True)
 
     def prepared_normed_shrink(
         self,

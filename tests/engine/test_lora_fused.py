@@ -180,6 +180,50 @@ def test_the_normed_shrink_launches_its_mode_and_types_kernel_on_its_grid() -> N
         g.prepared_shrink(F.NORM, 0, **call)
 
 
+
+def test_the_normed_shrink_is_launched_with_programmatic_dependent_launch() -> None:
+    """Through cuLaunchKernelEx the normed shrink carries the programmatic-stream-serialization attribute (its blocks
+    wait for the kernel before them on the GPU, lora_shrink.cuh's shrink_start, so that the GEMV after it loads its
+    weights while it sums) on its own grid; with Launcher.pdl off it carries none."""
+    g, _ = fake_gemvs()
+    seen: list[tuple[Any, ...]] = []
+
+    def launch_ex(config: Any, fn: int, params: Any, extra: Any) -> int:
+        attrs = [(config.attrs[i].id, int.from_bytes(bytes(config.attrs[i].value[0:4]), "little"))
+                 for i in range(config.numAttrs)]  # fmt: skip
+        seen.append((fn, config.gridDimX, config.gridDimY, attrs))
+        return 0
+
+    g.launcher.launch_ex = launch_ex
+    call = dict(
+        rows=3, h=at(0), h_ld=H, x=at(1), x_ld=H, norm_weight=at(2), eps=1e-5, k=H, slots=at(3), scale=at(4),
+        targets=at(5), bit=1, a=at(6), a_slot=3 * R * H, width=3 * R, t=at(7), t_ld=3 * R,
+    )  # fmt: skip
+    g.prepared_shrink(F.ADD_NORM, CUDA_R_16BF, **call)()
+    assert seen == [(0x9000 + F.ADD_NORM, 3 * R, 3, [(6, 1)])]
+    Launcher.pdl = False
+    try:
+        g.prepared_shrink(F.ADD_NORM, CUDA_R_16BF, **call)()
+    finally:
+        Launcher.pdl = True
+    assert seen[1][3] == []
+
+
+def test_both_shrink_kernels_wait_for_the_kernel_before_them_first() -> None:
+    """The decode shrink (lora_bgmv.cu) and the normed shrink (lora_fused.cu), launched with programmatic dependent
+    launch, call shrink_start (griddep_launch_dependents, then griddep_wait) before their first read and before any
+    block returns: a block that returned before waiting would let its grid, and so the GEMV waiting on it, end
+    before the kernel that wrote the shrink's input."""
+    start = read("lora_shrink.cuh")
+    body = re.search(r"void shrink_start\(\) \{(.*?)\}", start, re.S).group(1)  # type: ignore[union-attr]
+    assert body.index("griddep_launch_dependents") < body.index("griddep_wait")
+    for file, fn in (("lora_bgmv.cu", "shrink_rows"), ("lora_fused.cu", "shrink_normed")):
+        text = read(file)
+        kernel = text[text.index(f"void {fn}(") :]
+        kernel = kernel[: kernel.index("\n}\n")]
+        first = min(kernel.index(w) for w in ("return", "slots[", "stage<", "__ldg") if w in kernel)
+        assert "shrink_start();" in kernel and kernel.index("shrink_start();") < first, f"{file}: {fn}"
+
 @pytest.mark.parametrize(
     ("change", "match"),
     [

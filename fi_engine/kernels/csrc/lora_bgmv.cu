@@ -18,11 +18,15 @@
 // that spreads each entry's work widest (shrink_rows), a prefill's rows the one that reads x fewer times
 // (shrink_long_rows).
 //
+// The decode form (the fused step's o and down shrinks) may be launched with programmatic dependent launch
+// (lora_shrink.cuh's shrink_start); launched without, its griddep calls do nothing.
+//
 // Sums in float32, in a fixed order (each thread its strided share of k, a butterfly over each warp, the warps in
 // order; the expand in rank order): the result does not depend on the batch. y is rounded once, to nearest even.
 // x and A rows 16-byte aligned, k a multiple of 8 (the caller checks).
 #include "convert.cuh"  // tof, fromf
-#include "lora_shrink.cuh"  // dot8, block_sum
+#include "griddep.cuh"  // griddep_wait, griddep_launch_dependents
+#include "lora_shrink.cuh"  // dot8, block_sum, shrink_start
 
 // One block per (row, j): grid (width, rows), its warps splitting k. A row's shrink is a few thousand 16-byte loads
 // per output entry; one warp an entry (the first form) walked k in 16-56 dependent steps and bound a decode step's
@@ -35,6 +39,7 @@ __device__ __forceinline__ void shrink_rows(const unsigned short* __restrict__ x
                                             const unsigned short* __restrict__ a, long long a_slot, int width, int k,
                                             float* __restrict__ t, long long t_ld) {
     __shared__ float warp_sums[32];
+    shrink_start();
     const int row = blockIdx.y;
     const int s = slots[row];
     if (s < 0 || !(targets[s] & bit)) return;  // (the whole block: one row)

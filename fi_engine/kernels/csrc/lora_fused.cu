@@ -11,7 +11,7 @@
 //   lora_shrink_{f16,bf16}_{norm,addnorm}:          the shrink of the normalized rows
 #define GEMV_DEVICE_FUNCTIONS_ONLY  // fused_gemv.cu's device functions, none of its kernels
 #include "fused_gemv.cu"
-#include "lora_shrink.cuh"  // dot8, block_sum: lora_bgmv.cu's shrink sums
+#include "lora_shrink.cuh"  // dot8, block_sum, shrink_start: lora_bgmv.cu's shrink sums
 #if GEMV_FIXED_ROWS
 #define LORA_ROW_COUNTS(M, ...) M(1, __VA_ARGS__) M(2, __VA_ARGS__) M(3, __VA_ARGS__) M(4, __VA_ARGS__)
 #else
@@ -72,6 +72,7 @@ __device__ __forceinline__ void shrink_normed(const unsigned short* __restrict__
                                               int width, float* __restrict__ t, long long t_ld) {
     extern __shared__ uint4 sx[];  // the row's input, k / 8 vectors
     __shared__ float warp_sums[32];
+    shrink_start();  // (launched with programmatic dependent launch: lora_shrink.cuh)
     const int row = blockIdx.y;
     const int s = slots[row];
     if (s < 0 || !(targets[s] & bit)) return;  // (the whole block: one row)
