@@ -96,9 +96,9 @@ class Launcher:
         pointer or an integer, passed in an 8-byte slot (a 32-bit parameter reads its low 4 bytes: little-endian),
         so none may be a float. Calling the result launches it again on this stream (about a tenth of a CuPy kernel
         call's host time). ``pdl``: as :meth:`prepared`'s (the kernel must call ``griddep_wait`` before it reads
-        what the kernel before it writes). Raises ValueError when the driver launch path is off and TypeError/ValueError naming an
-        argument that is no int or outside ``[0, 2**64)`` (negative 32-bit values: pass them as their unsigned
-        bits)."""
+        what the kernel before it writes). Raises ValueError when the driver launch path is off and
+        TypeError/ValueError naming an argument that is no int or outside ``[0, 2**64)`` (negative 32-bit values:
+        pass them as their unsigned bits)."""
         self.check_open()
         gx, gy = (int_arg("grid", g, 1, 1 << 31) for g in grid)
         int_arg("block", block, 1, 1025)

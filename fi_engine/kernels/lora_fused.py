@@ -342,7 +342,8 @@ class LoraFusedGemvs:
         rmsnorm(h[r]) * norm_weight`` (NORM) or of ``h[r] + x[r]`` (ADD_NORM; the residual is not written: the GEMV
         writes it), rounded to the 16-bit type as the GEMV's prologue rounds it; ``A_s`` at ``a + s * a_slot``
         elements (``[width, k]``). Launched with programmatic dependent launch (its blocks wait on the GPU for
-        the kernel before them; the GEMV after them loads its weights while they sum). Raises what :func:`shrink_launch` raises, and ValueError naming ``ab_type`` for no 16-bit type."""
+        the kernel before them; the GEMV after them loads its weights while they sum). Raises what
+        :func:`shrink_launch` raises, and ValueError naming ``ab_type`` for no 16-bit type."""
         grid, smem, ints = shrink_launch(
             mode, rows, h, h_ld, x, x_ld, norm_weight, eps, k, slots, scale, targets, bit, a, a_slot, width, t, t_ld
         )

@@ -180,7 +180,6 @@ def test_the_normed_shrink_launches_its_mode_and_types_kernel_on_its_grid() -> N
         g.prepared_shrink(F.NORM, 0, **call)
 
 
-
 def test_the_normed_shrink_is_launched_with_programmatic_dependent_launch() -> None:
     """Through cuLaunchKernelEx the normed shrink carries the programmatic-stream-serialization attribute (its blocks
     wait for the kernel before them on the GPU, lora_shrink.cuh's shrink_start, so that the GEMV after it loads its
@@ -223,6 +222,7 @@ def test_both_shrink_kernels_wait_for_the_kernel_before_them_first() -> None:
         kernel = kernel[: kernel.index("\n}\n")]
         first = min(kernel.index(w) for w in ("return", "slots[", "stage<", "__ldg") if w in kernel)
         assert "shrink_start();" in kernel and kernel.index("shrink_start();") < first, f"{file}: {fn}"
+
 
 @pytest.mark.parametrize(
     ("change", "match"),
