@@ -321,6 +321,11 @@ def set_variant(variant: str) -> None:
         ModelRunner.graph_fused_decode = False
     if variant == "no-tp-fused":  # TP > 1: RoPE + append and SiLU as launches of their own, not the GEMVs' epilogues
         ModelRunner.tp_fused_epilogues = False
+    if variant == "tp-pipe":  # TP > 1: each graph step staged ahead and launched before the last one's ids are read
+        from fi_engine.runtime.serving import ServingLoop
+
+        ModelRunner.tp_prepare_ahead = True
+        ServingLoop.tp_pipelined_decode = True
     if variant == "pdl":  # the fused all-reduce + norm launched with programmatic dependent launch
         from fi_engine.layers.tensor_parallel import ResidualAllReduce
 
@@ -369,7 +374,8 @@ def run_rank(
                 engine.generate(prompts, 4, eos_token_ids=())  # warm-up
                 result = engine.generate(prompts, new_tokens, eos_token_ids=())
                 rank = engine.rank
-                parts = step_parts(engine) if profile and graph and variant in ("fused", "lt") else None
+                profiled = variant in ("fused", "lt", "whole-vocab", "tp-pipe")
+                parts = step_parts(engine) if profile and graph and profiled else None
             rows.append(
                 {
                     "tp": tp,
@@ -507,6 +513,22 @@ def step_parts(engine: object, reps: int = 20) -> dict[str, float]:
                 fn()
             out[name] = (time.perf_counter() - t) * 1e6 / reps
             e.stream.synchronize()
+        # each of ``reps`` back-to-back launches timed alone: the first on an idle stream (the plain loop's launch),
+        # the second with one graph in flight (the pipelined loop's), and the median and slowest (a launch that
+        # waits for the GPU shows here, not as host work); the ranks start together, so a late peer holds neither
+        if e.comm is not None:
+            e.comm.barrier()
+        e.stream.synchronize()
+        each = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            e.runner.graph.launch()
+            each.append((time.perf_counter() - t) * 1e6)
+        e.stream.synchronize()
+        out["host: launch, idle stream"] = each[0]
+        out["host: launch, 1 in flight"] = each[1]
+        out[f"host: launch, median of {reps}"] = float(np.median(each))
+        out[f"host: launch, max of {reps}"] = max(each)
     dense.bandwidth_bound = False
     return out
 
@@ -568,7 +590,9 @@ def main() -> None:
         "the next step prepared while the GPU runs this one; TP 1 runs it too), pdl (as fused, the all-reduce"
         " launched with programmatic dependent launch), no-tp-fused (TP > 1: a step of 1-4 rows launches RoPE + "
         "append and SiLU-and-mul on their own instead of as the QKV and gate/up GEMVs' epilogues, "
-        "ModelRunner.tp_fused_epilogues off)",
+        "ModelRunner.tp_fused_epilogues off), tp-pipe (TP > 1: each graph step staged while the last one runs and "
+        "launched before its ids are read, ServingLoop.tp_pipelined_decode and ModelRunner.tp_prepare_ahead on; "
+        "--profile also times the graph launch with one graph in flight)",
     )
     ap.add_argument("--profile", action="store_true", help="graph rows: also time each part of the step")
     add_hbm_tbs_argument(ap)

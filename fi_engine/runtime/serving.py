@@ -226,6 +226,15 @@ class ServingLoop(StepEngineBase):
     tokens after that step may differ from a run with this off (each run still reproduces itself). Set it on the
     class to compare (``benchmarks/bench_llama_tp.py --variants no-pipeline``)."""
 
+    tp_pipelined_decode = False
+    """:attr:`pipelined_decode` for ``generate`` under tensor parallelism too, where the runner stages steps ahead
+    (``ModelRunner.tp_prepare_ahead``) and no speculation is on (:meth:`_pipelines_decode`). Every rank runs the same
+    scheduler over the same tokens (rank 0's, broadcast on the stream in each step, ``Sampler.share_ids``), so every
+    rank launches ahead, drops a prepared step or waits at the same steps, and issues its collectives in the same
+    order; the step launched ahead copies its input tokens on the device, behind the broadcast that made them. Off
+    until a two-GPU run has compared the tokens and measured the step (``benchmarks/bench_llama_tp.py --variants
+    tp-pipe``; tests/engine/test_gpu_llama_tp.py). The step API's overlapped steps stay one GPU's."""
+
     pipelined_prefill = True
     """With :attr:`overlap_steps`, the decode graph on one GPU and steps prepared ahead: a queued request's prefill
     pass is prepared while the decode step in flight runs and launched behind it, its riders fed that step's tokens
@@ -464,17 +473,15 @@ class ServingLoop(StepEngineBase):
 
     def _launches_ahead(self, sched: Scheduler, delay: bool) -> bool:
         """Whether the next decode step may be launched now, before the tokens of the one in flight are read
-        (:attr:`pipelined_decode`): it was prepared during that step (decode graph, one GPU) for the rows the
+        (:attr:`pipelined_decode`): it was prepared during that step (:meth:`_pipelines_decode`) for the rows the
         slots still hold (:meth:`Scheduler.same_rows`: no request reaches its token limit in the step in flight,
         none was aborted), and no queued request would be admitted first (:meth:`_would_admit`). (Sampled rows
         stage their parameters in the other of two host buffers than the step in flight's.)"""
         prepared = self.passes.next_rows
         return (
-            self.pipelined_decode
+            self._pipelines_decode()
             and prepared is not None
             and any(r is not None for r in prepared)  # (all padding: every request ended; nothing to step)
-            and self.runner.graph is not None
-            and self.runner.comm is None
             and sched.same_rows(prepared)
             and not sched.processed  # its controls and logprobs read each request's recorded tokens
             and not self._would_admit(sched, delay)
@@ -490,6 +497,18 @@ class ServingLoop(StepEngineBase):
             and not sched.processed  # a rider's controls and logprobs read its recorded tokens
             and self._would_admit(sched, delay=True)
         )
+
+    def _pipelines_decode(self) -> bool:
+        """Whether decode steps may be launched before the tokens of the one in flight are read
+        (:attr:`pipelined_decode`, the decode graph): on one GPU; under tensor parallelism with
+        :attr:`tp_pipelined_decode`, steps staged ahead (``ModelRunner.prepare_ahead``) and no speculation (its policy
+        weighs this rank's own host times, which differ between ranks: the ranks' steps could part)."""
+        runner = self.runner
+        if not self.pipelined_decode or runner.graph is None:
+            return False
+        if runner.comm is None:
+            return True
+        return self.tp_pipelined_decode and runner.prepare_ahead and self.speculator.proposer is None
 
     def _prepares_ahead(self) -> bool:
         """Whether decode steps are prepared while the one before runs and launched with their input tokens copied
@@ -611,7 +630,7 @@ class ServingLoop(StepEngineBase):
         # current already (one query instead of a set and a restore around each of the ~10 kernels per layer)
         with runner.cupy.cuda.Device(runner.device), runner.stream, stream_scope(runner.stream_ptr, runner.device):
             try:
-                if self.pipelined_decode and runner.graph is not None and runner.comm is None:
+                if self._pipelines_decode():
                     launched = None
                     while sched.has_work:
                         launched = self._advance_pipelined(sched, result, launched)

@@ -10,7 +10,9 @@ an AWQ int4 checkpoint (groups of 128) runs as 2 ranks with every projection's s
 rank's o and down inputs split on group boundaries), against its own single-GPU run, within the same tolerance. A
 rank SIGKILLed in the middle of a generation ends the job within a bound, and a second run works. Decode steps of 1
 and 3 rows give the same greedy tokens with the GEMVs' RoPE + append and SiLU epilogues (the default) as with the
-separate launches."""
+separate launches. With the pipelined decode at TP 2 (each step launched before the last one's tokens are read), the
+greedy tokens and finish reasons are those of the loop without it, at 1 and 3 rows, with an end-of-sequence token
+mid-run and a request admitted once a slot frees."""
 
 from __future__ import annotations
 
@@ -217,6 +219,29 @@ def test_the_epilogue_step_gives_the_separate_launches_tokens(
         assert str(got[f"refusal_b{batch}_off"]) == "tp_fused_epilogues"
         on, off = got[f"tokens_b{batch}_on"].tolist(), got[f"tokens_b{batch}_off"].tolist()
         assert len(on) == batch and on == off, f"batch {batch} ({mode}): {on} != {off}"
+
+
+def test_the_pipelined_decode_at_tp_gives_the_tokens_of_the_plain_loop(
+    setup: tuple[Path, dict[str, str], dict[str, np.ndarray]],
+) -> None:
+    """TP 2 with the decode graph: ServingLoop.tp_pipelined_decode (with ModelRunner.tp_prepare_ahead) launches steps
+    ahead of the one in flight on every rank and gives the greedy tokens and finish reasons of the loop without it, at
+    1 row and at 3 (a 4th prompt admitted once the first, ended by an end-of-sequence token mid-run, frees its slot)."""
+    if gpu_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    model, env, _ = setup
+    out = model / "tp2-pipeline.npz"
+    run_ok(launched(2, worker("llama_tp_worker", model, out, "--pipeline-compare")), env)
+    got = dict(np.load(out))
+    assert int(got["tp"]) == 2
+    for batch in (1, 3):
+        on, off = got[f"tokens_b{batch}_on"].tolist(), got[f"tokens_b{batch}_off"].tolist()
+        assert on == off, f"batch {batch}: {on} != {off}"
+        reasons = got[f"reasons_b{batch}_on"].tolist()
+        assert reasons == got[f"reasons_b{batch}_off"].tolist() and reasons[0] == "eos", reasons
+        assert int(got[f"ahead_b{batch}_off"]) == 0  # off by default: no step launched ahead at TP
+        assert int(got[f"ahead_b{batch}_on"]) >= 2, (batch, int(got[f"ahead_b{batch}_on"]))
+    assert len(got["tokens_b3_on"]) == 4 and got["tokens_b3_on"][3][0] >= 0  # the prompt admitted later decoded
 
 
 def test_cli_generate_tp_prints_once(setup: tuple[Path, dict[str, str], dict[str, np.ndarray]]) -> None:

@@ -486,6 +486,74 @@ def test_pipelined_generate_gives_the_same_tokens_as_one_step_at_a_time(max_batc
     assert pipelined_off.generate(prompts, limits, eos_token_ids=(EOS,)).tokens == want.tokens
 
 
+def tp_rank(e, pipelined: bool, clock_step: float = 1e-4):
+    """``e`` as a tensor-parallel rank: a stand-in communicator, ``tp_pipelined_decode`` set to ``pipelined``, and a
+    host clock of its own (each reading ``clock_step`` seconds on: ranks' host times differ), read by its loop."""
+    e.runner.comm = object()
+    e.tp_pipelined_decode = pipelined
+    now = [0.0]
+
+    def perf_counter() -> float:
+        now[0] += clock_step
+        return now[0]
+
+    e.clock = SimpleNamespace(perf_counter=perf_counter)
+    return e
+
+
+@pytest.mark.parametrize("max_batch", [1, 3])
+def test_pipelined_generate_under_tensor_parallelism_only_with_its_switch(max_batch, monkeypatch):
+    """Under tensor parallelism generate launches no step ahead by default (ServingLoop.tp_pipelined_decode off);
+    with it, ranks launch steps ahead and give the tokens and finish reasons of the plain loop (end-of-sequence tokens
+    mid-batch, token limits, prompts admitted as slots free), and two ranks whose host clocks and scheduler delays
+    differ take the same steps in the same order (launched ahead or not): each rank's collectives then meet."""
+    prompts = [[1] * 3, [2] * 20, [3] * 9, [4] * 33, [5], [6] * 15]
+    limits = [5, 9, 2, 12, 4, 30]
+    want = bare_engine(max_batch=max_batch, token_of=eos_rule).generate(prompts, limits, eos_token_ids=(EOS,))
+    assert "eos" in want.finish_reasons
+    off = counting_ahead(tp_rank(bare_engine(max_batch=max_batch, token_of=eos_rule, pipelined=True), False))
+    assert not off._pipelines_decode()
+    got = off.generate(prompts, limits, eos_token_ids=(EOS,))
+    assert got.tokens == want.tokens and off.ahead == 0
+    ranks = []
+    for clock_step, delay in ((1e-4, 0.0), (3e-3, 4.0)):
+        e = counting_ahead(
+            tp_rank(bare_engine(max_batch=max_batch, token_of=eos_rule, pipelined=True), True, clock_step)
+        )
+        e.scheduler_delay_factor = delay  # (the step API's admission delay; generate admits at once)
+        monkeypatch.setattr(serving, "time", e.clock)
+        got = e.generate(prompts, limits, eos_token_ids=(EOS,))
+        assert got.tokens == want.tokens and got.finish_reasons == want.finish_reasons
+        decode_steps = sum(s[0] == "decode" for s in e.steps)
+        assert 3 * e.ahead > decode_steps, (e.ahead, decode_steps)
+        assert e.scheduler.allocator.num_free == e.scheduler.allocator.capacity
+        ranks.append(e)
+    assert ranks[0].steps == ranks[1].steps and ranks[0].ahead == ranks[1].ahead
+
+
+def test_the_pipelined_decode_at_tp_needs_its_switch_staged_steps_and_no_speculation():
+    """ServingLoop._pipelines_decode: one GPU with the decode graph pipelines whatever tp_pipelined_decode says;
+    a tensor-parallel rank only with it, with steps staged ahead (ModelRunner.prepare_ahead), and without speculation
+    (its policy weighs the rank's own host times); no rank without the decode graph or with pipelined_decode off."""
+    e = bare_engine(pipelined=True)
+    assert e._pipelines_decode() and not e.tp_pipelined_decode
+    e.runner.comm = object()
+    assert not e._pipelines_decode()
+    e.tp_pipelined_decode = True
+    assert e._pipelines_decode()
+    e.runner.prepare_ahead = False
+    assert not e._pipelines_decode()
+    e.runner.prepare_ahead = True
+    e.speculator.proposer = object()
+    assert not e._pipelines_decode()
+    e.speculator.proposer = None
+    e.pipelined_decode = False
+    assert not e._pipelines_decode()
+    e.pipelined_decode = True
+    e.runner.graph = None
+    assert not e._pipelines_decode()
+
+
 @pytest.mark.parametrize("abort_after", [None, (3, 0), (5, 4)])
 def test_pipelined_overlapped_steps_give_the_same_tokens_as_plain_steps(abort_after):
     """The step API with overlap_steps and a stand-in decode graph: step() launches the next decode step before

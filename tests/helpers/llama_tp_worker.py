@@ -11,6 +11,12 @@ first two prompts. ``--whole-vocab``: every rank keeps the whole embedding and L
 test kills one rank there). ``--tp-fused-compare``: instead, greedy generation of the first 1 and the first 3 prompts
 with ``ModelRunner.tp_fused_epilogues`` on, then (a second engine) off; rank 0 saves ``tokens_b{1,3}_{on,off}`` and
 what refused the epilogue step at each batch's decode rows (``refusal_b{1,3}_{on,off}``; "" where it ran).
+``--pipeline-compare``: instead, greedy generation with the CUDA graph (3 request slots) with the pipelined decode at
+tensor parallelism off (the default), then (a second engine) on (``ServingLoop.tp_pipelined_decode`` with
+``ModelRunner.tp_prepare_ahead``): the first prompt alone, then the first 4 prompts (the 4th admitted once a slot
+frees), each run ending its first prompt with an end-of-sequence token mid-run (a token the off engine's runs
+without one gave that prompt alone); rank 0 saves ``tokens_b{1,3}_{on,off}``, ``reasons_b{1,3}_{on,off}`` and the
+decode steps launched ahead of the one in flight (``ahead_b{1,3}_{on,off}``).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import sys
 os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -58,6 +65,56 @@ def compare_tp_fused(model: str, out: str, tp: int) -> None:
         np.savez(out, tp=np.array(tp), **saved)
 
 
+def first_own_token(tokens: list[list[int]]) -> int:
+    """A token of ``tokens[0]`` that no other row takes and that the first row first takes mid-run (at index 2 or
+    later, before its last; the first such from index 4 where there is one): as an end-of-sequence id, it ends the
+    first row mid-run and no other."""
+    others = {t for row in tokens[1:] for t in row}
+    row = tokens[0]
+    firsts = {t: row.index(t) for t in row if t not in others}
+    mid = sorted((j, t) for t, j in firsts.items() if 2 <= j < len(row) - 1)
+    if not mid:
+        raise AssertionError(f"no token of the first row ends it alone mid-run: {tokens}")
+    late = [(j, t) for j, t in mid if j >= 4]
+    return (late or mid[::-1])[0][1]
+
+
+def compare_pipeline(model: str, out: str, tp: int) -> None:
+    """``--pipeline-compare`` (see the module docstring)."""
+    from fi_engine.runtime.serving import ServingLoop
+    from fi_engine.runtime.worker.model_runner import ModelRunner
+
+    saved: dict[str, np.ndarray] = {}
+    rank = 0
+    eos: dict[int, int] = {}
+    for on in (False, True):
+        ServingLoop.tp_pipelined_decode = ModelRunner.tp_prepare_ahead = on  # read when the engine opens / steps
+        with engine_class(model)(model, max_batch=3, max_seq_len=128, cuda_graph=True, tensor_parallel=tp) as engine:
+            rank = engine.rank
+            assert engine.runner.prepare_ahead == on, (on, engine.runner.prepare_ahead)
+            ps = prompts(engine.config.vocab_size)
+            ahead = [0]
+            launch = engine.passes.decode_launch
+
+            def counted(sched: object, depth: int = 1, launch: Any = launch, ahead: list[int] = ahead) -> Any:
+                ahead[0] += depth == 2  # a step launched before the tokens of the one in flight were read
+                return launch(sched, depth)
+
+            engine.passes.decode_launch = counted
+            for batch, group in ((1, ps[:1]), (3, ps[:4])):
+                if not on:  # the end-of-sequence id: a token the first prompt alone takes, without one
+                    eos[batch] = first_own_token(engine.generate(group[:batch], MAX_NEW, eos_token_ids=()).tokens)
+                ahead[0] = 0
+                result = engine.generate(group, MAX_NEW, eos_token_ids=(eos[batch],))
+                key = f"b{batch}_{'on' if on else 'off'}"
+                saved[f"tokens_{key}"] = np.array([t + [-1] * (MAX_NEW - len(t)) for t in result.tokens], np.int64)
+                saved[f"reasons_{key}"] = np.array(result.finish_reasons)
+                saved[f"ahead_{key}"] = np.array(ahead[0])
+    ServingLoop.tp_pipelined_decode = ModelRunner.tp_prepare_ahead = False
+    if rank == 0:
+        np.savez(out, tp=np.array(tp), **saved)
+
+
 def main() -> None:
     model, out = sys.argv[1], sys.argv[2]
     if "--w8a16" in sys.argv:  # FP8 weights with 16-bit activations at every row count (the weights exact)
@@ -67,6 +124,9 @@ def main() -> None:
     tp = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
     if "--tp-fused-compare" in sys.argv:
         compare_tp_fused(model, out, tp)
+        return
+    if "--pipeline-compare" in sys.argv:
+        compare_pipeline(model, out, tp)
         return
     with engine_class(model)(
         model,

@@ -79,8 +79,9 @@ class ModelRunner(RunnerState):
     norms between), with every launch but the attention run packed once (``fused``, :mod:`.fused_decode`; the same
     logits as the separate launches); False: the separate launches.
     ``packed_attention`` (default True): the fused step's attention runs packed too.
-    ``prepare_ahead``: the graph loop stages decode step n + 1 while the GPU runs step n (one GPU, a family whose
-    plans order their copies on the stream: ``ModelFamily.plans_ahead``).
+    ``prepare_ahead``: the graph loop stages decode step n + 1 while the GPU runs step n (one GPU, or a
+    tensor-parallel rank with :attr:`tp_prepare_ahead`; a family whose plans order their copies on the stream:
+    ``ModelFamily.plans_ahead``).
 
     Its parts, each given the runner: ``io`` (:class:`~fi_engine.runtime.worker.step_io.StepIO`, made with the
     buffers), ``step_graphs`` (:class:`~fi_engine.runtime.worker.step_graphs.StepGraphs`), ``fused``
@@ -166,6 +167,14 @@ class ModelRunner(RunnerState):
     separate launches compute the same way: tests/engine/test_gpu_llama_tp.py compares the tokens); False: the
     separate launches. Read at each step (set it on the class to compare: ``benchmarks/bench_llama_tp.py --variants
     no-tp-fused``; a decode graph keeps what it captured)."""
+
+    tp_prepare_ahead: bool = False
+    """On a tensor-parallel rank too, the graph loop stages decode step n + 1 while the GPU runs step n
+    (:attr:`prepare_ahead`; the family must plan ahead: ``ModelFamily.plans_ahead``). Every rank stages the same rows
+    (they run the same scheduler on the same shared tokens), and the staging only orders host-to-device copies and the
+    attention plan on the rank's own stream, no collective. Off until a two-GPU run has compared the tokens and
+    measured the step (``ServingLoop.tp_pipelined_decode`` launches the staged step ahead; ``benchmarks/
+    bench_llama_tp.py --variants tp-pipe`` turns both on). Read when the engine opens: set it on the class."""
 
     norm_pdl: bool = True
     """The FP8 step's norms (``QuantizedWeights.fp8_epilogues``: launches of their own) launched with programmatic
@@ -312,9 +321,9 @@ class ModelRunner(RunnerState):
                     self.lora_gemvs = self._lora_gemvs()
                 self.sampler = Sampler.of(self)  # the tokens' choice, over the buffers just made
                 # the graph loop plans step N + 1 while the GPU runs step N: on an H100 (8B shape, one GPU) 6.39
-                # instead of 6.59 ms per step at batch 1, the same tokens (benchmarks/RESULTS.md); not yet measured
-                # with tensor parallelism, so off there
-                self.prepare_ahead = self.comm is None and self.family.plans_ahead()
+                # instead of 6.59 ms per step at batch 1, the same tokens (benchmarks/RESULTS.md); with tensor
+                # parallelism only with tp_prepare_ahead (not yet measured there)
+                self.prepare_ahead = (self.comm is None or self.tp_prepare_ahead) and self.family.plans_ahead()
                 self.prefill_workspace = kernels.workspace(device)
                 self.decode_workspace = kernels.workspace(device)
                 # The uploads and zero fills above ran on the legacy stream, which our non-blocking stream does not
