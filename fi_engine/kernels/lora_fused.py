@@ -192,6 +192,26 @@ def _lora_form(
     return prepared
 
 
+def _shrink_form(
+    launch: Callable[P, tuple[tuple[int, int], int, list[int]]], doc: str
+) -> Callable[Concatenate[LoraFusedGemvs, int, P], Callable[[], None]]:
+    """The packed-once form of the normed shrink whose launch ``launch`` checks: ``ab_type`` first, then its
+    parameters."""
+
+    def prepared(self: LoraFusedGemvs, ab_type: int, *args: P.args, **kwargs: P.kwargs) -> Callable[[], None]:
+        grid, smem, ints = launch(*args, **kwargs)
+        int_arg("ab_type", ab_type, -(1 << 63), 1 << 63)
+        mode: Any = args[0] if args else kwargs["mode"]  # (checked by launch: NORM or ADD_NORM)
+        fn = self.kernels.shrinks.get((mode, ab_type))
+        if fn is None:
+            raise ValueError(f"ab_type: no LoRA shrink for {ab_type} (16-bit types only)")
+        return self.launcher.prepared_kernel(fn, grid, SHRINK_THREADS, smem, ints, "lora shrink (normed)")
+
+    prepared.__doc__ = doc
+    prepared.__signature__ = forwarded_signature(launch, "Callable[[], None]", ("ab_type", "int"))  # type: ignore[attr-defined]
+    return prepared
+
+
 class LoraFusedGemvs:
     """The LoRA forms of ``fused``'s (a Dense's :class:`~fi_engine.kernels.fused_gemv.FusedGemvs`) prepared GEMVs,
     ``kernels`` (:class:`LoraFusedKernels`) launched through the Dense's ``launcher``: each takes the GEMV's
@@ -256,38 +276,13 @@ class LoraFusedGemvs:
         columns).""",
     )
 
-    def prepared_shrink(
-        self,
-        mode: int,
-        ab_type: int,
-        rows: int,
-        h: int,
-        h_ld: int,
-        x: int,
-        x_ld: int,
-        norm_weight: int,
-        eps: float,
-        k: int,
-        slots: int,
-        scale: int,
-        targets: int,
-        bit: int,
-        a: int,
-        a_slot: int,
-        width: int,
-        t: int,
-        t_ld: int,
-    ) -> Callable[[], None]:
-        """The shrink of the rows the fused GEMV after it normalizes, packed once: ``t[r, :width] = scale[s] * A_s
-        @ in[r]`` for each of ``rows`` rows of slot ``s = slots[r] >= 0`` whose ``targets[s]`` has ``bit``, ``in =
-        rmsnorm(h[r]) * norm_weight`` (NORM) or of ``h[r] + x[r]`` (ADD_NORM; the residual is not written: the GEMV
-        writes it), rounded to the 16-bit type as the GEMV's prologue rounds it; ``A_s`` at ``a + s * a_slot``
-        elements (``[width, k]``). Launched without programmatic dependent launch (the kernel reads its input at
-        once). Raises what :func:`shrink_launch` raises, and ValueError naming ``ab_type`` for no 16-bit type."""
-        grid, smem, ints = shrink_launch(
-            mode, rows, h, h_ld, x, x_ld, norm_weight, eps, k, slots, scale, targets, bit, a, a_slot, width, t, t_ld
-        )
-        fn = self.kernels.shrinks.get((mode, ab_type))
-        if fn is None:
-            raise ValueError(f"ab_type: no LoRA shrink for {ab_type} (16-bit types only)")
-        return self.launcher.prepared_kernel(fn, grid, SHRINK_THREADS, smem, ints, "lora shrink (normed)")
+    prepared_shrink = _shrink_form(
+        shrink_launch,
+        """The shrink of the rows the fused GEMV after it normalizes, packed once (``ab_type`` first, then
+        :func:`shrink_launch`'s parameters): ``t[r, :width] = scale[s] * A_s @ in[r]`` for each of ``rows`` rows
+        of slot ``s = slots[r] >= 0`` whose ``targets[s]`` has ``bit``, ``in = rmsnorm(h[r]) * norm_weight`` (NORM)
+        or of ``h[r] + x[r]`` (ADD_NORM; the residual is not written: the GEMV writes it), rounded to the 16-bit
+        type as the GEMV's prologue rounds it; ``A_s`` at ``a + s * a_slot`` elements (``[width, k]``). Launched
+        without programmatic dependent launch (the kernel reads its input at once). Raises what
+        :func:`shrink_launch` raises, and TypeError/ValueError naming ``ab_type`` for no 16-bit type.""",
+    )

@@ -13,6 +13,7 @@ suite (tests/engine/test_gpu_fused_decode.py) runs the same calls on real kernel
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import struct
 from typing import Any
 
@@ -237,6 +238,19 @@ CASES = [  # (prepared_linear passes dtype codes 0 and -1 on: cuBLAS refuses wha
     # PLAIN (0): the RoPE and SiLU epilogues' plain prologue
     and not (name == "mode" and type(value) is int and value == F.PLAIN and entry.startswith(PLAIN_ENTRIES))
 ]
+
+
+def test_prepared_linear_takes_linears_parameters_and_leaves_an_accumulating_call_to_linear() -> None:
+    """Dense.prepared_linear takes Dense.linear's parameters (accumulate too): an accumulating call packs nothing (the
+    GEMV writes y; linear adds to it at each call), and an accumulate that is no bool is refused by name."""
+    d = fake_dense()
+    assert list(inspect.signature(d.prepared_linear).parameters) == list(inspect.signature(d.linear).parameters)
+    prepared = d.prepared_linear(**linear_call(), accumulate=True)
+    assert callable(prepared) and d._gemv_args == {} and d.launches == []
+    d.prepared_linear(*linear_call().values(), False)()  # positionally, as linear takes them: the packed GEMV
+    assert len(d._gemv_args) == 1 and len(d.launches) == 1
+    with pytest.raises(TypeError, match="^accumulate: expected a bool, got int"):
+        d.prepared_linear(**linear_call(), accumulate=1)
 
 
 @pytest.mark.parametrize("entry", sorted(ENTRIES))

@@ -171,12 +171,14 @@ def test_the_normed_shrink_launches_its_mode_and_types_kernel_on_its_grid() -> N
         rows=2, h=at(0), h_ld=H, x=at(1), x_ld=H, norm_weight=at(2), eps=1e-5, k=H, slots=at(3), scale=at(4),
         targets=at(5), bit=1, a=at(6), a_slot=3 * R * H, width=3 * R, t=at(7), t_ld=3 * R,
     )  # fmt: skip
-    prepared = g.prepared_shrink(F.NORM, CUDA_R_16F, **call)
+    prepared = g.prepared_shrink(CUDA_R_16F, F.NORM, **call)
     prepared()
     fn, gx, gy, _, block, _, _, smem, _, _, _ = launches[-1]
     assert (fn, gx, gy, block, smem) == (0x9000 + F.NORM, 3 * R, 2, SHRINK_THREADS, 2 * H)
     with pytest.raises(ValueError, match="ab_type: no LoRA shrink"):
-        g.prepared_shrink(F.NORM, 0, **call)
+        g.prepared_shrink(0, F.NORM, **call)
+    with pytest.raises(TypeError, match="ab_type: "):
+        g.prepared_shrink([CUDA_R_16F], F.NORM, **call)
 
 
 @pytest.mark.parametrize(

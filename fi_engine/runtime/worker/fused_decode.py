@@ -196,7 +196,9 @@ class FusedDecode:
             e = adapted("qkv", i)
             if e is not None:  # the shrink of the rows the QKV GEMV normalizes, made as it makes them
                 before.append(
-                    lora.prepared_normed_shrink(gemvs, "qkv", i, mode, ab, rows, cur, h, x, h, ln, eps, slots)
+                    gemvs.prepared_shrink(
+                        ab, mode, rows, cur, h, x, h, ln, eps, **lora.normed_shrink_operands("qkv", i, rows, slots)
+                    )
                 )
             if in_gemv:
                 epilogue = rope_append(self.runner, i, v)
@@ -247,9 +249,8 @@ class FusedDecode:
                 if e is None:
                     after.append(dense.fused.prepared_gate_up_silu(*gu_args))
                 else:  # the shrink of the rows the gate/up GEMV normalizes, then the GEMV with the expand
-                    shrink = lora.prepared_normed_shrink(
-                        gemvs, "gate_up", i, ADD_NORM, ab, rows, cur, h, x, h, ln, eps, slots
-                    )
+                    operands = lora.normed_shrink_operands("gate_up", i, rows, slots)
+                    shrink = gemvs.prepared_shrink(ab, ADD_NORM, rows, cur, h, x, h, ln, eps, **operands)
                     after += [shrink, gemvs.prepared_gate_up_silu(e, *gu_args)]
                 after += linear(i, "down", rows, act, inter, r.wd[i], x)
             else:
