@@ -17,7 +17,7 @@ from typing import Any, Concatenate, NamedTuple, ParamSpec
 
 from fi_ffi.cuda import driver_error
 
-from .call_forms import forwarded_signature, same_parameters
+from .call_forms import forwarded_signature, same_parameters, value_then_parameters
 from .cublas import CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F
 from .cuda_sources import function_ptr, source
 from .fused_args import (
@@ -64,6 +64,13 @@ class EpilogueCall(NamedTuple):
     ints: list[int]
     columns: int
     weight_rows: int
+
+
+def _output_type(key: tuple[Any, ...], c_type: int) -> None:
+    """ValueError naming ``c_type`` where the call ``key`` (:meth:`FusedGemvs.linear`'s values) asks for another
+    output type than the one its kernel writes (``c_type``)."""
+    if int_arg("c_type", key[10], -(1 << 63), 1 << 63) != c_type:
+        raise ValueError(f"c_type: this GEMV writes its output as type {c_type}, got {key[10]!r:.40}")
 
 
 def _epilogue_form(
@@ -267,10 +274,8 @@ class FusedGemvs:
         (:class:`EpilogueCall`); ``mode`` PLAIN (``in = x [rows, k]`` as it is) is taken too, and ``c_type`` must be
         ``ab_type`` (16-bit ``y``: ValueError naming ``c_type`` otherwise)."""
         fn, _, smem, _, _ = self._pack(key, checks_only=True)
-        n, ab_type, c_type = key[5], key[9], key[10]
-        if c_type != ab_type:
-            raise ValueError(f"c_type: this GEMV writes y in its input's type ({ab_type}), got {c_type}")
-        return EpilogueCall(key, fn, smem, fused_args(key), n, n)
+        _output_type(key, key[9])
+        return EpilogueCall(key, fn, smem, fused_args(key), key[5], key[5])
 
     def _pack(self, key: tuple[Any, ...], checks_only: bool = False) -> tuple[Any, ...]:
         """Check one :meth:`linear` call site and pack its kernel arguments once: ``(function, grid, shared bytes,
@@ -382,31 +387,19 @@ class FusedGemvs:
         int_arg("mode", mode, -(1 << 63), 1 << 63)
         return (mode | ROPE, ab_type, ab_type) in self._fns and d in (64, 128, 256, 512)
 
-    def qkv_rope_parts(
-        self,
-        mode: int,
-        rows: int,
-        x: int,
-        x_ld: int,
-        w: int,
-        k: int,
-        y: int,
-        y_ld: int,
-        ab_type: int,
-        h: int,
-        h_ld: int,
-        norm_weight: int,
-        h_out: int,
-        eps: float,
-        rope: RopeAppend,
-    ) -> EpilogueCall:
-        """:meth:`prepared_qkv_rope`'s call checked (its errors) and unpacked (:class:`EpilogueCall`: the kernel of
-        this row count, its shared bytes, its arguments, the column pairs)."""
+    @value_then_parameters(linear)
+    def qkv_rope_parts(self, rope: RopeAppend, call: tuple[Any, ...]) -> EpilogueCall:
+        """:meth:`prepared_qkv_rope`'s call (``rope``, then :meth:`linear`'s parameters) checked (its errors) and
+        unpacked (:class:`EpilogueCall`: the kernel of this row count, its shared bytes, its arguments, the column
+        pairs)."""
+        mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, _, h, h_ld, norm_weight, h_out, eps = call
         epilogue_mode(mode, "RoPE", plain=True)
         rope_args = rope_ints(rope)
-        n = (rope.hq + 2 * rope.hk) * rope.d
+        if n != (rope.hq + 2 * rope.hk) * rope.d:
+            raise ValueError(f"n: the QKV GEMV's columns are (rope.hq + 2 rope.hk) rope.d, got {n!r:.40}")
         key = (mode | ROPE, rows, x, x_ld, w, n, k, y, y_ld, ab_type, ab_type, h, h_ld, norm_weight, h_out, eps)
         fn, _, smem, _, _ = self._pack(key, checks_only=True)
+        _output_type(call, ab_type)
         areas = [("y", y, 2 * ((rows - 1) * y_ld + n))]
         if mode != PLAIN:  # (PLAIN reads no h)
             areas.append(("h", h, 2 * ((rows - 1) * h_ld + k)))
@@ -420,7 +413,8 @@ class FusedGemvs:
     prepared_qkv_rope = _epilogue_form(
         qkv_rope_parts,
         "qkv gemv + rope + append",
-        """The fused QKV GEMV of a decode step (``mode`` NORM or ADD_NORM, as :meth:`linear`, or
+        """The fused QKV GEMV of a decode step (``rope``, then :meth:`linear`'s parameters: ``n`` ``(rope.hq + 2
+        rope.hk) rope.d``, ``c_type`` ``ab_type``; ``mode`` NORM or ADD_NORM, as :meth:`linear`, or
         :data:`~fi_engine.kernels.fused_args.PLAIN`: the input rows ``x [rows, k]`` as they are, ``h``,
         ``norm_weight``, ``h_out`` and ``eps`` unused -- a tensor-parallel rank's rows, normalized by its all-reduce;
         16-bit ``y = qkv [rows, (hq + 2 hk) d]``) with FlashInfer's ``apply_rope_pos_ids`` (in place,
@@ -440,26 +434,11 @@ class FusedGemvs:
         int_arg("mode", mode, -(1 << 63), 1 << 63)
         return (mode | GATE_UP, ab_type, ab_type) in self._fns
 
-    def gate_up_silu_parts(
-        self,
-        mode: int,
-        rows: int,
-        x: int,
-        x_ld: int,
-        w: int,
-        n: int,
-        k: int,
-        y: int,
-        y_ld: int,
-        ab_type: int,
-        h: int,
-        h_ld: int,
-        norm_weight: int,
-        h_out: int,
-        eps: float,
-    ) -> EpilogueCall:
-        """:meth:`prepared_gate_up_silu`'s call checked (its errors) and unpacked as :meth:`qkv_rope_parts` (the
-        column pairs: ``n / 2``)."""
+    @same_parameters(linear)
+    def gate_up_silu_parts(self, call: tuple[Any, ...]) -> EpilogueCall:
+        """:meth:`prepared_gate_up_silu`'s call (:meth:`linear`'s parameters) checked (its errors) and unpacked as
+        :meth:`qkv_rope_parts` (the column pairs: ``n / 2``)."""
+        mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, _, h, h_ld, norm_weight, h_out, eps = call
         epilogue_mode(mode, "SiLU", plain=True)
         int_arg("n", n, 2, 1 << 31)
         if n % 2:
@@ -468,6 +447,7 @@ class FusedGemvs:
         # the GEMV's checks over y's real extent (m columns); the weight's 2 m rows checked after
         key = (mode | GATE_UP, rows, x, x_ld, w, m, k, y, y_ld, ab_type, ab_type, h, h_ld, norm_weight, h_out, eps)
         fn, _, smem, _, _ = self._pack(key, checks_only=True)
+        _output_type(call, ab_type)
         if w + 2 * n * k > U64:
             raise ValueError(f"w: 0x{w:x} + {2 * n * k} bytes runs past the end of the address space")
         # (17 zero slots: the RoPE arguments, which the SiLU kernel reads none of)
@@ -476,7 +456,8 @@ class FusedGemvs:
     prepared_gate_up_silu = _epilogue_form(
         gate_up_silu_parts,
         "gate/up gemv + silu",
-        """The fused gate/up GEMV of a decode step (``mode`` NORM or ADD_NORM, as :meth:`linear`, or PLAIN as
+        """The fused gate/up GEMV of a decode step (:meth:`linear`'s parameters, ``c_type`` ``ab_type``; ``mode``
+        NORM or ADD_NORM, as :meth:`linear`, or PLAIN as
         :meth:`prepared_qkv_rope` takes it; the 16-bit weight
         ``w [n, k]`` holds the ``n / 2`` gate rows, then the ``n / 2`` up rows) with FlashInfer's ``silu_and_mul`` as
         its epilogue, checked and packed once (see :meth:`prepared`): ``y [rows, n / 2] = silu(g) * u`` (16-bit, row
@@ -494,35 +475,21 @@ class FusedGemvs:
         int_arg("ab_type", ab_type, -(1 << 63), 1 << 63)
         return (ADD_NORM | ROUTE, ab_type, CUDA_R_32F) in self._fns
 
-    def prepared_router(
-        self,
-        mode: int,
-        rows: int,
-        x: int,
-        x_ld: int,
-        w: int,
-        n: int,
-        k: int,
-        logits: int,
-        logits_ld: int,
-        ab_type: int,
-        h: int,
-        h_ld: int,
-        norm_weight: int,
-        h_out: int,
-        eps: float,
-        route: RouterEpilogue,
-    ) -> Callable[[], None]:
-        """A MoE layer's router GEMV of a decode step (``mode`` NORM or ADD_NORM, as :meth:`linear`; float32
-        ``logits [rows, n]`` over ``n`` experts' ``[n, k]`` 16-bit router weight ``w``) with the routing as its
-        epilogue, checked and packed once (see :meth:`prepared`): the normalized rows also written to
-        ``route.normed``, then each row's softmax top-``route.top_k`` experts and weights (as ``moe_route``), one
-        launch where the norm, the router GEMV and the routing were three. The logits and the experts equal those
-        launches' bit for bit; the weights are within a few float32 ulps (fast-math ``expf``; the GPU test checks
-        both). Raises TypeError/ValueError naming an argument as :meth:`linear` does, ``route`` that is no
-        :class:`~fi_engine.kernels.fused_args.RouterEpilogue` or one of its fields (``route.<field>``) of the wrong
-        type or range, misaligned, NULL or overlapping another operand, or a shape the kernel does not serve."""
+    @value_then_parameters(linear)
+    def prepared_router(self, route: RouterEpilogue, call: tuple[Any, ...]) -> Callable[[], None]:
+        """A MoE layer's router GEMV of a decode step (``route``, then :meth:`linear`'s parameters: ``mode`` NORM or
+        ADD_NORM; float32 logits ``y [rows, n]``, ``c_type`` CUDA_R_32F, over ``n`` experts' ``[n, k]`` 16-bit router
+        weight ``w``) with the routing as its epilogue, checked and packed once (see :meth:`prepared`): the
+        normalized rows also written to ``route.normed``, then each row's softmax top-``route.top_k`` experts and
+        weights (as ``moe_route``), one launch where the norm, the router GEMV and the routing were three. The logits
+        and the experts equal those launches' bit for bit; the weights are within a few float32 ulps (fast-math
+        ``expf``; the GPU test checks both). Raises TypeError/ValueError naming an argument as :meth:`linear` does,
+        ``route`` that is no :class:`~fi_engine.kernels.fused_args.RouterEpilogue` or one of its fields
+        (``route.<field>``) of the wrong type or range, misaligned, NULL or overlapping another operand, or a shape
+        the kernel does not serve."""
+        mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, _, h, h_ld, norm_weight, h_out, eps = call
         epilogue_mode(mode, "routing")
+        _output_type(call, CUDA_R_32F)
         if not isinstance(route, RouterEpilogue):
             raise TypeError(f"route: expected a RouterEpilogue, got {type(route).__name__}")
         r = route
@@ -532,7 +499,7 @@ class FusedGemvs:
         for name in ("normed", "experts", "weights", "done"):
             int_arg(f"route.{name}", getattr(r, name), 0, U64)
         int_arg("route.normed_ld", r.normed_ld, 0, MAX_LD)
-        key = (mode, rows, x, x_ld, w, n, k, logits, logits_ld, ab_type, CUDA_R_32F, h, h_ld, norm_weight, h_out, eps)
+        key = (mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, CUDA_R_32F, h, h_ld, norm_weight, h_out, eps)
         check_fused_values(key)
         if self._quantized.fp8_weights and w in self._quantized.fp8_weights:
             raise ValueError("w: the routing epilogue reads 16-bit router weights; this one is registered as FP8")
@@ -556,7 +523,7 @@ class FusedGemvs:
         outs += [("weights", r.weights, span_choice), ("done", r.done, 4)]
         span_in = 2 * ((rows - 1) * h_ld + k)
         others = [("h", h, span_in), ("norm_weight", norm_weight, 2 * k), ("w", w, 2 * n * k)]
-        others += [("logits", logits, 4 * ((rows - 1) * logits_ld + n))]
+        others += [("y", y, 4 * ((rows - 1) * y_ld + n))]
         if mode == ADD_NORM:
             others.append(("x", x, 2 * ((rows - 1) * x_ld + k)))
             if h_out:

@@ -20,6 +20,7 @@ GEMVs' own kernels are unchanged (``tools/kernel_fingerprints.py``).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec
@@ -180,9 +181,10 @@ def _lora_form(
     """The LoRA form of the fused GEMV that ``parts`` checks: the expand ``lora`` first, then ``parts``'
     parameters (``mode`` first, one of ``modes``: ValueError naming it otherwise, before any other check)."""
     names = " or ".join(_MODE_NAMES[m] for m in modes)  # (the modes its kernels follow)
+    at = list(inspect.signature(parts).parameters).index("mode") - 1  # (after self: behind an epilogue's value)
 
     def prepared(self: LoraFusedGemvs, lora: LoraExpand, *args: P.args, **kwargs: P.kwargs) -> Callable[[], None]:
-        mode = args[0] if args else kwargs.get("mode")
+        mode = args[at] if len(args) > at else kwargs.get("mode")
         if isinstance(mode, bool) or not isinstance(mode, int) or mode not in modes:
             raise ValueError(f"mode: the {name} takes {names}, got {mode!r:.40}")
         return self._prepared(parts(self.fused, *args, **kwargs), lora, name)

@@ -153,13 +153,13 @@ def test_each_lora_gemv_packs_the_base_arguments_then_the_expand_and_takes_its_k
         old_context_len=8192.0, positions=at(6), batch_indices=at(7), kv_indptr=at(8), kv_indices=at(9),
         k_cache=at(10), v_cache=at(11), page_size=16, num_pages=8, stride_page=16 * 2 * 64, stride_n=128, stride_h=64,
     )  # fmt: skip
-    qkv = {k: v for k, v in normed.items() if k != "n"} | {"y_ld": 8 * 64}
+    qkv = normed | {"n": 8 * 64, "y_ld": 8 * 64}
     e3 = expand(8 * 64, 3)
-    launch(g.prepared_qkv_rope(e3, F.NORM, **qkv, rope=rope))
+    launch(g.prepared_qkv_rope(e3, rope, F.NORM, **qkv, c_type=CUDA_R_16BF))
     assert launches[-1][0] == 0x9030 + 0x100 * (rows - 1) and launches[-1][1] == 8 * 64 // 2 // WARPS
     assert params_of(launches[-1], 40)[30:] == expand_ints(e3, 8 * 64)
     # gate/up + SiLU: the expand over the weight's N columns (gate, then up), y N / 2 wide
-    launch(g.prepared_gate_up_silu(expand(N, 2), F.ADD_NORM, **(normed | {"y_ld": N // 2})))
+    launch(g.prepared_gate_up_silu(expand(N, 2), F.ADD_NORM, **(normed | {"y_ld": N // 2}), c_type=CUDA_R_16BF))
     assert launches[-1][0] == 0x9050 + 0x100 * (rows - 1) and launches[-1][1] == N // 2 // WARPS
     got = params_of(launches[-1], 40)
     assert got[4] == N and got[30:] == expand_ints(expand(N, 2), N)
@@ -219,7 +219,7 @@ def test_a_bad_expand_field_is_refused_by_name_before_any_launch(change, match) 
         ({"y": at(0) + 16}, "y: overlaps x"),
         ({"x_ld": H - 8, "rows": 2}, "x_ld: "),
         ({"ab_type": CUDA_R_16F + 1000, "c_type": CUDA_R_16F + 1000}, "ab_type: no LoRA fused GEMV"),
-        ({"c_type": CUDA_R_16F}, "c_type: this GEMV writes y in its input's type"),
+        ({"c_type": CUDA_R_16F}, "c_type: this GEMV writes its output as type 14, got 2"),
         ({"x": None}, "x: "),
     ],
 )

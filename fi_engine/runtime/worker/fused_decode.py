@@ -202,7 +202,7 @@ class FusedDecode:
                 )
             if in_gemv:
                 epilogue = rope_append(self.runner, i, v)
-                args = (mode, rows, x, h, r.wqkv[i], h, qkv, w, ab, cur, h, ln, h_out, eps, epilogue)
+                args = (epilogue, mode, rows, x, h, r.wqkv[i], w, h, qkv, w, ab, ab, cur, h, ln, h_out, eps)
                 qkv_call = dense.fused.prepared_qkv_rope(*args) if e is None else gemvs.prepared_qkv_rope(e, *args)
             elif e is None:
                 qkv_call = fused(mode, rows, x, h, r.wqkv[i], w, h, qkv, w, ab, ab, cur, h, ln, h_out, eps)
@@ -244,7 +244,7 @@ class FusedDecode:
             # h += o's output; post_attention_layernorm; gate/up; then down of silu(gate) * up
             ln = r.ln2[i].data_ptr
             if silu_in_gate_up:
-                gu_args = (ADD_NORM, rows, x, h, r.wgu[i], 2 * inter, h, act, inter, ab, cur, h, ln, other, eps)
+                gu_args = (ADD_NORM, rows, x, h, r.wgu[i], 2 * inter, h, act, inter, ab, ab, cur, h, ln, other, eps)
                 e = adapted("gate_up", i)
                 if e is None:
                     after.append(dense.fused.prepared_gate_up_silu(*gu_args))
