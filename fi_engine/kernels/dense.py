@@ -293,29 +293,8 @@ class Dense:
                 if status:
                     raise CublasError("cublasLtMatmul", status, status_name(status))
                 return
-        status = self._gemm(
-            self._h,
-            CUBLAS_OP_T,
-            CUBLAS_OP_N,
-            n,
-            rows,
-            k,
-            self._one,
-            w,
-            ab_type,
-            k,
-            x,
-            ab_type,
-            x_ld,
-            self._one if accumulate else self._zero,
-            y,
-            c_type,
-            y_ld,
-            CUBLAS_COMPUTE_32F,
-            CUBLAS_GEMM_DEFAULT,
-        )
-        if status:
-            raise CublasError("cublasGemmEx", status, status_name(status))
+        beta = self._one if accumulate else self._zero
+        self._cublas(self._gemm, "cublasGemmEx", n, rows, k, w, ab_type, x, ab_type, x_ld, beta, y, c_type, y_ld)
 
     def _quantized_linear(
         self, wt: Any, kind: str, path: Callable[..., None], key: tuple[int, ...], accumulate: bool
@@ -428,33 +407,19 @@ class Dense:
         ``w_b`` (row-major ``[n, k]``) and ``y_b`` start ``b * x_stride``, ``b * w_stride``, ``b * y_stride``
         elements after ``x``, ``w``, ``y`` (MLA's per-head products: head ``b``'s columns of a ``[rows, H * d]``
         activation, its own weight). One cuBLAS call."""
-        status = self._batched(
-            self._h,
-            CUBLAS_OP_T,
-            CUBLAS_OP_N,
-            n,
-            rows,
-            k,
-            self._one,
-            w,
-            ab_type,
-            k,
-            w_stride,
-            x,
-            ab_type,
-            x_ld,
-            x_stride,
-            self._zero,
-            y,
-            c_type,
-            y_ld,
-            y_stride,
-            batch,
-            CUBLAS_COMPUTE_32F,
-            CUBLAS_GEMM_DEFAULT,
-        )
+        operands = (w_stride, x, ab_type, x_ld, x_stride, self._zero, y, c_type, y_ld, y_stride, batch)
+        self._cublas(self._batched, "cublasGemmStridedBatchedEx", n, rows, k, w, ab_type, *operands)
+
+    def _cublas(
+        self, gemm: Callable[..., int], name: str, n: int, rows: int, k: int, w: int, ab_type: int, *operands: Any
+    ) -> None:
+        """One cuBLAS GEMM ``gemm`` (``name``: its entry point, for the error) of the column-major view ``y^T (n x
+        rows) = op_T(w as k x n, ld k) . x^T``, float32 compute, the default algorithm: ``operands`` are its
+        arguments after ``w``'s (x's, beta, y's, and the batched form's strides and count)."""
+        head = (self._h, CUBLAS_OP_T, CUBLAS_OP_N, n, rows, k, self._one, w, ab_type, k)
+        status = gemm(*head, *operands, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
         if status:
-            raise CublasError("cublasGemmStridedBatchedEx", status, status_name(status))
+            raise CublasError(name, status, status_name(status))
 
     def close(self) -> None:
         """Destroy the cuBLAS handles (later GEMMs raise :class:`~fi_ffi.errors.CublasError`, small-row ones
