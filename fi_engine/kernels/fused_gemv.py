@@ -239,7 +239,8 @@ class FusedGemvs:
           ``silu_and_mul``; ``x [rows, 2k]``).
 
         (:data:`~fi_engine.kernels.fused_args.PLAIN`, the input rows as they are, is refused here: it serves only the
-        epilogue GEMVs, :meth:`prepared_qkv_rope` and :meth:`prepared_gate_up_silu`.)
+        epilogue GEMVs, :meth:`prepared_qkv_rope` and :meth:`prepared_gate_up_silu`, and the LoRA form's GEMV
+        (:meth:`linear_parts`), each of which has a kernel of its own.)
 
         Rounded where those kernels round (``in`` and ``h_out`` to the 16-bit type), so the result equals theirs
         followed by the Dense's GEMV. Pointers as ints, strides in elements; ``eps`` the norm's epsilon. :meth:`fits`

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from fi_engine.kernels.call_forms import forwarded_signature, same_parameters
+from fi_engine.kernels.call_forms import forwarded_signature, same_parameters, value_then_parameters
 
 pytestmark = pytest.mark.cpu_only
 
@@ -22,6 +22,11 @@ class Gemv:
     def packed(self, values: tuple[Any, ...]) -> tuple[Any, ...]:
         """The packed-once form."""
         return (self, values)
+
+    @value_then_parameters(launch)
+    def with_epilogue(self, rope: str, values: tuple[Any, ...]) -> tuple[Any, ...]:
+        """A form with an epilogue's value first."""
+        return (rope, values)
 
 
 @pytest.mark.parametrize(
@@ -61,3 +66,20 @@ def test_the_built_method_shows_the_declared_parameters_and_its_own_docstring() 
     with_lora = forwarded_signature(Gemv.launch, "None", ("lora", "LoraExpand"))
     assert list(with_lora.parameters) == ["self", "lora", "mode", "rows", "x", "eps", "h"]
     assert with_lora.parameters["lora"].annotation == "LoraExpand" and with_lora.return_annotation == "None"
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [(("r", 1, 2, 3), {}), ((1, 2, 3), {"rope": "r"}), ((), {"rope": "r", "mode": 1, "rows": 2, "x": 3})],
+)
+def test_a_leading_value_is_taken_by_position_or_by_its_name_before_the_declared_parameters(args, kwargs) -> None:
+    g = Gemv()
+    assert g.with_epilogue(*args, **kwargs) == ("r", (1, 2, 3, 0.0, 0))
+    assert list(inspect.signature(g.with_epilogue).parameters) == ["rope", "mode", "rows", "x", "eps", "h"]
+
+
+def test_a_missing_leading_value_is_refused_as_python_refuses_a_missing_argument() -> None:
+    with pytest.raises(TypeError, match="missing a required argument: 'rope'"):
+        Gemv().with_epilogue()
+    with pytest.raises(TypeError, match="missing a required argument: 'x'"):
+        Gemv().with_epilogue("r", 1, 2)

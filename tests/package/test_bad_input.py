@@ -2404,7 +2404,7 @@ EXEMPT: dict[str, str] = {
     **{
         f"kernels.call_forms.{n}": "builds a method from another's signature at import (no call values): "
         "tests/engine/test_call_forms.py"
-        for n in ("forwarded_signature", "same_parameters")
+        for n in ("forwarded_signature", "same_parameters", "value_then_parameters")
     },
     "kernels.lora_fused.LoraFusedKernels": "compiles lora_fused.cu with CuPy on a GPU; its kernels' fingerprints: "
     "tools/kernel_fingerprints.py",
