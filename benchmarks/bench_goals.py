@@ -448,8 +448,8 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
             parts[f"{name} (fused GEMV, prepared)"] = fused_gemv
         if d.fused.has_qkv_rope(ab, c.head_dim):  # RoPE + KV append as its epilogue
             call = d.fused.prepared_qkv_rope(
-                ADD_NORM, 1, b.x.data.ptr, h, engine.runner.wqkv[0], h, b.qkv.data.ptr, w, ab, b.h.data.ptr, h, nw,
-                b.h_alt.data.ptr, eps, rope_append(engine.runner, 0, v),
+                rope_append(engine.runner, 0, v), ADD_NORM, 1, b.x.data.ptr, h, engine.runner.wqkv[0], w, h,
+                b.qkv.data.ptr, w, ab, ab, b.h.data.ptr, h, nw, b.h_alt.data.ptr, eps,
             )  # fmt: skip
 
             def qkv_rope(call: Any = call) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 from fi_ffi.cuda import driver_error
 from fi_ffi.errors import CublasError, LibraryLoadError
 
+from .call_forms import same_parameters
 from .cublas import (
     CUBLAS_COMPUTE_32F,
     CUBLAS_GEMM_DEFAULT,
@@ -194,41 +195,6 @@ class Dense:
         self._choices.clear()
         self._skinny.forget()
 
-    def prepared_linear(
-        self,
-        rows: int,
-        x: int,
-        x_ld: int,
-        w: int,
-        n: int,
-        k: int,
-        y: int,
-        y_ld: int,
-        ab_type: int,
-        c_type: int,
-    ) -> Callable[[], None]:
-        """:meth:`linear` (no ``accumulate``) with these arguments packed once where the GEMV serves it (see
-        ``FusedGemvs.prepared``); elsewhere a call of :meth:`linear` with them. Raises TypeError/ValueError naming
-        an argument that is no int or out of range (addresses in ``[0, 2**64)``, ``rows``, ``n``, ``k`` in ``[1,
-        2**31)``, row strides in ``[0, 2**40)``), or, where the GEMV serves it, a misaligned ``y``."""
-        for name, value in (("rows", rows), ("n", n), ("k", k)):
-            int_arg(name, value, 1, 1 << 31)
-        for name, value in (("x", x), ("w", w), ("y", y)):
-            int_arg(name, value, 0, U64)
-        for name, value in (("x_ld", x_ld), ("y_ld", y_ld)):
-            int_arg(name, value, 0, MAX_LD)
-        for name, value in (("ab_type", ab_type), ("c_type", c_type)):
-            int_arg(name, value, -(1 << 31), 1 << 31)
-        args = (rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type)
-        if w in self._fp8_weights or w in self._int4_weights:  # the format's GEMV where it serves the call
-            prepared = self.quantized.prepared_gemv(*args)
-            return prepared if prepared is not None else lambda: self.linear(*args)
-        packed = self._pack_gemv(args) if self.gemv and rows <= GEMV_MAX_ROWS else ()
-        if not packed:
-            return lambda: self.linear(*args)
-        fn, grid, params, values = packed
-        return self.launcher.prepared(fn, grid, 32 * _GEMV_WARPS, 0, params, values, "gemv", pdl=True)
-
     @property
     def lt(self) -> bool:
         """Whether :meth:`linear` goes through cuBLASLt (cached algorithms); False: ``cublasGemmEx``. Settable (a
@@ -285,6 +251,36 @@ class Dense:
                 return
         self._gemm16((rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type), accumulate)
 
+    @same_parameters(linear)
+    def prepared_linear(self, call: tuple[Any, ...]) -> Callable[[], None]:
+        """:meth:`linear` (its parameters) with these arguments packed once where the GEMV serves it (see
+        ``FusedGemvs.prepared``); elsewhere (``accumulate`` among them) a call of :meth:`linear` with them. Raises
+        TypeError/ValueError naming an argument that is no int or out of range (addresses in ``[0, 2**64)``,
+        ``rows``, ``n``, ``k`` in ``[1, 2**31)``, row strides in ``[0, 2**40)``; ``accumulate`` no bool), or, where
+        the GEMV serves it, a misaligned ``y``."""
+        rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type, accumulate = call
+        for name, value in (("rows", rows), ("n", n), ("k", k)):
+            int_arg(name, value, 1, 1 << 31)
+        for name, value in (("x", x), ("w", w), ("y", y)):
+            int_arg(name, value, 0, U64)
+        for name, value in (("x_ld", x_ld), ("y_ld", y_ld)):
+            int_arg(name, value, 0, MAX_LD)
+        for name, value in (("ab_type", ab_type), ("c_type", c_type)):
+            int_arg(name, value, -(1 << 31), 1 << 31)
+        if not isinstance(accumulate, bool):
+            raise TypeError(f"accumulate: expected a bool, got {type(accumulate).__name__}")
+        args = (rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type)
+        if accumulate:  # (y's old values join the sum: the GEMV and the packed launches write y)
+            return lambda: self.linear(*args, accumulate=True)
+        if w in self._fp8_weights or w in self._int4_weights:  # the format's GEMV where it serves the call
+            prepared = self.quantized.prepared_gemv(*args)
+            return prepared if prepared is not None else lambda: self.linear(*args)
+        packed = self._pack_gemv(args) if self.gemv and rows <= GEMV_MAX_ROWS else ()
+        if not packed:
+            return lambda: self.linear(*args)
+        fn, grid, params, values = packed
+        return self.launcher.prepared(fn, grid, 32 * _GEMV_WARPS, 0, params, values, "gemv", pdl=True)
+
     def _gemm16(self, key: tuple[int, ...], accumulate: bool = False) -> None:
         """cuBLASLt (or ``cublasGemmEx``) for :meth:`linear`'s call ``key`` over a 16-bit weight."""
         rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type = key
@@ -297,29 +293,8 @@ class Dense:
                 if status:
                     raise CublasError("cublasLtMatmul", status, status_name(status))
                 return
-        status = self._gemm(
-            self._h,
-            CUBLAS_OP_T,
-            CUBLAS_OP_N,
-            n,
-            rows,
-            k,
-            self._one,
-            w,
-            ab_type,
-            k,
-            x,
-            ab_type,
-            x_ld,
-            self._one if accumulate else self._zero,
-            y,
-            c_type,
-            y_ld,
-            CUBLAS_COMPUTE_32F,
-            CUBLAS_GEMM_DEFAULT,
-        )
-        if status:
-            raise CublasError("cublasGemmEx", status, status_name(status))
+        beta = self._one if accumulate else self._zero
+        self._cublas(self._gemm, "cublasGemmEx", n, rows, k, w, ab_type, x, ab_type, x_ld, beta, y, c_type, y_ld)
 
     def _quantized_linear(
         self, wt: Any, kind: str, path: Callable[..., None], key: tuple[int, ...], accumulate: bool
@@ -432,33 +407,19 @@ class Dense:
         ``w_b`` (row-major ``[n, k]``) and ``y_b`` start ``b * x_stride``, ``b * w_stride``, ``b * y_stride``
         elements after ``x``, ``w``, ``y`` (MLA's per-head products: head ``b``'s columns of a ``[rows, H * d]``
         activation, its own weight). One cuBLAS call."""
-        status = self._batched(
-            self._h,
-            CUBLAS_OP_T,
-            CUBLAS_OP_N,
-            n,
-            rows,
-            k,
-            self._one,
-            w,
-            ab_type,
-            k,
-            w_stride,
-            x,
-            ab_type,
-            x_ld,
-            x_stride,
-            self._zero,
-            y,
-            c_type,
-            y_ld,
-            y_stride,
-            batch,
-            CUBLAS_COMPUTE_32F,
-            CUBLAS_GEMM_DEFAULT,
-        )
+        operands = (w_stride, x, ab_type, x_ld, x_stride, self._zero, y, c_type, y_ld, y_stride, batch)
+        self._cublas(self._batched, "cublasGemmStridedBatchedEx", n, rows, k, w, ab_type, *operands)
+
+    def _cublas(
+        self, gemm: Callable[..., int], name: str, n: int, rows: int, k: int, w: int, ab_type: int, *operands: Any
+    ) -> None:
+        """One cuBLAS GEMM ``gemm`` (``name``: its entry point, for the error) of the column-major view ``y^T (n x
+        rows) = op_T(w as k x n, ld k) . x^T``, float32 compute, the default algorithm: ``operands`` are its
+        arguments after ``w``'s (x's, beta, y's, and the batched form's strides and count)."""
+        head = (self._h, CUBLAS_OP_T, CUBLAS_OP_N, n, rows, k, self._one, w, ab_type, k)
+        status = gemm(*head, *operands, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
         if status:
-            raise CublasError("cublasGemmStridedBatchedEx", status, status_name(status))
+            raise CublasError(name, status, status_name(status))
 
     def close(self) -> None:
         """Destroy the cuBLAS handles (later GEMMs raise :class:`~fi_ffi.errors.CublasError`, small-row ones

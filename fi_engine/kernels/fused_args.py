@@ -103,20 +103,21 @@ class RouterEpilogue:
     done: int
 
 
-def check_fused_values(key: tuple[Any, ...]) -> None:
-    """The types and ranges of one fused GEMV call's values (``FusedGemvs._pack_fused``'s key), each refused naming
+def check_fused_values(key: tuple[Any, ...], plain: bool = False) -> None:
+    """The types and ranges of one fused GEMV call's values (``FusedGemvs._pack``'s key), each refused naming
     its argument: ints (not bools) where the kernel takes ints, addresses in ``[0, 2**64)``, row strides in
     ``[0, 2**40)``, ``eps`` a float finite in float32. The kernel's own limits (rows, k, n, row strides at least a row's
-    width, alignment, overlap) are checked after."""
+    width, alignment, overlap) are checked after. ``plain``: mode PLAIN taken (the LoRA form's GEMV over rows made
+    before, which has a kernel of its own)."""
     mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type, h, h_ld, norm_weight, h_out, eps = key
     if isinstance(mode, bool) or not isinstance(mode, int):
         raise ValueError(f"mode: expected NORM, ADD_NORM or SILU (fi_engine.kernels.fused_args), got {mode!r:.40}")
-    if mode == PLAIN:  # (its plain GEMV is the Dense's own)
+    if mode == PLAIN and not plain:  # (its plain GEMV is the Dense's own)
         raise ValueError(
             "mode: PLAIN (the input rows as they are) is the RoPE and SiLU epilogues' only (prepared_qkv_rope, "
             "prepared_gate_up_silu); a plain GEMV is Dense.linear"
         )
-    if (mode & ~PAIRS) not in FUSED_SUFFIX and not (mode & PAIRS and mode & ~PAIRS == PLAIN):
+    if (mode & ~PAIRS) not in FUSED_SUFFIX and mode & ~PAIRS != PLAIN:
         raise ValueError(f"mode: expected NORM, ADD_NORM or SILU (fi_engine.kernels.fused_args), got {mode!r:.40}")
     for name, value in (("rows", rows), ("n", n), ("k", k), ("ab_type", ab_type), ("c_type", c_type)):
         int_arg(name, value, -(1 << 63), 1 << 63)  # their limits: fused_fits, and the kernel lookup

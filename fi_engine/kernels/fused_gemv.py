@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Concatenate, NamedTuple, ParamSpec
 
 from fi_ffi.cuda import driver_error
 
+from .call_forms import forwarded_signature, same_parameters, value_then_parameters
 from .cublas import CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F
 from .cuda_sources import function_ptr, source
 from .fused_args import (
@@ -41,10 +42,49 @@ from .gemv_settings import GEMV_MAX_ROWS, GEMV_NAMES, GemvSettings, unroll
 from .launch import MAX_LD, U64, Launcher, int_arg, overlap
 from .quantized_weights import QuantizedWeights, check_call
 
-__all__ = ["FusedGemvs", "FusedKernels", "load_row_kernels"]
+__all__ = ["EpilogueCall", "FusedGemvs", "FusedKernels", "load_row_kernels"]
 
 WARPS = 8  # output columns per block per pass (one warp each); a block stages its input rows once
 _STATIC_SMEM = 48 << 10  # dynamic shared memory a kernel may take without opting in
+P = ParamSpec("P")
+
+
+class EpilogueCall(NamedTuple):
+    """One fused GEMV call checked and unpacked (:meth:`FusedGemvs.linear_parts`, ``qkv_rope_parts``,
+    ``gate_up_silu_parts``), for its packed launch or the LoRA form's (:mod:`~fi_engine.kernels.lora_fused`), which
+    launches its own kernel with these arguments and the expand's after them: ``key`` the call's values in
+    :func:`~fi_engine.kernels.fused_args.check_fused_values`' order (``mode`` with its epilogue's flag), ``fn`` the
+    fused kernel of its row count (None for PLAIN without an epilogue: no fused kernel of its own), ``smem`` its
+    shared bytes, ``ints`` its kernel arguments, ``columns`` the output columns (or pairs of them) its warps split,
+    ``weight_rows`` the weight's rows (the GEMV's outputs before the epilogue)."""
+
+    key: tuple[Any, ...]
+    fn: Any
+    smem: int
+    ints: list[int]
+    columns: int
+    weight_rows: int
+
+
+def _output_type(key: tuple[Any, ...], c_type: int) -> None:
+    """ValueError naming ``c_type`` where the call ``key`` (:meth:`FusedGemvs.linear`'s values) asks for another
+    output type than the one its kernel writes (``c_type``)."""
+    if int_arg("c_type", key[10], -(1 << 63), 1 << 63) != c_type:
+        raise ValueError(f"c_type: this GEMV writes its output as type {c_type}, got {key[10]!r:.40}")
+
+
+def _epilogue_form(
+    parts: Callable[Concatenate[FusedGemvs, P], EpilogueCall], name: str, doc: str
+) -> Callable[Concatenate[FusedGemvs, P], Callable[[], None]]:
+    """The packed-once form of ``parts`` (its parameters, checked by it): the returned launch's ``name``."""
+
+    def prepared(self: FusedGemvs, *args: P.args, **kwargs: P.kwargs) -> Callable[[], None]:
+        call = parts(self, *args, **kwargs)
+        return self._prepared_epilogue(call.fn, call.smem, call.ints, call.columns, name)
+
+    prepared.__doc__ = doc
+    prepared.__signature__ = forwarded_signature(parts, "Callable[[], None]")  # type: ignore[attr-defined]
+    return prepared
 
 
 @dataclass
@@ -199,7 +239,8 @@ class FusedGemvs:
           ``silu_and_mul``; ``x [rows, 2k]``).
 
         (:data:`~fi_engine.kernels.fused_args.PLAIN`, the input rows as they are, is refused here: it serves only the
-        epilogue GEMVs, :meth:`prepared_qkv_rope` and :meth:`prepared_gate_up_silu`.)
+        epilogue GEMVs, :meth:`prepared_qkv_rope` and :meth:`prepared_gate_up_silu`, and the LoRA form's GEMV
+        (:meth:`linear_parts`), each of which has a kernel of its own.)
 
         Rounded where those kernels round (``in`` and ``h_out`` to the 16-bit type), so the result equals theirs
         followed by the Dense's GEMV. Pointers as ints, strides in elements; ``eps`` the norm's epsilon. :meth:`fits`
@@ -220,37 +261,29 @@ class FusedGemvs:
         if err:
             raise driver_error(err, f"cuLaunchKernel(fused gemv, mode={mode}, rows={rows}, n={n}, k={k})")
 
-    def prepared(
-        self,
-        mode: int,
-        rows: int,
-        x: int,
-        x_ld: int,
-        w: int,
-        n: int,
-        k: int,
-        y: int,
-        y_ld: int,
-        ab_type: int,
-        c_type: int,
-        h: int = 0,
-        h_ld: int = 0,
-        norm_weight: int = 0,
-        h_out: int = 0,
-        eps: float = 0.0,
-    ) -> Callable[[], None]:
-        """:meth:`linear` with these arguments checked and packed once: calling the result launches it again (no key
-        built, no lookup: about one ``cuLaunchKernel``). The result keeps the packed argument array alive; after the
-        Dense's ``close`` it raises instead of launching."""
-        key = (mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type, h, h_ld, norm_weight, h_out, eps)
+    @same_parameters(linear)
+    def prepared(self, key: tuple[Any, ...]) -> Callable[[], None]:
+        """:meth:`linear` with these arguments (its parameters) checked and packed once: calling the result launches
+        it again (no key built, no lookup: about one ``cuLaunchKernel``). The result keeps the packed argument array
+        alive; after the Dense's ``close`` it raises instead of launching."""
         fn, grid, smem, params, values = self._pack(key)
         return self._launcher.prepared(fn, grid, 32 * WARPS, smem, params, values, "fused gemv", pdl=True)
+
+    @same_parameters(linear)
+    def linear_parts(self, key: tuple[Any, ...]) -> EpilogueCall:
+        """:meth:`linear`'s call (its parameters) checked as :meth:`linear` checks it, and unpacked for the LoRA form
+        (:class:`EpilogueCall`); ``mode`` PLAIN (``in = x [rows, k]`` as it is) is taken too, and ``c_type`` must be
+        ``ab_type`` (16-bit ``y``: ValueError naming ``c_type`` otherwise)."""
+        fn, _, smem, _, _ = self._pack(key, checks_only=True)
+        _output_type(key, key[9])
+        return EpilogueCall(key, fn, smem, fused_args(key), key[5], key[5])
 
     def _pack(self, key: tuple[Any, ...], checks_only: bool = False) -> tuple[Any, ...]:
         """Check one :meth:`linear` call site and pack its kernel arguments once: ``(function, grid, shared bytes,
         params, values)``; at most 4096 kept, then the cache starts again. ``checks_only``: the checks and
-        ``(function, grid, shared bytes, None, None)``, nothing packed or kept (the epilogues pack their own)."""
-        check_fused_values(key)
+        ``(function, grid, shared bytes, None, None)``, nothing packed or kept (the epilogues and the LoRA forms pack
+        their own), mode PLAIN taken too (the LoRA form's GEMV over rows made before; no function of its own here)."""
+        check_fused_values(key, plain=checks_only)
         mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type, h, h_ld, norm_weight, h_out, _ = key
         if mode & PAIRS and not checks_only:  # (an AssertionError below otherwise)
             raise ValueError(
@@ -258,7 +291,7 @@ class FusedGemvs:
                 f"prepared_gate_up_silu's, got {mode}"
             )
         fn: Any = self._fns.get((mode, ab_type, c_type))  # per row count (16-bit); the FP8 kernel's own below
-        if fn is None:
+        if fn is None and mode != PLAIN:
             why = "compiled (closed, or NVRTC refused them)" if not self._fns else "for these types"
             raise ValueError(f"ab_type, c_type: no fused GEMV {why} ({ab_type}, {c_type}, mode {mode})")
         quantized = self._quantized
@@ -266,6 +299,8 @@ class FusedGemvs:
             raise ValueError("w: the fused GEMVs read 16-bit or FP8 weights; this one is registered as int4")
         fp8 = quantized.fp8_weights.get(w) if quantized.fp8_weights else None
         if fp8 is not None:  # e4m3 weights: the same prologue before the FP8 GEMV (fp8_linear)
+            if mode == PLAIN:  # (checks_only: the LoRA form's GEMV over rows made before)
+                raise ValueError("w: the LoRA fused GEMVs read 16-bit weights; this one is registered as FP8")
             lib = quantized.fp8
             assert lib is not None
             if mode & PAIRS:
@@ -279,7 +314,7 @@ class FusedGemvs:
         pairs, mode = mode & PAIRS, mode & ~PAIRS
         if not self.fits(rows, k):
             raise ValueError(f"rows, k: the fused GEMV does not serve {rows} rows of {k} (see fits)")
-        if fp8 is None:
+        if fp8 is None and fn is not None:
             fn = fn[rows - 1]  # the 16-bit kernel of this many rows
         if not 0 < n < 1 << 31:
             raise ValueError(f"n: expected 1 to 2**31 - 1 output columns, got {n}")
@@ -353,25 +388,34 @@ class FusedGemvs:
         int_arg("mode", mode, -(1 << 63), 1 << 63)
         return (mode | ROPE, ab_type, ab_type) in self._fns and d in (64, 128, 256, 512)
 
-    def prepared_qkv_rope(
-        self,
-        mode: int,
-        rows: int,
-        x: int,
-        x_ld: int,
-        w: int,
-        k: int,
-        y: int,
-        y_ld: int,
-        ab_type: int,
-        h: int,
-        h_ld: int,
-        norm_weight: int,
-        h_out: int,
-        eps: float,
-        rope: RopeAppend,
-    ) -> Callable[[], None]:
-        """The fused QKV GEMV of a decode step (``mode`` NORM or ADD_NORM, as :meth:`linear`, or
+    @value_then_parameters(linear)
+    def qkv_rope_parts(self, rope: RopeAppend, call: tuple[Any, ...]) -> EpilogueCall:
+        """:meth:`prepared_qkv_rope`'s call (``rope``, then :meth:`linear`'s parameters) checked (its errors) and
+        unpacked (:class:`EpilogueCall`: the kernel of this row count, its shared bytes, its arguments, the column
+        pairs)."""
+        mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, _, h, h_ld, norm_weight, h_out, eps = call
+        epilogue_mode(mode, "RoPE", plain=True)
+        rope_args = rope_ints(rope)
+        if n != (rope.hq + 2 * rope.hk) * rope.d:
+            raise ValueError(f"n: the QKV GEMV's columns are (rope.hq + 2 rope.hk) rope.d, got {n!r:.40}")
+        key = (mode | ROPE, rows, x, x_ld, w, n, k, y, y_ld, ab_type, ab_type, h, h_ld, norm_weight, h_out, eps)
+        fn, _, smem, _, _ = self._pack(key, checks_only=True)
+        _output_type(call, ab_type)
+        areas = [("y", y, 2 * ((rows - 1) * y_ld + n))]
+        if mode != PLAIN:  # (PLAIN reads no h)
+            areas.append(("h", h, 2 * ((rows - 1) * h_ld + k)))
+        if mode != NORM:
+            areas.append(("x", x, 2 * ((rows - 1) * x_ld + k)))
+        if mode == ADD_NORM and h_out:
+            areas.append(("h_out", h_out, 2 * ((rows - 1) * h_ld + k)))
+        caches_apart(rope, areas)
+        return EpilogueCall(key, fn, smem, [*fused_args(key), *rope_args], n // 2, n)
+
+    prepared_qkv_rope = _epilogue_form(
+        qkv_rope_parts,
+        "qkv gemv + rope + append",
+        """The fused QKV GEMV of a decode step (``rope``, then :meth:`linear`'s parameters: ``n`` ``(rope.hq + 2
+        rope.hk) rope.d``, ``c_type`` ``ab_type``; ``mode`` NORM or ADD_NORM, as :meth:`linear`, or
         :data:`~fi_engine.kernels.fused_args.PLAIN`: the input rows ``x [rows, k]`` as they are, ``h``,
         ``norm_weight``, ``h_out`` and ``eps`` unused -- a tensor-parallel rank's rows, normalized by its all-reduce;
         16-bit ``y = qkv [rows, (hq + 2 hk) d]``) with FlashInfer's ``apply_rope_pos_ids`` (in place,
@@ -381,47 +425,8 @@ class FusedGemvs:
         naming an argument as :meth:`linear` does, ``rope`` that is no
         :class:`~fi_engine.kernels.fused_args.RopeAppend` or one of its fields (``rope.<field>``) of the wrong type or
         range, a misaligned, NULL or overlapping cache or index array (the caches against y, h, x and h_out), or a
-        shape the kernel does not serve."""
-        fn, smem, ints, pairs = self.qkv_rope_parts(
-            mode, rows, x, x_ld, w, k, y, y_ld, ab_type, h, h_ld, norm_weight, h_out, eps, rope
-        )
-        return self._prepared_epilogue(fn, smem, ints, pairs, "qkv gemv + rope + append")
-
-    def qkv_rope_parts(
-        self,
-        mode: int,
-        rows: int,
-        x: int,
-        x_ld: int,
-        w: int,
-        k: int,
-        y: int,
-        y_ld: int,
-        ab_type: int,
-        h: int,
-        h_ld: int,
-        norm_weight: int,
-        h_out: int,
-        eps: float,
-        rope: RopeAppend,
-    ) -> tuple[Any, int, list[int], int]:
-        """:meth:`prepared_qkv_rope`'s call checked (its errors) and unpacked: ``(the kernel of this row count,
-        its shared bytes, its arguments, the column pairs)``; the LoRA form launches its own kernel with these
-        arguments and the expand's after them (:mod:`~fi_engine.kernels.lora_fused`)."""
-        epilogue_mode(mode, "RoPE", plain=True)
-        rope_args = rope_ints(rope)
-        n = (rope.hq + 2 * rope.hk) * rope.d
-        key = (mode | ROPE, rows, x, x_ld, w, n, k, y, y_ld, ab_type, ab_type, h, h_ld, norm_weight, h_out, eps)
-        fn, _, smem, _, _ = self._pack(key, checks_only=True)
-        areas = [("y", y, 2 * ((rows - 1) * y_ld + n))]
-        if mode != PLAIN:  # (PLAIN reads no h)
-            areas.append(("h", h, 2 * ((rows - 1) * h_ld + k)))
-        if mode != NORM:
-            areas.append(("x", x, 2 * ((rows - 1) * x_ld + k)))
-        if mode == ADD_NORM and h_out:
-            areas.append(("h_out", h_out, 2 * ((rows - 1) * h_ld + k)))
-        caches_apart(rope, areas)
-        return fn, smem, [*fused_args(key), *rope_args], n // 2
+        shape the kernel does not serve.""",
+    )
 
     def has_gate_up_silu(self, ab_type: int, mode: int = ADD_NORM) -> bool:
         """Whether :meth:`prepared_gate_up_silu` serves ``ab_type`` inputs after prologue ``mode`` (its kernels
@@ -430,59 +435,11 @@ class FusedGemvs:
         int_arg("mode", mode, -(1 << 63), 1 << 63)
         return (mode | GATE_UP, ab_type, ab_type) in self._fns
 
-    def prepared_gate_up_silu(
-        self,
-        mode: int,
-        rows: int,
-        x: int,
-        x_ld: int,
-        w: int,
-        n: int,
-        k: int,
-        y: int,
-        y_ld: int,
-        ab_type: int,
-        h: int,
-        h_ld: int,
-        norm_weight: int,
-        h_out: int,
-        eps: float,
-    ) -> Callable[[], None]:
-        """The fused gate/up GEMV of a decode step (``mode`` NORM or ADD_NORM, as :meth:`linear`, or PLAIN as
-        :meth:`prepared_qkv_rope` takes it; the 16-bit weight
-        ``w [n, k]`` holds the ``n / 2`` gate rows, then the ``n / 2`` up rows) with FlashInfer's ``silu_and_mul`` as
-        its epilogue, checked and packed once (see :meth:`prepared`): ``y [rows, n / 2] = silu(g) * u`` (16-bit, row
-        stride ``y_ld``), ``g`` and ``u`` the GEMV's columns ``j`` and ``n / 2 + j`` rounded as its output is. One
-        launch where the fused GEMV and ``silu_and_mul`` were two, and the down GEMV after it reads ``y`` as it is (no
-        SiLU prologue recomputed in each of its blocks); the same values as those launches bit for bit (the GPU test
-        checks them). Raises TypeError/ValueError naming an argument as :meth:`linear` does (``y``'s extent: ``n /
-        2`` columns), an odd ``n``, or a weight registered as FP8 (``QuantizedWeights.prepared_fp8_silu`` serves
-        those)."""
-        fn, smem, ints, m = self.gate_up_silu_parts(
-            mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, h, h_ld, norm_weight, h_out, eps
-        )
-        return self._prepared_epilogue(fn, smem, ints, m, "gate/up gemv + silu")
-
-    def gate_up_silu_parts(
-        self,
-        mode: int,
-        rows: int,
-        x: int,
-        x_ld: int,
-        w: int,
-        n: int,
-        k: int,
-        y: int,
-        y_ld: int,
-        ab_type: int,
-        h: int,
-        h_ld: int,
-        norm_weight: int,
-        h_out: int,
-        eps: float,
-    ) -> tuple[Any, int, list[int], int]:
-        """:meth:`prepared_gate_up_silu`'s call checked (its errors) and unpacked as :meth:`qkv_rope_parts`: the
-        kernel of this row count, its shared bytes, its arguments and the column pairs (``n / 2``)."""
+    @same_parameters(linear)
+    def gate_up_silu_parts(self, call: tuple[Any, ...]) -> EpilogueCall:
+        """:meth:`prepared_gate_up_silu`'s call (:meth:`linear`'s parameters) checked (its errors) and unpacked as
+        :meth:`qkv_rope_parts` (the column pairs: ``n / 2``)."""
+        mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, _, h, h_ld, norm_weight, h_out, eps = call
         epilogue_mode(mode, "SiLU", plain=True)
         int_arg("n", n, 2, 1 << 31)
         if n % 2:
@@ -491,10 +448,27 @@ class FusedGemvs:
         # the GEMV's checks over y's real extent (m columns); the weight's 2 m rows checked after
         key = (mode | GATE_UP, rows, x, x_ld, w, m, k, y, y_ld, ab_type, ab_type, h, h_ld, norm_weight, h_out, eps)
         fn, _, smem, _, _ = self._pack(key, checks_only=True)
+        _output_type(call, ab_type)
         if w + 2 * n * k > U64:
             raise ValueError(f"w: 0x{w:x} + {2 * n * k} bytes runs past the end of the address space")
         # (17 zero slots: the RoPE arguments, which the SiLU kernel reads none of)
-        return fn, smem, [*fused_args(key, n), *[0] * 17], m
+        return EpilogueCall(key, fn, smem, [*fused_args(key, n), *[0] * 17], m, n)
+
+    prepared_gate_up_silu = _epilogue_form(
+        gate_up_silu_parts,
+        "gate/up gemv + silu",
+        """The fused gate/up GEMV of a decode step (:meth:`linear`'s parameters, ``c_type`` ``ab_type``; ``mode``
+        NORM or ADD_NORM, as :meth:`linear`, or PLAIN as
+        :meth:`prepared_qkv_rope` takes it; the 16-bit weight
+        ``w [n, k]`` holds the ``n / 2`` gate rows, then the ``n / 2`` up rows) with FlashInfer's ``silu_and_mul`` as
+        its epilogue, checked and packed once (see :meth:`prepared`): ``y [rows, n / 2] = silu(g) * u`` (16-bit, row
+        stride ``y_ld``), ``g`` and ``u`` the GEMV's columns ``j`` and ``n / 2 + j`` rounded as its output is. One
+        launch where the fused GEMV and ``silu_and_mul`` were two, and the down GEMV after it reads ``y`` as it is (no
+        SiLU prologue recomputed in each of its blocks); the same values as those launches bit for bit (the GPU test
+        checks them). Raises TypeError/ValueError naming an argument as :meth:`linear` does (``y``'s extent: ``n /
+        2`` columns), an odd ``n``, or a weight registered as FP8 (``QuantizedWeights.prepared_fp8_silu`` serves
+        those).""",
+    )
 
     def has_router(self, ab_type: int) -> bool:
         """Whether :meth:`prepared_router` serves ``ab_type`` inputs (its kernels compiled). TypeError naming
@@ -502,35 +476,21 @@ class FusedGemvs:
         int_arg("ab_type", ab_type, -(1 << 63), 1 << 63)
         return (ADD_NORM | ROUTE, ab_type, CUDA_R_32F) in self._fns
 
-    def prepared_router(
-        self,
-        mode: int,
-        rows: int,
-        x: int,
-        x_ld: int,
-        w: int,
-        n: int,
-        k: int,
-        logits: int,
-        logits_ld: int,
-        ab_type: int,
-        h: int,
-        h_ld: int,
-        norm_weight: int,
-        h_out: int,
-        eps: float,
-        route: RouterEpilogue,
-    ) -> Callable[[], None]:
-        """A MoE layer's router GEMV of a decode step (``mode`` NORM or ADD_NORM, as :meth:`linear`; float32
-        ``logits [rows, n]`` over ``n`` experts' ``[n, k]`` 16-bit router weight ``w``) with the routing as its
-        epilogue, checked and packed once (see :meth:`prepared`): the normalized rows also written to
-        ``route.normed``, then each row's softmax top-``route.top_k`` experts and weights (as ``moe_route``), one
-        launch where the norm, the router GEMV and the routing were three. The logits and the experts equal those
-        launches' bit for bit; the weights are within a few float32 ulps (fast-math ``expf``; the GPU test checks
-        both). Raises TypeError/ValueError naming an argument as :meth:`linear` does, ``route`` that is no
-        :class:`~fi_engine.kernels.fused_args.RouterEpilogue` or one of its fields (``route.<field>``) of the wrong
-        type or range, misaligned, NULL or overlapping another operand, or a shape the kernel does not serve."""
+    @value_then_parameters(linear)
+    def prepared_router(self, route: RouterEpilogue, call: tuple[Any, ...]) -> Callable[[], None]:
+        """A MoE layer's router GEMV of a decode step (``route``, then :meth:`linear`'s parameters: ``mode`` NORM or
+        ADD_NORM; float32 logits ``y [rows, n]``, ``c_type`` CUDA_R_32F, over ``n`` experts' ``[n, k]`` 16-bit router
+        weight ``w``) with the routing as its epilogue, checked and packed once (see :meth:`prepared`): the
+        normalized rows also written to ``route.normed``, then each row's softmax top-``route.top_k`` experts and
+        weights (as ``moe_route``), one launch where the norm, the router GEMV and the routing were three. The logits
+        and the experts equal those launches' bit for bit; the weights are within a few float32 ulps (fast-math
+        ``expf``; the GPU test checks both). Raises TypeError/ValueError naming an argument as :meth:`linear` does,
+        ``route`` that is no :class:`~fi_engine.kernels.fused_args.RouterEpilogue` or one of its fields
+        (``route.<field>``) of the wrong type or range, misaligned, NULL or overlapping another operand, or a shape
+        the kernel does not serve."""
+        mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, _, h, h_ld, norm_weight, h_out, eps = call
         epilogue_mode(mode, "routing")
+        _output_type(call, CUDA_R_32F)
         if not isinstance(route, RouterEpilogue):
             raise TypeError(f"route: expected a RouterEpilogue, got {type(route).__name__}")
         r = route
@@ -540,7 +500,7 @@ class FusedGemvs:
         for name in ("normed", "experts", "weights", "done"):
             int_arg(f"route.{name}", getattr(r, name), 0, U64)
         int_arg("route.normed_ld", r.normed_ld, 0, MAX_LD)
-        key = (mode, rows, x, x_ld, w, n, k, logits, logits_ld, ab_type, CUDA_R_32F, h, h_ld, norm_weight, h_out, eps)
+        key = (mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, CUDA_R_32F, h, h_ld, norm_weight, h_out, eps)
         check_fused_values(key)
         if self._quantized.fp8_weights and w in self._quantized.fp8_weights:
             raise ValueError("w: the routing epilogue reads 16-bit router weights; this one is registered as FP8")
@@ -564,7 +524,7 @@ class FusedGemvs:
         outs += [("weights", r.weights, span_choice), ("done", r.done, 4)]
         span_in = 2 * ((rows - 1) * h_ld + k)
         others = [("h", h, span_in), ("norm_weight", norm_weight, 2 * k), ("w", w, 2 * n * k)]
-        others += [("logits", logits, 4 * ((rows - 1) * logits_ld + n))]
+        others += [("y", y, 4 * ((rows - 1) * y_ld + n))]
         if mode == ADD_NORM:
             others.append(("x", x, 2 * ((rows - 1) * x_ld + k)))
             if h_out:

@@ -20,27 +20,29 @@ GEMVs' own kernels are unchanged (``tools/kernel_fingerprints.py``).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Concatenate, ParamSpec
 
 from ..values import float32_bits
+from .call_forms import forwarded_signature
 from .cublas import CUDA_R_16BF, CUDA_R_16F
 from .cuda_sources import function_ptr, source
-from .fused_args import ADD_NORM, NORM, PLAIN, RopeAppend, check_epilogue_io, check_fused_values, fused_args
-from .fused_gemv import WARPS, FusedGemvs, FusedKernels, load_row_kernels
+from .fused_args import ADD_NORM, GATE_UP, NORM, PLAIN, ROPE, check_fused_values
+from .fused_gemv import EpilogueCall, FusedGemvs, FusedKernels, load_row_kernels
 from .launch import MAX_LD, U64, int_arg
 from .lora_bgmv import MAX_T_WIDTH
 
-__all__ = ["COPY", "LoraExpand", "LoraFusedGemvs", "LoraFusedKernels", "expand_ints", "shrink_launch"]
-
-COPY = PLAIN
-"""The LoRA GEMVs' prologue over rows made before (the o and down projections: the input read as it is): the fused
-GEMVs' PLAIN mode."""
+__all__ = ["LoraExpand", "LoraFusedGemvs", "LoraFusedKernels", "expand_ints", "shrink_launch"]
 
 SHRINK_THREADS = 256  # a normed shrink block: lora_bgmv.cu's shrink's threads, so its sums are in the same order
 _SHRINK_SMEM = (48 << 10) - 1024  # one staged row of k 16-bit values, no opt-in (k up to 24064)
-_KINDS = {COPY: "copy", NORM: "norm", ADD_NORM: "addnorm"}
+# the LoRA GEMVs' kinds by the fused GEMV's mode and epilogue flag (PLAIN: the o and down projections' rows as they are)
+_KINDS = {PLAIN: "copy", NORM: "norm", ADD_NORM: "addnorm"}
+_KINDS |= {NORM | ROPE: "norm_rope", ADD_NORM | ROPE: "addnorm_rope", ADD_NORM | GATE_UP: "addnorm_gateup"}
+_MODE_NAMES = {PLAIN: "PLAIN", NORM: "NORM", ADD_NORM: "ADD_NORM"}
+P = ParamSpec("P")
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,45 @@ class LoraFusedKernels:
         return cls(gemvs, shrinks, smem, module)
 
 
+def _lora_form(
+    parts: Callable[Concatenate[FusedGemvs, P], EpilogueCall], modes: tuple[int, ...], name: str, doc: str
+) -> Callable[Concatenate[LoraFusedGemvs, LoraExpand, P], Callable[[], None]]:
+    """The LoRA form of the fused GEMV that ``parts`` checks: the expand ``lora`` first, then ``parts``'
+    parameters (``mode`` first, one of ``modes``: ValueError naming it otherwise, before any other check)."""
+    names = " or ".join(_MODE_NAMES[m] for m in modes)  # (the modes its kernels follow)
+    at = list(inspect.signature(parts).parameters).index("mode") - 1  # (after self: behind an epilogue's value)
+
+    def prepared(self: LoraFusedGemvs, lora: LoraExpand, *args: P.args, **kwargs: P.kwargs) -> Callable[[], None]:
+        mode = args[at] if len(args) > at else kwargs.get("mode")
+        if isinstance(mode, bool) or not isinstance(mode, int) or mode not in modes:
+            raise ValueError(f"mode: the {name} takes {names}, got {mode!r:.40}")
+        return self._prepared(parts(self.fused, *args, **kwargs), lora, name)
+
+    prepared.__doc__ = doc
+    prepared.__signature__ = forwarded_signature(parts, "Callable[[], None]", ("lora", "LoraExpand"))  # type: ignore[attr-defined]
+    return prepared
+
+
+def _shrink_form(
+    launch: Callable[P, tuple[tuple[int, int], int, list[int]]], doc: str
+) -> Callable[Concatenate[LoraFusedGemvs, int, P], Callable[[], None]]:
+    """The packed-once form of the normed shrink whose launch ``launch`` checks: ``ab_type`` first, then its
+    parameters."""
+
+    def prepared(self: LoraFusedGemvs, ab_type: int, *args: P.args, **kwargs: P.kwargs) -> Callable[[], None]:
+        grid, smem, ints = launch(*args, **kwargs)
+        int_arg("ab_type", ab_type, -(1 << 63), 1 << 63)
+        mode: Any = args[0] if args else kwargs["mode"]  # (checked by launch: NORM or ADD_NORM)
+        fn = self.kernels.shrinks.get((mode, ab_type))
+        if fn is None:
+            raise ValueError(f"ab_type: no LoRA shrink for {ab_type} (16-bit types only)")
+        return self.launcher.prepared_kernel(fn, grid, SHRINK_THREADS, smem, ints, "lora shrink (normed)", pdl=True)
+
+    prepared.__doc__ = doc
+    prepared.__signature__ = forwarded_signature(launch, "Callable[[], None]", ("ab_type", "int"))  # type: ignore[attr-defined]
+    return prepared
+
+
 class LoraFusedGemvs:
     """The LoRA forms of ``fused``'s (a Dense's :class:`~fi_engine.kernels.fused_gemv.FusedGemvs`) prepared GEMVs,
     ``kernels`` (:class:`LoraFusedKernels`) launched through the Dense's ``launcher``: each takes the GEMV's
@@ -198,156 +239,53 @@ class LoraFusedGemvs:
         if (q.fp8_weights and w in q.fp8_weights) or (q.int4_weights and w in q.int4_weights):
             raise ValueError("w: the LoRA fused GEMVs read 16-bit weights; this one is registered as FP8 or int4")
 
-    def _launch(self, fn: int, smem: int, ints: list[int], columns: int, name: str) -> Callable[[], None]:
-        params, values = self.launcher.slots(ints)
-        grid = min((columns + WARPS - 1) // WARPS, self.fused._kernels.grid)
-        return self.launcher.prepared(fn, grid, 32 * WARPS, smem, params, values, name, pdl=True)
-
-    def prepared_linear(
-        self,
-        mode: int,
-        rows: int,
-        x: int,
-        x_ld: int,
-        w: int,
-        n: int,
-        k: int,
-        y: int,
-        y_ld: int,
-        ab_type: int,
-        h: int,
-        h_ld: int,
-        norm_weight: int,
-        h_out: int,
-        eps: float,
-        lora: LoraExpand,
-    ) -> Callable[[], None]:
-        """``FusedGemvs.prepared``'s GEMV (16-bit ``y``) with the expand as its epilogue, packed once: ``mode``
-        :data:`COPY` (``in = x [rows, k]`` as it is: the o and down projections; ``h``, ``norm_weight``,
-        ``h_out``, ``eps`` unused), NORM or ADD_NORM (as ``FusedGemvs.linear``: the QKV GEMV where RoPE is no
-        epilogue). Raises TypeError/ValueError naming the argument as that method does, and :func:`expand_ints`'."""
-        if isinstance(mode, bool) or not isinstance(mode, int) or mode not in _KINDS:
-            raise ValueError(f"mode: expected COPY, NORM or ADD_NORM, got {mode!r:.40}")
-        if mode == COPY:
-            for name, value in (("rows", rows), ("n", n), ("k", k), ("w", w), ("ab_type", ab_type)):
-                int_arg(name, value, -(1 << 63), 1 << 63)
-            for name, value in (("x", x), ("y", y), ("w", w)):
-                int_arg(name, value, 0, U64)
-            for name, value in (("x_ld", x_ld), ("y_ld", y_ld)):
-                int_arg(name, value, 0, MAX_LD)
-            if not self.fits(rows, k):
-                raise ValueError(f"rows, k: the LoRA fused GEMV does not serve {rows} rows of {k} (see fits)")
-            int_arg("n", n, 1, 1 << 31)
-            check_epilogue_io(rows, x, x_ld, k, y, y_ld, n)
-            if not w or w % 16 or w + 2 * n * k > U64:
-                raise ValueError(f"w: 0x{w:x} must be a non-NULL address aligned to 16 bytes, {2 * n * k} bytes long")
-            key = (COPY, rows, x, x_ld, w, n, k, y, y_ld, ab_type, ab_type, 0, 0, 0, 0, 0.0)
-            smem = rows * k * 2
-        else:
-            key = (mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, ab_type, h, h_ld, norm_weight, h_out, eps)
-            _, _, smem, _, _ = self.fused._pack(key, checks_only=True)  # the fused GEMV's own checks
-            if not self.fits(rows, k):
-                raise ValueError(f"rows, k: the LoRA fused GEMV does not serve {rows} rows of {k} (see fits)")
+    def _prepared(self, call: EpilogueCall, lora: LoraExpand, name: str) -> Callable[[], None]:
+        """The LoRA form of the fused GEMV ``call`` (checked by its base method), its expand ``lora`` after the
+        base arguments, packed once through the base's launch (the same grid and programmatic dependent launch)."""
+        mode, rows, _, _, w, _, k, _, _, ab_type, *_ = call.key
+        if not self.fits(rows, k):
+            raise ValueError(f"rows, k: the LoRA fused GEMV does not serve {rows} rows of {k} (see fits)")
         self._sixteen_bit(w)
         fn = self._function(_KINDS[mode], ab_type, rows)
-        ints = [*fused_args(key), *expand_ints(lora, n)]
-        return self._launch(fn, smem, ints, n, f"lora gemv ({_KINDS[mode]})")
+        ints = [*call.ints, *expand_ints(lora, call.weight_rows)]
+        return self.fused._prepared_epilogue(fn, call.smem, ints, call.columns, name)
 
-    def prepared_qkv_rope(
-        self,
-        mode: int,
-        rows: int,
-        x: int,
-        x_ld: int,
-        w: int,
-        k: int,
-        y: int,
-        y_ld: int,
-        ab_type: int,
-        h: int,
-        h_ld: int,
-        norm_weight: int,
-        h_out: int,
-        eps: float,
-        rope: RopeAppend,
-        lora: LoraExpand,
-    ) -> Callable[[], None]:
-        """``FusedGemvs.prepared_qkv_rope`` with the expand before RoPE and the KV append (its checks, then
-        :func:`expand_ints`'); ``mode`` NORM or ADD_NORM only (ValueError naming it otherwise)."""
-        if mode not in (NORM, ADD_NORM):
-            raise ValueError(f"mode: the LoRA QKV GEMV normalizes its rows (NORM or ADD_NORM), got {mode!r:.40}")
-        _, smem, ints, pairs = self.fused.qkv_rope_parts(
-            mode, rows, x, x_ld, w, k, y, y_ld, ab_type, h, h_ld, norm_weight, h_out, eps, rope
-        )
-        if not self.fits(rows, k):
-            raise ValueError(f"rows, k: the LoRA fused GEMV does not serve {rows} rows of {k} (see fits)")
-        fn = self._function(f"{_KINDS[mode]}_rope", ab_type, rows)
-        return self._launch(fn, smem, [*ints, *expand_ints(lora, 2 * pairs)], pairs, "lora qkv gemv + rope")
+    prepared_linear = _lora_form(
+        FusedGemvs.linear_parts,
+        (PLAIN, NORM, ADD_NORM),
+        "lora gemv",
+        """``FusedGemvs.prepared``'s GEMV (16-bit ``y``: ``c_type`` is ``ab_type``) with the expand ``lora`` as its
+        epilogue, packed once: ``lora`` first, then ``FusedGemvs.linear``'s parameters, ``mode``
+        :data:`~fi_engine.kernels.fused_args.PLAIN` (``in = x [rows, k]`` as it is: the o and down projections;
+        ``h``, ``norm_weight``, ``h_out``, ``eps`` unused), NORM or ADD_NORM (as ``FusedGemvs.linear``: the QKV GEMV
+        where RoPE is no epilogue). Raises TypeError/ValueError naming the argument as that method does, and
+        :func:`expand_ints`'.""",
+    )
+    prepared_qkv_rope = _lora_form(
+        FusedGemvs.qkv_rope_parts,
+        (NORM, ADD_NORM),
+        "lora qkv gemv + rope",
+        """``FusedGemvs.prepared_qkv_rope`` with the expand ``lora`` (first, then that method's parameters) before
+        RoPE and the KV append (its checks, then :func:`expand_ints`'); ``mode`` NORM or ADD_NORM only (ValueError
+        naming it otherwise).""",
+    )
+    prepared_gate_up_silu = _lora_form(
+        FusedGemvs.gate_up_silu_parts,
+        (ADD_NORM,),
+        "lora gate/up gemv + silu",
+        """``FusedGemvs.prepared_gate_up_silu`` (ADD_NORM) with the expand ``lora`` (first, then that method's
+        parameters) before SiLU-and-mul (its checks, then :func:`expand_ints`' over the ``n`` gate and up
+        columns).""",
+    )
 
-    def prepared_gate_up_silu(
-        self,
-        mode: int,
-        rows: int,
-        x: int,
-        x_ld: int,
-        w: int,
-        n: int,
-        k: int,
-        y: int,
-        y_ld: int,
-        ab_type: int,
-        h: int,
-        h_ld: int,
-        norm_weight: int,
-        h_out: int,
-        eps: float,
-        lora: LoraExpand,
-    ) -> Callable[[], None]:
-        """``FusedGemvs.prepared_gate_up_silu`` (ADD_NORM) with the expand before SiLU-and-mul (its checks, then
-        :func:`expand_ints`' over the ``n`` gate and up columns)."""
-        if mode != ADD_NORM:
-            raise ValueError(f"mode: the LoRA gate/up GEMV follows an ADD_NORM prologue, got {mode!r:.40}")
-        _, smem, ints, pairs = self.fused.gate_up_silu_parts(
-            mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, h, h_ld, norm_weight, h_out, eps
-        )
-        if not self.fits(rows, k):
-            raise ValueError(f"rows, k: the LoRA fused GEMV does not serve {rows} rows of {k} (see fits)")
-        fn = self._function("addnorm_gateup", ab_type, rows)
-        return self._launch(fn, smem, [*ints, *expand_ints(lora, n)], pairs, "lora gate/up gemv + silu")
-
-    def prepared_shrink(
-        self,
-        mode: int,
-        ab_type: int,
-        rows: int,
-        h: int,
-        h_ld: int,
-        x: int,
-        x_ld: int,
-        norm_weight: int,
-        eps: float,
-        k: int,
-        slots: int,
-        scale: int,
-        targets: int,
-        bit: int,
-        a: int,
-        a_slot: int,
-        width: int,
-        t: int,
-        t_ld: int,
-    ) -> Callable[[], None]:
-        """The shrink of the rows the fused GEMV after it normalizes, packed once: ``t[r, :width] = scale[s] * A_s
-        @ in[r]`` for each of ``rows`` rows of slot ``s = slots[r] >= 0`` whose ``targets[s]`` has ``bit``, ``in =
-        rmsnorm(h[r]) * norm_weight`` (NORM) or of ``h[r] + x[r]`` (ADD_NORM; the residual is not written: the GEMV
-        writes it), rounded to the 16-bit type as the GEMV's prologue rounds it; ``A_s`` at ``a + s * a_slot``
-        elements (``[width, k]``). Launched with programmatic dependent launch (its blocks wait on the GPU for
-        the kernel before them; the GEMV after them loads its weights while they sum). Raises what
-        :func:`shrink_launch` raises, and ValueError naming ``ab_type`` for no 16-bit type."""
-        grid, smem, ints = shrink_launch(
-            mode, rows, h, h_ld, x, x_ld, norm_weight, eps, k, slots, scale, targets, bit, a, a_slot, width, t, t_ld
-        )
-        fn = self.kernels.shrinks.get((mode, ab_type))
-        if fn is None:
-            raise ValueError(f"ab_type: no LoRA shrink for {ab_type} (16-bit types only)")
-        return self.launcher.prepared_kernel(fn, grid, SHRINK_THREADS, smem, ints, "lora shrink (normed)", pdl=True)
+    prepared_shrink = _shrink_form(
+        shrink_launch,
+        """The shrink of the rows the fused GEMV after it normalizes, packed once (``ab_type`` first, then
+        :func:`shrink_launch`'s parameters): ``t[r, :width] = scale[s] * A_s @ in[r]`` for each of ``rows`` rows
+        of slot ``s = slots[r] >= 0`` whose ``targets[s]`` has ``bit``, ``in = rmsnorm(h[r]) * norm_weight`` (NORM)
+        or of ``h[r] + x[r]`` (ADD_NORM; the residual is not written: the GEMV writes it), rounded to the 16-bit
+        type as the GEMV's prologue rounds it; ``A_s`` at ``a + s * a_slot`` elements (``[width, k]``). Launched
+        with programmatic dependent launch (its blocks wait on the GPU for the kernel before them; the GEMV after
+        them loads its weights while they sum). Raises what :func:`shrink_launch` raises, and TypeError/ValueError
+        naming ``ab_type`` for no 16-bit type.""",
+    )

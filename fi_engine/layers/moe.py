@@ -713,9 +713,9 @@ class MoELayer:
         logits, experts, weights = (int(a.data.ptr) for a in (self.logits, self.s_experts, self.s_weights))
         normed = int(self.xs.data.ptr)
         route = RouterEpilogue(normed, h, k, bool(self.renormalize), experts, weights, int(self._route_done.data.ptr))
-        router = self.dense.fused.prepared_router(ADD_NORM, t, int(x.data.ptr), x_ld, int(self.weights.router.data.ptr),
-                                            e, h, logits, e, self._ab, residual, h, norm_weight, residual_out, eps,
-                                            route)  # fmt: skip
+        router = self.dense.fused.prepared_router(route, ADD_NORM, t, int(x.data.ptr), x_ld,
+                                                  int(self.weights.router.data.ptr), e, h, logits, e, self._ab,
+                                                  CUDA_R_32F, residual, h, norm_weight, residual_out, eps)  # fmt: skip
         return [router, *self._pack_gemv_experts(normed, h, int(out.data.ptr), out_ld, t)]
 
     def _pack_gemv_experts(self, xp: int, x_ld: int, op: int, out_ld: int, t: int) -> list[Any]:

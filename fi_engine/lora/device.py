@@ -117,34 +117,17 @@ class DeviceSlots:
         ints = [int(a) for a in args]
         return launcher.prepared_kernel(fn, grid, 32 * SHRINK_WARPS, 0, ints, "lora shrink", pdl=True)
 
-    def prepared_normed_shrink(
-        self,
-        gemvs: Any,
-        group: str,
-        layer: int,
-        mode: int,
-        ab_type: int,
-        rows: int,
-        h: int,
-        h_ld: int,
-        x: int,
-        x_ld: int,
-        norm_weight: int,
-        eps: float,
-        slots: int,
-    ) -> Callable[[], None]:
-        """The shrink of ``group`` in ``layer`` over the rows the fused GEMV after it normalizes (``mode`` NORM:
-        ``rmsnorm(h) * norm_weight``; ADD_NORM: of ``h + x``), packed once by ``gemvs``
-        (:meth:`~fi_engine.kernels.lora_fused.LoraFusedGemvs.prepared_shrink`) into the scratch ``t``."""
+    def normed_shrink_operands(self, group: str, layer: int, rows: int, slots: int) -> dict[str, int]:
+        """The operands of ``group``'s shrink in ``layer`` over ``rows`` rows the fused GEMV after it normalizes,
+        the step's int32 ``slots`` among them, as :meth:`~fi_engine.kernels.lora_fused.LoraFusedGemvs.prepared_shrink`
+        takes them by keyword after the norm's (``k`` .. ``t_ld``): its A matrices, the slots' scales and target
+        bits, and the scratch ``t`` it writes. ValueError naming ``rows`` past the scratch's rows."""
         if rows > self.t.shape[0]:
             raise ValueError(f"rows: {rows} exceed the LoRA scratch's {self.t.shape[0]} rows")
-        a_at, a_slot, width, bit = self.shrink_operands(group, layer)
-        k, t, t_ld = self._groups[group].k, int(self.t.data.ptr), self.t.shape[1]
-        scale, targets = int(self.scale.data.ptr), int(self.targets.data.ptr)
-        return gemvs.prepared_shrink(  # type: ignore[no-any-return]
-            mode, ab_type, rows, h, h_ld, x, x_ld, norm_weight, eps, k, slots, scale, targets, bit, a_at, a_slot,
-            width, t, t_ld,
-        )  # fmt: skip
+        a, a_slot, width, bit = self.shrink_operands(group, layer)
+        operands = {"k": self._groups[group].k, "slots": slots, "scale": int(self.scale.data.ptr)}
+        operands |= {"targets": int(self.targets.data.ptr), "bit": bit, "a": a, "a_slot": a_slot, "width": width}
+        return operands | {"t": int(self.t.data.ptr), "t_ld": self.t.shape[1]}
 
     def _shrink(self, group: str, layer: int, rows: int, x: int, x_ld: int, slots: int) -> LoraLaunch:
         if rows > self.t.shape[0]:

@@ -13,6 +13,7 @@ suite (tests/engine/test_gpu_fused_decode.py) runs the same calls on real kernel
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import struct
 from typing import Any
 
@@ -156,16 +157,13 @@ def rope() -> F.RopeAppend:
 
 
 def qkv_call() -> dict[str, Any]:
-    call = fused_call()
-    del call["n"], call["c_type"]
-    return {**call, "y_ld": 8 * 64, "rope": rope()}
+    """A valid prepared_qkv_rope call: the fused call's GEMV over rope()'s (4 + 2 * 2) * 64 columns."""
+    return {**fused_call(), "n": 8 * 64, "y_ld": 8 * 64, "rope": rope()}
 
 
 def gate_up_call() -> dict[str, Any]:
     """A valid prepared_gate_up_silu call: 2 rows, the weight's N rows (N / 2 gate, N / 2 up) into y [2, N / 2]."""
-    call = fused_call()
-    del call["c_type"]
-    return {**call, "y_ld": N // 2}
+    return {**fused_call(), "y_ld": N // 2}
 
 
 def plain(call: dict[str, Any]) -> dict[str, Any]:
@@ -237,6 +235,19 @@ CASES = [  # (prepared_linear passes dtype codes 0 and -1 on: cuBLAS refuses wha
     # PLAIN (0): the RoPE and SiLU epilogues' plain prologue
     and not (name == "mode" and type(value) is int and value == F.PLAIN and entry.startswith(PLAIN_ENTRIES))
 ]
+
+
+def test_prepared_linear_takes_linears_parameters_and_leaves_an_accumulating_call_to_linear() -> None:
+    """Dense.prepared_linear takes Dense.linear's parameters (accumulate too): an accumulating call packs nothing (the
+    GEMV writes y; linear adds to it at each call), and an accumulate that is no bool is refused by name."""
+    d = fake_dense()
+    assert list(inspect.signature(d.prepared_linear).parameters) == list(inspect.signature(d.linear).parameters)
+    prepared = d.prepared_linear(**linear_call(), accumulate=True)
+    assert callable(prepared) and d._gemv_args == {} and d.launches == []
+    d.prepared_linear(*linear_call().values(), False)()  # positionally, as linear takes them: the packed GEMV
+    assert len(d._gemv_args) == 1 and len(d.launches) == 1
+    with pytest.raises(TypeError, match="^accumulate: expected a bool, got int"):
+        d.prepared_linear(**linear_call(), accumulate=1)
 
 
 @pytest.mark.parametrize("entry", sorted(ENTRIES))
@@ -530,10 +541,9 @@ def test_prepared_kernel_packs_integer_arguments_into_8_byte_slots() -> None:
 def router_call(mode: int = F.ADD_NORM) -> dict[str, Any]:
     """A valid prepared_router call: 2 rows of H over 16 experts, top-2 (addresses at(12..15) for the epilogue)."""
     call = fused_call(mode)
-    del call["c_type"], call["y"], call["y_ld"]
     route = F.RouterEpilogue(normed=at(12), normed_ld=H, top_k=2, renormalize=True, experts=at(13), weights=at(14),
                              done=at(15))  # fmt: skip
-    return {**call, "n": 16, "logits": at(2), "logits_ld": 16, "route": route}
+    return {**call, "n": 16, "y": at(2), "y_ld": 16, "c_type": D.CUDA_R_32F, "route": route}
 
 
 def router_dense() -> D.Dense:
@@ -557,7 +567,7 @@ def test_a_router_call_packs_its_epilogue_after_the_fused_gemvs_arguments():
     slots = [d.launcher.ffi.cast("uint64_t*", params[i])[0] for i in range(20)]
     r = call["route"]
     eps_bits = int.from_bytes(struct.pack("<f", call["eps"]), "little")
-    want = [call[n] for n in ("x", "w", "logits", "rows", "n", "k", "x_ld", "logits_ld", "h", "norm_weight")]
+    want = [call[n] for n in ("x", "w", "y", "rows", "n", "k", "x_ld", "y_ld", "h", "norm_weight")]
     want += [call["h_out"], call["h_ld"], eps_bits, r.normed, r.normed_ld, 2, 1, r.experts, r.weights, r.done]
     assert slots == want
 
@@ -578,10 +588,11 @@ def test_a_router_call_packs_its_epilogue_after_the_fused_gemvs_arguments():
         (dict(route_normed_ld=H - 8), ValueError, r"^route\.normed_ld: "),
         (dict(route_normed=at(0)), ValueError, r"^route\.normed: overlaps x"),
         (dict(route_weights=at(13) + 8), ValueError, r"^route\.weights: overlaps route\.experts"),
-        (dict(route_done=at(2)), ValueError, r"^route\.done: overlaps logits"),
+        (dict(route_done=at(2)), ValueError, r"^route\.done: overlaps y"),
         (dict(route_experts=(1 << 64) - 8), ValueError, r"^route\.experts: .* runs past the end"),
         (dict(eps=1e300), ValueError, r"^eps: expected a finite float within float32's range"),
-        (dict(logits=at(0)), ValueError, r"^y: overlaps x"),
+        (dict(y=at(0)), ValueError, r"^y: overlaps x"),
+        (dict(c_type=D.CUDA_R_16BF), ValueError, r"^c_type: this GEMV writes its output as type 0"),
         (dict(ab_type=D.CUDA_R_32F), ValueError, r"^ab_type, c_type: no fused GEMV"),
         (dict(k=H + 4), ValueError, r"k"),
     ],

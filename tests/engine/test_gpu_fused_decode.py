@@ -194,8 +194,9 @@ def test_qkv_gemv_with_rope_and_append_equals_the_separate_launches(dense, dtype
             cp.cuda.Device().synchronize()
             kv = caches["fused"]
             epilogue = rope_append(meta, rope, hq, hk, d, kv, pages)
-            args = (rows, xd.data.ptr, k, wd.data.ptr, k, qkv["fused"].data.ptr, n, ab, hd.data.ptr, k, nwd.data.ptr)
-            call = d_.fused.prepared_qkv_rope(mode, *args, h_out.data.ptr if mode == ADD_NORM else 0, EPS, epilogue)
+            args = (rows, xd.data.ptr, k, wd.data.ptr, n, k, qkv["fused"].data.ptr, n, ab, ab, hd.data.ptr, k)
+            h_out_at = h_out.data.ptr if mode == ADD_NORM else 0
+            call = d_.fused.prepared_qkv_rope(epilogue, mode, *args, nwd.data.ptr, h_out_at, EPS)
             call()
             # the separate launches: fused GEMV, RoPE in place, append
             y = qkv["sep"]
@@ -260,7 +261,7 @@ def test_gate_up_gemv_with_silu_equals_the_silu_prologue(dense, dtype, k):
             y, y_old = cp.zeros((rows, n_down), h16.dtype), cp.zeros((rows, n_down), h16.dtype)
             h_out, h_out_old = cp.zeros((4, k), h16.dtype), cp.zeros((4, k), h16.dtype)
             cp.cuda.Device().synchronize()
-            args = (rows, xd.data.ptr, k, wd.data.ptr, 2 * m, k, act.data.ptr, m, ab, hd.data.ptr, k, nwd.data.ptr)
+            args = (rows, xd.data.ptr, k, wd.data.ptr, 2 * m, k, act.data.ptr, m, ab, ab, hd.data.ptr, k, nwd.data.ptr)
             d_.fused.prepared_gate_up_silu(mode, *args, h_out.data.ptr if mode == ADD_NORM else 0, EPS)()
             d_.linear(rows, act.data.ptr, m, wdd.data.ptr, n_down, m, y.data.ptr, n_down, ab, ab)
             if mode == PLAIN:  # the engine's plain GEMV of x (an eager Dense: the GEMV)

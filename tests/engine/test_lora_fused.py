@@ -22,7 +22,6 @@ from fi_engine.kernels.cuda_sources import read
 from fi_engine.kernels.fused_gemv import WARPS, FusedGemvs, FusedKernels
 from fi_engine.kernels.launch import Launcher
 from fi_engine.kernels.lora_fused import (
-    COPY,
     SHRINK_THREADS,
     LoraExpand,
     LoraFusedGemvs,
@@ -138,14 +137,14 @@ def test_each_lora_gemv_packs_the_base_arguments_then_the_expand_and_takes_its_k
     e = expand()
     y_ld = N
     copy = dict(rows=rows, x=at(0), x_ld=H, w=at(1), n=N, k=H, y=at(2), y_ld=y_ld, ab_type=CUDA_R_16BF)
-    launch(g.prepared_linear(COPY, **copy, h=0, h_ld=0, norm_weight=0, h_out=0, eps=0.0, lora=e))
+    launch(g.prepared_linear(e, F.PLAIN, **copy, c_type=CUDA_R_16BF))
     fn, grid, _, _, block, _, _, smem, stream, _, _ = launches[-1]
     assert (fn, grid, block, smem, stream) == (0x9000 + 0x100 * (rows - 1), N // WARPS, 32 * WARPS, rows * H * 2, 0x77)
     got = params_of(launches[-1], 23)
     assert got[:8] == [at(0), at(1), at(2), rows, N, H, H, y_ld] and got[8:13] == [0, 0, 0, 0, 0]
     assert got[13:] == expand_ints(e, N)
     normed = dict(copy, h=at(3), h_ld=H, norm_weight=at(4), h_out=at(5), eps=1e-5)
-    launch(g.prepared_linear(F.ADD_NORM, **normed, lora=e))
+    launch(g.prepared_linear(e, F.ADD_NORM, **normed, c_type=CUDA_R_16BF))
     assert launches[-1][0] == 0x9020 + 0x100 * (rows - 1)  # addnorm (kind 2)
     assert params_of(launches[-1], 23)[8:12] == [at(3), at(4), at(5), H]
     # the QKV GEMV with RoPE: its 30 arguments, then the expand over its (4 + 2 * 2) * 64 columns
@@ -154,13 +153,13 @@ def test_each_lora_gemv_packs_the_base_arguments_then_the_expand_and_takes_its_k
         old_context_len=8192.0, positions=at(6), batch_indices=at(7), kv_indptr=at(8), kv_indices=at(9),
         k_cache=at(10), v_cache=at(11), page_size=16, num_pages=8, stride_page=16 * 2 * 64, stride_n=128, stride_h=64,
     )  # fmt: skip
-    qkv = {k: v for k, v in normed.items() if k != "n"} | {"y_ld": 8 * 64}
+    qkv = normed | {"n": 8 * 64, "y_ld": 8 * 64}
     e3 = expand(8 * 64, 3)
-    launch(g.prepared_qkv_rope(F.NORM, **qkv, rope=rope, lora=e3))
+    launch(g.prepared_qkv_rope(e3, rope, F.NORM, **qkv, c_type=CUDA_R_16BF))
     assert launches[-1][0] == 0x9030 + 0x100 * (rows - 1) and launches[-1][1] == 8 * 64 // 2 // WARPS
     assert params_of(launches[-1], 40)[30:] == expand_ints(e3, 8 * 64)
     # gate/up + SiLU: the expand over the weight's N columns (gate, then up), y N / 2 wide
-    launch(g.prepared_gate_up_silu(F.ADD_NORM, **(normed | {"y_ld": N // 2}), lora=expand(N, 2)))
+    launch(g.prepared_gate_up_silu(expand(N, 2), F.ADD_NORM, **(normed | {"y_ld": N // 2}), c_type=CUDA_R_16BF))
     assert launches[-1][0] == 0x9050 + 0x100 * (rows - 1) and launches[-1][1] == N // 2 // WARPS
     got = params_of(launches[-1], 40)
     assert got[4] == N and got[30:] == expand_ints(expand(N, 2), N)
@@ -172,12 +171,14 @@ def test_the_normed_shrink_launches_its_mode_and_types_kernel_on_its_grid() -> N
         rows=2, h=at(0), h_ld=H, x=at(1), x_ld=H, norm_weight=at(2), eps=1e-5, k=H, slots=at(3), scale=at(4),
         targets=at(5), bit=1, a=at(6), a_slot=3 * R * H, width=3 * R, t=at(7), t_ld=3 * R,
     )  # fmt: skip
-    prepared = g.prepared_shrink(F.NORM, CUDA_R_16F, **call)
+    prepared = g.prepared_shrink(CUDA_R_16F, F.NORM, **call)
     prepared()
     fn, gx, gy, _, block, _, _, smem, _, _, _ = launches[-1]
     assert (fn, gx, gy, block, smem) == (0x9000 + F.NORM, 3 * R, 2, SHRINK_THREADS, 2 * H)
     with pytest.raises(ValueError, match="ab_type: no LoRA shrink"):
-        g.prepared_shrink(F.NORM, 0, **call)
+        g.prepared_shrink(0, F.NORM, **call)
+    with pytest.raises(TypeError, match="ab_type: "):
+        g.prepared_shrink([CUDA_R_16F], F.NORM, **call)
 
 
 def test_the_normed_shrink_is_launched_with_programmatic_dependent_launch() -> None:
@@ -198,11 +199,11 @@ def test_the_normed_shrink_is_launched_with_programmatic_dependent_launch() -> N
         rows=3, h=at(0), h_ld=H, x=at(1), x_ld=H, norm_weight=at(2), eps=1e-5, k=H, slots=at(3), scale=at(4),
         targets=at(5), bit=1, a=at(6), a_slot=3 * R * H, width=3 * R, t=at(7), t_ld=3 * R,
     )  # fmt: skip
-    g.prepared_shrink(F.ADD_NORM, CUDA_R_16BF, **call)()
+    g.prepared_shrink(CUDA_R_16BF, F.ADD_NORM, **call)()
     assert seen == [(0x9000 + F.ADD_NORM, 3 * R, 3, [(6, 1)])]
     Launcher.pdl = False
     try:
-        g.prepared_shrink(F.ADD_NORM, CUDA_R_16BF, **call)()
+        g.prepared_shrink(CUDA_R_16BF, F.ADD_NORM, **call)()
     finally:
         Launcher.pdl = True
     assert seen[1][3] == []
@@ -244,7 +245,7 @@ def test_a_bad_expand_field_is_refused_by_name_before_any_launch(change, match) 
     e = dataclasses.replace(expand(), **change)
     copy = dict(rows=1, x=at(0), x_ld=H, w=at(1), n=N, k=H, y=at(2), y_ld=N, ab_type=CUDA_R_16BF)
     with pytest.raises((TypeError, ValueError), match=match):
-        g.prepared_linear(COPY, **copy, h=0, h_ld=0, norm_weight=0, h_out=0, eps=0.0, lora=e)
+        g.prepared_linear(e, F.PLAIN, **copy, c_type=CUDA_R_16BF)
     with pytest.raises(TypeError, match="lora: expected a LoraExpand"):
         expand_ints(dataclasses.asdict(expand()), N)
     assert launches == []
@@ -253,24 +254,25 @@ def test_a_bad_expand_field_is_refused_by_name_before_any_launch(change, match) 
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        ({"mode": F.SILU}, "mode: expected COPY, NORM or ADD_NORM"),
-        ({"mode": True}, "mode: expected COPY"),
+        ({"mode": F.SILU}, "mode: the lora gemv takes PLAIN or NORM or ADD_NORM"),
+        ({"mode": True}, "mode: the lora gemv takes PLAIN"),
         ({"w": at(12)}, "w: the LoRA fused GEMVs read 16-bit weights"),
         ({"w": at(1) + 8}, "w: .* aligned to 16 bytes"),
-        ({"rows": 5}, "rows, k: the LoRA fused GEMV does not serve 5 rows"),
+        ({"rows": 5}, "rows, k: the fused GEMV does not serve 5 rows"),
         ({"k": H + 4}, "rows, k: "),
         ({"y": at(0) + 16}, "y: overlaps x"),
         ({"x_ld": H - 8, "rows": 2}, "x_ld: "),
-        ({"ab_type": CUDA_R_16F + 1000}, "ab_type: no LoRA fused GEMV"),
+        ({"ab_type": CUDA_R_16F + 1000, "c_type": CUDA_R_16F + 1000}, "ab_type: no LoRA fused GEMV"),
+        ({"c_type": CUDA_R_16F}, "c_type: this GEMV writes its output as type 14, got 2"),
         ({"x": None}, "x: "),
     ],
 )
 def test_a_bad_copy_gemv_call_is_refused_by_name(change, match) -> None:
     g, launches = fake_gemvs()
-    call = dict(mode=COPY, rows=1, x=at(0), x_ld=H, w=at(1), n=N, k=H, y=at(2), y_ld=N, ab_type=CUDA_R_16BF)
-    call |= dict(h=0, h_ld=0, norm_weight=0, h_out=0, eps=0.0, lora=expand())
+    call = dict(mode=F.PLAIN, rows=1, x=at(0), x_ld=H, w=at(1), n=N, k=H, y=at(2), y_ld=N, ab_type=CUDA_R_16BF)
+    call |= dict(c_type=CUDA_R_16BF)
     with pytest.raises((TypeError, ValueError), match=match):
-        g.prepared_linear(**{**call, **change})
+        g.prepared_linear(expand(), **{**call, **change})
     assert launches == []
 
 

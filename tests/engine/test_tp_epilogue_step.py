@@ -16,6 +16,7 @@ the all-reduce + norm, the embedding, the LM head and the argmax, logged eagerly
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections import defaultdict
 from types import SimpleNamespace
 from typing import Any
@@ -26,6 +27,7 @@ from helpers.runner_stand_in import log_runner_launches
 
 from fi_engine.checkpoint.config import RopeConfig
 from fi_engine.kernels.fused_args import PLAIN, RopeAppend
+from fi_engine.kernels.fused_gemv import FusedGemvs
 from fi_engine.models.llama import Llama
 from fi_engine.runtime.sched.request import Request
 from fi_engine.runtime.worker.fused_decode import FusedDecode
@@ -170,14 +172,17 @@ def test_the_epilogue_gemvs_are_packed_once_per_view_in_the_plain_mode_over_the_
     for _ in range(3):
         assert eager_step(r, log, 2) == epilogues()
     assert [name for name, _ in log.packed] == ["qkv gemv + rope + append", "gate/up gemv + silu"] * LAYERS
+    # the norm's operands (h, h_ld, norm_weight, h_out, eps) left at FusedGemvs.linear's defaults: unused by PLAIN
+    defaults = [p.default for p in inspect.signature(FusedGemvs.linear).parameters.values()][-5:]
+    assert defaults == [0, 0, 0, 0, 0.0]
     for i in range(LAYERS):
         (_, qkv), (_, gate_up) = log.packed[2 * i : 2 * i + 2]
-        # (mode, rows, x, x_ld, w, k, y, y_ld, ab_type, h, h_ld, norm_weight, h_out, eps, rope)
-        assert qkv[:9] == (PLAIN, 2, NORMED, H, r.wqkv[i], H, QKV, 128, 2) and qkv[9:14] == (0, 0, 0, 0, 0.0)
-        rope = qkv[14]
+        # (rope, mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type)
+        assert qkv[1:] == (PLAIN, 2, NORMED, H, r.wqkv[i], 128, H, QKV, 128, 2, 2)
+        rope = qkv[0]
         assert isinstance(rope, RopeAppend) and (rope.hq, rope.hk, rope.d, rope.positions) == (2, 1, 32, 0x7000)
-        # (mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, h, h_ld, norm_weight, h_out, eps)
-        assert gate_up == (PLAIN, 2, NORMED, H, r.wgu[i], 2 * INTER, H, ACT, INTER, 2, 0, 0, 0, 0, 0.0)
+        # (mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type)
+        assert gate_up == (PLAIN, 2, NORMED, H, r.wgu[i], 2 * INTER, H, ACT, INTER, 2, 2)
     eager_step(r, log, 3)  # another view: packed again, for its rows
     assert len(log.packed) == 4 * LAYERS and log.packed[-1][1][1] == 3
 

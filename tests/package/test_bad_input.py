@@ -2416,6 +2416,13 @@ EXEMPT: dict[str, str] = {
     "kernels.copies.host_address": "a numpy array's own address (its array interface): the engine's staging buffers",
     "kernels.dense.data_type": _GPU,
     "kernels.fused_gemv.load_row_kernels": "loads a CuPy module's kernels on a GPU (FusedKernels.compile's)",
+    "kernels.fused_gemv.EpilogueCall": "a record of a call the fused GEMVs checked (their parts methods make it): "
+    "tests/engine/test_lora_fused.py",
+    **{
+        f"kernels.call_forms.{n}": "builds a method from another's signature at import (no call values): "
+        "tests/engine/test_call_forms.py"
+        for n in ("forwarded_signature", "same_parameters", "value_then_parameters")
+    },
     "kernels.lora_fused.LoraFusedKernels": "compiles lora_fused.cu with CuPy on a GPU; its kernels' fingerprints: "
     "tools/kernel_fingerprints.py",
     "kernels.lora_fused.LoraFusedGemvs": "made by the model runner on a GPU; its argument checks run on CPU over fake "

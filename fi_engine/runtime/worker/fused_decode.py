@@ -146,8 +146,7 @@ class FusedDecode:
         of the attention's output and of ``silu(gate) * up``), then the GEMV with the expand in its epilogue, before
         RoPE, SiLU and its output's rounding: 9 launches a layer with the attention, where the separate launches with
         the adapters' are 18."""
-        from ...kernels.fused_args import ADD_NORM, NORM, SILU
-        from ...kernels.lora_fused import COPY
+        from ...kernels.fused_args import ADD_NORM, NORM, PLAIN, SILU
 
         r = self.runner
         if (r.dense.quantized.serves_fp8 and not r.dense.quantized.fp8_fused) or r.dense.quantized.serves_int4:
@@ -186,7 +185,7 @@ class FusedDecode:
             if e is None:
                 return [dense.prepared_linear(rows, inp, k, weight, h, k, out, h, ab, ab)]
             shrink = lora.prepared_shrink(dense.launcher, group, i, rows, inp, k, slots)
-            return [shrink, gemvs.prepared_linear(COPY, rows, inp, k, weight, h, k, out, h, ab, 0, 0, 0, 0, 0.0, e)]
+            return [shrink, gemvs.prepared_linear(e, PLAIN, rows, inp, k, weight, h, k, out, h, ab, ab)]
 
         layers = []
         for i in range(c.num_layers):
@@ -197,16 +196,18 @@ class FusedDecode:
             e = adapted("qkv", i)
             if e is not None:  # the shrink of the rows the QKV GEMV normalizes, made as it makes them
                 before.append(
-                    lora.prepared_normed_shrink(gemvs, "qkv", i, mode, ab, rows, cur, h, x, h, ln, eps, slots)
+                    gemvs.prepared_shrink(
+                        ab, mode, rows, cur, h, x, h, ln, eps, **lora.normed_shrink_operands("qkv", i, rows, slots)
+                    )
                 )
             if in_gemv:
                 epilogue = rope_append(self.runner, i, v)
-                args = (mode, rows, x, h, r.wqkv[i], h, qkv, w, ab, cur, h, ln, h_out, eps, epilogue)
-                qkv_call = dense.fused.prepared_qkv_rope(*args) if e is None else gemvs.prepared_qkv_rope(*args, e)
+                args = (epilogue, mode, rows, x, h, r.wqkv[i], w, h, qkv, w, ab, ab, cur, h, ln, h_out, eps)
+                qkv_call = dense.fused.prepared_qkv_rope(*args) if e is None else gemvs.prepared_qkv_rope(e, *args)
             elif e is None:
                 qkv_call = fused(mode, rows, x, h, r.wqkv[i], w, h, qkv, w, ab, ab, cur, h, ln, h_out, eps)
             else:
-                qkv_args = (mode, rows, x, h, r.wqkv[i], w, h, qkv, w, ab, cur, h, ln, h_out, eps, e)
+                qkv_args = (e, mode, rows, x, h, r.wqkv[i], w, h, qkv, w, ab, ab, cur, h, ln, h_out, eps)
                 qkv_call = gemvs.prepared_linear(*qkv_args)
             before.append(qkv_call)
             if i:
@@ -243,15 +244,14 @@ class FusedDecode:
             # h += o's output; post_attention_layernorm; gate/up; then down of silu(gate) * up
             ln = r.ln2[i].data_ptr
             if silu_in_gate_up:
-                gu_args = (ADD_NORM, rows, x, h, r.wgu[i], 2 * inter, h, act, inter, ab, cur, h, ln, other, eps)
+                gu_args = (ADD_NORM, rows, x, h, r.wgu[i], 2 * inter, h, act, inter, ab, ab, cur, h, ln, other, eps)
                 e = adapted("gate_up", i)
                 if e is None:
                     after.append(dense.fused.prepared_gate_up_silu(*gu_args))
                 else:  # the shrink of the rows the gate/up GEMV normalizes, then the GEMV with the expand
-                    shrink = lora.prepared_normed_shrink(
-                        gemvs, "gate_up", i, ADD_NORM, ab, rows, cur, h, x, h, ln, eps, slots
-                    )
-                    after += [shrink, gemvs.prepared_gate_up_silu(*gu_args, e)]
+                    operands = lora.normed_shrink_operands("gate_up", i, rows, slots)
+                    shrink = gemvs.prepared_shrink(ab, ADD_NORM, rows, cur, h, x, h, ln, eps, **operands)
+                    after += [shrink, gemvs.prepared_gate_up_silu(e, *gu_args)]
                 after += linear(i, "down", rows, act, inter, r.wd[i], x)
             else:
                 after.append(

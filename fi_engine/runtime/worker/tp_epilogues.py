@@ -103,10 +103,10 @@ class TpEpilogueStep:
         calls = []
         for i in range(c.num_layers):
             rope = rope_append(r, i, v)
-            # (h, h_ld, norm_weight, h_out and eps: unused by the PLAIN prologue)
-            qkv_rope = fused.prepared_qkv_rope(PLAIN, rows, normed, h, r.wqkv[i], h, qkv, w, ab, 0, 0, 0, 0, 0.0, rope)
+            # (h, h_ld, norm_weight, h_out and eps left at their zeros: unused by the PLAIN prologue)
+            qkv_rope = fused.prepared_qkv_rope(rope, PLAIN, rows, normed, h, r.wqkv[i], w, h, qkv, w, ab, ab)
             gate_up_silu = fused.prepared_gate_up_silu(
-                PLAIN, rows, normed, h, r.wgu[i], 2 * inter, h, act, inter, ab, 0, 0, 0, 0, 0.0
+                PLAIN, rows, normed, h, r.wgu[i], 2 * inter, h, act, inter, ab, ab
             )
             calls.append((qkv_rope, gate_up_silu))
         return calls
