@@ -14,7 +14,7 @@ Rows (CUDA graphs, prompts of ``--prompt`` tokens, ``--new-tokens`` tokens each,
 - ``lora, N adapters``: the rows spread round-robin over ``N`` adapters (batch 32: 4; batch 1: one).
 
 ``--lora-fused`` picks the form of a decode step of 1 to 4 rows where a row takes an adapter
-(``ModelRunner.lora_fused``, off in the engine by default): ``on`` (the fused step's LoRA form, the adapters' expand
+(``ModelRunner.lora_fused``, on in the engine by default): ``on`` (the fused step's LoRA form, the adapters' expand
 in the fused GEMVs' epilogues), ``off`` (the separate launches, the adapters' shrink and expand after each
 projection's GEMM), or ``both`` (this benchmark's default: the engine opened twice; the ``off`` rows, labelled so,
 only at batches of at most 4, where the switch applies):

@@ -125,16 +125,15 @@ class ModelRunner(RunnerState):
     step of base rows then pays them as one with adapters does). Read when the graphs are captured (at
     construction): set it on the class to compare."""
 
-    lora_fused = False
+    lora_fused = True
     """A decode step of 1 to 4 rows where a row takes a LoRA adapter runs the LoRA form of the fused step
     (``fused.fits_lora``: the adapters' shrinks, one a projection group, computing their own input as the fused GEMVs'
-    prologues do, and the expand in the fused GEMVs' epilogues, before RoPE and SiLU), eagerly and in the one-row
-    decode graph of the adapters' set; False: such a step takes the separate launches with the adapters' (each
-    projection's GEMM, then its shrink and expand). Read when the engine opens (the kernels are compiled then, one
-    GPU only) and the graphs are captured: set it on the class to compare (``benchmarks/bench_lora.py
-    --lora-fused both``). Off by default: its own GPU tests pass, and a batch-1 step with an adapter ran 0.82x the
-    base engine's tokens/s with it against 0.73x without (H200), but with it on, the test that an engine serving
-    adapters decodes base rows in CUDA graphs as an engine without adapters does failed once, not yet explained."""
+    prologues do and launched with programmatic dependent launch, and the expand in the fused GEMVs' epilogues,
+    before RoPE and SiLU), eagerly and in the one-row decode graph of the adapters' set; False: such a step takes the
+    separate launches with the adapters' (each projection's GEMM, then its shrink and expand). Read when the engine
+    opens (the kernels are compiled then, one GPU only) and the graphs are captured: set it on the class to compare
+    (``benchmarks/bench_lora.py --lora-fused both``: a batch-1 step with an adapter at 0.87x the base engine's
+    tokens/s with it, 0.79x without, on an H100)."""
 
     decode_graph_ladder = True
     """Capture the decode step at every batch size of :func:`~fi_engine.runtime.worker.graph_shapes.decode_batches`
