@@ -181,9 +181,13 @@ def _lora_form(
     """The LoRA form of the fused GEMV that ``parts`` checks: the expand ``lora`` first, then ``parts``'
     parameters (``mode`` first, one of ``modes``: ValueError naming it otherwise, before any other check)."""
     names = " or ".join(_MODE_NAMES[m] for m in modes)  # (the modes its kernels follow)
-    at = list(inspect.signature(parts).parameters).index("mode") - 1  # (after self: behind an epilogue's value)
+    params = list(inspect.signature(parts).parameters)[1:]  # (without self)
+    ahead = params[: params.index("mode")]  # an epilogue's value before mode (value_then_parameters), or none
 
     def prepared(self: LoraFusedGemvs, lora: LoraExpand, *args: P.args, **kwargs: P.kwargs) -> Callable[[], None]:
+        # mode's place among the positional arguments: behind the epilogue's value unless that came by name, as
+        # value_then_parameters takes it (rope=... with the rest positional: args[0] is mode)
+        at = sum(name not in kwargs for name in ahead)
         mode = args[at] if len(args) > at else kwargs.get("mode")
         if isinstance(mode, bool) or not isinstance(mode, int) or mode not in modes:
             raise ValueError(f"mode: the {name} takes {names}, got {mode!r:.40}")

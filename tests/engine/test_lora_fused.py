@@ -165,6 +165,24 @@ def test_each_lora_gemv_packs_the_base_arguments_then_the_expand_and_takes_its_k
     assert got[4] == N and got[30:] == expand_ints(expand(N, 2), N)
 
 
+def test_the_lora_qkv_gemv_finds_mode_behind_rope_given_by_name() -> None:
+    """The LoRA QKV form takes ``rope`` by name with the base parameters positional, as the base form does: its mode
+    check reads ``mode`` (not ``rows``, one place on), and a bad mode is still refused naming it."""
+    g, launches = fake_gemvs()
+    rope = F.RopeAppend(
+        hq=4, hk=2, d=64, theta=5e5, scale=1.0, llama3=False, low_freq_factor=1.0, high_freq_factor=4.0,
+        old_context_len=8192.0, positions=at(6), batch_indices=at(7), kv_indptr=at(8), kv_indices=at(9),
+        k_cache=at(10), v_cache=at(11), page_size=16, num_pages=8, stride_page=16 * 2 * 64, stride_n=128, stride_h=64,
+    )  # fmt: skip
+    rest = (3, at(0), H, at(1), 8 * 64, H, at(2), 8 * 64, CUDA_R_16BF, CUDA_R_16BF, at(3), H, at(4), at(5), 1e-5)
+    e3 = expand(8 * 64, 3)
+    prepared = g.prepared_qkv_rope(e3, F.NORM, *rest, rope=rope)
+    prepared()
+    assert launches[-1][0] == 0x9030 + 0x100 * 2  # norm_rope, 3 rows
+    with pytest.raises(ValueError, match="mode: the lora qkv gemv \\+ rope takes NORM or ADD_NORM, got 0"):
+        g.prepared_qkv_rope(e3, F.PLAIN, *rest, rope=rope)
+
+
 def test_the_normed_shrink_launches_its_mode_and_types_kernel_on_its_grid() -> None:
     g, launches = fake_gemvs()
     call = dict(
