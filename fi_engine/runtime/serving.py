@@ -232,8 +232,9 @@ class ServingLoop(StepEngineBase):
     scheduler over the same tokens (rank 0's, broadcast on the stream in each step, ``Sampler.share_ids``), so every
     rank launches ahead, drops a prepared step or waits at the same steps, and issues its collectives in the same
     order; the step launched ahead copies its input tokens on the device, behind the broadcast that made them. Off
-    until a two-GPU run has compared the tokens and measured the step (``benchmarks/bench_llama_tp.py --variants
-    tp-pipe``; tests/engine/test_gpu_llama_tp.py). The step API's overlapped steps stay one GPU's."""
+    by default until the whole two-GPU suite has run with it on (its own two-GPU test,
+    tests/engine/test_gpu_llama_tp.py, gives the plain loop's tokens; ``benchmarks/bench_llama_tp.py --variants
+    tp-pipe``: 4-6 % more tokens/s at TP 2). The step API's overlapped steps stay one GPU's."""
 
     pipelined_prefill = True
     """With :attr:`overlap_steps`, the decode graph on one GPU and steps prepared ahead: a queued request's prefill

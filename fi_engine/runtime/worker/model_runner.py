@@ -171,8 +171,8 @@ class ModelRunner(RunnerState):
     """On a tensor-parallel rank too, the graph loop stages decode step n + 1 while the GPU runs step n
     (:attr:`prepare_ahead`; the family must plan ahead: ``ModelFamily.plans_ahead``). Every rank stages the same rows
     (they run the same scheduler on the same shared tokens), and the staging only orders host-to-device copies and the
-    attention plan on the rank's own stream, no collective. Off until a two-GPU run has compared the tokens and
-    measured the step (``ServingLoop.tp_pipelined_decode`` launches the staged step ahead; ``benchmarks/
+    attention plan on the rank's own stream, no collective. Off by default until the whole two-GPU suite has run
+    with it on (``ServingLoop.tp_pipelined_decode`` launches the staged step ahead; ``benchmarks/
     bench_llama_tp.py --variants tp-pipe`` turns both on). Read when the engine opens: set it on the class."""
 
     norm_pdl: bool = True
@@ -321,7 +321,7 @@ class ModelRunner(RunnerState):
                 self.sampler = Sampler.of(self)  # the tokens' choice, over the buffers just made
                 # the graph loop plans step N + 1 while the GPU runs step N: on an H100 (8B shape, one GPU) 6.39
                 # instead of 6.59 ms per step at batch 1, the same tokens (benchmarks/RESULTS.md); with tensor
-                # parallelism only with tp_prepare_ahead (not yet measured there)
+                # parallelism only with tp_prepare_ahead (off by default: see it)
                 self.prepare_ahead = (self.comm is None or self.tp_prepare_ahead) and self.family.plans_ahead()
                 self.prefill_workspace = kernels.workspace(device)
                 self.decode_workspace = kernels.workspace(device)
