@@ -19,7 +19,8 @@
 // (shrink_long_rows).
 //
 // The decode form (the fused step's o and down shrinks) may be launched with programmatic dependent launch
-// (lora_shrink.cuh's shrink_start); launched without, its griddep calls do nothing.
+// (lora_shrink.cuh's shrink_start); launched without, its wait does nothing, and its early launch_dependents only
+// lets a next kernel launched with the attribute start, which waits for this grid's end before it reads.
 //
 // Sums in float32, in a fixed order (each thread its strided share of k, a butterfly over each warp, the warps in
 // order; the expand in rank order): the result does not depend on the batch. y is rounded once, to nearest even.

@@ -26,8 +26,9 @@ __device__ __forceinline__ float block_sum(float acc, float* warp_sums) {
 // The first statement of a shrink launched with programmatic dependent launch (the fused decode step's: the GEMV
 // after it then starts at once and loads its weights while the shrink sums): every block waits for the kernel before
 // it, whose outputs are the shrink's input, before anything else, also a block that then returns at once, so that
-// the grid ends only after the one before it has (the GEMV after it waits for this grid alone). A no-op where the
-// launch did not ask for it.
+// the grid ends only after the one before it has (the GEMV after it waits for this grid alone). Where the launch did
+// not ask for it the wait is a no-op; launch_dependents still lets a next kernel launched with the attribute start
+// at once, which is safe because every such kernel waits (griddep_wait) before it reads or writes shared data.
 __device__ __forceinline__ void shrink_start() {
     griddep_launch_dependents();
     griddep_wait();
