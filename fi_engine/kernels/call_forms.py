@@ -19,39 +19,30 @@ E = TypeVar("E")
 T = TypeVar("T")
 
 
-class _Declared:
-    """``declared``'s parameters (without ``self``), to turn a call's arguments into its values in their order."""
-
-    def __init__(self, declared: Callable[..., object]) -> None:
-        self.signature = inspect.signature(declared)
-        params = list(self.signature.parameters.values())[1:]  # (without self)
-        self.count = len(params)
-        self.defaults = tuple(p.default for p in params)
-        self.required = sum(p.default is inspect.Parameter.empty for p in params)  # (the defaults trail)
-
-    def values(self, owner: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-        """The call's values, defaults filled in: a positional call's arguments and the defaults' tail as they are;
-        one with keywords bound by the signature (TypeError as Python's for a missing or unknown argument)."""
-        if kwargs or not self.required <= len(args) <= self.count:
-            bound = self.signature.bind(owner, *args, **kwargs)
-            bound.apply_defaults()
-            return tuple(bound.arguments.values())[1:]
-        return args + self.defaults[len(args) :]
+def _values(
+    signature: inspect.Signature, owner: object, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Any, ...]:
+    """A call's values in the order of ``signature`` (a method's: ``owner`` binds its ``self``, left out of the
+    result), its defaults filled in; TypeError as Python's for a missing, extra or unknown argument. (Bound in full
+    at every call: the built forms pack a launch once, so no step pays for it.)"""
+    bound = signature.bind(owner, *args, **kwargs)
+    bound.apply_defaults()
+    return tuple(bound.arguments.values())[1:]
 
 
 def same_parameters(
     declared: Callable[Concatenate[Any, P], object],
 ) -> Callable[[Callable[[S, tuple[Any, ...]], T]], Callable[Concatenate[S, P], T]]:
     """A decorator making ``body(self, values)`` a method that takes ``declared``'s parameters (a method's, ``self``
-    first): ``values`` is the call's arguments in ``declared``'s order with its defaults filled in
-    (:meth:`_Declared.values`). The method shows ``declared``'s parameters (``help``, ``inspect.signature``) and
-    ``body``'s docstring."""
-    table = _Declared(declared)
+    first): ``values`` is the call's arguments in ``declared``'s order with its defaults filled in (bound as Python
+    binds a call: TypeError as Python's for a missing, extra or unknown argument). The method shows ``declared``'s
+    parameters (``help``, ``inspect.signature``) and ``body``'s docstring."""
+    signature = inspect.signature(declared)
 
     def build(body: Callable[[S, tuple[Any, ...]], T]) -> Callable[Concatenate[S, P], T]:
         @functools.wraps(body)
         def method(self: S, *args: P.args, **kwargs: P.kwargs) -> T:
-            return body(self, table.values(self, args, kwargs))
+            return body(self, _values(signature, self, args, kwargs))
 
         method.__signature__ = forwarded_signature(declared, inspect.signature(body).return_annotation)  # type: ignore[attr-defined]
         return method
@@ -64,7 +55,7 @@ def value_then_parameters(
 ) -> Callable[[Callable[[S, E, tuple[Any, ...]], T]], Callable[Concatenate[S, E, P], T]]:
     """:func:`same_parameters` for ``body(self, value, values)``: the method takes one value of its own first (an
     epilogue's, named as ``body`` names it, by position or keyword), then ``declared``'s parameters."""
-    table = _Declared(declared)
+    signature = inspect.signature(declared)
 
     def build(body: Callable[[S, E, tuple[Any, ...]], T]) -> Callable[Concatenate[S, E, P], T]:
         shown = inspect.signature(body)
@@ -78,7 +69,7 @@ def value_then_parameters(
                 value, args = args[0], args[1:]
             else:
                 raise TypeError(f"missing a required argument: '{name}'")
-            return body(self, value, table.values(self, args, kwargs))
+            return body(self, value, _values(signature, self, args, kwargs))
 
         returns = shown.return_annotation
         method.__signature__ = forwarded_signature(declared, returns, (name, first.annotation))  # type: ignore[attr-defined]
