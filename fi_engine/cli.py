@@ -848,9 +848,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         + (f", {weights.describe()}" if weights is not None else "")
         + (f", LoRA adapters {_adapters_line(lora)}" if lora is not None else "")
     )
-    quantization = None if weights is None else weights.method
+    options = _server_options(args, engine, None if weights is None else weights.method, lora)
     if args.api_servers > 1:
-        return _serve_api_servers(args, engine, names, settings, quantization, lora)
+        return _serve_api_servers(args, engine, names, settings, options)
     from .serve.openai_server import serve
 
     with engine:
@@ -868,23 +868,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
             flush=True,
         )
         try:
-            serve(
-                service,
-                names,
-                host=args.host,
-                port=args.port,
-                max_model_len=getattr(engine, "max_seq_len", None),
-                graceful_s=args.grace,
-                log_level=args.log_level,
-                quantization=quantization,
-                api_key=args.api_key,
-                allowed_origins=args.allowed_origins,
-                lora_modules=_adapter_names(lora),
-                **({} if args.max_request_bytes is None else {"max_request_bytes": args.max_request_bytes}),
-            )
+            serve(service, names, **options)
         finally:
             service.close(timeout=args.grace)
     return 0
+
+
+def _server_options(
+    args: argparse.Namespace, engine: Any, quantization: str | None, lora: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The options of the server from the flags, as both forms take them (one process:
+    :func:`~fi_engine.serve.openai_server.serve`; ``--api-servers N``: :func:`_serve_api_servers`): the address, the
+    grace and log level, what ``/v1/models`` shows (``engine``'s longest request, the weights' ``quantization``),
+    the key, the origins, the body limit (left out where not given: the server's default) and the adapters of
+    ``lora`` loaded at start."""
+    options = dict(
+        host=args.host,
+        port=args.port,
+        max_model_len=getattr(engine, "max_seq_len", None),
+        graceful_s=args.grace,
+        log_level=args.log_level,
+        quantization=quantization,
+        api_key=args.api_key,
+        allowed_origins=args.allowed_origins,
+        lora_modules=_adapter_names(lora),
+    )
+    if args.max_request_bytes is not None:
+        options["max_request_bytes"] = args.max_request_bytes
+    return options
 
 
 def _adapter_names(lora: dict[str, Any] | None) -> list[str] | None:
@@ -933,12 +944,11 @@ def _serve_api_servers(
     engine: Any,
     names: list[str],
     settings: str,
-    quantization: str | None,
-    lora: dict[str, Any] | None,
+    options: dict[str, Any],
 ) -> int:
     """``serve --api-servers N`` (N > 1): N front-end processes over ``engine`` (fi_engine.serve.api_servers) until
-    SIGINT/SIGTERM, each serving the adapters of ``lora`` (the engine's LoRA settings; None: none); 1 when a front
-    end failed (named on stderr), 2 for an address that cannot be bound."""
+    SIGINT/SIGTERM, each serving with the server ``options`` (:func:`_server_options`: the adapters loaded at start
+    among them); 1 when a front end failed (named on stderr), 2 for an address that cannot be bound."""
     from .serve.api_servers import serve_api_servers
 
     where = f"{PROG} serve"
@@ -953,23 +963,7 @@ def _serve_api_servers(
 
     with engine:
         try:
-            serve_api_servers(
-                engine,
-                args.model,
-                names,
-                host=args.host,
-                port=args.port,
-                max_queue=args.max_queue,
-                max_model_len=engine.max_seq_len,
-                graceful_s=args.grace,
-                log_level=args.log_level,
-                ready=ready,
-                quantization=quantization,
-                api_key=args.api_key,
-                allowed_origins=args.allowed_origins,
-                max_request_bytes=args.max_request_bytes,
-                lora_modules=_adapter_names(lora),
-            )
+            serve_api_servers(engine, args.model, names, max_queue=args.max_queue, ready=ready, **options)
         except ValueError as exc:  # the address cannot be bound
             print(f"{where}: {exc}", file=sys.stderr)
             return 2

@@ -28,7 +28,7 @@ from typing import Any
 from ..values import MAX_SIZE, arg_int, model_dir_fspath, show
 from .family_configs import eos_ids, rope_settings, silu_without_biases, size
 
-__all__ = ["LLAMA_MODEL_TYPES", "LlamaConfig", "MoEConfig", "RopeConfig"]
+__all__ = ["LLAMA_MODEL_TYPES", "LlamaConfig", "MoEConfig", "RopeConfig", "YarnRope"]
 
 # the model types LlamaConfig.from_dict reads: the Llama family's (fi_engine.models.llama), q/k norms and experts
 LLAMA_MODEL_TYPES = ("llama", "qwen3", "mixtral", "qwen3_moe")
@@ -328,6 +328,52 @@ def yarn_ramp(
     if low == high:
         high += 0.001  # transformers' guard against a zero-width ramp
     return low, high
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude scale for a context stretched ``factor`` times: ``0.1 * mscale * ln(factor) + 1`` (1.0 for
+    ``factor <= 1``; transformers' ``get_mscale``)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+@dataclass(frozen=True)
+class YarnRope:
+    """YaRN rotary scaling (transformers' ``rope_type="yarn"``), as the families that use it read it (gpt-oss,
+    DeepSeek); see :meth:`inv_freq` for the formula. ``mscale``, ``mscale_all_dim``: None or 0.0 where the config
+    gives none (both off)."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+
+    def scale(self) -> float:
+        """The factor cos and sin are multiplied by (transformers' ``attention_factor``)."""
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.mscale and self.mscale_all_dim:
+            return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
+        return yarn_mscale(self.factor)
+
+    def inv_freq(self, theta: float, dim: int) -> Any:
+        """float32 ``[dim / 2]`` inverse frequencies: the plain ones (``theta ** (-2j / dim)``) where a frequency
+        turns fewer than ``beta_slow`` times over the original context, those divided by ``factor`` where it turns
+        more than ``beta_fast`` times, and a linear blend between (the correction range, floored/ceiled when
+        ``truncate``). gpt-oss's cos/sin cache reads these; DeepSeek's computes its own in float64."""
+        import numpy as np
+
+        low, high = yarn_ramp(
+            dim, theta, self.original_max_position_embeddings, self.beta_fast, self.beta_slow, self.truncate
+        )
+        pos = (theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))).astype(np.float32)
+        extrapolation, interpolation = 1.0 / pos, 1.0 / (np.float32(self.factor) * pos)
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+        keep = 1 - ramp  # 1: the plain frequency (extrapolate), 0: divided by factor (interpolate)
+        return (interpolation * (1 - keep) + extrapolation * keep).astype(np.float32)
 
 
 def read_config_json(model_dir: Any) -> tuple[Any, Path]:

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint.config import MoEConfig, read_config_json, yarn_ramp
+from ..checkpoint.config import MoEConfig, YarnRope, read_config_json, yarn_mscale, yarn_ramp
 from ..checkpoint.family_configs import eos_ids, rope_settings, silu_without_biases, size
 from ..checkpoint.quantization import Fp8Scheme, served_fp8_scheme
 from ..layers.deepseek_routing import DeepSeekRouting
@@ -52,7 +52,6 @@ __all__ = [
     "DEQUANTIZED_BESIDE_EXPERTS",
     "DeepSeekConfig",
     "DeepSeekRouting",
-    "YarnConfig",
     "deepseek_fp8_scheme",
     "fp8_shard_refusal",
     "is_deepseek",
@@ -61,20 +60,6 @@ __all__ = [
 DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 KV_LORA_RANK = 512  # head_dim_ckv of the MLA kernels
 ROPE_HEAD_DIM = 64  # head_dim_kpe of the MLA kernels
-
-
-@dataclass(frozen=True)
-class YarnConfig:
-    """YaRN rotary scaling (``rope_type`` ``yarn``); see transformers' ``_compute_yarn_parameters``."""
-
-    factor: float
-    original_max_position_embeddings: float
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    mscale: float = 0.0
-    mscale_all_dim: float = 0.0
-    attention_factor: float | None = None
-    truncate: bool = True
 
 
 @dataclass(frozen=True)
@@ -96,7 +81,7 @@ class DeepSeekConfig:
     v_head_dim: int
     rms_norm_eps: float
     rope_theta: float
-    yarn: YarnConfig | None
+    yarn: YarnRope | None
     rope_interleave: bool
     tie_word_embeddings: bool
     max_position_embeddings: int
@@ -129,7 +114,7 @@ class DeepSeekConfig:
         """``1 / sqrt(qk_nope + qk_rope)``, times ``mscale(factor, mscale_all_dim)^2`` with YaRN."""
         scale = self.qk_head_dim**-0.5
         if self.yarn is not None and self.yarn.mscale_all_dim:
-            m = _yarn_mscale(self.yarn.factor, self.yarn.mscale_all_dim)
+            m = yarn_mscale(self.yarn.factor, self.yarn.mscale_all_dim)
             scale *= m * m
         return scale
 
@@ -141,12 +126,7 @@ class DeepSeekConfig:
         y = self.yarn
         if y is None:
             return 1.0 / pos_freqs, 1.0
-        if y.attention_factor is not None:
-            attention = y.attention_factor
-        elif y.mscale and y.mscale_all_dim:
-            attention = _yarn_mscale(y.factor, y.mscale) / _yarn_mscale(y.factor, y.mscale_all_dim)
-        else:
-            attention = _yarn_mscale(y.factor)
+        attention = y.scale()
         low, high = yarn_ramp(dim, base, y.original_max_position_embeddings, y.beta_fast, y.beta_slow, y.truncate)
         ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
         extrapolation = 1 - ramp
@@ -285,10 +265,6 @@ def _finite(value: Any) -> bool:
     return abs(value) < 1 << 1000 if isinstance(value, int) else math.isfinite(value)
 
 
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
 def _number(params: dict[str, Any], key: str, source: str, default: float | None = None, zero: bool = False) -> float:
     value = params.get(key, default)
     if value is None and default is None:
@@ -298,7 +274,7 @@ def _number(params: dict[str, Any], key: str, source: str, default: float | None
     return float(value)
 
 
-def _rope(d: dict[str, Any], source: str) -> tuple[float, YarnConfig | None]:
+def _rope(d: dict[str, Any], source: str) -> tuple[float, YarnRope | None]:
     params, scaling = d.get("rope_parameters"), d.get("rope_scaling")
     for name, value in (("rope_parameters", params), ("rope_scaling", scaling)):
         if value is not None and not isinstance(value, dict):
@@ -321,7 +297,7 @@ def _rope(d: dict[str, Any], source: str) -> tuple[float, YarnConfig | None]:
     truncate = merged.get("truncate", True)
     if not isinstance(truncate, bool):
         raise ValueError(f"{source}: rope truncate must be true or false, got {show(truncate)}")
-    return theta, YarnConfig(
+    return theta, YarnRope(
         factor=_number({"factor": factor}, "factor", source),
         original_max_position_embeddings=size(merged, "original_max_position_embeddings", source),
         beta_fast=_number(merged, "beta_fast", source, 32.0) if merged.get("beta_fast") is not None else 32.0,

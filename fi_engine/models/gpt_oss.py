@@ -70,7 +70,6 @@ the experts' naming the tensor.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +78,7 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint.config import LlamaConfig, MoEConfig, RopeConfig, yarn_ramp
+from ..checkpoint.config import LlamaConfig, MoEConfig, RopeConfig, YarnRope
 from ..checkpoint.family_configs import (
     check_dict,
     flag,
@@ -105,7 +104,6 @@ __all__ = [
     "GptOss",
     "GptOssEngine",
     "GptOssSettings",
-    "YarnRope",
     "check_checkpoint",
     "expert_matrices",
     "gpt_oss_config",
@@ -129,48 +127,6 @@ def check_quantization(d: dict[str, Any], source: str) -> None:
     check_dict(d, source)
     if not declares_mxfp4(d.get("quantization_config")):
         refuse_quantized(d, source, QUANTIZED_HELP)
-
-
-@dataclass(frozen=True)
-class YarnRope:
-    """YaRN rotary scaling (transformers' ``rope_type="yarn"``); see :meth:`inv_freq` for the formula."""
-
-    factor: float
-    original_max_position_embeddings: int
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    truncate: bool = True
-    attention_factor: float | None = None
-    mscale: float | None = None
-    mscale_all_dim: float | None = None
-
-    def scale(self) -> float:
-        """The factor cos and sin are multiplied by (transformers' ``attention_factor``)."""
-        if self.attention_factor is not None:
-            return self.attention_factor
-
-        def get_mscale(scale: float, m: float = 1.0) -> float:
-            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-        if self.mscale and self.mscale_all_dim:
-            return get_mscale(self.factor, self.mscale) / get_mscale(self.factor, self.mscale_all_dim)
-        return get_mscale(self.factor)
-
-    def inv_freq(self, theta: float, dim: int) -> Any:
-        """float32 ``[dim / 2]`` inverse frequencies: the plain ones (``theta ** (-2j / dim)``) where a frequency
-        turns fewer than ``beta_slow`` times over the original context, those divided by ``factor`` where it turns
-        more than ``beta_fast`` times, and a linear blend between (the correction range, floored/ceiled when
-        ``truncate``)."""
-        import numpy as np
-
-        low, high = yarn_ramp(
-            dim, theta, self.original_max_position_embeddings, self.beta_fast, self.beta_slow, self.truncate
-        )
-        pos = (theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))).astype(np.float32)
-        extrapolation, interpolation = 1.0 / pos, 1.0 / (np.float32(self.factor) * pos)
-        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
-        keep = 1 - ramp  # 1: the plain frequency (extrapolate), 0: divided by factor (interpolate)
-        return (interpolation * (1 - keep) + extrapolation * keep).astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from helpers.hf_configs import GEMMA2, GPT_OSS, GPT_OSS_BF16, hf_experts
 
+from fi_engine.checkpoint.config import YarnRope
 from fi_engine.checkpoint.safetensors import Checkpoint, write_safetensors
 from fi_engine.models.gemma2 import Gemma2Settings, gemma2_config
-from fi_engine.models.gpt_oss import GptOssSettings, YarnRope, gpt_oss_config
+from fi_engine.models.gpt_oss import GptOssSettings, gpt_oss_config
 
 
 def test_gemma2_config_of_the_published_checkpoint() -> None:

@@ -4,10 +4,12 @@ the missing GPU included, is one line and exit status 2 (the real CLI in a subpr
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from helpers.checkpoints import without_weights
@@ -178,3 +180,20 @@ def test_serve_with_adapters_stops_at_the_missing_gpu(model: Path, tmp_path: Pat
 def test_serve_accepts_a_resolvable_host_and_the_full_length(model: Path) -> None:
     done = engine_cli("serve", str(model), "--host", "localhost", "--max-seq-len", "4096", "--port", "0")
     assert done.returncode == 2 and "needs an NVIDIA GPU" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("flags", [[], ["--max-request-bytes", "4096", "--api-key", "k"]], ids=["defaults", "given"])
+def test_serve_options_are_what_both_server_forms_take(model: Path, flags: list[str]) -> None:
+    """The server options ``serve`` takes from its flags (past the GPU, which CI lacks) bind to one process's
+    ``serve`` and to ``serve_api_servers`` alike; the body limit is left to the server's default where no flag
+    gives one."""
+    from fi_engine import cli
+    from fi_engine.serve.api_servers import serve_api_servers
+    from fi_engine.serve.openai_server import serve
+
+    args = cli.build_parser().parse_args(["serve", str(model), "--port", "0", *flags])
+    options = cli._server_options(args, SimpleNamespace(max_seq_len=4096), "fp8", None)
+    inspect.signature(serve).bind(object(), ["m"], **options)
+    inspect.signature(serve_api_servers).bind(object(), str(model), ["m"], max_queue=1, ready=None, **options)
+    assert (options["port"], options["max_model_len"], options["quantization"]) == (0, 4096, "fp8")
+    assert options.get("max_request_bytes") == (4096 if flags else None) and options["lora_modules"] is None

@@ -2594,10 +2594,9 @@ EXEMPT: dict[str, str] = {
         [
             "layers.deepseek_routing.DeepSeekRouting",
             "models.deepseek_config.DeepSeekRouting",  # (re-exported from layers.deepseek_routing)
-            "models.deepseek_config.YarnConfig",
+            "checkpoint.config.YarnRope",
             "models.gemma2.Gemma2Settings",
             "models.gpt_oss.GptOssSettings",
-            "models.gpt_oss.YarnRope",
         ],
         _RECORD,
     ),
