@@ -37,7 +37,7 @@ from .kernels.system import FiFFIError
 __all__ = ["build_parser", "main"]
 
 PROG = "fi-engine"
-# `serve --scheduler-delay-factor`'s default (ServingLoop._admit), vLLM's too: admit at the next step. Measured on an
+# `serve --scheduler-delay-factor`'s default (LaunchPolicy.admit), vLLM's too: admit at the next step. Measured on an
 # H100 (benchmarks/bench_serve.py compare, SmolLM2 shapes, 64 streaming clients over 4 API servers, 16 waves; once
 # the front ends handed requests on at once, 2026-11-24): factor 0 gave 0.87-0.99x of generate over 8 runs (median
 # 0.906), 1 gave 0.88x, 3 (the earlier default, chosen while requests reached the engine 4-20 ms late) 0.87-0.91x
@@ -807,7 +807,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 ) from None
         kwargs = dict(max_batch=args.max_batch, max_seq_len=args.max_seq_len, cuda_graph=args.graph, device=args.device)
         # each decode step launched before the last one's tokens are delivered (ServingLoop._serve_step), arrivals
-        # grouped into fewer prefills (ServingLoop._admit), and the running requests decoded in each prefill pass
+        # grouped into fewer prefills (LaunchPolicy.admit), and the running requests decoded in each prefill pass
         # and, with CUDA graphs, the prefill graphs those passes replay captured before the first request
         kwargs.update(
             overlap_steps=True,

@@ -79,7 +79,7 @@ class Passes:
     ) -> tuple[LaunchedPass, Any]:
         """Launch the prefill pass of ``reqs`` with ``riders`` (:meth:`prefill`), its tokens copied behind it to the
         host (not waited for): one per slot up to the highest slot it serves, in slot order, so that the decode step
-        after it can read them in place (:meth:`ServingLoop._decodes_behind_prefill`); an empty slot's is garbage.
+        after it can read them in place (:meth:`LaunchPolicy.rows_behind_prefill`); an empty slot's is garbage.
         ``behind``: a decode step is in flight, not recorded: the riders' last tokens are its tokens, fed one
         position on and gathered from its ``ids`` on the device (a rider it ends with an end-of-sequence token
         computes a row nobody records). ``graph_slots``: the request slots its graph is padded to (None:
@@ -121,7 +121,7 @@ class Passes:
 
     def prefill_finish(self, sched: Scheduler, launched: LaunchedPass, behind: bool = False) -> None:
         """Wait for the prefill pass ``launched`` and record its tokens: the riders' next, the admitted requests'
-        first. ``behind``: a decode step was launched after it (:meth:`ServingLoop._decodes_behind_prefill`): only its
+        first. ``behind``: a decode step was launched after it (:meth:`LaunchPolicy.rows_behind_prefill`): only its
         token copy is waited for; otherwise the whole stream, so that the host staging buffers may be written next."""
         if behind:
             launched.done.synchronize()
@@ -153,7 +153,7 @@ class Passes:
     def decode_finish(self, sched: Scheduler, launched: LaunchedStep, behind: bool = False) -> list[Request]:
         """Wait for the decode step ``launched`` and record its tokens; returns the requests that took one (those
         still active: a request that ended since the launch, aborted or at the step before it, takes none).
-        ``behind``: another step was launched after it (:meth:`ServingLoop._launches_ahead`): only its token copy is
+        ``behind``: another step was launched after it (:meth:`LaunchPolicy.launches_ahead`): only its token copy is
         waited for; otherwise the whole stream, so that the host staging buffers may be written next."""
         live = [r for r in launched.rows if r is not None and r.finish_reason is None]
         if behind:
@@ -167,7 +167,7 @@ class Passes:
         """Launch one decode step for every active request: the scheduler's rows, staged and run by the runner, each
         row's token picked by the sampler, the tokens copied out behind it on the stream (not waited for).
         ``depth``: the steps then in flight, this one included (2: launched before the last one's tokens were read,
-        :meth:`ServingLoop._launches_ahead`); the step after them is staged for that many steps ahead.
+        :meth:`LaunchPolicy.launches_ahead`); the step after them is staged for that many steps ahead.
 
         A step staged during the previous one (:meth:`Scheduler.peek_rows`) runs only if the slots are still its rows
         (:meth:`Scheduler.same_rows`): a request that ended with an end-of-sequence token, was aborted or admitted

@@ -11,8 +11,10 @@ Each step goes one way through the parts (a pass: :mod:`~fi_engine.runtime.passe
 (:class:`~fi_engine.runtime.worker.model_runner.ModelRunner`) stages them and runs the forward pass and the LM head, the
 **sampler** (:class:`~fi_engine.runtime.sample.sampler.Sampler`) picks each row's token, the runner copies the tokens
 out, and the scheduler records them; the **speculator** (:class:`~fi_engine.runtime.sample.speculator.Speculator`)
-replaces a decode step by a verifying pass where drafts pay. The loop is the same for every model family; what differs
-is the runner's family definition.
+replaces a decode step by a verifying pass where drafts pay; the **launch policy**
+(:class:`~fi_engine.runtime.launch_policy.LaunchPolicy`) says when each pass launches: ahead of or behind the step in
+flight, queued requests admitted now or held, the decoding requests riding in a prefill pass. The loop is the same
+for every model family; what differs is the runner's family definition.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 
 from ..kernels.flashinfer import stream_scope
 from ..values import arg_flag
+from .launch_policy import LaunchPolicy
 from .passes import LaunchedPass, LaunchedStep, Passes
 from .sample.logits_processing import LogitsProcessor
 from .sample.sampler import Draws, Sampler
@@ -161,13 +164,15 @@ def step_output(r: Request, k: int, caching: bool) -> StepOutput:
 class ServingLoop(StepEngineBase):
     """The serving loop: :meth:`generate`, :meth:`prefill_logits` and the step API
     (:class:`~fi_engine.runtime.stepping.StepEngine`: :meth:`add_request`, :meth:`abort_request`, :meth:`step`,
-    :attr:`has_unfinished`), and the steps they run: when a prefill pass or a decode step runs, what runs beside it or
-    ahead of it, and what each request got. ``generate`` drives the same step (:meth:`_advance`) as :meth:`step`, over
-    the same scheduler, until its own prompts are done.
+    :attr:`has_unfinished`), and the steps they run: each step's prefill pass and decode step launched (when, and what
+    runs beside or ahead of them, the launch policy says), waited for and recorded, and what each request got.
+    ``generate`` drives the same step (:meth:`_advance`) as :meth:`step`, over the same scheduler, until its own
+    prompts are done.
 
-    Its parts (set by :class:`~fi_engine.runtime.engine.Engine`'s constructor, the last two by :meth:`_start_loop`):
-    ``scheduler``, ``kv_cache`` (the scheduler's page pool), ``runner``, ``processor``, ``sampler``, ``speculator`` and
-    ``passes`` (how one pass goes through them)."""
+    Its parts (set by :class:`~fi_engine.runtime.engine.Engine`'s constructor, the last three by :meth:`_start_loop`):
+    ``scheduler``, ``kv_cache`` (the scheduler's page pool), ``runner``, ``processor``, ``sampler``, ``speculator``,
+    ``passes`` (how one pass goes through them) and ``launch_policy`` (when the passes launch, which requests are
+    admitted: :class:`~fi_engine.runtime.launch_policy.LaunchPolicy`)."""
 
     runner: ModelRunner  # the model on the GPU: stages and runs each step, copies its tokens out
     scheduler: Scheduler  # the requests, their slots and KV pages: admission, a step's rows, the tokens recorded
@@ -176,6 +181,7 @@ class ServingLoop(StepEngineBase):
     processor: LogitsProcessor  # the logprobs and sampling controls of the rows that ask, before the sampler
     speculator: Speculator  # speculative decoding: the drafts, the verifying pass, the policy
     passes: Passes  # a prefill pass or decode step launched through the parts above and finished (recorded)
+    launch_policy: LaunchPolicy  # when the passes launch: ahead of or behind a step in flight, admitted or held
     model_dir: Any  # the checkpoint directory (its tokenizer.json: the grammar_tokenizer, made on first use)
     # the step API's requests by id, the aborted ones the next step() reports, the ends a failed step() had recorded
     _requests: dict[int, Request]
@@ -183,7 +189,6 @@ class ServingLoop(StepEngineBase):
     _unreported: list[StepOutput]
     _ffi_stream: Any  # TVM-FFI's stream scope of the runner's stream, made on the first step()
     _inflight: LaunchedStep | None  # the decode step step() launched and left running (overlap_steps)
-    _last_prefill_s: float  # the host time of the last prefill (_admit's delay)
     _overlap_steps: bool
     _scheduler_delay_factor: float
     _mixed_prefill: bool
@@ -198,13 +203,13 @@ class ServingLoop(StepEngineBase):
         self._ffi_stream = None
         self.passes = Passes(self)  # (with no decode step staged ahead)
         self._inflight = None
-        self._last_prefill_s = 0.0
+        self.launch_policy = LaunchPolicy(self)  # (its admission delay measured from the first prefill on)
         # the step API launches each decode step and returns, its tokens coming with the next step() (one GPU;
         # _serve_step): the caller's handling of a step's tokens overlaps the next step on the GPU. Off by default
         # (step() then returns each step's own tokens); the servers turn it on (models.registry.open_engine)
         self.overlap_steps = False
         # the step API's admission waits while others decode, up to this many times the last prefill's time, so a
-        # burst of arrivals is prefilled in fewer passes (_admit); 0: admitted at the next step
+        # burst of arrivals is prefilled in fewer passes (LaunchPolicy.admit); 0: admitted at the next step
         self.scheduler_delay_factor = 0.0
         # the step API's prefill passes also decode the active requests (mixed_prefill); off by default (their
         # riders' logits come from the prefill's kernels); the servers turn it on (models.registry.open_engine)
@@ -228,11 +233,11 @@ class ServingLoop(StepEngineBase):
 
     tp_pipelined_decode = False
     """:attr:`pipelined_decode` for ``generate`` under tensor parallelism too, where the runner stages steps ahead
-    (``ModelRunner.tp_prepare_ahead``) and no speculation is on (:meth:`_pipelines_decode`). Every rank runs the same
-    scheduler over the same tokens (rank 0's, broadcast on the stream in each step, ``Sampler.share_ids``), so every
-    rank launches ahead, drops a prepared step or waits at the same steps, and issues its collectives in the same
-    order; the step launched ahead copies its input tokens on the device, behind the broadcast that made them. Off
-    by default until the whole two-GPU suite has run with it on (its own two-GPU test,
+    (``ModelRunner.tp_prepare_ahead``) and no speculation is on (:meth:`LaunchPolicy.pipelines_decode`). Every rank
+    runs the same scheduler over the same tokens (rank 0's, broadcast on the stream in each step,
+    ``Sampler.share_ids``), so every rank launches ahead, drops a prepared step or waits at the same steps, and issues
+    its collectives in the same order; the step launched ahead copies its input tokens on the device, behind the
+    broadcast that made them. Off by default until the whole two-GPU suite has run with it on (its own two-GPU test,
     tests/engine/test_gpu_llama_tp.py, gives the plain loop's tokens; ``benchmarks/bench_llama_tp.py --variants
     tp-pipe``: 4-6 % more tokens/s at TP 2). The step API's overlapped steps stay one GPU's."""
 
@@ -269,7 +274,7 @@ class ServingLoop(StepEngineBase):
     scheduler_delay_factor = _Setting(
         delay_factor_arg,
         """How long queued requests may wait while others decode, in multiples of the last prefill's time
-        (:meth:`_admit`; vLLM's option of that name), 0 to 100. Default 0; ``fi-engine serve`` uses 3.""",
+        (:meth:`LaunchPolicy.admit`; vLLM's option of that name), 0 to 100. Default 0; ``fi-engine serve`` uses 3.""",
     )
 
     def _add_request(self, request: NewRequest) -> int:
@@ -324,8 +329,8 @@ class ServingLoop(StepEngineBase):
         ones aborted since the last step. With nothing queued or active: those aborted ones only, at once. With
         :attr:`overlap_steps`, the decode step is left running and its tokens come first in the next call
         (:meth:`_serve_step`); with :attr:`scheduler_delay_factor`, queued requests may wait a few steps
-        (:meth:`_admit`); with :attr:`mixed_prefill`, the requests already active take a token from the prefill pass
-        too (so one more in that call).
+        (:meth:`LaunchPolicy.admit`); with :attr:`mixed_prefill`, the requests already active take a token from the
+        prefill pass too (so one more in that call).
 
         An exception from the device work (a CUDA error, an interrupt) ends every queued and active request (the
         next step reports them as aborted, after the requests that had ended in the failed call before it failed,
@@ -387,8 +392,9 @@ class ServingLoop(StepEngineBase):
         queued after that step on the engine's one stream. Where queued requests are admitted, their prefill pass
         (with the running requests riding in it: :attr:`mixed_prefill`) is prepared while the step in flight runs
         and launched behind it (:attr:`pipelined_prefill`), and the decode step after the pass behind the pass
-        where it gave every active request a token (:meth:`_decodes_behind_prefill`)."""
+        where it gave every active request a token (:meth:`LaunchPolicy.rows_behind_prefill`)."""
         inflight, self._inflight = self._inflight, None
+        policy = self.launch_policy
         # speculation: a verifying pass worth it by the tokens recorded so far runs after the step in flight, waited
         # for (it reads that step's tokens), and the step is the synchronous one (_advance)
         verify = self.speculator.pass_due(sched)
@@ -402,12 +408,12 @@ class ServingLoop(StepEngineBase):
         prefill_s = 0.0  # the prefill pass's launch and wait (kept for the scheduler delay)
         if inflight is not None:  # also when overlap_steps was turned off since that step was launched
             # the next step launched before this one's tokens are read, where nothing changes the rows in between
-            if self.overlap_steps and self._launches_ahead(sched, delay=True):
+            if self.overlap_steps and policy.launches_ahead(sched, delay=True):
                 self._inflight = self.passes.decode_launch(sched, depth=2)
-            elif self.overlap_steps and self._prefills_ahead(sched):
+            elif self.overlap_steps and policy.prefills_ahead(sched):
                 # the prefill pass of the requests admitted now goes behind the step in flight, prepared while it
                 # runs: its riders are fed the step's tokens on the device, one position on
-                admitted = self._admit(sched, delay=True, riders=riders, behind=True)
+                admitted = policy.admit(sched, delay=True, riders=riders, behind=True)
                 if admitted:
                     t = time.perf_counter()
                     try:
@@ -432,7 +438,7 @@ class ServingLoop(StepEngineBase):
             if not (self.overlap_steps and self.runner.comm is None) or verify:
                 self._advance(sched, None, produced, verify=verify)
                 return
-            admitted = self._admit(sched, delay=True, riders=riders)
+            admitted = policy.admit(sched, delay=True, riders=riders)
             if admitted:
                 t = time.perf_counter()
                 launched, _ = self.passes.prefill_launch(sched, admitted, riders, graph_slots=self.runner.max_batch)
@@ -446,16 +452,19 @@ class ServingLoop(StepEngineBase):
             # next chunk's pass (they ride in it again), so no decode step between the passes holds the prompt back
             all_rode = all(id(r) in ids for r in sched.active if r.decoding)
             chunking = sched.chunks_pending
-            if all_rode and not chunking and self._decodes_behind_prefill(sched):
+            rows = policy.rows_behind_prefill(sched) if all_rode and not chunking else None
+            if rows is not None:
                 # the decode step goes right behind the pass, its input tokens copied on the device: the GPU does
                 # not wait for the host to read the pass's tokens and prepare the step
+                self.runner.stage_decode_ahead(rows, ahead=1)
+                self.passes.next_rows = rows
                 self._inflight = self.passes.decode_launch(sched, depth=2)
                 t = time.perf_counter()
                 self.passes.prefill_finish(sched, launched, behind=True)
             else:
                 t = time.perf_counter()
                 self.passes.prefill_finish(sched, launched)
-            self._last_prefill_s = prefill_s + time.perf_counter() - t
+            policy.last_prefill_s = prefill_s + time.perf_counter() - t
             for r, n in zip(passed, had, strict=True):  # (a rider the step in flight ended took nothing)
                 if len(r.output) > n:
                     produced[r] = produced.get(r, 0) + 1
@@ -466,106 +475,11 @@ class ServingLoop(StepEngineBase):
 
     def _timed_prefill(self, sched: Scheduler, admitted: list[Request], riders: Sequence[Request] = ()) -> float:
         """:meth:`Passes.prefill` of the admitted requests (with ``riders``, a mixed pass: :attr:`mixed_prefill`); its
-        host time in seconds, kept for :meth:`_admit`'s delay."""
+        host time in seconds, kept for the admission delay (:meth:`LaunchPolicy.admit`)."""
         t = time.perf_counter()
         self.passes.prefill(sched, admitted, riders=riders)
-        self._last_prefill_s = time.perf_counter() - t
-        return self._last_prefill_s
-
-    def _launches_ahead(self, sched: Scheduler, delay: bool) -> bool:
-        """Whether the next decode step may be launched now, before the tokens of the one in flight are read
-        (:attr:`pipelined_decode`): it was prepared during that step (:meth:`_pipelines_decode`) for the rows the
-        slots still hold (:meth:`Scheduler.same_rows`: no request reaches its token limit in the step in flight,
-        none was aborted), and no queued request would be admitted first (:meth:`_would_admit`). (Sampled rows
-        stage their parameters in the other of two host buffers than the step in flight's.)"""
-        prepared = self.passes.next_rows
-        return (
-            self._pipelines_decode()
-            and prepared is not None
-            and any(r is not None for r in prepared)  # (all padding: every request ended; nothing to step)
-            and sched.same_rows(prepared)
-            and not sched.processed  # its controls and logprobs read each request's recorded tokens
-            and not self._would_admit(sched, delay)
-        )
-
-    def _prefills_ahead(self, sched: Scheduler) -> bool:
-        """Whether the prefill pass of queued requests may be launched now, behind the decode step in flight
-        (:meth:`_serve_step`, :attr:`pipelined_prefill`): a queued request would be admitted (:meth:`_would_admit`),
-        on one GPU with the decode graph where steps are prepared ahead (:attr:`pipelined_decode`'s conditions)."""
-        return (
-            self.pipelined_prefill
-            and self._prepares_ahead()
-            and not sched.processed  # a rider's controls and logprobs read its recorded tokens
-            and self._would_admit(sched, delay=True)
-        )
-
-    def _pipelines_decode(self) -> bool:
-        """Whether decode steps may be launched before the tokens of the one in flight are read
-        (:attr:`pipelined_decode`, the decode graph): on one GPU; under tensor parallelism with
-        :attr:`tp_pipelined_decode`, steps staged ahead (``ModelRunner.prepare_ahead``) and no speculation (its policy
-        weighs this rank's own host times, which differ between ranks: the ranks' steps could part)."""
-        runner = self.runner
-        if not self.pipelined_decode or runner.graph is None:
-            return False
-        if runner.comm is None:
-            return True
-        return self.tp_pipelined_decode and runner.prepare_ahead and self.speculator.proposer is None
-
-    def _prepares_ahead(self) -> bool:
-        """Whether decode steps are prepared while the one before runs and launched with their input tokens copied
-        on the device (:attr:`pipelined_decode`, the decode graph, one GPU, ``ModelRunner.prepare_ahead``)."""
-        runner = self.runner
-        return self.pipelined_decode and runner.graph is not None and runner.comm is None and runner.prepare_ahead
-
-    def _decodes_behind_prefill(self, sched: Scheduler) -> bool:
-        """Prepare the decode step after the prefill pass just launched, which gives every active request a token
-        (the caller checks), for the rows the slots will hold after it (:meth:`Scheduler.peek_rows` of one pass
-        ahead: each admitted request at its prompt's end, each rider one position on), and return True; False
-        (nothing prepared) where steps are not prepared ahead (the conditions of :attr:`pipelined_decode`) or a
-        request reaches its token limit in the pass (the rows will change). The step's input tokens are then the
-        pass's, which it chose one per slot: copied on the device at launch."""
-        if not self._prepares_ahead() or sched.processed:  # (controls and logprobs read the recorded tokens)
-            return False
-        rows = sched.peek_rows(1)
-        rows = rows[: sched.graph_rows(rows, self.runner.decode_graph_batches)]
-        if not sched.same_rows(rows):
-            return False
-        self.runner.stage_decode_ahead(rows, ahead=1)
-        self.passes.next_rows = rows
-        return True
-
-    def _would_admit(self, sched: Scheduler, delay: bool) -> bool:
-        """Whether :meth:`_admit` would admit a queued request now (:meth:`Scheduler.can_admit`), without admitting
-        it. ``delay`` (the step API): the queue is held by :attr:`scheduler_delay_factor` times the last prefill's
-        time."""
-        return sched.can_admit(self.scheduler_delay_factor * self._last_prefill_s if delay else 0.0)
-
-    def _admit(
-        self, sched: Scheduler, delay: bool, riders: list[Request] | None = None, behind: bool = False
-    ) -> list[Request]:
-        """The scheduler's admission (:meth:`Scheduler.admit`), or none yet: with ``delay`` (the step API) and
-        :attr:`scheduler_delay_factor` > 0, queued requests wait while others decode, until the oldest has waited
-        that many times the last prefill's time or they would fill every free slot (vLLM's scheduler delay): a burst
-        of arrivals is prefilled in a few larger passes instead of one small pass per step, each of which costs the
-        batch a step.
-
-        ``riders`` (the step API): with :attr:`mixed_prefill` where it applies, the requests already active are
-        appended to it when some are admitted (they ride in the prefill pass, each one token row of the pass's
-        ``max_prefill_tokens``); where the first queued prompt does not fit beside them, it is admitted alone and
-        ``riders`` stays empty. ``behind``: the pass goes behind a decode step in flight, not recorded: a request
-        that step gives its last token (its limit) rides no more."""
-        if not self._would_admit(sched, delay):
-            return []
-        if riders is not None and self._mixes():
-            admitted, riding = sched.admit_beside_active(behind)
-            riders.extend(riding)
-            return admitted
-        return sched.admit()
-
-    def _mixes(self) -> bool:
-        """Whether the step API's prefill passes take the decoding requests along (:attr:`mixed_prefill`): one GPU,
-        and the Llama pass, whose prefill attention reads every request's KV from the paged cache."""
-        return self.mixed_prefill and self.runner.comm is None and self.runner.family.llama_pass
+        elapsed = self.launch_policy.last_prefill_s = time.perf_counter() - t
+        return elapsed
 
     def _settle(self) -> None:
         """Wait for a decode step left in flight whose requests have all ended since (aborted): nothing of it is
@@ -631,7 +545,7 @@ class ServingLoop(StepEngineBase):
         # current already (one query instead of a set and a restore around each of the ~10 kernels per layer)
         with runner.cupy.cuda.Device(runner.device), runner.stream, stream_scope(runner.stream_ptr, runner.device):
             try:
-                if self._pipelines_decode():
+                if self.launch_policy.pipelines_decode():
                     launched = None
                     while sched.has_work:
                         launched = self._advance_pipelined(sched, result, launched)
@@ -661,7 +575,7 @@ class ServingLoop(StepEngineBase):
         if produced is None:
             produced = {}
         riders: list[Request] = []
-        admitted = self._admit(sched, delay=result is None, riders=None if result is not None else riders)
+        admitted = self.launch_policy.admit(sched, delay=result is None, riders=None if result is not None else riders)
         if admitted:
             elapsed = self._timed_prefill(sched, admitted, riders)
             if result is not None:
@@ -693,11 +607,11 @@ class ServingLoop(StepEngineBase):
         self, sched: Scheduler, result: GenerationResult, launched: LaunchedStep | None
     ) -> LaunchedStep | None:
         """``generate``'s step with :attr:`pipelined_decode`: with a decode step in flight (``launched``), the
-        next one is launched first where it may be (:meth:`_launches_ahead`), then the one in flight is waited for
-        and recorded; without, what fits is admitted and prefilled and a decode step launched. Returns the step
-        left in flight. The timings as :meth:`_advance` gives them (the waits for the GPU excluded)."""
+        next one is launched first where it may be (:meth:`LaunchPolicy.launches_ahead`), then the one in flight is
+        waited for and recorded; without, what fits is admitted and prefilled and a decode step launched. Returns the
+        step left in flight. The timings as :meth:`_advance` gives them (the waits for the GPU excluded)."""
         if launched is None:
-            admitted = self._admit(sched, delay=False)
+            admitted = self.launch_policy.admit(sched, delay=False)
             if admitted:
                 result.prefill_s += self._timed_prefill(sched, admitted)
             if not sched.decoding:  # (nothing, or only prompts with chunks left)
@@ -721,7 +635,7 @@ class ServingLoop(StepEngineBase):
         verify = self.speculator.pass_due(sched)
         ahead = (
             self.passes.decode_launch(sched, depth=2)
-            if not verify and self._launches_ahead(sched, delay=False)
+            if not verify and self.launch_policy.launches_ahead(sched, delay=False)
             else None
         )
         waited = self.runner.staged_wait_s if ahead is not None else 0.0

@@ -512,7 +512,7 @@ def test_pipelined_generate_under_tensor_parallelism_only_with_its_switch(max_ba
     want = bare_engine(max_batch=max_batch, token_of=eos_rule).generate(prompts, limits, eos_token_ids=(EOS,))
     assert "eos" in want.finish_reasons
     off = counting_ahead(tp_rank(bare_engine(max_batch=max_batch, token_of=eos_rule, pipelined=True), False))
-    assert not off._pipelines_decode()
+    assert not off.launch_policy.pipelines_decode()
     got = off.generate(prompts, limits, eos_token_ids=(EOS,))
     assert got.tokens == want.tokens and off.ahead == 0
     ranks = []
@@ -532,26 +532,26 @@ def test_pipelined_generate_under_tensor_parallelism_only_with_its_switch(max_ba
 
 
 def test_the_pipelined_decode_at_tp_needs_its_switch_staged_steps_and_no_speculation():
-    """ServingLoop._pipelines_decode: one GPU with the decode graph pipelines whatever tp_pipelined_decode says;
+    """LaunchPolicy.pipelines_decode: one GPU with the decode graph pipelines whatever tp_pipelined_decode says;
     a tensor-parallel rank only with it, with steps staged ahead (ModelRunner.prepare_ahead), and without speculation
     (its policy weighs the rank's own host times); no rank without the decode graph or with pipelined_decode off."""
     e = bare_engine(pipelined=True)
-    assert e._pipelines_decode() and not e.tp_pipelined_decode
+    assert e.launch_policy.pipelines_decode() and not e.tp_pipelined_decode
     e.runner.comm = object()
-    assert not e._pipelines_decode()
+    assert not e.launch_policy.pipelines_decode()
     e.tp_pipelined_decode = True
-    assert e._pipelines_decode()
+    assert e.launch_policy.pipelines_decode()
     e.runner.prepare_ahead = False
-    assert not e._pipelines_decode()
+    assert not e.launch_policy.pipelines_decode()
     e.runner.prepare_ahead = True
     e.speculator.proposer = object()
-    assert not e._pipelines_decode()
+    assert not e.launch_policy.pipelines_decode()
     e.speculator.proposer = None
     e.pipelined_decode = False
-    assert not e._pipelines_decode()
+    assert not e.launch_policy.pipelines_decode()
     e.pipelined_decode = True
     e.runner.graph = None
-    assert not e._pipelines_decode()
+    assert not e.launch_policy.pipelines_decode()
 
 
 @pytest.mark.parametrize("abort_after", [None, (3, 0), (5, 4)])
@@ -583,8 +583,9 @@ def test_a_decode_step_launched_behind_a_mixed_pass_gives_the_same_tokens(abort_
     plain = bare_engine(max_batch=3, token_of=eos_rule, mixed=True)
     piped = counting_ahead(bare_engine(max_batch=3, token_of=eos_rule, overlap=True, pipelined=True, mixed=True))
     behind: list[bool] = []  # per admitting step: whether its decode step went behind the pass
-    prepare = piped._decodes_behind_prefill
-    piped._decodes_behind_prefill = lambda sched: behind.append(prepare(sched)) or behind[-1]
+    policy = piped.launch_policy
+    rows_behind = policy.rows_behind_prefill
+    policy.rows_behind_prefill = lambda sched: behind.append((rows := rows_behind(sched)) is not None) or rows
     same_tokens(plain, piped, prompts, limits, abort_after)
     assert any(step[0] == "mixed" for step in piped.steps) and sum(behind) >= 2, behind
     assert piped.behind >= 1  # a mixed pass launched behind a decode step in flight, its riders one token on

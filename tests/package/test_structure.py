@@ -611,8 +611,8 @@ def test_the_engine_import_check_finds_one() -> None:  # the check above could f
 # fi_engine from the ground up (docs/engine.md draws it): the host-only readers of a checkpoint and of text, the
 # launch layer over the GPU (the one importer of fi_ffi), the model's building blocks, the runtime room by room (the
 # values and the interface at its ground, then the requests and the scheduler, the logits' way to tokens, the model on
-# the GPU, a step's passes, the loop, the engine assembled), then the families and the servers side by side, neither
-# importing the other.
+# the GPU, a step's passes and when they launch, the loop, the engine assembled), then the families and the servers
+# side by side, neither importing the other.
 ENGINE_FLOORS: tuple[tuple[str, ...], ...] = (
     ("fi_engine.values", "fi_engine.moved"),  # argument checks; the old module paths
     ("fi_engine.checkpoint", "fi_engine.text"),  # config.json, safetensors; tokenizer, chat template
@@ -624,7 +624,8 @@ ENGINE_FLOORS: tuple[tuple[str, ...], ...] = (
     ("fi_engine.runtime.stepping", "fi_engine.runtime.sched"),  # the step protocol; requests, pages, the scheduler
     ("fi_engine.runtime.settings", "fi_engine.runtime.sample"),  # the engine's settings; sampler, logits, speculation
     ("fi_engine.runtime.worker",),  # the model runner and its parts (it holds the sampler)
-    ("fi_engine.runtime.passes",),  # a prefill pass or a decode step through the runner, processor and sampler
+    # a prefill pass or a decode step through the runner, processor and sampler; when the loop launches them
+    ("fi_engine.runtime.passes", "fi_engine.runtime.launch_policy"),
     ("fi_engine.runtime.serving",),  # the serving loop
     ("fi_engine.runtime.engine", "fi_engine.runtime"),  # the engine assembled; the runtime's face
     ("fi_engine.models", "fi_engine.serve"),  # the families and their registry; the servers
