@@ -228,12 +228,14 @@ __device__ __forceinline__ void gemv_fused(const unsigned short* __restrict__ x,
     }
 }
 
+// The parameters of the fused GEMV kernels (FUSED; lora_fused.cu's take them, then the adapters'), and their arguments
+#define FUSED_PARAMS                                                                                               \
+    const unsigned short *x, const unsigned short *w, void *y, int rows, int n, int k, long long x_ld, long long y_ld, \
+        const unsigned short *h, const unsigned short *nw, unsigned short *h_out, long long h_ld, float eps
+#define FUSED_ARGS x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps
 #define FUSED(R, name, bf16, f32out, mode)                                                                         \
-    extern "C" __global__ void FUSED_BOUNDS_##R                                                                    \
-            name##_r##R(const unsigned short* x, const unsigned short* w, void* y, int rows, int n, int k,           \
-                        long long x_ld, long long y_ld, const unsigned short* h, const unsigned short* nw,           \
-                        unsigned short* h_out, long long h_ld, float eps) {                                          \
-        gemv_fused<bf16, f32out, mode, R>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps);                \
+    extern "C" __global__ void FUSED_BOUNDS_##R name##_r##R(FUSED_PARAMS) {                                        \
+        gemv_fused<bf16, f32out, mode, R>(FUSED_ARGS);                                                             \
     }
 EACH_ROW_COUNT(FUSED, gemv_f16_f16_norm, false, false, 1)
 EACH_ROW_COUNT(FUSED, gemv_f16_f32_norm, false, true, 1)
@@ -456,18 +458,20 @@ __device__ __forceinline__ void gemv_pairs(
     }
 }
 
+// The parameters of the pair kernels (PAIRS; lora_fused.cu's take them, then the adapters'), and their arguments
+#define PAIRS_PARAMS                                                                                               \
+    const unsigned short *x, const unsigned short *w, unsigned short *y, int rows, int n, int k, long long x_ld,   \
+        long long y_ld, const unsigned short *h, const unsigned short *nw, unsigned short *h_out, long long h_ld,   \
+        float eps, int hq, int hk, unsigned d, float rcp_theta, float rcp_scale, float smooth_a, float smooth_b,    \
+        const int *positions, const int *batch_indices, const int *kv_indptr, const int *kv_indices,               \
+        unsigned short *k_cache, unsigned short *v_cache, int page_size, long long stride_page, long long stride_n, \
+        long long stride_h
+#define PAIRS_ARGS                                                                                                 \
+    x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps, hq, hk, d, rcp_theta, rcp_scale, smooth_a, smooth_b, \
+        positions, batch_indices, kv_indptr, kv_indices, k_cache, v_cache, page_size, stride_page, stride_n, stride_h
 #define PAIRS(R, name, bf16, mode, epi)                                                                            \
-    extern "C" __global__ void FUSED_BOUNDS_##R name##_r##R(                                                       \
-            const unsigned short* x, const unsigned short* w, unsigned short* y, int rows, int n, int k,             \
-            long long x_ld, long long y_ld, const unsigned short* h, const unsigned short* nw,                       \
-            unsigned short* h_out, long long h_ld, float eps, int hq, int hk, unsigned d, float rcp_theta,           \
-            float rcp_scale, float smooth_a, float smooth_b, const int* positions, const int* batch_indices,         \
-            const int* kv_indptr, const int* kv_indices, unsigned short* k_cache, unsigned short* v_cache,           \
-            int page_size, long long stride_page, long long stride_n, long long stride_h) {                          \
-        gemv_pairs<bf16, mode, R, epi>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps, hq, hk, d,         \
-                                       rcp_theta, rcp_scale, smooth_a, smooth_b, positions, batch_indices,          \
-                                       kv_indptr, kv_indices, k_cache, v_cache, page_size, stride_page, stride_n,   \
-                                       stride_h);                                                                   \
+    extern "C" __global__ void FUSED_BOUNDS_##R name##_r##R(PAIRS_PARAMS) {                                        \
+        gemv_pairs<bf16, mode, R, epi>(PAIRS_ARGS);                                                                \
     }
 EACH_ROW_COUNT(PAIRS, gemv_f16_norm_rope, false, 1, EPI_ROPE)
 EACH_ROW_COUNT(PAIRS, gemv_bf16_norm_rope, true, 1, EPI_ROPE)
