@@ -46,3 +46,31 @@ __device__ __forceinline__ int list_assignments(const int* __restrict__ experts,
     __syncthreads();
     return *count;
 }
+
+// The tile sums of the tensor-core grouped GEMVs (grouped_gemv8.cu, grouped_gemv4.cu), 16 weight rows from j0 by the
+// block's staged rows: each warp's four mma accumulators acc into part ([warps][32 lanes][4], shared memory), then
+// warp 0 adds the warps' sums and runs the statements STORE (the last arguments) for each, with v the sum of
+// accumulator i of lane (g, t): weight row j = j0 + g (+ 8 for i >= 2), staged row r = 2 t + (i & 1). Barriers before
+// and after: part is free again after it. A macro, not a function: its loop over the warps and STORE compile in
+// their place, into the instructions each kernel had when it wrote them out (as a function, they compiled otherwise).
+#define SUM_TILE(part, acc, warp, warps, lane, g, t, j0, ...)                                                      \
+    _Pragma("unroll") for (int i = 0; i < 4; ++i) part[(warp * 32 + lane) * 4 + i] = acc[i];                       \
+    __syncthreads();                                                                                               \
+    if (warp == 0) {                                                                                               \
+        _Pragma("unroll") for (int i = 0; i < 4; ++i) {                                                            \
+            float v = 0.f;                                                                                         \
+            for (int p = 0; p < warps; ++p) v += part[(p * 32 + lane) * 4 + i];                                    \
+            const int j = j0 + g + (i >> 1) * 8, r = 2 * t + (i & 1);                                              \
+            __VA_ARGS__                                                                                            \
+        }                                                                                                          \
+    }                                                                                                              \
+    __syncthreads(); /* part is free for the next tile */
+
+// The chunks of weights loaded ahead (buf[1 ..]) moved up one place, once buf[0] is summed
+template <int AHEAD, int N>
+__device__ __forceinline__ void shift_chunks(uint4 (&buf)[AHEAD][N]) {
+#pragma unroll
+    for (int b = 0; b < AHEAD - 1; ++b)
+#pragma unroll
+        for (int i = 0; i < N; ++i) buf[b][i] = buf[b + 1][i];
+}
