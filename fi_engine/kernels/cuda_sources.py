@@ -47,8 +47,9 @@ The headers (``.cuh``), each the same text in every program that includes it:
 - ``stage_rows.cuh``: the grouped GEMVs' listing of an expert's assignments and staging of their input rows (SiLU
   and mul made as they are staged, for the down projection); ``grouped_gemv.cu`` and ``grouped_gemv8.cu`` (the
   listing also ``grouped_gemv4.cu``, which stages its rows as float16 itself). The tensor-core ones,
-  ``grouped_gemv8.cu`` and ``grouped_gemv4.cu``, also take from it the end of a tile (``SUM_TILE``: the warps' sums
-  through shared memory) and the move of their chunks loaded ahead (``shift_chunks``).
+  ``grouped_gemv8.cu`` and ``grouped_gemv4.cu``, also take from it their start (``LIST_ASSIGNMENTS_OR_RETURN``), the
+  end of a tile (``SUM_TILE``: the warps' sums through shared memory) and the walk of their chunks of weights
+  (``next_chunk``, ``shift_chunks``).
 
 The programs (``.cu``), each also kept as a module constant holding :func:`source`'s text:
 

@@ -21,7 +21,7 @@
 #include "load_weights.cuh"  // load_weights: past L1
 #include "griddep.cuh"  // griddep_wait (tc_sums'), unused here
 #include "fp8_tensor_cores.cuh"  // mma16816
-#include "stage_rows.cuh"  // list_assignments, SUM_TILE, shift_chunks
+#include "stage_rows.cuh"  // LIST_ASSIGNMENTS_OR_RETURN, SUM_TILE, next_chunk, shift_chunks
 #define MAX_ASSIGN 1024
 
 #ifndef G4_AHEAD  // chunks of weights a warp loads ahead of the one it sums (Mxfp4GroupedGemv.chunks_ahead)
@@ -104,10 +104,7 @@ __device__ __forceinline__ void grouped_gemv4(const unsigned short* __restrict__
                                               unsigned short* __restrict__ y, long long y_ld, int R) {
 #if __CUDA_ARCH__ >= 800
     extern __shared__ uint4 sx[];
-    __shared__ int list[MAX_ASSIGN];
-    __shared__ int count;
-    const int c_all = list_assignments(experts, A, list, &count);
-    if (c_all == 0) return;
+    LIST_ASSIGNMENTS_OR_RETURN(experts, A);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int vecs = k_pad >> 3, chunks = k_pad >> 7;
@@ -132,10 +129,7 @@ __device__ __forceinline__ void grouped_gemv4(const unsigned short* __restrict__
             v[1] = load_weights(p + 32);
             const uint2 sc = __ldg(reinterpret_cast<const uint2*>(se + at * 64) + g);
             v[2] = make_uint4(sc.x, sc.y, 0u, 0u);
-            if (++lc == nc) {
-                lc = 0;
-                ++lt;
-            }
+            next_chunk(lt, lc, nc);
         };
         uint4 buf[G4_AHEAD + 1][3];
 #pragma unroll

@@ -6,7 +6,7 @@
 #include "fp8_decode.cuh"  // e4m3x16 (dequant_rows')
 #include "fp8_tensor_cores.cuh"  // e4m3_pair, prmt, mma16816, tc_load, tc_chunk
 #include "fp8_dequant.cuh"  // dequant_e4m3_{bf16,f16}: the experts as a 16-bit copy, for grouped GEMMs of many rows
-#include "stage_rows.cuh"  // stage_rows, list_assignments, SUM_TILE, shift_chunks
+#include "stage_rows.cuh"  // stage_rows, LIST_ASSIGNMENTS_OR_RETURN, SUM_TILE, next_chunk, shift_chunks
 #define MAX_ASSIGN 1024
 
 #ifndef G8_AHEAD  // chunks of weights a warp loads ahead of the one it sums (Fp8GroupedGemv.chunks_ahead)
@@ -41,10 +41,7 @@ __device__ __forceinline__ void grouped_gemv8(const unsigned short* __restrict__
                                               int R) {
 #if __CUDA_ARCH__ >= 800
     extern __shared__ uint4 sx[];
-    __shared__ int list[MAX_ASSIGN];
-    __shared__ int count;
-    const int c_all = list_assignments(experts, A, list, &count);
-    if (c_all == 0) return;
+    LIST_ASSIGNMENTS_OR_RETURN(experts, A);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int vecs = k >> 3;  // 16-byte vectors of a staged row
@@ -77,10 +74,7 @@ __device__ __forceinline__ void grouped_gemv8(const unsigned short* __restrict__
                 tc_load(v, we + (long long)min(row, n - 1) * k + 16 * t, we + (long long)min(row + 8, n - 1) * k + 16 * t,
                         at0 + lc * stride, t, k);
             }
-            if (++lc == nc) {
-                lc = 0;
-                ++lt;
-            }
+            next_chunk(lt, lc, nc);
         };
         uint4 buf[G8_AHEAD + 1][4];
 #pragma unroll

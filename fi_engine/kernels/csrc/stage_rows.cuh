@@ -35,6 +35,15 @@ __device__ __forceinline__ void stage_rows(uint4* sx, const unsigned short* __re
     }
 }
 
+// The start of the tensor-core grouped GEMVs (grouped_gemv8.cu, grouped_gemv4.cu): `list` (shared memory, MAX_ASSIGN
+// entries) holds the c_all assignments of this block's expert (list_assignments); a block with none returns, its
+// weights unread
+#define LIST_ASSIGNMENTS_OR_RETURN(experts, A)                                                                     \
+    __shared__ int list[MAX_ASSIGN];                                                                               \
+    __shared__ int count;                                                                                          \
+    const int c_all = list_assignments(experts, A, list, &count);                                                  \
+    if (c_all == 0) return
+
 // The assignments a < A of this block's expert (blockIdx.y) listed in `list` (in no particular order: each a's sums
 // do not depend on its place); their number.
 __device__ __forceinline__ int list_assignments(const int* __restrict__ experts, int A, int* list, int* count) {
@@ -65,6 +74,15 @@ __device__ __forceinline__ int list_assignments(const int* __restrict__ experts,
         }                                                                                                          \
     }                                                                                                              \
     __syncthreads(); /* part is free for the next tile */
+
+// The next chunk a warp loads (the tensor-core grouped GEMVs' load_next): chunk lc + 1 of the block's tile lt, or past
+// the tile's last (nc chunks), the first of tile lt + 1
+__device__ __forceinline__ void next_chunk(int& lt, int& lc, int nc) {
+    if (++lc == nc) {
+        lc = 0;
+        ++lt;
+    }
+}
 
 // The chunks of weights loaded ahead (buf[1 ..]) moved up one place, once buf[0] is summed
 template <int AHEAD, int N>
