@@ -32,6 +32,9 @@ The headers (``.cuh``), each the same text in every program that includes it:
   uses ``convert.cuh``'s ``h2f``, which each includer includes before it.
 - ``fp8_one_row.cuh``: the FP8 GEMV of one ``x`` row (``gemv8_one`` in ``fp8_gemv.cu``, ``gemv8_pair_one`` in
   ``fp8_fused.cu``); uses ``load_weights``, ``griddep_wait`` and ``fp8_decode.cuh``'s helpers, defined before it.
+- ``fp8_rows.cuh``: ``GEMV8_SUMS``, the FP8 GEMV's sums of up to 4 ``x`` rows over four weight rows (``gemv8_rows`` in
+  ``fp8_gemv.cu``, ``gemv8_pairs`` in ``fp8_fused.cu``); a macro, so that its loop compiles in place; uses ``SPLITS``
+  (each includer defines it), ``load_weights``, ``griddep_wait`` and ``fp8_decode.cuh``'s helpers.
 - ``fp8_tensor_cores.cuh``: the tensor-core decoding, mma and main loop of e4m3 weights (``gemv8_tc`` in
   ``fp8_gemv.cu``, whose comment says how they work, and ``gemv8_tc_pairs`` in ``fp8_fused.cu``; its decoding, mma
   and loads in ``grouped_gemv8.cu``; its mma and decoding in ``int4_gemv.cu`` and ``skinny_gemm.cu``); uses

@@ -5,6 +5,7 @@
 
 #define COLS 4   // output columns per group of warps, as gemv8_rows
 #define SPLITS 4 // warps per group, each summing every SPLITS-th run of 32 weight vectors
+#include "fp8_rows.cuh"  // GEMV8_SUMS (uses SPLITS, load_weights, griddep_wait and fp8_decode.cuh)
 
 // gemv_fused's prologue (MODE 1 norm, 2 add-norm, 3 silu: the input rows into shared memory, rounded as
 // FlashInfer rounds) followed by gemv8_rows' sums over e4m3 weights (its scales, its order of sums) for rows <= 4.
@@ -192,7 +193,6 @@ __device__ __forceinline__ void gemv8_pairs(PAIRS8_DEVICE_PARAMS) {
     __shared__ float part[SPLITS][4][R];
     griddep_launch_dependents();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int vecs = k >> 4;
     const unsigned half = EPI == 2 ? d >> 1 : 1u;
     const uint4* wv[4];
     const float* srow[4];
@@ -204,51 +204,7 @@ __device__ __forceinline__ void gemv8_pairs(PAIRS8_DEVICE_PARAMS) {
         wv[i] = reinterpret_cast<const uint4*>(w + (long long)j * k);
         srow[i] = BLOCK ? scale + (long long)(j / bn) * s_ld : scale + j;
     }
-    float acc[4][R];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int r = 0; r < R; ++r) acc[i][r] = 0.f;
-    uint4 a[4];
-    int c = warp * 32 + lane;
-    if (c < vecs) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = load_weights(wv[i] + c);
-    }
-    griddep_wait();  // x is the previous kernel's output; the weights and scales are constants
-    while (c < vecs) {  // gemv8_rows' loop
-        float wf[4][16];
-        float s[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            e4m3x16(a[i], wf[i]);
-            s[i] = BLOCK ? __ldg(srow[i] + (c >> shift)) : 1.f;
-        }
-        const int next = c + 32 * SPLITS;
-        if (next < vecs) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) a[i] = load_weights(wv[i] + next);
-        }
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            if (r < rows) {
-                float xf[16];
-                widen16<BF16>(reinterpret_cast<const uint4*>(x + r * x_ld) + 2 * c, xf);
-#pragma unroll
-                for (int i = 0; i < 4; ++i) acc[i][r] = add_partial16<BLOCK>(acc[i][r], wf[i], xf, s[i]);
-            }
-        }
-        c = next;
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            float v = acc[i][r];
-            for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-            if (lane == 0) part[warp][i][r] = v;
-        }
-    __syncthreads();
+    GEMV8_SUMS(BF16, BLOCK, R, x, wv, srow, rows, k, x_ld, shift, part, lane, warp);  // gemv8_rows' sums
     // warp 0: lane q * R + r finishes pair q of the block for row r
     const int q = lane / R, r = lane % R;
     const int p = (int)blockIdx.x * 2 + q;
