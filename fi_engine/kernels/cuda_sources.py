@@ -24,14 +24,17 @@ The headers (``.cuh``), each the same text in every program that includes it:
   ``gemv.cu``, ``fused_gemv.cu``, ``fp8_gemv.cu``, ``int4_gemv.cu``, ``skinny_gemm.cu`` and ``lora_bgmv.cu``.
 - ``row_counts.cuh``: the row counts the 16-bit GEMVs are compiled for and their other compile-time settings
   (``GEMV_FIXED_ROWS``, ``GEMV_PIPELINE``, ``GEMV_FUSED_MIN_BLOCKS``: Dense passes each); ``gemv.cu``,
-  ``fused_gemv.cu``.
+  ``fused_gemv.cu`` (and through it ``lora_fused.cu``, whose kernels ``ALL_ROW_COUNTS`` makes for each count).
 - ``gemv_column.cuh``: one output column of those two GEMVs, their weight loop (``EACH_WEIGHT_VECTOR``) and the store
   of the column's sums (``store_column``); ``gemv.cu``, ``fused_gemv.cu``, after ``row_counts.cuh``.
-- ``route.cuh``: ``route_row``; ``fused_gemv.cu`` and ``moe.cu``.
+- ``route.cuh``: ``route_row``; ``fused_gemv.cu`` and ``moe.cu`` (its ``PICKED_BEFORE`` also ``ds_routing.cu``).
 - ``fp8_decode.cuh``: the e4m3 decoding and 16-bit widening of the FP8 kernels (``fp8_gemv.cu``, ``fp8_fused.cu``);
   uses ``convert.cuh``'s ``h2f``, which each includer includes before it.
 - ``fp8_one_row.cuh``: the FP8 GEMV of one ``x`` row (``gemv8_one`` in ``fp8_gemv.cu``, ``gemv8_pair_one`` in
   ``fp8_fused.cu``); uses ``load_weights``, ``griddep_wait`` and ``fp8_decode.cuh``'s helpers, defined before it.
+- ``fp8_rows.cuh``: ``GEMV8_SUMS``, the FP8 GEMV's sums of up to 4 ``x`` rows over four weight rows (``gemv8_rows`` in
+  ``fp8_gemv.cu``, ``gemv8_pairs`` in ``fp8_fused.cu``); a macro, so that its loop compiles in place; uses ``SPLITS``
+  (each includer defines it), ``load_weights``, ``griddep_wait`` and ``fp8_decode.cuh``'s helpers.
 - ``fp8_tensor_cores.cuh``: the tensor-core decoding, mma and main loop of e4m3 weights (``gemv8_tc`` in
   ``fp8_gemv.cu``, whose comment says how they work, and ``gemv8_tc_pairs`` in ``fp8_fused.cu``; its decoding, mma
   and loads in ``grouped_gemv8.cu``; its mma and decoding in ``int4_gemv.cu`` and ``skinny_gemm.cu``); uses
@@ -46,7 +49,10 @@ The headers (``.cuh``), each the same text in every program that includes it:
   sums as the separate shrink does); uses ``convert.cuh``'s ``tof`` and ``griddep.cuh``.
 - ``stage_rows.cuh``: the grouped GEMVs' listing of an expert's assignments and staging of their input rows (SiLU
   and mul made as they are staged, for the down projection); ``grouped_gemv.cu`` and ``grouped_gemv8.cu`` (the
-  listing also ``grouped_gemv4.cu``, which stages its rows as float16 itself).
+  listing also ``grouped_gemv4.cu``, which stages its rows as float16 itself). The tensor-core ones,
+  ``grouped_gemv8.cu`` and ``grouped_gemv4.cu``, also take from it their start (``LIST_ASSIGNMENTS_OR_RETURN``), the
+  end of a tile (``SUM_TILE``: the warps' sums through shared memory) and the walk of their chunks of weights
+  (``next_chunk``, ``shift_chunks``).
 
 The programs (``.cu``), each also kept as a module constant holding :func:`source`'s text:
 
@@ -113,7 +119,8 @@ so that ``GEMV_FUSED_MIN_BLOCKS`` blocks, 4, fit an SM):
   come from this module's fast-math ``expf`` and division (within a few float32 ulps of ``moe_route``'s).
 
 ``route.cuh``: ``route_row``, the device routing of one token (softmax, top-k,
-renormalization), text that the fused GEMV source above and ``moe.cu`` (``moe_route``) both include.
+renormalization), text that the fused GEMV source above and ``moe.cu`` (``moe_route``) both include;
+``ds_routing.cu`` includes it for ``PICKED_BEFORE``, the top-k's test of an expert picked already.
 
 ``fp8_gemv.cu``: the linear layers of e4m3 weights and 16-bit activations (W8A16) of
 :class:`~fi_engine.kernels.fp8_linear.Fp8Linears`: GEMVs of one row to

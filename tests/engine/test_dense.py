@@ -375,12 +375,15 @@ def test_the_gate_up_silu_call_packs_the_gemvs_arguments_and_its_half_width_outp
 
 def pairs_kernel_parameters() -> list[str]:
     """The parameter names of csrc/fused_gemv.cu's pair kernels (its ``PAIRS`` macro: the QKV + RoPE + append and
-    gate/up + SiLU kernels of every prologue), in order, as the engine's source reads them."""
+    gate/up + SiLU kernels of every prologue, whose parameter list is ``PAIRS_PARAMS``), in order, as the engine's
+    source reads them."""
     from fi_engine.kernels.cuda_sources import source
 
     text = source("fused_gemv.cu").replace("\\\n", " ")
     macro = text[text.index("#define PAIRS(") :]
-    params = macro[macro.index("name##_r##R(") + len("name##_r##R(") : macro.index(") {")]
+    assert macro[macro.index("name##_r##R(") :].startswith("name##_r##R(PAIRS_PARAMS) {")
+    params = text[text.index("#define PAIRS_PARAMS") + len("#define PAIRS_PARAMS") :]
+    params = params[: params.index("\n")]
     return [p.replace("*", " ").split()[-1] for p in params.split(",")]
 
 

@@ -3,6 +3,7 @@
 // logits), the choice score (+ bias for noaux_tc), the topk_group best groups (noaux_tc: by the sum of their two best
 // choice scores, V2: by their best; ties: the lower group), then the k best experts of those groups (ties: the lower
 // id), weights their scores (renormalized when renorm), times scale. Float32 throughout.
+#include "route.cuh"  // PICKED_BEFORE
 extern "C" __global__ void ds_grouped_topk(const float* __restrict__ logits, const float* __restrict__ bias, int E,
                                            int k, int G, int topk_group, int method, int sigmoid_scores, int renorm,
                                            float scale, int T, int* __restrict__ experts, float* __restrict__ w) {
@@ -45,8 +46,7 @@ extern "C" __global__ void ds_grouped_topk(const float* __restrict__ logits, con
         int best = -1;
         float bv = 0.f;
         for (int e = 0; e < E; ++e) {
-            bool taken = false;
-            for (int i = 0; i < j; ++i) taken |= experts[t * k + i] == e;
+            PICKED_BEFORE(taken, experts, t * k, j, e);
             if (taken) continue;
             const float c = ((keep >> (e / per)) & 1ull) ? CHOICE(e) : NEG_INF;
             if (best < 0 || c > bv) { best = e; bv = c; }

@@ -5,6 +5,7 @@
 
 #define COLS 4   // output columns per group of warps, as gemv8_rows
 #define SPLITS 4 // warps per group, each summing every SPLITS-th run of 32 weight vectors
+#include "fp8_rows.cuh"  // GEMV8_SUMS (uses SPLITS, load_weights, griddep_wait and fp8_decode.cuh)
 
 // gemv_fused's prologue (MODE 1 norm, 2 add-norm, 3 silu: the input rows into shared memory, rounded as
 // FlashInfer rounds) followed by gemv8_rows' sums over e4m3 weights (its scales, its order of sums) for rows <= 4.
@@ -166,6 +167,16 @@ __device__ __forceinline__ void finish_pair(
                             page_size, stride_page, stride_n, stride_h);
 }
 
+// The parameters of gemv8_pairs and gemv8_tc_pairs (the kernels' PAIRS8_PARAMS, the pointers restrict)
+#define PAIRS8_DEVICE_PARAMS                                                                                       \
+    const unsigned short *__restrict__ x, const unsigned char *__restrict__ w, unsigned short *__restrict__ y,      \
+        int rows, int pairs, int k, long long x_ld, long long y_ld, const float *__restrict__ scale, long long s_ld, \
+        int bn, int shift, int hq, int hk, unsigned d, float rcp_theta, float rcp_scale, float smooth_a,            \
+        float smooth_b, const int *__restrict__ positions, const int *__restrict__ batch_indices,                    \
+        const int *__restrict__ kv_indptr, const int *__restrict__ kv_indices, unsigned short *__restrict__ k_cache, \
+        unsigned short *__restrict__ v_cache, int page_size, long long stride_page, long long stride_n,             \
+        long long stride_h
+
 // The FP8 GEMV of a decode step whose outputs pair up in an epilogue, so that the launch after it goes away. A
 // block of SPLITS warps computes two pairs (a, b) of output columns, four e4m3 weight rows, each with gemv8_rows'
 // sums in gemv8_rows' order (so each output has the plain FP8 GEMV's bits, up to this module's flush-to-zero of
@@ -178,18 +189,10 @@ __device__ __forceinline__ void finish_pair(
 //                 v heads also written into page kv_indices[kv_indptr[b] + pos / page_size] of the caches)
 // Rows <= R <= 4; k a multiple of 16; x, w and x_ld 16-byte aligned (the caller checks).
 template <bool BF16, bool BLOCK, int R, int EPI>
-__device__ __forceinline__ void gemv8_pairs(
-        const unsigned short* __restrict__ x, const unsigned char* __restrict__ w, unsigned short* __restrict__ y,
-        int rows, int pairs, int k, long long x_ld, long long y_ld, const float* __restrict__ scale, long long s_ld,
-        int bn, int shift, int hq, int hk, unsigned d, float rcp_theta, float rcp_scale, float smooth_a,
-        float smooth_b, const int* __restrict__ positions, const int* __restrict__ batch_indices,
-        const int* __restrict__ kv_indptr, const int* __restrict__ kv_indices, unsigned short* __restrict__ k_cache,
-        unsigned short* __restrict__ v_cache, int page_size, long long stride_page, long long stride_n,
-        long long stride_h) {
+__device__ __forceinline__ void gemv8_pairs(PAIRS8_DEVICE_PARAMS) {
     __shared__ float part[SPLITS][4][R];
     griddep_launch_dependents();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int vecs = k >> 4;
     const unsigned half = EPI == 2 ? d >> 1 : 1u;
     const uint4* wv[4];
     const float* srow[4];
@@ -201,51 +204,7 @@ __device__ __forceinline__ void gemv8_pairs(
         wv[i] = reinterpret_cast<const uint4*>(w + (long long)j * k);
         srow[i] = BLOCK ? scale + (long long)(j / bn) * s_ld : scale + j;
     }
-    float acc[4][R];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int r = 0; r < R; ++r) acc[i][r] = 0.f;
-    uint4 a[4];
-    int c = warp * 32 + lane;
-    if (c < vecs) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = load_weights(wv[i] + c);
-    }
-    griddep_wait();  // x is the previous kernel's output; the weights and scales are constants
-    while (c < vecs) {  // gemv8_rows' loop
-        float wf[4][16];
-        float s[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            e4m3x16(a[i], wf[i]);
-            s[i] = BLOCK ? __ldg(srow[i] + (c >> shift)) : 1.f;
-        }
-        const int next = c + 32 * SPLITS;
-        if (next < vecs) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) a[i] = load_weights(wv[i] + next);
-        }
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            if (r < rows) {
-                float xf[16];
-                widen16<BF16>(reinterpret_cast<const uint4*>(x + r * x_ld) + 2 * c, xf);
-#pragma unroll
-                for (int i = 0; i < 4; ++i) acc[i][r] = add_partial16<BLOCK>(acc[i][r], wf[i], xf, s[i]);
-            }
-        }
-        c = next;
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            float v = acc[i][r];
-            for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-            if (lane == 0) part[warp][i][r] = v;
-        }
-    __syncthreads();
+    GEMV8_SUMS(BF16, BLOCK, R, x, wv, srow, rows, k, x_ld, shift, part, lane, warp);  // gemv8_rows' sums
     // warp 0: lane q * R + r finishes pair q of the block for row r
     const int q = lane / R, r = lane % R;
     const int p = (int)blockIdx.x * 2 + q;
@@ -282,13 +241,18 @@ __device__ __forceinline__ void gemv8_pair_one(
         });
 }
 
-// The kernels' parameters, shared by the one-row (gemv8_pair_one) and the up-to-4-rows (gemv8_pairs) forms
+// The kernels' parameters, shared by the one-row (gemv8_pair_one), the up-to-4-rows (gemv8_pairs) and the tensor-core
+// (gemv8_tc_pairs) forms, and the arguments the last two pass on
 #define PAIRS8_PARAMS                                                                                              \
     const unsigned short *x, const unsigned char *w, unsigned short *y, int rows, int pairs, int k, long long x_ld, \
         long long y_ld, const float *scale, long long s_ld, int bn, int shift, int hq, int hk, unsigned d,          \
         float rcp_theta, float rcp_scale, float smooth_a, float smooth_b, const int *positions,                     \
         const int *batch_indices, const int *kv_indptr, const int *kv_indices, unsigned short *k_cache,             \
         unsigned short *v_cache, int page_size, long long stride_page, long long stride_n, long long stride_h
+#define PAIRS8_ARGS                                                                                                \
+    x, w, y, rows, pairs, k, x_ld, y_ld, scale, s_ld, bn, shift, hq, hk, d, rcp_theta, rcp_scale, smooth_a,        \
+        smooth_b, positions, batch_indices, kv_indptr, kv_indices, k_cache, v_cache, page_size, stride_page,      \
+        stride_n, stride_h
 #define PAIRS8ONE(name, bf16, block, epi)                                                                          \
     extern "C" __global__ void __launch_bounds__(128, 8) name(PAIRS8_PARAMS) {                                    \
         gemv8_pair_one<bf16, block, epi>(x, w, y, pairs, k, y_ld, scale, s_ld, bn, shift, hq, hk, d, rcp_theta,    \
@@ -297,27 +261,8 @@ __device__ __forceinline__ void gemv8_pair_one(
     }
 #define PAIRS8(name, bf16, block, r, epi)                                                                          \
     extern "C" __global__ void __launch_bounds__(32 * SPLITS) name(PAIRS8_PARAMS) {                               \
-        gemv8_pairs<bf16, block, r, epi>(x, w, y, rows, pairs, k, x_ld, y_ld, scale, s_ld, bn, shift, hq, hk, d,    \
-                                         rcp_theta, rcp_scale, smooth_a, smooth_b, positions, batch_indices,         \
-                                         kv_indptr, kv_indices, k_cache, v_cache, page_size, stride_page, stride_n, \
-                                         stride_h);                                                                 \
+        gemv8_pairs<bf16, block, r, epi>(PAIRS8_ARGS);                                                             \
     }
-PAIRS8ONE(gemv8_bf16_silu_row_1, true, false, 1)
-PAIRS8ONE(gemv8_bf16_silu_block_1, true, true, 1)
-PAIRS8(gemv8_bf16_silu_row_4, true, false, 4, 1)
-PAIRS8(gemv8_bf16_silu_block_4, true, true, 4, 1)
-PAIRS8ONE(gemv8_bf16_rope_row_1, true, false, 2)
-PAIRS8ONE(gemv8_bf16_rope_block_1, true, true, 2)
-PAIRS8(gemv8_bf16_rope_row_4, true, false, 4, 2)
-PAIRS8(gemv8_bf16_rope_block_4, true, true, 4, 2)
-PAIRS8ONE(gemv8_f16_silu_row_1, false, false, 1)
-PAIRS8ONE(gemv8_f16_silu_block_1, false, true, 1)
-PAIRS8(gemv8_f16_silu_row_4, false, false, 4, 1)
-PAIRS8(gemv8_f16_silu_block_4, false, true, 4, 1)
-PAIRS8ONE(gemv8_f16_rope_row_1, false, false, 2)
-PAIRS8ONE(gemv8_f16_rope_block_1, false, true, 2)
-PAIRS8(gemv8_f16_rope_row_4, false, false, 4, 2)
-PAIRS8(gemv8_f16_rope_block_4, false, true, 4, 2)
 #include "fp8_tensor_cores.cuh"  // tc_sums and its decoding and mma, for gemv8_tc_pairs below
 
 // gemv8_pairs on tensor cores, for 3 rows and more (as gemv8_tc serves them: SM 8.0+, an empty kernel below): a
@@ -327,14 +272,7 @@ PAIRS8(gemv8_f16_rope_block_4, false, true, 4, 2)
 // chunks per warp for the same warps a block: the caller launches as gemv8_tc would be launched over the weight),
 // each chunk times its own column's block scale. BLOCK needs (16 << shift) a multiple of 128 (the caller checks).
 template <bool BF16, bool BLOCK, int EPI>
-__device__ __forceinline__ void gemv8_tc_pairs(
-        const unsigned short* __restrict__ x, const unsigned char* __restrict__ w, unsigned short* __restrict__ y,
-        int rows, int pairs, int k, long long x_ld, long long y_ld, const float* __restrict__ scale, long long s_ld,
-        int bn, int shift, int hq, int hk, unsigned d, float rcp_theta, float rcp_scale, float smooth_a,
-        float smooth_b, const int* __restrict__ positions, const int* __restrict__ batch_indices,
-        const int* __restrict__ kv_indptr, const int* __restrict__ kv_indices, unsigned short* __restrict__ k_cache,
-        unsigned short* __restrict__ v_cache, int page_size, long long stride_page, long long stride_n,
-        long long stride_h) {
+__device__ __forceinline__ void gemv8_tc_pairs(PAIRS8_DEVICE_PARAMS) {
 #if __CUDA_ARCH__ >= 800
     __shared__ float part[8][32][4];
     griddep_launch_dependents();
@@ -375,22 +313,20 @@ __device__ __forceinline__ void gemv8_tc_pairs(
 }
 
 #define PAIRS8TC(name, bf16, block, epi)                                                                           \
-    extern "C" __global__ void __launch_bounds__(256) name(                                                       \
-            const unsigned short* x, const unsigned char* w, unsigned short* y, int rows, int pairs, int k,         \
-            long long x_ld, long long y_ld, const float* scale, long long s_ld, int bn, int shift, int hq, int hk,   \
-            unsigned d, float rcp_theta, float rcp_scale, float smooth_a, float smooth_b, const int* positions,     \
-            const int* batch_indices, const int* kv_indptr, const int* kv_indices, unsigned short* k_cache,         \
-            unsigned short* v_cache, int page_size, long long stride_page, long long stride_n, long long stride_h) { \
-        gemv8_tc_pairs<bf16, block, epi>(x, w, y, rows, pairs, k, x_ld, y_ld, scale, s_ld, bn, shift, hq, hk, d,    \
-                                         rcp_theta, rcp_scale, smooth_a, smooth_b, positions, batch_indices,         \
-                                         kv_indptr, kv_indices, k_cache, v_cache, page_size, stride_page, stride_n, \
-                                         stride_h);                                                                 \
+    extern "C" __global__ void __launch_bounds__(256) name(PAIRS8_PARAMS) {                                       \
+        gemv8_tc_pairs<bf16, block, epi>(PAIRS8_ARGS);                                                             \
     }
-PAIRS8TC(gemv8tc_bf16_silu_row, true, false, 1)
-PAIRS8TC(gemv8tc_bf16_silu_block, true, true, 1)
-PAIRS8TC(gemv8tc_bf16_rope_row, true, false, 2)
-PAIRS8TC(gemv8tc_bf16_rope_block, true, true, 2)
-PAIRS8TC(gemv8tc_f16_silu_row, false, false, 1)
-PAIRS8TC(gemv8tc_f16_silu_block, false, true, 1)
-PAIRS8TC(gemv8tc_f16_rope_row, false, false, 2)
-PAIRS8TC(gemv8tc_f16_rope_block, false, true, 2)
+// The three kernels of one type, epilogue and scale layout: gemv8_<type>_<epi>_<layout>_1 (one row), _4 (up to 4
+// rows) and gemv8tc_<type>_<epi>_<layout> (tensor cores), the names Fp8Linears loads
+#define PAIRS8_KERNELS(type, epi_name, layout, bf16, block, epi)                                                   \
+    PAIRS8ONE(gemv8_##type##_##epi_name##_##layout##_1, bf16, block, epi)                                          \
+    PAIRS8(gemv8_##type##_##epi_name##_##layout##_4, bf16, block, 4, epi)                                          \
+    PAIRS8TC(gemv8tc_##type##_##epi_name##_##layout, bf16, block, epi)
+PAIRS8_KERNELS(bf16, silu, row, true, false, 1)
+PAIRS8_KERNELS(bf16, silu, block, true, true, 1)
+PAIRS8_KERNELS(bf16, rope, row, true, false, 2)
+PAIRS8_KERNELS(bf16, rope, block, true, true, 2)
+PAIRS8_KERNELS(f16, silu, row, false, false, 1)
+PAIRS8_KERNELS(f16, silu, block, false, true, 1)
+PAIRS8_KERNELS(f16, rope, row, false, false, 2)
+PAIRS8_KERNELS(f16, rope, block, false, true, 2)

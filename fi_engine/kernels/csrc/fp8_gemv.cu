@@ -10,6 +10,7 @@
 
 #define COLS 4   // output columns per block: each x vector loaded and widened once serves all of them
 #define SPLITS 4 // warps per block, each summing every SPLITS-th run of 32 weight vectors of the block's columns
+#include "fp8_rows.cuh"  // GEMV8_SUMS (uses SPLITS, load_weights, griddep_wait and fp8_decode.cuh)
 
 // y[r, j] = sum_c x[r, c] * w[j, c] * scale(j, c) for r < rows <= R: x [rows, k] 16-bit (row stride x_ld), w [n, k]
 // e4m3 (row-major), y [rows, n] 16-bit or float32 (row stride y_ld). BLOCK false: scale(j, c) = scale[j], applied
@@ -28,7 +29,6 @@ __device__ __forceinline__ void gemv8_rows(const unsigned short* __restrict__ x,
     griddep_launch_dependents();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int j0 = blockIdx.x * COLS;
-    const int vecs = k >> 4;
     const uint4* wv[COLS];
     const float* srow[COLS];
 #pragma unroll
@@ -37,51 +37,7 @@ __device__ __forceinline__ void gemv8_rows(const unsigned short* __restrict__ x,
         wv[i] = reinterpret_cast<const uint4*>(w + (long long)j * k);
         srow[i] = BLOCK ? scale + (long long)(j / bn) * s_ld : scale + j;
     }
-    float acc[COLS][R];
-#pragma unroll
-    for (int i = 0; i < COLS; ++i)
-#pragma unroll
-        for (int r = 0; r < R; ++r) acc[i][r] = 0.f;
-    uint4 a[COLS];
-    int c = warp * 32 + lane;
-    if (c < vecs) {
-#pragma unroll
-        for (int i = 0; i < COLS; ++i) a[i] = load_weights(wv[i] + c);
-    }
-    griddep_wait();  // x may be the previous kernel's output; the weights and scales are constants
-    while (c < vecs) {
-        float wf[COLS][16];
-        float s[COLS];
-#pragma unroll
-        for (int i = 0; i < COLS; ++i) {
-            e4m3x16(a[i], wf[i]);
-            s[i] = BLOCK ? __ldg(srow[i] + (c >> shift)) : 1.f;
-        }
-        const int next = c + 32 * SPLITS;
-        if (next < vecs) {
-#pragma unroll
-            for (int i = 0; i < COLS; ++i) a[i] = load_weights(wv[i] + next);
-        }
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            if (r < rows) {
-                float xf[16];
-                widen16<BF16>(reinterpret_cast<const uint4*>(x + r * x_ld) + 2 * c, xf);
-#pragma unroll
-                for (int i = 0; i < COLS; ++i) acc[i][r] = add_partial16<BLOCK>(acc[i][r], wf[i], xf, s[i]);
-            }
-        }
-        c = next;
-    }
-#pragma unroll
-    for (int i = 0; i < COLS; ++i)
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            float v = acc[i][r];
-            for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-            if (lane == 0) part[warp][i][r] = v;
-        }
-    __syncthreads();
+    GEMV8_SUMS(BF16, BLOCK, R, x, wv, srow, rows, k, x_ld, shift, part, lane, warp);
     // warp 0: lane i * R + r adds the warps' sums of column j0 + i, row r, and stores it
     const int i = lane / R, r = lane % R;
     if (warp == 0 && lane < COLS * R && r < rows && j0 + i < n) {

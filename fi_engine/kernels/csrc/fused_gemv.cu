@@ -131,6 +131,20 @@ __device__ __forceinline__ void stage(uint4* sx, const unsigned short* __restric
 #define UNROLL GEMV_UNROLL
 #include "row_counts.cuh"  // ROWS, EACH_ROW_COUNT, FUSED_BOUNDS_* and the GEMV_* settings
 #include "gemv_column.cuh"  // EACH_WEIGHT_VECTOR, store_column: as the plain GEMV
+// The statements SUM (the last arguments) for each staged row r < ROWS(R, rows) and element e < 8 of its input vector
+// c, bv[e] (16-bit): the products of staged_vec and pair_vec. A macro, not a function: its loops compile in their
+// place, into the instructions each had when it wrote them out.
+#define EACH_STAGED_ELEMENT(R, rows, sx, vecs, c, ...)                                                             \
+    _Pragma("unroll") for (int r = 0; r < 4; ++r) {                                                                \
+        if (r < ROWS(R, rows)) {                                                                                   \
+            uint4 b = sx[r * vecs + c];                                                                            \
+            const unsigned short* bv = reinterpret_cast<const unsigned short*>(&b);                                \
+            _Pragma("unroll") for (int e = 0; e < 8; ++e) {                                                        \
+                __VA_ARGS__                                                                                        \
+            }                                                                                                      \
+        }                                                                                                          \
+    }
+
 // acc[r] += the 8 products of weight vector a with the staged input vector c of row r, for r < ROWS(R, rows).
 template <bool BF16, int R>
 __device__ __forceinline__ void staged_vec(uint4 a, const uint4* sx, int vecs, int rows, int c, float acc[4]) {
@@ -138,15 +152,7 @@ __device__ __forceinline__ void staged_vec(uint4 a, const uint4* sx, int vecs, i
     float wf[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) wf[e] = tof<BF16>(av[e]);
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-        if (r < ROWS(R, rows)) {
-            uint4 b = sx[r * vecs + c];
-            const unsigned short* bv = reinterpret_cast<const unsigned short*>(&b);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[r] += wf[e] * tof<BF16>(bv[e]);
-        }
-    }
+    EACH_STAGED_ELEMENT(R, rows, sx, vecs, c, acc[r] += wf[e] * tof<BF16>(bv[e]);)
 }
 
 // A LoRA adapter's expand as a GEMV's epilogue (lora_fused.cu's kernels; the others pass LORA false): output
@@ -228,25 +234,24 @@ __device__ __forceinline__ void gemv_fused(const unsigned short* __restrict__ x,
     }
 }
 
+// The parameters of the fused GEMV kernels (FUSED; lora_fused.cu's take them, then the adapters'), and their arguments
+#define FUSED_PARAMS                                                                                               \
+    const unsigned short *x, const unsigned short *w, void *y, int rows, int n, int k, long long x_ld, long long y_ld, \
+        const unsigned short *h, const unsigned short *nw, unsigned short *h_out, long long h_ld, float eps
+#define FUSED_ARGS x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps
 #define FUSED(R, name, bf16, f32out, mode)                                                                         \
-    extern "C" __global__ void FUSED_BOUNDS_##R                                                                    \
-            name##_r##R(const unsigned short* x, const unsigned short* w, void* y, int rows, int n, int k,           \
-                        long long x_ld, long long y_ld, const unsigned short* h, const unsigned short* nw,           \
-                        unsigned short* h_out, long long h_ld, float eps) {                                          \
-        gemv_fused<bf16, f32out, mode, R>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps);                \
+    extern "C" __global__ void FUSED_BOUNDS_##R name##_r##R(FUSED_PARAMS) {                                        \
+        gemv_fused<bf16, f32out, mode, R>(FUSED_ARGS);                                                             \
     }
-EACH_ROW_COUNT(FUSED, gemv_f16_f16_norm, false, false, 1)
-EACH_ROW_COUNT(FUSED, gemv_f16_f32_norm, false, true, 1)
-EACH_ROW_COUNT(FUSED, gemv_bf16_bf16_norm, true, false, 1)
-EACH_ROW_COUNT(FUSED, gemv_bf16_f32_norm, true, true, 1)
-EACH_ROW_COUNT(FUSED, gemv_f16_f16_addnorm, false, false, 2)
-EACH_ROW_COUNT(FUSED, gemv_f16_f32_addnorm, false, true, 2)
-EACH_ROW_COUNT(FUSED, gemv_bf16_bf16_addnorm, true, false, 2)
-EACH_ROW_COUNT(FUSED, gemv_bf16_f32_addnorm, true, true, 2)
-EACH_ROW_COUNT(FUSED, gemv_f16_f16_silu, false, false, 3)
-EACH_ROW_COUNT(FUSED, gemv_f16_f32_silu, false, true, 3)
-EACH_ROW_COUNT(FUSED, gemv_bf16_bf16_silu, true, false, 3)
-EACH_ROW_COUNT(FUSED, gemv_bf16_f32_silu, true, true, 3)
+// FUSED for each type pair of one prologue (x 16-bit, y of x's type or float32): gemv_<x>_<y>_<prologue>_r<R>
+#define FUSED_TYPES(prologue, mode)                                                                                \
+    EACH_ROW_COUNT(FUSED, gemv_f16_f16_##prologue, false, false, mode)                                             \
+    EACH_ROW_COUNT(FUSED, gemv_f16_f32_##prologue, false, true, mode)                                              \
+    EACH_ROW_COUNT(FUSED, gemv_bf16_bf16_##prologue, true, false, mode)                                            \
+    EACH_ROW_COUNT(FUSED, gemv_bf16_f32_##prologue, true, true, mode)
+FUSED_TYPES(norm, 1)
+FUSED_TYPES(addnorm, 2)
+FUSED_TYPES(silu, 3)
 
 #ifndef ROPE_UNROLL  // vectors of each column in flight per lane in the QKV + RoPE GEMV (FusedKernels.rope_unroll)
 #define ROPE_UNROLL 4
@@ -264,17 +269,16 @@ __device__ __forceinline__ void pair_vec(uint4 u0, uint4 u1, const uint4* sx, in
         f0[e] = tof<BF16>(v0[e]);
         f1[e] = tof<BF16>(v1[e]);
     }
+    EACH_STAGED_ELEMENT(R, rows, sx, vecs, c, a0[r] += f0[e] * tof<BF16>(bv[e]); a1[r] += f1[e] * tof<BF16>(bv[e]);)
+}
+
+// The next ROPE_UNROLL weight vectors of both columns of a pair (w0, w1), from vector c: b0, b1
+__device__ __forceinline__ void load_pair(uint4 (&b0)[ROPE_UNROLL], uint4 (&b1)[ROPE_UNROLL], const uint4* w0,
+                                          const uint4* w1, int c) {
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-        if (r < ROWS(R, rows)) {
-            uint4 b = sx[r * vecs + c];
-            const unsigned short* bv = reinterpret_cast<const unsigned short*>(&b);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                a0[r] += f0[e] * tof<BF16>(bv[e]);
-                a1[r] += f1[e] * tof<BF16>(bv[e]);
-            }
-        }
+    for (int u = 0; u < ROPE_UNROLL; ++u) {
+        b0[u] = load_weights(w0 + c + 32 * u);
+        b1[u] = load_weights(w1 + c + 32 * u);
     }
 }
 
@@ -378,11 +382,7 @@ __device__ __forceinline__ void gemv_pairs(
         pair_columns<EPI>(p, pairs, d, j0, j1);
         const uint4* w0 = reinterpret_cast<const uint4*>(w + j0 * k);
         const uint4* w1 = reinterpret_cast<const uint4*>(w + j1 * k);
-#pragma unroll
-        for (int u = 0; u < ROPE_UNROLL; ++u) {
-            b0[u] = load_weights(w0 + lane + 32 * u);
-            b1[u] = load_weights(w1 + lane + 32 * u);
-        }
+        load_pair(b0, b1, w0, w1, lane);
     }
     griddep_wait();
     stage<BF16, MODE>(sx, x, ROWS(R, rows), k, x_ld, h, nw, h_out, h_ld, eps);
@@ -396,11 +396,7 @@ __device__ __forceinline__ void gemv_pairs(
         if (!more) {  // a later pair: its first vectors are loaded here
             more = c + 32 * (ROPE_UNROLL - 1) < vecs;
             if (more) {
-#pragma unroll
-                for (int u = 0; u < ROPE_UNROLL; ++u) {
-                    b0[u] = load_weights(w0 + c + 32 * u);
-                    b1[u] = load_weights(w1 + c + 32 * u);
-                }
+                load_pair(b0, b1, w0, w1, c);
             }
         }
         while (more) {
@@ -409,11 +405,7 @@ __device__ __forceinline__ void gemv_pairs(
             c += 32 * ROPE_UNROLL;
             more = c + 32 * (ROPE_UNROLL - 1) < vecs;
             if (more) {
-#pragma unroll
-                for (int u = 0; u < ROPE_UNROLL; ++u) {
-                    b0[u] = load_weights(w0 + c + 32 * u);
-                    b1[u] = load_weights(w1 + c + 32 * u);
-                }
+                load_pair(b0, b1, w0, w1, c);
             }
         }
         for (; c < vecs; c += 32)
@@ -456,32 +448,32 @@ __device__ __forceinline__ void gemv_pairs(
     }
 }
 
+// The parameters of the pair kernels (PAIRS; lora_fused.cu's take them, then the adapters'), and their arguments
+#define PAIRS_PARAMS                                                                                               \
+    const unsigned short *x, const unsigned short *w, unsigned short *y, int rows, int n, int k, long long x_ld,   \
+        long long y_ld, const unsigned short *h, const unsigned short *nw, unsigned short *h_out, long long h_ld,   \
+        float eps, int hq, int hk, unsigned d, float rcp_theta, float rcp_scale, float smooth_a, float smooth_b,    \
+        const int *positions, const int *batch_indices, const int *kv_indptr, const int *kv_indices,               \
+        unsigned short *k_cache, unsigned short *v_cache, int page_size, long long stride_page, long long stride_n, \
+        long long stride_h
+#define PAIRS_ARGS                                                                                                 \
+    x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps, hq, hk, d, rcp_theta, rcp_scale, smooth_a, smooth_b, \
+        positions, batch_indices, kv_indptr, kv_indices, k_cache, v_cache, page_size, stride_page, stride_n, stride_h
 #define PAIRS(R, name, bf16, mode, epi)                                                                            \
-    extern "C" __global__ void FUSED_BOUNDS_##R name##_r##R(                                                       \
-            const unsigned short* x, const unsigned short* w, unsigned short* y, int rows, int n, int k,             \
-            long long x_ld, long long y_ld, const unsigned short* h, const unsigned short* nw,                       \
-            unsigned short* h_out, long long h_ld, float eps, int hq, int hk, unsigned d, float rcp_theta,           \
-            float rcp_scale, float smooth_a, float smooth_b, const int* positions, const int* batch_indices,         \
-            const int* kv_indptr, const int* kv_indices, unsigned short* k_cache, unsigned short* v_cache,           \
-            int page_size, long long stride_page, long long stride_n, long long stride_h) {                          \
-        gemv_pairs<bf16, mode, R, epi>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps, hq, hk, d,         \
-                                       rcp_theta, rcp_scale, smooth_a, smooth_b, positions, batch_indices,          \
-                                       kv_indptr, kv_indices, k_cache, v_cache, page_size, stride_page, stride_n,   \
-                                       stride_h);                                                                   \
+    extern "C" __global__ void FUSED_BOUNDS_##R name##_r##R(PAIRS_PARAMS) {                                        \
+        gemv_pairs<bf16, mode, R, epi>(PAIRS_ARGS);                                                                \
     }
-EACH_ROW_COUNT(PAIRS, gemv_f16_norm_rope, false, 1, EPI_ROPE)
-EACH_ROW_COUNT(PAIRS, gemv_bf16_norm_rope, true, 1, EPI_ROPE)
-EACH_ROW_COUNT(PAIRS, gemv_f16_addnorm_rope, false, 2, EPI_ROPE)
-EACH_ROW_COUNT(PAIRS, gemv_bf16_addnorm_rope, true, 2, EPI_ROPE)
-EACH_ROW_COUNT(PAIRS, gemv_f16_norm_gateup, false, 1, EPI_SILU)
-EACH_ROW_COUNT(PAIRS, gemv_bf16_norm_gateup, true, 1, EPI_SILU)
-EACH_ROW_COUNT(PAIRS, gemv_f16_addnorm_gateup, false, 2, EPI_SILU)
-EACH_ROW_COUNT(PAIRS, gemv_bf16_addnorm_gateup, true, 2, EPI_SILU)
+// PAIRS for both 16-bit types of one prologue and epilogue: gemv_<f16|bf16>_<name>_r<R>
+#define PAIRS_TYPES(name, mode, epi)                                                                               \
+    EACH_ROW_COUNT(PAIRS, gemv_f16_##name, false, mode, epi)                                                       \
+    EACH_ROW_COUNT(PAIRS, gemv_bf16_##name, true, mode, epi)
+PAIRS_TYPES(norm_rope, 1, EPI_ROPE)
+PAIRS_TYPES(addnorm_rope, 2, EPI_ROPE)
+PAIRS_TYPES(norm_gateup, 1, EPI_SILU)
+PAIRS_TYPES(addnorm_gateup, 2, EPI_SILU)
 // the plain prologue (MODE 0) before the two epilogues: a tensor-parallel rank's input rows, normalized already
-EACH_ROW_COUNT(PAIRS, gemv_f16_plain_rope, false, 0, EPI_ROPE)
-EACH_ROW_COUNT(PAIRS, gemv_bf16_plain_rope, true, 0, EPI_ROPE)
-EACH_ROW_COUNT(PAIRS, gemv_f16_plain_gateup, false, 0, EPI_SILU)
-EACH_ROW_COUNT(PAIRS, gemv_bf16_plain_gateup, true, 0, EPI_SILU)
+PAIRS_TYPES(plain_rope, 0, EPI_ROPE)
+PAIRS_TYPES(plain_gateup, 0, EPI_SILU)
 #include "route.cuh"  // route_row, for gemv_route's epilogue (the MoE layer's module has it too)
 
 // The router GEMV of a MoE decode step with the routing as its epilogue: the NORM / ADD_NORM fused GEMV into

@@ -21,7 +21,7 @@
 #include "load_weights.cuh"  // load_weights: past L1
 #include "griddep.cuh"  // griddep_wait (tc_sums'), unused here
 #include "fp8_tensor_cores.cuh"  // mma16816
-#include "stage_rows.cuh"  // list_assignments
+#include "stage_rows.cuh"  // LIST_ASSIGNMENTS_OR_RETURN, SUM_TILE, next_chunk, shift_chunks
 #define MAX_ASSIGN 1024
 
 #ifndef G4_AHEAD  // chunks of weights a warp loads ahead of the one it sums (Mxfp4GroupedGemv.chunks_ahead)
@@ -104,10 +104,7 @@ __device__ __forceinline__ void grouped_gemv4(const unsigned short* __restrict__
                                               unsigned short* __restrict__ y, long long y_ld, int R) {
 #if __CUDA_ARCH__ >= 800
     extern __shared__ uint4 sx[];
-    __shared__ int list[MAX_ASSIGN];
-    __shared__ int count;
-    const int c_all = list_assignments(experts, A, list, &count);
-    if (c_all == 0) return;
+    LIST_ASSIGNMENTS_OR_RETURN(experts, A);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int vecs = k_pad >> 3, chunks = k_pad >> 7;
@@ -132,10 +129,7 @@ __device__ __forceinline__ void grouped_gemv4(const unsigned short* __restrict__
             v[1] = load_weights(p + 32);
             const uint2 sc = __ldg(reinterpret_cast<const uint2*>(se + at * 64) + g);
             v[2] = make_uint4(sc.x, sc.y, 0u, 0u);
-            if (++lc == nc) {
-                lc = 0;
-                ++lt;
-            }
+            next_chunk(lt, lc, nc);
         };
         uint4 buf[G4_AHEAD + 1][3];
 #pragma unroll
@@ -164,28 +158,13 @@ __device__ __forceinline__ void grouped_gemv4(const unsigned short* __restrict__
                     acc[2] = fmaf(sb, cs[2], acc[2]);
                     acc[3] = fmaf(sb, cs[3], acc[3]);
                 }
-#pragma unroll
-                for (int b = 0; b < G4_AHEAD; ++b)
-#pragma unroll
-                    for (int i = 0; i < 3; ++i) buf[b][i] = buf[b + 1][i];
+                shift_chunks(buf);
             }
-#pragma unroll
-            for (int i = 0; i < 4; ++i) part[(warp * 32 + lane) * 4 + i] = acc[i];
-            __syncthreads();
-            if (warp == 0) {
-                // accumulator i: weight row j0 + g (+ 8 for i >= 2), staged row 2 t + (i & 1)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    float v = 0.f;
-                    for (int p = 0; p < warps; ++p) v += part[(p * 32 + lane) * 4 + i];
-                    const int j = j0 + g + (i >> 1) * 8, r = 2 * t + (i & 1);
-                    if (r < rows) {
-                        if (BIAS) v += __ldg(bias + (long long)blockIdx.y * n + j);
-                        y[(long long)list[base + r] * y_ld + j] = fromf<BF16>(v);
-                    }
-                }
-            }
-            __syncthreads();  // part is free for the next tile
+            SUM_TILE(part, acc, warp, warps, lane, g, t, j0,
+                if (r < rows) {
+                    if (BIAS) v += __ldg(bias + (long long)blockIdx.y * n + j);
+                    y[(long long)list[base + r] * y_ld + j] = fromf<BF16>(v);
+                })
         }
     }
 #endif

@@ -6,7 +6,7 @@
 #include "fp8_decode.cuh"  // e4m3x16 (dequant_rows')
 #include "fp8_tensor_cores.cuh"  // e4m3_pair, prmt, mma16816, tc_load, tc_chunk
 #include "fp8_dequant.cuh"  // dequant_e4m3_{bf16,f16}: the experts as a 16-bit copy, for grouped GEMMs of many rows
-#include "stage_rows.cuh"  // stage_rows, list_assignments
+#include "stage_rows.cuh"  // stage_rows, LIST_ASSIGNMENTS_OR_RETURN, SUM_TILE, next_chunk, shift_chunks
 #define MAX_ASSIGN 1024
 
 #ifndef G8_AHEAD  // chunks of weights a warp loads ahead of the one it sums (Fp8GroupedGemv.chunks_ahead)
@@ -41,10 +41,7 @@ __device__ __forceinline__ void grouped_gemv8(const unsigned short* __restrict__
                                               int R) {
 #if __CUDA_ARCH__ >= 800
     extern __shared__ uint4 sx[];
-    __shared__ int list[MAX_ASSIGN];
-    __shared__ int count;
-    const int c_all = list_assignments(experts, A, list, &count);
-    if (c_all == 0) return;
+    LIST_ASSIGNMENTS_OR_RETURN(experts, A);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int vecs = k >> 3;  // 16-byte vectors of a staged row
@@ -77,10 +74,7 @@ __device__ __forceinline__ void grouped_gemv8(const unsigned short* __restrict__
                 tc_load(v, we + (long long)min(row, n - 1) * k + 16 * t, we + (long long)min(row + 8, n - 1) * k + 16 * t,
                         at0 + lc * stride, t, k);
             }
-            if (++lc == nc) {
-                lc = 0;
-                ++lt;
-            }
+            next_chunk(lt, lc, nc);
         };
         uint4 buf[G8_AHEAD + 1][4];
 #pragma unroll
@@ -103,28 +97,13 @@ __device__ __forceinline__ void grouped_gemv8(const unsigned short* __restrict__
                 const float s = BLOCK ? __ldg(srow + (at >> (4 + shift))) : 1.f;
 #pragma unroll
                 for (int i = 0; i < 4; ++i) acc[i] = BLOCK ? fmaf(s, cs[i], acc[i]) : acc[i] + cs[i];
-#pragma unroll
-                for (int b = 0; b < G8_AHEAD; ++b)
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) buf[b][i] = buf[b + 1][i];
+                shift_chunks(buf);
             }
-#pragma unroll
-            for (int i = 0; i < 4; ++i) part[(warp * 32 + lane) * 4 + i] = acc[i];
-            __syncthreads();
-            if (warp == 0) {
-                // accumulator i: weight row j0 + g (+ 8 for i >= 2), staged row 2 t + (i & 1)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    float v = 0.f;
-                    for (int p = 0; p < warps; ++p) v += part[(p * 32 + lane) * 4 + i];
-                    const int j = j0 + g + (i >> 1) * 8, r = 2 * t + (i & 1);
-                    if (j < n && r < rows) {
-                        if (!BLOCK) v *= __ldg(se + j);
-                        y[(long long)list[base + r] * y_ld + j] = fromf<BF16>(v);
-                    }
-                }
-            }
-            __syncthreads();  // part is free for the next tile
+            SUM_TILE(part, acc, warp, warps, lane, g, t, j0,
+                if (j < n && r < rows) {
+                    if (!BLOCK) v *= __ldg(se + j);
+                    y[(long long)list[base + r] * y_ld + j] = fromf<BF16>(v);
+                })
         }
     }
 #endif

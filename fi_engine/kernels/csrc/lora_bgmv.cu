@@ -101,19 +101,14 @@ __device__ __forceinline__ void expand_rows(const float* __restrict__ t, long lo
     *out = fromf<BF16>(tof<BF16>(*out) + acc);
 }
 
+// The parameters of both shrink kernels (their arguments in SHRINK_ARGS)
+#define SHRINK_PARAMS                                                                                                \
+    const unsigned short *x, long long x_ld, const int *slots, const float *scale, const int *targets, int bit,      \
+        const unsigned short *a, long long a_slot, int width, int k, float *t, long long t_ld
+#define SHRINK_ARGS x, x_ld, slots, scale, targets, bit, a, a_slot, width, k, t, t_ld
 #define LORA_KERNELS(tag, bf16)                                                                                      \
-    extern "C" __global__ void lora_shrink_##tag(const unsigned short* x, long long x_ld, const int* slots,          \
-                                                 const float* scale, const int* targets, int bit,                    \
-                                                 const unsigned short* a, long long a_slot, int width, int k,         \
-                                                 float* t, long long t_ld) {                                         \
-        shrink_rows<bf16>(x, x_ld, slots, scale, targets, bit, a, a_slot, width, k, t, t_ld);                       \
-    }                                                                                                                \
-    extern "C" __global__ void lora_shrink_long_##tag(const unsigned short* x, long long x_ld, const int* slots,     \
-                                                      const float* scale, const int* targets, int bit,               \
-                                                      const unsigned short* a, long long a_slot, int width, int k,    \
-                                                      float* t, long long t_ld) {                                    \
-        shrink_long_rows<bf16>(x, x_ld, slots, scale, targets, bit, a, a_slot, width, k, t, t_ld);                  \
-    }                                                                                                                \
+    extern "C" __global__ void lora_shrink_##tag(SHRINK_PARAMS) { shrink_rows<bf16>(SHRINK_ARGS); }                 \
+    extern "C" __global__ void lora_shrink_long_##tag(SHRINK_PARAMS) { shrink_long_rows<bf16>(SHRINK_ARGS); }       \
     extern "C" __global__ void lora_expand_##tag(const float* t, long long t_ld, int tw, const int* slots,           \
                                                  const int* targets, int bit, const unsigned short* bt,              \
                                                  long long b_slot, int rank, int n, int n0, int n1,                  \

@@ -12,11 +12,10 @@
 #define GEMV_DEVICE_FUNCTIONS_ONLY  // fused_gemv.cu's device functions, none of its kernels
 #include "fused_gemv.cu"
 #include "lora_shrink.cuh"  // dot8, block_sum, shrink_start: lora_bgmv.cu's shrink sums
-#if GEMV_FIXED_ROWS
-#define LORA_ROW_COUNTS(M, ...) M(1, __VA_ARGS__) M(2, __VA_ARGS__) M(3, __VA_ARGS__) M(4, __VA_ARGS__)
-#else
-#define LORA_ROW_COUNTS(M, ...) M(0, __VA_ARGS__)
-#endif
+// M(R, lora_gemv_<f16|bf16>_<name>, bf16, ...) for each row count and 16-bit type
+#define LORA_EACH(M, name, ...)                                                                                      \
+    ALL_ROW_COUNTS(M, lora_gemv_f16_##name, false, __VA_ARGS__)                                                      \
+    ALL_ROW_COUNTS(M, lora_gemv_bf16_##name, true, __VA_ARGS__)
 
 #define LORA_PARAMS                                                                                                  \
     const float *t, long long t_ld, const int *slots, const int *targets, int bit, const unsigned short *bt,          \
@@ -24,38 +23,20 @@
 #define LORA_EPI LoraEpi{t, t_ld, slots, targets, bit, bt, b_slot, rank, n0, n1}
 
 #define LORA_FUSED(R, name, bf16, mode)                                                                              \
-    extern "C" __global__ void FUSED_BOUNDS_##R                                                                    \
-            name##_r##R(const unsigned short* x, const unsigned short* w, void* y, int rows, int n, int k,           \
-                        long long x_ld, long long y_ld, const unsigned short* h, const unsigned short* nw,           \
-                        unsigned short* h_out, long long h_ld, float eps, LORA_PARAMS) {                             \
-        gemv_fused<bf16, false, mode, R, true>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps, LORA_EPI); \
+    extern "C" __global__ void FUSED_BOUNDS_##R name##_r##R(FUSED_PARAMS, LORA_PARAMS) {                             \
+        gemv_fused<bf16, false, mode, R, true>(FUSED_ARGS, LORA_EPI);                                                \
     }
-LORA_ROW_COUNTS(LORA_FUSED, lora_gemv_f16_copy, false, 0)
-LORA_ROW_COUNTS(LORA_FUSED, lora_gemv_bf16_copy, true, 0)
-LORA_ROW_COUNTS(LORA_FUSED, lora_gemv_f16_norm, false, 1)
-LORA_ROW_COUNTS(LORA_FUSED, lora_gemv_bf16_norm, true, 1)
-LORA_ROW_COUNTS(LORA_FUSED, lora_gemv_f16_addnorm, false, 2)
-LORA_ROW_COUNTS(LORA_FUSED, lora_gemv_bf16_addnorm, true, 2)
+LORA_EACH(LORA_FUSED, copy, 0)
+LORA_EACH(LORA_FUSED, norm, 1)
+LORA_EACH(LORA_FUSED, addnorm, 2)
 
 #define LORA_PAIRS(R, name, bf16, mode, epi)                                                                         \
-    extern "C" __global__ void FUSED_BOUNDS_##R name##_r##R(                                                       \
-            const unsigned short* x, const unsigned short* w, unsigned short* y, int rows, int n, int k,             \
-            long long x_ld, long long y_ld, const unsigned short* h, const unsigned short* nw,                       \
-            unsigned short* h_out, long long h_ld, float eps, int hq, int hk, unsigned d, float rcp_theta,           \
-            float rcp_scale, float smooth_a, float smooth_b, const int* positions, const int* batch_indices,         \
-            const int* kv_indptr, const int* kv_indices, unsigned short* k_cache, unsigned short* v_cache,           \
-            int page_size, long long stride_page, long long stride_n, long long stride_h, LORA_PARAMS) {             \
-        gemv_pairs<bf16, mode, R, epi, true>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps, hq, hk, d,   \
-                                             rcp_theta, rcp_scale, smooth_a, smooth_b, positions, batch_indices,    \
-                                             kv_indptr, kv_indices, k_cache, v_cache, page_size, stride_page,       \
-                                             stride_n, stride_h, LORA_EPI);                                         \
+    extern "C" __global__ void FUSED_BOUNDS_##R name##_r##R(PAIRS_PARAMS, LORA_PARAMS) {                             \
+        gemv_pairs<bf16, mode, R, epi, true>(PAIRS_ARGS, LORA_EPI);                                                  \
     }
-LORA_ROW_COUNTS(LORA_PAIRS, lora_gemv_f16_norm_rope, false, 1, EPI_ROPE)
-LORA_ROW_COUNTS(LORA_PAIRS, lora_gemv_bf16_norm_rope, true, 1, EPI_ROPE)
-LORA_ROW_COUNTS(LORA_PAIRS, lora_gemv_f16_addnorm_rope, false, 2, EPI_ROPE)
-LORA_ROW_COUNTS(LORA_PAIRS, lora_gemv_bf16_addnorm_rope, true, 2, EPI_ROPE)
-LORA_ROW_COUNTS(LORA_PAIRS, lora_gemv_f16_addnorm_gateup, false, 2, EPI_SILU)
-LORA_ROW_COUNTS(LORA_PAIRS, lora_gemv_bf16_addnorm_gateup, true, 2, EPI_SILU)
+LORA_EACH(LORA_PAIRS, norm_rope, 1, EPI_ROPE)
+LORA_EACH(LORA_PAIRS, addnorm_rope, 2, EPI_ROPE)
+LORA_EACH(LORA_PAIRS, addnorm_gateup, 2, EPI_SILU)
 
 // The shrink of one row's normalized input (grid (width, rows), 256 threads, k * 2 bytes of dynamic shared memory):
 // block (j, r) stages row r as the fused GEMV's prologue does (stage: the same 16-bit values the GEMV reads), then

@@ -8,6 +8,11 @@ __device__ __forceinline__ float load_cg(const float* p) {
     asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
     return v;
 }
+// bool `taken`: whether expert e is among the j experts picked first, list[at + i] for i < j (a macro, not a function:
+// the loop compiles in its place, into the same instructions as when each includer wrote it out)
+#define PICKED_BEFORE(taken, list, at, j, e)                                                                       \
+    bool taken = false;                                                                                            \
+    for (int i = 0; i < (j); ++i) taken |= (list)[(at) + i] == (e)
 __device__ __forceinline__ void route_row(const float* __restrict__ l, int E, int k, int renorm, int* __restrict__ ex,
                                           float* __restrict__ w) {
     float m = load_cg(l);
@@ -19,8 +24,7 @@ __device__ __forceinline__ void route_row(const float* __restrict__ l, int E, in
         int best = -1;
         float bv = 0.f;
         for (int e = 0; e < E; ++e) {
-            bool taken = false;
-            for (int i = 0; i < j; ++i) taken |= ex[i] == e;
+            PICKED_BEFORE(taken, ex, 0, j, e);
             const float v = load_cg(l + e);
             if (!taken && (best < 0 || v > bv)) {
                 best = e;

@@ -19,11 +19,16 @@
 #define FUSED_BOUNDS_2
 #define FUSED_BOUNDS_3
 #define FUSED_BOUNDS_4
-#if defined(GEMV_DEVICE_FUNCTIONS_ONLY)  // a module that includes this source for its device functions only
-#define EACH_ROW_COUNT(M, ...)
-#elif GEMV_FIXED_ROWS
-#define EACH_ROW_COUNT(M, ...) M(1, __VA_ARGS__) M(2, __VA_ARGS__) M(3, __VA_ARGS__) M(4, __VA_ARGS__)
+// M(R, ...) for each row count R the kernels are compiled for
+#if GEMV_FIXED_ROWS
+#define ALL_ROW_COUNTS(M, ...) M(1, __VA_ARGS__) M(2, __VA_ARGS__) M(3, __VA_ARGS__) M(4, __VA_ARGS__)
 #else
-#define EACH_ROW_COUNT(M, ...) M(0, __VA_ARGS__)
+#define ALL_ROW_COUNTS(M, ...) M(0, __VA_ARGS__)
+#endif
+// the same for fused_gemv.cu's kernels, none in a module that includes it for its device functions only
+#if defined(GEMV_DEVICE_FUNCTIONS_ONLY)
+#define EACH_ROW_COUNT(M, ...)
+#else
+#define EACH_ROW_COUNT(M, ...) ALL_ROW_COUNTS(M, __VA_ARGS__)
 #endif
 

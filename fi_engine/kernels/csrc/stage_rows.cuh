@@ -35,6 +35,15 @@ __device__ __forceinline__ void stage_rows(uint4* sx, const unsigned short* __re
     }
 }
 
+// The start of the tensor-core grouped GEMVs (grouped_gemv8.cu, grouped_gemv4.cu): `list` (shared memory, MAX_ASSIGN
+// entries) holds the c_all assignments of this block's expert (list_assignments); a block with none returns, its
+// weights unread
+#define LIST_ASSIGNMENTS_OR_RETURN(experts, A)                                                                     \
+    __shared__ int list[MAX_ASSIGN];                                                                               \
+    __shared__ int count;                                                                                          \
+    const int c_all = list_assignments(experts, A, list, &count);                                                  \
+    if (c_all == 0) return
+
 // The assignments a < A of this block's expert (blockIdx.y) listed in `list` (in no particular order: each a's sums
 // do not depend on its place); their number.
 __device__ __forceinline__ int list_assignments(const int* __restrict__ experts, int A, int* list, int* count) {
@@ -45,4 +54,41 @@ __device__ __forceinline__ int list_assignments(const int* __restrict__ experts,
         if (experts[a] == expert) list[atomicAdd(count, 1)] = a;
     __syncthreads();
     return *count;
+}
+
+// The tile sums of the tensor-core grouped GEMVs (grouped_gemv8.cu, grouped_gemv4.cu), 16 weight rows from j0 by the
+// block's staged rows: each warp's four mma accumulators acc into part ([warps][32 lanes][4], shared memory), then
+// warp 0 adds the warps' sums and runs the statements STORE (the last arguments) for each, with v the sum of
+// accumulator i of lane (g, t): weight row j = j0 + g (+ 8 for i >= 2), staged row r = 2 t + (i & 1). Barriers before
+// and after: part is free again after it. A macro, not a function: its loop over the warps and STORE compile in
+// their place, into the instructions each kernel had when it wrote them out (as a function, they compiled otherwise).
+#define SUM_TILE(part, acc, warp, warps, lane, g, t, j0, ...)                                                      \
+    _Pragma("unroll") for (int i = 0; i < 4; ++i) part[(warp * 32 + lane) * 4 + i] = acc[i];                       \
+    __syncthreads();                                                                                               \
+    if (warp == 0) {                                                                                               \
+        _Pragma("unroll") for (int i = 0; i < 4; ++i) {                                                            \
+            float v = 0.f;                                                                                         \
+            for (int p = 0; p < warps; ++p) v += part[(p * 32 + lane) * 4 + i];                                    \
+            const int j = j0 + g + (i >> 1) * 8, r = 2 * t + (i & 1);                                              \
+            __VA_ARGS__                                                                                            \
+        }                                                                                                          \
+    }                                                                                                              \
+    __syncthreads(); /* part is free for the next tile */
+
+// The next chunk a warp loads (the tensor-core grouped GEMVs' load_next): chunk lc + 1 of the block's tile lt, or past
+// the tile's last (nc chunks), the first of tile lt + 1
+__device__ __forceinline__ void next_chunk(int& lt, int& lc, int nc) {
+    if (++lc == nc) {
+        lc = 0;
+        ++lt;
+    }
+}
+
+// The chunks of weights loaded ahead (buf[1 ..]) moved up one place, once buf[0] is summed
+template <int AHEAD, int N>
+__device__ __forceinline__ void shift_chunks(uint4 (&buf)[AHEAD][N]) {
+#pragma unroll
+    for (int b = 0; b < AHEAD - 1; ++b)
+#pragma unroll
+        for (int i = 0; i < N; ++i) buf[b][i] = buf[b + 1][i];
 }
