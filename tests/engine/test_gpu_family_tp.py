@@ -29,7 +29,9 @@ logits at most 1.25x as far from it as one GPU's or as transformers in bfloat16 
 at the median one; every greedy token of TP N the float32 reference's choice under teacher forcing up to twice that
 bound (a near tie either may break: the chosen token's error and the best one's; ``helpers.yardstick.check_greedy``);
 and the ``top_k=1`` tokens equal to the same run's greedy tokens. transformers runs its eager attention (its SDPA
-path drops Gemma 2's attention soft cap).
+path drops Gemma 2's attention soft cap). DeepSeek runs twice: its routed experts split by intermediate columns (the
+default) and by expert (``expert_split="experts"``: 4 whole experts a rank at TP 2, 2 at TP 4), held to the same
+bounds.
 """
 
 from __future__ import annotations
@@ -152,14 +154,28 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 @pytest.mark.parametrize("n", [2, 4])
 @pytest.mark.parametrize("mode", ["eager", "graph", "graph-nccl"])
 def test_family_tensor_parallel_matches_one_gpu(family: tuple, tmp_path: Path, n: int, mode: str) -> None:
+    _check_tensor_parallel(family, tmp_path, n, mode)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("mode", ["eager", "graph", "graph-nccl"])
+def test_deepseek_split_by_expert_matches_one_gpu(family: tuple, tmp_path: Path, n: int, mode: str) -> None:
+    if not family[0].startswith("deepseek"):
+        pytest.skip("the expert split is DeepSeek's (expert_split)")
+    _check_tensor_parallel(family, tmp_path, n, mode, by_expert=True)
+
+
+def _check_tensor_parallel(family: tuple, tmp_path: Path, n: int, mode: str, by_expert: bool = False) -> None:
+    """TP ``n`` in ``mode`` against the float32 reference, one GPU and transformers' bfloat16 (module docstring)."""
     if gpu_count() < n:
         pytest.skip(f"needs {n} GPUs, found {gpu_count()}")
     name, model, env, (one, ref32, refs, yardstick) = family
     flags = {"eager": ["--topk1"], "graph": ["--graph", "--topk1"], "graph-nccl": ["--graph", "--nccl"]}
-    got = _run(env, model, tmp_path / "out.npz", n, *flags[mode])
+    got = _run(env, model, tmp_path / "out.npz", n, *flags[mode], *(["--expert-split"] if by_expert else []))
     assert int(got["tp"]) == n and bool(got["vocab_shard"])
     assert bool(got["fused"]) == (mode != "graph-nccl")
-    what = f"{name} tp {n} {mode}"
+    assert int(got["expert_parts"]) == (n if by_expert else 1)
+    what = f"{name} tp {n} {mode}{' by expert' if by_expert else ''}"
     bound = check_against_float32(got, one, refs, yardstick, what)
     # a token is the float32 reference's choice up to two errors within the bound (the chosen logit's and the best's)
     exact = check_greedy(ref32, prompts(VOCAB), got["tokens"].tolist(), 2 * bound)
