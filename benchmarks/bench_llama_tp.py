@@ -321,11 +321,12 @@ def set_variant(variant: str) -> None:
         ModelRunner.graph_fused_decode = False
     if variant == "no-tp-fused":  # TP > 1: RoPE + append and SiLU as launches of their own, not the GEMVs' epilogues
         ModelRunner.tp_fused_epilogues = False
-    if variant == "tp-pipe":  # TP > 1: each graph step staged ahead and launched before the last one's ids are read
+    if variant in ("tp-pipe", "no-tp-pipe"):
+        # TP > 1: each graph step staged ahead and launched before the last one's ids are read (the default since
+        # 2026-11-27), or each launched after them
         from fi_engine.runtime.serving import ServingLoop
 
-        ModelRunner.tp_prepare_ahead = True
-        ServingLoop.tp_pipelined_decode = True
+        ModelRunner.tp_prepare_ahead = ServingLoop.tp_pipelined_decode = variant == "tp-pipe"
     if variant == "pdl":  # the fused all-reduce + norm launched with programmatic dependent launch
         from fi_engine.layers.tensor_parallel import ResidualAllReduce
 
@@ -591,7 +592,8 @@ def main() -> None:
         " launched with programmatic dependent launch), no-tp-fused (TP > 1: a step of 1-4 rows launches RoPE + "
         "append and SiLU-and-mul on their own instead of as the QKV and gate/up GEMVs' epilogues, "
         "ModelRunner.tp_fused_epilogues off), tp-pipe (TP > 1: each graph step staged while the last one runs and "
-        "launched before its ids are read, ServingLoop.tp_pipelined_decode and ModelRunner.tp_prepare_ahead on; "
+        "launched before its ids are read, ServingLoop.tp_pipelined_decode and ModelRunner.tp_prepare_ahead on, "
+        "the default), no-tp-pipe (TP > 1: both off, each step launched after the last one's ids are read; "
         "--profile also times the graph launch with one graph in flight)",
     )
     ap.add_argument("--profile", action="store_true", help="graph rows: also time each part of the step")

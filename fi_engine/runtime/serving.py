@@ -231,15 +231,15 @@ class ServingLoop(StepEngineBase):
     tokens after that step may differ from a run with this off (each run still reproduces itself). Set it on the
     class to compare (``benchmarks/bench_llama_tp.py --variants no-pipeline``)."""
 
-    tp_pipelined_decode = False
+    tp_pipelined_decode = True
     """:attr:`pipelined_decode` for ``generate`` under tensor parallelism too, where the runner stages steps ahead
     (``ModelRunner.tp_prepare_ahead``) and no speculation is on (:meth:`LaunchPolicy.pipelines_decode`). Every rank
     runs the same scheduler over the same tokens (rank 0's, broadcast on the stream in each step,
     ``Sampler.share_ids``), so every rank launches ahead, drops a prepared step or waits at the same steps, and issues
     its collectives in the same order; the step launched ahead copies its input tokens on the device, behind the
-    broadcast that made them. Off by default until the whole two-GPU suite has run with it on (its own two-GPU test,
-    tests/engine/test_gpu_llama_tp.py, gives the plain loop's tokens; ``benchmarks/bench_llama_tp.py --variants
-    tp-pipe``: 4-6 % more tokens/s at TP 2). The step API's overlapped steps stay one GPU's."""
+    broadcast that made them. On by default (its two-GPU test, tests/engine/test_gpu_llama_tp.py,
+    gives the plain loop's tokens; ``benchmarks/bench_llama_tp.py --variants no-tp-pipe`` turns it off: 4-6 % fewer
+    tokens/s at TP 2). The step API's overlapped steps stay one GPU's."""
 
     pipelined_prefill = True
     """With :attr:`overlap_steps`, the decode graph on one GPU and steps prepared ahead: a queued request's prefill

@@ -503,10 +503,11 @@ def tp_rank(e, pipelined: bool, clock_step: float = 1e-4):
 
 @pytest.mark.parametrize("max_batch", [1, 3])
 def test_pipelined_generate_under_tensor_parallelism_only_with_its_switch(max_batch, monkeypatch):
-    """Under tensor parallelism generate launches no step ahead by default (ServingLoop.tp_pipelined_decode off);
-    with it, ranks launch steps ahead and give the tokens and finish reasons of the plain loop (end-of-sequence tokens
-    mid-batch, token limits, prompts admitted as slots free), and two ranks whose host clocks and scheduler delays
-    differ take the same steps in the same order (launched ahead or not): each rank's collectives then meet."""
+    """Under tensor parallelism generate launches no step ahead with ServingLoop.tp_pipelined_decode off; with it
+    (the default), ranks launch steps ahead and give the tokens and finish reasons of the plain loop (end-of-
+    sequence tokens mid-batch, token limits, prompts admitted as slots free), and two ranks whose host clocks and
+    scheduler delays differ take the same steps in the same order (launched ahead or not): each rank's collectives
+    then meet."""
     prompts = [[1] * 3, [2] * 20, [3] * 9, [4] * 33, [5], [6] * 15]
     limits = [5, 9, 2, 12, 4, 30]
     want = bare_engine(max_batch=max_batch, token_of=eos_rule).generate(prompts, limits, eos_token_ids=(EOS,))
@@ -536,7 +537,9 @@ def test_the_pipelined_decode_at_tp_needs_its_switch_staged_steps_and_no_specula
     a tensor-parallel rank only with it, with steps staged ahead (ModelRunner.prepare_ahead), and without speculation
     (its policy weighs the rank's own host times); no rank without the decode graph or with pipelined_decode off."""
     e = bare_engine(pipelined=True)
-    assert e.launch_policy.pipelines_decode() and not e.tp_pipelined_decode
+    assert e.tp_pipelined_decode  # on by default
+    e.tp_pipelined_decode = False
+    assert e.launch_policy.pipelines_decode()
     e.runner.comm = object()
     assert not e.launch_policy.pipelines_decode()
     e.tp_pipelined_decode = True

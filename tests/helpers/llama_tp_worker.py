@@ -89,6 +89,7 @@ def compare_pipeline(model: str, out: str, tp: int) -> None:
     saved: dict[str, np.ndarray] = {}
     rank = 0
     eos: dict[int, int] = {}
+    defaults = ServingLoop.tp_pipelined_decode, ModelRunner.tp_prepare_ahead
     for on in (False, True):
         ServingLoop.tp_pipelined_decode = ModelRunner.tp_prepare_ahead = on  # read when the engine opens / steps
         with engine_class(model)(model, max_batch=3, max_seq_len=128, cuda_graph=True, tensor_parallel=tp) as engine:
@@ -112,7 +113,7 @@ def compare_pipeline(model: str, out: str, tp: int) -> None:
                 saved[f"tokens_{key}"] = np.array([t + [-1] * (MAX_NEW - len(t)) for t in result.tokens], np.int64)
                 saved[f"reasons_{key}"] = np.array(result.finish_reasons)
                 saved[f"ahead_{key}"] = np.array(ahead[0])
-    ServingLoop.tp_pipelined_decode = ModelRunner.tp_prepare_ahead = False
+    ServingLoop.tp_pipelined_decode, ModelRunner.tp_prepare_ahead = defaults
     if rank == 0:
         np.savez(out, tp=np.array(tp), **saved)
 

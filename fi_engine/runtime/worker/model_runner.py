@@ -167,13 +167,13 @@ class ModelRunner(RunnerState):
     separate launches. Read at each step (set it on the class to compare: ``benchmarks/bench_llama_tp.py --variants
     no-tp-fused``; a decode graph keeps what it captured)."""
 
-    tp_prepare_ahead: bool = False
+    tp_prepare_ahead: bool = True
     """On a tensor-parallel rank too, the graph loop stages decode step n + 1 while the GPU runs step n
-    (:attr:`prepare_ahead`; the family must plan ahead: ``ModelFamily.plans_ahead``). Every rank stages the same rows
-    (they run the same scheduler on the same shared tokens), and the staging only orders host-to-device copies and the
-    attention plan on the rank's own stream, no collective. Off by default until the whole two-GPU suite has run
-    with it on (``ServingLoop.tp_pipelined_decode`` launches the staged step ahead; ``benchmarks/
-    bench_llama_tp.py --variants tp-pipe`` turns both on). Read when the engine opens: set it on the class."""
+    (:attr:`prepare_ahead`; the family must plan ahead: ``ModelFamily.plans_ahead``). Every rank stages the same
+    rows (they run the same scheduler on the same shared tokens), and the staging only orders host-to-device copies
+    and the attention plan on the rank's own stream, no collective. On by default
+    (``ServingLoop.tp_pipelined_decode`` launches the staged step ahead; ``benchmarks/bench_llama_tp.py --variants
+    no-tp-pipe`` turns both off). Read when the engine opens: set it on the class."""
 
     norm_pdl: bool = True
     """The FP8 step's norms (``QuantizedWeights.fp8_epilogues``: launches of their own) launched with programmatic
@@ -321,7 +321,7 @@ class ModelRunner(RunnerState):
                 self.sampler = Sampler.of(self)  # the tokens' choice, over the buffers just made
                 # the graph loop plans step N + 1 while the GPU runs step N: on an H100 (8B shape, one GPU) 6.39
                 # instead of 6.59 ms per step at batch 1, the same tokens (benchmarks/RESULTS.md); with tensor
-                # parallelism only with tp_prepare_ahead (off by default: see it)
+                # parallelism only with tp_prepare_ahead (on by default: see it)
                 self.prepare_ahead = (self.comm is None or self.tp_prepare_ahead) and self.family.plans_ahead()
                 self.prefill_workspace = kernels.workspace(device)
                 self.decode_workspace = kernels.workspace(device)
