@@ -82,10 +82,13 @@ class DeviceSlots:
         changes ``group`` (``"qkv"``, ``"o"``, ``"gate_up"``, ``"down"``) in layer ``layer``: ``x`` the projection's
         16-bit input rows (stride ``x_ld`` elements), ``y`` its output rows (stride ``y_ld``), ``slots`` the step's
         int32 device array of row slots (``lora_slots`` of the step views). Two launches, their arguments checked and
-        packed once per (group, layer, rows, addresses)."""
+        packed once per (group, layer, rows, addresses); in the segment form (:attr:`prefill_segment_gemm`) two
+        segment GEMMs and an add."""
         if rows > self.segment_min_rows and self.prefill_segment_gemm:
-            form = self.segment_form()
-            if form is not None and form.covers(rows) and not self.cupy.cuda.runtime.streamIsCapturing(self.stream.ptr):
+            # (capture asked first: the form's first use allocates its workspace, which no capture may see)
+            capturing = self.cupy.cuda.runtime.streamIsCapturing(self.stream.ptr)
+            form = None if capturing else self.segment_form()
+            if form is not None and form.covers(rows):
                 self._apply_segments(form, group, layer, rows, x, x_ld, y, y_ld, slots)
                 return
         key = (group, layer, rows, x, x_ld, y, y_ld, slots)
