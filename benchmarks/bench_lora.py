@@ -23,7 +23,15 @@ only at batches of at most 4, where the switch applies):
 
 The ratio column is each row's tokens/s over ``base``'s at the same batch. ``--prefill N`` adds the time to
 prefill one prompt of ``N`` tokens (and sample its first token) in each engine, with and without an adapter: what
-the adapters' launches cost a prefill's thousands of rows. Swap-in: an adapter copied into a GPU
+the adapters' launches cost a prefill's thousands of rows; with an adapter, once per form of
+``--lora-prefill-form`` (comma-separated; default ``cuda-cores,segment``): ``cuda-cores`` (the CUDA-core kernels in
+the engine's prefill graph, its default), ``cuda-cores-eager`` (the same without the graph) and ``segment``
+(FlashInfer's segment GEMMs on tensor cores, ``DeviceSlots.prefill_segment_gemm``: SM 9.x only, run eagerly):
+
+    python3 benchmarks/bench_lora.py --model /tmp/llama8b --adapters /tmp/llama8b-loras --batches 1 --lora-fused off \
+        --prefill 4096 --lora-prefill-form cuda-cores,cuda-cores-eager,segment
+
+Swap-in: an adapter copied into a GPU
 slot from the host's packed copy (``max_cpu_loras`` keeps it), and read from its folder first (host cache of one),
 each timed to the end of its copies on the stream.
 
@@ -34,8 +42,10 @@ The adapters: ``--make-adapters DIR`` writes ``--count`` random adapters of ``--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +107,28 @@ def prefill_ms(engine: Any, tokens: int, lora: str | None) -> float:
     return 1e3 * best
 
 
+PREFILL_FORMS = ("cuda-cores", "cuda-cores-eager", "segment")
+"""The forms of a prefill's LoRA products ``--lora-prefill-form`` picks from: the CUDA-core kernels in the engine's
+prefill graph, the same eagerly (what the segment form is measured against: it runs eagerly), and FlashInfer's
+segment GEMMs (``DeviceSlots.prefill_segment_gemm``; SM 9.x)."""
+
+
+@contextlib.contextmanager
+def prefill_form(engine: Any, form: str) -> Iterator[None]:
+    """Prefills of ``engine`` take the LoRA form ``form`` (:data:`PREFILL_FORMS`) inside the block; the engine's
+    settings restored after it."""
+    from fi_engine.lora.device import DeviceSlots
+
+    runner, default = engine.runner, DeviceSlots.prefill_segment_gemm
+    graphs = runner.prefill_graphs
+    DeviceSlots.prefill_segment_gemm = form == "segment"
+    runner.prefill_graphs = form == "cuda-cores"
+    try:
+        yield
+    finally:
+        DeviceSlots.prefill_segment_gemm, runner.prefill_graphs = default, graphs
+
+
 def swap_in_ms(engine: Any, names: list[str]) -> float:
     """Mean milliseconds to copy each adapter of ``names`` into a GPU slot (each evicting the last: one slot), to the
     end of its copies on the stream."""
@@ -125,7 +157,12 @@ def main() -> None:
     ap.add_argument("--json")
     fused_help = "the LoRA form of the fused decode step (ModelRunner.lora_fused): on, off, or both to compare"
     ap.add_argument("--lora-fused", choices=("on", "off", "both"), default="both", help=fused_help)
+    forms_help = "the forms of a prefill's LoRA products to time, comma-separated: " + ", ".join(PREFILL_FORMS)
+    ap.add_argument("--lora-prefill-form", default="cuda-cores,segment", help=forms_help)
     args = ap.parse_args()
+    prefill_forms = args.lora_prefill_form.split(",")
+    if not set(prefill_forms) <= set(PREFILL_FORMS):
+        ap.error(f"--lora-prefill-form: expected some of {', '.join(PREFILL_FORMS)}, got {args.lora_prefill_form}")
     if args.make_adapters:
         make_adapters(args.model, args.make_adapters, args.count, args.rank)
         return
@@ -164,7 +201,10 @@ def main() -> None:
                     rows.append({"row": label, "batch": b, "tokens_per_s": speed})
             if args.prefill and (fused or len(variants) == 1):  # (a prefill takes neither form: timed once)
                 prefills["lora, no adapter"] = prefill_ms(engine, args.prefill, None)
-                prefills["lora, one adapter"] = prefill_ms(engine, args.prefill, names[0])
+                for form in prefill_forms:
+                    label = "lora, one adapter" + ("" if len(prefill_forms) == 1 else f" ({form})")
+                    with prefill_form(engine, form):
+                        prefills[label] = prefill_ms(engine, args.prefill, names[0])
             slot_mb = engine.runner.lora.layout.slot_bytes() / 2**20
     ModelRunner.lora_fused = engine_default
     swap = {}

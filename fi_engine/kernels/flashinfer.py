@@ -38,6 +38,8 @@ from fi_ffi import routing_limits as routing_limits
 from fi_ffi import segment_gemm as segment_gemm
 from fi_ffi import segment_gemm_args_bytes as segment_gemm_args_bytes
 from fi_ffi import stream_scope as stream_scope
+from fi_ffi.ops.segment_gemm import SegmentGEMMArgs as SegmentGEMMArgs
+from fi_ffi.ops.segment_gemm import prepare_segment_gemm_problems as prepare_segment_gemm_problems
 
 from ..checkpoint.config import RopeConfig
 

@@ -154,6 +154,7 @@ class LoraBgmv:
         module = cupy.RawModule(code=source("lora_bgmv.cu"))
         self._shrink = (module.get_function(f"lora_shrink_{tag}"), module.get_function(f"lora_shrink_long_{tag}"))
         self._expand = module.get_function(f"lora_expand_{tag}")
+        self._add_scaled = module.get_function(f"lora_add_scaled_{tag}")
 
     def shrink(
         self, rows: int, x: int, x_ld: int, slots: int, scale: int, targets: int, bit: int, a: int, a_slot: int,
@@ -174,6 +175,26 @@ class LoraBgmv:
         16-bit rows of stride ``y_ld``, rounded once; ``tw``: t's entries each row stages (its parts times
         ``rank``)."""
         self.launch_expand(expand_args(rows, t, t_ld, tw, slots, targets, bit, bt, b_slot, rank, n, n0, n1, y, y_ld))
+
+    def add_scaled(
+        self, rows: int, z: int, z_ld: int, slots: int, scale: int, targets: int, bit: int, n: int, y: int, y_ld: int
+    ) -> None:
+        """``y[r, j] = round(y[r, j] + scale[s] * z[r, j])`` (``j < n``) for the rows :meth:`shrink` serves: the
+        segment form's expand product ``z`` (16-bit rows of stride ``z_ld``, :mod:`fi_engine.lora.segment_form`)
+        added into the projection's output ``y``. ValueError naming the argument where ``n``, ``z_ld`` or ``y_ld``
+        is no multiple of 8 or an address not 16-byte aligned (8 columns a thread)."""
+        rows = _int("rows", rows, 1, (1 << 31) - 1)
+        n = _int("n", n, 8, (1 << 31) - 1)
+        for name, value in (("n", n), ("z_ld", z_ld), ("y_ld", y_ld)):
+            if _int(name, value, n, 1 << 40) % 8:
+                raise ValueError(f"{name}: expected a multiple of 8 (16-byte vectors), got {value}")
+        grid = (-(-n // (8 * EXPAND_THREADS)), rows)
+        args = (
+            _address("z", z, 16), np.int64(z_ld), _address("slots", slots, 4), _address("scale", scale, 4),
+            _address("targets", targets, 4), np.int32(_int("bit", bit, 1, 1 << 30)), np.int32(n), _address("y", y, 16),
+            np.int64(y_ld),
+        )  # fmt: skip
+        self._add_scaled(grid, (EXPAND_THREADS,), args, stream=self.stream)
 
     @property
     def shrink_function(self) -> int:

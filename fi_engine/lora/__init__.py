@@ -10,6 +10,8 @@
 - :mod:`~fi_engine.lora.batch`: a step's row-to-slot array and segments, on the host.
 - :mod:`~fi_engine.lora.device`: the slots on the GPU and the per-projection launches
   (:mod:`fi_engine.kernels.lora_bgmv`).
+- :mod:`~fi_engine.lora.segment_form`: a prefill's shrink and expand as FlashInfer's segment GEMMs (tensor cores),
+  the choice :attr:`~fi_engine.lora.device.DeviceSlots.prefill_segment_gemm`.
 """
 
 __all__: list[str] = []

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..kernels.lora_bgmv import SHRINK_WARPS, LoraBgmv, LoraLaunch, expand_args, shrink_args
 from ..kernels.lora_fused import LoraExpand
+from .segment_form import SEGMENT_MIN_ROWS, SegmentForm, expand_problems, served_segments, shrink_problems
 from .slots import PackedAdapter, SlotLayout
 
 __all__ = ["DeviceSlots"]
@@ -23,6 +24,15 @@ _MAX_LAUNCHES = 4096  # prepared launches kept (a step shape's per layer and gro
 class DeviceSlots:
     """``slots`` GPU slots of ``layout`` in ``dtype`` on CuPy's current device, for steps of up to ``max_rows`` token
     rows, the kernels launched on ``stream`` (a ``cupy.cuda.Stream``)."""
+
+    prefill_segment_gemm = False
+    """Whether a pass of more than :attr:`segment_min_rows` rows (a prefill's) runs its adapters' shrink and expand
+    as FlashInfer's segment GEMMs on tensor cores (:mod:`fi_engine.lora.segment_form`) where they fit (an SM 9.x GPU,
+    a rank and part sizes of multiples of 8, no CUDA-graph capture, the pass's row slots known); else the CUDA-core
+    kernels. Read at each launch: set it on the class (``benchmarks/bench_lora.py --lora-prefill-form``)."""
+
+    segment_min_rows = SEGMENT_MIN_ROWS
+    """The rows a pass must exceed to take the segment form."""
 
     def __init__(self, cupy: Any, layout: SlotLayout, slots: int, dtype: str, max_rows: int, stream: Any) -> None:
         self.cupy, self.layout, self.slots, self.stream = cupy, layout, slots, stream
@@ -40,6 +50,9 @@ class DeviceSlots:
         self.kernels = LoraBgmv(dtype, stream)
         self._groups = {g.name: g for g in layout.groups}
         self._launches: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self.host_targets = np.zeros(slots, np.int64)  # targets' copy on the host: the segment form's runs
+        self.max_rows = max_rows
+        self._segment_form: SegmentForm | bool | None = None  # None: not asked yet; False: it does not fit
 
     @property
     def nbytes(self) -> int:
@@ -57,17 +70,27 @@ class DeviceSlots:
                 bt[slot].set(host_bt, stream=s)
         self.scale[slot : slot + 1].set(np.array([packed.scale], np.float32), stream=s)
         self.targets[slot : slot + 1].set(np.array([packed.targets], np.int32), stream=s)
+        self.host_targets[slot] = packed.targets
 
     def clear(self, slot: int) -> None:
         """Slot ``slot`` takes no group any more (its adapter was unloaded)."""
         self.targets[slot : slot + 1].set(np.zeros(1, np.int32), stream=self.stream)
+        self.host_targets[slot] = 0
 
     def apply(self, group: str, layer: int, rows: int, x: int, x_ld: int, y: int, y_ld: int, slots: int) -> None:
         """``y[r] += scale[s] * B_s A_s x[r]`` for each of ``rows`` rows of slot ``s = slots[r] >= 0`` whose adapter
         changes ``group`` (``"qkv"``, ``"o"``, ``"gate_up"``, ``"down"``) in layer ``layer``: ``x`` the projection's
         16-bit input rows (stride ``x_ld`` elements), ``y`` its output rows (stride ``y_ld``), ``slots`` the step's
         int32 device array of row slots (``lora_slots`` of the step views). Two launches, their arguments checked and
-        packed once per (group, layer, rows, addresses)."""
+        packed once per (group, layer, rows, addresses); in the segment form (:attr:`prefill_segment_gemm`) two
+        segment GEMMs and an add."""
+        if rows > self.segment_min_rows and self.prefill_segment_gemm:
+            # (capture asked first: the form's first use allocates its workspace, which no capture may see)
+            capturing = self.cupy.cuda.runtime.streamIsCapturing(self.stream.ptr)
+            form = None if capturing else self.segment_form()
+            if form is not None and form.covers(rows):
+                self._apply_segments(form, group, layer, rows, x, x_ld, y, y_ld, slots)
+                return
         key = (group, layer, rows, x, x_ld, y, y_ld, slots)
         launch = self._launches.get(key)
         if launch is None:
@@ -77,6 +100,74 @@ class DeviceSlots:
         shrink, expand = launch
         self.kernels.launch_shrink(shrink)
         self.kernels.launch_expand(expand)
+
+    def begin_step(self, slots: np.ndarray | None) -> None:
+        """The host's row slots of the pass about to run (its ``lora_slots``), or None once it has run: the segment
+        form serves a pass only where they are known for its rows (see :attr:`prefill_segment_gemm`)."""
+        if slots is None:
+            if isinstance(self._segment_form, SegmentForm):
+                self._segment_form.begin_step(None)
+        elif self.takes_segment_form(len(slots)):
+            form = self.segment_form()
+            assert form is not None
+            form.begin_step(slots)
+
+    def close(self) -> None:
+        """Free the segment form's workspace, where it was made (the slot arrays go with CuPy). Idempotent."""
+        if isinstance(self._segment_form, SegmentForm):
+            self._segment_form.close()
+            self._segment_form = False
+
+    def takes_segment_form(self, rows: int) -> bool:
+        """Whether a pass of ``rows`` rows with adapters runs their segment form (:attr:`prefill_segment_gemm` on,
+        more than :attr:`segment_min_rows` rows, and the form fits these slots): the model runner then runs the pass
+        eagerly, not as a padded prefill graph, whose replays could not follow each pass's segments."""
+        return self.prefill_segment_gemm and rows > self.segment_min_rows and self.segment_form() is not None
+
+    def segment_form(self) -> SegmentForm | None:
+        """The segment form's state (made at the first call), or None where it does not fit these slots: a GPU
+        other than SM 9.x (the segment GEMM's SM90 kernel), a rank, part size or input size no multiple of 8."""
+        if self._segment_form is None:
+            from ..kernels.system import FiFFIError, compute_capability
+
+            device_id = self.cupy.cuda.Device().id
+            try:
+                sm90 = compute_capability(device_id)[0] == 9
+            except FiFFIError:
+                sm90 = False
+            sizes = [self.layout.rank] + [v for g in self.layout.groups for v in (*g.outs, g.k)]
+            fits = sm90 and all(v % 8 == 0 for v in sizes)
+            self._segment_form = False
+            if fits:
+                dtype = "float16" if self.arrays[self.layout.groups[0].name][0].dtype == np.float16 else "bfloat16"
+                max_n = max(g.n for g in self.layout.groups)
+                self._segment_form = SegmentForm(self.cupy, dtype, device_id, self.max_rows, self.layout.t_width, max_n)
+        return self._segment_form if isinstance(self._segment_form, SegmentForm) else None
+
+    def _apply_segments(
+        self, form: SegmentForm, group: str, layer: int, rows: int, x: int, x_ld: int, y: int, y_ld: int, slots: int
+    ) -> None:
+        """:meth:`apply` in the segment form: the shrink and expand GEMMs over the pass's served runs, then
+        ``y += scale * z`` (the module docstring of :mod:`~fi_engine.lora.segment_form`)."""
+        g = self._groups[group]
+        runs = served_segments(form.slots, self.host_targets, g.bit)
+        if not len(runs[0]):
+            return  # no row's adapter changes this group
+        a_at, a_slot, width, bit = self.shrink_operands(group, layer)
+        e = self.expand_operands(group, layer, slots)
+        t, t_ld = int(form.t.data.ptr), form.t.shape[1]
+        z = int(form.scratch_z().data.ptr)
+
+        def build(prepare: Callable[..., Any]) -> tuple[Any, Any]:
+            shrink = shrink_problems(runs, x, x_ld, a_at, a_slot, width, g.k, t, t_ld)
+            expand = expand_problems(runs, t, t_ld, e.bt, e.b_slot, e.rank, g.outs, z, g.n)
+            t_rows, z_rows = form.tensor(t, (rows, t_ld)), form.tensor(z, (rows, g.n))
+            return prepare(shrink, form.tensor(x, (rows, g.k)), t_rows, True), prepare(expand, t_rows, z_rows, False)
+
+        (shrink_gemm, _), (expand_gemm, _) = form.prepared((group, layer, rows, x, x_ld, y, y_ld), self.stream, build)
+        shrink_gemm()
+        expand_gemm()
+        self.kernels.add_scaled(rows, z, g.n, slots, int(self.scale.data.ptr), e.targets, bit, g.n, y, y_ld)
 
     def has(self, group: str) -> bool:
         """Whether the slots hold adapters' matrices of ``group`` (the base model has its projections)."""

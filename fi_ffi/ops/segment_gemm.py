@@ -63,8 +63,8 @@ from ..tensor.streams import stream_handle
 from .attention.host_index import host_array
 from .attention.workspace import Workspace
 
-__all__ = ["PreparedSegmentGEMM", "SegmentGEMMArgs", "segment_gemm_args"]  # public here, not ops of fi_ffi; the
-# ops (and the engine's prepare_segment_gemm, segment_gemm_args_bytes): @op below
+# public here, not ops of fi_ffi (the ops, and the engine's prepare_segment_gemm, segment_gemm_args_bytes: @op below)
+__all__ = ["PreparedSegmentGEMM", "SegmentGEMMArgs", "prepare_segment_gemm_problems", "segment_gemm_args"]
 
 _ARRAYS = [
     *tensors("all_problems", "x_ptr", "w_ptr", "y_ptr"),
@@ -537,6 +537,92 @@ def prepare_segment_gemm(
     if c.args.count:
         _copy_sync(buf.data_ptr, data, buf.device.device_id)
     return PreparedSegmentGEMM(c, arrays, (workspace, x, weights, out, args_buffer))
+
+
+def prepare_segment_gemm_problems(
+    args: SegmentGEMMArgs,
+    x: Any,
+    out: Any,
+    weight_column_major: bool,
+    *,
+    workspace: Workspace,
+    args_buffer: Any,
+    backend: SegmentGEMMBackend = "auto",
+    stream: Any = None,
+) -> PreparedSegmentGEMM:
+    """A grouped GEMM of problems the caller laid out itself (its own :class:`SegmentGEMMArgs`: any row pointers
+    and leading dimensions, e.g. column slices of a wider matrix or weights strided apart), copied into
+    ``args_buffer`` once (synchronously: call it outside any stream capture) and launched by the result as
+    :func:`prepare_segment_gemm`'s. ``x`` and ``out``: tensors whose dtypes the kernel takes (x's for x and the
+    weights, out's for out); the problems' addresses are the caller's to keep within memory it owns: only their
+    alignment is checked here (16-byte pointers, leading dimensions of 16-byte multiples, ``n`` and ``k``
+    multiples of 16 bytes of their element type), as no tensor bounds them.
+
+    Raises:
+        TypeError / ValueError: ``args`` not :class:`SegmentGEMMArgs` of consistent arrays, a misaligned problem
+            (naming the array and problem), ``x``/``out`` dtypes the backend does not take, or ``args_buffer``
+            as :func:`prepare_segment_gemm` refuses it.
+        CudaError: the copy of the argument arrays failed.
+    """
+    if not isinstance(args, SegmentGEMMArgs):
+        raise TypeError(f"args: expected SegmentGEMMArgs (the per-problem arrays), got {type(args).__name__}")
+    if not isinstance(workspace, Workspace):
+        raise TypeError(f"workspace: expected a fi_ffi Workspace, got {type(workspace).__name__}")
+    column_major = checks.flag("weight_column_major", weight_column_major)
+    xt, yt = checks.tensor("x", x), checks.tensor("out", out)
+    use_sm90 = _use_sm90(backend, xt)
+    checks.dtype_in("x", xt, (*_HALF, *_FP8) if use_sm90 else _HALF)
+    checks.dtype_in("out", yt, _HALF)
+    if xt.dtype not in _FP8:
+        checks.same_dtype("out", yt, "x", xt)
+    elif not column_major:
+        raise ValueError("weight_column_major: FP8 inputs need column-major weights")
+    _check_problems(args, xt.dtype.itemsize, yt.dtype.itemsize)
+    s = stream_handle(stream)
+    if s is None:
+        s = current_stream(xt.device.device_id)
+    c = _Call(args, use_sm90, column_major, s)
+    buf = checks.tensor("args_buffer", args_buffer)
+    checks.device_tensor("args_buffer", buf, 1, "[bytes]", (uint8,))
+    data, offsets = args.pack()
+    if buf.shape[0] < len(data):
+        raise ValueError(
+            f"args_buffer: the argument arrays of {args.count} problems need {len(data)} bytes, got {buf.shape[0]}"
+        )
+    check_tensor("args_buffer", buf, output=True)
+    if buf.data_ptr % _ALIGN:
+        raise ValueError(f"args_buffer: data pointer 0x{buf.data_ptr:x} must be aligned to {_ALIGN} bytes")
+    disjoint("args_buffer", buf, "workspace.float_buffer", workspace.float_buffer)
+    arrays = _arrays(buf.data_ptr, offsets, args.count, buf.device)
+    if args.count:
+        _copy_sync(buf.data_ptr, data, buf.device.device_id)
+    return PreparedSegmentGEMM(c, arrays, (workspace, x, None, out, args_buffer))
+
+
+def _check_problems(args: SegmentGEMMArgs, x_size: int, y_size: int) -> None:
+    """The alignment CUTLASS needs of every problem of caller-made arrays (16-byte rows and pointers), each
+    refusal naming the array and the problem."""
+    p = args.count
+    for name in ("x_ptr", "w_ptr", "y_ptr", "x_ld", "w_ld", "y_ld", "segments"):
+        a = getattr(args, name)
+        if not isinstance(a, np.ndarray) or a.shape != (p,) or a.dtype != np.int64:
+            raise TypeError(f"args.{name}: expected an int64 array of {p} entries (one per problem), got {a!r:.60}")
+    if not isinstance(args.problems, np.ndarray) or args.problems.shape != (p, 3) or args.problems.dtype != np.int32:
+        raise TypeError(f"args.problems: expected an int32 [{p}, 3] array of (m, n, k), got {args.problems!r:.60}")
+    mnk = args.problems.astype(np.int64)
+    sizes = {"x_ptr": x_size, "w_ptr": x_size, "y_ptr": y_size, "x_ld": x_size, "w_ld": x_size, "y_ld": y_size}
+    rules = [(name, getattr(args, name).view(np.uint64) % _ALIGN != 0, "a 16-byte aligned address") for name in
+             ("x_ptr", "w_ptr", "y_ptr")]  # fmt: skip
+    rules += [(name, getattr(args, name) * sizes[name] % _ALIGN != 0, "a multiple of 16 bytes")
+              for name in ("x_ld", "w_ld", "y_ld")]  # fmt: skip
+    rules += [("x_ptr", args.x_ptr == 0, "a device address, not NULL"), ("w_ptr", args.w_ptr == 0, "not NULL"),
+              ("y_ptr", args.y_ptr == 0, "not NULL"), ("problems", (mnk <= 0).any(1), "m, n and k >= 1"),
+              ("problems", mnk[:, 2] * x_size % _ALIGN != 0, "k a multiple of 16 bytes"),
+              ("problems", mnk[:, 1] * y_size % _ALIGN != 0, "n a multiple of 16 bytes")]  # fmt: skip
+    for name, bad, rule in rules:
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"args.{name}: problem {i} breaks the kernels' rule ({rule})")
 
 
 @op()

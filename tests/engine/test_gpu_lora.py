@@ -29,6 +29,10 @@ GEMVs' epilogues): each eager step of one adapter row, and of four rows of three
 every row's logits at every step are within 1.5x transformers-bf16's error of its adapter's merged reference; its tokens
 are the separate launches' (the switch off) up to a near tie; the adapters' one-row CUDA graph captures it and its
 tokens match the reference and the eager step's.
+
+The segment form of a prefill (``DeviceSlots.prefill_segment_gemm``: the adapters' shrink and expand as FlashInfer's
+segment GEMMs, SM 9.x): the mixed batch's prefill logits within the same bound, with CUDA graphs on or off (such a
+pass runs eagerly).
 """
 
 from __future__ import annotations
@@ -370,3 +374,24 @@ def test_the_adapters_one_row_graph_is_the_lora_fused_step(base, monkeypatch) ->
     assert logits, f"{name}: the eager steps did not fuse"
     check_greedy(refs["r64"], ps[:1], graph_tokens, tol)
     check_eager_matches_graph(refs["r64"], ps[:1], eager_tokens, graph_tokens, tol, f"{name}: ")
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda_graph"])
+def test_the_segment_forms_prefill_logits_within_transformers_bfloat16_error(base, graph, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # the same mixed batch (192 rows: past segment_min_rows) with the adapters' shrink and expand as FlashInfer's
+    # segment GEMMs (DeviceSlots.prefill_segment_gemm; SM 9.x), which runs the pass eagerly even with CUDA graphs on
+    from fi_engine.lora.device import DeviceSlots
+
+    name, path, refs, errs, ps, settings = base
+    monkeypatch.setattr(DeviceSlots, "prefill_segment_gemm", True)
+    with open_engine(path, max_batch=8, page_size=16, cuda_graph=graph, lora=settings) as engine:
+        form = engine.runner.lora.segment_form()
+        if form is None:
+            pytest.skip("the segment form needs an SM 9.x GPU (FlashInfer's SM90 segment GEMM)")
+        got = engine.prefill_logits(ps, lora=LORAS)
+        assert form.prepared_count > 0, "the pass did not take the segment form"
+    for i, (p, g, lora) in enumerate(zip(ps, got, LORAS, strict=True)):
+        want = reference_logits(refs[lora], p)
+        err = float(np.abs(g - want).max())
+        print(f"{name} segment form row {i} ({lora}): engine {err:.4f}, transformers-bf16 {errs[lora]:.4f}")
+        assert err <= 1.5 * errs[lora], f"{name} row {i} ({lora}): {err:.4f} > 1.5 x {errs[lora]:.4f}"

@@ -9,6 +9,9 @@ a prefill's.
   times the slot's scale; on ``y``: half an ulp of the 16-bit output plus the rank's float32 sums of the t's
   products.
 - Untouched rows (no slot, or the bit clear) keep their ``y`` bits and their ``t`` sentinel.
+- The segment form of a prefill (``DeviceSlots.prefill_segment_gemm``: FlashInfer's SM90 segment GEMMs; SM 9.x
+  only) against the CUDA-core form through ``DeviceSlots.apply`` at 100 and 4096 rows, ranks 8, 16 and 64, within
+  two bfloat16 ulps of the larger of ``y`` and the adapter term's sum of absolute products.
 
 Run on the GPU machine: ``FI_FFI_RUN_GPU_TESTS=1 python -m pytest -q tests/engine/test_gpu_lora_kernels.py``.
 """
@@ -91,3 +94,78 @@ def test_shrink_and_expand_match_float64_in_either_form(rank: int, rows: int, ru
         bound_y = np.abs(ref_y) * 2.0**-8 + (rank + 2) * 2.0**-24 * (np.abs(tp * bt[s].T).sum(1) + np.abs(y0[r]))
         err = np.abs(from_bf16(got_y[r]) - ref_y)
         assert (err <= bound_y + 1e-30).all(), f"row {r}: y off by {err.max()} (bound {bound_y[err.argmax()]})"
+
+
+def prefill_runs(rows: int) -> np.ndarray:
+    """A prefill's row slots: requests of slots 0, none, 1, 2 and 0 again, in runs (a fifth of the rows each)."""
+    cuts = [rows // 5 * i for i in range(1, 5)]
+    return np.concatenate([np.full(len(p), s, np.int32) for p, s in
+                           zip(np.split(np.arange(rows), cuts), (0, -1, 1, 2, 0), strict=True)])  # fmt: skip
+
+
+@pytest.mark.parametrize("rank", [8, 16, 64])
+@pytest.mark.parametrize("rows", [100, 4096])
+def test_the_segment_form_matches_the_cuda_core_form(rank: int, rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # DeviceSlots.apply in both forms over the same slots, inputs and outputs: q/k/v (three parts, k 512) and down
+    # (one part, k 1024) of layer 1 of 2; slot 1's adapter leaves down alone, slot 2's q/k/v. Bound, both forms
+    # against each other: 2**-7 * (|y| + the adapter term's sum of |products|), two bfloat16 ulps of the larger: the
+    # segment form rounds t and z to 16 bits (half an ulp each of the term), both round y once.
+    from fi_engine.lora.device import DeviceSlots
+    from fi_engine.lora.slots import Group, SlotLayout
+
+    rng = np.random.default_rng(rows + rank)
+    groups = (Group("qkv", ("q_proj", "k_proj", "v_proj"), (512, 128, 128), 512, 1),
+              Group("down", ("down_proj",), (512,), 1024, 8))  # fmt: skip
+    layout = SlotLayout(groups, 2, rank)
+    stream = cupy.cuda.get_current_stream()
+    ds = DeviceSlots(cupy, layout, SLOTS, "bfloat16", rows, stream)
+    try:
+        if ds.segment_form() is None:
+            pytest.skip("the segment form needs an SM 9.x GPU (FlashInfer's SM90 segment GEMM)")
+        host: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for g in groups:
+            a16 = bf16_bits((rng.standard_normal((SLOTS, *layout.a_shape(g))) * 0.05).astype(np.float32))
+            bt16 = bf16_bits((rng.standard_normal((SLOTS, *layout.bt_shape(g))) * 0.05).astype(np.float32))
+            ds.arrays[g.name][0].set(a16)
+            ds.arrays[g.name][1].set(bt16)
+            host[g.name] = (from_bf16(a16), from_bf16(bt16))
+        scale, targets = np.array([0.5, 2.0, 1.0], np.float32), np.array([1 | 8, 1, 8], np.int32)
+        ds.scale.set(scale)
+        ds.targets.set(targets)
+        ds.host_targets[:] = targets
+        slots = prefill_runs(rows)
+        dslots = cupy.asarray(slots)
+        layer = 1
+        for g in groups:
+            x16 = bf16_bits(rng.standard_normal((rows, g.k)).astype(np.float32))
+            y16 = bf16_bits(rng.standard_normal((rows, g.n)).astype(np.float32))
+            dx = cupy.asarray(x16)
+            results = {}
+            for segment in (False, True):
+                monkeypatch.setattr(DeviceSlots, "prefill_segment_gemm", segment)
+                dy = cupy.asarray(y16)
+                ds.begin_step(slots)
+                ds.apply(g.name, layer, rows, dx.data.ptr, g.k, dy.data.ptr, g.n, dslots.data.ptr)
+                ds.begin_step(None)
+                stream.synchronize()
+                results[segment] = dy.get()
+            assert ds.segment_form().prepared_count > 0, "the segment form did not run"  # type: ignore[union-attr]
+            a, bt = host[g.name]
+            x = from_bf16(x16)
+            core, seg = from_bf16(results[False]), from_bf16(results[True])
+            served = (slots >= 0) & ((targets[np.maximum(slots, 0)] & g.bit) != 0)
+            assert (results[True][~served] == y16[~served]).all(), (
+                f"{g.name}: a row of no adapter (or bit clear) changed"
+            )
+            for s in np.unique(slots[served]):
+                mine = slots == s
+                t = np.abs(x[mine] @ a[s, layer].T).reshape(-1, len(g.outs), rank)  # |A x| by part
+                cols = np.split(np.abs(bt[s, layer]), np.cumsum(g.outs)[:-1], axis=1)  # |Bt| by part
+                term = scale[s] * np.concatenate([t[:, p] @ c for p, c in enumerate(cols)], axis=1)
+                bound = 2.0**-7 * (np.abs(core[mine]) + term) + 1e-30
+                err = np.abs(seg[mine] - core[mine])
+                assert (err <= bound).all(), (
+                    f"{g.name} slot {s}: forms differ by {err.max()} (bound {bound.flat[err.argmax()]})"
+                )
+    finally:
+        ds.close()  # (the segment form's workspace)

@@ -376,9 +376,23 @@ def test_lengths_in_one_bucket_replay_the_graph_captured_at_the_first(fake_rt):
     assert not e.prefill_graph_failures
 
 
+class StandInSlots:
+    """The runner's LoRA slots as run_prefill asks them: whether a pass takes the segment form (``segment``: every
+    pass of more than ``min_rows`` rows), and the row slots it is told before and after an eager pass."""
+
+    def __init__(self, segment: bool = False, min_rows: int = 64) -> None:
+        self.segment, self.min_rows, self.told = segment, min_rows, []
+
+    def takes_segment_form(self, rows):
+        return self.segment and rows > self.min_rows
+
+    def begin_step(self, slots):
+        self.told.append(None if slots is None else slots.tolist())
+
+
 def test_a_prefill_takes_the_adapters_launches_only_where_a_row_takes_one_and_its_graph_is_keyed_by_it(fake_rt):
     e, rec = bare_engine(fake_rt)
-    e.runner.lora = object()  # an engine serving adapters (the pass reads the runner's step_lora)
+    e.runner.lora = StandInSlots()  # an engine serving adapters (the pass reads the runner's step_lora)
     for slots in ([-1], [0], [-1], [0], [-1, 2]):
         prefill(e, [20] * len(slots), slots)
     # a graph captured with the adapters' launches and one without, each replayed by the prefills of its kind
@@ -391,6 +405,15 @@ def test_a_prefill_takes_the_adapters_launches_only_where_a_row_takes_one_and_it
     for slots in ([-1, -1], [-1, 1]):
         prefill(e, [20] * len(slots), slots)
     assert rec.forwards[-2:] == [(40, False), (40, False)] and rec.adapters[-2:] == [False, True]
+
+
+def test_a_prefill_in_the_adapters_segment_form_runs_eagerly_told_its_row_slots(fake_rt):
+    e, rec = bare_engine(fake_rt)
+    e.runner.lora = lora = StandInSlots(segment=True, min_rows=30)  # (DeviceSlots.prefill_segment_gemm on)
+    prefill(e, [20], [1])  # 20 rows: not past min_rows, the graph as before
+    prefill(e, [20, 20], [1, -1])  # 40 rows: eagerly, unpadded, the rows' slots told before the pass, None after
+    assert rec.forwards == [(32, True), (40, False)]
+    assert lora.told == [[1] * 20 + [-1] * 20, None]
 
 
 def test_graphs_off_moe_and_failed_shapes_prefill_eagerly_unpadded(fake_rt):

@@ -371,3 +371,85 @@ def test_addresses_at_or_above_2_63_keep_their_bits_and_a_wrap_is_named() -> Non
         G.segment_gemm_args(np.array([0, 2, 5], np.int32), None, 2, 64, 64, 16, 16, TOP, 2, 2, 2, True)
     with pytest.raises(TypeError, match="^x_ptr: expected an int"):
         G.segment_gemm_args(np.array([0, 2, 5], np.int32), None, 2, 64, 64, "16", 16, 16, 2, 2, 2, True)
+
+
+# ------------------------------------------------------------------------------------ problems laid out by the caller
+
+
+def strided_problems(**change: Any) -> G.SegmentGEMMArgs:
+    """Two problems over column slices (the LoRA expand's parts): x rows 48 apart, out rows 256 apart."""
+    fields: dict[str, Any] = {
+        "problems": np.array([[10, 128, 16], [10, 64, 16]], np.int32),
+        "x_ptr": np.array([0x10000, 0x10000 + 32], np.int64),
+        "w_ptr": np.array([0x20000, 0x20000 + 256], np.int64),
+        "y_ptr": np.array([0x30000, 0x30000 + 256], np.int64),
+        "x_ld": np.array([48, 48], np.int64),
+        "w_ld": np.array([192, 192], np.int64),
+        "y_ld": np.array([256, 256], np.int64),
+        "segments": np.array([0, 1], np.int64),
+    }
+    fields.update(change)
+    return G.SegmentGEMMArgs(**fields)
+
+
+def prepare_problems(args: G.SegmentGEMMArgs, **change: Any) -> G.PreparedSegmentGEMM:
+    call: dict[str, Any] = {
+        "x": fake_cuda((10, 48), "bfloat16"),
+        "out": fake_cuda((10, 256), "bfloat16"),
+        "weight_column_major": False,
+        "workspace": workspace(),
+        "args_buffer": fake_cuda((G.segment_gemm_args_bytes(args.count),), "uint8"),
+        "backend": "sm90",
+    }
+    call.update(change)
+    return G.prepare_segment_gemm_problems(args, **call)
+
+
+def test_caller_laid_out_problems_pass_their_checks_and_stop_at_the_copy() -> None:
+    with pytest.raises(CudaError, match="cuMemcpyHtoD"):
+        prepare_problems(strided_problems())
+
+
+@pytest.mark.parametrize(
+    ("change", "pattern"),
+    [
+        ({"x_ptr": np.array([0x10000, 0x10000 + 8], np.int64)}, r"args\.x_ptr: problem 1 .*16-byte aligned address"),
+        ({"w_ptr": np.array([0, 0x20000], np.int64)}, r"args\.w_ptr: problem 0 .*not NULL"),
+        ({"y_ld": np.array([256, 260], np.int64)}, r"args\.y_ld: problem 1 .*multiple of 16 bytes"),
+        ({"problems": np.array([[10, 128, 16], [10, 60, 16]], np.int32)}, r"args\.problems: problem 1 .*n a multiple"),
+        ({"problems": np.array([[10, 128, 12], [10, 64, 16]], np.int32)}, r"args\.problems: problem 0 .*k a multiple"),
+        ({"problems": np.array([[0, 128, 16], [10, 64, 16]], np.int32)}, r"args\.problems: problem 0 .*>= 1"),
+        ({"x_ld": np.array([48], np.int64)}, r"args\.x_ld: expected an int64 array of 2 entries"),
+    ],
+    ids=["x misaligned", "w NULL", "y_ld odd", "n odd", "k odd", "m zero", "x_ld short"],
+)
+def test_a_problem_the_kernel_cannot_take_is_named(change: dict[str, Any], pattern: str) -> None:
+    with pytest.raises((TypeError, ValueError), match=pattern):
+        prepare_problems(strided_problems(**change))
+
+
+def test_caller_laid_out_problems_refuse_other_arguments_by_name() -> None:
+    with pytest.raises(TypeError, match="args: expected SegmentGEMMArgs"):
+        G.prepare_segment_gemm_problems(
+            {"problems": 1}, fake_cuda((1, 8)), fake_cuda((1, 8)), True, workspace=workspace(), args_buffer=None
+        )
+    with pytest.raises(TypeError, match="out: .*dtype"):
+        prepare_problems(strided_problems(), out=fake_cuda((10, 256), "float32"))
+    with pytest.raises(ValueError, match="args_buffer: the argument arrays of 2 problems need"):
+        prepare_problems(strided_problems(), args_buffer=fake_cuda((16,), "uint8"))
+
+
+def test_caller_laid_out_problems_reach_the_sm90_kernel(
+    kernel_modules: object, models_modules: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copies: list[bytes] = []
+    # the one step that needs a driver (the synchronous copy of the arrays into args_buffer): recorded instead
+    monkeypatch.setattr(G, "_copy_sync", lambda dst, data, device_id: copies.append(bytes(data)))
+    args = strided_problems()
+    prepared = prepare_problems(args)
+    assert copies == [args.pack()[0]] and prepared.count == 2
+    assert prepared.prepared_rows.tolist() == [10, 10]
+    with pytest.raises(KernelError) as info:
+        prepared()
+    assert_reached_the_kernel(info.value)
+    assert "gemm_sm90.cutlass_segment_gemm_sm90" in str(info.value)

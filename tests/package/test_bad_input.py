@@ -2281,6 +2281,12 @@ EXEMPT: dict[str, str] = {
     "unload refusals (a name taken, unknown or in use) in engine/test_lora_manager.py",
     "lora.manager.LoraStats": "the counters a LoraManager keeps and counts up; no argument to check",
     "lora.device.DeviceSlots": _GPU,
+    "lora.segment_form.SegmentForm": _GPU,
+    **{
+        f"lora.segment_form.{name}": "the segment form's host arithmetic, called only by DeviceSlots (GPU) with the "
+        "engine's own row slots and addresses; checked against numpy in engine/test_lora_segment_form.py"
+        for name in ("served_segments", "shrink_problems", "expand_problems")
+    },
     "kernels.lora_bgmv.LoraLaunch": "the record shrink_args and expand_args return after their checks (their "
     "generators above); a launch takes only what they made",
     "serve.lora_api.ServedAdapters": "made by build_app from its checked lora_modules and model names (the server's "

@@ -455,6 +455,7 @@ PUBLIC_MODULES = (
     "fi_ffi.cdecl",
     "fi_ffi.tensor.protocols",
     "fi_ffi.moved",  # its finder, given the engine's own table of old paths (fi_engine.moved)
+    "fi_ffi.ops.segment_gemm",  # problems laid out by the caller (SegmentGEMMArgs): the engine's LoRA segment form
 )
 
 

@@ -106,6 +106,32 @@ __device__ __forceinline__ void expand_rows(const float* __restrict__ t, long lo
     const unsigned short *x, long long x_ld, const int *slots, const float *scale, const int *targets, int bit,      \
         const unsigned short *a, long long a_slot, int width, int k, float *t, long long t_ld
 #define SHRINK_ARGS x, x_ld, slots, scale, targets, bit, a, a_slot, width, k, t, t_ld
+
+// The segment form's last step (fi_engine.lora.segment_form: a prefill's shrink and expand as FlashInfer's segment
+// GEMMs, whose SM90 kernel writes its output rather than adding to it): y[r, j] = round(y[r, j] + scale[s] * z[r, j])
+// for the rows the other kernels serve, 8 columns a thread (n, y_ld, z_ld multiples of 8; 16-byte aligned rows).
+// grid (ceil(n / 2048), rows), 256 threads.
+template <bool BF16>
+__device__ __forceinline__ void add_scaled_rows(const unsigned short* __restrict__ z, long long z_ld,
+                                                const int* __restrict__ slots, const float* __restrict__ scale,
+                                                const int* __restrict__ targets, int bit, int n,
+                                                unsigned short* __restrict__ y, long long y_ld) {
+    const int row = blockIdx.y;
+    const int s = slots[row];
+    if (s < 0 || !(targets[s] & bit)) return;
+    const int j = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (j >= n) return;
+    const float c = scale[s];
+    uint4 zv = *reinterpret_cast<const uint4*>(z + row * z_ld + j);
+    uint4* yp = reinterpret_cast<uint4*>(y + row * y_ld + j);
+    uint4 yv = *yp;
+    const unsigned short* pz = reinterpret_cast<const unsigned short*>(&zv);
+    unsigned short* py = reinterpret_cast<unsigned short*>(&yv);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) py[e] = fromf<BF16>(tof<BF16>(py[e]) + c * tof<BF16>(pz[e]));
+    *yp = yv;
+}
+
 #define LORA_KERNELS(tag, bf16)                                                                                      \
     extern "C" __global__ void lora_shrink_##tag(SHRINK_PARAMS) { shrink_rows<bf16>(SHRINK_ARGS); }                 \
     extern "C" __global__ void lora_shrink_long_##tag(SHRINK_PARAMS) { shrink_long_rows<bf16>(SHRINK_ARGS); }       \
@@ -114,6 +140,11 @@ __device__ __forceinline__ void expand_rows(const float* __restrict__ t, long lo
                                                  long long b_slot, int rank, int n, int n0, int n1,                  \
                                                  unsigned short* y, long long y_ld) {                                \
         expand_rows<bf16>(t, t_ld, tw, slots, targets, bit, bt, b_slot, rank, n, n0, n1, y, y_ld);                  \
+    }                                                                                                                \
+    extern "C" __global__ void lora_add_scaled_##tag(const unsigned short* z, long long z_ld, const int* slots,      \
+                                                     const float* scale, const int* targets, int bit, int n,         \
+                                                     unsigned short* y, long long y_ld) {                            \
+        add_scaled_rows<bf16>(z, z_ld, slots, scale, targets, bit, n, y, y_ld);                                      \
     }
 LORA_KERNELS(f16, false)
 LORA_KERNELS(bf16, true)

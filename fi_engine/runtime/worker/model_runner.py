@@ -645,6 +645,8 @@ class ModelRunner(RunnerState):
         ph["last_rows"][:width] = 0
         ph["last_rows"][slots] = ends
         bucket = self.step_graphs.prefill_bucket(nnz, graph_slots)
+        if self.step_lora is not None and self.step_lora.takes_segment_form(nnz):
+            bucket = None  # (the adapters' segment form runs eagerly: its segments are the host's, per pass)
         if bucket is not None:  # the padding request fills the rows up to the bucket, empty ones the slots
             n_pages = pad_prefill(ph, nnz, bucket, batch, n_pages, self.page_size, requests=graph_slots + 1)
         io = self.io
@@ -656,7 +658,13 @@ class ModelRunner(RunnerState):
         v = self.view("prefill", nnz, batch)  # the real rows and requests
         if bucket is None or not self.step_graphs.run_padded_prefill(nnz, graph_slots, bucket):
             self.plan_prefill(batch)
-            self.forward(v, nnz, self.prefill_attention)
+            if self.step_lora is not None:  # the rows' slots on the host: the adapters' segment form may serve them
+                self.step_lora.begin_step(ph["lora_slots"][:nnz])
+            try:
+                self.forward(v, nnz, self.prefill_attention)
+            finally:
+                if self.step_lora is not None:
+                    self.step_lora.begin_step(None)
         full = None
         if all_logits:  # a check, not serving: allocated here
             hr = self.head_rows
@@ -766,6 +774,8 @@ class ModelRunner(RunnerState):
             self.decode_workspace.close()
             if self.moe_workspace is not None:  # not `if self.moe_layers`: DeepSeek lists None for its dense layers
                 self.moe_workspace.close()
+            if self.lora is not None:
+                self.lora.close()
             self.dense.close()
             if self.allreduce is not None:
                 self.allreduce.close()  # a collective: every rank closes its engine

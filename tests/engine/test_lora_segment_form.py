@@ -1,0 +1,132 @@
+"""The segment form of a prefill's LoRA products (fi_engine.lora.segment_form) on the CPU machine: the served runs
+a pass builds from its row slots (mixed adapters, rows of none, an adapter that leaves the group alone) against a
+row-by-row numpy reference, and the shrink and expand problems it lays out, executed here in numpy over stand-in
+memory (each problem's pointers and leading dimensions read back into arrays), against the LoRA formula
+``y + scale_s * B_s A_s x`` per row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fi_engine.lora.batch import NO_ADAPTER, segments
+from fi_engine.lora.segment_form import expand_problems, served_segments, shrink_problems
+
+pytestmark = pytest.mark.cpu_only
+
+BIT = 4
+
+
+def reference_runs(slots: np.ndarray, targets: np.ndarray, bit: int) -> list[tuple[int, int, int]]:
+    """(start, length, slot) of each maximal run of equal slots whose adapter has ``bit``, by walking the rows."""
+    runs: list[tuple[int, int, int]] = []
+    r = 0
+    while r < len(slots):
+        end = r
+        while end < len(slots) and slots[end] == slots[r]:
+            end += 1
+        if slots[r] != NO_ADAPTER and targets[slots[r]] & bit:
+            runs.append((r, end - r, int(slots[r])))
+        r = end
+    return runs
+
+
+def prefill_slots(rng: np.random.Generator, requests: int) -> np.ndarray:
+    """A prefill's row slots: each request's rows one run of its slot (0-3, or none), padding rows of none after."""
+    slot_of = rng.integers(-1, 4, requests)
+    lengths = rng.integers(1, 300, requests)
+    return np.concatenate([np.repeat(slot_of, lengths), np.full(rng.integers(0, 17), NO_ADAPTER)]).astype(np.int32)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_served_runs_match_a_row_walk_for_mixed_adapters_and_rows_of_none(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    slots = prefill_slots(rng, 1 + seed * 3)
+    targets = np.array([BIT | 1, 1, BIT, BIT | 8], np.int64)  # slot 1's adapter leaves the group alone
+    starts, lengths, ids = served_segments(slots, targets, BIT)
+    assert list(zip(starts.tolist(), lengths.tolist(), ids.tolist(), strict=True)) == reference_runs(
+        slots, targets, BIT
+    )
+    indptr, all_ids = segments(slots)  # every run, served or not, covers the rows in order
+    assert indptr[0] == 0 and indptr[-1] == len(slots) and (np.diff(indptr) > 0).all()
+    assert (np.repeat(all_ids, np.diff(indptr)) == slots).all()
+
+
+def test_no_served_rows_give_no_runs() -> None:
+    targets = np.array([1, 1], np.int64)
+    for slots in (np.full(100, NO_ADAPTER, np.int32), np.array([0] * 50 + [1] * 50, np.int32)):
+        assert all(len(a) == 0 for a in served_segments(slots, targets, BIT))
+
+
+class Memory:
+    """Stand-in device memory: float64 arrays at byte addresses, 16-bit elements (``itemsize`` 2)."""
+
+    def __init__(self) -> None:
+        self.regions: list[tuple[int, np.ndarray]] = []
+
+    def place(self, base: int, a: np.ndarray) -> int:
+        self.regions.append((base, a.reshape(-1)))
+        return base
+
+    def matrix(self, address: int, rows: int, cols: int, ld: int) -> np.ndarray:
+        """A view of ``rows`` x ``cols`` elements from ``address``, rows ``ld`` elements apart."""
+        for base, flat in self.regions:
+            if base <= address < base + 2 * flat.size:
+                at = (address - base) // 2
+                assert (address - base) % 2 == 0 and at + (rows - 1) * ld + cols <= flat.size, "past the region"
+                return np.lib.stride_tricks.as_strided(flat[at:], (rows, cols), (8 * ld, 8))
+        raise AssertionError(f"0x{address:x} is in no region")
+
+
+def run_problems(mem: Memory, args: object, column_major: bool) -> None:
+    """Each problem's ``y = x @ W`` in float64, as the segment GEMM computes it (W column-major: ``[n, k]`` rows of
+    ``w_ld``; row-major: ``[k, n]``)."""
+    for p, (m, n, k) in enumerate(args.problems.tolist()):  # type: ignore[attr-defined]
+        a = args  # (a SegmentGEMMArgs)
+        x = mem.matrix(int(a.x_ptr[p]), m, k, int(a.x_ld[p]))  # type: ignore[attr-defined]
+        if column_major:
+            w = mem.matrix(int(a.w_ptr[p]), n, k, int(a.w_ld[p])).T  # type: ignore[attr-defined]
+        else:
+            w = mem.matrix(int(a.w_ptr[p]), k, n, int(a.w_ld[p]))  # type: ignore[attr-defined]
+        mem.matrix(int(a.y_ptr[p]), m, n, int(a.y_ld[p]))[:] = x @ w  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("rank", [8, 16])
+@pytest.mark.parametrize("outs", [(32, 16, 16), (24,)], ids=["qkv-parts", "one-part"])
+def test_the_problems_compute_each_rows_adapter_term(rank: int, outs: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(rank + len(outs))
+    slots_n, k, parts, n = 3, 40, len(outs), sum(outs)
+    rows = 150
+    slots = np.concatenate([np.full(40, 0), np.full(30, NO_ADAPTER), np.full(50, 2), np.full(30, 1)]).astype(np.int32)
+    targets = np.array([BIT, BIT | 1, 1], np.int64)  # slot 2 leaves the group alone
+    x_ld, t_ld = k + 8, parts * rank + 8  # strided rows, as the engine's buffers may be
+    x = rng.standard_normal((rows, x_ld))
+    a = rng.standard_normal((slots_n, parts * rank, k))
+    bt = rng.standard_normal((slots_n, rank, n))
+    t = np.full((rows, t_ld), np.nan)
+    z = np.full((rows, n), np.nan)
+    mem = Memory()
+    xa, aa, ta, ba, za = (mem.place(base << 28, v) for base, v in zip(range(1, 6), (x, a, t, bt, z), strict=True))
+    runs = served_segments(slots, targets, BIT)
+    shrink = shrink_problems(runs, xa, x_ld, aa, parts * rank * k, parts * rank, k, ta, t_ld)
+    expand = expand_problems(runs, ta, t_ld, ba, rank * n, rank, outs, za, n)
+    assert shrink.count == 2 and expand.count == 2 * parts  # rows of slot 0 and slot 1; slot 2's and none skipped
+    assert shrink.problems.tolist() == [[40, parts * rank, k], [30, parts * rank, k]]
+    run_problems(mem, shrink, True)
+    run_problems(mem, expand, False)
+    part = np.repeat(np.arange(parts), outs)
+    for r in range(rows):
+        s = slots[r]
+        if s == NO_ADAPTER or not targets[s] & BIT:
+            assert np.isnan(z[r]).all(), f"row {r}: written"
+            continue
+        tp = (a[s] @ x[r, :k]).reshape(parts, rank)[part]  # each output column's part of A x
+        np.testing.assert_allclose(z[r], (tp * bt[s].T).sum(1), rtol=1e-12, atol=1e-12)
+
+
+def test_addresses_past_2_63_keep_their_bits() -> None:
+    runs = (np.array([0, 100]), np.array([100, 50]), np.array([1, 0]))
+    high = 0xFFFF_0000_0000_0000
+    shrink = shrink_problems(runs, high, 64, high + (1 << 20), 64 * 16, 16, 64, high + (1 << 30), 16)
+    assert shrink.x_ptr.view(np.uint64).tolist() == [high, high + 100 * 64 * 2]
+    assert shrink.w_ptr.view(np.uint64).tolist() == [high + (1 << 20) + 64 * 16 * 2, high + (1 << 20)]
