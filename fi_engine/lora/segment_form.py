@@ -142,6 +142,8 @@ class SegmentForm:
         return kernels.Tensor(address, shape, self.dtype, self.device_id)
 
     def scratch_z(self) -> Any:
+        """The expand's output, ``[max_rows, max_n]`` 16-bit rows (CuPy, made on first use and kept): the SM90
+        segment GEMM writes it, and the add kernel adds ``scale * z`` into the projection's output."""
         if self.z is None:
             self.z = self.cupy.zeros((self.max_rows, self.max_n), np.uint16)
         return self.z
