@@ -33,20 +33,32 @@ def reference_logits(ref: Any, tokens: Sequence[int]) -> np.ndarray:
         return ref(input_ids=ids).logits[0].float().cpu().numpy()
 
 
-def check_greedy(ref: Any, ps: Sequence[list[int]], outputs: Sequence[list[int]], tol: float) -> int:
+def check_greedy(
+    ref: Any, ps: Sequence[list[int]], outputs: Sequence[list[int]], tol: float, routing: Any = None
+) -> int:
     """Every generated token is the reference's choice up to ``tol`` (teacher forcing: the reference runs on the
-    engine's own sequence; a token within ``tol`` of the best logit is a near tie either may break). Returns how
-    many are exactly the reference's argmax."""
+    engine's own sequence; a token within ``tol`` of the best logit is a near tie either may break). With
+    ``routing`` (a MoE family's :class:`helpers.routing_ties.RoutingTies`), a token past ``tol`` also passes where
+    the reference's expert choice at that position is itself a near tie, at most once a prompt. Returns how many
+    are exactly the reference's argmax."""
     exact = 0
     for i, (p, out) in enumerate(zip(ps, outputs, strict=True)):
-        lg = reference_logits(ref, p + out[:-1])  # position len(p) - 1 + t predicts out[t]
+        seq = p + out[:-1]
+        lg = reference_logits(ref, seq)  # position len(p) - 1 + t predicts out[t]
+        ties = 0
         for t, tok in enumerate(out):
-            row = lg[len(p) - 1 + t]
+            pos = len(p) - 1 + t
+            row = lg[pos]
             best = float(row.max())
-            assert row[tok] >= best - tol, (
+            why = (
                 f"request {i} token {t}: engine chose {tok} (reference logit "
                 f"{row[tok]:.4f}), reference best {int(row.argmax())} ({best:.4f})"
             )
+            if row[tok] < best - tol and routing is not None and routing.is_near_tie(seq, pos):
+                ties += 1  # the expert choice flips within bfloat16's own router error: a step, not a drift
+                assert ties <= 1, f"{why}; a second routing near tie in this request"
+                continue
+            assert row[tok] >= best - tol, why
             exact += int(tok == int(row.argmax()))
     return exact
 
