@@ -166,7 +166,12 @@ class DeviceSlots:
             t_rows, z_rows = form.tensor(t, (rows, t_ld)), form.tensor(z, (rows, g.n))
             return prepare(shrink, form.tensor(x, (rows, g.k)), t_rows, True), prepare(expand, t_rows, z_rows, False)
 
-        (shrink_gemm, _), (expand_gemm, _) = form.prepared((group, layer, rows, x, x_ld, y, y_ld), self.stream, build)
+        # keyed by the served runs too: a slot reloaded with an adapter of other groups keeps the row slots but
+        # changes the runs, and problems of the old runs would leave z's rows of the new ones stale for the add
+        served = b"".join(v.tobytes() for v in runs)
+        (shrink_gemm, _), (expand_gemm, _) = form.prepared(
+            (group, layer, rows, x, x_ld, y, y_ld, served), self.stream, build
+        )
         shrink_gemm()
         expand_gemm()
         self.kernels.add_scaled(rows, z, g.n, slots, int(self.scale.data.ptr), e.targets, bit, g.n, y, y_ld)
