@@ -90,7 +90,9 @@ class DeviceSlots:
             # (capture asked first: the form's first use allocates its workspace, which no capture may see)
             capturing = self.cupy.cuda.runtime.streamIsCapturing(self.stream.ptr)
             form = None if capturing else self.segment_form()
-            if form is not None and form.covers(rows):
+            # (16-byte rows too, as the SM90 kernel and the add need; a strided or offset view may not be)
+            aligned = all(v % 8 == 0 for v in (x_ld, y_ld)) and x % 16 == 0 and y % 16 == 0
+            if form is not None and aligned and form.covers(rows):
                 self._apply_segments(form, group, layer, rows, x, x_ld, y, y_ld, slots)
                 return
         key = (group, layer, rows, x, x_ld, y, y_ld, slots)
