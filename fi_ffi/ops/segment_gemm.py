@@ -577,7 +577,7 @@ def prepare_segment_gemm_problems(
         checks.same_dtype("out", yt, "x", xt)
     elif not column_major:
         raise ValueError("weight_column_major: FP8 inputs need column-major weights")
-    _check_problems(args, xt.dtype.itemsize, yt.dtype.itemsize)
+    _check_problems(args, xt.dtype.itemsize, yt.dtype.itemsize, column_major)
     s = stream_handle(stream)
     if s is None:
         s = current_stream(xt.device.device_id)
@@ -599,17 +599,23 @@ def prepare_segment_gemm_problems(
     return PreparedSegmentGEMM(c, arrays, (workspace, x, None, out, args_buffer))
 
 
-def _check_problems(args: SegmentGEMMArgs, x_size: int, y_size: int) -> None:
+def _check_problems(args: SegmentGEMMArgs, x_size: int, y_size: int, column_major: bool) -> None:
     """The alignment CUTLASS needs of every problem of caller-made arrays (16-byte rows and pointers), each
     refusal naming the array and the problem."""
+    problems = args.problems  # (checked before args.count, which reads its shape)
+    if (
+        not isinstance(problems, np.ndarray)
+        or problems.ndim != 2
+        or problems.shape[1] != 3
+        or problems.dtype != np.int32
+    ):
+        raise TypeError(f"args.problems: expected an int32 [P, 3] array of (m, n, k), got {problems!r:.60}")
     p = args.count
     for name in ("x_ptr", "w_ptr", "y_ptr", "x_ld", "w_ld", "y_ld", "segments"):
         a = getattr(args, name)
         if not isinstance(a, np.ndarray) or a.shape != (p,) or a.dtype != np.int64:
             raise TypeError(f"args.{name}: expected an int64 array of {p} entries (one per problem), got {a!r:.60}")
-    if not isinstance(args.problems, np.ndarray) or args.problems.shape != (p, 3) or args.problems.dtype != np.int32:
-        raise TypeError(f"args.problems: expected an int32 [{p}, 3] array of (m, n, k), got {args.problems!r:.60}")
-    mnk = args.problems.astype(np.int64)
+    mnk = problems.astype(np.int64)
     sizes = {"x_ptr": x_size, "w_ptr": x_size, "y_ptr": y_size, "x_ld": x_size, "w_ld": x_size, "y_ld": y_size}
     rules = [(name, getattr(args, name).view(np.uint64) % _ALIGN != 0, "a 16-byte aligned address") for name in
              ("x_ptr", "w_ptr", "y_ptr")]  # fmt: skip
@@ -617,6 +623,8 @@ def _check_problems(args: SegmentGEMMArgs, x_size: int, y_size: int) -> None:
               for name in ("x_ld", "w_ld", "y_ld")]  # fmt: skip
     rules += [("x_ptr", args.x_ptr == 0, "a device address, not NULL"), ("w_ptr", args.w_ptr == 0, "not NULL"),
               ("y_ptr", args.y_ptr == 0, "not NULL"), ("problems", (mnk <= 0).any(1), "m, n and k >= 1"),
+              ("x_ld", args.x_ld < mnk[:, 2], "x_ld >= k"), ("y_ld", args.y_ld < mnk[:, 1], "y_ld >= n: rows apart"),
+              ("w_ld", args.w_ld < mnk[:, 2 if column_major else 1], "w_ld >= k column-major, n row-major"),
               ("problems", mnk[:, 2] * x_size % _ALIGN != 0, "k a multiple of 16 bytes"),
               ("problems", mnk[:, 1] * y_size % _ALIGN != 0, "n a multiple of 16 bytes")]  # fmt: skip
     for name, bad, rule in rules:

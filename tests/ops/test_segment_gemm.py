@@ -398,7 +398,7 @@ def prepare_problems(args: G.SegmentGEMMArgs, **change: Any) -> G.PreparedSegmen
         "out": fake_cuda((10, 256), "bfloat16"),
         "weight_column_major": False,
         "workspace": workspace(),
-        "args_buffer": fake_cuda((G.segment_gemm_args_bytes(args.count),), "uint8"),
+        "args_buffer": fake_cuda((G.segment_gemm_args_bytes(len(args.segments)),), "uint8"),
         "backend": "sm90",
     }
     call.update(change)
@@ -420,8 +420,22 @@ def test_caller_laid_out_problems_pass_their_checks_and_stop_at_the_copy() -> No
         ({"problems": np.array([[10, 128, 12], [10, 64, 16]], np.int32)}, r"args\.problems: problem 0 .*k a multiple"),
         ({"problems": np.array([[0, 128, 16], [10, 64, 16]], np.int32)}, r"args\.problems: problem 0 .*>= 1"),
         ({"x_ld": np.array([48], np.int64)}, r"args\.x_ld: expected an int64 array of 2 entries"),
+        ({"y_ld": np.array([256, -256], np.int64)}, r"args\.y_ld: problem 1 .*y_ld >= n"),
+        ({"w_ld": np.array([192, 56], np.int64)}, r"args\.w_ld: problem 1 .*w_ld >= k column-major, n row-major"),
+        ({"problems": [[10, 128, 16], [10, 64, 16]]}, r"args\.problems: expected an int32 \[P, 3\] array"),
     ],
-    ids=["x misaligned", "w NULL", "y_ld odd", "n odd", "k odd", "m zero", "x_ld short"],
+    ids=[
+        "x misaligned",
+        "w NULL",
+        "y_ld odd",
+        "n odd",
+        "k odd",
+        "m zero",
+        "x_ld short",
+        "y_ld negative",
+        "w_ld under n",
+        "problems a list",
+    ],
 )
 def test_a_problem_the_kernel_cannot_take_is_named(change: dict[str, Any], pattern: str) -> None:
     with pytest.raises((TypeError, ValueError), match=pattern):
