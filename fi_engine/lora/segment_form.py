@@ -149,10 +149,10 @@ class SegmentForm:
         return self.z
 
     def prepared(self, key: tuple[Any, ...], stream: Any, build: Any) -> tuple[Any, Any]:
-        """The prepared (shrink, expand) GEMMs of ``key`` (the step's slots, group, layer, rows, addresses and served
-        runs), made
-        by ``build(prepare)`` on a miss, where ``prepare(args, x, out, column_major)`` copies one GEMM's arrays.
-        The stream drains before the first copy of a step (a buffer freed by CuPy may still be read by a launch)."""
+        """The prepared (shrink, expand) GEMMs of ``key`` (the step's slots, group, layer, rows, addresses and
+        served runs), made by ``build(prepare)`` on a miss, where ``prepare(args, x, out, column_major)`` copies
+        one GEMM's arrays. The stream drains before the first copy of a step (a buffer freed by CuPy may still
+        be read by a launch)."""
         assert self._slots is not None
         full_key = (self._slots.tobytes(), *key)
         found = self._prepared.get(full_key)
