@@ -63,6 +63,11 @@ def _router_inputs(model: Any, tokens: Sequence[int]) -> dict[int, np.ndarray]:
     return {i: x.reshape(-1, x.shape[-1]).double().cpu().numpy() for i, x in caught.items()}
 
 
+def _numpy_or_none(tensor: Any) -> np.ndarray | None:
+    """A router buffer (V3's correction bias) as float64 numpy, read once; None where the router has none."""
+    return None if tensor is None else tensor.detach().double().cpu().numpy()
+
+
 class RoutingTies:
     """The router scores of ``ref`` (the float32 reference) against ``hf16`` (transformers in bfloat16) on
     ``prompts``: :attr:`error` is the largest difference of any expert or group score; :meth:`near_ties` lists a
@@ -77,7 +82,7 @@ class RoutingTies:
         self.weights = {
             i: (
                 layer.mlp.gate.weight.detach().double().cpu().numpy(),
-                getattr(layer.mlp.gate, "e_score_correction_bias", None),
+                _numpy_or_none(getattr(layer.mlp.gate, "e_score_correction_bias", None)),
             )
             for i, layer in enumerate(ref.model.layers)
             if hasattr(layer.mlp, "gate")
@@ -97,7 +102,7 @@ class RoutingTies:
         w, bias = self.weights[layer]
         logits = x @ w.T
         if bias is not None:  # V3: sigmoid scores, the bias added for the choice
-            s = 1.0 / (1.0 + np.exp(-logits)) + bias.detach().double().cpu().numpy()
+            s = 1.0 / (1.0 + np.exp(-logits)) + bias
         else:  # V2: softmax
             e = np.exp(logits - logits.max(-1, keepdims=True))
             s = e / e.sum(-1, keepdims=True)
@@ -133,10 +138,6 @@ class RoutingTies:
     def near_ties(self, tokens: Sequence[int], pos: int) -> list[Flip]:
         """The decisions at ``pos`` of ``tokens`` within ``2 * error``: the flips bfloat16 might make."""
         return [f for f in self.decisions(tokens, pos) if f.margin < 2 * self.error]
-
-    def margin(self, tokens: Sequence[int], pos: int) -> float:
-        """The smallest margin of ``ref``'s decisions at ``pos`` over the MoE layers."""
-        return min(f.margin for f in self.decisions(tokens, pos))
 
     def flipped_logits(self, tokens: Sequence[int], pos: int) -> list[tuple[Flip, np.ndarray]]:
         """For each near tie at ``pos`` of ``tokens``, ``ref``'s logits ``[vocab]`` (float32) at ``pos`` with that one
