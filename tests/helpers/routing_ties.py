@@ -1,24 +1,35 @@
-"""Near ties in a DeepSeek router, and the proof that one explains a greedy token
+"""Near ties in a MoE router (DeepSeek-V3 / V2, Mixtral, Qwen3-MoE), and the proof that one explains a greedy token
 (:func:`helpers.yardstick.check_greedy`).
 
 A MoE layer's expert choice is discrete: where two groups (V3's ``noaux_tc``) or two experts score within rounding of
 each other, bfloat16 may pick the other one, and the layer's output, and so the logits, move by a step that no logit
 tolerance covers (seen: a V3 fixture position whose two group scores differ by 0.0038 in float32, where an engine's
 token was 0.12 below the reference's best, and the best of the reference with that group flipped). :class:`RoutingTies`
-measures transformers' own bfloat16 error of the router's scores on the fixture's prompts (the yardstick, as the logit
+measures transformers' own 16-bit error of the router's scores on the fixture's prompts (the yardstick, as the logit
 bounds are); a decision of the float32 reference at one position and MoE layer is a near tie where its margin is within
 twice that error (two competitors, each off by up to it). A near tie only says which flips to try:
 :meth:`RoutingTies.flipped_logits` reruns the float32 reference with that one decision flipped (at that one position and
 layer, every other decision as transformers makes it), and the greedy check accepts a token only where it is within the
 logit tolerance of such a flipped reference's best logit.
 
-The decisions and their margins: V3, the last group kept against the next (group scores: the sum of a group's two
-best ``sigmoid(x W^T) + bias``), and the k-th expert of the kept groups against the k+1-th; V2 (``greedy``), the k-th
-expert of ``softmax(x W^T)`` against the k+1-th. Scores in float64 from the reference's own router input. The flips:
-the runner-up group kept in place of the last kept one, with the top-k experts of the groups then kept; the k+1-th
-expert in place of the k-th. The flipped experts' weights as transformers computes them from the layer's float32 router
-logits: V3 the sigmoid scores gathered (no bias), normalized to sum 1 where ``norm_topk_prob``, times
-``routed_scaling_factor``; V2 the softmax scores gathered, times ``routed_scaling_factor``.
+The routers (:func:`router_of`, from the model's config; each MoE layer's ``mlp.gate`` returns ``(router_logits
+[tokens, experts], weights [tokens, k], experts [tokens, k])`` and its block consumes the last two):
+
+- V3: choice scores ``sigmoid(logits) + bias`` (the correction bias), chosen by group: the groups with the best
+  ``topk_group`` group scores (the sum of a group's two best choice scores) kept, then the top-k experts of those;
+  weights the sigmoid scores gathered (no bias), divided by their sum (+ 1e-20) where ``norm_topk_prob``, times
+  ``routed_scaling_factor``;
+- V2 (``greedy``): the top-k of ``softmax(logits)``, weights those softmax scores times ``routed_scaling_factor``;
+- Mixtral: the top-k of ``softmax(logits)``, weights those scores divided by their sum (always);
+- Qwen3-MoE: the top-k of ``softmax(logits)``, weights those scores, divided by their sum where ``norm_topk_prob``.
+
+The decisions and their margins: V3, the last group kept against the next, and (every router) the k-th expert of the
+kept ones against the k+1-th by choice score. Scores in float64 from each gate's own router logits (float32 in the
+reference; for the 16-bit model the logits it computed, so Mixtral's and Qwen3-MoE's 16-bit router GEMM counts in the
+error). The flips: the runner-up group kept in place of the last kept one, with the top-k experts of the groups then
+kept; the k+1-th expert in place of the k-th. The flipped row takes the new expert in the dropped one's place (the
+others where transformers put them) and its weights as that router computes them from the layer's float32 logits, so a
+flip that changes nothing reproduces the reference's logits exactly.
 """
 
 from __future__ import annotations
@@ -44,66 +55,92 @@ class Flip(NamedTuple):
     """The experts ``[k]`` (sorted ids) with this decision flipped."""
 
 
-def _router_inputs(model: Any, tokens: Sequence[int]) -> dict[int, np.ndarray]:
-    """Each MoE layer's router input ``[len(tokens), hidden]`` (float64) for one sequence, by layer index."""
+class Router(NamedTuple):
+    """How a family's router turns its logits into experts and their weights (module docstring)."""
+
+    sigmoid: bool
+    """V3's sigmoid scores plus the correction bias, chosen by group; otherwise the top-k of the softmax."""
+    renormalize: bool
+    """The k weights divided by their sum."""
+    scale: float
+    """``routed_scaling_factor`` (1 where the family has none)."""
+
+
+def router_of(cfg: Any) -> Router:
+    """The router of a transformers config (``model_type`` deepseek_v3, deepseek_v2, mixtral or qwen3_moe)."""
+    kind = getattr(cfg, "model_type", None)
+    if kind == "deepseek_v3":
+        return Router(True, bool(cfg.norm_topk_prob), float(cfg.routed_scaling_factor))
+    if kind == "deepseek_v2":  # its gate ignores norm_topk_prob
+        if getattr(cfg, "topk_method", "greedy") != "greedy":
+            raise ValueError(f"RoutingTies: V2 routing must be 'greedy', got topk_method={cfg.topk_method!r}")
+        return Router(False, False, float(cfg.routed_scaling_factor))
+    if kind == "mixtral":
+        return Router(False, True, 1.0)
+    if kind == "qwen3_moe":
+        return Router(False, bool(cfg.norm_topk_prob), 1.0)
+    raise ValueError(
+        f"RoutingTies: no router known for model_type={kind!r}; expected deepseek_v3, deepseek_v2, mixtral or qwen3_moe"
+    )
+
+
+def _device(model: Any) -> Any:
+    return next(model.parameters()).device
+
+
+def _router_logits(model: Any, tokens: Sequence[int]) -> dict[int, np.ndarray]:
+    """Each MoE layer's router logits ``[len(tokens), experts]`` (float64, as its gate computed them) for one
+    sequence, by layer index."""
     import torch
 
     caught: dict[int, Any] = {}
     hooks = [
-        layer.mlp.gate.register_forward_hook(lambda mod, args, out, i=i: caught.__setitem__(i, args[0].detach()))
+        layer.mlp.gate.register_forward_hook(lambda mod, args, out, i=i: caught.__setitem__(i, out[0].detach()))
         for i, layer in enumerate(model.model.layers)
         if hasattr(layer.mlp, "gate")
     ]
     try:
         with torch.no_grad():
-            model(input_ids=torch.tensor([list(tokens)], device="cuda"))
+            model(input_ids=torch.tensor([list(tokens)], device=_device(model)))
     finally:
         for h in hooks:
             h.remove()
     return {i: x.reshape(-1, x.shape[-1]).double().cpu().numpy() for i, x in caught.items()}
 
 
-def _numpy_or_none(tensor: Any) -> np.ndarray | None:
-    """A router buffer (V3's correction bias) as float64 numpy, read once; None where the router has none."""
-    return None if tensor is None else tensor.detach().double().cpu().numpy()
-
-
 class RoutingTies:
-    """The router scores of ``ref`` (the float32 reference) against ``hf16`` (transformers in bfloat16) on
-    ``prompts``: :attr:`error` is the largest difference of any expert or group score; :meth:`near_ties` lists a
+    """The router scores of ``ref`` (the float32 reference) against ``hf16`` (transformers in bfloat16 or float16)
+    on ``prompts``: :attr:`error` is the largest difference of any expert or group score; :meth:`near_ties` lists a
     position's decisions under ``ref`` within ``2 * error``, :meth:`flipped_logits` the reference's logits there with
     each flipped."""
 
     def __init__(self, ref: Any, hf16: Any, prompts: Sequence[list[int]]) -> None:
         self.ref, cfg = ref, ref.config
+        self.router = router_of(cfg)
         self.k = int(cfg.num_experts_per_tok)
-        self.n_group = int(getattr(cfg, "n_group", None) or 1)
-        self.topk_group = int(getattr(cfg, "topk_group", None) or 1)
-        self.weights = {
-            i: (
-                layer.mlp.gate.weight.detach().double().cpu().numpy(),
-                _numpy_or_none(getattr(layer.mlp.gate, "e_score_correction_bias", None)),
-            )
+        self.n_group = int(getattr(cfg, "n_group", None) or 1) if self.router.sigmoid else 1
+        self.topk_group = int(getattr(cfg, "topk_group", None) or 1) if self.router.sigmoid else 1
+        self.bias = {  # V3's correction bias [experts] by MoE layer; None for the softmax routers
+            i: (layer.mlp.gate.e_score_correction_bias.detach().double().cpu().numpy() if self.router.sigmoid else None)
             for i, layer in enumerate(ref.model.layers)
             if hasattr(layer.mlp, "gate")
         }
-        self.v3 = any(bias is not None for _, bias in self.weights.values())
-        if not self.v3 and getattr(cfg, "topk_method", "greedy") != "greedy":
-            raise ValueError(f"RoutingTies: V2 routing must be 'greedy', got topk_method={cfg.topk_method!r}")
+        if not self.bias:
+            raise ValueError("RoutingTies: the model has no MoE layer (no layers[i].mlp.gate)")
         self.error = 0.0
         for p in prompts:
-            want, got = _router_inputs(ref, p), _router_inputs(hf16, p)
-            for i in self.weights:
+            want, got = _router_logits(ref, p), _router_logits(hf16, p)
+            for i in self.bias:
                 (s32, g32), (s16, g16) = self.scores(i, want[i]), self.scores(i, got[i])
                 self.error = max(self.error, float(np.abs(s32 - s16).max()), float(np.abs(g32 - g16).max()))
 
-    def scores(self, layer: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The choice scores ``[rows, experts]`` and group scores ``[rows, n_group]`` of router input ``x``."""
-        w, bias = self.weights[layer]
-        logits = x @ w.T
+    def scores(self, layer: int, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The choice scores ``[rows, experts]`` and group scores ``[rows, n_group]`` of router logits ``logits``
+        ``[rows, experts]`` (one group where the router has none: its score unused)."""
+        bias = self.bias[layer]
         if bias is not None:  # V3: sigmoid scores, the bias added for the choice
             s = 1.0 / (1.0 + np.exp(-logits)) + bias
-        else:  # V2: softmax
+        else:  # softmax
             e = np.exp(logits - logits.max(-1, keepdims=True))
             s = e / e.sum(-1, keepdims=True)
         grouped = s.reshape(len(s), self.n_group, -1)
@@ -118,11 +155,11 @@ class RoutingTies:
 
     def decisions(self, tokens: Sequence[int], pos: int) -> list[Flip]:
         """Every MoE layer's decisions under ``ref`` at ``pos`` of ``tokens``, each with its margin and its flip."""
-        inputs = _router_inputs(self.ref, tokens[: pos + 1])
+        logits = _router_logits(self.ref, tokens[: pos + 1])
         out = []
         k, kg = self.k, self.topk_group
-        for i in self.weights:
-            s, g = self.scores(i, inputs[i][pos : pos + 1])
+        for i in self.bias:
+            s, g = self.scores(i, logits[i][pos : pos + 1])
             s, g = s[0], g[0]
             order = np.argsort(-g, kind="stable")
             ranked = self._experts(s, order[:kg])
@@ -136,40 +173,55 @@ class RoutingTies:
         return out
 
     def near_ties(self, tokens: Sequence[int], pos: int) -> list[Flip]:
-        """The decisions at ``pos`` of ``tokens`` within ``2 * error``: the flips bfloat16 might make."""
+        """The decisions at ``pos`` of ``tokens`` within ``2 * error``: the flips 16-bit rounding might make."""
         return [f for f in self.decisions(tokens, pos) if f.margin < 2 * self.error]
+
+    def _weights(self, router_logits: Any, pos: int, row: Any) -> Any:
+        """The weights ``[k]`` (float32) the router gives experts ``row`` at ``pos``, from its logits ``[tokens,
+        experts]`` in the order of transformers' gates (scores of every row, gathered, renormalized, scaled)."""
+        import torch
+
+        if self.router.sigmoid:
+            w = router_logits.sigmoid()[pos].gather(0, row)
+            if self.router.renormalize:
+                w = w / (w.sum() + 1e-20)
+        else:
+            w = torch.softmax(router_logits, dim=-1, dtype=torch.float32)[pos].gather(0, row)
+            if self.router.renormalize:
+                w = w / w.sum()
+        return w * self.router.scale
+
+    def rerun(self, tokens: Sequence[int], pos: int, flip: Flip) -> np.ndarray:
+        """``ref``'s logits ``[vocab]`` (float32) at ``pos`` of ``tokens`` with the experts of layer ``flip.layer`` at
+        ``pos`` those of ``flip.flipped``: a forward hook on the layer's ``mlp.gate`` replaces row ``pos`` of its
+        ``(router_logits, weights, experts)`` (each expert of ``flip.chosen`` not in ``flip.flipped`` by one that is,
+        in its place; the weights as the router computes them). Asserts that transformers chose ``flip.chosen``."""
+        import torch
+
+        ids = torch.tensor([list(tokens[: pos + 1])], device=_device(self.ref))
+        gate = self.ref.model.layers[flip.layer].mlp.gate
+        dropped, added = np.setdiff1d(flip.chosen, flip.flipped), np.setdiff1d(flip.flipped, flip.chosen)
+
+        def flipped(mod: Any, args: Any, result: Any) -> Any:
+            router_logits, weights, indices = result
+            row = indices[pos].clone()
+            got = np.sort(row.cpu().numpy())
+            # the float64 choice this flips must be the one transformers made in float32
+            assert (got == flip.chosen).all(), f"layer {flip.layer}: transformers chose {got}, not {flip.chosen}"
+            for old, new in zip(dropped.tolist(), added.tolist(), strict=True):
+                row[row == old] = new
+            weights, indices = weights.clone(), indices.clone()
+            weights[pos], indices[pos] = self._weights(router_logits, pos, row).to(weights.dtype), row
+            return router_logits, weights, indices
+
+        hook = gate.register_forward_hook(flipped)
+        try:
+            with torch.no_grad():
+                return self.ref(input_ids=ids).logits[0, pos].float().cpu().numpy()
+        finally:
+            hook.remove()
 
     def flipped_logits(self, tokens: Sequence[int], pos: int) -> list[tuple[Flip, np.ndarray]]:
         """For each near tie at ``pos`` of ``tokens``, ``ref``'s logits ``[vocab]`` (float32) at ``pos`` with that one
-        decision flipped: a forward hook on the layer's ``mlp.gate`` replaces row ``pos`` of its
-        ``(router_logits, topk_weights, topk_indices)`` by the flipped experts and their weights."""
-        import torch
-
-        ids = torch.tensor([list(tokens[: pos + 1])], device="cuda")
-        out = []
-        for flip in self.near_ties(tokens, pos):
-            gate = self.ref.model.layers[flip.layer].mlp.gate
-
-            def flipped(mod: Any, args: Any, result: Any, flip: Flip = flip) -> Any:
-                router_logits, weights, indices = result
-                got = np.sort(indices[pos].cpu().numpy())
-                # the float64 choice this flips must be the one transformers made in float32
-                assert (got == flip.chosen).all(), f"layer {flip.layer}: transformers chose {got}, not {flip.chosen}"
-                row = torch.as_tensor(flip.flipped, device=indices.device, dtype=indices.dtype)
-                if self.v3:
-                    w = router_logits[pos].sigmoid().gather(0, row)
-                    if mod.norm_topk_prob:
-                        w = w / (w.sum() + 1e-20)
-                else:
-                    w = router_logits[pos].softmax(-1, dtype=torch.float32).gather(0, row)
-                weights, indices = weights.clone(), indices.clone()
-                weights[pos], indices[pos] = (w * mod.routed_scaling_factor).to(weights.dtype), row
-                return router_logits, weights, indices
-
-            hook = gate.register_forward_hook(flipped)
-            try:
-                with torch.no_grad():
-                    out.append((flip, self.ref(input_ids=ids).logits[0, pos].float().cpu().numpy()))
-            finally:
-                hook.remove()
-        return out
+        decision flipped (:meth:`rerun`)."""
+        return [(flip, self.rerun(tokens, pos, flip)) for flip in self.near_ties(tokens, pos)]

@@ -29,7 +29,7 @@ def reference_logits(ref: Any, tokens: Sequence[int]) -> np.ndarray:
     import torch
 
     with torch.no_grad():
-        ids = torch.tensor([tokens], device="cuda")
+        ids = torch.tensor([tokens], device=next(ref.parameters()).device)
         return ref(input_ids=ids).logits[0].float().cpu().numpy()
 
 
@@ -40,12 +40,13 @@ def check_greedy(
     engine's own sequence; a token within ``tol`` of the best logit is a near tie either may break). Returns how many
     are exactly the reference's argmax.
 
-    With ``routing`` (a MoE family's :class:`helpers.routing_ties.RoutingTies`), a token past ``tol`` also passes, at
-    most once a prompt, where a flipped expert choice explains it: for each MoE decision of the reference at that
-    position within the near-tie margin (``2 * routing.error``: the group kept, or the k-th expert against the
-    k+1-th), the reference is rerun with that one decision flipped at that one position and layer
-    (:meth:`~helpers.routing_ties.RoutingTies.flipped_logits`), and the token passes only if it is within ``tol`` of
-    that flipped reference's best logit. The margin only picks which flips are tried; the flipped logits decide."""
+    With ``routing`` (a MoE model's :class:`helpers.routing_ties.RoutingTies`: DeepSeek, Mixtral, Qwen3-MoE), a
+    token past ``tol`` also passes, at most once a prompt, where a flipped expert choice explains it: for each MoE
+    decision of the reference at that position within the near-tie margin (``2 * routing.error``: the group kept, or
+    the k-th expert against the k+1-th), the reference is rerun with that one decision flipped at that one position
+    and layer (:meth:`~helpers.routing_ties.RoutingTies.flipped_logits`), and the token passes only if it is within
+    ``tol`` of that flipped reference's best logit. The margin only picks which flips are tried; the flipped logits
+    decide."""
     exact = 0
     for i, (p, out) in enumerate(zip(ps, outputs, strict=True)):
         seq = p + out[:-1]
