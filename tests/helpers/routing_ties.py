@@ -2,7 +2,7 @@
 
 A MoE layer's expert choice is discrete: where two groups (V3's ``noaux_tc``) or two experts score within rounding of
 each other, bfloat16 may pick the other one, and the layer's output, and so the logits, move by a step that no logit
-tolerance covers (seen: a V3 fixture position whose two group scores differ by 0.0038 in float32, where an engine's
+tolerance covers (seen: a V3 fixture position whose two group scores differ by 0.0038 in float32, where the engine's
 token was 0.12 below the reference's best). :class:`RoutingTies` measures transformers' own bfloat16 error of the
 router's scores on the fixture's prompts (the yardstick, as the logit bounds are) and calls a position's choice a
 near tie where some MoE layer's margin is within twice that error (two competitors, each off by up to it).
