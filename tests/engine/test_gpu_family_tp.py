@@ -31,10 +31,9 @@ token's error and the best one's; ``helpers.yardstick.check_greedy``); and the `
 run's greedy tokens. For DeepSeek a token past that bound also passes, once a prompt, where the reference's expert
 choice at its position is a near tie, within twice transformers' own bfloat16 error of the router scores
 (``helpers.routing_ties``): a flipped group or expert moves the logits by a step (a V3 position whose two groups scored
-0.0038 apart gave a token 0.12 below the best, at TP 2 by expert and TP 4). transformers runs its eager attention (its
-SDPA path drops Gemma 2's attention soft cap). DeepSeek runs twice: its routed experts split by intermediate columns
-(the default) and by expert (``expert_split="experts"``: 4 whole experts a rank at TP 2, 2 at TP 4), held to the same
-bounds.
+0.0038 apart gave a token 0.12 below the best in a TP 2 run by expert). transformers runs its eager attention (its SDPA
+path drops Gemma 2's attention soft cap). DeepSeek runs twice: its routed experts split by intermediate columns (the
+default) and by expert (``expert_split="experts"``: 4 whole experts a rank at TP 2, 2 at TP 4), held to the same bounds.
 """
 
 from __future__ import annotations
