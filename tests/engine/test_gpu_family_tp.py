@@ -28,12 +28,16 @@ weights instead (``helpers.tp_runs.check_against_float32``): TP N's prefill logi
 GPU's or as transformers in bfloat16 (the larger), at the worst position and at the median one; every greedy token of TP
 N the float32 reference's choice under teacher forcing up to twice that bound (a near tie either may break: the chosen
 token's error and the best one's; ``helpers.yardstick.check_greedy``); and the ``top_k=1`` tokens equal to the same
-run's greedy tokens. For DeepSeek a token past that bound also passes, once a prompt, where the reference's expert
-choice at its position is a near tie, within twice transformers' own bfloat16 error of the router scores
-(``helpers.routing_ties``): a flipped group or expert moves the logits by a step (a V3 position whose two groups scored
-0.0038 apart gave a token 0.12 below the best in a TP 2 run by expert). transformers runs its eager attention (its SDPA
-path drops Gemma 2's attention soft cap). DeepSeek runs twice: its routed experts split by intermediate columns (the
-default) and by expert (``expert_split="experts"``: 4 whole experts a rank at TP 2, 2 at TP 4), held to the same bounds.
+run's greedy tokens. For DeepSeek a token past that bound also passes, once a prompt, where a flipped expert choice
+explains it (``helpers.routing_ties``): for each MoE decision of the float32 reference at that position within twice
+transformers' own bfloat16 error of the router scores (the group kept, or the k-th expert against the k+1-th), the
+reference is rerun with that one decision flipped at that one position and layer, and the token must be within the same
+tolerance of that flipped reference's best logit. A flipped group or expert moves the logits by a step no logit bound
+covers (a V3 position whose two groups scored 0.0038 apart gave a token 0.12 below the best in a TP 2 run of the experts
+split by expert; with that group flipped the reference's best is that token). transformers runs its eager attention (its
+SDPA path drops Gemma 2's attention soft cap). DeepSeek runs twice: its routed experts split by intermediate columns
+(the default) and by expert (``expert_split="experts"``: 4 whole experts a rank at TP 2, 2 at TP 4), held to the same
+bounds.
 """
 
 from __future__ import annotations
