@@ -15,6 +15,12 @@ at load (``ModelRunner.fp8_experts_as_stored = False``); MLA and the shared expe
 Each row's roofline is from the bytes that contender reads. The dequantizing load converts every expert on the host
 (about 7 seconds per billion weights: 20 s a layer at 64 experts).
 
+``--tp 1,2`` times tensor parallelism instead: each size in fresh processes (``fi-ffi launch --nproc N`` for N > 1,
+the comm wheel too), at N > 1 once per ``--splits`` (``columns``: every routed expert's intermediate columns split
+across the ranks; ``experts``: each rank whole experts, ``DeepSeekEngine(expert_split=...)``), one table of decode
+tokens/s, ms/step and host us/step (no roofline: a rank's bytes depend on the split and the routing). The experts are
+kept as stored with ``--fp8``.
+
 Needs a GPU, CuPy, cuBLAS and the ext and model-family kernel wheels (MLA, ``gemm_sm90``, DeepSeek's routing).
 ``--json PATH`` writes the rows.
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -104,9 +111,12 @@ def make_checkpoint(folder: Path, layers: int, experts: int, vocab: int, fp8: bo
     return folder
 
 
-def run(path: Path, batch: int, new_tokens: int, graph: bool, stored: bool) -> dict[str, Any]:
+def run(
+    path: Path, batch: int, new_tokens: int, graph: bool, stored: bool, tp: int = 1, split: str = "columns"
+) -> dict[str, Any]:
     """One timed ``generate`` of ``batch`` 32-token prompts after a warm-up, the routed experts kept as stored or
-    dequantized at load (``ModelRunner.fp8_experts_as_stored``, given back as it was found)."""
+    dequantized at load (``ModelRunner.fp8_experts_as_stored``, given back as it was found), on ``tp`` ranks (this
+    process one of them under ``fi-ffi launch``) with the routed experts split by ``split``."""
     from fi_engine.models.deepseek import DeepSeekEngine
     from fi_engine.runtime.worker.model_runner import ModelRunner
 
@@ -114,15 +124,54 @@ def run(path: Path, batch: int, new_tokens: int, graph: bool, stored: bool) -> d
     prompts = [rng.integers(3, 1000, size=32).tolist() for _ in range(batch)]
     was, ModelRunner.fp8_experts_as_stored = ModelRunner.fp8_experts_as_stored, stored
     try:  # (read at load: the engine below takes this contender's setting, the class gets its own back)
-        with DeepSeekEngine(path, max_batch=batch, max_seq_len=256, cuda_graph=graph) as engine:
-            held = engine.family.experts_stored
+        with DeepSeekEngine(
+            path, max_batch=batch, max_seq_len=256, cuda_graph=graph, tensor_parallel=tp, expert_split=split
+        ) as engine:
+            held, rank = engine.family.experts_stored, engine.rank
             engine.generate(prompts, 4, eos_token_ids=())  # warm-up
             r = engine.generate(prompts, new_tokens, eos_token_ids=())
     finally:
         ModelRunner.fp8_experts_as_stored = was
     ms = r.decode_s / max(1, r.decode_steps) * 1e3
     return {"batch": batch, "experts_stored": held, "tokens_per_s": r.tokens_per_s,
-            "host_us_per_step": r.host_us_per_step, "ms_per_step": ms}  # fmt: skip
+            "host_us_per_step": r.host_us_per_step, "ms_per_step": ms, "tp": tp, "split": split,
+            "rank": rank}  # fmt: skip
+
+
+def run_tp(args: argparse.Namespace, path: Path) -> list[dict[str, Any]]:
+    """``--tp``: every size and split in fresh processes (a rank each under ``fi-ffi launch``); their rows."""
+    rows: list[dict[str, Any]] = []
+    for tp in (int(t) for t in args.tp.split(",")):
+        for split in ["columns"] if tp == 1 else args.splits.split(","):
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                cmd = [sys.executable, __file__, "--model", str(path), "--rank-out", out.name, "--split", split]
+                cmd += ["--batches", args.batches, "--new-tokens", str(args.new_tokens)]
+                cmd += ["--eager"] if args.eager else []
+                if tp > 1:
+                    cmd = [sys.executable, "-m", "fi_ffi", "launch", "--nproc", str(tp), "--", *cmd]
+                if subprocess.run(cmd).returncode:
+                    print(f"tp {tp} split by {split}: failed", file=sys.stderr)
+                    continue
+                rows += json.loads(Path(out.name).read_text())
+    print(f"{'tp':>3} {'experts split by':>16} {'batch':>6} {'tokens/s':>10} {'ms/step':>8} {'host us/step':>13}")
+    for r in rows:
+        print(f"{r['tp']:>3} {r['split'] if r['tp'] > 1 else '-':>16} {r['batch']:>6} {r['tokens_per_s']:>10.1f} "
+              f"{r['ms_per_step']:>8.3f} {r['host_us_per_step']:>13.1f}")  # fmt: skip
+    return rows
+
+
+def run_rank(args: argparse.Namespace) -> None:
+    """One rank of a ``--tp`` size (or the one GPU): every batch; rank 0 writes the rows to ``--rank-out``."""
+    import os
+
+    tp = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ else 1
+    rows = [
+        {"engine": "bfloat16" if not args.fp8 else "fp8 experts as stored", "layers": args.layers,
+         **run(Path(args.model), batch, args.new_tokens, not args.eager, True, tp, args.split)}
+        for batch in (int(b) for b in args.batches.split(","))
+    ]  # fmt: skip
+    if rows[0]["rank"] == 0:
+        Path(args.rank_out).write_text(json.dumps(rows))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,10 +184,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eager", action="store_true", help="eager decode (host routing) instead of the CUDA graph")
     ap.add_argument("--fp8", action="store_true", help="FP8 projections: time the experts as stored and dequantized")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--tp", default="1", help="tensor-parallel sizes, e.g. 1,2 (module docstring); 1: the table above")
+    ap.add_argument(
+        "--splits", default="columns,experts", help="how TP > 1 splits the routed experts (columns,experts)"
+    )
+    ap.add_argument("--model", help="a checkpoint written before (by default a fresh one in a temporary folder)")
+    ap.add_argument("--rank-out", help=argparse.SUPPRESS)  # one rank's rows (the --tp driver's children)
+    ap.add_argument("--split", default="columns", help=argparse.SUPPRESS)
     add_hbm_tbs_argument(ap)
     args = ap.parse_args(argv)
     if args.experts < 16 or args.experts % 8:  # 8 groups of at least 2 (noaux_tc), top-8 from the best 4 groups
         ap.error(f"--experts: expected a multiple of 8 from 16 (8 groups, top-8 of 4 groups), got {args.experts}")
+    if args.rank_out:
+        run_rank(args)
+        return 0
+    if args.tp != "1":
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(args.model) if args.model else make_checkpoint(Path(tmp), args.layers, args.experts, args.vocab,
+                                                                       args.fp8)  # fmt: skip
+            rows = run_tp(args, path)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return 0
     # (name, experts kept as stored): the 16-bit checkpoint has one contender
     contenders = [("fp8 experts as stored", True), ("fp8 experts dequantized", False)] if args.fp8 else [
         ("bfloat16", True)]  # fmt: skip

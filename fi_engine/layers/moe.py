@@ -19,6 +19,11 @@ so a CUDA graph can capture it (the engine's decode graph does). A small device 
 count into the prepared GEMMs' problem sizes before they run, so an expert no token chose computes nothing and its
 weights are not read: a step reads what the host path reads, without waiting for the host.
 
+Under tensor parallelism split by expert (DeepSeek's ``expert_split="experts"``) a layer holds some of the model's
+experts whole and is handed a routing over all of them: :meth:`MoELayer.keep_local_experts` renumbers its own and sets
+the others past its experts with weight 0, which the grouped GEMV and the fixed-capacity rows never compute and the
+combine skips (a choice of weight 0 adds nothing and its row is not read).
+
 With ``dense_rows=D`` the layer also has a dense-over-experts path (:meth:`MoELayer.forward_dense`, no host step
 either, capturable): every token through every expert's gate/up in one GEMM (``gate_up`` read as one
 ``[E * 2I, H]`` matrix), the activation where the token chose the expert, the down projections as one strided-batched
@@ -373,7 +378,7 @@ class MoELayer:
         self.row_token, self.row_of, self.route_weights = sc.row_token, sc.row_of, sc.route_weights
         names = (
             *("moe_combine", "moe_route", "moe_slots", "moe_scatter", "moe_bias_act", "moe_combine_bias"),
-            *("moe_router_bias", "moe_dense_act", "moe_dense_combine"),
+            *("moe_router_bias", "moe_dense_act", "moe_dense_combine", "moe_localize"),
         )
         (
             self._combine,
@@ -385,6 +390,7 @@ class MoELayer:
             self._router_bias_fn,
             self._dense_act_fn,
             self._dense_combine_fn,
+            self._localize_fn,
         ) = functions(cupy, "moe.cu", names)
         self.dense_rows = dense_rows or 0
         # where each expert's rows start in the host path's grouped buffers (written per forward; biased layers)
@@ -824,6 +830,23 @@ class MoELayer:
                 return self._gemv_experts(x, out, tokens)
         return self._static_experts(x, out, tokens) if tokens else out
 
+    def keep_local_experts(self, first: int, tokens: int) -> None:
+        """Make the routing in ``s_experts`` / ``s_weights`` (``tokens * top_k`` entries, written on the layer's
+        stream by a routing over every rank's experts: global ids) this layer's, for tensor parallelism split by
+        expert, where the layer holds experts ``[first, first + num_experts)`` whole: one launch, in place, on the
+        layer's stream (capturable; nothing allocated): an assignment to one of them renumbered from 0, any other
+        set to ``num_experts`` with weight 0, which :meth:`forward_static_routed` computes nowhere and adds nothing
+        for (:func:`~fi_engine.layers.moe_routing.local_assignments` is the rule on the host). Then the ranks'
+        outputs, summed, are the whole layer's, each assignment served by exactly one rank."""
+        if not self.capacity:
+            raise ValueError("keep_local_experts: build the layer with capacity= (the fixed-capacity routing buffers)")
+        first = arg_int("first", first, 0, (1 << 31) - 1 - self.num_experts)
+        tokens = arg_int("tokens", tokens, 0, self.capacity)
+        a = tokens * self.top_k
+        if a:
+            args = (self.s_experts, self.s_weights, np.int32(a), np.int32(first), np.int32(self.num_experts))
+            self._localize_fn(((a + 127) // 128,), (128,), args, stream=self.stream)
+
     def _check_static(self, x: Any, out: Any) -> None:
         for name, a in (("x", x), ("out", out)):
             if a.ndim != 2 or a.shape[1] != self.hidden or a.strides[1] != a.itemsize:
@@ -990,14 +1013,26 @@ class MoELayer:
 
     def forward_routed(self, x: Any, out: Any, weights: np.ndarray, groups: ExpertGroups, tokens: int) -> Any:
         """Steps 3-7 for a routing decided elsewhere (``weights [T, k]`` float32, ``groups`` of its experts); with
-        the layer's stream current (``forward`` makes it so)."""
-        t, k, h, i = tokens, self.top_k, self.hidden, self.intermediate
-        rows = t * k
+        the layer's stream current (``forward`` makes it so). The experts compute the first ``seg_indptr[-1]``
+        sorted rows: every assignment, or fewer where ``groups`` leaves some out
+        (:func:`~fi_engine.layers.moe_routing.group_local`: another rank's, weight 0, which the combine skips)."""
+        t = tokens
+        rows = t * self.top_k
         s = self.stream
         self._write_copy()
         self.row_token[:rows].set(groups.row_token, stream=s)
         self.row_of[:rows].set(groups.row_of.reshape(-1), stream=s)
         self.route_weights[:rows].set(weights.reshape(-1).astype(np.float32), stream=s)
+        seg = groups.seg_indptr
+        grouped = int(seg[-1])  # the rows the experts compute (the grouped GEMM takes exactly these)
+        if grouped:
+            self._experts_routed(x, grouped, seg)
+        self._combine_rows(self.y, self.row_of, self.route_weights, out, t, self._seg)
+        return out
+
+    def _experts_routed(self, x: Any, rows: int, seg: np.ndarray) -> None:
+        """:meth:`forward_routed`'s gather of ``rows >= 1`` sorted rows and the experts' grouped GEMMs over them."""
+        h, i, s = self.hidden, self.intermediate, self.stream
         x_ld = x.strides[0] // x.itemsize
         self.dense.rows.gather_rows(
             rows, int(x.data.ptr), x_ld, int(self.row_token.data.ptr), int(self.xs.data.ptr), h, h
@@ -1006,7 +1041,6 @@ class MoELayer:
         if sm80:  # the generic grouped GEMM adds into its output
             self.gate_up_out[:rows].fill(0)
             self.y[:rows].fill(0)
-        seg = groups.seg_indptr
         handle = s.ptr
         kernels.segment_gemm(
             self._t(self.xs, (rows, h)),
@@ -1033,8 +1067,6 @@ class MoELayer:
             backend=self.backend,
             stream=handle,
         )  # fmt: skip
-        self._combine_rows(self.y, self.row_of, self.route_weights, out, t, self._seg)
-        return out
 
     def close(self) -> None:
         """Free what the layer made for itself (its workspace, its cuBLAS handle). Idempotent."""

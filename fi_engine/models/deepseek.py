@@ -52,7 +52,12 @@ sums are summed by the all-reduce that adds the residual and applies the next RM
 LM head split by vocabulary rows. FP8 checkpoints: each rank reads only its share (its cut of the routed experts'
 codes and scales, kept e4m3; the other projections' dequantized), so a share must hold whole 128x128 blocks of scales
 (refused by name otherwise: :func:`~fi_engine.models.deepseek_config.fp8_shard_refusal`).
-Splitting the routed experts by expert (each rank whole experts, tokens exchanged) is not built.
+``expert_split="experts"`` splits the routed experts by expert instead: rank ``r`` of ``N`` holds experts
+``[r E/N, (r + 1) E/N)`` whole (FP8: their codes and scales as stored), routes every token over all ``E`` as every rank
+does, and serves only its own assignments (the others renumbered past its experts with weight 0:
+:func:`~fi_engine.layers.moe_routing.local_assignments` on the host,
+:meth:`~fi_engine.layers.moe.MoELayer.keep_local_experts` on the device in the graph); the shared experts still split
+by columns, and the same all-reduce sums the ranks' outputs (docs/tensor-parallel.md).
 
 Refused with a message naming the field (:meth:`DeepSeek.check`, the hook every family definition refuses
 through): a tensor-parallel size that does not divide the heads or the MLP columns or that cuts an FP8 block, a CUDA
@@ -83,6 +88,7 @@ give it. ``fi-engine serve``'s start-up line names which (:meth:`Fp8Scheme.descr
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -92,12 +98,12 @@ import numpy as np
 from ..checkpoint.safetensors import Checkpoint
 from ..kernels import flashinfer as kernels
 from ..layers.deepseek_routing import DeviceGroupedTopk, device_routing_blocker, grouped_topk
-from ..layers.moe_routing import group_by_expert
+from ..layers.moe_routing import group_by_expert, group_local, local_assignments
 from ..layers.tensor_parallel import allocate_rank_buffers, columns, rows
 from ..runtime.engine import Engine
 from ..runtime.family import ModelFamily
 from ..runtime.settings import with_settings
-from .deepseek_config import DeepSeekConfig, fp8_shard_refusal
+from .deepseek_config import EXPERT_SPLITS, DeepSeekConfig, fp8_shard_refusal
 from .llama import load_moe_layer
 from .mla_weights import split_kv_b
 from .registry import family_config_json
@@ -182,14 +188,21 @@ class DeepSeek(ModelFamily):
 
     fp8_kv_refusal = "MLA (DeepSeek's compressed KV cache)"
     fused_routing_used = False  # whether the MoE layers route with the fused kernel (decided by load)
+    first_expert = 0  # the first routed expert this rank holds whole (the "experts" split; decided by load)
 
-    def __init__(self, fused_routing: bool | None = None) -> None:
-        """``fused_routing``: :class:`DeepSeekEngine`'s argument of that name (None: where it applies)."""
+    def __init__(self, fused_routing: bool | None = None, expert_split: str = "columns") -> None:
+        """``fused_routing``, ``expert_split``: :class:`DeepSeekEngine`'s arguments of those names."""
         if fused_routing is not None and not isinstance(fused_routing, bool):
             raise ValueError(
                 f"fused_routing: expected None (where it applies), True or False, got {fused_routing!r:.40}"
             )
+        if not isinstance(expert_split, str) or expert_split not in EXPERT_SPLITS:
+            raise ValueError(
+                f"expert_split: expected one of {', '.join(map(repr, EXPERT_SPLITS))} (how tensor parallelism "
+                f"splits the routed experts), got {expert_split!r:.40}"
+            )
         self.fused_routing_request = fused_routing
+        self.expert_split = expert_split
 
     def check(self, eng: Any, cfg: Any) -> None:
         """Refuse what this engine cannot serve, before any GPU work (the Llama engine calls this hook with
@@ -203,6 +216,9 @@ class DeepSeek(ModelFamily):
                 f"model: DeepSeekEngine serves deepseek_v2 / deepseek_v3 checkpoints, got a {type(cfg).__name__}"
             )
         n = eng.tensor_parallel
+        if cfg.expert_split == "experts" and cfg.moe is None:
+            raise ValueError("expert_split: 'experts' splits the routed experts, and this model has none (every "
+                             "layer a dense MLP); pass expert_split='columns'")  # fmt: skip
         why = fp8_shard_refusal(cfg, n)
         if why is not None:
             raise ValueError(f"tensor_parallel: {n}: {why}; pick a tensor_parallel whose shards hold whole blocks of "
@@ -215,7 +231,8 @@ class DeepSeek(ModelFamily):
         """The checkpoint's ``config.json`` read by :meth:`DeepSeekConfig.from_dict
         <fi_engine.models.deepseek_config.DeepSeekConfig.from_dict>` (another family's model type: refused,
         naming its engine)."""
-        return DeepSeekConfig.from_dict(*family_config_json(model_dir, type(self)))
+        cfg = DeepSeekConfig.from_dict(*family_config_json(model_dir, type(self)))
+        return dataclasses.replace(cfg, expert_split=self.expert_split)
 
     # ------------------------------------------------------------------------------------------ loading
 
@@ -225,7 +242,8 @@ class DeepSeek(ModelFamily):
         ``q_a_proj`` / ``kv_a_proj_with_mqa`` and their norms whole; this rank's heads' rows of ``q_b_proj`` /
         ``q_proj`` and of ``kv_b_proj``, split into the absorbed factors of those heads; their columns of
         ``o_proj``), the dense MLP or the MoE layer (router and correction bias whole; every routed and shared
-        expert's share of intermediate columns) and the norms."""
+        expert's share of intermediate columns, or with the ``"experts"`` split this rank's routed experts whole)
+        and the norms."""
         full, c = eng.model_config, eng.config  # the checkpoint's shapes; this rank's (heads, MLP columns)
         r, n = eng.rank, eng.tensor_parallel
         h, heads, dn, dr, dv, kv_rank = (
@@ -240,13 +258,21 @@ class DeepSeek(ModelFamily):
         ld.embedding_and_head(eng, full)  # whole, or this rank's vocabulary rows
         w = self.w = SimpleNamespace(
             q=[], qa=[], qa_norm=[], qb=[], ckv=[], kpe=[], kv_norm=[], uk_t=[], uv=[], o=[], gu=[], d=[],
-            shared_gu=[], shared_d=[], bias=[], bias_arr=[], bias_dev=[],
+            shared_gu=[], shared_d=[], bias=[], bias_arr=[], bias_dev=[], router=[],
         )  # fmt: skip
         eng.ln1, eng.ln2 = [], []
         eng.moe_layers = []
         self.fused_routing_used = self._choose_routing(eng)
+        # the "experts" split: rank r holds routed experts [r E/N, (r + 1) E/N) whole, the others none of them
+        local = c.local_experts
+        self.first_expert = r * local if c.expert_parts > 1 else 0
+        own = range(self.first_expert, self.first_expert + local) if c.expert_parts > 1 else None
         # decided once for every layer: routed experts the FP8 grouped GEMV reads (each rank's share) stay e4m3
-        self.experts_stored = c.moe is not None and ld.keeps_fp8_experts(eng, h, full.moe.intermediate_size)
+        if own is None:
+            self.experts_stored = c.moe is not None and ld.keeps_fp8_experts(eng, h, full.moe.intermediate_size)
+        else:  # whole experts: no column share to fit (the fp8_experts_as_stored switch as keeps_fp8_experts reads it)
+            scheme = ld.fp8.experts_for(h, full.moe.intermediate_size) if ld.fp8 is not None else None
+            self.experts_stored = bool(scheme is not None and scheme.stored_experts and eng.fp8_experts_as_stored)
         # the decode graph's routing where the fused kernel does not serve (DeepSeek.check refused what neither does)
         self.device_topk = None
         if c.moe is not None and eng.static_moe and not self.fused_routing_used:
@@ -282,7 +308,11 @@ class DeepSeek(ModelFamily):
                 # transformers 5's fused mlp.experts.gate_up_proj / down_proj): the Llama engine's loader, which
                 # keeps the whole router and this rank's share of every expert's intermediate columns (e4m3 codes
                 # and scales where experts_stored)
-                layer = load_moe_layer(eng, ckpt, p, ld)
+                layer = load_moe_layer(eng, ckpt, p, ld, own)
+                if own is None:
+                    w.router.append(layer.weights.router)
+                else:  # the layer holds its experts' router rows; every rank routes over the whole router
+                    w.router.append(ld.upload(ld.linear(p + "mlp.gate", (full.moe.num_experts, h))))
                 # 16-bit experts: DeepSeek's eager decode routes on the host through the grouped GEMM; its graph
                 # keeps the same GEMM (not the 16-bit grouped GEMV), so the two give the same tokens. (e4m3 experts
                 # take the FP8 grouped GEMV for every step of at most max_batch rows, eager and graph alike.)
@@ -309,6 +339,7 @@ class DeepSeek(ModelFamily):
                 w.d.append(0)
             else:
                 eng.moe_layers.append(None)
+                w.router.append(None)
                 w.bias.append(None)
                 w.bias_arr.append(None)
                 w.bias_dev.append(None)
@@ -388,6 +419,14 @@ class DeepSeek(ModelFamily):
             ckv_cache=cp.zeros((c.num_layers, eng.num_pages, eng.page_size, r), storage),
             kpe_cache=cp.zeros((c.num_layers, eng.num_pages, eng.page_size, dr), storage),
         )
+        # the router's float32 logits over every routed expert: the MoE layers' scratch, which has a column per
+        # expert the layer holds, or with the "experts" split a buffer of their own
+        self.router_logits: Any = None
+        if c.moe is not None:
+            by_expert = c.expert_parts > 1
+            self.router_logits = (
+                cp.empty((rows, c.moe.num_experts), np.float32) if by_expert else self.moe_scratch.logits
+            )
         if self.fused_routing_used:  # the fused routing kernel's outputs
             assert c.moe is not None
             b.topk_w = cp.empty((rows, c.moe.top_k), np.float32)
@@ -447,7 +486,7 @@ class DeepSeek(ModelFamily):
         )
         if self.fused_routing_used:
             assert c.moe is not None
-            k, logits = c.moe.top_k, self.moe_scratch.logits
+            k, logits = c.moe.top_k, self.router_logits
             m.logits = kernels.descriptor(logits.data.ptr, (rows, c.moe.num_experts), "float32", dev, owner=logits)
             m.topk_w = kernels.descriptor(b.topk_w.data.ptr, (rows, k), "float32", dev, owner=b.topk_w)
             m.topk_i = kernels.descriptor(b.topk_i.data.ptr, (rows, k), "int32", dev, owner=b.topk_i)
@@ -562,9 +601,9 @@ class DeepSeek(ModelFamily):
         if si:
             dense.linear(rows, normed, h, w.shared_gu[i], 2 * si, h, b.gu.data.ptr, 2 * si, ab, ab)
             kernels.silu_and_mul(m.shared_gu, m.shared_act, s)
-        e = c.moe.num_experts
+        e, logits = c.moe.num_experts, self.router_logits
         # router logits in float32 (as transformers: a float32 GEMM of the bfloat16 rows), then routing on the host
-        dense.linear(rows, normed, h, layer.weights.router.data.ptr, e, h, layer.logits.data.ptr, e, ab, eng.gemm_f32)
+        dense.linear(rows, normed, h, w.router[i].data.ptr, e, h, logits.data.ptr, e, ab, eng.gemm_f32)
         if self.fused_routing_used:  # the models wheel's NoAuxTc on the device; only [rows, k] come back
             r = c.routing
             kernels.fused_topk_deepseek(
@@ -575,11 +614,17 @@ class DeepSeek(ModelFamily):
             experts = eng.cupy.asnumpy(b.topk_i[:rows], stream=eng.stream)
             eng.stream.synchronize()
         else:  # host routing from the float32 logits
-            logits = eng.cupy.asnumpy(layer.logits[:rows], stream=eng.stream)
+            host_logits = eng.cupy.asnumpy(logits[:rows], stream=eng.stream)
             eng.stream.synchronize()
-            weights, experts = grouped_topk(logits, c.moe.top_k, c.routing, c.moe.renormalize, w.bias[i])
-        groups = group_by_expert(experts, e)
-        layer.last_routing = (weights, experts, groups)  # what the layer was given (tests read it)
+            weights, experts = grouped_topk(host_logits, c.moe.top_k, c.routing, c.moe.renormalize, w.bias[i])
+        if c.expert_parts > 1:  # this rank's experts renumbered from 0; the other ranks' weighted 0, computed nowhere
+            local = c.local_experts
+            routed = weights, experts
+            experts, weights = local_assignments(experts, weights, self.first_expert, local)  # (ids, weights)
+            groups = group_local(experts, local)
+        else:
+            routed, groups = (weights, experts), group_by_expert(experts, e)
+        layer.last_routing = (*routed, groups)  # the routing over every expert, the groups the layer ran (tests)
         if layer.fp8_experts is not None and rows <= layer.capacity:
             # e4m3 experts: this routing into the fixed-capacity path's buffers, then the FP8 grouped GEMV over it
             # (the same combine of the same weights, routed_scaling_factor included, as forward_routed's)
@@ -599,11 +644,11 @@ class DeepSeek(ModelFamily):
         c, b, w, dense, ab = eng.config, eng.buffers, self.w, eng.dense, eng.gemm_type
         h, m, layer = c.hidden_size, self.mv, eng.moe_layers[i]
         assert c.moe is not None and c.routing is not None
-        si, normed, e = c.shared_intermediate, eng.normed.data.ptr, c.moe.num_experts
+        si, normed, e, logits = c.shared_intermediate, eng.normed.data.ptr, c.moe.num_experts, self.router_logits
         if si:
             dense.linear(rows, normed, h, w.shared_gu[i], 2 * si, h, b.gu.data.ptr, 2 * si, ab, ab)
             kernels.silu_and_mul(m.shared_gu, m.shared_act, eng.stream_ptr)
-        dense.linear(rows, normed, h, layer.weights.router.data.ptr, e, h, layer.logits.data.ptr, e, ab, eng.gemm_f32)
+        dense.linear(rows, normed, h, w.router[i].data.ptr, e, h, logits.data.ptr, e, ab, eng.gemm_f32)
         if self.fused_routing_used:
             r = c.routing
             kernels.fused_topk_deepseek(
@@ -612,7 +657,9 @@ class DeepSeek(ModelFamily):
             )  # fmt: skip
         else:
             assert self.device_topk is not None
-            self.device_topk(layer.logits, w.bias_arr[i], rows, layer.s_experts, layer.s_weights, eng.stream)
+            self.device_topk(logits, w.bias_arr[i], rows, layer.s_experts, layer.s_weights, eng.stream)
+        if c.expert_parts > 1:  # global ids to this rank's (the others' weighted 0), on the device
+            layer.keep_local_experts(self.first_expert, rows)
         layer.forward_static_routed(eng.normed, b.x, rows)
         if si:
             dense.linear(rows, b.act.data.ptr, si, w.shared_d[i], h, si, b.x.data.ptr, h, ab, ab, accumulate=True)
@@ -653,14 +700,27 @@ class DeepSeekEngine(Engine):
             (default): where it applies (:func:`fused_routing_blocker`) and the kernel lock has the module; True:
             required (ValueError saying why not); False: the host routing
             (:func:`~fi_engine.layers.deepseek_routing.grouped_topk`). ``fused_routing_used`` says which ran.
+        expert_split: how ``tensor_parallel`` splits the routed experts: ``"columns"`` (default), each rank a slice
+            of every expert's intermediate columns; ``"experts"``, rank ``r`` of ``N`` the experts
+            ``[r E/N, (r + 1) E/N)`` whole (their e4m3 codes and scales as stored in an FP8 checkpoint), every rank
+            routing every token alike and serving only its own experts' assignments, the ranks' outputs summed by
+            the same all-reduce. Refused by name where ``N`` does not divide the routed experts or the shared
+            experts' columns, or the model has no routed experts (module docstring).
     """
 
     definition = DeepSeek
 
     @with_settings
-    def __init__(self, model_dir: str | Path, *, fused_routing: bool | None = None, **settings: Any) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        fused_routing: bool | None = None,
+        expert_split: str = "columns",
+        **settings: Any,
+    ) -> None:
         # kv_cache_dtype is refused unless "auto" (MLA: DeepSeek.fp8_kv_refusal)
-        super().__init__(model_dir, family=self.definition(fused_routing), **settings)
+        super().__init__(model_dir, family=self.definition(fused_routing, expert_split), **settings)
 
     @property
     def deepseek_config(self) -> DeepSeekConfig:

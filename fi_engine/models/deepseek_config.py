@@ -50,6 +50,7 @@ from ..values import MAX_SIZE, arg_int, show
 __all__ = [
     "DEEPSEEK_MODEL_TYPES",
     "DEQUANTIZED_BESIDE_EXPERTS",
+    "EXPERT_SPLITS",
     "DeepSeekConfig",
     "DeepSeekRouting",
     "deepseek_fp8_scheme",
@@ -60,6 +61,9 @@ __all__ = [
 DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 KV_LORA_RANK = 512  # head_dim_ckv of the MLA kernels
 ROPE_HEAD_DIM = 64  # head_dim_kpe of the MLA kernels
+EXPERT_SPLITS = ("columns", "experts")
+"""How tensor parallelism may split DeepSeek's routed experts (:attr:`DeepSeekConfig.expert_split`): ``"columns"``,
+each rank a slice of every expert's intermediate columns; ``"experts"``, each rank whole experts."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,12 @@ class DeepSeekConfig:
     head_dim: int = ROPE_HEAD_DIM
     qk_norm: bool = False
     fp8: Any = None  # the FP8 layout (fi_engine.checkpoint.quantization.Fp8Scheme): deepseek_fp8_scheme; None: 16-bit
+    # how tensor parallelism splits the routed experts (EXPERT_SPLITS): "columns", a slice of every expert's
+    # intermediate columns on each rank; "experts", whole experts [r E/N, (r + 1) E/N) on rank r of N
+    expert_split: str = "columns"
+    # in the per-rank config of the "experts" split, the N ranks the routed experts are divided among (each holds
+    # local_experts of them whole, and 1/N of the shared experts' columns); 1 otherwise
+    expert_parts: int = 1
 
     @property
     def qk_head_dim(self) -> int:
@@ -100,10 +110,18 @@ class DeepSeekConfig:
 
     @property
     def shared_intermediate(self) -> int:
-        """The shared experts' intermediate size (``moe_intermediate_size * n_shared_experts``; 0 without)."""
+        """The shared experts' intermediate size (``moe_intermediate_size * n_shared_experts``; 0 without); in the
+        per-rank config of the ``"experts"`` split, this rank's columns of it (divided by ``expert_parts``: the
+        routed experts are whole there, the shared ones still split by columns)."""
         if self.moe is None or self.routing is None:
             return 0
-        return self.moe.intermediate_size * self.routing.n_shared_experts
+        return self.moe.intermediate_size * self.routing.n_shared_experts // self.expert_parts
+
+    @property
+    def local_experts(self) -> int:
+        """The routed experts one rank holds: every one (one GPU, or the ``"columns"`` split, a slice of each), or
+        ``num_experts / expert_parts`` whole ones (the ``"experts"`` split); 0 without routed experts."""
+        return 0 if self.moe is None else self.moe.num_experts // self.expert_parts
 
     def is_moe_layer(self, i: int) -> bool:
         """Whether layer ``i`` (from 0) has routed experts: a MoE model's layers from ``first_k_dense_replace``."""
@@ -148,8 +166,11 @@ class DeepSeekConfig:
         :func:`~fi_engine.layers.tensor_parallel.shard_config` returns for it): the MLA heads divided (each rank
         keeps its heads' rows of ``q_b_proj`` / ``q_proj`` and ``kv_b_proj`` and their columns of ``o_proj``; the
         latent projections, their norms and the latent cache are whole on every rank, so ``num_kv_heads`` stays 1),
-        the dense layers' MLP columns and every routed and shared expert's intermediate columns divided (the router
-        whole). ``tensor_parallel`` is an int >= 1 (the caller checks it).
+        the dense layers' MLP columns and the shared experts' intermediate columns divided (the router whole), and
+        the routed experts by ``expert_split``: every expert's intermediate columns divided (``"columns"``), or the
+        experts themselves (``"experts"``: ``moe`` unchanged, the routing over every expert, ``expert_parts`` set to
+        ``tensor_parallel``, each rank holding :attr:`local_experts` whole). ``tensor_parallel`` is an int >= 1
+        (the caller checks it).
 
         Raises:
             ValueError: naming ``tensor_parallel``, the config key and the sizes it must divide.
@@ -158,18 +179,24 @@ class DeepSeekConfig:
         checked = [("MLA heads", "num_attention_heads", self.num_qo_heads)]
         if self.first_k_dense_replace:  # dense MLP layers (every layer of a model without routed experts)
             checked.append(("dense MLP columns", "intermediate_size", self.intermediate_size))
-        if self.moe is not None:  # the shared experts' columns are n_shared_experts times these
+        by_expert = self.expert_split == "experts" and self.moe is not None
+        if by_expert:
+            assert self.moe is not None
+            checked.append(("routed experts", "n_routed_experts", self.moe.num_experts))
+            checked.append(
+                ("shared expert columns", "moe_intermediate_size * n_shared_experts", self.shared_intermediate)
+            )
+        elif self.moe is not None:  # the shared experts' columns are n_shared_experts times these
             checked.append(("expert intermediate columns", "moe_intermediate_size", self.moe.intermediate_size))
         refuse_undivided(n, checked)
-        moe = (
-            self.moe
-            if self.moe is None
-            else dataclasses.replace(self.moe, intermediate_size=self.moe.intermediate_size // n)
-        )
+        moe, parts = self.moe, n if by_expert else 1
+        if moe is not None and not by_expert:
+            moe = dataclasses.replace(moe, intermediate_size=moe.intermediate_size // n)
         # a model whose every layer routes never runs intermediate_size: rounded up, it only sizes a buffer
         return dataclasses.replace(
-            self, num_qo_heads=self.num_qo_heads // n, intermediate_size=-(-self.intermediate_size // n), moe=moe
-        )
+            self, num_qo_heads=self.num_qo_heads // n, intermediate_size=-(-self.intermediate_size // n), moe=moe,
+            expert_parts=parts,
+        )  # fmt: skip
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> DeepSeekConfig:
@@ -415,7 +442,8 @@ def fp8_shard_refusal(cfg: DeepSeekConfig, tensor_parallel: int) -> str | None:
     row_parallel = [(a + "o_proj", heads * cfg.v_head_dim)]
     mlps = [("mlp.", cfg.intermediate_size)] if cfg.first_k_dense_replace else []
     if cfg.moe is not None:
-        mlps.append(("mlp.experts.N.", cfg.moe.intermediate_size))
+        if cfg.expert_split == "columns":  # (split by expert, each rank reads whole experts: every block whole)
+            mlps.append(("mlp.experts.N.", cfg.moe.intermediate_size))
         if cfg.shared_intermediate:
             mlps.append(("mlp.shared_experts.", cfg.shared_intermediate))
     for prefix, inter in mlps:

@@ -332,20 +332,24 @@ def _fp8_projection_sizes(c: LlamaConfig) -> tuple[list[list[tuple[str, int]]], 
     return stacks, row_parallel
 
 
-def load_moe_layer(eng: ModelRunner, ckpt: Checkpoint, p: str, w: WeightLoader) -> Any:
+def load_moe_layer(eng: ModelRunner, ckpt: Checkpoint, p: str, w: WeightLoader, experts: range | None = None) -> Any:
     """Engine ``eng``'s :class:`~fi_engine.layers.moe.MoELayer` of layer prefix ``p``, read and uploaded by ``w``:
     router, experts' gate/up stacked as ``[E, 2I, H]`` (gate rows, then up rows, per expert) and down as
     ``[E, H, I]``, all in the 16-bit type the grouped GEMMs read. Per-expert tensors of an FP8 checkpoint stay
     e4m3 (:func:`_read_fp8_experts`) where the family keeps them so (``experts_stored``), the layer's 16-bit
     weights then being the model's shared copy buffers (``moe_expert_copy``); else they are dequantized by
-    :meth:`~fi_engine.models.weights.WeightLoader.linear`."""
+    :meth:`~fi_engine.models.weights.WeightLoader.linear`. ``experts``: the checkpoint's experts the layer holds
+    whole (tensor parallelism split by expert: DeepSeek's ``expert_split="experts"``; the layer's router their rows
+    of the router, the routing over every expert the caller's); None: every expert, with TP this rank's share of
+    each one's intermediate columns."""
     from ..layers.moe import MoEScratch, MoEWeights
     from ..layers.tensor_parallel import columns, expert_rows, rows
 
     c = eng.config
     m = c.moe
     assert m is not None
-    e, h, i = m.num_experts, c.hidden_size, m.intermediate_size  # i: this rank's share with TP
+    ids = range(m.num_experts) if experts is None else experts
+    e, h, i = len(ids), c.hidden_size, m.intermediate_size  # i: this rank's share with TP split by columns
     max_tokens = max(eng.max_prefill_tokens, eng.max_batch)
     # the Llama pass: the fixed-capacity device path serves every step of at most max_batch rows (each decode step,
     # eager or a graph's replay): no host routing, so no stream synchronization per layer; longer prefills route on
@@ -372,20 +376,23 @@ def load_moe_layer(eng: ModelRunner, ckpt: Checkpoint, p: str, w: WeightLoader) 
     # With TP (i is this rank's share, full = i * n): every rank keeps the whole router (the ranks route alike)
     # and columns [r * i, (r + 1) * i) of every expert's intermediate size, so its output is a partial sum
     get, linear, upload = w.get, w.linear, w.upload
-    router = upload(linear(base + "gate", (e, h)))  # FP8 checkpoints leave it 16-bit (their ignore lists)
-    r, n = eng.rank, eng.tensor_parallel
+    # FP8 checkpoints leave the router 16-bit (their ignore lists)
+    router = upload(linear(base + "gate", (m.num_experts, h))[ids.start : ids.stop])
+    r, n = (eng.rank, eng.tensor_parallel) if experts is None else (0, 1)  # (whole experts: no column cut)
     full = i * n
     fp8_experts = None
     if eng.family.experts_stored and base + "experts.gate_up_proj" not in ckpt:
-        fp8_experts = _read_fp8_experts(ckpt, w, base, (gate, up, down), e, h, i, r, n)
+        fp8_experts = _read_fp8_experts(ckpt, w, base, (gate, up, down), ids, h, i, r, n)
     if fp8_experts is not None:
         if eng.family.moe_expert_copy is None:  # written by each layer before a path that reads 16-bit experts
             storage = w.cp.float16 if eng.dtype == "float16" else w.cp.uint16
             eng.family.moe_expert_copy = (w.cp.empty((e, 2 * i, h), storage), w.cp.empty((e, h, i), storage))
         gate_up, down_w = eng.family.moe_expert_copy
     elif base + "experts.gate_up_proj" in ckpt:
-        gate_up = upload(expert_rows(get(base + "experts.gate_up_proj", (e, 2 * full, h)), r, n))
-        down_w = upload(np.ascontiguousarray(get(base + "experts.down_proj", (e, h, full))[:, :, r * i : (r + 1) * i]))
+        stacked_gu = get(base + "experts.gate_up_proj", (m.num_experts, 2 * full, h))[ids.start : ids.stop]
+        gate_up = upload(expert_rows(stacked_gu, r, n))
+        stacked_down = get(base + "experts.down_proj", (m.num_experts, h, full))[ids.start : ids.stop]
+        down_w = upload(np.ascontiguousarray(stacked_down[:, :, r * i : (r + 1) * i]))
     else:
         gate_up = upload(
             np.stack(
@@ -396,11 +403,11 @@ def load_moe_layer(eng: ModelRunner, ckpt: Checkpoint, p: str, w: WeightLoader) 
                             rows(linear(f"{base}experts.{x}.{up}", (full, h)), r, n),
                         ]
                     )
-                    for x in range(e)
+                    for x in ids
                 ]
             )
         )
-        down_w = upload(np.stack([columns(linear(f"{base}experts.{x}.{down}", (h, full)), r, n) for x in range(e)]))
+        down_w = upload(np.stack([columns(linear(f"{base}experts.{x}.{down}", (h, full)), r, n) for x in ids]))
     return MoELayer(
         MoEWeights(router, gate_up, down_w),
         dtype=eng.dtype,
@@ -422,18 +429,18 @@ def _read_fp8_experts(
     w: WeightLoader,
     base: str,
     names: tuple[str, str, str],
-    e: int,
+    experts: int | range,
     h: int,
     i: int,
     rank: int = 0,
     ranks: int = 1,
 ) -> Any:
-    """The ``e`` experts of MoE prefix ``base`` as stored (:class:`~fi_engine.kernels.fp8_moe_gemv.Fp8Experts`,
-    uploaded by ``w``): each expert's e4m3 gate and up (``names[0]``, ``names[1]``) stacked as ``[2i, h]`` and its
-    down ``[h, i]``, with their scales (:func:`~fi_engine.checkpoint.fp8_weights.read_fp8_linear`). With ``ranks``
-    > 1, ``i`` is this rank's share: intermediate rows (gate, up) and columns (down) ``[rank i, (rank + 1) i)`` of
-    every expert. The caller has found the shapes fit (:meth:`Fp8Scheme.experts_for
-    <fi_engine.checkpoint.quantization.Fp8Scheme.experts_for>`)."""
+    """The ``experts`` (ids; an int: the first that many) of MoE prefix ``base`` as stored
+    (:class:`~fi_engine.kernels.fp8_moe_gemv.Fp8Experts`, uploaded by ``w``): each expert's e4m3 gate and up
+    (``names[0]``, ``names[1]``) stacked as ``[2i, h]`` and its down ``[h, i]``, with their scales
+    (:func:`~fi_engine.checkpoint.fp8_weights.read_fp8_linear`). With ``ranks`` > 1, ``i`` is this rank's share:
+    intermediate rows (gate, up) and columns (down) ``[rank i, (rank + 1) i)`` of every expert. The caller has found
+    the shapes fit (:meth:`Fp8Scheme.experts_for <fi_engine.checkpoint.quantization.Fp8Scheme.experts_for>`)."""
     from ..checkpoint.fp8_weights import Fp8Matrix, read_fp8_linear
     from ..kernels.fp8_moe_gemv import Fp8Experts, tiled_layout
 
@@ -441,12 +448,13 @@ def _read_fp8_experts(
     assert scheme is not None
     block, full, lo, hi = scheme.block, i * ranks, rank * i, (rank + 1) * i
     gate, up, down = names
+    experts = range(experts) if isinstance(experts, int) else experts
 
     def read(name: str, shape: tuple[int, int]) -> Fp8Matrix:
         return read_fp8_linear(ckpt, scheme, f"{base}experts.{name}", shape)
 
-    gu = [Fp8Matrix.stacked([read(f"{x}.{p}", (full, h)).rows(lo, hi) for p in (gate, up)]) for x in range(e)]
-    dn = [read(f"{x}.{down}", (h, full)).columns(lo, hi) for x in range(e)]
+    gu = [Fp8Matrix.stacked([read(f"{x}.{p}", (full, h)).rows(lo, hi) for p in (gate, up)]) for x in experts]
+    dn = [read(f"{x}.{down}", (h, full)).columns(lo, hi) for x in experts]
 
     # the codes in the order the GEMV's warps load them, where the shapes tile (512-byte runs: measured 5-30 % faster
     # than rows on an H100, benchmarks/RESULTS.md); laid out on the GPU where the loader uploads with CuPy

@@ -26,6 +26,7 @@ from helpers.moe_checkpoints import save_random_deepseek_v3
 
 from fi_engine.checkpoint.safetensors import Checkpoint
 from fi_engine.layers.deepseek_routing import grouped_topk
+from fi_engine.layers.moe_routing import group_local, local_assignments
 from fi_engine.layers.tensor_parallel import VocabShard, columns, expert_rows, rows, shard_config
 from fi_engine.models.deepseek import DeepSeek
 from fi_engine.models.deepseek_config import DeepSeekConfig, DeepSeekRouting, fp8_shard_refusal
@@ -212,14 +213,14 @@ def test_routed_and_shared_expert_columns_sum_to_the_whole_moe_layer(
 
 
 def _loaded(
-    path: Path, rank: int, n: int, as_stored: bool = True, graph: bool = False
+    path: Path, rank: int, n: int, as_stored: bool = True, graph: bool = False, expert_split: str = "columns"
 ) -> tuple[Any, SimpleNamespace, HostArrays]:
     """``DeepSeek.load`` of rank ``rank`` of ``n`` with the uploads kept on the host; a MoE layer (which builds its
     kernels on the GPU) is the arguments the load gives it (``helpers.host_uploads.MoEArguments``, patched in by the
     caller where the model has one). ``as_stored``: ``ModelRunner.fp8_experts_as_stored``; ``graph``: a CUDA-graph
-    engine (``static_moe``)."""
-    cfg = DeepSeekConfig.from_dir(path)
-    uploads, family = HostArrays(), DeepSeek(fused_routing=False)
+    engine (``static_moe``); ``expert_split``: ``DeepSeekEngine``'s."""
+    uploads, family = HostArrays(), DeepSeek(fused_routing=False, expert_split=expert_split)
+    cfg = family.read_config(path)
     eng = SimpleNamespace(
         model_config=cfg, config=shard_config(cfg, n), rank=rank, tensor_parallel=n, cupy=uploads, device=0,
         vocab_shard=VocabShard.of(cfg.vocab_size, rank, n) if n > 1 else None, static_moe=graph, cuda_graph=graph,
@@ -443,3 +444,197 @@ def test_routed_experts_that_cannot_stay_e4m3_are_refused_or_dequantized_by_name
     _, eng, up = _loaded(mixed, 0, 1, as_stored=False)
     gate_up = up.by_ptr[eng.moe_layers[1].args[0].gate_up.data.ptr]
     assert np.array_equal(gate_up[3, 256:], np.asarray(original.array(name)))
+
+
+# ---------------------------------------------------------------------------------------------- split by expert
+
+
+def test_the_expert_split_keeps_v3s_experts_whole_and_splits_the_shared_expert_by_columns() -> None:
+    """``expert_split="experts"``: each of N ranks holds 256 / N of V3's routed experts whole (``moe`` unchanged:
+    every rank routes over all 256), the MLA heads, dense MLP and shared expert split as with the column split; the
+    FP8 checkpoint's routed experts are whole blocks at any N, so only the shared expert's columns bound it."""
+    v3 = DeepSeekConfig.from_dict(V3)
+    import dataclasses
+
+    by_expert = dataclasses.replace(v3, expert_split="experts")
+    for n in (1, 2, 4, 8, 16):
+        local = shard_config(by_expert, n)
+        assert local.moe == v3.moe and local.routing == v3.routing  # whole experts, the same routing everywhere
+        assert (local.expert_parts, local.local_experts, local.shared_intermediate) == (n, 256 // n, 2048 // n)
+        assert (local.num_qo_heads, local.intermediate_size) == (128 // n, 18432 // n)
+    assert shard_config(v3, 2).local_experts == 256 and shard_config(v3, 2).expert_parts == 1  # the column split
+    fp8 = dataclasses.replace(DeepSeekConfig.from_dict(V3_FP8), expert_split="experts")
+    assert fp8_shard_refusal(fp8, 16) is None
+    with pytest.raises(ValueError, match=r"tensor_parallel: 512 does not divide the model's 128 MLA heads"):
+        shard_config(fp8, 512)
+
+
+@pytest.mark.parametrize(
+    ("change", "n", "message"),
+    [
+        ({"n_routed_experts": 96, "n_group": 8}, 64,
+         r"tensor_parallel: 64 does not divide the model's 96 routed experts \(n_routed_experts\)"),
+        ({"n_shared_experts": 3, "moe_intermediate_size": 1000}, 16,
+         r"16 does not divide the model's 3000 shared expert columns \(moe_intermediate_size \* n_shared_experts\)"),
+    ],
+    ids=["experts", "shared-columns"],
+)  # fmt: skip
+def test_the_expert_split_refuses_by_name_what_it_cannot_split(
+    tmp_path: Path, change: dict, n: int, message: str
+) -> None:
+    from fi_engine.models.deepseek import DeepSeekEngine
+
+    without_weights(tmp_path, {**V3, **change})
+    with pytest.raises(ValueError, match=message):
+        DeepSeekEngine(tmp_path, tensor_parallel=n, expert_split="experts")
+
+
+def test_the_expert_split_refuses_a_bad_value_and_a_model_without_routed_experts(tmp_path: Path) -> None:
+    from fi_engine.models.deepseek import DeepSeekEngine
+
+    without_weights(tmp_path, V3)
+    for bad in ("rows", None, 2):
+        with pytest.raises(ValueError, match=r"expert_split: expected one of 'columns', 'experts' \(how tensor "):
+            DeepSeekEngine(tmp_path, tensor_parallel=2, expert_split=bad)  # type: ignore[arg-type]
+    dense = {**V3, "first_k_dense_replace": V3["num_hidden_layers"], "n_routed_experts": None}
+    cfg = DeepSeek(expert_split="experts").read_config(without_weights(tmp_path / "dense", dense))
+    assert cfg.moe is None and cfg.expert_split == "experts"
+    with pytest.raises(ValueError, match=r"expert_split: 'experts' splits the routed experts, and this model has none"):
+        DeepSeek(expert_split="experts").check(SimpleNamespace(tensor_parallel=2, cuda_graph=False), cfg)
+
+
+@pytest.mark.parametrize(
+    ("routing", "renormalize", "shared"),
+    [
+        (DeepSeekRouting("noaux_tc", "sigmoid", 4, 2, 2.5, 1), True, 1),  # V3
+        (DeepSeekRouting("greedy", "softmax", 1, 1, 1.0, 2), False, 2),  # V2-Lite: two shared experts
+    ],
+    ids=["v3", "v2"],
+)
+@pytest.mark.parametrize("n", [2, 4])
+def test_each_assignment_is_served_on_exactly_one_rank_and_the_ranks_sum_to_the_layer(
+    routing: DeepSeekRouting, renormalize: bool, shared: int, n: int
+) -> None:
+    """Every rank routes alike over all 16 experts; rank r keeps experts [4r, 4r + 4) (n = 4) whole: each (token,
+    expert) assignment is on exactly one rank with its weight (renumbered from 0), the others' an id past its experts
+    with weight 0, sorted after its experts' segments; its local experts plus its columns of the shared experts give
+    partial outputs that add up to the whole layer, in float64."""
+    rng = np.random.default_rng(10 * n + shared)
+    e, k, hid, inter, t = 16, 4, 24, 16, 9
+    router, bias = rng.normal(0, 1, (e, hid)), rng.normal(0, 0.1, e)
+    gate_up, down = rng.normal(0, 0.3, (e, 2 * inter, hid)), rng.normal(0, 0.3, (e, hid, inter))
+    s_gate_up, s_down = rng.normal(0, 0.3, (2 * shared * inter, hid)), rng.normal(0, 0.3, (hid, shared * inter))
+    x = rng.normal(0, 1, (t, hid))
+    logits = (x @ router.T).astype(np.float32)
+    weights, experts = grouped_topk(logits, k, routing, renormalize, bias if routing.method == "noaux_tc" else None)
+
+    def layer(ids: np.ndarray, w: np.ndarray, gu: np.ndarray, dn: np.ndarray, s_gu: np.ndarray, s_dn: np.ndarray):  # type: ignore[no-untyped-def]
+        out = _swiglu(x, s_gu, s_dn)
+        for row in range(t):
+            for j in range(k):
+                if w[row, j] != 0:  # (what the combine skips: another rank's expert)
+                    out[row] += w[row, j] * _swiglu(x[row : row + 1], gu[ids[row, j]], dn[ids[row, j]])[0]
+        return out
+
+    whole = layer(experts, weights, gate_up, down, s_gate_up, s_down)
+    local, served, parts = e // n, np.zeros((t, k), int), []
+    for r in range(n):
+        ids, w = local_assignments(experts, weights, r * local, local)
+        mine = (experts >= r * local) & (experts < (r + 1) * local)
+        assert np.array_equal(ids[mine] + r * local, experts[mine]) and np.array_equal(w[mine], weights[mine])
+        assert (ids[~mine] == local).all() and (w[~mine] == 0).all()
+        served += mine
+        groups = group_local(ids, local)
+        assert groups.seg_indptr.shape == (local + 1,) and groups.seg_indptr[-1] == mine.sum()
+        assert np.array_equal(groups.counts, np.bincount(ids[mine], minlength=local))
+        sorted_ids = ids.reshape(-1)[groups.row_token * k + groups.row_choice]
+        assert (sorted_ids[: mine.sum()] < local).all() and (sorted_ids[mine.sum() :] == local).all()
+        s_gate, s_up = np.split(s_gate_up, 2)
+        s_gu = np.concatenate([rows(s_gate, r, n), rows(s_up, r, n)])
+        own = slice(r * local, (r + 1) * local)
+        parts.append(layer(ids, w, gate_up[own], down[own], s_gu, columns(s_down, r, n)))
+    assert (served == 1).all()  # every (token, expert) pair on exactly one rank
+    np.testing.assert_allclose(np.sum(parts, axis=0), whole, rtol=1e-10, atol=1e-10)
+
+
+def test_local_assignments_refuses_bad_arguments_by_name() -> None:
+    experts, weights = np.array([[0, 5]], np.int32), np.ones((1, 2), np.float32)
+    with pytest.raises(TypeError, match=r"experts: expected a 2-D integer numpy array"):
+        local_assignments(experts.astype(np.float32), weights, 0, 4)
+    with pytest.raises(ValueError, match=r"weights: expected a numpy array of the shape of experts \(1, 2\)"):
+        local_assignments(experts, weights[:, :1], 0, 4)
+    with pytest.raises(ValueError, match=r"count: expected 1\.\.1048576, got 0"):
+        local_assignments(experts, weights, 0, 0)
+    with pytest.raises(TypeError, match=r"first: expected an int, got float"):
+        local_assignments(experts, weights, 0.5, 4)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_each_rank_registers_its_routed_experts_whole_bit_for_bit(
+    tmp_path: Path, moe_arguments: None, fp8: bool
+) -> None:
+    """TP 2 split by expert, random V3 (8 routed experts of 256, hidden 512): rank r hands its MoE layer experts
+    [4r, 4r + 4) whole -- 16-bit: gate rows then up rows of each, and down, bit for bit the checkpoint's; FP8: their
+    e4m3 codes in the grouped GEMV's tiled order and every block of their scales, as stored -- with those experts'
+    router rows; the family keeps the whole router (every rank routes over all 8) and the shared expert's columns
+    [128r, 128r + 128) as the column split does; the MoE buffers are sized for 4 experts of 256."""
+    from fi_engine.kernels.fp8_moe_gemv import tiled_layout
+
+    if fp8:
+        path, copy = _fp8_moe_model(tmp_path)
+    else:
+        path = copy = save_random_deepseek_v3(tmp_path / "bf16")
+    ckpt, bf16, base = Checkpoint(path), Checkpoint(copy), "model.layers.1.mlp."
+    router = np.asarray(ckpt.array(base + "gate.weight"))
+    for r in range(2):
+        fam, eng, up = _loaded(path, r, 2, expert_split="experts")
+        assert eng.config.local_experts == 4 and fam.first_expert == 4 * r and fam.experts_stored == fp8
+        layer = eng.moe_layers[1]
+        kw, weights, own = layer.kwargs, layer.args[0], range(4 * r, 4 * r + 4)
+        assert up.by_ptr[fam.w.router[1].data.ptr].shape == (8, 512)
+        assert np.array_equal(up.by_ptr[fam.w.router[1].data.ptr], router)  # whole: every rank routes alike
+        assert np.array_equal(up.by_ptr[weights.router.data.ptr], router[4 * r : 4 * r + 4])
+        assert fam.moe_scratch.kwargs["num_experts"] == 4 and fam.moe_scratch.kwargs["intermediate"] == 256
+        if fp8:
+            f = kw["fp8_experts"]
+            gate_up, down = up.by_ptr[f.gate_up.data.ptr], up.by_ptr[f.down.data.ptr]
+            assert gate_up.shape == (4, 512, 512) and down.shape == (4, 512, 256) and gate_up.dtype == np.uint8
+            gu_scales, down_scales = up.by_ptr[f.gate_up_scales.data.ptr], up.by_ptr[f.down_scales.data.ptr]
+            for at, x in enumerate(own):
+                p = f"{base}experts.{x}."
+                codes = [np.asarray(ckpt.array(f"{p}{q}.weight")) for q in ("gate_proj", "up_proj")]
+                assert np.array_equal(gate_up[at], tiled_layout(np.concatenate(codes)[None])[0]), (r, x)
+                assert np.array_equal(down[at], tiled_layout(np.asarray(ckpt.array(p + "down_proj.weight"))[None])[0])
+                want = [np.asarray(ckpt.array(f"{p}{q}.weight_scale_inv")) for q in ("gate_proj", "up_proj")]
+                assert np.array_equal(gu_scales[at], np.concatenate(want)), (r, x)
+                assert np.array_equal(down_scales[at], np.asarray(ckpt.array(p + "down_proj.weight_scale_inv")))
+            assert fam.moe_expert_copy == (weights.gate_up, weights.down)
+            assert weights.gate_up.shape == (4, 512, 512) and weights.down.shape == (4, 512, 256)
+        else:
+            assert kw["fp8_experts"] is None
+            gate_up, down = up.by_ptr[weights.gate_up.data.ptr], up.by_ptr[weights.down.data.ptr]
+            assert gate_up.shape == (4, 512, 512) and down.shape == (4, 512, 256)
+            for at, x in enumerate(own):
+                p = f"{base}experts.{x}."
+                want = [np.asarray(ckpt.array(f"{p}{q}.weight")) for q in ("gate_proj", "up_proj")]
+                assert np.array_equal(gate_up[at], np.concatenate(want)), (r, x)
+                assert np.array_equal(down[at], np.asarray(ckpt.array(p + "down_proj.weight"))), (r, x)
+        shared = [np.asarray(bf16.array(f"{base}shared_experts.{q}.weight")) for q in ("gate_proj", "up_proj")]
+        assert np.array_equal(up.by_ptr[fam.w.shared_gu[1]], np.concatenate([rows(s, r, 2) for s in shared]))
+        down16 = np.asarray(bf16.array(base + "shared_experts.down_proj.weight"))
+        assert np.array_equal(up.by_ptr[fam.w.shared_d[1]], columns(down16, r, 2))
+        assert eng.config.shared_intermediate == 128
+
+
+def test_the_expert_split_lifts_the_routed_experts_block_bound_but_not_the_shared_experts(
+    tmp_path: Path, moe_arguments: None
+) -> None:
+    """TP 4 of the random FP8 V3: by columns, each expert's 256 rows cut into 64 (inside a 128-row block, refused
+    naming the routed experts); by expert, the routed experts are whole, and the refusal names the shared expert,
+    whose 256 columns still split 4 ways."""
+    path, _ = _fp8_moe_model(tmp_path)
+    cfg = DeepSeek(expert_split="experts").read_config(path)
+    with pytest.raises(
+        ValueError, match=r"tensor_parallel: 4: mlp.shared_experts.gate_proj: a 4-way shard of its 256 "
+    ):
+        DeepSeek(expert_split="experts").check(SimpleNamespace(tensor_parallel=4, cuda_graph=False), cfg)

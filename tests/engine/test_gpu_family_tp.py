@@ -31,11 +31,13 @@ token's error and the best one's; ``helpers.yardstick.check_greedy``); and the `
 run's greedy tokens. For DeepSeek a token past that bound also passes, once a prompt, where a flipped expert choice
 explains it (``helpers.routing_ties``): for each MoE decision of the float32 reference at that position within twice
 transformers' own bfloat16 error of the router scores (the group kept, or the k-th expert against the k+1-th), the
-reference is rerun with that one decision flipped at that one position and layer, and the token must be within the
-same tolerance of that flipped reference's best logit. A flipped group or expert moves the logits by a step no
-logit bound covers (a V3 position whose two groups scored 0.0038 apart gave a token 0.12 below the best in a TP 2 run
-of the experts split by expert, a form on its own branch; with that group flipped the reference's best is that token).
-transformers runs its eager attention (its SDPA path drops Gemma 2's attention soft cap).
+reference is rerun with that one decision flipped at that one position and layer, and the token must be within the same
+tolerance of that flipped reference's best logit. A flipped group or expert moves the logits by a step no logit bound
+covers (a V3 position whose two groups scored 0.0038 apart gave a token 0.12 below the best in a TP 2 run of the experts
+split by expert; with that group flipped the reference's best is that token). transformers runs its eager attention (its
+SDPA path drops Gemma 2's attention soft cap). DeepSeek runs twice: its routed experts split by intermediate columns
+(the default) and by expert (``expert_split="experts"``: 4 whole experts a rank at TP 2, 2 at TP 4), held to the same
+bounds.
 """
 
 from __future__ import annotations
@@ -160,14 +162,28 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 @pytest.mark.parametrize("n", [2, 4])
 @pytest.mark.parametrize("mode", ["eager", "graph", "graph-nccl"])
 def test_family_tensor_parallel_matches_one_gpu(family: tuple, tmp_path: Path, n: int, mode: str) -> None:
+    _check_tensor_parallel(family, tmp_path, n, mode)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("mode", ["eager", "graph", "graph-nccl"])
+def test_deepseek_split_by_expert_matches_one_gpu(family: tuple, tmp_path: Path, n: int, mode: str) -> None:
+    if not family[0].startswith("deepseek"):
+        pytest.skip("the expert split is DeepSeek's (expert_split)")
+    _check_tensor_parallel(family, tmp_path, n, mode, by_expert=True)
+
+
+def _check_tensor_parallel(family: tuple, tmp_path: Path, n: int, mode: str, by_expert: bool = False) -> None:
+    """TP ``n`` in ``mode`` against the float32 reference, one GPU and transformers' bfloat16 (module docstring)."""
     if gpu_count() < n:
         pytest.skip(f"needs {n} GPUs, found {gpu_count()}")
     name, model, env, (one, ref32, refs, yardstick, routing) = family
     flags = {"eager": ["--topk1"], "graph": ["--graph", "--topk1"], "graph-nccl": ["--graph", "--nccl"]}
-    got = _run(env, model, tmp_path / "out.npz", n, *flags[mode])
+    got = _run(env, model, tmp_path / "out.npz", n, *flags[mode], *(["--expert-split"] if by_expert else []))
     assert int(got["tp"]) == n and bool(got["vocab_shard"])
     assert bool(got["fused"]) == (mode != "graph-nccl")
-    what = f"{name} tp {n} {mode}"
+    assert int(got["expert_parts"]) == (n if by_expert else 1)
+    what = f"{name} tp {n} {mode}{' by expert' if by_expert else ''}"
     bound = check_against_float32(got, one, refs, yardstick, what)
     # a token is the float32 reference's choice up to two errors within the bound (the chosen logit's and the best's)
     exact = check_greedy(ref32, prompts(VOCAB), got["tokens"].tolist(), 2 * bound, routing)

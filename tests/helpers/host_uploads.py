@@ -32,7 +32,8 @@ class HostArrays:
 class MoEArguments:
     """Stands in for ``fi_engine.layers.moe.MoELayer`` and ``MoEScratch`` (patch both): keeps the positional and
     keyword arguments a family's load gives them (``weights``, ``capacity``, ``fp8_experts``, ...), and what the load
-    sets on the layer afterwards."""
+    sets on the layer afterwards; ``weights`` as the layer has it (its first argument)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.args, self.kwargs = args, kwargs
+        self.weights = args[0] if args else kwargs.get("weights")

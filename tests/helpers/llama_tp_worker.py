@@ -2,11 +2,13 @@
 engine/test_gpu_family_tp.py), or the single-GPU reference. The engine class is the checkpoint's
 (fi_engine.models.registry: Llama, Gemma 2, gpt-oss).
 
-``python tests/helpers/llama_tp_worker.py MODEL_DIR OUT.npz [--graph] [--nccl] [--whole-vocab] [--topk1] [--loop DIR]``:
+``python tests/helpers/llama_tp_worker.py MODEL_DIR OUT.npz [--graph] [--nccl] [--whole-vocab] [--topk1]
+[--expert-split] [--loop DIR]``:
 under ``fi-ffi launch`` (``RANK`` set) the engine runs with ``tensor_parallel = WORLD_SIZE``, otherwise on one GPU.
 Greedy generation of fixed prompts; rank 0 (or the single process) saves the tokens and the prefill logits of the
 first two prompts. ``--whole-vocab``: every rank keeps the whole embedding and LM head (``vocab_parallel=False``);
 ``--topk1``: also a sampled generation with ``top_k=1`` (the gathered-logits path; must equal greedy);
+``--expert-split``: DeepSeek's routed experts split by expert (``expert_split="experts"``);
 ``--loop DIR``: after the first generation write ``DIR/ready-RANK`` (its pid) and generate forever (the rank-death
 test kills one rank there). ``--tp-fused-compare``: instead, greedy generation of the first 1 and the first 3 prompts
 with ``ModelRunner.tp_fused_epilogues`` on, then (a second engine) off; rank 0 saves ``tokens_b{1,3}_{on,off}`` and
@@ -129,6 +131,7 @@ def main() -> None:
     if "--pipeline-compare" in sys.argv:
         compare_pipeline(model, out, tp)
         return
+    family_args = {"expert_split": "experts"} if "--expert-split" in sys.argv else {}
     with engine_class(model)(
         model,
         max_batch=4,
@@ -137,6 +140,7 @@ def main() -> None:
         tensor_parallel=tp,
         fused_allreduce="--nccl" not in sys.argv,
         vocab_parallel="--whole-vocab" not in sys.argv,
+        **family_args,
     ) as engine:
         ps = prompts(engine.config.vocab_size)
         result = engine.generate(ps, MAX_NEW, eos_token_ids=())
@@ -161,6 +165,8 @@ def main() -> None:
                 logits1=logits[1],
                 fused=np.array(fused),
                 tp=np.array(tp),
+                # the ranks DeepSeek's routed experts are divided among whole (1: not split by expert)
+                expert_parts=np.array(getattr(engine.config, "expert_parts", 1)),
                 vocab_shard=np.array(engine.runner.vocab_shard is not None),
                 int4_weights=np.array(
                     len(engine.runner.dense.quantized.int4_weights)

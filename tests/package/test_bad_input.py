@@ -1766,6 +1766,23 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     "layers.moe_routing.softmax_topk": lambda: [
         ("softmax_topk", Entry(moe_routing.softmax_topk, lambda: dict(logits=np.zeros((3, 8), np.float32), k=2)))
     ],
+    "layers.moe_routing.local_assignments": lambda: [
+        (
+            "local_assignments",
+            Entry(
+                moe_routing.local_assignments,
+                lambda: dict(
+                    experts=np.array([[0, 5], [2, 7]], np.int32), weights=np.ones((2, 2), np.float32), first=4, count=4
+                ),
+            ),
+        )
+    ],
+    "layers.moe_routing.group_local": lambda: [
+        (
+            "group_local",
+            Entry(moe_routing.group_local, lambda: dict(local=np.array([[0, 4], [2, 1]], np.int32), count=4)),
+        )
+    ],
     "layers.moe_routing.group_by_expert": lambda: [
         (
             "group_by_expert",

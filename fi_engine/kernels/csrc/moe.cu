@@ -26,15 +26,32 @@ __device__ __forceinline__ float gate_up_act(float g, float u, int clamped, floa
 }
 // out[t, c] = sum_j w[t * k + j] * y[row_of[t * k + j], c], accumulated in float32; grid (T, column blocks): the
 // blocks of a token (blockIdx.y) share its columns (a token's columns in one block made a decode step's combine a
-// 10 us chain of dependent loads on one SM; the combines below share the grid).
+// 10 us chain of dependent loads on one SM; the combines below share the grid). A choice of weight 0 adds nothing and
+// its row is not read: another rank's expert under the expert split (moe_localize), whose row no kernel wrote.
 extern "C" __global__ void moe_combine(const unsigned short* __restrict__ y, const int* __restrict__ row_of,
                                        const float* __restrict__ w, unsigned short* __restrict__ out, int k,
                                        long long hidden, long long out_ld, int bf16) {
     const long long t = blockIdx.x;
     combine_token(t, k, hidden, out, out_ld, bf16, [&](int j, long long c) {
+        const float wj = w[t * k + j];
+        if (wj == 0.f) return 0.f;
         const long long r = row_of[t * k + j];
-        return w[t * k + j] * load16(y[r * hidden + c], bf16);
+        return wj * load16(y[r * hidden + c], bf16);
     });
+}
+
+// The expert split of tensor parallelism, in place over A assignments of a routing over every rank's experts (one
+// thread each): an expert of this rank's [first, first + count) renumbered from 0, any other set to count (no expert
+// of the layer: the grouped GEMV lists it nowhere, moe_slots gives it no row) with weight 0 (the combine skips it).
+// fi_engine.layers.moe_routing.local_assignments is the same rule on the host.
+extern "C" __global__ void moe_localize(int* __restrict__ experts, float* __restrict__ w, int A, int first,
+                                        int count) {
+    const int a = blockIdx.x * blockDim.x + threadIdx.x;
+    if (a >= A) return;
+    const int e = experts[a] - first;
+    const bool mine = e >= 0 && e < count;
+    experts[a] = mine ? e : count;
+    if (!mine) w[a] = 0.f;
 }
 
 // Device routing of the fixed-capacity path, one thread per token t < T: route_row (fi_engine.kernels.cuda_sources).
@@ -48,10 +65,13 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, int E, in
 // Rows of the fixed-capacity path; one block, a thread per expert e: the choices of e, in token order, take e's rows
 // e * capacity + 0, 1, ... (row_of[t * k + j]); then e's count goes into the m of problem e of both prepared grouped
 // GEMMs, so an expert no token chose computes no row and its weights are not read. A token chooses distinct
-// experts, so a count is at most T <= capacity: never more rows than were prepared.
+// experts, so a count is at most T <= capacity: never more rows than were prepared. A choice of no expert of the
+// layer (another rank's under the expert split: moe_localize) gets row -1, which moe_scatter skips.
 extern "C" __global__ void moe_slots(const int* __restrict__ experts, int E, int k, int T, int capacity,
                                      int* __restrict__ row_of, int* __restrict__ problems_gu,
                                      int* __restrict__ problems_down) {
+    for (int b = threadIdx.x; b < T * k; b += blockDim.x)
+        if (experts[b] < 0 || experts[b] >= E) row_of[b] = -1;
     for (int e = threadIdx.x; e < E; e += blockDim.x) {
         int n = 0;
         for (int b = 0; b < T * k; ++b)
@@ -107,10 +127,11 @@ extern "C" __global__ void moe_router_bias(float* __restrict__ logits, const flo
     for (int e = threadIdx.x; e < E; e += blockDim.x) l[e] += bias[e];
 }
 
-// xs[row_of[b], :] = x[b / k, :] for 16-bit elements; one block per assignment b = t * k + j.
+// xs[row_of[b], :] = x[b / k, :] for 16-bit elements; one block per assignment b = t * k + j (none for row -1).
 extern "C" __global__ void moe_scatter(const unsigned short* __restrict__ x, long long x_ld,
                                        const int* __restrict__ row_of, int k, unsigned short* __restrict__ xs,
                                        long long hidden) {
+    if (row_of[blockIdx.x] < 0) return;
     const unsigned short* src = x + (long long)(blockIdx.x / k) * x_ld;
     unsigned short* dst = xs + (long long)row_of[blockIdx.x] * hidden;
     for (long long c = threadIdx.x; c < hidden; c += blockDim.x) dst[c] = src[c];
