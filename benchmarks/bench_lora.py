@@ -31,6 +31,10 @@ the engine's prefill graph, its default), ``cuda-cores-eager`` (the same without
     python3 benchmarks/bench_lora.py --model /tmp/llama8b --adapters /tmp/llama8b-loras --batches 1 --lora-fused off \
         --prefill 4096 --lora-prefill-form cuda-cores,cuda-cores-eager,segment
 
+``--prefill-vary K`` makes each timed prompt ``K`` tokens shorter than the one before (the warm-up's ``N``): every
+pass has new rows, as serving's prompts of varied lengths, so the segment form prepares its GEMMs in each (the
+prefills with the same prompt find them prepared).
+
 Swap-in: an adapter copied into a GPU
 slot from the host's packed copy (``max_cpu_loras`` keeps it), and read from its folder first (host cache of one),
 each timed to the end of its copies on the stream.
@@ -94,13 +98,15 @@ def tokens_per_s(engine: Any, batch: int, prompt: int, new: int, loras: list[str
     return best
 
 
-def prefill_ms(engine: Any, tokens: int, lora: str | None) -> float:
+def prefill_ms(engine: Any, tokens: int, lora: str | None, vary: int = 0) -> float:
     """Milliseconds to prefill one random prompt of ``tokens`` tokens and sample its first token (best of 3, after
-    one warm-up call)."""
-    prompt = np.random.default_rng(2).integers(3, 1000, size=tokens).tolist()
-    engine.generate([prompt], 1, eos_token_ids=(), lora=[lora])
+    one warm-up call); with ``vary``, each timed prompt ``vary`` tokens shorter than the one before (new rows each
+    pass, as serving's prompts of varied lengths: the segment form prepares its GEMMs in every timed pass)."""
+    rng = np.random.default_rng(2)
+    engine.generate([rng.integers(3, 1000, size=tokens).tolist()], 1, eos_token_ids=(), lora=[lora])
     best = float("inf")
-    for _ in range(3):
+    for i in range(3):
+        prompt = rng.integers(3, 1000, size=tokens - vary * (i + 1) if vary else tokens).tolist()
         start = time.perf_counter()
         engine.generate([prompt], 1, eos_token_ids=(), lora=[lora])
         best = min(best, time.perf_counter() - start)
@@ -154,6 +160,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--prefill", type=int, default=0, help="also time one prompt of this many tokens' prefill")
+    vary_help = "each timed prefill's prompt this many tokens shorter than the one before (new rows each pass)"
+    ap.add_argument("--prefill-vary", type=int, default=0, help=vary_help)
     ap.add_argument("--json")
     fused_help = "the LoRA form of the fused decode step (ModelRunner.lora_fused): on, off, or both to compare"
     ap.add_argument("--lora-fused", choices=("on", "off", "both"), default="both", help=fused_help)
@@ -163,6 +171,8 @@ def main() -> None:
     prefill_forms = args.lora_prefill_form.split(",")
     if not set(prefill_forms) <= set(PREFILL_FORMS):
         ap.error(f"--lora-prefill-form: expected some of {', '.join(PREFILL_FORMS)}, got {args.lora_prefill_form}")
+    if args.prefill_vary < 0 or (args.prefill and args.prefill - 3 * args.prefill_vary < 1):
+        ap.error(f"--prefill-vary: expected 0 <= K < --prefill / 3 ({args.prefill}), got {args.prefill_vary}")
     if args.make_adapters:
         make_adapters(args.model, args.make_adapters, args.count, args.rank)
         return
@@ -179,7 +189,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with open_engine(args.model, **common) as engine:
         base = {b: tokens_per_s(engine, b, args.prompt, args.new_tokens, [None] * b) for b in batches}
-        prefills = {"base": prefill_ms(engine, args.prefill, None)} if args.prefill else {}
+        prefills = {"base": prefill_ms(engine, args.prefill, None, args.prefill_vary)} if args.prefill else {}
     for b in batches:
         rows.append({"row": "base", "batch": b, "tokens_per_s": base[b]})
     modules = {n: str(p) for n, p in zip(names, folders, strict=True)}
@@ -200,11 +210,11 @@ def main() -> None:
                     speed = tokens_per_s(engine, b, args.prompt, args.new_tokens, loras)
                     rows.append({"row": label, "batch": b, "tokens_per_s": speed})
             if args.prefill and (fused or len(variants) == 1):  # (a prefill takes neither form: timed once)
-                prefills["lora, no adapter"] = prefill_ms(engine, args.prefill, None)
+                prefills["lora, no adapter"] = prefill_ms(engine, args.prefill, None, args.prefill_vary)
                 for form in prefill_forms:
                     label = "lora, one adapter" + ("" if len(prefill_forms) == 1 else f" ({form})")
                     with prefill_form(engine, form):
-                        prefills[label] = prefill_ms(engine, args.prefill, names[0])
+                        prefills[label] = prefill_ms(engine, args.prefill, names[0], args.prefill_vary)
             slot_mb = engine.runner.lora.layout.slot_bytes() / 2**20
     ModelRunner.lora_fused = engine_default
     swap = {}
@@ -217,7 +227,8 @@ def main() -> None:
         r["x_base"] = r["tokens_per_s"] / base[r["batch"]]
         print(f"{r['row']:<42}{r['batch']:>6}{r['tokens_per_s']:>12.1f}{r['x_base']:>8.2f}")
     for label, ms in prefills.items():
-        print(f"prefill of {args.prefill} tokens, {label}: {ms:.1f} ms ({ms / prefills['base']:.2f}x base)")
+        varied = f" (each pass {args.prefill_vary} fewer)" if args.prefill_vary else ""
+        print(f"prefill of {args.prefill} tokens{varied}, {label}: {ms:.1f} ms ({ms / prefills['base']:.2f}x base)")
     for label, ms in swap.items():
         print(f"swap-in {label}: {ms:.2f} ms (a slot of rank {args.rank}: {slot_mb:.0f} MiB)")
     if args.json:

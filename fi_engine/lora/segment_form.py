@@ -17,14 +17,17 @@ skipped):
 The scale is applied last, in float32; ``t`` and ``z`` are rounded to 16 bits (the CUDA-core form keeps ``t`` in
 float32 and rounds once), so the two forms differ by a few 16-bit ulps of the adapter's term.
 
-The segments come from the host (the step's row slots, :meth:`SegmentForm.begin_step`); their argument arrays are
-copied to the GPU once per step shape (synchronously, after the stream drains) and kept: a prefill repeated with the
-same rows and adapters launches with no copy. A pass under CUDA-graph capture takes the CUDA-core form, whose launches
-read the slots on the device at each replay.
+The segments come from the host (the step's row slots, :meth:`SegmentForm.begin_step`). A projection group's first
+launch in a pass prepares that group's GEMMs of every layer (the layers differ only in the slots' A and Bt
+addresses): their argument arrays packed into one host buffer (:func:`pack_args`) and copied to the GPU in one copy
+on the stream (:class:`ArgsArena`), so a pass makes one copy per group where the served runs are new and none where
+they are not (a prefill repeated with the same rows and adapters). A pass under CUDA-graph capture takes the CUDA-core
+form, whose launches read the slots on the device at each replay.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,12 +35,26 @@ import numpy as np
 from ..kernels import flashinfer as kernels
 from .batch import NO_ADAPTER, segments
 
-__all__ = ["SEGMENT_MIN_ROWS", "SegmentForm", "expand_problems", "served_segments", "shrink_problems"]
+__all__ = [
+    "ARENA_BYTES",
+    "SEGMENT_MIN_ROWS",
+    "ArgsArena",
+    "SegmentForm",
+    "expand_problems",
+    "pack_args",
+    "served_segments",
+    "shrink_problems",
+]
 
 SEGMENT_MIN_ROWS = 64
 """Steps of more token rows than this (a prefill's) take the segment form where it is on; fewer: the CUDA-core form."""
 
-_MAX_PREPARED = 2048  # prepared GEMM pairs kept (per step shape, group and layer); the oldest dropped past it
+ARENA_BYTES = 4 << 20
+"""The argument arrays' device arena at first (:class:`ArgsArena`; a page-locked host buffer as large beside it):
+some 60 bytes a problem, so a 32-layer model's four groups of 16 served runs (64 problems a layer with q/k/v's
+expand) take 0.5 MiB a pass shape. It grows where one pass needs more than half of it."""
+
+_ARENA_ALIGN = 256  # bytes between packs in the arena (the arrays within a pack: 16, as the kernels need)
 
 
 def served_segments(slots: np.ndarray, targets: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -112,10 +129,59 @@ def expand_problems(
     return _args(problems, x_ptr, w_ptr, y_ptr, (t_ld, n, z_ld))
 
 
+def pack_args(gemm_args: Sequence[Any]) -> tuple[np.ndarray, list[int]]:
+    """The argument arrays of several segment GEMMs (:class:`~fi_ffi.ops.segment_gemm.SegmentGEMMArgs`) in one
+    host buffer, for one copy: each GEMM's :meth:`~fi_ffi.ops.segment_gemm.SegmentGEMMArgs.pack` bytes (its arrays
+    at 16-byte aligned offsets, its length a multiple of 16; at least 16 bytes for one of no problem) one after
+    another. ``(buffer, offsets)``: uint8 ``[bytes]`` and each GEMM's byte offset in it, in the order given."""
+    parts = [a.pack()[0] or bytes(16) for a in gemm_args]
+    offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])[:-1]]).astype(int).tolist()
+    return np.frombuffer(b"".join(parts), np.uint8), offsets
+
+
+class ArgsArena:
+    """``nbytes`` of device memory for prepared GEMMs' argument arrays, handed out from the front in 256-byte
+    aligned parts (:meth:`take`) and taken back all at once (:meth:`reset`), with a page-locked host buffer of the
+    same size that each part is staged in at the same offset before its copy (:meth:`copy`) on the stream.
+
+    Outside CuPy's memory pool on purpose: the pool hands a freed block out again while a launch queued on the
+    stream may still read it, and arrays copied into it then would change under that launch. A part of the arena
+    is written once between resets, and its owner resets it only after the stream has drained, so no launch that
+    reads a part's old arrays can be in flight when it is written again; the same holds for the host buffer, which
+    the copy of a part may still be reading until then. The copy runs on the launches' stream (ordered before
+    them; a synchronous copy from pageable memory may return before its bytes have landed)."""
+
+    def __init__(self, cupy: Any, nbytes: int) -> None:
+        self.cupy, self.nbytes, self.used = cupy, nbytes, 0
+        self.device = cupy.cuda.Memory(nbytes)  # (cudaMalloc, not the pool: see above)
+        self._pinned = cupy.cuda.alloc_pinned_memory(nbytes)  # (kept as long as the arena: no other user)
+        self.host = np.frombuffer(self._pinned, np.uint8, nbytes)
+
+    def take(self, nbytes: int) -> int | None:
+        """The offset of ``nbytes`` not handed out since the last :meth:`reset`, or None where they do not fit."""
+        at = -(-self.used // _ARENA_ALIGN) * _ARENA_ALIGN
+        if at + nbytes > self.nbytes:
+            return None
+        self.used = at + nbytes
+        return at
+
+    def reset(self) -> None:
+        """Take every part back (the caller's stream drained first: no copy or launch of a part in flight)."""
+        self.used = 0
+
+    def copy(self, at: int, data: np.ndarray, stream: Any) -> None:
+        """Stage ``data`` (uint8) at offset ``at`` of the host buffer and copy it to the device's, on ``stream``."""
+        self.host[at : at + len(data)] = data
+        rt = self.cupy.cuda.runtime
+        rt.memcpyAsync(self.device.ptr + at, self.host.ctypes.data + at, len(data), rt.memcpyHostToDevice, stream.ptr)
+
+
 class SegmentForm:
     """The segment form's state for one engine's slots (:class:`~fi_engine.lora.device.DeviceSlots`): the 16-bit
     scratch ``t`` (``[max_rows, t_width]``) and ``z`` (``[max_rows, max n]``, allocated at the first use), a
-    workspace of its own (the SM90 kernel's scratch), the step's row slots and the prepared GEMMs by step shape."""
+    workspace of its own (the SM90 kernel's scratch), the step's row slots, and the prepared GEMMs of each group's
+    layers by what they read (:meth:`prepared`), their argument arrays in an :class:`ArgsArena` (made at the first
+    use)."""
 
     def __init__(self, cupy: Any, dtype: str, device_id: int, max_rows: int, t_width: int, max_n: int) -> None:
         self.cupy, self.dtype, self.device_id = cupy, dtype, device_id
@@ -123,15 +189,16 @@ class SegmentForm:
         self.t = cupy.zeros((max_rows, t_width), np.uint16)
         self.z: Any = None
         self.workspace = kernels.Workspace.allocate(device_id, float_bytes=32 << 20, int_bytes=1 << 16)
+        self.arena: ArgsArena | None = None
         self._slots: np.ndarray | None = None
-        self._drained = False
-        self._prepared: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+        self._pass_bytes = 0  # arena bytes this pass's packs took (what the arena must hold at once, at least)
+        self._prepared: dict[tuple[Any, ...], list[tuple[Any, Any]]] = {}
 
     def begin_step(self, slots: np.ndarray | None) -> None:
         """The row slots of the pass about to run (the host's ``lora_slots`` of its rows, copied), or None after it:
         :meth:`covers` answers only for the pass whose slots were given."""
         self._slots = None if slots is None else np.array(slots, np.int32)
-        self._drained = False
+        self._pass_bytes = 0
 
     def covers(self, rows: int) -> bool:
         """Whether the step's row slots are known for a pass of ``rows`` rows (:meth:`begin_step`)."""
@@ -148,44 +215,76 @@ class SegmentForm:
             self.z = self.cupy.zeros((self.max_rows, self.max_n), np.uint16)
         return self.z
 
-    def prepared(self, key: tuple[Any, ...], stream: Any, build: Any) -> tuple[Any, Any]:
-        """The prepared (shrink, expand) GEMMs of ``key`` (the step's slots, group, layer, rows, addresses and
-        served runs), made by ``build(prepare)`` on a miss, where ``prepare(args, x, out, column_major)`` copies
-        one GEMM's arrays. The stream drains before the first copy of a step (a buffer freed by CuPy may still
-        be read by a launch)."""
-        assert self._slots is not None
-        full_key = (self._slots.tobytes(), *key)
-        found = self._prepared.get(full_key)
-        if found is not None:
-            return found
-        if not self._drained:
-            stream.synchronize()
-            self._drained = True
-        if len(self._prepared) >= _MAX_PREPARED:
-            self._prepared.clear()  # (drained above: no launch of theirs is in flight)
+    def prepared(
+        self,
+        key: tuple[Any, ...],
+        layer: int,
+        layers: int,
+        problems: Callable[[int], tuple[Any, Any]],
+        operands: tuple[Any, Any, Any],
+        stream: Any,
+    ) -> tuple[Any, Any]:
+        """The prepared (shrink, expand) GEMMs of layer ``layer`` of the group whose GEMMs ``key`` describes: every
+        value their arrays hold but the layer's A and Bt addresses (the served runs, rows, addresses of x, the slot
+        arrays, ``t`` and ``z``, strides). On a miss, those of all ``layers`` layers: ``problems(l)`` gives layer
+        ``l``'s shrink and expand :class:`~fi_ffi.ops.segment_gemm.SegmentGEMMArgs`, ``operands`` the descriptors
+        of x, ``t`` and ``z`` (the kernel reads their dtypes); each GEMM is checked, then all their arrays are
+        packed into one host buffer (:func:`pack_args`) and copied into the arena in one copy on ``stream``."""
+        found = self._prepared.get(key)
+        if found is None:
+            found = self._prepared[key] = self._prepare_layers(layers, problems, operands, stream)
+        return found[layer]
 
-        def prepare(args: Any, x: Any, out: Any, column_major: bool) -> Any:
-            buffer = self.cupy.empty(max(16, kernels.segment_gemm_args_bytes(args.count)), np.uint8)  # (no fill:
-            # a fill on CuPy's stream might land after the synchronous copy)
-            view = kernels.Tensor(int(buffer.data.ptr), (buffer.size,), "uint8", self.device_id)
-            gemm = kernels.prepare_segment_gemm_problems(
+    def _prepare_layers(
+        self, layers: int, problems: Callable[[int], tuple[Any, Any]], operands: tuple[Any, Any, Any], stream: Any
+    ) -> list[tuple[Any, Any]]:
+        pairs = [problems(layer) for layer in range(layers)]
+        data, offsets = pack_args([args for pair in pairs for args in pair])
+        at = self._take(len(data), stream)
+        assert self.arena is not None
+        base = self.arena.device.ptr + at
+        ends = [*offsets[1:], len(data)]
+
+        def prepare(i: int, args: Any, x: Any, out: Any, column_major: bool) -> Any:
+            view = kernels.Tensor(base + offsets[i], (ends[i] - offsets[i],), "uint8", self.device_id)
+            return kernels.prepare_segment_gemm_problems(
                 args, x, out, column_major, workspace=self.workspace, args_buffer=view, backend="sm90",
-                stream=stream.ptr,
+                stream=stream.ptr, copy_args=False,
             )  # fmt: skip
-            return gemm, buffer  # (the buffer kept with it)
 
-        found = self._prepared[full_key] = build(prepare)
-        return found
+        x, t, z = operands
+        gemms = [(prepare(2 * i, s, x, t, True), prepare(2 * i + 1, e, t, z, False)) for i, (s, e) in enumerate(pairs)]
+        self.arena.copy(at, data, stream)  # (after every check: nothing copied for problems refused)
+        return gemms
+
+    def _take(self, nbytes: int, stream: Any) -> int:
+        """An arena offset of ``nbytes``; where the arena is full, the stream drains, every prepared GEMM is dropped
+        (their arrays' parts reused) and the arena grows to twice this pass's packs where they would not fit."""
+        at = None if self.arena is None else self.arena.take(nbytes)
+        if at is None:
+            stream.synchronize()  # (no launch reading the arena's arrays in flight past this)
+            self._prepared.clear()  # (this pass's groups prepared again at their next launch)
+            need = 2 * (self._pass_bytes + nbytes + _ARENA_ALIGN)
+            if self.arena is None or self.arena.nbytes < need:
+                self.arena = None  # (freed before the larger one is made)
+                self.arena = ArgsArena(self.cupy, max(ARENA_BYTES, need))
+            self.arena.reset()
+            self._pass_bytes = 0
+            at = self.arena.take(nbytes)
+            assert at is not None
+        self._pass_bytes += nbytes + _ARENA_ALIGN
+        return at
 
     def close(self) -> None:
-        """Free the workspace (the caller's stream drained first: no launch of the form in flight)."""
+        """Free the workspace and the arena (the caller's stream drained first: no launch of the form in flight)."""
         self._prepared.clear()
+        self.arena = None
         self.workspace.close()
 
     @property
     def prepared_count(self) -> int:
-        """The prepared (shrink, expand) pairs kept: one per step shape, group and layer the form has served."""
-        return len(self._prepared)
+        """The prepared (shrink, expand) pairs kept: one per layer of each group and pass shape the form has served."""
+        return sum(len(pairs) for pairs in self._prepared.values())
 
     @property
     def slots(self) -> np.ndarray:

@@ -549,6 +549,7 @@ def prepare_segment_gemm_problems(
     args_buffer: Any,
     backend: SegmentGEMMBackend = "auto",
     stream: Any = None,
+    copy_args: bool = True,
 ) -> PreparedSegmentGEMM:
     """A grouped GEMM of problems the caller laid out itself (its own :class:`SegmentGEMMArgs`: any row pointers
     and leading dimensions, e.g. column slices of a wider matrix or weights strided apart), copied into
@@ -557,6 +558,10 @@ def prepare_segment_gemm_problems(
     weights, out's for out); the problems' addresses are the caller's to keep within memory it owns: only their
     alignment is checked here (16-byte pointers, leading dimensions of 16-byte multiples, ``n`` and ``k``
     multiples of 16 bytes of their element type), as no tensor bounds them.
+
+    ``copy_args=False`` leaves the copy to the caller: ``args_buffer`` must hold ``args.pack()``'s bytes before the
+    first launch (e.g. many GEMMs' arrays packed into one host buffer and copied in one go, each GEMM prepared over
+    its own 16-byte aligned part of the device copy); nothing is copied here, and no driver is needed.
 
     Raises:
         TypeError / ValueError: ``args`` not :class:`SegmentGEMMArgs` of consistent arrays, a misaligned problem
@@ -569,6 +574,7 @@ def prepare_segment_gemm_problems(
     if not isinstance(workspace, Workspace):
         raise TypeError(f"workspace: expected a fi_ffi Workspace, got {type(workspace).__name__}")
     column_major = checks.flag("weight_column_major", weight_column_major)
+    copy = checks.flag("copy_args", copy_args)
     xt, yt = checks.tensor("x", x), checks.tensor("out", out)
     use_sm90 = _use_sm90(backend, xt)
     checks.dtype_in("x", xt, (*_HALF, *_FP8) if use_sm90 else _HALF)
@@ -594,7 +600,7 @@ def prepare_segment_gemm_problems(
         raise ValueError(f"args_buffer: data pointer 0x{buf.data_ptr:x} must be aligned to {_ALIGN} bytes")
     disjoint("args_buffer", buf, "workspace.float_buffer", workspace.float_buffer)
     arrays = _arrays(buf.data_ptr, offsets, args.count, buf.device)
-    if args.count:
+    if args.count and copy:
         _copy_sync(buf.data_ptr, data, buf.device.device_id)
     return PreparedSegmentGEMM(c, arrays, (workspace, x, None, out, args_buffer))
 

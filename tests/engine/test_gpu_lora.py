@@ -30,9 +30,12 @@ every row's logits at every step are within 1.5x transformers-bf16's error of it
 are the separate launches' (the switch off) up to a near tie; the adapters' one-row CUDA graph captures it and its
 tokens match the reference and the eager step's.
 
-The segment form of a prefill (``DeviceSlots.prefill_segment_gemm``: the adapters' shrink and expand as FlashInfer's
-segment GEMMs, SM 9.x): the mixed batch's prefill logits within the same bound, with CUDA graphs on or off (such a
-pass runs eagerly).
+Both forms of a prefill's adapters, whatever ``DeviceSlots.prefill_segment_gemm``'s default (the ``prefill_form``
+fixture sets it): ``cuda-cores`` (the CUDA-core kernels' long shrink, in the padded prefill graph with CUDA graphs on)
+and ``segment`` (the shrink and expand as FlashInfer's segment GEMMs, SM 9.x: such a pass runs eagerly). Every test
+whose passes exceed ``segment_min_rows`` rows with adapters (the mixed batch's 192-row prefill: its logits, greedy
+decode, tokens against the neighbours', fewer slots, adapter rows ending first) runs in both and checks that its
+prefills took that form.
 """
 
 from __future__ import annotations
@@ -85,6 +88,37 @@ def merged(model, deltas):  # type: ignore[no-untyped-def]
     return m
 
 
+PREFILL_FORMS = {"cuda-cores": False, "segment": True}  # name -> DeviceSlots.prefill_segment_gemm
+
+
+@pytest.fixture(params=list(PREFILL_FORMS))
+def prefill_form(request, monkeypatch):  # type: ignore[no-untyped-def]
+    """``DeviceSlots.prefill_segment_gemm`` set for the test, whatever its default: False (``cuda-cores``) or True
+    (``segment``); the test passes its engine to :func:`check_prefill_form` once it has prefilled."""
+    from fi_engine.lora.device import DeviceSlots
+
+    monkeypatch.setattr(DeviceSlots, "prefill_segment_gemm", PREFILL_FORMS[request.param])
+    return PREFILL_FORMS[request.param]
+
+
+def skip_without_segment_form(engine, segment):  # type: ignore[no-untyped-def]
+    """Skip the segment form's variant where the GPU does not run it (FlashInfer's SM90 segment GEMM: SM 9.x)."""
+    if segment and engine.runner.lora.segment_form() is None:
+        pytest.skip("the segment form needs an SM 9.x GPU (FlashInfer's SM90 segment GEMM)")
+
+
+def check_prefill_form(engine, segment):  # type: ignore[no-untyped-def]
+    """The engine's passes of more than ``segment_min_rows`` rows with adapters took the form asked for: the segment
+    form prepared GEMMs, or the CUDA-core launches were prepared for such a pass (and the segment form none)."""
+    lora = engine.runner.lora
+    form = lora.segment_form() if segment else None
+    if segment:
+        assert form is not None and form.prepared_count > 0, "no pass took the segment form"
+    else:
+        long = [key for key in lora._launches if key[2] > lora.segment_min_rows]  # (group, layer, rows, ...)
+        assert long, "no pass of more than segment_min_rows rows took the CUDA-core launches"
+
+
 @pytest.fixture(scope="module", params=list(BASES), ids=list(BASES))
 def base(request, tmp_path_factory):  # type: ignore[no-untyped-def]
     config_cls, model_cls, extra, allowed = BASES[request.param]
@@ -123,11 +157,15 @@ def base(request, tmp_path_factory):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda_graph"])
-def test_mixed_batch_prefill_logits_within_transformers_bfloat16_error(base, graph) -> None:  # type: ignore[no-untyped-def]
+def test_mixed_batch_prefill_logits_within_transformers_bfloat16_error(base, graph, prefill_form) -> None:  # type: ignore[no-untyped-def]
+    # 192 rows (past segment_min_rows) in either form of the adapters; with CUDA graphs on, the CUDA-core form runs
+    # in the padded prefill graph and the segment form eagerly
     name, path, refs, errs, ps, settings = base
     with open_engine(path, max_batch=8, page_size=16, cuda_graph=graph, lora=settings) as engine:
         assert engine.lora_names == list(ADAPTERS)
+        skip_without_segment_form(engine, prefill_form)
         got = engine.prefill_logits(ps, lora=LORAS)
+        check_prefill_form(engine, prefill_form)
     for i, (p, g, lora) in enumerate(zip(ps, got, LORAS, strict=True)):
         want = reference_logits(refs[lora], p)
         err = float(np.abs(g - want).max())
@@ -135,13 +173,15 @@ def test_mixed_batch_prefill_logits_within_transformers_bfloat16_error(base, gra
         assert err <= 1.5 * errs[lora], f"{name} row {i} ({lora}): {err:.4f} > 1.5 x {errs[lora]:.4f}"
 
 
-def test_mixed_batch_greedy_decode_eager_and_cuda_graph(base) -> None:  # type: ignore[no-untyped-def]
+def test_mixed_batch_greedy_decode_eager_and_cuda_graph(base, prefill_form) -> None:  # type: ignore[no-untyped-def]
     name, path, refs, errs, ps, settings = base
     tol = 1.5 * max(errs.values())
     tokens = {}
     for graph in (False, True):
         with open_engine(path, max_batch=8, page_size=16, cuda_graph=graph, lora=settings) as engine:
+            skip_without_segment_form(engine, prefill_form)
             r = engine.generate(ps, MAX_NEW, eos_token_ids=(), lora=LORAS)
+            check_prefill_form(engine, prefill_form)
         assert [len(t) for t in r.tokens] == [MAX_NEW] * len(ps)
         tokens[graph] = r.tokens
         exact = 0
@@ -155,15 +195,18 @@ def test_mixed_batch_greedy_decode_eager_and_cuda_graph(base) -> None:  # type: 
                                   [tokens[True][i] for i in rows], tol, f"{name} {lora}: ")  # fmt: skip
 
 
-def test_a_rows_tokens_do_not_depend_on_its_neighbours_adapters(base) -> None:  # type: ignore[no-untyped-def]
+def test_a_rows_tokens_do_not_depend_on_its_neighbours_adapters(base, prefill_form) -> None:  # type: ignore[no-untyped-def]
     """The same prompts and lengths (so the same GEMM shapes, step by step) with the neighbours' adapters changed:
-    every row whose own adapter is the same gets the same tokens, bit for bit."""
+    every row whose own adapter is the same gets the same tokens, bit for bit (in the segment form too, where a
+    row's run, and so its GEMM problem, changes with its neighbours' adapters)."""
     name, path, _, _, ps, settings = base
     # the third shares rows 1, 3, 5, 7 with LORAS and rows 2, 5 with the second; every row's neighbours change
     others = [LORAS, [None] * len(ps), ["r64", "r8", None, "r64", "r16", None, "r8", "r16"]]
     with open_engine(path, max_batch=8, page_size=16, cuda_graph=True, lora=settings) as engine:
+        skip_without_segment_form(engine, prefill_form)
         runs = [engine.generate(ps, MAX_NEW, eos_token_ids=(), lora=lo).tokens for lo in others]
         mixed = [engine.generate(ps, MAX_NEW, eos_token_ids=(), lora=[lo] * len(ps)).tokens for lo in ADAPTERS]
+        check_prefill_form(engine, prefill_form)
     for a, b in ((0, 1), (0, 2), (1, 2)):
         same = [i for i in range(len(ps)) if others[a][i] == others[b][i]]
         assert same, "the runs share rows"
@@ -174,11 +217,14 @@ def test_a_rows_tokens_do_not_depend_on_its_neighbours_adapters(base) -> None:  
             assert mixed[k][i] == runs[0][i], f"{name} row {i} ({lora}): alone and mixed differ"
 
 
-def test_fewer_slots_than_adapters_swap_in_least_recently_used(base) -> None:  # type: ignore[no-untyped-def]
+def test_fewer_slots_than_adapters_swap_in_least_recently_used(base, prefill_form) -> None:  # type: ignore[no-untyped-def]
+    # (the second admission, 130 rows of r64, r8 and base rows, is a pass past segment_min_rows)
     name, path, refs, errs, ps, settings = base
     tol = 1.5 * max(errs.values())
     with open_engine(path, max_batch=8, page_size=16, cuda_graph=True, lora={**settings, "max_loras": 2}) as engine:
+        skip_without_segment_form(engine, prefill_form)
         r = engine.generate(ps, MAX_NEW, eos_token_ids=(), lora=LORAS)
+        check_prefill_form(engine, prefill_form)
         stats = engine.lora.stats
         print(f"{name}: {stats.swap_ins} swap-ins, {1e3 * stats.swap_in_s / max(stats.swap_ins, 1):.2f} ms each")
         assert stats.swap_ins >= 3  # three adapters through two slots
@@ -260,15 +306,17 @@ def test_base_rows_decode_as_an_engine_without_adapters(base, graph, monkeypatch
 
 
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda_graph"])
-def test_a_mixed_batch_whose_adapter_rows_end_first_goes_on_without_them(base, graph) -> None:  # type: ignore[no-untyped-def]
+def test_a_mixed_batch_whose_adapter_rows_end_first_goes_on_without_them(base, graph, prefill_form) -> None:  # type: ignore[no-untyped-def]
     """The mixed batch with every adapter row ending after 5 tokens: its steps take the adapters' path while one is
     there, the base path after (the base rows go on), and every row still matches its own reference."""
     name, path, refs, errs, ps, settings = base
     tol = 1.5 * max(errs.values())
     limits = [MAX_NEW if lo is None else 5 for lo in LORAS]
     with open_engine(path, max_batch=8, page_size=16, cuda_graph=graph, lora=settings) as engine:
+        skip_without_segment_form(engine, prefill_form)
         steps, replays, _ = _watch(engine)
         r = engine.generate(ps, limits, eos_token_ids=(), lora=LORAS)
+        check_prefill_form(engine, prefill_form)
     assert [len(t) for t in r.tokens] == limits
     first_base = steps.index(False)
     assert first_base > 0 and all(steps[:first_base]) and not any(steps[first_base:]), f"{name}: {steps}"
@@ -374,24 +422,3 @@ def test_the_adapters_one_row_graph_is_the_lora_fused_step(base, monkeypatch) ->
     assert logits, f"{name}: the eager steps did not fuse"
     check_greedy(refs["r64"], ps[:1], graph_tokens, tol)
     check_eager_matches_graph(refs["r64"], ps[:1], eager_tokens, graph_tokens, tol, f"{name}: ")
-
-
-@pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda_graph"])
-def test_the_segment_forms_prefill_logits_within_transformers_bfloat16_error(base, graph, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    # the same mixed batch (192 rows: past segment_min_rows) with the adapters' shrink and expand as FlashInfer's
-    # segment GEMMs (DeviceSlots.prefill_segment_gemm; SM 9.x), which runs the pass eagerly even with CUDA graphs on
-    from fi_engine.lora.device import DeviceSlots
-
-    name, path, refs, errs, ps, settings = base
-    monkeypatch.setattr(DeviceSlots, "prefill_segment_gemm", True)
-    with open_engine(path, max_batch=8, page_size=16, cuda_graph=graph, lora=settings) as engine:
-        form = engine.runner.lora.segment_form()
-        if form is None:
-            pytest.skip("the segment form needs an SM 9.x GPU (FlashInfer's SM90 segment GEMM)")
-        got = engine.prefill_logits(ps, lora=LORAS)
-        assert form.prepared_count > 0, "the pass did not take the segment form"
-    for i, (p, g, lora) in enumerate(zip(ps, got, LORAS, strict=True)):
-        want = reference_logits(refs[lora], p)
-        err = float(np.abs(g - want).max())
-        print(f"{name} segment form row {i} ({lora}): engine {err:.4f}, transformers-bf16 {errs[lora]:.4f}")
-        assert err <= 1.5 * errs[lora], f"{name} row {i} ({lora}): {err:.4f} > 1.5 x {errs[lora]:.4f}"

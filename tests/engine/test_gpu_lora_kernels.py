@@ -12,6 +12,9 @@ a prefill's.
 - The segment form of a prefill (``DeviceSlots.prefill_segment_gemm``: FlashInfer's SM90 segment GEMMs; SM 9.x
   only) against the CUDA-core form through ``DeviceSlots.apply`` at 100 and 4096 rows, ranks 8, 16 and 64, within
   two bfloat16 ulps of the larger of ``y`` and the adapter term's sum of absolute products.
+- The segment form's prepared GEMMs follow a slot reloaded (``DeviceSlots.write``) with an adapter of a group its old
+  one left alone: the same rows and row slots then serve that slot's runs too, against the CUDA-core form with the
+  same state (same bound), in both layers, the unchanged pass's GEMMs found again before the reload.
 
 Run on the GPU machine: ``FI_FFI_RUN_GPU_TESTS=1 python -m pytest -q tests/engine/test_gpu_lora_kernels.py``.
 """
@@ -103,69 +106,148 @@ def prefill_runs(rows: int) -> np.ndarray:
                            zip(np.split(np.arange(rows), cuts), (0, -1, 1, 2, 0), strict=True)])  # fmt: skip
 
 
-@pytest.mark.parametrize("rank", [8, 16, 64])
-@pytest.mark.parametrize("rows", [100, 4096])
-def test_the_segment_form_matches_the_cuda_core_form(rank: int, rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    # DeviceSlots.apply in both forms over the same slots, inputs and outputs: q/k/v (three parts, k 512) and down
-    # (one part, k 1024) of layer 1 of 2; slot 1's adapter leaves down alone, slot 2's q/k/v. Bound, both forms
-    # against each other: 2**-7 * (|y| + the adapter term's sum of |products|), two bfloat16 ulps of the larger: the
-    # segment form rounds t and z to 16 bits (half an ulp each of the term), both round y once.
+GROUPS = (("qkv", ("q_proj", "k_proj", "v_proj"), (512, 128, 128), 512, 1), ("down", ("down_proj",), (512,), 1024, 8))
+"""q/k/v (three parts, k 512) and down (one part, k 1024): (name, modules, outs, k, bit) of each Group."""
+
+
+def random_slots(rng, rows, rank, scale, targets):  # type: ignore[no-untyped-def]
+    """DeviceSlots of the GROUPS over 2 layers and ``SLOTS`` slots of random bfloat16 A and Bt, ``scale`` and
+    ``targets`` per slot (set on the device and the host), for passes of up to ``rows`` rows; with the host's A and Bt
+    in float64 by group (``[slot, layer, ...]``). None where the segment form does not fit the GPU."""
     from fi_engine.lora.device import DeviceSlots
     from fi_engine.lora.slots import Group, SlotLayout
 
+    layout = SlotLayout(tuple(Group(*g) for g in GROUPS), 2, rank)
+    ds = DeviceSlots(cupy, layout, SLOTS, "bfloat16", rows, cupy.cuda.get_current_stream())
+    if ds.segment_form() is None:
+        ds.close()
+        return None, None
+    host: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for g in layout.groups:
+        a16 = bf16_bits((rng.standard_normal((SLOTS, *layout.a_shape(g))) * 0.05).astype(np.float32))
+        bt16 = bf16_bits((rng.standard_normal((SLOTS, *layout.bt_shape(g))) * 0.05).astype(np.float32))
+        ds.arrays[g.name][0].set(a16)
+        ds.arrays[g.name][1].set(bt16)
+        host[g.name] = (from_bf16(a16), from_bf16(bt16))
+    ds.scale.set(scale)
+    ds.targets.set(targets)
+    ds.host_targets[:] = targets
+    return ds, host
+
+
+def apply_in_form(ds, segment, monkeypatch, group, layer, slots, dslots, dx, y16):  # type: ignore[no-untyped-def]
+    """``y16`` after ``DeviceSlots.apply`` of ``group`` in ``layer`` over ``slots``' rows, in the segment form
+    (``segment``) or the CUDA-core one (host bfloat16 bits)."""
+    from fi_engine.lora.device import DeviceSlots
+
+    g = ds.layout.group(group)
+    rows = len(slots)
+    monkeypatch.setattr(DeviceSlots, "prefill_segment_gemm", segment)
+    dy = cupy.asarray(y16)
+    ds.begin_step(slots)
+    ds.apply(group, layer, rows, dx.data.ptr, g.k, dy.data.ptr, g.n, dslots.data.ptr)
+    ds.begin_step(None)
+    ds.stream.synchronize()
+    return dy.get()
+
+
+def check_forms_agree(g, layer, rank, slots, x, a, bt, scale, targets, y16, core16, seg16):  # type: ignore[no-untyped-def]
+    """The segment form's ``y`` (``seg16``) against the CUDA-core form's (``core16``), both from ``y16``: rows no
+    adapter of group ``g`` serves keep their bits; each served row within 2**-7 * (|y| + the adapter term's sum of
+    |products|), two bfloat16 ulps of the larger: the segment form rounds t and z to 16 bits (half an ulp each of the
+    term), both round y once."""
+    core, seg = from_bf16(core16), from_bf16(seg16)
+    served = (slots >= 0) & ((targets[np.maximum(slots, 0)] & g.bit) != 0)
+    assert (seg16[~served] == y16[~served]).all(), f"{g.name}: a row of no adapter (or bit clear) changed"
+    assert (core16[~served] == y16[~served]).all(), f"{g.name}: a row of no adapter changed (CUDA cores)"
+    for s in np.unique(slots[served]):
+        mine = slots == s
+        t = np.abs(x[mine] @ a[s, layer].T).reshape(-1, len(g.outs), rank)  # |A x| by part
+        cols = np.split(np.abs(bt[s, layer]), np.cumsum(g.outs)[:-1], axis=1)  # |Bt| by part
+        term = scale[s] * np.concatenate([t[:, p] @ c for p, c in enumerate(cols)], axis=1)
+        bound = 2.0**-7 * (np.abs(core[mine]) + term) + 1e-30
+        err = np.abs(seg[mine] - core[mine])
+        assert (err <= bound).all(), (
+            f"{g.name} layer {layer} slot {s}: forms differ by {err.max()} (bound {bound.flat[err.argmax()]})"
+        )
+
+
+@pytest.mark.parametrize("rank", [8, 16, 64])
+@pytest.mark.parametrize("rows", [100, 4096])
+def test_the_segment_form_matches_the_cuda_core_form(rank: int, rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # DeviceSlots.apply in both forms over the same slots, inputs and outputs: q/k/v and down of layer 1 of 2; slot
+    # 1's adapter leaves down alone, slot 2's q/k/v (bound: check_forms_agree)
     rng = np.random.default_rng(rows + rank)
-    groups = (Group("qkv", ("q_proj", "k_proj", "v_proj"), (512, 128, 128), 512, 1),
-              Group("down", ("down_proj",), (512,), 1024, 8))  # fmt: skip
-    layout = SlotLayout(groups, 2, rank)
-    stream = cupy.cuda.get_current_stream()
-    ds = DeviceSlots(cupy, layout, SLOTS, "bfloat16", rows, stream)
+    scale, targets = np.array([0.5, 2.0, 1.0], np.float32), np.array([1 | 8, 1, 8], np.int32)
+    ds, host = random_slots(rng, rows, rank, scale, targets)
+    if ds is None:
+        pytest.skip("the segment form needs an SM 9.x GPU (FlashInfer's SM90 segment GEMM)")
     try:
-        if ds.segment_form() is None:
-            pytest.skip("the segment form needs an SM 9.x GPU (FlashInfer's SM90 segment GEMM)")
-        host: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for g in groups:
-            a16 = bf16_bits((rng.standard_normal((SLOTS, *layout.a_shape(g))) * 0.05).astype(np.float32))
-            bt16 = bf16_bits((rng.standard_normal((SLOTS, *layout.bt_shape(g))) * 0.05).astype(np.float32))
-            ds.arrays[g.name][0].set(a16)
-            ds.arrays[g.name][1].set(bt16)
-            host[g.name] = (from_bf16(a16), from_bf16(bt16))
-        scale, targets = np.array([0.5, 2.0, 1.0], np.float32), np.array([1 | 8, 1, 8], np.int32)
-        ds.scale.set(scale)
-        ds.targets.set(targets)
-        ds.host_targets[:] = targets
         slots = prefill_runs(rows)
         dslots = cupy.asarray(slots)
         layer = 1
-        for g in groups:
+        for g in ds.layout.groups:
             x16 = bf16_bits(rng.standard_normal((rows, g.k)).astype(np.float32))
             y16 = bf16_bits(rng.standard_normal((rows, g.n)).astype(np.float32))
             dx = cupy.asarray(x16)
-            results = {}
-            for segment in (False, True):
-                monkeypatch.setattr(DeviceSlots, "prefill_segment_gemm", segment)
-                dy = cupy.asarray(y16)
-                ds.begin_step(slots)
-                ds.apply(g.name, layer, rows, dx.data.ptr, g.k, dy.data.ptr, g.n, dslots.data.ptr)
-                ds.begin_step(None)
-                stream.synchronize()
-                results[segment] = dy.get()
-            assert ds.segment_form().prepared_count > 0, "the segment form did not run"  # type: ignore[union-attr]
-            a, bt = host[g.name]
-            x = from_bf16(x16)
-            core, seg = from_bf16(results[False]), from_bf16(results[True])
-            served = (slots >= 0) & ((targets[np.maximum(slots, 0)] & g.bit) != 0)
-            assert (results[True][~served] == y16[~served]).all(), (
-                f"{g.name}: a row of no adapter (or bit clear) changed"
+            core, seg = (
+                apply_in_form(ds, on, monkeypatch, g.name, layer, slots, dslots, dx, y16) for on in (False, True)
             )
-            for s in np.unique(slots[served]):
-                mine = slots == s
-                t = np.abs(x[mine] @ a[s, layer].T).reshape(-1, len(g.outs), rank)  # |A x| by part
-                cols = np.split(np.abs(bt[s, layer]), np.cumsum(g.outs)[:-1], axis=1)  # |Bt| by part
-                term = scale[s] * np.concatenate([t[:, p] @ c for p, c in enumerate(cols)], axis=1)
-                bound = 2.0**-7 * (np.abs(core[mine]) + term) + 1e-30
-                err = np.abs(seg[mine] - core[mine])
-                assert (err <= bound).all(), (
-                    f"{g.name} slot {s}: forms differ by {err.max()} (bound {bound.flat[err.argmax()]})"
-                )
+            assert ds.segment_form().prepared_count > 0, "the segment form did not run"  # type: ignore[union-attr]
+            check_forms_agree(g, layer, rank, slots, from_bf16(x16), *host[g.name], scale, targets, y16, core, seg)
     finally:
-        ds.close()  # (the segment form's workspace)
+        ds.close()  # (the segment form's workspace and arena)
+
+
+@pytest.mark.parametrize("rows", [100, 4096])
+def test_a_slot_reloaded_with_a_group_it_left_alone_is_served_in_the_segment_form(
+    rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the stale-cache case: down's segment GEMMs prepared (both layers) over the runs of slots 0 and 2 (slot 1's
+    # adapter leaves down alone); then slot 1 reloaded (DeviceSlots.write) with an adapter that changes down, same
+    # row slots: the same rows and addresses must now take slot 1's runs too. GEMMs kept by the row slots alone
+    # would leave z's rows of slot 1 as they were (filled here with 1.0, so the add moves them past any bound)
+    # while the add, which reads the targets on the device, adds them. Both layers against the CUDA-core form with
+    # the same state (bound: check_forms_agree), before and after the reload; the first pass again hits its GEMMs.
+    from fi_engine.lora.slots import PackedAdapter
+
+    rank = 16
+    rng = np.random.default_rng(rows)
+    scale, targets = np.array([0.5, 2.0, 1.0], np.float32), np.array([1 | 8, 1, 8], np.int32)
+    ds, host = random_slots(rng, rows, rank, scale, targets)
+    if ds is None:
+        pytest.skip("the segment form needs an SM 9.x GPU (FlashInfer's SM90 segment GEMM)")
+    try:
+        form = ds.segment_form()
+        assert form is not None
+        g = ds.layout.group("down")
+        slots = prefill_runs(rows)
+        dslots = cupy.asarray(slots)
+        x16 = bf16_bits(rng.standard_normal((rows, g.k)).astype(np.float32))
+        y16 = bf16_bits(rng.standard_normal((rows, g.n)).astype(np.float32))
+        dx = cupy.asarray(x16)
+
+        def both_layers(targets: np.ndarray, a: np.ndarray, bt: np.ndarray) -> None:
+            for layer in (0, 1):
+                form.scratch_z()[:] = np.uint16(0x3F80)  # (1.0: what stale rows of z would add)
+                seg = apply_in_form(ds, True, monkeypatch, "down", layer, slots, dslots, dx, y16)
+                core = apply_in_form(ds, False, monkeypatch, "down", layer, slots, dslots, dx, y16)
+                check_forms_agree(g, layer, rank, slots, from_bf16(x16), a, bt, scale, targets, y16, core, seg)
+
+        both_layers(targets, *host["down"])
+        kept = form.prepared_count
+        assert kept == 2  # down's GEMMs of both layers, prepared at its first launch
+        both_layers(targets, *host["down"])
+        assert form.prepared_count == kept  # the same pass again: its GEMMs found, none prepared
+        a16 = bf16_bits((rng.standard_normal(ds.layout.a_shape(g)) * 0.05).astype(np.float32))
+        bt16 = bf16_bits((rng.standard_normal(ds.layout.bt_shape(g)) * 0.05).astype(np.float32))
+        ds.write(1, PackedAdapter({"down": (a16, bt16)}, float(scale[1]), 1 | 8))  # slot 1 now changes down
+        reloaded = targets | np.array([0, 8, 0], np.int32)
+        a, bt = (v.copy() for v in host["down"])
+        a[1], bt[1] = from_bf16(a16), from_bf16(bt16)
+        served = (slots >= 0) & ((reloaded[np.maximum(slots, 0)] & 8) != 0)
+        assert served[slots == 1].all()  # (slot 1's rows are among the served now)
+        both_layers(reloaded, a, bt)
+        assert form.prepared_count == 2 * kept  # the new runs' GEMMs prepared, the old ones kept
+    finally:
+        ds.close()

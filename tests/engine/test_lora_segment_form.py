@@ -2,7 +2,8 @@
 a pass builds from its row slots (mixed adapters, rows of none, an adapter that leaves the group alone) against a
 row-by-row numpy reference, and the shrink and expand problems it lays out, executed here in numpy over stand-in
 memory (each problem's pointers and leading dimensions read back into arrays), against the LoRA formula
-``y + scale_s * B_s A_s x`` per row."""
+``y + scale_s * B_s A_s x`` per row; and every layer's problems packed into the one host buffer a pass copies, each
+array read back from it against the problems' own."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from fi_engine.lora.batch import NO_ADAPTER, segments
-from fi_engine.lora.segment_form import expand_problems, served_segments, shrink_problems
+from fi_engine.lora.segment_form import expand_problems, pack_args, served_segments, shrink_problems
 
 pytestmark = pytest.mark.cpu_only
 
@@ -130,3 +131,54 @@ def test_addresses_past_2_63_keep_their_bits() -> None:
     shrink = shrink_problems(runs, high, 64, high + (1 << 20), 64 * 16, 16, 64, high + (1 << 30), 16)
     assert shrink.x_ptr.view(np.uint64).tolist() == [high, high + 100 * 64 * 2]
     assert shrink.w_ptr.view(np.uint64).tolist() == [high + (1 << 20) + 64 * 16 * 2, high + (1 << 20)]
+
+
+ARRAYS = (("all_problems", "problems", np.int32), ("x_ptr", "x_ptr", np.int64), ("w_ptr", "w_ptr", np.int64),
+          ("y_ptr", "y_ptr", np.int64), ("x_ld", "x_ld", np.int64), ("w_ld", "w_ld", np.int64),
+          ("y_ld", "y_ld", np.int64))  # fmt: skip
+"""(name in SegmentGEMMArgs.pack's offsets, attribute, dtype) of each array the kernel reads."""
+
+
+@pytest.mark.parametrize("layers", [1, 3, 32])
+def test_every_layers_problems_packed_in_one_buffer_read_back_as_their_arrays(layers: int) -> None:
+    # a group's shrink and expand of each layer, as DeviceSlots._apply_segments lays them out (only A's and Bt's
+    # addresses differ between layers), packed for the one copy: each GEMM's part starts 16-byte aligned, the
+    # parts do not overlap, and each array read back at its offset is the problems' own
+    rng = np.random.default_rng(layers)
+    slots = prefill_slots(rng, 7)
+    targets = np.array([BIT | 1, 1, BIT, BIT | 8], np.int64)
+    runs = served_segments(slots, targets, BIT)
+    rank, k, outs = 16, 4096, (4096, 1024, 1024)
+    width, n = 3 * rank, sum(outs)
+    a_layer, b_layer = width * k, rank * n  # elements between layers, in one slot
+    gemms = []
+    for layer in range(layers):
+        gemms.append(shrink_problems(runs, 1 << 40, k, (2 << 40) + 2 * layer * a_layer, layers * a_layer, width, k,
+                                     3 << 40, width))  # fmt: skip
+        gemms.append(expand_problems(runs, 3 << 40, width, (4 << 40) + 2 * layer * b_layer, layers * b_layer, rank,
+                                     outs, 5 << 40, n))  # fmt: skip
+    data, offsets = pack_args(gemms)
+    assert data.dtype == np.uint8 and len(offsets) == 2 * layers and offsets[0] == 0
+    ends = [*offsets[1:], len(data)]
+    for i, args in enumerate(gemms):
+        packed, at = args.pack()
+        assert offsets[i] % 16 == 0 and ends[i] - offsets[i] == len(packed)
+        for name, attr, dtype in ARRAYS:
+            want = getattr(args, attr)
+            start = offsets[i] + at[name]
+            got = data[start : start + want.nbytes].view(dtype).reshape(want.shape)
+            np.testing.assert_array_equal(got, want, err_msg=f"gemm {i} (layer {i // 2}): {name}")
+    assert gemms[0].count == len(runs[0]) and gemms[1].count == 3 * len(runs[0])
+    if layers > 1:  # the layers' A addresses read back from the buffer differ by one layer's bytes
+        first, second = (data[offsets[i] + gemms[i].pack()[1]["w_ptr"] :][:8].view(np.uint64)[0] for i in (0, 2))
+        assert int(second) - int(first) == 2 * a_layer
+
+
+def test_a_gemm_of_no_problem_keeps_a_part_of_its_own() -> None:
+    none = shrink_problems(
+        tuple(np.zeros(0, np.int64) for _ in range(3)), 1 << 40, 64, 2 << 40, 1024, 16, 64, 3 << 40, 16
+    )
+    some = shrink_problems((np.array([0]), np.array([8]), np.array([0])), 1 << 40, 64, 2 << 40, 1024, 16, 64, 3 << 40,
+                           16)  # fmt: skip
+    data, offsets = pack_args([none, some])
+    assert none.count == 0 and offsets == [0, 16] and len(data) == 16 + len(some.pack()[0])

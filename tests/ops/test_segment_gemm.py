@@ -410,6 +410,19 @@ def test_caller_laid_out_problems_pass_their_checks_and_stop_at_the_copy() -> No
         prepare_problems(strided_problems())
 
 
+def test_caller_laid_out_problems_without_the_copy_point_into_the_callers_buffer() -> None:
+    # copy_args=False: no copy (so no driver needed), the arrays' descriptors at pack()'s offsets in args_buffer
+    args = strided_problems()
+    data, offsets = args.pack()
+    buffer = fake_cuda((len(data) + 64,), "uint8").view((len(data),), offset=32)
+    prepared = prepare_problems(args, args_buffer=buffer, copy_args=False)
+    assert prepared.count == 2 and prepared.prepared_rows.tolist() == [10, 10]
+    assert prepared.problem_sizes.data_ptr == buffer.data_ptr + offsets["all_problems"]
+    assert prepared.problem_sizes.shape == (2, 3)
+    with pytest.raises(TypeError, match="copy_args: expected a bool"):
+        prepare_problems(args, copy_args="no")
+
+
 @pytest.mark.parametrize(
     ("change", "pattern"),
     [
