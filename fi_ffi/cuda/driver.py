@@ -3,9 +3,10 @@
 Four users: :mod:`fi_ffi.tensor.intake` asks which device owns a CUDA-array-interface pointer and orders a consumer
 stream after a producer's (an event), :class:`~fi_ffi.ops.attention.workspace.Workspace` records and waits for the
 plan-copy event on every plan, :mod:`fi_ffi.ops.segment_gemm` copies its host-computed argument arrays from the
-workspace's page-locked buffer, and the engine's small-row GEMV (:mod:`fi_engine.kernels.dense`) is launched with
-``cuLaunchKernel`` on an argument array packed once (``cuLaunchKernelEx`` where it asks for programmatic
-dependent launch: a ``CUlaunchConfig`` with one ``CUlaunchAttribute``, laid out as ``cuda.h`` declares them).
+workspace's page-locked buffer (and its prepared form waits for that copy on the call's stream), and the engine's
+small-row GEMV (:mod:`fi_engine.kernels.dense`) is launched with ``cuLaunchKernel`` on an argument array packed once
+(``cuLaunchKernelEx`` where it asks for programmatic dependent launch: a ``CUlaunchConfig`` with one
+``CUlaunchAttribute``, laid out as ``cuda.h`` declares them).
 Not through cuda-bindings: its ``cuPointerGetAttribute(s)`` reports device ordinal 0 for every pointer
 (NVIDIA/cuda-python #2928), and each call there costs microseconds (argument objects, an enum per returned error),
 which the per-plan event calls cannot afford. Events and streams are passed as integer handles.
@@ -38,7 +39,7 @@ int cuEventSynchronize(uintptr_t event);
 int cuStreamWaitEvent(uintptr_t stream, uintptr_t event, unsigned int flags);
 int cuEventDestroy_v2(uintptr_t event);
 int cuMemcpyHtoDAsync_v2(uint64_t dst, uintptr_t src, size_t bytes, uintptr_t stream);
-int cuMemcpyHtoD_v2(uint64_t dst, uintptr_t src, size_t bytes);
+int cuStreamSynchronize(uintptr_t stream);
 int cuLaunchKernel(uintptr_t f, unsigned int gridDimX, unsigned int gridDimY, unsigned int gridDimZ,
                    unsigned int blockDimX, unsigned int blockDimY, unsigned int blockDimZ, unsigned int sharedMemBytes,
                    uintptr_t stream, void** kernelParams, void** extra);

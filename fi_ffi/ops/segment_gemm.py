@@ -23,7 +23,8 @@ the MoE layer a :class:`~fi_ffi.ops.attention.workspace.Workspace` of its own. T
 scratch in the float buffer. Empty segments are left out of the argument arrays (the kernels never see a
 zero-row problem); a call whose segments are all empty checks every argument and launches nothing.
 
-:func:`prepare_segment_gemm` checks a call once and copies its arrays into a buffer of the caller's; the
+:func:`prepare_segment_gemm` checks a call once and copies its arrays into a buffer of the caller's (from the
+workspace's page-locked buffer, on the call's stream, waiting for the copy to land); the
 :class:`PreparedSegmentGEMM` it returns launches the same GEMM with no copy and no host computation, which a CUDA
 graph can capture (the MoE layer's fixed-capacity path, where every expert owns the same rows each step); a
 device kernel of the caller's may lower each problem's row count between launches (see
@@ -341,7 +342,7 @@ def segment_gemm(
         # the int buffer will hold these arrays: earlier plans are stale; the launch stays under the staging's
         # lock (no other staging overwrites the arrays before it is enqueued) but out of the copy's event
         with workspace.staging(c.stream) as stage:
-            _stage(workspace, data, c.stream)
+            _stage(workspace, workspace.int_buffer.data_ptr, data, c.stream)
             stage.record()
             _launch(c, workspace, arrays, x, out)
     finally:
@@ -493,18 +494,20 @@ def prepare_segment_gemm(
     backend: SegmentGEMMBackend = "auto",
     stream: Any = None,
 ) -> PreparedSegmentGEMM:
-    """Check a :func:`segment_gemm` call once and copy its argument arrays into ``args_buffer`` (synchronously:
-    call it outside any stream capture); the result launches the same GEMM again (see
+    """Check a :func:`segment_gemm` call once and copy its argument arrays into ``args_buffer`` (through the
+    workspace's page-locked buffer, on ``stream``, then waiting for that stream: call it outside any stream capture,
+    and expect it to wait for the work queued on ``stream`` before it); the result launches the same GEMM again (see
     :class:`PreparedSegmentGEMM`). Arguments as :func:`segment_gemm`, plus:
 
     Args:
         args_buffer: a uint8 device buffer of at least :func:`segment_gemm_args_bytes` bytes, 16-byte aligned,
-            used by nothing else while the prepared GEMM lives (the workspace's int buffer is not written).
+            used by nothing else while the prepared GEMM lives (the workspace's int buffer is not written: its
+            attention plans stay valid).
 
     Raises:
         TypeError / ValueError: an argument :func:`segment_gemm` refuses, or ``args_buffer`` not a uint8 device
             buffer that large and aligned, each named.
-        CudaError: the copy of the argument arrays failed.
+        CudaError: the copy of the argument arrays, or the wait for it, failed.
     """
     c = _checked(
         workspace,
@@ -535,7 +538,7 @@ def prepare_segment_gemm(
     disjoint("args_buffer", buf, "workspace.float_buffer", workspace.float_buffer)  # the SM90 kernel's scratch
     arrays = _arrays(buf.data_ptr, offsets, c.args.count, buf.device)
     if c.args.count:
-        _copy_sync(buf.data_ptr, data, buf.device.device_id)
+        _copy_and_wait(workspace, buf, data, c.stream)
     return PreparedSegmentGEMM(c, arrays, (workspace, x, weights, out, args_buffer))
 
 
@@ -553,7 +556,8 @@ def prepare_segment_gemm_problems(
 ) -> PreparedSegmentGEMM:
     """A grouped GEMM of problems the caller laid out itself (its own :class:`SegmentGEMMArgs`: any row pointers
     and leading dimensions, e.g. column slices of a wider matrix or weights strided apart), copied into
-    ``args_buffer`` once (synchronously: call it outside any stream capture) and launched by the result as
+    ``args_buffer`` once (as :func:`prepare_segment_gemm` copies them, waiting for ``stream``: call it outside any
+    stream capture) and launched by the result as
     :func:`prepare_segment_gemm`'s. ``x`` and ``out``: tensors whose dtypes the kernel takes (x's for x and the
     weights, out's for out); the problems' addresses are the caller's to keep within memory it owns: only their
     alignment is checked here (16-byte pointers, leading dimensions of 16-byte multiples, ``n`` and ``k``
@@ -567,7 +571,7 @@ def prepare_segment_gemm_problems(
         TypeError / ValueError: ``args`` not :class:`SegmentGEMMArgs` of consistent arrays, a misaligned problem
             (naming the array and problem), ``x``/``out`` dtypes the backend does not take, or ``args_buffer``
             as :func:`prepare_segment_gemm` refuses it.
-        CudaError: the copy of the argument arrays failed.
+        CudaError: the copy of the argument arrays, or the wait for it, failed.
     """
     if not isinstance(args, SegmentGEMMArgs):
         raise TypeError(f"args: expected SegmentGEMMArgs (the per-problem arrays), got {type(args).__name__}")
@@ -601,7 +605,7 @@ def prepare_segment_gemm_problems(
     disjoint("args_buffer", buf, "workspace.float_buffer", workspace.float_buffer)
     arrays = _arrays(buf.data_ptr, offsets, args.count, buf.device)
     if args.count and copy:
-        _copy_sync(buf.data_ptr, data, buf.device.device_id)
+        _copy_and_wait(workspace, buf, data, s)
     return PreparedSegmentGEMM(c, arrays, (workspace, x, None, out, args_buffer))
 
 
@@ -650,25 +654,38 @@ def segment_gemm_args_bytes(batch_size: int) -> int:
     return -(-12 * n // _ALIGN) * _ALIGN + 6 * (-(-8 * n // _ALIGN) * _ALIGN)
 
 
-def _copy_sync(dst: int, data: bytes, device_id: int) -> None:
-    """Copy ``data`` from the host to device address ``dst`` and wait for it (driver ``cuMemcpyHtoD``)."""
+def _copy_and_wait(ws: Workspace, buf: Tensor, data: bytes, stream: int) -> None:
+    """Copy ``data`` into ``buf`` (device) on ``stream`` through the workspace's page-locked buffer (in chunks of
+    its size, each under :meth:`Workspace.staging`, leaving the int workspace and its plans alone), then wait for
+    the copy to land.
+
+    Not ``cuMemcpyHtoD`` from the Python bytes: from pageable memory that call may return once the bytes are
+    staged, before the DMA lands, and it runs on the legacy default stream, which a non-blocking stream (the
+    engine's) does not wait for, so a launch on ``stream`` could read the arrays early; syncing ``stream`` after it
+    would not help (the copy is not on it). From page-locked memory, ``cuMemcpyHtoDAsync`` on ``stream`` is ordered
+    before every later launch on it, and ``cuStreamSynchronize(stream)`` keeps the preparation synchronous, so a
+    launch on any stream afterwards reads the arrays (and the page-locked buffer is free again).
+
+    Raises:
+        CudaError: no driver, or the copy or the wait failed (the driver's code and name).
+    """
     from ..cuda import device
     from ..cuda import runtime as cuda_runtime
 
     lib = driver.load()
     if lib is None:
-        raise cuda_runtime.no_driver("cuMemcpyHtoD")
-    from ..abi.cdefs import get_ffi
-
-    ffi = get_ffi()
-    host = ffi.from_buffer(data)  # kept alive by this frame until the synchronous copy returns
-    previous = device.make_current(device_id)
+        raise cuda_runtime.no_driver("cuMemcpyHtoDAsync")
+    previous = device.make_current(buf.device.device_id)  # the driver's copy needs the context current
     try:
-        err = lib.cuMemcpyHtoD_v2(dst, int(ffi.cast("uintptr_t", host)), len(data))
+        step = ws.pinned_bytes
+        for at in range(0, len(data), step):
+            with ws.staging(stream, into_int_buffer=False):
+                _stage(ws, buf.data_ptr + at, data[at : at + step], stream)
+        err = lib.cuStreamSynchronize(stream)
     finally:
         device.restore(previous)
     if err:
-        raise cuda_runtime.driver_error(err, "cuMemcpyHtoD")
+        raise cuda_runtime.driver_error(err, "cuStreamSynchronize(segment GEMM argument copy)")
 
 
 def _indptr(seg_lens: Any, seg_indptr: Any, batch_size: int) -> np.ndarray:
@@ -758,8 +775,9 @@ def _check_operands(
     return d_in, d_out
 
 
-def _stage(ws: Workspace, data: bytes, stream: int) -> None:
-    """Write ``data`` into the page-locked buffer and enqueue its copy into the int buffer on ``stream``."""
+def _stage(ws: Workspace, dst: int, data: bytes, stream: int) -> None:
+    """Write ``data`` (at most ``ws.pinned_bytes``) into the page-locked buffer and enqueue its copy to device
+    address ``dst`` on ``stream`` (inside the workspace's staging)."""
     from ..abi.cdefs import get_ffi
     from ..cuda import runtime as cuda_runtime
 
@@ -768,6 +786,6 @@ def _stage(ws: Workspace, data: bytes, stream: int) -> None:
         raise cuda_runtime.no_driver("cuMemcpyHtoDAsync")
     ffi = get_ffi()
     ffi.memmove(ffi.cast("char *", ws.pinned_buffer.data_ptr), data, len(data))
-    err = lib.cuMemcpyHtoDAsync_v2(ws.int_buffer.data_ptr, ws.pinned_buffer.data_ptr, len(data), stream)
+    err = lib.cuMemcpyHtoDAsync_v2(dst, ws.pinned_buffer.data_ptr, len(data), stream)
     if err:
         raise cuda_runtime.driver_error(err, "cuMemcpyHtoDAsync")

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers.fake_driver import FakeDriver, install
 from helpers.fakes import assert_reached_the_kernel, fake_cuda
 
 import fi_ffi
@@ -466,17 +467,98 @@ def test_caller_laid_out_problems_refuse_other_arguments_by_name() -> None:
         prepare_problems(strided_problems(), args_buffer=fake_cuda((16,), "uint8"))
 
 
+EVENT, STREAM = 0x1234, 0x77  # the workspace's copy event and the call's stream, as handles
+
+
+def copy_driver(monkeypatch: pytest.MonkeyPatch, ws: fi_ffi.Workspace, **results: int) -> FakeDriver:
+    """A copy that goes through: the driver stand-in (each call answers 0 unless ``results`` say else), ``ws``'s copy
+    event a stand-in handle, and no device to make current (the CPU machine has none)."""
+    from fi_ffi.cuda import device
+
+    monkeypatch.setattr(device, "make_current", lambda device_id: -1)  # -1: nothing to restore
+    ws._event, ws._event_handle = object(), EVENT  # as if a plan had created it (not destroyed: see the tests)
+    calls = {"cuMemcpyHtoDAsync_v2": 0, "cuEventRecord": 0, "cuEventQuery": 0, "cuStreamSynchronize": 0}
+    return install(monkeypatch, FakeDriver(**{**calls, **results}))
+
+
+def test_prepare_copies_from_the_pinned_buffer_on_the_call_stream_and_waits_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not a synchronous copy from pageable memory (it may return before the data lands, on the legacy stream that a
+    non-blocking stream does not wait for): the page-locked buffer, an asynchronous copy on the call's stream, then
+    a wait for that stream; the workspace's plans stay valid (its int buffer is not written)."""
+    args = call_args(stream=STREAM)
+    ws = args["workspace"]
+    fake = copy_driver(monkeypatch, ws)
+    buf = fake_cuda((G.segment_gemm_args_bytes(3),), "uint8")
+    generation = ws._generation
+    prepared = G.prepare_segment_gemm(args_buffer=buf, **args)
+    size = G.segment_gemm_args_bytes(3)
+    assert fake.calls == [
+        ("cuMemcpyHtoDAsync_v2", buf.data_ptr, ws.pinned_buffer.data_ptr, size, STREAM),
+        ("cuEventRecord", EVENT, STREAM),  # the next staging of the page-locked buffer waits for this copy
+        ("cuStreamSynchronize", STREAM),
+    ]
+    (copied,) = fake.copied  # what the page-locked buffer held when the copy was enqueued: the arrays
+    assert np.frombuffer(copied[:36], np.int32).reshape(3, 3).tolist() == [[3, 128, 64], [7, 128, 64], [1, 128, 64]]
+    assert prepared.count == 3 and ws._generation == generation and not ws._lock.locked()
+    ws._event = None
+
+
+def test_prepared_arrays_larger_than_the_pinned_buffer_are_copied_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = workspace(64)  # 64 page-locked bytes; two problems' arrays take 128
+    fake = copy_driver(monkeypatch, ws)
+    args = strided_problems()
+    buf = fake_cuda((G.segment_gemm_args_bytes(2),), "uint8")
+    prepare_problems(args, workspace=ws, args_buffer=buf, stream=STREAM)
+    pinned = ws.pinned_buffer.data_ptr
+    assert fake.calls == [
+        ("cuMemcpyHtoDAsync_v2", buf.data_ptr, pinned, 64, STREAM),
+        ("cuEventRecord", EVENT, STREAM),
+        ("cuEventQuery", EVENT),  # the second chunk overwrites the page-locked buffer after the first copy read it
+        ("cuMemcpyHtoDAsync_v2", buf.data_ptr + 64, pinned, 64, STREAM),
+        ("cuEventRecord", EVENT, STREAM),
+        ("cuStreamSynchronize", STREAM),
+    ]
+    assert b"".join(fake.copied) == args.pack()[0]
+    ws._event = None
+
+
+@pytest.mark.parametrize(
+    ("failing", "what", "calls"),
+    [
+        ("cuMemcpyHtoDAsync_v2", r"^cuMemcpyHtoDAsync failed: CUresult 700", ["cuMemcpyHtoDAsync_v2"]),
+        (
+            "cuStreamSynchronize",
+            r"^cuStreamSynchronize\(segment GEMM argument copy\) failed: CUresult 700",
+            ["cuMemcpyHtoDAsync_v2", "cuEventRecord", "cuStreamSynchronize"],
+        ),
+    ],
+)
+def test_a_failed_copy_or_wait_is_a_cuda_error(
+    monkeypatch: pytest.MonkeyPatch, failing: str, what: str, calls: list[str]
+) -> None:
+    ws = workspace()
+    fake = copy_driver(monkeypatch, ws, **{failing: 700})
+    with pytest.raises(CudaError, match=what) as info:
+        prepare_problems(strided_problems(), workspace=ws, stream=STREAM)
+    assert info.value.code == 700 and fake.names() == [*calls, "cuGetErrorName"]  # (the error's name, for the text)
+    assert not ws._lock.locked()  # and a failed copy records no event: the next staging does not wait for it
+    assert ws._event_pending == (failing != "cuMemcpyHtoDAsync_v2")
+    ws._event = None
+
+
 def test_caller_laid_out_problems_reach_the_sm90_kernel(
     kernel_modules: object, models_modules: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    copies: list[bytes] = []
-    # the one step that needs a driver (the synchronous copy of the arrays into args_buffer): recorded instead
-    monkeypatch.setattr(G, "_copy_sync", lambda dst, data, device_id: copies.append(bytes(data)))
+    ws = workspace()
+    fake = copy_driver(monkeypatch, ws)  # the copy of the arrays into args_buffer needs a driver: the stand-in
     args = strided_problems()
-    prepared = prepare_problems(args)
-    assert copies == [args.pack()[0]] and prepared.count == 2
+    prepared = prepare_problems(args, workspace=ws)
+    assert fake.copied == [args.pack()[0]] and prepared.count == 2
     assert prepared.prepared_rows.tolist() == [10, 10]
     with pytest.raises(KernelError) as info:
         prepared()
     assert_reached_the_kernel(info.value)
     assert "gemm_sm90.cutlass_segment_gemm_sm90" in str(info.value)
+    ws._event = None

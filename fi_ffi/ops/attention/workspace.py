@@ -26,7 +26,9 @@ Two rules make back-to-back plans safe:
   workspace becomes stale; running it is a ValueError, not a wrong answer (a generation counter).
 
 Both rules live in one place, :meth:`Workspace.staging`: every op that writes the int workspace (the attention
-plans, MLA plans, segment GEMM's argument arrays) does so inside ``with workspace.staging(stream) as stage:``.
+plans, MLA plans, segment GEMM's argument arrays) does so inside ``with workspace.staging(stream) as stage:``, and
+the prepared segment GEMM copies its arrays from the page-locked buffer into its own device buffer inside
+``workspace.staging(stream, into_int_buffer=False)`` (the first rule only).
 
 :meth:`Workspace.allocate` allocates the three buffers with ``cuda.bindings`` (``cudaMalloc``,
 ``cudaMallocHost``; the float buffer is zeroed once, as upstream asks) and frees them on :meth:`close` or at
@@ -279,7 +281,7 @@ class Workspace:
 
     # -------------------------------------------------------------------------------------- plan bookkeeping
 
-    def staging(self, stream: int) -> Staging:
+    def staging(self, stream: int, *, into_int_buffer: bool = True) -> Staging:
         """The one way to write the int workspace: ``with workspace.staging(stream) as stage: ...``.
 
         On entry, in this order: take the workspace's lock (a second staging, from any thread, waits here until
@@ -299,8 +301,11 @@ class Workspace:
 
         Args:
             stream: the CUDA stream handle (int; 0 is the legacy default stream) the copy is enqueued on.
+            into_int_buffer: False where the block copies the page-locked buffer into memory of the caller's, not
+                the int workspace (a prepared segment GEMM's argument buffer): the int workspace keeps its schedule,
+                so the generation is not bumped and earlier plans stay valid; the lock and the wait are the same.
         """
-        return Staging(self, stream)
+        return Staging(self, stream, bump=into_int_buffer)
 
     def _wait_previous_plan_copy(self) -> None:
         """Block until the previous plan's pinned-to-device copy has read the pinned buffer (caller holds lock)."""
@@ -338,16 +343,18 @@ class Staging:
     Attributes:
         workspace: the workspace staged.
         stream: the stream handle its copy event is recorded on at exit.
-        generation: the workspace generation this staging made (valid inside the block and after it).
+        generation: the workspace generation this staging made (valid inside the block and after it; the one
+            before it where the staging does not write the int workspace).
     """
 
-    __slots__ = ("_recorded", "generation", "stream", "workspace")
+    __slots__ = ("_bump", "_recorded", "generation", "stream", "workspace")
 
-    def __init__(self, workspace: Workspace, stream: int) -> None:
+    def __init__(self, workspace: Workspace, stream: int, bump: bool = True) -> None:
         self.workspace = workspace
         self.stream = stream
         self.generation = 0
         self._recorded = False
+        self._bump = bump  # False: the block leaves the int workspace alone (Workspace.staging's into_int_buffer)
 
     def __enter__(self) -> Staging:
         ws = self.workspace
@@ -357,7 +364,8 @@ class Staging:
         except BaseException:
             ws._lock.release()
             raise
-        ws._generation += 1  # from here on the int workspace may hold a new schedule: earlier plans are stale
+        if self._bump:
+            ws._generation += 1  # from here on the int workspace may hold a new schedule: earlier plans are stale
         self.generation = ws._generation
         return self
 

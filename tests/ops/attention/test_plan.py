@@ -6,6 +6,7 @@ import gc
 
 import numpy as np
 import pytest
+from helpers.fake_driver import FakeDriver
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -372,21 +373,9 @@ def test_tmp_bound_is_safe_for_the_launchers_heuristics(monkeypatch):
     assert W.tmp_bytes_needed(1, 4096, 1, 32, 8, 128, 2, prefill=False) is None
 
 
-class _FakeDriver:
-    """Stands in for libcuda (absent on CPU machines) in the plan-copy event calls: records what it is asked."""
-
-    def __init__(self, query: int = 0, sync: int = 0, record: int = 0) -> None:
-        self.results = {"cuEventQuery": query, "cuEventSynchronize": sync, "cuEventRecord": record}
-        self.calls: list[tuple] = []
-
-    def __getattr__(self, name):
-        def call(*args):
-            self.calls.append((name, *args))
-            if name == "cuGetErrorName":
-                return 1  # unknown: the message falls back to the number
-            return self.results[name]
-
-        return call
+def _FakeDriver(query: int = 0, sync: int = 0, record: int = 0) -> FakeDriver:
+    """The plan-copy event calls' stand-in for libcuda (absent on CPU machines): records what it is asked."""
+    return FakeDriver(cuEventQuery=query, cuEventSynchronize=sync, cuEventRecord=record)
 
 
 @pytest.mark.parametrize(
@@ -502,6 +491,19 @@ def test_staging_releases_the_lock_and_records_nothing_on_an_exception(monkeypat
     assert ws._generation == 1  # the int workspace may be half written: earlier plans stay stale
     with ws.staging(7) as stage:  # the next staging gets in
         assert stage.generation == 2
+    ws._event = None
+
+
+def test_a_staging_into_other_memory_waits_and_records_but_keeps_the_plans_valid(monkeypatch):
+    fake = _FakeDriver(query=600)  # the previous copy is still running
+    ws = _staged_workspace(monkeypatch, fake)
+    ws._event_pending = True
+    with ws.staging(7, into_int_buffer=False) as stage:  # (a prepared segment GEMM's copy into its own buffer)
+        assert [c[0] for c in fake.calls] == ["cuEventQuery", "cuEventSynchronize"]  # the page-locked buffer's wait
+        assert stage.generation == ws._generation == 0  # the int workspace is not written: no plan goes stale
+    assert fake.calls[-1] == ("cuEventRecord", 0x1234, 7) and ws._event_pending and not ws._lock.locked()
+    with ws.staging(7) as stage:  # a staging of the int workspace still bumps it
+        assert stage.generation == 1
     ws._event = None
 
 
