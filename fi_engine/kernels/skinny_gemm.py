@@ -49,13 +49,14 @@ DONE_SLOTS = 1 << 16  # column blocks a split launch may have (a uint32 counter 
 class Geometry:
     """One launch shape of the kernel: ``nt`` tiles of 16 weight rows a warp, ``u`` steps in flight, ``warps`` a
     block, registers capped for ``min_blocks`` blocks an SM, and ``kx`` inputs of x staged in shared memory at a time
-    (0: each lane reads its x from global memory)."""
+    (0: each lane reads its x from global memory); compiled and offered for ``groups`` groups of 8 rows (1-4)."""
 
     nt: int
     u: int
     warps: int
     min_blocks: int
     kx: int
+    groups: tuple[int, ...] = (1, 2, 3, 4)
 
     def name(self, fmt: int, bf16: bool, f32out: bool, mt: int) -> str:
         """The kernel's name for ``mt`` groups of 8 rows (``csrc/skinny_gemm.cu``'s ``SKINNY``)."""
@@ -87,11 +88,20 @@ class Geometry:
 _GLOBAL_X16 = Geometry(1, 4, 4, 1, 0)
 _STAGED = Geometry(1, 4, 8, 1, 512)
 _GLOBAL_X8 = Geometry(1, 2, 8, 1, 0)
+# two blocks an SM at 17-32 rows, x staged (the one-block geometries' registers, 135-237 there, hold an SM to one
+# block): registers capped at 128, kept where NVRTC's ptxas reports no spills on sm_90 -- e4m3 row scales as
+# _STAGED; e4m3 blocks with 2 steps in flight (4 spill); int4 at 25-32 rows only (17-24 spill)
+_STAGED_X2 = {
+    E4M3_BLOCK: Geometry(1, 2, 8, 2, 512, (3, 4)),
+    E4M3_ROW: Geometry(1, 4, 8, 2, 512, (3, 4)),
+    INT4: Geometry(1, 2, 8, 2, 512, (4,)),
+}
 GEOMETRIES: dict[int, tuple[Geometry, ...]] = {
     W16: (_GLOBAL_X16, _STAGED),
-    E4M3_BLOCK: (_GLOBAL_X8, _STAGED),
-    E4M3_ROW: (_GLOBAL_X8, _STAGED),
-    INT4: (Geometry(1, 1, 8, 1, 0), Geometry(1, 2, 8, 1, 512)),  # (int4: 4 x vectors a step; fewer steps in flight)
+    E4M3_BLOCK: (_GLOBAL_X8, _STAGED, _STAGED_X2[E4M3_BLOCK]),
+    E4M3_ROW: (_GLOBAL_X8, _STAGED, _STAGED_X2[E4M3_ROW]),
+    # (int4: 4 x vectors a step; fewer steps in flight)
+    INT4: (Geometry(1, 1, 8, 1, 0), Geometry(1, 2, 8, 1, 512), _STAGED_X2[INT4]),
 }
 
 
@@ -233,7 +243,7 @@ class SkinnyGemm:
             if module is None:
                 import cupy
 
-                lines = [g.instance(fmt, bf16, f32out, m) for g in GEOMETRIES[fmt] for m in (1, 2, 3, 4)]
+                lines = [g.instance(fmt, bf16, f32out, m) for g in GEOMETRIES[fmt] for m in g.groups]
                 code = "#define SKINNY_INSTANCES " + " ".join(lines) + "\n" + source("skinny_gemm.cu")
                 module = self._modules[family] = cupy.RawModule(code=code)
             kernel = module.get_function(name)
@@ -293,7 +303,11 @@ class SkinnyGemm:
         mt = -(-rows // 8)
         out = []
         for geometry in GEOMETRIES[fmt]:
-            if geometry.smem(fmt, mt) > self._smem_limit or -(-n // geometry.rows_per_block) > DONE_SLOTS:
+            if (
+                mt not in geometry.groups
+                or geometry.smem(fmt, mt) > self._smem_limit
+                or -(-n // geometry.rows_per_block) > DONE_SLOTS
+            ):
                 continue
             fn = self._function(geometry, fmt, bf16, f32out, mt)
             threads, smem = 32 * geometry.warps, geometry.smem(fmt, mt)

@@ -10,7 +10,8 @@ no torch).
 - A split launch gives the same bits twice and leaves its counters at zero; a CUDA graph of it replays new inputs
   to the eager result.
 - Plans of one k range (each block writes y), their staged x over several passes with a shorter last one.
-- The wave-fitted splits (``wave_split``) of every format on a gate/up-like grid.
+- The wave-fitted splits (``wave_split``) of every format on a gate/up-like grid, the two-block geometries (e4m3 at
+  17-32 rows, int4 at 25-32) among the plans there and above.
 - ``Dense.linear`` in a GPU-bound step (``bandwidth_bound``) over 16-bit and FP8 weights: whichever launch it times
   fastest (the skinny GEMM, cuBLASLt or the FP8 paths), the product within the bound, on the timing call and after.
 
@@ -211,7 +212,7 @@ def test_the_wave_fitted_plans_match_float32(fmt: int) -> None:
         else:
             w, sc, values, block = weights(rng, fmt, n, k, dtype)
         waves = 0
-        for rows in (8, 16, 32):
+        for rows in (8, 16, 24, 32):
             call = (rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, *types(dtype, False))
             if fmt == INT4_FMT:
                 plans = sk.plans(fmt, call, int4=(int(rec.data.ptr), k // 128, 1, 0))

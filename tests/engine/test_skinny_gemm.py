@@ -140,7 +140,7 @@ def cpu_gemm(sms: int, resident: int) -> SkinnyGemm:
     gemm._fns, gemm._resident = {}, {}
     for fmt, geometries in GEOMETRIES.items():
         for geometry in geometries:
-            for mt in (1, 2, 3, 4):
+            for mt in geometry.groups:
                 fn = 1 + len(gemm._fns)
                 gemm._fns.update({geometry.name(fmt, b, f, mt): fn for b in (False, True) for f in (False, True)})
                 gemm._resident[(fn, 32 * geometry.warps, geometry.smem(fmt, mt))] = resident
@@ -159,6 +159,8 @@ def test_every_plans_grid_covers_k_in_whole_ranges(fmt: int, resident: int) -> N
         plans = gemm.plans(fmt, call, 1 << 32, -(-k // 128), block, (1 << 33, k // 128, 1, 0))
         assert plans, (n, k, rows)
         for geometry in GEOMETRIES[fmt]:
+            if -(-rows // 8) not in geometry.groups:  # (a two-block geometry below 17 or 25 rows)
+                continue
             fn = gemm._fns[geometry.name(fmt, True, False, -(-rows // 8))]
             mine = [p for p in plans if p.function == fn]
             assert [p.split for p in mine][:1] == [SPLIT_RULE] and len({p.grid[1] for p in mine}) == len(mine)
@@ -182,6 +184,22 @@ def test_every_plans_grid_covers_k_in_whole_ranges(fmt: int, resident: int) -> N
     ranges = 4 if resident == 1 else 7 if fmt == W16 else 8
     wide = {(p.split, p.grid[1]) for p in plans if p.threads == 256}  # (the 8-warp geometries: 224 column blocks)
     assert sorted(wide) == [(SPLIT_RULE, 1), (SPLIT_WAVES, ranges)]
+
+
+def test_the_two_block_geometries_are_offered_at_their_row_groups_only() -> None:
+    gemm = cpu_gemm(SMS, 2)
+    n, k = SHAPES_8B["gate_up"]
+    for fmt, groups in ((E4M3_BLOCK, (3, 4)), (E4M3_ROW, (3, 4)), (INT4, (4,)), (W16, ())):
+        two = [g for g in GEOMETRIES[fmt] if g.min_blocks == 2]
+        assert [g.groups for g in two] == ([groups] if groups else [])
+        for rows in (8, 16, 17, 24, 25, 32):
+            mt = -(-rows // 8)
+            call = (rows, 1 << 20, k, 1 << 24, n, k, 1 << 28, n, 14, 14)
+            block = (128, 128) if fmt == E4M3_BLOCK else None
+            fns = {p.function for p in gemm.plans(fmt, call, 1 << 32, k // 128, block, (1 << 33, k // 128, 1, 0))}
+            offered = {g for g in GEOMETRIES[fmt] if mt in g.groups and gemm._fns[g.name(fmt, True, False, mt)] in fns}
+            assert offered == {g for g in GEOMETRIES[fmt] if mt in g.groups}, (fmt, rows)
+            assert any(g.min_blocks == 2 for g in offered) == (mt in groups), (fmt, rows)
 
 
 def test_plans_leave_out_geometries_of_more_column_blocks_than_counters() -> None:
@@ -222,13 +240,20 @@ def test_takes_refuses_what_the_kernel_cannot_read() -> None:
 def test_every_geometry_a_dense_launches_is_a_default_instance() -> None:
     text = read("skinny_gemm.cu")
     body = text[text.index("#define SKINNY_ROWS(MT)") :]
-    defaults = set(re.findall(r"SKINNY_TYPES\(\w+, (SK_\w+), MT, (\d+), (\d+), (\d+), (\d+), (\d+)\)", body))
+    # (format, MT, geometry): MT "MT" in SKINNY_ROWS (every row group), else the one row group named
+    found = re.findall(r"SKINNY_TYPES\(\w+, (SK_\w+), (MT|\d), (\d+), (\d+), (\d+), (\d+), (\d+)\)", body)
+    defaults = {(f, mt, tuple(int(v) for v in g)) for f, mt, *g in found}
     names = {W16: "SK_W16", E4M3_BLOCK: "SK_E4M3_BLOCK", E4M3_ROW: "SK_E4M3_ROW", INT4: "SK_INT4"}
     for fmt, geometries in GEOMETRIES.items():
         for g in geometries:
-            assert (names[fmt], str(g.nt), str(g.u), str(g.warps), str(g.min_blocks), str(g.kx)) in defaults, (fmt, g)
+            shape = (g.nt, g.u, g.warps, g.min_blocks, g.kx)
+            for mt in g.groups:
+                assert {(names[fmt], "MT", shape), (names[fmt], str(mt), shape)} & defaults, (fmt, g, mt)
     for mt in (1, 2, 3, 4):
         assert f"SKINNY_ROWS({mt})" in text
+    assert len(defaults) == sum(
+        len(g.groups) if g.groups != (1, 2, 3, 4) else 1 for gs in GEOMETRIES.values() for g in gs
+    )
     for name, value in names.items():  # the kernel's FMT codes are the module's
         assert f"#define {value} {name}" in text
 
