@@ -9,7 +9,8 @@ the lanes) and a split of k over the grid's y dimension (:meth:`SkinnyGemm.plans
 float32 sums in a fixed order through a scratch of the SkinnyGemm's own (``part``, and a counter per column block
 in ``done``, zero between launches), so its output does not depend on the order its blocks finish. The geometries
 are those an H100 sweep (``benchmarks/lab_skinny_gemm.py``, 8B shapes, 5-32 rows; benchmarks/RESULTS.md) found
-fastest: x read from global memory alongside the weights, or staged in shared memory.
+fastest: x read from global memory alongside the weights, or staged in shared memory; and for e4m3 and int4 at 17-32
+rows a staged one of two blocks an SM. ``benchmarks/lab_skinny_plans.py`` times every plan a Dense would time.
 """
 
 from __future__ import annotations
