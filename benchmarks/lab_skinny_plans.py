@@ -4,8 +4,9 @@ int4 in groups of 128), every plan's geometry, how its split of k was chosen (``
 ``half``: half of it, ``waves``: the split whose grid fills whole waves of the SMs' resident blocks), its grid, the
 blocks an SM holds of its kernel, the waves its grid takes, and its time in us per call, GB/s of the bytes it must
 read (weights and their scales or records) and percent of the roofline. Each plan is checked against a float32
-reference first (a wrong one prints WRONG and is not timed). After each case: the best of the rule's plans (what a
-Dense chose from before the wave-fitted splits) against the best of all. CUDA graphs of ``--calls`` launches rotate
+reference first (a wrong one prints WRONG and is not timed); ``*`` marks the new ones (a wave-fitted split, or a
+kernel of two blocks an SM). After each case: the best of the plans a Dense timed before them against the best of
+all. CUDA graphs of ``--calls`` launches rotate
 over weight copies larger than the L2, so every call reads HBM. Needs CuPy on a GPU of SM 8.0 or newer (no torch).
 Not a test: tests/engine/test_gpu_skinny_gemm.py is.
 
@@ -90,6 +91,14 @@ def plans_of(sk: Any, extra: dict[str, Any], call: tuple[int, ...], q: Any) -> l
     return sk.plans(fmt, call)
 
 
+def is_new(plan: Any) -> bool:
+    """Whether ``plan`` is one a Dense did not time before the wave-fitted splits and the two-block geometries: a
+    ``waves`` split, or a kernel of two blocks an SM (``_b2_`` in its name, :meth:`Geometry.name`)."""
+    from fi_engine.kernels.skinny_gemm import SPLIT_WAVES
+
+    return bool(plan.split == SPLIT_WAVES or "_b2_" in plan.kernel)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="8,16,32")
@@ -104,7 +113,7 @@ def main() -> None:
     import cupy as cp
 
     from fi_engine.kernels.dense import CUDA_R_16BF, Dense
-    from fi_engine.kernels.skinny_gemm import SPLIT_WAVES, SkinnyGemm
+    from fi_engine.kernels.skinny_gemm import SkinnyGemm
 
     bandwidth = roofline_denominator(0, hbm_tbs=args.hbm_tbs)
     print(bandwidth.line)
@@ -140,7 +149,7 @@ def main() -> None:
                             )
                             for p in by_copy
                         ]
-                        name = f"w{plan.threads // 32} x{plan.smem > 0:d} kc{plan.args[10]}"
+                        name = plan.kernel.split("_m", 1)[1]  # (row groups, tiles, steps, warps, min blocks, staged)
                         y.fill(0)
                         launches[0]()
                         stream.synchronize()
@@ -168,25 +177,28 @@ def main() -> None:
                         gbps = nbytes / us / 1e3
                         waves = plan.grid[0] * plan.grid[1] / (sk.sms * plan.resident)
                         print(
-                            f"  {name:>16} {plan.split:>5} grid {plan.grid[0]:>5} x {plan.grid[1]:<3} "
+                            f"  {'*' if is_new(plan) else ' '} {name:>24} {plan.split:>5} "
+                            f"grid {plan.grid[0]:>5} x {plan.grid[1]:<3} "
                             f"{plan.resident} an SM {waves:5.2f} waves {us:8.1f} us {gbps:6.0f} GB/s "
                             f"{100 * gbps * 1e9 / bandwidth.bytes_per_s:5.1f} %"
                         )
                         timed.append((us, plan))
                         records.append((shape, fmt, rows, name, plan.split, *plan.grid, plan.resident, us, gbps))
-                    old = [t for t in timed if t[1].split != SPLIT_WAVES]
+                    old = [t for t in timed if not is_new(t[1])]
                     if old and timed:
                         b_old, b_all = min(old, key=lambda t: t[0]), min(timed, key=lambda t: t[0])
                         line = (
-                            f"{shape:>8} {fmt:>6} {rows:>3} rows: rule's best {b_old[0]:7.1f} us, all "
-                            f"{b_all[0]:7.1f} us ({b_all[1].split}, grid {b_all[1].grid}): "
+                            f"{shape:>8} {fmt:>6} {rows:>3} rows: before {b_old[0]:7.1f} us, all "
+                            f"{b_all[0]:7.1f} us ({b_all[1].kernel.split('_m', 1)[1]} {b_all[1].split}, grid "
+                            f"{b_all[1].grid}): "
                             f"{100 * (b_old[0] / b_all[0] - 1):+5.1f} %"
                         )
                         summary.append(line)
                         print("  " + line)
                 made = []
                 cp.get_default_memory_pool().free_all_blocks()
-    print("\nthe rule's plans' best against every plan's best (+: the wave-fitted split is faster)")
+    print("\nthe best of the plans a Dense timed before (no wave-fitted split, no two-block kernel) against every")
+    print("plan's best (+: a new plan is that much faster)")
     print("\n".join(summary))
     print(f"wrong: {wrong}")
     if args.csv:

@@ -111,7 +111,7 @@ class SkinnyPlan:
     """One launch: the kernel (``function``, a ``CUfunction`` as an int), ``grid`` (column blocks, k ranges),
     ``threads`` a block, ``smem`` dynamic shared bytes and ``args`` (each an int in an 8-byte slot); ``split``: how
     its k ranges were chosen (:data:`SPLIT_RULE`, :data:`SPLIT_HALF` or :data:`SPLIT_WAVES`), ``resident``: the
-    blocks of its kernel an SM holds."""
+    blocks of its kernel an SM holds, ``kernel``: the kernel's name (:meth:`Geometry.name`)."""
 
     function: int
     grid: tuple[int, int]
@@ -120,6 +120,7 @@ class SkinnyPlan:
     args: tuple[int, ...]
     split: str = "rule"
     resident: int = 1
+    kernel: str = ""
 
 
 def _unit(fmt: int, block_k: int) -> int:
@@ -329,7 +330,8 @@ class SkinnyGemm:
                     continue
                 ranges.add(grid[1])
                 args = (x, w, y, self._part, self._done, rows, n, k, x_ld, y_ld, kc, *quant)
-                out.append(SkinnyPlan(fn, grid, threads, smem, args, split, held))
+                name = geometry.name(fmt, bf16, f32out, mt)
+                out.append(SkinnyPlan(fn, grid, threads, smem, args, split, held, name))
         return out
 
 
