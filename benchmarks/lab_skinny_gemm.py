@@ -6,7 +6,8 @@ against a float32 reference and timed against cuBLAS (``torch.mm``, bfloat16) in
 over weight copies larger than the L2, so every call reads HBM. Prints, for each shape, format and row count, the
 fastest geometry, its us, GB/s of weight bytes and percent of ``--hbm-tbs``, and cuBLAS's; writes every timing to
 ``--csv``. Needs torch and CuPy on a GPU of SM 8.0 or newer; the kernels come from ``--cubin`` (compiled here by
-``--build`` with nvcc, so a GPU run spends no time compiling) or from NVRTC. Not a test: the checks assert.
+``--build`` with nvcc, so a GPU run spends no time compiling) or from NVRTC. Not a test: the checks assert. The
+engine's own candidates (the geometries and splits a Dense times) are benchmarks/lab_skinny_plans.py's.
 
     python benchmarks/lab_skinny_gemm.py --build /tmp/skinny_lab.cubin          # on any machine with nvcc
     python benchmarks/lab_skinny_gemm.py --cubin /tmp/skinny_lab.cubin [--rows 5,8,16,32] [--csv out.csv]

@@ -9,7 +9,8 @@ the lanes) and a split of k over the grid's y dimension (:meth:`SkinnyGemm.plans
 float32 sums in a fixed order through a scratch of the SkinnyGemm's own (``part``, and a counter per column block
 in ``done``, zero between launches), so its output does not depend on the order its blocks finish. The geometries
 are those an H100 sweep (``benchmarks/lab_skinny_gemm.py``, 8B shapes, 5-32 rows; benchmarks/RESULTS.md) found
-fastest: x read from global memory alongside the weights, or staged in shared memory.
+fastest: x read from global memory alongside the weights, or staged in shared memory; and for e4m3 and int4 at 17-32
+rows a staged one of two blocks an SM. ``benchmarks/lab_skinny_plans.py`` times every plan a Dense would time.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ W16, E4M3_BLOCK, E4M3_ROW, INT4 = 0, 1, 2, 3  # weight formats (the kernel's FMT
 _PREFIX = {W16: "skinny", E4M3_BLOCK: "skinny8b", E4M3_ROW: "skinny8r", INT4: "skinny4"}
 _STEP = {W16: 32, E4M3_BLOCK: 64, E4M3_ROW: 64, INT4: 128}  # inputs a lane's 16-byte weight vector covers
 PART_BYTES = 32 << 20  # the split launches' float32 sums
+SPLIT_RULE, SPLIT_HALF, SPLIT_WAVES = "rule", "half", "waves"  # SkinnyPlan.split: splits(), half of it, wave_split()
 DONE_SLOTS = 1 << 16  # column blocks a split launch may have (a uint32 counter each)
 
 
@@ -48,13 +50,14 @@ DONE_SLOTS = 1 << 16  # column blocks a split launch may have (a uint32 counter 
 class Geometry:
     """One launch shape of the kernel: ``nt`` tiles of 16 weight rows a warp, ``u`` steps in flight, ``warps`` a
     block, registers capped for ``min_blocks`` blocks an SM, and ``kx`` inputs of x staged in shared memory at a time
-    (0: each lane reads its x from global memory)."""
+    (0: each lane reads its x from global memory); compiled and offered for ``groups`` groups of 8 rows (1-4)."""
 
     nt: int
     u: int
     warps: int
     min_blocks: int
     kx: int
+    groups: tuple[int, ...] = (1, 2, 3, 4)
 
     def name(self, fmt: int, bf16: bool, f32out: bool, mt: int) -> str:
         """The kernel's name for ``mt`` groups of 8 rows (``csrc/skinny_gemm.cu``'s ``SKINNY``)."""
@@ -86,24 +89,38 @@ class Geometry:
 _GLOBAL_X16 = Geometry(1, 4, 4, 1, 0)
 _STAGED = Geometry(1, 4, 8, 1, 512)
 _GLOBAL_X8 = Geometry(1, 2, 8, 1, 0)
+# two blocks an SM at 17-32 rows, x staged (the one-block geometries' registers, 135-237 there, hold an SM to one
+# block): registers capped at 128, kept where NVRTC's ptxas reports no spills on sm_90 -- e4m3 row scales as
+# _STAGED; e4m3 blocks with 2 steps in flight (4 spill); int4 at 25-32 rows only (17-24 spill)
+_STAGED_X2 = {
+    E4M3_BLOCK: Geometry(1, 2, 8, 2, 512, (3, 4)),
+    E4M3_ROW: Geometry(1, 4, 8, 2, 512, (3, 4)),
+    INT4: Geometry(1, 2, 8, 2, 512, (4,)),
+}
 GEOMETRIES: dict[int, tuple[Geometry, ...]] = {
     W16: (_GLOBAL_X16, _STAGED),
-    E4M3_BLOCK: (_GLOBAL_X8, _STAGED),
-    E4M3_ROW: (_GLOBAL_X8, _STAGED),
-    INT4: (Geometry(1, 1, 8, 1, 0), Geometry(1, 2, 8, 1, 512)),  # (int4: 4 x vectors a step; fewer steps in flight)
+    E4M3_BLOCK: (_GLOBAL_X8, _STAGED, _STAGED_X2[E4M3_BLOCK]),
+    E4M3_ROW: (_GLOBAL_X8, _STAGED, _STAGED_X2[E4M3_ROW]),
+    # (int4: 4 x vectors a step; fewer steps in flight)
+    INT4: (Geometry(1, 1, 8, 1, 0), Geometry(1, 2, 8, 1, 512), _STAGED_X2[INT4]),
 }
 
 
 @dataclass(frozen=True)
 class SkinnyPlan:
     """One launch: the kernel (``function``, a ``CUfunction`` as an int), ``grid`` (column blocks, k ranges),
-    ``threads`` a block, ``smem`` dynamic shared bytes and ``args`` (each an int in an 8-byte slot)."""
+    ``threads`` a block, ``smem`` dynamic shared bytes and ``args`` (each an int in an 8-byte slot); ``split``: how
+    its k ranges were chosen (:data:`SPLIT_RULE`, :data:`SPLIT_HALF` or :data:`SPLIT_WAVES`), ``resident``: the
+    blocks of its kernel an SM holds, ``kernel``: the kernel's name (:meth:`Geometry.name`)."""
 
     function: int
     grid: tuple[int, int]
     threads: int
     smem: int
     args: tuple[int, ...]
+    split: str = "rule"
+    resident: int = 1
+    kernel: str = ""
 
 
 def _unit(fmt: int, block_k: int) -> int:
@@ -116,7 +133,8 @@ def splits(geometry: Geometry, fmt: int, rows: int, n: int, k: int, sms: int, bl
     a multiple of a step and of the scales' blocks (``block_k``: their width in inputs, 0: none), the split sums
     within :data:`PART_BYTES`. On the H100 sweep of the 8B shapes at 5-32 rows (``benchmarks/lab_skinny_gemm.py``)
     the fastest split was this one or half of it but for the QKV shape staged at 32 rows (a quarter, 5 % faster);
-    :meth:`SkinnyGemm.plans` offers both."""
+    :meth:`SkinnyGemm.plans` offers both, and :func:`wave_split`'s where this one's grid leaves the last wave of
+    blocks part empty (the rule counts SMs, not the blocks an SM holds)."""
     blocks = -(-n // geometry.rows_per_block)
     most = max(1, k // _unit(fmt, block_k))
     per_split = blocks * geometry.rows_per_block * 8 * -(-rows // 8) * 4  # bytes of one range's float32 sums
@@ -124,6 +142,48 @@ def splits(geometry: Geometry, fmt: int, rows: int, n: int, k: int, sms: int, bl
     while 2 * blocks * s < 3 * sms and s * 2 <= most and (s * 2) * per_split <= PART_BYTES:
         s *= 2
     return s
+
+
+WAVE_SPLITS = 16  # the most k ranges a wave-fitted split may take (wave_split)
+WAVE_GAIN = 0.05  # how much fuller its waves must be than the rule's split's for a wave-fitted split to be offered
+WAVE_NEAR = 0.02  # splits whose waves are this close to the fullest count as equal (the fewest ranges win)
+
+
+def wave_fill(blocks: int, fmt: int, k: int, s: int, slots: int, block_k: int = 0) -> float:
+    """How full the waves of a launch of ``blocks`` column blocks and ``s`` k ranges run, with ``slots`` blocks
+    resident at a time on the whole GPU (SMs times the blocks an SM holds of the kernel): the work, ``blocks * k``
+    inputs, over what its waves could do, ``ceil(grid / slots) * slots`` blocks each as long as a whole range
+    (``grid = blocks * ranges``, ranges of :func:`range_length`; a last shorter range counts as a whole one). 1.0:
+    every wave full and every range the same length; equal ranges give ``grid / (ceil(grid / slots) * slots)``."""
+    kc = range_length(fmt, k, s, block_k)
+    grid = blocks * -(-k // kc)
+    return blocks * k / (-(-grid // slots) * slots * kc)
+
+
+def wave_split(
+    geometry: Geometry, fmt: int, rows: int, n: int, k: int, sms: int, resident: int, block_k: int = 0
+) -> int | None:
+    """A split of k whose grid fills whole waves of ``sms * resident`` blocks (``resident``: the blocks of the
+    kernel an SM holds, as the driver's occupancy calculator says), offered beside :func:`splits`' rule where the
+    rule's grid leaves a wave part empty: of the splits 1 to :data:`WAVE_SPLITS` (within :data:`PART_BYTES` where
+    above one, and at most one range a step or scale block), those whose :func:`wave_fill` is within
+    :data:`WAVE_NEAR` of the fullest, the fewest ranges of them; returned where its waves are at least
+    :data:`WAVE_GAIN` fuller than the rule's split's, else None. The 8B gate/up shape (224 column blocks of 8 warps)
+    on 132 SMs holding one block each: the rule keeps one range (224 blocks, 1.7 waves, 85 % full), this gives 4
+    (896 blocks, 6.8 waves, 97 %); holding two, 8 (1,792 blocks, 6.8 waves of 264, 97 %)."""
+    blocks = -(-n // geometry.rows_per_block)
+    slots = max(1, sms * resident)
+    most = max(1, k // _unit(fmt, block_k))
+    per_split = blocks * geometry.rows_per_block * 8 * -(-rows // 8) * 4  # bytes of one range's float32 sums
+    rule = splits(geometry, fmt, rows, n, k, sms, block_k)
+    fills = {
+        s: wave_fill(blocks, fmt, k, s, slots, block_k)
+        for s in range(1, min(WAVE_SPLITS, most) + 1)
+        if s == 1 or s * per_split <= PART_BYTES
+    }
+    fullest = max(fills.values())
+    chosen = min(s for s, fill in fills.items() if fill >= fullest - WAVE_NEAR)
+    return chosen if fills[chosen] >= wave_fill(blocks, fmt, k, rule, slots, block_k) + WAVE_GAIN else None
 
 
 def range_length(fmt: int, k: int, s: int, block_k: int = 0) -> int:
@@ -167,6 +227,7 @@ class SkinnyGemm:
         self._smem_limit = int(attrs.get("MaxSharedMemoryPerBlockOptin", 48 << 10))
         self._modules: dict[tuple[int, bool, bool], Any] = {}
         self._fns: dict[str, int] = {}
+        self._resident: dict[tuple[int, int, int], int] = {}  # (function, threads, smem) -> blocks an SM holds
         # the split launches' scratch: float32 sums, and a counter per column block (zero between launches)
         self.part = cupy.empty(PART_BYTES, cupy.uint8) if self.available else None
         self.done = cupy.zeros(DONE_SLOTS, cupy.uint32) if self.available else None
@@ -184,13 +245,36 @@ class SkinnyGemm:
             if module is None:
                 import cupy
 
-                lines = [g.instance(fmt, bf16, f32out, m) for g in GEOMETRIES[fmt] for m in (1, 2, 3, 4)]
+                lines = [g.instance(fmt, bf16, f32out, m) for g in GEOMETRIES[fmt] for m in g.groups]
                 code = "#define SKINNY_INSTANCES " + " ".join(lines) + "\n" + source("skinny_gemm.cu")
                 module = self._modules[family] = cupy.RawModule(code=code)
             kernel = module.get_function(name)
             kernel.max_dynamic_shared_size_bytes = min(self._smem_limit, geometry.smem(fmt, 4))
             fn = self._fns[name] = function_ptr(kernel)
         return fn
+
+    def resident(self, function: int, threads: int, smem: int, fallback: int = 1) -> int:
+        """The blocks of ``threads`` threads and ``smem`` dynamic shared bytes of the kernel ``function`` (a
+        ``CUfunction``) an SM holds at once, as the driver's ``cuOccupancyMaxActiveBlocksPerMultiprocessor`` says
+        (its registers, shared memory and the SM's limits); asked once per kernel and launch shape. ``fallback``
+        where the driver cannot answer (the kernel's ``__launch_bounds__`` minimum, which its registers were capped
+        to fit)."""
+        key = (function, threads, smem)
+        held = self._resident.get(key)
+        if held is None:
+            held = fallback
+            try:
+                from fi_ffi.cuda import libcuda, libcuda_ffi
+
+                lib = libcuda()
+                if lib is not None:
+                    out = libcuda_ffi().new("int*")
+                    if lib.cuOccupancyMaxActiveBlocksPerMultiprocessor(out, function, threads, smem) == 0 and out[0]:
+                        held = int(out[0])
+            except (AttributeError, OSError):  # a driver without the call: the launch bounds' figure
+                pass
+            self._resident[key] = held
+        return held
 
     def plans(
         self,
@@ -204,7 +288,8 @@ class SkinnyGemm:
         """The launches that compute ``y[:rows] = x[:rows] @ W.T`` for the linear call ``call``, ``(rows, x, x_ld, w,
         n, k, y, y_ld, ab_type, c_type)`` as :meth:`~fi_engine.kernels.dense.Dense.linear` takes it (``w`` the
         weight the kernel reads, in format ``fmt``; ``ab_type`` bfloat16 or float16, ``c_type`` float32 or
-        ``ab_type``): for each candidate geometry of :data:`GEOMETRIES`, the split by rule and half of it; or
+        ``ab_type``): for each candidate geometry of :data:`GEOMETRIES`, the split by rule (:func:`splits`), half of
+        it, and the split whose grid fills whole waves of the SMs (:func:`wave_split`, where it beats the rule's); or
         ``[]`` where the kernel does not serve the call: rows outside ``[1, 32]``, ``k`` not a multiple of a step
         (32 inputs, e4m3 64, int4 128), x, ``x_ld`` or W not 16-byte aligned, ``y`` not aligned to its elements,
         block scales whose rows are not a multiple of 16 or whose width is not 64 times a power of two.
@@ -220,16 +305,33 @@ class SkinnyGemm:
         mt = -(-rows // 8)
         out = []
         for geometry in GEOMETRIES[fmt]:
-            if geometry.smem(fmt, mt) > self._smem_limit or -(-n // geometry.rows_per_block) > DONE_SLOTS:
+            if (
+                mt not in geometry.groups
+                or geometry.smem(fmt, mt) > self._smem_limit
+                or -(-n // geometry.rows_per_block) > DONE_SLOTS
+            ):
                 continue
             fn = self._function(geometry, fmt, bf16, f32out, mt)
+            threads, smem = 32 * geometry.warps, geometry.smem(fmt, mt)
+            held = self.resident(fn, threads, smem, geometry.min_blocks)
             best = splits(geometry, fmt, rows, n, k, self.sms, block_k)
-            for s in (best, best // 2) if best > 1 else (best,):
+            chosen = {best: SPLIT_RULE}
+            if best > 1:
+                chosen[best // 2] = SPLIT_HALF
+            waves = wave_split(geometry, fmt, rows, n, k, self.sms, held, block_k)
+            if waves is not None:
+                chosen.setdefault(waves, SPLIT_WAVES)
+            quant = (int4[0], int4[1], int4[3], int4[2]) if fmt == INT4 else (scale, s_ld, bn, bshift)
+            ranges: set[int] = set()
+            for s, split in chosen.items():
                 kc = range_length(fmt, k, s, block_k)
                 grid = (-(-n // geometry.rows_per_block), -(-k // kc))
-                quant = (int4[0], int4[1], int4[3], int4[2]) if fmt == INT4 else (scale, s_ld, bn, bshift)
+                if grid[1] in ranges:  # (two splits may round to the same ranges)
+                    continue
+                ranges.add(grid[1])
                 args = (x, w, y, self._part, self._done, rows, n, k, x_ld, y_ld, kc, *quant)
-                out.append(SkinnyPlan(fn, grid, 32 * geometry.warps, geometry.smem(fmt, mt), args))
+                name = geometry.name(fmt, bf16, f32out, mt)
+                out.append(SkinnyPlan(fn, grid, threads, smem, args, split, held, name))
         return out
 
 

@@ -6,7 +6,8 @@ plan-copy event on every plan, :mod:`fi_ffi.ops.segment_gemm` copies its host-co
 workspace's page-locked buffer (and its prepared form waits for that copy on the call's stream), and the engine's
 small-row GEMV (:mod:`fi_engine.kernels.dense`) is launched with ``cuLaunchKernel`` on an argument array packed once
 (``cuLaunchKernelEx`` where it asks for programmatic dependent launch: a ``CUlaunchConfig`` with one
-``CUlaunchAttribute``, laid out as ``cuda.h`` declares them).
+``CUlaunchAttribute``, laid out as ``cuda.h`` declares them), as are its skinny GEMM's kernels, whose blocks an SM
+holds it asks ``cuOccupancyMaxActiveBlocksPerMultiprocessor``.
 Not through cuda-bindings: its ``cuPointerGetAttribute(s)`` reports device ordinal 0 for every pointer
 (NVIDIA/cuda-python #2928), and each call there costs microseconds (argument objects, an enum per returned error),
 which the per-plan event calls cannot afford. Events and streams are passed as integer handles.
@@ -51,6 +52,7 @@ typedef struct {
     unsigned int numAttrs;
 } CUlaunchConfig;
 int cuLaunchKernelEx(const CUlaunchConfig* config, uintptr_t f, void** kernelParams, void** extra);
+int cuOccupancyMaxActiveBlocksPerMultiprocessor(int* numBlocks, uintptr_t func, int blockSize, size_t dynamicSMemSize);
 """
 ERROR_NOT_READY = 600  # CUDA_ERROR_NOT_READY: an event query whose work is still pending
 

@@ -10,16 +10,24 @@ import pytest
 
 from fi_engine.kernels.cuda_sources import read
 from fi_engine.kernels.skinny_gemm import (
+    DONE_SLOTS,
     E4M3_BLOCK,
     E4M3_ROW,
     GEOMETRIES,
     INT4,
     PART_BYTES,
+    SPLIT_HALF,
+    SPLIT_RULE,
+    SPLIT_WAVES,
     W16,
     Geometry,
+    SkinnyGemm,
+    _unit,
     range_length,
     splits,
     takes,
+    wave_fill,
+    wave_split,
 )
 
 SHAPES_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -64,6 +72,143 @@ def test_splits_keep_the_sums_within_the_scratch_and_ranges_nonempty() -> None:
             assert s == 1 or s * blocks * g.rows_per_block * 8 * -(-rows // 8) * 4 <= PART_BYTES
 
 
+def test_the_wave_split_fills_the_gate_up_grids_waves() -> None:
+    # the 8B gate/up weight (28672 x 4096) on 8 warps of one tile: 224 column blocks; 132 SMs
+    g = Geometry(1, 2, 8, 1, 0)
+    n, k = SHAPES_8B["gate_up"]
+    assert -(-n // g.rows_per_block) == 224
+    assert splits(g, E4M3_BLOCK, 8, n, k, SMS, 128) == 1  # the rule: 224 blocks >= 1.5 an SM, one range
+    # one block an SM: 224 blocks are 2 waves of 132, 224 / 264 full; 4 ranges of 1024 inputs are 896 blocks, 7
+    # waves (924 slots); 8 ranges are 1792 blocks, 14 waves (1848 slots), as full but with twice the sums to add
+    assert wave_fill(224, E4M3_BLOCK, k, 1, 132, 128) == pytest.approx(224 / 264)
+    assert wave_fill(224, E4M3_BLOCK, k, 4, 132, 128) == pytest.approx(896 / 924)
+    assert wave_fill(224, E4M3_BLOCK, k, 8, 132, 128) == pytest.approx(1792 / 1848)
+    assert wave_split(g, E4M3_BLOCK, 8, n, k, SMS, 1, 128) == 4
+    # two blocks an SM (264 slots): 224 blocks are one wave 85 % full, and no split of 2 to 6 ranges fills more; 7
+    # ranges of whole 128-input blocks are 640 inputs (the last 256): 1568 blocks, 6 waves of 264 slots, each as
+    # long as 640 inputs: 224 x 4096 / (6 x 264 x 640) = 0.905; 8 ranges of 512: 1792 blocks, 7 waves, 0.970
+    assert wave_fill(224, E4M3_BLOCK, k, 7, 264, 128) == pytest.approx(224 * 4096 / (6 * 264 * 640))
+    assert wave_fill(224, E4M3_BLOCK, k, 8, 264, 128) == pytest.approx(1792 / 1848)
+    assert wave_split(g, E4M3_BLOCK, 8, n, k, SMS, 2, 128) == 8
+    for fmt in (W16, E4M3_ROW, INT4):
+        assert wave_split(g, fmt, 8, n, k, SMS, 1) == 4, fmt
+    assert wave_split(g, INT4, 8, n, k, SMS, 2) == 8  # (ranges of whole 128-input tiles, as the blocks' above)
+    # 16-bit, ranges of whole 32-input steps: 7 ranges of 608 (the last 448) are 1568 blocks, 6 waves of 264:
+    # 224 x 4096 / (6 x 264 x 608) = 0.953, within WAVE_NEAR of 8 ranges' 0.970, and fewer
+    assert wave_fill(224, W16, k, 7, 264) == pytest.approx(224 * 4096 / (6 * 264 * 608))
+    assert wave_split(g, W16, 8, n, k, SMS, 2) == 7
+
+
+def test_no_wave_split_where_the_rules_grid_fills_its_waves() -> None:
+    # O (4096 x 4096) on 8 warps: 32 blocks, the rule's 8 ranges 256 blocks = 2 waves of 132, 97 % full
+    g = Geometry(1, 2, 8, 1, 0)
+    for name in ("o", "down"):
+        n, k = SHAPES_8B[name]
+        assert splits(g, E4M3_ROW, 8, n, k, SMS) == 8
+        assert wave_fill(32, E4M3_ROW, k, 8, SMS) == pytest.approx(256 / 264)
+        assert wave_split(g, E4M3_ROW, 8, n, k, SMS, 1) is None, name
+        assert wave_split(g, E4M3_ROW, 8, n, k, SMS, 2) is None, name  # 256 of 264: one wave
+    n, k = SHAPES_8B["qkv"]  # 48 blocks, 8 ranges: 384 blocks, 2 waves of 132 (97 %) but 1.45 waves of 264
+    assert wave_split(g, E4M3_ROW, 8, n, k, SMS, 1) is None
+    assert wave_split(g, E4M3_ROW, 8, n, k, SMS, 2) == 11  # 528 blocks: 2 waves of 264 (ranges of 384, last 256)
+
+
+def test_the_wave_split_keeps_within_the_scratch_and_the_steps() -> None:
+    g = Geometry(1, 4, 4, 1, 0)  # 64 rows a block
+    for rows in (1, 8, 17, 32):
+        for n, k in ((28672, 4096), (200_000, 4096), (1 << 20, 4096), (28672, 256), (28672, 64), (6144, 4096)):
+            for resident in (1, 2, 3, 4):
+                s = wave_split(g, W16, rows, n, k, SMS, resident)
+                if s is None:
+                    continue
+                blocks = -(-n // g.rows_per_block)
+                per_split = blocks * g.rows_per_block * 8 * -(-rows // 8) * 4
+                assert 1 <= s <= max(1, k // 32) and (s == 1 or s * per_split <= PART_BYTES), (rows, n, k, s)
+                assert s != splits(g, W16, rows, n, k, SMS)
+    # 1 << 20 rows: one range's sums are 256 MiB at 8 rows, past the scratch: only one range, the rule's
+    assert wave_split(g, W16, 8, 1 << 20, 4096, SMS, 1) is None
+    # k of two steps: at most two ranges (the grid of 2 x 448 blocks on 132 slots fills 7 waves to 97 %)
+    assert wave_split(g, W16, 8, 28672, 64, SMS, 1) == 2
+
+
+def cpu_gemm(sms: int, resident: int) -> SkinnyGemm:
+    """A SkinnyGemm without a GPU, to read its plans: stand-in kernel handles (never launched), ``sms`` SMs holding
+    ``resident`` blocks of every kernel."""
+    gemm = SkinnyGemm.__new__(SkinnyGemm)
+    gemm.available, gemm.sms, gemm._smem_limit = True, sms, 227 << 10
+    gemm._part, gemm._done, gemm._modules = 1 << 30, 1 << 31, {}
+    gemm._fns, gemm._resident = {}, {}
+    for fmt, geometries in GEOMETRIES.items():
+        for geometry in geometries:
+            for mt in geometry.groups:
+                fn = 1 + len(gemm._fns)
+                gemm._fns.update({geometry.name(fmt, b, f, mt): fn for b in (False, True) for f in (False, True)})
+                gemm._resident[(fn, 32 * geometry.warps, geometry.smem(fmt, mt))] = resident
+    return gemm
+
+
+@pytest.mark.parametrize("resident", [1, 2])
+@pytest.mark.parametrize("fmt", [W16, E4M3_BLOCK, E4M3_ROW, INT4], ids=["16bit", "e4m3-block", "e4m3-row", "int4"])
+def test_every_plans_grid_covers_k_in_whole_ranges(fmt: int, resident: int) -> None:
+    gemm = cpu_gemm(SMS, resident)
+    block = (128, 128) if fmt == E4M3_BLOCK else None
+    block_k = 128 if block else 0
+    seen = set()
+    for (n, k), rows in [(s, r) for s in (*SHAPES_8B.values(), (200, 640), (1040, 1408)) for r in (1, 8, 16, 32)]:
+        call = (rows, 1 << 20, k, 1 << 24, n, k, 1 << 28, n, 14, 14)  # bfloat16 in and out
+        plans = gemm.plans(fmt, call, 1 << 32, -(-k // 128), block, (1 << 33, k // 128, 1, 0))
+        assert plans, (n, k, rows)
+        for geometry in GEOMETRIES[fmt]:
+            if -(-rows // 8) not in geometry.groups:  # (a two-block geometry below 17 or 25 rows)
+                continue
+            fn = gemm._fns[geometry.name(fmt, True, False, -(-rows // 8))]
+            mine = [p for p in plans if p.function == fn]
+            assert [p.split for p in mine][:1] == [SPLIT_RULE] and len({p.grid[1] for p in mine}) == len(mine)
+            rule = splits(geometry, fmt, rows, n, k, SMS, block_k)
+            assert mine[0].grid[1] == -(-k // range_length(fmt, k, rule, block_k))
+            for p in mine:
+                kc = p.args[10]
+                assert p.grid[0] == -(-n // geometry.rows_per_block) <= DONE_SLOTS
+                assert kc % _unit(fmt, block_k) == 0 and (p.grid[1] - 1) * kc < k <= p.grid[1] * kc, (p.grid, kc)
+                assert p.resident == resident and p.threads == 32 * geometry.warps
+                per_split = p.grid[0] * geometry.rows_per_block * 8 * -(-rows // 8) * 4
+                assert p.grid[1] == 1 or p.grid[1] * per_split <= PART_BYTES
+                seen.add(p.split)
+                if p.split == SPLIT_WAVES:
+                    assert wave_split(geometry, fmt, rows, n, k, SMS, resident, block_k) is not None
+    assert seen == {SPLIT_RULE, SPLIT_HALF, SPLIT_WAVES}
+    # the gate/up shape at 8 rows: one range by rule, four (one block an SM) or eight (two) fitted to the waves
+    n, k = SHAPES_8B["gate_up"]
+    call = (8, 1 << 20, k, 1 << 24, n, k, 1 << 28, n, 14, 14)
+    plans = gemm.plans(fmt, call, 1 << 32, -(-k // 128), block, (1 << 33, k // 128, 1, 0))
+    ranges = 4 if resident == 1 else 7 if fmt == W16 else 8
+    wide = {(p.split, p.grid[1]) for p in plans if p.threads == 256}  # (the 8-warp geometries: 224 column blocks)
+    assert sorted(wide) == [(SPLIT_RULE, 1), (SPLIT_WAVES, ranges)]
+
+
+def test_the_two_block_geometries_are_offered_at_their_row_groups_only() -> None:
+    gemm = cpu_gemm(SMS, 2)
+    n, k = SHAPES_8B["gate_up"]
+    for fmt, groups in ((E4M3_BLOCK, (3, 4)), (E4M3_ROW, (3, 4)), (INT4, (4,)), (W16, ())):
+        two = [g for g in GEOMETRIES[fmt] if g.min_blocks == 2]
+        assert [g.groups for g in two] == ([groups] if groups else [])
+        for rows in (8, 16, 17, 24, 25, 32):
+            mt = -(-rows // 8)
+            call = (rows, 1 << 20, k, 1 << 24, n, k, 1 << 28, n, 14, 14)
+            block = (128, 128) if fmt == E4M3_BLOCK else None
+            fns = {p.function for p in gemm.plans(fmt, call, 1 << 32, k // 128, block, (1 << 33, k // 128, 1, 0))}
+            offered = {g for g in GEOMETRIES[fmt] if mt in g.groups and gemm._fns[g.name(fmt, True, False, mt)] in fns}
+            assert offered == {g for g in GEOMETRIES[fmt] if mt in g.groups}, (fmt, rows)
+            assert any(g.min_blocks == 2 for g in offered) == (mt in groups), (fmt, rows)
+
+
+def test_plans_leave_out_geometries_of_more_column_blocks_than_counters() -> None:
+    gemm = cpu_gemm(SMS, 1)
+    n = 64 * DONE_SLOTS + 64  # 16-bit: 4 warps of 16 rows take DONE_SLOTS + 1 column blocks, 8 warps half of it
+    plans = gemm.plans(W16, (8, 1 << 20, 64, 1 << 24, n, 64, 1 << 28, n, 14, 14))
+    assert plans and {p.threads for p in plans} == {256} and all(p.grid[0] <= DONE_SLOTS for p in plans)
+
+
 def test_takes_refuses_what_the_kernel_cannot_read() -> None:
     ok = dict(fmt=W16, rows=8, x=256, x_ld=4096, w=1 << 20, n=4096, k=4096, y=512, f32out=False, block=None)
     assert takes(**ok) == (16, 0, 0)
@@ -95,13 +240,20 @@ def test_takes_refuses_what_the_kernel_cannot_read() -> None:
 def test_every_geometry_a_dense_launches_is_a_default_instance() -> None:
     text = read("skinny_gemm.cu")
     body = text[text.index("#define SKINNY_ROWS(MT)") :]
-    defaults = set(re.findall(r"SKINNY_TYPES\(\w+, (SK_\w+), MT, (\d+), (\d+), (\d+), (\d+), (\d+)\)", body))
+    # (format, MT, geometry): MT "MT" in SKINNY_ROWS (every row group), else the one row group named
+    found = re.findall(r"SKINNY_TYPES\(\w+, (SK_\w+), (MT|\d), (\d+), (\d+), (\d+), (\d+), (\d+)\)", body)
+    defaults = {(f, mt, tuple(int(v) for v in g)) for f, mt, *g in found}
     names = {W16: "SK_W16", E4M3_BLOCK: "SK_E4M3_BLOCK", E4M3_ROW: "SK_E4M3_ROW", INT4: "SK_INT4"}
     for fmt, geometries in GEOMETRIES.items():
         for g in geometries:
-            assert (names[fmt], str(g.nt), str(g.u), str(g.warps), str(g.min_blocks), str(g.kx)) in defaults, (fmt, g)
+            shape = (g.nt, g.u, g.warps, g.min_blocks, g.kx)
+            for mt in g.groups:
+                assert {(names[fmt], "MT", shape), (names[fmt], str(mt), shape)} & defaults, (fmt, g, mt)
     for mt in (1, 2, 3, 4):
         assert f"SKINNY_ROWS({mt})" in text
+    assert len(defaults) == sum(
+        len(g.groups) if g.groups != (1, 2, 3, 4) else 1 for gs in GEOMETRIES.values() for g in gs
+    )
     for name, value in names.items():  # the kernel's FMT codes are the module's
         assert f"#define {value} {name}" in text
 

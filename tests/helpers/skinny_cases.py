@@ -53,6 +53,19 @@ def check(got: np.ndarray, x: np.ndarray, values: np.ndarray, rows: int, dtype: 
     return float((err / bound).max())
 
 
+def check_int4(got: np.ndarray, x: np.ndarray, values: np.ndarray, scales: np.ndarray, dtype: str, f32: bool) -> None:
+    """An int4 plan's outputs ``got [rows, n]`` against the float32 reference over ``values [n, k]`` (the int4 GEMV's
+    bound, tests/engine/test_gpu_int4_linear.py: float32 sums of the exact integers code + M -- 128 bfloat16, 1024
+    float16 -- less (M + zero) times x's float32 sum a half tile, times the group's scale ``scales [n, k]``)."""
+    xd = x[: got.shape[0]].astype(np.float64)
+    ref = xd @ values.T
+    big_m = 128 if dtype == "bfloat16" else 1024
+    bound = (np.abs(xd) @ np.abs(values.T)) * 2.0**-20 + (np.abs(xd) @ scales.T) * (big_m + 16) * 2.0**-18
+    bound += (0 if f32 else OUT_ULP[dtype]) * np.abs(ref) + 1e-30
+    err = np.abs(got - ref)
+    assert np.isfinite(got).all() and (err <= bound).all(), f"{float((err / bound).max()):.2f} of the bound"
+
+
 def outputs(dense: Any, plan: Any, rows: int, n: int, ld: int, dtype: str, f32: bool) -> np.ndarray:
     """``plan`` launched into a fresh y of ``ld`` columns filled with a sentinel: its ``[rows, n]`` outputs as float32,
     asserting that nothing past them was written."""

@@ -391,4 +391,9 @@ SKINNY_ROWS(1)
 SKINNY_ROWS(2)
 SKINNY_ROWS(3)
 SKINNY_ROWS(4)
+// two blocks an SM at 17-32 rows (registers capped at 128, none spilled, as NVRTC's ptxas -v reports for sm_90): e4m3
+// row scales staged as above; e4m3 blocks with 2 steps in flight (4 spill); int4 at 25-32 rows only (17-24 spill)
+SKINNY_TYPES(skinny8b, SK_E4M3_BLOCK, 3, 1, 2, 8, 2, 512) SKINNY_TYPES(skinny8b, SK_E4M3_BLOCK, 4, 1, 2, 8, 2, 512)
+SKINNY_TYPES(skinny8r, SK_E4M3_ROW, 3, 1, 4, 8, 2, 512) SKINNY_TYPES(skinny8r, SK_E4M3_ROW, 4, 1, 4, 8, 2, 512)
+SKINNY_TYPES(skinny4, SK_INT4, 4, 1, 2, 8, 2, 512)
 #endif
