@@ -2285,8 +2285,9 @@ EXEMPT: dict[str, str] = {
     **{
         f"lora.segment_form.{name}": "the segment form's host arithmetic, called only by DeviceSlots (GPU) with the "
         "engine's own row slots and addresses; checked against numpy in engine/test_lora_segment_form.py"
-        for name in ("served_segments", "shrink_problems", "expand_problems")
+        for name in ("served_segments", "shrink_problems", "expand_problems", "pack_args")
     },
+    "lora.segment_form.ArgsArena": _GPU,
     "kernels.lora_bgmv.LoraLaunch": "the record shrink_args and expand_args return after their checks (their "
     "generators above); a launch takes only what they made",
     "serve.lora_api.ServedAdapters": "made by build_app from its checked lora_modules and model names (the server's "
