@@ -159,8 +159,9 @@ def test_every_int4_plan_matches_float32(dtype: str, f32: bool, k: int, group_si
 @pytest.mark.parametrize("rows", [8, 32])
 def test_one_range_plans_stage_x_over_several_passes(fmt: int, rows: int) -> None:
     """Plans of one k range (as the gate/up shape of an 8B model takes), reached by telling the SkinnyGemm its GPU
-    has one SM: each block writes y itself, and the staged geometry stages x over three passes of 512 inputs, the
-    last one shorter (16-bit k 1376, e4m3 1344, int4 1536), through both of its buffers. Bounds as above."""
+    has one SM (its wave-fitted splits left out): each block writes y itself, and the staged geometry stages x over
+    three passes of 512 inputs, the last one shorter (16-bit k 1376, e4m3 1344, int4 1536), through both of its
+    buffers. Bounds as above."""
     rng = np.random.default_rng(31 + fmt + rows)
     stream = cupy.cuda.Stream(non_blocking=True)
     n, dtype = 272, "bfloat16"
@@ -181,6 +182,8 @@ def test_one_range_plans_stage_x_over_several_passes(fmt: int, rows: int) -> Non
                 fmt, (rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, *types(dtype, False)),
                 int(sc.data.ptr) if sc is not None else 0, -(-k // 128) if block else 0, block,
             )  # fmt: skip
+        # (one SM holding two blocks of a kernel makes a wave-fitted split of 2 ranges: the test below covers those)
+        plans = [p for p in plans if p.split != SPLIT_WAVES]
         assert plans and all(p.grid[1] == 1 for p in plans), [p.grid for p in plans]
         assert any(p.smem for p in plans), "no staged plan"
         xf = from16(x16, dtype)
