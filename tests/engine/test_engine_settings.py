@@ -28,9 +28,10 @@ def test_the_engine_signature_is_the_settings_fields() -> None:
     assert _keywords(Gemma2Engine) == _keywords(Engine)
 
 
-def test_deepseek_shows_the_settings_and_its_own_argument() -> None:
+def test_deepseek_shows_the_settings_and_its_own_arguments() -> None:
     ds = _keywords(DeepSeekEngine)
     assert ds.pop("fused_routing").default is None
+    assert ds.pop("expert_split").default == "columns"  # how tensor parallelism splits the routed experts
     assert ds == {n: p for n, p in _keywords(Engine).items() if n != "family"}  # it makes its own definition
     assert next(iter(inspect.signature(DeepSeekEngine).parameters)) == "model_dir"
 
