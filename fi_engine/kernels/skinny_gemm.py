@@ -262,7 +262,6 @@ class SkinnyGemm:
         key = (function, threads, smem)
         held = self._resident.get(key)
         if held is None:
-            held = fallback
             try:
                 from fi_ffi.cuda import libcuda, libcuda_ffi
 
@@ -270,11 +269,10 @@ class SkinnyGemm:
                 if lib is not None:
                     out = libcuda_ffi().new("int*")
                     if lib.cuOccupancyMaxActiveBlocksPerMultiprocessor(out, function, threads, smem) == 0 and out[0]:
-                        held = int(out[0])
+                        held = self._resident[key] = int(out[0])  # (only the driver's answer is kept)
             except (AttributeError, OSError):  # a driver without the call: the launch bounds' figure
                 pass
-            self._resident[key] = held
-        return held
+        return fallback if held is None else held
 
     def plans(
         self,

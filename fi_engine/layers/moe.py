@@ -837,9 +837,17 @@ class MoELayer:
         layer's stream (capturable; nothing allocated): an assignment to one of them renumbered from 0, any other
         set to ``num_experts`` with weight 0, which :meth:`forward_static_routed` computes nowhere and adds nothing
         for (:func:`~fi_engine.layers.moe_routing.local_assignments` is the rule on the host). Then the ranks'
-        outputs, summed, are the whole layer's, each assignment served by exactly one rank."""
+        outputs, summed, are the whole layer's, each assignment served by exactly one rank. A layer with expert
+        biases or ``dense_rows`` is refused (their combines read every assignment's row)."""
         if not self.capacity:
             raise ValueError("keep_local_experts: build the layer with capacity= (the fixed-capacity routing buffers)")
+        if self.biases is not None or self.dense_rows:
+            # (the biased combine and the dense-over-experts combine read every assignment's row; only the plain
+            # combine skips the weight-0 entries this leaves)
+            raise ValueError(
+                "keep_local_experts: a layer with expert biases or dense_rows cannot keep only its experts "
+                "(split such a model by columns)"
+            )
         first = arg_int("first", first, 0, (1 << 31) - 1 - self.num_experts)
         tokens = arg_int("tokens", tokens, 0, self.capacity)
         a = tokens * self.top_k

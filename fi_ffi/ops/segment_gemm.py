@@ -569,8 +569,9 @@ def prepare_segment_gemm_problems(
 
     Raises:
         TypeError / ValueError: ``args`` not :class:`SegmentGEMMArgs` of consistent arrays, a misaligned problem
-            (naming the array and problem), ``x``/``out`` dtypes the backend does not take, or ``args_buffer``
-            as :func:`prepare_segment_gemm` refuses it.
+            (naming the array and problem), ``x``/``out`` dtypes the backend does not take, ``x`` off CUDA or
+            ``out``, ``workspace`` or ``args_buffer`` on another device, or ``args_buffer`` as
+            :func:`prepare_segment_gemm` refuses it.
         CudaError: the copy of the argument arrays, or the wait for it, failed.
     """
     if not isinstance(args, SegmentGEMMArgs):
@@ -580,6 +581,11 @@ def prepare_segment_gemm_problems(
     column_major = checks.flag("weight_column_major", weight_column_major)
     copy = checks.flag("copy_args", copy_args)
     xt, yt = checks.tensor("x", x), checks.tensor("out", out)
+    checks.cuda("x", xt)
+    checks.same_device("out", yt, "x", xt)
+    if workspace.device.device_id != xt.device.device_id or not workspace.device.is_cuda:
+        # (the copy stages through the workspace's pinned buffer and records its event on x's stream)
+        raise ValueError(f"workspace: expected a workspace on {xt.device} (same as x), got one on {workspace.device}")
     use_sm90 = _use_sm90(backend, xt)
     checks.dtype_in("x", xt, (*_HALF, *_FP8) if use_sm90 else _HALF)
     checks.dtype_in("out", yt, _HALF)
@@ -594,6 +600,7 @@ def prepare_segment_gemm_problems(
     c = _Call(args, use_sm90, column_major, s)
     buf = checks.tensor("args_buffer", args_buffer)
     checks.device_tensor("args_buffer", buf, 1, "[bytes]", (uint8,))
+    checks.same_device("args_buffer", buf, "x", xt)
     data, offsets = args.pack()
     if buf.shape[0] < len(data):
         raise ValueError(

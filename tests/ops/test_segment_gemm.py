@@ -467,6 +467,34 @@ def test_caller_laid_out_problems_refuse_other_arguments_by_name() -> None:
         prepare_problems(strided_problems(), args_buffer=fake_cuda((16,), "uint8"))
 
 
+def test_caller_laid_out_problems_refuse_other_devices_by_name() -> None:
+    # the copy stages through the workspace's pinned buffer into args_buffer on x's stream: all on x's device
+    on1 = np.zeros(1 << 12, np.uint8)
+    ws1 = fi_ffi.Workspace.from_buffers(
+        fake_cuda((1 << 12,), "uint8", device="cuda:1"),
+        fake_cuda((1 << 12,), "uint8", device="cuda:1"),
+        Tensor.from_pointer(on1.ctypes.data, (1 << 12,), "uint8", "cpu", owner=on1),
+    )
+    cases = [
+        (
+            {"x": Tensor.from_pointer(0x10000, (10, 48), "bfloat16", "cpu")},
+            "x: expected a CUDA device tensor, got one on cpu",
+        ),
+        (
+            {"out": fake_cuda((10, 256), "bfloat16", device="cuda:1")},
+            r"out: expected a tensor on cuda:0 \(same as x\), got cuda:1",
+        ),
+        ({"workspace": ws1}, r"workspace: expected a workspace on cuda:0 \(same as x\), got one on cuda:1"),
+        (
+            {"args_buffer": fake_cuda((512,), "uint8", device="cuda:1")},
+            r"args_buffer: expected a tensor on cuda:0 \(same as x\), got cuda:1",
+        ),
+    ]
+    for change, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            prepare_problems(strided_problems(), copy_args=False, **change)
+
+
 EVENT, STREAM = 0x1234, 0x77  # the workspace's copy event and the call's stream, as handles
 
 
