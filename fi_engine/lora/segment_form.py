@@ -76,14 +76,20 @@ def served_segments(slots: np.ndarray, targets: np.ndarray, bit: int) -> tuple[n
 
 
 def _args(
-    problems: np.ndarray, x_ptr: np.ndarray, w_ptr: np.ndarray, y_ptr: np.ndarray, lds: tuple[int, int, int]
-) -> Any:
-    p = len(problems)
-    as_address = lambda a: np.asarray(a, np.uint64).view(np.int64)  # noqa: E731  (addresses past 2**63 keep their bits)
+    m: np.ndarray, n: Any, k: Any, offsets: tuple[np.ndarray, np.ndarray, np.ndarray], bases: tuple[int, int, int],
+    lds: tuple[int, int, int],
+) -> Any:  # fmt: skip
+    """Problems ``(m[p], n[p], k[p])`` (``n``, ``k``: arrays or one int for all) whose x, weight and output start at
+    ``offsets`` (int64 ``[P]`` byte offsets each) from ``bases`` (addresses; sums wrap in 64 bits, so addresses past
+    2**63 keep their bits), leading dimensions ``lds`` (elements) for all."""
+    p = len(m)
+    problems = np.empty((p, 3), np.int32)
+    problems[:, 0], problems[:, 1], problems[:, 2] = m, n, k
+    pointers = (np.array(bases, np.uint64)[:, None] + np.stack(offsets).astype(np.uint64)).view(np.int64)
+    strides = np.repeat(np.array(lds, np.int64)[:, None], p, 1)
     return kernels.SegmentGEMMArgs(
-        problems=np.asarray(problems, np.int32).reshape(p, 3), x_ptr=as_address(x_ptr), w_ptr=as_address(w_ptr),
-        y_ptr=as_address(y_ptr), x_ld=np.full(p, lds[0], np.int64), w_ld=np.full(p, lds[1], np.int64),
-        y_ld=np.full(p, lds[2], np.int64), segments=np.arange(p, dtype=np.int64),
+        problems=problems, x_ptr=pointers[0], w_ptr=pointers[1], y_ptr=pointers[2], x_ld=strides[0],
+        w_ld=strides[1], y_ld=strides[2], segments=np.arange(p, dtype=np.int64),
     )  # fmt: skip
 
 
@@ -95,13 +101,9 @@ def shrink_problems(
     column-major): for each served run ``(start, length, slot)`` of :func:`served_segments`, ``(length, width, k)``
     over ``x`` rows from ``start`` (stride ``x_ld`` elements), ``A_slot`` at ``a + slot * a_slot`` elements (``[width,
     k]``, leading dimension ``k``) and ``t`` rows from ``start`` (stride ``t_ld``). Addresses in bytes."""
-    starts, lengths, ids = runs
-    problems = np.stack([lengths, np.full_like(lengths, width), np.full_like(lengths, k)], 1)
-    u = np.uint64
-    x_ptr = u(x) + (starts * x_ld * itemsize).astype(u)
-    w_ptr = u(a) + (ids * a_slot * itemsize).astype(u)
-    y_ptr = u(t) + (starts * t_ld * itemsize).astype(u)
-    return _args(problems, x_ptr, w_ptr, y_ptr, (x_ld, k, t_ld))
+    starts, lengths, ids = (np.asarray(v, np.int64) for v in runs)
+    offsets = starts * (x_ld * itemsize), ids * (a_slot * itemsize), starts * (t_ld * itemsize)
+    return _args(lengths, width, k, offsets, (x, a, t), (x_ld, k, t_ld))
 
 
 def expand_problems(
@@ -121,17 +123,17 @@ def expand_problems(
     ``p * rank`` on (rows from ``start``, stride ``t_ld``), ``Bt_slot``'s columns ``off_p`` on (``bt + slot * b_slot``
     elements, ``[rank, n]``, leading dimension ``n = sum(outs)``) and ``z``'s columns ``off_p`` on (stride ``z_ld``).
     Run-major: the parts of a run follow each other."""
-    starts, lengths, ids = runs
-    n, parts = sum(outs), len(outs)
-    offsets = np.concatenate([[0], np.cumsum(outs)[:-1]]).astype(np.int64)
-    part = np.tile(np.arange(parts), len(starts))
-    start, length, slot = (np.repeat(v, parts) for v in (starts, lengths, ids))
-    problems = np.stack([length, np.asarray(outs, np.int64)[part], np.full_like(length, rank)], 1)
-    u = np.uint64
-    x_ptr = u(t) + ((start * t_ld + part * rank) * itemsize).astype(u)
-    w_ptr = u(bt) + ((slot * b_slot + offsets[part]) * itemsize).astype(u)
-    y_ptr = u(z) + ((start * z_ld + offsets[part]) * itemsize).astype(u)
-    return _args(problems, x_ptr, w_ptr, y_ptr, (t_ld, n, z_ld))
+    starts, lengths, ids = (np.asarray(v, np.int64)[:, None] for v in runs)  # [runs, 1] against [parts]: run-major
+    sizes = np.asarray(outs, np.int64)
+    columns = np.cumsum(sizes) - sizes  # each part's first column in Bt and z
+    t_columns = np.arange(len(outs)) * rank  # ... and in t
+    offsets = (
+        ((starts * t_ld + t_columns) * itemsize).ravel(),
+        ((ids * b_slot + columns) * itemsize).ravel(),
+        ((starts * z_ld + columns) * itemsize).ravel(),
+    )
+    m, n = np.repeat(lengths[:, 0], len(outs)), np.tile(sizes, len(starts))
+    return _args(m, n, rank, offsets, (t, bt, z), (t_ld, int(sizes.sum()), z_ld))
 
 
 def pack_args(gemm_args: Sequence[Any]) -> tuple[np.ndarray, list[int]]:
