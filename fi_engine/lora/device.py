@@ -161,22 +161,22 @@ class DeviceSlots:
         t, t_ld = int(form.t.data.ptr), form.t.shape[1]
         z = int(form.scratch_z().data.ptr)
 
-        def problems(at: int) -> tuple[Any, Any]:  # layer at's shrink and expand
-            a_at, a_slot, width, _ = self.shrink_operands(group, at)
-            e = self.expand_operands(group, at, slots)
+        def problems() -> tuple[Any, Any]:  # this layer's shrink and expand
+            a_at, a_slot, width, _ = self.shrink_operands(group, layer)
+            e = self.expand_operands(group, layer, slots)
             shrink = shrink_problems(runs, x, x_ld, a_at, a_slot, width, g.k, t, t_ld)
             return shrink, expand_problems(runs, t, t_ld, e.bt, e.b_slot, e.rank, g.outs, z, g.n)
 
-        # the key: every value the group's GEMM arrays hold but a layer's A and Bt addresses (those follow from the
-        # slot arrays' in the key and the layer): the served runs (starts, lengths and slot of each: how the row
-        # slots and the slots' targets reach the GEMMs; a slot reloaded with an adapter of other groups keeps the
-        # row slots but changes them, and problems of the old runs would leave z's rows of the new ones stale),
-        # rows, x and its stride, and t and z (the form's, fixed); the group fixes k, the parts and n
+        # the key, with the layer: every value the group's GEMM arrays hold but a layer's A and Bt addresses (those
+        # follow from the slot arrays' in the key and the layer): the served runs (starts, lengths and slot of each:
+        # how the row slots and the slots' targets reach the GEMMs; a slot reloaded with an adapter of other groups
+        # keeps the row slots but changes them, and problems of the old runs would leave z's rows of the new ones
+        # stale), rows, x and its stride, and t and z (the form's, fixed); the group fixes k, the parts and n
         served = b"".join(v.tobytes() for v in runs)
         a, bt = (int(v.data.ptr) for v in self.arrays[group])
         key = (group, rows, x, x_ld, served, a, bt, t, z)
         operands = (form.tensor(x, (rows, g.k)), form.tensor(t, (rows, t_ld)), form.tensor(z, (rows, g.n)))
-        shrink_gemm, expand_gemm = form.prepared(key, layer, self.layout.num_layers, problems, operands, self.stream)
+        shrink_gemm, expand_gemm = form.prepared(key, layer, problems, operands, self.stream)
         shrink_gemm()
         expand_gemm()
         scale, targets = int(self.scale.data.ptr), int(self.targets.data.ptr)

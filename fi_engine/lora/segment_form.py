@@ -17,17 +17,21 @@ skipped):
 The scale is applied last, in float32; ``t`` and ``z`` are rounded to 16 bits (the CUDA-core form keeps ``t`` in
 float32 and rounds once), so the two forms differ by a few 16-bit ulps of the adapter's term.
 
-The segments come from the host (the step's row slots, :meth:`SegmentForm.begin_step`). A projection group's first
-launch in a pass prepares that group's GEMMs of every layer (the layers differ only in the slots' A and Bt
-addresses): their argument arrays packed into one host buffer (:func:`pack_args`) and copied to the GPU in one copy
-on the stream (:class:`ArgsArena`), so a pass makes one copy per group where the served runs are new and none where
-they are not (a prefill repeated with the same rows and adapters). A pass under CUDA-graph capture takes the CUDA-core
-form, whose launches read the slots on the device at each replay.
+The segments come from the host (the step's row slots, :meth:`SegmentForm.begin_step`). Each layer's GEMMs of a
+group are prepared at that layer's own launch (:class:`PreparedGemms`; the layers differ only in the slots' A and Bt
+addresses): the layer's shrink and expand checked, their argument arrays packed into one host buffer
+(:func:`pack_args`) and copied to the GPU in one asynchronous copy on the stream (:class:`ArgsArena`), then kept by
+what they read and the layer. So a pass whose served runs are new makes one copy a layer and group, each queued just
+before that layer's launches: the host prepares layer ``l`` while the GPU still runs the layers before it, and the
+preparation hides behind their work rather than standing before the first launch. A pass of the same runs (a prefill
+repeated with the same rows and adapters) prepares and copies nothing. A pass under CUDA-graph capture takes the
+CUDA-core form, whose launches read the slots on the device at each replay.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import accumulate
 from typing import Any
 
 import numpy as np
@@ -39,6 +43,7 @@ __all__ = [
     "ARENA_BYTES",
     "SEGMENT_MIN_ROWS",
     "ArgsArena",
+    "PreparedGemms",
     "SegmentForm",
     "expand_problems",
     "pack_args",
@@ -52,7 +57,7 @@ SEGMENT_MIN_ROWS = 64
 ARENA_BYTES = 4 << 20
 """The argument arrays' device arena at first (:class:`ArgsArena`; a page-locked host buffer as large beside it):
 some 60 bytes a problem, so a 32-layer model's four groups of 16 served runs (64 problems a layer with q/k/v's
-expand) take 0.5 MiB a pass shape. It grows where one pass needs more than half of it."""
+expand) take some 0.6 MiB a pass shape. It grows where one pass needs more than half of it."""
 
 _ARENA_ALIGN = 256  # bytes between packs in the arena (the arrays within a pack: 16, as the kernels need)
 
@@ -71,14 +76,20 @@ def served_segments(slots: np.ndarray, targets: np.ndarray, bit: int) -> tuple[n
 
 
 def _args(
-    problems: np.ndarray, x_ptr: np.ndarray, w_ptr: np.ndarray, y_ptr: np.ndarray, lds: tuple[int, int, int]
-) -> Any:
-    p = len(problems)
-    as_address = lambda a: np.asarray(a, np.uint64).view(np.int64)  # noqa: E731  (addresses past 2**63 keep their bits)
+    m: np.ndarray, n: Any, k: Any, offsets: tuple[np.ndarray, np.ndarray, np.ndarray], bases: tuple[int, int, int],
+    lds: tuple[int, int, int],
+) -> Any:  # fmt: skip
+    """Problems ``(m[p], n[p], k[p])`` (``n``, ``k``: arrays or one int for all) whose x, weight and output start at
+    ``offsets`` (int64 ``[P]`` byte offsets each) from ``bases`` (addresses; sums wrap in 64 bits, so addresses past
+    2**63 keep their bits), leading dimensions ``lds`` (elements) for all."""
+    p = len(m)
+    problems = np.empty((p, 3), np.int32)
+    problems[:, 0], problems[:, 1], problems[:, 2] = m, n, k
+    pointers = (np.array(bases, np.uint64)[:, None] + np.stack(offsets).astype(np.uint64)).view(np.int64)
+    strides = np.repeat(np.array(lds, np.int64)[:, None], p, 1)
     return kernels.SegmentGEMMArgs(
-        problems=np.asarray(problems, np.int32).reshape(p, 3), x_ptr=as_address(x_ptr), w_ptr=as_address(w_ptr),
-        y_ptr=as_address(y_ptr), x_ld=np.full(p, lds[0], np.int64), w_ld=np.full(p, lds[1], np.int64),
-        y_ld=np.full(p, lds[2], np.int64), segments=np.arange(p, dtype=np.int64),
+        problems=problems, x_ptr=pointers[0], w_ptr=pointers[1], y_ptr=pointers[2], x_ld=strides[0],
+        w_ld=strides[1], y_ld=strides[2], segments=np.arange(p, dtype=np.int64),
     )  # fmt: skip
 
 
@@ -90,13 +101,9 @@ def shrink_problems(
     column-major): for each served run ``(start, length, slot)`` of :func:`served_segments`, ``(length, width, k)``
     over ``x`` rows from ``start`` (stride ``x_ld`` elements), ``A_slot`` at ``a + slot * a_slot`` elements (``[width,
     k]``, leading dimension ``k``) and ``t`` rows from ``start`` (stride ``t_ld``). Addresses in bytes."""
-    starts, lengths, ids = runs
-    problems = np.stack([lengths, np.full_like(lengths, width), np.full_like(lengths, k)], 1)
-    u = np.uint64
-    x_ptr = u(x) + (starts * x_ld * itemsize).astype(u)
-    w_ptr = u(a) + (ids * a_slot * itemsize).astype(u)
-    y_ptr = u(t) + (starts * t_ld * itemsize).astype(u)
-    return _args(problems, x_ptr, w_ptr, y_ptr, (x_ld, k, t_ld))
+    starts, lengths, ids = (np.asarray(v, np.int64) for v in runs)
+    offsets = starts * (x_ld * itemsize), ids * (a_slot * itemsize), starts * (t_ld * itemsize)
+    return _args(lengths, width, k, offsets, (x, a, t), (x_ld, k, t_ld))
 
 
 def expand_problems(
@@ -116,26 +123,27 @@ def expand_problems(
     ``p * rank`` on (rows from ``start``, stride ``t_ld``), ``Bt_slot``'s columns ``off_p`` on (``bt + slot * b_slot``
     elements, ``[rank, n]``, leading dimension ``n = sum(outs)``) and ``z``'s columns ``off_p`` on (stride ``z_ld``).
     Run-major: the parts of a run follow each other."""
-    starts, lengths, ids = runs
-    n, parts = sum(outs), len(outs)
-    offsets = np.concatenate([[0], np.cumsum(outs)[:-1]]).astype(np.int64)
-    part = np.tile(np.arange(parts), len(starts))
-    start, length, slot = (np.repeat(v, parts) for v in (starts, lengths, ids))
-    problems = np.stack([length, np.asarray(outs, np.int64)[part], np.full_like(length, rank)], 1)
-    u = np.uint64
-    x_ptr = u(t) + ((start * t_ld + part * rank) * itemsize).astype(u)
-    w_ptr = u(bt) + ((slot * b_slot + offsets[part]) * itemsize).astype(u)
-    y_ptr = u(z) + ((start * z_ld + offsets[part]) * itemsize).astype(u)
-    return _args(problems, x_ptr, w_ptr, y_ptr, (t_ld, n, z_ld))
+    starts, lengths, ids = (np.asarray(v, np.int64)[:, None] for v in runs)  # [runs, 1] against [parts]: run-major
+    sizes = np.asarray(outs, np.int64)
+    columns = np.cumsum(sizes) - sizes  # each part's first column in Bt and z
+    t_columns = np.arange(len(outs)) * rank  # ... and in t
+    offsets = (
+        ((starts * t_ld + t_columns) * itemsize).ravel(),
+        ((ids * b_slot + columns) * itemsize).ravel(),
+        ((starts * z_ld + columns) * itemsize).ravel(),
+    )
+    m, n = np.repeat(lengths[:, 0], len(outs)), np.tile(sizes, len(starts))
+    return _args(m, n, rank, offsets, (t, bt, z), (t_ld, int(sizes.sum()), z_ld))
 
 
 def pack_args(gemm_args: Sequence[Any]) -> tuple[np.ndarray, list[int]]:
-    """The argument arrays of several segment GEMMs (:class:`~fi_ffi.ops.segment_gemm.SegmentGEMMArgs`) in one
-    host buffer, for one copy: each GEMM's :meth:`~fi_ffi.ops.segment_gemm.SegmentGEMMArgs.pack` bytes (its arrays
-    at 16-byte aligned offsets, its length a multiple of 16; at least 16 bytes for one of no problem) one after
-    another. ``(buffer, offsets)``: uint8 ``[bytes]`` and each GEMM's byte offset in it, in the order given."""
+    """The argument arrays of several segment GEMMs (:class:`~fi_ffi.ops.segment_gemm.SegmentGEMMArgs`; a layer's
+    shrink and expand) in one host buffer, for one copy: each GEMM's
+    :meth:`~fi_ffi.ops.segment_gemm.SegmentGEMMArgs.pack` bytes (its arrays at 16-byte aligned offsets, its length a
+    multiple of 16; at least 16 bytes for one of no problem) one after another. ``(buffer, offsets)``: uint8
+    ``[bytes]`` and each GEMM's byte offset in it, in the order given."""
     parts = [a.pack()[0] or bytes(16) for a in gemm_args]
-    offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])[:-1]]).astype(int).tolist()
+    offsets = list(accumulate((len(p) for p in parts[:-1]), initial=0))
     return np.frombuffer(b"".join(parts), np.uint8), offsets
 
 
@@ -176,12 +184,93 @@ class ArgsArena:
         rt.memcpyAsync(self.device.ptr + at, self.host.ctypes.data + at, len(data), rt.memcpyHostToDevice, stream.ptr)
 
 
+class PreparedGemms:
+    """The prepared (shrink, expand) segment GEMMs of each group's layers a pass has launched, kept by what they
+    read and the layer (:meth:`get`), their argument arrays in an :class:`ArgsArena` (made at the first preparation)
+    on CuPy ``cupy``'s device ``device_id``, the GEMMs run with ``workspace`` (the SM90 kernel's scratch)."""
+
+    def __init__(self, cupy: Any, workspace: Any, device_id: int) -> None:
+        self.cupy, self.workspace, self.device_id = cupy, workspace, device_id
+        self.arena: ArgsArena | None = None
+        self._pass_bytes = 0  # arena bytes this pass's packs took (what the arena must hold at once, at least)
+        self._gemms: dict[tuple[Any, int], tuple[Any, Any]] = {}
+
+    def begin_pass(self) -> None:
+        """A pass begins: the arena's growth (where it fills) counts its packs from here."""
+        self._pass_bytes = 0
+
+    def get(
+        self,
+        key: tuple[Any, ...],
+        layer: int,
+        problems: Callable[[], tuple[Any, Any]],
+        operands: tuple[Any, Any, Any],
+        stream: Any,
+    ) -> tuple[Any, Any]:
+        """The prepared (shrink, expand) GEMMs of layer ``layer`` of the group whose GEMMs ``key`` describes: every
+        value their arrays hold but the layer's A and Bt addresses (the served runs, rows, addresses of x, the slot
+        arrays, ``t`` and ``z``, strides). On a miss, that layer's alone: ``problems()`` gives its shrink and expand
+        :class:`~fi_ffi.ops.segment_gemm.SegmentGEMMArgs`, ``operands`` the descriptors of x, ``t`` and ``z`` (the
+        kernel reads their dtypes); both are checked, then their arrays packed into one host buffer
+        (:func:`pack_args`) and copied into the arena in one copy on ``stream``, queued behind the launches before."""
+        found = self._gemms.get((key, layer))
+        if found is None:
+            found = self._gemms[(key, layer)] = self._prepare(problems(), operands, stream)
+        return found
+
+    def _prepare(self, pair: tuple[Any, Any], operands: tuple[Any, Any, Any], stream: Any) -> tuple[Any, Any]:
+        data, offsets = pack_args(pair)
+        at = self._take(len(data), stream)
+        assert self.arena is not None
+        base = self.arena.device.ptr + at
+        ends = [*offsets[1:], len(data)]
+
+        def prepare(i: int, args: Any, x: Any, out: Any, column_major: bool) -> Any:
+            view = kernels.Tensor(base + offsets[i], (ends[i] - offsets[i],), "uint8", self.device_id)
+            return kernels.prepare_segment_gemm_problems(
+                args, x, out, column_major, workspace=self.workspace, args_buffer=view, backend="sm90",
+                stream=stream.ptr, copy_args=False,
+            )  # fmt: skip
+
+        x, t, z = operands
+        gemms = prepare(0, pair[0], x, t, True), prepare(1, pair[1], t, z, False)
+        self.arena.copy(at, data, stream)  # (after both checks: nothing copied for problems refused)
+        return gemms
+
+    def _take(self, nbytes: int, stream: Any) -> int:
+        """An arena offset of ``nbytes``; where the arena is full, the stream drains, every prepared GEMM is dropped
+        (their arrays' parts reused) and the arena grows to twice this pass's packs where they would not fit."""
+        at = None if self.arena is None else self.arena.take(nbytes)
+        if at is None:
+            stream.synchronize()  # (no launch reading the arena's arrays in flight past this)
+            self._gemms.clear()  # (this pass's layers launched before prepared again at their next launch)
+            need = 2 * (self._pass_bytes + nbytes + _ARENA_ALIGN)
+            if self.arena is None or self.arena.nbytes < need:
+                self.arena = None  # (freed before the larger one is made)
+                self.arena = ArgsArena(self.cupy, max(ARENA_BYTES, need))
+            self.arena.reset()
+            self._pass_bytes = 0
+            at = self.arena.take(nbytes)
+            assert at is not None
+        self._pass_bytes += nbytes + _ARENA_ALIGN
+        return at
+
+    def clear(self) -> None:
+        """Drop every prepared GEMM and free the arena (the caller's stream drained first)."""
+        self._gemms.clear()
+        self.arena = None
+
+    @property
+    def count(self) -> int:
+        """The prepared (shrink, expand) pairs kept: one per layer launched of each group and pass shape."""
+        return len(self._gemms)
+
+
 class SegmentForm:
     """The segment form's state for one engine's slots (:class:`~fi_engine.lora.device.DeviceSlots`): the 16-bit
     scratch ``t`` (``[max_rows, t_width]``) and ``z`` (``[max_rows, max n]``, allocated at the first use), a
     workspace of its own (the SM90 kernel's scratch), the step's row slots, and the prepared GEMMs of each group's
-    layers by what they read (:meth:`prepared`), their argument arrays in an :class:`ArgsArena` (made at the first
-    use)."""
+    layers (:meth:`prepared`, :class:`PreparedGemms`)."""
 
     def __init__(self, cupy: Any, dtype: str, device_id: int, max_rows: int, t_width: int, max_n: int) -> None:
         self.cupy, self.dtype, self.device_id = cupy, dtype, device_id
@@ -189,16 +278,14 @@ class SegmentForm:
         self.t = cupy.zeros((max_rows, t_width), np.uint16)
         self.z: Any = None
         self.workspace = kernels.Workspace.allocate(device_id, float_bytes=32 << 20, int_bytes=1 << 16)
-        self.arena: ArgsArena | None = None
+        self.gemms = PreparedGemms(cupy, self.workspace, device_id)
         self._slots: np.ndarray | None = None
-        self._pass_bytes = 0  # arena bytes this pass's packs took (what the arena must hold at once, at least)
-        self._prepared: dict[tuple[Any, ...], list[tuple[Any, Any]]] = {}
 
     def begin_step(self, slots: np.ndarray | None) -> None:
         """The row slots of the pass about to run (the host's ``lora_slots`` of its rows, copied), or None after it:
         :meth:`covers` answers only for the pass whose slots were given."""
         self._slots = None if slots is None else np.array(slots, np.int32)
-        self._pass_bytes = 0
+        self.gemms.begin_pass()
 
     def covers(self, rows: int) -> bool:
         """Whether the step's row slots are known for a pass of ``rows`` rows (:meth:`begin_step`)."""
@@ -219,72 +306,23 @@ class SegmentForm:
         self,
         key: tuple[Any, ...],
         layer: int,
-        layers: int,
-        problems: Callable[[int], tuple[Any, Any]],
+        problems: Callable[[], tuple[Any, Any]],
         operands: tuple[Any, Any, Any],
         stream: Any,
     ) -> tuple[Any, Any]:
-        """The prepared (shrink, expand) GEMMs of layer ``layer`` of the group whose GEMMs ``key`` describes: every
-        value their arrays hold but the layer's A and Bt addresses (the served runs, rows, addresses of x, the slot
-        arrays, ``t`` and ``z``, strides). On a miss, those of all ``layers`` layers: ``problems(l)`` gives layer
-        ``l``'s shrink and expand :class:`~fi_ffi.ops.segment_gemm.SegmentGEMMArgs`, ``operands`` the descriptors
-        of x, ``t`` and ``z`` (the kernel reads their dtypes); each GEMM is checked, then all their arrays are
-        packed into one host buffer (:func:`pack_args`) and copied into the arena in one copy on ``stream``."""
-        found = self._prepared.get(key)
-        if found is None:
-            found = self._prepared[key] = self._prepare_layers(layers, problems, operands, stream)
-        return found[layer]
-
-    def _prepare_layers(
-        self, layers: int, problems: Callable[[int], tuple[Any, Any]], operands: tuple[Any, Any, Any], stream: Any
-    ) -> list[tuple[Any, Any]]:
-        pairs = [problems(layer) for layer in range(layers)]
-        data, offsets = pack_args([args for pair in pairs for args in pair])
-        at = self._take(len(data), stream)
-        assert self.arena is not None
-        base = self.arena.device.ptr + at
-        ends = [*offsets[1:], len(data)]
-
-        def prepare(i: int, args: Any, x: Any, out: Any, column_major: bool) -> Any:
-            view = kernels.Tensor(base + offsets[i], (ends[i] - offsets[i],), "uint8", self.device_id)
-            return kernels.prepare_segment_gemm_problems(
-                args, x, out, column_major, workspace=self.workspace, args_buffer=view, backend="sm90",
-                stream=stream.ptr, copy_args=False,
-            )  # fmt: skip
-
-        x, t, z = operands
-        gemms = [(prepare(2 * i, s, x, t, True), prepare(2 * i + 1, e, t, z, False)) for i, (s, e) in enumerate(pairs)]
-        self.arena.copy(at, data, stream)  # (after every check: nothing copied for problems refused)
-        return gemms
-
-    def _take(self, nbytes: int, stream: Any) -> int:
-        """An arena offset of ``nbytes``; where the arena is full, the stream drains, every prepared GEMM is dropped
-        (their arrays' parts reused) and the arena grows to twice this pass's packs where they would not fit."""
-        at = None if self.arena is None else self.arena.take(nbytes)
-        if at is None:
-            stream.synchronize()  # (no launch reading the arena's arrays in flight past this)
-            self._prepared.clear()  # (this pass's groups prepared again at their next launch)
-            need = 2 * (self._pass_bytes + nbytes + _ARENA_ALIGN)
-            if self.arena is None or self.arena.nbytes < need:
-                self.arena = None  # (freed before the larger one is made)
-                self.arena = ArgsArena(self.cupy, max(ARENA_BYTES, need))
-            self.arena.reset()
-            self._pass_bytes = 0
-            at = self.arena.take(nbytes)
-            assert at is not None
-        self._pass_bytes += nbytes + _ARENA_ALIGN
-        return at
+        """The prepared (shrink, expand) GEMMs of layer ``layer`` of the group whose GEMMs ``key`` describes,
+        prepared at this call where they are not kept (:meth:`PreparedGemms.get`)."""
+        return self.gemms.get(key, layer, problems, operands, stream)
 
     def close(self) -> None:
         """Free the workspace and the arena (the caller's stream drained first: no launch of the form in flight)."""
-        self._prepared.clear()
-        self.arena = None
+        self.gemms.clear()
         self.workspace.close()
 
     @property
     def prepared_count(self) -> int:
-        """The prepared (shrink, expand) pairs kept: one per layer of each group and pass shape the form has served."""
-        return sum(len(pairs) for pairs in self._prepared.values())
+        """The prepared (shrink, expand) pairs kept: one per layer launched of each group and pass shape served."""
+        return self.gemms.count
 
     @property
     def slots(self) -> np.ndarray:

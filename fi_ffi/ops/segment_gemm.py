@@ -58,7 +58,7 @@ from ..launch.launcher import check_tensor, launcher
 from ..launch.pointer_rules import PointerRules
 from ..launch.registry import op
 from ..tensor import intake
-from ..tensor.descriptor import Tensor
+from ..tensor.descriptor import Tensor, relocated
 from ..tensor.protocols import IndexLike, StreamLike, TensorLike, TensorT
 from ..tensor.streams import stream_handle
 from .attention.host_index import host_array
@@ -126,26 +126,35 @@ class SegmentGEMMArgs:
         return int(self.problems.shape[0])
 
     def pack(self) -> tuple[bytes, dict[str, int]]:
-        """The arrays laid out one after another, each at a 16-byte aligned offset: (bytes, name -> offset)."""
-        parts = {
-            "all_problems": self.problems,
-            "x_ptr": self.x_ptr,
-            "w_ptr": self.w_ptr,
-            "y_ptr": self.y_ptr,
-            "x_ld": self.x_ld,
-            "w_ld": self.w_ld,
-            "y_ld": self.y_ld,
-        }
+        """The arrays laid out one after another, each at a 16-byte aligned offset: (bytes, name -> offset); for
+        arrays of the dtypes and shapes above, the layout ``_packed_layout`` gives for their count."""
         offsets: dict[str, int] = {}
         chunks: list[bytes] = []
         at = 0
-        for name, arr in parts.items():
+        for name, attr in _PACKED:
             offsets[name] = at
-            data = np.ascontiguousarray(arr).tobytes()
+            data = np.ascontiguousarray(getattr(self, attr)).tobytes()
             pad = -len(data) % _ALIGN
             chunks.append(data + bytes(pad))
             at += len(data) + pad
         return b"".join(chunks), offsets
+
+
+_PACKED = (("all_problems", "problems"), ("x_ptr", "x_ptr"), ("w_ptr", "w_ptr"), ("y_ptr", "y_ptr"),
+           ("x_ld", "x_ld"), ("w_ld", "w_ld"), ("y_ld", "y_ld"))  # fmt: skip
+"""(name in the packed layout, :class:`SegmentGEMMArgs` attribute) of each array the kernels read, in layout order."""
+_ITEM_BYTES = (12, 8, 8, 8, 8, 8, 8)  # each array's bytes a problem: (m, n, k) int32, then int64 values
+
+
+def _packed_layout(count: int) -> tuple[dict[str, int], int]:
+    """``(name -> byte offset, bytes)`` of :meth:`SegmentGEMMArgs.pack` for ``count`` problems: int32 ``[count, 3]``
+    problems, then six int64 ``[count]`` arrays, each at a 16-byte aligned offset."""
+    offsets: dict[str, int] = {}
+    at = 0
+    for (name, _), itemsize in zip(_PACKED, _ITEM_BYTES, strict=True):
+        offsets[name] = at
+        at += -(-itemsize * count // _ALIGN) * _ALIGN
+    return offsets, at
 
 
 def segment_gemm_args(
@@ -412,12 +421,12 @@ def _checked(
 
 
 def _arrays(base: int, offsets: dict[str, int], count: int, dev: Any) -> list[Tensor]:
-    """Descriptors of the packed argument arrays at device address ``base`` (problems, then the six int64 arrays)."""
-    out = [Tensor(base + offsets["all_problems"], (count, 3), int32, dev)]
-    out += [
-        Tensor(base + offsets[n], (count,), int64, dev) for n in ("x_ptr", "w_ptr", "y_ptr", "x_ld", "w_ld", "y_ld")
-    ]
-    return out
+    """Descriptors of the packed argument arrays at device address ``base`` (problems, then the six int64 arrays),
+    inside a buffer whose range the caller checked (so the six share one parsed layout, moved unchecked)."""
+    problems = Tensor(base + offsets["all_problems"], (count, 3), int32, dev)
+    values = Tensor(base + offsets["x_ptr"], (count,), int64, dev)
+    rest = [relocated(values, base + offsets[n]) for n in ("w_ptr", "y_ptr", "x_ld", "w_ld", "y_ld")]
+    return [problems, values, *rest]
 
 
 def _launch(c: _Call, workspace: Workspace, arrays: list[Tensor], x: Any, out: Any) -> None:
@@ -601,10 +610,10 @@ def prepare_segment_gemm_problems(
     buf = checks.tensor("args_buffer", args_buffer)
     checks.device_tensor("args_buffer", buf, 1, "[bytes]", (uint8,))
     checks.same_device("args_buffer", buf, "x", xt)
-    data, offsets = args.pack()
-    if buf.shape[0] < len(data):
+    offsets, nbytes = _packed_layout(args.count)  # (the bytes themselves packed only for a copy of our own)
+    if buf.shape[0] < nbytes:
         raise ValueError(
-            f"args_buffer: the argument arrays of {args.count} problems need {len(data)} bytes, got {buf.shape[0]}"
+            f"args_buffer: the argument arrays of {args.count} problems need {nbytes} bytes, got {buf.shape[0]}"
         )
     check_tensor("args_buffer", buf, output=True)
     if buf.data_ptr % _ALIGN:
@@ -612,7 +621,7 @@ def prepare_segment_gemm_problems(
     disjoint("args_buffer", buf, "workspace.float_buffer", workspace.float_buffer)
     arrays = _arrays(buf.data_ptr, offsets, args.count, buf.device)
     if args.count and copy:
-        _copy_and_wait(workspace, buf, data, s)
+        _copy_and_wait(workspace, buf, args.pack()[0], s)
     return PreparedSegmentGEMM(c, arrays, (workspace, x, None, out, args_buffer))
 
 
@@ -632,7 +641,21 @@ def _check_problems(args: SegmentGEMMArgs, x_size: int, y_size: int, column_majo
         a = getattr(args, name)
         if not isinstance(a, np.ndarray) or a.shape != (p,) or a.dtype != np.int64:
             raise TypeError(f"args.{name}: expected an int64 array of {p} entries (one per problem), got {a!r:.60}")
+    # every rule in a few array operations over all problems (this runs on every preparation, and the engine
+    # prepares a layer's GEMMs as it launches them); the rules one by one only to name the first broken one
     mnk = problems.astype(np.int64)
+    k, n, w_width = mnk[:, 2], mnk[:, 1], mnk[:, 2] if column_major else mnk[:, 1]
+    values = np.stack((args.x_ptr, args.w_ptr, args.y_ptr, args.x_ld * x_size, args.w_ld * x_size,
+                       args.y_ld * y_size, k * x_size, n * y_size))  # fmt: skip
+    # (an int64 address past 2**63 is negative; % 16 of it is still the address's: 2**64 is a multiple of 16)
+    room = np.stack((args.x_ld - k, args.y_ld - n, args.w_ld - w_width))  # leading dimensions past the rows' ends
+    if (values % _ALIGN).any() or not values[:3].all() or (mnk <= 0).any() or (room < 0).any():
+        _name_broken_rule(args, mnk, x_size, y_size, column_major)
+
+
+def _name_broken_rule(args: SegmentGEMMArgs, mnk: np.ndarray, x_size: int, y_size: int, column_major: bool) -> None:
+    """Raise the ValueError of the first rule of :func:`_check_problems` a problem breaks, naming the array and the
+    problem (the slow path: only where the checks over all problems found one)."""
     sizes = {"x_ptr": x_size, "w_ptr": x_size, "y_ptr": y_size, "x_ld": x_size, "w_ld": x_size, "y_ld": y_size}
     rules = [(name, getattr(args, name).view(np.uint64) % _ALIGN != 0, "a 16-byte aligned address") for name in
              ("x_ptr", "w_ptr", "y_ptr")]  # fmt: skip
@@ -648,6 +671,7 @@ def _check_problems(args: SegmentGEMMArgs, x_size: int, y_size: int, column_majo
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise ValueError(f"args.{name}: problem {i} breaks the kernels' rule ({rule})")
+    raise AssertionError("a rule of _check_problems found broken, but none named")  # (the two lists disagree)
 
 
 @op()

@@ -203,10 +203,10 @@ def test_the_segment_form_matches_the_cuda_core_form(rank: int, rows: int, monke
 def test_a_slot_reloaded_with_a_group_it_left_alone_is_served_in_the_segment_form(
     rows: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # the stale-cache case: down's segment GEMMs prepared (both layers) over the runs of slots 0 and 2 (slot 1's
-    # adapter leaves down alone); then slot 1 reloaded (DeviceSlots.write) with an adapter that changes down, same
-    # row slots: the same rows and addresses must now take slot 1's runs too. GEMMs kept by the row slots alone
-    # would leave z's rows of slot 1 as they were (filled here with 1.0, so the add moves them past any bound)
+    # the stale-cache case: down's segment GEMMs prepared (each layer at its launch) over the runs of slots 0 and 2
+    # (slot 1's adapter leaves down alone); then slot 1 reloaded (DeviceSlots.write) with an adapter that changes
+    # down, same row slots: the same rows and addresses must now take slot 1's runs too. GEMMs kept by the row slots
+    # alone would leave z's rows of slot 1 as they were (filled here with 1.0, so the add moves them past any bound)
     # while the add, which reads the targets on the device, adds them. Both layers against the CUDA-core form with
     # the same state (bound: check_forms_agree), before and after the reload; the first pass again hits its GEMMs.
     from fi_engine.lora.slots import PackedAdapter
@@ -236,7 +236,7 @@ def test_a_slot_reloaded_with_a_group_it_left_alone_is_served_in_the_segment_for
 
         both_layers(targets, *host["down"])
         kept = form.prepared_count
-        assert kept == 2  # down's GEMMs of both layers, prepared at its first launch
+        assert kept == 2  # down's GEMMs of both layers, each prepared at that layer's first launch
         both_layers(targets, *host["down"])
         assert form.prepared_count == kept  # the same pass again: its GEMMs found, none prepared
         a16 = bf16_bits((rng.standard_normal(ds.layout.a_shape(g)) * 0.05).astype(np.float32))

@@ -2,16 +2,26 @@
 a pass builds from its row slots (mixed adapters, rows of none, an adapter that leaves the group alone) against a
 row-by-row numpy reference, and the shrink and expand problems it lays out, executed here in numpy over stand-in
 memory (each problem's pointers and leading dimensions read back into arrays), against the LoRA formula
-``y + scale_s * B_s A_s x`` per row; and every layer's problems packed into the one host buffer a pass copies, each
-array read back from it against the problems' own."""
+``y + scale_s * B_s A_s x`` per row; GEMMs' problems packed into the one host buffer a copy takes, each array read
+back from it against the problems' own; and the prepared GEMMs (PreparedGemms, over fi_ffi's real
+prepare_segment_gemm_problems and a stand-in for the CuPy calls of the arena, which needs a GPU): each layer prepared
+and copied at its own launch alone, kept for a pass of the same runs, prepared anew for new runs, and a full arena
+drained before its parts are written again."""
 
 from __future__ import annotations
 
+import ctypes
+from types import SimpleNamespace
+from typing import Any
+
 import numpy as np
 import pytest
+from helpers.attention_plans import workspace
 
+from fi_engine.kernels import flashinfer as kernels
+from fi_engine.lora import segment_form
 from fi_engine.lora.batch import NO_ADAPTER, segments
-from fi_engine.lora.segment_form import expand_problems, pack_args, served_segments, shrink_problems
+from fi_engine.lora.segment_form import PreparedGemms, expand_problems, pack_args, served_segments, shrink_problems
 
 pytestmark = pytest.mark.cpu_only
 
@@ -140,10 +150,10 @@ ARRAYS = (("all_problems", "problems", np.int32), ("x_ptr", "x_ptr", np.int64), 
 
 
 @pytest.mark.parametrize("layers", [1, 3, 32])
-def test_every_layers_problems_packed_in_one_buffer_read_back_as_their_arrays(layers: int) -> None:
+def test_gemms_problems_packed_in_one_buffer_read_back_as_their_arrays(layers: int) -> None:
     # a group's shrink and expand of each layer, as DeviceSlots._apply_segments lays them out (only A's and Bt's
-    # addresses differ between layers), packed for the one copy: each GEMM's part starts 16-byte aligned, the
-    # parts do not overlap, and each array read back at its offset is the problems' own
+    # addresses differ between layers), packed for one copy: each GEMM's part starts 16-byte aligned, the parts do
+    # not overlap, and each array read back at its offset is the problems' own
     rng = np.random.default_rng(layers)
     slots = prefill_slots(rng, 7)
     targets = np.array([BIT | 1, 1, BIT, BIT | 8], np.int64)
@@ -182,3 +192,136 @@ def test_a_gemm_of_no_problem_keeps_a_part_of_its_own() -> None:
                            16)  # fmt: skip
     data, offsets = pack_args([none, some])
     assert none.count == 0 and offsets == [0, 16] and len(data) == 16 + len(some.pack()[0])
+
+
+class StandInCupy:
+    """Stands in for the CuPy calls :class:`~fi_engine.lora.segment_form.ArgsArena` makes (CuPy needs a GPU): its
+    device memory and page-locked buffer as host bytes, ``runtime.memcpyAsync`` copying at once, each copy kept as
+    ``(device address, bytes)`` with the stream's drains before it (:attr:`epochs`), and a stream whose drains are
+    counted."""
+
+    def __init__(self) -> None:
+        self.copies: list[tuple[int, bytes]] = []
+        self.epochs: list[int] = []
+        self.drains = 0
+        self.stream = SimpleNamespace(ptr=0x77, synchronize=self._drain)
+        runtime = SimpleNamespace(memcpyAsync=self._copy, memcpyHostToDevice=1)
+        self.cuda = SimpleNamespace(Memory=self._memory, alloc_pinned_memory=bytearray, runtime=runtime)
+
+    @staticmethod
+    def _memory(nbytes: int) -> Any:
+        host = np.zeros(nbytes + 256, np.uint8)
+        return SimpleNamespace(ptr=(host.ctypes.data + 255) // 256 * 256, host=host)  # (256-aligned, as cudaMalloc)
+
+    def _copy(self, dst: int, src: int, nbytes: int, kind: int, stream: int) -> None:
+        assert kind == 1 and stream == 0x77, "a copy host to device, on the launches' stream"
+        self.copies.append((dst, ctypes.string_at(src, nbytes)))
+        self.epochs.append(self.drains)
+        ctypes.memmove(dst, src, nbytes)
+
+    def _drain(self) -> None:
+        self.drains += 1
+
+
+K, OUTS, RANK = 4096, (4096, 1024, 1024), 16  # an 8B-shaped q/k/v group
+N, WIDTH = sum(OUTS), len(OUTS) * RANK
+X, A, T, BT, Z = (v << 40 for v in range(1, 6))  # addresses of x, the slots' A, t, the slots' Bt and z
+LAYERS = 32
+
+
+class Launches:
+    """A group's launches over the served runs of ``slots``, as DeviceSlots._apply_segments makes them: its key, and
+    each layer's problems (recording the layers asked for) and operands."""
+
+    def __init__(self, slots: np.ndarray) -> None:
+        self.runs = served_segments(slots, np.array([BIT, BIT, BIT, BIT], np.int64), BIT)
+        self.key = ("qkv", len(slots), X, K, b"".join(v.tobytes() for v in self.runs), A, BT, T, Z)
+        self.asked: list[int] = []
+        rows = len(slots)
+        self.operands = tuple(kernels.Tensor(v, (rows, c), "bfloat16", 0) for v, c in ((X, K), (T, WIDTH), (Z, N)))
+
+    def problems(self, layer: int) -> tuple[Any, Any]:
+        self.asked.append(layer)
+        a_layer, b_layer = WIDTH * K, RANK * N  # elements between layers, in one slot
+        a, bt = A + 2 * layer * a_layer, BT + 2 * layer * b_layer  # this layer's in slot 0
+        shrink = shrink_problems(self.runs, X, K, a, LAYERS * a_layer, WIDTH, K, T, WIDTH)
+        return shrink, expand_problems(self.runs, T, WIDTH, bt, LAYERS * b_layer, RANK, OUTS, Z, N)
+
+    def launch(self, gemms: PreparedGemms, cupy: StandInCupy, layer: int) -> tuple[Any, Any]:
+        return gemms.get(self.key, layer, lambda: self.problems(layer), self.operands, cupy.stream)
+
+
+def device_arrays(gemm: Any) -> np.ndarray:
+    """The (m, n, k) rows a prepared GEMM's kernel would read, from the stand-in device memory it points at."""
+    sizes = gemm.problem_sizes
+    return np.frombuffer(ctypes.string_at(sizes.data_ptr, 12 * gemm.count), np.int32).reshape(gemm.count, 3)
+
+
+def test_a_layer_is_prepared_and_copied_at_its_own_launch_alone() -> None:
+    cupy = StandInCupy()
+    gemms = PreparedGemms(cupy, workspace(), 0)
+    slots = np.repeat(np.array([0, 2], np.int32), [1500, 2596])
+    group = Launches(slots)
+    shrink, expand = group.launch(gemms, cupy, 3)
+    assert group.asked == [3] and gemms.count == 1  # no other layer prepared
+    assert len(cupy.copies) == 1  # the layer's shrink and expand in one copy
+    data, offsets = pack_args(Launches(slots).problems(3))
+    dst, copied = cupy.copies[0]
+    assert copied == data.tobytes() and dst == shrink.problem_sizes.data_ptr - offsets[0]
+    assert expand.problem_sizes.data_ptr == dst + offsets[1]  # each GEMM reads its own part of the copy
+    assert device_arrays(shrink).tolist() == [[1500, WIDTH, K], [2596, WIDTH, K]]
+    assert device_arrays(expand)[:, 1].tolist() == [*OUTS, *OUTS]  # (run-major: each run's q, k, v)
+    group.launch(gemms, cupy, 4)
+    assert group.asked == [3, 4] and len(cupy.copies) == 2 and gemms.count == 2
+    assert cupy.copies[1][0] >= dst + len(data)  # layer 4's part after layer 3's: nothing written twice
+
+
+def test_a_pass_of_the_same_runs_reuses_its_layers_and_new_runs_prepare_anew() -> None:
+    cupy = StandInCupy()
+    gemms = PreparedGemms(cupy, workspace(), 0)
+    slots = np.repeat(np.array([1, NO_ADAPTER], np.int32), [4000, 96])
+    group = Launches(slots)
+    first = []
+    for _ in range(2):  # two passes of the same runs
+        gemms.begin_pass()
+        first.append([group.launch(gemms, cupy, layer) for layer in range(LAYERS)])
+    assert group.asked == list(range(LAYERS)) and len(cupy.copies) == LAYERS  # the second pass prepared nothing
+    assert all(a is b for a, b in zip(*first, strict=True))
+    assert len({dst for dst, _ in cupy.copies}) == LAYERS
+    shorter = Launches(slots[:-16])  # the next prompt 16 tokens shorter: other rows, so other GEMMs
+    gemms.begin_pass()
+    for layer in range(LAYERS):
+        shorter.launch(gemms, cupy, layer)
+        assert shorter.asked == list(range(layer + 1))  # each layer prepared at its own launch
+    assert len(cupy.copies) == 2 * LAYERS and gemms.count == 2 * LAYERS
+    assert cupy.drains == 1  # (only where the arena was made, at the first preparation)
+
+
+def test_a_full_arena_drains_the_stream_before_its_parts_are_written_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(segment_form, "ARENA_BYTES", 4096)  # (a few layers' parts)
+    cupy = StandInCupy()
+    gemms = PreparedGemms(cupy, workspace(), 0)
+    group = Launches(np.zeros(200, np.int32))
+    gemms.begin_pass()
+    for layer in range(LAYERS):
+        group.launch(gemms, cupy, layer)
+    assert cupy.drains >= 2  # (the first where the arena was made)
+    for epoch in range(cupy.drains + 1):  # each part written once between drains
+        written = [dst for (dst, _), at in zip(cupy.copies, cupy.epochs, strict=True) if at == epoch]
+        assert len(written) == len(set(written)), f"a part written twice before a drain: {written}"
+    assert gemms.count == cupy.epochs.count(cupy.drains) < LAYERS  # those before the last drain dropped
+    group.launch(gemms, cupy, LAYERS - 1)  # the last layer, prepared since
+    assert len(group.asked) == LAYERS
+    group.launch(gemms, cupy, 0)  # the first, dropped at a drain: prepared again
+    assert group.asked[-1] == 0 and len(group.asked) == LAYERS + 1
+
+
+def test_refused_problems_copy_nothing() -> None:
+    cupy = StandInCupy()
+    gemms = PreparedGemms(cupy, workspace(), 0)
+    group = Launches(np.zeros(200, np.int32))
+    misaligned = lambda: (shrink_problems(group.runs, X + 2, K, A, LAYERS * WIDTH * K, WIDTH, K, T, WIDTH),  # noqa: E731
+                          group.problems(0)[1])  # fmt: skip
+    with pytest.raises(ValueError, match=r"args\.x_ptr: problem 0 .*16-byte aligned"):
+        gemms.get(group.key, 0, misaligned, group.operands, cupy.stream)
+    assert cupy.copies == [] and gemms.count == 0

@@ -437,6 +437,9 @@ def test_caller_laid_out_problems_without_the_copy_point_into_the_callers_buffer
         ({"y_ld": np.array([256, -256], np.int64)}, r"args\.y_ld: problem 1 .*y_ld >= n"),
         ({"w_ld": np.array([192, 56], np.int64)}, r"args\.w_ld: problem 1 .*w_ld >= k column-major, n row-major"),
         ({"problems": [[10, 128, 16], [10, 64, 16]]}, r"args\.problems: expected an int32 \[P, 3\] array"),
+        ({"x_ld": np.array([48, 8], np.int64)}, r"args\.x_ld: problem 1 .*x_ld >= k"),
+        ({"y_ptr": np.array([0x30000, 0], np.int64)}, r"args\.y_ptr: problem 1 .*not NULL"),
+        ({"w_ptr": np.array([0x20000, -8], np.int64)}, r"args\.w_ptr: problem 1 .*16-byte aligned address"),
     ],
     ids=[
         "x misaligned",
@@ -449,11 +452,34 @@ def test_caller_laid_out_problems_without_the_copy_point_into_the_callers_buffer
         "y_ld negative",
         "w_ld under n",
         "problems a list",
+        "x_ld under k",
+        "y NULL",
+        "w past 2**63 misaligned",
     ],
 )
 def test_a_problem_the_kernel_cannot_take_is_named(change: dict[str, Any], pattern: str) -> None:
     with pytest.raises((TypeError, ValueError), match=pattern):
         prepare_problems(strided_problems(**change))
+
+
+def test_addresses_past_2_63_pass_where_aligned() -> None:
+    # (int64 arrays hold such addresses negative; their alignment is the address's)
+    high = np.array([-(1 << 20), -(1 << 20) + 256], np.int64)
+    args = strided_problems(w_ptr=high)
+    assert prepare_problems(args, copy_args=False).count == 2
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 3, 5, 17])
+def test_the_packed_layout_of_a_count_is_packs_own(count: int) -> None:
+    # prepare_segment_gemm_problems(copy_args=False) points the arrays' descriptors at _packed_layout's offsets
+    # without packing: they must be where pack() puts the arrays, and as many bytes
+    rng = np.random.default_rng(count)
+    ints = lambda: rng.integers(1, 1 << 40, count, dtype=np.int64)  # noqa: E731
+    args = G.SegmentGEMMArgs(rng.integers(1, 1 << 20, (count, 3), dtype=np.int32), ints(), ints(), ints(), ints(),
+                             ints(), ints(), np.arange(count, dtype=np.int64))  # fmt: skip
+    data, offsets = args.pack()
+    assert G._packed_layout(count) == (offsets, len(data))
+    assert all(at % 16 == 0 for at in offsets.values())
 
 
 def test_caller_laid_out_problems_refuse_other_arguments_by_name() -> None:

@@ -2288,6 +2288,9 @@ EXEMPT: dict[str, str] = {
         for name in ("served_segments", "shrink_problems", "expand_problems", "pack_args")
     },
     "lora.segment_form.ArgsArena": _GPU,
+    "lora.segment_form.PreparedGemms": "SegmentForm's part (GPU), made over its own workspace and asked only by "
+    "DeviceSlots with the engine's own problems; its preparation per layer checked on the CPU in "
+    "engine/test_lora_segment_form.py",
     "kernels.lora_bgmv.LoraLaunch": "the record shrink_args and expand_args return after their checks (their "
     "generators above); a launch takes only what they made",
     "serve.lora_api.ServedAdapters": "made by build_app from its checked lora_modules and model names (the server's "
