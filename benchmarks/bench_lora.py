@@ -25,8 +25,9 @@ The ratio column is each row's tokens/s over ``base``'s at the same batch. ``--p
 prefill one prompt of ``N`` tokens (and sample its first token) in each engine, with and without an adapter: what
 the adapters' launches cost a prefill's thousands of rows; with an adapter, once per form of
 ``--lora-prefill-form`` (comma-separated; default ``cuda-cores,segment``): ``cuda-cores`` (the CUDA-core kernels in
-the engine's prefill graph, its default), ``cuda-cores-eager`` (the same without the graph) and ``segment``
-(FlashInfer's segment GEMMs on tensor cores, ``DeviceSlots.prefill_segment_gemm``: SM 9.x only, run eagerly):
+the engine's prefill graph, its form off SM 9.x), ``cuda-cores-eager`` (the same without the graph) and ``segment``
+(FlashInfer's segment GEMMs on tensor cores, ``DeviceSlots.prefill_segment_gemm``, the engine's default on SM 9.x,
+run eagerly):
 
     python3 benchmarks/bench_lora.py --model /tmp/llama8b --adapters /tmp/llama8b-loras --batches 1 --lora-fused off \
         --prefill 4096 --lora-prefill-form cuda-cores,cuda-cores-eager,segment

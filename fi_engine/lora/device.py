@@ -25,13 +25,13 @@ class DeviceSlots:
     """``slots`` GPU slots of ``layout`` in ``dtype`` on CuPy's current device, for steps of up to ``max_rows`` token
     rows, the kernels launched on ``stream`` (a ``cupy.cuda.Stream``)."""
 
-    prefill_segment_gemm = False
+    prefill_segment_gemm = True
     """Whether a pass of more than :attr:`segment_min_rows` rows (a prefill's) runs its adapters' shrink and expand
     as FlashInfer's segment GEMMs on tensor cores (:mod:`fi_engine.lora.segment_form`) where they fit (an SM 9.x GPU,
     a rank and part sizes of multiples of 8, no CUDA-graph capture, the pass's row slots known); else the CUDA-core
-    kernels. A 4096-token prefill with a rank-16 adapter on the 8B shape took 133.6 ms against 157.2 with the
-    CUDA-core kernels (base 99.3; H200, benchmarks/RESULTS.md); off by default until the form's launches keyed by
-    the served runs and its alignment fallback have run on a GPU. Read at each launch: set it on the class
+    kernels. A 4096-token prefill with a rank-16 adapter on the 8B shape took 131.9 ms against 157.1 with the
+    CUDA-core kernels, and 136.6 against 157.6 where each pass's prompt was 16 tokens shorter than the last, as in
+    serving (base 100.0; H200, benchmarks/RESULTS.md). Read at each launch: set it on the class to compare
     (``benchmarks/bench_lora.py --lora-prefill-form``)."""
 
     segment_min_rows = SEGMENT_MIN_ROWS
