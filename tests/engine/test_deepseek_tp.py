@@ -159,13 +159,8 @@ def test_mla_heads_split_across_ranks_sum_to_the_whole_attention(n: int) -> None
         assert np.array_equal(got[1], uv[r * local : (r + 1) * local])
 
 
-def _swiglu(x: np.ndarray, gate_up: np.ndarray, down: np.ndarray) -> np.ndarray:
-    gu = x @ gate_up.T
-    g, u = gu[:, : gu.shape[1] // 2], gu[:, gu.shape[1] // 2 :]
-    return (g / (1 + np.exp(-g)) * u) @ down.T
-
-
-@pytest.mark.parametrize(
+# V3's routing (sigmoid scores, groups, a scaling factor, renormalized) and V2-Lite's (softmax, two shared experts)
+V3_AND_V2_ROUTING = pytest.mark.parametrize(
     ("routing", "renormalize", "shared"),
     [
         (DeepSeekRouting("noaux_tc", "sigmoid", 4, 2, 2.5, 1), True, 1),  # V3
@@ -173,6 +168,15 @@ def _swiglu(x: np.ndarray, gate_up: np.ndarray, down: np.ndarray) -> np.ndarray:
     ],
     ids=["v3", "v2"],
 )
+
+
+def _swiglu(x: np.ndarray, gate_up: np.ndarray, down: np.ndarray) -> np.ndarray:
+    gu = x @ gate_up.T
+    g, u = gu[:, : gu.shape[1] // 2], gu[:, gu.shape[1] // 2 :]
+    return (g / (1 + np.exp(-g)) * u) @ down.T
+
+
+@V3_AND_V2_ROUTING
 @pytest.mark.parametrize("n", [2, 4])
 def test_routed_and_shared_expert_columns_sum_to_the_whole_moe_layer(
     routing: DeepSeekRouting, renormalize: bool, shared: int, n: int
@@ -503,14 +507,7 @@ def test_the_expert_split_refuses_a_bad_value_and_a_model_without_routed_experts
         DeepSeek(expert_split="experts").check(SimpleNamespace(tensor_parallel=2, cuda_graph=False), cfg)
 
 
-@pytest.mark.parametrize(
-    ("routing", "renormalize", "shared"),
-    [
-        (DeepSeekRouting("noaux_tc", "sigmoid", 4, 2, 2.5, 1), True, 1),  # V3
-        (DeepSeekRouting("greedy", "softmax", 1, 1, 1.0, 2), False, 2),  # V2-Lite: two shared experts
-    ],
-    ids=["v3", "v2"],
-)
+@V3_AND_V2_ROUTING
 @pytest.mark.parametrize("n", [2, 4])
 def test_each_assignment_is_served_on_exactly_one_rank_and_the_ranks_sum_to_the_layer(
     routing: DeepSeekRouting, renormalize: bool, shared: int, n: int
