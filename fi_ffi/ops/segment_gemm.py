@@ -682,7 +682,7 @@ def segment_gemm_args_bytes(batch_size: int) -> int:
         TypeError / ValueError: ``batch_size`` not an int >= 0.
     """
     n = checks.integer("batch_size", batch_size, 0)
-    return -(-12 * n // _ALIGN) * _ALIGN + 6 * (-(-8 * n // _ALIGN) * _ALIGN)
+    return _packed_layout(n)[1]
 
 
 def _copy_and_wait(ws: Workspace, buf: Tensor, data: bytes, stream: int) -> None:
