@@ -56,6 +56,7 @@ ONE_GPU_VARIANTS = (
     "again",
     "no-pipeline",
     "one-graph",
+    "no-tune",
     "any-rows",
     "no-gemv-pipeline",
     "silu-prologue",
@@ -315,6 +316,8 @@ def set_variant(variant: str) -> None:
         LlamaEngine.pipelined_decode = False
     if variant == "no-attn-pdl":  # the fused step's attention runs launched without programmatic dependent launch
         ModelRunner.attention_pdl = False
+    if variant == "no-tune":  # each GEMM shape's launch as timed alone, not tried in the captured step
+        ModelRunner.tune_decode_graphs = False
     if variant == "one-graph":  # one decode graph of max_batch rows for every step (before 2026-11-25)
         ModelRunner.decode_graph_ladder = False
     if variant == "unfused":  # a one-row decode graph of separate launches (before 2026-11-23)
@@ -372,6 +375,13 @@ def run_rank(
                     engine.runner.prepare_ahead = type(engine.family).plan_decode is Llama.plan_decode
                 if variant == "in-step":  # each step prepared after the last one's tokens are back (before 2026-11-23)
                     engine.runner.prepare_ahead = False
+                for graph_rows, tuning in engine.runner.step_graphs.tuning.items():  # (stderr: what the step kept)
+                    changed = [(s.shape[1:3], s.before[0], s.kept[0]) for s in tuning.shapes if s.kept != s.before]
+                    print(
+                        f"tuned graph of {graph_rows} rows: {tuning.start_ms:.3f} -> {tuning.kept_ms:.3f} ms; "
+                        f"{len(tuning.shapes)} shapes tried, changed (n, k), launch before -> after: {changed}",
+                        file=sys.stderr,
+                    )
                 engine.generate(prompts, 4, eos_token_ids=())  # warm-up
                 result = engine.generate(prompts, new_tokens, eos_token_ids=())
                 rank = engine.rank
@@ -587,7 +597,9 @@ def main() -> None:
         "1: the fused step's attention runs without programmatic dependent launch), no-pipeline (TP 1: each "
         "graph step launched only after the last one's tokens are read, ServingLoop.pipelined_decode off), "
         "one-graph (TP 1: one decode graph of max_batch rows for every step, ModelRunner.decode_graph_ladder "
-        "off), again (TP 1: the default once more, after the others: the run's own noise), ahead (as fused, "
+        "off), no-tune (TP 1: each GEMM shape's launch as timed alone, not tried in the captured step, "
+        "ModelRunner.tune_decode_graphs off), again (TP 1: the default once more, after the others: the run's own "
+        "noise), ahead (as fused, "
         "the next step prepared while the GPU runs this one; TP 1 runs it too), pdl (as fused, the all-reduce"
         " launched with programmatic dependent launch), no-tp-fused (TP > 1: a step of 1-4 rows launches RoPE + "
         "append and SiLU-and-mul on their own instead of as the QKV and gate/up GEMVs' epilogues, "

@@ -43,7 +43,7 @@ from .cuda_sources import functions, source
 from .fused_gemv import FusedGemvs, FusedKernels
 from .gemv_settings import GEMV_MAX_ROWS, GEMV_NAMES, GemvSettings
 from .launch import MAX_LD, U64, Launcher, int_arg
-from .launch_timing import LaunchTimer
+from .launch_timing import LaunchTimer, close_choices
 from .quantized_weights import QuantizedWeights, check_call
 from .row_kernels import ROW_KERNELS, RowKernels
 from .shard_kernels import SHARD_KERNELS, ShardKernels
@@ -134,6 +134,8 @@ class Dense:
         # which launch serves a shape of up to SKINNY_MAX_ROWS rows in a GPU-bound step, timed once per
         # (rows, n, k, ab_type, c_type, FP8 weight or 0): _LT, _GEMV or the index of a skinny plan (_choice)
         self._choices: dict[tuple[int, ...], int] = {}
+        # each timed shape's launches and their times alone, in ms (LaunchTimer.times), by the _choices key
+        self._timings: dict[tuple[int, ...], dict[int, float]] = {}
         launcher, fused = Launcher(stream.ptr), FusedKernels()
         try:  # the small-row GEMV (see linear); a GPU or driver it cannot serve leaves it off
             from fi_ffi.cuda import libcuda, libcuda_ffi
@@ -193,6 +195,7 @@ class Dense:
         next step times its shapes again."""
         self._fp8_weights, self._int4_weights = self.quantized.fp8_weights, self.quantized.int4_weights
         self._choices.clear()
+        self._timings.clear()
         self._skinny.forget()
 
     @property
@@ -335,8 +338,32 @@ class Dense:
             runs[_LT] = lambda: self._int4_path(key, int4, False, self._lt)
         else:
             runs[_LT] = lambda: self._gemm16(key)
-        choice = self._choices[(rows, n, k, ab_type, c_type, quant_w)] = self._timer.fastest(runs)
+        ckey = (rows, n, k, ab_type, c_type, quant_w)
+        times = self._timings[ckey] = self._timer.times(runs)
+        choice = self._choices[ckey] = min(times, key=times.__getitem__)
         return choice
+
+    def close_choices(
+        self, rows: int, within: float, most: int
+    ) -> list[tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]]:
+        """The shapes of ``rows`` rows timed so far whose launches came within ``within`` (a fraction) of the
+        fastest alone, with those launches (at most ``most`` + 1, fastest first):
+        :func:`~fi_engine.kernels.launch_timing.close_choices` over this Dense's timings. ``StepGraphs`` times them
+        in the captured step (:meth:`set_choices`)."""
+        return close_choices(self._timings, rows, within, most)
+
+    def choices(self, keys: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
+        """The launches chosen for the shapes' keys ``keys`` (as :meth:`close_choices` names them)."""
+        return tuple(self._choices[k] for k in keys)
+
+    def set_choices(self, keys: tuple[tuple[int, ...], ...], labels: tuple[int, ...]) -> None:
+        """Serve each of ``keys`` (as :meth:`close_choices` names them) by the launch of the same place in
+        ``labels`` (one of the key's timed launches) from the next call on: a step captured after it launches
+        those."""
+        for key, label in zip(keys, labels, strict=True):
+            if label not in self._timings.get(key, ()):
+                raise ValueError(f"set_choices: {label} is not a launch timed for the shape {key}")
+            self._choices[key] = label
 
     def _skinny_quantized(self, key: tuple[int, ...], quant: Any) -> bool:
         """Launch :meth:`linear`'s call ``key`` as the skinny GEMM over the registered FP8 or int4 weight ``quant``

@@ -40,6 +40,7 @@ from fi_engine.checkpoint.config import RopeConfig  # noqa: E402
 from fi_engine.kernels import flashinfer as kernels  # noqa: E402
 from fi_engine.kernels.dense import CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, Dense  # noqa: E402
 from fi_engine.models.llama import LlamaEngine  # noqa: E402
+from fi_engine.runtime.worker.model_runner import ModelRunner  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -143,6 +144,28 @@ def test_greedy_decode_eager_and_cuda_graph_match_transformers(variant):
             f"{r.tokens_per_s:.0f} tokens/s, host {r.host_us_per_step:.0f} us/step"
         )
     check_eager_matches_graph(ref, ps, results[False].tokens, results[True].tokens, LOGIT_TOL[dtype])
+
+
+def test_decode_graphs_keep_the_launches_their_captured_step_replays_fastest(variant, monkeypatch):
+    # (ModelRunner.tune_decode_graphs: the GEMM shapes whose launches timed alone came close, tried in the step)
+    path, ref, dtype = variant
+    ps = prompts(PROMPT_LENS, VOCAB)
+    with LlamaEngine(path, max_batch=8, page_size=16, cuda_graph=True) as engine:
+        graphs = engine.runner.step_graphs
+        assert graphs.tuning, "no decode graph had GEMM launches close enough alone to try in the step"
+        for rows, tuning in graphs.tuning.items():
+            assert graphs.graphs[rows].captured and tuning.kept_ms <= tuning.start_ms, (rows, tuning)
+            for shape in tuning.shapes:
+                assert shape.shape[0] == rows and shape.tried, shape
+                tried = dict(shape.tried)
+                if shape.kept != shape.before:  # a launch tried in the step replaced the one timed alone
+                    assert len(set(shape.kept)) == 1 and tried[shape.kept[0]] <= tuning.start_ms, shape
+            print(f"{rows} rows: {tuning.start_ms:.3f} -> {tuning.kept_ms:.3f} ms, {len(tuning.shapes)} shapes tried")
+        r = engine.generate(ps, list(MAX_NEW), eos_token_ids=())  # the kept graphs decode as the reference does
+    check_greedy(ref, ps, r.tokens, LOGIT_TOL[dtype])
+    monkeypatch.setattr(ModelRunner, "tune_decode_graphs", False)
+    with LlamaEngine(path, max_batch=8, page_size=16, cuda_graph=True) as engine:
+        assert engine.runner.step_graphs.tuning == {}
 
 
 def test_eos_finishes_a_request_early_and_frees_its_slot(variant):

@@ -268,10 +268,10 @@ def test_kernel_names_and_instances_agree() -> None:
 
 
 def test_registering_or_removing_a_quantized_weight_forgets_the_launches_chosen_by_address() -> None:
-    """``Dense._choices`` and the skinny GEMM's packed launches are keyed by addresses and shapes: a quantized weight
-    registered or removed at an address changes what a call there reads (a 16-bit weight allocated where an FP8 one
-    was must not be read as e4m3), so both are dropped. (A Dense made without its GPU parts: removing touches no
-    device.)"""
+    """``Dense._choices``, their timings and the skinny GEMM's packed launches are keyed by addresses and shapes: a
+    quantized weight registered or removed at an address changes what a call there reads (a 16-bit weight allocated
+    where an FP8 one was must not be read as e4m3), so all are dropped. (A Dense made without its GPU parts: removing
+    touches no device.)"""
     from fi_engine.kernels.dense import Dense
     from fi_engine.kernels.launch import Launcher
     from fi_engine.kernels.quantized_weights import QuantizedWeights
@@ -282,7 +282,8 @@ def test_registering_or_removing_a_quantized_weight_forgets_the_launches_chosen_
     d._skinny = SkinnyLaunches(launcher)
     d.quantized = QuantizedWeights(launcher, 0, d._quantized_changed, lambda key, accumulate: None)
     d._choices = {(8, 4096, 4096, 14, 14, 1 << 20): 0}
+    d._timings = {(8, 4096, 4096, 14, 14, 1 << 20): {0: 0.02, -2: 0.021}}
     call = (8, 1 << 21, 4096, 1 << 20, 4096, 4096, 1 << 22, 4096, 14, 14)
     d._skinny._calls = {(call, 0): print}
     d.quantized.remove_weight(1 << 20)  # (FP8 or int4: one removal serves both registries)
-    assert d._choices == {} and d._skinny._calls == {}
+    assert d._choices == {} and d._timings == {} and d._skinny._calls == {}

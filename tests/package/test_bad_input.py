@@ -2422,6 +2422,13 @@ EXEMPT: dict[str, str] = {
     "kernels.gemv_settings.GemvSettings": "class-level compile settings, checked when the options are made: "
     "package/test_kernel_fingerprints.py",
     "kernels.launch_timing.LaunchTimer": _GPU,
+    "kernels.launch_timing.close_choices": "reads the timings a Dense recorded itself (LaunchTimer.times): "
+    "tests/engine/test_step_tuning.py",
+    "runtime.worker.step_tuning.ShapeTrial": _RECORD,
+    "runtime.worker.step_tuning.StepTuning": _RECORD,
+    "runtime.worker.step_tuning.step_ms": _GPU,
+    "runtime.worker.step_tuning.tuned_step": "takes the runner's own Dense and graphs at capture: "
+    "tests/engine/test_step_tuning.py",
     "kernels.skinny_gemm.SkinnyLaunches": _GPU,
     "kernels.copies.host_address": "a numpy array's own address (its array interface): the engine's staging buffers",
     "kernels.dense.data_type": _GPU,

@@ -124,6 +124,7 @@ class RunnerState:
     graph_fused_decode: bool
     decode_graph_ladder: bool
     lora_base_graphs: bool
+    tune_decode_graphs: bool
     lora_fused: bool
     attention_pdl: bool
     silu_in_gate_up: bool

@@ -30,6 +30,7 @@ from typing import Any
 from ..sched.step_arrays import fill_decode
 from .graph_shapes import bucket_for, decode_batches
 from .state import RunnerState
+from .step_tuning import StepTuning, step_ms, tuned_step
 
 __all__: list[str] = []
 
@@ -64,6 +65,9 @@ class StepGraphs:
         self.lora_graphs: dict[int, Any] = {}
         # seconds to warm up and capture each set of decode graphs (False: without the adapters' launches; True: with)
         self.capture_s: dict[bool, float] = {}
+        # what choosing the GEMM launches in the captured step did, by the decode graph's rows (the runner's
+        # tune_decode_graphs; a graph with no close launches has no entry)
+        self.tuning: dict[int, StepTuning] = {}
         self._plan_infos: dict[int, Any] = {}  # each decode graph's plan schedule layout, which a replay must keep
         self._batches: tuple[int, ...] = ()  # the rows of `graphs`, ascending (once captured)
         self._checked: set[int] = set()  # the decode graphs whose replay's plan layout was checked
@@ -135,6 +139,8 @@ class StepGraphs:
                     with r.cupy.cuda.using_allocator(_refuse_allocation), graph.capture():
                         self._decode_body(v, rows)
                     r.stream.synchronize()
+                    if not adapters and r.tune_decode_graphs and r.comm is None:
+                        self._tune(v, rows, graph)  # (the adapters' set, captured next, takes the launches kept)
                     self.capture_s[adapters] += time.perf_counter() - t
                 # the plan's schedule layout of this batch size, which every replay's plan must keep (checked once)
                 self._plan_infos[rows] = r.decode_plan.info
@@ -142,6 +148,33 @@ class StepGraphs:
             r.step_lora = None  # (each step sets its own)
         self.graph = self.graphs[r.max_batch]
         self._batches = tuple(self.graphs)  # ascending: what each step's rows are cut to (serving)
+
+    def _tune(self, v: SimpleNamespace, rows: int, graph: Any) -> None:
+        """Keep, in ``graphs[rows]``, the decode graph of ``rows`` rows whose GEMM launches replay fastest
+        (:func:`~fi_engine.runtime.worker.step_tuning.tuned_step`, from ``graph``, the one just captured)."""
+        from ...kernels.graph import CudaGraph
+
+        r = self.runner
+
+        def capture() -> Any:
+            self._decode_body(v, rows)  # eagerly first: packs the launches the capture will record
+            r.stream.synchronize()
+            trial = CudaGraph(r.stream_ptr)
+            try:
+                with r.cupy.cuda.using_allocator(_refuse_allocation), trial.capture():
+                    self._decode_body(v, rows)
+                r.stream.synchronize()
+            except BaseException:
+                trial.close()
+                raise
+            return trial
+
+        def keep(kept: Any) -> None:
+            self.graphs[rows] = kept
+
+        tuning = tuned_step(r.dense, rows, graph, capture, keep, lambda g: step_ms(g, r.stream, r.cupy))
+        if tuning is not None:
+            self.tuning[rows] = tuning
 
     def replay_decode(self, rows: int, adapters: bool = False) -> None:
         """Replay the decode graph of ``rows`` rows (its index arrays staged and its plan made; its argmax is every

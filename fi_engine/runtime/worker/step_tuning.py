@@ -1,0 +1,112 @@
+"""A decode graph's GEMM launches chosen by timing the captured step itself (:func:`tuned_step`), where the launches
+timed alone came close: a part of :class:`~fi_engine.runtime.worker.step_graphs.StepGraphs`' capture.
+
+The Dense times each GEMM shape's launches alone once (the GEMV, the skinny GEMM's plans, cuBLASLt or a quantized
+weight's own path: ``LaunchTimer``) and serves the shape by the fastest. In the step a launch follows another kernel
+and overlaps its tail (programmatic dependent launch), and launches that came within a few percent alone can differ
+by more there: on an H200, an 8B decode step of 8 rows took 4.8 or 5.2 ms by which of two gate/up launches, 68.2
+and 68.3 us alone, won, so the same engine decoded at 1,540 or 1,665 tokens/s from one start to the next. Here each
+shape whose runners-up came within :data:`TUNE_WITHIN` of the fastest is tried in the captured step with each of them
+(every layer's key of a quantized shape with the same launch), one shape at a time in the order they were timed, and
+the step keeps the launch whose graph replays fastest by at least :data:`TUNE_GAIN`; else the one chosen alone.
+One GPU only: ranks tuning on their own would replay their trial graphs, and those graphs' collectives, out of step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["TUNE_GAIN", "TUNE_MOST", "TUNE_WITHIN", "ShapeTrial", "StepTuning", "step_ms", "tuned_step"]
+
+TUNE_WITHIN = 0.15  # launches timed alone within this fraction of a shape's fastest are tried in the step
+TUNE_MOST = 2  # at most this many of them a shape besides the fastest
+TUNE_GAIN = 0.005  # a trial's graph is kept only where its step is this fraction faster than the graph kept so far
+TUNE_REPLAYS, TUNE_ROUNDS = 4, 3  # a graph's step time: the best of TUNE_ROUNDS rounds of TUNE_REPLAYS replays
+
+
+@dataclass(frozen=True)
+class ShapeTrial:
+    """One GEMM shape tried in the step: ``shape`` ``(rows, n, k, ab_type, c_type)``; ``before``: the launch each of
+    its keys took by timing alone (the Dense's labels: -1 the GEMV, -2 cuBLASLt or the quantized path, 0, 1, ... a
+    skinny GEMM plan); ``tried``: each other launch tried, with its graph's step time in ms; ``kept``: the launches
+    the step keeps."""
+
+    shape: tuple[int, ...]
+    before: tuple[int, ...]
+    tried: tuple[tuple[int, float], ...]
+    kept: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StepTuning:
+    """What :func:`tuned_step` did for one decode graph: its step time in ms as first captured (``start_ms``) and as
+    kept (``kept_ms``), and each shape tried (``shapes``)."""
+
+    start_ms: float
+    kept_ms: float
+    shapes: tuple[ShapeTrial, ...]
+
+
+def step_ms(graph: Any, stream: Any, cupy: Any) -> float:
+    """The step time of ``graph`` in ms: 2 replays to warm, then the best of :data:`TUNE_ROUNDS` rounds of
+    :data:`TUNE_REPLAYS` replays on ``stream`` (a CuPy stream, the graph's), by events."""
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    graph.launch()
+    graph.launch()
+    best = math.inf
+    for _ in range(TUNE_ROUNDS):
+        start.record(stream)
+        for _ in range(TUNE_REPLAYS):
+            graph.launch()
+        end.record(stream)
+        end.synchronize()
+        best = min(best, cupy.cuda.get_elapsed_time(start, end) / TUNE_REPLAYS)
+    return best
+
+
+def tuned_step(
+    dense: Any,
+    rows: int,
+    graph: Any,
+    capture: Callable[[], Any],
+    keep: Callable[[Any], None],
+    timed: Callable[[Any], float],
+) -> StepTuning | None:
+    """Try the decode graph ``graph`` of ``rows`` rows with each close launch of its GEMM shapes (``dense``'s
+    ``close_choices``) and keep the fastest: ``capture()`` captures the step again with the Dense's current
+    choices (a new graph), ``keep(graph)`` hands over the graph kept so far (the caller holds it: it closes it on a
+    failure), ``timed(graph)`` times one (:func:`step_ms`). A trial not kept is closed, a kept graph's predecessor
+    too, and the Dense left with the kept graph's choices. None where no shape has a close launch."""
+    shapes = dense.close_choices(rows, TUNE_WITHIN, TUNE_MOST)
+    if not shapes:
+        return None
+    start_ms = kept_ms = timed(graph)
+    done = []
+    for keys, labels in shapes:
+        before = kept = dense.choices(keys)
+        tried = []
+        for label in labels:
+            trial_choices = (label,) * len(keys)
+            if trial_choices == kept:
+                continue
+            dense.set_choices(keys, trial_choices)
+            trial = capture()
+            try:
+                ms = timed(trial)
+            except BaseException:
+                trial.close()
+                dense.set_choices(keys, kept)
+                raise
+            tried.append((label, ms))
+            if ms < kept_ms * (1 - TUNE_GAIN):
+                keep(trial)
+                graph.close()
+                graph, kept_ms, kept = trial, ms, trial_choices
+            else:
+                trial.close()
+        dense.set_choices(keys, kept)
+        done.append(ShapeTrial(tuple(keys[0][:5]), before, tuple(tried), kept))
+    return StepTuning(start_ms, kept_ms, tuple(done))
