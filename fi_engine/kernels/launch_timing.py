@@ -27,11 +27,6 @@ class LaunchTimer:
         self._stream = stream
         self._flush: Any = None
 
-    def fastest(self, runs: Mapping[int, Callable[[], object]]) -> int:
-        """The key of the fastest of ``runs`` (each a call that launches on the stream): :meth:`times`' least."""
-        times = self.times(runs)
-        return min(times, key=times.__getitem__)
-
     def times(self, runs: Mapping[int, Callable[[], object]]) -> dict[int, float]:
         """Each of ``runs``' time in ms (each a call that launches on the stream): best of 3 after a first run
         (which loads code and picks cuBLASLt's algorithm), the L2 flushed before every run; 0.0 for the only one,

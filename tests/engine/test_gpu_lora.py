@@ -284,8 +284,10 @@ def test_base_rows_decode_as_an_engine_without_adapters(base, graph, monkeypatch
     and the same greedy tokens bit for bit (same prompts, so the same shapes step by step). Each engine times its
     GEMM launches at warm-up (``Dense._choice``) and two engines may pick different launches of near-equal times,
     whose roundings differ and flip a near tie of the random model's logits (seen: one token of 17 in a row of the
-    batch, in graph mode): both engines here take the same pick, cuBLASLt (``LaunchTimer.fastest`` pinned)."""
-    monkeypatch.setattr(LaunchTimer, "fastest", lambda self, runs: min(runs))  # (_LT, -2: in every set of runs)
+    batch, in graph mode): both engines here take the same pick, cuBLASLt (``LaunchTimer.times`` pinned: no other
+    launch comes close, so neither engine's decode graphs try another in the step either)."""
+    # (_LT, -2, the least label: in every set of runs)
+    monkeypatch.setattr(LaunchTimer, "times", lambda self, runs: {k: 0.0 if k == min(runs) else 1.0 for k in runs})
     name, path, _, _, ps, settings = base
     runs = {}
     for lora in (None, settings):

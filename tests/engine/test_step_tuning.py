@@ -111,7 +111,16 @@ def test_tuned_step_keeps_the_graph_that_replays_fastest_and_closes_the_rest() -
     assert dense.choices((key(8, QKV), key(8, OUT))) == (4, 2)  # the Dense left with the kept graph's launches
 
 
-def test_tuned_step_sets_every_layer_of_a_quantized_shape_to_one_launch() -> None:
+def test_tuned_step_leaves_quantized_shapes_to_their_launches_timed_alone() -> None:
+    keys = (key(32, QKV, 0x100), key(32, QKV, 0x200))
+    dense = dense_with({keys[0]: {0: 0.020, -2: 0.021}, keys[1]: {0: 0.022, -2: 0.0215}})
+    graph = Graph(dense._choices)
+    assert T.tuned_step(dense, 32, graph, lambda: pytest.fail("captured"), lambda g: None, lambda g: 1.0) is None
+    assert dense.choices(keys) == (0, -2)
+
+
+def test_tuned_step_sets_every_layer_of_a_quantized_shape_to_one_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(T, "TUNE_QUANTIZED", True)
     keys = (key(32, QKV, 0x100), key(32, QKV, 0x200))
     dense = dense_with({keys[0]: {0: 0.020, -2: 0.021}, keys[1]: {0: 0.022, -2: 0.0215}})  # chosen 0 and -2
     graphs: list[Graph] = []

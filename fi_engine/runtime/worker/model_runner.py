@@ -142,13 +142,14 @@ class ModelRunner(RunnerState):
     compare."""
 
     tune_decode_graphs = True
-    """On one GPU, each decode graph's GEMM shapes whose launches timed alone came within 15 % of the fastest are
-    tried in the captured step with each of them, and the graph keeps the launch whose step replays fastest
+    """On one GPU, each decode graph's 16-bit GEMM shapes whose launches timed alone came within 15 % of the fastest
+    are tried in the captured step with each of them, and the graph keeps the launch whose step replays fastest
     (:mod:`~fi_engine.runtime.worker.step_tuning`; ``step_graphs.tuning`` says what it tried and kept): launches
     close alone can differ by more in the step, where each overlaps the kernel before it (on an H200, an 8B step of
-    8 rows 4.8 or 5.2 ms by which of two gate/up launches 0.1 % apart alone won). It costs, at open, a capture and
-    14 replays a launch tried (at most 2 a shape). Not with tensor parallelism (the ranks would replay their trials
-    out of step). Read when the graphs are captured (at construction): set it on the class to compare."""
+    8 rows 4.8 or 5.2 ms by which of two gate/up launches 0.1 % apart alone won). Shapes over FP8 or int4 weights
+    keep the launch timed alone (the module says why). It costs, at open, a capture and 14 replays a launch tried
+    (at most 2 a shape). Not with tensor parallelism (the ranks would replay their trials out of step). Read when
+    the graphs are captured (at construction): set it on the class to compare."""
 
     packed_attention: bool = True
     """The fused decode step's attention runs packed once per step view (``fi_ffi.prepare_decode_run``), each call

@@ -6,10 +6,15 @@ weight's own path: ``LaunchTimer``) and serves the shape by the fastest. In the 
 and overlaps its tail (programmatic dependent launch), and launches that came within a few percent alone can differ
 by more there: on an H200, an 8B decode step of 8 rows took 4.8 or 5.2 ms by which of two gate/up launches, 68.2
 and 68.3 us alone, won, so the same engine decoded at 1,540 or 1,665 tokens/s from one start to the next. Here each
-shape whose runners-up came within :data:`TUNE_WITHIN` of the fastest is tried in the captured step with each of them
-(every layer's key of a quantized shape with the same launch), one shape at a time in the order they were timed, and
-the step keeps the launch whose graph replays fastest by at least :data:`TUNE_GAIN`; else the one chosen alone.
-One GPU only: ranks tuning on their own would replay their trial graphs, and those graphs' collectives, out of step.
+16-bit shape whose runners-up came within :data:`TUNE_WITHIN` of the fastest is tried in the captured step with each
+of them, one shape at a time in the order they were timed, and the step keeps the launch whose graph replays fastest
+by at least :data:`TUNE_GAIN`; else the one chosen alone.
+
+Shapes over FP8 or int4 weights keep the launch timed alone (:data:`TUNE_QUANTIZED`): on an H200, AWQ int4 at 8 rows,
+the QKV shape's skinny GEMM replayed the step 50 us faster than the int4 path, yet the serving loop then decoded 2 %
+slower (2,539 against 2,593 tokens/s, two runs each; the trials alone, every graph but the first closed, changed
+nothing). The 16-bit shapes' picks held in the serving loop. One GPU only: ranks tuning on their own would replay
+their trial graphs, and those graphs' collectives, out of step.
 """
 
 from __future__ import annotations
@@ -19,12 +24,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TUNE_GAIN", "TUNE_MOST", "TUNE_WITHIN", "ShapeTrial", "StepTuning", "step_ms", "tuned_step"]
+__all__ = [
+    "TUNE_GAIN",
+    "TUNE_MOST",
+    "TUNE_QUANTIZED",
+    "TUNE_WITHIN",
+    "ShapeTrial",
+    "StepTuning",
+    "step_ms",
+    "tuned_step",
+]
 
 TUNE_WITHIN = 0.15  # launches timed alone within this fraction of a shape's fastest are tried in the step
 TUNE_MOST = 2  # at most this many of them a shape besides the fastest
 TUNE_GAIN = 0.005  # a trial's graph is kept only where its step is this fraction faster than the graph kept so far
 TUNE_REPLAYS, TUNE_ROUNDS = 4, 3  # a graph's step time: the best of TUNE_ROUNDS rounds of TUNE_REPLAYS replays
+TUNE_QUANTIZED = False  # whether shapes over FP8 or int4 weights are tried too (the module's docstring says why not)
 
 
 @dataclass(frozen=True)
@@ -80,7 +95,11 @@ def tuned_step(
     choices (a new graph), ``keep(graph)`` hands over the graph kept so far (the caller holds it: it closes it on a
     failure), ``timed(graph)`` times one (:func:`step_ms`). A trial not kept is closed, a kept graph's predecessor
     too, and the Dense left with the kept graph's choices. None where no shape has a close launch."""
-    shapes = dense.close_choices(rows, TUNE_WITHIN, TUNE_MOST)
+    shapes = [
+        (keys, labels)
+        for keys, labels in dense.close_choices(rows, TUNE_WITHIN, TUNE_MOST)
+        if TUNE_QUANTIZED or not any(key[5] for key in keys)  # (a key's last value: its quantized weight, or 0)
+    ]
     if not shapes:
         return None
     start_ms = kept_ms = timed(graph)
