@@ -113,8 +113,6 @@ class StepGraphs:
             r.dense.bandwidth_bound = False
 
     def _capture_step(self) -> None:
-        from ...kernels.graph import CudaGraph
-
         r = self.runner
         sets = self.sets()
         if sets == (True,):  # (lora_base_graphs off) the one set serves every step
@@ -128,17 +126,7 @@ class StepGraphs:
                 for adapters in sets:  # the same staged step and plan, with and without the adapters' launches
                     t = time.perf_counter()
                     r.step_lora = r.lora if adapters else None
-                    self._decode_body(v, rows)
-                    r.stream.synchronize()
-                    graph = CudaGraph(r.stream_ptr)
-                    (self.lora_graphs if adapters else self.graphs)[rows] = graph  # kept at once: close() frees it
-                    # Nothing in the step may allocate: memory handed out during capture would go back to CuPy's
-                    # pool after it and be reused while every replay still writes to it. The step only uses buffers
-                    # made in __init__; this allocator turns a regression into an error at capture instead of silent
-                    # corruption.
-                    with r.cupy.cuda.using_allocator(_refuse_allocation), graph.capture():
-                        self._decode_body(v, rows)
-                    r.stream.synchronize()
+                    graph = (self.lora_graphs if adapters else self.graphs)[rows] = self._captured_step(v, rows)
                     if not adapters and r.tune_decode_graphs and r.comm is None:
                         self._tune(v, rows, graph)  # (the adapters' set, captured next, takes the launches kept)
                     self.capture_s[adapters] += time.perf_counter() - t
@@ -149,28 +137,38 @@ class StepGraphs:
         self.graph = self.graphs[r.max_batch]
         self._batches = tuple(self.graphs)  # ascending: what each step's rows are cut to (serving)
 
-    def _tune(self, v: SimpleNamespace, rows: int, graph: Any) -> None:
-        """Keep, in ``graphs[rows]``, the decode graph of ``rows`` rows whose GEMM launches replay fastest
-        (:func:`~fi_engine.runtime.worker.step_tuning.tuned_step`, from ``graph``, the one just captured)."""
+    def _captured_step(self, v: SimpleNamespace, rows: int) -> Any:
+        """A new CUDA graph of one decode step of ``rows`` rows over the view ``v``, run eagerly first (loads modules,
+        compiles kernels, times the GEMM shapes met first, packs the launches the capture records); the graph is
+        closed where the capture fails."""
         from ...kernels.graph import CudaGraph
 
         r = self.runner
-
-        def capture() -> Any:
-            self._decode_body(v, rows)  # eagerly first: packs the launches the capture will record
+        self._decode_body(v, rows)
+        r.stream.synchronize()
+        graph = CudaGraph(r.stream_ptr)
+        try:
+            # Nothing in the step may allocate: memory handed out during capture would go back to CuPy's pool after
+            # it and be reused while every replay still writes to it. The step only uses buffers made in __init__;
+            # this allocator turns a regression into an error at capture instead of silent corruption.
+            with r.cupy.cuda.using_allocator(_refuse_allocation), graph.capture():
+                self._decode_body(v, rows)
             r.stream.synchronize()
-            trial = CudaGraph(r.stream_ptr)
-            try:
-                with r.cupy.cuda.using_allocator(_refuse_allocation), trial.capture():
-                    self._decode_body(v, rows)
-                r.stream.synchronize()
-            except BaseException:
-                trial.close()
-                raise
-            return trial
+        except BaseException:
+            graph.close()
+            raise
+        return graph
+
+    def _tune(self, v: SimpleNamespace, rows: int, graph: Any) -> None:
+        """Keep, in ``graphs[rows]``, the decode graph of ``rows`` rows whose GEMM launches replay fastest
+        (:func:`~fi_engine.runtime.worker.step_tuning.tuned_step`, from ``graph``, the one just captured)."""
+        r = self.runner
 
         def keep(kept: Any) -> None:
             self.graphs[rows] = kept
+
+        def capture() -> Any:
+            return self._captured_step(v, rows)
 
         tuning = tuned_step(r.dense, rows, graph, capture, keep, lambda g: step_ms(g, r.stream, r.cupy))
         if tuning is not None:
