@@ -32,7 +32,7 @@ cp, torch, transformers = engine_against_transformers()
 
 from helpers.checkpoints import float32_reference, randomize_norms  # noqa: E402
 from helpers.hf_configs import DEEPSEEK_RANDOM, DEEPSEEK_RANDOM_V2, DEEPSEEK_RANDOM_V3  # noqa: E402
-from helpers.yardstick import LOGIT_TOL, prompts  # noqa: E402
+from helpers.yardstick import LOGIT_TOL, check_eager_matches_graph, prompts  # noqa: E402
 
 from fi_engine.layers.deepseek_routing import grouped_topk  # noqa: E402
 from fi_engine.models.deepseek import DeepSeekEngine  # noqa: E402
@@ -271,8 +271,11 @@ def test_fused_and_host_routing_agree(family) -> None:  # type: ignore[no-untype
 def test_cuda_graph_decode_matches_eager(family, fused) -> None:  # type: ignore[no-untyped-def]
     """The decode step as a CUDA graph (MLA plan before each replay, MoE routed on the device: V3 by the fused kernel
     by default, V2-Lite and V3 with fused_routing=False by DeviceGroupedTopk): the greedy tokens equal eager decode's
-    (3 prompts in 4 slots, one finishing early, so padding rows run), and the last step's logits agree within TOL."""
-    name, path, _, _ = family
+    (3 prompts in 4 slots, one finishing early, so padding rows run) up to a first difference that is a near tie of
+    the float32 reference (its logits of the two tokens within TOL: the graph's GEMMs are the launches its step was
+    timed fastest with, eager's the GEMV or cuBLASLt, and their roundings differ), and where every token is equal the
+    last step's logits agree within TOL."""
+    name, path, ref, _ = family
     if name != "v3" and fused is False:
         pytest.skip("V2 routes with the device fallback in either case")
     ps = prompts((5, 21, 40), VOCAB, seed=4)
@@ -291,11 +294,13 @@ def test_cuda_graph_decode_matches_eager(family, fused) -> None:  # type: ignore
         runs[graph] = (r, logits, again)
     (er, el, ea), (gr, gl, ga) = runs[False], runs[True]
     assert [len(t) for t in gr.tokens] == limits
-    assert gr.tokens == er.tokens, f"{name}: graph tokens {gr.tokens} != eager {er.tokens}"
-    assert ga == ea
-    err = float(np.abs(gl - el).max())
+    check_eager_matches_graph(ref, ps, er.tokens, gr.tokens, TOL, f"{name}: ")
+    check_eager_matches_graph(ref, ps[:1], [ea], [ga], TOL, f"{name}, a later call: ")
+    same = gr.tokens == er.tokens
+    err = float(np.abs(gl - el).max()) if same else 0.0  # (after a near tie the rows' last inputs differ)
     print(
-        f"{name} graph ({'fused' if fused is None and name == 'v3' else 'device'} routing): tokens equal to eager; "
+        f"{name} graph ({'fused' if fused is None and name == 'v3' else 'device'} routing): tokens "
+        f"{'equal to eager' if same else 'equal to eager up to a near tie'}; "
         f"last-step max |logit difference| {err:.4f}; eager {er.tokens_per_s:.0f} tokens/s, graph "
         f"{gr.tokens_per_s:.0f} tokens/s, host us/step {er.host_us_per_step:.0f} -> {gr.host_us_per_step:.0f}"
     )
