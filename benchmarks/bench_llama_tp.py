@@ -57,6 +57,7 @@ ONE_GPU_VARIANTS = (
     "no-pipeline",
     "one-graph",
     "no-tune",
+    "tune-quantized",
     "any-rows",
     "no-gemv-pipeline",
     "silu-prologue",
@@ -318,6 +319,10 @@ def set_variant(variant: str) -> None:
         ModelRunner.attention_pdl = False
     if variant == "no-tune":  # each GEMM shape's launch as timed alone, not tried in the captured step
         ModelRunner.tune_decode_graphs = False
+    if variant == "tune-quantized":  # FP8 and int4 shapes tried in the captured step too (off: RESULTS.md says why)
+        from fi_engine.runtime.worker import step_tuning
+
+        step_tuning.TUNE_QUANTIZED = True
     if variant == "one-graph":  # one decode graph of max_batch rows for every step (before 2026-11-25)
         ModelRunner.decode_graph_ladder = False
     if variant == "unfused":  # a one-row decode graph of separate launches (before 2026-11-23)
@@ -598,7 +603,8 @@ def main() -> None:
         "graph step launched only after the last one's tokens are read, ServingLoop.pipelined_decode off), "
         "one-graph (TP 1: one decode graph of max_batch rows for every step, ModelRunner.decode_graph_ladder "
         "off), no-tune (TP 1: each GEMM shape's launch as timed alone, not tried in the captured step, "
-        "ModelRunner.tune_decode_graphs off), again (TP 1: the default once more, after the others: the run's own "
+        "ModelRunner.tune_decode_graphs off), tune-quantized (TP 1: FP8 and int4 shapes tried in the captured step "
+        "too, step_tuning.TUNE_QUANTIZED), again (TP 1: the default once more, after the others: the run's own "
         "noise), ahead (as fused, "
         "the next step prepared while the GPU runs this one; TP 1 runs it too), pdl (as fused, the all-reduce"
         " launched with programmatic dependent launch), no-tp-fused (TP > 1: a step of 1-4 rows launches RoPE + "
