@@ -6,9 +6,10 @@ plus the three that keep NVLink multicast off (``NCCL_NVLS_ENABLE=0``, ``TORCH_S
 ``NVSHMEM_DISABLE_NVLS=1``). Without ``--master-port`` a free port of this host is picked.
 
 Every rank runs in a process group of its own. SIGINT, SIGTERM and SIGHUP sent to the launcher are forwarded to
-every rank. When a rank fails (non-zero exit or a signal), the others are sent SIGTERM, then SIGKILL after
-``--grace`` seconds. The exit status is the worst one among the ranks that ended by themselves (a signal ``s``
-counts as ``128 + s``); ranks the launcher stopped do not count. 0 only when every rank exited 0.
+every rank, once (ranks still running ``--grace`` seconds later get SIGKILL). When a rank fails (non-zero exit or a
+signal), the others are sent SIGTERM, then SIGKILL after ``--grace`` seconds. The exit status is the worst one among
+the ranks that ended by themselves (a signal ``s`` counts as ``128 + s``); ranks the launcher stopped do not count. 0
+only when every rank exited 0.
 
 The launcher says on stderr which rank failed first and how (``fi-ffi launch: rank 1 (pid 4242) was killed by
 signal 9 (SIGKILL); stopping the other ranks``). Ranks that exited with
@@ -157,8 +158,10 @@ def launch(
                 break
             if (own_failure or received) and failed_at is None:
                 failed_at = time.monotonic()
+                # a received signal reached every rank already (forward): a SIGTERM after it would interrupt a rank's
+                # own handling of it (a rank saving its state on SIGINT, or still in its SIGTERM handler)
                 for i, p in enumerate(procs):
-                    if p.poll() is None:
+                    if p.poll() is None and not received:
                         stopped.add(i)
                         _signal_group(p, signal.SIGTERM)
             if failed_at is not None and time.monotonic() - failed_at > grace:

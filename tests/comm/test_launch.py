@@ -128,6 +128,33 @@ def test_signals_to_the_launcher_are_forwarded_to_every_rank(tmp_path: os.PathLi
     assert proc.returncode == 128 + signal.SIGTERM
 
 
+def test_a_signal_to_the_launcher_reaches_each_rank_once_and_no_sigterm_follows(tmp_path: os.PathLike[str]) -> None:
+    # each rank takes a second to handle SIGINT (a rank saving its state): a SIGTERM sent after the forwarded SIGINT
+    # would show as "got 15" (the launcher sent one on its next poll, and SIGTERM twice where it received SIGTERM)
+    child = (
+        "import os, signal, sys, time\n"
+        "def note(s, f):\n"
+        "    os.write(1, ('rank %s got %d\\n' % (os.environ['RANK'], s)).encode())\n"
+        "    if s == signal.SIGINT:\n"
+        "        time.sleep(1.0); sys.exit(0)\n"
+        "signal.signal(signal.SIGINT, note)\n"
+        "signal.signal(signal.SIGTERM, note)\n"
+        "open(os.path.join(sys.argv[1], os.environ['RANK']), 'w').close()\n"
+        "time.sleep(120)\n"
+    )
+    cmd = [sys.executable, "-m", "fi_ffi", "launch", "--allow-oversubscribe", "--nproc", "2", "--grace", "30", "--"]
+    proc = subprocess.Popen(
+        [*cmd, sys.executable, "-c", child, str(tmp_path)], env=subprocess_env(), stdout=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 60
+    while len(os.listdir(tmp_path)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert sorted(out.splitlines()) == ["rank 0 got 2", "rank 1 got 2"]
+    assert proc.returncode == 128 + signal.SIGINT
+
+
 def test_usage_errors() -> None:
     assert _cli("--nproc", "2").returncode == 2
     assert "expected a command after `--`" in _cli("--nproc", "2", "--").stderr
