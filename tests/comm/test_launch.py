@@ -91,6 +91,22 @@ def test_a_rank_ignoring_sigterm_is_killed_after_the_grace_period() -> None:
     assert time.monotonic() - start < 30
 
 
+def _signal_two_ranks(tmp_path: os.PathLike[str], child: str, signum: int, *options: str) -> tuple[str, int]:
+    """``fi-ffi launch --nproc 2 [options] -- python -c child tmp_path``, sent ``signum`` once both ranks have made
+    their file in ``tmp_path`` (each rank makes one named by its RANK when its handlers are set): (the ranks' stdout,
+    the launcher's exit status)."""
+    cmd = [sys.executable, "-m", "fi_ffi", "launch", "--allow-oversubscribe", "--nproc", "2", *options, "--"]
+    proc = subprocess.Popen(
+        [*cmd, sys.executable, "-c", child, str(tmp_path)], env=subprocess_env(), stdout=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 60
+    while len(os.listdir(tmp_path)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=60)
+    return out, proc.returncode
+
+
 def test_signals_to_the_launcher_are_forwarded_to_every_rank(tmp_path: os.PathLike[str]) -> None:
     child = (
         "import os, signal, sys, time\n"
@@ -100,32 +116,9 @@ def test_signals_to_the_launcher_are_forwarded_to_every_rank(tmp_path: os.PathLi
         "open(os.path.join(sys.argv[1], os.environ['RANK']), 'w').close()\n"
         "time.sleep(120)\n"
     )
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fi_ffi",
-            "launch",
-            "--allow-oversubscribe",
-            "--nproc",
-            "2",
-            "--",
-            sys.executable,
-            "-c",
-            child,
-            str(tmp_path),
-        ],
-        env=subprocess_env(),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while len(os.listdir(tmp_path)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
+    out, code = _signal_two_ranks(tmp_path, child, signal.SIGTERM)
     assert sorted(out.splitlines()) == ["rank 0 got 15", "rank 1 got 15"]
-    assert proc.returncode == 128 + signal.SIGTERM
+    assert code == 128 + signal.SIGTERM
 
 
 def test_a_signal_to_the_launcher_reaches_each_rank_once_and_no_sigterm_follows(tmp_path: os.PathLike[str]) -> None:
@@ -142,17 +135,9 @@ def test_a_signal_to_the_launcher_reaches_each_rank_once_and_no_sigterm_follows(
         "open(os.path.join(sys.argv[1], os.environ['RANK']), 'w').close()\n"
         "time.sleep(120)\n"
     )
-    cmd = [sys.executable, "-m", "fi_ffi", "launch", "--allow-oversubscribe", "--nproc", "2", "--grace", "30", "--"]
-    proc = subprocess.Popen(
-        [*cmd, sys.executable, "-c", child, str(tmp_path)], env=subprocess_env(), stdout=subprocess.PIPE, text=True
-    )
-    deadline = time.monotonic() + 60
-    while len(os.listdir(tmp_path)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
+    out, code = _signal_two_ranks(tmp_path, child, signal.SIGINT, "--grace", "30")
     assert sorted(out.splitlines()) == ["rank 0 got 2", "rank 1 got 2"]
-    assert proc.returncode == 128 + signal.SIGINT
+    assert code == 128 + signal.SIGINT
 
 
 def test_usage_errors() -> None:
