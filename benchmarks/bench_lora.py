@@ -13,13 +13,15 @@ Rows (CUDA graphs, prompts of ``--prompt`` tokens, ``--new-tokens`` tokens each,
   takes none);
 - ``lora, N adapters``: the rows spread round-robin over ``N`` adapters (batch 32: 4; batch 1: one).
 
-``--lora-fused`` picks the form of a decode step of 1 to 4 rows where a row takes an adapter
-(``ModelRunner.lora_fused``, on in the engine by default): ``on`` (the fused step's LoRA form, the adapters' expand
-in the fused GEMVs' epilogues), ``off`` (the separate launches, the adapters' shrink and expand after each
-projection's GEMM), or ``both`` (this benchmark's default: the engine opened twice; the ``off`` rows, labelled so,
-only at batches of at most 4, where the switch applies):
+``--lora-fused`` picks the forms of a decode step of 1 to 4 rows where a row takes an adapter, comma-separated
+(``ModelRunner.lora_fused`` and ``lora_shrink_in_grid``, both on in the engine by default): ``on`` (the fused step's
+LoRA form, each shrink in its GEMV's grid and the expand in the GEMV's epilogue), ``launch`` (the same with each
+shrink a launch of its own before the GEMV), ``off`` (the separate launches, the adapters' shrink and expand after
+each projection's GEMM); ``both`` is ``on,off`` (this benchmark's default). The engine opens once per form; the
+forms after the first give their rows, labelled so, only at batches of at most 4, where the switch applies:
 
-    python3 benchmarks/bench_lora.py --model /tmp/llama8b --adapters /tmp/llama8b-loras --batches 1 --lora-fused both
+    python3 benchmarks/bench_lora.py --model /tmp/llama8b --adapters /tmp/llama8b-loras --batches 1 \
+        --lora-fused on,launch,off
 
 The ratio column is each row's tokens/s over ``base``'s at the same batch. ``--prefill N`` adds the time to
 prefill one prompt of ``N`` tokens (and sample its first token) in each engine, with and without an adapter: what
@@ -115,6 +117,8 @@ def prefill_ms(engine: Any, tokens: int, lora: str | None, vary: int = 0) -> flo
 
 
 PREFILL_FORMS = ("cuda-cores", "cuda-cores-eager", "segment")
+# a decode step's forms (--lora-fused): (ModelRunner.lora_fused, ModelRunner.lora_shrink_in_grid)
+DECODE_FORMS = {"on": (True, True), "launch": (True, False), "off": (False, True)}
 """The forms of a prefill's LoRA products ``--lora-prefill-form`` picks from: the CUDA-core kernels in the engine's
 prefill graph, the same eagerly (what the segment form is measured against: it runs eagerly), and FlashInfer's
 segment GEMMs (``DeviceSlots.prefill_segment_gemm``; SM 9.x)."""
@@ -164,11 +168,14 @@ def main() -> None:
     vary_help = "each timed prefill's prompt this many tokens shorter than the one before (new rows each pass)"
     ap.add_argument("--prefill-vary", type=int, default=0, help=vary_help)
     ap.add_argument("--json")
-    fused_help = "the LoRA form of the fused decode step (ModelRunner.lora_fused): on, off, or both to compare"
-    ap.add_argument("--lora-fused", choices=("on", "off", "both"), default="both", help=fused_help)
+    fused_help = "forms of the LoRA decode step of 1-4 rows to compare, comma-separated: on, launch, off (both: on,off)"
+    ap.add_argument("--lora-fused", default="both", help=fused_help)
     forms_help = "the forms of a prefill's LoRA products to time, comma-separated: " + ", ".join(PREFILL_FORMS)
     ap.add_argument("--lora-prefill-form", default="cuda-cores,segment", help=forms_help)
     args = ap.parse_args()
+    forms = ["on", "off"] if args.lora_fused == "both" else args.lora_fused.split(",")
+    if not forms or not set(forms) <= set(DECODE_FORMS) or len(set(forms)) < len(forms):
+        ap.error(f"--lora-fused: expected some of {', '.join(DECODE_FORMS)} (or both), got {args.lora_fused}")
     prefill_forms = args.lora_prefill_form.split(",")
     if not set(prefill_forms) <= set(PREFILL_FORMS):
         ap.error(f"--lora-prefill-form: expected some of {', '.join(PREFILL_FORMS)}, got {args.lora_prefill_form}")
@@ -195,29 +202,30 @@ def main() -> None:
         rows.append({"row": "base", "batch": b, "tokens_per_s": base[b]})
     modules = {n: str(p) for n, p in zip(names, folders, strict=True)}
     lora = {"max_loras": len(names), "max_lora_rank": args.rank, "modules": modules}
-    variants = {"on": (True,), "off": (False,), "both": (True, False)}[args.lora_fused]
-    engine_default = ModelRunner.lora_fused
-    for fused in variants:
-        ModelRunner.lora_fused = fused  # read when the engine opens and its graphs are captured
-        suffix = "" if len(variants) == 1 else f" (lora_fused {'on' if fused else 'off'})"
+    engine_default = ModelRunner.lora_fused, ModelRunner.lora_shrink_in_grid
+    for form in forms:
+        first = form == forms[0]  # (the other forms: only their adapter rows at 1-4 rows, where they differ)
+        # read when the engine opens, its graphs are captured and its steps packed
+        ModelRunner.lora_fused, ModelRunner.lora_shrink_in_grid = DECODE_FORMS[form]
+        suffix = "" if len(forms) == 1 else f" (lora_fused {form})"
         with open_engine(args.model, lora=lora, **common) as engine:
-            for b in batches if fused or len(variants) == 1 else [b for b in batches if b <= 4]:
+            for b in batches if first else [b for b in batches if b <= 4]:
                 used = names[: min(len(names), b)]
                 spread: list[str | None] = [used[i % len(used)] for i in range(b)]
                 cases = [(f"lora, {len(used)} adapters{suffix if b <= 4 else ''}", spread)]  # (the switch: 1-4 rows)
-                if fused or len(variants) == 1:  # (base rows: the same step either way)
+                if first:  # (base rows: the same step in every form)
                     cases.insert(0, ("lora, no adapter rows", [None] * b))
                 for label, loras in cases:
                     speed = tokens_per_s(engine, b, args.prompt, args.new_tokens, loras)
                     rows.append({"row": label, "batch": b, "tokens_per_s": speed})
-            if args.prefill and (fused or len(variants) == 1):  # (a prefill takes neither form: timed once)
+            if args.prefill and first:  # (a prefill takes none of the forms: timed once)
                 prefills["lora, no adapter"] = prefill_ms(engine, args.prefill, None, args.prefill_vary)
                 for form in prefill_forms:
                     label = "lora, one adapter" + ("" if len(prefill_forms) == 1 else f" ({form})")
                     with prefill_form(engine, form):
                         prefills[label] = prefill_ms(engine, args.prefill, names[0], args.prefill_vary)
             slot_mb = engine.runner.lora.layout.slot_bytes() / 2**20
-    ModelRunner.lora_fused = engine_default
+    ModelRunner.lora_fused, ModelRunner.lora_shrink_in_grid = engine_default
     swap = {}
     for cpu, label in ((len(names), "from the host copy"), (1, "read from its folder first")):
         settings = {**lora, "max_loras": 1, "max_cpu_loras": cpu}

@@ -46,7 +46,8 @@ SOURCES: list[tuple[str, str, tuple[str, ...] | str]] = [
     ("gemma2", "gemma2.cu", ()),  # Gemma2.load
     ("gpt_oss", "gpt_oss.cu", ()),  # GptOss.load
     ("lora_bgmv", "lora_bgmv.cu", ()),  # LoraBgmv
-    ("lora_fused", "lora_fused.cu", "fi_engine.kernels.fused_gemv:FusedKernels.options"),  # LoraFusedKernels
+    ("lora_fused", "lora_fused.cu", "fi_engine.kernels.lora_fused:LoraFusedKernels.options"),  # LoraFusedKernels
+    ("lora_fused_launch", "lora_fused.cu", "fi_engine.kernels.lora_fused:LoraFusedKernels.launch_options"),
 ]
 
 

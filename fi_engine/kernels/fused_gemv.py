@@ -371,12 +371,19 @@ class FusedGemvs:
         self._args[key] = packed
         return packed
 
-    def _prepared_epilogue(self, fn: int, smem: int, ints: list[int], columns: int, name: str) -> Callable[[], None]:
-        """A GEMV with an epilogue, its checked arguments ``ints`` packed once: one warp per ``WARPS`` of its
-        ``columns`` (output columns, or pairs of them) a pass, at most the fused grid's blocks."""
+    def epilogue_grid(self, columns: int) -> int:
+        """The blocks of a GEMV with an epilogue over ``columns`` (output columns, or pairs of them): one warp per
+        ``WARPS`` of them a pass, at most the fused grid's blocks."""
+        return min((columns + WARPS - 1) // WARPS, self._kernels.grid)
+
+    def _prepared_epilogue(
+        self, fn: int, smem: int, ints: list[int], columns: int, name: str, extra_blocks: int = 0
+    ) -> Callable[[], None]:
+        """A GEMV with an epilogue, its checked arguments ``ints`` packed once, on :meth:`epilogue_grid`'s blocks
+        and ``extra_blocks`` more (a LoRA GEMV's in-grid shrink)."""
         launcher = self._launcher
         params, values = launcher.slots(ints)
-        grid = min((columns + WARPS - 1) // WARPS, self._kernels.grid)
+        grid = self.epilogue_grid(columns) + extra_blocks
         return launcher.prepared(fn, grid, 32 * WARPS, smem, params, values, name, pdl=True)
 
     def has_qkv_rope(self, ab_type: int, d: int, mode: int = ADD_NORM) -> bool:

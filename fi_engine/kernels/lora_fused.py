@@ -1,7 +1,8 @@
 """The fused decode step's GEMVs with LoRA adapters (``csrc/lora_fused.cu``): the fused GEMVs of
 :mod:`~fi_engine.kernels.fused_gemv` with each row's adapter expand as an epilogue, and the shrinks that normalize
 their own input, so that a step whose rows take adapters keeps the fused step's launches (the norms, RoPE with the KV
-append and SiLU inside the GEMVs) and adds one shrink launch per projection group.
+append and SiLU inside the GEMVs) and adds one shrink launch per projection group, or none where the shrink runs in
+the GEMV's own grid (a :class:`LoraExpand` with ``sync``).
 
 For a projection ``y = in @ W^T`` of a row whose adapter sits in GPU slot ``s`` (:mod:`fi_engine.lora.slots`' layout):
 
@@ -12,7 +13,11 @@ For a projection ``y = in @ W^T`` of a row whose adapter sits in GPU slot ``s`` 
 - the expand, in the GEMV's epilogue (:class:`LoraExpand`): ``y[r, j] = round(sum_c in[r, c] W[j, c] + t[r, p(j)
   rank:] . Bt_s[:, j])``, before RoPE (QKV), SiLU-and-mul (gate/up) and the rounding of the o and down outputs. One
   rounding where the separate launches round twice (the GEMV's output, then the expand's sum), so the logits differ
-  from theirs by 16-bit rounding, not more (the GPU tests bound both against the merged weights' float32 logits).
+  from theirs by 16-bit rounding, not more (the GPU tests bound both against the merged weights' float32 logits);
+- or both in one launch (``LoraExpand.sync`` set: the ``lora_grid_*`` kernels): the GEMV's grid gets ``width`` more
+  blocks, the first to start, which stage the input rows as the GEMV blocks do and compute ``t`` (the normed shrink's
+  sums, in its order); the GEMV blocks wait for them on the GPU before their first expand, while they stream their
+  weights meanwhile. A launch fewer a projection group, and the shrink's sums off the step's critical path.
 
 A separate module (compiled only by an engine serving adapters with the runner's ``lora_fused``), so the fused
 GEMVs' own kernels are unchanged (``tools/kernel_fingerprints.py``).
@@ -34,7 +39,7 @@ from .fused_gemv import EpilogueCall, FusedGemvs, FusedKernels, load_row_kernels
 from .launch import MAX_LD, U64, int_arg
 from .lora_bgmv import MAX_T_WIDTH
 
-__all__ = ["LoraExpand", "LoraFusedGemvs", "LoraFusedKernels", "expand_ints", "shrink_launch"]
+__all__ = ["LoraExpand", "LoraFusedGemvs", "LoraFusedKernels", "expand_ints", "grid_ints", "shrink_launch"]
 
 SHRINK_THREADS = 256  # a normed shrink block: lora_bgmv.cu's shrink's threads, so its sums are in the same order
 _SHRINK_SMEM = (48 << 10) - 1024  # one staged row of k 16-bit values, no opt-in (k up to 24064)
@@ -51,7 +56,13 @@ class LoraExpand:
     stride ``t_ld`` elements), ``slots`` the step's int32 slot per row, ``targets`` the int32 groups' bits per slot
     (``bit``: this projection's), ``bt`` slot 0's ``Bt [rank, n]`` of this layer (16-bit, ``b_slot`` elements between
     slots), ``rank`` the slots' rank and ``(n0, n1)`` where the second and third parts' columns begin
-    (:attr:`~fi_engine.lora.slots.Group.split`). A value: the step's launches are packed with it once."""
+    (:attr:`~fi_engine.lora.slots.Group.split`). A value: the step's launches are packed with it once.
+
+    With ``sync`` (not 0) the GEMV's own grid computes ``t`` first (the shrink in the grid, :func:`grid_ints`):
+    ``a`` slot 0's ``A [width, k]`` of this layer (16-bit, ``a_slot`` elements between slots), ``scale`` the slots'
+    float32 scales, ``width`` the shrink's entries (the parts times ``rank``), ``sync`` two uint64 counters of zeros
+    that every launch of this one call site, and no other, uses (the kernels take a launch's place from them, and
+    need its grid the same each launch)."""
 
     t: int
     t_ld: int
@@ -63,6 +74,11 @@ class LoraExpand:
     rank: int
     n0: int
     n1: int
+    a: int = 0
+    a_slot: int = 0
+    scale: int = 0
+    width: int = 0
+    sync: int = 0
 
 
 def expand_ints(lora: object, n: int) -> list[int]:
@@ -87,6 +103,27 @@ def expand_ints(lora: object, n: int) -> list[int]:
         if not value or value % align:
             raise ValueError(f"lora.{name}: 0x{value:x} must be a non-NULL address aligned to {align} bytes")
     return [e.t, t_ld, e.slots, e.targets, bit, e.bt, b_slot, rank, n0, n1]
+
+
+def grid_ints(lora: LoraExpand, n: int, k: int) -> list[int]:
+    """The in-grid shrink's 5 kernel arguments (after :func:`expand_ints`', which checks ``lora``'s type and the
+    expand's fields first), checked against the GEMV's ``n`` output columns and ``k`` inputs: ValueError naming the
+    field (``lora.<field>``) of the wrong range, a ``width`` other than the expand's parts times its rank,
+    ``a_slot`` short of ``width * k`` or no multiple of 8, a misaligned (``a`` 16 bytes, ``scale`` 4, ``sync`` 8)
+    or NULL address."""
+    e = lora
+    parts = 1 + (e.n0 < n) + (e.n1 < n)
+    width = int_arg("lora.width", e.width, 1, MAX_T_WIDTH + 1)
+    if width != parts * e.rank:
+        raise ValueError(f"lora.width: expected the {parts} parts times lora.rank ({parts * e.rank}), got {width}")
+    a_slot = int_arg("lora.a_slot", e.a_slot, width * k, MAX_LD)
+    if a_slot % 8:
+        raise ValueError(f"lora.a_slot: {a_slot} elements between slots must be a multiple of 8 (16-byte rows)")
+    for name, align in (("a", 16), ("scale", 4), ("sync", 8)):
+        value = int_arg(f"lora.{name}", getattr(e, name), 0, U64)
+        if not value or value % align:
+            raise ValueError(f"lora.{name}: 0x{value:x} must be a non-NULL address aligned to {align} bytes")
+    return [e.a, a_slot, e.scale, width, e.sync]
 
 
 def shrink_launch(
@@ -143,36 +180,61 @@ def shrink_launch(
 
 @dataclass
 class LoraFusedKernels:
-    """The compiled LoRA fused GEMVs (:meth:`compile`): ``gemvs`` ``(kind, ab_type) -> CUfunction per row count``
-    (kinds ``"copy"``, ``"norm"``, ``"addnorm"``, ``"norm_rope"``, ``"addnorm_rope"``, ``"addnorm_gateup"``),
-    ``shrinks`` ``(mode, ab_type) -> CUfunction`` (NORM, ADD_NORM), ``smem`` the most dynamic shared memory a GEMV
-    launch may take, ``module`` the CuPy module that owns them."""
+    """The compiled LoRA fused GEMVs (:meth:`compile`) of one form: ``in_grid`` (each shrink in its GEMV's grid) or
+    not (a shrink launched before each GEMV); ``gemvs`` ``(kind, ab_type) -> CUfunction per row count`` (kinds
+    ``"copy"``, ``"norm"``, ``"addnorm"``, ``"norm_rope"``, ``"addnorm_rope"``, ``"addnorm_gateup"``), ``shrinks``
+    ``(mode, ab_type) -> CUfunction`` (NORM, ADD_NORM; the launched form's only), ``smem`` the most dynamic shared
+    memory a GEMV launch may take, ``module`` the CuPy module that owns them."""
 
     gemvs: dict[tuple[str, int], tuple[int, ...]]
     shrinks: dict[tuple[int, int], int]
     smem: int
     module: Any
+    in_grid: bool = True
 
     @staticmethod
-    def kernel_names() -> dict[tuple[str, int], str]:
+    def options(in_grid: bool = True) -> list[str]:
+        """NVRTC's options for ``csrc/lora_fused.cu``: the fused GEMVs' (:meth:`FusedKernels.options`: the same
+        prologue arithmetic) and the form its kernels take (one form a module: the two compile in twice the time)."""
+        return [*FusedKernels.options(), f"-DLORA_SHRINK_IN_GRID={int(bool(in_grid))}"]
+
+    @staticmethod
+    def launch_options() -> list[str]:
+        """:meth:`options` of the form with shrink launches (``tools/kernel_fingerprints.py`` compiles both)."""
+        return LoraFusedKernels.options(False)
+
+    @staticmethod
+    def kernel_names(in_grid: bool = True) -> dict[tuple[str, int], str]:
         """The GEMVs :meth:`compile` loads, ``(kind, ab_type) -> kernel name`` without the ``_r<rows>`` suffix."""
         names = {}
+        prefix = "lora_grid" if in_grid else "lora_gemv"
         for ab, tag in ((CUDA_R_16F, "f16"), (CUDA_R_16BF, "bf16")):
             for kind in ("copy", "norm", "addnorm", "norm_rope", "addnorm_rope", "addnorm_gateup"):
-                names[(kind, ab)] = f"lora_gemv_{tag}_{kind}"
+                names[(kind, ab)] = f"{prefix}_{tag}_{kind}"
         return names
 
+    @staticmethod
+    def shrink_names(in_grid: bool = True) -> dict[tuple[int, int], str]:
+        """The normed shrinks :meth:`compile` loads (the launched form's; none in the grid form), ``(mode, ab_type)
+        -> kernel name``."""
+        if in_grid:
+            return {}
+        tags = ((CUDA_R_16F, "f16"), (CUDA_R_16BF, "bf16"))
+        return {
+            (m, ab): f"lora_shrink_{tag}_{kind}"
+            for ab, tag in tags
+            for m, kind in ((NORM, "norm"), (ADD_NORM, "addnorm"))
+        }
+
     @classmethod
-    def compile(cls, cupy: Any) -> LoraFusedKernels:
-        """Compile ``csrc/lora_fused.cu`` with the fused GEMVs' options (:meth:`FusedKernels.options`: the same
-        prologue arithmetic) on CuPy's current device; raises what NVRTC or the driver raise."""
-        module = cupy.RawModule(code=source("lora_fused.cu"), options=FusedKernels.options())
-        gemvs, smem = load_row_kernels(cupy, module, cls.kernel_names())
-        shrinks = {}
-        for ab, tag in ((CUDA_R_16F, "f16"), (CUDA_R_16BF, "bf16")):
-            for mode, kind in ((NORM, "norm"), (ADD_NORM, "addnorm")):
-                shrinks[(mode, ab)] = function_ptr(module.get_function(f"lora_shrink_{tag}_{kind}"))
-        return cls(gemvs, shrinks, smem, module)
+    def compile(cls, cupy: Any, in_grid: bool = True) -> LoraFusedKernels:
+        """Compile ``csrc/lora_fused.cu`` in the form ``in_grid`` says (:meth:`options`) on CuPy's current device;
+        raises what NVRTC or the driver raise."""
+        module = cupy.RawModule(code=source("lora_fused.cu"), options=tuple(cls.options(in_grid)))
+        gemvs, smem = load_row_kernels(cupy, module, cls.kernel_names(in_grid))
+        names = cls.shrink_names(in_grid)
+        shrinks = {key: function_ptr(module.get_function(name)) for key, name in names.items()}
+        return cls(gemvs, shrinks, smem, module, bool(in_grid))
 
 
 def _lora_form(
@@ -208,6 +270,8 @@ def _shrink_form(
         grid, smem, ints = launch(*args, **kwargs)
         int_arg("ab_type", ab_type, -(1 << 63), 1 << 63)
         mode: Any = args[0] if args else kwargs["mode"]  # (checked by launch: NORM or ADD_NORM)
+        if self.kernels.in_grid:
+            raise ValueError("ab_type: these LoRA GEMVs compute their shrinks in their own grids (no shrink launch)")
         fn = self.kernels.shrinks.get((mode, ab_type))
         if fn is None:
             raise ValueError(f"ab_type: no LoRA shrink for {ab_type} (16-bit types only)")
@@ -226,6 +290,7 @@ class LoraFusedGemvs:
 
     def __init__(self, fused: FusedGemvs, launcher: Any, kernels: LoraFusedKernels) -> None:
         self.fused, self.launcher, self.kernels = fused, launcher, kernels
+        self._sync_grids: dict[int, tuple[int, int]] = {}  # an in-grid shrink's counters -> (grid, width) packed
 
     def fits(self, rows: int, k: int) -> bool:
         """Whether the LoRA GEMVs serve ``rows`` input rows of ``k`` (the fused GEMVs' :meth:`FusedGemvs.fits` and
@@ -250,9 +315,22 @@ class LoraFusedGemvs:
         if not self.fits(rows, k):
             raise ValueError(f"rows, k: the LoRA fused GEMV does not serve {rows} rows of {k} (see fits)")
         self._sixteen_bit(w)
-        fn = self._function(_KINDS[mode], ab_type, rows)
         ints = [*call.ints, *expand_ints(lora, call.weight_rows)]
-        return self.fused._prepared_epilogue(fn, call.smem, ints, call.columns, name)
+        if bool(lora.sync) != self.kernels.in_grid:
+            form = "in their grids (give lora.sync)" if self.kernels.in_grid else "launched before them (no lora.sync)"
+            raise ValueError(f"lora.sync: these LoRA GEMVs were compiled with the shrinks {form}")
+        fn = self._function(_KINDS[mode], ab_type, rows)
+        if not lora.sync:
+            return self.fused._prepared_epilogue(fn, call.smem, ints, call.columns, name)
+        # the shrink in the grid: its width more blocks; the counters' launches must all take the same grid
+        ints += grid_ints(lora, call.weight_rows, k)
+        grid = (self.fused.epilogue_grid(call.columns) + lora.width, lora.width)
+        if self._sync_grids.setdefault(lora.sync, grid) != grid:
+            raise ValueError(
+                f"lora.sync: 0x{lora.sync:x} counts the launches of another call site (grid and width "
+                f"{self._sync_grids[lora.sync]}, here {grid}); give each call site its own counters"
+            )
+        return self.fused._prepared_epilogue(fn, call.smem, ints, call.columns, name, extra_blocks=lora.width)
 
     prepared_linear = _lora_form(
         FusedGemvs.linear_parts,

@@ -7,6 +7,7 @@ opens: a slot is rewritten in place, so a captured CUDA graph reads whatever ada
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,9 @@ class DeviceSlots:
         self.scale = cupy.zeros(slots, np.float32)
         self.targets = cupy.zeros(slots, np.int32)  # no group: every kernel skips the slot's rows
         self.t = cupy.zeros((max_rows, layout.t_width), np.float32)
+        # the fused step's in-grid shrinks' counters: a pair per layer and group (each call site its own), which
+        # only grow (csrc/fused_gemv.cu's lora_ticket)
+        self.sync = cupy.zeros((layout.num_layers, len(layout.groups), 2), np.uint64)
         self.kernels = LoraBgmv(dtype, stream)
         self._groups = {g.name: g for g in layout.groups}
         self._launches: dict[tuple[Any, ...], tuple[Any, ...]] = {}
@@ -193,17 +197,27 @@ class DeviceSlots:
         width = len(g.modules) * self.layout.rank
         return int(a.data.ptr) + 2 * layer * width * g.k, int(np.prod(a.shape[1:])), width, g.bit
 
-    def expand_operands(self, group: str, layer: int, slots: int) -> LoraExpand:
+    def expand_operands(self, group: str, layer: int, slots: int, in_grid: bool = False) -> LoraExpand:
         """What the fused GEMVs' expand epilogue reads for ``group`` in layer ``layer`` (the step's int32 row slots
-        at ``slots``): :class:`~fi_engine.kernels.lora_fused.LoraExpand` over the shrink's scratch ``t``."""
+        at ``slots``): :class:`~fi_engine.kernels.lora_fused.LoraExpand` over the shrink's scratch ``t``; with
+        ``in_grid`` also what the GEMV's in-grid shrink reads (the group's A of the layer, the scales) and the layer
+        and group's own counters."""
         g, (_, bt) = self._groups[group], self.arrays[group]
         rank = self.layout.rank
         n0, n1 = g.split
-        return LoraExpand(
+        e = LoraExpand(
             t=int(self.t.data.ptr), t_ld=self.t.shape[1], slots=slots, targets=int(self.targets.data.ptr),
             bit=g.bit, bt=int(bt.data.ptr) + 2 * layer * rank * g.n, b_slot=int(np.prod(bt.shape[1:])), rank=rank,
             n0=n0, n1=n1,
         )  # fmt: skip
+        if not in_grid:
+            return e
+        if not 0 <= layer < self.sync.shape[0]:
+            raise ValueError(f"layer: expected 0 to {self.sync.shape[0] - 1}, got {layer}")
+        a, a_slot, width, _ = self.shrink_operands(group, layer)
+        at = list(self._groups).index(group)
+        sync = int(self.sync.data.ptr) + 16 * (layer * len(self._groups) + at)  # (sync: [layers, groups, 2] uint64)
+        return replace(e, a=a, a_slot=a_slot, scale=int(self.scale.data.ptr), width=width, sync=sync)
 
     def prepared_shrink(
         self, launcher: Any, group: str, layer: int, rows: int, x: int, x_ld: int, slots: int

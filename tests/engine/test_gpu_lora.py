@@ -28,7 +28,9 @@ The LoRA form of the fused decode step (``ModelRunner.lora_fused``: 1 to 4 rows,
 GEMVs' epilogues): each eager step of one adapter row, and of four rows of three adapters and a base row, runs it, and
 every row's logits at every step are within 1.5x transformers-bf16's error of its adapter's merged reference; its tokens
 are the separate launches' (the switch off) up to a near tie; the adapters' one-row CUDA graph captures it and its
-tokens match the reference and the eager step's.
+tokens match the reference and the eager step's. Its two forms (``ModelRunner.lora_shrink_in_grid``: each shrink in
+its GEMV's grid, or a launch of its own before it) give every fused step's logits bit for bit alike, eager (1 and 4
+rows) and in the one-row graph (its tokens).
 
 Both forms of a prefill's adapters, whatever ``DeviceSlots.prefill_segment_gemm``'s default (the ``prefill_form``
 fixture sets it): ``cuda-cores`` (the CUDA-core kernels' long shrink, in the padded prefill graph with CUDA graphs on)
@@ -357,13 +359,15 @@ def test_what_the_decode_graphs_without_the_adapters_cost_at_open(base, monkeypa
 FUSED_ROWS = {1: ["r16"], 4: ["r8", None, "r64", "r16"]}  # a decode batch the LoRA fused step serves (1 to 4 rows)
 
 
-def _fused_lora_run(path, settings, ps, loras, graph, on, monkeypatch):  # type: ignore[no-untyped-def]
-    """Greedy tokens of ``ps`` (their adapters ``loras``) with ``ModelRunner.lora_fused`` ``on``, per eager fused
-    step with adapters (the runner's ``step_lora`` set) its rows' logits (on the host), whether the LoRA form fits
-    ``len(ps)`` rows, and with ``graph`` whether the adapters' one-row graph holds it."""
+def _fused_lora_run(path, settings, ps, loras, graph, on, monkeypatch, in_grid=True):  # type: ignore[no-untyped-def]
+    """Greedy tokens of ``ps`` (their adapters ``loras``) with ``ModelRunner.lora_fused`` ``on`` (and
+    ``lora_shrink_in_grid`` ``in_grid``), per eager fused step with adapters (the runner's ``step_lora`` set) its
+    rows' logits (on the host), whether the LoRA form fits ``len(ps)`` rows, and with ``graph`` whether the adapters'
+    one-row graph holds it."""
     from fi_engine.runtime.worker.model_runner import ModelRunner
 
     monkeypatch.setattr(ModelRunner, "lora_fused", on)
+    monkeypatch.setattr(ModelRunner, "lora_shrink_in_grid", in_grid)
     logits: list[np.ndarray] = []
     with open_engine(path, max_batch=4, page_size=16, cuda_graph=graph, lora=settings) as engine:
         runner = engine.runner
@@ -424,3 +428,29 @@ def test_the_adapters_one_row_graph_is_the_lora_fused_step(base, monkeypatch) ->
     assert logits, f"{name}: the eager steps did not fuse"
     check_greedy(refs["r64"], ps[:1], graph_tokens, tol)
     check_eager_matches_graph(refs["r64"], ps[:1], eager_tokens, graph_tokens, tol, f"{name}: ")
+
+
+@pytest.mark.parametrize("rows", list(FUSED_ROWS), ids=[f"{n}-rows" for n in FUSED_ROWS])
+def test_the_shrinks_in_the_gemvs_grids_give_the_shrink_launches_logits_bit_for_bit(base, rows, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The LoRA fused step with each shrink in its GEMV's grid (``lora_shrink_in_grid``, the default) and with a
+    shrink launch before each GEMV: the same staged input, the same sums in the same order, so every fused step's
+    logits and every token are equal bit for bit, eager, over 16 steps of the same counters (1 and 4 rows)."""
+    name, path, _, _, ps, settings = base
+    ps = [p for p, _ in zip(ps, FUSED_ROWS[rows], strict=False)]
+    loras = FUSED_ROWS[rows]
+    grid_tokens, grid_logits, fuses, _ = _fused_lora_run(path, settings, ps, loras, False, True, monkeypatch)
+    tokens, logits, _, _ = _fused_lora_run(path, settings, ps, loras, False, True, monkeypatch, in_grid=False)
+    assert fuses and len(grid_logits) == len(logits) >= MAX_NEW - 1, f"{name}: {len(grid_logits)} fused LoRA steps"
+    assert grid_tokens == tokens
+    for t, (a, b) in enumerate(zip(grid_logits, logits, strict=True)):
+        assert np.array_equal(a, b), f"{name} step {t}: max |difference| {float(np.abs(a - b).max()):.3g}"
+
+
+def test_the_in_grid_one_row_graph_replays_the_shrink_launches_tokens(base, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The adapters' one-row CUDA graph with the shrinks in the GEMVs' grids (its counters used by the eager warm-up
+    steps, then by every replay) decodes the tokens of the graph with shrink launches, bit for bit."""
+    name, path, _, _, ps, settings = base
+    grid_tokens, _, fuses, captured = _fused_lora_run(path, settings, ps[:1], ["r16"], True, True, monkeypatch)
+    tokens, _, _, _ = _fused_lora_run(path, settings, ps[:1], ["r16"], True, True, monkeypatch, in_grid=False)
+    assert fuses and captured
+    assert grid_tokens == tokens, f"{name}: {grid_tokens} against {tokens}"

@@ -27,6 +27,7 @@ from fi_engine.kernels.lora_fused import (
     LoraFusedGemvs,
     LoraFusedKernels,
     expand_ints,
+    grid_ints,
     shrink_launch,
 )
 from fi_engine.kernels.quantized_weights import QuantizedWeights
@@ -49,10 +50,10 @@ def by_rows(fn: int) -> tuple[int, ...]:
     return tuple(fn + 0x100 * r for r in range(4))  # the kernels of 1 to 4 rows
 
 
-def fake_gemvs() -> tuple[LoraFusedGemvs, list[tuple[Any, ...]]]:
+def fake_gemvs(in_grid: bool = False) -> tuple[LoraFusedGemvs, list[tuple[Any, ...]]]:
     """LoraFusedGemvs over a real Launcher (recording cuLaunchKernel), the fused GEMVs' fake handles and the LoRA
-    kernels' (kind i of type ab: 0x8000 + 0x1000 * (ab == bf16) + 0x10 * i, + 0x100 per row; shrinks 0x9000 +
-    mode)."""
+    kernels' of the form ``in_grid`` (kind i of type ab: 0x8000 + 0x1000 * (ab == bf16) + 0x10 * i, + 0x100 per row,
+    and 0x2000 more in the grid form; the launched form's shrinks 0x9000 + mode)."""
     launches: list[tuple[Any, ...]] = []
     launcher = Launcher(0x77, lambda *args: launches.append(args) or 0, None, driver.ffi())
     fns = {(m, ab, ab): by_rows(0x1000 + m) for ab in (CUDA_R_16F, CUDA_R_16BF) for m in (F.NORM, F.ADD_NORM)}
@@ -63,12 +64,13 @@ def fake_gemvs() -> tuple[LoraFusedGemvs, list[tuple[Any, ...]]]:
     quantized.fp8_weights = {at(12): object()}  # a weight registered as FP8 (refused: 16-bit only)
     fused = FusedGemvs(launcher, kernels, quantized)
     gemvs = {
-        (kind, ab): by_rows(0x8000 + 0x1000 * (ab == CUDA_R_16BF) + 0x10 * i)
+        (kind, ab): by_rows(0x8000 + 0x2000 * in_grid + 0x1000 * (ab == CUDA_R_16BF) + 0x10 * i)
         for ab in (CUDA_R_16F, CUDA_R_16BF)
         for i, kind in enumerate(KINDS)
     }
-    shrinks = {(m, ab): 0x9000 + m for ab in (CUDA_R_16F, CUDA_R_16BF) for m in (F.NORM, F.ADD_NORM)}
-    return LoraFusedGemvs(fused, launcher, LoraFusedKernels(gemvs, shrinks, (48 << 10) - 1024, None)), launches
+    shrinks = {} if in_grid else {(m, ab): 0x9000 + m for ab in (CUDA_R_16F, CUDA_R_16BF) for m in (F.NORM, F.ADD_NORM)}
+    kernels = LoraFusedKernels(gemvs, shrinks, (48 << 10) - 1024, None, in_grid)
+    return LoraFusedGemvs(fused, launcher, kernels), launches
 
 
 def expand(n: int = N, parts: int = 1) -> LoraExpand:
@@ -76,6 +78,11 @@ def expand(n: int = N, parts: int = 1) -> LoraExpand:
     return LoraExpand(
         t=at(20), t_ld=3 * R, slots=at(21), targets=at(22), bit=2, bt=at(23), b_slot=4 * R * n, rank=R, n0=n0, n1=n1
     )
+
+
+def in_grid(e: LoraExpand, parts: int = 1, sync: int = 0) -> LoraExpand:
+    """``e`` with the in-grid shrink's fields: A of ``parts * R`` rows of H inputs, its own counters ``sync``."""
+    return dataclasses.replace(e, a=at(24), a_slot=4 * R * H, scale=at(25), width=parts * R, sync=at(26) + 16 * sync)
 
 
 def params_of(launch: tuple[Any, ...], count: int) -> list[int]:
@@ -100,16 +107,22 @@ def test_the_expand_and_shrink_arguments_are_packed_in_the_kernels_parameter_ord
     kernel's 17); shrink_launch's is LORA_SHRINK's signature; each value is the call's (eps its float32 bits)."""
     lora_cu, fused_cu = read("lora_fused.cu"), read("fused_gemv.cu")
     fields = [f.name for f in dataclasses.fields(LoraExpand)]
-    assert kernel_params(macro_body(lora_cu, "LORA_PARAMS")) == fields
+    assert kernel_params(macro_body(lora_cu, "LORA_PARAMS")) == fields[:10]
     e = expand()
-    assert expand_ints(e, N) == [getattr(e, f) for f in fields]
-    # the LoRA GEMVs take their base kernel's parameters, then LORA_PARAMS
-    base = re.search(r"name##_r##R\((.*?)\) \{", macro_body(fused_cu, "FUSED"), re.S).group(1)  # type: ignore[union-attr]
-    lora = re.search(r"name##_r##R\((.*?)\) \{", macro_body(lora_cu, "LORA_FUSED"), re.S).group(1)  # type: ignore[union-attr]
-    assert kernel_params(lora) == [*kernel_params(base), "LORA_PARAMS"]
-    pairs = re.search(r"name##_r##R\((.*?)\) \{", macro_body(fused_cu, "PAIRS"), re.S).group(1)  # type: ignore[union-attr]
-    lora_pairs = re.search(r"name##_r##R\((.*?)\) \{", macro_body(lora_cu, "LORA_PAIRS"), re.S).group(1)  # type: ignore[union-attr]
-    assert kernel_params(lora_pairs) == [*kernel_params(pairs), "LORA_PARAMS"]
+    assert expand_ints(e, N) == [getattr(e, f) for f in fields[:10]]
+    # the in-grid shrink's kernels: LORA_PARAMS, then the rest of LoraExpand's fields, in grid_ints' order
+    assert kernel_params(macro_body(lora_cu, "LORA_GRID_PARAMS")) == ["LORA_PARAMS", *fields[10:]]
+    g = in_grid(e)
+    assert grid_ints(g, N, H) == [getattr(g, f) for f in fields[10:]]
+
+    # the LoRA GEMVs take their base kernel's parameters, then LORA_PARAMS (or LORA_GRID_PARAMS)
+    def params(source: str, macro: str) -> list[str]:
+        return kernel_params(re.search(r"name##_r##R\((.*?)\) \{", macro_body(source, macro), re.S).group(1))  # type: ignore[union-attr]
+
+    assert params(lora_cu, "LORA_FUSED") == [*params(fused_cu, "FUSED"), "LORA_PARAMS"]
+    assert params(lora_cu, "LORA_PAIRS") == [*params(fused_cu, "PAIRS"), "LORA_PARAMS"]
+    assert params(lora_cu, "LORA_GRID_FUSED") == [*params(fused_cu, "FUSED"), "LORA_GRID_PARAMS"]
+    assert params(lora_cu, "LORA_GRID_PAIRS") == [*params(fused_cu, "PAIRS"), "LORA_GRID_PARAMS"]
     shrink = re.search(r"void name\((.*?)\) \{", macro_body(lora_cu, "LORA_SHRINK"), re.S).group(1)  # type: ignore[union-attr]
     names = kernel_params(shrink)
     call = dict(
@@ -163,6 +176,76 @@ def test_each_lora_gemv_packs_the_base_arguments_then_the_expand_and_takes_its_k
     assert launches[-1][0] == 0x9050 + 0x100 * (rows - 1) and launches[-1][1] == N // 2 // WARPS
     got = params_of(launches[-1], 40)
     assert got[4] == N and got[30:] == expand_ints(expand(N, 2), N)
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_the_in_grid_form_takes_its_kernel_on_width_more_blocks_with_the_shrinks_arguments(rows: int) -> None:
+    """A LoraExpand with ``sync`` takes the lora_grid kernel of its kind, on the base grid and ``width`` blocks more
+    (its shrink blocks), the base arguments, then expand_ints', then grid_ints'."""
+    g, launches = fake_gemvs(in_grid=True)
+    kept = []
+    copy = dict(rows=rows, x=at(0), x_ld=H, w=at(1), n=N, k=H, y=at(2), y_ld=N, ab_type=CUDA_R_16BF)
+    e = in_grid(expand())
+    kept.append(g.prepared_linear(e, F.PLAIN, **copy, c_type=CUDA_R_16BF))
+    kept[-1]()
+    fn, grid, _, _, block, _, _, smem, _, _, _ = launches[-1]
+    assert (fn, grid, block, smem) == (0xB000 + 0x100 * (rows - 1), N // WARPS + R, 32 * WARPS, rows * H * 2)
+    got = params_of(launches[-1], 28)
+    assert got[13:23] == expand_ints(e, N) and got[23:] == grid_ints(e, N, H)
+    # gate/up + SiLU: two parts, so 2 R shrink blocks, over its own counters
+    e2 = in_grid(expand(N, 2), 2, sync=1)
+    normed = dict(copy, h=at(3), h_ld=H, norm_weight=at(4), h_out=at(5), eps=1e-5, y_ld=N // 2)
+    kept.append(g.prepared_gate_up_silu(e2, F.ADD_NORM, **normed, c_type=CUDA_R_16BF))
+    kept[-1]()
+    assert launches[-1][0] == 0xB050 + 0x100 * (rows - 1) and launches[-1][1] == N // 2 // WARPS + 2 * R
+    assert params_of(launches[-1], 45)[40:] == grid_ints(e2, N, H)
+    # the first call site's counters packed again with its grid: taken; with another grid: refused by name
+    kept.append(g.prepared_linear(e, F.PLAIN, **copy, c_type=CUDA_R_16BF))
+    with pytest.raises(ValueError, match="lora.sync: .* counts the launches of another call site"):
+        half = dataclasses.replace(e, n0=N // 2, n1=N // 2)  # (an expand over N / 2 columns)
+        g.prepared_linear(half, F.PLAIN, **(copy | {"n": N // 2, "y_ld": N // 2}), c_type=CUDA_R_16BF)
+
+
+def test_each_form_refuses_the_other_forms_calls_by_name() -> None:
+    """Kernels compiled with the shrinks in their grids take only a LoraExpand with counters and launch no normed
+    shrink; those compiled for shrink launches take none with counters."""
+    grid_form, launches = fake_gemvs(in_grid=True)
+    launch_form, _ = fake_gemvs(in_grid=False)
+    copy = dict(rows=1, x=at(0), x_ld=H, w=at(1), n=N, k=H, y=at(2), y_ld=N, ab_type=CUDA_R_16BF, c_type=CUDA_R_16BF)
+    with pytest.raises(ValueError, match=r"lora.sync: these LoRA GEMVs were compiled with the shrinks in their grids"):
+        grid_form.prepared_linear(expand(), F.PLAIN, **copy)
+    with pytest.raises(ValueError, match=r"lora.sync: .* compiled with the shrinks launched before them"):
+        launch_form.prepared_linear(in_grid(expand()), F.PLAIN, **copy)
+    shrink = dict(
+        rows=1, h=at(0), h_ld=H, x=at(1), x_ld=H, norm_weight=at(2), eps=1e-5, k=H, slots=at(3), scale=at(4),
+        targets=at(5), bit=1, a=at(6), a_slot=3 * R * H, width=3 * R, t=at(7), t_ld=3 * R,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="ab_type: these LoRA GEMVs compute their shrinks in their own grids"):
+        grid_form.prepared_shrink(CUDA_R_16BF, F.NORM, **shrink)
+    assert launches == []
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"width": 2 * R}, r"lora.width: expected the 1 parts times lora.rank \(16\), got 32"),
+        ({"width": 0}, r"lora.width: expected an int in \[1, "),
+        ({"a_slot": R * H - 8}, "lora.a_slot: "),
+        ({"a_slot": 4 * R * H + 4}, "lora.a_slot: .* multiple of 8"),
+        ({"a": at(24) + 8}, "lora.a: .* aligned to 16 bytes"),
+        ({"a": 0}, "lora.a: .* non-NULL"),
+        ({"scale": at(25) + 2}, "lora.scale: "),
+        ({"sync": at(26) + 4}, "lora.sync: .* aligned to 8 bytes"),
+        ({"sync": -8}, "lora.sync: "),
+    ],
+)
+def test_a_bad_in_grid_field_is_refused_by_name_before_any_launch(change, match) -> None:
+    g, launches = fake_gemvs(in_grid=True)
+    e = dataclasses.replace(in_grid(expand()), **change)
+    copy = dict(rows=1, x=at(0), x_ld=H, w=at(1), n=N, k=H, y=at(2), y_ld=N, ab_type=CUDA_R_16BF)
+    with pytest.raises((TypeError, ValueError), match=match):
+        g.prepared_linear(e, F.PLAIN, **copy, c_type=CUDA_R_16BF)
+    assert launches == []
 
 
 def test_the_lora_qkv_gemv_finds_mode_behind_rope_given_by_name() -> None:
@@ -346,6 +429,7 @@ def host_slots(layout: SlotLayout, slots: int, rows: int, rng: np.random.Generat
     d.scale = HostArray(rng.uniform(0.5, 2, slots).astype(np.float32))
     d.targets = HostArray(np.full(slots, 0b1111, np.int32))
     d.t = HostArray(np.zeros((rows, layout.t_width), np.float32))
+    d.sync = HostArray(np.zeros((layout.num_layers, len(layout.groups), 2), np.uint64))
     d._groups = {g.name: g for g in layout.groups}
     return d
 
@@ -380,6 +464,15 @@ def test_the_fused_launches_read_each_rows_slot_and_layer_and_compute_the_merged
     assert (e.n0, e.n1) == g.split and e.rank == layout.rank and e.t_ld == layout.t_width
     assert e.t == d.t.data.ptr and e.targets == d.targets.data.ptr and e.slots == row_slots.ctypes.data
     expand_ints(e, g.n)  # the kernels take them
+    # the in-grid shrink reads the same A and scales as the shrink launch, over the layer and group's own counters
+    eg = d.expand_operands(group, layer, row_slots.ctypes.data, in_grid=True)
+    assert (eg.a, eg.a_slot, eg.width, eg.scale) == (a_at, a_slot, width, d.scale.data.ptr)
+    assert dataclasses.replace(eg, a=0, a_slot=0, scale=0, width=0, sync=0) == e
+    grid_ints(eg, g.n, g.k)
+    counters = {d.expand_operands(n, i, 0, True).sync for n in d._groups for i in range(layout.num_layers)}
+    assert len(counters) == 4 * layout.num_layers and eg.sync in counters
+    base = d.sync.data.ptr
+    assert all(base <= c <= base + d.sync.a.nbytes - 16 and c % 16 == 0 for c in counters)
     x = rng.standard_normal((4, g.k))
     w = rng.standard_normal((g.n, g.k))
     y = np.empty((4, g.n))

@@ -109,7 +109,8 @@ def test_every_kernel_dense_loads_is_in_its_module(monkeypatch, fixed_rows: bool
     """Dense compiles gemv.cu and fused_gemv.cu with its own options (GemvSettings.gemv_options, FusedKernels.options:
     what the tool compiles too) and looks its kernels up by name, 1 to 4 rows each; a name the source does not define
     would leave the GEMV or the fused step off on the GPU (Dense.gemv_error), so each must be in the cubin. The same
-    for lora_fused.cu, which the runner compiles with the fused GEMVs' options (LoraFusedKernels)."""
+    for lora_fused.cu, which the runner compiles with the fused GEMVs' options and one form (LoraFusedKernels.options:
+    the shrinks in the GEMVs' grids, or launched, with their normed shrink kernels)."""
     from fi_engine.kernels.cuda_sources import source
     from fi_engine.kernels.fused_gemv import FusedKernels
     from fi_engine.kernels.gemv_settings import GEMV_NAMES, GemvSettings
@@ -119,13 +120,20 @@ def test_every_kernel_dense_loads_is_in_its_module(monkeypatch, fixed_rows: bool
     for file, options, bases in (
         ("gemv.cu", GemvSettings.gemv_options(), list(GEMV_NAMES.values())),
         ("fused_gemv.cu", FusedKernels.options(), list(FusedKernels.kernel_names().values())),
-        ("lora_fused.cu", FusedKernels.options(), list(LoraFusedKernels.kernel_names().values())),
+        *(
+            ("lora_fused.cu", LoraFusedKernels.options(in_grid), list(LoraFusedKernels.kernel_names(in_grid).values()))
+            for in_grid in (True, False)
+        ),
     ):
-        compiled = set(tool.text_sections(tool.compile_cubin(source(file), options, "sm_90", file)))
+        compiled = set(tool.text_sections(tool.compile_cubin(source(file), tuple(options), "sm_90", file)))
         wanted = {name for base in bases for name in GemvSettings.row_kernel_names(base)}
-        if file == "lora_fused.cu":  # (and the shrinks, one kernel each: LoraFusedKernels.compile's names)
-            wanted |= {f"lora_shrink_{t}_{m}" for t in ("f16", "bf16") for m in ("norm", "addnorm")}
+        if file == "lora_fused.cu":  # (and the launched form's shrinks, one kernel each: LoraFusedKernels.compile's)
+            in_grid = "-DLORA_SHRINK_IN_GRID=1" in options
+            wanted |= set(LoraFusedKernels.shrink_names(in_grid).values())
             assert wanted <= compiled, sorted(wanted - compiled)[:5]
+            assert len(wanted) == 12 * (4 if fixed_rows else 1) + (0 if in_grid else 4)
+            other = "lora_gemv_" if in_grid else "lora_grid_"  # (one form a module: the other is not compiled)
+            assert not any(name.startswith((other, "lora_shrink_" if in_grid else "-")) for name in compiled)
             continue
         assert wanted <= compiled, sorted(wanted - compiled)[:5]
         assert len(wanted) == len(bases) * (4 if fixed_rows else 1)

@@ -44,11 +44,13 @@ __device__ __forceinline__ void row_vec(const unsigned short* __restrict__ h, co
     }
 }
 
-// The prologue: the input rows into sx (shared), every thread of the block taking part; ends with a barrier.
+// The prologue: the input rows into sx (shared), every thread of the block taking part; ends with a barrier. The
+// block numbered 0 (`block`: blockIdx.x, or a LoRA GEMV's number among its GEMV blocks) writes h_out.
 template <bool BF16, int MODE>
-__device__ __forceinline__ void stage(uint4* sx, const unsigned short* __restrict__ x, int rows, int k, long long x_ld,
-                                      const unsigned short* __restrict__ h, const unsigned short* __restrict__ nw,
-                                      unsigned short* __restrict__ h_out, long long h_ld, float eps) {
+__device__ __forceinline__ void stage_block(uint4* sx, const unsigned short* __restrict__ x, int rows, int k,
+                                            long long x_ld, const unsigned short* __restrict__ h,
+                                            const unsigned short* __restrict__ nw, unsigned short* __restrict__ h_out,
+                                            long long h_ld, float eps, unsigned block) {
     __shared__ float part[4][32];
     __shared__ float rcp[4];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -100,7 +102,7 @@ __device__ __forceinline__ void stage(uint4* sx, const unsigned short* __restric
                 if (lane == 0) rcp[r] = rsqrt_approx(sum / float(k) + eps);
             }
         __syncthreads();
-        const bool write_h = MODE == 2 && h_out != nullptr && blockIdx.x == 0;
+        const bool write_h = MODE == 2 && h_out != nullptr && block == 0;
         for (int r = 0; r < rows; ++r)
             for (int c = threadIdx.x; c < vecs; c += blockDim.x) {
                 float v[8];
@@ -121,8 +123,15 @@ __device__ __forceinline__ void stage(uint4* sx, const unsigned short* __restric
     }
     __syncthreads();
 }
+template <bool BF16, int MODE>
+__device__ __forceinline__ void stage(uint4* sx, const unsigned short* __restrict__ x, int rows, int k, long long x_ld,
+                                      const unsigned short* __restrict__ h, const unsigned short* __restrict__ nw,
+                                      unsigned short* __restrict__ h_out, long long h_ld, float eps) {
+    stage_block<BF16, MODE>(sx, x, rows, k, x_ld, h, nw, h_out, h_ld, eps, blockIdx.x);
+}
 
 #include "griddep.cuh"  // griddep_wait, griddep_launch_dependents
+#include "lora_shrink.cuh"  // dot8, block_sum: the LoRA GEMVs' shrink blocks (lora_fused.cu's kernels)
 #include "load_weights.cuh"  // load_weights: past L1
 // UNROLL weight vectors in flight per lane: as the plain GEMV (gemv.cu).
 #ifndef GEMV_UNROLL  // weight vectors in flight per lane (GemvSettings.gemv_unroll passes it)
@@ -155,11 +164,20 @@ __device__ __forceinline__ void staged_vec(uint4 a, const uint4* sx, int vecs, i
     EACH_STAGED_ELEMENT(R, rows, sx, vecs, c, acc[r] += wf[e] * tof<BF16>(bv[e]);)
 }
 
-// A LoRA adapter's expand as a GEMV's epilogue (lora_fused.cu's kernels; the others pass LORA false): output
+// A LoRA adapter's expand as a GEMV's epilogue (lora_fused.cu's kernels; the others pass LORA_NONE): output
 // column j of row r gets += sum_i t[r, p(j) rank + i] * Bt_s[i, j] before it is rounded, s = slots[r] the row's GPU
 // slot, p(j) = (j >= n0) + (j >= n1) the column's part, t the shrink's float32 output (the slot's scale applied), Bt_s
 // at bt + s b_slot elements ([rank, n] 16-bit, n the GEMV's columns: lora_bgmv.cu's layout). A row whose slot is < 0
 // or whose adapter leaves the projection alone (bit `bit` of targets[s] clear) gets nothing.
+//
+// LORA_EXPAND: t was written by a shrink launched before the GEMV. LORA_IN_GRID: by the GEMV's own grid, whose first
+// `width` blocks (in the order they start) are shrink blocks, t[r, j] = scale[s] * A_s[j] . in[r] for j < width (A_s
+// at a + s a_slot elements, [width, k]; in the GEMV's staged input rows, made as its GEMV blocks make them), and
+// whose GEMV blocks wait for them before their first expand: no launch of its own, and its sums run while the GEMV
+// blocks stream their weights. sync: the launch's two counters (lora_ticket, lora_wait).
+#define LORA_NONE 0
+#define LORA_EXPAND 1
+#define LORA_IN_GRID 2
 struct LoraEpi {
     const float* t;
     long long t_ld;
@@ -169,10 +187,17 @@ struct LoraEpi {
     const unsigned short* bt;
     long long b_slot;
     int rank, n0, n1;
+    // LORA_IN_GRID only
+    const unsigned short* a;
+    long long a_slot;
+    const float* scale;
+    int width;
+    unsigned long long* sync;
 };
 
 // The sum above for one row and column, every lane of the warp taking part (lane l the ranks l, l + 32, ...,
-// then a butterfly): the warp's value. The branch is the whole warp's (one row).
+// then a butterfly): the warp's value. The branch is the whole warp's (one row). t is read from L2 (__ldcg): an
+// in-grid shrink wrote it during this launch.
 template <bool BF16>
 __device__ __forceinline__ float lora_column(const LoraEpi& e, int r, long long j, int n, int lane) {
     const int s = e.slots[r];
@@ -180,12 +205,72 @@ __device__ __forceinline__ float lora_column(const LoraEpi& e, int r, long long 
     const float* t = e.t + r * e.t_ld + ((j >= e.n0) + (j >= e.n1)) * e.rank;
     const unsigned short* b = e.bt + s * e.b_slot + j;
     float acc = 0.f;
-    for (int i = lane; i < e.rank; i += 32) acc += t[i] * tof<BF16>(b[(long long)i * n]);
+    for (int i = lane; i < e.rank; i += 32) acc += __ldcg(t + i) * tof<BF16>(b[(long long)i * n]);
     for (int off = 16; off; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
     return acc;
 }
 
-template <bool BF16, bool F32OUT, int MODE, int R, bool LORA = false>
+// A block's place in a LORA_IN_GRID launch, from a ticket taken as it starts (an atomic add on sync[0]): the launch's
+// first `width` tickets (ticket % grid) are its shrink blocks, so a GEMV block waiting for them waits only on blocks
+// already started (a block numbered by blockIdx could wait on shrink blocks not yet scheduled, behind it). The
+// counters only grow: a launch's epoch (ticket / grid) says how many shrink blocks (sync[1]) its GEMV blocks wait
+// for, and nothing sets them back, which holds while every launch over one pair of counters has the same grid and
+// width (the host gives each call site its own pair: LoraFusedGemvs).
+__device__ __forceinline__ int lora_ticket(const LoraEpi& e, unsigned long long& epoch) {
+    __shared__ unsigned long long ticket;
+    if (threadIdx.x == 0) ticket = atomicAdd(e.sync, 1ull);
+    __syncthreads();
+    const unsigned long long t = ticket;
+    epoch = t / gridDim.x;
+    return (int)(t - epoch * gridDim.x);
+}
+
+__device__ __forceinline__ unsigned long long load_acquire(const unsigned long long* p) {
+    unsigned long long v;
+    asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// A GEMV warp's wait, before its first expand, for its launch's `width` shrink blocks (epoch: lora_ticket's); each
+// lane then acquires their count itself, so its reads of t come after their writes.
+__device__ __forceinline__ void lora_wait(const LoraEpi& e, unsigned long long epoch, int lane) {
+    const unsigned long long want = (epoch + 1) * (unsigned long long)e.width;
+    if (lane == 0)
+        while (load_acquire(e.sync + 1) < want) __nanosleep(64);
+    __syncwarp();
+    (void)load_acquire(e.sync + 1);
+}
+
+// A shrink block of a LORA_IN_GRID launch: entry j of t for each of the launch's rows that an adapter of this
+// projection takes, its input staged as the GEMV blocks stage it (no h_out written: a GEMV block writes it), summed
+// as lora_bgmv.cu's shrink sums (dot8 by each of the 256 threads, block_sum: lora_fused.cu's separate normed shrink
+// gives the same float32 value), then counted as finished in sync[1] after a fence.
+template <bool BF16, int MODE, int R>
+__device__ __forceinline__ void lora_shrink_block(const LoraEpi& e, int j, uint4* sx,
+                                                  const unsigned short* __restrict__ x, int rows, int k,
+                                                  long long x_ld, const unsigned short* __restrict__ h,
+                                                  const unsigned short* __restrict__ nw, long long h_ld, float eps) {
+    __shared__ float warp_sums[32];
+    griddep_wait();
+    const int n_rows = ROWS(R, rows), vecs = k >> 3;
+    stage_block<BF16, MODE>(sx, x, n_rows, k, x_ld, h, nw, nullptr, h_ld, eps, 1u);
+    for (int r = 0; r < n_rows; ++r) {
+        const int s = e.slots[r];
+        if (s < 0 || !(e.targets[s] & e.bit)) continue;  // (the whole block: one row)
+        const uint4* av = reinterpret_cast<const uint4*>(e.a + s * e.a_slot + (long long)j * k);
+        float acc = 0.f;
+        for (int c = threadIdx.x; c < vecs; c += blockDim.x) acc = dot8<BF16>(__ldg(av + c), sx[r * vecs + c], acc);
+        const float sum = block_sum(acc, warp_sums);
+        if (threadIdx.x == 0) const_cast<float*>(e.t)[r * e.t_ld + j] = e.scale[s] * sum;
+        __syncthreads();  // (warp_sums: the next row's block_sum)
+    }
+    if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(e.sync + 1, 1ull);
+    }
+}
+
+template <bool BF16, bool F32OUT, int MODE, int R, int LORA = LORA_NONE>
 __device__ __forceinline__ void gemv_fused(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
                                            void* __restrict__ y, int rows, int n, int k, long long x_ld,
                                            long long y_ld, const unsigned short* __restrict__ h,
@@ -195,9 +280,22 @@ __device__ __forceinline__ void gemv_fused(const unsigned short* __restrict__ x,
     griddep_launch_dependents();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int vecs = k >> 3;
+    // a LORA_IN_GRID launch's GEMV blocks: those past its shrinks (the others read blockIdx and gridDim where they
+    // use them, as they did before the LoRA forms came: the same machine code)
+    unsigned block = blockIdx.x, blocks = gridDim.x;
+    unsigned long long epoch = 0;
+    if (LORA == LORA_IN_GRID) {
+        const int role = lora_ticket(lora, epoch);
+        if (role < lora.width) {
+            lora_shrink_block<BF16, MODE, R>(lora, role, sx, x, rows, k, x_ld, h, nw, h_ld, eps);
+            return;
+        }
+        block = role - lora.width, blocks = gridDim.x - lora.width;
+    }
+    bool waited = LORA != LORA_IN_GRID;
     // the first column's first UNROLL weight vectors are loaded before the wait for the previous kernel, whose
     // output the prologue reads (weights are constants)
-    int j = blockIdx.x * warps + warp;
+    int j = (LORA == LORA_IN_GRID ? block : blockIdx.x) * warps + warp;
     uint4 a[UNROLL];
     bool more = j < n && lane + 32 * (UNROLL - 1) < vecs;
     if (more) {
@@ -206,8 +304,9 @@ __device__ __forceinline__ void gemv_fused(const unsigned short* __restrict__ x,
         for (int u = 0; u < UNROLL; ++u) a[u] = load_weights(wv + lane + 32 * u);
     }
     griddep_wait();
-    stage<BF16, MODE>(sx, x, ROWS(R, rows), k, x_ld, h, nw, h_out, h_ld, eps);
-    for (; j < n; j += gridDim.x * warps) {
+    stage_block<BF16, MODE>(sx, x, ROWS(R, rows), k, x_ld, h, nw, h_out, h_ld, eps,
+                            LORA == LORA_IN_GRID ? block : blockIdx.x);
+    for (; j < n; j += (LORA == LORA_IN_GRID ? blocks : gridDim.x) * warps) {
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
         const uint4* wv = reinterpret_cast<const uint4*>(w + (long long)j * k);
         int c = lane;
@@ -221,11 +320,15 @@ __device__ __forceinline__ void gemv_fused(const unsigned short* __restrict__ x,
 #define STAGED_SUM(v, col) staged_vec<BF16, R>(v, sx, vecs, rows, col, acc)
         EACH_WEIGHT_VECTOR(wv, vecs, c, a, more, STAGED_SUM);
 #undef STAGED_SUM
+        if (!waited) {  // (LORA_IN_GRID: the launch's shrink blocks, before this warp's first expand)
+            lora_wait(lora, epoch, lane);
+            waited = true;
+        }
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
             float v = acc[r];
             for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-            if (LORA && r < ROWS(R, rows)) v += lora_column<BF16>(lora, r, j, n, lane);
+            if (LORA != LORA_NONE && r < ROWS(R, rows)) v += lora_column<BF16>(lora, r, j, n, lane);
             if (lane == 0 && r < ROWS(R, rows)) {
                 if (F32OUT) reinterpret_cast<float*>(y)[r * y_ld + j] = v;
                 else reinterpret_cast<unsigned short*>(y)[r * y_ld + j] = fromf<BF16>(v);
@@ -358,7 +461,7 @@ __device__ __forceinline__ void pair_columns(int p, int pairs, unsigned d, long 
     }
 }
 
-template <bool BF16, int MODE, int R, int EPI, bool LORA = false>
+template <bool BF16, int MODE, int R, int EPI, int LORA = LORA_NONE>
 __device__ __forceinline__ void gemv_pairs(
         const unsigned short* __restrict__ x, const unsigned short* __restrict__ w, unsigned short* __restrict__ y,
         int rows, int n, int k, long long x_ld, long long y_ld, const unsigned short* __restrict__ h,
@@ -372,9 +475,20 @@ __device__ __forceinline__ void gemv_pairs(
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int vecs = k >> 3;
     const int pairs = n >> 1;
+    unsigned block = blockIdx.x, blocks = gridDim.x;  // (as gemv_fused)
+    unsigned long long epoch = 0;
+    if (LORA == LORA_IN_GRID) {
+        const int role = lora_ticket(lora, epoch);
+        if (role < lora.width) {
+            lora_shrink_block<BF16, MODE, R>(lora, role, sx, x, rows, k, x_ld, h, nw, h_ld, eps);
+            return;
+        }
+        block = role - lora.width, blocks = gridDim.x - lora.width;
+    }
+    bool waited = LORA != LORA_IN_GRID;
     // As gemv_fused: ROPE_UNROLL vectors of each of the two columns in flight per lane (the first pair's loaded
     // before the wait for the previous kernel), summed in the order of the one-at-a-time tail loop
-    int p = blockIdx.x * warps + warp;
+    int p = (LORA == LORA_IN_GRID ? block : blockIdx.x) * warps + warp;
     uint4 b0[ROPE_UNROLL], b1[ROPE_UNROLL];
     bool more = p < pairs && lane + 32 * (ROPE_UNROLL - 1) < vecs;
     if (more) {
@@ -385,8 +499,9 @@ __device__ __forceinline__ void gemv_pairs(
         load_pair(b0, b1, w0, w1, lane);
     }
     griddep_wait();
-    stage<BF16, MODE>(sx, x, ROWS(R, rows), k, x_ld, h, nw, h_out, h_ld, eps);
-    for (; p < pairs; p += gridDim.x * warps) {
+    stage_block<BF16, MODE>(sx, x, ROWS(R, rows), k, x_ld, h, nw, h_out, h_ld, eps,
+                            LORA == LORA_IN_GRID ? block : blockIdx.x);
+    for (; p < pairs; p += (LORA == LORA_IN_GRID ? blocks : gridDim.x) * warps) {
         long long j0, j1;
         pair_columns<EPI>(p, pairs, d, j0, j1);
         float a0[4] = {0.f, 0.f, 0.f, 0.f}, a1[4] = {0.f, 0.f, 0.f, 0.f};
@@ -416,7 +531,11 @@ __device__ __forceinline__ void gemv_pairs(
                 a0[r] += __shfl_xor_sync(0xffffffffu, a0[r], off);
                 a1[r] += __shfl_xor_sync(0xffffffffu, a1[r], off);
             }
-        if (LORA) {  // the adapters' expand, before the rounding (and so before RoPE or SiLU)
+        if (LORA != LORA_NONE) {  // the adapters' expand, before the rounding (and so before RoPE or SiLU)
+            if (!waited) {
+                lora_wait(lora, epoch, lane);
+                waited = true;
+            }
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
                 if (r >= ROWS(R, rows)) break;

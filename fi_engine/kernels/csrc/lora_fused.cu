@@ -4,14 +4,21 @@
 // GEMV does (its prologue, stage): t[r, j] = scale[s] * A_s[j] . rmsnorm(h[r]) * nw (MODE 1; MODE 2: of h[r] + x[r]).
 // A separate module, compiled only by an engine serving adapters, so fused_gemv.cu's kernels stay as they were.
 //
+// Two forms, one compiled (LORA_SHRINK_IN_GRID, LoraFusedKernels.options): the shrink in the GEMV's own grid (1,
+// the default: lora_grid_*), or launched before it (0: lora_gemv_* and the normed shrinks; lora_bgmv.cu's shrink
+// for the o and down projections).
+//
 //   lora_gemv_{f16,bf16}_{copy,norm,addnorm}_r{R}:  gemv_fused (16-bit y) + the expand; copy: the input rows as
 //                                                   they are (the o and down projections)
 //   lora_gemv_{f16,bf16}_{norm,addnorm}_rope_r{R}:  the QKV GEMV + the expand + RoPE + the KV append
 //   lora_gemv_{f16,bf16}_addnorm_gateup_r{R}:       the gate/up GEMV + the expand + SiLU-and-mul
 //   lora_shrink_{f16,bf16}_{norm,addnorm}:          the shrink of the normalized rows
+//   lora_grid_{f16,bf16}_<each kind above>_r{R}:    the GEMVs with the shrink in their grid
+#ifndef LORA_SHRINK_IN_GRID
+#define LORA_SHRINK_IN_GRID 1
+#endif
 #define GEMV_DEVICE_FUNCTIONS_ONLY  // fused_gemv.cu's device functions, none of its kernels
-#include "fused_gemv.cu"
-#include "lora_shrink.cuh"  // dot8, block_sum, shrink_start: lora_bgmv.cu's shrink sums
+#include "fused_gemv.cu"  // (and lora_shrink.cuh's dot8, block_sum, shrink_start: lora_bgmv.cu's shrink sums)
 // M(R, lora_gemv_<f16|bf16>_<name>, bf16, ...) for each row count and 16-bit type
 #define LORA_EACH(M, name, ...)                                                                                      \
     ALL_ROW_COUNTS(M, lora_gemv_f16_##name, false, __VA_ARGS__)                                                      \
@@ -22,9 +29,10 @@
             long long b_slot, int rank, int n0, int n1
 #define LORA_EPI LoraEpi{t, t_ld, slots, targets, bit, bt, b_slot, rank, n0, n1}
 
+#if !LORA_SHRINK_IN_GRID
 #define LORA_FUSED(R, name, bf16, mode)                                                                              \
     extern "C" __global__ void FUSED_BOUNDS_##R name##_r##R(FUSED_PARAMS, LORA_PARAMS) {                             \
-        gemv_fused<bf16, false, mode, R, true>(FUSED_ARGS, LORA_EPI);                                                \
+        gemv_fused<bf16, false, mode, R, LORA_EXPAND>(FUSED_ARGS, LORA_EPI);                                         \
     }
 LORA_EACH(LORA_FUSED, copy, 0)
 LORA_EACH(LORA_FUSED, norm, 1)
@@ -32,11 +40,42 @@ LORA_EACH(LORA_FUSED, addnorm, 2)
 
 #define LORA_PAIRS(R, name, bf16, mode, epi)                                                                         \
     extern "C" __global__ void FUSED_BOUNDS_##R name##_r##R(PAIRS_PARAMS, LORA_PARAMS) {                             \
-        gemv_pairs<bf16, mode, R, epi, true>(PAIRS_ARGS, LORA_EPI);                                                  \
+        gemv_pairs<bf16, mode, R, epi, LORA_EXPAND>(PAIRS_ARGS, LORA_EPI);                                           \
     }
 LORA_EACH(LORA_PAIRS, norm_rope, 1, EPI_ROPE)
 LORA_EACH(LORA_PAIRS, addnorm_rope, 2, EPI_ROPE)
 LORA_EACH(LORA_PAIRS, addnorm_gateup, 2, EPI_SILU)
+#endif
+
+// The same GEMVs with the shrink in their own grid (LORA_IN_GRID: fused_gemv.cu's LoraEpi), after the expand's
+// arguments: A's slot 0 (a, [width, k] 16-bit), the elements between slots, the slots' float32 scales, the shrink's
+// width (its blocks) and the launch's two uint64 counters.
+//
+//   lora_grid_{f16,bf16}_{copy,norm,addnorm,norm_rope,addnorm_rope,addnorm_gateup}_r{R}
+#define LORA_GRID_EACH(M, name, ...)                                                                                 \
+    ALL_ROW_COUNTS(M, lora_grid_f16_##name, false, __VA_ARGS__)                                                      \
+    ALL_ROW_COUNTS(M, lora_grid_bf16_##name, true, __VA_ARGS__)
+#define LORA_GRID_PARAMS                                                                                             \
+    LORA_PARAMS, const unsigned short *a, long long a_slot, const float *scale, int width, unsigned long long *sync
+#define LORA_GRID_EPI LoraEpi{t, t_ld, slots, targets, bit, bt, b_slot, rank, n0, n1, a, a_slot, scale, width, sync}
+
+#if LORA_SHRINK_IN_GRID
+#define LORA_GRID_FUSED(R, name, bf16, mode)                                                                         \
+    extern "C" __global__ void FUSED_BOUNDS_##R name##_r##R(FUSED_PARAMS, LORA_GRID_PARAMS) {                        \
+        gemv_fused<bf16, false, mode, R, LORA_IN_GRID>(FUSED_ARGS, LORA_GRID_EPI);                                   \
+    }
+LORA_GRID_EACH(LORA_GRID_FUSED, copy, 0)
+LORA_GRID_EACH(LORA_GRID_FUSED, norm, 1)
+LORA_GRID_EACH(LORA_GRID_FUSED, addnorm, 2)
+
+#define LORA_GRID_PAIRS(R, name, bf16, mode, epi)                                                                    \
+    extern "C" __global__ void FUSED_BOUNDS_##R name##_r##R(PAIRS_PARAMS, LORA_GRID_PARAMS) {                        \
+        gemv_pairs<bf16, mode, R, epi, LORA_IN_GRID>(PAIRS_ARGS, LORA_GRID_EPI);                                     \
+    }
+LORA_GRID_EACH(LORA_GRID_PAIRS, norm_rope, 1, EPI_ROPE)
+LORA_GRID_EACH(LORA_GRID_PAIRS, addnorm_rope, 2, EPI_ROPE)
+LORA_GRID_EACH(LORA_GRID_PAIRS, addnorm_gateup, 2, EPI_SILU)
+#endif
 
 // The shrink of one row's normalized input (grid (width, rows), 256 threads, k * 2 bytes of dynamic shared memory):
 // block (j, r) stages row r as the fused GEMV's prologue does (stage: the same 16-bit values the GEMV reads), then
@@ -67,6 +106,7 @@ __device__ __forceinline__ void shrink_normed(const unsigned short* __restrict__
     if (threadIdx.x == 0) t[row * t_ld + j] = scale[s] * sum;
 }
 
+#if !LORA_SHRINK_IN_GRID
 #define LORA_SHRINK(name, bf16, mode)                                                                                \
     extern "C" __global__ void name(const unsigned short* h, const unsigned short* x, long long h_ld, long long x_ld, \
                                     const unsigned short* nw, float eps, int k, const int* slots, const float* scale,  \
@@ -79,3 +119,4 @@ LORA_SHRINK(lora_shrink_f16_norm, false, 1)
 LORA_SHRINK(lora_shrink_bf16_norm, true, 1)
 LORA_SHRINK(lora_shrink_f16_addnorm, false, 2)
 LORA_SHRINK(lora_shrink_bf16_addnorm, true, 2)
+#endif

@@ -145,7 +145,8 @@ class FusedDecode:
         and gate/up GEMVs one that normalizes its input as the GEMV's prologue does; for o and down the plain shrink
         of the attention's output and of ``silu(gate) * up``), then the GEMV with the expand in its epilogue, before
         RoPE, SiLU and its output's rounding: 9 launches a layer with the attention, where the separate launches with
-        the adapters' are 18."""
+        the adapters' are 18. With the runner's ``lora_shrink_in_grid`` (the LoRA GEMVs compiled in that form) each
+        shrink runs in its GEMV's own grid instead (``LoraExpand.sync``): 5 launches a layer, as without adapters."""
         from ...kernels.fused_args import ADD_NORM, NORM, PLAIN, SILU
 
         r = self.runner
@@ -174,18 +175,20 @@ class FusedDecode:
         lora: Any = r.lora if r.step_lora is not None else None  # (lora.device.DeviceSlots)
         gemvs: Any = r.lora_gemvs if lora is not None else None  # (kernels.lora_fused.LoraFusedGemvs)
         slots = v.lora_slots if lora is not None else 0
+        # each shrink in its GEMV's grid, not a launch before it (the form the LoRA GEMVs were compiled in)
+        in_grid = gemvs is not None and gemvs.kernels.in_grid
 
         def adapted(group: str, i: int) -> Any:
             """Layer ``i``'s expand epilogue of ``group`` (None: no adapter of the step changes it)."""
-            return lora.expand_operands(group, i, slots) if lora is not None and lora.has(group) else None
+            return lora.expand_operands(group, i, slots, in_grid) if lora is not None and lora.has(group) else None
 
         def linear(i: int, group: str, rows: int, inp: int, k: int, weight: int, out: int) -> list[Any]:
             """A GEMV over rows made before (o, down): with its group's shrink and expand where adapted."""
             e = adapted(group, i)
             if e is None:
                 return [dense.prepared_linear(rows, inp, k, weight, h, k, out, h, ab, ab)]
-            shrink = lora.prepared_shrink(dense.launcher, group, i, rows, inp, k, slots)
-            return [shrink, gemvs.prepared_linear(e, PLAIN, rows, inp, k, weight, h, k, out, h, ab, ab)]
+            gemv = gemvs.prepared_linear(e, PLAIN, rows, inp, k, weight, h, k, out, h, ab, ab)
+            return [gemv] if in_grid else [lora.prepared_shrink(dense.launcher, group, i, rows, inp, k, slots), gemv]
 
         layers = []
         for i in range(c.num_layers):
@@ -194,7 +197,7 @@ class FusedDecode:
             mode, ln, h_out = (NORM, r.ln1[0].data_ptr, 0) if i == 0 else (ADD_NORM, r.ln1[i].data_ptr, other)
             before = []
             e = adapted("qkv", i)
-            if e is not None:  # the shrink of the rows the QKV GEMV normalizes, made as it makes them
+            if e is not None and not in_grid:  # the shrink of the rows the QKV GEMV normalizes, made as it makes them
                 before.append(
                     gemvs.prepared_shrink(
                         ab, mode, rows, cur, h, x, h, ln, eps, **lora.normed_shrink_operands("qkv", i, rows, slots)
@@ -249,9 +252,10 @@ class FusedDecode:
                 if e is None:
                     after.append(dense.fused.prepared_gate_up_silu(*gu_args))
                 else:  # the shrink of the rows the gate/up GEMV normalizes, then the GEMV with the expand
-                    operands = lora.normed_shrink_operands("gate_up", i, rows, slots)
-                    shrink = gemvs.prepared_shrink(ab, ADD_NORM, rows, cur, h, x, h, ln, eps, **operands)
-                    after += [shrink, gemvs.prepared_gate_up_silu(e, *gu_args)]
+                    if not in_grid:
+                        operands = lora.normed_shrink_operands("gate_up", i, rows, slots)
+                        after.append(gemvs.prepared_shrink(ab, ADD_NORM, rows, cur, h, x, h, ln, eps, **operands))
+                    after.append(gemvs.prepared_gate_up_silu(e, *gu_args))
                 after += linear(i, "down", rows, act, inter, r.wd[i], x)
             else:
                 after.append(

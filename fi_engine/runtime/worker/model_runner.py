@@ -132,8 +132,17 @@ class ModelRunner(RunnerState):
     before RoPE and SiLU), eagerly and in the one-row decode graph of the adapters' set; False: such a step takes the
     separate launches with the adapters' (each projection's GEMM, then its shrink and expand). Read when the engine
     opens (the kernels are compiled then, one GPU only) and the graphs are captured: set it on the class to compare
-    (``benchmarks/bench_lora.py --lora-fused both``: a batch-1 step with an adapter at 0.87x the base engine's
+    (``benchmarks/bench_lora.py --lora-fused both``: a batch-1 step with an adapter at 0.95x the base engine's
     tokens/s with it, 0.79x without, on an H100)."""
+
+    lora_shrink_in_grid = True
+    """In the LoRA form of the fused step (:attr:`lora_fused`), each projection group's shrink runs in its GEMV's own
+    grid (extra blocks, the first to start, whose sums the GEMV blocks wait for on the GPU before their expand: the
+    ``lora_grid_*`` kernels of ``csrc/lora_fused.cu``), not as a launch before it: no launch added to the fused step,
+    and the sums beside the weights' streaming rather than before it. False: a shrink launch before each GEMV. A
+    batch-1 step with an adapter ran at 0.95x the base engine's tokens/s in the grid, 0.87x with the launches; 4 rows
+    of 4 adapters 0.85x either way (H100, benchmarks/RESULTS.md). Read when the engine opens (the LoRA GEMVs are
+    compiled in one form): set it on the class to compare (``benchmarks/bench_lora.py --lora-fused on,launch``)."""
 
     decode_graph_ladder = True
     """Capture the decode step at every batch size of :func:`~fi_engine.runtime.worker.graph_shapes.decode_batches`
@@ -378,7 +387,7 @@ class ModelRunner(RunnerState):
         from ...kernels.lora_fused import LoraFusedGemvs, LoraFusedKernels
 
         try:
-            kernels = LoraFusedKernels.compile(self.cupy)
+            kernels = LoraFusedKernels.compile(self.cupy, self.lora_shrink_in_grid)
         except Exception as exc:  # NVRTC or the driver: the separate launches serve such steps
             why = f"the LoRA fused GEMVs did not compile ({exc}); LoRA steps take the separate launches"
             warnings.warn(why, stacklevel=2)

@@ -126,6 +126,7 @@ class RunnerState:
     lora_base_graphs: bool
     tune_decode_graphs: bool
     lora_fused: bool
+    lora_shrink_in_grid: bool
     attention_pdl: bool
     silu_in_gate_up: bool
     tp_fused_epilogues: bool
