@@ -106,12 +106,16 @@ def expand_ints(lora: object, n: int) -> list[int]:
 
 
 def grid_ints(lora: LoraExpand, n: int, k: int) -> list[int]:
-    """The in-grid shrink's 5 kernel arguments (after :func:`expand_ints`', which checks ``lora``'s type and the
-    expand's fields first), checked against the GEMV's ``n`` output columns and ``k`` inputs: ValueError naming the
-    field (``lora.<field>``) of the wrong range, a ``width`` other than the expand's parts times its rank,
-    ``a_slot`` short of ``width * k`` or no multiple of 8, a misaligned (``a`` 16 bytes, ``scale`` 4, ``sync`` 8)
-    or NULL address."""
+    """The in-grid shrink's 5 kernel arguments (after :func:`expand_ints`', which checks the expand's fields),
+    checked against the GEMV's ``n`` output columns and ``k`` inputs: TypeError naming ``lora`` that is no
+    :class:`LoraExpand`, ValueError/TypeError naming ``n``, ``k`` or the field (``lora.<field>``) of the wrong type
+    or range, a ``width`` other than the expand's parts times its rank, ``a_slot`` short of ``width * k`` or no
+    multiple of 8, a misaligned (``a`` 16 bytes, ``scale`` 4, ``sync`` 8) or NULL address."""
+    if not isinstance(lora, LoraExpand):
+        raise TypeError(f"lora: expected a LoraExpand, got {type(lora).__name__}")
     e = lora
+    n = int_arg("n", n, 1, 1 << 31)
+    k = int_arg("k", k, 8, 1 << 31)
     parts = 1 + (e.n0 < n) + (e.n1 < n)
     width = int_arg("lora.width", e.width, 1, MAX_T_WIDTH + 1)
     if width != parts * e.rank:

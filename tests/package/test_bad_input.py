@@ -1491,6 +1491,8 @@ LORA_FUSED_EXPAND = dict(
     t=_ADDRESS, t_ld=48, slots=2 * _ADDRESS, targets=3 * _ADDRESS, bit=1, bt=4 * _ADDRESS, b_slot=16 * 96, rank=16,
     n0=64, n1=80,
 )  # fmt: skip
+# the in-grid shrink's fields of that expand (3 parts of rank 16 over k = 64)
+LORA_FUSED_GRID = dict(a=9 * _ADDRESS, a_slot=48 * 64, scale=10 * _ADDRESS, width=48, sync=11 * _ADDRESS)
 LORA_ENTRIES: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     "lora.adapter.read_adapter": lambda: [
         (
@@ -1571,6 +1573,16 @@ LORA_ENTRIES: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             Entry(
                 lora_fused.expand_ints,
                 lambda: dict(lora=lora_fused.LoraExpand(**LORA_FUSED_EXPAND), n=96),
+                kinds={"lora": "object"},
+            ),
+        )
+    ],
+    "kernels.lora_fused.grid_ints": lambda: [
+        (
+            "grid_ints",
+            Entry(
+                lora_fused.grid_ints,
+                lambda: dict(lora=lora_fused.LoraExpand(**LORA_FUSED_EXPAND, **LORA_FUSED_GRID), n=96, k=64),
                 kinds={"lora": "object"},
             ),
         )
