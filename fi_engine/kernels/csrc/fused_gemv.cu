@@ -270,6 +270,22 @@ __device__ __forceinline__ void lora_shrink_block(const LoraEpi& e, int j, uint4
     }
 }
 
+// A LORA_IN_GRID block's place (lora_ticket): true where it is one of its launch's shrink blocks, which has then
+// done its shrink (the caller returns); else false, with its number among the GEMV blocks (block) and their count.
+template <bool BF16, int MODE, int R>
+__device__ __forceinline__ bool lora_shrank(const LoraEpi& e, uint4* sx, const unsigned short* __restrict__ x,
+                                            int rows, int k, long long x_ld, const unsigned short* __restrict__ h,
+                                            const unsigned short* __restrict__ nw, long long h_ld, float eps,
+                                            unsigned& block, unsigned& blocks, unsigned long long& epoch) {
+    const int role = lora_ticket(e, epoch);
+    if (role < e.width) {
+        lora_shrink_block<BF16, MODE, R>(e, role, sx, x, rows, k, x_ld, h, nw, h_ld, eps);
+        return true;
+    }
+    block = role - e.width, blocks = gridDim.x - e.width;
+    return false;
+}
+
 template <bool BF16, bool F32OUT, int MODE, int R, int LORA = LORA_NONE>
 __device__ __forceinline__ void gemv_fused(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
                                            void* __restrict__ y, int rows, int n, int k, long long x_ld,
@@ -284,14 +300,9 @@ __device__ __forceinline__ void gemv_fused(const unsigned short* __restrict__ x,
     // use them, as they did before the LoRA forms came: the same machine code)
     unsigned block = blockIdx.x, blocks = gridDim.x;
     unsigned long long epoch = 0;
-    if (LORA == LORA_IN_GRID) {
-        const int role = lora_ticket(lora, epoch);
-        if (role < lora.width) {
-            lora_shrink_block<BF16, MODE, R>(lora, role, sx, x, rows, k, x_ld, h, nw, h_ld, eps);
-            return;
-        }
-        block = role - lora.width, blocks = gridDim.x - lora.width;
-    }
+    if (LORA == LORA_IN_GRID && lora_shrank<BF16, MODE, R>(lora, sx, x, rows, k, x_ld, h, nw, h_ld, eps, block, blocks,
+                                                           epoch))
+        return;
     bool waited = LORA != LORA_IN_GRID;
     // the first column's first UNROLL weight vectors are loaded before the wait for the previous kernel, whose
     // output the prologue reads (weights are constants)
@@ -477,14 +488,9 @@ __device__ __forceinline__ void gemv_pairs(
     const int pairs = n >> 1;
     unsigned block = blockIdx.x, blocks = gridDim.x;  // (as gemv_fused)
     unsigned long long epoch = 0;
-    if (LORA == LORA_IN_GRID) {
-        const int role = lora_ticket(lora, epoch);
-        if (role < lora.width) {
-            lora_shrink_block<BF16, MODE, R>(lora, role, sx, x, rows, k, x_ld, h, nw, h_ld, eps);
-            return;
-        }
-        block = role - lora.width, blocks = gridDim.x - lora.width;
-    }
+    if (LORA == LORA_IN_GRID && lora_shrank<BF16, MODE, R>(lora, sx, x, rows, k, x_ld, h, nw, h_ld, eps, block, blocks,
+                                                           epoch))
+        return;
     bool waited = LORA != LORA_IN_GRID;
     // As gemv_fused: ROPE_UNROLL vectors of each of the two columns in flight per lane (the first pair's loaded
     // before the wait for the previous kernel), summed in the order of the one-at-a-time tail loop
