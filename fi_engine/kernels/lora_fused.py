@@ -105,7 +105,7 @@ def expand_ints(lora: object, n: int) -> list[int]:
     return [e.t, t_ld, e.slots, e.targets, bit, e.bt, b_slot, rank, n0, n1]
 
 
-def grid_ints(lora: LoraExpand, n: int, k: int) -> list[int]:
+def grid_ints(lora: object, n: int, k: int) -> list[int]:
     """The in-grid shrink's 5 kernel arguments (after :func:`expand_ints`', which checks the expand's fields),
     checked against the GEMV's ``n`` output columns and ``k`` inputs: TypeError naming ``lora`` that is no
     :class:`LoraExpand`, ValueError/TypeError naming ``n``, ``k`` or the field (``lora.<field>``) of the wrong type
