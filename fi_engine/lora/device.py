@@ -1,8 +1,9 @@
 """The adapters' GPU slots (:class:`DeviceSlots`): per projection group one ``A`` and one ``Bt`` array of every slot
 (:mod:`fi_engine.lora.slots`' layout), a float32 scale and the groups' bits per slot, the shrink's float32 scratch
-and the fused step's in-grid shrinks' counters (a pair per layer and group); :meth:`DeviceSlots.write` copies a packed adapter into a slot, :meth:`DeviceSlots.apply` adds the adapters
-of a step's rows to a projection's output (:mod:`fi_engine.kernels.lora_bgmv`). Allocated once, when the engine
-opens: a slot is rewritten in place, so a captured CUDA graph reads whatever adapter its slots hold at replay."""
+and the fused step's in-grid shrinks' counters (a pair per layer and group); :meth:`DeviceSlots.write` copies a
+packed adapter into a slot, :meth:`DeviceSlots.apply` adds the adapters of a step's rows to a projection's output
+(:mod:`fi_engine.kernels.lora_bgmv`). Allocated once, when the engine opens: a slot is rewritten in place, so a
+captured CUDA graph reads whatever adapter its slots hold at replay."""
 
 from __future__ import annotations
 
