@@ -119,10 +119,11 @@ def test_the_expand_and_shrink_arguments_are_packed_in_the_kernels_parameter_ord
     def params(source: str, macro: str) -> list[str]:
         return kernel_params(re.search(r"name##_r##R\((.*?)\) \{", macro_body(source, macro), re.S).group(1))  # type: ignore[union-attr]
 
-    assert params(lora_cu, "LORA_FUSED") == [*params(fused_cu, "FUSED"), "LORA_PARAMS"]
-    assert params(lora_cu, "LORA_PAIRS") == [*params(fused_cu, "PAIRS"), "LORA_PARAMS"]
-    assert params(lora_cu, "LORA_GRID_FUSED") == [*params(fused_cu, "FUSED"), "LORA_GRID_PARAMS"]
-    assert params(lora_cu, "LORA_GRID_PAIRS") == [*params(fused_cu, "PAIRS"), "LORA_GRID_PARAMS"]
+    assert params(lora_cu, "LORA_FUSED") == [*params(fused_cu, "FUSED"), "LORA_FORM_PARAMS"]
+    assert params(lora_cu, "LORA_PAIRS") == [*params(fused_cu, "PAIRS"), "LORA_FORM_PARAMS"]
+    # the compiled form's parameters: the in-grid shrink's first (#if LORA_SHRINK_IN_GRID), the expand's alone after
+    forms = re.findall(r"#define LORA_FORM_PARAMS (\w+)", lora_cu)
+    assert forms == ["LORA_GRID_PARAMS", "LORA_PARAMS"]
     shrink = re.search(r"void name\((.*?)\) \{", macro_body(lora_cu, "LORA_SHRINK"), re.S).group(1)  # type: ignore[union-attr]
     names = kernel_params(shrink)
     call = dict(

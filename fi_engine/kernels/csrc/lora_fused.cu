@@ -19,63 +19,47 @@
 #endif
 #define GEMV_DEVICE_FUNCTIONS_ONLY  // fused_gemv.cu's device functions, none of its kernels
 #include "fused_gemv.cu"  // (and lora_shrink.cuh's dot8, block_sum, shrink_start: lora_bgmv.cu's shrink sums)
-// M(R, lora_gemv_<f16|bf16>_<name>, bf16, ...) for each row count and 16-bit type
-#define LORA_EACH(M, name, ...)                                                                                      \
-    ALL_ROW_COUNTS(M, lora_gemv_f16_##name, false, __VA_ARGS__)                                                      \
-    ALL_ROW_COUNTS(M, lora_gemv_bf16_##name, true, __VA_ARGS__)
-
+// The expand's arguments (LoraEpi's first fields), and the in-grid shrink's after them: A's slot 0 (a, [width, k]
+// 16-bit), the elements between slots, the slots' float32 scales, the shrink's width (its blocks) and the launch's
+// two uint64 counters
 #define LORA_PARAMS                                                                                                  \
     const float *t, long long t_ld, const int *slots, const int *targets, int bit, const unsigned short *bt,          \
             long long b_slot, int rank, int n0, int n1
-#define LORA_EPI LoraEpi{t, t_ld, slots, targets, bit, bt, b_slot, rank, n0, n1}
+#define LORA_GRID_PARAMS                                                                                             \
+    LORA_PARAMS, const unsigned short *a, long long a_slot, const float *scale, int width, unsigned long long *sync
 
-#if !LORA_SHRINK_IN_GRID
+// The compiled form: its kernels' name prefix, LoraEpi mode, parameters after the GEMV's, and epilogue value
+#if LORA_SHRINK_IN_GRID
+#define LORA_EACH(M, name, ...)                                                                                      \
+    ALL_ROW_COUNTS(M, lora_grid_f16_##name, false, __VA_ARGS__)                                                      \
+    ALL_ROW_COUNTS(M, lora_grid_bf16_##name, true, __VA_ARGS__)
+#define LORA_FORM LORA_IN_GRID
+#define LORA_FORM_PARAMS LORA_GRID_PARAMS
+#define LORA_FORM_EPI LoraEpi{t, t_ld, slots, targets, bit, bt, b_slot, rank, n0, n1, a, a_slot, scale, width, sync}
+#else
+#define LORA_EACH(M, name, ...)                                                                                      \
+    ALL_ROW_COUNTS(M, lora_gemv_f16_##name, false, __VA_ARGS__)                                                      \
+    ALL_ROW_COUNTS(M, lora_gemv_bf16_##name, true, __VA_ARGS__)
+#define LORA_FORM LORA_EXPAND
+#define LORA_FORM_PARAMS LORA_PARAMS
+#define LORA_FORM_EPI LoraEpi{t, t_ld, slots, targets, bit, bt, b_slot, rank, n0, n1}
+#endif
+
 #define LORA_FUSED(R, name, bf16, mode)                                                                              \
-    extern "C" __global__ void FUSED_BOUNDS_##R name##_r##R(FUSED_PARAMS, LORA_PARAMS) {                             \
-        gemv_fused<bf16, false, mode, R, LORA_EXPAND>(FUSED_ARGS, LORA_EPI);                                         \
+    extern "C" __global__ void FUSED_BOUNDS_##R name##_r##R(FUSED_PARAMS, LORA_FORM_PARAMS) {                        \
+        gemv_fused<bf16, false, mode, R, LORA_FORM>(FUSED_ARGS, LORA_FORM_EPI);                                      \
     }
 LORA_EACH(LORA_FUSED, copy, 0)
 LORA_EACH(LORA_FUSED, norm, 1)
 LORA_EACH(LORA_FUSED, addnorm, 2)
 
 #define LORA_PAIRS(R, name, bf16, mode, epi)                                                                         \
-    extern "C" __global__ void FUSED_BOUNDS_##R name##_r##R(PAIRS_PARAMS, LORA_PARAMS) {                             \
-        gemv_pairs<bf16, mode, R, epi, LORA_EXPAND>(PAIRS_ARGS, LORA_EPI);                                           \
+    extern "C" __global__ void FUSED_BOUNDS_##R name##_r##R(PAIRS_PARAMS, LORA_FORM_PARAMS) {                        \
+        gemv_pairs<bf16, mode, R, epi, LORA_FORM>(PAIRS_ARGS, LORA_FORM_EPI);                                        \
     }
 LORA_EACH(LORA_PAIRS, norm_rope, 1, EPI_ROPE)
 LORA_EACH(LORA_PAIRS, addnorm_rope, 2, EPI_ROPE)
 LORA_EACH(LORA_PAIRS, addnorm_gateup, 2, EPI_SILU)
-#endif
-
-// The same GEMVs with the shrink in their own grid (LORA_IN_GRID: fused_gemv.cu's LoraEpi), after the expand's
-// arguments: A's slot 0 (a, [width, k] 16-bit), the elements between slots, the slots' float32 scales, the shrink's
-// width (its blocks) and the launch's two uint64 counters.
-//
-//   lora_grid_{f16,bf16}_{copy,norm,addnorm,norm_rope,addnorm_rope,addnorm_gateup}_r{R}
-#define LORA_GRID_EACH(M, name, ...)                                                                                 \
-    ALL_ROW_COUNTS(M, lora_grid_f16_##name, false, __VA_ARGS__)                                                      \
-    ALL_ROW_COUNTS(M, lora_grid_bf16_##name, true, __VA_ARGS__)
-#define LORA_GRID_PARAMS                                                                                             \
-    LORA_PARAMS, const unsigned short *a, long long a_slot, const float *scale, int width, unsigned long long *sync
-#define LORA_GRID_EPI LoraEpi{t, t_ld, slots, targets, bit, bt, b_slot, rank, n0, n1, a, a_slot, scale, width, sync}
-
-#if LORA_SHRINK_IN_GRID
-#define LORA_GRID_FUSED(R, name, bf16, mode)                                                                         \
-    extern "C" __global__ void FUSED_BOUNDS_##R name##_r##R(FUSED_PARAMS, LORA_GRID_PARAMS) {                        \
-        gemv_fused<bf16, false, mode, R, LORA_IN_GRID>(FUSED_ARGS, LORA_GRID_EPI);                                   \
-    }
-LORA_GRID_EACH(LORA_GRID_FUSED, copy, 0)
-LORA_GRID_EACH(LORA_GRID_FUSED, norm, 1)
-LORA_GRID_EACH(LORA_GRID_FUSED, addnorm, 2)
-
-#define LORA_GRID_PAIRS(R, name, bf16, mode, epi)                                                                    \
-    extern "C" __global__ void FUSED_BOUNDS_##R name##_r##R(PAIRS_PARAMS, LORA_GRID_PARAMS) {                        \
-        gemv_pairs<bf16, mode, R, epi, LORA_IN_GRID>(PAIRS_ARGS, LORA_GRID_EPI);                                     \
-    }
-LORA_GRID_EACH(LORA_GRID_PAIRS, norm_rope, 1, EPI_ROPE)
-LORA_GRID_EACH(LORA_GRID_PAIRS, addnorm_rope, 2, EPI_ROPE)
-LORA_GRID_EACH(LORA_GRID_PAIRS, addnorm_gateup, 2, EPI_SILU)
-#endif
 
 // The shrink of one row's normalized input (grid (width, rows), 256 threads, k * 2 bytes of dynamic shared memory):
 // block (j, r) stages row r as the fused GEMV's prologue does (stage: the same 16-bit values the GEMV reads), then
