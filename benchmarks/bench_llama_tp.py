@@ -50,6 +50,7 @@ ONE_GPU_VARIANTS = (
     "fp8-fused",
     "fp8-separate",
     "fp8-norm-no-pdl",
+    "norm-fold",
     "fp8-scalar-gemv",
     "w8a16",
     "w8a8-no-blocks",
@@ -253,6 +254,10 @@ def set_variant(variant: str) -> None:
         from fi_engine.kernels.quantized_weights import QuantizedWeights
 
         QuantizedWeights.fp8_fused = True
+    if variant == "norm-fold":  # FP8 and int4 weights: the fused step's norms folded into its GEMVs (off: slower)
+        from fi_engine.kernels.quantized_weights import QuantizedWeights
+
+        QuantizedWeights.norm_in_gemv = True
     if variant == "fp8-norm-no-pdl":  # FP8 weights: the epilogue step's norms without programmatic dependent launch
         ModelRunner.norm_pdl = False
     if variant == "fp8-separate":  # FP8 weights: the decode step as separate launches (before 2026-11-25)
@@ -588,7 +593,9 @@ def main() -> None:
         "more than 8 rows dequantize instead of the "
         "FP8 GEMM), w8a8-no-blocks (TP 1, 128x128-block FP8 checkpoints: dequantized above 8 rows, not the "
         "FP8 GEMM), fp8-gemv-rows-N (TP 1, FP8 checkpoints: the FP8 GEMV up to N rows, the FP8 GEMM above), "
-        "int4-ahead-N (TP 1, int4 checkpoints: the int4 GEMV's warps load runs of N tiles; Int4Linears.tiles_ahead), "
+        "norm-fold (TP 1, FP8 and int4 checkpoints: the fused step's norms between two GEMVs folded into them, "
+        "QuantizedWeights.norm_in_gemv on), int4-ahead-N (TP 1, int4 checkpoints: the int4 GEMV's warps load runs "
+        "of N tiles; Int4Linears.tiles_ahead), "
         "int4-warps-N (TP 1, int4 checkpoints: int4 GEMV launches aiming at N warps an SM; Int4Linears.warps_per_sm), "
         "unroll-N (TP 1: the 16-bit GEMVs with N weight vectors in flight per lane; GemvSettings.gemv_unroll), rope-"
         "unroll-N (TP 1: the QKV + RoPE GEMV's; 1 is its loop before 2026-11-25), fused-blocks-N (TP 1: the "

@@ -20,8 +20,14 @@ The headers (``.cuh``), each the same text in every program that includes it:
   to e4m3 pairs (``e4m3x2``); included by every program that converts (all but ``rows.cu`` and ``ds_routing.cu``).
 - ``load_weights.cuh``: ``load_weights``, the GEMVs' 16-byte weight loads past L1; ``gemv.cu``, ``fused_gemv.cu``,
   ``fp8_gemv.cu``, ``grouped_gemv.cu``, ``int4_gemv.cu``, ``skinny_gemm.cu``.
-- ``griddep.cuh``: programmatic dependent launch (``griddep_wait``, ``griddep_launch_dependents``); included by
-  ``gemv.cu``, ``fused_gemv.cu``, ``fp8_gemv.cu``, ``int4_gemv.cu``, ``skinny_gemm.cu`` and ``lora_bgmv.cu``.
+- ``griddep.cuh``: programmatic dependent launch (``griddep_wait``, ``griddep_launch_dependents``) and
+  ``load_acquire`` (a counter other blocks of the grid release); included by ``gemv.cu``, ``fused_gemv.cu``,
+  ``fp8_gemv.cu``, ``int4_gemv.cu``, ``skinny_gemm.cu`` and ``lora_bgmv.cu``.
+- ``rms_rows.cuh``: FlashInfer's RMSNorm factor of a few rows in its order of sums (``rows_rcp``, ``row_vec``,
+  ``rsqrt_approx``); ``fused_gemv.cu`` (its prologue), ``fp8_gemv.cu`` and ``int4_gemv.cu`` (for ``norm_fold.cuh``).
+- ``norm_fold.cuh``: the RMSNorm between two quantized GEMVs folded into them (:mod:`~fi_engine.kernels.norm_fold`:
+  ``fold_out``, ``fold_block``, ``fold_factors``); ``int4_gemv.cu``, ``fp8_gemv.cu``, ``fp8_fused.cu``; uses
+  ``convert.cuh``, ``griddep.cuh`` and ``rms_rows.cuh``, which each includer includes before it.
 - ``row_counts.cuh``: the row counts the 16-bit GEMVs are compiled for and their other compile-time settings
   (``GEMV_FIXED_ROWS``, ``GEMV_PIPELINE``, ``GEMV_FUSED_MIN_BLOCKS``: Dense passes each); ``gemv.cu``,
   ``fused_gemv.cu`` (and through it ``lora_fused.cu``, whose kernels ``ALL_ROW_COUNTS`` makes for each count).

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .cuda_sources import function_ptr, source
+from .norm_fold import FoldOut, fold_ints
 from .quantized_linears import QuantizedLinears
 
 __all__ = ["FP8_GEMV_MAX_ROWS", "PAIR_MAX_ROWS", "PAIR_ROPE", "PAIR_SILU", "Fp8Linears", "Fp8Weight"]
@@ -120,6 +121,10 @@ class Fp8Linears(QuantizedLinears[Fp8Weight]):
         self._pairs: dict[tuple[int, bool, bool, int], int] = {}
         # their tensor-core form: (epi, bf16, block) -> CUfunction
         self._pairs_tc: dict[tuple[int, bool, bool], int] = {}
+        # the folded norm's sides at one row (norm_fold.py): the plain GEMV's FoldOut form, (bf16, block) -> fn, and
+        # the pairwise GEMVs' FoldIn form, (epi, bf16, block) -> fn
+        self._fold_out: dict[tuple[bool, bool], int] = {}
+        self._pairs_fold: dict[tuple[int, bool, bool], int] = {}
         self.fused_error = ""  # why the fused kernels did not compile, if they did not
         self.fused_smem = 0  # the dynamic shared memory (bytes) they may take: the Dense's fused limit less 1 KiB
         # the W8A8 path: the activation quantizers ((bf16, per 128 columns) -> CUfunction; empty where they did not
@@ -197,12 +202,14 @@ class Fp8Linears(QuantizedLinears[Fp8Weight]):
                             for r in (1, 4):
                                 name = f"gemv8_{t}_{suffix}_{scales}_{r}"
                                 self._pairs[(epi, bf16, block, r)] = function_ptr(fused.get_function(name))
+                            name = f"gemv8_{t}_{suffix}_{scales}_1_fold_in"
+                            self._pairs_fold[(epi, bf16, block)] = function_ptr(fused.get_function(name))
                             if tensor_cores:
                                 name = f"gemv8tc_{t}_{suffix}_{scales}"
                                 self._pairs_tc[(epi, bf16, block)] = function_ptr(fused.get_function(name))
                 self._fused_module, self.fused_smem = fused, fused_smem - 1024
             except Exception as exc:
-                self._fused, self._pairs, self._pairs_tc = {}, {}, {}
+                self._fused, self._pairs, self._pairs_tc, self._pairs_fold = {}, {}, {}, {}
                 self.fused_error = f"{type(exc).__name__}: {exc}"
         try:  # cvt.e4m3x2 needs SM 8.9+: without it, steps of many rows take the dequantizing path
             quant = cupy.RawModule(code=source("fp8_quant.cu"))
@@ -220,6 +227,9 @@ class Fp8Linears(QuantizedLinears[Fp8Weight]):
                     for r in (1, 2, 4, 8):
                         name = f"gemv8_{t}_{'f32' if f32 else t}_{'block' if block else 'row'}_{r}"
                         self._gemv[(bf16, f32, block, r)] = function_ptr(module.get_function(name))
+            for block in (False, True):
+                name = f"gemv8_{t}_{t}_{'block' if block else 'row'}_1_fold_out"
+                self._fold_out[(bf16, block)] = function_ptr(module.get_function(name))
             self._dequant[bf16] = function_ptr(module.get_function(f"dequant_e4m3_{t}"))
         if tensor_cores:
             for bf16 in (True, False):
@@ -240,6 +250,11 @@ class Fp8Linears(QuantizedLinears[Fp8Weight]):
         ``csrc/fp8_fused.cu``), or None where it did not compile."""
         return self._fused.get((mode, bf16, f32, block))
 
+    def pair_launch_folds(self) -> bool:
+        """Whether the folded norm's one-row kernels compiled (:meth:`pair_launch` with ``fold``, :meth:`gemv` with a
+        :class:`~fi_engine.kernels.norm_fold.FoldOut`)."""
+        return bool(self._pairs_fold) and bool(self._fold_out)
+
     def pair_fn(self, epi: int, bf16: bool, block: bool, rows: int) -> int | None:
         """The GEMV with a pairwise epilogue (:data:`PAIR_SILU` or :data:`PAIR_ROPE`; ``gemv8_pairs`` in
         ``csrc/fp8_fused.cu``) serving ``rows`` rows (1 to :data:`PAIR_MAX_ROWS`),
@@ -247,13 +262,19 @@ class Fp8Linears(QuantizedLinears[Fp8Weight]):
         where it did not compile."""
         return self._pairs.get((epi, bf16, block, 1 if rows == 1 else 4))
 
-    def pair_launch(self, epi: int, bf16: bool, wt: Fp8Weight, rows: int, pairs: int) -> tuple[int, int, int] | None:
+    def pair_launch(
+        self, epi: int, bf16: bool, wt: Fp8Weight, rows: int, pairs: int, fold: bool = False
+    ) -> tuple[int, int, int] | None:
         """``(function, grid, threads)`` of the GEMV with a pairwise epilogue over ``wt`` for ``rows`` rows and
         ``pairs`` pairs of output columns: on tensor cores from :attr:`tensor_core_rows` rows where they serve the
         weight (8 pairs a block, as many warps as :meth:`gemv` gives the GEMV over ``wt``, so each column's sums are
         that GEMV's), else the widening kernel (4 warps a block; 2 pairs a block, or for one row a group of one pair
-        at a time over :meth:`_one_row_grid` blocks); None where neither compiled."""
+        at a time over :meth:`_one_row_grid` blocks); None where neither compiled. ``fold``: the second GEMV of a
+        folded norm (norm_fold.py; one row only, one block more), None where it does not serve the call."""
         _, _, shift, block = wt.scale_args
+        if fold:
+            fn = self._pairs_fold.get((epi, bf16, bool(block)))
+            return None if fn is None or rows != 1 else (fn, self._one_row_grid(pairs) + 1, PAIR_THREADS)
         if rows >= self.tensor_core_rows:
             tc = self._pairs_tc.get((epi, bf16, bool(block)))
             if tc is not None and (not block or (16 << shift) % 128 == 0):
@@ -277,15 +298,39 @@ class Fp8Linears(QuantizedLinears[Fp8Weight]):
         o and down: 256 blocks), else 4 (measured on an H100: each the faster there)."""
         return 256 if -(-wt.n // _TC_COLUMNS) * 4 < 8 * self._sms else 128
 
-    def gemv(self, rows: int, x: int, x_ld: int, wt: Fp8Weight, y: int, y_ld: int, bf16: bool, f32: bool) -> tuple:
-        """The packed GEMV launch of ``y[:rows] = x[:rows] @ dequant(wt).T`` (rows <= :data:`FP8_GEMV_MAX_ROWS`):
-        ``(function, grid, threads, params, values)``, or ``()`` where x is not 16-byte aligned (x, x_ld). Packed
-        once per call site (its ints: values only); at most 4096 kept."""
+    def gemv(
+        self,
+        rows: int,
+        x: int,
+        x_ld: int,
+        wt: Fp8Weight,
+        y: int,
+        y_ld: int,
+        bf16: bool,
+        f32: bool,
+        fold: FoldOut | None = None,
+    ) -> tuple:
+        """The packed GEMV launch of ``y[:rows] = x[:rows] @ dequant(wt).T`` (rows <= :data:`FP8_GEMV_MAX_ROWS`;
+        ``fold``: the first GEMV of a folded norm, :mod:`~fi_engine.kernels.norm_fold`, one row, 16-bit y):
+        ``(function, grid, threads, params, values)``, or ``()`` where x is not 16-byte aligned (x, x_ld) or the fold
+        form does not serve the call; a ValueError naming a bad field of ``fold``. Packed once per call site (its
+        ints: values only); at most 4096 kept."""
+        if fold is not None and not isinstance(fold, FoldOut):
+            raise TypeError(f"fold: the FP8 GEMV is a folded norm's first GEMV (FoldOut), got {type(fold).__name__}")
+        tail = [] if fold is None else fold_ints(fold)  # (checked before it is part of a key)
 
         def pack() -> tuple[Any, ...]:
             if x % 16 or x_ld % 8:
                 return ()
             s_ld, bn, shift, block = wt.scale_args
+            if fold is not None:
+                fn = self._fold_out.get((bf16, bool(block)))
+                if fn is None or rows != 1 or f32:
+                    return ()
+                params, values = self._slots(
+                    [x, wt.w, y, rows, wt.n, wt.k, x_ld, y_ld, wt.scales, s_ld, bn, shift, *tail]
+                )
+                return (fn, self._one_row_grid(-(-wt.n // 2)), _THREADS, params, values)
             tc = self._tc.get((bf16, f32, bool(block))) if rows >= self.tensor_core_rows else None
             if tc is not None and (not block or (bn % _TC_COLUMNS == 0 and (16 << shift) % 128 == 0)):
                 fn, grid, threads = tc, -(-wt.n // _TC_COLUMNS), self._tc_threads(wt)
@@ -296,7 +341,7 @@ class Fp8Linears(QuantizedLinears[Fp8Weight]):
             params, values = self._slots([x, wt.w, y, rows, wt.n, wt.k, x_ld, y_ld, wt.scales, s_ld, bn, shift])
             return (fn, grid, threads, params, values)
 
-        return self._kept((rows, x, x_ld, wt.w, y, y_ld, bf16, f32), pack)
+        return self._kept((rows, x, x_ld, wt.w, y, y_ld, bf16, f32, *tail), pack)
 
     def dequantize(self, wt: Fp8Weight, bf16: bool, null: Any) -> int:
         """Write ``wt`` scaled into the 16-bit scratch matrix ``[n, k]`` (bfloat16 or float16); its address."""

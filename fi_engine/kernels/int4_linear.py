@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .cuda_sources import function_ptr, source
+from .norm_fold import FOLD_ROWS, FoldIn, FoldOut, fold_ints
 from .quantized_linears import QuantizedLinears
 
 __all__ = ["INT4_GEMV_MAX_ROWS", "Int4Linears", "Int4Weight"]
@@ -106,6 +107,8 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
         super().__init__(launch, ffi, stream)
         self._gemv: dict[tuple[bool, bool, int, bool], int] = {}  # (bf16, f32 out, rows <= R, groups of 64) -> fn
         self._silu: dict[tuple[bool, int, bool], int] = {}  # the SiLU form: (bf16, rows <= R, groups of 64) -> fn
+        # the folded norm's forms (norm_fold.py), up to 8 rows: (bf16, "out" | "in" | "silu_in", groups of 64) -> fn
+        self._fold: dict[tuple[bool, str, bool], int] = {}
 
     def add(self, w: int, n: int, k: int, records: int, group_size: int, interleaved: bool = False) -> None:
         """Register the int4 weight ``[n, k]`` at ``w`` (the GEMV layout) with its ``records``; ``interleaved``: two
@@ -159,6 +162,11 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
                         if not f32:
                             silu = f"gemv4_{t}_silu_{r}{'_g64' if g64 else ''}"
                             self._silu[(bf16, r, g64)] = function_ptr(module.get_function(silu))
+            for g64 in (False, True):
+                g = "_g64" if g64 else ""
+                for form, name in (("out", f"{t}_8{g}_fold_out"), ("in", f"{t}_8{g}_fold_in")):
+                    self._fold[(bf16, form, g64)] = function_ptr(module.get_function(f"gemv4_{t}_{name}"))
+                self._fold[(bf16, "silu_in", g64)] = function_ptr(module.get_function(f"gemv4_{t}_silu_8{g}_fold_in"))
             self._dequant[bf16] = function_ptr(module.get_function(f"dequant_int4_{t}"))
         self._module = module
 
@@ -175,13 +183,27 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
         return 32 * max(1, min(_MAX_WARPS, wt.k // _TILE, max(4, warps)))
 
     def gemv(
-        self, rows: int, x: int, x_ld: int, wt: Int4Weight, y: int, y_ld: int, bf16: bool, f32: bool, silu: bool = False
+        self,
+        rows: int,
+        x: int,
+        x_ld: int,
+        wt: Int4Weight,
+        y: int,
+        y_ld: int,
+        bf16: bool,
+        f32: bool,
+        silu: bool = False,
+        fold: FoldOut | FoldIn | None = None,
     ) -> tuple:
         """The packed GEMV launch of ``y[:rows] = x[:rows] @ dequant(wt).T`` (rows <= :data:`INT4_GEMV_MAX_ROWS`;
-        ``silu``: its SiLU form, ``y[:rows, :half_n] = silu(gate) * up`` of an interleaved weight, 16-bit y):
-        ``(function, grid, threads, params, values)``, or ``()`` where x is not 16-byte aligned (x, x_ld); a
-        ValueError where y is not aligned to its elements. Packed once per call site (its ints: values only); at most
-        4096 kept."""
+        ``silu``: its SiLU form, ``y[:rows, :half_n] = silu(gate) * up`` of an interleaved weight, 16-bit y; ``fold``:
+        a side of the folded norm, :mod:`~fi_engine.kernels.norm_fold`, up to 8 rows, 16-bit y, a :class:`FoldIn`
+        one block more): ``(function, grid, threads, params, values)``, or ``()`` where x is not 16-byte aligned (x,
+        x_ld) or a fold form does not serve the call; a ValueError where y is not aligned to its elements or a
+        field of ``fold`` is bad (:func:`~fi_engine.kernels.norm_fold.fold_ints`). Packed once per call site (its
+        ints: values only); at most 4096 kept."""
+
+        tail = [] if fold is None else fold_ints(fold)  # (checked before it is part of a key)
 
         def pack() -> tuple[Any, ...]:
             item = 4 if f32 and not silu else 2
@@ -191,13 +213,21 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
             if x % 16 or x_ld % 8 or not 0 < rows <= INT4_GEMV_MAX_ROWS:
                 return ()
             r, g64 = 8 if rows <= 8 else 16 if rows <= 16 else 32, wt.group_size == 64
-            fn = self._silu[(bf16, r, g64)] if silu else self._gemv[(bf16, f32, r, g64)]
+            grid = -(-wt.n // _COLUMNS)
+            if fold is None:
+                fn = self._silu[(bf16, r, g64)] if silu else self._gemv[(bf16, f32, r, g64)]
+            elif rows > FOLD_ROWS or f32 or (silu and isinstance(fold, FoldOut)):
+                return ()
+            else:
+                form = "out" if isinstance(fold, FoldOut) else "silu_in" if silu else "in"
+                fn, grid = self._fold[(bf16, form, g64)], grid + (form != "out")
             params, values = self._slots(
-                [x, wt.w, y, rows, wt.n, wt.k, x_ld, y_ld, wt.records, wt.groups, wt.gshift, wt.half_n]
+                [x, wt.w, y, rows, wt.n, wt.k, x_ld, y_ld, wt.records, wt.groups, wt.gshift, wt.half_n, *tail]
             )
-            return (fn, -(-wt.n // _COLUMNS), self._threads(wt, rows), params, values)
+            return (fn, grid, self._threads(wt, rows), params, values)
 
-        return self._kept((rows, x, x_ld, wt.w, y, y_ld, bf16, f32, silu), pack)
+        form = None if fold is None else type(fold).__name__
+        return self._kept((rows, x, x_ld, wt.w, y, y_ld, bf16, f32, silu, form, *tail), pack)
 
     def dequantize(self, wt: Int4Weight, bf16: bool, null: Any) -> int:
         """Write ``wt`` dequantized into the 16-bit scratch matrix ``[n, k]`` (bfloat16 or float16; an interleaved

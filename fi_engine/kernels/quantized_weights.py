@@ -17,6 +17,7 @@ from .fp8_linear import FP8_GEMV_MAX_ROWS, PAIR_MAX_ROWS, PAIR_ROPE, PAIR_SILU, 
 from .fused_args import NORM, RopeAppend, caches_apart, check_epilogue_io, rope_ints
 from .int4_linear import INT4_GEMV_MAX_ROWS, Int4Linears, Int4Weight
 from .launch import MAX_LD, U64, Launcher, int_arg
+from .norm_fold import FOLD_ROWS, FoldCounters, FoldIn, FoldOut, fold_ints
 
 __all__ = ["QuantizedWeights"]
 
@@ -90,6 +91,16 @@ class QuantizedWeights:
     RoPE and the KV append in the QKV GEMV, the norms as launches of their own); False: the FP8 decode step as
     separate launches. Read when a step is packed; set it on the class to compare."""
 
+    norm_in_gemv = False
+    """Whether the fused decode step over FP8 or int4 weights folds each RMSNorm between two GEMVs into them
+    (:mod:`~fi_engine.kernels.norm_fold`: the first GEMV stores the new residual and its normalized input short of the
+    row's factor, the second multiplies its sums by the factor, which a block of its own grid computes), so that the
+    norm has no launch of its own, where the fold forms serve the weights and rows (:meth:`fold_rows`); False (the
+    default): the norm's launch (``fused_add_rmsnorm``). Off since it did not pay: on an H100 (8B shape, decode graph
+    of one row) FP8 128x128 blocks ran 291.8 / 291.9 tokens/s folded against 300.8 / 301.5 with the launches, AWQ int4
+    326.1 / 326.2 against 325.3 / 325.4 (benchmarks/RESULTS.md). Read when a step is packed; set it on the class to
+    compare (``bench_llama_tp.py --variants fused,norm-fold``)."""
+
     int4_gemv_max_rows = INT4_GEMV_MAX_ROWS
     """Linears of int4 weights over at most this many rows (and no ``accumulate``) run the int4 GEMV, reading the
     codes as stored; more rows dequantize the weight into a 16-bit scratch matrix and run the 16-bit GEMM. Read at
@@ -105,6 +116,7 @@ class QuantizedWeights:
     ) -> None:
         self._launcher, self._fused_smem, self._why_off = launcher, fused_smem, why_off
         self._changed, self._gemm16 = changed, gemm16
+        self._fold_counters = FoldCounters()  # the grid each folded norm's counter pair serves
 
     def add_fp8_weight(self, w: int, n: int, k: int, scales: int, block: tuple[int, int] | None) -> None:
         """Serve the e4m3 weight ``[n, k]`` (row-major, one byte each) at device address ``w`` with its float32
@@ -269,7 +281,7 @@ class QuantizedWeights:
         self._gemm16((rows, x, x_ld, weight, n, k, y, y_ld, ab_type, c_type), accumulate)
 
     def prepared_fp8_silu(
-        self, rows: int, x: int, x_ld: int, w: int, k: int, y: int, y_ld: int, ab_type: int
+        self, rows: int, x: int, x_ld: int, w: int, k: int, y: int, y_ld: int, ab_type: int, fold: FoldIn | None = None
     ) -> Callable[[], None]:
         """A decode step's gate/up GEMV over the FP8 weight ``w`` (registered, ``[2 m, k]``: the gate rows, then the
         up rows) with FlashInfer's ``silu_and_mul`` as its epilogue, checked and packed once: ``y [rows, m] =
@@ -277,22 +289,46 @@ class QuantizedWeights:
         (row stride ``x_ld``), each rounded as the Dense's ``linear`` rounds them: one launch for two, the same
         values as the FP8 GEMV then ``silu_and_mul`` (the GPU test checks them). ``rows`` 1 to 4. Raises
         TypeError/ValueError naming an argument that is no int or out of range, a weight not registered as FP8 or of
-        another shape, a misaligned ``x`` (16 bytes, and its row stride) or ``y`` (2), or ``y`` overlapping ``x``."""
-        return self._prepared_pairs(PAIR_SILU, rows, x, x_ld, w, k, y, y_ld, ab_type, None)
+        another shape, a misaligned ``x`` (16 bytes, and its row stride) or ``y`` (2), or ``y`` overlapping ``x``.
+        ``fold``: the second GEMV of a folded norm (:mod:`~fi_engine.kernels.norm_fold`; one row, ``x`` its ``xn``),
+        its counters refused where they serve another grid."""
+        return self._prepared_pairs(PAIR_SILU, rows, x, x_ld, w, k, y, y_ld, ab_type, None, fold)
 
     def prepared_fp8_qkv_rope(
-        self, rows: int, x: int, x_ld: int, w: int, k: int, y: int, y_ld: int, ab_type: int, rope: RopeAppend
+        self,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        rope: RopeAppend,
+        fold: FoldIn | None = None,
     ) -> Callable[[], None]:
         """A decode step's QKV GEMV over the FP8 weight ``w`` (registered, ``[(hq + 2 hk) d, k]``) into 16-bit ``y =
         qkv [rows, (hq + 2 hk) d]`` with FlashInfer's ``apply_rope_pos_ids`` and ``append_paged_kv_cache`` as its
         epilogue (as :meth:`~fi_engine.kernels.fused_gemv.FusedGemvs.prepared_qkv_rope`'s, over the normalized rows
         ``x`` the launch before wrote), checked and packed once: one launch for three, the same values as the FP8
         GEMV then those two (the GPU test checks them). ``rows`` 1 to 4. Raises as :meth:`prepared_fp8_silu` does,
-        and for ``rope`` as ``prepared_qkv_rope`` does (its caches against ``x`` and ``y``)."""
-        return self._prepared_pairs(PAIR_ROPE, rows, x, x_ld, w, k, y, y_ld, ab_type, rope)
+        and for ``rope`` as ``prepared_qkv_rope`` does (its caches against ``x`` and ``y``). ``fold``: as
+        :meth:`prepared_fp8_silu`'s."""
+        return self._prepared_pairs(PAIR_ROPE, rows, x, x_ld, w, k, y, y_ld, ab_type, rope, fold)
 
     def _prepared_pairs(
-        self, epi: int, rows: int, x: int, x_ld: int, w: int, k: int, y: int, y_ld: int, ab_type: int, rope: Any
+        self,
+        epi: int,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        rope: Any,
+        fold: FoldIn | None,
     ) -> Callable[[], None]:
         """:meth:`prepared_fp8_silu` (``epi`` PAIR_SILU, ``rope`` None) or :meth:`prepared_fp8_qkv_rope`."""
         what = "the SiLU" if epi == PAIR_SILU else "the RoPE"
@@ -309,29 +345,42 @@ class QuantizedWeights:
         check_call(fp8, "FP8", n, k, ab_type, ab_type)
         out = fp8.n // 2 if epi == PAIR_SILU else n  # y's width
         pairs = out // 2 if epi == PAIR_ROPE else out
+        if fold is not None and not isinstance(fold, FoldIn):
+            raise TypeError(f"fold: an epilogue GEMV is a folded norm's second (FoldIn), got {type(fold).__name__}")
+        tail = [] if fold is None else fold_ints(fold)
         launcher = self._launcher
-        launch = None if not launcher.open else self.fp8.pair_launch(epi, ab_type == CUDA_R_16BF, fp8, rows, pairs)
+        bf16, folded = ab_type == CUDA_R_16BF, fold is not None
+        launch = None if not launcher.open else self.fp8.pair_launch(epi, bf16, fp8, rows, pairs, folded)
+        if launch is None and folded and launcher.open and rows != 1:
+            raise ValueError(f"rows: the FP8 GEMV with {what} epilogue and a folded norm serves one row, got {rows}")
         if launch is None:
             raise ValueError(f"w: no FP8 GEMV with {what} epilogue compiled ({self.fp8.fused_error or 'closed'})")
         span_x, span_y = check_epilogue_io(rows, x, x_ld, k, y, y_ld, out)
         if epi == PAIR_ROPE:
             caches_apart(rope, [("y", y, span_y), ("x", x, span_x)])
         s_ld, bn, shift, _ = fp8.scale_args
-        params, values = launcher.slots([x, w, y, rows, pairs, k, x_ld, y_ld, fp8.scales, s_ld, bn, shift, *rope_args])
+        args = [x, w, y, rows, pairs, k, x_ld, y_ld, fp8.scales, s_ld, bn, shift, *rope_args, *tail]
+        params, values = launcher.slots(args)
         name = "fp8 gate/up gemv + silu" if epi == PAIR_SILU else "fp8 qkv gemv + rope + append"
         fn, grid, threads = launch
+        if fold is not None:
+            self._fold_counters.check(fold.sync, grid)
         return launcher.prepared(fn, grid, threads, 0, params, values, name, pdl=True)
 
     def prepared_int4_silu(
-        self, rows: int, x: int, x_ld: int, w: int, k: int, y: int, y_ld: int, ab_type: int
+        self, rows: int, x: int, x_ld: int, w: int, k: int, y: int, y_ld: int, ab_type: int, fold: FoldIn | None = None
     ) -> Callable[[], None]:
         """A decode step's gate/up GEMV over the int4 weight ``w`` (registered ``interleaved``, ``[2 m, k]``) with
         FlashInfer's ``silu_and_mul`` as its epilogue, checked and packed once: ``y [rows, m] = silu(g) * u``
         (16-bit, row stride ``y_ld``), ``g`` and ``u`` the 16-bit outputs of ``x [rows, k] @ w.T`` (row stride
         ``x_ld``) as the Dense's ``linear`` rounds them: one launch for two. ``rows`` 1 to 32. Raises
         TypeError/ValueError naming an argument that is no int or out of range, a weight not registered so or of
-        another ``k``, a misaligned ``x`` (16 bytes, and its row stride) or ``y`` (2), or ``y`` overlapping ``x``."""
-        _check_epilogue_gemv(rows, INT4_GEMV_MAX_ROWS, x, x_ld, w, k, y, y_ld)
+        another ``k``, a misaligned ``x`` (16 bytes, and its row stride) or ``y`` (2), or ``y`` overlapping ``x``.
+        ``fold``: the second GEMV of a folded norm (:mod:`~fi_engine.kernels.norm_fold`; up to 8 rows, ``x`` its
+        ``xn``), its counters refused where they serve another grid."""
+        if fold is not None and not isinstance(fold, FoldIn):
+            raise TypeError(f"fold: the SiLU GEMV is a folded norm's second GEMV (FoldIn), got {type(fold).__name__}")
+        _check_epilogue_gemv(rows, FOLD_ROWS if fold is not None else INT4_GEMV_MAX_ROWS, x, x_ld, w, k, y, y_ld)
         int_arg("ab_type", ab_type, -(1 << 63), 1 << 63)
         wt = self.int4_weights.get(w)
         if wt is None or not wt.half_n:
@@ -341,10 +390,76 @@ class QuantizedWeights:
         launcher = self._launcher
         launcher.check_open()
         assert self.int4 is not None
-        fn, grid, threads, params, values = self.int4.gemv(
-            rows, x, x_ld, wt, y, y_ld, ab_type == CUDA_R_16BF, False, silu=True
-        )
+        packed = self.int4.gemv(rows, x, x_ld, wt, y, y_ld, ab_type == CUDA_R_16BF, False, silu=True, fold=fold)
+        if not packed:
+            raise ValueError(f"x: 0x{x:x} (row stride {x_ld}) must be 16-byte aligned for the int4 GEMV")
+        fn, grid, threads, params, values = packed
+        if fold is not None:
+            self._fold_counters.check(fold.sync, grid)
         return launcher.prepared(fn, grid, threads, 0, params, values, "int4 gate/up gemv + silu", pdl=True)
+
+    def fold_rows(self, w: int) -> int:
+        """The most rows a folded norm's GEMVs (:attr:`norm_in_gemv`) serve over the registered weight ``w``: 8 for
+        int4 (:meth:`prepared_folded_gemv`, :meth:`prepared_int4_silu`), 1 for FP8 (:meth:`prepared_folded_gemv`
+        with a :class:`FoldOut`, :meth:`prepared_fp8_silu`, :meth:`prepared_fp8_qkv_rope`) where those kernels
+        compiled; 0 where :attr:`norm_in_gemv` is off, ``w`` is not registered or the launch path is off."""
+        if not self.norm_in_gemv or not self._launcher.open:
+            return 0
+        if w in self.int4_weights:
+            return FOLD_ROWS
+        fp8 = self.fp8
+        return 1 if w in self.fp8_weights and fp8 is not None and fp8.pair_launch_folds() else 0
+
+    def prepared_folded_gemv(
+        self,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        fold: FoldOut | FoldIn,
+    ) -> Callable[[], None]:
+        """A decode step's GEMV over the registered weight ``w`` as one side of a folded norm
+        (:mod:`~fi_engine.kernels.norm_fold`), checked and packed once: ``y [rows, n] = x @ w.T`` (16-bit) storing
+        ``fold``'s ``h_out`` and ``xn`` too (:class:`FoldOut`: the o and down GEMVs; int4 or FP8), or over ``x =
+        xn`` times the rows' factors (:class:`FoldIn`: the QKV GEMV; int4). ``rows`` 1 to :meth:`fold_rows`. Raises
+        TypeError/ValueError naming an argument that is no int or out of range, a weight of another format, shape or
+        type, a misaligned ``x`` (16 bytes) or ``y`` (2), a bad field of ``fold``, or counters that serve another
+        grid (``fold.sync``)."""
+        _check_epilogue_gemv(rows, FOLD_ROWS, x, x_ld, w, k, y, y_ld)
+        int_arg("n", n, 1, 1 << 31)
+        int_arg("ab_type", ab_type, -(1 << 63), 1 << 63)
+        if not isinstance(fold, (FoldOut, FoldIn)):
+            raise TypeError(f"fold: expected a FoldOut or a FoldIn, got {type(fold).__name__}")
+        launcher = self._launcher
+        launcher.check_open()
+        bf16 = ab_type == CUDA_R_16BF
+        fp8, int4 = self.fp8_weights.get(w), self.int4_weights.get(w)
+        if int4 is not None and self.int4 is not None:
+            check_call(int4, "int4", n, k, ab_type, ab_type)
+            packed = self.int4.gemv(rows, x, x_ld, int4, y, y_ld, bf16, False, fold=fold)
+            kind = "int4"
+        elif fp8 is not None and self.fp8 is not None and isinstance(fold, FoldOut):
+            check_call(fp8, "FP8", n, k, ab_type, ab_type)
+            packed = self.fp8.gemv(rows, x, x_ld, fp8, y, y_ld, bf16, False, fold=fold)
+            kind = "fp8"
+        else:
+            raise ValueError(
+                f"w: 0x{w:x} is no int4 weight, nor an FP8 one for a FoldOut: the folded norm's GEMVs read those"
+            )
+        if not packed:
+            raise ValueError(
+                f"rows, x: the {kind} folded-norm GEMV serves up to {FOLD_ROWS if kind == 'int4' else 1} rows over x "
+                f"16-byte aligned (rows {rows}, x 0x{x:x}, x_ld {x_ld})"
+            )
+        fn, grid, threads, params, values = packed
+        if isinstance(fold, FoldIn):
+            self._fold_counters.check(fold.sync, grid)
+        return launcher.prepared(fn, grid, threads, 0, params, values, f"{kind} gemv + folded norm", pdl=True)
 
     def close(self) -> None:
         """Forget the weights and their packed launches, free the scratch matrices (the Dense's ``close``)."""

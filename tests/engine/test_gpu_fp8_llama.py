@@ -17,9 +17,10 @@ weights (rounded to bfloat16) gives the yardstick of bfloat16 arithmetic's own e
   (``QuantizedWeights.fp8_fused``), W8A16 throughout, and W8A8 throughout (``QuantizedWeights.fp8_gemv_max_rows`` 0: the
   decode steps through the FP8 GEMM too): every token the reference's argmax or within ``LOGIT_TOL["bfloat16"]`` of it
   (x 16 where W8A8 served, as above) under teacher forcing, and eager and graph agree up to the first near tie;
-- one row, the epilogue step against the separate launches: the same tokens, and every step's logits within 1e-3 of
-  their largest magnitude (the epilogues repeat the separate kernels' arithmetic on the same GEMV sums; only the LM
-  head's sums may run in another order), the bitwise share printed; also with an e4m3 KV cache and for a Qwen3
+- one row, the epilogue step (its norms as launches of their own: ``QuantizedWeights.norm_in_gemv`` off; folded,
+  tests/engine/test_gpu_norm_fold.py) against the separate launches: the same tokens, and every step's logits within
+  1e-3 of their largest magnitude (the epilogues repeat the separate kernels' arithmetic on the same GEMV sums; only
+  the LM head's sums may run in another order), the bitwise share printed; also with an e4m3 KV cache and for a Qwen3
   (per-head norms), where RoPE and the append stay separate launches.
 """
 
@@ -129,6 +130,7 @@ def compare_epilogue_step(path, monkeypatch, lens=(11,), **engine_kw) -> None:  
 
     ps = prompts(lens, VOCAB)
     runs = {}
+    monkeypatch.setattr(QuantizedWeights, "norm_in_gemv", False)  # (folded, they round elsewhere: test_gpu_norm_fold)
     for epilogues in (True, False):
         monkeypatch.setattr(QuantizedWeights, "fp8_epilogues", epilogues)
         with LlamaEngine(path, max_batch=len(ps), page_size=16, **engine_kw) as engine:

@@ -323,7 +323,7 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
     eng.config, eng.stream_ptr, eng.gemm_type, eng.gemm_f32, eng.head_rows = c, 0, 1, 2, 0
     buffer = SimpleNamespace(data=SimpleNamespace(ptr=FAKE))
     eng.buffers = SimpleNamespace(
-        x=buffer, qkv=buffer, attn=buffer, gu=buffer, act=buffer, h=buffer, h_alt=buffer, logits=buffer
+        x=buffer, qkv=buffer, attn=buffer, gu=buffer, act=buffer, h=buffer, h_alt=buffer, xn=buffer, logits=buffer
     )
     eng.qkv_width, eng.embed, eng.lm_head = 0, 0, 0
     weight = kernels.descriptor(FAKE + (40 << 30), (c.hidden_size,), dtype, 0)  # (the FP8 step packs its norms)
@@ -335,7 +335,7 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
     shape = (PAGES, PS, c.num_kv_heads, c.head_dim)
     eng.k_cache = [kernels.descriptor(FAKE + ((16 + 2 * i) << 30), shape, dtype, 0) for i in range(c.num_layers)]
     eng.v_cache = [kernels.descriptor(FAKE + ((17 + 2 * i) << 30), shape, dtype, 0) for i in range(c.num_layers)]
-    stand_in = lambda *_: "gemv"  # noqa: E731
+    stand_in = lambda *_, **__: "gemv"  # noqa: E731
     eng.dense = SimpleNamespace(
         prepared_linear=stand_in,
         rows=SimpleNamespace(prepared_gather=stand_in),
@@ -355,6 +355,8 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
             prepared_fp8_silu=stand_in,
             has_int4_silu=lambda _: weights == "int4",
             prepared_int4_silu=stand_in,
+            fold_rows=lambda _: 0,  # the norms as launches of their own (their folded form: test_norm_fold.py)
+            int4_weights={},
         ),
     )
     if fp8:

@@ -787,7 +787,7 @@ from helpers.comm_args import (  # noqa: E402 - the comm builders (the fixture p
 
 from fi_engine.checkpoint import config as model_config  # noqa: E402
 from fi_engine.checkpoint import family_configs, mxfp4_weights  # noqa: E402
-from fi_engine.kernels import cuda_sources, lora_bgmv, lora_fused  # noqa: E402
+from fi_engine.kernels import cuda_sources, lora_bgmv, lora_fused, norm_fold  # noqa: E402
 from fi_engine.layers import deepseek_routing, moe, moe_routing, tensor_parallel  # noqa: E402
 from fi_engine.lora import adapter as lora_adapter  # noqa: E402
 from fi_engine.lora import batch as lora_batch  # noqa: E402
@@ -1584,6 +1584,18 @@ LORA_ENTRIES: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
                 lora_fused.grid_ints,
                 lambda: dict(lora=lora_fused.LoraExpand(**LORA_FUSED_EXPAND, **LORA_FUSED_GRID), n=96, k=64),
                 kinds={"lora": "object"},
+            ),
+        )
+    ],
+    "kernels.norm_fold.fold_ints": lambda: [
+        (
+            "fold_ints",
+            Entry(
+                norm_fold.fold_ints,
+                lambda: dict(
+                    fold=norm_fold.FoldIn(h=_ADDRESS, y=2 * _ADDRESS, sync=3 * _ADDRESS, rs=4 * _ADDRESS, eps=1e-5)
+                ),
+                kinds={"fold": "object"},
             ),
         )
     ],
@@ -2456,6 +2468,10 @@ EXEMPT: dict[str, str] = {
     "tools/kernel_fingerprints.py",
     "kernels.lora_fused.LoraFusedGemvs": "made by the model runner on a GPU; its argument checks run on CPU over fake "
     "kernels: tests/engine/test_lora_fused.py",
+    "kernels.norm_fold.FoldIn": "a value fold_ints checks field by field: tests/engine/test_norm_fold.py",
+    "kernels.norm_fold.FoldOut": "a value fold_ints checks field by field: tests/engine/test_norm_fold.py",
+    "kernels.norm_fold.FoldCounters": "a registry of ints the quantized weights keep; its refusal by name is tested in "
+    "tests/engine/test_norm_fold.py",
     "kernels.lora_fused.LoraExpand": "a value expand_ints checks field by field: tests/engine/test_lora_fused.py",
     "kernels.fused_args.RopeAppend": "addresses FusedGemvs.prepared_qkv_rope checks field by field: "
     "tests/engine/test_dense.py",

@@ -2,6 +2,7 @@
 #include "fused_gemv.cu"  // its prologue (stage), epilogues and device functions, no kernels
 #include "fp8_decode.cuh"  // e4m3x16, widen16, add_partial16
 #include "fp8_one_row.cuh"  // gemv8_one_row, for gemv8_pair_one
+#include "norm_fold.cuh"  // NormFold, fold_block, fold_factors: gemv8_pair_one's side of the folded norm
 
 #define COLS 4   // output columns per group of warps, as gemv8_rows
 #define SPLITS 4 // warps per group, each summing every SPLITS-th run of 32 weight vectors
@@ -221,24 +222,44 @@ __device__ __forceinline__ void gemv8_pairs(PAIRS8_DEVICE_PARAMS) {
 }
 
 // gemv8_pairs' sums and epilogue for one x row (gemv8_one_row: one pair a group, weight rows its two members;
-// the same bits as gemv8_pairs at one row, on the one-row schedule)
-template <bool BF16, bool BLOCK, int EPI>
+// the same bits as gemv8_pairs at one row, on the one-row schedule). FOLD_IN (norm_fold.cuh): x is the fold's xn,
+// each sum times the row's factor before the epilogue; block 0 computes the factor (f: h and y of the first GEMV,
+// the counters, the factor, eps), the GEMV blocks are 1, 2, ...
+template <bool BF16, bool BLOCK, int EPI, int FOLD = FOLD_NONE>
 __device__ __forceinline__ void gemv8_pair_one(
         const unsigned short* __restrict__ x, const unsigned char* __restrict__ w, unsigned short* __restrict__ y,
         int pairs, int k, long long y_ld, const float* __restrict__ scale, long long s_ld, int bn, int shift, int hq,
         int hk, unsigned d, float rcp_theta, float rcp_scale, float smooth_a, float smooth_b,
         const int* __restrict__ positions, const int* __restrict__ batch_indices, const int* __restrict__ kv_indptr,
         const int* __restrict__ kv_indices, unsigned short* __restrict__ k_cache, unsigned short* __restrict__ v_cache,
-        int page_size, long long stride_page, long long stride_n, long long stride_h) {
+        int page_size, long long stride_page, long long stride_n, long long stride_h, NormFold f = NormFold()) {
+    static_assert(FOLD != FOLD_OUT, "the fold's second GEMV");
     const int half = EPI == 2 ? (int)(d >> 1) : 1;
-    gemv8_one_row<BF16, BLOCK>(
-        x, w, pairs, k, scale, s_ld, bn, shift,
-        [=](int p, int i) { return EPI == 1 ? p + i * pairs : (p / half) * (int)d + p % half + i * half; },
-        [=](int p, float va, float vb) {
-            finish_pair<BF16, BLOCK, EPI>(va, vb, p, 0, y, y_ld, pairs, scale, hq, hk, d, rcp_theta, rcp_scale,
-                                          smooth_a, smooth_b, positions, batch_indices, kv_indptr, kv_indices,
-                                          k_cache, v_cache, page_size, stride_page, stride_n, stride_h);
-        });
+    const auto row_of = [=](int p, int i) {
+        return EPI == 1 ? p + i * pairs : (p / half) * (int)d + p % half + i * half;
+    };
+    const auto finish = [=](int p, float va, float vb) {
+        finish_pair<BF16, BLOCK, EPI>(va, vb, p, 0, y, y_ld, pairs, scale, hq, hk, d, rcp_theta, rcp_scale, smooth_a,
+                                      smooth_b, positions, batch_indices, kv_indptr, kv_indices, k_cache, v_cache,
+                                      page_size, stride_page, stride_n, stride_h);
+    };
+    if constexpr (FOLD == FOLD_NONE) {
+        gemv8_one_row<BF16, BLOCK>(x, w, pairs, k, scale, s_ld, bn, shift, row_of, finish, blockIdx.x, gridDim.x,
+                                   [] {});
+    } else {
+        if (blockIdx.x == 0) {
+            griddep_launch_dependents();
+            fold_block<BF16, 1>(f, 1, k, 0);  // (one row: no row stride)
+            return;
+        }
+        const unsigned long long ticket = fold_ticket(f);
+        __shared__ float rcp[1];  // the row's factor
+        float* factor = rcp;
+        gemv8_one_row<BF16, BLOCK>(
+            x, w, pairs, k, scale, s_ld, bn, shift, row_of,
+            [=](int p, float va, float vb) { finish(p, va * factor[0], vb * factor[0]); }, blockIdx.x - 1,
+            gridDim.x - 1, [=] { fold_factors<BF16, 1>(f, ticket, 1, k, 0, factor); });
+    }
 }
 
 // The kernels' parameters, shared by the one-row (gemv8_pair_one), the up-to-4-rows (gemv8_pairs) and the tensor-core
@@ -258,6 +279,14 @@ __device__ __forceinline__ void gemv8_pair_one(
         gemv8_pair_one<bf16, block, epi>(x, w, y, pairs, k, y_ld, scale, s_ld, bn, shift, hq, hk, d, rcp_theta,    \
                                          rcp_scale, smooth_a, smooth_b, positions, batch_indices, kv_indptr,        \
                                          kv_indices, k_cache, v_cache, page_size, stride_page, stride_n, stride_h); \
+    }
+// The one-row kernel as the second GEMV of a folded norm (norm_fold.cuh): one block more than PAIRS8ONE's
+#define PAIRS8ONE_FOLD(name, bf16, block, epi)                                                                     \
+    extern "C" __global__ void __launch_bounds__(128, 8) name(PAIRS8_PARAMS, NORM_FOLD_PARAMS) {                  \
+        gemv8_pair_one<bf16, block, epi, FOLD_IN>(x, w, y, pairs, k, y_ld, scale, s_ld, bn, shift, hq, hk, d,       \
+                                                  rcp_theta, rcp_scale, smooth_a, smooth_b, positions,             \
+                                                  batch_indices, kv_indptr, kv_indices, k_cache, v_cache,          \
+                                                  page_size, stride_page, stride_n, stride_h, NORM_FOLD_ARGS);     \
     }
 #define PAIRS8(name, bf16, block, r, epi)                                                                          \
     extern "C" __global__ void __launch_bounds__(32 * SPLITS) name(PAIRS8_PARAMS) {                               \
@@ -316,10 +345,11 @@ __device__ __forceinline__ void gemv8_tc_pairs(PAIRS8_DEVICE_PARAMS) {
     extern "C" __global__ void __launch_bounds__(256) name(PAIRS8_PARAMS) {                                       \
         gemv8_tc_pairs<bf16, block, epi>(PAIRS8_ARGS);                                                             \
     }
-// The three kernels of one type, epilogue and scale layout: gemv8_<type>_<epi>_<layout>_1 (one row), _4 (up to 4
-// rows) and gemv8tc_<type>_<epi>_<layout> (tensor cores), the names Fp8Linears loads
+// The kernels of one type, epilogue and scale layout: gemv8_<type>_<epi>_<layout>_1 (one row; _1_fold_in its folded
+// norm's form), _4 (up to 4 rows) and gemv8tc_<type>_<epi>_<layout> (tensor cores), the names Fp8Linears loads
 #define PAIRS8_KERNELS(type, epi_name, layout, bf16, block, epi)                                                   \
     PAIRS8ONE(gemv8_##type##_##epi_name##_##layout##_1, bf16, block, epi)                                          \
+    PAIRS8ONE_FOLD(gemv8_##type##_##epi_name##_##layout##_1_fold_in, bf16, block, epi)                             \
     PAIRS8(gemv8_##type##_##epi_name##_##layout##_4, bf16, block, 4, epi)                                          \
     PAIRS8TC(gemv8tc_##type##_##epi_name##_##layout, bf16, block, epi)
 PAIRS8_KERNELS(bf16, silu, row, true, false, 1)

@@ -7,6 +7,8 @@
 #include "griddep.cuh"  // griddep_wait, griddep_launch_dependents
 #include "load_weights.cuh"  // load_weights: past L1
 #include "fp8_one_row.cuh"  // gemv8_one_row (uses load_weights and griddep_wait, above)
+#include "rms_rows.cuh"  // rows_rcp (norm_fold.cuh's)
+#include "norm_fold.cuh"  // NormFold, fold_out: the o and down GEMVs' side of the folded norm
 
 #define COLS 4   // output columns per block: each x vector loaded and widened once serves all of them
 #define SPLITS 4 // warps per block, each summing every SPLITS-th run of 32 weight vectors of the block's columns
@@ -52,11 +54,13 @@ __device__ __forceinline__ void gemv8_rows(const unsigned short* __restrict__ x,
 }
 
 // One x row (gemv8_one_row): y[j] = the sum of weight row j (times scale[j] where not BLOCK), rounded once; the
-// arguments as gemv8_rows takes them (rows, x_ld and y_ld unused: one row)
-template <bool BF16, bool F32OUT, bool BLOCK>
+// arguments as gemv8_rows takes them (rows, x_ld and y_ld unused: one row). FOLD_OUT: h_out and xn stored with y
+// (norm_fold.cuh's fold_out; f: h, nw, h_out, xn).
+template <bool BF16, bool F32OUT, bool BLOCK, int FOLD = FOLD_NONE>
 __device__ __forceinline__ void gemv8_one(const unsigned short* __restrict__ x, const unsigned char* __restrict__ w,
                                           void* __restrict__ y, int n, int k, const float* __restrict__ scale,
-                                          long long s_ld, int bn, int shift) {
+                                          long long s_ld, int bn, int shift, NormFold f = NormFold()) {
+    static_assert(FOLD != FOLD_IN && (FOLD == FOLD_NONE || !F32OUT), "the fold's first GEMV, 16-bit y");
     gemv8_one_row<BF16, BLOCK>(
         x, w, (n + 1) / 2, k, scale, s_ld, bn, shift, [n](int g, int i) { return min(2 * g + i, n - 1); },
         [=](int g, float va, float vb) {
@@ -67,10 +71,12 @@ __device__ __forceinline__ void gemv8_one(const unsigned short* __restrict__ x, 
                 if (j < n) {
                     const float o = BLOCK ? v[i] : v[i] * __ldg(scale + j);
                     if (F32OUT) reinterpret_cast<float*>(y)[j] = o;
+                    else if (FOLD == FOLD_OUT) reinterpret_cast<unsigned short*>(y)[j] = fold_out<BF16>(f, j, j, o);
                     else reinterpret_cast<unsigned short*>(y)[j] = fromf<BF16>(o);
                 }
             }
-        });
+        },
+        blockIdx.x, gridDim.x, [] {});
 }
 // M(name, bf16, f32out, block) for each of the eight FP8 GEMVs of a kind: bfloat16 or float16 x, y of x's type or
 // float32, per-row or block scales; name prefix_<x>_<y>_<row|block>suffix (the names Fp8Linears loads)
@@ -90,6 +96,18 @@ __device__ __forceinline__ void gemv8_one(const unsigned short* __restrict__ x, 
         gemv8_one<bf16, f32out, block>(x, w, y, n, k, scale, s_ld, bn, shift);                                     \
     }
 EACH_GEMV8_TYPE(GEMV8ONE, gemv8, _1)
+// The one-row GEMV as the first GEMV of a folded norm (norm_fold.cuh): gemv8_<t>_<t>_<row|block>_1_fold_out
+#define GEMV8ONE_FOLD(t, bf16, block, layout)                                                                      \
+    extern "C" __global__ void __launch_bounds__(128, 8)                                                           \
+        gemv8_##t##_##t##_##layout##_1_fold_out(const unsigned short* x, const unsigned char* w, void* y, int rows, \
+                                                int n, int k, long long x_ld, long long y_ld, const float* scale,  \
+                                                long long s_ld, int bn, int shift, NORM_FOLD_PARAMS) {             \
+        gemv8_one<bf16, false, block, FOLD_OUT>(x, w, y, n, k, scale, s_ld, bn, shift, NORM_FOLD_ARGS);             \
+    }
+GEMV8ONE_FOLD(bf16, true, false, row)
+GEMV8ONE_FOLD(bf16, true, true, block)
+GEMV8ONE_FOLD(f16, false, false, row)
+GEMV8ONE_FOLD(f16, false, true, block)
 
 #define GEMV8(name, bf16, f32out, block, r)                                                                         \
     extern "C" __global__ void name(const unsigned short* x, const unsigned char* w, void* y, int rows, int n,       \

@@ -8,17 +8,19 @@
 // ones, the next group's first ones included. finish(g, va, vb) gets the two sums (no per-row scale applied) in
 // thread 0. Why: a one-row step's GEMVs are bound by the bytes in flight, and more resident warps keep more of them
 // in flight (an H100, 8B shape, 128x128 blocks, weights past L2, us a launch: QKV 12.4 -> 10.9, o 9.3 -> 8.2, gate/up
-// 45.1 -> 42.1, down 24.2 -> 22.0; benchmarks/RESULTS.md).
-template <bool BF16, bool BLOCK, class RowOf, class Finish>
+// 45.1 -> 42.1, down 24.2 -> 22.0; benchmarks/RESULTS.md). The block's groups are first, first + stride, ... (its
+// blockIdx and gridDim, or its place among the GEMV blocks of a grid with a block of other work); before() runs in
+// every thread once, before the first finish.
+template <bool BF16, bool BLOCK, class RowOf, class Finish, class Before>
 __device__ __forceinline__ void gemv8_one_row(const unsigned short* __restrict__ x,
                                               const unsigned char* __restrict__ w, int groups, int k,
                                               const float* __restrict__ scale, long long s_ld, int bn, int shift,
-                                              RowOf row_of, Finish finish) {
+                                              RowOf row_of, Finish finish, int first, int stride, Before before) {
     __shared__ float part[2][4][2];  // [group parity][warp][weight row]: the next group writes the other half
     griddep_launch_dependents();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int vecs = k >> 4, c0 = warp * 32 + lane;
-    int g = blockIdx.x;
+    int g = first;
     uint4 a[2];
     if (g < groups && c0 < vecs) {
 #pragma unroll
@@ -26,7 +28,7 @@ __device__ __forceinline__ void gemv8_one_row(const unsigned short* __restrict__
             a[i] = load_weights(reinterpret_cast<const uint4*>(w + (long long)row_of(g, i) * k) + c0);
     }
     griddep_wait();  // x may be the previous kernel's output; the weights and scales are constants
-    for (int parity = 0; g < groups; g += gridDim.x, parity ^= 1) {
+    for (int parity = 0; g < groups; g += stride, parity ^= 1) {
         const float* srow[2];
 #pragma unroll
         for (int i = 0; i < 2; ++i) srow[i] = BLOCK ? scale + (long long)(row_of(g, i) / bn) * s_ld : scale;
@@ -42,7 +44,7 @@ __device__ __forceinline__ void gemv8_one_row(const unsigned short* __restrict__
             int next = c + 128, ng = g;  // this lane's next vectors: further along k, else the next group's first
             if (next >= vecs) {
                 next = c0;
-                ng = g + gridDim.x;
+                ng = g + stride;
             }
             if (ng < groups) {
 #pragma unroll
@@ -61,6 +63,7 @@ __device__ __forceinline__ void gemv8_one_row(const unsigned short* __restrict__
             if (lane == 0) part[parity][warp][i] = v;
         }
         __syncthreads();
+        if (g == first) before();
         if (threadIdx.x == 0) {
             float va = 0.f, vb = 0.f;
 #pragma unroll

@@ -10,39 +10,12 @@
 //                      writes h_out, so the two are different buffers the caller alternates)
 //   MODE 3 (silu):     in = silu(x[:, :k]) * x[:, k:2k]           (FlashInfer's silu_and_mul of x)
 // The prologue rounds where those kernels round (h_out and in to the 16-bit type, nothing else) and sums the
-// squares in FlashInfer's order: its block of W = ceil(min(1024, k / 8) / 32) warps, thread t summing the 8-element
-// vectors t, t + 32 W, ... in turn, a butterfly within each warp, then one across the W warp sums; rsqrt.approx as
-// its math::rsqrt. The module is compiled with --use_fast_math, as FlashInfer's modules are (its divisions and
+// squares in FlashInfer's order (rms_rows.cuh's rows_rcp). The module is compiled with --use_fast_math, as FlashInfer's modules are (its divisions and
 // __expf). Each block recomputes the prologue (rows <= 4 rows of k elements, from L2) and then serves a
 // grid-stride set of output columns, one warp each. k a multiple of 8; x, h, h_out, nw and the row strides 16-byte
 // aligned (the caller checks).
 #include "convert.cuh"  // h2f, b2f, f2h, f2b, tof, fromf
-__device__ __forceinline__ float rsqrt_approx(float x) {
-    float y;
-    asm("rsqrt.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
-// element e of the 8-vector at c8 of row r: h alone, or x + h (FlashInfer: float(input) + float(residual))
-template <bool BF16, int MODE>
-__device__ __forceinline__ void row_vec(const unsigned short* __restrict__ h, const unsigned short* __restrict__ x,
-                                        int r, int c8, long long h_ld, long long x_ld, float v[8]) {
-    uint4 a = *(reinterpret_cast<const uint4*>(h + r * h_ld) + c8);
-    const unsigned short* av = reinterpret_cast<const unsigned short*>(&a);
-    if (MODE == 2) {
-        uint4 b = *(reinterpret_cast<const uint4*>(x + r * x_ld) + c8);
-        const unsigned short* bv = reinterpret_cast<const unsigned short*>(&b);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-            float t = tof<BF16>(bv[e]);
-            t += tof<BF16>(av[e]);
-            v[e] = t;
-        }
-    } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) v[e] = tof<BF16>(av[e]);
-    }
-}
+#include "rms_rows.cuh"  // rsqrt_approx, row_vec, rows_rcp: the norm's factor in FlashInfer's order
 
 // The prologue: the input rows into sx (shared), every thread of the block taking part; ends with a barrier. The
 // block numbered 0 (`block`: blockIdx.x, or a LoRA GEMV's number among its GEMV blocks) writes h_out.
@@ -51,9 +24,7 @@ __device__ __forceinline__ void stage_block(uint4* sx, const unsigned short* __r
                                             long long x_ld, const unsigned short* __restrict__ h,
                                             const unsigned short* __restrict__ nw, unsigned short* __restrict__ h_out,
                                             long long h_ld, float eps, unsigned block) {
-    __shared__ float part[4][32];
     __shared__ float rcp[4];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int vecs = k >> 3;
     if (MODE == 0) {  // (rows made by another launch: copied as they are)
         for (int r = 0; r < rows; ++r)
@@ -76,32 +47,7 @@ __device__ __forceinline__ void stage_block(uint4* sx, const unsigned short* __r
                 sx[r * vecs + c] = o;
             }
     } else {
-        // FlashInfer's partition of the sum of squares (see above)
-        const int fw = (min(1024, vecs) + 31) >> 5;
-        const int ft = fw << 5;
-        for (int r = 0; r < rows; ++r)
-            for (int vw = warp; vw < fw; vw += warps) {
-                const int t = (vw << 5) + lane;
-                float sum = 0.f;
-                for (int c = t; c < vecs; c += ft) {
-                    float v[8];
-                    row_vec<BF16, MODE>(h, x, r, c, h_ld, x_ld, v);
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) sum += v[e] * v[e];
-                }
-#pragma unroll
-                for (int off = 16; off; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-                if (lane == 0) part[r][vw] = sum;
-            }
-        __syncthreads();
-        if (warp == 0)
-            for (int r = 0; r < rows; ++r) {
-                float sum = lane < fw ? part[r][lane] : 0.f;
-#pragma unroll
-                for (int off = 16; off; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-                if (lane == 0) rcp[r] = rsqrt_approx(sum / float(k) + eps);
-            }
-        __syncthreads();
+        rows_rcp<BF16, MODE, 4>(h, x, rows, k, h_ld, x_ld, eps, rcp);  // FlashInfer's sum (see above)
         const bool write_h = MODE == 2 && h_out != nullptr && block == 0;
         for (int r = 0; r < rows; ++r)
             for (int c = threadIdx.x; c < vecs; c += blockDim.x) {
@@ -223,12 +169,6 @@ __device__ __forceinline__ int lora_ticket(const LoraEpi& e, unsigned long long&
     const unsigned long long t = ticket;
     epoch = t / gridDim.x;
     return (int)(t - epoch * gridDim.x);
-}
-
-__device__ __forceinline__ unsigned long long load_acquire(const unsigned long long* p) {
-    unsigned long long v;
-    asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-    return v;
 }
 
 // A GEMV warp's wait, before its first expand, for its launch's `width` shrink blocks (epoch: lora_ticket's); each

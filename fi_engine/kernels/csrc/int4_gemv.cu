@@ -7,6 +7,8 @@
 #include "fp8_tensor_cores.cuh"  // mma16816 (the FP8 GEMV's m16n8k16 mma; its e4m3 helpers are unused here)
 
 #include "int4_decode.cuh"  // the layout, i4_half, i4_half_zsub, i4_record, i4_neg_zero
+#include "rms_rows.cuh"  // rows_rcp (norm_fold.cuh's)
+#include "norm_fold.cuh"  // NormFold, FOLD_OUT / FOLD_IN: the norm between two GEMVs folded into them
 
 #define I4_MAX_WARPS 16
 
@@ -42,17 +44,27 @@ __device__ __forceinline__ void i4_load(uint4* v, unsigned* r, const uint4* wa, 
 // mma sums start from zero and meet the group's scale and zero in float32 (the layout comment); the warps' sums meet
 // in shared memory and y is rounded once. G64: groups of 64 (two records a tile), else of 128 or more (one). k a
 // multiple of 128; x, w, x_ld 16-byte aligned (the caller checks).
-template <bool BF16, bool F32OUT, int NT, int TPL, bool G64, bool SILU>
+// FOLD (norm_fold.cuh; one group of rows, 16-bit y): FOLD_OUT stores h_out and xn with y (f: h, nw, h_out, xn; y's
+// row stride); FOLD_IN multiplies each sum by its row's factor, block 0 of the grid computing them (f: h and y of
+// the first GEMV, x's row stride, the counters, the factors, eps), the GEMV blocks 1, 2, ... serving 16 columns each.
+template <bool BF16, bool F32OUT, int NT, int TPL, bool G64, bool SILU, int FOLD = FOLD_NONE>
 __device__ __forceinline__ void gemv4_tc(const unsigned short* __restrict__ x, const unsigned char* __restrict__ w,
                                          void* __restrict__ y, int rows, int n, int k, long long x_ld,
                                          long long y_ld, const unsigned* __restrict__ rec, int groups, int gshift,
-                                         int half_n) {
+                                         int half_n, NormFold f = NormFold()) {
 #if __CUDA_ARCH__ >= 800
+    static_assert(FOLD == FOLD_NONE || (NT == 1 && !F32OUT), "the fold forms serve one group of rows, 16-bit y");
     __shared__ float part[I4_MAX_WARPS][32][4 * NT];
     griddep_launch_dependents();
+    if (FOLD == FOLD_IN && blockIdx.x == 0) {
+        fold_block<BF16, 8>(f, rows, k, x_ld);
+        return;
+    }
+    const unsigned long long ticket = FOLD == FOLD_IN ? fold_ticket(f) : 0ull;
+    const int block = (int)blockIdx.x - (FOLD == FOLD_IN);  // the block's 16 columns
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int j0 = blockIdx.x * 16;
+    const int j0 = block * 16;
     const int ja = min(j0 + g, n - 1), jb = min(j0 + g + 8, n - 1);  // a last partial tile repeats its last column
     const long long row_bytes = k >> 1;
     const uint4* wa = reinterpret_cast<const uint4*>(w + ja * row_bytes) + t;
@@ -122,6 +134,8 @@ __device__ __forceinline__ void gemv4_tc(const unsigned short* __restrict__ x, c
 #pragma unroll
         for (int e = 0; e < 4; ++e) part[warp][lane][4 * i + e] = acc[i][e];
     __syncthreads();
+    __shared__ float rcp[8];  // FOLD_IN: the rows' norm factors
+    if (FOLD == FOLD_IN) fold_factors<BF16, 8>(f, ticket, rows, k, x_ld, rcp);
     if (warp == 0) {
         // accumulator (i, e): stored row j0 + g (+ 8 for e >= 2), x row 8 i + 2 t + (e & 1); its output column j,
         // or with half_n (gate and up interleaved by 8 rows) the gate's column 8 blockIdx + g, the up's half_n more
@@ -132,6 +146,7 @@ __device__ __forceinline__ void gemv4_tc(const unsigned short* __restrict__ x, c
             for (int e = 0; e < 4; ++e) {
                 s[e] = 0.f;
                 for (int p = 0; p < warps; ++p) s[e] += part[p][lane][4 * i + e];
+                if (FOLD == FOLD_IN) s[e] *= rcp[2 * t + (e & 1)];  // (NT 1: x row 2 t + (e & 1))
             }
             if (SILU) {  // y [rows, half_n]: FlashInfer's silu_and_mul of the outputs as the plain GEMV rounds them
 #pragma unroll
@@ -139,7 +154,7 @@ __device__ __forceinline__ void gemv4_tc(const unsigned short* __restrict__ x, c
                     const int r = 8 * i + 2 * t + e;
                     if (r < rows) {
                         const float gate = tof<BF16>(fromf<BF16>(s[e])), up = tof<BF16>(fromf<BF16>(s[e + 2]));
-                        reinterpret_cast<unsigned short*>(y)[r * y_ld + 8 * blockIdx.x + g] =
+                        reinterpret_cast<unsigned short*>(y)[r * y_ld + 8 * (unsigned)block + g] =
                             fromf<BF16>(__fdividef(gate, 1.0f + __expf(-gate)) * up);
                     }
                 }
@@ -148,10 +163,12 @@ __device__ __forceinline__ void gemv4_tc(const unsigned short* __restrict__ x, c
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int j = j0 + g + (e >> 1) * 8, r = 8 * i + 2 * t + (e & 1);
-                const int jo = half_n ? 8 * (int)blockIdx.x + g + (e >> 1) * half_n : j;
+                const int jo = half_n ? 8 * block + g + (e >> 1) * half_n : j;
                 if (j < n && r < rows) {
+                    unsigned short* y16 = reinterpret_cast<unsigned short*>(y);
                     if (F32OUT) reinterpret_cast<float*>(y)[r * y_ld + jo] = s[e];
-                    else reinterpret_cast<unsigned short*>(y)[r * y_ld + jo] = fromf<BF16>(s[e]);
+                    else if (FOLD == FOLD_OUT) y16[r * y_ld + jo] = fold_out<BF16>(f, r * y_ld + jo, jo, s[e]);
+                    else y16[r * y_ld + jo] = fromf<BF16>(s[e]);
                 }
             }
         }
@@ -182,6 +199,25 @@ GEMV4_ROWS(f16, false, f32, true, false)
 // SiLU as the epilogue: w holds gate and up interleaved by 8 rows (half_n each), y [rows, half_n] 16-bit
 GEMV4_ROWS(bf16, true, silu, false, true)
 GEMV4_ROWS(f16, false, silu, false, true)
+
+// The fold forms (norm_fold.cuh), one group of rows (up to 8), 16-bit y: gemv4_<t>_<t>_8[_g64]_fold_out (the o and
+// down GEMVs: y, h_out and xn), gemv4_<t>_<t>_8[_g64]_fold_in (QKV) and gemv4_<t>_silu_8[_g64]_fold_in (gate/up,
+// interleaved) over xn, times the rows' factors; the FOLD_IN launches take one block more than the GEMV's
+#define GEMV4F(name, bf16, g64, silu, fold)                                                                         \
+    extern "C" __global__ void __launch_bounds__(32 * I4_MAX_WARPS)                                                \
+        name(const unsigned short* x, const unsigned char* w, void* y, int rows, int n, int k, long long x_ld,     \
+             long long y_ld, const unsigned* rec, int groups, int gshift, int half_n, NORM_FOLD_PARAMS) {          \
+        gemv4_tc<bf16, false, 1, I4_TILES_AHEAD, g64, silu, fold>(x, w, y, rows, n, k, x_ld, y_ld, rec, groups,    \
+                                                                  gshift, half_n, NORM_FOLD_ARGS);                 \
+    }
+#define GEMV4_FOLDS(t, bf16, g64, suffix)                                                                           \
+    GEMV4F(gemv4_##t##_##t##_8##suffix##_fold_out, bf16, g64, false, FOLD_OUT)                                      \
+    GEMV4F(gemv4_##t##_##t##_8##suffix##_fold_in, bf16, g64, false, FOLD_IN)                                        \
+    GEMV4F(gemv4_##t##_silu_8##suffix##_fold_in, bf16, g64, true, FOLD_IN)
+GEMV4_FOLDS(bf16, true, false, )
+GEMV4_FOLDS(bf16, true, true, _g64)
+GEMV4_FOLDS(f16, false, false, )
+GEMV4_FOLDS(f16, false, true, _g64)
 
 // out [n, k] 16-bit = (code - zero) * scale, each product exact in float32 and rounded once to nearest even: the
 // weight a 16-bit GEMM of many rows reads. A grid-stride loop over the 16-byte lane vectors (32 weights each, laid

@@ -273,53 +273,110 @@ class FusedDecode:
     def _fp8_fused_calls(self, v: SimpleNamespace, rows: int) -> tuple[Any, list[tuple[list[Any], list[Any]]], Any]:
         """:meth:`_fused_calls` over FP8 weights (``QuantizedWeights.fp8_epilogues``; dense layers), and over int4
         weights (every GEMV the int4 GEMV, SiLU its gate/up GEMV's epilogue, RoPE and the KV append launches of their
-        own: 9 a layer): per layer the input norm as a launch of its own (``fused_add_rmsnorm`` in place, ``h += x`` and
-        ``x`` its norm; the first layer's ``rmsnorm`` of the embedding rows), the QKV GEMV with RoPE and the KV append
-        as its epilogue (``QuantizedWeights.prepared_fp8_qkv_rope``), the attention, the O GEMV, the post-attention
-        norm, the gate/up GEMV with SiLU as its epilogue (``QuantizedWeights.prepared_fp8_silu``) and the down GEMV: 7
-        launches a layer with the attention's, where the separate launches are 10. Where Qwen3's per-head norms come
-        between, the KV cache is FP8 or a weight is 16-bit, that part runs as separate launches. The LM head takes the
-        last norm as its prologue. The FP8 GEMVs over normalized rows read them whole, so each norm runs once, not once
-        per block as a prologue would (the FP8 weights' shorter GEMVs pay that more than 16-bit ones:
-        ``QuantizedWeights.fp8_fused``)."""
+        own): per layer the input norm (``fused_add_rmsnorm`` in place, ``h += x`` and ``x`` its norm; the first
+        layer's ``rmsnorm`` of the embedding rows), the QKV GEMV with RoPE and the KV append as its epilogue
+        (``QuantizedWeights.prepared_fp8_qkv_rope``), the attention, the O GEMV, the post-attention norm, the gate/up
+        GEMV with SiLU as its epilogue (``QuantizedWeights.prepared_fp8_silu``) and the down GEMV: 7 launches a layer
+        with the attention's, where the separate launches are 10. Where Qwen3's per-head norms come between, the KV
+        cache is FP8 or a weight is 16-bit, that part runs as separate launches. The LM head takes the last norm as
+        its prologue. The FP8 GEMVs over normalized rows read them whole, so each norm runs once, not once per block
+        as a prologue would (the FP8 weights' shorter GEMVs pay that more than 16-bit ones:
+        ``QuantizedWeights.fp8_fused``).
+
+        Each norm between two GEMVs is folded into them where their fold forms serve the rows
+        (``QuantizedWeights.norm_in_gemv``, :mod:`~fi_engine.kernels.norm_fold`): the O (down) GEMV stores the new
+        residual into the other residual buffer and ``xn``, and the gate/up (next QKV) GEMV reads ``xn`` and
+        multiplies by the rows' factors, which a block of its grid computes: 5 launches a layer."""
         from ...kernels.fused_args import ADD_NORM, NORM
+        from ...kernels.norm_fold import FoldIn, FoldOut
 
         r = self.runner
         c, b, dense, s = r.config, r.buffers, r.dense, r.stream_ptr
         h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, r.gemm_type
         x, qkv, attn, gu, act = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr, b.act.data.ptr
+        xn = b.xn.data.ptr
         w, hqd = r.qkv_width, c.num_qo_heads * c.head_dim
-        fp8 = r.kv_fp8
+        fp8, q = r.kv_fp8, dense.quantized
         embed = dense.rows.prepared_gather(rows, r.embed, h, v.token_ids, b.h.data.ptr, h, h)
         rope_in_gemv = not c.qk_norm and fp8 is None and c.head_dim in (64, 128, 256, 512)
         pdl = r.norm_pdl and dense.launcher.launches_with_pdl
+        cur, other = b.h.data.ptr, b.h_alt.data.ptr  # the residual, and where a folded norm writes its next value
+
+        def folds(*weights: int) -> bool:
+            """Whether the fold forms serve these weights at the step's rows."""
+            return all(rows <= q.fold_rows(wt) for wt in weights)
+
+        def qkv_fold(i: int) -> bool:
+            """Whether layer ``i``'s QKV GEMV takes its input norm folded (its form: FP8 with the RoPE epilogue, or
+            int4)."""
+            wq = r.wqkv[i]
+            rope_form = rope_in_gemv and q.has_fp8_weight(wq)
+            return i > 0 and folds(r.wd[i - 1], wq) and (rope_form or wq in q.int4_weights)
+
+        def gate_up_fold(i: int) -> bool:
+            """Whether layer ``i``'s gate/up GEMV takes the post-attention norm folded (its SiLU form)."""
+            wg = r.wgu[i]
+            silu_form = q.has_fp8_weight(wg) or q.has_int4_silu(wg)
+            return folds(r.wo[i], wg) and silu_form
+
+        def residual() -> Any:
+            """The residual's view where a norm launch updates it in place (``cur``: after a fold, the other
+            buffer)."""
+            return v.h if cur == b.h.data.ptr else kernels.descriptor(cur, (rows, h), r.dtype, r.device)
+
+        def fold_in(i: int, site: int, h_before: int) -> FoldIn:
+            """The second GEMV's side of layer ``i``'s norm ``site`` (0 input, 1 post-attention)."""
+            sync, rs = b.fold_sync[i, site].data.ptr, b.fold_rs[i, site].data.ptr
+            return FoldIn(h=h_before, y=x, sync=sync, rs=rs, eps=eps)
+
         layers = []
         for i in range(c.num_layers):
-            if i == 0:  # input_layernorm of the embedding rows into x
-                before = [kernels.prepared_rmsnorm(v.h, r.ln1[0], v.x, eps, s, pdl)]
-            else:  # h += the previous layer's down output; x = input_layernorm(h)
-                before = [kernels.prepared_fused_add_rmsnorm(v.x, v.h, r.ln1[i], eps, s, pdl)]
-            if rope_in_gemv and dense.quantized.has_fp8_weight(r.wqkv[i]):
+            folded_in = qkv_fold(i)
+            if folded_in:  # the previous down GEMV wrote xn and the new residual (into `other`)
+                fold, src = fold_in(i, 0, cur), xn
+                cur, other = other, cur
+                before: list[Any] = []
+            else:
+                fold, src = None, x
+                if i == 0:  # input_layernorm of the embedding rows into x
+                    before = [kernels.prepared_rmsnorm(v.h, r.ln1[0], v.x, eps, s, pdl)]
+                else:  # h += the previous layer's down output; x = input_layernorm(h)
+                    before = [kernels.prepared_fused_add_rmsnorm(v.x, residual(), r.ln1[i], eps, s, pdl)]
+            if rope_in_gemv and q.has_fp8_weight(r.wqkv[i]):
                 rope = rope_append(self.runner, i, v)
-                before.append(dense.quantized.prepared_fp8_qkv_rope(rows, x, h, r.wqkv[i], h, qkv, w, ab, rope))
+                before.append(q.prepared_fp8_qkv_rope(rows, src, h, r.wqkv[i], h, qkv, w, ab, rope, fold=fold))
+            elif fold is not None:
+                before.append(q.prepared_folded_gemv(rows, src, h, r.wqkv[i], w, h, qkv, w, ab, fold))
+                before += self._separate_rope_append(v, rows, i)
             else:
                 before.append(dense.prepared_linear(rows, x, h, r.wqkv[i], w, h, qkv, w, ab, ab))
                 before += self._separate_rope_append(v, rows, i)
             scale = fp8.prepared_scale(v, rows) if fp8 is not None else None  # attn *= v_scale (None where 1)
             after = [] if scale is None else [scale]
-            after.append(dense.prepared_linear(rows, attn, hqd, r.wo[i], h, hqd, x, h, ab, ab))
-            after.append(kernels.prepared_fused_add_rmsnorm(v.x, v.h, r.ln2[i], eps, s, pdl))
-            if dense.quantized.has_fp8_weight(r.wgu[i]):  # silu(gate) * up straight into act
-                after.append(dense.quantized.prepared_fp8_silu(rows, x, h, r.wgu[i], h, act, inter, ab))
-            elif dense.quantized.has_int4_silu(r.wgu[i]):  # (int4: gate and up interleaved by 8 rows at load)
-                after.append(dense.quantized.prepared_int4_silu(rows, x, h, r.wgu[i], h, act, inter, ab))
+            if gate_up_fold(i):  # the O GEMV stores the new residual and xn; gate/up reads xn times the factors
+                o = FoldOut(cur, r.ln2[i].data_ptr, other, xn)
+                after.append(q.prepared_folded_gemv(rows, attn, hqd, r.wo[i], h, hqd, x, h, ab, o))
+                fold, src = fold_in(i, 1, cur), xn
+                cur, other = other, cur
+            else:
+                after.append(dense.prepared_linear(rows, attn, hqd, r.wo[i], h, hqd, x, h, ab, ab))
+                after.append(kernels.prepared_fused_add_rmsnorm(v.x, residual(), r.ln2[i], eps, s, pdl))
+                fold, src = None, x
+            if q.has_fp8_weight(r.wgu[i]):  # silu(gate) * up straight into act
+                after.append(q.prepared_fp8_silu(rows, src, h, r.wgu[i], h, act, inter, ab, fold=fold))
+            elif q.has_int4_silu(r.wgu[i]):  # (int4: gate and up interleaved by 8 rows at load)
+                after.append(q.prepared_int4_silu(rows, src, h, r.wgu[i], h, act, inter, ab, fold=fold))
             else:
                 after.append(dense.prepared_linear(rows, x, h, r.wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab))
                 after.append(kernels.prepared_silu_and_mul(v.gu, v.act, s))
-            after.append(dense.prepared_linear(rows, act, inter, r.wd[i], h, inter, x, h, ab, ab))
+            if i + 1 < c.num_layers and qkv_fold(i + 1):  # the next layer's input norm folded
+                down = FoldOut(cur, r.ln1[i + 1].data_ptr, other, xn)
+                after.append(q.prepared_folded_gemv(rows, act, inter, r.wd[i], h, inter, x, h, ab, down))
+            else:
+                after.append(dense.prepared_linear(rows, act, inter, r.wd[i], h, inter, x, h, ab, ab))
             layers.append((before, after))
         # h += the last down output; the final norm; the LM head
-        n, logits, ln, cur = r.head_rows, b.logits.data.ptr, r.final_norm.data_ptr, b.h.data.ptr
+        n, logits, ln = r.head_rows, b.logits.data.ptr, r.final_norm.data_ptr
         mode = ADD_NORM if c.num_layers else NORM
         head = dense.fused.prepared(mode, rows, x, h, r.lm_head, n, h, logits, n, ab, r.gemm_f32, cur, h, ln, 0, eps)
         return embed, layers, head

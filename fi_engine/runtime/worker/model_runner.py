@@ -451,6 +451,7 @@ class ModelRunner(RunnerState):
         Hk, D]`` (with its per-layer descriptors), the vocabulary shard's and the fused all-reduce's; then the step
         arrays (:meth:`allocate_steps`). A family's ``allocate`` calls it, or lays out its own."""
         from ...kernels.dense import GEMV_MAX_ROWS
+        from ...kernels.norm_fold import FOLD_ROWS
         from ...layers.tensor_parallel import allocate_rank_buffers
 
         cp, c = self.cupy, self.config
@@ -467,6 +468,11 @@ class ModelRunner(RunnerState):
             act=cp.empty((rows, c.intermediate_size), storage),
             last=cp.empty((self.max_batch, h), storage),
             h_alt=cp.empty((GEMV_MAX_ROWS, h), storage),  # the fused step's second residual buffer (fused.step)
+            # the folded norms of the quantized fused step (kernels.norm_fold): the second GEMV's input short of the
+            # row's factor, and per layer and norm (input, post-attention) the counter pair and the rows' factors
+            xn=cp.empty((GEMV_MAX_ROWS, h), storage),
+            fold_sync=cp.zeros((c.num_layers, 2, 2), np.uint64),
+            fold_rs=cp.zeros((c.num_layers, 2, FOLD_ROWS), np.float32),
             logits=cp.empty((self.max_batch, c.vocab_size), np.float32),
             ids=cp.empty(self.max_batch, np.int32),
             # one byte per element with an FP8 cache (kv_cache_dtype="fp8_e4m3": e4m3 bits), else the model's dtype
