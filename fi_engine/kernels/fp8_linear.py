@@ -323,22 +323,18 @@ class Fp8Linears(QuantizedLinears[Fp8Weight]):
             if x % 16 or x_ld % 8:
                 return ()
             s_ld, bn, shift, block = wt.scale_args
-            if fold is not None:
-                fn = self._fold_out.get((bf16, bool(block)))
+            tc = self._tc.get((bf16, f32, bool(block))) if rows >= self.tensor_core_rows else None
+            if fold is not None:  # (its one-row kernel only)
+                fn, grid, threads = self._fold_out.get((bf16, bool(block))), self._one_row_grid(-(-wt.n // 2)), _THREADS
                 if fn is None or rows != 1 or f32:
                     return ()
-                params, values = self._slots(
-                    [x, wt.w, y, rows, wt.n, wt.k, x_ld, y_ld, wt.scales, s_ld, bn, shift, *tail]
-                )
-                return (fn, self._one_row_grid(-(-wt.n // 2)), _THREADS, params, values)
-            tc = self._tc.get((bf16, f32, bool(block))) if rows >= self.tensor_core_rows else None
-            if tc is not None and (not block or (bn % _TC_COLUMNS == 0 and (16 << shift) % 128 == 0)):
+            elif tc is not None and (not block or (bn % _TC_COLUMNS == 0 and (16 << shift) % 128 == 0)):
                 fn, grid, threads = tc, -(-wt.n // _TC_COLUMNS), self._tc_threads(wt)
             else:
                 fn = self._gemv[(bf16, f32, bool(block), 1 if rows == 1 else 2 if rows == 2 else 4 if rows <= 4 else 8)]
                 grid = self._one_row_grid(-(-wt.n // 2)) if rows == 1 else -(-wt.n // _COLS)
                 threads = _THREADS
-            params, values = self._slots([x, wt.w, y, rows, wt.n, wt.k, x_ld, y_ld, wt.scales, s_ld, bn, shift])
+            params, values = self._slots([x, wt.w, y, rows, wt.n, wt.k, x_ld, y_ld, wt.scales, s_ld, bn, shift, *tail])
             return (fn, grid, threads, params, values)
 
         return self._kept((rows, x, x_ld, wt.w, y, y_ld, bf16, f32, *tail), pack)

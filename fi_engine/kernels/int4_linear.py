@@ -226,8 +226,7 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
             )
             return (fn, grid, self._threads(wt, rows), params, values)
 
-        form = None if fold is None else type(fold).__name__
-        return self._kept((rows, x, x_ld, wt.w, y, y_ld, bf16, f32, silu, form, *tail), pack)
+        return self._kept((rows, x, x_ld, wt.w, y, y_ld, bf16, f32, silu, *tail), pack)  # (a FoldOut's h_out is set)
 
     def dequantize(self, wt: Int4Weight, bf16: bool, null: Any) -> int:
         """Write ``wt`` dequantized into the 16-bit scratch matrix ``[n, k]`` (bfloat16 or float16; an interleaved

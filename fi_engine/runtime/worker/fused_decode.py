@@ -236,8 +236,7 @@ class FusedDecode:
                 # else h += o's output and post_attention_layernorm into x, in place on the residual (one kernel:
                 # the experts' GEMVs read the normalized rows whole), then the MoE step's launches packed by the
                 # layer, its output into x
-                resid = v.h if cur == b.h.data.ptr else kernels.descriptor(cur, (rows, h), r.dtype, r.device)
-                after.append(kernels.prepared_fused_add_rmsnorm(v.x, resid, r.ln2[i], eps, s))
+                after.append(kernels.prepared_fused_add_rmsnorm(v.x, self._residual(v, cur, rows), r.ln2[i], eps, s))
                 moe = layer.prepared_step(r.normed, b.x, rows, dense_moe)
                 if moe is None:
                     raise AssertionError(f"layer {i}: its MoE step of {rows} rows has no packed launches")
@@ -319,11 +318,6 @@ class FusedDecode:
             silu_form = q.has_fp8_weight(wg) or q.has_int4_silu(wg)
             return folds(r.wo[i], wg) and silu_form
 
-        def residual() -> Any:
-            """The residual's view where a norm launch updates it in place (``cur``: after a fold, the other
-            buffer)."""
-            return v.h if cur == b.h.data.ptr else kernels.descriptor(cur, (rows, h), r.dtype, r.device)
-
         def fold_in(i: int, site: int, h_before: int) -> FoldIn:
             """The second GEMV's side of layer ``i``'s norm ``site`` (0 input, 1 post-attention)."""
             sync, rs = b.fold_sync[i, site].data.ptr, b.fold_rs[i, site].data.ptr
@@ -341,7 +335,8 @@ class FusedDecode:
                 if i == 0:  # input_layernorm of the embedding rows into x
                     before = [kernels.prepared_rmsnorm(v.h, r.ln1[0], v.x, eps, s, pdl)]
                 else:  # h += the previous layer's down output; x = input_layernorm(h)
-                    before = [kernels.prepared_fused_add_rmsnorm(v.x, residual(), r.ln1[i], eps, s, pdl)]
+                    resid = self._residual(v, cur, rows)
+                    before = [kernels.prepared_fused_add_rmsnorm(v.x, resid, r.ln1[i], eps, s, pdl)]
             if rope_in_gemv and q.has_fp8_weight(r.wqkv[i]):
                 rope = rope_append(self.runner, i, v)
                 before.append(q.prepared_fp8_qkv_rope(rows, src, h, r.wqkv[i], h, qkv, w, ab, rope, fold=fold))
@@ -360,7 +355,8 @@ class FusedDecode:
                 cur, other = other, cur
             else:
                 after.append(dense.prepared_linear(rows, attn, hqd, r.wo[i], h, hqd, x, h, ab, ab))
-                after.append(kernels.prepared_fused_add_rmsnorm(v.x, residual(), r.ln2[i], eps, s, pdl))
+                resid = self._residual(v, cur, rows)
+                after.append(kernels.prepared_fused_add_rmsnorm(v.x, resid, r.ln2[i], eps, s, pdl))
                 fold, src = None, x
             if q.has_fp8_weight(r.wgu[i]):  # silu(gate) * up straight into act
                 after.append(q.prepared_fp8_silu(rows, src, h, r.wgu[i], h, act, inter, ab, fold=fold))
@@ -380,6 +376,14 @@ class FusedDecode:
         mode = ADD_NORM if c.num_layers else NORM
         head = dense.fused.prepared(mode, rows, x, h, r.lm_head, n, h, logits, n, ab, r.gemm_f32, cur, h, ln, 0, eps)
         return embed, layers, head
+
+    def _residual(self, v: SimpleNamespace, cur: int, rows: int) -> Any:
+        """The view of the residual buffer at ``cur`` (the runner's ``h``, or ``h_alt`` where a launch before wrote
+        the residual there) that a norm launch updates in place: the step view's own ``h``, else a descriptor."""
+        r = self.runner
+        if cur == r.buffers.h.data.ptr:
+            return v.h
+        return kernels.descriptor(cur, (rows, r.config.hidden_size), r.dtype, r.device)
 
     def _separate_rope_append(self, v: SimpleNamespace, rows: int, i: int) -> list[Any]:
         """Layer ``i``'s launches between its QKV GEMV and the attention where no epilogue takes them, packed once as
