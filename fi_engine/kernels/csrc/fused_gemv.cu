@@ -336,52 +336,7 @@ __device__ __forceinline__ void load_pair(uint4 (&b0)[ROPE_UNROLL], uint4 (&b1)[
     }
 }
 
-// RoPE's frequency of element i of a head of d (and of i + d / 2: FlashInfer indexes it by e % (d / 2)), with
-// FlashInfer's expressions (the host computes rcp_theta, rcp_scale, smooth_a and smooth_b as its launcher does):
-// explicit fmas where the compiler could contract either product, FlashInfer's build fusing the first
-__device__ __forceinline__ float rope_freq(unsigned i, unsigned d, float rcp_theta, float rcp_scale, float smooth_a,
-                                           float smooth_b) {
-    const unsigned half = d >> 1;
-    float freq = __powf(rcp_theta, float(2 * (i % half)) / float(d));
-    float smooth = freq * smooth_a + smooth_b;
-    smooth = max(0.0f, min(1.0f, smooth));
-    return __fmaf_rn(1 - smooth, freq * rcp_scale, smooth * freq);
-}
-
-// A QKV GEMV's epilogue for row r of one pair of its rounded outputs (q0, q1: columns j0 = head d + i and j0 + d /
-// 2): a q or k head rotated at the row's position (FlashInfer's rotation, written as its kernel writes it, in
-// float32 from the rounded values, rounded again), stored back into y, and a k or v head also written into page
-// kv_indices[kv_indptr[batch_indices[r]] + pos / page_size] of its cache (strides in elements)
-template <bool BF16>
-__device__ __forceinline__ void rope_store_append(
-        unsigned short q0, unsigned short q1, int head, unsigned i, float freq, int r, unsigned short* __restrict__ y,
-        long long y_ld, long long j0, int hq, int hk, unsigned d, const int* __restrict__ positions,
-        const int* __restrict__ batch_indices, const int* __restrict__ kv_indptr, const int* __restrict__ kv_indices,
-        unsigned short* __restrict__ k_cache, unsigned short* __restrict__ v_cache, int page_size,
-        long long stride_page, long long stride_n, long long stride_h) {
-    const unsigned half = d >> 1;
-    const int pos = positions[r];
-    if (head < hq + hk) {
-        float sn, cs;
-        __sincosf(float(pos) * freq, &sn, &cs);
-        const float x0 = tof<BF16>(q0), x1 = tof<BF16>(q1);
-        const float o0 = __fmaf_rn(x0, cs, -x1 * sn);
-        const float o1 = __fmaf_rn(x1, cs, x0 * sn);
-        q0 = fromf<BF16>(o0);
-        q1 = fromf<BF16>(o1);
-    }
-    y[r * y_ld + j0] = q0;
-    y[r * y_ld + j0 + half] = q1;
-    if (head >= hq) {
-        const bool is_k = head < hq + hk;
-        const int kvh = is_k ? head - hq : head - hq - hk;
-        const int page = kv_indices[kv_indptr[batch_indices[r]] + pos / page_size];
-        const long long at = page * stride_page + (long long)(pos % page_size) * stride_n + kvh * stride_h + i;
-        unsigned short* cache = is_k ? k_cache : v_cache;
-        cache[at] = q0;
-        cache[at + half] = q1;
-    }
-}
+#include "rope_append.cuh"  // rope_freq, rope_store_append: the QKV GEMVs' RoPE + KV append epilogue
 
 // The fused GEMVs whose warps each compute a pair of output columns, then an epilogue over the pair (EPI):
 //
