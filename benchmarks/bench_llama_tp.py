@@ -51,6 +51,7 @@ ONE_GPU_VARIANTS = (
     "fp8-separate",
     "fp8-norm-no-pdl",
     "norm-fold",
+    "int4-rope-launches",
     "fp8-scalar-gemv",
     "w8a16",
     "w8a8-no-blocks",
@@ -258,6 +259,10 @@ def set_variant(variant: str) -> None:
         from fi_engine.kernels.quantized_weights import QuantizedWeights
 
         QuantizedWeights.norm_in_gemv = True
+    if variant == "int4-rope-launches":  # int4 weights: RoPE and the KV append as launches, not the QKV GEMV's epilogue
+        from fi_engine.kernels.quantized_weights import QuantizedWeights
+
+        QuantizedWeights.int4_rope = False
     if variant == "fp8-norm-no-pdl":  # FP8 weights: the epilogue step's norms without programmatic dependent launch
         ModelRunner.norm_pdl = False
     if variant == "fp8-separate":  # FP8 weights: the decode step as separate launches (before 2026-11-25)

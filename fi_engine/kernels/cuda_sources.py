@@ -33,6 +33,10 @@ The headers (``.cuh``), each the same text in every program that includes it:
   ``fused_gemv.cu`` (and through it ``lora_fused.cu``, whose kernels ``ALL_ROW_COUNTS`` makes for each count).
 - ``gemv_column.cuh``: one output column of those two GEMVs, their weight loop (``EACH_WEIGHT_VECTOR``) and the store
   of the column's sums (``store_column``); ``gemv.cu``, ``fused_gemv.cu``, after ``row_counts.cuh``.
+- ``rope_append.cuh``: RoPE with the KV append as a QKV GEMV's epilogue in FlashInfer's arithmetic (``rope_freq``,
+  ``rope_store_append``; ``RopeAppendArgs`` and ``rope_append_pair`` for a kernel that takes them as one value);
+  ``fused_gemv.cu`` (and so ``fp8_fused.cu``) and ``int4_gemv.cu``; uses ``convert.cuh``, which each includer
+  includes before it.
 - ``route.cuh``: ``route_row``; ``fused_gemv.cu`` and ``moe.cu`` (its ``PICKED_BEFORE`` also ``ds_routing.cu``).
 - ``fp8_decode.cuh``: the e4m3 decoding and 16-bit widening of the FP8 kernels (``fp8_gemv.cu``, ``fp8_fused.cu``);
   uses ``convert.cuh``'s ``h2f``, which each includer includes before it.

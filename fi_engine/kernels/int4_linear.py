@@ -15,6 +15,12 @@ A gate/up weight stored with gate and up interleaved by 8 rows (:attr:`Int4Weigh
 two as the plain GEMV would round them, so the decode step's SiLU launch goes away. Its plain outputs, and its
 dequantized rows, are put back in order.
 
+The QKV GEMV has a RoPE form (``gemv4_*_rope_8``, :meth:`Int4Linears.rope_gemv`, up to 8 rows): FlashInfer's
+``apply_rope_pos_ids`` and ``append_paged_kv_cache`` as its epilogue, so the decode step's two launches between the
+QKV GEMV and the attention go away. A block serves 16 columns of each half of a head (RoPE pairs ``i`` and ``i + d /
+2``) with twice the plain launch's warps, each half summing its tile as the plain GEMV's warps do: the outputs are the
+plain GEMV's bits, rotated and appended as those launches would.
+
 More rows (prefill): the weight is dequantized into a 16-bit scratch matrix of the Dense's (``dequant_int4_*``: each
 ``(code - zero) * scale`` exact in float32 and rounded once, the 16-bit weight a dequantizing loader would have made)
 and the 16-bit GEMM runs on it; at that many rows the GEMM's arithmetic, not the extra pass, bounds the step.
@@ -33,9 +39,10 @@ from .cuda_sources import function_ptr, source
 from .norm_fold import FOLD_ROWS, FoldIn, FoldOut, fold_ints
 from .quantized_linears import QuantizedLinears
 
-__all__ = ["INT4_GEMV_MAX_ROWS", "Int4Linears", "Int4Weight"]
+__all__ = ["INT4_GEMV_MAX_ROWS", "ROPE_ROWS", "Int4Linears", "Int4Weight"]
 
 INT4_GEMV_MAX_ROWS = 32  # the rows one GEMV launch takes (4 groups of the mma's 8)
+ROPE_ROWS = 8  # the rows the GEMV with RoPE and the KV append as its epilogue takes (Int4Linears.rope_gemv)
 _COLUMNS = 16  # output columns per block (the mma's m)
 _MAX_WARPS = 16  # I4_MAX_WARPS in csrc/int4_gemv.cu (its shared memory holds that many warps' sums)
 _TILE = 128  # inputs per tile of the layout
@@ -109,6 +116,7 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
         self._silu: dict[tuple[bool, int, bool], int] = {}  # the SiLU form: (bf16, rows <= R, groups of 64) -> fn
         # the folded norm's forms (norm_fold.py), up to 8 rows: (bf16, "out" | "in" | "silu_in", groups of 64) -> fn
         self._fold: dict[tuple[bool, str, bool], int] = {}
+        self._rope: dict[tuple[bool, bool], int] = {}  # the RoPE form (up to 8 rows): (bf16, groups of 64) -> fn
 
     def add(self, w: int, n: int, k: int, records: int, group_size: int, interleaved: bool = False) -> None:
         """Register the int4 weight ``[n, k]`` at ``w`` (the GEMV layout) with its ``records``; ``interleaved``: two
@@ -167,6 +175,7 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
                 for form, name in (("out", f"{t}_8{g}_fold_out"), ("in", f"{t}_8{g}_fold_in")):
                     self._fold[(bf16, form, g64)] = function_ptr(module.get_function(f"gemv4_{t}_{name}"))
                 self._fold[(bf16, "silu_in", g64)] = function_ptr(module.get_function(f"gemv4_{t}_silu_8{g}_fold_in"))
+                self._rope[(bf16, g64)] = function_ptr(module.get_function(f"gemv4_{t}_rope_8{g}"))
             self._dequant[bf16] = function_ptr(module.get_function(f"dequant_int4_{t}"))
         self._module = module
 
@@ -227,6 +236,31 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
             return (fn, grid, self._threads(wt, rows), params, values)
 
         return self._kept((rows, x, x_ld, wt.w, y, y_ld, bf16, f32, silu, *tail), pack)  # (a FoldOut's h_out is set)
+
+    def rope_gemv(
+        self, rows: int, x: int, x_ld: int, wt: Int4Weight, y: int, y_ld: int, bf16: bool, rope: list[int]
+    ) -> tuple:
+        """The packed launch of the QKV GEMV over ``wt`` with RoPE and the KV append as its epilogue (``csrc/
+        int4_gemv.cu``'s RoPE form, up to :data:`ROPE_ROWS` rows, 16-bit ``y [rows, n]``; ``rope``: the epilogue's
+        arguments as ``fused_args.rope_ints`` packs them, checked, ``rope[2]`` the head dim ``d``, which divides
+        ``n``): ``(function, grid, threads, params, values)``, or ``()`` where x is not 16-byte aligned (x, x_ld), the
+        rows are past :data:`ROPE_ROWS` or the weight is interleaved. Its blocks serve 16 columns of each half of a
+        head with twice the plain GEMV's warps, each half's as the plain launch's (:meth:`gemv`), so each output is
+        the plain GEMV's (the same bits). Packed once per call site (values only)."""
+
+        def pack() -> tuple[Any, ...]:
+            if y % 2:
+                raise ValueError(f"y: 0x{y:x} must be aligned to 2 bytes (its 16-bit elements)")
+            d = rope[2]
+            if x % 16 or x_ld % 8 or not 0 < rows <= ROPE_ROWS or wt.half_n or wt.n % d or d % 32:
+                return ()
+            fn = self._rope[(bf16, wt.group_size == 64)]
+            params, values = self._slots(
+                [x, wt.w, y, rows, wt.n, wt.k, x_ld, y_ld, wt.records, wt.groups, wt.gshift, wt.half_n, *rope]
+            )
+            return (fn, wt.n // 32, 2 * self._threads(wt, rows), params, values)
+
+        return self._kept((rows, x, x_ld, wt.w, y, y_ld, bf16, "rope", *rope), pack)
 
     def dequantize(self, wt: Int4Weight, bf16: bool, null: Any) -> int:
         """Write ``wt`` dequantized into the 16-bit scratch matrix ``[n, k]`` (bfloat16 or float16; an interleaved

@@ -15,7 +15,7 @@ from typing import Any
 from .cublas import CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F
 from .fp8_linear import FP8_GEMV_MAX_ROWS, PAIR_MAX_ROWS, PAIR_ROPE, PAIR_SILU, Fp8Linears, Fp8Weight
 from .fused_args import NORM, RopeAppend, caches_apart, check_epilogue_io, rope_ints
-from .int4_linear import INT4_GEMV_MAX_ROWS, Int4Linears, Int4Weight
+from .int4_linear import INT4_GEMV_MAX_ROWS, ROPE_ROWS, Int4Linears, Int4Weight
 from .launch import MAX_LD, U64, Launcher, int_arg
 from .norm_fold import FOLD_ROWS, FoldCounters, FoldIn, FoldOut, fold_ints
 
@@ -90,6 +90,12 @@ class QuantizedWeights:
     :attr:`fp8_fused` is off (:meth:`prepared_fp8_silu`, :meth:`prepared_fp8_qkv_rope`: SiLU in the gate/up GEMV,
     RoPE and the KV append in the QKV GEMV, the norms as launches of their own); False: the FP8 decode step as
     separate launches. Read when a step is packed; set it on the class to compare."""
+
+    int4_rope = True
+    """Whether the fused decode step's QKV GEMV over an int4 weight takes RoPE and the KV append as its epilogue
+    (:meth:`prepared_int4_qkv_rope`: the same values as the int4 GEMV, then ``rope_inplace`` and ``append_kv``, two
+    launches fewer a layer); False: those two as launches of their own. Read when a step is packed; set it on the
+    class to compare (``benchmarks/bench_llama_tp.py --variants int4-rope-launches``)."""
 
     norm_in_gemv = False
     """Whether the fused decode step over FP8 or int4 weights folds each RMSNorm between two GEMVs into them
@@ -199,6 +205,42 @@ class QuantizedWeights:
         """Whether :meth:`prepared_int4_silu` serves ``w``: an int4 gate/up weight registered ``interleaved``."""
         wt = self.int4_weights.get(w)
         return wt is not None and wt.half_n > 0 and self._launcher.open
+
+    def has_int4_rope(self, w: int) -> bool:
+        """Whether :meth:`prepared_int4_qkv_rope` serves ``w`` in the fused step: :attr:`int4_rope` on and ``w`` an
+        int4 weight registered in order (not ``interleaved``)."""
+        wt = self.int4_weights.get(w)
+        return self.int4_rope and wt is not None and not wt.half_n and self._launcher.open
+
+    def prepared_int4_qkv_rope(
+        self, rows: int, x: int, x_ld: int, w: int, k: int, y: int, y_ld: int, ab_type: int, rope: RopeAppend
+    ) -> Callable[[], None]:
+        """A decode step's QKV GEMV over the int4 weight ``w`` (registered in order, ``[(hq + 2 hk) d, k]``) with
+        FlashInfer's ``apply_rope_pos_ids`` and ``append_paged_kv_cache`` as its epilogue, checked and packed once:
+        ``y = qkv [rows, (hq + 2 hk) d]`` (16-bit, row stride ``y_ld``) the int4 GEMV's outputs of ``x [rows, k]``
+        (row stride ``x_ld``), q and k heads rotated, k and v heads also written into ``rope``'s caches, the values of
+        the three launches it replaces (``rows`` 1 to 8; as :meth:`prepared_fp8_qkv_rope`, whose ``rope`` it takes).
+        Raises TypeError/ValueError naming an argument that is no int or out of range, a weight not registered so or
+        of another shape or type, a misaligned ``x`` (16 bytes, and its row stride) or ``y`` (2), ``y`` overlapping
+        ``x``, a bad field of ``rope`` or a cache overlapping ``x`` or ``y``."""
+        _check_epilogue_gemv(rows, ROPE_ROWS, x, x_ld, w, k, y, y_ld)
+        int_arg("ab_type", ab_type, -(1 << 63), 1 << 63)
+        rope_args = rope_ints(rope)
+        wt = self.int4_weights.get(w)
+        if wt is None or wt.half_n:
+            raise ValueError(f"w: 0x{w:x} is no int4 weight registered in order (add_int4_weight, not interleaved)")
+        n = (rope.hq + 2 * rope.hk) * rope.d
+        check_call(wt, "int4", n, k, ab_type, ab_type)
+        span_x, span_y = check_epilogue_io(rows, x, x_ld, k, y, y_ld, n)
+        caches_apart(rope, [("y", y, span_y), ("x", x, span_x)])
+        launcher = self._launcher
+        launcher.check_open()
+        assert self.int4 is not None
+        packed = self.int4.rope_gemv(rows, x, x_ld, wt, y, y_ld, ab_type == CUDA_R_16BF, rope_args)
+        if not packed:
+            raise ValueError(f"x: 0x{x:x} (row stride {x_ld}) must be 16-byte aligned for the int4 GEMV")
+        fn, grid, threads, params, values = packed
+        return launcher.prepared(fn, grid, threads, 0, params, values, "int4 qkv gemv + rope + append", pdl=True)
 
     def prepared_gemv(
         self, rows: int, x: int, x_ld: int, w: int, n: int, k: int, y: int, y_ld: int, ab_type: int, c_type: int

@@ -59,12 +59,15 @@ ranks' MoE layers get a zero down bias), so the sum has each once.
 
 Checkpoints: bfloat16 (the sink modules are bfloat16), or the published MXFP4 ones (``quantization_config``
 ``{"quant_method": "mxfp4", ...}``: each expert's ``gate_up_proj`` / ``down_proj`` as ``*_blocks`` and ``*_scales``,
-everything else bfloat16). An MXFP4 checkpoint's experts are dequantized to bfloat16 on the host while it is read
-(:mod:`~fi_engine.checkpoint.mxfp4_weights`, numpy, one expert at a time: exact, the values a bfloat16 conversion
-of the checkpoint holds, in its layout), then served as that bfloat16 checkpoint is (:func:`read_experts`). So the
-GPU holds bfloat16 experts either way: gpt-oss-20b's take 38 GB (10 GB as MXFP4 on disk), gpt-oss-120b's 229 GB,
-more than one GPU holds. Other quantizations are refused naming ``quantization_config``, and MXFP4 tensors other than
-the experts' naming the tensor.
+everything else bfloat16). An MXFP4 checkpoint's experts stay MXFP4 on the GPU (:attr:`GptOss.mxfp4_as_stored`, on
+by default: 0.53 bytes a weight, gpt-oss-20b's experts 10.4 GB), read at decode by the MXFP4 grouped GEMV
+(:mod:`~fi_engine.kernels.mxfp4_moe_gemv`: each expert's biases and the clamped SwiGLU in its launches; long prefills
+read a bfloat16 copy of one layer's experts at a time). Where the GEMV cannot take the shapes, on GPUs below SM 8.0,
+or with ``mxfp4_as_stored`` off, the experts are dequantized to bfloat16 on the host while the checkpoint is read
+(:mod:`~fi_engine.checkpoint.mxfp4_weights`, numpy, one expert at a time: exact, the values a bfloat16 conversion of
+the checkpoint holds, in its layout) and served as that bfloat16 checkpoint is (:func:`read_experts`): then
+gpt-oss-20b's experts take 38 GB and gpt-oss-120b's 229 GB, more than one GPU holds. Other quantizations are refused
+naming ``quantization_config``, and MXFP4 tensors other than the experts' naming the tensor.
 """
 
 from __future__ import annotations

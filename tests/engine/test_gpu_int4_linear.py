@@ -235,3 +235,68 @@ def test_gate_and_up_interleaved_come_out_in_order_and_the_silu_form_is_silu_and
         dense.quantized.prepared_int4_silu(1, int(x16.data.ptr), k, stacked, k, int(act.data.ptr), half, ab)
     dense.quantized.remove_weight(inter)
     del keep_s, w_dev, r_dev
+
+
+def _descriptor(buf: cp.ndarray, shape: tuple[int, ...], ab: int, strides: tuple[int, ...] | None = None, at: int = 0):  # type: ignore[no-untyped-def]
+    from fi_engine.kernels import flashinfer as kernels
+
+    dtype = "bfloat16" if ab == CUDA_R_16BF else "float16"
+    return kernels.descriptor(buf.data.ptr + 2 * at, shape, dtype, cp.cuda.Device().id, strides, owner=buf)
+
+
+@pytest.mark.parametrize("warps", [(32, 16, 8), (4, 4, 4)], ids=["16-warps", "9-warps"])
+@pytest.mark.parametrize(("ab", "d", "llama3"), [(CUDA_R_16BF, 128, True), (CUDA_R_16F, 64, False)],
+                         ids=["bf16-d128-llama31", "f16-d64-rope"])  # fmt: skip
+def test_the_rope_form_is_the_gemv_then_rope_and_append(monkeypatch, dense, ab, d, llama3, warps) -> None:  # type: ignore[no-untyped-def]
+    """``QuantizedWeights.prepared_int4_qkv_rope`` (the int4 QKV GEMV with FlashInfer's RoPE, plain or Llama 3.1, and
+    the KV append as its epilogue), 1 to 8 rows at positions up to 300 on shuffled pages, against the int4 GEMV into
+    qkv (``Dense.linear``) then ``apply_rope_pos_ids`` in place and ``append_paged_kv_cache`` through fi_ffi: qkv and
+    both caches bit for bit (the RoPE form's two halves of warps each sum as the plain launch's warps do). Plain
+    launches of 16 warps a block (the RoPE form's 32: its most) and of 9 (an odd count: 18)."""
+    from helpers.decode_pages import decode_page_table, rope_append, rope_config
+
+    from fi_engine.kernels import flashinfer as kernels
+
+    monkeypatch.setattr(Int4Linears, "warps_per_sm", warps)
+    rng = np.random.default_rng(41 + d)
+    hq, hk, k, ps, pages = 4, 2, 2048, 16, 64  # (8 requests take 60 pages)
+    n = (hq + 2 * hk) * d
+    w, _, keep = register(dense, random_int4(n, k, 128, seed=d))
+    assert dense.quantized.has_int4_rope(w)
+    rope = rope_config(llama3)
+    stream = cp.cuda.get_current_stream()
+    for rows in (1, 2, 5, 8):
+        x = to16(rng.standard_normal((rows, k)).astype(np.float32), ab)
+        meta = decode_page_table(rng, rows, ps, pages)
+        start = to16(rng.standard_normal((2, pages, ps, hk, d)).astype(np.float32), ab)
+        caches = {f: start.copy() for f in ("fused", "sep")}
+        qkv = {f: cp.zeros((rows, n), cp.int16) for f in ("fused", "sep")}
+        epilogue = rope_append(meta, rope, hq, hk, d, caches["fused"], pages)
+        dense.quantized.prepared_int4_qkv_rope(rows, x.data.ptr, k, w, k, qkv["fused"].data.ptr, n, ab, epilogue)()
+        y = qkv["sep"]
+        dense.linear(rows, x.data.ptr, k, w, n, k, y.data.ptr, n, ab, ab)
+        q_v = _descriptor(y, (rows, hq, d), ab, (n, d, 1))
+        k_v = _descriptor(y, (rows, hk, d), ab, (n, d, 1), at=hq * d)
+        v_v = _descriptor(y, (rows, hk, d), ab, (n, d, 1), at=(hq + hk) * d)
+        dev = cp.cuda.Device().id
+        ints = {name: kernels.descriptor(a.data.ptr, a.shape, "int32", dev, owner=a) for name, a in meta.items()}
+        kernels.rope_inplace(q_v, k_v, ints["positions"], rope, stream.ptr)
+        sep = caches["sep"]
+        kernels.append_kv(
+            k_v, v_v, ints["batch_indices"], ints["positions"], _descriptor(sep[0], (pages, ps, hk, d), ab),
+            _descriptor(sep[1], (pages, ps, hk, d), ab), ints["kv_indices"], ints["kv_indptr"], ints["last"],
+            stream.ptr,
+        )  # fmt: skip
+        stream.synchronize()
+        what = f"d={d} rows={rows} warps={warps}"
+        np.testing.assert_array_equal(qkv["fused"].get(), y.get(), err_msg=f"{what}: qkv")
+        np.testing.assert_array_equal(caches["fused"].get(), sep.get(), err_msg=f"{what}: caches")
+        assert not np.array_equal(caches["fused"].get(), start.get()), f"{what}: nothing appended"
+        assert np.abs(from16(y, ab)).max() > 0, f"{what}: no product"
+    # refused by name: 9 rows, an interleaved weight, a head layout that is not the weight's
+    with pytest.raises(ValueError, match="^rows"):
+        dense.quantized.prepared_int4_qkv_rope(9, x.data.ptr, k, w, k, y.data.ptr, n, ab, epilogue)
+    bad = rope_append(meta, rope, hq + 1, hk, d, caches["fused"], pages)
+    with pytest.raises(ValueError, match="^n, k: the int4 weight"):
+        dense.quantized.prepared_int4_qkv_rope(1, x.data.ptr, k, w, k, y.data.ptr, n + d, ab, bad)
+    del keep

@@ -141,3 +141,52 @@ def test_the_int4_gemv_decodes_what_the_dequantized_checkpoint_ranks_first(check
                     ties += gap > 0
                     assert gap <= 0.02 * float(np.abs(row).max()), (t, gap)
     print(f"int4 GEMV: {ties} tokens not the reference's first choice (largest gap {worst:.4f})")
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_rope_in_the_qkv_gemv_gives_the_logits_of_its_launches(checkpoints, graph: bool, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The fused step's QKV GEMV with RoPE and the KV append as its epilogue (``QuantizedWeights.int4_rope``, the
+    default) against the same step with them as launches of their own: the same tokens and every step's logits bit for
+    bit (eagerly; a graph's tokens), 4 rows then 1 (the fused step eagerly; at 1 row the decode graph captures it),
+    with the epilogue's launch in the packed layers and no RoPE launch between QKV and attention."""
+    from fi_engine.kernels.launch_timing import LaunchTimer
+    from fi_engine.kernels.quantized_weights import QuantizedWeights
+
+    # both engines take the same GEMM launches (the least label of every timed set: the format's own path), so the
+    # steps of more rows, which a graph runs as the Llama pass, cannot differ by a launch choice
+    monkeypatch.setattr(LaunchTimer, "times", lambda self, runs: {k: 0.0 if k == min(runs) else 1.0 for k in runs})
+    int4, _, _ = checkpoints
+    for lens, new in (((5, 16, 29, 50), [9, 6, 9, 5]), ((11,), [12])):
+        ps = prompts(lens, VOCAB, seed=2)
+        runs = []
+        for in_gemv in (True, False):
+            monkeypatch.setattr(QuantizedWeights, "int4_rope", in_gemv)
+            with LlamaEngine(int4, max_batch=len(ps), page_size=16, cuda_graph=graph) as engine:
+                runner, logits = engine.runner, []
+                original = engine.sampler.pick
+
+                def pick(v, n, sampling, runner=runner, logits=logits, original=original):  # type: ignore[no-untyped-def]
+                    logits.append(runner.buffers.logits[:n].get())
+                    original(v, n, sampling)
+
+                engine.sampler.pick = pick
+                try:
+                    tokens = engine.generate(ps, new, eos_token_ids=()).tokens
+                finally:
+                    del engine.sampler.pick
+                logits.append(runner.buffers.logits[: len(ps)].get())
+                view = runner.io._views.get(("decode", len(ps), len(ps)))  # (a graph of 4 rows runs the Llama pass)
+                fused = view is not None and "fused step" in view.prepared
+                before = len(view.prepared["fused step"][1][1][0]) if fused else None
+                runs.append((tokens, logits, before))
+        (tok_a, log_a, before_a), (tok_b, log_b, before_b) = runs
+        assert tok_a == tok_b
+        # eagerly every step's logits; a graph loop runs steps ahead of the host (its logits buffer holds whichever
+        # step ran last), so there the tokens only
+        if graph:
+            log_a, log_b = [], []
+        assert len(log_a) == len(log_b)
+        for step, (a, b) in enumerate(zip(log_a, log_b, strict=True)):
+            assert np.array_equal(a, b), f"step {step}: logits differ by {np.abs(a - b).max():.3g}"
+        if before_a is not None and before_b is not None:  # layer 1's launches before the attention: norm, QKV
+            assert before_b - before_a == 2, (before_a, before_b)  # (and RoPE, the append as launches)

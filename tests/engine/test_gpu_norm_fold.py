@@ -56,6 +56,9 @@ def _decode(path, lens, new, graph, fold, hold_back=False):  # type: ignore[no-u
     warm generate, the published counts are zeroed so that every later launch's blocks compute the factors
     themselves."""
     default, QuantizedWeights.norm_in_gemv = QuantizedWeights.norm_in_gemv, fold
+    # both steps with RoPE and the append as launches: the folded QKV GEMV (FoldIn) has no RoPE epilogue, and the
+    # launch counts below compare the norms alone
+    rope_default, QuantizedWeights.int4_rope = QuantizedWeights.int4_rope, False
     try:
         ps = prompts(lens, VOCAB, seed=3)
         with LlamaEngine(path, max_batch=len(ps), page_size=16, cuda_graph=graph) as engine:
@@ -83,7 +86,7 @@ def _decode(path, lens, new, graph, fold, hold_back=False):  # type: ignore[no-u
             sync = runner.buffers.fold_sync.get()
         return tokens, logits, counts, sync
     finally:
-        QuantizedWeights.norm_in_gemv = default
+        QuantizedWeights.norm_in_gemv, QuantizedWeights.int4_rope = default, rope_default
 
 
 @pytest.mark.parametrize(

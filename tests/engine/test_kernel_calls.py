@@ -355,6 +355,7 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
             prepared_fp8_silu=stand_in,
             has_int4_silu=lambda _: weights == "int4",
             prepared_int4_silu=stand_in,
+            has_int4_rope=lambda _: False,  # RoPE and the append as launches (their epilogue form: the GPU files)
             fold_rows=lambda _: 0,  # the norms as launches of their own (their folded form: test_norm_fold.py)
             int4_weights={},
         ),

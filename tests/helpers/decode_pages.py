@@ -11,7 +11,7 @@ import numpy as np
 
 from fi_engine.kernels.fused_args import RopeAppend
 
-POSITIONS = (300, 17, 0, 95)  # request r's new token sits at POSITIONS[r]
+POSITIONS = (300, 17, 0, 95, 130, 1, 64, 257)  # request r's new token sits at POSITIONS[r]
 
 
 def decode_page_table(rng: np.random.Generator, rows: int, page_size: int, pages: int) -> dict[str, Any]:

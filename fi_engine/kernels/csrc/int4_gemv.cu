@@ -2,6 +2,7 @@
 // (W4A16): the weights are read as stored, half a byte each, and decoded in registers into exact 16-bit integers
 // (code - zero) that the tensor cores multiply with x; each group's float32 scale multiplies its float32 sums.
 #include "convert.cuh"  // fromf
+#include "rope_append.cuh"  // RopeAppendArgs, rope_append_pair: the RoPE form's epilogue (FlashInfer's arithmetic)
 #include "griddep.cuh"  // griddep_wait, griddep_launch_dependents
 #include "load_weights.cuh"  // load_weights: past L1
 #include "fp8_tensor_cores.cuh"  // mma16816 (the FP8 GEMV's m16n8k16 mma; its e4m3 helpers are unused here)
@@ -47,24 +48,34 @@ __device__ __forceinline__ void i4_load(uint4* v, unsigned* r, const uint4* wa, 
 // FOLD (norm_fold.cuh; one group of rows, 16-bit y): FOLD_OUT stores h_out and xn with y (f: h, nw, h_out, xn; y's
 // row stride); FOLD_IN multiplies each sum by its row's factor, block 0 of the grid computing them (f: h and y of
 // the first GEMV, x's row stride, the counters, the factors, eps), the GEMV blocks 1, 2, ... serving 16 columns each.
-template <bool BF16, bool F32OUT, int NT, int TPL, bool G64, bool SILU, int FOLD = FOLD_NONE>
+// ROPE (one group of rows, 16-bit y = qkv [rows, (hq + 2 hk) d]): FlashInfer's RoPE and KV append as the epilogue
+// (rope_append.cuh; a: their arguments). Block b serves the columns 16 m .. 16 m + 15 of both halves of head b / (d /
+// 32) (m = b % (d / 32)), so that each pair (i, i + d / 2) the rotation takes lies in one lane: the first half of
+// its warps sums the first half's tile as the plain GEMV's warps do, the second half the other (launched with twice
+// the plain launch's warps, each column's sums are the plain GEMV's, in its order: the same bits).
+template <bool BF16, bool F32OUT, int NT, int TPL, bool G64, bool SILU, int FOLD = FOLD_NONE, bool ROPE = false>
 __device__ __forceinline__ void gemv4_tc(const unsigned short* __restrict__ x, const unsigned char* __restrict__ w,
                                          void* __restrict__ y, int rows, int n, int k, long long x_ld,
                                          long long y_ld, const unsigned* __restrict__ rec, int groups, int gshift,
-                                         int half_n, NormFold f = NormFold()) {
+                                         int half_n, NormFold f = NormFold(), RopeAppendArgs a = RopeAppendArgs()) {
 #if __CUDA_ARCH__ >= 800
     static_assert(FOLD == FOLD_NONE || (NT == 1 && !F32OUT), "the fold forms serve one group of rows, 16-bit y");
-    __shared__ float part[I4_MAX_WARPS][32][4 * NT];
+    static_assert(!ROPE || (NT == 1 && !F32OUT && !SILU && FOLD == FOLD_NONE), "the RoPE form: 8 rows, 16-bit y");
+    __shared__ float part[ROPE ? 2 * I4_MAX_WARPS : I4_MAX_WARPS][32][4 * NT];
     griddep_launch_dependents();
     if (FOLD == FOLD_IN && blockIdx.x == 0) {
         fold_block<BF16, 8>(f, rows, k, x_ld);
         return;
     }
     const unsigned long long ticket = FOLD == FOLD_IN ? fold_ticket(f) : 0ull;
-    const int block = (int)blockIdx.x - (FOLD == FOLD_IN);  // the block's 16 columns
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int block = (int)blockIdx.x - (FOLD == FOLD_IN);  // the block's 16 columns (ROPE: 16 of each half of a head)
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int warps = ROPE ? blockDim.x >> 6 : blockDim.x >> 5;  // the warps that share a tile of 16 columns
+    const int tile_warp = ROPE ? warp % warps : warp;
     const int g = lane >> 2, t = lane & 3;
-    const int j0 = block * 16;
+    const int per_head = ROPE ? (int)(a.d >> 5) : 1;  // (ROPE: the blocks of a head)
+    const int j0 = ROPE ? (block / per_head) * (int)a.d + 16 * (block % per_head) + (warp >= warps) * (int)(a.d >> 1)
+                        : block * 16;
     const int ja = min(j0 + g, n - 1), jb = min(j0 + g + 8, n - 1);  // a last partial tile repeats its last column
     const long long row_bytes = k >> 1;
     const uint4* wa = reinterpret_cast<const uint4*>(w + ja * row_bytes) + t;
@@ -83,7 +94,7 @@ __device__ __forceinline__ void gemv4_tc(const unsigned short* __restrict__ x, c
         for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
     uint4 cv[2 * TPL];
     unsigned cr[4 * TPL];
-    int tile = warp * TPL;
+    int tile = tile_warp * TPL;
     if (tile < tiles) i4_load<TPL, G64>(cv, cr, wa, wb, ra, rb, tile, tiles, gshift);
     griddep_wait();  // x may be the previous kernel's output; the weights and records are constants
     while (tile < tiles) {
@@ -136,7 +147,19 @@ __device__ __forceinline__ void gemv4_tc(const unsigned short* __restrict__ x, c
     __syncthreads();
     __shared__ float rcp[8];  // FOLD_IN: the rows' norm factors
     if (FOLD == FOLD_IN) fold_factors<BF16, 8>(f, ticket, rows, k, x_ld, rcp);
-    if (warp == 0) {
+    if (ROPE && warp == 0) {  // accumulator e: column 16 m + g (+ 8 for e >= 2) of each half, x row 2 t + (e & 1)
+        unsigned short* y16 = reinterpret_cast<unsigned short*>(y);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            float s0 = 0.f, s1 = 0.f;
+            for (int p = 0; p < warps; ++p) s0 += part[p][lane][e];
+            for (int p = 0; p < warps; ++p) s1 += part[warps + p][lane][e];
+            const int r = 2 * t + (e & 1);
+            const unsigned i = 16 * (block % per_head) + g + 8 * (e >> 1);
+            if (r < rows) rope_append_pair<BF16>(fromf<BF16>(s0), fromf<BF16>(s1), block / per_head, i, r, y16, y_ld, a);
+        }
+    }
+    if (!ROPE && warp == 0) {
         // accumulator (i, e): stored row j0 + g (+ 8 for e >= 2), x row 8 i + 2 t + (e & 1); its output column j,
         // or with half_n (gate and up interleaved by 8 rows) the gate's column 8 blockIdx + g, the up's half_n more
 #pragma unroll
@@ -218,6 +241,20 @@ GEMV4_FOLDS(bf16, true, false, )
 GEMV4_FOLDS(bf16, true, true, _g64)
 GEMV4_FOLDS(f16, false, false, )
 GEMV4_FOLDS(f16, false, true, _g64)
+
+// The RoPE form (gemv4_tc's ROPE), up to 8 rows: gemv4_<t>_rope_8[_g64] over the QKV weight, y = qkv (16-bit), the
+// caches written too; a grid of n / 32 blocks of twice the plain launch's warps (up to 32)
+#define GEMV4R(name, bf16, g64)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(64 * I4_MAX_WARPS)                                                \
+        name(const unsigned short* x, const unsigned char* w, void* y, int rows, int n, int k, long long x_ld,     \
+             long long y_ld, const unsigned* rec, int groups, int gshift, int half_n, ROPE_APPEND_PARAMS) {        \
+        gemv4_tc<bf16, false, 1, I4_TILES_AHEAD, g64, false, FOLD_NONE, true>(                                     \
+            x, w, y, rows, n, k, x_ld, y_ld, rec, groups, gshift, half_n, NormFold(), ROPE_APPEND_ARGS);           \
+    }
+GEMV4R(gemv4_bf16_rope_8, true, false)
+GEMV4R(gemv4_bf16_rope_8_g64, true, true)
+GEMV4R(gemv4_f16_rope_8, false, false)
+GEMV4R(gemv4_f16_rope_8_g64, false, true)
 
 // out [n, k] 16-bit = (code - zero) * scale, each product exact in float32 and rounded once to nearest even: the
 // weight a 16-bit GEMM of many rows reads. A grid-stride loop over the 16-byte lane vectors (32 weights each, laid

@@ -271,16 +271,16 @@ class FusedDecode:
 
     def _fp8_fused_calls(self, v: SimpleNamespace, rows: int) -> tuple[Any, list[tuple[list[Any], list[Any]]], Any]:
         """:meth:`_fused_calls` over FP8 weights (``QuantizedWeights.fp8_epilogues``; dense layers), and over int4
-        weights (every GEMV the int4 GEMV, SiLU its gate/up GEMV's epilogue, RoPE and the KV append launches of their
-        own): per layer the input norm (``fused_add_rmsnorm`` in place, ``h += x`` and ``x`` its norm; the first
-        layer's ``rmsnorm`` of the embedding rows), the QKV GEMV with RoPE and the KV append as its epilogue
-        (``QuantizedWeights.prepared_fp8_qkv_rope``), the attention, the O GEMV, the post-attention norm, the gate/up
-        GEMV with SiLU as its epilogue (``QuantizedWeights.prepared_fp8_silu``) and the down GEMV: 7 launches a layer
-        with the attention's, where the separate launches are 10. Where Qwen3's per-head norms come between, the KV
-        cache is FP8 or a weight is 16-bit, that part runs as separate launches. The LM head takes the last norm as
-        its prologue. The FP8 GEMVs over normalized rows read them whole, so each norm runs once, not once per block
-        as a prologue would (the FP8 weights' shorter GEMVs pay that more than 16-bit ones:
-        ``QuantizedWeights.fp8_fused``).
+        weights (every GEMV the int4 GEMV, SiLU its gate/up GEMV's epilogue, RoPE and the KV append its QKV GEMV's:
+        ``QuantizedWeights.int4_rope``): per layer the input norm (``fused_add_rmsnorm`` in place, ``h += x`` and
+        ``x`` its norm; the first layer's ``rmsnorm`` of the embedding rows), the QKV GEMV with RoPE and the KV append
+        as its epilogue (``QuantizedWeights.prepared_fp8_qkv_rope``, ``prepared_int4_qkv_rope``), the attention, the O
+        GEMV, the post-attention norm, the gate/up GEMV with SiLU as its epilogue (``prepared_fp8_silu``,
+        ``prepared_int4_silu``) and the down GEMV: 7 launches a layer with the attention's, where the separate
+        launches are 10. Where Qwen3's per-head norms come between, the KV cache is FP8 or a weight is 16-bit, that
+        part runs as separate launches. The LM head takes the last norm as its prologue. The FP8 GEMVs over
+        normalized rows read them whole, so each norm runs once, not once per block as a prologue would (the FP8
+        weights' shorter GEMVs pay that more than 16-bit ones: ``QuantizedWeights.fp8_fused``).
 
         Each norm between two GEMVs is folded into them where their fold forms serve the rows
         (``QuantizedWeights.norm_in_gemv``, :mod:`~fi_engine.kernels.norm_fold`): the O (down) GEMV stores the new
@@ -343,6 +343,9 @@ class FusedDecode:
             elif fold is not None:
                 before.append(q.prepared_folded_gemv(rows, src, h, r.wqkv[i], w, h, qkv, w, ab, fold))
                 before += self._separate_rope_append(v, rows, i)
+            elif rope_in_gemv and q.has_int4_rope(r.wqkv[i]):  # int4: RoPE and the append as the epilogue too
+                rope = rope_append(self.runner, i, v)
+                before.append(q.prepared_int4_qkv_rope(rows, x, h, r.wqkv[i], h, qkv, w, ab, rope))
             else:
                 before.append(dense.prepared_linear(rows, x, h, r.wqkv[i], w, h, qkv, w, ab, ab))
                 before += self._separate_rope_append(v, rows, i)
