@@ -99,7 +99,9 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
 
     tiles_ahead = 1
     """The 128-input tiles a warp of the GEMV (up to 16 rows) loads at a time, the next run while it sums one: more
-    bytes in flight per warp, more registers. Read when the kernels are compiled (:meth:`options`)."""
+    bytes in flight per warp, more registers. Read when the kernels are compiled (:meth:`options`). The QKV GEMV's
+    RoPE form (:meth:`rope_gemv`: up to 1024 threads a block, so at most 64 registers a thread) spills from 2 tiles
+    (NVRTC's ptxas on sm_90: 62 registers at 1, 88-100 spilled bytes at 2, 336-400 at 4): slower, not wrong."""
 
     @classmethod
     def options(cls) -> tuple[str, ...]:
@@ -244,15 +246,16 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
         int4_gemv.cu``'s RoPE form, up to :data:`ROPE_ROWS` rows, 16-bit ``y [rows, n]``; ``rope``: the epilogue's
         arguments as ``fused_args.rope_ints`` packs them, checked, ``rope[2]`` the head dim ``d``, which divides
         ``n``): ``(function, grid, threads, params, values)``, or ``()`` where x is not 16-byte aligned (x, x_ld), the
-        rows are past :data:`ROPE_ROWS` or the weight is interleaved. Its blocks serve 16 columns of each half of a
+        rows are past :data:`ROPE_ROWS`, the weight is interleaved, or ``rope`` is not 17 values with a head dim that
+        is a multiple of 32 and divides ``n``. Its blocks serve 16 columns of each half of a
         head with twice the plain GEMV's warps, each half's as the plain launch's (:meth:`gemv`), so each output is
         the plain GEMV's (the same bits). Packed once per call site (values only)."""
 
         def pack() -> tuple[Any, ...]:
             if y % 2:
                 raise ValueError(f"y: 0x{y:x} must be aligned to 2 bytes (its 16-bit elements)")
-            d = rope[2]
-            if x % 16 or x_ld % 8 or not 0 < rows <= ROPE_ROWS or wt.half_n or wt.n % d or d % 32:
+            d = rope[2] if len(rope) == 17 else 0
+            if not d or x % 16 or x_ld % 8 or not 0 < rows <= ROPE_ROWS or wt.half_n or wt.n % d or d % 32:
                 return ()
             fn = self._rope[(bf16, wt.group_size == 64)]
             params, values = self._slots(

@@ -94,8 +94,10 @@ class QuantizedWeights:
     int4_rope = True
     """Whether the fused decode step's QKV GEMV over an int4 weight takes RoPE and the KV append as its epilogue
     (:meth:`prepared_int4_qkv_rope`: the same values as the int4 GEMV, then ``rope_inplace`` and ``append_kv``, two
-    launches fewer a layer); False: those two as launches of their own. Read when a step is packed; set it on the
-    class to compare (``benchmarks/bench_llama_tp.py --variants int4-rope-launches``)."""
+    launches fewer a layer); False: those two as launches of their own. With :attr:`norm_in_gemv` on, a QKV GEMV
+    that takes its input norm folded (its FoldIn form) has no RoPE epilogue: there RoPE and the append stay launches.
+    Read when a step is packed; set it on the class to compare (``benchmarks/bench_llama_tp.py --variants
+    int4-rope-launches``)."""
 
     norm_in_gemv = False
     """Whether the fused decode step over FP8 or int4 weights folds each RMSNorm between two GEMVs into them
@@ -207,8 +209,8 @@ class QuantizedWeights:
         return wt is not None and wt.half_n > 0 and self._launcher.open
 
     def has_int4_rope(self, w: int) -> bool:
-        """Whether :meth:`prepared_int4_qkv_rope` serves ``w`` in the fused step: :attr:`int4_rope` on and ``w`` an
-        int4 weight registered in order (not ``interleaved``)."""
+        """Whether :meth:`prepared_int4_qkv_rope` serves ``w`` in the fused step: :attr:`int4_rope` on, ``w`` an
+        int4 weight registered in order (not ``interleaved``) and the launch path open."""
         wt = self.int4_weights.get(w)
         return self.int4_rope and wt is not None and not wt.half_n and self._launcher.open
 
@@ -237,8 +239,8 @@ class QuantizedWeights:
         launcher.check_open()
         assert self.int4 is not None
         packed = self.int4.rope_gemv(rows, x, x_ld, wt, y, y_ld, ab_type == CUDA_R_16BF, rope_args)
-        if not packed:
-            raise ValueError(f"x: 0x{x:x} (row stride {x_ld}) must be 16-byte aligned for the int4 GEMV")
+        if not packed:  # (rows, the weight's layout and the head dim were checked above: x's alignment is what is left)
+            raise ValueError(f"x: 0x{x:x} (row stride {x_ld}) must be 16-byte aligned for the int4 GEMV's RoPE form")
         fn, grid, threads, params, values = packed
         return launcher.prepared(fn, grid, threads, 0, params, values, "int4 qkv gemv + rope + append", pdl=True)
 

@@ -244,7 +244,12 @@ def _descriptor(buf: cp.ndarray, shape: tuple[int, ...], ab: int, strides: tuple
     return kernels.descriptor(buf.data.ptr + 2 * at, shape, dtype, cp.cuda.Device().id, strides, owner=buf)
 
 
-@pytest.mark.parametrize("warps", [(32, 16, 8), (4, 4, 4)], ids=["16-warps", "9-warps"])
+# Int4Linears.warps_per_sm: 16 warps a plain block (the RoPE form's 32, its most), or, on a 132-SM GPU, 9 (an odd count:
+# 18) for each head dim's n (64 blocks at d 128, 32 at d 64)
+WARPS = {"16-warps": {128: (32, 16, 8), 64: (32, 16, 8)}, "odd-warps": {128: (4, 4, 4), 64: (2, 2, 2)}}
+
+
+@pytest.mark.parametrize("warps", list(WARPS))
 @pytest.mark.parametrize(("ab", "d", "llama3"), [(CUDA_R_16BF, 128, True), (CUDA_R_16F, 64, False)],
                          ids=["bf16-d128-llama31", "f16-d64-rope"])  # fmt: skip
 def test_the_rope_form_is_the_gemv_then_rope_and_append(monkeypatch, dense, ab, d, llama3, warps) -> None:  # type: ignore[no-untyped-def]
@@ -252,12 +257,12 @@ def test_the_rope_form_is_the_gemv_then_rope_and_append(monkeypatch, dense, ab, 
     the KV append as its epilogue), 1 to 8 rows at positions up to 300 on shuffled pages, against the int4 GEMV into
     qkv (``Dense.linear``) then ``apply_rope_pos_ids`` in place and ``append_paged_kv_cache`` through fi_ffi: qkv and
     both caches bit for bit (the RoPE form's two halves of warps each sum as the plain launch's warps do). Plain
-    launches of 16 warps a block (the RoPE form's 32: its most) and of 9 (an odd count: 18)."""
+    launches of 16 warps a block (the RoPE form's 32: its most) and of 9 on a 132-SM GPU (an odd count: 18)."""
     from helpers.decode_pages import decode_page_table, rope_append, rope_config
 
     from fi_engine.kernels import flashinfer as kernels
 
-    monkeypatch.setattr(Int4Linears, "warps_per_sm", warps)
+    monkeypatch.setattr(Int4Linears, "warps_per_sm", WARPS[warps][d])
     rng = np.random.default_rng(41 + d)
     hq, hk, k, ps, pages = 4, 2, 2048, 16, 64  # (8 requests take 60 pages)
     n = (hq + 2 * hk) * d

@@ -98,7 +98,15 @@ def test_the_rope_launch_packs_its_values_on_a_block_per_16_columns_of_each_half
     slots = [launcher.ffi.cast("uint64_t*", params[i])[0] for i in range(29)]
     assert slots[:12] == [x, at(1), y, 2, N, K, K, N, at(2), K // 128, 1, 0]  # (gshift 1: groups of 128)
     assert slots[12:] == rope_ints(rope())
-    assert 2 * plain <= 1024  # the plain launch's warps are at most 16: the RoPE form's at most 32
+
+
+def test_the_rope_form_takes_at_most_1024_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """However many warps an SM the plain launch aims at, it takes at most 16 a block: the RoPE form 32 (1024
+    threads, the kernel's launch bound)."""
+    monkeypatch.setattr(Int4Linears, "warps_per_sm", (1024,) * 3)
+    q, launches, _ = registry()
+    q.prepared_int4_qkv_rope(2, at(10), K, at(1), K, at(11), N, CUDA_R_16BF, rope())()
+    assert launches[-1][4] == 1024
 
 
 @pytest.mark.parametrize(
