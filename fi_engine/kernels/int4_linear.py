@@ -15,7 +15,7 @@ A gate/up weight stored with gate and up interleaved by 8 rows (:attr:`Int4Weigh
 two as the plain GEMV would round them, so the decode step's SiLU launch goes away. Its plain outputs, and its
 dequantized rows, are put back in order.
 
-The QKV GEMV has a RoPE form (``gemv4_*_rope_8``, :meth:`Int4Linears.rope_gemv`, up to 8 rows): FlashInfer's
+The QKV GEMV has a RoPE form (``gemv4_*_rope_8``, ``Int4Linears.gemv``'s ``rope``, up to 8 rows): FlashInfer's
 ``apply_rope_pos_ids`` and ``append_paged_kv_cache`` as its epilogue, so the decode step's two launches between the
 QKV GEMV and the attention go away. A block serves 16 columns of each half of a head (RoPE pairs ``i`` and ``i + d /
 2``) with twice the plain launch's warps, each half summing its tile as the plain GEMV's warps do: the outputs are the
@@ -42,7 +42,7 @@ from .quantized_linears import QuantizedLinears
 __all__ = ["INT4_GEMV_MAX_ROWS", "ROPE_ROWS", "Int4Linears", "Int4Weight"]
 
 INT4_GEMV_MAX_ROWS = 32  # the rows one GEMV launch takes (4 groups of the mma's 8)
-ROPE_ROWS = 8  # the rows the GEMV with RoPE and the KV append as its epilogue takes (Int4Linears.rope_gemv)
+ROPE_ROWS = 8  # the rows the GEMV with RoPE and the KV append as its epilogue takes (Int4Linears.gemv's rope)
 _COLUMNS = 16  # output columns per block (the mma's m)
 _MAX_WARPS = 16  # I4_MAX_WARPS in csrc/int4_gemv.cu (its shared memory holds that many warps' sums)
 _TILE = 128  # inputs per tile of the layout
@@ -100,8 +100,8 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
     tiles_ahead = 1
     """The 128-input tiles a warp of the GEMV (up to 16 rows) loads at a time, the next run while it sums one: more
     bytes in flight per warp, more registers. Read when the kernels are compiled (:meth:`options`). The QKV GEMV's
-    RoPE form (:meth:`rope_gemv`: up to 1024 threads a block, so at most 64 registers a thread) spills from 2 tiles
-    (NVRTC's ptxas on sm_90: 62 registers at 1, 88-100 spilled bytes at 2, 336-400 at 4): slower, not wrong."""
+    RoPE form (:meth:`gemv`'s ``rope``: up to 1024 threads a block, so at most 64 registers a thread) spills from 2
+    tiles (NVRTC's ptxas on sm_90: 62 registers at 1, 88-100 spilled bytes at 2, 336-400 at 4): slower, not wrong."""
 
     @classmethod
     def options(cls) -> tuple[str, ...]:
@@ -205,16 +205,23 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
         f32: bool,
         silu: bool = False,
         fold: FoldOut | FoldIn | None = None,
+        rope: list[int] | None = None,
     ) -> tuple:
         """The packed GEMV launch of ``y[:rows] = x[:rows] @ dequant(wt).T`` (rows <= :data:`INT4_GEMV_MAX_ROWS`;
         ``silu``: its SiLU form, ``y[:rows, :half_n] = silu(gate) * up`` of an interleaved weight, 16-bit y; ``fold``:
         a side of the folded norm, :mod:`~fi_engine.kernels.norm_fold`, up to 8 rows, 16-bit y, a :class:`FoldIn`
-        one block more): ``(function, grid, threads, params, values)``, or ``()`` where x is not 16-byte aligned (x,
-        x_ld) or a fold form does not serve the call; a ValueError where y is not aligned to its elements or a
-        field of ``fold`` is bad (:func:`~fi_engine.kernels.norm_fold.fold_ints`). Packed once per call site (its
-        ints: values only); at most 4096 kept."""
+        one block more; ``rope``: the QKV GEMV's RoPE form, RoPE and the KV append as its epilogue, up to
+        :data:`ROPE_ROWS` rows, 16-bit ``y [rows, n]``, ``rope`` the epilogue's arguments as ``fused_args.rope_ints``
+        packs them, checked, ``rope[2]`` the head dim: its blocks serve 16 columns of each half of a head with twice
+        the plain launch's warps, each half's as the plain launch's, so each output is the plain GEMV's bits):
+        ``(function, grid, threads, params, values)``, or ``()`` where x is not 16-byte aligned (x, x_ld) or a fold
+        or RoPE form does not serve the call (the RoPE form: more rows, an interleaved weight, or ``rope`` not 17
+        values with a head dim that is a multiple of 32 and divides ``n``); a ValueError where y is not aligned to
+        its elements or a field of ``fold`` is bad (:func:`~fi_engine.kernels.norm_fold.fold_ints`). Packed once per
+        call site (its ints: values only); at most 4096 kept."""
 
-        tail = [] if fold is None else fold_ints(fold)  # (checked before it is part of a key)
+        # the kernel's arguments after the GEMV's (fold: 7, rope: 17; so the keys of the forms differ in length)
+        tail = rope if rope is not None else [] if fold is None else fold_ints(fold)  # (checked before the key)
 
         def pack() -> tuple[Any, ...]:
             item = 4 if f32 and not silu else 2
@@ -224,8 +231,13 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
             if x % 16 or x_ld % 8 or not 0 < rows <= INT4_GEMV_MAX_ROWS:
                 return ()
             r, g64 = 8 if rows <= 8 else 16 if rows <= 16 else 32, wt.group_size == 64
-            grid = -(-wt.n // _COLUMNS)
-            if fold is None:
+            grid, threads = -(-wt.n // _COLUMNS), self._threads(wt, rows)
+            if rope is not None:
+                d = rope[2] if len(rope) == 17 else 0
+                if silu or f32 or fold is not None or not d or rows > ROPE_ROWS or wt.half_n or wt.n % d or d % 32:
+                    return ()
+                fn, grid, threads = self._rope[(bf16, g64)], wt.n // 32, 2 * threads
+            elif fold is None:
                 fn = self._silu[(bf16, r, g64)] if silu else self._gemv[(bf16, f32, r, g64)]
             elif rows > FOLD_ROWS or f32 or (silu and isinstance(fold, FoldOut)):
                 return ()
@@ -235,35 +247,9 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
             params, values = self._slots(
                 [x, wt.w, y, rows, wt.n, wt.k, x_ld, y_ld, wt.records, wt.groups, wt.gshift, wt.half_n, *tail]
             )
-            return (fn, grid, self._threads(wt, rows), params, values)
+            return (fn, grid, threads, params, values)
 
         return self._kept((rows, x, x_ld, wt.w, y, y_ld, bf16, f32, silu, *tail), pack)  # (a FoldOut's h_out is set)
-
-    def rope_gemv(
-        self, rows: int, x: int, x_ld: int, wt: Int4Weight, y: int, y_ld: int, bf16: bool, rope: list[int]
-    ) -> tuple:
-        """The packed launch of the QKV GEMV over ``wt`` with RoPE and the KV append as its epilogue (``csrc/
-        int4_gemv.cu``'s RoPE form, up to :data:`ROPE_ROWS` rows, 16-bit ``y [rows, n]``; ``rope``: the epilogue's
-        arguments as ``fused_args.rope_ints`` packs them, checked, ``rope[2]`` the head dim ``d``, which divides
-        ``n``): ``(function, grid, threads, params, values)``, or ``()`` where x is not 16-byte aligned (x, x_ld), the
-        rows are past :data:`ROPE_ROWS`, the weight is interleaved, or ``rope`` is not 17 values with a head dim that
-        is a multiple of 32 and divides ``n``. Its blocks serve 16 columns of each half of a
-        head with twice the plain GEMV's warps, each half's as the plain launch's (:meth:`gemv`), so each output is
-        the plain GEMV's (the same bits). Packed once per call site (values only)."""
-
-        def pack() -> tuple[Any, ...]:
-            if y % 2:
-                raise ValueError(f"y: 0x{y:x} must be aligned to 2 bytes (its 16-bit elements)")
-            d = rope[2] if len(rope) == 17 else 0
-            if not d or x % 16 or x_ld % 8 or not 0 < rows <= ROPE_ROWS or wt.half_n or wt.n % d or d % 32:
-                return ()
-            fn = self._rope[(bf16, wt.group_size == 64)]
-            params, values = self._slots(
-                [x, wt.w, y, rows, wt.n, wt.k, x_ld, y_ld, wt.records, wt.groups, wt.gshift, wt.half_n, *rope]
-            )
-            return (fn, wt.n // 32, 2 * self._threads(wt, rows), params, values)
-
-        return self._kept((rows, x, x_ld, wt.w, y, y_ld, bf16, "rope", *rope), pack)
 
     def dequantize(self, wt: Int4Weight, bf16: bool, null: Any) -> int:
         """Write ``wt`` dequantized into the 16-bit scratch matrix ``[n, k]`` (bfloat16 or float16; an interleaved

@@ -238,7 +238,7 @@ class QuantizedWeights:
         launcher = self._launcher
         launcher.check_open()
         assert self.int4 is not None
-        packed = self.int4.rope_gemv(rows, x, x_ld, wt, y, y_ld, ab_type == CUDA_R_16BF, rope_args)
+        packed = self.int4.gemv(rows, x, x_ld, wt, y, y_ld, ab_type == CUDA_R_16BF, False, rope=rope_args)
         if not packed:  # (rows, the weight's layout and the head dim were checked above: x's alignment is what is left)
             raise ValueError(f"x: 0x{x:x} (row stride {x_ld}) must be 16-byte aligned for the int4 GEMV's RoPE form")
         fn, grid, threads, params, values = packed

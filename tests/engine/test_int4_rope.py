@@ -1,5 +1,5 @@
 """The int4 QKV GEMV with RoPE and the KV append as its epilogue, on the CPU
-(``QuantizedWeights.prepared_int4_qkv_rope``, ``Int4Linears.rope_gemv``; on the GPU: test_gpu_int4_linear.py and
+(``QuantizedWeights.prepared_int4_qkv_rope``, ``Int4Linears.gemv``'s ``rope``; on the GPU: test_gpu_int4_linear.py and
 test_gpu_int4_llama.py): the RoPE form's kernels take the plain GEMV's parameters, then ``ROPE_APPEND_PARAMS``, whose
 order is ``RopeAppendArgs``'s fields and ``fused_args.rope_ints``' values; the launch packs those values on a grid of
 a block per 16 columns of both halves of a head with twice the plain launch's warps; every bad call refused by name
