@@ -52,6 +52,7 @@ ONE_GPU_VARIANTS = (
     "fp8-norm-no-pdl",
     "norm-fold",
     "int4-rope-launches",
+    "graph-fused-one-row",
     "fp8-scalar-gemv",
     "w8a16",
     "w8a8-no-blocks",
@@ -263,6 +264,8 @@ def set_variant(variant: str) -> None:
         from fi_engine.kernels.quantized_weights import QuantizedWeights
 
         QuantizedWeights.int4_rope = False
+    if variant == "graph-fused-one-row":  # int4 weights: the graphs of 2-4 rows capture the separate launches
+        ModelRunner.graph_fused_int4_rows = 1
     if variant == "fp8-norm-no-pdl":  # FP8 weights: the epilogue step's norms without programmatic dependent launch
         ModelRunner.norm_pdl = False
     if variant == "fp8-separate":  # FP8 weights: the decode step as separate launches (before 2026-11-25)
@@ -599,7 +602,10 @@ def main() -> None:
         "FP8 GEMM), w8a8-no-blocks (TP 1, 128x128-block FP8 checkpoints: dequantized above 8 rows, not the "
         "FP8 GEMM), fp8-gemv-rows-N (TP 1, FP8 checkpoints: the FP8 GEMV up to N rows, the FP8 GEMM above), "
         "norm-fold (TP 1, FP8 and int4 checkpoints: the fused step's norms between two GEMVs folded into them, "
-        "QuantizedWeights.norm_in_gemv on), int4-ahead-N (TP 1, int4 checkpoints: the int4 GEMV's warps load runs "
+        "QuantizedWeights.norm_in_gemv on), int4-rope-launches (TP 1, int4 checkpoints: RoPE and the KV append as "
+        "launches, QuantizedWeights.int4_rope off), graph-fused-one-row (TP 1, int4 checkpoints: the decode graphs of "
+        "2-4 rows capture the separate launches, ModelRunner.graph_fused_int4_rows 1), "
+        "int4-ahead-N (TP 1, int4 checkpoints: the int4 GEMV's warps load runs "
         "of N tiles; Int4Linears.tiles_ahead), "
         "int4-warps-N (TP 1, int4 checkpoints: int4 GEMV launches aiming at N warps an SM; Int4Linears.warps_per_sm), "
         "unroll-N (TP 1: the 16-bit GEMVs with N weight vectors in flight per lane; GemvSettings.gemv_unroll), rope-"

@@ -239,6 +239,28 @@ def test_an_engine_serving_adapters_captures_each_decode_graph_with_and_without_
     assert r.step_lora is None  # (each step sets its own)
 
 
+@pytest.mark.parametrize(
+    "weights, most", [("int4", 4), ("int4 at one row", 1), ("fp8 epilogues", 1), ("fp8 fused", 1), ("16-bit", 1)]
+)
+def test_decode_graphs_over_int4_weights_capture_the_fused_step_up_to_4_rows(
+    fake_rt, monkeypatch: pytest.MonkeyPatch, weights: str, most: int
+) -> None:
+    # over int4 weights the graphs of 2-4 rows capture the fused step too (its GEMVs are the separate launches'
+    # kernels); over FP8 (either form of its step) and 16-bit weights, only the one-row graph does
+    r, log = bare_runner(fake_rt, adapters=False, cuda_graph=False)
+    q = r.dense.quantized
+    q.fp8_fused = weights == "fp8 fused"
+    q.serves_int4 = weights.startswith("int4")
+    q.serves_fp8 = weights.startswith("fp8")
+    if weights == "int4 at one row":
+        monkeypatch.setattr(ModelRunner, "graph_fused_int4_rows", 1)
+    assert r.fused.quantized == (weights in ("int4", "int4 at one row", "fp8 epilogues"))
+    r.step_graphs.capture()
+    for rows in (1, 2, 4, 8):
+        fused = ["fused step", "argmax"] if rows <= most else [*unfused(False), "argmax"]
+        assert log.captured[r.step_graphs.graphs[rows]._exec] == fused, rows
+
+
 def _replay(r: ModelRunner, slots: list[int], ahead: bool = False) -> None:
     if ahead:
         r.stage_decode_ahead(decoding(slots), ahead=1)

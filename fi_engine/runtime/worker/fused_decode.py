@@ -55,6 +55,14 @@ class FusedDecode:
             )
         )
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the step runs over FP8 weights in its epilogue form (``QuantizedWeights.fp8_fused`` off) or over
+        int4 weights (:meth:`_fp8_fused_calls`): GEMVs of the separate launches' kernels, the norms launches of their
+        own, SiLU, RoPE and the KV append in the GEMVs' epilogues."""
+        q = self.runner.dense.quantized
+        return bool((q.serves_fp8 and not q.fp8_fused) or q.serves_int4)
+
     def fits_lora(self, rows: int) -> bool:
         """Whether a step of ``rows`` rows where a row takes a LoRA adapter runs the LoRA form of the fused step (the
         rest of :meth:`fits` holding too): the runner's ``lora_fused`` on and its LoRA GEMVs compiled
@@ -150,7 +158,7 @@ class FusedDecode:
         from ...kernels.fused_args import ADD_NORM, NORM, PLAIN, SILU
 
         r = self.runner
-        if (r.dense.quantized.serves_fp8 and not r.dense.quantized.fp8_fused) or r.dense.quantized.serves_int4:
+        if self.quantized:
             return self._fp8_fused_calls(v, rows)  # (int4 weights: no fused GEMV reads them)
         c, b, dense, s = r.config, r.buffers, r.dense, r.stream_ptr
         h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, r.gemm_type

@@ -112,8 +112,18 @@ class ModelRunner(RunnerState):
     graph_fused_decode = True
     """A decode graph of one row captures the fused step (``fused.step``, where :meth:`fuses` holds) instead of the
     separate launches: on an H100, 8B shape, 6.02 instead of 6.19 ms per step (the norms, SiLU, RoPE and KV append
-    leave 4 of every 9 launches; benchmarks/RESULTS.md). Not at 2-4 rows, where the fused GEMVs' per-row work makes
-    them slower than cuBLASLt. Read when the graph is captured (at construction): set it on the class to compare."""
+    leave 4 of every 9 launches; benchmarks/RESULTS.md). Not at 2-4 rows over 16-bit weights, where the fused GEMVs'
+    per-row work makes them slower than cuBLASLt (over int4 weights: :attr:`graph_fused_int4_rows`). Read
+    when the graph is captured (at construction): set it on the class to compare."""
+
+    graph_fused_int4_rows = 4
+    """Over int4 weights, the decode graphs of up to this many rows (at most 4, the LM head's fused GEMV) capture the
+    fused step too, with :attr:`graph_fused_decode`: its GEMVs are the int4 GEMVs the separate launches run (the norms
+    stay launches), with SiLU, RoPE and the KV append in their epilogues, so a layer has three launches fewer. On an
+    H100, 8B AWQ: 656 against 615 tokens/s at 2 rows, 1,266 against 1,222 at 4 (benchmarks/RESULTS.md). Not over FP8
+    weights, whose epilogue step was slower there at 2-4 rows than the separate launches (471 against 497, 925
+    against 965). 1: the fused step at one row only. Read when the graphs are captured (at construction): set it on
+    the class to compare."""
 
     lora_base_graphs = True
     """An engine serving LoRA adapters (``lora``) captures each decode graph twice: with the adapters' launches, which

@@ -122,6 +122,7 @@ class RunnerState:
     packed_attention: bool
     fused_decode: bool
     graph_fused_decode: bool
+    graph_fused_int4_rows: int
     decode_graph_ladder: bool
     lora_base_graphs: bool
     tune_decode_graphs: bool

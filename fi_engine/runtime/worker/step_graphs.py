@@ -8,8 +8,8 @@ time the bucket and request slots (the batch size padded up:
 :func:`~fi_engine.runtime.worker.graph_shapes.prefill_slots`) are met (at most :data:`_PREFILL_GRAPHS` kept, the least
 recently replayed evicted first). Capture and replay:
 :class:`~fi_engine.kernels.graph.CudaGraph`. The graphs run the runner's pass (its ``forward``, ``head``, fused step
-and sampler's argmax); its switches ``prefill_graphs``, ``graph_fused_decode``, ``decode_graph_ladder`` and
-``lora_base_graphs`` say which.
+and sampler's argmax); its switches ``prefill_graphs``, ``graph_fused_decode``, ``graph_fused_int4_rows``,
+``decode_graph_ladder`` and ``lora_base_graphs`` say which.
 
 An engine serving LoRA adapters (the runner's ``lora``) captures each decode graph twice (``lora_base_graphs``, on by
 default): with the adapters' launches (``lora_graphs``), replayed by a step where a row takes an adapter, and without
@@ -85,10 +85,12 @@ class StepGraphs:
 
     def _decode_body(self, v: SimpleNamespace, rows: int) -> None:
         """One decode step on the device: forward, LM head, argmax into ``ids`` (what the graph captures); with the
-        runner's ``graph_fused_decode``, forward and LM head as the fused step where it applies (``fuses``). The
-        adapters' launches are in it where the runner's ``step_lora`` is set."""
+        runner's ``graph_fused_decode``, forward and LM head as the fused step where it applies (``fuses``): at one
+        row, and over int4 weights up to its ``graph_fused_int4_rows``. The adapters' launches are in it
+        where the runner's ``step_lora`` is set."""
         r = self.runner
-        r.decode_pass(v, rows, r.graph_fused_decode and rows == 1 and r.fuses(rows), static_moe=r.static_moe)
+        most = r.graph_fused_int4_rows if r.dense.quantized.serves_int4 else 1
+        r.decode_pass(v, rows, r.graph_fused_decode and rows <= most and r.fuses(rows), static_moe=r.static_moe)
         r.sampler.argmax(rows)
 
     def sets(self) -> tuple[bool, ...]:
