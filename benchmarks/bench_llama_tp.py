@@ -264,7 +264,7 @@ def set_variant(variant: str) -> None:
         from fi_engine.kernels.quantized_weights import QuantizedWeights
 
         QuantizedWeights.int4_rope = False
-    if variant == "graph-fused-one-row":  # int4 weights: the graphs of 2-4 rows capture the separate launches
+    if variant == "graph-fused-one-row":  # int4 weights: the graphs of 2-8 rows capture the separate launches
         ModelRunner.graph_fused_int4_rows = 1
     if variant == "fp8-norm-no-pdl":  # FP8 weights: the epilogue step's norms without programmatic dependent launch
         ModelRunner.norm_pdl = False
@@ -604,7 +604,7 @@ def main() -> None:
         "norm-fold (TP 1, FP8 and int4 checkpoints: the fused step's norms between two GEMVs folded into them, "
         "QuantizedWeights.norm_in_gemv on), int4-rope-launches (TP 1, int4 checkpoints: RoPE and the KV append as "
         "launches, QuantizedWeights.int4_rope off), graph-fused-one-row (TP 1, int4 checkpoints: the decode graphs of "
-        "2-4 rows capture the separate launches, ModelRunner.graph_fused_int4_rows 1), "
+        "2-8 rows capture the separate launches, ModelRunner.graph_fused_int4_rows 1), "
         "int4-ahead-N (TP 1, int4 checkpoints: the int4 GEMV's warps load runs "
         "of N tiles; Int4Linears.tiles_ahead), "
         "int4-warps-N (TP 1, int4 checkpoints: int4 GEMV launches aiming at N warps an SM; Int4Linears.warps_per_sm), "

@@ -115,12 +115,13 @@ def test_dequantized_at_load_greedy_decoding_gives_the_dequantized_checkpoints_t
 def test_the_int4_gemv_decodes_what_the_dequantized_checkpoint_ranks_first(checkpoints, graph: bool) -> None:  # type: ignore[no-untyped-def]
     """Served as stored (the int4 GEMV, whose sums are float32 over the exact weights, where the float16 copy rounds
     each weight): every greedy token, 4 rows then 1, in the fused eager step and the decode graph, is the top token
-    of the dequantized checkpoint's own logits at that position (teacher forcing), up to a near tie of
+    of the dequantized checkpoint's own logits at that position (teacher forcing; and 8 rows: the fused step's form
+    past the fused GEMVs' 4 rows, its LM head the separate launches'), up to a near tie of
     ``TIE`` = 2 % of that row's largest logit magnitude; and the prefill of fewer than 33 tokens (also the GEMV)
     stays within the same 2 % of the dequantized checkpoint's logits."""
     int4, dequantized, _ = checkpoints
     runs = []
-    for lens, new in (((5, 16, 29, 50), [17, 12, 17, 9]), ((11,), [24])):
+    for lens, new in (((5, 16, 29, 50), [17, 12, 17, 9]), ((11,), [24]), ((3, 8, 13, 18, 23, 28, 33, 38), [6] * 8)):
         ps = prompts(lens, VOCAB, seed=2)
         with LlamaEngine(int4, max_batch=len(ps), page_size=16, cuda_graph=graph) as engine:
             assert engine.runner.dense.quantized.serves_int4
@@ -147,16 +148,16 @@ def test_the_int4_gemv_decodes_what_the_dequantized_checkpoint_ranks_first(check
 def test_rope_in_the_qkv_gemv_gives_the_logits_of_its_launches(checkpoints, graph: bool, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The fused step's QKV GEMV with RoPE and the KV append as its epilogue (``QuantizedWeights.int4_rope``, the
     default) against the same step with them as launches of their own: the same tokens and every step's logits bit for
-    bit (eagerly; a graph's tokens), 4 rows then 1 (the fused step eagerly; at 1 row the decode graph captures it),
-    with the epilogue's launch in the packed layers and no RoPE launch between QKV and attention."""
+    bit (eagerly; a graph's tokens), 4 rows, 1, then 8 (the fused step, eagerly and in the decode graphs), with the
+    epilogue's launch in the packed layers and no RoPE launch between QKV and attention."""
     from fi_engine.kernels.launch_timing import LaunchTimer
     from fi_engine.kernels.quantized_weights import QuantizedWeights
 
-    # both engines take the same GEMM launches (the least label of every timed set: the format's own path), so the
-    # steps of more rows, which a graph runs as the Llama pass, cannot differ by a launch choice
+    # both engines take the same GEMM launches (the least label of every timed set: the format's own path), so their
+    # steps cannot differ by a launch choice
     monkeypatch.setattr(LaunchTimer, "times", lambda self, runs: {k: 0.0 if k == min(runs) else 1.0 for k in runs})
     int4, _, _ = checkpoints
-    for lens, new in (((5, 16, 29, 50), [9, 6, 9, 5]), ((11,), [12])):
+    for lens, new in (((5, 16, 29, 50), [9, 6, 9, 5]), ((11,), [12]), ((3, 8, 13, 18, 23, 28, 33, 38), [5] * 8)):
         ps = prompts(lens, VOCAB, seed=2)
         runs = []
         for in_gemv in (True, False):
@@ -175,7 +176,7 @@ def test_rope_in_the_qkv_gemv_gives_the_logits_of_its_launches(checkpoints, grap
                 finally:
                     del engine.sampler.pick
                 logits.append(runner.buffers.logits[: len(ps)].get())
-                view = runner.io._views.get(("decode", len(ps), len(ps)))  # (a graph of 4 rows runs the Llama pass)
+                view = runner.io._views.get(("decode", len(ps), len(ps)))
                 fused = view is not None and "fused step" in view.prepared
                 before = len(view.prepared["fused step"][1][1][0]) if fused else None
                 runs.append((tokens, logits, before))

@@ -341,6 +341,7 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
         rows=SimpleNamespace(prepared_gather=stand_in),
         fused=SimpleNamespace(
             prepared=stand_in,
+            fits=lambda rows, k: rows <= 4,  # (the LM head's fused GEMV: the quantized steps' head up to 4 rows)
             has_qkv_rope=lambda *_: False,
             has_gate_up_silu=lambda *_: True,  # the gate/up GEMV's SiLU epilogue, then the down GEMV over its output
             prepared_gate_up_silu=stand_in,

@@ -240,13 +240,14 @@ def test_an_engine_serving_adapters_captures_each_decode_graph_with_and_without_
 
 
 @pytest.mark.parametrize(
-    "weights, most", [("int4", 4), ("int4 at one row", 1), ("fp8 epilogues", 1), ("fp8 fused", 1), ("16-bit", 1)]
+    "weights, most", [("int4", 8), ("int4 at one row", 1), ("fp8 epilogues", 1), ("fp8 fused", 1), ("16-bit", 1)]
 )
-def test_decode_graphs_over_int4_weights_capture_the_fused_step_up_to_4_rows(
+def test_decode_graphs_over_int4_weights_capture_the_fused_step_up_to_8_rows(
     fake_rt, monkeypatch: pytest.MonkeyPatch, weights: str, most: int
 ) -> None:
-    # over int4 weights the graphs of 2-4 rows capture the fused step too (its GEMVs are the separate launches'
-    # kernels); over FP8 (either form of its step) and 16-bit weights, only the one-row graph does
+    # over int4 weights the graphs of 2-8 rows capture the fused step too (its GEMVs are the separate launches'
+    # kernels; past 4 rows its LM head the separate launches' norm and GEMM); over FP8 (either form of its step) and
+    # 16-bit weights, only the one-row graph does
     r, log = bare_runner(fake_rt, adapters=False, cuda_graph=False)
     q = r.dense.quantized
     q.fp8_fused = weights == "fp8 fused"
@@ -256,6 +257,7 @@ def test_decode_graphs_over_int4_weights_capture_the_fused_step_up_to_4_rows(
         monkeypatch.setattr(ModelRunner, "graph_fused_int4_rows", 1)
     assert r.fused.quantized == (weights in ("int4", "int4 at one row", "fp8 epilogues"))
     r.step_graphs.capture()
+    assert r.fused.fits_int4_wide(8) == weights.startswith("int4") and not r.fused.fits_int4_wide(9)
     for rows in (1, 2, 4, 8):
         fused = ["fused step", "argmax"] if rows <= most else [*unfused(False), "argmax"]
         assert log.captured[r.step_graphs.graphs[rows]._exec] == fused, rows

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from ...kernels import flashinfer as kernels
+from ...kernels.int4_linear import ROPE_ROWS
 from .state import RunnerState
 
 __all__: list[str] = []
@@ -47,13 +48,26 @@ class FusedDecode:
             and not (
                 r.moe_layers and r.dense.quantized.serves_fp8 and not r.dense.quantized.fp8_fused
             )  # (dense layers only)
-            and r.dense.fused.fits(rows, c.hidden_size)
             and (
-                r.moe_layers[0].packs_step(rows, r.dense_moe(rows))  # every MoE layer alike: its first says
-                if r.moe_layers
-                else r.dense.fused.fits(rows, c.intermediate_size)
+                (
+                    r.dense.fused.fits(rows, c.hidden_size)
+                    and (
+                        r.moe_layers[0].packs_step(rows, r.dense_moe(rows))  # every MoE layer alike: its first says
+                        if r.moe_layers
+                        else r.dense.fused.fits(rows, c.intermediate_size)
+                    )
+                )
+                or self.fits_int4_wide(rows)
             )
         )
+
+    def fits_int4_wide(self, rows: int) -> bool:
+        """Whether the int4 step serves ``rows`` rows past the fused GEMVs' 4: dense layers over int4 weights, up to
+        :data:`~fi_engine.kernels.int4_linear.ROPE_ROWS` (8, its QKV GEMV's RoPE form); the LM head then takes the
+        final norm as a launch of its own and the 16-bit GEMM, as the separate launches do (the rest of :meth:`fits`
+        holding too)."""
+        r = self.runner
+        return r.dense.quantized.serves_int4 and not r.moe_layers and 0 < rows <= ROPE_ROWS
 
     @property
     def quantized(self) -> bool:
@@ -385,6 +399,19 @@ class FusedDecode:
         # h += the last down output; the final norm; the LM head
         n, logits, ln = r.head_rows, b.logits.data.ptr, r.final_norm.data_ptr
         mode = ADD_NORM if c.num_layers else NORM
+        if not dense.fused.fits(rows, h):  # (int4, 5-8 rows: fits_int4_wide) the norm, then the 16-bit GEMM
+            resid = self._residual(v, cur, rows)
+            if c.num_layers:
+                norm = kernels.prepared_fused_add_rmsnorm(v.x, resid, r.final_norm, eps, s, pdl)
+            else:
+                norm = kernels.prepared_rmsnorm(resid, r.final_norm, v.x, eps, s, pdl)
+            gemm = dense.prepared_linear(rows, x, h, r.lm_head, n, h, logits, n, ab, r.gemm_f32)
+
+            def head() -> None:
+                norm()
+                gemm()
+
+            return embed, layers, head
         head = dense.fused.prepared(mode, rows, x, h, r.lm_head, n, h, logits, n, ab, r.gemm_f32, cur, h, ln, 0, eps)
         return embed, layers, head
 

@@ -72,9 +72,9 @@ class ModelRunner(RunnerState):
     a bucket (:attr:`prefill_buckets`) and run as the CUDA graph of that bucket and batch size, captured the first
     time it is met (``step_graphs``); set it False to always prefill eagerly. A capture that fails leaves that shape
     eager, with a warning and the reason in ``prefill_graph_failures``.
-    ``fused_decode`` (default True): an eager decode step of at most 4 rows on one GPU, by the Llama pass
-    (``ModelFamily.llama_pass``), runs its RMSNorms, residual adds and SiLU inside the runner's GEMV launches (MoE
-    layers: their add + norm as one packed kernel, then their step's packed launches, where the MoE path packs),
+    ``fused_decode`` (default True): an eager decode step of at most 4 rows (8 over int4 weights) on one GPU, by the
+    Llama pass (``ModelFamily.llama_pass``), runs its RMSNorms, residual adds and SiLU inside the runner's GEMV launches
+    (MoE layers: their add + norm as one packed kernel, then their step's packed launches, where the MoE path packs),
     and RoPE and the KV append too where the QKV GEMV's epilogue serves them (head dim 64 to 512, no Qwen3 per-head
     norms between), with every launch but the attention run packed once (``fused``, :mod:`.fused_decode`; the same
     logits as the separate launches); False: the separate launches.
@@ -116,8 +116,8 @@ class ModelRunner(RunnerState):
     per-row work makes them slower than cuBLASLt (over int4 weights: :attr:`graph_fused_int4_rows`). Read
     when the graph is captured (at construction): set it on the class to compare."""
 
-    graph_fused_int4_rows = 4
-    """Over int4 weights, the decode graphs of up to this many rows (at most 4, the LM head's fused GEMV) capture the
+    graph_fused_int4_rows = 8
+    """Over int4 weights, the decode graphs of up to this many rows (at most 8: ``fused.fits_int4_wide``) capture the
     fused step too, with :attr:`graph_fused_decode`: its GEMVs are the int4 GEMVs the separate launches run (the norms
     stay launches), with SiLU, RoPE and the KV append in their epilogues, so a layer has three launches fewer. On an
     H100, 8B AWQ: 656 against 615 tokens/s at 2 rows, 1,266 against 1,222 at 4 (benchmarks/RESULTS.md). Not over FP8
