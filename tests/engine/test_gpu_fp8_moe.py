@@ -50,6 +50,7 @@ cp = pytest.importorskip("cupy", reason="the engine needs CuPy (python -m pip in
 
 from helpers.fp8_checkpoints import write_fp8_copy  # noqa: E402
 from helpers.int4_checkpoints import write_16bit_copy  # noqa: E402
+from helpers.launch_choices import pin_launch_choices  # noqa: E402
 from helpers.moe_checkpoints import VOCAB, save_random_deepseek_v3, save_random_qwen3_moe  # noqa: E402
 from helpers.yardstick import LOGIT_TOL, prompts  # noqa: E402
 
@@ -185,7 +186,12 @@ def test_deepseek_v3_prefill_logits_equal_the_dequantized_copys(deepseek_v3, deq
 
 
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
-def test_deepseek_v3_greedy_tokens_equal_the_dequantized_copys(deepseek_v3, dequantizing_load, graph) -> None:  # type: ignore[no-untyped-def]
+def test_deepseek_v3_greedy_tokens_equal_the_dequantized_copys(  # type: ignore[no-untyped-def]
+    deepseek_v3, dequantizing_load, graph, monkeypatch
+) -> None:
+    # the same weights' bits in both engines (every projection dequantized at load), and the same GEMM launches (each
+    # engine's timed picks would differ from run to run and flip a near tie: seen in a graph, one token in 17)
+    pin_launch_choices(monkeypatch)
     fp8, copy, _ = deepseek_v3
     ps = prompts(DECODE[0], VOCAB)
     runs = []

@@ -34,6 +34,7 @@ if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
 cp = pytest.importorskip("cupy", reason="the engine needs CuPy (python -m pip install '.[engine]')")
 
 from helpers.int4_checkpoints import write_16bit_copy, write_int4_copy  # noqa: E402
+from helpers.launch_choices import pin_launch_choices  # noqa: E402
 from helpers.random_llama import VOCAB, save_random_llama  # noqa: E402
 from helpers.yardstick import prompts  # noqa: E402
 
@@ -150,12 +151,11 @@ def test_rope_in_the_qkv_gemv_gives_the_logits_of_its_launches(checkpoints, grap
     default) against the same step with them as launches of their own: the same tokens and every step's logits bit for
     bit (eagerly; a graph's tokens), 4 rows, 1, then 8 (the fused step, eagerly and in the decode graphs), with the
     epilogue's launch in the packed layers and no RoPE launch between QKV and attention."""
-    from fi_engine.kernels.launch_timing import LaunchTimer
     from fi_engine.kernels.quantized_weights import QuantizedWeights
 
     # both engines take the same GEMM launches (the least label of every timed set: the format's own path), so their
     # steps cannot differ by a launch choice
-    monkeypatch.setattr(LaunchTimer, "times", lambda self, runs: {k: 0.0 if k == min(runs) else 1.0 for k in runs})
+    pin_launch_choices(monkeypatch)
     int4, _, _ = checkpoints
     for lens, new in (((5, 16, 29, 50), [9, 6, 9, 5]), ((11,), [12]), ((3, 8, 13, 18, 23, 28, 33, 38), [5] * 8)):
         ps = prompts(lens, VOCAB, seed=2)

@@ -51,6 +51,7 @@ from helpers.gpu import engine_against_transformers
 cp, torch, transformers = engine_against_transformers()
 
 from helpers.checkpoints import MIXTRAL_MOE, SMALL, float32_reference, save_random  # noqa: E402
+from helpers.launch_choices import pin_launch_choices  # noqa: E402
 from helpers.lora_adapters import ALL_MODULES, llama_shapes, write_adapter  # noqa: E402
 from helpers.yardstick import (  # noqa: E402
     bf16_yardstick,
@@ -60,7 +61,6 @@ from helpers.yardstick import (  # noqa: E402
     reference_logits,
 )
 
-from fi_engine.kernels.launch_timing import LaunchTimer  # noqa: E402
 from fi_engine.models.registry import open_engine  # noqa: E402
 from fi_engine.runtime.sampling_params import SamplingParams  # noqa: E402
 
@@ -288,8 +288,7 @@ def test_base_rows_decode_as_an_engine_without_adapters(base, graph, monkeypatch
     whose roundings differ and flip a near tie of the random model's logits (seen: one token of 17 in a row of the
     batch, in graph mode): both engines here take the same pick, cuBLASLt (``LaunchTimer.times`` pinned: no other
     launch comes close, so neither engine's decode graphs try another in the step either)."""
-    # (_LT, -2, the least label: in every set of runs)
-    monkeypatch.setattr(LaunchTimer, "times", lambda self, runs: {k: 0.0 if k == min(runs) else 1.0 for k in runs})
+    pin_launch_choices(monkeypatch)  # (cuBLASLt's _LT, -2, the least label: in every set of runs)
     name, path, _, _, ps, settings = base
     runs = {}
     for lora in (None, settings):
