@@ -211,6 +211,25 @@ def caches_apart(rope: RopeAppend, areas: list[tuple[str, int, int]]) -> None:
         raise ValueError("rope.v_cache: overlaps rope.k_cache")
 
 
+def indices_apart(rope: RopeAppend, rows: int, written: list[tuple[str, int, int]]) -> None:
+    """ValueError naming the index array of ``rope`` (checked by :func:`rope_ints`) that runs past the address space or
+    overlaps a cache or one of ``written`` (``(name, address, bytes)``: what the launch writes besides the caches),
+    so that no block's store changes an index another block is still to read. The bytes checked are those every
+    launch of ``rows`` rows reads: ``positions`` and ``batch_indices`` an int32 a row, ``kv_indptr`` and
+    ``kv_indices`` at least their first (how far the kernel reads into them is up to their values)."""
+    span_cache = 2 * rope.num_pages * rope.stride_page
+    areas = [("rope.k_cache", rope.k_cache, span_cache), ("rope.v_cache", rope.v_cache, span_cache), *written]
+    for name, span in (("positions", 4 * rows), ("batch_indices", 4 * rows), ("kv_indptr", 4), ("kv_indices", 4)):
+        value = getattr(rope, name)
+        if value + span > U64:
+            raise ValueError(f"rope.{name}: 0x{value:x} + {span} bytes runs past the end of the address space")
+        for other, base, size in areas:
+            if overlap(value, span, base, size):
+                raise ValueError(
+                    f"rope.{name}: overlaps {other} (the launch writes it while its blocks read the index)"
+                )
+
+
 def check_epilogue_io(rows: int, x: int, x_ld: int, k: int, y: int, y_ld: int, out: int) -> tuple[int, int]:
     """The byte spans of ``x [rows, k]`` and ``y [rows, out]`` (16-bit, row strides ``x_ld``, ``y_ld``) of a GEMV with
     an epilogue, checked: rows no closer than their width, ``x`` 16-byte aligned with its row stride and ``y`` 2,

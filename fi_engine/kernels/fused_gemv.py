@@ -36,6 +36,7 @@ from .fused_args import (
     check_fused_values,
     epilogue_mode,
     fused_args,
+    indices_apart,
     rope_ints,
 )
 from .gemv_settings import GEMV_MAX_ROWS, GEMV_NAMES, GemvSettings, unroll
@@ -416,6 +417,8 @@ class FusedGemvs:
         if mode == ADD_NORM and h_out:
             areas.append(("h_out", h_out, 2 * ((rows - 1) * h_ld + k)))
         caches_apart(rope, areas)
+        written = [area for area in areas if area[0] in ("y", "h_out")]
+        indices_apart(rope, rows, written)
         return EpilogueCall(key, fn, smem, [*fused_args(key), *rope_args], n // 2, n)
 
     prepared_qkv_rope = _epilogue_form(

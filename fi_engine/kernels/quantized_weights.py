@@ -14,7 +14,7 @@ from typing import Any
 
 from .cublas import CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F
 from .fp8_linear import FP8_GEMV_MAX_ROWS, PAIR_MAX_ROWS, PAIR_ROPE, PAIR_SILU, Fp8Linears, Fp8Weight
-from .fused_args import NORM, RopeAppend, caches_apart, check_epilogue_io, rope_ints
+from .fused_args import NORM, RopeAppend, caches_apart, check_epilogue_io, indices_apart, rope_ints
 from .int4_linear import INT4_GEMV_MAX_ROWS, ROPE_ROWS, Int4Linears, Int4Weight
 from .launch import MAX_LD, U64, Launcher, int_arg
 from .norm_fold import FOLD_ROWS, FoldCounters, FoldIn, FoldOut, fold_ints
@@ -224,7 +224,8 @@ class QuantizedWeights:
         the three launches it replaces (``rows`` 1 to 8; as :meth:`prepared_fp8_qkv_rope`, whose ``rope`` it takes).
         Raises TypeError/ValueError naming an argument that is no int or out of range, a weight not registered so or
         of another shape or type, a misaligned ``x`` (16 bytes, and its row stride) or ``y`` (2), ``y`` overlapping
-        ``x``, a bad field of ``rope`` or a cache overlapping ``x`` or ``y``."""
+        ``x``, a bad field of ``rope``, a cache overlapping ``x`` or ``y``, an index array overlapping ``y`` or a
+        cache."""
         _check_epilogue_gemv(rows, ROPE_ROWS, x, x_ld, w, k, y, y_ld)
         int_arg("ab_type", ab_type, -(1 << 63), 1 << 63)
         rope_args = rope_ints(rope)
@@ -235,6 +236,7 @@ class QuantizedWeights:
         check_call(wt, "int4", n, k, ab_type, ab_type)
         span_x, span_y = check_epilogue_io(rows, x, x_ld, k, y, y_ld, n)
         caches_apart(rope, [("y", y, span_y), ("x", x, span_x)])
+        indices_apart(rope, rows, [("y", y, span_y)])
         launcher = self._launcher
         launcher.check_open()
         assert self.int4 is not None
@@ -402,6 +404,7 @@ class QuantizedWeights:
         span_x, span_y = check_epilogue_io(rows, x, x_ld, k, y, y_ld, out)
         if epi == PAIR_ROPE:
             caches_apart(rope, [("y", y, span_y), ("x", x, span_x)])
+            indices_apart(rope, rows, [("y", y, span_y)])
         s_ld, bn, shift, _ = fp8.scale_args
         args = [x, w, y, rows, pairs, k, x_ld, y_ld, fp8.scales, s_ld, bn, shift, *rope_args, *tail]
         params, values = launcher.slots(args)

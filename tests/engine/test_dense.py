@@ -702,6 +702,33 @@ def test_a_bad_fp8_epilogue_call_is_refused_by_name(entry, change, match):
     assert len(d.launches) == 1  # the warm call's launch only
 
 
+@pytest.mark.parametrize(
+    ("entry", "index", "address", "match"),
+    [
+        ("16-bit", "positions", at(2), r"^rope\.positions: overlaps y \(the launch writes it"),
+        ("16-bit", "kv_indices", at(5), r"^rope\.kv_indices: overlaps h_out"),
+        ("16-bit", "batch_indices", at(10) + 64, r"^rope\.batch_indices: overlaps rope\.k_cache"),
+        ("fp8", "positions", at(2) + 4, r"^rope\.positions: overlaps y"),
+        ("fp8", "kv_indptr", at(11), r"^rope\.kv_indptr: overlaps rope\.v_cache"),
+        ("fp8", "batch_indices", (1 << 64) - 4, r"^rope\.batch_indices: 0x[0-9a-f]+ \+ 8 bytes runs past the end"),
+    ],
+)
+def test_a_rope_epilogues_index_array_under_what_it_writes_is_refused_by_name(entry, index, address, match) -> None:  # type: ignore[no-untyped-def]
+    """The QKV GEMVs' RoPE epilogue reads the step's index arrays while its blocks store qkv, the caches (and, 16-bit
+    with ADD_NORM, the new residual): an index array under any of them is refused, after a warm valid call of the same
+    layout (the check holds on every call)."""
+    d = fake_dense()
+    method, call = (
+        (d.fused.prepared_qkv_rope, qkv_call())
+        if entry == "16-bit"
+        else (d.quantized.prepared_fp8_qkv_rope, fp8_qkv_call())
+    )
+    method(**call)
+    with pytest.raises(ValueError, match=match):
+        method(**{**call, "rope": dataclasses.replace(call["rope"], **{index: address})})
+    assert d.launches == []
+
+
 def test_an_odd_gate_up_weight_and_a_missing_kernel_are_refused_by_name() -> None:
     d = fake_dense()
     d.quantized.fp8_weights[at(16)] = Fp8Weight(at(16), N - 1, H, at(14), None)

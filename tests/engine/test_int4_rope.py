@@ -123,6 +123,8 @@ def test_the_rope_form_takes_at_most_1024_threads(monkeypatch: pytest.MonkeyPatc
         ({"rope": rope(hq=HQ + 1)}, ValueError, "^n, k: the int4 weight"),
         ({"rope": rope(d=96)}, ValueError, "^rope.d"),
         ({"rope": rope(k_cache=at(10))}, ValueError, "^rope.k_cache: overlaps x"),
+        ({"rope": rope(positions=at(11) + 8)}, ValueError, "^rope.positions: overlaps y"),
+        ({"rope": rope(kv_indices=at(26) + 4)}, ValueError, "^rope.kv_indices: overlaps rope.v_cache"),
         ({"rope": None}, TypeError, "^rope: expected a RopeAppend"),
         ({"k": 1.5}, TypeError, "^k"),
     ],
