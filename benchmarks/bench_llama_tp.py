@@ -348,6 +348,8 @@ def set_variant(variant: str) -> None:
         from fi_engine.runtime.serving import ServingLoop
 
         ModelRunner.tp_prepare_ahead = ServingLoop.tp_pipelined_decode = variant == "tp-pipe"
+    if variant == "tp-tune":  # TP > 1: the decode graphs' GEMM launches tuned in the captured step, in lock step
+        ModelRunner.tp_tune_decode_graphs = True
     if variant == "pdl":  # the fused all-reduce + norm launched with programmatic dependent launch
         from fi_engine.layers.tensor_parallel import ResidualAllReduce
 
@@ -630,7 +632,8 @@ def main() -> None:
         "ModelRunner.tp_fused_epilogues off), tp-pipe (TP > 1: each graph step staged while the last one runs and "
         "launched before its ids are read, ServingLoop.tp_pipelined_decode and ModelRunner.tp_prepare_ahead on, "
         "the default), no-tp-pipe (TP > 1: both off, each step launched after the last one's ids are read; "
-        "--profile also times the graph launch with one graph in flight)",
+        "--profile also times the graph launch with one graph in flight), tp-tune (TP > 1: the decode graphs' GEMM "
+        "launches tuned in the captured step with the ranks in lock step, ModelRunner.tp_tune_decode_graphs on)",
     )
     ap.add_argument("--profile", action="store_true", help="graph rows: also time each part of the step")
     add_hbm_tbs_argument(ap)

@@ -356,6 +356,11 @@ class Dense:
         """The launches chosen for the shapes' keys ``keys`` (as :meth:`close_choices` names them)."""
         return tuple(self._choices[k] for k in keys)
 
+    def timed_all(self, keys: tuple[tuple[int, ...], ...], labels: tuple[int, ...]) -> bool:
+        """Whether every one of ``labels`` is a launch timed for every one of ``keys`` (so :meth:`set_choices` takes
+        them): another rank's list of close launches, checked against this Dense's timings."""
+        return all(label in self._timings.get(key, ()) for key in keys for label in labels)
+
     def set_choices(self, keys: tuple[tuple[int, ...], ...], labels: tuple[int, ...]) -> None:
         """Serve each of ``keys`` (as :meth:`close_choices` names them) by the launch of the same place in
         ``labels`` (one of the key's timed launches) from the next call on: a step captured after it launches

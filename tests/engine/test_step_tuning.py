@@ -7,8 +7,10 @@ when they were captured (the GPU test, tests/engine/test_gpu_llama.py, captures 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
+import numpy as np
 import pytest
 
 from fi_engine.kernels import dense as D
@@ -168,3 +170,130 @@ def test_set_choices_refuses_a_launch_the_shape_was_not_timed_with() -> None:
     with pytest.raises(ValueError, match="7 is not a launch timed"):
         dense.set_choices((key(8, QKV),), (7,))
     assert dense.choices((key(8, QKV),)) == (0,)
+
+
+# ------------------------------------------------------------------------------------- tensor parallelism (lock step)
+
+
+def test_shapes_travel_as_words_and_back() -> None:
+    shapes = [((key(8, QKV),), (0, 4, -2)), ((key(8, OUT, 0x100), key(8, OUT, 0x200)), (2, 0))]
+    words = T.shapes_words(shapes)
+    assert len(words) <= T.TUNE_WORDS and words[0] == 2
+    assert T.shapes_from_words([*words, 0, 0, 0]) == shapes  # (the broadcast buffer is longer)
+    assert T.shapes_words([]) == [0] and T.shapes_from_words([0] * 8) == []
+    many = [((key(8, (n, 4096)),), (0, 1, 2)) for n in range(0, 200 * 128, 128)]
+    assert T.shapes_words(many) == [0]  # more than TUNE_WORDS: no shape (every rank then tries none)
+    for bad in ([], [1], [1, 1, 6, 8], [-1], [1, -2, 6]):
+        with pytest.raises(ValueError, match="^words: not a list of shapes"):
+            T.shapes_from_words(bad)
+
+
+def test_ranks_in_lock_step_capture_and_keep_the_same_trials() -> None:
+    # two ranks whose launches timed alone differ: rank 1 chose QKV 4 where rank 0 chose 0, and named OUT's launches
+    # in another order; in lock step both try rank 0's list, every launch of it, and keep by the slowest rank's time
+    import threading
+
+    timings = [
+        {key(8, QKV): {0: 0.0219, 4: 0.0228}, key(8, OUT): {2: 0.0174, 0: 0.0175}},
+        {key(8, QKV): {0: 0.0230, 4: 0.0225}, key(8, OUT): {2: 0.0176, 0: 0.0170}},
+    ]
+    denses = [dense_with(t) for t in timings]
+    shared = denses[0].close_choices(8, T.TUNE_WITHIN, T.TUNE_MOST)
+    step_ms = [  # each rank's step ms by its graph's (QKV, OUT) launches
+        {(0, 2): 5.20, (4, 2): 4.80, (0, 0): 5.3, (4, 0): 4.70},
+        {(4, 0): 5.10, (0, 0): 5.00, (4, 2): 4.85, (0, 2): 5.2},
+    ]
+    order = [key(8, QKV), key(8, OUT)]
+    barrier, slot = threading.Barrier(2, timeout=5), [0.0, 0.0]  # (a rank out of step: broken, not hung)
+    out: list[Any] = [None, None]
+
+    def rank(i: int) -> None:
+        dense, made = denses[i], []
+
+        def capture() -> Graph:
+            made.append(Graph(dense._choices))
+            return made[-1]
+
+        def slowest(g: Graph) -> float:
+            slot[i] = step_ms[i][tuple(g.choices[k] for k in order)]
+            barrier.wait()
+            worst = max(slot)
+            barrier.wait()
+            return worst
+
+        held = {8: capture()}
+        tuning = T.tuned_step(dense, 8, held[8], capture, lambda g: held.__setitem__(8, g), slowest, lambda s: shared)
+        out[i] = (tuning, made, held[8])
+
+    threads = [threading.Thread(target=rank, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    (t0, made0, kept0), (t1, made1, kept1) = out
+    assert len(made0) == len(made1) == 1 + 2 + 2  # the first graph, then every launch of both shapes: none skipped
+    assert [s.tried for s in t0.shapes] == [s.tried for s in t1.shapes]  # the same trials, by the same times
+    # first graphs: 5.20 (rank 0) and 5.10; QKV 0: 5.20 / 5.00; QKV 4: 4.80 / 5.10, kept; OUT 2: 4.80 / 4.85, kept
+    assert [s.tried for s in t0.shapes] == [((0, 5.2), (4, 5.1)), ((2, 4.85), (0, 5.1))]
+    assert (t0.start_ms, t0.kept_ms) == (t1.start_ms, t1.kept_ms) == (5.2, 4.85)
+    assert [s.kept for s in t0.shapes] == [s.kept for s in t1.shapes] == [(4,), (2,)]
+    assert kept0.choices == kept1.choices == {key(8, QKV): 4, key(8, OUT): 2}
+    assert all(g.closes == 1 for g in (*made0, *made1) if g not in (kept0, kept1))
+
+
+class _Device(np.ndarray):
+    """A host array standing in for a CuPy one (``get``)."""
+
+    def get(self) -> np.ndarray:
+        return np.asarray(self)
+
+
+class _Rank1Comm:
+    """Rank 1 of two: its broadcast receives ``rank0_words``; its min all-reduce meets rank 0's ``rank0_ok``."""
+
+    rank = 1
+
+    def __init__(self, rank0_words: list[int], rank0_ok: bool) -> None:
+        self.rank0_words, self.rank0_ok, self.calls = rank0_words, rank0_ok, []
+
+    def broadcast(self, buffer: Any, *, root: int, stream: int) -> None:
+        self.calls.append(("broadcast", root, stream))
+        buffer[:] = 0
+        buffer[: len(self.rank0_words)] = self.rank0_words
+
+    def all_reduce(self, buffer: Any, *, op: str, stream: int) -> None:
+        self.calls.append(("all_reduce", op, stream))
+        buffer[0] = min(buffer[0], int(self.rank0_ok))
+
+
+def _tp_graphs(dense: D.Dense, comm: _Rank1Comm) -> Any:
+    from types import SimpleNamespace
+
+    from fi_engine.runtime.worker.step_graphs import StepGraphs
+
+    runner = SimpleNamespace(
+        comm=comm,
+        dense=dense,
+        stream_ptr=77,
+        stream=contextlib.nullcontext(),
+        cupy=SimpleNamespace(asarray=lambda a: np.array(a).view(_Device)),
+    )
+    return StepGraphs.__new__(StepGraphs), runner
+
+
+@pytest.mark.parametrize(
+    ("rank1_has", "rank0_ok", "tried"),
+    [(True, True, True), (False, True, False), (True, False, False)],
+    ids=["both timed", "rank 1 lacks a launch", "rank 0 lacks one"],
+)
+def test_a_rank_takes_rank_0s_shapes_only_where_every_rank_timed_their_launches(rank1_has, rank0_ok, tried) -> None:
+    # rank 0's list (QKV: 0 and 4) reaches rank 1, whose own timings named other launches; where a rank has not timed
+    # one of them (here rank 1 without QKV's 4, or rank 0 saying so), every rank tries no shape
+    rank0 = [((key(8, QKV),), (0, 4))]
+    mine = {key(8, QKV): {0: 0.0230, 4: 0.0225} if rank1_has else {0: 0.0230, 2: 0.0231}}
+    comm = _Rank1Comm(T.shapes_words(rank0), rank0_ok)
+    graphs, runner = _tp_graphs(dense_with(mine), comm)
+    graphs.runner = runner
+    own = runner.dense.close_choices(8, T.TUNE_WITHIN, T.TUNE_MOST)
+    assert graphs._rank0_shapes(own) == (rank0 if tried else [])
+    assert comm.calls == [("broadcast", 0, 77), ("all_reduce", "min", 77)]  # on the engine's stream

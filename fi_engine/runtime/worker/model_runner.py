@@ -167,8 +167,15 @@ class ModelRunner(RunnerState):
     close alone can differ by more in the step, where each overlaps the kernel before it (on an H200, an 8B step of
     8 rows 4.8 or 5.2 ms by which of two gate/up launches 0.1 % apart alone won). Shapes over FP8 or int4 weights
     keep the launch timed alone (the module says why). It costs, at open, a capture and 14 replays a launch tried
-    (at most 2 a shape). Not with tensor parallelism (the ranks would replay their trials out of step). Read when
-    the graphs are captured (at construction): set it on the class to compare."""
+    (at most 2 a shape). With tensor parallelism only in lock step (:attr:`tp_tune_decode_graphs`): ranks on their own
+    would replay their trials out of step. Read when the graphs are captured (at construction): set it on the class
+    to compare."""
+
+    tp_tune_decode_graphs = False
+    """With tensor parallelism, :attr:`tune_decode_graphs` in lock step: rank 0's shapes and close launches tried on
+    every rank, every trial's step time the slowest rank's, so each rank captures, replays and keeps the same trials
+    (:mod:`~fi_engine.runtime.worker.step_tuning`). Off until measured on two GPUs (the per-rank GEMM shapes are
+    the ones the tuning would serve). Read when the graphs are captured: set it on the class to compare."""
 
     packed_attention: bool = True
     """The fused decode step's attention runs packed once per step view (``fi_ffi.prepare_decode_run``), each call

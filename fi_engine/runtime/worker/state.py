@@ -126,6 +126,7 @@ class RunnerState:
     decode_graph_ladder: bool
     lora_base_graphs: bool
     tune_decode_graphs: bool
+    tp_tune_decode_graphs: bool
     lora_fused: bool
     lora_shrink_in_grid: bool
     attention_pdl: bool

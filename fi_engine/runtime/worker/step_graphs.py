@@ -27,10 +27,12 @@ import warnings
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
+
 from ..sched.step_arrays import fill_decode
 from .graph_shapes import bucket_for, decode_batches
 from .state import RunnerState
-from .step_tuning import StepTuning, step_ms, tuned_step
+from .step_tuning import TUNE_WORDS, Shapes, StepTuning, shapes_from_words, shapes_words, step_ms, tuned_step
 
 __all__: list[str] = []
 
@@ -129,7 +131,7 @@ class StepGraphs:
                     t = time.perf_counter()
                     r.step_lora = r.lora if adapters else None
                     graph = (self.lora_graphs if adapters else self.graphs)[rows] = self._captured_step(v, rows)
-                    if not adapters and r.tune_decode_graphs and r.comm is None:
+                    if not adapters and r.tune_decode_graphs and (r.comm is None or r.tp_tune_decode_graphs):
                         self._tune(v, rows, graph)  # (the adapters' set, captured next, takes the launches kept)
                     self.capture_s[adapters] += time.perf_counter() - t
                 # the plan's schedule layout of this batch size, which every replay's plan must keep (checked once)
@@ -172,9 +174,37 @@ class StepGraphs:
         def capture() -> Any:
             return self._captured_step(v, rows)
 
-        tuning = tuned_step(r.dense, rows, graph, capture, keep, lambda g: step_ms(g, r.stream, r.cupy))
+        if r.comm is None:
+            tuning = tuned_step(r.dense, rows, graph, capture, keep, lambda g: step_ms(g, r.stream, r.cupy))
+        else:
+            tuning = tuned_step(r.dense, rows, graph, capture, keep, self._slowest_rank_ms, self._rank0_shapes)
         if tuning is not None:
             self.tuning[rows] = tuning
+
+    def _rank0_shapes(self, shapes: Shapes) -> Shapes:
+        """Tensor parallelism: rank 0's ``shapes`` (``tuned_step``'s list of close launches) on every rank, or none on
+        any where a rank has not timed each of their launches (its own timings named other shapes)."""
+        r = self.runner
+        words = np.zeros(TUNE_WORDS, np.int64)
+        if r.comm.rank == 0:
+            mine = shapes_words(shapes)
+            words[: len(mine)] = mine
+        with r.stream:  # (the copies in and out on the collectives' stream, in order)
+            device = r.cupy.asarray(words)
+            r.comm.broadcast(device, root=0, stream=r.stream_ptr)
+            got = shapes_from_words(device.get())
+            ok = r.cupy.asarray(np.array([all(r.dense.timed_all(keys, labels) for keys, labels in got)], np.int32))
+            r.comm.all_reduce(ok, op="min", stream=r.stream_ptr)
+            return got if int(ok.get()[0]) else []
+
+    def _slowest_rank_ms(self, graph: Any) -> float:
+        """Tensor parallelism: ``graph``'s step time in ms (``step_ms``) on the slowest rank."""
+        r = self.runner
+        mine = step_ms(graph, r.stream, r.cupy)
+        with r.stream:
+            ms = r.cupy.asarray(np.array([mine], np.float64))
+            r.comm.all_reduce(ms, op="max", stream=r.stream_ptr)
+            return float(ms.get()[0])
 
     def replay_decode(self, rows: int, adapters: bool = False) -> None:
         """Replay the decode graph of ``rows`` rows (its index arrays staged and its plan made; its argmax is every

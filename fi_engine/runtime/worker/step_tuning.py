@@ -13,8 +13,13 @@ by at least :data:`TUNE_GAIN`; else the one chosen alone.
 Shapes over FP8 or int4 weights keep the launch timed alone (:data:`TUNE_QUANTIZED`): on an H200, AWQ int4 at 8 rows,
 the QKV shape's skinny GEMM replayed the step 50 us faster than the int4 path, yet the serving loop then decoded 2 %
 slower (2,539 against 2,593 tokens/s, two runs each; the trials alone, every graph but the first closed, changed
-nothing). The 16-bit shapes' picks held in the serving loop. One GPU only: ranks tuning on their own would replay
-their trial graphs, and those graphs' collectives, out of step.
+nothing). The 16-bit shapes' picks held in the serving loop.
+
+With tensor parallelism each rank's graphs hold collectives, so the ranks must capture and replay the same trials in
+the same order: rank 0's shapes and launches go to every rank (:func:`shapes_words`, :func:`shapes_from_words`: the
+ranks' own timings alone differ), every launch of the list is tried (a rank's choice timed alone may differ from rank
+0's, so none is skipped as the one already captured), and each trial's step time is the slowest rank's, so every rank
+keeps the same trials (``tuned_step``'s ``lockstep``; ``StepGraphs`` makes it from the runner's communicator).
 """
 
 from __future__ import annotations
@@ -29,8 +34,11 @@ __all__ = [
     "TUNE_MOST",
     "TUNE_QUANTIZED",
     "TUNE_WITHIN",
+    "TUNE_WORDS",
     "ShapeTrial",
     "StepTuning",
+    "shapes_from_words",
+    "shapes_words",
     "step_ms",
     "tuned_step",
 ]
@@ -40,6 +48,9 @@ TUNE_MOST = 2  # at most this many of them a shape besides the fastest
 TUNE_GAIN = 0.005  # a trial's graph is kept only where its step is this fraction faster than the graph kept so far
 TUNE_REPLAYS, TUNE_ROUNDS = 4, 3  # a graph's step time: the best of TUNE_ROUNDS rounds of TUNE_REPLAYS replays
 TUNE_QUANTIZED = False  # whether shapes over FP8 or int4 weights are tried too (the module's docstring says why not)
+TUNE_WORDS = 1024  # the int64 words rank 0's shapes and launches travel in to the other ranks (shapes_words)
+
+Shapes = list[tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]]  # close_choices' list: (keys, labels) a shape
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,47 @@ def step_ms(graph: Any, stream: Any, cupy: Any) -> float:
     return best
 
 
+def shapes_words(shapes: Shapes) -> list[int]:
+    """``shapes`` (``close_choices``' list) as at most :data:`TUNE_WORDS` ints: their count, then for each shape the
+    count and length of its keys, the keys' values, the count of its launches and their labels; ``[0]`` (no shape)
+    where they need more words."""
+    words = [len(shapes)]
+    for keys, labels in shapes:
+        width = len(keys[0]) if keys else 0
+        if any(len(key) != width for key in keys):
+            return [0]
+        words += [len(keys), width, *(value for key in keys for value in key), len(labels), *labels]
+    return words if len(words) <= TUNE_WORDS else [0]
+
+
+def shapes_from_words(words: Any) -> Shapes:
+    """The shapes :func:`shapes_words` wrote into ``words`` (a sequence of ints, longer is fine); ValueError where
+    they are not such a list."""
+    values = [int(w) for w in words]
+    at = 0
+
+    def take(n: int) -> list[int]:
+        nonlocal at
+        if n < 0 or at + n > len(values):
+            raise ValueError("words: not a list of shapes written by shapes_words")
+        at += n
+        return values[at - n : at]
+
+    def count() -> int:
+        (n,) = take(1)
+        if n < 0:
+            raise ValueError("words: not a list of shapes written by shapes_words")
+        return n
+
+    shapes: Shapes = []
+    for _ in range(count()):
+        n_keys, width = count(), count()
+        keys = tuple(tuple(take(width)) for _ in range(n_keys))
+        labels = tuple(take(count()))
+        shapes.append((keys, labels))
+    return shapes
+
+
 def tuned_step(
     dense: Any,
     rows: int,
@@ -89,17 +141,24 @@ def tuned_step(
     capture: Callable[[], Any],
     keep: Callable[[Any], None],
     timed: Callable[[Any], float],
+    lockstep: Callable[[Shapes], Shapes] | None = None,
 ) -> StepTuning | None:
     """Try the decode graph ``graph`` of ``rows`` rows with each close launch of its GEMM shapes (``dense``'s
     ``close_choices``) and keep the fastest: ``capture()`` captures the step again with the Dense's current
     choices (a new graph), ``keep(graph)`` hands over the graph kept so far (the caller holds it: it closes it on a
     failure), ``timed(graph)`` times one (:func:`step_ms`). A trial not kept is closed, a kept graph's predecessor
-    too, and the Dense left with the kept graph's choices. None where no shape has a close launch."""
+    too, and the Dense left with the kept graph's choices. None where no shape has a close launch.
+
+    ``lockstep`` (tensor parallelism): given this rank's shapes, returns the list every rank tries (rank 0's, where
+    each rank has timed its launches; else none); every launch of it is then tried, and ``timed`` must return the
+    slowest rank's step time, so that every rank captures, replays and keeps the same trials."""
     shapes = [
         (keys, labels)
         for keys, labels in dense.close_choices(rows, TUNE_WITHIN, TUNE_MOST)
         if TUNE_QUANTIZED or not any(key[5] for key in keys)  # (a key's last value: its quantized weight, or 0)
     ]
+    if lockstep is not None:
+        shapes = lockstep(shapes)
     if not shapes:
         return None
     start_ms = kept_ms = timed(graph)
@@ -109,7 +168,7 @@ def tuned_step(
         tried = []
         for label in labels:
             trial_choices = (label,) * len(keys)
-            if trial_choices == kept:
+            if trial_choices == kept and lockstep is None:  # (in lockstep another rank may not have it captured)
                 continue
             dense.set_choices(keys, trial_choices)
             trial = capture()
