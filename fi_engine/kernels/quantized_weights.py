@@ -404,7 +404,10 @@ class QuantizedWeights:
         span_x, span_y = check_epilogue_io(rows, x, x_ld, k, y, y_ld, out)
         if epi == PAIR_ROPE:
             caches_apart(rope, [("y", y, span_y), ("x", x, span_x)])
-            indices_apart(rope, rows, [("y", y, span_y)])
+            written = [("y", y, span_y)]
+            if fold is not None:  # (its factors' block writes them, every block draws a ticket)
+                written += [("fold.rs", fold.rs, 4 * rows), ("fold.sync", fold.sync, 16)]
+            indices_apart(rope, rows, written)
         s_ld, bn, shift, _ = fp8.scale_args
         args = [x, w, y, rows, pairs, k, x_ld, y_ld, fp8.scales, s_ld, bn, shift, *rope_args, *tail]
         params, values = launcher.slots(args)

@@ -189,5 +189,7 @@ def test_rope_in_the_qkv_gemv_gives_the_logits_of_its_launches(checkpoints, grap
         assert len(log_a) == len(log_b)
         for step, (a, b) in enumerate(zip(log_a, log_b, strict=True)):
             assert np.array_equal(a, b), f"step {step}: logits differ by {np.abs(a - b).max():.3g}"
-        if before_a is not None and before_b is not None:  # layer 1's launches before the attention: norm, QKV
-            assert before_b - before_a == 2, (before_a, before_b)  # (and RoPE, the append as launches)
+        # every step of 1 to 8 rows is the fused step, eagerly and in the graphs: layer 1's launches before the
+        # attention are the norm and the QKV GEMV (and, as launches, RoPE and the append)
+        assert before_a is not None and before_b is not None
+        assert before_b - before_a == 2, (before_a, before_b)

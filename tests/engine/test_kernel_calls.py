@@ -9,6 +9,8 @@ and keyword arguments are ones the ops accept, for both head dims and both dtype
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from helpers.hf_configs import LLAMA_SHAPE
@@ -291,34 +293,15 @@ def test_the_fused_step_hands_the_packed_attention_runs_the_same_frames(monkeypa
         run_l.entry, plan_l.entry = saved
 
 
-@pytest.mark.parametrize(
-    ("dtype", "head_dim", "qk_norm", "llama3", "weights"),
-    [("float16", 128, False, True, "16-bit"), ("bfloat16", 64, True, False, "16-bit"),
-     ("bfloat16", 128, True, True, "fp8"), ("float16", 128, False, False, "int4")],
-)  # fmt: skip
-def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtype, head_dim, qk_norm, llama3, weights):
-    """The fused step's fallback (Qwen3's per-head norms, or a head dim the QKV epilogue lacks; ``fp8``: the FP8
-    epilogue step, ``_fp8_fused_calls``, whose QKV GEMV keeps them separate for Qwen3; ``int4``: the same step, SiLU
-    the gate/up GEMV's epilogue and RoPE with the append launches of their own): ``_fused_calls``
-    packs RoPE and the KV append with ``fi_ffi.prepare`` (``kernels.prepared_rope_inplace`` / ``prepared_append_kv``),
-    and each packed launch hands the module the frame the op call ``_forward`` makes does (``kernels.rope_inplace``
-    / ``append_kv``; the norms' ``qk_rmsnorm``), every slot and DLTensor recorded by a probe bound as the entry point
-    of each launcher, in the order ``_forward`` issues them. The engine is a bare object with the attributes
-    ``_fused_calls`` reads; its GEMV launches are recording stand-ins. Then the packed calls reach the real module."""
-    from dataclasses import replace
+def _bare_step_engine(c: LlamaConfig, dtype: str, weights: str) -> Any:
+    """A bare ModelRunner with the attributes the fused step's packing (``FusedDecode._fused_calls``) reads, over
+    ``weights`` ("16-bit", "fp8" or "int4"): descriptors at fake addresses, the GEMV launches stand-ins returning
+    "gemv", the fused GEMVs serving up to 4 rows."""
     from types import SimpleNamespace
 
-    from helpers.frame_probe import FrameProbe
-
-    from fi_engine.runtime.worker.fused_decode import FusedDecode
     from fi_engine.runtime.worker.model_runner import ModelRunner
-    from fi_ffi.ops import norm, page, rope
 
     fp8 = weights == "fp8"
-    c = replace(config(head_dim), qk_norm=qk_norm)
-    if llama3:
-        c = replace(c, rope=RopeConfig(theta=5e5, llama3=True, factor=8.0))
-    v = views(c, dtype, "decode")
     eng = object.__new__(ModelRunner)
     eng.config, eng.stream_ptr, eng.gemm_type, eng.gemm_f32, eng.head_rows = c, 0, 1, 2, 0
     buffer = SimpleNamespace(data=SimpleNamespace(ptr=FAKE))
@@ -363,6 +346,38 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
     )
     if fp8:
         eng.kv_fp8 = None
+    return eng
+
+
+@pytest.mark.parametrize(
+    ("dtype", "head_dim", "qk_norm", "llama3", "weights"),
+    [("float16", 128, False, True, "16-bit"), ("bfloat16", 64, True, False, "16-bit"),
+     ("bfloat16", 128, True, True, "fp8"), ("float16", 128, False, False, "int4")],
+)  # fmt: skip
+def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtype, head_dim, qk_norm, llama3, weights):
+    """The fused step's fallback (Qwen3's per-head norms, or a head dim the QKV epilogue lacks; ``fp8``: the FP8
+    epilogue step, ``_fp8_fused_calls``, whose QKV GEMV keeps them separate for Qwen3; ``int4``: the same step, SiLU
+    the gate/up GEMV's epilogue and RoPE with the append launches of their own): ``_fused_calls``
+    packs RoPE and the KV append with ``fi_ffi.prepare`` (``kernels.prepared_rope_inplace`` / ``prepared_append_kv``),
+    and each packed launch hands the module the frame the op call ``_forward`` makes does (``kernels.rope_inplace``
+    / ``append_kv``; the norms' ``qk_rmsnorm``), every slot and DLTensor recorded by a probe bound as the entry point
+    of each launcher, in the order ``_forward`` issues them. The engine is a bare object with the attributes
+    ``_fused_calls`` reads; its GEMV launches are recording stand-ins. Then the packed calls reach the real module."""
+    from dataclasses import replace
+
+    from helpers.frame_probe import FrameProbe
+
+    from fi_engine.runtime.worker.fused_decode import FusedDecode
+    from fi_ffi.ops import norm, page, rope
+
+    fp8 = weights == "fp8"
+    c = replace(config(head_dim), qk_norm=qk_norm)
+    if llama3:
+        c = replace(c, rope=RopeConfig(theta=5e5, llama3=True, factor=8.0))
+    v = views(c, dtype, "decode")
+    eng = _bare_step_engine(c, dtype, weights)
+    if fp8:
+        eng.kv_fp8 = None
     op = "_apply_llama31_rope_pos_ids" if llama3 else "_apply_rope_pos_ids"
     launches = (getattr(rope, op), page._append, norm._qk_rmsnorm)
     probe = FrameProbe()
@@ -399,6 +414,41 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
     _, layers, _ = FusedDecode(eng)._fused_calls(v, BATCH)
     for call in layers[0][0][1 if weights == "16-bit" else 2 :]:
         reached(call)
+
+
+def test_the_int4_steps_lm_head_past_the_fused_gemvs_rows_is_the_final_norm_then_the_gemm(monkeypatch):
+    """Over int4 weights the fused step serves more rows than the fused GEMVs (``FusedDecode.fits_int4_wide``): there
+    its LM head is ``fused_add_rmsnorm`` of the residual with the final norm's weight into ``x``, then the 16-bit
+    GEMM of ``x`` into the float32 logits, as the separate launches' head; where the fused GEMV serves the rows, its
+    one launch. Here the fused GEMVs serve 2 rows and the step has 3; the packed norm then reaches the real module."""
+    from types import SimpleNamespace
+
+    from fi_engine.runtime.worker import fused_decode
+    from fi_engine.runtime.worker.fused_decode import FusedDecode
+
+    c = config(128)
+    v = views(c, "bfloat16", "decode")
+    eng = _bare_step_engine(c, "bfloat16", "int4")
+    eng.head_rows, eng.lm_head, eng.norm_pdl = 128256, FAKE + (50 << 30), False
+    eng.buffers.logits = SimpleNamespace(data=SimpleNamespace(ptr=FAKE + (51 << 30)))
+    _, _, head = FusedDecode(eng)._fused_calls(v, BATCH)
+    assert head == "gemv"  # (3 rows: the fused GEMV with the norm as its prologue)
+    eng.dense.fused.fits = lambda rows, k: rows <= 2
+    reached(FusedDecode(eng)._fused_calls(v, BATCH)[2])  # the norm, packed by fi_ffi, reaches the module
+    log: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(
+        fused_decode.kernels,
+        "prepared_fused_add_rmsnorm",
+        lambda *args: lambda: log.append(("norm", *args)),
+    )
+    eng.dense.prepared_linear = lambda *args: lambda: log.append(("gemm", *args))
+    _, _, head = FusedDecode(eng)._fused_calls(v, BATCH)
+    head()
+    x = eng.buffers.x.data.ptr
+    assert log == [
+        ("norm", v.x, v.h, eng.final_norm, c.rms_norm_eps, 0, False),  # h += x; x = norm(h): the residual is h
+        ("gemm", BATCH, x, c.hidden_size, eng.lm_head, 128256, c.hidden_size, FAKE + (51 << 30), 128256, 1, 2),
+    ]
 
 
 @pytest.mark.parametrize("rows", [1, 5])

@@ -109,6 +109,7 @@ def bare_runner(
     r.dense = SimpleNamespace(
         linear=lambda *args: log("gemm"),
         bandwidth_bound=False,
+        launcher=SimpleNamespace(open=True),
         quantized=SimpleNamespace(fuses_fp8=True, serves_fp8=False, serves_int4=False),
         # the engine's GEMV serves up to 4 rows
         fused=SimpleNamespace(fits=lambda rows, k: rows <= 4, has_gate_up_silu=lambda ab: True),
@@ -240,8 +241,10 @@ def test_an_engine_serving_adapters_captures_each_decode_graph_with_and_without_
 
 
 @pytest.mark.parametrize(
-    "weights, most", [("int4", 8), ("int4 at one row", 1), ("fp8 epilogues", 1), ("fp8 fused", 1), ("16-bit", 1)]
-)
+    "weights, most",
+    [("int4", 8), ("int4 at one row", 1), ("int4, launch path closed", 4), ("fp8 epilogues", 1), ("fp8 fused", 1),
+     ("16-bit", 1)],
+)  # fmt: skip
 def test_decode_graphs_over_int4_weights_capture_the_fused_step_up_to_8_rows(
     fake_rt, monkeypatch: pytest.MonkeyPatch, weights: str, most: int
 ) -> None:
@@ -255,9 +258,11 @@ def test_decode_graphs_over_int4_weights_capture_the_fused_step_up_to_8_rows(
     q.serves_fp8 = weights.startswith("fp8")
     if weights == "int4 at one row":
         monkeypatch.setattr(ModelRunner, "graph_fused_int4_rows", 1)
-    assert r.fused.quantized == (weights in ("int4", "int4 at one row", "fp8 epilogues"))
+    if weights == "int4, launch path closed":  # (no wide form: the rows the fused GEMVs' own fits serves, 4 here)
+        r.dense.launcher.open = False
+    assert r.fused.quantized == weights.startswith(("int4", "fp8 epilogues"))
     r.step_graphs.capture()
-    assert r.fused.fits_int4_wide(8) == weights.startswith("int4") and not r.fused.fits_int4_wide(9)
+    assert r.fused.fits_int4_wide(8) == (weights in ("int4", "int4 at one row")) and not r.fused.fits_int4_wide(9)
     for rows in (1, 2, 4, 8):
         fused = ["fused step", "argmax"] if rows <= most else [*unfused(False), "argmax"]
         assert log.captured[r.step_graphs.graphs[rows]._exec] == fused, rows

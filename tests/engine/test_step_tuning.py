@@ -183,7 +183,7 @@ def test_shapes_travel_as_words_and_back() -> None:
     assert T.shapes_words([]) == [0] and T.shapes_from_words([0] * 8) == []
     many = [((key(8, (n, 4096)),), (0, 1, 2)) for n in range(0, 200 * 128, 128)]
     assert T.shapes_words(many) == [0]  # more than TUNE_WORDS: no shape (every rank then tries none)
-    for bad in ([], [1], [1, 1, 6, 8], [-1], [1, -2, 6]):
+    for bad in ([], [1], [1, 1, 6, 8], [-1], [1, -2, 6], [1, 10**9, 0]):
         with pytest.raises(ValueError, match="^words: not a list of shapes"):
             T.shapes_from_words(bad)
 
@@ -249,21 +249,37 @@ class _Device(np.ndarray):
 
 
 class _Rank1Comm:
-    """Rank 1 of two: its broadcast receives ``rank0_words``; its min all-reduce meets rank 0's ``rank0_ok``."""
+    """Rank 1 of two: its broadcast receives ``rank0_words``; its min all-reduce meets rank 0's ``rank0_ok``, its max
+    all-reduce rank 0's ``rank0_ms``. Each buffer goes through what the real communicator does with it first (fi_ffi's
+    tensor intake and NCCL's type for its dtype), so a buffer the real one refuses fails here too."""
 
     rank = 1
 
-    def __init__(self, rank0_words: list[int], rank0_ok: bool) -> None:
-        self.rank0_words, self.rank0_ok, self.calls = rank0_words, rank0_ok, []
+    def __init__(self, rank0_words: list[int], rank0_ok: bool = True, rank0_ms: float = 0.0) -> None:
+        self.rank0_words, self.rank0_ok, self.rank0_ms = rank0_words, rank0_ok, rank0_ms
+        self.calls: list[tuple[Any, ...]] = []
+        self.aborted: list[str] = []
+
+    @staticmethod
+    def _nccl(buffer: Any) -> None:
+        from fi_ffi.comm.nccl import _nccl_type
+        from fi_ffi.tensor.intake import as_tensor
+
+        _nccl_type("buffer", as_tensor(np.asarray(buffer), name="buffer").dtype)
 
     def broadcast(self, buffer: Any, *, root: int, stream: int) -> None:
+        self._nccl(buffer)
         self.calls.append(("broadcast", root, stream))
         buffer[:] = 0
         buffer[: len(self.rank0_words)] = self.rank0_words
 
     def all_reduce(self, buffer: Any, *, op: str, stream: int) -> None:
+        self._nccl(buffer)
         self.calls.append(("all_reduce", op, stream))
-        buffer[0] = min(buffer[0], int(self.rank0_ok))
+        buffer[0] = min(buffer[0], int(self.rank0_ok)) if op == "min" else max(buffer[0], self.rank0_ms)
+
+    def abort(self, reason: str) -> None:
+        self.aborted.append(reason)
 
 
 def _tp_graphs(dense: D.Dense, comm: _Rank1Comm) -> Any:
@@ -297,3 +313,31 @@ def test_a_rank_takes_rank_0s_shapes_only_where_every_rank_timed_their_launches(
     own = runner.dense.close_choices(8, T.TUNE_WITHIN, T.TUNE_MOST)
     assert graphs._rank0_shapes(own) == (rank0 if tried else [])
     assert comm.calls == [("broadcast", 0, 77), ("all_reduce", "min", 77)]  # on the engine's stream
+
+
+def test_a_trials_step_time_is_the_slowest_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fi_engine.runtime.worker import step_graphs
+
+    comm = _Rank1Comm([0], rank0_ms=5.25)
+    graphs, runner = _tp_graphs(dense_with({}), comm)
+    graphs.runner = runner
+    for mine, want in ((4.5, 5.25), (6.0, 6.0)):
+        monkeypatch.setattr(step_graphs, "step_ms", lambda graph, stream, cupy, mine=mine: mine)
+        assert graphs._slowest_rank_ms(object()) == pytest.approx(want)  # (float32 on the wire)
+    assert comm.calls == [("all_reduce", "max", 77)] * 2
+
+
+def test_a_rank_whose_tuning_fails_tells_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the other ranks wait in the step's collectives: the failing rank aborts the communicator before it raises
+    from fi_engine.runtime.worker import step_graphs
+
+    def fails(*args: Any) -> None:
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(step_graphs, "tuned_step", fails)
+    comm = _Rank1Comm([0])
+    graphs, runner = _tp_graphs(dense_with({}), comm)
+    graphs.runner, graphs.graphs, graphs.tuning = runner, {}, {}
+    with pytest.raises(RuntimeError, match="capture failed"):
+        graphs._tune(object(), 8, object())
+    assert comm.aborted == ["decode-graph tuning of 8 rows failed: RuntimeError: capture failed"]

@@ -62,12 +62,13 @@ class FusedDecode:
         )
 
     def fits_int4_wide(self, rows: int) -> bool:
-        """Whether the int4 step serves ``rows`` rows past the fused GEMVs' 4: dense layers over int4 weights, up to
+        """Whether the int4 step serves ``rows`` rows past the fused GEMVs' 4: the engine's launch path open (as the
+        fused GEMVs' ``fits`` asks), dense layers over int4 weights, up to
         :data:`~fi_engine.kernels.int4_linear.ROPE_ROWS` (8, its QKV GEMV's RoPE form); the LM head then takes the
         final norm as a launch of its own and the 16-bit GEMM, as the separate launches do (the rest of :meth:`fits`
         holding too)."""
         r = self.runner
-        return r.dense.quantized.serves_int4 and not r.moe_layers and 0 < rows <= ROPE_ROWS
+        return r.dense.launcher.open and r.dense.quantized.serves_int4 and not r.moe_layers and 0 < rows <= ROPE_ROWS
 
     @property
     def quantized(self) -> bool:

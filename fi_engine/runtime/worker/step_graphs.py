@@ -177,7 +177,11 @@ class StepGraphs:
         if r.comm is None:
             tuning = tuned_step(r.dense, rows, graph, capture, keep, lambda g: step_ms(g, r.stream, r.cupy))
         else:
-            tuning = tuned_step(r.dense, rows, graph, capture, keep, self._slowest_rank_ms, self._rank0_shapes)
+            try:
+                tuning = tuned_step(r.dense, rows, graph, capture, keep, self._slowest_rank_ms, self._rank0_shapes)
+            except BaseException as exc:  # the other ranks wait in this step's collectives: tell them
+                r.comm.abort(f"decode-graph tuning of {rows} rows failed: {type(exc).__name__}: {exc}")
+                raise
         if tuning is not None:
             self.tuning[rows] = tuning
 
@@ -202,7 +206,7 @@ class StepGraphs:
         r = self.runner
         mine = step_ms(graph, r.stream, r.cupy)
         with r.stream:
-            ms = r.cupy.asarray(np.array([mine], np.float64))
+            ms = r.cupy.asarray(np.array([mine], np.float32))  # (fi_ffi's tensors take no float64)
             r.comm.all_reduce(ms, op="max", stream=r.stream_ptr)
             return float(ms.get()[0])
 

@@ -37,8 +37,6 @@ __all__ = [
     "TUNE_WORDS",
     "ShapeTrial",
     "StepTuning",
-    "shapes_from_words",
-    "shapes_words",
     "step_ms",
     "tuned_step",
 ]
@@ -128,6 +126,8 @@ def shapes_from_words(words: Any) -> Shapes:
     shapes: Shapes = []
     for _ in range(count()):
         n_keys, width = count(), count()
+        if n_keys and not width:  # (keys of no value would take no words: a count no buffer bounds)
+            raise ValueError("words: not a list of shapes written by shapes_words")
         keys = tuple(tuple(take(width)) for _ in range(n_keys))
         labels = tuple(take(count()))
         shapes.append((keys, labels))
