@@ -59,6 +59,11 @@ class RopeAppend:
     stride_n: int
     stride_h: int
 
+    @property
+    def cache_bytes(self) -> int:
+        """The bytes each cache spans: ``num_pages`` pages of ``stride_page`` 16-bit elements."""
+        return 2 * self.num_pages * self.stride_page
+
     def constants(self) -> tuple[float, float, float, float]:
         """``(rcp_theta, rcp_scale, smooth_a, smooth_b)`` as FlashInfer's launcher computes them from its float
         arguments (float32 reciprocals; smooth_a through double, as its expression with M_PI evaluates)."""
@@ -199,7 +204,7 @@ def epilogue_mode(mode: object, epilogue: str, plain: bool = False) -> None:
 def caches_apart(rope: RopeAppend, areas: list[tuple[str, int, int]]) -> None:
     """ValueError naming the cache of ``rope`` (checked by :func:`rope_ints`) that runs past the address space or
     overlaps the other cache or one of ``areas`` (``(name, address, bytes)``: what the launch reads or writes)."""
-    span_cache = 2 * rope.num_pages * rope.stride_page
+    span_cache = rope.cache_bytes
     for name in ("k_cache", "v_cache"):
         value = getattr(rope, name)
         if value + span_cache > U64:
@@ -217,7 +222,7 @@ def indices_apart(rope: RopeAppend, rows: int, written: list[tuple[str, int, int
     so that no block's store changes an index another block is still to read. The bytes checked are those every
     launch of ``rows`` rows reads: ``positions`` and ``batch_indices`` an int32 a row, ``kv_indptr`` and
     ``kv_indices`` at least their first (how far the kernel reads into them is up to their values)."""
-    span_cache = 2 * rope.num_pages * rope.stride_page
+    span_cache = rope.cache_bytes
     areas = [("rope.k_cache", rope.k_cache, span_cache), ("rope.v_cache", rope.v_cache, span_cache), *written]
     for name, span in (("positions", 4 * rows), ("batch_indices", 4 * rows), ("kv_indptr", 4), ("kv_indices", 4)):
         value = getattr(rope, name)

@@ -409,16 +409,15 @@ class FusedGemvs:
         key = (mode | ROPE, rows, x, x_ld, w, n, k, y, y_ld, ab_type, ab_type, h, h_ld, norm_weight, h_out, eps)
         fn, _, smem, _, _ = self._pack(key, checks_only=True)
         _output_type(call, ab_type)
-        areas = [("y", y, 2 * ((rows - 1) * y_ld + n))]
+        y_area = ("y", y, 2 * ((rows - 1) * y_ld + n))
+        h_out_area = [("h_out", h_out, 2 * ((rows - 1) * h_ld + k))] if mode == ADD_NORM and h_out else []
+        areas = [y_area]
         if mode != PLAIN:  # (PLAIN reads no h)
             areas.append(("h", h, 2 * ((rows - 1) * h_ld + k)))
         if mode != NORM:
             areas.append(("x", x, 2 * ((rows - 1) * x_ld + k)))
-        if mode == ADD_NORM and h_out:
-            areas.append(("h_out", h_out, 2 * ((rows - 1) * h_ld + k)))
-        caches_apart(rope, areas)
-        written = [area for area in areas if area[0] in ("y", "h_out")]
-        indices_apart(rope, rows, written)
+        caches_apart(rope, [*areas, *h_out_area])
+        indices_apart(rope, rows, [y_area, *h_out_area])  # (what the launch writes)
         return EpilogueCall(key, fn, smem, [*fused_args(key), *rope_args], n // 2, n)
 
     prepared_qkv_rope = _epilogue_form(

@@ -108,26 +108,27 @@ def shapes_from_words(words: Any) -> Shapes:
     """The shapes :func:`shapes_words` wrote into ``words`` (a sequence of ints, longer is fine); ValueError where
     they are not such a list."""
     values = [int(w) for w in words]
+    bad = "words: not a list of shapes written by shapes_words"
     at = 0
 
     def take(n: int) -> list[int]:
         nonlocal at
         if n < 0 or at + n > len(values):
-            raise ValueError("words: not a list of shapes written by shapes_words")
+            raise ValueError(bad)
         at += n
         return values[at - n : at]
 
     def count() -> int:
         (n,) = take(1)
         if n < 0:
-            raise ValueError("words: not a list of shapes written by shapes_words")
+            raise ValueError(bad)
         return n
 
     shapes: Shapes = []
     for _ in range(count()):
         n_keys, width = count(), count()
         if n_keys and not width:  # (keys of no value would take no words: a count no buffer bounds)
-            raise ValueError("words: not a list of shapes written by shapes_words")
+            raise ValueError(bad)
         keys = tuple(tuple(take(width)) for _ in range(n_keys))
         labels = tuple(take(count()))
         shapes.append((keys, labels))
