@@ -14,15 +14,19 @@
 // cleared (16-bit scales are exact; float32 ones keep 16 significant bits), and the group's zero (0..255) in them.
 // Groups are 64 << gshift inputs (gshift 31: one group of the whole row).
 //
-// Up to 16 rows the zero is not subtracted from each weight: the mma multiplies x by code + M exactly (the code OR-ed
-// into the mantissa of M = 128 in bfloat16, 1024 in float16: one logic operation a pair), a second mma of ones sums x
-// over the half, and the half's float32 sum is s * (sum((code + M) x) - (M + zero) sum(x)) = s * sum((code - zero) x).
-// At 32 rows four groups of rows share each decoded pair, and subtracting the zero from the pair (one 16-bit FMA,
-// exact) costs less than four mma of ones.
+// Two ways to meet the zero. i4_half_zsub subtracts it from each pair of codes (code + M, the code OR-ed into the
+// mantissa of M = 128 in bfloat16, 1024 in float16: one logic operation a pair; less M + zero: one 16-bit add, exact)
+// before the mma. i4_half (the skinny GEMM's, under four groups of rows) multiplies x by code + M and sums x over the
+// half with a second mma of ones: s * (sum((code + M) x) - (M + zero) sum(x)) = s * sum((code - zero) x). The int4
+// GEMV subtracts at every row count: on an H200 at 1, 8 and 16 rows its launches took 2-15 % less time so (the mma
+// of ones costs more than the adds it saves).
 
 // fields p and p + 4 of u (p: the shift / 4 already applied) as a 16-bit pair of code + M, exactly
 template <bool BF16> __device__ __forceinline__ unsigned i4_pair(unsigned u) {
-    return (u & 0x000f000fu) | (BF16 ? 0x43004300u : 0x64006400u);
+    // one lop3 of (u & mask) | M: written in C, ptxas splits the two constants into two (32 more a tile)
+    unsigned d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(d) : "r"(u), "n"(0x000f000f), "n"(BF16 ? 0x43004300 : 0x64006400));
+    return d;
 }
 // fields p and p + 4 of u as a 16-bit pair of code - zero, exactly: code + M less M + zero (nz = -(M + zero))
 template <bool BF16> __device__ __forceinline__ unsigned i4_minus(unsigned u, unsigned nz) {
@@ -43,9 +47,11 @@ template <bool BF16> __device__ __forceinline__ unsigned i4_neg_zero(unsigned re
     const unsigned h = (BF16 ? 0xc300u : 0xe400u) + (rec & 0xffu);
     return h | (h << 16);
 }
-// a record's scale s, and -s (M + zero): the factors of a half's two sums
+// a record's scale s
+__device__ __forceinline__ float i4_scale(unsigned rec) { return __uint_as_float(rec & 0xffffff00u); }
+// a record's scale s, and -s (M + zero): the factors of a half's two sums (i4_half)
 template <bool BF16> __device__ __forceinline__ float i4_record(unsigned rec, float& offset) {
-    const float s = __uint_as_float(rec & 0xffffff00u);
+    const float s = i4_scale(rec);
     offset = -s * ((BF16 ? 128.f : 1024.f) + (float)(rec & 0xffu));
     return s;
 }
