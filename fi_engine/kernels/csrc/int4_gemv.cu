@@ -117,11 +117,11 @@ __device__ __forceinline__ void gemv4_tc(const unsigned short* __restrict__ x, c
                     uint4 xq[NT][2];  // the half's x values: row group, 8 inputs (loaded a half at a time: registers)
 #pragma unroll
                     for (int i = 0; i < NT; ++i) {
-                        const bool live = 8 * i + g < rows;
-                        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+                        // a lane past the rows loads x's last row (xr), not zeros: its sums go to outputs of rows
+                        // past `rows`, which no epilogue stores (and zeros cost an instruction a register)
                         const uint4* xp = xr[i] + 16 * (tile + u) + 8 * h;
-                        xq[i][0] = live ? __ldg(xp) : zero;
-                        xq[i][1] = live ? __ldg(xp + 1) : zero;
+                        xq[i][0] = __ldg(xp);
+                        xq[i][1] = __ldg(xp + 1);
                     }
                     // the zero subtracted from each pair (the records of half h: G64 two a tile, else one): at 1-16
                     // rows too, where an mma of ones a step had been thought cheaper, this took 2-15 % less time
