@@ -18,7 +18,7 @@
 // mantissa of M = 128 in bfloat16, 1024 in float16: one logic operation a pair; less M + zero: one 16-bit add, exact)
 // before the mma. i4_half (the skinny GEMM's, under four groups of rows) multiplies x by code + M and sums x over the
 // half with a second mma of ones: s * (sum((code + M) x) - (M + zero) sum(x)) = s * sum((code - zero) x). The int4
-// GEMV subtracts at every row count: on an H200 at 1, 8 and 16 rows its launches took 2-15 % less time so (the mma
+// GEMV subtracts at every row count: on an H200 at 1, 8 and 16 rows its launches took 1-15 % less time so (the mma
 // of ones costs more than the adds it saves).
 
 // fields p and p + 4 of u (p: the shift / 4 already applied) as a 16-bit pair of code + M, exactly
@@ -57,7 +57,8 @@ template <bool BF16> __device__ __forceinline__ float i4_record(unsigned rec, fl
 }
 
 // one half tile's sums: lane (g, t)'s words of rows j0 + g (wa0, wa1) and j0 + g + 8 (wb0, wb1), x's 16 values of
-// rows 8 i + g (xq[i]: zeros past rows), the rows' scales and offsets, into acc (see gemv4_tc)
+// rows 8 i + g (xq[i]), the rows' scales and offsets, into acc (the skinny GEMM's under four groups of rows; the
+// lanes' roles as gemv4_tc's)
 template <bool BF16, int NT>
 __device__ __forceinline__ void i4_half(float (&acc)[NT][4], unsigned wa0, unsigned wa1, unsigned wb0, unsigned wb1,
                                         const uint4 (&xq)[NT][2], float sa, float oa, float sb, float ob) {
@@ -93,9 +94,9 @@ __device__ __forceinline__ void i4_half(float (&acc)[NT][4], unsigned wa0, unsig
     }
 }
 
-// i4_half for many rows (ZSUB): the zero subtracted from each pair of codes instead (a 16-bit FMA a pair, exact),
-// which costs less than the mma of ones once NT groups of rows share each decoded pair; nza / nzb: -(M + zero) as
-// a 16-bit pair
+// i4_half with the zero subtracted from each pair of codes instead (a 16-bit FMA a pair, exact), which costs less
+// than the mma of ones (the int4 GEMV's at every row count, the skinny GEMM's from four groups of rows); nza / nzb:
+// -(M + zero) as a 16-bit pair
 template <bool BF16, int NT>
 __device__ __forceinline__ void i4_half_zsub(float (&acc)[NT][4], unsigned wa0, unsigned wa1, unsigned wb0,
                                              unsigned wb1, const uint4 (&xq)[NT][2], float sa, unsigned nza, float sb,

@@ -40,9 +40,9 @@ __device__ __forceinline__ void i4_load(uint4* v, unsigned* r, const uint4* wa, 
 // (row stride x_ld), y [rows, n] 16-bit or float32 (row stride y_ld). A block serves 16 output columns (the mma's
 // m); its warps take runs of TPL tiles in turn (warp w the run w, w + warps, ...), each run's weights and records
 // loaded while the run before is summed. Lane (g, t) (g = lane / 4, t = lane % 4) decodes its 16 bytes of rows
-// j0 + g and j0 + g + 8 per tile and multiplies them with x's rows 8 i + g (the mma's n; zeros past rows) for each
-// of NT groups of 8 rows, so each weight is decoded once for all rows. A half tile (64 inputs) lies in one group: its
-// mma sums start from zero and meet the group's scale and zero in float32 (the layout comment); the warps' sums meet
+// j0 + g and j0 + g + 8 per tile and multiplies them with x's rows 8 i + g (the mma's n; past rows, x's last row)
+// for each of NT groups of 8 rows, so each weight is decoded once for all rows. A half tile (64 inputs) lies in one
+// group: its sums, the zero already subtracted from each code, meet the group's scale in float32; the warps' sums meet
 // in shared memory and y is rounded once. G64: groups of 64 (two records a tile), else of 128 or more (one). k a
 // multiple of 128; x, w, x_ld 16-byte aligned (the caller checks).
 // FOLD (norm_fold.cuh; one group of rows, 16-bit y): FOLD_OUT stores h_out and xn with y (f: h, nw, h_out, xn; y's
@@ -82,7 +82,7 @@ __device__ __forceinline__ void gemv4_tc(const unsigned short* __restrict__ x, c
     const uint4* wb = reinterpret_cast<const uint4*>(w + jb * row_bytes) + t;
     const unsigned* ra = rec + (long long)ja * groups;
     const unsigned* rb = rec + (long long)jb * groups;
-    const uint4* xr[NT];  // x row 8 i + g at input 16 t (its last row for the rows past it, never used)
+    const uint4* xr[NT];  // x row 8 i + g at input 16 t (its last row for the rows past it: sums never stored)
 #pragma unroll
     for (int i = 0; i < NT; ++i)
         xr[i] = reinterpret_cast<const uint4*>(x + (long long)min(8 * i + g, rows - 1) * x_ld) + 2 * t;
@@ -124,7 +124,7 @@ __device__ __forceinline__ void gemv4_tc(const unsigned short* __restrict__ x, c
                         xq[i][1] = __ldg(xp + 1);
                     }
                     // the zero subtracted from each pair (the records of half h: G64 two a tile, else one): at 1-16
-                    // rows too, where an mma of ones a step had been thought cheaper, this took 2-15 % less time
+                    // rows too, where an mma of ones a step had been thought cheaper, this took 1-15 % less time
                     i4_half_zsub<BF16, NT>(acc, ua[2 * h], ua[2 * h + 1], ub[2 * h], ub[2 * h + 1], xq, sa[h],
                                            i4_neg_zero<BF16>(cr[4 * u + (G64 ? h : 0)]), sb[h],
                                            i4_neg_zero<BF16>(cr[4 * u + 2 + (G64 ? h : 0)]));
