@@ -39,7 +39,7 @@ import numpy as np
 from .quantization import Int4Scheme
 from .safetensors import Checkpoint, _float32, _to_16bit
 
-__all__ = ["AWQ_ORDER", "GEMV_TILE", "Int4Matrix", "decode_gemv_layout", "read_int4_linear"]
+__all__ = ["AWQ_ORDER", "GEMV_ROWS", "GEMV_TILE", "Int4Matrix", "decode_gemv_layout", "read_int4_linear"]
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 """AWQ's interleave: the 4-bit field ``j`` of an int32 (bits ``4j .. 4j+3``) holds column ``AWQ_ORDER[j]`` of the
@@ -184,9 +184,10 @@ class Int4Matrix:
 
     def gemv_layout(self) -> tuple[np.ndarray, np.ndarray]:
         """The weight as the engine's int4 GEMV reads it (``csrc/int4_decode.cuh``, whose opening comment is the
-        layout's definition): ``(weights, records)``, uint8 ``[n, k / 2]`` (the codes of each row in 128-input tiles,
-        reordered for the tensor cores' fragments, two to a byte) and uint32 ``[n, G]`` (each group's float32 scale
-        rounded to 16 significant bits -- 16-bit scales are exact -- with the group's zero in its low 8 bits).
+        layout's definition): ``(weights, records)``, uint8 ``[ceil(n / 16), k / 128, 1024]`` (tile-major: each
+        kilobyte the 128-input tile of 16 rows, row r's 64 bytes at 64 r, the codes reordered for the tensor cores'
+        fragments, two to a byte; rows past ``n`` zero) and uint32 ``[n, G]`` (each group's float32 scale rounded to
+        16 significant bits -- 16-bit scales are exact -- with the group's zero in its low 8 bits).
         ValueError where the GEMV cannot take the shape (the caller dequantizes instead): ``k`` not a multiple of
         128, or groups that are neither the whole row nor a power of two of at least 64 inputs."""
         n, k = self.codes.shape
@@ -197,11 +198,14 @@ class Int4Matrix:
                 f"group a row; got k {k} in groups of {g}"
             )
         xp = array_module(self.codes)
+        tiles, strips = k // GEMV_TILE, -(-n // GEMV_ROWS)
         # codes [n, tile, half, t, q, e] (input 128 tile + 64 half + 16 t + 4 q + e) -> [n, tile, t, half, v, field]
-        a = self.codes.reshape(n, k // GEMV_TILE, 2, 4, 4, 4).transpose(0, 1, 3, 2, 4, 5)
+        a = self.codes.reshape(n, tiles, 2, 4, 4, 4).transpose(0, 1, 3, 2, 4, 5)
         fields = a[:, :, :, :, xp.asarray(_FIELD_STEP), xp.asarray(_FIELD_E)]
-        pairs = fields.reshape(n, k // GEMV_TILE, 4, 4, 4, 2)  # (fields 2b, 2b + 1) -> byte b of word 2 half + v
-        weights = (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8).reshape(n, k // 2)
+        pairs = fields.reshape(n, tiles, 4, 4, 4, 2)  # (fields 2b, 2b + 1) -> byte b of word 2 half + v
+        rows = xp.zeros((strips * GEMV_ROWS, tiles, 64), np.uint8)  # each row's tiles of 64 bytes, rows past n zero
+        rows[:n] = (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8).reshape(n, tiles, 64)
+        weights = rows.reshape(strips, GEMV_ROWS, tiles, 64).transpose(0, 2, 1, 3).reshape(strips, tiles, 1024)
         bits = xp.ascontiguousarray(self.scales.T, np.float32).view(np.uint32).astype(np.uint64)
         rounded = ((bits + 0x80) & 0xFFFFFF00).astype(np.uint32)  # to nearest (a carry moves into the exponent)
         records = rounded | self.zeros.T.astype(np.uint32)
@@ -210,6 +214,8 @@ class Int4Matrix:
 
 GEMV_TILE = 128
 """The inputs of one tile of the int4 GEMV's layout (:meth:`Int4Matrix.gemv_layout`): ``k`` is a multiple of it."""
+GEMV_ROWS = 16
+"""The rows of one tile of the int4 GEMV's layout (a tile: 16 rows of 128 inputs, a kilobyte)."""
 
 # field f (0..7) of word v (of a half) holds step 2 v + _STEP[f] and input e = _E[f] of that step (csrc/int4_decode.cuh)
 _STEP = np.array([0, 0, 1, 1, 0, 0, 1, 1])
@@ -221,24 +227,27 @@ _FIELD_E = np.broadcast_to(_E, (2, 8))
 def decode_gemv_layout(weights: np.ndarray, records: np.ndarray, k: int) -> np.ndarray:
     """float32 ``[n, k]``: what :meth:`Int4Matrix.gemv_layout`'s ``(weights, records)`` stand for, each weight
     ``(code - zero) * scale`` read back from the layout (the reference the GPU kernels' tests compare with).
-    ValueError naming the argument that does not fit the layout: ``weights`` not uint8 ``[n, k / 2]``, ``records``
-    not uint32 ``[n, G]`` with ``G`` dividing ``k``, ``k`` no multiple of 128."""
+    ValueError naming the argument that does not fit the layout: ``records`` not uint32 ``[n, G]`` with ``G``
+    dividing ``k``, ``weights`` not uint8 ``[ceil(n / 16), k / 128, 1024]``, ``k`` no multiple of 128."""
     if k.__class__ is not int or k <= 0 or k % GEMV_TILE:
         raise ValueError(f"k: expected a positive multiple of {GEMV_TILE}, got {k!r:.40}")
-    if not isinstance(weights, np.ndarray) or weights.dtype != np.uint8 or weights.shape[1:] != (k // 2,):
-        raise ValueError(
-            f"weights: expected a uint8 array [n, {k // 2}] (Int4Matrix.gemv_layout's), got {weights!r:.60}"
-        )
-    n = weights.shape[0]
     if (
         not isinstance(records, np.ndarray)
         or records.dtype != np.uint32
         or records.ndim != 2
-        or records.shape[0] != n
+        or not records.shape[0]
         or not records.shape[1]
         or k % records.shape[1]
     ):
-        raise ValueError(f"records: expected a uint32 array [{n}, G] with G dividing {k}, got {records!r:.60}")
+        raise ValueError(f"records: expected a uint32 array [n, G] with G dividing {k}, got {records!r:.60}")
+    n, tiles = records.shape[0], k // GEMV_TILE
+    strips = -(-n // GEMV_ROWS)
+    if not isinstance(weights, np.ndarray) or weights.dtype != np.uint8 or weights.shape != (strips, tiles, 1024):
+        raise ValueError(
+            f"weights: expected a uint8 array [{strips}, {tiles}, 1024] (Int4Matrix.gemv_layout's for {n} rows), "
+            f"got {weights!r:.60}"
+        )
+    weights = weights.reshape(strips, tiles, GEMV_ROWS, 64).transpose(0, 2, 1, 3).reshape(-1, k // 2)[:n]
     low, high = weights & 0xF, weights >> 4
     fields = np.stack([low, high], axis=-1).reshape(n, k // GEMV_TILE, 4, 2, 2, 8)  # [n, tile, t, half, v, field]
     laid = np.empty((n, k // GEMV_TILE, 4, 2, 4, 4), np.uint8)  # [n, tile, t, half, q, e]

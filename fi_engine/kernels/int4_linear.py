@@ -25,8 +25,9 @@ More rows (prefill): the weight is dequantized into a 16-bit scratch matrix of t
 ``(code - zero) * scale`` exact in float32 and rounded once, the 16-bit weight a dequantizing loader would have made)
 and the 16-bit GEMM runs on it; at that many rows the GEMM's arithmetic, not the extra pass, bounds the step.
 
-The layout the kernels read is :meth:`~fi_engine.checkpoint.int4_weights.Int4Matrix.gemv_layout`'s: ``[n, k / 2]``
-bytes and a uint32 record per row and group (scale and zero), ``k`` a multiple of 128, groups of a power of two of
+The layout the kernels read is :meth:`~fi_engine.checkpoint.int4_weights.Int4Matrix.gemv_layout`'s: tile-major
+``[ceil(n / 16), k / 128, 1024]`` bytes (each kilobyte 16 rows of 128 inputs, so a warp's tile is one contiguous
+read) and a uint32 record per row and group (scale and zero), ``k`` a multiple of 128, groups of a power of two of
 at least 64 inputs or one group a row.
 """
 
@@ -46,13 +47,15 @@ ROPE_ROWS = 8  # the rows the GEMV with RoPE and the KV append as its epilogue t
 _COLUMNS = 16  # output columns per block (the mma's m)
 _MAX_WARPS = 16  # I4_MAX_WARPS in csrc/int4_gemv.cu (its shared memory holds that many warps' sums)
 _TILE = 128  # inputs per tile of the layout
+_FUNC_NUM_REGS = 4  # CU_FUNC_ATTRIBUTE_NUM_REGS
+_SM_REGISTERS = 65536  # an SM's register file (SM 8.0 to 10.x), given to a warp 256 registers at a time
 _U64 = 1 << 64
 
 
 @dataclass(frozen=True)
 class Int4Weight:
-    """One registered int4 weight: ``[n, k]`` in the GEMV layout at device address ``w`` (``[n, k / 2]`` bytes), its
-    uint32 records ``[n, k / group_size]`` at ``records``. Addresses as ints."""
+    """One registered int4 weight: ``[n, k]`` in the GEMV layout at device address ``w`` (``[ceil(n / 16), k / 128,
+    1024]`` bytes), its uint32 records ``[n, k / group_size]`` at ``records``. Addresses as ints."""
 
     w: int
     n: int
@@ -119,6 +122,7 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
         # the folded norm's forms (norm_fold.py), up to 8 rows: (bf16, "out" | "in" | "silu_in", groups of 64) -> fn
         self._fold: dict[tuple[bool, str, bool], int] = {}
         self._rope: dict[tuple[bool, bool], int] = {}  # the RoPE form (up to 8 rows): (bf16, groups of 64) -> fn
+        self._regs: dict[int, int] = {}  # fn -> its registers a thread (the warps a block, _threads)
 
     def add(self, w: int, n: int, k: int, records: int, group_size: int, interleaved: bool = False) -> None:
         """Register the int4 weight ``[n, k]`` at ``w`` (the GEMV layout) with its ``records``; ``interleaved``: two
@@ -179,19 +183,33 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
                 self._fold[(bf16, "silu_in", g64)] = function_ptr(module.get_function(f"gemv4_{t}_silu_8{g}_fold_in"))
                 self._rope[(bf16, g64)] = function_ptr(module.get_function(f"gemv4_{t}_rope_8{g}"))
             self._dequant[bf16] = function_ptr(module.get_function(f"dequant_int4_{t}"))
+        for fn in (*self._gemv.values(), *self._silu.values(), *self._fold.values(), *self._rope.values()):
+            self._regs[fn] = cupy.cuda.driver.funcGetAttribute(_FUNC_NUM_REGS, fn)
         self._module = module
 
-    def _threads(self, wt: Int4Weight, rows: int) -> int:
-        """The threads of a GEMV block over ``wt`` for ``rows`` rows (see :attr:`warps_per_sm`; a ValueError naming
-        it where it is not three ints from 1 to 1024)."""
+    def _threads(self, wt: Int4Weight, rows: int, regs: int, per_block: int = 1) -> int:
+        """The threads of a GEMV block over ``wt`` for ``rows`` rows, of a kernel of ``regs`` registers a thread
+        whose blocks take ``per_block`` times the warps (the RoPE form: 2). The warps a block from
+        :attr:`warps_per_sm`; then, up to 16 rows and where ``regs`` is known (> 0), the fewest warps from there up
+        that keep the most warps resident an SM by the registers: blocks of 11 warps of 60 registers fit two an SM
+        (22 warps) where blocks of 16 fit two too (32 warps; on an H200 the QKV GEMV at 1-8 rows took 16 % less
+        time so). A ValueError naming :attr:`warps_per_sm` where it is not three ints from 1 to 1024."""
         table = self.warps_per_sm
         ok = isinstance(table, tuple) and len(table) == 3 and all(w.__class__ is int and 1 <= w <= 1024 for w in table)
         if not ok:
             raise ValueError(f"Int4Linears.warps_per_sm: expected three ints from 1 to 1024, got {table!r:.60}")
         per_sm = table[0 if rows <= 8 else 1 if rows <= 16 else 2]
         blocks = -(-wt.n // _COLUMNS)
-        warps = -(-per_sm * self._sms // blocks)
-        return 32 * max(1, min(_MAX_WARPS, wt.k // _TILE, max(4, warps)))
+        top = max(1, min(_MAX_WARPS, wt.k // _TILE))
+        warps = max(1, min(top, max(4, -(-per_sm * self._sms // blocks))))
+        if rows <= 16 and regs > 0:  # (more rows want fewer warps a block: every block reads all of x)
+            warp_regs = -(-32 * regs // 256) * 256
+
+            def resident(w: int) -> int:
+                return _SM_REGISTERS // warp_regs // (w * per_block) * w
+
+            warps = max(range(warps, top + 1), key=lambda w: (resident(w), -w))
+        return 32 * warps
 
     def gemv(
         self,
@@ -231,12 +249,12 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
             if x % 16 or x_ld % 8 or not 0 < rows <= INT4_GEMV_MAX_ROWS:
                 return ()
             r, g64 = 8 if rows <= 8 else 16 if rows <= 16 else 32, wt.group_size == 64
-            grid, threads = -(-wt.n // _COLUMNS), self._threads(wt, rows)
+            grid, per_block = -(-wt.n // _COLUMNS), 1
             if rope is not None:
                 d = rope[2] if len(rope) == 17 else 0
                 if silu or f32 or fold is not None or not d or rows > ROPE_ROWS or wt.half_n or wt.n % d or d % 32:
                     return ()
-                fn, grid, threads = self._rope[(bf16, g64)], wt.n // 32, 2 * threads
+                fn, grid, per_block = self._rope[(bf16, g64)], wt.n // 32, 2
             elif fold is None:
                 fn = self._silu[(bf16, r, g64)] if silu else self._gemv[(bf16, f32, r, g64)]
             elif rows > FOLD_ROWS or f32 or (silu and isinstance(fold, FoldOut)):
@@ -244,6 +262,7 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
             else:
                 form = "out" if isinstance(fold, FoldOut) else "silu_in" if silu else "in"
                 fn, grid = self._fold[(bf16, form, g64)], grid + (form != "out")
+            threads = per_block * self._threads(wt, rows, self._regs.get(fn, 0), per_block)
             params, values = self._slots(
                 [x, wt.w, y, rows, wt.n, wt.k, x_ld, y_ld, wt.records, wt.groups, wt.gshift, wt.half_n, *tail]
             )

@@ -165,10 +165,11 @@ class QuantizedWeights:
         return self.fp8_epilogues and self.fp8.pair_fn(PAIR_SILU, True, False, 1) is not None
 
     def add_int4_weight(self, w: int, n: int, k: int, records: int, group_size: int, interleaved: bool = False) -> None:
-        """Serve the int4 weight ``[n, k]`` at device address ``w`` in the int4 GEMV's layout (``[n, k / 2]`` bytes
-        with its uint32 ``records`` ``[n, k / group_size]``: :meth:`~fi_engine.checkpoint.int4_weights.Int4Matrix.
-        gemv_layout`): from now on the Dense's ``linear`` (and ``prepared_linear``) with this ``w`` compute ``x @
-        ((code - zero) * scale).T`` (:mod:`~fi_engine.kernels.int4_linear`: a GEMV reading the codes for at most
+        """Serve the int4 weight ``[n, k]`` at device address ``w`` in the int4 GEMV's layout (tile-major
+        ``[ceil(n / 16), k / 128, 1024]`` bytes with its uint32 ``records`` ``[n, k / group_size]``:
+        :meth:`~fi_engine.checkpoint.int4_weights.Int4Matrix.gemv_layout`): from now on the Dense's ``linear``
+        (and ``prepared_linear``) with this ``w`` compute ``x @ ((code - zero) * scale).T``
+        (:mod:`~fi_engine.kernels.int4_linear`: a GEMV reading the codes for at most
         :attr:`int4_gemv_max_rows` rows, else the weight dequantized into a 16-bit scratch and the 16-bit GEMM).
         ``n`` and ``k`` as the calls pass them. ``interleaved``: gate and up stacked interleaved by 8 rows
         (``Int4Weight.half_n``; the outputs still come in order, gate's then up's), which

@@ -93,7 +93,7 @@ def test_the_rope_launch_packs_its_values_on_a_block_per_16_columns_of_each_half
     x, y = at(10), at(11)
     q.prepared_int4_qkv_rope(2, x, K, at(1), K, y, N, CUDA_R_16BF, rope())()
     fn, grid, _, _, block, _, _, smem, stream, params, _ = launches[-1]
-    plain = q.int4._threads(q.int4.weights[at(1)], 2)
+    plain = q.int4._threads(q.int4.weights[at(1)], 2, 0, 2)  # (fake handles: no registers known)
     assert (fn, grid, block, smem, stream) == (0x4402, N // 32, 2 * plain, 0, 0x77)
     slots = [launcher.ffi.cast("uint64_t*", params[i])[0] for i in range(29)]
     assert slots[:12] == [x, at(1), y, 2, N, K, K, N, at(2), K // 128, 1, 0]  # (gshift 1: groups of 128)
@@ -107,6 +107,22 @@ def test_the_rope_form_takes_at_most_1024_threads(monkeypatch: pytest.MonkeyPatc
     q, launches, _ = registry()
     q.prepared_int4_qkv_rope(2, at(10), K, at(1), K, at(11), N, CUDA_R_16BF, rope())()
     assert launches[-1][4] == 1024
+
+
+def test_the_warps_a_block_keep_the_most_warps_resident_by_the_registers() -> None:
+    """Up to 16 rows, the warps a block the table asks for rise to the fewest that keep the most warps resident an SM
+    by the kernel's registers (65,536 an SM, 256 a warp at a time); unknown registers (0) and 32 rows keep the
+    table's: a QKV-shaped weight [6144, 4096] on 132 SMs."""
+    lib = Int4Linears(lambda *a: 0, None, 0)
+    qkv = Int4Weight(at(1), 6144, 4096, at(2), 128)
+    assert lib._threads(qkv, 1, 0) == 32 * 11  # the table's: 32 warps an SM over 384 blocks
+    assert lib._threads(qkv, 1, 60) == 32 * 16  # 11 warps of 60 registers: 22 resident; 16: 32
+    assert lib._threads(qkv, 8, 64) == 32 * 16
+    assert lib._threads(qkv, 1, 60, 2) == 32 * 16  # the RoPE form's blocks of 32 warps: one an SM, all resident
+    assert lib._threads(qkv, 16, 78) == 32 * 6  # 80 registers a thread: 25 warps an SM, 24 of blocks of 6 as of 8
+    assert lib._threads(qkv, 32, 60) == 32 * 4  # (more rows: the table's fewer warps)
+    gate_up = Int4Weight(at(3), 28672, 4096, at(4), 128, 14336)
+    assert lib._threads(gate_up, 1, 60) == 32 * 4  # blocks of 4 warps: 8 an SM, 32 warps
 
 
 @pytest.mark.parametrize(

@@ -519,11 +519,14 @@ def test_the_gemv_layout_puts_each_code_where_the_kernel_reads_it() -> None:
     zeros = rng.integers(0, 17, (3, n)).astype(np.uint8)
     scales = _scales(rng, (3, n))
     weights, records = Int4Matrix(codes, zeros, scales, 128).gemv_layout()
-    assert weights.shape == (n, k // 2) and weights.dtype == np.uint8 and records.shape == (n, 3)
+    # tile-major: one strip of 16 rows (rows 3-15 zero), 3 tiles of a kilobyte, row j's 64 bytes of a tile at 64 j
+    assert weights.shape == (1, k // 128, 1024) and weights.dtype == np.uint8 and records.shape == (n, 3)
     for j in range(n):
         for c in range(k):
             byte, high = _where_the_kernel_reads(c)
-            assert (weights[j, byte] >> (4 * high)) & 0xF == codes[j, c], (j, c)
+            tile, at = divmod(byte, 64)
+            assert (weights[0, tile, 64 * j + at] >> (4 * high)) & 0xF == codes[j, c], (j, c)
+    assert not weights[:, :, 64 * n :].any()
     # a record: the float32 scale's bits with the zero in the low byte (float16 scales leave those bits clear)
     bits = scales.T.astype(np.float32).view(np.uint32)
     assert not (bits & 0xFF).any() and np.array_equal(records, bits | zeros.T)
@@ -580,7 +583,8 @@ def test_the_llama_load_keeps_int4_projections_in_the_gemv_layout(
         ):
             n, k_, records, group_size_ = dense.weights[ptr]
             assert (n, k_, group_size_) == (want.shape[0], k, group)
-            assert host.by_ptr[ptr].shape == (n, k // 2) and host.by_ptr[records].shape == (n, k // group)
+            assert host.by_ptr[ptr].shape == (-(-n // 16), k // 128, 1024)
+            assert host.by_ptr[records].shape == (n, k // group)
             assert np.array_equal(decode_gemv_layout(host.by_ptr[ptr], host.by_ptr[records], k), want)
     assert len(dense.weights) == 16 and eng.lm_head not in dense.weights
     assert dense.interleaved == set(eng.wgu)
@@ -613,11 +617,14 @@ def test_the_layout_decoder_refuses_what_does_not_fit() -> None:
     for args, match in (
         ((w, r, 200), "k: expected a positive multiple of 128"),
         ((w, r, "256"), "k: expected a positive multiple of 128"),
-        ((w.astype(np.int32), r, 256), r"weights: expected a uint8 array \[n, 128\]"),
-        ((w[:, :64], r, 256), r"weights: expected a uint8 array \[n, 128\]"),
-        ((w, r.astype(np.int64), 256), r"records: expected a uint32 array \[8, G\]"),
-        ((w, r[:4], 256), r"records: expected a uint32 array \[8, G\]"),
-        ((w, np.zeros((8, 3), np.uint32), 256), r"records: expected a uint32 array \[8, G\] with G dividing 256"),
+        ((w.astype(np.int32), r, 256), r"weights: expected a uint8 array \[1, 2, 1024\]"),
+        ((w[:, :1], r, 256), r"weights: expected a uint8 array \[1, 2, 1024\]"),
+        ((w.reshape(2, 1024), r, 256), r"weights: expected a uint8 array \[1, 2, 1024\]"),
+        ((w, np.zeros((17, 2), np.uint32), 256), r"weights: expected a uint8 array \[2, 2, 1024\] .* for 17 rows"),
+        ((w, r.astype(np.int64), 256), r"records: expected a uint32 array \[n, G\]"),
+        ((w, r[:0], 256), r"records: expected a uint32 array \[n, G\]"),
+        ((w, np.zeros((8, 3), np.uint32), 256), r"records: expected a uint32 array \[n, G\] with G dividing 256"),
+        ((w, [1, 2], 256), "records: expected a uint32 array"),
         (([1, 2], r, 256), "weights: expected a uint8 array"),
     ):
         with pytest.raises(ValueError, match=match):

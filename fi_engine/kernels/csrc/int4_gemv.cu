@@ -12,6 +12,7 @@
 #include "norm_fold.cuh"  // NormFold, FOLD_OUT / FOLD_IN: the norm between two GEMVs folded into them
 
 #define I4_MAX_WARPS 16
+#define I4_TILE_VECS 64  // the 16-byte vectors of a tile of 16 rows (int4_decode.cuh's layout: a kilobyte)
 
 // the loads of TPL tiles from `tile` on (those < tiles): each tile's two weight vectors (rows a, b) into v[2 u ..],
 // its records into r[4 u ..] (G64: row a's halves, then row b's; else one a row, r[4 u], r[4 u + 2]); weights and
@@ -22,8 +23,8 @@ __device__ __forceinline__ void i4_load(uint4* v, unsigned* r, const uint4* wa, 
 #pragma unroll
     for (int u = 0; u < TPL; ++u) {
         if (tile + u < tiles) {
-            v[2 * u] = load_weights(wa + 4 * (tile + u));
-            v[2 * u + 1] = load_weights(wb + 4 * (tile + u));
+            v[2 * u] = load_weights(wa + I4_TILE_VECS * (tile + u));
+            v[2 * u + 1] = load_weights(wb + I4_TILE_VECS * (tile + u));
             if (G64) {
                 const uint2 pa = __ldg(reinterpret_cast<const uint2*>(ra) + tile + u);
                 const uint2 pb = __ldg(reinterpret_cast<const uint2*>(rb) + tile + u);
@@ -76,17 +77,18 @@ __device__ __forceinline__ void gemv4_tc(const unsigned short* __restrict__ x, c
     const int per_head = ROPE ? (int)(a.d >> 5) : 1;  // (ROPE: the blocks of a head)
     const int j0 = ROPE ? (block / per_head) * (int)a.d + 16 * (block % per_head) + (warp >= warps) * (int)(a.d >> 1)
                         : block * 16;
-    const int ja = min(j0 + g, n - 1), jb = min(j0 + g + 8, n - 1);  // a last partial tile repeats its last column
-    const long long row_bytes = k >> 1;
-    const uint4* wa = reinterpret_cast<const uint4*>(w + ja * row_bytes) + t;
-    const uint4* wb = reinterpret_cast<const uint4*>(w + jb * row_bytes) + t;
+    // a last partial tile's records repeat its last row's (its rows past n are zero codes; their sums never stored)
+    const int ja = min(j0 + g, n - 1), jb = min(j0 + g + 8, n - 1);
+    const int tiles = k >> 7;
+    // rows g and g + 8 of strip j0 / 16 (j0 a multiple of 16), lane t's 16 bytes of each: 512 bytes apart
+    const uint4* wa = reinterpret_cast<const uint4*>(w) + (long long)(j0 >> 4) * tiles * I4_TILE_VECS + 4 * g + t;
+    const uint4* wb = wa + I4_TILE_VECS / 2;
     const unsigned* ra = rec + (long long)ja * groups;
     const unsigned* rb = rec + (long long)jb * groups;
     const uint4* xr[NT];  // x row 8 i + g at input 16 t (its last row for the rows past it: sums never stored)
 #pragma unroll
     for (int i = 0; i < NT; ++i)
         xr[i] = reinterpret_cast<const uint4*>(x + (long long)min(8 * i + g, rows - 1) * x_ld) + 2 * t;
-    const int tiles = k >> 7;
     float acc[NT][4];
 #pragma unroll
     for (int i = 0; i < NT; ++i)
@@ -254,18 +256,22 @@ GEMV4R(gemv4_f16_rope_8, false, false)
 GEMV4R(gemv4_f16_rope_8_g64, false, true)
 
 // out [n, k] 16-bit = (code - zero) * scale, each product exact in float32 and rounded once to nearest even: the
-// weight a 16-bit GEMM of many rows reads. A grid-stride loop over the 16-byte lane vectors (32 weights each, laid
-// out as gemv4_tc reads them); k a multiple of 128, w and out 16-byte aligned.
+// weight a 16-bit GEMM of many rows reads. A grid-stride loop over the layout's 16-byte lane vectors (32 weights
+// each, in storage order: strip, tile, row of the strip, lane t), rows past n skipped; k a multiple of 128, w and out
+// 16-byte aligned.
 template <bool BF16>
 __device__ __forceinline__ void dequant_i4(const unsigned char* __restrict__ w, const unsigned* __restrict__ rec,
                                            unsigned short* __restrict__ out, long long n, int k, int groups,
                                            int gshift, int half_n) {
-    const int vecs = k >> 5;
-    const long long total = n * vecs;
+    const int tiles = k >> 7;
+    const long long total = ((n + 15) >> 4) * tiles * I4_TILE_VECS;
     for (long long v = blockIdx.x * (long long)blockDim.x + threadIdx.x; v < total;
          v += (long long)gridDim.x * blockDim.x) {
-        const long long j = v / vecs;
-        const int c = (int)(v - j * vecs), tile = c >> 2, t = c & 3;
+        const int t = (int)(v & 3), r = (int)((v >> 2) & 15);
+        const long long st = v >> 6, strip = st / tiles;
+        const int tile = (int)(st - strip * tiles);
+        const long long j = 16 * strip + r;
+        if (j >= n) continue;  // (the last strip's rows past n)
         // its output row: j, or with half_n (gate and up interleaved by 8 rows) the gate's or the up's own
         const long long jo = half_n ? (j >> 4) * 8 + (j & 7) + ((j >> 3) & 1) * half_n : j;
         const uint4 q = load_weights(reinterpret_cast<const uint4*>(w) + v);
@@ -273,8 +279,8 @@ __device__ __forceinline__ void dequant_i4(const unsigned char* __restrict__ w, 
 #pragma unroll
         for (int word = 0; word < 4; ++word) {
             const int half = word >> 1;
-            const unsigned r = __ldg(rec + j * groups + ((2 * tile + half) >> gshift));
-            const float s = __uint_as_float(r & 0xffffff00u), z = (float)(r & 0xffu);
+            const unsigned rc = __ldg(rec + j * groups + ((2 * tile + half) >> gshift));
+            const float s = __uint_as_float(rc & 0xffffff00u), z = (float)(rc & 0xffu);
             // inputs 128 tile + 64 half + 16 t + 4 q + e, q = 2 (word & 1) + step
             unsigned short* at = out + jo * k + 128 * tile + 64 * half + 16 * t + 8 * (word & 1);
 #pragma unroll

@@ -43,6 +43,9 @@
 #define SK_INT4 3        // int4 weights, a record per row and group
 #define SK_STEP(FMT) ((FMT) == SK_W16 ? 32 : (FMT) == SK_INT4 ? 128 : 64)  // inputs a step
 #define SK_XV(FMT) ((FMT) == SK_W16 ? 1 : (FMT) == SK_INT4 ? 4 : 2)        // x vectors a lane reads a step
+// 16-byte vectors from a lane's weights of a step to the next's: 64 bytes along a row, or int4's tile-major layout's
+// kilobyte tiles (int4_decode.cuh)
+#define SK_STEP_VECS(FMT) ((FMT) == SK_INT4 ? 64 : 4)
 // 16-bit elements of a staged x row: KX and padding such that a quarter-warp's 16-byte reads fall in distinct banks
 // (16-bit weights: lanes q of rows g and g + 1 read 64 bytes of each row, so rows are 64 bytes apart modulo 128;
 // e4m3 and int4: lane q reads bytes 32 q of each row, so rows are 16 bytes apart modulo 128)
@@ -220,7 +223,7 @@ __device__ __forceinline__ void sk_load1(uint4 (&v)[NT][2], float (&s)[NT], unsi
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) v[t][h] = load_weights(wr[t][h] + 4 * step);
+        for (int h = 0; h < 2; ++h) v[t][h] = load_weights(wr[t][h] + SK_STEP_VECS(FMT) * step);
         if (FMT == SK_E4M3_BLOCK) s[t] = __ldg(sr[t] + (step >> q_b));
         if (FMT == SK_INT4) {
             const int half = 2 * (tile_at + step);
@@ -253,9 +256,9 @@ __device__ __forceinline__ void skinny_gemm(const unsigned short* __restrict__ x
     const int j0 = (blockIdx.x * WARPS + warp) * 16 * NT;
     const int k_lo = blockIdx.y * kc, k_hi = min(k, k_lo + kc);
     const int steps = max(0, (k_hi - k_lo) / KSTEP);
-    // bytes of a weight row and of the range's first inputs: 2, 1 or half a byte an input
-    const long long row_bytes = FMT == SK_W16 ? 2ll * k : FMT == SK_INT4 ? k / 2 : k;
-    const long long lo_bytes = FMT == SK_W16 ? 2ll * k_lo : FMT == SK_INT4 ? k_lo / 2 : k_lo;
+    // bytes of a weight row and of the range's first inputs: 2 or 1 an input (int4: tile-major, below)
+    const long long row_bytes = FMT == SK_W16 ? 2ll * k : k;
+    const long long lo_bytes = FMT == SK_W16 ? 2ll * k_lo : k_lo;
     const unsigned char* wb = reinterpret_cast<const unsigned char*>(w);
     const float* scale = reinterpret_cast<const float*>(qd);
     const unsigned* rec = reinterpret_cast<const unsigned*>(qd);
@@ -267,7 +270,13 @@ __device__ __forceinline__ void skinny_gemm(const unsigned short* __restrict__ x
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const long long row = min(j0 + 16 * t + g + 8 * h, n - 1);
-            wr[t][h] = reinterpret_cast<const uint4*>(wb + row * row_bytes + lo_bytes) + q;
+            if (FMT == SK_INT4) {  // row g + 8 h of strip (j0 + 16 t) / 16 (a tile past n: the last strip's)
+                const long long strip = min(j0 + 16 * t, n - 1) >> 4;
+                const long long tile = strip * (k >> 7) + (k_lo >> 7);
+                wr[t][h] = reinterpret_cast<const uint4*>(wb + tile * 1024 + 64 * (g + 8 * h)) + q;
+            } else {
+                wr[t][h] = reinterpret_cast<const uint4*>(wb + row * row_bytes + lo_bytes) + q;
+            }
             rr[t][h] = rec + row * q_ld;
         }
         sr[t] = FMT == SK_E4M3_BLOCK ? scale + (long long)(min(j0 + 16 * t, n - 1) / q_a) * q_ld + (k_lo >> (6 + q_b))
