@@ -187,9 +187,9 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
             self._regs[fn] = cupy.cuda.driver.funcGetAttribute(_FUNC_NUM_REGS, fn)
         self._module = module
 
-    def _threads(self, wt: Int4Weight, rows: int, regs: int, per_block: int = 1) -> int:
-        """The threads of a GEMV block over ``wt`` for ``rows`` rows, of a kernel of ``regs`` registers a thread
-        whose blocks take ``per_block`` times the warps (the RoPE form: 2). The warps a block from
+    def _threads(self, wt: Int4Weight, rows: int, regs: int) -> int:
+        """The threads of a plain GEMV block over ``wt`` for ``rows`` rows, of a kernel of ``regs`` registers a
+        thread (every form of the call site takes as many warps, the RoPE form twice). The warps a block from
         :attr:`warps_per_sm`; then, up to 16 rows and where ``regs`` is known (> 0), the fewest warps from there up
         that keep the most warps resident an SM by the registers: blocks of 11 warps of 60 registers fit two an SM
         (22 warps) where blocks of 16 fit two too (32 warps; on an H200 the QKV GEMV at 1-8 rows took 16 % less
@@ -206,7 +206,7 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
             warp_regs = -(-32 * regs // 256) * 256
 
             def resident(w: int) -> int:
-                return _SM_REGISTERS // warp_regs // (w * per_block) * w
+                return _SM_REGISTERS // warp_regs // w * w
 
             warps = max(range(warps, top + 1), key=lambda w: (resident(w), -w))
         return 32 * warps
@@ -262,7 +262,9 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
             else:
                 form = "out" if isinstance(fold, FoldOut) else "silu_in" if silu else "in"
                 fn, grid = self._fold[(bf16, form, g64)], grid + (form != "out")
-            threads = per_block * self._threads(wt, rows, self._regs.get(fn, 0), per_block)
+            # every form of a call site takes the plain launch's warps (the RoPE form twice them): the same sums
+            plain = self._gemv.get((bf16, False, r, g64), 0)
+            threads = per_block * self._threads(wt, rows, self._regs.get(plain, 0))
             params, values = self._slots(
                 [x, wt.w, y, rows, wt.n, wt.k, x_ld, y_ld, wt.records, wt.groups, wt.gshift, wt.half_n, *tail]
             )

@@ -93,7 +93,7 @@ def test_the_rope_launch_packs_its_values_on_a_block_per_16_columns_of_each_half
     x, y = at(10), at(11)
     q.prepared_int4_qkv_rope(2, x, K, at(1), K, y, N, CUDA_R_16BF, rope())()
     fn, grid, _, _, block, _, _, smem, stream, params, _ = launches[-1]
-    plain = q.int4._threads(q.int4.weights[at(1)], 2, 0, 2)  # (fake handles: no registers known)
+    plain = q.int4._threads(q.int4.weights[at(1)], 2, 0)  # (fake handles: no registers known)
     assert (fn, grid, block, smem, stream) == (0x4402, N // 32, 2 * plain, 0, 0x77)
     slots = [launcher.ffi.cast("uint64_t*", params[i])[0] for i in range(29)]
     assert slots[:12] == [x, at(1), y, 2, N, K, K, N, at(2), K // 128, 1, 0]  # (gshift 1: groups of 128)
@@ -118,7 +118,6 @@ def test_the_warps_a_block_keep_the_most_warps_resident_by_the_registers() -> No
     assert lib._threads(qkv, 1, 0) == 32 * 11  # the table's: 32 warps an SM over 384 blocks
     assert lib._threads(qkv, 1, 60) == 32 * 16  # 11 warps of 60 registers: 22 resident; 16: 32
     assert lib._threads(qkv, 8, 64) == 32 * 16
-    assert lib._threads(qkv, 1, 60, 2) == 32 * 16  # the RoPE form's blocks of 32 warps: one an SM, all resident
     assert lib._threads(qkv, 16, 78) == 32 * 6  # 80 registers a thread: 25 warps an SM, 24 of blocks of 6 as of 8
     assert lib._threads(qkv, 32, 60) == 32 * 4  # (more rows: the table's fewer warps)
     gate_up = Int4Weight(at(3), 28672, 4096, at(4), 128, 14336)
