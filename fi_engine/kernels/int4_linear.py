@@ -190,10 +190,12 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
     def _threads(self, wt: Int4Weight, rows: int, regs: int) -> int:
         """The threads of a plain GEMV block over ``wt`` for ``rows`` rows, of a kernel of ``regs`` registers a
         thread (every form of the call site takes as many warps, the RoPE form twice). The warps a block from
-        :attr:`warps_per_sm`; then, up to 16 rows and where ``regs`` is known (> 0), the fewest warps from there up
+        :attr:`warps_per_sm`; then, up to 8 rows and where ``regs`` is known (> 0), the fewest warps from there up
         that keep the most warps resident an SM by the registers: blocks of 11 warps of 60 registers fit two an SM
-        (22 warps) where blocks of 16 fit two too (32 warps; on an H200 the QKV GEMV at 1-8 rows took 16 % less
-        time so). A ValueError naming :attr:`warps_per_sm` where it is not three ints from 1 to 1024."""
+        (22 warps) where blocks of 16 fit two too (32 warps; on an H200 the QKV GEMV at 1-8 rows took 15 % less
+        time so). At 16 rows the rule was measured mixed (QKV and down 10-13 % faster, gate/up 10 % slower for one
+        warp more a block, O 2 %), so the table's warps stay. A ValueError naming :attr:`warps_per_sm` where it is
+        not three ints from 1 to 1024."""
         table = self.warps_per_sm
         ok = isinstance(table, tuple) and len(table) == 3 and all(w.__class__ is int and 1 <= w <= 1024 for w in table)
         if not ok:
@@ -202,7 +204,7 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
         blocks = -(-wt.n // _COLUMNS)
         top = max(1, min(_MAX_WARPS, wt.k // _TILE))
         warps = max(1, min(top, max(4, -(-per_sm * self._sms // blocks))))
-        if rows <= 16 and regs > 0:  # (more rows want fewer warps a block: every block reads all of x)
+        if rows <= 8 and regs > 0:
             warp_regs = -(-32 * regs // 256) * 256
 
             def resident(w: int) -> int:

@@ -110,16 +110,16 @@ def test_the_rope_form_takes_at_most_1024_threads(monkeypatch: pytest.MonkeyPatc
 
 
 def test_the_warps_a_block_keep_the_most_warps_resident_by_the_registers() -> None:
-    """Up to 16 rows, the warps a block the table asks for rise to the fewest that keep the most warps resident an SM
-    by the kernel's registers (65,536 an SM, 256 a warp at a time); unknown registers (0) and 32 rows keep the
+    """Up to 8 rows, the warps a block the table asks for rise to the fewest that keep the most warps resident an SM
+    by the kernel's registers (65,536 an SM, 256 a warp at a time); unknown registers (0) and more rows keep the
     table's: a QKV-shaped weight [6144, 4096] on 132 SMs."""
     lib = Int4Linears(lambda *a: 0, None, 0)
     qkv = Int4Weight(at(1), 6144, 4096, at(2), 128)
     assert lib._threads(qkv, 1, 0) == 32 * 11  # the table's: 32 warps an SM over 384 blocks
     assert lib._threads(qkv, 1, 60) == 32 * 16  # 11 warps of 60 registers: 22 resident; 16: 32
     assert lib._threads(qkv, 8, 64) == 32 * 16
-    assert lib._threads(qkv, 16, 78) == 32 * 6  # 80 registers a thread: 25 warps an SM, 24 of blocks of 6 as of 8
-    assert lib._threads(qkv, 32, 60) == 32 * 4  # (more rows: the table's fewer warps)
+    assert lib._threads(qkv, 9, 60) == 32 * 6  # (more rows: the table's: 16 warps an SM over 384 blocks)
+    assert lib._threads(qkv, 32, 60) == 32 * 4
     gate_up = Int4Weight(at(3), 28672, 4096, at(4), 128, 14336)
     assert lib._threads(gate_up, 1, 60) == 32 * 4  # blocks of 4 warps: 8 an SM, 32 warps
 
