@@ -70,6 +70,7 @@ ONE_GPU_PREFIXES = (
     "int4-ahead-",
     "int4-warps-",
     "fp8-gemv-rows-",
+    "fp8-tc-rows-",
     "fp8-one-row-blocks-",
     "unroll-",
     "rope-unroll-",
@@ -284,6 +285,10 @@ def set_variant(variant: str) -> None:
         from fi_engine.kernels.quantized_weights import QuantizedWeights
 
         QuantizedWeights.fp8_w8a8_blocks = False
+    if variant.startswith("fp8-tc-rows-"):  # FP8 weights: the GEMV on tensor cores from N rows up (3 by default)
+        from fi_engine.kernels.fp8_linear import Fp8Linears
+
+        Fp8Linears.tensor_core_rows = int(variant.rsplit("-", 1)[1])
     if variant.startswith("fp8-gemv-rows-"):  # FP8 weights: the GEMV up to N rows, the FP8 GEMM above
         from fi_engine.kernels.quantized_weights import QuantizedWeights
 
@@ -603,6 +608,7 @@ def main() -> None:
         "more than 8 rows dequantize instead of the "
         "FP8 GEMM), w8a8-no-blocks (TP 1, 128x128-block FP8 checkpoints: dequantized above 8 rows, not the "
         "FP8 GEMM), fp8-gemv-rows-N (TP 1, FP8 checkpoints: the FP8 GEMV up to N rows, the FP8 GEMM above), "
+        "fp8-tc-rows-N (TP 1, FP8 checkpoints: the FP8 GEMV on tensor cores from N rows up; 3 by default), "
         "norm-fold (TP 1, FP8 and int4 checkpoints: the fused step's norms between two GEMVs folded into them, "
         "QuantizedWeights.norm_in_gemv on), int4-rope-launches (TP 1, int4 checkpoints: RoPE and the KV append as "
         "launches, QuantizedWeights.int4_rope off), graph-fused-one-row (TP 1, int4 checkpoints: the decode graphs of "
