@@ -6,11 +6,12 @@
 // k / 128, 1024] bytes. Tile (s, c) holds the 128 inputs 128 c .. 128 c + 127 of the 16 rows 16 s .. 16 s + 15 (rows
 // past n zero), row 16 s + r's 64 bytes at 64 r, so a warp's tile is one contiguous kilobyte (its two loads of 8
 // rows 512 contiguous bytes each: on an H200 the GEMV took 5-9 % less time than over row-major rows, whose 64-byte
-// pieces lay a row apart). Lane t (0..3) of an mma's quad reads a row's 16 bytes at 16 t, 4 little-endian words: words 2 h and 2 h + 1 hold its inputs of half tile h (0, 1), 64 h + 16 t + 4 q + e
-// (step q = 0..3 of the half, e = 0..3), word 2 h + v steps 2 v and 2 v + 1 in its 4-bit fields (field 0 the
-// lowest): fields 0, 4, 1, 5 are step 2 v's e = 0, 1, 2, 3 and fields 2, 6, 3, 7 step 2 v + 1's. So
-// `(word >> 4 p) & 0x000f000f` is one 16-bit pair of an mma's A fragment for p = 0..3: (e 0, 1) and (e 2, 3) of step
-// 2 v, then of step 2 v + 1; and a lane's x values of a half are 16 consecutive inputs, two 16-byte loads.
+// pieces lay a row apart). Lane t (0..3) of an mma's quad reads a row's 16 bytes at 16 t, 4 little-endian words:
+// words 2 h and 2 h + 1 hold its inputs of half tile h (0, 1), 64 h + 16 t + 4 q + e (step q = 0..3 of the half,
+// e = 0..3), word 2 h + v steps 2 v and 2 v + 1 in its 4-bit fields (field 0 the lowest): fields 0, 4, 1, 5 are
+// step 2 v's e = 0, 1, 2, 3 and fields 2, 6, 3, 7 step 2 v + 1's. So `(word >> 4 p) & 0x000f000f` is one 16-bit
+// pair of an mma's A fragment for p = 0..3: (e 0, 1) and (e 2, 3) of step 2 v, then of step 2 v + 1; and a lane's
+// x values of a half are 16 consecutive inputs, two 16-byte loads.
 //
 // A record per output row and group of inputs (uint32 [n, groups]): the group's float32 scale with its low 8 bits
 // cleared (16-bit scales are exact; float32 ones keep 16 significant bits), and the group's zero (0..255) in them.
