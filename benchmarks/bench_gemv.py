@@ -81,7 +81,9 @@ def main() -> None:
                     for j in range(copies):
                         dense.quantized.add_fp8_weight(bits[j].data.ptr, n, k, scales[j].data.ptr, block)
                     fp8[layout] = (bits, scales)
-            int4 = None  # int4 copies in the GEMV's layout (random codes, zero 8, scale 2**-7), registered
+            # int4 copies in the GEMV's layout (random codes, zero 8, scale 2**-7; every n here a multiple of 16, so
+            # n * k / 2 bytes is the tile-major layout's size), registered
+            int4 = None
             if args.int4:
                 codes = cp.random.randint(0, 256, (copies, n, k // 2), dtype=cp.int32).astype(cp.uint8)
                 record = int(np.float32(2.0**-7).view(np.uint32)) | 8
