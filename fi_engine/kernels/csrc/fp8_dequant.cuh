@@ -20,7 +20,7 @@ __device__ __forceinline__ void dequant_rows(const unsigned char* __restrict__ w
             const int r = (int)(j & 15);
             from = ((((tile * (k >> 7) + (c >> 3)) * 2 + (r >> 3)) * 2 + ((c >> 2) & 1)) * 8 + (r & 7)) * 4 + (c & 3);
         }
-        e4m3x16(load_weights(reinterpret_cast<const uint4*>(w) + from), wf);
+        e4m3x16_int(load_weights(reinterpret_cast<const uint4*>(w) + from), wf);
         uint4 o[2];
         unsigned short* ov = reinterpret_cast<unsigned short*>(o);
 #pragma unroll

@@ -3,7 +3,7 @@
 #include "convert.cuh"  // h2f, b2f, f2h, f2b, tof, fromf
 #include "load_weights.cuh"  // load_weights: past L1
 #include "griddep.cuh"  // griddep_wait (tc_sums'), unused here
-#include "fp8_decode.cuh"  // e4m3x16 (dequant_rows')
+#include "fp8_decode.cuh"  // e4m3x16_int (dequant_rows')
 #include "fp8_tensor_cores.cuh"  // e4m3_pair, prmt, mma16816, tc_load, tc_chunk
 #include "fp8_dequant.cuh"  // dequant_e4m3_{bf16,f16}: the experts as a 16-bit copy, for grouped GEMMs of many rows
 #include "stage_rows.cuh"  // stage_rows, LIST_ASSIGNMENTS_OR_RETURN, SUM_TILE, next_chunk, shift_chunks
