@@ -14,7 +14,8 @@
 #define I4_MAX_WARPS 16
 #define I4_TILE_VECS 64  // the 16-byte vectors of a tile of 16 rows (int4_decode.cuh's layout: a kilobyte)
 
-// the loads of TPL tiles from `tile` on (those < tiles): each tile's two weight vectors (rows a, b) into v[2 u ..],
+// the loads of TPL tiles from `tile` on (those < tiles): each tile's two weight vectors (rows a, b: wa and wb at
+// tile `tile`) into v[2 u ..],
 // its records into r[4 u ..] (G64: row a's halves, then row b's; else one a row, r[4 u], r[4 u + 2]); weights and
 // records are constants
 template <int TPL, bool G64>
@@ -23,8 +24,8 @@ __device__ __forceinline__ void i4_load(uint4* v, unsigned* r, const uint4* wa, 
 #pragma unroll
     for (int u = 0; u < TPL; ++u) {
         if (tile + u < tiles) {
-            v[2 * u] = load_weights(wa + I4_TILE_VECS * (tile + u));
-            v[2 * u + 1] = load_weights(wb + I4_TILE_VECS * (tile + u));
+            v[2 * u] = load_weights(wa + I4_TILE_VECS * u);
+            v[2 * u + 1] = load_weights(wb + I4_TILE_VECS * u);
             if (G64) {
                 const uint2 pa = __ldg(reinterpret_cast<const uint2*>(ra) + tile + u);
                 const uint2 pb = __ldg(reinterpret_cast<const uint2*>(rb) + tile + u);
@@ -97,13 +98,21 @@ __device__ __forceinline__ void gemv4_tc(const unsigned short* __restrict__ x, c
     uint4 cv[2 * TPL];
     unsigned cr[4 * TPL];
     int tile = tile_warp * TPL;
-    if (tile < tiles) i4_load<TPL, G64>(cv, cr, wa, wb, ra, rb, tile, tiles, gshift);
+    const int step = warps * TPL;  // the tiles from one run of a warp to its next
+    // the lane's weights and x at its run, moved a run at a time (rebuilt from the block's columns each tile, as
+    // ptxas does from the expressions, their addresses took about 30 instructions a tile)
+    const uint4* pa = wa + I4_TILE_VECS * tile;
+    const uint4* xt[NT];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) xt[i] = xr[i] + 16 * tile;
+    if (tile < tiles) i4_load<TPL, G64>(cv, cr, pa, pa + I4_TILE_VECS / 2, ra, rb, tile, tiles, gshift);
     griddep_wait();  // x may be the previous kernel's output; the weights and records are constants
     while (tile < tiles) {
-        const int next = tile + warps * TPL;
+        const int next = tile + step;
+        const uint4* na = pa + I4_TILE_VECS * step;
         uint4 nv[2 * TPL];
         unsigned nr[4 * TPL];
-        if (next < tiles) i4_load<TPL, G64>(nv, nr, wa, wb, ra, rb, next, tiles, gshift);
+        if (next < tiles) i4_load<TPL, G64>(nv, nr, na, na + I4_TILE_VECS / 2, ra, rb, next, tiles, gshift);
 #pragma unroll
         for (int u = 0; u < TPL; ++u) {
             if (tile + u < tiles) {
@@ -121,7 +130,7 @@ __device__ __forceinline__ void gemv4_tc(const unsigned short* __restrict__ x, c
                     for (int i = 0; i < NT; ++i) {
                         // a lane past the rows loads x's last row (xr), not zeros: its sums go to outputs of rows
                         // past `rows`, which no epilogue stores (and zeros cost an instruction a register)
-                        const uint4* xp = xr[i] + 16 * (tile + u) + 8 * h;
+                        const uint4* xp = xt[i] + 16 * u + 8 * h;
                         xq[i][0] = __ldg(xp);
                         xq[i][1] = __ldg(xp + 1);
                     }
@@ -137,7 +146,9 @@ __device__ __forceinline__ void gemv4_tc(const unsigned short* __restrict__ x, c
         for (int u = 0; u < 2 * TPL; ++u) cv[u] = nv[u];
 #pragma unroll
         for (int u = 0; u < 4 * TPL; ++u) cr[u] = nr[u];
-        tile = next;
+#pragma unroll
+        for (int i = 0; i < NT; ++i) xt[i] += 16 * step;
+        pa = na, tile = next;
     }
 #pragma unroll
     for (int i = 0; i < NT; ++i)
