@@ -249,8 +249,8 @@ def decode_gemv_layout(weights: np.ndarray, records: np.ndarray, k: int) -> np.n
         )
     weights = weights.reshape(strips, tiles, GEMV_ROWS, 64).transpose(0, 2, 1, 3).reshape(-1, k // 2)[:n]
     low, high = weights & 0xF, weights >> 4
-    fields = np.stack([low, high], axis=-1).reshape(n, k // GEMV_TILE, 4, 2, 2, 8)  # [n, tile, t, half, v, field]
-    laid = np.empty((n, k // GEMV_TILE, 4, 2, 4, 4), np.uint8)  # [n, tile, t, half, q, e]
+    fields = np.stack([low, high], axis=-1).reshape(n, tiles, 4, 2, 2, 8)  # [n, tile, t, half, v, field]
+    laid = np.empty((n, tiles, 4, 2, 4, 4), np.uint8)  # [n, tile, t, half, q, e]
     laid[:, :, :, :, _FIELD_STEP, _FIELD_E] = fields
     codes = laid.transpose(0, 1, 3, 2, 4, 5).reshape(n, k)
     groups = records.shape[1]

@@ -122,7 +122,7 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
         # the folded norm's forms (norm_fold.py), up to 8 rows: (bf16, "out" | "in" | "silu_in", groups of 64) -> fn
         self._fold: dict[tuple[bool, str, bool], int] = {}
         self._rope: dict[tuple[bool, bool], int] = {}  # the RoPE form (up to 8 rows): (bf16, groups of 64) -> fn
-        self._regs: dict[int, int] = {}  # fn -> its registers a thread (the warps a block, _threads)
+        self._regs: dict[int, int] = {}  # a plain GEMV's fn -> its registers a thread (the warps a block, _threads)
 
     def add(self, w: int, n: int, k: int, records: int, group_size: int, interleaved: bool = False) -> None:
         """Register the int4 weight ``[n, k]`` at ``w`` (the GEMV layout) with its ``records``; ``interleaved``: two
@@ -183,7 +183,7 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
                 self._fold[(bf16, "silu_in", g64)] = function_ptr(module.get_function(f"gemv4_{t}_silu_8{g}_fold_in"))
                 self._rope[(bf16, g64)] = function_ptr(module.get_function(f"gemv4_{t}_rope_8{g}"))
             self._dequant[bf16] = function_ptr(module.get_function(f"dequant_int4_{t}"))
-        for fn in (*self._gemv.values(), *self._silu.values(), *self._fold.values(), *self._rope.values()):
+        for fn in self._gemv.values():  # (every form of a call site takes the plain launch's warps: _threads)
             self._regs[fn] = cupy.cuda.driver.funcGetAttribute(_FUNC_NUM_REGS, fn)
         self._module = module
 

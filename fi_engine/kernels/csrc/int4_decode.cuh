@@ -12,6 +12,7 @@
 // step 2 v's e = 0, 1, 2, 3 and fields 2, 6, 3, 7 step 2 v + 1's. So `(word >> 4 p) & 0x000f000f` is one 16-bit
 // pair of an mma's A fragment for p = 0..3: (e 0, 1) and (e 2, 3) of step 2 v, then of step 2 v + 1; and a lane's
 // x values of a half are 16 consecutive inputs, two 16-byte loads.
+#define I4_TILE_VECS 64  // the 16-byte vectors of a tile of 16 rows (a kilobyte)
 //
 // A record per output row and group of inputs (uint32 [n, groups]): the group's float32 scale with its low 8 bits
 // cleared (16-bit scales are exact; float32 ones keep 16 significant bits), and the group's zero (0..255) in them.

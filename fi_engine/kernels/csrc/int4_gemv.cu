@@ -12,7 +12,6 @@
 #include "norm_fold.cuh"  // NormFold, FOLD_OUT / FOLD_IN: the norm between two GEMVs folded into them
 
 #define I4_MAX_WARPS 16
-#define I4_TILE_VECS 64  // the 16-byte vectors of a tile of 16 rows (int4_decode.cuh's layout: a kilobyte)
 
 // the loads of TPL tiles from `tile` on (those < tiles): each tile's two weight vectors (rows a, b: wa and wb at
 // tile `tile`) into v[2 u ..],

@@ -45,7 +45,7 @@
 #define SK_XV(FMT) ((FMT) == SK_W16 ? 1 : (FMT) == SK_INT4 ? 4 : 2)        // x vectors a lane reads a step
 // 16-byte vectors from a lane's weights of a step to the next's: 64 bytes along a row, or int4's tile-major layout's
 // kilobyte tiles (int4_decode.cuh)
-#define SK_STEP_VECS(FMT) ((FMT) == SK_INT4 ? 64 : 4)
+#define SK_STEP_VECS(FMT) ((FMT) == SK_INT4 ? I4_TILE_VECS : 4)
 // 16-bit elements of a staged x row: KX and padding such that a quarter-warp's 16-byte reads fall in distinct banks
 // (16-bit weights: lanes q of rows g and g + 1 read 64 bytes of each row, so rows are 64 bytes apart modulo 128;
 // e4m3 and int4: lane q reads bytes 32 q of each row, so rows are 16 bytes apart modulo 128)
@@ -273,7 +273,7 @@ __device__ __forceinline__ void skinny_gemm(const unsigned short* __restrict__ x
             if (FMT == SK_INT4) {  // row g + 8 h of strip (j0 + 16 t) / 16 (a tile past n: the last strip's)
                 const long long strip = min(j0 + 16 * t, n - 1) >> 4;
                 const long long tile = strip * (k >> 7) + (k_lo >> 7);
-                wr[t][h] = reinterpret_cast<const uint4*>(wb + tile * 1024 + 64 * (g + 8 * h)) + q;
+                wr[t][h] = reinterpret_cast<const uint4*>(wb + tile * (16 * I4_TILE_VECS) + 64 * (g + 8 * h)) + q;
             } else {
                 wr[t][h] = reinterpret_cast<const uint4*>(wb + row * row_bytes + lo_bytes) + q;
             }
