@@ -13,10 +13,9 @@
 
 #define I4_MAX_WARPS 16
 
-// the loads of TPL tiles from `tile` on (those < tiles): each tile's two weight vectors (rows a, b: wa and wb at
-// tile `tile`) into v[2 u ..],
-// its records into r[4 u ..] (G64: row a's halves, then row b's; else one a row, r[4 u], r[4 u + 2]); weights and
-// records are constants
+// the loads of TPL tiles from `tile` on (those < tiles): each tile's two weight vectors (rows a, b; wa and wb point
+// at tile `tile`'s) into v[2 u ..], its records into r[4 u ..] (G64: row a's halves, then row b's; else one a row,
+// r[4 u], r[4 u + 2]); weights and records are constants
 template <int TPL, bool G64>
 __device__ __forceinline__ void i4_load(uint4* v, unsigned* r, const uint4* wa, const uint4* wb, const unsigned* ra,
                                         const unsigned* rb, int tile, int tiles, int gshift) {
@@ -80,9 +79,9 @@ __device__ __forceinline__ void gemv4_tc(const unsigned short* __restrict__ x, c
     // a last partial tile's records repeat its last row's (its rows past n are zero codes; their sums never stored)
     const int ja = min(j0 + g, n - 1), jb = min(j0 + g + 8, n - 1);
     const int tiles = k >> 7;
-    // rows g and g + 8 of strip j0 / 16 (j0 a multiple of 16), lane t's 16 bytes of each: 512 bytes apart
+    // row g of strip j0 / 16 (j0 a multiple of 16), lane t's 16 bytes; row g + 8's are 512 bytes (I4_TILE_VECS / 2
+    // vectors) further in each tile
     const uint4* wa = reinterpret_cast<const uint4*>(w) + (long long)(j0 >> 4) * tiles * I4_TILE_VECS + 4 * g + t;
-    const uint4* wb = wa + I4_TILE_VECS / 2;
     const unsigned* ra = rec + (long long)ja * groups;
     const unsigned* rb = rec + (long long)jb * groups;
     const uint4* xr[NT];  // x row 8 i + g at input 16 t (its last row for the rows past it: sums never stored)
