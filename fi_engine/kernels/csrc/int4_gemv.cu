@@ -13,17 +13,17 @@
 
 #define I4_MAX_WARPS 16
 
-// the loads of TPL tiles from `tile` on (those < tiles): each tile's two weight vectors (rows a, b; wa and wb point
-// at tile `tile`'s) into v[2 u ..], its records into r[4 u ..] (G64: row a's halves, then row b's; else one a row,
-// r[4 u], r[4 u + 2]); weights and records are constants
+// the loads of TPL tiles from `tile` on (those < tiles): each tile's two weight vectors (rows a, b: wa points at
+// tile `tile`'s row a, row b's is half a tile further) into v[2 u ..], its records into r[4 u ..] (G64: row a's
+// halves, then row b's; else one a row, r[4 u], r[4 u + 2]); weights and records are constants
 template <int TPL, bool G64>
-__device__ __forceinline__ void i4_load(uint4* v, unsigned* r, const uint4* wa, const uint4* wb, const unsigned* ra,
-                                        const unsigned* rb, int tile, int tiles, int gshift) {
+__device__ __forceinline__ void i4_load(uint4* v, unsigned* r, const uint4* wa, const unsigned* ra, const unsigned* rb,
+                                        int tile, int tiles, int gshift) {
 #pragma unroll
     for (int u = 0; u < TPL; ++u) {
         if (tile + u < tiles) {
             v[2 * u] = load_weights(wa + I4_TILE_VECS * u);
-            v[2 * u + 1] = load_weights(wb + I4_TILE_VECS * u);
+            v[2 * u + 1] = load_weights(wa + I4_TILE_VECS / 2 + I4_TILE_VECS * u);
             if (G64) {
                 const uint2 pa = __ldg(reinterpret_cast<const uint2*>(ra) + tile + u);
                 const uint2 pb = __ldg(reinterpret_cast<const uint2*>(rb) + tile + u);
@@ -103,14 +103,14 @@ __device__ __forceinline__ void gemv4_tc(const unsigned short* __restrict__ x, c
     const uint4* xt[NT];
 #pragma unroll
     for (int i = 0; i < NT; ++i) xt[i] = xr[i] + 16 * tile;
-    if (tile < tiles) i4_load<TPL, G64>(cv, cr, pa, pa + I4_TILE_VECS / 2, ra, rb, tile, tiles, gshift);
+    if (tile < tiles) i4_load<TPL, G64>(cv, cr, pa, ra, rb, tile, tiles, gshift);
     griddep_wait();  // x may be the previous kernel's output; the weights and records are constants
     while (tile < tiles) {
         const int next = tile + step;
         const uint4* na = pa + I4_TILE_VECS * step;
         uint4 nv[2 * TPL];
         unsigned nr[4 * TPL];
-        if (next < tiles) i4_load<TPL, G64>(nv, nr, na, na + I4_TILE_VECS / 2, ra, rb, next, tiles, gshift);
+        if (next < tiles) i4_load<TPL, G64>(nv, nr, na, ra, rb, next, tiles, gshift);
 #pragma unroll
         for (int u = 0; u < TPL; ++u) {
             if (tile + u < tiles) {
