@@ -13,7 +13,7 @@ line gives with a measured copy beside it; ``--hbm-tbs`` sets another figure. No
     python3 benchmarks/bench_llama_tp.py --make /tmp/llama8b-fp8 --fp8 block   # e4m3 projections, 128x128 scales
     python3 benchmarks/bench_llama_tp.py --make /tmp/llama8b-awq --int4 awq     # AWQ int4 projections, groups of 128
     python3 benchmarks/bench_llama_tp.py --make /tmp/smollm2 --shape smollm2-135m --layers 30 --tokenizer-from DIR
-    python3 benchmarks/bench_llama_tp.py --model /tmp/llama8b --tp 1,2,4 [--json PATH]
+    python3 benchmarks/bench_llama_tp.py --model /tmp/llama8b --tp 1,2,4 [--json PATH] [--profile] [--choices]
     python3 benchmarks/bench_llama_tp.py --model /tmp/llama8b --tp 1,2 --batches 32 --modes graph \
         --variants fused,whole-vocab
 
@@ -353,8 +353,8 @@ def set_variant(variant: str) -> None:
         from fi_engine.runtime.serving import ServingLoop
 
         ModelRunner.tp_prepare_ahead = ServingLoop.tp_pipelined_decode = variant == "tp-pipe"
-    if variant == "tp-tune":  # TP > 1: the decode graphs' GEMM launches tuned in the captured step, in lock step
-        ModelRunner.tp_tune_decode_graphs = True
+    if variant in ("tp-tune", "no-tp-tune"):  # TP > 1: the decode graphs' GEMM launches tuned in the captured step,
+        ModelRunner.tp_tune_decode_graphs = variant == "tp-tune"  # in lock step, or not
     if variant == "pdl":  # the fused all-reduce + norm launched with programmatic dependent launch
         from fi_engine.layers.tensor_parallel import ResidualAllReduce
 
@@ -370,8 +370,10 @@ def run_rank(
     modes: list[str],
     profile: bool,
     max_batch: int = 0,
+    choices: bool = False,
 ) -> None:
-    """One rank (or the single GPU): every configuration, rank 0 writes the rows."""
+    """One rank (or the single GPU): every configuration, rank 0 writes the rows; ``choices``: every rank prints
+    its GEMM shapes' launches timed alone (stderr)."""
     from fi_engine.models.llama import Llama, LlamaEngine
 
     tp = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ else 1
@@ -408,6 +410,14 @@ def run_rank(
                         file=sys.stderr,
                     )
                 engine.generate(prompts, 4, eos_token_ids=())  # warm-up
+                if choices:  # (stderr: each GEMM shape's launches timed alone, us, and the one serving it)
+                    for key, (times, chosen) in sorted(engine.runner.dense.timed_launches().items()):
+                        alone = ", ".join(f"{label}: {ms * 1e3:.1f}" for label, ms in sorted(times.items()))
+                        print(
+                            f"rank {engine.rank} rows {key[0]} (n, k) {key[1:3]}{' quantized' if key[5] else ''}: "
+                            f"{alone}; serving {chosen}",
+                            file=sys.stderr,
+                        )
                 result = engine.generate(prompts, new_tokens, eos_token_ids=())
                 rank = engine.rank
                 profiled = variant in ("fused", "lt", "whole-vocab", "tp-pipe")
@@ -639,9 +649,13 @@ def main() -> None:
         "launched before its ids are read, ServingLoop.tp_pipelined_decode and ModelRunner.tp_prepare_ahead on, "
         "the default), no-tp-pipe (TP > 1: both off, each step launched after the last one's ids are read; "
         "--profile also times the graph launch with one graph in flight), tp-tune (TP > 1: the decode graphs' GEMM "
-        "launches tuned in the captured step with the ranks in lock step, ModelRunner.tp_tune_decode_graphs on)",
+        "launches tuned in the captured step with the ranks in lock step, ModelRunner.tp_tune_decode_graphs on), "
+        "no-tp-tune (TP > 1: that tuning off, the default)",
     )
     ap.add_argument("--profile", action="store_true", help="graph rows: also time each part of the step")
+    ap.add_argument(
+        "--choices", action="store_true", help="print (stderr) each rank's GEMM shapes: launches timed alone, one kept"
+    )
     add_hbm_tbs_argument(ap)
     args = ap.parse_args()
     if args.make:
@@ -659,7 +673,15 @@ def main() -> None:
     modes = args.modes.split(",")
     if args.rank_out:
         run_rank(
-            str(args.model), args.rank_out, args.variant, args.new_tokens, batches, modes, args.profile, args.max_batch
+            str(args.model),
+            args.rank_out,
+            args.variant,
+            args.new_tokens,
+            batches,
+            modes,
+            args.profile,
+            args.max_batch,
+            args.choices,
         )
         return
     table = []
@@ -671,7 +693,7 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--model", str(args.model), "--rank-out", out.name]
                 cmd += ["--new-tokens", str(args.new_tokens), "--variant", variant]
                 cmd += ["--batches", args.batches, "--modes", args.modes] + (["--profile"] if args.profile else [])
-                cmd += ["--max-batch", str(args.max_batch)]
+                cmd += ["--max-batch", str(args.max_batch)] + (["--choices"] if args.choices else [])
                 if tp > 1:
                     cmd = [sys.executable, "-m", "fi_ffi", "launch", "--nproc", str(tp), "--", *cmd]
                 done = subprocess.run(cmd)

@@ -352,6 +352,13 @@ class Dense:
         in the captured step (:meth:`set_choices`)."""
         return close_choices(self._timings, rows, within, most)
 
+    def timed_launches(self) -> dict[tuple[int, ...], tuple[dict[int, float], int | None]]:
+        """What the GPU-bound steps' timing found so far, a copy: for each shape's key ``(rows, n, k, ab_type, c_type,
+        quantized weight's address or 0)``, each launch's time alone in ms (labels as :meth:`close_choices` names
+        them: -1 the GEMV, -2 cuBLASLt or the format's own path, 0, 1, ... a skinny plan) and the launch serving it
+        now (the step tuning may have set another, :meth:`set_choices`; None where none is set)."""
+        return {key: (dict(times), self._choices.get(key)) for key, times in self._timings.items()}
+
     def choices(self, keys: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
         """The launches chosen for the shapes' keys ``keys`` (as :meth:`close_choices` names them)."""
         return tuple(self._choices[k] for k in keys)

@@ -172,6 +172,20 @@ def test_set_choices_refuses_a_launch_the_shape_was_not_timed_with() -> None:
     assert dense.choices((key(8, QKV),)) == (0,)
 
 
+def test_timed_launches_reports_each_shapes_times_and_the_launch_serving_it_as_a_copy() -> None:
+    """Dense.timed_launches (benchmarks/bench_llama_tp.py --choices prints it): each key's launches timed alone and
+    the one serving it, the step tuning's choice once set_choices made one; a copy, so changing it changes nothing."""
+    dense = dense_with({key(8, QKV): {0: 0.0219, 4: 0.0228}, key(8, OUT): {-2: 0.012, 1: 0.011}})
+    got = dense.timed_launches()
+    assert got == {key(8, QKV): ({0: 0.0219, 4: 0.0228}, 0), key(8, OUT): ({-2: 0.012, 1: 0.011}, 1)}
+    dense.set_choices((key(8, QKV),), (4,))
+    assert dense.timed_launches()[key(8, QKV)] == ({0: 0.0219, 4: 0.0228}, 4)
+    got[key(8, OUT)][0][1] = 1.0
+    assert dense.timed_launches()[key(8, OUT)][0] == {-2: 0.012, 1: 0.011}
+    del dense._choices[key(8, OUT)]  # timed, none set (as a capture met first would leave none)
+    assert dense.timed_launches()[key(8, OUT)][1] is None
+
+
 # ------------------------------------------------------------------------------------- tensor parallelism (lock step)
 
 

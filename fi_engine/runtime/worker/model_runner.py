@@ -174,8 +174,10 @@ class ModelRunner(RunnerState):
     tp_tune_decode_graphs = False
     """With tensor parallelism, :attr:`tune_decode_graphs` in lock step: rank 0's shapes and close launches tried on
     every rank, every trial's step time the slowest rank's, so each rank captures, replays and keeps the same trials
-    (:mod:`~fi_engine.runtime.worker.step_tuning`). Off until measured on two GPUs (the per-rank GEMM shapes are
-    the ones the tuning would serve). Read when the graphs are captured: set it on the class to compare."""
+    (:mod:`~fi_engine.runtime.worker.step_tuning`). Off: on two H200s (8B shape, decode graphs) it moved no batch past
+    the noise, tokens/s with / without it: 1 row 371.5 / 371.3-372.7, 2 rows 682.3-684.2 / 675.6-681.4, 8 rows
+    2,494.3-2,509.7 / 2,510.3-2,524.5, 32 rows 8,277.0 / 8,244.8-8,283.9 (benchmarks/RESULTS.md). Read when the graphs
+    are captured: set it on the class to compare."""
 
     packed_attention: bool = True
     """The fused decode step's attention runs packed once per step view (``fi_ffi.prepare_decode_run``), each call
