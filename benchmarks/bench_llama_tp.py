@@ -355,10 +355,11 @@ def set_variant(variant: str) -> None:
         ModelRunner.tp_prepare_ahead = ServingLoop.tp_pipelined_decode = variant == "tp-pipe"
     if variant in ("tp-tune", "no-tp-tune"):  # TP > 1: the decode graphs' GEMM launches tuned in the captured step,
         ModelRunner.tp_tune_decode_graphs = variant == "tp-tune"  # in lock step, or not
-    if variant == "pdl":  # the fused all-reduce + norm launched with programmatic dependent launch
-        from fi_engine.layers.tensor_parallel import ResidualAllReduce
+    if variant in ("pdl", "ar-early"):  # the fused all-reduce + norm launched with programmatic dependent launch,
+        from fi_engine.layers.tensor_parallel import ResidualAllReduce  # the next kernel launched when it ends or
 
-        ResidualAllReduce.launch_with_pdl = True
+        ResidualAllReduce.launch_with_pdl = True  # (ar-early) once it has waited for the kernel before it
+        ResidualAllReduce.trigger_early = variant == "ar-early"
 
 
 def run_rank(
@@ -431,7 +432,7 @@ def run_rank(
                     "ids": "broadcast" if tp > 1 and variant != "agree" else "-",
                     "host prep": "ahead" if engine.runner.prepare_ahead else "in step",
                     "variant": variant,
-                    "pdl": variant == "pdl",
+                    "pdl": bool(getattr(engine.runner.allreduce, "pdl", False)),
                     "batch": batch,
                     "max_batch": max(batch, max_batch),
                     "mode": "graph" if graph else "eager",
@@ -642,8 +643,10 @@ def main() -> None:
         "ModelRunner.tune_decode_graphs off), tune-quantized (TP 1: FP8 and int4 shapes tried in the captured step "
         "too, step_tuning.TUNE_QUANTIZED), again (TP 1: the default once more, after the others: the run's own "
         "noise), ahead (as fused, "
-        "the next step prepared while the GPU runs this one; TP 1 runs it too), pdl (as fused, the all-reduce"
-        " launched with programmatic dependent launch), no-tp-fused (TP > 1: a step of 1-4 rows launches RoPE + "
+        "the next step prepared while the GPU runs this one; TP 1 runs it too), pdl (TP > 1: the fused all-reduce "
+        "launched with programmatic dependent launch, the next kernel when it ends; not safe, see "
+        "ResidualAllReduce), ar-early (as pdl, the next kernel launched once the all-reduce has waited for the "
+        "kernel before it; not safe either), no-tp-fused (TP > 1: a step of 1-4 rows launches RoPE + "
         "append and SiLU-and-mul on their own instead of as the QKV and gate/up GEMVs' epilogues, "
         "ModelRunner.tp_fused_epilogues off), tp-pipe (TP > 1: each graph step staged while the last one runs and "
         "launched before its ids are read, ServingLoop.tp_pipelined_decode and ModelRunner.tp_prepare_ahead on, "
@@ -723,11 +726,7 @@ def main() -> None:
     # pdl rows: the same kernels, the same sums
     key = ("tp", "batch", "max_batch", "layers", "mode", "vocab", "all-reduce")
     for r in table:
-        ref = [
-            q
-            for q in table
-            if q["host prep"] == "in step" and q["ids"] == "-" and not q["pdl"] and all(q[k] == r[k] for k in key)
-        ]
+        ref = [q for q in table if q["host prep"] == "in step" and q["ids"] == "-" and all(q[k] == r[k] for k in key)]
         if ref and ref[0]["tokens_sha"] != r["tokens_sha"]:
             print(f"tokens differ from the fused row's: {r}")
     profiled = [r for r in table if r.get("parts_us")]

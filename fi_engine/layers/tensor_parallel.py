@@ -237,17 +237,31 @@ class ResidualAllReduce:
         hidden: hidden size.
         dtype: the activations' dtype (``"float16"``/``"bfloat16"``).
         fused: use the fused kernel where it applies (False: always NCCL).
+        pdl: the GPU runs programmatic dependent launch (Hopper and later; the engine passes its launcher's
+            ``launches_with_pdl``).
 
     ``fused`` (attribute) says which path was taken: the fused kernel writes the normalized rows into a buffer
-    of their own (``normed``), the NCCL path normalizes ``partial`` in place. ``launch_with_pdl`` (class
-    attribute, off): launch the fused kernel with programmatic dependent launch (benchmarks/bench_llama_tp.py,
-    variant "pdl", measures it).
+    of their own (``normed``), the NCCL path normalizes ``partial`` in place. ``pdl`` (attribute): the fused kernel
+    is launched with programmatic dependent launch, where ``pdl`` and the class attribute ``launch_with_pdl`` allow
+    it; with the class attribute ``trigger_early`` too, the kernel after it is launched as soon as it has waited for
+    the one before it, not when it ends. Both are off, because that kernel is not safe to launch early: it loads its
+    ``residual_in`` (and the norm's weight) before its own wait for the kernel before it, and the decode step's
+    kernels between two all-reduces each let the next one start at once, so a launch can overtake the all-reduce
+    that writes that residual. Measured on two H200s (benchmarks/RESULTS.md): with the early trigger the TP 2 graph
+    test gave other tokens than one GPU in 8 of 18 runs; launched when the all-reduce ends, in none of 10, which is
+    luck of timing, not a guarantee. The speed it buys, the 8B shape at TP 2, tokens/s against the kernel launched
+    without it: early +6.3 % at batch 1, +1.1 % at 8, +0.8 % at 32; at the end about +2 % at 1, under 1 % at 8 and
+    32. ``bench_llama_tp.py``'s variants ``pdl`` and ``ar-early`` turn them on.
     """
 
     launch_with_pdl = False
+    trigger_early = False
 
-    def __init__(self, comm: Any, max_rows: int, hidden: int, dtype: str, *, fused: bool = True) -> None:
+    def __init__(
+        self, comm: Any, max_rows: int, hidden: int, dtype: str, *, fused: bool = True, pdl: bool = False
+    ) -> None:
         self.comm = comm
+        self.pdl = bool(pdl and self.launch_with_pdl)
         self.workspace: Any = None
         single_host = comm.env is None or comm.env.single_host
         if fused and comm.world_size in (2, 4, 8, 16) and single_host and hidden % 8 == 0:
@@ -270,7 +284,8 @@ class ResidualAllReduce:
                 norm_out=normed,
                 rms_gamma=weight,
                 rms_eps=eps,
-                launch_with_pdl=self.launch_with_pdl,
+                launch_with_pdl=self.pdl,
+                trigger_completion_at_end=not (self.pdl and self.trigger_early),
                 stream=stream,
             )
             return
@@ -288,7 +303,11 @@ class ResidualAllReduce:
             from ..kernels.system import AllReduceFusionPattern
 
             self.workspace.allreduce_fusion(
-                partial, pattern=AllReduceFusionPattern.kAllReduce, allreduce_out=out, stream=stream
+                partial,
+                pattern=AllReduceFusionPattern.kAllReduce,
+                allreduce_out=out,
+                launch_with_pdl=self.pdl,
+                stream=stream,
             )
             return out
         self.comm.all_reduce(partial, stream=stream)

@@ -378,10 +378,13 @@ class AllReduceFusionWorkspace:
         use_oneshot: bool | None = None,
         fp32_acc: bool = False,
         launch_with_pdl: bool = False,
+        trigger_completion_at_end: bool = True,
         stream: Any = None,
     ) -> None:
         """:func:`trtllm_allreduce_fusion` on this workspace, with the token count and hidden size taken from
-        ``allreduce_in`` (``[token_num, hidden_dim]``)."""
+        ``allreduce_in`` (``[token_num, hidden_dim]``). ``trigger_completion_at_end`` (with ``launch_with_pdl``): the
+        next kernel may launch once this one ends (True, flashinfer's choice) or once it has waited for the kernel
+        before it (False, the one-shot kernel only: the next kernel must wait for this one itself)."""
         if self.closed:
             raise ValueError(_CLOSED)
         from ..tensor.intake import as_tensor
@@ -397,7 +400,7 @@ class AllReduceFusionWorkspace:
             t.shape[1],
             self,
             launch_with_pdl=launch_with_pdl,
-            trigger_completion_at_end=True,
+            trigger_completion_at_end=trigger_completion_at_end,
             fp32_acc=fp32_acc,
             pattern_code=pattern,
             use_oneshot=use_oneshot,

@@ -232,3 +232,22 @@ def test_gathered_shard_logits_rebuild_the_row() -> None:
     c = np.arange(vocab)
     rebuilt = np.stack([flat[((c // width) * rows + r) * width + c % width] for r in range(rows)])
     np.testing.assert_array_equal(rebuilt, logits)
+
+
+@pytest.mark.parametrize(
+    ("gpu_pdl", "allowed", "want"), [(True, True, True), (False, True, False), (True, False, False)]
+)
+def test_the_all_reduce_takes_pdl_only_where_the_gpu_and_the_switch_allow(
+    monkeypatch: pytest.MonkeyPatch, gpu_pdl: bool, allowed: bool, want: bool
+) -> None:
+    # three ranks: no fused kernel for that count, so no workspace (and no GPU) is needed to build one. The switch is
+    # off by default (ResidualAllReduce says why): a GPU that runs PDL does not turn it on
+    from types import SimpleNamespace
+
+    from fi_engine.layers.tensor_parallel import ResidualAllReduce
+
+    monkeypatch.setattr(ResidualAllReduce, "launch_with_pdl", allowed)
+    ar = ResidualAllReduce(SimpleNamespace(env=None, world_size=3), 8, 64, "bfloat16", pdl=gpu_pdl)
+    assert not ar.fused and ar.workspace is None
+    assert ar.pdl is want
+    assert ResidualAllReduce(SimpleNamespace(env=None, world_size=3), 8, 64, "bfloat16", pdl=True).pdl is allowed

@@ -351,6 +351,7 @@ class ModelRunner(RunnerState):
                         cfg.hidden_size,
                         self.dtype,
                         fused=self.settings.fused_allreduce,
+                        pdl=self.dense.launcher.launches_with_pdl,
                     )
                 self.family.allocate(self)
                 if self.settings.lora is not None:
