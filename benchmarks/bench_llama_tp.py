@@ -65,6 +65,7 @@ ONE_GPU_VARIANTS = (
     "no-gemv-pipeline",
     "silu-prologue",
     "no-skinny",
+    "after-wait",
 )
 ONE_GPU_PREFIXES = (
     "int4-ahead-",
@@ -355,6 +356,10 @@ def set_variant(variant: str) -> None:
         ModelRunner.tp_prepare_ahead = ServingLoop.tp_pipelined_decode = variant == "tp-pipe"
     if variant in ("tp-tune", "no-tp-tune"):  # TP > 1: the decode graphs' GEMM launches tuned in the captured step,
         ModelRunner.tp_tune_decode_graphs = variant == "tp-tune"  # in lock step, or not
+    if variant == "after-wait":  # the engine's kernels let the next one start after their wait, not at their start
+        from fi_engine.kernels.cuda_sources import Griddep
+
+        Griddep.after_wait = True
     if variant in ("pdl", "ar-early"):  # the fused all-reduce + norm launched with programmatic dependent launch,
         from fi_engine.layers.tensor_parallel import ResidualAllReduce  # the next kernel launched when it ends or
 
@@ -646,7 +651,9 @@ def main() -> None:
         "the next step prepared while the GPU runs this one; TP 1 runs it too), pdl (TP > 1: the fused all-reduce "
         "launched with programmatic dependent launch, the next kernel when it ends; not safe, see "
         "ResidualAllReduce), ar-early (as pdl, the next kernel launched once the all-reduce has waited for the "
-        "kernel before it; not safe either), no-tp-fused (TP > 1: a step of 1-4 rows launches RoPE + "
+        "kernel before it; not safe either), after-wait (the engine's kernels let the next kernel start once their "
+        "own wait has returned, not at their start, cuda_sources.Griddep.after_wait: with it pdl and ar-early are "
+        "safe, ar-early+after-wait), no-tp-fused (TP > 1: a step of 1-4 rows launches RoPE + "
         "append and SiLU-and-mul on their own instead of as the QKV and gate/up GEMVs' epilogues, "
         "ModelRunner.tp_fused_epilogues off), tp-pipe (TP > 1: each graph step staged while the last one runs and "
         "launched before its ids are read, ServingLoop.tp_pipelined_decode and ModelRunner.tp_prepare_ahead on, "

@@ -135,7 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", default="sm_90", help="the GPU architecture to compile for (default sm_90)")
     ap.add_argument("--json", type=Path, help="write the fingerprints here")
     ap.add_argument("--compare", type=Path, help="a --json file of an earlier commit: exit 1 where any differs")
+    ap.add_argument(
+        "--griddep-after-wait",
+        action="store_true",
+        help="compile with cuda_sources.Griddep.after_wait on (the next kernel starts after each kernel's wait)",
+    )
     args = ap.parse_args(argv)
+    if args.griddep_after_wait:
+        from fi_engine.kernels.cuda_sources import Griddep
+
+        Griddep.after_wait = True
     try:
         now = fingerprints(args.arch)
     except CompileError as exc:

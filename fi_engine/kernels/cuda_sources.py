@@ -176,7 +176,7 @@ import re
 from importlib import resources
 from typing import Any
 
-__all__ = ["files", "function_ptr", "functions", "read", "source"]
+__all__ = ["Griddep", "files", "function_ptr", "functions", "read", "source"]
 
 CSRC = "csrc"
 """The folder of the CUDA files inside this package."""
@@ -196,19 +196,41 @@ def read(file: str) -> str:
     return _stored(_checked(file))
 
 
+class Griddep:
+    """When the engine's kernels let the kernel after them start under programmatic dependent launch
+    (``csrc/griddep.cuh``). ``after_wait`` off (the default): at their start, so that it loads its weights while they
+    run; on: once their own wait for the kernel before them has returned (``GRIDDEP_AFTER_WAIT``), so that a kernel
+    that starts has every kernel two or more before it finished. That is what a kernel that reads before its own wait
+    needs: FlashInfer's fused all-reduce loads its residual first
+    (:class:`~fi_engine.layers.tensor_parallel.ResidualAllReduce`, whose launch with programmatic dependent launch is
+    off for that reason). Read when a program is made (:func:`source`): set it before the engine compiles its
+    kernels."""
+
+    after_wait = False
+
+
 def source(file: str) -> str:
     """The program NVRTC compiles for ``csrc/<file>``: its text with each ``#include "<file>"`` line replaced by
     that file's program (itself expanded), the expansion opened by ``#line 1 "<file>"`` and followed by a ``#line``
-    back to the includer's next line; made once per process. TypeError/ValueError naming ``file`` where it is no
-    file of :func:`files`; ValueError where a file includes itself (through any chain of includes)."""
-    return _program(_checked(file))
+    back to the includer's next line; made once per process. With :attr:`Griddep.after_wait` on, a program that
+    includes ``griddep.cuh`` starts with ``#define GRIDDEP_AFTER_WAIT``. TypeError/ValueError naming ``file`` where it
+    is no file of :func:`files`; ValueError where a file includes itself (through any chain of includes)."""
+    program = _program(_checked(file))
+    if Griddep.after_wait and "griddep_launch_dependents" in program:
+        return "#define GRIDDEP_AFTER_WAIT\n" + program  # (the program opens with its #line 1)
+    return program
+
+
+def functions(cupy: Any, file: str, names: tuple[str, ...], options: tuple[str, ...] = ()) -> list[Any]:
+    """The kernels ``names`` of ``csrc/<file>``'s program (:func:`source`), compiled by NVRTC through CuPy's
+    ``RawModule`` with ``options``, in the order named; compiled once per process for each set of arguments and
+    :attr:`Griddep.after_wait`."""
+    return _functions(cupy, file, names, options, Griddep.after_wait)
 
 
 @functools.cache
-def functions(cupy: Any, file: str, names: tuple[str, ...], options: tuple[str, ...] = ()) -> list[Any]:
-    """The kernels ``names`` of ``csrc/<file>``'s program (:func:`source`), compiled by NVRTC through CuPy's
-    ``RawModule`` with ``options``, in the order named."""
-    module = cupy.RawModule(code=source(file), options=options)
+def _functions(cupy: Any, file: str, names: tuple[str, ...], options: tuple[str, ...], after_wait: bool) -> list[Any]:
+    module = cupy.RawModule(code=source(file), options=options)  # (after_wait: in the key, read by source)
     return [module.get_function(name) for name in names]
 
 

@@ -251,7 +251,10 @@ class ResidualAllReduce:
     test gave other tokens than one GPU in 8 of 18 runs; launched when the all-reduce ends, in none of 10, which is
     luck of timing, not a guarantee. The speed it buys, the 8B shape at TP 2, tokens/s against the kernel launched
     without it: early +6.3 % at batch 1, +1.1 % at 8, +0.8 % at 32; at the end about +2 % at 1, under 1 % at 8 and
-    32. ``bench_llama_tp.py``'s variants ``pdl`` and ``ar-early`` turn them on.
+    32. ``bench_llama_tp.py``'s variants ``pdl`` and ``ar-early`` turn them on. With
+    :attr:`~fi_engine.kernels.cuda_sources.Griddep.after_wait` on, the engine's kernels let the kernel after them
+    start only once their own wait has returned, and so no launch overtakes an all-reduce two kernels back: both are
+    safe then (variant ``ar-early+after-wait``; not measured yet).
     """
 
     launch_with_pdl = False

@@ -134,3 +134,20 @@ def test_the_cuda_files_are_package_data_of_the_wheel_and_the_sdist() -> None:
     assert not unmatched, f"not package data (pyproject.toml): {unmatched}"
     manifest = (REPO / "MANIFEST.in").read_text().splitlines()
     assert "recursive-include fi_engine/kernels/csrc *.cu *.cuh" in manifest
+
+
+def test_the_after_wait_switch_defines_its_macro_in_the_programs_that_launch_dependents(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fi_engine.kernels.cuda_sources import Griddep
+
+    with_pdl = [f for f in files() if f.endswith(".cu") and "griddep_launch_dependents" in source(f)]
+    without = [f for f in files() if f.endswith(".cu") and f not in with_pdl]
+    assert "skinny_gemm.cu" in with_pdl and "gemv.cu" in with_pdl and "rows.cu" in without
+    off = {f: source(f) for f in files()}
+    assert not any("#define GRIDDEP_AFTER_WAIT" in text for text in off.values())  # off: the programs as stored
+    monkeypatch.setattr(Griddep, "after_wait", True)
+    for f in with_pdl:  # on: the macro, then the program unchanged (it opens with its own #line 1: the same lines)
+        assert off[f].startswith(f'#line 1 "{f}"\n'), f
+        assert source(f) == "#define GRIDDEP_AFTER_WAIT\n" + off[f], f
+    assert all(source(f) == off[f] for f in without)
