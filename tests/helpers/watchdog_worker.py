@@ -26,7 +26,11 @@ def main() -> None:
     env = read_env()
     payload, dog = bootstrap(env, b"uid" if env.rank == 0 else None, timeout=60)
     assert payload == b"uid" and dog is not None
-    (folder / f"ready-{env.rank}").write_text(str(os.getpid()))
+    # written whole, then renamed: rank 1 raises once every ready file exists, and a rank the watchdog then ends
+    # between creating its file and writing its pid would leave it empty for the test to wait on
+    partial = folder / f".pid-{env.rank}"
+    partial.write_text(str(os.getpid()))
+    os.replace(partial, folder / f"ready-{env.rank}")
     if mode == "clean":
         time.sleep(0 if env.rank == 1 else 1.0)
         return  # atexit says goodbye

@@ -2445,6 +2445,8 @@ EXEMPT: dict[str, str] = {
     "kernels.shard_kernels.ShardKernels": _GPU,
     "kernels.gemv_settings.GemvSettings": "class-level compile settings, checked when the options are made: "
     "package/test_kernel_fingerprints.py",
+    "kernels.cuda_sources.Griddep": "a class-level compile switch (a bool read when a program is made), no call: "
+    "tests/engine/test_cuda_sources.py",
     "kernels.launch_timing.LaunchTimer": _GPU,
     "kernels.launch_timing.close_choices": "reads the timings a Dense recorded itself (LaunchTimer.times): "
     "tests/engine/test_step_tuning.py",
