@@ -244,7 +244,8 @@ class ResidualAllReduce:
     of their own (``normed``), the NCCL path normalizes ``partial`` in place. ``pdl`` (attribute): the fused kernel
     is launched with programmatic dependent launch, where ``pdl`` and the class attribute ``launch_with_pdl`` allow
     it; with the class attribute ``trigger_early`` too, the kernel after it is launched as soon as it has waited for
-    the one before it, not when it ends. Both are off, because that kernel is not safe to launch early: it loads its
+    the one before it, not when it ends. Both are off, because that kernel (FlashInfer 0.6.3's, the comm test wheel's
+    version; 0.7.2 moved the load after the wait) is not safe to launch early: it loads its
     ``residual_in`` (and the norm's weight) before its own wait for the kernel before it, and the decode step's
     kernels between two all-reduces each let the next one start at once, so a launch can overtake the all-reduce
     that writes that residual. Measured on two H200s (benchmarks/RESULTS.md): with the early trigger the TP 2 graph
