@@ -360,10 +360,11 @@ def set_variant(variant: str) -> None:
         from fi_engine.kernels.cuda_sources import Griddep
 
         Griddep.after_wait = True
-    if variant in ("pdl", "ar-early"):  # the fused all-reduce + norm launched with programmatic dependent launch,
-        from fi_engine.layers.tensor_parallel import ResidualAllReduce  # the next kernel launched when it ends or
+    if variant in ("pdl", "ar-early"):  # the fused all-reduce + norm with programmatic dependent launch: the next
+        # kernel launched when it ends (pdl) or once it has waited for the kernel before it (ar-early)
+        from fi_engine.layers.tensor_parallel import ResidualAllReduce
 
-        ResidualAllReduce.launch_with_pdl = True  # (ar-early) once it has waited for the kernel before it
+        ResidualAllReduce.launch_with_pdl = True
         ResidualAllReduce.trigger_early = variant == "ar-early"
 
 

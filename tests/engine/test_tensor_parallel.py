@@ -240,8 +240,7 @@ def test_gathered_shard_logits_rebuild_the_row() -> None:
 def test_the_all_reduce_takes_pdl_only_where_the_gpu_and_the_switch_allow(
     monkeypatch: pytest.MonkeyPatch, gpu_pdl: bool, allowed: bool, want: bool
 ) -> None:
-    # three ranks: no fused kernel for that count, so no workspace (and no GPU) is needed to build one. The switch is
-    # off by default (ResidualAllReduce says why): a GPU that runs PDL does not turn it on
+    # three ranks: no fused kernel for that count, so no workspace (and no GPU) is needed to build one
     from types import SimpleNamespace
 
     from fi_engine.layers.tensor_parallel import ResidualAllReduce
@@ -250,4 +249,3 @@ def test_the_all_reduce_takes_pdl_only_where_the_gpu_and_the_switch_allow(
     ar = ResidualAllReduce(SimpleNamespace(env=None, world_size=3), 8, 64, "bfloat16", pdl=gpu_pdl)
     assert not ar.fused and ar.workspace is None
     assert ar.pdl is want
-    assert ResidualAllReduce(SimpleNamespace(env=None, world_size=3), 8, 64, "bfloat16", pdl=True).pdl is allowed
