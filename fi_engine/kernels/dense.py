@@ -63,6 +63,10 @@ __all__ = [
 WORKSPACE_BYTES = 32 << 20
 _GEMV_WARPS = 4  # output columns per block (one warp each)
 _GEMV, _LT = -1, -2  # Dense._choice: the GEMV, cuBLASLt (or the FP8 paths); 0, 1, ...: a skinny plan
+# the last value of a timed shape's key for Dense.gate_up_silu: the gate/up GEMM and its SiLU-and-mul as one choice
+# (_LT: Dense.linear, then silu_and_mul; 0, 1, ...: a plan of the skinny GEMM's SiLU form)
+_SILU_FORM = 1
+_LinearCall = tuple[int, int, int, int, int, int, int, int, int, int]  # Dense.linear's arguments but accumulate
 
 
 def data_type(dtype: str) -> int:
@@ -254,6 +258,68 @@ class Dense:
                 return
         self._gemm16((rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type), accumulate)
 
+    def gate_up_silu(
+        self,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        n: int,
+        k: int,
+        gu: int,
+        gu_ld: int,
+        act: int,
+        act_ld: int,
+        ab_type: int,
+        silu: Callable[[], object],
+    ) -> None:
+        """``act[:rows, :n / 2] = silu(x @ gate.T) * (x @ up.T)`` for the gate/up weight ``w`` (row-major ``[n, k]``,
+        the gate's ``n / 2`` rows first), x, gu and act of type ``ab_type``, row strides in elements. As
+        :meth:`linear` into ``gu`` (``[rows, n]``), then ``silu()`` (the caller's FlashInfer ``silu_and_mul`` of gu
+        into act, packed once); in GPU-bound steps of up to 32 rows over a 16-bit weight, the skinny GEMM's SiLU form
+        instead where it was timed faster than those two launches together (once per shape, as :meth:`_choice`
+        times; ``SkinnyLaunches.silu_on``). The form rounds each sum to ``ab_type`` as the GEMM's output would be, so
+        it differs from the two launches only where their GEMMs' float32 sums do (another launch, another order)."""
+        quantized = w in self._fp8_weights or w in self._int4_weights
+        if self.bandwidth_bound and self.gemv and 0 < rows <= SKINNY_MAX_ROWS and not quantized:
+            key = (rows, x, x_ld, w, n, k, act, act_ld, ab_type, ab_type)
+            choice = self._choices.get((rows, n, k, ab_type, ab_type, 0, _SILU_FORM))
+            if choice is None:
+                choice = self._silu_choice(key, (rows, x, x_ld, w, n, k, gu, gu_ld, ab_type, ab_type), silu)
+            if choice >= 0 and self._skinny.run(key, choice, None, True):
+                return
+        self.linear(rows, x, x_ld, w, n, k, gu, gu_ld, ab_type, ab_type)
+        silu()
+
+    def _silu_choice(self, key: tuple[int, ...], plain: _LinearCall, silu: Callable[[], object]) -> int:
+        """Which launch serves :meth:`gate_up_silu`'s shape in GPU-bound steps: ``_LT`` (:meth:`linear`'s call
+        ``plain`` into gu, then ``silu``) or the index of a plan of the skinny GEMM's SiLU form for the call ``key``
+        (into act), the fastest timed on the call's own buffers as :meth:`_choice` times; ``_LT`` where the form has
+        no plan, or during a capture (no timing there)."""
+        import cupy
+
+        rows, n, k, ab_type = key[0], key[4], key[5], key[8]
+        ckey = (rows, n, k, ab_type, ab_type, 0, _SILU_FORM)
+        plans = len(self._skinny.plans(key, None, True))
+        if not plans:
+            self._choices[ckey] = _LT
+            return _LT
+        if cupy.cuda.runtime.streamIsCapturing(self._stream):
+            return _LT
+        self.linear(*plain)  # (times the GEMM's own shape first, where it was not: no timing within a timing)
+        silu()
+
+        def separate() -> None:
+            self.linear(*plain)
+            silu()
+
+        runs: dict[int, Callable[[], object]] = {_LT: separate}
+        for i in range(plans):
+            runs[i] = lambda i=i: self._skinny.run(key, i, None, True)  # type: ignore[misc]
+        times = self._timings[ckey] = self._timer.times(runs)
+        choice = self._choices[ckey] = min(times, key=times.__getitem__)
+        return choice
+
     @same_parameters(linear)
     def prepared_linear(self, call: tuple[Any, ...]) -> Callable[[], None]:
         """:meth:`linear` (its parameters) with these arguments packed once where the GEMV serves it (see
@@ -354,7 +420,8 @@ class Dense:
 
     def timed_launches(self) -> dict[tuple[int, ...], tuple[dict[int, float], int | None]]:
         """What the GPU-bound steps' timing found so far, a copy: for each shape's key ``(rows, n, k, ab_type, c_type,
-        quantized weight's address or 0)``, each launch's time alone in ms (labels as :meth:`close_choices` names
+        quantized weight's address or 0)`` (:meth:`gate_up_silu`'s: the same and a last value, 1), each launch's time
+        alone in ms (labels as :meth:`close_choices` names
         them: -1 the GEMV, -2 cuBLASLt or the format's own path, 0, 1, ... a skinny plan) and the launch serving it
         now (the step tuning may have set another, :meth:`set_choices`; None where none is set)."""
         return {key: (dict(times), self._choices.get(key)) for key, times in self._timings.items()}

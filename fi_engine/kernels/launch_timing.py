@@ -61,15 +61,17 @@ def close_choices(
     timings: Mapping[tuple[int, ...], Mapping[int, float]], rows: int, within: float, most: int
 ) -> list[tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]]:
     """The timed shapes of ``rows`` rows whose launches are close to the fastest: ``[(keys, labels)]``, one entry a
-    shape (the keys of ``timings`` whose first five values, ``(rows, n, k, ab_type, c_type)``, are equal: a 16-bit
-    weight's one key, or a quantized weight's one a layer), ``labels`` the launches timed within ``within`` (a
-    fraction) of the shape's fastest, fastest first, at most ``most`` + 1 of them; shapes of one launch left out.
+    shape (the keys of ``timings`` whose values but the sixth, ``(rows, n, k, ab_type, c_type)`` and any after the
+    quantized weight's address, are equal: a 16-bit weight's one key, or a quantized weight's one a layer; a form
+    such as the gate/up GEMM with its SiLU, whose key ends in a value of its own, apart from the plain GEMM's),
+    ``labels`` the launches timed within ``within`` (a fraction) of the shape's fastest, fastest first, at most
+    ``most`` + 1 of them; shapes of one launch left out.
     ``timings``: each key's launches and times as :meth:`LaunchTimer.times` gave them; a quantized shape's launches
     are those every layer's key has, each timed as the sum over the layers."""
     shapes: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
     for key in timings:
         if key[0] == rows:
-            shapes.setdefault(tuple(key[:5]), []).append(key)
+            shapes.setdefault((*key[:5], *key[6:]), []).append(key)
     out = []
     for keys in shapes.values():
         common = set.intersection(*(set(timings[k]) for k in keys))

@@ -11,6 +11,10 @@ in ``done``, zero between launches), so its output does not depend on the order 
 are those an H100 sweep (``benchmarks/lab_skinny_gemm.py``, 8B shapes, 5-32 rows; benchmarks/RESULTS.md) found
 fastest: x read from global memory alongside the weights, or staged in shared memory; and for e4m3 and int4 at 17-32
 rows a staged one of two blocks an SM. ``benchmarks/lab_skinny_plans.py`` times every plan a Dense would time.
+
+Its SiLU form (``plans(..., silu=True)``; off in the engine: :attr:`SkinnyLaunches.silu_on`) reads a dense MLP's
+16-bit gate/up weight as stored and writes ``silu(x @ gate.T) * (x @ up.T)``: each tile of 16 rows takes 8 gate rows
+and the 8 up rows of the same outputs, so each lane holds both sums of its outputs.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ __all__ = [
 SKINNY_MAX_ROWS = 32  # four groups of the mma's 8
 W16, E4M3_BLOCK, E4M3_ROW, INT4 = 0, 1, 2, 3  # weight formats (the kernel's FMT)
 _PREFIX = {W16: "skinny", E4M3_BLOCK: "skinny8b", E4M3_ROW: "skinny8r", INT4: "skinny4"}
+_SILU_PREFIX = "skinnysilu"  # the SiLU form's kernels (16-bit weights)
 _STEP = {W16: 32, E4M3_BLOCK: 64, E4M3_ROW: 64, INT4: 128}  # inputs a lane's 16-byte weight vector covers
 PART_BYTES = 32 << 20  # the split launches' float32 sums
 SPLIT_RULE, SPLIT_HALF, SPLIT_WAVES = "rule", "half", "waves"  # SkinnyPlan.split: splits(), half of it, wave_split()
@@ -59,18 +64,22 @@ class Geometry:
     kx: int
     groups: tuple[int, ...] = (1, 2, 3, 4)
 
-    def name(self, fmt: int, bf16: bool, f32out: bool, mt: int) -> str:
-        """The kernel's name for ``mt`` groups of 8 rows (``csrc/skinny_gemm.cu``'s ``SKINNY``)."""
+    def name(self, fmt: int, bf16: bool, f32out: bool, mt: int, silu: bool = False) -> str:
+        """The kernel's name for ``mt`` groups of 8 rows (``csrc/skinny_gemm.cu``'s ``SKINNY``; ``silu``: its SiLU
+        form's, ``SKINNY_SILU``, 16-bit weights and output only)."""
         t = "bf16" if bf16 else "f16"
         out = "f32" if f32out else "16"
         g = f"n{self.nt}_u{self.u}_w{self.warps}_b{self.min_blocks}_x{self.kx}"
-        return f"{_PREFIX[fmt]}_{t}_{out}_m{mt}_{g}"
+        return f"{_SILU_PREFIX if silu else _PREFIX[fmt]}_{t}_{out}_m{mt}_{g}"
 
-    def instance(self, fmt: int, bf16: bool, f32out: bool, mt: int) -> str:
-        """The ``SKINNY(...)`` line that compiles :meth:`name`."""
+    def instance(self, fmt: int, bf16: bool, f32out: bool, mt: int, silu: bool = False) -> str:
+        """The ``SKINNY(...)`` (``silu``: ``SKINNY_SILU(...)``) line that compiles :meth:`name`."""
+        t = "true" if bf16 else "false"
+        shape = f"{mt}, {self.nt}, {self.u}, {self.warps}, {self.min_blocks}, {self.kx}"
+        if silu:
+            return f"SKINNY_SILU({_SILU_PREFIX}_{'bf16' if bf16 else 'f16'}_16, {t}, {shape})"
         prefix = f"{_PREFIX[fmt]}_{'bf16' if bf16 else 'f16'}_{'f32' if f32out else '16'}"
-        flags = f"{'true' if bf16 else 'false'}, {'true' if f32out else 'false'}, {fmt}"
-        return f"SKINNY({prefix}, {flags}, {mt}, {self.nt}, {self.u}, {self.warps}, {self.min_blocks}, {self.kx})"
+        return f"SKINNY({prefix}, {t}, {'true' if f32out else 'false'}, {fmt}, {shape})"
 
     @property
     def rows_per_block(self) -> int:
@@ -225,7 +234,7 @@ class SkinnyGemm:
         attrs = device.attributes
         self.sms = int(attrs.get("MultiProcessorCount", 132))
         self._smem_limit = int(attrs.get("MaxSharedMemoryPerBlockOptin", 48 << 10))
-        self._modules: dict[tuple[int, bool, bool], Any] = {}
+        self._modules: dict[tuple[int, bool, bool, bool], Any] = {}  # by (format, bf16, f32out, silu)
         self._fns: dict[str, int] = {}
         self._resident: dict[tuple[int, int, int], int] = {}  # (function, threads, smem) -> blocks an SM holds
         # the split launches' scratch: float32 sums, and a counter per column block (zero between launches)
@@ -236,16 +245,16 @@ class SkinnyGemm:
         if self.done is not None:  # zeroed on CuPy's current stream: done before any Dense stream launches a split
             cupy.cuda.get_current_stream().synchronize()
 
-    def _function(self, geometry: Geometry, fmt: int, bf16: bool, f32out: bool, mt: int) -> int:
-        name = geometry.name(fmt, bf16, f32out, mt)
+    def _function(self, geometry: Geometry, fmt: int, bf16: bool, f32out: bool, mt: int, silu: bool = False) -> int:
+        name = geometry.name(fmt, bf16, f32out, mt, silu)
         fn = self._fns.get(name)
         if fn is None:
-            family = (fmt, bf16, f32out)
+            family = (fmt, bf16, f32out, silu)
             module = self._modules.get(family)
             if module is None:
                 import cupy
 
-                lines = [g.instance(fmt, bf16, f32out, m) for g in GEOMETRIES[fmt] for m in g.groups]
+                lines = [g.instance(fmt, bf16, f32out, m, silu) for g in GEOMETRIES[fmt] for m in g.groups]
                 code = "#define SKINNY_INSTANCES " + " ".join(lines) + "\n" + source("skinny_gemm.cu")
                 module = self._modules[family] = cupy.RawModule(code=code)
             kernel = module.get_function(name)
@@ -282,6 +291,7 @@ class SkinnyGemm:
         s_ld: int = 0,
         block: tuple[int, int] | None = None,
         int4: tuple[int, int, int, int] = (0, 0, 0, 0),
+        silu: bool = False,
     ) -> list[SkinnyPlan]:
         """The launches that compute ``y[:rows] = x[:rows] @ W.T`` for the linear call ``call``, ``(rows, x, x_ld, w,
         n, k, y, y_ld, ab_type, c_type)`` as :meth:`~fi_engine.kernels.dense.Dense.linear` takes it (``w`` the
@@ -293,9 +303,14 @@ class SkinnyGemm:
         block scales whose rows are not a multiple of 16 or whose width is not 64 times a power of two.
         ``scale``/``s_ld``/``block``: an e4m3 weight's float32 scales (``block`` None: one per row; else ``(bn,
         bk)``, rows of ``s_ld``). ``int4``: an int4 weight's ``(records, groups a row, gshift, half_n)``
-        (:class:`~fi_engine.kernels.int4_linear.Int4Weight`'s). Values only: the caller keeps the buffers alive."""
+        (:class:`~fi_engine.kernels.int4_linear.Int4Weight`'s). ``silu``: the SiLU form's launches, 16-bit weights
+        and output only: ``w`` a gate/up weight of ``n`` (even) rows, the gate's ``n / 2`` first, and ``y`` the
+        activation ``[rows, n / 2]`` (row stride ``y_ld``), ``silu(x @ gate.T) * (x @ up.T)``, FlashInfer's
+        ``silu_and_mul`` of the plain launch's output. Values only: the caller keeps the buffers alive."""
         rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type = call
         bf16, f32out = ab_type == CUDA_R_16BF, c_type == CUDA_R_32F
+        if silu and (fmt != W16 or f32out or n % 2):
+            return []
         taken = takes(fmt, rows, x, x_ld, w, n, k, y, f32out, block)
         if taken is None or not self.available:
             return []
@@ -309,7 +324,7 @@ class SkinnyGemm:
                 or -(-n // geometry.rows_per_block) > DONE_SLOTS
             ):
                 continue
-            fn = self._function(geometry, fmt, bf16, f32out, mt)
+            fn = self._function(geometry, fmt, bf16, f32out, mt, silu)
             threads, smem = 32 * geometry.warps, geometry.smem(fmt, mt)
             held = self.resident(fn, threads, smem, geometry.min_blocks)
             best = splits(geometry, fmt, rows, n, k, self.sms, block_k)
@@ -319,7 +334,12 @@ class SkinnyGemm:
             waves = wave_split(geometry, fmt, rows, n, k, self.sms, held, block_k)
             if waves is not None:
                 chosen.setdefault(waves, SPLIT_WAVES)
-            quant = (int4[0], int4[1], int4[3], int4[2]) if fmt == INT4 else (scale, s_ld, bn, bshift)
+            if silu:  # (the kernel's q_a: the gate's rows)
+                quant = (0, 0, n // 2, 0)
+            elif fmt == INT4:
+                quant = (int4[0], int4[1], int4[3], int4[2])
+            else:
+                quant = (scale, s_ld, bn, bshift)
             ranges: set[int] = set()
             for s, split in chosen.items():
                 kc = range_length(fmt, k, s, block_k)
@@ -328,7 +348,7 @@ class SkinnyGemm:
                     continue
                 ranges.add(grid[1])
                 args = (x, w, y, self._part, self._done, rows, n, k, x_ld, y_ld, kc, *quant)
-                name = geometry.name(fmt, bf16, f32out, mt)
+                name = geometry.name(fmt, bf16, f32out, mt, silu)
                 out.append(SkinnyPlan(fn, grid, threads, smem, args, split, held, name))
         return out
 
@@ -343,21 +363,32 @@ class SkinnyLaunches:
     launches of the shape; False: the GEMV (up to 4 rows), cuBLASLt and the FP8 paths only. Read when a shape is
     first timed; set it on the class to compare (``benchmarks/bench_llama_tp.py --variants no-skinny``)."""
 
+    silu_on = False
+    """Whether :meth:`~fi_engine.kernels.dense.Dense.gate_up_silu` may time and take the SiLU form (with :attr:`on`);
+    False (the default): the gate/up GEMM, then FlashInfer's ``silu_and_mul``, always. Off because on an H200 the
+    8B bf16 step at 5-32 rows was no faster with it (benchmarks/RESULTS.md): the form won its timing alone by about
+    3 us at 5-8 rows, but the step's tuning kept cuBLASLt then the SiLU launch. ``bench_llama_tp.py --variants
+    skinny-silu`` turns it on."""
+
     error = ""
     """Why the skinny GEMM is unavailable, where it is."""
 
     def __init__(self, launcher: Launcher) -> None:
         self._launcher = launcher
         self._gemm: SkinnyGemm | bool | None = None  # made at the first plans; False: it could not be
-        self._calls: dict[tuple[Any, ...], Any] = {}  # a call's packed launch, by (call, plan index) (values only)
+        # a call's packed launch, by (call, plan index, SiLU form) (values only)
+        self._calls: dict[tuple[Any, ...], Any] = {}
 
-    def plans(self, key: tuple[int, ...], quant: Any) -> list[SkinnyPlan]:
+    def plans(self, key: tuple[int, ...], quant: Any, silu: bool = False) -> list[SkinnyPlan]:
         """The launches for the linear call ``key`` (``(rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type)``) over a
         16-bit weight (``quant`` None) or the registered FP8 or int4 weight ``quant`` (``[]`` where the kernel does not
-        serve the call, or :attr:`on` is off). Makes the SkinnyGemm at the first call; a GPU or NVRTC it cannot serve
-        leaves it off (:attr:`error`)."""
+        serve the call, or :attr:`on` is off); ``silu``: the SiLU form's over a 16-bit gate/up weight, ``y`` the
+        activation (:meth:`SkinnyGemm.plans`; ``[]`` where :attr:`silu_on` is off). Makes the SkinnyGemm at the first
+        call; a GPU or NVRTC it cannot serve leaves it off (:attr:`error`)."""
         ab_type, c_type = key[8:]
         if not self.on or ab_type not in (CUDA_R_16BF, CUDA_R_16F) or c_type not in (ab_type, CUDA_R_32F):
+            return []
+        if silu and (quant is not None or not self.silu_on):
             return []
         if self._gemm is None:
             try:
@@ -368,7 +399,7 @@ class SkinnyLaunches:
         if not isinstance(gemm, SkinnyGemm):
             return []
         if quant is None:
-            return gemm.plans(W16, key)
+            return gemm.plans(W16, key, silu=silu)
         call = (*key[:3], quant.w, *key[4:])  # the same call over the registered weight's own bytes
         if isinstance(quant, Int4Weight):
             return gemm.plans(INT4, call, int4=(quant.records, quant.groups, quant.gshift, quant.half_n))
@@ -376,13 +407,14 @@ class SkinnyLaunches:
         s_ld = -(-quant.k // quant.block[1]) if quant.block else 0
         return gemm.plans(fmt, call, quant.scales, s_ld, quant.block)
 
-    def run(self, key: tuple[int, ...], index: int, quant: Any) -> bool:
-        """Launch plan ``index`` of the call ``key`` (over the FP8 or int4 weight ``quant``, or a 16-bit one), packed
-        once per call (values only; at most 4096 kept) and launched with programmatic dependent launch; False where
-        the call has no such plan (a shape timed on aligned buffers, called on others)."""
-        packed = self._calls.get((key, index))
+    def run(self, key: tuple[int, ...], index: int, quant: Any, silu: bool = False) -> bool:
+        """Launch plan ``index`` of the call ``key`` (over the FP8 or int4 weight ``quant``, or a 16-bit one;
+        ``silu``: of the SiLU form, :meth:`plans`), packed once per call (values only; at most 4096 kept) and launched
+        with programmatic dependent launch; False where the call has no such plan (a shape timed on aligned buffers,
+        called on others)."""
+        packed = self._calls.get((key, index, silu))
         if packed is None:
-            plans = self.plans(key, quant)
+            plans = self.plans(key, quant, silu)
             if index >= len(plans):
                 return False
             plan = plans[index]
@@ -393,7 +425,7 @@ class SkinnyLaunches:
             )
             if len(self._calls) > 4096:
                 self._calls.clear()
-            self._calls[(key, index)] = packed
+            self._calls[(key, index, silu)] = packed
         packed()
         return True
 

@@ -261,6 +261,9 @@ class Llama(MoEPaths, ModelFamily):
         # adapters does
         lora = eng.step_lora.apply if eng.step_lora is not None else _no_adapters
         slots = getattr(v, "lora_slots", 0)
+        silu = v.prepared.get("silu_and_mul")  # the dense MLP's activation, packed once over these views
+        if silu is None and not eng.moe_layers:
+            silu = v.prepared["silu_and_mul"] = kernels.prepared_silu_and_mul(v.gu, v.act, s)
         eng.embed_and_norm(v, rows)
         for i in range(c.num_layers):
             dense.linear(rows, normed, h, eng.wqkv[i], w, h, qkv, w, ab, ab)
@@ -285,10 +288,13 @@ class Llama(MoEPaths, ModelFamily):
                 eng.moe_layers[i].forward_static(eng.normed, b.x, rows)
             elif eng.moe_layers:  # routes on the host: synchronizes the stream (not capturable)
                 eng.moe_layers[i].forward(eng.normed, b.x, rows)
-            else:
+            elif eng.step_lora is None:  # the GEMM and its SiLU, or the skinny GEMM's SiLU form where timed faster
+                dense.gate_up_silu(rows, normed, h, eng.wgu[i], 2 * inter, h, gu, 2 * inter, act, inter, ab, silu)
+                dense.linear(rows, act, inter, eng.wd[i], h, inter, x, h, ab, ab)
+            else:  # the adapters add to gu before the activation
                 dense.linear(rows, normed, h, eng.wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab)
                 lora("gate_up", i, rows, normed, h, gu, 2 * inter, slots)
-                kernels.silu_and_mul(v.gu, v.act, s)
+                silu()
                 dense.linear(rows, act, inter, eng.wd[i], h, inter, x, h, ab, ab)
                 lora("down", i, rows, act, inter, x, h, slots)
             eng.add_norm(v, eng.ln1[i + 1] if i < last else eng.final_norm)

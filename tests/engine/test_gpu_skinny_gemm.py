@@ -14,6 +14,11 @@ no torch).
   17-32 rows, int4 at 25-32) among the plans there and above.
 - ``Dense.linear`` in a GPU-bound step (``bandwidth_bound``) over 16-bit and FP8 weights: whichever launch it times
   fastest (the skinny GEMM, cuBLASLt or the FP8 paths), the product within the bound, on the timing call and after.
+- The SiLU form (``SKINNY_SILU``): each of its plans against its plain plan (same geometry and split, so the same
+  float32 sums) followed by ``silu_and_mul`` in float32 of the rounded outputs, within one 16-bit ulp (the GPU's
+  ``__expf`` and division against numpy's); the plain outputs themselves within the bound above.
+  ``Dense.gate_up_silu`` in a GPU-bound step, float16: every launch it timed (the GEMM then a SiLU, each plan of the
+  form) set in turn, against float32 within the GEMM's bound carried through the SiLU (below).
 
 Run on the GPU machine: ``FI_FFI_RUN_GPU_TESTS=1 python -m pytest -q tests/engine/test_gpu_skinny_gemm.py``.
 """
@@ -30,7 +35,7 @@ if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
 
 cupy = pytest.importorskip("cupy", reason="the engine needs CuPy (python -m pip install '.[engine]')")
 
-from helpers.skinny_cases import check, check_int4, from16, int4_weight, outputs, to16, weights  # noqa: E402
+from helpers.skinny_cases import OUT_ULP, check, check_int4, from16, int4_weight, outputs, to16, weights  # noqa: E402
 
 from fi_engine.kernels.dense import CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, Dense  # noqa: E402
 from fi_engine.kernels.skinny_gemm import E4M3_BLOCK, E4M3_ROW, SPLIT_WAVES, W16, SkinnyGemm  # noqa: E402
@@ -230,3 +235,84 @@ def test_the_wave_fitted_plans_match_float32(fmt: int) -> None:
                     check(got, xf, values, rows, dtype, False)
         assert waves, "no wave-fitted plan offered"
         assert int(sk.done.sum()) == 0, "a split launch left a counter set"
+
+
+def silu32(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """FlashInfer's ``silu_and_mul`` of gate and up values, in float32: ``g / (1 + exp(-g)) * u``."""
+    g, u = g.astype(np.float32), u.astype(np.float32)
+    return g / (np.float32(1) + np.exp(-g)) * u
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_every_silu_plan_is_its_plain_plan_then_silu_and_mul(dtype: str) -> None:
+    rng = np.random.default_rng(51)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    ulp = 4 * OUT_ULP[dtype]  # (one ulp, relative, at the bottom of a binade: twice half an ulp, doubled)
+    with stream:
+        dense, sk = Dense(stream), SkinnyGemm()
+        for n, k in ((400, 576), (2080, 1344)):  # gate/up of 200 and 1040 outputs: a partial last tile of outputs
+            m = n // 2
+            w, _, values, _ = weights(rng, W16, n, k, dtype)
+            x16 = to16(rng.standard_normal((32, k)).astype(np.float32), dtype)
+            x, xf = cupy.asarray(x16), from16(x16, dtype)
+            for rows in ROWS:
+                call = (rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, n + 8, *types(dtype, False))
+                plain = sk.plans(W16, call)
+                silu = sk.plans(W16, (*call[:7], m + 8, *call[8:]), silu=True)
+                assert len(silu) == len(plain) >= 2 and any(p.grid[1] > 1 for p in silu), (n, rows)
+                for p, q in zip(silu, plain, strict=True):
+                    gu = outputs(dense, q, rows, n, n + 8, dtype, False)
+                    check(gu, xf, values, rows, dtype, False)
+                    want = from16(to16(silu32(gu[:, :m], gu[:, m:]), dtype), dtype)
+                    got = outputs(dense, p, rows, m, m + 8, dtype, False)
+                    bad = np.abs(got - want) > ulp * np.abs(want) + 1e-30
+                    assert not bad.any(), f"{p.kernel} grid {p.grid}: {int(bad.sum())} outputs past one ulp"
+        assert int(sk.done.sum()) == 0, "a split launch left a counter set"
+
+
+@pytest.mark.parametrize("rows", [5, 8, 32])
+def test_dense_gate_up_silu_serves_every_launch_it_timed_within_the_bound(monkeypatch, rows: int) -> None:  # type: ignore[no-untyped-def]
+    """float16 (CuPy's own elementwise SiLU stands in for FlashInfer's as the separate launch). Bound per output:
+    the GEMM's bound on gate and up (``check``'s: float32 sums plus half an ulp) carried through ``silu(g) * u``
+    (``|silu'| <= 1.1``), plus one ulp of the output."""
+    from fi_engine.kernels.skinny_gemm import SkinnyLaunches
+
+    monkeypatch.setattr(SkinnyLaunches, "silu_on", True)  # (off by default)
+    rng = np.random.default_rng(61 + rows)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    m, k, dtype = 2048, 2048, "float16"
+    n = 2 * m
+    with stream:
+        dense = Dense(stream)
+        w, _, values, _ = weights(rng, W16, n, k, dtype)
+        x16 = to16(rng.standard_normal((rows, k)).astype(np.float32), dtype)
+        x, gu, act = cupy.asarray(x16), cupy.zeros((rows, n), np.uint16), cupy.zeros((rows, m), np.uint16)
+        gu16, act16 = gu.view(np.float16), act.view(np.float16)
+
+        def silu() -> None:  # the separate launch: act = silu(gate) * up of gu
+            g = gu16[:, :m].astype(np.float32)
+            act16[...] = (g / (1 + cupy.exp(-g)) * gu16[:, m:].astype(np.float32)).astype(np.float16)
+
+        xf = from16(x16, dtype).astype(np.float64)
+        ref = xf @ values.T.astype(np.float64)
+        bound = k * 2.0**-24 * (np.abs(xf) @ np.abs(values.T.astype(np.float64))) + OUT_ULP[dtype] * np.abs(ref)
+        g, u, bg, bu = ref[:, :m], ref[:, m:], bound[:, :m], bound[:, m:]
+        sg = g / (1 + np.exp(-g))
+        want = sg * u
+        allowed = 1.1 * bg * (np.abs(u) + bu) + np.abs(sg) * bu + 4 * OUT_ULP[dtype] * np.abs(want) + 1e-6
+        args = (rows, int(x.data.ptr), k, int(w.data.ptr), n, k, int(gu.data.ptr), n, int(act.data.ptr), m)
+        dense.bandwidth_bound = True
+        dense.gate_up_silu(*args, CUDA_R_16F, silu)  # times the launches
+        key = (rows, n, k, CUDA_R_16F, CUDA_R_16F, 0, 1)
+        labels = sorted(dense.timed_launches()[key][0])
+        assert -2 in labels and len(labels) >= 3, labels  # the GEMM then its SiLU, and the form's plans
+        for label in labels:
+            dense.set_choices((key,), (label,))
+            act.fill(0)
+            dense.gate_up_silu(*args, CUDA_R_16F, silu)
+            stream.synchronize()
+            got = cupy.asnumpy(act16).astype(np.float64)
+            err = np.abs(got - want)
+            assert np.isfinite(got).all() and (err <= allowed).all(), (label, float((err / allowed).max()))
+        dense.bandwidth_bound = False
+        dense.close()

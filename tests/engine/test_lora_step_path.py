@@ -108,6 +108,7 @@ def bare_runner(
     r.final_norm = 0
     r.dense = SimpleNamespace(
         linear=lambda *args: log("gemm"),
+        gate_up_silu=lambda *args: (log("gemm"), args[-1]()),  # (eagerly: the GEMM, then the packed SiLU)
         bandwidth_bound=False,
         launcher=SimpleNamespace(open=True),
         quantized=SimpleNamespace(fuses_fp8=True, serves_fp8=False, serves_int4=False),
@@ -173,7 +174,13 @@ def unfused(lora: bool) -> list[str]:
 def logged_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     """The Llama pass's own launches of fi_ffi's ops, logged to the step view's log (its ``q`` and ``gu``)."""
     monkeypatch.setattr(
-        llama, "kernels", SimpleNamespace(rope_inplace=lambda q, *a: q("rope"), silu_and_mul=lambda gu, *a: gu("silu"))
+        llama,
+        "kernels",
+        SimpleNamespace(
+            rope_inplace=lambda q, *a: q("rope"),
+            silu_and_mul=lambda gu, *a: gu("silu"),
+            prepared_silu_and_mul=lambda gu, *a: lambda: gu("silu"),
+        ),
     )
 
 

@@ -143,6 +143,8 @@ def cpu_gemm(sms: int, resident: int) -> SkinnyGemm:
             for mt in geometry.groups:
                 fn = 1 + len(gemm._fns)
                 gemm._fns.update({geometry.name(fmt, b, f, mt): fn for b in (False, True) for f in (False, True)})
+                if fmt == W16:  # (the SiLU form's kernels: 16-bit output only)
+                    gemm._fns.update({geometry.name(fmt, b, False, mt, True): -fn for b in (False, True)})
                 gemm._resident[(fn, 32 * geometry.warps, geometry.smem(fmt, mt))] = resident
     return gemm
 
@@ -256,12 +258,22 @@ def test_every_geometry_a_dense_launches_is_a_default_instance() -> None:
     )
     for name, value in names.items():  # the kernel's FMT codes are the module's
         assert f"#define {value} {name}" in text
+    # the SiLU form: every 16-bit geometry of every row group, both types
+    silu = set(re.findall(r"SKINNY_SILU\((\w+), (true|false), MT, (\d+), (\d+), (\d+), (\d+), (\d+)\)", body))
+    want = {
+        (f"skinnysilu_{t}_16", flag, *(str(v) for v in (g.nt, g.u, g.warps, g.min_blocks, g.kx)))
+        for g in GEOMETRIES[W16]
+        for t, flag in (("bf16", "true"), ("f16", "false"))
+    }
+    assert silu == want and all(g.groups == (1, 2, 3, 4) for g in GEOMETRIES[W16])
 
 
 def test_kernel_names_and_instances_agree() -> None:
     g = Geometry(1, 4, 8, 1, 512)
     assert g.name(E4M3_BLOCK, True, False, 3) == "skinny8b_bf16_16_m3_n1_u4_w8_b1_x512"
     assert g.instance(E4M3_BLOCK, True, False, 3) == "SKINNY(skinny8b_bf16_16, true, false, 1, 3, 1, 4, 8, 1, 512)"
+    assert g.name(W16, True, False, 2, silu=True) == "skinnysilu_bf16_16_m2_n1_u4_w8_b1_x512"
+    assert g.instance(W16, False, False, 2, silu=True) == "SKINNY_SILU(skinnysilu_f16_16, false, 2, 1, 4, 8, 1, 512)"
     assert g.name(W16, False, True, 1) == "skinny_f16_f32_m1_n1_u4_w8_b1_x512"
     assert g.smem(W16, 4) == 2 * 32 * (512 + 32) * 2 and g.smem(E4M3_ROW, 1) == 2 * 8 * (512 + 8) * 2
     assert Geometry(1, 2, 8, 1, 0).smem(W16, 4) == 0
@@ -287,3 +299,28 @@ def test_registering_or_removing_a_quantized_weight_forgets_the_launches_chosen_
     d._skinny._calls = {(call, 0): print}
     d.quantized.remove_weight(1 << 20)  # (FP8 or int4: one removal serves both registries)
     assert d._choices == {} and d._timings == {} and d._skinny._calls == {}
+
+
+@pytest.mark.parametrize("rows", [5, 8, 16, 32])
+def test_the_silu_forms_plans_are_the_plain_plans_into_the_activation(rows: int) -> None:
+    """The SiLU form (``SKINNY_SILU``): for a gate/up weight of n rows, the same grids and splits as the plain GEMM
+    over those n rows, its own kernels, y the activation at its row stride, and the kernel's q_a the gate's n / 2
+    rows; none for an odd n, a float32 output or a quantized format."""
+    gemm = cpu_gemm(SMS, 1)
+    n, k = SHAPES_8B["gate_up"]
+    plain = gemm.plans(W16, (rows, 1 << 20, k, 1 << 24, n, k, 1 << 28, n, 14, 14))
+    act = 1 << 29
+    silu = gemm.plans(W16, (rows, 1 << 20, k, 1 << 24, n, k, act, n // 2, 14, 14), silu=True)
+    assert silu and [(p.grid, p.threads, p.smem, p.split) for p in silu] == [
+        (p.grid, p.threads, p.smem, p.split) for p in plain
+    ]
+    for p, q in zip(silu, plain, strict=True):
+        assert p.kernel.startswith("skinnysilu_bf16_16_") and p.kernel.replace("skinnysilu", "skinny") == q.kernel
+        assert p.function == gemm._fns[p.kernel] != q.function
+        assert p.args[2] == act and p.args[9] == n // 2  # y: the activation, its row stride
+        assert p.args[11:] == (0, 0, n // 2, 0)  # (q, q_ld unused; q_a the gate's rows)
+        assert p.args[:2] == q.args[:2] and p.args[3:9] == q.args[3:9] and p.args[10] == q.args[10]
+    assert gemm.plans(W16, (rows, 1 << 20, k, 1 << 24, n - 1, k, act, n, 14, 14), silu=True) == []
+    assert gemm.plans(W16, (rows, 1 << 20, k, 1 << 24, n, k, act, n // 2, 14, 0), silu=True) == []  # float32 out
+    e4m3 = (rows, 1 << 20, k, 1 << 24, n, k, act, n // 2, 14, 14)
+    assert gemm.plans(E4M3_ROW, e4m3, 1 << 32, silu=True) == []

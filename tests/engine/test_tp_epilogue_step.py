@@ -95,6 +95,7 @@ def rank_runner(rt: FakeRuntime | None = None, **conditions: Any) -> tuple[Model
     r.k_cache = r.v_cache = [cache] * LAYERS
     r.dense = SimpleNamespace(
         linear=lambda *args: log("gemm"),
+        gate_up_silu=lambda *args: (log("gemm"), args[-1]()),  # (eagerly: the GEMM, then the packed SiLU)
         bandwidth_bound=False,
         quantized=SimpleNamespace(fuses_fp8=True, serves_fp8=False, serves_int4=False),
         fused=SimpleNamespace(

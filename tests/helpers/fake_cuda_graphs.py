@@ -84,11 +84,16 @@ def install_fake_runtime(monkeypatch: Any) -> FakeRuntime:
 
 
 def log_llama_pass_kernels(monkeypatch: Any) -> None:
-    """The Llama pass's own launches of fi_ffi's ops that a stand-in runner cannot make (RoPE, SiLU-and-mul) logged
-    instead to the step view's log: its ``q`` (``"rope"``) and its ``gu`` (``"silu"``), each a callable."""
+    """The Llama pass's own launches of fi_ffi's ops that a stand-in runner cannot make (RoPE, SiLU-and-mul, eager or
+    packed) logged instead to the step view's log: its ``q`` (``"rope"``) and its ``gu`` (``"silu"``), each a
+    callable."""
     from types import SimpleNamespace
 
     from fi_engine.models import llama
 
-    logged = SimpleNamespace(rope_inplace=lambda q, *a: q("rope"), silu_and_mul=lambda gu, *a: gu("silu"))
+    logged = SimpleNamespace(
+        rope_inplace=lambda q, *a: q("rope"),
+        silu_and_mul=lambda gu, *a: gu("silu"),
+        prepared_silu_and_mul=lambda gu, *a: lambda: gu("silu"),  # (packed once, launched by calling)
+    )
     monkeypatch.setattr(llama, "kernels", logged)

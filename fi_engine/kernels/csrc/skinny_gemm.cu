@@ -9,6 +9,10 @@
 //   SK_INT4        AWQ / GPTQ int4 in int4_decode.cuh's layout with a uint32 record (scale, zero) per row and group:
 //                  q the records, q_ld groups a row, q_b log2 of the 64-input halves a group spans (31: one group);
 //                  q_a > 0: gate and up interleaved by 8 rows, q_a rows each, whose outputs are put back in order.
+// The SiLU form (SILU, 16-bit weights only: SKINNY_SILU): W is a gate/up weight as stored, [2 q_a, k] with the gate's
+// q_a rows first, and y = silu(x @ gate.T) * (x @ up.T), [rows, q_a] 16-bit. Each tile of 16 rows takes 8 gate rows
+// and the 8 up rows of the same outputs (tile rows g and g + 8: gate and up row c0 + g), so each lane holds both sums
+// of its outputs and writes silu_and_mul of them, each sum first rounded to 16 bits as the GEMM's output would be.
 //
 // The mma (m16n8k16) takes 16 weight rows as its A operand and 8 rows of x as its B operand: a warp owns NT tiles of
 // 16 weight rows and multiplies each with MT groups of 8 x rows (MT = ceil(rows / 8)), so each weight is read and
@@ -80,10 +84,28 @@ template <int MT, int NT> __device__ __forceinline__ void sk_zero(float (&acc)[N
 }
 
 // y from the sums (acc[t][i][e]: weight row j0 + 16 t + g (+ 8 for e >= 2), x row 8 i + 2 q + (e & 1)); half_n > 0:
-// rows interleaved by 8 (gate, up) go to their columns in order
-template <bool BF16, bool F32OUT, int MT, int NT>
+// rows interleaved by 8 (gate, up) go to their columns in order. SILU: e < 2 holds output (j0 + 16 t) / 2 + g's gate
+// sum and e + 2 its up sum; y [rows, half_n] gets silu(gate) * up of the two rounded to 16 bits (FlashInfer's
+// silu_and_mul of the GEMM's output: x / (1 + exp(-x)) in float32, its __expf and division as FlashInfer's
+// --use_fast_math build makes them)
+template <bool BF16, bool F32OUT, int MT, int NT, bool SILU>
 __device__ __forceinline__ void sk_store(const float (&acc)[NT][MT][4], void* __restrict__ y, int rows, int n,
                                          long long y_ld, int j0, int g, int q, int half_n) {
+    if (SILU) {
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+            for (int i = 0; i < MT; ++i)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int c = (j0 + 16 * t) / 2 + g, r = 8 * i + 2 * q + e;
+                    if (c < half_n && r < rows) {
+                        const float gate = tof<BF16>(fromf<BF16>(acc[t][i][e])), up = tof<BF16>(fromf<BF16>(acc[t][i][e + 2]));
+                        reinterpret_cast<unsigned short*>(y)[r * y_ld + c] = fromf<BF16>(__fdividef(gate, 1.f + __expf(-gate)) * up);
+                    }
+                }
+        return;
+    }
 #pragma unroll
     for (int t = 0; t < NT; ++t)
 #pragma unroll
@@ -114,14 +136,14 @@ __device__ __forceinline__ void sk_scale_rows(float (&acc)[NT][MT][4], const flo
 // y from a block's sums: stored at once where the grid has one k range; else this block's sums go to `part` in the
 // lanes' order, and the last block of the column block to finish (the counter at done[blockIdx.x]; `last`: a
 // shared flag) adds every range's sums in their order and stores y. WARPS warps a block, warp `threadIdx.x / 32`
-// owning rows j0 ...; half_n as sk_store's
-template <bool BF16, bool F32OUT, int MT, int NT, int WARPS>
+// owning rows j0 ...; half_n and SILU as sk_store's
+template <bool BF16, bool F32OUT, int MT, int NT, int WARPS, bool SILU>
 __device__ __forceinline__ void sk_finish(float (&acc)[NT][MT][4], void* __restrict__ y, float* __restrict__ part,
                                           unsigned* __restrict__ done, unsigned& last, int rows, int n, long long y_ld,
                                           int j0, int g, int q, int half_n) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (gridDim.y == 1) {
-        sk_store<BF16, F32OUT, MT, NT>(acc, y, rows, n, y_ld, j0, g, q, half_n);
+        sk_store<BF16, F32OUT, MT, NT, SILU>(acc, y, rows, n, y_ld, j0, g, q, half_n);
         return;
     }
     // split k: this block's sums in the lanes' order, then the last block of the column block adds them up
@@ -154,7 +176,7 @@ __device__ __forceinline__ void sk_finish(float (&acc)[NT][MT][4], void* __restr
             for (int i = 0; i < MT; ++i)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) acc[t][i][e] += __ldcg(first + s * stride + ((t * MT + i) * 4 + e) * 32);
-    sk_store<BF16, F32OUT, MT, NT>(acc, y, rows, n, y_ld, j0, g, q, half_n);
+    sk_store<BF16, F32OUT, MT, NT, SILU>(acc, y, rows, n, y_ld, j0, g, q, half_n);
 }
 
 // one step of the NT tiles against the MT groups of x rows (xv[i]: the lane's x vectors of row 8 i + g); s: the
@@ -239,7 +261,7 @@ __device__ __forceinline__ void sk_load1(uint4 (&v)[NT][2], float (&s)[NT], unsi
     }
 }
 
-template <bool BF16, bool F32OUT, int FMT, int MT, int NT, int U, int WARPS, int KX, bool XG>
+template <bool BF16, bool F32OUT, int FMT, int MT, int NT, int U, int WARPS, int KX, bool XG, bool SILU>
 __device__ __forceinline__ void skinny_gemm(const unsigned short* __restrict__ x, const void* __restrict__ w,
                                             void* __restrict__ y, float* __restrict__ part, unsigned* __restrict__ done,
                                             int rows, int n, int k, long long x_ld, long long y_ld, int kc,
@@ -263,13 +285,16 @@ __device__ __forceinline__ void skinny_gemm(const unsigned short* __restrict__ x
     const float* scale = reinterpret_cast<const float*>(qd);
     const unsigned* rec = reinterpret_cast<const unsigned*>(qd);
     const uint4* wr[NT][2];      // the lane's weight rows (a last partial tile repeats row n - 1) at input k_lo
+    // (SILU: tile row g + 8 h is gate (h 0) or up (h 1) row c0 + g of output c0 = (j0 + 16 t) / 2; past the last
+    // output, the last one's)
     const float* sr[NT];         // e4m3 blocks: each tile's row of scales at the block of input k_lo
     const unsigned* rr[NT][2];   // int4: the lane's rows of records
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const long long row = min(j0 + 16 * t + g + 8 * h, n - 1);
+            const long long row = SILU ? min((j0 + 16 * t) / 2 + g, q_a - 1) + (long long)h * q_a
+                                       : min(j0 + 16 * t + g + 8 * h, n - 1);
             if (FMT == SK_INT4) {  // row g + 8 h of strip (j0 + 16 t) / 16 (a tile past n: the last strip's)
                 const long long strip = min(j0 + 16 * t, n - 1) >> 4;
                 const long long tile = strip * (k >> 7) + (k_lo >> 7);
@@ -364,7 +389,8 @@ __device__ __forceinline__ void skinny_gemm(const unsigned short* __restrict__ x
     }
     asm volatile("cp.async.wait_all;" ::: "memory");  // none left in flight at exit
     if (FMT == SK_E4M3_ROW) sk_scale_rows(acc, scale, j0, g, n);
-    sk_finish<BF16, F32OUT, MT, NT, WARPS>(acc, y, part, done, last, rows, n, y_ld, j0, g, q, FMT == SK_INT4 ? q_a : 0);
+    sk_finish<BF16, F32OUT, MT, NT, WARPS, SILU>(acc, y, part, done, last, rows, n, y_ld, j0, g, q,
+                                                 FMT == SK_INT4 || SILU ? q_a : 0);
 #endif
 }
 
@@ -376,8 +402,18 @@ __device__ __forceinline__ void skinny_gemm(const unsigned short* __restrict__ x
         name##_m##MT##_n##NT##_u##U##_w##WARPS##_b##MINB##_x##KX(                                                   \
             const unsigned short* x, const void* w, void* y, float* part, unsigned* done, int rows, int n, int k,   \
             long long x_ld, long long y_ld, int kc, const void* q, long long q_ld, int q_a, int q_b) {              \
-        skinny_gemm<bf16, f32out, fmt, MT, NT, U, WARPS, (KX ? KX : 512), KX == 0>(x, w, y, part, done, rows, n, k,   \
-                                                                     x_ld, y_ld, kc, q, q_ld, q_a, q_b);            \
+        skinny_gemm<bf16, f32out, fmt, MT, NT, U, WARPS, (KX ? KX : 512), KX == 0, false>(                          \
+            x, w, y, part, done, rows, n, k, x_ld, y_ld, kc, q, q_ld, q_a, q_b);                                    \
+    }
+// The SiLU form over 16-bit weights (16-bit y): the same arguments, n the gate/up weight's rows (2 q_a), q_a half of
+// them, y [rows, q_a] at row stride y_ld, q and q_ld unused
+#define SKINNY_SILU(name, bf16, MT, NT, U, WARPS, MINB, KX)                                                         \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS, MINB)                                                   \
+        name##_m##MT##_n##NT##_u##U##_w##WARPS##_b##MINB##_x##KX(                                                   \
+            const unsigned short* x, const void* w, void* y, float* part, unsigned* done, int rows, int n, int k,   \
+            long long x_ld, long long y_ld, int kc, const void* q, long long q_ld, int q_a, int q_b) {              \
+        skinny_gemm<bf16, false, SK_W16, MT, NT, U, WARPS, (KX ? KX : 512), KX == 0, true>(                         \
+            x, w, y, part, done, rows, n, k, x_ld, y_ld, kc, q, q_ld, q_a, q_b);                                    \
     }
 // every type pair of one format and geometry: skinny{,8b,8r,4}_{bf16,f16}_{16,f32}_...
 #define SKINNY_TYPES(prefix, fmt, MT, NT, U, WARPS, MINB, KX)                                                       \
@@ -395,7 +431,9 @@ SKINNY_INSTANCES
     SKINNY_TYPES(skinny, SK_W16, MT, 1, 4, 4, 1, 0) SKINNY_TYPES(skinny, SK_W16, MT, 1, 4, 8, 1, 512)              \
     SKINNY_TYPES(skinny8b, SK_E4M3_BLOCK, MT, 1, 2, 8, 1, 0) SKINNY_TYPES(skinny8b, SK_E4M3_BLOCK, MT, 1, 4, 8, 1, 512) \
     SKINNY_TYPES(skinny8r, SK_E4M3_ROW, MT, 1, 2, 8, 1, 0) SKINNY_TYPES(skinny8r, SK_E4M3_ROW, MT, 1, 4, 8, 1, 512) \
-    SKINNY_TYPES(skinny4, SK_INT4, MT, 1, 1, 8, 1, 0) SKINNY_TYPES(skinny4, SK_INT4, MT, 1, 2, 8, 1, 512)
+    SKINNY_TYPES(skinny4, SK_INT4, MT, 1, 1, 8, 1, 0) SKINNY_TYPES(skinny4, SK_INT4, MT, 1, 2, 8, 1, 512)        \
+    SKINNY_SILU(skinnysilu_bf16_16, true, MT, 1, 4, 4, 1, 0) SKINNY_SILU(skinnysilu_f16_16, false, MT, 1, 4, 4, 1, 0) \
+    SKINNY_SILU(skinnysilu_bf16_16, true, MT, 1, 4, 8, 1, 512) SKINNY_SILU(skinnysilu_f16_16, false, MT, 1, 4, 8, 1, 512)
 SKINNY_ROWS(1)
 SKINNY_ROWS(2)
 SKINNY_ROWS(3)
