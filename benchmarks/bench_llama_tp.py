@@ -65,6 +65,8 @@ ONE_GPU_VARIANTS = (
     "no-gemv-pipeline",
     "silu-prologue",
     "no-skinny",
+    "skinny-silu",
+    "tune-pairs",
     "after-wait",
 )
 ONE_GPU_PREFIXES = (
@@ -250,6 +252,14 @@ def set_variant(variant: str) -> None:
         from fi_engine.kernels.skinny_gemm import SkinnyLaunches
 
         SkinnyLaunches.on = False
+    if variant == "skinny-silu":  # the dense MLP's gate/up GEMM may take the skinny GEMM's SiLU form (off: RESULTS)
+        from fi_engine.kernels.skinny_gemm import SkinnyLaunches
+
+        SkinnyLaunches.silu_on = True
+    if variant == "tune-pairs":  # the decode graphs' tuning also tries consecutive shapes together (off: RESULTS)
+        from fi_engine.runtime.worker import step_tuning
+
+        step_tuning.TUNE_PAIRS = True
     if variant == "no-pdl":  # the fused step's GEMVs launched without programmatic dependent launch
         from fi_engine.kernels.launch import Launcher
 
@@ -410,7 +420,11 @@ def run_rank(
                 if variant == "in-step":  # each step prepared after the last one's tokens are back (before 2026-11-23)
                     engine.runner.prepare_ahead = False
                 for graph_rows, tuning in engine.runner.step_graphs.tuning.items():  # (stderr: what the step kept)
-                    changed = [(s.shape[1:3], s.before[0], s.kept[0]) for s in tuning.shapes if s.kept != s.before]
+                    changed = [
+                        (s.shape[1:3] + s.shape[5:], s.before[0], s.kept[0])
+                        for s in tuning.shapes
+                        if s.kept != s.before
+                    ]
                     print(
                         f"tuned graph of {graph_rows} rows: {tuning.start_ms:.3f} -> {tuning.kept_ms:.3f} ms; "
                         f"{len(tuning.shapes)} shapes tried, changed (n, k), launch before -> after: {changed}",
@@ -421,7 +435,8 @@ def run_rank(
                     for key, (times, chosen) in sorted(engine.runner.dense.timed_launches().items()):
                         alone = ", ".join(f"{label}: {ms * 1e3:.1f}" for label, ms in sorted(times.items()))
                         print(
-                            f"rank {engine.rank} rows {key[0]} (n, k) {key[1:3]}{' quantized' if key[5] else ''}: "
+                            f"rank {engine.rank} rows {key[0]} (n, k) {key[1:3]}{' quantized' if key[5] else ''}"
+                            f"{' with SiLU' if key[6:] else ''}: "
                             f"{alone}; serving {chosen}",
                             file=sys.stderr,
                         )

@@ -53,6 +53,18 @@ def test_close_choices_sums_a_quantized_shapes_layers_over_the_launches_all_have
     assert got == [((key(32, GATE_UP, 0x100), key(32, GATE_UP, 0x200)), (-2, 0))]  # sums 0.122 and 0.126
 
 
+def test_close_choices_keeps_the_gate_up_silu_form_apart_from_the_plain_gemm() -> None:
+    """Dense.gate_up_silu's key is the plain GEMM's and a last value (1): the same (rows, n, k, types), its own
+    launches (-2: the GEMM then silu_and_mul; 0, 1: the SiLU form's plans), so it is a shape of its own, its labels
+    never mixed with the GEMM's."""
+    plain, silu = key(8, GATE_UP), (*key(8, GATE_UP), 1)
+    timings = {plain: {-2: 0.0340, 0: 0.0345, 1: 0.0400}, silu: {-2: 0.0380, 0: 0.0352, 1: 0.0500}}
+    got = close_choices(timings, 8, 0.15, 2)
+    assert got == [((plain,), (-2, 0)), ((silu,), (0, -2))]
+    words = T.shapes_words(got)
+    assert T.shapes_from_words([*words, 0, 0]) == got  # (the keys of 7 values travel to the other ranks as well)
+
+
 class Graph:
     """A stand-in decode graph: the launches chosen when it was captured, and whether it was closed."""
 
@@ -107,10 +119,31 @@ def test_tuned_step_keeps_the_graph_that_replays_fastest_and_closes_the_rest() -
         (key(8, QKV)[:5], (0,), ((4, 4.80),), (4,)),
         (key(8, OUT)[:5], (2,), ((0, 4.79),), (2,)),
     ]
+    assert tuning.pairs == () and len(made) == 3  # (no pairs of shapes: TUNE_PAIRS is off by default)
     kept = held[8]
     assert kept.choices == {key(8, QKV): 4, key(8, OUT): 2} and kept.closes == 0
     assert all(g.closes == 1 for g in made if g is not kept)  # each other graph closed once
     assert dense.choices((key(8, QKV), key(8, OUT))) == (4, 2)  # the Dense left with the kept graph's launches
+
+
+def test_a_pair_of_launches_faster_only_together_is_found_by_the_pair_trials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neither change alone gains (QKV 4 with OUT 2, QKV 0 with OUT 0), both together do: the one-at-a-time pass keeps
+    nothing, the pair pass keeps (4, 0). Without the pair pass (TUNE_PAIRS off) the step stays as first captured."""
+    timings = {key(8, QKV): {0: 0.0219, 4: 0.0228}, key(8, OUT): {2: 0.0174, 0: 0.0175}}
+    step_ms = {(0, 2): 5.00, (4, 2): 5.01, (0, 0): 5.02, (4, 0): 4.70}
+    monkeypatch.setattr(T, "TUNE_PAIRS", True)
+    dense = dense_with(timings)
+    tuning, made, held = run(dense, 8, step_ms)
+    assert tuning is not None and (tuning.start_ms, tuning.kept_ms) == (5.00, 4.70)
+    assert [s.kept for s in tuning.shapes] == [(4,), (0,)] and [s.before for s in tuning.shapes] == [(0,), (2,)]
+    assert [(p.tried, p.kept) for p in tuning.pairs] == [(((4, 0, 4.70),), (4, 0))]
+    assert held[8].choices == {key(8, QKV): 4, key(8, OUT): 0} and dense.choices((key(8, QKV), key(8, OUT))) == (4, 0)
+    assert len(made) == 4 and all(g.closes == 1 for g in made if g is not held[8]) and held[8].closes == 0
+    off = dense_with(timings)
+    monkeypatch.setattr(T, "TUNE_PAIRS", False)
+    tuning, made, held = run(off, 8, step_ms)
+    assert tuning is not None and tuning.kept_ms == 5.00 and tuning.pairs == () and len(made) == 3
+    assert off.choices((key(8, QKV), key(8, OUT))) == (0, 2)
 
 
 def test_tuned_step_leaves_quantized_shapes_to_their_launches_timed_alone() -> None:
@@ -202,10 +235,13 @@ def test_shapes_travel_as_words_and_back() -> None:
             T.shapes_from_words(bad)
 
 
-def test_ranks_in_lock_step_capture_and_keep_the_same_trials() -> None:
+def test_ranks_in_lock_step_capture_and_keep_the_same_trials(monkeypatch: pytest.MonkeyPatch) -> None:
     # two ranks whose launches timed alone differ: rank 1 chose QKV 4 where rank 0 chose 0, and named OUT's launches
     # in another order; in lock step both try rank 0's list, every launch of it, and keep by the slowest rank's time
+    # (and with the pairs of shapes on, every pair of them)
     import threading
+
+    monkeypatch.setattr(T, "TUNE_PAIRS", True)
 
     timings = [
         {key(8, QKV): {0: 0.0219, 4: 0.0228}, key(8, OUT): {2: 0.0174, 0: 0.0175}},
@@ -245,7 +281,8 @@ def test_ranks_in_lock_step_capture_and_keep_the_same_trials() -> None:
     for t in threads:
         t.join(timeout=10)
     (t0, made0, kept0), (t1, made1, kept1) = out
-    assert len(made0) == len(made1) == 1 + 2 + 2  # the first graph, then every launch of both shapes: none skipped
+    # the first graph, then every launch of both shapes, then every pair of them: none skipped
+    assert len(made0) == len(made1) == 1 + 2 + 2 + 4
     assert [s.tried for s in t0.shapes] == [s.tried for s in t1.shapes]  # the same trials, by the same times
     # first graphs: 5.20 (rank 0) and 5.10; QKV 0: 5.20 / 5.00; QKV 4: 4.80 / 5.10, kept; OUT 2: 4.80 / 4.85, kept
     assert [s.tried for s in t0.shapes] == [((0, 5.2), (4, 5.1)), ((2, 4.85), (0, 5.1))]
@@ -253,6 +290,12 @@ def test_ranks_in_lock_step_capture_and_keep_the_same_trials() -> None:
     assert [s.kept for s in t0.shapes] == [s.kept for s in t1.shapes] == [(4,), (2,)]
     assert kept0.choices == kept1.choices == {key(8, QKV): 4, key(8, OUT): 2}
     assert all(g.closes == 1 for g in (*made0, *made1) if g not in (kept0, kept1))
+    # the pairs: all four, each rank by the slowest time (none faster than 4.85 by the gain)
+    assert (
+        [p.tried for p in t0.pairs]
+        == [p.tried for p in t1.pairs]
+        == [((0, 2, 5.2), (0, 0, 5.3), (4, 2, 4.85), (4, 0, 5.1))]
+    )
 
 
 class _Device(np.ndarray):
@@ -355,3 +398,58 @@ def test_a_rank_whose_tuning_fails_tells_the_others(monkeypatch: pytest.MonkeyPa
     with pytest.raises(RuntimeError, match="capture failed"):
         graphs._tune(object(), 8, object())
     assert comm.aborted == ["decode-graph tuning of 8 rows failed: RuntimeError: capture failed"]
+
+
+# ------------------------------------------------------------------------------------- the gate/up GEMM's SiLU form
+
+
+class Skinny:
+    """A stand-in for the Dense's SkinnyLaunches (its kernels need a GPU): records the SiLU form's launches."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[tuple[int, ...], int, bool]] = []
+
+    def run(self, key: tuple[int, ...], index: int, quant: Any, silu: bool = False) -> bool:
+        self.runs.append((key, index, silu))
+        return True
+
+
+def silu_dense(choice: int | None, bandwidth_bound: bool = True) -> tuple[D.Dense, list[str]]:
+    """A Dense whose linear logs its calls, its SiLU-form key set to ``choice`` (None: untimed) and a stand-in skinny
+    GEMM."""
+    dense = D.Dense.__new__(D.Dense)
+    log: list[str] = []
+    dense.linear = lambda *args, **kw: log.append(f"gemm {args}")  # type: ignore[method-assign]
+    dense.bandwidth_bound, dense.gemv = bandwidth_bound, True
+    dense._skinny = Skinny()  # type: ignore[assignment]
+    dense._choices = {} if choice is None else {(8, 28672, 4096, BF16, BF16, 0, 1): choice}
+    dense._timings = {}
+    return dense, log
+
+
+GU_CALL = (8, 0x1000, 4096, 0x2000, 28672, 4096, 0x3000, 28672, 0x4000, 14336, BF16)  # rows ... act_ld, ab_type
+
+
+@pytest.mark.parametrize("choice", [0, 3])
+def test_gate_up_silu_launches_the_form_where_it_was_chosen(choice: int) -> None:
+    dense, log = silu_dense(choice)
+    dense.gate_up_silu(*GU_CALL, lambda: log.append("silu"))
+    assert log == []
+    act_call = (8, 0x1000, 4096, 0x2000, 28672, 4096, 0x4000, 14336, BF16, BF16)  # (y: act, at its row stride)
+    assert dense._skinny.runs == [(act_call, choice, True)]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("case", ["gemm chosen", "eager step", "more than 32 rows", "fp8 weight", "int4 weight"])
+def test_gate_up_silu_is_the_gemm_then_the_silu_elsewhere(case: str) -> None:
+    dense, log = silu_dense(-2 if case == "gemm chosen" else 0, bandwidth_bound=case != "eager step")
+    call = list(GU_CALL)
+    if case == "more than 32 rows":
+        call[0] = 33
+    if case == "fp8 weight":
+        dense._fp8_weights = {0x2000: object()}
+    if case == "int4 weight":
+        dense._int4_weights = {0x2000: object()}
+    dense.gate_up_silu(*call, lambda: log.append("silu"))
+    gemm = (call[0], 0x1000, 4096, 0x2000, 28672, 4096, 0x3000, 28672, BF16, BF16)
+    assert log == [f"gemm {gemm}", "silu"]
+    assert dense._skinny.runs == []  # type: ignore[attr-defined]

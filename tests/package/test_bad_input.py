@@ -2450,6 +2450,7 @@ EXEMPT: dict[str, str] = {
     "kernels.launch_timing.LaunchTimer": _GPU,
     "kernels.launch_timing.close_choices": "reads the timings a Dense recorded itself (LaunchTimer.times): "
     "tests/engine/test_step_tuning.py",
+    "runtime.worker.step_tuning.PairTrial": _RECORD,
     "runtime.worker.step_tuning.ShapeTrial": _RECORD,
     "runtime.worker.step_tuning.StepTuning": _RECORD,
     "runtime.worker.step_tuning.step_ms": _GPU,

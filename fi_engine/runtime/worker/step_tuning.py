@@ -10,6 +10,13 @@ and 68.3 us alone, won, so the same engine decoded at 1,540 or 1,665 tokens/s fr
 of them, one shape at a time in the order they were timed, and the step keeps the launch whose graph replays fastest
 by at least :data:`TUNE_GAIN`; else the one chosen alone.
 
+With :data:`TUNE_PAIRS` (off) each two shapes timed one after the other (in a layer's order: QKV, O, gate/up, down,
+LM head) are then tried together in every pair of launches that changes both, for a launch faster in the step only
+beside another's. On an H200, 8B bf16 at 8 rows, the step took 4.69 ms with the gate/up GEMM on cuBLASLt and the down
+GEMM's first skinny plan, 5.02-5.07 where the tuning kept neither, and starts decoded at 1,647-1,651 or 1,538-1,597
+tokens/s by that. The pairs did not move the mean in the one call that measured them (benchmarks/RESULTS.md), so they
+are off; ``bench_llama_tp.py --variants tune-pairs`` turns them on.
+
 Shapes over FP8 or int4 weights keep the launch timed alone (:data:`TUNE_QUANTIZED`): on an H200, AWQ int4 at 8 rows,
 the QKV shape's skinny GEMM replayed the step 50 us faster than the int4 path, yet the serving loop then decoded 2 %
 slower (2,539 against 2,593 tokens/s, two runs each; the trials alone, every graph but the first closed, changed
@@ -24,6 +31,7 @@ keeps the same trials (``tuned_step``'s ``lockstep``; ``StepGraphs`` makes it fr
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,9 +40,11 @@ from typing import Any
 __all__ = [
     "TUNE_GAIN",
     "TUNE_MOST",
+    "TUNE_PAIRS",
     "TUNE_QUANTIZED",
     "TUNE_WITHIN",
     "TUNE_WORDS",
+    "PairTrial",
     "ShapeTrial",
     "StepTuning",
     "step_ms",
@@ -47,13 +57,15 @@ TUNE_GAIN = 0.005  # a trial's graph is kept only where its step is this fractio
 TUNE_REPLAYS, TUNE_ROUNDS = 4, 3  # a graph's step time: the best of TUNE_ROUNDS rounds of TUNE_REPLAYS replays
 TUNE_QUANTIZED = False  # whether shapes over FP8 or int4 weights are tried too (the module's docstring says why not)
 TUNE_WORDS = 1024  # the int64 words rank 0's shapes and launches travel in to the other ranks (shapes_words)
+TUNE_PAIRS = False  # whether each two consecutive shapes are tried together after the one-at-a-time pass (below)
 
 Shapes = list[tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]]  # close_choices' list: (keys, labels) a shape
 
 
 @dataclass(frozen=True)
 class ShapeTrial:
-    """One GEMM shape tried in the step: ``shape`` ``(rows, n, k, ab_type, c_type)``; ``before``: the launch each of
+    """One GEMM shape tried in the step: ``shape`` ``(rows, n, k, ab_type, c_type)`` (and 1 for the gate/up GEMM
+    with its SiLU, ``Dense.gate_up_silu``); ``before``: the launch each of
     its keys took by timing alone (the Dense's labels: -1 the GEMV, -2 cuBLASLt or the quantized path, 0, 1, ... a
     skinny GEMM plan); ``tried``: each other launch tried, with its graph's step time in ms; ``kept``: the launches
     the step keeps."""
@@ -65,13 +77,26 @@ class ShapeTrial:
 
 
 @dataclass(frozen=True)
+class PairTrial:
+    """Two consecutive GEMM shapes tried together (:data:`TUNE_PAIRS`): ``shapes`` as :class:`ShapeTrial` names
+    them; ``tried``: each pair of launches tried (a launch a shape, set for all its keys) with its graph's step time
+    in ms; ``kept``: the pair the step keeps after them."""
+
+    shapes: tuple[tuple[int, ...], tuple[int, ...]]
+    tried: tuple[tuple[int, int, float], ...]
+    kept: tuple[int, int]
+
+
+@dataclass(frozen=True)
 class StepTuning:
     """What :func:`tuned_step` did for one decode graph: its step time in ms as first captured (``start_ms``) and as
-    kept (``kept_ms``), and each shape tried (``shapes``)."""
+    kept (``kept_ms``), each shape tried (``shapes``; their ``kept``: what the step keeps after the pairs too) and
+    each pair of shapes tried together (``pairs``)."""
 
     start_ms: float
     kept_ms: float
     shapes: tuple[ShapeTrial, ...]
+    pairs: tuple[PairTrial, ...] = ()
 
 
 def step_ms(graph: Any, stream: Any, cupy: Any) -> float:
@@ -162,30 +187,58 @@ def tuned_step(
         shapes = lockstep(shapes)
     if not shapes:
         return None
-    start_ms = kept_ms = timed(graph)
+    start_ms = timed(graph)
+    best = [graph, start_ms]  # the graph kept so far and its step time
+
+    def trial(keys: tuple[tuple[int, ...], ...], choices: tuple[int, ...]) -> tuple[float, bool]:
+        """The step with ``choices`` for ``keys`` (the rest as kept): its time, and whether it is kept."""
+        kept = dense.choices(keys)
+        dense.set_choices(keys, choices)
+        new = capture()
+        try:
+            ms = timed(new)
+        except BaseException:
+            new.close()
+            dense.set_choices(keys, kept)
+            raise
+        if ms < best[1] * (1 - TUNE_GAIN):
+            keep(new)
+            best[0].close()
+            best[:] = [new, ms]
+            return ms, True
+        new.close()
+        dense.set_choices(keys, kept)
+        return ms, False
+
     done = []
     for keys, labels in shapes:
-        before = kept = dense.choices(keys)
+        before = dense.choices(keys)
         tried = []
         for label in labels:
-            trial_choices = (label,) * len(keys)
-            if trial_choices == kept and lockstep is None:  # (in lockstep another rank may not have it captured)
+            choices = (label,) * len(keys)
+            if choices == dense.choices(keys) and lockstep is None:  # (in lockstep another rank may not have it)
                 continue
-            dense.set_choices(keys, trial_choices)
-            trial = capture()
-            try:
-                ms = timed(trial)
-            except BaseException:
-                trial.close()
-                dense.set_choices(keys, kept)
-                raise
-            tried.append((label, ms))
-            if ms < kept_ms * (1 - TUNE_GAIN):
-                keep(trial)
-                graph.close()
-                graph, kept_ms, kept = trial, ms, trial_choices
-            else:
-                trial.close()
-        dense.set_choices(keys, kept)
-        done.append(ShapeTrial(tuple(keys[0][:5]), before, tuple(tried), kept))
-    return StepTuning(start_ms, kept_ms, tuple(done))
+            tried.append((label, trial(keys, choices)[0]))
+        done.append((keys, before, tuple(tried)))
+    pairs = []
+    for (keys_a, labels_a), (keys_b, labels_b) in itertools.pairwise(shapes) if TUNE_PAIRS else ():
+        both = keys_a + keys_b
+        tried_pairs = []
+        for a in labels_a:
+            for b in labels_b:
+                choices = (a,) * len(keys_a) + (b,) * len(keys_b)
+                kept = dense.choices(both)
+                # (a pair that changes one shape only was tried above; in lock step every pair is tried, since the
+                # ranks may keep different launches where no trial of a shape was kept)
+                if lockstep is None and (choices[0] == kept[0] or choices[-1] == kept[-1]):
+                    continue
+                tried_pairs.append((a, b, trial(both, choices)[0]))
+        final = dense.choices(both)
+        pairs.append(PairTrial((_shape(keys_a), _shape(keys_b)), tuple(tried_pairs), (final[0], final[-1])))
+    trials = tuple(ShapeTrial(_shape(keys), before, tried, dense.choices(keys)) for keys, before, tried in done)
+    return StepTuning(start_ms, best[1], trials, tuple(pairs))
+
+
+def _shape(keys: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
+    """A shape's name in :class:`ShapeTrial`: its keys' values but the quantized weight's address."""
+    return (*keys[0][:5], *keys[0][6:])
