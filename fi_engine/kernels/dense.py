@@ -283,42 +283,40 @@ class Dense:
         quantized = w in self._fp8_weights or w in self._int4_weights
         if self.bandwidth_bound and self.gemv and 0 < rows <= SKINNY_MAX_ROWS and not quantized:
             key = (rows, x, x_ld, w, n, k, act, act_ld, ab_type, ab_type)
-            choice = self._choices.get((rows, n, k, ab_type, ab_type, 0, _SILU_FORM))
+            ckey = (rows, n, k, ab_type, ab_type, 0, _SILU_FORM)
+            choice = self._choices.get(ckey)
             if choice is None:
-                choice = self._silu_choice(key, (rows, x, x_ld, w, n, k, gu, gu_ld, ab_type, ab_type), silu)
+                choice = self._silu_choice(key, ckey, (rows, x, x_ld, w, n, k, gu, gu_ld, ab_type, ab_type), silu)
             if choice >= 0 and self._skinny.run(key, choice, None, True):
                 return
         self.linear(rows, x, x_ld, w, n, k, gu, gu_ld, ab_type, ab_type)
         silu()
 
-    def _silu_choice(self, key: tuple[int, ...], plain: _LinearCall, silu: Callable[[], object]) -> int:
-        """Which launch serves :meth:`gate_up_silu`'s shape in GPU-bound steps: ``_LT`` (:meth:`linear`'s call
-        ``plain`` into gu, then ``silu``) or the index of a plan of the skinny GEMM's SiLU form for the call ``key``
-        (into act), the fastest timed on the call's own buffers as :meth:`_choice` times; ``_LT`` where the form has
-        no plan, or during a capture (no timing there)."""
+    def _silu_choice(
+        self, key: tuple[int, ...], ckey: tuple[int, ...], plain: _LinearCall, silu: Callable[[], object]
+    ) -> int:
+        """Which launch serves :meth:`gate_up_silu`'s shape (its choice key ``ckey``) in GPU-bound steps: ``_LT``
+        (:meth:`linear`'s call ``plain`` into gu, then ``silu``) or the index of a plan of the skinny GEMM's SiLU form
+        for the call ``key`` (into act), the fastest timed on the call's own buffers as :meth:`_choice` times;
+        ``_LT`` during a capture (no timing there, nor a SkinnyGemm made) or where the form has no plan."""
         import cupy
 
-        rows, n, k, ab_type = key[0], key[4], key[5], key[8]
-        ckey = (rows, n, k, ab_type, ab_type, 0, _SILU_FORM)
+        if cupy.cuda.runtime.streamIsCapturing(self._stream):
+            return _LT
         plans = len(self._skinny.plans(key, None, True))
         if not plans:
             self._choices[ckey] = _LT
             return _LT
-        if cupy.cuda.runtime.streamIsCapturing(self._stream):
-            return _LT
-        self.linear(*plain)  # (times the GEMM's own shape first, where it was not: no timing within a timing)
-        silu()
 
         def separate() -> None:
             self.linear(*plain)
             silu()
 
+        separate()  # (times the GEMM's own shape first, where it was not: no timing within a timing)
         runs: dict[int, Callable[[], object]] = {_LT: separate}
         for i in range(plans):
             runs[i] = lambda i=i: self._skinny.run(key, i, None, True)  # type: ignore[misc]
-        times = self._timings[ckey] = self._timer.times(runs)
-        choice = self._choices[ckey] = min(times, key=times.__getitem__)
-        return choice
+        return self._timed_choice(ckey, runs)
 
     @same_parameters(linear)
     def prepared_linear(self, call: tuple[Any, ...]) -> Callable[[], None]:
@@ -404,7 +402,11 @@ class Dense:
             runs[_LT] = lambda: self._int4_path(key, int4, False, self._lt)
         else:
             runs[_LT] = lambda: self._gemm16(key)
-        ckey = (rows, n, k, ab_type, c_type, quant_w)
+        return self._timed_choice((rows, n, k, ab_type, c_type, quant_w), runs)
+
+    def _timed_choice(self, ckey: tuple[int, ...], runs: dict[int, Callable[[], object]]) -> int:
+        """Time ``runs`` (each launch of one shape by its label; ``LaunchTimer.times``), record the times and the
+        fastest under the shape's key ``ckey``, and return that label."""
         times = self._timings[ckey] = self._timer.times(runs)
         choice = self._choices[ckey] = min(times, key=times.__getitem__)
         return choice

@@ -190,8 +190,8 @@ def tuned_step(
     start_ms = timed(graph)
     best = [graph, start_ms]  # the graph kept so far and its step time
 
-    def trial(keys: tuple[tuple[int, ...], ...], choices: tuple[int, ...]) -> tuple[float, bool]:
-        """The step with ``choices`` for ``keys`` (the rest as kept): its time, and whether it is kept."""
+    def trial(keys: tuple[tuple[int, ...], ...], choices: tuple[int, ...]) -> float:
+        """The step's time with ``choices`` for ``keys`` (the rest as kept), its graph kept where it is faster."""
         kept = dense.choices(keys)
         dense.set_choices(keys, choices)
         new = capture()
@@ -205,10 +205,10 @@ def tuned_step(
             keep(new)
             best[0].close()
             best[:] = [new, ms]
-            return ms, True
+            return ms
         new.close()
         dense.set_choices(keys, kept)
-        return ms, False
+        return ms
 
     done = []
     for keys, labels in shapes:
@@ -218,7 +218,7 @@ def tuned_step(
             choices = (label,) * len(keys)
             if choices == dense.choices(keys) and lockstep is None:  # (in lockstep another rank may not have it)
                 continue
-            tried.append((label, trial(keys, choices)[0]))
+            tried.append((label, trial(keys, choices)))
         done.append((keys, before, tuple(tried)))
     pairs = []
     for (keys_a, labels_a), (keys_b, labels_b) in itertools.pairwise(shapes) if TUNE_PAIRS else ():
@@ -232,7 +232,7 @@ def tuned_step(
                 # ranks may keep different launches where no trial of a shape was kept)
                 if lockstep is None and (choices[0] == kept[0] or choices[-1] == kept[-1]):
                     continue
-                tried_pairs.append((a, b, trial(both, choices)[0]))
+                tried_pairs.append((a, b, trial(both, choices)))
         final = dense.choices(both)
         pairs.append(PairTrial((_shape(keys_a), _shape(keys_b)), tuple(tried_pairs), (final[0], final[-1])))
     trials = tuple(ShapeTrial(_shape(keys), before, tried, dense.choices(keys)) for keys, before, tried in done)
