@@ -187,7 +187,9 @@ def test_cli_generate_picks_the_family_engine(family) -> None:  # type: ignore[n
          "--max-new-tokens", "4", "--graph"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    if out.returncode and "no prebuilt module for" in out.stderr and supplied_by_user():  # as conftest skips
+    # a KernelNotFoundError's two texts (a variant's, a module name's), skipped as conftest skips it in-process
+    missing = ("no prebuilt module for", "no kernel module '")
+    if out.returncode and any(m in out.stderr for m in missing) and supplied_by_user():
         pytest.skip("the test wheel FI_FFI_TEST_WHEELS names holds no such module: " + out.stderr.strip()[-600:])
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("[0] ") and "(length)" in out.stdout, out.stdout
