@@ -1,7 +1,8 @@
 """What reading a decode GEMM's weights costs without its arithmetic: kernels that only load the 8B shape's bfloat16
 weights (QKV, O, gate/up, down) the way the skinny GEMM does (``fi_engine/kernels/csrc/skinny_gemm.cu``: each warp
 16 weight rows, 64 bytes of each row a step, ``U`` steps in flight; k split over the grid), the same with x's loads
-of 8 or 32 rows added (the 16-byte vectors the lanes read from L1 beside their weights, no mma), and the same bytes
+of 8 or 32 rows added (the 16-byte vectors the lanes read from L1 beside their weights, no mma; for 32 rows also
+from shared memory filled once, without the staging's copies and barriers), and the same bytes
 read as one contiguous run a warp (a tile-major layout), against a device-to-device copy of the weights. Each kernel
 folds what it loads into one word (no output), timed as CUDA graphs of ``--calls`` launches rotating over weight
 copies larger than the L2, best of ``--rounds``; percent of ``--hbm-tbs`` (default: the device's peak).
@@ -30,6 +31,7 @@ PATTERNS = {  # name: (kernel prefix, what it reads)
     "rows": ("rows", "the skinny GEMM's weight reads: rows g and g + 8 of a warp's 16, 64 bytes of each a step"),
     "rows+x8": ("xrows1", "those, and x's vector of 8 rows a step (a 16-byte load a lane)"),
     "rows+x32": ("xrows4", "those, and x's vectors of 32 rows a step (four 16-byte loads a lane)"),
+    "rows+x32 shared": ("sxrows4", "those, x's four vectors a lane from shared memory filled once"),
     "contiguous": ("contig", "the same bytes a warp as one contiguous run, 512 bytes an instruction"),
 }
 GEOMETRIES = ((2, 4), (4, 4), (8, 4), (4, 8), (8, 8))  # (steps in flight U, warps a block)
@@ -48,11 +50,19 @@ __device__ __forceinline__ uint4 load_weights(const uint4* p) {
 // a warp, two 16-byte vectors a lane) at a time with U steps in flight (the next U loaded while these are folded).
 // CONTIG: as one contiguous run at the warp's index; else rows g and g + 8 of the warp's 16, vector q of each
 // row's 64 bytes a step (lane g * 4 + q). MT > 0: with each step, x's vector q of rows 8 i + g, i < MT, from a
-// [32, k] 16-bit x (L1).
-template <int U, int WARPS, bool CONTIG, int MT>
+// [32, k] 16-bit x (L1); SHARED: from shared memory instead, 32 rows of 512 inputs filled once (the step's inputs
+// modulo 512), each row padded by 64 bytes as the skinny GEMM stages x, so a quarter-warp's reads take distinct
+// banks: what the lanes' x loads cost without the staging's copies and barriers.
+#define XS_ROW 68  // 16-byte vectors of a shared x row: 512 inputs and 32 of padding
+template <int U, int WARPS, bool CONTIG, int MT, bool SHARED = false>
 __device__ __forceinline__ void reads(const unsigned char* __restrict__ w, unsigned* __restrict__ out, int n, int k,
                                       int kc, const uint4* __restrict__ x) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+    __shared__ uint4 xs[SHARED ? 32 * XS_ROW : 1];
+    if (SHARED) {
+        for (int v = threadIdx.x; v < 32 * XS_ROW; v += blockDim.x) xs[v] = make_uint4(v, v + 1, v + 2, v + 3);
+        __syncthreads();
+    }
     const int wid = blockIdx.x * WARPS + warp;
     const int range_bytes = 2 * kc, steps = range_bytes / 64;
     const uint4 *pa, *pb;
@@ -83,8 +93,13 @@ __device__ __forceinline__ void reads(const unsigned char* __restrict__ w, unsig
         for (int u = 0; u < U; ++u)
 #pragma unroll
             for (int i = 0; i < MT; ++i) {
-                const long long at = ((8 * i + g) * (long long)k + (long long)blockIdx.y * kc) / 8;
-                const uint4 xv = __ldg(x + at + 4 * min(s + u, steps - 1) + q);
+                uint4 xv;
+                if (SHARED) {
+                    xv = xs[(8 * i + g) * XS_ROW + ((4 * (s + u) + q) & 63)];
+                } else {
+                    const long long at = ((8 * i + g) * (long long)k + (long long)blockIdx.y * kc) / 8;
+                    xv = __ldg(x + at + 4 * min(s + u, steps - 1) + q);
+                }
                 acc += xv.x ^ xv.y ^ xv.z ^ xv.w;
             }
 #pragma unroll
@@ -109,6 +124,10 @@ __device__ __forceinline__ void reads(const unsigned char* __restrict__ w, unsig
     extern "C" __global__ void __launch_bounds__(32 * W) xrows4_u##U##_w##W(const unsigned char* w, unsigned* o,    \
                                                                            int n, int k, int kc, const uint4* x) {  \
         reads<U, W, false, 4>(w, o, n, k, kc, x);                                                                  \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(32 * W) sxrows4_u##U##_w##W(const unsigned char* w, unsigned* o,   \
+                                                                            int n, int k, int kc, const uint4* x) { \
+        reads<U, W, false, 4, true>(w, o, n, k, kc, x);                                                            \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(32 * W) contig_u##U##_w##W(const unsigned char* w, unsigned* o,    \
                                                                            int n, int k, int kc, const uint4* x) {  \
