@@ -2,8 +2,8 @@
 weights (QKV, O, gate/up, down) the way the skinny GEMM does (``fi_engine/kernels/csrc/skinny_gemm.cu``: each warp
 16 weight rows, 64 bytes of each row a step, ``U`` steps in flight; k split over the grid), the same with x's loads
 of 8 or 32 rows added (the 16-byte vectors the lanes read from L1 beside their weights, no mma; for 32 rows also
-from shared memory filled once, without the staging's copies and barriers), and the same bytes
-read as one contiguous run a warp (a tile-major layout), against a device-to-device copy of the weights. Each kernel
+from shared memory filled once, without the staging's copies and barriers, and staged as the GEMM stages it), and
+the same bytes read as one contiguous run a warp (a tile-major layout), against a device-to-device copy. Each kernel
 folds what it loads into one word (no output), timed as CUDA graphs of ``--calls`` launches rotating over weight
 copies larger than the L2, best of ``--rounds``; percent of ``--hbm-tbs`` (default: the device's peak).
 
@@ -32,10 +32,12 @@ PATTERNS = {  # name: (kernel prefix, what it reads)
     "rows+x8": ("xrows1", "those, and x's vector of 8 rows a step (a 16-byte load a lane)"),
     "rows+x32": ("xrows4", "those, and x's vectors of 32 rows a step (four 16-byte loads a lane)"),
     "rows+x32 shared": ("sxrows4", "those, x's four vectors a lane from shared memory filled once"),
+    "rows+x32 staged": ("stxrows4", "those, x staged in shared memory as the GEMM stages it (copies, barriers)"),
     "contiguous": ("contig", "the same bytes a warp as one contiguous run, 512 bytes an instruction"),
 }
 GEOMETRIES = ((2, 4), (4, 4), (8, 4), (4, 8), (8, 8))  # (steps in flight U, warps a block)
 SPLITS = (1, 2, 4, 8)  # k ranges over the grid's y dimension
+STAGED_BYTES = 2 * 32 * 68 * 16  # the staged pattern's two passes of 32 rows of 68 vectors (SOURCE's XS_ROW)
 
 SOURCE = r"""
 // a 16-byte load past L1, as the skinny GEMM loads its weights
@@ -54,15 +56,31 @@ __device__ __forceinline__ uint4 load_weights(const uint4* p) {
 // modulo 512), each row padded by 64 bytes as the skinny GEMM stages x, so a quarter-warp's reads take distinct
 // banks: what the lanes' x loads cost without the staging's copies and barriers.
 #define XS_ROW 68  // 16-byte vectors of a shared x row: 512 inputs and 32 of padding
-template <int U, int WARPS, bool CONTIG, int MT, bool SHARED = false>
+// STAGED: x's 32 rows staged as the skinny GEMM stages them (dynamic shared memory, two buffers of 512 inputs):
+// the block's threads ask for pass p + 1 by asynchronous copies at pass p's first step, between two barriers, after
+// waiting for pass p's own copies.
+template <int U, int WARPS, bool CONTIG, int MT, bool SHARED = false, bool STAGED = false>
 __device__ __forceinline__ void reads(const unsigned char* __restrict__ w, unsigned* __restrict__ out, int n, int k,
                                       int kc, const uint4* __restrict__ x) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
     __shared__ uint4 xs[SHARED ? 32 * XS_ROW : 1];
+    extern __shared__ uint4 staged[];  // STAGED: two passes of 32 rows of XS_ROW vectors
     if (SHARED) {
         for (int v = threadIdx.x; v < 32 * XS_ROW; v += blockDim.x) xs[v] = make_uint4(v, v + 1, v + 2, v + 3);
         __syncthreads();
     }
+    const long long x_lo = (long long)blockIdx.y * kc / 8;  // the range's first x vector of a row
+    auto stage = [&](int p) {  // pass p's x: 32 rows of 64 vectors into buffer p & 1
+        for (int v = threadIdx.x; v < 32 * 64; v += blockDim.x) {
+            const int r = v >> 6, c = v & 63;
+            const unsigned at = (unsigned)__cvta_generic_to_shared(staged + (p & 1) * 32 * XS_ROW + r * XS_ROW + c);
+            const uint4* from = x + r * (long long)(k / 8) + x_lo + 64 * p + c;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(at), "l"(from));
+        }
+        asm volatile("cp.async.commit_group;");
+    };
+    const int passes = (kc + 511) / 512;
+    if (STAGED) stage(0);
     const int wid = blockIdx.x * WARPS + warp;
     const int range_bytes = 2 * kc, steps = range_bytes / 64;
     const uint4 *pa, *pb;
@@ -89,6 +107,14 @@ __device__ __forceinline__ void reads(const unsigned char* __restrict__ w, unsig
             const int t = stride * min(s + U + u, steps - 1);
             nxt[u][0] = load_weights(pa + t), nxt[u][1] = load_weights(pb + t);
         }
+        if (STAGED && s % 16 == 0) {  // a pass is 16 steps of 32 inputs
+            const int p = s / 16;
+            __syncthreads();  // every warp is done with the buffer pass p + 1 goes into
+            if (p + 1 < passes) stage(p + 1);
+            else asm volatile("cp.async.commit_group;");
+            asm volatile("cp.async.wait_group 1;" ::: "memory");
+            __syncthreads();
+        }
 #pragma unroll
         for (int u = 0; u < U; ++u)
 #pragma unroll
@@ -96,6 +122,8 @@ __device__ __forceinline__ void reads(const unsigned char* __restrict__ w, unsig
                 uint4 xv;
                 if (SHARED) {
                     xv = xs[(8 * i + g) * XS_ROW + ((4 * (s + u) + q) & 63)];
+                } else if (STAGED) {
+                    xv = staged[((s + u) / 16 & 1) * 32 * XS_ROW + (8 * i + g) * XS_ROW + ((4 * (s + u) + q) & 63)];
                 } else {
                     const long long at = ((8 * i + g) * (long long)k + (long long)blockIdx.y * kc) / 8;
                     xv = __ldg(x + at + 4 * min(s + u, steps - 1) + q);
@@ -109,6 +137,7 @@ __device__ __forceinline__ void reads(const unsigned char* __restrict__ w, unsig
 #pragma unroll
         for (int u = 0; u < U; ++u) cur[u][0] = nxt[u][0], cur[u][1] = nxt[u][1];
     }
+    if (STAGED) asm volatile("cp.async.wait_all;" ::: "memory");
     if (acc == 0x9e3779b9u) out[0] = acc;  // (never in practice: keeps the loads)
 }
 
@@ -128,6 +157,10 @@ __device__ __forceinline__ void reads(const unsigned char* __restrict__ w, unsig
     extern "C" __global__ void __launch_bounds__(32 * W) sxrows4_u##U##_w##W(const unsigned char* w, unsigned* o,   \
                                                                             int n, int k, int kc, const uint4* x) { \
         reads<U, W, false, 4, true>(w, o, n, k, kc, x);                                                            \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(32 * W) stxrows4_u##U##_w##W(const unsigned char* w, unsigned* o,  \
+                                                                             int n, int k, int kc, const uint4* x) { \
+        reads<U, W, false, 4, false, true>(w, o, n, k, kc, x);                                                     \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(32 * W) contig_u##U##_w##W(const unsigned char* w, unsigned* o,    \
                                                                            int n, int k, int kc, const uint4* x) {  \
@@ -166,7 +199,9 @@ def main() -> None:
     print(bandwidth.line)
     module = cp.RawModule(code=SOURCE, options=("-std=c++17",))
     out = cp.zeros(1, cp.uint32)
-    x = cp.ones(X_ROWS * max(k for _, k in SHAPES.values()), cp.uint16)
+    # (and a pass past the end: the staged pattern's last pass of a range may run past it, as its k need not be whole
+    # passes)
+    x = cp.ones(X_ROWS * max(k for _, k in SHAPES.values()) + 1024, cp.uint16)
     stream = cp.cuda.Stream(non_blocking=True)
     summary = []
     for shape in args.shapes.split(","):
@@ -188,6 +223,8 @@ def main() -> None:
             for label, (prefix, _) in PATTERNS.items():
                 for u, warps in GEOMETRIES:
                     fn = module.get_function(f"{prefix}_u{u}_w{warps}")
+                    smem = STAGED_BYTES if prefix == "stxrows4" else 0
+                    fn.max_dynamic_shared_size_bytes = smem
                     for s in SPLITS:
                         if n % (16 * warps) or (2 * k // s) % 64:
                             continue
@@ -195,7 +232,7 @@ def main() -> None:
                         stream.begin_capture()
                         for c in range(args.calls):
                             fn(grid, (32 * warps,), (weights[c % copies], out, cp.int32(n), cp.int32(k),
-                                                     cp.int32(k // s), x))  # fmt: skip
+                                                     cp.int32(k // s), x), shared_mem=smem)  # fmt: skip
                         us = best_of(cp, stream, stream.end_capture(), args.rounds, args.calls)
                         gbps = nbytes / us / 1e3
                         name = f"{label} u{u} w{warps} grid {grid}"
