@@ -37,17 +37,12 @@ PATTERNS = {  # name: (kernel prefix, what it reads)
 }
 GEOMETRIES = ((2, 4), (4, 4), (8, 4), (4, 8), (8, 8))  # (steps in flight U, warps a block)
 SPLITS = (1, 2, 4, 8)  # k ranges over the grid's y dimension
-STAGED_BYTES = 2 * 32 * 68 * 16  # the staged pattern's two passes of 32 rows of 68 vectors (SOURCE's XS_ROW)
+XS_ROW = 68  # 16-byte vectors of a shared x row: 512 inputs and 32 of padding (SOURCE gets it by -D)
+STAGED_BYTES = 2 * 32 * XS_ROW * 16  # the staged pattern's two passes of 32 rows
+OPTIONS = ("-std=c++17", f"-DXS_ROW={XS_ROW}")
 
+# the weights loaded by the skinny GEMM's own load_weights (csrc/load_weights.cuh: past L1), which program() puts first
 SOURCE = r"""
-// a 16-byte load past L1, as the skinny GEMM loads its weights
-__device__ __forceinline__ uint4 load_weights(const uint4* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
-
 // One warp's share of a [n, k] 16-bit weight, range blockIdx.y of kc inputs: 16 rows x 2 kc bytes, read a step (1 KB
 // a warp, two 16-byte vectors a lane) at a time with U steps in flight (the next U loaded while these are folded).
 // CONTIG: as one contiguous run at the warp's index; else rows g and g + 8 of the warp's 16, vector q of each
@@ -55,7 +50,6 @@ __device__ __forceinline__ uint4 load_weights(const uint4* p) {
 // [32, k] 16-bit x (L1); SHARED: from shared memory instead, 32 rows of 512 inputs filled once (the step's inputs
 // modulo 512), each row padded by 64 bytes as the skinny GEMM stages x, so a quarter-warp's reads take distinct
 // banks: what the lanes' x loads cost without the staging's copies and barriers.
-#define XS_ROW 68  // 16-byte vectors of a shared x row: 512 inputs and 32 of padding
 // STAGED: x's 32 rows staged as the skinny GEMM stages them (dynamic shared memory, two buffers of 512 inputs):
 // the block's threads ask for pass p + 1 by asynchronous copies at pass p's first step, between two barriers, after
 // waiting for pass p's own copies.
@@ -141,33 +135,26 @@ __device__ __forceinline__ void reads(const unsigned char* __restrict__ w, unsig
     if (acc == 0x9e3779b9u) out[0] = acc;  // (never in practice: keeps the loads)
 }
 
-#define READS(U, W)                                                                                               \
-    extern "C" __global__ void __launch_bounds__(32 * W) rows_u##U##_w##W(const unsigned char* w, unsigned* o,      \
-                                                                         int n, int k, int kc, const uint4* x) {    \
-        reads<U, W, false, 0>(w, o, n, k, kc, x);                                                                  \
-    }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(32 * W) xrows1_u##U##_w##W(const unsigned char* w, unsigned* o,    \
+// {name}_u{U}_w{W}(w, o, n, k, kc, x): reads<U, W, the pattern's template arguments>
+#define READ_KERNEL(name, U, W, ...)                                                                              \
+    extern "C" __global__ void __launch_bounds__(32 * W) name##_u##U##_w##W(const unsigned char* w, unsigned* o,    \
                                                                            int n, int k, int kc, const uint4* x) {  \
-        reads<U, W, false, 1>(w, o, n, k, kc, x);                                                                  \
-    }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(32 * W) xrows4_u##U##_w##W(const unsigned char* w, unsigned* o,    \
-                                                                           int n, int k, int kc, const uint4* x) {  \
-        reads<U, W, false, 4>(w, o, n, k, kc, x);                                                                  \
-    }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(32 * W) sxrows4_u##U##_w##W(const unsigned char* w, unsigned* o,   \
-                                                                            int n, int k, int kc, const uint4* x) { \
-        reads<U, W, false, 4, true>(w, o, n, k, kc, x);                                                            \
-    }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(32 * W) stxrows4_u##U##_w##W(const unsigned char* w, unsigned* o,  \
-                                                                             int n, int k, int kc, const uint4* x) { \
-        reads<U, W, false, 4, false, true>(w, o, n, k, kc, x);                                                     \
-    }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(32 * W) contig_u##U##_w##W(const unsigned char* w, unsigned* o,    \
-                                                                           int n, int k, int kc, const uint4* x) {  \
-        reads<U, W, true, 0>(w, o, n, k, kc, x);                                                                   \
+        reads<U, W, __VA_ARGS__>(w, o, n, k, kc, x);                                                               \
     }
+// every pattern of PATTERNS at one geometry
+#define READS(U, W)                                                                                               \
+    READ_KERNEL(rows, U, W, false, 0) READ_KERNEL(xrows1, U, W, false, 1) READ_KERNEL(xrows4, U, W, false, 4)     \
+    READ_KERNEL(sxrows4, U, W, false, 4, true) READ_KERNEL(stxrows4, U, W, false, 4, false, true)                 \
+    READ_KERNEL(contig, U, W, true, 0)
 READS(2, 4) READS(4, 4) READS(8, 4) READS(4, 8) READS(8, 8)
 """
+
+
+def program() -> str:
+    """The CUDA program: the engine's ``load_weights.cuh``, then :data:`SOURCE`."""
+    from fi_engine.kernels.cuda_sources import source
+
+    return source("load_weights.cuh") + "\n" + SOURCE
 
 
 def best_of(cp: Any, stream: Any, graph: Any, rounds: int, calls: int) -> float:
@@ -197,7 +184,7 @@ def main() -> None:
 
     bandwidth = roofline_denominator(0, hbm_tbs=args.hbm_tbs)
     print(bandwidth.line)
-    module = cp.RawModule(code=SOURCE, options=("-std=c++17",))
+    module = cp.RawModule(code=program(), options=OPTIONS)
     out = cp.zeros(1, cp.uint32)
     # (and a pass past the end: the staged pattern's last pass of a range may run past it, as its k need not be whole
     # passes)
