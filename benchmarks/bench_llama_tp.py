@@ -65,6 +65,7 @@ ONE_GPU_VARIANTS = (
     "no-gemv-pipeline",
     "silu-prologue",
     "no-skinny",
+    "tc-decode",
     "skinny-silu",
     "tune-pairs",
     "after-wait",
@@ -252,6 +253,8 @@ def set_variant(variant: str) -> None:
         from fi_engine.kernels.skinny_gemm import SkinnyLaunches
 
         SkinnyLaunches.on = False
+    if variant == "tc-decode":  # decode graphs of 8+ rows: attention on FlashInfer's FA2 prefill kernel (off: RESULTS)
+        ModelRunner.tensor_core_decode_rows = 8
     if variant == "skinny-silu":  # the dense MLP's gate/up GEMM may take the skinny GEMM's SiLU form (off: RESULTS)
         from fi_engine.kernels.skinny_gemm import SkinnyLaunches
 

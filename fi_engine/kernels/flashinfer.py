@@ -245,8 +245,10 @@ def prefill_plan(
     cuda_graph: bool = False,
     kv_dtype: Any = None,
     sm_scale: float | None = None,
+    backend: Literal["auto", "fa2", "fa3"] = "auto",
 ) -> Any:
-    """A causal paged-prefill plan (host int32 arrays); FlashInfer picks FA3 on Hopper where it can.
+    """A causal paged-prefill plan (host int32 arrays); FlashInfer picks FA3 on Hopper where it can (``backend``
+    "auto"; "fa2": FlashInfer's FA2 kernel, whose small query tiles suit a decode step's one query a request).
     ``cuda_graph``: a schedule whose layout (workspace offsets, grid) depends only on ``qo_indptr[-1]`` and the
     batch size, so a run captured in a CUDA graph replays under every later plan of the same two. ``kv_dtype``:
     the cache's element type (None: ``dtype``; ``float8_e4m3fn`` for an FP8 cache, served by FA2); ``sm_scale``:
@@ -264,6 +266,7 @@ def prefill_plan(
         kv_data_type=kv_dtype,
         sm_scale=sm_scale,
         causal=True,
+        backend=backend,
         enable_cuda_graph=cuda_graph,
         stream=stream,
         workspace=ws,

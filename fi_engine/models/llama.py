@@ -50,6 +50,8 @@ from typing import Any
 
 import numpy as np
 
+from fi_ffi.errors import KernelNotFoundError
+
 from ..checkpoint.config import LlamaConfig
 from ..checkpoint.safetensors import Checkpoint
 from ..kernels import flashinfer as kernels
@@ -79,6 +81,7 @@ class Llama(MoEPaths, ModelFamily):
     serves_lora = True  # forward adds the adapters of its rows after each projection (eng.step_lora: fi_engine.lora)
     fp8_kv_refusal = ""  # bf16 queries over an e4m3 cache: FA2 decode and paged prefill (head_dim 128, kv_fp8)
     _planned: tuple[int, bool, bytes] | None = None  # the key of the decode plan in the workspace (plan_decode)
+    _decode_qo: SimpleNamespace | None = None  # a decode row's query offsets for the prefill kernel (_decode_qo_indptr)
 
     def _moe_gemv_rows(self) -> int:
         return MoELayer.gemv_tokens  # read per call: a benchmark may set it on the class
@@ -192,12 +195,41 @@ class Llama(MoEPaths, ModelFamily):
         )
 
     def plan_decode(self, eng: ModelRunner, rows: int, cuda_graph: bool) -> None:
-        """Plan a decode step of ``rows`` rows whose index arrays are in ``eng.decode_arrays``; the plan of the last
-        step is kept where this one's ``kv_indptr`` is the same (no request crossed a page boundary, 15 steps of 16 at
-        page size 16): FlashInfer's decode plan reads only ``kv_indptr`` and the fixed settings, so it would write the
-        same schedule again, and a plan costs the step 30-60 us of host time (benchmarks/bench_engine_host.py)."""
+        """Plan a decode step of ``rows`` rows whose index arrays are in ``eng.decode_arrays``: FlashInfer's FA2
+        paged-prefill plan of one query a request where a decode graph's step takes it (``cuda_graph`` and
+        :meth:`tensor_core_decode`), else its decode plan. Eager steps keep the decode kernel: run eagerly, the
+        prefill kernel's decode steps gave wrong logits on an H200 (not yet understood).
+
+        The decode plan of the last step is kept where this one's ``kv_indptr`` is the same (no request crossed a
+        page boundary, 15 steps of 16 at page size 16): FlashInfer's decode plan reads only ``kv_indptr`` and the
+        fixed settings, so it would write the same schedule again, and a plan costs the step 30-60 us of host time
+        (benchmarks/bench_engine_host.py). The prefill plan also reads the last pages' lengths: made every step
+        (ahead of it, while the GPU runs the step before, where the runner prepares ahead)."""
         c = eng.config
         indptr = eng.decode_arrays["kv_indptr"][: rows + 1]
+        if cuda_graph and self.tensor_core_decode(eng, rows):
+            last = eng.decode_arrays["kv_last_page_len"][:rows]
+            self._planned = None
+            try:
+                eng.decode_plan = kernels.prefill_plan(
+                    eng.decode_workspace,
+                    self._decode_qo_indptr(eng).host[: rows + 1],
+                    indptr,
+                    last,
+                    c.num_qo_heads,
+                    c.num_kv_heads,
+                    c.head_dim,
+                    eng.page_size,
+                    eng.dtype,
+                    eng.stream_ptr,
+                    cuda_graph=cuda_graph,
+                    kv_dtype=eng.kv_dtype,
+                    sm_scale=eng.kv_sm_scale,
+                    backend="fa2",
+                )
+                return
+            except KernelNotFoundError as exc:  # no FA2 module of these settings: the decode kernel serves
+                self.tensor_core_decode_refused = f"{type(exc).__name__}: {exc}"
         key = (rows, cuda_graph, indptr.tobytes())
         if key == self._planned and eng.decode_plan is not None:
             return
@@ -231,7 +263,40 @@ class Llama(MoEPaths, ModelFamily):
             eng.stream_ptr,
         )
 
+    tensor_core_decode_refused = ""
+    """Why the decode steps run the decode kernel where :attr:`ModelRunner.tensor_core_decode_rows` asks for the
+    prefill kernel (its plan's error: no FA2 module of the model's settings in the wheels); "" where it did not."""
+
+    def tensor_core_decode(self, eng: ModelRunner, rows: int) -> bool:
+        """Whether a decode step of ``rows`` rows plans FlashInfer's FA2 paged prefill (one query a request) in place
+        of its decode kernel: :attr:`ModelRunner.tensor_core_decode_rows` and more rows, 4 or more query heads a KV
+        head, and no refusal of that plan before (:attr:`tensor_core_decode_refused`)."""
+        c, at = eng.config, eng.tensor_core_decode_rows
+        return bool(at) and rows >= at and c.num_qo_heads >= 4 * c.num_kv_heads and not self.tensor_core_decode_refused
+
+    def _decode_qo_indptr(self, eng: ModelRunner) -> SimpleNamespace:
+        """``0, 1, ..., max_batch`` (a decode row is one query of its request): ``host`` for the prefill plan,
+        ``dev`` for its runs and ``views``, a descriptor of its first ``rows + 1`` by ``rows``; made at the first such
+        plan (plans are made outside any capture)."""
+        if self._decode_qo is None:
+            host = np.arange(eng.max_batch + 1, dtype=np.int32)
+            self._decode_qo = SimpleNamespace(host=host, dev=eng.cupy.asarray(host), views={})
+        return self._decode_qo
+
     def decode_attention(self, eng: ModelRunner, i: int, v: SimpleNamespace) -> None:
+        plan = eng.decode_plan
+        if plan.kind == "batch_prefill":  # (plan_decode: the FA2 prefill kernel, one query a request)
+            rows = v.kv_last_page_len.shape[0]
+            qo = self._decode_qo_indptr(eng)
+            view = qo.views.get(rows)
+            if view is None:
+                view = kernels.descriptor(qo.dev.data.ptr, (rows + 1,), "int32", eng.device, owner=qo.dev)
+                qo.views[rows] = view
+            kernels.prefill_run(
+                plan, v.q, eng.k_cache[i], eng.v_cache[i], view, v.kv_indptr, v.kv_indices, v.kv_last_page_len, v.attn,
+                eng.stream_ptr,
+            )  # fmt: skip
+            return
         kernels.decode_run(
             eng.decode_plan,
             v.q,

@@ -197,6 +197,53 @@ def test_prefill_plan_and_runs_accept_the_engine_views(make_array, dtype, head_d
         assert ("_sm90" in err.function) == (backend == "fa3")
 
 
+@pytest.mark.parametrize(("dtype", "head_dim"), VARIANTS)
+def test_decode_steps_reach_the_fa2_prefill_kernel_as_decode(make_array, dtype, head_dim):
+    """``ModelRunner.tensor_core_decode_rows``: a decode graph's step of enough rows plans FlashInfer's FA2 paged
+    prefill with one query a request (``Llama.plan_decode``: the plan reaches the FA2 module's plan), and the layer's
+    attention (``Llama.decode_attention``, given such a plan) hands the decode views to the FA2 module's run, with
+    ``0, 1, ..., rows`` as the query offsets; an eager step, fewer rows, the setting off, or fewer than 4 query heads a
+    KV head keep the decode kernel (``Llama.tensor_core_decode``)."""
+    from types import SimpleNamespace
+
+    from fi_engine.models.llama import Llama
+
+    c = config(head_dim)
+    ws = workspace()
+    family = Llama()
+    # the query offsets' device copy: an address never dereferenced here (no GPU), as the views'
+    family._decode_qo = SimpleNamespace(
+        host=np.arange(BATCH + 2, dtype=np.int32), dev=SimpleNamespace(data=SimpleNamespace(ptr=FAKE)), views={}
+    )
+    arrays = {"kv_indptr": np.array([0, 2, 3, 4, 4], np.int32), "kv_last_page_len": np.array([3, 1, 16, 1], np.int32)}
+    eng = SimpleNamespace(
+        config=c, tensor_core_decode_rows=BATCH, decode_workspace=ws, page_size=PS, dtype=dtype, stream_ptr=0,
+        kv_dtype=None, kv_sm_scale=None, device=0, max_batch=BATCH + 1, decode_plan=None, decode_arrays=arrays,
+        k_cache=[cache(c, dtype)], v_cache=[cache(c, dtype)],
+    )  # fmt: skip
+    assert family.tensor_core_decode(eng, BATCH) == (c.num_qo_heads >= 4 * c.num_kv_heads)
+    if not family.tensor_core_decode(eng, BATCH):
+        pytest.skip(f"{c.num_qo_heads} query heads over {c.num_kv_heads}: the decode kernel serves")
+    assert not family.tensor_core_decode(eng, BATCH - 1)
+    assert not family.tensor_core_decode(SimpleNamespace(**{**vars(eng), "tensor_core_decode_rows": 0}), BATCH)
+    few = SimpleNamespace(**{**vars(eng), "config": SimpleNamespace(num_qo_heads=9, num_kv_heads=3)})
+    assert not family.tensor_core_decode(few, BATCH)
+    err = reached(lambda: family.plan_decode(eng, BATCH, cuda_graph=True))  # type: ignore[arg-type]
+    assert err.function.endswith(".plan") and "batch_prefill" in err.function and "_sm90" not in err.function
+    err = reached(lambda: family.plan_decode(eng, BATCH, cuda_graph=False))  # type: ignore[arg-type]
+    assert "batch_decode" in err.function  # eager: the decode kernel
+    # the layer's attention with an FA2 prefill plan of the step's rows (a synthetic schedule: no GPU to compute one)
+    settings = (c.num_qo_heads, c.num_kv_heads, c.head_dim, PS, None, dtype, None, None, "NHD", True, False, "NONE",
+                -1, 0.0, None, 1.0, 1e4, False, "fa2", True, None, False)  # fmt: skip
+    st = prefill._settings("paged", ws.device.device_id, settings)
+    eng.decode_plan = Plan.make(make_array(*([0] * 15)), ws, ws._generation, st, BATCH, BATCH, 3)
+    v = views(c, dtype, "decode")
+    err = reached(lambda: family.decode_attention(eng, 0, v))  # type: ignore[arg-type]
+    assert "batch_prefill" in err.function and "_sm90" not in err.function
+    view = family._decode_qo.views[BATCH]
+    assert view.shape == (BATCH + 1,) and view.data_ptr == FAKE
+
+
 def needs(name: str) -> None:
     if not hasattr(fi_ffi, name):
         pytest.skip(f"fi_ffi.{name} is not on this branch yet (another op family's change)")

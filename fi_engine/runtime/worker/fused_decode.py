@@ -121,7 +121,7 @@ class FusedDecode:
             calls = v.prepared[name] = self._fused_calls(v, rows)
         embed, layers, head = calls
         embed()
-        if r.packed_attention:
+        if r.packed_attention and r.decode_plan.kind == "batch_decode":  # (not the prefill kernel's plan)
             plan = r.decode_plan
             for (before, after), run in zip(layers, self._attention_runs(v, plan), strict=True):
                 for call in before:
