@@ -18,9 +18,11 @@ line gives with a measured copy beside it; ``--hbm-tbs`` sets another figure. No
         --variants fused,whole-vocab
 
 The driver runs each size in fresh processes (``fi-ffi launch --nproc N`` for N > 1) and prints one table.
-``--layers`` shrinks the model (same shapes per layer) when disk or time is short. ``--make-mixtral DIR`` writes
-benchmarks/bench_mixtral.py's random Mixtral-shaped checkpoint (8 experts of 4096 x 14336, top-2, ``--layers`` of
-them) instead, for the MoE engine's tokens/s at TP 1/2/4 (its experts split by intermediate columns).
+``--layers`` shrinks the model (same shapes per layer) when disk or time is short. Prompts are random, 32 tokens
+(``--prompt-tokens``: longer decode contexts, the engine's ``max_seq_len`` raised to hold them). ``--make-mixtral
+DIR`` writes benchmarks/bench_mixtral.py's random Mixtral-shaped checkpoint (8 experts of 4096 x 14336, top-2,
+``--layers`` of them) instead, for the MoE engine's tokens/s at TP 1/2/4 (its experts split by intermediate
+columns).
 """
 
 from __future__ import annotations
@@ -391,9 +393,10 @@ def run_rank(
     profile: bool,
     max_batch: int = 0,
     choices: bool = False,
+    prompt_tokens: int = 32,
 ) -> None:
     """One rank (or the single GPU): every configuration, rank 0 writes the rows; ``choices``: every rank prints
-    its GEMM shapes' launches timed alone (stderr)."""
+    its GEMM shapes' launches timed alone (stderr); ``prompt_tokens``: each random prompt's length."""
     from fi_engine.models.llama import Llama, LlamaEngine
 
     tp = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ else 1
@@ -405,12 +408,12 @@ def run_rank(
     vocab = cfg["vocab_size"]
     rank = 0
     for batch in batches:
-        prompts = [rng.integers(3, vocab, 32).tolist() for _ in range(batch)]
+        prompts = [rng.integers(3, vocab, prompt_tokens).tolist() for _ in range(batch)]
         for graph in [m == "graph" for m in modes]:
             with LlamaEngine(
                 model,
                 max_batch=max(batch, max_batch),
-                max_seq_len=256,
+                max_seq_len=max(256, prompt_tokens + new_tokens),
                 cuda_graph=graph,
                 tensor_parallel=tp,
                 fused_allreduce=not nccl,
@@ -463,11 +466,11 @@ def run_rank(
                     "tokens_per_s": result.tokens_per_s,
                     "host_us_per_step": result.host_us_per_step,
                     "step_ms": result.decode_s / max(1, result.decode_steps) * 1e3,
-                    # the mean context of the decode steps: the 32-token prompt and half the new tokens
+                    # the mean context of the decode steps: the prompt and half the new tokens
                     "bytes_per_step": decode_step_bytes(
                         shape_from_config(cfg),
                         batch=batch,
-                        context=32 + new_tokens // 2,
+                        context=prompt_tokens + new_tokens // 2,
                         tp=tp,
                         vocab_parallel=variant != "whole-vocab",
                     ),
@@ -616,6 +619,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path)
     ap.add_argument("--tp", default="1,2,4", help="tensor-parallel sizes (comma-separated)")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=32, help="each random prompt's tokens (the decode contexts)")
     ap.add_argument("--json")
     ap.add_argument("--rank-out", help=argparse.SUPPRESS)  # internal: a rank's output file
     ap.add_argument("--variant", default="fused", help=argparse.SUPPRESS)  # internal: one variant per process
@@ -711,6 +715,7 @@ def main() -> None:
             args.profile,
             args.max_batch,
             args.choices,
+            args.prompt_tokens,
         )
         return
     table = []
@@ -720,7 +725,8 @@ def main() -> None:
         for variant in one_gpu if tp == 1 else variants:
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
                 cmd = [sys.executable, __file__, "--model", str(args.model), "--rank-out", out.name]
-                cmd += ["--new-tokens", str(args.new_tokens), "--variant", variant]
+                cmd += ["--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens)]
+                cmd += ["--variant", variant]
                 cmd += ["--batches", args.batches, "--modes", args.modes] + (["--profile"] if args.profile else [])
                 cmd += ["--max-batch", str(args.max_batch)] + (["--choices"] if args.choices else [])
                 if tp > 1:
