@@ -19,6 +19,7 @@ import fi_ffi
 
 # fi_ffi's ops and values that the engine calls as fi_ffi names them (the families' own attention and norms, the MoE
 # layer's grouped GEMMs): handed on from here, so this module lists every op the engine uses
+from fi_ffi import KernelNotFoundError as KernelNotFoundError
 from fi_ffi import Tensor as Tensor
 from fi_ffi import Workspace as Workspace
 from fi_ffi import append_paged_mla_kv_cache as append_paged_mla_kv_cache

@@ -50,8 +50,6 @@ from typing import Any
 
 import numpy as np
 
-from fi_ffi.errors import KernelNotFoundError
-
 from ..checkpoint.config import LlamaConfig
 from ..checkpoint.safetensors import Checkpoint
 from ..kernels import flashinfer as kernels
@@ -228,7 +226,7 @@ class Llama(MoEPaths, ModelFamily):
                     backend="fa2",
                 )
                 return
-            except KernelNotFoundError as exc:  # no FA2 module of these settings: the decode kernel serves
+            except kernels.KernelNotFoundError as exc:  # no FA2 module of these settings: the decode kernel serves
                 self.tensor_core_decode_refused = f"{type(exc).__name__}: {exc}"
         key = (rows, cuda_graph, indptr.tobytes())
         if key == self._planned and eng.decode_plan is not None:
