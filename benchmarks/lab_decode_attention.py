@@ -2,8 +2,10 @@
 as decode (one query row a request: flashinfer-python's ``use_tensor_cores`` decode; FA2 and FA3), each planned with
 ``enable_cuda_graph=True`` and timed as 32 runs captured in one CUDA graph (a step's layers), us per run, with the
 largest difference of each prefill kernel's output from the decode kernel's. Random bf16 caches in pages of 16,
-the 8B shape's heads (32 query, 8 KV, head dim 128), every request of the batch at the same context. Needs a GPU,
-torch (its CUDA graphs and tensors) and the test kernel wheels; not a test (nothing is asserted).
+the 8B shape's heads (32 query, 8 KV, head dim 128), every request of the batch at the same context, q contiguous
+and the prefill plans ``causal=False`` (the engine's plan is ``causal=True``, the same for one query a request).
+The 32 runs read one cache, which small contexts leave in L2 (a step's layers read one each). Needs a GPU, torch
+(its CUDA graphs and tensors) and the test kernel wheels; not a test (nothing is asserted).
 
     bash tools/gpu_run.sh python3 benchmarks/lab_decode_attention.py [--batches 8,32] [--contexts 48,256,1024,4096]
 """

@@ -188,11 +188,11 @@ class ModelRunner(RunnerState):
     heads, head dim 128, pages of 16, CUDA graph, us a layer) 11.3 against 15.1 at 32 rows and 48 keys, 15.5 against
     30.8 at 256, 43.0 against 56.9 at 1,024; at 8 rows 12.1 against 26.5 at 256 keys but 10.3 against 9.0 at 48. An 8B
     step (8 layers) decoding 220 tokens after 32-token prompts ran 4.7 % faster with it at 8 rows and 7.1 % at 32
-    (benchmarks/RESULTS.md). Off by default until the one failure met is understood: run eagerly (since then
-    refused), its decode steps gave logits 1.93 away from the decode kernel's, where the decode graphs' steps
-    agreed with them within the engine's tolerance. Read at each decode plan, and a decode graph captures the kernel
-    of the plan it was captured with: set it on the class before the engine is made (``bench_llama_tp.py --variants
-    tc-decode``)."""
+    (benchmarks/RESULTS.md). Off by default until its outputs are shown right in the engine: run eagerly (eager
+    steps now never take it), its decode steps gave logits 1.93 away from the decode kernel's, and no test has yet
+    read a decode graph's logits with it on (tests/engine/test_gpu_tc_decode.py). Read at each decode plan, and a
+    decode graph captures the kernel of the plan it was captured with: set it on the class before the engine is made
+    (``bench_llama_tp.py --variants tc-decode``)."""
 
     packed_attention: bool = True
     """The fused decode step's attention runs packed once per step view (``fi_ffi.prepare_decode_run``), each call
