@@ -46,7 +46,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -175,12 +175,29 @@ class Llama(MoEPaths, ModelFamily):
     def _plan_own_prefill(self, eng: ModelRunner, batch: int, cuda_graph: bool) -> None:
         """This class's prefill plan of ``batch`` requests into ``eng.prefill_plan`` (``cuda_graph``: see
         :func:`~fi_engine.kernels.flashinfer.prefill_plan`); the one body of the two methods above, ."""
-        c, ph = eng.config, eng.prefill_arrays
-        eng.prefill_plan = kernels.prefill_plan(
+        ph = eng.prefill_arrays
+        eng.prefill_plan = self._paged_prefill_plan(
+            eng,
             eng.prefill_workspace,
-            ph["qo_indptr"][: batch + 1],
-            ph["kv_indptr"][: batch + 1],
-            ph["kv_last_page_len"][:batch],
+            (ph["qo_indptr"][: batch + 1], ph["kv_indptr"][: batch + 1], ph["kv_last_page_len"][:batch]),
+            cuda_graph,
+        )
+
+    def _paged_prefill_plan(
+        self,
+        eng: ModelRunner,
+        ws: Any,
+        arrays: tuple[Any, Any, Any],
+        cuda_graph: bool,
+        backend: Literal["auto", "fa2", "fa3"] = "auto",
+    ) -> Any:
+        """FlashInfer's causal paged-prefill plan on workspace ``ws`` of the host ``arrays`` (query offsets, page
+        offsets, last pages' lengths) with this model's heads, page size, types and scale: the prefill's plan, and the
+        decode step's where it takes the prefill kernel (``backend`` "fa2", :meth:`plan_decode`)."""
+        c = eng.config
+        return kernels.prefill_plan(
+            ws,
+            *arrays,
             c.num_qo_heads,
             c.num_kv_heads,
             c.head_dim,
@@ -190,6 +207,7 @@ class Llama(MoEPaths, ModelFamily):
             cuda_graph=cuda_graph,
             kv_dtype=eng.kv_dtype,
             sm_scale=eng.kv_sm_scale,
+            backend=backend,
         )
 
     def plan_decode(self, eng: ModelRunner, rows: int, cuda_graph: bool) -> None:
@@ -206,25 +224,14 @@ class Llama(MoEPaths, ModelFamily):
         c = eng.config
         indptr = eng.decode_arrays["kv_indptr"][: rows + 1]
         if cuda_graph and self.tensor_core_decode(eng, rows):
-            last = eng.decode_arrays["kv_last_page_len"][:rows]
+            arrays = (
+                self._decode_qo_indptr(eng).host[: rows + 1],
+                indptr,
+                eng.decode_arrays["kv_last_page_len"][:rows],
+            )
             self._planned = None
             try:
-                eng.decode_plan = kernels.prefill_plan(
-                    eng.decode_workspace,
-                    self._decode_qo_indptr(eng).host[: rows + 1],
-                    indptr,
-                    last,
-                    c.num_qo_heads,
-                    c.num_kv_heads,
-                    c.head_dim,
-                    eng.page_size,
-                    eng.dtype,
-                    eng.stream_ptr,
-                    cuda_graph=cuda_graph,
-                    kv_dtype=eng.kv_dtype,
-                    sm_scale=eng.kv_sm_scale,
-                    backend="fa2",
-                )
+                eng.decode_plan = self._paged_prefill_plan(eng, eng.decode_workspace, arrays, cuda_graph, "fa2")
                 return
             except kernels.KernelNotFoundError as exc:  # no FA2 module of these settings: the decode kernel serves
                 self.tensor_core_decode_refused = f"{type(exc).__name__}: {exc}"

@@ -232,6 +232,11 @@ def test_decode_steps_reach_the_fa2_prefill_kernel_as_decode(make_array, dtype, 
     assert err.function.endswith(".plan") and "batch_prefill" in err.function and "_sm90" not in err.function
     err = reached(lambda: family.plan_decode(eng, BATCH, cuda_graph=False))  # type: ignore[arg-type]
     assert "batch_decode" in err.function  # eager: the decode kernel
+    # the prefill's own plan, through the same call (FlashInfer's choice of backend: FA3 on Hopper where it can)
+    eng.prefill_workspace = ws
+    eng.prefill_arrays = {"qo_indptr": np.array([0, 2, 4, 5], np.int32), **arrays}
+    err = reached(lambda: family.plan_prefill(eng, BATCH))  # type: ignore[arg-type]
+    assert err.function.endswith(".plan") and "batch_prefill" in err.function
     # the layer's attention with an FA2 prefill plan of the step's rows (a synthetic schedule: no GPU to compute one)
     settings = (c.num_qo_heads, c.num_kv_heads, c.head_dim, PS, None, dtype, None, None, "NHD", True, False, "NONE",
                 -1, 0.0, None, 1.0, 1e4, False, "fa2", True, None, False)  # fmt: skip
