@@ -27,8 +27,9 @@ the host.
 
 Serving (:class:`~fi_engine.runtime.engine.Engine`, of which :class:`LlamaEngine` is the Llama family's): the prompts
 are queued (:mod:`fi_engine.runtime.sched`), admitted into free batch slots and prefilled together (one
-``batch_prefill_paged_plan``, one run per layer); then each decode step makes one ``batch_decode_plan`` and runs every
-layer with it, samples one token per request, copies the tokens to the host and lets finished requests leave (their
+``batch_prefill_paged_plan``, one run per layer); then each decode step makes one ``batch_decode_plan`` (a decode
+graph of 2 rows or more: the FA2 ``batch_prefill_paged_plan`` of one query a request, :meth:`Llama.plan_decode`) and
+runs every layer with it, samples one token per request, copies the tokens to the host and lets finished requests leave (their
 pages are freed). With ``cuda_graph=True`` the decode step is captured at each batch size of
 :func:`~fi_engine.runtime.worker.graph_shapes.decode_batches` (1, 2, 4, ..., ``max_batch`` rows) and every step replays
 the smallest holding its occupied slots (empty ones among them padded): it re-plans (``enable_cuda_graph=True``), copies
@@ -80,6 +81,11 @@ class Llama(MoEPaths, ModelFamily):
     fp8_kv_refusal = ""  # bf16 queries over an e4m3 cache: FA2 decode and paged prefill (head_dim 128, kv_fp8)
     _planned: tuple[int, bool, bytes] | None = None  # the key of the decode plan in the workspace (plan_decode)
     _decode_qo: SimpleNamespace | None = None  # a decode row's query offsets for the prefill kernel (_decode_qo_indptr)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # by a decode graph's rows: whether its steps plan the prefill kernel (plan_decode: fixed at its capture)
+        self._graph_prefill_kernel: dict[int, bool] = {}
 
     def _moe_gemv_rows(self) -> int:
         return MoELayer.gemv_tokens  # read per call: a benchmark may set it on the class
@@ -213,8 +219,10 @@ class Llama(MoEPaths, ModelFamily):
     def plan_decode(self, eng: ModelRunner, rows: int, cuda_graph: bool) -> None:
         """Plan a decode step of ``rows`` rows whose index arrays are in ``eng.decode_arrays``: FlashInfer's FA2
         paged-prefill plan of one query a request where a decode graph's step takes it (``cuda_graph`` and
-        :meth:`tensor_core_decode`), else its decode plan. Eager steps keep the decode kernel: run eagerly, the
-        prefill kernel's decode steps gave wrong logits on an H200 (not yet understood).
+        :meth:`tensor_core_decode`, asked once per graph size: at its capture's plan, and kept, since the graph holds
+        that kernel whatever the setting says later), else its decode plan. Eager steps keep the decode kernel: their
+        host time bounds them at small batches, and the prefill plan is made every step where the decode plan is
+        mostly reused (below).
 
         The decode plan of the last step is kept where this one's ``kv_indptr`` is the same (no request crossed a
         page boundary, 15 steps of 16 at page size 16): FlashInfer's decode plan reads only ``kv_indptr`` and the
@@ -223,7 +231,7 @@ class Llama(MoEPaths, ModelFamily):
         (ahead of it, while the GPU runs the step before, where the runner prepares ahead)."""
         c = eng.config
         indptr = eng.decode_arrays["kv_indptr"][: rows + 1]
-        if cuda_graph and self.tensor_core_decode(eng, rows):
+        if cuda_graph and self._graph_takes_prefill_kernel(eng, rows):
             arrays = (
                 self._decode_qo_indptr(eng).host[: rows + 1],
                 indptr,
@@ -235,6 +243,7 @@ class Llama(MoEPaths, ModelFamily):
                 return
             except kernels.KernelNotFoundError as exc:  # no FA2 module of these settings: the decode kernel serves
                 self.tensor_core_decode_refused = f"{type(exc).__name__}: {exc}"
+                self._graph_prefill_kernel[rows] = False
         key = (rows, cuda_graph, indptr.tobytes())
         if key == self._planned and eng.decode_plan is not None:
             return
@@ -278,6 +287,14 @@ class Llama(MoEPaths, ModelFamily):
         head, and no refusal of that plan before (:attr:`tensor_core_decode_refused`)."""
         c, at = eng.config, eng.tensor_core_decode_rows
         return bool(at) and rows >= at and c.num_qo_heads >= 4 * c.num_kv_heads and not self.tensor_core_decode_refused
+
+    def _graph_takes_prefill_kernel(self, eng: ModelRunner, rows: int) -> bool:
+        """Whether the decode graph of ``rows`` rows plans the prefill kernel: :meth:`tensor_core_decode` asked at its
+        first plan (the capture's) and kept, since the graph holds the kernel it was captured with."""
+        chosen = self._graph_prefill_kernel.get(rows)
+        if chosen is None:
+            chosen = self._graph_prefill_kernel[rows] = self.tensor_core_decode(eng, rows)
+        return chosen
 
     def _decode_qo_indptr(self, eng: ModelRunner) -> SimpleNamespace:
         """``0, 1, ..., max_batch`` (a decode row is one query of its request): ``host`` for the prefill plan,

@@ -200,7 +200,8 @@ def test_prefill_plan_and_runs_accept_the_engine_views(make_array, dtype, head_d
 @pytest.mark.parametrize(("dtype", "head_dim"), VARIANTS)
 def test_decode_steps_reach_the_fa2_prefill_kernel_as_decode(make_array, dtype, head_dim):
     """``ModelRunner.tensor_core_decode_rows``: a decode graph's step of enough rows plans FlashInfer's FA2 paged
-    prefill with one query a request (``Llama.plan_decode``: the plan reaches the FA2 module's plan), and the layer's
+    prefill with one query a request (``Llama.plan_decode``: the plan reaches the FA2 module's plan; a graph size keeps
+    the kernel its first plan chose), and the layer's
     attention (``Llama.decode_attention``, given such a plan) hands the decode views to the FA2 module's run, with
     ``0, 1, ..., rows`` as the query offsets; an eager step, fewer rows, the setting off, or fewer than 4 query heads a
     KV head keep the decode kernel (``Llama.tensor_core_decode``)."""
@@ -232,6 +233,16 @@ def test_decode_steps_reach_the_fa2_prefill_kernel_as_decode(make_array, dtype, 
     assert err.function.endswith(".plan") and "batch_prefill" in err.function and "_sm90" not in err.function
     err = reached(lambda: family.plan_decode(eng, BATCH, cuda_graph=False))  # type: ignore[arg-type]
     assert "batch_decode" in err.function  # eager: the decode kernel
+    # a graph size keeps the kernel its first plan (its capture's) chose, whatever the setting says later
+    eng.tensor_core_decode_rows = 0
+    err = reached(lambda: family.plan_decode(eng, BATCH, cuda_graph=True))  # type: ignore[arg-type]
+    assert "batch_prefill" in err.function
+    err = reached(lambda: family.plan_decode(eng, BATCH - 1, cuda_graph=True))  # type: ignore[arg-type]
+    assert "batch_decode" in err.function  # (a size first planned now: the setting, off)
+    eng.tensor_core_decode_rows = 1
+    err = reached(lambda: family.plan_decode(eng, BATCH - 1, cuda_graph=True))  # type: ignore[arg-type]
+    assert "batch_decode" in err.function
+    eng.tensor_core_decode_rows = BATCH
     # the prefill's own plan, through the same call (FlashInfer's choice of backend: FA3 on Hopper where it can)
     eng.prefill_workspace = ws
     eng.prefill_arrays = {"qo_indptr": np.array([0, 2, 4, 5], np.int32), **arrays}

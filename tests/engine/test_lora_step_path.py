@@ -126,7 +126,7 @@ def bare_runner(
     r.decode_arrays = layout.views(np.zeros(layout.total, np.int32))
 
     def upload(rows: int, n_pages: int, cuda_graph: bool) -> None:  # the copy and the plan (a layout per batch size)
-        r.decode_plan = SimpleNamespace(info=(rows, cuda_graph))
+        r.decode_plan = SimpleNamespace(info=(rows, cuda_graph), kind="batch_decode")
 
     r.upload_decode = upload  # type: ignore[method-assign]
     r.io = SimpleNamespace(staged=SimpleNamespace(synchronize=lambda: None))  # (stage_decode_ahead waits on it)
@@ -395,3 +395,28 @@ def test_the_adapters_one_row_graph_captures_the_lora_fused_step(fake_rt) -> Non
     assert log.replayed() == ["fused lora step", "argmax"]
     _replay(r, [-1])
     assert log.replayed() == ["fused step", "argmax"]
+
+
+def test_a_decode_graph_refuses_a_step_planned_for_another_kernel(fake_rt) -> None:
+    # a graph holds the attention kernel of the plan it was captured with (Llama.plan_decode: the decode kernel or
+    # FlashInfer's prefill kernel); a step whose plan is of the other kernel (its workspace laid out for that one) is
+    # refused at every replay, not only the first, and nothing is launched
+    r, _ = bare_runner(fake_rt, adapters=False, cuda_graph=True)
+    _replay(r, [-1, -1])
+    launched = len(fake_rt.launched)
+    upload = r.upload_decode
+
+    def planned_for_the_prefill_kernel(rows: int, n_pages: int, cuda_graph: bool) -> None:
+        upload(rows, n_pages, cuda_graph)
+        r.decode_plan.kind = "batch_prefill"
+
+    r.upload_decode = planned_for_the_prefill_kernel  # type: ignore[method-assign]
+    for _ in range(2):
+        with pytest.raises(
+            RuntimeError, match="captured with a batch_decode plan; this step's plan is a batch_prefill"
+        ):
+            _replay(r, [-1, -1])
+    assert len(fake_rt.launched) == launched
+    r.upload_decode = upload  # type: ignore[method-assign]
+    _replay(r, [-1, -1])
+    assert len(fake_rt.launched) == launched + 1

@@ -73,6 +73,8 @@ class StepGraphs:
         self._plan_infos: dict[int, Any] = {}  # each decode graph's plan schedule layout, which a replay must keep
         self._batches: tuple[int, ...] = ()  # the rows of `graphs`, ascending (once captured)
         self._checked: set[int] = set()  # the decode graphs whose replay's plan layout was checked
+        # each decode graph's plan kind ("batch_decode", "batch_prefill": the kernel it captured), checked every replay
+        self._plan_kinds: dict[int, Any] = {}
         # the padded prefill graphs by (bucket, request slots, plan info, adapters' launches in it), the least recently
         # replayed first
         self.prefill_cache: dict[tuple[int, ...], Any] = {}
@@ -136,6 +138,7 @@ class StepGraphs:
                     self.capture_s[adapters] += time.perf_counter() - t
                 # the plan's schedule layout of this batch size, which every replay's plan must keep (checked once)
                 self._plan_infos[rows] = r.decode_plan.info
+                self._plan_kinds[rows] = getattr(r.decode_plan, "kind", None)
         finally:
             r.step_lora = None  # (each step sets its own)
         self.graph = self.graphs[r.max_batch]
@@ -214,6 +217,12 @@ class StepGraphs:
         """Replay the decode graph of ``rows`` rows (its index arrays staged and its plan made; its argmax is every
         greedy row's token): one of ``lora_graphs`` where ``adapters`` (a row of the step takes a LoRA adapter), else
         one of ``graphs``."""
+        kind = getattr(self.runner.decode_plan, "kind", None)
+        if kind != self._plan_kinds[rows]:  # (a plan of another kernel: its workspace is not what the graph reads)
+            raise RuntimeError(
+                f"the decode graph of {rows} rows was captured with a {self._plan_kinds[rows]} plan; this step's plan "
+                f"is a {kind} plan, which the captured kernel cannot read"
+            )
         if rows not in self._checked:
             # FlashInfer keeps a CUDA-graph schedule's layout fixed for a fixed batch; the graph relies on it.
             if self.runner.decode_plan.info != self._plan_infos[rows]:
