@@ -68,11 +68,13 @@ ONE_GPU_VARIANTS = (
     "silu-prologue",
     "no-skinny",
     "tc-decode",
+    "no-tc-decode",
     "skinny-silu",
     "tune-pairs",
     "after-wait",
 )
 ONE_GPU_PREFIXES = (
+    "tc-decode-rows-",
     "int4-ahead-",
     "int4-warps-",
     "fp8-gemv-rows-",
@@ -255,8 +257,12 @@ def set_variant(variant: str) -> None:
         from fi_engine.kernels.skinny_gemm import SkinnyLaunches
 
         SkinnyLaunches.on = False
-    if variant == "tc-decode":  # decode graphs of 8+ rows: attention on FlashInfer's FA2 prefill kernel (off: RESULTS)
+    if variant == "tc-decode":  # decode graphs of 8+ rows: attention on FlashInfer's FA2 prefill kernel (RESULTS)
         ModelRunner.tensor_core_decode_rows = 8
+    if variant.startswith("tc-decode-rows-"):  # as tc-decode, from N rows up
+        ModelRunner.tensor_core_decode_rows = int(variant.rsplit("-", 1)[1])
+    if variant == "no-tc-decode":  # every decode graph's attention on FlashInfer's decode kernel
+        ModelRunner.tensor_core_decode_rows = 0
     if variant == "skinny-silu":  # the dense MLP's gate/up GEMM may take the skinny GEMM's SiLU form (off: RESULTS)
         from fi_engine.kernels.skinny_gemm import SkinnyLaunches
 

@@ -179,20 +179,21 @@ class ModelRunner(RunnerState):
     2,494.3-2,509.7 / 2,510.3-2,524.5, 32 rows 8,277.0 / 8,244.8-8,283.9 (benchmarks/RESULTS.md). Read when the graphs
     are captured: set it on the class to compare."""
 
-    tensor_core_decode_rows: int = 0
+    tensor_core_decode_rows: int = 2
     """Decode graphs of at least this many rows (eager steps: never) run the Llama family's attention on
     FlashInfer's FA2 paged-prefill kernel, one query row a request, where the query heads a KV head serves are 4 or
-    more and the wheels hold that module (``Llama.plan_decode``; the decode kernel where they do not); 0 (the
-    default): the decode kernel always. The prefill kernel takes a KV head's queries together on tensor cores in tiles
-    of many keys, where the decode kernel walks the keys a few at a time: on an H200 (8B shape, 32 query and 8 KV
-    heads, head dim 128, pages of 16, CUDA graph, us a layer) 11.3 against 15.1 at 32 rows and 48 keys, 15.5 against
-    30.8 at 256, 43.0 against 56.9 at 1,024; at 8 rows 12.1 against 26.5 at 256 keys but 10.3 against 9.0 at 48. An 8B
-    step (8 layers) decoding 220 tokens after 32-token prompts ran 4.7 % faster with it at 8 rows and 7.1 % at 32
-    (benchmarks/RESULTS.md). Off by default until its outputs are shown right in the engine: run eagerly (eager
-    steps now never take it), its decode steps gave logits 1.93 away from the decode kernel's, and no test has yet
-    read a decode graph's logits with it on (tests/engine/test_gpu_tc_decode.py). Read at each decode plan, and a
-    decode graph captures the kernel of the plan it was captured with: set it on the class before the engine is made
-    (``bench_llama_tp.py --variants tc-decode``)."""
+    more and the wheels hold that module (``Llama.plan_decode``; the decode kernel where they do not); 0: the decode
+    kernel always. The prefill kernel takes a KV head's queries together on tensor cores in tiles of many keys, where
+    the decode kernel walks the keys a few at a time: on an H200 (8B shape, 32 query and 8 KV heads, head dim 128,
+    pages of 16, CUDA graph, us a layer) 11.3 against 15.1 at 32 rows and 48 keys, 15.5 against 30.8 at 256, 43.0
+    against 56.9 at 1,024; at 8 rows 12.1 against 26.5 at 256 keys but 10.3 against 9.0 at 48. The 8B step after
+    1,024-token prompts ran 11 % faster with it at 2 rows, 9 % at 4, 7 % at 8 and 4-5 % at 32 (FP8 and int4 weights:
+    6-12 % at 8 and 32); after 32-token prompts it was even at 4 and 8 rows and 2-5 % faster at 16 and 32. One row
+    stays on the decode kernel: 4 % faster on the prefill kernel after 1,024 tokens but 3 % slower after 32
+    (benchmarks/RESULTS.md). Its steps' attention matches a float32 reference and its greedy tokens transformers'
+    (tests/engine/test_gpu_tc_decode.py). Read at each graph size's first plan (its capture): set it on the class
+    before the engine is made (``bench_llama_tp.py --variants no-tc-decode``); a graph keeps the kernel it was
+    captured with."""
 
     packed_attention: bool = True
     """The fused decode step's attention runs packed once per step view (``fi_ffi.prepare_decode_run``), each call
