@@ -29,8 +29,8 @@ Serving (:class:`~fi_engine.runtime.engine.Engine`, of which :class:`LlamaEngine
 are queued (:mod:`fi_engine.runtime.sched`), admitted into free batch slots and prefilled together (one
 ``batch_prefill_paged_plan``, one run per layer); then each decode step makes one ``batch_decode_plan`` (a decode
 graph of 2 rows or more: the FA2 ``batch_prefill_paged_plan`` of one query a request, :meth:`Llama.plan_decode`) and
-runs every layer with it, samples one token per request, copies the tokens to the host and lets finished requests leave (their
-pages are freed). With ``cuda_graph=True`` the decode step is captured at each batch size of
+runs every layer with it, samples one token per request, copies the tokens to the host and lets finished requests
+leave (their pages are freed). With ``cuda_graph=True`` the decode step is captured at each batch size of
 :func:`~fi_engine.runtime.worker.graph_shapes.decode_batches` (1, 2, 4, ..., ``max_batch`` rows) and every step replays
 the smallest holding its occupied slots (empty ones among them padded): it re-plans (``enable_cuda_graph=True``), copies
 the step's index arrays into the graph's buffers and replays it. A prefill pads its token rows up to a bucket
