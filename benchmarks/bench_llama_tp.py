@@ -69,6 +69,7 @@ ONE_GPU_VARIANTS = (
     "no-skinny",
     "tc-decode",
     "no-tc-decode",
+    "prefill-kernel-pdl",
     "skinny-silu",
     "tune-pairs",
     "after-wait",
@@ -263,6 +264,8 @@ def set_variant(variant: str) -> None:
         ModelRunner.tensor_core_decode_rows = int(variant.rsplit("-", 1)[1])
     if variant == "no-tc-decode":  # every decode graph's attention on FlashInfer's decode kernel
         ModelRunner.tensor_core_decode_rows = 0
+    if variant == "prefill-kernel-pdl":  # the prefill kernel's decode runs with programmatic dependent launch (off)
+        ModelRunner.prefill_kernel_pdl = True
     if variant == "skinny-silu":  # the dense MLP's gate/up GEMM may take the skinny GEMM's SiLU form (off: RESULTS)
         from fi_engine.kernels.skinny_gemm import SkinnyLaunches
 

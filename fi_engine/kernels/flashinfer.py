@@ -285,8 +285,10 @@ def prefill_run(
     kv_last_page_len: Any,
     out: Any,
     stream: int,
+    enable_pdl: bool = False,
 ) -> None:
-    """:func:`fi_ffi.batch_prefill_paged_run` with a plan from :func:`prefill_plan`."""
+    """:func:`fi_ffi.batch_prefill_paged_run` with a plan from :func:`prefill_plan` (``enable_pdl``: programmatic
+    dependent launch, SM 9.0 and later)."""
     fi_ffi.batch_prefill_paged_run(
         q,
         (k_cache, v_cache),
@@ -295,6 +297,7 @@ def prefill_run(
         kv_indices=kv_indices,
         kv_last_page_len=kv_last_page_len,
         out=out,
+        enable_pdl=enable_pdl,
         stream=stream,
         plan=plan,
     )

@@ -314,9 +314,10 @@ class Llama(MoEPaths, ModelFamily):
             if view is None:
                 view = kernels.descriptor(qo.dev.data.ptr, (rows + 1,), "int32", eng.device, owner=qo.dev)
                 qo.views[rows] = view
+            pdl = eng.prefill_kernel_pdl and eng.dense.launcher.launches_with_pdl
             kernels.prefill_run(
                 plan, v.q, eng.k_cache[i], eng.v_cache[i], view, v.kv_indptr, v.kv_indices, v.kv_last_page_len, v.attn,
-                eng.stream_ptr,
+                eng.stream_ptr, enable_pdl=pdl,
             )  # fmt: skip
             return
         kernels.decode_run(

@@ -198,12 +198,13 @@ def test_prefill_plan_and_runs_accept_the_engine_views(make_array, dtype, head_d
 
 
 @pytest.mark.parametrize(("dtype", "head_dim"), VARIANTS)
-def test_decode_steps_reach_the_fa2_prefill_kernel_as_decode(make_array, dtype, head_dim):
+def test_decode_steps_reach_the_fa2_prefill_kernel_as_decode(make_array, monkeypatch, dtype, head_dim):
     """``ModelRunner.tensor_core_decode_rows``: a decode graph's step of enough rows plans FlashInfer's FA2 paged
     prefill with one query a request (``Llama.plan_decode``: the plan reaches the FA2 module's plan; a graph size keeps
     the kernel its first plan chose), and the layer's
     attention (``Llama.decode_attention``, given such a plan) hands the decode views to the FA2 module's run, with
-    ``0, 1, ..., rows`` as the query offsets; an eager step, fewer rows, the setting off, or fewer than 4 query heads a
+    ``0, 1, ..., rows`` as the query offsets (launched with PDL only with ``ModelRunner.prefill_kernel_pdl`` where the
+    GEMVs launch so); an eager step, fewer rows, the setting off, or fewer than 4 query heads a
     KV head keep the decode kernel (``Llama.tensor_core_decode``)."""
     from types import SimpleNamespace
 
@@ -220,7 +221,8 @@ def test_decode_steps_reach_the_fa2_prefill_kernel_as_decode(make_array, dtype, 
     eng = SimpleNamespace(
         config=c, tensor_core_decode_rows=BATCH, decode_workspace=ws, page_size=PS, dtype=dtype, stream_ptr=0,
         kv_dtype=None, kv_sm_scale=None, device=0, max_batch=BATCH + 1, decode_plan=None, decode_arrays=arrays,
-        k_cache=[cache(c, dtype)], v_cache=[cache(c, dtype)],
+        k_cache=[cache(c, dtype)], v_cache=[cache(c, dtype)], prefill_kernel_pdl=False,
+        dense=SimpleNamespace(launcher=SimpleNamespace(launches_with_pdl=True)),
     )  # fmt: skip
     assert family.tensor_core_decode(eng, BATCH) == (c.num_qo_heads >= 4 * c.num_kv_heads)
     if not family.tensor_core_decode(eng, BATCH):
@@ -254,8 +256,20 @@ def test_decode_steps_reach_the_fa2_prefill_kernel_as_decode(make_array, dtype, 
     st = prefill._settings("paged", ws.device.device_id, settings)
     eng.decode_plan = Plan.make(make_array(*([0] * 15)), ws, ws._generation, st, BATCH, BATCH, 3)
     v = views(c, dtype, "decode")
+    run, pdl = fi_ffi.batch_prefill_paged_run, []
+
+    def spy(*args, **kwargs):  # the real run, its enable_pdl noted
+        pdl.append(kwargs["enable_pdl"])
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(fi_ffi, "batch_prefill_paged_run", spy)
     err = reached(lambda: family.decode_attention(eng, 0, v))  # type: ignore[arg-type]
     assert "batch_prefill" in err.function and "_sm90" not in err.function
+    eng.prefill_kernel_pdl = True  # (ModelRunner.prefill_kernel_pdl: where the GEMVs launch with PDL)
+    reached(lambda: family.decode_attention(eng, 0, v))  # type: ignore[arg-type]
+    eng.dense.launcher.launches_with_pdl = False
+    reached(lambda: family.decode_attention(eng, 0, v))  # type: ignore[arg-type]
+    assert pdl == [False, True, False]
     view = family._decode_qo.views[BATCH]
     assert view.shape == (BATCH + 1,) and view.data_ptr == FAKE
 

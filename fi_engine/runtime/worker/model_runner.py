@@ -188,7 +188,8 @@ class ModelRunner(RunnerState):
     pages of 16, CUDA graph, us a layer) 11.3 against 15.1 at 32 rows and 48 keys, 15.5 against 30.8 at 256, 43.0
     against 56.9 at 1,024; at 8 rows 12.1 against 26.5 at 256 keys but 10.3 against 9.0 at 48. The 8B step after
     1,024-token prompts ran 11 % faster with it at 2 rows, 9 % at 4, 7 % at 8 and 4-5 % at 32 (FP8 and int4 weights:
-    6-12 % at 8 and 32); after 32-token prompts it was even at 4 and 8 rows and 2-5 % faster at 16 and 32. One row
+    6-12 % at 8 and 32); after 32-token prompts it was even at 2-8 rows and 2-5 % faster at 16 and 32, but 3-5 %
+    slower over int4 weights at 4 and 8 rows (:attr:`prefill_kernel_pdl`). One row
     stays on the decode kernel: 4 % faster on the prefill kernel after 1,024 tokens but 3 % slower after 32
     (benchmarks/RESULTS.md). Its steps' attention matches a float32 reference and its greedy tokens transformers'
     (tests/engine/test_gpu_tc_decode.py). Read at each graph size's first plan (its capture): set it on the class
@@ -204,6 +205,14 @@ class ModelRunner(RunnerState):
     """The packed attention runs launched with programmatic dependent launch where the GEMVs are
     (``Launcher.launches_with_pdl``: Hopper and later): each may start while the QKV GEMV drains, and the O GEMV after
     it while it drains (FlashInfer's ``enable_pdl``). Read when the runs are packed; set it on the class to compare."""
+
+    prefill_kernel_pdl: bool = False
+    """A decode graph's attention on FlashInfer's prefill kernel (:attr:`tensor_core_decode_rows`) launched with
+    programmatic dependent launch where the GEMVs are (``Launcher.launches_with_pdl``: Hopper and later), as the
+    decode kernel's packed runs are (:attr:`attention_pdl`). Off until measured: on an H200 the int4 fused step of 4
+    and 8 rows after 32-token prompts ran 3-5 % slower on the prefill kernel, launched without it, than on the
+    packed decode kernel (benchmarks/RESULTS.md). Read at each run; set it on the class to compare
+    (``bench_llama_tp.py --variants prefill-kernel-pdl``)."""
 
     silu_in_gate_up: bool = True
     """The fused step's gate/up GEMV over 16-bit weights writes ``silu(gate) * up``

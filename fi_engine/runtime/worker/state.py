@@ -130,6 +130,7 @@ class RunnerState:
     lora_fused: bool
     lora_shrink_in_grid: bool
     attention_pdl: bool
+    prefill_kernel_pdl: bool
     silu_in_gate_up: bool
     tp_fused_epilogues: bool
     norm_pdl: bool
