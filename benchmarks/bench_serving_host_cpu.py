@@ -143,6 +143,7 @@ def _assemble_runner(runner_cls: Any, batch: int, num_pages: int, new_tree: bool
         g.graph = g.graphs[batch]
         g._batches = tuple(g.graphs)
         g._plan_infos = dict.fromkeys(g.graphs)
+        g._plan_kinds = dict.fromkeys(g.graphs)  # (the stand-in plan has no kind: None at "capture" and every replay)
     else:
         from fi_engine.runtime.paging import decode_batches  # type: ignore[attr-defined]
 
