@@ -82,8 +82,8 @@ class Llama(MoEPaths, ModelFamily):
     _planned: tuple[int, bool, bytes] | None = None  # the key of the decode plan in the workspace (plan_decode)
     _decode_qo: SimpleNamespace | None = None  # a decode row's query offsets for the prefill kernel (_decode_qo_indptr)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, moe_path: str = "auto") -> None:
+        super().__init__(moe_path)
         # by a decode graph's rows: whether its steps plan the prefill kernel (plan_decode: fixed at its capture)
         self._graph_prefill_kernel: dict[int, bool] = {}
 

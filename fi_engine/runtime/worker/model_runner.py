@@ -208,11 +208,12 @@ class ModelRunner(RunnerState):
 
     prefill_kernel_pdl: bool = False
     """A decode graph's attention on FlashInfer's prefill kernel (:attr:`tensor_core_decode_rows`) launched with
-    programmatic dependent launch where the GEMVs are (``Launcher.launches_with_pdl``: Hopper and later), as the
-    decode kernel's packed runs are (:attr:`attention_pdl`). Off until measured: on an H200 the int4 fused step of 4
-    and 8 rows after 32-token prompts ran 3-5 % slower on the prefill kernel, launched without it, than on the
-    packed decode kernel (benchmarks/RESULTS.md). Read at each run; set it on the class to compare
-    (``bench_llama_tp.py --variants prefill-kernel-pdl``)."""
+    programmatic dependent launch where the GEMVs can be (``Launcher.launches_with_pdl``: Hopper and later), as the
+    fused step's packed decode-kernel runs are (:attr:`attention_pdl`); in every step that takes the prefill kernel,
+    the fused step's and the separate launches' alike (a launch after one without PDL simply waits for it). Off until
+    measured: on an H200 the int4 fused step of 4 and 8 rows after 32-token prompts ran 3-5 % slower on the prefill
+    kernel, launched without it, than on the packed decode kernel (benchmarks/RESULTS.md). Read at each run; set it on
+    the class to compare (``bench_llama_tp.py --variants prefill-kernel-pdl``)."""
 
     silu_in_gate_up: bool = True
     """The fused step's gate/up GEMV over 16-bit weights writes ``silu(gate) * up``
