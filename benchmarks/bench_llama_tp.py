@@ -67,7 +67,6 @@ ONE_GPU_VARIANTS = (
     "no-gemv-pipeline",
     "silu-prologue",
     "no-skinny",
-    "tc-decode",
     "no-tc-decode",
     "prefill-kernel-pdl",
     "skinny-silu",
@@ -258,9 +257,7 @@ def set_variant(variant: str) -> None:
         from fi_engine.kernels.skinny_gemm import SkinnyLaunches
 
         SkinnyLaunches.on = False
-    if variant == "tc-decode":  # decode graphs of 8+ rows: attention on FlashInfer's FA2 prefill kernel (RESULTS)
-        ModelRunner.tensor_core_decode_rows = 8
-    if variant.startswith("tc-decode-rows-"):  # as tc-decode, from N rows up
+    if variant.startswith("tc-decode-rows-"):  # decode graphs of N+ rows: attention on FlashInfer's FA2 prefill kernel
         ModelRunner.tensor_core_decode_rows = int(variant.rsplit("-", 1)[1])
     if variant == "no-tc-decode":  # every decode graph's attention on FlashInfer's decode kernel
         ModelRunner.tensor_core_decode_rows = 0
