@@ -103,6 +103,7 @@ from ..layers.tensor_parallel import allocate_rank_buffers, columns, rows
 from ..runtime.engine import Engine
 from ..runtime.family import ModelFamily
 from ..runtime.settings import with_settings
+from .decode_queries import DecodeQueryOffsets
 from .deepseek_config import EXPERT_SPLITS, DeepSeekConfig, fp8_shard_refusal
 from .llama import load_moe_layer
 from .mla_weights import split_kv_b
@@ -450,7 +451,7 @@ class DeepSeek(ModelFamily):
         self.ckv_cache = per_layer(b.ckv_cache, r)
         self.kpe_cache = per_layer(b.kpe_cache, dr)
         self.kv_lens = np.zeros(eng.max_batch, np.int32)
-        self.decode_qo = np.arange(eng.max_batch + 1, dtype=np.int32)
+        self.decode_queries = DecodeQueryOffsets(eng)
         self.mla: dict[int, SimpleNamespace] = {}
         eng.allocate_steps()
 
@@ -531,10 +532,10 @@ class DeepSeek(ModelFamily):
             eng, eng.prefill_workspace, ph["qo_indptr"], ph["kv_indptr"], ph["kv_last_page_len"], batch
         )
 
-    def plan_decode(self, eng: Any, rows: int, cuda_graph: bool) -> None:
+    def plan_decode(self, eng: Any, rows: int, cuda_graph: bool, kind: str | None = None) -> None:
         dh = eng.decode_arrays
         eng.decode_plan = self._mla_plan(
-            eng, eng.decode_workspace, self.decode_qo, dh["kv_indptr"], dh["kv_last_page_len"], rows
+            eng, eng.decode_workspace, self.decode_queries.host(rows), dh["kv_indptr"], dh["kv_last_page_len"], rows
         )
 
     # ------------------------------------------------------------------------------------------ forward

@@ -98,6 +98,7 @@ from ..runtime.engine import Engine
 from ..runtime.family import ModelFamily
 from ..runtime.settings import with_settings
 from ..values import arg_array, arg_int, show
+from .decode_queries import DecodeQueryOffsets
 from .moe_paths import MoEPaths
 from .registry import SettingsFamily
 from .weights import WeightLoader
@@ -558,11 +559,8 @@ class GptOss(MoEPaths, SettingsFamily, ModelFamily):
 
     def allocate(self, eng: Any) -> None:
         eng.allocate_layers()
-        cp = eng.cupy
         # decode: one query row per request (the sink prefill kernels serve decode)
-        self.qo_host = np.arange(eng.max_batch + 1, dtype=np.int32)
-        self.qo_dev = cp.asarray(self.qo_host)
-        self.qo_views: dict[int, Any] = {}
+        self.decode_queries = DecodeQueryOffsets(eng)
         self.window_plans = WindowPlans(self.windows, eng.device)
 
     # ------------------------------------------------------------------------------------------ attention
@@ -586,25 +584,17 @@ class GptOss(MoEPaths, SettingsFamily, ModelFamily):
         arrays = (ph["qo_indptr"][: batch + 1], ph["kv_indptr"][: batch + 1], None, ph["kv_last_page_len"][:batch])
         self.prefill_plans = self._sink_plans(eng, False, arrays, "auto", False)
 
-    def plan_decode(self, eng: Any, rows: int, cuda_graph: bool) -> None:
+    def plan_decode(self, eng: Any, rows: int, cuda_graph: bool, kind: str | None = None) -> None:
         dh = eng.decode_arrays
-        arrays = (self.qo_host[: rows + 1], dh["kv_indptr"][: rows + 1], None, dh["kv_last_page_len"][:rows])
+        arrays = (self.decode_queries.host(rows), dh["kv_indptr"][: rows + 1], None, dh["kv_last_page_len"][:rows])
         # FA2: a decode row is one query; FA2's small query tiles suit it, and its CUDA-graph schedule is fixed
         self.decode_plans = self._sink_plans(eng, True, arrays, "fa2", cuda_graph)
-
-    def _qo_view(self, eng: Any, rows: int) -> Any:
-        t = self.qo_views.get(rows)
-        if t is None:
-            t = self.qo_views[rows] = kernels.descriptor(
-                self.qo_dev.data.ptr, (rows + 1,), "int32", eng.device, owner=self.qo_dev
-            )
-        return t
 
     def prefill_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
         self._attention(eng, i, v, v.qo_indptr, self.prefill_plans)
 
     def decode_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
-        self._attention(eng, i, v, self._qo_view(eng, v.kv_last_page_len.shape[0]), self.decode_plans)
+        self._attention(eng, i, v, self.decode_queries.view(v.kv_last_page_len.shape[0]), self.decode_plans)
 
     def _attention(self, eng: Any, i: int, v: SimpleNamespace, qo_indptr: Any, plans: dict[int, Any]) -> None:
         """Layer ``i``'s attention with sinks over the paged cache: ``v``'s rows (``qo_indptr``: their offsets per
