@@ -68,13 +68,14 @@ ONE_GPU_VARIANTS = (
     "silu-prologue",
     "no-skinny",
     "no-tc-decode",
-    "prefill-kernel-pdl",
+    "no-prefill-kernel-pdl",
     "skinny-silu",
     "tune-pairs",
     "after-wait",
 )
 ONE_GPU_PREFIXES = (
     "tc-decode-rows-",
+    "tc-decode-context-",
     "int4-ahead-",
     "int4-warps-",
     "fp8-gemv-rows-",
@@ -261,8 +262,10 @@ def set_variant(variant: str) -> None:
         ModelRunner.tensor_core_decode_rows = int(variant.rsplit("-", 1)[1])
     if variant == "no-tc-decode":  # every decode graph's attention on FlashInfer's decode kernel
         ModelRunner.tensor_core_decode_rows = 0
-    if variant == "prefill-kernel-pdl":  # the prefill kernel's decode runs with programmatic dependent launch (off)
-        ModelRunner.prefill_kernel_pdl = True
+    if variant.startswith("tc-decode-context-"):  # graphs of fewer rows: the prefill kernel from N tokens (0: never)
+        ModelRunner.tensor_core_decode_context = int(variant.rsplit("-", 1)[1])
+    if variant == "no-prefill-kernel-pdl":  # the prefill kernel's decode runs without programmatic dependent launch
+        ModelRunner.prefill_kernel_pdl = False
     if variant == "skinny-silu":  # the dense MLP's gate/up GEMM may take the skinny GEMM's SiLU form (off: RESULTS)
         from fi_engine.kernels.skinny_gemm import SkinnyLaunches
 

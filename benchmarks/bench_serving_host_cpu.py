@@ -101,7 +101,7 @@ class _Family:
 
     llama_pass = True
 
-    def plan_decode(self, eng: Any, rows: int, cuda_graph: bool) -> None:
+    def plan_decode(self, eng: Any, rows: int, cuda_graph: bool, kind: str | None = None) -> None:
         pass
 
 
@@ -142,7 +142,7 @@ def _assemble_runner(runner_cls: Any, batch: int, num_pages: int, new_tree: bool
         g.graphs = {b: _Graph() for b in decode_batches(batch)}
         g.graph = g.graphs[batch]
         g._batches = tuple(g.graphs)
-        g._plan_infos = dict.fromkeys(g.graphs)
+        g._plan_infos = {(b, None): None for b in g.graphs}
         g._plan_kinds = dict.fromkeys(g.graphs)  # (the stand-in plan has no kind: None at "capture" and every replay)
     else:
         from fi_engine.runtime.paging import decode_batches  # type: ignore[attr-defined]

@@ -206,7 +206,7 @@ class Gemma2(SettingsFamily, ModelFamily):
             backend="fa2",
         )
 
-    def plan_decode(self, eng: Any, rows: int, cuda_graph: bool) -> None:
+    def plan_decode(self, eng: Any, rows: int, cuda_graph: bool, kind: str | None = None) -> None:
         g = eng.config.family
         arrays = (eng.decode_arrays["kv_indptr"][: rows + 1], None, None)
         self.decode_plans = self.window_plans.plan(

@@ -62,6 +62,7 @@ from ..runtime.serving import GenerationResult
 from ..runtime.settings import with_settings
 from ..runtime.worker.model_runner import ModelRunner
 from ..runtime.worker.step_io import step_views
+from .decode_queries import DecodeQueryOffsets
 from .moe_paths import MoEPaths
 from .registry import family_config_json
 from .weights import WeightLoader
@@ -80,12 +81,12 @@ class Llama(MoEPaths, ModelFamily):
     serves_lora = True  # forward adds the adapters of its rows after each projection (eng.step_lora: fi_engine.lora)
     fp8_kv_refusal = ""  # bf16 queries over an e4m3 cache: FA2 decode and paged prefill (head_dim 128, kv_fp8)
     _planned: tuple[int, bool, bytes] | None = None  # the key of the decode plan in the workspace (plan_decode)
-    _decode_qo: SimpleNamespace | None = None  # a decode row's query offsets for the prefill kernel (_decode_qo_indptr)
+    _decode_qo: DecodeQueryOffsets | None = None  # a decode row's query offsets for the prefill kernel
 
     def __init__(self, moe_path: str = "auto") -> None:
         super().__init__(moe_path)
-        # by a decode graph's rows: whether its steps plan the prefill kernel (plan_decode: fixed at its capture)
-        self._graph_prefill_kernel: dict[int, bool] = {}
+        # by a decode graph's rows: the plan kinds it was captured with (decode_graph_kernels: fixed at its capture)
+        self._graph_kernels: dict[int, tuple[str, ...]] = {}
 
     def _moe_gemv_rows(self) -> int:
         return MoELayer.gemv_tokens  # read per call: a benchmark may set it on the class
@@ -216,13 +217,15 @@ class Llama(MoEPaths, ModelFamily):
             backend=backend,
         )
 
-    def plan_decode(self, eng: ModelRunner, rows: int, cuda_graph: bool) -> None:
+    def plan_decode(self, eng: ModelRunner, rows: int, cuda_graph: bool, kind: str | None = None) -> None:
         """Plan a decode step of ``rows`` rows whose index arrays are in ``eng.decode_arrays``: FlashInfer's FA2
-        paged-prefill plan of one query a request where a decode graph's step takes it (``cuda_graph`` and
-        :meth:`tensor_core_decode`, asked once per graph size: at its capture's plan, and kept, since the graph holds
-        that kernel whatever the setting says later), else its decode plan. Eager steps keep the decode kernel: their
-        host time bounds them at small batches, and the prefill plan is made every step where the decode plan is
-        mostly reused (below).
+        paged-prefill plan of one query a request (kind ``"batch_prefill"``) or its decode plan (``"batch_decode"``).
+        ``kind``: the kernel of the graph being captured (:meth:`decode_graph_kernels`); None: eager steps take the
+        decode kernel (their host time bounds them at small batches, and the prefill plan is made every step where the
+        decode plan is mostly reused, below), a decode graph's step the kernel its graph size was captured with
+        (:meth:`tensor_core_decode`, asked at its first capture and kept), or, where that size was captured on both,
+        the one :meth:`step_kernel` picks for this step's contexts. Where the wheels have no FA2 module of the model's
+        settings, the decode kernel serves (:attr:`tensor_core_decode_refused`).
 
         The decode plan of the last step is kept where this one's ``kv_indptr`` is the same (no request crossed a
         page boundary, 15 steps of 16 at page size 16): FlashInfer's decode plan reads only ``kv_indptr`` and the
@@ -231,19 +234,17 @@ class Llama(MoEPaths, ModelFamily):
         (ahead of it, while the GPU runs the step before, where the runner prepares ahead)."""
         c = eng.config
         indptr = eng.decode_arrays["kv_indptr"][: rows + 1]
-        if cuda_graph and self._graph_takes_prefill_kernel(eng, rows):
-            arrays = (
-                self._decode_qo_indptr(eng).host[: rows + 1],
-                indptr,
-                eng.decode_arrays["kv_last_page_len"][:rows],
-            )
+        if cuda_graph and kind is None:
+            kind = self.step_kernel(eng, rows)
+        if cuda_graph and kind == "batch_prefill":
+            arrays = (self._decode_queries(eng).host(rows), indptr, eng.decode_arrays["kv_last_page_len"][:rows])
             self._planned = None
             try:
                 eng.decode_plan = self._paged_prefill_plan(eng, eng.decode_workspace, arrays, cuda_graph, "fa2")
                 return
             except kernels.KernelNotFoundError as exc:  # no FA2 module of these settings: the decode kernel serves
                 self.tensor_core_decode_refused = f"{type(exc).__name__}: {exc}"
-                self._graph_prefill_kernel[rows] = False
+                self._graph_kernels[rows] = ("batch_decode",)
         key = (rows, cuda_graph, indptr.tobytes())
         if key == self._planned and eng.decode_plan is not None:
             return
@@ -281,39 +282,64 @@ class Llama(MoEPaths, ModelFamily):
     """Why the decode steps run the decode kernel where :attr:`ModelRunner.tensor_core_decode_rows` asks for the
     prefill kernel (its plan's error: no FA2 module of the model's settings in the wheels); "" where it did not."""
 
+    def _prefill_kernel_serves(self, eng: ModelRunner) -> bool:
+        """Whether the model's decode steps can take the prefill kernel: :attr:`ModelRunner.tensor_core_decode_rows`
+        set, 4 or more query heads a KV head (fewer leave the prefill kernel's query tiles mostly empty), and no
+        refusal of that plan before (:attr:`tensor_core_decode_refused`)."""
+        c = eng.config
+        heads = c.num_qo_heads >= 4 * c.num_kv_heads
+        return bool(eng.tensor_core_decode_rows) and heads and not self.tensor_core_decode_refused
+
     def tensor_core_decode(self, eng: ModelRunner, rows: int) -> bool:
-        """Whether a decode step of ``rows`` rows plans FlashInfer's FA2 paged prefill (one query a request) in place
-        of its decode kernel: :attr:`ModelRunner.tensor_core_decode_rows` and more rows, 4 or more query heads a KV
-        head, and no refusal of that plan before (:attr:`tensor_core_decode_refused`)."""
-        c, at = eng.config, eng.tensor_core_decode_rows
-        return bool(at) and rows >= at and c.num_qo_heads >= 4 * c.num_kv_heads and not self.tensor_core_decode_refused
+        """Whether every step of a decode graph of ``rows`` rows plans FlashInfer's FA2 paged prefill (one query a
+        request) in place of its decode kernel: :attr:`ModelRunner.tensor_core_decode_rows` and more rows, where the
+        prefill kernel serves the model at all."""
+        return rows >= eng.tensor_core_decode_rows and self._prefill_kernel_serves(eng)
 
-    def _graph_takes_prefill_kernel(self, eng: ModelRunner, rows: int) -> bool:
-        """Whether the decode graph of ``rows`` rows plans the prefill kernel: :meth:`tensor_core_decode` asked at its
-        first plan (the capture's) and kept, since the graph holds the kernel it was captured with."""
-        chosen = self._graph_prefill_kernel.get(rows)
-        if chosen is None:
-            chosen = self._graph_prefill_kernel[rows] = self.tensor_core_decode(eng, rows)
-        return chosen
+    def decode_graph_kernels(self, eng: ModelRunner, rows: int) -> tuple[str, ...]:
+        """Both kernels for a decode graph of fewer rows than :attr:`ModelRunner.tensor_core_decode_rows`, captured
+        on the decode kernel, where :attr:`ModelRunner.tensor_core_decode_context` is set and the prefill kernel
+        serves the model (each step then picks one: :meth:`step_kernel`); else ``()``, the one graph. Asked after the
+        graph size's first capture; the answer is kept (a prefill plan refused at the second capture takes it back:
+        :meth:`plan_decode`)."""
+        kinds = self._graph_kernels.get(rows, ())
+        if (
+            kinds == ("batch_decode",)
+            and rows < eng.tensor_core_decode_rows
+            and eng.tensor_core_decode_context > 0
+            and self._prefill_kernel_serves(eng)
+        ):
+            kinds = self._graph_kernels[rows] = ("batch_decode", "batch_prefill")
+        return kinds if len(kinds) > 1 else ()
 
-    def _decode_qo_indptr(self, eng: ModelRunner) -> SimpleNamespace:
-        """``0, 1, ..., max_batch`` (a decode row is one query of its request): ``host`` for the prefill plan,
-        ``dev`` for its runs and ``views``, a descriptor of its first ``rows + 1`` by ``rows``; made at the first such
-        plan (plans are made outside any capture)."""
+    def step_kernel(self, eng: ModelRunner, rows: int) -> str:
+        """The plan kind of a decode graph's step of ``rows`` rows: at the graph size's first plan (its capture's)
+        the prefill kernel where :meth:`tensor_core_decode` says so, else the decode kernel, kept for its later steps;
+        where the size was captured on both (:meth:`decode_graph_kernels`), the prefill kernel when the step's longest
+        context (from ``decode_arrays``) has :attr:`ModelRunner.tensor_core_decode_context` tokens or more."""
+        kinds = self._graph_kernels.get(rows)
+        if kinds is None:
+            kinds = self._graph_kernels[rows] = (
+                ("batch_prefill",) if self.tensor_core_decode(eng, rows) else ("batch_decode",)
+            )
+        if len(kinds) == 1:
+            return kinds[0]
+        arrays = eng.decode_arrays
+        pages = arrays["kv_indptr"][1 : rows + 1] - arrays["kv_indptr"][:rows]
+        longest = int(((pages - 1) * eng.page_size + arrays["kv_last_page_len"][:rows]).max())
+        return "batch_prefill" if longest >= eng.tensor_core_decode_context else "batch_decode"
+
+    def _decode_queries(self, eng: ModelRunner) -> DecodeQueryOffsets:
+        """A decode row's query offsets for the prefill kernel, made at the first such plan (plans are made outside
+        any capture)."""
         if self._decode_qo is None:
-            host = np.arange(eng.max_batch + 1, dtype=np.int32)
-            self._decode_qo = SimpleNamespace(host=host, dev=eng.cupy.asarray(host), views={})
+            self._decode_qo = DecodeQueryOffsets(eng)
         return self._decode_qo
 
     def decode_attention(self, eng: ModelRunner, i: int, v: SimpleNamespace) -> None:
         plan = eng.decode_plan
         if plan.kind == "batch_prefill":  # (plan_decode: the FA2 prefill kernel, one query a request)
-            rows = v.kv_last_page_len.shape[0]
-            qo = self._decode_qo_indptr(eng)
-            view = qo.views.get(rows)
-            if view is None:
-                view = kernels.descriptor(qo.dev.data.ptr, (rows + 1,), "int32", eng.device, owner=qo.dev)
-                qo.views[rows] = view
+            view = self._decode_queries(eng).view(v.kv_last_page_len.shape[0])
             pdl = eng.prefill_kernel_pdl and eng.dense.launcher.launches_with_pdl
             kernels.prefill_run(
                 plan, v.q, eng.k_cache[i], eng.v_cache[i], view, v.kv_indptr, v.kv_indices, v.kv_last_page_len, v.attn,

@@ -98,10 +98,19 @@ class ModelFamily:
         Llama family's)."""
         return False
 
-    def plan_decode(self, eng: Any, rows: int, cuda_graph: bool) -> None:
+    def plan_decode(self, eng: Any, rows: int, cuda_graph: bool, kind: str | None = None) -> None:
         """Plan a decode step of ``rows`` rows whose index arrays are in ``eng.decode_arrays``; sets
-        ``eng.decode_plan`` (the plan whose schedule layout the decode graph checks)."""
+        ``eng.decode_plan`` (the plan whose schedule layout and kind the decode graph checks). ``kind``: the plan kind
+        the graph being captured asks for, one of those :meth:`decode_graph_kernels` names (a family that names none
+        is never asked, and plans its one kernel); None: the family's choice."""
         raise NotImplementedError
+
+    def decode_graph_kernels(self, eng: Any, rows: int) -> tuple[str, ...]:
+        """The plan kinds (``eng.decode_plan.kind``) of the attention kernels a decode graph of ``rows`` rows is
+        captured on, one graph each, where the family's steps of that many rows choose their kernel per step (each
+        replaying the graph of its plan's kind); ``()`` (the default): one graph, of the kernel :meth:`plan_decode`
+        plans at its capture. Asked once per graph size, after its first capture (the one of the default plan)."""
+        return ()
 
     def prefill_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
         """Layer ``i``'s prefill attention over step views ``v``."""

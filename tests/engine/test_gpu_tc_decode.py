@@ -1,14 +1,16 @@
-"""Decode attention on FlashInfer's FA2 paged-prefill kernel (``ModelRunner.tensor_core_decode_rows``,
-``Llama.plan_decode``) in the engine's decode graphs, on a GPU (FI_FFI_RUN_GPU_TESTS=1; torch and transformers for
-the reference).
+"""Decode attention on FlashInfer's FA2 paged-prefill kernel (``ModelRunner.tensor_core_decode_rows`` and
+``tensor_core_decode_context``, ``Llama.plan_decode``) in the engine's decode graphs, on a GPU
+(FI_FFI_RUN_GPU_TESTS=1; torch and transformers for the reference).
 
 A random Llama of 16 query and 4 KV heads (transformers' own classes, as tests/engine/test_gpu_llama.py builds it)
 greedily decodes eight prompts (4 to 70 tokens, so contexts cross pages of 16 and differ in length) in CUDA graphs
-with the setting at 2 rows: the high slots' requests end first (6-12 new tokens, the low slots' 45-60), so the steps
-replay the graphs of 8, 4 and 2 rows, which plan the prefill kernel, and at last the 1-row graph, which plans the
-decode kernel. Checked:
+with the settings at 2 rows and 68 tokens: the high slots' requests end first (6-12 new tokens, the low slots' 45-72),
+so the steps replay the graphs of 8, 4 and 2 rows, which plan the prefill kernel, and at last the 1-row graph, captured
+on both kernels, whose steps plan the decode kernel below 68 tokens of context and the prefill kernel from 68 (the
+last request's contexts run from about 60 to 76). Checked:
 
-- each step's plan kind is the one the setting names for its graph's rows;
+- each step's plan kind is the one the settings name for its graph's rows and its longest context, and the one-row
+  steps took both;
 - after each step on the prefill kernel, its attention output (the last layer's, still in the step's ``attn``
   buffer) against a float32 reference computed on the host from the same step's query rows (still in ``qkv``), the
   last layer's paged cache and the step's page table: within helpers.attention_reference's tolerances (absolute and
@@ -41,8 +43,9 @@ pytestmark = pytest.mark.gpu
 
 VOCAB = 4096
 PROMPT_LENGTHS = (4, 17, 33, 9, 70, 48, 25, 61)
-NEW_TOKENS = (60, 58, 52, 45, 12, 10, 8, 6)  # slot i's request (admitted together, in order): high slots end first
-FROM_ROWS = 2  # the setting: graphs of 2 rows and more take the prefill kernel, the 1-row graph the decode kernel
+NEW_TOKENS = (72, 58, 52, 45, 12, 10, 8, 6)  # slot i's request (admitted together, in order): high slots end first
+FROM_ROWS = 2  # the setting: graphs of 2 rows and more take the prefill kernel, the 1-row graph chooses per step
+FROM_CONTEXT = 68  # the 1-row graph's steps take the prefill kernel from this many tokens of context
 VARIANTS = {"bf16-d128": ("bfloat16", 128), "f16-d64": ("float16", 64)}
 
 
@@ -95,8 +98,9 @@ def variant(request, tmp_path_factory):
 def test_prefill_kernel_decode_graphs_match_float32(variant, monkeypatch):
     path, ref, dtype = variant
     monkeypatch.setattr(ModelRunner, "tensor_core_decode_rows", FROM_ROWS)
+    monkeypatch.setattr(ModelRunner, "tensor_core_decode_context", FROM_CONTEXT)
     ps = prompts(PROMPT_LENGTHS, VOCAB)
-    seen: list[tuple[int, str]] = []  # each decode step's graph rows and plan kind
+    seen: list[tuple[int, str, int]] = []  # each decode step's graph rows, plan kind and longest context
     worst = 0.0
     with LlamaEngine(path, max_batch=8, page_size=16, cuda_graph=True) as engine:
         runner = engine.runner
@@ -107,7 +111,9 @@ def test_prefill_kernel_decode_graphs_match_float32(variant, monkeypatch):
             nonlocal worst
             out = original(rows)
             kind = runner.decode_plan.kind
-            seen.append((rows, kind))
+            a = runner.decode_arrays
+            pages = a["kv_indptr"][1 : rows + 1] - a["kv_indptr"][:rows]
+            seen.append((rows, kind, int(((pages - 1) * runner.page_size + a["kv_last_page_len"][:rows]).max())))
             if kind == "batch_prefill":
                 runner.stream.synchronize()  # the step is done; its host page table is still this step's
                 b = runner.buffers
@@ -133,9 +139,11 @@ def test_prefill_kernel_decode_graphs_match_float32(variant, monkeypatch):
         finally:
             del runner.run_decode
     assert [len(t) for t in result.tokens] == list(NEW_TOKENS)
-    assert {rows for rows, _ in seen} == {8, 4, 2, 1}, seen  # every graph of the ladder replayed
-    for rows, kind in seen:
-        assert kind == ("batch_prefill" if rows >= FROM_ROWS else "batch_decode"), (rows, kind)
+    assert {rows for rows, _, _ in seen} == {8, 4, 2, 1}, seen  # every graph of the ladder replayed
+    for rows, kind, context in seen:
+        prefill = rows >= FROM_ROWS or context >= FROM_CONTEXT
+        assert kind == ("batch_prefill" if prefill else "batch_decode"), (rows, kind, context)
+    assert {kind for rows, kind, _ in seen if rows == 1} == {"batch_decode", "batch_prefill"}, seen
     exact = check_greedy(ref, ps, result.tokens, LOGIT_TOL[dtype])
     print(f"{dtype}: {len(seen)} steps, max |attention error| {worst:.2e}, {exact}/{sum(NEW_TOKENS)} exact tokens")
 

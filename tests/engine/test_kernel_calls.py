@@ -213,15 +213,14 @@ def test_decode_steps_reach_the_fa2_prefill_kernel_as_decode(make_array, monkeyp
     c = config(head_dim)
     ws = workspace()
     family = Llama()
-    # the query offsets' device copy: an address never dereferenced here (no GPU), as the views'
-    family._decode_qo = SimpleNamespace(
-        host=np.arange(BATCH + 2, dtype=np.int32), dev=SimpleNamespace(data=SimpleNamespace(ptr=FAKE)), views={}
-    )
+    # the query offsets' device copy (DecodeQueryOffsets): an address never dereferenced here (no GPU), as the views'
+    device_copy = SimpleNamespace(asarray=lambda host: SimpleNamespace(data=SimpleNamespace(ptr=FAKE)))
     arrays = {"kv_indptr": np.array([0, 2, 3, 4, 4], np.int32), "kv_last_page_len": np.array([3, 1, 16, 1], np.int32)}
     eng = SimpleNamespace(
         config=c, tensor_core_decode_rows=BATCH, decode_workspace=ws, page_size=PS, dtype=dtype, stream_ptr=0,
         kv_dtype=None, kv_sm_scale=None, device=0, max_batch=BATCH + 1, decode_plan=None, decode_arrays=arrays,
-        k_cache=[cache(c, dtype)], v_cache=[cache(c, dtype)], prefill_kernel_pdl=False,
+        k_cache=[cache(c, dtype)], v_cache=[cache(c, dtype)], prefill_kernel_pdl=False, cupy=device_copy,
+        tensor_core_decode_context=0,
         dense=SimpleNamespace(launcher=SimpleNamespace(launches_with_pdl=True)),
     )  # fmt: skip
     assert family.tensor_core_decode(eng, BATCH) == (c.num_qo_heads >= 4 * c.num_kv_heads)
@@ -270,7 +269,7 @@ def test_decode_steps_reach_the_fa2_prefill_kernel_as_decode(make_array, monkeyp
     eng.dense.launcher.launches_with_pdl = False
     reached(lambda: family.decode_attention(eng, 0, v))  # type: ignore[arg-type]
     assert pdl == [False, True, False]
-    view = family._decode_qo.views[BATCH]
+    view = family._decode_queries(eng).view(BATCH)  # type: ignore[arg-type]
     assert view.shape == (BATCH + 1,) and view.data_ptr == FAKE
 
 
@@ -563,3 +562,44 @@ def test_the_softmax_scratch_serves_every_batch_up_to_max_batch():
     for rows in (1, 64, 128):
         assert kernels.softmax_workspace_bytes(256, vocab) >= fi_ffi.softmax_workspace_size(rows, vocab)
     assert kernels.softmax_workspace_bytes(4, 1000) == 8
+
+
+def test_a_small_graph_size_takes_the_prefill_kernel_by_its_steps_longest_context() -> None:
+    """``ModelRunner.tensor_core_decode_context``: a decode graph of fewer rows than ``tensor_core_decode_rows``,
+    first planned (captured) on the decode kernel, names both kernels (``Llama.decode_graph_kernels``); a plan asked
+    for a kind (its second capture) reaches that module's plan; each later step's plan (kind None) reaches the FA2
+    prefill plan where its longest context has that many tokens or more, else the decode plan. A size at or above
+    ``tensor_core_decode_rows`` keeps one kernel; a refused FA2 plan takes the choice back."""
+    from types import SimpleNamespace
+
+    from fi_engine.models.llama import Llama
+
+    c = config(128)
+    family = Llama()
+    # contexts: (2 - 1) * 16 + 3 = 19 tokens, then 1 and 16: the longest of 1, 2 or 3 rows is 19
+    arrays = {"kv_indptr": np.array([0, 2, 3, 4, 4], np.int32), "kv_last_page_len": np.array([3, 1, 16, 1], np.int32)}
+    eng = SimpleNamespace(
+        config=c, tensor_core_decode_rows=BATCH, tensor_core_decode_context=19, decode_workspace=workspace(),
+        page_size=PS, dtype="bfloat16", stream_ptr=0, kv_dtype=None, kv_sm_scale=None, device=0, max_batch=BATCH + 1,
+        decode_plan=None, decode_arrays=arrays, cupy=SimpleNamespace(asarray=lambda host: host),
+    )  # fmt: skip
+    rows = BATCH - 1
+
+    def planned(n: int, kind: str | None = None) -> str:  # the module function a graph step's plan reached
+        return reached(lambda: family.plan_decode(eng, n, True, kind)).function  # type: ignore[arg-type]
+
+    assert family.decode_graph_kernels(eng, rows) == ()  # (not captured yet)
+    assert "batch_decode" in planned(rows)  # the capture's first plan
+    assert family.decode_graph_kernels(eng, rows) == ("batch_decode", "batch_prefill")  # type: ignore[arg-type]
+    assert "batch_prefill" in planned(rows, "batch_prefill") and "_sm90" not in planned(rows, "batch_prefill")
+    assert "batch_decode" in planned(rows, "batch_decode")
+    assert "batch_prefill" in planned(rows)  # a step: 19 tokens, the setting 19
+    eng.tensor_core_decode_context = 20
+    assert family.step_kernel(eng, rows) == "batch_decode"  # type: ignore[arg-type]
+    assert "batch_decode" in planned(rows)
+    eng.tensor_core_decode_context = 1
+    assert "batch_prefill" in planned(BATCH)  # a size at tensor_core_decode_rows: the prefill kernel alone
+    assert family.decode_graph_kernels(eng, BATCH) == ()  # type: ignore[arg-type]
+    eng.tensor_core_decode_context = 0  # (off: a size captured from now on keeps the decode kernel alone)
+    assert "batch_decode" in planned(1)
+    assert family.decode_graph_kernels(eng, 1) == ()  # type: ignore[arg-type]

@@ -420,3 +420,72 @@ def test_a_decode_graph_refuses_a_step_planned_for_another_kernel(fake_rt) -> No
     r.upload_decode = upload  # type: ignore[method-assign]
     _replay(r, [-1, -1])
     assert len(fake_rt.launched) == launched + 1
+
+
+def test_a_graph_size_captured_on_two_kernels_replays_the_one_of_each_steps_plan(fake_rt) -> None:
+    # ModelRunner.tensor_core_decode_context: the one-row decode graph is captured on the decode kernel and again on
+    # FlashInfer's prefill kernel (Llama.decode_graph_kernels), with and without the adapters' launches, and each step
+    # replays the graph of its own plan's kind (Llama.step_kernel: by the step's longest context); the other sizes
+    # keep one graph, their capture's kernel (here the prefill kernel, tensor_core_decode_rows 2)
+    r, log = bare_runner(fake_rt, adapters=True, cuda_graph=False)
+    r.config = SimpleNamespace(**{**vars(r.config), "num_qo_heads": 8, "num_kv_heads": 2})
+    r.tensor_core_decode_rows, r.tensor_core_decode_context = 2, 40
+
+    def plan(rows: int, cuda_graph: bool, kind: str | None = None) -> None:  # the family's choice, a stand-in plan
+        kind = kind or (r.family.step_kernel(r, rows) if cuda_graph else "batch_decode")
+        r.decode_plan = SimpleNamespace(info=(rows, kind), kind=kind)
+
+    r.plan_decode = plan  # type: ignore[method-assign]
+    r.upload_decode = lambda rows, n_pages, cuda_graph: plan(rows, cuda_graph)  # type: ignore[method-assign]
+    g = r.step_graphs
+    g.capture()
+    assert g._plan_kinds == {1: "batch_decode", 2: "batch_prefill", 4: "batch_prefill", 8: "batch_prefill"}
+    assert set(g.second_graphs) == set(g.second_lora_graphs) == {1}
+    assert len({id(x) for x in (g.graphs[1], g.lora_graphs[1], g.second_graphs[1], g.second_lora_graphs[1])}) == 4
+    assert log.captured[g.second_graphs[1]._exec] == ["fused step", "argmax"]
+
+    def request(context: int, slot: int) -> Request:  # a request whose next step attends to `context` tokens
+        pages = list(range(1, -(-context // PS) + 1))
+        return Request(rid=0, prompt=(5,) * (context - 1), max_new_tokens=8, budget_pages=len(pages), output=[9],
+                       pages=pages, lora_slot=slot)  # fmt: skip
+
+    for context, slot, want in [
+        (39, -1, g.graphs[1]),
+        (40, -1, g.second_graphs[1]),
+        (200, 0, g.second_lora_graphs[1]),
+        (3, 0, g.lora_graphs[1]),
+        (41, -1, g.second_graphs[1]),
+    ]:
+        r.stage_decode([request(context, slot)])
+        r.run_decode(1)
+        assert fake_rt.launched[-1] == want._exec, (context, slot)
+    r.stage_decode([request(500, -1), request(3, -1)])  # two rows: the prefill kernel's one graph at any context
+    r.run_decode(2)
+    assert fake_rt.launched[-1] == g.graphs[2]._exec
+    # a plan of a kernel the size was not captured on is refused
+    r.decode_plan = SimpleNamespace(info=(2, "batch_decode"), kind="batch_decode")
+    with pytest.raises(RuntimeError, match="captured with a batch_prefill plan; this step's plan is a batch_decode"):
+        g.replay_decode(2)
+    r.decode_plan = SimpleNamespace(info=(1, "other"), kind="other")
+    with pytest.raises(RuntimeError, match="captured with a batch_decode and batch_prefill plan"):
+        g.replay_decode(1)
+    g.close()
+    assert not (g.graphs or g.lora_graphs or g.second_graphs or g.second_lora_graphs)
+
+
+@pytest.mark.parametrize(("context", "heads"), [(0, 8), (40, 2)], ids=["setting-off", "few-query-heads"])
+def test_without_the_setting_or_the_heads_each_graph_size_keeps_one_kernel(fake_rt, context, heads) -> None:
+    r, _ = bare_runner(fake_rt, adapters=False, cuda_graph=False)
+    r.config = SimpleNamespace(**{**vars(r.config), "num_qo_heads": heads, "num_kv_heads": 2})
+    r.tensor_core_decode_rows, r.tensor_core_decode_context = 2, context
+
+    def plan(rows: int, cuda_graph: bool, kind: str | None = None) -> None:
+        kind = kind or r.family.step_kernel(r, rows)
+        r.decode_plan = SimpleNamespace(info=(rows, kind), kind=kind)
+
+    r.upload_decode = lambda rows, n_pages, cuda_graph: plan(rows, cuda_graph)  # type: ignore[method-assign]
+    r.step_graphs.capture()
+    assert not r.step_graphs.second_graphs
+    prefill = heads >= 8
+    assert r.step_graphs._plan_kinds[1] == "batch_decode"
+    assert r.step_graphs._plan_kinds[2] == ("batch_prefill" if prefill else "batch_decode")

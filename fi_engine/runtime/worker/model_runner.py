@@ -183,18 +183,29 @@ class ModelRunner(RunnerState):
     """Decode graphs of at least this many rows (eager steps: never) run the Llama family's attention on
     FlashInfer's FA2 paged-prefill kernel, one query row a request, where the query heads a KV head serves are 4 or
     more and the wheels hold that module (``Llama.plan_decode``; the decode kernel where they do not); 0: the decode
-    kernel always. The prefill kernel takes a KV head's queries together on tensor cores in tiles of many keys, where
-    the decode kernel walks the keys a few at a time: on an H200 (8B shape, 32 query and 8 KV heads, head dim 128,
-    pages of 16, CUDA graph, us a layer) 11.3 against 15.1 at 32 rows and 48 keys, 15.5 against 30.8 at 256, 43.0
-    against 56.9 at 1,024; at 8 rows 12.1 against 26.5 at 256 keys but 10.3 against 9.0 at 48. The 8B step after
-    1,024-token prompts ran 11 % faster with it at 2 rows, 9 % at 4, 7 % at 8 and 4-5 % at 32 (FP8 and int4 weights:
-    6-12 % at 8 and 32); after 32-token prompts it was even at 2-8 rows and 2-5 % faster at 16 and 32, but 3-5 %
-    slower over int4 weights at 4 and 8 rows (:attr:`prefill_kernel_pdl`). One row
-    stays on the decode kernel: 4 % faster on the prefill kernel after 1,024 tokens but 3 % slower after 32
-    (benchmarks/RESULTS.md). Its steps' attention matches a float32 reference and its greedy tokens transformers'
-    (tests/engine/test_gpu_tc_decode.py). Read at each graph size's first plan (its capture): set it on the class
+    kernel always (and :attr:`tensor_core_decode_context` off). The prefill kernel takes a KV head's queries together
+    on tensor cores in tiles of many keys, where the decode kernel walks the keys a few at a time: on an H200 (8B
+    shape, 32 query and 8 KV heads, head dim 128, pages of 16, CUDA graph, us a layer) 11.3 against 15.1 at 32 rows
+    and 48 keys, 15.5 against 30.8 at 256, 43.0 against 56.9 at 1,024; at 8 rows 12.1 against 26.5 at 256 keys but
+    10.3 against 9.0 at 48. The 8B step after 1,024-token prompts ran 11 % faster with it at 2 rows, 9 % at 4, 7 % at
+    8 and 4-5 % at 32 (FP8 and int4 weights: 6-12 % at 8 and 32); after 32-token prompts it was even at 2-8 rows and
+    2-5 % faster at 16 and 32, and within 2 % of the decode kernel over int4 weights at 4 and 8 rows (with
+    :attr:`prefill_kernel_pdl`; 3-5 % slower without). Graphs of fewer rows choose per step
+    (:attr:`tensor_core_decode_context`). Its steps' attention matches a float32 reference and its greedy tokens
+    transformers' (tests/engine/test_gpu_tc_decode.py). Read at each graph size's capture: set it on the class
     before the engine is made (``bench_llama_tp.py --variants no-tc-decode``); a graph keeps the kernel it was
     captured with."""
+
+    tensor_core_decode_context: int = 64
+    """The decode graphs of fewer rows than :attr:`tensor_core_decode_rows` (the one-row graph, by default) are
+    captured twice, on the decode kernel and on the prefill kernel, and each step replays the prefill kernel's where
+    its longest context has at least this many tokens (``Llama.plan_decode``); 0: they keep the decode kernel. At one
+    row the decode kernel is the faster only at the shortest contexts: on an H200 (8B heads, CUDA graph, us a layer)
+    6.9 against 9.6 at 32 keys and 8.9 against 9.7 at 48, but 10.3 against 9.6 at 64, 16.3 against 9.7 at 128 and
+    29.2 against 12.5 at 4,096; the 8B step of one row after 1,024-token prompts ran 5 % faster (240.4 against 228.2
+    tokens/s; benchmarks/RESULTS.md). The second graph costs one more capture a graph size at start-up and no buffer.
+    Read at capture: set it on the class before the engine is made (``bench_llama_tp.py --variants
+    tc-decode-context-N``)."""
 
     packed_attention: bool = True
     """The fused decode step's attention runs packed once per step view (``fi_ffi.prepare_decode_run``), each call
@@ -206,14 +217,14 @@ class ModelRunner(RunnerState):
     (``Launcher.launches_with_pdl``: Hopper and later): each may start while the QKV GEMV drains, and the O GEMV after
     it while it drains (FlashInfer's ``enable_pdl``). Read when the runs are packed; set it on the class to compare."""
 
-    prefill_kernel_pdl: bool = False
+    prefill_kernel_pdl: bool = True
     """A decode graph's attention on FlashInfer's prefill kernel (:attr:`tensor_core_decode_rows`) launched with
     programmatic dependent launch where the GEMVs can be (``Launcher.launches_with_pdl``: Hopper and later), as the
     fused step's packed decode-kernel runs are (:attr:`attention_pdl`); in every step that takes the prefill kernel,
-    the fused step's and the separate launches' alike (a launch after one without PDL simply waits for it). Off until
-    measured: on an H200 the int4 fused step of 4 and 8 rows after 32-token prompts ran 3-5 % slower on the prefill
-    kernel, launched without it, than on the packed decode kernel (benchmarks/RESULTS.md). Read at each run; set it on
-    the class to compare (``bench_llama_tp.py --variants prefill-kernel-pdl``)."""
+    the fused step's and the separate launches' alike (a launch after one without PDL simply waits for it). On an H200
+    after 32-token prompts the int4 fused step of 4 and 8 rows ran 3.2 % and 2.8 % faster with it (1,532 against
+    1,484 and 3,114 against 3,030 tokens/s), the bf16 graphs of 8 and 32 rows 0.2-0.4 % (benchmarks/RESULTS.md).
+    Read at each run; set it on the class to compare (``bench_llama_tp.py --variants no-prefill-kernel-pdl``)."""
 
     silu_in_gate_up: bool = True
     """The fused step's gate/up GEMV over 16-bit weights writes ``silu(gate) * up``
@@ -618,9 +629,11 @@ class ModelRunner(RunnerState):
         """Layer ``i``'s prefill attention (the family's)."""
         self.family.prefill_attention(self, i, v)
 
-    def plan_decode(self, rows: int, cuda_graph: bool) -> None:
-        """Plan a decode step of ``rows`` rows from ``decode_arrays`` (the family's plan)."""
-        self.family.plan_decode(self, rows, cuda_graph)
+    def plan_decode(self, rows: int, cuda_graph: bool, kind: str | None = None) -> None:
+        """Plan a decode step of ``rows`` rows from ``decode_arrays`` (the family's plan); ``kind``: the plan kind of
+        one of the kernels the family's ``decode_graph_kernels`` names, asked for at the capture of that kernel's
+        graph (None: the family chooses)."""
+        self.family.plan_decode(self, rows, cuda_graph, kind)
 
     def plan_prefill(self, batch: int) -> None:
         """Plan the prefill attention of ``batch`` requests from ``prefill_arrays`` (the family's plan)."""

@@ -70,11 +70,20 @@ class StepGraphs:
         # what choosing the GEMM launches in the captured step did, by the decode graph's rows (the runner's
         # tune_decode_graphs; a graph with no close launches has no entry)
         self.tuning: dict[int, StepTuning] = {}
-        self._plan_infos: dict[int, Any] = {}  # each decode graph's plan schedule layout, which a replay must keep
+        # a second decode graph of the same rows on another attention kernel, where the family's steps of those rows
+        # choose their kernel per step (its decode_graph_kernels: Llama's one-row graph, the prefill kernel at long
+        # contexts): replayed by a step whose plan is of that kernel; without the adapters' launches and with, as
+        # `graphs` and `lora_graphs` (one dict where those are)
+        self.second_graphs: dict[int, Any] = {}
+        self.second_lora_graphs: dict[int, Any] = {}
+        # each decode graph's plan schedule layout, which a replay must keep, by (rows, plan kind)
+        self._plan_infos: dict[tuple[int, Any], Any] = {}
         self._batches: tuple[int, ...] = ()  # the rows of `graphs`, ascending (once captured)
-        self._checked: set[int] = set()  # the decode graphs whose replay's plan layout was checked
-        # each decode graph's plan kind ("batch_decode", "batch_prefill": the kernel it captured), checked every replay
+        self._checked: set[tuple[int, Any]] = set()  # the (rows, plan kind) whose replay's plan layout was checked
+        # each decode graph's plan kind ("batch_decode", "batch_prefill": the kernel it captured), checked every replay;
+        # and that of the second graph of the rows that have one
         self._plan_kinds: dict[int, Any] = {}
+        self._second_kinds: dict[int, Any] = {}
         # the padded prefill graphs by (bucket, request slots, plan info, adapters' launches in it), the least recently
         # replayed first
         self.prefill_cache: dict[tuple[int, ...], Any] = {}
@@ -123,6 +132,7 @@ class StepGraphs:
         sets = self.sets()
         if sets == (True,):  # (lora_base_graphs off) the one set serves every step
             self.graphs = self.lora_graphs
+            self.second_graphs = self.second_lora_graphs
         self.capture_s = dict.fromkeys(sets, 0.0)
         try:
             for rows in self.batches():
@@ -137,12 +147,32 @@ class StepGraphs:
                         self._tune(v, rows, graph)  # (the adapters' set, captured next, takes the launches kept)
                     self.capture_s[adapters] += time.perf_counter() - t
                 # the plan's schedule layout of this batch size, which every replay's plan must keep (checked once)
-                self._plan_infos[rows] = r.decode_plan.info
-                self._plan_kinds[rows] = getattr(r.decode_plan, "kind", None)
+                kind = self._plan_kinds[rows] = getattr(r.decode_plan, "kind", None)
+                self._plan_infos[(rows, kind)] = r.decode_plan.info
+                self._capture_second(v, rows, sets)
         finally:
             r.step_lora = None  # (each step sets its own)
         self.graph = self.graphs[r.max_batch]
         self._batches = tuple(self.graphs)  # ascending: what each step's rows are cut to (serving)
+
+    def _capture_second(self, v: SimpleNamespace, rows: int, sets: tuple[bool, ...]) -> None:
+        """The second decode graph of ``rows`` rows, for each set of ``sets``, where the family names another kernel
+        for that many rows (``decode_graph_kernels``): the same staged step planned for that kernel, captured with the
+        GEMM launches the first graph's tuning kept. None where that plan falls back to the first graph's kernel."""
+        r = self.runner
+        for kind in r.family.decode_graph_kernels(r, rows):
+            if kind == self._plan_kinds[rows]:
+                continue
+            r.plan_decode(rows, True, kind)
+            if getattr(r.decode_plan, "kind", None) != kind:  # (refused: the first graph serves every step)
+                continue
+            for adapters in sets:
+                t = time.perf_counter()
+                r.step_lora = r.lora if adapters else None
+                (self.second_lora_graphs if adapters else self.second_graphs)[rows] = self._captured_step(v, rows)
+                self.capture_s[adapters] += time.perf_counter() - t
+            self._second_kinds[rows] = kind
+            self._plan_infos[(rows, kind)] = r.decode_plan.info
 
     def _captured_step(self, v: SimpleNamespace, rows: int) -> Any:
         """A new CUDA graph of one decode step of ``rows`` rows over the view ``v``, run eagerly first (loads modules,
@@ -216,22 +246,28 @@ class StepGraphs:
     def replay_decode(self, rows: int, adapters: bool = False) -> None:
         """Replay the decode graph of ``rows`` rows (its index arrays staged and its plan made; its argmax is every
         greedy row's token): one of ``lora_graphs`` where ``adapters`` (a row of the step takes a LoRA adapter), else
-        one of ``graphs``."""
+        one of ``graphs``; the second graph of those rows (``second_lora_graphs``, ``second_graphs``) where the step's
+        plan is of its kernel."""
         kind = getattr(self.runner.decode_plan, "kind", None)
-        if kind != self._plan_kinds[rows]:  # (a plan of another kernel: its workspace is not what the graph reads)
+        if kind == self._plan_kinds[rows]:
+            graphs = self.lora_graphs if adapters else self.graphs
+        elif kind is not None and kind == self._second_kinds.get(rows):
+            graphs = self.second_lora_graphs if adapters else self.second_graphs
+        else:  # (a plan of another kernel: its workspace is not what the graph reads)
+            captured = " and ".join(str(k) for k in (self._plan_kinds[rows], self._second_kinds.get(rows)) if k)
             raise RuntimeError(
-                f"the decode graph of {rows} rows was captured with a {self._plan_kinds[rows]} plan; this step's plan "
-                f"is a {kind} plan, which the captured kernel cannot read"
+                f"the decode graph of {rows} rows was captured with a {captured or None} plan; this step's plan is a "
+                f"{kind} plan, which no captured kernel of that size can read"
             )
-        if rows not in self._checked:
+        if (rows, kind) not in self._checked:
             # FlashInfer keeps a CUDA-graph schedule's layout fixed for a fixed batch; the graph relies on it.
-            if self.runner.decode_plan.info != self._plan_infos[rows]:
+            if self.runner.decode_plan.info != self._plan_infos[(rows, kind)]:
                 raise RuntimeError(
                     f"a CUDA-graph decode plan of {rows} rows changed its schedule layout; the captured graph "
                     f"cannot replay it"
                 )
-            self._checked.add(rows)
-        (self.lora_graphs if adapters else self.graphs)[rows].launch()
+            self._checked.add((rows, kind))
+        graphs[rows].launch()
 
     def shapes(self) -> list[tuple[int, int]]:
         """The ``(bucket rows, request slots)`` of every prefill graph held, in replay order (least recent first); an
@@ -333,11 +369,12 @@ class StepGraphs:
 
     def close(self) -> None:
         """Free every graph (the stream synchronized first: the runner's teardown)."""
-        decode = {id(g): g for g in (*self.graphs.values(), *self.lora_graphs.values())}  # (one set may be both)
+        every = (self.graphs, self.lora_graphs, self.second_graphs, self.second_lora_graphs)
+        decode = {id(g): g for graphs in every for g in graphs.values()}  # (one set may be both)
         for graph in decode.values():
             graph.close()
-        self.graphs.clear()
-        self.lora_graphs.clear()
+        for graphs in every:
+            graphs.clear()
         self.graph = None
         for graph in self.prefill_cache.values():
             graph.close()
