@@ -16,12 +16,12 @@ __all__: list[str] = []
 
 
 class DecodeQueryOffsets:
-    """``0, 1, ..., max_batch`` as int32 on the host and on ``eng``'s device (its CuPy array made here: make this
-    outside a CUDA-graph capture, which refuses allocation)."""
+    """``0, 1, ..., max_batch`` as int32 on the host and, where ``device`` (the default), on ``eng``'s device (its CuPy
+    array made here: make this outside a CUDA-graph capture, which refuses allocation)."""
 
-    def __init__(self, eng: Any) -> None:
+    def __init__(self, eng: Any, device: bool = True) -> None:
         self._host = np.arange(eng.max_batch + 1, dtype=np.int32)
-        self._device = eng.cupy.asarray(self._host)
+        self._device = eng.cupy.asarray(self._host) if device else None
         self._device_id = eng.device
         self._views: dict[int, Any] = {}  # a descriptor of the device copy's first rows + 1 entries, by rows
 
@@ -34,6 +34,8 @@ class DecodeQueryOffsets:
         a capture may ask for it)."""
         view = self._views.get(rows)
         if view is None:
+            if self._device is None:
+                raise RuntimeError("these decode query offsets were made without a device copy (device=False)")
             view = self._views[rows] = kernels.descriptor(
                 self._device.data.ptr, (rows + 1,), "int32", self._device_id, owner=self._device
             )

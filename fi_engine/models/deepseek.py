@@ -451,7 +451,7 @@ class DeepSeek(ModelFamily):
         self.ckv_cache = per_layer(b.ckv_cache, r)
         self.kpe_cache = per_layer(b.kpe_cache, dr)
         self.kv_lens = np.zeros(eng.max_batch, np.int32)
-        self.decode_queries = DecodeQueryOffsets(eng)
+        self.decode_queries = DecodeQueryOffsets(eng, device=False)  # (the MLA plan reads the host copy only)
         self.mla: dict[int, SimpleNamespace] = {}
         eng.allocate_steps()
 

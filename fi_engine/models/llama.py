@@ -87,6 +87,9 @@ class Llama(MoEPaths, ModelFamily):
         super().__init__(moe_path)
         # by a decode graph's rows: the plan kinds it was captured with (decode_graph_kernels: fixed at its capture)
         self._graph_kernels: dict[int, tuple[str, ...]] = {}
+        # by the rows of a graph size captured on both kernels: the context (tokens) from which a step takes the
+        # prefill kernel's graph (ModelRunner.tensor_core_decode_context, read at that capture)
+        self._graph_context: dict[int, int] = {}
 
     def _moe_gemv_rows(self) -> int:
         return MoELayer.gemv_tokens  # read per call: a benchmark may set it on the class
@@ -310,13 +313,15 @@ class Llama(MoEPaths, ModelFamily):
             and self._prefill_kernel_serves(eng)
         ):
             kinds = self._graph_kernels[rows] = ("batch_decode", "batch_prefill")
+            self._graph_context[rows] = eng.tensor_core_decode_context
         return kinds if len(kinds) > 1 else ()
 
     def step_kernel(self, eng: ModelRunner, rows: int) -> str:
         """The plan kind of a decode graph's step of ``rows`` rows: at the graph size's first plan (its capture's)
         the prefill kernel where :meth:`tensor_core_decode` says so, else the decode kernel, kept for its later steps;
         where the size was captured on both (:meth:`decode_graph_kernels`), the prefill kernel when the step's longest
-        context (from ``decode_arrays``) has :attr:`ModelRunner.tensor_core_decode_context` tokens or more."""
+        context (from ``decode_arrays``; a padding row's is 1) has :attr:`ModelRunner.tensor_core_decode_context`
+        tokens or more, as that setting was at the capture."""
         kinds = self._graph_kernels.get(rows)
         if kinds is None:
             kinds = self._graph_kernels[rows] = (
@@ -327,7 +332,7 @@ class Llama(MoEPaths, ModelFamily):
         arrays = eng.decode_arrays
         pages = arrays["kv_indptr"][1 : rows + 1] - arrays["kv_indptr"][:rows]
         longest = int(((pages - 1) * eng.page_size + arrays["kv_last_page_len"][:rows]).max())
-        return "batch_prefill" if longest >= eng.tensor_core_decode_context else "batch_decode"
+        return "batch_prefill" if longest >= self._graph_context[rows] else "batch_decode"
 
     def _decode_queries(self, eng: ModelRunner) -> DecodeQueryOffsets:
         """A decode row's query offsets for the prefill kernel, made at the first such plan (plans are made outside

@@ -564,14 +564,16 @@ def test_the_softmax_scratch_serves_every_batch_up_to_max_batch():
     assert kernels.softmax_workspace_bytes(4, 1000) == 8
 
 
-def test_a_small_graph_size_takes_the_prefill_kernel_by_its_steps_longest_context() -> None:
+def test_a_small_graph_size_takes_the_prefill_kernel_by_its_steps_longest_context(monkeypatch) -> None:
     """``ModelRunner.tensor_core_decode_context``: a decode graph of fewer rows than ``tensor_core_decode_rows``,
     first planned (captured) on the decode kernel, names both kernels (``Llama.decode_graph_kernels``); a plan asked
     for a kind (its second capture) reaches that module's plan; each later step's plan (kind None) reaches the FA2
-    prefill plan where its longest context has that many tokens or more, else the decode plan. A size at or above
-    ``tensor_core_decode_rows`` keeps one kernel; a refused FA2 plan takes the choice back."""
+    prefill plan where its longest context has that many tokens or more (the setting as that capture saw it), else the
+    decode plan. A size at or above ``tensor_core_decode_rows`` keeps one kernel; the setting at 0 keeps one; an FA2
+    plan refused at the second capture (no such module) leaves the size on the decode kernel."""
     from types import SimpleNamespace
 
+    from fi_engine.kernels import flashinfer as kernels
     from fi_engine.models.llama import Llama
 
     c = config(128)
@@ -588,18 +590,37 @@ def test_a_small_graph_size_takes_the_prefill_kernel_by_its_steps_longest_contex
     def planned(n: int, kind: str | None = None) -> str:  # the module function a graph step's plan reached
         return reached(lambda: family.plan_decode(eng, n, True, kind)).function  # type: ignore[arg-type]
 
-    assert family.decode_graph_kernels(eng, rows) == ()  # (not captured yet)
+    assert family.decode_graph_kernels(eng, rows) == ()  # type: ignore[arg-type]  # (not captured yet)
     assert "batch_decode" in planned(rows)  # the capture's first plan
     assert family.decode_graph_kernels(eng, rows) == ("batch_decode", "batch_prefill")  # type: ignore[arg-type]
     assert "batch_prefill" in planned(rows, "batch_prefill") and "_sm90" not in planned(rows, "batch_prefill")
     assert "batch_decode" in planned(rows, "batch_decode")
     assert "batch_prefill" in planned(rows)  # a step: 19 tokens, the setting 19
-    eng.tensor_core_decode_context = 20
+    eng.tensor_core_decode_context = 0  # (after the capture: the size keeps the 19 it was captured with)
+    assert "batch_prefill" in planned(rows)
+    arrays["kv_last_page_len"][0] = 2  # the longest context now 18
     assert family.step_kernel(eng, rows) == "batch_decode"  # type: ignore[arg-type]
     assert "batch_decode" in planned(rows)
+    arrays["kv_last_page_len"][0] = 3
     eng.tensor_core_decode_context = 1
     assert "batch_prefill" in planned(BATCH)  # a size at tensor_core_decode_rows: the prefill kernel alone
     assert family.decode_graph_kernels(eng, BATCH) == ()  # type: ignore[arg-type]
     eng.tensor_core_decode_context = 0  # (off: a size captured from now on keeps the decode kernel alone)
     assert "batch_decode" in planned(1)
     assert family.decode_graph_kernels(eng, 1) == ()  # type: ignore[arg-type]
+
+    # the wheels without the FA2 module (its plan refused as fi_ffi refuses a missing module): the second capture's
+    # plan falls back to the decode plan, and the size's steps stay on the decode kernel at any context
+    def refused(*args: object) -> None:
+        raise kernels.KernelNotFoundError("no batch_prefill module of these settings in the pinned wheels")
+
+    family = Llama()  # (a model of its own: no size captured yet)
+    eng.tensor_core_decode_context = 1
+    monkeypatch.setattr(family, "_paged_prefill_plan", refused)
+    assert "batch_decode" in planned(rows)  # (the size's first capture: the decode kernel)
+    assert family.decode_graph_kernels(eng, rows) == ("batch_decode", "batch_prefill")  # type: ignore[arg-type]
+    assert "batch_decode" in planned(rows, "batch_prefill")  # refused: the decode plan
+    assert family.tensor_core_decode_refused.startswith("KernelNotFoundError")
+    assert family.decode_graph_kernels(eng, rows) == ()  # type: ignore[arg-type]
+    assert family.step_kernel(eng, rows) == "batch_decode"  # type: ignore[arg-type]
+    assert "batch_decode" in planned(BATCH)  # (a larger size captured after: the decode kernel too)

@@ -489,3 +489,29 @@ def test_without_the_setting_or_the_heads_each_graph_size_keeps_one_kernel(fake_
     prefill = heads >= 8
     assert r.step_graphs._plan_kinds[1] == "batch_decode"
     assert r.step_graphs._plan_kinds[2] == ("batch_prefill" if prefill else "batch_decode")
+
+
+def test_with_lora_base_graphs_off_every_step_replays_the_adapters_graph_of_its_kernel(fake_rt) -> None:
+    # one set of decode graphs serves every step (lora_base_graphs off): the second graphs are that set's too, so a
+    # one-row step without an adapter row at a long context replays the adapters' graph on the prefill kernel
+    r, log = bare_runner(fake_rt, adapters=True, cuda_graph=False)
+    r.lora_base_graphs = False
+    r.config = SimpleNamespace(**{**vars(r.config), "num_qo_heads": 8, "num_kv_heads": 2})
+    r.tensor_core_decode_rows, r.tensor_core_decode_context = 2, 40
+
+    def plan(rows: int, cuda_graph: bool, kind: str | None = None) -> None:
+        kind = kind or r.family.step_kernel(r, rows)
+        r.decode_plan = SimpleNamespace(info=(rows, kind), kind=kind)
+
+    r.plan_decode = plan  # type: ignore[method-assign]
+    r.upload_decode = lambda rows, n_pages, cuda_graph: plan(rows, cuda_graph)  # type: ignore[method-assign]
+    g = r.step_graphs
+    g.capture()
+    assert g.second_graphs is g.second_lora_graphs and set(g.second_graphs) == {1}
+    assert log.captured[g.second_graphs[1]._exec] == [*unfused(True), "argmax"]  # (the adapters' step)
+    pages = [1, 2, 3, 4]
+    for slot in (-1, 0):
+        r.stage_decode([Request(rid=0, prompt=(5,) * 49, max_new_tokens=8, budget_pages=4, output=[9], pages=pages,
+                                lora_slot=slot)])  # fmt: skip
+        r.run_decode(1)
+        assert fake_rt.launched[-1] == g.second_graphs[1]._exec, slot

@@ -203,8 +203,9 @@ class ModelRunner(RunnerState):
     row the decode kernel is the faster only at the shortest contexts: on an H200 (8B heads, CUDA graph, us a layer)
     6.9 against 9.6 at 32 keys and 8.9 against 9.7 at 48, but 10.3 against 9.6 at 64, 16.3 against 9.7 at 128 and
     29.2 against 12.5 at 4,096; the 8B step of one row after 1,024-token prompts ran 5 % faster (240.4 against 228.2
-    tokens/s; benchmarks/RESULTS.md). The second graph costs one more capture a graph size at start-up and no buffer.
-    Read at capture: set it on the class before the engine is made (``bench_llama_tp.py --variants
+    tokens/s; benchmarks/RESULTS.md). The second graph costs one more warm-up step and capture a graph size at
+    start-up (one a set with LoRA adapters and :attr:`lora_base_graphs`) and no buffer. Read at capture (a graph size
+    keeps the value its capture saw): set it on the class before the engine is made (``bench_llama_tp.py --variants
     tc-decode-context-N``)."""
 
     packed_attention: bool = True
@@ -462,7 +463,9 @@ class ModelRunner(RunnerState):
     def graphs(self) -> dict[int, Any]:
         """The decode graphs by their rows (:attr:`decode_graph_batches`), once captured: those a step where no row
         takes a LoRA adapter replays (every step, for an engine without adapters; ``step_graphs.lora_graphs`` holds
-        those of the other steps)."""
+        those of the other steps), on the kernel of each size's first capture; a size captured on a second attention
+        kernel too (:attr:`tensor_core_decode_context`) has that graph in ``step_graphs.second_graphs``, which the
+        steps planned for that kernel replay."""
         return self.step_graphs.graphs
 
     @property

@@ -18,6 +18,11 @@ none does. The second set costs, once, at open: one more eager warm-up step and 
 ladder (``capture_s`` keeps the seconds of each set), and the graphs' own memory, in the driver: no buffer, since
 every buffer a decode step touches is the runner's already (a capture that allocates is refused). A prefill graph is
 keyed by whether a row of it takes an adapter too, so a prefill of base rows replays one captured without them.
+
+A family whose steps of some rows choose their attention kernel per step (its ``decode_graph_kernels``: the Llama
+family's graphs of fewer rows than the runner's ``tensor_core_decode_rows``, by context) has those sizes captured once
+more, the same staged step planned for the second kernel (``second_graphs``, ``second_lora_graphs``), and each replay
+takes the graph whose captured plan kind is the step's plan's.
 """
 
 from __future__ import annotations
@@ -61,7 +66,9 @@ class StepGraphs:
     def __init__(self, runner: RunnerState) -> None:
         self.runner = runner
         self.graph: Any = None  # the decode graph of max_batch rows (with cuda_graph), one of `graphs`
-        self.graphs: dict[int, Any] = {}  # the decode graphs a step with no adapter row replays, by their rows
+        # the decode graphs a step with no adapter row replays, by their rows (on the kernel of each size's first
+        # capture: a step planned for a size's second kernel replays `second_graphs`)
+        self.graphs: dict[int, Any] = {}
         # those a step where a row takes a LoRA adapter replays (an engine serving adapters), by their rows: `graphs`
         # itself where the runner's lora_base_graphs is off (every step replays the adapters' graphs then)
         self.lora_graphs: dict[int, Any] = {}
