@@ -102,6 +102,7 @@ from ..layers.moe_routing import group_by_expert, group_local, local_assignments
 from ..layers.tensor_parallel import allocate_rank_buffers, columns, rows
 from ..runtime.engine import Engine
 from ..runtime.family import ModelFamily
+from ..runtime.sched.step_arrays import kv_lengths
 from ..runtime.settings import with_settings
 from .decode_queries import DecodeQueryOffsets
 from .deepseek_config import EXPERT_SPLITS, DeepSeekConfig, fp8_shard_refusal
@@ -504,11 +505,7 @@ class DeepSeek(ModelFamily):
     def _mla_plan(
         self, eng: Any, ws: Any, qo_indptr: np.ndarray, kv_indptr: np.ndarray, last: np.ndarray, batch: int
     ) -> Any:
-        lens = self.kv_lens[:batch]
-        np.subtract(kv_indptr[1 : batch + 1], kv_indptr[:batch], out=lens)
-        lens -= 1
-        lens *= eng.page_size
-        lens += last[:batch]
+        lens = kv_lengths(kv_indptr, last, batch, eng.page_size, self.kv_lens)
         c = eng.config
         return kernels.batch_mla_plan(
             qo_indptr[: batch + 1],

@@ -58,6 +58,7 @@ from ..layers.moe import MoELayer
 from ..runtime.engine import Engine
 from ..runtime.family import ModelFamily
 from ..runtime.sampling_params import SamplingParams
+from ..runtime.sched.step_arrays import kv_lengths
 from ..runtime.serving import GenerationResult
 from ..runtime.settings import with_settings
 from ..runtime.worker.model_runner import ModelRunner
@@ -90,6 +91,7 @@ class Llama(MoEPaths, ModelFamily):
         # by the rows of a graph size captured on both kernels: the context (tokens) from which a step takes the
         # prefill kernel's graph (ModelRunner.tensor_core_decode_context, read at that capture)
         self._graph_context: dict[int, int] = {}
+        self._context_lens = np.zeros(0, np.int32)  # step_kernel's scratch of KV lengths (max_batch once needed)
 
     def _moe_gemv_rows(self) -> int:
         return MoELayer.gemv_tokens  # read per call: a benchmark may set it on the class
@@ -314,6 +316,7 @@ class Llama(MoEPaths, ModelFamily):
         ):
             kinds = self._graph_kernels[rows] = ("batch_decode", "batch_prefill")
             self._graph_context[rows] = eng.tensor_core_decode_context
+            self._context_lens = np.zeros(eng.max_batch, np.int32)  # (step_kernel's scratch: no allocation a step)
         return kinds if len(kinds) > 1 else ()
 
     def step_kernel(self, eng: ModelRunner, rows: int) -> str:
@@ -330,9 +333,8 @@ class Llama(MoEPaths, ModelFamily):
         if len(kinds) == 1:
             return kinds[0]
         arrays = eng.decode_arrays
-        pages = arrays["kv_indptr"][1 : rows + 1] - arrays["kv_indptr"][:rows]
-        longest = int(((pages - 1) * eng.page_size + arrays["kv_last_page_len"][:rows]).max())
-        return "batch_prefill" if longest >= self._graph_context[rows] else "batch_decode"
+        lens = kv_lengths(arrays["kv_indptr"], arrays["kv_last_page_len"], rows, eng.page_size, self._context_lens)
+        return "batch_prefill" if int(lens.max()) >= self._graph_context[rows] else "batch_decode"
 
     def _decode_queries(self, eng: ModelRunner) -> DecodeQueryOffsets:
         """A decode row's query offsets for the prefill kernel, made at the first such plan (plans are made outside

@@ -23,8 +23,9 @@ from helpers.no_torch import TORCH_SPY
 from fi_engine.checkpoint.config import LlamaConfig, RopeConfig
 from fi_engine.checkpoint.safetensors import Checkpoint, read_header, write_safetensors
 from fi_engine.runtime.sched.pages import PAD_PAGE, OutOfPagesError, PageAllocator
+from fi_engine.runtime.sched.request import Request
 from fi_engine.runtime.sched.scheduler import Scheduler
-from fi_engine.runtime.sched.step_arrays import decode_layout, fill_decode, fill_prefill, prefill_layout
+from fi_engine.runtime.sched.step_arrays import decode_layout, fill_decode, fill_prefill, kv_lengths, prefill_layout
 from fi_engine.runtime.worker.graph_shapes import decode_batches
 from fi_ffi.ops.attention import host_index as plan_checks
 from fi_ffi.ops.page import check_append_positions, get_batch_indices_positions
@@ -732,3 +733,17 @@ def test_cli_generate_rejects_malformed_prompt_ids(ids, capsys):
 
     assert cli.main(["generate", "--model", "m", "--prompt-ids", ids]) == 2  # a usage error, no traceback
     assert "--prompt-ids" in capsys.readouterr().err
+
+
+def test_kv_lengths_are_each_rows_tokens_from_the_page_table() -> None:
+    # requests at positions 0, 15, 16 and 40 (1, 16, 17 and 41 tokens with the one fed) and a padding row, page 16
+    ps = 16
+    rows = [  # (each request's pages just cover its tokens, as the scheduler gives them)
+        Request(rid=i, prompt=(5,) * n, max_new_tokens=4, budget_pages=3, output=[9], pages=list(range(1, n // ps + 2)))
+        for i, n in enumerate((0, 15, 16, 40))
+    ]
+    v = decode_layout(8, 64).views(np.zeros(decode_layout(8, 64).total, np.int32))
+    fill_decode([*rows, None], ps, v)
+    out = np.full(8, -7, np.int32)
+    lens = kv_lengths(v["kv_indptr"], v["kv_last_page_len"], 5, ps, out)
+    assert lens.tolist() == [1, 16, 17, 41, 1] and lens.base is out and out[5:].tolist() == [-7] * 3

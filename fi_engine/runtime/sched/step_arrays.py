@@ -21,7 +21,7 @@ from ...values import arg_int, show
 from .pages import PAD_PAGE, pages_for
 from .request import Request
 
-__all__ = ["Layout", "fill_decode", "fill_prefill", "pad_prefill"]
+__all__ = ["Layout", "fill_decode", "fill_prefill", "kv_lengths", "pad_prefill"]
 
 
 class Layout:
@@ -255,3 +255,17 @@ def fill_decode(rows: Sequence[Request | None], page_size: int, v: dict[str, np.
     if "lora_slots" in v:  # each row its request's adapter slot; a padding row none
         v["lora_slots"][:n] = adapters
     return len(indices)
+
+
+def kv_lengths(
+    kv_indptr: np.ndarray, kv_last_page_len: np.ndarray, rows: int, page_size: int, out: np.ndarray
+) -> np.ndarray:
+    """The KV length in tokens of each of a step's first ``rows`` rows, from its page table: ``(pages - 1) *
+    page_size + kv_last_page_len`` (a padding row's is 1), written into ``out[:rows]`` (int32, a buffer the caller
+    keeps: no allocation per step) and returned."""
+    lens = out[:rows]
+    np.subtract(kv_indptr[1 : rows + 1], kv_indptr[:rows], out=lens)
+    lens -= 1
+    lens *= page_size
+    lens += kv_last_page_len[:rows]
+    return lens
