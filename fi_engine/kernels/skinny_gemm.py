@@ -12,6 +12,12 @@ are those an H100 sweep (``benchmarks/lab_skinny_gemm.py``, 8B shapes, 5-32 rows
 fastest: x read from global memory alongside the weights, or staged in shared memory; and for e4m3 and int4 at 17-32
 rows a staged one of two blocks an SM. ``benchmarks/lab_skinny_plans.py`` times every plan a Dense would time.
 
+On Hopper (SM 9.0) int4 weights at 25-32 rows also have a warpgroup form (``SKINNY_WG4``, :attr:`Geometry.wg`):
+four warps multiply their 64 weight rows by x with one ``wgmma`` a k16 product, the decoded weights the A operand from
+registers and x, staged in shared memory in the order the lanes' decoded pairs take, the B operand the tensor cores
+read themselves. It issues about half the instructions of the ``mma.sync`` form a tile and is offered beside it
+(groups of 128 inputs or more; compiled for sm_90a, which where NVRTC refuses leaves the ``mma.sync`` form alone).
+
 Its SiLU form (``plans(..., silu=True)``; off in the engine: :attr:`SkinnyLaunches.silu_on`) reads a dense MLP's
 16-bit gate/up weight as stored and writes ``silu(x @ gate.T) * (x @ up.T)``: each tile of 16 rows takes 8 gate rows
 and the 8 up rows of the same outputs, so each lane holds both sums of its outputs.
@@ -45,6 +51,8 @@ SKINNY_MAX_ROWS = 32  # four groups of the mma's 8
 W16, E4M3_BLOCK, E4M3_ROW, INT4 = 0, 1, 2, 3  # weight formats (the kernel's FMT)
 _PREFIX = {W16: "skinny", E4M3_BLOCK: "skinny8b", E4M3_ROW: "skinny8r", INT4: "skinny4"}
 _SILU_PREFIX = "skinnysilu"  # the SiLU form's kernels (16-bit weights)
+_WG_PREFIX = "skinnywg4"  # the int4 warpgroup form's kernels (sm_90a)
+WG_OPTIONS = ("-arch=sm_90a",)  # NVRTC's target for the warpgroup form (wgmma exists on sm_90a only)
 _STEP = {W16: 32, E4M3_BLOCK: 64, E4M3_ROW: 64, INT4: 128}  # inputs a lane's 16-byte weight vector covers
 PART_BYTES = 32 << 20  # the split launches' float32 sums
 SPLIT_RULE, SPLIT_HALF, SPLIT_WAVES = "rule", "half", "waves"  # SkinnyPlan.split: splits(), half of it, wave_split()
@@ -63,19 +71,32 @@ class Geometry:
     min_blocks: int
     kx: int
     groups: tuple[int, ...] = (1, 2, 3, 4)
+    wg: bool = False
+    """The int4 warpgroup form (``SKINNY_WG4``: Hopper's ``wgmma`` with x staged as its shared-memory operand; one
+    tile a warp, warps a multiple of 4, x staged; groups of 128 inputs or more; compiled for sm_90a and offered on SM
+    9.0 only)."""
+    pipe: bool = False
+    """The warpgroup form's tile sums left running while the next tile is decoded (two sets; ``u`` even, each k
+    range whole ``u`` tiles: :attr:`k_unit`), else waited for at once."""
 
     def name(self, fmt: int, bf16: bool, f32out: bool, mt: int, silu: bool = False) -> str:
         """The kernel's name for ``mt`` groups of 8 rows (``csrc/skinny_gemm.cu``'s ``SKINNY``; ``silu``: its SiLU
-        form's, ``SKINNY_SILU``, 16-bit weights and output only)."""
+        form's, ``SKINNY_SILU``, 16-bit weights and output only; the warpgroup form's, ``SKINNY_WG4``)."""
         t = "bf16" if bf16 else "f16"
         out = "f32" if f32out else "16"
         g = f"n{self.nt}_u{self.u}_w{self.warps}_b{self.min_blocks}_x{self.kx}"
+        if self.wg:
+            return f"{_WG_PREFIX}_{t}_{out}_m{mt}_{g}_p{int(self.pipe)}"
         return f"{_SILU_PREFIX if silu else _PREFIX[fmt]}_{t}_{out}_m{mt}_{g}"
 
     def instance(self, fmt: int, bf16: bool, f32out: bool, mt: int, silu: bool = False) -> str:
-        """The ``SKINNY(...)`` (``silu``: ``SKINNY_SILU(...)``) line that compiles :meth:`name`."""
+        """The ``SKINNY(...)`` (``silu``: ``SKINNY_SILU(...)``; the warpgroup form: ``SKINNY_WG4(...)``) line that
+        compiles :meth:`name`."""
         t = "true" if bf16 else "false"
         shape = f"{mt}, {self.nt}, {self.u}, {self.warps}, {self.min_blocks}, {self.kx}"
+        if self.wg:
+            types = f"{_WG_PREFIX}_{'bf16' if bf16 else 'f16'}_{'f32' if f32out else '16'}, {t}, {str(f32out).lower()}"
+            return f"SKINNY_WG4({types}, {mt}, {self.u}, {self.warps}, {self.min_blocks}, {self.kx}, {int(self.pipe)})"
         if silu:
             return f"SKINNY_SILU({_SILU_PREFIX}_{'bf16' if bf16 else 'f16'}_16, {t}, {shape})"
         prefix = f"{_PREFIX[fmt]}_{'bf16' if bf16 else 'f16'}_{'f32' if f32out else '16'}"
@@ -90,7 +111,15 @@ class Geometry:
         """Dynamic shared bytes a launch takes: two passes of staged x (none when x is read from global memory)."""
         if not self.kx:
             return 0
+        if self.wg:  # (wgmma's layout: 128-byte core matrices, no padding)
+            return 2 * 8 * mt * self.kx * 2
         return 2 * 8 * mt * (self.kx + (32 if fmt == W16 else 8)) * 2
+
+    @property
+    def k_unit(self) -> int:
+        """Inputs each k range must be a multiple of beyond a step (0: none): the pipelined warpgroup form's ``u``
+        tiles of 128."""
+        return 128 * self.u if self.wg and self.pipe else 0
 
 
 # the candidates a Dense times for each weight format, by the rows' groups of 8 (1-4); every one is compiled into
@@ -106,12 +135,21 @@ _STAGED_X2 = {
     E4M3_ROW: Geometry(1, 4, 8, 2, 512, (3, 4)),
     INT4: Geometry(1, 2, 8, 2, 512, (4,)),
 }
+# the int4 warpgroup form (sm_90a, groups of 128 or more) at 25-32 rows, where an H200 sweep found it fastest for
+# the 8B shapes (benchmarks/RESULTS.md; at 16 rows the step was no faster): 8 warps; two blocks an SM with their
+# tile sums waited for at once (127 registers), or one with them left running while the next tile is decoded
+# (x staged 256 or 512 inputs at a time, 2 or 4 tiles in flight: 199-226 registers)
+_WG4 = (
+    Geometry(1, 2, 8, 2, 512, (4,), True),
+    Geometry(1, 2, 8, 1, 256, (4,), True, True),
+    Geometry(1, 4, 8, 1, 512, (4,), True, True),
+)
 GEOMETRIES: dict[int, tuple[Geometry, ...]] = {
     W16: (_GLOBAL_X16, _STAGED),
     E4M3_BLOCK: (_GLOBAL_X8, _STAGED, _STAGED_X2[E4M3_BLOCK]),
     E4M3_ROW: (_GLOBAL_X8, _STAGED, _STAGED_X2[E4M3_ROW]),
     # (int4: 4 x vectors a step; fewer steps in flight)
-    INT4: (Geometry(1, 1, 8, 1, 0), Geometry(1, 2, 8, 1, 512), _STAGED_X2[INT4]),
+    INT4: (Geometry(1, 1, 8, 1, 0), Geometry(1, 2, 8, 1, 512), _STAGED_X2[INT4], *_WG4),
 }
 
 
@@ -231,10 +269,12 @@ class SkinnyGemm:
 
         device = cupy.cuda.Device()
         self.available = int(device.compute_capability) >= 80
+        self.warpgroups = device.compute_capability == "90"  # the warpgroup form's sm_90a code runs on SM 9.0 only
+        self.warpgroups_error = ""  # why the warpgroup form is off on an SM 9.0 (its compilation failed)
         attrs = device.attributes
         self.sms = int(attrs.get("MultiProcessorCount", 132))
         self._smem_limit = int(attrs.get("MaxSharedMemoryPerBlockOptin", 48 << 10))
-        self._modules: dict[tuple[int, bool, bool, bool], Any] = {}  # by (format, bf16, f32out, silu)
+        self._modules: dict[tuple[int, bool, bool, bool, bool], Any] = {}  # by (format, bf16, f32out, silu, wg)
         self._fns: dict[str, int] = {}
         self._resident: dict[tuple[int, int, int], int] = {}  # (function, threads, smem) -> blocks an SM holds
         # the split launches' scratch: float32 sums, and a counter per column block (zero between launches)
@@ -249,14 +289,16 @@ class SkinnyGemm:
         name = geometry.name(fmt, bf16, f32out, mt, silu)
         fn = self._fns.get(name)
         if fn is None:
-            family = (fmt, bf16, f32out, silu)
+            family = (fmt, bf16, f32out, silu, geometry.wg)
             module = self._modules.get(family)
             if module is None:
                 import cupy
 
-                lines = [g.instance(fmt, bf16, f32out, m, silu) for g in GEOMETRIES[fmt] for m in g.groups]
+                same = [g for g in GEOMETRIES[fmt] if g.wg == geometry.wg]  # (the warpgroup form: a module of its own)
+                lines = [g.instance(fmt, bf16, f32out, m, silu) for g in same for m in g.groups]
                 code = "#define SKINNY_INSTANCES " + " ".join(lines) + "\n" + source("skinny_gemm.cu")
-                module = self._modules[family] = cupy.RawModule(code=code)
+                options = WG_OPTIONS if geometry.wg else ()
+                module = self._modules[family] = cupy.RawModule(code=code, options=options)
             kernel = module.get_function(name)
             kernel.max_dynamic_shared_size_bytes = min(self._smem_limit, geometry.smem(fmt, 4))
             fn = self._fns[name] = function_ptr(kernel)
@@ -292,6 +334,7 @@ class SkinnyGemm:
         block: tuple[int, int] | None = None,
         int4: tuple[int, int, int, int] = (0, 0, 0, 0),
         silu: bool = False,
+        warpgroups: bool = True,
     ) -> list[SkinnyPlan]:
         """The launches that compute ``y[:rows] = x[:rows] @ W.T`` for the linear call ``call``, ``(rows, x, x_ld, w,
         n, k, y, y_ld, ab_type, c_type)`` as :meth:`~fi_engine.kernels.dense.Dense.linear` takes it (``w`` the
@@ -318,20 +361,32 @@ class SkinnyGemm:
         mt = -(-rows // 8)
         out = []
         for geometry in GEOMETRIES[fmt]:
+            if geometry.wg and (not warpgroups or not self.warpgroups or silu or int4[2] == 0):
+                continue  # (the warpgroup form: int4 groups of 128 or more, on SM 9.0)
+            if geometry.k_unit and k % geometry.k_unit:
+                continue  # (the pipelined warpgroup form: every k range whole runs of tiles)
+            unit = geometry.k_unit or block_k
             if (
                 mt not in geometry.groups
                 or geometry.smem(fmt, mt) > self._smem_limit
                 or -(-n // geometry.rows_per_block) > DONE_SLOTS
             ):
                 continue
-            fn = self._function(geometry, fmt, bf16, f32out, mt, silu)
+            try:
+                fn = self._function(geometry, fmt, bf16, f32out, mt, silu)
+            except Exception as exc:  # (CuPy's CompileException and the driver's errors have no common base)
+                if not geometry.wg:
+                    raise
+                # an NVRTC without sm_90a: the mma.sync geometries serve alone from now on
+                self.warpgroups, self.warpgroups_error = False, f"{type(exc).__name__}: {exc}"
+                continue
             threads, smem = 32 * geometry.warps, geometry.smem(fmt, mt)
             held = self.resident(fn, threads, smem, geometry.min_blocks)
-            best = splits(geometry, fmt, rows, n, k, self.sms, block_k)
+            best = splits(geometry, fmt, rows, n, k, self.sms, unit)
             chosen = {best: SPLIT_RULE}
             if best > 1:
                 chosen[best // 2] = SPLIT_HALF
-            waves = wave_split(geometry, fmt, rows, n, k, self.sms, held, block_k)
+            waves = wave_split(geometry, fmt, rows, n, k, self.sms, held, unit)
             if waves is not None:
                 chosen.setdefault(waves, SPLIT_WAVES)
             if silu:  # (the kernel's q_a: the gate's rows)
@@ -342,7 +397,7 @@ class SkinnyGemm:
                 quant = (scale, s_ld, bn, bshift)
             ranges: set[int] = set()
             for s, split in chosen.items():
-                kc = range_length(fmt, k, s, block_k)
+                kc = range_length(fmt, k, s, unit)
                 grid = (-(-n // geometry.rows_per_block), -(-k // kc))
                 if grid[1] in ranges:  # (two splits may round to the same ranges)
                     continue
@@ -369,6 +424,10 @@ class SkinnyLaunches:
     8B bf16 step at 5-32 rows was no faster with it (benchmarks/RESULTS.md): the form won its timing alone by about
     3 us at 5-8 rows, but the step's tuning kept cuBLASLt then the SiLU launch. ``bench_llama_tp.py --variants
     skinny-silu`` turns it on."""
+
+    warpgroups_on = True
+    """Whether int4 weights may take the warpgroup form (``Geometry.wg``; SM 9.0 only); False: the ``mma.sync``
+    geometries only (``bench_llama_tp.py --variants no-wg4``)."""
 
     error = ""
     """Why the skinny GEMM is unavailable, where it is."""
@@ -402,7 +461,8 @@ class SkinnyLaunches:
             return gemm.plans(W16, key, silu=silu)
         call = (*key[:3], quant.w, *key[4:])  # the same call over the registered weight's own bytes
         if isinstance(quant, Int4Weight):
-            return gemm.plans(INT4, call, int4=(quant.records, quant.groups, quant.gshift, quant.half_n))
+            int4 = (quant.records, quant.groups, quant.gshift, quant.half_n)
+            return gemm.plans(INT4, call, int4=int4, warpgroups=self.warpgroups_on)
         fmt = E4M3_ROW if quant.block is None else E4M3_BLOCK
         s_ld = -(-quant.k // quant.block[1]) if quant.block else 0
         return gemm.plans(fmt, call, quant.scales, s_ld, quant.block)

@@ -136,6 +136,7 @@ def cpu_gemm(sms: int, resident: int) -> SkinnyGemm:
     ``resident`` blocks of every kernel."""
     gemm = SkinnyGemm.__new__(SkinnyGemm)
     gemm.available, gemm.sms, gemm._smem_limit = True, sms, 227 << 10
+    gemm.warpgroups, gemm.warpgroups_error = True, ""  # (an SM 9.0: the int4 warpgroup form offered too)
     gemm._part, gemm._done, gemm._modules = 1 << 30, 1 << 31, {}
     gemm._fns, gemm._resident = {}, {}
     for fmt, geometries in GEOMETRIES.items():
@@ -163,21 +164,25 @@ def test_every_plans_grid_covers_k_in_whole_ranges(fmt: int, resident: int) -> N
         for geometry in GEOMETRIES[fmt]:
             if -(-rows // 8) not in geometry.groups:  # (a two-block geometry below 17 or 25 rows)
                 continue
+            unit = geometry.k_unit or block_k  # (the pipelined warpgroup form: ranges of whole runs of tiles)
             fn = gemm._fns[geometry.name(fmt, True, False, -(-rows // 8))]
             mine = [p for p in plans if p.function == fn]
+            if geometry.k_unit and k % geometry.k_unit:  # a k the geometry cannot split into whole runs: not offered
+                assert not mine
+                continue
             assert [p.split for p in mine][:1] == [SPLIT_RULE] and len({p.grid[1] for p in mine}) == len(mine)
-            rule = splits(geometry, fmt, rows, n, k, SMS, block_k)
-            assert mine[0].grid[1] == -(-k // range_length(fmt, k, rule, block_k))
+            rule = splits(geometry, fmt, rows, n, k, SMS, unit)
+            assert mine[0].grid[1] == -(-k // range_length(fmt, k, rule, unit))
             for p in mine:
                 kc = p.args[10]
                 assert p.grid[0] == -(-n // geometry.rows_per_block) <= DONE_SLOTS
-                assert kc % _unit(fmt, block_k) == 0 and (p.grid[1] - 1) * kc < k <= p.grid[1] * kc, (p.grid, kc)
+                assert kc % _unit(fmt, unit) == 0 and (p.grid[1] - 1) * kc < k <= p.grid[1] * kc, (p.grid, kc)
                 assert p.resident == resident and p.threads == 32 * geometry.warps
                 per_split = p.grid[0] * geometry.rows_per_block * 8 * -(-rows // 8) * 4
                 assert p.grid[1] == 1 or p.grid[1] * per_split <= PART_BYTES
                 seen.add(p.split)
                 if p.split == SPLIT_WAVES:
-                    assert wave_split(geometry, fmt, rows, n, k, SMS, resident, block_k) is not None
+                    assert wave_split(geometry, fmt, rows, n, k, SMS, resident, unit) is not None
     assert seen == {SPLIT_RULE, SPLIT_HALF, SPLIT_WAVES}
     # the gate/up shape at 8 rows: one range by rule, four (one block an SM) or eight (two) fitted to the waves
     n, k = SHAPES_8B["gate_up"]
@@ -192,7 +197,7 @@ def test_the_two_block_geometries_are_offered_at_their_row_groups_only() -> None
     gemm = cpu_gemm(SMS, 2)
     n, k = SHAPES_8B["gate_up"]
     for fmt, groups in ((E4M3_BLOCK, (3, 4)), (E4M3_ROW, (3, 4)), (INT4, (4,)), (W16, ())):
-        two = [g for g in GEOMETRIES[fmt] if g.min_blocks == 2]
+        two = [g for g in GEOMETRIES[fmt] if g.min_blocks == 2 and not g.wg]
         assert [g.groups for g in two] == ([groups] if groups else [])
         for rows in (8, 16, 17, 24, 25, 32):
             mt = -(-rows // 8)
@@ -246,16 +251,27 @@ def test_every_geometry_a_dense_launches_is_a_default_instance() -> None:
     found = re.findall(r"SKINNY_TYPES\(\w+, (SK_\w+), (MT|\d), (\d+), (\d+), (\d+), (\d+), (\d+)\)", body)
     defaults = {(f, mt, tuple(int(v) for v in g)) for f, mt, *g in found}
     names = {W16: "SK_W16", E4M3_BLOCK: "SK_E4M3_BLOCK", E4M3_ROW: "SK_E4M3_ROW", INT4: "SK_INT4"}
+    # the int4 warpgroup form's: SKINNY_WG4_TYPES(MT, U, WARPS, MINB, KX, P), every type pair
+    warpgroups = set(re.findall(r"SKINNY_WG4_TYPES\((\d), (\d+), (\d+), (\d+), (\d+), ([01])\)", body))
     for fmt, geometries in GEOMETRIES.items():
         for g in geometries:
             shape = (g.nt, g.u, g.warps, g.min_blocks, g.kx)
             for mt in g.groups:
+                if g.wg:
+                    assert fmt == INT4 and g.nt == 1, g
+                    wanted = (str(mt), *(str(v) for v in (g.u, g.warps, g.min_blocks, g.kx, int(g.pipe))))
+                    assert wanted in warpgroups, (g, mt)
+                    continue
                 assert {(names[fmt], "MT", shape), (names[fmt], str(mt), shape)} & defaults, (fmt, g, mt)
     for mt in (1, 2, 3, 4):
         assert f"SKINNY_ROWS({mt})" in text
     assert len(defaults) == sum(
-        len(g.groups) if g.groups != (1, 2, 3, 4) else 1 for gs in GEOMETRIES.values() for g in gs
+        len(g.groups) if g.groups != (1, 2, 3, 4) else 1 for gs in GEOMETRIES.values() for g in gs if not g.wg
     )
+    assert len(warpgroups) == sum(len(g.groups) for g in GEOMETRIES[INT4] if g.wg)
+    for t, flag in (("bf16", "true"), ("f16", "false")):
+        for out, f32 in (("16", "false"), ("f32", "true")):
+            assert f"SKINNY_WG4(skinnywg4_{t}_{out}, {flag}, {f32}, MT, U, WARPS, MINB, KX, P)" in text
     for name, value in names.items():  # the kernel's FMT codes are the module's
         assert f"#define {value} {name}" in text
     # the SiLU form: every 16-bit geometry of every row group, both types
@@ -277,6 +293,60 @@ def test_kernel_names_and_instances_agree() -> None:
     assert g.name(W16, False, True, 1) == "skinny_f16_f32_m1_n1_u4_w8_b1_x512"
     assert g.smem(W16, 4) == 2 * 32 * (512 + 32) * 2 and g.smem(E4M3_ROW, 1) == 2 * 8 * (512 + 8) * 2
     assert Geometry(1, 2, 8, 1, 0).smem(W16, 4) == 0
+    wg = Geometry(1, 4, 8, 1, 512, (4,), True, True)
+    assert wg.name(INT4, True, False, 4) == "skinnywg4_bf16_16_m4_n1_u4_w8_b1_x512_p1"
+    assert wg.instance(INT4, False, True, 4) == "SKINNY_WG4(skinnywg4_f16_f32, false, true, 4, 4, 8, 1, 512, 1)"
+    assert wg.smem(INT4, 4) == 2 * 32 * 512 * 2 and wg.k_unit == 512  # (no padding; ranges of whole runs of 4 tiles)
+    assert Geometry(1, 2, 8, 2, 512, (4,), True).k_unit == 0
+
+
+def test_the_int4_warpgroup_form_is_offered_on_sm90_for_groups_of_128_or_more_only() -> None:
+    gemm = cpu_gemm(SMS, 1)
+    n, k = SHAPES_8B["gate_up"]
+    call = (32, 1 << 20, k, 1 << 24, n, k, 1 << 28, n, 14, 14)
+    wgs = {gemm._fns[g.name(INT4, True, False, 4)] for g in GEOMETRIES[INT4] if g.wg}
+    assert len(wgs) == 3
+
+    def offered(gshift: int, rows: int = 32, warpgroups: bool = True) -> set[int]:
+        plans = gemm.plans(INT4, (rows, *call[1:]), int4=(1 << 33, k // 128, gshift, 0), warpgroups=warpgroups)
+        assert plans
+        return {p.function for p in plans} & wgs
+
+    assert offered(1) == wgs and offered(2) == wgs  # groups of 128 and 256
+    assert not offered(0)  # groups of 64: two records a tile, which the form does not read
+    assert not offered(1, rows=24)  # (25-32 rows only)
+    assert not offered(1, warpgroups=False)  # SkinnyLaunches.warpgroups_on off
+    gemm.warpgroups = False  # not an SM 9.0 (sm_90a code)
+    assert not offered(1)
+    # a k of 5 tiles: the pipelined geometries (runs of 2 and 4 tiles) cannot split it; the other can
+    five = (32, 1 << 20, 640, 1 << 24, n, 640, 1 << 28, n, 14, 14)
+    gemm.warpgroups = True
+    fns = {p.function for p in gemm.plans(INT4, five, int4=(1 << 33, 5, 1, 0))} & wgs
+    assert fns == {gemm._fns[g.name(INT4, True, False, 4)] for g in GEOMETRIES[INT4] if g.wg and not g.pipe}
+
+
+def test_an_nvrtc_refusing_sm90a_leaves_the_mma_sync_geometries() -> None:
+    gemm = cpu_gemm(SMS, 1)
+    n, k = SHAPES_8B["gate_up"]
+    call = (32, 1 << 20, k, 1 << 24, n, k, 1 << 28, n, 14, 14)
+    compiled = gemm._function
+    tried: list[Geometry] = []
+
+    def refuse_sm90a(geometry: Geometry, *args: object, **kwargs: object) -> int:
+        if geometry.wg:
+            tried.append(geometry)
+            raise RuntimeError("nvrtc: error: invalid value for --gpu-architecture (-arch)")
+        return compiled(geometry, *args, **kwargs)  # type: ignore[arg-type]
+
+    gemm._function = refuse_sm90a  # type: ignore[method-assign]
+    int4 = (1 << 33, k // 128, 1, 0)
+    plans = gemm.plans(INT4, call, int4=int4)
+    assert plans and not any(p.kernel.startswith("skinnywg4") for p in plans)
+    assert {p.function for p in plans} == {
+        gemm._fns[g.name(INT4, True, False, 4)] for g in GEOMETRIES[INT4] if not g.wg and 4 in g.groups
+    }
+    assert len(tried) == 1 and not gemm.warpgroups and "invalid value" in gemm.warpgroups_error
+    assert gemm.plans(INT4, call, int4=int4) == plans and len(tried) == 1  # (not tried again)
 
 
 def test_registering_or_removing_a_quantized_weight_forgets_the_launches_chosen_by_address() -> None:

@@ -394,6 +394,267 @@ __device__ __forceinline__ void skinny_gemm(const unsigned short* __restrict__ x
 #endif
 }
 
+// The warpgroup form of the int4 GEMM (sm_90a: Hopper's wgmma.mma_async; groups of 128 inputs or more). At 25-32
+// rows the mma.sync form issues about 400 instructions a warp's 1 KB tile (Nsight Compute on an H200: 32 mma.sync,
+// its x fragments read from shared memory, 8 KB a tile, and the decode), its schedulers busy 55 % of the cycles with
+// the weights read at a fifth of the peak. Here each group of four warps multiplies its 64 weight rows by the block's staged x in one wgmma a k16 product: the A operand from the
+// registers the decoded pairs are in (the mma.sync form's words in the same slots), x the B operand, read by the
+// tensor cores from shared memory (8 MT rows: n = 8 MT), so no lane loads x and each x value is read once per four
+// warps. Lane q's slots 2q, 2q + 1 and 2q + 8, 2q + 9 of product m' (0..7) of a tile hold its inputs 64 h + 16 q + 4 m
+// + {0, 1} and + {2, 3} (h = m' / 4, m = m' % 4: int4_decode.cuh's pairs), so x is staged in that order: the 32-bit
+// word q of k-chunk c (c = 16 t + 2 m' for slots 0-7 of tile t's product m', + 1 for slots 8-15) holds x's inputs
+// 64 (c / 8) + 16 q + 2 (c % 8) and + 1; each chunk of 8 slots x 8 rows is a 128-byte core matrix of wgmma's
+// unswizzled K-major layout, row group ng's chunks in a run (chunk c of row group ng at byte 128 (ng CP + c) of a pass
+// of CP chunks). A tile's products start a second set of sums (scale-d false on its first),
+// which, once they complete, are added times each row's scale (the zero already subtracted from each pair, as the
+// int4 GEMV does): the same float32 arithmetic as the mma.sync form's.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define SK_WG_ARCH 1
+#endif
+// x[:, k0 : k0 + len] (len a multiple of 128, at most KX) into xw (a pass of CP = KX / 8 chunks) in the layout above,
+// by 4-byte asynchronous copies, one commit group a thread. Lane (rr, q) of warp w copies word q of row rr of the
+// chunks c = w + WARPS i of each row group: at shared word 32 (ng CP + c) + lane, from x's input 64 (c / 8) + 2 (c %
+// 8) + 16 q, which for WARPS 4, 8 or 16 is the lane's first one plus a constant of i (the copies' offsets immediate).
+// xr[ng]: the lane's x row 8 ng + rr at its first input (past the rows: row rows - 1), sz[ng] 4 or 0 past the rows.
+template <int MT, int KX, int WARPS>
+__device__ __forceinline__ void sk_stage_wg(unsigned* xw, const unsigned short* const (&xr)[MT], const int (&sz)[MT],
+                                            int k0, int len) {
+    constexpr int CP = KX / 8, PER = CP / WARPS;  // chunks of a pass; of a warp
+    static_assert((WARPS == 4 || WARPS == 8 || WARPS == 16) && CP % WARPS == 0, "a warp's chunks a stride apart");
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const unsigned at = (unsigned)__cvta_generic_to_shared(xw + 32 * warp + lane);
+    const unsigned short* from[MT];  // (the pass's rows once: each copy an immediate offset from one)
+#pragma unroll
+    for (int ng = 0; ng < MT; ++ng) from[ng] = xr[ng] + k0;
+    // this warp's chunks of the pass (a last, shorter pass: those it has), each copy predicated on it rather than
+    // branched around, which made ptxas rebuild the rows' addresses for every chunk
+    const int mine = len == KX ? PER : (len / 8 - warp + WARPS - 1) / WARPS;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        const int c0 = WARPS * i;  // (warp 0's chunk: the others' inputs are theirs plus this one's)
+        const int in = 64 * (c0 >> 3) + 2 * (c0 & 7);
+#pragma unroll
+        for (int ng = 0; ng < MT; ++ng)
+            asm volatile("{\n.reg .pred p;\nsetp.lt.s32 p, %3, %4;\n@p cp.async.ca.shared.global [%0], [%1], 4, %2;\n}\n"
+                         ::"r"(at + 4 * (32 * (ng * CP + c0))), "l"(from[ng] + in), "r"(sz[ng]), "r"(i), "r"(mine));
+    }
+    asm volatile("cp.async.commit_group;");
+}
+// the shared-memory descriptor of the k16 product whose first core matrix is at shared address `at`: the next
+// k-chunk's core matrix 128 bytes on (leading dimension), the next row group's CP * 128 (stride dimension)
+template <int CP> __device__ __forceinline__ unsigned long long sk_wg_desc(unsigned at) {
+    return (unsigned long long)((at & 0x3FFFFu) >> 4) | ((unsigned long long)(128 >> 4) << 16) |
+           ((unsigned long long)(CP * 128 >> 4) << 32);
+}
+// d (the warpgroup's 64 x 8 MT float32 sums, laid out as the mma.sync form's acc[0][i][e]) = A B + (add ? d : 0),
+// asynchronously (sk_wg_wait)
+template <bool BF16, int MT>
+__device__ __forceinline__ void sk_wgmma(float (&d)[MT][4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                         unsigned long long desc, bool add) {
+#ifdef SK_WG_ARCH
+#define SK_WG_ASM(N, REGS, TYPE)                                                                                   \
+    "{\n.reg .pred p;\nsetp.ne.b32 p, %" REGS ";\nwgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TYPE "." TYPE \
+    " " SK_WG_OPS_##N ", p, 1, 1, 0;\n}\n"
+#define SK_WG_OPS_8 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, %8"
+#define SK_WG_OPS_16 "{%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12"
+#define SK_WG_OPS_24 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11}, {%12,%13,%14,%15}, %16"
+#define SK_WG_OPS_32 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20"
+#define SK_WG_D(i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
+#define SK_WG_IN "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"((unsigned)add)
+    if constexpr (MT == 1) {
+        if (BF16) asm volatile(SK_WG_ASM(8, "9, 0", "bf16") : SK_WG_D(0) : SK_WG_IN);
+        else asm volatile(SK_WG_ASM(8, "9, 0", "f16") : SK_WG_D(0) : SK_WG_IN);
+    } else if constexpr (MT == 2) {
+        if (BF16) asm volatile(SK_WG_ASM(16, "13, 0", "bf16") : SK_WG_D(0), SK_WG_D(1) : SK_WG_IN);
+        else asm volatile(SK_WG_ASM(16, "13, 0", "f16") : SK_WG_D(0), SK_WG_D(1) : SK_WG_IN);
+    } else if constexpr (MT == 3) {
+        if (BF16) asm volatile(SK_WG_ASM(24, "17, 0", "bf16") : SK_WG_D(0), SK_WG_D(1), SK_WG_D(2) : SK_WG_IN);
+        else asm volatile(SK_WG_ASM(24, "17, 0", "f16") : SK_WG_D(0), SK_WG_D(1), SK_WG_D(2) : SK_WG_IN);
+    } else {
+        if (BF16) asm volatile(SK_WG_ASM(32, "21, 0", "bf16") : SK_WG_D(0), SK_WG_D(1), SK_WG_D(2), SK_WG_D(3) : SK_WG_IN);
+        else asm volatile(SK_WG_ASM(32, "21, 0", "f16") : SK_WG_D(0), SK_WG_D(1), SK_WG_D(2), SK_WG_D(3) : SK_WG_IN);
+    }
+#undef SK_WG_ASM
+#undef SK_WG_OPS_8
+#undef SK_WG_OPS_16
+#undef SK_WG_OPS_24
+#undef SK_WG_OPS_32
+#undef SK_WG_D
+#undef SK_WG_IN
+#endif
+}
+// the warpgroup's products committed before the last `PENDING` commits have completed; the compiler may not move
+// reads or writes of d before this
+template <int PENDING, int MT> __device__ __forceinline__ void sk_wg_wait(float (&d)[MT][4]) {
+#ifdef SK_WG_ARCH
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(PENDING) : "memory");
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
+#endif
+}
+// a tile's A operands, decoded: product m' = 4 h + m (rows g, g + 8; inputs as the layout comment above), the zero
+// subtracted from each pair (exactly: i4_minus)
+template <bool BF16>
+__device__ __forceinline__ void sk_wg_decode(unsigned (&a)[8][4], const uint4& va, const uint4& vb, unsigned nza,
+                                             unsigned nzb) {
+    const unsigned wa[4] = {va.x, va.y, va.z, va.w}, wb[4] = {vb.x, vb.y, vb.z, vb.w};
+#pragma unroll
+    for (int p = 0; p < 8; ++p) {
+        const int word = 2 * (p >> 2) + ((p & 3) >> 1), shift = 8 * (p & 1);
+        a[p][0] = i4_minus<BF16>(wa[word] >> shift, nza);
+        a[p][1] = i4_minus<BF16>(wb[word] >> shift, nzb);
+        a[p][2] = i4_minus<BF16>(wa[word] >> (shift + 4), nza);
+        a[p][3] = i4_minus<BF16>(wb[word] >> (shift + 4), nzb);
+    }
+}
+
+// the int4 warpgroup form: skinny_gemm's arguments and contract (FMT SK_INT4, q_b >= 1: groups of 128 inputs or
+// more, whole warpgroups a block); U tiles of weights in flight while the ones in hand are summed; PIPE: a tile's
+// products left running while the next tile is decoded (two sets of tile sums; U even, and each k range whole U
+// tiles: the caller's) or waited for at once
+template <bool BF16, bool F32OUT, int MT, int U, int WARPS, int KX, bool PIPE>
+__device__ __forceinline__ void skinny_wg4(const unsigned short* __restrict__ x, const void* __restrict__ w,
+                                           void* __restrict__ y, float* __restrict__ part, unsigned* __restrict__ done,
+                                           int rows, int n, int k, long long x_ld, long long y_ld, int kc,
+                                           const void* __restrict__ qd, long long q_ld, int q_a, int q_b) {
+#ifdef SK_WG_ARCH
+    constexpr int PASS = KX / 128, BUF = 4 * MT * KX, CP = KX / 8;  // tiles, 32-bit words and chunks of a pass
+    static_assert(WARPS % 4 == 0 && KX % (128 * U) == 0 && (!PIPE || U % 2 == 0),
+                  "whole warpgroups; a pass of whole U tiles; PIPE: an even U (each tile's set of sums fixed)");
+    extern __shared__ uint4 xs[];  // two passes of x, each 4 MT KX words in the layout above
+    __shared__ unsigned last;
+    griddep_launch_dependents();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    const int j0 = (blockIdx.x * WARPS + warp) * 16;
+    const int k_lo = blockIdx.y * kc, k_hi = min(k, k_lo + kc);
+    const int steps = max(0, (k_hi - k_lo) / 128);
+    const unsigned* rec = reinterpret_cast<const unsigned*>(qd);
+    const int tile_at = k_lo >> 7;  // the range's first tile
+    // the lane's rows g and g + 8 of strip j0 / 16 (a strip past n: the last one's) at the range's first tile
+    const long long strip = min(j0, n - 1) >> 4;
+    const uint4* wr = reinterpret_cast<const uint4*>(w) + (strip * (k >> 7) + tile_at) * I4_TILE_VECS + 4 * g + q;
+    // the lane's rows of records (tile t's group: t >> (q_b - 1), q_b >= 1)
+    const int gs = q_b - 1;
+    const unsigned* ra = rec + (long long)min(j0 + g, n - 1) * q_ld;
+    const unsigned* rb = rec + (long long)min(j0 + g + 8, n - 1) * q_ld;
+    // the lane's x rows for the staging (sk_stage_wg), at its first input
+    const unsigned short* xr[MT];
+    int sz[MT];
+#pragma unroll
+    for (int ng = 0; ng < MT; ++ng) {
+        const int r = 8 * ng + g;
+        xr[ng] = x + (long long)min(r, rows - 1) * x_ld + 64 * (warp >> 3) + 2 * (warp & 7) + 16 * q;  // (chunk `warp`)
+        sz[ng] = r < rows ? 4 : 0;
+    }
+    float acc[1][MT][4], blk[PIPE ? 2 : 1][MT][4];
+    sk_zero(acc);
+#pragma unroll
+    for (int b = 0; b < (PIPE ? 2 : 1); ++b)
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) blk[b][i][e] = 0.f;
+    uint4 cur[U][2];
+    unsigned cr[U][2];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+        if (u < steps) {
+            cur[u][0] = load_weights(wr + I4_TILE_VECS * u), cur[u][1] = load_weights(wr + I4_TILE_VECS * u + I4_TILE_VECS / 2);
+            cr[u][0] = __ldg(ra + ((tile_at + u) >> gs)), cr[u][1] = __ldg(rb + ((tile_at + u) >> gs));
+        }
+    griddep_wait();  // x may be the previous kernel's output, part and done its scratch; W and its records constants
+    unsigned* xw = reinterpret_cast<unsigned*>(xs);
+    const int passes = (k_hi - k_lo + KX - 1) / KX;
+    if (steps > 0) sk_stage_wg<MT, KX, WARPS>(xw, xr, sz, k_lo, min(KX, k_hi - k_lo));
+    const unsigned base = (unsigned)__cvta_generic_to_shared(xw);
+    float sa = 0.f, sb = 0.f;  // PIPE: the scales of the tile whose products are running
+    const uint4* wn = wr;  // the weights of tile `step` (moved a run of U at a time: the loads' offsets immediate)
+    for (int step = 0; step < steps; step += U) {
+        uint4 nxt[U][2];
+        unsigned nr[U][2];
+        wn += U * I4_TILE_VECS;
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+            if (step + U + u < steps) {
+                const int t = tile_at + step + U + u;
+                nxt[u][0] = load_weights(wn + I4_TILE_VECS * u), nxt[u][1] = load_weights(wn + I4_TILE_VECS * u + I4_TILE_VECS / 2);
+                nr[u][0] = __ldg(ra + (t >> gs)), nr[u][1] = __ldg(rb + (t >> gs));
+            }
+        if (step % PASS == 0) {  // pass p's x staged (asked for a pass ago), pass p + 1's asked for now
+            const int p = step / PASS;
+            if (PIPE) {  // the last tile's products read pass p - 1's buffer: done before it is refilled (step 0: none)
+                sk_wg_wait<0>(blk[1]);  // (the last tile: odd, U even)
+#pragma unroll
+                for (int i = 0; i < MT; ++i) {
+                    float(&d)[4] = blk[1][i];
+                    acc[0][i][0] = fmaf(sa, d[0], acc[0][i][0]), acc[0][i][1] = fmaf(sa, d[1], acc[0][i][1]);
+                    acc[0][i][2] = fmaf(sb, d[2], acc[0][i][2]), acc[0][i][3] = fmaf(sb, d[3], acc[0][i][3]);
+                }
+                sa = sb = 0.f;  // (added: the next wait adds nothing more of it)
+            }
+            __syncthreads();  // every warpgroup's products over pass p - 1's buffer have completed
+            if (p + 1 < passes) {
+                const int k0 = k_lo + (p + 1) * KX;
+                sk_stage_wg<MT, KX, WARPS>(xw + ((p + 1) & 1) * BUF, xr, sz, k0, min(KX, k_hi - k0));
+            } else {
+                asm volatile("cp.async.commit_group;");
+            }
+            asm volatile("cp.async.wait_group 1;" ::: "memory");
+            // this thread's copies, written through the generic proxy, made visible to the tensor cores' reads
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            __syncthreads();
+        }
+        // the descriptor of the pass's first product; tile t's product m' is 2 (8 t + m') chunks of 128 bytes on
+        const unsigned long long desc = sk_wg_desc<CP>(base + ((step / PASS) & 1) * BUF * 4);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (PIPE || step + u < steps) {  // (PIPE: whole U tiles, below)
+                const int b = PIPE ? u & 1 : 0;  // (step a multiple of U: even)
+                unsigned a[8][4];
+                sk_wg_decode<BF16>(a, cur[u][0], cur[u][1], i4_neg_zero<BF16>(cr[u][0]), i4_neg_zero<BF16>(cr[u][1]));
+                asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+                const unsigned long long dt = desc + ((step + u) % PASS) * (16 * 128 >> 4);
+#pragma unroll
+                for (int p = 0; p < 8; ++p)
+                    sk_wgmma<BF16, MT>(blk[b], a[p][0], a[p][1], a[p][2], a[p][3], dt + p * (2 * 128 >> 4), p > 0);
+                asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+                // PIPE: the tile before's products (the other set) completed, added with its scales; else this one's
+                if (PIPE) sk_wg_wait<1>(blk[b ^ 1]);
+                else sk_wg_wait<0>(blk[0]);
+                const float(&d)[MT][4] = blk[PIPE ? b ^ 1 : 0];
+                const float ta = PIPE ? sa : i4_scale(cr[u][0]), tb = PIPE ? sb : i4_scale(cr[u][1]);
+#pragma unroll
+                for (int i = 0; i < MT; ++i) {
+                    acc[0][i][0] = fmaf(ta, d[i][0], acc[0][i][0]), acc[0][i][1] = fmaf(ta, d[i][1], acc[0][i][1]);
+                    acc[0][i][2] = fmaf(tb, d[i][2], acc[0][i][2]), acc[0][i][3] = fmaf(tb, d[i][3], acc[0][i][3]);
+                }
+                if (PIPE) sa = i4_scale(cr[u][0]), sb = i4_scale(cr[u][1]);
+            }
+        }
+        if (step + U < steps) {
+#pragma unroll
+            for (int u = 0; u < U; ++u) cur[u][0] = nxt[u][0], cur[u][1] = nxt[u][1], cr[u][0] = nr[u][0], cr[u][1] = nr[u][1];
+        }
+    }
+    if (PIPE) {  // the last tile's products (an odd one: U even; none: sa, sb and the sums zero)
+        sk_wg_wait<0>(blk[1]);
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+            float(&d)[4] = blk[1][i];
+            acc[0][i][0] = fmaf(sa, d[0], acc[0][i][0]), acc[0][i][1] = fmaf(sa, d[1], acc[0][i][1]);
+            acc[0][i][2] = fmaf(sb, d[2], acc[0][i][2]), acc[0][i][3] = fmaf(sb, d[3], acc[0][i][3]);
+        }
+    }
+    asm volatile("cp.async.wait_all;" ::: "memory");  // none left in flight at exit
+    sk_finish<BF16, F32OUT, MT, 1, WARPS, false>(acc, y, part, done, last, rows, n, y_ld, j0, g, q, q_a);
+#else
+    __trap();  // compiled for an architecture without wgmma: never launched (SkinnyGemm compiles these for sm_90a)
+#endif
+}
+
 // {name}_m{MT}_n{NT}_u{U}_w{WARPS}_b{MINB}_x{KX}(x, w, y, part, done, rows, n, k, x_ld, y_ld, kc, q, q_ld, q_a, q_b):
 // grid (ceil(n / (16 NT WARPS)), ceil(k / kc)), 32 WARPS threads, dynamic shared memory two passes of 8 MT rows of
 // SK_ROW(FMT, KX) elements (none for KX 0: x read from global memory); registers capped so that MINB blocks fit an SM
@@ -414,6 +675,15 @@ __device__ __forceinline__ void skinny_gemm(const unsigned short* __restrict__ x
             long long x_ld, long long y_ld, int kc, const void* q, long long q_ld, int q_a, int q_b) {              \
         skinny_gemm<bf16, false, SK_W16, MT, NT, U, WARPS, (KX ? KX : 512), KX == 0, true>(                         \
             x, w, y, part, done, rows, n, k, x_ld, y_ld, kc, q, q_ld, q_a, q_b);                                    \
+    }
+// The int4 warpgroup form (sm_90a; groups of 128 inputs or more): the same arguments as SKINNY's; P 1: PIPE
+#define SKINNY_WG4(name, bf16, f32out, MT, U, WARPS, MINB, KX, P)                                                  \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS, MINB)                                                   \
+        name##_m##MT##_n1_u##U##_w##WARPS##_b##MINB##_x##KX##_p##P(                                                 \
+            const unsigned short* x, const void* w, void* y, float* part, unsigned* done, int rows, int n, int k,   \
+            long long x_ld, long long y_ld, int kc, const void* q, long long q_ld, int q_a, int q_b) {              \
+        skinny_wg4<bf16, f32out, MT, U, WARPS, KX, P == 1>(x, w, y, part, done, rows, n, k, x_ld, y_ld, kc, q,     \
+                                                           q_ld, q_a, q_b);                                         \
     }
 // every type pair of one format and geometry: skinny{,8b,8r,4}_{bf16,f16}_{16,f32}_...
 #define SKINNY_TYPES(prefix, fmt, MT, NT, U, WARPS, MINB, KX)                                                       \
@@ -443,4 +713,11 @@ SKINNY_ROWS(4)
 SKINNY_TYPES(skinny8b, SK_E4M3_BLOCK, 3, 1, 2, 8, 2, 512) SKINNY_TYPES(skinny8b, SK_E4M3_BLOCK, 4, 1, 2, 8, 2, 512)
 SKINNY_TYPES(skinny8r, SK_E4M3_ROW, 3, 1, 4, 8, 2, 512) SKINNY_TYPES(skinny8r, SK_E4M3_ROW, 4, 1, 4, 8, 2, 512)
 SKINNY_TYPES(skinny4, SK_INT4, 4, 1, 2, 8, 2, 512)
+// the int4 warpgroup form at 25-32 rows (SkinnyGemm compiles it for sm_90a; here, without wgmma, each traps)
+#define SKINNY_WG4_TYPES(MT, U, WARPS, MINB, KX, P)                                                                 \
+    SKINNY_WG4(skinnywg4_bf16_16, true, false, MT, U, WARPS, MINB, KX, P)                                           \
+    SKINNY_WG4(skinnywg4_bf16_f32, true, true, MT, U, WARPS, MINB, KX, P)                                           \
+    SKINNY_WG4(skinnywg4_f16_16, false, false, MT, U, WARPS, MINB, KX, P)                                           \
+    SKINNY_WG4(skinnywg4_f16_f32, false, true, MT, U, WARPS, MINB, KX, P)
+SKINNY_WG4_TYPES(4, 2, 8, 2, 512, 0) SKINNY_WG4_TYPES(4, 2, 8, 1, 256, 1) SKINNY_WG4_TYPES(4, 4, 8, 1, 512, 1)
 #endif
