@@ -67,6 +67,7 @@ ONE_GPU_VARIANTS = (
     "no-gemv-pipeline",
     "silu-prologue",
     "no-skinny",
+    "no-wg4",
     "no-tc-decode",
     "no-prefill-kernel-pdl",
     "skinny-silu",
@@ -258,6 +259,10 @@ def set_variant(variant: str) -> None:
         from fi_engine.kernels.skinny_gemm import SkinnyLaunches
 
         SkinnyLaunches.on = False
+    if variant == "no-wg4":  # int4 weights without the skinny GEMM's warpgroup form (its mma.sync geometries only)
+        from fi_engine.kernels.skinny_gemm import SkinnyLaunches
+
+        SkinnyLaunches.warpgroups_on = False
     if variant.startswith("tc-decode-rows-"):  # decode graphs of N+ rows: attention on FlashInfer's FA2 prefill kernel
         ModelRunner.tensor_core_decode_rows = int(variant.rsplit("-", 1)[1])
     if variant == "no-tc-decode":  # every decode graph's attention on FlashInfer's decode kernel
