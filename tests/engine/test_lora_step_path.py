@@ -457,6 +457,7 @@ def test_a_graph_size_captured_on_two_kernels_replays_the_one_of_each_steps_plan
         (41, -1, g.second_graphs[1]),
     ]:
         r.stage_decode([request(context, slot)])
+        assert g.planned_graph(1, adapters=slot >= 0) is want  # (what a benchmark replaying the step itself times)
         r.run_decode(1)
         assert fake_rt.launched[-1] == want._exec, (context, slot)
     r.stage_decode([request(500, -1), request(3, -1)])  # two rows: the prefill kernel's one graph at any context
@@ -466,6 +467,8 @@ def test_a_graph_size_captured_on_two_kernels_replays_the_one_of_each_steps_plan
     r.decode_plan = SimpleNamespace(info=(2, "batch_decode"), kind="batch_decode")
     with pytest.raises(RuntimeError, match="captured with a batch_prefill plan; this step's plan is a batch_decode"):
         g.replay_decode(2)
+    with pytest.raises(RuntimeError, match="captured with a batch_prefill plan"):
+        g.planned_graph(2)
     r.decode_plan = SimpleNamespace(info=(1, "other"), kind="other")
     with pytest.raises(RuntimeError, match="captured with a batch_decode and batch_prefill plan"):
         g.replay_decode(1)

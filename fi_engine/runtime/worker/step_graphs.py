@@ -252,9 +252,15 @@ class StepGraphs:
 
     def replay_decode(self, rows: int, adapters: bool = False) -> None:
         """Replay the decode graph of ``rows`` rows (its index arrays staged and its plan made; its argmax is every
-        greedy row's token): one of ``lora_graphs`` where ``adapters`` (a row of the step takes a LoRA adapter), else
-        one of ``graphs``; the second graph of those rows (``second_lora_graphs``, ``second_graphs``) where the step's
-        plan is of its kernel."""
+        greedy row's token): :meth:`planned_graph`'s."""
+        self.planned_graph(rows, adapters).launch()
+
+    def planned_graph(self, rows: int, adapters: bool = False) -> Any:
+        """The decode graph of ``rows`` rows that the plan staged now replays: one of ``lora_graphs`` where
+        ``adapters`` (a row of the step takes a LoRA adapter), else one of ``graphs``; the second graph of those rows
+        (``second_lora_graphs``, ``second_graphs``) where the plan is of its kernel. RuntimeError where no graph of
+        that size was captured on the plan's kernel, or the plan's schedule layout is not the capture's. (A benchmark
+        that replays a step's graph by itself asks this one, as the engine's steps do.)"""
         kind = getattr(self.runner.decode_plan, "kind", None)
         if kind == self._plan_kinds[rows]:
             graphs = self.lora_graphs if adapters else self.graphs
@@ -274,7 +280,7 @@ class StepGraphs:
                     f"cannot replay it"
                 )
             self._checked.add((rows, kind))
-        graphs[rows].launch()
+        return graphs[rows]
 
     def shapes(self) -> list[tuple[int, int]]:
         """The ``(bucket rows, request slots)`` of every prefill graph held, in replay order (least recent first); an
