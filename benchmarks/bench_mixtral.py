@@ -222,7 +222,8 @@ def main() -> int:
                        "variant": variant if experts == "stored" else f"{variant}+dequantized-experts",
                        "ms_per_step": r.decode_s / max(1, r.decode_steps) * 1e3}  # fmt: skip
                 if graph:  # the graph this batch replays (the smallest of the ladder holding it)
-                    replayed = engine.runner.graphs[min(b for b in engine.runner.graphs if b >= batch)]
+                    held = min(b for b in engine.runner.graphs if b >= batch)
+                    replayed = engine.runner.step_graphs.planned_graph(held)  # (by the last plan's attention kernel)
                     with cp.cuda.Device(engine.device), engine.stream:
                         e0, e1 = cp.cuda.Event(), cp.cuda.Event()
                         replayed.launch()

@@ -120,7 +120,7 @@ def profile(
     with engine_and_prompts(model, batch, moe_path) as (engine, prompts):
         engine.generate(prompts, 8, eos_token_ids=())
         rows = min(b for b in engine.runner.graphs if b >= batch)
-        graph = engine.runner.graphs[rows]
+        graph = engine.runner.step_graphs.planned_graph(rows)  # (the one the last step's plan replays: its kernel)
         with cp.cuda.Device(engine.device), engine.stream:
             for _ in range(3):
                 graph.launch()
