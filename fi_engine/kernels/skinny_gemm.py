@@ -53,6 +53,8 @@ _PREFIX = {W16: "skinny", E4M3_BLOCK: "skinny8b", E4M3_ROW: "skinny8r", INT4: "s
 _SILU_PREFIX = "skinnysilu"  # the SiLU form's kernels (16-bit weights)
 _WG_PREFIX = "skinnywg4"  # the int4 warpgroup form's kernels (sm_90a)
 WG_OPTIONS = ("-arch=sm_90a",)  # NVRTC's target for the warpgroup form (wgmma exists on sm_90a only)
+# put before the warpgroup form's source: a compilation that did not target sm_90a (CuPy adds its own -arch) fails
+_WG_REQUIRED = "#define SK_WG_REQUIRED 1\n"
 _STEP = {W16: 32, E4M3_BLOCK: 64, E4M3_ROW: 64, INT4: 128}  # inputs a lane's 16-byte weight vector covers
 PART_BYTES = 32 << 20  # the split launches' float32 sums
 SPLIT_RULE, SPLIT_HALF, SPLIT_WAVES = "rule", "half", "waves"  # SkinnyPlan.split: splits(), half of it, wave_split()
@@ -123,7 +125,8 @@ class Geometry:
 
 
 # the candidates a Dense times for each weight format, by the rows' groups of 8 (1-4); every one is compiled into
-# csrc/skinny_gemm.cu's default instances (tools/kernel_fingerprints.py fingerprints them)
+# csrc/skinny_gemm.cu's default instances (tools/kernel_fingerprints.py fingerprints them; the warpgroup form's there
+# compile without wgmma, so only their names and arguments are checked)
 _GLOBAL_X16 = Geometry(1, 4, 4, 1, 0)
 _STAGED = Geometry(1, 4, 8, 1, 512)
 _GLOBAL_X8 = Geometry(1, 2, 8, 1, 0)
@@ -138,7 +141,7 @@ _STAGED_X2 = {
 # the int4 warpgroup form (sm_90a, groups of 128 or more) at 25-32 rows, where an H200 sweep found it fastest for
 # the 8B shapes (benchmarks/RESULTS.md; at 16 rows the step was no faster): 8 warps; two blocks an SM with their
 # tile sums waited for at once (127 registers), or one with them left running while the next tile is decoded
-# (x staged 256 or 512 inputs at a time, 2 or 4 tiles in flight: 199-226 registers)
+# (x staged 256 or 512 inputs at a time, 2 or 4 tiles in flight: 193-226 registers with NVRTC 13)
 _WG4 = (
     Geometry(1, 2, 8, 2, 512, (4,), True),
     Geometry(1, 2, 8, 1, 256, (4,), True, True),
@@ -297,6 +300,8 @@ class SkinnyGemm:
                 same = [g for g in GEOMETRIES[fmt] if g.wg == geometry.wg]  # (the warpgroup form: a module of its own)
                 lines = [g.instance(fmt, bf16, f32out, m, silu) for g in same for m in g.groups]
                 code = "#define SKINNY_INSTANCES " + " ".join(lines) + "\n" + source("skinny_gemm.cu")
+                if geometry.wg:
+                    code = _WG_REQUIRED + code
                 options = WG_OPTIONS if geometry.wg else ()
                 module = self._modules[family] = cupy.RawModule(code=code, options=options)
             kernel = module.get_function(name)
@@ -349,7 +354,9 @@ class SkinnyGemm:
         (:class:`~fi_engine.kernels.int4_linear.Int4Weight`'s). ``silu``: the SiLU form's launches, 16-bit weights
         and output only: ``w`` a gate/up weight of ``n`` (even) rows, the gate's ``n / 2`` first, and ``y`` the
         activation ``[rows, n / 2]`` (row stride ``y_ld``), ``silu(x @ gate.T) * (x @ up.T)``, FlashInfer's
-        ``silu_and_mul`` of the plain launch's output. Values only: the caller keeps the buffers alive."""
+        ``silu_and_mul`` of the plain launch's output. ``warpgroups``: False leaves out the int4 warpgroup form's
+        launches (:attr:`Geometry.wg`; offered on an SM 9.0 whose NVRTC compiles sm_90a, for int4 groups of 128
+        inputs or more, at 25-32 rows). Values only: the caller keeps the buffers alive."""
         rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type = call
         bf16, f32out = ab_type == CUDA_R_16BF, c_type == CUDA_R_32F
         if silu and (fmt != W16 or f32out or n % 2):

@@ -407,9 +407,14 @@ __device__ __forceinline__ void skinny_gemm(const unsigned short* __restrict__ x
 // unswizzled K-major layout, row group ng's chunks in a run (chunk c of row group ng at byte 128 (ng CP + c) of a pass
 // of CP chunks). A tile's products start a second set of sums (scale-d false on its first),
 // which, once they complete, are added times each row's scale (the zero already subtracted from each pair, as the
-// int4 GEMV does): the same float32 arithmetic as the mma.sync form's.
+// int4 GEMV does): float32 as the mma.sync form's, a tile scaled at a time where that form scales each half, so the
+// two agree within float32 rounding, not bit for bit.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define SK_WG_ARCH 1
+#elif defined(SK_WG_REQUIRED)
+// (SkinnyGemm defines this for the module of the warpgroup form: a compilation without sm_90a's features fails here,
+// which leaves the mma.sync form serving, instead of building kernels that trap)
+#error "the int4 warpgroup form needs sm_90a (wgmma): compile it with -arch=sm_90a"
 #endif
 // x[:, k0 : k0 + len] (len a multiple of 128, at most KX) into xw (a pass of CP = KX / 8 chunks) in the layout above,
 // by 4-byte asynchronous copies, one commit group a thread. Lane (rr, q) of warp w copies word q of row rr of the
@@ -508,6 +513,12 @@ __device__ __forceinline__ void sk_wg_decode(unsigned (&a)[8][4], const uint4& v
         a[p][2] = i4_minus<BF16>(wa[word] >> (shift + 4), nza);
         a[p][3] = i4_minus<BF16>(wb[word] >> (shift + 4), nzb);
     }
+    // each A register computed before the wgmma.fence that follows (volatile asm keeps their order): the PTX rules
+    // want no register a wgmma reads written between the fence and it, and the decode's own asm is not volatile
+#pragma unroll
+    for (int p = 0; p < 8; ++p)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[p][j])::"memory");
 }
 
 // the int4 warpgroup form: skinny_gemm's arguments and contract (FMT SK_INT4, q_b >= 1: groups of 128 inputs or
@@ -521,8 +532,10 @@ __device__ __forceinline__ void skinny_wg4(const unsigned short* __restrict__ x,
                                            const void* __restrict__ qd, long long q_ld, int q_a, int q_b) {
 #ifdef SK_WG_ARCH
     constexpr int PASS = KX / 128, BUF = 4 * MT * KX, CP = KX / 8;  // tiles, 32-bit words and chunks of a pass
-    static_assert(WARPS % 4 == 0 && KX % (128 * U) == 0 && (!PIPE || U % 2 == 0),
-                  "whole warpgroups; a pass of whole U tiles; PIPE: an even U (each tile's set of sums fixed)");
+    // (PIPE with several runs of U tiles a pass: ptxas serializes the wgmma, their pipelining lost)
+    static_assert(WARPS % 4 == 0 && KX % (128 * U) == 0 && (!PIPE || (U % 2 == 0 && KX == 128 * U)),
+                  "whole warpgroups; a pass of whole U tiles; PIPE: an even U (each tile's set of sums fixed), one run "
+                  "of U tiles a pass");
     extern __shared__ uint4 xs[];  // two passes of x, each 4 MT KX words in the layout above
     __shared__ unsigned last;
     griddep_launch_dependents();
