@@ -12,11 +12,14 @@ are those an H100 sweep (``benchmarks/lab_skinny_gemm.py``, 8B shapes, 5-32 rows
 fastest: x read from global memory alongside the weights, or staged in shared memory; and for e4m3 and int4 at 17-32
 rows a staged one of two blocks an SM. ``benchmarks/lab_skinny_plans.py`` times every plan a Dense would time.
 
-On Hopper (SM 9.0) int4 weights at 25-32 rows also have a warpgroup form (``SKINNY_WG4``, :attr:`Geometry.wg`):
+On Hopper (SM 9.0) int4 weights at 17-32 rows also have a warpgroup form (``SKINNY_WG4``, :attr:`Geometry.wg`):
 four warps multiply their 64 weight rows by x with one ``wgmma`` a k16 product, the decoded weights the A operand from
 registers and x, staged in shared memory in the order the lanes' decoded pairs take, the B operand the tensor cores
 read themselves. It issues about half the instructions of the ``mma.sync`` form a tile and is offered beside it
-(groups of 128 inputs or more; compiled for sm_90a, which where NVRTC refuses leaves the ``mma.sync`` form alone).
+(groups of 128 inputs or more; compiled for sm_90a, which where NVRTC refuses leaves the ``mma.sync`` form alone). Its
+fastest geometry for most shapes gives each warp two strips of 16 rows (each staged pass of x serving twice the
+weight rows), streams their weights through a ring of bulk copies in shared memory (:attr:`Geometry.ring`) and stages
+x through registers (:attr:`Geometry.xreg`).
 
 Its SiLU form (``plans(..., silu=True)``; off in the engine: :attr:`SkinnyLaunches.silu_on`) reads a dense MLP's
 16-bit gate/up weight as stored and writes ``silu(x @ gate.T) * (x @ up.T)``: each tile of 16 rows takes 8 gate rows
@@ -74,12 +77,20 @@ class Geometry:
     kx: int
     groups: tuple[int, ...] = (1, 2, 3, 4)
     wg: bool = False
-    """The int4 warpgroup form (``SKINNY_WG4``: Hopper's ``wgmma`` with x staged as its shared-memory operand; one
-    tile a warp, warps a multiple of 4, x staged; groups of 128 inputs or more; compiled for sm_90a and offered on SM
-    9.0 only)."""
+    """The int4 warpgroup form (``SKINNY_WG4``: Hopper's ``wgmma`` with x staged as its shared-memory operand; ``nt``
+    strips of 16 rows a warp, warps a multiple of 4, x staged; groups of 128 inputs or more; compiled for sm_90a and
+    offered on SM 9.0 only)."""
     pipe: bool = False
-    """The warpgroup form's tile sums left running while the next tile is decoded (two sets; ``u`` even, each k
-    range whole ``u`` tiles: :attr:`k_unit`), else waited for at once."""
+    """The warpgroup form's product sums left running while the next tile is decoded (two sets, alternating by
+    product; ``u * nt`` even, each k range whole ``u`` tiles: :attr:`k_unit`), else waited for at once (``nt`` 1
+    only)."""
+    ring: int = 0
+    """The warpgroup form's weights streamed through a ring of this many stages of ``u`` tiles a warp in shared
+    memory, one bulk copy (``cp.async.bulk``) a stage, ``ring - 1`` stages in flight while one is summed; 0: ``u``
+    tiles in flight in registers."""
+    xreg: bool = False
+    """The warpgroup form's x staged through registers (16-byte loads a pass ahead, stored in the layout at the pass
+    boundary; one block barrier a pass), else by 4-byte asynchronous copies."""
 
     def name(self, fmt: int, bf16: bool, f32out: bool, mt: int, silu: bool = False) -> str:
         """The kernel's name for ``mt`` groups of 8 rows (``csrc/skinny_gemm.cu``'s ``SKINNY``; ``silu``: its SiLU
@@ -88,7 +99,7 @@ class Geometry:
         out = "f32" if f32out else "16"
         g = f"n{self.nt}_u{self.u}_w{self.warps}_b{self.min_blocks}_x{self.kx}"
         if self.wg:
-            return f"{_WG_PREFIX}_{t}_{out}_m{mt}_{g}_p{int(self.pipe)}"
+            return f"{_WG_PREFIX}_{t}_{out}_m{mt}_{g}_p{int(self.pipe)}_r{self.ring}_s{int(self.xreg)}"
         return f"{_SILU_PREFIX if silu else _PREFIX[fmt]}_{t}_{out}_m{mt}_{g}"
 
     def instance(self, fmt: int, bf16: bool, f32out: bool, mt: int, silu: bool = False) -> str:
@@ -98,7 +109,8 @@ class Geometry:
         shape = f"{mt}, {self.nt}, {self.u}, {self.warps}, {self.min_blocks}, {self.kx}"
         if self.wg:
             types = f"{_WG_PREFIX}_{'bf16' if bf16 else 'f16'}_{'f32' if f32out else '16'}, {t}, {str(f32out).lower()}"
-            return f"SKINNY_WG4({types}, {mt}, {self.u}, {self.warps}, {self.min_blocks}, {self.kx}, {int(self.pipe)})"
+            shape += f", {int(self.pipe)}, {self.ring}, {int(self.xreg)}"
+            return f"SKINNY_WG4({types}, {shape})"
         if silu:
             return f"SKINNY_SILU({_SILU_PREFIX}_{'bf16' if bf16 else 'f16'}_16, {t}, {shape})"
         prefix = f"{_PREFIX[fmt]}_{'bf16' if bf16 else 'f16'}_{'f32' if f32out else '16'}"
@@ -110,11 +122,12 @@ class Geometry:
         return 16 * self.nt * self.warps
 
     def smem(self, fmt: int, mt: int) -> int:
-        """Dynamic shared bytes a launch takes: two passes of staged x (none when x is read from global memory)."""
+        """Dynamic shared bytes a launch takes: two passes of staged x (none when x is read from global memory); the
+        warpgroup form's ring of weights after them (a kilobyte a tile, an 8-byte mbarrier a stage)."""
         if not self.kx:
             return 0
         if self.wg:  # (wgmma's layout: 128-byte core matrices, no padding)
-            return 2 * 8 * mt * self.kx * 2
+            return 2 * 8 * mt * self.kx * 2 + self.warps * self.ring * (1024 * self.u * self.nt + 8)
         return 2 * 8 * mt * (self.kx + (32 if fmt == W16 else 8)) * 2
 
     @property
@@ -138,14 +151,17 @@ _STAGED_X2 = {
     E4M3_ROW: Geometry(1, 4, 8, 2, 512, (3, 4)),
     INT4: Geometry(1, 2, 8, 2, 512, (4,)),
 }
-# the int4 warpgroup form (sm_90a, groups of 128 or more) at 25-32 rows, where an H200 sweep found it fastest for
-# the 8B shapes (benchmarks/RESULTS.md; at 16 rows the step was no faster): 8 warps; two blocks an SM with their
-# tile sums waited for at once (127 registers), or one with them left running while the next tile is decoded
-# (x staged 256 or 512 inputs at a time, 2 or 4 tiles in flight: 193-226 registers with NVRTC 13)
+# the int4 warpgroup form (sm_90a, groups of 128 or more) at 17-32 rows, where an H200 sweep found it fastest for
+# the 8B shapes (benchmarks/RESULTS.md; at 9-16 rows, faster alone, the step was no faster): one strip a warp, 8 warps,
+# one block an SM with the tile sums left running while the next tile is decoded (x staged 256 or 512 inputs at a
+# time, 2 or 4 tiles in flight: 167-226 registers with NVRTC 13), the O shape's fastest; and two strips a warp, 4
+# warps, two blocks an SM, the weights in a ring of two stages and x staged through registers (227-239 registers), the
+# QKV, gate/up and down shapes' fastest: each staged pass of x serves twice the weight rows, and x's coalesced 16-byte
+# loads replace the 4-byte copies that held the one-strip form (Nsight Compute: its warps stalled most on their queue)
 _WG4 = (
-    Geometry(1, 2, 8, 2, 512, (4,), True),
-    Geometry(1, 2, 8, 1, 256, (4,), True, True),
-    Geometry(1, 4, 8, 1, 512, (4,), True, True),
+    Geometry(1, 2, 8, 1, 256, (3, 4), True, True),
+    Geometry(1, 4, 8, 1, 512, (3, 4), True, True),
+    Geometry(2, 2, 4, 2, 256, (3, 4), True, True, 2, True),
 )
 GEOMETRIES: dict[int, tuple[Geometry, ...]] = {
     W16: (_GLOBAL_X16, _STAGED),
@@ -356,7 +372,7 @@ class SkinnyGemm:
         activation ``[rows, n / 2]`` (row stride ``y_ld``), ``silu(x @ gate.T) * (x @ up.T)``, FlashInfer's
         ``silu_and_mul`` of the plain launch's output. ``warpgroups``: False leaves out the int4 warpgroup form's
         launches (:attr:`Geometry.wg`; offered on an SM 9.0 whose NVRTC compiles sm_90a, for int4 groups of 128
-        inputs or more, at 25-32 rows). Values only: the caller keeps the buffers alive."""
+        inputs or more, at 17-32 rows). Values only: the caller keeps the buffers alive."""
         rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type = call
         bf16, f32out = ab_type == CUDA_R_16BF, c_type == CUDA_R_32F
         if silu and (fmt != W16 or f32out or n % 2):

@@ -206,7 +206,7 @@ def test_the_two_block_geometries_are_offered_at_their_row_groups_only() -> None
             fns = {p.function for p in gemm.plans(fmt, call, 1 << 32, k // 128, block, (1 << 33, k // 128, 1, 0))}
             offered = {g for g in GEOMETRIES[fmt] if mt in g.groups and gemm._fns[g.name(fmt, True, False, mt)] in fns}
             assert offered == {g for g in GEOMETRIES[fmt] if mt in g.groups}, (fmt, rows)
-            assert any(g.min_blocks == 2 for g in offered) == (mt in groups), (fmt, rows)
+            assert any(g.min_blocks == 2 and not g.wg for g in offered) == (mt in groups), (fmt, rows)
 
 
 def test_plans_leave_out_geometries_of_more_column_blocks_than_counters() -> None:
@@ -251,15 +251,19 @@ def test_every_geometry_a_dense_launches_is_a_default_instance() -> None:
     found = re.findall(r"SKINNY_TYPES\(\w+, (SK_\w+), (MT|\d), (\d+), (\d+), (\d+), (\d+), (\d+)\)", body)
     defaults = {(f, mt, tuple(int(v) for v in g)) for f, mt, *g in found}
     names = {W16: "SK_W16", E4M3_BLOCK: "SK_E4M3_BLOCK", E4M3_ROW: "SK_E4M3_ROW", INT4: "SK_INT4"}
-    # the int4 warpgroup form's: SKINNY_WG4_TYPES(MT, U, WARPS, MINB, KX, P), every type pair
-    warpgroups = set(re.findall(r"SKINNY_WG4_TYPES\((\d), (\d+), (\d+), (\d+), (\d+), ([01])\)", body))
+    # the int4 warpgroup form's: SKINNY_WG4_TYPES(MT, NT, U, WARPS, MINB, KX, P, R, S), every type pair, in
+    # SKINNY_WG4_ROWS(MT) for each row group it names
+    wg_rows = re.findall(r"^SKINNY_WG4_ROWS\((\d)\)", body, re.M)
+    wg_found = re.findall(r"SKINNY_WG4_TYPES\((MT), (\d), (\d+), (\d+), (\d+), (\d+), ([01]), (\d), ([01])\)", body)
+    warpgroups = {(mt, *g) for mt in wg_rows for _, *g in wg_found}
     for fmt, geometries in GEOMETRIES.items():
         for g in geometries:
             shape = (g.nt, g.u, g.warps, g.min_blocks, g.kx)
             for mt in g.groups:
                 if g.wg:
-                    assert fmt == INT4 and g.nt == 1, g
-                    wanted = (str(mt), *(str(v) for v in (g.u, g.warps, g.min_blocks, g.kx, int(g.pipe))))
+                    assert fmt == INT4, g
+                    form = (int(g.pipe), g.ring, int(g.xreg))
+                    wanted = (str(mt), *(str(v) for v in (g.nt, g.u, g.warps, g.min_blocks, g.kx, *form)))
                     assert wanted in warpgroups, (g, mt)
                     continue
                 assert {(names[fmt], "MT", shape), (names[fmt], str(mt), shape)} & defaults, (fmt, g, mt)
@@ -271,7 +275,7 @@ def test_every_geometry_a_dense_launches_is_a_default_instance() -> None:
     assert len(warpgroups) == sum(len(g.groups) for g in GEOMETRIES[INT4] if g.wg)
     for t, flag in (("bf16", "true"), ("f16", "false")):
         for out, f32 in (("16", "false"), ("f32", "true")):
-            assert f"SKINNY_WG4(skinnywg4_{t}_{out}, {flag}, {f32}, MT, U, WARPS, MINB, KX, P)" in text
+            assert f"SKINNY_WG4(skinnywg4_{t}_{out}, {flag}, {f32}, MT, NT, U, WARPS, MINB, KX, P, R, S)" in text
     for name, value in names.items():  # the kernel's FMT codes are the module's
         assert f"#define {value} {name}" in text
     # the SiLU form: every 16-bit geometry of every row group, both types
@@ -294,10 +298,20 @@ def test_kernel_names_and_instances_agree() -> None:
     assert g.smem(W16, 4) == 2 * 32 * (512 + 32) * 2 and g.smem(E4M3_ROW, 1) == 2 * 8 * (512 + 8) * 2
     assert Geometry(1, 2, 8, 1, 0).smem(W16, 4) == 0
     wg = Geometry(1, 4, 8, 1, 512, (4,), True, True)
-    assert wg.name(INT4, True, False, 4) == "skinnywg4_bf16_16_m4_n1_u4_w8_b1_x512_p1"
-    assert wg.instance(INT4, False, True, 4) == "SKINNY_WG4(skinnywg4_f16_f32, false, true, 4, 4, 8, 1, 512, 1)"
+    assert wg.name(INT4, True, False, 4) == "skinnywg4_bf16_16_m4_n1_u4_w8_b1_x512_p1_r0_s0"
+    assert (
+        wg.instance(INT4, False, True, 4) == "SKINNY_WG4(skinnywg4_f16_f32, false, true, 4, 1, 4, 8, 1, 512, 1, 0, 0)"
+    )
     assert wg.smem(INT4, 4) == 2 * 32 * 512 * 2 and wg.k_unit == 512  # (no padding; ranges of whole runs of 4 tiles)
     assert Geometry(1, 2, 8, 2, 512, (4,), True).k_unit == 0
+    # two strips a warp, the weights in a ring of 3 stages (a kilobyte a tile and strip, an 8-byte mbarrier a stage)
+    ring = Geometry(2, 2, 4, 2, 256, (4,), True, True, 3, True)
+    assert ring.name(INT4, True, True, 4) == "skinnywg4_bf16_f32_m4_n2_u2_w4_b2_x256_p1_r3_s1"
+    assert (
+        ring.instance(INT4, True, False, 4) == "SKINNY_WG4(skinnywg4_bf16_16, true, false, 4, 2, 2, 4, 2, 256, 1, 3, 1)"
+    )
+    assert ring.smem(INT4, 4) == 2 * 32 * 256 * 2 + 4 * 3 * (2 * 2 * 1024 + 8) and ring.rows_per_block == 128
+    assert ring.k_unit == 256
 
 
 def test_the_int4_warpgroup_form_is_offered_on_sm90_for_groups_of_128_or_more_only() -> None:
@@ -314,15 +328,21 @@ def test_the_int4_warpgroup_form_is_offered_on_sm90_for_groups_of_128_or_more_on
 
     assert offered(1) == wgs and offered(2) == wgs  # groups of 128 and 256
     assert not offered(0)  # groups of 64: two records a tile, which the form does not read
-    assert not offered(1, rows=24)  # (25-32 rows only)
+    assert not offered(1, rows=16)  # (17-32 rows only)
+    wgs24 = {gemm._fns[g.name(INT4, True, False, 3)] for g in GEOMETRIES[INT4] if g.wg}
+    plans24 = gemm.plans(INT4, (24, *call[1:]), int4=(1 << 33, k // 128, 1, 0))
+    assert {p.function for p in plans24} & wgs24 == wgs24
     assert not offered(1, warpgroups=False)  # SkinnyLaunches.warpgroups_on off
     gemm.warpgroups = False  # not an SM 9.0 (sm_90a code)
     assert not offered(1)
-    # a k of 5 tiles: the pipelined geometries (runs of 2 and 4 tiles) cannot split it; the other can
-    five = (32, 1 << 20, 640, 1 << 24, n, 640, 1 << 28, n, 14, 14)
+    # a k of 5 tiles: the pipelined geometries (runs of 2 and 4 tiles: all of them) cannot split it; of 6, those of
+    # runs of 2 can
     gemm.warpgroups = True
-    fns = {p.function for p in gemm.plans(INT4, five, int4=(1 << 33, 5, 1, 0))} & wgs
-    assert fns == {gemm._fns[g.name(INT4, True, False, 4)] for g in GEOMETRIES[INT4] if g.wg and not g.pipe}
+    assert all(g.pipe for g in GEOMETRIES[INT4] if g.wg)
+    for tiles, units in ((5, ()), (6, (256,))):
+        call_k = (32, 1 << 20, 128 * tiles, 1 << 24, n, 128 * tiles, 1 << 28, n, 14, 14)
+        fns = {p.function for p in gemm.plans(INT4, call_k, int4=(1 << 33, tiles, 1, 0))} & wgs
+        assert fns == {gemm._fns[g.name(INT4, True, False, 4)] for g in GEOMETRIES[INT4] if g.wg and g.k_unit in units}
 
 
 def test_an_nvrtc_refusing_sm90a_leaves_the_mma_sync_geometries() -> None:

@@ -394,11 +394,11 @@ __device__ __forceinline__ void skinny_gemm(const unsigned short* __restrict__ x
 #endif
 }
 
-// The warpgroup form of the int4 GEMM (sm_90a: Hopper's wgmma.mma_async; groups of 128 inputs or more). At 25-32
-// rows the mma.sync form issues about 400 instructions a warp's 1 KB tile (Nsight Compute on an H200: 32 mma.sync,
+// The warpgroup form of the int4 GEMM (sm_90a: Hopper's wgmma.mma_async; groups of 128 inputs or more; 17-32 rows).
+// At 25-32 rows the mma.sync form issues about 400 instructions a warp's 1 KB tile (Nsight Compute on an H200: 32 mma.sync,
 // its x fragments read from shared memory, 8 KB a tile, and the decode), its schedulers busy 55 % of the cycles with
-// the weights read at a fifth of the peak. Here each group of four warps multiplies its 64 weight rows by the block's staged x in one wgmma a k16 product: the A operand from the
-// registers the decoded pairs are in (the mma.sync form's words in the same slots), x the B operand, read by the
+// the weights read at a fifth of the peak. Here each group of four warps multiplies its 64 weight rows by the block's
+// staged x in one wgmma a k16 product: the A operand from the registers the decoded pairs are in (the mma.sync form's words in the same slots), x the B operand, read by the
 // tensor cores from shared memory (8 MT rows: n = 8 MT), so no lane loads x and each x value is read once per four
 // warps. Lane q's slots 2q, 2q + 1 and 2q + 8, 2q + 9 of product m' (0..7) of a tile hold its inputs 64 h + 16 q + 4 m
 // + {0, 1} and + {2, 3} (h = m' / 4, m = m' % 4: int4_decode.cuh's pairs), so x is staged in that order: the 32-bit
@@ -409,6 +409,11 @@ __device__ __forceinline__ void skinny_gemm(const unsigned short* __restrict__ x
 // which, once they complete, are added times each row's scale (the zero already subtracted from each pair, as the
 // int4 GEMV does): float32 as the mma.sync form's, a tile scaled at a time where that form scales each half, so the
 // two agree within float32 rounding, not bit for bit.
+// The 4-byte staging copies are what held this form next (Nsight Compute on an H200, 16-warp blocks: of ~10 cycles an
+// instruction, 1.9 stalled on the copies' queue, 1.4 at the pass barriers, 0.5 on the L1 queue), so two more ways
+// cut their cost a weight: NT strips a warp (each staged pass serves NT times the weight rows; the strips' weights
+// then streamed through a ring of bulk copies in shared memory, for registers) and x staged through registers
+// (XREG: coalesced 16-byte loads a pass ahead, each stored as four words of the layout, one barrier a pass).
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define SK_WG_ARCH 1
 #elif defined(SK_WG_REQUIRED)
@@ -444,6 +449,39 @@ __device__ __forceinline__ void sk_stage_wg(unsigned* xw, const unsigned short* 
                          ::"r"(at + 4 * (32 * (ng * CP + c0))), "l"(from[ng] + in), "r"(sz[ng]), "r"(i), "r"(mine));
     }
     asm volatile("cp.async.commit_group;");
+}
+// The same layout filled through registers (XREG): each lane loads 16-byte vectors of x a pass ahead, coalesced
+// where the 4-byte copies above touch eight rows' lines each, and at the pass boundary stores each vector's four
+// words in their chunks. Lane (rr, q) of warp w takes inputs 64 b + 16 q + 8 hh .. + 7 of row 8 ng + rr, for b = w / 2
+// + (WARPS / 2) j, hh = w % 2 (j < KX / (32 WARPS)), whose words v go to chunk 8 b + 4 hh + v at the lane's word: each
+// store instruction 32 consecutive words. xr[ng]: the lane's row at its first input (sk_xrow_reg), len as above.
+template <int MT, int KX, int WARPS, int J>
+__device__ __forceinline__ void sk_xload(uint4 (&xv)[MT][J], const unsigned short* const (&xr)[MT], int k0, int len) {
+    static_assert(J >= 1 && KX == 32 * WARPS * J, "whole vectors a warp: J = KX / (32 WARPS)");
+    const int b0 = (threadIdx.x >> 5) >> 1;
+#pragma unroll
+    for (int ng = 0; ng < MT; ++ng)
+#pragma unroll
+        for (int j = 0; j < J; ++j)
+            if (64 * (b0 + (WARPS / 2) * j) < len)
+                xv[ng][j] = *reinterpret_cast<const uint4*>(xr[ng] + k0 + 32 * WARPS * j);
+}
+template <int MT, int KX, int WARPS, int J>
+__device__ __forceinline__ void sk_xstore(unsigned buf, const uint4 (&xv)[MT][J], int len) {
+    constexpr int CP = KX / 8;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, b0 = warp >> 1;
+    const unsigned at = buf + 4 * (32 * (8 * b0 + 4 * (warp & 1)) + lane);
+#pragma unroll
+    for (int ng = 0; ng < MT; ++ng)
+#pragma unroll
+        for (int j = 0; j < J; ++j)
+            if (64 * (b0 + (WARPS / 2) * j) < len) {
+                const unsigned w4[4] = {xv[ng][j].x, xv[ng][j].y, xv[ng][j].z, xv[ng][j].w};
+#pragma unroll
+                for (int v = 0; v < 4; ++v)
+                    asm volatile("st.shared.b32 [%0], %1;" ::"r"(at + 4 * 32 * (ng * CP + 4 * WARPS * j + v)), "r"(w4[v])
+                                 : "memory");
+            }
 }
 // the shared-memory descriptor of the k16 product whose first core matrix is at shared address `at`: the next
 // k-chunk's core matrix 128 bytes on (leading dimension), the next row group's CP * 128 (stride dimension)
@@ -521,11 +559,54 @@ __device__ __forceinline__ void sk_wg_decode(unsigned (&a)[8][4], const uint4& v
         for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[p][j])::"memory");
 }
 
+// The weight ring of the warpgroup form (RING > 0 stages): each warp's next runs of U tiles copied into shared memory
+// by one bulk copy a run (cp.async.bulk, completed on an mbarrier of the stage), so RING - 1 runs are in flight while
+// one is summed and no register holds a weight before its decode. A strip's tiles are one contiguous run of bytes in
+// the tile-major layout, so a warp's run is one copy. bar: the stage's mbarrier (a shared address), arrived at once
+// by the copying lane with the bytes it expects.
+__device__ __forceinline__ void sk_ring_init(unsigned bar) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
+}
+// the stage's one arrival, with the bytes its copies (issued after this) will complete
+__device__ __forceinline__ void sk_ring_expect(unsigned bar, unsigned bytes) {
+#ifdef SK_WG_ARCH
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar), "r"(bytes)
+                 : "memory");
+#endif
+}
+// `bytes` (a multiple of 16) of src into shared address dst, completing them on bar (expected there: sk_ring_expect)
+__device__ __forceinline__ void sk_ring_copy(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
+#ifdef SK_WG_ARCH
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+                 "l"(src), "r"(bytes), "r"(bar)
+                 : "memory");
+#endif
+}
+// until bar's phase of this parity has completed (the stage's copy landed)
+__device__ __forceinline__ void sk_ring_wait(unsigned bar, unsigned parity) {
+#ifdef SK_WG_ARCH
+    unsigned ok;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(ok)
+                     : "r"(bar), "r"(parity)
+                     : "memory");
+    } while (!ok);
+#endif
+}
+__device__ __forceinline__ uint4 sk_lds(unsigned at) {
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(at));
+    return v;
+}
+
 // the int4 warpgroup form: skinny_gemm's arguments and contract (FMT SK_INT4, q_b >= 1: groups of 128 inputs or
-// more, whole warpgroups a block); U tiles of weights in flight while the ones in hand are summed; PIPE: a tile's
-// products left running while the next tile is decoded (two sets of tile sums; U even, and each k range whole U
-// tiles: the caller's) or waited for at once
-template <bool BF16, bool F32OUT, int MT, int U, int WARPS, int KX, bool PIPE>
+// more, whole warpgroups a block); NT strips of 16 weight rows a warp (the warpgroup's 64 rows of each strip index one
+// wgmma's; more strips share each staged pass of x); U tiles of weights in flight while the ones in hand are summed
+// (RING 0: in registers) or RING stages of U tiles a strip in shared memory (the ring above); PIPE: a product's sums
+// left running while the next tile is decoded (two sets of sums, alternating by product: U NT even, and each k range
+// whole U tiles, the caller's) or waited for at once
+template <bool BF16, bool F32OUT, int MT, int NT, int U, int WARPS, int KX, bool PIPE, int RING, bool XREG>
 __device__ __forceinline__ void skinny_wg4(const unsigned short* __restrict__ x, const void* __restrict__ w,
                                            void* __restrict__ y, float* __restrict__ part, unsigned* __restrict__ done,
                                            int rows, int n, int k, long long x_ld, long long y_ld, int kc,
@@ -533,36 +614,49 @@ __device__ __forceinline__ void skinny_wg4(const unsigned short* __restrict__ x,
 #ifdef SK_WG_ARCH
     constexpr int PASS = KX / 128, BUF = 4 * MT * KX, CP = KX / 8;  // tiles, 32-bit words and chunks of a pass
     // (PIPE with several runs of U tiles a pass: ptxas serializes the wgmma, their pipelining lost)
-    static_assert(WARPS % 4 == 0 && KX % (128 * U) == 0 && (!PIPE || (U % 2 == 0 && KX == 128 * U)),
-                  "whole warpgroups; a pass of whole U tiles; PIPE: an even U (each tile's set of sums fixed), one run "
-                  "of U tiles a pass");
-    extern __shared__ uint4 xs[];  // two passes of x, each 4 MT KX words in the layout above
+    static_assert(WARPS % 4 == 0 && KX % (128 * U) == 0 && (!PIPE || ((U * NT) % 2 == 0 && KX == 128 * U)),
+                  "whole warpgroups; a pass of whole U tiles; PIPE: U NT even (each product's set of sums fixed), one "
+                  "run of U tiles a pass");
+    static_assert(RING == 0 || RING >= 2, "a ring of two stages or more");
+    static_assert(NT == 1 || (PIPE && RING), "several strips a warp: pipelined, their weights in the ring (registers)");
+    constexpr int STAGE = U * NT * 1024;  // bytes of a ring stage: strip t's U tiles at t U kilobytes
+    extern __shared__ uint4 xs[];  // two passes of x, each 4 MT KX words in the layout above; then the ring
     __shared__ unsigned last;
     griddep_launch_dependents();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, q = lane & 3;
-    const int j0 = (blockIdx.x * WARPS + warp) * 16;
+    const int j0 = (blockIdx.x * WARPS + warp) * 16 * NT;  // the warp's first row: strips j0 / 16 + t
     const int k_lo = blockIdx.y * kc, k_hi = min(k, k_lo + kc);
     const int steps = max(0, (k_hi - k_lo) / 128);
     const unsigned* rec = reinterpret_cast<const unsigned*>(qd);
     const int tile_at = k_lo >> 7;  // the range's first tile
-    // the lane's rows g and g + 8 of strip j0 / 16 (a strip past n: the last one's) at the range's first tile
-    const long long strip = min(j0, n - 1) >> 4;
-    const uint4* wr = reinterpret_cast<const uint4*>(w) + (strip * (k >> 7) + tile_at) * I4_TILE_VECS + 4 * g + q;
-    // the lane's rows of records (tile t's group: t >> (q_b - 1), q_b >= 1)
+    // the warp's strips (past n: the last one) at the range's first tile; the lane's rows g and g + 8 of each
+    const unsigned char* wrun[NT];
+    const unsigned* ra[NT];  // the lane's rows of records (tile t's group: t >> (q_b - 1), q_b >= 1)
+    const unsigned* rb[NT];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+        const long long strip = min(j0 + 16 * t, n - 1) >> 4;
+        wrun[t] = reinterpret_cast<const unsigned char*>(w) + (strip * (k >> 7) + tile_at) * 1024;
+        ra[t] = rec + (long long)min(j0 + 16 * t + g, n - 1) * q_ld;
+        rb[t] = rec + (long long)min(j0 + 16 * t + g + 8, n - 1) * q_ld;
+    }
     const int gs = q_b - 1;
-    const unsigned* ra = rec + (long long)min(j0 + g, n - 1) * q_ld;
-    const unsigned* rb = rec + (long long)min(j0 + g + 8, n - 1) * q_ld;
+    const uint4* wr = reinterpret_cast<const uint4*>(wrun[0]) + 4 * g + q;  // (RING 0, NT 1: the lane's vectors)
     // the lane's x rows for the staging (sk_stage_wg), at its first input
     const unsigned short* xr[MT];
     int sz[MT];
 #pragma unroll
     for (int ng = 0; ng < MT; ++ng) {
         const int r = 8 * ng + g;
-        xr[ng] = x + (long long)min(r, rows - 1) * x_ld + 64 * (warp >> 3) + 2 * (warp & 7) + 16 * q;  // (chunk `warp`)
+        xr[ng] = x + (long long)min(r, rows - 1) * x_ld + 16 * q +
+                 (XREG ? 64 * (warp >> 1) + 8 * (warp & 1)       // (sk_xload's first vector)
+                       : 64 * (warp >> 3) + 2 * (warp & 7));  // (chunk `warp`)
         sz[ng] = r < rows ? 4 : 0;
     }
-    float acc[1][MT][4], blk[PIPE ? 2 : 1][MT][4];
+    constexpr int XJ = XREG ? KX / (32 * WARPS) : 1;  // XREG: 16-byte vectors of x a lane loads a row group
+    uint4 xv[MT][XJ];  // XREG: the next pass's x
+    float acc[NT][MT][4], blk[PIPE ? 2 : 1][MT][4];
     sk_zero(acc);
 #pragma unroll
     for (int b = 0; b < (PIPE ? 2 : 1); ++b)
@@ -570,99 +664,177 @@ __device__ __forceinline__ void skinny_wg4(const unsigned short* __restrict__ x,
         for (int i = 0; i < MT; ++i)
 #pragma unroll
             for (int e = 0; e < 4; ++e) blk[b][i][e] = 0.f;
-    uint4 cur[U][2];
-    unsigned cr[U][2];
+    unsigned* xw = reinterpret_cast<unsigned*>(xs);
+    const unsigned base = (unsigned)__cvta_generic_to_shared(xw);
+    // the ring: this warp's RING stages after x's two passes, then its stages' mbarriers
+    const unsigned ring = base + 8 * BUF + warp * (RING * STAGE);
+    const unsigned bars = base + 8 * BUF + WARPS * (RING * STAGE) + warp * (RING * 8);
+    const int runs = (steps + U - 1) / U;
+    const unsigned lane_at = 16 * (4 * g + q);  // the lane's first vector in a tile (its second 512 bytes on)
+    uint4 cur[RING ? 1 : U][2];
+    unsigned cr[U][NT][2];
+    if (RING) {  // (the weights are constants: their copies start before griddep_wait)
+        if (lane == 0) {
+#pragma unroll
+            for (int s = 0; s < RING; ++s) sk_ring_init(bars + 8 * s);
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the inits seen by the copies' completion
+#pragma unroll
+            for (int s = 0; s < RING; ++s)
+                if (s < runs) {
+                    const unsigned bytes = 1024 * min(U, steps - s * U);
+                    sk_ring_expect(bars + 8 * s, NT * bytes);
+#pragma unroll
+                    for (int t = 0; t < NT; ++t)
+                        sk_ring_copy(ring + s * STAGE + t * U * 1024, wrun[t] + s * U * 1024, bytes, bars + 8 * s);
+                }
+        }
+        __syncwarp();
+    }
 #pragma unroll
     for (int u = 0; u < U; ++u)
         if (u < steps) {
-            cur[u][0] = load_weights(wr + I4_TILE_VECS * u), cur[u][1] = load_weights(wr + I4_TILE_VECS * u + I4_TILE_VECS / 2);
-            cr[u][0] = __ldg(ra + ((tile_at + u) >> gs)), cr[u][1] = __ldg(rb + ((tile_at + u) >> gs));
+            if (!RING)
+                cur[RING ? 0 : u][0] = load_weights(wr + I4_TILE_VECS * u),
+                cur[RING ? 0 : u][1] = load_weights(wr + I4_TILE_VECS * u + I4_TILE_VECS / 2);
+#pragma unroll
+            for (int t = 0; t < NT; ++t)
+                cr[u][t][0] = __ldg(ra[t] + ((tile_at + u) >> gs)), cr[u][t][1] = __ldg(rb[t] + ((tile_at + u) >> gs));
         }
     griddep_wait();  // x may be the previous kernel's output, part and done its scratch; W and its records constants
-    unsigned* xw = reinterpret_cast<unsigned*>(xs);
     const int passes = (k_hi - k_lo + KX - 1) / KX;
-    if (steps > 0) sk_stage_wg<MT, KX, WARPS>(xw, xr, sz, k_lo, min(KX, k_hi - k_lo));
-    const unsigned base = (unsigned)__cvta_generic_to_shared(xw);
-    float sa = 0.f, sb = 0.f;  // PIPE: the scales of the tile whose products are running
+    if (steps > 0) {
+        if constexpr (XREG) sk_xload<MT, KX, WARPS, XJ>(xv, xr, k_lo, min(KX, k_hi - k_lo));
+        else sk_stage_wg<MT, KX, WARPS>(xw, xr, sz, k_lo, min(KX, k_hi - k_lo));
+    }
+    float sa = 0.f, sb = 0.f;  // PIPE: the scales of the product whose sums are running
     const uint4* wn = wr;  // the weights of tile `step` (moved a run of U at a time: the loads' offsets immediate)
-    for (int step = 0; step < steps; step += U) {
-        uint4 nxt[U][2];
-        unsigned nr[U][2];
+    for (int step = 0, run = 0; step < steps; step += U, ++run) {
+        uint4 nxt[RING ? 1 : U][2];
+        unsigned nr[U][NT][2];
         wn += U * I4_TILE_VECS;
 #pragma unroll
         for (int u = 0; u < U; ++u)
             if (step + U + u < steps) {
-                const int t = tile_at + step + U + u;
-                nxt[u][0] = load_weights(wn + I4_TILE_VECS * u), nxt[u][1] = load_weights(wn + I4_TILE_VECS * u + I4_TILE_VECS / 2);
-                nr[u][0] = __ldg(ra + (t >> gs)), nr[u][1] = __ldg(rb + (t >> gs));
+                const int tl = tile_at + step + U + u;
+                if (!RING)
+                    nxt[RING ? 0 : u][0] = load_weights(wn + I4_TILE_VECS * u),
+                    nxt[RING ? 0 : u][1] = load_weights(wn + I4_TILE_VECS * u + I4_TILE_VECS / 2);
+#pragma unroll
+                for (int t = 0; t < NT; ++t) nr[u][t][0] = __ldg(ra[t] + (tl >> gs)), nr[u][t][1] = __ldg(rb[t] + (tl >> gs));
             }
         if (step % PASS == 0) {  // pass p's x staged (asked for a pass ago), pass p + 1's asked for now
             const int p = step / PASS;
-            if (PIPE) {  // the last tile's products read pass p - 1's buffer: done before it is refilled (step 0: none)
-                sk_wg_wait<0>(blk[1]);  // (the last tile: odd, U even)
+            if (PIPE) {  // the last product read pass p - 1's buffer: done before it is refilled (step 0: none)
+                sk_wg_wait<0>(blk[1]);  // (the last product of a run: set 1, U NT even; strip NT - 1)
 #pragma unroll
                 for (int i = 0; i < MT; ++i) {
                     float(&d)[4] = blk[1][i];
-                    acc[0][i][0] = fmaf(sa, d[0], acc[0][i][0]), acc[0][i][1] = fmaf(sa, d[1], acc[0][i][1]);
-                    acc[0][i][2] = fmaf(sb, d[2], acc[0][i][2]), acc[0][i][3] = fmaf(sb, d[3], acc[0][i][3]);
+                    float(&o)[4] = acc[NT - 1][i];
+                    o[0] = fmaf(sa, d[0], o[0]), o[1] = fmaf(sa, d[1], o[1]);
+                    o[2] = fmaf(sb, d[2], o[2]), o[3] = fmaf(sb, d[3], o[3]);
                 }
-                sa = sb = 0.f;  // (added: the next wait adds nothing more of it)
             }
-            __syncthreads();  // every warpgroup's products over pass p - 1's buffer have completed
-            if (p + 1 < passes) {
-                const int k0 = k_lo + (p + 1) * KX;
-                sk_stage_wg<MT, KX, WARPS>(xw + ((p + 1) & 1) * BUF, xr, sz, k0, min(KX, k_hi - k0));
+            if constexpr (XREG) {  // pass p's x from the registers into its buffer, whose last readers (pass p - 2's products)
+                         // completed before the barrier of pass p - 1; then pass p + 1's loads
+                sk_xstore<MT, KX, WARPS, XJ>(base + (p & 1) * BUF * 4, xv, min(KX, k_hi - (k_lo + p * KX)));
+                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // (the stores seen by the tensor cores)
+                __syncthreads();
+                if (p + 1 < passes) {
+                    const int k0 = k_lo + (p + 1) * KX;
+                    sk_xload<MT, KX, WARPS, XJ>(xv, xr, k0, min(KX, k_hi - k0));
+                }
             } else {
-                asm volatile("cp.async.commit_group;");
+                __syncthreads();  // every warpgroup's products over pass p - 1's buffer have completed
+                if (p + 1 < passes) {
+                    const int k0 = k_lo + (p + 1) * KX;
+                    sk_stage_wg<MT, KX, WARPS>(xw + ((p + 1) & 1) * BUF, xr, sz, k0, min(KX, k_hi - k0));
+                } else {
+                    asm volatile("cp.async.commit_group;");
+                }
+                asm volatile("cp.async.wait_group 1;" ::: "memory");
+                // this thread's copies, written through the generic proxy, made visible to the tensor cores' reads
+                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                __syncthreads();
             }
-            asm volatile("cp.async.wait_group 1;" ::: "memory");
-            // this thread's copies, written through the generic proxy, made visible to the tensor cores' reads
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-            __syncthreads();
         }
+        const int stage = RING ? run % (RING ? RING : 1) : 0;
+        if (RING) sk_ring_wait(bars + 8 * stage, (run / (RING ? RING : 1)) & 1);  // this run's tiles landed
         // the descriptor of the pass's first product; tile t's product m' is 2 (8 t + m') chunks of 128 bytes on
         const unsigned long long desc = sk_wg_desc<CP>(base + ((step / PASS) & 1) * BUF * 4);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             if (PIPE || step + u < steps) {  // (PIPE: whole U tiles, below)
-                const int b = PIPE ? u & 1 : 0;  // (step a multiple of U: even)
-                unsigned a[8][4];
-                sk_wg_decode<BF16>(a, cur[u][0], cur[u][1], i4_neg_zero<BF16>(cr[u][0]), i4_neg_zero<BF16>(cr[u][1]));
-                asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
                 const unsigned long long dt = desc + ((step + u) % PASS) * (16 * 128 >> 4);
 #pragma unroll
-                for (int p = 0; p < 8; ++p)
-                    sk_wgmma<BF16, MT>(blk[b], a[p][0], a[p][1], a[p][2], a[p][3], dt + p * (2 * 128 >> 4), p > 0);
-                asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-                // PIPE: the tile before's products (the other set) completed, added with its scales; else this one's
-                if (PIPE) sk_wg_wait<1>(blk[b ^ 1]);
-                else sk_wg_wait<0>(blk[0]);
-                const float(&d)[MT][4] = blk[PIPE ? b ^ 1 : 0];
-                const float ta = PIPE ? sa : i4_scale(cr[u][0]), tb = PIPE ? sb : i4_scale(cr[u][1]);
+                for (int t = 0; t < NT; ++t) {
+                    const int pi = u * NT + t, b = PIPE ? pi & 1 : 0;  // (the product's index in the run; its set)
+                    uint4 va, vb;
+                    if (RING) {
+                        const unsigned at = ring + stage * STAGE + (t * U + u) * 1024 + lane_at;
+                        va = sk_lds(at), vb = sk_lds(at + 512);
+                    } else {
+                        va = cur[RING ? 0 : u][0], vb = cur[RING ? 0 : u][1];
+                    }
+                    unsigned a[8][4];
+                    sk_wg_decode<BF16>(a, va, vb, i4_neg_zero<BF16>(cr[u][t][0]), i4_neg_zero<BF16>(cr[u][t][1]));
+                    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
-                for (int i = 0; i < MT; ++i) {
-                    acc[0][i][0] = fmaf(ta, d[i][0], acc[0][i][0]), acc[0][i][1] = fmaf(ta, d[i][1], acc[0][i][1]);
-                    acc[0][i][2] = fmaf(tb, d[i][2], acc[0][i][2]), acc[0][i][3] = fmaf(tb, d[i][3], acc[0][i][3]);
+                    for (int p = 0; p < 8; ++p)
+                        sk_wgmma<BF16, MT>(blk[b], a[p][0], a[p][1], a[p][2], a[p][3], dt + p * (2 * 128 >> 4), p > 0);
+                    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+                    // PIPE: the product before's sums (the other set, strip t - 1 or the run's last) completed, added
+                    // with its scales (at a run's first product, that is the last run's last, already added at the
+                    // pass boundary above: every run starts a pass); else this product's
+                    if (!PIPE || pi > 0) {
+                        if (PIPE) sk_wg_wait<1>(blk[b ^ 1]);
+                        else sk_wg_wait<0>(blk[0]);
+                        const float(&d)[MT][4] = blk[PIPE ? b ^ 1 : 0];
+                        float(&o)[MT][4] = acc[PIPE ? (t + NT - 1) % NT : t];
+                        const float ta = PIPE ? sa : i4_scale(cr[u][t][0]), tb = PIPE ? sb : i4_scale(cr[u][t][1]);
+#pragma unroll
+                        for (int i = 0; i < MT; ++i) {
+                            o[i][0] = fmaf(ta, d[i][0], o[i][0]), o[i][1] = fmaf(ta, d[i][1], o[i][1]);
+                            o[i][2] = fmaf(tb, d[i][2], o[i][2]), o[i][3] = fmaf(tb, d[i][3], o[i][3]);
+                        }
+                    }
+                    if (PIPE) sa = i4_scale(cr[u][t][0]), sb = i4_scale(cr[u][t][1]);
                 }
-                if (PIPE) sa = i4_scale(cr[u][0]), sb = i4_scale(cr[u][1]);
+            }
+        }
+        if (RING) {  // every lane has read this stage: the run RING on goes into it
+            __syncwarp();
+            if (lane == 0 && run + RING < runs) {
+                const int next = run + RING;
+                const unsigned bytes = 1024 * min(U, steps - next * U);
+                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // (the reads before the copy's writes)
+                sk_ring_expect(bars + 8 * stage, NT * bytes);
+#pragma unroll
+                for (int t = 0; t < NT; ++t)
+                    sk_ring_copy(ring + stage * STAGE + t * U * 1024, wrun[t] + (long long)next * U * 1024, bytes,
+                                 bars + 8 * stage);
             }
         }
         if (step + U < steps) {
 #pragma unroll
-            for (int u = 0; u < U; ++u) cur[u][0] = nxt[u][0], cur[u][1] = nxt[u][1], cr[u][0] = nr[u][0], cr[u][1] = nr[u][1];
+            for (int u = 0; u < U; ++u) {
+                if (!RING) cur[RING ? 0 : u][0] = nxt[RING ? 0 : u][0], cur[RING ? 0 : u][1] = nxt[RING ? 0 : u][1];
+#pragma unroll
+                for (int t = 0; t < NT; ++t) cr[u][t][0] = nr[u][t][0], cr[u][t][1] = nr[u][t][1];
+            }
         }
     }
-    if (PIPE) {  // the last tile's products (an odd one: U even; none: sa, sb and the sums zero)
+    if (PIPE) {  // the last product's sums (set 1, strip NT - 1; none: sa, sb and the sums zero)
         sk_wg_wait<0>(blk[1]);
 #pragma unroll
         for (int i = 0; i < MT; ++i) {
             float(&d)[4] = blk[1][i];
-            acc[0][i][0] = fmaf(sa, d[0], acc[0][i][0]), acc[0][i][1] = fmaf(sa, d[1], acc[0][i][1]);
-            acc[0][i][2] = fmaf(sb, d[2], acc[0][i][2]), acc[0][i][3] = fmaf(sb, d[3], acc[0][i][3]);
+            float(&o)[4] = acc[NT - 1][i];
+            o[0] = fmaf(sa, d[0], o[0]), o[1] = fmaf(sa, d[1], o[1]);
+            o[2] = fmaf(sb, d[2], o[2]), o[3] = fmaf(sb, d[3], o[3]);
         }
     }
     asm volatile("cp.async.wait_all;" ::: "memory");  // none left in flight at exit
-    sk_finish<BF16, F32OUT, MT, 1, WARPS, false>(acc, y, part, done, last, rows, n, y_ld, j0, g, q, q_a);
+    sk_finish<BF16, F32OUT, MT, NT, WARPS, false>(acc, y, part, done, last, rows, n, y_ld, j0, g, q, q_a);
 #else
     __trap();  // compiled for an architecture without wgmma: never launched (SkinnyGemm compiles these for sm_90a)
 #endif
@@ -689,14 +861,15 @@ __device__ __forceinline__ void skinny_wg4(const unsigned short* __restrict__ x,
         skinny_gemm<bf16, false, SK_W16, MT, NT, U, WARPS, (KX ? KX : 512), KX == 0, true>(                         \
             x, w, y, part, done, rows, n, k, x_ld, y_ld, kc, q, q_ld, q_a, q_b);                                    \
     }
-// The int4 warpgroup form (sm_90a; groups of 128 inputs or more): the same arguments as SKINNY's; P 1: PIPE
-#define SKINNY_WG4(name, bf16, f32out, MT, U, WARPS, MINB, KX, P)                                                  \
+// The int4 warpgroup form (sm_90a; groups of 128 inputs or more): the same arguments as SKINNY's; P 1: PIPE; R: RING
+// (dynamic shared memory: x's two passes, then R stages of U kilobytes and an 8-byte mbarrier each a warp)
+#define SKINNY_WG4(name, bf16, f32out, MT, NT, U, WARPS, MINB, KX, P, R, S)                                        \
     extern "C" __global__ void __launch_bounds__(32 * WARPS, MINB)                                                   \
-        name##_m##MT##_n1_u##U##_w##WARPS##_b##MINB##_x##KX##_p##P(                                                 \
+        name##_m##MT##_n##NT##_u##U##_w##WARPS##_b##MINB##_x##KX##_p##P##_r##R##_s##S(                              \
             const unsigned short* x, const void* w, void* y, float* part, unsigned* done, int rows, int n, int k,   \
             long long x_ld, long long y_ld, int kc, const void* q, long long q_ld, int q_a, int q_b) {              \
-        skinny_wg4<bf16, f32out, MT, U, WARPS, KX, P == 1>(x, w, y, part, done, rows, n, k, x_ld, y_ld, kc, q,     \
-                                                           q_ld, q_a, q_b);                                         \
+        skinny_wg4<bf16, f32out, MT, NT, U, WARPS, KX, P == 1, R, S == 1>(x, w, y, part, done, rows, n, k, x_ld,   \
+                                                                          y_ld, kc, q, q_ld, q_a, q_b);             \
     }
 // every type pair of one format and geometry: skinny{,8b,8r,4}_{bf16,f16}_{16,f32}_...
 #define SKINNY_TYPES(prefix, fmt, MT, NT, U, WARPS, MINB, KX)                                                       \
@@ -726,11 +899,15 @@ SKINNY_ROWS(4)
 SKINNY_TYPES(skinny8b, SK_E4M3_BLOCK, 3, 1, 2, 8, 2, 512) SKINNY_TYPES(skinny8b, SK_E4M3_BLOCK, 4, 1, 2, 8, 2, 512)
 SKINNY_TYPES(skinny8r, SK_E4M3_ROW, 3, 1, 4, 8, 2, 512) SKINNY_TYPES(skinny8r, SK_E4M3_ROW, 4, 1, 4, 8, 2, 512)
 SKINNY_TYPES(skinny4, SK_INT4, 4, 1, 2, 8, 2, 512)
-// the int4 warpgroup form at 25-32 rows (SkinnyGemm compiles it for sm_90a; here, without wgmma, each traps)
-#define SKINNY_WG4_TYPES(MT, U, WARPS, MINB, KX, P)                                                                 \
-    SKINNY_WG4(skinnywg4_bf16_16, true, false, MT, U, WARPS, MINB, KX, P)                                           \
-    SKINNY_WG4(skinnywg4_bf16_f32, true, true, MT, U, WARPS, MINB, KX, P)                                           \
-    SKINNY_WG4(skinnywg4_f16_16, false, false, MT, U, WARPS, MINB, KX, P)                                           \
-    SKINNY_WG4(skinnywg4_f16_f32, false, true, MT, U, WARPS, MINB, KX, P)
-SKINNY_WG4_TYPES(4, 2, 8, 2, 512, 0) SKINNY_WG4_TYPES(4, 2, 8, 1, 256, 1) SKINNY_WG4_TYPES(4, 4, 8, 1, 512, 1)
+// the int4 warpgroup form at 17-32 rows (SkinnyGemm compiles it for sm_90a; here, without wgmma, each traps)
+#define SKINNY_WG4_TYPES(MT, NT, U, WARPS, MINB, KX, P, R, S)                                                       \
+    SKINNY_WG4(skinnywg4_bf16_16, true, false, MT, NT, U, WARPS, MINB, KX, P, R, S)                                 \
+    SKINNY_WG4(skinnywg4_bf16_f32, true, true, MT, NT, U, WARPS, MINB, KX, P, R, S)                                 \
+    SKINNY_WG4(skinnywg4_f16_16, false, false, MT, NT, U, WARPS, MINB, KX, P, R, S)                                 \
+    SKINNY_WG4(skinnywg4_f16_f32, false, true, MT, NT, U, WARPS, MINB, KX, P, R, S)
+#define SKINNY_WG4_ROWS(MT)                                                                                         \
+    SKINNY_WG4_TYPES(MT, 1, 2, 8, 1, 256, 1, 0, 0) SKINNY_WG4_TYPES(MT, 1, 4, 8, 1, 512, 1, 0, 0)                   \
+    SKINNY_WG4_TYPES(MT, 2, 2, 4, 2, 256, 1, 2, 1)
+SKINNY_WG4_ROWS(3)
+SKINNY_WG4_ROWS(4)
 #endif
