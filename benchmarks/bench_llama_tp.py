@@ -68,6 +68,8 @@ ONE_GPU_VARIANTS = (
     "silu-prologue",
     "no-skinny",
     "no-wg4",
+    "wg4-plain",
+    "wg4-rows-25",
     "no-tc-decode",
     "no-prefill-kernel-pdl",
     "skinny-silu",
@@ -263,6 +265,25 @@ def set_variant(variant: str) -> None:
         from fi_engine.kernels.skinny_gemm import SkinnyLaunches
 
         SkinnyLaunches.warpgroups_on = False
+    if variant == "wg4-plain":  # the warpgroup form as first served: one strip a warp, x staged by 4-byte copies,
+        # the weights in registers, 25-32 rows (its two-block geometry too)
+        from fi_engine.kernels import skinny_gemm
+
+        plain = (
+            skinny_gemm.Geometry(1, 2, 8, 2, 512, (4,), True),
+            skinny_gemm.Geometry(1, 2, 8, 1, 256, (4,), True, True),
+            skinny_gemm.Geometry(1, 4, 8, 1, 512, (4,), True, True),
+        )
+        int4 = skinny_gemm.GEOMETRIES[skinny_gemm.INT4]
+        skinny_gemm.GEOMETRIES[skinny_gemm.INT4] = (*(g for g in int4 if not g.wg), *plain)
+    if variant == "wg4-rows-25":  # the warpgroup form at 25-32 rows only
+        import dataclasses
+
+        from fi_engine.kernels import skinny_gemm
+
+        skinny_gemm.GEOMETRIES[skinny_gemm.INT4] = tuple(
+            dataclasses.replace(g, groups=(4,)) if g.wg else g for g in skinny_gemm.GEOMETRIES[skinny_gemm.INT4]
+        )
     if variant.startswith("tc-decode-rows-"):  # decode graphs of N+ rows: attention on FlashInfer's FA2 prefill kernel
         ModelRunner.tensor_core_decode_rows = int(variant.rsplit("-", 1)[1])
     if variant == "no-tc-decode":  # every decode graph's attention on FlashInfer's decode kernel
