@@ -537,6 +537,15 @@ template <int PENDING, int MT> __device__ __forceinline__ void sk_wg_wait(float 
         for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
 #endif
 }
+// o += a product's completed sums d, times sa (rows g: d[i][0], d[i][1]) and sb (rows g + 8: d[i][2], d[i][3])
+template <int MT>
+__device__ __forceinline__ void sk_add_scaled(float (&o)[MT][4], const float (&d)[MT][4], float sa, float sb) {
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+        o[i][0] = fmaf(sa, d[i][0], o[i][0]), o[i][1] = fmaf(sa, d[i][1], o[i][1]);
+        o[i][2] = fmaf(sb, d[i][2], o[i][2]), o[i][3] = fmaf(sb, d[i][3], o[i][3]);
+    }
+}
 // a tile's A operands, decoded: product m' = 4 h + m (rows g, g + 8; inputs as the layout comment above), the zero
 // subtracted from each pair (exactly: i4_minus)
 template <bool BF16>
@@ -726,13 +735,7 @@ __device__ __forceinline__ void skinny_wg4(const unsigned short* __restrict__ x,
             const int p = step / PASS;
             if (PIPE) {  // the last product read pass p - 1's buffer: done before it is refilled (step 0: none)
                 sk_wg_wait<0>(blk[1]);  // (the last product of a run: set 1, U NT even; strip NT - 1)
-#pragma unroll
-                for (int i = 0; i < MT; ++i) {
-                    float(&d)[4] = blk[1][i];
-                    float(&o)[4] = acc[NT - 1][i];
-                    o[0] = fmaf(sa, d[0], o[0]), o[1] = fmaf(sa, d[1], o[1]);
-                    o[2] = fmaf(sb, d[2], o[2]), o[3] = fmaf(sb, d[3], o[3]);
-                }
+                sk_add_scaled(acc[NT - 1], blk[1], sa, sb);
             }
             if constexpr (XREG) {  // pass p's x from the registers into its buffer, whose last readers (pass p - 2's products)
                          // completed before the barrier of pass p - 1; then pass p + 1's loads
@@ -788,14 +791,8 @@ __device__ __forceinline__ void skinny_wg4(const unsigned short* __restrict__ x,
                     if (!PIPE || pi > 0) {
                         if (PIPE) sk_wg_wait<1>(blk[b ^ 1]);
                         else sk_wg_wait<0>(blk[0]);
-                        const float(&d)[MT][4] = blk[PIPE ? b ^ 1 : 0];
-                        float(&o)[MT][4] = acc[PIPE ? (t + NT - 1) % NT : t];
                         const float ta = PIPE ? sa : i4_scale(cr[u][t][0]), tb = PIPE ? sb : i4_scale(cr[u][t][1]);
-#pragma unroll
-                        for (int i = 0; i < MT; ++i) {
-                            o[i][0] = fmaf(ta, d[i][0], o[i][0]), o[i][1] = fmaf(ta, d[i][1], o[i][1]);
-                            o[i][2] = fmaf(tb, d[i][2], o[i][2]), o[i][3] = fmaf(tb, d[i][3], o[i][3]);
-                        }
+                        sk_add_scaled(acc[PIPE ? (t + NT - 1) % NT : t], blk[PIPE ? b ^ 1 : 0], ta, tb);
                     }
                     if (PIPE) sa = i4_scale(cr[u][t][0]), sb = i4_scale(cr[u][t][1]);
                 }
@@ -825,13 +822,7 @@ __device__ __forceinline__ void skinny_wg4(const unsigned short* __restrict__ x,
     }
     if (PIPE) {  // the last product's sums (set 1, strip NT - 1; none: sa, sb and the sums zero)
         sk_wg_wait<0>(blk[1]);
-#pragma unroll
-        for (int i = 0; i < MT; ++i) {
-            float(&d)[4] = blk[1][i];
-            float(&o)[4] = acc[NT - 1][i];
-            o[0] = fmaf(sa, d[0], o[0]), o[1] = fmaf(sa, d[1], o[1]);
-            o[2] = fmaf(sb, d[2], o[2]), o[3] = fmaf(sb, d[3], o[3]);
-        }
+        sk_add_scaled(acc[NT - 1], blk[1], sa, sb);
     }
     asm volatile("cp.async.wait_all;" ::: "memory");  // none left in flight at exit
     sk_finish<BF16, F32OUT, MT, NT, WARPS, false>(acc, y, part, done, last, rows, n, y_ld, j0, g, q, q_a);
