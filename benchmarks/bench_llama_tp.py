@@ -70,6 +70,7 @@ ONE_GPU_VARIANTS = (
     "no-wg4",
     "wg4-plain",
     "wg4-rows-25",
+    "no-wg8",
     "no-tc-decode",
     "no-prefill-kernel-pdl",
     "skinny-silu",
@@ -262,9 +263,10 @@ def set_variant(variant: str) -> None:
 
         SkinnyLaunches.on = False
     if variant == "no-wg4":  # int4 weights without the skinny GEMM's warpgroup form (its mma.sync geometries only)
-        from fi_engine.kernels.skinny_gemm import SkinnyLaunches
+        from fi_engine.kernels import skinny_gemm
 
-        SkinnyLaunches.warpgroups_on = False
+        int4 = skinny_gemm.GEOMETRIES[skinny_gemm.INT4]
+        skinny_gemm.GEOMETRIES[skinny_gemm.INT4] = tuple(g for g in int4 if not g.wg)
     if variant == "wg4-plain":  # the warpgroup form as first served: one strip a warp, x staged by 4-byte copies,
         # the weights in registers, 25-32 rows (its two-block geometry too)
         from fi_engine.kernels import skinny_gemm
@@ -276,6 +278,11 @@ def set_variant(variant: str) -> None:
         )
         int4 = skinny_gemm.GEOMETRIES[skinny_gemm.INT4]
         skinny_gemm.GEOMETRIES[skinny_gemm.INT4] = (*(g for g in int4 if not g.wg), *plain)
+    if variant == "no-wg8":  # FP8 weights without the skinny GEMM's warpgroup form
+        from fi_engine.kernels import skinny_gemm
+
+        for fmt in (skinny_gemm.E4M3_BLOCK, skinny_gemm.E4M3_ROW):
+            skinny_gemm.GEOMETRIES[fmt] = tuple(g for g in skinny_gemm.GEOMETRIES[fmt] if not g.wg)
     if variant == "wg4-rows-25":  # the warpgroup form at 25-32 rows only
         import dataclasses
 

@@ -94,10 +94,10 @@ def plans_of(sk: Any, extra: dict[str, Any], call: tuple[int, ...], q: Any) -> l
 def is_new(plan: Any) -> bool:
     """Whether ``plan`` is one a Dense did not time before the wave-fitted splits, the two-block geometries and the
     int4 warpgroup form: a ``waves`` split, a kernel of two blocks an SM (``_b2_`` in its name,
-    :meth:`Geometry.name`) or of the warpgroup form (``skinnywg4``)."""
+    :meth:`Geometry.name`) or of the warpgroup form (``skinnywg4``, ``skinnywg8b``, ``skinnywg8r``)."""
     from fi_engine.kernels.skinny_gemm import SPLIT_WAVES
 
-    return bool(plan.split == SPLIT_WAVES or "_b2_" in plan.kernel or plan.kernel.startswith("skinnywg4"))
+    return bool(plan.split == SPLIT_WAVES or "_b2_" in plan.kernel or plan.kernel.startswith("skinnywg"))
 
 
 def main() -> None:

@@ -12,7 +12,8 @@ are those an H100 sweep (``benchmarks/lab_skinny_gemm.py``, 8B shapes, 5-32 rows
 fastest: x read from global memory alongside the weights, or staged in shared memory; and for e4m3 and int4 at 17-32
 rows a staged one of two blocks an SM. ``benchmarks/lab_skinny_plans.py`` times every plan a Dense would time.
 
-On Hopper (SM 9.0) int4 weights at 17-32 rows also have a warpgroup form (``SKINNY_WG4``, :attr:`Geometry.wg`):
+On Hopper (SM 9.0) int4 weights at 17-32 rows (and, being measured, e4m3 weights at 1-32 rows) also have a warpgroup
+form (``SKINNY_WG``, :attr:`Geometry.wg`):
 four warps multiply their 64 weight rows by x with one ``wgmma`` a k16 product, the decoded weights the A operand from
 registers and x, staged in shared memory in the order the lanes' decoded pairs take, the B operand the tensor cores
 read themselves. It issues about half the instructions of the ``mma.sync`` form a tile and is offered beside it
@@ -54,7 +55,7 @@ SKINNY_MAX_ROWS = 32  # four groups of the mma's 8
 W16, E4M3_BLOCK, E4M3_ROW, INT4 = 0, 1, 2, 3  # weight formats (the kernel's FMT)
 _PREFIX = {W16: "skinny", E4M3_BLOCK: "skinny8b", E4M3_ROW: "skinny8r", INT4: "skinny4"}
 _SILU_PREFIX = "skinnysilu"  # the SiLU form's kernels (16-bit weights)
-_WG_PREFIX = "skinnywg4"  # the int4 warpgroup form's kernels (sm_90a)
+_WG_PREFIX = {INT4: "skinnywg4", E4M3_BLOCK: "skinnywg8b", E4M3_ROW: "skinnywg8r"}  # the warpgroup form's (sm_90a)
 WG_OPTIONS = ("-arch=sm_90a",)  # NVRTC's target for the warpgroup form (wgmma exists on sm_90a only)
 # put before the warpgroup form's source: a compilation that did not target sm_90a (CuPy adds its own -arch) fails
 _WG_REQUIRED = "#define SK_WG_REQUIRED 1\n"
@@ -77,9 +78,9 @@ class Geometry:
     kx: int
     groups: tuple[int, ...] = (1, 2, 3, 4)
     wg: bool = False
-    """The int4 warpgroup form (``SKINNY_WG4``: Hopper's ``wgmma`` with x staged as its shared-memory operand; ``nt``
-    strips of 16 rows a warp, warps a multiple of 4, x staged; groups of 128 inputs or more; compiled for sm_90a and
-    offered on SM 9.0 only)."""
+    """The warpgroup form (``SKINNY_WG``, int4 and e4m3 weights: Hopper's ``wgmma`` with x staged as its shared-memory
+    operand; ``nt`` strips of 16 rows a warp, warps a multiple of 4, x staged; int4 groups and e4m3 blocks of 128
+    inputs or more; compiled for sm_90a and offered on SM 9.0 only)."""
     pipe: bool = False
     """The warpgroup form's product sums left running while the next tile is decoded (two sets, alternating by
     product; ``u * nt`` even, each k range whole ``u`` tiles: :attr:`k_unit`), else waited for at once (``nt`` 1
@@ -94,23 +95,23 @@ class Geometry:
 
     def name(self, fmt: int, bf16: bool, f32out: bool, mt: int, silu: bool = False) -> str:
         """The kernel's name for ``mt`` groups of 8 rows (``csrc/skinny_gemm.cu``'s ``SKINNY``; ``silu``: its SiLU
-        form's, ``SKINNY_SILU``, 16-bit weights and output only; the warpgroup form's, ``SKINNY_WG4``)."""
+        form's, ``SKINNY_SILU``, 16-bit weights and output only; the warpgroup form's, ``SKINNY_WG``)."""
         t = "bf16" if bf16 else "f16"
         out = "f32" if f32out else "16"
         g = f"n{self.nt}_u{self.u}_w{self.warps}_b{self.min_blocks}_x{self.kx}"
         if self.wg:
-            return f"{_WG_PREFIX}_{t}_{out}_m{mt}_{g}_p{int(self.pipe)}_r{self.ring}_s{int(self.xreg)}"
+            return f"{_WG_PREFIX[fmt]}_{t}_{out}_m{mt}_{g}_p{int(self.pipe)}_r{self.ring}_s{int(self.xreg)}"
         return f"{_SILU_PREFIX if silu else _PREFIX[fmt]}_{t}_{out}_m{mt}_{g}"
 
     def instance(self, fmt: int, bf16: bool, f32out: bool, mt: int, silu: bool = False) -> str:
-        """The ``SKINNY(...)`` (``silu``: ``SKINNY_SILU(...)``; the warpgroup form: ``SKINNY_WG4(...)``) line that
+        """The ``SKINNY(...)`` (``silu``: ``SKINNY_SILU(...)``; the warpgroup form: ``SKINNY_WG(...)``) line that
         compiles :meth:`name`."""
         t = "true" if bf16 else "false"
         shape = f"{mt}, {self.nt}, {self.u}, {self.warps}, {self.min_blocks}, {self.kx}"
         if self.wg:
-            types = f"{_WG_PREFIX}_{'bf16' if bf16 else 'f16'}_{'f32' if f32out else '16'}, {t}, {str(f32out).lower()}"
+            name = f"{_WG_PREFIX[fmt]}_{'bf16' if bf16 else 'f16'}_{'f32' if f32out else '16'}"
             shape += f", {int(self.pipe)}, {self.ring}, {int(self.xreg)}"
-            return f"SKINNY_WG4({types}, {shape})"
+            return f"SKINNY_WG({name}, {t}, {str(f32out).lower()}, {fmt}, {shape})"
         if silu:
             return f"SKINNY_SILU({_SILU_PREFIX}_{'bf16' if bf16 else 'f16'}_16, {t}, {shape})"
         prefix = f"{_PREFIX[fmt]}_{'bf16' if bf16 else 'f16'}_{'f32' if f32out else '16'}"
@@ -126,8 +127,9 @@ class Geometry:
         warpgroup form's ring of weights after them (a kilobyte a tile, an 8-byte mbarrier a stage)."""
         if not self.kx:
             return 0
-        if self.wg:  # (wgmma's layout: 128-byte core matrices, no padding)
-            return 2 * 8 * mt * self.kx * 2 + self.warps * self.ring * (1024 * self.u * self.nt + 8)
+        if self.wg:  # (wgmma's layout: 128-byte core matrices, no padding; e4m3's ring: 16 rows of 128 u + 64 bytes)
+            stage = 1024 * self.u * self.nt if fmt == INT4 else 16 * self.nt * (128 * self.u + 64)
+            return 2 * 8 * mt * self.kx * 2 + self.warps * self.ring * (stage + 8)
         return 2 * 8 * mt * (self.kx + (32 if fmt == W16 else 8)) * 2
 
     @property
@@ -163,10 +165,18 @@ _WG4 = (
     Geometry(1, 4, 8, 1, 512, (3, 4), True, True),
     Geometry(2, 2, 4, 2, 256, (3, 4), True, True, 2, True),
 )
+# the e4m3 warpgroup form (sm_90a; blocks of 128 inputs or more), candidates to measure: x staged through registers
+# (the e4m3 A pairs' order), one strip a warp with the weights in a ring or in registers, two strips a warp
+_WG8 = (
+    Geometry(1, 2, 8, 1, 256, (1, 2, 3, 4), True, True, 2, True),
+    Geometry(1, 2, 8, 1, 256, (1, 2, 3, 4), True, True, 0, True),
+    Geometry(1, 2, 4, 2, 256, (1, 2, 3, 4), True, True, 2, True),
+    Geometry(2, 1, 4, 2, 128, (1, 2, 3, 4), True, True, 2, True),
+)
 GEOMETRIES: dict[int, tuple[Geometry, ...]] = {
     W16: (_GLOBAL_X16, _STAGED),
-    E4M3_BLOCK: (_GLOBAL_X8, _STAGED, _STAGED_X2[E4M3_BLOCK]),
-    E4M3_ROW: (_GLOBAL_X8, _STAGED, _STAGED_X2[E4M3_ROW]),
+    E4M3_BLOCK: (_GLOBAL_X8, _STAGED, _STAGED_X2[E4M3_BLOCK], *_WG8),
+    E4M3_ROW: (_GLOBAL_X8, _STAGED, _STAGED_X2[E4M3_ROW], *_WG8),
     # (int4: 4 x vectors a step; fewer steps in flight)
     INT4: (Geometry(1, 1, 8, 1, 0), Geometry(1, 2, 8, 1, 512), _STAGED_X2[INT4], *_WG4),
 }
@@ -370,9 +380,10 @@ class SkinnyGemm:
         (:class:`~fi_engine.kernels.int4_linear.Int4Weight`'s). ``silu``: the SiLU form's launches, 16-bit weights
         and output only: ``w`` a gate/up weight of ``n`` (even) rows, the gate's ``n / 2`` first, and ``y`` the
         activation ``[rows, n / 2]`` (row stride ``y_ld``), ``silu(x @ gate.T) * (x @ up.T)``, FlashInfer's
-        ``silu_and_mul`` of the plain launch's output. ``warpgroups``: False leaves out the int4 warpgroup form's
+        ``silu_and_mul`` of the plain launch's output. ``warpgroups``: False leaves out the warpgroup form's
         launches (:attr:`Geometry.wg`; offered on an SM 9.0 whose NVRTC compiles sm_90a, for int4 groups of 128
-        inputs or more, at 17-32 rows). Values only: the caller keeps the buffers alive."""
+        inputs or more at 17-32 rows, e4m3 blocks of 128 inputs or more and row scales at its geometries' rows).
+        Values only: the caller keeps the buffers alive."""
         rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type = call
         bf16, f32out = ab_type == CUDA_R_16BF, c_type == CUDA_R_32F
         if silu and (fmt != W16 or f32out or n % 2):
@@ -384,11 +395,13 @@ class SkinnyGemm:
         mt = -(-rows // 8)
         out = []
         for geometry in GEOMETRIES[fmt]:
-            if geometry.wg and (not warpgroups or not self.warpgroups or silu or int4[2] == 0):
-                continue  # (the warpgroup form: int4 groups of 128 or more, on SM 9.0)
+            if geometry.wg and (not warpgroups or not self.warpgroups or silu):
+                continue  # (the warpgroup form: on SM 9.0)
+            if geometry.wg and ((fmt == INT4 and int4[2] == 0) or (fmt == E4M3_BLOCK and bshift == 0)):
+                continue  # (int4 groups and e4m3 blocks of 128 inputs or more: a tile's one factor)
             if geometry.k_unit and k % geometry.k_unit:
                 continue  # (the pipelined warpgroup form: every k range whole runs of tiles)
-            unit = geometry.k_unit or block_k
+            unit = math.lcm(geometry.k_unit, block_k) if geometry.k_unit and block_k else geometry.k_unit or block_k
             if (
                 mt not in geometry.groups
                 or geometry.smem(fmt, mt) > self._smem_limit
@@ -449,8 +462,8 @@ class SkinnyLaunches:
     skinny-silu`` turns it on."""
 
     warpgroups_on = True
-    """Whether int4 weights may take the warpgroup form (``Geometry.wg``; SM 9.0 only); False: the ``mma.sync``
-    geometries only (``bench_llama_tp.py --variants no-wg4``)."""
+    """Whether int4 and FP8 weights may take the warpgroup form (``Geometry.wg``; SM 9.0 only); False: the
+    ``mma.sync`` geometries only (``bench_llama_tp.py --variants no-wg4``; ``no-wg8`` for FP8 weights alone)."""
 
     error = ""
     """Why the skinny GEMM is unavailable, where it is."""
@@ -488,7 +501,7 @@ class SkinnyLaunches:
             return gemm.plans(INT4, call, int4=int4, warpgroups=self.warpgroups_on)
         fmt = E4M3_ROW if quant.block is None else E4M3_BLOCK
         s_ld = -(-quant.k // quant.block[1]) if quant.block else 0
-        return gemm.plans(fmt, call, quant.scales, s_ld, quant.block)
+        return gemm.plans(fmt, call, quant.scales, s_ld, quant.block, warpgroups=self.warpgroups_on)
 
     def run(self, key: tuple[int, ...], index: int, quant: Any, silu: bool = False) -> bool:
         """Launch plan ``index`` of the call ``key`` (over the FP8 or int4 weight ``quant``, or a 16-bit one;

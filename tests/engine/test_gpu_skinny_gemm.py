@@ -37,6 +37,7 @@ cupy = pytest.importorskip("cupy", reason="the engine needs CuPy (python -m pip 
 
 from helpers.skinny_cases import OUT_ULP, check, check_int4, from16, int4_weight, outputs, to16, weights  # noqa: E402
 
+from fi_engine.checkpoint.fp8_weights import E4M3, quantize_e4m3  # noqa: E402
 from fi_engine.kernels.dense import CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, Dense  # noqa: E402
 from fi_engine.kernels.skinny_gemm import E4M3_BLOCK, E4M3_ROW, SPLIT_WAVES, W16, SkinnyGemm  # noqa: E402
 from fi_engine.kernels.skinny_gemm import INT4 as INT4_FMT  # noqa: E402
@@ -44,7 +45,9 @@ from fi_engine.kernels.skinny_gemm import INT4 as INT4_FMT  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 ROWS = (1, 5, 8, 13, 24, 32)
-SHAPES = ((200, 576), (1040, 1344))  # (n, k): a partial last tile of rows; k ranges of unequal length when split
+# (n, k): a partial last tile of rows; k ranges of unequal length when split; whole runs of two tiles of 128 (the
+# e4m3 warpgroup form's, on an SM 9.0), its last block's strips past n
+SHAPES = ((200, 576), (1040, 1344), (272, 1024))
 
 
 def types(dtype: str, f32: bool) -> tuple[int, int]:
@@ -74,9 +77,38 @@ def test_every_plan_matches_float32(fmt: int, dtype: str, f32: bool) -> None:
                 )  # fmt: skip
                 assert len(plans) >= 2, (n, k, rows)
                 assert any(p.grid[1] > 1 for p in plans), "no split plan tested"
+                if fmt != W16 and k % 256 == 0 and cupy.cuda.Device().compute_capability == "90":
+                    assert any(p.kernel.startswith("skinnywg8") for p in plans), (rows, sk.warpgroups_error)
                 for plan in plans:
                     check(outputs(dense, plan, rows, n, ld, dtype, f32), from16(x16, dtype), values, rows, dtype, f32)
                 assert int(sk.done.sum()) == 0, "a split launch left a counter set"
+
+
+@pytest.mark.parametrize("block", [(16, 256), (32, 512)], ids=["16x256", "32x512"])
+def test_e4m3_block_plans_of_other_block_shapes_match_float32(block: tuple[int, int]) -> None:
+    """e4m3 weights whose scale blocks are 16 or 32 rows by 256 or 512 inputs: each plan (on an SM 9.0 the warpgroup
+    form's among them, a warp's two strips then in two blocks of scales, each tile within one block) against float32,
+    bound as above, at 8, 24 and 32 rows."""
+    rng = np.random.default_rng(block[0] + block[1])
+    n, k, dtype = 272, 1024, "bfloat16"
+    codes = quantize_e4m3(rng.standard_normal((n, k)) * 2.0)
+    scales = rng.uniform(0.5, 2.0, (-(-n // block[0]), k // block[1])).astype(np.float32) / 16
+    values = E4M3[codes] * np.repeat(np.repeat(scales, block[0], 0), block[1], 1)[:n, :k]
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        dense, sk = Dense(stream), SkinnyGemm()
+        w, sc = cupy.asarray(codes), cupy.asarray(scales)
+        x16 = to16(rng.standard_normal((32, k)).astype(np.float32), dtype)
+        x = cupy.asarray(x16)
+        ld = n + 8
+        for rows in (8, 24, 32):
+            call = (rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, *types(dtype, False))
+            plans = sk.plans(E4M3_BLOCK, call, int(sc.data.ptr), k // block[1], block)
+            assert plans
+            if cupy.cuda.Device().compute_capability == "90":
+                assert any(p.kernel.startswith("skinnywg8b") for p in plans), (rows, sk.warpgroups_error)
+            for plan in plans:
+                check(outputs(dense, plan, rows, n, ld, dtype, False), from16(x16, dtype), values, rows, dtype, False)
 
 
 def test_a_split_launch_is_deterministic_and_replays_in_a_graph() -> None:

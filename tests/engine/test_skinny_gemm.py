@@ -4,6 +4,7 @@ and that every geometry a Dense may launch is compiled by ``csrc/skinny_gemm.cu`
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -164,7 +165,8 @@ def test_every_plans_grid_covers_k_in_whole_ranges(fmt: int, resident: int) -> N
         for geometry in GEOMETRIES[fmt]:
             if -(-rows // 8) not in geometry.groups:  # (a two-block geometry below 17 or 25 rows)
                 continue
-            unit = geometry.k_unit or block_k  # (the pipelined warpgroup form: ranges of whole runs of tiles)
+            # (the pipelined warpgroup form: ranges of whole runs of tiles and of scale blocks)
+            unit = math.lcm(geometry.k_unit, block_k) if geometry.k_unit and block_k else geometry.k_unit or block_k
             fn = gemm._fns[geometry.name(fmt, True, False, -(-rows // 8))]
             mine = [p for p in plans if p.function == fn]
             if geometry.k_unit and k % geometry.k_unit:  # a k the geometry cannot split into whole runs: not offered
@@ -251,19 +253,23 @@ def test_every_geometry_a_dense_launches_is_a_default_instance() -> None:
     found = re.findall(r"SKINNY_TYPES\(\w+, (SK_\w+), (MT|\d), (\d+), (\d+), (\d+), (\d+), (\d+)\)", body)
     defaults = {(f, mt, tuple(int(v) for v in g)) for f, mt, *g in found}
     names = {W16: "SK_W16", E4M3_BLOCK: "SK_E4M3_BLOCK", E4M3_ROW: "SK_E4M3_ROW", INT4: "SK_INT4"}
-    # the int4 warpgroup form's: SKINNY_WG4_TYPES(MT, NT, U, WARPS, MINB, KX, P, R, S), every type pair, in
-    # SKINNY_WG4_ROWS(MT) for each row group it names
-    wg_rows = re.findall(r"^SKINNY_WG4_ROWS\((\d)\)", body, re.M)
-    wg_found = re.findall(r"SKINNY_WG4_TYPES\((MT), (\d), (\d+), (\d+), (\d+), (\d+), ([01]), (\d), ([01])\)", body)
-    warpgroups = {(mt, *g) for mt in wg_rows for _, *g in wg_found}
+    # the warpgroup form's: SKINNY_WG_TYPES(prefix, FMT, MT, NT, U, WARPS, MINB, KX, P, R, S), every type pair, in a
+    # macro SKINNY_WG*_ROWS(MT) invoked for each row group it serves
+    warpgroups = set()
+    for macro, lines in re.findall(r"#define (SKINNY_WG\w*_ROWS)\(MT\)((?:.*\\\n)*.*)", body):
+        found = re.findall(
+            r"SKINNY_WG_TYPES\(\w+, (SK_\w+), MT, (\d), (\d+), (\d+), (\d+), (\d+), ([01]), (\d), ([01])\)", lines
+        )
+        for mt in re.findall(rf"^{macro}\((\d)\)", body, re.M):
+            warpgroups |= {(f, mt, *g) for f, *g in found}
     for fmt, geometries in GEOMETRIES.items():
         for g in geometries:
             shape = (g.nt, g.u, g.warps, g.min_blocks, g.kx)
             for mt in g.groups:
                 if g.wg:
-                    assert fmt == INT4, g
+                    assert fmt != W16, g
                     form = (int(g.pipe), g.ring, int(g.xreg))
-                    wanted = (str(mt), *(str(v) for v in (g.nt, g.u, g.warps, g.min_blocks, g.kx, *form)))
+                    wanted = (names[fmt], str(mt), *(str(v) for v in (g.nt, g.u, g.warps, g.min_blocks, g.kx, *form)))
                     assert wanted in warpgroups, (g, mt)
                     continue
                 assert {(names[fmt], "MT", shape), (names[fmt], str(mt), shape)} & defaults, (fmt, g, mt)
@@ -272,10 +278,11 @@ def test_every_geometry_a_dense_launches_is_a_default_instance() -> None:
     assert len(defaults) == sum(
         len(g.groups) if g.groups != (1, 2, 3, 4) else 1 for gs in GEOMETRIES.values() for g in gs if not g.wg
     )
-    assert len(warpgroups) == sum(len(g.groups) for g in GEOMETRIES[INT4] if g.wg)
+    assert len(warpgroups) == sum(len(g.groups) for gs in GEOMETRIES.values() for g in gs if g.wg)
     for t, flag in (("bf16", "true"), ("f16", "false")):
         for out, f32 in (("16", "false"), ("f32", "true")):
-            assert f"SKINNY_WG4(skinnywg4_{t}_{out}, {flag}, {f32}, MT, NT, U, WARPS, MINB, KX, P, R, S)" in text
+            wanted = f"SKINNY_WG(prefix##_{t}_{out}, {flag}, {f32}, fmt, MT, NT, U, WARPS, MINB, KX, P, R, S)"
+            assert wanted in text
     for name, value in names.items():  # the kernel's FMT codes are the module's
         assert f"#define {value} {name}" in text
     # the SiLU form: every 16-bit geometry of every row group, both types
@@ -300,7 +307,7 @@ def test_kernel_names_and_instances_agree() -> None:
     wg = Geometry(1, 4, 8, 1, 512, (4,), True, True)
     assert wg.name(INT4, True, False, 4) == "skinnywg4_bf16_16_m4_n1_u4_w8_b1_x512_p1_r0_s0"
     assert (
-        wg.instance(INT4, False, True, 4) == "SKINNY_WG4(skinnywg4_f16_f32, false, true, 4, 1, 4, 8, 1, 512, 1, 0, 0)"
+        wg.instance(INT4, False, True, 4) == "SKINNY_WG(skinnywg4_f16_f32, false, true, 3, 4, 1, 4, 8, 1, 512, 1, 0, 0)"
     )
     assert wg.smem(INT4, 4) == 2 * 32 * 512 * 2 and wg.k_unit == 512  # (no padding; ranges of whole runs of 4 tiles)
     assert Geometry(1, 2, 8, 2, 512, (4,), True).k_unit == 0
@@ -308,10 +315,38 @@ def test_kernel_names_and_instances_agree() -> None:
     ring = Geometry(2, 2, 4, 2, 256, (4,), True, True, 3, True)
     assert ring.name(INT4, True, True, 4) == "skinnywg4_bf16_f32_m4_n2_u2_w4_b2_x256_p1_r3_s1"
     assert (
-        ring.instance(INT4, True, False, 4) == "SKINNY_WG4(skinnywg4_bf16_16, true, false, 4, 2, 2, 4, 2, 256, 1, 3, 1)"
+        ring.instance(INT4, True, False, 4)
+        == "SKINNY_WG(skinnywg4_bf16_16, true, false, 3, 4, 2, 2, 4, 2, 256, 1, 3, 1)"
     )
     assert ring.smem(INT4, 4) == 2 * 32 * 256 * 2 + 4 * 3 * (2 * 2 * 1024 + 8) and ring.rows_per_block == 128
     assert ring.k_unit == 256
+    # the e4m3 form: its own kernel names; a ring stage of 16 row runs of 128 u bytes, each padded by 64
+    e4 = Geometry(1, 2, 4, 2, 256, (1, 2, 3, 4), True, True, 2, True)
+    assert e4.name(E4M3_BLOCK, True, False, 2) == "skinnywg8b_bf16_16_m2_n1_u2_w4_b2_x256_p1_r2_s1"
+    assert e4.name(E4M3_ROW, False, True, 1) == "skinnywg8r_f16_f32_m1_n1_u2_w4_b2_x256_p1_r2_s1"
+    assert e4.instance(E4M3_ROW, True, True, 1).startswith("SKINNY_WG(skinnywg8r_bf16_f32, true, true, 2, 1, 1, 2")
+    assert e4.smem(E4M3_BLOCK, 4) == 2 * 32 * 256 * 2 + 4 * 2 * (16 * (128 * 2 + 64) + 8)
+
+
+def test_the_e4m3_warpgroup_form_is_offered_on_sm90_for_blocks_of_128_or_more() -> None:
+    gemm = cpu_gemm(SMS, 1)
+    n, k = SHAPES_8B["gate_up"]
+    for rows in (1, 8, 16, 32):
+        call = (rows, 1 << 20, k, 1 << 24, n, k, 1 << 28, n, 14, 14)
+        mt = -(-rows // 8)
+        for fmt, block in ((E4M3_BLOCK, (128, 128)), (E4M3_ROW, None)):
+            wgs = {gemm._fns[g.name(fmt, True, False, mt)] for g in GEOMETRIES[fmt] if g.wg and mt in g.groups}
+            assert wgs
+            s_ld = k // 128 if block else 0
+
+            def offered(block: tuple[int, int] | None = block, warpgroups: bool = True) -> set[int]:
+                plans = gemm.plans(fmt, call, 1 << 32, s_ld, block, warpgroups=warpgroups)  # noqa: B023
+                return {p.function for p in plans} & wgs  # noqa: B023
+
+            assert offered() == wgs, (fmt, rows)
+            assert not offered(warpgroups=False)
+            if block:
+                assert not offered((128, 64))  # blocks of 64 inputs: two factors a tile, which the form does not apply
 
 
 def test_the_int4_warpgroup_form_is_offered_on_sm90_for_groups_of_128_or_more_only() -> None:

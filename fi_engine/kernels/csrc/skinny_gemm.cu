@@ -394,7 +394,8 @@ __device__ __forceinline__ void skinny_gemm(const unsigned short* __restrict__ x
 #endif
 }
 
-// The warpgroup form of the int4 GEMM (sm_90a: Hopper's wgmma.mma_async; groups of 128 inputs or more; 17-32 rows).
+// The warpgroup form of the int4 GEMM (sm_90a: Hopper's wgmma.mma_async; groups of 128 inputs or more; 17-32 rows;
+// e4m3 weights too: skinny_wg below).
 // At 25-32 rows the mma.sync form issues about 400 instructions a warp's 1 KB tile (Nsight Compute on an H200: 32 mma.sync,
 // its x fragments read from shared memory, 8 KB a tile, and the decode), its schedulers busy 55 % of the cycles with
 // the weights read at a fifth of the peak. Here each group of four warps multiplies its 64 weight rows by the block's
@@ -419,7 +420,7 @@ __device__ __forceinline__ void skinny_gemm(const unsigned short* __restrict__ x
 #elif defined(SK_WG_REQUIRED)
 // (SkinnyGemm defines this for the module of the warpgroup form: a compilation without sm_90a's features fails here,
 // which leaves the mma.sync form serving, instead of building kernels that trap)
-#error "the int4 warpgroup form needs sm_90a (wgmma): compile it with -arch=sm_90a"
+#error "the warpgroup form needs sm_90a (wgmma): compile it with -arch=sm_90a"
 #endif
 // x[:, k0 : k0 + len] (len a multiple of 128, at most KX) into xw (a pass of CP = KX / 8 chunks) in the layout above,
 // by 4-byte asynchronous copies, one commit group a thread. Lane (rr, q) of warp w copies word q of row rr of the
@@ -466,7 +467,9 @@ __device__ __forceinline__ void sk_xload(uint4 (&xv)[MT][J], const unsigned shor
             if (64 * (b0 + (WARPS / 2) * j) < len)
                 xv[ng][j] = *reinterpret_cast<const uint4*>(xr[ng] + k0 + 32 * WARPS * j);
 }
-template <int MT, int KX, int WARPS, int J>
+// (PAIRS02: the e4m3 form's A pairs, inputs 0 and 2 then 1 and 3 of each four: each vector's words w0 .. w3 stored as
+// (w0, w1)'s low halves, their high halves, then w2 and w3's the same)
+template <int MT, int KX, int WARPS, int J, bool PAIRS02 = false>
 __device__ __forceinline__ void sk_xstore(unsigned buf, const uint4 (&xv)[MT][J], int len) {
     constexpr int CP = KX / 8;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, b0 = warp >> 1;
@@ -476,7 +479,9 @@ __device__ __forceinline__ void sk_xstore(unsigned buf, const uint4 (&xv)[MT][J]
 #pragma unroll
         for (int j = 0; j < J; ++j)
             if (64 * (b0 + (WARPS / 2) * j) < len) {
-                const unsigned w4[4] = {xv[ng][j].x, xv[ng][j].y, xv[ng][j].z, xv[ng][j].w};
+                const uint4 c = xv[ng][j];
+                const unsigned w4[4] = {PAIRS02 ? prmt(c.x, c.y, 0x5410u) : c.x, PAIRS02 ? prmt(c.x, c.y, 0x7632u) : c.y,
+                                        PAIRS02 ? prmt(c.z, c.w, 0x5410u) : c.z, PAIRS02 ? prmt(c.z, c.w, 0x7632u) : c.w};
 #pragma unroll
                 for (int v = 0; v < 4; ++v)
                     asm volatile("st.shared.b32 [%0], %1;" ::"r"(at + 4 * 32 * (ng * CP + 4 * WARPS * j + v)), "r"(w4[v])
@@ -568,11 +573,30 @@ __device__ __forceinline__ void sk_wg_decode(unsigned (&a)[8][4], const uint4& v
         for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[p][j])::"memory");
 }
 
+// an e4m3 tile's A operands, decoded exactly (e4m3_pair): product m' = 4 s + m takes word m of step s (v[s]: row g,
+// v[2 + s]: row g + 8), its bytes 0 and 2 in slots 2 q, 2 q + 1 and bytes 1 and 3 in slots 2 q + 8, 2 q + 9
+template <bool BF16> __device__ __forceinline__ void sk_wg_decode8(unsigned (&a)[8][4], const uint4 (&v)[4]) {
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+        const unsigned ua[4] = {v[s].x, v[s].y, v[s].z, v[s].w}, ub[4] = {v[2 + s].x, v[2 + s].y, v[2 + s].z, v[2 + s].w};
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+            unsigned(&d)[4] = a[4 * s + m];
+            d[0] = e4m3_pair<BF16>(ua[m] << 8), d[1] = e4m3_pair<BF16>(ub[m] << 8);
+            d[2] = e4m3_pair<BF16>(ua[m]), d[3] = e4m3_pair<BF16>(ub[m]);
+        }
+    }
+#pragma unroll
+    for (int p = 0; p < 8; ++p)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[p][j])::"memory");  // (as sk_wg_decode's)
+}
+
 // The weight ring of the warpgroup form (RING > 0 stages): each warp's next runs of U tiles copied into shared memory
 // by one bulk copy a run (cp.async.bulk, completed on an mbarrier of the stage), so RING - 1 runs are in flight while
 // one is summed and no register holds a weight before its decode. A strip's tiles are one contiguous run of bytes in
-// the tile-major layout, so a warp's run is one copy. bar: the stage's mbarrier (a shared address), arrived at once
-// by the copying lane with the bytes it expects.
+// the tile-major layout, so a warp's run is one copy (e4m3: one a row, each lane one). bar: the stage's mbarrier (a
+// shared address), arrived at once by lane 0 with the bytes its copies will complete.
 __device__ __forceinline__ void sk_ring_init(unsigned bar) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
 }
@@ -609,18 +633,28 @@ __device__ __forceinline__ uint4 sk_lds(unsigned at) {
     return v;
 }
 
-// the int4 warpgroup form: skinny_gemm's arguments and contract (FMT SK_INT4, q_b >= 1: groups of 128 inputs or
-// more, whole warpgroups a block); NT strips of 16 weight rows a warp (the warpgroup's 64 rows of each strip index one
-// wgmma's; more strips share each staged pass of x); U tiles of weights in flight while the ones in hand are summed
-// (RING 0: in registers) or RING stages of U tiles a strip in shared memory (the ring above); PIPE: a product's sums
-// left running while the next tile is decoded (two sets of sums, alternating by product: U NT even, and each k range
-// whole U tiles, the caller's) or waited for at once
-template <bool BF16, bool F32OUT, int MT, int NT, int U, int WARPS, int KX, bool PIPE, int RING, bool XREG>
-__device__ __forceinline__ void skinny_wg4(const unsigned short* __restrict__ x, const void* __restrict__ w,
-                                           void* __restrict__ y, float* __restrict__ part, unsigned* __restrict__ done,
-                                           int rows, int n, int k, long long x_ld, long long y_ld, int kc,
-                                           const void* __restrict__ qd, long long q_ld, int q_a, int q_b) {
+// the warpgroup form: skinny_gemm's arguments and contract, whole warpgroups a block, for FMT SK_INT4 (q_b >= 1:
+// groups of 128 inputs or more), SK_E4M3_BLOCK (q_b >= 1: blocks of 128 inputs or more; q_a rows a block, a multiple
+// of 16) or SK_E4M3_ROW. A tile is 128 inputs of a strip of 16 weight rows: int4's kilobyte of the tile-major layout,
+// or e4m3's 16 row pieces of 128 bytes (rows k bytes apart). NT strips a warp (the warpgroup's 64 rows of each strip
+// index one wgmma's; more strips share each staged pass of x); U tiles of weights in flight while the ones in hand
+// are summed (RING 0: in registers) or RING stages of U tiles a strip in shared memory (the ring above: int4 one
+// copy a strip, e4m3 one a row, each row's 128 U bytes padded to 128 U + 64 so that a quarter-warp's 16-byte reads
+// of 8 rows take distinct banks); PIPE: a product's sums left running while the next tile is decoded (two sets of
+// sums, alternating by product: U NT even, and each k range whole U tiles, the caller's) or waited for at once.
+// e4m3's A pairs are bytes 0 and 2, then 1 and 3, of a word (each one shift fewer than bytes 0 and 1: fp8_tensor_
+// cores.cuh's tc_chunk), so its x is staged through registers (XREG) with the same pairs put together.
+template <bool BF16, bool F32OUT, int FMT, int MT, int NT, int U, int WARPS, int KX, bool PIPE, int RING, bool XREG>
+__device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, const void* __restrict__ w,
+                                          void* __restrict__ y, float* __restrict__ part, unsigned* __restrict__ done,
+                                          int rows, int n, int k, long long x_ld, long long y_ld, int kc,
+                                          const void* __restrict__ qd, long long q_ld, int q_a, int q_b) {
 #ifdef SK_WG_ARCH
+    constexpr bool I4 = FMT == SK_INT4;
+    // e4m3 row scales: each set of sums accumulates its products over the whole range (a row's one factor applied to
+    // the sum at the end), no tile's sums added with factors
+    constexpr bool RSUM = FMT == SK_E4M3_ROW;
+    static_assert(!RSUM || NT == 1 || (PIPE && NT == 2), "row scales: each set of sums one strip's");
     constexpr int PASS = KX / 128, BUF = 4 * MT * KX, CP = KX / 8;  // tiles, 32-bit words and chunks of a pass
     // (PIPE with several runs of U tiles a pass: ptxas serializes the wgmma, their pipelining lost)
     static_assert(WARPS % 4 == 0 && KX % (128 * U) == 0 && (!PIPE || ((U * NT) % 2 == 0 && KX == 128 * U)),
@@ -628,7 +662,11 @@ __device__ __forceinline__ void skinny_wg4(const unsigned short* __restrict__ x,
                   "run of U tiles a pass");
     static_assert(RING == 0 || RING >= 2, "a ring of two stages or more");
     static_assert(NT == 1 || (PIPE && RING), "several strips a warp: pipelined, their weights in the ring (registers)");
-    constexpr int STAGE = U * NT * 1024;  // bytes of a ring stage: strip t's U tiles at t U kilobytes
+    static_assert(I4 || (XREG && NT <= 2 && PIPE), "e4m3: x staged through registers (its pairs); a ring copy a lane's "
+                  "row; pipelined (whole runs of 128 inputs: an e4m3 k of 64 past them would be left out)");
+    constexpr int V = I4 ? 2 : 4;               // a lane's 16-byte weight vectors a tile
+    constexpr int ROWB = 128 * U + 64;          // e4m3: bytes of a row's run in a stage (padded)
+    constexpr int STAGE = I4 ? U * NT * 1024 : NT * 16 * ROWB;  // bytes of a ring stage
     extern __shared__ uint4 xs[];  // two passes of x, each 4 MT KX words in the layout above; then the ring
     __shared__ unsigned last;
     griddep_launch_dependents();
@@ -639,19 +677,33 @@ __device__ __forceinline__ void skinny_wg4(const unsigned short* __restrict__ x,
     const int steps = max(0, (k_hi - k_lo) / 128);
     const unsigned* rec = reinterpret_cast<const unsigned*>(qd);
     const int tile_at = k_lo >> 7;  // the range's first tile
-    // the warp's strips (past n: the last one) at the range's first tile; the lane's rows g and g + 8 of each
-    const unsigned char* wrun[NT];
-    const unsigned* ra[NT];  // the lane's rows of records (tile t's group: t >> (q_b - 1), q_b >= 1)
+    const unsigned char* wb = reinterpret_cast<const unsigned char*>(w);
+    // int4: the warp's strips (past n: the last one) at the range's first tile. e4m3: the row this lane copies into
+    // the ring (lane t 16 + r: strip t's row r) at input k_lo
+    const unsigned char* wrun[I4 ? NT : 1];
+    // int4: the lane's rows g and g + 8 of records (tile t's group: t >> (q_b - 1)); e4m3 blocks: each strip's row of
+    // block scales (ra; tile t's block t >> (q_b - 1))
+    const unsigned* ra[NT];
     const unsigned* rb[NT];
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
         const long long strip = min(j0 + 16 * t, n - 1) >> 4;
-        wrun[t] = reinterpret_cast<const unsigned char*>(w) + (strip * (k >> 7) + tile_at) * 1024;
-        ra[t] = rec + (long long)min(j0 + 16 * t + g, n - 1) * q_ld;
-        rb[t] = rec + (long long)min(j0 + 16 * t + g + 8, n - 1) * q_ld;
+        if constexpr (I4) {
+            wrun[t] = wb + (strip * (k >> 7) + tile_at) * 1024;
+            ra[t] = rec + (long long)min(j0 + 16 * t + g, n - 1) * q_ld;
+            rb[t] = rec + (long long)min(j0 + 16 * t + g + 8, n - 1) * q_ld;
+        } else {
+            ra[t] = rb[t] = rec + (long long)(min(j0 + 16 * t, n - 1) / q_a) * q_ld;
+        }
     }
+    if constexpr (!I4) wrun[0] = wb + (long long)min(j0 + (lane & (16 * NT - 1)), n - 1) * k + k_lo;
     const int gs = q_b - 1;
-    const uint4* wr = reinterpret_cast<const uint4*>(wrun[0]) + 4 * g + q;  // (RING 0, NT 1: the lane's vectors)
+    // RING 0, NT 1: the lane's first vectors (int4: in its strip's first tile; e4m3: of rows g and g + 8)
+    const uint4* wr = I4 ? reinterpret_cast<const uint4*>(wb + ((long long)(min(j0, n - 1) >> 4) * (k >> 7) + tile_at) *
+                                                                   1024) + 4 * g + q
+                         : reinterpret_cast<const uint4*>(wb + (long long)min(j0 + g, n - 1) * k + k_lo) + q;
+    const long long wr_b = I4 ? I4_TILE_VECS / 2 : (long long)(min(j0 + g + 8, n - 1) - min(j0 + g, n - 1)) * k / 16;
+    constexpr int TILE_VECS = I4 ? I4_TILE_VECS : 8;  // from a tile's vectors to the next's
     // the lane's x rows for the staging (sk_stage_wg), at its first input
     const unsigned short* xr[MT];
     int sz[MT];
@@ -679,35 +731,60 @@ __device__ __forceinline__ void skinny_wg4(const unsigned short* __restrict__ x,
     const unsigned ring = base + 8 * BUF + warp * (RING * STAGE);
     const unsigned bars = base + 8 * BUF + WARPS * (RING * STAGE) + warp * (RING * 8);
     const int runs = (steps + U - 1) / U;
-    const unsigned lane_at = 16 * (4 * g + q);  // the lane's first vector in a tile (its second 512 bytes on)
-    uint4 cur[RING ? 1 : U][2];
-    unsigned cr[U][NT][2];
+    // the lane's first vector in a stage's tile: int4 at 16 (4 g + q) (its second 512 bytes on); e4m3 row g's at
+    // 16 q (row g + 8's 8 rows on, each step's 64 bytes on)
+    const unsigned lane_at = I4 ? 16 * (4 * g + q) : g * ROWB + 16 * q;
+    constexpr int NREC = FMT == SK_E4M3_ROW ? 0 : I4 ? 2 : 1;  // records or block scales a tile and strip
+    uint4 cur[RING ? 1 : U][V];
+    unsigned cr[U][NT][NREC ? NREC : 1];
+    // a run's ring copies: int4 a strip's U kilobytes, lane 0; e4m3 a row's 128 U bytes, lane 16 t + r
+    auto copy_run = [&](int r, int stage) {
+        const int tiles = min(U, steps - r * U);
+        if (lane == 0) sk_ring_expect(bars + 8 * stage, NT * (I4 ? 1024 : 2048) * tiles);
+        if constexpr (I4) {
+            if (lane == 0)
+#pragma unroll
+                for (int t = 0; t < NT; ++t)
+                    sk_ring_copy(ring + stage * STAGE + t * U * 1024, wrun[t] + (long long)r * U * 1024, 1024 * tiles,
+                                 bars + 8 * stage);
+        } else {
+            __syncwarp();  // (the stage's bytes expected before its copies)
+            if (lane < 16 * NT)
+                sk_ring_copy(ring + stage * STAGE + lane * ROWB, wrun[0] + (long long)r * U * 128, 128 * tiles,
+                             bars + 8 * stage);
+        }
+    };
     if (RING) {  // (the weights are constants: their copies start before griddep_wait)
         if (lane == 0) {
 #pragma unroll
             for (int s = 0; s < RING; ++s) sk_ring_init(bars + 8 * s);
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the inits seen by the copies' completion
-#pragma unroll
-            for (int s = 0; s < RING; ++s)
-                if (s < runs) {
-                    const unsigned bytes = 1024 * min(U, steps - s * U);
-                    sk_ring_expect(bars + 8 * s, NT * bytes);
-#pragma unroll
-                    for (int t = 0; t < NT; ++t)
-                        sk_ring_copy(ring + s * STAGE + t * U * 1024, wrun[t] + s * U * 1024, bytes, bars + 8 * s);
-                }
         }
         __syncwarp();
+#pragma unroll
+        for (int s = 0; s < RING; ++s)
+            if (s < runs) copy_run(s, s);
     }
+    // tile u's vectors of the lane from global memory (RING 0): int4 rows g, g + 8; e4m3 rows g, g + 8 at steps 0, 1
+    auto load_tile = [&](uint4 (&v)[V], const uint4* at) {
+        if constexpr (I4) {
+            v[0] = load_weights(at), v[1] = load_weights(at + I4_TILE_VECS / 2);
+        } else {
+            v[0] = load_weights(at), v[1] = load_weights(at + 4), v[2] = load_weights(at + wr_b), v[3] = load_weights(at + wr_b + 4);
+        }
+    };
+    auto load_rec = [&](unsigned (&r)[NT][NREC ? NREC : 1], int tl) {
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            if constexpr (NREC >= 1) r[t][0] = __ldg(ra[t] + (tl >> gs));
+            if constexpr (NREC == 2) r[t][1] = __ldg(rb[t] + (tl >> gs));
+        }
+    };
 #pragma unroll
     for (int u = 0; u < U; ++u)
         if (u < steps) {
-            if (!RING)
-                cur[RING ? 0 : u][0] = load_weights(wr + I4_TILE_VECS * u),
-                cur[RING ? 0 : u][1] = load_weights(wr + I4_TILE_VECS * u + I4_TILE_VECS / 2);
-#pragma unroll
-            for (int t = 0; t < NT; ++t)
-                cr[u][t][0] = __ldg(ra[t] + ((tile_at + u) >> gs)), cr[u][t][1] = __ldg(rb[t] + ((tile_at + u) >> gs));
+            if (!RING) load_tile(cur[RING ? 0 : u], wr + TILE_VECS * u);
+            load_rec(cr[u], tile_at + u);
         }
     griddep_wait();  // x may be the previous kernel's output, part and done its scratch; W and its records constants
     const int passes = (k_hi - k_lo + KX - 1) / KX;
@@ -718,28 +795,24 @@ __device__ __forceinline__ void skinny_wg4(const unsigned short* __restrict__ x,
     float sa = 0.f, sb = 0.f;  // PIPE: the scales of the product whose sums are running
     const uint4* wn = wr;  // the weights of tile `step` (moved a run of U at a time: the loads' offsets immediate)
     for (int step = 0, run = 0; step < steps; step += U, ++run) {
-        uint4 nxt[RING ? 1 : U][2];
-        unsigned nr[U][NT][2];
-        wn += U * I4_TILE_VECS;
+        uint4 nxt[RING ? 1 : U][V];
+        unsigned nr[U][NT][NREC ? NREC : 1];
+        wn += U * TILE_VECS;
 #pragma unroll
         for (int u = 0; u < U; ++u)
             if (step + U + u < steps) {
-                const int tl = tile_at + step + U + u;
-                if (!RING)
-                    nxt[RING ? 0 : u][0] = load_weights(wn + I4_TILE_VECS * u),
-                    nxt[RING ? 0 : u][1] = load_weights(wn + I4_TILE_VECS * u + I4_TILE_VECS / 2);
-#pragma unroll
-                for (int t = 0; t < NT; ++t) nr[u][t][0] = __ldg(ra[t] + (tl >> gs)), nr[u][t][1] = __ldg(rb[t] + (tl >> gs));
+                if (!RING) load_tile(nxt[RING ? 0 : u], wn + TILE_VECS * u);
+                load_rec(nr[u], tile_at + step + U + u);
             }
         if (step % PASS == 0) {  // pass p's x staged (asked for a pass ago), pass p + 1's asked for now
             const int p = step / PASS;
             if (PIPE) {  // the last product read pass p - 1's buffer: done before it is refilled (step 0: none)
                 sk_wg_wait<0>(blk[1]);  // (the last product of a run: set 1, U NT even; strip NT - 1)
-                sk_add_scaled(acc[NT - 1], blk[1], sa, sb);
+                if (!RSUM) sk_add_scaled(acc[NT - 1], blk[1], sa, sb);
             }
-            if constexpr (XREG) {  // pass p's x from the registers into its buffer, whose last readers (pass p - 2's products)
-                         // completed before the barrier of pass p - 1; then pass p + 1's loads
-                sk_xstore<MT, KX, WARPS, XJ>(base + (p & 1) * BUF * 4, xv, min(KX, k_hi - (k_lo + p * KX)));
+            if constexpr (XREG) {  // pass p's x from the registers into its buffer, whose last readers (pass p - 2's
+                                   // products) completed before the barrier of pass p - 1; then pass p + 1's loads
+                sk_xstore<MT, KX, WARPS, XJ, !I4>(base + (p & 1) * BUF * 4, xv, min(KX, k_hi - (k_lo + p * KX)));
                 asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // (the stores seen by the tensor cores)
                 __syncthreads();
                 if (p + 1 < passes) {
@@ -771,61 +844,88 @@ __device__ __forceinline__ void skinny_wg4(const unsigned short* __restrict__ x,
 #pragma unroll
                 for (int t = 0; t < NT; ++t) {
                     const int pi = u * NT + t, b = PIPE ? pi & 1 : 0;  // (the product's index in the run; its set)
-                    uint4 va, vb;
+                    uint4 v[V];
                     if (RING) {
-                        const unsigned at = ring + stage * STAGE + (t * U + u) * 1024 + lane_at;
-                        va = sk_lds(at), vb = sk_lds(at + 512);
+                        if constexpr (I4) {
+                            const unsigned at = ring + stage * STAGE + (t * U + u) * 1024 + lane_at;
+                            v[0] = sk_lds(at), v[1] = sk_lds(at + 512);
+                        } else {
+                            const unsigned at = ring + stage * STAGE + t * 16 * ROWB + u * 128 + lane_at;
+                            v[0] = sk_lds(at), v[1] = sk_lds(at + 64), v[2] = sk_lds(at + 8 * ROWB),
+                            v[3] = sk_lds(at + 8 * ROWB + 64);
+                        }
                     } else {
-                        va = cur[RING ? 0 : u][0], vb = cur[RING ? 0 : u][1];
+#pragma unroll
+                        for (int e = 0; e < V; ++e) v[e] = cur[RING ? 0 : u][e];
                     }
                     unsigned a[8][4];
-                    sk_wg_decode<BF16>(a, va, vb, i4_neg_zero<BF16>(cr[u][t][0]), i4_neg_zero<BF16>(cr[u][t][1]));
+                    if constexpr (I4)
+                        sk_wg_decode<BF16>(a, v[0], v[1], i4_neg_zero<BF16>(cr[u][t][0]),
+                                           i4_neg_zero<BF16>(cr[u][t][NREC > 1 ? 1 : 0]));
+                    else
+                        sk_wg_decode8<BF16>(a, v);
                     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
                     for (int p = 0; p < 8; ++p)
-                        sk_wgmma<BF16, MT>(blk[b], a[p][0], a[p][1], a[p][2], a[p][3], dt + p * (2 * 128 >> 4), p > 0);
+                        sk_wgmma<BF16, MT>(blk[b], a[p][0], a[p][1], a[p][2], a[p][3], dt + p * (2 * 128 >> 4),
+                                           RSUM || p > 0);
                     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+                    // this product's factors for rows g and g + 8: int4 each row's scale, e4m3 the strip's block
+                    // scale, 1 for row scales (applied to the whole sum at the end)
+                    const float fa = I4 ? i4_scale(cr[u][t][0]) : NREC ? __uint_as_float(cr[u][t][0]) : 1.f;
+                    const float fb = I4 ? i4_scale(cr[u][t][NREC > 1 ? 1 : 0]) : fa;
                     // PIPE: the product before's sums (the other set, strip t - 1 or the run's last) completed, added
-                    // with its scales (at a run's first product, that is the last run's last, already added at the
+                    // with its factors (at a run's first product, that is the last run's last, already added at the
                     // pass boundary above: every run starts a pass); else this product's
                     if (!PIPE || pi > 0) {
                         if (PIPE) sk_wg_wait<1>(blk[b ^ 1]);
                         else sk_wg_wait<0>(blk[0]);
-                        const float ta = PIPE ? sa : i4_scale(cr[u][t][0]), tb = PIPE ? sb : i4_scale(cr[u][t][1]);
-                        sk_add_scaled(acc[PIPE ? (t + NT - 1) % NT : t], blk[PIPE ? b ^ 1 : 0], ta, tb);
+                        if (!RSUM)
+                            sk_add_scaled(acc[PIPE ? (t + NT - 1) % NT : t], blk[PIPE ? b ^ 1 : 0], PIPE ? sa : fa,
+                                          PIPE ? sb : fb);
                     }
-                    if (PIPE) sa = i4_scale(cr[u][t][0]), sb = i4_scale(cr[u][t][1]);
+                    if (PIPE) sa = fa, sb = fb;
                 }
             }
         }
         if (RING) {  // every lane has read this stage: the run RING on goes into it
             __syncwarp();
-            if (lane == 0 && run + RING < runs) {
-                const int next = run + RING;
-                const unsigned bytes = 1024 * min(U, steps - next * U);
-                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // (the reads before the copy's writes)
-                sk_ring_expect(bars + 8 * stage, NT * bytes);
-#pragma unroll
-                for (int t = 0; t < NT; ++t)
-                    sk_ring_copy(ring + stage * STAGE + t * U * 1024, wrun[t] + (long long)next * U * 1024, bytes,
-                                 bars + 8 * stage);
+            if (run + RING < runs) {
+                if (!I4 || lane == 0)  // (each copying lane: the stage's reads before the copy's writes)
+                    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                copy_run(run + RING, stage);
             }
         }
         if (step + U < steps) {
 #pragma unroll
             for (int u = 0; u < U; ++u) {
-                if (!RING) cur[RING ? 0 : u][0] = nxt[RING ? 0 : u][0], cur[RING ? 0 : u][1] = nxt[RING ? 0 : u][1];
+                if (!RING)
 #pragma unroll
-                for (int t = 0; t < NT; ++t) cr[u][t][0] = nr[u][t][0], cr[u][t][1] = nr[u][t][1];
+                    for (int e = 0; e < V; ++e) cur[RING ? 0 : u][e] = nxt[RING ? 0 : u][e];
+#pragma unroll
+                for (int t = 0; t < NT; ++t)
+#pragma unroll
+                    for (int e = 0; e < (NREC ? NREC : 1); ++e) cr[u][t][e] = nr[u][t][e];
             }
         }
     }
     if (PIPE) {  // the last product's sums (set 1, strip NT - 1; none: sa, sb and the sums zero)
         sk_wg_wait<0>(blk[1]);
-        sk_add_scaled(acc[NT - 1], blk[1], sa, sb);
+        if (!RSUM) sk_add_scaled(acc[NT - 1], blk[1], sa, sb);
+    }
+    if constexpr (RSUM) {  // the sets' whole sums: strip t's set t (two strips), or both sets strip 0's
+        if (!PIPE) sk_wg_wait<0>(blk[0]);
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+            for (int i = 0; i < MT; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    acc[t][i][e] = NT == 2 ? blk[t][i][e] : PIPE ? blk[0][i][e] + blk[PIPE ? 1 : 0][i][e] : blk[0][i][e];
     }
     asm volatile("cp.async.wait_all;" ::: "memory");  // none left in flight at exit
-    sk_finish<BF16, F32OUT, MT, NT, WARPS, false>(acc, y, part, done, last, rows, n, y_ld, j0, g, q, q_a);
+    if (FMT == SK_E4M3_ROW) sk_scale_rows(acc, reinterpret_cast<const float*>(qd), j0, g, n);
+    sk_finish<BF16, F32OUT, MT, NT, WARPS, false>(acc, y, part, done, last, rows, n, y_ld, j0, g, q, I4 ? q_a : 0);
 #else
     __trap();  // compiled for an architecture without wgmma: never launched (SkinnyGemm compiles these for sm_90a)
 #endif
@@ -852,15 +952,15 @@ __device__ __forceinline__ void skinny_wg4(const unsigned short* __restrict__ x,
         skinny_gemm<bf16, false, SK_W16, MT, NT, U, WARPS, (KX ? KX : 512), KX == 0, true>(                         \
             x, w, y, part, done, rows, n, k, x_ld, y_ld, kc, q, q_ld, q_a, q_b);                                    \
     }
-// The int4 warpgroup form (sm_90a; groups of 128 inputs or more): the same arguments as SKINNY's; P 1: PIPE; R: RING
-// (dynamic shared memory: x's two passes, then R stages of U kilobytes and an 8-byte mbarrier each a warp)
-#define SKINNY_WG4(name, bf16, f32out, MT, NT, U, WARPS, MINB, KX, P, R, S)                                        \
+// The warpgroup form (sm_90a; int4 groups and e4m3 blocks of 128 inputs or more): the same arguments as SKINNY's; P 1:
+// PIPE; R: RING; S 1: XREG (dynamic shared memory: x's two passes, then R stages and an 8-byte mbarrier each a warp)
+#define SKINNY_WG(name, bf16, f32out, fmt, MT, NT, U, WARPS, MINB, KX, P, R, S)                                     \
     extern "C" __global__ void __launch_bounds__(32 * WARPS, MINB)                                                   \
         name##_m##MT##_n##NT##_u##U##_w##WARPS##_b##MINB##_x##KX##_p##P##_r##R##_s##S(                              \
             const unsigned short* x, const void* w, void* y, float* part, unsigned* done, int rows, int n, int k,   \
             long long x_ld, long long y_ld, int kc, const void* q, long long q_ld, int q_a, int q_b) {              \
-        skinny_wg4<bf16, f32out, MT, NT, U, WARPS, KX, P == 1, R, S == 1>(x, w, y, part, done, rows, n, k, x_ld,   \
-                                                                          y_ld, kc, q, q_ld, q_a, q_b);             \
+        skinny_wg<bf16, f32out, fmt, MT, NT, U, WARPS, KX, P == 1, R, S == 1>(x, w, y, part, done, rows, n, k,     \
+                                                                             x_ld, y_ld, kc, q, q_ld, q_a, q_b);    \
     }
 // every type pair of one format and geometry: skinny{,8b,8r,4}_{bf16,f16}_{16,f32}_...
 #define SKINNY_TYPES(prefix, fmt, MT, NT, U, WARPS, MINB, KX)                                                       \
@@ -890,15 +990,30 @@ SKINNY_ROWS(4)
 SKINNY_TYPES(skinny8b, SK_E4M3_BLOCK, 3, 1, 2, 8, 2, 512) SKINNY_TYPES(skinny8b, SK_E4M3_BLOCK, 4, 1, 2, 8, 2, 512)
 SKINNY_TYPES(skinny8r, SK_E4M3_ROW, 3, 1, 4, 8, 2, 512) SKINNY_TYPES(skinny8r, SK_E4M3_ROW, 4, 1, 4, 8, 2, 512)
 SKINNY_TYPES(skinny4, SK_INT4, 4, 1, 2, 8, 2, 512)
-// the int4 warpgroup form at 17-32 rows (SkinnyGemm compiles it for sm_90a; here, without wgmma, each traps)
-#define SKINNY_WG4_TYPES(MT, NT, U, WARPS, MINB, KX, P, R, S)                                                       \
-    SKINNY_WG4(skinnywg4_bf16_16, true, false, MT, NT, U, WARPS, MINB, KX, P, R, S)                                 \
-    SKINNY_WG4(skinnywg4_bf16_f32, true, true, MT, NT, U, WARPS, MINB, KX, P, R, S)                                 \
-    SKINNY_WG4(skinnywg4_f16_16, false, false, MT, NT, U, WARPS, MINB, KX, P, R, S)                                 \
-    SKINNY_WG4(skinnywg4_f16_f32, false, true, MT, NT, U, WARPS, MINB, KX, P, R, S)
-#define SKINNY_WG4_ROWS(MT)                                                                                         \
-    SKINNY_WG4_TYPES(MT, 1, 2, 8, 1, 256, 1, 0, 0) SKINNY_WG4_TYPES(MT, 1, 4, 8, 1, 512, 1, 0, 0)                   \
-    SKINNY_WG4_TYPES(MT, 2, 2, 4, 2, 256, 1, 2, 1)
-SKINNY_WG4_ROWS(3)
-SKINNY_WG4_ROWS(4)
+// the warpgroup form at 17-32 rows (SkinnyGemm compiles it for sm_90a; here, without wgmma, each traps)
+#define SKINNY_WG_TYPES(prefix, fmt, MT, NT, U, WARPS, MINB, KX, P, R, S)                                          \
+    SKINNY_WG(prefix##_bf16_16, true, false, fmt, MT, NT, U, WARPS, MINB, KX, P, R, S)                              \
+    SKINNY_WG(prefix##_bf16_f32, true, true, fmt, MT, NT, U, WARPS, MINB, KX, P, R, S)                              \
+    SKINNY_WG(prefix##_f16_16, false, false, fmt, MT, NT, U, WARPS, MINB, KX, P, R, S)                              \
+    SKINNY_WG(prefix##_f16_f32, false, true, fmt, MT, NT, U, WARPS, MINB, KX, P, R, S)
+#define SKINNY_WG_ROWS(MT)                                                                                          \
+    SKINNY_WG_TYPES(skinnywg4, SK_INT4, MT, 1, 2, 8, 1, 256, 1, 0, 0)                                               \
+    SKINNY_WG_TYPES(skinnywg4, SK_INT4, MT, 1, 4, 8, 1, 512, 1, 0, 0)                                               \
+    SKINNY_WG_TYPES(skinnywg4, SK_INT4, MT, 2, 2, 4, 2, 256, 1, 2, 1)
+SKINNY_WG_ROWS(3)
+SKINNY_WG_ROWS(4)
+// the e4m3 warpgroup form's candidates (sm_90a), every row group
+#define SKINNY_WG8_ROWS(MT)                                                                                         \
+    SKINNY_WG_TYPES(skinnywg8b, SK_E4M3_BLOCK, MT, 1, 2, 8, 1, 256, 1, 2, 1)                                        \
+    SKINNY_WG_TYPES(skinnywg8b, SK_E4M3_BLOCK, MT, 1, 2, 8, 1, 256, 1, 0, 1)                                        \
+    SKINNY_WG_TYPES(skinnywg8b, SK_E4M3_BLOCK, MT, 1, 2, 4, 2, 256, 1, 2, 1)                                        \
+    SKINNY_WG_TYPES(skinnywg8b, SK_E4M3_BLOCK, MT, 2, 1, 4, 2, 128, 1, 2, 1)                                        \
+    SKINNY_WG_TYPES(skinnywg8r, SK_E4M3_ROW, MT, 1, 2, 8, 1, 256, 1, 2, 1)                                          \
+    SKINNY_WG_TYPES(skinnywg8r, SK_E4M3_ROW, MT, 1, 2, 8, 1, 256, 1, 0, 1)                                          \
+    SKINNY_WG_TYPES(skinnywg8r, SK_E4M3_ROW, MT, 1, 2, 4, 2, 256, 1, 2, 1)                                          \
+    SKINNY_WG_TYPES(skinnywg8r, SK_E4M3_ROW, MT, 2, 1, 4, 2, 128, 1, 2, 1)
+SKINNY_WG8_ROWS(1)
+SKINNY_WG8_ROWS(2)
+SKINNY_WG8_ROWS(3)
+SKINNY_WG8_ROWS(4)
 #endif
