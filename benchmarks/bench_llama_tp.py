@@ -63,6 +63,7 @@ ONE_GPU_VARIANTS = (
     "one-graph",
     "no-tune",
     "tune-quantized",
+    "tune-wide",
     "any-rows",
     "no-gemv-pipeline",
     "silu-prologue",
@@ -399,6 +400,10 @@ def set_variant(variant: str) -> None:
         from fi_engine.runtime.worker import step_tuning
 
         step_tuning.TUNE_QUANTIZED = True
+    if variant == "tune-wide":  # launches timed alone within 50 % of a shape's fastest tried in the step, up to 4
+        from fi_engine.runtime.worker import step_tuning
+
+        step_tuning.TUNE_WITHIN, step_tuning.TUNE_MOST = 0.5, 4
     if variant == "one-graph":  # one decode graph of max_batch rows for every step (before 2026-11-25)
         ModelRunner.decode_graph_ladder = False
     if variant == "unfused":  # a one-row decode graph of separate launches (before 2026-11-23)
@@ -712,7 +717,8 @@ def main() -> None:
         "one-graph (TP 1: one decode graph of max_batch rows for every step, ModelRunner.decode_graph_ladder "
         "off), no-tune (TP 1: each GEMM shape's launch as timed alone, not tried in the captured step, "
         "ModelRunner.tune_decode_graphs off), tune-quantized (TP 1: FP8 and int4 shapes tried in the captured step "
-        "too, step_tuning.TUNE_QUANTIZED), again (TP 1: the default once more, after the others: the run's own "
+        "too, step_tuning.TUNE_QUANTIZED), tune-wide (TP 1: launches timed alone within 50 %% of a shape's fastest "
+        "tried in the step, up to 4 a shape), again (TP 1: the default once more, after the others: the run's own "
         "noise), ahead (as fused, "
         "the next step prepared while the GPU runs this one; TP 1 runs it too), pdl (TP > 1: the fused all-reduce "
         "launched with programmatic dependent launch, the next kernel when it ends; not safe, see "
