@@ -2,13 +2,14 @@
 shape (QKV, O, gate/up, down), row count and weight format (bfloat16, e4m3 with 128x128-block or per-row scales, AWQ
 int4 in groups of 128), every plan's geometry, how its split of k was chosen (``rule``: the power-of-two rule,
 ``half``: half of it, ``waves``: the split whose grid fills whole waves of the SMs' resident blocks), its grid, the
-blocks an SM holds of its kernel, the waves its grid takes, and its time in us per call, GB/s of the bytes it must
-read (weights and their scales or records) and percent of the roofline. Each plan is checked against a float32
-reference first (a wrong one prints WRONG and is not timed); ``*`` marks the new ones (a wave-fitted split, or a
-kernel of two blocks an SM). After each case: the best of the plans a Dense timed before them against the best of
-all. CUDA graphs of ``--calls`` launches rotate
-over weight copies larger than the L2, so every call reads HBM. Needs CuPy on a GPU of SM 8.0 or newer (no torch).
-Not a test: tests/engine/test_gpu_skinny_gemm.py is.
+blocks an SM holds of its kernel, the waves its grid takes, and its time in us per call in a chain of launches, GB/s
+of the bytes it must read (weights and their scales or records) and percent of the roofline, then its time alone as a
+Dense times it (one launch after the L2 is flushed: its ramp and last wave hidden behind no neighbour). Each plan is
+checked against a float32 reference first (a wrong one prints WRONG and is not timed); ``*`` marks the new ones (a
+wave-fitted split, a kernel of two blocks an SM, the warpgroup form). After each case: the best of the plans a Dense
+timed before them against the best of all, in the chain and alone. The chains are CUDA graphs of ``--calls`` launches
+rotating over weight copies larger than the L2, so every call reads HBM. Needs CuPy on a GPU of SM 8.0 or newer (no
+torch). Not a test: tests/engine/test_gpu_skinny_gemm.py is.
 
     python benchmarks/lab_skinny_plans.py [--rows 8,16,32] [--shapes qkv,o,gate_up,down]
         [--formats bf16,e4m3b,e4m3r,int4] [--hbm-tbs TB/s] [--csv out.csv]
@@ -114,6 +115,7 @@ def main() -> None:
     import cupy as cp
 
     from fi_engine.kernels.dense import CUDA_R_16BF, Dense
+    from fi_engine.kernels.launch_timing import LaunchTimer
     from fi_engine.kernels.skinny_gemm import SkinnyGemm
 
     bandwidth = roofline_denominator(0, hbm_tbs=args.hbm_tbs)
@@ -125,6 +127,7 @@ def main() -> None:
     wrong = 0
     with stream:
         dense, sk = Dense(stream), SkinnyGemm()
+        timer = LaunchTimer(stream.ptr)
         done: Any = sk.done  # the split launches' counters (zero between launches)
         print(f"{sk.sms} SMs; columns: geometry, split, grid (column blocks x k ranges), blocks an SM holds, waves")
         for shape in args.shapes.split(","):
@@ -141,7 +144,7 @@ def main() -> None:
                     by_copy = []
                     for w, q in made:  # the same plans over each copy's addresses
                         by_copy.append(plans_of(sk, extra, (*call[:3], int(w.data.ptr), *call[4:]), q))
-                    timed: list[tuple[float, Any]] = []
+                    timed: list[tuple[float, Any, float]] = []
                     print(f"\n{shape} {n}x{k} {fmt} {rows} rows ({nbytes / 1e6:.1f} MB a call)")
                     for i, plan in enumerate(by_copy[0]):
                         launches = [
@@ -176,15 +179,19 @@ def main() -> None:
                             times.append(cp.cuda.get_elapsed_time(start, end) * 1e3 / args.calls)
                         us = min(times)
                         gbps = nbytes / us / 1e3
+                        # as a Dense times it: one launch after the L2 is flushed, nothing before or after it
+                        alone_us = 1e3 * min(timer.times({0: launches[0], 1: launches[-1]}).values())
                         waves = plan.grid[0] * plan.grid[1] / (sk.sms * plan.resident)
                         print(
                             f"  {'*' if is_new(plan) else ' '} {name:>24} {plan.split:>5} "
                             f"grid {plan.grid[0]:>5} x {plan.grid[1]:<3} "
                             f"{plan.resident} an SM {waves:5.2f} waves {us:8.1f} us {gbps:6.0f} GB/s "
-                            f"{100 * gbps * 1e9 / bandwidth.bytes_per_s:5.1f} %"
+                            f"{100 * gbps * 1e9 / bandwidth.bytes_per_s:5.1f} %, alone {alone_us:6.1f} us"
                         )
-                        timed.append((us, plan))
-                        records.append((shape, fmt, rows, name, plan.split, *plan.grid, plan.resident, us, gbps))
+                        timed.append((us, plan, alone_us))
+                        records.append(
+                            (shape, fmt, rows, name, plan.split, *plan.grid, plan.resident, us, gbps, alone_us)
+                        )
                     old = [t for t in timed if not is_new(t[1])]
                     if old and timed:
                         b_old, b_all = min(old, key=lambda t: t[0]), min(timed, key=lambda t: t[0])
@@ -193,6 +200,11 @@ def main() -> None:
                             f"{b_all[0]:7.1f} us ({b_all[1].kernel.split('_m', 1)[1]} {b_all[1].split}, grid "
                             f"{b_all[1].grid}): "
                             f"{100 * (b_old[0] / b_all[0] - 1):+5.1f} %"
+                        )
+                        a_old, a_all = min(old, key=lambda t: t[2]), min(timed, key=lambda t: t[2])
+                        line += (
+                            f"; alone {a_old[2]:5.1f} -> {a_all[2]:5.1f} us "
+                            f"({a_all[1].kernel.split('_m', 1)[1]} {a_all[1].split})"
                         )
                         summary.append(line)
                         print("  " + line)
@@ -204,7 +216,7 @@ def main() -> None:
     print(f"wrong: {wrong}")
     if args.csv:
         with open(args.csv, "w") as fh:
-            fh.write("shape,format,rows,geometry,split,blocks,ranges,resident,us,GBps\n")
+            fh.write("shape,format,rows,geometry,split,blocks,ranges,resident,us,GBps,alone_us\n")
             for r in records:
                 fh.write(",".join(str(v) for v in r) + "\n")
 
