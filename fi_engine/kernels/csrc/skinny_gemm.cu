@@ -551,6 +551,14 @@ __device__ __forceinline__ void sk_add_scaled(float (&o)[MT][4], const float (&d
         o[i][2] = fmaf(sb, d[i][2], o[i][2]), o[i][3] = fmaf(sb, d[i][3], o[i][3]);
     }
 }
+// each decoded A register computed before the wgmma.fence that follows (volatile asm keeps their order): the PTX rules
+// want no register a wgmma reads written between the fence and it, and the decodes' own asm is not volatile
+__device__ __forceinline__ void sk_wg_pin(unsigned (&a)[8][4]) {
+#pragma unroll
+    for (int p = 0; p < 8; ++p)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[p][j])::"memory");
+}
 // a tile's A operands, decoded: product m' = 4 h + m (rows g, g + 8; inputs as the layout comment above), the zero
 // subtracted from each pair (exactly: i4_minus)
 template <bool BF16>
@@ -565,12 +573,7 @@ __device__ __forceinline__ void sk_wg_decode(unsigned (&a)[8][4], const uint4& v
         a[p][2] = i4_minus<BF16>(wa[word] >> (shift + 4), nza);
         a[p][3] = i4_minus<BF16>(wb[word] >> (shift + 4), nzb);
     }
-    // each A register computed before the wgmma.fence that follows (volatile asm keeps their order): the PTX rules
-    // want no register a wgmma reads written between the fence and it, and the decode's own asm is not volatile
-#pragma unroll
-    for (int p = 0; p < 8; ++p)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[p][j])::"memory");
+    sk_wg_pin(a);
 }
 
 // an e4m3 tile's A operands, decoded exactly (e4m3_pair): product m' = 4 s + m takes word m of step s (v[s]: row g,
@@ -586,10 +589,7 @@ template <bool BF16> __device__ __forceinline__ void sk_wg_decode8(unsigned (&a)
             d[2] = e4m3_pair<BF16>(ua[m]), d[3] = e4m3_pair<BF16>(ub[m]);
         }
     }
-#pragma unroll
-    for (int p = 0; p < 8; ++p)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[p][j])::"memory");  // (as sk_wg_decode's)
+    sk_wg_pin(a);
 }
 
 // The weight ring of the warpgroup form (RING > 0 stages): each warp's next runs of U tiles copied into shared memory
