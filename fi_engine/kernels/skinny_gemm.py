@@ -12,7 +12,7 @@ are those an H100 sweep (``benchmarks/lab_skinny_gemm.py``, 8B shapes, 5-32 rows
 fastest: x read from global memory alongside the weights, or staged in shared memory; and for e4m3 and int4 at 17-32
 rows a staged one of two blocks an SM. ``benchmarks/lab_skinny_plans.py`` times every plan a Dense would time.
 
-On Hopper (SM 9.0) int4 weights at 17-32 rows (and, being measured, e4m3 weights at 1-32 rows) also have a warpgroup
+On Hopper (SM 9.0) int4 weights at 17-32 rows and e4m3 weights at 1-32 rows also have a warpgroup
 form (``SKINNY_WG``, :attr:`Geometry.wg`):
 four warps multiply their 64 weight rows by x with one ``wgmma`` a k16 product, the decoded weights the A operand from
 registers and x, staged in shared memory in the order the lanes' decoded pairs take, the B operand the tensor cores
@@ -165,8 +165,10 @@ _WG4 = (
     Geometry(1, 4, 8, 1, 512, (3, 4), True, True),
     Geometry(2, 2, 4, 2, 256, (3, 4), True, True, 2, True),
 )
-# the e4m3 warpgroup form (sm_90a; blocks of 128 inputs or more), candidates to measure: x staged through registers
-# (the e4m3 A pairs' order), one strip a warp with the weights in a ring or in registers, two strips a warp
+# the e4m3 warpgroup form (sm_90a; blocks of 128 inputs or more): x staged through registers (the e4m3 A pairs'
+# order), one strip a warp with the weights in a ring or in registers, two strips a warp. On an H200 (benchmarks/
+# RESULTS.md) they beat the mma.sync form by up to 47 % in a chain of launches at 16-32 rows, but timed alone, as a
+# Dense chooses, they win only O and down at 32 rows: the 8B FP8 step 2-4 % faster there, the same at 8-24 rows
 _WG8 = (
     Geometry(1, 2, 8, 1, 256, (1, 2, 3, 4), True, True, 2, True),
     Geometry(1, 2, 8, 1, 256, (1, 2, 3, 4), True, True, 0, True),
@@ -463,7 +465,8 @@ class SkinnyLaunches:
 
     warpgroups_on = True
     """Whether int4 and FP8 weights may take the warpgroup form (``Geometry.wg``; SM 9.0 only); False: the
-    ``mma.sync`` geometries only (``bench_llama_tp.py --variants no-wg4``; ``no-wg8`` for FP8 weights alone)."""
+    ``mma.sync`` geometries only. (``bench_llama_tp.py --variants no-wg4`` and ``no-wg8`` leave the form out for
+    int4 or FP8 weights alone.)"""
 
     error = ""
     """Why the skinny GEMM is unavailable, where it is."""
