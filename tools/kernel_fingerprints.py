@@ -48,6 +48,7 @@ SOURCES: list[tuple[str, str, tuple[str, ...] | str]] = [
     ("lora_bgmv", "lora_bgmv.cu", ()),  # LoraBgmv
     ("lora_fused", "lora_fused.cu", "fi_engine.kernels.lora_fused:LoraFusedKernels.options"),  # LoraFusedKernels
     ("lora_fused_launch", "lora_fused.cu", "fi_engine.kernels.lora_fused:LoraFusedKernels.launch_options"),
+    ("release_rows", "release_rows.cu", ("--use_fast_math",)),  # ReleasingRows
 ]
 
 

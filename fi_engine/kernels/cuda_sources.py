@@ -150,6 +150,11 @@ tensor-core GEMM (W8A8, ``Fp8Linears.w8a8``).
 ``skinny_gemm.cu``: the tensor-core GEMM of decode steps of up to 32 rows over 16-bit, e4m3 or int4 weights
 (:mod:`~fi_engine.kernels.skinny_gemm`; each Dense compiles the instances it needs, by ``SKINNY_INSTANCES``).
 
+``release_rows.cu``: FlashInfer's ``fused_add_rmsnorm`` (its sums in its order, ``rms_rows.cuh``) and
+``silu_and_mul`` as launches that release the next one at their start, so the GEMM after them loads its first weights
+while they run (:mod:`~fi_engine.kernels.release_rows`; ``ModelRunner.release_rows``, off). Compiled with
+``--use_fast_math`` as FlashInfer's modules are.
+
 ``grouped_gemv.cu``: the grouped GEMV of a MoE decode step (:mod:`~fi_engine.kernels.moe_gemv`);
 ``grouped_gemv8.cu``: the same over e4m3 experts read as stored (:mod:`~fi_engine.kernels.fp8_moe_gemv`).
 

@@ -384,7 +384,7 @@ class Llama(MoEPaths, ModelFamily):
         slots = getattr(v, "lora_slots", 0)
         silu = v.prepared.get("silu_and_mul")  # the dense MLP's activation, packed once over these views
         if silu is None and not eng.moe_layers:
-            silu = v.prepared["silu_and_mul"] = kernels.prepared_silu_and_mul(v.gu, v.act, s)
+            silu = v.prepared["silu_and_mul"] = eng.prepared_silu_and_mul(v)
         eng.embed_and_norm(v, rows)
         for i in range(c.num_layers):
             dense.linear(rows, normed, h, eng.wqkv[i], w, h, qkv, w, ab, ab)

@@ -256,7 +256,15 @@ class ModelRunner(RunnerState):
     dependent launch where the GEMVs are (FlashInfer's ``enable_pdl``): each may start while the GEMV before it drains.
     Read when the step is packed; set it on the class to compare."""
 
+    release_rows: bool = False
+    """A decode step's separate launches take the engine's own residual-add RMSNorm and SiLU-and-mul
+    (:class:`~fi_engine.kernels.release_rows.ReleasingRows`: FlashInfer's arithmetic, each releasing the GEMM after
+    it at its start, so the GEMM loads its first weights while they run) in place of FlashInfer's
+    ``fused_add_rmsnorm`` and ``silu_and_mul``. Off until measured in the step; read when a step view's launches are
+    packed: set it on the class to compare (``bench_llama_tp.py --variants release-rows``)."""
+
     _kv_scales: tuple[float, float] | None = None  # (class default: a runner assembled without __init__)
+    _releasing: Any = None  # the ReleasingRows, made at the first launch that takes it
 
     def __init__(self, family: ModelFamily, model_dir: str | Path, settings: EngineSettings) -> None:
         self._configure(family, model_dir, settings)
@@ -604,12 +612,36 @@ class ModelRunner(RunnerState):
         elif self.allreduce is None:  # packed once per view and weight (keyed by its address, a value): one FFI call
             call = v.prepared.get(weight.data_ptr)
             if call is None:
-                call = v.prepared[weight.data_ptr] = kernels.prepared_fused_add_rmsnorm(
-                    v.x, v.h, weight, eps, self.stream_ptr
-                )
+                if self.release_rows:
+                    rows, k = v.x.shape
+                    call = self.releasing_rows().prepared_add_rmsnorm(
+                        rows, v.x.data_ptr, v.h.data_ptr, weight.data_ptr, k, k, k, eps, self.dtype == "bfloat16"
+                    )
+                else:
+                    call = kernels.prepared_fused_add_rmsnorm(v.x, v.h, weight, eps, self.stream_ptr)
+                v.prepared[weight.data_ptr] = call
             call()
         else:
             self.allreduce(v.x, v.h, weight, v.x2, eps, self.stream_ptr)
+
+    def prepared_silu_and_mul(self, v: SimpleNamespace) -> Any:
+        """``act = silu(gu[:, :inter]) * gu[:, inter:]`` over step views ``v``, packed once: FlashInfer's
+        ``silu_and_mul``, or with :attr:`release_rows` in a decode view the engine's own."""
+        if self.release_rows and v.kind == "decode":
+            rows, inter = v.act.shape
+            return self.releasing_rows().prepared_silu_mul(
+                rows, v.gu.data_ptr, v.act.data_ptr, inter, 2 * inter, inter, self.dtype == "bfloat16"
+            )
+        return kernels.prepared_silu_and_mul(v.gu, v.act, self.stream_ptr)
+
+    def releasing_rows(self) -> Any:
+        """The :class:`~fi_engine.kernels.release_rows.ReleasingRows` of this runner's Dense launcher, made (compiled)
+        at the first call."""
+        if self._releasing is None:
+            from ...kernels.release_rows import ReleasingRows
+
+            self._releasing = ReleasingRows(self.dense.launcher)
+        return self._releasing
 
     def dense_moe(self, rows: int) -> bool:
         """Whether the MoE layers run a step of ``rows`` rows dense over the experts: the family's ``moe_path``
