@@ -384,7 +384,8 @@ class Llama(MoEPaths, ModelFamily):
         slots = getattr(v, "lora_slots", 0)
         silu = v.prepared.get("silu_and_mul")  # the dense MLP's activation, packed once over these views
         if silu is None and not eng.moe_layers:
-            silu = v.prepared["silu_and_mul"] = eng.prepared_silu_and_mul(v)
+            silu = eng.releasing_silu_and_mul(v) or kernels.prepared_silu_and_mul(v.gu, v.act, s)
+            v.prepared["silu_and_mul"] = silu
         eng.embed_and_norm(v, rows)
         for i in range(c.num_layers):
             dense.linear(rows, normed, h, eng.wqkv[i], w, h, qkv, w, ab, ab)

@@ -624,15 +624,16 @@ class ModelRunner(RunnerState):
         else:
             self.allreduce(v.x, v.h, weight, v.x2, eps, self.stream_ptr)
 
-    def prepared_silu_and_mul(self, v: SimpleNamespace) -> Any:
-        """``act = silu(gu[:, :inter]) * gu[:, inter:]`` over step views ``v``, packed once: FlashInfer's
-        ``silu_and_mul``, or with :attr:`release_rows` in a decode view the engine's own."""
-        if self.release_rows and v.kind == "decode":
-            rows, inter = v.act.shape
-            return self.releasing_rows().prepared_silu_mul(
-                rows, v.gu.data_ptr, v.act.data_ptr, inter, 2 * inter, inter, self.dtype == "bfloat16"
-            )
-        return kernels.prepared_silu_and_mul(v.gu, v.act, self.stream_ptr)
+    def releasing_silu_and_mul(self, v: SimpleNamespace) -> Any:
+        """With :attr:`release_rows` and a decode view ``v``, the engine's own ``act = silu(gu[:, :inter]) * gu[:,
+        inter:]`` packed once (FlashInfer's ``silu_and_mul``'s arithmetic, releasing the down GEMM at its start); else
+        None (the family packs FlashInfer's)."""
+        if not (self.release_rows and v.kind == "decode"):
+            return None
+        rows, inter = v.act.shape
+        return self.releasing_rows().prepared_silu_mul(
+            rows, v.gu.data_ptr, v.act.data_ptr, inter, 2 * inter, inter, self.dtype == "bfloat16"
+        )
 
     def releasing_rows(self) -> Any:
         """The :class:`~fi_engine.kernels.release_rows.ReleasingRows` of this runner's Dense launcher, made (compiled)
