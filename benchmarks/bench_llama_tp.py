@@ -65,6 +65,7 @@ ONE_GPU_VARIANTS = (
     "tune-quantized",
     "tune-wide",
     "release-rows",
+    "no-release-rows",
     "any-rows",
     "no-gemv-pipeline",
     "silu-prologue",
@@ -403,6 +404,8 @@ def set_variant(variant: str) -> None:
         step_tuning.TUNE_QUANTIZED = True
     if variant == "release-rows":  # the engine's own add-norm and SiLU, each releasing the GEMM after it at its start
         ModelRunner.release_rows = True
+    if variant == "no-release-rows":  # FlashInfer's add-norm and silu_and_mul in the decode steps
+        ModelRunner.release_rows = False
     if variant == "tune-wide":  # launches timed alone within 50 % of a shape's fastest tried in the step, up to 4
         from fi_engine.runtime.worker import step_tuning
 
@@ -722,8 +725,9 @@ def main() -> None:
         "ModelRunner.tune_decode_graphs off), tune-quantized (TP 1: FP8 and int4 shapes tried in the captured step "
         "too, step_tuning.TUNE_QUANTIZED), tune-wide (TP 1: launches timed alone within 50 %% of a shape's fastest "
         "tried in the step, up to 4 a shape), release-rows (TP 1: the decode steps' add-norms and SiLU-and-mul the "
-        "engine's own, each releasing the GEMM after it at its start, ModelRunner.release_rows), again (TP 1: the "
-        "default once more, after the others: the run's own noise), ahead (as fused, "
+        "engine's own, each releasing the GEMM after it at its start, ModelRunner.release_rows, the default), "
+        "no-release-rows (TP 1: FlashInfer's launches there), again (TP 1: the default once more, after the others: "
+        "the run's own noise), ahead (as fused, "
         "the next step prepared while the GPU runs this one; TP 1 runs it too), pdl (TP > 1: the fused all-reduce "
         "launched with programmatic dependent launch, the next kernel when it ends; not safe, see "
         "ResidualAllReduce), ar-early (as pdl, the next kernel launched once the all-reduce has waited for the "

@@ -152,7 +152,7 @@ tensor-core GEMM (W8A8, ``Fp8Linears.w8a8``).
 
 ``release_rows.cu``: FlashInfer's ``fused_add_rmsnorm`` (its sums in its order, ``rms_rows.cuh``) and
 ``silu_and_mul`` as launches that release the next one at their start, so the GEMM after them loads its first weights
-while they run (:mod:`~fi_engine.kernels.release_rows`; ``ModelRunner.release_rows``, off). Compiled with
+while they run (:mod:`~fi_engine.kernels.release_rows`; ``ModelRunner.release_rows``). Compiled with
 ``--use_fast_math`` as FlashInfer's modules are.
 
 ``grouped_gemv.cu``: the grouped GEMV of a MoE decode step (:mod:`~fi_engine.kernels.moe_gemv`);

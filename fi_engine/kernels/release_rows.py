@@ -5,8 +5,8 @@ In a decode step of 5-32 rows each GEMM follows one of FlashInfer's launches (an
 ``silu_and_mul``), which let the next launch start only as they end, so the GEMM's first weights are asked for only
 then. These two kernels repeat FlashInfer's arithmetic (``fused_add_rmsnorm``: the same sums in the same order, bit
 for bit; ``silu_and_mul``: its fast-math SiLU) and call ``griddepcontrol.launch_dependents`` first, so the GEMM after
-them starts beside them and loads its first weights (before its own wait) while they run. Off in the engine until
-measured (``ModelRunner.release_rows``); ``bench_llama_tp.py --variants release-rows`` turns it on.
+them starts beside them and loads its first weights (before its own wait) while they run. On in the engine
+(``ModelRunner.release_rows``); ``bench_llama_tp.py --variants no-release-rows`` turns it off.
 """
 
 from __future__ import annotations

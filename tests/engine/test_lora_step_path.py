@@ -119,6 +119,8 @@ def bare_runner(
     r.embed_and_norm = lambda v, rows: log("embed")
     r.append_kv = lambda v, i: log("append")
     r.add_norm = lambda v, weight: log("norm")
+    # the step's SiLU, whichever kernel serves it (ModelRunner.release_rows), logged as the Llama pass's FlashInfer one
+    r.releasing_silu_and_mul = lambda v: None
     r.decode_attention = lambda i, v: log("attention")
     r.head = lambda rows, x: log("head")
     r.sampler = SimpleNamespace(argmax=lambda rows: log("argmax"))

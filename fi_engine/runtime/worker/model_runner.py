@@ -256,12 +256,14 @@ class ModelRunner(RunnerState):
     dependent launch where the GEMVs are (FlashInfer's ``enable_pdl``): each may start while the GEMV before it drains.
     Read when the step is packed; set it on the class to compare."""
 
-    release_rows: bool = False
-    """A decode step's separate launches take the engine's own residual-add RMSNorm and SiLU-and-mul
+    release_rows: bool = True
+    """On one GPU, a decode step's separate launches take the engine's own residual-add RMSNorm and SiLU-and-mul
     (:class:`~fi_engine.kernels.release_rows.ReleasingRows`: FlashInfer's arithmetic, each releasing the GEMM after
     it at its start, so the GEMM loads its first weights while they run) in place of FlashInfer's
-    ``fused_add_rmsnorm`` and ``silu_and_mul``. Off until measured in the step; read when a step view's launches are
-    packed: set it on the class to compare (``bench_llama_tp.py --variants release-rows``)."""
+    ``fused_add_rmsnorm`` and ``silu_and_mul`` (the same values, bit for bit on an H200:
+    tests/engine/test_gpu_release_rows.py). On an H200 the AWQ int4 8B step of 32 rows decoded 5 % faster with them,
+    the bf16 one 2 % (benchmarks/RESULTS.md). Read when a step view's launches are packed: set it on the class to
+    compare (``bench_llama_tp.py --variants no-release-rows``)."""
 
     _kv_scales: tuple[float, float] | None = None  # (class default: a runner assembled without __init__)
     _releasing: Any = None  # the ReleasingRows, made at the first launch that takes it
@@ -625,10 +627,11 @@ class ModelRunner(RunnerState):
             self.allreduce(v.x, v.h, weight, v.x2, eps, self.stream_ptr)
 
     def releasing_silu_and_mul(self, v: SimpleNamespace) -> Any:
-        """With :attr:`release_rows` and a decode view ``v``, the engine's own ``act = silu(gu[:, :inter]) * gu[:,
-        inter:]`` packed once (FlashInfer's ``silu_and_mul``'s arithmetic, releasing the down GEMM at its start); else
-        None (the family packs FlashInfer's)."""
-        if not (self.release_rows and v.kind == "decode"):
+        """With :attr:`release_rows` and a decode view ``v`` on one GPU, the engine's own ``act = silu(gu[:, :inter]) *
+        gu[:, inter:]`` packed once (FlashInfer's ``silu_and_mul``'s arithmetic, releasing the down GEMM at its
+        start); else None (the family packs FlashInfer's; a tensor-parallel rank keeps it, as its add-norms are the
+        fused all-reduce's)."""
+        if not (self.release_rows and v.kind == "decode" and self.allreduce is None):
             return None
         rows, inter = v.act.shape
         return self.releasing_rows().prepared_silu_mul(
