@@ -70,8 +70,9 @@ class ReleasingRows:
     def prepared_silu_mul(
         self, rows: int, gu: int, act: int, inter: int, gu_ld: int, act_ld: int, bf16: bool
     ) -> Callable[[], None]:
-        """FlashInfer's ``silu_and_mul`` over ``rows`` rows, packed once: ``act[r, c] = silu(gu[r, c]) * gu[r,
-        inter + c]`` (``gu [rows, 2 inter]``, ``act [rows, inter]`` 16-bit, row strides in elements). Raises as
+        """FlashInfer's ``silu_and_mul`` over ``rows`` rows, packed once: ``silu(gate) * up`` of each row of
+        ``gu [rows, 2 inter]`` (gate its first ``inter`` columns) into ``act [rows, inter]`` (16-bit, row strides in
+        elements). Raises as
         :meth:`prepared_add_rmsnorm` (``inter`` as its ``k``; ``gu_ld`` at least ``2 inter``)."""
         int_arg("rows", rows, 1, 1 << 31)
         int_arg("inter", inter, 8, MAX_WIDTH)

@@ -627,10 +627,10 @@ class ModelRunner(RunnerState):
             self.allreduce(v.x, v.h, weight, v.x2, eps, self.stream_ptr)
 
     def releasing_silu_and_mul(self, v: SimpleNamespace) -> Any:
-        """With :attr:`release_rows` and a decode view ``v`` on one GPU, the engine's own ``act = silu(gu[:, :inter]) *
-        gu[:, inter:]`` packed once (FlashInfer's ``silu_and_mul``'s arithmetic, releasing the down GEMM at its
-        start); else None (the family packs FlashInfer's; a tensor-parallel rank keeps it, as its add-norms are the
-        fused all-reduce's)."""
+        """With :attr:`release_rows` and a decode view ``v`` on one GPU, the engine's own SiLU-and-mul of ``v.gu``
+        into ``v.act`` packed once (FlashInfer's ``silu_and_mul``'s arithmetic, releasing the down GEMM at its start);
+        else None (the family packs FlashInfer's; a tensor-parallel rank keeps it, as its add-norms are the fused
+        all-reduce's)."""
         if not (self.release_rows and v.kind == "decode" and self.allreduce is None):
             return None
         rows, inter = v.act.shape
