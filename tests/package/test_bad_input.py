@@ -2442,8 +2442,8 @@ EXEMPT: dict[str, str] = {
     "kernels.row_kernels.RowKernels": "CuPy kernels compiled by Dense on a GPU; prepared_gather's checks: "
     "tests/engine/test_dense.py",
     "kernels.row_kernels.column_blocks": "a block count of a width the engine's own buffers give",
-    "kernels.release_rows.ReleasingRows": "CuPy kernels compiled on a GPU; its prepared launches' checks: "
-    "tests/engine/test_gpu_release_rows.py",
+    "kernels.release_rows.ReleasingRows": "CuPy kernels compiled on a GPU; its prepared launches' checks, every bad "
+    "argument named: tests/engine/test_release_rows.py",
     "kernels.release_rows.norm_threads": "a block size of a width the engine's own buffers give",
     "kernels.shard_kernels.ShardKernels": _GPU,
     "kernels.gemv_settings.GemvSettings": "class-level compile settings, checked when the options are made: "

@@ -266,7 +266,8 @@ class ModelRunner(RunnerState):
     compare (``bench_llama_tp.py --variants no-release-rows``)."""
 
     _kv_scales: tuple[float, float] | None = None  # (class default: a runner assembled without __init__)
-    _releasing: Any = None  # the ReleasingRows, made at the first launch that takes it
+    _releasing: Any = None  # the ReleasingRows, made at the first launch that takes it (False: it did not compile)
+    release_rows_error = ""  # why the releasing launches did not compile, if they did not
 
     def __init__(self, family: ModelFamily, model_dir: str | Path, settings: EngineSettings) -> None:
         self._configure(family, model_dir, settings)
@@ -614,38 +615,56 @@ class ModelRunner(RunnerState):
         elif self.allreduce is None:  # packed once per view and weight (keyed by its address, a value): one FFI call
             call = v.prepared.get(weight.data_ptr)
             if call is None:
-                if self.release_rows:
-                    rows, k = v.x.shape
-                    call = self.releasing_rows().prepared_add_rmsnorm(
-                        rows, v.x.data_ptr, v.h.data_ptr, weight.data_ptr, k, k, k, eps, self.dtype == "bfloat16"
-                    )
-                else:
+                call = self._released_add_norm(v, weight, eps) if self.release_rows else None
+                if call is None:
                     call = kernels.prepared_fused_add_rmsnorm(v.x, v.h, weight, eps, self.stream_ptr)
                 v.prepared[weight.data_ptr] = call
             call()
         else:
             self.allreduce(v.x, v.h, weight, v.x2, eps, self.stream_ptr)
 
+    def _released_add_norm(self, v: SimpleNamespace, weight: Any, eps: float) -> Any:
+        """:meth:`add_norm`'s call over decode view ``v`` packed as the engine's releasing add-norm, or None where it
+        does not serve (:meth:`releasing_rows` None, or rows and weight not of the runner's type and one width)."""
+        rr = self.releasing_rows()
+        x, h = v.x, v.h
+        if rr is None or not _rows_of(self.dtype, x, h) or tuple(weight.shape) != (x.shape[1],):
+            return None
+        rows, k = x.shape
+        bf16 = self.dtype == "bfloat16"
+        x_ld, h_ld = x.strides[0], h.strides[0]
+        return rr.prepared_add_rmsnorm(rows, x.data_ptr, h.data_ptr, weight.data_ptr, k, x_ld, h_ld, eps, bf16)
+
     def releasing_silu_and_mul(self, v: SimpleNamespace) -> Any:
         """With :attr:`release_rows` and a decode view ``v`` on one GPU, the engine's own SiLU-and-mul of ``v.gu``
         into ``v.act`` packed once (FlashInfer's ``silu_and_mul``'s arithmetic, releasing the down GEMM at its start);
         else None (the family packs FlashInfer's; a tensor-parallel rank keeps it, as its add-norms are the fused
-        all-reduce's)."""
+        all-reduce's; so does a runner whose :meth:`releasing_rows` is None)."""
         if not (self.release_rows and v.kind == "decode" and self.allreduce is None):
             return None
-        rows, inter = v.act.shape
-        return self.releasing_rows().prepared_silu_mul(
-            rows, v.gu.data_ptr, v.act.data_ptr, inter, 2 * inter, inter, self.dtype == "bfloat16"
-        )
+        rr = self.releasing_rows()
+        gu, act = v.gu, v.act
+        if rr is None or not _rows_of(self.dtype, gu, act) or gu.shape[1] != 2 * act.shape[1]:
+            return None
+        rows, inter = act.shape
+        bf16 = self.dtype == "bfloat16"
+        return rr.prepared_silu_mul(rows, gu.data_ptr, act.data_ptr, inter, gu.strides[0], act.strides[0], bf16)
 
     def releasing_rows(self) -> Any:
         """The :class:`~fi_engine.kernels.release_rows.ReleasingRows` of this runner's Dense launcher, made (compiled)
-        at the first call."""
+        at the first call; None where its launches would gain nothing or cannot run: a launcher without
+        programmatic dependent launch (before Hopper, or the driver launch path off), or kernels that did not
+        compile (:attr:`release_rows_error` says why; FlashInfer's launches serve from then on)."""
         if self._releasing is None:
+            if not self.dense.launcher.launches_with_pdl:
+                return None
             from ...kernels.release_rows import ReleasingRows
 
-            self._releasing = ReleasingRows(self.dense.launcher)
-        return self._releasing
+            try:
+                self._releasing = ReleasingRows(self.dense.launcher)
+            except Exception as exc:  # (CuPy's CompileException and the driver's errors have no common base)
+                self._releasing, self.release_rows_error = False, f"{type(exc).__name__}: {exc}"
+        return self._releasing or None
 
     def dense_moe(self, rows: int) -> bool:
         """Whether the MoE layers run a step of ``rows`` rows dense over the experts: the family's ``moe_path``
@@ -904,3 +923,12 @@ class ModelRunner(RunnerState):
                 self.allreduce.close()  # a collective: every rank closes its engine
             if self._own_comm:
                 self.comm.close()
+
+
+def _rows_of(dtype: str, *tensors: Any) -> bool:
+    """Whether each of ``tensors`` (fi_ffi descriptors) is 2-D rows of ``dtype`` (float16 or bfloat16) of one count,
+    each row contiguous: what the releasing launches take."""
+    rows = tensors[0].shape[0]
+    return dtype in ("float16", "bfloat16") and all(
+        t.ndim == 2 and t.shape[0] == rows and t.strides[1] == 1 and t.dtype.name == dtype for t in tensors
+    )
