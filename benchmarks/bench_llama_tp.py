@@ -428,11 +428,12 @@ def set_variant(variant: str) -> None:
         from fi_engine.kernels.cuda_sources import Griddep
 
         Griddep.after_wait = True
-    if variant in ("pdl", "ar-early"):  # the fused all-reduce + norm with programmatic dependent launch: the next
-        # kernel launched when it ends (pdl) or once it has waited for the kernel before it (ar-early)
+    if variant in ("pdl", "ar-early", "no-ar-pdl"):  # the fused all-reduce + norm with programmatic dependent
+        # launch: the next kernel launched when it ends (pdl), once it has waited for the kernel before it (ar-early,
+        # the default), or without it (no-ar-pdl: the engine's kernels then release the next at their start)
         from fi_engine.layers.tensor_parallel import ResidualAllReduce
 
-        ResidualAllReduce.launch_with_pdl = True
+        ResidualAllReduce.launch_with_pdl = variant != "no-ar-pdl"
         ResidualAllReduce.trigger_early = variant == "ar-early"
 
 
@@ -728,12 +729,13 @@ def main() -> None:
         "engine's own, each releasing the GEMM after it at its start, ModelRunner.release_rows, the default), "
         "no-release-rows (TP 1: FlashInfer's launches there), again (TP 1: the default once more, after the others: "
         "the run's own noise), ahead (as fused, "
-        "the next step prepared while the GPU runs this one; TP 1 runs it too), pdl (TP > 1: the fused all-reduce "
-        "launched with programmatic dependent launch, the next kernel when it ends; not safe, see "
-        "ResidualAllReduce), ar-early (as pdl, the next kernel launched once the all-reduce has waited for the "
-        "kernel before it; not safe either), after-wait (the engine's kernels let the next kernel start once their "
-        "own wait has returned, not at their start, cuda_sources.Griddep.after_wait: with it pdl and ar-early are "
-        "safe, ar-early+after-wait), no-tp-fused (TP > 1: a step of 1-4 rows launches RoPE + "
+        "the next step prepared while the GPU runs this one; TP 1 runs it too), ar-early (TP > 1: the fused "
+        "all-reduce launched with programmatic dependent launch, the next kernel once the all-reduce has waited for "
+        "the kernel before it, and the engine's kernels letting the next start once their own wait has returned: "
+        "the default, see ResidualAllReduce), pdl (TP > 1: as ar-early, the next kernel launched when the "
+        "all-reduce ends), no-ar-pdl (TP > 1: the all-reduce launched plainly, the engine's kernels releasing the "
+        "next at their start), after-wait (TP 1: the engine's kernels let the next kernel start once their own "
+        "wait has returned, cuda_sources.Griddep.after_wait, as they do at TP > 1), no-tp-fused (TP > 1: a step of 1-4 rows launches RoPE + "
         "append and SiLU-and-mul on their own instead of as the QKV and gate/up GEMVs' epilogues, "
         "ModelRunner.tp_fused_epilogues off), tp-pipe (TP > 1: each graph step staged while the last one runs and "
         "launched before its ids are read, ServingLoop.tp_pipelined_decode and ModelRunner.tp_prepare_ahead on, "

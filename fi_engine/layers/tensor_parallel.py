@@ -242,30 +242,35 @@ class ResidualAllReduce:
 
     ``fused`` (attribute) says which path was taken: the fused kernel writes the normalized rows into a buffer
     of their own (``normed``), the NCCL path normalizes ``partial`` in place. ``pdl`` (attribute): the fused kernel
-    is launched with programmatic dependent launch, where ``pdl`` and the class attribute ``launch_with_pdl`` allow
-    it; with the class attribute ``trigger_early`` too, the kernel after it is launched as soon as it has waited for
-    the one before it, not when it ends. Both are off, because that kernel (FlashInfer 0.6.3's, the comm test wheel's
-    version; 0.7.2 moved the load after the wait) is not safe to launch early: it loads its
-    ``residual_in`` (and the norm's weight) before its own wait for the kernel before it, and the decode step's
-    kernels between two all-reduces each let the next one start at once, so a launch can overtake the all-reduce
-    that writes that residual. Measured on two H200s (benchmarks/RESULTS.md): with the early trigger the TP 2 graph
-    test gave other tokens than one GPU in 8 of 18 runs; launched when the all-reduce ends, in none of 10, which is
-    luck of timing, not a guarantee. The speed it buys, the 8B shape at TP 2, tokens/s against the kernel launched
-    without it: early +6.3 % at batch 1, +1.1 % at 8, +0.8 % at 32; at the end about +2 % at 1, under 1 % at 8 and
-    32. ``bench_llama_tp.py``'s variants ``pdl`` and ``ar-early`` turn them on. With
-    :attr:`~fi_engine.kernels.cuda_sources.Griddep.after_wait` on, the engine's kernels let the kernel after them
-    start only once their own wait has returned, and so no launch overtakes an all-reduce two kernels back: both are
-    safe then (variant ``ar-early+after-wait``; not measured yet).
+    is launched with programmatic dependent launch, where ``pdl``, the class attribute ``launch_with_pdl`` and
+    :attr:`~fi_engine.kernels.cuda_sources.Griddep.after_wait` all allow it; with the class attribute
+    ``trigger_early`` too (the default), the kernel after it is launched as soon as it has waited for the one
+    before it, not when it ends.
+
+    Why it needs ``Griddep.after_wait``: that kernel (FlashInfer 0.6.3's, the comm test wheel's version; 0.7.2 moved
+    the load after the wait) loads its ``residual_in`` (and the norm's weight) before its own wait for the kernel
+    before it. Where the engine's kernels let the next one start at their own start, a chain of early launches can
+    overtake the all-reduce that writes that residual: on two H200s the TP 2 graph test gave other tokens than one
+    GPU in 8 of 18 runs. With ``after_wait`` on, each kernel lets the next start only once its own wait has
+    returned, so a kernel that starts has every kernel two or more before it finished, the all-reduce before this
+    one too. The model runner turns it on in a rank's process before it compiles a kernel, where this class's
+    ``launch_with_pdl`` is on. Measured on two H200s (benchmarks/RESULTS.md; the 8B shape at TP 2, tokens/s
+    against the kernel launched without it): +5.5 % at batch 1, about +1 % at 8 and 32, and the TP 2 graph test
+    passed 8 runs of 8; ``after_wait`` cost one GPU nothing measurable. ``bench_llama_tp.py``'s variant
+    ``no-ar-pdl`` turns it off; ``pdl`` keeps the trigger at the kernel's end.
     """
 
-    launch_with_pdl = False
-    trigger_early = False
+    launch_with_pdl = True
+    trigger_early = True
 
     def __init__(
         self, comm: Any, max_rows: int, hidden: int, dtype: str, *, fused: bool = True, pdl: bool = False
     ) -> None:
         self.comm = comm
-        self.pdl = bool(pdl and self.launch_with_pdl)
+        from ..kernels.cuda_sources import Griddep
+
+        # launched early only where every kernel between two all-reduces releases the next after its own wait
+        self.pdl = bool(pdl and self.launch_with_pdl and Griddep.after_wait)
         self.workspace: Any = None
         single_host = comm.env is None or comm.env.single_host
         if fused and comm.world_size in (2, 4, 8, 16) and single_host and hidden % 8 == 0:

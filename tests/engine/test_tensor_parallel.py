@@ -235,17 +235,26 @@ def test_gathered_shard_logits_rebuild_the_row() -> None:
 
 
 @pytest.mark.parametrize(
-    ("gpu_pdl", "allowed", "want"), [(True, True, True), (False, True, False), (True, False, False)]
+    ("gpu_pdl", "allowed", "after_wait", "want"),
+    [
+        (True, True, True, True),
+        (False, True, True, False),
+        (True, False, True, False),
+        (True, True, False, False),  # the engine's kernels release the next at their start: not safe, not taken
+    ],
 )
-def test_the_all_reduce_takes_pdl_only_where_the_gpu_and_the_switch_allow(
-    monkeypatch: pytest.MonkeyPatch, gpu_pdl: bool, allowed: bool, want: bool
+def test_the_all_reduce_takes_pdl_only_where_the_gpu_the_switch_and_the_kernels_allow(
+    monkeypatch: pytest.MonkeyPatch, gpu_pdl: bool, allowed: bool, after_wait: bool, want: bool
 ) -> None:
     # three ranks: no fused kernel for that count, so no workspace (and no GPU) is needed to build one
     from types import SimpleNamespace
 
+    from fi_engine.kernels.cuda_sources import Griddep
     from fi_engine.layers.tensor_parallel import ResidualAllReduce
 
+    assert ResidualAllReduce.launch_with_pdl and ResidualAllReduce.trigger_early  # the defaults
     monkeypatch.setattr(ResidualAllReduce, "launch_with_pdl", allowed)
+    monkeypatch.setattr(Griddep, "after_wait", after_wait)
     ar = ResidualAllReduce(SimpleNamespace(env=None, world_size=3), 8, 64, "bfloat16", pdl=gpu_pdl)
     assert not ar.fused and ar.workspace is None
     assert ar.pdl is want
