@@ -203,13 +203,14 @@ def read(file: str) -> str:
 
 class Griddep:
     """When the engine's kernels let the kernel after them start under programmatic dependent launch
-    (``csrc/griddep.cuh``). ``after_wait`` off (the default): at their start, so that it loads its weights while they
-    run; on: once their own wait for the kernel before them has returned (``GRIDDEP_AFTER_WAIT``), so that a kernel
-    that starts has every kernel two or more before it finished. That is what a kernel that reads before its own wait
-    needs: FlashInfer's fused all-reduce loads its residual first
-    (:class:`~fi_engine.layers.tensor_parallel.ResidualAllReduce`, whose launch with programmatic dependent launch is
-    off for that reason). Read when a program is made (:func:`source`): set it before the engine compiles its
-    kernels."""
+    (``csrc/griddep.cuh``). ``after_wait`` off (the default on one GPU): at their start, so that it loads its weights
+    while they run; on: once their own wait for the kernel before them has returned (``GRIDDEP_AFTER_WAIT``), so that
+    a kernel that starts has every kernel two or more before it finished. That is what a kernel that reads before its
+    own wait needs: FlashInfer's fused all-reduce loads its residual first
+    (:class:`~fi_engine.layers.tensor_parallel.ResidualAllReduce`, launched with programmatic dependent launch only
+    with this on). Read when a program is made (:func:`source`): set it before the engine compiles its kernels. The
+    model runner of a tensor-parallel rank turns it on in its process (``ResidualAllReduce.launch_with_pdl``, on by
+    default); on one GPU it measured no faster or slower (benchmarks/RESULTS.md)."""
 
     after_wait = False
 

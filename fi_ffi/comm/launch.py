@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -36,11 +37,44 @@ _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _CAUSE_WAIT_S = 3.0  # how long ranks that only lost a peer wait for that peer's own end to show
 
 
+# Where free_port looks first: the ports below the system's ephemeral range from here up
+_FIRST_PICKED_PORT = 20000
+_PORT_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
 def free_port(addr: str = "127.0.0.1") -> int:
-    """A TCP port of ``addr`` that nothing listens on right now."""
+    """A TCP port of ``addr`` that nothing listens on right now.
+
+    Where the system says which ports it hands out itself (Linux: ``/proc/sys/net/ipv4/ip_local_port_range``, to
+    outgoing connections and binds of port 0), the port is one below that range, picked at random: only a program
+    that asks for such a port by number can take it before rank 0 listens on it. A port of that range can be taken
+    by any connection made in between (on two H200s, NCCL's and the previous test's, once: rank 0 then failed with
+    "Address already in use"). Elsewhere, or when no port there is free, the system's choice of port 0."""
+    floor = _ephemeral_floor(_PORT_RANGE_FILE)
+    if floor > _FIRST_PICKED_PORT:
+        pick = random.SystemRandom()
+        for _ in range(32):
+            port = pick.randrange(_FIRST_PICKED_PORT, floor)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((addr, port))
+                except OSError:
+                    continue  # in use (or not ours to bind): another
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((addr, 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_floor(path: str) -> int:
+    """The first port of the system's ephemeral range as ``path`` states it (two numbers); 0 where it cannot be
+    read or is no such range."""
+    try:
+        with open(path, encoding="ascii") as f:
+            first, last = (int(word) for word in f.read().split())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return 0
+    return first if 0 < first <= last <= 65535 else 0
 
 
 def rank_env(base: Mapping[str, str], rank: int, nproc: int, master_addr: str, master_port: int) -> dict[str, str]:

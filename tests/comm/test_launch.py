@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -45,6 +46,39 @@ def test_a_free_port_is_picked_and_shared() -> None:
     done = _cli("--nproc", "2", "--", sys.executable, "-c", PRINT_ENV)
     ports = {line.split()[6] for line in done.stdout.splitlines()}
     assert done.returncode == 0 and len(ports) == 1 and 1 <= int(ports.pop()) <= 65535
+
+
+def test_a_picked_port_lies_below_the_systems_own_range_and_is_free() -> None:
+    # the system hands out its ephemeral range to connections and port-0 binds; a port below it cannot be taken by a
+    # connection made between the pick and rank 0's listen
+    floor = launch_mod._ephemeral_floor(launch_mod._PORT_RANGE_FILE)
+    if floor <= launch_mod._FIRST_PICKED_PORT:
+        pytest.skip(f"this system states no ephemeral range above {launch_mod._FIRST_PICKED_PORT} ({floor})")
+    ports = {free_port() for _ in range(20)}
+    assert all(launch_mod._FIRST_PICKED_PORT <= p < floor for p in ports), (floor, ports)
+    assert len(ports) > 1  # picked at random: 20 picks from thousands of ports are not all one
+    port = ports.pop()
+    with socket.create_server(("", port)):  # as rank 0 listens
+        pass
+
+
+def test_without_a_stated_range_the_port_is_the_systems_choice(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str]
+) -> None:
+    for text in ("", "not numbers\n", "40000\n", "60999 32768\n", "0 70000\n", "\xff\xfe"):
+        path = os.path.join(tmp_path, "range")
+        with open(path, "w", encoding="latin-1") as f:
+            f.write(text)
+        assert launch_mod._ephemeral_floor(path) == 0, text
+    assert launch_mod._ephemeral_floor(os.path.join(tmp_path, "missing")) == 0
+    good = os.path.join(tmp_path, "good")
+    with open(good, "w", encoding="ascii") as f:
+        f.write("32768\t60999\n")
+    assert launch_mod._ephemeral_floor(good) == 32768
+    monkeypatch.setattr(launch_mod, "_PORT_RANGE_FILE", os.path.join(tmp_path, "missing"))
+    port = free_port()
+    with socket.create_server(("127.0.0.1", port)):
+        pass
 
 
 def test_ranks_can_bootstrap_from_what_launch_sets() -> None:

@@ -390,7 +390,9 @@ if __name__ == "__main__":
                 traceback.print_exc()
                 sys.stdout.flush()
                 raise
-        print(f"rank {RANK} OK {checks} checks ({comm.backend})" if not failures else f"rank {RANK} FAILED {failures}")
+        line = f"rank {RANK} OK {checks} checks ({comm.backend})" if not failures else f"rank {RANK} FAILED {failures}"
+        sys.stdout.flush()
+        os.write(1, (line + "\n").encode())  # one write, atomic on the pipe the ranks share: no interleaved lines
     finally:
         comm.close()
         comm.close()  # the second close does nothing
