@@ -261,9 +261,9 @@ class ModelRunner(RunnerState):
     (:class:`~fi_engine.kernels.release_rows.ReleasingRows`: FlashInfer's arithmetic, each releasing the GEMM after
     it at its start, so the GEMM loads its first weights while they run) in place of FlashInfer's
     ``fused_add_rmsnorm`` and ``silu_and_mul`` (the same values, bit for bit on an H200:
-    tests/engine/test_gpu_release_rows.py). On an H200 the AWQ int4 8B step of 32 rows decoded 5 % faster with them,
-    the bf16 one 2 % (benchmarks/RESULTS.md). Read when a step view's launches are packed: set it on the class to
-    compare (``bench_llama_tp.py --variants no-release-rows``)."""
+    tests/engine/test_gpu_release_rows.py). On an H200 the 8B step of 32 rows decoded 7 % faster with them in AWQ
+    int4, 2-3 % in bf16 and FP8, and FP8's step of 8 rows 4 % (benchmarks/RESULTS.md). Read when a step view's
+    launches are packed: set it on the class to compare (``bench_llama_tp.py --variants no-release-rows``)."""
 
     _kv_scales: tuple[float, float] | None = None  # (class default: a runner assembled without __init__)
     _releasing: Any = None  # the ReleasingRows, made at the first launch that takes it (False: it did not compile)
