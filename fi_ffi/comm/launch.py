@@ -43,13 +43,21 @@ _PORT_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 
 
 def free_port(addr: str = "127.0.0.1") -> int:
-    """A TCP port of ``addr`` that nothing listens on right now.
+    """A TCP port that nothing on this host listens on right now, for rank 0 to listen on at every address.
 
     Where the system says which ports it hands out itself (Linux: ``/proc/sys/net/ipv4/ip_local_port_range``, to
     outgoing connections and binds of port 0), the port is one below that range, picked at random: only a program
     that asks for such a port by number can take it before rank 0 listens on it. A port of that range can be taken
-    by any connection made in between (on two H200s, NCCL's and the previous test's, once: rank 0 then failed with
-    "Address already in use"). Elsewhere, or when no port there is free, the system's choice of port 0."""
+    by any connection made in between (on two H200s, once: rank 0 then failed with "Address already in use").
+    Each pick is checked as rank 0 binds it, on every address of the host. Elsewhere, or when none of 32 picks is
+    free, the system's choice of port 0 on ``addr`` (an IPv4 address of this host).
+
+    Raises:
+        TypeError: ``addr`` is no string.
+        ValueError: ``addr`` cannot be bound here (the text names it and the system's reason).
+    """
+    if not isinstance(addr, str):
+        raise TypeError(f"addr: expected an IPv4 address of this host such as '127.0.0.1', got {type(addr).__name__}")
     floor = _ephemeral_floor(_PORT_RANGE_FILE)
     if floor > _FIRST_PICKED_PORT:
         pick = random.SystemRandom()
@@ -57,12 +65,18 @@ def free_port(addr: str = "127.0.0.1") -> int:
             port = pick.randrange(_FIRST_PICKED_PORT, floor)
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
                 try:
-                    s.bind((addr, port))
+                    s.bind(("", port))  # as rank 0 listens (rendezvous): a listener on any one address counts
                 except OSError:
                     continue  # in use (or not ours to bind): another
                 return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((addr, 0))
+        try:
+            s.bind((addr, 0))
+        except (OSError, TypeError, ValueError, UnicodeError) as exc:  # (a NUL: TypeError; an unencodable name)
+            why = getattr(exc, "strerror", None) or exc
+            raise ValueError(
+                f"addr: cannot bind {addr!r} here ({why}); give an address of this host such as 127.0.0.1"
+            ) from None
         return int(s.getsockname()[1])
 
 

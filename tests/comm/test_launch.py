@@ -75,10 +75,72 @@ def test_without_a_stated_range_the_port_is_the_systems_choice(
     with open(good, "w", encoding="ascii") as f:
         f.write("32768\t60999\n")
     assert launch_mod._ephemeral_floor(good) == 32768
+    real_floor = launch_mod._ephemeral_floor(launch_mod._PORT_RANGE_FILE)
     monkeypatch.setattr(launch_mod, "_PORT_RANGE_FILE", os.path.join(tmp_path, "missing"))
     port = free_port()
+    if real_floor > launch_mod._FIRST_PICKED_PORT:  # the system's own pick: from its range, not below it
+        assert port >= real_floor, (port, real_floor)
     with socket.create_server(("127.0.0.1", port)):
         pass
+
+
+class _Picks:
+    """Stands in for random.SystemRandom: ``ports`` first, then ``then`` for ever."""
+
+    def __init__(self, ports: list[int], then: int | None = None) -> None:
+        self.ports, self.then = list(ports), then
+
+    def __call__(self) -> _Picks:
+        return self
+
+    def randrange(self, start: int, stop: int) -> int:
+        assert start == launch_mod._FIRST_PICKED_PORT and stop > start
+        return self.ports.pop(0) if self.ports else int(self.then if self.then is not None else start)
+
+
+def _occupied_port_below_the_range(host: str) -> socket.socket:
+    floor = launch_mod._ephemeral_floor(launch_mod._PORT_RANGE_FILE)
+    if floor <= launch_mod._FIRST_PICKED_PORT:
+        pytest.skip(f"this system states no ephemeral range above {launch_mod._FIRST_PICKED_PORT} ({floor})")
+    for port in range(launch_mod._FIRST_PICKED_PORT + 1000, floor):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.bind((host, port))
+            s.listen()
+            return s
+        except OSError:
+            s.close()
+    pytest.skip(f"no port below {floor} could be bound on {host}")
+
+
+def test_a_port_another_program_listens_on_at_one_address_is_not_picked(monkeypatch: pytest.MonkeyPatch) -> None:
+    # rank 0 listens on every address: a listener on 127.0.0.2 alone takes the port from it too
+    with _occupied_port_below_the_range("127.0.0.2") as taken:
+        busy = taken.getsockname()[1]
+        with pytest.raises(OSError):
+            socket.create_server(("", busy))  # what rank 0 would meet
+        monkeypatch.setattr(launch_mod.random, "SystemRandom", _Picks([busy, busy]))
+        port = free_port()
+        assert port != busy and port >= launch_mod._FIRST_PICKED_PORT
+        with socket.create_server(("", port)):
+            pass
+        # every pick taken: the system's choice of port 0, which is free too
+        monkeypatch.setattr(launch_mod.random, "SystemRandom", _Picks([], then=busy))
+        port = free_port()
+        assert port != busy
+        with socket.create_server(("", port)):
+            pass
+
+
+def test_free_port_names_a_bad_address(monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str]) -> None:
+    for bad in (5, None, b"127.0.0.1"):
+        with pytest.raises(TypeError, match="addr: expected an IPv4 address"):
+            free_port(bad)  # type: ignore[arg-type]
+    # where it binds the address itself (no range stated): an address of no interface here, a NUL
+    monkeypatch.setattr(launch_mod, "_PORT_RANGE_FILE", os.path.join(tmp_path, "missing"))
+    for bad in ("192.0.2.123", "a\x00b"):
+        with pytest.raises(ValueError, match="addr: cannot bind"):
+            free_port(bad)
 
 
 def test_ranks_can_bootstrap_from_what_launch_sets() -> None:

@@ -2407,7 +2407,7 @@ EXEMPT: dict[str, str] = {
     "launch.launch": "spawns processes (fi-ffi launch): tests/comm/test_launch.py",
     "launch.main": "the CLI of fi-ffi launch (argparse checks its arguments): tests/comm/test_launch.py",
     "launch.rank_env": "the child environment fi-ffi launch writes, read by read_env (above): comm/test_launch.py",
-    "launch.free_port": "binds a socket: tests/comm/test_launch.py",
+    "launch.free_port": "binds sockets; its TypeError/ValueError naming addr: tests/comm/test_launch.py",
     "rendezvous.exchange": "opens sockets to rank 0 (its DistEnv comes from read_env): tests/comm/test_rendezvous.py",
     "rendezvous.default_timeout": "reads FI_FFI_RENDEZVOUS_TIMEOUT: tests/comm/test_rendezvous.py",
     "vllm_ar.register_graph_buffers": "takes get_graph_buffer_ipc_meta of each rank: comm/test_allreduce_kernels.py",
