@@ -257,7 +257,8 @@ class ResidualAllReduce:
     ``launch_with_pdl`` is on. Measured on two H200s (benchmarks/RESULTS.md; the 8B shape at TP 2, tokens/s
     against the kernel launched without it): +5.5 % at batch 1, about +1 % at 8 and 32, and the TP 2 graph test
     passed 8 runs of 8; ``after_wait`` cost one GPU nothing measurable. ``bench_llama_tp.py``'s variant
-    ``no-ar-pdl`` turns it off; ``pdl`` keeps the trigger at the kernel's end.
+    ``no-ar-pdl`` turns it off; ``pdl`` keeps the trigger at the kernel's end. :meth:`sum` (the plain all-reduce,
+    Gemma 2's) launches the same way; the family TP tests ran Gemma 2 with it on (two H200s).
     """
 
     launch_with_pdl = True

@@ -382,7 +382,7 @@ class ModelRunner(RunnerState):
         from ...layers.tensor_parallel import ResidualAllReduce
 
         cp, device, cfg = self.cupy, self.device, self.config
-        if self.comm is not None and ResidualAllReduce.launch_with_pdl:
+        if self.comm is not None and self.settings.fused_allreduce and ResidualAllReduce.launch_with_pdl:
             # before any kernel of this rank is compiled: they let the next kernel start after their own wait, so
             # that the fused all-reduce may launch early (ResidualAllReduce says why; one rank, one process)
             from ...kernels.cuda_sources import Griddep
