@@ -25,6 +25,9 @@ The headers (``.cuh``), each the same text in every program that includes it:
   ``fp8_gemv.cu``, ``int4_gemv.cu``, ``skinny_gemm.cu`` and ``lora_bgmv.cu``.
 - ``rms_rows.cuh``: FlashInfer's RMSNorm factor of a few rows in its order of sums (``rows_rcp``, ``row_vec``,
   ``rsqrt_approx``); ``fused_gemv.cu`` (its prologue), ``fp8_gemv.cu`` and ``int4_gemv.cu`` (for ``norm_fold.cuh``).
+- ``silu_mul.cuh``: ``silu_mul_vec``, FlashInfer's ``silu_and_mul`` of 8 packed elements (its fast-math SiLU);
+  ``fused_gemv.cu`` (its SiLU prologue) and ``release_rows.cu``; uses ``convert.cuh``, which each includer includes
+  before it.
 - ``norm_fold.cuh``: the RMSNorm between two quantized GEMVs folded into them (:mod:`~fi_engine.kernels.norm_fold`:
   ``fold_out``, ``fold_block``, ``fold_factors``); ``int4_gemv.cu``, ``fp8_gemv.cu``, ``fp8_fused.cu``; uses
   ``convert.cuh``, ``griddep.cuh`` and ``rms_rows.cuh``, which each includer includes before it.

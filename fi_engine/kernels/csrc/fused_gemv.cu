@@ -16,6 +16,7 @@
 // aligned (the caller checks).
 #include "convert.cuh"  // h2f, b2f, f2h, f2b, tof, fromf
 #include "rms_rows.cuh"  // rsqrt_approx, row_vec, rows_rcp: the norm's factor in FlashInfer's order
+#include "silu_mul.cuh"  // silu_mul_vec: the SiLU prologue's 8 elements, as FlashInfer's silu_and_mul
 
 // The prologue: the input rows into sx (shared), every thread of the block taking part; ends with a barrier. The
 // block numbered 0 (`block`: blockIdx.x, or a LoRA GEMV's number among its GEMV blocks) writes h_out.
@@ -35,16 +36,7 @@ __device__ __forceinline__ void stage_block(uint4* sx, const unsigned short* __r
             for (int c = threadIdx.x; c < vecs; c += blockDim.x) {
                 uint4 g = *(reinterpret_cast<const uint4*>(x + r * x_ld) + c);
                 uint4 u = *(reinterpret_cast<const uint4*>(x + r * x_ld + k) + c);
-                const unsigned short* gv = reinterpret_cast<const unsigned short*>(&g);
-                const unsigned short* uv = reinterpret_cast<const unsigned short*>(&u);
-                uint4 o;
-                unsigned short* ov = reinterpret_cast<unsigned short*>(&o);
-#pragma unroll
-                for (int e = 0; e < 8; ++e) {
-                    float a = tof<BF16>(gv[e]);
-                    ov[e] = fromf<BF16>(a / (1.0f + __expf(-a)) * tof<BF16>(uv[e]));
-                }
-                sx[r * vecs + c] = o;
+                sx[r * vecs + c] = silu_mul_vec<BF16>(g, u);
             }
     } else {
         rows_rcp<BF16, MODE, 4>(h, x, rows, k, h_ld, x_ld, eps, rcp);  // FlashInfer's sum (see above)

@@ -5,6 +5,7 @@
 #include "convert.cuh"   // tof, fromf
 #include "griddep.cuh"   // griddep_wait, griddep_launch_dependents
 #include "rms_rows.cuh"  // rows_rcp, row_vec: the norm's factor in FlashInfer's order
+#include "silu_mul.cuh"  // silu_mul_vec: FlashInfer's silu_and_mul of 8 elements
 
 // FlashInfer's fused_add_rmsnorm(input x, residual h, weight nw) for row blockIdx.x: s = x + h (float32), h = s
 // (rounded), x = s * rsqrt(mean(s^2) + eps) * nw (rounded). One block a row of FlashInfer's shape: 32 W threads,
@@ -51,16 +52,7 @@ __device__ __forceinline__ void silu_mul_row(const unsigned short* __restrict__ 
     const unsigned short* row = gu + blockIdx.x * gu_ld;
     const uint4 g = *(reinterpret_cast<const uint4*>(row) + c);
     const uint4 u = *(reinterpret_cast<const uint4*>(row + inter) + c);
-    const unsigned short* gv = reinterpret_cast<const unsigned short*>(&g);
-    const unsigned short* uv = reinterpret_cast<const unsigned short*>(&u);
-    uint4 o;
-    unsigned short* ov = reinterpret_cast<unsigned short*>(&o);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-        const float a = tof<BF16>(gv[e]);
-        ov[e] = fromf<BF16>(a / (1.0f + __expf(-a)) * tof<BF16>(uv[e]));
-    }
-    *(reinterpret_cast<uint4*>(act + blockIdx.x * act_ld) + c) = o;
+    *(reinterpret_cast<uint4*>(act + blockIdx.x * act_ld) + c) = silu_mul_vec<BF16>(g, u);
 }
 
 #define RELEASE_ROWS(suffix, bf16)                                                                                  \
