@@ -18,7 +18,7 @@ from fi_ffi.cuda import driver_error
 
 from ..values import integer
 
-__all__ = ["MAX_LD", "U64", "Launcher", "int_arg", "overlap"]
+__all__ = ["MAX_LD", "U64", "Launcher", "address_arg", "int_arg", "overlap"]
 
 U64 = 1 << 64  # a device address is below it (the kernels' pointers, packed into uint64 slots)
 MAX_LD = 1 << 40  # row strides (elements): far past any buffer, far below the kernels' long long
@@ -33,6 +33,14 @@ def int_arg(name: str, value: Any, lo: int, hi: int) -> int:
         shown = value if abs(value) < 1 << 80 else f"an int of {value.bit_length()} bits"
         raise ValueError(f"{name}: expected an int in [{lo}, {hi}), got {shown}")
     return value
+
+
+def address_arg(name: str, value: Any, align: int) -> int:
+    """``value`` as a device address: a non-NULL int below ``2**64`` aligned to ``align`` bytes, else
+    TypeError/ValueError naming ``name``."""
+    if not int_arg(name, value, 0, U64) or value % align:
+        raise ValueError(f"{name}: 0x{value:x} must be a non-NULL address aligned to {align} bytes")
+    return int(value)
 
 
 def overlap(a: int, a_len: int, b: int, b_len: int) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..values import float32_bits
 from .cuda_sources import function_ptr, functions
-from .launch import MAX_LD, U64, Launcher, int_arg, overlap
+from .launch import MAX_LD, U64, Launcher, address_arg, int_arg, overlap
 
 __all__ = ["RELEASE_KERNELS", "ReleasingRows", "norm_threads"]
 
@@ -114,8 +114,7 @@ def _spans(rows: int, named: tuple[tuple[str, Any, int, int], ...]) -> list[tupl
     row), each address a non-NULL int aligned to 16 bytes whose rows end within the address space."""
     spans = []
     for name, value, ld, width in named:
-        if not int_arg(name, value, 0, U64) or value % 16:
-            raise ValueError(f"{name}: 0x{value:x} must be a non-NULL address aligned to 16 bytes")
+        address_arg(name, value, 16)
         span = 2 * ((rows - 1) * ld + width) if ld else 2 * width
         if value + span > U64:
             raise ValueError(f"{name}: 0x{value:x} + {span} bytes runs past the end of the address space")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .cuda_sources import function_ptr
-from .launch import MAX_LD, U64, Launcher, int_arg
+from .launch import MAX_LD, Launcher, address_arg, int_arg
 
 __all__ = ["ROW_KERNELS", "RowKernels", "column_blocks"]
 
@@ -52,8 +52,7 @@ class RowKernels:
         for name, value in (("src_ld", src_ld), ("dst_ld", dst_ld), ("width", width)):
             int_arg(name, value, 0, MAX_LD)
         for name, value, align in (("src", src, 2), ("index", index, 4), ("dst", dst, 2)):
-            if not int_arg(name, value, 0, U64) or value % align:
-                raise ValueError(f"{name}: 0x{value:x} must be a non-NULL address aligned to {align} bytes")
+            address_arg(name, value, align)
         params, values = launcher.slots([src, index, dst, width, src_ld, dst_ld])
         fn = function_ptr(self.gather_fn)
         return launcher.prepared(fn, rows, 256, 0, params, values, "gather_rows16", grid_y=column_blocks(width))

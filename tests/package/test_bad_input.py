@@ -2439,6 +2439,8 @@ EXEMPT: dict[str, str] = {
         f"kernels.launch.{n}": "a shared value check every packer reaches on each bad case: tests/engine/test_dense.py"
         for n in ("int_arg", "overlap")
     },
+    "kernels.launch.address_arg": "a shared address check (NULL, alignment) the release-row and gather packers reach "
+    "on each bad address: tests/engine/test_release_rows.py",
     "kernels.row_kernels.RowKernels": "CuPy kernels compiled by Dense on a GPU; prepared_gather's checks: "
     "tests/engine/test_dense.py",
     "kernels.row_kernels.column_blocks": "a block count of a width the engine's own buffers give",
