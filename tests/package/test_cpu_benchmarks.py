@@ -42,7 +42,9 @@ def microseconds(output: str, row: str) -> float:
 
 @pytest.mark.usefixtures("kernel_modules")
 def test_the_decode_step_proxy_runs_without_a_gpu(shared_wheel: Path) -> None:
-    out = run_benchmark(shared_wheel, "bench_step_cpu.py", "--steps", "2", "--rounds", "1")
+    # best of 5 rounds: the run rows are a step's runs less a plan timed apart, which one round under load can make
+    # negative (a CI run printed -0.25 us for prepared run(plan))
+    out = run_benchmark(shared_wheel, "bench_step_cpu.py", "--steps", "2", "--rounds", "5")
     for row in ("this tree", "floor", "packed run", "packed", "batch_decode_run", "prepared run(plan)"):
         assert microseconds(out, row) > 0
 
