@@ -74,6 +74,7 @@ ONE_GPU_VARIANTS = (
     "wg4-plain",
     "wg4-rows-25",
     "no-wg8",
+    "skinny-w8a8",
     "no-tc-decode",
     "no-prefill-kernel-pdl",
     "skinny-silu",
@@ -281,11 +282,15 @@ def set_variant(variant: str) -> None:
         )
         int4 = skinny_gemm.GEOMETRIES[skinny_gemm.INT4]
         skinny_gemm.GEOMETRIES[skinny_gemm.INT4] = (*(g for g in int4 if not g.wg), *plain)
-    if variant == "no-wg8":  # FP8 weights without the skinny GEMM's warpgroup form
+    if variant == "no-wg8":  # FP8 weights without the skinny GEMM's warpgroup form (its W8A8 form too)
         from fi_engine.kernels import skinny_gemm
 
-        for fmt in (skinny_gemm.E4M3_BLOCK, skinny_gemm.E4M3_ROW):
+        for fmt in (skinny_gemm.E4M3_BLOCK, skinny_gemm.E4M3_ROW, skinny_gemm.E4M3_A8):
             skinny_gemm.GEOMETRIES[fmt] = tuple(g for g in skinny_gemm.GEOMETRIES[fmt] if not g.wg)
+    if variant == "skinny-w8a8":  # FP8 block weights may take the skinny GEMM's W8A8 form (x quantized, e4m3 wgmma)
+        from fi_engine.kernels.skinny_gemm import SkinnyLaunches
+
+        SkinnyLaunches.w8a8_on = True
     if variant == "wg4-rows-25":  # the warpgroup form at 25-32 rows only
         import dataclasses
 

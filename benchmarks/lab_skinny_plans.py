@@ -1,10 +1,12 @@
 """A lab for the skinny GEMM's candidate launches as a Dense times them (``SkinnyGemm.plans``): for each 8B weight
 shape (QKV, O, gate/up, down), row count and weight format (bfloat16, e4m3 with 128x128-block or per-row scales, AWQ
-int4 in groups of 128), every plan's geometry, how its split of k was chosen (``rule``: the power-of-two rule,
-``half``: half of it, ``waves``: the split whose grid fills whole waves of the SMs' resident blocks), its grid, the
-blocks an SM holds of its kernel, the waves its grid takes, and its time in us per call in a chain of launches, GB/s
-of the bytes it must read (weights and their scales or records) and percent of the roofline, then its time alone as a
-Dense times it (one launch after the L2 is flushed: its ramp and last wave hidden behind no neighbour). Each plan is
+int4 in groups of 128, and ``e4m3a8``: 128x128-block e4m3 weights times e4m3 x, W8A8 on Hopper's e4m3 ``wgmma``, x
+quantized per row and 128 inputs by the engine's ``fp8_quant.cu`` first, outside the timed launch), every plan's
+geometry, how its split of k was chosen (``rule``: the power-of-two rule, ``half``: half of it, ``waves``: the split
+whose grid fills whole waves of the SMs' resident blocks), its grid, the blocks an SM holds of its kernel, the waves
+its grid takes, and its time in us per call in a chain of launches, GB/s of the bytes it must read (weights and their
+scales or records) and percent of the roofline, then its time alone as a Dense times it (one launch after the L2 is
+flushed: its ramp and last wave hidden behind no neighbour). Each plan is
 checked against a float32 reference first (a wrong one prints WRONG and is not timed); ``*`` marks the new ones (a
 wave-fitted split, a kernel of two blocks an SM, the warpgroup form). After each case: the best of the plans a Dense
 timed before them against the best of all, in the chain and alone. The chains are CUDA graphs of ``--calls`` launches
@@ -12,7 +14,7 @@ rotating over weight copies larger than the L2, so every call reads HBM. Needs C
 torch). Not a test: tests/engine/test_gpu_skinny_gemm.py is.
 
     python benchmarks/lab_skinny_plans.py [--rows 8,16,32] [--shapes qkv,o,gate_up,down]
-        [--formats bf16,e4m3b,e4m3r,int4] [--hbm-tbs TB/s] [--csv out.csv]
+        [--formats bf16,e4m3b,e4m3r,int4,e4m3a8] [--hbm-tbs TB/s] [--csv out.csv]
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from roofline import add_hbm_tbs_argument, linear_bytes, roofline_denominator
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-FORMATS = ("bf16", "e4m3b", "e4m3r", "int4")
-BYTES_FORMAT = {"bf16": "16-bit", "e4m3b": "fp8-block", "e4m3r": "fp8-row", "int4": "int4"}  # roofline.linear_bytes
+FORMATS = ("bf16", "e4m3b", "e4m3r", "int4", "e4m3a8")
+# roofline.linear_bytes' formats
+BYTES_FORMAT = {"bf16": "16-bit", "e4m3b": "fp8-block", "e4m3r": "fp8-row", "int4": "int4", "e4m3a8": "fp8-block"}
 GROUP = 128  # int4 inputs a group (AWQ's usual)
 ROTATE_BYTES = 256 << 20  # weight copies a graph rotates over: past any L2
 
@@ -44,22 +47,22 @@ def weight_copies(cp: Any, fmt: str, n: int, k: int, copies: int) -> tuple[list[
     the float32 values of the first ``[n, k]``, and the arguments of ``SkinnyGemm.plans`` besides the call's."""
     from fi_engine.checkpoint.fp8_weights import E4M3
     from fi_engine.checkpoint.int4_weights import Int4Matrix
-    from fi_engine.kernels.skinny_gemm import E4M3_BLOCK, E4M3_ROW, INT4, W16
+    from fi_engine.kernels.skinny_gemm import E4M3_A8, E4M3_BLOCK, E4M3_ROW, INT4, W16
 
     made: list[tuple[Any, Any]] = []
     if fmt == "bf16":
         bits, values = bf16_bits(cp, cp.random.standard_normal((n, k), dtype=cp.float32))
         made = [(bits, None)] + [(bits.copy(), None) for _ in range(copies - 1)]
         return made, values, {"fmt": W16}
-    if fmt in ("e4m3b", "e4m3r"):
+    if fmt in ("e4m3b", "e4m3r", "e4m3a8"):
         # codes of magnitude below 0x7f (NaN), either sign; scales near 1 / 16
         codes = (cp.random.randint(0, 0x7F, (n, k), dtype=cp.int32) | (cp.random.randint(0, 2, (n, k)) << 7)).astype(
             cp.uint8
         )
-        if fmt == "e4m3b":
+        if fmt in ("e4m3b", "e4m3a8"):
             scales = cp.random.uniform(0.5, 2.0, (-(-n // 128), -(-k // 128)), dtype=cp.float32) / 16
             full = cp.repeat(cp.repeat(scales, 128, 0), 128, 1)[:n, :k]
-            extra = {"fmt": E4M3_BLOCK, "s_ld": scales.shape[1], "block": (128, 128)}
+            extra = {"fmt": E4M3_BLOCK if fmt == "e4m3b" else E4M3_A8, "s_ld": scales.shape[1], "block": (128, 128)}
         else:
             scales = cp.random.uniform(0.5, 2.0, n, dtype=cp.float32) / 16
             full = scales[:, None]
@@ -79,6 +82,27 @@ def weight_copies(cp: Any, fmt: str, n: int, k: int, copies: int) -> tuple[list[
     values = (m.codes.reshape(n, groups, GROUP).astype(cp.float32) - m.zeros.T[:, :, None]) * m.scales.T[:, :, None]
     made = [(weights, records)] + [(weights.copy(), records.copy()) for _ in range(copies - 1)]
     return made, values.reshape(n, k), {"fmt": INT4, "gshift": (GROUP // 64).bit_length() - 1, "groups": groups}
+
+
+def quantized_x(cp: Any, quant: Any, x: Any, rows: int) -> tuple[Any, Any]:
+    """``x[:rows]`` (bfloat16 bits ``[32, k]``) quantized as the W8A8 form reads it: e4m3 bytes ``[rows, k]`` then,
+    256-byte aligned, float32 scales ``[k / 128, rows]`` (``quant``: fp8_quant.cu's ``quant_groups_bf16``), in one
+    buffer; and the float32 values the bytes times their scales stand for ``[rows, k]``."""
+    from fi_engine.checkpoint.fp8_weights import E4M3
+
+    k = x.shape[1]
+    groups = k // 128
+    at = -(-rows * k // 256) * 256
+    buf = cp.zeros(at + 4 * rows * groups, cp.uint8)
+    quant(
+        (-(-rows * groups // 8),),
+        (256,),
+        (x, cp.int64(k), cp.int32(rows), cp.int32(k), buf, buf[at:], cp.int64(rows)),
+    )
+    codes = buf[: rows * k].reshape(rows, k)
+    scales = buf[at:].view(cp.float32).reshape(groups, rows)
+    values = cp.asarray(E4M3)[codes] * cp.repeat(scales.T, 128, 1)
+    return buf, values
 
 
 def plans_of(sk: Any, extra: dict[str, Any], call: tuple[int, ...], q: Any) -> list[Any]:
@@ -114,6 +138,7 @@ def main() -> None:
 
     import cupy as cp
 
+    from fi_engine.kernels.cuda_sources import source
     from fi_engine.kernels.dense import CUDA_R_16BF, Dense
     from fi_engine.kernels.launch_timing import LaunchTimer
     from fi_engine.kernels.skinny_gemm import SkinnyGemm
@@ -129,6 +154,7 @@ def main() -> None:
         dense, sk = Dense(stream), SkinnyGemm()
         timer = LaunchTimer(stream.ptr)
         done: Any = sk.done  # the split launches' counters (zero between launches)
+        quant = cp.RawModule(code=source("fp8_quant.cu")).get_function("quant_groups_bf16")
         print(f"{sk.sms} SMs; columns: geometry, split, grid (column blocks x k ranges), blocks an SM holds, waves")
         for shape in args.shapes.split(","):
             n, k = SHAPES[shape]
@@ -140,7 +166,14 @@ def main() -> None:
                 made, values, extra = weight_copies(cp, fmt, n, k, copies)
                 for rows in (int(r) for r in args.rows.split(",")):
                     ref = xf[:rows] @ values.T
-                    call = (rows, int(x.data.ptr), k, 0, n, k, int(y.data.ptr), n, CUDA_R_16BF, CUDA_R_16BF)
+                    x_at = int(x.data.ptr)
+                    if fmt == "e4m3a8":  # (x quantized first: the reference is of the values its bytes stand for)
+                        xq, xv = quantized_x(cp, quant, x, rows)
+                        x_at = int(xq.data.ptr)
+                        moved = float(cp.linalg.norm(xv @ values.T - ref) / cp.linalg.norm(ref))
+                        print(f"  x's e4m3 quantization alone moves the product by {moved:.3g} (relative)")
+                        ref = xv @ values.T
+                    call = (rows, x_at, k, 0, n, k, int(y.data.ptr), n, CUDA_R_16BF, CUDA_R_16BF)
                     by_copy = []
                     for w, q in made:  # the same plans over each copy's addresses
                         by_copy.append(plans_of(sk, extra, (*call[:3], int(w.data.ptr), *call[4:]), q))

@@ -173,7 +173,7 @@ class Dense:
         self.quantized = QuantizedWeights(launcher, fused_smem, self._quantized_changed, self._gemm16, self.gemv_error)
         self.fused = FusedGemvs(launcher, fused, self.quantized)
         self._fp8_path, self._int4_path = self.quantized.fp8_path, self.quantized.int4_path  # (bound once)
-        self._skinny = SkinnyLaunches(launcher)
+        self._skinny = SkinnyLaunches(launcher, self.quantized)
         self._timer = LaunchTimer(stream.ptr)
         self._gemm, self._h = self._blas.gemm_ex, self._blas.ptr
         self._batched = self._blas.gemm_strided_batched_ex

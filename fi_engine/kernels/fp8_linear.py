@@ -395,6 +395,29 @@ class Fp8Linears(QuantizedLinears[Fp8Weight]):
             self.run_gemv(packed, null)
         return True
 
+    def x_quantizer(self, rows: int, x: int, x_ld: int, k: int, bf16: bool, null: Any) -> tuple[int, Any] | None:
+        """The skinny GEMM's W8A8 form's x (``skinny_gemm.E4M3_A8``): ``(xq, launch)``, where ``launch()`` quantizes
+        ``x[:rows, :k]`` (16-bit, row stride ``x_ld`` elements) into the scratch at ``xq`` as that form reads it, the
+        e4m3 bytes ``[rows, k]`` (row stride ``k``) then, 256-byte aligned, float32 scales ``[k / 128, rows]`` (one
+        per row and 128 inputs, as :meth:`w8a8` quantizes for 128x128-block weights); None where it cannot: no
+        quantizer (below SM 8.9), ``k`` not a multiple of 128, x not 16-byte aligned or ``x_ld`` not a multiple of 8,
+        or more than the scratch holds. Packed here (the caller keeps it per call site; ``null``: the launcher's
+        NULL); the scratch is the one :meth:`w8a8` and the dequantizing path use, so it holds this x until the next
+        FP8 call."""
+        fn = self._quant.get((bf16, True))
+        at = -(-rows * k // 256) * 256
+        room = self._scratch.nbytes if self._scratch is not None else 0
+        if fn is None or k % 128 or x % 16 or x_ld % 8 or rows <= 0 or at + 4 * rows * (k // 128) > room:
+            return None
+        xq = int(self._scratch.data.ptr)
+        packed = self._slots([x, x_ld, rows, k, xq, xq + at, rows])  # (params, values: kept by the closure)
+        grid = -(-rows * (k // 128) // 8)  # a warp a row and 128 inputs, 8 warps a block
+
+        def launch() -> None:
+            self._run(fn, grid, 256, packed[0], null, "e4m3 activation quantization")
+
+        return xq, launch
+
     def _plan_w8a8(
         self,
         lt: Any,

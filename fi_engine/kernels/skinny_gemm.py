@@ -22,6 +22,11 @@ fastest geometry for most shapes gives each warp two strips of 16 rows (each sta
 weight rows), streams their weights through a ring of bulk copies in shared memory (:attr:`Geometry.ring`) and stages
 x through registers (:attr:`Geometry.xreg`).
 
+On SM 9.0 its W8A8 form (``E4M3_A8``, off in the engine: :attr:`SkinnyLaunches.w8a8_on`) multiplies 128x128-block
+e4m3 weights by x quantized to e4m3 (a scale per row and 128 inputs, as the engine's FP8 GEMM quantizes it) with
+Hopper's e4m3 ``wgmma``: the weights' bytes go to the tensor cores as loaded, no decoding, and each k32 product covers
+twice the inputs of a 16-bit one. Its geometries are the e4m3 warpgroup form's.
+
 Its SiLU form (``plans(..., silu=True)``; off in the engine: :attr:`SkinnyLaunches.silu_on`) reads a dense MLP's
 16-bit gate/up weight as stored and writes ``silu(x @ gate.T) * (x @ up.T)``: each tile of 16 rows takes 8 gate rows
 and the 8 up rows of the same outputs, so each lane holds both sums of its outputs.
@@ -39,6 +44,7 @@ from .int4_linear import Int4Weight
 from .launch import Launcher
 
 __all__ = [
+    "E4M3_A8",
     "E4M3_BLOCK",
     "E4M3_ROW",
     "GEOMETRIES",
@@ -53,13 +59,17 @@ __all__ = [
 
 SKINNY_MAX_ROWS = 32  # four groups of the mma's 8
 W16, E4M3_BLOCK, E4M3_ROW, INT4 = 0, 1, 2, 3  # weight formats (the kernel's FMT)
+# e4m3 block-scaled weights times e4m3 x (W8A8: the warpgroup form only, on Hopper's e4m3 wgmma; x as fp8_quant.cu's
+# quant_groups writes it, its scales after its bytes: see SkinnyGemm.plans)
+E4M3_A8 = 4
 _PREFIX = {W16: "skinny", E4M3_BLOCK: "skinny8b", E4M3_ROW: "skinny8r", INT4: "skinny4"}
 _SILU_PREFIX = "skinnysilu"  # the SiLU form's kernels (16-bit weights)
-_WG_PREFIX = {INT4: "skinnywg4", E4M3_BLOCK: "skinnywg8b", E4M3_ROW: "skinnywg8r"}  # the warpgroup form's (sm_90a)
+# the warpgroup form's (sm_90a)
+_WG_PREFIX = {INT4: "skinnywg4", E4M3_BLOCK: "skinnywg8b", E4M3_ROW: "skinnywg8r", E4M3_A8: "skinnywg8a"}
 WG_OPTIONS = ("-arch=sm_90a",)  # NVRTC's target for the warpgroup form (wgmma exists on sm_90a only)
 # put before the warpgroup form's source: a compilation that did not target sm_90a (CuPy adds its own -arch) fails
 _WG_REQUIRED = "#define SK_WG_REQUIRED 1\n"
-_STEP = {W16: 32, E4M3_BLOCK: 64, E4M3_ROW: 64, INT4: 128}  # inputs a lane's 16-byte weight vector covers
+_STEP = {W16: 32, E4M3_BLOCK: 64, E4M3_ROW: 64, INT4: 128, E4M3_A8: 64}  # inputs a lane's 16-byte weight vector covers
 PART_BYTES = 32 << 20  # the split launches' float32 sums
 SPLIT_RULE, SPLIT_HALF, SPLIT_WAVES = "rule", "half", "waves"  # SkinnyPlan.split: splits(), half of it, wave_split()
 DONE_SLOTS = 1 << 16  # column blocks a split launch may have (a uint32 counter each)
@@ -181,6 +191,7 @@ GEOMETRIES: dict[int, tuple[Geometry, ...]] = {
     E4M3_ROW: (_GLOBAL_X8, _STAGED, _STAGED_X2[E4M3_ROW], *_WG8),
     # (int4: 4 x vectors a step; fewer steps in flight)
     INT4: (Geometry(1, 1, 8, 1, 0), Geometry(1, 2, 8, 1, 512), _STAGED_X2[INT4], *_WG4),
+    E4M3_A8: _WG8,
 }
 
 
@@ -278,14 +289,14 @@ def takes(
     rows, log2 of their width over 64 and their width (16, 0, 0 without block scales), or None."""
     if fmt not in _STEP or not 0 < rows <= SKINNY_MAX_ROWS or not 0 < n < 1 << 31 or not 0 < k < 1 << 30:
         return None
-    if k % _STEP[fmt] or x % 16 or x_ld % 8 or w % 16 or y % (4 if f32out else 2):
+    if k % _STEP[fmt] or x % 16 or x_ld % (16 if fmt == E4M3_A8 else 8) or w % 16 or y % (4 if f32out else 2):
         return None
-    if fmt != E4M3_BLOCK:
+    if fmt not in (E4M3_BLOCK, E4M3_A8):
         return 16, 0, 0  # (int4: its group records are read per step, whatever the split)
     if block is None:
         return None
     bn, block_k = block
-    if bn <= 0 or bn % 16 or block_k < 64 or block_k & (block_k - 1):
+    if bn <= 0 or bn % 16 or block_k < (128 if fmt == E4M3_A8 else 64) or block_k & (block_k - 1):
         return None
     return bn, block_k.bit_length() - 7, block_k  # widths of 64 << bshift inputs
 
@@ -377,6 +388,9 @@ class SkinnyGemm:
         ``[]`` where the kernel does not serve the call: rows outside ``[1, 32]``, ``k`` not a multiple of a step
         (32 inputs, e4m3 64, int4 128), x, ``x_ld`` or W not 16-byte aligned, ``y`` not aligned to its elements,
         block scales whose rows are not a multiple of 16 or whose width is not 64 times a power of two.
+        ``E4M3_A8`` (the W8A8 form, warpgroups only): ``x`` e4m3 bytes at row stride ``x_ld`` bytes (a multiple of
+        16), its float32 scales after them as the kernel's comment says (``Fp8Linears.x_quantizer`` writes them);
+        block scales of 128 inputs or more.
         ``scale``/``s_ld``/``block``: an e4m3 weight's float32 scales (``block`` None: one per row; else ``(bn,
         bk)``, rows of ``s_ld``). ``int4``: an int4 weight's ``(records, groups a row, gshift, half_n)``
         (:class:`~fi_engine.kernels.int4_linear.Int4Weight`'s). ``silu``: the SiLU form's launches, 16-bit weights
@@ -399,7 +413,7 @@ class SkinnyGemm:
         for geometry in GEOMETRIES[fmt]:
             if geometry.wg and (not warpgroups or not self.warpgroups or silu):
                 continue  # (the warpgroup form: on SM 9.0)
-            if geometry.wg and ((fmt == INT4 and int4[2] == 0) or (fmt == E4M3_BLOCK and bshift == 0)):
+            if geometry.wg and ((fmt == INT4 and int4[2] == 0) or (fmt in (E4M3_BLOCK, E4M3_A8) and bshift == 0)):
                 continue  # (int4 groups and e4m3 blocks of 128 inputs or more: a tile's one factor)
             if geometry.k_unit and k % geometry.k_unit:
                 continue  # (the pipelined warpgroup form: every k range whole runs of tiles)
@@ -463,6 +477,14 @@ class SkinnyLaunches:
     3 us at 5-8 rows, but the step's tuning kept cuBLASLt then the SiLU launch. ``bench_llama_tp.py --variants
     skinny-silu`` turns it on."""
 
+    w8a8_on = False
+    """Whether FP8 weights of 128x128 blocks may take the W8A8 form (``E4M3_A8``, with :attr:`warpgroups_on`; SM 9.0
+    only) in steps of more than ``QuantizedWeights.fp8_gemv_max_rows`` rows: x quantized to e4m3 into the FP8
+    scratch (:meth:`~fi_engine.kernels.fp8_linear.Fp8Linears.x_quantizer`), then Hopper's e4m3 ``wgmma`` over both,
+    each plan timed as that pair of launches. Its products are those of cuBLASLt's FP8 GEMM, which serves such rows
+    with x quantized per row and 128 inputs alike. Off by default until the whole GPU suite has run with it on
+    (benchmarks/RESULTS.md has its measurements); ``bench_llama_tp.py --variants skinny-w8a8`` turns it on."""
+
     warpgroups_on = True
     """Whether int4 and FP8 weights may take the warpgroup form (``Geometry.wg``; SM 9.0 only); False: the
     ``mma.sync`` geometries only. (``bench_llama_tp.py --variants no-wg4`` and ``no-wg8`` leave the form out for
@@ -471,8 +493,11 @@ class SkinnyLaunches:
     error = ""
     """Why the skinny GEMM is unavailable, where it is."""
 
-    def __init__(self, launcher: Launcher) -> None:
+    def __init__(self, launcher: Launcher, quantized: Any = None) -> None:
+        """``quantized``: the Dense's :class:`~fi_engine.kernels.quantized_weights.QuantizedWeights`, whose FP8
+        registry quantizes x for the W8A8 form (None: no W8A8 form)."""
         self._launcher = launcher
+        self._quantized = quantized  # the Dense's QuantizedWeights: its FP8 registry quantizes x for the W8A8 form
         self._gemm: SkinnyGemm | bool | None = None  # made at the first plans; False: it could not be
         # a call's packed launch, by (call, plan index, SiLU form) (values only)
         self._calls: dict[tuple[Any, ...], Any] = {}
@@ -504,7 +529,27 @@ class SkinnyLaunches:
             return gemm.plans(INT4, call, int4=int4, warpgroups=self.warpgroups_on)
         fmt = E4M3_ROW if quant.block is None else E4M3_BLOCK
         s_ld = -(-quant.k // quant.block[1]) if quant.block else 0
-        return gemm.plans(fmt, call, quant.scales, s_ld, quant.block, warpgroups=self.warpgroups_on)
+        plans = gemm.plans(fmt, call, quant.scales, s_ld, quant.block, warpgroups=self.warpgroups_on)
+        x8 = self._x_quantizer(key, quant) if fmt == E4M3_BLOCK else None
+        if x8 is not None:  # (the W8A8 form after the e4m3 form's plans: over x quantized at x8[0], row stride k)
+            call8 = (key[0], x8[0], quant.k, quant.w, *key[4:])
+            plans += gemm.plans(E4M3_A8, call8, quant.scales, s_ld, quant.block, warpgroups=self.warpgroups_on)
+        return plans
+
+    def _x_quantizer(self, key: tuple[int, ...], quant: Any) -> tuple[int, Any] | None:
+        """The W8A8 form's x quantization for the call ``key`` over the FP8 weight ``quant`` (``Fp8Linears.
+        x_quantizer``'s ``(xq, launch)``), or None where the form is off (:attr:`w8a8_on`, :attr:`warpgroups_on`),
+        the Dense has no FP8 registry, the call's rows are ones the engine keeps 16-bit x for (W8A16: at most
+        ``QuantizedWeights.fp8_gemv_max_rows``, or its W8A8 switches off for block weights), or the quantizer cannot
+        serve the call."""
+        q = self._quantized
+        fp8 = getattr(q, "fp8", None)
+        if not (self.w8a8_on and self.warpgroups_on) or fp8 is None:
+            return None
+        if key[0] <= q.fp8_gemv_max_rows or not (q.fp8_w8a8 and q.fp8_w8a8_blocks):
+            return None  # (x quantized only where the engine's FP8 GEMM quantizes it too: the same products)
+        rows, x, x_ld, ab_type = key[0], key[1], key[2], key[8]
+        return fp8.x_quantizer(rows, x, x_ld, quant.k, ab_type == CUDA_R_16BF, self._launcher.null)
 
     def run(self, key: tuple[int, ...], index: int, quant: Any, silu: bool = False) -> bool:
         """Launch plan ``index`` of the call ``key`` (over the FP8 or int4 weight ``quant``, or a 16-bit one;
@@ -522,6 +567,16 @@ class SkinnyLaunches:
             packed = launcher.prepared(
                 plan.function, plan.grid[0], plan.threads, plan.smem, params, values, "skinny gemm", True, plan.grid[1]
             )
+            if plan.kernel.startswith(_WG_PREFIX[E4M3_A8]):  # the W8A8 form: x quantized first, packed once with it
+                x8 = self._x_quantizer(key, quant)
+                if x8 is None:
+                    return False
+                quantize, gemm = x8[1], packed
+
+                def packed() -> None:
+                    quantize()
+                    gemm()
+
             if len(self._calls) > 4096:
                 self._calls.clear()
             self._calls[(key, index, silu)] = packed

@@ -7,6 +7,16 @@ no torch).
   reference over the (dequantized) weights. Bound per output: ``k * 2**-24 * sum |x| |w|`` (float32 sums of exact
   products, in any order) plus half an ulp of a 16-bit output (``2**-8`` / ``2**-11`` relative). Every output row
   past ``rows`` and column past ``n`` is left as it was.
+- On an SM 9.0, the W8A8 form (``E4M3_A8``: 128x128-block e4m3 weights times e4m3 x with a scale per row and 128
+  inputs, Hopper's e4m3 ``wgmma``): every plan at the row counts above, bfloat16 and float16, 16-bit and float32
+  outputs, against float32 over the e4m3 values of both operands. Bound: ``2**-10 * sum |x| |w|`` plus half an ulp
+  of a 16-bit output. Hopper's FP8 products sum in the tensor cores with about 14 bits kept, which is why each
+  tile of 128 inputs is added in float32 after its four products. A wrong operand layout errs by the products'
+  size, far past this bound.
+- The W8A8 form through a Dense (``SkinnyLaunches.w8a8_on``): over a registered 128x128-block FP8 weight at 16 and 32
+  rows, each of its plans quantizes x into the FP8 scratch (filled with NaN codes first) and multiplies, within the
+  bound above over the x the scratch then holds; the Dense times those plans among its launches; at 8 rows none is
+  offered (x stays 16-bit there).
 - A split launch gives the same bits twice and leaves its counters at zero; a CUDA graph of it replays new inputs
   to the eager result.
 - Plans of one k range (each block writes y), their staged x over several passes with a shorter last one.
@@ -35,11 +45,21 @@ if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
 
 cupy = pytest.importorskip("cupy", reason="the engine needs CuPy (python -m pip install '.[engine]')")
 
+from typing import Any  # noqa: E402
+
 from helpers.skinny_cases import OUT_ULP, check, check_int4, from16, int4_weight, outputs, to16, weights  # noqa: E402
 
 from fi_engine.checkpoint.fp8_weights import E4M3, quantize_e4m3  # noqa: E402
 from fi_engine.kernels.dense import CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, Dense  # noqa: E402
-from fi_engine.kernels.skinny_gemm import E4M3_BLOCK, E4M3_ROW, SPLIT_WAVES, W16, SkinnyGemm  # noqa: E402
+from fi_engine.kernels.skinny_gemm import (  # noqa: E402
+    E4M3_A8,
+    E4M3_BLOCK,
+    E4M3_ROW,
+    SPLIT_WAVES,
+    W16,
+    SkinnyGemm,
+    SkinnyLaunches,
+)
 from fi_engine.kernels.skinny_gemm import INT4 as INT4_FMT  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -82,6 +102,105 @@ def test_every_plan_matches_float32(fmt: int, dtype: str, f32: bool) -> None:
                 for plan in plans:
                     check(outputs(dense, plan, rows, n, ld, dtype, f32), from16(x16, dtype), values, rows, dtype, f32)
                 assert int(sk.done.sum()) == 0, "a split launch left a counter set"
+
+
+def e4m3_x(rng: np.random.Generator, rows: int, k: int) -> tuple[Any, np.ndarray]:
+    """Random x quantized as the W8A8 form reads it (fp8_quant.cu's ``quant_groups``: a scale per row and 128 inputs,
+    ``amax / 448``): one GPU buffer of the e4m3 bytes ``[rows, k]`` then, 256-byte aligned, the float32 scales ``[k /
+    128, rows]``; and the float32 values ``[rows, k]`` they stand for."""
+    xf = rng.standard_normal((rows, k)) * rng.uniform(0.5, 4.0, (rows, 1))
+    groups = k // 128
+    amax = np.abs(xf.reshape(rows, groups, 128)).max(axis=2)
+    scales = (amax / 448).astype(np.float32)  # [rows, groups]
+    codes = quantize_e4m3(xf / np.repeat(scales, 128, 1))
+    at = -(-rows * k // 256) * 256
+    buf = np.zeros(at + 4 * rows * groups, np.uint8)
+    buf[: rows * k] = codes.reshape(-1)
+    buf[at:] = np.ascontiguousarray(scales.T).view(np.uint8).reshape(-1)
+    return cupy.asarray(buf), E4M3[codes] * np.repeat(scales, 128, 1)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("f32", [False, True], ids=["out16", "out32"])
+def test_every_w8a8_plan_matches_float32(dtype: str, f32: bool) -> None:
+    if cupy.cuda.Device().compute_capability != "90":
+        pytest.skip("the W8A8 form is Hopper's (SM 9.0) e4m3 wgmma")
+    rng = np.random.default_rng(44)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        dense, sk = Dense(stream), SkinnyGemm()
+        for n, k in ((272, 1024), (200, 512), (1040, 1536)):
+            w, scales, values, block = weights(rng, E4M3_BLOCK, n, k, dtype)
+            ld = n + 8
+            for rows in ROWS:
+                xq, xv = e4m3_x(rng, rows, k)
+                call = (rows, int(xq.data.ptr), k, int(w.data.ptr), n, k, 0, ld, *types(dtype, f32))
+                plans = sk.plans(E4M3_A8, call, int(scales.data.ptr), k // 128, block)
+                assert plans, (n, k, rows, sk.warpgroups_error)
+                assert all(p.kernel.startswith("skinnywg8a") for p in plans)
+                for plan in plans:
+                    got = outputs(dense, plan, rows, n, ld, dtype, f32)
+                    ref = xv @ values.T.astype(np.float64)
+                    bound = 2.0**-10 * (np.abs(xv) @ np.abs(values.T)) + (0 if f32 else OUT_ULP[dtype]) * np.abs(ref)
+                    err = np.abs(got - ref)
+                    assert np.isfinite(got).all() and (err <= bound).all(), (
+                        plan.kernel,
+                        plan.grid,
+                        rows,
+                        f"{float((err / bound).max()):.2f} of the bound",
+                    )
+                assert int(sk.done.sum()) == 0, "a split launch left a counter set"
+
+
+@pytest.mark.parametrize("rows", [16, 32])
+def test_the_w8a8_form_through_a_dense(monkeypatch, rows: int) -> None:  # type: ignore[no-untyped-def]
+    if cupy.cuda.Device().compute_capability != "90":
+        pytest.skip("the W8A8 form is Hopper's (SM 9.0) e4m3 wgmma")
+    monkeypatch.setattr(SkinnyLaunches, "w8a8_on", True)
+    rng = np.random.default_rng(rows)
+    n, k = 1040, 1536
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        dense = Dense(stream)
+        w, scales, values, block = weights(rng, E4M3_BLOCK, n, k, "bfloat16")
+        dense.quantized.add_fp8_weight(int(w.data.ptr), n, k, int(scales.data.ptr), block)
+        wt = dense.quantized.fp8_weights[int(w.data.ptr)]
+        x = cupy.asarray(to16(rng.standard_normal((rows, k)).astype(np.float32) * 3, "bfloat16"))
+        y = cupy.zeros((rows, n), np.uint16)
+        key = (rows, int(x.data.ptr), k, int(w.data.ptr), n, k, int(y.data.ptr), n, CUDA_R_16BF, CUDA_R_16BF)
+        sk = SkinnyLaunches(dense.launcher, dense.quantized)
+        plans = sk.plans(key, wt)
+        a8 = [i for i, p in enumerate(plans) if p.kernel.startswith("skinnywg8a")]
+        assert a8 and len(a8) < len(plans), [p.kernel for p in plans]
+        assert dense.quantized.fp8 is not None
+        made = dense.quantized.fp8.x_quantizer(rows, int(x.data.ptr), k, k, True, dense.launcher.null)
+        assert made is not None
+        at, groups = -(-rows * k // 256) * 256, k // 128
+        scratch = cupy.ndarray(
+            (at + 4 * rows * groups,), cupy.uint8, cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(made[0], 1, None), 0)
+        )
+        for i in a8:
+            scratch.fill(0x7F)  # e4m3 NaN everywhere: the plan must quantize x itself
+            y.fill(0)
+            assert sk.run(key, i, wt)
+            stream.synchronize()
+            codes = cupy.asnumpy(scratch[: rows * k]).reshape(rows, k)
+            xs = cupy.asnumpy(scratch[at:]).view(np.float32).reshape(groups, rows)
+            xv = E4M3[codes] * np.repeat(xs.T, 128, 1)
+            got = from16(cupy.asnumpy(y), "bfloat16")
+            ref = xv @ values.T.astype(np.float64)
+            bound = 2.0**-10 * (np.abs(xv) @ np.abs(values.T)) + OUT_ULP["bfloat16"] * np.abs(ref)
+            assert np.isfinite(got).all() and (np.abs(got - ref) <= bound).all(), (plans[i].kernel, plans[i].grid)
+        eight = (8, *key[1:])
+        assert not any(p.kernel.startswith("skinnywg8a") for p in sk.plans(eight, wt))
+        dense.bandwidth_bound = True
+        dense.linear(*key)  # (times the shape's launches)
+        stream.synchronize()
+        timed, _ = dense.timed_launches()[(rows, n, k, CUDA_R_16BF, CUDA_R_16BF, int(w.data.ptr))]
+        assert set(a8) <= set(timed), timed
+        dense.bandwidth_bound = False
+        sk.close()
+        dense.close()
 
 
 @pytest.mark.parametrize("block", [(16, 256), (32, 512)], ids=["16x256", "32x512"])

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import math
 import re
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from fi_engine.kernels.cuda_sources import read
 from fi_engine.kernels.skinny_gemm import (
     DONE_SLOTS,
+    E4M3_A8,
     E4M3_BLOCK,
     E4M3_ROW,
     GEOMETRIES,
@@ -23,6 +26,7 @@ from fi_engine.kernels.skinny_gemm import (
     W16,
     Geometry,
     SkinnyGemm,
+    SkinnyLaunches,
     _unit,
     range_length,
     splits,
@@ -252,7 +256,13 @@ def test_every_geometry_a_dense_launches_is_a_default_instance() -> None:
     # (format, MT, geometry): MT "MT" in SKINNY_ROWS (every row group), else the one row group named
     found = re.findall(r"SKINNY_TYPES\(\w+, (SK_\w+), (MT|\d), (\d+), (\d+), (\d+), (\d+), (\d+)\)", body)
     defaults = {(f, mt, tuple(int(v) for v in g)) for f, mt, *g in found}
-    names = {W16: "SK_W16", E4M3_BLOCK: "SK_E4M3_BLOCK", E4M3_ROW: "SK_E4M3_ROW", INT4: "SK_INT4"}
+    names = {
+        W16: "SK_W16",
+        E4M3_BLOCK: "SK_E4M3_BLOCK",
+        E4M3_ROW: "SK_E4M3_ROW",
+        INT4: "SK_INT4",
+        E4M3_A8: "SK_E4M3_A8",
+    }
     # the warpgroup form's: SKINNY_WG_TYPES(prefix, FMT, MT, NT, U, WARPS, MINB, KX, P, R, S), every type pair, in a
     # macro SKINNY_WG*_ROWS(MT) invoked for each row group it serves
     warpgroups = set()
@@ -449,3 +459,48 @@ def test_the_silu_forms_plans_are_the_plain_plans_into_the_activation(rows: int)
     assert gemm.plans(W16, (rows, 1 << 20, k, 1 << 24, n, k, act, n // 2, 14, 0), silu=True) == []  # float32 out
     e4m3 = (rows, 1 << 20, k, 1 << 24, n, k, act, n // 2, 14, 14)
     assert gemm.plans(E4M3_ROW, e4m3, 1 << 32, silu=True) == []
+
+
+class _Fp8Registry:
+    """A stand-in for the Dense's FP8 registry (Fp8Linears needs a GPU): records what the W8A8 form asks of it."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[Any, ...]] = []
+
+    def x_quantizer(self, *args: Any) -> tuple[int, Any]:
+        self.asked.append(args)
+        return 1 << 20, lambda: None
+
+
+def test_the_w8a8_form_quantizes_x_only_where_the_engine_quantizes_it(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``SkinnyLaunches``' W8A8 form asks the FP8 registry for x's quantization only with ``w8a8_on`` (off by
+    default) and the warpgroup form on, above ``fp8_gemv_max_rows`` rows (where x stays 16-bit) and where the
+    engine's W8A8 switches serve block weights; then with the call's rows, x, its row stride, the weight's k, the
+    bfloat16 flag and the launcher's NULL."""
+    from fi_engine.kernels.cublas import CUDA_R_16BF, CUDA_R_16F
+
+    assert SkinnyLaunches.w8a8_on is False
+    fp8 = _Fp8Registry()
+    quantized = SimpleNamespace(fp8=fp8, fp8_gemv_max_rows=8, fp8_w8a8=True, fp8_w8a8_blocks=True)
+    launches = SkinnyLaunches(SimpleNamespace(null="NULL"), quantized)  # type: ignore[arg-type]
+    weight = SimpleNamespace(k=4096)
+    key = (16, 0x1000, 4096, 0x2000, 6144, 4096, 0x3000, 6144, CUDA_R_16BF, CUDA_R_16BF)
+    assert launches._x_quantizer(key, weight) is None  # off by default
+    monkeypatch.setattr(SkinnyLaunches, "w8a8_on", True)
+    fp8.asked.clear()
+    got = launches._x_quantizer(key, weight)
+    assert got is not None and got[0] == 1 << 20
+    assert fp8.asked == [(16, 0x1000, 4096, 4096, True, "NULL")]
+    f16 = (*key[:8], CUDA_R_16F, CUDA_R_16F)
+    launches._x_quantizer(f16, weight)
+    assert fp8.asked[-1][4] is False
+    fp8.asked.clear()
+    assert launches._x_quantizer((8, *key[1:]), weight) is None  # W8A16 rows
+    for switch in ("fp8_w8a8", "fp8_w8a8_blocks"):
+        setattr(quantized, switch, False)
+        assert launches._x_quantizer(key, weight) is None, switch
+        setattr(quantized, switch, True)
+    monkeypatch.setattr(SkinnyLaunches, "warpgroups_on", False)
+    assert launches._x_quantizer(key, weight) is None
+    assert fp8.asked == []
+    assert SkinnyLaunches(SimpleNamespace(null=0))._x_quantizer(key, weight) is None  # type: ignore[arg-type]

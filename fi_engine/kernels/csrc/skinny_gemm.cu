@@ -9,6 +9,10 @@
 //   SK_INT4        AWQ / GPTQ int4 in int4_decode.cuh's layout with a uint32 record (scale, zero) per row and group:
 //                  q the records, q_ld groups a row, q_b log2 of the 64-input halves a group spans (31: one group);
 //                  q_a > 0: gate and up interleaved by 8 rows, q_a rows each, whose outputs are put back in order.
+//   SK_E4M3_A8     (the warpgroup form only) e4m3 weights with SK_E4M3_BLOCK's block scales times e4m3 x: x the
+//                  bytes [rows, k] at row stride x_ld bytes, then (at x + rows x_ld rounded up to 256 bytes) float32
+//                  scales [k / 128][rows], x ~= bytes * scale (fp8_quant.cu's quant_groups, s_ld = rows): W8A8 on
+//                  Hopper's e4m3 wgmma, each tile of 128 inputs added in float32 times both operands' scales.
 // The SiLU form (SILU, 16-bit weights only: SKINNY_SILU): W is a gate/up weight as stored, [2 q_a, k] with the gate's
 // q_a rows first, and y = silu(x @ gate.T) * (x @ up.T), [rows, q_a] 16-bit. Each tile of 16 rows takes 8 gate rows
 // and the 8 up rows of the same outputs (tile rows g and g + 8: gate and up row c0 + g), so each lane holds both sums
@@ -45,6 +49,7 @@
 #define SK_E4M3_BLOCK 1  // e4m3 weights, block scales
 #define SK_E4M3_ROW 2    // e4m3 weights, a scale per row
 #define SK_INT4 3        // int4 weights, a record per row and group
+#define SK_E4M3_A8 4     // e4m3 weights, block scales, times e4m3 x (the warpgroup form only: skinny_wg's W8A8)
 #define SK_STEP(FMT) ((FMT) == SK_W16 ? 32 : (FMT) == SK_INT4 ? 128 : 64)  // inputs a step
 #define SK_XV(FMT) ((FMT) == SK_W16 ? 1 : (FMT) == SK_INT4 ? 4 : 2)        // x vectors a lane reads a step
 // 16-byte vectors from a lane's weights of a step to the next's: 64 bytes along a row, or int4's tile-major layout's
@@ -551,6 +556,83 @@ __device__ __forceinline__ void sk_add_scaled(float (&o)[MT][4], const float (&d
         o[i][2] = fmaf(sb, d[i][2], o[i][2]), o[i][3] = fmaf(sb, d[i][3], o[i][3]);
     }
 }
+// W8A8 (SK_E4M3_A8): x is e4m3, so a k32 product takes 16-byte core-matrix rows of 16 inputs. Lane (rr, q) of warp w
+// loads row 8 ng + rr's bytes 64 b + 16 q .. + 15 for the pass's 64-input steps b = w + WARPS j (b < KX / 64, 64 b <
+// len; warps past KX / 64 load none) and stores the vector's word v at word q of chunk 4 b + v of its row group: the
+// k-chunks of product m = 2 s + h of tile t (chunks 8 t + 2 m and + 1) then hold, at word q, the inputs 64 (2 t + s) +
+// 16 q + 8 h + {0..3} and + {4..7}, which are the weights' bytes sk_wg_raw8 puts in the A registers' slots 4 q .. 4 q
+// + 3 and 16 + 4 q .. (CP = KX / 16 chunks a row group; the same core-matrix layout as the 16-bit x's above).
+template <int MT, int KX, int WARPS, int J>
+__device__ __forceinline__ void sk_xload8(uint4 (&xv)[MT][J], const unsigned char* const (&xr)[MT], int k0, int len) {
+    const int warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int ng = 0; ng < MT; ++ng)
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+            const int b = warp + WARPS * j;
+            if (b < KX / 64 && 64 * b < len)
+                xv[ng][j] = *reinterpret_cast<const uint4*>(xr[ng] + k0 + 64 * WARPS * j);
+        }
+}
+template <int MT, int KX, int WARPS, int J>
+__device__ __forceinline__ void sk_xstore8(unsigned buf, const uint4 (&xv)[MT][J], int len) {
+    constexpr int CP = KX / 16;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int ng = 0; ng < MT; ++ng)
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+            const int b = warp + WARPS * j;
+            if (b < KX / 64 && 64 * b < len) {
+                const uint4 c = xv[ng][j];
+                const unsigned w4[4] = {c.x, c.y, c.z, c.w};
+#pragma unroll
+                for (int v = 0; v < 4; ++v)
+                    asm volatile("st.shared.b32 [%0], %1;" ::"r"(buf + 4 * (32 * (ng * CP + 4 * b + v) + lane)), "r"(w4[v])
+                                 : "memory");
+            }
+        }
+}
+// d = A B + (add ? d : 0) over k32 of e4m3 (A: the 4 registers of the weights' bytes, B: x's staged bytes),
+// asynchronously (sk_wg_wait)
+template <int MT>
+__device__ __forceinline__ void sk_wgmma8(float (&d)[MT][4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                          unsigned long long desc, bool add) {
+#ifdef SK_WG_ARCH
+#define SK_WG8_ASM(N, REGS)                                                                                        \
+    "{\n.reg .pred p;\nsetp.ne.b32 p, %" REGS ";\nwgmma.mma_async.sync.aligned.m64n" #N "k32.f32.e4m3.e4m3 "        \
+    SK_WG8_OPS_##N ", p, 1, 1;\n}\n"
+#define SK_WG8_OPS_8 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, %8"
+#define SK_WG8_OPS_16 "{%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12"
+#define SK_WG8_OPS_24 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11}, {%12,%13,%14,%15}, %16"
+#define SK_WG8_OPS_32 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20"
+#define SK_WG8_D(i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
+#define SK_WG8_IN "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"((unsigned)add)
+    if constexpr (MT == 1) asm volatile(SK_WG8_ASM(8, "9, 0") : SK_WG8_D(0) : SK_WG8_IN);
+    else if constexpr (MT == 2) asm volatile(SK_WG8_ASM(16, "13, 0") : SK_WG8_D(0), SK_WG8_D(1) : SK_WG8_IN);
+    else if constexpr (MT == 3)
+        asm volatile(SK_WG8_ASM(24, "17, 0") : SK_WG8_D(0), SK_WG8_D(1), SK_WG8_D(2) : SK_WG8_IN);
+    else asm volatile(SK_WG8_ASM(32, "21, 0") : SK_WG8_D(0), SK_WG8_D(1), SK_WG8_D(2), SK_WG8_D(3) : SK_WG8_IN);
+#undef SK_WG8_ASM
+#undef SK_WG8_OPS_8
+#undef SK_WG8_OPS_16
+#undef SK_WG8_OPS_24
+#undef SK_WG8_OPS_32
+#undef SK_WG8_D
+#undef SK_WG8_IN
+#endif
+}
+// o += a product's completed sums d times each column's factor (W8A8: the weight block's scale times x's row scale
+// of the tile): fa[i] for x row 8 i + 2 q (d[i][0], d[i][2]), fb[i] for row 8 i + 2 q + 1 (d[i][1], d[i][3])
+template <int MT>
+__device__ __forceinline__ void sk_add_cols(float (&o)[MT][4], const float (&d)[MT][4], const float (&fa)[MT],
+                                            const float (&fb)[MT]) {
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+        o[i][0] = fmaf(fa[i], d[i][0], o[i][0]), o[i][1] = fmaf(fb[i], d[i][1], o[i][1]);
+        o[i][2] = fmaf(fa[i], d[i][2], o[i][2]), o[i][3] = fmaf(fb[i], d[i][3], o[i][3]);
+    }
+}
 // each decoded A register computed before the wgmma.fence that follows (volatile asm keeps their order): the PTX rules
 // want no register a wgmma reads written between the fence and it, and the decodes' own asm is not volatile
 __device__ __forceinline__ void sk_wg_pin(unsigned (&a)[8][4]) {
@@ -587,6 +669,25 @@ template <bool BF16> __device__ __forceinline__ void sk_wg_decode8(unsigned (&a)
             unsigned(&d)[4] = a[4 * s + m];
             d[0] = e4m3_pair<BF16>(ua[m] << 8), d[1] = e4m3_pair<BF16>(ub[m] << 8);
             d[2] = e4m3_pair<BF16>(ua[m]), d[3] = e4m3_pair<BF16>(ub[m]);
+        }
+    }
+    sk_wg_pin(a);
+}
+
+// W8A8: an e4m3 tile's A registers as loaded, no decoding: product m = 2 s + h takes words 2 h and 2 h + 1 of step s
+// (v[s]: row g, v[2 + s]: row g + 8) into slots 4 q .. 4 q + 3 and 16 + 4 q .. (rows g, g + 8), as sk_xstore8 stages x
+__device__ __forceinline__ void sk_wg_raw8(unsigned (&a)[8][4], const uint4 (&v)[4]) {
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+        const unsigned ua[4] = {v[s].x, v[s].y, v[s].z, v[s].w}, ub[4] = {v[2 + s].x, v[2 + s].y, v[2 + s].z, v[2 + s].w};
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            unsigned(&d)[4] = a[2 * s + h];
+#if SK_A8_REG_ORDER == 1  // (the other reading of the fragment: registers 1 and 2 swapped)
+            d[0] = ua[2 * h], d[2] = ub[2 * h], d[1] = ua[2 * h + 1], d[3] = ub[2 * h + 1];
+#else
+            d[0] = ua[2 * h], d[1] = ub[2 * h], d[2] = ua[2 * h + 1], d[3] = ub[2 * h + 1];
+#endif
         }
     }
     sk_wg_pin(a);
@@ -651,11 +752,15 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
                                           const void* __restrict__ qd, long long q_ld, int q_a, int q_b) {
 #ifdef SK_WG_ARCH
     constexpr bool I4 = FMT == SK_INT4;
+    // W8A8: x e4m3 (x_ld in bytes), its float32 scales after its rows' bytes (at x + rows x_ld rounded up to 256
+    // bytes), one per row and 128 inputs, [k / 128][rows]: fp8_quant.cu's quant_groups with s_ld = rows
+    constexpr bool A8 = FMT == SK_E4M3_A8;
     // e4m3 row scales: each set of sums accumulates its products over the whole range (a row's one factor applied to
     // the sum at the end), no tile's sums added with factors
     constexpr bool RSUM = FMT == SK_E4M3_ROW;
     static_assert(!RSUM || NT == 1 || (PIPE && NT == 2), "row scales: each set of sums one strip's");
-    constexpr int PASS = KX / 128, BUF = 4 * MT * KX, CP = KX / 8;  // tiles, 32-bit words and chunks of a pass
+    // tiles, 32-bit words (for 16-bit x; W8A8's half of them used) and chunks of a pass
+    constexpr int PASS = KX / 128, BUF = 4 * MT * KX, CP = A8 ? KX / 16 : KX / 8;
     // (PIPE with several runs of U tiles a pass: ptxas serializes the wgmma, their pipelining lost)
     static_assert(WARPS % 4 == 0 && KX % (128 * U) == 0 && (!PIPE || ((U * NT) % 2 == 0 && KX == 128 * U)),
                   "whole warpgroups; a pass of whole U tiles; PIPE: U NT even (each product's set of sums fixed), one "
@@ -706,7 +811,19 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
     constexpr int TILE_VECS = I4 ? I4_TILE_VECS : 8;  // from a tile's vectors to the next's
     // the lane's x rows for the staging (sk_stage_wg), at its first input
     const unsigned short* xr[MT];
+    const unsigned char* xr8[MT];  // W8A8: the lane's x rows at its first vector (sk_xload8's)
     int sz[MT];
+    const unsigned char* x8 = reinterpret_cast<const unsigned char*>(x);
+    const float* xsc = reinterpret_cast<const float*>(x8 + (((long long)rows * x_ld + 255) & ~255LL));
+    // W8A8: x's scales of a pass are staged with it, after its bytes in the pass's buffer (the second half, which
+    // 16-bit x would fill): thread i < PASS 8 MT loads a pass ahead the scale of row i % (8 MT) (past the rows: the
+    // last) and the pass's tile i / (8 MT), and stores it at float i there
+    constexpr int XSN = A8 ? PASS * 8 * MT : 0;
+    float xs_next = 0.f;
+    auto xs_load = [&](int k0, int len) {
+        const int i = threadIdx.x, t = i / (8 * MT);
+        if (i < XSN && 128 * t < len) xs_next = __ldg(xsc + (long long)((k0 >> 7) + t) * rows + min(i % (8 * MT), rows - 1));
+    };
 #pragma unroll
     for (int ng = 0; ng < MT; ++ng) {
         const int r = 8 * ng + g;
@@ -714,8 +831,10 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
                  (XREG ? 64 * (warp >> 1) + 8 * (warp & 1)       // (sk_xload's first vector)
                        : 64 * (warp >> 3) + 2 * (warp & 7));  // (chunk `warp`)
         sz[ng] = r < rows ? 4 : 0;
+        xr8[ng] = x8 + (long long)min(r, rows - 1) * x_ld + 16 * q + 64 * warp;
     }
-    constexpr int XJ = XREG ? KX / (32 * WARPS) : 1;  // XREG: 16-byte vectors of x a lane loads a row group
+    // XREG: 16-byte vectors of x a lane loads a row group (W8A8: a 64-input step's a vector, some warps none)
+    constexpr int XJ = A8 ? (KX / 64 + WARPS - 1) / WARPS : XREG ? KX / (32 * WARPS) : 1;
     uint4 xv[MT][XJ];  // XREG: the next pass's x
     float acc[NT][MT][4], blk[PIPE ? 2 : 1][MT][4];
     sk_zero(acc);
@@ -789,10 +908,16 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
     griddep_wait();  // x may be the previous kernel's output, part and done its scratch; W and its records constants
     const int passes = (k_hi - k_lo + KX - 1) / KX;
     if (steps > 0) {
-        if constexpr (XREG) sk_xload<MT, KX, WARPS, XJ>(xv, xr, k_lo, min(KX, k_hi - k_lo));
+        if constexpr (A8) {
+            sk_xload8<MT, KX, WARPS, XJ>(xv, xr8, k_lo, min(KX, k_hi - k_lo));
+            xs_load(k_lo, min(KX, k_hi - k_lo));
+        } else if constexpr (XREG) sk_xload<MT, KX, WARPS, XJ>(xv, xr, k_lo, min(KX, k_hi - k_lo));
         else sk_stage_wg<MT, KX, WARPS>(xw, xr, sz, k_lo, min(KX, k_hi - k_lo));
     }
     float sa = 0.f, sb = 0.f;  // PIPE: the scales of the product whose sums are running
+    float pa[A8 ? MT : 1], pb[A8 ? MT : 1];  // W8A8, PIPE: its columns' factors
+#pragma unroll
+    for (int i = 0; i < (A8 ? MT : 1); ++i) pa[i] = pb[i] = 0.f;
     const uint4* wn = wr;  // the weights of tile `step` (moved a run of U at a time: the loads' offsets immediate)
     for (int step = 0, run = 0; step < steps; step += U, ++run) {
         uint4 nxt[RING ? 1 : U][V];
@@ -808,16 +933,30 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
             const int p = step / PASS;
             if (PIPE) {  // the last product read pass p - 1's buffer: done before it is refilled (step 0: none)
                 sk_wg_wait<0>(blk[1]);  // (the last product of a run: set 1, U NT even; strip NT - 1)
-                if (!RSUM) sk_add_scaled(acc[NT - 1], blk[1], sa, sb);
+                if constexpr (A8) sk_add_cols(acc[NT - 1], blk[1], pa, pb);
+                else if (!RSUM) sk_add_scaled(acc[NT - 1], blk[1], sa, sb);
             }
             if constexpr (XREG) {  // pass p's x from the registers into its buffer, whose last readers (pass p - 2's
                                    // products) completed before the barrier of pass p - 1; then pass p + 1's loads
-                sk_xstore<MT, KX, WARPS, XJ, !I4>(base + (p & 1) * BUF * 4, xv, min(KX, k_hi - (k_lo + p * KX)));
+                if constexpr (A8) {
+                    sk_xstore8<MT, KX, WARPS, XJ>(base + (p & 1) * BUF * 4, xv, min(KX, k_hi - (k_lo + p * KX)));
+                    if (threadIdx.x < XSN)
+                        asm volatile("st.shared.f32 [%0], %1;" ::"r"(base + (p & 1) * BUF * 4 + 8 * MT * KX + 4 * threadIdx.x),
+                                     "f"(xs_next)
+                                     : "memory");
+                } else {
+                    sk_xstore<MT, KX, WARPS, XJ, !I4>(base + (p & 1) * BUF * 4, xv, min(KX, k_hi - (k_lo + p * KX)));
+                }
                 asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // (the stores seen by the tensor cores)
                 __syncthreads();
                 if (p + 1 < passes) {
                     const int k0 = k_lo + (p + 1) * KX;
-                    sk_xload<MT, KX, WARPS, XJ>(xv, xr, k0, min(KX, k_hi - k0));
+                    if constexpr (A8) {
+                        sk_xload8<MT, KX, WARPS, XJ>(xv, xr8, k0, min(KX, k_hi - k0));
+                        xs_load(k0, min(KX, k_hi - k0));
+                    } else {
+                        sk_xload<MT, KX, WARPS, XJ>(xv, xr, k0, min(KX, k_hi - k0));
+                    }
                 }
             } else {
                 __syncthreads();  // every warpgroup's products over pass p - 1's buffer have completed
@@ -840,7 +979,16 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             if (PIPE || step + u < steps) {  // (PIPE: whole U tiles, below)
-                const unsigned long long dt = desc + ((step + u) % PASS) * (16 * 128 >> 4);
+                // (W8A8: 8 chunks a tile, 4 products of 2)
+                const unsigned long long dt = desc + ((step + u) % PASS) * ((A8 ? 8 : 16) * 128 >> 4);
+                float ca[A8 ? MT : 1], cb[A8 ? MT : 1];  // W8A8: the tile's x scales of the lane's columns
+                if constexpr (A8) {  // (rows 8 i + 2 q and + 1 of the staged scales: one 8-byte read each i)
+                    const unsigned at = base + ((step / PASS) & 1) * BUF * 4 + 8 * MT * KX +
+                                        4 * (((step + u) % PASS) * 8 * MT + 2 * q);
+#pragma unroll
+                    for (int i = 0; i < MT; ++i)
+                        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(ca[i]), "=f"(cb[i]) : "r"(at + 32 * i));
+                }
 #pragma unroll
                 for (int t = 0; t < NT; ++t) {
                     const int pi = u * NT + t, b = PIPE ? pi & 1 : 0;  // (the product's index in the run; its set)
@@ -862,13 +1010,21 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
                     if constexpr (I4)
                         sk_wg_decode<BF16>(a, v[0], v[1], i4_neg_zero<BF16>(cr[u][t][0]),
                                            i4_neg_zero<BF16>(cr[u][t][NREC > 1 ? 1 : 0]));
+                    else if constexpr (A8)
+                        sk_wg_raw8(a, v);
                     else
                         sk_wg_decode8<BF16>(a, v);
                     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+                    if constexpr (A8) {
 #pragma unroll
-                    for (int p = 0; p < 8; ++p)
-                        sk_wgmma<BF16, MT>(blk[b], a[p][0], a[p][1], a[p][2], a[p][3], dt + p * (2 * 128 >> 4),
-                                           RSUM || p > 0);
+                        for (int p = 0; p < 4; ++p)
+                            sk_wgmma8<MT>(blk[b], a[p][0], a[p][1], a[p][2], a[p][3], dt + p * (2 * 128 >> 4), p > 0);
+                    } else {
+#pragma unroll
+                        for (int p = 0; p < 8; ++p)
+                            sk_wgmma<BF16, MT>(blk[b], a[p][0], a[p][1], a[p][2], a[p][3], dt + p * (2 * 128 >> 4),
+                                               RSUM || p > 0);
+                    }
                     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
                     // this product's factors for rows g and g + 8: int4 each row's scale, e4m3 the strip's block
                     // scale, 1 for row scales (applied to the whole sum at the end)
@@ -877,14 +1033,29 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
                     // PIPE: the product before's sums (the other set, strip t - 1 or the run's last) completed, added
                     // with its factors (at a run's first product, that is the last run's last, already added at the
                     // pass boundary above: every run starts a pass); else this product's
+                    float fca[A8 ? MT : 1], fcb[A8 ? MT : 1];  // W8A8: this product's columns' factors
+                    if constexpr (A8) {
+#pragma unroll
+                        for (int i = 0; i < MT; ++i) fca[i] = fa * ca[i], fcb[i] = fa * cb[i];
+                    }
                     if (!PIPE || pi > 0) {
                         if (PIPE) sk_wg_wait<1>(blk[b ^ 1]);
                         else sk_wg_wait<0>(blk[0]);
-                        if (!RSUM)
+                        if constexpr (A8) {
+                            if (PIPE) sk_add_cols(acc[(t + NT - 1) % NT], blk[b ^ 1], pa, pb);
+                            else sk_add_cols(acc[t], blk[0], fca, fcb);
+                        } else if (!RSUM) {
                             sk_add_scaled(acc[PIPE ? (t + NT - 1) % NT : t], blk[PIPE ? b ^ 1 : 0], PIPE ? sa : fa,
                                           PIPE ? sb : fb);
+                        }
                     }
-                    if (PIPE) sa = fa, sb = fb;
+                    if (PIPE) {
+                        sa = fa, sb = fb;
+                        if constexpr (A8) {
+#pragma unroll
+                            for (int i = 0; i < MT; ++i) pa[i] = fca[i], pb[i] = fcb[i];
+                        }
+                    }
                 }
             }
         }
@@ -897,6 +1068,9 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
             }
         }
         if (step + U < steps) {
+            // W8A8 without a ring: the products' A registers are `cur`'s own (no decode between), and the run's last
+            // product may still be reading them; it completes before they take the next run's weights
+            if constexpr (A8 && !RING) sk_wg_wait<0>(blk[PIPE ? 1 : 0]);
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 if (!RING)
@@ -911,7 +1085,8 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
     }
     if (PIPE) {  // the last product's sums (set 1, strip NT - 1; none: sa, sb and the sums zero)
         sk_wg_wait<0>(blk[1]);
-        if (!RSUM) sk_add_scaled(acc[NT - 1], blk[1], sa, sb);
+        if constexpr (A8) sk_add_cols(acc[NT - 1], blk[1], pa, pb);
+        else if (!RSUM) sk_add_scaled(acc[NT - 1], blk[1], sa, sb);
     }
     if constexpr (RSUM) {  // the sets' whole sums: strip t's set t (two strips), or both sets strip 0's
         if (!PIPE) sk_wg_wait<0>(blk[0]);
@@ -1016,4 +1191,14 @@ SKINNY_WG8_ROWS(1)
 SKINNY_WG8_ROWS(2)
 SKINNY_WG8_ROWS(3)
 SKINNY_WG8_ROWS(4)
+// the W8A8 form's (sm_90a: e4m3 weights in 128x128 blocks times e4m3 x), the e4m3 form's geometries
+#define SKINNY_WG8A_ROWS(MT)                                                                                        \
+    SKINNY_WG_TYPES(skinnywg8a, SK_E4M3_A8, MT, 1, 2, 8, 1, 256, 1, 2, 1)                                           \
+    SKINNY_WG_TYPES(skinnywg8a, SK_E4M3_A8, MT, 1, 2, 8, 1, 256, 1, 0, 1)                                           \
+    SKINNY_WG_TYPES(skinnywg8a, SK_E4M3_A8, MT, 1, 2, 4, 2, 256, 1, 2, 1)                                           \
+    SKINNY_WG_TYPES(skinnywg8a, SK_E4M3_A8, MT, 2, 1, 4, 2, 128, 1, 2, 1)
+SKINNY_WG8A_ROWS(1)
+SKINNY_WG8A_ROWS(2)
+SKINNY_WG8A_ROWS(3)
+SKINNY_WG8A_ROWS(4)
 #endif
