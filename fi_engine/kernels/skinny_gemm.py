@@ -483,7 +483,9 @@ class SkinnyLaunches:
     scratch (:meth:`~fi_engine.kernels.fp8_linear.Fp8Linears.x_quantizer`), then Hopper's e4m3 ``wgmma`` over both,
     each plan timed as that pair of launches. Its products are those of cuBLASLt's FP8 GEMM, which serves such rows
     with x quantized per row and 128 inputs alike. Off by default until the whole GPU suite has run with it on
-    (benchmarks/RESULTS.md has its measurements); ``bench_llama_tp.py --variants skinny-w8a8`` turns it on."""
+    (benchmarks/RESULTS.md has its measurements); ``bench_llama_tp.py --variants skinny-w8a8`` turns it on. Read,
+    with ``QuantizedWeights``' FP8 switches, when a shape is first timed and a call packed (set it before the engine
+    warms up)."""
 
     warpgroups_on = True
     """Whether int4 and FP8 weights may take the warpgroup form (``Geometry.wg``; SM 9.0 only); False: the
@@ -506,8 +508,10 @@ class SkinnyLaunches:
         """The launches for the linear call ``key`` (``(rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type)``) over a
         16-bit weight (``quant`` None) or the registered FP8 or int4 weight ``quant`` (``[]`` where the kernel does not
         serve the call, or :attr:`on` is off); ``silu``: the SiLU form's over a 16-bit gate/up weight, ``y`` the
-        activation (:meth:`SkinnyGemm.plans`; ``[]`` where :attr:`silu_on` is off). Makes the SkinnyGemm at the first
-        call; a GPU or NVRTC it cannot serve leaves it off (:attr:`error`)."""
+        activation (:meth:`SkinnyGemm.plans`; ``[]`` where :attr:`silu_on` is off). Over a 128x128-block FP8 weight
+        with :attr:`w8a8_on`, the W8A8 form's plans follow the e4m3 form's, their x the FP8 scratch that the
+        quantizer fills first (:meth:`_x_quantizer`). Makes the SkinnyGemm at the first call; a GPU or NVRTC it
+        cannot serve leaves it off (:attr:`error`)."""
         ab_type, c_type = key[8:]
         if not self.on or ab_type not in (CUDA_R_16BF, CUDA_R_16F) or c_type not in (ab_type, CUDA_R_32F):
             return []
@@ -530,7 +534,7 @@ class SkinnyLaunches:
         fmt = E4M3_ROW if quant.block is None else E4M3_BLOCK
         s_ld = -(-quant.k // quant.block[1]) if quant.block else 0
         plans = gemm.plans(fmt, call, quant.scales, s_ld, quant.block, warpgroups=self.warpgroups_on)
-        x8 = self._x_quantizer(key, quant) if fmt == E4M3_BLOCK else None
+        x8 = self._x_quantizer(key, quant) if fmt == E4M3_BLOCK and gemm.warpgroups else None
         if x8 is not None:  # (the W8A8 form after the e4m3 form's plans: over x quantized at x8[0], row stride k)
             call8 = (key[0], x8[0], quant.k, quant.w, *key[4:])
             plans += gemm.plans(E4M3_A8, call8, quant.scales, s_ld, quant.block, warpgroups=self.warpgroups_on)
@@ -540,14 +544,17 @@ class SkinnyLaunches:
         """The W8A8 form's x quantization for the call ``key`` over the FP8 weight ``quant`` (``Fp8Linears.
         x_quantizer``'s ``(xq, launch)``), or None where the form is off (:attr:`w8a8_on`, :attr:`warpgroups_on`),
         the Dense has no FP8 registry, the call's rows are ones the engine keeps 16-bit x for (W8A16: at most
-        ``QuantizedWeights.fp8_gemv_max_rows``, or its W8A8 switches off for block weights), or the quantizer cannot
-        serve the call."""
+        ``QuantizedWeights.fp8_gemv_max_rows``, its W8A8 switches off for block weights, blocks other than 128x128 or
+        ``n`` not a multiple of 128), or the quantizer cannot serve the call. (Where cuBLASLt offers no FP8 algorithm
+        the engine dequantizes instead; this form still quantizes x there.)"""
         q = self._quantized
         fp8 = getattr(q, "fp8", None)
         if not (self.w8a8_on and self.warpgroups_on) or fp8 is None:
             return None
         if key[0] <= q.fp8_gemv_max_rows or not (q.fp8_w8a8 and q.fp8_w8a8_blocks):
             return None  # (x quantized only where the engine's FP8 GEMM quantizes it too: the same products)
+        if quant.block != (128, 128) or quant.n % 128:
+            return None  # (the blocks cuBLASLt's FP8 GEMM takes; the engine dequantizes the others there)
         rows, x, x_ld, ab_type = key[0], key[1], key[2], key[8]
         return fp8.x_quantizer(rows, x, x_ld, quant.k, ab_type == CUDA_R_16BF, self._launcher.null)
 
@@ -555,7 +562,9 @@ class SkinnyLaunches:
         """Launch plan ``index`` of the call ``key`` (over the FP8 or int4 weight ``quant``, or a 16-bit one;
         ``silu``: of the SiLU form, :meth:`plans`), packed once per call (values only; at most 4096 kept) and launched
         with programmatic dependent launch; False where the call has no such plan (a shape timed on aligned buffers,
-        called on others)."""
+        called on others). A W8A8 plan is two launches, packed together: the quantizer into the FP8 scratch, without
+        programmatic dependent launch (so it starts after every earlier launch has ended: none still reads the
+        scratch), then the GEMM."""
         packed = self._calls.get((key, index, silu))
         if packed is None:
             plans = self.plans(key, quant, silu)

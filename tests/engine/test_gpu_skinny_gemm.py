@@ -158,7 +158,7 @@ def test_the_w8a8_form_through_a_dense(monkeypatch, rows: int) -> None:  # type:
         pytest.skip("the W8A8 form is Hopper's (SM 9.0) e4m3 wgmma")
     monkeypatch.setattr(SkinnyLaunches, "w8a8_on", True)
     rng = np.random.default_rng(rows)
-    n, k = 1040, 1536
+    n, k = 1152, 1536  # (n a multiple of 128: the blocks the engine quantizes x for)
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
         dense = Dense(stream)

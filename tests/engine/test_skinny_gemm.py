@@ -475,15 +475,15 @@ class _Fp8Registry:
 def test_the_w8a8_form_quantizes_x_only_where_the_engine_quantizes_it(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """``SkinnyLaunches``' W8A8 form asks the FP8 registry for x's quantization only with ``w8a8_on`` (off by
     default) and the warpgroup form on, above ``fp8_gemv_max_rows`` rows (where x stays 16-bit) and where the
-    engine's W8A8 switches serve block weights; then with the call's rows, x, its row stride, the weight's k, the
-    bfloat16 flag and the launcher's NULL."""
+    engine's W8A8 switches serve block weights, for 128x128 blocks and ``n`` a multiple of 128; then with the call's
+    rows, x, its row stride, the weight's k, the bfloat16 flag and the launcher's NULL."""
     from fi_engine.kernels.cublas import CUDA_R_16BF, CUDA_R_16F
 
     assert SkinnyLaunches.w8a8_on is False
     fp8 = _Fp8Registry()
     quantized = SimpleNamespace(fp8=fp8, fp8_gemv_max_rows=8, fp8_w8a8=True, fp8_w8a8_blocks=True)
     launches = SkinnyLaunches(SimpleNamespace(null="NULL"), quantized)  # type: ignore[arg-type]
-    weight = SimpleNamespace(k=4096)
+    weight = SimpleNamespace(k=4096, n=6144, block=(128, 128))
     key = (16, 0x1000, 4096, 0x2000, 6144, 4096, 0x3000, 6144, CUDA_R_16BF, CUDA_R_16BF)
     assert launches._x_quantizer(key, weight) is None  # off by default
     monkeypatch.setattr(SkinnyLaunches, "w8a8_on", True)
@@ -500,6 +500,8 @@ def test_the_w8a8_form_quantizes_x_only_where_the_engine_quantizes_it(monkeypatc
         setattr(quantized, switch, False)
         assert launches._x_quantizer(key, weight) is None, switch
         setattr(quantized, switch, True)
+    for other in (SimpleNamespace(k=4096, n=6144, block=(16, 256)), SimpleNamespace(k=4096, n=6160, block=(128, 128))):
+        assert launches._x_quantizer(key, other) is None, other  # (the engine dequantizes those above 8 rows)
     monkeypatch.setattr(SkinnyLaunches, "warpgroups_on", False)
     assert launches._x_quantizer(key, weight) is None
     assert fp8.asked == []

@@ -1,6 +1,7 @@
 // y[r, j] = sum_c x[r, c] * W[j, c] for r < rows <= 32 on tensor cores: the GEMMs of decode steps of a few to 32
-// rows, which read every weight once and are bound by HBM bandwidth. x [rows, k] 16-bit (row stride x_ld), y [rows,
-// n] 16-bit or float32 (row stride y_ld), float32 sums. W [n, k] in one of four formats (FMT), each with its
+// rows, which read every weight once and are bound by HBM bandwidth. x [rows, k] 16-bit (row stride x_ld; SK_E4M3_A8:
+// e4m3, below), y [rows, n] 16-bit or float32 (row stride y_ld), float32 sums. W [n, k] in one of five formats (FMT),
+// each with its
 // quantization data in the last four arguments (q, q_ld, q_a, q_b):
 //   SK_W16         16-bit (x's type), row-major (a Linear weight); q unused.
 //   SK_E4M3_BLOCK  e4m3 bytes, row-major, times float32 scales, one per block of q_a rows and 64 << q_b inputs:
@@ -683,11 +684,7 @@ __device__ __forceinline__ void sk_wg_raw8(unsigned (&a)[8][4], const uint4 (&v)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             unsigned(&d)[4] = a[2 * s + h];
-#if SK_A8_REG_ORDER == 1  // (the other reading of the fragment: registers 1 and 2 swapped)
-            d[0] = ua[2 * h], d[2] = ub[2 * h], d[1] = ua[2 * h + 1], d[3] = ub[2 * h + 1];
-#else
             d[0] = ua[2 * h], d[1] = ub[2 * h], d[2] = ua[2 * h + 1], d[3] = ub[2 * h + 1];
-#endif
         }
     }
     sk_wg_pin(a);
@@ -734,7 +731,8 @@ __device__ __forceinline__ uint4 sk_lds(unsigned at) {
     return v;
 }
 
-// the warpgroup form: skinny_gemm's arguments and contract, whole warpgroups a block, for FMT SK_INT4 (q_b >= 1:
+// the warpgroup form: skinny_gemm's arguments and contract, whole warpgroups a block, for FMT SK_E4M3_A8 (as
+// SK_E4M3_BLOCK, x e4m3 with its scales: the format comment at the top), SK_INT4 (q_b >= 1:
 // groups of 128 inputs or more), SK_E4M3_BLOCK (q_b >= 1: blocks of 128 inputs or more; q_a rows a block, a multiple
 // of 16) or SK_E4M3_ROW. A tile is 128 inputs of a strip of 16 weight rows: int4's kilobyte of the tile-major layout,
 // or e4m3's 16 row pieces of 128 bytes (rows k bytes apart). NT strips a warp (the warpgroup's 64 rows of each strip
@@ -1070,7 +1068,15 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
         if (step + U < steps) {
             // W8A8 without a ring: the products' A registers are `cur`'s own (no decode between), and the run's last
             // product may still be reading them; it completes before they take the next run's weights
-            if constexpr (A8 && !RING) sk_wg_wait<0>(blk[PIPE ? 1 : 0]);
+            if constexpr (A8 && !RING) {
+                sk_wg_wait<0>(blk[PIPE ? 1 : 0]);
+#pragma unroll
+                for (int u = 0; u < U; ++u)  // (cur's old values live until here: the copies below come after)
+#pragma unroll
+                    for (int e = 0; e < V; ++e)
+                        asm volatile("" : "+r"(cur[RING ? 0 : u][e].x), "+r"(cur[RING ? 0 : u][e].y),
+                                     "+r"(cur[RING ? 0 : u][e].z), "+r"(cur[RING ? 0 : u][e].w)::"memory");
+            }
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 if (!RING)
@@ -1191,7 +1197,7 @@ SKINNY_WG8_ROWS(1)
 SKINNY_WG8_ROWS(2)
 SKINNY_WG8_ROWS(3)
 SKINNY_WG8_ROWS(4)
-// the W8A8 form's (sm_90a: e4m3 weights in 128x128 blocks times e4m3 x), the e4m3 form's geometries
+// the W8A8 form's (sm_90a: e4m3 weights in blocks of 128 inputs or more times e4m3 x), the e4m3 form's geometries
 #define SKINNY_WG8A_ROWS(MT)                                                                                        \
     SKINNY_WG_TYPES(skinnywg8a, SK_E4M3_A8, MT, 1, 2, 8, 1, 256, 1, 2, 1)                                           \
     SKINNY_WG_TYPES(skinnywg8a, SK_E4M3_A8, MT, 1, 2, 8, 1, 256, 1, 0, 1)                                           \
