@@ -265,11 +265,18 @@ def test_every_geometry_a_dense_launches_is_a_default_instance() -> None:
     }
     # the warpgroup form's: SKINNY_WG_TYPES(prefix, FMT, MT, NT, U, WARPS, MINB, KX, P, R, S), every type pair, in a
     # macro SKINNY_WG*_ROWS(MT) invoked for each row group it serves
+    # (a macro SKINNY_WG*_GEOMETRIES(prefix, fmt, MT) of such lines serves several formats: each use of it stands for
+    # its lines with that format)
+    shapes = r"MT, (\d), (\d+), (\d+), (\d+), (\d+), ([01]), (\d), ([01])\)"
+    geometry_macros = {
+        macro: re.findall(r"SKINNY_WG_TYPES\(prefix, fmt, " + shapes, lines)
+        for macro, lines in re.findall(r"#define (SKINNY_WG\w*_GEOMETRIES)\(prefix, fmt, MT\)((?:.*\\\n)*.*)", body)
+    }
     warpgroups = set()
     for macro, lines in re.findall(r"#define (SKINNY_WG\w*_ROWS)\(MT\)((?:.*\\\n)*.*)", body):
-        found = re.findall(
-            r"SKINNY_WG_TYPES\(\w+, (SK_\w+), MT, (\d), (\d+), (\d+), (\d+), (\d+), ([01]), (\d), ([01])\)", lines
-        )
+        found = re.findall(r"SKINNY_WG_TYPES\(\w+, (SK_\w+), " + shapes, lines)
+        for name, shaped in geometry_macros.items():
+            found += [(f, *g) for f in re.findall(rf"{name}\(\w+, (SK_\w+), MT\)", lines) for g in shaped]
         for mt in re.findall(rf"^{macro}\((\d)\)", body, re.M):
             warpgroups |= {(f, mt, *g) for f, *g in found}
     for fmt, geometries in GEOMETRIES.items():

@@ -1183,28 +1183,19 @@ SKINNY_TYPES(skinny4, SK_INT4, 4, 1, 2, 8, 2, 512)
     SKINNY_WG_TYPES(skinnywg4, SK_INT4, MT, 2, 2, 4, 2, 256, 1, 2, 1)
 SKINNY_WG_ROWS(3)
 SKINNY_WG_ROWS(4)
-// the e4m3 warpgroup form's candidates (sm_90a), every row group
+// the e4m3 warpgroup form's candidates (sm_90a), every row group: its geometries (skinny_gemm.py's _WG8), each format's
+#define SKINNY_WG8_GEOMETRIES(prefix, fmt, MT)                                                                     \
+    SKINNY_WG_TYPES(prefix, fmt, MT, 1, 2, 8, 1, 256, 1, 2, 1)                                                      \
+    SKINNY_WG_TYPES(prefix, fmt, MT, 1, 2, 8, 1, 256, 1, 0, 1)                                                      \
+    SKINNY_WG_TYPES(prefix, fmt, MT, 1, 2, 4, 2, 256, 1, 2, 1)                                                      \
+    SKINNY_WG_TYPES(prefix, fmt, MT, 2, 1, 4, 2, 128, 1, 2, 1)
+// e4m3 block scales, row scales, and the W8A8 form (e4m3 weights in blocks of 128 inputs or more times e4m3 x)
 #define SKINNY_WG8_ROWS(MT)                                                                                         \
-    SKINNY_WG_TYPES(skinnywg8b, SK_E4M3_BLOCK, MT, 1, 2, 8, 1, 256, 1, 2, 1)                                        \
-    SKINNY_WG_TYPES(skinnywg8b, SK_E4M3_BLOCK, MT, 1, 2, 8, 1, 256, 1, 0, 1)                                        \
-    SKINNY_WG_TYPES(skinnywg8b, SK_E4M3_BLOCK, MT, 1, 2, 4, 2, 256, 1, 2, 1)                                        \
-    SKINNY_WG_TYPES(skinnywg8b, SK_E4M3_BLOCK, MT, 2, 1, 4, 2, 128, 1, 2, 1)                                        \
-    SKINNY_WG_TYPES(skinnywg8r, SK_E4M3_ROW, MT, 1, 2, 8, 1, 256, 1, 2, 1)                                          \
-    SKINNY_WG_TYPES(skinnywg8r, SK_E4M3_ROW, MT, 1, 2, 8, 1, 256, 1, 0, 1)                                          \
-    SKINNY_WG_TYPES(skinnywg8r, SK_E4M3_ROW, MT, 1, 2, 4, 2, 256, 1, 2, 1)                                          \
-    SKINNY_WG_TYPES(skinnywg8r, SK_E4M3_ROW, MT, 2, 1, 4, 2, 128, 1, 2, 1)
+    SKINNY_WG8_GEOMETRIES(skinnywg8b, SK_E4M3_BLOCK, MT)                                                            \
+    SKINNY_WG8_GEOMETRIES(skinnywg8r, SK_E4M3_ROW, MT)                                                              \
+    SKINNY_WG8_GEOMETRIES(skinnywg8a, SK_E4M3_A8, MT)
 SKINNY_WG8_ROWS(1)
 SKINNY_WG8_ROWS(2)
 SKINNY_WG8_ROWS(3)
 SKINNY_WG8_ROWS(4)
-// the W8A8 form's (sm_90a: e4m3 weights in blocks of 128 inputs or more times e4m3 x), the e4m3 form's geometries
-#define SKINNY_WG8A_ROWS(MT)                                                                                        \
-    SKINNY_WG_TYPES(skinnywg8a, SK_E4M3_A8, MT, 1, 2, 8, 1, 256, 1, 2, 1)                                           \
-    SKINNY_WG_TYPES(skinnywg8a, SK_E4M3_A8, MT, 1, 2, 8, 1, 256, 1, 0, 1)                                           \
-    SKINNY_WG_TYPES(skinnywg8a, SK_E4M3_A8, MT, 1, 2, 4, 2, 256, 1, 2, 1)                                           \
-    SKINNY_WG_TYPES(skinnywg8a, SK_E4M3_A8, MT, 2, 1, 4, 2, 128, 1, 2, 1)
-SKINNY_WG8A_ROWS(1)
-SKINNY_WG8A_ROWS(2)
-SKINNY_WG8A_ROWS(3)
-SKINNY_WG8A_ROWS(4)
 #endif
