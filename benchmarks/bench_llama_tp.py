@@ -75,6 +75,7 @@ ONE_GPU_VARIANTS = (
     "wg4-rows-25",
     "no-wg8",
     "skinny-w8a8",
+    "w8a8-quantizer",
     "no-tc-decode",
     "no-prefill-kernel-pdl",
     "skinny-silu",
@@ -291,6 +292,10 @@ def set_variant(variant: str) -> None:
         from fi_engine.kernels.skinny_gemm import SkinnyLaunches
 
         SkinnyLaunches.w8a8_on = True
+    if variant == "w8a8-quantizer":  # that form over x quantized by a launch of its own first (with skinny-w8a8)
+        from fi_engine.kernels.skinny_gemm import SkinnyLaunches
+
+        SkinnyLaunches.w8a8_fused = False
     if variant == "wg4-rows-25":  # the warpgroup form at 25-32 rows only
         import dataclasses
 

@@ -1,7 +1,8 @@
 """A lab for the skinny GEMM's candidate launches as a Dense times them (``SkinnyGemm.plans``): for each 8B weight
 shape (QKV, O, gate/up, down), row count and weight format (bfloat16, e4m3 with 128x128-block or per-row scales, AWQ
 int4 in groups of 128, and ``e4m3a8``: 128x128-block e4m3 weights times e4m3 x, W8A8 on Hopper's e4m3 ``wgmma``, x
-quantized per row and 128 inputs by the engine's ``fp8_quant.cu`` first, outside the timed launch), every plan's
+quantized per row and 128 inputs by the engine's ``fp8_quant.cu`` first, outside the timed launch; ``e4m3a8q``: the
+same with x quantized alike by each block of the GEMM as it stages it), every plan's
 geometry, how its split of k was chosen (``rule``: the power-of-two rule, ``half``: half of it, ``waves``: the split
 whose grid fills whole waves of the SMs' resident blocks), its grid, the blocks an SM holds of its kernel, the waves
 its grid takes, and its time in us per call in a chain of launches, GB/s of the bytes it must read (weights and their
@@ -14,7 +15,7 @@ rotating over weight copies larger than the L2, so every call reads HBM. Needs C
 torch). Not a test: tests/engine/test_gpu_skinny_gemm.py is.
 
     python benchmarks/lab_skinny_plans.py [--rows 8,16,32] [--shapes qkv,o,gate_up,down]
-        [--formats bf16,e4m3b,e4m3r,int4,e4m3a8] [--hbm-tbs TB/s] [--csv out.csv]
+        [--formats bf16,e4m3b,e4m3r,int4,e4m3a8,e4m3a8q] [--hbm-tbs TB/s] [--csv out.csv]
 """
 
 from __future__ import annotations
@@ -29,9 +30,16 @@ from roofline import add_hbm_tbs_argument, linear_bytes, roofline_denominator
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-FORMATS = ("bf16", "e4m3b", "e4m3r", "int4", "e4m3a8")
+FORMATS = ("bf16", "e4m3b", "e4m3r", "int4", "e4m3a8", "e4m3a8q")
 # roofline.linear_bytes' formats
-BYTES_FORMAT = {"bf16": "16-bit", "e4m3b": "fp8-block", "e4m3r": "fp8-row", "int4": "int4", "e4m3a8": "fp8-block"}
+BYTES_FORMAT = {
+    "bf16": "16-bit",
+    "e4m3b": "fp8-block",
+    "e4m3r": "fp8-row",
+    "int4": "int4",
+    "e4m3a8": "fp8-block",
+    "e4m3a8q": "fp8-block",
+}
 GROUP = 128  # int4 inputs a group (AWQ's usual)
 ROTATE_BYTES = 256 << 20  # weight copies a graph rotates over: past any L2
 
@@ -47,22 +55,23 @@ def weight_copies(cp: Any, fmt: str, n: int, k: int, copies: int) -> tuple[list[
     the float32 values of the first ``[n, k]``, and the arguments of ``SkinnyGemm.plans`` besides the call's."""
     from fi_engine.checkpoint.fp8_weights import E4M3
     from fi_engine.checkpoint.int4_weights import Int4Matrix
-    from fi_engine.kernels.skinny_gemm import E4M3_A8, E4M3_BLOCK, E4M3_ROW, INT4, W16
+    from fi_engine.kernels.skinny_gemm import E4M3_A8, E4M3_A8Q, E4M3_BLOCK, E4M3_ROW, INT4, W16
 
     made: list[tuple[Any, Any]] = []
     if fmt == "bf16":
         bits, values = bf16_bits(cp, cp.random.standard_normal((n, k), dtype=cp.float32))
         made = [(bits, None)] + [(bits.copy(), None) for _ in range(copies - 1)]
         return made, values, {"fmt": W16}
-    if fmt in ("e4m3b", "e4m3r", "e4m3a8"):
+    if fmt in ("e4m3b", "e4m3r", "e4m3a8", "e4m3a8q"):
         # codes of magnitude below 0x7f (NaN), either sign; scales near 1 / 16
         codes = (cp.random.randint(0, 0x7F, (n, k), dtype=cp.int32) | (cp.random.randint(0, 2, (n, k)) << 7)).astype(
             cp.uint8
         )
-        if fmt in ("e4m3b", "e4m3a8"):
+        if fmt in ("e4m3b", "e4m3a8", "e4m3a8q"):
             scales = cp.random.uniform(0.5, 2.0, (-(-n // 128), -(-k // 128)), dtype=cp.float32) / 16
             full = cp.repeat(cp.repeat(scales, 128, 0), 128, 1)[:n, :k]
-            extra = {"fmt": E4M3_BLOCK if fmt == "e4m3b" else E4M3_A8, "s_ld": scales.shape[1], "block": (128, 128)}
+            kind = {"e4m3b": E4M3_BLOCK, "e4m3a8": E4M3_A8, "e4m3a8q": E4M3_A8Q}[fmt]
+            extra = {"fmt": kind, "s_ld": scales.shape[1], "block": (128, 128)}
         else:
             scales = cp.random.uniform(0.5, 2.0, n, dtype=cp.float32) / 16
             full = scales[:, None]
@@ -167,9 +176,10 @@ def main() -> None:
                 for rows in (int(r) for r in args.rows.split(",")):
                     ref = xf[:rows] @ values.T
                     x_at = int(x.data.ptr)
-                    if fmt == "e4m3a8":  # (x quantized first: the reference is of the values its bytes stand for)
+                    if fmt in ("e4m3a8", "e4m3a8q"):  # (the reference: of the values x's e4m3 bytes stand for)
                         xq, xv = quantized_x(cp, quant, x, rows)
-                        x_at = int(xq.data.ptr)
+                        if fmt == "e4m3a8":  # (e4m3a8q: x as it is, quantized alike in the kernel)
+                            x_at = int(xq.data.ptr)
                         moved = float(cp.linalg.norm(xv @ values.T - ref) / cp.linalg.norm(ref))
                         print(f"  x's e4m3 quantization alone moves the product by {moved:.3g} (relative)")
                         ref = xv @ values.T

@@ -25,7 +25,9 @@ x through registers (:attr:`Geometry.xreg`).
 On SM 9.0 its W8A8 form (``E4M3_A8``, off in the engine: :attr:`SkinnyLaunches.w8a8_on`) multiplies 128x128-block
 e4m3 weights by x quantized to e4m3 (a scale per row and 128 inputs, as the engine's FP8 GEMM quantizes it) with
 Hopper's e4m3 ``wgmma``: the weights' bytes go to the tensor cores as loaded, no decoding, and each k32 product covers
-twice the inputs of a 16-bit one. Its geometries are the e4m3 warpgroup form's.
+twice the inputs of a 16-bit one. Its geometries are the e4m3 warpgroup form's. ``E4M3_A8Q`` is the same over 16-bit
+x, which each block quantizes as it stages a pass (to the bytes and scales the quantizer's launch writes for
+``E4M3_A8``): one launch, none before it (:attr:`SkinnyLaunches.w8a8_fused`).
 
 Its SiLU form (``plans(..., silu=True)``; off in the engine: :attr:`SkinnyLaunches.silu_on`) reads a dense MLP's
 16-bit gate/up weight as stored and writes ``silu(x @ gate.T) * (x @ up.T)``: each tile of 16 rows takes 8 gate rows
@@ -45,6 +47,7 @@ from .launch import Launcher
 
 __all__ = [
     "E4M3_A8",
+    "E4M3_A8Q",
     "E4M3_BLOCK",
     "E4M3_ROW",
     "GEOMETRIES",
@@ -62,14 +65,23 @@ W16, E4M3_BLOCK, E4M3_ROW, INT4 = 0, 1, 2, 3  # weight formats (the kernel's FMT
 # e4m3 block-scaled weights times e4m3 x (W8A8: the warpgroup form only, on Hopper's e4m3 wgmma; x as fp8_quant.cu's
 # quant_groups writes it, its scales after its bytes: see SkinnyGemm.plans)
 E4M3_A8 = 4
+# the same over 16-bit x, which each block quantizes as it stages it (to the bytes and scales of E4M3_A8's x)
+E4M3_A8Q = 5
 _PREFIX = {W16: "skinny", E4M3_BLOCK: "skinny8b", E4M3_ROW: "skinny8r", INT4: "skinny4"}
 _SILU_PREFIX = "skinnysilu"  # the SiLU form's kernels (16-bit weights)
 # the warpgroup form's (sm_90a)
-_WG_PREFIX = {INT4: "skinnywg4", E4M3_BLOCK: "skinnywg8b", E4M3_ROW: "skinnywg8r", E4M3_A8: "skinnywg8a"}
+_WG_PREFIX = {
+    INT4: "skinnywg4",
+    E4M3_BLOCK: "skinnywg8b",
+    E4M3_ROW: "skinnywg8r",
+    E4M3_A8: "skinnywg8a",
+    E4M3_A8Q: "skinnywg8q",
+}
 WG_OPTIONS = ("-arch=sm_90a",)  # NVRTC's target for the warpgroup form (wgmma exists on sm_90a only)
 # put before the warpgroup form's source: a compilation that did not target sm_90a (CuPy adds its own -arch) fails
 _WG_REQUIRED = "#define SK_WG_REQUIRED 1\n"
-_STEP = {W16: 32, E4M3_BLOCK: 64, E4M3_ROW: 64, INT4: 128, E4M3_A8: 64}  # inputs a lane's 16-byte weight vector covers
+# inputs a lane's 16-byte weight vector covers
+_STEP = {W16: 32, E4M3_BLOCK: 64, E4M3_ROW: 64, INT4: 128, E4M3_A8: 64, E4M3_A8Q: 64}
 PART_BYTES = 32 << 20  # the split launches' float32 sums
 SPLIT_RULE, SPLIT_HALF, SPLIT_WAVES = "rule", "half", "waves"  # SkinnyPlan.split: splits(), half of it, wave_split()
 DONE_SLOTS = 1 << 16  # column blocks a split launch may have (a uint32 counter each)
@@ -192,6 +204,7 @@ GEOMETRIES: dict[int, tuple[Geometry, ...]] = {
     # (int4: 4 x vectors a step; fewer steps in flight)
     INT4: (Geometry(1, 1, 8, 1, 0), Geometry(1, 2, 8, 1, 512), _STAGED_X2[INT4], *_WG4),
     E4M3_A8: _WG8,
+    E4M3_A8Q: _WG8,
 }
 
 
@@ -291,12 +304,12 @@ def takes(
         return None
     if k % _STEP[fmt] or x % 16 or x_ld % (16 if fmt == E4M3_A8 else 8) or w % 16 or y % (4 if f32out else 2):
         return None
-    if fmt not in (E4M3_BLOCK, E4M3_A8):
+    if fmt not in (E4M3_BLOCK, E4M3_A8, E4M3_A8Q):
         return 16, 0, 0  # (int4: its group records are read per step, whatever the split)
     if block is None:
         return None
     bn, block_k = block
-    if bn <= 0 or bn % 16 or block_k < (128 if fmt == E4M3_A8 else 64) or block_k & (block_k - 1):
+    if bn <= 0 or bn % 16 or block_k < (128 if fmt in (E4M3_A8, E4M3_A8Q) else 64) or block_k & (block_k - 1):
         return None
     return bn, block_k.bit_length() - 7, block_k  # widths of 64 << bshift inputs
 
@@ -390,7 +403,8 @@ class SkinnyGemm:
         block scales whose rows are not a multiple of 16 or whose width is not 64 times a power of two.
         ``E4M3_A8`` (the W8A8 form, warpgroups only): ``x`` e4m3 bytes at row stride ``x_ld`` bytes (a multiple of
         16), its float32 scales after them as the kernel's comment says (``Fp8Linears.x_quantizer`` writes them);
-        block scales of 128 inputs or more.
+        block scales of 128 inputs or more. ``E4M3_A8Q``: the same over 16-bit ``x`` as the other formats take it,
+        quantized in the kernel.
         ``scale``/``s_ld``/``block``: an e4m3 weight's float32 scales (``block`` None: one per row; else ``(bn,
         bk)``, rows of ``s_ld``). ``int4``: an int4 weight's ``(records, groups a row, gshift, half_n)``
         (:class:`~fi_engine.kernels.int4_linear.Int4Weight`'s). ``silu``: the SiLU form's launches, 16-bit weights
@@ -413,7 +427,8 @@ class SkinnyGemm:
         for geometry in GEOMETRIES[fmt]:
             if geometry.wg and (not warpgroups or not self.warpgroups or silu):
                 continue  # (the warpgroup form: on SM 9.0)
-            if geometry.wg and ((fmt == INT4 and int4[2] == 0) or (fmt in (E4M3_BLOCK, E4M3_A8) and bshift == 0)):
+            e4m3_blocks = fmt in (E4M3_BLOCK, E4M3_A8, E4M3_A8Q)
+            if geometry.wg and ((fmt == INT4 and int4[2] == 0) or (e4m3_blocks and bshift == 0)):
                 continue  # (int4 groups and e4m3 blocks of 128 inputs or more: a tile's one factor)
             if geometry.k_unit and k % geometry.k_unit:
                 continue  # (the pipelined warpgroup form: every k range whole runs of tiles)
@@ -479,13 +494,19 @@ class SkinnyLaunches:
 
     w8a8_on = False
     """Whether FP8 weights of 128x128 blocks may take the W8A8 form (``E4M3_A8``, with :attr:`warpgroups_on`; SM 9.0
-    only) in steps of more than ``QuantizedWeights.fp8_gemv_max_rows`` rows: x quantized to e4m3 into the FP8
-    scratch (:meth:`~fi_engine.kernels.fp8_linear.Fp8Linears.x_quantizer`), then Hopper's e4m3 ``wgmma`` over both,
-    each plan timed as that pair of launches. Its products are those of cuBLASLt's FP8 GEMM, which serves such rows
-    with x quantized per row and 128 inputs alike. Off by default until the whole GPU suite has run with it on
-    (benchmarks/RESULTS.md has its measurements); ``bench_llama_tp.py --variants skinny-w8a8`` turns it on. Read,
-    with ``QuantizedWeights``' FP8 switches, when a shape is first timed and a call packed (set it before the engine
-    warms up)."""
+    only) in steps of more than ``QuantizedWeights.fp8_gemv_max_rows`` rows: x quantized to e4m3 (in the kernel,
+    :attr:`w8a8_fused`, or into the FP8 scratch first by :meth:`~fi_engine.kernels.fp8_linear.Fp8Linears.x_quantizer`,
+    each plan then timed as that pair of launches), then Hopper's e4m3 ``wgmma`` over both. Its products are those of
+    cuBLASLt's FP8 GEMM, which serves such rows with x quantized per row and 128 inputs alike. Off by default until the
+    whole GPU suite has run with it on (benchmarks/RESULTS.md has its measurements);
+    ``bench_llama_tp.py --variants skinny-w8a8`` turns it on. Read, with ``QuantizedWeights``' FP8 switches, when a
+    shape is first timed and a call packed (set it before the engine warms up)."""
+
+    w8a8_fused = True
+    """Whether the W8A8 form (:attr:`w8a8_on`) quantizes x in the kernel as it stages it (``E4M3_A8Q``: one launch);
+    False: x quantized into the FP8 scratch by a launch of its own first (``E4M3_A8``). The same bytes and scales
+    either way, so the same outputs bit for bit. Read when a shape is first timed and a call packed, as
+    :attr:`w8a8_on` (set it before the engine warms up: the plans' indices depend on it)."""
 
     warpgroups_on = True
     """Whether int4 and FP8 weights may take the warpgroup form (``Geometry.wg``; SM 9.0 only); False: the
@@ -508,10 +529,10 @@ class SkinnyLaunches:
         """The launches for the linear call ``key`` (``(rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type)``) over a
         16-bit weight (``quant`` None) or the registered FP8 or int4 weight ``quant`` (``[]`` where the kernel does not
         serve the call, or :attr:`on` is off); ``silu``: the SiLU form's over a 16-bit gate/up weight, ``y`` the
-        activation (:meth:`SkinnyGemm.plans`; ``[]`` where :attr:`silu_on` is off). Over a 128x128-block FP8 weight
-        with :attr:`w8a8_on`, the W8A8 form's plans follow the e4m3 form's, their x the FP8 scratch that the
-        quantizer fills first (:meth:`_x_quantizer`). Makes the SkinnyGemm at the first call; a GPU or NVRTC it
-        cannot serve leaves it off (:attr:`error`)."""
+        activation (:meth:`SkinnyGemm.plans`; ``[]`` where :attr:`silu_on` is off). Over a 128x128-block FP8 weight with
+        :attr:`w8a8_on`, the W8A8 form's plans follow the e4m3 form's (:attr:`w8a8_fused`: over x as it is, quantized in
+        the kernel; else over the FP8 scratch that the quantizer fills first, :meth:`_x_quantizer`). Makes the
+        SkinnyGemm at the first call; a GPU or NVRTC it cannot serve leaves it off (:attr:`error`)."""
         ab_type, c_type = key[8:]
         if not self.on or ab_type not in (CUDA_R_16BF, CUDA_R_16F) or c_type not in (ab_type, CUDA_R_32F):
             return []
@@ -534,37 +555,45 @@ class SkinnyLaunches:
         fmt = E4M3_ROW if quant.block is None else E4M3_BLOCK
         s_ld = -(-quant.k // quant.block[1]) if quant.block else 0
         plans = gemm.plans(fmt, call, quant.scales, s_ld, quant.block, warpgroups=self.warpgroups_on)
-        x8 = self._x_quantizer(key, quant) if fmt == E4M3_BLOCK and gemm.warpgroups else None
-        if x8 is not None:  # (the W8A8 form after the e4m3 form's plans: over x quantized at x8[0], row stride k)
+        if fmt != E4M3_BLOCK or not gemm.warpgroups or not self._w8a8_serves(key, quant):
+            return plans
+        if self.w8a8_fused:  # (the W8A8 form after the e4m3 form's plans: x quantized in the kernel)
+            return plans + gemm.plans(E4M3_A8Q, call, quant.scales, s_ld, quant.block, warpgroups=self.warpgroups_on)
+        x8 = self._x_quantizer(key, quant)
+        if x8 is not None:  # (... or over x quantized at x8[0] first, row stride k)
             call8 = (key[0], x8[0], quant.k, quant.w, *key[4:])
             plans += gemm.plans(E4M3_A8, call8, quant.scales, s_ld, quant.block, warpgroups=self.warpgroups_on)
         return plans
 
+    def _w8a8_serves(self, key: tuple[int, ...], quant: Any) -> bool:
+        """Whether the W8A8 form may serve the call ``key`` over the FP8 weight ``quant``: the form on
+        (:attr:`w8a8_on`, :attr:`warpgroups_on`), a Dense with an FP8 registry, and rows the engine quantizes x for
+        (above ``QuantizedWeights.fp8_gemv_max_rows``, its W8A8 switches on for block weights, 128x128 blocks and
+        ``n`` a multiple of 128). (Where cuBLASLt offers no FP8 algorithm the engine dequantizes instead; this form
+        still quantizes x there.)"""
+        q = self._quantized
+        if not (self.w8a8_on and self.warpgroups_on) or getattr(q, "fp8", None) is None:
+            return False
+        if key[0] <= q.fp8_gemv_max_rows or not (q.fp8_w8a8 and q.fp8_w8a8_blocks):
+            return False  # (x quantized only where the engine's FP8 GEMM quantizes it too: the same products)
+        return bool(quant.block == (128, 128) and quant.n % 128 == 0)  # (the blocks cuBLASLt's FP8 GEMM takes)
+
     def _x_quantizer(self, key: tuple[int, ...], quant: Any) -> tuple[int, Any] | None:
         """The W8A8 form's x quantization for the call ``key`` over the FP8 weight ``quant`` (``Fp8Linears.
-        x_quantizer``'s ``(xq, launch)``), or None where the form is off (:attr:`w8a8_on`, :attr:`warpgroups_on`),
-        the Dense has no FP8 registry, the call's rows are ones the engine keeps 16-bit x for (W8A16: at most
-        ``QuantizedWeights.fp8_gemv_max_rows``, its W8A8 switches off for block weights, blocks other than 128x128 or
-        ``n`` not a multiple of 128), or the quantizer cannot serve the call. (Where cuBLASLt offers no FP8 algorithm
-        the engine dequantizes instead; this form still quantizes x there.)"""
-        q = self._quantized
-        fp8 = getattr(q, "fp8", None)
-        if not (self.w8a8_on and self.warpgroups_on) or fp8 is None:
+        x_quantizer``'s ``(xq, launch)``), or None where the form does not serve the call (:meth:`_w8a8_serves`) or
+        the quantizer cannot."""
+        if not self._w8a8_serves(key, quant):
             return None
-        if key[0] <= q.fp8_gemv_max_rows or not (q.fp8_w8a8 and q.fp8_w8a8_blocks):
-            return None  # (x quantized only where the engine's FP8 GEMM quantizes it too: the same products)
-        if quant.block != (128, 128) or quant.n % 128:
-            return None  # (the blocks cuBLASLt's FP8 GEMM takes; the engine dequantizes the others there)
         rows, x, x_ld, ab_type = key[0], key[1], key[2], key[8]
-        return fp8.x_quantizer(rows, x, x_ld, quant.k, ab_type == CUDA_R_16BF, self._launcher.null)
+        return self._quantized.fp8.x_quantizer(rows, x, x_ld, quant.k, ab_type == CUDA_R_16BF, self._launcher.null)
 
     def run(self, key: tuple[int, ...], index: int, quant: Any, silu: bool = False) -> bool:
-        """Launch plan ``index`` of the call ``key`` (over the FP8 or int4 weight ``quant``, or a 16-bit one;
-        ``silu``: of the SiLU form, :meth:`plans`), packed once per call (values only; at most 4096 kept) and launched
-        with programmatic dependent launch; False where the call has no such plan (a shape timed on aligned buffers,
-        called on others). A W8A8 plan is two launches, packed together: the quantizer into the FP8 scratch, without
-        programmatic dependent launch (so it starts after every earlier launch has ended: none still reads the
-        scratch), then the GEMM."""
+        """Launch plan ``index`` of the call ``key`` (over the FP8 or int4 weight ``quant``, or a 16-bit one; ``silu``:
+        of the SiLU form, :meth:`plans`), packed once per call (values only; at most 4096 kept) and launched with
+        programmatic dependent launch; False where the call has no such plan (a shape timed on aligned buffers, called
+        on others). A W8A8 plan over the quantizer's x (not :attr:`w8a8_fused`) is two launches, packed together: the
+        quantizer into the FP8 scratch, without programmatic dependent launch (so it starts after every earlier launch
+        has ended: none still reads the scratch), then the GEMM."""
         packed = self._calls.get((key, index, silu))
         if packed is None:
             plans = self.plans(key, quant, silu)

@@ -13,10 +13,12 @@ no torch).
   of a 16-bit output. Hopper's FP8 products sum in the tensor cores with about 14 bits kept, which is why each
   tile of 128 inputs is added in float32 after its four products. A wrong operand layout errs by the products'
   size, far past this bound.
-- The W8A8 form through a Dense (``SkinnyLaunches.w8a8_on``): over a registered 128x128-block FP8 weight at 16 and 32
-  rows, each of its plans quantizes x into the FP8 scratch (filled with NaN codes first) and multiplies, within the
-  bound above over the x the scratch then holds; the Dense times those plans among its launches; at 8 rows none is
-  offered (x stays 16-bit there).
+- The W8A8 form with x quantized in the kernel (``E4M3_A8Q``): each plan gives the bits of the same plan of
+  ``E4M3_A8`` over x quantized by the engine's ``fp8_quant.cu`` (the same bytes and scales staged, the same sums).
+- The W8A8 form through a Dense (``SkinnyLaunches.w8a8_on``), x quantized in the kernel or by the quantizer's launch
+  (``w8a8_fused``): over a registered 128x128-block FP8 weight at 16 and 32 rows, each of its plans (the quantizer's:
+  into the FP8 scratch filled with NaN codes first) multiplies within the bound above over the quantizer's x; the
+  Dense times those plans among its launches; at 8 rows none is offered (x stays 16-bit there).
 - A split launch gives the same bits twice and leaves its counters at zero; a CUDA graph of it replays new inputs
   to the eager result.
 - Plans of one k range (each block writes y), their staged x over several passes with a shorter last one.
@@ -53,6 +55,7 @@ from fi_engine.checkpoint.fp8_weights import E4M3, quantize_e4m3  # noqa: E402
 from fi_engine.kernels.dense import CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, Dense  # noqa: E402
 from fi_engine.kernels.skinny_gemm import (  # noqa: E402
     E4M3_A8,
+    E4M3_A8Q,
     E4M3_BLOCK,
     E4M3_ROW,
     SPLIT_WAVES,
@@ -152,11 +155,67 @@ def test_every_w8a8_plan_matches_float32(dtype: str, f32: bool) -> None:
                 assert int(sk.done.sum()) == 0, "a split launch left a counter set"
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("f32", [False, True], ids=["out16", "out32"])
+def test_the_in_kernel_quantization_gives_the_quantizer_s_bits(dtype: str, f32: bool) -> None:
+    """x at a row stride past k whose padding holds NaNs (read, they would poison a group's amax), rows of magnitudes
+    1e-3 to 3, a group of zeros (the 1e-12 floor): the same bits as the quantizer's path, float32 sums included."""
+    if cupy.cuda.Device().compute_capability != "90":
+        pytest.skip("the W8A8 form is Hopper's (SM 9.0) e4m3 wgmma")
+    from fi_engine.kernels.cuda_sources import source
+
+    quant = cupy.RawModule(code=source("fp8_quant.cu")).get_function(
+        "quant_groups_bf16" if dtype == "bfloat16" else "quant_groups_f16"
+    )
+    rng = np.random.default_rng(45)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        dense, sk = Dense(stream), SkinnyGemm()
+        for n, k in ((272, 1024), (1040, 1536)):
+            w, scales, _, block = weights(rng, E4M3_BLOCK, n, k, dtype)
+            ld = n + 8
+            for rows in ROWS:
+                x_ld = k + 64
+                # (at most ~3 standard deviations of 3: float16 outputs stay finite)
+                xf = rng.standard_normal((rows, x_ld)) * 10.0 ** rng.uniform(-3, 0.5, (rows, 1))
+                xf[0, 128:256] = 0.0
+                x16 = to16(xf.astype(np.float32), dtype)
+                x16[:, k:] = 0x7FC0 if dtype == "bfloat16" else 0x7E00  # NaN past k
+                x = cupy.asarray(x16)
+                at, groups = -(-rows * k // 256) * 256, k // 128
+                xq = cupy.zeros(at + 4 * rows * groups, cupy.uint8)
+                quant(
+                    (-(-rows * groups // 8),),
+                    (256,),
+                    (x, cupy.int64(x_ld), cupy.int32(rows), cupy.int32(k), xq, xq[at:], cupy.int64(rows)),
+                )
+                types_ = types(dtype, f32)
+                by_bytes = sk.plans(
+                    E4M3_A8, (rows, int(xq.data.ptr), k, int(w.data.ptr), n, k, 0, ld, *types_), int(scales.data.ptr),
+                    k // 128, block,
+                )  # fmt: skip
+                in_kernel = sk.plans(
+                    E4M3_A8Q, (rows, int(x.data.ptr), x_ld, int(w.data.ptr), n, k, 0, ld, *types_),
+                    int(scales.data.ptr), k // 128, block,
+                )  # fmt: skip
+                assert in_kernel and len(in_kernel) == len(by_bytes), (rows, sk.warpgroups_error)
+                for a, b in zip(by_bytes, in_kernel, strict=True):
+                    assert a.grid == b.grid and a.kernel.split("_m", 1)[1] == b.kernel.split("_m", 1)[1]
+                    want = outputs(dense, a, rows, n, ld, dtype, f32)
+                    got = outputs(dense, b, rows, n, ld, dtype, f32)
+                    assert np.isfinite(want).all()
+                    assert np.array_equal(want.view(np.uint32), got.view(np.uint32)), (b.kernel, b.grid, rows)
+                assert int(sk.done.sum()) == 0
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["in-kernel", "quantizer"])
 @pytest.mark.parametrize("rows", [16, 32])
-def test_the_w8a8_form_through_a_dense(monkeypatch, rows: int) -> None:  # type: ignore[no-untyped-def]
+def test_the_w8a8_form_through_a_dense(monkeypatch, rows: int, fused: bool) -> None:  # type: ignore[no-untyped-def]
     if cupy.cuda.Device().compute_capability != "90":
         pytest.skip("the W8A8 form is Hopper's (SM 9.0) e4m3 wgmma")
     monkeypatch.setattr(SkinnyLaunches, "w8a8_on", True)
+    monkeypatch.setattr(SkinnyLaunches, "w8a8_fused", fused)
+    prefix = "skinnywg8q" if fused else "skinnywg8a"
     rng = np.random.default_rng(rows)
     n, k = 1152, 1536  # (n a multiple of 128: the blocks the engine quantizes x for)
     stream = cupy.cuda.Stream(non_blocking=True)
@@ -170,7 +229,7 @@ def test_the_w8a8_form_through_a_dense(monkeypatch, rows: int) -> None:  # type:
         key = (rows, int(x.data.ptr), k, int(w.data.ptr), n, k, int(y.data.ptr), n, CUDA_R_16BF, CUDA_R_16BF)
         sk = SkinnyLaunches(dense.launcher, dense.quantized)
         plans = sk.plans(key, wt)
-        a8 = [i for i, p in enumerate(plans) if p.kernel.startswith("skinnywg8a")]
+        a8 = [i for i, p in enumerate(plans) if p.kernel.startswith(prefix)]
         assert a8 and len(a8) < len(plans), [p.kernel for p in plans]
         assert dense.quantized.fp8 is not None
         made = dense.quantized.fp8.x_quantizer(rows, int(x.data.ptr), k, k, True, dense.launcher.null)
@@ -183,6 +242,8 @@ def test_the_w8a8_form_through_a_dense(monkeypatch, rows: int) -> None:  # type:
             scratch.fill(0x7F)  # e4m3 NaN everywhere: the plan must quantize x itself
             y.fill(0)
             assert sk.run(key, i, wt)
+            if fused:  # (the kernel quantized x itself: the quantizer's bytes, for the reference only)
+                made[1]()
             stream.synchronize()
             codes = cupy.asnumpy(scratch[: rows * k]).reshape(rows, k)
             xs = cupy.asnumpy(scratch[at:]).view(np.float32).reshape(groups, rows)
@@ -192,7 +253,7 @@ def test_the_w8a8_form_through_a_dense(monkeypatch, rows: int) -> None:  # type:
             bound = 2.0**-10 * (np.abs(xv) @ np.abs(values.T)) + OUT_ULP["bfloat16"] * np.abs(ref)
             assert np.isfinite(got).all() and (np.abs(got - ref) <= bound).all(), (plans[i].kernel, plans[i].grid)
         eight = (8, *key[1:])
-        assert not any(p.kernel.startswith("skinnywg8a") for p in sk.plans(eight, wt))
+        assert not any(p.kernel.startswith(prefix) for p in sk.plans(eight, wt))
         dense.bandwidth_bound = True
         dense.linear(*key)  # (times the shape's launches)
         stream.synchronize()

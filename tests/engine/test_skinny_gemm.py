@@ -15,6 +15,7 @@ from fi_engine.kernels.cuda_sources import read
 from fi_engine.kernels.skinny_gemm import (
     DONE_SLOTS,
     E4M3_A8,
+    E4M3_A8Q,
     E4M3_BLOCK,
     E4M3_ROW,
     GEOMETRIES,
@@ -262,6 +263,7 @@ def test_every_geometry_a_dense_launches_is_a_default_instance() -> None:
         E4M3_ROW: "SK_E4M3_ROW",
         INT4: "SK_INT4",
         E4M3_A8: "SK_E4M3_A8",
+        E4M3_A8Q: "SK_E4M3_A8Q",
     }
     # the warpgroup form's: SKINNY_WG_TYPES(prefix, FMT, MT, NT, U, WARPS, MINB, KX, P, R, S), every type pair, in a
     # macro SKINNY_WG*_ROWS(MT) invoked for each row group it serves

@@ -14,6 +14,8 @@
 //                  bytes [rows, k] at row stride x_ld bytes, then (at x + rows x_ld rounded up to 256 bytes) float32
 //                  scales [k / 128][rows], x ~= bytes * scale (fp8_quant.cu's quant_groups, s_ld = rows): W8A8 on
 //                  Hopper's e4m3 wgmma, each tile of 128 inputs added in float32 times both operands' scales.
+//   SK_E4M3_A8Q    SK_E4M3_A8 over 16-bit x (row stride x_ld elements), quantized by each block as it stages a pass
+//                  (sk_xstoreq), to the bytes and scales fp8_quant.cu's quant_groups writes: no launch before it.
 // The SiLU form (SILU, 16-bit weights only: SKINNY_SILU): W is a gate/up weight as stored, [2 q_a, k] with the gate's
 // q_a rows first, and y = silu(x @ gate.T) * (x @ up.T), [rows, q_a] 16-bit. Each tile of 16 rows takes 8 gate rows
 // and the 8 up rows of the same outputs (tile rows g and g + 8: gate and up row c0 + g), so each lane holds both sums
@@ -51,6 +53,7 @@
 #define SK_E4M3_ROW 2    // e4m3 weights, a scale per row
 #define SK_INT4 3        // int4 weights, a record per row and group
 #define SK_E4M3_A8 4     // e4m3 weights, block scales, times e4m3 x (the warpgroup form only: skinny_wg's W8A8)
+#define SK_E4M3_A8Q 5    // the same over 16-bit x, which each block quantizes as it stages it
 #define SK_STEP(FMT) ((FMT) == SK_W16 ? 32 : (FMT) == SK_INT4 ? 128 : 64)  // inputs a step
 #define SK_XV(FMT) ((FMT) == SK_W16 ? 1 : (FMT) == SK_INT4 ? 4 : 2)        // x vectors a lane reads a step
 // 16-byte vectors from a lane's weights of a step to the next's: 64 bytes along a row, or int4's tile-major layout's
@@ -594,6 +597,71 @@ __device__ __forceinline__ void sk_xstore8(unsigned buf, const uint4 (&xv)[MT][J
             }
         }
 }
+// SK_E4M3_A8Q: x's 16-bit values of a pass, a quad to each (row, 128-input group): warp w takes the pass's row group
+// ng and group gi of pair wp = w + WARPS j (ng = wp % MT, gi = wp / MT; MT PASS pairs), lane (rr, q) row 8 ng + rr
+// (past the rows: the last) and its inputs 64 b + 16 q .. + 15 for b = 2 gi and 2 gi + 1 (two 16-byte vectors each:
+// xv[j][2 h + e], inputs 64 (2 gi + h) + 16 q + 8 e ..), the 16 inputs whose bytes sk_xstore8's lane (rr, q) stores
+template <int MT, int KX, int WARPS, int J>
+__device__ __forceinline__ void sk_xloadq(uint4 (&xv)[J][4], const unsigned short* __restrict__ x, long long x_ld,
+                                          int rows, int k0) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, rr = lane >> 2, q = lane & 3;
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+        const int wp = warp + WARPS * j, ng = wp % MT, gi = wp / MT;
+        if (wp < MT * (KX / 128)) {
+            const unsigned short* at = x + (long long)min(8 * ng + rr, rows - 1) * x_ld + k0 + 128 * gi + 16 * q;
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) xv[j][2 * h + e] = *reinterpret_cast<const uint4*>(at + 64 * h + 8 * e);
+        }
+    }
+}
+// ... quantized as quant_groups does (amax over the group's 128 values across the quad, at least 1e-12; bytes e4m3(v *
+// (448 / amax)), rounded to nearest even and saturated; scale amax / 448) and stored where sk_xstore8 stores e4m3 x
+// (word v of the lane's 16 inputs of step b at word q of chunk 4 b + v of its row: each store 32 consecutive words);
+// the scale at float gi 8 MT + 8 ng + rr after the pass's bytes (as the W8A8 form's scales are staged). Every pass is
+// whole (KX inputs: the pipelined form's k ranges are whole runs of KX = 128 U inputs), so no group is cut short.
+template <bool BF16, int MT, int KX, int WARPS, int J>
+__device__ __forceinline__ void sk_xstoreq(unsigned buf, const uint4 (&xv)[J][4]) {
+    constexpr int CP = KX / 16;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, rr = lane >> 2;
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+        const int wp = warp + WARPS * j, ng = wp % MT, gi = wp / MT;
+        if (wp < MT * (KX / 128)) {  // (warp-uniform: the quad shuffles below have every lane)
+            float f[4][8], m = 0.f;
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+                const unsigned w[4] = {xv[j][t].x, xv[j][t].y, xv[j][t].z, xv[j][t].w};
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    f[t][2 * i] = tof<BF16>((unsigned short)(w[i] & 0xffffu));
+                    f[t][2 * i + 1] = tof<BF16>((unsigned short)(w[i] >> 16));
+                    m = fmaxf(m, fmaxf(fabsf(f[t][2 * i]), fabsf(f[t][2 * i + 1])));
+                }
+            }
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+            const float amax = fmaxf(m, 1e-12f), inv = 448.f / amax;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int b = 2 * gi + h;
+#pragma unroll
+                for (int v = 0; v < 4; ++v) {  // (inputs 16 q + 4 v .. + 3 of step b: vector 2 h + v / 2, values 4 (v % 2) ..)
+                    const float* g = f[2 * h + (v >> 1)] + 4 * (v & 1);
+                    const unsigned word = e4m3x2(g[0] * inv, g[1] * inv) | ((unsigned)e4m3x2(g[2] * inv, g[3] * inv) << 16);
+                    asm volatile("st.shared.b32 [%0], %1;" ::"r"(buf + 4 * (32 * (ng * CP + 4 * b + v) + lane)), "r"(word)
+                                 : "memory");
+                }
+            }
+            if ((lane & 3) == 0)
+                asm volatile("st.shared.f32 [%0], %1;" ::"r"(buf + 8 * MT * KX + 4 * (gi * 8 * MT + 8 * ng + rr)),
+                             "f"(amax / 448.f)
+                             : "memory");
+        }
+    }
+}
 // d = A B + (add ? d : 0) over k32 of e4m3 (A: the 4 registers of the weights' bytes, B: x's staged bytes),
 // asynchronously (sk_wg_wait)
 template <int MT>
@@ -732,7 +800,7 @@ __device__ __forceinline__ uint4 sk_lds(unsigned at) {
 }
 
 // the warpgroup form: skinny_gemm's arguments and contract, whole warpgroups a block, for FMT SK_E4M3_A8 (as
-// SK_E4M3_BLOCK, x e4m3 with its scales: the format comment at the top), SK_INT4 (q_b >= 1:
+// SK_E4M3_BLOCK, x e4m3 with its scales: the format comment at the top), SK_E4M3_A8Q (16-bit x, quantized here), SK_INT4 (q_b >= 1:
 // groups of 128 inputs or more), SK_E4M3_BLOCK (q_b >= 1: blocks of 128 inputs or more; q_a rows a block, a multiple
 // of 16) or SK_E4M3_ROW. A tile is 128 inputs of a strip of 16 weight rows: int4's kilobyte of the tile-major layout,
 // or e4m3's 16 row pieces of 128 bytes (rows k bytes apart). NT strips a warp (the warpgroup's 64 rows of each strip
@@ -752,7 +820,8 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
     constexpr bool I4 = FMT == SK_INT4;
     // W8A8: x e4m3 (x_ld in bytes), its float32 scales after its rows' bytes (at x + rows x_ld rounded up to 256
     // bytes), one per row and 128 inputs, [k / 128][rows]: fp8_quant.cu's quant_groups with s_ld = rows
-    constexpr bool A8 = FMT == SK_E4M3_A8;
+    constexpr bool AQ = FMT == SK_E4M3_A8Q;  // (x 16-bit, quantized here as it is staged)
+    constexpr bool A8 = FMT == SK_E4M3_A8 || AQ;
     // e4m3 row scales: each set of sums accumulates its products over the whole range (a row's one factor applied to
     // the sum at the end), no tile's sums added with factors
     constexpr bool RSUM = FMT == SK_E4M3_ROW;
@@ -816,7 +885,7 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
     // W8A8: x's scales of a pass are staged with it, after its bytes in the pass's buffer (the second half, which
     // 16-bit x would fill): thread i < PASS 8 MT loads a pass ahead the scale of row i % (8 MT) (past the rows: the
     // last) and the pass's tile i / (8 MT), and stores it at float i there
-    constexpr int XSN = A8 ? PASS * 8 * MT : 0;
+    constexpr int XSN = A8 && !AQ ? PASS * 8 * MT : 0;
     float xs_next = 0.f;
     auto xs_load = [&](int k0, int len) {
         const int i = threadIdx.x, t = i / (8 * MT);
@@ -832,7 +901,11 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
         xr8[ng] = x8 + (long long)min(r, rows - 1) * x_ld + 16 * q + 64 * warp;
     }
     // XREG: 16-byte vectors of x a lane loads a row group (W8A8: a 64-input step's a vector, some warps none)
-    constexpr int XJ = A8 ? (KX / 64 + WARPS - 1) / WARPS : XREG ? KX / (32 * WARPS) : 1;
+    constexpr int XJ = AQ ? 1 : A8 ? (KX / 64 + WARPS - 1) / WARPS : XREG ? KX / (32 * WARPS) : 1;
+    // SK_E4M3_A8Q: a warp's (row group, 128-input group) pairs of the pass, four 16-byte vectors a lane each (sk_xloadq)
+    constexpr int QJ = AQ ? (MT * PASS + WARPS - 1) / WARPS : 1;
+    static_assert(!AQ || PIPE, "in-kernel quantization: whole passes (the pipelined form's k ranges), whole groups");
+    uint4 xq[QJ][4];
     uint4 xv[MT][XJ];  // XREG: the next pass's x
     float acc[NT][MT][4], blk[PIPE ? 2 : 1][MT][4];
     sk_zero(acc);
@@ -906,7 +979,9 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
     griddep_wait();  // x may be the previous kernel's output, part and done its scratch; W and its records constants
     const int passes = (k_hi - k_lo + KX - 1) / KX;
     if (steps > 0) {
-        if constexpr (A8) {
+        if constexpr (AQ) {
+            sk_xloadq<MT, KX, WARPS, QJ>(xq, x, x_ld, rows, k_lo);
+        } else if constexpr (A8) {
             sk_xload8<MT, KX, WARPS, XJ>(xv, xr8, k_lo, min(KX, k_hi - k_lo));
             xs_load(k_lo, min(KX, k_hi - k_lo));
         } else if constexpr (XREG) sk_xload<MT, KX, WARPS, XJ>(xv, xr, k_lo, min(KX, k_hi - k_lo));
@@ -936,7 +1011,9 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
             }
             if constexpr (XREG) {  // pass p's x from the registers into its buffer, whose last readers (pass p - 2's
                                    // products) completed before the barrier of pass p - 1; then pass p + 1's loads
-                if constexpr (A8) {
+                if constexpr (AQ) {
+                    sk_xstoreq<BF16, MT, KX, WARPS, QJ>(base + (p & 1) * BUF * 4, xq);
+                } else if constexpr (A8) {
                     sk_xstore8<MT, KX, WARPS, XJ>(base + (p & 1) * BUF * 4, xv, min(KX, k_hi - (k_lo + p * KX)));
                     if (threadIdx.x < XSN)
                         asm volatile("st.shared.f32 [%0], %1;" ::"r"(base + (p & 1) * BUF * 4 + 8 * MT * KX + 4 * threadIdx.x),
@@ -949,7 +1026,9 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
                 __syncthreads();
                 if (p + 1 < passes) {
                     const int k0 = k_lo + (p + 1) * KX;
-                    if constexpr (A8) {
+                    if constexpr (AQ) {
+                        sk_xloadq<MT, KX, WARPS, QJ>(xq, x, x_ld, rows, k0);
+                    } else if constexpr (A8) {
                         sk_xload8<MT, KX, WARPS, XJ>(xv, xr8, k0, min(KX, k_hi - k0));
                         xs_load(k0, min(KX, k_hi - k0));
                     } else {
@@ -1189,11 +1268,13 @@ SKINNY_WG_ROWS(4)
     SKINNY_WG_TYPES(prefix, fmt, MT, 1, 2, 8, 1, 256, 1, 0, 1)                                                      \
     SKINNY_WG_TYPES(prefix, fmt, MT, 1, 2, 4, 2, 256, 1, 2, 1)                                                      \
     SKINNY_WG_TYPES(prefix, fmt, MT, 2, 1, 4, 2, 128, 1, 2, 1)
-// e4m3 block scales, row scales, and the W8A8 form (e4m3 weights in blocks of 128 inputs or more times e4m3 x)
+// e4m3 block scales, row scales, and the W8A8 form (e4m3 weights in blocks of 128 inputs or more times e4m3 x; x
+// 16-bit and quantized in the kernel)
 #define SKINNY_WG8_ROWS(MT)                                                                                         \
     SKINNY_WG8_GEOMETRIES(skinnywg8b, SK_E4M3_BLOCK, MT)                                                            \
     SKINNY_WG8_GEOMETRIES(skinnywg8r, SK_E4M3_ROW, MT)                                                              \
-    SKINNY_WG8_GEOMETRIES(skinnywg8a, SK_E4M3_A8, MT)
+    SKINNY_WG8_GEOMETRIES(skinnywg8a, SK_E4M3_A8, MT)                                                              \
+    SKINNY_WG8_GEOMETRIES(skinnywg8q, SK_E4M3_A8Q, MT)
 SKINNY_WG8_ROWS(1)
 SKINNY_WG8_ROWS(2)
 SKINNY_WG8_ROWS(3)
