@@ -404,19 +404,28 @@ class Fp8Linears(QuantizedLinears[Fp8Weight]):
         or more than the scratch holds. Packed here (the caller keeps it per call site; ``null``: the launcher's
         NULL); the scratch is the one :meth:`w8a8` and the dequantizing path use, so it holds this x until the next
         FP8 call."""
-        fn = self._quant.get((bf16, True))
-        at = -(-rows * k // 256) * 256
-        room = self._scratch.nbytes if self._scratch is not None else 0
-        if fn is None or k % 128 or x % 16 or x_ld % 8 or rows <= 0 or at + 4 * rows * (k // 128) > room:
+        quant = self._group_quantizer(rows, x, x_ld, k, bf16) if not (k % 128 or x % 16 or x_ld % 8) else None
+        if quant is None:
             return None
-        xq = int(self._scratch.data.ptr)
-        packed = self._slots([x, x_ld, rows, k, xq, xq + at, rows])  # (params, values: kept by the closure)
-        grid = -(-rows * (k // 128) // 8)  # a warp a row and 128 inputs, 8 warps a block
 
-        def launch() -> None:
-            self._run(fn, grid, 256, packed[0], null, "e4m3 activation quantization")
+        def launch() -> None:  # (quant keeps the values its params point into)
+            self._run(quant[0], quant[1], quant[2], quant[3], null, "e4m3 activation quantization")
 
-        return xq, launch
+        return int(self._scratch.data.ptr), launch
+
+    def _group_quantizer(self, rows: int, x: int, x_ld: int, k: int, bf16: bool) -> tuple[Any, ...] | None:
+        """The launch that quantizes ``x[:rows, :k]`` (16-bit, row stride ``x_ld``) a scale per row and 128 inputs
+        into the scratch: the e4m3 bytes ``[rows, k]`` (row stride ``k``) at its start, then, 256-byte aligned, the
+        float32 scales ``[ceil(k / 128), rows]`` (cuBLASLt's VEC128_32F; the skinny GEMM's W8A8 form reads the same):
+        ``(fn, grid, threads, params, values)``, or None where no quantizer compiled, no weight grew the scratch, or
+        ``rows`` of them do not fit it."""
+        fn = self._quant.get((bf16, True))
+        groups, at = -(-k // 128), -(-rows * k // 256) * 256
+        if fn is None or rows <= 0 or self._scratch is None or at + 4 * rows * groups > self._scratch.nbytes:
+            return None
+        scratch = int(self._scratch.data.ptr)
+        params, values = self._slots([x, x_ld, rows, k, scratch, scratch + at, rows])
+        return fn, -(-rows * groups // 8), 256, params, values
 
     def _plan_w8a8(
         self,
@@ -475,9 +484,8 @@ class Fp8Linears(QuantizedLinears[Fp8Weight]):
                     break
                 tail.append(packed)
             else:
-                if blocked:
-                    params, values = self._slots([x, x_ld, main, k, scratch, x_scales, main])
-                    quant = (self._quant[(bf16, True)], -(-main * groups // 8), 256, params, values)
+                if blocked:  # (x_scales is where it puts the scales; the room was checked above)
+                    quant = self._group_quantizer(main, x, x_ld, k, bf16)
                 else:
                     params, values = self._slots([x, x_ld, k, scratch, x_scales])
                     quant = (self._quant[(bf16, False)], main, 256, params, values)
