@@ -2,7 +2,8 @@
 shape (QKV, O, gate/up, down), row count and weight format (bfloat16, e4m3 with 128x128-block or per-row scales, AWQ
 int4 in groups of 128, and ``e4m3a8``: 128x128-block e4m3 weights times e4m3 x, W8A8 on Hopper's e4m3 ``wgmma``, x
 quantized per row and 128 inputs by the engine's ``fp8_quant.cu`` first, outside the timed launch; ``e4m3a8q``: the
-same with x quantized alike by each block of the GEMM as it stages it), every plan's
+same with x quantized alike by each block of the GEMM as it stages it; ``int4a8``: the int4 weights times x quantized
+to int8 by each block, W4A8 on Hopper's integer ``wgmma``), every plan's
 geometry, how its split of k was chosen (``rule``: the power-of-two rule, ``half``: half of it, ``waves``: the split
 whose grid fills whole waves of the SMs' resident blocks), its grid, the blocks an SM holds of its kernel, the waves
 its grid takes, and its time in us per call in a chain of launches, GB/s of the bytes it must read (weights and their
@@ -15,7 +16,7 @@ rotating over weight copies larger than the L2, so every call reads HBM. Needs C
 torch). Not a test: tests/engine/test_gpu_skinny_gemm.py is.
 
     python benchmarks/lab_skinny_plans.py [--rows 8,16,32] [--shapes qkv,o,gate_up,down]
-        [--formats bf16,e4m3b,e4m3r,int4,e4m3a8,e4m3a8q] [--hbm-tbs TB/s] [--csv out.csv]
+        [--formats bf16,e4m3b,e4m3r,int4,e4m3a8,e4m3a8q,int4a8] [--hbm-tbs TB/s] [--csv out.csv]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from roofline import add_hbm_tbs_argument, linear_bytes, roofline_denominator
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-FORMATS = ("bf16", "e4m3b", "e4m3r", "int4", "e4m3a8", "e4m3a8q")
+FORMATS = ("bf16", "e4m3b", "e4m3r", "int4", "e4m3a8", "e4m3a8q", "int4a8")
 # roofline.linear_bytes' formats
 BYTES_FORMAT = {
     "bf16": "16-bit",
@@ -39,6 +40,7 @@ BYTES_FORMAT = {
     "int4": "int4",
     "e4m3a8": "fp8-block",
     "e4m3a8q": "fp8-block",
+    "int4a8": "int4",
 }
 GROUP = 128  # int4 inputs a group (AWQ's usual)
 ROTATE_BYTES = 256 << 20  # weight copies a graph rotates over: past any L2
@@ -55,7 +57,7 @@ def weight_copies(cp: Any, fmt: str, n: int, k: int, copies: int) -> tuple[list[
     the float32 values of the first ``[n, k]``, and the arguments of ``SkinnyGemm.plans`` besides the call's."""
     from fi_engine.checkpoint.fp8_weights import E4M3
     from fi_engine.checkpoint.int4_weights import Int4Matrix
-    from fi_engine.kernels.skinny_gemm import E4M3_A8, E4M3_A8Q, E4M3_BLOCK, E4M3_ROW, INT4, W16
+    from fi_engine.kernels.skinny_gemm import E4M3_A8, E4M3_A8Q, E4M3_BLOCK, E4M3_ROW, INT4, INT4_A8Q, W16
 
     made: list[tuple[Any, Any]] = []
     if fmt == "bf16":
@@ -90,7 +92,18 @@ def weight_copies(cp: Any, fmt: str, n: int, k: int, copies: int) -> tuple[list[
     weights, records = m.gemv_layout()
     values = (m.codes.reshape(n, groups, GROUP).astype(cp.float32) - m.zeros.T[:, :, None]) * m.scales.T[:, :, None]
     made = [(weights, records)] + [(weights.copy(), records.copy()) for _ in range(copies - 1)]
-    return made, values.reshape(n, k), {"fmt": INT4, "gshift": (GROUP // 64).bit_length() - 1, "groups": groups}
+    kind = INT4_A8Q if fmt == "int4a8" else INT4
+    return made, values.reshape(n, k), {"fmt": kind, "gshift": (GROUP // 64).bit_length() - 1, "groups": groups}
+
+
+def int8_x(cp: Any, x: Any) -> Any:
+    """float32 ``x [rows, k]`` as the W4A8 form quantizes it (a scale per row and 128 inputs, ``amax / 127``; codes
+    ``rint(x * (127 / amax))``), the values the codes times their scales stand for."""
+    rows, k = x.shape
+    groups = x.reshape(rows, k // 128, 128)
+    amax = cp.maximum(cp.abs(groups).max(axis=2), cp.float32(1e-12))
+    codes = cp.rint(groups * (cp.float32(127) / amax)[..., None])
+    return (codes * (amax / cp.float32(127))[..., None]).reshape(rows, k)
 
 
 def quantized_x(cp: Any, quant: Any, x: Any, rows: int) -> tuple[Any, Any]:
@@ -182,6 +195,11 @@ def main() -> None:
                             x_at = int(xq.data.ptr)
                         moved = float(cp.linalg.norm(xv @ values.T - ref) / cp.linalg.norm(ref))
                         print(f"  x's e4m3 quantization alone moves the product by {moved:.3g} (relative)")
+                        ref = xv @ values.T
+                    if fmt == "int4a8":  # (the reference: of x's int8 values)
+                        xv = int8_x(cp, xf[:rows])
+                        moved = float(cp.linalg.norm(xv @ values.T - ref) / cp.linalg.norm(ref))
+                        print(f"  x's int8 quantization alone moves the product by {moved:.3g} (relative)")
                         ref = xv @ values.T
                     call = (rows, x_at, k, 0, n, k, int(y.data.ptr), n, CUDA_R_16BF, CUDA_R_16BF)
                     by_copy = []

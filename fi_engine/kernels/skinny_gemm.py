@@ -29,6 +29,11 @@ twice the inputs of a 16-bit one. Its geometries are the e4m3 warpgroup form's. 
 x, which each block quantizes as it stages a pass (to the bytes and scales the quantizer's launch writes for
 ``E4M3_A8``): one launch, none before it (:attr:`SkinnyLaunches.w8a8_fused`).
 
+Its W4A8 form (``INT4_A8Q``, an opt-in: :attr:`SkinnyLaunches.w4a8_on`) multiplies int4 weights by x quantized to
+int8 in the kernel (a scale per row and 128 inputs) with Hopper's integer ``wgmma``: the codes go to the tensor cores
+as bytes (two instructions a word of eight), the sums are exact integers, and each tile's zero is met once, as its
+zero times x's sum of codes there.
+
 Its SiLU form (``plans(..., silu=True)``; off in the engine: :attr:`SkinnyLaunches.silu_on`) reads a dense MLP's
 16-bit gate/up weight as stored and writes ``silu(x @ gate.T) * (x @ up.T)``: each tile of 16 rows takes 8 gate rows
 and the 8 up rows of the same outputs, so each lane holds both sums of its outputs.
@@ -52,6 +57,7 @@ __all__ = [
     "E4M3_ROW",
     "GEOMETRIES",
     "INT4",
+    "INT4_A8Q",
     "SKINNY_MAX_ROWS",
     "W16",
     "Geometry",
@@ -67,6 +73,10 @@ W16, E4M3_BLOCK, E4M3_ROW, INT4 = 0, 1, 2, 3  # weight formats (the kernel's FMT
 E4M3_A8 = 4
 # the same over 16-bit x, which each block quantizes as it stages it (to the bytes and scales of E4M3_A8's x)
 E4M3_A8Q = 5
+# int4 weights (INT4's layout and records, groups of 128 inputs or more) times 16-bit x, which each block quantizes to
+# int8 as it stages it, a scale per row and 128 inputs (W4A8: the warpgroup form only, on Hopper's integer wgmma)
+INT4_A8Q = 6
+_INT4_FORMATS = (INT4, INT4_A8Q)  # (the int4 layout's: a kilobyte tile of 16 rows and 128 inputs)
 _PREFIX = {W16: "skinny", E4M3_BLOCK: "skinny8b", E4M3_ROW: "skinny8r", INT4: "skinny4"}
 _SILU_PREFIX = "skinnysilu"  # the SiLU form's kernels (16-bit weights)
 # the warpgroup form's (sm_90a)
@@ -76,12 +86,13 @@ _WG_PREFIX = {
     E4M3_ROW: "skinnywg8r",
     E4M3_A8: "skinnywg8a",
     E4M3_A8Q: "skinnywg8q",
+    INT4_A8Q: "skinnywg4q",
 }
 WG_OPTIONS = ("-arch=sm_90a",)  # NVRTC's target for the warpgroup form (wgmma exists on sm_90a only)
 # put before the warpgroup form's source: a compilation that did not target sm_90a (CuPy adds its own -arch) fails
 _WG_REQUIRED = "#define SK_WG_REQUIRED 1\n"
 # inputs a lane's 16-byte weight vector covers
-_STEP = {W16: 32, E4M3_BLOCK: 64, E4M3_ROW: 64, INT4: 128, E4M3_A8: 64, E4M3_A8Q: 64}
+_STEP = {W16: 32, E4M3_BLOCK: 64, E4M3_ROW: 64, INT4: 128, E4M3_A8: 64, E4M3_A8Q: 64, INT4_A8Q: 128}
 PART_BYTES = 32 << 20  # the split launches' float32 sums
 SPLIT_RULE, SPLIT_HALF, SPLIT_WAVES = "rule", "half", "waves"  # SkinnyPlan.split: splits(), half of it, wave_split()
 DONE_SLOTS = 1 << 16  # column blocks a split launch may have (a uint32 counter each)
@@ -150,7 +161,7 @@ class Geometry:
         if not self.kx:
             return 0
         if self.wg:  # (wgmma's layout: 128-byte core matrices, no padding; e4m3's ring: 16 rows of 128 u + 64 bytes)
-            stage = 1024 * self.u * self.nt if fmt == INT4 else 16 * self.nt * (128 * self.u + 64)
+            stage = 1024 * self.u * self.nt if fmt in _INT4_FORMATS else 16 * self.nt * (128 * self.u + 64)
             return 2 * 8 * mt * self.kx * 2 + self.warps * self.ring * (stage + 8)
         return 2 * 8 * mt * (self.kx + (32 if fmt == W16 else 8)) * 2
 
@@ -197,6 +208,9 @@ _WG8 = (
     Geometry(1, 2, 4, 2, 256, (1, 2, 3, 4), True, True, 2, True),
     Geometry(2, 1, 4, 2, 128, (1, 2, 3, 4), True, True, 2, True),
 )
+# W4A8 (sm_90a): the e4m3 form's geometries (x quantized through registers as the W8A8 form's) and the int4 form's
+# two strips a warp, at every row group
+_WG4Q = (*_WG8, Geometry(2, 2, 4, 2, 256, (1, 2, 3, 4), True, True, 2, True))
 GEOMETRIES: dict[int, tuple[Geometry, ...]] = {
     W16: (_GLOBAL_X16, _STAGED),
     E4M3_BLOCK: (_GLOBAL_X8, _STAGED, _STAGED_X2[E4M3_BLOCK], *_WG8),
@@ -205,6 +219,7 @@ GEOMETRIES: dict[int, tuple[Geometry, ...]] = {
     INT4: (Geometry(1, 1, 8, 1, 0), Geometry(1, 2, 8, 1, 512), _STAGED_X2[INT4], *_WG4),
     E4M3_A8: _WG8,
     E4M3_A8Q: _WG8,
+    INT4_A8Q: _WG4Q,
 }
 
 
@@ -404,7 +419,8 @@ class SkinnyGemm:
         ``E4M3_A8`` (the W8A8 form, warpgroups only): ``x`` e4m3 bytes at row stride ``x_ld`` bytes (a multiple of
         16), its float32 scales after them as the kernel's comment says (``Fp8Linears.x_quantizer`` writes them);
         block scales of 128 inputs or more. ``E4M3_A8Q``: the same over 16-bit ``x`` as the other formats take it,
-        quantized in the kernel.
+        quantized in the kernel. ``INT4_A8Q`` (the W4A8 form, warpgroups only): an int4 weight as ``INT4`` takes it,
+        groups of 128 inputs or more, times 16-bit ``x`` quantized to int8 in the kernel.
         ``scale``/``s_ld``/``block``: an e4m3 weight's float32 scales (``block`` None: one per row; else ``(bn,
         bk)``, rows of ``s_ld``). ``int4``: an int4 weight's ``(records, groups a row, gshift, half_n)``
         (:class:`~fi_engine.kernels.int4_linear.Int4Weight`'s). ``silu``: the SiLU form's launches, 16-bit weights
@@ -428,7 +444,7 @@ class SkinnyGemm:
             if geometry.wg and (not warpgroups or not self.warpgroups or silu):
                 continue  # (the warpgroup form: on SM 9.0)
             e4m3_blocks = fmt in (E4M3_BLOCK, E4M3_A8, E4M3_A8Q)
-            if geometry.wg and ((fmt == INT4 and int4[2] == 0) or (e4m3_blocks and bshift == 0)):
+            if geometry.wg and ((fmt in _INT4_FORMATS and int4[2] == 0) or (e4m3_blocks and bshift == 0)):
                 continue  # (int4 groups and e4m3 blocks of 128 inputs or more: a tile's one factor)
             if geometry.k_unit and k % geometry.k_unit:
                 continue  # (the pipelined warpgroup form: every k range whole runs of tiles)
@@ -458,7 +474,7 @@ class SkinnyGemm:
                 chosen.setdefault(waves, SPLIT_WAVES)
             if silu:  # (the kernel's q_a: the gate's rows)
                 quant = (0, 0, n // 2, 0)
-            elif fmt == INT4:
+            elif fmt in _INT4_FORMATS:
                 quant = (int4[0], int4[1], int4[3], int4[2])
             else:
                 quant = (scale, s_ld, bn, bshift)
@@ -508,6 +524,15 @@ class SkinnyLaunches:
     either way, so the same outputs bit for bit. Read when a shape is first timed and a call packed, as
     :attr:`w8a8_on` (set it before the engine warms up: the plans' indices depend on it)."""
 
+    w4a8_on = False
+    """Whether int4 weights (groups of 128 inputs or more) may take the W4A8 form (``INT4_A8Q``, with
+    :attr:`warpgroups_on`; SM 9.0 only): x quantized to int8 in the kernel, a scale per row and 128 inputs, then
+    Hopper's integer ``wgmma`` over the codes (exact int32 sums, each tile's zero met there). Off by default and meant
+    to stay an opt-in: it changes the products (x rounded to 8 bits, relative error about ``2**-9`` of each group's
+    largest value), which the 16-bit int4 paths keep exact, and where it serves depends on which launch each shape
+    times fastest. ``bench_llama_tp.py --variants skinny-w4a8`` turns it on. Read when a shape is first timed and a
+    call packed (set it before the engine warms up: the plans' indices depend on it)."""
+
     warpgroups_on = True
     """Whether int4 and FP8 weights may take the warpgroup form (``Geometry.wg``; SM 9.0 only); False: the
     ``mma.sync`` geometries only. (``bench_llama_tp.py --variants no-wg4`` and ``no-wg8`` leave the form out for
@@ -531,7 +556,8 @@ class SkinnyLaunches:
         serve the call, or :attr:`on` is off); ``silu``: the SiLU form's over a 16-bit gate/up weight, ``y`` the
         activation (:meth:`SkinnyGemm.plans`; ``[]`` where :attr:`silu_on` is off). Over a 128x128-block FP8 weight with
         :attr:`w8a8_on`, the W8A8 form's plans follow the e4m3 form's (:attr:`w8a8_fused`: over x as it is, quantized in
-        the kernel; else over the FP8 scratch that the quantizer fills first, :meth:`_x_quantizer`). Makes the
+        the kernel; else over the FP8 scratch that the quantizer fills first, :meth:`_x_quantizer`); over an int4
+        weight with :attr:`w4a8_on`, the W4A8 form's follow the int4 form's. Makes the
         SkinnyGemm at the first call; a GPU or NVRTC it cannot serve leaves it off (:attr:`error`)."""
         ab_type, c_type = key[8:]
         if not self.on or ab_type not in (CUDA_R_16BF, CUDA_R_16F) or c_type not in (ab_type, CUDA_R_32F):
@@ -551,7 +577,10 @@ class SkinnyLaunches:
         call = (*key[:3], quant.w, *key[4:])  # the same call over the registered weight's own bytes
         if isinstance(quant, Int4Weight):
             int4 = (quant.records, quant.groups, quant.gshift, quant.half_n)
-            return gemm.plans(INT4, call, int4=int4, warpgroups=self.warpgroups_on)
+            plans = gemm.plans(INT4, call, int4=int4, warpgroups=self.warpgroups_on)
+            if self.w4a8_on and self.warpgroups_on:  # (the W4A8 form's plans after the int4 form's)
+                plans += gemm.plans(INT4_A8Q, call, int4=int4)
+            return plans
         fmt = E4M3_ROW if quant.block is None else E4M3_BLOCK
         s_ld = -(-quant.k // quant.block[1]) if quant.block else 0
         plans = gemm.plans(fmt, call, quant.scales, s_ld, quant.block, warpgroups=self.warpgroups_on)

@@ -19,6 +19,14 @@ no torch).
   (``w8a8_fused``): over a registered 128x128-block FP8 weight at 16 and 32 rows, each of its plans (the quantizer's:
   into the FP8 scratch filled with NaN codes first) multiplies within the bound above over the quantizer's x; the
   Dense times those plans among its launches; at 8 rows none is offered (x stays 16-bit there).
+- On an SM 9.0, the W4A8 form (``INT4_A8Q``: int4 weights times x quantized to int8 in the kernel, Hopper's integer
+  ``wgmma``): every plan at 1-32 rows, both 16-bit types and outputs, groups of 128, 256 and 512 (none offered for
+  64), plain and gate/up-interleaved weights, against float64 over numpy's model of the kernel's quantization
+  (``amax`` a row and 128 inputs, codes ``rint(x * float32(127 / amax))``, scale ``amax / 127``): its sums are exact
+  integers, so the bound is float32's adding of the tiles, ``2**-19 * sum |xq| |w|``, plus half an ulp of a 16-bit
+  output. Against the unquantized x, within half a code a value (``0.501 * scale * sum |w|`` a group) more. Through
+  a Dense (``SkinnyLaunches.w4a8_on``) at 8 and 32 rows: each W4A8 plan run by ``SkinnyLaunches.run`` within that
+  bound, and the Dense times them among its launches.
 - A split launch gives the same bits twice and leaves its counters at zero; a CUDA graph of it replays new inputs
   to the eager result.
 - Plans of one k range (each block writes y), their staged x over several passes with a shorter last one.
@@ -58,6 +66,7 @@ from fi_engine.kernels.skinny_gemm import (  # noqa: E402
     E4M3_A8Q,
     E4M3_BLOCK,
     E4M3_ROW,
+    INT4_A8Q,
     SPLIT_WAVES,
     W16,
     SkinnyGemm,
@@ -376,6 +385,106 @@ def test_every_int4_plan_matches_float32(dtype: str, f32: bool, k: int, group_si
             for plan in plans:
                 check_int4(outputs(dense, plan, rows, n, ld, dtype, f32), xf, values, scales, dtype, f32)
         assert int(sk.done.sum()) == 0, "a split launch left a counter set"
+
+
+def int8_model(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The W4A8 form's quantization of x (float32 ``[rows, k]``, k a multiple of 128), as the kernel's sk_xstorei8
+    does it in float32: ``(values [rows, k], the half code's size [rows, k])``, float64."""
+    rows, k = x.shape
+    groups = x.reshape(rows, k // 128, 128)
+    amax = np.maximum(np.abs(groups).max(axis=2), np.float32(1e-12)).astype(np.float32)
+    inv = (np.float32(127) / amax).astype(np.float32)
+    codes = np.rint((groups * inv[..., None]).astype(np.float32)).astype(np.float64)
+    scale = (amax / np.float32(127)).astype(np.float64)
+    values = (codes * scale[..., None]).reshape(rows, k)
+    return values, np.repeat(scale * 0.501, 128, axis=1)
+
+
+def check_w4a8(got: np.ndarray, x: np.ndarray, values: np.ndarray, f32: bool, dtype: str) -> None:
+    """A W4A8 plan's outputs ``got [rows, n]`` over x (float32 ``[rows, k]``, the 16-bit values) and the int4
+    weight's values ``[n, k]``: within float32's adding of exact tile sums of numpy's int8 model of x, and within half
+    a code a value more of the unquantized product."""
+    rows = got.shape[0]
+    xq, half = int8_model(x[:rows])
+    ref = xq @ values.T
+    bound = 2.0**-19 * (np.abs(xq) @ np.abs(values.T)) + (0 if f32 else OUT_ULP[dtype]) * np.abs(ref) + 1e-30
+    err = np.abs(got - ref)
+    assert np.isfinite(got).all() and (err <= bound).all(), f"{float((err / bound).max()):.2f} of the bound"
+    exact = x[:rows].astype(np.float64) @ values.T
+    assert (np.abs(got - exact) <= bound + half @ np.abs(values.T)).all(), "further from x @ W.T than half a code"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("f32", [False, True], ids=["out16", "out32"])
+def test_every_w4a8_plan_matches_its_int8_model(dtype: str, f32: bool) -> None:
+    if cupy.cuda.Device().compute_capability != "90":
+        pytest.skip("the W4A8 form is Hopper's (SM 9.0) integer wgmma")
+    rng = np.random.default_rng(48)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        dense, sk = Dense(stream), SkinnyGemm()
+        # (k 640: five tiles, which only the one-tile-a-run geometry splits; 272 rows leave the two-strip form's last
+        # block's strips past n)
+        for n, k, group_size, interleaved in ((272, 512, 128, False), (272, 1024, 256, True), (208, 640, 128, False),
+                                              (272, 512, 512, True), (272, 1024, 64, False)):  # fmt: skip
+            w, rec, values, _, half_n = int4_weight(rng, n, k, group_size, interleaved)
+            # rows of magnitudes 1e-3 .. 3, one group of zeros
+            xf = rng.standard_normal((32, k)) * np.exp(rng.uniform(np.log(1e-3), np.log(3.0), (32, 1)))
+            xf[3, 128:256] = 0
+            x16 = to16(xf.astype(np.float32), dtype)
+            x, xv = cupy.asarray(x16), from16(x16, dtype)
+            gshift = 31 if group_size == k else (group_size // 64).bit_length() - 1
+            ld = n + 8
+            for rows in (*ROWS, 28):
+                call = (rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, *types(dtype, f32))
+                plans = sk.plans(INT4_A8Q, call, int4=(int(rec.data.ptr), k // group_size, gshift, half_n))
+                if group_size < 128:
+                    assert plans == [], "two records a tile: the form does not read them"
+                    continue
+                assert plans and all(p.kernel.startswith("skinnywg4q") for p in plans), (rows, sk.warpgroups_error)
+                if k % 256 == 0:
+                    assert any("_u2_" in p.kernel for p in plans) and any(p.grid[1] > 1 for p in plans)
+                for plan in plans:
+                    try:
+                        check_w4a8(outputs(dense, plan, rows, n, ld, dtype, f32), xv, values, f32, dtype)
+                    except AssertionError as exc:
+                        raise AssertionError(f"{plan.kernel} {plan.grid} rows {rows} n {n} k {k}: {exc}") from exc
+        assert int(sk.done.sum()) == 0, "a split launch left a counter set"
+
+
+@pytest.mark.parametrize("rows", [8, 32])
+def test_the_w4a8_form_through_a_dense(monkeypatch, rows: int) -> None:  # type: ignore[no-untyped-def]
+    if cupy.cuda.Device().compute_capability != "90":
+        pytest.skip("the W4A8 form is Hopper's (SM 9.0) integer wgmma")
+    monkeypatch.setattr(SkinnyLaunches, "w4a8_on", True)
+    rng = np.random.default_rng(rows + 1)
+    n, k = 1152, 1536
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        dense = Dense(stream)
+        w, rec, values, _, _ = int4_weight(rng, n, k, 128, False)
+        dense.quantized.add_int4_weight(int(w.data.ptr), n, k, int(rec.data.ptr), 128)
+        wt = dense.quantized.int4.weights[int(w.data.ptr)]
+        x16 = to16(rng.standard_normal((rows, k)).astype(np.float32) * 3, "bfloat16")
+        x, y = cupy.asarray(x16), cupy.zeros((rows, n), np.uint16)
+        key = (rows, int(x.data.ptr), k, int(w.data.ptr), n, k, int(y.data.ptr), n, CUDA_R_16BF, CUDA_R_16BF)
+        sk = SkinnyLaunches(dense.launcher, dense.quantized)
+        plans = sk.plans(key, wt)
+        a8 = [i for i, p in enumerate(plans) if p.kernel.startswith("skinnywg4q")]
+        assert a8 and len(a8) < len(plans), [p.kernel for p in plans]
+        for i in a8:
+            y.fill(0)
+            assert sk.run(key, i, wt)
+            stream.synchronize()
+            check_w4a8(from16(cupy.asnumpy(y), "bfloat16"), from16(x16, "bfloat16"), values, False, "bfloat16")
+        dense.bandwidth_bound = True
+        dense.linear(*key)  # (times the shape's launches)
+        stream.synchronize()
+        timed, _ = dense.timed_launches()[(rows, n, k, CUDA_R_16BF, CUDA_R_16BF, int(w.data.ptr))]
+        assert set(a8) <= set(timed), timed
+        dense.bandwidth_bound = False
+        sk.close()
+        dense.close()
 
 
 @pytest.mark.parametrize("fmt", [W16, E4M3_BLOCK, INT4_FMT], ids=["16bit", "e4m3-block", "int4"])

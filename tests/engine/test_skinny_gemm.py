@@ -20,6 +20,7 @@ from fi_engine.kernels.skinny_gemm import (
     E4M3_ROW,
     GEOMETRIES,
     INT4,
+    INT4_A8Q,
     PART_BYTES,
     SPLIT_HALF,
     SPLIT_RULE,
@@ -264,6 +265,7 @@ def test_every_geometry_a_dense_launches_is_a_default_instance() -> None:
         INT4: "SK_INT4",
         E4M3_A8: "SK_E4M3_A8",
         E4M3_A8Q: "SK_E4M3_A8Q",
+        INT4_A8Q: "SK_INT4_A8Q",
     }
     # the warpgroup form's: SKINNY_WG_TYPES(prefix, FMT, MT, NT, U, WARPS, MINB, KX, P, R, S), every type pair, in a
     # macro SKINNY_WG*_ROWS(MT) invoked for each row group it serves
@@ -397,6 +399,45 @@ def test_the_int4_warpgroup_form_is_offered_on_sm90_for_groups_of_128_or_more_on
         call_k = (32, 1 << 20, 128 * tiles, 1 << 24, n, 128 * tiles, 1 << 28, n, 14, 14)
         fns = {p.function for p in gemm.plans(INT4, call_k, int4=(1 << 33, tiles, 1, 0))} & wgs
         assert fns == {gemm._fns[g.name(INT4, True, False, 4)] for g in GEOMETRIES[INT4] if g.wg and g.k_unit in units}
+
+
+def test_the_w4a8_form_is_offered_only_switched_on_for_groups_of_128_or_more(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``SkinnyLaunches.w4a8_on`` (off by default) adds the W4A8 form's plans after the int4 form's, at every row
+    count up to 32, for groups of 128 inputs or more, with the warpgroup form on and served (an SM 9.0); its kernels
+    are the skinnywg4q ones, a ring stage a kilobyte a tile and strip as the int4 form's."""
+    from fi_engine.kernels.cublas import CUDA_R_16BF
+    from fi_engine.kernels.int4_linear import Int4Weight
+
+    assert SkinnyLaunches.w4a8_on is False
+    gemm = cpu_gemm(SMS, 1)
+    launches = SkinnyLaunches(SimpleNamespace(null=0))  # type: ignore[arg-type]
+    launches._gemm = gemm
+    n, k = SHAPES_8B["gate_up"]
+    weight = Int4Weight(1 << 24, n, k, 1 << 33, 128)
+
+    def w4a8(rows: int, w: Int4Weight = weight) -> list[str]:
+        key = (rows, 1 << 20, k, 0x5000, n, k, 1 << 28, n, CUDA_R_16BF, CUDA_R_16BF)
+        plans = launches.plans(key, w)
+        assert plans, rows
+        kinds = [p.kernel.startswith("skinnywg4q") for p in plans]
+        assert kinds == sorted(kinds), "the W4A8 plans after the int4 form's"
+        return [p.kernel for p in plans if p.kernel.startswith("skinnywg4q")]
+
+    assert not any(w4a8(rows) for rows in (1, 8, 32))  # off by default
+    monkeypatch.setattr(SkinnyLaunches, "w4a8_on", True)
+    for rows in (1, 8, 13, 32):
+        mt = -(-rows // 8)
+        assert set(w4a8(rows)) == {g.name(INT4_A8Q, True, False, mt) for g in GEOMETRIES[INT4_A8Q]}, rows
+    assert w4a8(32, Int4Weight(1 << 24, n, k, 1 << 33, 256))  # groups of 256: a tile's one record still
+    assert not w4a8(32, Int4Weight(1 << 24, n, k, 1 << 33, 64))  # two records a tile: not read
+    monkeypatch.setattr(SkinnyLaunches, "warpgroups_on", False)
+    assert not w4a8(32)
+    monkeypatch.setattr(SkinnyLaunches, "warpgroups_on", True)
+    gemm.warpgroups = False  # (no sm_90a)
+    assert not w4a8(32)
+    ring = Geometry(2, 2, 4, 2, 256, (1, 2, 3, 4), True, True, 2, True)
+    assert ring in GEOMETRIES[INT4_A8Q] and ring.smem(INT4_A8Q, 4) == ring.smem(INT4, 4)
+    assert ring.name(INT4_A8Q, False, True, 1) == "skinnywg4q_f16_f32_m1_n2_u2_w4_b2_x256_p1_r2_s1"
 
 
 def test_an_nvrtc_refusing_sm90a_leaves_the_mma_sync_geometries() -> None:

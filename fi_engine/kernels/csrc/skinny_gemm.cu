@@ -16,6 +16,10 @@
 //                  Hopper's e4m3 wgmma, each tile of 128 inputs added in float32 times both operands' scales.
 //   SK_E4M3_A8Q    SK_E4M3_A8 over 16-bit x (row stride x_ld elements), quantized by each block as it stages a pass
 //                  (sk_xstoreq), to the bytes and scales fp8_quant.cu's quant_groups writes: no launch before it.
+//   SK_INT4_A8Q    (the warpgroup form only) SK_INT4's weights and records (groups of 128 inputs or more) times 16-bit
+//                  x quantized by each block to int8, a scale per row and 128 inputs (sk_xstorei8): W4A8 on Hopper's
+//                  integer wgmma (the codes 0..15 as u8, x's as s8, exact int32 sums), each tile of 128 inputs less
+//                  its zero times x's sum there, then added in float32 times the row's scale and x's.
 // The SiLU form (SILU, 16-bit weights only: SKINNY_SILU): W is a gate/up weight as stored, [2 q_a, k] with the gate's
 // q_a rows first, and y = silu(x @ gate.T) * (x @ up.T), [rows, q_a] 16-bit. Each tile of 16 rows takes 8 gate rows
 // and the 8 up rows of the same outputs (tile rows g and g + 8: gate and up row c0 + g), so each lane holds both sums
@@ -54,6 +58,7 @@
 #define SK_INT4 3        // int4 weights, a record per row and group
 #define SK_E4M3_A8 4     // e4m3 weights, block scales, times e4m3 x (the warpgroup form only: skinny_wg's W8A8)
 #define SK_E4M3_A8Q 5    // the same over 16-bit x, which each block quantizes as it stages it
+#define SK_INT4_A8Q 6    // int4 weights, a record per row and group, times 16-bit x quantized to int8 as it is staged
 #define SK_STEP(FMT) ((FMT) == SK_W16 ? 32 : (FMT) == SK_INT4 ? 128 : 64)  // inputs a step
 #define SK_XV(FMT) ((FMT) == SK_W16 ? 1 : (FMT) == SK_INT4 ? 4 : 2)        // x vectors a lane reads a step
 // 16-byte vectors from a lane's weights of a step to the next's: 64 bytes along a row, or int4's tile-major layout's
@@ -551,6 +556,16 @@ template <int PENDING, int MT> __device__ __forceinline__ void sk_wg_wait(float 
         for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
 #endif
 }
+// the same for W4A8's int32 sums
+template <int PENDING, int MT> __device__ __forceinline__ void sk_wg_wait(int (&d)[MT][4]) {
+#ifdef SK_WG_ARCH
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(PENDING) : "memory");
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(d[i][e])::"memory");
+#endif
+}
 // o += a product's completed sums d, times sa (rows g: d[i][0], d[i][1]) and sb (rows g + 8: d[i][2], d[i][3])
 template <int MT>
 __device__ __forceinline__ void sk_add_scaled(float (&o)[MT][4], const float (&d)[MT][4], float sa, float sb) {
@@ -662,6 +677,88 @@ __device__ __forceinline__ void sk_xstoreq(unsigned buf, const uint4 (&xv)[J][4]
         }
     }
 }
+// the low bytes of four ints as one word's bytes 0..3
+__device__ __forceinline__ unsigned sk_bytes4(int b0, int b1, int b2, int b3) {
+    return __byte_perm(__byte_perm(b0, b1, 0x0040), __byte_perm(b2, b3, 0x0040), 0x5410);
+}
+// SK_INT4_A8Q: sk_xloadq's values, quantized to int8 a (row, 128-input group) at a time: amax over the group's 128
+// values across the quad (at least 1e-12), codes rint(v * (127 / amax)) (to nearest even; |code| <= 127 since |v| <=
+// amax), scale amax / 127. Vector p = 2 h + e of the lane (inputs 128 gi + 64 h + 16 q + 8 e + {0..7}, values c0 ..
+// c7) goes to word q of chunks 8 gi + 2 p, as bytes (c0, c4, c1, c5), and 8 gi + 2 p + 1, as (c2, c6, c3, c7): the
+// k slots where sk_wg_raw4 puts the weights' codes of the same inputs. The scale at float gi 8 MT + 8 ng + rr after
+// the pass's bytes (where the W8A8 form's are), the group's sum of codes (int32) PASS 8 MT words after it. Every
+// pass whole, as sk_xstoreq's.
+template <bool BF16, int MT, int KX, int WARPS, int J>
+__device__ __forceinline__ void sk_xstorei8(unsigned buf, const uint4 (&xv)[J][4]) {
+    constexpr int CP = KX / 16, PASS = KX / 128;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, rr = lane >> 2;
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+        const int wp = warp + WARPS * j, ng = wp % MT, gi = wp / MT;
+        if (wp < MT * PASS) {  // (warp-uniform: the quad shuffles below have every lane)
+            float f[4][8], m = 0.f;
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+                const unsigned w[4] = {xv[j][t].x, xv[j][t].y, xv[j][t].z, xv[j][t].w};
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    f[t][2 * i] = tof<BF16>((unsigned short)(w[i] & 0xffffu));
+                    f[t][2 * i + 1] = tof<BF16>((unsigned short)(w[i] >> 16));
+                    m = fmaxf(m, fmaxf(fabsf(f[t][2 * i]), fabsf(f[t][2 * i + 1])));
+                }
+            }
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+            const float amax = fmaxf(m, 1e-12f), inv = 127.f / amax;
+            int sum = 0;
+#pragma unroll
+            for (int p = 0; p < 4; ++p) {
+                int c[8];
+#pragma unroll
+                for (int e = 0; e < 8; ++e) c[e] = __float2int_rn(f[p][e] * inv), sum += c[e];
+                const unsigned at = buf + 4 * (32 * (ng * CP + 8 * gi + 2 * p) + lane);
+                asm volatile("st.shared.b32 [%0], %1;" ::"r"(at), "r"(sk_bytes4(c[0], c[4], c[1], c[5])) : "memory");
+                asm volatile("st.shared.b32 [%0], %1;" ::"r"(at + 128), "r"(sk_bytes4(c[2], c[6], c[3], c[7])) : "memory");
+            }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            if ((lane & 3) == 0) {
+                const unsigned at = buf + 8 * MT * KX + 4 * (gi * 8 * MT + 8 * ng + rr);
+                asm volatile("st.shared.f32 [%0], %1;" ::"r"(at), "f"(amax / 127.f) : "memory");
+                asm volatile("st.shared.b32 [%0], %1;" ::"r"(at + 4 * PASS * 8 * MT), "r"(sum) : "memory");
+            }
+        }
+    }
+}
+// d = A B + (add ? d : 0) over k32 of u8 codes (A: sk_wg_raw4's registers) times s8 x (B: staged by sk_xstorei8),
+// int32 sums, asynchronously (sk_wg_wait)
+template <int MT>
+__device__ __forceinline__ void sk_wgmma_i8(int (&d)[MT][4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                            unsigned long long desc, bool add) {
+#ifdef SK_WG_ARCH
+#define SK_WGI_ASM(N, REGS)                                                                                        \
+    "{\n.reg .pred p;\nsetp.ne.b32 p, %" REGS ";\nwgmma.mma_async.sync.aligned.m64n" #N "k32.s32.u8.s8 "            \
+    SK_WGI_OPS_##N ", p;\n}\n"
+#define SK_WGI_OPS_8 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, %8"
+#define SK_WGI_OPS_16 "{%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12"
+#define SK_WGI_OPS_24 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11}, {%12,%13,%14,%15}, %16"
+#define SK_WGI_OPS_32 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20"
+#define SK_WGI_D(i) "+r"(d[i][0]), "+r"(d[i][1]), "+r"(d[i][2]), "+r"(d[i][3])
+#define SK_WGI_IN "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"((unsigned)add)
+    if constexpr (MT == 1) asm volatile(SK_WGI_ASM(8, "9, 0") : SK_WGI_D(0) : SK_WGI_IN);
+    else if constexpr (MT == 2) asm volatile(SK_WGI_ASM(16, "13, 0") : SK_WGI_D(0), SK_WGI_D(1) : SK_WGI_IN);
+    else if constexpr (MT == 3)
+        asm volatile(SK_WGI_ASM(24, "17, 0") : SK_WGI_D(0), SK_WGI_D(1), SK_WGI_D(2) : SK_WGI_IN);
+    else asm volatile(SK_WGI_ASM(32, "21, 0") : SK_WGI_D(0), SK_WGI_D(1), SK_WGI_D(2), SK_WGI_D(3) : SK_WGI_IN);
+#undef SK_WGI_ASM
+#undef SK_WGI_OPS_8
+#undef SK_WGI_OPS_16
+#undef SK_WGI_OPS_24
+#undef SK_WGI_OPS_32
+#undef SK_WGI_D
+#undef SK_WGI_IN
+#endif
+}
 // d = A B + (add ? d : 0) over k32 of e4m3 (A: the 4 registers of the weights' bytes, B: x's staged bytes),
 // asynchronously (sk_wg_wait)
 template <int MT>
@@ -702,11 +799,33 @@ __device__ __forceinline__ void sk_add_cols(float (&o)[MT][4], const float (&d)[
         o[i][2] = fmaf(fa[i], d[i][2], o[i][2]), o[i][3] = fmaf(fb[i], d[i][3], o[i][3]);
     }
 }
+// W4A8: a product's factors: the weight rows' scales and zeros (rows g: sa, za; g + 8: sb, zb), and x's scales and
+// sums of codes of the tile, rows 8 i + 2 q (ca, xa) and + 1 (cb, xb)
+template <int MT> struct sk_w4a8_factors {
+    float sa, sb;
+    int za, zb;
+    float ca[MT], cb[MT];
+    int xa[MT], xb[MT];
+};
+// v (|v| < 2^22) as a float32, exactly, in two full-rate instructions (its bits added to 1.5 2^23's, less 1.5 2^23)
+__device__ __forceinline__ float sk_i2f(int v) { return __int_as_float(v + 0x4B400000) - 12582912.f; }
+// o += a W4A8 product's completed int32 sums d (sum of code x-code), each less its zero times x's sum of codes (now
+// sum of (code - zero) x-code, exact: at most 255 127 128 < 2^22), times its row's scale and x's
+template <int MT>
+__device__ __forceinline__ void sk_add_w4a8(float (&o)[MT][4], const int (&d)[MT][4], const sk_w4a8_factors<MT>& f) {
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+        o[i][0] = fmaf(f.sa * f.ca[i], sk_i2f(d[i][0] - f.za * f.xa[i]), o[i][0]);
+        o[i][1] = fmaf(f.sa * f.cb[i], sk_i2f(d[i][1] - f.za * f.xb[i]), o[i][1]);
+        o[i][2] = fmaf(f.sb * f.ca[i], sk_i2f(d[i][2] - f.zb * f.xa[i]), o[i][2]);
+        o[i][3] = fmaf(f.sb * f.cb[i], sk_i2f(d[i][3] - f.zb * f.xb[i]), o[i][3]);
+    }
+}
 // each decoded A register computed before the wgmma.fence that follows (volatile asm keeps their order): the PTX rules
 // want no register a wgmma reads written between the fence and it, and the decodes' own asm is not volatile
-__device__ __forceinline__ void sk_wg_pin(unsigned (&a)[8][4]) {
+template <int P = 8> __device__ __forceinline__ void sk_wg_pin(unsigned (&a)[8][4]) {
 #pragma unroll
-    for (int p = 0; p < 8; ++p)
+    for (int p = 0; p < P; ++p)
 #pragma unroll
         for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[p][j])::"memory");
 }
@@ -758,6 +877,20 @@ __device__ __forceinline__ void sk_wg_raw8(unsigned (&a)[8][4], const uint4 (&v)
     sk_wg_pin(a);
 }
 
+// W4A8: an int4 tile's A registers, the codes as bytes 0..15 (their zeros met after the product, sk_add_w4a8):
+// product p = 2 h + v takes word p of rows g (va) and g + 8 (vb), inputs 64 h + 16 q + 8 v + {0..7} in the layout's
+// fields 0, 2, 4, 6, 1, 3, 5, 7 (int4_decode.cuh): its even fields (inputs + 0, 4, 1, 5) in slots 4 q .. 4 q + 3, its
+// odd ones (+ 2, 6, 3, 7) in slots 16 + 4 q .., as sk_xstorei8 stages x
+__device__ __forceinline__ void sk_wg_raw4(unsigned (&a)[8][4], const uint4& va, const uint4& vb) {
+    const unsigned wa[4] = {va.x, va.y, va.z, va.w}, wb[4] = {vb.x, vb.y, vb.z, vb.w};
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+        a[p][0] = wa[p] & 0x0f0f0f0fu, a[p][1] = wb[p] & 0x0f0f0f0fu;
+        a[p][2] = (wa[p] >> 4) & 0x0f0f0f0fu, a[p][3] = (wb[p] >> 4) & 0x0f0f0f0fu;
+    }
+    sk_wg_pin<4>(a);
+}
+
 // The weight ring of the warpgroup form (RING > 0 stages): each warp's next runs of U tiles copied into shared memory
 // by one bulk copy a run (cp.async.bulk, completed on an mbarrier of the stage), so RING - 1 runs are in flight while
 // one is summed and no register holds a weight before its decode. A strip's tiles are one contiguous run of bytes in
@@ -799,6 +932,14 @@ __device__ __forceinline__ uint4 sk_lds(unsigned at) {
     return v;
 }
 
+// a product's sums: float32, or int32 (W4A8's integer wgmma)
+template <bool INT> struct sk_sums {
+    using type = float;
+};
+template <> struct sk_sums<true> {
+    using type = int;
+};
+
 // the warpgroup form: skinny_gemm's arguments and contract, whole warpgroups a block, for FMT SK_E4M3_A8 (as
 // SK_E4M3_BLOCK, x e4m3 with its scales: the format comment at the top), SK_E4M3_A8Q (16-bit x, quantized here), SK_INT4 (q_b >= 1:
 // groups of 128 inputs or more), SK_E4M3_BLOCK (q_b >= 1: blocks of 128 inputs or more; q_a rows a block, a multiple
@@ -817,11 +958,13 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
                                           int rows, int n, int k, long long x_ld, long long y_ld, int kc,
                                           const void* __restrict__ qd, long long q_ld, int q_a, int q_b) {
 #ifdef SK_WG_ARCH
-    constexpr bool I4 = FMT == SK_INT4;
+    constexpr bool W4A8 = FMT == SK_INT4_A8Q;
+    constexpr bool I4 = FMT == SK_INT4 || W4A8;  // (int4 weights: the tile-major layout, a record a row and group)
     // W8A8: x e4m3 (x_ld in bytes), its float32 scales after its rows' bytes (at x + rows x_ld rounded up to 256
     // bytes), one per row and 128 inputs, [k / 128][rows]: fp8_quant.cu's quant_groups with s_ld = rows
-    constexpr bool AQ = FMT == SK_E4M3_A8Q;  // (x 16-bit, quantized here as it is staged)
-    constexpr bool A8 = FMT == SK_E4M3_A8 || AQ;
+    constexpr bool AQ = FMT == SK_E4M3_A8Q || W4A8;  // (x 16-bit, quantized here as it is staged)
+    constexpr bool A8 = FMT == SK_E4M3_A8 || AQ;     // (x staged as bytes, a scale a row and tile)
+    constexpr bool RAW8 = A8 && !W4A8;               // (the A registers the weights' e4m3 bytes as loaded)
     // e4m3 row scales: each set of sums accumulates its products over the whole range (a row's one factor applied to
     // the sum at the end), no tile's sums added with factors
     constexpr bool RSUM = FMT == SK_E4M3_ROW;
@@ -904,17 +1047,20 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
     constexpr int XJ = AQ ? 1 : A8 ? (KX / 64 + WARPS - 1) / WARPS : XREG ? KX / (32 * WARPS) : 1;
     // SK_E4M3_A8Q: a warp's (row group, 128-input group) pairs of the pass, four 16-byte vectors a lane each (sk_xloadq)
     constexpr int QJ = AQ ? (MT * PASS + WARPS - 1) / WARPS : 1;
-    static_assert(!AQ || PIPE, "in-kernel quantization: whole passes (the pipelined form's k ranges), whole groups");
+    static_assert(!AQ || (PIPE && XREG), "in-kernel quantization: whole passes (the pipelined form's k ranges), whole "
+                  "groups; staged through registers");
     uint4 xq[QJ][4];
     uint4 xv[MT][XJ];  // XREG: the next pass's x
-    float acc[NT][MT][4], blk[PIPE ? 2 : 1][MT][4];
+    float acc[NT][MT][4];
+    // each product's own sums (PIPE: two sets, alternating): float32, W4A8's int32
+    typename sk_sums<W4A8>::type blk[PIPE ? 2 : 1][MT][4];
     sk_zero(acc);
 #pragma unroll
     for (int b = 0; b < (PIPE ? 2 : 1); ++b)
 #pragma unroll
         for (int i = 0; i < MT; ++i)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) blk[b][i][e] = 0.f;
+            for (int e = 0; e < 4; ++e) blk[b][i][e] = 0;
     unsigned* xw = reinterpret_cast<unsigned*>(xs);
     const unsigned base = (unsigned)__cvta_generic_to_shared(xw);
     // the ring: this warp's RING stages after x's two passes, then its stages' mbarriers
@@ -991,6 +1137,7 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
     float pa[A8 ? MT : 1], pb[A8 ? MT : 1];  // W8A8, PIPE: its columns' factors
 #pragma unroll
     for (int i = 0; i < (A8 ? MT : 1); ++i) pa[i] = pb[i] = 0.f;
+    sk_w4a8_factors<MT> pf = {};  // W4A8, PIPE: its factors (all zero before the first: its sums add nothing)
     const uint4* wn = wr;  // the weights of tile `step` (moved a run of U at a time: the loads' offsets immediate)
     for (int step = 0, run = 0; step < steps; step += U, ++run) {
         uint4 nxt[RING ? 1 : U][V];
@@ -1006,12 +1153,15 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
             const int p = step / PASS;
             if (PIPE) {  // the last product read pass p - 1's buffer: done before it is refilled (step 0: none)
                 sk_wg_wait<0>(blk[1]);  // (the last product of a run: set 1, U NT even; strip NT - 1)
-                if constexpr (A8) sk_add_cols(acc[NT - 1], blk[1], pa, pb);
-                else if (!RSUM) sk_add_scaled(acc[NT - 1], blk[1], sa, sb);
+                if constexpr (W4A8) sk_add_w4a8(acc[NT - 1], blk[1], pf);
+                else if constexpr (A8) sk_add_cols(acc[NT - 1], blk[1], pa, pb);
+                else if constexpr (!RSUM) sk_add_scaled(acc[NT - 1], blk[1], sa, sb);
             }
             if constexpr (XREG) {  // pass p's x from the registers into its buffer, whose last readers (pass p - 2's
                                    // products) completed before the barrier of pass p - 1; then pass p + 1's loads
-                if constexpr (AQ) {
+                if constexpr (W4A8) {
+                    sk_xstorei8<BF16, MT, KX, WARPS, QJ>(base + (p & 1) * BUF * 4, xq);
+                } else if constexpr (AQ) {
                     sk_xstoreq<BF16, MT, KX, WARPS, QJ>(base + (p & 1) * BUF * 4, xq);
                 } else if constexpr (A8) {
                     sk_xstore8<MT, KX, WARPS, XJ>(base + (p & 1) * BUF * 4, xv, min(KX, k_hi - (k_lo + p * KX)));
@@ -1059,12 +1209,18 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
                 // (W8A8: 8 chunks a tile, 4 products of 2)
                 const unsigned long long dt = desc + ((step + u) % PASS) * ((A8 ? 8 : 16) * 128 >> 4);
                 float ca[A8 ? MT : 1], cb[A8 ? MT : 1];  // W8A8: the tile's x scales of the lane's columns
+                int xa[W4A8 ? MT : 1], xb[W4A8 ? MT : 1];  // W4A8: x's sums of codes there
                 if constexpr (A8) {  // (rows 8 i + 2 q and + 1 of the staged scales: one 8-byte read each i)
                     const unsigned at = base + ((step / PASS) & 1) * BUF * 4 + 8 * MT * KX +
                                         4 * (((step + u) % PASS) * 8 * MT + 2 * q);
 #pragma unroll
-                    for (int i = 0; i < MT; ++i)
+                    for (int i = 0; i < MT; ++i) {
                         asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(ca[i]), "=f"(cb[i]) : "r"(at + 32 * i));
+                        if constexpr (W4A8)  // (the sums PASS 8 MT words after the scales)
+                            asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];"
+                                         : "=r"(xa[W4A8 ? i : 0]), "=r"(xb[W4A8 ? i : 0])
+                                         : "r"(at + 32 * i + 4 * PASS * 8 * MT));
+                    }
                 }
 #pragma unroll
                 for (int t = 0; t < NT; ++t) {
@@ -1084,7 +1240,9 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
                         for (int e = 0; e < V; ++e) v[e] = cur[RING ? 0 : u][e];
                     }
                     unsigned a[8][4];
-                    if constexpr (I4)
+                    if constexpr (W4A8)
+                        sk_wg_raw4(a, v[0], v[1]);
+                    else if constexpr (I4)
                         sk_wg_decode<BF16>(a, v[0], v[1], i4_neg_zero<BF16>(cr[u][t][0]),
                                            i4_neg_zero<BF16>(cr[u][t][NREC > 1 ? 1 : 0]));
                     else if constexpr (A8)
@@ -1092,7 +1250,11 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
                     else
                         sk_wg_decode8<BF16>(a, v);
                     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-                    if constexpr (A8) {
+                    if constexpr (W4A8) {
+#pragma unroll
+                        for (int p = 0; p < 4; ++p)
+                            sk_wgmma_i8<MT>(blk[b], a[p][0], a[p][1], a[p][2], a[p][3], dt + p * (2 * 128 >> 4), p > 0);
+                    } else if constexpr (A8) {
 #pragma unroll
                         for (int p = 0; p < 4; ++p)
                             sk_wgmma8<MT>(blk[b], a[p][0], a[p][1], a[p][2], a[p][3], dt + p * (2 * 128 >> 4), p > 0);
@@ -1111,24 +1273,35 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
                     // with its factors (at a run's first product, that is the last run's last, already added at the
                     // pass boundary above: every run starts a pass); else this product's
                     float fca[A8 ? MT : 1], fcb[A8 ? MT : 1];  // W8A8: this product's columns' factors
-                    if constexpr (A8) {
+                    sk_w4a8_factors<MT> cf;                    // W4A8: this product's factors
+                    if constexpr (W4A8) {
+                        cf.sa = fa, cf.sb = fb, cf.za = cr[u][t][0] & 0xff, cf.zb = cr[u][t][NREC > 1 ? 1 : 0] & 0xff;
+#pragma unroll
+                        for (int i = 0; i < MT; ++i)
+                            cf.ca[i] = ca[i], cf.cb[i] = cb[i], cf.xa[i] = xa[W4A8 ? i : 0], cf.xb[i] = xb[W4A8 ? i : 0];
+                    } else if constexpr (A8) {
 #pragma unroll
                         for (int i = 0; i < MT; ++i) fca[i] = fa * ca[i], fcb[i] = fa * cb[i];
                     }
                     if (!PIPE || pi > 0) {
                         if (PIPE) sk_wg_wait<1>(blk[b ^ 1]);
                         else sk_wg_wait<0>(blk[0]);
-                        if constexpr (A8) {
+                        if constexpr (W4A8) {
+                            if (PIPE) sk_add_w4a8(acc[(t + NT - 1) % NT], blk[b ^ 1], pf);
+                            else sk_add_w4a8(acc[t], blk[0], cf);
+                        } else if constexpr (A8) {
                             if (PIPE) sk_add_cols(acc[(t + NT - 1) % NT], blk[b ^ 1], pa, pb);
                             else sk_add_cols(acc[t], blk[0], fca, fcb);
-                        } else if (!RSUM) {
+                        } else if constexpr (!RSUM) {
                             sk_add_scaled(acc[PIPE ? (t + NT - 1) % NT : t], blk[PIPE ? b ^ 1 : 0], PIPE ? sa : fa,
                                           PIPE ? sb : fb);
                         }
                     }
                     if (PIPE) {
                         sa = fa, sb = fb;
-                        if constexpr (A8) {
+                        if constexpr (W4A8) {
+                            pf = cf;
+                        } else if constexpr (A8) {
 #pragma unroll
                             for (int i = 0; i < MT; ++i) pa[i] = fca[i], pb[i] = fcb[i];
                         }
@@ -1147,7 +1320,7 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
         if (step + U < steps) {
             // W8A8 without a ring: the products' A registers are `cur`'s own (no decode between), and the run's last
             // product may still be reading them; it completes before they take the next run's weights
-            if constexpr (A8 && !RING) {
+            if constexpr (RAW8 && !RING) {
                 sk_wg_wait<0>(blk[PIPE ? 1 : 0]);
 #pragma unroll
                 for (int u = 0; u < U; ++u)  // (cur's old values live until here: the copies below come after)
@@ -1170,8 +1343,9 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
     }
     if (PIPE) {  // the last product's sums (set 1, strip NT - 1; none: sa, sb and the sums zero)
         sk_wg_wait<0>(blk[1]);
-        if constexpr (A8) sk_add_cols(acc[NT - 1], blk[1], pa, pb);
-        else if (!RSUM) sk_add_scaled(acc[NT - 1], blk[1], sa, sb);
+        if constexpr (W4A8) sk_add_w4a8(acc[NT - 1], blk[1], pf);
+        else if constexpr (A8) sk_add_cols(acc[NT - 1], blk[1], pa, pb);
+        else if constexpr (!RSUM) sk_add_scaled(acc[NT - 1], blk[1], sa, sb);
     }
     if constexpr (RSUM) {  // the sets' whole sums: strip t's set t (two strips), or both sets strip 0's
         if (!PIPE) sk_wg_wait<0>(blk[0]);
@@ -1279,4 +1453,13 @@ SKINNY_WG8_ROWS(1)
 SKINNY_WG8_ROWS(2)
 SKINNY_WG8_ROWS(3)
 SKINNY_WG8_ROWS(4)
+// W4A8 (int4 weights times x quantized to int8 in the kernel): the e4m3 form's geometries and the int4 form's two
+// strips a warp, every row group
+#define SKINNY_WG4Q_ROWS(MT)                                                                                        \
+    SKINNY_WG8_GEOMETRIES(skinnywg4q, SK_INT4_A8Q, MT)                                                              \
+    SKINNY_WG_TYPES(skinnywg4q, SK_INT4_A8Q, MT, 2, 2, 4, 2, 256, 1, 2, 1)
+SKINNY_WG4Q_ROWS(1)
+SKINNY_WG4Q_ROWS(2)
+SKINNY_WG4Q_ROWS(3)
+SKINNY_WG4Q_ROWS(4)
 #endif
