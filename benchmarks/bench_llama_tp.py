@@ -75,7 +75,9 @@ ONE_GPU_VARIANTS = (
     "wg4-rows-25",
     "no-wg8",
     "skinny-w8a8",
+    "no-w8a8",
     "w8a8-quantizer",
+    "skinny-w4a8",
     "no-tc-decode",
     "no-prefill-kernel-pdl",
     "skinny-silu",
@@ -286,12 +288,20 @@ def set_variant(variant: str) -> None:
     if variant == "no-wg8":  # FP8 weights without the skinny GEMM's warpgroup form (its W8A8 form too)
         from fi_engine.kernels import skinny_gemm
 
-        for fmt in (skinny_gemm.E4M3_BLOCK, skinny_gemm.E4M3_ROW, skinny_gemm.E4M3_A8):
+        for fmt in (skinny_gemm.E4M3_BLOCK, skinny_gemm.E4M3_ROW, skinny_gemm.E4M3_A8, skinny_gemm.E4M3_A8Q):
             skinny_gemm.GEOMETRIES[fmt] = tuple(g for g in skinny_gemm.GEOMETRIES[fmt] if not g.wg)
     if variant == "skinny-w8a8":  # FP8 block weights may take the skinny GEMM's W8A8 form (x quantized, e4m3 wgmma)
         from fi_engine.kernels.skinny_gemm import SkinnyLaunches
 
         SkinnyLaunches.w8a8_on = True
+    if variant == "no-w8a8":  # FP8 block weights without the skinny GEMM's W8A8 form (on by default)
+        from fi_engine.kernels.skinny_gemm import SkinnyLaunches
+
+        SkinnyLaunches.w8a8_on = False
+    if variant == "skinny-w4a8":  # int4 weights may take the skinny GEMM's W4A8 form (x to int8, integer wgmma)
+        from fi_engine.kernels.skinny_gemm import SkinnyLaunches
+
+        SkinnyLaunches.w4a8_on = True
     if variant == "w8a8-quantizer":  # that form over x quantized by a launch of its own first (with skinny-w8a8)
         from fi_engine.kernels.skinny_gemm import SkinnyLaunches
 

@@ -22,7 +22,7 @@ fastest geometry for most shapes gives each warp two strips of 16 rows (each sta
 weight rows), streams their weights through a ring of bulk copies in shared memory (:attr:`Geometry.ring`) and stages
 x through registers (:attr:`Geometry.xreg`).
 
-On SM 9.0 its W8A8 form (``E4M3_A8``, off in the engine: :attr:`SkinnyLaunches.w8a8_on`) multiplies 128x128-block
+On SM 9.0 its W8A8 form (``E4M3_A8``, on in the engine: :attr:`SkinnyLaunches.w8a8_on`) multiplies 128x128-block
 e4m3 weights by x quantized to e4m3 (a scale per row and 128 inputs, as the engine's FP8 GEMM quantizes it) with
 Hopper's e4m3 ``wgmma``: the weights' bytes go to the tensor cores as loaded, no decoding, and each k32 product covers
 twice the inputs of a 16-bit one. Its geometries are the e4m3 warpgroup form's. ``E4M3_A8Q`` is the same over 16-bit
@@ -508,14 +508,14 @@ class SkinnyLaunches:
     3 us at 5-8 rows, but the step's tuning kept cuBLASLt then the SiLU launch. ``bench_llama_tp.py --variants
     skinny-silu`` turns it on."""
 
-    w8a8_on = False
+    w8a8_on = True
     """Whether FP8 weights of 128x128 blocks may take the W8A8 form (``E4M3_A8``, with :attr:`warpgroups_on`; SM 9.0
     only) in steps of more than ``QuantizedWeights.fp8_gemv_max_rows`` rows: x quantized to e4m3 (in the kernel,
     :attr:`w8a8_fused`, or into the FP8 scratch first by :meth:`~fi_engine.kernels.fp8_linear.Fp8Linears.x_quantizer`,
     each plan then timed as that pair of launches), then Hopper's e4m3 ``wgmma`` over both. Its products are those of
-    cuBLASLt's FP8 GEMM, which serves such rows with x quantized per row and 128 inputs alike. Off by default until the
-    whole GPU suite has run with it on (benchmarks/RESULTS.md has its measurements);
-    ``bench_llama_tp.py --variants skinny-w8a8`` turns it on. Read, with ``QuantizedWeights``' FP8 switches, when a
+    cuBLASLt's FP8 GEMM, which serves such rows with x quantized per row and 128 inputs alike. On by default (the 8B
+    FP8 step 6-9 % faster at 16 rows on an H200: benchmarks/RESULTS.md); ``bench_llama_tp.py --variants no-w8a8``
+    turns it off. Read, with ``QuantizedWeights``' FP8 switches, when a
     shape is first timed and a call packed (set it before the engine warms up)."""
 
     w8a8_fused = True

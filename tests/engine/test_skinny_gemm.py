@@ -523,19 +523,20 @@ class _Fp8Registry:
 
 
 def test_the_w8a8_form_quantizes_x_only_where_the_engine_quantizes_it(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """``SkinnyLaunches``' W8A8 form asks the FP8 registry for x's quantization only with ``w8a8_on`` (off by
+    """``SkinnyLaunches``' W8A8 form asks the FP8 registry for x's quantization only with ``w8a8_on`` (on by
     default) and the warpgroup form on, above ``fp8_gemv_max_rows`` rows (where x stays 16-bit) and where the
     engine's W8A8 switches serve block weights, for 128x128 blocks and ``n`` a multiple of 128; then with the call's
     rows, x, its row stride, the weight's k, the bfloat16 flag and the launcher's NULL."""
     from fi_engine.kernels.cublas import CUDA_R_16BF, CUDA_R_16F
 
-    assert SkinnyLaunches.w8a8_on is False
+    assert SkinnyLaunches.w8a8_on is True
+    monkeypatch.setattr(SkinnyLaunches, "w8a8_on", False)
     fp8 = _Fp8Registry()
     quantized = SimpleNamespace(fp8=fp8, fp8_gemv_max_rows=8, fp8_w8a8=True, fp8_w8a8_blocks=True)
     launches = SkinnyLaunches(SimpleNamespace(null="NULL"), quantized)  # type: ignore[arg-type]
     weight = SimpleNamespace(k=4096, n=6144, block=(128, 128))
     key = (16, 0x1000, 4096, 0x2000, 6144, 4096, 0x3000, 6144, CUDA_R_16BF, CUDA_R_16BF)
-    assert launches._x_quantizer(key, weight) is None  # off by default
+    assert launches._x_quantizer(key, weight) is None  # switched off
     monkeypatch.setattr(SkinnyLaunches, "w8a8_on", True)
     fp8.asked.clear()
     got = launches._x_quantizer(key, weight)
