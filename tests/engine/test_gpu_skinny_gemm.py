@@ -33,7 +33,9 @@ no torch).
 - The wave-fitted splits (``wave_split``) of every format on a gate/up-like grid, the two-block geometries (e4m3 at
   17-32 rows, int4 at 25-32) among the plans there and above; on an SM 9.0 the int4 warpgroup form's (17-32 rows).
 - ``Dense.linear`` in a GPU-bound step (``bandwidth_bound``) over 16-bit and FP8 weights: whichever launch it times
-  fastest (the skinny GEMM, cuBLASLt or the FP8 paths), the product within the bound, on the timing call and after.
+  fastest (the skinny GEMM, cuBLASLt or the FP8 paths), the product within the bound, on the timing call and after;
+  where that launch quantizes x to e4m3 (the W8A8 form, cuBLASLt's FP8 GEMM above 8 rows), the W8A8 bound over
+  numpy's model of that x.
 - The SiLU form (``SKINNY_SILU``): each of its plans against its plain plan (same geometry and split, so the same
   float32 sums) followed by ``silu_and_mul`` in float32 of the rounded outputs, within one 16-bit ulp (the GPU's
   ``__expf`` and division against numpy's); the plain outputs themselves within the bound above.
@@ -347,14 +349,43 @@ def test_dense_linear_in_a_gpu_bound_step_stays_right(fmt: int, rows: int) -> No
             dense.quantized.add_fp8_weight(int(w.data.ptr), n, k, int(scales.data.ptr), block)
         x16 = to16(rng.standard_normal((rows, k)).astype(np.float32), "bfloat16")
         x, y = cupy.asarray(x16), cupy.zeros((rows, n), np.uint16)
+        key = (rows, int(x.data.ptr), k, int(w.data.ptr), n, k, int(y.data.ptr), n, CUDA_R_16BF, CUDA_R_16BF)
         dense.bandwidth_bound = True
         for _ in range(2):  # the first call times the launches, the second takes the chosen one
             y.fill(0)
-            dense.linear(rows, int(x.data.ptr), k, int(w.data.ptr), n, k, int(y.data.ptr), n, CUDA_R_16BF, CUDA_R_16BF)
+            dense.linear(*key)
             stream.synchronize()
-            check(from16(cupy.asnumpy(y), "bfloat16"), from16(x16, "bfloat16"), values, rows, "bfloat16", False)
+            got, xf = from16(cupy.asnumpy(y), "bfloat16"), from16(x16, "bfloat16")
+            _, chosen = dense.timed_launches()[(rows, n, k, CUDA_R_16BF, CUDA_R_16BF, int(w.data.ptr) if fmt else 0)]
+            if fmt != W16 and quantizes_x(dense, key, chosen):  # (W8A8: x rounded to e4m3 first)
+                xv = e4m3_values(xf)
+                ref = xv @ values.T.astype(np.float64)
+                bound = 2.0**-10 * (np.abs(xv) @ np.abs(values.T)) + OUT_ULP["bfloat16"] * np.abs(ref)
+                assert np.isfinite(got).all() and (np.abs(got - ref) <= bound).all(), chosen
+            else:
+                check(got, xf, values, rows, "bfloat16", False)
         dense.bandwidth_bound = False
         dense.close()
+
+
+def quantizes_x(dense: Any, key: tuple[int, ...], chosen: int | None) -> bool:
+    """Whether the launch ``chosen`` for the FP8 call ``key`` quantizes x to e4m3: the FP8 path (cuBLASLt's FP8 GEMM)
+    above ``fp8_gemv_max_rows`` rows, or a W8A8 plan of the skinny GEMM."""
+    if key[0] <= dense.quantized.fp8_gemv_max_rows or chosen is None or chosen == -1:
+        return False
+    if chosen == -2:
+        return bool(dense.quantized.fp8_w8a8 and dense.quantized.fp8_w8a8_blocks)
+    plan = dense._skinny.plans(key, dense.quantized.fp8_weights[key[3]])[chosen]
+    return bool(plan.kernel.startswith(("skinnywg8a", "skinnywg8q")))
+
+
+def e4m3_values(x: np.ndarray) -> np.ndarray:
+    """float32 ``x [rows, k]`` as the engine quantizes it for W8A8 (fp8_quant.cu's ``quant_groups``: a scale per row
+    and 128 inputs, ``amax / 448``), the values its e4m3 codes times their scales stand for, float64."""
+    rows, k = x.shape
+    amax = np.maximum(np.abs(x.reshape(rows, k // 128, 128)).max(axis=2), 1e-12)
+    scales = np.repeat((amax / 448).astype(np.float32), 128, axis=1)
+    return E4M3[quantize_e4m3(x / scales)] * scales.astype(np.float64)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
