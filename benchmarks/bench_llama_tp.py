@@ -269,11 +269,12 @@ def set_variant(variant: str) -> None:
         from fi_engine.kernels.skinny_gemm import SkinnyLaunches
 
         SkinnyLaunches.on = False
-    if variant == "no-wg4":  # int4 weights without the skinny GEMM's warpgroup form (its mma.sync geometries only)
+    if variant == "no-wg4":  # int4 weights without the skinny GEMM's warpgroup form (its mma.sync geometries only;
+        # the W4A8 form's none)
         from fi_engine.kernels import skinny_gemm
 
-        int4 = skinny_gemm.GEOMETRIES[skinny_gemm.INT4]
-        skinny_gemm.GEOMETRIES[skinny_gemm.INT4] = tuple(g for g in int4 if not g.wg)
+        for fmt in (skinny_gemm.INT4, skinny_gemm.INT4_A8Q):
+            skinny_gemm.GEOMETRIES[fmt] = tuple(g for g in skinny_gemm.GEOMETRIES[fmt] if not g.wg)
     if variant == "wg4-plain":  # the warpgroup form as first served: one strip a warp, x staged by 4-byte copies,
         # the weights in registers, 25-32 rows (its two-block geometry too)
         from fi_engine.kernels import skinny_gemm

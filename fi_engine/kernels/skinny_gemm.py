@@ -428,7 +428,8 @@ class SkinnyGemm:
         activation ``[rows, n / 2]`` (row stride ``y_ld``), ``silu(x @ gate.T) * (x @ up.T)``, FlashInfer's
         ``silu_and_mul`` of the plain launch's output. ``warpgroups``: False leaves out the warpgroup form's
         launches (:attr:`Geometry.wg`; offered on an SM 9.0 whose NVRTC compiles sm_90a, for int4 groups of 128
-        inputs or more at 17-32 rows, e4m3 blocks of 128 inputs or more and row scales at its geometries' rows).
+        inputs or more at 17-32 rows (the W4A8 form's at 1-32), e4m3 blocks of 128 inputs or more and row scales at
+        its geometries' rows).
         Values only: the caller keeps the buffers alive."""
         rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type = call
         bf16, f32out = ab_type == CUDA_R_16BF, c_type == CUDA_R_32F
@@ -535,8 +536,8 @@ class SkinnyLaunches:
 
     warpgroups_on = True
     """Whether int4 and FP8 weights may take the warpgroup form (``Geometry.wg``; SM 9.0 only); False: the
-    ``mma.sync`` geometries only. (``bench_llama_tp.py --variants no-wg4`` and ``no-wg8`` leave the form out for
-    int4 or FP8 weights alone.)"""
+    ``mma.sync`` geometries only (and no W8A8 or W4A8 form). (``bench_llama_tp.py --variants no-wg4`` and ``no-wg8``
+    leave the form out for int4 or FP8 weights alone.)"""
 
     error = ""
     """Why the skinny GEMM is unavailable, where it is."""

@@ -22,11 +22,11 @@ no torch).
 - On an SM 9.0, the W4A8 form (``INT4_A8Q``: int4 weights times x quantized to int8 in the kernel, Hopper's integer
   ``wgmma``): every plan at 1-32 rows, both 16-bit types and outputs, groups of 128, 256 and 512 (none offered for
   64), plain and gate/up-interleaved weights, against float64 over numpy's model of the kernel's quantization
-  (``amax`` a row and 128 inputs, codes ``rint(x * float32(127 / amax))``, scale ``amax / 127``): its sums are exact
-  integers, so the bound is float32's adding of the tiles, ``2**-19 * sum |xq| |w|``, plus half an ulp of a 16-bit
-  output. Against the unquantized x, within half a code a value (``0.501 * scale * sum |w|`` a group) more. Through
-  a Dense (``SkinnyLaunches.w4a8_on``) at 8 and 32 rows: each W4A8 plan run by ``SkinnyLaunches.run`` within that
-  bound, and the Dense times them among its launches.
+  (``amax`` a row and 128 inputs, codes ``rint(float32(x * float32(127 / amax)))``, scale ``amax / 127``): its sums
+  are exact integers, so the bound is float32's adding of the tiles, ``2**-19 * sum |xq| |w|``, plus half an ulp of a
+  16-bit output. Against the unquantized x, within half a code a value (``0.501 * scale * sum |w|`` a group) more.
+  Through a Dense (``SkinnyLaunches.w4a8_on``) at 8 and 32 rows: each W4A8 plan run by ``SkinnyLaunches.run``
+  within that bound, and the Dense times them among its launches.
 - A split launch gives the same bits twice and leaves its counters at zero; a CUDA graph of it replays new inputs
   to the eager result.
 - Plans of one k range (each block writes y), their staged x over several passes with a shorter last one.
@@ -454,8 +454,8 @@ def test_every_w4a8_plan_matches_its_int8_model(dtype: str, f32: bool) -> None:
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
         dense, sk = Dense(stream), SkinnyGemm()
-        # (k 640: five tiles, which only the one-tile-a-run geometry splits; 272 rows leave the two-strip form's last
-        # block's strips past n)
+        # (k 640: five tiles, which only the geometry of one tile a run serves; 272 rows leave the two-strip form's
+        # last block's strips past n)
         for n, k, group_size, interleaved in ((272, 512, 128, False), (272, 1024, 256, True), (208, 640, 128, False),
                                               (272, 512, 512, True), (272, 1024, 64, False)):  # fmt: skip
             w, rec, values, _, half_n = int4_weight(rng, n, k, group_size, interleaved)

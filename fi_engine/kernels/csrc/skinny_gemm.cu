@@ -1,8 +1,8 @@
 // y[r, j] = sum_c x[r, c] * W[j, c] for r < rows <= 32 on tensor cores: the GEMMs of decode steps of a few to 32
 // rows, which read every weight once and are bound by HBM bandwidth. x [rows, k] 16-bit (row stride x_ld; SK_E4M3_A8:
-// e4m3, below), y [rows, n] 16-bit or float32 (row stride y_ld), float32 sums. W [n, k] in one of five formats (FMT),
-// each with its
-// quantization data in the last four arguments (q, q_ld, q_a, q_b):
+// e4m3, below), y [rows, n] 16-bit or float32 (row stride y_ld), float32 sums (SK_INT4_A8Q: int32 a tile, then
+// float32). W [n, k] in one of seven formats (FMT), each with its quantization data in the last four arguments (q,
+// q_ld, q_a, q_b):
 //   SK_W16         16-bit (x's type), row-major (a Linear weight); q unused.
 //   SK_E4M3_BLOCK  e4m3 bytes, row-major, times float32 scales, one per block of q_a rows and 64 << q_b inputs:
 //                  scale q[(j / q_a) * q_ld + (c >> (6 + q_b))], applied to each step's sums.
@@ -14,8 +14,9 @@
 //                  bytes [rows, k] at row stride x_ld bytes, then (at x + rows x_ld rounded up to 256 bytes) float32
 //                  scales [k / 128][rows], x ~= bytes * scale (fp8_quant.cu's quant_groups, s_ld = rows): W8A8 on
 //                  Hopper's e4m3 wgmma, each tile of 128 inputs added in float32 times both operands' scales.
-//   SK_E4M3_A8Q    SK_E4M3_A8 over 16-bit x (row stride x_ld elements), quantized by each block as it stages a pass
-//                  (sk_xstoreq), to the bytes and scales fp8_quant.cu's quant_groups writes: no launch before it.
+//   SK_E4M3_A8Q    (the warpgroup form only) SK_E4M3_A8 over 16-bit x (row stride x_ld elements), quantized by each
+//                  block as it stages a pass (sk_xstoreq), to the bytes and scales fp8_quant.cu's quant_groups
+//                  writes: no launch before it.
 //   SK_INT4_A8Q    (the warpgroup form only) SK_INT4's weights and records (groups of 128 inputs or more) times 16-bit
 //                  x quantized by each block to int8, a scale per row and 128 inputs (sk_xstorei8): W4A8 on Hopper's
 //                  integer wgmma (the codes 0..15 as u8, x's as s8, exact int32 sums), each tile of 128 inputs less
@@ -280,6 +281,7 @@ __device__ __forceinline__ void skinny_gemm(const unsigned short* __restrict__ x
                                             void* __restrict__ y, float* __restrict__ part, unsigned* __restrict__ done,
                                             int rows, int n, int k, long long x_ld, long long y_ld, int kc,
                                             const void* __restrict__ qd, long long q_ld, int q_a, int q_b) {
+    static_assert(FMT <= SK_INT4, "the W8A8 and W4A8 formats: the warpgroup form only (skinny_wg)");
 #if __CUDA_ARCH__ >= 800
     extern __shared__ uint4 xs[];  // two passes of 8 MT rows of SK_ROW(FMT, KX) elements
     __shared__ unsigned last;
@@ -612,7 +614,7 @@ __device__ __forceinline__ void sk_xstore8(unsigned buf, const uint4 (&xv)[MT][J
             }
         }
 }
-// SK_E4M3_A8Q: x's 16-bit values of a pass, a quad to each (row, 128-input group): warp w takes the pass's row group
+// SK_E4M3_A8Q and SK_INT4_A8Q: x's 16-bit values of a pass, a quad to each (row, 128-input group): warp w takes the pass's row group
 // ng and group gi of pair wp = w + WARPS j (ng = wp % MT, gi = wp / MT; MT PASS pairs), lane (rr, q) row 8 ng + rr
 // (past the rows: the last) and its inputs 64 b + 16 q .. + 15 for b = 2 gi and 2 gi + 1 (two 16-byte vectors each:
 // xv[j][2 h + e], inputs 64 (2 gi + h) + 16 q + 8 e ..), the 16 inputs whose bytes sk_xstore8's lane (rr, q) stores
@@ -941,8 +943,8 @@ template <> struct sk_sums<true> {
 };
 
 // the warpgroup form: skinny_gemm's arguments and contract, whole warpgroups a block, for FMT SK_E4M3_A8 (as
-// SK_E4M3_BLOCK, x e4m3 with its scales: the format comment at the top), SK_E4M3_A8Q (16-bit x, quantized here), SK_INT4 (q_b >= 1:
-// groups of 128 inputs or more), SK_E4M3_BLOCK (q_b >= 1: blocks of 128 inputs or more; q_a rows a block, a multiple
+// SK_E4M3_BLOCK, x e4m3 with its scales: the format comment at the top), SK_E4M3_A8Q (16-bit x, quantized here),
+// SK_INT4 (q_b >= 1: groups of 128 inputs or more), SK_INT4_A8Q (as SK_INT4, x quantized here to int8), SK_E4M3_BLOCK (q_b >= 1: blocks of 128 inputs or more; q_a rows a block, a multiple
 // of 16) or SK_E4M3_ROW. A tile is 128 inputs of a strip of 16 weight rows: int4's kilobyte of the tile-major layout,
 // or e4m3's 16 row pieces of 128 bytes (rows k bytes apart). NT strips a warp (the warpgroup's 64 rows of each strip
 // index one wgmma's; more strips share each staged pass of x); U tiles of weights in flight while the ones in hand
@@ -960,8 +962,8 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
 #ifdef SK_WG_ARCH
     constexpr bool W4A8 = FMT == SK_INT4_A8Q;
     constexpr bool I4 = FMT == SK_INT4 || W4A8;  // (int4 weights: the tile-major layout, a record a row and group)
-    // W8A8: x e4m3 (x_ld in bytes), its float32 scales after its rows' bytes (at x + rows x_ld rounded up to 256
-    // bytes), one per row and 128 inputs, [k / 128][rows]: fp8_quant.cu's quant_groups with s_ld = rows
+    // SK_E4M3_A8: x e4m3 (x_ld in bytes), its float32 scales after its rows' bytes (at x + rows x_ld rounded up to
+    // 256 bytes), one per row and 128 inputs, [k / 128][rows]: fp8_quant.cu's quant_groups with s_ld = rows
     constexpr bool AQ = FMT == SK_E4M3_A8Q || W4A8;  // (x 16-bit, quantized here as it is staged)
     constexpr bool A8 = FMT == SK_E4M3_A8 || AQ;     // (x staged as bytes, a scale a row and tile)
     constexpr bool RAW8 = A8 && !W4A8;               // (the A registers the weights' e4m3 bytes as loaded)
@@ -1021,14 +1023,15 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
     constexpr int TILE_VECS = I4 ? I4_TILE_VECS : 8;  // from a tile's vectors to the next's
     // the lane's x rows for the staging (sk_stage_wg), at its first input
     const unsigned short* xr[MT];
-    const unsigned char* xr8[MT];  // W8A8: the lane's x rows at its first vector (sk_xload8's)
+    const unsigned char* xr8[MT];  // SK_E4M3_A8: the lane's x rows at its first vector (sk_xload8's)
     int sz[MT];
     const unsigned char* x8 = reinterpret_cast<const unsigned char*>(x);
     const float* xsc = reinterpret_cast<const float*>(x8 + (((long long)rows * x_ld + 255) & ~255LL));
-    // W8A8: x's scales of a pass are staged with it, after its bytes in the pass's buffer (the second half, which
-    // 16-bit x would fill): thread i < PASS 8 MT loads a pass ahead the scale of row i % (8 MT) (past the rows: the
-    // last) and the pass's tile i / (8 MT), and stores it at float i there
-    constexpr int XSN = A8 && !AQ ? PASS * 8 * MT : 0;
+    // SK_E4M3_A8: x's scales of a pass are staged with it, after its bytes in the pass's buffer (the second half,
+    // which 16-bit x would fill): thread i < PASS 8 MT loads a pass ahead the scale of row i % (8 MT) (past the rows:
+    // the last) and the pass's tile i / (8 MT), and stores it at float i there (the in-kernel quantizations store
+    // theirs there too, sk_xstoreq and sk_xstorei8)
+    constexpr int XSN = FMT == SK_E4M3_A8 ? PASS * 8 * MT : 0;
     float xs_next = 0.f;
     auto xs_load = [&](int k0, int len) {
         const int i = threadIdx.x, t = i / (8 * MT);
@@ -1045,7 +1048,7 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
     }
     // XREG: 16-byte vectors of x a lane loads a row group (W8A8: a 64-input step's a vector, some warps none)
     constexpr int XJ = AQ ? 1 : A8 ? (KX / 64 + WARPS - 1) / WARPS : XREG ? KX / (32 * WARPS) : 1;
-    // SK_E4M3_A8Q: a warp's (row group, 128-input group) pairs of the pass, four 16-byte vectors a lane each (sk_xloadq)
+    // SK_E4M3_A8Q, SK_INT4_A8Q: a warp's (row group, 128-input group) pairs of the pass, four 16-byte vectors a lane each (sk_xloadq)
     constexpr int QJ = AQ ? (MT * PASS + WARPS - 1) / WARPS : 1;
     static_assert(!AQ || (PIPE && XREG), "in-kernel quantization: whole passes (the pipelined form's k ranges), whole "
                   "groups; staged through registers");
@@ -1134,7 +1137,7 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
         else sk_stage_wg<MT, KX, WARPS>(xw, xr, sz, k_lo, min(KX, k_hi - k_lo));
     }
     float sa = 0.f, sb = 0.f;  // PIPE: the scales of the product whose sums are running
-    float pa[A8 ? MT : 1], pb[A8 ? MT : 1];  // W8A8, PIPE: its columns' factors
+    float pa[A8 ? MT : 1], pb[A8 ? MT : 1];  // W8A8 (e4m3 weights), PIPE: its columns' factors
 #pragma unroll
     for (int i = 0; i < (A8 ? MT : 1); ++i) pa[i] = pb[i] = 0.f;
     sk_w4a8_factors<MT> pf = {};  // W4A8, PIPE: its factors (all zero before the first: its sums add nothing)
@@ -1206,9 +1209,9 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             if (PIPE || step + u < steps) {  // (PIPE: whole U tiles, below)
-                // (W8A8: 8 chunks a tile, 4 products of 2)
+                // (x as bytes: 8 chunks a tile, 4 products of 2)
                 const unsigned long long dt = desc + ((step + u) % PASS) * ((A8 ? 8 : 16) * 128 >> 4);
-                float ca[A8 ? MT : 1], cb[A8 ? MT : 1];  // W8A8: the tile's x scales of the lane's columns
+                float ca[A8 ? MT : 1], cb[A8 ? MT : 1];  // x as bytes: the tile's x scales of the lane's columns
                 int xa[W4A8 ? MT : 1], xb[W4A8 ? MT : 1];  // W4A8: x's sums of codes there
                 if constexpr (A8) {  // (rows 8 i + 2 q and + 1 of the staged scales: one 8-byte read each i)
                     const unsigned at = base + ((step / PASS) & 1) * BUF * 4 + 8 * MT * KX +
@@ -1272,7 +1275,7 @@ __device__ __forceinline__ void skinny_wg(const unsigned short* __restrict__ x, 
                     // PIPE: the product before's sums (the other set, strip t - 1 or the run's last) completed, added
                     // with its factors (at a run's first product, that is the last run's last, already added at the
                     // pass boundary above: every run starts a pass); else this product's
-                    float fca[A8 ? MT : 1], fcb[A8 ? MT : 1];  // W8A8: this product's columns' factors
+                    float fca[A8 ? MT : 1], fcb[A8 ? MT : 1];  // W8A8 (e4m3 weights): this product's columns' factors
                     sk_w4a8_factors<MT> cf;                    // W4A8: this product's factors
                     if constexpr (W4A8) {
                         cf.sa = fa, cf.sb = fb, cf.za = cr[u][t][0] & 0xff, cf.zb = cr[u][t][NREC > 1 ? 1 : 0] & 0xff;
