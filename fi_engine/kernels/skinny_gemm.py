@@ -515,7 +515,7 @@ class SkinnyLaunches:
     :attr:`w8a8_fused`, or into the FP8 scratch first by :meth:`~fi_engine.kernels.fp8_linear.Fp8Linears.x_quantizer`,
     each plan then timed as that pair of launches), then Hopper's e4m3 ``wgmma`` over both. Its products are those of
     cuBLASLt's FP8 GEMM, which serves such rows with x quantized per row and 128 inputs alike. On by default (the 8B
-    FP8 step 6-9 % faster at 16 rows on an H200: benchmarks/RESULTS.md); ``bench_llama_tp.py --variants no-w8a8``
+    FP8 step 14-16 % faster at 16 rows on an H200: benchmarks/RESULTS.md); ``bench_llama_tp.py --variants no-w8a8``
     turns it off. Read, with ``QuantizedWeights``' FP8 switches, when a
     shape is first timed and a call packed (set it before the engine warms up)."""
 
