@@ -340,7 +340,10 @@ class SkinnyGemm:
         device = cupy.cuda.Device()
         self.available = int(device.compute_capability) >= 80
         self.warpgroups = device.compute_capability == "90"  # the warpgroup form's sm_90a code runs on SM 9.0 only
-        self.warpgroups_error = ""  # why the warpgroup form is off on an SM 9.0 (its compilation failed)
+        self.warpgroups_error = ""  # why a family of the warpgroup form is off on an SM 9.0 (its compilation failed)
+        # the warpgroup form's families (format, bf16, f32out, silu, True) whose compilation failed: left out from then
+        # on, each alone, so the plans of families already served keep their indices (a Dense's choices)
+        self._refused: set[tuple[int, bool, bool, bool, bool]] = set()
         attrs = device.attributes
         self.sms = int(attrs.get("MultiProcessorCount", 132))
         self._smem_limit = int(attrs.get("MaxSharedMemoryPerBlockOptin", 48 << 10))
@@ -442,8 +445,9 @@ class SkinnyGemm:
         mt = -(-rows // 8)
         out = []
         for geometry in GEOMETRIES[fmt]:
-            if geometry.wg and (not warpgroups or not self.warpgroups or silu):
-                continue  # (the warpgroup form: on SM 9.0)
+            family = (fmt, bf16, f32out, silu, geometry.wg)
+            if geometry.wg and (not warpgroups or not self.warpgroups or silu or family in self._refused):
+                continue  # (the warpgroup form: on SM 9.0, where its module compiled)
             e4m3_blocks = fmt in (E4M3_BLOCK, E4M3_A8, E4M3_A8Q)
             if geometry.wg and ((fmt in _INT4_FORMATS and int4[2] == 0) or (e4m3_blocks and bshift == 0)):
                 continue  # (int4 groups and e4m3 blocks of 128 inputs or more: a tile's one factor)
@@ -461,8 +465,10 @@ class SkinnyGemm:
             except Exception as exc:  # (CuPy's CompileException and the driver's errors have no common base)
                 if not geometry.wg:
                     raise
-                # an NVRTC without sm_90a: the mma.sync geometries serve alone from now on
-                self.warpgroups, self.warpgroups_error = False, f"{type(exc).__name__}: {exc}"
+                # an NVRTC without sm_90a (or without this family's instructions): the family is left out from now
+                # on, the mma.sync geometries serving its calls
+                self._refused.add(family)
+                self.warpgroups_error = f"{type(exc).__name__}: {exc}"
                 continue
             threads, smem = 32 * geometry.warps, geometry.smem(fmt, mt)
             held = self.resident(fn, threads, smem, geometry.min_blocks)

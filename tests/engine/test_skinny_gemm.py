@@ -143,7 +143,7 @@ def cpu_gemm(sms: int, resident: int) -> SkinnyGemm:
     ``resident`` blocks of every kernel."""
     gemm = SkinnyGemm.__new__(SkinnyGemm)
     gemm.available, gemm.sms, gemm._smem_limit = True, sms, 227 << 10
-    gemm.warpgroups, gemm.warpgroups_error = True, ""  # (an SM 9.0: the int4 warpgroup form offered too)
+    gemm.warpgroups, gemm.warpgroups_error, gemm._refused = True, "", set()  # (an SM 9.0: the warpgroup form too)
     gemm._part, gemm._done, gemm._modules = 1 << 30, 1 << 31, {}
     gemm._fns, gemm._resident = {}, {}
     for fmt, geometries in GEOMETRIES.items():
@@ -460,8 +460,34 @@ def test_an_nvrtc_refusing_sm90a_leaves_the_mma_sync_geometries() -> None:
     assert {p.function for p in plans} == {
         gemm._fns[g.name(INT4, True, False, 4)] for g in GEOMETRIES[INT4] if not g.wg and 4 in g.groups
     }
-    assert len(tried) == 1 and not gemm.warpgroups and "invalid value" in gemm.warpgroups_error
+    assert len(tried) == 1 and "invalid value" in gemm.warpgroups_error
     assert gemm.plans(INT4, call, int4=int4) == plans and len(tried) == 1  # (not tried again)
+
+
+def test_a_warpgroup_family_that_fails_to_compile_leaves_the_others_plans_as_they_were() -> None:
+    """A family of the warpgroup form (format, types) whose module NVRTC refuses is left out alone: the plans of
+    families already served keep their order and indices (a Dense's choices index them), and it is not tried again."""
+    gemm = cpu_gemm(SMS, 1)
+    n, k = SHAPES_8B["gate_up"]
+    call = (32, 1 << 20, k, 1 << 24, n, k, 1 << 28, n, 14, 14)
+    int4 = (1 << 33, k // 128, 1, 0)
+    compiled = gemm._function
+    tried: list[int] = []
+
+    def refuse_w4a8(geometry: Geometry, fmt: int, *args: object, **kwargs: object) -> int:
+        if fmt == INT4_A8Q:
+            tried.append(fmt)
+            raise RuntimeError("nvrtc: error: an instruction this NVRTC does not know")
+        return compiled(geometry, fmt, *args, **kwargs)  # type: ignore[arg-type]
+
+    gemm._function = refuse_w4a8  # type: ignore[method-assign]
+    before = gemm.plans(INT4, call, int4=int4)
+    assert any(p.kernel.startswith("skinnywg4_") for p in before)
+    assert gemm.plans(INT4_A8Q, call, int4=int4) == [] and len(tried) == 1 and "does not know" in gemm.warpgroups_error
+    assert gemm.plans(INT4, call, int4=int4) == before  # (the int4 form's warpgroup plans still offered, in order)
+    assert gemm.plans(INT4_A8Q, call, int4=int4) == [] and len(tried) == 1  # (not tried again)
+    f32 = (*call[:9], 0)  # (float32 output: a family of its own, tried on its own)
+    assert gemm.plans(INT4_A8Q, f32, int4=int4) == [] and len(tried) == 2
 
 
 def test_registering_or_removing_a_quantized_weight_forgets_the_launches_chosen_by_address() -> None:
