@@ -614,6 +614,23 @@ __device__ __forceinline__ void sk_xstore8(unsigned buf, const uint4 (&xv)[MT][J
             }
         }
 }
+// a lane's 32 16-bit values of a (row, 128-input group) (sk_xloadq's four vectors) as float32, f[t][e] the value e of
+// vector t, and the largest magnitude of the group's 128, taken across the quad that holds them (every lane calls it)
+template <bool BF16> __device__ __forceinline__ float sk_quad_amax(const uint4 (&xv)[4], float (&f)[4][8]) {
+    float m = 0.f;
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+        const unsigned w[4] = {xv[t].x, xv[t].y, xv[t].z, xv[t].w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            f[t][2 * i] = tof<BF16>((unsigned short)(w[i] & 0xffffu));
+            f[t][2 * i + 1] = tof<BF16>((unsigned short)(w[i] >> 16));
+            m = fmaxf(m, fmaxf(fabsf(f[t][2 * i]), fabsf(f[t][2 * i + 1])));
+        }
+    }
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    return fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+}
 // SK_E4M3_A8Q and SK_INT4_A8Q: x's 16-bit values of a pass, a quad to each (row, 128-input group): warp w takes the pass's row group
 // ng and group gi of pair wp = w + WARPS j (ng = wp % MT, gi = wp / MT; MT PASS pairs), lane (rr, q) row 8 ng + rr
 // (past the rows: the last) and its inputs 64 b + 16 q .. + 15 for b = 2 gi and 2 gi + 1 (two 16-byte vectors each:
@@ -647,19 +664,8 @@ __device__ __forceinline__ void sk_xstoreq(unsigned buf, const uint4 (&xv)[J][4]
     for (int j = 0; j < J; ++j) {
         const int wp = warp + WARPS * j, ng = wp % MT, gi = wp / MT;
         if (wp < MT * (KX / 128)) {  // (warp-uniform: the quad shuffles below have every lane)
-            float f[4][8], m = 0.f;
-#pragma unroll
-            for (int t = 0; t < 4; ++t) {
-                const unsigned w[4] = {xv[j][t].x, xv[j][t].y, xv[j][t].z, xv[j][t].w};
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    f[t][2 * i] = tof<BF16>((unsigned short)(w[i] & 0xffffu));
-                    f[t][2 * i + 1] = tof<BF16>((unsigned short)(w[i] >> 16));
-                    m = fmaxf(m, fmaxf(fabsf(f[t][2 * i]), fabsf(f[t][2 * i + 1])));
-                }
-            }
-            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+            float f[4][8];
+            const float m = sk_quad_amax<BF16>(xv[j], f);
             const float amax = fmaxf(m, 1e-12f), inv = 448.f / amax;
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
@@ -698,19 +704,8 @@ __device__ __forceinline__ void sk_xstorei8(unsigned buf, const uint4 (&xv)[J][4
     for (int j = 0; j < J; ++j) {
         const int wp = warp + WARPS * j, ng = wp % MT, gi = wp / MT;
         if (wp < MT * PASS) {  // (warp-uniform: the quad shuffles below have every lane)
-            float f[4][8], m = 0.f;
-#pragma unroll
-            for (int t = 0; t < 4; ++t) {
-                const unsigned w[4] = {xv[j][t].x, xv[j][t].y, xv[j][t].z, xv[j][t].w};
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    f[t][2 * i] = tof<BF16>((unsigned short)(w[i] & 0xffffu));
-                    f[t][2 * i + 1] = tof<BF16>((unsigned short)(w[i] >> 16));
-                    m = fmaxf(m, fmaxf(fabsf(f[t][2 * i]), fabsf(f[t][2 * i + 1])));
-                }
-            }
-            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+            float f[4][8];
+            const float m = sk_quad_amax<BF16>(xv[j], f);
             const float amax = fmaxf(m, 1e-12f), inv = 127.f / amax;
             int sum = 0;
 #pragma unroll
