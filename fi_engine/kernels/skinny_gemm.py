@@ -522,8 +522,8 @@ class SkinnyLaunches:
     each plan then timed as that pair of launches), then Hopper's e4m3 ``wgmma`` over both. Its products are those of
     cuBLASLt's FP8 GEMM, which serves such rows with x quantized per row and 128 inputs alike. On by default (the 8B
     FP8 step 14-16 % faster at 16 rows on an H200: benchmarks/RESULTS.md); ``bench_llama_tp.py --variants no-w8a8``
-    turns it off. Read, with ``QuantizedWeights``' FP8 switches, when a
-    shape is first timed and a call packed (set it before the engine warms up)."""
+    turns it off. Read, with ``QuantizedWeights``' FP8 switches, when a shape is first timed and a call packed (set it
+    before the engine warms up)."""
 
     w8a8_fused = True
     """Whether the W8A8 form (:attr:`w8a8_on`) quantizes x in the kernel as it stages it (``E4M3_A8Q``: one launch);
