@@ -16,15 +16,18 @@ no torch).
 - The W8A8 form with x quantized in the kernel (``E4M3_A8Q``): each plan gives the bits of the same plan of
   ``E4M3_A8`` over x quantized by the engine's ``fp8_quant.cu`` (the same bytes and scales staged, the same sums).
 - The W8A8 form through a Dense (``SkinnyLaunches.w8a8_on``), x quantized in the kernel or by the quantizer's launch
-  (``w8a8_fused``): over a registered 128x128-block FP8 weight at 16 and 32 rows, each of its plans (the quantizer's:
+  (``w8a8_fused``, ``w8a8_quantizer``; each kind alone and both): over a registered 128x128-block FP8
+  weight at 16 and 32 rows, each of its plans (the quantizer's:
   into the FP8 scratch filled with NaN codes first) multiplies within the bound above over the quantizer's x; the
   Dense times those plans among its launches; at 8 rows none is offered (x stays 16-bit there).
 - On an SM 9.0, the W4A8 form (``INT4_A8Q``: int4 weights times x quantized to int8 in the kernel, Hopper's integer
   ``wgmma``): every plan at 1-32 rows, both 16-bit types and outputs, groups of 128, 256 and 512 (none offered for
   64), plain and gate/up-interleaved weights, against float64 over numpy's model of the kernel's quantization
-  (``amax`` a row and 128 inputs, codes ``rint(float32(x * float32(127 / amax)))``, scale ``amax / 127``): its sums
-  are exact integers, so the bound is float32's adding of the tiles, ``2**-19 * sum |xq| |w|``, plus half an ulp of a
-  16-bit output. Against the unquantized x, within half a code a value (``0.501 * scale * sum |w|`` a group) more.
+  (``amax`` a row and 128 inputs, codes ``rint(x * float32(127 / amax))``, the exact product rounded once, scale
+  ``amax / 127``): its sums are exact integers, so the bound is float32's adding of the tiles, ``2**-19 * sum |xq|
+  |w|``, plus half an ulp of a 16-bit output. Against the unquantized x, within half a code a value (``0.501 * scale
+  * sum |w|`` a group) more. At its edges: zeros of 255 against codes of 127 (the corrected sums near ``2**22``), and
+  a NaN in one row of x, whose outputs all come out NaN while the other rows' stay right.
   Through a Dense (``SkinnyLaunches.w4a8_on``) at 8 and 32 rows: each W4A8 plan run by ``SkinnyLaunches.run``
   within that bound, and the Dense times them among its launches.
 - A split launch gives the same bits twice and leaves its counters at zero; a CUDA graph of it replays new inputs
@@ -419,13 +422,15 @@ def test_every_int4_plan_matches_float32(dtype: str, f32: bool, k: int, group_si
 
 
 def int8_model(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The W4A8 form's quantization of x (float32 ``[rows, k]``, k a multiple of 128), as the kernel's sk_xstorei8
-    does it in float32: ``(values [rows, k], the half code's size [rows, k])``, float64."""
+    """The W4A8 form's quantization of x (float32 ``[rows, k]``, k a multiple of 128, finite), as the kernel's
+    sk_xstorei8 does it: amax and ``127 / amax`` in float32, each code the exact product ``v * (127 / amax)`` rounded
+    once to nearest even (the kernel's fma; float64 holds the product of two float32 exactly): ``(values [rows, k],
+    the half code's size [rows, k])``, float64."""
     rows, k = x.shape
     groups = x.reshape(rows, k // 128, 128)
     amax = np.maximum(np.abs(groups).max(axis=2), np.float32(1e-12)).astype(np.float32)
     inv = (np.float32(127) / amax).astype(np.float32)
-    codes = np.rint((groups * inv[..., None]).astype(np.float32)).astype(np.float64)
+    codes = np.rint(groups.astype(np.float64) * inv[..., None].astype(np.float64))
     scale = (amax / np.float32(127)).astype(np.float64)
     values = (codes * scale[..., None]).reshape(rows, k)
     return values, np.repeat(scale * 0.501, 128, axis=1)
@@ -481,6 +486,52 @@ def test_every_w4a8_plan_matches_its_int8_model(dtype: str, f32: bool) -> None:
                     except AssertionError as exc:
                         raise AssertionError(f"{plan.kernel} {plan.grid} rows {rows} n {n} k {k}: {exc}") from exc
         assert int(sk.done.sum()) == 0, "a split launch left a counter set"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_the_w4a8_form_at_its_edges(dtype: str) -> None:
+    """Every W4A8 plan at a zero of 255 (the records' largest) against x at its largest codes: each tile's int32 sum
+    less the zero times x's sum of codes comes to -(255 - code) 127 128, within 2^22 of zero, where the kernel's
+    conversion to float32 is exact (sk_i2f); the outputs within check_w4a8's bounds of numpy's model. And a NaN in one
+    row of x: that row's outputs all NaN (its scale NaN: max.NaN), every other row's as without it."""
+    from fi_engine.checkpoint.int4_weights import Int4Matrix, decode_gemv_layout
+
+    if cupy.cuda.Device().compute_capability != "90":
+        pytest.skip("the W4A8 form is Hopper's (SM 9.0) integer wgmma")
+    rng = np.random.default_rng(255)
+    n, k, groups, nan_row = 272, 512, 4, 5
+    m = Int4Matrix(rng.integers(0, 16, (n, k)).astype(np.uint8), np.full((groups, n), 255, np.uint8),
+                   np.full((groups, n), 0.02, np.float32), 128)  # fmt: skip
+    w_host, rec_host = m.gemv_layout()
+    values = decode_gemv_layout(w_host, rec_host, k).astype(np.float64)
+    # every value of a row the same magnitude and sign (codes of 127, or -127), rows of either sign
+    xf = np.repeat(np.where(rng.random((32, 1)) < 0.5, -3.0, 3.0), k, axis=1).astype(np.float32)
+    xf[:, 128:256] *= 0.25  # (a group of smaller values: its own scale, codes 127 still)
+    xf[nan_row, 7] = np.nan
+    x16 = to16(xf, dtype)
+    xv = from16(x16, dtype)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        dense, sk = Dense(stream), SkinnyGemm()
+        w, rec, x = cupy.asarray(w_host), cupy.asarray(rec_host), cupy.asarray(x16)
+        ld = n + 8
+        for rows in (*ROWS, 28):
+            for f32 in (False, True):
+                call = (rows, int(x.data.ptr), k, int(w.data.ptr), n, k, 0, ld, *types(dtype, f32))
+                plans = sk.plans(INT4_A8Q, call, int4=(int(rec.data.ptr), groups, 1, 0))
+                assert plans, (rows, sk.warpgroups_error)
+                finite = [r for r in range(rows) if r != nan_row]
+                for plan in plans:
+                    got = outputs(dense, plan, rows, n, ld, dtype, f32)
+                    where = f"{plan.kernel} {plan.grid} rows {rows}"
+                    if nan_row < rows:
+                        assert np.isnan(got[nan_row]).all(), f"{where}: the NaN row's outputs not all NaN"
+                    try:
+                        check_w4a8(got[finite], xv[finite], values, f32, dtype)
+                    except AssertionError as exc:
+                        raise AssertionError(f"{where}: {exc}") from exc
+        assert int(sk.done.sum()) == 0, "a split launch left a counter set"
+        dense.close()
 
 
 @pytest.mark.parametrize("rows", [8, 32])

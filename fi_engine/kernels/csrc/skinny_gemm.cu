@@ -614,9 +614,18 @@ __device__ __forceinline__ void sk_xstore8(unsigned buf, const uint4 (&xv)[MT][J
             }
         }
 }
+// the larger of a and b, NaN where either is (max.NaN; fmaxf returns the other operand)
+__device__ __forceinline__ float sk_max_nan(float a, float b) {
+    float d;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+    return d;
+}
 // a lane's 32 16-bit values of a (row, 128-input group) (sk_xloadq's four vectors) as float32, f[t][e] the value e of
-// vector t, and the largest magnitude of the group's 128, taken across the quad that holds them (every lane calls it)
-template <bool BF16> __device__ __forceinline__ float sk_quad_amax(const uint4 (&xv)[4], float (&f)[4][8]) {
+// vector t, and the largest magnitude of the group's 128, taken across the quad that holds them (every lane calls it).
+// NAN: a NaN among them gives NaN (max.NaN), else it is passed over (fmaxf)
+template <bool BF16, bool NAN = false>
+__device__ __forceinline__ float sk_quad_amax(const uint4 (&xv)[4], float (&f)[4][8]) {
+    const auto mx = [](float a, float b) { return NAN ? sk_max_nan(a, b) : fmaxf(a, b); };
     float m = 0.f;
 #pragma unroll
     for (int t = 0; t < 4; ++t) {
@@ -625,11 +634,11 @@ template <bool BF16> __device__ __forceinline__ float sk_quad_amax(const uint4 (
         for (int i = 0; i < 4; ++i) {
             f[t][2 * i] = tof<BF16>((unsigned short)(w[i] & 0xffffu));
             f[t][2 * i + 1] = tof<BF16>((unsigned short)(w[i] >> 16));
-            m = fmaxf(m, fmaxf(fabsf(f[t][2 * i]), fabsf(f[t][2 * i + 1])));
+            m = mx(m, mx(fabsf(f[t][2 * i]), fabsf(f[t][2 * i + 1])));
         }
     }
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-    return fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    m = mx(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    return mx(m, __shfl_xor_sync(0xffffffffu, m, 2));
 }
 // SK_E4M3_A8Q and SK_INT4_A8Q: x's 16-bit values of a pass, a quad to each (row, 128-input group): warp w takes the pass's row group
 // ng and group gi of pair wp = w + WARPS j (ng = wp % MT, gi = wp / MT; MT PASS pairs), lane (rr, q) row 8 ng + rr
@@ -690,8 +699,10 @@ __device__ __forceinline__ unsigned sk_bytes4(int b0, int b1, int b2, int b3) {
     return __byte_perm(__byte_perm(b0, b1, 0x0040), __byte_perm(b2, b3, 0x0040), 0x5410);
 }
 // SK_INT4_A8Q: sk_xloadq's values, quantized to int8 a (row, 128-input group) at a time: amax over the group's 128
-// values across the quad (at least 1e-12), codes rint(v * (127 / amax)) (to nearest even; |code| <= 127 since |v| <=
-// amax), scale amax / 127. Vector p = 2 h + e of the lane (inputs 128 gi + 64 h + 16 q + 8 e + {0..7}, values c0 ..
+// values across the quad (at least 1e-12; NaN where one is NaN, so that the scale is and the row's outputs are NaN,
+// where fmaxf would pass over it and its code would be garbage), codes v * (127 / amax) rounded once to nearest even
+// by an fma that adds 1.5 2^23 (the code in the float's low bits: no float-to-int conversion; |code| <= 127 since
+// |v| <= amax), scale amax / 127. Vector p = 2 h + e of the lane (inputs 128 gi + 64 h + 16 q + 8 e + {0..7}, values c0 ..
 // c7) goes to word q of chunks 8 gi + 2 p, as bytes (c0, c4, c1, c5), and 8 gi + 2 p + 1, as (c2, c6, c3, c7): the
 // k slots where sk_wg_raw4 puts the weights' codes of the same inputs. The scale at float gi 8 MT + 8 ng + rr after
 // the pass's bytes (where the W8A8 form's are), the group's sum of codes (int32) PASS 8 MT words after it. Every
@@ -705,14 +716,15 @@ __device__ __forceinline__ void sk_xstorei8(unsigned buf, const uint4 (&xv)[J][4
         const int wp = warp + WARPS * j, ng = wp % MT, gi = wp / MT;
         if (wp < MT * PASS) {  // (warp-uniform: the quad shuffles below have every lane)
             float f[4][8];
-            const float m = sk_quad_amax<BF16>(xv[j], f);
-            const float amax = fmaxf(m, 1e-12f), inv = 127.f / amax;
-            int sum = 0;
+            const float m = sk_quad_amax<BF16, true>(xv[j], f);
+            const float amax = sk_max_nan(m, 1e-12f), inv = 127.f / amax;
+            unsigned sum = 0;  // (unsigned: a NaN group's codes are garbage, and their sum must not overflow an int)
 #pragma unroll
             for (int p = 0; p < 4; ++p) {
                 int c[8];
 #pragma unroll
-                for (int e = 0; e < 8; ++e) c[e] = __float2int_rn(f[p][e] * inv), sum += c[e];
+                for (int e = 0; e < 8; ++e)
+                    c[e] = __float_as_int(fmaf(f[p][e], inv, 12582912.f)) - 0x4B400000, sum += (unsigned)c[e];
                 const unsigned at = buf + 4 * (32 * (ng * CP + 8 * gi + 2 * p) + lane);
                 asm volatile("st.shared.b32 [%0], %1;" ::"r"(at), "r"(sk_bytes4(c[0], c[4], c[1], c[5])) : "memory");
                 asm volatile("st.shared.b32 [%0], %1;" ::"r"(at + 128), "r"(sk_bytes4(c[2], c[6], c[3], c[7])) : "memory");
@@ -805,17 +817,22 @@ template <int MT> struct sk_w4a8_factors {
     int xa[MT], xb[MT];
 };
 // v (|v| < 2^22) as a float32, exactly, in two full-rate instructions (its bits added to 1.5 2^23's, less 1.5 2^23)
-__device__ __forceinline__ float sk_i2f(int v) { return __int_as_float(v + 0x4B400000) - 12582912.f; }
+__device__ __forceinline__ float sk_i2f(int v) { return __int_as_float((int)((unsigned)v + 0x4B400000u)) - 12582912.f; }
+// d - z x in 32 bits, wrapping (unsigned: a NaN group's garbage sums must not be undefined behaviour; its NaN scale
+// makes the product NaN whatever this gives)
+__device__ __forceinline__ int sk_less_zero(int d, int z, int x) {
+    return (int)((unsigned)d - (unsigned)z * (unsigned)x);
+}
 // o += a W4A8 product's completed int32 sums d (sum of code x-code), each less its zero times x's sum of codes (now
 // sum of (code - zero) x-code, exact: at most 255 127 128 < 2^22), times its row's scale and x's
 template <int MT>
 __device__ __forceinline__ void sk_add_w4a8(float (&o)[MT][4], const int (&d)[MT][4], const sk_w4a8_factors<MT>& f) {
 #pragma unroll
     for (int i = 0; i < MT; ++i) {
-        o[i][0] = fmaf(f.sa * f.ca[i], sk_i2f(d[i][0] - f.za * f.xa[i]), o[i][0]);
-        o[i][1] = fmaf(f.sa * f.cb[i], sk_i2f(d[i][1] - f.za * f.xb[i]), o[i][1]);
-        o[i][2] = fmaf(f.sb * f.ca[i], sk_i2f(d[i][2] - f.zb * f.xa[i]), o[i][2]);
-        o[i][3] = fmaf(f.sb * f.cb[i], sk_i2f(d[i][3] - f.zb * f.xb[i]), o[i][3]);
+        o[i][0] = fmaf(f.sa * f.ca[i], sk_i2f(sk_less_zero(d[i][0], f.za, f.xa[i])), o[i][0]);
+        o[i][1] = fmaf(f.sa * f.cb[i], sk_i2f(sk_less_zero(d[i][1], f.za, f.xb[i])), o[i][1]);
+        o[i][2] = fmaf(f.sb * f.ca[i], sk_i2f(sk_less_zero(d[i][2], f.zb, f.xa[i])), o[i][2]);
+        o[i][3] = fmaf(f.sb * f.cb[i], sk_i2f(sk_less_zero(d[i][3], f.zb, f.xb[i])), o[i][3]);
     }
 }
 // each decoded A register computed before the wgmma.fence that follows (volatile asm keeps their order): the PTX rules
