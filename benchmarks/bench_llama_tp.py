@@ -77,6 +77,7 @@ ONE_GPU_VARIANTS = (
     "skinny-w8a8",
     "no-w8a8",
     "w8a8-quantizer",
+    "w8a8-both",
     "skinny-w4a8",
     "no-tc-decode",
     "no-prefill-kernel-pdl",
@@ -303,10 +304,14 @@ def set_variant(variant: str) -> None:
         from fi_engine.kernels.skinny_gemm import SkinnyLaunches
 
         SkinnyLaunches.w4a8_on = True
-    if variant == "w8a8-quantizer":  # that form over x quantized by a launch of its own first (with skinny-w8a8)
+    if variant == "w8a8-quantizer":  # that form over x quantized by a launch of its own first only
         from fi_engine.kernels.skinny_gemm import SkinnyLaunches
 
-        SkinnyLaunches.w8a8_fused = False
+        SkinnyLaunches.w8a8_fused, SkinnyLaunches.w8a8_quantizer = False, True
+    if variant == "w8a8-both":  # that form's plans of both kinds, x quantized in the kernel (the default) and first
+        from fi_engine.kernels.skinny_gemm import SkinnyLaunches
+
+        SkinnyLaunches.w8a8_quantizer = True
     if variant == "wg4-rows-25":  # the warpgroup form at 25-32 rows only
         import dataclasses
 

@@ -27,7 +27,8 @@ e4m3 weights by x quantized to e4m3 (a scale per row and 128 inputs, as the engi
 Hopper's e4m3 ``wgmma``: the weights' bytes go to the tensor cores as loaded, no decoding, and each k32 product covers
 twice the inputs of a 16-bit one. Its geometries are the e4m3 warpgroup form's. ``E4M3_A8Q`` is the same over 16-bit
 x, which each block quantizes as it stages a pass (to the bytes and scales the quantizer's launch writes for
-``E4M3_A8``): one launch, none before it (:attr:`SkinnyLaunches.w8a8_fused`).
+``E4M3_A8``): one launch, none before it (:attr:`SkinnyLaunches.w8a8_fused`; the engine offers the in-kernel kind
+alone unless :attr:`SkinnyLaunches.w8a8_quantizer` asks for both).
 
 Its W4A8 form (``INT4_A8Q``, an opt-in: :attr:`SkinnyLaunches.w4a8_on`) multiplies int4 weights by x quantized to
 int8 in the kernel (a scale per row and 128 inputs) with Hopper's integer ``wgmma``: the codes go to the tensor cores
@@ -518,18 +519,28 @@ class SkinnyLaunches:
     w8a8_on = True
     """Whether FP8 weights of 128x128 blocks may take the W8A8 form (``E4M3_A8``, with :attr:`warpgroups_on`; SM 9.0
     only) in steps of more than ``QuantizedWeights.fp8_gemv_max_rows`` rows: x quantized to e4m3 (in the kernel,
-    :attr:`w8a8_fused`, or into the FP8 scratch first by :meth:`~fi_engine.kernels.fp8_linear.Fp8Linears.x_quantizer`,
-    each plan then timed as that pair of launches), then Hopper's e4m3 ``wgmma`` over both. Its products are those of
-    cuBLASLt's FP8 GEMM, which serves such rows with x quantized per row and 128 inputs alike. On by default (the 8B
-    FP8 step 14-16 % faster at 16 rows on an H200: benchmarks/RESULTS.md); ``bench_llama_tp.py --variants no-w8a8``
-    turns it off. Read, with ``QuantizedWeights``' FP8 switches, when a shape is first timed and a call packed (set it
-    before the engine warms up)."""
+    :attr:`w8a8_fused`, and with :attr:`w8a8_quantizer` also into the FP8 scratch first by
+    :meth:`~fi_engine.kernels.fp8_linear.Fp8Linears.x_quantizer`, each such plan timed as that pair of launches), then
+    Hopper's e4m3 ``wgmma`` over both. Its products are those of cuBLASLt's FP8 GEMM, which serves such rows with x
+    quantized per row and 128 inputs alike. On by default (the 8B FP8 step 14-16 % faster at 16 rows on an H200:
+    benchmarks/RESULTS.md); ``bench_llama_tp.py --variants no-w8a8`` turns it off. Read, with ``QuantizedWeights``' FP8
+    switches, when a shape is first timed and a call packed (set it before the engine warms up)."""
 
     w8a8_fused = True
-    """Whether the W8A8 form (:attr:`w8a8_on`) quantizes x in the kernel as it stages it (``E4M3_A8Q``: one launch);
-    False: x quantized into the FP8 scratch by a launch of its own first (``E4M3_A8``). The same bytes and scales
-    either way, so the same outputs bit for bit. Read when a shape is first timed and a call packed, as
-    :attr:`w8a8_on` (set it before the engine warms up: the plans' indices depend on it)."""
+    """Whether the W8A8 form (:attr:`w8a8_on`) offers its plans that quantize x in the kernel as they stage it
+    (``E4M3_A8Q``: one launch). Read when a shape is first timed and a call packed, as :attr:`w8a8_on` (set it before
+    the engine warms up: the plans' indices depend on it; ``bench_llama_tp.py --variants w8a8-quantizer`` turns it
+    off and :attr:`w8a8_quantizer` on)."""
+
+    w8a8_quantizer = False
+    """Whether the W8A8 form (:attr:`w8a8_on`) also offers its plans over x quantized into the FP8 scratch by a launch
+    of its own first (``E4M3_A8``: the quantizer, then the GEMM), after the in-kernel ones; the Dense then times both
+    kinds and keeps the faster for each shape. Both stage the same bytes and scales, so give the same outputs bit for
+    bit. Off: timed alone, the quantizer's kind wins wide shapes (each block of the in-kernel kind quantizes the x it
+    stages, which costs gate/up's many column blocks more than one launch does), but on an H200 the 8B FP8 step with
+    both kinds offered was 2 % slower at 16 rows and 1 % at 32 than with the in-kernel kind alone
+    (benchmarks/RESULTS.md). Read as :attr:`w8a8_fused` (``bench_llama_tp.py --variants w8a8-both`` turns it on,
+    ``w8a8-quantizer`` offers that kind alone)."""
 
     w4a8_on = False
     """Whether int4 weights (groups of 128 inputs or more) may take the W4A8 form (``INT4_A8Q``, with
@@ -563,7 +574,8 @@ class SkinnyLaunches:
         serve the call, or :attr:`on` is off); ``silu``: the SiLU form's over a 16-bit gate/up weight, ``y`` the
         activation (:meth:`SkinnyGemm.plans`; ``[]`` where :attr:`silu_on` is off). Over a 128x128-block FP8 weight with
         :attr:`w8a8_on`, the W8A8 form's plans follow the e4m3 form's (:attr:`w8a8_fused`: over x as it is, quantized in
-        the kernel; else over the FP8 scratch that the quantizer fills first, :meth:`_x_quantizer`); over an int4
+        the kernel; then :attr:`w8a8_quantizer`: over the FP8 scratch that the quantizer fills first,
+        :meth:`_x_quantizer`); over an int4
         weight with :attr:`w4a8_on`, the W4A8 form's follow the int4 form's. Makes the
         SkinnyGemm at the first call; a GPU or NVRTC it cannot serve leaves it off (:attr:`error`)."""
         ab_type, c_type = key[8:]
@@ -593,10 +605,10 @@ class SkinnyLaunches:
         plans = gemm.plans(fmt, call, quant.scales, s_ld, quant.block, warpgroups=self.warpgroups_on)
         if fmt != E4M3_BLOCK or not gemm.warpgroups or not self._w8a8_serves(key, quant):
             return plans
-        if self.w8a8_fused:  # (the W8A8 form after the e4m3 form's plans: x quantized in the kernel)
-            return plans + gemm.plans(E4M3_A8Q, call, quant.scales, s_ld, quant.block, warpgroups=self.warpgroups_on)
-        x8 = self._x_quantizer(key, quant)
-        if x8 is not None:  # (... or over x quantized at x8[0] first, row stride k)
+        if self.w8a8_fused:  # (the W8A8 form after the e4m3 form's plans: x quantized in the kernel ...)
+            plans += gemm.plans(E4M3_A8Q, call, quant.scales, s_ld, quant.block, warpgroups=self.warpgroups_on)
+        x8 = self._x_quantizer(key, quant) if self.w8a8_quantizer else None
+        if x8 is not None:  # (... then over x quantized at x8[0] first, row stride k)
             call8 = (key[0], x8[0], quant.k, quant.w, *key[4:])
             plans += gemm.plans(E4M3_A8, call8, quant.scales, s_ld, quant.block, warpgroups=self.warpgroups_on)
         return plans
@@ -627,7 +639,7 @@ class SkinnyLaunches:
         """Launch plan ``index`` of the call ``key`` (over the FP8 or int4 weight ``quant``, or a 16-bit one; ``silu``:
         of the SiLU form, :meth:`plans`), packed once per call (values only; at most 4096 kept) and launched with
         programmatic dependent launch; False where the call has no such plan (a shape timed on aligned buffers, called
-        on others). A W8A8 plan over the quantizer's x (not :attr:`w8a8_fused`) is two launches, packed together: the
+        on others). A W8A8 plan over the quantizer's x (:attr:`w8a8_quantizer`) is two launches, packed together: the
         quantizer into the FP8 scratch, without programmatic dependent launch (so it starts after every earlier launch
         has ended: none still reads the scratch), then the GEMM."""
         packed = self._calls.get((key, index, silu))

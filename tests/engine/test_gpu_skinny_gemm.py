@@ -222,14 +222,15 @@ def test_the_in_kernel_quantization_gives_the_quantizer_s_bits(dtype: str, f32: 
                 assert int(sk.done.sum()) == 0
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["in-kernel", "quantizer"])
+@pytest.mark.parametrize("kinds", ["in-kernel", "quantizer", "both"])
 @pytest.mark.parametrize("rows", [16, 32])
-def test_the_w8a8_form_through_a_dense(monkeypatch, rows: int, fused: bool) -> None:  # type: ignore[no-untyped-def]
+def test_the_w8a8_form_through_a_dense(monkeypatch, rows: int, kinds: str) -> None:  # type: ignore[no-untyped-def]
     if cupy.cuda.Device().compute_capability != "90":
         pytest.skip("the W8A8 form is Hopper's (SM 9.0) e4m3 wgmma")
     monkeypatch.setattr(SkinnyLaunches, "w8a8_on", True)
-    monkeypatch.setattr(SkinnyLaunches, "w8a8_fused", fused)
-    prefix = "skinnywg8q" if fused else "skinnywg8a"
+    monkeypatch.setattr(SkinnyLaunches, "w8a8_fused", kinds != "quantizer")
+    monkeypatch.setattr(SkinnyLaunches, "w8a8_quantizer", kinds != "in-kernel")
+    prefix = {"in-kernel": ("skinnywg8q",), "quantizer": ("skinnywg8a",), "both": ("skinnywg8q", "skinnywg8a")}[kinds]
     rng = np.random.default_rng(rows)
     n, k = 1152, 1536  # (n a multiple of 128: the blocks the engine quantizes x for)
     stream = cupy.cuda.Stream(non_blocking=True)
@@ -245,6 +246,8 @@ def test_the_w8a8_form_through_a_dense(monkeypatch, rows: int, fused: bool) -> N
         plans = sk.plans(key, wt)
         a8 = [i for i, p in enumerate(plans) if p.kernel.startswith(prefix)]
         assert a8 and len(a8) < len(plans), [p.kernel for p in plans]
+        assert {plans[i].kernel[:10] for i in a8} == set(prefix), "each kind offered"
+        assert not any(p.kernel.startswith(("skinnywg8q", "skinnywg8a")) for i, p in enumerate(plans) if i not in a8)
         assert dense.quantized.fp8 is not None
         made = dense.quantized.fp8.x_quantizer(rows, int(x.data.ptr), k, k, True, dense.launcher.null)
         assert made is not None
@@ -256,8 +259,8 @@ def test_the_w8a8_form_through_a_dense(monkeypatch, rows: int, fused: bool) -> N
             scratch.fill(0x7F)  # e4m3 NaN everywhere: the plan must quantize x itself
             y.fill(0)
             assert sk.run(key, i, wt)
-            if fused:  # (the kernel quantized x itself: the quantizer's bytes, for the reference only)
-                made[1]()
+            if plans[i].kernel.startswith("skinnywg8q"):  # (x quantized in the kernel: the quantizer's bytes, for
+                made[1]()  # the reference only)
             stream.synchronize()
             codes = cupy.asnumpy(scratch[: rows * k]).reshape(rows, k)
             xs = cupy.asnumpy(scratch[at:]).view(np.float32).reshape(groups, rows)

@@ -401,6 +401,43 @@ def test_the_int4_warpgroup_form_is_offered_on_sm90_for_groups_of_128_or_more_on
         assert fns == {gemm._fns[g.name(INT4, True, False, 4)] for g in GEOMETRIES[INT4] if g.wg and g.k_unit in units}
 
 
+def test_the_w8a8_form_offers_its_two_kinds_of_plans_as_switched(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Over a 128x128-block FP8 weight at 16 rows, ``SkinnyLaunches.plans`` gives the e4m3 form's plans, then the
+    W8A8 form's that quantize x in the kernel (``w8a8_fused``, skinnywg8q, over the call's own x; by default the
+    only kind), then with ``w8a8_quantizer`` those over the quantizer's x (skinnywg8a, x at the FP8 scratch with row
+    stride k), in that order, so that a Dense's plan indices stay as timed; each switch leaves its kind out, and the
+    quantizer is asked for only where its kind is offered."""
+    from fi_engine.kernels.cublas import CUDA_R_16BF
+
+    assert SkinnyLaunches.w8a8_fused is True and SkinnyLaunches.w8a8_quantizer is False
+    fp8 = _Fp8Registry()
+    quantized = SimpleNamespace(fp8=fp8, fp8_gemv_max_rows=8, fp8_w8a8=True, fp8_w8a8_blocks=True)
+    launches = SkinnyLaunches(SimpleNamespace(null=0), quantized)  # type: ignore[arg-type]
+    launches._gemm = cpu_gemm(SMS, 1)
+    n, k = SHAPES_8B["qkv"]
+    weight = SimpleNamespace(w=0x5000, k=k, n=n, block=(128, 128), scales=1 << 34)
+    key = (16, 0x1000, k, 0x5000, n, k, 1 << 28, n, CUDA_R_16BF, CUDA_R_16BF)
+
+    def kinds() -> list[str]:
+        plans = launches.plans(key, weight)
+        names = [p.kernel[:10] for p in plans]
+        order = {"skinnywg8q": 1, "skinnywg8a": 2}
+        assert [order.get(name, 0) for name in names] == sorted(order.get(name, 0) for name in names), names
+        for p in plans:
+            x = p.args[0]
+            assert x == (1 << 20 if p.kernel.startswith("skinnywg8a") else 0x1000), p.kernel  # whose x it reads
+        return sorted({name for name in names if name in order})
+
+    assert kinds() == ["skinnywg8q"] and fp8.asked == []  # the default: x quantized in the kernel only
+    monkeypatch.setattr(SkinnyLaunches, "w8a8_quantizer", True)
+    assert kinds() == ["skinnywg8a", "skinnywg8q"]
+    assert fp8.asked and fp8.asked[-1][:4] == (16, 0x1000, k, k)
+    monkeypatch.setattr(SkinnyLaunches, "w8a8_fused", False)
+    assert kinds() == ["skinnywg8a"]
+    monkeypatch.setattr(SkinnyLaunches, "w8a8_quantizer", False)
+    assert kinds() == []
+
+
 def test_the_w4a8_form_is_offered_only_switched_on_for_groups_of_128_or_more(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """``SkinnyLaunches.w4a8_on`` (off by default) adds the W4A8 form's plans after the int4 form's, at every row
     count up to 32, for groups of 128 inputs or more, with the warpgroup form on and served (an SM 9.0); its kernels
