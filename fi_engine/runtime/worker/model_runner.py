@@ -179,25 +179,27 @@ class ModelRunner(RunnerState):
     2,494.3-2,509.7 / 2,510.3-2,524.5, 32 rows 8,277.0 / 8,244.8-8,283.9 (benchmarks/RESULTS.md). Read when the graphs
     are captured: set it on the class to compare."""
 
-    tensor_core_decode_rows: int = 2
-    """Decode graphs of at least this many rows (eager steps: never) run the Llama family's attention on
-    FlashInfer's FA2 paged-prefill kernel, one query row a request, where the query heads a KV head serves are 4 or
-    more and the wheels hold that module (``Llama.plan_decode``; the decode kernel where they do not); 0: the decode
-    kernel always (and :attr:`tensor_core_decode_context` off). The prefill kernel takes a KV head's queries together
-    on tensor cores in tiles of many keys, where the decode kernel walks the keys a few at a time: on an H200 (8B
-    shape, 32 query and 8 KV heads, head dim 128, pages of 16, CUDA graph, us a layer) 11.3 against 15.1 at 32 rows
-    and 48 keys, 15.5 against 30.8 at 256, 43.0 against 56.9 at 1,024; at 8 rows 12.1 against 26.5 at 256 keys but
-    10.3 against 9.0 at 48. The 8B step after 1,024-token prompts ran 11 % faster with it at 2 rows, 9 % at 4, 7 % at
-    8 and 4-5 % at 32 (FP8 and int4 weights: 6-12 % at 8 and 32); after 32-token prompts it was even at 2-8 rows and
-    2-5 % faster at 16 and 32, and within 2 % of the decode kernel over int4 weights at 4 and 8 rows (with
-    :attr:`prefill_kernel_pdl`; 3-5 % slower without). Graphs of fewer rows choose per step
-    (:attr:`tensor_core_decode_context`). Its steps' attention matches a float32 reference and its greedy tokens
-    transformers' (tests/engine/test_gpu_tc_decode.py). Read at each graph size's capture: set it on the class
-    before the engine is made (``bench_llama_tp.py --variants no-tc-decode``); a graph keeps the kernel it was
-    captured with."""
+    tensor_core_decode_rows: int = 16
+    """Decode graphs of at least this many rows (eager steps: never) run the Llama family's attention on FlashInfer's
+    FA2 paged-prefill kernel, one query row a request, where the query heads a KV head serves are 4 or more and the
+    wheels hold that module (``Llama.plan_decode``; the decode kernel where they do not); 0: the decode kernel always
+    (and :attr:`tensor_core_decode_context` off). The prefill kernel takes a KV head's queries together on tensor cores
+    in tiles of many keys, where the decode kernel walks the keys a few at a time: on an H200 (8B shape, 32 query and 8
+    KV heads, head dim 128, pages of 16, CUDA graph, us a layer) 11.3 against 15.1 at 32 rows and 48 keys, 15.5 against
+    30.8 at 256, 43.0 against 56.9 at 1,024; at 8 rows 12.1 against 26.5 at 256 keys but 10.3 against 9.0 at 48. The 8B
+    step after 1,024-token prompts ran 11 % faster with it at 2 rows, 9 % at 4, 7 % at 8 and 4-5 % at 32 (FP8 and int4
+    weights: 6-12 % at 8 and 32); after 32-token prompts it was even at 2-8 rows and 2-5 % faster at 16 and 32, and
+    within 2 % of the decode kernel over int4 weights at 4 and 8 rows (with :attr:`prefill_kernel_pdl`; 3-5 % slower
+    without). Graphs of fewer rows (1-8 at the default 16) are captured on both kernels and choose per step
+    (:attr:`tensor_core_decode_context`): the int4 step then ran 1.1-1.4 % faster at 4 and 8 rows than with the setting
+    at 2 (only the one-row graph choosing) and the same at 1, 16 and 32 rows (one call on an H200,
+    benchmarks/RESULTS.md); bf16 steps did not move (an earlier call). Its steps' attention matches a float32 reference
+    and its greedy tokens transformers' (tests/engine/test_gpu_tc_decode.py). Read at each graph size's capture: set it
+    on the class before the engine is made (``bench_llama_tp.py --variants no-tc-decode``); a graph keeps the kernel it
+    was captured with."""
 
     tensor_core_decode_context: int = 64
-    """The decode graphs of fewer rows than :attr:`tensor_core_decode_rows` (the one-row graph, by default) are
+    """The decode graphs of fewer rows than :attr:`tensor_core_decode_rows` (those of 1-8 rows, by default) are
     captured twice, on the decode kernel and on the prefill kernel, and each step replays the prefill kernel's where
     its longest context has at least this many tokens (``Llama.plan_decode``); 0: they keep the decode kernel. At one
     row the decode kernel is the faster only at the shortest contexts: on an H200 (8B heads, CUDA graph, us a layer)
