@@ -153,6 +153,9 @@ def cpu_gemm(sms: int, resident: int) -> SkinnyGemm:
                 gemm._fns.update({geometry.name(fmt, b, f, mt): fn for b in (False, True) for f in (False, True)})
                 if fmt == W16:  # (the SiLU form's kernels: 16-bit output only)
                     gemm._fns.update({geometry.name(fmt, b, False, mt, True): -fn for b in (False, True)})
+                    # (their residency too: where a driver is loaded, the GPU machine's, it would be asked about the
+                    # stand-in handle and refuse, leaving the launch bounds' figure)
+                    gemm._resident[(-fn, 32 * geometry.warps, geometry.smem(fmt, mt))] = resident
                 gemm._resident[(fn, 32 * geometry.warps, geometry.smem(fmt, mt))] = resident
     return gemm
 
