@@ -79,6 +79,7 @@ ONE_GPU_VARIANTS = (
     "w8a8-quantizer",
     "w8a8-both",
     "skinny-w4a8",
+    "int4-lean",
     "no-tc-decode",
     "no-prefill-kernel-pdl",
     "skinny-silu",
@@ -384,6 +385,10 @@ def set_variant(variant: str) -> None:
         from fi_engine.kernels.int4_linear import Int4Linears
 
         Int4Linears.tiles_ahead = int(variant.rsplit("-", 1)[1])
+    if variant == "int4-lean":  # int4 weights: the GEMV's lean loop (two register sets in turn; Int4Linears.lean_loop)
+        from fi_engine.kernels.int4_linear import Int4Linears
+
+        Int4Linears.lean_loop = True
     if variant.startswith("int4-warps-"):  # int4 weights: GEMV launches aiming at N warps an SM at every row
         from fi_engine.kernels.int4_linear import Int4Linears  # count (by default 32, 16, 8 up to 8, 16, 32 rows)
 

@@ -106,14 +106,27 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
     RoPE form (:meth:`gemv`'s ``rope``: up to 1024 threads a block, so at most 64 registers a thread) spills from 2
     tiles (NVRTC's ptxas on sm_90: 62 registers at 1, 88-100 spilled bytes at 2, 336-400 at 4): slower, not wrong."""
 
+    lean_loop = False
+    """Whether the GEMV's warps take the lean loop where they load one tile at a time (:attr:`tiles_ahead` 1) at up
+    to 16 rows, in the plain, SiLU and RoPE forms (``-DI4_LEAN_LOOP=1``): two sets of registers in turn, each loaded
+    while the other is summed, where one set was copied into the other every tile, and each record's zero made a
+    16-bit pair in two instructions where four. The same sums in the same order, so the same bits. NVRTC's ptxas for
+    sm_90 counts 147-151 instructions in a tile's loop at 8 rows where 162-166 (groups of 64: 158 where 175), 172
+    where 183-187 at 16 rows; registers 58-60 -> 63-64 at 8 rows (the same allocation step), 56 -> 64 for groups of
+    64 and 72-74 -> 77-80 at 16 rows (one step more: fewer warps an SM), none spilled (the RoPE form's groups of 64
+    spill 4 bytes in the plain loop). Off until a GPU has timed it (``bench_llama_tp.py --variants int4-lean``).
+    Read when the kernels are compiled (:meth:`options`)."""
+
     @classmethod
     def options(cls) -> tuple[str, ...]:
-        """The NVRTC options ``csrc/int4_gemv.cu`` is compiled with: :attr:`tiles_ahead` (what
+        """The NVRTC options ``csrc/int4_gemv.cu`` is compiled with: :attr:`tiles_ahead` and :attr:`lean_loop` (what
         ``tools/kernel_fingerprints.py`` compiles too)."""
-        ahead = cls.tiles_ahead
+        ahead, lean = cls.tiles_ahead, cls.lean_loop
         if ahead.__class__ is not int or not 1 <= ahead <= 4:
             raise ValueError(f"Int4Linears.tiles_ahead: expected an int from 1 to 4, got {ahead!r:.40}")
-        return (f"-DI4_TILES_AHEAD={ahead}",)
+        if lean.__class__ is not bool:
+            raise ValueError(f"Int4Linears.lean_loop: expected True or False, got {lean!r:.40}")
+        return (f"-DI4_TILES_AHEAD={ahead}",) + (("-DI4_LEAN_LOOP=1",) if lean else ())
 
     def __init__(self, launch: Any, ffi: Any, stream: int) -> None:
         super().__init__(launch, ffi, stream)

@@ -19,6 +19,7 @@ and float16 activations, 16-bit and float32 outputs:
   warps' sums: within the GEMV's bound of each other;
 - a gate/up weight interleaved by 8 rows: its outputs come out in order, and its SiLU form is ``silu_and_mul`` of
   them (within one 16-bit ulp of numpy's float32 arithmetic);
+- the lean loop (``Int4Linears.lean_loop``): the plain loop's bits, the GEMV's and its SiLU form's, up to 16 rows;
 - bad calls: a shape that differs from the registration, float32 activations, a misaligned or NULL address, a
   group size the GEMV does not take: ValueError naming the argument.
 """
@@ -166,6 +167,57 @@ def test_the_warps_a_block_gets_change_only_the_order_of_the_sums(dense) -> None
     finally:
         Int4Linears.warps_per_sm = (32, 16, 8)
     del keep
+
+
+@pytest.mark.parametrize("group_size", [128, 64])
+@pytest.mark.parametrize("ab", [CUDA_R_16BF, CUDA_R_16F], ids=["bf16", "f16"])
+def test_the_lean_loop_gives_the_plain_loops_bits(monkeypatch, ab: int, group_size: int) -> None:  # type: ignore[no-untyped-def]
+    """``Int4Linears.lean_loop`` changes how a warp's runs are held and looped, not a sum: the GEMV (1-16 rows, 16-bit
+    and float32 outputs) and its SiLU form give the plain loop's bits, each compiled by a Dense of its own; and both
+    within the float32 reference's bound (above)."""
+    half, k = 136, 1408  # (11 tiles: runs that end on either set of registers, whatever the warps a block)
+    gate, up = random_int4(half, k, group_size, seed=31), random_int4(half, k, group_size, seed=32)
+    pairs = Int4Matrix.interleaved(gate, up)
+    weights, records = pairs.gemv_layout()
+    wf = decode_gemv_layout(weights, records, k)
+    rng = np.random.default_rng(33)
+    xs = [to16(rng.standard_normal((rows, k)), ab) for rows in (1, 5, 8, 9, 16)]
+    got: dict[bool, list] = {}
+    for lean in (False, True):
+        monkeypatch.setattr(Int4Linears, "lean_loop", lean)
+        stream = cp.cuda.Stream(non_blocking=True)
+        with stream:
+            d = Dense(stream)
+            w_dev, r_dev = cp.asarray(weights), cp.asarray(records)
+            w = int(w_dev.data.ptr)
+            d.quantized.add_int4_weight(w, 2 * half, k, int(r_dev.data.ptr), group_size, interleaved=True)
+            outs = []
+            for x16 in xs:
+                rows = x16.shape[0]
+                for out in (ab, CUDA_R_32F):
+                    y = cp.zeros((rows, 2 * half), cp.float32 if out == CUDA_R_32F else cp.int16)
+                    d.linear(rows, int(x16.data.ptr), k, w, 2 * half, k, int(y.data.ptr), 2 * half, ab, out)
+                    outs.append(y)
+                act = cp.zeros((rows, half), cp.int16)
+                d.quantized.prepared_int4_silu(rows, int(x16.data.ptr), k, w, k, int(act.data.ptr), half, ab)()
+                outs.append(act)
+            stream.synchronize()
+            got[lean] = [cp.asnumpy(y) for y in outs]
+            d.close()
+            del w_dev, r_dev
+    scales = np.repeat(pairs.scales.T.astype(np.float64), group_size, axis=1)
+    for i, (a, b) in enumerate(zip(got[False], got[True], strict=True)):
+        assert np.array_equal(a, b), f"output {i}: the lean loop's bits differ"
+    for j, x16 in enumerate(xs):  # (the float32 outputs, against the reference)
+        # (each stored row's output: the interleaved order, as the SiLU test above reads it)
+        y = got[True][3 * j + 1]
+        order = np.arange(2 * half)
+        order = (order >> 4) * 8 + (order & 7) + ((order >> 3) & 1) * half
+        w_out = np.empty_like(wf)
+        w_out[order] = wf
+        s_out = np.empty_like(scales)
+        s_out[order] = scales
+        check(y, from16(x16, ab), w_out, CUDA_R_32F, gemv=(s_out, 128 if ab == CUDA_R_16BF else 1024))
 
 
 def test_bad_calls_name_the_argument(dense) -> None:

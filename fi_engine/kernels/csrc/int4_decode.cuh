@@ -51,6 +51,11 @@ template <bool BF16> __device__ __forceinline__ unsigned i4_neg_zero(unsigned re
     const unsigned h = (BF16 ? 0xc300u : 0xe400u) + (rec & 0xffu);
     return h | (h << 16);
 }
+// the same pair as two instructions (a mask, then one multiply-add: the zero's byte into both halves of -M's pair; no
+// carry leaves a half, M + zero < 2^16 - 0xc300)
+template <bool BF16> __device__ __forceinline__ unsigned i4_neg_zero2(unsigned rec) {
+    return (rec & 0xffu) * 0x10001u + (BF16 ? 0xc300c300u : 0xe400e400u);
+}
 // a record's scale s
 __device__ __forceinline__ float i4_scale(unsigned rec) { return __uint_as_float(rec & 0xffffff00u); }
 // a record's scale s, and -s (M + zero): the factors of a half's two sums (i4_half)

@@ -12,6 +12,9 @@
 #include "norm_fold.cuh"  // NormFold, FOLD_OUT / FOLD_IN: the norm between two GEMVs folded into them
 
 #define I4_MAX_WARPS 16
+#ifndef I4_LEAN_LOOP
+#define I4_LEAN_LOOP 0  // Int4Linears.lean_loop
+#endif
 
 // the loads of TPL tiles from `tile` on (those < tiles): each tile's two weight vectors (rows a, b: wa points at
 // tile `tile`'s row a, row b's is half a tile further) into v[2 u ..], its records into r[4 u ..] (G64: row a's
@@ -33,6 +36,27 @@ __device__ __forceinline__ void i4_load(uint4* v, unsigned* r, const uint4* wa, 
                 r[4 * u + 2] = __ldg(rb + ((2 * (tile + u)) >> gshift));
             }
         }
+    }
+}
+
+// the lean loop's sums of one tile (I4_LEAN_LOOP) into acc: the lane's weight vectors v[0] (row g), v[1] (row g + 8)
+// and their records r[0..3] (as i4_load leaves them), x's NT row groups at xt[i]; each record's -(M + zero) pair in
+// two instructions (i4_neg_zero2). (The plain loop's body below, kept as it was, so that its machine code stays the
+// same until a GPU has timed the two: the loop that loses goes, and with it one of the two.)
+template <bool BF16, int NT, bool G64>
+__device__ __forceinline__ void i4_lean_tile(float (&acc)[NT][4], const uint4 (&v)[2], const unsigned (&r)[4],
+                                             const uint4* const (&xt)[NT]) {
+    const unsigned* ua = reinterpret_cast<const unsigned*>(&v[0]);
+    const unsigned* ub = reinterpret_cast<const unsigned*>(&v[1]);
+    const float sa[2] = {i4_scale(r[0]), G64 ? i4_scale(r[1]) : i4_scale(r[0])};
+    const float sb[2] = {i4_scale(r[2]), G64 ? i4_scale(r[3]) : i4_scale(r[2])};
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        uint4 xq[NT][2];
+#pragma unroll
+        for (int i = 0; i < NT; ++i) xq[i][0] = __ldg(xt[i] + 8 * h), xq[i][1] = __ldg(xt[i] + 8 * h + 1);
+        i4_half_zsub<BF16, NT>(acc, ua[2 * h], ua[2 * h + 1], ub[2 * h], ub[2 * h + 1], xq, sa[h],
+                               i4_neg_zero2<BF16>(r[G64 ? h : 0]), sb[h], i4_neg_zero2<BF16>(r[2 + (G64 ? h : 0)]));
     }
 }
 
@@ -95,6 +119,8 @@ __device__ __forceinline__ void gemv4_tc(const unsigned short* __restrict__ x, c
         for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
     uint4 cv[2 * TPL];
     unsigned cr[4 * TPL];
+    // I4_LEAN_LOOP (Int4Linears.lean_loop): runs of one tile up to 16 rows, the plain, SiLU and RoPE forms
+    constexpr bool LEAN = I4_LEAN_LOOP && TPL == 1 && NT <= 2 && FOLD == FOLD_NONE;
     int tile = tile_warp * TPL;
     const int step = warps * TPL;  // the tiles from one run of a warp to its next
     // the lane's weights and x at its run, moved a run at a time (rebuilt from the block's columns each tile, as
@@ -105,7 +131,26 @@ __device__ __forceinline__ void gemv4_tc(const unsigned short* __restrict__ x, c
     for (int i = 0; i < NT; ++i) xt[i] = xr[i] + 16 * tile;
     if (tile < tiles) i4_load<TPL, G64>(cv, cr, pa, ra, rb, tile, tiles, gshift);
     griddep_wait();  // x may be the previous kernel's output; the weights and records are constants
-    while (tile < tiles) {
+    if constexpr (LEAN) {
+        // two sets of registers in turn, each loaded while the other is summed, so none is copied between runs (the
+        // plain loop's copies took 10 instructions a tile); the loop's condition already says the tile exists
+        uint4 nv[2];
+        unsigned nr[4];
+        const auto run = [&](const uint4(&v)[2], const unsigned(&r)[4], uint4(&next_v)[2], unsigned(&next_r)[4]) {
+            const int next = tile + step;
+            if (next < tiles) i4_load<1, G64>(next_v, next_r, pa + I4_TILE_VECS * step, ra, rb, next, tiles, gshift);
+            i4_lean_tile<BF16, NT, G64>(acc, v, r, xt);
+#pragma unroll
+            for (int i = 0; i < NT; ++i) xt[i] += 16 * step;
+            pa += I4_TILE_VECS * step, tile = next;
+        };
+        while (tile < tiles) {
+            run(cv, cr, nv, nr);
+            if (tile >= tiles) break;
+            run(nv, nr, cv, cr);
+        }
+    }
+    while (!LEAN && tile < tiles) {
         const int next = tile + step;
         const uint4* na = pa + I4_TILE_VECS * step;
         uint4 nv[2 * TPL];
