@@ -301,20 +301,23 @@ def _descriptor(buf: cp.ndarray, shape: tuple[int, ...], ab: int, strides: tuple
 WARPS = {"16-warps": {128: (32, 16, 8), 64: (32, 16, 8)}, "odd-warps": {128: (4, 4, 4), 64: (2, 2, 2)}}
 
 
+@pytest.mark.parametrize("loop", ["plain-loop", "lean-loop"])
 @pytest.mark.parametrize("warps", list(WARPS))
 @pytest.mark.parametrize(("ab", "d", "llama3"), [(CUDA_R_16BF, 128, True), (CUDA_R_16F, 64, False)],
                          ids=["bf16-d128-llama31", "f16-d64-rope"])  # fmt: skip
-def test_the_rope_form_is_the_gemv_then_rope_and_append(monkeypatch, dense, ab, d, llama3, warps) -> None:  # type: ignore[no-untyped-def]
+def test_the_rope_form_is_the_gemv_then_rope_and_append(monkeypatch, dense, ab, d, llama3, warps, loop) -> None:  # type: ignore[no-untyped-def]
     """``QuantizedWeights.prepared_int4_qkv_rope`` (the int4 QKV GEMV with FlashInfer's RoPE, plain or Llama 3.1, and
     the KV append as its epilogue), 1 to 8 rows at positions up to 300 on shuffled pages, against the int4 GEMV into
     qkv (``Dense.linear``) then ``apply_rope_pos_ids`` in place and ``append_paged_kv_cache`` through fi_ffi: qkv and
     both caches bit for bit (the RoPE form's two halves of warps each sum as the plain launch's warps do). Plain
-    launches of 16 warps a block (the RoPE form's 32: its most) and of 9 on a 132-SM GPU (an odd count: 18)."""
+    launches of 16 warps a block (the RoPE form's 32: its most) and of 9 on a 132-SM GPU (an odd count: 18); both
+    compiled with the plain loop and with the lean one (``Int4Linears.lean_loop``)."""
     from helpers.decode_pages import decode_page_table, rope_append, rope_config
 
     from fi_engine.kernels import flashinfer as kernels
 
     monkeypatch.setattr(Int4Linears, "warps_per_sm", WARPS[warps][d])
+    monkeypatch.setattr(Int4Linears, "lean_loop", loop == "lean-loop")  # (read at the Dense's first int4 compile)
     rng = np.random.default_rng(41 + d)
     hq, hk, k, ps, pages = 4, 2, 2048, 16, 64  # (8 requests take 60 pages)
     n = (hq + 2 * hk) * d
