@@ -80,6 +80,7 @@ ONE_GPU_VARIANTS = (
     "w8a8-both",
     "skinny-w4a8",
     "int4-lean",
+    "fp8-lean",
     "no-tc-decode",
     "no-prefill-kernel-pdl",
     "skinny-silu",
@@ -385,6 +386,10 @@ def set_variant(variant: str) -> None:
         from fi_engine.kernels.int4_linear import Int4Linears
 
         Int4Linears.tiles_ahead = int(variant.rsplit("-", 1)[1])
+    if variant == "fp8-lean":  # FP8 weights: the tensor-core GEMV's lean loop (Fp8Linears.lean_loop)
+        from fi_engine.kernels.fp8_linear import Fp8Linears
+
+        Fp8Linears.lean_loop = True
     if variant == "int4-lean":  # int4 weights: the GEMV's lean loop (two register sets in turn; Int4Linears.lean_loop)
         from fi_engine.kernels.int4_linear import Int4Linears
 

@@ -100,6 +100,16 @@ class Fp8Linears(QuantizedLinears[Fp8Weight]):
     and 8 rows than the FP8 GEMM that served those rows before. Read when a call site is packed (set it on the
     class, before the engine is made, to compare)."""
 
+    lean_loop = False
+    """Whether the tensor-core GEMV (``gemv8tc_*``, and its SiLU and RoPE forms) takes the lean loop where ``k`` is a
+    multiple of 128 (``-DFP8_LEAN_LOOP=1``, ``csrc/fp8_tensor_cores.cuh``'s ``tc_sums_whole``): every chunk whole,
+    so no load is predicated and no register zeroed for one, and two sets of weight registers in turn where one set
+    was copied into the other every chunk. The same sums in the same order, so the same outputs. NVRTC's ptxas for
+    sm_90 counts 225 instructions a chunk where 273 (block scales) and 212 where 267 (row scales), but registers
+    74 -> 80 (the plain GEMV and the SiLU form of block scales: one step more, no longer spilling 8 bytes), 64 -> 74-76
+    (the row-scale forms) and 76 -> 92 (the RoPE form of block scales): fewer warps an SM. Off until a GPU has timed
+    it (``bench_llama_tp.py --variants fp8-lean``). Read when the kernels are compiled."""
+
     one_row_blocks_per_sm = 64
     """The blocks a one-row launch of the widening GEMV (``gemv8_*_1``, and its SiLU and RoPE forms) gets per SM, at
     most one per group of two output columns (one pair): each block walks its groups in turn (``gemv8_one_row`` in
@@ -176,6 +186,13 @@ class Fp8Linears(QuantizedLinears[Fp8Weight]):
         self.weights[w] = Fp8Weight(w, n, k, scales, block, lt_scales)
         self._grow_scratch(2 * n * k)
 
+    @classmethod
+    def _lean(cls) -> tuple[str, ...]:
+        """The NVRTC option of :attr:`lean_loop` (none by default: the kernels compile as they did before it)."""
+        if cls.lean_loop.__class__ is not bool:
+            raise ValueError(f"Fp8Linears.lean_loop: expected True or False, got {cls.lean_loop!r:.40}")
+        return ("-DFP8_LEAN_LOOP=1",) if cls.lean_loop else ()
+
     def _compile(self, fused_smem: int) -> None:
         if self._module is not None:
             return
@@ -186,7 +203,7 @@ class Fp8Linears(QuantizedLinears[Fp8Weight]):
         tensor_cores = int(device.compute_capability) >= 80  # mma.sync over 16-bit pairs (below: empty kernels)
         if fused_smem:  # a failure leaves the fused decode step off for FP8 weights, the plain GEMV on
             try:
-                fused = cupy.RawModule(code=source("fp8_fused.cu"), options=("--use_fast_math",))
+                fused = cupy.RawModule(code=source("fp8_fused.cu"), options=("--use_fast_math", *self._lean()))
                 for bf16, t in ((True, "bf16"), (False, "f16")):
                     for f32 in (False, True):
                         for mode, suffix in ((1, "norm"), (2, "addnorm"), (3, "silu")):
@@ -219,7 +236,7 @@ class Fp8Linears(QuantizedLinears[Fp8Weight]):
             self._quant_module = quant
         except Exception as exc:
             self._quant, self.w8a8_error = {}, f"{type(exc).__name__}: {exc}"
-        module = cupy.RawModule(code=source("fp8_gemv.cu"))
+        module = cupy.RawModule(code=source("fp8_gemv.cu"), options=self._lean())
         for bf16 in (True, False):
             t = "bf16" if bf16 else "f16"
             for f32 in (False, True):

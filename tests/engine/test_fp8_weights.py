@@ -183,3 +183,16 @@ def test_fp8_shards_are_the_matrix_cut_with_its_scales(block: tuple[int, int] | 
         assert np.array_equal(m.rows(3, 200).dequantized("bfloat16"), whole[3:200])  # any cut: one scale a row
     with pytest.raises(ValueError, match=r"rows: expected 0 <= lo < hi <= 512, got \[0, 600\)"):
         m.rows(0, 600)
+
+
+def test_the_fp8_gemv_compiles_with_its_lean_switch(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``Fp8Linears.lean_loop``: off, the GEMV modules get no option of it (they compile as before it existed); on,
+    ``-DFP8_LEAN_LOOP=1``; a value that is not a bool is refused naming the setting, before NVRTC is asked."""
+    from fi_engine.kernels.fp8_linear import Fp8Linears
+
+    assert Fp8Linears.lean_loop is False and Fp8Linears._lean() == ()
+    monkeypatch.setattr(Fp8Linears, "lean_loop", True)
+    assert Fp8Linears._lean() == ("-DFP8_LEAN_LOOP=1",)
+    monkeypatch.setattr(Fp8Linears, "lean_loop", "yes")
+    with pytest.raises(ValueError, match="Fp8Linears.lean_loop: expected True or False, got 'yes'"):
+        Fp8Linears._lean()

@@ -366,6 +366,49 @@ def _descriptor(buf: cp.ndarray, shape: tuple[int, ...], ab: int, strides: tuple
     return kernels.descriptor(buf.data.ptr + 2 * at, shape, dtype, cp.cuda.Device().id, strides, owner=buf)
 
 
+@pytest.mark.parametrize("block", [None, (128, 128)], ids=["row", "block"])
+@pytest.mark.parametrize("ab", [CUDA_R_16BF, CUDA_R_16F], ids=["bf16", "f16"])
+def test_the_lean_loop_gives_the_plain_loops_bits(monkeypatch, block, ab) -> None:  # type: ignore[no-untyped-def]
+    """``Fp8Linears.lean_loop`` (k a multiple of 128) changes how the tensor-core GEMV's chunks are loaded and held,
+    not a sum: at 3-8 rows, 16-bit and float32 outputs, and its SiLU form at 3 and 4 rows, the plain loop's bits,
+    each compiled by a Dense of its own (n 200: a partial tile of 16 columns)."""
+    from fi_engine.kernels.fp8_linear import Fp8Linears
+
+    rng = np.random.default_rng(51)
+    n, k = 200, 1024
+    bits, scales, _ = random_weight(rng, n, k, block)
+    xs = [to16(rng.standard_normal((rows, k)).astype(np.float32), ab) for rows in range(3, 9)]
+    got: dict[bool, list] = {}
+    monkeypatch.setattr(Fp8Linears, "tensor_core_rows", 3)
+    for lean in (False, True):
+        monkeypatch.setattr(Fp8Linears, "lean_loop", lean)
+        stream = cp.cuda.Stream(non_blocking=True)
+        with stream:
+            d = Dense(stream)
+            dw, ds = cp.asarray(bits), cp.asarray(scales)
+            d.quantized.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
+            outs = []
+            for x in xs:
+                rows = x.shape[0]
+                for out in (ab, CUDA_R_32F):
+                    y = cp.zeros((rows, n), cp.float32 if out == CUDA_R_32F else cp.int16)
+                    d.linear(rows, x.data.ptr, k, dw.data.ptr, n, k, y.data.ptr, n, ab, out)
+                    outs.append(y)
+                if rows <= 4:  # (the SiLU form's rows: gate and up the weight's halves)
+                    act = cp.zeros((rows, n // 2), cp.int16)
+                    d.quantized.prepared_fp8_silu(rows, x.data.ptr, k, dw.data.ptr, k, act.data.ptr, n // 2, ab)()
+                    outs.append(act)
+            stream.synchronize()
+            got[lean] = [cp.asnumpy(y) for y in outs]
+            d.close()
+            del dw, ds
+    assert len(got[True]) == len(got[False]) == 2 * 6 + 2
+    for i, (a, b) in enumerate(zip(got[False], got[True], strict=True)):
+        if a.dtype == np.float32:
+            assert np.isfinite(a).all() and np.abs(a).max() > 0, f"output {i}: no product"
+        assert np.array_equal(a, b), f"output {i}: the lean loop's bits differ"
+
+
 @pytest.mark.parametrize("tc_rows", [9, 3], ids=["widening", "tensor-cores-from-3"])
 @pytest.mark.parametrize("block", [None, (128, 128)], ids=["row", "block"])
 @pytest.mark.parametrize("ab", [CUDA_R_16BF, CUDA_R_16F], ids=["bf16", "f16"])
@@ -403,23 +446,26 @@ def test_fp8_silu_epilogue_is_the_fp8_gemv_then_silu_and_mul(monkeypatch, dense,
 
 
 @pytest.mark.parametrize("one_row_blocks", [16, 1], ids=["block-a-group", "blocks-walk-groups"])
-@pytest.mark.parametrize("tc_rows", [9, 3], ids=["widening", "tensor-cores-from-3"])
+@pytest.mark.parametrize(("tc_rows", "lean"), [(9, False), (3, False), (3, True)],
+                         ids=["widening", "tensor-cores-from-3", "tensor-cores-lean-loop"])  # fmt: skip
 @pytest.mark.parametrize("llama3", [False, True], ids=["rope", "llama31"])
 @pytest.mark.parametrize("block", [None, (128, 128)], ids=["row", "block"])
 def test_fp8_rope_epilogue_is_the_fp8_gemv_then_rope_and_append(  # type: ignore[no-untyped-def]
-    monkeypatch, dense, block, llama3, tc_rows, one_row_blocks
+    monkeypatch, dense, block, llama3, tc_rows, lean, one_row_blocks
 ) -> None:
     """``QuantizedWeights.prepared_fp8_qkv_rope`` (the QKV GEMV of the FP8 decode step with FlashInfer's RoPE, plain or
     Llama 3.1, and the KV append as its epilogue), bfloat16, head dim 128, 1 to 4 rows at positions up to 300 on
     shuffled pages, against the FP8 GEMV into qkv (the widening one, or on tensor cores from ``tensor_core_rows`` rows
     in both: the epilogue shares its sums), then ``apply_rope_pos_ids`` in place and ``append_paged_kv_cache`` through
     fi_ffi: qkv and both caches bit for bit. One row with a block per pair and with fewer blocks than pairs (each walks
-    several: ``Fp8Linears.one_row_blocks_per_sm`` 1)."""
+    several: ``Fp8Linears.one_row_blocks_per_sm`` 1). On tensor cores with the lean loop too (``Fp8Linears.lean_loop``,
+    k a multiple of 128 here), compiled at the weight's registration."""
     from helpers.decode_pages import decode_page_table, rope_append, rope_config
 
     from fi_engine.kernels import flashinfer as kernels
     from fi_engine.kernels.fp8_linear import Fp8Linears
 
+    monkeypatch.setattr(Fp8Linears, "lean_loop", lean)
     monkeypatch.setattr(Fp8Linears, "tensor_core_rows", tc_rows)
     monkeypatch.setattr(Fp8Linears, "one_row_blocks_per_sm", one_row_blocks)  # 1: 132 blocks over 512 pairs
     rng = np.random.default_rng(31 + llama3)

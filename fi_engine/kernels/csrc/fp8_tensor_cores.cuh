@@ -62,6 +62,49 @@ __device__ __forceinline__ void tc_chunk(const uint4* v, const uint4* xq, float*
         mma16816<BF16>(c, a0, a1, a2, a3, b0, b1);
     }
 }
+#ifndef FP8_LEAN_LOOP
+#define FP8_LEAN_LOOP 0  // Fp8Linears.lean_loop
+#endif
+// tc_sums where k is a multiple of 128 (FP8_LEAN_LOOP): every chunk whole, so no load is predicated and no register
+// zeroed for one; a lane past the rows reads x's last row (xr already points there), whose sums no caller stores (both
+// store rows < rows only); two sets of weight registers in turn, each loaded while the other is summed, so none is
+// copied between chunks. The same sums in the same order as tc_sums.
+template <bool BF16, bool BLOCK, bool ONE_SCALE>
+__device__ __forceinline__ void tc_sums_whole(float* acc, const unsigned char* wa, const unsigned char* wb,
+                                              const unsigned short* xr, const float* sa, const float* sb, int warp,
+                                              int warps, int t, int k, int shift) {
+    const int stride = warps * 128;
+    int at = warp * 128;
+    const auto load = [&](uint4(&v)[4], int a) {
+        v[0] = load_weights(reinterpret_cast<const uint4*>(wa + a));
+        v[1] = load_weights(reinterpret_cast<const uint4*>(wa + a + 64));
+        v[2] = load_weights(reinterpret_cast<const uint4*>(wb + a));
+        v[3] = load_weights(reinterpret_cast<const uint4*>(wb + a + 64));
+    };
+    const auto sum = [&](const uint4(&cur)[4], uint4(&nxt)[4]) {
+        const int next = at + stride;
+        if (next < k) load(nxt, next);
+        const uint4* xp = reinterpret_cast<const uint4*>(xr + at);
+        const uint4 xq[4] = {__ldg(xp), __ldg(xp + 1), __ldg(xp + 8), __ldg(xp + 9)};
+        float c[4] = {0.f, 0.f, 0.f, 0.f};
+        tc_chunk<BF16>(cur, xq, c);
+        const float s_a = BLOCK ? __ldg(sa + (at >> (4 + shift))) : 1.f;
+        const float s_b = BLOCK && !ONE_SCALE ? __ldg(sb + (at >> (4 + shift))) : s_a;
+        acc[0] = BLOCK ? fmaf(s_a, c[0], acc[0]) : acc[0] + c[0];
+        acc[1] = BLOCK ? fmaf(s_a, c[1], acc[1]) : acc[1] + c[1];
+        acc[2] = BLOCK ? fmaf(s_b, c[2], acc[2]) : acc[2] + c[2];
+        acc[3] = BLOCK ? fmaf(s_b, c[3], acc[3]) : acc[3] + c[3];
+        at = next;
+    };
+    uint4 v0[4], v1[4];
+    if (at < k) load(v0, at);
+    griddep_wait();  // x may be the previous kernel's output; the weights and scales are constants
+    while (at < k) {
+        sum(v0, v1);
+        if (at >= k) break;
+        sum(v1, v0);
+    }
+}
 // gemv8_tc's sums, which gemv8_tc_pairs shares: lane (g, t) of warp `warp` (of `warps`) sums the chunks at warp 128,
 // (warp + warps) 128, ... < k of its two weight rows (wa: mma row g, wb: row g + 8, each already at 16 t) against x's
 // row g (xr, at 16 t; zeros for g >= rows), loading the next chunk's weights while it sums this one; acc[0..1] (wa's
@@ -72,6 +115,9 @@ template <bool BF16, bool BLOCK, bool ONE_SCALE>
 __device__ __forceinline__ void tc_sums(float* acc, const unsigned char* wa, const unsigned char* wb,
                                         const unsigned short* xr, const float* sa, const float* sb, int warp,
                                         int warps, int g, int t, int rows, int k, int shift) {
+#if FP8_LEAN_LOOP
+    if ((k & 127) == 0) return tc_sums_whole<BF16, BLOCK, ONE_SCALE>(acc, wa, wb, xr, sa, sb, warp, warps, t, k, shift);
+#endif
     const int stride = warps * 128;
     uint4 cur[4], nxt[4];
     int at = warp * 128;
