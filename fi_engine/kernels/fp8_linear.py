@@ -106,9 +106,10 @@ class Fp8Linears(QuantizedLinears[Fp8Weight]):
     so no load is predicated and no register zeroed for one, and two sets of weight registers in turn where one set
     was copied into the other every chunk. The same sums in the same order, so the same outputs. NVRTC's ptxas for
     sm_90 counts 225 instructions a chunk where 273 (block scales) and 212 where 267 (row scales), but registers
-    74 -> 80 (the plain GEMV and the SiLU form of block scales: one step more, no longer spilling 8 bytes), 64 -> 74-76
-    (the row-scale forms) and 76 -> 92 (the RoPE form of block scales): fewer warps an SM. Off until a GPU has timed
-    it (``bench_llama_tp.py --variants fp8-lean``). Read when the kernels are compiled."""
+    74 -> 80 with block scales (the SiLU form's then spilling 4 bytes, reloaded in the loop), 64 -> 74-76 with row
+    scales (which spilled 4-8 bytes and no longer do) and 76 -> 92 for the RoPE form of block scales: fewer warps an
+    SM. Off until a GPU has timed it (``bench_llama_tp.py --variants fp8-lean``). Read when the kernels are
+    compiled."""
 
     one_row_blocks_per_sm = 64
     """The blocks a one-row launch of the widening GEMV (``gemv8_*_1``, and its SiLU and RoPE forms) gets per SM, at
@@ -198,12 +199,13 @@ class Fp8Linears(QuantizedLinears[Fp8Weight]):
             return
         import cupy
 
+        lean = self._lean()  # (refused here, before any module: not taken for a failed fused module)
         device = cupy.cuda.Device()
         self._sms = int(device.attributes.get("MultiProcessorCount", 132))
         tensor_cores = int(device.compute_capability) >= 80  # mma.sync over 16-bit pairs (below: empty kernels)
         if fused_smem:  # a failure leaves the fused decode step off for FP8 weights, the plain GEMV on
             try:
-                fused = cupy.RawModule(code=source("fp8_fused.cu"), options=("--use_fast_math", *self._lean()))
+                fused = cupy.RawModule(code=source("fp8_fused.cu"), options=("--use_fast_math", *lean))
                 for bf16, t in ((True, "bf16"), (False, "f16")):
                     for f32 in (False, True):
                         for mode, suffix in ((1, "norm"), (2, "addnorm"), (3, "silu")):
@@ -236,7 +238,7 @@ class Fp8Linears(QuantizedLinears[Fp8Weight]):
             self._quant_module = quant
         except Exception as exc:
             self._quant, self.w8a8_error = {}, f"{type(exc).__name__}: {exc}"
-        module = cupy.RawModule(code=source("fp8_gemv.cu"), options=self._lean())
+        module = cupy.RawModule(code=source("fp8_gemv.cu"), options=lean)
         for bf16 in (True, False):
             t = "bf16" if bf16 else "f16"
             for f32 in (False, True):

@@ -107,15 +107,18 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
     tiles (NVRTC's ptxas on sm_90: 62 registers at 1, 88-100 spilled bytes at 2, 336-400 at 4): slower, not wrong."""
 
     lean_loop = False
-    """Whether the GEMV's warps take the lean loop where they load one tile at a time (:attr:`tiles_ahead` 1) at up
-    to 16 rows, in the plain, SiLU and RoPE forms (``-DI4_LEAN_LOOP=1``): two sets of registers in turn, each loaded
-    while the other is summed, where one set was copied into the other every tile, and each record's zero made a
-    16-bit pair in two instructions where four. The same sums in the same order, so the same bits. NVRTC's ptxas for
-    sm_90 counts 147-151 instructions in a tile's loop at 8 rows where 162-166 (groups of 64: 158 where 175), 172
-    where 183-187 at 16 rows; registers 58-60 -> 63-64 at 8 rows (the same allocation step), 56 -> 64 for groups of
-    64 and 72-74 -> 77-80 at 16 rows (one step more: fewer warps an SM), none spilled (the RoPE form's groups of 64
-    spill 4 bytes in the plain loop). Off until a GPU has timed it (``bench_llama_tp.py --variants int4-lean``).
-    Read when the kernels are compiled (:meth:`options`)."""
+    """Whether the GEMV's warps take the lean loop where they load one tile at a time (:attr:`tiles_ahead` 1, which
+    it needs) at up to 16 rows, in the plain, SiLU and RoPE forms (``-DI4_LEAN_LOOP=1``): two sets of registers in
+    turn, each loaded while the other is summed, where one set was copied into the other every tile, and each
+    record's zero made a 16-bit pair in two instructions where four. The same sums in the same order for the same
+    warps a block, so the same bits; but the warps a block come from the kernel's registers (:meth:`_threads`), and
+    for groups of 64 at up to 8 rows the lean kernels' 64 (where 56) can give a launch other warps (the 8B QKV: 16
+    where 12), whose sums then meet in another order. NVRTC's ptxas for sm_90 counts 147-151 instructions in a tile's
+    loop at 8 rows where 162-166 (groups of 64: 158 where 175), 172 where 183-187 at 16 rows; registers 58-60 ->
+    63-64 at 8 rows and 74 -> 78 at 16 (the same allocation steps), 56 -> 64 for groups of 64 and 72 -> 77-80 for the
+    16-row SiLU form (a step more: fewer warps an SM), none spilled (the RoPE form's groups of 64 spill 4 bytes in
+    the plain loop). Off until a GPU has timed it (``bench_llama_tp.py --variants int4-lean``). Read when the kernels
+    are compiled (:meth:`options`)."""
 
     @classmethod
     def options(cls) -> tuple[str, ...]:
@@ -126,6 +129,11 @@ class Int4Linears(QuantizedLinears[Int4Weight]):
             raise ValueError(f"Int4Linears.tiles_ahead: expected an int from 1 to 4, got {ahead!r:.40}")
         if lean.__class__ is not bool:
             raise ValueError(f"Int4Linears.lean_loop: expected True or False, got {lean!r:.40}")
+        if lean and ahead != 1:
+            raise ValueError(
+                f"Int4Linears.lean_loop: the lean loop loads one tile at a time; tiles_ahead is {ahead} (set it to 1, "
+                f"or lean_loop to False)"
+            )
         return (f"-DI4_TILES_AHEAD={ahead}",) + (("-DI4_LEAN_LOOP=1",) if lean else ())
 
     def __init__(self, launch: Any, ffi: Any, stream: int) -> None:

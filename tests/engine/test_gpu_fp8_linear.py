@@ -366,16 +366,18 @@ def _descriptor(buf: cp.ndarray, shape: tuple[int, ...], ab: int, strides: tuple
     return kernels.descriptor(buf.data.ptr + 2 * at, shape, dtype, cp.cuda.Device().id, strides, owner=buf)
 
 
+# (8 chunks of 128 over 8 warps a block: one a warp; 19: warps 0-2 three, the others two, so runs end on either set)
+@pytest.mark.parametrize("k", [1024, 2432])
 @pytest.mark.parametrize("block", [None, (128, 128)], ids=["row", "block"])
 @pytest.mark.parametrize("ab", [CUDA_R_16BF, CUDA_R_16F], ids=["bf16", "f16"])
-def test_the_lean_loop_gives_the_plain_loops_bits(monkeypatch, block, ab) -> None:  # type: ignore[no-untyped-def]
+def test_the_lean_loop_gives_the_plain_loops_bits(monkeypatch, block, ab, k) -> None:  # type: ignore[no-untyped-def]
     """``Fp8Linears.lean_loop`` (k a multiple of 128) changes how the tensor-core GEMV's chunks are loaded and held,
     not a sum: at 3-8 rows, 16-bit and float32 outputs, and its SiLU form at 3 and 4 rows, the plain loop's bits,
     each compiled by a Dense of its own (n 200: a partial tile of 16 columns)."""
     from fi_engine.kernels.fp8_linear import Fp8Linears
 
     rng = np.random.default_rng(51)
-    n, k = 200, 1024
+    n = 200
     bits, scales, _ = random_weight(rng, n, k, block)
     xs = [to16(rng.standard_normal((rows, k)).astype(np.float32), ab) for rows in range(3, 9)]
     got: dict[bool, list] = {}
@@ -387,6 +389,7 @@ def test_the_lean_loop_gives_the_plain_loops_bits(monkeypatch, block, ab) -> Non
             d = Dense(stream)
             dw, ds = cp.asarray(bits), cp.asarray(scales)
             d.quantized.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
+            assert d.quantized.fp8 is not None and d.quantized.fp8._pairs_tc, "the SiLU form on tensor cores"
             outs = []
             for x in xs:
                 rows = x.shape[0]

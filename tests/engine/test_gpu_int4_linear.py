@@ -169,13 +169,17 @@ def test_the_warps_a_block_gets_change_only_the_order_of_the_sums(dense) -> None
     del keep
 
 
+# (11 tiles: a tile a warp; 35: 16 warps a block at every row count here, warps 0-2 summing three tiles, the others
+# two, so runs end on either set of registers)
+@pytest.mark.parametrize("k", [1408, 4480])
 @pytest.mark.parametrize("group_size", [128, 64])
 @pytest.mark.parametrize("ab", [CUDA_R_16BF, CUDA_R_16F], ids=["bf16", "f16"])
-def test_the_lean_loop_gives_the_plain_loops_bits(monkeypatch, ab: int, group_size: int) -> None:  # type: ignore[no-untyped-def]
+def test_the_lean_loop_gives_the_plain_loops_bits(monkeypatch, ab: int, group_size: int, k: int) -> None:  # type: ignore[no-untyped-def]
     """``Int4Linears.lean_loop`` changes how a warp's runs are held and looped, not a sum: the GEMV (1-16 rows, 16-bit
-    and float32 outputs) and its SiLU form give the plain loop's bits, each compiled by a Dense of its own; and both
-    within the float32 reference's bound (above)."""
-    half, k = 136, 1408  # (11 tiles: runs that end on either set of registers, whatever the warps a block)
+    and float32 outputs) and its SiLU form give the plain loop's bits, each compiled by a Dense of its own (shapes
+    whose launches get the same warps a block from either kernel's registers); and both within the float32
+    reference's bound (above)."""
+    half = 136
     gate, up = random_int4(half, k, group_size, seed=31), random_int4(half, k, group_size, seed=32)
     pairs = Int4Matrix.interleaved(gate, up)
     weights, records = pairs.gemv_layout()

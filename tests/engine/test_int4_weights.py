@@ -666,13 +666,17 @@ def test_the_int4_registry_refuses_misaligned_records_and_outputs_before_any_gpu
 
 def test_the_int4_gemv_compiles_with_its_switches(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """``Int4Linears.options``: the default (one tile ahead, the plain loop) names no lean loop, so the kernels compile
-    as they did before it existed; ``lean_loop`` adds ``-DI4_LEAN_LOOP=1``; a value that is not a bool, or tiles
-    ahead past 1-4, is refused naming the setting, before NVRTC is asked."""
+    as they did before it existed; ``lean_loop`` adds ``-DI4_LEAN_LOOP=1``; a value that is not a bool, tiles ahead
+    past 1-4, or the lean loop with more than one tile ahead, is refused naming the setting, before NVRTC is asked."""
     from fi_engine.kernels.int4_linear import Int4Linears
 
     assert Int4Linears.lean_loop is False and Int4Linears.options() == ("-DI4_TILES_AHEAD=1",)
     monkeypatch.setattr(Int4Linears, "lean_loop", True)
     assert Int4Linears.options() == ("-DI4_TILES_AHEAD=1", "-DI4_LEAN_LOOP=1")
+    monkeypatch.setattr(Int4Linears, "tiles_ahead", 2)  # (the lean loop loads one tile at a time)
+    with pytest.raises(ValueError, match="the lean loop loads one tile at a time; tiles_ahead is 2"):
+        Int4Linears.options()
+    monkeypatch.setattr(Int4Linears, "tiles_ahead", 1)
     monkeypatch.setattr(Int4Linears, "lean_loop", 1)
     with pytest.raises(ValueError, match="Int4Linears.lean_loop: expected True or False, got 1"):
         Int4Linears.options()

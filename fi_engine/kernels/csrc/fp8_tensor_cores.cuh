@@ -72,7 +72,7 @@ __device__ __forceinline__ void tc_chunk(const uint4* v, const uint4* xq, float*
 template <bool BF16, bool BLOCK, bool ONE_SCALE>
 __device__ __forceinline__ void tc_sums_whole(float* acc, const unsigned char* wa, const unsigned char* wb,
                                               const unsigned short* xr, const float* sa, const float* sb, int warp,
-                                              int warps, int t, int k, int shift) {
+                                              int warps, int k, int shift) {
     const int stride = warps * 128;
     int at = warp * 128;
     const auto load = [&](uint4(&v)[4], int a) {
@@ -107,16 +107,16 @@ __device__ __forceinline__ void tc_sums_whole(float* acc, const unsigned char* w
 }
 // gemv8_tc's sums, which gemv8_tc_pairs shares: lane (g, t) of warp `warp` (of `warps`) sums the chunks at warp 128,
 // (warp + warps) 128, ... < k of its two weight rows (wa: mma row g, wb: row g + 8, each already at 16 t) against x's
-// row g (xr, at 16 t; zeros for g >= rows), loading the next chunk's weights while it sums this one; acc[0..1] (wa's
-// column) times its block scales at sa, acc[2..3] (wb's) times those at sb where BLOCK (one 128-column chunk inside
-// one scale block; ONE_SCALE: both rows in one scale block, sb unread), plain sums otherwise. The first chunk's
-// weights load before griddep_wait, the rest after.
+// row g (xr, at 16 t; zeros for g >= rows, except in tc_sums_whole), loading the next chunk's weights while it sums
+// this one; acc[0..1] (wa's column) times its block scales at sa, acc[2..3] (wb's) times those at sb where BLOCK (one
+// 128-column chunk inside one scale block; ONE_SCALE: both rows in one scale block, sb unread), plain sums otherwise.
+// The first chunk's weights load before griddep_wait, the rest after.
 template <bool BF16, bool BLOCK, bool ONE_SCALE>
 __device__ __forceinline__ void tc_sums(float* acc, const unsigned char* wa, const unsigned char* wb,
                                         const unsigned short* xr, const float* sa, const float* sb, int warp,
                                         int warps, int g, int t, int rows, int k, int shift) {
 #if FP8_LEAN_LOOP
-    if ((k & 127) == 0) return tc_sums_whole<BF16, BLOCK, ONE_SCALE>(acc, wa, wb, xr, sa, sb, warp, warps, t, k, shift);
+    if ((k & 127) == 0) return tc_sums_whole<BF16, BLOCK, ONE_SCALE>(acc, wa, wb, xr, sa, sb, warp, warps, k, shift);
 #endif
     const int stride = warps * 128;
     uint4 cur[4], nxt[4];
