@@ -65,6 +65,20 @@ __device__ __forceinline__ void tc_chunk(const uint4* v, const uint4* xq, float*
 #ifndef FP8_LEAN_LOOP
 #define FP8_LEAN_LOOP 0  // Fp8Linears.lean_loop
 #endif
+// acc += one chunk's sums (tc_chunk over the weights v and x's xq), times its block scales at sa (acc[0..1]) and sb
+// (acc[2..3], ONE_SCALE: sa's) where BLOCK, plain otherwise: tc_sums' and tc_sums_whole's step
+template <bool BF16, bool BLOCK, bool ONE_SCALE>
+__device__ __forceinline__ void tc_chunk_sums(float* acc, const uint4* v, const uint4* xq, const float* sa,
+                                              const float* sb, int at, int shift) {
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+    tc_chunk<BF16>(v, xq, c);
+    const float s_a = BLOCK ? __ldg(sa + (at >> (4 + shift))) : 1.f;
+    const float s_b = BLOCK && !ONE_SCALE ? __ldg(sb + (at >> (4 + shift))) : s_a;
+    acc[0] = BLOCK ? fmaf(s_a, c[0], acc[0]) : acc[0] + c[0];
+    acc[1] = BLOCK ? fmaf(s_a, c[1], acc[1]) : acc[1] + c[1];
+    acc[2] = BLOCK ? fmaf(s_b, c[2], acc[2]) : acc[2] + c[2];
+    acc[3] = BLOCK ? fmaf(s_b, c[3], acc[3]) : acc[3] + c[3];
+}
 // tc_sums where k is a multiple of 128 (FP8_LEAN_LOOP): every chunk whole, so no load is predicated and no register
 // zeroed for one; a lane past the rows reads x's last row (xr already points there), whose sums no caller stores (both
 // store rows < rows only); two sets of weight registers in turn, each loaded while the other is summed, so none is
@@ -86,14 +100,7 @@ __device__ __forceinline__ void tc_sums_whole(float* acc, const unsigned char* w
         if (next < k) load(nxt, next);
         const uint4* xp = reinterpret_cast<const uint4*>(xr + at);
         const uint4 xq[4] = {__ldg(xp), __ldg(xp + 1), __ldg(xp + 8), __ldg(xp + 9)};
-        float c[4] = {0.f, 0.f, 0.f, 0.f};
-        tc_chunk<BF16>(cur, xq, c);
-        const float s_a = BLOCK ? __ldg(sa + (at >> (4 + shift))) : 1.f;
-        const float s_b = BLOCK && !ONE_SCALE ? __ldg(sb + (at >> (4 + shift))) : s_a;
-        acc[0] = BLOCK ? fmaf(s_a, c[0], acc[0]) : acc[0] + c[0];
-        acc[1] = BLOCK ? fmaf(s_a, c[1], acc[1]) : acc[1] + c[1];
-        acc[2] = BLOCK ? fmaf(s_b, c[2], acc[2]) : acc[2] + c[2];
-        acc[3] = BLOCK ? fmaf(s_b, c[3], acc[3]) : acc[3] + c[3];
+        tc_chunk_sums<BF16, BLOCK, ONE_SCALE>(acc, cur, xq, sa, sb, at, shift);
         at = next;
     };
     uint4 v0[4], v1[4];
@@ -134,14 +141,7 @@ __device__ __forceinline__ void tc_sums(float* acc, const unsigned char* wa, con
         xq[1] = lo ? __ldg(xp + 1) : z;
         xq[2] = hi ? __ldg(xp + 8) : z;
         xq[3] = hi ? __ldg(xp + 9) : z;
-        float c[4] = {0.f, 0.f, 0.f, 0.f};
-        tc_chunk<BF16>(cur, xq, c);
-        const float s_a = BLOCK ? __ldg(sa + (at >> (4 + shift))) : 1.f;
-        const float s_b = BLOCK && !ONE_SCALE ? __ldg(sb + (at >> (4 + shift))) : s_a;
-        acc[0] = BLOCK ? fmaf(s_a, c[0], acc[0]) : acc[0] + c[0];
-        acc[1] = BLOCK ? fmaf(s_a, c[1], acc[1]) : acc[1] + c[1];
-        acc[2] = BLOCK ? fmaf(s_b, c[2], acc[2]) : acc[2] + c[2];
-        acc[3] = BLOCK ? fmaf(s_b, c[3], acc[3]) : acc[3] + c[3];
+        tc_chunk_sums<BF16, BLOCK, ONE_SCALE>(acc, cur, xq, sa, sb, at, shift);
 #pragma unroll
         for (int i = 0; i < 4; ++i) cur[i] = nxt[i];
         at = next;
