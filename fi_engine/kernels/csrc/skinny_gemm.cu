@@ -512,6 +512,15 @@ template <int CP> __device__ __forceinline__ unsigned long long sk_wg_desc(unsig
 }
 // d (the warpgroup's 64 x 8 MT float32 sums, laid out as the mma.sync form's acc[0][i][e]) = A B + (add ? d : 0),
 // asynchronously (sk_wg_wait)
+// the three wgmma wrappers' operands (sk_wgmma, sk_wgmma_i8, sk_wgmma8): an m64nN instruction's N / 2 sums a lane
+// (d, float or int32), its four A registers and the descriptor of B, then the predicate's input (add)
+#define SK_WG_OPS_8 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, %8"
+#define SK_WG_OPS_16 "{%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12"
+#define SK_WG_OPS_24 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11}, {%12,%13,%14,%15}, %16"
+#define SK_WG_OPS_32 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20"
+#define SK_WG_D(i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
+#define SK_WG_DI(i) "+r"(d[i][0]), "+r"(d[i][1]), "+r"(d[i][2]), "+r"(d[i][3])
+#define SK_WG_IN "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"((unsigned)add)
 template <bool BF16, int MT>
 __device__ __forceinline__ void sk_wgmma(float (&d)[MT][4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
                                          unsigned long long desc, bool add) {
@@ -519,12 +528,6 @@ __device__ __forceinline__ void sk_wgmma(float (&d)[MT][4], unsigned a0, unsigne
 #define SK_WG_ASM(N, REGS, TYPE)                                                                                   \
     "{\n.reg .pred p;\nsetp.ne.b32 p, %" REGS ";\nwgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TYPE "." TYPE \
     " " SK_WG_OPS_##N ", p, 1, 1, 0;\n}\n"
-#define SK_WG_OPS_8 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, %8"
-#define SK_WG_OPS_16 "{%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12"
-#define SK_WG_OPS_24 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11}, {%12,%13,%14,%15}, %16"
-#define SK_WG_OPS_32 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20"
-#define SK_WG_D(i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
-#define SK_WG_IN "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"((unsigned)add)
     if constexpr (MT == 1) {
         if (BF16) asm volatile(SK_WG_ASM(8, "9, 0", "bf16") : SK_WG_D(0) : SK_WG_IN);
         else asm volatile(SK_WG_ASM(8, "9, 0", "f16") : SK_WG_D(0) : SK_WG_IN);
@@ -539,12 +542,6 @@ __device__ __forceinline__ void sk_wgmma(float (&d)[MT][4], unsigned a0, unsigne
         else asm volatile(SK_WG_ASM(32, "21, 0", "f16") : SK_WG_D(0), SK_WG_D(1), SK_WG_D(2), SK_WG_D(3) : SK_WG_IN);
     }
 #undef SK_WG_ASM
-#undef SK_WG_OPS_8
-#undef SK_WG_OPS_16
-#undef SK_WG_OPS_24
-#undef SK_WG_OPS_32
-#undef SK_WG_D
-#undef SK_WG_IN
 #endif
 }
 // the warpgroup's products committed before the last `PENDING` commits have completed; the compiler may not move
@@ -747,25 +744,13 @@ __device__ __forceinline__ void sk_wgmma_i8(int (&d)[MT][4], unsigned a0, unsign
 #ifdef SK_WG_ARCH
 #define SK_WGI_ASM(N, REGS)                                                                                        \
     "{\n.reg .pred p;\nsetp.ne.b32 p, %" REGS ";\nwgmma.mma_async.sync.aligned.m64n" #N "k32.s32.u8.s8 "            \
-    SK_WGI_OPS_##N ", p;\n}\n"
-#define SK_WGI_OPS_8 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, %8"
-#define SK_WGI_OPS_16 "{%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12"
-#define SK_WGI_OPS_24 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11}, {%12,%13,%14,%15}, %16"
-#define SK_WGI_OPS_32 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20"
-#define SK_WGI_D(i) "+r"(d[i][0]), "+r"(d[i][1]), "+r"(d[i][2]), "+r"(d[i][3])
-#define SK_WGI_IN "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"((unsigned)add)
-    if constexpr (MT == 1) asm volatile(SK_WGI_ASM(8, "9, 0") : SK_WGI_D(0) : SK_WGI_IN);
-    else if constexpr (MT == 2) asm volatile(SK_WGI_ASM(16, "13, 0") : SK_WGI_D(0), SK_WGI_D(1) : SK_WGI_IN);
+    SK_WG_OPS_##N ", p;\n}\n"
+    if constexpr (MT == 1) asm volatile(SK_WGI_ASM(8, "9, 0") : SK_WG_DI(0) : SK_WG_IN);
+    else if constexpr (MT == 2) asm volatile(SK_WGI_ASM(16, "13, 0") : SK_WG_DI(0), SK_WG_DI(1) : SK_WG_IN);
     else if constexpr (MT == 3)
-        asm volatile(SK_WGI_ASM(24, "17, 0") : SK_WGI_D(0), SK_WGI_D(1), SK_WGI_D(2) : SK_WGI_IN);
-    else asm volatile(SK_WGI_ASM(32, "21, 0") : SK_WGI_D(0), SK_WGI_D(1), SK_WGI_D(2), SK_WGI_D(3) : SK_WGI_IN);
+        asm volatile(SK_WGI_ASM(24, "17, 0") : SK_WG_DI(0), SK_WG_DI(1), SK_WG_DI(2) : SK_WG_IN);
+    else asm volatile(SK_WGI_ASM(32, "21, 0") : SK_WG_DI(0), SK_WG_DI(1), SK_WG_DI(2), SK_WG_DI(3) : SK_WG_IN);
 #undef SK_WGI_ASM
-#undef SK_WGI_OPS_8
-#undef SK_WGI_OPS_16
-#undef SK_WGI_OPS_24
-#undef SK_WGI_OPS_32
-#undef SK_WGI_D
-#undef SK_WGI_IN
 #endif
 }
 // d = A B + (add ? d : 0) over k32 of e4m3 (A: the 4 registers of the weights' bytes, B: x's staged bytes),
@@ -776,27 +761,22 @@ __device__ __forceinline__ void sk_wgmma8(float (&d)[MT][4], unsigned a0, unsign
 #ifdef SK_WG_ARCH
 #define SK_WG8_ASM(N, REGS)                                                                                        \
     "{\n.reg .pred p;\nsetp.ne.b32 p, %" REGS ";\nwgmma.mma_async.sync.aligned.m64n" #N "k32.f32.e4m3.e4m3 "        \
-    SK_WG8_OPS_##N ", p, 1, 1;\n}\n"
-#define SK_WG8_OPS_8 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, %8"
-#define SK_WG8_OPS_16 "{%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12"
-#define SK_WG8_OPS_24 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11}, {%12,%13,%14,%15}, %16"
-#define SK_WG8_OPS_32 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20"
-#define SK_WG8_D(i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
-#define SK_WG8_IN "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"((unsigned)add)
-    if constexpr (MT == 1) asm volatile(SK_WG8_ASM(8, "9, 0") : SK_WG8_D(0) : SK_WG8_IN);
-    else if constexpr (MT == 2) asm volatile(SK_WG8_ASM(16, "13, 0") : SK_WG8_D(0), SK_WG8_D(1) : SK_WG8_IN);
+    SK_WG_OPS_##N ", p, 1, 1;\n}\n"
+    if constexpr (MT == 1) asm volatile(SK_WG8_ASM(8, "9, 0") : SK_WG_D(0) : SK_WG_IN);
+    else if constexpr (MT == 2) asm volatile(SK_WG8_ASM(16, "13, 0") : SK_WG_D(0), SK_WG_D(1) : SK_WG_IN);
     else if constexpr (MT == 3)
-        asm volatile(SK_WG8_ASM(24, "17, 0") : SK_WG8_D(0), SK_WG8_D(1), SK_WG8_D(2) : SK_WG8_IN);
-    else asm volatile(SK_WG8_ASM(32, "21, 0") : SK_WG8_D(0), SK_WG8_D(1), SK_WG8_D(2), SK_WG8_D(3) : SK_WG8_IN);
+        asm volatile(SK_WG8_ASM(24, "17, 0") : SK_WG_D(0), SK_WG_D(1), SK_WG_D(2) : SK_WG_IN);
+    else asm volatile(SK_WG8_ASM(32, "21, 0") : SK_WG_D(0), SK_WG_D(1), SK_WG_D(2), SK_WG_D(3) : SK_WG_IN);
 #undef SK_WG8_ASM
-#undef SK_WG8_OPS_8
-#undef SK_WG8_OPS_16
-#undef SK_WG8_OPS_24
-#undef SK_WG8_OPS_32
-#undef SK_WG8_D
-#undef SK_WG8_IN
 #endif
 }
+#undef SK_WG_OPS_8
+#undef SK_WG_OPS_16
+#undef SK_WG_OPS_24
+#undef SK_WG_OPS_32
+#undef SK_WG_D
+#undef SK_WG_DI
+#undef SK_WG_IN
 // o += a product's completed sums d times each column's factor (W8A8: the weight block's scale times x's row scale
 // of the tile): fa[i] for x row 8 i + 2 q (d[i][0], d[i][2]), fb[i] for row 8 i + 2 q + 1 (d[i][1], d[i][3])
 template <int MT>
